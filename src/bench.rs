@@ -1,0 +1,160 @@
+//! `dtrain bench`: repeatable throughput measurements that print a table and write JSON with
+//! the command, date, git revision and machine.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::config::PrepareConfig;
+use crate::data::prepare::prepare;
+use crate::error::{Error, IoContext, Result};
+
+/// Where and when a benchmark ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct Provenance {
+    /// The command line, as typed.
+    pub command: String,
+    /// UTC time, ISO 8601.
+    pub date: String,
+    /// `git describe --always --dirty` of the working directory, or "unknown".
+    pub git_revision: String,
+    /// CPU model from /proc/cpuinfo.
+    pub cpu: String,
+    /// Logical CPUs available.
+    pub threads: usize,
+    /// Operating system and architecture.
+    pub os: String,
+}
+
+impl Provenance {
+    /// Collects provenance for the current process.
+    pub fn collect() -> Provenance {
+        let git_revision = std::process::Command::new("git")
+            .args(["describe", "--always", "--dirty", "--abbrev=12"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        Provenance {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            date: utc_now(),
+            git_revision,
+            cpu,
+            threads: rayon::current_num_threads(),
+            os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+        }
+    }
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// min / median / max of a sample.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// Spread of a non-empty sample.
+    pub fn of(values: &[f64]) -> Spread {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Spread { min: v[0], median, max: v[n - 1] }
+    }
+}
+
+/// The result of `dtrain bench prepare`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrepareBench {
+    pub provenance: Provenance,
+    pub inputs: Vec<String>,
+    pub repeats: usize,
+    /// Uncompressed input bytes per run.
+    pub text_bytes: u64,
+    /// Documents read per run.
+    pub documents: u64,
+    /// Token ids written per run.
+    pub token_ids: u64,
+    pub seconds: Spread,
+    /// Uncompressed text MB (10^6 bytes) per second.
+    pub mb_per_s: Spread,
+    pub docs_per_s: Spread,
+}
+
+/// Runs `prepare` `repeats` times (after one warm-up) into a temporary directory.
+pub fn bench_prepare(cfg: &PrepareConfig, repeats: usize) -> Result<PrepareBench> {
+    if repeats == 0 {
+        return Err(Error::config("--repeat", "repeat", "must be at least 1"));
+    }
+    let tmp = std::env::temp_dir().join(format!("dtrain-bench-prepare-{}", std::process::id()));
+    let mut cfg = cfg.clone();
+    cfg.output.dir = tmp.join("data");
+    cfg.output.force = true;
+    std::fs::create_dir_all(&tmp).at(&tmp)?;
+    let mut secs = Vec::new();
+    let mut last = None;
+    for i in 0..=repeats {
+        let start = Instant::now();
+        let report = prepare(&cfg, false)?;
+        if i > 0 {
+            secs.push(start.elapsed().as_secs_f64());
+        }
+        last = Some(report);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let r = last.expect("at least one run");
+    let mb: Vec<f64> = secs.iter().map(|s| r.text_bytes as f64 / 1e6 / s).collect();
+    let dps: Vec<f64> = secs.iter().map(|s| r.docs_read as f64 / s).collect();
+    Ok(PrepareBench {
+        provenance: Provenance::collect(),
+        inputs: cfg
+            .input
+            .labeled
+            .iter()
+            .chain(&cfg.input.unlabeled)
+            .map(|p| p.display().to_string())
+            .collect(),
+        repeats,
+        text_bytes: r.text_bytes,
+        documents: r.docs_read,
+        token_ids: r.manifest.stats.tokens,
+        seconds: Spread::of(&secs),
+        mb_per_s: Spread::of(&mb),
+        docs_per_s: Spread::of(&dps),
+    })
+}
+
+/// Writes a benchmark result as pretty JSON.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Data(format!("JSON: {e}")))?;
+    crate::fsutil::write_atomic(path, format!("{text}\n").as_bytes())
+}

@@ -1,0 +1,326 @@
+//! Typed configuration: TOML files and `--set key=value` overrides become validated structs,
+//! with every error naming its field and rule.
+//!
+//! Loading goes through one path for every config type ([`load`]): parse the file into a
+//! TOML tree (or start from an empty one), apply overrides in order, deserialize with
+//! unknown fields rejected (the error names the field's full path), then run the type's
+//! [`Validate`] rules.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::data::input::FormatChoice;
+use crate::data::tokenize::TokenizerSpec;
+use crate::error::{Error, IoContext, Result};
+
+/// Rules a config must satisfy beyond its types.
+pub trait Validate {
+    /// Checks the rules; `origin` names where the config came from, for messages.
+    fn validate(&self, origin: &str) -> Result<()>;
+}
+
+/// One `key.path = value` override. The value is parsed as TOML (`3`, `true`, `"a"`,
+/// `[1, 2]`); a value that is not valid TOML is taken as a string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    pub key: String,
+    pub value: toml::Value,
+}
+
+impl Override {
+    /// Parses `key=value` as written after `--set`.
+    pub fn parse(arg: &str) -> Result<Override> {
+        let (key, raw) =
+            arg.split_once('=').ok_or_else(|| Error::config("--set", arg, "expected key=value"))?;
+        let key = key.trim();
+        if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+            return Err(Error::config("--set", arg, "the key must be a dotted path such as split.seed"));
+        }
+        Ok(Override { key: key.to_owned(), value: parse_value(raw.trim()) })
+    }
+
+    /// An override from a typed value (used to map command-line flags onto config fields).
+    pub fn typed(key: &str, value: impl Serialize) -> Override {
+        let value = toml::Value::try_from(value).expect("flag values serialise to TOML");
+        Override { key: key.to_owned(), value }
+    }
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed key v"),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn apply(root: &mut toml::Table, o: &Override) -> Result<()> {
+    let parts: Vec<&str> = o.key.split('.').collect();
+    let mut table = root;
+    for (depth, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::config("--set", parts[..=depth].join("."), "is a value, not a section"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_owned(), o.value.clone());
+    Ok(())
+}
+
+/// Loads a config of type `T`: the TOML file (if any), then `overrides` in order, then
+/// deserialization (unknown fields are errors) and validation.
+pub fn load<T>(file: Option<&Path>, overrides: &[Override]) -> Result<T>
+where
+    T: DeserializeOwned + Validate,
+{
+    let (mut root, origin) = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).at(path)?;
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                Error::bad_file(path, format!("invalid TOML: {}", e.to_string().trim_end()))
+            })?;
+            (table, path.display().to_string())
+        }
+        None => (toml::Table::new(), "(defaults)".to_owned()),
+    };
+    for o in overrides {
+        apply(&mut root, o)?;
+    }
+    let origin = if overrides.is_empty() { origin } else { format!("{origin} with overrides") };
+    let value = toml::Value::Table(root);
+    let cfg: T = serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        Error::config(
+            &origin,
+            if field == "." { "(top level)".into() } else { field },
+            e.into_inner().to_string().trim().replace('\n', " "),
+        )
+    })?;
+    cfg.validate(&origin)?;
+    Ok(cfg)
+}
+
+/// The configuration of `dtrain prepare`: inputs, tokenizer, splits, output. Every field has a
+/// default; configs/prepare.example.toml documents each one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrepareConfig {
+    pub input: InputConfig,
+    pub tokenizer: TokenizerSpec,
+    pub split: SplitConfig,
+    pub output: OutputConfig,
+}
+
+/// `[input]`: which files to read and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// Labeled files (TSV or JSONL): the pool the splits are drawn from.
+    pub labeled: Vec<PathBuf>,
+    /// Unlabeled files (any format; labels in them are ignored).
+    pub unlabeled: Vec<PathBuf>,
+    /// A fixed test set; when given, `split.test_fraction` must be 0.
+    pub test: Vec<PathBuf>,
+    /// `auto` (from the file name), `tsv`, `jsonl` or `text`.
+    pub format: FormatChoice,
+    /// JSONL: name of the text field.
+    pub text_field: String,
+    /// JSONL: name of the label field.
+    pub label_field: String,
+    /// The class names, in label-id order. Empty: every label seen, sorted by name. When
+    /// given, a label outside the list is a bad line.
+    pub labels: Vec<String>,
+    /// Skip and count bad lines instead of stopping at the first.
+    pub skip_bad: bool,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        InputConfig {
+            labeled: Vec::new(),
+            unlabeled: Vec::new(),
+            test: Vec::new(),
+            format: FormatChoice::Auto,
+            text_field: "text".into(),
+            label_field: "label".into(),
+            labels: Vec::new(),
+            skip_bad: false,
+        }
+    }
+}
+
+/// `[split]`: the simulated low-label split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SplitConfig {
+    /// Labeled documents kept per class in `train`; the rest of the pool becomes `unlabeled`
+    /// (hidden labels kept for diagnostics). Unset: every pool document stays labeled.
+    pub labels_per_class: Option<u32>,
+    /// Fraction of each class held out as `test`.
+    pub test_fraction: f64,
+    /// Fraction of each class carved from the pool as `val`.
+    pub val_fraction: f64,
+    /// Seed of the split.
+    pub seed: u64,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig { labels_per_class: None, test_fraction: 0.2, val_fraction: 0.1, seed: 1 }
+    }
+}
+
+/// `[output]`: where and how the data set is written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// The data set directory to create.
+    pub dir: PathBuf,
+    /// Shards P per split; a run on W ranks needs W to divide P.
+    pub shards: u32,
+    /// Replace `dir` if it exists.
+    pub force: bool,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig { dir: PathBuf::new(), shards: 8, force: false }
+    }
+}
+
+impl Validate for PrepareConfig {
+    fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |field: &str, msg: &str| Err(Error::config(origin, field, msg));
+        if self.input.labeled.is_empty() && self.input.unlabeled.is_empty() {
+            return bad("input.labeled", "at least one input file is required (--input or --unlabeled)");
+        }
+        if self.input.labeled.is_empty() && !self.input.test.is_empty() {
+            return bad("input.test", "a fixed test set needs labeled inputs (--input) as well");
+        }
+        if self.input.text_field.is_empty() {
+            return bad("input.text_field", "must not be empty");
+        }
+        if self.input.label_field.is_empty() {
+            return bad("input.label_field", "must not be empty");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.input.labels {
+            if l.trim().is_empty() || l.trim() != l {
+                return bad("input.labels", "names must be non-empty, without surrounding whitespace");
+            }
+            if !seen.insert(l) {
+                return bad("input.labels", &format!("`{l}` is listed twice"));
+            }
+        }
+        self.tokenizer.validate(origin, "tokenizer")?;
+        let s = &self.split;
+        if s.labels_per_class == Some(0) {
+            return bad("split.labels_per_class", "must be at least 1 (leave it unset to keep every label)");
+        }
+        if !(0.0..1.0).contains(&s.test_fraction) {
+            return bad("split.test_fraction", "must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&s.val_fraction) {
+            return bad("split.val_fraction", "must be in [0, 1)");
+        }
+        if s.test_fraction + s.val_fraction >= 1.0 {
+            return bad("split.val_fraction", "test_fraction + val_fraction must be below 1");
+        }
+        if !self.input.test.is_empty() && s.test_fraction != 0.0 {
+            return bad(
+                "split.test_fraction",
+                "must be 0 when a fixed test set is given (input.test / --test-input)",
+            );
+        }
+        if self.output.dir.as_os_str().is_empty() {
+            return bad("output.dir", "is required (--out)");
+        }
+        if self.output.shards < 1 || self.output.shards > 65_536 {
+            return bad("output.shards", "must be in 1..=65536");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(args: &[&str]) -> Vec<Override> {
+        args.iter().map(|a| Override::parse(a).unwrap()).collect()
+    }
+
+    fn base() -> Vec<Override> {
+        set(&["input.labeled=[\"a.tsv\"]", "output.dir=out"])
+    }
+
+    fn err(extra: &[&str]) -> String {
+        let mut o = base();
+        o.extend(set(extra));
+        load::<PrepareConfig>(None, &o).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let mut o = base();
+        o.extend(set(&[
+            "split.labels_per_class=20",
+            "tokenizer.word_ngrams=3",
+            "tokenizer.punctuation=drop",
+        ]));
+        let c: PrepareConfig = load(None, &o).unwrap();
+        assert_eq!(c.split.labels_per_class, Some(20));
+        assert_eq!(c.tokenizer.word_ngrams, 3);
+        assert_eq!(c.output.shards, 8);
+        assert_eq!(c.input.labeled, [PathBuf::from("a.tsv")]);
+        // A bare word that is not TOML is a string.
+        assert_eq!(
+            Override::parse("a.b=hello world").unwrap().value,
+            toml::Value::String("hello world".into())
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_their_path() {
+        assert!(err(&["tokenizer.bukets=5"]).contains("field `tokenizer.bukets`"));
+        assert!(err(&["tokenizer.bukets=5"]).contains("unknown field `bukets`"));
+        assert!(err(&["nonsense=1"]).contains("unknown field `nonsense`"));
+    }
+
+    #[test]
+    fn wrong_types_name_their_path() {
+        let e = err(&["split.seed=\"x\""]);
+        assert!(e.contains("field `split.seed`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_field_and_rule() {
+        assert!(err(&["split.test_fraction=1.5"]).contains("field `split.test_fraction`: must be in [0, 1)"));
+        assert!(err(&["split.labels_per_class=0"]).contains("split.labels_per_class"));
+        assert!(err(&["output.shards=0"]).contains("output.shards"));
+        assert!(err(&["tokenizer.char_ngram_min=5", "tokenizer.char_ngram_max=3"])
+            .contains("tokenizer.char_ngram_min"));
+        assert!(err(&["tokenizer.buckets=0"]).contains("tokenizer.buckets"));
+        assert!(err(&["input.test=[\"t.tsv\"]"]).contains("split.test_fraction"));
+        assert!(err(&["input.labels=[\"a\", \"a\"]"]).contains("listed twice"));
+        let e = load::<PrepareConfig>(None, &set(&["output.dir=x"])).unwrap_err().to_string();
+        assert!(e.contains("input.labeled"), "{e}");
+    }
+
+    #[test]
+    fn bad_set_syntax_and_bad_files() {
+        assert!(Override::parse("novalue").unwrap_err().to_string().contains("key=value"));
+        assert!(Override::parse("a..b=1").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[split\nseed = 1").unwrap();
+        let e = load::<PrepareConfig>(Some(&p), &[]).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("invalid TOML"), "{e}");
+        let e = load::<PrepareConfig>(Some(&dir.path().join("missing.toml")), &[]).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        // A section overridden by a scalar path.
+        let e = load::<PrepareConfig>(None, &set(&["split=1", "split.seed=2"])).unwrap_err().to_string();
+        assert!(e.contains("not a section"), "{e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! A prepared data set opened for reading: the manifest plus every shard memory-mapped and
+//! cross-checked, with full verification and a human-readable description.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::data::manifest::{hex64, Manifest};
+use crate::data::shard::{Shard, SplitKind};
+use crate::error::{Error, Result};
+
+/// An open data set: manifest and memory-mapped shards of every split.
+pub struct Dataset {
+    dir: PathBuf,
+    manifest: Manifest,
+    /// Shards per split, indexed by `SplitKind as usize`.
+    shards: [Vec<Shard>; 4],
+}
+
+impl Dataset {
+    /// Opens `dir`: reads and checks the manifest, opens every shard and checks that its
+    /// header agrees with the manifest (counts, shard index, tokenizer, checksum value).
+    pub fn open(dir: &Path) -> Result<Dataset> {
+        let manifest = Manifest::read(dir)?;
+        let mut shards: [Vec<Shard>; 4] = Default::default();
+        for kind in SplitKind::ALL {
+            for index in 0..manifest.num_shards {
+                shards[kind as usize].push(open_checked(dir, &manifest, kind, index)?);
+            }
+        }
+        Ok(Dataset { dir: dir.to_owned(), manifest, shards })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The data set directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Class names, by label id.
+    pub fn labels(&self) -> &[String] {
+        &self.manifest.labels
+    }
+
+    /// The P shards of `split`.
+    pub fn shards(&self, split: SplitKind) -> &[Shard] {
+        &self.shards[split as usize]
+    }
+}
+
+/// Opens shard `index` of `kind` and checks it against the manifest.
+fn open_checked(dir: &Path, manifest: &Manifest, kind: SplitKind, index: u32) -> Result<Shard> {
+    let info =
+        manifest.splits.get(kind.name()).and_then(|s| s.shards.get(index as usize)).ok_or_else(|| {
+            Error::bad_file(
+                dir.join("manifest.json"),
+                format!("no shard {index} listed for split `{}`", kind.name()),
+            )
+        })?;
+    if info.file != kind.shard_file(index) {
+        return Err(Error::bad_file(
+            dir.join("manifest.json"),
+            format!("shard {index} of `{}` is named `{}`", kind.name(), info.file),
+        ));
+    }
+    let path = dir.join(&info.file);
+    let shard = Shard::open(&path)?;
+    let h = shard.header();
+    let mismatch = |what: &str, header: String, manifest: String| {
+        Err(Error::bad_file(&path, format!("{what} is {header} in the shard but {manifest} in the manifest")))
+    };
+    if hex64(h.tokenizer_hash) != manifest.tokenizer_hash {
+        return Err(Error::bad_file(
+            &path,
+            format!(
+                "made with another tokenizer: hash {} in the shard, {} in the manifest",
+                hex64(h.tokenizer_hash),
+                manifest.tokenizer_hash
+            ),
+        ));
+    }
+    if h.split != kind || h.shard_index != index || h.num_shards != manifest.num_shards {
+        return mismatch(
+            "the shard identity",
+            format!("{} {}/{}", h.split.name(), h.shard_index, h.num_shards),
+            format!("{} {index}/{}", kind.name(), manifest.num_shards),
+        );
+    }
+    if h.num_docs != info.docs || h.num_ids != info.ids {
+        return mismatch(
+            "the size",
+            format!("{} docs / {} ids", h.num_docs, h.num_ids),
+            format!("{} docs / {} ids", info.docs, info.ids),
+        );
+    }
+    if hex64(h.payload_checksum) != info.checksum {
+        return mismatch("the checksum", hex64(h.payload_checksum), info.checksum.clone());
+    }
+    Ok(shard)
+}
+
+/// The outcome of `dtrain verify`: one line per file checked.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    /// `(file, None)` when the file passed, `(file, Some(problem))` when not.
+    pub files: Vec<(String, Option<String>)>,
+}
+
+impl VerifyReport {
+    /// Whether every file passed.
+    pub fn ok(&self) -> bool {
+        self.files.iter().all(|(_, e)| e.is_none())
+    }
+}
+
+/// Checks everything in `dir`: the manifest's checksum, each shard's structure, its
+/// agreement with the manifest, its payload checksum and the range of every value. Keeps
+/// going past failures so the report names every bad file.
+pub fn verify(dir: &Path) -> VerifyReport {
+    let mut report = VerifyReport::default();
+    let manifest = match Manifest::read(dir) {
+        Ok(m) => {
+            report.files.push(("manifest.json".into(), None));
+            m
+        }
+        Err(e) => {
+            report.files.push(("manifest.json".into(), Some(e.to_string())));
+            return report;
+        }
+    };
+    let classes = manifest.labels.len() as u32;
+    for kind in SplitKind::ALL {
+        for index in 0..manifest.num_shards {
+            let outcome = open_checked(dir, &manifest, kind, index).and_then(|shard| {
+                shard.verify_checksum()?;
+                shard.verify_values(manifest.tokenizer.buckets, classes)
+            });
+            report.files.push((kind.shard_file(index), outcome.err().map(|e| e.to_string())));
+        }
+    }
+    report
+}
+
+/// A readable summary of a manifest: labels, tokenizer, splits with per-class counts.
+pub fn describe(m: &Manifest) -> String {
+    let mut s = String::new();
+    let t = &m.tokenizer;
+    let st = &m.stats;
+    let _ = writeln!(
+        s,
+        "documents  {}   token ids {}   ({:.1} ids/doc)",
+        st.documents,
+        st.tokens,
+        st.tokens as f64 / st.documents.max(1) as f64
+    );
+    let _ = writeln!(
+        s,
+        "dropped    {} duplicates   {} bad lines skipped   {} blank lines   {} truncated docs (max_words {})",
+        st.duplicates, st.skipped, st.blank, st.truncated, t.max_words
+    );
+    let _ = writeln!(
+        s,
+        "tokenizer  hash {}   lowercase {}   word n-grams ≤{}   char n-grams {}   cjk n-grams ≤{}   punctuation {:?}   buckets {}",
+        m.tokenizer_hash,
+        t.lowercase,
+        t.word_ngrams,
+        if t.char_ngram_max == 0 { "off".to_string() } else { format!("{}..{}", t.char_ngram_min, t.char_ngram_max) },
+        t.cjk_ngram_max,
+        t.punctuation,
+        t.buckets
+    );
+    let sp = &m.split;
+    let _ = writeln!(
+        s,
+        "split      seed {}   labels/class {}   test {}   val fraction {}   shards {}",
+        sp.seed,
+        sp.labels_per_class.map_or("all".into(), |k| k.to_string()),
+        if sp.fixed_test {
+            "fixed (--test-input)".to_string()
+        } else {
+            format!("fraction {}", sp.test_fraction)
+        },
+        sp.val_fraction,
+        m.num_shards
+    );
+    let _ = writeln!(s, "inputs");
+    for i in &m.inputs {
+        let _ = writeln!(
+            s,
+            "  {:<10} {:<6} {}   {} lines, {} docs, {} skipped, {} blank",
+            format!("{:?}", i.role).to_lowercase(),
+            format!("{:?}", i.format).to_lowercase(),
+            i.path,
+            i.lines,
+            i.docs,
+            i.skipped,
+            i.blank
+        );
+    }
+    let width = m.labels.iter().map(|l| l.len()).max().unwrap_or(5).max(5);
+    let order = [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled];
+    let _ = write!(s, "{:<width$}", "class");
+    for k in order {
+        let head = if k == SplitKind::Unlabeled { "unlabeled*" } else { k.name() };
+        let _ = write!(s, " {head:>10}");
+    }
+    let _ = writeln!(s);
+    for (c, name) in m.labels.iter().enumerate() {
+        let _ = write!(s, "{name:<width$}");
+        for k in order {
+            let n = m.splits.get(k.name()).map_or(0, |sp| sp.per_class[c]);
+            let _ = write!(s, " {n:>10}");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = write!(s, "{:<width$}", "total");
+    for k in order {
+        let n = m.splits.get(k.name()).map_or(0, |sp| sp.docs);
+        let _ = write!(s, " {n:>10}");
+    }
+    let _ = writeln!(s);
+    let _ =
+        writeln!(s, "* unlabeled per class counts hidden labels (pool documents whose label was hidden);");
+    let _ = writeln!(s, "  its total also counts documents from unlabeled files, whose label is unknown.");
+    s
+}
+
+/// A few documents of `split`, decoded: sample id, label, hidden label, and their ids.
+pub fn sample_lines(ds: &Dataset, split: SplitKind, count: usize) -> String {
+    let mut s = String::new();
+    let labels = ds.labels();
+    let name = |l: Option<u32>| l.map_or("-".to_string(), |l| labels[l as usize].clone());
+    let mut shown = 0;
+    'outer: for (si, shard) in ds.shards(split).iter().enumerate() {
+        for i in 0..shard.len() {
+            if shown == count {
+                break 'outer;
+            }
+            let d = shard.doc(i);
+            let head: Vec<String> = d.ids.iter().take(12).map(u32::to_string).collect();
+            let more = if d.ids.len() > 12 { " …" } else { "" };
+            let _ = writeln!(
+                s,
+                "  {}[{si}:{i}] sample {:<7} label {:<16} hidden {:<16} {} ids: {}{more}",
+                split.name(),
+                d.sample_id,
+                name(d.label),
+                name(shard.hidden_label(i)),
+                d.ids.len(),
+                head.join(" ")
+            );
+            shown += 1;
+        }
+    }
+    if shown == 0 {
+        let _ = writeln!(s, "  (split `{}` is empty)", split.name());
+    }
+    s
+}

@@ -1,0 +1,9 @@
+//! Data: raw input → tokenized, split, sharded data sets on disk, and zero-copy reading back.
+
+pub mod dataset;
+pub mod input;
+pub mod manifest;
+pub mod prepare;
+pub mod shard;
+pub mod split;
+pub mod tokenize;

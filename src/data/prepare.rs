@@ -1,0 +1,500 @@
+//! `dtrain prepare`: raw input files → a data set directory (manifest + P shards per split).
+//!
+//! Order of work: the fixed test files, then the labeled files, are read, tokenized in
+//! parallel and de-duplicated into memory; the pool is split (see `split`); train, val and
+//! test are written; then the unlabeled split is streamed: the pool's leftovers first, then
+//! each unlabeled file, chunk by chunk, straight into the shard writers. Memory is
+//! O(labeled tokens + one chunk + 8 bytes per document), so an unlabeled corpus far larger
+//! than RAM is fine.
+//!
+//! Rules the output keeps:
+//! - a document is identified by its feature ids; the first occurrence wins and later
+//!   identical documents (in any split, any file) are dropped and counted, so no test or val
+//!   text also appears in train or unlabeled;
+//! - global sample ids number the kept documents in reading order (test files, labeled
+//!   files, unlabeled files);
+//! - within a split, documents go to shards round-robin in plan order, so every shard of a
+//!   labeled split is stratified and shard sizes differ by at most one.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::PrepareConfig;
+use crate::data::input::{parse_line, DiskCounter, Format, JsonFields, LineReader, Parsed, Role};
+use crate::data::manifest::{
+    hex64, InputRecord, Manifest, ShardInfo, SplitInfo, SplitRecord, Stats, MANIFEST_FORMAT, MANIFEST_VERSION,
+};
+use crate::data::shard::{ShardWriter, SplitKind};
+use crate::data::split;
+use crate::data::tokenize::Tokenizer;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+
+/// Lines per parallel chunk.
+const CHUNK_LINES: usize = 8192;
+
+/// What `prepare` did, for the summary.
+#[derive(Debug, Clone)]
+pub struct PrepareReport {
+    /// The manifest written.
+    pub manifest: Manifest,
+    /// The data set directory.
+    pub dir: PathBuf,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Uncompressed input bytes read.
+    pub text_bytes: u64,
+    /// Documents read (before de-duplication).
+    pub docs_read: u64,
+    /// The first few bad lines skipped, as `file:line: rule`.
+    pub skipped_examples: Vec<String>,
+}
+
+/// One tokenized document from an input line.
+struct TokDoc {
+    line: u64,
+    label: Option<String>,
+    ids: Vec<u32>,
+    truncated: bool,
+}
+
+/// A labeled document kept in memory until the split is planned.
+struct PoolDoc {
+    label: u32,
+    ids: Vec<u32>,
+    sample_id: u64,
+}
+
+/// The state shared by every file of one `prepare` run.
+struct Run<'a> {
+    cfg: &'a PrepareConfig,
+    tokenizer: Tokenizer,
+    fields: JsonFields,
+    /// Fixed label list (from the config), if any.
+    fixed_labels: Option<HashMap<String, u32>>,
+    /// Labels seen, in first-seen order (when no fixed list).
+    seen_labels: Vec<String>,
+    seen_index: HashMap<String, u32>,
+    keys: HashSet<u64>,
+    next_sample_id: u64,
+    stats: Stats,
+    inputs: Vec<InputRecord>,
+    skipped_examples: Vec<String>,
+    disk: DiskCounter,
+    bar: ProgressBar,
+    docs_read: u64,
+}
+
+/// Runs `dtrain prepare` with a validated config. `progress` shows a bar on stderr.
+pub fn prepare(cfg: &PrepareConfig, progress: bool) -> Result<PrepareReport> {
+    let start = Instant::now();
+    let files: Vec<(PathBuf, Role)> = cfg
+        .input
+        .test
+        .iter()
+        .map(|p| (p.clone(), Role::Test))
+        .chain(cfg.input.labeled.iter().map(|p| (p.clone(), Role::Labeled)))
+        .chain(cfg.input.unlabeled.iter().map(|p| (p.clone(), Role::Unlabeled)))
+        .collect();
+    let mut formats = Vec::new();
+    let mut total_bytes = 0u64;
+    for (path, role) in &files {
+        let format = Format::resolve(cfg.input.format, path)?;
+        if format == Format::Text && *role != Role::Unlabeled {
+            return Err(Error::bad_file(
+                path,
+                "plain text has no labels: pass plain-text files with --unlabeled",
+            ));
+        }
+        formats.push(format);
+        total_bytes += std::fs::metadata(path).at(path)?.len();
+    }
+
+    let out = &cfg.output.dir;
+    let staged = fsutil::sibling(out, &format!(".tmp-{}", std::process::id()));
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged).at(&staged)?;
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).at(parent)?;
+    }
+    std::fs::create_dir(&staged).at(&staged)?;
+    let result = prepare_into(cfg, &files, &formats, total_bytes, progress, &staged);
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(e);
+        }
+    };
+    fsutil::install_dir(&staged, out, cfg.output.force).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&staged);
+    })?;
+    report.dir = out.clone();
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
+
+fn prepare_into(
+    cfg: &PrepareConfig,
+    files: &[(PathBuf, Role)],
+    formats: &[Format],
+    total_bytes: u64,
+    progress: bool,
+    dir: &Path,
+) -> Result<PrepareReport> {
+    let bar = if progress {
+        let b = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template(
+                "prepare {msg:24!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let fixed_labels = (!cfg.input.labels.is_empty())
+        .then(|| cfg.input.labels.iter().enumerate().map(|(i, l)| (l.clone(), i as u32)).collect());
+    let mut run = Run {
+        cfg,
+        tokenizer: Tokenizer::new(cfg.tokenizer.clone()),
+        fields: JsonFields { text: cfg.input.text_field.clone(), label: cfg.input.label_field.clone() },
+        fixed_labels,
+        seen_labels: Vec::new(),
+        seen_index: HashMap::new(),
+        keys: HashSet::new(),
+        next_sample_id: 0,
+        stats: Stats::default(),
+        inputs: Vec::new(),
+        skipped_examples: Vec::new(),
+        disk: DiskCounter::default(),
+        bar,
+        docs_read: 0,
+    };
+
+    // 1. Fixed test files and labeled files, into memory.
+    let mut test_docs: Vec<PoolDoc> = Vec::new();
+    let mut pool: Vec<PoolDoc> = Vec::new();
+    let n_labeled_files = cfg.input.test.len() + cfg.input.labeled.len();
+    for ((path, role), &format) in files.iter().zip(formats).take(n_labeled_files) {
+        let target = if *role == Role::Test { &mut test_docs } else { &mut pool };
+        run.read_file(path, *role, format, |run, doc, sample_id| {
+            let label = run.label_id(path, doc.line, doc.label.as_deref().expect("labeled role"))?;
+            target.push(PoolDoc { label, ids: doc.ids, sample_id });
+            Ok(())
+        })?;
+    }
+
+    // 2. Final label ids: the fixed list, or every label seen sorted by name.
+    let names: Vec<String> = match &run.fixed_labels {
+        Some(_) => cfg.input.labels.clone(),
+        None => {
+            let mut sorted = run.seen_labels.clone();
+            sorted.sort();
+            let remap: Vec<u32> = run
+                .seen_labels
+                .iter()
+                .map(|l| sorted.binary_search(l).expect("sorted copy") as u32)
+                .collect();
+            for d in test_docs.iter_mut().chain(pool.iter_mut()) {
+                d.label = remap[d.label as usize];
+            }
+            sorted
+        }
+    };
+    if names.is_empty() && !cfg.input.labeled.is_empty() {
+        return Err(Error::Data("the labeled inputs hold no document".into()));
+    }
+    let fixed_test = !cfg.input.test.is_empty();
+    let test_counts = fixed_test.then(|| {
+        let mut c = vec![0u64; names.len()];
+        for d in &test_docs {
+            c[d.label as usize] += 1;
+        }
+        c
+    });
+    let pool_labels: Vec<u32> = pool.iter().map(|d| d.label).collect();
+    let plan = split::plan(&pool_labels, &names, &cfg.split, test_counts.as_deref())?;
+
+    // 3. Train, val, test.
+    let tok_hash = cfg.tokenizer.hash();
+    let p = cfg.output.shards;
+    let mut splits = std::collections::BTreeMap::new();
+    for kind in [SplitKind::Train, SplitKind::Val, SplitKind::Test] {
+        let mut w = SplitWriter::new(dir, kind, p, tok_hash, names.len())?;
+        let docs: Vec<&PoolDoc> = if kind == SplitKind::Test && fixed_test {
+            test_docs.iter().collect()
+        } else {
+            plan.get(kind).iter().map(|&i| &pool[i]).collect()
+        };
+        for d in docs {
+            w.push(&d.ids, d.label as i32, d.sample_id, -1)?;
+        }
+        splits.insert(kind.name().to_owned(), w.finish()?);
+    }
+
+    // 4. Unlabeled: the pool's leftovers (hidden labels kept), then the unlabeled files.
+    let mut w = SplitWriter::new(dir, SplitKind::Unlabeled, p, tok_hash, names.len())?;
+    for &i in plan.get(SplitKind::Unlabeled) {
+        let d = &pool[i];
+        w.push(&d.ids, -1, d.sample_id, d.label as i32)?;
+    }
+    drop(pool);
+    drop(test_docs);
+    for ((path, role), &format) in files.iter().zip(formats).skip(n_labeled_files) {
+        run.read_file(path, *role, format, |_, doc, sample_id| w.push(&doc.ids, -1, sample_id, -1))?;
+    }
+    splits.insert(SplitKind::Unlabeled.name().to_owned(), w.finish()?);
+    run.bar.finish_and_clear();
+
+    run.stats.documents = splits.values().map(|s: &SplitInfo| s.docs).sum();
+    run.stats.tokens = splits.values().map(|s| s.tokens).sum();
+    let mut manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        format_version: MANIFEST_VERSION,
+        dtrain_version: env!("CARGO_PKG_VERSION").into(),
+        labels: names,
+        tokenizer: cfg.tokenizer.clone(),
+        tokenizer_hash: hex64(tok_hash),
+        num_shards: p,
+        split: SplitRecord {
+            seed: cfg.split.seed,
+            labels_per_class: cfg.split.labels_per_class,
+            test_fraction: cfg.split.test_fraction,
+            val_fraction: cfg.split.val_fraction,
+            fixed_test,
+        },
+        inputs: run.inputs,
+        stats: run.stats,
+        splits,
+        checksum: String::new(),
+    };
+    manifest.write(dir)?;
+    let text_bytes = manifest.inputs.iter().map(|i| i.bytes).sum();
+    Ok(PrepareReport {
+        manifest,
+        dir: dir.to_owned(),
+        elapsed: Duration::ZERO,
+        text_bytes,
+        docs_read: run.docs_read,
+        skipped_examples: run.skipped_examples,
+    })
+}
+
+impl Run<'_> {
+    /// The provisional label id of `name` (first-seen order, or the fixed list's order).
+    fn label_id(&mut self, path: &Path, line: u64, name: &str) -> Result<u32> {
+        if let Some(fixed) = &self.fixed_labels {
+            // Unknown labels were already rejected per line in `read_file`.
+            return fixed.get(name).copied().ok_or_else(|| Error::BadLine {
+                path: path.to_owned(),
+                line,
+                msg: format!("unknown label `{name}`"),
+            });
+        }
+        if let Some(&id) = self.seen_index.get(name) {
+            return Ok(id);
+        }
+        let id = self.seen_labels.len() as u32;
+        self.seen_labels.push(name.to_owned());
+        self.seen_index.insert(name.to_owned(), id);
+        Ok(id)
+    }
+
+    /// Records a bad line: an error, or skipped and counted under `skip_bad`.
+    fn bad_line(&mut self, record: &mut InputRecord, path: &Path, line: u64, msg: String) -> Result<()> {
+        if !self.cfg.input.skip_bad {
+            return Err(Error::BadLine {
+                path: path.to_owned(),
+                line,
+                msg: format!("{msg} (pass --skip-bad to skip such lines)"),
+            });
+        }
+        record.skipped += 1;
+        self.stats.skipped += 1;
+        if self.skipped_examples.len() < 5 {
+            self.skipped_examples.push(format!("{}:{line}: {msg}", path.display()));
+        }
+        Ok(())
+    }
+
+    /// Reads one file in chunks: a reader thread fills chunks of lines, rayon parses and
+    /// tokenizes each chunk, then `sink` receives the kept documents in file order with their
+    /// global sample ids.
+    fn read_file(
+        &mut self,
+        path: &Path,
+        role: Role,
+        format: Format,
+        mut sink: impl FnMut(&mut Self, TokDoc, u64) -> Result<()>,
+    ) -> Result<()> {
+        let mut record = InputRecord {
+            path: path.display().to_string(),
+            format,
+            role,
+            lines: 0,
+            docs: 0,
+            skipped: 0,
+            blank: 0,
+            bytes: 0,
+        };
+        self.bar.set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let mut reader = LineReader::open(path, self.disk.clone())?;
+        let (tx, rx) = sync_channel::<Result<Vec<(u64, Vec<u8>)>>>(2);
+        std::thread::scope(|scope| -> Result<()> {
+            scope.spawn(move || loop {
+                let mut chunk = Vec::with_capacity(CHUNK_LINES);
+                let status = loop {
+                    if chunk.len() == CHUNK_LINES {
+                        break Ok(true);
+                    }
+                    let mut buf = Vec::new();
+                    match reader.next_line(&mut buf) {
+                        Ok(Some(n)) => chunk.push((n, buf)),
+                        Ok(None) => break Ok(false),
+                        Err(e) => break Err(e),
+                    }
+                };
+                // A failed send means the consumer stopped (on an error): just end.
+                if !chunk.is_empty() && tx.send(Ok(chunk)).is_err() {
+                    return;
+                }
+                match status {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            });
+            // Owned copies: the loop below mutates `self` while rayon reads these.
+            let (fields, tokenizer, fixed) =
+                (self.fields.clone(), self.tokenizer.clone(), self.fixed_labels.clone());
+            let (fields, tokenizer, fixed) = (&fields, &tokenizer, fixed.as_ref());
+            for chunk in rx {
+                let chunk = chunk?;
+                record.lines += chunk.len() as u64;
+                record.bytes += chunk.iter().map(|(_, b)| b.len() as u64 + 1).sum::<u64>();
+                let parsed: Vec<std::result::Result<Option<TokDoc>, (u64, String)>> = chunk
+                    .par_iter()
+                    .map(|(line, bytes)| {
+                        let doc =
+                            match parse_line(bytes, *line, format, role, fields).map_err(|m| (*line, m))? {
+                                Parsed::Blank => return Ok(None),
+                                Parsed::Doc(d) => d,
+                            };
+                        if let (Some(fixed), Some(label)) = (fixed, &doc.label) {
+                            if !fixed.contains_key(label) {
+                                return Err((
+                                    *line,
+                                    format!("unknown label `{label}` (not in input.labels)"),
+                                ));
+                            }
+                        }
+                        let t = tokenizer.tokenize(&doc.text);
+                        if t.ids.is_empty() {
+                            return Err((
+                                *line,
+                                "no features after tokenizing (only punctuation or ignorable characters?)"
+                                    .into(),
+                            ));
+                        }
+                        Ok(Some(TokDoc {
+                            line: doc.line,
+                            label: doc.label,
+                            ids: t.ids,
+                            truncated: t.truncated,
+                        }))
+                    })
+                    .collect();
+                for item in parsed {
+                    match item {
+                        Ok(None) => {
+                            record.blank += 1;
+                            self.stats.blank += 1;
+                        }
+                        Err((line, msg)) => {
+                            if msg.starts_with("no features") {
+                                self.stats.empty_after_tokenizing += u64::from(self.cfg.input.skip_bad);
+                            }
+                            self.bad_line(&mut record, path, line, msg)?;
+                        }
+                        Ok(Some(doc)) => {
+                            record.docs += 1;
+                            self.docs_read += 1;
+                            let key = xxh3_64(bytemuck::cast_slice(&doc.ids));
+                            if !self.keys.insert(key) {
+                                self.stats.duplicates += 1;
+                                continue;
+                            }
+                            self.stats.truncated += u64::from(doc.truncated);
+                            let id = self.next_sample_id;
+                            self.next_sample_id += 1;
+                            sink(self, doc, id)?;
+                        }
+                    }
+                }
+                self.bar.set_position(self.disk.get());
+            }
+            Ok(())
+        })?;
+        self.inputs.push(record);
+        Ok(())
+    }
+}
+
+/// The P shard writers of one split, filled round-robin.
+struct SplitWriter {
+    writers: Vec<ShardWriter>,
+    next: usize,
+    docs: u64,
+    tokens: u64,
+    per_class: Vec<u64>,
+}
+
+impl SplitWriter {
+    fn new(dir: &Path, kind: SplitKind, p: u32, tok_hash: u64, classes: usize) -> Result<Self> {
+        let writers =
+            (0..p).map(|i| ShardWriter::create(dir, kind, i, p, tok_hash)).collect::<Result<_>>()?;
+        Ok(SplitWriter { writers, next: 0, docs: 0, tokens: 0, per_class: vec![0; classes] })
+    }
+
+    fn push(&mut self, ids: &[u32], label: i32, sample_id: u64, hidden: i32) -> Result<()> {
+        let n = self.writers.len();
+        self.writers[self.next].push(ids, label, sample_id, hidden)?;
+        self.next = (self.next + 1) % n;
+        self.docs += 1;
+        self.tokens += ids.len() as u64;
+        if let Ok(c) = usize::try_from(label.max(hidden)) {
+            self.per_class[c] += 1;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<SplitInfo> {
+        let shards = self
+            .writers
+            .into_iter()
+            .map(|w| {
+                w.finish().map(|s| ShardInfo {
+                    file: s.file,
+                    docs: s.docs,
+                    ids: s.ids,
+                    bytes: s.bytes,
+                    checksum: hex64(s.checksum),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(SplitInfo { docs: self.docs, tokens: self.tokens, per_class: self.per_class, shards })
+    }
+}

@@ -1,0 +1,498 @@
+//! The shard file format: a checksummed header, then the documents' token ids, offsets,
+//! labels, global sample ids and hidden labels; a streaming writer and a zero-copy reader.
+//!
+//! # Layout (version [`SHARD_VERSION`], little-endian, every section 8-byte aligned)
+//! ```text
+//! offset  field
+//!   0     magic "DTSHARD\0"
+//!   8     u32 format version
+//!  12     u32 header length (128)
+//!  16     u64 num_docs                      n
+//!  24     u64 num_ids                       m
+//!  32     u64 tokenizer hash                (TokenizerSpec::hash)
+//!  40     u32 shard index, 44 u32 shard count
+//!  48     u32 split code (0 train, 1 val, 2 test, 3 unlabeled), 52 u32 zero
+//!  56     u64 offset of ids section         u32[m]     token ids, documents back to back
+//!  64     u64 offset of offsets section     u64[n+1]   doc i is ids[offsets[i]..offsets[i+1]]
+//!  72     u64 offset of labels section      i32[n]     label id, -1 = unlabeled
+//!  80     u64 offset of sample-ids section  u64[n]     global sample id
+//!  88     u64 offset of hidden section      i32[n]     true label of an unlabeled doc, else -1
+//!  96     u64 file length
+//! 104     u64 payload checksum              xxh3_64 of bytes 128..file length
+//! 112     u64 zero
+//! 120     u64 header checksum               xxh3_64 of bytes 0..120
+//! ```
+//! The ids come first so that a writer can stream them; the header's table says where each
+//! section is, so readers never assume an order.
+
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Magic bytes at the start of every shard file.
+pub const SHARD_MAGIC: &[u8; 8] = b"DTSHARD\0";
+/// Current shard format version.
+pub const SHARD_VERSION: u32 = 1;
+/// Header length in bytes.
+pub const HEADER_LEN: usize = 128;
+
+/// The four splits of a prepared data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SplitKind {
+    /// Labeled training documents (K per class in a simulated low-label split).
+    Train,
+    /// Validation documents carved from the training pool.
+    Val,
+    /// Held-out test documents.
+    Test,
+    /// Unlabeled documents (with hidden labels where they came from the labeled pool).
+    Unlabeled,
+}
+
+impl SplitKind {
+    /// All splits, in code order.
+    pub const ALL: [SplitKind; 4] = [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled];
+
+    /// The split's name in the manifest and on disk.
+    pub fn name(self) -> &'static str {
+        match self {
+            SplitKind::Train => "train",
+            SplitKind::Val => "val",
+            SplitKind::Test => "test",
+            SplitKind::Unlabeled => "unlabeled",
+        }
+    }
+
+    /// Parses a split name.
+    pub fn from_name(name: &str) -> Option<SplitKind> {
+        SplitKind::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The shard file name of shard `index` of this split.
+    pub fn shard_file(self, index: u32) -> String {
+        format!("{}-{:05}.shard", self.name(), index)
+    }
+}
+
+/// The identity a shard claims in its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardHeader {
+    pub num_docs: u64,
+    pub num_ids: u64,
+    pub tokenizer_hash: u64,
+    pub shard_index: u32,
+    pub num_shards: u32,
+    pub split: SplitKind,
+    pub file_len: u64,
+    pub payload_checksum: u64,
+    sections: [u64; 5],
+}
+
+/// Summary of a finished shard, for the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSummary {
+    pub file: String,
+    pub docs: u64,
+    pub ids: u64,
+    pub bytes: u64,
+    pub checksum: u64,
+}
+
+/// Writes one shard, streaming the ids to disk and keeping only per-document columns in
+/// memory (O(documents), not O(tokens)). The file appears under its final name only after
+/// [`ShardWriter::finish`], by an atomic rename.
+pub struct ShardWriter {
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    out: BufWriter<File>,
+    hasher: Xxh3,
+    written: u64,
+    offsets: Vec<u64>,
+    labels: Vec<i32>,
+    sample_ids: Vec<u64>,
+    hidden: Vec<i32>,
+    tokenizer_hash: u64,
+    split: SplitKind,
+    shard_index: u32,
+    num_shards: u32,
+}
+
+impl ShardWriter {
+    /// Starts shard `shard_index` of `num_shards` of `split` in directory `dir`.
+    pub fn create(
+        dir: &Path,
+        split: SplitKind,
+        shard_index: u32,
+        num_shards: u32,
+        tokenizer_hash: u64,
+    ) -> Result<Self> {
+        let final_path = dir.join(split.shard_file(shard_index));
+        let tmp_path = final_path.with_extension("shard.tmp");
+        let file = File::create(&tmp_path).at(&tmp_path)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&[0u8; HEADER_LEN]).at(&tmp_path)?;
+        Ok(ShardWriter {
+            final_path,
+            tmp_path,
+            out,
+            hasher: Xxh3::new(),
+            written: HEADER_LEN as u64,
+            offsets: vec![0],
+            labels: Vec::new(),
+            sample_ids: Vec::new(),
+            hidden: Vec::new(),
+            tokenizer_hash,
+            split,
+            shard_index,
+            num_shards,
+        })
+    }
+
+    fn write_payload(&mut self, bytes: &[u8]) -> Result<()> {
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        self.out.write_all(bytes).at(&self.tmp_path)
+    }
+
+    fn pad8(&mut self) -> Result<()> {
+        let pad = (8 - (self.written % 8) as usize) % 8;
+        self.write_payload(&[0u8; 8][..pad])
+    }
+
+    /// Appends one document. `label` is -1 for unlabeled; `hidden` is -1 unless the document
+    /// is unlabeled and its true label is known.
+    pub fn push(&mut self, ids: &[u32], label: i32, sample_id: u64, hidden: i32) -> Result<()> {
+        if cfg!(target_endian = "little") {
+            self.write_payload(bytemuck::cast_slice(ids))?;
+        } else {
+            self.write_payload(&le_bytes(ids, |v| v.to_le_bytes()))?;
+        }
+        let last = *self.offsets.last().expect("offsets starts with 0");
+        self.offsets.push(last + ids.len() as u64);
+        self.labels.push(label);
+        self.sample_ids.push(sample_id);
+        self.hidden.push(hidden);
+        Ok(())
+    }
+
+    /// Writes the columns and the header, syncs, and renames the file into place.
+    pub fn finish(mut self) -> Result<ShardSummary> {
+        let num_docs = self.labels.len() as u64;
+        let num_ids = *self.offsets.last().expect("offsets starts with 0");
+        let mut sections = [0u64; 5];
+        sections[0] = HEADER_LEN as u64;
+        self.pad8()?;
+        sections[1] = self.written;
+        let offsets = std::mem::take(&mut self.offsets);
+        self.write_payload(&le_bytes(&offsets, |v| v.to_le_bytes()))?;
+        sections[2] = self.written;
+        let labels = std::mem::take(&mut self.labels);
+        self.write_payload(&le_bytes(&labels, |v| v.to_le_bytes()))?;
+        self.pad8()?;
+        sections[3] = self.written;
+        let sample_ids = std::mem::take(&mut self.sample_ids);
+        self.write_payload(&le_bytes(&sample_ids, |v| v.to_le_bytes()))?;
+        sections[4] = self.written;
+        let hidden = std::mem::take(&mut self.hidden);
+        self.write_payload(&le_bytes(&hidden, |v| v.to_le_bytes()))?;
+        self.pad8()?;
+
+        let header = ShardHeader {
+            num_docs,
+            num_ids,
+            tokenizer_hash: self.tokenizer_hash,
+            shard_index: self.shard_index,
+            num_shards: self.num_shards,
+            split: self.split,
+            file_len: self.written,
+            payload_checksum: self.hasher.digest(),
+            sections,
+        };
+        let bytes = encode_header(&header);
+        let mut file = self.out.into_inner().map_err(|e| Error::io(&self.tmp_path, e.into_error()))?;
+        file.seek(SeekFrom::Start(0)).at(&self.tmp_path)?;
+        file.write_all(&bytes).at(&self.tmp_path)?;
+        file.sync_all().at(&self.tmp_path)?;
+        drop(file);
+        std::fs::rename(&self.tmp_path, &self.final_path).at(&self.final_path)?;
+        Ok(ShardSummary {
+            file: self.split.shard_file(self.shard_index),
+            docs: num_docs,
+            ids: num_ids,
+            bytes: header.file_len,
+            checksum: header.payload_checksum,
+        })
+    }
+}
+
+fn le_bytes<T: Copy, const N: usize>(values: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * N);
+    for &v in values {
+        out.extend_from_slice(&f(v));
+    }
+    out
+}
+
+fn encode_header(h: &ShardHeader) -> [u8; HEADER_LEN] {
+    let mut b = [0u8; HEADER_LEN];
+    b[0..8].copy_from_slice(SHARD_MAGIC);
+    b[8..12].copy_from_slice(&SHARD_VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+    b[16..24].copy_from_slice(&h.num_docs.to_le_bytes());
+    b[24..32].copy_from_slice(&h.num_ids.to_le_bytes());
+    b[32..40].copy_from_slice(&h.tokenizer_hash.to_le_bytes());
+    b[40..44].copy_from_slice(&h.shard_index.to_le_bytes());
+    b[44..48].copy_from_slice(&h.num_shards.to_le_bytes());
+    b[48..52].copy_from_slice(&h.split.code().to_le_bytes());
+    for (k, s) in h.sections.iter().enumerate() {
+        b[56 + 8 * k..64 + 8 * k].copy_from_slice(&s.to_le_bytes());
+    }
+    b[96..104].copy_from_slice(&h.file_len.to_le_bytes());
+    b[104..112].copy_from_slice(&h.payload_checksum.to_le_bytes());
+    let sum = xxh3_64(&b[..120]);
+    b[120..128].copy_from_slice(&sum.to_le_bytes());
+    b
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Parses and checks a header against the real file length.
+fn decode_header(path: &Path, b: &[u8], actual_len: u64) -> Result<ShardHeader> {
+    let bad = |msg: String| Error::bad_file(path, msg);
+    if b.len() < HEADER_LEN {
+        return Err(bad(format!(
+            "truncated: {} bytes, shorter than the {HEADER_LEN}-byte shard header",
+            b.len()
+        )));
+    }
+    if &b[0..8] != SHARD_MAGIC {
+        return Err(bad("not a dtrain shard file (bad magic bytes)".into()));
+    }
+    let version = u32_at(b, 8);
+    if version != SHARD_VERSION {
+        return Err(bad(format!(
+            "shard format version {version}, but this dtrain reads version {SHARD_VERSION}: prepare the data again"
+        )));
+    }
+    if xxh3_64(&b[..120]) != u64_at(b, 120) {
+        return Err(bad("corrupted: the header checksum does not match".into()));
+    }
+    let split = match u32_at(b, 48) {
+        0 => SplitKind::Train,
+        1 => SplitKind::Val,
+        2 => SplitKind::Test,
+        3 => SplitKind::Unlabeled,
+        c => return Err(bad(format!("corrupted: unknown split code {c}"))),
+    };
+    let mut sections = [0u64; 5];
+    for (k, s) in sections.iter_mut().enumerate() {
+        *s = u64_at(b, 56 + 8 * k);
+    }
+    let h = ShardHeader {
+        num_docs: u64_at(b, 16),
+        num_ids: u64_at(b, 24),
+        tokenizer_hash: u64_at(b, 32),
+        shard_index: u32_at(b, 40),
+        num_shards: u32_at(b, 44),
+        split,
+        file_len: u64_at(b, 96),
+        payload_checksum: u64_at(b, 104),
+        sections,
+    };
+    if h.file_len != actual_len {
+        return Err(bad(format!(
+            "truncated or extended: the header says {} bytes, the file has {actual_len}",
+            h.file_len
+        )));
+    }
+    // Each section must be aligned and lie inside the file with the size its count implies.
+    let (n, m) = (h.num_docs, h.num_ids);
+    let sizes = [
+        m.checked_mul(4),
+        n.checked_add(1).and_then(|x| x.checked_mul(8)),
+        n.checked_mul(4),
+        n.checked_mul(8),
+        n.checked_mul(4),
+    ];
+    for (k, (&start, size)) in sections.iter().zip(sizes).enumerate() {
+        let end = size.and_then(|s| start.checked_add(s));
+        match end {
+            Some(end) if start % 8 == 0 && start >= HEADER_LEN as u64 && end <= h.file_len => {}
+            _ => return Err(bad(format!("corrupted: section {k} lies outside the file or is misaligned"))),
+        }
+    }
+    Ok(h)
+}
+
+/// One document as the trainer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Doc<'a> {
+    /// Feature ids in text order.
+    pub ids: &'a [u32],
+    /// Label id, or `None` for an unlabeled document.
+    pub label: Option<u32>,
+    /// Global sample id (stable across world sizes and shards).
+    pub sample_id: u64,
+}
+
+/// A read-only, memory-mapped shard: zero-copy access to every document.
+///
+/// # Safety
+/// Memory-mapping is sound only while no process modifies or truncates the file. dtrain
+/// never writes a shard in place: [`ShardWriter`] writes a temporary file and renames it,
+/// so a shard, once visible under its name, never changes. Users must not edit or
+/// truncate shard files while a run reads them; doing so is undefined behaviour for the
+/// reading process (typically a SIGBUS), which `dtrain verify` cannot prevent.
+pub struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    header: ShardHeader,
+}
+
+impl Shard {
+    /// Opens a shard and checks its structure: magic, version, header checksum, length,
+    /// section bounds, and that the offsets are monotonic and end at `num_ids`. The payload
+    /// checksum is checked by [`Shard::verify_checksum`] (a full read), not here.
+    pub fn open(path: &Path) -> Result<Shard> {
+        if cfg!(target_endian = "big") {
+            return Err(Error::bad_file(
+                path,
+                "shard files are little-endian; big-endian hosts are not supported",
+            ));
+        }
+        let file = File::open(path).at(path)?;
+        let len = file.metadata().at(path)?.len();
+        if len < HEADER_LEN as u64 {
+            return Err(Error::bad_file(
+                path,
+                format!("truncated: {len} bytes, shorter than the {HEADER_LEN}-byte shard header"),
+            ));
+        }
+        // SAFETY: see the type's `# Safety` section: shard files are immutable once renamed
+        // into place, and the map is read-only.
+        let map = unsafe { Mmap::map(&file) }.at(path)?;
+        let header = decode_header(path, &map, len)?;
+        let shard = Shard { path: path.to_owned(), map, header };
+        let offsets = shard.offsets();
+        if offsets[0] != 0
+            || offsets.windows(2).any(|w| w[0] > w[1])
+            || offsets[offsets.len() - 1] != header.num_ids
+        {
+            return Err(Error::bad_file(
+                path,
+                "corrupted: document offsets are not monotonic from 0 to the id count",
+            ));
+        }
+        Ok(shard)
+    }
+
+    fn section<T: bytemuck::Pod>(&self, k: usize, len: u64) -> &[T] {
+        let start = self.header.sections[k] as usize;
+        let bytes = &self.map[start..start + len as usize * std::mem::size_of::<T>()];
+        // Sections are 8-byte aligned in the file and the map is page-aligned.
+        bytemuck::cast_slice(bytes)
+    }
+
+    fn ids(&self) -> &[u32] {
+        self.section(0, self.header.num_ids)
+    }
+
+    fn offsets(&self) -> &[u64] {
+        self.section(1, self.header.num_docs + 1)
+    }
+
+    fn labels(&self) -> &[i32] {
+        self.section(2, self.header.num_docs)
+    }
+
+    fn sample_ids(&self) -> &[u64] {
+        self.section(3, self.header.num_docs)
+    }
+
+    fn hidden(&self) -> &[i32] {
+        self.section(4, self.header.num_docs)
+    }
+
+    /// The header as read from the file.
+    pub fn header(&self) -> &ShardHeader {
+        &self.header
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of documents.
+    pub fn len(&self) -> usize {
+        self.header.num_docs as usize
+    }
+
+    /// Whether the shard holds no documents.
+    pub fn is_empty(&self) -> bool {
+        self.header.num_docs == 0
+    }
+
+    /// Document `i` (panics if `i >= len()`, like slice indexing).
+    pub fn doc(&self, i: usize) -> Doc<'_> {
+        let offsets = self.offsets();
+        let (a, b) = (offsets[i] as usize, offsets[i + 1] as usize);
+        let label = self.labels()[i];
+        Doc { ids: &self.ids()[a..b], label: u32::try_from(label).ok(), sample_id: self.sample_ids()[i] }
+    }
+
+    /// The hidden true label of unlabeled document `i`, where known. Diagnostics only:
+    /// training code must never read it.
+    pub fn hidden_label(&self, i: usize) -> Option<u32> {
+        u32::try_from(self.hidden()[i]).ok()
+    }
+
+    /// Recomputes the payload checksum and compares it with the header's.
+    pub fn verify_checksum(&self) -> Result<()> {
+        let got = xxh3_64(&self.map[HEADER_LEN..]);
+        if got != self.header.payload_checksum {
+            return Err(Error::bad_file(
+                &self.path,
+                format!(
+                    "corrupted: payload checksum {got:016x} does not match the header's {:016x}",
+                    self.header.payload_checksum
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks every value against the data set's limits: ids below `buckets`, labels and
+    /// hidden labels below `num_classes` (or -1), hidden labels only on unlabeled documents.
+    pub fn verify_values(&self, buckets: u32, num_classes: u32) -> Result<()> {
+        let bad = |msg: String| Err(Error::bad_file(&self.path, msg));
+        if let Some(pos) = self.ids().iter().position(|&id| id >= buckets) {
+            return bad(format!(
+                "id {} at position {pos} is not below the bucket count {buckets}",
+                self.ids()[pos]
+            ));
+        }
+        for (i, (&l, &h)) in self.labels().iter().zip(self.hidden()).enumerate() {
+            let in_range = |v: i32| v == -1 || (v >= 0 && (v as u32) < num_classes);
+            if !in_range(l) || !in_range(h) || (l != -1 && h != -1) {
+                return bad(format!("document {i}: label {l} / hidden label {h} break the rules (ids below {num_classes}, hidden only when unlabeled)"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,587 @@
+//! The fastText-style hashing tokenizer: text → words → hashed feature ids in `0..buckets`.
+//!
+//! # The algorithm (version [`TOKENIZER_ALGORITHM`]; every step is part of the format)
+//! 1. **Normalise.** Lower-case with Unicode rules (`str::to_lowercase`) when `lowercase`.
+//!    Soft hyphens, zero-width spaces, byte-order marks and variation selectors are dropped.
+//! 2. **Segment** into units, scanning characters:
+//!    - whitespace separates units;
+//!    - a *word* is a maximal run of word characters (alphabetic, numeric, or a combining
+//!      mark / zero-width joiner). The connectors `'` `’` `-` `_` `.` join two word
+//!      characters into one word (`don't`, `hard-fought`, `u.s`), and `,` joins two digits
+//!      (`1,000`);
+//!    - a *no-space run* is a maximal run of characters of scripts written without spaces
+//!      (Han, Hiragana, Katakana, Thai, Lao, Myanmar, Khmer); see [`is_no_space_script`];
+//!    - any other character (punctuation, symbols, emoji) is a *punctuation unit* of its own,
+//!      kept or dropped by `punctuation`.
+//! 3. **Truncate** to `max_words` units, counting each character of a no-space run as one
+//!    unit. A document that loses units is counted as truncated.
+//! 4. **Emit features in text order:**
+//!    - a word `w`: its word feature `W(w)`; then, if `char_ngram_max > 0`, the character
+//!      n-grams of `<w>` for `n` in `char_ngram_min..=char_ngram_max`, by start position then
+//!      length, except the whole `<w>` itself: `C(gram)`;
+//!    - a punctuation unit `p`: `W(p)`, no character n-grams;
+//!    - a no-space run `r`: every character n-gram of `r` with `n` in `1..=cjk_ngram_max`,
+//!      by start position then length (no boundary markers): `C(gram)`;
+//!    - after each word or punctuation unit, the word n-grams ending at it, for `n` in
+//!      `2..=word_ngrams`: `N(u₁ ␟ … ␟ uₙ)` (units joined by U+001F). A no-space run breaks
+//!      the sequence: word n-grams never span one.
+//! 5. **Hash.** `id = xxh3_64(utf8(payload), seed ^ K) mod buckets`, with `K` per kind:
+//!    `W` = [`KIND_WORD`], `C` = [`KIND_CHAR`], `N` = [`KIND_WORD_NGRAM`]. xxh3_64 is the
+//!    XXH3 64-bit hash (xxhash-rust), stable across machines and versions; golden values are
+//!    pinned in the tests so that ids never change silently.
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::error::{Error, Result};
+
+/// Version of the algorithm above. Bump it whenever any step changes: it enters the
+/// tokenizer hash, so data prepared by another algorithm is refused.
+pub const TOKENIZER_ALGORITHM: u32 = 1;
+/// Seed offset of word (and punctuation) features.
+pub const KIND_WORD: u64 = 0x5744_5452_4149_4E57; // "WDTRAINW"
+/// Seed offset of character n-gram features.
+pub const KIND_CHAR: u64 = 0x4344_5452_4149_4E43; // "CDTRAINC"
+/// Seed offset of word n-gram features.
+pub const KIND_WORD_NGRAM: u64 = 0x4E44_5452_4149_4E4E; // "NDTRAINN"
+
+/// What to do with punctuation and symbol characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Punctuation {
+    /// Each punctuation or symbol character is a unit of its own.
+    Keep,
+    /// Punctuation and symbols are removed.
+    Drop,
+}
+
+/// The tokenizer's full specification. It is recorded in every dataset manifest, and its
+/// hash in every shard header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerSpec {
+    /// Lower-case the text (Unicode rules) before segmenting.
+    pub lowercase: bool,
+    /// Longest word n-gram: 1 = words only, 2 = words and bigrams (fastText's `-wordNgrams`).
+    pub word_ngrams: u32,
+    /// Shortest character n-gram of a word, boundary markers `<` `>` included.
+    pub char_ngram_min: u32,
+    /// Longest character n-gram of a word; 0 turns word character n-grams off.
+    pub char_ngram_max: u32,
+    /// Longest character n-gram taken inside runs of scripts written without spaces
+    /// (Chinese, Japanese, Thai…); every length from 1 up to this is emitted.
+    pub cjk_ngram_max: u32,
+    /// Keep or drop punctuation and symbol characters.
+    pub punctuation: Punctuation,
+    /// Number of hash buckets B: every feature id is in `0..B`.
+    pub buckets: u32,
+    /// Maximum units (words, punctuation, characters of no-space runs) kept per document.
+    pub max_words: u32,
+    /// Seed of the feature hash.
+    pub hash_seed: u64,
+}
+
+impl Default for TokenizerSpec {
+    fn default() -> Self {
+        TokenizerSpec {
+            lowercase: true,
+            word_ngrams: 2,
+            char_ngram_min: 3,
+            char_ngram_max: 0,
+            cjk_ngram_max: 2,
+            punctuation: Punctuation::Keep,
+            buckets: 1 << 20,
+            max_words: 2048,
+            hash_seed: 0,
+        }
+    }
+}
+
+impl TokenizerSpec {
+    /// Checks every field against its rule; `prefix` is the field path (e.g. `tokenizer`).
+    pub fn validate(&self, origin: &str, prefix: &str) -> Result<()> {
+        let bad = |field: &str, msg: &str| Err(Error::config(origin, format!("{prefix}.{field}"), msg));
+        if self.word_ngrams < 1 || self.word_ngrams > 8 {
+            return bad("word_ngrams", "must be in 1..=8");
+        }
+        if self.char_ngram_max > 0 {
+            if self.char_ngram_min < 1 {
+                return bad("char_ngram_min", "must be at least 1 when char_ngram_max > 0");
+            }
+            if self.char_ngram_min > self.char_ngram_max {
+                return bad("char_ngram_min", "must not exceed char_ngram_max");
+            }
+            if self.char_ngram_max > 16 {
+                return bad("char_ngram_max", "must be at most 16");
+            }
+        }
+        if self.cjk_ngram_max < 1 || self.cjk_ngram_max > 8 {
+            return bad("cjk_ngram_max", "must be in 1..=8");
+        }
+        if self.buckets < 1 {
+            return bad("buckets", "must be at least 1");
+        }
+        if self.max_words < 1 {
+            return bad("max_words", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The hash that identifies this tokenizer: xxh3_64 of its canonical JSON together with
+    /// [`TOKENIZER_ALGORITHM`]. Shards made by a different tokenizer have a different hash.
+    pub fn hash(&self) -> u64 {
+        let canonical = serde_json::json!({
+            "algorithm": TOKENIZER_ALGORITHM,
+            "spec": self,
+        });
+        xxh3_64_with_seed(canonical.to_string().as_bytes(), 0)
+    }
+}
+
+/// One document after tokenization.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tokenized {
+    /// Feature ids in text order, each in `0..buckets`.
+    pub ids: Vec<u32>,
+    /// Units kept (after truncation).
+    pub units: u32,
+    /// Whether units were cut by `max_words`.
+    pub truncated: bool,
+}
+
+/// A unit of segmented text: byte range in the normalised string and its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnitKind {
+    Word,
+    Punct,
+    NoSpaceRun,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    start: usize,
+    end: usize,
+    kind: UnitKind,
+}
+
+/// Applies a [`TokenizerSpec`]. Cheap to clone; holds no buffers, so it is shared by threads.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    spec: TokenizerSpec,
+}
+
+/// One feature as text, for `dtrain inspect --explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feature {
+    /// `word`, `char` or `word_ngram`.
+    pub kind: &'static str,
+    /// The hashed payload (word n-gram parts joined by a space for display).
+    pub text: String,
+    /// Its id in `0..buckets`.
+    pub id: u32,
+}
+
+impl Tokenizer {
+    /// A tokenizer for a validated spec.
+    pub fn new(spec: TokenizerSpec) -> Self {
+        Tokenizer { spec }
+    }
+
+    /// The spec this tokenizer applies.
+    pub fn spec(&self) -> &TokenizerSpec {
+        &self.spec
+    }
+
+    /// Tokenizes one document into feature ids.
+    pub fn tokenize(&self, text: &str) -> Tokenized {
+        let mut out = Tokenized::default();
+        let mut ids = Vec::new();
+        self.run(text, |_, _, id| ids.push(id), &mut out);
+        out.ids = ids;
+        out
+    }
+
+    /// Tokenizes one document and returns every feature with its text (slow; for display).
+    pub fn explain(&self, text: &str) -> Vec<Feature> {
+        let mut features = Vec::new();
+        let mut stats = Tokenized::default();
+        self.run(
+            text,
+            |kind, payload, id| {
+                let text = String::from_utf8_lossy(payload).replace('\u{1f}', " ");
+                features.push(Feature { kind, text, id })
+            },
+            &mut stats,
+        );
+        features
+    }
+
+    /// The id of one feature payload of the given kind seed.
+    fn id(&self, kind: u64, payload: &[u8]) -> u32 {
+        (xxh3_64_with_seed(payload, self.spec.hash_seed ^ kind) % u64::from(self.spec.buckets)) as u32
+    }
+
+    fn run(&self, text: &str, mut emit: impl FnMut(&'static str, &[u8], u32), stats: &mut Tokenized) {
+        let spec = &self.spec;
+        let normalized = normalize(text, spec.lowercase);
+        let (units, kept, truncated) = segment(&normalized, spec);
+        stats.units = kept;
+        stats.truncated = truncated;
+
+        let mut scratch: Vec<u8> = Vec::with_capacity(64);
+        let mut char_bounds: Vec<usize> = Vec::with_capacity(64);
+        // Word-level units since the last break, for word n-grams.
+        let mut window: Vec<&str> = Vec::with_capacity(spec.word_ngrams as usize);
+        for unit in &units {
+            let s = &normalized[unit.start..unit.end];
+            match unit.kind {
+                UnitKind::Word | UnitKind::Punct => {
+                    emit("word", s.as_bytes(), self.id(KIND_WORD, s.as_bytes()));
+                    if unit.kind == UnitKind::Word && spec.char_ngram_max > 0 {
+                        scratch.clear();
+                        scratch.push(b'<');
+                        scratch.extend_from_slice(s.as_bytes());
+                        scratch.push(b'>');
+                        char_starts(&scratch, &mut char_bounds);
+                        let nchars = char_bounds.len() - 1;
+                        let (lo, hi) = (spec.char_ngram_min as usize, spec.char_ngram_max as usize);
+                        for i in 0..nchars {
+                            for n in lo..=hi.min(nchars - i) {
+                                if n == nchars {
+                                    continue; // the whole "<w>" is the word feature itself
+                                }
+                                let gram = &scratch[char_bounds[i]..char_bounds[i + n]];
+                                emit("char", gram, self.id(KIND_CHAR, gram));
+                            }
+                        }
+                    }
+                    if spec.word_ngrams >= 2 {
+                        if window.len() == spec.word_ngrams as usize {
+                            window.remove(0);
+                        }
+                        window.push(s);
+                        for n in 2..=window.len() {
+                            scratch.clear();
+                            for (k, part) in window[window.len() - n..].iter().enumerate() {
+                                if k > 0 {
+                                    scratch.push(0x1f);
+                                }
+                                scratch.extend_from_slice(part.as_bytes());
+                            }
+                            emit("word_ngram", &scratch, self.id(KIND_WORD_NGRAM, &scratch));
+                        }
+                    }
+                }
+                UnitKind::NoSpaceRun => {
+                    window.clear();
+                    char_starts(s.as_bytes(), &mut char_bounds);
+                    let nchars = char_bounds.len() - 1;
+                    for i in 0..nchars {
+                        for n in 1..=(spec.cjk_ngram_max as usize).min(nchars - i) {
+                            let gram = &s.as_bytes()[char_bounds[i]..char_bounds[i + n]];
+                            emit("char", gram, self.id(KIND_CHAR, gram));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Byte offsets of every character start in `s`, plus `s.len()` at the end.
+fn char_starts(s: &[u8], out: &mut Vec<usize>) {
+    out.clear();
+    out.extend(
+        s.iter()
+            .enumerate()
+            .filter(|(_, &b)| (b as i8) >= -0x40) // not a UTF-8 continuation byte
+            .map(|(i, _)| i),
+    );
+    out.push(s.len());
+}
+
+/// Characters removed before segmenting: invisible format characters.
+fn is_ignorable(c: char) -> bool {
+    matches!(c, '\u{00AD}' | '\u{200B}' | '\u{2060}' | '\u{FEFF}' | '\u{FE00}'..='\u{FE0F}')
+}
+
+fn normalize(text: &str, lowercase: bool) -> String {
+    let cleaned: String = if text.chars().any(is_ignorable) {
+        text.chars().filter(|&c| !is_ignorable(c)).collect()
+    } else {
+        text.to_owned()
+    };
+    if lowercase {
+        cleaned.to_lowercase()
+    } else {
+        cleaned
+    }
+}
+
+/// Whether `c` belongs to a script written without spaces between words: Han (with CJK
+/// radicals, ideographic iteration marks and the supplementary ideograph planes), Hiragana,
+/// Katakana (with its extensions and half-width forms), Thai, Lao, Myanmar and Khmer.
+pub fn is_no_space_script(c: char) -> bool {
+    matches!(c,
+        '\u{0E00}'..='\u{0EFF}'     // Thai, Lao
+        | '\u{1000}'..='\u{109F}'   // Myanmar
+        | '\u{1780}'..='\u{17FF}'   // Khmer
+        | '\u{2E80}'..='\u{2FDF}'   // CJK radicals, Kangxi radicals
+        | '\u{3005}'..='\u{3007}'   // 々 〆 〇
+        | '\u{3021}'..='\u{3029}'   // Hangzhou numerals
+        | '\u{3038}'..='\u{303B}'
+        | '\u{3040}'..='\u{30FF}'   // Hiragana, Katakana
+        | '\u{31F0}'..='\u{31FF}'   // Katakana phonetic extensions
+        | '\u{3400}'..='\u{4DBF}'   // CJK extension A
+        | '\u{4E00}'..='\u{9FFF}'   // CJK unified ideographs
+        | '\u{F900}'..='\u{FAFF}'   // CJK compatibility ideographs
+        | '\u{FF66}'..='\u{FF9F}'   // half-width Katakana
+        | '\u{20000}'..='\u{2FA1F}' // CJK extensions B–F, compatibility supplement
+        | '\u{30000}'..='\u{323AF}' // CJK extensions G, H
+    )
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric()
+        || matches!(c,
+            '\u{0300}'..='\u{036F}'   // combining diacritical marks
+            | '\u{1AB0}'..='\u{1AFF}'
+            | '\u{1DC0}'..='\u{1DFF}'
+            | '\u{20D0}'..='\u{20FF}'
+            | '\u{FE20}'..='\u{FE2F}'
+            | '\u{200C}' | '\u{200D}' // zero-width (non-)joiner
+        )
+}
+
+fn is_connector(c: char) -> bool {
+    matches!(c, '\'' | '\u{2019}' | '-' | '_' | '.')
+}
+
+/// Splits normalised text into units; returns them with the units kept and whether any were
+/// cut by `max_words`.
+fn segment(s: &str, spec: &TokenizerSpec) -> (Vec<Unit>, u32, bool) {
+    let mut units = Vec::new();
+    let chars: Vec<(usize, char)> = s.char_indices().collect();
+    let byte_at = |i: usize| chars.get(i).map_or(s.len(), |&(b, _)| b);
+    let max = spec.max_words as usize;
+    let mut kept = 0usize;
+    let mut i = 0;
+    while i < chars.len() {
+        if kept >= max {
+            return (units, kept as u32, true);
+        }
+        let c = chars[i].1;
+        if c.is_whitespace() {
+            i += 1;
+        } else if is_no_space_script(c) {
+            let start = i;
+            while i < chars.len() && is_no_space_script(chars[i].1) && kept < max {
+                i += 1;
+                kept += 1;
+            }
+            units.push(Unit { start: byte_at(start), end: byte_at(i), kind: UnitKind::NoSpaceRun });
+        } else if is_word_char(c) && !is_no_space_script(c) {
+            let start = i;
+            i += 1;
+            loop {
+                match chars.get(i) {
+                    Some(&(_, d)) if is_word_char(d) && !is_no_space_script(d) => i += 1,
+                    Some(&(_, d)) if is_connector(d) || d == ',' => {
+                        let prev = chars[i - 1].1;
+                        let joins = match chars.get(i + 1) {
+                            Some(&(_, n)) if d == ',' => prev.is_numeric() && n.is_numeric(),
+                            Some(&(_, n)) => is_word_char(n) && !is_no_space_script(n),
+                            None => false,
+                        };
+                        if joins {
+                            i += 2;
+                        } else {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            units.push(Unit { start: byte_at(start), end: byte_at(i), kind: UnitKind::Word });
+            kept += 1;
+        } else {
+            if spec.punctuation == Punctuation::Keep {
+                units.push(Unit { start: byte_at(i), end: byte_at(i + 1), kind: UnitKind::Punct });
+                kept += 1;
+            }
+            i += 1;
+        }
+    }
+    (units, kept as u32, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words_only() -> TokenizerSpec {
+        TokenizerSpec { word_ngrams: 1, char_ngram_max: 0, ..TokenizerSpec::default() }
+    }
+
+    fn texts(spec: TokenizerSpec, text: &str) -> Vec<(&'static str, String)> {
+        Tokenizer::new(spec).explain(text).into_iter().map(|f| (f.kind, f.text)).collect()
+    }
+
+    fn words(spec: TokenizerSpec, text: &str) -> Vec<String> {
+        texts(spec, text).into_iter().filter(|(k, _)| *k == "word").map(|(_, t)| t).collect()
+    }
+
+    #[test]
+    fn segments_words_connectors_and_punctuation() {
+        assert_eq!(
+            words(words_only(), "Don't over-all U.S. 1,000 3.5, end."),
+            ["don't", "over-all", "u.s", ".", "1,000", "3.5", ",", "end", "."]
+        );
+        assert_eq!(words(words_only(), "``Hi'' -- a_b"), ["`", "`", "hi", "'", "'", "-", "-", "a_b"]);
+        let drop = TokenizerSpec { punctuation: Punctuation::Drop, ..words_only() };
+        assert_eq!(words(drop, "Hello, world!"), ["hello", "world"]);
+    }
+
+    #[test]
+    fn lowercases_with_unicode_rules_and_can_keep_case() {
+        assert_eq!(words(words_only(), "ÉCOLE Straße ΣΟΦΊΑ"), ["école", "straße", "σοφία"]);
+        let keep = TokenizerSpec { lowercase: false, ..words_only() };
+        assert_eq!(words(keep, "ÉCOLE"), ["ÉCOLE"]);
+    }
+
+    #[test]
+    fn combining_marks_and_invisible_characters_stay_inside_words() {
+        // "cafe" + U+0301 combining acute; a soft hyphen and a zero-width space inside words.
+        assert_eq!(
+            words(words_only(), "cafe\u{301} ex\u{AD}ample zero\u{200B}width"),
+            ["cafe\u{301}", "example", "zerowidth"]
+        );
+    }
+
+    #[test]
+    fn char_ngrams_use_boundary_markers_and_skip_the_whole_word() {
+        let spec = TokenizerSpec {
+            word_ngrams: 1,
+            char_ngram_min: 2,
+            char_ngram_max: 3,
+            ..TokenizerSpec::default()
+        };
+        assert_eq!(
+            texts(spec, "abc"),
+            [
+                ("word", "abc".to_string()),
+                ("char", "<a".into()),
+                ("char", "<ab".into()),
+                ("char", "ab".into()),
+                ("char", "abc".into()),
+                ("char", "bc".into()),
+                ("char", "bc>".into()),
+                ("char", "c>".into()),
+            ]
+        );
+        // A one-letter word: "<a>" is the word itself, so only the 2-grams remain.
+        let spec = TokenizerSpec {
+            word_ngrams: 1,
+            char_ngram_min: 2,
+            char_ngram_max: 3,
+            ..TokenizerSpec::default()
+        };
+        assert_eq!(
+            texts(spec, "a"),
+            [("word", "a".to_string()), ("char", "<a".into()), ("char", "a>".into())]
+        );
+    }
+
+    #[test]
+    fn word_ngrams_follow_each_unit() {
+        let spec = TokenizerSpec { word_ngrams: 3, ..words_only() };
+        assert_eq!(
+            texts(spec, "a b c"),
+            [
+                ("word", "a".to_string()),
+                ("word", "b".into()),
+                ("word_ngram", "a b".into()),
+                ("word", "c".into()),
+                ("word_ngram", "b c".into()),
+                ("word_ngram", "a b c".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn cjk_runs_give_char_ngrams_not_one_token() {
+        let spec = TokenizerSpec { word_ngrams: 2, ..TokenizerSpec::default() };
+        let got = texts(spec, "我爱北京 ok");
+        assert_eq!(
+            got,
+            [
+                ("char", "我".to_string()),
+                ("char", "我爱".into()),
+                ("char", "爱".into()),
+                ("char", "爱北".into()),
+                ("char", "北".into()),
+                ("char", "北京".into()),
+                ("char", "京".into()),
+                ("word", "ok".into()),
+            ]
+        );
+        // Japanese: kana and kanji form one run; CJK punctuation splits runs.
+        let got = words(words_only(), "東京へ行きます。はい");
+        assert_eq!(got, ["。"]);
+        let chars: Vec<String> = texts(words_only(), "東京へ。はい")
+            .into_iter()
+            .filter(|(k, _)| *k == "char")
+            .map(|(_, t)| t)
+            .collect();
+        assert_eq!(chars, ["東", "東京", "京", "京へ", "へ", "は", "はい", "い"]);
+        // Thai has no spaces either.
+        let n = Tokenizer::new(words_only()).tokenize("สวัสดีครับ").ids.len();
+        assert_eq!(n, 10 + 9);
+    }
+
+    #[test]
+    fn no_space_run_breaks_word_ngrams() {
+        let spec = TokenizerSpec { word_ngrams: 2, ..words_only() };
+        let grams: Vec<String> =
+            texts(spec, "a 中 b c").into_iter().filter(|(k, _)| *k == "word_ngram").map(|(_, t)| t).collect();
+        assert_eq!(grams, ["b c"]);
+    }
+
+    #[test]
+    fn truncation_counts_units() {
+        let spec = TokenizerSpec { max_words: 3, ..words_only() };
+        let t = Tokenizer::new(spec.clone()).tokenize("one two three four");
+        assert_eq!((t.ids.len(), t.units, t.truncated), (3, 3, true));
+        let t = Tokenizer::new(spec.clone()).tokenize("one two three");
+        assert_eq!((t.units, t.truncated), (3, false));
+        // Characters of a no-space run count one each.
+        let t = Tokenizer::new(spec).tokenize("a 北京市");
+        assert_eq!((t.units, t.truncated), (3, true));
+    }
+
+    #[test]
+    fn empty_and_whitespace_text_give_no_ids() {
+        let tok = Tokenizer::new(TokenizerSpec::default());
+        assert!(tok.tokenize("").ids.is_empty());
+        assert!(tok.tokenize(" \t\u{3000} ").ids.is_empty());
+    }
+
+    /// Golden values: these ids are the on-disk format. If this test fails, the hash, the
+    /// segmentation or the defaults changed, and every prepared dataset would silently get
+    /// other ids: bump TOKENIZER_ALGORITHM instead of editing the numbers.
+    #[test]
+    fn golden_hash_values_are_pinned() {
+        // The underlying function: XXH3-64 of the empty input with seed 0 (reference value).
+        assert_eq!(xxh3_64_with_seed(b"", 0), 0x2D06_8005_38D3_94C2);
+        let tok = Tokenizer::new(TokenizerSpec { char_ngram_max: 4, ..TokenizerSpec::default() });
+        assert_eq!(tok.tokenize("The jury said, 北京.").ids, GOLDEN_IDS);
+        assert_eq!(TokenizerSpec::default().hash(), GOLDEN_SPEC_HASH);
+    }
+
+    const GOLDEN_IDS: [u32; 30] = [
+        544789, 36077, 1034653, 506113, 568094, 179780, 958192, 697038, 854163, 578410, 683767, 941231,
+        484033, 645434, 29612, 656986, 683074, 422690, 286650, 829756, 708684, 394604, 331362, 281055,
+        994534, 343614, 276436, 976100, 809813, 369840,
+    ];
+    const GOLDEN_SPEC_HASH: u64 = 0xf83e_a80e_c0ab_adc1;
+}

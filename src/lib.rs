@@ -1,0 +1,13 @@
+//! dtrain: a data-parallel trainer for semi-supervised text classification.
+//!
+//! The crate is both the library and the `dtrain` binary (`main.rs`, CLI only). See
+//! ARCHITECTURE.md for the code map and the invariants every module keeps.
+
+pub mod bench;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod fsutil;
+pub mod rng;
+
+pub use error::{Error, Result};

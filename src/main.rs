@@ -1,0 +1,427 @@
+//! The `dtrain` command line: parses arguments into validated configs and calls the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use dtrain::config::{self, Override, PrepareConfig};
+use dtrain::data::dataset::{self, Dataset};
+use dtrain::data::input::FormatChoice;
+use dtrain::data::manifest::Manifest;
+use dtrain::data::prepare::{prepare, PrepareReport};
+use dtrain::data::shard::{Shard, SplitKind};
+use dtrain::data::tokenize::{Punctuation, Tokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "dtrain",
+    version,
+    about = "Semi-supervised text classification, from one CPU core to many GPU nodes"
+)]
+struct Cli {
+    /// No progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Turn raw text (TSV, JSONL, plain text; .gz too) into a sharded data set directory.
+    Prepare(PrepareArgs),
+    /// Print a data set's summary and decode a few samples, or describe one shard file.
+    Inspect(InspectArgs),
+    /// Check every checksum and value of a data set; exits non-zero on any problem.
+    Verify {
+        /// The data set directory.
+        dir: PathBuf,
+    },
+    /// The demo job: prepare the bundled Brown genre data (20 labels per class), inspect and
+    /// verify it.
+    Demo(DemoArgs),
+    /// Benchmarks that print a table and write JSON with their provenance.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Throughput of `dtrain prepare` (MB/s of uncompressed text, documents/s).
+    Prepare {
+        #[command(flatten)]
+        prepare: PrepareArgs,
+        /// Timed runs, after one untimed warm-up.
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct PrepareArgs {
+    /// A TOML config with [input], [tokenizer], [split] and [output] sections
+    /// (see configs/prepare.example.toml). Flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Labeled input files (TSV `label<TAB>text`, or JSONL).
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    input: Vec<PathBuf>,
+    /// Unlabeled input files (plain text one document per line, TSV or JSONL).
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    unlabeled: Vec<PathBuf>,
+    /// A fixed test set instead of a held-out fraction (sets the test fraction to 0).
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    test_input: Vec<PathBuf>,
+    /// Output data set directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Input format; `auto` decides from each file's name.
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// JSONL text field name [default: text].
+    #[arg(long)]
+    text_field: Option<String>,
+    /// JSONL label field name [default: label].
+    #[arg(long)]
+    label_field: Option<String>,
+    /// Labeled documents kept per class; the rest of the pool becomes unlabeled [default: all].
+    #[arg(long, value_name = "K")]
+    labels_per_class: Option<u32>,
+    /// Fraction of each class held out for testing [default: 0.2].
+    #[arg(long, value_name = "F")]
+    test_fraction: Option<f64>,
+    /// Fraction of each class carved out for validation [default: 0.1].
+    #[arg(long, value_name = "F")]
+    val_fraction: Option<f64>,
+    /// Shards per split [default: 8]; runs on W ranks need W to divide it.
+    #[arg(long, value_name = "P")]
+    shards: Option<u32>,
+    /// Seed of the split [default: 1].
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Skip and count bad lines instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Longest word n-gram [default: 2].
+    #[arg(long, value_name = "N")]
+    word_ngrams: Option<u32>,
+    /// Character n-grams of words, as MIN..MAX (e.g. 3..6), or 0 for none [default: 0].
+    #[arg(long, value_name = "MIN..MAX")]
+    char_ngrams: Option<String>,
+    /// Longest character n-gram inside runs of Chinese/Japanese/Thai… text [default: 2].
+    #[arg(long, value_name = "N")]
+    cjk_ngrams: Option<u32>,
+    /// Hash buckets B [default: 1048576].
+    #[arg(long, value_name = "B")]
+    buckets: Option<u32>,
+    /// Maximum units per document [default: 2048].
+    #[arg(long, value_name = "N")]
+    max_words: Option<u32>,
+    /// Keep letter case.
+    #[arg(long)]
+    keep_case: bool,
+    /// Keep or drop punctuation [default: keep].
+    #[arg(long, value_enum)]
+    punctuation: Option<PunctArg>,
+    /// Override any config field: --set tokenizer.buckets=65536 (repeatable; applied last).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy)]
+enum FormatArg {
+    Auto,
+    Tsv,
+    Jsonl,
+    Text,
+}
+
+#[derive(ValueEnum, Clone, Copy)]
+enum PunctArg {
+    Keep,
+    Drop,
+}
+
+impl PrepareArgs {
+    /// Maps the flags onto config fields, then the `--set` overrides, in that order.
+    fn overrides(&self) -> anyhow::Result<Vec<Override>> {
+        let mut o = Vec::new();
+        if !self.input.is_empty() {
+            o.push(Override::typed("input.labeled", &self.input));
+        }
+        if !self.unlabeled.is_empty() {
+            o.push(Override::typed("input.unlabeled", &self.unlabeled));
+        }
+        if !self.test_input.is_empty() {
+            o.push(Override::typed("input.test", &self.test_input));
+            if self.test_fraction.is_none() {
+                o.push(Override::typed("split.test_fraction", 0.0));
+            }
+        }
+        if let Some(f) = self.format {
+            let f = match f {
+                FormatArg::Auto => FormatChoice::Auto,
+                FormatArg::Tsv => FormatChoice::Tsv,
+                FormatArg::Jsonl => FormatChoice::Jsonl,
+                FormatArg::Text => FormatChoice::Text,
+            };
+            o.push(Override::typed("input.format", f));
+        }
+        let mut opt = |key: &str, v: Option<toml::Value>| {
+            if let Some(v) = v {
+                o.push(Override { key: key.into(), value: v });
+            }
+        };
+        opt("output.dir", self.out.as_ref().map(|p| p.display().to_string().into()));
+        opt("input.text_field", self.text_field.clone().map(Into::into));
+        opt("input.label_field", self.label_field.clone().map(Into::into));
+        opt("split.labels_per_class", self.labels_per_class.map(|v| i64::from(v).into()));
+        opt("split.test_fraction", self.test_fraction.map(Into::into));
+        opt("split.val_fraction", self.val_fraction.map(Into::into));
+        opt("output.shards", self.shards.map(|v| i64::from(v).into()));
+        opt("split.seed", self.seed.map(toml_u64));
+        opt("input.skip_bad", self.skip_bad.then_some(true.into()));
+        opt("output.force", self.force.then_some(true.into()));
+        opt("tokenizer.word_ngrams", self.word_ngrams.map(|v| i64::from(v).into()));
+        opt("tokenizer.cjk_ngram_max", self.cjk_ngrams.map(|v| i64::from(v).into()));
+        opt("tokenizer.buckets", self.buckets.map(|v| i64::from(v).into()));
+        opt("tokenizer.max_words", self.max_words.map(|v| i64::from(v).into()));
+        opt("tokenizer.lowercase", self.keep_case.then_some(false.into()));
+        opt(
+            "tokenizer.punctuation",
+            self.punctuation.map(|p| match p {
+                PunctArg::Keep => toml::Value::try_from(Punctuation::Keep).expect("enum"),
+                PunctArg::Drop => toml::Value::try_from(Punctuation::Drop).expect("enum"),
+            }),
+        );
+        if let Some(spec) = &self.char_ngrams {
+            let (lo, hi) = parse_range(spec)
+                .with_context(|| format!("--char-ngrams {spec}: expected MIN..MAX (e.g. 3..6) or 0"))?;
+            o.push(Override::typed("tokenizer.char_ngram_min", i64::from(lo.max(1))));
+            o.push(Override::typed("tokenizer.char_ngram_max", i64::from(hi)));
+        }
+        for s in &self.set {
+            o.push(Override::parse(s)?);
+        }
+        Ok(o)
+    }
+
+    fn load(&self) -> anyhow::Result<PrepareConfig> {
+        Ok(config::load::<PrepareConfig>(self.config.as_deref(), &self.overrides()?)?)
+    }
+}
+
+fn toml_u64(v: u64) -> toml::Value {
+    // TOML integers are i64; seeds above i64::MAX are rejected by the config's type check.
+    i64::try_from(v).map_or_else(|_| toml::Value::String(v.to_string()), toml::Value::Integer)
+}
+
+fn parse_range(spec: &str) -> Option<(u32, u32)> {
+    if spec.trim() == "0" {
+        return Some((0, 0));
+    }
+    let (a, b) = spec.split_once("..")?;
+    Some((a.trim().parse().ok()?, b.trim().trim_start_matches('=').parse().ok()?))
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A data set directory, or one shard file.
+    path: PathBuf,
+    /// The split whose samples to decode.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// How many samples to decode.
+    #[arg(long, default_value_t = 5)]
+    samples: usize,
+    /// Show how the data set's tokenizer turns this text into features and ids.
+    #[arg(long, value_name = "TEXT")]
+    explain: Option<String>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// The labeled data to prepare.
+    #[arg(long, default_value = "data/brown_genre.tsv.gz")]
+    data: PathBuf,
+    /// The prepare config of the demo.
+    #[arg(long, default_value = "configs/brown/prepare.toml")]
+    config: PathBuf,
+    /// Where the demo writes its data set.
+    #[arg(long, default_value = "runs/demo/data")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let progress = !cli.quiet;
+    match cli.command {
+        Command::Prepare(args) => {
+            let cfg = args.load()?;
+            let report = prepare(&cfg, progress)?;
+            print_prepare_summary(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect(args) => inspect(&args),
+        Command::Verify { dir } => Ok(verify(&dir)),
+        Command::Demo(args) => demo(&args, progress),
+        Command::Bench(BenchCommand::Prepare { prepare, repeat, json }) => {
+            let mut args = prepare;
+            if args.out.is_none() {
+                args.out = Some(PathBuf::from("(temporary)"));
+            }
+            let cfg = args.load()?;
+            let r = dtrain::bench::bench_prepare(&cfg, repeat)?;
+            println!(
+                "dtrain bench prepare: {} run(s) after 1 warm-up, {} thread(s), {}",
+                r.repeats, r.provenance.threads, r.provenance.cpu
+            );
+            println!("inputs: {}", r.inputs.join(", "));
+            println!(
+                "{:.1} MB of text, {} documents, {} token ids per run",
+                r.text_bytes as f64 / 1e6,
+                r.documents,
+                r.token_ids
+            );
+            println!("{:<12} {:>12} {:>12} {:>12}", "", "min", "median", "max");
+            let row = |name: &str, s: &dtrain::bench::Spread| {
+                println!("{name:<12} {:>12.2} {:>12.2} {:>12.2}", s.min, s.median, s.max)
+            };
+            row("seconds", &r.seconds);
+            row("MB/s", &r.mb_per_s);
+            row("docs/s", &r.docs_per_s);
+            if let Some(path) = json {
+                dtrain::bench::write_json(&path, &r)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_prepare_summary(r: &PrepareReport) {
+    let secs = r.elapsed.as_secs_f64();
+    println!(
+        "prepared {} in {:.2} s: {:.1} MB/s of text, {:.0} documents/s",
+        r.dir.display(),
+        secs,
+        r.text_bytes as f64 / 1e6 / secs,
+        r.docs_read as f64 / secs
+    );
+    print!("{}", dataset::describe(&r.manifest));
+    if !r.skipped_examples.is_empty() {
+        println!("first skipped lines:");
+        for e in &r.skipped_examples {
+            println!("  {e}");
+        }
+    }
+}
+
+fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
+    if args.path.is_file() {
+        let shard = Shard::open(&args.path)?;
+        let h = shard.header();
+        println!(
+            "{}: dtrain shard {}/{} of split `{}`: {} documents, {} token ids, tokenizer {:016x}, payload checksum {:016x}",
+            args.path.display(),
+            h.shard_index,
+            h.num_shards,
+            h.split.name(),
+            h.num_docs,
+            h.num_ids,
+            h.tokenizer_hash,
+            h.payload_checksum
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let split = SplitKind::from_name(&args.split)
+        .with_context(|| format!("--split {}: expected train, val, test or unlabeled", args.split))?;
+    let ds = Dataset::open(&args.path)?;
+    let m: &Manifest = ds.manifest();
+    println!(
+        "{}: dtrain data set, {} classes, {} shards per split",
+        args.path.display(),
+        m.labels.len(),
+        m.num_shards
+    );
+    print!("{}", dataset::describe(m));
+    if let Some(text) = &args.explain {
+        println!("tokenization of {text:?}:");
+        for f in Tokenizer::new(m.tokenizer.clone()).explain(text) {
+            println!("  {:<10} {:<24} {}", f.kind, format!("{:?}", f.text), f.id);
+        }
+    }
+    if args.samples > 0 {
+        println!("samples of `{}`:", split.name());
+        print!("{}", dataset::sample_lines(&ds, split, args.samples));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(dir: &Path) -> ExitCode {
+    let report = dataset::verify(dir);
+    for (file, problem) in &report.files {
+        match problem {
+            None => println!("ok      {file}"),
+            Some(p) => println!("FAILED  {file}: {p}"),
+        }
+    }
+    let bad = report.files.iter().filter(|(_, p)| p.is_some()).count();
+    if bad == 0 {
+        println!("{}: all {} files verified", dir.display(), report.files.len());
+        ExitCode::SUCCESS
+    } else {
+        println!("{}: {bad} of {} files FAILED verification", dir.display(), report.files.len());
+        ExitCode::FAILURE
+    }
+}
+
+fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    if !args.data.exists() {
+        bail!(
+            "{}: the demo data is missing; run the demo from the dtrain checkout's root directory",
+            args.data.display()
+        );
+    }
+    let prep = PrepareArgs {
+        config: Some(args.config.clone()),
+        input: vec![args.data.clone()],
+        out: Some(args.out.clone()),
+        force: true,
+        ..PrepareArgs::default()
+    };
+    let cfg = prep.load()?;
+    println!(
+        "== dtrain demo: prepare {} ({} labels per class)",
+        args.data.display(),
+        cfg.split.labels_per_class.map_or("all".into(), |k| k.to_string())
+    );
+    let report = prepare(&cfg, progress)?;
+    print_prepare_summary(&report);
+    println!("\n== inspect {}", args.out.display());
+    let ds = Dataset::open(&args.out)?;
+    print!("{}", dataset::sample_lines(&ds, SplitKind::Train, 3));
+    print!("{}", dataset::sample_lines(&ds, SplitKind::Unlabeled, 3));
+    println!("\n== verify {}", args.out.display());
+    let code = verify(&args.out);
+    println!("\nTraining on this data set arrives with the supervised-training issue; until then the demo ends here.");
+    Ok(code)
+}

@@ -1,0 +1,226 @@
+//! Bad input never panics and never yields a silently wrong data set: each case below is an
+//! error naming the file (and line), or with `skip_bad` a skipped and counted line.
+
+mod common;
+
+use std::path::Path;
+
+use dtrain::data::dataset::Dataset;
+
+/// Runs prepare on one labeled file with `content` and returns the error message.
+fn error_for(name: &str, content: &[u8], extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), name, content);
+    let out = dir.path().join("ds");
+    let e = common::run(&[&f], &[], &out, extra).map(|_| ()).unwrap_err().to_string();
+    assert!(!out.exists(), "a failed prepare must not leave an output directory");
+    e
+}
+
+#[test]
+fn bad_lines_are_errors_with_file_and_line() {
+    let good = common::tsv(2, 10);
+    let cases: [(&str, Vec<u8>, &str); 6] = [
+        ("x.tsv", format!("{good}no tab on this line\n").into_bytes(), "x.tsv:21: no tab"),
+        ("x.tsv", format!("{good}class0\t   \n").into_bytes(), "x.tsv:21: empty text"),
+        ("x.tsv", [good.as_bytes(), b"class0\tbad \xff\xfe utf8\n"].concat(), "x.tsv:21: invalid UTF-8"),
+        (
+            "x.jsonl",
+            b"{\"text\": \"a b\", \"label\": \"x\"}\n{\"text\": \"oops\"\n".to_vec(),
+            "x.jsonl:2: invalid JSON",
+        ),
+        ("x.jsonl", b"{\"text\": \"a b\"}\n".to_vec(), "x.jsonl:1: missing label field `label`"),
+        ("x.tsv.gz", format!("{good}\tno label\n").into_bytes(), "x.tsv.gz:21: empty label"),
+    ];
+    for (name, content, want) in cases {
+        let e = error_for(name, &content, &[]);
+        assert!(e.contains(want), "expected `{want}` in: {e}");
+        assert!(e.contains("--skip-bad"), "the message says how to skip: {e}");
+    }
+}
+
+#[test]
+fn skip_bad_skips_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = common::tsv(2, 10).into_bytes();
+    text.extend_from_slice(b"no tab\nclass0\t\nclass1\tbad \xff utf8\n\n");
+    let f = common::write(dir.path(), "x.tsv", &text);
+    let out = dir.path().join("ds");
+    let r = common::run(&[&f], &[], &out, &["input.skip_bad=true"]).unwrap();
+    assert_eq!(r.manifest.stats.skipped, 3);
+    assert_eq!(r.manifest.stats.blank, 1);
+    assert_eq!(r.manifest.stats.documents, 20);
+    assert_eq!(r.skipped_examples.len(), 3);
+    assert!(r.skipped_examples[0].contains("x.tsv:21: no tab"), "{:?}", r.skipped_examples);
+}
+
+#[test]
+fn documents_without_features_are_bad_lines() {
+    let e = error_for(
+        "x.tsv",
+        format!("{}class0\t!!! ...\n", common::tsv(2, 5)).as_bytes(),
+        &["tokenizer.punctuation=\"drop\""],
+    );
+    assert!(e.contains("x.tsv:11: no features after tokenizing"), "{e}");
+}
+
+#[test]
+fn unknown_labels_against_a_fixed_list() {
+    let e = error_for("x.tsv", common::tsv(3, 5).as_bytes(), &["input.labels=[\"class0\", \"class1\"]"]);
+    assert!(e.contains("x.tsv:3: unknown label `class2`"), "{e}");
+}
+
+#[test]
+fn whole_input_problems_are_clear_errors() {
+    // An empty file.
+    let e = error_for("x.tsv", b"", &[]);
+    assert!(e.contains("no document"), "{e}");
+    // An unknown format.
+    let e = error_for("x.csv", b"a,b\n", &[]);
+    assert!(e.contains("x.csv") && e.contains("unknown format"), "{e}");
+    // Plain text given as labeled input.
+    let e = error_for("x.txt", b"hello\n", &[]);
+    assert!(e.contains("x.txt") && e.contains("--unlabeled"), "{e}");
+    // K larger than a class.
+    let e = error_for("x.tsv", common::tsv(2, 10).as_bytes(), &["split.labels_per_class=8"]);
+    assert!(e.contains("labels_per_class 8 is larger than class `class0`"), "{e}");
+    // A label that occurs only in the test split.
+    let text = format!("{}lonely\tthe only one of its class\n", common::tsv(2, 10));
+    let e = error_for("x.tsv", text.as_bytes(), &["split.test_fraction=0.5"]);
+    assert!(e.contains("label `lonely` occurs only in the test split"), "{e}");
+    // A file that does not exist.
+    let e = error_for("x.tsv", b"", &["input.unlabeled=[\"/nonexistent/u.txt\"]"]);
+    assert!(e.contains("/nonexistent/u.txt"), "{e}");
+}
+
+#[test]
+fn corrupted_gzip_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), "x.tsv.gz", common::tsv(2, 200).as_bytes());
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes.truncate(n / 2);
+    std::fs::write(&f, &bytes).unwrap();
+    let e = common::run(&[&f], &[], &dir.path().join("ds"), &[]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("x.tsv.gz") && e.contains("read failed"), "{e}");
+}
+
+#[test]
+fn existing_output_is_never_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), "x.tsv", common::tsv(2, 10).as_bytes());
+    let out = dir.path().join("ds");
+    common::run(&[&f], &[], &out, &[]).unwrap();
+    let before = std::fs::read(out.join("manifest.json")).unwrap();
+    // Without --force: refused.
+    let e = common::run(&[&f], &[], &out, &[]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    // With --force but a failing run: the old data set is untouched.
+    let bad = common::write(dir.path(), "bad.tsv", b"no tab\n");
+    assert!(common::run(&[&bad], &[], &out, &["output.force=true"]).is_err());
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
+    Dataset::open(&out).unwrap();
+    // With --force and a good run: replaced, and no staging directories are left behind.
+    common::run(&[&f], &[], &out, &["output.force=true", "split.seed=9"]).unwrap();
+    assert_ne!(std::fs::read(out.join("manifest.json")).unwrap(), before);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with("ds."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn prepared(dir: &Path) -> std::path::PathBuf {
+    let f = common::write(dir, "x.tsv", common::tsv(3, 20).as_bytes());
+    let out = dir.join("ds");
+    common::run(&[&f], &[], &out, &["split.labels_per_class=4", "output.shards=2"]).unwrap();
+    out
+}
+
+#[test]
+fn corrupted_or_truncated_shards_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepared(dir.path());
+    let shard = out.join("train-00001.shard");
+    let original = std::fs::read(&shard).unwrap();
+
+    // One flipped payload byte: open still works (structure intact), verify names the file.
+    let mut flipped = original.clone();
+    flipped[200] ^= 0x40;
+    std::fs::write(&shard, &flipped).unwrap();
+    let report = dtrain::data::dataset::verify(&out);
+    assert!(!report.ok());
+    let bad: Vec<_> = report.files.iter().filter(|(_, p)| p.is_some()).collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0].0, "train-00001.shard");
+    assert!(bad[0].1.as_ref().unwrap().contains("payload checksum"), "{bad:?}");
+
+    // A flipped header byte: refused at open.
+    let mut header = original.clone();
+    header[20] ^= 1;
+    std::fs::write(&shard, &header).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("train-00001.shard") && e.contains("header checksum"), "{e}");
+
+    // Truncated: refused at open, whatever the cut.
+    for cut in [0, 10, 127, 128, original.len() / 2, original.len() - 1] {
+        std::fs::write(&shard, &original[..cut]).unwrap();
+        let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("train-00001.shard") && e.contains("truncated"), "cut {cut}: {e}");
+    }
+
+    // Not a shard at all.
+    std::fs::write(&shard, vec![7u8; original.len()]).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("not a dtrain shard"), "{e}");
+
+    // Missing.
+    std::fs::remove_file(&shard).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("train-00001.shard"), "{e}");
+}
+
+#[test]
+fn shard_swapped_in_from_another_data_set_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepared(dir.path());
+    // Same inputs, another tokenizer: its shard carries another tokenizer hash.
+    let f = dir.path().join("x.tsv");
+    let other = dir.path().join("other");
+    common::run(
+        &[&f],
+        &[],
+        &other,
+        &["split.labels_per_class=4", "output.shards=2", "tokenizer.word_ngrams=1"],
+    )
+    .unwrap();
+    std::fs::copy(other.join("val-00000.shard"), out.join("val-00000.shard")).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("val-00000.shard") && e.contains("another tokenizer"), "{e}");
+}
+
+#[test]
+fn corrupted_manifest_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepared(dir.path());
+    let path = out.join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+
+    // An edited value: the checksum catches it.
+    std::fs::write(&path, text.replacen("\"seed\": 1", "\"seed\": 2", 1)).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("manifest.json") && e.contains("checksum"), "{e}");
+
+    // Truncated JSON.
+    std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("manifest.json") && e.contains("not a valid dtrain manifest"), "{e}");
+    let report = dtrain::data::dataset::verify(&out);
+    assert!(!report.ok());
+
+    // Missing.
+    std::fs::remove_file(&path).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("manifest.json"), "{e}");
+}

@@ -1,0 +1,181 @@
+//! The `dtrain` binary as users run it: help on every command, exit codes, the demo.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn dtrain(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        &["--help"][..],
+        &["prepare", "--help"],
+        &["inspect", "--help"],
+        &["verify", "--help"],
+        &["demo", "--help"],
+        &["bench", "--help"],
+        &["bench", "prepare", "--help"],
+    ] {
+        let o = dtrain(cmd);
+        assert!(o.status.success(), "{cmd:?}: {}", text(&o));
+        assert!(text(&o).contains("Usage: dtrain"), "{cmd:?}: {}", text(&o));
+    }
+    let o = dtrain(&["prepare", "--help"]);
+    for flag in [
+        "--input",
+        "--unlabeled",
+        "--out",
+        "--format",
+        "--labels-per-class",
+        "--test-fraction",
+        "--val-fraction",
+        "--shards",
+        "--seed",
+        "--skip-bad",
+        "--set",
+        "--config",
+    ] {
+        assert!(text(&o).contains(flag), "prepare --help lacks {flag}");
+    }
+}
+
+#[test]
+fn prepare_inspect_verify_round_trip_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.tsv");
+    let mut tsv = String::new();
+    for i in 0..30 {
+        tsv.push_str(&format!("pos\tgood movie number {i}\nneg\tbad film number {i}\n"));
+    }
+    std::fs::write(&input, tsv).unwrap();
+    let out = dir.path().join("ds");
+    let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
+    let r = dtrain(&[
+        "prepare",
+        "--quiet",
+        "--input",
+        i,
+        "--out",
+        o,
+        "--labels-per-class",
+        "5",
+        "--shards",
+        "2",
+        "--char-ngrams",
+        "3..5",
+        "--set",
+        "split.seed=4",
+    ]);
+    assert!(r.status.success(), "{}", text(&r));
+    assert!(text(&r).contains("documents  60"), "{}", text(&r));
+
+    let r = dtrain(&["inspect", o, "--samples", "2", "--split", "unlabeled", "--explain", "good movie"]);
+    assert!(r.status.success(), "{}", text(&r));
+    let t = text(&r);
+    assert!(t.contains("char n-grams 3..5") && t.contains("\"<go\"") && t.contains("unlabeled[0:0]"), "{t}");
+
+    let r = dtrain(&["verify", o]);
+    assert!(r.status.success() && text(&r).contains("all 9 files verified"), "{}", text(&r));
+
+    // A flipped byte makes verify fail with a non-zero exit code naming the file.
+    let shard = out.join("unlabeled-00000.shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[140] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let r = dtrain(&["verify", o]);
+    assert!(!r.status.success());
+    assert!(text(&r).contains("FAILED  unlabeled-00000.shard"), "{}", text(&r));
+
+    // Errors are one clear line and a failure code, never a panic.
+    let r = dtrain(&["prepare", "--input", i, "--out", o]);
+    assert!(!r.status.success() && text(&r).contains("already exists"), "{}", text(&r));
+    let r = dtrain(&["prepare", "--input", i, "--out", o, "--force", "--set", "split.test_fraction=2"]);
+    assert!(
+        !r.status.success() && text(&r).contains("field `split.test_fraction`: must be in [0, 1)"),
+        "{}",
+        text(&r)
+    );
+    let r = dtrain(&["prepare", "--input", i, "--out", o, "--force", "--char-ngrams", "x"]);
+    assert!(!r.status.success() && text(&r).contains("--char-ngrams x"), "{}", text(&r));
+    let r = dtrain(&["inspect", o, "--split", "nope"]);
+    assert!(!r.status.success() && text(&r).contains("--split nope"), "{}", text(&r));
+    assert!(!text(&r).contains("panicked"));
+}
+
+#[test]
+fn prepare_reads_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut jsonl = String::new();
+    for i in 0..20 {
+        jsonl.push_str(&format!("{{\"body\": \"text number {i} of a\", \"y\": \"a\"}}\n{{\"body\": \"text number {i} of b\", \"y\": \"b\"}}\n"));
+    }
+    std::fs::write(&input, jsonl).unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, "[input]\ntext_field = \"body\"\nlabel_field = \"y\"\n[split]\nlabels_per_class = 2\n[output]\nshards = 1\n").unwrap();
+    let out = dir.path().join("ds");
+    let r = dtrain(&[
+        "prepare",
+        "--quiet",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", text(&r));
+    let m = dtrain::data::manifest::Manifest::read(&out).unwrap();
+    assert_eq!(m.splits["train"].docs, 4);
+    assert_eq!(m.num_shards, 1);
+}
+
+#[test]
+fn demo_prepares_inspects_and_verifies_the_bundled_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let r = dtrain(&["demo", "--quiet", "--out", out.to_str().unwrap()]);
+    let t = text(&r);
+    assert!(r.status.success(), "{t}");
+    assert!(t.contains("documents  15638"), "{t}");
+    assert!(t.contains("29 duplicates"), "{t}");
+    assert!(t.contains("all 33 files verified"), "{t}");
+    assert!(Path::new(&out).join("manifest.json").exists());
+}
+
+/// configs/prepare.example.toml parses, equals the defaults (plus an input file and its
+/// labels_per_class line uncommented), and mentions every field the config type has.
+#[test]
+fn example_config_documents_every_field() {
+    use dtrain::config::{load, Override, PrepareConfig};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/prepare.example.toml");
+    let cfg: PrepareConfig =
+        load(Some(&path), &[Override::parse("input.labeled=[\"x.tsv\"]").unwrap()]).unwrap();
+    let mut want = PrepareConfig::default();
+    want.input.labeled = vec!["x.tsv".into()];
+    want.output.dir = "runs/example/data".into();
+    assert_eq!(cfg, want, "the example's values must be the defaults");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut full = PrepareConfig::default();
+    full.split.labels_per_class = Some(1);
+    let tree = toml::Value::try_from(&full).unwrap();
+    for (section, fields) in tree.as_table().unwrap() {
+        assert!(text.contains(&format!("[{section}]")), "section [{section}] undocumented");
+        for field in fields.as_table().unwrap().keys() {
+            assert!(
+                text.contains(&format!("\n{field} =")) || text.contains(&format!("# {field} =")),
+                "field {section}.{field} undocumented"
+            );
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Property tests: the tokenizer on arbitrary text, and the shard format on arbitrary data.
+
+use proptest::prelude::*;
+
+use dtrain::data::shard::{Shard, ShardWriter, SplitKind};
+use dtrain::data::tokenize::{Tokenizer, TokenizerSpec};
+
+fn spec_strategy() -> impl Strategy<Value = TokenizerSpec> {
+    (1u32..4, 0u32..5, 1u32..4, 1u32..5000, 1u32..50, any::<bool>(), any::<u64>()).prop_map(
+        |(wn, cmax, cjk, buckets, max_words, lowercase, seed)| TokenizerSpec {
+            word_ngrams: wn,
+            char_ngram_min: 1.max(cmax.saturating_sub(2)),
+            char_ngram_max: cmax,
+            cjk_ngram_max: cjk,
+            buckets,
+            max_words,
+            lowercase,
+            hash_seed: seed,
+            ..TokenizerSpec::default()
+        },
+    )
+}
+
+/// Text mixing ASCII words, accents, CJK, Thai, punctuation, emoji, odd whitespace.
+fn text_strategy() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            "[a-zA-Z]{1,8}",
+            "[0-9]{1,4}",
+            Just("É".to_string()),
+            Just("straße".to_string()),
+            "[\u{4e00}-\u{4e20}]{1,6}",
+            "[\u{3041}-\u{3060}]{1,4}",
+            "[\u{0e01}-\u{0e30}]{1,4}",
+            "[ \t\u{3000}\u{a0}]{1,2}",
+            "[.,!?'\\-`]{1,3}",
+            Just("😀\u{200d}👍".to_string()),
+            Just("\u{ad}\u{200b}".to_string()),
+            any::<String>(),
+        ],
+        0..30,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn tokenizer_is_total_deterministic_and_in_range(spec in spec_strategy(), text in text_strategy()) {
+        let tok = Tokenizer::new(spec.clone());
+        let a = tok.tokenize(&text);
+        let b = Tokenizer::new(spec.clone()).tokenize(&text);
+        prop_assert_eq!(&a, &b);
+        prop_assert!(a.ids.iter().all(|&id| id < spec.buckets));
+        prop_assert!(a.units <= spec.max_words);
+        // explain() is the same computation, with the texts attached.
+        let ids: Vec<u32> = tok.explain(&text).iter().map(|f| f.id).collect();
+        prop_assert_eq!(ids, a.ids.clone());
+        // Truncation is reported exactly when units were cut: with room for everything,
+        // the same text gives the same ids with no truncation.
+        let roomy = Tokenizer::new(TokenizerSpec { max_words: 1_000_000, ..spec.clone() }).tokenize(&text);
+        prop_assert_eq!(a.truncated, roomy.units > spec.max_words);
+        if !a.truncated {
+            prop_assert_eq!(&roomy.ids, &a.ids);
+        } else {
+            prop_assert!(roomy.ids.starts_with(&a.ids[..a.ids.len().saturating_sub(8 * 8)]));
+        }
+    }
+
+    #[test]
+    fn lowercasing_makes_case_irrelevant(text in text_strategy(), ascii in "[a-zA-Z ]{0,40}") {
+        let tok = Tokenizer::new(TokenizerSpec::default());
+        // Lower-casing is applied once, so lower-cased input changes nothing…
+        prop_assert_eq!(tok.tokenize(&text), tok.tokenize(&text.to_lowercase()));
+        // …and case is invisible where upper/lower map one to one (not so for "ß" → "SS").
+        prop_assert_eq!(tok.tokenize(&ascii), tok.tokenize(&ascii.to_uppercase()));
+    }
+
+    #[test]
+    fn whitespace_runs_do_not_matter(words in prop::collection::vec("[a-z]{1,6}", 1..10), seps in prop::collection::vec("[ \t\u{3000}]{1,3}", 10)) {
+        let tok = Tokenizer::new(TokenizerSpec { char_ngram_max: 4, ..TokenizerSpec::default() });
+        let single = words.join(" ");
+        let mut odd = String::new();
+        for (i, w) in words.iter().enumerate() {
+            odd.push_str(&seps[i % seps.len()]);
+            odd.push_str(w);
+        }
+        prop_assert_eq!(tok.tokenize(&single), tok.tokenize(&odd));
+    }
+
+    #[test]
+    fn shards_round_trip_arbitrary_documents(
+        docs in prop::collection::vec((prop::collection::vec(0u32..1000, 0..40), -1i32..5, any::<u64>()), 0..60),
+        index in 0u32..4,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::create(dir.path(), SplitKind::Val, index, 4, 0xabcdef).unwrap();
+        for (ids, label, sample) in &docs {
+            let hidden = if *label == -1 { (*sample % 5) as i32 } else { -1 };
+            w.push(ids, *label, *sample, hidden).unwrap();
+        }
+        let summary = w.finish().unwrap();
+        prop_assert_eq!(summary.docs as usize, docs.len());
+        let shard = Shard::open(&dir.path().join(summary.file)).unwrap();
+        shard.verify_checksum().unwrap();
+        shard.verify_values(1000, 5).unwrap();
+        prop_assert_eq!(shard.header().tokenizer_hash, 0xabcdef);
+        prop_assert_eq!(shard.header().shard_index, index);
+        prop_assert_eq!(shard.len(), docs.len());
+        for (i, (ids, label, sample)) in docs.iter().enumerate() {
+            let d = shard.doc(i);
+            prop_assert_eq!(d.ids, &ids[..]);
+            prop_assert_eq!(d.label, u32::try_from(*label).ok());
+            prop_assert_eq!(d.sample_id, *sample);
+            let hidden = if *label == -1 { Some((*sample % 5) as u32) } else { None };
+            prop_assert_eq!(shard.hidden_label(i), hidden);
+        }
+    }
+}

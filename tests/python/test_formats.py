@@ -1,0 +1,184 @@
+"""Cross-language check of dtrain's documented on-disk formats.
+
+Written from the documentation alone (src/data/tokenize.rs, src/data/shard.rs,
+src/data/manifest.rs), this re-implements the hashing tokenizer for the characters used
+below, parses the shard layout and recomputes every checksum, then compares with what
+`dtrain prepare` wrote. If the code drifts from its documentation, this fails.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import tempfile
+import unittest
+
+import xxhash
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DTRAIN = os.path.join(ROOT, "target", "release", "dtrain")
+
+KIND_WORD = 0x5744_5452_4149_4E57
+KIND_CHAR = 0x4344_5452_4149_4E43
+KIND_WORD_NGRAM = 0x4E44_5452_4149_4E4E
+CONNECTORS = "'\u2019-_."
+
+
+def is_no_space(c):
+    o = ord(c)
+    return 0x4E00 <= o <= 0x9FFF or 0x3040 <= o <= 0x30FF
+
+
+def is_word(c):
+    return c.isalnum() and not is_no_space(c)
+
+
+def segment(s, max_words):
+    """Units as (kind, text): 'w' word, 'p' punctuation, 'r' no-space run."""
+    units, i, kept = [], 0, 0
+    while i < len(s):
+        if kept >= max_words:
+            break
+        c = s[i]
+        if c.isspace():
+            i += 1
+        elif is_no_space(c):
+            j = i
+            while j < len(s) and is_no_space(s[j]) and kept < max_words:
+                j += 1
+                kept += 1
+            units.append(("r", s[i:j]))
+            i = j
+        elif is_word(c):
+            j = i + 1
+            while j < len(s):
+                d = s[j]
+                if is_word(d):
+                    j += 1
+                elif (d in CONNECTORS or d == ",") and j + 1 < len(s):
+                    n = s[j + 1]
+                    joins = (s[j - 1].isdigit() and n.isdigit()) if d == "," else is_word(n)
+                    if not joins:
+                        break
+                    j += 2
+                else:
+                    break
+            units.append(("w", s[i:j]))
+            kept += 1
+            i = j
+        else:
+            units.append(("p", c))
+            kept += 1
+            i += 1
+    return units
+
+
+def tokenize(text, spec):
+    B, seed = spec["buckets"], spec["hash_seed"]
+
+    def h(kind, payload):
+        return xxhash.xxh3_64_intdigest(payload.encode("utf-8"), seed=seed ^ kind) % B
+
+    s = text.lower() if spec["lowercase"] else text
+    ids, window = [], []
+    lo, hi = spec["char_ngram_min"], spec["char_ngram_max"]
+    for kind, u in segment(s, spec["max_words"]):
+        if kind in "wp":
+            ids.append(h(KIND_WORD, u))
+            if kind == "w" and hi > 0:
+                b = "<" + u + ">"
+                for i in range(len(b)):
+                    for n in range(lo, min(hi, len(b) - i) + 1):
+                        if n != len(b):
+                            ids.append(h(KIND_CHAR, b[i:i + n]))
+            if spec["word_ngrams"] >= 2:
+                window = (window + [u])[-spec["word_ngrams"]:]
+                for n in range(2, len(window) + 1):
+                    ids.append(h(KIND_WORD_NGRAM, "\x1f".join(window[-n:])))
+        else:
+            window = []
+            for i in range(len(u)):
+                for n in range(1, min(spec["cjk_ngram_max"], len(u) - i) + 1):
+                    ids.append(h(KIND_CHAR, u[i:i + n]))
+    return ids
+
+
+def read_shard(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"DTSHARD\0", "magic"
+    version, header_len = struct.unpack_from("<II", data, 8)
+    assert (version, header_len) == (1, 128)
+    n, m, tok_hash = struct.unpack_from("<QQQ", data, 16)
+    shard_index, num_shards, split = struct.unpack_from("<III", data, 40)
+    sections = struct.unpack_from("<5Q", data, 56)
+    file_len, payload_sum, _, header_sum = struct.unpack_from("<4Q", data, 96)
+    assert header_sum == xxhash.xxh3_64_intdigest(data[:120]), "header checksum"
+    assert file_len == len(data)
+    assert payload_sum == xxhash.xxh3_64_intdigest(data[128:]), "payload checksum"
+    ids = struct.unpack_from(f"<{m}I", data, sections[0])
+    offsets = struct.unpack_from(f"<{n + 1}Q", data, sections[1])
+    labels = struct.unpack_from(f"<{n}i", data, sections[2])
+    sample_ids = struct.unpack_from(f"<{n}Q", data, sections[3])
+    hidden = struct.unpack_from(f"<{n}i", data, sections[4])
+    docs = [list(ids[offsets[i]:offsets[i + 1]]) for i in range(n)]
+    return dict(tok_hash=tok_hash, index=shard_index, num_shards=num_shards, split=split,
+                docs=docs, labels=labels, sample_ids=sample_ids, hidden=hidden, checksum=payload_sum)
+
+
+TEXTS = [
+    ("news", "The Fulton County Grand Jury said Friday an investigation produced `` no evidence ''."),
+    ("fiction", "Don't stop -- it's hard-fought, 1,000 times over-all; U.S. 3.14!"),
+    ("news", "北京は東京より大きい。 Mixed 中文 text"),
+    ("fiction", "CAPITALS and lower, a_b c'd e\u2019f ... ?!"),
+    ("news", "x"),
+]
+
+
+class FormatTest(unittest.TestCase):
+    def prepare(self, out, extra):
+        with tempfile.NamedTemporaryFile("w", suffix=".tsv", delete=False, encoding="utf-8") as f:
+            for label, text in TEXTS:
+                f.write(f"{label}\t{text}\n")
+        cmd = [DTRAIN, "prepare", "--quiet", "--input", f.name, "--out", out,
+               "--test-fraction", "0", "--val-fraction", "0", "--shards", "2", *extra]
+        subprocess.run(cmd, check=True, capture_output=True)
+        with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+            return json.load(f)
+
+    def check(self, extra):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "ds")
+            manifest = self.prepare(out, extra)
+            spec = manifest["tokenizer"]
+            self.assertEqual(manifest["labels"], ["fiction", "news"])
+            # The manifest checksum: xxh3_64 of the pretty JSON with checksum set to "".
+            body = dict(manifest, checksum="")
+            text = json.dumps(body, indent=2, ensure_ascii=False)
+            self.assertEqual(manifest["checksum"], f"{xxhash.xxh3_64_intdigest(text.encode()):016x}")
+            seen = 0
+            for info in manifest["splits"]["train"]["shards"]:
+                shard = read_shard(os.path.join(out, info["file"]))
+                self.assertEqual(f"{shard['checksum']:016x}", info["checksum"])
+                self.assertEqual(f"{shard['tok_hash']:016x}", manifest["tokenizer_hash"])
+                for ids, label, sid, hidden in zip(shard["docs"], shard["labels"], shard["sample_ids"], shard["hidden"]):
+                    want_label, text = TEXTS[sid]
+                    self.assertEqual(ids, tokenize(text, spec), f"ids of {text!r}")
+                    self.assertEqual(manifest["labels"][label], want_label)
+                    self.assertEqual(hidden, -1)
+                    seen += 1
+            self.assertEqual(seen, len(TEXTS))
+
+    def test_defaults(self):
+        self.check([])
+
+    def test_char_ngrams_trigrams_seed_and_small_buckets(self):
+        self.check(["--char-ngrams", "2..5", "--word-ngrams", "3", "--buckets", "1000",
+                    "--cjk-ngrams", "3", "--set", "tokenizer.hash_seed=12345", "--max-words", "9"])
+
+    def test_keep_case(self):
+        self.check(["--keep-case"])
+
+
+if __name__ == "__main__":
+    unittest.main()
