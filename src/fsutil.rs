@@ -41,6 +41,9 @@ pub fn sync_parent(path: &Path) {
 /// is in place.
 pub fn install_dir(staged: &Path, dest: &Path, force: bool) -> Result<()> {
     if dest.exists() {
+        if !dest.is_dir() {
+            return Err(Error::bad_file(dest, "exists and is not a directory: choose another --out"));
+        }
         if !force {
             return Err(Error::bad_file(
                 dest,

@@ -72,9 +72,26 @@ fn unknown_labels_against_a_fixed_list() {
 
 #[test]
 fn whole_input_problems_are_clear_errors() {
-    // An empty file.
+    // An empty file, or one with only blank lines, or only bad lines under skip_bad.
     let e = error_for("x.tsv", b"", &[]);
-    assert!(e.contains("no document"), "{e}");
+    assert!(e.contains("x.tsv: holds no document: 0 lines"), "{e}");
+    let e = error_for("x.tsv", b"\n  \n", &[]);
+    assert!(e.contains("x.tsv: holds no document: 2 lines, 2 blank"), "{e}");
+    let e = error_for("x.tsv", b"no tab\n", &["input.skip_bad=true"]);
+    assert!(e.contains("x.tsv: holds no document: 1 lines, 0 blank, 1 skipped"), "{e}");
+    // An empty unlabeled file beside good labeled ones.
+    let e = error_for(
+        "x.tsv",
+        common::tsv(2, 5).as_bytes(),
+        &["input.unlabeled=[\"/dev/null\"]", "input.format=\"tsv\""],
+    );
+    assert!(e.contains("/dev/null: holds no document"), "{e}");
+    // An output path that is a file.
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), "x.tsv", common::tsv(2, 5).as_bytes());
+    let e = common::run(&[&f], &[], &f, &["output.force=true"]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("is not a directory"), "{e}");
+    assert!(f.is_file(), "the file is untouched");
     // An unknown format.
     let e = error_for("x.csv", b"a,b\n", &[]);
     assert!(e.contains("x.csv") && e.contains("unknown format"), "{e}");

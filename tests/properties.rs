@@ -44,8 +44,7 @@ fn text_strategy() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
-
+    // 256 cases by default; PROPTEST_CASES=N runs more.
     #[test]
     fn tokenizer_is_total_deterministic_and_in_range(spec in spec_strategy(), text in text_strategy()) {
         let tok = Tokenizer::new(spec.clone());

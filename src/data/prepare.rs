@@ -153,7 +153,7 @@ fn prepare_into(
         let b = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
         b.set_style(
             ProgressStyle::with_template(
-                "prepare {msg:24!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                "prepare {msg} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
             )
             .expect("valid template")
             .progress_chars("=> "),
@@ -448,6 +448,15 @@ impl Run<'_> {
             }
             Ok(())
         })?;
+        if record.docs == 0 {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "holds no document: {} lines, {} blank, {} skipped as bad",
+                    record.lines, record.blank, record.skipped
+                ),
+            ));
+        }
         self.inputs.push(record);
         Ok(())
     }

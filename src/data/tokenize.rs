@@ -367,13 +367,17 @@ fn segment(s: &str, spec: &TokenizerSpec) -> (Vec<Unit>, u32, bool) {
     let mut kept = 0usize;
     let mut i = 0;
     while i < chars.len() {
+        let c = chars[i].1;
+        let is_punct = !is_no_space_script(c) && !is_word_char(c);
+        if c.is_whitespace() || (is_punct && spec.punctuation == Punctuation::Drop) {
+            i += 1;
+            continue;
+        }
+        // A unit that would be kept remains: only now is the document truncated.
         if kept >= max {
             return (units, kept as u32, true);
         }
-        let c = chars[i].1;
-        if c.is_whitespace() {
-            i += 1;
-        } else if is_no_space_script(c) {
+        if is_no_space_script(c) {
             let start = i;
             while i < chars.len() && is_no_space_script(chars[i].1) && kept < max {
                 i += 1;
@@ -405,10 +409,8 @@ fn segment(s: &str, spec: &TokenizerSpec) -> (Vec<Unit>, u32, bool) {
             units.push(Unit { start: byte_at(start), end: byte_at(i), kind: UnitKind::Word });
             kept += 1;
         } else {
-            if spec.punctuation == Punctuation::Keep {
-                units.push(Unit { start: byte_at(i), end: byte_at(i + 1), kind: UnitKind::Punct });
-                kept += 1;
-            }
+            units.push(Unit { start: byte_at(i), end: byte_at(i + 1), kind: UnitKind::Punct });
+            kept += 1;
             i += 1;
         }
     }
@@ -553,6 +555,12 @@ mod tests {
         let t = Tokenizer::new(spec.clone()).tokenize("one two three four");
         assert_eq!((t.ids.len(), t.units, t.truncated), (3, 3, true));
         let t = Tokenizer::new(spec.clone()).tokenize("one two three");
+        assert_eq!((t.units, t.truncated), (3, false));
+        // Exactly max_words units followed by whitespace or dropped punctuation: not cut.
+        let t = Tokenizer::new(spec.clone()).tokenize("one two three  \t");
+        assert_eq!((t.units, t.truncated), (3, false));
+        let drop = TokenizerSpec { punctuation: Punctuation::Drop, ..spec.clone() };
+        let t = Tokenizer::new(drop).tokenize("one two three ...!");
         assert_eq!((t.units, t.truncated), (3, false));
         // Characters of a no-space run count one each.
         let t = Tokenizer::new(spec).tokenize("a 北京市");
