@@ -3,11 +3,13 @@
 //! The crate is both the library and the `dtrain` binary (`main.rs`, CLI only). See
 //! ARCHITECTURE.md for the code map and the invariants every module keeps.
 
+pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod model;
 pub mod rng;
 
 pub use error::{Error, Result};

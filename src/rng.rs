@@ -14,6 +14,8 @@ use rand_chacha::ChaCha8Rng;
 pub enum Purpose {
     /// Splitting the labeled pool into test / val / train / unlabeled.
     Split = 1,
+    /// Initial parameter values (index: the tensor).
+    Init = 2,
 }
 
 /// A seeded random stream.

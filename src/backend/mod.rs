@@ -1,0 +1,290 @@
+//! The compute interface every backend implements: the bag model's layer kernels and the
+//! supervised loss, on buffers that live on the backend's device.
+//!
+//! Parameters and gradients are one flat buffer each (see `model::params`); an operation
+//! names the tensors it reads or writes by their [`Slot`] in those buffers, which maps to a
+//! slice on the CPU and to a device-pointer offset on CUDA. Every operation here is one
+//! kernel launch (or a few) on a GPU; nothing returns to the host but what the signature
+//! says. The CPU implementation (`cpu`) is the reference that every future kernel is tested
+//! against.
+
+pub mod cpu;
+
+use std::fmt::Debug;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::params::Slot;
+
+/// The element type of a backend: `f32` for training, `f64` for gradient checks.
+pub trait Real:
+    num_traits::Float + Default + Debug + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static
+{
+    /// `c = alpha·a·b + beta·c` on row/column-strided matrices (`m×k` times `k×n`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: &[Self],
+        a_strides: (isize, isize),
+        b: &[Self],
+        b_strides: (isize, isize),
+        beta: Self,
+        c: &mut [Self],
+        c_strides: (isize, isize),
+    );
+    /// Conversion from f64 constants.
+    fn of(v: f64) -> Self;
+    /// Conversion to f64 for reporting.
+    fn f64(self) -> f64;
+}
+
+macro_rules! real_impl {
+    ($t:ty, $gemm:path) => {
+        impl Real for $t {
+            fn gemm(
+                m: usize,
+                k: usize,
+                n: usize,
+                alpha: Self,
+                a: &[Self],
+                (rsa, csa): (isize, isize),
+                b: &[Self],
+                (rsb, csb): (isize, isize),
+                beta: Self,
+                c: &mut [Self],
+                (rsc, csc): (isize, isize),
+            ) {
+                let span = |rows: usize, cols: usize, rs: isize, cs: isize| {
+                    if rows == 0 || cols == 0 {
+                        0
+                    } else {
+                        ((rows - 1) as isize * rs + (cols - 1) as isize * cs) as usize + 1
+                    }
+                };
+                assert!(a.len() >= span(m, k, rsa, csa), "gemm: a too short");
+                assert!(b.len() >= span(k, n, rsb, csb), "gemm: b too short");
+                assert!(c.len() >= span(m, n, rsc, csc), "gemm: c too short");
+                // SAFETY: the asserts above guarantee that every element the strides reach
+                // lies inside its slice, and `c` does not alias `a` or `b` (it is `&mut`).
+                unsafe {
+                    $gemm(
+                        m,
+                        k,
+                        n,
+                        alpha,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        beta,
+                        c.as_mut_ptr(),
+                        rsc,
+                        csc,
+                    )
+                }
+            }
+            fn of(v: f64) -> Self {
+                v as $t
+            }
+            fn f64(self) -> f64 {
+                self as f64
+            }
+        }
+    };
+}
+real_impl!(f32, matrixmultiply::sgemm);
+real_impl!(f64, matrixmultiply::dgemm);
+
+/// Elementwise non-linearity of a hidden layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Relu,
+    /// GELU, tanh approximation.
+    Gelu,
+    Tanh,
+}
+
+/// The supervised loss of labeled rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossKind {
+    /// Cross-entropy against `(1−ε)·onehot(y) + ε/C`.
+    CrossEntropy { smoothing: f64 },
+    /// Focal loss `−(1 − p_y)^γ · log p_y`; γ = 0 is cross-entropy.
+    Focal { gamma: f64 },
+}
+
+/// Identifies one dropout mask. Masks are not stored: element `i` is kept iff a
+/// counter-based hash of `(seed, step, site, pass, i)` clears the drop probability, so the
+/// backward pass (and a GPU kernel) recomputes exactly the forward's mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropoutKey {
+    pub seed: u64,
+    pub step: u64,
+    /// Which dropout layer.
+    pub site: u32,
+    /// Which forward pass of the step (methods with two noisy passes use 0 and 1).
+    pub pass: u32,
+}
+
+/// splitmix64's finaliser: a bijective 64-bit mixer.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl DropoutKey {
+    /// The per-mask base value hashed with each element index.
+    pub fn base(&self) -> u64 {
+        mix64(self.seed ^ mix64(self.step ^ (u64::from(self.site) << 40) ^ (u64::from(self.pass) << 56)))
+    }
+
+    /// Whether element `i` survives dropout with probability `p` of dropping.
+    pub fn keep(base: u64, i: u64, p: f32) -> bool {
+        let u = (mix64(base ^ mix64(i)) >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+        u >= p
+    }
+}
+
+/// A batch of documents as the host builds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostBatch {
+    /// Feature ids of all documents, back to back.
+    pub ids: Vec<u32>,
+    /// `offsets[i]..offsets[i+1]` are document i's ids; `len = docs + 1`.
+    pub offsets: Vec<u32>,
+    /// Label per document; -1 for unlabeled.
+    pub labels: Vec<i32>,
+}
+
+impl HostBatch {
+    /// Number of documents.
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Whether the batch holds no document.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends one document.
+    pub fn push(&mut self, ids: &[u32], label: i32) {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        self.ids.extend_from_slice(ids);
+        self.offsets.push(self.ids.len() as u32);
+        self.labels.push(label);
+    }
+}
+
+/// The gradient of an embedding table: only the rows a batch touched.
+#[derive(Debug)]
+pub struct SparseRows<Buf> {
+    /// Touched row ids, sorted ascending, unique (on the host: the optimizer needs them).
+    pub rows: Vec<u32>,
+    /// `rows.len() × dim` gradient values, row i for `rows[i]`.
+    pub values: Buf,
+    /// Row width.
+    pub dim: usize,
+}
+
+/// The operations of a compute backend. Buffers are `F` arrays on the device.
+pub trait Backend: Sync {
+    /// Element type.
+    type F: Real;
+    /// A device buffer of `F`.
+    type Buf: Send + Sync;
+    /// A batch uploaded to the device.
+    type Batch: Send + Sync;
+
+    /// A short name (`cpu`, `cuda:0`).
+    fn name(&self) -> String;
+    /// A zero-filled buffer.
+    fn zeros(&self, len: usize) -> Self::Buf;
+    /// A buffer holding `host`.
+    fn upload(&self, host: &[Self::F]) -> Self::Buf;
+    /// The buffer's contents.
+    fn download(&self, buf: &Self::Buf) -> Vec<Self::F>;
+    /// Sets every element to zero.
+    fn fill_zero(&self, buf: &mut Self::Buf);
+    /// Copies a host batch to the device.
+    fn upload_batch(&self, batch: &HostBatch) -> Self::Batch;
+
+    /// `out[i,:] = mean over document i's ids j of table[j,:]` (`n × dim`); an empty
+    /// document gives a zero row.
+    fn embedding_bag_forward(
+        &self,
+        params: &Self::Buf,
+        table: Slot,
+        batch: &Self::Batch,
+        out: &mut Self::Buf,
+    );
+    /// The table's gradient for `dout` (`n × dim`): each id of document i receives
+    /// `dout[i,:] / len_i`, summed over occurrences, in a fixed order (deterministic).
+    fn embedding_bag_backward(
+        &self,
+        batch: &Self::Batch,
+        dout: &Self::Buf,
+        dim: usize,
+    ) -> SparseRows<Self::Buf>;
+
+    /// `y = x·Wᵀ + b` with `x: n × in`, `W: out × in`, `y: n × out`.
+    fn linear_forward(
+        &self,
+        x: &Self::Buf,
+        n: usize,
+        params: &Self::Buf,
+        w: Slot,
+        b: Slot,
+        y: &mut Self::Buf,
+    );
+    /// Accumulates `dW += dyᵀ·x` and `db += Σ_rows dy` into `grads` (same layout as params)
+    /// and, if asked, writes `dx = dy·W`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        x: &Self::Buf,
+        n: usize,
+        params: &Self::Buf,
+        w: Slot,
+        b: Slot,
+        dy: &Self::Buf,
+        grads: &mut Self::Buf,
+        dx: Option<&mut Self::Buf>,
+    );
+
+    /// `y = act(x)` elementwise.
+    fn activation_forward(&self, act: Activation, x: &Self::Buf, y: &mut Self::Buf);
+    /// `dx = act'(x) ⊙ dy` elementwise (`x` is the activation's input).
+    fn activation_backward(&self, act: Activation, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+
+    /// In place: zeroes dropped elements and scales kept ones by `1/(1−p)`. The same call
+    /// is the backward pass (the mask is recomputed from `key`).
+    fn dropout(&self, p: f32, key: DropoutKey, x: &mut Self::Buf);
+
+    /// Softmax of each row of `logits` (`n × classes`), the loss of each labeled row into
+    /// `row_loss` (0 for unlabeled rows), and `dlogits = scale · ∂loss/∂logits`. Returns the
+    /// sum of the row losses.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_loss(
+        &self,
+        logits: &Self::Buf,
+        classes: usize,
+        batch: &Self::Batch,
+        loss: LossKind,
+        scale: Self::F,
+        dlogits: &mut Self::Buf,
+        row_loss: &mut Self::Buf,
+    ) -> f64;
+
+    /// Row-wise softmax of `logits` (`n × classes`) into `probs`.
+    fn softmax(&self, logits: &Self::Buf, classes: usize, probs: &mut Self::Buf);
+}

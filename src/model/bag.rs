@@ -1,0 +1,188 @@
+//! The fastText-style bag-of-n-grams classifier: embedding bag → optional hidden layers →
+//! linear output, with explicit forward and backward passes over a flat parameter buffer.
+//!
+//! Shapes (n documents in the batch, D = dim, Hk = hidden sizes, C = classes):
+//! ```text
+//! pooled   n×D   = mean of embedding.weight[ids of each document]   (B×D table)
+//! x0       n×D   = dropout(pooled, embed_dropout)                  site 0
+//! h_k      n×Hk  = dropout(act(x_{k}·hidden.k.weightᵀ + hidden.k.bias), hidden_dropout)  site k+1
+//! logits   n×C   = x_L·output.weightᵀ + output.bias
+//! ```
+//! Tensor names (also the safetensors names): `embedding.weight` [B, D],
+//! `hidden.{k}.weight` [Hk, H(k−1)], `hidden.{k}.bias` [Hk], `output.weight` [C, H_last],
+//! `output.bias` [C].
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Activation, Backend, DropoutKey, Real, SparseRows};
+use crate::model::params::{Layout, Slot};
+use crate::rng::{Purpose, Stream};
+
+/// The bag model's hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BagSpec {
+    /// Rows of the embedding table (the data set's hash buckets).
+    pub buckets: usize,
+    /// Embedding width D.
+    pub dim: usize,
+    /// Hidden layer widths; empty for the linear model.
+    pub hidden: Vec<usize>,
+    /// Non-linearity of the hidden layers.
+    pub activation: Activation,
+    /// Dropout on the pooled embedding.
+    pub embed_dropout: f32,
+    /// Dropout after each hidden layer.
+    pub hidden_dropout: f32,
+    /// Output classes C.
+    pub classes: usize,
+}
+
+/// The model: its spec and the slots of its tensors.
+#[derive(Debug, Clone)]
+pub struct BagModel {
+    pub spec: BagSpec,
+    pub layout: Layout,
+    pub table: Slot,
+    pub hidden: Vec<(Slot, Slot)>,
+    pub output: (Slot, Slot),
+}
+
+/// Saved activations of one forward pass, for its backward pass.
+pub struct Activations<B: Backend> {
+    n: usize,
+    /// x0 (after dropout).
+    x0: B::Buf,
+    /// Per hidden layer: pre-activation and output (after dropout).
+    pre: Vec<B::Buf>,
+    post: Vec<B::Buf>,
+    /// n×C logits.
+    pub logits: B::Buf,
+    key: Option<DropoutKey>,
+}
+
+impl<B: Backend> Activations<B> {
+    /// Empty buffers; they grow to the batch's size on first use.
+    pub fn new(be: &B, model: &BagModel) -> Self {
+        let k = model.spec.hidden.len();
+        Activations {
+            n: 0,
+            x0: be.zeros(0),
+            pre: (0..k).map(|_| be.zeros(0)).collect(),
+            post: (0..k).map(|_| be.zeros(0)).collect(),
+            logits: be.zeros(0),
+            key: None,
+        }
+    }
+
+    /// Documents in the last forward pass.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether the last forward pass had no document.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+impl BagModel {
+    /// Lays out the tensors for `spec`.
+    pub fn new(spec: BagSpec) -> Self {
+        let mut layout = Layout::new();
+        let table = layout.matrix("embedding.weight", spec.buckets, spec.dim);
+        let mut width = spec.dim;
+        let mut hidden = Vec::new();
+        for (k, &h) in spec.hidden.iter().enumerate() {
+            let w = layout.matrix(&format!("hidden.{k}.weight"), h, width);
+            let b = layout.vector(&format!("hidden.{k}.bias"), h);
+            hidden.push((w, b));
+            width = h;
+        }
+        let output =
+            (layout.matrix("output.weight", spec.classes, width), layout.vector("output.bias", spec.classes));
+        BagModel { spec, layout, table, hidden, output }
+    }
+
+    /// Initial parameters: the table uniform in ±1/D (fastText), hidden weights uniform in
+    /// ±√(6/fan_in) (He), biases and the output layer zero (fastText), from `seed`.
+    pub fn init<F: Real>(&self, seed: u64) -> Vec<F> {
+        let mut p = vec![F::zero(); self.layout.total()];
+        let mut uniform = |slot: Slot, bound: f64, stream: u64| {
+            let mut s = Stream::new(seed, Purpose::Init, stream);
+            for v in &mut p[slot.range()] {
+                // 53 random bits → [0, 1), then to [−bound, bound).
+                let u = (s.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                *v = F::of((2.0 * u - 1.0) * bound);
+            }
+        };
+        uniform(self.table, 1.0 / self.spec.dim as f64, 0);
+        for (k, (w, _)) in self.hidden.iter().enumerate() {
+            uniform(*w, (6.0 / w.cols as f64).sqrt(), k as u64 + 1);
+        }
+        p
+    }
+
+    /// Forward pass over `batch`; `dropout` is `Some(key)` in training (the key's `site` is
+    /// ignored: each dropout layer uses its own), `None` at evaluation. Logits end up in
+    /// `acts.logits`.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        batch: &B::Batch,
+        n: usize,
+        dropout: Option<DropoutKey>,
+        acts: &mut Activations<B>,
+    ) {
+        acts.n = n;
+        acts.key = dropout;
+        let site = |s: u32| dropout.map(|k| DropoutKey { site: s, ..k });
+        be.embedding_bag_forward(params, self.table, batch, &mut acts.x0);
+        if let Some(key) = site(0) {
+            be.dropout(self.spec.embed_dropout, key, &mut acts.x0);
+        }
+        for (k, &(w, b)) in self.hidden.iter().enumerate() {
+            let input = if k == 0 { &acts.x0 } else { &acts.post[k - 1] };
+            be.linear_forward(input, n, params, w, b, &mut acts.pre[k]);
+            be.activation_forward(self.spec.activation, &acts.pre[k], &mut acts.post[k]);
+            if let Some(key) = site(k as u32 + 1) {
+                be.dropout(self.spec.hidden_dropout, key, &mut acts.post[k]);
+            }
+        }
+        let last = if self.hidden.is_empty() { &acts.x0 } else { &acts.post[self.hidden.len() - 1] };
+        be.linear_forward(last, n, params, self.output.0, self.output.1, &mut acts.logits);
+    }
+
+    /// Backward pass for `dlogits` (n×C): accumulates the dense gradients into `grads` (the
+    /// layout of the parameters; the table's slot is left untouched) and returns the
+    /// table's sparse gradient.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        batch: &B::Batch,
+        acts: &Activations<B>,
+        dlogits: &B::Buf,
+        grads: &mut B::Buf,
+    ) -> SparseRows<B::Buf> {
+        let n = acts.n;
+        let site = |s: u32| acts.key.map(|k| DropoutKey { site: s, ..k });
+        let last = if self.hidden.is_empty() { &acts.x0 } else { &acts.post[self.hidden.len() - 1] };
+        let mut dx = be.zeros(0);
+        be.linear_backward(last, n, params, self.output.0, self.output.1, dlogits, grads, Some(&mut dx));
+        let mut dpre = be.zeros(0);
+        for (k, &(w, b)) in self.hidden.iter().enumerate().rev() {
+            // dx is ∂L/∂post[k]: through dropout, then the activation.
+            if let Some(key) = site(k as u32 + 1) {
+                be.dropout(self.spec.hidden_dropout, key, &mut dx);
+            }
+            be.activation_backward(self.spec.activation, &acts.pre[k], &dx, &mut dpre);
+            let input = if k == 0 { &acts.x0 } else { &acts.post[k - 1] };
+            be.linear_backward(input, n, params, w, b, &dpre, grads, Some(&mut dx));
+        }
+        if let Some(key) = site(0) {
+            be.dropout(self.spec.embed_dropout, key, &mut dx);
+        }
+        be.embedding_bag_backward(batch, &dx, self.spec.dim)
+    }
+}

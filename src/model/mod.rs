@@ -1,0 +1,4 @@
+//! Models: the flat parameter layout and the layers' explicit forward/backward passes.
+
+pub mod bag;
+pub mod params;

@@ -1,0 +1,258 @@
+//! Finite-difference gradient checks in f64: every layer, every loss, the whole bag model.
+//!
+//! Each check builds a scalar L = Σ r ⊙ f(θ) (r random, so the upstream gradient is r) or a
+//! loss, takes the backward pass's analytic gradient, and compares every checked coordinate
+//! with the central difference (L(θ+h) − L(θ−h)) / 2h, h = 1e-6, by relative error (below
+//! 1e-6, with an absolute floor of 1e-9 for gradients under 1e-3).
+
+use dtrain::backend::cpu::Cpu;
+use dtrain::backend::{Activation, Backend, DropoutKey, HostBatch, LossKind};
+use dtrain::model::bag::{Activations, BagModel, BagSpec};
+use dtrain::model::params::Layout;
+use dtrain::rng::{Purpose, Stream};
+
+type B = Cpu<f64>;
+const H: f64 = 1e-6;
+const TOL: f64 = 1e-6;
+
+fn randn(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = Stream::new(seed, Purpose::Init, 99);
+    (0..n)
+        .map(|_| {
+            let u1 = ((s.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let u2 = (s.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Checks `analytic[i]` against the central difference of `f` in coordinate `i` of `x`.
+fn check(name: &str, x: &mut [f64], coords: &[usize], analytic: &[f64], f: &mut dyn FnMut(&[f64]) -> f64) {
+    let mut worst: f64 = 0.0;
+    for &i in coords {
+        let orig = x[i];
+        x[i] = orig + H;
+        let up = f(x);
+        x[i] = orig - H;
+        let down = f(x);
+        x[i] = orig;
+        let numeric = (up - down) / (2.0 * H);
+        // Relative error, with an absolute floor of TOL·1e-3 for tiny gradients, where the
+        // central difference's round-off (~1e-16/h) dominates.
+        let rel = (numeric - analytic[i]).abs() / (numeric.abs() + analytic[i].abs()).max(1e-3);
+        worst = worst.max(rel);
+        assert!(
+            rel < TOL,
+            "{name}: coordinate {i}: analytic {} numeric {numeric} (rel {rel:e})",
+            analytic[i]
+        );
+    }
+    assert!(!coords.is_empty(), "{name}: nothing checked");
+    eprintln!("{name}: {} coordinates, worst relative error {worst:.2e}", coords.len());
+}
+
+fn batch() -> HostBatch {
+    let mut b = HostBatch::default();
+    b.push(&[0, 3, 3, 5], 1);
+    b.push(&[2], 0);
+    b.push(&[5, 1, 4, 0, 2, 2], 2);
+    b
+}
+
+#[test]
+fn embedding_bag() {
+    let be = B::new();
+    let (buckets, dim) = (6, 4);
+    let mut layout = Layout::new();
+    let table = layout.matrix("t", buckets, dim);
+    let mut params = randn(layout.total(), 1);
+    let b = batch();
+    let r = randn(b.len() * dim, 2);
+    let mut out = vec![];
+    be.embedding_bag_forward(&params, table, &b, &mut out);
+    let sparse = be.embedding_bag_backward(&b, &r, dim);
+    assert_eq!(sparse.rows, [0, 1, 2, 3, 4, 5]);
+    let mut dense = vec![0.0; params.len()];
+    for (k, &row) in sparse.rows.iter().enumerate() {
+        dense[row as usize * dim..(row as usize + 1) * dim]
+            .copy_from_slice(&sparse.values[k * dim..(k + 1) * dim]);
+    }
+    let coords: Vec<usize> = table.range().collect();
+    check("embedding_bag", &mut params, &coords, &dense, &mut |p| {
+        let mut o = vec![];
+        be.embedding_bag_forward(&p.to_vec(), table, &b, &mut o);
+        dot(&o, &r)
+    });
+}
+
+#[test]
+fn linear_weights_bias_and_input() {
+    let be = B::new();
+    let (n, inp, out) = (3, 5, 4);
+    let mut layout = Layout::new();
+    let w = layout.matrix("w", out, inp);
+    let bias = layout.vector("b", out);
+    let mut params = randn(layout.total(), 3);
+    let mut x = randn(n * inp, 4);
+    let r = randn(n * out, 5);
+    let mut grads = vec![0.0; params.len()];
+    let mut dx = vec![];
+    be.linear_backward(&x, n, &params, w, bias, &r, &mut grads, Some(&mut dx));
+    let coords: Vec<usize> = w.range().chain(bias.range()).collect();
+    let xs = x.clone();
+    check("linear params", &mut params, &coords, &grads, &mut |p| {
+        let mut y = vec![];
+        be.linear_forward(&xs, n, &p.to_vec(), w, bias, &mut y);
+        dot(&y, &r)
+    });
+    let all: Vec<usize> = (0..x.len()).collect();
+    check("linear input", &mut x, &all, &dx, &mut |xv| {
+        let mut y = vec![];
+        be.linear_forward(&xv.to_vec(), n, &params, w, bias, &mut y);
+        dot(&y, &r)
+    });
+    // The backward accumulates: a second call doubles the parameter gradient.
+    let first = grads.clone();
+    be.linear_backward(&x, n, &params, w, bias, &r, &mut grads, None);
+    for i in coords {
+        assert!((grads[i] - 2.0 * first[i]).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn activations() {
+    let be = B::new();
+    for act in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
+        // Keep ReLU inputs away from its kink at 0.
+        let mut x: Vec<f64> =
+            randn(20, 6).into_iter().map(|v| if v.abs() < 1e-3 { 0.5 } else { v }).collect();
+        let r = randn(20, 7);
+        let mut dx = vec![];
+        be.activation_backward(act, &x, &r, &mut dx);
+        let all: Vec<usize> = (0..x.len()).collect();
+        check(&format!("{act:?}"), &mut x, &all, &dx, &mut |xv| {
+            let mut y = vec![];
+            be.activation_forward(act, &xv.to_vec(), &mut y);
+            dot(&y, &r)
+        });
+    }
+}
+
+#[test]
+fn dropout_is_its_own_backward_and_drops_at_its_rate() {
+    let be = B::new();
+    let key = DropoutKey { seed: 1, step: 2, site: 3, pass: 0 };
+    let mut x = randn(30, 8);
+    let r = randn(30, 9);
+    let mut dx = r.clone();
+    be.dropout(0.4, key, &mut dx);
+    let all: Vec<usize> = (0..x.len()).collect();
+    check("dropout", &mut x, &all, &dx, &mut |xv| {
+        let mut y = xv.to_vec();
+        be.dropout(0.4, key, &mut y);
+        dot(&y, &r)
+    });
+    let mut ones = vec![1.0f64; 100_000];
+    be.dropout(0.3, key, &mut ones);
+    let kept = ones.iter().filter(|&&v| v != 0.0).count() as f64 / 1e5;
+    assert!((kept - 0.7).abs() < 0.01, "kept {kept}");
+    let mean = ones.iter().sum::<f64>() / 1e5;
+    assert!((mean - 1.0).abs() < 0.02, "inverted dropout keeps the mean: {mean}");
+    let other = DropoutKey { pass: 1, ..key };
+    let mut a = vec![1.0f64; 64];
+    let mut b = vec![1.0f64; 64];
+    be.dropout(0.5, key, &mut a);
+    be.dropout(0.5, other, &mut b);
+    assert_ne!(a, b, "another pass draws another mask");
+}
+
+#[test]
+fn losses() {
+    let be = B::new();
+    let classes = 4;
+    let mut b = HostBatch::default();
+    for (i, y) in [2, 0, -1, 3, 1].into_iter().enumerate() {
+        b.push(&[i as u32], y);
+    }
+    let kinds = [
+        LossKind::CrossEntropy { smoothing: 0.0 },
+        LossKind::CrossEntropy { smoothing: 0.1 },
+        LossKind::Focal { gamma: 0.0 },
+        LossKind::Focal { gamma: 2.0 },
+        LossKind::Focal { gamma: 0.5 },
+    ];
+    for kind in kinds {
+        let mut z = randn(5 * classes, 10);
+        let (mut g, mut rl) = (vec![], vec![]);
+        let total = be.softmax_loss(&z, classes, &b, kind, 1.0, &mut g, &mut rl);
+        assert_eq!(rl[2], 0.0, "unlabeled rows have no loss");
+        assert!(g[2 * classes..3 * classes].iter().all(|&v| v == 0.0), "and no gradient");
+        assert!((total - rl.iter().sum::<f64>()).abs() < 1e-12);
+        let all: Vec<usize> = (0..z.len()).collect();
+        check(&format!("{kind:?}"), &mut z, &all, &g, &mut |zv| {
+            let (mut g2, mut rl2) = (vec![], vec![]);
+            be.softmax_loss(&zv.to_vec(), classes, &b, kind, 1.0, &mut g2, &mut rl2)
+        });
+    }
+    // Focal with γ = 0 is cross-entropy, value and gradient.
+    let z = randn(5 * classes, 11);
+    let (mut g1, mut l1, mut g2, mut l2) = (vec![], vec![], vec![], vec![]);
+    be.softmax_loss(&z, classes, &b, LossKind::Focal { gamma: 0.0 }, 0.5, &mut g1, &mut l1);
+    be.softmax_loss(&z, classes, &b, LossKind::CrossEntropy { smoothing: 0.0 }, 0.5, &mut g2, &mut l2);
+    for (a, c) in g1.iter().zip(&g2).chain(l1.iter().zip(&l2)) {
+        assert!((a - c).abs() < 1e-12);
+    }
+    // The value of plain cross-entropy: −log softmax(z)_y.
+    let row = &z[0..classes];
+    let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+    assert!((l2[0] - (lse - row[2])).abs() < 1e-12);
+}
+
+#[test]
+fn whole_model_with_hidden_layers_and_dropout() {
+    let be = B::new();
+    for (hidden, act) in
+        [(vec![], Activation::Relu), (vec![7, 5], Activation::Gelu), (vec![6], Activation::Tanh)]
+    {
+        let spec = BagSpec {
+            buckets: 6,
+            dim: 4,
+            hidden: hidden.clone(),
+            activation: act,
+            embed_dropout: 0.3,
+            hidden_dropout: 0.2,
+            classes: 3,
+        };
+        let model = BagModel::new(spec);
+        // Random everywhere (the default init zeroes the output layer).
+        let mut params = randn(model.layout.total(), 12);
+        let b = batch();
+        let key = Some(DropoutKey { seed: 5, step: 1, site: 0, pass: 0 });
+        let kind = LossKind::CrossEntropy { smoothing: 0.1 };
+        let loss_at = |p: &[f64]| {
+            let mut acts = Activations::new(&be, &model);
+            let p = p.to_vec();
+            model.forward(&be, &p, &b, b.len(), key, &mut acts);
+            let (mut g, mut rl) = (vec![], vec![]);
+            be.softmax_loss(&acts.logits, 3, &b, kind, 1.0 / b.len() as f64, &mut g, &mut rl) / b.len() as f64
+        };
+        let mut acts = Activations::new(&be, &model);
+        model.forward(&be, &params, &b, b.len(), key, &mut acts);
+        let (mut dlogits, mut rl) = (vec![], vec![]);
+        be.softmax_loss(&acts.logits, 3, &b, kind, 1.0 / b.len() as f64, &mut dlogits, &mut rl);
+        let mut grads = vec![0.0; params.len()];
+        let sparse = model.backward(&be, &params, &b, &acts, &dlogits, &mut grads);
+        for (k, &row) in sparse.rows.iter().enumerate() {
+            let dst = model.table.offset + row as usize * 4;
+            grads[dst..dst + 4].copy_from_slice(&sparse.values[k * 4..(k + 1) * 4]);
+        }
+        let coords: Vec<usize> = model.layout.tensors().iter().flat_map(|t| t.slot.range()).collect();
+        check(&format!("bag model hidden={hidden:?} {act:?}"), &mut params, &coords, &grads, &mut |p| {
+            loss_at(p)
+        });
+    }
+}
