@@ -171,6 +171,9 @@ impl Default for SplitConfig {
     }
 }
 
+/// The largest shard count `prepare` accepts.
+pub const MAX_SHARDS: u32 = 1024;
+
 /// `[output]`: where and how the data set is written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -236,8 +239,8 @@ impl Validate for PrepareConfig {
         if self.output.dir.as_os_str().is_empty() {
             return bad("output.dir", "is required (--out)");
         }
-        if self.output.shards < 1 || self.output.shards > 65_536 {
-            return bad("output.shards", "must be in 1..=65536");
+        if self.output.shards < 1 || self.output.shards > MAX_SHARDS {
+            return bad("output.shards", "must be in 1..=1024 (prepare keeps every shard of a split open)");
         }
         Ok(())
     }

@@ -7,12 +7,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system I/O failure on a named file.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// (The I/O error is part of the message, not a separate `source`, so that chains
+    /// printed with `{:#}` do not repeat it.)
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// One line of an input file breaks a rule (no tab, empty text, invalid JSON or UTF-8…).
     #[error("{path}:{line}: {msg}")]
     BadLine { path: PathBuf, line: u64, msg: String },
@@ -33,8 +31,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Wraps an I/O error with the path it happened on.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        Error::Io { path: path.into(), err }
     }
 
     /// A corrupted or foreign file.

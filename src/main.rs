@@ -205,7 +205,10 @@ impl PrepareArgs {
         if let Some(spec) = &self.char_ngrams {
             let (lo, hi) = parse_range(spec)
                 .with_context(|| format!("--char-ngrams {spec}: expected MIN..MAX (e.g. 3..6) or 0"))?;
-            o.push(Override::typed("tokenizer.char_ngram_min", i64::from(lo.max(1))));
+            // "0" turns them off and leaves char_ngram_min as it is (it is then unused).
+            if hi > 0 {
+                o.push(Override::typed("tokenizer.char_ngram_min", i64::from(lo)));
+            }
             o.push(Override::typed("tokenizer.char_ngram_max", i64::from(hi)));
         }
         for s in &self.set {

@@ -90,7 +90,7 @@ fn whole_input_problems_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let f = common::write(dir.path(), "x.tsv", common::tsv(2, 5).as_bytes());
     let e = common::run(&[&f], &[], &f, &["output.force=true"]).map(|_| ()).unwrap_err().to_string();
-    assert!(e.contains("is not a directory"), "{e}");
+    assert!(e.contains("not a dtrain data set"), "{e}");
     assert!(f.is_file(), "the file is untouched");
     // An unknown format.
     let e = error_for("x.csv", b"a,b\n", &[]);
@@ -240,4 +240,121 @@ fn corrupted_manifest_is_named() {
     std::fs::remove_file(&path).unwrap();
     let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("manifest.json"), "{e}");
+}
+
+#[test]
+fn force_never_replaces_what_is_not_a_data_set_or_holds_an_input() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory that is not a data set, holding the input itself.
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let f = common::write(&data, "x.tsv", common::tsv(2, 10).as_bytes());
+    let e = common::run(&[&f], &[], &data, &["output.force=true"]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("not a dtrain data set"), "{e}");
+    assert!(f.exists(), "the input survives");
+    // A data set directory that holds an input.
+    let out = dir.path().join("ds");
+    common::run(&[&f], &[], &out, &[]).unwrap();
+    let inside = common::write(&out, "more.tsv", common::tsv(2, 10).as_bytes());
+    let e = common::run(&[&inside], &[], &out, &["output.force=true"]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("more.tsv") && e.contains("inside the output directory"), "{e}");
+    assert!(inside.exists());
+    // An existing output without --force is refused before any work.
+    let e = common::run(&[&f], &[], &out, &[]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+}
+
+#[test]
+fn byte_order_mark_is_not_part_of_the_first_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("\u{feff}{}", common::tsv(2, 10));
+    let f = common::write(dir.path(), "x.tsv", text.as_bytes());
+    let r = common::run(&[&f], &[], &dir.path().join("ds"), &[]).unwrap();
+    assert_eq!(r.manifest.labels, ["class0", "class1"]);
+    let j = common::write(
+        dir.path(),
+        "x.jsonl",
+        "\u{feff}{\"text\": \"a b\", \"label\": \"x\"}\n{\"text\": \"c\", \"label\": \"y\"}\n".as_bytes(),
+    );
+    let r = common::run(
+        &[&j],
+        &[],
+        &dir.path().join("ds2"),
+        &["split.test_fraction=0.0", "split.val_fraction=0.0"],
+    )
+    .unwrap();
+    assert_eq!(r.manifest.labels, ["x", "y"]);
+    // A zero-byte .gz is an empty input, not a read failure.
+    let e = error_for("x.tsv.gz", b"", &[]);
+    assert!(e.contains("holds no document"), "{e}");
+}
+
+/// Rewrites a shard's header fields and recomputes its header checksum, as a deliberate
+/// forger would: only the structural rules can catch such a file.
+fn forge(path: &Path, edit: impl Fn(&mut Vec<u8>)) {
+    let mut b = std::fs::read(path).unwrap();
+    edit(&mut b);
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[..120]);
+    b[120..128].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn forged_sections_and_labels_are_refused_without_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepared(dir.path());
+    let shard = out.join("train-00000.shard");
+    let original = std::fs::read(&shard).unwrap();
+    // The labels section pointed at the hidden-label section (overlapping sections).
+    forge(&shard, |b| {
+        let hidden = b[88..96].to_vec();
+        b[72..80].copy_from_slice(&hidden);
+    });
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("train-00000.shard") && e.contains("section table"), "{e}");
+    assert!(!dtrain::data::dataset::verify(&out).ok());
+
+    // A label out of range in the payload: open refuses it, and so does the CLI, without a panic.
+    std::fs::write(&shard, &original).unwrap();
+    let labels_at = u64::from_le_bytes(original[72..80].try_into().unwrap()) as usize;
+    let mut bad = original.clone();
+    bad[labels_at..labels_at + 4].copy_from_slice(&7i32.to_le_bytes());
+    std::fs::write(&shard, &bad).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("train-00000.shard") && e.contains("label 7"), "{e}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["inspect", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && text.contains("label 7") && !text.contains("panicked"), "{text}");
+
+    // An unlabeled document with a label.
+    std::fs::write(&shard, &original).unwrap();
+    let u = out.join("unlabeled-00000.shard");
+    let ub = std::fs::read(&u).unwrap();
+    let at = u64::from_le_bytes(ub[72..80].try_into().unwrap()) as usize;
+    let mut ub2 = ub.clone();
+    ub2[at..at + 4].copy_from_slice(&0i32.to_le_bytes());
+    std::fs::write(&u, &ub2).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("unlabeled-00000.shard") && e.contains("no label is allowed"), "{e}");
+}
+
+#[test]
+fn forged_but_checksummed_manifest_inconsistencies_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepared(dir.path());
+    let path = out.join("manifest.json");
+    let mut m: dtrain::data::manifest::Manifest =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m.labels.push("extra".into());
+    m.write(&out).unwrap(); // recomputes the checksum
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("manifest.json") && e.contains("per-class counts"), "{e}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["inspect", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }

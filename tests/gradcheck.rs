@@ -2,7 +2,7 @@
 //!
 //! Each check builds a scalar L = Σ r ⊙ f(θ) (r random, so the upstream gradient is r) or a
 //! loss, takes the backward pass's analytic gradient, and compares every checked coordinate
-//! with the central difference (L(θ+h) − L(θ−h)) / 2h, h = 1e-6, by relative error (below
+//! with the central difference (L(θ+h) − L(θ−h)) / 2h, h = 1e-5, by relative error (below
 //! 1e-6, with an absolute floor of 1e-9 for gradients under 1e-3).
 
 use dtrain::backend::cpu::Cpu;
@@ -12,7 +12,7 @@ use dtrain::model::params::Layout;
 use dtrain::rng::{Purpose, Stream};
 
 type B = Cpu<f64>;
-const H: f64 = 1e-6;
+const H: f64 = 1e-5;
 const TOL: f64 = 1e-6;
 
 fn randn(n: usize, seed: u64) -> Vec<f64> {

@@ -227,3 +227,46 @@ fn truncation_is_counted() {
     assert_eq!(r.manifest.stats.truncated, 1);
     assert_eq!(r.manifest.stats.tokens, 3 + 2);
 }
+
+#[test]
+fn deduplication_compares_words_not_hashed_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    // 60 distinct documents into 2 buckets: nearly all collide as ids, none as words.
+    let f = common::write(dir.path(), "l.tsv", common::tsv(2, 30).as_bytes());
+    let r = common::run(
+        &[&f],
+        &[],
+        &dir.path().join("ds"),
+        &["tokenizer.buckets=2", "split.test_fraction=0.0", "split.val_fraction=0.0"],
+    )
+    .unwrap();
+    assert_eq!(r.manifest.stats.duplicates, 0);
+    assert_eq!(r.manifest.stats.documents, 60);
+    // The same words under another label: a duplicate and a label conflict; case and
+    // spacing differences are the same document once lower-cased.
+    let g = common::write(dir.path(), "g.tsv", b"a\tSame   text\nb\tsame text\na\tother\nb\tmore\n");
+    let r = common::run(
+        &[&g],
+        &[],
+        &dir.path().join("ds2"),
+        &["split.test_fraction=0.0", "split.val_fraction=0.0"],
+    )
+    .unwrap();
+    assert_eq!((r.manifest.stats.duplicates, r.manifest.stats.label_conflicts), (1, 1));
+}
+
+#[test]
+fn a_class_made_only_of_duplicates_is_an_error_not_a_silent_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = common::write(dir.path(), "g.tsv", b"a\tone text\na\ttwo text\nb\tone text\n");
+    let e = common::run(
+        &[&g],
+        &[],
+        &dir.path().join("ds"),
+        &["split.test_fraction=0.0", "split.val_fraction=0.0"],
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("label `b` has no labeled document"), "{e}");
+}

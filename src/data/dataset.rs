@@ -18,7 +18,9 @@ pub struct Dataset {
 
 impl Dataset {
     /// Opens `dir`: reads and checks the manifest, opens every shard and checks that its
-    /// header agrees with the manifest (counts, shard index, tokenizer, checksum value).
+    /// header agrees with the manifest (counts, shard index, tokenizer, checksum value) and
+    /// that its label columns follow the split's rules. Ids and payload checksums are read
+    /// in full only by [`verify`]; the training loader checks each batch's ids.
     pub fn open(dir: &Path) -> Result<Dataset> {
         let manifest = Manifest::read(dir)?;
         let mut shards: [Vec<Shard>; 4] = Default::default();
@@ -68,6 +70,7 @@ fn open_checked(dir: &Path, manifest: &Manifest, kind: SplitKind, index: u32) ->
     }
     let path = dir.join(&info.file);
     let shard = Shard::open(&path)?;
+    shard.verify_labels(manifest.labels.len() as u32)?;
     let h = shard.header();
     let mismatch = |what: &str, header: String, manifest: String| {
         Err(Error::bad_file(&path, format!("{what} is {header} in the shard but {manifest} in the manifest")))
@@ -131,12 +134,11 @@ pub fn verify(dir: &Path) -> VerifyReport {
             return report;
         }
     };
-    let classes = manifest.labels.len() as u32;
     for kind in SplitKind::ALL {
         for index in 0..manifest.num_shards {
             let outcome = open_checked(dir, &manifest, kind, index).and_then(|shard| {
                 shard.verify_checksum()?;
-                shard.verify_values(manifest.tokenizer.buckets, classes)
+                shard.verify_ids(manifest.tokenizer.buckets)
             });
             report.files.push((kind.shard_file(index), outcome.err().map(|e| e.to_string())));
         }
@@ -158,8 +160,8 @@ pub fn describe(m: &Manifest) -> String {
     );
     let _ = writeln!(
         s,
-        "dropped    {} duplicates   {} bad lines skipped   {} blank lines   {} truncated docs (max_words {})",
-        st.duplicates, st.skipped, st.blank, st.truncated, t.max_words
+        "dropped    {} duplicates ({} with another label)   {} bad lines skipped   {} blank lines   {} truncated docs (max_words {})",
+        st.duplicates, st.label_conflicts, st.skipped, st.blank, st.truncated, t.max_words
     );
     let _ = writeln!(
         s,
@@ -232,7 +234,9 @@ pub fn describe(m: &Manifest) -> String {
 pub fn sample_lines(ds: &Dataset, split: SplitKind, count: usize) -> String {
     let mut s = String::new();
     let labels = ds.labels();
-    let name = |l: Option<u32>| l.map_or("-".to_string(), |l| labels[l as usize].clone());
+    let name = |l: Option<u32>| {
+        l.map_or("-".to_string(), |l| labels.get(l as usize).cloned().unwrap_or_else(|| format!("#{l}?")))
+    };
     let mut shown = 0;
     'outer: for (si, shard) in ds.shards(split).iter().enumerate() {
         for i in 0..shard.len() {

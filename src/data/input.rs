@@ -201,12 +201,17 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
+/// The UTF-8 byte-order mark, removed from the start of a file.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 impl LineReader {
     /// Opens `path`; `counter` accumulates bytes read from disk.
     pub fn open(path: &Path, counter: DiskCounter) -> Result<Self> {
         let file = File::open(path).at(path)?;
+        // A zero-byte file is empty, whatever its name (it is not a valid gzip stream).
+        let empty = file.metadata().at(path)?.len() == 0;
         let counting = Counting { inner: file, counter };
-        let gz = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+        let gz = !empty && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
         let inner: Box<dyn BufRead + Send> = if gz {
             Box::new(BufReader::with_capacity(
                 1 << 16,
@@ -218,8 +223,8 @@ impl LineReader {
         Ok(LineReader { path: path.to_owned(), inner, line: 0, text_bytes: 0 })
     }
 
-    /// Reads the next line into `buf` (newline removed); returns its 1-based number, or
-    /// `None` at the end of the file.
+    /// Reads the next line into `buf` (newline and, on line 1, a UTF-8 byte-order mark
+    /// removed); returns its 1-based number, or `None` at the end of the file.
     pub fn next_line(&mut self, buf: &mut Vec<u8>) -> Result<Option<u64>> {
         buf.clear();
         let n = self
@@ -232,6 +237,9 @@ impl LineReader {
         self.text_bytes += n as u64;
         if buf.last() == Some(&b'\n') {
             buf.pop();
+        }
+        if self.line == 0 && buf.starts_with(UTF8_BOM) {
+            buf.drain(..UTF8_BOM.len());
         }
         self.line += 1;
         Ok(Some(self.line))

@@ -89,8 +89,11 @@ pub struct Stats {
     pub tokens: u64,
     /// Documents cut by `max_words`.
     pub truncated: u64,
-    /// Documents dropped because an identical one (same ids) came earlier.
+    /// Documents dropped because an identical one (same normalised words, see
+    /// `Tokenized::key`) came earlier.
     pub duplicates: u64,
+    /// Of those, labeled duplicates whose label differed from the kept copy's.
+    pub label_conflicts: u64,
     /// Bad lines skipped.
     pub skipped: u64,
     /// Blank lines ignored.
@@ -174,6 +177,48 @@ impl Manifest {
         if m.tokenizer_hash != hex64(m.tokenizer.hash()) {
             return Err(Error::bad_file(&path, "tokenizer_hash does not match the tokenizer spec"));
         }
+        m.check_consistency().map_err(|msg| Error::bad_file(&path, format!("inconsistent: {msg}")))?;
         Ok(m)
+    }
+
+    /// The rules between fields that the checksum alone does not enforce.
+    fn check_consistency(&self) -> std::result::Result<(), String> {
+        self.tokenizer.validate("manifest.json", "tokenizer").map_err(|e| e.to_string())?;
+        if self.num_shards < 1 || self.num_shards > crate::config::MAX_SHARDS {
+            return Err(format!(
+                "num_shards {} is outside 1..={}",
+                self.num_shards,
+                crate::config::MAX_SHARDS
+            ));
+        }
+        let names: Vec<&str> = self.splits.keys().map(String::as_str).collect();
+        if names != ["test", "train", "unlabeled", "val"] {
+            return Err(format!("splits are {names:?}, expected test, train, unlabeled and val"));
+        }
+        for (name, split) in &self.splits {
+            if split.shards.len() != self.num_shards as usize {
+                return Err(format!(
+                    "split `{name}` lists {} shards, not {}",
+                    split.shards.len(),
+                    self.num_shards
+                ));
+            }
+            if split.per_class.len() != self.labels.len() {
+                return Err(format!(
+                    "split `{name}` has {} per-class counts for {} labels",
+                    split.per_class.len(),
+                    self.labels.len()
+                ));
+            }
+            let docs: u64 = split.shards.iter().map(|s| s.docs).sum();
+            let ids: u64 = split.shards.iter().map(|s| s.ids).sum();
+            if docs != split.docs || ids != split.tokens {
+                return Err(format!(
+                    "split `{name}` totals ({} docs, {} ids) differ from its shards' ({docs}, {ids})",
+                    split.docs, split.tokens
+                ));
+            }
+        }
+        Ok(())
     }
 }

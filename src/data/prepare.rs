@@ -3,27 +3,28 @@
 //! Order of work: the fixed test files, then the labeled files, are read, tokenized in
 //! parallel and de-duplicated into memory; the pool is split (see `split`); train, val and
 //! test are written; then the unlabeled split is streamed: the pool's leftovers first, then
-//! each unlabeled file, chunk by chunk, straight into the shard writers. Memory is
-//! O(labeled tokens + one chunk + 8 bytes per document), so an unlabeled corpus far larger
-//! than RAM is fine.
+//! each unlabeled file, chunk by chunk, straight into the shard writers. Memory is the
+//! labeled documents' ids, a few chunks of lines in flight, and per document about 24
+//! bytes of shard columns (offset, label, sample id, hidden label) plus 10–20 bytes of
+//! de-duplication key: an unlabeled corpus whose text is far larger than RAM is fine.
 //!
 //! Rules the output keeps:
-//! - a document is identified by its feature ids; the first occurrence wins and later
-//!   identical documents (in any split, any file) are dropped and counted, so no test or val
-//!   text also appears in train or unlabeled;
+//! - a document is identified by its tokenizer key (its normalised, truncated words, before
+//!   hashing); the first occurrence wins and later identical documents (in any split, any
+//!   file) are dropped and counted, so no test or val text also appears in train or
+//!   unlabeled. A labeled duplicate whose label differs is also counted as a label conflict;
 //! - global sample ids number the kept documents in reading order (test files, labeled
 //!   files, unlabeled files);
 //! - within a split, documents go to shards round-robin in plan order, so every shard of a
 //!   labeled split is stratified and shard sizes differ by at most one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::PrepareConfig;
 use crate::data::input::{parse_line, DiskCounter, Format, JsonFields, LineReader, Parsed, Role};
@@ -62,6 +63,7 @@ struct TokDoc {
     label: Option<String>,
     ids: Vec<u32>,
     truncated: bool,
+    key: u64,
 }
 
 /// A labeled document kept in memory until the split is planned.
@@ -81,7 +83,8 @@ struct Run<'a> {
     /// Labels seen, in first-seen order (when no fixed list).
     seen_labels: Vec<String>,
     seen_index: HashMap<String, u32>,
-    keys: HashSet<u64>,
+    /// De-duplication keys and the provisional label of the first copy (-1: unlabeled).
+    keys: HashMap<u64, i64>,
     next_sample_id: u64,
     stats: Stats,
     inputs: Vec<InputRecord>,
@@ -117,6 +120,7 @@ pub fn prepare(cfg: &PrepareConfig, progress: bool) -> Result<PrepareReport> {
     }
 
     let out = &cfg.output.dir;
+    check_output(out, cfg.output.force, files.iter().map(|(p, _)| p.as_path()))?;
     let staged = fsutil::sibling(out, &format!(".tmp-{}", std::process::id()));
     if staged.exists() {
         std::fs::remove_dir_all(&staged).at(&staged)?;
@@ -139,6 +143,36 @@ pub fn prepare(cfg: &PrepareConfig, progress: bool) -> Result<PrepareReport> {
     report.dir = out.clone();
     report.elapsed = start.elapsed();
     Ok(report)
+}
+
+/// Refuses, before any work, an output that would lose data: an existing path without
+/// `force`; with `force`, anything but a dtrain data set, or a directory holding an input.
+fn check_output<'a>(out: &Path, force: bool, inputs: impl Iterator<Item = &'a Path>) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !force {
+        return Err(Error::bad_file(
+            out,
+            "already exists: choose another --out, or pass --force to replace it",
+        ));
+    }
+    if !out.join(crate::data::manifest::MANIFEST_FILE).is_file() {
+        return Err(Error::bad_file(
+            out,
+            "exists and is not a dtrain data set (no manifest.json): refusing to replace it, even with --force",
+        ));
+    }
+    let dest = out.canonicalize().at(out)?;
+    for input in inputs {
+        if input.canonicalize().at(input)?.starts_with(&dest) {
+            return Err(Error::bad_file(
+                input,
+                format!("lies inside the output directory {}, which --force would delete", out.display()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn prepare_into(
@@ -171,7 +205,7 @@ fn prepare_into(
         fixed_labels,
         seen_labels: Vec::new(),
         seen_index: HashMap::new(),
-        keys: HashSet::new(),
+        keys: HashMap::new(),
         next_sample_id: 0,
         stats: Stats::default(),
         inputs: Vec::new(),
@@ -414,6 +448,7 @@ impl Run<'_> {
                             label: doc.label,
                             ids: t.ids,
                             truncated: t.truncated,
+                            key: t.key,
                         }))
                     })
                     .collect();
@@ -432,10 +467,23 @@ impl Run<'_> {
                         Ok(Some(doc)) => {
                             record.docs += 1;
                             self.docs_read += 1;
-                            let key = xxh3_64(bytemuck::cast_slice(&doc.ids));
-                            if !self.keys.insert(key) {
-                                self.stats.duplicates += 1;
-                                continue;
+                            // Register the label first, so that a class whose documents
+                            // are all duplicates still exists (and fails the split clearly).
+                            let label = match &doc.label {
+                                Some(name) => self.label_id(path, doc.line, name)? as i64,
+                                None => -1,
+                            };
+                            match self.keys.entry(doc.key) {
+                                std::collections::hash_map::Entry::Occupied(first) => {
+                                    self.stats.duplicates += 1;
+                                    if label >= 0 && *first.get() >= 0 && *first.get() != label {
+                                        self.stats.label_conflicts += 1;
+                                    }
+                                    continue;
+                                }
+                                std::collections::hash_map::Entry::Vacant(slot) => {
+                                    slot.insert(label);
+                                }
                             }
                             self.stats.truncated += u64::from(doc.truncated);
                             let id = self.next_sample_id;

@@ -263,6 +263,18 @@ fn encode_header(h: &ShardHeader) -> [u8; HEADER_LEN] {
     b
 }
 
+/// Where the writer puts the sections for `n` documents and `m` ids, and the file length.
+fn canonical_sections(n: u64, m: u64) -> Option<([u64; 5], u64)> {
+    let align = |x: u64| x.checked_add(7).map(|v| v / 8 * 8);
+    let ids = HEADER_LEN as u64;
+    let offsets = align(ids.checked_add(m.checked_mul(4)?)?)?;
+    let labels = offsets.checked_add(n.checked_add(1)?.checked_mul(8)?)?;
+    let sample_ids = align(labels.checked_add(n.checked_mul(4)?)?)?;
+    let hidden = sample_ids.checked_add(n.checked_mul(8)?)?;
+    let end = align(hidden.checked_add(n.checked_mul(4)?)?)?;
+    Some(([ids, offsets, labels, sample_ids, hidden], end))
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -320,21 +332,10 @@ fn decode_header(path: &Path, b: &[u8], actual_len: u64) -> Result<ShardHeader> 
             h.file_len
         )));
     }
-    // Each section must be aligned and lie inside the file with the size its count implies.
-    let (n, m) = (h.num_docs, h.num_ids);
-    let sizes = [
-        m.checked_mul(4),
-        n.checked_add(1).and_then(|x| x.checked_mul(8)),
-        n.checked_mul(4),
-        n.checked_mul(8),
-        n.checked_mul(4),
-    ];
-    for (k, (&start, size)) in sections.iter().zip(sizes).enumerate() {
-        let end = size.and_then(|s| start.checked_add(s));
-        match end {
-            Some(end) if start % 8 == 0 && start >= HEADER_LEN as u64 && end <= h.file_len => {}
-            _ => return Err(bad(format!("corrupted: section {k} lies outside the file or is misaligned"))),
-        }
+    // The sections must sit exactly where the writer puts them: in order, contiguous,
+    // 8-byte aligned, ending at the file's end. This rules out overlaps and gaps.
+    if canonical_sections(h.num_docs, h.num_ids) != Some((h.sections, h.file_len)) {
+        return Err(bad("corrupted: the section table does not match the document and id counts".into()));
     }
     Ok(h)
 }
@@ -477,22 +478,40 @@ impl Shard {
         Ok(())
     }
 
-    /// Checks every value against the data set's limits: ids below `buckets`, labels and
-    /// hidden labels below `num_classes` (or -1), hidden labels only on unlabeled documents.
-    pub fn verify_values(&self, buckets: u32, num_classes: u32) -> Result<()> {
-        let bad = |msg: String| Err(Error::bad_file(&self.path, msg));
-        if let Some(pos) = self.ids().iter().position(|&id| id >= buckets) {
-            return bad(format!(
-                "id {} at position {pos} is not below the bucket count {buckets}",
-                self.ids()[pos]
-            ));
-        }
+    /// Checks the label columns against the split's rules, in O(documents): train, val and
+    /// test documents have a label below `num_classes` and no hidden label; unlabeled
+    /// documents have no label, and a hidden label below `num_classes` or none.
+    pub fn verify_labels(&self, num_classes: u32) -> Result<()> {
+        let labeled = self.header.split != SplitKind::Unlabeled;
+        let class = |v: i32| v >= 0 && (v as u32) < num_classes;
         for (i, (&l, &h)) in self.labels().iter().zip(self.hidden()).enumerate() {
-            let in_range = |v: i32| v == -1 || (v >= 0 && (v as u32) < num_classes);
-            if !in_range(l) || !in_range(h) || (l != -1 && h != -1) {
-                return bad(format!("document {i}: label {l} / hidden label {h} break the rules (ids below {num_classes}, hidden only when unlabeled)"));
+            let ok = if labeled { class(l) && h == -1 } else { l == -1 && (h == -1 || class(h)) };
+            if !ok {
+                return Err(Error::bad_file(
+                    &self.path,
+                    format!(
+                        "corrupted: document {i} of split `{}` has label {l} and hidden label {h} \
+                     ({num_classes} classes; {})",
+                        self.header.split.name(),
+                        if labeled { "a label is required, no hidden label" } else { "no label is allowed" }
+                    ),
+                ));
             }
         }
         Ok(())
+    }
+
+    /// Checks that every id is below `buckets`: a full read of the ids (`dtrain verify`).
+    pub fn verify_ids(&self, buckets: u32) -> Result<()> {
+        match self.ids().iter().position(|&id| id >= buckets) {
+            None => Ok(()),
+            Some(pos) => Err(Error::bad_file(
+                &self.path,
+                format!(
+                    "corrupted: id {} at position {pos} is not below the bucket count {buckets}",
+                    self.ids()[pos]
+                ),
+            )),
+        }
     }
 }

@@ -1,14 +1,17 @@
 //! The fastText-style hashing tokenizer: text → words → hashed feature ids in `0..buckets`.
 //!
 //! # The algorithm (version [`TOKENIZER_ALGORITHM`]; every step is part of the format)
-//! 1. **Normalise.** Lower-case with Unicode rules (`str::to_lowercase`) when `lowercase`.
-//!    Soft hyphens, zero-width spaces, byte-order marks and variation selectors are dropped.
+//! 1. **Normalise.** Drop the invisible format characters of [`is_ignorable`] (soft hyphen
+//!    U+00AD, zero-width space U+200B, word joiner U+2060, byte-order mark U+FEFF, variation
+//!    selectors U+FE00–FE0F and U+E0100–E01EF); then lower-case with Unicode rules
+//!    (`str::to_lowercase`) when `lowercase`.
 //! 2. **Segment** into units, scanning characters:
-//!    - whitespace separates units;
-//!    - a *word* is a maximal run of word characters (alphabetic, numeric, or a combining
-//!      mark / zero-width joiner). The connectors `'` `’` `-` `_` `.` join two word
-//!      characters into one word (`don't`, `hard-fought`, `u.s`), and `,` joins two digits
-//!      (`1,000`);
+//!    - whitespace (`char::is_whitespace`) separates units;
+//!    - a *word* is a maximal run of word characters: alphabetic or numeric
+//!      (`char::is_alphanumeric`), any mark (General_Category M: Mn, Mc, Me, as tabled by
+//!      the `unicode-properties` crate), or the zero-width (non-)joiner U+200C/U+200D. The
+//!      connectors `'` `’` `-` `_` `.` join two word characters into one word (`don't`,
+//!      `hard-fought`, `u.s`), and `,` joins two digits (`1,000`);
 //!    - a *no-space run* is a maximal run of characters of scripts written without spaces
 //!      (Han, Hiragana, Katakana, Thai, Lao, Myanmar, Khmer); see [`is_no_space_script`];
 //!    - any other character (punctuation, symbols, emoji) is a *punctuation unit* of its own,
@@ -31,13 +34,13 @@
 //!    pinned in the tests so that ids never change silently.
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::{xxh3_64_with_seed, Xxh3};
 
 use crate::error::{Error, Result};
 
 /// Version of the algorithm above. Bump it whenever any step changes: it enters the
 /// tokenizer hash, so data prepared by another algorithm is refused.
-pub const TOKENIZER_ALGORITHM: u32 = 1;
+pub const TOKENIZER_ALGORITHM: u32 = 2;
 /// Seed offset of word (and punctuation) features.
 pub const KIND_WORD: u64 = 0x5744_5452_4149_4E57; // "WDTRAINW"
 /// Seed offset of character n-gram features.
@@ -147,6 +150,10 @@ pub struct Tokenized {
     pub units: u32,
     /// Whether units were cut by `max_words`.
     pub truncated: bool,
+    /// xxh3_64 of the kept units (normalised text, unit kinds and boundaries), before
+    /// hashing into buckets: equal keys mean the model sees the same document, whatever
+    /// the bucket count. Used for de-duplication.
+    pub key: u64,
 }
 
 /// A unit of segmented text: byte range in the normalised string and its kind.
@@ -227,6 +234,12 @@ impl Tokenizer {
         let (units, kept, truncated) = segment(&normalized, spec);
         stats.units = kept;
         stats.truncated = truncated;
+        let mut key = Xxh3::new();
+        for unit in &units {
+            key.update(&[unit.kind as u8]);
+            key.update(&normalized.as_bytes()[unit.start..unit.end]);
+        }
+        stats.key = key.digest();
 
         let mut scratch: Vec<u8> = Vec::with_capacity(64);
         let mut char_bounds: Vec<usize> = Vec::with_capacity(64);
@@ -301,8 +314,11 @@ fn char_starts(s: &[u8], out: &mut Vec<usize>) {
 }
 
 /// Characters removed before segmenting: invisible format characters.
-fn is_ignorable(c: char) -> bool {
-    matches!(c, '\u{00AD}' | '\u{200B}' | '\u{2060}' | '\u{FEFF}' | '\u{FE00}'..='\u{FE0F}')
+pub fn is_ignorable(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}' | '\u{200B}' | '\u{2060}' | '\u{FEFF}' | '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}'
+    )
 }
 
 fn normalize(text: &str, lowercase: bool) -> String {
@@ -342,15 +358,10 @@ pub fn is_no_space_script(c: char) -> bool {
 }
 
 fn is_word_char(c: char) -> bool {
+    use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
     c.is_alphanumeric()
-        || matches!(c,
-            '\u{0300}'..='\u{036F}'   // combining diacritical marks
-            | '\u{1AB0}'..='\u{1AFF}'
-            | '\u{1DC0}'..='\u{1DFF}'
-            | '\u{20D0}'..='\u{20FF}'
-            | '\u{FE20}'..='\u{FE2F}'
-            | '\u{200C}' | '\u{200D}' // zero-width (non-)joiner
-        )
+        || matches!(c, '\u{200C}' | '\u{200D}')
+        || c.general_category_group() == GeneralCategoryGroup::Mark
 }
 
 fn is_connector(c: char) -> bool {
@@ -453,6 +464,11 @@ mod tests {
 
     #[test]
     fn combining_marks_and_invisible_characters_stay_inside_words() {
+        // Indic virama (U+094D) and vowel signs, Hebrew points: marks stay inside words.
+        assert_eq!(words(words_only(), "हिन्दी தமிழ் שָׁלוֹם"), ["हिन्दी", "தமிழ்", "שָׁלוֹם"]);
+        // A supplementary variation selector neither splits a Han run nor becomes a word.
+        let t = texts(words_only(), "葛\u{E0100}城");
+        assert_eq!(t, [("char", "葛".to_string()), ("char", "葛城".into()), ("char", "城".into())]);
         // "cafe" + U+0301 combining acute; a soft hyphen and a zero-width space inside words.
         assert_eq!(
             words(words_only(), "cafe\u{301} ex\u{AD}ample zero\u{200B}width"),
@@ -591,5 +607,5 @@ mod tests {
         484033, 645434, 29612, 656986, 683074, 422690, 286650, 829756, 708684, 394604, 331362, 281055,
         994534, 343614, 276436, 976100, 809813, 369840,
     ];
-    const GOLDEN_SPEC_HASH: u64 = 0xf83e_a80e_c0ab_adc1;
+    const GOLDEN_SPEC_HASH: u64 = 0x8bbc_58df_e80a_26be;
 }

@@ -89,7 +89,6 @@ impl BagModel {
     /// Lays out the tensors for `spec`.
     pub fn new(spec: BagSpec) -> Self {
         let mut layout = Layout::new();
-        let table = layout.matrix("embedding.weight", spec.buckets, spec.dim);
         let mut width = spec.dim;
         let mut hidden = Vec::new();
         for (k, &h) in spec.hidden.iter().enumerate() {
@@ -100,7 +99,15 @@ impl BagModel {
         }
         let output =
             (layout.matrix("output.weight", spec.classes, width), layout.vector("output.bias", spec.classes));
+        // The table comes last: dense gradient buffers cover `0..dense_len()` only.
+        let table = layout.matrix("embedding.weight", spec.buckets, spec.dim);
         BagModel { spec, layout, table, hidden, output }
+    }
+
+    /// Length of a dense gradient buffer: every tensor but the table, which comes last in
+    /// the layout and whose gradient is sparse.
+    pub fn dense_len(&self) -> usize {
+        self.table.offset
     }
 
     /// Initial parameters: the table uniform in ±1/D (fastText), hidden weights uniform in
@@ -154,8 +161,8 @@ impl BagModel {
     }
 
     /// Backward pass for `dlogits` (n×C): accumulates the dense gradients into `grads` (the
-    /// layout of the parameters; the table's slot is left untouched) and returns the
-    /// table's sparse gradient.
+    /// parameters' layout up to [`BagModel::dense_len`]) and returns the table's sparse
+    /// gradient.
     pub fn backward<B: Backend>(
         &self,
         be: &B,

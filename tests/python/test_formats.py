@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import tempfile
+import unicodedata
 import unittest
 
 import xxhash
@@ -24,13 +25,26 @@ KIND_WORD_NGRAM = 0x4E44_5452_4149_4E4E
 CONNECTORS = "'\u2019-_."
 
 
+NO_SPACE_RANGES = [
+    (0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x2E80, 0x2FDF), (0x3005, 0x3007),
+    (0x3021, 0x3029), (0x3038, 0x303B), (0x3040, 0x30FF), (0x31F0, 0x31FF), (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F), (0x20000, 0x2FA1F), (0x30000, 0x323AF),
+]
+
+
 def is_no_space(c):
     o = ord(c)
-    return 0x4E00 <= o <= 0x9FFF or 0x3040 <= o <= 0x30FF
+    return any(lo <= o <= hi for lo, hi in NO_SPACE_RANGES)
+
+
+def is_ignorable(c):
+    o = ord(c)
+    return o in (0x00AD, 0x200B, 0x2060, 0xFEFF) or 0xFE00 <= o <= 0xFE0F or 0xE0100 <= o <= 0xE01EF
 
 
 def is_word(c):
-    return c.isalnum() and not is_no_space(c)
+    # Alphanumeric, any mark (category M*), or a zero-width (non-)joiner; never a no-space script.
+    return (c.isalnum() or unicodedata.category(c).startswith("M") or c in "\u200c\u200d") and not is_no_space(c)
 
 
 def segment(s, max_words):
@@ -79,7 +93,8 @@ def tokenize(text, spec):
     def h(kind, payload):
         return xxhash.xxh3_64_intdigest(payload.encode("utf-8"), seed=seed ^ kind) % B
 
-    s = text.lower() if spec["lowercase"] else text
+    s = "".join(c for c in text if not is_ignorable(c))
+    s = s.lower() if spec["lowercase"] else s
     ids, window = [], []
     lo, hi = spec["char_ngram_min"], spec["char_ngram_max"]
     for kind, u in segment(s, spec["max_words"]):
@@ -132,6 +147,7 @@ TEXTS = [
     ("news", "北京は東京より大きい。 Mixed 中文 text"),
     ("fiction", "CAPITALS and lower, a_b c'd e\u2019f ... ?!"),
     ("news", "x"),
+    ("fiction", "हिन्दी தமிழ் שָׁלוֹם café ex\u00adample zero\u200bwidth 葛\U000E0100城 ｶﾀｶﾅ สวัสดีครับ"),
 ]
 
 
