@@ -17,7 +17,8 @@ pub struct Provenance {
     pub command: String,
     /// UTC time, ISO 8601.
     pub date: String,
-    /// `git describe --always --dirty` of the working directory, or "unknown".
+    /// The commit (12 hex digits), with `-dirty` when tracked files other than
+    /// `bench/results/` differ from it; "unknown" outside a git checkout.
     pub git_revision: String,
     /// CPU model from /proc/cpuinfo.
     pub cpu: String,
@@ -30,13 +31,27 @@ pub struct Provenance {
 impl Provenance {
     /// Collects provenance for the current process.
     pub fn collect() -> Provenance {
-        let git_revision = std::process::Command::new("git")
-            .args(["describe", "--always", "--dirty", "--abbrev=12"])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_else(|| "unknown".into());
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        };
+        // "-dirty" when tracked files other than recorded results differ from the revision.
+        let git_revision = match git(&["rev-parse", "--short=12", "HEAD"]) {
+            Some(rev) => {
+                let changes =
+                    git(&["status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"]);
+                if changes.is_some_and(|c| !c.is_empty()) {
+                    format!("{rev}-dirty")
+                } else {
+                    rev
+                }
+            }
+            None => "unknown".into(),
+        };
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {

@@ -1,0 +1,34 @@
+"""Writes bench/results/prepare.md from the JSON files that bench/prepare.sh records."""
+import json
+import os
+
+R = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CASES = [
+    ("prepare-brown.json", "Brown genre, 20 labels/class (demo config)"),
+    ("prepare-brown-charngrams.json", "Brown genre, + char n-grams 3..6"),
+    ("prepare-corpus.json", "100k sentences, unlabeled only"),
+    ("prepare-corpus-1thread.json", "100k sentences, RAYON_NUM_THREADS=1 (tokenizing on 1 thread; the reader thread still runs)"),
+]
+rows = [(f, label, json.load(open(os.path.join(R, f)))) for f, label in CASES]
+p = rows[0][2]["provenance"]
+print("# `dtrain prepare` throughput\n")
+print(f"- date: {p['date']}; git revision: `{p['git_revision']}`; machine: {p['cpu']}, {p['os']}, "
+      "2 cores (the project's standard 2-core, 24 GiB machine)")
+print("- method: `dtrain bench prepare` runs the whole `prepare` (read, gunzip, parse, tokenize, "
+      "de-duplicate, split, write shards and manifest, fsync, rename) once as warm-up, then 10 timed "
+      "runs into a temporary directory; MB = 10^6 bytes of uncompressed input text.")
+print("- the machine is shared and noisy: quote medians; runs of the same command on the same day "
+      "have differed by up to 25%.")
+print("- reproduce: `bash bench/prepare.sh` (runs the commands below and rewrites this file).\n")
+print("| input | text MB | documents | token ids | median s | MB/s (min / median / max) | documents/s (median) | raw JSON |")
+print("|---|---|---|---|---|---|---|---|")
+for f, label, d in rows:
+    m = d["mb_per_s"]
+    print(f"| {label} | {d['text_bytes'] / 1e6:.1f} | {d['documents']:,} | {d['token_ids']:,} | "
+          f"{d['seconds']['median']:.3f} | {m['min']:.1f} / **{m['median']:.1f}** / {m['max']:.1f} | "
+          f"{d['docs_per_s']['median']:,.0f} | [{f}]({f}) |")
+print("\nCommands (from the repository root, after `cargo build --release`):\n```sh")
+for f, label, d in rows:
+    prefix = "RAYON_NUM_THREADS=1 " if "1thread" in f else ""
+    print(prefix + d["provenance"]["command"].replace("./target/release/dtrain", "dtrain"))
+print("```")
