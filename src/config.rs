@@ -11,9 +11,12 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Activation;
 use crate::data::input::FormatChoice;
 use crate::data::tokenize::TokenizerSpec;
 use crate::error::{Error, IoContext, Result};
+use crate::optim::schedule::ScheduleConfig;
+use crate::optim::OptimConfig;
 
 /// Rules a config must satisfy beyond its types.
 pub trait Validate {
@@ -241,6 +244,225 @@ impl Validate for PrepareConfig {
         }
         if self.output.shards < 1 || self.output.shards > MAX_SHARDS {
             return bad("output.shards", "must be in 1..=1024 (prepare keeps every shard of a split open)");
+        }
+        Ok(())
+    }
+}
+
+/// The configuration of `dtrain train` (`run.toml`). Every field has a default;
+/// configs/train.example.toml documents each one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub loss: LossConfig,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+    pub train: TrainSection,
+}
+
+/// `[data]`: the prepared data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A directory written by `dtrain prepare`.
+    pub dir: PathBuf,
+}
+
+/// `[model]`: the bag-of-n-grams classifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Embedding width D.
+    pub dim: usize,
+    /// Hidden layer widths; empty = the linear fastText model.
+    pub hidden: Vec<usize>,
+    pub activation: Activation,
+    /// Dropout on the pooled embedding.
+    pub embed_dropout: f32,
+    /// Dropout after each hidden layer.
+    pub hidden_dropout: f32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            dim: 100,
+            hidden: Vec::new(),
+            activation: Activation::Relu,
+            embed_dropout: 0.0,
+            hidden_dropout: 0.0,
+        }
+    }
+}
+
+/// The supervised loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossName {
+    /// Cross-entropy (with `label_smoothing`).
+    Ce,
+    /// Focal loss (with `focal_gamma`).
+    Focal,
+}
+
+/// `[loss]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    pub kind: LossName,
+    /// ε of cross-entropy's target (1−ε)·onehot + ε/C.
+    pub label_smoothing: f64,
+    /// γ of the focal loss.
+    pub focal_gamma: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig { kind: LossName::Ce, label_smoothing: 0.0, focal_gamma: 2.0 }
+    }
+}
+
+/// `[train]`: the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Where checkpoints, metrics.jsonl and reports go.
+    pub out_dir: PathBuf,
+    /// Global batch size: documents per optimizer step (per micro-batch with grad_accum);
+    /// a multiple of the data set's shard count.
+    pub batch_size: usize,
+    /// Passes over the labeled training split.
+    pub epochs: u32,
+    /// Optimizer steps; overrides `epochs` when set.
+    pub steps: Option<u64>,
+    /// Seed of initialisation, shuffling and dropout.
+    pub seed: u64,
+    /// Log a metrics line every this many steps.
+    pub log_every: u64,
+    /// Evaluate on the validation split every this many steps; 0 = once per epoch.
+    pub eval_every: u64,
+    /// Write a checkpoint every this many steps; 0 = only at the end. The last step always
+    /// gets one. (A bag model's checkpoint holds the whole table and both Adam moments:
+    /// 12 bytes × buckets × dim.)
+    pub checkpoint_every: u64,
+    /// Complete checkpoints kept (the newest); older ones are deleted.
+    pub keep_checkpoints: usize,
+    /// Documents per evaluation batch.
+    pub eval_batch_size: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            out_dir: PathBuf::new(),
+            batch_size: 32,
+            epochs: 5,
+            steps: None,
+            seed: 1,
+            log_every: 10,
+            eval_every: 0,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            eval_batch_size: 1024,
+        }
+    }
+}
+
+/// A finite number above 0 (NaN fails).
+fn positive(v: f64) -> bool {
+    v.is_finite() && v > 0.0
+}
+
+/// A finite number at least 0 (NaN fails).
+fn non_negative(v: f64) -> bool {
+    v.is_finite() && v >= 0.0
+}
+
+impl Validate for TrainConfig {
+    fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |field: &str, msg: &str| Err(Error::config(origin, field, msg));
+        if self.data.dir.as_os_str().is_empty() {
+            return bad("data.dir", "is required: a directory made by `dtrain prepare`");
+        }
+        let m = &self.model;
+        if m.dim < 1 || m.dim > 65_536 {
+            return bad("model.dim", "must be in 1..=65536");
+        }
+        if m.hidden.iter().any(|h| !(1..=65_536).contains(h)) {
+            return bad("model.hidden", "every width must be in 1..=65536");
+        }
+        for (field, p) in
+            [("model.embed_dropout", m.embed_dropout), ("model.hidden_dropout", m.hidden_dropout)]
+        {
+            if !(0.0..1.0).contains(&p) {
+                return bad(field, "must be in [0, 1)");
+            }
+        }
+        let l = &self.loss;
+        if !(0.0..1.0).contains(&l.label_smoothing) {
+            return bad("loss.label_smoothing", "must be in [0, 1)");
+        }
+        if !(0.0..=20.0).contains(&l.focal_gamma) {
+            return bad("loss.focal_gamma", "must be in [0, 20]");
+        }
+        if l.kind == LossName::Focal && l.label_smoothing > 0.0 {
+            return bad("loss.label_smoothing", "must be 0 with the focal loss (it has no smoothed target)");
+        }
+        let o = &self.optim;
+        if !positive(o.lr) {
+            return bad("optim.lr", "must be a positive number");
+        }
+        for (field, b) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2), ("optim.momentum", o.momentum)]
+        {
+            if !(0.0..1.0).contains(&b) {
+                return bad(field, "must be in [0, 1)");
+            }
+        }
+        if !positive(o.eps) {
+            return bad("optim.eps", "must be positive");
+        }
+        if !non_negative(o.weight_decay) {
+            return bad("optim.weight_decay", "must be at least 0");
+        }
+        if !non_negative(o.clip_norm) {
+            return bad("optim.clip_norm", "must be at least 0 (0 = no clipping)");
+        }
+        if o.grad_accum < 1 {
+            return bad("optim.grad_accum", "must be at least 1");
+        }
+        if o.lr_mult.values().any(|&v| !non_negative(v)) {
+            return bad("optim.lr_mult", "multipliers must be finite and at least 0");
+        }
+        let s = &self.schedule;
+        if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+            return bad("schedule.min_lr_ratio", "must be in [0, 1]");
+        }
+        if !positive(s.plateau_factor) || s.plateau_factor >= 1.0 {
+            return bad("schedule.plateau_factor", "must be in (0, 1)");
+        }
+        let t = &self.train;
+        if t.out_dir.as_os_str().is_empty() {
+            return bad("train.out_dir", "is required");
+        }
+        if t.batch_size < 1 {
+            return bad("train.batch_size", "must be at least 1");
+        }
+        if t.steps.is_none() && t.epochs < 1 {
+            return bad("train.epochs", "must be at least 1 (or set train.steps)");
+        }
+        if t.steps == Some(0) {
+            return bad("train.steps", "must be at least 1");
+        }
+        if t.log_every < 1 {
+            return bad("train.log_every", "must be at least 1");
+        }
+        if t.keep_checkpoints < 1 {
+            return bad("train.keep_checkpoints", "must be at least 1");
+        }
+        if t.eval_batch_size < 1 {
+            return bad("train.eval_batch_size", "must be at least 1");
         }
         Ok(())
     }

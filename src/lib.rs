@@ -5,11 +5,14 @@
 
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod model;
+pub mod optim;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -6,13 +6,14 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use dtrain::config::{self, Override, PrepareConfig};
+use dtrain::config::{self, Override, PrepareConfig, TrainConfig};
 use dtrain::data::dataset::{self, Dataset};
 use dtrain::data::input::FormatChoice;
 use dtrain::data::manifest::Manifest;
 use dtrain::data::prepare::{prepare, PrepareReport};
 use dtrain::data::shard::{Shard, SplitKind};
 use dtrain::data::tokenize::{Punctuation, Tokenizer};
+use dtrain::train::{train, Resume, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,11 @@ struct Cli {
 enum Command {
     /// Turn raw text (TSV, JSONL, plain text; .gz too) into a sharded data set directory.
     Prepare(PrepareArgs),
+    /// Train a classifier as a run config says (see configs/train.example.toml).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on a split of a data set: accuracy, macro-F1, per-class
+    /// figures, confusion matrix, calibration.
+    Eval(EvalArgs),
     /// Print a data set's summary and decode a few samples, or describe one shard file.
     Inspect(InspectArgs),
     /// Check every checksum and value of a data set; exits non-zero on any problem.
@@ -236,6 +242,36 @@ fn parse_range(spec: &str) -> Option<(u32, u32)> {
 }
 
 #[derive(Args)]
+struct TrainArgs {
+    /// The run config (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override any config field: --set optim.lr=0.01 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// `auto`: continue from the newest complete checkpoint in train.out_dir, if any;
+    /// `no`: start fresh (refused if checkpoints exist); or a checkpoint directory.
+    #[arg(long, default_value = "no")]
+    resume: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint directory (or its model.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The data set directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// The split to evaluate: train, val or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     /// A data set directory, or one shard file.
     path: PathBuf,
@@ -281,6 +317,50 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = args.load()?;
             let report = prepare(&cfg, progress)?;
             print_prepare_summary(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train(args) => {
+            let overrides = args.set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
+            let cfg: TrainConfig = config::load(Some(&args.config), &overrides)?;
+            let resume = match args.resume.as_str() {
+                "no" => Resume::No,
+                "auto" => Resume::Auto,
+                path => Resume::From(PathBuf::from(path)),
+            };
+            let r = train(&cfg, &RunOptions { resume, progress, stop_after: None })?;
+            println!(
+                "trained {} steps in {:.1} s ({:.0} token ids/s); checkpoint {}",
+                r.steps,
+                r.seconds,
+                r.tokens_per_s,
+                r.final_checkpoint.display()
+            );
+            for rep in [&r.val, &r.test].into_iter().flatten() {
+                print!("{}", rep.to_text());
+            }
+            println!("metrics: {}", cfg.train.out_dir.join("metrics.jsonl").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            let split = SplitKind::from_name(&args.split)
+                .filter(|s| *s != SplitKind::Unlabeled)
+                .with_context(|| format!("--split {}: expected train, val or test", args.split))?;
+            let (meta, model, params) = dtrain::checkpoint::load_model(&args.checkpoint)?;
+            let ds = Dataset::open(&args.data)?;
+            if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
+                bail!(
+                    "{}: the data set's labels or tokenizer differ from the checkpoint's; prepare it with the same options",
+                    args.data.display()
+                );
+            }
+            let be = dtrain::backend::cpu::Cpu::<f32>::new();
+            let report = dtrain::train::eval::evaluate(&be, &model, &params, &ds, split, 1024)?
+                .with_context(|| format!("split `{}` of {} is empty", args.split, args.data.display()))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect(args) => inspect(&args),

@@ -16,6 +16,8 @@ pub enum Purpose {
     Split = 1,
     /// Initial parameter values (index: the tensor).
     Init = 2,
+    /// A shard's per-epoch row order (index: split, shard and epoch).
+    Shuffle = 3,
 }
 
 /// A seeded random stream.

@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::{Activation, Backend, DropoutKey, HostBatch, LossKind, Real, SparseRows};
+use super::{Activation, AdamStep, Backend, DropoutKey, HostBatch, LossKind, Real, SgdStep, SparseRows};
 use crate::model::params::Slot;
 
 /// The CPU backend for element type `F` (`f32` to train, `f64` for gradient checks).
@@ -34,6 +34,20 @@ fn gelu<F: Real>(x: F) -> (F, F) {
     let du = c * (one + F::of(3.0) * k * x * x);
     let dy = half * (one + t) + half * x * (one - t * t) * du;
     (y, dy)
+}
+
+/// The Adam update of aligned slices (moments in f64 arithmetic, stored as `F`).
+fn adam_rows<F: Real>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], h: AdamStep) {
+    let (c1, c2) = (1.0 - h.beta1.powi(h.t as i32), 1.0 - h.beta2.powi(h.t as i32));
+    for i in 0..p.len() {
+        let gi = g[i].f64();
+        let mi = h.beta1 * m[i].f64() + (1.0 - h.beta1) * gi;
+        let vi = h.beta2 * v[i].f64() + (1.0 - h.beta2) * gi * gi;
+        m[i] = F::of(mi);
+        v[i] = F::of(vi);
+        let pi = p[i].f64();
+        p[i] = F::of(pi - h.lr * ((mi / c1) / ((vi / c2).sqrt() + h.eps) + h.weight_decay * pi));
+    }
 }
 
 impl<F: Real> Backend for Cpu<F> {
@@ -294,6 +308,131 @@ impl<F: Real> Backend for Cpu<F> {
             }
         });
         row_loss.iter().map(|v| v.f64()).sum()
+    }
+
+    fn sq_norm(&self, buf: &Vec<F>, range: std::ops::Range<usize>) -> f64 {
+        // Fixed-size chunks summed in order: the same result for any thread count.
+        let parts: Vec<f64> =
+            buf[range].par_chunks(4096).map(|c| c.iter().map(|&x| x.f64() * x.f64()).sum::<f64>()).collect();
+        parts.iter().sum()
+    }
+
+    fn scale(&self, buf: &mut Vec<F>, range: std::ops::Range<usize>, factor: f64) {
+        let f = F::of(factor);
+        buf[range].par_iter_mut().with_min_len(4096).for_each(|x| *x = *x * f);
+    }
+
+    fn adamw(
+        &self,
+        params: &mut Vec<F>,
+        grads: &Vec<F>,
+        m: &mut Vec<F>,
+        v: &mut Vec<F>,
+        slot: Slot,
+        h: AdamStep,
+    ) {
+        let r = slot.range();
+        adam_rows(&mut params[r.clone()], &grads[r.clone()], &mut m[r.clone()], &mut v[r], h);
+    }
+
+    fn lamb(
+        &self,
+        params: &mut Vec<F>,
+        grads: &Vec<F>,
+        m: &mut Vec<F>,
+        v: &mut Vec<F>,
+        slot: Slot,
+        h: AdamStep,
+    ) {
+        let r = slot.range();
+        let (p, g, m, v) = (&mut params[r.clone()], &grads[r.clone()], &mut m[r.clone()], &mut v[r]);
+        // First pass: moments and the direction u (kept in a scratch buffer); second: the step.
+        let mut u = vec![F::zero(); p.len()];
+        let (c1, c2) = (1.0 - h.beta1.powi(h.t as i32), 1.0 - h.beta2.powi(h.t as i32));
+        for i in 0..p.len() {
+            let gi = g[i].f64();
+            let mi = h.beta1 * m[i].f64() + (1.0 - h.beta1) * gi;
+            let vi = h.beta2 * v[i].f64() + (1.0 - h.beta2) * gi * gi;
+            m[i] = F::of(mi);
+            v[i] = F::of(vi);
+            u[i] = F::of((mi / c1) / ((vi / c2).sqrt() + h.eps) + h.weight_decay * p[i].f64());
+        }
+        let pn = p.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt();
+        let un = u.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt();
+        let ratio = if pn > 0.0 && un > 0.0 { pn / un } else { 1.0 };
+        let step = F::of(h.lr * ratio);
+        p.iter_mut().zip(&u).for_each(|(p, &u)| *p = *p - step * u);
+    }
+
+    fn sgd(&self, params: &mut Vec<F>, grads: &Vec<F>, buf: &mut Vec<F>, slot: Slot, h: SgdStep) {
+        let r = slot.range();
+        let (p, g) = (&mut params[r.clone()], &grads[r.clone()]);
+        let (lr, mu, wd) = (F::of(h.lr), F::of(h.momentum), F::of(h.weight_decay));
+        if h.momentum == 0.0 {
+            p.iter_mut().zip(g).for_each(|(p, &g)| *p = *p - lr * (g + wd * *p));
+            return;
+        }
+        let b = &mut buf[r];
+        for i in 0..p.len() {
+            let gi = g[i] + wd * p[i];
+            b[i] = mu * b[i] + gi;
+            let step = if h.nesterov { gi + mu * b[i] } else { b[i] };
+            p[i] = p[i] - lr * step;
+        }
+    }
+
+    fn sparse_adam(
+        &self,
+        params: &mut Vec<F>,
+        table: Slot,
+        grad: &SparseRows<Vec<F>>,
+        m: &mut Vec<F>,
+        v: &mut Vec<F>,
+        h: AdamStep,
+    ) {
+        let dim = grad.dim;
+        let h = AdamStep { weight_decay: 0.0, ..h };
+        // Rows are unique, so the per-row updates touch disjoint memory; they run in order
+        // here (each row is only `dim` long) and are deterministic.
+        for (k, &row) in grad.rows.iter().enumerate() {
+            let r = table.offset + row as usize * dim..table.offset + (row as usize + 1) * dim;
+            let g = &grad.values[k * dim..(k + 1) * dim];
+            adam_rows(&mut params[r.clone()], g, &mut m[r.clone()], &mut v[r], h);
+        }
+    }
+
+    fn sparse_sgd(&self, params: &mut Vec<F>, table: Slot, grad: &SparseRows<Vec<F>>, lr: f64) {
+        let dim = grad.dim;
+        let lr = F::of(lr);
+        for (k, &row) in grad.rows.iter().enumerate() {
+            let start = table.offset + row as usize * dim;
+            let g = &grad.values[k * dim..(k + 1) * dim];
+            params[start..start + dim].iter_mut().zip(g).for_each(|(p, &g)| *p = *p - lr * g);
+        }
+    }
+
+    fn sparse_add(&self, a: SparseRows<Vec<F>>, b: &SparseRows<Vec<F>>) -> SparseRows<Vec<F>> {
+        let dim = a.dim;
+        let (mut i, mut j) = (0, 0);
+        let mut rows = Vec::with_capacity(a.rows.len() + b.rows.len());
+        let mut values = Vec::with_capacity((a.rows.len() + b.rows.len()) * dim);
+        while i < a.rows.len() || j < b.rows.len() {
+            let take_a = j == b.rows.len() || (i < a.rows.len() && a.rows[i] <= b.rows[j]);
+            let take_b = i == a.rows.len() || (j < b.rows.len() && b.rows[j] <= a.rows[i]);
+            let row = if take_a { a.rows[i] } else { b.rows[j] };
+            rows.push(row);
+            let start = values.len();
+            values.resize(start + dim, F::zero());
+            if take_a {
+                values[start..].iter_mut().zip(&a.values[i * dim..(i + 1) * dim]).for_each(|(o, &x)| *o += x);
+                i += 1;
+            }
+            if take_b {
+                values[start..].iter_mut().zip(&b.values[j * dim..(j + 1) * dim]).for_each(|(o, &x)| *o += x);
+                j += 1;
+            }
+        }
+        SparseRows { rows, values, dim }
     }
 
     fn softmax(&self, logits: &Vec<F>, classes: usize, probs: &mut Vec<F>) {

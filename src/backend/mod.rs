@@ -196,6 +196,31 @@ pub struct SparseRows<Buf> {
     pub dim: usize,
 }
 
+/// Hyperparameters of one Adam-family update (AdamW, lazy Adam, LAMB).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamStep {
+    /// Learning rate (schedule and per-tensor multiplier applied).
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (AdamW, LAMB); lazy Adam on a table takes none.
+    pub weight_decay: f64,
+    /// 1-based step number, for the bias corrections `1 − β^t`.
+    pub t: u64,
+}
+
+/// Hyperparameters of one SGD update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdStep {
+    pub lr: f64,
+    /// Momentum μ (0: plain SGD, no buffer needed).
+    pub momentum: f64,
+    pub nesterov: bool,
+    /// L2 weight decay added to the gradient.
+    pub weight_decay: f64,
+}
+
 /// The operations of a compute backend. Buffers are `F` arrays on the device.
 pub trait Backend: Sync {
     /// Element type.
@@ -287,4 +312,50 @@ pub trait Backend: Sync {
 
     /// Row-wise softmax of `logits` (`n × classes`) into `probs`.
     fn softmax(&self, logits: &Self::Buf, classes: usize, probs: &mut Self::Buf);
+
+    /// Σ x² over `buf[range]`, accumulated in f64.
+    fn sq_norm(&self, buf: &Self::Buf, range: std::ops::Range<usize>) -> f64;
+    /// `buf[range] *= factor`.
+    fn scale(&self, buf: &mut Self::Buf, range: std::ops::Range<usize>, factor: f64);
+
+    /// AdamW on one tensor, one pass over `slot` of `params`, `grads`, `m`, `v`:
+    /// `m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²; p −= lr·(m̂/(√v̂ + ε) + wd·p)`.
+    fn adamw(
+        &self,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        slot: Slot,
+        h: AdamStep,
+    );
+    /// LAMB on one tensor: the AdamW direction `u = m̂/(√v̂ + ε) + wd·p`, scaled by the trust
+    /// ratio `‖p‖/‖u‖` (1 when either norm is 0): `p −= lr·ratio·u`.
+    fn lamb(
+        &self,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        slot: Slot,
+        h: AdamStep,
+    );
+    /// SGD on one tensor: `g' = g + wd·p`; with momentum `b = μb + g'` and the step
+    /// `g' + μb` (Nesterov) or `b`; `p −= lr·step`. `buf` is unused when μ = 0.
+    fn sgd(&self, params: &mut Self::Buf, grads: &Self::Buf, buf: &mut Self::Buf, slot: Slot, h: SgdStep);
+    /// Lazy (sparse) Adam on the rows of a table that `grad` touched: the Adam update of
+    /// those rows only, with the global step `t` in the bias corrections and no weight decay.
+    fn sparse_adam(
+        &self,
+        params: &mut Self::Buf,
+        table: Slot,
+        grad: &SparseRows<Self::Buf>,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        h: AdamStep,
+    );
+    /// Plain SGD on the touched rows of a table: `row −= lr·g`.
+    fn sparse_sgd(&self, params: &mut Self::Buf, table: Slot, grad: &SparseRows<Self::Buf>, lr: f64);
+    /// The sum of two sparse gradients of the same table (gradient accumulation).
+    fn sparse_add(&self, a: SparseRows<Self::Buf>, b: &SparseRows<Self::Buf>) -> SparseRows<Self::Buf>;
 }

@@ -2,6 +2,7 @@
 
 pub mod dataset;
 pub mod input;
+pub mod loader;
 pub mod manifest;
 pub mod prepare;
 pub mod shard;

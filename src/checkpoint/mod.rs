@@ -1,0 +1,261 @@
+//! Checkpoints: one directory per step holding `model.safetensors`, `optimizer.safetensors`,
+//! `state.bin` and a `DONE` marker written last, built in a temporary directory and renamed
+//! into place; keeping the newest K; finding the newest complete one.
+//!
+//! `model.safetensors` holds every tensor of the layout under its name (f32, shapes as in
+//! `model::bag`), and in its metadata (`__metadata__`) the key `dtrain` with a JSON object:
+//! the model spec, the class names and the tokenizer spec, so that a checkpoint alone can
+//! classify raw text. `optimizer.safetensors` holds `m.<name>` and `v.<name>` per tensor.
+//! `state.bin` is a header (magic `DTSTATE\0`, version, payload length, xxh3_64 of the
+//! payload) followed by the bincode encoding of [`TrainState`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::data::loader::Cursor;
+use crate::data::tokenize::TokenizerSpec;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+use crate::model::bag::{BagModel, BagSpec};
+use crate::model::params::Layout;
+use crate::optim::schedule::Plateau;
+
+/// Magic bytes of `state.bin`.
+pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";
+/// Version of `state.bin`.
+pub const STATE_VERSION: u32 = 1;
+/// The marker that makes a checkpoint directory complete.
+pub const DONE: &str = "DONE";
+
+/// What a model checkpoint needs besides its tensors to classify raw text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    /// Format name, `dtrain-bag`.
+    pub format: String,
+    pub model: BagSpec,
+    pub labels: Vec<String>,
+    pub tokenizer: TokenizerSpec,
+}
+
+/// The training loop's state at a step boundary.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The optimizer's step counter (bias corrections).
+    pub optim_t: u64,
+    /// Every shard's cursor of the labeled training split.
+    pub cursors: Vec<Cursor>,
+    /// Reduce-on-plateau state.
+    pub plateau: Plateau,
+    /// `train::trajectory_hash` of the config, to refuse resuming with another config.
+    pub config_hash: u64,
+    /// The logging window in progress (loss sum, documents, correct, token ids), so that
+    /// a resumed run logs exactly what an uninterrupted one would.
+    pub window: LogWindow,
+}
+
+/// Running sums since the last metrics line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct LogWindow {
+    pub loss_sum: f64,
+    pub docs: u64,
+    pub correct: u64,
+    pub tokens: u64,
+}
+
+/// Name of a checkpoint directory.
+pub fn dir_name(step: u64) -> String {
+    format!("step-{step:09}")
+}
+
+fn tensors_to_file(
+    path: &Path,
+    layout: &Layout,
+    bufs: &[(&str, &[f32])],
+    meta: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut views = Vec::new();
+    for (prefix, buf) in bufs {
+        for t in layout.tensors() {
+            let data: &[u8] = bytemuck::cast_slice(&buf[t.slot.range()]);
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), data)
+                .map_err(|e| Error::bad_file(path, format!("tensor {}: {e}", t.name)))?;
+            views.push((format!("{prefix}{}", t.name), view));
+        }
+    }
+    safetensors::serialize_to_file(views, meta, path)
+        .map_err(|e| Error::bad_file(path, format!("writing: {e}")))
+}
+
+fn tensors_from_file(
+    path: &Path,
+    bytes: &[u8],
+    layout: &Layout,
+    prefix: &str,
+    out: &mut [f32],
+) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+    for t in layout.tensors() {
+        let name = format!("{prefix}{}", t.name);
+        let view =
+            st.tensor(&name).map_err(|_| Error::bad_file(path, format!("tensor `{name}` is missing")))?;
+        if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+                    view.dtype(),
+                    view.shape(),
+                    t.shape
+                ),
+            ));
+        }
+        for (o, c) in out[t.slot.range()].iter_mut().zip(view.data().chunks_exact(4)) {
+            *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a complete checkpoint for `state.step` under `root`, then deletes all but the
+/// newest `keep` complete checkpoints. Returns its directory.
+pub fn save(
+    root: &Path,
+    model: &BagModel,
+    meta: &ModelMeta,
+    params: &[f32],
+    moments: [&[f32]; 2],
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).at(root)?;
+    let final_dir = root.join(dir_name(state.step));
+    let tmp = root.join(format!("{}.tmp", dir_name(state.step)));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).at(&tmp)?;
+    }
+    std::fs::create_dir(&tmp).at(&tmp)?;
+    let json = serde_json::to_string(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
+    let info = HashMap::from([("dtrain".to_string(), json)]);
+    tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], Some(info))?;
+    tensors_to_file(
+        &tmp.join("optimizer.safetensors"),
+        &model.layout,
+        &[("m.", moments[0]), ("v.", moments[1])],
+        None,
+    )?;
+    let payload = bincode::encode_to_vec(state, bincode::config::standard())
+        .map_err(|e| Error::Data(format!("state: {e}")))?;
+    let mut bytes = Vec::with_capacity(28 + payload.len());
+    bytes.extend_from_slice(STATE_MAGIC);
+    bytes.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    fsutil::write_atomic(&tmp.join("state.bin"), &bytes)?;
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all()).at(&tmp.join(f))?;
+    }
+    fsutil::write_atomic(&tmp.join(DONE), b"")?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
+    fsutil::sync_parent(&final_dir);
+    let mut complete = list(root)?;
+    while complete.len() > keep {
+        let old = complete.remove(0);
+        std::fs::remove_dir_all(&old).at(&old)?;
+    }
+    Ok(final_dir)
+}
+
+/// Complete checkpoints under `root`, oldest first.
+pub fn list(root: &Path) -> Result<Vec<PathBuf>> {
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root)
+        .at(root)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("step-") && !n.ends_with(".tmp")
+            }) && p.join(DONE).is_file()
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint under `root`.
+pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(root)?.pop())
+}
+
+/// Reads a checkpoint's model: its metadata, the model, and its parameters. `path` is a
+/// checkpoint directory or a `model.safetensors` file.
+pub fn load_model(path: &Path) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
+    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_owned() };
+    if path.is_dir() && !path.join(DONE).is_file() {
+        return Err(Error::bad_file(
+            path,
+            "incomplete checkpoint (no DONE marker): it was interrupted while being written",
+        ));
+    }
+    let bytes = std::fs::read(&file).at(&file)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::bad_file(&file, format!("not a valid safetensors file: {e}")))?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("dtrain"))
+        .ok_or_else(|| Error::bad_file(&file, "no `dtrain` metadata: not a dtrain model"))?;
+    let meta: ModelMeta = serde_json::from_str(json)
+        .map_err(|e| Error::bad_file(&file, format!("invalid `dtrain` metadata: {e}")))?;
+    if meta.labels.len() != meta.model.classes {
+        return Err(Error::bad_file(&file, "metadata: the label count differs from the model's classes"));
+    }
+    let model = BagModel::new(meta.model.clone());
+    let mut params = vec![0f32; model.layout.total()];
+    tensors_from_file(&file, &bytes, &model.layout, "", &mut params)?;
+    Ok((meta, model, params))
+}
+
+/// Reads a checkpoint's optimizer moments and training state.
+pub fn load_train(dir: &Path, model: &BagModel) -> Result<(Vec<f32>, Vec<f32>, TrainState)> {
+    let file = dir.join("optimizer.safetensors");
+    let bytes = std::fs::read(&file).at(&file)?;
+    let mut m = vec![0f32; model.layout.total()];
+    let mut v = vec![0f32; model.layout.total()];
+    tensors_from_file(&file, &bytes, &model.layout, "m.", &mut m)?;
+    tensors_from_file(&file, &bytes, &model.layout, "v.", &mut v)?;
+    let path = dir.join("state.bin");
+    let b = std::fs::read(&path).at(&path)?;
+    if b.len() < 28 || &b[..8] != STATE_MAGIC {
+        return Err(Error::bad_file(&path, "not a dtrain state file"));
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+    if version != STATE_VERSION {
+        return Err(Error::bad_file(
+            &path,
+            format!("state version {version}, this dtrain reads {STATE_VERSION}"),
+        ));
+    }
+    let len = u64::from_le_bytes(b[12..20].try_into().expect("8 bytes"));
+    let sum = u64::from_le_bytes(b[20..28].try_into().expect("8 bytes"));
+    let payload = &b[28..];
+    if payload.len() as u64 != len || xxh3_64(payload) != sum {
+        return Err(Error::bad_file(&path, "truncated or corrupted (length or checksum mismatch)"));
+    }
+    let (state, _): (TrainState, usize) = bincode::decode_from_slice(payload, bincode::config::standard())
+        .map_err(|e| Error::bad_file(&path, format!("undecodable: {e}")))?;
+    Ok((m, v, state))
+}

@@ -1,0 +1,128 @@
+//! The learning-rate schedule: linear warmup, then cosine, linear or constant decay to a
+//! floor, times a reduce-on-plateau factor driven by validation accuracy.
+
+use serde::{Deserialize, Serialize};
+
+/// The shape after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decay {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// `[schedule]` of a training config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// Steps of linear warmup from 0 to the peak learning rate.
+    pub warmup_steps: u64,
+    /// Decay after warmup, down to `min_lr_ratio` × peak at the last step.
+    pub decay: Decay,
+    /// Floor of the decay, as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// Reduce-on-plateau: evaluations without a new best validation accuracy before the
+    /// learning rate is multiplied by `plateau_factor`; 0 turns it off.
+    pub plateau_patience: u32,
+    pub plateau_factor: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            warmup_steps: 0,
+            decay: Decay::Linear,
+            min_lr_ratio: 0.0,
+            plateau_patience: 0,
+            plateau_factor: 0.5,
+        }
+    }
+}
+
+/// Reduce-on-plateau state; part of the checkpointed training state.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct Plateau {
+    /// Current multiplier (1 until the first reduction).
+    pub factor: f64,
+    /// Best validation accuracy so far.
+    pub best: f64,
+    /// Evaluations since the best.
+    pub bad: u32,
+}
+
+impl Default for Plateau {
+    fn default() -> Self {
+        Plateau { factor: 1.0, best: f64::NEG_INFINITY, bad: 0 }
+    }
+}
+
+impl ScheduleConfig {
+    /// The multiplier of the peak learning rate at 0-based `step` of `total` steps (before
+    /// the plateau factor).
+    pub fn at(&self, step: u64, total: u64) -> f64 {
+        if step < self.warmup_steps {
+            return (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+        let x = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let floor = self.min_lr_ratio;
+        match self.decay {
+            Decay::Constant => 1.0,
+            Decay::Linear => floor + (1.0 - floor) * (1.0 - x),
+            Decay::Cosine => floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * x).cos()),
+        }
+    }
+
+    /// Feeds one validation accuracy to the plateau rule; returns whether it reduced.
+    pub fn observe(&self, p: &mut Plateau, accuracy: f64) -> bool {
+        if accuracy > p.best {
+            p.best = accuracy;
+            p.bad = 0;
+            return false;
+        }
+        p.bad += 1;
+        if self.plateau_patience > 0 && p.bad >= self.plateau_patience {
+            p.factor *= self.plateau_factor;
+            p.bad = 0;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_decays() {
+        let s = ScheduleConfig {
+            warmup_steps: 10,
+            decay: Decay::Cosine,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
+        assert!((s.at(0, 110) - 0.1).abs() < 1e-12);
+        assert!((s.at(9, 110) - 1.0).abs() < 1e-12);
+        assert!((s.at(10, 110) - 1.0).abs() < 1e-12);
+        assert!((s.at(60, 110) - 0.55).abs() < 1e-12, "half-way: floor + half the range");
+        assert!((s.at(110, 110) - 0.1).abs() < 1e-12);
+        let l = ScheduleConfig { decay: Decay::Linear, ..Default::default() };
+        assert!((l.at(25, 100) - 0.75).abs() < 1e-12);
+        let c = ScheduleConfig { decay: Decay::Constant, ..Default::default() };
+        assert_eq!(c.at(99, 100), 1.0);
+    }
+
+    #[test]
+    fn plateau_reduces_after_patience() {
+        let s = ScheduleConfig { plateau_patience: 2, plateau_factor: 0.5, ..Default::default() };
+        let mut p = Plateau::default();
+        assert!(!s.observe(&mut p, 0.5));
+        assert!(!s.observe(&mut p, 0.4));
+        assert!(s.observe(&mut p, 0.5), "two evaluations without a new best");
+        assert_eq!(p.factor, 0.5);
+        assert!(!s.observe(&mut p, 0.6));
+        assert_eq!(p.best, 0.6);
+    }
+}

@@ -1,0 +1,236 @@
+//! Training end to end on small data: it learns, it resumes bit for bit, its checkpoints
+//! are refused when incomplete or foreign, and `dtrain eval` reports what users expect.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use dtrain::config::{self, Override, TrainConfig};
+use dtrain::train::{train, Resume, RunOptions};
+
+/// A data set where each class has its own words plus shared noise words.
+fn separable(dir: &Path) -> PathBuf {
+    let mut tsv = String::new();
+    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
+    for j in 0..60 {
+        for (c, w) in words.iter().enumerate() {
+            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
+        }
+    }
+    let f = common::write(dir, "sep.tsv", tsv.as_bytes());
+    let out = dir.join("data");
+    common::run(&[&f], &[], &out, &["output.shards=2", "tokenizer.buckets=4096"]).unwrap();
+    out
+}
+
+fn cfg(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
+    let mut o = vec![
+        Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap(),
+        Override::parse(&format!("train.out_dir={:?}", out.display().to_string())).unwrap(),
+        Override::parse("train.batch_size=8").unwrap(),
+        Override::parse("model.dim=16").unwrap(),
+        Override::parse("optim.lr=0.05").unwrap(),
+    ];
+    o.extend(extra.iter().map(|s| Override::parse(s).unwrap()));
+    config::load(None, &o).unwrap()
+}
+
+fn run(
+    cfg: &TrainConfig,
+    resume: Resume,
+    stop_after: Option<u64>,
+) -> dtrain::Result<dtrain::train::TrainReport> {
+    train(cfg, &RunOptions { resume, progress: false, stop_after })
+}
+
+#[test]
+fn learns_a_separable_problem_and_logs_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    let r = run(&cfg(&data, &out, &["train.epochs=10", "train.log_every=5"]), Resume::No, None).unwrap();
+    let test = r.test.expect("a test split");
+    assert!(test.accuracy > 0.95, "test accuracy {}", test.accuracy);
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train_lines: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("split").is_none()).collect();
+    let first = train_lines.first().unwrap()["loss"].as_f64().unwrap();
+    let last = train_lines.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < first / 4.0, "the loss falls: {first} → {last}");
+    for key in ["step", "epoch", "lr", "loss", "train_accuracy", "tokens_per_s", "grad_norm"] {
+        assert!(train_lines[0].get(key).is_some(), "metrics line lacks {key}");
+    }
+    assert!(lines.iter().any(|v| v["split"] == "val"));
+    assert!(lines.iter().any(|v| v["split"] == "test"));
+}
+
+fn read(dir: &Path, f: &str) -> Vec<u8> {
+    std::fs::read(dir.join(f)).unwrap()
+}
+
+/// Training records of metrics.jsonl without their timing fields.
+fn loss_curve(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for k in ["tokens_per_s", "docs_per_s"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v.to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn resume_is_bitwise_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    // Every piece of state in play: hidden layer, both dropouts, accumulation, LAMB for the
+    // dense part with lazy Adam for the table, a schedule with warmup, plateau reduction.
+    let extra = [
+        "train.steps=24",
+        "train.log_every=3",
+        "train.eval_every=4",
+        "model.hidden=[8]",
+        "model.embed_dropout=0.2",
+        "model.hidden_dropout=0.1",
+        "optim.grad_accum=2",
+        "optim.kind=\"lamb\"",
+        "optim.clip_norm=0.5",
+        "schedule.warmup_steps=3",
+        "schedule.decay=\"cosine\"",
+        "schedule.plateau_patience=1",
+    ];
+    let straight = dir.path().join("straight");
+    let a = run(&cfg(&data, &straight, &extra), Resume::No, None).unwrap();
+    let interrupted = dir.path().join("interrupted");
+    let c = cfg(&data, &interrupted, &extra);
+    let half = run(&c, Resume::No, Some(11)).unwrap();
+    assert_eq!(half.steps, 11);
+    let b = run(&c, Resume::Auto, None).unwrap();
+    assert_eq!((a.steps, b.steps), (24, 24));
+    for f in ["model.safetensors", "optimizer.safetensors", "state.bin"] {
+        assert!(read(&a.final_checkpoint, f) == read(&b.final_checkpoint, f), "{f} differs after resume");
+    }
+    assert_eq!(loss_curve(&straight), loss_curve(&interrupted), "metrics.jsonl continues exactly");
+    // And a fresh run with another seed differs (the comparison has teeth).
+    let other = run(
+        &cfg(&data, &dir.path().join("other"), &[&extra[..], &["train.seed=2"]].concat()),
+        Resume::No,
+        None,
+    )
+    .unwrap();
+    assert!(
+        read(&a.final_checkpoint, "model.safetensors") != read(&other.final_checkpoint, "model.safetensors")
+    );
+}
+
+#[test]
+fn checkpoints_incomplete_foreign_or_existing_are_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    let c = cfg(&data, &out, &["train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2"]);
+    run(&c, Resume::No, None).unwrap();
+    let ckpts = dtrain::checkpoint::list(&out.join("checkpoints")).unwrap();
+    let names: Vec<String> =
+        ckpts.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["step-000000004", "step-000000006"], "only the newest 2 are kept");
+    // A fresh run into the same directory is refused.
+    let e = run(&c, Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("--resume auto"), "{e}");
+    // An incomplete (interrupted) checkpoint is skipped by auto and refused by name.
+    std::fs::remove_file(ckpts[1].join("DONE")).unwrap();
+    assert_eq!(dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().unwrap(), ckpts[0]);
+    let e = dtrain::checkpoint::load_model(&ckpts[1]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("incomplete checkpoint"), "{e}");
+    // Another config cannot resume this run.
+    let other = cfg(&data, &out, &["train.steps=6", "train.checkpoint_every=2", "optim.lr=0.01"]);
+    let e = run(&other, Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("different training config"), "{e}");
+    // A corrupted state file is named.
+    let state = ckpts[0].join("state.bin");
+    let mut b = std::fs::read(&state).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    std::fs::write(&state, b).unwrap();
+    let e = run(&c, Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("state.bin") && e.contains("checksum"), "{e}");
+    // A truncated model file is named.
+    let model = ckpts[0].join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let e = dtrain::checkpoint::load_model(&ckpts[0]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn bad_training_configs_name_their_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    let c = cfg(&data, &out, &["train.batch_size=7"]);
+    let e = run(&c, Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("train.batch_size") && e.contains("multiple of the data set's 2 shards"), "{e}");
+    let o = |s: &str| {
+        vec![
+            Override::parse("data.dir=\"x\"").unwrap(),
+            Override::parse("train.out_dir=\"y\"").unwrap(),
+            Override::parse(s).unwrap(),
+        ]
+    };
+    for (set, field) in [
+        ("optim.lr=0", "optim.lr"),
+        ("model.embed_dropout=1.0", "model.embed_dropout"),
+        ("loss.kind=\"focal\"", ""),
+        ("optim.beta2=1.5", "optim.beta2"),
+        ("model.activation=\"swish\"", "model.activation"),
+        ("train.epochs=0", "train.epochs"),
+    ] {
+        let r: dtrain::Result<TrainConfig> = config::load(None, &o(set));
+        match (r, field) {
+            (Ok(_), "") => {}
+            (Err(e), f) if !f.is_empty() => assert!(e.to_string().contains(f), "{set}: {e}"),
+            (r, f) => panic!("{set}: expected {f:?}, got {:?}", r.map(|_| ())),
+        }
+    }
+    let mut with_smoothing = o("loss.kind=\"focal\"");
+    with_smoothing.push(Override::parse("loss.label_smoothing=0.1").unwrap());
+    let e = config::load::<TrainConfig>(None, &with_smoothing).unwrap_err().to_string();
+    assert!(e.contains("loss.label_smoothing"), "{e}");
+}
+
+#[test]
+fn eval_command_prints_text_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    let r = run(&cfg(&data, &out, &["train.epochs=5"]), Resume::No, None).unwrap();
+    let bin = env!("CARGO_BIN_EXE_dtrain");
+    let ck = r.final_checkpoint.to_str().unwrap();
+    let o = std::process::Command::new(bin)
+        .args(["eval", "--checkpoint", ck, "--data", data.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["accuracy", "macro_f1", "ece", "per_class", "confusion"] {
+        assert!(v.get(key).is_some(), "eval --json lacks {key}");
+    }
+    assert_eq!(
+        v["accuracy"].as_f64().unwrap(),
+        r.test.unwrap().accuracy,
+        "same figure as the training run's test report"
+    );
+    let o = std::process::Command::new(bin)
+        .args(["eval", "--checkpoint", ck, "--data", data.to_str().unwrap(), "--split", "val"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("val:") && text.contains("macro-F1") && text.contains("confusion matrix"),
+        "{text}"
+    );
+}
