@@ -12,6 +12,8 @@ pub mod error;
 pub mod fsutil;
 pub mod model;
 pub mod optim;
+pub mod plot;
+pub mod predict;
 pub mod rng;
 pub mod train;
 

@@ -38,6 +38,20 @@ enum Command {
     /// Evaluate a checkpoint on a split of a data set: accuracy, macro-F1, per-class
     /// figures, confusion matrix, calibration.
     Eval(EvalArgs),
+    /// Classify raw text (txt/tsv/jsonl, .gz too) with one or more checkpoints: one JSON
+    /// line per document with label, confidence and top-k probabilities.
+    Predict(PredictArgs),
+    /// Draw training curves (loss and accuracy) from a metrics.jsonl into a PNG.
+    Plot {
+        /// The metrics.jsonl of a run.
+        metrics: PathBuf,
+        /// Output PNG.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Title (default: the metrics file's directory).
+        #[arg(long)]
+        title: Option<String>,
+    },
     /// Print a data set's summary and decode a few samples, or describe one shard file.
     Inspect(InspectArgs),
     /// Check every checksum and value of a data set; exits non-zero on any problem.
@@ -272,6 +286,40 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct PredictArgs {
+    /// Checkpoint directory (repeat to average several models' probabilities).
+    #[arg(long, required = true)]
+    checkpoint: Vec<PathBuf>,
+    /// Input: plain text (one document per line), TSV (label column ignored) or JSONL.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output JSONL file.
+    #[arg(long)]
+    output: PathBuf,
+    /// Input format; `auto` decides from the file name.
+    #[arg(long, value_enum, default_value = "auto")]
+    format: FormatArg,
+    /// JSONL text field name.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Probabilities listed per document.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// Average this many forward passes with dropout on (MC dropout); 1 = no dropout.
+    #[arg(long, default_value_t = 1)]
+    mc_dropout: usize,
+    /// Seed of the MC-dropout masks.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Documents per batch.
+    #[arg(long, default_value_t = 4096)]
+    batch_size: usize,
+    /// Skip and count bad lines instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     /// A data set directory, or one shard file.
     path: PathBuf,
@@ -294,8 +342,11 @@ struct DemoArgs {
     /// The prepare config of the demo.
     #[arg(long, default_value = "configs/brown/prepare.toml")]
     config: PathBuf,
-    /// Where the demo writes its data set.
-    #[arg(long, default_value = "runs/demo/data")]
+    /// The training config of the demo (its data and output directories are replaced).
+    #[arg(long, default_value = "configs/brown/supervised.toml")]
+    train_config: PathBuf,
+    /// Where the demo writes its data set, run and report.
+    #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
 }
 
@@ -361,6 +412,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", report.to_text());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Predict(a) => {
+            let opts = dtrain::predict::PredictOptions {
+                checkpoints: a.checkpoint,
+                input: a.input,
+                output: a.output.clone(),
+                format: match a.format {
+                    FormatArg::Auto => FormatChoice::Auto,
+                    FormatArg::Tsv => FormatChoice::Tsv,
+                    FormatArg::Jsonl => FormatChoice::Jsonl,
+                    FormatArg::Text => FormatChoice::Text,
+                },
+                text_field: a.text_field,
+                top_k: a.top_k,
+                mc_dropout: a.mc_dropout,
+                seed: a.seed,
+                batch_size: a.batch_size,
+                skip_bad: a.skip_bad,
+            };
+            let s = dtrain::predict::predict(&opts)?;
+            println!(
+                "predicted {} documents into {} ({} blank lines, {} bad lines skipped)",
+                s.documents,
+                a.output.display(),
+                s.blank,
+                s.skipped
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot { metrics, output, title } => {
+            let curves = dtrain::plot::read_metrics(&metrics)?;
+            let title = title
+                .unwrap_or_else(|| metrics.parent().map_or("dtrain run".into(), |p| p.display().to_string()));
+            dtrain::plot::plot(&curves, &title, &output, 1200, 500)?;
+            println!("wrote {}", output.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect(args) => inspect(&args),
@@ -484,27 +571,60 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
             args.data.display()
         );
     }
+    let data = args.out.join("data");
+    let run = args.out.join("supervised");
     let prep = PrepareArgs {
         config: Some(args.config.clone()),
         input: vec![args.data.clone()],
-        out: Some(args.out.clone()),
+        out: Some(data.clone()),
         force: true,
         ..PrepareArgs::default()
     };
     let cfg = prep.load()?;
     println!(
-        "== dtrain demo: prepare {} ({} labels per class)",
+        "== 1/4 prepare {} ({} labels per class, the rest unlabeled)",
         args.data.display(),
         cfg.split.labels_per_class.map_or("all".into(), |k| k.to_string())
     );
     let report = prepare(&cfg, progress)?;
     print_prepare_summary(&report);
-    println!("\n== inspect {}", args.out.display());
-    let ds = Dataset::open(&args.out)?;
-    print!("{}", dataset::sample_lines(&ds, SplitKind::Train, 3));
-    print!("{}", dataset::sample_lines(&ds, SplitKind::Unlabeled, 3));
-    println!("\n== verify {}", args.out.display());
-    let code = verify(&args.out);
-    println!("\nTraining on this data set arrives with the supervised-training issue; until then the demo ends here.");
-    Ok(code)
+    println!("\n== 2/4 verify {}", data.display());
+    if verify(&data) != ExitCode::SUCCESS {
+        bail!("the demo data set failed verification");
+    }
+    let ds = Dataset::open(&data)?;
+    print!("{}", dataset::sample_lines(&ds, SplitKind::Train, 2));
+    println!("\n== 3/4 train ({})", args.train_config.display());
+    if run.exists() {
+        std::fs::remove_dir_all(&run)
+            .with_context(|| format!("removing the previous demo run {}", run.display()))?;
+    }
+    let overrides = [
+        Override::typed("data.dir", data.display().to_string()),
+        Override::typed("train.out_dir", run.display().to_string()),
+    ];
+    let tcfg: TrainConfig = config::load(Some(&args.train_config), &overrides)?;
+    let r = train(&tcfg, &RunOptions { resume: Resume::No, progress, stop_after: None })?;
+    println!(
+        "trained {} steps in {:.1} s ({:.0} token ids/s); checkpoint {}",
+        r.steps,
+        r.seconds,
+        r.tokens_per_s,
+        r.final_checkpoint.display()
+    );
+    println!("\n== 4/4 evaluate on the held-out test split");
+    let test = r.test.context("the demo data set has no test split")?;
+    print!("{}", test.to_text());
+    let json = args.out.join("report.json");
+    dtrain::bench::write_json(&json, &test)?;
+    let png = args.out.join("curves.png");
+    let curves = dtrain::plot::read_metrics(&run.join("metrics.jsonl"))?;
+    dtrain::plot::plot(&curves, "dtrain demo: Brown genre, 20 labels per class", &png, 1200, 500)?;
+    println!(
+        "\nreport: {}   metrics: {}   curves: {}",
+        json.display(),
+        run.join("metrics.jsonl").display(),
+        png.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -234,3 +234,112 @@ fn eval_command_prints_text_and_json() {
         "{text}"
     );
 }
+
+#[test]
+fn predict_averages_checkpoints_and_mc_dropout_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let a = run(
+        &cfg(&data, &dir.path().join("a"), &["train.epochs=4", "model.embed_dropout=0.3"]),
+        Resume::No,
+        None,
+    )
+    .unwrap();
+    let b = run(
+        &cfg(&data, &dir.path().join("b"), &["train.epochs=4", "model.embed_dropout=0.3", "train.seed=2"]),
+        Resume::No,
+        None,
+    )
+    .unwrap();
+    let input = common::write(dir.path(), "in.txt.gz", b"alpha apple\n\nbanana blue beta\ngreen grape\n");
+    let bin = env!("CARGO_BIN_EXE_dtrain");
+    let predict = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = dir.path().join("p.jsonl");
+        let mut args = vec![
+            "predict",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--top-k",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        let o = std::process::Command::new(bin).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (ca, cb) = (a.final_checkpoint.to_str().unwrap(), b.final_checkpoint.to_str().unwrap());
+    let one = predict(&["--checkpoint", ca]);
+    assert_eq!(one.len(), 3, "the blank line is skipped");
+    assert_eq!(one.iter().map(|v| v["line"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3, 4]);
+    assert_eq!(one.iter().map(|v| v["label"].as_str().unwrap()).collect::<Vec<_>>(), ["c0", "c1", "c2"]);
+    let p = |v: &serde_json::Value, c: &str| {
+        v["top"].as_array().unwrap().iter().find(|e| e["label"] == c).unwrap()["p"].as_f64().unwrap()
+    };
+    // Two checkpoints: the average of each one's probabilities.
+    let other = predict(&["--checkpoint", cb]);
+    let both = predict(&["--checkpoint", ca, "--checkpoint", cb]);
+    for i in 0..3 {
+        for c in ["c0", "c1", "c2"] {
+            assert!((p(&both[i], c) - (p(&one[i], c) + p(&other[i], c)) / 2.0).abs() < 1e-6);
+        }
+    }
+    // MC dropout: k noisy passes differ from the deterministic pass, and are reproducible.
+    let mc = predict(&["--checkpoint", ca, "--mc-dropout", "8"]);
+    assert_ne!(mc, one, "dropout passes change the probabilities");
+    assert_eq!(
+        mc.iter().map(|v| v["label"].clone()).collect::<Vec<_>>(),
+        one.iter().map(|v| v["label"].clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(mc, predict(&["--checkpoint", ca, "--mc-dropout", "8"]));
+    // Errors: MC dropout without dropout; mismatched checkpoints; a bad line.
+    let plain = run(&cfg(&data, &dir.path().join("c"), &["train.epochs=1"]), Resume::No, None).unwrap();
+    let o = std::process::Command::new(bin)
+        .args([
+            "predict",
+            "--checkpoint",
+            plain.final_checkpoint.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            "/tmp/x.jsonl",
+            "--mc-dropout",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("needs a model with dropout"));
+    let bad = common::write(dir.path(), "bad.jsonl", b"{\"text\": \"alpha\"}\n{\"body\": 1}\n");
+    let o = std::process::Command::new(bin)
+        .args([
+            "predict",
+            "--checkpoint",
+            ca,
+            "--input",
+            bad.to_str().unwrap(),
+            "--output",
+            dir.path().join("q.jsonl").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("bad.jsonl:2") && e.contains("missing text field"), "{e}");
+    assert!(!dir.path().join("q.jsonl").exists(), "no partial output");
+}
+
+#[test]
+fn plot_draws_a_png_and_names_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    run(&cfg(&data, &out, &["train.epochs=3", "train.log_every=2"]), Resume::No, None).unwrap();
+    let png = dir.path().join("c.png");
+    let curves = dtrain::plot::read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert!(curves.train_loss.len() >= 3 && !curves.val_acc.is_empty() && curves.test_acc.len() == 1);
+    dtrain::plot::plot(&curves, "t", &png, 600, 300).unwrap();
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let bad = common::write(dir.path(), "m.jsonl", b"{\"step\": 1, \"loss\": 2.0}\nnot json\n");
+    let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
+    assert!(e.contains("m.jsonl:2") && e.contains("invalid JSON"), "{e}");
+}

@@ -1,0 +1,140 @@
+//! `dtrain plot`: training curves from `metrics.jsonl` as a PNG: loss (train, val) and
+//! accuracy (train, val, test) against the step.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::error::{Error, IoContext, Result};
+
+/// The series read from a metrics file.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Curves {
+    pub train_loss: Vec<(f64, f64)>,
+    pub train_acc: Vec<(f64, f64)>,
+    pub val_loss: Vec<(f64, f64)>,
+    pub val_acc: Vec<(f64, f64)>,
+    pub test_acc: Vec<(f64, f64)>,
+}
+
+/// Reads `metrics.jsonl`; a line that is not a JSON object with a step is an error naming it.
+pub fn read_metrics(path: &Path) -> Result<Curves> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    let mut c = Curves::default();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |msg: &str| Error::BadLine { path: path.to_owned(), line: i as u64 + 1, msg: msg.into() };
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+        let step = v.get("step").and_then(|s| s.as_f64()).ok_or_else(|| bad("no `step`"))?;
+        let get = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        match v.get("split").and_then(|s| s.as_str()) {
+            None => {
+                if let Some(l) = get("loss") {
+                    c.train_loss.push((step, l));
+                }
+                if let Some(a) = get("train_accuracy") {
+                    c.train_acc.push((step, a));
+                }
+            }
+            Some("val") => {
+                if let Some(l) = get("loss") {
+                    c.val_loss.push((step, l));
+                }
+                if let Some(a) = get("accuracy") {
+                    c.val_acc.push((step, a));
+                }
+            }
+            Some("test") => {
+                if let Some(a) = get("accuracy") {
+                    c.test_acc.push((step, a));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    if c.train_loss.is_empty() {
+        return Err(Error::bad_file(path, "no training records (lines with `step` and `loss`)"));
+    }
+    Ok(c)
+}
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The font ships inside the binary (Ubuntu Light, from epaint_default_fonts), so
+        // plotting needs no system fonts.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            epaint_default_fonts::UBUNTU_LIGHT,
+        );
+    });
+}
+
+fn draw_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::bad_file(path, format!("drawing failed: {e}"))
+}
+
+/// Draws the curves into a PNG of `width`×`height` pixels.
+pub fn plot(curves: &Curves, title: &str, out: &Path, width: u32, height: u32) -> Result<()> {
+    register_font();
+    let root = BitMapBackend::new(out, (width, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(out, e))?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(|e| draw_err(out, e))?;
+    let (left, right) = root.split_horizontally(width / 2);
+    let max_step = curves.train_loss.iter().map(|p| p.0).fold(1.0, f64::max);
+    let max_loss = curves.train_loss.iter().chain(&curves.val_loss).map(|p| p.1).fold(0.0, f64::max) * 1.05;
+    type Series<'a> = (&'a str, &'a [(f64, f64)], RGBColor);
+    let panels: [(&DrawingArea<BitMapBackend, _>, &str, f64, Vec<Series>); 2] = [
+        (
+            &left,
+            "loss",
+            max_loss.max(1e-6),
+            vec![("train", &curves.train_loss, BLUE), ("val", &curves.val_loss, RED)],
+        ),
+        (
+            &right,
+            "accuracy",
+            1.0,
+            vec![
+                ("train", &curves.train_acc, BLUE),
+                ("val", &curves.val_acc, RED),
+                ("test", &curves.test_acc, GREEN),
+            ],
+        ),
+    ];
+    for (area, name, ymax, series) in panels {
+        let mut chart = ChartBuilder::on(area)
+            .caption(name, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0.0..max_step, 0.0..ymax)
+            .map_err(|e| draw_err(out, e))?;
+        chart.configure_mesh().x_desc("step").y_desc(name).draw().map_err(|e| draw_err(out, e))?;
+        for (label, points, color) in series {
+            if points.is_empty() {
+                continue;
+            }
+            let style = ShapeStyle { color: color.to_rgba(), filled: false, stroke_width: 2 };
+            let drawn = if points.len() == 1 {
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, style.filled())))
+            } else {
+                chart.draw_series(LineSeries::new(points.iter().copied(), style))
+            };
+            drawn
+                .map_err(|e| draw_err(out, e))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| draw_err(out, e))?;
+    }
+    root.present().map_err(|e| draw_err(out, e))?;
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! `dtrain predict`: raw text in, one JSON line per document out (label, confidence, top-k),
+//! averaging MC-dropout passes and several checkpoints when asked.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::backend::cpu::Cpu;
+use crate::backend::{Backend, DropoutKey, HostBatch};
+use crate::checkpoint::{self, ModelMeta};
+use crate::data::input::{
+    parse_line, DiskCounter, Format, FormatChoice, JsonFields, LineReader, Parsed, Role,
+};
+use crate::data::tokenize::Tokenizer;
+use crate::error::{Error, IoContext, Result};
+use crate::model::bag::{Activations, BagModel};
+
+/// What to predict and how.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    pub checkpoints: Vec<PathBuf>,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub format: FormatChoice,
+    pub text_field: String,
+    /// Probabilities listed per document.
+    pub top_k: usize,
+    /// Forward passes with dropout on, averaged (1 = one pass without dropout).
+    pub mc_dropout: usize,
+    /// Seed of the MC-dropout masks.
+    pub seed: u64,
+    pub batch_size: usize,
+    pub skip_bad: bool,
+}
+
+/// Counts of a prediction run.
+#[derive(Debug, Clone, Default)]
+pub struct PredictSummary {
+    pub documents: u64,
+    pub skipped: u64,
+    pub blank: u64,
+}
+
+/// Averages the class probabilities of `models` (each with `passes` passes) over `batch`.
+fn average_probs(
+    be: &Cpu<f32>,
+    models: &[(BagModel, Vec<f32>)],
+    batch: &HostBatch,
+    passes: usize,
+    seed: u64,
+) -> Vec<f32> {
+    let classes = models[0].0.spec.classes;
+    let mut sum = vec![0f32; batch.len() * classes];
+    let mut probs = Vec::new();
+    for (mi, (model, params)) in models.iter().enumerate() {
+        let mut acts = Activations::new(be, model);
+        for pass in 0..passes {
+            let key =
+                (passes > 1).then_some(DropoutKey { seed, step: mi as u64, site: 0, pass: pass as u32 });
+            model.forward(be, params, batch, batch.len(), key, &mut acts);
+            be.softmax(&acts.logits, classes, &mut probs);
+            sum.iter_mut().zip(&probs).for_each(|(s, &p)| *s += p);
+        }
+    }
+    let inv = 1.0 / (models.len() * passes) as f32;
+    sum.iter_mut().for_each(|s| *s *= inv);
+    sum
+}
+
+/// Runs a prediction job.
+pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
+    if opts.checkpoints.is_empty() {
+        return Err(Error::config("predict", "--checkpoint", "at least one checkpoint is required"));
+    }
+    if opts.mc_dropout < 1 || opts.top_k < 1 || opts.batch_size < 1 {
+        return Err(Error::config("predict", "--mc-dropout/--top-k/--batch-size", "must be at least 1"));
+    }
+    let mut metas: Vec<ModelMeta> = Vec::new();
+    let mut models = Vec::new();
+    for path in &opts.checkpoints {
+        let (meta, model, params) = checkpoint::load_model(path)?;
+        if let Some(first) = metas.first() {
+            if first.labels != meta.labels || first.tokenizer != meta.tokenizer {
+                return Err(Error::bad_file(
+                    path,
+                    "its labels or tokenizer differ from the first checkpoint's: they cannot be averaged",
+                ));
+            }
+        }
+        if opts.mc_dropout > 1 && meta.model.embed_dropout == 0.0 && meta.model.hidden_dropout == 0.0 {
+            return Err(Error::bad_file(
+                path,
+                "--mc-dropout needs a model with dropout (model.embed_dropout or hidden_dropout > 0)",
+            ));
+        }
+        metas.push(meta);
+        models.push((model, params));
+    }
+    let meta = &metas[0];
+    let tokenizer = Tokenizer::new(meta.tokenizer.clone());
+    let format = Format::resolve(opts.format, &opts.input)?;
+    let fields = JsonFields { text: opts.text_field.clone(), label: "label".into() };
+    let be = Cpu::<f32>::new();
+    let tmp = crate::fsutil::sibling(&opts.output, ".tmp");
+    let file = std::fs::File::create(&tmp).at(&tmp)?;
+    let mut out = BufWriter::new(file);
+    let mut reader = LineReader::open(&opts.input, DiskCounter::default())?;
+    let mut summary = PredictSummary::default();
+    let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
+    loop {
+        let mut buf = Vec::new();
+        let next = reader.next_line(&mut buf)?;
+        if let Some(n) = next {
+            lines.push((n, buf));
+        }
+        if lines.len() == opts.batch_size || (next.is_none() && !lines.is_empty()) {
+            let parsed: Vec<std::result::Result<Option<Vec<u32>>, String>> = lines
+                .par_iter()
+                .map(|(n, bytes)| match parse_line(bytes, *n, format, Role::Unlabeled, &fields)? {
+                    Parsed::Blank => Ok(None),
+                    Parsed::Doc(d) => {
+                        let ids = tokenizer.tokenize(&d.text).ids;
+                        if ids.is_empty() {
+                            Err("no features after tokenizing".to_string())
+                        } else {
+                            Ok(Some(ids))
+                        }
+                    }
+                })
+                .collect();
+            let mut batch = HostBatch::default();
+            let mut line_of = Vec::new();
+            for ((n, _), p) in lines.iter().zip(parsed) {
+                match p {
+                    Ok(None) => summary.blank += 1,
+                    Ok(Some(ids)) => {
+                        batch.push(&ids, -1);
+                        line_of.push(*n);
+                    }
+                    Err(_) if opts.skip_bad => summary.skipped += 1,
+                    Err(msg) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(Error::BadLine {
+                            path: opts.input.clone(),
+                            line: *n,
+                            msg: format!("{msg} (pass --skip-bad to skip)"),
+                        });
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let probs = average_probs(&be, &models, &batch, opts.mc_dropout, opts.seed);
+                write_rows(&mut out, &tmp, &probs, &line_of, &meta.labels, opts.top_k)?;
+                summary.documents += batch.len() as u64;
+            }
+            lines.clear();
+        }
+        if next.is_none() {
+            break;
+        }
+    }
+    out.flush().at(&tmp)?;
+    out.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?.sync_all().at(&tmp)?;
+    std::fs::rename(&tmp, &opts.output).at(&opts.output)?;
+    Ok(summary)
+}
+
+fn write_rows(
+    out: &mut impl Write,
+    path: &Path,
+    probs: &[f32],
+    lines: &[u64],
+    labels: &[String],
+    top_k: usize,
+) -> Result<()> {
+    let classes = labels.len();
+    for (row, &line) in probs.chunks(classes).zip(lines) {
+        let mut order: Vec<usize> = (0..classes).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        let top: Vec<serde_json::Value> =
+            order.iter().take(top_k).map(|&c| json!({"label": labels[c], "p": row[c]})).collect();
+        let v = json!({"line": line, "label": labels[order[0]], "confidence": row[order[0]], "top": top});
+        writeln!(out, "{v}").at(path)?;
+    }
+    Ok(())
+}
