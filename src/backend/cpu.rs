@@ -36,17 +36,18 @@ fn gelu<F: Real>(x: F) -> (F, F) {
     (y, dy)
 }
 
-/// The Adam update of aligned slices (moments in f64 arithmetic, stored as `F`).
+/// The Adam update of aligned slices, in `F` arithmetic (one vectorisable pass):
+/// `m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²; p −= lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε) + lr·wd·p`.
 fn adam_rows<F: Real>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], h: AdamStep) {
     let (c1, c2) = (1.0 - h.beta1.powi(h.t as i32), 1.0 - h.beta2.powi(h.t as i32));
-    for i in 0..p.len() {
-        let gi = g[i].f64();
-        let mi = h.beta1 * m[i].f64() + (1.0 - h.beta1) * gi;
-        let vi = h.beta2 * v[i].f64() + (1.0 - h.beta2) * gi * gi;
-        m[i] = F::of(mi);
-        v[i] = F::of(vi);
-        let pi = p[i].f64();
-        p[i] = F::of(pi - h.lr * ((mi / c1) / ((vi / c2).sqrt() + h.eps) + h.weight_decay * pi));
+    let (b1, b2) = (F::of(h.beta1), F::of(h.beta2));
+    let (ob1, ob2) = (F::of(1.0 - h.beta1), F::of(1.0 - h.beta2));
+    let (step, inv_sqrt_c2, eps, decay) =
+        (F::of(h.lr / c1), F::of(1.0 / c2.sqrt()), F::of(h.eps), F::of(h.lr * h.weight_decay));
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *m = b1 * *m + ob1 * g;
+        *v = b2 * *v + ob2 * g * g;
+        *p = *p - step * *m / (v.sqrt() * inv_sqrt_c2 + eps) - decay * *p;
     }
 }
 
