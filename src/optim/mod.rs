@@ -170,3 +170,126 @@ impl<B: Backend> Optimizer<B> {
         norm
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    fn layout() -> (Layout, Slot, Slot) {
+        let mut l = Layout::new();
+        let w = l.vector("output.weight", 3);
+        let t = l.matrix("embedding.weight", 4, 2);
+        (l, w, t)
+    }
+
+    fn sparse(rows: Vec<u32>, values: Vec<f64>) -> SparseRows<Vec<f64>> {
+        SparseRows { rows, values, dim: 2 }
+    }
+
+    #[test]
+    fn adamw_first_step_is_sign_of_gradient_plus_decay() {
+        let be = Cpu::<f64>::new();
+        let (l, w, t) = layout();
+        let cfg = OptimConfig { lr: 0.1, weight_decay: 0.5, eps: 1e-12, ..OptimConfig::default() };
+        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut p = vec![1.0; l.total()];
+        let mut g = vec![0.0; t.offset];
+        g[w.offset..w.offset + 3].copy_from_slice(&[2.0, -0.5, 0.0]);
+        let mut s = sparse(vec![], vec![]);
+        opt.step(&be, &l, t, &mut p, &mut g, &mut s, 0.1);
+        // t = 1: m̂ = g, v̂ = g², so the step is lr·(sign(g) + wd·p).
+        let want = [1.0 - 0.1 * (1.0 + 0.5), 1.0 - 0.1 * (-1.0 + 0.5), 1.0 - 0.1 * 0.5];
+        for (got, want) in p[w.range()].iter().zip(want) {
+            assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        }
+        assert!(p[t.range()].iter().all(|&v| v == 1.0), "no table gradient: table untouched");
+    }
+
+    #[test]
+    fn lazy_adam_updates_only_touched_rows_and_takes_no_decay() {
+        let be = Cpu::<f64>::new();
+        let (l, _, t) = layout();
+        let cfg = OptimConfig { weight_decay: 0.5, eps: 1e-12, ..OptimConfig::default() };
+        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut p = vec![1.0; l.total()];
+        let mut g = vec![0.0; t.offset];
+        let mut s = sparse(vec![1, 3], vec![1.0, -1.0, 0.5, 0.25]);
+        opt.step(&be, &l, t, &mut p, &mut g, &mut s, 0.01);
+        let row = |r: usize| &p[t.offset + 2 * r..t.offset + 2 * r + 2];
+        assert_eq!(row(0), [1.0, 1.0]);
+        assert_eq!(row(2), [1.0, 1.0]);
+        assert!((row(1)[0] - 0.99).abs() < 1e-9 && (row(1)[1] - 1.01).abs() < 1e-9, "{:?}", row(1));
+        assert!((row(3)[0] - 0.99).abs() < 1e-9 && (row(3)[1] - 0.99).abs() < 1e-9, "{:?}", row(3));
+        assert!(opt.m[t.offset..t.offset + 2].iter().all(|&v| v == 0.0), "untouched moments stay zero");
+    }
+
+    #[test]
+    fn sgd_nesterov_two_steps_by_hand() {
+        let be = Cpu::<f64>::new();
+        let (l, w, t) = layout();
+        let cfg = OptimConfig {
+            kind: OptimKind::Sgd,
+            table: TableOptim::Sgd,
+            momentum: 0.9,
+            nesterov: true,
+            ..Default::default()
+        };
+        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut p = vec![0.0; l.total()];
+        let mut s = sparse(vec![0], vec![1.0, 2.0]);
+        for _ in 0..2 {
+            let mut g = vec![0.0; t.offset];
+            g[w.offset] = 1.0;
+            opt.step(&be, &l, t, &mut p, &mut g, &mut s, 0.1);
+        }
+        // b1 = 1, step1 = 1 + 0.9 = 1.9; b2 = 1.9, step2 = 1 + 1.71 = 2.71.
+        assert!((p[w.offset] + 0.1 * (1.9 + 2.71)).abs() < 1e-12, "{}", p[w.offset]);
+        // Sparse SGD on the table: two plain steps of lr·g.
+        assert!((p[t.offset] + 0.2).abs() < 1e-12 && (p[t.offset + 1] + 0.4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn lamb_scales_by_the_trust_ratio() {
+        let be = Cpu::<f64>::new();
+        let (l, w, t) = layout();
+        let cfg = OptimConfig { kind: OptimKind::Lamb, eps: 1e-12, ..OptimConfig::default() };
+        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut p = vec![0.0; l.total()];
+        p[w.offset..w.offset + 3].copy_from_slice(&[3.0, 4.0, 0.0]); // ‖p‖ = 5
+        let mut g = vec![0.0; t.offset];
+        g[w.offset..w.offset + 3].copy_from_slice(&[1.0, 1.0, -1.0]); // u = (1, 1, −1), ‖u‖ = √3
+        opt.step(&be, &l, t, &mut p, &mut g, &mut sparse(vec![], vec![]), 0.1);
+        let r = 0.1 * 5.0 / 3f64.sqrt();
+        let want = [3.0 - r, 4.0 - r, r];
+        for (got, want) in p[w.range()].iter().zip(want) {
+            assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn clipping_and_multipliers() {
+        let be = Cpu::<f64>::new();
+        let (l, w, t) = layout();
+        let mut cfg = OptimConfig {
+            kind: OptimKind::Sgd,
+            table: TableOptim::Sgd,
+            momentum: 0.0,
+            clip_norm: 1.0,
+            ..Default::default()
+        };
+        cfg.lr_mult.insert("output".into(), 2.0);
+        cfg.lr_mult.insert("out".into(), 5.0);
+        assert_eq!(cfg.mult("output.weight"), 2.0, "the longest prefix wins");
+        assert_eq!(cfg.mult("embedding.weight"), 1.0);
+        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut p = vec![0.0; l.total()];
+        let mut g = vec![0.0; t.offset];
+        g[w.offset] = 3.0;
+        let mut s = sparse(vec![2], vec![4.0, 0.0]); // global norm 5 → scaled by 1/5
+        let norm = opt.step(&be, &l, t, &mut p, &mut g, &mut s, 0.1);
+        assert!((norm - 5.0).abs() < 1e-12);
+        assert!((p[w.offset] + 0.1 * 2.0 * 0.6).abs() < 1e-12, "clipped and multiplied: {}", p[w.offset]);
+        assert!((p[t.offset + 4] + 0.1 * 0.8).abs() < 1e-12, "{}", p[t.offset + 4]);
+    }
+}
