@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 pub enum Purpose {
     /// Splitting the labeled pool into test / val / train / unlabeled.
     Split = 1,
-    /// Initial parameter values (index: the tensor).
+    /// Random test inputs (gradient checks); model init uses a counter-based hash instead.
     Init = 2,
     /// A shard's per-epoch row order (index: split, shard and epoch).
     Shuffle = 3,

@@ -219,3 +219,21 @@ fn train_example_config_documents_every_field() {
         }
     }
 }
+
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds");
+    let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/brown_genre.tsv.gz");
+    let script = format!(
+        "{} prepare --quiet --input {} --out {} --labels-per-class 5 | head -c 10 >/dev/null; {} inspect {} --samples 500 | head -n 1",
+        env!("CARGO_BIN_EXE_dtrain"),
+        input.display(),
+        out.display(),
+        env!("CARGO_BIN_EXE_dtrain"),
+        out.display()
+    );
+    let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+}

@@ -74,7 +74,8 @@ fn embedding_bag() {
     let r = randn(b.len() * dim, 2);
     let mut out = vec![];
     be.embedding_bag_forward(&params, table, &b, &mut out);
-    let sparse = be.embedding_bag_backward(&b, &r, dim);
+    let mut sparse = dtrain::backend::SparseRows::new(vec![], dim);
+    be.embedding_bag_backward(&b, &r, dim, &mut sparse);
     assert_eq!(sparse.rows, [0, 1, 2, 3, 4, 5]);
     let mut dense = vec![0.0; params.len()];
     for (k, &row) in sparse.rows.iter().enumerate() {
@@ -245,7 +246,8 @@ fn whole_model_with_hidden_layers_and_dropout() {
         let (mut dlogits, mut rl) = (vec![], vec![]);
         be.softmax_loss(&acts.logits, 3, &b, kind, 1.0 / b.len() as f64, &mut dlogits, &mut rl);
         let mut grads = vec![0.0; params.len()];
-        let sparse = model.backward(&be, &params, &b, &acts, &dlogits, &mut grads);
+        let mut sparse = dtrain::backend::SparseRows::new(vec![], 4);
+        model.backward(&be, &params, &b, &acts, &dlogits, &mut grads, &mut sparse);
         for (k, &row) in sparse.rows.iter().enumerate() {
             let dst = model.table.offset + row as usize * 4;
             grads[dst..dst + 4].copy_from_slice(&sparse.values[k * 4..(k + 1) * 4]);

@@ -221,6 +221,13 @@ pub struct SgdStep {
     pub weight_decay: f64,
 }
 
+impl<Buf> SparseRows<Buf> {
+    /// An empty gradient of a table with rows of `dim`, holding `values` as its buffer.
+    pub fn new(values: Buf, dim: usize) -> Self {
+        SparseRows { rows: Vec::new(), values, dim }
+    }
+}
+
 /// The operations of a compute backend. Buffers are `F` arrays on the device.
 pub trait Backend: Sync {
     /// Element type.
@@ -252,14 +259,16 @@ pub trait Backend: Sync {
         batch: &Self::Batch,
         out: &mut Self::Buf,
     );
-    /// The table's gradient for `dout` (`n × dim`): each id of document i receives
-    /// `dout[i,:] / len_i`, summed over occurrences, in a fixed order (deterministic).
+    /// The table's gradient for `dout` (`n × dim`) into `out` (its buffers are reused): each
+    /// id of document i receives `dout[i,:] / len_i`, summed over occurrences, in a fixed
+    /// order (deterministic).
     fn embedding_bag_backward(
         &self,
         batch: &Self::Batch,
         dout: &Self::Buf,
         dim: usize,
-    ) -> SparseRows<Self::Buf>;
+        out: &mut SparseRows<Self::Buf>,
+    );
 
     /// `y = x·Wᵀ + b` with `x: n × in`, `W: out × in`, `y: n × out`.
     fn linear_forward(

@@ -14,9 +14,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Activation, Backend, DropoutKey, Real, SparseRows};
+use rayon::prelude::*;
+
+use crate::backend::{mix64, Activation, Backend, DropoutKey, Real, SparseRows};
 use crate::model::params::{Layout, Slot};
-use crate::rng::{Purpose, Stream};
 
 /// The bag model's hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,20 +112,25 @@ impl BagModel {
     }
 
     /// Initial parameters: the table uniform in ±1/D (fastText), hidden weights uniform in
-    /// ±√(6/fan_in) (He), biases and the output layer zero (fastText), from `seed`.
+    /// ±√(6/fan_in) (He), biases and the output layer zero (fastText), from `seed`. Element
+    /// `i` of tensor `k` is a function of `(seed, k, i)` alone (a counter-based hash), so the
+    /// table is filled in parallel and the result does not depend on the thread count.
     pub fn init<F: Real>(&self, seed: u64) -> Vec<F> {
         let mut p = vec![F::zero(); self.layout.total()];
-        let mut uniform = |slot: Slot, bound: f64, stream: u64| {
-            let mut s = Stream::new(seed, Purpose::Init, stream);
-            for v in &mut p[slot.range()] {
-                // 53 random bits → [0, 1), then to [−bound, bound).
-                let u = (s.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-                *v = F::of((2.0 * u - 1.0) * bound);
-            }
+        let uniform = |p: &mut [F], slot: Slot, bound: f64, tensor: u64| {
+            let base = mix64(seed ^ mix64(0x1417_u64 << 32 | tensor));
+            p[slot.range()].par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
+                for (k, v) in chunk.iter_mut().enumerate() {
+                    let i = (c << 14 | k) as u64;
+                    // 53 random bits → [0, 1), then to [−bound, bound).
+                    let u = (mix64(base ^ mix64(i)) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                    *v = F::of((2.0 * u - 1.0) * bound);
+                }
+            });
         };
-        uniform(self.table, 1.0 / self.spec.dim as f64, 0);
+        uniform(&mut p, self.table, 1.0 / self.spec.dim as f64, 0);
         for (k, (w, _)) in self.hidden.iter().enumerate() {
-            uniform(*w, (6.0 / w.cols as f64).sqrt(), k as u64 + 1);
+            uniform(&mut p, *w, (6.0 / w.cols as f64).sqrt(), k as u64 + 1);
         }
         p
     }
@@ -161,8 +167,9 @@ impl BagModel {
     }
 
     /// Backward pass for `dlogits` (n×C): accumulates the dense gradients into `grads` (the
-    /// parameters' layout up to [`BagModel::dense_len`]) and returns the table's sparse
-    /// gradient.
+    /// parameters' layout up to [`BagModel::dense_len`]) and writes the table's sparse
+    /// gradient into `table_grad` (its buffers are reused).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
         be: &B,
@@ -171,7 +178,8 @@ impl BagModel {
         acts: &Activations<B>,
         dlogits: &B::Buf,
         grads: &mut B::Buf,
-    ) -> SparseRows<B::Buf> {
+        table_grad: &mut SparseRows<B::Buf>,
+    ) {
         let n = acts.n;
         let site = |s: u32| acts.key.map(|k| DropoutKey { site: s, ..k });
         let last = if self.hidden.is_empty() { &acts.x0 } else { &acts.post[self.hidden.len() - 1] };
@@ -190,6 +198,6 @@ impl BagModel {
         if let Some(key) = site(0) {
             be.dropout(self.spec.embed_dropout, key, &mut dx);
         }
-        be.embedding_bag_backward(batch, &dx, self.spec.dim)
+        be.embedding_bag_backward(batch, &dx, self.spec.dim, table_grad);
     }
 }

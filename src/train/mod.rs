@@ -14,7 +14,7 @@ use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, DropoutKey, LossKind};
+use crate::backend::{Backend, DropoutKey, LossKind, SparseRows};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
 use crate::data::dataset::Dataset;
@@ -218,6 +218,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let mut acts = Activations::new(&be, &model);
     let mut grads = be.zeros(model.dense_len());
     let (mut dlogits, mut row_loss) = (be.zeros(0), be.zeros(0));
+    // The table's sparse gradient (and a second one for accumulation), reused every step.
+    let mut sparse = SparseRows::new(be.zeros(0), model.spec.dim);
+    let mut extra = SparseRows::new(be.zeros(0), model.spec.dim);
     let mut total_tokens = 0u64;
     let mut win_start = Instant::now();
     let mut last_ckpt = resume_from.clone();
@@ -226,7 +229,6 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     while step < total {
         let step_start = Instant::now();
         be.fill_zero(&mut grads);
-        let mut sparse = None;
         for micro in 0..accum {
             let batch = loader.next_batch(&ds)?;
             let n = batch.len();
@@ -241,11 +243,13 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
                     "the loss became {loss_sum} at step {step}: lower optim.lr, or set optim.clip_norm"
                 )));
             }
-            let s = model.backward(&be, &params, &dev, &acts, &dlogits, &mut grads);
-            sparse = Some(match sparse {
-                None => s,
-                Some(acc) => be.sparse_add(acc, &s),
-            });
+            if micro == 0 {
+                model.backward(&be, &params, &dev, &acts, &dlogits, &mut grads, &mut sparse);
+            } else {
+                model.backward(&be, &params, &dev, &acts, &dlogits, &mut grads, &mut extra);
+                let acc = std::mem::replace(&mut sparse, SparseRows::new(be.zeros(0), model.spec.dim));
+                sparse = be.sparse_add(acc, &extra);
+            }
             win.loss_sum += loss_sum;
             win.docs += n as u64;
             win.tokens += batch.ids.len() as u64;
@@ -255,7 +259,6 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
                 win.correct += u64::from(batch.labels[i] == pred as i32);
             }
         }
-        let mut sparse = sparse.expect("at least one micro-batch");
         let lr = cfg.optim.lr * cfg.schedule.at(step, total) * plateau.factor;
         let norm = opt.step(&be, &model.layout, model.table, &mut params, &mut grads, &mut sparse, lr);
         step_secs += step_start.elapsed().as_secs_f64();
