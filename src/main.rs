@@ -392,13 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 path => Resume::From(PathBuf::from(path)),
             };
             let r = train(&cfg, &RunOptions { resume, progress, stop_after: None })?;
-            println!(
-                "trained {} steps in {:.1} s ({:.0} token ids/s); checkpoint {}",
-                r.steps,
-                r.seconds,
-                r.tokens_per_s,
-                r.final_checkpoint.display()
-            );
+            print_train_summary(&r);
             for rep in [&r.val, &r.test].into_iter().flatten() {
                 print!("{}", rep.to_text());
             }
@@ -498,6 +492,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn print_train_summary(r: &dtrain::train::TrainReport) {
+    println!(
+        "trained {} steps in {:.1} s ({:.0} token ids/s of training steps); checkpoint {}",
+        r.steps,
+        r.seconds,
+        r.tokens_per_s,
+        r.final_checkpoint.display()
+    );
 }
 
 fn print_prepare_summary(r: &PrepareReport) {
@@ -618,13 +622,7 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
     ];
     let tcfg: TrainConfig = config::load(Some(&args.train_config), &overrides)?;
     let r = train(&tcfg, &RunOptions { resume: Resume::No, progress, stop_after: None })?;
-    println!(
-        "trained {} steps in {:.1} s ({:.0} token ids/s); checkpoint {}",
-        r.steps,
-        r.seconds,
-        r.tokens_per_s,
-        r.final_checkpoint.display()
-    );
+    print_train_summary(&r);
     println!("\n== 4/4 evaluate on the held-out test split");
     let test = r.test.context("the demo data set has no test split")?;
     print!("{}", test.to_text());

@@ -39,18 +39,49 @@ fn gelu<F: Real>(x: F) -> (F, F) {
     (y, dy)
 }
 
-/// The Adam update of aligned slices, in `F` arithmetic (one vectorisable pass):
-/// `m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²; p −= lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε) + lr·wd·p`.
+/// Adam's constants for one step, in `F`.
+struct AdamConsts<F> {
+    b1: F,
+    b2: F,
+    ob1: F,
+    ob2: F,
+    inv_c1: F,
+    inv_sqrt_c2: F,
+    eps: F,
+    wd: F,
+}
+
+impl<F: Real> AdamConsts<F> {
+    fn new(h: &AdamStep) -> Self {
+        let (c1, c2) = (1.0 - h.beta1.powi(h.t as i32), 1.0 - h.beta2.powi(h.t as i32));
+        AdamConsts {
+            b1: F::of(h.beta1),
+            b2: F::of(h.beta2),
+            ob1: F::of(1.0 - h.beta1),
+            ob2: F::of(1.0 - h.beta2),
+            inv_c1: F::of(1.0 / c1),
+            inv_sqrt_c2: F::of(1.0 / c2.sqrt()),
+            eps: F::of(h.eps),
+            wd: F::of(h.weight_decay),
+        }
+    }
+
+    /// Updates one element's moments and returns the AdamW direction
+    /// `m̂/(√v̂ + ε) + wd·p`, with `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`.
+    #[inline(always)]
+    fn direction(&self, p: F, g: F, m: &mut F, v: &mut F) -> F {
+        *m = self.b1 * *m + self.ob1 * g;
+        *v = self.b2 * *v + self.ob2 * g * g;
+        *m * self.inv_c1 / (v.sqrt() * self.inv_sqrt_c2 + self.eps) + self.wd * p
+    }
+}
+
+/// The Adam update of aligned slices in one vectorisable pass: `p −= lr·direction`.
 fn adam_rows<F: Real>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], h: AdamStep) {
-    let (c1, c2) = (1.0 - h.beta1.powi(h.t as i32), 1.0 - h.beta2.powi(h.t as i32));
-    let (b1, b2) = (F::of(h.beta1), F::of(h.beta2));
-    let (ob1, ob2) = (F::of(1.0 - h.beta1), F::of(1.0 - h.beta2));
-    let (step, inv_sqrt_c2, eps, decay) =
-        (F::of(h.lr / c1), F::of(1.0 / c2.sqrt()), F::of(h.eps), F::of(h.lr * h.weight_decay));
+    let k = AdamConsts::new(&h);
+    let lr = F::of(h.lr);
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        *m = b1 * *m + ob1 * g;
-        *v = b2 * *v + ob2 * g * g;
-        *p = *p - step * *m / (v.sqrt() * inv_sqrt_c2 + eps) - decay * *p;
+        *p = *p - lr * k.direction(*p, g, m, v);
     }
 }
 
@@ -364,16 +395,14 @@ impl<F: Real> Backend for Cpu<F> {
         let r = slot.range();
         let (p, g, m, v) = (&mut params[r.clone()], &grads[r.clone()], &mut m[r.clone()], &mut v[r]);
         // First pass: moments and the direction u (kept in a scratch buffer); second: the step.
-        let mut u = vec![F::zero(); p.len()];
-        let (c1, c2) = (1.0 - h.beta1.powi(h.t as i32), 1.0 - h.beta2.powi(h.t as i32));
-        for i in 0..p.len() {
-            let gi = g[i].f64();
-            let mi = h.beta1 * m[i].f64() + (1.0 - h.beta1) * gi;
-            let vi = h.beta2 * v[i].f64() + (1.0 - h.beta2) * gi * gi;
-            m[i] = F::of(mi);
-            v[i] = F::of(vi);
-            u[i] = F::of((mi / c1) / ((vi / c2).sqrt() + h.eps) + h.weight_decay * p[i].f64());
-        }
+        let k = AdamConsts::new(&h);
+        let u: Vec<F> = p
+            .iter()
+            .zip(g)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .map(|(((&p, &g), m), v)| k.direction(p, g, m, v))
+            .collect();
         let pn = p.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt();
         let un = u.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt();
         let ratio = if pn > 0.0 && un > 0.0 { pn / un } else { 1.0 };
