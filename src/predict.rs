@@ -43,11 +43,14 @@ pub struct PredictSummary {
     pub blank: u64,
 }
 
-/// Averages the class probabilities of `models` (each with `passes` passes) over `batch`.
+/// Averages the class probabilities of `models` (each with `passes` passes) over `batch`,
+/// whose first document is document `first_doc` of the input (MC-dropout masks are keyed by
+/// it, so they do not depend on the batch size).
 fn average_probs(
     be: &Cpu<f32>,
     models: &[(BagModel, Vec<f32>)],
     batch: &HostBatch,
+    first_doc: u64,
     passes: usize,
     seed: u64,
 ) -> Vec<f32> {
@@ -57,8 +60,13 @@ fn average_probs(
     for (mi, (model, params)) in models.iter().enumerate() {
         let mut acts = Activations::new(be, model);
         for pass in 0..passes {
-            let key =
-                (passes > 1).then_some(DropoutKey { seed, step: mi as u64, site: 0, pass: pass as u32 });
+            let key = (passes > 1).then_some(DropoutKey {
+                seed,
+                step: mi as u64,
+                site: 0,
+                pass: pass as u32,
+                row: first_doc,
+            });
             model.forward(be, params, batch, batch.len(), key, &mut acts);
             be.softmax(&acts.logits, classes, &mut probs);
             sum.iter_mut().zip(&probs).for_each(|(s, &p)| *s += p);
@@ -151,7 +159,8 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
                 }
             }
             if !batch.is_empty() {
-                let probs = average_probs(&be, &models, &batch, opts.mc_dropout, opts.seed);
+                let probs =
+                    average_probs(&be, &models, &batch, summary.documents, opts.mc_dropout, opts.seed);
                 write_rows(&mut out, &tmp, &probs, &line_of, &meta.labels, opts.top_k)?;
                 summary.documents += batch.len() as u64;
             }

@@ -146,19 +146,19 @@ fn activations() {
 #[test]
 fn dropout_is_its_own_backward_and_drops_at_its_rate() {
     let be = B::new();
-    let key = DropoutKey { seed: 1, step: 2, site: 3, pass: 0 };
+    let key = DropoutKey { seed: 1, step: 2, site: 3, pass: 0, row: 0 };
     let mut x = randn(30, 8);
     let r = randn(30, 9);
     let mut dx = r.clone();
-    be.dropout(0.4, key, &mut dx);
+    be.dropout(0.4, key, 10, &mut dx);
     let all: Vec<usize> = (0..x.len()).collect();
     check("dropout", &mut x, &all, &dx, &mut |xv| {
         let mut y = xv.to_vec();
-        be.dropout(0.4, key, &mut y);
+        be.dropout(0.4, key, 10, &mut y);
         dot(&y, &r)
     });
     let mut ones = vec![1.0f64; 100_000];
-    be.dropout(0.3, key, &mut ones);
+    be.dropout(0.3, key, 100, &mut ones);
     let kept = ones.iter().filter(|&&v| v != 0.0).count() as f64 / 1e5;
     assert!((kept - 0.7).abs() < 0.01, "kept {kept}");
     let mean = ones.iter().sum::<f64>() / 1e5;
@@ -166,9 +166,16 @@ fn dropout_is_its_own_backward_and_drops_at_its_rate() {
     let other = DropoutKey { pass: 1, ..key };
     let mut a = vec![1.0f64; 64];
     let mut b = vec![1.0f64; 64];
-    be.dropout(0.5, key, &mut a);
-    be.dropout(0.5, other, &mut b);
+    be.dropout(0.5, key, 8, &mut a);
+    be.dropout(0.5, other, 8, &mut b);
     assert_ne!(a, b, "another pass draws another mask");
+    // Rows keep their masks when the batch is split: rows 2..4 of a batch of 4 equal a batch
+    // of 2 that starts at row 2.
+    let mut whole = vec![1.0f64; 4 * 8];
+    be.dropout(0.5, key, 8, &mut whole);
+    let mut tail = vec![1.0f64; 2 * 8];
+    be.dropout(0.5, DropoutKey { row: 2, ..key }, 8, &mut tail);
+    assert_eq!(&whole[16..], &tail[..]);
 }
 
 #[test]
@@ -232,7 +239,7 @@ fn whole_model_with_hidden_layers_and_dropout() {
         // Random everywhere (the default init zeroes the output layer).
         let mut params = randn(model.layout.total(), 12);
         let b = batch();
-        let key = Some(DropoutKey { seed: 5, step: 1, site: 0, pass: 0 });
+        let key = Some(DropoutKey { seed: 5, step: 1, site: 0, pass: 0, row: 0 });
         let kind = LossKind::CrossEntropy { smoothing: 0.1 };
         let loss_at = |p: &[f64]| {
             let mut acts = Activations::new(&be, &model);

@@ -343,3 +343,171 @@ fn plot_draws_a_png_and_names_bad_lines() {
     let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
     assert!(e.contains("m.jsonl:2") && e.contains("invalid JSON"), "{e}");
 }
+
+fn model_floats(dir: &Path) -> Vec<f32> {
+    dtrain::checkpoint::load_model(dir).unwrap().2
+}
+
+#[test]
+fn accumulation_equals_one_larger_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let a = run(
+        &cfg(&data, &dir.path().join("a"), &["train.steps=6", "train.batch_size=8", "optim.grad_accum=2"]),
+        Resume::No,
+        None,
+    )
+    .unwrap();
+    let b =
+        run(&cfg(&data, &dir.path().join("b"), &["train.steps=6", "train.batch_size=16"]), Resume::No, None)
+            .unwrap();
+    let (pa, pb) = (model_floats(&a.final_checkpoint), model_floats(&b.final_checkpoint));
+    let worst = pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-5, "largest difference {worst}");
+    // Same rows, summed in another order: equal up to rounding, not bit for bit.
+    assert!(pa.iter().zip(&pb).any(|(x, y)| x != y) || worst == 0.0);
+}
+
+#[test]
+fn the_thread_count_does_not_change_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let extra = [
+        "train.steps=8",
+        "train.batch_size=64",
+        "model.hidden=[8]",
+        "model.embed_dropout=0.2",
+        "optim.clip_norm=0.5",
+    ];
+    let mut outs = Vec::new();
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let c = cfg(&data, &dir.path().join(format!("t{threads}")), &extra);
+        let r = pool.install(|| run(&c, Resume::No, None)).unwrap();
+        outs.push(read(&r.final_checkpoint, "model.safetensors"));
+    }
+    assert!(outs[0] == outs[1], "1 and 3 threads give different parameters");
+}
+
+#[test]
+fn corrupted_or_absurd_checkpoints_are_refused_without_aborting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let r = run(&cfg(&data, &dir.path().join("run"), &["train.steps=3"]), Resume::No, None).unwrap();
+    let file = r.final_checkpoint.join("model.safetensors");
+    let original = std::fs::read(&file).unwrap();
+    // One flipped bit in the tensor data.
+    let mut b = original.clone();
+    let last = b.len() - 5;
+    b[last] ^= 0x10;
+    std::fs::write(&file, &b).unwrap();
+    let e = dtrain::checkpoint::load_model(&r.final_checkpoint).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("checksum"), "{e}");
+    // Metadata asking for a 2^40-row table: refused before any allocation.
+    let header_len = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&original[8..8 + header_len]).unwrap();
+    assert!(header.contains("\\\"buckets\\\":4096"), "{header}");
+    let forged = header.replace("\\\"buckets\\\":4096", "\\\"buckets\\\":1099511627776");
+    let mut f = (forged.len() as u64).to_le_bytes().to_vec();
+    f.extend_from_slice(forged.as_bytes());
+    f.extend_from_slice(&original[8 + header_len..]);
+    std::fs::write(&file, &f).unwrap();
+    let e = dtrain::checkpoint::load_model(&r.final_checkpoint).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("metadata"), "{e}");
+    // The optimizer file is checked the same way.
+    std::fs::write(&file, &original).unwrap();
+    let opt = r.final_checkpoint.join("optimizer.safetensors");
+    let mut o = std::fs::read(&opt).unwrap();
+    let last = o.len() - 3;
+    o[last] ^= 1;
+    std::fs::write(&opt, &o).unwrap();
+    let c = cfg(&data, &dir.path().join("run"), &["train.steps=6"]);
+    let e = run(&c, Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("optimizer.safetensors") && e.contains("checksum"), "{e}");
+}
+
+#[test]
+fn resume_checks_the_data_and_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    run(&cfg(&data, &out, &["train.steps=4", "optim.lr_mult={ embedding = 2.0 }"]), Resume::No, None)
+        .unwrap();
+    // Moved data resumes (identified by content, not path).
+    let moved = dir.path().join("moved");
+    std::fs::rename(&data, &moved).unwrap();
+    let r =
+        run(&cfg(&moved, &out, &["train.steps=6", "optim.lr_mult={ embedding = 2.0 }"]), Resume::Auto, None);
+    assert!(r.is_err(), "train.steps is part of the trajectory");
+    let c = cfg(&moved, &out, &["train.steps=4", "optim.lr_mult={ embedding = 2.0 }"]);
+    assert_eq!(run(&c, Resume::Auto, None).unwrap().steps, 4);
+    // Changed data is refused.
+    let other = dir.path().join("other.tsv");
+    // Same classes and tokenizer, other documents: only the data checksum tells them apart.
+    let text: String =
+        (0..40).flat_map(|j| (0..3).map(move |c| format!("c{c}\tother words {j} here {c}\n"))).collect();
+    std::fs::write(&other, text).unwrap();
+    std::fs::remove_dir_all(&moved).unwrap();
+    common::run(&[&other], &[], &moved, &["output.shards=2", "tokenizer.buckets=4096"]).unwrap();
+    let e = run(&c, Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("another data set"), "{e}");
+    // A finished run resumed again writes its test record once.
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.matches("\"split\":\"test\"").count(), 1, "{lines}");
+    // A multiplier that matches no tensor is an error naming it.
+    let e = run(
+        &cfg(&data_again(dir.path()), &dir.path().join("typo"), &["optim.lr_mult={ embeding = 2.0 }"]),
+        Resume::No,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("optim.lr_mult.embeding") && e.contains("matches no tensor"), "{e}");
+}
+
+fn data_again(dir: &Path) -> PathBuf {
+    let d = dir.join("again");
+    std::fs::create_dir_all(&d).unwrap();
+    separable(&d)
+}
+
+#[test]
+fn mc_dropout_does_not_depend_on_the_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let r = run(
+        &cfg(&data, &dir.path().join("a"), &["train.epochs=2", "model.embed_dropout=0.4"]),
+        Resume::No,
+        None,
+    )
+    .unwrap();
+    let mut text = String::new();
+    for i in 0..20 {
+        text.push_str(&format!("alpha beta gamma word{i} common\n"));
+    }
+    let input = common::write(dir.path(), "in.txt", text.as_bytes());
+    let bin = env!("CARGO_BIN_EXE_dtrain");
+    let predict = |bs: &str| {
+        let out = dir.path().join(format!("p{bs}.jsonl"));
+        let o = std::process::Command::new(bin)
+            .args([
+                "predict",
+                "--checkpoint",
+                r.final_checkpoint.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+            ])
+            .args(["--output", out.to_str().unwrap(), "--mc-dropout", "4", "--batch-size", bs])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out).unwrap()
+    };
+    let (one, many) = (predict("1"), predict("4096"));
+    assert_eq!(one, many, "batch size changed MC-dropout results");
+    let confidences: std::collections::HashSet<String> = one
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["confidence"].to_string())
+        .collect();
+    assert!(confidences.len() > 1, "each document gets its own masks");
+}

@@ -287,14 +287,15 @@ impl<F: Real> Backend for Cpu<F> {
         );
     }
 
-    fn dropout(&self, p: f32, key: DropoutKey, x: &mut Vec<F>) {
+    fn dropout(&self, p: f32, key: DropoutKey, width: usize, x: &mut Vec<F>) {
         if p <= 0.0 {
             return;
         }
         let base = key.base();
+        let offset = key.row * width as u64;
         let scale = F::one() / F::of(1.0 - f64::from(p));
         x.par_iter_mut().enumerate().with_min_len(1024).for_each(|(i, v)| {
-            *v = if DropoutKey::keep(base, i as u64, p) { *v * scale } else { F::zero() };
+            *v = if DropoutKey::keep(base, offset + i as u64, p) { *v * scale } else { F::zero() };
         });
     }
 

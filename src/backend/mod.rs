@@ -130,6 +130,11 @@ pub struct DropoutKey {
     pub site: u32,
     /// Which forward pass of the step (methods with two noisy passes use 0 and 1).
     pub pass: u32,
+    /// Position of the buffer's first row in a longer sequence of rows. Element `j` of row
+    /// `r` is hashed at index `(row + r)·width + j`, so a row's mask depends on its
+    /// position, not on how rows were batched (prediction passes the document's index in
+    /// its input; training uses 0).
+    pub row: u64,
 }
 
 /// splitmix64's finaliser: a bijective 64-bit mixer.
@@ -300,9 +305,9 @@ pub trait Backend: Sync {
     /// `dx = act'(x) ⊙ dy` elementwise (`x` is the activation's input).
     fn activation_backward(&self, act: Activation, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
 
-    /// In place: zeroes dropped elements and scales kept ones by `1/(1−p)`. The same call
-    /// is the backward pass (the mask is recomputed from `key`).
-    fn dropout(&self, p: f32, key: DropoutKey, x: &mut Self::Buf);
+    /// In place on rows of `width`: zeroes dropped elements and scales kept ones by
+    /// `1/(1−p)`. The same call is the backward pass (the mask is recomputed from `key`).
+    fn dropout(&self, p: f32, key: DropoutKey, width: usize, x: &mut Self::Buf);
 
     /// Softmax of each row of `logits` (`n × classes`), the loss of each labeled row into
     /// `row_loss` (0 for unlabeled rows), and `dlogits = scale · ∂loss/∂logits`. Returns the

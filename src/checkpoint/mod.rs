@@ -3,9 +3,12 @@
 //! into place; keeping the newest K; finding the newest complete one.
 //!
 //! `model.safetensors` holds every tensor of the layout under its name (f32, shapes as in
-//! `model::bag`), and in its metadata (`__metadata__`) the key `dtrain` with a JSON object:
-//! the model spec, the class names and the tokenizer spec, so that a checkpoint alone can
-//! classify raw text. `optimizer.safetensors` holds `m.<name>` and `v.<name>` per tensor.
+//! `model::bag`), and in its metadata (`__metadata__`) one key, `dtrain`, with a JSON
+//! object: `format`, `model` (the spec), `labels`, `tokenizer` (the spec), so that a
+//! checkpoint alone can classify raw text, and `checksum`: the xxh3_64 of all tensor data
+//! in layout order. `optimizer.safetensors` holds `m.<name>` and `v.<name>` per tensor, and
+//! `dtrain` = `{"checksum": …}` (over `m.` then `v.`). Loading checks names, shapes and
+//! sizes before allocating, then the checksum, then that every value is finite.
 //! `state.bin` is a header (magic `DTSTATE\0`, version, payload length, xxh3_64 of the
 //! payload) followed by the bincode encoding of [`TrainState`].
 
@@ -14,9 +17,10 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::data::loader::Cursor;
+use crate::data::manifest::hex64;
 use crate::data::tokenize::TokenizerSpec;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -54,6 +58,8 @@ pub struct TrainState {
     pub plateau: Plateau,
     /// `train::trajectory_hash` of the config, to refuse resuming with another config.
     pub config_hash: u64,
+    /// The data set's manifest checksum, to refuse resuming on other data.
+    pub data_checksum: String,
     /// The logging window in progress (loss sum, documents, correct, token ids), so that
     /// a resumed run logs exactly what an uninterrupted one would.
     pub window: LogWindow,
@@ -73,12 +79,31 @@ pub fn dir_name(step: u64) -> String {
     format!("step-{step:09}")
 }
 
+/// The metadata key of both files. safetensors keeps metadata in a `HashMap`, whose order
+/// varies between processes, so each file has exactly one key to stay byte-identical.
+pub const META_KEY: &str = "dtrain";
+
+/// xxh3_64 (16 hex digits) of the tensor data of `bufs`, in layout order.
+fn data_checksum(layout: &Layout, bufs: &[(&str, &[f32])]) -> String {
+    let mut sum = Xxh3::new();
+    for (_, buf) in bufs {
+        for t in layout.tensors() {
+            sum.update(bytemuck::cast_slice(&buf[t.slot.range()]));
+        }
+    }
+    hex64(sum.digest())
+}
+
+/// Writes the tensors of `bufs` with `meta` (a JSON object, without its `checksum`) under
+/// [`META_KEY`], the data checksum added to it.
 fn tensors_to_file(
     path: &Path,
     layout: &Layout,
     bufs: &[(&str, &[f32])],
-    meta: Option<HashMap<String, String>>,
+    meta: serde_json::Value,
 ) -> Result<()> {
+    let mut meta = meta;
+    meta["checksum"] = serde_json::Value::String(data_checksum(layout, bufs));
     let mut views = Vec::new();
     for (prefix, buf) in bufs {
         for t in layout.tensors() {
@@ -88,39 +113,77 @@ fn tensors_to_file(
             views.push((format!("{prefix}{}", t.name), view));
         }
     }
-    safetensors::serialize_to_file(views, meta, path)
+    let info = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
+    safetensors::serialize_to_file(views, Some(info), path)
         .map_err(|e| Error::bad_file(path, format!("writing: {e}")))
 }
 
-fn tensors_from_file(
-    path: &Path,
-    bytes: &[u8],
-    layout: &Layout,
-    prefix: &str,
-    out: &mut [f32],
-) -> Result<()> {
+/// The JSON object under [`META_KEY`] in a file's metadata.
+fn file_meta(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+    let json =
+        header.metadata().as_ref().and_then(|m| m.get(META_KEY)).ok_or_else(|| {
+            Error::bad_file(path, format!("no `{META_KEY}` metadata: not written by dtrain"))
+        })?;
+    serde_json::from_str(json)
+        .map_err(|e| Error::bad_file(path, format!("invalid `{META_KEY}` metadata: {e}")))
+}
+
+/// Reads the tensors `prefix + name` of `layout` for each prefix, after checking, before
+/// allocating anything, that each exists with its shape and that the data's checksum matches
+/// the file's metadata; then rejects non-finite values.
+fn tensors_from_file(path: &Path, bytes: &[u8], layout: &Layout, prefixes: &[&str]) -> Result<Vec<Vec<f32>>> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
-    for t in layout.tensors() {
-        let name = format!("{prefix}{}", t.name);
-        let view =
-            st.tensor(&name).map_err(|_| Error::bad_file(path, format!("tensor `{name}` is missing")))?;
-        if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
-            return Err(Error::bad_file(
-                path,
-                format!(
-                    "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
-                    view.dtype(),
-                    view.shape(),
-                    t.shape
-                ),
-            ));
-        }
-        for (o, c) in out[t.slot.range()].iter_mut().zip(view.data().chunks_exact(4)) {
-            *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+    let meta = file_meta(path, bytes)?;
+    let want = meta
+        .get("checksum")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| Error::bad_file(path, "no data checksum in the metadata"))?
+        .to_owned();
+    let mut sum = Xxh3::new();
+    let mut views = Vec::new();
+    for prefix in prefixes {
+        for t in layout.tensors() {
+            let name = format!("{prefix}{}", t.name);
+            let view =
+                st.tensor(&name).map_err(|_| Error::bad_file(path, format!("tensor `{name}` is missing")))?;
+            if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+                        view.dtype(),
+                        view.shape(),
+                        t.shape
+                    ),
+                ));
+            }
+            sum.update(view.data());
+            views.push((t, view));
         }
     }
-    Ok(())
+    if hex64(sum.digest()) != want {
+        return Err(Error::bad_file(path, "corrupted: the tensor data does not match its checksum"));
+    }
+    let mut out = Vec::new();
+    for chunk in views.chunks(layout.tensors().len()) {
+        let mut buf = vec![0f32; layout.total()];
+        for (t, view) in chunk {
+            for (o, c) in buf[t.slot.range()].iter_mut().zip(view.data().chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+            if let Some(bad) = buf[t.slot.range()].iter().position(|v| !v.is_finite()) {
+                return Err(Error::bad_file(
+                    path,
+                    format!("tensor `{}` holds a non-finite value at {bad}", t.name),
+                ));
+            }
+        }
+        out.push(buf);
+    }
+    Ok(out)
 }
 
 /// Writes a complete checkpoint for `state.step` under `root`, then deletes all but the
@@ -141,15 +204,10 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
     std::fs::create_dir(&tmp).at(&tmp)?;
-    let json = serde_json::to_string(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
-    let info = HashMap::from([("dtrain".to_string(), json)]);
-    tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], Some(info))?;
-    tensors_to_file(
-        &tmp.join("optimizer.safetensors"),
-        &model.layout,
-        &[("m.", moments[0]), ("v.", moments[1])],
-        None,
-    )?;
+    let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
+    tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json)?;
+    let moments = [("m.", moments[0]), ("v.", moments[1])];
+    tensors_to_file(&tmp.join("optimizer.safetensors"), &model.layout, &moments, serde_json::json!({}))?;
     let payload = bincode::encode_to_vec(state, bincode::config::standard())
         .map_err(|e| Error::Data(format!("state: {e}")))?;
     let mut bytes = Vec::with_capacity(28 + payload.len());
@@ -211,21 +269,20 @@ pub fn load_model(path: &Path) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
         ));
     }
     let bytes = std::fs::read(&file).at(&file)?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::bad_file(&file, format!("not a valid safetensors file: {e}")))?;
-    let json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("dtrain"))
-        .ok_or_else(|| Error::bad_file(&file, "no `dtrain` metadata: not a dtrain model"))?;
-    let meta: ModelMeta = serde_json::from_str(json)
-        .map_err(|e| Error::bad_file(&file, format!("invalid `dtrain` metadata: {e}")))?;
+    let meta: ModelMeta = serde_json::from_value(file_meta(&file, &bytes)?)
+        .map_err(|e| Error::bad_file(&file, format!("invalid `{META_KEY}` metadata: {e}")))?;
     if meta.labels.len() != meta.model.classes {
         return Err(Error::bad_file(&file, "metadata: the label count differs from the model's classes"));
     }
+    meta.model.validate().map_err(|e| Error::bad_file(&file, format!("metadata: {e}")))?;
+    meta.tokenizer
+        .validate(&file.display().to_string(), "tokenizer")
+        .map_err(|e| Error::bad_file(&file, format!("metadata: {e}")))?;
+    if meta.model.buckets != meta.tokenizer.buckets as usize {
+        return Err(Error::bad_file(&file, "metadata: the table's rows differ from the tokenizer's buckets"));
+    }
     let model = BagModel::new(meta.model.clone());
-    let mut params = vec![0f32; model.layout.total()];
-    tensors_from_file(&file, &bytes, &model.layout, "", &mut params)?;
+    let params = tensors_from_file(&file, &bytes, &model.layout, &[""])?.remove(0);
     Ok((meta, model, params))
 }
 
@@ -233,10 +290,9 @@ pub fn load_model(path: &Path) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
 pub fn load_train(dir: &Path, model: &BagModel) -> Result<(Vec<f32>, Vec<f32>, TrainState)> {
     let file = dir.join("optimizer.safetensors");
     let bytes = std::fs::read(&file).at(&file)?;
-    let mut m = vec![0f32; model.layout.total()];
-    let mut v = vec![0f32; model.layout.total()];
-    tensors_from_file(&file, &bytes, &model.layout, "m.", &mut m)?;
-    tensors_from_file(&file, &bytes, &model.layout, "v.", &mut v)?;
+    let mut moments = tensors_from_file(&file, &bytes, &model.layout, &["m.", "v."])?;
+    let v = moments.pop().expect("two buffers");
+    let m = moments.pop().expect("two buffers");
     let path = dir.join("state.bin");
     let b = std::fs::read(&path).at(&path)?;
     if b.len() < 28 || &b[..8] != STATE_MAGIC {

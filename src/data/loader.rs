@@ -91,8 +91,18 @@ impl Loader {
                 self.cursors.len()
             )));
         }
-        self.cursors = cursors.to_vec();
         let shards = ds.shards(self.split);
+        for (s, (c, shard)) in cursors.iter().zip(shards).enumerate() {
+            if c.pos as usize > shard.len() {
+                return Err(Error::Data(format!(
+                    "the checkpoint's cursor of shard {s} is at row {}, but the shard has {} documents: \
+                     the data set changed",
+                    c.pos,
+                    shard.len()
+                )));
+            }
+        }
+        self.cursors = cursors.to_vec();
         for (k, &s) in self.owned.iter().enumerate() {
             self.orders[k] = order(self.seed, self.split, s, self.cursors[s].epoch, shards[s].len());
         }

@@ -38,6 +38,32 @@ pub struct BagSpec {
     pub classes: usize,
 }
 
+impl BagSpec {
+    /// Checks the sizes, so that the layout's arithmetic cannot overflow and a corrupted
+    /// spec cannot ask for an absurd allocation: ids are u32, widths at most 65536, classes
+    /// at most 2^20.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.buckets < 1 || self.buckets > u32::MAX as usize {
+            return Err(format!("buckets {} outside 1..=2^32-1", self.buckets));
+        }
+        if self.dim < 1 || self.dim > 65_536 || self.hidden.iter().any(|&h| !(1..=65_536).contains(&h)) {
+            return Err("widths must be in 1..=65536".into());
+        }
+        if self.classes < 1 || self.classes > 1 << 20 {
+            return Err(format!("classes {} outside 1..=2^20", self.classes));
+        }
+        if self.hidden.len() > 64 {
+            return Err("at most 64 hidden layers".into());
+        }
+        for p in [self.embed_dropout, self.hidden_dropout] {
+            if !(0.0..1.0).contains(&p) {
+                return Err("dropout must be in [0, 1)".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The model: its spec and the slots of its tensors.
 #[derive(Debug, Clone)]
 pub struct BagModel {
@@ -152,14 +178,14 @@ impl BagModel {
         let site = |s: u32| dropout.map(|k| DropoutKey { site: s, ..k });
         be.embedding_bag_forward(params, self.table, batch, &mut acts.x0);
         if let Some(key) = site(0) {
-            be.dropout(self.spec.embed_dropout, key, &mut acts.x0);
+            be.dropout(self.spec.embed_dropout, key, self.spec.dim, &mut acts.x0);
         }
         for (k, &(w, b)) in self.hidden.iter().enumerate() {
             let input = if k == 0 { &acts.x0 } else { &acts.post[k - 1] };
             be.linear_forward(input, n, params, w, b, &mut acts.pre[k]);
             be.activation_forward(self.spec.activation, &acts.pre[k], &mut acts.post[k]);
             if let Some(key) = site(k as u32 + 1) {
-                be.dropout(self.spec.hidden_dropout, key, &mut acts.post[k]);
+                be.dropout(self.spec.hidden_dropout, key, self.spec.hidden[k], &mut acts.post[k]);
             }
         }
         let last = if self.hidden.is_empty() { &acts.x0 } else { &acts.post[self.hidden.len() - 1] };
@@ -189,14 +215,14 @@ impl BagModel {
         for (k, &(w, b)) in self.hidden.iter().enumerate().rev() {
             // dx is ∂L/∂post[k]: through dropout, then the activation.
             if let Some(key) = site(k as u32 + 1) {
-                be.dropout(self.spec.hidden_dropout, key, &mut dx);
+                be.dropout(self.spec.hidden_dropout, key, self.spec.hidden[k], &mut dx);
             }
             be.activation_backward(self.spec.activation, &acts.pre[k], &dx, &mut dpre);
             let input = if k == 0 { &acts.x0 } else { &acts.post[k - 1] };
             be.linear_backward(input, n, params, w, b, &dpre, grads, Some(&mut dx));
         }
         if let Some(key) = site(0) {
-            be.dropout(self.spec.embed_dropout, key, &mut dx);
+            be.dropout(self.spec.embed_dropout, key, self.spec.dim, &mut dx);
         }
         be.embedding_bag_backward(batch, &dx, self.spec.dim, table_grad);
     }

@@ -207,6 +207,49 @@ mod tests {
     }
 
     #[test]
+    fn adamw_matches_a_scalar_reference_over_several_steps() {
+        let be = Cpu::<f64>::new();
+        let (l, w, t) = layout();
+        let cfg = OptimConfig {
+            lr: 0.05,
+            beta1: 0.8,
+            beta2: 0.9,
+            eps: 1e-6,
+            weight_decay: 0.1,
+            ..OptimConfig::default()
+        };
+        let mut opt = Optimizer::new(&be, &l, cfg.clone());
+        let mut p = vec![0.5; l.total()];
+        let grads = [[0.3, -1.0, 2.0], [-0.2, 0.4, 1.0], [1.5, 0.0, -0.7]];
+        let (mut rp, mut rm, mut rv) = ([0.5f64; 3], [0.0f64; 3], [0.0f64; 3]);
+        for (step, g) in grads.iter().enumerate() {
+            let mut gb = vec![0.0; t.offset];
+            gb[w.range()].copy_from_slice(g);
+            opt.step(&be, &l, t, &mut p, &mut gb, &mut sparse(vec![], vec![]), cfg.lr);
+            let tt = step as i32 + 1;
+            for i in 0..3 {
+                rm[i] = cfg.beta1 * rm[i] + (1.0 - cfg.beta1) * g[i];
+                rv[i] = cfg.beta2 * rv[i] + (1.0 - cfg.beta2) * g[i] * g[i];
+                let (mh, vh) = (rm[i] / (1.0 - cfg.beta1.powi(tt)), rv[i] / (1.0 - cfg.beta2.powi(tt)));
+                rp[i] -= cfg.lr * (mh / (vh.sqrt() + cfg.eps) + cfg.weight_decay * rp[i]);
+            }
+        }
+        for (got, want) in p[w.range()].iter().zip(rp) {
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn sparse_add_merges_sorted_rows() {
+        let be = Cpu::<f64>::new();
+        let a = sparse(vec![1, 4, 7], vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+        let b = sparse(vec![0, 4, 9], vec![10.0, 10.0, 20.0, 20.0, 30.0, 30.0]);
+        let c = be.sparse_add(a, &b);
+        assert_eq!(c.rows, [0, 1, 4, 7, 9]);
+        assert_eq!(c.values, [10.0, 10.0, 1.0, 1.0, 22.0, 22.0, 3.0, 3.0, 30.0, 30.0]);
+    }
+
+    #[test]
     fn lazy_adam_updates_only_touched_rows_and_takes_no_decay() {
         let be = Cpu::<f64>::new();
         let (l, _, t) = layout();

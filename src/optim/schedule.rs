@@ -1,5 +1,5 @@
-//! The learning-rate schedule: linear warmup, then cosine, linear or constant decay to a
-//! floor, times a reduce-on-plateau factor driven by validation accuracy.
+//! The learning-rate schedule: linear warmup, then cosine, linear or constant decay toward
+//! a floor, times a reduce-on-plateau factor driven by validation accuracy.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,9 +16,10 @@ pub enum Decay {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScheduleConfig {
-    /// Steps of linear warmup from 0 to the peak learning rate.
+    /// Steps of linear warmup: step s < W (0-based) uses peak·(s+1)/W.
     pub warmup_steps: u64,
-    /// Decay after warmup, down to `min_lr_ratio` × peak at the last step.
+    /// Decay after warmup: step s ≥ W uses the shape at x = (s−W)/(total−W), from the peak
+    /// at x = 0 toward `min_lr_ratio` × peak at x = 1 (the step after the last).
     pub decay: Decay,
     /// Floor of the decay, as a fraction of the peak.
     pub min_lr_ratio: f64,

@@ -76,16 +76,18 @@ struct MetricsLog {
 
 impl MetricsLog {
     /// Opens `metrics.jsonl`, keeping only records up to `keep_until` (those a resumed run
-    /// does not repeat).
+    /// does not repeat), the final test record excepted.
     fn open(path: &Path, keep_until: u64) -> Result<Self> {
         let kept: String = match std::fs::read_to_string(path) {
             Ok(text) => text
                 .lines()
                 .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s <= keep_until)
+                    // Records up to the resumed step, except the final test record, which
+                    // the resumed run writes again.
+                    serde_json::from_str::<serde_json::Value>(l).ok().is_some_and(|v| {
+                        v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= keep_until)
+                            && v.get("split").and_then(|s| s.as_str()) != Some("test")
+                    })
                 })
                 .map(|l| format!("{l}\n"))
                 .collect(),
@@ -111,6 +113,8 @@ pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     c.train.checkpoint_every = 0;
     c.train.keep_checkpoints = 0;
     c.train.eval_batch_size = 0;
+    // The data is identified by its manifest checksum (in the state), not by its path.
+    c.data.dir = PathBuf::new();
     xxh3_64(serde_json::to_string(&c).expect("config serialises").as_bytes())
 }
 
@@ -143,6 +147,16 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         classes: manifest.labels.len(),
     };
     let model = BagModel::new(spec.clone());
+    for prefix in cfg.optim.lr_mult.keys() {
+        if !model.layout.tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
+            let names: Vec<&str> = model.layout.tensors().iter().map(|t| t.name.as_str()).collect();
+            return Err(Error::config(
+                "train",
+                format!("optim.lr_mult.{prefix}"),
+                format!("matches no tensor; the tensors are {}", names.join(", ")),
+            ));
+        }
+    }
     let meta = ModelMeta {
         format: "dtrain-bag".into(),
         model: spec,
@@ -178,15 +192,35 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     };
     if let Some(dir) = &resume_from {
         let (m, loaded_model, loaded) = checkpoint::load_model(dir)?;
-        if m != meta || loaded_model.layout != model.layout {
+        let differs = if m.model != meta.model || loaded_model.layout != model.layout {
+            Some(format!("model ({:?} in the checkpoint, {:?} in the config)", m.model, meta.model))
+        } else if m.labels != meta.labels {
+            Some("class labels".to_string())
+        } else if m.tokenizer != meta.tokenizer {
+            Some("tokenizer".to_string())
+        } else {
+            None
+        };
+        if let Some(what) = differs {
             return Err(Error::bad_file(
                 dir,
-                "the checkpoint's model, labels or tokenizer differ from this config and data set",
+                format!("the checkpoint's {what} differs from this config and data set"),
             ));
         }
         let (mm, vv, state) = checkpoint::load_train(dir, &model)?;
         if state.config_hash != config_hash {
             return Err(Error::bad_file(dir, "the checkpoint was written with a different training config"));
+        }
+        if state.data_checksum != manifest.checksum {
+            return Err(Error::bad_file(
+                dir,
+                format!(
+                    "the checkpoint was trained on another data set (manifest checksum {}, {} has {})",
+                    state.data_checksum,
+                    cfg.data.dir.display(),
+                    manifest.checksum
+                ),
+            ));
         }
         params = loaded;
         opt.m = mm;
@@ -226,13 +260,15 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let mut last_ckpt = resume_from.clone();
     let mut val_report = None;
     let mut step_secs = 0.0f64;
+    // Tokens of a restored logging window were trained by an earlier process.
+    let restored_tokens = win.tokens;
     while step < total {
         let step_start = Instant::now();
         be.fill_zero(&mut grads);
         for micro in 0..accum {
             let batch = loader.next_batch(&ds)?;
             let n = batch.len();
-            let key = DropoutKey { seed: t.seed, step, site: 0, pass: micro as u32 };
+            let key = DropoutKey { seed: t.seed, step, site: 0, pass: micro as u32, row: 0 };
             let dev = be.upload_batch(&batch);
             model.forward(&be, &params, &dev, n, Some(key), &mut acts);
             let scale = 1.0 / (n as f32 * accum as f32);
@@ -297,6 +333,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
                 cursors: loader.cursors().to_vec(),
                 plateau,
                 config_hash,
+                data_checksum: manifest.checksum.clone(),
                 window: win,
             };
             let dir = checkpoint::save(
@@ -331,7 +368,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
         final_checkpoint,
         val: val_report,
         test,
-        tokens_per_s: total_tokens as f64 / step_secs.max(1e-9),
+        tokens_per_s: (total_tokens - restored_tokens.min(total_tokens)) as f64 / step_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
