@@ -221,8 +221,8 @@ fn prepare_into(
     let n_labeled_files = cfg.input.test.len() + cfg.input.labeled.len();
     for ((path, role), &format) in files.iter().zip(formats).take(n_labeled_files) {
         let target = if *role == Role::Test { &mut test_docs } else { &mut pool };
-        run.read_file(path, *role, format, |run, doc, sample_id| {
-            let label = run.label_id(path, doc.line, doc.label.as_deref().expect("labeled role"))?;
+        run.read_file(path, *role, format, |doc, sample_id, label| {
+            let label = u32::try_from(label).expect("labeled roles always have a label id");
             target.push(PoolDoc { label, ids: doc.ids, sample_id });
             Ok(())
         })?;
@@ -285,7 +285,7 @@ fn prepare_into(
     drop(pool);
     drop(test_docs);
     for ((path, role), &format) in files.iter().zip(formats).skip(n_labeled_files) {
-        run.read_file(path, *role, format, |_, doc, sample_id| w.push(&doc.ids, -1, sample_id, -1))?;
+        run.read_file(path, *role, format, |doc, sample_id, _| w.push(&doc.ids, -1, sample_id, -1))?;
     }
     splits.insert(SplitKind::Unlabeled.name().to_owned(), w.finish()?);
     run.bar.finish_and_clear();
@@ -363,13 +363,13 @@ impl Run<'_> {
 
     /// Reads one file in chunks: a reader thread fills chunks of lines, rayon parses and
     /// tokenizes each chunk, then `sink` receives the kept documents in file order with their
-    /// global sample ids.
+    /// global sample ids and provisional label ids (-1 for unlabeled).
     fn read_file(
         &mut self,
         path: &Path,
         role: Role,
         format: Format,
-        mut sink: impl FnMut(&mut Self, TokDoc, u64) -> Result<()>,
+        mut sink: impl FnMut(TokDoc, u64, i64) -> Result<()>,
     ) -> Result<()> {
         let mut record = InputRecord {
             path: path.display().to_string(),
@@ -488,7 +488,7 @@ impl Run<'_> {
                             self.stats.truncated += u64::from(doc.truncated);
                             let id = self.next_sample_id;
                             self.next_sample_id += 1;
-                            sink(self, doc, id)?;
+                            sink(doc, id, label)?;
                         }
                     }
                 }

@@ -8,7 +8,8 @@ use crate::error::Result;
 use crate::model::bag::{Activations, BagModel};
 use crate::train::metrics::{Accumulator, EvalReport};
 
-/// Class probabilities of every document of `batches` (rows of `classes`), in order.
+/// Class probabilities of every document of `batch` (rows of `classes`), in order, without
+/// dropout.
 pub fn predict_probs<B: Backend<F = f32>>(
     be: &B,
     model: &BagModel,
