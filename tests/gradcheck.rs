@@ -90,6 +90,38 @@ fn embedding_bag() {
     });
 }
 
+/// The fused backward-and-SGD of the table moves every row by exactly −lr times the
+/// gradient the backward pass forms (up to float order), and gives the same bits for any
+/// thread count (each row's updates are applied in document order).
+#[test]
+fn fused_table_sgd_is_a_gradient_step() {
+    let be = B::new();
+    let (buckets, dim, lr) = (6, 4, 0.3);
+    let mut layout = Layout::new();
+    let table = layout.matrix("t", buckets, dim);
+    let params = randn(layout.total(), 1);
+    let b = batch();
+    let r = randn(b.len() * dim, 2);
+    let mut sparse = dtrain::backend::SparseRows::new(vec![], dim);
+    be.embedding_bag_backward(&b, &r, dim, &mut sparse);
+    let mut want = params.clone();
+    be.sparse_sgd(&mut want, table, &sparse, lr);
+    let fused = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut p = params.clone();
+        pool.install(|| be.embedding_bag_sgd(&mut p, table, &b, &r, lr));
+        p
+    };
+    let one = fused(1);
+    for (i, (got, want)) in one.iter().zip(&want).enumerate() {
+        assert!((got - want).abs() < 1e-12, "element {i}: fused {got}, backward then SGD {want}");
+    }
+    assert!(one != params, "the step moved the table");
+    for threads in [2, 3, 7] {
+        assert!(fused(threads) == one, "{threads} threads differ from 1");
+    }
+}
+
 #[test]
 fn linear_weights_bias_and_input() {
     let be = B::new();

@@ -83,26 +83,12 @@ fn loss_curve(out: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn resume_is_bitwise_identical() {
+/// Trains `extra` straight to 24 steps and with a stop at 11 then a resume, and asserts
+/// that the checkpoints and the metrics are identical.
+fn assert_resume_is_exact(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let data = separable(dir.path());
-    // Every piece of state in play: hidden layer, both dropouts, accumulation, LAMB for the
-    // dense part with lazy Adam for the table, a schedule with warmup, plateau reduction.
-    let extra = [
-        "train.steps=24",
-        "train.log_every=3",
-        "train.eval_every=4",
-        "model.hidden=[8]",
-        "model.embed_dropout=0.2",
-        "model.hidden_dropout=0.1",
-        "optim.grad_accum=2",
-        "optim.kind=\"lamb\"",
-        "optim.clip_norm=0.5",
-        "schedule.warmup_steps=3",
-        "schedule.decay=\"cosine\"",
-        "schedule.plateau_patience=1",
-    ];
+    let extra = [&["train.steps=24", "train.log_every=3", "train.eval_every=4"], extra].concat();
     let straight = dir.path().join("straight");
     let a = run(&cfg(&data, &straight, &extra), Resume::No, None).unwrap();
     let interrupted = dir.path().join("interrupted");
@@ -125,6 +111,75 @@ fn resume_is_bitwise_identical() {
     assert!(
         read(&a.final_checkpoint, "model.safetensors") != read(&other.final_checkpoint, "model.safetensors")
     );
+}
+
+/// Every piece of state in play: hidden layer, both dropouts, accumulation, LAMB for the
+/// dense part with lazy Adam for the table, a schedule with warmup, plateau reduction.
+const FULL_STATE: [&str; 9] = [
+    "model.hidden=[8]",
+    "model.embed_dropout=0.2",
+    "model.hidden_dropout=0.1",
+    "optim.grad_accum=2",
+    "optim.kind=\"lamb\"",
+    "optim.clip_norm=0.5",
+    "schedule.warmup_steps=3",
+    "schedule.decay=\"cosine\"",
+    "schedule.plateau_patience=1",
+];
+
+/// fastText's kind of update: plain SGD on the table fused into the backward pass, Nesterov
+/// momentum on the dense tensors (their buffer is the only optimizer state).
+const FUSED_SGD: [&str; 5] = [
+    "model.embed_dropout=0.2",
+    "optim.kind=\"sgd\"",
+    "optim.table=\"sgd\"",
+    "optim.nesterov=true",
+    "optim.lr=0.5",
+];
+
+#[test]
+fn resume_is_bitwise_identical() {
+    assert_resume_is_exact(&FULL_STATE);
+}
+
+#[test]
+fn resume_is_bitwise_identical_with_the_fused_table_sgd() {
+    assert_resume_is_exact(&FUSED_SGD);
+}
+
+/// Moments are stored only where an optimizer keeps them; the fused SGD update of the table
+/// trains the same model as forming its gradient first.
+#[test]
+fn optimizer_state_and_the_fused_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let names = |ckpt: &Path| {
+        let bytes = read(ckpt, "optimizer.safetensors");
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut n: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        n.sort();
+        n
+    };
+    let train = |name: &str, extra: &[&str]| {
+        let extra = [&["train.steps=12"], extra].concat();
+        run(&cfg(&data, &dir.path().join(name), &extra), Resume::No, None).unwrap().final_checkpoint
+    };
+    let adam = train("adam", &[]);
+    assert_eq!(names(&adam).len(), 2 * 3, "lazy Adam: m and v of all three tensors");
+    let adam_sgd = train("adamw-table-sgd", &["optim.table=\"sgd\""]);
+    assert_eq!(names(&adam_sgd), ["m.output.bias", "m.output.weight", "v.output.bias", "v.output.weight"]);
+    let fused = train("fused", &FUSED_SGD);
+    assert_eq!(names(&fused), ["m.output.bias", "m.output.weight"], "momentum buffers only");
+    let plain = train("plain", &["optim.kind=\"sgd\"", "optim.table=\"sgd\"", "optim.momentum=0"]);
+    assert!(names(&plain).is_empty(), "plain SGD keeps no state");
+    // A clip threshold that never binds turns the fusion off (clipping needs the whole
+    // gradient first) without changing the update: the two runs train the same model up to
+    // the order of float sums.
+    let unfused = train("unfused", &[&FUSED_SGD[..], &["optim.clip_norm=1e30"]].concat());
+    let (a, b) = (model_floats(&fused), model_floats(&unfused));
+    assert!(a != model_floats(&train("seed2", &[&FUSED_SGD[..], &["train.seed=2"]].concat())));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-5, "fused and unfused SGD differ by {worst}");
 }
 
 #[test]
@@ -372,21 +427,19 @@ fn accumulation_equals_one_larger_batch() {
 fn the_thread_count_does_not_change_training() {
     let dir = tempfile::tempdir().unwrap();
     let data = separable(dir.path());
-    let extra = [
-        "train.steps=8",
-        "train.batch_size=64",
-        "model.hidden=[8]",
-        "model.embed_dropout=0.2",
-        "optim.clip_norm=0.5",
-    ];
-    let mut outs = Vec::new();
-    for threads in [1, 3] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let c = cfg(&data, &dir.path().join(format!("t{threads}")), &extra);
-        let r = pool.install(|| run(&c, Resume::No, None)).unwrap();
-        outs.push(read(&r.final_checkpoint, "model.safetensors"));
+    let common = ["train.steps=8", "train.batch_size=64"];
+    let lazy_adam = ["model.hidden=[8]", "model.embed_dropout=0.2", "optim.clip_norm=0.5"];
+    for (name, extra) in [("lazy-adam", &lazy_adam[..]), ("fused-sgd", &FUSED_SGD[..])] {
+        let mut outs = Vec::new();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let c =
+                cfg(&data, &dir.path().join(format!("{name}-t{threads}")), &[&common[..], extra].concat());
+            let r = pool.install(|| run(&c, Resume::No, None)).unwrap();
+            outs.push(read(&r.final_checkpoint, "model.safetensors"));
+        }
+        assert!(outs[0] == outs[1], "{name}: 1 and 3 threads give different parameters");
     }
-    assert!(outs[0] == outs[1], "1 and 3 threads give different parameters");
 }
 
 #[test]

@@ -19,6 +19,19 @@ impl<F> Cpu<F> {
     }
 }
 
+/// Runs `f` on a worker of the current rayon pool (the global one outside any pool), so
+/// that the parallel loops inside it start from a worker instead of handing each loop to
+/// the pool from outside and sleeping until it ends: with one thread the loops then run
+/// inline, and a training step costs no thread switches.
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // `rayon::scope` called outside a pool runs its closure on a worker of the global pool.
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Rows per rayon task for row-parallel loops: large enough to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
 /// Below this many elements a sequential sort beats rayon's (measured: the parallel sort's
@@ -177,6 +190,37 @@ impl<F: Real> Backend for Cpu<F> {
                 let d = doc as usize;
                 let scale = inv_len[d];
                 out.iter_mut().zip(&dout[d * dim..(d + 1) * dim]).for_each(|(o, &g)| *o += g * scale);
+            }
+        });
+    }
+
+    fn embedding_bag_sgd(&self, params: &mut Vec<F>, table: Slot, batch: &HostBatch, dout: &Vec<F>, lr: f64) {
+        let dim = table.cols;
+        let n = batch.len();
+        let scale: Vec<F> = (0..n)
+            .map(|i| {
+                let len = batch.offsets[i + 1] - batch.offsets[i];
+                F::of(-lr / f64::from(len.max(1)))
+            })
+            .collect();
+        // Each task owns a contiguous range of table rows and walks every occurrence,
+        // applying those in its range: each row sees its updates in (document, position)
+        // order for any number of tasks, and no two tasks write the same row.
+        let tasks = rayon::current_num_threads().min(table.rows).max(1);
+        let rows_per_task = table.rows.div_ceil(tasks);
+        params[table.range()].par_chunks_mut(rows_per_task * dim).enumerate().for_each(|(k, rows)| {
+            let first = k * rows_per_task;
+            let end = first + rows.len() / dim;
+            for i in 0..n {
+                let g = &dout[i * dim..(i + 1) * dim];
+                let s = scale[i];
+                for &id in &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize] {
+                    let id = id as usize;
+                    if (first..end).contains(&id) {
+                        let row = &mut rows[(id - first) * dim..(id - first + 1) * dim];
+                        row.iter_mut().zip(g).for_each(|(r, &g)| *r += s * g);
+                    }
+                }
             }
         });
     }

@@ -275,6 +275,20 @@ pub trait Backend: Sync {
         out: &mut SparseRows<Self::Buf>,
     );
 
+    /// The table's backward pass and plain SGD on it in one pass, without forming the
+    /// gradient: for each document i in order and each of its ids j in order,
+    /// `table[j,:] −= lr · dout[i,:] / len_i`. The same update as
+    /// [`Backend::embedding_bag_backward`] then [`Backend::sparse_sgd`], up to the order
+    /// of the float sums; deterministic, whatever the thread count.
+    fn embedding_bag_sgd(
+        &self,
+        params: &mut Self::Buf,
+        table: Slot,
+        batch: &Self::Batch,
+        dout: &Self::Buf,
+        lr: f64,
+    );
+
     /// `y = x·Wᵀ + b` with `x: n × in`, `W: out × in`, `y: n × out`.
     fn linear_forward(
         &self,

@@ -6,7 +6,9 @@
 //! `model::bag`), and in its metadata (`__metadata__`) one key, `dtrain`, with a JSON
 //! object: `format`, `model` (the spec), `labels`, `tokenizer` (the spec), so that a
 //! checkpoint alone can classify raw text, and `checksum`: the xxh3_64 of all tensor data
-//! in layout order. `optimizer.safetensors` holds `m.<name>` and `v.<name>` per tensor, and
+//! in layout order. `optimizer.safetensors` holds `m.<name>` and `v.<name>` for the tensors
+//! whose optimizer keeps that moment (`optim::moment_lens`: lazy Adam keeps both for every
+//! tensor, AdamW/LAMB on the dense tensors only, plain SGD none), and
 //! `dtrain` = `{"checksum": …}` (over `m.` then `v.`). Loading checks names, shapes and
 //! sizes before allocating, then the checksum, then that every value is finite.
 //! `state.bin` is a header (magic `DTSTATE\0`, version, payload length, xxh3_64 of the
@@ -25,7 +27,7 @@ use crate::data::tokenize::TokenizerSpec;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 use crate::model::bag::{BagModel, BagSpec};
-use crate::model::params::Layout;
+use crate::model::params::{Layout, TensorSpec};
 use crate::optim::schedule::Plateau;
 
 /// Magic bytes of `state.bin`.
@@ -83,18 +85,24 @@ pub fn dir_name(step: u64) -> String {
 /// varies between processes, so each file has exactly one key to stay byte-identical.
 pub const META_KEY: &str = "dtrain";
 
+/// The tensors of `layout` that a buffer of `len` elements holds: a buffer may cover only a
+/// prefix of the layout (optimizer moments, see `optim::moment_lens`).
+fn covered(layout: &Layout, len: usize) -> impl Iterator<Item = &TensorSpec> {
+    layout.tensors().iter().filter(move |t| t.slot.range().end <= len)
+}
+
 /// xxh3_64 (16 hex digits) of the tensor data of `bufs`, in layout order.
 fn data_checksum(layout: &Layout, bufs: &[(&str, &[f32])]) -> String {
     let mut sum = Xxh3::new();
     for (_, buf) in bufs {
-        for t in layout.tensors() {
+        for t in covered(layout, buf.len()) {
             sum.update(bytemuck::cast_slice(&buf[t.slot.range()]));
         }
     }
     hex64(sum.digest())
 }
 
-/// Writes the tensors of `bufs` with `meta` (a JSON object, without its `checksum`) under
+/// Writes the tensors of `bufs` (those each buffer covers) with `meta` (a JSON object, without its `checksum`) under
 /// [`META_KEY`], the data checksum added to it.
 fn tensors_to_file(
     path: &Path,
@@ -106,7 +114,7 @@ fn tensors_to_file(
     meta["checksum"] = serde_json::Value::String(data_checksum(layout, bufs));
     let mut views = Vec::new();
     for (prefix, buf) in bufs {
-        for t in layout.tensors() {
+        for t in covered(layout, buf.len()) {
             let data: &[u8] = bytemuck::cast_slice(&buf[t.slot.range()]);
             let view = TensorView::new(Dtype::F32, t.shape.clone(), data)
                 .map_err(|e| Error::bad_file(path, format!("tensor {}: {e}", t.name)))?;
@@ -130,12 +138,25 @@ fn file_meta(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
         .map_err(|e| Error::bad_file(path, format!("invalid `{META_KEY}` metadata: {e}")))
 }
 
-/// Reads the tensors `prefix + name` of `layout` for each prefix, after checking, before
-/// allocating anything, that each exists with its shape and that the data's checksum matches
+/// Reads, for each `(prefix, len)`, the tensors `prefix + name` of `layout` that a buffer of
+/// `len` elements covers, into such a buffer. Checks, before allocating anything, that the
+/// file holds exactly those tensors with their shapes and that the data's checksum matches
 /// the file's metadata; then rejects non-finite values.
-fn tensors_from_file(path: &Path, bytes: &[u8], layout: &Layout, prefixes: &[&str]) -> Result<Vec<Vec<f32>>> {
+fn tensors_from_file(
+    path: &Path,
+    bytes: &[u8],
+    layout: &Layout,
+    buffers: &[(&str, usize)],
+) -> Result<Vec<Vec<f32>>> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+    let expected: usize = buffers.iter().map(|&(_, len)| covered(layout, len).count()).sum();
+    if st.len() != expected {
+        return Err(Error::bad_file(
+            path,
+            format!("holds {} tensors, this model and optimizer expect {expected}", st.len()),
+        ));
+    }
     let meta = file_meta(path, bytes)?;
     let want = meta
         .get("checksum")
@@ -144,8 +165,8 @@ fn tensors_from_file(path: &Path, bytes: &[u8], layout: &Layout, prefixes: &[&st
         .to_owned();
     let mut sum = Xxh3::new();
     let mut views = Vec::new();
-    for prefix in prefixes {
-        for t in layout.tensors() {
+    for &(prefix, len) in buffers {
+        for t in covered(layout, len) {
             let name = format!("{prefix}{}", t.name);
             let view =
                 st.tensor(&name).map_err(|_| Error::bad_file(path, format!("tensor `{name}` is missing")))?;
@@ -168,9 +189,10 @@ fn tensors_from_file(path: &Path, bytes: &[u8], layout: &Layout, prefixes: &[&st
         return Err(Error::bad_file(path, "corrupted: the tensor data does not match its checksum"));
     }
     let mut out = Vec::new();
-    for chunk in views.chunks(layout.tensors().len()) {
-        let mut buf = vec![0f32; layout.total()];
-        for (t, view) in chunk {
+    let mut views = views.into_iter();
+    for &(_, len) in buffers {
+        let mut buf = vec![0f32; len];
+        for (t, view) in views.by_ref().take(covered(layout, len).count()) {
             for (o, c) in buf[t.slot.range()].iter_mut().zip(view.data().chunks_exact(4)) {
                 *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
             }
@@ -282,15 +304,20 @@ pub fn load_model(path: &Path) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
         return Err(Error::bad_file(&file, "metadata: the table's rows differ from the tokenizer's buckets"));
     }
     let model = BagModel::new(meta.model.clone());
-    let params = tensors_from_file(&file, &bytes, &model.layout, &[""])?.remove(0);
+    let params = tensors_from_file(&file, &bytes, &model.layout, &[("", model.layout.total())])?.remove(0);
     Ok((meta, model, params))
 }
 
-/// Reads a checkpoint's optimizer moments and training state.
-pub fn load_train(dir: &Path, model: &BagModel) -> Result<(Vec<f32>, Vec<f32>, TrainState)> {
+/// Reads a checkpoint's optimizer moments (buffers of `lens`, as `optim::moment_lens` gives)
+/// and training state.
+pub fn load_train(
+    dir: &Path,
+    model: &BagModel,
+    lens: (usize, usize),
+) -> Result<(Vec<f32>, Vec<f32>, TrainState)> {
     let file = dir.join("optimizer.safetensors");
     let bytes = std::fs::read(&file).at(&file)?;
-    let mut moments = tensors_from_file(&file, &bytes, &model.layout, &["m.", "v."])?;
+    let mut moments = tensors_from_file(&file, &bytes, &model.layout, &[("m.", lens.0), ("v.", lens.1)])?;
     let v = moments.pop().expect("two buffers");
     let m = moments.pop().expect("two buffers");
     let path = dir.join("state.bin");

@@ -206,24 +206,41 @@ impl BagModel {
         grads: &mut B::Buf,
         table_grad: &mut SparseRows<B::Buf>,
     ) {
+        let mut dpooled = be.zeros(0);
+        self.backward_dense(be, params, acts, dlogits, grads, &mut dpooled);
+        be.embedding_bag_backward(batch, &dpooled, self.spec.dim, table_grad);
+    }
+
+    /// The backward pass down to the pooled embedding: accumulates the dense gradients into
+    /// `grads` and writes `∂loss/∂pooled` (n×D) into `dpooled`, from which the table's
+    /// gradient follows ([`Backend::embedding_bag_backward`]) or its fused SGD update
+    /// ([`Backend::embedding_bag_sgd`]).
+    pub fn backward_dense<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        acts: &Activations<B>,
+        dlogits: &B::Buf,
+        grads: &mut B::Buf,
+        dpooled: &mut B::Buf,
+    ) {
         let n = acts.n;
         let site = |s: u32| acts.key.map(|k| DropoutKey { site: s, ..k });
         let last = if self.hidden.is_empty() { &acts.x0 } else { &acts.post[self.hidden.len() - 1] };
-        let mut dx = be.zeros(0);
-        be.linear_backward(last, n, params, self.output.0, self.output.1, dlogits, grads, Some(&mut dx));
+        let dx = dpooled;
+        be.linear_backward(last, n, params, self.output.0, self.output.1, dlogits, grads, Some(&mut *dx));
         let mut dpre = be.zeros(0);
         for (k, &(w, b)) in self.hidden.iter().enumerate().rev() {
             // dx is ∂L/∂post[k]: through dropout, then the activation.
             if let Some(key) = site(k as u32 + 1) {
-                be.dropout(self.spec.hidden_dropout, key, self.spec.hidden[k], &mut dx);
+                be.dropout(self.spec.hidden_dropout, key, self.spec.hidden[k], dx);
             }
-            be.activation_backward(self.spec.activation, &acts.pre[k], &dx, &mut dpre);
+            be.activation_backward(self.spec.activation, &acts.pre[k], dx, &mut dpre);
             let input = if k == 0 { &acts.x0 } else { &acts.post[k - 1] };
-            be.linear_backward(input, n, params, w, b, &dpre, grads, Some(&mut dx));
+            be.linear_backward(input, n, params, w, b, &dpre, grads, Some(&mut *dx));
         }
         if let Some(key) = site(0) {
-            be.dropout(self.spec.embed_dropout, key, self.spec.dim, &mut dx);
+            be.dropout(self.spec.embed_dropout, key, self.spec.dim, dx);
         }
-        be.embedding_bag_backward(batch, &dx, self.spec.dim, table_grad);
     }
 }

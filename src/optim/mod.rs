@@ -86,34 +86,77 @@ impl OptimConfig {
     }
 }
 
-/// The optimizer's state: moments in the parameters' layout, and the step count.
+/// The lengths of the first and second moment buffers for `cfg` on `layout`, whose last
+/// tensor is the embedding table `table`. A moment buffer covers a prefix of the layout: the
+/// whole of it when lazy Adam keeps moments for the table, the dense tensors (`..table.offset`)
+/// when only their optimizer needs it, and nothing otherwise (plain SGD everywhere keeps no
+/// state at all, so a run neither allocates nor checkpoints 2·B·D zeros).
+pub fn moment_lens(cfg: &OptimConfig, layout: &Layout, table: Slot) -> (usize, usize) {
+    assert_eq!(table.range().end, layout.total(), "the table must be the layout's last tensor");
+    let table_moments = cfg.table == TableOptim::SparseAdam;
+    let (dense_m, dense_v) = match cfg.kind {
+        OptimKind::Adamw | OptimKind::Lamb => (true, true),
+        OptimKind::Sgd => (cfg.momentum > 0.0, false),
+    };
+    let len = |dense: bool| {
+        if table_moments {
+            layout.total()
+        } else if dense {
+            table.offset
+        } else {
+            0
+        }
+    };
+    (len(dense_m), len(dense_v))
+}
+
+/// The embedding table's gradient as it reaches [`Optimizer::step`].
+pub enum TableGrad<'a, Buf> {
+    /// The touched rows' gradient, clipped with the rest and applied by the step.
+    Rows(&'a mut SparseRows<Buf>),
+    /// Already applied by the fused backward ([`Optimizer::fuses_table`]), with the squared
+    /// norm of the gradient if it was computed (for the reported norm).
+    Applied(Option<f64>),
+}
+
+/// The optimizer's state: moments over a prefix of the parameters' layout ([`moment_lens`]),
+/// and the step count.
 pub struct Optimizer<B: Backend> {
     pub cfg: OptimConfig,
-    /// First moment (Adam, LAMB, lazy Adam) or momentum buffer (SGD); parameters' layout.
+    /// First moment (Adam, LAMB, lazy Adam) or momentum buffer (SGD); a layout prefix.
     pub m: B::Buf,
-    /// Second moment (Adam, LAMB, lazy Adam); parameters' layout.
+    /// Second moment (Adam, LAMB, lazy Adam); a layout prefix.
     pub v: B::Buf,
     /// Optimizer steps taken.
     pub t: u64,
 }
 
 impl<B: Backend> Optimizer<B> {
-    /// Zero state for a model with `layout`.
-    pub fn new(be: &B, layout: &Layout, cfg: OptimConfig) -> Self {
-        let n = layout.total();
-        Optimizer { cfg, m: be.zeros(n), v: be.zeros(n), t: 0 }
+    /// Zero state for a model with `layout`, whose last tensor is the embedding table at
+    /// `table`. Moments exist only where an optimizer reads them (see [`moment_lens`]).
+    pub fn new(be: &B, layout: &Layout, table: Slot, cfg: OptimConfig) -> Self {
+        let (m, v) = moment_lens(&cfg, layout, table);
+        Optimizer { cfg, m: be.zeros(m), v: be.zeros(v), t: 0 }
     }
 
-    /// The global gradient norm of the dense part and the table's sparse rows.
-    pub fn grad_norm(be: &B, dense: &B::Buf, dense_len: usize, sparse: &SparseRows<B::Buf>) -> f64 {
-        let sparse_len = sparse.rows.len() * sparse.dim;
-        (be.sq_norm(dense, 0..dense_len) + be.sq_norm(&sparse.values, 0..sparse_len)).sqrt()
+    /// Whether the table's update may be fused into its backward pass
+    /// ([`Backend::embedding_bag_sgd`], [`TableGrad::Applied`]): plain SGD on the table, no
+    /// clipping (which needs the whole gradient first) and no accumulation (whose
+    /// micro-batches must all see the same table).
+    pub fn fuses_table(&self) -> bool {
+        self.cfg.table == TableOptim::Sgd && self.cfg.clip_norm == 0.0 && self.cfg.grad_accum == 1
+    }
+
+    /// The learning rate of the tensor at `slot` when the schedule gives `lr`.
+    pub fn lr_of(&self, layout: &Layout, slot: Slot, lr: f64) -> f64 {
+        layout.tensors().iter().find(|t| t.slot == slot).map_or(lr, |t| lr * self.cfg.mult(&t.name))
     }
 
     /// One step with learning rate `lr` on `params`, from dense gradients `grads` (the
-    /// layout up to `table.offset`) and the table's sparse gradient. Clips first when
-    /// configured; returns the gradient norm before clipping. (Every buffer is an explicit
-    /// argument, as in the backend interface.)
+    /// layout up to `table.offset`) and the table's gradient. Clips first when configured;
+    /// returns the gradient norm before clipping (of the dense tensors alone when the table's
+    /// was applied and its norm not given). (Every buffer is an explicit argument, as in the
+    /// backend interface.)
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -122,16 +165,29 @@ impl<B: Backend> Optimizer<B> {
         table: Slot,
         params: &mut B::Buf,
         grads: &mut B::Buf,
-        sparse: &mut SparseRows<B::Buf>,
+        table_grad: TableGrad<'_, B::Buf>,
         lr: f64,
     ) -> f64 {
-        let norm = Self::grad_norm(be, grads, table.offset, sparse);
-        if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm {
-            let f = self.cfg.clip_norm / norm;
-            be.scale(grads, 0..table.offset, f);
-            let n = sparse.rows.len() * sparse.dim;
-            be.scale(&mut sparse.values, 0..n, f);
-        }
+        let dense_sq = be.sq_norm(grads, 0..table.offset);
+        let (rows, norm) = match table_grad {
+            TableGrad::Rows(rows) => {
+                let n = rows.rows.len() * rows.dim;
+                let norm = (dense_sq + be.sq_norm(&rows.values, 0..n)).sqrt();
+                if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm {
+                    let f = self.cfg.clip_norm / norm;
+                    be.scale(grads, 0..table.offset, f);
+                    be.scale(&mut rows.values, 0..n, f);
+                }
+                (Some(rows), norm)
+            }
+            TableGrad::Applied(sq) => {
+                assert!(
+                    self.fuses_table(),
+                    "the table's update was fused where the optimizer does not allow it"
+                );
+                (None, (dense_sq + sq.unwrap_or(0.0)).sqrt())
+            }
+        };
         self.t += 1;
         let c = &self.cfg;
         for tensor in layout.tensors() {
@@ -145,11 +201,13 @@ impl<B: Backend> Optimizer<B> {
                 t: self.t,
             };
             if tensor.slot == table {
-                match c.table {
-                    TableOptim::SparseAdam => {
-                        be.sparse_adam(params, table, sparse, &mut self.m, &mut self.v, adam)
+                if let Some(rows) = &rows {
+                    match c.table {
+                        TableOptim::SparseAdam => {
+                            be.sparse_adam(params, table, rows, &mut self.m, &mut self.v, adam)
+                        }
+                        TableOptim::Sgd => be.sparse_sgd(params, table, rows, lr),
                     }
-                    TableOptim::Sgd => be.sparse_sgd(params, table, sparse, lr),
                 }
                 continue;
             }
@@ -192,12 +250,12 @@ mod tests {
         let be = Cpu::<f64>::new();
         let (l, w, t) = layout();
         let cfg = OptimConfig { lr: 0.1, weight_decay: 0.5, eps: 1e-12, ..OptimConfig::default() };
-        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut opt = Optimizer::new(&be, &l, t, cfg);
         let mut p = vec![1.0; l.total()];
         let mut g = vec![0.0; t.offset];
         g[w.offset..w.offset + 3].copy_from_slice(&[2.0, -0.5, 0.0]);
         let mut s = sparse(vec![], vec![]);
-        opt.step(&be, &l, t, &mut p, &mut g, &mut s, 0.1);
+        opt.step(&be, &l, t, &mut p, &mut g, TableGrad::Rows(&mut s), 0.1);
         // t = 1: m̂ = g, v̂ = g², so the step is lr·(sign(g) + wd·p).
         let want = [1.0 - 0.1 * (1.0 + 0.5), 1.0 - 0.1 * (-1.0 + 0.5), 1.0 - 0.1 * 0.5];
         for (got, want) in p[w.range()].iter().zip(want) {
@@ -218,14 +276,14 @@ mod tests {
             weight_decay: 0.1,
             ..OptimConfig::default()
         };
-        let mut opt = Optimizer::new(&be, &l, cfg.clone());
+        let mut opt = Optimizer::new(&be, &l, t, cfg.clone());
         let mut p = vec![0.5; l.total()];
         let grads = [[0.3, -1.0, 2.0], [-0.2, 0.4, 1.0], [1.5, 0.0, -0.7]];
         let (mut rp, mut rm, mut rv) = ([0.5f64; 3], [0.0f64; 3], [0.0f64; 3]);
         for (step, g) in grads.iter().enumerate() {
             let mut gb = vec![0.0; t.offset];
             gb[w.range()].copy_from_slice(g);
-            opt.step(&be, &l, t, &mut p, &mut gb, &mut sparse(vec![], vec![]), cfg.lr);
+            opt.step(&be, &l, t, &mut p, &mut gb, TableGrad::Rows(&mut sparse(vec![], vec![])), cfg.lr);
             let tt = step as i32 + 1;
             for i in 0..3 {
                 rm[i] = cfg.beta1 * rm[i] + (1.0 - cfg.beta1) * g[i];
@@ -254,11 +312,11 @@ mod tests {
         let be = Cpu::<f64>::new();
         let (l, _, t) = layout();
         let cfg = OptimConfig { weight_decay: 0.5, eps: 1e-12, ..OptimConfig::default() };
-        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut opt = Optimizer::new(&be, &l, t, cfg);
         let mut p = vec![1.0; l.total()];
         let mut g = vec![0.0; t.offset];
         let mut s = sparse(vec![1, 3], vec![1.0, -1.0, 0.5, 0.25]);
-        opt.step(&be, &l, t, &mut p, &mut g, &mut s, 0.01);
+        opt.step(&be, &l, t, &mut p, &mut g, TableGrad::Rows(&mut s), 0.01);
         let row = |r: usize| &p[t.offset + 2 * r..t.offset + 2 * r + 2];
         assert_eq!(row(0), [1.0, 1.0]);
         assert_eq!(row(2), [1.0, 1.0]);
@@ -278,13 +336,13 @@ mod tests {
             nesterov: true,
             ..Default::default()
         };
-        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut opt = Optimizer::new(&be, &l, t, cfg);
         let mut p = vec![0.0; l.total()];
         let mut s = sparse(vec![0], vec![1.0, 2.0]);
         for _ in 0..2 {
             let mut g = vec![0.0; t.offset];
             g[w.offset] = 1.0;
-            opt.step(&be, &l, t, &mut p, &mut g, &mut s, 0.1);
+            opt.step(&be, &l, t, &mut p, &mut g, TableGrad::Rows(&mut s), 0.1);
         }
         // b1 = 1, step1 = 1 + 0.9 = 1.9; b2 = 1.9, step2 = 1 + 1.71 = 2.71.
         assert!((p[w.offset] + 0.1 * (1.9 + 2.71)).abs() < 1e-12, "{}", p[w.offset]);
@@ -297,12 +355,12 @@ mod tests {
         let be = Cpu::<f64>::new();
         let (l, w, t) = layout();
         let cfg = OptimConfig { kind: OptimKind::Lamb, eps: 1e-12, ..OptimConfig::default() };
-        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut opt = Optimizer::new(&be, &l, t, cfg);
         let mut p = vec![0.0; l.total()];
         p[w.offset..w.offset + 3].copy_from_slice(&[3.0, 4.0, 0.0]); // ‖p‖ = 5
         let mut g = vec![0.0; t.offset];
         g[w.offset..w.offset + 3].copy_from_slice(&[1.0, 1.0, -1.0]); // u = (1, 1, −1), ‖u‖ = √3
-        opt.step(&be, &l, t, &mut p, &mut g, &mut sparse(vec![], vec![]), 0.1);
+        opt.step(&be, &l, t, &mut p, &mut g, TableGrad::Rows(&mut sparse(vec![], vec![])), 0.1);
         let r = 0.1 * 5.0 / 3f64.sqrt();
         let want = [3.0 - r, 4.0 - r, r];
         for (got, want) in p[w.range()].iter().zip(want) {
@@ -325,12 +383,12 @@ mod tests {
         cfg.lr_mult.insert("out".into(), 5.0);
         assert_eq!(cfg.mult("output.weight"), 2.0, "the longest prefix wins");
         assert_eq!(cfg.mult("embedding.weight"), 1.0);
-        let mut opt = Optimizer::new(&be, &l, cfg);
+        let mut opt = Optimizer::new(&be, &l, t, cfg);
         let mut p = vec![0.0; l.total()];
         let mut g = vec![0.0; t.offset];
         g[w.offset] = 3.0;
         let mut s = sparse(vec![2], vec![4.0, 0.0]); // global norm 5 → scaled by 1/5
-        let norm = opt.step(&be, &l, t, &mut p, &mut g, &mut s, 0.1);
+        let norm = opt.step(&be, &l, t, &mut p, &mut g, TableGrad::Rows(&mut s), 0.1);
         assert!((norm - 5.0).abs() < 1e-12);
         assert!((p[w.offset] + 0.1 * 2.0 * 0.6).abs() < 1e-12, "clipped and multiplied: {}", p[w.offset]);
         assert!((p[t.offset + 4] + 0.1 * 0.8).abs() < 1e-12, "{}", p[t.offset + 4]);

@@ -23,7 +23,7 @@ use crate::data::shard::SplitKind;
 use crate::error::{Error, IoContext, Result};
 use crate::model::bag::{Activations, BagModel, BagSpec};
 use crate::optim::schedule::Plateau;
-use crate::optim::Optimizer;
+use crate::optim::{moment_lens, Optimizer, TableGrad};
 use metrics::EvalReport;
 
 /// Where to start from.
@@ -120,6 +120,10 @@ pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
 
 /// Trains a bag model as `cfg` says, on the CPU backend.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
+    crate::backend::cpu::on_worker(|| train_on_worker(cfg, opts))
+}
+
+fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let be = Cpu::<f32>::new();
     let started = Instant::now();
     let ds = Dataset::open(&cfg.data.dir)?;
@@ -172,7 +176,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let ckpt_root = t.out_dir.join("checkpoints");
 
     let mut params: Vec<f32> = model.init(t.seed);
-    let mut opt = Optimizer::new(&be, &model.layout, cfg.optim.clone());
+    let mut opt = Optimizer::new(&be, &model.layout, model.table, cfg.optim.clone());
     let mut loader = Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, (0..p).collect())?;
     let mut plateau = Plateau::default();
     let mut step = 0u64;
@@ -207,7 +211,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
                 format!("the checkpoint's {what} differs from this config and data set"),
             ));
         }
-        let (mm, vv, state) = checkpoint::load_train(dir, &model)?;
+        let lens = moment_lens(&cfg.optim, &model.layout, model.table);
+        let (mm, vv, state) = checkpoint::load_train(dir, &model, lens)?;
         if state.config_hash != config_hash {
             return Err(Error::bad_file(dir, "the checkpoint was written with a different training config"));
         }
@@ -255,6 +260,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     // The table's sparse gradient (and a second one for accumulation), reused every step.
     let mut sparse = SparseRows::new(be.zeros(0), model.spec.dim);
     let mut extra = SparseRows::new(be.zeros(0), model.spec.dim);
+    let mut dpooled = be.zeros(0);
+    let fused = opt.fuses_table();
     let mut total_tokens = 0u64;
     let mut win_start = Instant::now();
     let mut last_ckpt = resume_from.clone();
@@ -264,6 +271,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     let restored_tokens = win.tokens;
     while step < total {
         let step_start = Instant::now();
+        let lr = cfg.optim.lr * cfg.schedule.at(step, total) * plateau.factor;
+        let logs = (step + 1) % t.log_every == 0 || step + 1 == total;
+        let mut table_sq = None;
         be.fill_zero(&mut grads);
         for micro in 0..accum {
             let batch = loader.next_batch(&ds)?;
@@ -279,7 +289,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
                     "the loss became {loss_sum} at step {step}: lower optim.lr, or set optim.clip_norm"
                 )));
             }
-            if micro == 0 {
+            if fused {
+                // Plain SGD on the table, applied as its gradient is formed (accum is 1). The
+                // gradient itself is formed only where its norm is logged.
+                model.backward_dense(&be, &params, &acts, &dlogits, &mut grads, &mut dpooled);
+                if logs {
+                    be.embedding_bag_backward(&dev, &dpooled, model.spec.dim, &mut sparse);
+                    table_sq = Some(be.sq_norm(&sparse.values, 0..sparse.rows.len() * sparse.dim));
+                }
+                let table_lr = opt.lr_of(&model.layout, model.table, lr);
+                be.embedding_bag_sgd(&mut params, model.table, &dev, &dpooled, table_lr);
+            } else if micro == 0 {
                 model.backward(&be, &params, &dev, &acts, &dlogits, &mut grads, &mut sparse);
             } else {
                 model.backward(&be, &params, &dev, &acts, &dlogits, &mut grads, &mut extra);
@@ -295,13 +315,13 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
                 win.correct += u64::from(batch.labels[i] == pred as i32);
             }
         }
-        let lr = cfg.optim.lr * cfg.schedule.at(step, total) * plateau.factor;
-        let norm = opt.step(&be, &model.layout, model.table, &mut params, &mut grads, &mut sparse, lr);
+        let table_grad = if fused { TableGrad::Applied(table_sq) } else { TableGrad::Rows(&mut sparse) };
+        let norm = opt.step(&be, &model.layout, model.table, &mut params, &mut grads, table_grad, lr);
         step_secs += step_start.elapsed().as_secs_f64();
         step += 1;
         bar.set_position(step);
 
-        if step % t.log_every == 0 || step == total {
+        if logs {
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let (loss, acc) =
                 (win.loss_sum / win.docs.max(1) as f64, win.correct as f64 / win.docs.max(1) as f64);
