@@ -11,6 +11,8 @@ Hyperparameters are fixed in advance; nothing is tuned on the test split.
 Usage (from the repository root, after `cargo build --release`):
     .venv/bin/pip install fasttext-wheel==0.9.2
     .venv/bin/python bench/brown_vs_fasttext.py --seeds 1 2 3 --out runs/vs_fasttext
+    # dtrain with fastText's own recipe (SGD) instead of configs/brown/supervised.toml:
+    .venv/bin/python bench/brown_vs_fasttext.py --config configs/brown/fasttext.toml --out runs/vs_fasttext_sgd
 Writes runs/vs_fasttext/results.json and prints a Markdown table.
 """
 
@@ -75,7 +77,7 @@ def run_fasttext(d, train, test, seed):
     return {"accuracy": p_at_1, "test_documents": n, "seconds": secs}
 
 
-def run_dtrain(d, train, test, seed):
+def run_dtrain(d, train, test, seed, config):
     tr, te = os.path.join(d, "train.tsv"), os.path.join(d, "test.tsv")
     write(tr, train, False)
     write(te, test, False)
@@ -85,7 +87,7 @@ def run_dtrain(d, train, test, seed):
     if os.path.exists(out):
         subprocess.run(["rm", "-rf", out], check=True)
     start = time.time()
-    subprocess.run([DTRAIN, "train", "--quiet", "--config", os.path.join(ROOT, "configs/brown/supervised.toml"),
+    subprocess.run([DTRAIN, "train", "--quiet", "--config", os.path.join(ROOT, config),
                     "--set", f'data.dir="{data}"', "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}"],
                    check=True, capture_output=True)
     secs = time.time() - start
@@ -98,6 +100,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--out", default="runs/vs_fasttext")
+    ap.add_argument("--config", default="configs/brown/supervised.toml", help="dtrain's training config")
     args = ap.parse_args()
     rows = load()
     results = []
@@ -107,7 +110,7 @@ def main():
             os.makedirs(d, exist_ok=True)
             train, test = split(rows, seed, k)
             ft = run_fasttext(d, train, test, seed)
-            dt = run_dtrain(d, train, test, seed)
+            dt = run_dtrain(d, train, test, seed, args.config)
             r = {"setting": setting, "seed": seed, "train_documents": len(train), "test_documents": len(test),
                  "fasttext": ft, "dtrain": dt}
             print(json.dumps(r), flush=True)

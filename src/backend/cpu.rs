@@ -32,6 +32,54 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// A zero-filled buffer of `len` elements. Buffers of 64 MiB and more (embedding tables and
+/// their moments) are asked to live on transparent huge pages, before any page is touched:
+/// their rows are read at random, and with 4 KiB pages nearly every row costs a TLB miss.
+/// Where the kernel does not allow it the advice is ignored (results never depend on it).
+pub fn zeroed<F: Real>(len: usize) -> Vec<F> {
+    let mut buf = vec![F::zero(); len];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = std::mem::size_of_val(buf.as_slice());
+        if bytes >= 64 << 20 {
+            let start = buf.as_mut_ptr() as usize;
+            let aligned = start.next_multiple_of(HUGE);
+            let end = (start + bytes) / HUGE * HUGE;
+            if end > aligned {
+                // SAFETY: the range lies inside `buf`'s allocation and is 2 MiB-aligned;
+                // MADV_HUGEPAGE changes only how the kernel backs the pages, not their
+                // contents, and its failure is harmless.
+                unsafe { libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE) };
+            }
+        }
+    }
+    buf
+}
+
+/// How many rows ahead of the current one the table loops prefetch.
+const PREFETCH_AHEAD: usize = 4;
+
+/// Asks the CPU to start loading `row` into its caches: a hint, with no effect on results.
+/// The rows a batch touches are scattered over a table far larger than the caches, so the
+/// hardware prefetcher cannot guess them; requesting a row a few rows ahead overlaps its
+/// cache misses with the arithmetic on the current one.
+#[inline(always)]
+fn prefetch<F>(row: &[F]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = row.as_ptr().cast::<i8>();
+        for offset in (0..std::mem::size_of_val(row)).step_by(64) {
+            // SAFETY: a prefetch never faults and reads nothing architecturally; the address
+            // lies inside `row`.
+            unsafe { _mm_prefetch(p.wrapping_add(offset), _MM_HINT_T0) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
 /// Rows per rayon task for row-parallel loops: large enough to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
 /// Below this many elements a sequential sort beats rayon's (measured: the parallel sort's
@@ -108,7 +156,7 @@ impl<F: Real> Backend for Cpu<F> {
     }
 
     fn zeros(&self, len: usize) -> Vec<F> {
-        vec![F::zero(); len]
+        zeroed(len)
     }
 
     fn upload(&self, host: &[F]) -> Vec<F> {
@@ -135,7 +183,10 @@ impl<F: Real> Backend for Cpu<F> {
         out.par_chunks_mut(dim).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(i, row)| {
             row.iter_mut().for_each(|v| *v = F::zero());
             let ids = &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize];
-            for &id in ids {
+            for (j, &id) in ids.iter().enumerate() {
+                if let Some(&ahead) = ids.get(j + PREFETCH_AHEAD) {
+                    prefetch(&t[ahead as usize * dim..(ahead as usize + 1) * dim]);
+                }
                 let src = &t[id as usize * dim..(id as usize + 1) * dim];
                 row.iter_mut().zip(src).for_each(|(r, &s)| *r += s);
             }
@@ -214,7 +265,14 @@ impl<F: Real> Backend for Cpu<F> {
             for i in 0..n {
                 let g = &dout[i * dim..(i + 1) * dim];
                 let s = scale[i];
-                for &id in &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize] {
+                let ids = &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize];
+                for (j, &id) in ids.iter().enumerate() {
+                    if let Some(&ahead) = ids.get(j + PREFETCH_AHEAD) {
+                        let ahead = ahead as usize;
+                        if (first..end).contains(&ahead) {
+                            prefetch(&rows[(ahead - first) * dim..(ahead - first + 1) * dim]);
+                        }
+                    }
                     let id = id as usize;
                     if (first..end).contains(&id) {
                         let row = &mut rows[(id - first) * dim..(id - first + 1) * dim];
@@ -486,6 +544,12 @@ impl<F: Real> Backend for Cpu<F> {
         // Rows are unique, so the per-row updates touch disjoint memory; they run in order
         // here (each row is only `dim` long) and are deterministic.
         for (k, &row) in grad.rows.iter().enumerate() {
+            if let Some(&ahead) = grad.rows.get(k + PREFETCH_AHEAD) {
+                let r = table.offset + ahead as usize * dim..table.offset + (ahead as usize + 1) * dim;
+                prefetch(&params[r.clone()]);
+                prefetch(&m[r.clone()]);
+                prefetch(&v[r]);
+            }
             let r = table.offset + row as usize * dim..table.offset + (row as usize + 1) * dim;
             let g = &grad.values[k * dim..(k + 1) * dim];
             adam_rows(&mut params[r.clone()], g, &mut m[r.clone()], &mut v[r], h);
@@ -496,6 +560,10 @@ impl<F: Real> Backend for Cpu<F> {
         let dim = grad.dim;
         let lr = F::of(lr);
         for (k, &row) in grad.rows.iter().enumerate() {
+            if let Some(&ahead) = grad.rows.get(k + PREFETCH_AHEAD) {
+                let start = table.offset + ahead as usize * dim;
+                prefetch(&params[start..start + dim]);
+            }
             let start = table.offset + row as usize * dim;
             let g = &grad.values[k * dim..(k + 1) * dim];
             params[start..start + dim].iter_mut().zip(g).for_each(|(p, &g)| *p = *p - lr * g);
