@@ -294,9 +294,22 @@ fn byte_order_mark_is_not_part_of_the_first_label() {
 fn forge(path: &Path, edit: impl Fn(&mut Vec<u8>)) {
     let mut b = std::fs::read(path).unwrap();
     edit(&mut b);
-    let sum = xxhash_rust::xxh3::xxh3_64(&b[..120]);
-    b[120..128].copy_from_slice(&sum.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[..152]);
+    b[152..160].copy_from_slice(&sum.to_le_bytes());
     std::fs::write(path, b).unwrap();
+}
+
+/// A shard of format version 1 (before word sequences) is refused with what to do.
+#[test]
+fn old_shard_versions_ask_for_a_new_prepare() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepared(dir.path());
+    forge(&out.join("train-00000.shard"), |b| b[8..12].copy_from_slice(&1u32.to_le_bytes()));
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        e.contains("train-00000.shard") && e.contains("version 1") && e.contains("prepare the data again"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -307,8 +320,8 @@ fn forged_sections_and_labels_are_refused_without_panics() {
     let original = std::fs::read(&shard).unwrap();
     // The labels section pointed at the hidden-label section (overlapping sections).
     forge(&shard, |b| {
-        let hidden = b[88..96].to_vec();
-        b[72..80].copy_from_slice(&hidden);
+        let hidden = b[112..120].to_vec();
+        b[96..104].copy_from_slice(&hidden);
     });
     let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("train-00000.shard") && e.contains("section table"), "{e}");
@@ -316,7 +329,7 @@ fn forged_sections_and_labels_are_refused_without_panics() {
 
     // A label out of range in the payload: open refuses it, and so does the CLI, without a panic.
     std::fs::write(&shard, &original).unwrap();
-    let labels_at = u64::from_le_bytes(original[72..80].try_into().unwrap()) as usize;
+    let labels_at = u64::from_le_bytes(original[96..104].try_into().unwrap()) as usize;
     let mut bad = original.clone();
     bad[labels_at..labels_at + 4].copy_from_slice(&7i32.to_le_bytes());
     std::fs::write(&shard, &bad).unwrap();
@@ -333,7 +346,7 @@ fn forged_sections_and_labels_are_refused_without_panics() {
     std::fs::write(&shard, &original).unwrap();
     let u = out.join("unlabeled-00000.shard");
     let ub = std::fs::read(&u).unwrap();
-    let at = u64::from_le_bytes(ub[72..80].try_into().unwrap()) as usize;
+    let at = u64::from_le_bytes(ub[96..104].try_into().unwrap()) as usize;
     let mut ub2 = ub.clone();
     ub2[at..at + 4].copy_from_slice(&0i32.to_le_bytes());
     std::fs::write(&u, &ub2).unwrap();

@@ -85,7 +85,7 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     assert!(t.contains("char n-grams 3..5") && t.contains("\"<go\"") && t.contains("unlabeled[0:0]"), "{t}");
 
     let r = dtrain(&["verify", o]);
-    assert!(r.status.success() && text(&r).contains("all 9 files verified"), "{}", text(&r));
+    assert!(r.status.success() && text(&r).contains("all 10 files verified"), "{}", text(&r));
 
     // A flipped byte makes verify fail with a non-zero exit code naming the file.
     let shard = out.join("unlabeled-00000.shard");
@@ -149,7 +149,7 @@ fn demo_prepares_trains_and_evaluates_the_bundled_data() {
     assert!(r.status.success(), "{t}");
     assert!(t.contains("documents  15638"), "{t}");
     assert!(t.contains("29 duplicates"), "{t}");
-    assert!(t.contains("all 33 files verified"), "{t}");
+    assert!(t.contains("all 34 files verified"), "{t}");
     assert!(t.contains("test: 3130 documents"), "{t}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();

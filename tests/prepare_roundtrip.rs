@@ -166,7 +166,7 @@ fn same_inputs_and_seed_give_identical_files() {
     let mut files: Vec<String> =
         std::fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     files.sort();
-    assert_eq!(files.len(), 1 + 4 * 8);
+    assert_eq!(files.len(), 2 + 4 * 8, "manifest, vocabulary and 32 shards: {files:?}");
     for name in &files {
         assert_eq!(read(&a, name), read(&b, name), "{name} differs between identical runs");
     }

@@ -81,6 +81,24 @@ proptest! {
         prop_assert_eq!(tok.tokenize(&ascii), tok.tokenize(&ascii.to_uppercase()));
     }
 
+    /// Pretraining's per-word features are exactly the ids the classifier's tokenizer emits
+    /// for the same words, so that a pretrained table transfers row for row.
+    #[test]
+    fn word_features_are_the_classifier_ids(words in prop::collection::vec("[a-zà-ö]{1,9}", 1..12), lo in 1u32..4, extra in 0u32..4) {
+        let spec = TokenizerSpec { word_ngrams: 1, char_ngram_min: lo, char_ngram_max: lo + extra, ..TokenizerSpec::default() };
+        let tok = Tokenizer::new(spec.clone());
+        let text = words.join(" ");
+        let (t, units) = tok.tokenize_with_words(&text);
+        prop_assert_eq!(&units, &words);
+        let mut concat = Vec::new();
+        let mut f = Vec::new();
+        for w in &units {
+            tok.word_features(w, spec.char_ngram_min, spec.char_ngram_max, &mut f);
+            concat.extend_from_slice(&f);
+        }
+        prop_assert_eq!(t.ids, concat);
+    }
+
     #[test]
     fn whitespace_runs_do_not_matter(words in prop::collection::vec("[a-z]{1,6}", 1..10), seps in prop::collection::vec("[ \t\u{3000}]{1,3}", 10)) {
         let tok = Tokenizer::new(TokenizerSpec { char_ngram_max: 4, ..TokenizerSpec::default() });
@@ -95,7 +113,10 @@ proptest! {
 
     #[test]
     fn shards_round_trip_arbitrary_documents(
-        docs in prop::collection::vec((prop::collection::vec(0u32..1000, 0..40), 0i32..5, any::<u64>()), 0..60),
+        docs in prop::collection::vec(
+            (prop::collection::vec(0u32..1000, 0..40), prop::collection::vec(0u32..50, 0..20), 0i32..5, any::<u64>()),
+            0..60,
+        ),
         index in 0u32..4,
         unlabeled in any::<bool>(),
     ) {
@@ -104,24 +125,26 @@ proptest! {
         // Labeled splits carry the label; unlabeled ones a hidden label (or none, -1).
         let columns = |label: i32, sample: u64| if unlabeled { (-1, (sample % 6) as i32 - 1) } else { (label, -1) };
         let mut w = ShardWriter::create(dir.path(), split, index, 4, 0xabcdef).unwrap();
-        for (ids, label, sample) in &docs {
+        for (ids, words, label, sample) in &docs {
             let (l, h) = columns(*label, *sample);
-            w.push(ids, l, *sample, h).unwrap();
+            w.push(ids, words, l, *sample, h).unwrap();
         }
         let summary = w.finish().unwrap();
         prop_assert_eq!(summary.docs as usize, docs.len());
         let shard = Shard::open(&dir.path().join(summary.file)).unwrap();
         shard.verify_checksum().unwrap();
         shard.verify_ids(1000).unwrap();
+        shard.verify_words(50).unwrap();
         shard.verify_labels(5).unwrap();
         prop_assert_eq!(shard.header().tokenizer_hash, 0xabcdef);
         prop_assert_eq!(shard.header().shard_index, index);
         prop_assert_eq!(shard.header().split, split);
         prop_assert_eq!(shard.len(), docs.len());
-        for (i, (ids, label, sample)) in docs.iter().enumerate() {
+        for (i, (ids, words, label, sample)) in docs.iter().enumerate() {
             let (l, h) = columns(*label, *sample);
             let d = shard.doc(i);
             prop_assert_eq!(d.ids, &ids[..]);
+            prop_assert_eq!(shard.doc_words(i), &words[..]);
             prop_assert_eq!(d.label, u32::try_from(l).ok());
             prop_assert_eq!(d.sample_id, *sample);
             prop_assert_eq!(shard.hidden_label(i), u32::try_from(h).ok());

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::data::manifest::{hex64, Manifest};
 use crate::data::shard::{Shard, SplitKind};
+use crate::data::vocab::{Vocab, VOCAB_FILE};
 use crate::error::{Error, Result};
 
 /// An open data set: manifest and memory-mapped shards of every split.
@@ -51,6 +52,31 @@ impl Dataset {
     pub fn shards(&self, split: SplitKind) -> &[Shard] {
         &self.shards[split as usize]
     }
+
+    /// Reads the vocabulary that the shards' word sequences index, checked against the
+    /// manifest (checksum and size).
+    pub fn vocab(&self) -> Result<Vocab> {
+        read_vocab(&self.dir, &self.manifest)
+    }
+}
+
+/// Reads `vocab.bin` and checks it against the manifest's record of it.
+fn read_vocab(dir: &Path, manifest: &Manifest) -> Result<Vocab> {
+    let (vocab, summary) = Vocab::read(dir)?;
+    let path = dir.join(VOCAB_FILE);
+    if summary.words != manifest.vocab.words || summary.bytes != manifest.vocab.bytes {
+        return Err(Error::bad_file(
+            &path,
+            format!(
+                "holds {} words in {} bytes, but the manifest lists {} words in {} bytes",
+                summary.words, summary.bytes, manifest.vocab.words, manifest.vocab.bytes
+            ),
+        ));
+    }
+    if hex64(summary.checksum) != manifest.vocab.checksum {
+        return Err(Error::bad_file(&path, "is not the vocabulary the manifest lists (checksum differs)"));
+    }
+    Ok(vocab)
 }
 
 /// Opens shard `index` of `kind` and checks it against the manifest.
@@ -92,11 +118,11 @@ fn open_checked(dir: &Path, manifest: &Manifest, kind: SplitKind, index: u32) ->
             format!("{} {index}/{}", kind.name(), manifest.num_shards),
         );
     }
-    if h.num_docs != info.docs || h.num_ids != info.ids {
+    if h.num_docs != info.docs || h.num_ids != info.ids || h.num_words != info.words {
         return mismatch(
             "the size",
-            format!("{} docs / {} ids", h.num_docs, h.num_ids),
-            format!("{} docs / {} ids", info.docs, info.ids),
+            format!("{} docs / {} ids / {} words", h.num_docs, h.num_ids, h.num_words),
+            format!("{} docs / {} ids / {} words", info.docs, info.ids, info.words),
         );
     }
     if hex64(h.payload_checksum) != info.checksum {
@@ -134,11 +160,22 @@ pub fn verify(dir: &Path) -> VerifyReport {
             return report;
         }
     };
+    let vocab_len = match read_vocab(dir, &manifest) {
+        Ok(v) => {
+            report.files.push((VOCAB_FILE.into(), None));
+            v.len() as u64
+        }
+        Err(e) => {
+            report.files.push((VOCAB_FILE.into(), Some(e.to_string())));
+            0
+        }
+    };
     for kind in SplitKind::ALL {
         for index in 0..manifest.num_shards {
             let outcome = open_checked(dir, &manifest, kind, index).and_then(|shard| {
                 shard.verify_checksum()?;
-                shard.verify_ids(manifest.tokenizer.buckets)
+                shard.verify_ids(manifest.tokenizer.buckets)?;
+                shard.verify_words(vocab_len)
             });
             report.files.push((kind.shard_file(index), outcome.err().map(|e| e.to_string())));
         }
@@ -158,6 +195,8 @@ pub fn describe(m: &Manifest) -> String {
         st.tokens,
         st.tokens as f64 / st.documents.max(1) as f64
     );
+    let words: u64 = m.splits.values().map(|s| s.words).sum();
+    let _ = writeln!(s, "words      {words} in sequence   vocabulary {} distinct words", m.vocab.words);
     let _ = writeln!(
         s,
         "dropped    {} duplicates ({} with another label)   {} bad lines skipped   {} blank lines   {} truncated docs (max_words {})",

@@ -16,7 +16,7 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// The value of the manifest's `format` field.
 pub const MANIFEST_FORMAT: &str = "dtrain-dataset";
 /// Current manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// The whole manifest. Field order is the serialisation order, which the checksum relies on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,8 @@ pub struct Manifest {
     pub stats: Stats,
     /// Each split with its shards, keyed by split name.
     pub splits: BTreeMap<String, SplitInfo>,
+    /// The vocabulary file (`vocab.bin`) that the shards' word sequences index.
+    pub vocab: VocabRecord,
     /// xxh3_64 (16 hex digits) of this manifest serialised with `checksum` set to "".
     pub checksum: String,
 }
@@ -103,12 +105,25 @@ pub struct Stats {
     pub empty_after_tokenizing: u64,
 }
 
+/// The vocabulary file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VocabRecord {
+    /// Distinct words.
+    pub words: u64,
+    pub bytes: u64,
+    /// Payload checksum, as in the file's header (16 hex digits).
+    pub checksum: String,
+}
+
 /// One split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SplitInfo {
     pub docs: u64,
     pub tokens: u64,
+    /// Word units (the skip-gram sequences' length).
+    pub words: u64,
     /// Documents per class (by label id): labels for train/val/test, hidden labels for
     /// unlabeled (documents with no known label are not counted here).
     pub per_class: Vec<u64>,
@@ -122,6 +137,7 @@ pub struct ShardInfo {
     pub file: String,
     pub docs: u64,
     pub ids: u64,
+    pub words: u64,
     pub bytes: u64,
     /// Payload checksum, as in the shard header (16 hex digits).
     pub checksum: String,
@@ -212,10 +228,11 @@ impl Manifest {
             }
             let docs: u64 = split.shards.iter().map(|s| s.docs).sum();
             let ids: u64 = split.shards.iter().map(|s| s.ids).sum();
-            if docs != split.docs || ids != split.tokens {
+            let words: u64 = split.shards.iter().map(|s| s.words).sum();
+            if docs != split.docs || ids != split.tokens || words != split.words {
                 return Err(format!(
-                    "split `{name}` totals ({} docs, {} ids) differ from its shards' ({docs}, {ids})",
-                    split.docs, split.tokens
+                    "split `{name}` totals ({} docs, {} ids, {} words) differ from its shards' ({docs}, {ids}, {words})",
+                    split.docs, split.tokens, split.words
                 ));
             }
         }

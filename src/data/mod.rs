@@ -8,3 +8,4 @@ pub mod prepare;
 pub mod shard;
 pub mod split;
 pub mod tokenize;
+pub mod vocab;

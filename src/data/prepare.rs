@@ -29,11 +29,13 @@ use rayon::prelude::*;
 use crate::config::PrepareConfig;
 use crate::data::input::{parse_line, DiskCounter, Format, JsonFields, LineReader, Parsed, Role};
 use crate::data::manifest::{
-    hex64, InputRecord, Manifest, ShardInfo, SplitInfo, SplitRecord, Stats, MANIFEST_FORMAT, MANIFEST_VERSION,
+    hex64, InputRecord, Manifest, ShardInfo, SplitInfo, SplitRecord, Stats, VocabRecord, MANIFEST_FORMAT,
+    MANIFEST_VERSION,
 };
 use crate::data::shard::{ShardWriter, SplitKind};
 use crate::data::split;
 use crate::data::tokenize::Tokenizer;
+use crate::data::vocab::Vocab;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
@@ -62,6 +64,10 @@ struct TokDoc {
     line: u64,
     label: Option<String>,
     ids: Vec<u32>,
+    /// Word units in text order, as text (from the parallel tokenizer) …
+    word_text: Vec<String>,
+    /// … and as vocabulary indices (assigned in file order, for kept documents).
+    words: Vec<u32>,
     truncated: bool,
     key: u64,
 }
@@ -70,6 +76,7 @@ struct TokDoc {
 struct PoolDoc {
     label: u32,
     ids: Vec<u32>,
+    words: Vec<u32>,
     sample_id: u64,
 }
 
@@ -85,6 +92,8 @@ struct Run<'a> {
     seen_index: HashMap<String, u32>,
     /// De-duplication keys and the provisional label of the first copy (-1: unlabeled).
     keys: HashMap<u64, i64>,
+    /// Every word of the kept documents, in first-seen order.
+    vocab: Vocab,
     next_sample_id: u64,
     stats: Stats,
     inputs: Vec<InputRecord>,
@@ -206,6 +215,7 @@ fn prepare_into(
         seen_labels: Vec::new(),
         seen_index: HashMap::new(),
         keys: HashMap::new(),
+        vocab: Vocab::new(),
         next_sample_id: 0,
         stats: Stats::default(),
         inputs: Vec::new(),
@@ -223,7 +233,7 @@ fn prepare_into(
         let target = if *role == Role::Test { &mut test_docs } else { &mut pool };
         run.read_file(path, *role, format, |doc, sample_id, label| {
             let label = u32::try_from(label).expect("labeled roles always have a label id");
-            target.push(PoolDoc { label, ids: doc.ids, sample_id });
+            target.push(PoolDoc { label, ids: doc.ids, words: doc.words, sample_id });
             Ok(())
         })?;
     }
@@ -271,7 +281,7 @@ fn prepare_into(
             plan.get(kind).iter().map(|&i| &pool[i]).collect()
         };
         for d in docs {
-            w.push(&d.ids, d.label as i32, d.sample_id, -1)?;
+            w.push(&d.ids, &d.words, d.label as i32, d.sample_id, -1)?;
         }
         splits.insert(kind.name().to_owned(), w.finish()?);
     }
@@ -280,16 +290,19 @@ fn prepare_into(
     let mut w = SplitWriter::new(dir, SplitKind::Unlabeled, p, tok_hash, names.len())?;
     for &i in plan.get(SplitKind::Unlabeled) {
         let d = &pool[i];
-        w.push(&d.ids, -1, d.sample_id, d.label as i32)?;
+        w.push(&d.ids, &d.words, -1, d.sample_id, d.label as i32)?;
     }
     drop(pool);
     drop(test_docs);
     for ((path, role), &format) in files.iter().zip(formats).skip(n_labeled_files) {
-        run.read_file(path, *role, format, |doc, sample_id, _| w.push(&doc.ids, -1, sample_id, -1))?;
+        run.read_file(path, *role, format, |doc, sample_id, _| {
+            w.push(&doc.ids, &doc.words, -1, sample_id, -1)
+        })?;
     }
     splits.insert(SplitKind::Unlabeled.name().to_owned(), w.finish()?);
     run.bar.finish_and_clear();
 
+    let vocab = run.vocab.write(dir)?;
     run.stats.documents = splits.values().map(|s: &SplitInfo| s.docs).sum();
     run.stats.tokens = splits.values().map(|s| s.tokens).sum();
     let mut manifest = Manifest {
@@ -310,6 +323,7 @@ fn prepare_into(
         inputs: run.inputs,
         stats: run.stats,
         splits,
+        vocab: VocabRecord { words: vocab.words, bytes: vocab.bytes, checksum: hex64(vocab.checksum) },
         checksum: String::new(),
     };
     manifest.write(dir)?;
@@ -435,7 +449,7 @@ impl Run<'_> {
                                 ));
                             }
                         }
-                        let t = tokenizer.tokenize(&doc.text);
+                        let (t, word_text) = tokenizer.tokenize_with_words(&doc.text);
                         if t.ids.is_empty() {
                             return Err((
                                 *line,
@@ -447,6 +461,8 @@ impl Run<'_> {
                             line: doc.line,
                             label: doc.label,
                             ids: t.ids,
+                            word_text,
+                            words: Vec::new(),
                             truncated: t.truncated,
                             key: t.key,
                         }))
@@ -464,7 +480,7 @@ impl Run<'_> {
                             }
                             self.bad_line(&mut record, path, line, msg)?;
                         }
-                        Ok(Some(doc)) => {
+                        Ok(Some(mut doc)) => {
                             record.docs += 1;
                             self.docs_read += 1;
                             // Register the label first, so that a class whose documents
@@ -486,6 +502,7 @@ impl Run<'_> {
                                 }
                             }
                             self.stats.truncated += u64::from(doc.truncated);
+                            doc.words = doc.word_text.iter().map(|w| self.vocab.intern(w)).collect();
                             let id = self.next_sample_id;
                             self.next_sample_id += 1;
                             sink(doc, id, label)?;
@@ -516,6 +533,7 @@ struct SplitWriter {
     next: usize,
     docs: u64,
     tokens: u64,
+    words: u64,
     per_class: Vec<u64>,
 }
 
@@ -523,15 +541,16 @@ impl SplitWriter {
     fn new(dir: &Path, kind: SplitKind, p: u32, tok_hash: u64, classes: usize) -> Result<Self> {
         let writers =
             (0..p).map(|i| ShardWriter::create(dir, kind, i, p, tok_hash)).collect::<Result<_>>()?;
-        Ok(SplitWriter { writers, next: 0, docs: 0, tokens: 0, per_class: vec![0; classes] })
+        Ok(SplitWriter { writers, next: 0, docs: 0, tokens: 0, words: 0, per_class: vec![0; classes] })
     }
 
-    fn push(&mut self, ids: &[u32], label: i32, sample_id: u64, hidden: i32) -> Result<()> {
+    fn push(&mut self, ids: &[u32], words: &[u32], label: i32, sample_id: u64, hidden: i32) -> Result<()> {
         let n = self.writers.len();
-        self.writers[self.next].push(ids, label, sample_id, hidden)?;
+        self.writers[self.next].push(ids, words, label, sample_id, hidden)?;
         self.next = (self.next + 1) % n;
         self.docs += 1;
         self.tokens += ids.len() as u64;
+        self.words += words.len() as u64;
         if let Ok(c) = usize::try_from(label.max(hidden)) {
             self.per_class[c] += 1;
         }
@@ -547,11 +566,18 @@ impl SplitWriter {
                     file: s.file,
                     docs: s.docs,
                     ids: s.ids,
+                    words: s.words,
                     bytes: s.bytes,
                     checksum: hex64(s.checksum),
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(SplitInfo { docs: self.docs, tokens: self.tokens, per_class: self.per_class, shards })
+        Ok(SplitInfo {
+            docs: self.docs,
+            tokens: self.tokens,
+            words: self.words,
+            per_class: self.per_class,
+            shards,
+        })
     }
 }

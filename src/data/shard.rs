@@ -1,29 +1,39 @@
-//! The shard file format: a checksummed header, then the documents' token ids, offsets,
-//! labels, global sample ids and hidden labels; a streaming writer and a zero-copy reader.
+//! The shard file format: a checksummed header, then the documents' token ids, word
+//! sequences, offsets, labels, global sample ids and hidden labels; a streaming writer and a
+//! zero-copy reader.
 //!
 //! # Layout (version [`SHARD_VERSION`], little-endian, every section 8-byte aligned)
 //! ```text
 //! offset  field
 //!   0     magic "DTSHARD\0"
 //!   8     u32 format version
-//!  12     u32 header length (128)
-//!  16     u64 num_docs                      n
-//!  24     u64 num_ids                       m
-//!  32     u64 tokenizer hash                (TokenizerSpec::hash)
+//!  12     u32 header length (160)
+//!  16     u64 num_docs                          n
+//!  24     u64 num_ids                           m
+//!  32     u64 tokenizer hash                    (TokenizerSpec::hash)
 //!  40     u32 shard index, 44 u32 shard count
 //!  48     u32 split code (0 train, 1 val, 2 test, 3 unlabeled), 52 u32 zero
-//!  56     u64 offset of ids section         u32[m]     token ids, documents back to back
-//!  64     u64 offset of offsets section     u64[n+1]   doc i is ids[offsets[i]..offsets[i+1]]
-//!  72     u64 offset of labels section      i32[n]     label id, -1 = unlabeled
-//!  80     u64 offset of sample-ids section  u64[n]     global sample id
-//!  88     u64 offset of hidden section      i32[n]     true label of an unlabeled doc, else -1
-//!  96     u64 file length
-//! 104     u64 payload checksum              xxh3_64 of bytes 128..file length
-//! 112     u64 zero
-//! 120     u64 header checksum               xxh3_64 of bytes 0..120
+//!  56     u64 num_words                         w
+//!  64     u64 offset of ids section             u32[m]     feature ids, documents back to back
+//!  72     u64 offset of words section           u32[w]     vocabulary index of each word unit
+//!  80     u64 offset of offsets section         u64[n+1]   doc i is ids[offsets[i]..offsets[i+1]]
+//!  88     u64 offset of word-offsets section    u64[n+1]   doc i's words: words[wo[i]..wo[i+1]]
+//!  96     u64 offset of labels section          i32[n]     label id, -1 = unlabeled
+//! 104     u64 offset of sample-ids section      u64[n]     global sample id
+//! 112     u64 offset of hidden section          i32[n]     true label of an unlabeled doc, else -1
+//! 120     u64 file length
+//! 128     u64 payload checksum                  xxh3_64 of bytes 160..file length
+//! 136     u64 zero, 144 u64 zero
+//! 152     u64 header checksum                   xxh3_64 of bytes 0..152
 //! ```
-//! The ids come first so that a writer can stream them; the header's table says where each
-//! section is, so readers never assume an order.
+//! A document's words are its word units in text order (punctuation and no-space runs
+//! excluded), as indices into the data set's vocabulary (`data::vocab`): what skip-gram
+//! and CBOW train on. The ids come first so that a writer can stream them (the words go to
+//! a side file and are copied in at the end); the header's table says where each section
+//! is, so readers never assume an order.
+//!
+//! Version 1 (header length 128) had no words; its files are refused with a request to
+//! prepare the data again.
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -37,9 +47,11 @@ use crate::error::{Error, IoContext, Result};
 /// Magic bytes at the start of every shard file.
 pub const SHARD_MAGIC: &[u8; 8] = b"DTSHARD\0";
 /// Current shard format version.
-pub const SHARD_VERSION: u32 = 1;
+pub const SHARD_VERSION: u32 = 2;
 /// Header length in bytes.
-pub const HEADER_LEN: usize = 128;
+pub const HEADER_LEN: usize = 160;
+/// Number of sections in the section table.
+const SECTIONS: usize = 7;
 
 /// The four splits of a prepared data set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -88,13 +100,14 @@ impl SplitKind {
 pub struct ShardHeader {
     pub num_docs: u64,
     pub num_ids: u64,
+    pub num_words: u64,
     pub tokenizer_hash: u64,
     pub shard_index: u32,
     pub num_shards: u32,
     pub split: SplitKind,
     pub file_len: u64,
     pub payload_checksum: u64,
-    sections: [u64; 5],
+    sections: [u64; SECTIONS],
 }
 
 /// Summary of a finished shard, for the manifest.
@@ -103,20 +116,24 @@ pub struct ShardSummary {
     pub file: String,
     pub docs: u64,
     pub ids: u64,
+    pub words: u64,
     pub bytes: u64,
     pub checksum: u64,
 }
 
-/// Writes one shard, streaming the ids to disk and keeping only per-document columns in
-/// memory (O(documents), not O(tokens)). The file appears under its final name only after
-/// [`ShardWriter::finish`], by an atomic rename.
+/// Writes one shard, streaming the ids to disk and the words to a side file, and keeping
+/// only per-document columns in memory (O(documents), not O(tokens)). The file appears under
+/// its final name only after [`ShardWriter::finish`], by an atomic rename.
 pub struct ShardWriter {
     final_path: PathBuf,
     tmp_path: PathBuf,
     out: BufWriter<File>,
+    words_path: PathBuf,
+    words_out: BufWriter<File>,
     hasher: Xxh3,
     written: u64,
     offsets: Vec<u64>,
+    word_offsets: Vec<u64>,
     labels: Vec<i32>,
     sample_ids: Vec<u64>,
     hidden: Vec<i32>,
@@ -140,13 +157,18 @@ impl ShardWriter {
         let file = File::create(&tmp_path).at(&tmp_path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&[0u8; HEADER_LEN]).at(&tmp_path)?;
+        let words_path = final_path.with_extension("words.tmp");
+        let words_out = BufWriter::with_capacity(1 << 20, File::create(&words_path).at(&words_path)?);
         Ok(ShardWriter {
             final_path,
             tmp_path,
             out,
+            words_path,
+            words_out,
             hasher: Xxh3::new(),
             written: HEADER_LEN as u64,
             offsets: vec![0],
+            word_offsets: vec![0],
             labels: Vec::new(),
             sample_ids: Vec::new(),
             hidden: Vec::new(),
@@ -168,40 +190,65 @@ impl ShardWriter {
         self.write_payload(&[0u8; 8][..pad])
     }
 
-    /// Appends one document. `label` is -1 for unlabeled; `hidden` is -1 unless the document
-    /// is unlabeled and its true label is known.
-    pub fn push(&mut self, ids: &[u32], label: i32, sample_id: u64, hidden: i32) -> Result<()> {
-        if cfg!(target_endian = "little") {
-            self.write_payload(bytemuck::cast_slice(ids))?;
-        } else {
-            self.write_payload(&le_bytes(ids, |v| v.to_le_bytes()))?;
-        }
+    /// Appends one document: its feature ids and its words (vocabulary indices). `label` is
+    /// -1 for unlabeled; `hidden` is -1 unless the document is unlabeled and its true label
+    /// is known.
+    pub fn push(
+        &mut self,
+        ids: &[u32],
+        words: &[u32],
+        label: i32,
+        sample_id: u64,
+        hidden: i32,
+    ) -> Result<()> {
+        self.write_payload(&le_bytes(ids, |v| v.to_le_bytes()))?;
+        self.words_out.write_all(&le_bytes(words, |v| v.to_le_bytes())).at(&self.words_path)?;
         let last = *self.offsets.last().expect("offsets starts with 0");
         self.offsets.push(last + ids.len() as u64);
+        let last = *self.word_offsets.last().expect("word offsets start with 0");
+        self.word_offsets.push(last + words.len() as u64);
         self.labels.push(label);
         self.sample_ids.push(sample_id);
         self.hidden.push(hidden);
         Ok(())
     }
 
-    /// Writes the columns and the header, syncs, and renames the file into place.
+    /// Writes the words and the columns, then the header; syncs, and renames the file into
+    /// place.
     pub fn finish(mut self) -> Result<ShardSummary> {
         let num_docs = self.labels.len() as u64;
         let num_ids = *self.offsets.last().expect("offsets starts with 0");
-        let mut sections = [0u64; 5];
+        let num_words = *self.word_offsets.last().expect("word offsets start with 0");
+        let mut sections = [0u64; SECTIONS];
         sections[0] = HEADER_LEN as u64;
         self.pad8()?;
         sections[1] = self.written;
+        self.words_out.flush().at(&self.words_path)?;
+        let mut words = File::open(&self.words_path).at(&self.words_path)?;
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut words, &mut chunk).at(&self.words_path)?;
+            if n == 0 {
+                break;
+            }
+            self.write_payload(&chunk[..n])?;
+        }
+        std::fs::remove_file(&self.words_path).at(&self.words_path)?;
+        self.pad8()?;
+        sections[2] = self.written;
         let offsets = std::mem::take(&mut self.offsets);
         self.write_payload(&le_bytes(&offsets, |v| v.to_le_bytes()))?;
-        sections[2] = self.written;
+        sections[3] = self.written;
+        let word_offsets = std::mem::take(&mut self.word_offsets);
+        self.write_payload(&le_bytes(&word_offsets, |v| v.to_le_bytes()))?;
+        sections[4] = self.written;
         let labels = std::mem::take(&mut self.labels);
         self.write_payload(&le_bytes(&labels, |v| v.to_le_bytes()))?;
         self.pad8()?;
-        sections[3] = self.written;
+        sections[5] = self.written;
         let sample_ids = std::mem::take(&mut self.sample_ids);
         self.write_payload(&le_bytes(&sample_ids, |v| v.to_le_bytes()))?;
-        sections[4] = self.written;
+        sections[6] = self.written;
         let hidden = std::mem::take(&mut self.hidden);
         self.write_payload(&le_bytes(&hidden, |v| v.to_le_bytes()))?;
         self.pad8()?;
@@ -209,6 +256,7 @@ impl ShardWriter {
         let header = ShardHeader {
             num_docs,
             num_ids,
+            num_words,
             tokenizer_hash: self.tokenizer_hash,
             shard_index: self.shard_index,
             num_shards: self.num_shards,
@@ -228,6 +276,7 @@ impl ShardWriter {
             file: self.split.shard_file(self.shard_index),
             docs: num_docs,
             ids: num_ids,
+            words: num_words,
             bytes: header.file_len,
             checksum: header.payload_checksum,
         })
@@ -253,26 +302,30 @@ fn encode_header(h: &ShardHeader) -> [u8; HEADER_LEN] {
     b[40..44].copy_from_slice(&h.shard_index.to_le_bytes());
     b[44..48].copy_from_slice(&h.num_shards.to_le_bytes());
     b[48..52].copy_from_slice(&h.split.code().to_le_bytes());
+    b[56..64].copy_from_slice(&h.num_words.to_le_bytes());
     for (k, s) in h.sections.iter().enumerate() {
-        b[56 + 8 * k..64 + 8 * k].copy_from_slice(&s.to_le_bytes());
+        b[64 + 8 * k..72 + 8 * k].copy_from_slice(&s.to_le_bytes());
     }
-    b[96..104].copy_from_slice(&h.file_len.to_le_bytes());
-    b[104..112].copy_from_slice(&h.payload_checksum.to_le_bytes());
-    let sum = xxh3_64(&b[..120]);
-    b[120..128].copy_from_slice(&sum.to_le_bytes());
+    b[120..128].copy_from_slice(&h.file_len.to_le_bytes());
+    b[128..136].copy_from_slice(&h.payload_checksum.to_le_bytes());
+    let sum = xxh3_64(&b[..152]);
+    b[152..160].copy_from_slice(&sum.to_le_bytes());
     b
 }
 
-/// Where the writer puts the sections for `n` documents and `m` ids, and the file length.
-fn canonical_sections(n: u64, m: u64) -> Option<([u64; 5], u64)> {
+/// Where the writer puts the sections for `n` documents, `m` ids and `w` words, and the
+/// file length.
+fn canonical_sections(n: u64, m: u64, w: u64) -> Option<([u64; SECTIONS], u64)> {
     let align = |x: u64| x.checked_add(7).map(|v| v / 8 * 8);
     let ids = HEADER_LEN as u64;
-    let offsets = align(ids.checked_add(m.checked_mul(4)?)?)?;
-    let labels = offsets.checked_add(n.checked_add(1)?.checked_mul(8)?)?;
+    let words = align(ids.checked_add(m.checked_mul(4)?)?)?;
+    let offsets = align(words.checked_add(w.checked_mul(4)?)?)?;
+    let word_offsets = offsets.checked_add(n.checked_add(1)?.checked_mul(8)?)?;
+    let labels = word_offsets.checked_add(n.checked_add(1)?.checked_mul(8)?)?;
     let sample_ids = align(labels.checked_add(n.checked_mul(4)?)?)?;
     let hidden = sample_ids.checked_add(n.checked_mul(8)?)?;
     let end = align(hidden.checked_add(n.checked_mul(4)?)?)?;
-    Some(([ids, offsets, labels, sample_ids, hidden], end))
+    Some(([ids, words, offsets, word_offsets, labels, sample_ids, hidden], end))
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -297,11 +350,13 @@ fn decode_header(path: &Path, b: &[u8], actual_len: u64) -> Result<ShardHeader> 
     }
     let version = u32_at(b, 8);
     if version != SHARD_VERSION {
+        let why =
+            if version == 1 { " (version 1 stored no word sequences, which pretraining needs)" } else { "" };
         return Err(bad(format!(
-            "shard format version {version}, but this dtrain reads version {SHARD_VERSION}: prepare the data again"
+            "shard format version {version}, but this dtrain reads version {SHARD_VERSION}{why}: prepare the data again with `dtrain prepare`"
         )));
     }
-    if xxh3_64(&b[..120]) != u64_at(b, 120) {
+    if xxh3_64(&b[..152]) != u64_at(b, 152) {
         return Err(bad("corrupted: the header checksum does not match".into()));
     }
     let split = match u32_at(b, 48) {
@@ -311,19 +366,20 @@ fn decode_header(path: &Path, b: &[u8], actual_len: u64) -> Result<ShardHeader> 
         3 => SplitKind::Unlabeled,
         c => return Err(bad(format!("corrupted: unknown split code {c}"))),
     };
-    let mut sections = [0u64; 5];
+    let mut sections = [0u64; SECTIONS];
     for (k, s) in sections.iter_mut().enumerate() {
-        *s = u64_at(b, 56 + 8 * k);
+        *s = u64_at(b, 64 + 8 * k);
     }
     let h = ShardHeader {
         num_docs: u64_at(b, 16),
         num_ids: u64_at(b, 24),
+        num_words: u64_at(b, 56),
         tokenizer_hash: u64_at(b, 32),
         shard_index: u32_at(b, 40),
         num_shards: u32_at(b, 44),
         split,
-        file_len: u64_at(b, 96),
-        payload_checksum: u64_at(b, 104),
+        file_len: u64_at(b, 120),
+        payload_checksum: u64_at(b, 128),
         sections,
     };
     if h.file_len != actual_len {
@@ -334,8 +390,10 @@ fn decode_header(path: &Path, b: &[u8], actual_len: u64) -> Result<ShardHeader> 
     }
     // The sections must sit exactly where the writer puts them: in order, contiguous,
     // 8-byte aligned, ending at the file's end. This rules out overlaps and gaps.
-    if canonical_sections(h.num_docs, h.num_ids) != Some((h.sections, h.file_len)) {
-        return Err(bad("corrupted: the section table does not match the document and id counts".into()));
+    if canonical_sections(h.num_docs, h.num_ids, h.num_words) != Some((h.sections, h.file_len)) {
+        return Err(bad(
+            "corrupted: the section table does not match the document, id and word counts".into()
+        ));
     }
     Ok(h)
 }
@@ -389,15 +447,20 @@ impl Shard {
         let map = unsafe { Mmap::map(&file) }.at(path)?;
         let header = decode_header(path, &map, len)?;
         let shard = Shard { path: path.to_owned(), map, header };
-        let offsets = shard.offsets();
-        if offsets[0] != 0
-            || offsets.windows(2).any(|w| w[0] > w[1])
-            || offsets[offsets.len() - 1] != header.num_ids
+        for (offsets, total, what) in
+            [(shard.offsets(), header.num_ids, "id"), (shard.word_offsets(), header.num_words, "word")]
         {
-            return Err(Error::bad_file(
-                path,
-                "corrupted: document offsets are not monotonic from 0 to the id count",
-            ));
+            if offsets[0] != 0
+                || offsets.windows(2).any(|w| w[0] > w[1])
+                || offsets[offsets.len() - 1] != total
+            {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "corrupted: document {what} offsets are not monotonic from 0 to the {what} count"
+                    ),
+                ));
+            }
         }
         Ok(shard)
     }
@@ -413,20 +476,34 @@ impl Shard {
         self.section(0, self.header.num_ids)
     }
 
+    fn words(&self) -> &[u32] {
+        self.section(1, self.header.num_words)
+    }
+
     fn offsets(&self) -> &[u64] {
-        self.section(1, self.header.num_docs + 1)
+        self.section(2, self.header.num_docs + 1)
+    }
+
+    fn word_offsets(&self) -> &[u64] {
+        self.section(3, self.header.num_docs + 1)
     }
 
     fn labels(&self) -> &[i32] {
-        self.section(2, self.header.num_docs)
+        self.section(4, self.header.num_docs)
     }
 
     fn sample_ids(&self) -> &[u64] {
-        self.section(3, self.header.num_docs)
+        self.section(5, self.header.num_docs)
     }
 
     fn hidden(&self) -> &[i32] {
-        self.section(4, self.header.num_docs)
+        self.section(6, self.header.num_docs)
+    }
+
+    /// The words of document `i` (vocabulary indices, text order; panics if `i >= len()`).
+    pub fn doc_words(&self, i: usize) -> &[u32] {
+        let wo = self.word_offsets();
+        &self.words()[wo[i] as usize..wo[i + 1] as usize]
     }
 
     /// The header as read from the file.
@@ -499,6 +576,20 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Checks that every word is below `vocab_len`: a full read of the words (`dtrain verify`).
+    pub fn verify_words(&self, vocab_len: u64) -> Result<()> {
+        match self.words().iter().position(|&w| u64::from(w) >= vocab_len) {
+            None => Ok(()),
+            Some(pos) => Err(Error::bad_file(
+                &self.path,
+                format!(
+                    "corrupted: word {} at position {pos} is not below the vocabulary size {vocab_len}",
+                    self.words()[pos]
+                ),
+            )),
+        }
     }
 
     /// Checks that every id is below `buckets`: a full read of the ids (`dtrain verify`).

@@ -203,9 +203,65 @@ impl Tokenizer {
     pub fn tokenize(&self, text: &str) -> Tokenized {
         let mut out = Tokenized::default();
         let mut ids = Vec::new();
-        self.run(text, |_, _, id| ids.push(id), &mut out);
+        self.run(text, |_, _, id| ids.push(id), |_| {}, &mut out);
         out.ids = ids;
         out
+    }
+
+    /// Tokenizes one document into feature ids, and also returns its word units (kind
+    /// *word* of step 2, normalised, after truncation) in text order: the sequence that
+    /// skip-gram and CBOW train on. Punctuation units and no-space runs are not words.
+    pub fn tokenize_with_words(&self, text: &str) -> (Tokenized, Vec<String>) {
+        let mut out = Tokenized::default();
+        let mut ids = Vec::new();
+        let mut words = Vec::new();
+        self.run(text, |_, _, id| ids.push(id), |w| words.push(w.to_owned()), &mut out);
+        out.ids = ids;
+        (out, words)
+    }
+
+    /// The features of one word unit as the classifier hashes them (step 4), with character
+    /// n-grams of lengths `char_min..=char_max` (`char_max = 0`: none) in place of the
+    /// spec's: the word feature `W(word)`, then `C(gram)` for the n-grams of `<word>`. With the
+    /// spec's own range this is exactly what [`Tokenizer::tokenize`] emits for the word,
+    /// word n-grams aside.
+    pub fn word_features(&self, word: &str, char_min: u32, char_max: u32, out: &mut Vec<u32>) {
+        out.clear();
+        out.push(self.id(KIND_WORD, word.as_bytes()));
+        let (mut scratch, mut bounds) = (Vec::new(), Vec::new());
+        self.char_ngrams(word, char_min, char_max, &mut scratch, &mut bounds, |_, id| out.push(id));
+    }
+
+    /// Emits `C(gram)` for every character n-gram of `<word>` with `n` in `lo..=hi`, by start
+    /// position then length, except the whole `<word>` (step 4).
+    fn char_ngrams(
+        &self,
+        word: &str,
+        lo: u32,
+        hi: u32,
+        scratch: &mut Vec<u8>,
+        bounds: &mut Vec<usize>,
+        mut emit: impl FnMut(&[u8], u32),
+    ) {
+        if hi == 0 {
+            return;
+        }
+        scratch.clear();
+        scratch.push(b'<');
+        scratch.extend_from_slice(word.as_bytes());
+        scratch.push(b'>');
+        char_starts(scratch, bounds);
+        let nchars = bounds.len() - 1;
+        let (lo, hi) = (lo as usize, hi as usize);
+        for i in 0..nchars {
+            for n in lo..=hi.min(nchars - i) {
+                if n == nchars {
+                    continue; // the whole "<w>" is the word feature itself
+                }
+                let gram = &scratch[bounds[i]..bounds[i + n]];
+                emit(gram, self.id(KIND_CHAR, gram));
+            }
+        }
     }
 
     /// Tokenizes one document and returns every feature with its text (slow; for display).
@@ -218,6 +274,7 @@ impl Tokenizer {
                 let text = String::from_utf8_lossy(payload).replace('\u{1f}', " ");
                 features.push(Feature { kind, text, id })
             },
+            |_| {},
             &mut stats,
         );
         features
@@ -228,7 +285,13 @@ impl Tokenizer {
         (xxh3_64_with_seed(payload, self.spec.hash_seed ^ kind) % u64::from(self.spec.buckets)) as u32
     }
 
-    fn run(&self, text: &str, mut emit: impl FnMut(&'static str, &[u8], u32), stats: &mut Tokenized) {
+    fn run(
+        &self,
+        text: &str,
+        mut emit: impl FnMut(&'static str, &[u8], u32),
+        mut on_word: impl FnMut(&str),
+        stats: &mut Tokenized,
+    ) {
         let spec = &self.spec;
         let normalized = normalize(text, spec.lowercase);
         let (units, kept, truncated) = segment(&normalized, spec);
@@ -250,23 +313,12 @@ impl Tokenizer {
             match unit.kind {
                 UnitKind::Word | UnitKind::Punct => {
                     emit("word", s.as_bytes(), self.id(KIND_WORD, s.as_bytes()));
-                    if unit.kind == UnitKind::Word && spec.char_ngram_max > 0 {
-                        scratch.clear();
-                        scratch.push(b'<');
-                        scratch.extend_from_slice(s.as_bytes());
-                        scratch.push(b'>');
-                        char_starts(&scratch, &mut char_bounds);
-                        let nchars = char_bounds.len() - 1;
-                        let (lo, hi) = (spec.char_ngram_min as usize, spec.char_ngram_max as usize);
-                        for i in 0..nchars {
-                            for n in lo..=hi.min(nchars - i) {
-                                if n == nchars {
-                                    continue; // the whole "<w>" is the word feature itself
-                                }
-                                let gram = &scratch[char_bounds[i]..char_bounds[i + n]];
-                                emit("char", gram, self.id(KIND_CHAR, gram));
-                            }
-                        }
+                    if unit.kind == UnitKind::Word {
+                        on_word(s);
+                        let (lo, hi) = (spec.char_ngram_min, spec.char_ngram_max);
+                        self.char_ngrams(s, lo, hi, &mut scratch, &mut char_bounds, |gram, id| {
+                            emit("char", gram, id)
+                        });
                     }
                     if spec.word_ngrams >= 2 {
                         if window.len() == spec.word_ngrams as usize {

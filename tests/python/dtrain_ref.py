@@ -1,5 +1,6 @@
 """Reference implementations of dtrain's documented formats, written from the docs alone:
-the hashing tokenizer (src/data/tokenize.rs), the shard layout (src/data/shard.rs)."""
+the hashing tokenizer (src/data/tokenize.rs), the shard layout (src/data/shard.rs), the
+vocabulary file (src/data/vocab.rs)."""
 
 import struct
 import unicodedata
@@ -105,26 +106,56 @@ def tokenize(text, spec):
     return ids
 
 
+def words(text, spec):
+    """The word units of a text (kind 'w', normalised, after truncation), in order."""
+    s = "".join(c for c in text if not is_ignorable(c))
+    s = s.lower() if spec["lowercase"] else s
+    return [u for kind, u in segment(s, spec["max_words"]) if kind == "w"]
+
+
 def read_shard(path):
     with open(path, "rb") as f:
         data = f.read()
     assert data[:8] == b"DTSHARD\0", "magic"
     version, header_len = struct.unpack_from("<II", data, 8)
-    assert (version, header_len) == (1, 128)
+    assert (version, header_len) == (2, 160)
     n, m, tok_hash = struct.unpack_from("<QQQ", data, 16)
     shard_index, num_shards, split = struct.unpack_from("<III", data, 40)
-    sections = struct.unpack_from("<5Q", data, 56)
-    file_len, payload_sum, _, header_sum = struct.unpack_from("<4Q", data, 96)
-    assert header_sum == xxhash.xxh3_64_intdigest(data[:120]), "header checksum"
+    (w,) = struct.unpack_from("<Q", data, 56)
+    sections = struct.unpack_from("<7Q", data, 64)
+    file_len, payload_sum, _, _, header_sum = struct.unpack_from("<5Q", data, 120)
+    assert header_sum == xxhash.xxh3_64_intdigest(data[:152]), "header checksum"
     assert file_len == len(data)
-    assert payload_sum == xxhash.xxh3_64_intdigest(data[128:]), "payload checksum"
+    assert payload_sum == xxhash.xxh3_64_intdigest(data[160:]), "payload checksum"
     ids = struct.unpack_from(f"<{m}I", data, sections[0])
-    offsets = struct.unpack_from(f"<{n + 1}Q", data, sections[1])
-    labels = struct.unpack_from(f"<{n}i", data, sections[2])
-    sample_ids = struct.unpack_from(f"<{n}Q", data, sections[3])
-    hidden = struct.unpack_from(f"<{n}i", data, sections[4])
+    word_ids = struct.unpack_from(f"<{w}I", data, sections[1])
+    offsets = struct.unpack_from(f"<{n + 1}Q", data, sections[2])
+    word_offsets = struct.unpack_from(f"<{n + 1}Q", data, sections[3])
+    labels = struct.unpack_from(f"<{n}i", data, sections[4])
+    sample_ids = struct.unpack_from(f"<{n}Q", data, sections[5])
+    hidden = struct.unpack_from(f"<{n}i", data, sections[6])
     docs = [list(ids[offsets[i]:offsets[i + 1]]) for i in range(n)]
+    doc_words = [list(word_ids[word_offsets[i]:word_offsets[i + 1]]) for i in range(n)]
     return dict(tok_hash=tok_hash, index=shard_index, num_shards=num_shards, split=split,
-                docs=docs, labels=labels, sample_ids=sample_ids, hidden=hidden, checksum=payload_sum)
+                docs=docs, words=doc_words, labels=labels, sample_ids=sample_ids, hidden=hidden,
+                checksum=payload_sum)
+
+
+def read_vocab(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"DTVOCAB\0", "magic"
+    version, header_len, count, length, payload_sum, header_sum = struct.unpack_from("<IIQQQQ", data, 8)
+    assert (version, header_len) == (1, 48)
+    assert header_sum == xxhash.xxh3_64_intdigest(data[:40]), "header checksum"
+    payload = data[48:]
+    assert len(payload) == length and payload_sum == xxhash.xxh3_64_intdigest(payload), "payload"
+    out, at = [], 0
+    for _ in range(count):
+        (n,) = struct.unpack_from("<I", payload, at)
+        out.append(payload[at + 4:at + 4 + n].decode("utf-8"))
+        at += 4 + n
+    assert at == len(payload)
+    return out
 
 

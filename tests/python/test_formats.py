@@ -16,7 +16,7 @@ import unittest
 import xxhash
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dtrain_ref import read_shard, tokenize  # noqa: E402
+from dtrain_ref import read_shard, read_vocab, tokenize, words  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DTRAIN = os.path.join(ROOT, "target", "release", "dtrain")
@@ -53,13 +53,17 @@ class FormatTest(unittest.TestCase):
             text = json.dumps(body, indent=2, ensure_ascii=False)
             self.assertEqual(manifest["checksum"], f"{xxhash.xxh3_64_intdigest(text.encode()):016x}")
             seen = 0
+            vocab = read_vocab(os.path.join(out, "vocab.bin"))
+            self.assertEqual(len(vocab), manifest["vocab"]["words"])
             for info in manifest["splits"]["train"]["shards"]:
                 shard = read_shard(os.path.join(out, info["file"]))
                 self.assertEqual(f"{shard['checksum']:016x}", info["checksum"])
                 self.assertEqual(f"{shard['tok_hash']:016x}", manifest["tokenizer_hash"])
-                for ids, label, sid, hidden in zip(shard["docs"], shard["labels"], shard["sample_ids"], shard["hidden"]):
+                for ids, ws, label, sid, hidden in zip(shard["docs"], shard["words"], shard["labels"],
+                                                       shard["sample_ids"], shard["hidden"]):
                     want_label, text = TEXTS[sid]
                     self.assertEqual(ids, tokenize(text, spec), f"ids of {text!r}")
+                    self.assertEqual([vocab[w] for w in ws], words(text, spec), f"words of {text!r}")
                     self.assertEqual(manifest["labels"][label], want_label)
                     self.assertEqual(hidden, -1)
                     seen += 1
