@@ -89,10 +89,11 @@ proptest! {
         let tok = Tokenizer::new(spec.clone());
         let text = words.join(" ");
         let (t, units) = tok.tokenize_with_words(&text);
+        let units: Vec<&str> = units.iter().collect();
         prop_assert_eq!(&units, &words);
         let mut concat = Vec::new();
         let mut f = Vec::new();
-        for w in &units {
+        for w in units {
             tok.word_features(w, spec.char_ngram_min, spec.char_ngram_max, &mut f);
             concat.extend_from_slice(&f);
         }

@@ -34,7 +34,7 @@ use crate::data::manifest::{
 };
 use crate::data::shard::{ShardWriter, SplitKind};
 use crate::data::split;
-use crate::data::tokenize::Tokenizer;
+use crate::data::tokenize::{Tokenizer, Words};
 use crate::data::vocab::Vocab;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -65,7 +65,7 @@ struct TokDoc {
     label: Option<String>,
     ids: Vec<u32>,
     /// Word units in text order, as text (from the parallel tokenizer) …
-    word_text: Vec<String>,
+    word_text: Words,
     /// … and as vocabulary indices (assigned in file order, for kept documents).
     words: Vec<u32>,
     truncated: bool,

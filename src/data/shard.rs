@@ -153,6 +153,12 @@ impl ShardWriter {
         tokenizer_hash: u64,
     ) -> Result<Self> {
         let final_path = dir.join(split.shard_file(shard_index));
+        if cfg!(target_endian = "big") {
+            return Err(Error::bad_file(
+                &final_path,
+                "shard files are little-endian; big-endian hosts are not supported",
+            ));
+        }
         let tmp_path = final_path.with_extension("shard.tmp");
         let file = File::create(&tmp_path).at(&tmp_path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -201,8 +207,9 @@ impl ShardWriter {
         sample_id: u64,
         hidden: i32,
     ) -> Result<()> {
-        self.write_payload(&le_bytes(ids, |v| v.to_le_bytes()))?;
-        self.words_out.write_all(&le_bytes(words, |v| v.to_le_bytes())).at(&self.words_path)?;
+        // Shards are little-endian, and so is every host that opens them (see `Shard::open`).
+        self.write_payload(bytemuck::cast_slice(ids))?;
+        self.words_out.write_all(bytemuck::cast_slice(words)).at(&self.words_path)?;
         let last = *self.offsets.last().expect("offsets starts with 0");
         self.offsets.push(last + ids.len() as u64);
         let last = *self.word_offsets.last().expect("word offsets start with 0");

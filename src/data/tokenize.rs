@@ -156,6 +156,22 @@ pub struct Tokenized {
     pub key: u64,
 }
 
+/// The word units of one document, in one string (few allocations on the hot path).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Words {
+    text: String,
+    /// End byte of each word in `text`.
+    ends: Vec<u32>,
+}
+
+impl Words {
+    /// The words in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(&self.ends).map(|(a, &b)| &self.text[a as usize..b as usize])
+    }
+}
+
 /// A unit of segmented text: byte range in the normalised string and its kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UnitKind {
@@ -211,11 +227,19 @@ impl Tokenizer {
     /// Tokenizes one document into feature ids, and also returns its word units (kind
     /// *word* of step 2, normalised, after truncation) in text order: the sequence that
     /// skip-gram and CBOW train on. Punctuation units and no-space runs are not words.
-    pub fn tokenize_with_words(&self, text: &str) -> (Tokenized, Vec<String>) {
+    pub fn tokenize_with_words(&self, text: &str) -> (Tokenized, Words) {
         let mut out = Tokenized::default();
         let mut ids = Vec::new();
-        let mut words = Vec::new();
-        self.run(text, |_, _, id| ids.push(id), |w| words.push(w.to_owned()), &mut out);
+        let mut words = Words::default();
+        self.run(
+            text,
+            |_, _, id| ids.push(id),
+            |w| {
+                words.text.push_str(w);
+                words.ends.push(words.text.len() as u32);
+            },
+            &mut out,
+        );
         out.ids = ids;
         (out, words)
     }

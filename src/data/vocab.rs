@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3DefaultBuilder};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -47,7 +47,8 @@ pub struct VocabSummary {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Vocab {
     words: Vec<String>,
-    index: HashMap<String, u32>,
+    /// Word → index, hashed with XXH3 (SipHash was a tenth of `prepare`'s time).
+    index: HashMap<String, u32, Xxh3DefaultBuilder>,
 }
 
 impl Vocab {
