@@ -47,4 +47,10 @@ What limits it:
   {plain['text_bytes'] / plain['documents']:.0f} per paragraph. The per-document work is the likely
   cause (allocation, the de-duplication key, column pushes). This has not been profiled.
 - Character n-grams 3..6 multiply the ids by {grams['token_ids'] / plain['token_ids']:.1f} and cut the
-  throughput by {plain['mb_per_s']['median'] / grams['mb_per_s']['median']:.1f}x.""")
+  throughput by {plain['mb_per_s']['median'] / grams['mb_per_s']['median']:.1f}x.
+- Word sequences (shard format 2, for pretraining) halved the throughput. At `7f5382592768`,
+  before them, the four rows ran at 43.8, 26.0, 39.2 and 24.5 MB/s. The parallel stage now
+  also copies every word's text, and the in-order stage interns every word in the
+  vocabulary (a hash lookup per word, about a million on Brown), which a profile showed at
+  about 10% of the run with SipHash before switching to XXH3. Moving the interning off the
+  in-order stage (per-chunk vocabularies merged in order) is the next step.""")
