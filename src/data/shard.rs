@@ -587,28 +587,20 @@ impl Shard {
 
     /// Checks that every word is below `vocab_len`: a full read of the words (`dtrain verify`).
     pub fn verify_words(&self, vocab_len: u64) -> Result<()> {
-        match self.words().iter().position(|&w| u64::from(w) >= vocab_len) {
-            None => Ok(()),
-            Some(pos) => Err(Error::bad_file(
-                &self.path,
-                format!(
-                    "corrupted: word {} at position {pos} is not below the vocabulary size {vocab_len}",
-                    self.words()[pos]
-                ),
-            )),
-        }
+        self.all_below(self.words(), vocab_len, "word", "the vocabulary size")
     }
 
     /// Checks that every id is below `buckets`: a full read of the ids (`dtrain verify`).
     pub fn verify_ids(&self, buckets: u32) -> Result<()> {
-        match self.ids().iter().position(|&id| id >= buckets) {
+        self.all_below(self.ids(), u64::from(buckets), "id", "the bucket count")
+    }
+
+    fn all_below(&self, values: &[u32], limit: u64, what: &str, bound: &str) -> Result<()> {
+        match values.iter().position(|&v| u64::from(v) >= limit) {
             None => Ok(()),
             Some(pos) => Err(Error::bad_file(
                 &self.path,
-                format!(
-                    "corrupted: id {} at position {pos} is not below the bucket count {buckets}",
-                    self.ids()[pos]
-                ),
+                format!("corrupted: {what} {} at position {pos} is not below {bound} {limit}", values[pos]),
             )),
         }
     }
