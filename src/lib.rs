@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod hostmem;
 pub mod model;
 pub mod optim;
 pub mod plot;

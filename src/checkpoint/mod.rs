@@ -191,7 +191,7 @@ fn tensors_from_file(
     let mut out = Vec::new();
     let mut views = views.into_iter();
     for &(_, len) in buffers {
-        let mut buf = crate::backend::cpu::zeroed::<f32>(len);
+        let mut buf = crate::hostmem::zeroed::<f32>(len);
         for (t, view) in views.by_ref().take(covered(layout, len).count()) {
             for (o, c) in buf[t.slot.range()].iter_mut().zip(view.data().chunks_exact(4)) {
                 *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));

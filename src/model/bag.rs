@@ -142,7 +142,7 @@ impl BagModel {
     /// `i` of tensor `k` is a function of `(seed, k, i)` alone (a counter-based hash), so the
     /// table is filled in parallel and the result does not depend on the thread count.
     pub fn init<F: Real>(&self, seed: u64) -> Vec<F> {
-        let mut p = crate::backend::cpu::zeroed::<F>(self.layout.total());
+        let mut p = crate::hostmem::zeroed::<F>(self.layout.total());
         let uniform = |p: &mut [F], slot: Slot, bound: f64, tensor: u64| {
             let base = mix64(seed ^ mix64(0x1417_u64 << 32 | tensor));
             p[slot.range()].par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {

@@ -23,7 +23,7 @@ use crate::data::shard::SplitKind;
 use crate::error::{Error, IoContext, Result};
 use crate::model::bag::{Activations, BagModel, BagSpec};
 use crate::optim::schedule::Plateau;
-use crate::optim::{moment_lens, Optimizer, TableGrad};
+use crate::optim::{Optimizer, TableGrad};
 use metrics::EvalReport;
 
 /// Where to start from.
@@ -211,8 +211,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 format!("the checkpoint's {what} differs from this config and data set"),
             ));
         }
-        let lens = moment_lens(&cfg.optim, &model.layout, model.table);
-        let (mm, vv, state) = checkpoint::load_train(dir, &model, lens)?;
+        let (mm, vv, state) = checkpoint::load_train(dir, &model, (opt.m.len(), opt.v.len()))?;
         if state.config_hash != config_hash {
             return Err(Error::bad_file(dir, "the checkpoint was written with a different training config"));
         }
@@ -262,6 +261,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     let mut extra = SparseRows::new(be.zeros(0), model.spec.dim);
     let mut dpooled = be.zeros(0);
     let fused = opt.fuses_table();
+    let table_mult = opt.lr_of(&model.layout, model.table, 1.0);
     let mut total_tokens = 0u64;
     let mut win_start = Instant::now();
     let mut last_ckpt = resume_from.clone();
@@ -297,8 +297,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                     be.embedding_bag_backward(&dev, &dpooled, model.spec.dim, &mut sparse);
                     table_sq = Some(be.sq_norm(&sparse.values, 0..sparse.rows.len() * sparse.dim));
                 }
-                let table_lr = opt.lr_of(&model.layout, model.table, lr);
-                be.embedding_bag_sgd(&mut params, model.table, &dev, &dpooled, table_lr);
+                be.embedding_bag_sgd(&mut params, model.table, &dev, &dpooled, lr * table_mult);
             } else if micro == 0 {
                 model.backward(&be, &params, &dev, &acts, &dlogits, &mut grads, &mut sparse);
             } else {
