@@ -283,6 +283,9 @@ pub struct ModelConfig {
     pub embed_dropout: f32,
     /// Dropout after each hidden layer.
     pub hidden_dropout: f32,
+    /// Embeddings from `dtrain pretrain` (its output directory or `embeddings.safetensors`)
+    /// to start the table from; rows pretraining never trained keep their initialisation.
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
@@ -293,6 +296,7 @@ impl Default for ModelConfig {
             activation: Activation::Relu,
             embed_dropout: 0.0,
             hidden_dropout: 0.0,
+            init_from: None,
         }
     }
 }
@@ -463,6 +467,182 @@ impl Validate for TrainConfig {
         }
         if t.eval_batch_size < 1 {
             return bad("train.eval_batch_size", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The configuration of `dtrain pretrain`: skip-gram or CBOW on a prepared data set's word
+/// sequences. Every field has a default (fastText's where it has one);
+/// configs/pretrain.example.toml documents each one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    pub data: PretrainData,
+    pub model: PretrainModel,
+    pub train: PretrainTrain,
+}
+
+/// `[data]` of a pretraining run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainData {
+    /// A directory written by `dtrain prepare`.
+    pub dir: PathBuf,
+    /// The splits whose text is read (labels ignored). The default leaves out `val` and
+    /// `test`, so that evaluation text never shapes the embeddings.
+    pub splits: Vec<String>,
+}
+
+impl Default for PretrainData {
+    fn default() -> Self {
+        PretrainData { dir: PathBuf::new(), splits: vec!["train".into(), "unlabeled".into()] }
+    }
+}
+
+/// Skip-gram (predict each context word from the centre word) or CBOW (predict the centre
+/// word from the mean of its context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    Skipgram,
+    Cbow,
+}
+
+/// `[model]` of a pretraining run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainModel {
+    pub objective: Objective,
+    /// Embedding width D; the classifier's `model.dim` must equal it to use the result.
+    pub dim: usize,
+    /// Character n-grams of each word, boundary markers included (fastText's -minn/-maxn);
+    /// `char_ngram_max = 0`: the word feature alone.
+    pub char_ngram_min: u32,
+    pub char_ngram_max: u32,
+    /// Largest window: each centre word draws its window size uniformly in 1..=window.
+    pub window: u32,
+    /// Negative samples per predicted word.
+    pub negatives: u32,
+    /// Exponent of the unigram counts in the negative-sampling distribution.
+    pub negative_power: f64,
+    /// Words seen fewer times are dropped from the text before windows are formed.
+    pub min_count: u64,
+    /// Subsampling threshold t: a word of frequency f is kept with probability
+    /// min(1, √(t/f) + t/f); 0 keeps every word.
+    pub subsample: f64,
+}
+
+impl Default for PretrainModel {
+    fn default() -> Self {
+        PretrainModel {
+            objective: Objective::Skipgram,
+            dim: 100,
+            char_ngram_min: 3,
+            char_ngram_max: 6,
+            window: 5,
+            negatives: 5,
+            negative_power: 0.75,
+            min_count: 5,
+            subsample: 1e-4,
+        }
+    }
+}
+
+/// `[train]` of a pretraining run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainTrain {
+    /// Where `embeddings.safetensors`, `words.tsv`, `metrics.jsonl` and checkpoints go.
+    pub out_dir: PathBuf,
+    /// Passes over the text.
+    pub epochs: u32,
+    /// Initial learning rate; it decays linearly to 0 over the run.
+    pub lr: f64,
+    /// Worker threads updating the shared tables without locks (Hogwild); 0 = one per core.
+    /// With 1 the run is deterministic.
+    pub threads: usize,
+    pub seed: u64,
+    /// Write a resumable checkpoint every this many epochs; 0 = none (the final output
+    /// only).
+    pub checkpoint_every: u32,
+    /// Checkpoints kept (the newest); they are deleted once the final output is written.
+    pub keep_checkpoints: usize,
+}
+
+impl Default for PretrainTrain {
+    fn default() -> Self {
+        PretrainTrain {
+            out_dir: PathBuf::new(),
+            epochs: 5,
+            lr: 0.05,
+            threads: 0,
+            seed: 1,
+            checkpoint_every: 1,
+            keep_checkpoints: 1,
+        }
+    }
+}
+
+impl Validate for PretrainConfig {
+    fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |field: &str, msg: &str| Err(Error::config(origin, field, msg));
+        if self.data.dir.as_os_str().is_empty() {
+            return bad("data.dir", "is required: a directory made by `dtrain prepare`");
+        }
+        if self.data.splits.is_empty() {
+            return bad("data.splits", "name at least one split (train, val, test, unlabeled)");
+        }
+        for s in &self.data.splits {
+            if crate::data::shard::SplitKind::from_name(s).is_none() {
+                return bad(
+                    "data.splits",
+                    &format!("`{s}` is not a split: expected train, val, test or unlabeled"),
+                );
+            }
+        }
+        let m = &self.model;
+        if m.dim < 1 || m.dim > 65_536 {
+            return bad("model.dim", "must be in 1..=65536");
+        }
+        if m.char_ngram_max > 0 {
+            if m.char_ngram_min < 1 || m.char_ngram_min > m.char_ngram_max {
+                return bad("model.char_ngram_min", "must be in 1..=char_ngram_max when char_ngram_max > 0");
+            }
+            if m.char_ngram_max > 16 {
+                return bad("model.char_ngram_max", "must be at most 16");
+            }
+        }
+        if m.window < 1 || m.window > 100 {
+            return bad("model.window", "must be in 1..=100");
+        }
+        if m.negatives < 1 || m.negatives > 100 {
+            return bad("model.negatives", "must be in 1..=100");
+        }
+        if !(0.0..=1.0).contains(&m.negative_power) {
+            return bad("model.negative_power", "must be in [0, 1]");
+        }
+        if m.min_count < 1 {
+            return bad("model.min_count", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&m.subsample) {
+            return bad("model.subsample", "must be in [0, 1) (0 = no subsampling)");
+        }
+        let t = &self.train;
+        if t.out_dir.as_os_str().is_empty() {
+            return bad("train.out_dir", "is required");
+        }
+        if t.epochs < 1 {
+            return bad("train.epochs", "must be at least 1");
+        }
+        if !positive(t.lr) || t.lr > 10.0 {
+            return bad("train.lr", "must be in (0, 10]");
+        }
+        if t.threads > 1024 {
+            return bad("train.threads", "must be at most 1024 (0 = one per core)");
+        }
+        if t.keep_checkpoints < 1 {
+            return bad("train.keep_checkpoints", "must be at least 1");
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod predict;
+pub mod pretrain;
 pub mod rng;
 pub mod train;
 

@@ -6,13 +6,14 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use dtrain::config::{self, Override, PrepareConfig, TrainConfig};
+use dtrain::config::{self, Override, PrepareConfig, PretrainConfig, TrainConfig};
 use dtrain::data::dataset::{self, Dataset};
 use dtrain::data::input::FormatChoice;
 use dtrain::data::manifest::Manifest;
 use dtrain::data::prepare::{prepare, PrepareReport};
 use dtrain::data::shard::{Shard, SplitKind};
 use dtrain::data::tokenize::{Punctuation, Tokenizer};
+use dtrain::pretrain::{pretrain, PretrainOptions};
 use dtrain::train::{train, Resume, RunOptions};
 
 #[derive(Parser)]
@@ -34,7 +35,23 @@ enum Command {
     /// Turn raw text (TSV, JSONL, plain text; .gz too) into a sharded data set directory.
     Prepare(PrepareArgs),
     /// Train a classifier as a run config says (see configs/train.example.toml).
-    Train(TrainArgs),
+    Train(RunArgs),
+    /// Pretrain the embedding table by skip-gram or CBOW on a data set's text (see
+    /// configs/pretrain.example.toml); `model.init_from` in a run config then uses it.
+    Pretrain(RunArgs),
+    /// Nearest words by cosine in pretrained embeddings, for a quick look at their quality.
+    Neighbors {
+        /// A `dtrain pretrain` output directory or its embeddings.safetensors.
+        #[arg(long)]
+        model: PathBuf,
+        /// Words to look up (words never seen in pretraining get a vector from their
+        /// character n-grams).
+        #[arg(required = true)]
+        words: Vec<String>,
+        /// Neighbours listed per word.
+        #[arg(short, long, default_value_t = 10)]
+        k: usize,
+    },
     /// Evaluate a checkpoint on a split of a data set: accuracy, macro-F1, per-class
     /// figures, confusion matrix, calibration.
     Eval(EvalArgs),
@@ -255,9 +272,11 @@ fn parse_range(spec: &str) -> Option<(u32, u32)> {
     Some((a.trim().parse().ok()?, b.trim().trim_start_matches('=').parse().ok()?))
 }
 
+/// The arguments of `train` and `pretrain`: a config file, overrides, and where to resume.
 #[derive(Args)]
-struct TrainArgs {
-    /// The run config (TOML).
+struct RunArgs {
+    /// The config (TOML): see configs/train.example.toml for `train`,
+    /// configs/pretrain.example.toml for `pretrain`.
     #[arg(long)]
     config: PathBuf,
     /// Override any config field: --set optim.lr=0.01 (repeatable).
@@ -267,6 +286,19 @@ struct TrainArgs {
     /// `no`: start fresh (refused if checkpoints exist); or a checkpoint directory.
     #[arg(long, default_value = "no")]
     resume: String,
+}
+
+impl RunArgs {
+    /// The validated config and the resume choice.
+    fn load<T: serde::de::DeserializeOwned + config::Validate>(&self) -> anyhow::Result<(T, Resume)> {
+        let overrides = self.set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
+        let resume = match self.resume.as_str() {
+            "no" => Resume::No,
+            "auto" => Resume::Auto,
+            path => Resume::From(PathBuf::from(path)),
+        };
+        Ok((config::load(Some(&self.config), &overrides)?, resume))
+    }
 }
 
 #[derive(Args)]
@@ -384,19 +416,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(args) => {
-            let overrides = args.set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
-            let cfg: TrainConfig = config::load(Some(&args.config), &overrides)?;
-            let resume = match args.resume.as_str() {
-                "no" => Resume::No,
-                "auto" => Resume::Auto,
-                path => Resume::From(PathBuf::from(path)),
-            };
+            let (cfg, resume): (TrainConfig, _) = args.load()?;
             let r = train(&cfg, &RunOptions { resume, progress, stop_after: None })?;
             print_train_summary(&r);
             for rep in [&r.val, &r.test].into_iter().flatten() {
                 print!("{}", rep.to_text());
             }
             println!("metrics: {}", cfg.train.out_dir.join("metrics.jsonl").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pretrain(args) => {
+            let (cfg, resume): (PretrainConfig, _) = args.load()?;
+            let opts = PretrainOptions { resume, progress, stop_after: None };
+            let r = pretrain(&cfg, &opts)?;
+            println!(
+                "pretrained {} epochs on {} threads: {} of {} words trained ({} of {} tokens per epoch), final loss {:.4}",
+                r.epochs, r.threads, r.trained_words, r.vocab_words, r.trained_tokens, r.tokens, r.loss
+            );
+            println!(
+                "{:.0} words/s ({:.0} per thread) over {:.1} s of training; {:.1} s in all",
+                r.words_per_s, r.words_per_s_per_thread, r.train_seconds, r.seconds
+            );
+            println!(
+                "embeddings: {}   words: {}",
+                r.out_dir.join(dtrain::pretrain::embeddings::EMBEDDINGS_FILE).display(),
+                r.out_dir.join(dtrain::pretrain::embeddings::WORDS_FILE).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Neighbors { model, words, k } => {
+            let emb = dtrain::pretrain::embeddings::read(&model)?;
+            for q in &words {
+                match emb.neighbors(q, k) {
+                    Some((word, list)) => {
+                        println!("{word}:");
+                        for (w, s) in list {
+                            println!("  {s:7.4}  {w}");
+                        }
+                    }
+                    None => println!("{q:?}: holds no word"),
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => {

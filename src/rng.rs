@@ -18,6 +18,10 @@ pub enum Purpose {
     Init = 2,
     /// A shard's per-epoch row order (index: split, shard and epoch).
     Shuffle = 3,
+    /// Skip-gram/CBOW pretraining: one stream per (epoch, thread) seeds a [`Fast`] generator.
+    Pretrain = 4,
+    /// The order of pretraining's negative-sampling table.
+    NegativeTable = 5,
 }
 
 /// A seeded random stream.
@@ -58,6 +62,41 @@ impl Stream {
             let j = self.below(i as u64 + 1) as usize;
             items.swap(i, j);
         }
+    }
+}
+
+/// A small, fast generator (wyrand) for hot loops that draw tens of millions of numbers per
+/// second (skip-gram's windows, subsampling and negatives), where a ChaCha draw would cost
+/// more than the arithmetic it feeds. Always seeded from a [`Stream`], so it inherits the
+/// stream's naming; its output is pinned by a test like the shuffle's.
+#[derive(Debug, Clone)]
+pub struct Fast(u64);
+
+impl Fast {
+    /// A generator seeded with the next value of `stream`.
+    pub fn from_stream(stream: &mut Stream) -> Self {
+        Fast(stream.next_u64())
+    }
+
+    /// The next raw 64-bit value.
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) as u64) ^ (t as u64)
+    }
+
+    /// An integer in `0..n` by multiply-shift (Lemire). Its bias is below n/2^64, far under
+    /// anything a sampler of word windows and negatives could show.
+    #[inline]
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// A uniform value in `[0, 1)` with 24 random bits.
+    #[inline]
+    pub fn unit_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
     }
 }
 
@@ -102,6 +141,27 @@ mod tests {
         // Pinned: a change here silently changes every data split made with seed 42.
         assert_eq!(v, PINNED_SHUFFLE);
     }
+
+    #[test]
+    fn fast_is_pinned_and_in_range() {
+        let mut f = Fast::from_stream(&mut Stream::new(3, Purpose::Pretrain, 0));
+        let mut g = f.clone();
+        assert_eq!(f.next_u64(), g.next_u64());
+        let mut counts = [0u32; 5];
+        for _ in 0..50_000 {
+            counts[f.below(5) as usize] += 1;
+            let u = f.unit_f32();
+            assert!((0.0..1.0).contains(&u));
+        }
+        for c in counts {
+            assert!((9_500..10_500).contains(&c), "{counts:?}");
+        }
+        // Pinned: a change here changes every pretraining run.
+        let mut p = Fast(0);
+        assert_eq!([p.next_u64(), p.next_u64()], PINNED_FAST);
+    }
+
+    const PINNED_FAST: [u64; 2] = [1_233_057_930_238_600_590, 14_892_235_431_655_409_005];
 
     const PINNED_SHUFFLE: [u32; 10] = [1, 3, 8, 0, 9, 4, 2, 7, 5, 6];
 }

@@ -25,6 +25,12 @@ fn every_command_has_help() {
         &["demo", "--help"],
         &["bench", "--help"],
         &["bench", "prepare", "--help"],
+        &["pretrain", "--help"],
+        &["neighbors", "--help"],
+        &["train", "--help"],
+        &["eval", "--help"],
+        &["predict", "--help"],
+        &["plot", "--help"],
     ] {
         let o = dtrain(cmd);
         assert!(o.status.success(), "{cmd:?}: {}", text(&o));
@@ -214,10 +220,90 @@ fn train_example_config_documents_every_field() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/brown");
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.file_name().is_some_and(|n| n != "prepare.toml") {
+        if path.file_name().is_some_and(|n| n != "prepare.toml" && n != "pretrain.toml") {
             load::<TrainConfig>(Some(&path), &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
     }
+}
+
+/// configs/pretrain.example.toml parses, equals the defaults, and documents every field;
+/// the shipped pretraining config loads.
+#[test]
+fn pretrain_example_config_documents_every_field() {
+    use dtrain::config::{load, PretrainConfig};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("configs/pretrain.example.toml");
+    let cfg: PretrainConfig = load(Some(&path), &[]).unwrap();
+    let mut want = PretrainConfig::default();
+    want.data.dir = "runs/example/data".into();
+    want.train.out_dir = "runs/example/pretrain".into();
+    assert_eq!(cfg, want, "the example's values must be the defaults");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let tree = toml::Value::try_from(&want).unwrap();
+    for (section, fields) in tree.as_table().unwrap() {
+        assert!(text.contains(&format!("[{section}]")), "section [{section}] undocumented");
+        for field in fields.as_table().unwrap().keys() {
+            assert!(text.contains(&format!("\n{field} =")), "field {section}.{field} undocumented");
+        }
+    }
+    load::<PretrainConfig>(Some(&root.join("configs/brown/pretrain.toml")), &[]).unwrap();
+}
+
+/// `dtrain pretrain` then `dtrain neighbors` from the command line, on a tiny corpus.
+#[test]
+fn pretrain_and_neighbors_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut corpus = String::new();
+    for i in 0..200 {
+        corpus.push_str(if i % 2 == 0 {
+            "red green blue red green blue\n"
+        } else {
+            "cat dog cow cat dog cow\n"
+        });
+    }
+    let input = dir.path().join("u.txt");
+    std::fs::write(&input, corpus).unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let o = dtrain(&[
+        "--quiet",
+        "prepare",
+        "--unlabeled",
+        input.to_str().unwrap(),
+        "--out",
+        d,
+        "--buckets",
+        "4096",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = dir.path().join("pre");
+    let cfg = dir.path().join("pre.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\ndir = {:?}\n[model]\ndim = 8\nmin_count = 1\nsubsample = 0.0\nchar_ngram_max = 0\n[train]\nout_dir = {:?}\nthreads = 1\n",
+            d,
+            out.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let o = dtrain(&["--quiet", "pretrain", "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("6 of 6 words trained"), "{}", text(&o));
+    let o = dtrain(&["neighbors", "--model", out.to_str().unwrap(), "-k", "2", "RED", "cat"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines.len(), 6, "{t}");
+    assert_eq!(lines[0], "red:");
+    assert_eq!(lines[3], "cat:");
+    for l in &lines[1..3] {
+        assert!(l.ends_with("green") || l.ends_with("blue"), "{t}");
+    }
+    // A bad config names its field.
+    let o = dtrain(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "model.window=0"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("model.window"), "{}", text(&o));
 }
 
 #[test]

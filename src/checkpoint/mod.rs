@@ -104,7 +104,7 @@ fn data_checksum(layout: &Layout, bufs: &[(&str, &[f32])]) -> String {
 
 /// Writes the tensors of `bufs` (those each buffer covers) with `meta` (a JSON object, without its `checksum`) under
 /// [`META_KEY`], the data checksum added to it.
-fn tensors_to_file(
+pub(crate) fn tensors_to_file(
     path: &Path,
     layout: &Layout,
     bufs: &[(&str, &[f32])],
@@ -127,7 +127,7 @@ fn tensors_to_file(
 }
 
 /// The JSON object under [`META_KEY`] in a file's metadata.
-fn file_meta(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
+pub(crate) fn file_meta(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
     let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
     let json =
@@ -142,7 +142,7 @@ fn file_meta(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
 /// `len` elements covers, into such a buffer. Checks, before allocating anything, that the
 /// file holds exactly those tensors with their shapes and that the data's checksum matches
 /// the file's metadata; then rejects non-finite values.
-fn tensors_from_file(
+pub(crate) fn tensors_from_file(
     path: &Path,
     bytes: &[u8],
     layout: &Layout,
@@ -219,28 +219,44 @@ pub fn save(
     state: &TrainState,
     keep: usize,
 ) -> Result<PathBuf> {
+    stage(root, &dir_name(state.step), keep, |tmp| {
+        let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
+        tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json)?;
+        let moments = [("m.", moments[0]), ("v.", moments[1])];
+        tensors_to_file(&tmp.join("optimizer.safetensors"), &model.layout, &moments, serde_json::json!({}))?;
+        let payload = bincode::encode_to_vec(state, bincode::config::standard())
+            .map_err(|e| Error::Data(format!("state: {e}")))?;
+        let mut bytes = Vec::with_capacity(28 + payload.len());
+        bytes.extend_from_slice(STATE_MAGIC);
+        bytes.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        fsutil::write_atomic(&tmp.join("state.bin"), &bytes)
+    })
+}
+
+/// Writes one complete checkpoint directory `root/name`: `write` fills a temporary
+/// directory, every file in it is synced, the [`DONE`] marker is written last, and the
+/// directory is renamed into place. Then all but the newest `keep` complete checkpoints
+/// with the same name prefix (the part before the first `-`) are deleted.
+pub(crate) fn stage(
+    root: &Path,
+    name: &str,
+    keep: usize,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).at(root)?;
-    let final_dir = root.join(dir_name(state.step));
-    let tmp = root.join(format!("{}.tmp", dir_name(state.step)));
+    let final_dir = root.join(name);
+    let tmp = root.join(format!("{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
     std::fs::create_dir(&tmp).at(&tmp)?;
-    let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
-    tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json)?;
-    let moments = [("m.", moments[0]), ("v.", moments[1])];
-    tensors_to_file(&tmp.join("optimizer.safetensors"), &model.layout, &moments, serde_json::json!({}))?;
-    let payload = bincode::encode_to_vec(state, bincode::config::standard())
-        .map_err(|e| Error::Data(format!("state: {e}")))?;
-    let mut bytes = Vec::with_capacity(28 + payload.len());
-    bytes.extend_from_slice(STATE_MAGIC);
-    bytes.extend_from_slice(&STATE_VERSION.to_le_bytes());
-    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
-    bytes.extend_from_slice(&payload);
-    fsutil::write_atomic(&tmp.join("state.bin"), &bytes)?;
-    for f in ["model.safetensors", "optimizer.safetensors"] {
-        std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all()).at(&tmp.join(f))?;
+    write(&tmp)?;
+    for entry in std::fs::read_dir(&tmp).at(&tmp)? {
+        let path = entry.at(&tmp)?.path();
+        std::fs::File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
     }
     fsutil::write_atomic(&tmp.join(DONE), b"")?;
     if final_dir.exists() {
@@ -248,7 +264,8 @@ pub fn save(
     }
     std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
     fsutil::sync_parent(&final_dir);
-    let mut complete = list(root)?;
+    let prefix = name.split_once('-').map_or(name, |(p, _)| p);
+    let mut complete = list_named(root, prefix)?;
     while complete.len() > keep {
         let old = complete.remove(0);
         std::fs::remove_dir_all(&old).at(&old)?;
@@ -258,16 +275,23 @@ pub fn save(
 
 /// Complete checkpoints under `root`, oldest first.
 pub fn list(root: &Path) -> Result<Vec<PathBuf>> {
+    list_named(root, "step")
+}
+
+/// Complete checkpoint directories `root/{prefix}-…`, oldest first (names sort by their
+/// zero-padded counter).
+pub(crate) fn list_named(root: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
     if !root.exists() {
         return Ok(Vec::new());
     }
+    let start = format!("{prefix}-");
     let mut out: Vec<PathBuf> = std::fs::read_dir(root)
         .at(root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name().is_some_and(|n| {
                 let n = n.to_string_lossy();
-                n.starts_with("step-") && !n.ends_with(".tmp")
+                n.starts_with(&start) && !n.ends_with(".tmp")
             }) && p.join(DONE).is_file()
         })
         .collect();

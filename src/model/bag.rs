@@ -14,10 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use rayon::prelude::*;
-
-use crate::backend::{mix64, Activation, Backend, DropoutKey, Real, SparseRows};
-use crate::model::params::{Layout, Slot};
+use crate::backend::{Activation, Backend, DropoutKey, Real, SparseRows};
+use crate::model::params::{fill_uniform, Layout, Slot};
 
 /// The bag model's hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,20 +141,9 @@ impl BagModel {
     /// table is filled in parallel and the result does not depend on the thread count.
     pub fn init<F: Real>(&self, seed: u64) -> Vec<F> {
         let mut p = crate::hostmem::zeroed::<F>(self.layout.total());
-        let uniform = |p: &mut [F], slot: Slot, bound: f64, tensor: u64| {
-            let base = mix64(seed ^ mix64(0x1417_u64 << 32 | tensor));
-            p[slot.range()].par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
-                for (k, v) in chunk.iter_mut().enumerate() {
-                    let i = (c << 14 | k) as u64;
-                    // 53 random bits → [0, 1), then to [−bound, bound).
-                    let u = (mix64(base ^ mix64(i)) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-                    *v = F::of((2.0 * u - 1.0) * bound);
-                }
-            });
-        };
-        uniform(&mut p, self.table, 1.0 / self.spec.dim as f64, 0);
+        fill_uniform(&mut p[self.table.range()], seed, 0, 1.0 / self.spec.dim as f64);
         for (k, (w, _)) in self.hidden.iter().enumerate() {
-            uniform(&mut p, *w, (6.0 / w.cols as f64).sqrt(), k as u64 + 1);
+            fill_uniform(&mut p[w.range()], seed, k as u64 + 1, (6.0 / w.cols as f64).sqrt());
         }
         p
     }

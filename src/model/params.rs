@@ -1,7 +1,10 @@
 //! The flat parameter layout: named tensors at offsets in one buffer, shared by parameters,
 //! gradients, optimizer moments and EMA weights, and used as the safetensors tensor names.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::backend::{mix64, Real};
 
 /// Where one tensor lives in a flat buffer, and its shape (row-major).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +96,21 @@ impl Layout {
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.name == name)
     }
+}
+
+/// Fills `p` uniformly in `[−bound, bound)`. Element `i` is a function of `(seed, tensor, i)`
+/// alone (a counter-based hash), so a table is filled in parallel and the result does not
+/// depend on the thread count. `tensor` tells a model's tensors apart.
+pub fn fill_uniform<F: Real>(p: &mut [F], seed: u64, tensor: u64, bound: f64) {
+    let base = mix64(seed ^ mix64(0x1417_u64 << 32 | tensor));
+    p.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
+        for (k, v) in chunk.iter_mut().enumerate() {
+            let i = (c << 14 | k) as u64;
+            // 53 random bits → [0, 1), then to [−bound, bound).
+            let u = (mix64(base ^ mix64(i)) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+            *v = F::of((2.0 * u - 1.0) * bound);
+        }
+    });
 }
 
 #[cfg(test)]

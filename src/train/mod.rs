@@ -194,6 +194,19 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         Resume::Auto => checkpoint::latest(&ckpt_root)?,
         Resume::From(dir) => Some(dir.clone()),
     };
+    if let (Some(path), None) = (&cfg.model.init_from, &resume_from) {
+        let emb = crate::pretrain::embeddings::read(path)?;
+        let s = emb.init_table(&manifest.tokenizer, model.spec.dim, &mut params[model.table.range()])?;
+        if opts.progress {
+            eprintln!(
+                "init_from {}: {} rows of {} pretrained words loaded{}",
+                path.display(),
+                s.rows,
+                s.words,
+                if s.composed { " (word rows composed: the character n-gram ranges differ)" } else { "" }
+            );
+        }
+    }
     if let Some(dir) = &resume_from {
         let (m, loaded_model, loaded) = checkpoint::load_model(dir)?;
         let differs = if m.model != meta.model || loaded_model.layout != model.layout {

@@ -1,0 +1,281 @@
+//! Skip-gram/CBOW pretraining end to end on small data: it learns co-occurrence, it resumes
+//! bit for bit, its files are checked, and `model.init_from` loads it into a classifier.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use dtrain::config::{self, Override, PretrainConfig, TrainConfig};
+use dtrain::data::dataset::Dataset;
+use dtrain::data::tokenize::Tokenizer;
+use dtrain::pretrain::embeddings::{self, EMBEDDINGS_FILE, WORDS_FILE};
+use dtrain::pretrain::{pretrain, PretrainOptions, PretrainReport};
+use dtrain::train::{train, Resume, RunOptions};
+
+const FRUIT: [&str; 5] = ["apple", "banana", "cherry", "grape", "melon"];
+const TOOLS: [&str; 5] = ["engine", "piston", "valve", "gear", "brake"];
+
+/// An unlabeled corpus of two topics: each line draws 8 words from one topic's five, so
+/// words co-occur only within their topic. Also a small labeled file (class = topic) so the
+/// data set can train a classifier; the pool's labels are kept, with 4 labels per class.
+fn corpus(dir: &Path, extra: &[&str]) -> PathBuf {
+    let (mut unl, mut lab) = (String::new(), String::new());
+    let mut x = 12345u64;
+    let mut next = |n: u64| {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (x >> 33) % n
+    };
+    for line in 0..600 {
+        let topic = if line % 2 == 0 { &FRUIT } else { &TOOLS };
+        let words: Vec<&str> = (0..8).map(|_| topic[next(5) as usize]).collect();
+        unl.push_str(&words.join(" "));
+        unl.push('\n');
+        if line < 80 {
+            lab.push_str(&format!("{}\t{} number{line}\n", line % 2, words[..4].join(" ")));
+        }
+    }
+    let u = common::write(dir, "unlabeled.txt", unl.as_bytes());
+    let l = common::write(dir, "labeled.tsv", lab.as_bytes());
+    let out = dir.join("data");
+    let mut sets = vec!["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=4"];
+    sets.extend_from_slice(extra);
+    common::run(&[&l], &[&u], &out, &sets).unwrap();
+    out
+}
+
+fn cfg(data: &Path, out: &Path, extra: &[&str]) -> PretrainConfig {
+    let mut o = vec![
+        Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap(),
+        Override::parse(&format!("train.out_dir={:?}", out.display().to_string())).unwrap(),
+        Override::parse("model.dim=16").unwrap(),
+        Override::parse("model.min_count=1").unwrap(),
+        Override::parse("model.subsample=0").unwrap(),
+        Override::parse("model.window=3").unwrap(),
+        Override::parse("model.char_ngram_max=0").unwrap(),
+        Override::parse("train.threads=1").unwrap(),
+        Override::parse("train.epochs=4").unwrap(),
+    ];
+    o.extend(extra.iter().map(|s| Override::parse(s).unwrap()));
+    config::load(None, &o).unwrap()
+}
+
+fn run(cfg: &PretrainConfig, resume: Resume, stop_after: Option<u32>) -> dtrain::Result<PretrainReport> {
+    pretrain(cfg, &PretrainOptions { resume, progress: false, stop_after })
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (n(a) * n(b))
+}
+
+#[test]
+fn skipgram_and_cbow_learn_which_words_share_contexts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), &[]);
+    for objective in ["skipgram", "cbow"] {
+        let out = dir.path().join(objective);
+        let r =
+            run(&cfg(&data, &out, &[&format!("model.objective=\"{objective}\"")]), Resume::No, None).unwrap();
+        assert_eq!(r.epochs, 4);
+        assert!(r.loss.is_finite() && r.loss > 0.0);
+        // 10 topic words plus the labeled file's `numberN` tokens.
+        assert!(r.trained_words >= 10);
+        let emb = embeddings::read(&out).unwrap();
+        let tok = emb.tokenizer();
+        let mut feats = Vec::new();
+        let vec = |w: &str, feats: &mut Vec<u32>| {
+            let mut v = vec![0.0; 16];
+            emb.vector(&tok, w, feats, &mut v);
+            v
+        };
+        let (mut within, mut across, mut n_within, mut n_across) = (0.0, 0.0, 0, 0);
+        for (i, a) in FRUIT.iter().chain(&TOOLS).enumerate() {
+            for (j, b) in FRUIT.iter().chain(&TOOLS).enumerate().skip(i + 1) {
+                let c = cosine(&vec(a, &mut feats), &vec(b, &mut feats));
+                if (i < 5) == (j < 5) {
+                    within += c;
+                    n_within += 1;
+                } else {
+                    across += c;
+                    n_across += 1;
+                }
+            }
+        }
+        let (within, across) = (within / n_within as f32, across / n_across as f32);
+        assert!(within > across + 0.5, "{objective}: within-topic cosine {within}, across {across}");
+        // The nearest neighbours of a fruit are fruits.
+        let (word, list) = emb.neighbors("Apple", 4).unwrap();
+        assert_eq!(word, "apple", "the query is lower-cased as the tokenizer does");
+        // (The labeled lines' `numberN` tokens also occur among fruit words.)
+        for (w, _) in &list {
+            assert!(!TOOLS.contains(&w.as_str()), "{objective}: {list:?}");
+        }
+        assert!(FRUIT.contains(&list[0].0.as_str()), "{objective}: {list:?}");
+        assert!(list.iter().all(|(w, _)| w != "apple"));
+        assert!(emb.neighbors("   ", 4).is_none());
+    }
+}
+
+#[test]
+fn one_thread_is_deterministic_and_resume_is_bitwise_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), &[]);
+    let bytes = |d: &Path| std::fs::read(d.join(EMBEDDINGS_FILE)).unwrap();
+    let a = dir.path().join("a");
+    run(&cfg(&data, &a, &[]), Resume::No, None).unwrap();
+    assert!(!a.join("checkpoints").exists(), "checkpoints are deleted once the output is written");
+    let again = dir.path().join("again");
+    run(&cfg(&data, &again, &[]), Resume::No, None).unwrap();
+    assert_eq!(bytes(&a), bytes(&again), "a one-thread run is a function of config and data");
+    let seed2 = dir.path().join("seed2");
+    run(&cfg(&data, &seed2, &["train.seed=2"]), Resume::No, None).unwrap();
+    assert_ne!(bytes(&a), bytes(&seed2));
+
+    // Interrupted after epoch 2, then resumed.
+    let b = dir.path().join("b");
+    let r = run(&cfg(&data, &b, &[]), Resume::No, Some(2)).unwrap();
+    assert_eq!(r.epochs, 2);
+    assert!(!b.join(EMBEDDINGS_FILE).exists(), "no final output before the last epoch");
+    assert!(b.join("checkpoints/epoch-000002/DONE").is_file());
+    let refused = run(&cfg(&data, &b, &[]), Resume::No, None).unwrap_err().to_string();
+    assert!(refused.contains("--resume auto"), "{refused}");
+    let other = run(&cfg(&data, &b, &["train.lr=0.02"]), Resume::Auto, None).unwrap_err().to_string();
+    assert!(other.contains("different pretraining config"), "{other}");
+    let r = run(&cfg(&data, &b, &[]), Resume::Auto, None).unwrap();
+    assert_eq!(r.epochs, 4);
+    assert_eq!(bytes(&a), bytes(&b), "resumed run differs from the uninterrupted one");
+    assert_eq!(std::fs::read(a.join(WORDS_FILE)).unwrap(), std::fs::read(b.join(WORDS_FILE)).unwrap());
+    let epochs = |d: &Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(epochs(&b), 4, "one metrics line per epoch, none repeated");
+}
+
+#[test]
+fn damaged_files_are_refused_with_their_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), &[]);
+    let out = dir.path().join("e");
+    run(&cfg(&data, &out, &["train.epochs=1"]), Resume::No, None).unwrap();
+    let words = out.join(WORDS_FILE);
+    let good = std::fs::read(&words).unwrap();
+    let mut bad = good.clone();
+    bad[0] ^= 1;
+    std::fs::write(&words, &bad).unwrap();
+    let e = embeddings::read(&out).err().unwrap().to_string();
+    assert!(e.contains("words.tsv") && e.contains("checksum"), "{e}");
+    std::fs::write(&words, &good).unwrap();
+    let file = out.join(EMBEDDINGS_FILE);
+    let mut t = std::fs::read(&file).unwrap();
+    let n = t.len();
+    t[n - 5] ^= 0x40;
+    std::fs::write(&file, &t).unwrap();
+    let e = embeddings::read(&out).err().unwrap().to_string();
+    assert!(e.contains("embeddings.safetensors") && e.contains("checksum"), "{e}");
+    std::fs::write(&file, &t[..n / 2]).unwrap();
+    assert!(embeddings::read(&out).is_err());
+    let e = embeddings::read(&dir.path().join("nothing")).err().unwrap().to_string();
+    assert!(e.contains("nothing"), "{e}");
+    // Config rules name their field.
+    let e = config::load::<PretrainConfig>(None, &[Override::parse("data.dir=\"x\"").unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train.out_dir"), "{e}");
+    for (set, field) in [
+        ("data.splits=[\"tset\"]", "data.splits"),
+        ("model.window=0", "model.window"),
+        ("model.subsample=1.5", "model.subsample"),
+        ("model.char_ngram_min=7", "model.char_ngram_min"),
+        ("model.objective=\"glove\"", "model.objective"),
+        ("train.lr=-1", "train.lr"),
+    ] {
+        let o = [
+            Override::parse("data.dir=\"x\"").unwrap(),
+            Override::parse("train.out_dir=\"y\"").unwrap(),
+            Override::parse(set).unwrap(),
+        ];
+        let e = config::load::<PretrainConfig>(None, &o).unwrap_err().to_string();
+        assert!(e.contains(field), "{set}: {e}");
+    }
+    // Too high a min_count leaves nothing to train.
+    let e = run(&cfg(&data, &dir.path().join("none"), &["model.min_count=1000000"]), Resume::No, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("min_count"), "{e}");
+}
+
+/// A classifier's table filled with 7.0, after `init_table`.
+fn init(
+    emb: &embeddings::Embeddings,
+    data: &Path,
+    dim: usize,
+) -> (Vec<f32>, dtrain::Result<embeddings::InitSummary>) {
+    let spec = Dataset::open(data).unwrap().manifest().tokenizer.clone();
+    let mut table = vec![7.0f32; spec.buckets as usize * dim];
+    let r = emb.init_table(&spec, dim, &mut table);
+    (table, r)
+}
+
+#[test]
+fn init_from_loads_trained_rows_and_leaves_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    // The classifier's data: words and bigrams, no character n-grams.
+    let data = corpus(dir.path(), &[]);
+    let ds = Dataset::open(&data).unwrap();
+    let tok = Tokenizer::new(ds.manifest().tokenizer.clone());
+    let bigram = tok.tokenize("apple banana").ids[2];
+
+    // Same range (none): trained rows are copied as they are.
+    let same = dir.path().join("same");
+    run(&cfg(&data, &same, &[]), Resume::No, None).unwrap();
+    let emb = embeddings::read(&same).unwrap();
+    let (table, s) = init(&emb, &data, 16);
+    let s = s.unwrap();
+    assert!(!s.composed && s.words == emb.words.len() && s.rows >= 10, "{s:?}");
+    let mut feats = Vec::new();
+    emb.features(&tok, "apple", &mut feats);
+    let row = |t: &[f32], f: u32| t[f as usize * 16..(f as usize + 1) * 16].to_vec();
+    assert_eq!(row(&table, feats[0]), row(emb.input(), feats[0]));
+    // The bigram row keeps the classifier's values.
+    assert_eq!(row(&table, bigram), vec![7.0; 16]);
+    let written = table.chunks(16).filter(|r| r[0] != 7.0).count();
+    assert_eq!(written, s.rows, "exactly the trained rows are written");
+
+    // Pretrained with character n-grams 3..4: the classifier (none) gets composed word rows.
+    let sub = dir.path().join("sub");
+    run(&cfg(&data, &sub, &["model.char_ngram_min=3", "model.char_ngram_max=4"]), Resume::No, None).unwrap();
+    let emb = embeddings::read(&sub).unwrap();
+    let (table, s) = init(&emb, &data, 16);
+    assert!(s.unwrap().composed);
+    let mut v = vec![0.0; 16];
+    emb.vector(&emb.tokenizer(), "apple", &mut feats, &mut v);
+    assert_eq!(feats.len(), 1 + 5 + 4, "<apple>: the word, 5 trigrams, 4 four-grams");
+    assert_eq!(row(&table, feats[0]), v);
+    assert_ne!(v, row(emb.input(), feats[0]));
+
+    // Widths must agree, and the error names the field.
+    let e = init(&emb, &data, 8).1.unwrap_err().to_string();
+    assert!(e.contains("model.init_from") && e.contains("model.dim"), "{e}");
+
+    // End to end: a training run starts from the embeddings and differs from scratch.
+    let tcfg = |out: &Path, init_from: Option<&Path>| -> TrainConfig {
+        let mut o = vec![
+            Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap(),
+            Override::parse(&format!("train.out_dir={:?}", out.display().to_string())).unwrap(),
+            Override::parse("model.dim=16").unwrap(),
+            Override::parse("train.batch_size=2").unwrap(),
+            Override::parse("train.epochs=2").unwrap(),
+        ];
+        if let Some(p) = init_from {
+            o.push(Override::parse(&format!("model.init_from={:?}", p.display().to_string())).unwrap());
+        }
+        config::load(None, &o).unwrap()
+    };
+    let opts = RunOptions { resume: Resume::No, progress: false, stop_after: None };
+    let scratch = train(&tcfg(&dir.path().join("t0"), None), &opts).unwrap();
+    let pre = train(&tcfg(&dir.path().join("t1"), Some(&sub)), &opts).unwrap();
+    let params = |p: &Path| dtrain::checkpoint::load_model(p).unwrap().2;
+    assert_ne!(params(&scratch.final_checkpoint), params(&pre.final_checkpoint));
+    let mut bad = tcfg(&dir.path().join("t2"), Some(&sub));
+    bad.model.dim = 8;
+    let e = train(&bad, &opts).unwrap_err().to_string();
+    assert!(e.contains("model.init_from"), "{e}");
+}
