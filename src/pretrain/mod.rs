@@ -81,8 +81,8 @@ struct Segment {
     docs: (usize, usize),
 }
 
-/// The trajectory hash of a pretraining config: everything but where files go, the thread
-/// count's absence aside (threads change the result, so they are in it), and checkpointing.
+/// The trajectory hash of a pretraining config: every field except where files go and how
+/// often checkpoints are written (the thread count stays in: it changes the result).
 fn config_hash(cfg: &PretrainConfig) -> u64 {
     let mut c = cfg.clone();
     c.data.dir = PathBuf::new();
