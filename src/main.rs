@@ -446,8 +446,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Neighbors { model, words, k } => {
             let emb = dtrain::pretrain::embeddings::read(&model)?;
+            let units = emb.unit_vectors();
             for q in &words {
-                match emb.neighbors(q, k) {
+                match emb.neighbors(&units, q, k) {
                     Some((word, list)) => {
                         println!("{word}:");
                         for (w, s) in list {

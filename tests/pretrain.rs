@@ -104,7 +104,8 @@ fn skipgram_and_cbow_learn_which_words_share_contexts() {
         let (within, across) = (within / n_within as f32, across / n_across as f32);
         assert!(within > across + 0.5, "{objective}: within-topic cosine {within}, across {across}");
         // The nearest neighbours of a fruit are fruits.
-        let (word, list) = emb.neighbors("Apple", 4).unwrap();
+        let units = emb.unit_vectors();
+        let (word, list) = emb.neighbors(&units, "Apple", 4).unwrap();
         assert_eq!(word, "apple", "the query is lower-cased as the tokenizer does");
         // (The labeled lines' `numberN` tokens also occur among fruit words.)
         for (w, _) in &list {
@@ -112,7 +113,7 @@ fn skipgram_and_cbow_learn_which_words_share_contexts() {
         }
         assert!(FRUIT.contains(&list[0].0.as_str()), "{objective}: {list:?}");
         assert!(list.iter().all(|(w, _)| w != "apple"));
-        assert!(emb.neighbors("   ", 4).is_none());
+        assert!(emb.neighbors(&units, "   ", 4).is_none());
     }
 }
 

@@ -201,29 +201,37 @@ impl Embeddings {
         out.iter_mut().for_each(|o| *o *= inv);
     }
 
+    /// The unit-length vectors of every trained word (V×D, row-major), composed once for
+    /// any number of [`Embeddings::neighbors`] queries.
+    pub fn unit_vectors(&self) -> Vec<f32> {
+        let (tok, d) = (self.tokenizer(), self.meta.dim);
+        let mut out = vec![0.0f32; self.words.len() * d];
+        let mut feats = Vec::new();
+        for (w, row) in self.words.iter().zip(out.chunks_mut(d)) {
+            self.vector(&tok, w, &mut feats, row);
+            normalise(row);
+        }
+        out
+    }
+
     /// The `k` trained words nearest to `query` by cosine (the query itself excluded), most
-    /// similar first. The query is normalised as the tokenizer does (case); a word never
-    /// seen in pretraining is composed from its character n-grams. `None` if the query
-    /// holds no word.
-    pub fn neighbors(&self, query: &str, k: usize) -> Option<(String, Vec<(String, f32)>)> {
+    /// similar first; `units` is [`Embeddings::unit_vectors`]. The query is normalised as the
+    /// tokenizer does (case); a word never seen in pretraining is composed from its
+    /// character n-grams. `None` if the query holds no word.
+    pub fn neighbors(&self, units: &[f32], query: &str, k: usize) -> Option<(String, Vec<(String, f32)>)> {
         let tok = self.tokenizer();
         let (_, words) = tok.tokenize_with_words(query);
         let word = words.iter().next()?.to_owned();
         let d = self.meta.dim;
-        let mut feats = Vec::new();
         let mut q = vec![0.0f32; d];
-        self.vector(&tok, &word, &mut feats, &mut q);
+        self.vector(&tok, &word, &mut Vec::new(), &mut q);
         normalise(&mut q);
-        let mut v = vec![0.0f32; d];
-        let mut scored: Vec<(f32, usize)> = Vec::with_capacity(self.words.len());
-        for (i, w) in self.words.iter().enumerate() {
-            if *w == word {
-                continue;
-            }
-            self.vector(&tok, w, &mut feats, &mut v);
-            normalise(&mut v);
-            scored.push((q.iter().zip(&v).map(|(a, b)| a * b).sum(), i));
-        }
+        let mut scored: Vec<(f32, usize)> = units
+            .chunks(d)
+            .enumerate()
+            .filter(|&(i, _)| self.words[i] != word)
+            .map(|(i, v)| (q.iter().zip(v).map(|(a, b)| a * b).sum(), i))
+            .collect();
         scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         scored.truncate(k);
         Some((word, scored.into_iter().map(|(s, i)| (self.words[i].clone(), s)).collect()))

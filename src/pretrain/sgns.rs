@@ -425,32 +425,25 @@ mod tests {
             (input.iter().map(|&v| f64::from(v)).collect(), output.iter().map(|&v| f64::from(v)).collect());
         let l0 = loss_f64(&fi, &fo, dim, &ids, target, &negs);
         assert!((f64::from(loss) - l0).abs() < 1e-5, "{loss} vs {l0}");
-        let eps = 1e-6;
+        // Central differences of the loss in one coordinate of `x`.
+        let numeric = |x: &[f64], k: usize, f: &dyn Fn(&[f64]) -> f64| {
+            let (mut p, mut m) = (x.to_vec(), x.to_vec());
+            p[k] += 1e-6;
+            m[k] -= 1e-6;
+            (f(&p) - f(&m)) / 2e-6
+        };
+        let lr64 = f64::from(lr);
         // Output rows: the step is −lr·∂loss/∂row.
         for k in 0..fo.len() {
-            let (mut p, mut m) = (fo.clone(), fo.clone());
-            p[k] += eps;
-            m[k] -= eps;
-            let g = (loss_f64(&fi, &p, dim, &ids, target, &negs)
-                - loss_f64(&fi, &m, dim, &ids, target, &negs))
-                / (2.0 * eps);
+            let g = numeric(&fo, k, &|o| loss_f64(&fi, o, dim, &ids, target, &negs));
             let step = f64::from(o2[k] - output[k]);
-            assert!(
-                (step + f64::from(lr) * g).abs() < 2e-7,
-                "output[{k}]: step {step}, −lr·g {}",
-                -f64::from(lr) * g
-            );
+            assert!((step + lr64 * g).abs() < 2e-7, "output[{k}]: step {step}, −lr·g {}", -lr64 * g);
         }
         // Input rows: −lr·∂loss/∂h = −lr·|I|·∂loss/∂row (fastText's unnormalised update).
         for k in 0..fi.len() {
-            let (mut p, mut m) = (fi.clone(), fi.clone());
-            p[k] += eps;
-            m[k] -= eps;
-            let g = (loss_f64(&p, &fo, dim, &ids, target, &negs)
-                - loss_f64(&m, &fo, dim, &ids, target, &negs))
-                / (2.0 * eps);
+            let g = numeric(&fi, k, &|i| loss_f64(i, &fo, dim, &ids, target, &negs));
             let step = f64::from(i2[k] - input[k]);
-            let want = -f64::from(lr) * ids.len() as f64 * g;
+            let want = -lr64 * ids.len() as f64 * g;
             assert!((step - want).abs() < 2e-7, "input[{k}]: step {step}, want {want}");
         }
         // Row 1 is no input: untouched.
