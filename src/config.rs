@@ -254,12 +254,37 @@ impl Validate for PrepareConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
+    /// The training method: `supervised`, `pi`, `temporal`, `mean_teacher` or `rdrop`.
+    pub method: crate::algo::Method,
     pub data: DataConfig,
     pub model: ModelConfig,
     pub loss: LossConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
     pub train: TrainSection,
+    pub unlabeled: crate::algo::UnlabeledConfig,
+    pub consistency: crate::algo::ConsistencyConfig,
+    pub pi: crate::algo::PiConfig,
+    pub mean_teacher: crate::algo::MeanTeacherConfig,
+    pub temporal: crate::algo::TemporalConfig,
+}
+
+impl TrainConfig {
+    /// The method resolved against its defaults (validation has checked it resolves).
+    pub fn recipe(&self) -> crate::algo::Recipe {
+        crate::algo::Recipe::resolve(self.knobs(), "run.toml").expect("validated config")
+    }
+
+    fn knobs(&self) -> crate::algo::MethodKnobs<'_> {
+        crate::algo::MethodKnobs {
+            method: self.method,
+            unlabeled: &self.unlabeled,
+            consistency: &self.consistency,
+            pi: &self.pi,
+            mean_teacher: &self.mean_teacher,
+            temporal: &self.temporal,
+        }
+    }
 }
 
 /// `[data]`: the prepared data set.
@@ -468,6 +493,7 @@ impl Validate for TrainConfig {
         if t.eval_batch_size < 1 {
             return bad("train.eval_batch_size", "must be at least 1");
         }
+        crate::algo::Recipe::resolve(self.knobs(), origin)?;
         Ok(())
     }
 }

@@ -3,7 +3,9 @@
 //! The crate is both the library and the `dtrain` binary (`main.rs`, CLI only). See
 //! ARCHITECTURE.md for the code map and the invariants every module keeps.
 
+pub mod algo;
 pub mod backend;
+pub mod bank;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

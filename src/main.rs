@@ -69,7 +69,8 @@ enum Command {
         #[arg(long)]
         title: Option<String>,
     },
-    /// Print a data set's summary and decode a few samples, or describe one shard file.
+    /// Print a data set's summary and decode a few samples, or describe one shard file or
+    /// Temporal Ensembling bank file.
     Inspect(InspectArgs),
     /// Check every checksum and value of a data set; exits non-zero on any problem.
     Verify {
@@ -312,6 +313,9 @@ struct EvalArgs {
     /// The split to evaluate: train, val or test.
     #[arg(long, default_value = "test")]
     split: String,
+    /// Evaluate the Mean Teacher's weights (the checkpoint's teacher.safetensors).
+    #[arg(long)]
+    teacher: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -340,6 +344,9 @@ struct PredictArgs {
     /// Average this many forward passes with dropout on (MC dropout); 1 = no dropout.
     #[arg(long, default_value_t = 1)]
     mc_dropout: usize,
+    /// Use each checkpoint's Mean Teacher (teacher.safetensors) instead of its student.
+    #[arg(long)]
+    teacher: bool,
     /// Seed of the MC-dropout masks.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -353,7 +360,8 @@ struct PredictArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// A data set directory, or one shard file.
+    /// A data set directory, one shard file, or a Temporal Ensembling bank file (`.bank`, live
+    /// or in a checkpoint's `bank/`).
     path: PathBuf,
     /// The split whose samples to decode.
     #[arg(long, default_value = "train")]
@@ -464,7 +472,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let split = SplitKind::from_name(&args.split)
                 .filter(|s| *s != SplitKind::Unlabeled)
                 .with_context(|| format!("--split {}: expected train, val or test", args.split))?;
-            let (meta, model, params) = dtrain::checkpoint::load_model(&args.checkpoint)?;
+            let (meta, model, params) = dtrain::checkpoint::load_weights(&args.checkpoint, args.teacher)?;
             let ds = Dataset::open(&args.data)?;
             if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
                 bail!(
@@ -496,6 +504,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 text_field: a.text_field,
                 top_k: a.top_k,
                 mc_dropout: a.mc_dropout,
+                teacher: a.teacher,
                 seed: a.seed,
                 batch_size: a.batch_size,
                 skip_bad: a.skip_bad,
@@ -563,6 +572,18 @@ fn print_train_summary(r: &dtrain::train::TrainReport) {
         r.tokens_per_s,
         r.final_checkpoint.display()
     );
+    let line = |who: &str,
+                val: &Option<dtrain::train::metrics::EvalReport>,
+                test: &Option<dtrain::train::metrics::EvalReport>| {
+        let fmt = |r: &Option<dtrain::train::metrics::EvalReport>| {
+            r.as_ref().map_or("-".to_string(), |r| format!("{:.4} (macro-F1 {:.4})", r.accuracy, r.macro_f1))
+        };
+        if val.is_some() || test.is_some() {
+            println!("{who}: val accuracy {}, test accuracy {}", fmt(val), fmt(test));
+        }
+    };
+    line("student", &r.val, &r.test);
+    line("teacher", &r.teacher_val, &r.teacher_test);
 }
 
 fn print_prepare_summary(r: &PrepareReport) {
@@ -584,6 +605,40 @@ fn print_prepare_summary(r: &PrepareReport) {
 }
 
 fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
+    if args.path.is_file() && args.path.extension().is_some_and(|x| x == "bank") {
+        let (h, histogram) = dtrain::bank::verify_sealed(&args.path)?;
+        println!(
+            "{}: dtrain Temporal Ensembling bank of {} shard {}/{}: {} rows × {} classes as {:?}, alpha {}, {}",
+            args.path.display(),
+            h.split.name(),
+            h.shard,
+            h.shards,
+            h.rows,
+            h.classes,
+            h.storage,
+            h.alpha,
+            if h.sealed { "sealed (checkpoint snapshot), contents match their checksum" } else { "live (unsealed: no checksum)" }
+        );
+        let updated: u64 = histogram.iter().skip(1).sum();
+        let mean = histogram.iter().enumerate().map(|(n, &k)| n as f64 * k as f64).sum::<f64>()
+            / h.rows.max(1) as f64;
+        println!(
+            "rows updated at least once: {updated} of {} ({:.1}%); mean updates per row {mean:.2}",
+            h.rows,
+            100.0 * updated as f64 / h.rows.max(1) as f64
+        );
+        println!(
+            "updates per row: {}",
+            histogram
+                .iter()
+                .enumerate()
+                .filter(|(_, &k)| k > 0)
+                .map(|(n, k)| format!("{}{n}: {k}", if n == 256 { "≥" } else { "" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.path.is_file() {
         let shard = Shard::open(&args.path)?;
         let h = shard.header();

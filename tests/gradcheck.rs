@@ -297,3 +297,133 @@ fn whole_model_with_hidden_layers_and_dropout() {
         });
     }
 }
+
+mod consistency_op {
+    //! The fused consistency op (`Backend::consistency`) by finite differences: every kind,
+    //! both sides, temperatures, a bias, row weights, the confidence mask and class
+    //! multipliers, a probability-form target, and a student block at a row offset.
+    use super::*;
+    use dtrain::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
+    use dtrain::backend::ConsistencyAux;
+
+    const KINDS: [ConsistencyKind; 4] =
+        [ConsistencyKind::Mse, ConsistencyKind::Kl, ConsistencyKind::CeHard, ConsistencyKind::SymKl];
+    const N: usize = 6;
+    const C: usize = 7;
+    /// Student rows before the block the op reads.
+    const OFFSET: usize = 2;
+
+    struct Inputs {
+        zs: Vec<f64>,
+        zt: Vec<f64>,
+        bias: Vec<f64>,
+        weight: Vec<f64>,
+        mult: Vec<f64>,
+    }
+
+    fn inputs() -> Inputs {
+        Inputs {
+            zs: randn((N + OFFSET) * C, 21).iter().map(|v| 2.0 * v).collect(),
+            zt: randn(N * C, 22).iter().map(|v| 2.5 * v).collect(),
+            bias: randn(C, 23).iter().map(|v| 0.3 * v).collect(),
+            weight: vec![1.0, 0.5, 0.0, 1.0, 2.0, 1.0],
+            mult: (0..C).map(|c| 0.8 + 0.05 * c as f64).collect(),
+        }
+    }
+
+    /// Runs the op; returns (scale · Σ masked losses, ∂/∂z_s, ∂/∂z_t, row outputs).
+    fn run(
+        op: &ConsistencyOp,
+        x: &Inputs,
+        zs: &[f64],
+        zt: &[f64],
+        both: bool,
+    ) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let be = B::new();
+        let aux = ConsistencyAux {
+            bias: Some(&x.bias),
+            class_threshold: Some(&x.mult),
+            row_weight: Some(&x.weight),
+        };
+        let mut ds = vec![0.0; zs.len()];
+        let mut dt = vec![0.0; zt.len()];
+        let mut rows = vec![];
+        let (zs, zt) = (zs.to_vec(), zt.to_vec());
+        let out =
+            be.consistency(op, &zs, OFFSET, &zt, N, C, &aux, &mut ds, both.then_some(&mut dt), &mut rows);
+        assert_eq!(out.loss_sum, rows[..N].iter().sum::<f64>());
+        (out.loss_sum * op.scale, ds, dt, rows)
+    }
+
+    /// A threshold halfway between two rows' confidences, so that some rows pass, some do
+    /// not, and no finite-difference step moves a row across it.
+    fn threshold_between(op: &ConsistencyOp, x: &Inputs) -> f64 {
+        let open = ConsistencyOp { threshold: 0.0, ..*op };
+        let (_, _, _, rows) = run(&open, x, &x.zs, &x.zt, false);
+        let mut conf: Vec<f64> = (0..N).map(|i| rows[N + i] / x.mult[rows[2 * N + i] as usize]).collect();
+        conf.sort_by(f64::total_cmp);
+        assert!(conf[3] - conf[2] > 1e-3, "confidences too close to split: {conf:?}");
+        (conf[2] + conf[3]) / 2.0
+    }
+
+    fn check_op(op: ConsistencyOp, x: &mut Inputs, both: bool) {
+        let name = format!("consistency {:?} T={} τ={}", op.kind, op.temperature, op.threshold);
+        let (_, ds, dt, rows) = run(&op, x, &x.zs, &x.zt, both);
+        // The rows before the block are untouched.
+        assert!(ds[..OFFSET * C].iter().all(|&g| g == 0.0), "{name}: rows outside the block");
+        let passed = (0..N).filter(|&i| rows[i] != 0.0).count();
+        if op.threshold > 0.0 {
+            assert!(passed > 0 && passed < N - 1, "{name}: the mask should split the rows ({passed} passed)");
+        }
+        let coords: Vec<usize> = (OFFSET * C..(N + OFFSET) * C).collect();
+        let zt = x.zt.clone();
+        let mut zs = x.zs.clone();
+        check(&format!("{name}, student"), &mut zs, &coords, &ds, &mut |zs| run(&op, x, zs, &zt, false).0);
+        if both {
+            let mut zt = x.zt.clone();
+            let coords: Vec<usize> = (0..N * C).collect();
+            let zs = x.zs.clone();
+            check(&format!("{name}, target"), &mut zt, &coords, &dt, &mut |zt| run(&op, x, &zs, zt, false).0);
+        }
+    }
+
+    #[test]
+    fn every_kind_both_sides_with_temperature_and_mask() {
+        let mut x = inputs();
+        for kind in KINDS {
+            for temperature in [1.0, 0.4, 2.0] {
+                for masked in [false, true] {
+                    let mut op = ConsistencyOp {
+                        kind,
+                        form: TargetForm::Logits,
+                        temperature,
+                        threshold: 0.0,
+                        scale: 0.7,
+                    };
+                    if masked {
+                        op.threshold = threshold_between(&op, &x);
+                    }
+                    // ce_hard's target side has no gradient: the check asserts it is 0.
+                    check_op(op, &mut x, true);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn probability_targets() {
+        let mut x = inputs();
+        // The target as probabilities (a bank row), with a zero among them.
+        for row in x.zt.chunks_mut(C) {
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let s: f64 = row.iter().map(|v| (v - m).exp()).sum();
+            row.iter_mut().for_each(|v| *v = (*v - m).exp() / s);
+        }
+        x.zt[3] = 0.0;
+        for kind in [ConsistencyKind::Mse, ConsistencyKind::Kl, ConsistencyKind::CeHard] {
+            let op =
+                ConsistencyOp { kind, form: TargetForm::Probs, temperature: 0.5, threshold: 0.0, scale: 1.3 };
+            check_op(op, &mut x, false);
+        }
+    }
+}

@@ -23,6 +23,22 @@ fn separable(dir: &Path) -> PathBuf {
     out
 }
 
+/// The separable data with 6 labels per class kept and the rest of the pool unlabeled.
+fn semi_supervised(dir: &Path) -> PathBuf {
+    let mut tsv = String::new();
+    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
+    for j in 0..60 {
+        for (c, w) in words.iter().enumerate() {
+            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
+        }
+    }
+    let f = common::write(dir, "sep.tsv", tsv.as_bytes());
+    let out = dir.join("data");
+    common::run(&[&f], &[], &out, &["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=6"])
+        .unwrap();
+    out
+}
+
 fn cfg(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
     let mut o = vec![
         Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap(),
@@ -86,8 +102,14 @@ fn loss_curve(out: &Path) -> Vec<String> {
 /// Trains `extra` straight to 24 steps and with a stop at 11 then a resume, and asserts
 /// that the checkpoints and the metrics are identical.
 fn assert_resume_is_exact(extra: &[&str]) {
+    assert_resume_is_exact_on(separable, extra)
+}
+
+/// [`assert_resume_is_exact`] on the data set `make` builds; a Mean Teacher's weights must
+/// match too.
+fn assert_resume_is_exact_on(make: fn(&Path) -> PathBuf, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let data = separable(dir.path());
+    let data = make(dir.path());
     let extra = [&["train.steps=24", "train.log_every=3", "train.eval_every=4"], extra].concat();
     let straight = dir.path().join("straight");
     let a = run(&cfg(&data, &straight, &extra), Resume::No, None).unwrap();
@@ -97,8 +119,25 @@ fn assert_resume_is_exact(extra: &[&str]) {
     assert_eq!(half.steps, 11);
     let b = run(&c, Resume::Auto, None).unwrap();
     assert_eq!((a.steps, b.steps), (24, 24));
-    for f in ["model.safetensors", "optimizer.safetensors", "state.bin"] {
+    for f in ["model.safetensors", "optimizer.safetensors", "state.bin", "teacher.safetensors"] {
+        if f == "teacher.safetensors" && !a.final_checkpoint.join(f).exists() {
+            continue;
+        }
         assert!(read(&a.final_checkpoint, f) == read(&b.final_checkpoint, f), "{f} differs after resume");
+    }
+    // A Temporal Ensembling bank's snapshot too, file by file.
+    if let Ok(entries) = std::fs::read_dir(a.final_checkpoint.join("bank")) {
+        let mut n = 0;
+        for e in entries {
+            let name = e.unwrap().file_name();
+            let f = format!("bank/{}", name.to_string_lossy());
+            assert!(
+                read(&a.final_checkpoint, &f) == read(&b.final_checkpoint, &f),
+                "{f} differs after resume"
+            );
+            n += 1;
+        }
+        assert!(n > 0, "an empty bank snapshot");
     }
     assert_eq!(loss_curve(&straight), loss_curve(&interrupted), "metrics.jsonl continues exactly");
     // And a fresh run with another seed differs (the comparison has teeth).
@@ -136,6 +175,43 @@ const FUSED_SGD: [&str; 5] = [
     "optim.nesterov=true",
     "optim.lr=0.5",
 ];
+
+#[test]
+fn resume_is_bitwise_identical_with_a_mean_teacher() {
+    // Lazy table rows (the default) and the dense update, each with a checkpoint (step 11,
+    // where the run is interrupted) between two evaluations (steps 8 and 12); dropout is
+    // the noise, the unlabeled split is read. A lazy teacher is brought up to date at every
+    // checkpoint of the run's cadence, in the uninterrupted run too: that is why the
+    // interruption falls on the cadence, as a crash's resume point always does.
+    let mt = ["method=\"mean_teacher\"", "model.embed_dropout=0.3", "train.checkpoint_every=11"];
+    assert_resume_is_exact_on(semi_supervised, &mt);
+    assert_resume_is_exact_on(semi_supervised, &[&mt[..], &["mean_teacher.lazy_table=false"]].concat());
+}
+
+#[test]
+fn resume_is_bitwise_identical_with_a_temporal_ensembling_bank() {
+    // The bank over labeled and unlabeled rows in f16, and over the labeled rows alone in
+    // f32; one epoch of the labeled split is 3 steps, so the weight is on after step 3.
+    let te = ["method=\"temporal\"", "model.embed_dropout=0.3", "consistency.ramp_epochs=1"];
+    assert_resume_is_exact_on(
+        semi_supervised,
+        &[&te[..], &["temporal.storage=\"f16\"", "unlabeled.ratio=2"]].concat(),
+    );
+    assert_resume_is_exact_on(semi_supervised, &[&te[..], &["unlabeled.ratio=0"]].concat());
+}
+
+#[test]
+fn resume_is_bitwise_identical_with_pi_and_rdrop() {
+    let noise = ["model.embed_dropout=0.3", "model.hidden=[8]", "model.hidden_dropout=0.2"];
+    assert_resume_is_exact_on(
+        semi_supervised,
+        &[&noise[..], &["method=\"pi\"", "pi.stop_gradient_target=false", "optim.grad_accum=2"]].concat(),
+    );
+    assert_resume_is_exact_on(
+        semi_supervised,
+        &[&noise[..], &["method=\"rdrop\"", "unlabeled.ratio=1"]].concat(),
+    );
+}
 
 #[test]
 fn resume_is_bitwise_identical() {
@@ -243,6 +319,14 @@ fn bad_training_configs_name_their_field() {
         ("optim.beta2=1.5", "optim.beta2"),
         ("model.activation=\"swish\"", "model.activation"),
         ("train.epochs=0", "train.epochs"),
+        ("method=\"magic\"", "method"),
+        ("consistency.weight=-1", "consistency.weight"),
+        ("consistency.threshold=1.5", "consistency.threshold"),
+        ("consistency.temperature=0", "consistency.temperature"),
+        ("consistency.ramp=\"step\"", "consistency.ramp"),
+        ("unlabeled.ratio=65", "unlabeled.ratio"),
+        ("mean_teacher.alpha=1.0", ""),
+        ("pi.stop_gradient_target=3", "pi.stop_gradient_target"),
     ] {
         let r: dtrain::Result<TrainConfig> = config::load(None, &o(set));
         match (r, field) {
@@ -255,6 +339,24 @@ fn bad_training_configs_name_their_field() {
     with_smoothing.push(Override::parse("loss.label_smoothing=0.1").unwrap());
     let e = config::load::<TrainConfig>(None, &with_smoothing).unwrap_err().to_string();
     assert!(e.contains("loss.label_smoothing"), "{e}");
+    // Method rules: α only matters to a Mean Teacher; R-Drop's term is sym_kl; sym_kl
+    // needs a target that takes gradient.
+    let with = |sets: &[&str]| {
+        let mut v = o(sets[0]);
+        v.extend(sets[1..].iter().map(|s| Override::parse(s).unwrap()));
+        config::load::<TrainConfig>(None, &v).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let e = with(&["method=\"mean_teacher\"", "mean_teacher.alpha=1.0"]).unwrap_err();
+    assert!(e.contains("mean_teacher.alpha") && e.contains("(0, 1)"), "{e}");
+    let e = with(&["method=\"rdrop\"", "consistency.kind=\"mse\""]).unwrap_err();
+    assert!(e.contains("consistency.kind") && e.contains("sym_kl"), "{e}");
+    let e = with(&["method=\"mean_teacher\"", "consistency.kind=\"sym_kl\""]).unwrap_err();
+    assert!(e.contains("consistency.kind") && e.contains("constant target"), "{e}");
+    assert!(with(&["method=\"pi\"", "pi.stop_gradient_target=false", "consistency.kind=\"sym_kl\""]).is_ok());
+    // A method that reads unlabeled rows on a data set without them.
+    let c = cfg(&data, &dir.path().join("mt"), &["method=\"mean_teacher\""]);
+    let e = run(&c, Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("unlabeled.ratio") && e.contains("no unlabeled split"), "{e}");
 }
 
 #[test]

@@ -5,7 +5,11 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::{Activation, AdamStep, Backend, DropoutKey, HostBatch, LossKind, Real, SgdStep, SparseRows};
+use super::{
+    Activation, AdamStep, Backend, ConsistencyAux, ConsistencyOut, DropoutKey, HostBatch, LossKind, Real,
+    SgdStep, SparseRows,
+};
+use crate::algo::consistency::{self, ConsistencyOp};
 use crate::model::params::Slot;
 
 /// The CPU backend for element type `F` (`f32` to train, `f64` for gradient checks).
@@ -567,6 +571,95 @@ impl<F: Real> Backend for Cpu<F> {
             }
         }
         SparseRows { rows, values, dim }
+    }
+
+    fn consistency(
+        &self,
+        op: &ConsistencyOp,
+        student: &Vec<F>,
+        s_row0: usize,
+        target: &Vec<F>,
+        n: usize,
+        classes: usize,
+        aux: &ConsistencyAux<'_, Vec<F>>,
+        dstudent: &mut Vec<F>,
+        dtarget: Option<&mut Vec<F>>,
+        rows: &mut Vec<F>,
+    ) -> ConsistencyOut {
+        let c = classes;
+        assert!(
+            student.len() >= (s_row0 + n) * c && dstudent.len() >= (s_row0 + n) * c,
+            "consistency: student rows"
+        );
+        assert!(target.len() >= n * c, "consistency: target rows");
+        let bias = aux.bias.map(|b| &b[..c]);
+        let mult = aux.class_threshold.map(|m| &m[..c]);
+        let ds = &mut dstudent[s_row0 * c..(s_row0 + n) * c];
+        let out: Vec<consistency::RowOut<F>> = match dtarget {
+            Some(dt) => ds
+                .par_chunks_mut(c)
+                .zip(dt[..n * c].par_chunks_mut(c))
+                .enumerate()
+                .map(|(i, (ds, dt))| {
+                    let w = aux.row_weight.map_or(F::one(), |w| w[i]);
+                    let zs = &student[(s_row0 + i) * c..(s_row0 + i + 1) * c];
+                    consistency::row(op, zs, &target[i * c..(i + 1) * c], bias, mult, w, ds, Some(dt))
+                })
+                .collect(),
+            None => ds
+                .par_chunks_mut(c)
+                .enumerate()
+                .map(|(i, ds)| {
+                    let w = aux.row_weight.map_or(F::one(), |w| w[i]);
+                    let zs = &student[(s_row0 + i) * c..(s_row0 + i + 1) * c];
+                    consistency::row(op, zs, &target[i * c..(i + 1) * c], bias, mult, w, ds, None)
+                })
+                .collect(),
+        };
+        rows.resize(3 * n, F::zero());
+        let mut result = ConsistencyOut::default();
+        for (i, r) in out.iter().enumerate() {
+            rows[i] = r.loss;
+            rows[n + i] = r.conf;
+            rows[2 * n + i] = F::of(r.label as f64);
+            result.loss_sum += r.loss.f64();
+            result.passed += usize::from(r.passed);
+        }
+        result
+    }
+
+    fn ema(&self, shadow: &mut Vec<F>, params: &Vec<F>, range: std::ops::Range<usize>, alpha: f64) {
+        let (a, b) = (F::of(alpha), F::of(1.0 - alpha));
+        shadow[range.clone()]
+            .par_iter_mut()
+            .with_min_len(4096)
+            .zip(params[range].par_iter())
+            .for_each(|(s, &p)| *s = a * *s + b * p);
+    }
+
+    fn ema_rows(&self, shadow: &mut Vec<F>, params: &Vec<F>, table: Slot, rows: &[u32], factors: &[f64]) {
+        let dim = table.cols;
+        for (k, (&row, &f)) in rows.iter().zip(factors).enumerate() {
+            if let Some(&ahead) = rows.get(k + PREFETCH_AHEAD) {
+                let start = table.offset + ahead as usize * dim;
+                prefetch(&shadow[start..start + dim]);
+                prefetch(&params[start..start + dim]);
+            }
+            let start = table.offset + row as usize * dim;
+            let (a, b) = (F::of(f), F::of(1.0 - f));
+            shadow[start..start + dim]
+                .iter_mut()
+                .zip(&params[start..start + dim])
+                .for_each(|(s, &p)| *s = a * *s + b * p);
+        }
+    }
+
+    fn copy(&self, dst: &mut Vec<F>, src: &Vec<F>, range: std::ops::Range<usize>) {
+        dst[range.clone()]
+            .par_iter_mut()
+            .with_min_len(4096)
+            .zip(src[range].par_iter())
+            .for_each(|(d, &s)| *d = s);
     }
 
     fn softmax(&self, logits: &Vec<F>, classes: usize, probs: &mut Vec<F>) {

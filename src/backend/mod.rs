@@ -14,6 +14,7 @@ use std::fmt::Debug;
 
 use serde::{Deserialize, Serialize};
 
+use crate::algo::consistency::ConsistencyOp;
 use crate::model::params::Slot;
 
 /// The element type of a backend: `f32` for training, `f64` for gradient checks.
@@ -147,7 +148,10 @@ pub fn mix64(mut z: u64) -> u64 {
 impl DropoutKey {
     /// The per-mask base value hashed with each element index.
     pub fn base(&self) -> u64 {
-        mix64(self.seed ^ mix64(self.step ^ (u64::from(self.site) << 40) ^ (u64::from(self.pass) << 56)))
+        // Every bit of site and pass counts (an earlier form shifted `pass` by 56 and lost
+        // all but its low 8 bits).
+        let place = (u64::from(self.site) << 32) | u64::from(self.pass);
+        mix64(self.seed ^ mix64(self.step ^ mix64(place)))
     }
 
     /// Whether element `i` survives dropout with probability `p` of dropping.
@@ -177,6 +181,14 @@ impl HostBatch {
     /// Whether the batch holds no document.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Appends every document of `other`.
+    pub fn extend(&mut self, other: &HostBatch) {
+        for i in 0..other.len() {
+            let (a, b) = (other.offsets[i] as usize, other.offsets[i + 1] as usize);
+            self.push(&other.ids[a..b], other.labels[i]);
+        }
     }
 
     /// Appends one document.
@@ -224,6 +236,34 @@ pub struct SgdStep {
     pub nesterov: bool,
     /// L2 weight decay added to the gradient.
     pub weight_decay: f64,
+}
+
+/// The optional per-class and per-row inputs of [`Backend::consistency`].
+#[derive(Debug)]
+pub struct ConsistencyAux<'a, Buf> {
+    /// Added to the target's logits (log-probabilities) before the temperature: `C` values
+    /// (distribution alignment's log(π/p̃)).
+    pub bias: Option<&'a Buf>,
+    /// Per-class multipliers of the threshold τ: `C` values (FlexMatch, FreeMatch).
+    pub class_threshold: Option<&'a Buf>,
+    /// Per-row weights: `n` values, 0 drops a row (a Temporal Ensembling row with no target
+    /// yet).
+    pub row_weight: Option<&'a Buf>,
+}
+
+impl<Buf> Default for ConsistencyAux<'_, Buf> {
+    fn default() -> Self {
+        ConsistencyAux { bias: None, class_threshold: None, row_weight: None }
+    }
+}
+
+/// What [`Backend::consistency`] returns to the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ConsistencyOut {
+    /// Σ over rows of the masked loss (not multiplied by the op's scale).
+    pub loss_sum: f64,
+    /// Rows that passed the confidence mask (and had a nonzero weight).
+    pub passed: usize,
 }
 
 impl<Buf> SparseRows<Buf> {
@@ -338,6 +378,45 @@ pub trait Backend: Sync {
         row_loss: &mut Self::Buf,
     ) -> f64;
 
+    /// The fused consistency operation of METHODS.md §2 (`algo::consistency::row` on each
+    /// row): student rows `s_row0..s_row0 + n` of `student` against rows `0..n` of
+    /// `target` (`classes` wide; logits or probabilities as `op.form` says). Adds
+    /// `op.scale·weight·∂ℓ/∂z_s` into the same rows of `dstudent` and, when given,
+    /// `op.scale·weight·∂ℓ/∂z_t` into rows `0..n` of `dtarget`. Writes `rows` (3n values):
+    /// each row's masked loss, then each row's confidence max q, then each row's label
+    /// argmax q. One pass over the logits; on a GPU, one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn consistency(
+        &self,
+        op: &ConsistencyOp,
+        student: &Self::Buf,
+        s_row0: usize,
+        target: &Self::Buf,
+        n: usize,
+        classes: usize,
+        aux: &ConsistencyAux<'_, Self::Buf>,
+        dstudent: &mut Self::Buf,
+        dtarget: Option<&mut Self::Buf>,
+        rows: &mut Self::Buf,
+    ) -> ConsistencyOut;
+
+    /// The EMA update over `range` of two flat buffers: `shadow ← α·shadow + (1 − α)·params`
+    /// (the Mean Teacher and EMA-weights update: read two values, write one).
+    fn ema(&self, shadow: &mut Self::Buf, params: &Self::Buf, range: std::ops::Range<usize>, alpha: f64);
+    /// The same update on rows of a table, each with its own factor: for each `rows[k]`,
+    /// `shadow ← a_k·shadow + (1 − a_k)·params` (the lazy EMA of sparse rows, METHODS.md §6).
+    /// Rows are unique.
+    fn ema_rows(
+        &self,
+        shadow: &mut Self::Buf,
+        params: &Self::Buf,
+        table: Slot,
+        rows: &[u32],
+        factors: &[f64],
+    );
+    /// Copies `range` of `src` into `dst`.
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, range: std::ops::Range<usize>);
+
     /// Row-wise softmax of `logits` (`n × classes`) into `probs`.
     fn softmax(&self, logits: &Self::Buf, classes: usize, probs: &mut Self::Buf);
 
@@ -386,4 +465,30 @@ pub trait Backend: Sync {
     fn sparse_sgd(&self, params: &mut Self::Buf, table: Slot, grad: &SparseRows<Self::Buf>, lr: f64);
     /// The sum of two sparse gradients of the same table (gradient accumulation).
     fn sparse_add(&self, a: SparseRows<Self::Buf>, b: &SparseRows<Self::Buf>) -> SparseRows<Self::Buf>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two keys that differ in any one field, including the high bits of `pass` (a
+    /// second forward pass sets bit 20), give different masks.
+    #[test]
+    fn every_key_field_changes_the_mask() {
+        let key = DropoutKey { seed: 1, step: 5, site: 0, pass: 0, row: 0 };
+        let mask =
+            |k: DropoutKey| -> Vec<bool> { (0..256).map(|i| DropoutKey::keep(k.base(), i, 0.5)).collect() };
+        let m0 = mask(key);
+        for other in [
+            DropoutKey { seed: 2, ..key },
+            DropoutKey { step: 6, ..key },
+            DropoutKey { site: 1, ..key },
+            DropoutKey { pass: 1, ..key },
+            DropoutKey { pass: 1 << 20, ..key },
+            DropoutKey { pass: 1 << 31, ..key },
+        ] {
+            assert_ne!(mask(other), m0, "{other:?}");
+        }
+        assert_eq!(mask(key), m0);
+    }
 }

@@ -11,6 +11,10 @@
 //! tensor, AdamW/LAMB on the dense tensors only, plain SGD none), and
 //! `dtrain` = `{"checksum": …}` (over `m.` then `v.`). Loading checks names, shapes and
 //! sizes before allocating, then the checksum, then that every value is finite.
+//! With Temporal Ensembling, `bank/` holds a sealed copy of every bank file (`bank`).
+//! With a Mean Teacher, `teacher.safetensors` holds the teacher's tensors in the same format
+//! as `model.safetensors` (so `dtrain eval --teacher` and `predict --teacher` read it as a
+//! model).
 //! `state.bin` is a header (magic `DTSTATE\0`, version, payload length, xxh3_64 of the
 //! payload) followed by the bincode encoding of [`TrainState`].
 
@@ -33,7 +37,9 @@ use crate::optim::schedule::Plateau;
 /// Magic bytes of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";
 /// Version of `state.bin`.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
+/// The Mean Teacher's weights in a checkpoint directory.
+pub const TEACHER_FILE: &str = "teacher.safetensors";
 /// The marker that makes a checkpoint directory complete.
 pub const DONE: &str = "DONE";
 
@@ -56,6 +62,11 @@ pub struct TrainState {
     pub optim_t: u64,
     /// Every shard's cursor of the labeled training split.
     pub cursors: Vec<Cursor>,
+    /// Every shard's cursor of the unlabeled split (empty when the method reads none).
+    pub unlabeled_cursors: Vec<Cursor>,
+    /// Σ ln α_t of a lazily updated Mean Teacher (`algo::teacher`), whose rows are all
+    /// up to date in the checkpoint; 0 otherwise.
+    pub teacher_log: f64,
     /// Reduce-on-plateau state.
     pub plateau: Plateau,
     /// `train::trajectory_hash` of the config, to refuse resuming with another config.
@@ -70,10 +81,23 @@ pub struct TrainState {
 /// Running sums since the last metrics line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, bincode::Encode, bincode::Decode)]
 pub struct LogWindow {
+    /// Σ over steps of the step's total loss (supervised + weighted consistency).
     pub loss_sum: f64,
+    /// Σ of the supervised loss over labeled rows.
+    pub sup_sum: f64,
+    /// Labeled documents.
     pub docs: u64,
+    /// Labeled documents predicted right.
     pub correct: u64,
+    /// Token ids of every row of the steps (labeled and unlabeled).
     pub tokens: u64,
+    /// Σ of the consistency loss over its rows (unweighted).
+    pub cons_sum: f64,
+    /// Rows of the consistency term, and those that passed its mask.
+    pub cons_rows: u64,
+    pub passed: u64,
+    /// Steps in the window.
+    pub steps: u64,
 }
 
 /// Name of a checkpoint directory.
@@ -208,20 +232,37 @@ pub(crate) fn tensors_from_file(
     Ok(out)
 }
 
+/// What a checkpoint holds besides the model's description.
+pub struct Contents<'a> {
+    pub params: &'a [f32],
+    /// The Mean Teacher's weights.
+    pub teacher: Option<&'a [f32]>,
+    /// The Temporal Ensembling bank, snapshotted into `bank/`.
+    pub bank: Option<&'a crate::bank::Bank>,
+    /// The optimizer's first and second moments.
+    pub moments: [&'a [f32]; 2],
+    pub state: &'a TrainState,
+}
+
 /// Writes a complete checkpoint for `state.step` under `root`, then deletes all but the
 /// newest `keep` complete checkpoints. Returns its directory.
 pub fn save(
     root: &Path,
     model: &BagModel,
     meta: &ModelMeta,
-    params: &[f32],
-    moments: [&[f32]; 2],
-    state: &TrainState,
+    c: Contents<'_>,
     keep: usize,
 ) -> Result<PathBuf> {
+    let Contents { params, teacher, bank, moments, state } = c;
     stage(root, &dir_name(state.step), keep, |tmp| {
         let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
-        tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json)?;
+        tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json.clone())?;
+        if let Some(teacher) = teacher {
+            tensors_to_file(&tmp.join(TEACHER_FILE), &model.layout, &[("", teacher)], json)?;
+        }
+        if let Some(bank) = bank {
+            bank.snapshot(&tmp.join(crate::bank::DIR))?;
+        }
         let moments = [("m.", moments[0]), ("v.", moments[1])];
         tensors_to_file(&tmp.join("optimizer.safetensors"), &model.layout, &moments, serde_json::json!({}))?;
         let payload = bincode::encode_to_vec(state, bincode::config::standard())
@@ -307,7 +348,20 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
 /// Reads a checkpoint's model: its metadata, the model, and its parameters. `path` is a
 /// checkpoint directory or a `model.safetensors` file.
 pub fn load_model(path: &Path) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
-    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_owned() };
+    load_weights(path, false)
+}
+
+/// Like [`load_model`], reading the Mean Teacher's weights (`teacher.safetensors`) when
+/// `teacher` is true and `path` is a checkpoint directory.
+pub fn load_weights(path: &Path, teacher: bool) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
+    let name = if teacher { TEACHER_FILE } else { "model.safetensors" };
+    let file = if path.is_dir() { path.join(name) } else { path.to_owned() };
+    if teacher && path.is_dir() && !file.is_file() {
+        return Err(Error::bad_file(
+            path,
+            "has no teacher.safetensors: it was not trained with a Mean Teacher",
+        ));
+    }
     if path.is_dir() && !path.join(DONE).is_file() {
         return Err(Error::bad_file(
             path,

@@ -22,6 +22,15 @@ pub struct Cursor {
     pub pos: u64,
 }
 
+/// A sample's place: its split, shard and row in the shard (what the Temporal Ensembling
+/// bank is indexed by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowId {
+    pub split: SplitKind,
+    pub shard: u32,
+    pub row: u32,
+}
+
 /// A reader of one split, over the shards a rank owns.
 pub struct Loader {
     split: SplitKind,
@@ -34,6 +43,8 @@ pub struct Loader {
     /// The current epoch's order of each owned shard.
     orders: Vec<Vec<u32>>,
     buckets: u32,
+    /// The samples of the last batch, in order.
+    last: Vec<RowId>,
 }
 
 /// Shard `shard`'s row order in `epoch`.
@@ -74,6 +85,7 @@ impl Loader {
             cursors,
             orders,
             buckets: ds.manifest().tokenizer.buckets,
+            last: Vec::new(),
         })
     }
 
@@ -114,6 +126,7 @@ impl Loader {
     pub fn next_batch(&mut self, ds: &Dataset) -> Result<HostBatch> {
         let shards = ds.shards(self.split);
         let mut batch = HostBatch::default();
+        self.last.clear();
         for (k, &s) in self.owned.iter().enumerate() {
             let shard = &shards[s];
             for _ in 0..self.per_shard {
@@ -136,9 +149,15 @@ impl Loader {
                     ));
                 }
                 batch.push(doc.ids, doc.label.map_or(-1, |l| l as i32));
+                self.last.push(RowId { split: self.split, shard: s as u32, row: row as u32 });
             }
         }
         Ok(batch)
+    }
+
+    /// The samples of the last batch, in its order.
+    pub fn last_rows(&self) -> &[RowId] {
+        &self.last
     }
 }
 

@@ -1,5 +1,6 @@
-//! Supervised training of the bag model: the step loop (micro-batches, loss, backward,
-//! optimizer), logging to a progress bar and `metrics.jsonl`, periodic evaluation and
+//! Training of the bag model with any method of `algo`: the step loop (micro-batches of
+//! labeled and unlabeled rows, the supervised and consistency losses, backward passes,
+//! optimizer, EMA teacher), logging to a progress bar and `metrics.jsonl`, periodic evaluation and
 //! checkpoints, and exact resume.
 
 pub mod eval;
@@ -13,8 +14,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::algo::consistency::ConsistencyOp;
+use crate::algo::ramp;
+use crate::algo::teacher::Teacher;
+use crate::algo::{Method, TargetSource};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, DropoutKey, LossKind, SparseRows};
+use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, SparseRows};
+use crate::bank::{Bank, RowId};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
 use crate::data::dataset::Dataset;
@@ -55,6 +61,9 @@ pub struct TrainReport {
     pub final_checkpoint: PathBuf,
     pub val: Option<EvalReport>,
     pub test: Option<EvalReport>,
+    /// The Mean Teacher's metrics, when the method has one.
+    pub teacher_val: Option<EvalReport>,
+    pub teacher_test: Option<EvalReport>,
     /// Training throughput: token ids per second of training steps (forward, backward,
     /// update; evaluation and checkpoints excluded).
     pub tokens_per_s: f64,
@@ -175,9 +184,32 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     let config_hash = trajectory_hash(cfg);
     let ckpt_root = t.out_dir.join("checkpoints");
 
+    let recipe = cfg.recipe();
+    let b_u = t.batch_size * recipe.unlabeled_ratio as usize;
+    let n_unlabeled = manifest.splits.get("unlabeled").map_or(0, |s| s.docs);
+    if b_u > 0 && n_unlabeled == 0 {
+        return Err(Error::config(
+            "train",
+            "unlabeled.ratio",
+            format!(
+                "{} reads unlabeled rows, but {} has no unlabeled split (prepare it with unlabeled inputs or split.labels_per_class)",
+                recipe.method.name(),
+                cfg.data.dir.display()
+            ),
+        ));
+    }
+    let ramp = recipe.ramp(steps_per_epoch);
+    let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
+    let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
+
     let mut params: Vec<f32> = model.init(t.seed);
     let mut opt = Optimizer::new(&be, &model.layout, model.table, cfg.optim.clone());
     let mut loader = Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, (0..p).collect())?;
+    let mut uloader = if b_u > 0 {
+        Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, (0..p).collect())?)
+    } else {
+        None
+    };
     let mut plateau = Plateau::default();
     let mut step = 0u64;
     let mut win = LogWindow::default();
@@ -207,6 +239,29 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             );
         }
     }
+    let len = model.layout.total();
+    let classes_n = model.spec.classes;
+    let mut teacher = (recipe.target == TargetSource::Teacher)
+        .then(|| Teacher::from_config(&be, &params, len, cfg, model.table, ramp.up_steps));
+    // The bank covers the samples the step reads: the labeled split and, with μ > 0, the
+    // unlabeled one.
+    let bank_dir = t.out_dir.join(crate::bank::DIR);
+    let bank_splits: Vec<SplitKind> =
+        if b_u > 0 { vec![SplitKind::Train, SplitKind::Unlabeled] } else { vec![SplitKind::Train] };
+    let open_bank = |restore_from: Option<&Path>| -> Result<Option<Bank>> {
+        if recipe.target != TargetSource::Bank {
+            return Ok(None);
+        }
+        let owned: Vec<usize> = (0..p).collect();
+        let (storage, alpha) = (cfg.temporal.storage, cfg.temporal.alpha);
+        Ok(Some(match restore_from {
+            Some(ckpt) => {
+                crate::bank::restore(&ckpt.join(crate::bank::DIR), &bank_dir)?;
+                Bank::open(&bank_dir, &ds, &bank_splits, &owned, classes_n, storage, alpha)?
+            }
+            None => Bank::create(&bank_dir, &ds, &bank_splits, &owned, classes_n, storage, alpha)?,
+        }))
+    };
     if let Some(dir) = &resume_from {
         let (m, loaded_model, loaded) = checkpoint::load_model(dir)?;
         let differs = if m.model != meta.model || loaded_model.layout != model.layout {
@@ -239,17 +294,36 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 ),
             ));
         }
+        if let Some(tch) = &mut teacher {
+            let (_, _, tparams) = checkpoint::load_weights(dir, true)?;
+            tch.restore(tparams, state.teacher_log);
+        }
         params = loaded;
         opt.m = mm;
         opt.v = vv;
         opt.t = state.optim_t;
         loader.restore(&ds, &state.cursors)?;
+        if let Some(u) = &mut uloader {
+            u.restore(&ds, &state.unlabeled_cursors)?;
+        }
         plateau = state.plateau;
         step = state.step;
         win = state.window;
     }
     std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
+    let mut bank = open_bank(resume_from.as_deref())?;
     let mut log = MetricsLog::open(&t.out_dir.join("metrics.jsonl"), step)?;
+    if opts.progress && step == 0 && recipe.method != Method::Supervised {
+        eprintln!(
+            "method {}: {} unlabeled rows per step, consistency {:?} with w_max {w_max:.4} (ramp {} steps), T {}, τ {}",
+            recipe.method.name(),
+            b_u,
+            recipe.op.kind,
+            ramp.up_steps,
+            recipe.op.temperature,
+            recipe.op.threshold
+        );
+    }
 
     let bar = if opts.progress && step < total {
         let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -266,69 +340,175 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
 
     let kind = loss_kind(cfg);
     let classes = model.spec.classes;
-    let mut acts = Activations::new(&be, &model);
+    let mut passes = [Pass::new(&be, &model), Pass::new(&be, &model)];
     let mut grads = be.zeros(model.dense_len());
-    let (mut dlogits, mut row_loss) = (be.zeros(0), be.zeros(0));
-    // The table's sparse gradient (and a second one for accumulation), reused every step.
-    let mut sparse = SparseRows::new(be.zeros(0), model.spec.dim);
-    let mut extra = SparseRows::new(be.zeros(0), model.spec.dim);
-    let mut dpooled = be.zeros(0);
+    let mut row_loss = be.zeros(0);
+    let mut cons_rows = be.zeros(0);
+    let (mut bank_target, mut bank_weight) = (Vec::new(), Vec::new());
+    let mut table = TableAcc::new(&be, model.spec.dim);
     let fused = opt.fuses_table();
     let table_mult = opt.lr_of(&model.layout, model.table, 1.0);
+    let beta1 = cfg.optim.beta1;
     let mut total_tokens = 0u64;
     let mut win_start = Instant::now();
     let mut last_ckpt = resume_from.clone();
     let mut val_report = None;
+    let mut teacher_val = None;
     let mut step_secs = 0.0f64;
+    let mut last_alpha = None;
     // Tokens of a restored logging window were trained by an earlier process.
     let restored_tokens = win.tokens;
     while step < total {
         let step_start = Instant::now();
-        let lr = cfg.optim.lr * cfg.schedule.at(step, total) * plateau.factor;
+        let down = ramp::ramp_down(step, total, down_steps);
+        let lr = cfg.optim.lr * cfg.schedule.at(step, total) * plateau.factor * down;
+        opt.cfg.beta1 = down * beta1 + (1.0 - down) * 0.5;
+        let w = w_max * ramp.factor(step);
         let logs = (step + 1) % t.log_every == 0 || step + 1 == total;
-        let mut table_sq = None;
         be.fill_zero(&mut grads);
-        for micro in 0..accum {
-            let batch = loader.next_batch(&ds)?;
+        table.start(fused && !logs);
+        let mut micro = Vec::with_capacity(accum as usize);
+        let mut micro_rows: Vec<Vec<RowId>> = Vec::with_capacity(accum as usize);
+        for _ in 0..accum {
+            let mut batch = loader.next_batch(&ds)?;
+            let mut rows = loader.last_rows().to_vec();
+            if let Some(u) = &mut uloader {
+                batch.extend(&u.next_batch(&ds)?);
+                rows.extend_from_slice(u.last_rows());
+            }
+            micro.push(batch);
+            micro_rows.push(rows);
+        }
+        // Predictions for the bank, written after the step (METHODS.md §5).
+        let mut bank_writes: Vec<(usize, Vec<f32>)> = Vec::new();
+        // The table rows this step reads or changes: a lazy teacher brings them up to date.
+        let touched = teacher.as_ref().map(|_| touched_rows(&micro));
+        if let (Some(tch), Some(rows)) = (&mut teacher, &touched) {
+            tch.sync_rows(&be, &params, rows);
+        }
+        let mut step_loss = 0.0;
+        for (mi, batch) in micro.iter().enumerate() {
             let n = batch.len();
-            let key = DropoutKey { seed: t.seed, step, site: 0, pass: micro as u32, row: 0 };
-            let dev = be.upload_batch(&batch);
-            model.forward(&be, &params, &dev, n, Some(key), &mut acts);
-            let scale = 1.0 / (n as f32 * accum as f32);
-            let loss_sum =
-                be.softmax_loss(&acts.logits, classes, &dev, kind, scale, &mut dlogits, &mut row_loss);
-            if !loss_sum.is_finite() {
+            let n_l = t.batch_size;
+            let key = DropoutKey { seed: t.seed, step, site: 0, pass: mi as u32, row: 0 };
+            let dev = be.upload_batch(batch);
+            let [p0, p1] = &mut passes;
+            model.forward(&be, &params, &dev, n, Some(key), &mut p0.acts);
+            let halves = if recipe.ce_both_passes { 0.5 } else { 1.0 };
+            let ce_scale = (halves / (n_l as f64 * accum as f64)) as f32;
+            let mut sup = be.softmax_loss(
+                &p0.acts.logits,
+                classes,
+                &dev,
+                kind,
+                ce_scale,
+                &mut p0.dlogits,
+                &mut row_loss,
+            );
+            let mut second_grad = false;
+            let mut cons_term = 0.0;
+            if let Some(bank) = &bank {
+                bank.targets(&micro_rows[mi], &mut bank_target, &mut bank_weight);
+                let (target, weight) = (be.upload(&bank_target), be.upload(&bank_weight));
+                let aux = ConsistencyAux { row_weight: Some(&weight), ..Default::default() };
+                let op = ConsistencyOp { scale: w / (n as f64 * accum as f64), ..recipe.op };
+                let out = be.consistency(
+                    &op,
+                    &p0.acts.logits,
+                    0,
+                    &target,
+                    n,
+                    classes,
+                    &aux,
+                    &mut p0.dlogits,
+                    None,
+                    &mut cons_rows,
+                );
+                cons_term = w * out.loss_sum / n as f64;
+                win.cons_sum += out.loss_sum;
+                win.cons_rows += n as u64;
+                win.passed += out.passed as u64;
+                let mut probs = be.zeros(0);
+                be.softmax(&p0.acts.logits, classes, &mut probs);
+                bank_writes.push((mi, be.download(&probs)));
+            } else if recipe.target != TargetSource::None {
+                let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
+                let target_params = teacher.as_ref().map_or(&params, |tch| &tch.params);
+                model.forward(&be, target_params, &dev, n, Some(key1), &mut p1.acts);
+                second_grad = matches!(recipe.target, TargetSource::SecondPass { grad: true });
+                if recipe.ce_both_passes {
+                    sup += be.softmax_loss(
+                        &p1.acts.logits,
+                        classes,
+                        &dev,
+                        kind,
+                        ce_scale,
+                        &mut p1.dlogits,
+                        &mut row_loss,
+                    );
+                } else if second_grad {
+                    p1.dlogits = be.zeros(n * classes);
+                }
+                let op = ConsistencyOp { scale: w / (n as f64 * accum as f64), ..recipe.op };
+                let out = be.consistency(
+                    &op,
+                    &p0.acts.logits,
+                    0,
+                    &p1.acts.logits,
+                    n,
+                    classes,
+                    &ConsistencyAux::default(),
+                    &mut p0.dlogits,
+                    second_grad.then_some(&mut p1.dlogits),
+                    &mut cons_rows,
+                );
+                cons_term = w * out.loss_sum / n as f64;
+                win.cons_sum += out.loss_sum;
+                win.cons_rows += n as u64;
+                win.passed += out.passed as u64;
+            }
+            let sup_mean = sup * halves / n_l as f64;
+            let total_loss = sup_mean + cons_term;
+            if !total_loss.is_finite() {
                 return Err(Error::Data(format!(
-                    "the loss became {loss_sum} at step {step}: lower optim.lr, or set optim.clip_norm"
+                    "the loss became {total_loss} at step {step} (supervised {sup_mean}, consistency {cons_term}): lower optim.lr or consistency.weight, or set optim.clip_norm"
                 )));
             }
-            if fused {
-                // Plain SGD on the table, applied as its gradient is formed (accum is 1). The
-                // gradient itself is formed only where its norm is logged.
-                model.backward_dense(&be, &params, &acts, &dlogits, &mut grads, &mut dpooled);
-                if logs {
-                    be.embedding_bag_backward(&dev, &dpooled, model.spec.dim, &mut sparse);
-                    table_sq = Some(be.sq_norm(&sparse.values, 0..sparse.rows.len() * sparse.dim));
-                }
-                be.embedding_bag_sgd(&mut params, model.table, &dev, &dpooled, lr * table_mult);
-            } else if micro == 0 {
-                model.backward(&be, &params, &dev, &acts, &dlogits, &mut grads, &mut sparse);
-            } else {
-                model.backward(&be, &params, &dev, &acts, &dlogits, &mut grads, &mut extra);
-                let acc = std::mem::replace(&mut sparse, SparseRows::new(be.zeros(0), model.spec.dim));
-                sparse = be.sparse_add(acc, &extra);
+            step_loss += total_loss / accum as f64;
+            let table_lr = fused.then_some(lr * table_mult);
+            table.backward(&be, &model, &mut params, &dev, &p0.acts, &p0.dlogits, &mut grads, table_lr);
+            if second_grad {
+                table.backward(&be, &model, &mut params, &dev, &p1.acts, &p1.dlogits, &mut grads, table_lr);
             }
-            win.loss_sum += loss_sum;
-            win.docs += n as u64;
+            win.sup_sum += sup * halves;
+            win.docs += n_l as u64;
             win.tokens += batch.ids.len() as u64;
-            let logits = be.download(&acts.logits);
-            for (i, row) in logits.chunks(classes).enumerate() {
+            let logits = be.download(&p0.acts.logits);
+            for (i, row) in logits.chunks(classes).enumerate().take(n_l) {
                 let pred = row.iter().enumerate().fold(0, |b, (c, &v)| if v > row[b] { c } else { b });
                 win.correct += u64::from(batch.labels[i] == pred as i32);
             }
         }
-        let table_grad = if fused { TableGrad::Applied(table_sq) } else { TableGrad::Rows(&mut sparse) };
+        win.loss_sum += step_loss;
+        win.steps += 1;
+        let table_grad = if fused {
+            TableGrad::Applied(
+                table
+                    .formed()
+                    .then(|| be.sq_norm(&table.grad.values, 0..table.grad.rows.len() * table.grad.dim)),
+            )
+        } else {
+            TableGrad::Rows(&mut table.grad)
+        };
         let norm = opt.step(&be, &model.layout, model.table, &mut params, &mut grads, table_grad, lr);
+        if let Some(bank) = &mut bank {
+            for (mi, probs) in &bank_writes {
+                bank.update(&micro_rows[*mi], probs);
+            }
+        }
+        if let (Some(tch), Some(rows)) = (&mut teacher, &touched) {
+            last_alpha = Some(tch.update(&be, &params, len, step + 1, rows));
+        }
         step_secs += step_start.elapsed().as_secs_f64();
         step += 1;
         bar.set_position(step);
@@ -336,18 +516,38 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         if logs {
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let (loss, acc) =
-                (win.loss_sum / win.docs.max(1) as f64, win.correct as f64 / win.docs.max(1) as f64);
+                (win.loss_sum / win.steps.max(1) as f64, win.correct as f64 / win.docs.max(1) as f64);
             let tps = win.tokens as f64 / secs;
-            log.write(json!({
+            let mut rec = json!({
                 "step": step, "epoch": step as f64 / steps_per_epoch as f64, "lr": lr, "loss": loss,
-                "train_accuracy": acc, "grad_norm": norm, "tokens_per_s": tps, "docs_per_s": win.docs as f64 / secs,
-            }))?;
+                "loss_supervised": win.sup_sum / win.docs.max(1) as f64,
+                "train_accuracy": acc, "grad_norm": norm, "tokens_per_s": tps, "docs_per_s": (win.docs as f64 + (win.docs * recipe.unlabeled_ratio as u64) as f64) / secs,
+            });
+            if recipe.target != TargetSource::None {
+                rec["loss_consistency"] = json!(win.cons_sum / win.cons_rows.max(1) as f64);
+                rec["consistency_weight"] = json!(w);
+                rec["mask_ratio"] = json!(win.passed as f64 / win.cons_rows.max(1) as f64);
+            }
+            if let Some(a) = last_alpha {
+                rec["teacher_alpha"] = json!(a);
+            }
+            if down_steps > 0 {
+                rec["beta1"] = json!(opt.cfg.beta1);
+            }
+            log.write(rec)?;
             bar.set_message(format!("loss {loss:.4} acc {acc:.3} {:.0}k tok/s", tps / 1e3));
             total_tokens += win.tokens;
             win = LogWindow::default();
             win_start = Instant::now();
         }
-        if step % eval_every == 0 || step == total {
+        let checkpoint_due = step % ckpt_every == 0 || step == total || opts.stop_after == Some(step);
+        let eval_due = step % eval_every == 0 || step == total;
+        if let Some(tch) = &mut teacher {
+            if checkpoint_due || eval_due {
+                tch.sync_all(&be, &params);
+            }
+        }
+        if eval_due {
             let r = eval::evaluate(&be, &model, &params, &ds, SplitKind::Val, t.eval_batch_size)?;
             if let Some(r) = &r {
                 let reduced = cfg.schedule.observe(&mut plateau, r.accuracy);
@@ -357,26 +557,37 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 }))?;
             }
             val_report = r;
+            if let Some(tch) = &teacher {
+                let r = eval::evaluate(&be, &model, &tch.params, &ds, SplitKind::Val, t.eval_batch_size)?;
+                if let Some(r) = &r {
+                    log.write(json!({
+                        "step": step, "split": "val", "model": "teacher", "accuracy": r.accuracy,
+                        "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece,
+                    }))?;
+                }
+                teacher_val = r;
+            }
         }
-        if step % ckpt_every == 0 || step == total || opts.stop_after == Some(step) {
+        if checkpoint_due {
             let state = TrainState {
                 step,
                 optim_t: opt.t,
                 cursors: loader.cursors().to_vec(),
+                unlabeled_cursors: uloader.as_ref().map_or(Vec::new(), |u| u.cursors().to_vec()),
+                teacher_log: teacher.as_ref().map_or(0.0, |tch| tch.log_now()),
                 plateau,
                 config_hash,
                 data_checksum: manifest.checksum.clone(),
                 window: win,
             };
-            let dir = checkpoint::save(
-                &ckpt_root,
-                &model,
-                &meta,
-                &params,
-                [&opt.m, &opt.v],
-                &state,
-                t.keep_checkpoints,
-            )?;
+            let contents = checkpoint::Contents {
+                params: &params,
+                teacher: teacher.as_ref().map(|tch| tch.params.as_slice()),
+                bank: bank.as_ref(),
+                moments: [&opt.m, &opt.v],
+                state: &state,
+            };
+            let dir = checkpoint::save(&ckpt_root, &model, &meta, contents, t.keep_checkpoints)?;
             last_ckpt = Some(dir);
         }
         if opts.stop_after == Some(step) {
@@ -387,20 +598,120 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     total_tokens += win.tokens;
     let final_checkpoint =
         last_ckpt.ok_or_else(|| Error::Data("no step was run and no checkpoint exists".into()))?;
-    let test = if step == total {
-        eval::evaluate(&be, &model, &params, &ds, SplitKind::Test, t.eval_batch_size)?
+    let (test, teacher_test) = if step == total {
+        let test = eval::evaluate(&be, &model, &params, &ds, SplitKind::Test, t.eval_batch_size)?;
+        let tt = match &teacher {
+            Some(tch) => eval::evaluate(&be, &model, &tch.params, &ds, SplitKind::Test, t.eval_batch_size)?,
+            None => None,
+        };
+        (test, tt)
     } else {
-        None
+        (None, None)
     };
     if let Some(r) = &test {
         log.write(json!({"step": step, "split": "test", "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
+    }
+    if let Some(r) = &teacher_test {
+        log.write(json!({"step": step, "split": "test", "model": "teacher", "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
     }
     Ok(TrainReport {
         steps: step,
         final_checkpoint,
         val: val_report,
         test,
+        teacher_val,
+        teacher_test,
         tokens_per_s: (total_tokens - restored_tokens.min(total_tokens)) as f64 / step_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The `pass` bit of a step's second forward pass (Π, R-Drop, the teacher), so that its
+/// dropout masks differ from the first pass's.
+const SECOND_PASS: u32 = 1 << 20;
+
+/// One forward pass's activations and the gradient of its logits.
+struct Pass<B: Backend> {
+    acts: Activations<B>,
+    dlogits: B::Buf,
+}
+
+impl<B: Backend> Pass<B> {
+    fn new(be: &B, model: &BagModel) -> Self {
+        Pass { acts: Activations::new(be, model), dlogits: be.zeros(0) }
+    }
+}
+
+/// The embedding table's gradient over the backward passes of one step: formed as sparse
+/// rows (summed over passes and micro-batches), or applied by fused SGD as each pass goes.
+struct TableAcc<B: Backend> {
+    grad: SparseRows<B::Buf>,
+    extra: SparseRows<B::Buf>,
+    dpooled: B::Buf,
+    /// Whether `grad` holds a pass's gradient yet.
+    any: bool,
+    /// Skip forming the gradient (fused SGD at a step whose norm is not logged).
+    skip: bool,
+}
+
+impl<B: Backend> TableAcc<B> {
+    fn new(be: &B, dim: usize) -> Self {
+        TableAcc {
+            grad: SparseRows::new(be.zeros(0), dim),
+            extra: SparseRows::new(be.zeros(0), dim),
+            dpooled: be.zeros(0),
+            any: false,
+            skip: false,
+        }
+    }
+
+    /// Starts a step; `skip`: do not form the gradient.
+    fn start(&mut self, skip: bool) {
+        self.any = false;
+        self.skip = skip;
+        self.grad.rows.clear();
+    }
+
+    /// Whether the step's table gradient was formed.
+    fn formed(&self) -> bool {
+        self.any
+    }
+
+    /// One backward pass: dense gradients into `grads`, the table's gradient added to the
+    /// step's, and, with `fused_lr`, the table's SGD update applied at once.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        be: &B,
+        model: &BagModel,
+        params: &mut B::Buf,
+        dev: &B::Batch,
+        acts: &Activations<B>,
+        dlogits: &B::Buf,
+        grads: &mut B::Buf,
+        fused_lr: Option<f64>,
+    ) {
+        model.backward_dense(be, params, acts, dlogits, grads, &mut self.dpooled);
+        if !self.skip {
+            if self.any {
+                be.embedding_bag_backward(dev, &self.dpooled, model.spec.dim, &mut self.extra);
+                let acc = std::mem::replace(&mut self.grad, SparseRows::new(be.zeros(0), model.spec.dim));
+                self.grad = be.sparse_add(acc, &self.extra);
+            } else {
+                be.embedding_bag_backward(dev, &self.dpooled, model.spec.dim, &mut self.grad);
+            }
+            self.any = true;
+        }
+        if let Some(lr) = fused_lr {
+            be.embedding_bag_sgd(params, model.table, dev, &self.dpooled, lr);
+        }
+    }
+}
+
+/// The sorted, unique table rows the batches read.
+fn touched_rows(batches: &[HostBatch]) -> Vec<u32> {
+    let mut rows: Vec<u32> = batches.iter().flat_map(|b| b.ids.iter().copied()).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
 }

@@ -1,0 +1,115 @@
+"""Semi-supervised methods against supervised-only on Brown genre, 20 labels per class.
+
+Two phases:
+  sweep   seed 1 only: each method's grid (below); the setting with the best final
+          validation accuracy (student, or teacher for Mean Teacher) is chosen;
+  seeds   the chosen setting of each method on every seed (split seed = training seed,
+          data prepared by bench/brown_pretrain.py under runs/brown_pretrain/seedN/pool/data).
+Prints and writes val/test accuracy of student (and teacher), and seconds per run.
+
+  python3 bench/brown_methods.py --seeds 1 2 3 --json bench/results/brown-methods.json
+"""
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import time
+
+GRID = {
+    "supervised": {"model.embed_dropout": [0.0, 0.3, 0.5]},
+    "pi": {"model.embed_dropout": [0.3, 0.5], "consistency.weight": [1.0, 10.0, 100.0],
+           "unlabeled.ratio": [1, 4]},
+    "mean_teacher": {"model.embed_dropout": [0.3, 0.5], "consistency.weight": [1.0, 10.0, 100.0],
+                     "unlabeled.ratio": [1, 4]},
+    "rdrop": {"model.embed_dropout": [0.3, 0.5], "consistency.weight": [0.3, 1.0, 3.0],
+              "unlabeled.ratio": [0, 1]},
+}
+# Unscaled weights in the grid: w_max is what the grid says.
+FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
+         "mean_teacher": ["consistency.scale_by_labeled_ratio=false"]}
+CONFIG = {"supervised": "configs/brown/supervised.toml", "pi": "configs/brown/pi.toml",
+          "mean_teacher": "configs/brown/mean_teacher.toml", "rdrop": "configs/brown/rdrop.toml"}
+
+
+def data_dir(root, seed):
+    return os.path.join(root, f"seed{seed}", "pool", "data")
+
+
+def train(dt, method, data, out, seed, sets):
+    args = [dt, "--quiet", "train", "--config", CONFIG[method], "--set", f'data.dir="{data}"',
+            "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}",
+            "--set", "train.keep_checkpoints=1"]
+    for s in FIXED.get(method, []) + sets:
+        args += ["--set", s]
+    subprocess.run(["rm", "-rf", out], check=True)
+    t0 = time.time()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    secs = time.time() - t0
+    recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    subprocess.run(["rm", "-rf", os.path.join(out, "checkpoints")], check=True)
+
+    def last(split, model=None):
+        rs = [r for r in recs if r.get("split") == split and r.get("model") == model]
+        return rs[-1]["accuracy"] if rs else None
+    row = dict(val=last("val"), test=last("test"), seconds=secs)
+    if method == "mean_teacher":
+        row.update(teacher_val=last("val", "teacher"), teacher_test=last("test", "teacher"))
+    steps = [r for r in recs if "split" not in r]
+    row["train_docs_per_s"] = statistics.mean(r["docs_per_s"] for r in steps)
+    return row
+
+
+def select_key(method, row):
+    return row["teacher_val"] if method == "mean_teacher" else row["val"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--data-root", default="runs/brown_pretrain")
+    ap.add_argument("--out", default="runs/brown_methods")
+    ap.add_argument("--dtrain", default="target/release/dtrain")
+    ap.add_argument("--methods", nargs="+", default=list(GRID))
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    result = {"sweep": {}, "chosen": {}, "seeds": {}}
+    for method in a.methods:
+        keys = list(GRID[method])
+        best = None
+        for values in itertools.product(*(GRID[method][k] for k in keys)):
+            sets = [f"{k}={v}" for k, v in zip(keys, values)]
+            out = os.path.join(a.out, "sweep", method + "-" + "-".join(str(v) for v in values))
+            row = train(a.dtrain, method, data_dir(a.data_root, a.seeds[0]), out, a.seeds[0], sets)
+            row["sets"] = sets
+            print(method, sets, {k: v for k, v in row.items() if k != "sets"}, flush=True)
+            result["sweep"].setdefault(method, []).append(row)
+            if best is None or select_key(method, row) > select_key(method, best):
+                best = row
+        result["chosen"][method] = best["sets"]
+        for seed in a.seeds:
+            out = os.path.join(a.out, method, f"seed{seed}")
+            row = train(a.dtrain, method, data_dir(a.data_root, seed), out, seed, best["sets"])
+            row["seed"] = seed
+            result["seeds"].setdefault(method, []).append(row)
+        rows = result["seeds"][method]
+        summary = {}
+        for k in ("val", "test", "teacher_val", "teacher_test", "seconds"):
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            if vals:
+                summary[k] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        result.setdefault("summary", {})[method] = summary
+        print("==", method, best["sets"], {k: f"{m * 100 if k != 'seconds' else m:.2f} ± {s * 100 if k != 'seconds' else s:.2f}"
+                                            for k, (m, s) in summary.items()}, flush=True)
+    if a.json:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        result["provenance"] = dict(command="python3 bench/brown_methods.py " + " ".join(
+            f"--seeds {' '.join(map(str, a.seeds))}".split()), date=time.strftime("%Y-%m-%d"), git=rev,
+            cpu=open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "), cores=os.cpu_count())
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

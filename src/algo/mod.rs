@@ -1,0 +1,313 @@
+//! Semi-supervised methods (METHODS.md §4–§11): which method a run uses, its knobs with
+//! each method's published defaults, and the resolved recipe the training loop follows.
+//!
+//! The methods share one shape, so one generic step serves them all (`train`): a student
+//! pass over the labeled rows and the unlabeled rows of the step, cross-entropy on the
+//! labeled rows, and a consistency term (`Backend::consistency`) between the student's
+//! logits and a target that comes from somewhere else. Only the target's source differs:
+//!
+//! | method | target of the consistency term | gradient into the target |
+//! |---|---|---|
+//! | `supervised` | none | — |
+//! | `pi` | a second noisy pass of the student | only with `pi.stop_gradient_target = false` |
+//! | `temporal` | the sample's bias-corrected moving average in the bank (`bank`) | never |
+//! | `mean_teacher` | a noisy pass of the EMA teacher ([`teacher`]) | never |
+//! | `rdrop` | a second noisy pass of the student, `sym_kl`, CE on both passes | always |
+
+pub mod consistency;
+pub mod ramp;
+pub mod teacher;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
+use ramp::{Ramp, RampShape};
+
+/// The training method (`method = "…"` at the top of run.toml).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Cross-entropy on the labeled rows only.
+    #[default]
+    Supervised,
+    /// Π-model (§4).
+    Pi,
+    /// Temporal Ensembling (§5).
+    Temporal,
+    /// Mean Teacher (§6).
+    MeanTeacher,
+    /// R-Drop (§8).
+    Rdrop,
+}
+
+impl Method {
+    /// The name used in configs and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Supervised => "supervised",
+            Method::Pi => "pi",
+            Method::Temporal => "temporal",
+            Method::MeanTeacher => "mean_teacher",
+            Method::Rdrop => "rdrop",
+        }
+    }
+}
+
+/// `[unlabeled]`: how many unlabeled rows join each step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnlabeledConfig {
+    /// μ = B_u / B_l: unlabeled rows per labeled row in a step. Unset: the method's
+    /// default (1 for `pi`, `temporal` and `mean_teacher`, 0 for `rdrop` and `supervised`).
+    pub ratio: Option<u32>,
+}
+
+/// `[consistency]`: the consistency term. Unset fields take the method's default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsistencyConfig {
+    /// `mse`, `kl`, `ce_hard` or `sym_kl`. Default: `mse` (Π, Mean Teacher), `sym_kl`
+    /// (R-Drop, which accepts no other).
+    pub kind: Option<ConsistencyKind>,
+    /// w_max (R-Drop's α). Default: 100 with `scale_by_labeled_ratio` for Π and Mean Teacher
+    /// (Laine & Aila's w_max = 100·|L|/N), 1 for R-Drop.
+    pub weight: Option<f64>,
+    /// Multiply w_max by |L| / (|L| + |U|). Default: on for Π and Mean Teacher.
+    pub scale_by_labeled_ratio: Option<bool>,
+    /// Target temperature T (below 1 sharpens). Default 1.
+    pub temperature: Option<f64>,
+    /// Confidence threshold τ on max q; 0 = no mask. Default 0.
+    pub threshold: Option<f64>,
+    /// Shape of the ramp-up of the weight.
+    pub ramp: RampShape,
+    /// Length of the ramp-up in (labeled) epochs. Default: 5 for Π and Mean Teacher, 0 for
+    /// R-Drop.
+    pub ramp_epochs: Option<f64>,
+    /// Ramp the learning rate and Adam's β₁ down over this many final epochs (the Π-model
+    /// paper's exp(−12.5x²)); 0 = none.
+    pub rampdown_epochs: f64,
+}
+
+impl Default for ConsistencyConfig {
+    fn default() -> Self {
+        ConsistencyConfig {
+            kind: None,
+            weight: None,
+            scale_by_labeled_ratio: None,
+            temperature: None,
+            threshold: None,
+            ramp: RampShape::Sigmoid,
+            ramp_epochs: None,
+            rampdown_epochs: 0.0,
+        }
+    }
+}
+
+/// `[pi]`: the Π-model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PiConfig {
+    /// Treat the second pass as a constant target (the default); false lets the gradient
+    /// flow into it as well, the original paper's form.
+    pub stop_gradient_target: bool,
+}
+
+impl Default for PiConfig {
+    fn default() -> Self {
+        PiConfig { stop_gradient_target: true }
+    }
+}
+
+/// `[mean_teacher]`: the EMA teacher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeanTeacherConfig {
+    /// α of θ' ← α_t θ' + (1 − α_t) θ, α_t = min(1 − 1/(t + 1), α).
+    pub alpha: f64,
+    /// A second α that takes over once the consistency ramp-up is over (e.g. 0.999).
+    pub alpha_late: Option<f64>,
+    /// Update the embedding table's teacher rows lazily (METHODS.md §6): a row untouched
+    /// for k steps is brought up to date when it is next read, with the product of the α_t
+    /// in between. Exact here, because both table optimizers change only touched rows and
+    /// take no weight decay; it saves a pass over the whole table every step. The whole
+    /// teacher is brought up to date at every evaluation and checkpoint.
+    pub lazy_table: bool,
+}
+
+impl Default for MeanTeacherConfig {
+    fn default() -> Self {
+        MeanTeacherConfig { alpha: 0.99, alpha_late: None, lazy_table: true }
+    }
+}
+
+/// `[temporal]`: the Temporal Ensembling bank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemporalConfig {
+    /// α of Z_i ← α Z_i + (1 − α) p_i, in (0, 1).
+    pub alpha: f64,
+    /// How the bank stores its values: `f32`, `f16` or `bf16` (half the disk).
+    pub storage: crate::bank::Storage,
+}
+
+impl Default for TemporalConfig {
+    fn default() -> Self {
+        TemporalConfig { alpha: 0.6, storage: crate::bank::Storage::F32 }
+    }
+}
+
+/// Where the consistency target comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetSource {
+    /// No consistency term.
+    None,
+    /// A second noisy pass of the student; `grad`: the gradient flows into it too.
+    SecondPass { grad: bool },
+    /// A noisy pass of the EMA teacher.
+    Teacher,
+    /// The Temporal Ensembling bank's bias-corrected average (probabilities).
+    Bank,
+}
+
+/// A method resolved against its defaults: what the generic step does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    pub method: Method,
+    /// μ: unlabeled rows per labeled row.
+    pub unlabeled_ratio: u32,
+    pub target: TargetSource,
+    /// Cross-entropy on the second pass as well, each pass weighted ½ (R-Drop).
+    pub ce_both_passes: bool,
+    /// The consistency op, its `scale` left at 1 (the step sets w(t)/rows).
+    pub op: ConsistencyOp,
+    /// w_max before labeled-ratio scaling.
+    pub weight: f64,
+    pub scale_by_labeled_ratio: bool,
+    pub ramp_shape: RampShape,
+    pub ramp_epochs: f64,
+    /// Epochs at weight 0 before the ramp (Temporal Ensembling's first epoch).
+    pub delay_epochs: f64,
+    pub rampdown_epochs: f64,
+}
+
+/// Every knob of the methods, as they sit in run.toml.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodKnobs<'a> {
+    pub method: Method,
+    pub unlabeled: &'a UnlabeledConfig,
+    pub consistency: &'a ConsistencyConfig,
+    pub pi: &'a PiConfig,
+    pub mean_teacher: &'a MeanTeacherConfig,
+    pub temporal: &'a TemporalConfig,
+}
+
+impl Recipe {
+    /// Resolves the knobs against the method's defaults and checks every rule; errors name
+    /// the field.
+    pub fn resolve(k: MethodKnobs<'_>, origin: &str) -> Result<Recipe> {
+        let bad = |field: &str, msg: String| Err(Error::config(origin, field, msg));
+        let c = k.consistency;
+        let m = k.method;
+        let (kind, weight, scale, ramp_epochs, ratio, target) = match m {
+            Method::Supervised => (ConsistencyKind::Mse, 0.0, false, 0.0, 0, TargetSource::None),
+            Method::Pi => (
+                ConsistencyKind::Mse,
+                100.0,
+                true,
+                5.0,
+                1,
+                TargetSource::SecondPass { grad: !k.pi.stop_gradient_target },
+            ),
+            Method::MeanTeacher => (ConsistencyKind::Mse, 100.0, true, 5.0, 1, TargetSource::Teacher),
+            Method::Temporal => (ConsistencyKind::Mse, 100.0, true, 5.0, 1, TargetSource::Bank),
+            Method::Rdrop => {
+                (ConsistencyKind::SymKl, 1.0, false, 0.0, 0, TargetSource::SecondPass { grad: true })
+            }
+        };
+        let kind = c.kind.unwrap_or(kind);
+        if m == Method::Rdrop && kind != ConsistencyKind::SymKl {
+            return bad("consistency.kind", "R-Drop's term is sym_kl (METHODS.md §8)".into());
+        }
+        if kind == ConsistencyKind::SymKl
+            && m != Method::Supervised
+            && target != (TargetSource::SecondPass { grad: true })
+        {
+            return bad(
+                "consistency.kind",
+                format!("sym_kl sends gradient into both sides; {} has a constant target", m.name()),
+            );
+        }
+        if kind == ConsistencyKind::SymKl && target == TargetSource::Bank {
+            return bad(
+                "consistency.kind",
+                "sym_kl needs target logits; the bank holds probabilities".into(),
+            );
+        }
+        let op = ConsistencyOp {
+            kind,
+            form: if target == TargetSource::Bank { TargetForm::Probs } else { TargetForm::Logits },
+            temperature: c.temperature.unwrap_or(1.0),
+            threshold: c.threshold.unwrap_or(0.0),
+            scale: 1.0,
+        };
+        let weight = c.weight.unwrap_or(weight);
+        if !(weight.is_finite() && weight >= 0.0) {
+            return bad("consistency.weight", "must be a finite number at least 0".into());
+        }
+        if !(op.temperature.is_finite() && op.temperature > 0.0 && op.temperature <= 100.0) {
+            return bad("consistency.temperature", "must be in (0, 100]".into());
+        }
+        if !(0.0..=1.0).contains(&op.threshold) {
+            return bad("consistency.threshold", "must be in [0, 1]".into());
+        }
+        let ramp_epochs = c.ramp_epochs.unwrap_or(ramp_epochs);
+        if !(ramp_epochs.is_finite() && ramp_epochs >= 0.0) {
+            return bad("consistency.ramp_epochs", "must be at least 0".into());
+        }
+        if !(c.rampdown_epochs.is_finite() && c.rampdown_epochs >= 0.0) {
+            return bad("consistency.rampdown_epochs", "must be at least 0".into());
+        }
+        let unlabeled_ratio = k.unlabeled.ratio.unwrap_or(ratio);
+        if unlabeled_ratio > 64 {
+            return bad("unlabeled.ratio", "must be at most 64".into());
+        }
+        if target == TargetSource::Teacher || m == Method::MeanTeacher {
+            let t = k.mean_teacher;
+            for (field, a) in
+                [("mean_teacher.alpha", Some(t.alpha)), ("mean_teacher.alpha_late", t.alpha_late)]
+            {
+                if let Some(a) = a {
+                    if !(a > 0.0 && a < 1.0) {
+                        return bad(field, "must be in (0, 1)".into());
+                    }
+                }
+            }
+        }
+        if m == Method::Temporal && !(k.temporal.alpha > 0.0 && k.temporal.alpha < 1.0) {
+            return bad("temporal.alpha", "must be in (0, 1)".into());
+        }
+        Ok(Recipe {
+            method: m,
+            unlabeled_ratio,
+            target,
+            ce_both_passes: m == Method::Rdrop,
+            op,
+            weight,
+            scale_by_labeled_ratio: c.scale_by_labeled_ratio.unwrap_or(scale),
+            ramp_shape: c.ramp,
+            ramp_epochs,
+            delay_epochs: if m == Method::Temporal { 1.0 } else { 0.0 },
+            rampdown_epochs: c.rampdown_epochs,
+        })
+    }
+
+    /// The ramp in steps, for `steps_per_epoch`.
+    pub fn ramp(&self, steps_per_epoch: u64) -> Ramp {
+        Ramp {
+            shape: self.ramp_shape,
+            up_steps: (self.ramp_epochs * steps_per_epoch as f64).round() as u64,
+            delay_steps: (self.delay_epochs * steps_per_epoch as f64).round() as u64,
+        }
+    }
+}

@@ -1,0 +1,718 @@
+//! The Temporal Ensembling bank (METHODS.md §5): for every training sample, a moving
+//! average of its predicted probabilities and a count of its updates, in one memory-mapped
+//! file per data shard; exact per-row bias correction; sealed snapshots for checkpoints.
+//!
+//! # File format (little-endian)
+//! ```text
+//!   0  magic "DTBANK\0\0"             8  version u32          12  storage u32 (0 f32, 1 f16, 2 bf16)
+//!  16  rows u64                      24  classes u32         28  split u32 (shard code)
+//!  32  shard u32                     36  shards u32          40  alpha f64
+//!  48  the shard's payload checksum u64 (ties the bank to its data)
+//!  56  sealed u32 (1: body_checksum is valid)                60  reserved u32
+//!  64  body_checksum u64 (xxh3_64 of everything from byte 128 on)
+//!  72  header_checksum u64 (xxh3_64 of bytes 0..72)          80..128 zero
+//! 128  counts: rows × u32, then zero padding to a multiple of 8
+//!      values: rows × classes × (4 | 2 | 2) bytes
+//! ```
+//! The live bank of a run (`out_dir/bank/`) is updated in place and is not sealed: only the
+//! rows of a batch are read or written, so memory stays O(batch) however large the bank.
+//! A checkpoint holds a sealed copy of every file ([`Bank::snapshot`]), made by streaming
+//! the live file in chunks and checksumming it on the way; resuming copies the sealed files
+//! back after checking them ([`restore`]).
+//!
+//! # Safety
+//! The files are mapped with `memmap2`. A mapping is only sound while no other process
+//! truncates or rewrites the file; the live bank belongs to one run (the training
+//! process), as its checkpoints do, and dtrain never maps a file it is writing otherwise.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::data::dataset::Dataset;
+pub use crate::data::loader::RowId;
+use crate::data::shard::SplitKind;
+use crate::error::{Error, IoContext, Result};
+
+/// Magic bytes of a bank file.
+pub const MAGIC: &[u8; 8] = b"DTBANK\0\0";
+/// Version of the bank file format.
+pub const VERSION: u32 = 1;
+const HEADER_LEN: usize = 128;
+/// The live bank's directory under a run's `out_dir`, and the snapshot's in a checkpoint.
+pub const DIR: &str = "bank";
+
+/// How bank values are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    #[default]
+    F32,
+    /// IEEE half precision: half the disk, about 3 significant digits.
+    F16,
+    /// bfloat16: half the disk, f32's range, about 2 significant digits.
+    Bf16,
+}
+
+impl Storage {
+    fn code(self) -> u32 {
+        self as u32
+    }
+
+    fn from_code(c: u32) -> Option<Storage> {
+        [Storage::F32, Storage::F16, Storage::Bf16].into_iter().find(|s| s.code() == c)
+    }
+
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Storage::F32 => 4,
+            Storage::F16 | Storage::Bf16 => 2,
+        }
+    }
+
+    fn put(self, out: &mut [u8], v: f32) {
+        match self {
+            Storage::F32 => out.copy_from_slice(&v.to_le_bytes()),
+            Storage::F16 => out.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            Storage::Bf16 => out.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+
+    fn get(self, b: &[u8]) -> f32 {
+        match self {
+            Storage::F32 => f32::from_le_bytes(b.try_into().expect("4 bytes")),
+            Storage::F16 => half::f16::from_le_bytes(b.try_into().expect("2 bytes")).to_f32(),
+            Storage::Bf16 => half::bf16::from_le_bytes(b.try_into().expect("2 bytes")).to_f32(),
+        }
+    }
+}
+
+/// What a bank file's header says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Header {
+    pub storage: Storage,
+    pub rows: u64,
+    pub classes: u32,
+    pub split: SplitKind,
+    pub shard: u32,
+    pub shards: u32,
+    pub alpha: f64,
+    /// The payload checksum of the data shard whose samples the rows are.
+    pub data_checksum: u64,
+    pub sealed: bool,
+    pub body_checksum: u64,
+}
+
+impl Header {
+    fn counts_len(&self) -> usize {
+        (self.rows as usize * 4).next_multiple_of(8)
+    }
+
+    fn file_len(&self) -> u64 {
+        HEADER_LEN as u64
+            + self.counts_len() as u64
+            + self.rows * u64::from(self.classes) * self.storage.size() as u64
+    }
+
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.storage.code().to_le_bytes());
+        b[16..24].copy_from_slice(&self.rows.to_le_bytes());
+        b[24..28].copy_from_slice(&self.classes.to_le_bytes());
+        b[28..32].copy_from_slice(&split_code(self.split).to_le_bytes());
+        b[32..36].copy_from_slice(&self.shard.to_le_bytes());
+        b[36..40].copy_from_slice(&self.shards.to_le_bytes());
+        b[40..48].copy_from_slice(&self.alpha.to_le_bytes());
+        b[48..56].copy_from_slice(&self.data_checksum.to_le_bytes());
+        b[56..60].copy_from_slice(&u32::from(self.sealed).to_le_bytes());
+        b[64..72].copy_from_slice(&self.body_checksum.to_le_bytes());
+        let sum = xxh3_64(&b[..72]);
+        b[72..80].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    fn decode(path: &Path, b: &[u8]) -> Result<Header> {
+        let bad = |msg: String| Err(Error::bad_file(path, msg));
+        if b.len() < HEADER_LEN || &b[..8] != MAGIC {
+            return bad("not a dtrain bank file (bad magic or too short)".into());
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        if u64_at(72) != xxh3_64(&b[..72]) {
+            return bad("corrupted: the header does not match its checksum".into());
+        }
+        let version = u32_at(8);
+        if version != VERSION {
+            return bad(format!("bank format version {version}, this dtrain reads {VERSION}"));
+        }
+        let storage = match Storage::from_code(u32_at(12)) {
+            Some(s) => s,
+            None => return bad(format!("unknown storage code {}", u32_at(12))),
+        };
+        let split = match SplitKind::ALL.into_iter().find(|s| split_code(*s) == u32_at(28)) {
+            Some(s) => s,
+            None => return bad(format!("unknown split code {}", u32_at(28))),
+        };
+        let h = Header {
+            storage,
+            rows: u64_at(16),
+            classes: u32_at(24),
+            split,
+            shard: u32_at(32),
+            shards: u32_at(36),
+            alpha: f64::from_le_bytes(b[40..48].try_into().expect("8 bytes")),
+            data_checksum: u64_at(48),
+            sealed: u32_at(56) == 1,
+            body_checksum: u64_at(64),
+        };
+        if h.classes == 0 || h.classes > 1 << 20 || h.rows > 1 << 40 {
+            return bad(format!("absurd shape: {} rows × {} classes", h.rows, h.classes));
+        }
+        Ok(h)
+    }
+}
+
+fn split_code(s: SplitKind) -> u32 {
+    SplitKind::ALL.iter().position(|&x| x == s).expect("a split") as u32
+}
+
+/// One shard's bank file, mapped.
+pub struct BankFile {
+    path: PathBuf,
+    header: Header,
+    map: MmapMut,
+}
+
+impl BankFile {
+    /// Creates (or overwrites) a live file of zero values and counts.
+    fn create(path: &Path, header: Header) -> Result<BankFile> {
+        let header = Header { sealed: false, body_checksum: 0, ..header };
+        let mut f = std::fs::File::create(path).at(path)?;
+        f.write_all(&header.encode()).at(path)?;
+        f.set_len(header.file_len()).at(path)?;
+        BankFile::map(path, header)
+    }
+
+    fn map(path: &Path, header: Header) -> Result<BankFile> {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(path).at(path)?;
+        let len = f.metadata().at(path)?.len();
+        if len != header.file_len() {
+            return Err(Error::bad_file(
+                path,
+                format!("truncated or padded: {len} bytes, the header implies {}", header.file_len()),
+            ));
+        }
+        // SAFETY: see the module's Safety section: the file belongs to this run, and its
+        // length was checked against the header.
+        let map = unsafe { MmapMut::map_mut(&f) }.at(path)?;
+        // A step reads scattered rows: no read-ahead around them (a hint; without it a
+        // fault would map the neighbouring 128 KiB of a row, so resident memory would
+        // grow with the bank rather than the batch).
+        let _ = map.advise(memmap2::Advice::Random);
+        Ok(BankFile { path: path.to_owned(), header, map })
+    }
+
+    /// Opens a live file, checking that it is the bank of `expect`'s shard with its shape.
+    fn open(path: &Path, expect: &Header) -> Result<BankFile> {
+        let mut b = Vec::with_capacity(HEADER_LEN);
+        std::fs::File::open(path).and_then(|f| f.take(HEADER_LEN as u64).read_to_end(&mut b)).at(path)?;
+        let h = Header::decode(path, &b)?;
+        check_matches(path, &h, expect)?;
+        BankFile::map(path, h)
+    }
+
+    /// The file's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    fn count(&self, row: usize) -> u32 {
+        let o = HEADER_LEN + row * 4;
+        u32::from_le_bytes(self.map[o..o + 4].try_into().expect("4 bytes"))
+    }
+
+    fn values_at(&self, row: usize) -> std::ops::Range<usize> {
+        let s = self.header.storage.size();
+        let c = self.header.classes as usize;
+        let start = HEADER_LEN + self.header.counts_len() + row * c * s;
+        start..start + c * s
+    }
+
+    /// The row's stored average Z_i (not bias-corrected) and its count n_i.
+    pub fn read(&self, row: usize, out: &mut [f32]) -> u32 {
+        let s = self.header.storage;
+        let r = self.values_at(row);
+        for (o, b) in out.iter_mut().zip(self.map[r].chunks_exact(s.size())) {
+            *o = s.get(b);
+        }
+        self.count(row)
+    }
+
+    fn write(&mut self, row: usize, values: &[f32], count: u32) {
+        let s = self.header.storage;
+        let r = self.values_at(row);
+        for (b, &v) in self.map[r].chunks_exact_mut(s.size()).zip(values) {
+            s.put(b, v);
+        }
+        let o = HEADER_LEN + row * 4;
+        self.map[o..o + 4].copy_from_slice(&count.to_le_bytes());
+    }
+}
+
+fn check_matches(path: &Path, h: &Header, expect: &Header) -> Result<()> {
+    let what = if h.split != expect.split || h.shard != expect.shard || h.shards != expect.shards {
+        Some(format!(
+            "is the bank of {} shard {}/{}, expected {} shard {}/{}",
+            h.split.name(),
+            h.shard,
+            h.shards,
+            expect.split.name(),
+            expect.shard,
+            expect.shards
+        ))
+    } else if h.data_checksum != expect.data_checksum || h.rows != expect.rows {
+        Some("belongs to another data set (its shard's checksum or row count differs)".into())
+    } else if h.classes != expect.classes || h.storage != expect.storage || h.alpha != expect.alpha {
+        Some(format!(
+            "holds {} classes as {:?} with alpha {}; this run wants {} classes as {:?} with alpha {}",
+            h.classes, h.storage, h.alpha, expect.classes, expect.storage, expect.alpha
+        ))
+    } else {
+        None
+    };
+    match what {
+        Some(msg) => Err(Error::bad_file(path, msg)),
+        None => Ok(()),
+    }
+}
+
+/// The bank of a run's samples: one file per (split, owned shard).
+pub struct Bank {
+    alpha: f64,
+    classes: usize,
+    files: Vec<(SplitKind, u32, BankFile)>,
+}
+
+/// The file name of a shard's bank.
+pub fn file_name(split: SplitKind, shard: u32) -> String {
+    format!("{}-{shard:05}.bank", split.name())
+}
+
+fn expected_headers(
+    ds: &Dataset,
+    splits: &[SplitKind],
+    owned: &[usize],
+    classes: usize,
+    storage: Storage,
+    alpha: f64,
+) -> Vec<Header> {
+    let mut out = Vec::new();
+    for &split in splits {
+        let shards = ds.shards(split);
+        for &s in owned {
+            let sh = &shards[s];
+            out.push(Header {
+                storage,
+                rows: sh.len() as u64,
+                classes: classes as u32,
+                split,
+                shard: s as u32,
+                shards: shards.len() as u32,
+                alpha,
+                data_checksum: sh.header().payload_checksum,
+                sealed: false,
+                body_checksum: 0,
+            });
+        }
+    }
+    out
+}
+
+impl Bank {
+    /// Creates a fresh bank (all counts 0) in `dir` for the samples of `splits` in the
+    /// shards `owned`, replacing any files there.
+    pub fn create(
+        dir: &Path,
+        ds: &Dataset,
+        splits: &[SplitKind],
+        owned: &[usize],
+        classes: usize,
+        storage: Storage,
+        alpha: f64,
+    ) -> Result<Bank> {
+        std::fs::create_dir_all(dir).at(dir)?;
+        let mut files = Vec::new();
+        for h in expected_headers(ds, splits, owned, classes, storage, alpha) {
+            let path = dir.join(file_name(h.split, h.shard));
+            files.push((h.split, h.shard, BankFile::create(&path, h)?));
+        }
+        Ok(Bank { alpha, classes, files })
+    }
+
+    /// Opens the live bank in `dir` (after [`restore`]), checking every file against the
+    /// data set and the settings.
+    pub fn open(
+        dir: &Path,
+        ds: &Dataset,
+        splits: &[SplitKind],
+        owned: &[usize],
+        classes: usize,
+        storage: Storage,
+        alpha: f64,
+    ) -> Result<Bank> {
+        let mut files = Vec::new();
+        for h in expected_headers(ds, splits, owned, classes, storage, alpha) {
+            let path = dir.join(file_name(h.split, h.shard));
+            files.push((h.split, h.shard, BankFile::open(&path, &h)?));
+        }
+        Ok(Bank { alpha, classes, files })
+    }
+
+    fn file(&self, id: RowId) -> &BankFile {
+        &self.files.iter().find(|(s, k, _)| *s == id.split && *k == id.shard).expect("an owned shard").2
+    }
+
+    fn file_mut(&mut self, id: RowId) -> &mut BankFile {
+        &mut self
+            .files
+            .iter_mut()
+            .find(|(s, k, _)| *s == id.split && *k == id.shard)
+            .expect("an owned shard")
+            .2
+    }
+
+    /// The bias-corrected targets ẑ_i = Z_i / (1 − α^{n_i}) of `ids` into `out` (rows of
+    /// C), and each row's weight: 1, or 0 for a row never updated (its target is then
+    /// uniform, and masked out).
+    pub fn targets(&self, ids: &[RowId], out: &mut Vec<f32>, weight: &mut Vec<f32>) {
+        let c = self.classes;
+        out.resize(ids.len() * c, 0.0);
+        weight.resize(ids.len(), 0.0);
+        for (i, &id) in ids.iter().enumerate() {
+            let row = &mut out[i * c..(i + 1) * c];
+            let n = self.file(id).read(id.row as usize, row);
+            if n == 0 {
+                row.iter_mut().for_each(|v| *v = 1.0 / c as f32);
+                weight[i] = 0.0;
+            } else {
+                let correction = 1.0 / (1.0 - self.alpha.powi(n.min(i32::MAX as u32) as i32));
+                row.iter_mut().for_each(|v| *v = (f64::from(*v) * correction) as f32);
+                weight[i] = 1.0;
+            }
+        }
+    }
+
+    /// Z_i ← α Z_i + (1 − α) p_i and n_i ← n_i + 1 for each of `ids` in order (`probs`:
+    /// rows of C).
+    pub fn update(&mut self, ids: &[RowId], probs: &[f32]) {
+        let c = self.classes;
+        let a = self.alpha;
+        let mut z = vec![0.0f32; c];
+        for (i, &id) in ids.iter().enumerate() {
+            let f = self.file_mut(id);
+            let n = f.read(id.row as usize, &mut z);
+            for (zc, &p) in z.iter_mut().zip(&probs[i * c..(i + 1) * c]) {
+                *zc = (a * f64::from(*zc) + (1.0 - a) * f64::from(p)) as f32;
+            }
+            f.write(id.row as usize, &z, n.saturating_add(1));
+        }
+    }
+
+    /// Writes a sealed copy of every file into `dest` (a checkpoint's `bank/`), streaming
+    /// each live file in chunks and checksumming it on the way.
+    pub fn snapshot(&self, dest: &Path) -> Result<()> {
+        std::fs::create_dir_all(dest).at(dest)?;
+        for (_, _, f) in &self.files {
+            let name = f.path.file_name().expect("a file name");
+            let out = dest.join(name);
+            let mut sum = Xxh3::new();
+            let body = &f.map[HEADER_LEN..];
+            for chunk in body.chunks(1 << 22) {
+                sum.update(chunk);
+            }
+            let header = Header { sealed: true, body_checksum: sum.digest(), ..f.header };
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&out).at(&out)?);
+            w.write_all(&header.encode()).at(&out)?;
+            for chunk in body.chunks(1 << 22) {
+                w.write_all(chunk).at(&out)?;
+            }
+            w.into_inner().map_err(|e| Error::io(&out, e.into_error()))?.sync_all().at(&out)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and checks a sealed bank file's header and body checksum, streaming; returns the
+/// header and, per update count, how many rows have it (counts above 255 are pooled).
+pub fn verify_sealed(path: &Path) -> Result<(Header, Vec<u64>)> {
+    let mut f = std::io::BufReader::new(std::fs::File::open(path).at(path)?);
+    let mut b = Vec::with_capacity(HEADER_LEN);
+    (&mut f).take(HEADER_LEN as u64).read_to_end(&mut b).at(path)?;
+    let h = Header::decode(path, &b)?;
+    let len = std::fs::metadata(path).at(path)?.len();
+    if len != h.file_len() {
+        return Err(Error::bad_file(
+            path,
+            format!("truncated or padded: {len} bytes, the header implies {}", h.file_len()),
+        ));
+    }
+    let mut sum = Xxh3::new();
+    let mut histogram = vec![0u64; 257];
+    let mut counts_left = h.rows as usize * 4;
+    let mut buf = vec![0u8; 1 << 22];
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let k = f.read(&mut buf).at(path)?;
+        if k == 0 {
+            break;
+        }
+        sum.update(&buf[..k]);
+        if counts_left > 0 {
+            let take = k.min(counts_left);
+            carry.extend_from_slice(&buf[..take]);
+            counts_left -= take;
+            let whole = carry.len() / 4 * 4;
+            for c in carry[..whole].chunks_exact(4) {
+                let n = u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize;
+                histogram[n.min(256)] += 1;
+            }
+            carry.drain(..whole);
+        }
+    }
+    if h.sealed && sum.digest() != h.body_checksum {
+        return Err(Error::bad_file(path, "corrupted: the bank's contents do not match their checksum"));
+    }
+    while histogram.len() > 1 && histogram.last() == Some(&0) {
+        histogram.pop();
+    }
+    Ok((h, histogram))
+}
+
+/// Replaces the live bank in `live` by the sealed snapshot in `snapshot` (a checkpoint's
+/// `bank/`), after checking every file; the copies are unsealed, as live files are.
+pub fn restore(snapshot: &Path, live: &Path) -> Result<()> {
+    std::fs::create_dir_all(live).at(live)?;
+    let mut names: Vec<PathBuf> = std::fs::read_dir(snapshot)
+        .at(snapshot)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "bank"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(Error::bad_file(snapshot, "holds no bank files"));
+    }
+    for src in names {
+        let (h, _) = verify_sealed(&src)?;
+        if !h.sealed {
+            return Err(Error::bad_file(&src, "is not a sealed snapshot (a live bank was copied in?)"));
+        }
+        let dst = live.join(src.file_name().expect("a file name"));
+        let tmp = live.join(format!("{}.tmp", src.file_name().expect("a name").to_string_lossy()));
+        std::fs::copy(&src, &tmp).at(&tmp)?;
+        {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&tmp).at(&tmp)?;
+            let live_header = Header { sealed: false, body_checksum: 0, ..h };
+            f.write_all(&live_header.encode()).at(&tmp)?;
+        }
+        std::fs::rename(&tmp, &dst).at(&dst)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(rows: u64, classes: u32, storage: Storage) -> Header {
+        Header {
+            storage,
+            rows,
+            classes,
+            split: SplitKind::Unlabeled,
+            shard: 1,
+            shards: 4,
+            alpha: 0.6,
+            data_checksum: 77,
+            sealed: false,
+            body_checksum: 0,
+        }
+    }
+
+    fn bank(dir: &Path, rows: u64, classes: u32, storage: Storage) -> Bank {
+        let h = header(rows, classes, storage);
+        let f = BankFile::create(&dir.join(file_name(h.split, h.shard)), h).unwrap();
+        Bank { alpha: h.alpha, classes: classes as usize, files: vec![(h.split, h.shard, f)] }
+    }
+
+    fn id(row: u32) -> RowId {
+        RowId { split: SplitKind::Unlabeled, shard: 1, row }
+    }
+
+    /// Sparse, uneven updates: each row's target is its exact moving average divided by
+    /// 1 − α^n for its own n, and a row never updated has weight 0.
+    #[test]
+    fn bias_correction_is_exact_per_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bank(dir.path(), 10, 3, Storage::F32);
+        let alpha = 0.6f64;
+        let mut want = vec![[0.0f64; 3]; 10];
+        let mut n = [0i32; 10];
+        // Row 2 three times, row 7 once, row 4 five times (twice within one step).
+        let steps: [&[u32]; 5] = [&[2, 4], &[2, 4, 4], &[7], &[2, 4], &[4]];
+        for (t, rows) in steps.iter().enumerate() {
+            let ids: Vec<RowId> = rows.iter().map(|&r| id(r)).collect();
+            let probs: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| {
+                    let a = 0.1 * (t as f32 + 1.0) + 0.01 * r as f32;
+                    [a, 0.5, 0.5 - a]
+                })
+                .collect();
+            b.update(&ids, &probs);
+            for (i, &r) in rows.iter().enumerate() {
+                for c in 0..3 {
+                    want[r as usize][c] =
+                        alpha * want[r as usize][c] + (1.0 - alpha) * probs[i * 3 + c] as f64;
+                }
+                n[r as usize] += 1;
+            }
+        }
+        let ids: Vec<RowId> = (0..10).map(id).collect();
+        let (mut out, mut w) = (Vec::new(), Vec::new());
+        b.targets(&ids, &mut out, &mut w);
+        for r in 0..10 {
+            if n[r] == 0 {
+                assert_eq!(w[r], 0.0, "row {r} was never updated");
+                continue;
+            }
+            assert_eq!(w[r], 1.0);
+            let corr = 1.0 - alpha.powi(n[r]);
+            for c in 0..3 {
+                let got = out[r * 3 + c] as f64;
+                assert!(
+                    (got - want[r][c] / corr).abs() < 1e-6,
+                    "row {r} class {c}: {got} vs {}",
+                    want[r][c] / corr
+                );
+            }
+            // A constant prediction is recovered exactly after any number of updates.
+        }
+        let mut once = bank(dir.path(), 2, 2, Storage::F32);
+        for k in 1..=4 {
+            once.update(&[id(0)], &[0.25, 0.75]);
+            once.targets(&[id(0)], &mut out, &mut w);
+            assert!(
+                (out[0] - 0.25).abs() < 1e-6 && (out[1] - 0.75).abs() < 1e-6,
+                "after {k} updates: {out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn half_precision_storage_rounds_within_its_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        for (storage, tol) in [(Storage::F16, 1e-3), (Storage::Bf16, 8e-3)] {
+            let mut b = bank(dir.path(), 4, 3, storage);
+            b.update(&[id(3)], &[0.123456, 0.654321, 0.222223]);
+            let (mut out, mut w) = (Vec::new(), Vec::new());
+            b.targets(&[id(3)], &mut out, &mut w);
+            for (g, want) in out.iter().zip([0.123456f32, 0.654321, 0.222223]) {
+                assert!((g - want).abs() / want < tol, "{storage:?}: {g} vs {want}");
+            }
+            assert_eq!(
+                std::fs::metadata(dir.path().join(file_name(SplitKind::Unlabeled, 1))).unwrap().len(),
+                128 + 16 + 4 * 3 * 2
+            );
+        }
+    }
+
+    fn rss_kib() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A bank far larger than the memory this test may use (a sparse 4.3 GB file): reading
+    /// and updating a batch of rows costs pages of those rows, not the file.
+    #[test]
+    fn memory_stays_proportional_to_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = 1u64 << 26;
+        let mut b = bank(dir.path(), rows, 16, Storage::F32);
+        let before = rss_kib();
+        let (mut out, mut w) = (Vec::new(), Vec::new());
+        let mut s = crate::rng::Stream::new(3, crate::rng::Purpose::Init, 0);
+        for _ in 0..20 {
+            let ids: Vec<RowId> = (0..256).map(|_| id((s.next_u64() % rows) as u32)).collect();
+            b.targets(&ids, &mut out, &mut w);
+            b.update(&ids, &vec![1.0 / 16.0; 256 * 16]);
+        }
+        let grown = rss_kib().saturating_sub(before);
+        eprintln!("resident memory grew by {grown} KiB for 5120 row reads and updates");
+        // 5120 rows touched: at most two 4 KiB pages each (values and count), plus slack.
+        assert!(grown < 64 * 1024, "resident memory grew by {grown} KiB for a {} GB bank", (rows * 68) >> 30);
+    }
+
+    #[test]
+    fn damaged_or_foreign_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        std::fs::create_dir(&live).unwrap();
+        let mut b = bank(&live, 50, 4, Storage::F32);
+        b.update(&[id(5)], &[0.1, 0.2, 0.3, 0.4]);
+        let snap = dir.path().join("snap");
+        b.snapshot(&snap).unwrap();
+        let file = snap.join(file_name(SplitKind::Unlabeled, 1));
+        let (h, hist) = verify_sealed(&file).unwrap();
+        assert!(h.sealed && hist == [49, 1], "{hist:?}");
+        // Restore works, and the restored file opens as the same shard's bank.
+        let back = dir.path().join("back");
+        restore(&snap, &back).unwrap();
+        let f = BankFile::open(&back.join(file_name(SplitKind::Unlabeled, 1)), &header(50, 4, Storage::F32))
+            .unwrap();
+        assert!(!f.header().sealed);
+        // The wrong shard, data set or settings.
+        let e = BankFile::open(
+            &back.join(file_name(SplitKind::Unlabeled, 1)),
+            &Header { shard: 2, ..header(50, 4, Storage::F32) },
+        );
+        assert!(e.err().unwrap().to_string().contains("is the bank of unlabeled shard 1/4"));
+        let e = BankFile::open(
+            &back.join(file_name(SplitKind::Unlabeled, 1)),
+            &Header { data_checksum: 1, ..header(50, 4, Storage::F32) },
+        );
+        assert!(e.err().unwrap().to_string().contains("another data set"));
+        let e = BankFile::open(&back.join(file_name(SplitKind::Unlabeled, 1)), &header(50, 4, Storage::F16));
+        assert!(e.err().unwrap().to_string().contains("this run wants"));
+        // A flipped value byte, a flipped header byte, a truncation.
+        let bytes = std::fs::read(&file).unwrap();
+        let mut flipped = bytes.clone();
+        flipped[400] ^= 1;
+        std::fs::write(&file, &flipped).unwrap();
+        let e = restore(&snap, &back).unwrap_err().to_string();
+        assert!(e.contains("unlabeled-00001.bank") && e.contains("do not match their checksum"), "{e}");
+        let mut flipped = bytes.clone();
+        flipped[17] ^= 1;
+        std::fs::write(&file, &flipped).unwrap();
+        let e = restore(&snap, &back).unwrap_err().to_string();
+        assert!(e.contains("header does not match its checksum"), "{e}");
+        std::fs::write(&file, &bytes[..bytes.len() - 4]).unwrap();
+        let e = restore(&snap, &back).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+        std::fs::write(&file, b"hello").unwrap();
+        let e = restore(&snap, &back).unwrap_err().to_string();
+        assert!(e.contains("not a dtrain bank file"), "{e}");
+    }
+}
