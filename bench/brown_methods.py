@@ -25,12 +25,27 @@ GRID = {
                      "unlabeled.ratio": [1, 4]},
     "rdrop": {"model.embed_dropout": [0.3, 0.5], "consistency.weight": [0.3, 1.0, 3.0],
               "unlabeled.ratio": [0, 1]},
+    # The bank needs revisits: with μ = 1 an unlabeled row is drawn at most once in 25
+    # labeled epochs, so it never has a target; μ = 16 draws each about 10 times.
+    "temporal": {"model.embed_dropout": [0.3, 0.5], "consistency.weight": [1.0, 10.0, 100.0],
+                 "unlabeled.ratio": [4, 16]},
+    # The published defaults collapse here (docs/results.md): smaller weights, a ramp-up,
+    # and distribution alignment (momentum 0.9: the run has ~500 steps).
+    "uda": {"consistency.weight": [0.1, 0.3, 1.0], "consistency.ramp_epochs": [0, 10],
+            "consistency.distribution_alignment": ["false", "true"]},
+    "fixmatch": {"consistency.weight": [0.1, 0.3, 1.0], "consistency.threshold": [0.95, 0.8],
+                 "consistency.adaptive_threshold": ['"fixed"', '"freematch"']},
 }
 # Unscaled weights in the grid: w_max is what the grid says.
 FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
-         "mean_teacher": ["consistency.scale_by_labeled_ratio=false"]}
+         "mean_teacher": ["consistency.scale_by_labeled_ratio=false"],
+         "temporal": ["consistency.scale_by_labeled_ratio=false"],
+         "uda": ["consistency.stabiliser_momentum=0.9"],
+         "fixmatch": ["consistency.stabiliser_momentum=0.9", "consistency.distribution_alignment=true"]}
 CONFIG = {"supervised": "configs/brown/supervised.toml", "pi": "configs/brown/pi.toml",
-          "mean_teacher": "configs/brown/mean_teacher.toml", "rdrop": "configs/brown/rdrop.toml"}
+          "mean_teacher": "configs/brown/mean_teacher.toml", "rdrop": "configs/brown/rdrop.toml",
+          "temporal": "configs/brown/temporal.toml", "uda": "configs/brown/uda.toml",
+          "fixmatch": "configs/brown/fixmatch.toml"}
 
 
 def data_dir(root, seed):
@@ -58,6 +73,9 @@ def train(dt, method, data, out, seed, sets):
         row.update(teacher_val=last("val", "teacher"), teacher_test=last("test", "teacher"))
     steps = [r for r in recs if "split" not in r]
     row["train_docs_per_s"] = statistics.mean(r["docs_per_s"] for r in steps)
+    # Milliseconds per optimizer step (forward, backward, update, EMA, bank; no evaluation
+    # or checkpoint), the median over the metrics windows.
+    row["step_ms"] = statistics.median(r["step_ms"] for r in steps)
     return row
 
 
@@ -75,12 +93,17 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     result = {"sweep": {}, "chosen": {}, "seeds": {}}
+    if a.json and os.path.exists(a.json):
+        # Re-running some methods keeps the others' results.
+        old = json.load(open(a.json))
+        for k in ("sweep", "chosen", "seeds", "summary", "provenance"):
+            result.setdefault(k, {}).update({m: v for m, v in old.get(k, {}).items() if m not in a.methods})
     for method in a.methods:
         keys = list(GRID[method])
         best = None
         for values in itertools.product(*(GRID[method][k] for k in keys)):
             sets = [f"{k}={v}" for k, v in zip(keys, values)]
-            out = os.path.join(a.out, "sweep", method + "-" + "-".join(str(v) for v in values))
+            out = os.path.join(a.out, "sweep", method + "-" + "-".join(str(v).strip('"') for v in values))
             row = train(a.dtrain, method, data_dir(a.data_root, a.seeds[0]), out, a.seeds[0], sets)
             row["sets"] = sets
             print(method, sets, {k: v for k, v in row.items() if k != "sets"}, flush=True)
@@ -95,18 +118,22 @@ def main():
             result["seeds"].setdefault(method, []).append(row)
         rows = result["seeds"][method]
         summary = {}
-        for k in ("val", "test", "teacher_val", "teacher_test", "seconds"):
+        for k in ("val", "test", "teacher_val", "teacher_test", "seconds", "step_ms"):
             vals = [r[k] for r in rows if r.get(k) is not None]
             if vals:
                 summary[k] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
         result.setdefault("summary", {})[method] = summary
-        print("==", method, best["sets"], {k: f"{m * 100 if k != 'seconds' else m:.2f} ± {s * 100 if k != 'seconds' else s:.2f}"
-                                            for k, (m, s) in summary.items()}, flush=True)
+        pct = lambda k, v: v if k in ("seconds", "step_ms") else 100 * v
+        print("==", method, best["sets"], {k: f"{pct(k, m):.2f} ± {pct(k, s):.2f}" for k, (m, s) in summary.items()},
+              flush=True)
     if a.json:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        result["provenance"] = dict(command="python3 bench/brown_methods.py " + " ".join(
-            f"--seeds {' '.join(map(str, a.seeds))}".split()), date=time.strftime("%Y-%m-%d"), git=rev,
-            cpu=open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "), cores=os.cpu_count())
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
+        cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
+        result.setdefault("provenance", {})["+".join(a.methods)] = dict(
+            command=f"python3 bench/brown_methods.py --methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
+            date=time.strftime("%Y-%m-%d"), git=rev + (" (with uncommitted changes to src/)" if dirty else ""),
+            cpu=cpu, cores=os.cpu_count())
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
 

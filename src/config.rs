@@ -267,6 +267,7 @@ pub struct TrainConfig {
     pub pi: crate::algo::PiConfig,
     pub mean_teacher: crate::algo::MeanTeacherConfig,
     pub temporal: crate::algo::TemporalConfig,
+    pub augment: crate::data::augment::AugmentConfig,
 }
 
 impl TrainConfig {
@@ -345,11 +346,45 @@ pub struct LossConfig {
     pub label_smoothing: f64,
     /// γ of the focal loss.
     pub focal_gamma: f64,
+    /// Training-signal annealing (UDA, METHODS.md §1): a labeled row whose p_y exceeds η_t
+    /// leaves the supervised loss; η_t rises from 1/C to 1 by this schedule.
+    pub tsa: Tsa,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig { kind: LossName::Ce, label_smoothing: 0.0, focal_gamma: 2.0 }
+        LossConfig { kind: LossName::Ce, label_smoothing: 0.0, focal_gamma: 2.0, tsa: Tsa::None }
+    }
+}
+
+/// The schedule of training-signal annealing's threshold η_t = a(t)·(1 − 1/C) + 1/C, with t
+/// the fraction of training done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tsa {
+    /// No annealing.
+    #[default]
+    None,
+    /// a(t) = t.
+    Linear,
+    /// a(t) = 1 − e^{−5t}.
+    Log,
+    /// a(t) = e^{5(t−1)}.
+    Exp,
+}
+
+impl Tsa {
+    /// η at 0-based `step` of `total` for `classes` classes; None without annealing.
+    pub fn threshold(self, step: u64, total: u64, classes: usize) -> Option<f64> {
+        let t = step as f64 / total.max(1) as f64;
+        let a = match self {
+            Tsa::None => return None,
+            Tsa::Linear => t,
+            Tsa::Log => 1.0 - (-5.0 * t).exp(),
+            Tsa::Exp => (5.0 * (t - 1.0)).exp(),
+        };
+        let c = classes as f64;
+        Some(a * (1.0 - 1.0 / c) + 1.0 / c)
     }
 }
 
@@ -494,6 +529,12 @@ impl Validate for TrainConfig {
             return bad("train.eval_batch_size", "must be at least 1");
         }
         crate::algo::Recipe::resolve(self.knobs(), origin)?;
+        if let Err((field, msg)) = self.augment.validate() {
+            return bad(field, msg);
+        }
+        if self.loss.tsa != Tsa::None && self.loss.kind != LossName::Ce {
+            return bad("loss.tsa", "applies to cross-entropy (loss.kind = \"ce\")");
+        }
         Ok(())
     }
 }
@@ -737,6 +778,18 @@ mod tests {
         assert!(err(&["input.labels=[\"a\", \"a\"]"]).contains("listed twice"));
         let e = load::<PrepareConfig>(None, &set(&["output.dir=x"])).unwrap_err().to_string();
         assert!(e.contains("input.labeled"), "{e}");
+    }
+
+    #[test]
+    fn tsa_thresholds_are_pinned() {
+        assert_eq!(Tsa::None.threshold(5, 10, 4), None);
+        // η = a(t)·(1 − 1/C) + 1/C with C = 4, t = 0.5.
+        assert_eq!(Tsa::Linear.threshold(5, 10, 4), Some(0.5 * 0.75 + 0.25));
+        assert_eq!(Tsa::Log.threshold(5, 10, 4), Some((1.0 - (-2.5f64).exp()) * 0.75 + 0.25));
+        assert_eq!(Tsa::Exp.threshold(5, 10, 4), Some((-2.5f64).exp() * 0.75 + 0.25));
+        // From 1/C at the start towards 1.
+        assert_eq!(Tsa::Linear.threshold(0, 10, 4), Some(0.25));
+        assert!((Tsa::Exp.threshold(10, 10, 4).unwrap() - 1.0).abs() < 1e-15);
     }
 
     #[test]

@@ -91,7 +91,7 @@ fn loss_curve(out: &Path) -> Vec<String> {
         .lines()
         .map(|l| {
             let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            for k in ["tokens_per_s", "docs_per_s"] {
+            for k in ["tokens_per_s", "docs_per_s", "step_ms"] {
                 v.as_object_mut().unwrap().remove(k);
             }
             v.to_string()
@@ -198,6 +198,23 @@ fn resume_is_bitwise_identical_with_a_temporal_ensembling_bank() {
         &[&te[..], &["temporal.storage=\"f16\"", "unlabeled.ratio=2"]].concat(),
     );
     assert_resume_is_exact_on(semi_supervised, &[&te[..], &["unlabeled.ratio=0"]].concat());
+}
+
+#[test]
+fn resume_is_bitwise_identical_with_uda_and_fixmatch_and_their_stabilisers() {
+    let noise = ["model.embed_dropout=0.3", "unlabeled.ratio=2"];
+    let uda = [
+        "method=\"uda\"",
+        "consistency.threshold=0.4",
+        "consistency.distribution_alignment=true",
+        "consistency.adaptive_threshold=\"freematch\"",
+        "consistency.stabiliser_momentum=0.9",
+        "loss.tsa=\"linear\"",
+    ];
+    assert_resume_is_exact_on(semi_supervised, &[&noise[..], &uda[..]].concat());
+    let fixmatch =
+        ["method=\"fixmatch\"", "consistency.threshold=0.5", "consistency.adaptive_threshold=\"flexmatch\""];
+    assert_resume_is_exact_on(semi_supervised, &[&noise[..], &fixmatch[..]].concat());
 }
 
 #[test]
@@ -353,6 +370,28 @@ fn bad_training_configs_name_their_field() {
     let e = with(&["method=\"mean_teacher\"", "consistency.kind=\"sym_kl\""]).unwrap_err();
     assert!(e.contains("consistency.kind") && e.contains("constant target"), "{e}");
     assert!(with(&["method=\"pi\"", "pi.stop_gradient_target=false", "consistency.kind=\"sym_kl\""]).is_ok());
+    for (sets, field) in [
+        (
+            &["method=\"mean_teacher\"", "consistency.distribution_alignment=true"][..],
+            "consistency.adaptive_threshold",
+        ),
+        (
+            &[
+                "method=\"fixmatch\"",
+                "consistency.adaptive_threshold=\"flexmatch\"",
+                "consistency.threshold=0",
+            ][..],
+            "consistency.threshold",
+        ),
+        (&["method=\"uda\"", "unlabeled.ratio=0"][..], "unlabeled.ratio"),
+        (&["method=\"uda\"", "consistency.stabiliser_momentum=1"][..], "consistency.stabiliser_momentum"),
+        (&["augment.deletion=1"][..], "augment.deletion"),
+        (&["augment.span=0"][..], "augment.span"),
+        (&["loss.kind=\"focal\"", "loss.tsa=\"log\""][..], "loss.tsa"),
+    ] {
+        let e = with(sets).unwrap_err();
+        assert!(e.contains(field), "{sets:?}: {e}");
+    }
     // A method that reads unlabeled rows on a data set without them.
     let c = cfg(&data, &dir.path().join("mt"), &["method=\"mean_teacher\""]);
     let e = run(&c, Resume::No, None).unwrap_err().to_string();

@@ -13,9 +13,14 @@
 //! | `temporal` | the sample's bias-corrected moving average in the bank (`bank`) | never |
 //! | `mean_teacher` | a noisy pass of the EMA teacher ([`teacher`]) | never |
 //! | `rdrop` | a second noisy pass of the student, `sym_kl`, CE on both passes | always |
+//! | `uda`, `fixmatch` | the student's pass over the weak view of the unlabeled rows; the student's own unlabeled rows are the strong view (`data::augment`) | never |
+//!
+//! UDA and FixMatch take the stabilisers of §10b ([`stabilise`]): distribution alignment
+//! and FlexMatch or FreeMatch thresholds.
 
 pub mod consistency;
 pub mod ramp;
+pub mod stabilise;
 pub mod teacher;
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +44,10 @@ pub enum Method {
     MeanTeacher,
     /// R-Drop (§8).
     Rdrop,
+    /// UDA (§10): KL to the sharpened weak-view prediction, masked by confidence.
+    Uda,
+    /// FixMatch (§10): cross-entropy to the weak view's confident argmax.
+    Fixmatch,
 }
 
 impl Method {
@@ -50,6 +59,8 @@ impl Method {
             Method::Temporal => "temporal",
             Method::MeanTeacher => "mean_teacher",
             Method::Rdrop => "rdrop",
+            Method::Uda => "uda",
+            Method::Fixmatch => "fixmatch",
         }
     }
 }
@@ -59,7 +70,8 @@ impl Method {
 #[serde(deny_unknown_fields, default)]
 pub struct UnlabeledConfig {
     /// μ = B_u / B_l: unlabeled rows per labeled row in a step. Unset: the method's
-    /// default (1 for `pi`, `temporal` and `mean_teacher`, 0 for `rdrop` and `supervised`).
+    /// default (1 for `pi`, `temporal` and `mean_teacher`, 7 for `uda` and `fixmatch`, 0
+    /// for `rdrop` and `supervised`).
     pub ratio: Option<u32>,
 }
 
@@ -87,6 +99,12 @@ pub struct ConsistencyConfig {
     /// Ramp the learning rate and Adam's β₁ down over this many final epochs (the Π-model
     /// paper's exp(−12.5x²)); 0 = none.
     pub rampdown_epochs: f64,
+    /// UDA and FixMatch: distribution alignment (ReMixMatch), q ← normalise(q ⊙ π / p̃).
+    pub distribution_alignment: bool,
+    /// UDA and FixMatch: `fixed` τ, or `flexmatch` / `freematch` adaptive thresholds.
+    pub adaptive_threshold: stabilise::AdaptiveThreshold,
+    /// λ of the running means of distribution alignment and FreeMatch.
+    pub stabiliser_momentum: f64,
 }
 
 impl Default for ConsistencyConfig {
@@ -100,6 +118,9 @@ impl Default for ConsistencyConfig {
             ramp: RampShape::Sigmoid,
             ramp_epochs: None,
             rampdown_epochs: 0.0,
+            distribution_alignment: false,
+            adaptive_threshold: stabilise::AdaptiveThreshold::Fixed,
+            stabiliser_momentum: 0.999,
         }
     }
 }
@@ -168,6 +189,9 @@ pub enum TargetSource {
     Teacher,
     /// The Temporal Ensembling bank's bias-corrected average (probabilities).
     Bank,
+    /// The student's pass over the weak view of the unlabeled rows (UDA, FixMatch); the
+    /// student's own pass sees their strong view.
+    WeakView,
 }
 
 /// A method resolved against its defaults: what the generic step does.
@@ -189,6 +213,13 @@ pub struct Recipe {
     /// Epochs at weight 0 before the ramp (Temporal Ensembling's first epoch).
     pub delay_epochs: f64,
     pub rampdown_epochs: f64,
+    pub distribution_alignment: bool,
+    pub adaptive_threshold: stabilise::AdaptiveThreshold,
+    pub stabiliser_momentum: f64,
+}
+
+fn unlabeled_ratio_of(k: MethodKnobs<'_>, default: u32) -> u32 {
+    k.unlabeled.ratio.unwrap_or(default)
 }
 
 /// Every knob of the methods, as they sit in run.toml.
@@ -221,6 +252,8 @@ impl Recipe {
             ),
             Method::MeanTeacher => (ConsistencyKind::Mse, 100.0, true, 5.0, 1, TargetSource::Teacher),
             Method::Temporal => (ConsistencyKind::Mse, 100.0, true, 5.0, 1, TargetSource::Bank),
+            Method::Uda => (ConsistencyKind::Kl, 1.0, false, 0.0, 7, TargetSource::WeakView),
+            Method::Fixmatch => (ConsistencyKind::CeHard, 1.0, false, 0.0, 7, TargetSource::WeakView),
             Method::Rdrop => {
                 (ConsistencyKind::SymKl, 1.0, false, 0.0, 0, TargetSource::SecondPass { grad: true })
             }
@@ -244,13 +277,38 @@ impl Recipe {
                 "sym_kl needs target logits; the bank holds probabilities".into(),
             );
         }
+        let (temperature, threshold) = match m {
+            Method::Uda => (0.4, 0.8),
+            Method::Fixmatch => (1.0, 0.95),
+            _ => (1.0, 0.0),
+        };
         let op = ConsistencyOp {
             kind,
             form: if target == TargetSource::Bank { TargetForm::Probs } else { TargetForm::Logits },
-            temperature: c.temperature.unwrap_or(1.0),
-            threshold: c.threshold.unwrap_or(0.0),
+            temperature: c.temperature.unwrap_or(temperature),
+            threshold: c.threshold.unwrap_or(threshold),
             scale: 1.0,
         };
+        let stabilised =
+            c.distribution_alignment || c.adaptive_threshold != stabilise::AdaptiveThreshold::Fixed;
+        if stabilised && target != TargetSource::WeakView {
+            return bad(
+                "consistency.adaptive_threshold",
+                format!(
+                    "distribution alignment and adaptive thresholds are options of uda and fixmatch, not {}",
+                    m.name()
+                ),
+            );
+        }
+        if !(c.stabiliser_momentum > 0.0 && c.stabiliser_momentum < 1.0) {
+            return bad("consistency.stabiliser_momentum", "must be in (0, 1)".into());
+        }
+        if c.adaptive_threshold != stabilise::AdaptiveThreshold::Fixed && op.threshold == 0.0 {
+            return bad("consistency.threshold", "an adaptive threshold scales τ, which is 0 here".into());
+        }
+        if target == TargetSource::WeakView && unlabeled_ratio_of(k, ratio) == 0 {
+            return bad("unlabeled.ratio", format!("{} needs unlabeled rows (ratio ≥ 1)", m.name()));
+        }
         let weight = c.weight.unwrap_or(weight);
         if !(weight.is_finite() && weight >= 0.0) {
             return bad("consistency.weight", "must be a finite number at least 0".into());
@@ -299,6 +357,9 @@ impl Recipe {
             ramp_epochs,
             delay_epochs: if m == Method::Temporal { 1.0 } else { 0.0 },
             rampdown_epochs: c.rampdown_epochs,
+            distribution_alignment: c.distribution_alignment,
+            adaptive_threshold: c.adaptive_threshold,
+            stabiliser_momentum: c.stabiliser_momentum,
         })
     }
 

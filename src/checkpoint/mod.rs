@@ -67,6 +67,8 @@ pub struct TrainState {
     /// Σ ln α_t of a lazily updated Mean Teacher (`algo::teacher`), whose rows are all
     /// up to date in the checkpoint; 0 otherwise.
     pub teacher_log: f64,
+    /// UDA's and FixMatch's stabilisers (distribution alignment, FlexMatch, FreeMatch).
+    pub stabiliser: crate::algo::stabilise::StabiliserState,
     /// Reduce-on-plateau state.
     pub plateau: Plateau,
     /// `train::trajectory_hash` of the config, to refuse resuming with another config.
@@ -98,6 +100,15 @@ pub struct LogWindow {
     pub passed: u64,
     /// Steps in the window.
     pub steps: u64,
+    /// Training-signal annealing: labeled rows seen and dropped.
+    pub tsa_rows: u64,
+    pub tsa_dropped: u64,
+    /// Pseudo-label accuracy (diagnostics): unlabeled rows with a hidden label, those whose
+    /// target's argmax was right, and the same among rows that passed the mask.
+    pub pl_rows: u64,
+    pub pl_correct: u64,
+    pub pl_passed: u64,
+    pub pl_passed_correct: u64,
 }
 
 /// Name of a checkpoint directory.

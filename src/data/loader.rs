@@ -43,8 +43,12 @@ pub struct Loader {
     /// The current epoch's order of each owned shard.
     orders: Vec<Vec<u32>>,
     buckets: u32,
-    /// The samples of the last batch, in order.
+    /// The samples of the last batch, in order, and the epoch of their shard when drawn.
     last: Vec<RowId>,
+    last_epochs: Vec<u64>,
+    /// The hidden labels of the last batch's unlabeled samples (-1 where unknown), for
+    /// diagnostics only (pseudo-label accuracy); nothing that trains may read them.
+    last_hidden: Vec<i32>,
 }
 
 /// Shard `shard`'s row order in `epoch`.
@@ -86,6 +90,8 @@ impl Loader {
             orders,
             buckets: ds.manifest().tokenizer.buckets,
             last: Vec::new(),
+            last_epochs: Vec::new(),
+            last_hidden: Vec::new(),
         })
     }
 
@@ -127,6 +133,8 @@ impl Loader {
         let shards = ds.shards(self.split);
         let mut batch = HostBatch::default();
         self.last.clear();
+        self.last_epochs.clear();
+        self.last_hidden.clear();
         for (k, &s) in self.owned.iter().enumerate() {
             let shard = &shards[s];
             for _ in 0..self.per_shard {
@@ -150,6 +158,10 @@ impl Loader {
                 }
                 batch.push(doc.ids, doc.label.map_or(-1, |l| l as i32));
                 self.last.push(RowId { split: self.split, shard: s as u32, row: row as u32 });
+                self.last_epochs.push(self.cursors[s].epoch);
+                if self.split == SplitKind::Unlabeled {
+                    self.last_hidden.push(shard.hidden_label(row).map_or(-1, |l| l as i32));
+                }
             }
         }
         Ok(batch)
@@ -158,6 +170,18 @@ impl Loader {
     /// The samples of the last batch, in its order.
     pub fn last_rows(&self) -> &[RowId] {
         &self.last
+    }
+
+    /// The epoch of each sample's shard when the last batch drew it (augmentation keys).
+    pub fn last_epochs(&self) -> &[u64] {
+        &self.last_epochs
+    }
+
+    /// Diagnostics only: the hidden labels of the last batch's unlabeled samples (-1 where
+    /// unknown; empty for a labeled split). They feed the pseudo-label accuracy in
+    /// `metrics.jsonl` and nothing else.
+    pub fn last_hidden_labels(&self) -> &[i32] {
+        &self.last_hidden
     }
 }
 

@@ -1,5 +1,6 @@
 //! Data: raw input → tokenized, split, sharded data sets on disk, and zero-copy reading back.
 
+pub mod augment;
 pub mod dataset;
 pub mod input;
 pub mod loader;

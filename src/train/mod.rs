@@ -16,6 +16,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::algo::consistency::ConsistencyOp;
 use crate::algo::ramp;
+use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
 use crate::algo::teacher::Teacher;
 use crate::algo::{Method, TargetSource};
 use crate::backend::cpu::Cpu;
@@ -213,6 +214,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     let mut plateau = Plateau::default();
     let mut step = 0u64;
     let mut win = LogWindow::default();
+    let mut restored_stabiliser = None;
     let resume_from = match &opts.resume {
         Resume::No => {
             if checkpoint::latest(&ckpt_root)?.is_some() {
@@ -309,9 +311,29 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         plateau = state.plateau;
         step = state.step;
         win = state.window;
+        restored_stabiliser = Some(state.stabiliser);
     }
     std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
     let mut bank = open_bank(resume_from.as_deref())?;
+    let strong_view = (recipe.target == TargetSource::WeakView).then(|| StrongView {
+        cfg: cfg.augment.clone(),
+        seed: t.seed,
+        buckets: manifest.tokenizer.buckets,
+    });
+    let mut stabiliser = (recipe.target == TargetSource::WeakView).then(|| {
+        let sizes: Vec<usize> = ds.shards(SplitKind::Unlabeled).iter().map(|s| s.len()).collect();
+        Stabiliser::new(
+            recipe.distribution_alignment,
+            recipe.adaptive_threshold,
+            recipe.stabiliser_momentum,
+            recipe.op.threshold,
+            &manifest.splits["train"].per_class,
+            &sizes,
+        )
+    });
+    if let (Some(st), Some(state)) = (&mut stabiliser, &restored_stabiliser) {
+        st.restore(state.clone());
+    }
     let mut log = MetricsLog::open(&t.out_dir.join("metrics.jsonl"), step)?;
     if opts.progress && step == 0 && recipe.method != Method::Supervised {
         eprintln!(
@@ -355,6 +377,10 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     let mut val_report = None;
     let mut teacher_val = None;
     let mut step_secs = 0.0f64;
+    // Time in training steps (no evaluation, no checkpoint) since the last metrics line, in
+    // this process; not part of the checkpointed window, whose contents must not depend on
+    // timing.
+    let (mut win_step_secs, mut win_step_count) = (0.0f64, 0u64);
     let mut last_alpha = None;
     // Tokens of a restored logging window were trained by an earlier process.
     let restored_tokens = win.tokens;
@@ -368,28 +394,22 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         be.fill_zero(&mut grads);
         table.start(fused && !logs);
         let mut micro = Vec::with_capacity(accum as usize);
-        let mut micro_rows: Vec<Vec<RowId>> = Vec::with_capacity(accum as usize);
         for _ in 0..accum {
-            let mut batch = loader.next_batch(&ds)?;
-            let mut rows = loader.last_rows().to_vec();
-            if let Some(u) = &mut uloader {
-                batch.extend(&u.next_batch(&ds)?);
-                rows.extend_from_slice(u.last_rows());
-            }
-            micro.push(batch);
-            micro_rows.push(rows);
+            micro.push(next_micro(&ds, &mut loader, uloader.as_mut(), strong_view.as_ref())?);
         }
         // Predictions for the bank, written after the step (METHODS.md §5).
         let mut bank_writes: Vec<(usize, Vec<f32>)> = Vec::new();
         // The table rows this step reads or changes: a lazy teacher brings them up to date.
-        let touched = teacher.as_ref().map(|_| touched_rows(&micro));
+        let touched = teacher.as_ref().map(|_| touched_rows(micro.iter().map(|m| &m.batch)));
         if let (Some(tch), Some(rows)) = (&mut teacher, &touched) {
             tch.sync_rows(&be, &params, rows);
         }
         let mut step_loss = 0.0;
-        for (mi, batch) in micro.iter().enumerate() {
+        for (mi, m) in micro.iter().enumerate() {
+            let batch = &m.batch;
             let n = batch.len();
             let n_l = t.batch_size;
+            let n_u = n - n_l;
             let key = DropoutKey { seed: t.seed, step, site: 0, pass: mi as u32, row: 0 };
             let dev = be.upload_batch(batch);
             let [p0, p1] = &mut passes;
@@ -405,67 +425,114 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 &mut p0.dlogits,
                 &mut row_loss,
             );
+            let logits = be.download(&p0.acts.logits);
+            if let Some(tsa) = cfg.loss.tsa.threshold(step, total, classes) {
+                sup -= drop_confident_rows(
+                    &logits,
+                    &batch.labels,
+                    classes,
+                    tsa,
+                    &mut p0.dlogits,
+                    &row_loss,
+                    &mut win,
+                );
+            }
+            // The consistency term: its target, the student rows it covers, their count.
             let mut second_grad = false;
             let mut cons_term = 0.0;
-            if let Some(bank) = &bank {
-                bank.targets(&micro_rows[mi], &mut bank_target, &mut bank_weight);
-                let (target, weight) = (be.upload(&bank_target), be.upload(&bank_weight));
-                let aux = ConsistencyAux { row_weight: Some(&weight), ..Default::default() };
-                let op = ConsistencyOp { scale: w / (n as f64 * accum as f64), ..recipe.op };
+            let (mut bias_buf, mut mult_buf, mut weight_buf) = (None, None, None);
+            let mut threshold = recipe.op.threshold;
+            let target: Option<(&Vec<f32>, usize, usize)> = match recipe.target {
+                TargetSource::None => None,
+                TargetSource::Bank => {
+                    let bank = bank.as_ref().expect("a bank for temporal ensembling");
+                    bank.targets(&m.rows, &mut bank_target, &mut bank_weight);
+                    weight_buf = Some(be.upload(&bank_weight));
+                    Some((&bank_target, 0, n))
+                }
+                TargetSource::SecondPass { grad } => {
+                    let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
+                    model.forward(&be, &params, &dev, n, Some(key1), &mut p1.acts);
+                    second_grad = grad;
+                    if recipe.ce_both_passes {
+                        sup += be.softmax_loss(
+                            &p1.acts.logits,
+                            classes,
+                            &dev,
+                            kind,
+                            ce_scale,
+                            &mut p1.dlogits,
+                            &mut row_loss,
+                        );
+                    } else if grad {
+                        p1.dlogits = be.zeros(n * classes);
+                    }
+                    Some((&p1.acts.logits, 0, n))
+                }
+                TargetSource::Teacher => {
+                    let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
+                    let tch = teacher.as_ref().expect("a teacher for mean_teacher");
+                    model.forward(&be, &tch.params, &dev, n, Some(key1), &mut p1.acts);
+                    Some((&p1.acts.logits, 0, n))
+                }
+                TargetSource::WeakView => {
+                    let weak = m.weak.as_ref().expect("a weak view for uda/fixmatch");
+                    let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
+                    model.forward(&be, &params, &be.upload_batch(weak), n_u, Some(key1), &mut p1.acts);
+                    if let Some(st) = &mut stabiliser {
+                        let mut probs = be.zeros(0);
+                        be.softmax(&p1.acts.logits, classes, &mut probs);
+                        let prepared = st.prepare(&be.download(&probs));
+                        bias_buf = prepared.bias.map(|b| be.upload(&b));
+                        mult_buf = prepared.class_threshold.map(|m| be.upload(&m));
+                        threshold = prepared.threshold;
+                    }
+                    Some((&p1.acts.logits, n_l, n_u))
+                }
+            };
+            if let Some((target, s_row0, rows)) = target {
+                let aux = ConsistencyAux {
+                    bias: bias_buf.as_ref(),
+                    class_threshold: mult_buf.as_ref(),
+                    row_weight: weight_buf.as_ref(),
+                };
+                let op = ConsistencyOp { scale: w / (rows as f64 * accum as f64), threshold, ..recipe.op };
                 let out = be.consistency(
                     &op,
                     &p0.acts.logits,
-                    0,
-                    &target,
-                    n,
+                    s_row0,
+                    target,
+                    rows,
                     classes,
                     &aux,
-                    &mut p0.dlogits,
-                    None,
-                    &mut cons_rows,
-                );
-                cons_term = w * out.loss_sum / n as f64;
-                win.cons_sum += out.loss_sum;
-                win.cons_rows += n as u64;
-                win.passed += out.passed as u64;
-                let mut probs = be.zeros(0);
-                be.softmax(&p0.acts.logits, classes, &mut probs);
-                bank_writes.push((mi, be.download(&probs)));
-            } else if recipe.target != TargetSource::None {
-                let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
-                let target_params = teacher.as_ref().map_or(&params, |tch| &tch.params);
-                model.forward(&be, target_params, &dev, n, Some(key1), &mut p1.acts);
-                second_grad = matches!(recipe.target, TargetSource::SecondPass { grad: true });
-                if recipe.ce_both_passes {
-                    sup += be.softmax_loss(
-                        &p1.acts.logits,
-                        classes,
-                        &dev,
-                        kind,
-                        ce_scale,
-                        &mut p1.dlogits,
-                        &mut row_loss,
-                    );
-                } else if second_grad {
-                    p1.dlogits = be.zeros(n * classes);
-                }
-                let op = ConsistencyOp { scale: w / (n as f64 * accum as f64), ..recipe.op };
-                let out = be.consistency(
-                    &op,
-                    &p0.acts.logits,
-                    0,
-                    &p1.acts.logits,
-                    n,
-                    classes,
-                    &ConsistencyAux::default(),
                     &mut p0.dlogits,
                     second_grad.then_some(&mut p1.dlogits),
                     &mut cons_rows,
                 );
-                cons_term = w * out.loss_sum / n as f64;
+                cons_term = w * out.loss_sum / rows as f64;
                 win.cons_sum += out.loss_sum;
-                win.cons_rows += n as u64;
+                win.cons_rows += rows as u64;
                 win.passed += out.passed as u64;
+                // The unlabeled rows are the op's last n_u: their confidence and label.
+                let stats = be.download(&cons_rows);
+                let (conf, label) = (&stats[2 * rows - n_u..2 * rows], &stats[3 * rows - n_u..]);
+                // A row passed where its weight is nonzero and its confidence reaches its
+                // class's threshold: the op's own test, in the same f32 arithmetic.
+                let mult = mult_buf.as_ref().map(|b| be.download(b));
+                let passed = |i: usize| {
+                    let weight_ok = weight_buf.is_none() || bank_weight[rows - n_u + i] != 0.0;
+                    let tau = threshold as f32 * mult.as_ref().map_or(1.0, |m| m[label[i] as usize]);
+                    weight_ok && conf[i] >= tau
+                };
+                pseudo_label_diagnostics(&mut win, &m.hidden, label, passed);
+                if let Some(st) = &mut stabiliser {
+                    st.record(&m.rows[n_l..], conf, label);
+                }
+            }
+            if recipe.target == TargetSource::Bank {
+                let mut probs = be.zeros(0);
+                be.softmax(&p0.acts.logits, classes, &mut probs);
+                bank_writes.push((mi, be.download(&probs)));
             }
             let sup_mean = sup * halves / n_l as f64;
             let total_loss = sup_mean + cons_term;
@@ -483,7 +550,6 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             win.sup_sum += sup * halves;
             win.docs += n_l as u64;
             win.tokens += batch.ids.len() as u64;
-            let logits = be.download(&p0.acts.logits);
             for (i, row) in logits.chunks(classes).enumerate().take(n_l) {
                 let pred = row.iter().enumerate().fold(0, |b, (c, &v)| if v > row[b] { c } else { b });
                 win.correct += u64::from(batch.labels[i] == pred as i32);
@@ -503,13 +569,15 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         let norm = opt.step(&be, &model.layout, model.table, &mut params, &mut grads, table_grad, lr);
         if let Some(bank) = &mut bank {
             for (mi, probs) in &bank_writes {
-                bank.update(&micro_rows[*mi], probs);
+                bank.update(&micro[*mi].rows, probs);
             }
         }
         if let (Some(tch), Some(rows)) = (&mut teacher, &touched) {
             last_alpha = Some(tch.update(&be, &params, len, step + 1, rows));
         }
-        step_secs += step_start.elapsed().as_secs_f64();
+        let this_step = step_start.elapsed().as_secs_f64();
+        step_secs += this_step;
+        (win_step_secs, win_step_count) = (win_step_secs + this_step, win_step_count + 1);
         step += 1;
         bar.set_position(step);
 
@@ -521,7 +589,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             let mut rec = json!({
                 "step": step, "epoch": step as f64 / steps_per_epoch as f64, "lr": lr, "loss": loss,
                 "loss_supervised": win.sup_sum / win.docs.max(1) as f64,
-                "train_accuracy": acc, "grad_norm": norm, "tokens_per_s": tps, "docs_per_s": (win.docs as f64 + (win.docs * recipe.unlabeled_ratio as u64) as f64) / secs,
+                "train_accuracy": acc, "grad_norm": norm, "tokens_per_s": tps,
+                "step_ms": 1e3 * win_step_secs / win_step_count.max(1) as f64, "docs_per_s": (win.docs as f64 + (win.docs * recipe.unlabeled_ratio as u64) as f64) / secs,
             });
             if recipe.target != TargetSource::None {
                 rec["loss_consistency"] = json!(win.cons_sum / win.cons_rows.max(1) as f64);
@@ -531,6 +600,22 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             if let Some(a) = last_alpha {
                 rec["teacher_alpha"] = json!(a);
             }
+            if win.pl_rows > 0 {
+                // Diagnostics against the hidden labels of the unlabeled rows.
+                rec["pseudo_label_accuracy"] = json!(win.pl_correct as f64 / win.pl_rows as f64);
+                if win.pl_passed > 0 {
+                    rec["pseudo_label_accuracy_masked"] =
+                        json!(win.pl_passed_correct as f64 / win.pl_passed as f64);
+                }
+            }
+            if win.tsa_rows > 0 {
+                rec["tsa_dropped"] = json!(win.tsa_dropped as f64 / win.tsa_rows as f64);
+            }
+            if let Some(st) = &stabiliser {
+                if recipe.adaptive_threshold == AdaptiveThreshold::Freematch {
+                    rec["freematch_tau"] = json!(st.state.free_tau);
+                }
+            }
             if down_steps > 0 {
                 rec["beta1"] = json!(opt.cfg.beta1);
             }
@@ -539,6 +624,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             total_tokens += win.tokens;
             win = LogWindow::default();
             win_start = Instant::now();
+            (win_step_secs, win_step_count) = (0.0, 0);
         }
         let checkpoint_due = step % ckpt_every == 0 || step == total || opts.stop_after == Some(step);
         let eval_due = step % eval_every == 0 || step == total;
@@ -575,6 +661,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 cursors: loader.cursors().to_vec(),
                 unlabeled_cursors: uloader.as_ref().map_or(Vec::new(), |u| u.cursors().to_vec()),
                 teacher_log: teacher.as_ref().map_or(0.0, |tch| tch.log_now()),
+                stabiliser: stabiliser.as_ref().map_or_else(Default::default, |s| s.state.clone()),
                 plateau,
                 config_hash,
                 data_checksum: manifest.checksum.clone(),
@@ -709,9 +796,106 @@ impl<B: Backend> TableAcc<B> {
 }
 
 /// The sorted, unique table rows the batches read.
-fn touched_rows(batches: &[HostBatch]) -> Vec<u32> {
-    let mut rows: Vec<u32> = batches.iter().flat_map(|b| b.ids.iter().copied()).collect();
+fn touched_rows<'a>(batches: impl Iterator<Item = &'a HostBatch>) -> Vec<u32> {
+    let mut rows: Vec<u32> = batches.flat_map(|b| b.ids.iter().copied()).collect();
     rows.sort_unstable();
     rows.dedup();
     rows
+}
+
+/// One micro-batch: the student's view (labeled rows, then unlabeled rows, strongly
+/// augmented for UDA and FixMatch), the weak view of the unlabeled rows where one is
+/// needed, every row's sample id, and the unlabeled rows' hidden labels (diagnostics).
+struct Micro {
+    batch: HostBatch,
+    weak: Option<HostBatch>,
+    rows: Vec<RowId>,
+    hidden: Vec<i32>,
+}
+
+/// What the strong view needs: the augmentation, the seed, the bucket count.
+struct StrongView {
+    cfg: crate::data::augment::AugmentConfig,
+    seed: u64,
+    buckets: u32,
+}
+
+fn next_micro(
+    ds: &Dataset,
+    loader: &mut Loader,
+    uloader: Option<&mut Loader>,
+    strong: Option<&StrongView>,
+) -> Result<Micro> {
+    let mut batch = loader.next_batch(ds)?;
+    let mut rows = loader.last_rows().to_vec();
+    let (mut weak, mut hidden) = (None, Vec::new());
+    if let Some(u) = uloader {
+        let ub = u.next_batch(ds)?;
+        hidden = u.last_hidden_labels().to_vec();
+        match strong {
+            Some(sv) => {
+                let mut view = Vec::new();
+                for (i, (&id, &epoch)) in u.last_rows().iter().zip(u.last_epochs()).enumerate() {
+                    let ids = &ub.ids[ub.offsets[i] as usize..ub.offsets[i + 1] as usize];
+                    let key = crate::data::augment::sample_key(sv.seed, epoch, id);
+                    crate::data::augment::strong(ids, sv.buckets, &sv.cfg, key, &mut view);
+                    batch.push(&view, -1);
+                }
+                weak = Some(ub);
+            }
+            None => batch.extend(&ub),
+        }
+        rows.extend_from_slice(u.last_rows());
+    }
+    Ok(Micro { batch, weak, rows, hidden })
+}
+
+/// Training-signal annealing (METHODS.md §1): drops the labeled rows whose p_y exceeds
+/// `eta` from the supervised loss (their gradient rows are zeroed; they still count in the
+/// mean's denominator). Returns the loss removed.
+fn drop_confident_rows(
+    logits: &[f32],
+    labels: &[i32],
+    classes: usize,
+    eta: f64,
+    dlogits: &mut [f32],
+    row_loss: &[f32],
+    win: &mut LogWindow,
+) -> f64 {
+    let mut removed = 0.0;
+    for (i, z) in logits.chunks(classes).enumerate() {
+        let Ok(y) = usize::try_from(labels[i]) else { continue };
+        let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let s: f64 = z.iter().map(|&v| f64::from(v - m).exp()).sum();
+        let p_y = f64::from(z[y] - m).exp() / s;
+        win.tsa_rows += 1;
+        if p_y > eta {
+            dlogits[i * classes..(i + 1) * classes].iter_mut().for_each(|g| *g = 0.0);
+            removed += f64::from(row_loss[i]);
+            win.tsa_dropped += 1;
+        }
+    }
+    removed
+}
+
+/// Pseudo-label accuracy against the hidden labels (diagnostics only): of every unlabeled
+/// row with a known label, and of those that passed the mask.
+fn pseudo_label_diagnostics(
+    win: &mut LogWindow,
+    hidden: &[i32],
+    label: &[f32],
+    passed: impl Fn(usize) -> bool,
+) {
+    for (i, (&h, &l)) in hidden.iter().zip(label).enumerate() {
+        if h < 0 {
+            continue;
+        }
+        let right = u64::from(h == l as i32);
+        win.pl_rows += 1;
+        win.pl_correct += right;
+        if passed(i) {
+            win.pl_passed += 1;
+            win.pl_passed_correct += right;
+        }
+    }
 }
