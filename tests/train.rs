@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use dtrain::config::{self, Override, TrainConfig};
 use dtrain::train::{train, Resume, RunOptions};
 
-/// A data set where each class has its own words plus shared noise words.
-fn separable(dir: &Path) -> PathBuf {
+/// A data set where each class has its own words plus shared noise words, prepared with
+/// `extra` settings.
+fn separable_with(dir: &Path, extra: &[&str]) -> PathBuf {
     let mut tsv = String::new();
     let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
     for j in 0..60 {
@@ -19,24 +20,18 @@ fn separable(dir: &Path) -> PathBuf {
     }
     let f = common::write(dir, "sep.tsv", tsv.as_bytes());
     let out = dir.join("data");
-    common::run(&[&f], &[], &out, &["output.shards=2", "tokenizer.buckets=4096"]).unwrap();
+    common::run(&[&f], &[], &out, &[&["output.shards=2", "tokenizer.buckets=4096"], extra].concat()).unwrap();
     out
+}
+
+/// The separable data, every document labeled.
+fn separable(dir: &Path) -> PathBuf {
+    separable_with(dir, &[])
 }
 
 /// The separable data with 6 labels per class kept and the rest of the pool unlabeled.
 fn semi_supervised(dir: &Path) -> PathBuf {
-    let mut tsv = String::new();
-    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
-    for j in 0..60 {
-        for (c, w) in words.iter().enumerate() {
-            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
-        }
-    }
-    let f = common::write(dir, "sep.tsv", tsv.as_bytes());
-    let out = dir.join("data");
-    common::run(&[&f], &[], &out, &["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=6"])
-        .unwrap();
-    out
+    separable_with(dir, &["split.labels_per_class=6"])
 }
 
 fn cfg(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {

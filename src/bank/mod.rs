@@ -304,14 +304,16 @@ pub fn file_name(split: SplitKind, shard: u32) -> String {
     format!("{}-{shard:05}.bank", split.name())
 }
 
-fn expected_headers(
-    ds: &Dataset,
-    splits: &[SplitKind],
-    owned: &[usize],
-    classes: usize,
-    storage: Storage,
-    alpha: f64,
-) -> Vec<Header> {
+/// A run's bank settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BankSettings {
+    pub classes: usize,
+    pub storage: Storage,
+    pub alpha: f64,
+}
+
+fn expected_headers(ds: &Dataset, splits: &[SplitKind], owned: &[usize], s: BankSettings) -> Vec<Header> {
+    let BankSettings { classes, storage, alpha } = s;
     let mut out = Vec::new();
     for &split in splits {
         let shards = ds.shards(split);
@@ -342,17 +344,10 @@ impl Bank {
         ds: &Dataset,
         splits: &[SplitKind],
         owned: &[usize],
-        classes: usize,
-        storage: Storage,
-        alpha: f64,
+        s: BankSettings,
     ) -> Result<Bank> {
         std::fs::create_dir_all(dir).at(dir)?;
-        let mut files = Vec::new();
-        for h in expected_headers(ds, splits, owned, classes, storage, alpha) {
-            let path = dir.join(file_name(h.split, h.shard));
-            files.push((h.split, h.shard, BankFile::create(&path, h)?));
-        }
-        Ok(Bank { alpha, classes, files })
+        Bank::with_files(dir, ds, splits, owned, s, BankFile::create)
     }
 
     /// Opens the live bank in `dir` (after [`restore`]), checking every file against the
@@ -362,16 +357,25 @@ impl Bank {
         ds: &Dataset,
         splits: &[SplitKind],
         owned: &[usize],
-        classes: usize,
-        storage: Storage,
-        alpha: f64,
+        s: BankSettings,
+    ) -> Result<Bank> {
+        Bank::with_files(dir, ds, splits, owned, s, |path, h| BankFile::open(path, &h))
+    }
+
+    fn with_files(
+        dir: &Path,
+        ds: &Dataset,
+        splits: &[SplitKind],
+        owned: &[usize],
+        s: BankSettings,
+        file: impl Fn(&Path, Header) -> Result<BankFile>,
     ) -> Result<Bank> {
         let mut files = Vec::new();
-        for h in expected_headers(ds, splits, owned, classes, storage, alpha) {
+        for h in expected_headers(ds, splits, owned, s) {
             let path = dir.join(file_name(h.split, h.shard));
-            files.push((h.split, h.shard, BankFile::open(&path, &h)?));
+            files.push((h.split, h.shard, file(&path, h)?));
         }
-        Ok(Bank { alpha, classes, files })
+        Ok(Bank { alpha: s.alpha, classes: s.classes, files })
     }
 
     fn file(&self, id: RowId) -> &BankFile {

@@ -21,7 +21,7 @@ use crate::algo::teacher::Teacher;
 use crate::algo::{Method, TargetSource};
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, SparseRows};
-use crate::bank::{Bank, RowId};
+use crate::bank::{Bank, BankSettings, RowId};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
 use crate::data::dataset::Dataset;
@@ -255,13 +255,14 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             return Ok(None);
         }
         let owned: Vec<usize> = (0..p).collect();
-        let (storage, alpha) = (cfg.temporal.storage, cfg.temporal.alpha);
+        let settings =
+            BankSettings { classes: classes_n, storage: cfg.temporal.storage, alpha: cfg.temporal.alpha };
         Ok(Some(match restore_from {
             Some(ckpt) => {
                 crate::bank::restore(&ckpt.join(crate::bank::DIR), &bank_dir)?;
-                Bank::open(&bank_dir, &ds, &bank_splits, &owned, classes_n, storage, alpha)?
+                Bank::open(&bank_dir, &ds, &bank_splits, &owned, settings)?
             }
-            None => Bank::create(&bank_dir, &ds, &bank_splits, &owned, classes_n, storage, alpha)?,
+            None => Bank::create(&bank_dir, &ds, &bank_splits, &owned, settings)?,
         }))
     };
     if let Some(dir) = &resume_from {
