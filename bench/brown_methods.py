@@ -35,6 +35,9 @@ GRID = {
             "consistency.distribution_alignment": ["false", "true"]},
     "fixmatch": {"consistency.weight": [0.1, 0.3, 1.0], "consistency.threshold": [0.95, 0.8],
                  "consistency.adaptive_threshold": ['"fixed"', '"freematch"']},
+    # The teacher is the chosen supervised run of the same seed (see teacher_logits).
+    "noisy_student": {"consistency.weight": [0.3, 1.0, 3.0], "consistency.kind": ['"kl"', '"ce_hard"'],
+                      "unlabeled.ratio": [1, 3]},
 }
 # Unscaled weights in the grid: w_max is what the grid says.
 FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
@@ -45,18 +48,39 @@ FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
 CONFIG = {"supervised": "configs/brown/supervised.toml", "pi": "configs/brown/pi.toml",
           "mean_teacher": "configs/brown/mean_teacher.toml", "rdrop": "configs/brown/rdrop.toml",
           "temporal": "configs/brown/temporal.toml", "uda": "configs/brown/uda.toml",
-          "fixmatch": "configs/brown/fixmatch.toml"}
+          "fixmatch": "configs/brown/fixmatch.toml", "noisy_student": "configs/brown/noisy_student.toml"}
 
 
 def data_dir(root, seed):
     return os.path.join(root, f"seed{seed}", "pool", "data")
 
 
+def teacher_logits(dt, root, out_root, seed, supervised_sets):
+    """Noisy Student's teacher for a seed: the supervised run with the chosen settings,
+    its logits of the unlabeled split exported once."""
+    path = os.path.join(out_root, "teachers", f"seed{seed}.logits")
+    if not os.path.exists(path):
+        out = os.path.join(out_root, "teachers", f"seed{seed}")
+        subprocess.run(["rm", "-rf", out], check=True)
+        args = [dt, "--quiet", "train", "--config", CONFIG["supervised"], "--set", f'data.dir="{data_dir(root, seed)}"',
+                "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}"]
+        for s in supervised_sets:
+            args += ["--set", s]
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+        ckpt = sorted(os.listdir(os.path.join(out, "checkpoints")))[-1]
+        subprocess.run([dt, "export-logits", "--checkpoint", os.path.join(out, "checkpoints", ckpt), "--data",
+                        data_dir(root, seed), "--split", "unlabeled", "--out", path], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["rm", "-rf", os.path.join(out, "checkpoints")], check=True)
+    return path
+
+
 def train(dt, method, data, out, seed, sets):
     args = [dt, "--quiet", "train", "--config", CONFIG[method], "--set", f'data.dir="{data}"',
             "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}",
             "--set", "train.keep_checkpoints=1"]
-    for s in FIXED.get(method, []) + sets:
+    fixed = FIXED.get(method, [])
+    for s in (fixed(seed) if callable(fixed) else fixed) + sets:
         args += ["--set", s]
     subprocess.run(["rm", "-rf", out], check=True)
     t0 = time.time()
@@ -100,6 +124,10 @@ def main():
             result.setdefault(k, {}).update({m: v for m, v in old.get(k, {}).items() if m not in a.methods})
     for method in a.methods:
         keys = list(GRID[method])
+        if method == "noisy_student":
+            sup = result["chosen"]["supervised"]
+            FIXED["noisy_student"] = lambda seed: [
+                f'noisy_student.logits="{teacher_logits(a.dtrain, a.data_root, a.out, seed, sup)}"']
         best = None
         for values in itertools.product(*(GRID[method][k] for k in keys)):
             sets = [f"{k}={v}" for k, v in zip(keys, values)]

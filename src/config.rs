@@ -254,7 +254,8 @@ impl Validate for PrepareConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// The training method: `supervised`, `pi`, `temporal`, `mean_teacher` or `rdrop`.
+    /// The training method: `supervised`, `pi`, `temporal`, `mean_teacher`, `rdrop`, `uda`,
+    /// `fixmatch` or `noisy_student`.
     pub method: crate::algo::Method,
     pub data: DataConfig,
     pub model: ModelConfig,
@@ -268,6 +269,7 @@ pub struct TrainConfig {
     pub mean_teacher: crate::algo::MeanTeacherConfig,
     pub temporal: crate::algo::TemporalConfig,
     pub augment: crate::data::augment::AugmentConfig,
+    pub noisy_student: crate::algo::NoisyStudentConfig,
 }
 
 impl TrainConfig {
@@ -284,6 +286,7 @@ impl TrainConfig {
             pi: &self.pi,
             mean_teacher: &self.mean_teacher,
             temporal: &self.temporal,
+            noisy_student: &self.noisy_student,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod hostmem;
+pub mod logits;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -58,6 +58,9 @@ enum Command {
     /// Classify raw text (txt/tsv/jsonl, .gz too) with one or more checkpoints: one JSON
     /// line per document with label, confidence and top-k probabilities.
     Predict(PredictArgs),
+    /// Write a checkpoint's logits for every sample of a prepared split (the targets of
+    /// method = "noisy_student"), and optionally its pseudo-labels with confidences as JSONL.
+    ExportLogits(ExportArgs),
     /// Draw training curves (loss and accuracy) from a metrics.jsonl into a PNG.
     Plot {
         /// The metrics.jsonl of a run.
@@ -322,6 +325,32 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct ExportArgs {
+    /// A checkpoint directory (or its model.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Use the checkpoint's Mean Teacher (teacher.safetensors).
+    #[arg(long)]
+    teacher: bool,
+    /// The data set directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// The split: train, val, test or unlabeled.
+    #[arg(long, default_value = "unlabeled")]
+    split: String,
+    /// The logits file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write one JSON line per sample: sample_id, split, shard, row, label,
+    /// confidence.
+    #[arg(long)]
+    pseudo_labels: Option<PathBuf>,
+    /// Documents per batch.
+    #[arg(long, default_value_t = 4096)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
 struct PredictArgs {
     /// Checkpoint directory (repeat to average several models' probabilities).
     #[arg(long, required = true)]
@@ -487,6 +516,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.to_text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ExportLogits(a) => {
+            let split = SplitKind::from_name(&a.split)
+                .with_context(|| format!("--split {}: expected train, val, test or unlabeled", a.split))?;
+            if a.batch_size < 1 {
+                bail!("--batch-size must be at least 1");
+            }
+            let (meta, model, params) = dtrain::checkpoint::load_weights(&a.checkpoint, a.teacher)?;
+            let ds = Dataset::open(&a.data)?;
+            if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
+                bail!(
+                    "{}: the data set's labels or tokenizer differ from the checkpoint's; prepare it with the same options",
+                    a.data.display()
+                );
+            }
+            let r = dtrain::logits::export(
+                &model,
+                &params,
+                &ds,
+                split,
+                &a.out,
+                a.pseudo_labels.as_deref(),
+                a.batch_size,
+            )?;
+            println!("wrote the logits of {} samples of `{}` to {}", r.rows, split.name(), a.out.display());
+            if let Some(p) = &a.pseudo_labels {
+                println!("pseudo-labels: {}", p.display());
+            }
+            if r.known > 0 {
+                println!(
+                    "against the {} known labels (hidden labels of a simulated split; a diagnostic): accuracy {:.4}",
+                    r.known,
+                    r.correct as f64 / r.known as f64
+                );
+                for (t, n, right) in &r.by_confidence {
+                    println!(
+                        "  confidence ≥ {t:.2}: {n} samples ({:.1}%), accuracy {}",
+                        100.0 * *n as f64 / r.known as f64,
+                        if *n > 0 { format!("{:.4}", *right as f64 / *n as f64) } else { "-".into() }
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -30,6 +30,7 @@ fn every_command_has_help() {
         &["train", "--help"],
         &["eval", "--help"],
         &["predict", "--help"],
+        &["export-logits", "--help"],
         &["plot", "--help"],
     ] {
         let o = dtrain(cmd);
@@ -208,6 +209,7 @@ fn train_example_config_documents_every_field() {
     full.train.steps = Some(1);
     full.unlabeled.ratio = Some(1);
     full.mean_teacher.alpha_late = Some(0.999);
+    full.noisy_student.logits = Some("x".into());
     let c = &mut full.consistency;
     c.kind = Some(dtrain::algo::consistency::ConsistencyKind::Mse);
     (c.weight, c.scale_by_labeled_ratio, c.temperature) = (Some(1.0), Some(true), Some(1.0));

@@ -700,3 +700,90 @@ fn mc_dropout_does_not_depend_on_the_batch_size() {
         .collect();
     assert!(confidences.len() > 1, "each document gets its own masks");
 }
+
+/// `export-logits` writes exactly the model's logits for every unlabeled sample; the file
+/// refuses damage and other data; Noisy Student trains on it and resumes bit for bit.
+#[test]
+fn export_logits_and_noisy_student() {
+    use dtrain::data::loader::RowId;
+    use dtrain::data::shard::SplitKind;
+    use dtrain::logits::LogitsFile;
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    let teacher =
+        run(&cfg(&data, &dir.path().join("teacher"), &["train.steps=12"]), Resume::No, None).unwrap();
+    let (_, model, params) = dtrain::checkpoint::load_model(&teacher.final_checkpoint).unwrap();
+    let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
+    let file = dir.path().join("teacher.logits");
+    let jsonl = dir.path().join("pseudo.jsonl");
+    let r =
+        dtrain::logits::export(&model, &params, &ds, SplitKind::Unlabeled, &file, Some(&jsonl), 7).unwrap();
+    let n_unlabeled = ds.manifest().splits["unlabeled"].docs;
+    assert_eq!(r.rows, n_unlabeled);
+    assert_eq!(r.known, n_unlabeled, "every unlabeled sample of a simulated split has a hidden label");
+    let lines = std::fs::read_to_string(&jsonl).unwrap();
+    assert_eq!(lines.lines().count() as u64, n_unlabeled);
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for key in ["sample_id", "label", "confidence", "shard", "row"] {
+        assert!(first.get(key).is_some(), "a pseudo-label line lacks {key}");
+    }
+    // Every row equals a fresh forward pass over that document.
+    let f = LogitsFile::open(&file).unwrap();
+    f.check_matches(&ds, SplitKind::Unlabeled).unwrap();
+    let be = dtrain::backend::cpu::Cpu::<f32>::new();
+    for (s, shard) in ds.shards(SplitKind::Unlabeled).iter().enumerate() {
+        for i in 0..shard.len() {
+            let mut b = dtrain::backend::HostBatch::default();
+            b.push(shard.doc(i).ids, -1);
+            let mut acts = dtrain::model::bag::Activations::new(&be, &model);
+            use dtrain::backend::Backend;
+            model.forward(&be, &params, &be.upload_batch(&b), 1, None, &mut acts);
+            let id = RowId { split: SplitKind::Unlabeled, shard: s as u32, row: i as u32 };
+            assert_eq!(f.row(id), &acts.logits[..], "shard {s} row {i}");
+        }
+    }
+    assert!(f.check_matches(&ds, SplitKind::Train).unwrap_err().to_string().contains("split `unlabeled`"));
+    std::fs::create_dir(dir.path().join("o")).unwrap();
+    let other = separable_with(&dir.path().join("o"), &["split.labels_per_class=5"]);
+    let e = f
+        .check_matches(&dtrain::data::dataset::Dataset::open(&other).unwrap(), SplitKind::Unlabeled)
+        .unwrap_err();
+    assert!(e.to_string().contains("another data set"), "{e}");
+    let bytes = std::fs::read(&file).unwrap();
+    let damaged = dir.path().join("damaged.logits");
+    let mut b = bytes.clone();
+    let last = b.len() - 3;
+    b[last] ^= 0x40;
+    std::fs::write(&damaged, &b).unwrap();
+    let e = LogitsFile::open(&damaged).err().unwrap().to_string();
+    assert!(e.contains("damaged.logits") && e.contains("do not match their checksum"), "{e}");
+    std::fs::write(&damaged, &bytes[..bytes.len() - 4]).unwrap();
+    assert!(LogitsFile::open(&damaged).err().unwrap().to_string().contains("truncated"));
+    // Noisy Student on those targets: it learns the task, and resumes exactly.
+    let logits_set = format!("noisy_student.logits={:?}", file.display().to_string());
+    let ns = [
+        "method=\"noisy_student\"",
+        "model.embed_dropout=0.2",
+        "train.steps=24",
+        "train.log_every=3",
+        "train.eval_every=4",
+        &logits_set,
+    ];
+    let straight = run(&cfg(&data, &dir.path().join("ns"), &ns), Resume::No, None).unwrap();
+    assert!(straight.test.unwrap().accuracy > 0.6);
+    let c = cfg(&data, &dir.path().join("ns2"), &ns);
+    run(&c, Resume::No, Some(11)).unwrap();
+    let resumed = run(&c, Resume::Auto, None).unwrap();
+    assert!(
+        read(&straight.final_checkpoint, "model.safetensors")
+            == read(&resumed.final_checkpoint, "model.safetensors")
+    );
+    assert_eq!(loss_curve(&dir.path().join("ns")), loss_curve(&dir.path().join("ns2")));
+    // Without the file, the config names the field.
+    let o: Vec<Override> = ["data.dir=\"x\"", "train.out_dir=\"y\"", "method=\"noisy_student\""]
+        .iter()
+        .map(|s| Override::parse(s).unwrap())
+        .collect();
+    let e = config::load::<TrainConfig>(None, &o).unwrap_err().to_string();
+    assert!(e.contains("noisy_student.logits"), "{e}");
+}

@@ -13,6 +13,7 @@
 //! | `temporal` | the sample's bias-corrected moving average in the bank (`bank`) | never |
 //! | `mean_teacher` | a noisy pass of the EMA teacher ([`teacher`]) | never |
 //! | `rdrop` | a second noisy pass of the student, `sym_kl`, CE on both passes | always |
+//! | `noisy_student` | a teacher's logits exported by `dtrain export-logits` (`logits`); the student's unlabeled rows are the strong view | never |
 //! | `uda`, `fixmatch` | the student's pass over the weak view of the unlabeled rows; the student's own unlabeled rows are the strong view (`data::augment`) | never |
 //!
 //! UDA and FixMatch take the stabilisers of §10b ([`stabilise`]): distribution alignment
@@ -48,6 +49,9 @@ pub enum Method {
     Uda,
     /// FixMatch (§10): cross-entropy to the weak view's confident argmax.
     Fixmatch,
+    /// Noisy Student (§11): a fixed teacher's exported logits as targets, noise on the
+    /// student.
+    NoisyStudent,
 }
 
 impl Method {
@@ -61,6 +65,7 @@ impl Method {
             Method::Rdrop => "rdrop",
             Method::Uda => "uda",
             Method::Fixmatch => "fixmatch",
+            Method::NoisyStudent => "noisy_student",
         }
     }
 }
@@ -70,8 +75,8 @@ impl Method {
 #[serde(deny_unknown_fields, default)]
 pub struct UnlabeledConfig {
     /// μ = B_u / B_l: unlabeled rows per labeled row in a step. Unset: the method's
-    /// default (1 for `pi`, `temporal` and `mean_teacher`, 7 for `uda` and `fixmatch`, 0
-    /// for `rdrop` and `supervised`).
+    /// default (1 for `pi`, `temporal` and `mean_teacher`, 3 for `noisy_student`, 7 for
+    /// `uda` and `fixmatch`, 0 for `rdrop` and `supervised`).
     pub ratio: Option<u32>,
 }
 
@@ -178,6 +183,15 @@ impl Default for TemporalConfig {
     }
 }
 
+/// `[noisy_student]`: the teacher's exported logits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoisyStudentConfig {
+    /// The file `dtrain export-logits --split unlabeled` wrote for this data set. Soft
+    /// targets with `consistency.kind = "kl"` (the default), hard with `"ce_hard"`.
+    pub logits: Option<std::path::PathBuf>,
+}
+
 /// Where the consistency target comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetSource {
@@ -192,6 +206,9 @@ pub enum TargetSource {
     /// The student's pass over the weak view of the unlabeled rows (UDA, FixMatch); the
     /// student's own pass sees their strong view.
     WeakView,
+    /// An exported logits file (Noisy Student); the student's unlabeled rows are the
+    /// strong view.
+    File,
 }
 
 /// A method resolved against its defaults: what the generic step does.
@@ -231,6 +248,7 @@ pub struct MethodKnobs<'a> {
     pub pi: &'a PiConfig,
     pub mean_teacher: &'a MeanTeacherConfig,
     pub temporal: &'a TemporalConfig,
+    pub noisy_student: &'a NoisyStudentConfig,
 }
 
 impl Recipe {
@@ -254,6 +272,7 @@ impl Recipe {
             Method::Temporal => (ConsistencyKind::Mse, 100.0, true, 5.0, 1, TargetSource::Bank),
             Method::Uda => (ConsistencyKind::Kl, 1.0, false, 0.0, 7, TargetSource::WeakView),
             Method::Fixmatch => (ConsistencyKind::CeHard, 1.0, false, 0.0, 7, TargetSource::WeakView),
+            Method::NoisyStudent => (ConsistencyKind::Kl, 1.0, false, 0.0, 3, TargetSource::File),
             Method::Rdrop => {
                 (ConsistencyKind::SymKl, 1.0, false, 0.0, 0, TargetSource::SecondPass { grad: true })
             }
@@ -306,7 +325,15 @@ impl Recipe {
         if c.adaptive_threshold != stabilise::AdaptiveThreshold::Fixed && op.threshold == 0.0 {
             return bad("consistency.threshold", "an adaptive threshold scales τ, which is 0 here".into());
         }
-        if target == TargetSource::WeakView && unlabeled_ratio_of(k, ratio) == 0 {
+        if m == Method::NoisyStudent && k.noisy_student.logits.is_none() {
+            return bad(
+                "noisy_student.logits",
+                "is required: the teacher's logits of the unlabeled split, from `dtrain export-logits`"
+                    .into(),
+            );
+        }
+        if matches!(target, TargetSource::WeakView | TargetSource::File) && unlabeled_ratio_of(k, ratio) == 0
+        {
             return bad("unlabeled.ratio", format!("{} needs unlabeled rows (ratio ≥ 1)", m.name()));
         }
         let weight = c.weight.unwrap_or(weight);

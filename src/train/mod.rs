@@ -28,6 +28,7 @@ use crate::data::dataset::Dataset;
 use crate::data::loader::Loader;
 use crate::data::shard::SplitKind;
 use crate::error::{Error, IoContext, Result};
+use crate::logits::LogitsFile;
 use crate::model::bag::{Activations, BagModel, BagSpec};
 use crate::optim::schedule::Plateau;
 use crate::optim::{Optimizer, TableGrad};
@@ -316,11 +317,16 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     }
     std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
     let mut bank = open_bank(resume_from.as_deref())?;
-    let strong_view = (recipe.target == TargetSource::WeakView).then(|| StrongView {
-        cfg: cfg.augment.clone(),
-        seed: t.seed,
-        buckets: manifest.tokenizer.buckets,
-    });
+    let teacher_logits = match (&cfg.noisy_student.logits, recipe.target) {
+        (Some(path), TargetSource::File) => {
+            let f = LogitsFile::open(path)?;
+            f.check_matches(&ds, SplitKind::Unlabeled)?;
+            Some(f)
+        }
+        _ => None,
+    };
+    let strong_view = matches!(recipe.target, TargetSource::WeakView | TargetSource::File)
+        .then(|| StrongView { cfg: cfg.augment.clone(), seed: t.seed, buckets: manifest.tokenizer.buckets });
     let mut stabiliser = (recipe.target == TargetSource::WeakView).then(|| {
         let sizes: Vec<usize> = ds.shards(SplitKind::Unlabeled).iter().map(|s| s.len()).collect();
         Stabiliser::new(
@@ -475,6 +481,11 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                     let tch = teacher.as_ref().expect("a teacher for mean_teacher");
                     model.forward(&be, &tch.params, &dev, n, Some(key1), &mut p1.acts);
                     Some((&p1.acts.logits, 0, n))
+                }
+                TargetSource::File => {
+                    let file = teacher_logits.as_ref().expect("a logits file for noisy_student");
+                    file.gather(&m.rows[n_l..], &mut bank_target);
+                    Some((&bank_target, n_l, n_u))
                 }
                 TargetSource::WeakView => {
                     let weak = m.weak.as_ref().expect("a weak view for uda/fixmatch");

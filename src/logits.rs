@@ -1,0 +1,287 @@
+//! Exported logits (METHODS.md §11): `dtrain export-logits` runs a trained model over
+//! every sample of a split and writes one memory-mapped file of their logits, plus, on
+//! request, pseudo-labels with confidences as JSONL; Noisy Student (and reduced MPL) read
+//! the file as targets.
+//!
+//! # File format (little-endian)
+//! ```text
+//!   0  magic "DTLOGIT\0"            8  version u32          12  split u32 (0 train, 1 val, 2 test, 3 unlabeled)
+//!  16  shards P u32                20  classes u32          24  rows u64 (all shards)
+//!  32  the data set's manifest checksum (16 ASCII hex digits)
+//!  48  xxh3_64 of the class names joined by '\n'
+//!  56  body_checksum u64 (xxh3_64 of every byte from 128 on)
+//!  64  header_checksum u64 (xxh3_64 of bytes 0..64)           72..128 zero
+//! 128  rows per shard: P × u64
+//!      logits: rows × classes × f32, shard by shard, each shard's rows in order
+//! ```
+//! The file is written under a temporary name, synced and renamed. Opening checks the
+//! header, the length and the body checksum (one streaming pass), then that the file was
+//! made from this data set, split and label set.
+//!
+//! # Safety
+//! The reader maps the file read-only; as with shards, the mapping is sound only while no
+//! process truncates or rewrites the file, and dtrain only ever replaces it by rename.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::data::dataset::Dataset;
+use crate::data::loader::RowId;
+use crate::data::shard::SplitKind;
+use crate::error::{Error, IoContext, Result};
+use crate::model::bag::BagModel;
+
+/// Magic bytes of a logits file.
+pub const MAGIC: &[u8; 8] = b"DTLOGIT\0";
+/// Version of the logits file format.
+pub const VERSION: u32 = 1;
+const HEADER_LEN: usize = 128;
+
+fn split_code(s: SplitKind) -> u32 {
+    SplitKind::ALL.iter().position(|&x| x == s).expect("a split") as u32
+}
+
+fn labels_hash(labels: &[String]) -> u64 {
+    xxh3_64(labels.join("\n").as_bytes())
+}
+
+/// A logits file, mapped.
+pub struct LogitsFile {
+    path: PathBuf,
+    map: Mmap,
+    pub split: SplitKind,
+    pub classes: usize,
+    /// First row of each shard, and the total at the end.
+    starts: Vec<u64>,
+    pub manifest_checksum: String,
+}
+
+impl LogitsFile {
+    /// Opens and fully checks `path`.
+    pub fn open(path: &Path) -> Result<LogitsFile> {
+        let f = std::fs::File::open(path).at(path)?;
+        // SAFETY: see the module's Safety section.
+        let map = unsafe { Mmap::map(&f) }.at(path)?;
+        let bad = |msg: String| Err(Error::bad_file(path, msg));
+        let b = &map[..];
+        if b.len() < HEADER_LEN || &b[..8] != MAGIC {
+            return bad("not a dtrain logits file (bad magic or too short)".into());
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        if u64_at(64) != xxh3_64(&b[..64]) {
+            return bad("corrupted: the header does not match its checksum".into());
+        }
+        if u32_at(8) != VERSION {
+            return bad(format!("logits format version {}, this dtrain reads {VERSION}", u32_at(8)));
+        }
+        let Some(split) = SplitKind::ALL.into_iter().find(|&s| split_code(s) == u32_at(12)) else {
+            return bad(format!("unknown split code {}", u32_at(12)));
+        };
+        let (shards, classes, rows) = (u32_at(16) as usize, u32_at(20) as usize, u64_at(24));
+        if shards == 0 || shards > 1 << 16 || classes == 0 || classes > 1 << 20 || rows > 1 << 40 {
+            return bad(format!("absurd shape: {shards} shards, {classes} classes, {rows} rows"));
+        }
+        let want = HEADER_LEN as u64 + 8 * shards as u64 + rows * classes as u64 * 4;
+        if b.len() as u64 != want {
+            return bad(format!("truncated or padded: {} bytes, the header implies {want}", b.len()));
+        }
+        let mut sum = Xxh3::new();
+        for chunk in b[HEADER_LEN..].chunks(1 << 22) {
+            sum.update(chunk);
+        }
+        if sum.digest() != u64_at(56) {
+            return bad("corrupted: the contents do not match their checksum".into());
+        }
+        let mut starts = vec![0u64];
+        for s in 0..shards {
+            let n = u64_at(HEADER_LEN + 8 * s);
+            starts.push(starts[s] + n);
+        }
+        if starts[shards] != rows {
+            return bad("corrupted: the shards' row counts do not add up".into());
+        }
+        let manifest_checksum = String::from_utf8_lossy(&b[32..48]).into_owned();
+        Ok(LogitsFile { path: path.to_owned(), map, split, classes, starts, manifest_checksum })
+    }
+
+    /// Checks that the file holds the logits of `split` of `ds`, every shard with its rows.
+    pub fn check_matches(&self, ds: &Dataset, split: SplitKind) -> Result<()> {
+        let m = ds.manifest();
+        let bad = |msg: String| Err(Error::bad_file(&self.path, msg));
+        if self.split != split {
+            return bad(format!(
+                "holds the logits of split `{}`, this run reads `{}`",
+                self.split.name(),
+                split.name()
+            ));
+        }
+        if self.manifest_checksum != m.checksum {
+            return bad(format!(
+                "was exported from another data set (manifest checksum {}, this one has {})",
+                self.manifest_checksum, m.checksum
+            ));
+        }
+        let b = &self.map[..];
+        if u64::from_le_bytes(b[48..56].try_into().expect("8 bytes")) != labels_hash(&m.labels)
+            || self.classes != m.labels.len()
+        {
+            return bad("its classes differ from the data set's".into());
+        }
+        let shards = ds.shards(split);
+        if shards.len() + 1 != self.starts.len()
+            || shards.iter().enumerate().any(|(s, sh)| self.starts[s + 1] - self.starts[s] != sh.len() as u64)
+        {
+            return bad("its shards' row counts differ from the data set's".into());
+        }
+        Ok(())
+    }
+
+    /// The logits of one sample.
+    pub fn row(&self, id: RowId) -> &[f32] {
+        let r = self.starts[id.shard as usize] + u64::from(id.row);
+        let start = HEADER_LEN + 8 * (self.starts.len() - 1) + (r as usize) * self.classes * 4;
+        bytemuck::cast_slice(&self.map[start..start + self.classes * 4])
+    }
+
+    /// Copies the logits of `ids` into `out` (rows of C).
+    pub fn gather(&self, ids: &[RowId], out: &mut Vec<f32>) {
+        out.clear();
+        for &id in ids {
+            out.extend_from_slice(self.row(id));
+        }
+    }
+}
+
+/// What `export-logits` writes and measures.
+#[derive(Debug, Clone, Default)]
+pub struct ExportReport {
+    pub rows: u64,
+    /// Against the hidden labels, where the split has them (a simulated split): rows with
+    /// one, right predictions, and per confidence threshold (0.5, 0.8, 0.9, 0.95) the rows
+    /// at or above it and the right ones among them.
+    pub known: u64,
+    pub correct: u64,
+    pub by_confidence: Vec<(f64, u64, u64)>,
+}
+
+/// Runs `model` without dropout over every sample of `split` of `ds` and writes the logits
+/// file `out`; with `jsonl`, also one pseudo-label line per sample.
+pub fn export(
+    model: &BagModel,
+    params: &Vec<f32>,
+    ds: &Dataset,
+    split: SplitKind,
+    out: &Path,
+    jsonl: Option<&Path>,
+    batch_size: usize,
+) -> Result<ExportReport> {
+    let be = Cpu::<f32>::new();
+    let m = ds.manifest();
+    let classes = model.spec.classes;
+    let shards = ds.shards(split);
+    let rows: u64 = shards.iter().map(|s| s.len() as u64).sum();
+    let tmp = out.with_extension("tmp");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).at(&tmp)?);
+    w.write_all(&[0u8; HEADER_LEN]).at(&tmp)?;
+    let mut sum = Xxh3::new();
+    let mut put = |w: &mut std::io::BufWriter<std::fs::File>, bytes: &[u8]| -> Result<()> {
+        sum.update(bytes);
+        w.write_all(bytes).at(&tmp)
+    };
+    for s in shards {
+        put(&mut w, &(s.len() as u64).to_le_bytes())?;
+    }
+    let mut lines = match jsonl {
+        Some(p) => Some((p, std::io::BufWriter::new(std::fs::File::create(p).at(p)?))),
+        None => None,
+    };
+    let thresholds = [0.5, 0.8, 0.9, 0.95];
+    let mut report = ExportReport {
+        rows,
+        by_confidence: thresholds.iter().map(|&t| (t, 0, 0)).collect(),
+        ..Default::default()
+    };
+    let buckets = m.tokenizer.buckets;
+    let mut acts = crate::model::bag::Activations::new(&be, model);
+    for (si, shard) in shards.iter().enumerate() {
+        let mut start = 0;
+        while start < shard.len() {
+            let end = (start + batch_size).min(shard.len());
+            let mut batch = crate::backend::HostBatch::default();
+            for i in start..end {
+                let doc = shard.doc(i);
+                if let Some(&bad) = doc.ids.iter().find(|&&id| id >= buckets) {
+                    return Err(Error::bad_file(
+                        shard.path(),
+                        format!("corrupted: document {i} has id {bad}, not below the bucket count {buckets}"),
+                    ));
+                }
+                batch.push(doc.ids, -1);
+            }
+            let dev = be.upload_batch(&batch);
+            model.forward(&be, params, &dev, batch.len(), None, &mut acts);
+            put(&mut w, bytemuck::cast_slice(&acts.logits[..batch.len() * classes]))?;
+            for (k, z) in acts.logits.chunks(classes).take(batch.len()).enumerate() {
+                let i = start + k;
+                let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let total: f64 = z.iter().map(|&v| f64::from(v - mx).exp()).sum();
+                let label = z.iter().enumerate().fold(0, |b, (c, &v)| if v > z[b] { c } else { b });
+                let conf = 1.0 / total;
+                let hidden = match split {
+                    SplitKind::Unlabeled => shard.hidden_label(i).map(|h| h as usize),
+                    _ => shard.doc(i).label.map(|h| h as usize),
+                };
+                if let Some(h) = hidden {
+                    report.known += 1;
+                    report.correct += u64::from(h == label);
+                    for (t, n, right) in &mut report.by_confidence {
+                        if conf >= *t {
+                            *n += 1;
+                            *right += u64::from(h == label);
+                        }
+                    }
+                }
+                if let Some((p, f)) = &mut lines {
+                    let line = serde_json::json!({
+                        "sample_id": shard.doc(i).sample_id, "split": split.name(), "shard": si, "row": i,
+                        "label": m.labels[label], "confidence": conf,
+                    });
+                    writeln!(f, "{line}").at(p)?;
+                }
+            }
+            start = end;
+        }
+    }
+    if let Some((p, f)) = lines {
+        f.into_inner().map_err(|e| Error::io(p, e.into_error()))?.sync_all().at(p)?;
+    }
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&split_code(split).to_le_bytes());
+    h[16..20].copy_from_slice(&(shards.len() as u32).to_le_bytes());
+    h[20..24].copy_from_slice(&(classes as u32).to_le_bytes());
+    h[24..32].copy_from_slice(&rows.to_le_bytes());
+    let checksum = m.checksum.as_bytes();
+    if checksum.len() != 16 {
+        return Err(Error::Data(format!("manifest checksum {:?} is not 16 hex digits", m.checksum)));
+    }
+    h[32..48].copy_from_slice(checksum);
+    h[48..56].copy_from_slice(&labels_hash(&m.labels).to_le_bytes());
+    h[56..64].copy_from_slice(&sum.digest().to_le_bytes());
+    let hc = xxh3_64(&h[..64]);
+    h[64..72].copy_from_slice(&hc.to_le_bytes());
+    let mut f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+    f.seek(SeekFrom::Start(0)).at(&tmp)?;
+    f.write_all(&h).at(&tmp)?;
+    f.sync_all().at(&tmp)?;
+    std::fs::rename(&tmp, out).at(out)?;
+    crate::fsutil::sync_parent(out);
+    Ok(report)
+}
