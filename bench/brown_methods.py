@@ -8,6 +8,12 @@ Two phases:
 Prints and writes val/test accuracy of student (and teacher), and seconds per run.
 
   python3 bench/brown_methods.py --seeds 1 2 3 --json bench/results/brown-methods.json
+  python3 bench/brown_methods.py --pretrained --seeds 1 2 3 --json bench/results/brown-methods-pretrained.json
+
+With --pretrained every run (Noisy Student's teacher too) starts its embedding table from
+skip-gram embeddings pretrained on that seed's train + unlabeled text
+(configs/brown/pretrain.toml, made once per seed under runs/brown_pretrain/seedN/pool/pretrain),
+with the table's learning rate × 0.1, as configs/brown/pretrained.toml does.
 """
 import argparse
 import itertools
@@ -55,6 +61,22 @@ def data_dir(root, seed):
     return os.path.join(root, f"seed{seed}", "pool", "data")
 
 
+# Extra settings of every run (--pretrained fills it per seed).
+EXTRA = {"sets": lambda seed: []}
+
+
+def pretrained_sets(dt, root, seed):
+    """Skip-gram embeddings for a seed's data (made once), as init_from settings."""
+    pre = os.path.join(root, f"seed{seed}", "pool", "pretrain")
+    if not os.path.exists(os.path.join(pre, "embeddings.safetensors")):
+        subprocess.run(["rm", "-rf", pre], check=True)
+        subprocess.run([dt, "--quiet", "pretrain", "--config", "configs/brown/pretrain.toml", "--set",
+                        f'data.dir="{data_dir(root, seed)}"', "--set", f'train.out_dir="{pre}"', "--set",
+                        f"train.seed={seed}", "--set", "train.threads=2", "--set", "train.checkpoint_every=0"],
+                       check=True, stdout=subprocess.DEVNULL)
+    return [f'model.init_from="{pre}"', "optim.lr_mult.embedding=0.1"]
+
+
 def teacher_logits(dt, root, out_root, seed, supervised_sets):
     """Noisy Student's teacher for a seed: the supervised run with the chosen settings,
     its logits of the unlabeled split exported once."""
@@ -64,7 +86,7 @@ def teacher_logits(dt, root, out_root, seed, supervised_sets):
         subprocess.run(["rm", "-rf", out], check=True)
         args = [dt, "--quiet", "train", "--config", CONFIG["supervised"], "--set", f'data.dir="{data_dir(root, seed)}"',
                 "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}"]
-        for s in supervised_sets:
+        for s in EXTRA["sets"](seed) + supervised_sets:
             args += ["--set", s]
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
         ckpt = sorted(os.listdir(os.path.join(out, "checkpoints")))[-1]
@@ -80,7 +102,7 @@ def train(dt, method, data, out, seed, sets):
             "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}",
             "--set", "train.keep_checkpoints=1"]
     fixed = FIXED.get(method, [])
-    for s in (fixed(seed) if callable(fixed) else fixed) + sets:
+    for s in EXTRA["sets"](seed) + (fixed(seed) if callable(fixed) else fixed) + sets:
         args += ["--set", s]
     subprocess.run(["rm", "-rf", out], check=True)
     t0 = time.time()
@@ -115,7 +137,12 @@ def main():
     ap.add_argument("--dtrain", default="target/release/dtrain")
     ap.add_argument("--methods", nargs="+", default=list(GRID))
     ap.add_argument("--json")
+    ap.add_argument("--pretrained", action="store_true")
     a = ap.parse_args()
+    if a.pretrained:
+        EXTRA["sets"] = lambda seed: pretrained_sets(a.dtrain, a.data_root, seed)
+        if a.out == "runs/brown_methods":
+            a.out = "runs/brown_methods_pretrained"
     result = {"sweep": {}, "chosen": {}, "seeds": {}}
     if a.json and os.path.exists(a.json):
         # Re-running some methods keeps the others' results.
@@ -159,7 +186,7 @@ def main():
         dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
         cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
         result.setdefault("provenance", {})["+".join(a.methods)] = dict(
-            command=f"python3 bench/brown_methods.py --methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
+            command=f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
             date=time.strftime("%Y-%m-%d"), git=rev + (" (with uncommitted changes to src/)" if dirty else ""),
             cpu=cpu, cores=os.cpu_count())
         with open(a.json, "w") as f:

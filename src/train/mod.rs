@@ -373,7 +373,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     let mut grads = be.zeros(model.dense_len());
     let mut row_loss = be.zeros(0);
     let mut cons_rows = be.zeros(0);
-    let (mut bank_target, mut bank_weight) = (Vec::new(), Vec::new());
+    // Host copies of targets read from a file (the bank, exported logits) and of row weights.
+    let (mut target_host, mut weight_host) = (Vec::new(), Vec::new());
     let mut table = TableAcc::new(&be, model.spec.dim);
     let fused = opt.fuses_table();
     let table_mult = opt.lr_of(&model.layout, model.table, 1.0);
@@ -453,9 +454,9 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 TargetSource::None => None,
                 TargetSource::Bank => {
                     let bank = bank.as_ref().expect("a bank for temporal ensembling");
-                    bank.targets(&m.rows, &mut bank_target, &mut bank_weight);
-                    weight_buf = Some(be.upload(&bank_weight));
-                    Some((&bank_target, 0, n))
+                    bank.targets(&m.rows, &mut target_host, &mut weight_host);
+                    weight_buf = Some(be.upload(&weight_host));
+                    Some((&target_host, 0, n))
                 }
                 TargetSource::SecondPass { grad } => {
                     let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
@@ -484,8 +485,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 }
                 TargetSource::File => {
                     let file = teacher_logits.as_ref().expect("a logits file for noisy_student");
-                    file.gather(&m.rows[n_l..], &mut bank_target);
-                    Some((&bank_target, n_l, n_u))
+                    file.gather(&m.rows[n_l..], &mut target_host);
+                    Some((&target_host, n_l, n_u))
                 }
                 TargetSource::WeakView => {
                     let weak = m.weak.as_ref().expect("a weak view for uda/fixmatch");
@@ -532,7 +533,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 // class's threshold: the op's own test, in the same f32 arithmetic.
                 let mult = mult_buf.as_ref().map(|b| be.download(b));
                 let passed = |i: usize| {
-                    let weight_ok = weight_buf.is_none() || bank_weight[rows - n_u + i] != 0.0;
+                    let weight_ok = weight_buf.is_none() || weight_host[rows - n_u + i] != 0.0;
                     let tau = threshold as f32 * mult.as_ref().map_or(1.0, |m| m[label[i] as usize]);
                     weight_ok && conf[i] >= tau
                 };
