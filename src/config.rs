@@ -535,6 +535,15 @@ impl Validate for TrainConfig {
         if let Err((field, msg)) = self.augment.validate() {
             return bad(field, msg);
         }
+        use crate::algo::Method;
+        if self.augment.consistency_passes
+            && !matches!(self.method, Method::Pi | Method::Temporal | Method::MeanTeacher | Method::Rdrop)
+        {
+            return bad(
+                "augment.consistency_passes",
+                "applies to pi, temporal, mean_teacher and rdrop (uda, fixmatch and noisy_student always augment their unlabeled rows)",
+            );
+        }
         if self.loss.tsa != Tsa::None && self.loss.kind != LossName::Ce {
             return bad("loss.tsa", "applies to cross-entropy (loss.kind = \"ce\")");
         }

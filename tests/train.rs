@@ -181,6 +181,8 @@ fn resume_is_bitwise_identical_with_a_mean_teacher() {
     let mt = ["method=\"mean_teacher\"", "model.embed_dropout=0.3", "train.checkpoint_every=11"];
     assert_resume_is_exact_on(semi_supervised, &mt);
     assert_resume_is_exact_on(semi_supervised, &[&mt[..], &["mean_teacher.lazy_table=false"]].concat());
+    // Student and teacher passes each with their own strong view of every row.
+    assert_resume_is_exact_on(semi_supervised, &[&mt[..], &["augment.consistency_passes=true"]].concat());
 }
 
 #[test]
@@ -382,6 +384,7 @@ fn bad_training_configs_name_their_field() {
         (&["method=\"uda\"", "consistency.stabiliser_momentum=1"][..], "consistency.stabiliser_momentum"),
         (&["augment.deletion=1"][..], "augment.deletion"),
         (&["augment.span=0"][..], "augment.span"),
+        (&["method=\"uda\"", "augment.consistency_passes=true"][..], "augment.consistency_passes"),
         (&["loss.kind=\"focal\"", "loss.tsa=\"log\""][..], "loss.tsa"),
     ] {
         let e = with(sets).unwrap_err();

@@ -31,11 +31,22 @@ pub struct AugmentConfig {
     pub swap: f64,
     /// Ids per swapped span.
     pub span: usize,
+    /// Also give every pass of Π, Temporal Ensembling, Mean Teacher (student and teacher)
+    /// and R-Drop its own strong view of every row, labeled ones included (METHODS.md §4:
+    /// each pass has its own dropout and augmentation).
+    pub consistency_passes: bool,
 }
 
 impl Default for AugmentConfig {
     fn default() -> Self {
-        AugmentConfig { deletion: 0.1, replacement: 0.1, from_sample: 0.5, swap: 0.1, span: 2 }
+        AugmentConfig {
+            deletion: 0.1,
+            replacement: 0.1,
+            from_sample: 0.5,
+            swap: 0.1,
+            span: 2,
+            consistency_passes: false,
+        }
     }
 }
 
@@ -153,7 +164,7 @@ mod tests {
     #[test]
     fn rates_match_the_configuration() {
         let ids: Vec<u32> = (0..100).map(|i| 10_000 + i).collect();
-        let cfg = AugmentConfig { deletion: 0.2, replacement: 0.25, from_sample: 0.5, swap: 0.0, span: 2 };
+        let cfg = AugmentConfig { deletion: 0.2, replacement: 0.25, swap: 0.0, ..AugmentConfig::default() };
         let (mut kept, mut foreign, mut total) = (0usize, 0usize, 0usize);
         let mut out = Vec::new();
         for row in 0..2000 {
@@ -172,7 +183,8 @@ mod tests {
     #[test]
     fn swaps_keep_the_bag_and_documents_keep_an_id() {
         let ids: Vec<u32> = (0..40).collect();
-        let cfg = AugmentConfig { deletion: 0.0, replacement: 0.0, from_sample: 0.5, swap: 1.0, span: 3 };
+        let cfg =
+            AugmentConfig { deletion: 0.0, replacement: 0.0, swap: 1.0, span: 3, ..AugmentConfig::default() };
         let mut out = Vec::new();
         strong(&ids, 100, &cfg, 7, &mut out);
         assert_ne!(out, ids);

@@ -325,8 +325,14 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         }
         _ => None,
     };
-    let strong_view = matches!(recipe.target, TargetSource::WeakView | TargetSource::File)
-        .then(|| StrongView { cfg: cfg.augment.clone(), seed: t.seed, buckets: manifest.tokenizer.buckets });
+    let per_pass = cfg.augment.consistency_passes;
+    let strong_view = (matches!(recipe.target, TargetSource::WeakView | TargetSource::File) || per_pass)
+        .then(|| StrongView {
+            cfg: cfg.augment.clone(),
+            seed: t.seed,
+            buckets: manifest.tokenizer.buckets,
+            per_pass,
+        });
     let mut stabiliser = (recipe.target == TargetSource::WeakView).then(|| {
         let sizes: Vec<usize> = ds.shards(SplitKind::Unlabeled).iter().map(|s| s.len()).collect();
         Stabiliser::new(
@@ -408,7 +414,9 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         // Predictions for the bank, written after the step (METHODS.md §5).
         let mut bank_writes: Vec<(usize, Vec<f32>)> = Vec::new();
         // The table rows this step reads or changes: a lazy teacher brings them up to date.
-        let touched = teacher.as_ref().map(|_| touched_rows(micro.iter().map(|m| &m.batch)));
+        let touched = teacher.as_ref().map(|_| {
+            touched_rows(micro.iter().flat_map(|m| std::iter::once(&m.batch).chain(m.second.iter())))
+        });
         if let (Some(tch), Some(rows)) = (&mut teacher, &touched) {
             tch.sync_rows(&be, &params, rows);
         }
@@ -420,6 +428,10 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             let n_u = n - n_l;
             let key = DropoutKey { seed: t.seed, step, site: 0, pass: mi as u32, row: 0 };
             let dev = be.upload_batch(batch);
+            // The second pass's own augmented view (`augment.consistency_passes`), else the
+            // same rows.
+            let dev1 = m.second.as_ref().map(|b| be.upload_batch(b));
+            let dev1 = dev1.as_ref().unwrap_or(&dev);
             let [p0, p1] = &mut passes;
             model.forward(&be, &params, &dev, n, Some(key), &mut p0.acts);
             let halves = if recipe.ce_both_passes { 0.5 } else { 1.0 };
@@ -460,7 +472,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 }
                 TargetSource::SecondPass { grad } => {
                     let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
-                    model.forward(&be, &params, &dev, n, Some(key1), &mut p1.acts);
+                    model.forward(&be, &params, dev1, n, Some(key1), &mut p1.acts);
                     second_grad = grad;
                     if recipe.ce_both_passes {
                         sup += be.softmax_loss(
@@ -480,7 +492,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 TargetSource::Teacher => {
                     let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
                     let tch = teacher.as_ref().expect("a teacher for mean_teacher");
-                    model.forward(&be, &tch.params, &dev, n, Some(key1), &mut p1.acts);
+                    model.forward(&be, &tch.params, dev1, n, Some(key1), &mut p1.acts);
                     Some((&p1.acts.logits, 0, n))
                 }
                 TargetSource::File => {
@@ -558,7 +570,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             let table_lr = fused.then_some(lr * table_mult);
             table.backward(&be, &model, &mut params, &dev, &p0.acts, &p0.dlogits, &mut grads, table_lr);
             if second_grad {
-                table.backward(&be, &model, &mut params, &dev, &p1.acts, &p1.dlogits, &mut grads, table_lr);
+                table.backward(&be, &model, &mut params, dev1, &p1.acts, &p1.dlogits, &mut grads, table_lr);
             }
             win.sup_sum += sup * halves;
             win.docs += n_l as u64;
@@ -821,16 +833,40 @@ fn touched_rows<'a>(batches: impl Iterator<Item = &'a HostBatch>) -> Vec<u32> {
 /// needed, every row's sample id, and the unlabeled rows' hidden labels (diagnostics).
 struct Micro {
     batch: HostBatch,
+    /// The second pass's view when each pass has its own augmentation (Π, Temporal
+    /// Ensembling has no second pass, Mean Teacher's teacher, R-Drop); `batch` is then the
+    /// first pass's view.
+    second: Option<HostBatch>,
     weak: Option<HostBatch>,
     rows: Vec<RowId>,
     hidden: Vec<i32>,
 }
 
-/// What the strong view needs: the augmentation, the seed, the bucket count.
+/// What the strong view needs: the augmentation, the seed, the bucket count, and whether
+/// it applies to the unlabeled rows of the student (UDA, FixMatch, Noisy Student) or to
+/// every row of each consistency pass, each pass with its own draw (Π, Temporal
+/// Ensembling, Mean Teacher, R-Drop with `augment.consistency_passes`).
 struct StrongView {
     cfg: crate::data::augment::AugmentConfig,
     seed: u64,
     buckets: u32,
+    per_pass: bool,
+}
+
+impl StrongView {
+    /// The strong view of the documents of `batch`, sample `ids[i]` drawn in `epochs[i]`,
+    /// for pass `pass`.
+    fn view(&self, batch: &HostBatch, ids: &[RowId], epochs: &[u64], pass: u64) -> HostBatch {
+        let mut out = HostBatch::default();
+        let mut ids_buf = Vec::new();
+        for (i, (&id, &epoch)) in ids.iter().zip(epochs).enumerate() {
+            let doc = &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize];
+            let key = crate::data::augment::sample_key(self.seed ^ crate::backend::mix64(pass), epoch, id);
+            crate::data::augment::strong(doc, self.buckets, &self.cfg, key, &mut ids_buf);
+            out.push(&ids_buf, batch.labels[i]);
+        }
+        out
+    }
 }
 
 fn next_micro(
@@ -841,26 +877,27 @@ fn next_micro(
 ) -> Result<Micro> {
     let mut batch = loader.next_batch(ds)?;
     let mut rows = loader.last_rows().to_vec();
+    let mut epochs = loader.last_epochs().to_vec();
     let (mut weak, mut hidden) = (None, Vec::new());
     if let Some(u) = uloader {
         let ub = u.next_batch(ds)?;
         hidden = u.last_hidden_labels().to_vec();
         match strong {
-            Some(sv) => {
-                let mut view = Vec::new();
-                for (i, (&id, &epoch)) in u.last_rows().iter().zip(u.last_epochs()).enumerate() {
-                    let ids = &ub.ids[ub.offsets[i] as usize..ub.offsets[i + 1] as usize];
-                    let key = crate::data::augment::sample_key(sv.seed, epoch, id);
-                    crate::data::augment::strong(ids, sv.buckets, &sv.cfg, key, &mut view);
-                    batch.push(&view, -1);
-                }
+            Some(sv) if !sv.per_pass => {
+                batch.extend(&sv.view(&ub, u.last_rows(), u.last_epochs(), 0));
                 weak = Some(ub);
             }
-            None => batch.extend(&ub),
+            _ => batch.extend(&ub),
         }
         rows.extend_from_slice(u.last_rows());
+        epochs.extend_from_slice(u.last_epochs());
     }
-    Ok(Micro { batch, weak, rows, hidden })
+    let mut second = None;
+    if let Some(sv) = strong.filter(|sv| sv.per_pass) {
+        second = Some(sv.view(&batch, &rows, &epochs, 1));
+        batch = sv.view(&batch, &rows, &epochs, 0);
+    }
+    Ok(Micro { batch, second, weak, rows, hidden })
 }
 
 /// Training-signal annealing (METHODS.md §1): drops the labeled rows whose p_y exceeds
