@@ -270,6 +270,7 @@ pub struct TrainConfig {
     pub temporal: crate::algo::TemporalConfig,
     pub augment: crate::data::augment::AugmentConfig,
     pub noisy_student: crate::algo::NoisyStudentConfig,
+    pub average: crate::algo::AverageConfig,
 }
 
 impl TrainConfig {
@@ -532,6 +533,7 @@ impl Validate for TrainConfig {
             return bad("train.eval_batch_size", "must be at least 1");
         }
         crate::algo::Recipe::resolve(self.knobs(), origin)?;
+        self.average.validate(origin)?;
         if let Err((field, msg)) = self.augment.validate() {
             return bad(field, msg);
         }

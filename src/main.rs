@@ -319,6 +319,9 @@ struct EvalArgs {
     /// Evaluate the Mean Teacher's weights (the checkpoint's teacher.safetensors).
     #[arg(long)]
     teacher: bool,
+    /// Evaluate the EMA or SWA weights (the checkpoint's average.safetensors).
+    #[arg(long)]
+    average: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -332,6 +335,9 @@ struct ExportArgs {
     /// Use the checkpoint's Mean Teacher (teacher.safetensors).
     #[arg(long)]
     teacher: bool,
+    /// Use the checkpoint's EMA or SWA weights (average.safetensors).
+    #[arg(long)]
+    average: bool,
     /// The data set directory.
     #[arg(long)]
     data: PathBuf,
@@ -376,6 +382,9 @@ struct PredictArgs {
     /// Use each checkpoint's Mean Teacher (teacher.safetensors) instead of its student.
     #[arg(long)]
     teacher: bool,
+    /// Use each checkpoint's EMA or SWA weights (average.safetensors) instead of its student.
+    #[arg(long)]
+    average: bool,
     /// Seed of the MC-dropout masks.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -501,7 +510,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let split = SplitKind::from_name(&args.split)
                 .filter(|s| *s != SplitKind::Unlabeled)
                 .with_context(|| format!("--split {}: expected train, val or test", args.split))?;
-            let (meta, model, params) = dtrain::checkpoint::load_weights(&args.checkpoint, args.teacher)?;
+            let (meta, model, params) =
+                dtrain::checkpoint::load_weights(&args.checkpoint, weights_of(args.teacher, args.average)?)?;
             let ds = Dataset::open(&args.data)?;
             if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
                 bail!(
@@ -525,7 +535,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if a.batch_size < 1 {
                 bail!("--batch-size must be at least 1");
             }
-            let (meta, model, params) = dtrain::checkpoint::load_weights(&a.checkpoint, a.teacher)?;
+            let (meta, model, params) =
+                dtrain::checkpoint::load_weights(&a.checkpoint, weights_of(a.teacher, a.average)?)?;
             let ds = Dataset::open(&a.data)?;
             if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
                 bail!(
@@ -576,7 +587,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 text_field: a.text_field,
                 top_k: a.top_k,
                 mc_dropout: a.mc_dropout,
-                teacher: a.teacher,
+                weights: weights_of(a.teacher, a.average)?,
                 seed: a.seed,
                 batch_size: a.batch_size,
                 skip_bad: a.skip_bad,
@@ -636,6 +647,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The weights `--teacher` / `--average` ask for.
+fn weights_of(teacher: bool, average: bool) -> anyhow::Result<dtrain::checkpoint::Weights> {
+    use dtrain::checkpoint::Weights;
+    Ok(match (teacher, average) {
+        (false, false) => Weights::Student,
+        (true, false) => Weights::Teacher,
+        (false, true) => Weights::Average,
+        (true, true) => bail!("--teacher and --average exclude each other"),
+    })
+}
+
 fn print_train_summary(r: &dtrain::train::TrainReport) {
     println!(
         "trained {} steps in {:.1} s ({:.0} token ids/s of training steps); checkpoint {}",
@@ -655,7 +677,9 @@ fn print_train_summary(r: &dtrain::train::TrainReport) {
         }
     };
     line("student", &r.val, &r.test);
-    line("teacher", &r.teacher_val, &r.teacher_test);
+    for s in &r.shadows {
+        line(&s.name, &s.val, &s.test);
+    }
 }
 
 fn print_prepare_summary(r: &PrepareReport) {

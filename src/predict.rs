@@ -29,8 +29,8 @@ pub struct PredictOptions {
     pub top_k: usize,
     /// Forward passes with dropout on, averaged (1 = one pass without dropout).
     pub mc_dropout: usize,
-    /// Read each checkpoint's Mean Teacher (teacher.safetensors) instead of its student.
-    pub teacher: bool,
+    /// Which weights of each checkpoint to read (student, Mean Teacher, EMA/SWA).
+    pub weights: checkpoint::Weights,
     /// Seed of the MC-dropout masks.
     pub seed: u64,
     pub batch_size: usize,
@@ -90,7 +90,7 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
     let mut metas: Vec<ModelMeta> = Vec::new();
     let mut models = Vec::new();
     for path in &opts.checkpoints {
-        let (meta, model, params) = checkpoint::load_weights(path, opts.teacher)?;
+        let (meta, model, params) = checkpoint::load_weights(path, opts.weights)?;
         if let Some(first) = metas.first() {
             if first.labels != meta.labels || first.tokenizer != meta.tokenizer {
                 return Err(Error::bad_file(

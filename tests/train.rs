@@ -114,8 +114,15 @@ fn assert_resume_is_exact_on(make: fn(&Path) -> PathBuf, extra: &[&str]) {
     assert_eq!(half.steps, 11);
     let b = run(&c, Resume::Auto, None).unwrap();
     assert_eq!((a.steps, b.steps), (24, 24));
-    for f in ["model.safetensors", "optimizer.safetensors", "state.bin", "teacher.safetensors"] {
-        if f == "teacher.safetensors" && !a.final_checkpoint.join(f).exists() {
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.bin",
+        "teacher.safetensors",
+        "average.safetensors",
+    ] {
+        let optional = f.starts_with("teacher") || f.starts_with("average");
+        if optional && !a.final_checkpoint.join(f).exists() {
             continue;
         }
         assert!(read(&a.final_checkpoint, f) == read(&b.final_checkpoint, f), "{f} differs after resume");
@@ -183,6 +190,57 @@ fn resume_is_bitwise_identical_with_a_mean_teacher() {
     assert_resume_is_exact_on(semi_supervised, &[&mt[..], &["mean_teacher.lazy_table=false"]].concat());
     // Student and teacher passes each with their own strong view of every row.
     assert_resume_is_exact_on(semi_supervised, &[&mt[..], &["augment.consistency_passes=true"]].concat());
+}
+
+#[test]
+fn resume_is_bitwise_identical_with_ema_and_swa_weights() {
+    // EMA weights beside a Mean Teacher (two shadows), and SWA every 2 steps from step 7
+    // (0.3 of 24), lazy and dense.
+    let mt = ["method=\"mean_teacher\"", "model.embed_dropout=0.3", "train.checkpoint_every=11"];
+    assert_resume_is_exact_on(
+        semi_supervised,
+        &[&mt[..], &["average.kind=\"ema\"", "average.decay=0.9"]].concat(),
+    );
+    let swa =
+        ["average.kind=\"swa\"", "average.swa_start=0.3", "average.swa_every=2", "train.checkpoint_every=11"];
+    assert_resume_is_exact_on(separable, &swa);
+    assert_resume_is_exact_on(separable, &[&swa[..], &["average.lazy_table=false"]].concat());
+}
+
+/// SWA weights are evaluated, logged, reported and saved as a model of their own, distinct
+/// from the last weights; asking a checkpoint for weights it lacks names the reason.
+#[test]
+fn averaged_weights_are_saved_evaluated_and_loadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("swa");
+    let c = cfg(
+        &data,
+        &out,
+        &["average.kind=\"swa\"", "average.swa_start=0.5", "train.epochs=6", "train.log_every=5"],
+    );
+    let r = run(&c, Resume::No, None).unwrap();
+    assert_eq!(r.shadows.len(), 1);
+    assert_eq!(r.shadows[0].name, "swa");
+    let swa_test = r.shadows[0].test.as_ref().unwrap().accuracy;
+    assert!(swa_test > 0.9, "SWA weights test accuracy {swa_test}");
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"model\":\"swa\"") && log.contains("swa_alpha"));
+    let (_, _, student) =
+        dtrain::checkpoint::load_weights(&r.final_checkpoint, dtrain::checkpoint::Weights::Student).unwrap();
+    let (_, _, avg) =
+        dtrain::checkpoint::load_weights(&r.final_checkpoint, dtrain::checkpoint::Weights::Average).unwrap();
+    assert_ne!(student, avg, "the average differs from the last weights");
+    let e = dtrain::checkpoint::load_weights(&r.final_checkpoint, dtrain::checkpoint::Weights::Teacher)
+        .unwrap_err();
+    assert!(e.to_string().contains("not trained with a Mean Teacher"), "{e}");
+    let e = config::load::<TrainConfig>(
+        None,
+        &["data.dir=\"x\"", "train.out_dir=\"y\"", "average.swa_start=1.0"]
+            .map(|s| Override::parse(s).unwrap()),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("average.swa_start"), "{e}");
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! | `supervised` | none | — |
 //! | `pi` | a second noisy pass of the student | only with `pi.stop_gradient_target = false` |
 //! | `temporal` | the sample's bias-corrected moving average in the bank (`bank`) | never |
-//! | `mean_teacher` | a noisy pass of the EMA teacher ([`teacher`]) | never |
+//! | `mean_teacher` | a noisy pass of the EMA teacher ([`shadow`]) | never |
 //! | `rdrop` | a second noisy pass of the student, `sym_kl`, CE on both passes | always |
 //! | `noisy_student` | a teacher's logits exported by `dtrain export-logits` (`logits`); the student's unlabeled rows are the strong view | never |
 //! | `uda`, `fixmatch` | the student's pass over the weak view of the unlabeled rows; the student's own unlabeled rows are the strong view (`data::augment`) | never |
@@ -21,8 +21,8 @@
 
 pub mod consistency;
 pub mod ramp;
+pub mod shadow;
 pub mod stabilise;
-pub mod teacher;
 
 use serde::{Deserialize, Serialize};
 
@@ -190,6 +190,84 @@ pub struct NoisyStudentConfig {
     /// The file `dtrain export-logits --split unlabeled` wrote for this data set. Soft
     /// targets with `consistency.kind = "kl"` (the default), hard with `"ce_hard"`.
     pub logits: Option<std::path::PathBuf>,
+}
+
+/// Which averaged weights a run keeps for evaluation and export (METHODS.md §7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AverageKind {
+    #[default]
+    None,
+    /// An EMA of the weights with `decay` (and the warm-up min(1 − 1/(t + 1), decay)).
+    Ema,
+    /// The uniform average of the weights every `swa_every` steps from `swa_start`.
+    Swa,
+}
+
+/// `[average]`: EMA or SWA weights, with any method; evaluated and checkpointed
+/// (`average.safetensors`) beside the student.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AverageConfig {
+    pub kind: AverageKind,
+    /// The EMA's decay, in (0, 1).
+    pub decay: f64,
+    /// SWA's first average, as a fraction of the run's steps, in [0, 1).
+    pub swa_start: f64,
+    /// Steps between SWA's averages; 0 = once per labeled epoch.
+    pub swa_every: u64,
+    /// Update the averaged table's rows lazily (exact; see `mean_teacher.lazy_table`).
+    pub lazy_table: bool,
+}
+
+impl Default for AverageConfig {
+    fn default() -> Self {
+        AverageConfig {
+            kind: AverageKind::None,
+            decay: 0.999,
+            swa_start: 0.75,
+            swa_every: 0,
+            lazy_table: true,
+        }
+    }
+}
+
+impl AverageConfig {
+    /// Checks the rules; errors name the field.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        if !(self.decay > 0.0 && self.decay < 1.0) {
+            return Err(Error::config(origin, "average.decay", "must be in (0, 1)"));
+        }
+        if !(0.0..1.0).contains(&self.swa_start) {
+            return Err(Error::config(
+                origin,
+                "average.swa_start",
+                "must be in [0, 1) (a fraction of the run)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The α rule for a run of `total` steps with `steps_per_epoch`; None without averaging.
+    pub fn rule(&self, total: u64, steps_per_epoch: u64) -> Option<shadow::AlphaRule> {
+        match self.kind {
+            AverageKind::None => None,
+            AverageKind::Ema => Some(shadow::AlphaRule::WarmUp { alpha: self.decay, late: None }),
+            AverageKind::Swa => Some(shadow::AlphaRule::Swa {
+                start: ((self.swa_start * total as f64).floor() as u64).max(1),
+                every: if self.swa_every == 0 { steps_per_epoch.max(1) } else { self.swa_every },
+            }),
+        }
+    }
+
+    /// The name of the averaged weights in logs and reports.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            AverageKind::None => "none",
+            AverageKind::Ema => "ema",
+            AverageKind::Swa => "swa",
+        }
+    }
 }
 
 /// Where the consistency target comes from.

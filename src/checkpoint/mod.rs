@@ -12,9 +12,10 @@
 //! `dtrain` = `{"checksum": …}` (over `m.` then `v.`). Loading checks names, shapes and
 //! sizes before allocating, then the checksum, then that every value is finite.
 //! With Temporal Ensembling, `bank/` holds a sealed copy of every bank file (`bank`).
-//! With a Mean Teacher, `teacher.safetensors` holds the teacher's tensors in the same format
-//! as `model.safetensors` (so `dtrain eval --teacher` and `predict --teacher` read it as a
-//! model).
+//! With a Mean Teacher, `teacher.safetensors`, and with EMA or SWA weights,
+//! `average.safetensors`, hold those weights in the same format as `model.safetensors` (so
+//! `dtrain eval`, `predict` and `export-logits` read them as models with `--teacher` or
+//! `--average`).
 //! `state.bin` is a header (magic `DTSTATE\0`, version, payload length, xxh3_64 of the
 //! payload) followed by the bincode encoding of [`TrainState`].
 
@@ -37,9 +38,28 @@ use crate::optim::schedule::Plateau;
 /// Magic bytes of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";
 /// Version of `state.bin`.
-pub const STATE_VERSION: u32 = 2;
-/// The Mean Teacher's weights in a checkpoint directory.
-pub const TEACHER_FILE: &str = "teacher.safetensors";
+pub const STATE_VERSION: u32 = 3;
+/// Which weights of a checkpoint to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// The trained model (`model.safetensors`).
+    Student,
+    /// The Mean Teacher (`teacher.safetensors`).
+    Teacher,
+    /// The EMA or SWA weights (`average.safetensors`).
+    Average,
+}
+
+impl Weights {
+    /// The file in a checkpoint directory.
+    pub fn file(self) -> &'static str {
+        match self {
+            Weights::Student => "model.safetensors",
+            Weights::Teacher => "teacher.safetensors",
+            Weights::Average => "average.safetensors",
+        }
+    }
+}
 /// The marker that makes a checkpoint directory complete.
 pub const DONE: &str = "DONE";
 
@@ -64,9 +84,10 @@ pub struct TrainState {
     pub cursors: Vec<Cursor>,
     /// Every shard's cursor of the unlabeled split (empty when the method reads none).
     pub unlabeled_cursors: Vec<Cursor>,
-    /// Σ ln α_t of a lazily updated Mean Teacher (`algo::teacher`), whose rows are all
-    /// up to date in the checkpoint; 0 otherwise.
-    pub teacher_log: f64,
+    /// Σ ln α_t of each shadow copy of the weights (`algo::shadow`: the Mean Teacher, then
+    /// EMA/SWA weights, those the run keeps), whose rows are all up to date in the
+    /// checkpoint; 0 where not lazy.
+    pub shadow_logs: Vec<f64>,
     /// UDA's and FixMatch's stabilisers (distribution alignment, FlexMatch, FreeMatch).
     pub stabiliser: crate::algo::stabilise::StabiliserState,
     /// Reduce-on-plateau state.
@@ -246,8 +267,9 @@ pub(crate) fn tensors_from_file(
 /// What a checkpoint holds besides the model's description.
 pub struct Contents<'a> {
     pub params: &'a [f32],
-    /// The Mean Teacher's weights.
-    pub teacher: Option<&'a [f32]>,
+    /// Shadow copies of the weights (the Mean Teacher, EMA/SWA weights), each a complete
+    /// model in its own file.
+    pub shadows: Vec<(Weights, &'a [f32])>,
     /// The Temporal Ensembling bank, snapshotted into `bank/`.
     pub bank: Option<&'a crate::bank::Bank>,
     /// The optimizer's first and second moments.
@@ -264,12 +286,12 @@ pub fn save(
     c: Contents<'_>,
     keep: usize,
 ) -> Result<PathBuf> {
-    let Contents { params, teacher, bank, moments, state } = c;
+    let Contents { params, shadows, bank, moments, state } = c;
     stage(root, &dir_name(state.step), keep, |tmp| {
         let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
         tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json.clone())?;
-        if let Some(teacher) = teacher {
-            tensors_to_file(&tmp.join(TEACHER_FILE), &model.layout, &[("", teacher)], json)?;
+        for (which, weights) in shadows {
+            tensors_to_file(&tmp.join(which.file()), &model.layout, &[("", weights)], json.clone())?;
         }
         if let Some(bank) = bank {
             bank.snapshot(&tmp.join(crate::bank::DIR))?;
@@ -359,19 +381,18 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
 /// Reads a checkpoint's model: its metadata, the model, and its parameters. `path` is a
 /// checkpoint directory or a `model.safetensors` file.
 pub fn load_model(path: &Path) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
-    load_weights(path, false)
+    load_weights(path, Weights::Student)
 }
 
-/// Like [`load_model`], reading the Mean Teacher's weights (`teacher.safetensors`) when
-/// `teacher` is true and `path` is a checkpoint directory.
-pub fn load_weights(path: &Path, teacher: bool) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
-    let name = if teacher { TEACHER_FILE } else { "model.safetensors" };
-    let file = if path.is_dir() { path.join(name) } else { path.to_owned() };
-    if teacher && path.is_dir() && !file.is_file() {
-        return Err(Error::bad_file(
-            path,
-            "has no teacher.safetensors: it was not trained with a Mean Teacher",
-        ));
+/// Like [`load_model`], reading `which` weights when `path` is a checkpoint directory.
+pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
+    let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
+    if which != Weights::Student && path.is_dir() && !file.is_file() {
+        let why = match which {
+            Weights::Teacher => "it was not trained with a Mean Teacher",
+            _ => "it was trained without [average] EMA or SWA weights",
+        };
+        return Err(Error::bad_file(path, format!("has no {}: {why}", which.file())));
     }
     if path.is_dir() && !path.join(DONE).is_file() {
         return Err(Error::bad_file(

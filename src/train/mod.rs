@@ -16,8 +16,8 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::algo::consistency::ConsistencyOp;
 use crate::algo::ramp;
+use crate::algo::shadow::{AlphaRule, Shadow};
 use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
-use crate::algo::teacher::Teacher;
 use crate::algo::{Method, TargetSource};
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, SparseRows};
@@ -63,13 +63,30 @@ pub struct TrainReport {
     pub final_checkpoint: PathBuf,
     pub val: Option<EvalReport>,
     pub test: Option<EvalReport>,
-    /// The Mean Teacher's metrics, when the method has one.
-    pub teacher_val: Option<EvalReport>,
-    pub teacher_test: Option<EvalReport>,
+    /// The metrics of the Mean Teacher and of EMA/SWA weights, those the run keeps.
+    pub shadows: Vec<ShadowReport>,
     /// Training throughput: token ids per second of training steps (forward, backward,
     /// update; evaluation and checkpoints excluded).
     pub tokens_per_s: f64,
     pub seconds: f64,
+}
+
+/// The validation and test metrics of one shadow copy of the weights.
+#[derive(Debug, Clone)]
+pub struct ShadowReport {
+    /// `teacher`, `ema` or `swa`.
+    pub name: String,
+    pub val: Option<EvalReport>,
+    pub test: Option<EvalReport>,
+}
+
+/// A shadow copy of the weights that a run keeps: the Mean Teacher, or EMA/SWA weights.
+struct Kept {
+    name: &'static str,
+    file: checkpoint::Weights,
+    shadow: Shadow<Cpu<f32>>,
+    last_alpha: Option<f64>,
+    report: ShadowReport,
 }
 
 /// The loss of a config.
@@ -244,8 +261,31 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     }
     let len = model.layout.total();
     let classes_n = model.spec.classes;
-    let mut teacher = (recipe.target == TargetSource::Teacher)
-        .then(|| Teacher::from_config(&be, &params, len, cfg, model.table, ramp.up_steps));
+    // Shadow copies of the weights: the Mean Teacher first (the target of its method), then
+    // EMA or SWA weights.
+    let mut shadows: Vec<Kept> = Vec::new();
+    let kept = |name: &'static str, file, shadow| Kept {
+        name,
+        file,
+        shadow,
+        last_alpha: None,
+        report: ShadowReport { name: name.into(), val: None, test: None },
+    };
+    if recipe.target == TargetSource::Teacher {
+        let mt = &cfg.mean_teacher;
+        let rule = AlphaRule::WarmUp { alpha: mt.alpha, late: mt.alpha_late.map(|a| (a, ramp.up_steps)) };
+        let lazy = mt.lazy_table.then_some(model.table);
+        shadows.push(kept(
+            "teacher",
+            checkpoint::Weights::Teacher,
+            Shadow::new(&be, &params, len, rule, lazy),
+        ));
+    }
+    if let Some(rule) = cfg.average.rule(total, steps_per_epoch) {
+        let lazy = cfg.average.lazy_table.then_some(model.table);
+        let shadow = Shadow::new(&be, &params, len, rule, lazy);
+        shadows.push(kept(cfg.average.name(), checkpoint::Weights::Average, shadow));
+    }
     // The bank covers the samples the step reads: the labeled split and, with μ > 0, the
     // unlabeled one.
     let bank_dir = t.out_dir.join(crate::bank::DIR);
@@ -298,9 +338,12 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 ),
             ));
         }
-        if let Some(tch) = &mut teacher {
-            let (_, _, tparams) = checkpoint::load_weights(dir, true)?;
-            tch.restore(tparams, state.teacher_log);
+        if state.shadow_logs.len() != shadows.len() {
+            return Err(Error::bad_file(dir, "the checkpoint's shadow weights differ from this config's"));
+        }
+        for (k, &log_now) in shadows.iter_mut().zip(&state.shadow_logs) {
+            let (_, _, weights) = checkpoint::load_weights(dir, k.file)?;
+            k.shadow.restore(weights, log_now);
         }
         params = loaded;
         opt.m = mm;
@@ -389,13 +432,11 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     let mut win_start = Instant::now();
     let mut last_ckpt = resume_from.clone();
     let mut val_report = None;
-    let mut teacher_val = None;
     let mut step_secs = 0.0f64;
     // Time in training steps (no evaluation, no checkpoint) since the last metrics line, in
     // this process; not part of the checkpointed window, whose contents must not depend on
     // timing.
     let (mut win_step_secs, mut win_step_count) = (0.0f64, 0u64);
-    let mut last_alpha = None;
     // Tokens of a restored logging window were trained by an earlier process.
     let restored_tokens = win.tokens;
     while step < total {
@@ -413,12 +454,12 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         }
         // Predictions for the bank, written after the step (METHODS.md §5).
         let mut bank_writes: Vec<(usize, Vec<f32>)> = Vec::new();
-        // The table rows this step reads or changes: a lazy teacher brings them up to date.
-        let touched = teacher.as_ref().map(|_| {
+        // The table rows this step reads or changes: lazy shadows bring them up to date.
+        let touched = (!shadows.is_empty()).then(|| {
             touched_rows(micro.iter().flat_map(|m| std::iter::once(&m.batch).chain(m.second.iter())))
         });
-        if let (Some(tch), Some(rows)) = (&mut teacher, &touched) {
-            tch.sync_rows(&be, &params, rows);
+        for k in &mut shadows {
+            k.shadow.sync_rows(&be, &params, touched.as_deref().unwrap_or(&[]));
         }
         let mut step_loss = 0.0;
         for (mi, m) in micro.iter().enumerate() {
@@ -491,7 +532,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 }
                 TargetSource::Teacher => {
                     let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
-                    let tch = teacher.as_ref().expect("a teacher for mean_teacher");
+                    let tch = &shadows.first().expect("a teacher for mean_teacher").shadow;
                     model.forward(&be, &tch.params, dev1, n, Some(key1), &mut p1.acts);
                     Some((&p1.acts.logits, 0, n))
                 }
@@ -597,8 +638,9 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 bank.update(&micro[*mi].rows, probs);
             }
         }
-        if let (Some(tch), Some(rows)) = (&mut teacher, &touched) {
-            last_alpha = Some(tch.update(&be, &params, len, step + 1, rows));
+        for k in &mut shadows {
+            k.last_alpha =
+                Some(k.shadow.update(&be, &params, len, step + 1, touched.as_deref().unwrap_or(&[])));
         }
         let this_step = step_start.elapsed().as_secs_f64();
         step_secs += this_step;
@@ -622,8 +664,10 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 rec["consistency_weight"] = json!(w);
                 rec["mask_ratio"] = json!(win.passed as f64 / win.cons_rows.max(1) as f64);
             }
-            if let Some(a) = last_alpha {
-                rec["teacher_alpha"] = json!(a);
+            for k in &shadows {
+                if let Some(a) = k.last_alpha {
+                    rec[format!("{}_alpha", k.name)] = json!(a);
+                }
             }
             if win.pl_rows > 0 {
                 // Diagnostics against the hidden labels of the unlabeled rows.
@@ -653,9 +697,9 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         }
         let checkpoint_due = step % ckpt_every == 0 || step == total || opts.stop_after == Some(step);
         let eval_due = step % eval_every == 0 || step == total;
-        if let Some(tch) = &mut teacher {
-            if checkpoint_due || eval_due {
-                tch.sync_all(&be, &params);
+        if checkpoint_due || eval_due {
+            for k in &mut shadows {
+                k.shadow.sync_all(&be, &params);
             }
         }
         if eval_due {
@@ -668,15 +712,16 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 }))?;
             }
             val_report = r;
-            if let Some(tch) = &teacher {
-                let r = eval::evaluate(&be, &model, &tch.params, &ds, SplitKind::Val, t.eval_batch_size)?;
+            for k in &mut shadows {
+                let r =
+                    eval::evaluate(&be, &model, &k.shadow.params, &ds, SplitKind::Val, t.eval_batch_size)?;
                 if let Some(r) = &r {
                     log.write(json!({
-                        "step": step, "split": "val", "model": "teacher", "accuracy": r.accuracy,
+                        "step": step, "split": "val", "model": k.name, "accuracy": r.accuracy,
                         "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece,
                     }))?;
                 }
-                teacher_val = r;
+                k.report.val = r;
             }
         }
         if checkpoint_due {
@@ -685,7 +730,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 optim_t: opt.t,
                 cursors: loader.cursors().to_vec(),
                 unlabeled_cursors: uloader.as_ref().map_or(Vec::new(), |u| u.cursors().to_vec()),
-                teacher_log: teacher.as_ref().map_or(0.0, |tch| tch.log_now()),
+                shadow_logs: shadows.iter().map(|k| k.shadow.log_now()).collect(),
                 stabiliser: stabiliser.as_ref().map_or_else(Default::default, |s| s.state.clone()),
                 plateau,
                 config_hash,
@@ -694,7 +739,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             };
             let contents = checkpoint::Contents {
                 params: &params,
-                teacher: teacher.as_ref().map(|tch| tch.params.as_slice()),
+                shadows: shadows.iter().map(|k| (k.file, k.shadow.params.as_slice())).collect(),
                 bank: bank.as_ref(),
                 moments: [&opt.m, &opt.v],
                 state: &state,
@@ -710,29 +755,27 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     total_tokens += win.tokens;
     let final_checkpoint =
         last_ckpt.ok_or_else(|| Error::Data("no step was run and no checkpoint exists".into()))?;
-    let (test, teacher_test) = if step == total {
-        let test = eval::evaluate(&be, &model, &params, &ds, SplitKind::Test, t.eval_batch_size)?;
-        let tt = match &teacher {
-            Some(tch) => eval::evaluate(&be, &model, &tch.params, &ds, SplitKind::Test, t.eval_batch_size)?,
-            None => None,
-        };
-        (test, tt)
+    let test = if step == total {
+        eval::evaluate(&be, &model, &params, &ds, SplitKind::Test, t.eval_batch_size)?
     } else {
-        (None, None)
+        None
     };
     if let Some(r) = &test {
         log.write(json!({"step": step, "split": "test", "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
-    }
-    if let Some(r) = &teacher_test {
-        log.write(json!({"step": step, "split": "test", "model": "teacher", "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
+        for k in &mut shadows {
+            let r = eval::evaluate(&be, &model, &k.shadow.params, &ds, SplitKind::Test, t.eval_batch_size)?;
+            if let Some(r) = &r {
+                log.write(json!({"step": step, "split": "test", "model": k.name, "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
+            }
+            k.report.test = r;
+        }
     }
     Ok(TrainReport {
         steps: step,
         final_checkpoint,
         val: val_report,
         test,
-        teacher_val,
-        teacher_test,
+        shadows: shadows.into_iter().map(|k| k.report).collect(),
         tokens_per_s: (total_tokens - restored_tokens.min(total_tokens)) as f64 / step_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),
     })
