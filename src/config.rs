@@ -271,6 +271,7 @@ pub struct TrainConfig {
     pub augment: crate::data::augment::AugmentConfig,
     pub noisy_student: crate::algo::NoisyStudentConfig,
     pub average: crate::algo::AverageConfig,
+    pub adversarial: crate::algo::adversarial::AdversarialConfig,
 }
 
 impl TrainConfig {
@@ -534,6 +535,9 @@ impl Validate for TrainConfig {
         }
         crate::algo::Recipe::resolve(self.knobs(), origin)?;
         self.average.validate(origin)?;
+        if let Err((field, msg)) = self.adversarial.validate() {
+            return bad(field, msg);
+        }
         if let Err((field, msg)) = self.augment.validate() {
             return bad(field, msg);
         }

@@ -298,6 +298,43 @@ fn whole_model_with_hidden_layers_and_dropout() {
     }
 }
 
+/// The adversarial perturbation's gradient: with `delta` added to the pooled embedding
+/// (`BagModel::forward_perturbed`), the backward pass's ∂loss/∂pooled is ∂loss/∂delta, with
+/// dropout and hidden layers in between.
+#[test]
+fn gradient_with_respect_to_the_adversarial_perturbation() {
+    let be = B::new();
+    let spec = BagSpec {
+        buckets: 6,
+        dim: 4,
+        hidden: vec![5],
+        activation: Activation::Tanh,
+        embed_dropout: 0.3,
+        hidden_dropout: 0.2,
+        classes: 3,
+    };
+    let model = BagModel::new(spec);
+    let params = randn(model.layout.total(), 31);
+    let b = batch();
+    let key = Some(DropoutKey { seed: 2, step: 4, site: 0, pass: 0, row: 0 });
+    let kind = LossKind::CrossEntropy { smoothing: 0.0 };
+    let loss_at = |delta: &[f64]| {
+        let mut acts = Activations::new(&be, &model);
+        model.forward_perturbed(&be, &params, &b, b.len(), key, Some(&delta.to_vec()), &mut acts);
+        let (mut g, mut rl) = (vec![], vec![]);
+        be.softmax_loss(&acts.logits, 3, &b, kind, 1.0, &mut g, &mut rl)
+    };
+    let mut delta = randn(b.len() * 4, 32);
+    let mut acts = Activations::new(&be, &model);
+    model.forward_perturbed(&be, &params, &b, b.len(), key, Some(&delta), &mut acts);
+    let (mut dlogits, mut rl) = (vec![], vec![]);
+    be.softmax_loss(&acts.logits, 3, &b, kind, 1.0, &mut dlogits, &mut rl);
+    let (mut grads, mut ddelta) = (vec![0.0; model.dense_len()], vec![]);
+    model.backward_dense(&be, &params, &acts, &dlogits, &mut grads, &mut ddelta);
+    let coords: Vec<usize> = (0..delta.len()).collect();
+    check("∂loss/∂delta", &mut delta, &coords, &ddelta, &mut |d| loss_at(d));
+}
+
 mod consistency_op {
     //! The fused consistency op (`Backend::consistency`) by finite differences: every kind,
     //! both sides, temperatures, a bias, row weights, the confidence mask and class

@@ -244,6 +244,56 @@ fn averaged_weights_are_saved_evaluated_and_loadable() {
 }
 
 #[test]
+fn adversarial_training_learns_and_resumes_exactly() {
+    // FGM on a supervised run learns the separable task.
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let r = run(
+        &cfg(
+            &data,
+            &dir.path().join("fgm"),
+            &["adversarial.kind=\"fgm\"", "adversarial.epsilon=0.5", "train.epochs=8", "train.log_every=5"],
+        ),
+        Resume::No,
+        None,
+    )
+    .unwrap();
+    assert!(r.test.unwrap().accuracy > 0.9);
+    let log = std::fs::read_to_string(dir.path().join("fgm/metrics.jsonl")).unwrap();
+    // The perturbation is an ascent direction: the loss at e + r exceeds the loss at e in
+    // every logged window.
+    let mut windows = 0;
+    for v in log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
+        if let (Some(adv), Some(sup)) = (v["loss_adversarial"].as_f64(), v["loss_supervised"].as_f64()) {
+            assert!(adv > sup, "step {}: adversarial loss {adv} ≤ clean loss {sup}", v["step"]);
+            windows += 1;
+        }
+    }
+    assert!(windows > 3, "no adversarial loss logged");
+    // Every kind resumes bit for bit (Fast-FGSM's random start and VAT's probe included),
+    // with the fused SGD table update turned off by the adversarial pass.
+    for kind in ["fgm", "pgd", "fast_fgsm"] {
+        let set = format!("adversarial.kind=\"{kind}\"");
+        assert_resume_is_exact(&[
+            set.as_str(),
+            "model.hidden=[8]",
+            "model.embed_dropout=0.2",
+            "adversarial.norm=\"batch\"",
+        ]);
+    }
+    assert_resume_is_exact(&[&FUSED_SGD[..], &["adversarial.kind=\"fgm\""]].concat());
+    assert_resume_is_exact_on(
+        semi_supervised,
+        &[
+            "method=\"mean_teacher\"",
+            "adversarial.kind=\"vat\"",
+            "adversarial.epsilon=2.0",
+            "train.checkpoint_every=11",
+        ],
+    );
+}
+
+#[test]
 fn resume_is_bitwise_identical_with_a_temporal_ensembling_bank() {
     // The bank over labeled and unlabeled rows in f16, and over the labeled rows alone in
     // f32; one epoch of the labeled split is 3 steps, so the weight is on after step 3.
@@ -442,6 +492,9 @@ fn bad_training_configs_name_their_field() {
         (&["method=\"uda\"", "consistency.stabiliser_momentum=1"][..], "consistency.stabiliser_momentum"),
         (&["augment.deletion=1"][..], "augment.deletion"),
         (&["augment.span=0"][..], "augment.span"),
+        (&["adversarial.epsilon=0"][..], "adversarial.epsilon"),
+        (&["adversarial.steps=0"][..], "adversarial.steps"),
+        (&["adversarial.kind=\"pgdd\""][..], "adversarial.kind"),
         (&["method=\"uda\"", "augment.consistency_passes=true"][..], "augment.consistency_passes"),
         (&["loss.kind=\"focal\"", "loss.tsa=\"log\""][..], "loss.tsa"),
     ] {

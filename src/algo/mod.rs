@@ -19,6 +19,7 @@
 //! UDA and FixMatch take the stabilisers of §10b ([`stabilise`]): distribution alignment
 //! and FlexMatch or FreeMatch thresholds.
 
+pub mod adversarial;
 pub mod consistency;
 pub mod ramp;
 pub mod shadow;

@@ -452,6 +452,12 @@ impl<F: Real> Backend for Cpu<F> {
         buf[range].par_iter_mut().with_min_len(4096).for_each(|x| *x = *x * f);
     }
 
+    fn axpy(&self, y: &mut Vec<F>, x: &Vec<F>, alpha: f64) {
+        assert_eq!(y.len(), x.len(), "axpy: lengths differ");
+        let a = F::of(alpha);
+        y.par_iter_mut().with_min_len(4096).zip(x.par_iter()).for_each(|(y, &x)| *y += a * x);
+    }
+
     fn adamw(
         &self,
         params: &mut Vec<F>,

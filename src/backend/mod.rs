@@ -424,6 +424,8 @@ pub trait Backend: Sync {
     fn sq_norm(&self, buf: &Self::Buf, range: std::ops::Range<usize>) -> f64;
     /// `buf[range] *= factor`.
     fn scale(&self, buf: &mut Self::Buf, range: std::ops::Range<usize>, factor: f64);
+    /// `y += alpha·x` elementwise (equal lengths).
+    fn axpy(&self, y: &mut Self::Buf, x: &Self::Buf, alpha: f64);
 
     /// AdamW on one tensor, one pass over `slot` of `params`, `grads`, `m`, `v`:
     /// `m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²; p −= lr·(m̂/(√v̂ + ε) + wd·p)`.

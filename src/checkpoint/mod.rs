@@ -121,6 +121,9 @@ pub struct LogWindow {
     pub passed: u64,
     /// Steps in the window.
     pub steps: u64,
+    /// The adversarial term: Σ of its weighted loss, and the micro-batches that had one.
+    pub adv_sum: f64,
+    pub adv_count: u64,
     /// Training-signal annealing: labeled rows seen and dropped.
     pub tsa_rows: u64,
     pub tsa_dropped: u64,

@@ -160,10 +160,31 @@ impl BagModel {
         dropout: Option<DropoutKey>,
         acts: &mut Activations<B>,
     ) {
+        self.forward_perturbed(be, params, batch, n, dropout, None, acts)
+    }
+
+    /// [`BagModel::forward`] with `delta` (n×D) added to the pooled embedding before its
+    /// dropout: the adversarial perturbation of the gathered embedding vectors (adding r to
+    /// every vector a document gathers adds r to their mean). The backward pass's
+    /// `∂loss/∂pooled` ([`BagModel::backward_dense`]) is then `∂loss/∂delta`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_perturbed<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        batch: &B::Batch,
+        n: usize,
+        dropout: Option<DropoutKey>,
+        delta: Option<&B::Buf>,
+        acts: &mut Activations<B>,
+    ) {
         acts.n = n;
         acts.key = dropout;
         let site = |s: u32| dropout.map(|k| DropoutKey { site: s, ..k });
         be.embedding_bag_forward(params, self.table, batch, &mut acts.x0);
+        if let Some(d) = delta {
+            be.axpy(&mut acts.x0, d, 1.0);
+        }
         if let Some(key) = site(0) {
             be.dropout(self.spec.embed_dropout, key, self.spec.dim, &mut acts.x0);
         }

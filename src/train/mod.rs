@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::algo::adversarial::{self as advx, AdversarialConfig, AdversarialKind};
 use crate::algo::consistency::ConsistencyOp;
 use crate::algo::ramp;
 use crate::algo::shadow::{AlphaRule, Shadow};
@@ -425,7 +426,11 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     // Host copies of targets read from a file (the bank, exported logits) and of row weights.
     let (mut target_host, mut weight_host) = (Vec::new(), Vec::new());
     let mut table = TableAcc::new(&be, model.spec.dim);
-    let fused = opt.fuses_table();
+    // The fused table update changes the table during the backward pass; an adversarial pass
+    // reads it afterwards, so it needs the update deferred to the optimizer step.
+    let adversarial = cfg.adversarial.kind != AdversarialKind::None;
+    let fused = opt.fuses_table() && !adversarial;
+    let mut adv = AdversarialBuffers::new(&be, &model);
     let table_mult = opt.lr_of(&model.layout, model.table, 1.0);
     let beta1 = cfg.optim.beta1;
     let mut total_tokens = 0u64;
@@ -610,6 +615,25 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             step_loss += total_loss / accum as f64;
             let table_lr = fused.then_some(lr * table_mult);
             table.backward(&be, &model, &mut params, &dev, &p0.acts, &p0.dlogits, &mut grads, table_lr);
+            if adversarial {
+                let g0 = be.download(&table.dpooled);
+                let a = AdversarialPass { be: &be, model: &model, dev: &dev, n, n_l, key, accum, loss: kind };
+                let adv_loss = a.run(
+                    &cfg.adversarial,
+                    &mut params,
+                    &p0.acts.logits,
+                    &g0,
+                    &mut grads,
+                    &mut table,
+                    &mut adv,
+                );
+                if !adv_loss.is_finite() {
+                    return Err(Error::Data(format!("the adversarial loss became {adv_loss} at step {step}: lower adversarial.epsilon or adversarial.weight")));
+                }
+                step_loss += adv_loss / accum as f64;
+                win.adv_sum += adv_loss;
+                win.adv_count += 1;
+            }
             if second_grad {
                 table.backward(&be, &model, &mut params, dev1, &p1.acts, &p1.dlogits, &mut grads, table_lr);
             }
@@ -676,6 +700,9 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                     rec["pseudo_label_accuracy_masked"] =
                         json!(win.pl_passed_correct as f64 / win.pl_passed as f64);
                 }
+            }
+            if win.adv_count > 0 {
+                rec["loss_adversarial"] = json!(win.adv_sum / win.adv_count as f64);
             }
             if win.tsa_rows > 0 {
                 rec["tsa_dropped"] = json!(win.tsa_dropped as f64 / win.tsa_rows as f64);
@@ -990,5 +1017,170 @@ fn pseudo_label_diagnostics(
             win.pl_passed += 1;
             win.pl_passed_correct += right;
         }
+    }
+}
+
+/// Buffers of the adversarial passes, reused every step.
+struct AdversarialBuffers {
+    acts: Activations<Cpu<f32>>,
+    dlogits: Vec<f32>,
+    row_loss: Vec<f32>,
+    rows: Vec<f32>,
+    /// Parameter gradients of the ascent passes, discarded: only ∂loss/∂r is wanted.
+    scratch: Vec<f32>,
+    dpooled: Vec<f32>,
+}
+
+impl AdversarialBuffers {
+    fn new(be: &Cpu<f32>, model: &BagModel) -> Self {
+        AdversarialBuffers {
+            acts: Activations::new(be, model),
+            dlogits: Vec::new(),
+            row_loss: Vec::new(),
+            rows: Vec::new(),
+            scratch: be.zeros(model.dense_len()),
+            dpooled: Vec::new(),
+        }
+    }
+}
+
+/// One micro-batch's adversarial term (METHODS.md §9, `algo::adversarial`): the
+/// perturbation r of the pooled embeddings, then a pass at e + r whose loss's gradient is
+/// added to the step's. Every pass keeps the first pass's dropout masks, so only r differs.
+struct AdversarialPass<'a> {
+    be: &'a Cpu<f32>,
+    model: &'a BagModel,
+    dev: &'a HostBatch,
+    n: usize,
+    n_l: usize,
+    key: DropoutKey,
+    accum: u64,
+    loss: LossKind,
+}
+
+impl AdversarialPass<'_> {
+    /// The loss at `e + r` into `buf.dlogits` (scaled by `weight`): cross-entropy on the
+    /// labeled rows, or for VAT KL(sg(p(e)) ‖ p(e + r)) on every row. Returns the loss's
+    /// mean.
+    fn loss_at(
+        &self,
+        cfg: &AdversarialConfig,
+        params: &Vec<f32>,
+        clean: &Vec<f32>,
+        r: &Vec<f32>,
+        weight: f64,
+        buf: &mut AdversarialBuffers,
+    ) -> f64 {
+        let (be, classes) = (self.be, self.model.spec.classes);
+        self.model.forward_perturbed(be, params, self.dev, self.n, Some(self.key), Some(r), &mut buf.acts);
+        if cfg.kind == AdversarialKind::Vat {
+            buf.dlogits = be.zeros(self.n * classes);
+            let op = crate::algo::consistency::ConsistencyOp {
+                kind: crate::algo::consistency::ConsistencyKind::Kl,
+                form: crate::algo::consistency::TargetForm::Logits,
+                temperature: 1.0,
+                threshold: 0.0,
+                scale: weight / (self.n as f64 * self.accum as f64),
+            };
+            let out = be.consistency(
+                &op,
+                &buf.acts.logits,
+                0,
+                clean,
+                self.n,
+                classes,
+                &ConsistencyAux::default(),
+                &mut buf.dlogits,
+                None,
+                &mut buf.rows,
+            );
+            out.loss_sum / self.n as f64
+        } else {
+            let scale = (weight / (self.n_l as f64 * self.accum as f64)) as f32;
+            let sum = be.softmax_loss(
+                &buf.acts.logits,
+                classes,
+                self.dev,
+                self.loss,
+                scale,
+                &mut buf.dlogits,
+                &mut buf.row_loss,
+            );
+            sum / self.n_l as f64
+        }
+    }
+
+    /// ∂loss/∂r at `r` (the ascent passes: parameter gradients discarded).
+    fn grad_at(
+        &self,
+        cfg: &AdversarialConfig,
+        params: &mut Vec<f32>,
+        clean: &Vec<f32>,
+        r: &Vec<f32>,
+        buf: &mut AdversarialBuffers,
+    ) -> Vec<f32> {
+        self.loss_at(cfg, params, clean, r, 1.0, buf);
+        self.be.fill_zero(&mut buf.scratch);
+        self.model.backward_dense(
+            self.be,
+            params,
+            &buf.acts,
+            &buf.dlogits,
+            &mut buf.scratch,
+            &mut buf.dpooled,
+        );
+        buf.dpooled.clone()
+    }
+
+    /// Finds r as `cfg` says, runs the adversarial pass and adds its gradient into `grads`
+    /// and the table's; returns the weighted loss's mean.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        cfg: &AdversarialConfig,
+        params: &mut Vec<f32>,
+        clean: &Vec<f32>,
+        g0: &[f32],
+        grads: &mut Vec<f32>,
+        table: &mut TableAcc<Cpu<f32>>,
+        buf: &mut AdversarialBuffers,
+    ) -> f64 {
+        let dim = self.model.spec.dim;
+        let (eps, scope) = (cfg.epsilon, cfg.norm);
+        let zero = || vec![0.0f32; self.n * dim];
+        let noise_key = crate::backend::mix64(self.key.base() ^ 0xad5e_ed00);
+        let r = match cfg.kind {
+            AdversarialKind::None => return 0.0,
+            AdversarialKind::Fgm => {
+                let mut r = zero();
+                advx::ascend(&mut r, g0, dim, scope, eps);
+                r
+            }
+            AdversarialKind::Pgd | AdversarialKind::FastFgsm => {
+                let (mut r, steps) = if cfg.kind == AdversarialKind::Pgd {
+                    (zero(), cfg.steps)
+                } else {
+                    // A random start inside the ball: a random direction, radius ε·u.
+                    let u = (noise_key >> 11) as f64 / (1u64 << 53) as f64;
+                    (advx::random_direction(self.n, dim, scope, eps * u, noise_key), 1)
+                };
+                for _ in 0..steps {
+                    let g = self.grad_at(cfg, params, clean, &r, buf);
+                    advx::ascend(&mut r, &g, dim, scope, cfg.step());
+                    advx::project(&mut r, dim, scope, eps);
+                }
+                r
+            }
+            AdversarialKind::Vat => {
+                let d = advx::random_direction(self.n, dim, scope, cfg.xi, noise_key);
+                let g = self.grad_at(cfg, params, clean, &d, buf);
+                let mut r = zero();
+                advx::ascend(&mut r, &g, dim, scope, eps);
+                r
+            }
+        };
+        let loss = self.loss_at(cfg, params, clean, &r, cfg.weight, buf);
+        table.backward(self.be, self.model, params, self.dev, &buf.acts, &buf.dlogits, grads, None);
+        cfg.weight * loss
     }
 }

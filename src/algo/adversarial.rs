@@ -1,0 +1,206 @@
+//! Adversarial training on the input embeddings (METHODS.md §9): FGM, PGD, Fast-FGSM and
+//! VAT, added to any method. This module holds their settings and the perturbation
+//! arithmetic (normalising a gradient into the ε-ball, projecting onto it); the training
+//! step runs the extra passes.
+//!
+//! **Where the perturbation lives.** For a bag model the input embeddings are the vectors a
+//! document gathers from the table; the pooled vector is their mean. The gradient with
+//! respect to each gathered vector is the same, ∂L/∂pooled / len, so FGM's r is the same
+//! vector for every position of a document, and adding it to every gathered vector adds it
+//! to the pooled vector. dtrain therefore perturbs the pooled vector (before its dropout)
+//! and measures norms there: r = ε·g/‖g‖ with g = ∂L/∂pooled. (Measured over the gathered
+//! vectors, the norm of the same perturbation is √len times larger, so ε here equals
+//! ε·√len there.)
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::mix64;
+
+/// Which adversarial term (`adversarial.kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdversarialKind {
+    #[default]
+    None,
+    /// One step along the loss's gradient: r = ε·g/‖g‖.
+    Fgm,
+    /// `steps` ascent steps of size `step_size`, each projected back into the ε-ball.
+    Pgd,
+    /// A random start in the ε-ball, then one ascent step of size `step_size`.
+    FastFgsm,
+    /// Virtual adversarial training: no labels; r from one power iteration on
+    /// KL(sg(p(e)) ‖ p(e + r)).
+    Vat,
+}
+
+/// How ‖g‖ is taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormScope {
+    /// Per document (the default): each row of r has norm ε.
+    #[default]
+    Sample,
+    /// Over the whole batch: r has norm ε in all.
+    Batch,
+}
+
+/// `[adversarial]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdversarialConfig {
+    pub kind: AdversarialKind,
+    /// The radius ε of the perturbation (in the pooled vector's space).
+    pub epsilon: f64,
+    pub norm: NormScope,
+    /// PGD's ascent steps K.
+    pub steps: u32,
+    /// The size of each ascent step (PGD, Fast-FGSM); 0: ε/K·2.5 for PGD, 1.25·ε for
+    /// Fast-FGSM (their papers' choices).
+    pub step_size: f64,
+    /// VAT's probe radius ξ.
+    pub xi: f64,
+    /// Weight of the adversarial pass's loss.
+    pub weight: f64,
+}
+
+impl Default for AdversarialConfig {
+    fn default() -> Self {
+        AdversarialConfig {
+            kind: AdversarialKind::None,
+            epsilon: 1.0,
+            norm: NormScope::Sample,
+            steps: 3,
+            step_size: 0.0,
+            xi: 1e-6,
+            weight: 1.0,
+        }
+    }
+}
+
+impl AdversarialConfig {
+    /// Checks the rules; `Err((field, rule))`.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        let pos = |v: f64| v.is_finite() && v > 0.0;
+        if !pos(self.epsilon) {
+            return Err(("adversarial.epsilon", "must be a positive number"));
+        }
+        if self.steps < 1 || self.steps > 100 {
+            return Err(("adversarial.steps", "must be in 1..=100"));
+        }
+        if !(self.step_size.is_finite() && self.step_size >= 0.0) {
+            return Err(("adversarial.step_size", "must be at least 0 (0: the method's default)"));
+        }
+        if !pos(self.xi) {
+            return Err(("adversarial.xi", "must be a positive number"));
+        }
+        if !(self.weight.is_finite() && self.weight >= 0.0) {
+            return Err(("adversarial.weight", "must be at least 0"));
+        }
+        Ok(())
+    }
+
+    /// The ascent step size in effect.
+    pub fn step(&self) -> f64 {
+        match (self.step_size, self.kind) {
+            (s, _) if s > 0.0 => s,
+            (_, AdversarialKind::FastFgsm) => 1.25 * self.epsilon,
+            _ => 2.5 * self.epsilon / f64::from(self.steps),
+        }
+    }
+}
+
+/// The squared norms of `g` (rows of `dim`) that `scope` divides by: one per row, or the
+/// batch's for every row.
+fn norms(g: &[f32], dim: usize, scope: NormScope) -> Vec<f64> {
+    let rows: Vec<f64> =
+        g.chunks(dim).map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum()).collect();
+    match scope {
+        NormScope::Sample => rows.iter().map(|s| s.sqrt()).collect(),
+        NormScope::Batch => vec![rows.iter().sum::<f64>().sqrt(); rows.len()],
+    }
+}
+
+/// `r ← r + size·g/‖g‖` (rows with a zero gradient stay), in place.
+pub fn ascend(r: &mut [f32], g: &[f32], dim: usize, scope: NormScope, size: f64) {
+    for ((rr, gr), n) in r.chunks_mut(dim).zip(g.chunks(dim)).zip(norms(g, dim, scope)) {
+        if n > 0.0 {
+            for (x, &v) in rr.iter_mut().zip(gr) {
+                *x = (f64::from(*x) + size * f64::from(v) / n) as f32;
+            }
+        }
+    }
+}
+
+/// Projects `r` back into the ε-ball (per row, or for the whole batch).
+pub fn project(r: &mut [f32], dim: usize, scope: NormScope, epsilon: f64) {
+    let n = norms(r, dim, scope);
+    for (rr, n) in r.chunks_mut(dim).zip(n) {
+        if n > epsilon {
+            let f = epsilon / n;
+            rr.iter_mut().for_each(|x| *x = (f64::from(*x) * f) as f32);
+        }
+    }
+}
+
+/// A random direction of `rows × dim`, each row (or the batch) scaled to norm `radius`,
+/// drawn from `key` (deterministic).
+pub fn random_direction(rows: usize, dim: usize, scope: NormScope, radius: f64, key: u64) -> Vec<f32> {
+    let g: Vec<f32> = (0..rows * dim)
+        .map(|i| {
+            // A sum of two uniforms: symmetric about 0, every direction possible.
+            let a = (mix64(key ^ mix64(2 * i as u64)) >> 11) as f64 / (1u64 << 53) as f64;
+            let b = (mix64(key ^ mix64(2 * i as u64 + 1)) >> 11) as f64 / (1u64 << 53) as f64;
+            (a + b - 1.0) as f32
+        })
+        .collect();
+    let mut d = vec![0.0f32; g.len()];
+    ascend(&mut d, &g, dim, scope, radius);
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(v: &[f32]) -> f64 {
+        v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+    }
+
+    #[test]
+    fn ascend_and_project_keep_the_ball() {
+        let g = [3.0f32, 4.0, 0.0, 0.0, 1.0, 0.0];
+        let mut r = vec![0.0f32; 6];
+        ascend(&mut r, &g, 3, NormScope::Sample, 2.0);
+        // Row 0: 2·(3,4,0)/5; row 1: 2·(0,1,0).
+        assert_eq!(r, [1.2, 1.6, 0.0, 0.0, 2.0, 0.0]);
+        ascend(&mut r, &g, 3, NormScope::Sample, 2.0);
+        project(&mut r, 3, NormScope::Sample, 2.0);
+        assert!((norm(&r[..3]) - 2.0).abs() < 1e-6 && (norm(&r[3..]) - 2.0).abs() < 1e-6);
+        let mut b = vec![0.0f32; 6];
+        ascend(&mut b, &g, 3, NormScope::Batch, 1.0);
+        assert!((norm(&b) - 1.0).abs() < 1e-6);
+        // A zero gradient leaves its row alone.
+        let mut z = vec![0.5f32; 3];
+        ascend(&mut z, &[0.0; 3], 3, NormScope::Sample, 1.0);
+        assert_eq!(z, [0.5; 3]);
+    }
+
+    #[test]
+    fn random_directions_have_the_radius_and_depend_on_the_key() {
+        let d = random_direction(4, 10, NormScope::Sample, 0.5, 9);
+        for row in d.chunks(10) {
+            assert!((norm(row) - 0.5).abs() < 1e-6);
+        }
+        assert_eq!(d, random_direction(4, 10, NormScope::Sample, 0.5, 9));
+        assert_ne!(d, random_direction(4, 10, NormScope::Sample, 0.5, 10));
+    }
+
+    #[test]
+    fn default_step_sizes() {
+        let c =
+            AdversarialConfig { kind: AdversarialKind::Pgd, epsilon: 1.0, steps: 5, ..Default::default() };
+        assert_eq!(c.step(), 0.5);
+        let c = AdversarialConfig { kind: AdversarialKind::FastFgsm, epsilon: 2.0, ..Default::default() };
+        assert_eq!(c.step(), 2.5);
+    }
+}
