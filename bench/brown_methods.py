@@ -45,6 +45,9 @@ GRID = {
     "noisy_student": {"consistency.weight": [0.3, 1.0, 3.0], "consistency.kind": ['"kl"', '"ce_hard"'],
                       "unlabeled.ratio": [1, 3]},
 }
+# --dropout-grid adds the dropout of the pooled embedding to the grids of the methods
+# whose configs fix it (their student's noise), with these values.
+DROPOUT_GRID = [0.0, 0.5]
 # Unscaled weights in the grid: w_max is what the grid says.
 FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
          "mean_teacher": ["consistency.scale_by_labeled_ratio=false"],
@@ -138,7 +141,11 @@ def main():
     ap.add_argument("--methods", nargs="+", default=list(GRID))
     ap.add_argument("--json")
     ap.add_argument("--pretrained", action="store_true")
+    ap.add_argument("--dropout-grid", action="store_true")
     a = ap.parse_args()
+    if a.dropout_grid:
+        for m in ("uda", "fixmatch", "noisy_student"):
+            GRID[m] = {"model.embed_dropout": DROPOUT_GRID, **GRID[m]}
     if a.pretrained:
         EXTRA["sets"] = lambda seed: pretrained_sets(a.dtrain, a.data_root, seed)
         if a.out == "runs/brown_methods":
@@ -186,7 +193,7 @@ def main():
         dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
         cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
         result.setdefault("provenance", {})["+".join(a.methods)] = dict(
-            command=f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
+            command=f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}{'--dropout-grid ' if a.dropout_grid else ''}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
             date=time.strftime("%Y-%m-%d"), git=rev + (" (with uncommitted changes to src/)" if dirty else ""),
             cpu=cpu, cores=os.cpu_count())
         with open(a.json, "w") as f:
