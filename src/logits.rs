@@ -142,6 +142,11 @@ impl LogitsFile {
         Ok(())
     }
 
+    /// The xxh3_64 of the file's contents (from its header; checked at open).
+    pub fn body_checksum(&self) -> u64 {
+        u64::from_le_bytes(self.map[56..64].try_into().expect("8 bytes"))
+    }
+
     /// The logits of one sample.
     pub fn row(&self, id: RowId) -> &[f32] {
         let r = self.starts[id.shard as usize] + u64::from(id.row);

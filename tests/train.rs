@@ -893,6 +893,11 @@ fn export_logits_and_noisy_student() {
             == read(&resumed.final_checkpoint, "model.safetensors")
     );
     assert_eq!(loss_curve(&dir.path().join("ns")), loss_curve(&dir.path().join("ns2")));
+    // Another logits file at the same path: resuming is refused.
+    let (_, m2, p2) = dtrain::checkpoint::load_model(&straight.final_checkpoint).unwrap();
+    dtrain::logits::export(&m2, &p2, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
+    let e = run(&c, Resume::From(resumed.final_checkpoint.clone()), None).unwrap_err().to_string();
+    assert!(e.contains("another noisy_student.logits file"), "{e}");
     // Without the file, the config names the field.
     let o: Vec<Override> = ["data.dir=\"x\"", "train.out_dir=\"y\"", "method=\"noisy_student\""]
         .iter()

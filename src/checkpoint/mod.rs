@@ -38,7 +38,7 @@ use crate::optim::schedule::Plateau;
 /// Magic bytes of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";
 /// Version of `state.bin`.
-pub const STATE_VERSION: u32 = 3;
+pub const STATE_VERSION: u32 = 4;
 /// Which weights of a checkpoint to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
@@ -88,6 +88,9 @@ pub struct TrainState {
     /// EMA/SWA weights, those the run keeps), whose rows are all up to date in the
     /// checkpoint; 0 where not lazy.
     pub shadow_logs: Vec<f64>,
+    /// The body checksum of Noisy Student's logits file (0 without one), so that a resume
+    /// on a file replaced at the same path is refused.
+    pub logits_checksum: u64,
     /// UDA's and FixMatch's stabilisers (distribution alignment, FlexMatch, FreeMatch).
     pub stabiliser: crate::algo::stabilise::StabiliserState,
     /// Reduce-on-plateau state.

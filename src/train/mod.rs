@@ -142,8 +142,10 @@ pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     c.train.checkpoint_every = 0;
     c.train.keep_checkpoints = 0;
     c.train.eval_batch_size = 0;
-    // The data is identified by its manifest checksum (in the state), not by its path.
+    // The data is identified by its manifest checksum (in the state), not by its path; so
+    // is Noisy Student's logits file (by its contents' checksum).
     c.data.dir = PathBuf::new();
+    c.noisy_student.logits = c.noisy_student.logits.map(|_| PathBuf::new());
     xxh3_64(serde_json::to_string(&c).expect("config serialises").as_bytes())
 }
 
@@ -325,6 +327,13 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             ));
         }
         let (mm, vv, state) = checkpoint::load_train(dir, &model, (opt.m.len(), opt.v.len()))?;
+        let logits_now = teacher_logits_checksum(cfg)?;
+        if state.logits_checksum != logits_now {
+            return Err(Error::bad_file(
+                dir,
+                "the checkpoint was trained on another noisy_student.logits file (its contents differ)",
+            ));
+        }
         if state.config_hash != config_hash {
             return Err(Error::bad_file(dir, "the checkpoint was written with a different training config"));
         }
@@ -376,6 +385,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             seed: t.seed,
             buckets: manifest.tokenizer.buckets,
             per_pass,
+            second_pass: matches!(recipe.target, TargetSource::SecondPass { .. } | TargetSource::Teacher),
         });
     let mut stabiliser = (recipe.target == TargetSource::WeakView).then(|| {
         let sizes: Vec<usize> = ds.shards(SplitKind::Unlabeled).iter().map(|s| s.len()).collect();
@@ -758,6 +768,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 cursors: loader.cursors().to_vec(),
                 unlabeled_cursors: uloader.as_ref().map_or(Vec::new(), |u| u.cursors().to_vec()),
                 shadow_logs: shadows.iter().map(|k| k.shadow.log_now()).collect(),
+                logits_checksum: teacher_logits.as_ref().map_or(0, |f| f.body_checksum()),
                 stabiliser: stabiliser.as_ref().map_or_else(Default::default, |s| s.state.clone()),
                 plateau,
                 config_hash,
@@ -921,6 +932,9 @@ struct StrongView {
     seed: u64,
     buckets: u32,
     per_pass: bool,
+    /// Whether the step runs a second pass over the same rows (Π, Mean Teacher, R-Drop;
+    /// Temporal Ensembling has none), which then gets its own view.
+    second_pass: bool,
 }
 
 impl StrongView {
@@ -964,7 +978,7 @@ fn next_micro(
     }
     let mut second = None;
     if let Some(sv) = strong.filter(|sv| sv.per_pass) {
-        second = Some(sv.view(&batch, &rows, &epochs, 1));
+        second = sv.second_pass.then(|| sv.view(&batch, &rows, &epochs, 1));
         batch = sv.view(&batch, &rows, &epochs, 0);
     }
     Ok(Micro { batch, second, weak, rows, hidden })
@@ -1182,5 +1196,13 @@ impl AdversarialPass<'_> {
         let loss = self.loss_at(cfg, params, clean, &r, cfg.weight, buf);
         table.backward(self.be, self.model, params, self.dev, &buf.acts, &buf.dlogits, grads, None);
         cfg.weight * loss
+    }
+}
+
+/// The body checksum of the run's exported-logits file (Noisy Student), 0 without one.
+fn teacher_logits_checksum(cfg: &TrainConfig) -> Result<u64> {
+    match (&cfg.noisy_student.logits, cfg.method) {
+        (Some(path), Method::NoisyStudent) => Ok(LogitsFile::open(path)?.body_checksum()),
+        _ => Ok(0),
     }
 }
