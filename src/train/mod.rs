@@ -3,8 +3,10 @@
 //! optimizer, EMA teacher), logging to a progress bar and `metrics.jsonl`, periodic evaluation and
 //! checkpoints, and exact resume.
 
+mod adversarial;
 pub mod eval;
 pub mod metrics;
+mod step;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,15 +16,15 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::algo::adversarial::{self as advx, AdversarialConfig, AdversarialKind};
+use crate::algo::adversarial::AdversarialKind;
 use crate::algo::consistency::ConsistencyOp;
 use crate::algo::ramp;
 use crate::algo::shadow::{AlphaRule, Shadow};
 use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
 use crate::algo::{Method, TargetSource};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, SparseRows};
-use crate::bank::{Bank, BankSettings, RowId};
+use crate::backend::{Backend, ConsistencyAux, DropoutKey, LossKind};
+use crate::bank::{Bank, BankSettings};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
 use crate::data::dataset::Dataset;
@@ -30,10 +32,15 @@ use crate::data::loader::Loader;
 use crate::data::shard::SplitKind;
 use crate::error::{Error, IoContext, Result};
 use crate::logits::LogitsFile;
-use crate::model::bag::{Activations, BagModel, BagSpec};
+use crate::model::bag::{BagModel, BagSpec};
 use crate::optim::schedule::Plateau;
 use crate::optim::{Optimizer, TableGrad};
+use adversarial::{AdversarialBuffers, AdversarialPass};
 use metrics::EvalReport;
+use step::{
+    drop_confident_rows, next_micro, pseudo_label_diagnostics, touched_rows, Pass, StrongView, TableAcc,
+    SECOND_PASS,
+};
 
 /// Where to start from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -817,386 +824,6 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         tokens_per_s: (total_tokens - restored_tokens.min(total_tokens)) as f64 / step_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// The `pass` bit of a step's second forward pass (Π, R-Drop, the teacher), so that its
-/// dropout masks differ from the first pass's.
-const SECOND_PASS: u32 = 1 << 20;
-
-/// One forward pass's activations and the gradient of its logits.
-struct Pass<B: Backend> {
-    acts: Activations<B>,
-    dlogits: B::Buf,
-}
-
-impl<B: Backend> Pass<B> {
-    fn new(be: &B, model: &BagModel) -> Self {
-        Pass { acts: Activations::new(be, model), dlogits: be.zeros(0) }
-    }
-}
-
-/// The embedding table's gradient over the backward passes of one step: formed as sparse
-/// rows (summed over passes and micro-batches), or applied by fused SGD as each pass goes.
-struct TableAcc<B: Backend> {
-    grad: SparseRows<B::Buf>,
-    extra: SparseRows<B::Buf>,
-    dpooled: B::Buf,
-    /// Whether `grad` holds a pass's gradient yet.
-    any: bool,
-    /// Skip forming the gradient (fused SGD at a step whose norm is not logged).
-    skip: bool,
-}
-
-impl<B: Backend> TableAcc<B> {
-    fn new(be: &B, dim: usize) -> Self {
-        TableAcc {
-            grad: SparseRows::new(be.zeros(0), dim),
-            extra: SparseRows::new(be.zeros(0), dim),
-            dpooled: be.zeros(0),
-            any: false,
-            skip: false,
-        }
-    }
-
-    /// Starts a step; `skip`: do not form the gradient.
-    fn start(&mut self, skip: bool) {
-        self.any = false;
-        self.skip = skip;
-        self.grad.rows.clear();
-    }
-
-    /// Whether the step's table gradient was formed.
-    fn formed(&self) -> bool {
-        self.any
-    }
-
-    /// One backward pass: dense gradients into `grads`, the table's gradient added to the
-    /// step's, and, with `fused_lr`, the table's SGD update applied at once.
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &mut self,
-        be: &B,
-        model: &BagModel,
-        params: &mut B::Buf,
-        dev: &B::Batch,
-        acts: &Activations<B>,
-        dlogits: &B::Buf,
-        grads: &mut B::Buf,
-        fused_lr: Option<f64>,
-    ) {
-        model.backward_dense(be, params, acts, dlogits, grads, &mut self.dpooled);
-        if !self.skip {
-            if self.any {
-                be.embedding_bag_backward(dev, &self.dpooled, model.spec.dim, &mut self.extra);
-                let acc = std::mem::replace(&mut self.grad, SparseRows::new(be.zeros(0), model.spec.dim));
-                self.grad = be.sparse_add(acc, &self.extra);
-            } else {
-                be.embedding_bag_backward(dev, &self.dpooled, model.spec.dim, &mut self.grad);
-            }
-            self.any = true;
-        }
-        if let Some(lr) = fused_lr {
-            be.embedding_bag_sgd(params, model.table, dev, &self.dpooled, lr);
-        }
-    }
-}
-
-/// The sorted, unique table rows the batches read.
-fn touched_rows<'a>(batches: impl Iterator<Item = &'a HostBatch>) -> Vec<u32> {
-    let mut rows: Vec<u32> = batches.flat_map(|b| b.ids.iter().copied()).collect();
-    rows.sort_unstable();
-    rows.dedup();
-    rows
-}
-
-/// One micro-batch: the student's view (labeled rows, then unlabeled rows, strongly
-/// augmented for UDA and FixMatch), the weak view of the unlabeled rows where one is
-/// needed, every row's sample id, and the unlabeled rows' hidden labels (diagnostics).
-struct Micro {
-    batch: HostBatch,
-    /// The second pass's view when each pass has its own augmentation (Π, Temporal
-    /// Ensembling has no second pass, Mean Teacher's teacher, R-Drop); `batch` is then the
-    /// first pass's view.
-    second: Option<HostBatch>,
-    weak: Option<HostBatch>,
-    rows: Vec<RowId>,
-    hidden: Vec<i32>,
-}
-
-/// What the strong view needs: the augmentation, the seed, the bucket count, and whether
-/// it applies to the unlabeled rows of the student (UDA, FixMatch, Noisy Student) or to
-/// every row of each consistency pass, each pass with its own draw (Π, Temporal
-/// Ensembling, Mean Teacher, R-Drop with `augment.consistency_passes`).
-struct StrongView {
-    cfg: crate::data::augment::AugmentConfig,
-    seed: u64,
-    buckets: u32,
-    per_pass: bool,
-    /// Whether the step runs a second pass over the same rows (Π, Mean Teacher, R-Drop;
-    /// Temporal Ensembling has none), which then gets its own view.
-    second_pass: bool,
-}
-
-impl StrongView {
-    /// The strong view of the documents of `batch`, sample `ids[i]` drawn in `epochs[i]`,
-    /// for pass `pass`.
-    fn view(&self, batch: &HostBatch, ids: &[RowId], epochs: &[u64], pass: u64) -> HostBatch {
-        let mut out = HostBatch::default();
-        let mut ids_buf = Vec::new();
-        for (i, (&id, &epoch)) in ids.iter().zip(epochs).enumerate() {
-            let doc = &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize];
-            let key = crate::data::augment::sample_key(self.seed ^ crate::backend::mix64(pass), epoch, id);
-            crate::data::augment::strong(doc, self.buckets, &self.cfg, key, &mut ids_buf);
-            out.push(&ids_buf, batch.labels[i]);
-        }
-        out
-    }
-}
-
-fn next_micro(
-    ds: &Dataset,
-    loader: &mut Loader,
-    uloader: Option<&mut Loader>,
-    strong: Option<&StrongView>,
-) -> Result<Micro> {
-    let mut batch = loader.next_batch(ds)?;
-    let mut rows = loader.last_rows().to_vec();
-    let mut epochs = loader.last_epochs().to_vec();
-    let (mut weak, mut hidden) = (None, Vec::new());
-    if let Some(u) = uloader {
-        let ub = u.next_batch(ds)?;
-        hidden = u.last_hidden_labels().to_vec();
-        match strong {
-            Some(sv) if !sv.per_pass => {
-                batch.extend(&sv.view(&ub, u.last_rows(), u.last_epochs(), 0));
-                weak = Some(ub);
-            }
-            _ => batch.extend(&ub),
-        }
-        rows.extend_from_slice(u.last_rows());
-        epochs.extend_from_slice(u.last_epochs());
-    }
-    let mut second = None;
-    if let Some(sv) = strong.filter(|sv| sv.per_pass) {
-        second = sv.second_pass.then(|| sv.view(&batch, &rows, &epochs, 1));
-        batch = sv.view(&batch, &rows, &epochs, 0);
-    }
-    Ok(Micro { batch, second, weak, rows, hidden })
-}
-
-/// Training-signal annealing (METHODS.md §1): drops the labeled rows whose p_y exceeds
-/// `eta` from the supervised loss (their gradient rows are zeroed; they still count in the
-/// mean's denominator). Returns the loss removed.
-fn drop_confident_rows(
-    logits: &[f32],
-    labels: &[i32],
-    classes: usize,
-    eta: f64,
-    dlogits: &mut [f32],
-    row_loss: &[f32],
-    win: &mut LogWindow,
-) -> f64 {
-    let mut removed = 0.0;
-    for (i, z) in logits.chunks(classes).enumerate() {
-        let Ok(y) = usize::try_from(labels[i]) else { continue };
-        let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let s: f64 = z.iter().map(|&v| f64::from(v - m).exp()).sum();
-        let p_y = f64::from(z[y] - m).exp() / s;
-        win.tsa_rows += 1;
-        if p_y > eta {
-            dlogits[i * classes..(i + 1) * classes].iter_mut().for_each(|g| *g = 0.0);
-            removed += f64::from(row_loss[i]);
-            win.tsa_dropped += 1;
-        }
-    }
-    removed
-}
-
-/// Pseudo-label accuracy against the hidden labels (diagnostics only): of every unlabeled
-/// row with a known label, and of those that passed the mask.
-fn pseudo_label_diagnostics(
-    win: &mut LogWindow,
-    hidden: &[i32],
-    label: &[f32],
-    passed: impl Fn(usize) -> bool,
-) {
-    for (i, (&h, &l)) in hidden.iter().zip(label).enumerate() {
-        if h < 0 {
-            continue;
-        }
-        let right = u64::from(h == l as i32);
-        win.pl_rows += 1;
-        win.pl_correct += right;
-        if passed(i) {
-            win.pl_passed += 1;
-            win.pl_passed_correct += right;
-        }
-    }
-}
-
-/// Buffers of the adversarial passes, reused every step.
-struct AdversarialBuffers {
-    acts: Activations<Cpu<f32>>,
-    dlogits: Vec<f32>,
-    row_loss: Vec<f32>,
-    rows: Vec<f32>,
-    /// Parameter gradients of the ascent passes, discarded: only ∂loss/∂r is wanted.
-    scratch: Vec<f32>,
-    dpooled: Vec<f32>,
-}
-
-impl AdversarialBuffers {
-    fn new(be: &Cpu<f32>, model: &BagModel) -> Self {
-        AdversarialBuffers {
-            acts: Activations::new(be, model),
-            dlogits: Vec::new(),
-            row_loss: Vec::new(),
-            rows: Vec::new(),
-            scratch: be.zeros(model.dense_len()),
-            dpooled: Vec::new(),
-        }
-    }
-}
-
-/// One micro-batch's adversarial term (METHODS.md §9, `algo::adversarial`): the
-/// perturbation r of the pooled embeddings, then a pass at e + r whose loss's gradient is
-/// added to the step's. Every pass keeps the first pass's dropout masks, so only r differs.
-struct AdversarialPass<'a> {
-    be: &'a Cpu<f32>,
-    model: &'a BagModel,
-    dev: &'a HostBatch,
-    n: usize,
-    n_l: usize,
-    key: DropoutKey,
-    accum: u64,
-    loss: LossKind,
-}
-
-impl AdversarialPass<'_> {
-    /// The loss at `e + r` into `buf.dlogits` (scaled by `weight`): cross-entropy on the
-    /// labeled rows, or for VAT KL(sg(p(e)) ‖ p(e + r)) on every row. Returns the loss's
-    /// mean.
-    fn loss_at(
-        &self,
-        cfg: &AdversarialConfig,
-        params: &Vec<f32>,
-        clean: &Vec<f32>,
-        r: &Vec<f32>,
-        weight: f64,
-        buf: &mut AdversarialBuffers,
-    ) -> f64 {
-        let (be, classes) = (self.be, self.model.spec.classes);
-        self.model.forward_perturbed(be, params, self.dev, self.n, Some(self.key), Some(r), &mut buf.acts);
-        if cfg.kind == AdversarialKind::Vat {
-            buf.dlogits = be.zeros(self.n * classes);
-            let op = crate::algo::consistency::ConsistencyOp {
-                kind: crate::algo::consistency::ConsistencyKind::Kl,
-                form: crate::algo::consistency::TargetForm::Logits,
-                temperature: 1.0,
-                threshold: 0.0,
-                scale: weight / (self.n as f64 * self.accum as f64),
-            };
-            let out = be.consistency(
-                &op,
-                &buf.acts.logits,
-                0,
-                clean,
-                self.n,
-                classes,
-                &ConsistencyAux::default(),
-                &mut buf.dlogits,
-                None,
-                &mut buf.rows,
-            );
-            out.loss_sum / self.n as f64
-        } else {
-            let scale = (weight / (self.n_l as f64 * self.accum as f64)) as f32;
-            let sum = be.softmax_loss(
-                &buf.acts.logits,
-                classes,
-                self.dev,
-                self.loss,
-                scale,
-                &mut buf.dlogits,
-                &mut buf.row_loss,
-            );
-            sum / self.n_l as f64
-        }
-    }
-
-    /// ∂loss/∂r at `r` (the ascent passes: parameter gradients discarded).
-    fn grad_at(
-        &self,
-        cfg: &AdversarialConfig,
-        params: &mut Vec<f32>,
-        clean: &Vec<f32>,
-        r: &Vec<f32>,
-        buf: &mut AdversarialBuffers,
-    ) -> Vec<f32> {
-        self.loss_at(cfg, params, clean, r, 1.0, buf);
-        self.be.fill_zero(&mut buf.scratch);
-        self.model.backward_dense(
-            self.be,
-            params,
-            &buf.acts,
-            &buf.dlogits,
-            &mut buf.scratch,
-            &mut buf.dpooled,
-        );
-        buf.dpooled.clone()
-    }
-
-    /// Finds r as `cfg` says, runs the adversarial pass and adds its gradient into `grads`
-    /// and the table's; returns the weighted loss's mean.
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        cfg: &AdversarialConfig,
-        params: &mut Vec<f32>,
-        clean: &Vec<f32>,
-        g0: &[f32],
-        grads: &mut Vec<f32>,
-        table: &mut TableAcc<Cpu<f32>>,
-        buf: &mut AdversarialBuffers,
-    ) -> f64 {
-        let dim = self.model.spec.dim;
-        let (eps, scope) = (cfg.epsilon, cfg.norm);
-        let zero = || vec![0.0f32; self.n * dim];
-        let noise_key = crate::backend::mix64(self.key.base() ^ 0xad5e_ed00);
-        let r = match cfg.kind {
-            AdversarialKind::None => return 0.0,
-            AdversarialKind::Fgm => {
-                let mut r = zero();
-                advx::ascend(&mut r, g0, dim, scope, eps);
-                r
-            }
-            AdversarialKind::Pgd | AdversarialKind::FastFgsm => {
-                let (mut r, steps) = if cfg.kind == AdversarialKind::Pgd {
-                    (zero(), cfg.steps)
-                } else {
-                    // A random start inside the ball: a random direction, radius ε·u.
-                    let u = (noise_key >> 11) as f64 / (1u64 << 53) as f64;
-                    (advx::random_direction(self.n, dim, scope, eps * u, noise_key), 1)
-                };
-                for _ in 0..steps {
-                    let g = self.grad_at(cfg, params, clean, &r, buf);
-                    advx::ascend(&mut r, &g, dim, scope, cfg.step());
-                    advx::project(&mut r, dim, scope, eps);
-                }
-                r
-            }
-            AdversarialKind::Vat => {
-                let d = advx::random_direction(self.n, dim, scope, cfg.xi, noise_key);
-                let g = self.grad_at(cfg, params, clean, &d, buf);
-                let mut r = zero();
-                advx::ascend(&mut r, &g, dim, scope, eps);
-                r
-            }
-        };
-        let loss = self.loss_at(cfg, params, clean, &r, cfg.weight, buf);
-        table.backward(self.be, self.model, params, self.dev, &buf.acts, &buf.dlogits, grads, None);
-        cfg.weight * loss
-    }
 }
 
 /// The body checksum of the run's exported-logits file (Noisy Student), 0 without one.

@@ -1,0 +1,174 @@
+//! The adversarial passes of a training step (METHODS.md §9, `algo::adversarial`): the
+//! perturbation of the pooled embeddings and the pass at e + r that adds its gradient.
+
+use crate::algo::adversarial::{self as advx, AdversarialConfig, AdversarialKind};
+use crate::backend::cpu::Cpu;
+use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind};
+use crate::model::bag::{Activations, BagModel};
+
+use super::step::TableAcc;
+
+/// Buffers of the adversarial passes, reused every step.
+pub(super) struct AdversarialBuffers {
+    pub(super) acts: Activations<Cpu<f32>>,
+    pub(super) dlogits: Vec<f32>,
+    pub(super) row_loss: Vec<f32>,
+    pub(super) rows: Vec<f32>,
+    /// Parameter gradients of the ascent passes, discarded: only ∂loss/∂r is wanted.
+    pub(super) scratch: Vec<f32>,
+    pub(super) dpooled: Vec<f32>,
+}
+
+impl AdversarialBuffers {
+    pub(super) fn new(be: &Cpu<f32>, model: &BagModel) -> Self {
+        AdversarialBuffers {
+            acts: Activations::new(be, model),
+            dlogits: Vec::new(),
+            row_loss: Vec::new(),
+            rows: Vec::new(),
+            scratch: be.zeros(model.dense_len()),
+            dpooled: Vec::new(),
+        }
+    }
+}
+
+/// One micro-batch's adversarial term (METHODS.md §9, `algo::adversarial`): the
+/// perturbation r of the pooled embeddings, then a pass at e + r whose loss's gradient is
+/// added to the step's. Every pass keeps the first pass's dropout masks, so only r differs.
+pub(super) struct AdversarialPass<'a> {
+    pub(super) be: &'a Cpu<f32>,
+    pub(super) model: &'a BagModel,
+    pub(super) dev: &'a HostBatch,
+    pub(super) n: usize,
+    pub(super) n_l: usize,
+    pub(super) key: DropoutKey,
+    pub(super) accum: u64,
+    pub(super) loss: LossKind,
+}
+
+impl AdversarialPass<'_> {
+    /// The loss at `e + r` into `buf.dlogits` (scaled by `weight`): cross-entropy on the
+    /// labeled rows, or for VAT KL(sg(p(e)) ‖ p(e + r)) on every row. Returns the loss's
+    /// mean.
+    pub(super) fn loss_at(
+        &self,
+        cfg: &AdversarialConfig,
+        params: &Vec<f32>,
+        clean: &Vec<f32>,
+        r: &Vec<f32>,
+        weight: f64,
+        buf: &mut AdversarialBuffers,
+    ) -> f64 {
+        let (be, classes) = (self.be, self.model.spec.classes);
+        self.model.forward_perturbed(be, params, self.dev, self.n, Some(self.key), Some(r), &mut buf.acts);
+        if cfg.kind == AdversarialKind::Vat {
+            buf.dlogits = be.zeros(self.n * classes);
+            let op = crate::algo::consistency::ConsistencyOp {
+                kind: crate::algo::consistency::ConsistencyKind::Kl,
+                form: crate::algo::consistency::TargetForm::Logits,
+                temperature: 1.0,
+                threshold: 0.0,
+                scale: weight / (self.n as f64 * self.accum as f64),
+            };
+            let out = be.consistency(
+                &op,
+                &buf.acts.logits,
+                0,
+                clean,
+                self.n,
+                classes,
+                &ConsistencyAux::default(),
+                &mut buf.dlogits,
+                None,
+                &mut buf.rows,
+            );
+            out.loss_sum / self.n as f64
+        } else {
+            let scale = (weight / (self.n_l as f64 * self.accum as f64)) as f32;
+            let sum = be.softmax_loss(
+                &buf.acts.logits,
+                classes,
+                self.dev,
+                self.loss,
+                scale,
+                &mut buf.dlogits,
+                &mut buf.row_loss,
+            );
+            sum / self.n_l as f64
+        }
+    }
+
+    /// ∂loss/∂r at `r` (the ascent passes: parameter gradients discarded).
+    pub(super) fn grad_at(
+        &self,
+        cfg: &AdversarialConfig,
+        params: &mut Vec<f32>,
+        clean: &Vec<f32>,
+        r: &Vec<f32>,
+        buf: &mut AdversarialBuffers,
+    ) -> Vec<f32> {
+        self.loss_at(cfg, params, clean, r, 1.0, buf);
+        self.be.fill_zero(&mut buf.scratch);
+        self.model.backward_dense(
+            self.be,
+            params,
+            &buf.acts,
+            &buf.dlogits,
+            &mut buf.scratch,
+            &mut buf.dpooled,
+        );
+        buf.dpooled.clone()
+    }
+
+    /// Finds r as `cfg` says, runs the adversarial pass and adds its gradient into `grads`
+    /// and the table's; returns the weighted loss's mean.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run(
+        &self,
+        cfg: &AdversarialConfig,
+        params: &mut Vec<f32>,
+        clean: &Vec<f32>,
+        g0: &[f32],
+        grads: &mut Vec<f32>,
+        table: &mut TableAcc<Cpu<f32>>,
+        buf: &mut AdversarialBuffers,
+    ) -> f64 {
+        let dim = self.model.spec.dim;
+        let (eps, scope) = (cfg.epsilon, cfg.norm);
+        let zero = || vec![0.0f32; self.n * dim];
+        let noise_key = crate::backend::mix64(self.key.base() ^ 0xad5e_ed00);
+        let r = match cfg.kind {
+            AdversarialKind::None => return 0.0,
+            AdversarialKind::Fgm => {
+                let mut r = zero();
+                advx::ascend(&mut r, g0, dim, scope, eps);
+                r
+            }
+            AdversarialKind::Pgd | AdversarialKind::FastFgsm => {
+                let (mut r, steps) = if cfg.kind == AdversarialKind::Pgd {
+                    (zero(), cfg.steps)
+                } else {
+                    // A random start inside the ball: a random direction, radius ε·u.
+                    let u = (noise_key >> 11) as f64 / (1u64 << 53) as f64;
+                    (advx::random_direction(self.n, dim, scope, eps * u, noise_key), 1)
+                };
+                for _ in 0..steps {
+                    let g = self.grad_at(cfg, params, clean, &r, buf);
+                    advx::ascend(&mut r, &g, dim, scope, cfg.step());
+                    advx::project(&mut r, dim, scope, eps);
+                }
+                r
+            }
+            AdversarialKind::Vat => {
+                let d = advx::random_direction(self.n, dim, scope, cfg.xi, noise_key);
+                let g = self.grad_at(cfg, params, clean, &d, buf);
+                let mut r = zero();
+                advx::ascend(&mut r, &g, dim, scope, eps);
+                r
+            }
+        };
+        let loss = self.loss_at(cfg, params, clean, &r, cfg.weight, buf);
+        table.backward(self.be, self.model, params, self.dev, &buf.acts, &buf.dlogits, grads, None);
+        cfg.weight * loss
+    }
+}
