@@ -17,13 +17,12 @@ use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::algo::adversarial::AdversarialKind;
-use crate::algo::consistency::ConsistencyOp;
 use crate::algo::ramp;
 use crate::algo::shadow::{AlphaRule, Shadow};
 use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
 use crate::algo::{Method, TargetSource};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, ConsistencyAux, DropoutKey, LossKind};
+use crate::backend::{Backend, LossKind};
 use crate::bank::{Bank, BankSettings};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
@@ -35,12 +34,9 @@ use crate::logits::LogitsFile;
 use crate::model::bag::{BagModel, BagSpec};
 use crate::optim::schedule::Plateau;
 use crate::optim::{Optimizer, TableGrad};
-use adversarial::{AdversarialBuffers, AdversarialPass};
+use adversarial::AdversarialBuffers;
 use metrics::EvalReport;
-use step::{
-    drop_confident_rows, next_micro, pseudo_label_diagnostics, touched_rows, Pass, StrongView, TableAcc,
-    SECOND_PASS,
-};
+use step::{next_micro, touched_rows, Pass, StepInputs, Stepper, StrongView, TableAcc};
 
 /// Where to start from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,21 +430,29 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         ProgressBar::hidden()
     };
 
-    let kind = loss_kind(cfg);
-    let classes = model.spec.classes;
-    let mut passes = [Pass::new(&be, &model), Pass::new(&be, &model)];
-    let mut grads = be.zeros(model.dense_len());
-    let mut row_loss = be.zeros(0);
-    let mut cons_rows = be.zeros(0);
-    // Host copies of targets read from a file (the bank, exported logits) and of row weights.
-    let (mut target_host, mut weight_host) = (Vec::new(), Vec::new());
-    let mut table = TableAcc::new(&be, model.spec.dim);
     // The fused table update changes the table during the backward pass; an adversarial pass
     // reads it afterwards, so it needs the update deferred to the optimizer step.
-    let adversarial = cfg.adversarial.kind != AdversarialKind::None;
-    let fused = opt.fuses_table() && !adversarial;
-    let mut adv = AdversarialBuffers::new(&be, &model);
-    let table_mult = opt.lr_of(&model.layout, model.table, 1.0);
+    let fused = opt.fuses_table() && cfg.adversarial.kind == AdversarialKind::None;
+    let mut stepper = Stepper {
+        be: &be,
+        model: &model,
+        cfg,
+        recipe: &recipe,
+        loss: loss_kind(cfg),
+        accum,
+        total,
+        batch_size: t.batch_size,
+        fused,
+        table_mult: opt.lr_of(&model.layout, model.table, 1.0),
+        passes: [Pass::new(&be, &model), Pass::new(&be, &model)],
+        row_loss: Vec::new(),
+        cons_rows: Vec::new(),
+        target_host: Vec::new(),
+        weight_host: Vec::new(),
+        adv: AdversarialBuffers::new(&be, &model),
+        grads: be.zeros(model.dense_len()),
+        table: TableAcc::new(&be, model.spec.dim),
+    };
     let beta1 = cfg.optim.beta1;
     let mut total_tokens = 0u64;
     let mut win_start = Instant::now();
@@ -468,8 +472,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         opt.cfg.beta1 = down * beta1 + (1.0 - down) * 0.5;
         let w = w_max * ramp.factor(step);
         let logs = (step + 1) % t.log_every == 0 || step + 1 == total;
-        be.fill_zero(&mut grads);
-        table.start(fused && !logs);
+        be.fill_zero(&mut stepper.grads);
+        stepper.table.start(fused && !logs);
         let mut micro = Vec::with_capacity(accum as usize);
         for _ in 0..accum {
             micro.push(next_micro(&ds, &mut loader, uloader.as_mut(), strong_view.as_ref())?);
@@ -485,185 +489,24 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         }
         let mut step_loss = 0.0;
         for (mi, m) in micro.iter().enumerate() {
-            let batch = &m.batch;
-            let n = batch.len();
-            let n_l = t.batch_size;
-            let n_u = n - n_l;
-            let key = DropoutKey { seed: t.seed, step, site: 0, pass: mi as u32, row: 0 };
-            let dev = be.upload_batch(batch);
-            // The second pass's own augmented view (`augment.consistency_passes`), else the
-            // same rows.
-            let dev1 = m.second.as_ref().map(|b| be.upload_batch(b));
-            let dev1 = dev1.as_ref().unwrap_or(&dev);
-            let [p0, p1] = &mut passes;
-            model.forward(&be, &params, &dev, n, Some(key), &mut p0.acts);
-            let halves = if recipe.ce_both_passes { 0.5 } else { 1.0 };
-            let ce_scale = (halves / (n_l as f64 * accum as f64)) as f32;
-            let mut sup = be.softmax_loss(
-                &p0.acts.logits,
-                classes,
-                &dev,
-                kind,
-                ce_scale,
-                &mut p0.dlogits,
-                &mut row_loss,
-            );
-            let logits = be.download(&p0.acts.logits);
-            if let Some(tsa) = cfg.loss.tsa.threshold(step, total, classes) {
-                sup -= drop_confident_rows(
-                    &logits,
-                    &batch.labels,
-                    classes,
-                    tsa,
-                    &mut p0.dlogits,
-                    &row_loss,
-                    &mut win,
-                );
-            }
-            // The consistency term: its target, the student rows it covers, their count.
-            let mut second_grad = false;
-            let mut cons_term = 0.0;
-            let (mut bias_buf, mut mult_buf, mut weight_buf) = (None, None, None);
-            let mut threshold = recipe.op.threshold;
-            let target: Option<(&Vec<f32>, usize, usize)> = match recipe.target {
-                TargetSource::None => None,
-                TargetSource::Bank => {
-                    let bank = bank.as_ref().expect("a bank for temporal ensembling");
-                    bank.targets(&m.rows, &mut target_host, &mut weight_host);
-                    weight_buf = Some(be.upload(&weight_host));
-                    Some((&target_host, 0, n))
-                }
-                TargetSource::SecondPass { grad } => {
-                    let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
-                    model.forward(&be, &params, dev1, n, Some(key1), &mut p1.acts);
-                    second_grad = grad;
-                    if recipe.ce_both_passes {
-                        sup += be.softmax_loss(
-                            &p1.acts.logits,
-                            classes,
-                            &dev,
-                            kind,
-                            ce_scale,
-                            &mut p1.dlogits,
-                            &mut row_loss,
-                        );
-                    } else if grad {
-                        p1.dlogits = be.zeros(n * classes);
-                    }
-                    Some((&p1.acts.logits, 0, n))
-                }
-                TargetSource::Teacher => {
-                    let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
-                    let tch = &shadows.first().expect("a teacher for mean_teacher").shadow;
-                    model.forward(&be, &tch.params, dev1, n, Some(key1), &mut p1.acts);
-                    Some((&p1.acts.logits, 0, n))
-                }
-                TargetSource::File => {
-                    let file = teacher_logits.as_ref().expect("a logits file for noisy_student");
-                    file.gather(&m.rows[n_l..], &mut target_host);
-                    Some((&target_host, n_l, n_u))
-                }
-                TargetSource::WeakView => {
-                    let weak = m.weak.as_ref().expect("a weak view for uda/fixmatch");
-                    let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
-                    model.forward(&be, &params, &be.upload_batch(weak), n_u, Some(key1), &mut p1.acts);
-                    if let Some(st) = &mut stabiliser {
-                        let mut probs = be.zeros(0);
-                        be.softmax(&p1.acts.logits, classes, &mut probs);
-                        let prepared = st.prepare(&be.download(&probs));
-                        bias_buf = prepared.bias.map(|b| be.upload(&b));
-                        mult_buf = prepared.class_threshold.map(|m| be.upload(&m));
-                        threshold = prepared.threshold;
-                    }
-                    Some((&p1.acts.logits, n_l, n_u))
-                }
+            let inp = StepInputs {
+                step,
+                w,
+                lr,
+                mi,
+                teacher: shadows.first().filter(|k| k.name == "teacher").map(|k| &k.shadow.params),
+                bank: bank.as_ref(),
+                logits: teacher_logits.as_ref(),
             };
-            if let Some((target, s_row0, rows)) = target {
-                let aux = ConsistencyAux {
-                    bias: bias_buf.as_ref(),
-                    class_threshold: mult_buf.as_ref(),
-                    row_weight: weight_buf.as_ref(),
-                };
-                let op = ConsistencyOp { scale: w / (rows as f64 * accum as f64), threshold, ..recipe.op };
-                let out = be.consistency(
-                    &op,
-                    &p0.acts.logits,
-                    s_row0,
-                    target,
-                    rows,
-                    classes,
-                    &aux,
-                    &mut p0.dlogits,
-                    second_grad.then_some(&mut p1.dlogits),
-                    &mut cons_rows,
-                );
-                cons_term = w * out.loss_sum / rows as f64;
-                win.cons_sum += out.loss_sum;
-                win.cons_rows += rows as u64;
-                win.passed += out.passed as u64;
-                // The unlabeled rows are the op's last n_u: their confidence and label.
-                let stats = be.download(&cons_rows);
-                let (conf, label) = (&stats[2 * rows - n_u..2 * rows], &stats[3 * rows - n_u..]);
-                // A row passed where its weight is nonzero and its confidence reaches its
-                // class's threshold: the op's own test, in the same f32 arithmetic.
-                let mult = mult_buf.as_ref().map(|b| be.download(b));
-                let passed = |i: usize| {
-                    let weight_ok = weight_buf.is_none() || weight_host[rows - n_u + i] != 0.0;
-                    let tau = threshold as f32 * mult.as_ref().map_or(1.0, |m| m[label[i] as usize]);
-                    weight_ok && conf[i] >= tau
-                };
-                pseudo_label_diagnostics(&mut win, &m.hidden, label, passed);
-                if let Some(st) = &mut stabiliser {
-                    st.record(&m.rows[n_l..], conf, label);
-                }
-            }
-            if recipe.target == TargetSource::Bank {
-                let mut probs = be.zeros(0);
-                be.softmax(&p0.acts.logits, classes, &mut probs);
-                bank_writes.push((mi, be.download(&probs)));
-            }
-            let sup_mean = sup * halves / n_l as f64;
-            let total_loss = sup_mean + cons_term;
-            if !total_loss.is_finite() {
-                return Err(Error::Data(format!(
-                    "the loss became {total_loss} at step {step} (supervised {sup_mean}, consistency {cons_term}): lower optim.lr or consistency.weight, or set optim.clip_norm"
-                )));
-            }
-            step_loss += total_loss / accum as f64;
-            let table_lr = fused.then_some(lr * table_mult);
-            table.backward(&be, &model, &mut params, &dev, &p0.acts, &p0.dlogits, &mut grads, table_lr);
-            if adversarial {
-                let g0 = be.download(&table.dpooled);
-                let a = AdversarialPass { be: &be, model: &model, dev: &dev, n, n_l, key, accum, loss: kind };
-                let adv_loss = a.run(
-                    &cfg.adversarial,
-                    &mut params,
-                    &p0.acts.logits,
-                    &g0,
-                    &mut grads,
-                    &mut table,
-                    &mut adv,
-                );
-                if !adv_loss.is_finite() {
-                    return Err(Error::Data(format!("the adversarial loss became {adv_loss} at step {step}: lower adversarial.epsilon or adversarial.weight")));
-                }
-                step_loss += adv_loss / accum as f64;
-                win.adv_sum += adv_loss;
-                win.adv_count += 1;
-            }
-            if second_grad {
-                table.backward(&be, &model, &mut params, dev1, &p1.acts, &p1.dlogits, &mut grads, table_lr);
-            }
-            win.sup_sum += sup * halves;
-            win.docs += n_l as u64;
-            win.tokens += batch.ids.len() as u64;
-            for (i, row) in logits.chunks(classes).enumerate().take(n_l) {
-                let pred = row.iter().enumerate().fold(0, |b, (c, &v)| if v > row[b] { c } else { b });
-                win.correct += u64::from(batch.labels[i] == pred as i32);
+            let (loss, probs) = stepper.micro(&mut params, m, &inp, stabiliser.as_mut(), &mut win)?;
+            step_loss += loss;
+            if let Some(p) = probs {
+                bank_writes.push((mi, p));
             }
         }
         win.loss_sum += step_loss;
         win.steps += 1;
+        let Stepper { grads, table, .. } = &mut stepper;
         let table_grad = if fused {
             TableGrad::Applied(
                 table
@@ -673,7 +516,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         } else {
             TableGrad::Rows(&mut table.grad)
         };
-        let norm = opt.step(&be, &model.layout, model.table, &mut params, &mut grads, table_grad, lr);
+        let norm = opt.step(&be, &model.layout, model.table, &mut params, grads, table_grad, lr);
         if let Some(bank) = &mut bank {
             for (mi, probs) in &bank_writes {
                 bank.update(&micro[*mi].rows, probs);

@@ -3,13 +3,22 @@
 //! table gradient over several backward passes, training-signal annealing, and the
 //! pseudo-label diagnostic.
 
-use crate::backend::{Backend, HostBatch, SparseRows};
-use crate::bank::RowId;
+use crate::algo::adversarial::AdversarialKind;
+use crate::algo::consistency::ConsistencyOp;
+use crate::algo::stabilise::Stabiliser;
+use crate::algo::{Recipe, TargetSource};
+use crate::backend::cpu::Cpu;
+use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, SparseRows};
+use crate::bank::{Bank, RowId};
 use crate::checkpoint::LogWindow;
+use crate::config::TrainConfig;
 use crate::data::dataset::Dataset;
 use crate::data::loader::Loader;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::logits::LogitsFile;
 use crate::model::bag::{Activations, BagModel};
+
+use super::adversarial::{AdversarialBuffers, AdversarialPass};
 
 /// The `pass` bit of a step's second forward pass (Π, R-Drop, the teacher), so that its
 /// dropout masks differ from the first pass's.
@@ -223,5 +232,246 @@ pub(super) fn pseudo_label_diagnostics(
             win.pl_passed += 1;
             win.pl_passed_correct += right;
         }
+    }
+}
+
+/// What one micro-batch's step takes from the step it belongs to.
+#[derive(Clone, Copy)]
+pub(super) struct StepInputs<'b> {
+    pub(super) step: u64,
+    /// The consistency weight w(t).
+    pub(super) w: f64,
+    pub(super) lr: f64,
+    /// The micro-batch's index in the step.
+    pub(super) mi: usize,
+    /// The Mean Teacher's weights.
+    pub(super) teacher: Option<&'b Vec<f32>>,
+    pub(super) bank: Option<&'b Bank>,
+    /// Noisy Student's exported logits.
+    pub(super) logits: Option<&'b LogitsFile>,
+}
+
+/// The micro-batch step of every method, with its settings and the buffers it reuses:
+/// the student pass, the supervised loss (and TSA), the method's consistency target and
+/// the fused op, the adversarial term, the backward passes into `grads` and `table`.
+pub(super) struct Stepper<'a> {
+    pub(super) be: &'a Cpu<f32>,
+    pub(super) model: &'a BagModel,
+    pub(super) cfg: &'a TrainConfig,
+    pub(super) recipe: &'a Recipe,
+    pub(super) loss: LossKind,
+    pub(super) accum: u64,
+    pub(super) total: u64,
+    /// Labeled rows per micro-batch.
+    pub(super) batch_size: usize,
+    /// Plain SGD on the table applied during the backward pass.
+    pub(super) fused: bool,
+    /// The table's learning-rate multiplier.
+    pub(super) table_mult: f64,
+    pub(super) passes: [Pass<Cpu<f32>>; 2],
+    pub(super) row_loss: Vec<f32>,
+    pub(super) cons_rows: Vec<f32>,
+    /// Host copies of targets read from a file (the bank, exported logits) and row weights.
+    pub(super) target_host: Vec<f32>,
+    pub(super) weight_host: Vec<f32>,
+    pub(super) adv: AdversarialBuffers,
+    /// The dense gradient and the table's, summed over the step's micro-batches.
+    pub(super) grads: Vec<f32>,
+    pub(super) table: TableAcc<Cpu<f32>>,
+}
+
+impl Stepper<'_> {
+    /// One micro-batch: forward and backward passes, gradients added into `grads` and
+    /// `table`; returns its share of the step's loss and, for Temporal Ensembling, the
+    /// predictions to write into the bank after the step.
+    pub(super) fn micro(
+        &mut self,
+        params: &mut Vec<f32>,
+        m: &Micro,
+        inp: &StepInputs<'_>,
+        mut stabiliser: Option<&mut Stabiliser>,
+        win: &mut LogWindow,
+    ) -> Result<(f64, Option<Vec<f32>>)> {
+        let (be, model, cfg, recipe) = (self.be, self.model, self.cfg, self.recipe);
+        let (classes, kind, accum, total) = (model.spec.classes, self.loss, self.accum, self.total);
+        let StepInputs { step, w, lr, mi, .. } = *inp;
+        let mut total_adv = 0.0;
+        let batch = &m.batch;
+        let n = batch.len();
+        let n_l = self.batch_size;
+        let n_u = n - n_l;
+        let key = DropoutKey { seed: cfg.train.seed, step, site: 0, pass: mi as u32, row: 0 };
+        let dev = be.upload_batch(batch);
+        // The second pass's own augmented view (`augment.consistency_passes`), else the
+        // same rows.
+        let dev1 = m.second.as_ref().map(|b| be.upload_batch(b));
+        let dev1 = dev1.as_ref().unwrap_or(&dev);
+        let [p0, p1] = &mut self.passes;
+        model.forward(be, params, &dev, n, Some(key), &mut p0.acts);
+        let halves = if recipe.ce_both_passes { 0.5 } else { 1.0 };
+        let ce_scale = (halves / (n_l as f64 * accum as f64)) as f32;
+        let mut sup = be.softmax_loss(
+            &p0.acts.logits,
+            classes,
+            &dev,
+            kind,
+            ce_scale,
+            &mut p0.dlogits,
+            &mut self.row_loss,
+        );
+        let logits = be.download(&p0.acts.logits);
+        if let Some(tsa) = cfg.loss.tsa.threshold(step, total, classes) {
+            sup -= drop_confident_rows(
+                &logits,
+                &batch.labels,
+                classes,
+                tsa,
+                &mut p0.dlogits,
+                &self.row_loss,
+                win,
+            );
+        }
+        // The consistency term: its target, the student rows it covers, their count.
+        let mut second_grad = false;
+        let mut cons_term = 0.0;
+        let (mut bias_buf, mut mult_buf, mut weight_buf) = (None, None, None);
+        let mut threshold = recipe.op.threshold;
+        let target: Option<(&Vec<f32>, usize, usize)> = match recipe.target {
+            TargetSource::None => None,
+            TargetSource::Bank => {
+                let bank = inp.bank.expect("a bank for temporal ensembling");
+                bank.targets(&m.rows, &mut self.target_host, &mut self.weight_host);
+                weight_buf = Some(be.upload(&self.weight_host));
+                Some((&self.target_host, 0, n))
+            }
+            TargetSource::SecondPass { grad } => {
+                let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
+                model.forward(be, params, dev1, n, Some(key1), &mut p1.acts);
+                second_grad = grad;
+                if recipe.ce_both_passes {
+                    sup += be.softmax_loss(
+                        &p1.acts.logits,
+                        classes,
+                        &dev,
+                        kind,
+                        ce_scale,
+                        &mut p1.dlogits,
+                        &mut self.row_loss,
+                    );
+                } else if grad {
+                    p1.dlogits = be.zeros(n * classes);
+                }
+                Some((&p1.acts.logits, 0, n))
+            }
+            TargetSource::Teacher => {
+                let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
+                let teacher = inp.teacher.expect("a teacher for mean_teacher");
+                model.forward(be, teacher, dev1, n, Some(key1), &mut p1.acts);
+                Some((&p1.acts.logits, 0, n))
+            }
+            TargetSource::File => {
+                let file = inp.logits.expect("a logits file for noisy_student");
+                file.gather(&m.rows[n_l..], &mut self.target_host);
+                Some((&self.target_host, n_l, n_u))
+            }
+            TargetSource::WeakView => {
+                let weak = m.weak.as_ref().expect("a weak view for uda/fixmatch");
+                let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
+                model.forward(be, params, &be.upload_batch(weak), n_u, Some(key1), &mut p1.acts);
+                if let Some(st) = stabiliser.as_deref_mut() {
+                    let mut probs = be.zeros(0);
+                    be.softmax(&p1.acts.logits, classes, &mut probs);
+                    let prepared = st.prepare(&be.download(&probs));
+                    bias_buf = prepared.bias.map(|b| be.upload(&b));
+                    mult_buf = prepared.class_threshold.map(|m| be.upload(&m));
+                    threshold = prepared.threshold;
+                }
+                Some((&p1.acts.logits, n_l, n_u))
+            }
+        };
+        if let Some((target, s_row0, rows)) = target {
+            let aux = ConsistencyAux {
+                bias: bias_buf.as_ref(),
+                class_threshold: mult_buf.as_ref(),
+                row_weight: weight_buf.as_ref(),
+            };
+            let op = ConsistencyOp { scale: w / (rows as f64 * accum as f64), threshold, ..recipe.op };
+            let out = be.consistency(
+                &op,
+                &p0.acts.logits,
+                s_row0,
+                target,
+                rows,
+                classes,
+                &aux,
+                &mut p0.dlogits,
+                second_grad.then_some(&mut p1.dlogits),
+                &mut self.cons_rows,
+            );
+            cons_term = w * out.loss_sum / rows as f64;
+            win.cons_sum += out.loss_sum;
+            win.cons_rows += rows as u64;
+            win.passed += out.passed as u64;
+            // The unlabeled rows are the op's last n_u: their confidence and label.
+            let stats = be.download(&self.cons_rows);
+            let (conf, label) = (&stats[2 * rows - n_u..2 * rows], &stats[3 * rows - n_u..]);
+            // A row passed where its weight is nonzero and its confidence reaches its
+            // class's threshold: the op's own test, in the same f32 arithmetic.
+            let mult = mult_buf.as_ref().map(|b| be.download(b));
+            let passed = |i: usize| {
+                let weight_ok = weight_buf.is_none() || self.weight_host[rows - n_u + i] != 0.0;
+                let tau = threshold as f32 * mult.as_ref().map_or(1.0, |m| m[label[i] as usize]);
+                weight_ok && conf[i] >= tau
+            };
+            pseudo_label_diagnostics(win, &m.hidden, label, passed);
+            if let Some(st) = stabiliser {
+                st.record(&m.rows[n_l..], conf, label);
+            }
+        }
+        let bank_probs = (recipe.target == TargetSource::Bank).then(|| {
+            let mut probs = be.zeros(0);
+            be.softmax(&p0.acts.logits, classes, &mut probs);
+            be.download(&probs)
+        });
+        let sup_mean = sup * halves / n_l as f64;
+        let total_loss = sup_mean + cons_term;
+        if !total_loss.is_finite() {
+            return Err(Error::Data(format!(
+                "the loss became {total_loss} at step {step} (supervised {sup_mean}, consistency {cons_term}): lower optim.lr or consistency.weight, or set optim.clip_norm"
+            )));
+        }
+
+        let table_lr = self.fused.then_some(lr * self.table_mult);
+        self.table.backward(be, model, params, &dev, &p0.acts, &p0.dlogits, &mut self.grads, table_lr);
+        if cfg.adversarial.kind != AdversarialKind::None {
+            let g0 = be.download(&self.table.dpooled);
+            let a = AdversarialPass { be, model, dev: &dev, n, n_l, key, accum, loss: kind };
+            let adv_loss = a.run(
+                &cfg.adversarial,
+                params,
+                &p0.acts.logits,
+                &g0,
+                &mut self.grads,
+                &mut self.table,
+                &mut self.adv,
+            );
+            if !adv_loss.is_finite() {
+                return Err(Error::Data(format!("the adversarial loss became {adv_loss} at step {step}: lower adversarial.epsilon or adversarial.weight")));
+            }
+            total_adv += adv_loss / accum as f64;
+            win.adv_sum += adv_loss;
+            win.adv_count += 1;
+        }
+        if second_grad {
+            self.table.backward(be, model, params, dev1, &p1.acts, &p1.dlogits, &mut self.grads, table_lr);
+        }
+        win.sup_sum += sup * halves;
+        win.docs += n_l as u64;
+        win.tokens += batch.ids.len() as u64;
+        for (i, row) in logits.chunks(classes).enumerate().take(n_l) {
+            let pred = row.iter().enumerate().fold(0, |b, (c, &v)| if v > row[b] { c } else { b });
+            win.correct += u64::from(batch.labels[i] == pred as i32);
+        }
+        Ok((total_loss / accum as f64 + total_adv, bank_probs))
     }
 }
