@@ -510,15 +510,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let split = SplitKind::from_name(&args.split)
                 .filter(|s| *s != SplitKind::Unlabeled)
                 .with_context(|| format!("--split {}: expected train, val or test", args.split))?;
-            let (meta, model, params) =
-                dtrain::checkpoint::load_weights(&args.checkpoint, weights_of(args.teacher, args.average)?)?;
-            let ds = Dataset::open(&args.data)?;
-            if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
-                bail!(
-                    "{}: the data set's labels or tokenizer differ from the checkpoint's; prepare it with the same options",
-                    args.data.display()
-                );
-            }
+            let (model, params, ds) =
+                load_for_data(&args.checkpoint, weights_of(args.teacher, args.average)?, &args.data)?;
             let be = dtrain::backend::cpu::Cpu::<f32>::new();
             let report = dtrain::train::eval::evaluate(&be, &model, &params, &ds, split, 1024)?
                 .with_context(|| format!("split `{}` of {} is empty", args.split, args.data.display()))?;
@@ -535,15 +528,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if a.batch_size < 1 {
                 bail!("--batch-size must be at least 1");
             }
-            let (meta, model, params) =
-                dtrain::checkpoint::load_weights(&a.checkpoint, weights_of(a.teacher, a.average)?)?;
-            let ds = Dataset::open(&a.data)?;
-            if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
-                bail!(
-                    "{}: the data set's labels or tokenizer differ from the checkpoint's; prepare it with the same options",
-                    a.data.display()
-                );
-            }
+            let (model, params, ds) =
+                load_for_data(&a.checkpoint, weights_of(a.teacher, a.average)?, &a.data)?;
             let r = dtrain::logits::export(
                 &model,
                 &params,
@@ -645,6 +631,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A checkpoint's `which` weights and the data set at `data`, checked to share labels and
+/// tokenizer (what `eval` and `export-logits` run the model on).
+fn load_for_data(
+    checkpoint: &Path,
+    which: dtrain::checkpoint::Weights,
+    data: &Path,
+) -> anyhow::Result<(dtrain::model::bag::BagModel, Vec<f32>, Dataset)> {
+    let (meta, model, params) = dtrain::checkpoint::load_weights(checkpoint, which)?;
+    let ds = Dataset::open(data)?;
+    if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
+        bail!(
+            "{}: the data set's labels or tokenizer differ from the checkpoint's; prepare it with the same options",
+            data.display()
+        );
+    }
+    Ok((model, params, ds))
 }
 
 /// The weights `--teacher` / `--average` ask for.

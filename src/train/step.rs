@@ -335,6 +335,8 @@ impl Stepper<'_> {
         let mut second_grad = false;
         let mut cons_term = 0.0;
         let (mut bias_buf, mut mult_buf, mut weight_buf) = (None, None, None);
+        // The class thresholds' host copy, for the diagnostic's own mask test.
+        let mut mult_host: Option<Vec<f32>> = None;
         let mut threshold = recipe.op.threshold;
         let target: Option<(&Vec<f32>, usize, usize)> = match recipe.target {
             TargetSource::None => None,
@@ -383,7 +385,8 @@ impl Stepper<'_> {
                     be.softmax(&p1.acts.logits, classes, &mut probs);
                     let prepared = st.prepare(&be.download(&probs));
                     bias_buf = prepared.bias.map(|b| be.upload(&b));
-                    mult_buf = prepared.class_threshold.map(|m| be.upload(&m));
+                    mult_buf = prepared.class_threshold.as_ref().map(|m| be.upload(m));
+                    mult_host = prepared.class_threshold;
                     threshold = prepared.threshold;
                 }
                 Some((&p1.acts.logits, n_l, n_u))
@@ -417,7 +420,7 @@ impl Stepper<'_> {
             let (conf, label) = (&stats[2 * rows - n_u..2 * rows], &stats[3 * rows - n_u..]);
             // A row passed where its weight is nonzero and its confidence reaches its
             // class's threshold: the op's own test, in the same f32 arithmetic.
-            let mult = mult_buf.as_ref().map(|b| be.download(b));
+            let mult = mult_host.as_ref();
             let passed = |i: usize| {
                 let weight_ok = weight_buf.is_none() || self.weight_host[rows - n_u + i] != 0.0;
                 let tau = threshold as f32 * mult.as_ref().map_or(1.0, |m| m[label[i] as usize]);
