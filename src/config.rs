@@ -255,7 +255,7 @@ impl Validate for PrepareConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// The training method: `supervised`, `pi`, `temporal`, `mean_teacher`, `rdrop`, `uda`,
-    /// `fixmatch` or `noisy_student`.
+    /// `fixmatch`, `noisy_student`, `mpl` or `mpl_reduced`.
     pub method: crate::algo::Method,
     pub data: DataConfig,
     pub model: ModelConfig,
@@ -272,6 +272,7 @@ pub struct TrainConfig {
     pub noisy_student: crate::algo::NoisyStudentConfig,
     pub average: crate::algo::AverageConfig,
     pub adversarial: crate::algo::adversarial::AdversarialConfig,
+    pub mpl: crate::algo::mpl::MplConfig,
 }
 
 impl TrainConfig {
@@ -289,6 +290,7 @@ impl TrainConfig {
             mean_teacher: &self.mean_teacher,
             temporal: &self.temporal,
             noisy_student: &self.noisy_student,
+            mpl: &self.mpl,
         }
     }
 }
@@ -549,6 +551,37 @@ impl Validate for TrainConfig {
                 "augment.consistency_passes",
                 "applies to pi, temporal, mean_teacher and rdrop (uda, fixmatch and noisy_student always augment their unlabeled rows)",
             );
+        }
+        if self.method.is_mpl() {
+            if self.optim.grad_accum != 1 {
+                return bad("optim.grad_accum", "must be 1 with mpl: the student updates inside the step");
+            }
+            if self.adversarial.kind != crate::algo::adversarial::AdversarialKind::None {
+                return bad("adversarial.kind", "is not available with mpl");
+            }
+            if self.loss.kind != LossName::Ce || self.loss.tsa != Tsa::None {
+                return bad(
+                    "loss.kind",
+                    "mpl takes cross-entropy without TSA (loss.kind = \"ce\", loss.tsa = \"none\")",
+                );
+            }
+            // The teacher's own sections follow the student's rules; errors name them.
+            let renamed = |e: Error, from: &str, to: &str| match e {
+                Error::Config { origin, field, msg } if field.starts_with(from) => {
+                    Error::config(origin, format!("{to}{}", &field[from.len()..]), msg)
+                }
+                e => e,
+            };
+            if let Some(m) = &self.mpl.teacher {
+                let t = TrainConfig { model: m.clone(), mpl: Default::default(), ..self.clone() };
+                t.validate(origin).map_err(|e| renamed(e, "model.", "mpl.teacher."))?;
+            }
+            if let Some(o) = &self.mpl.teacher_optim {
+                let t = TrainConfig { optim: o.clone(), mpl: Default::default(), ..self.clone() };
+                t.validate(origin).map_err(|e| renamed(e, "optim.", "mpl.teacher_optim."))?;
+            }
+        } else if self.mpl != crate::algo::mpl::MplConfig::default() {
+            return bad("mpl", "applies to method = \"mpl\" or \"mpl_reduced\"");
         }
         if self.loss.tsa != Tsa::None && self.loss.kind != LossName::Ce {
             return bad("loss.tsa", "applies to cross-entropy (loss.kind = \"ce\")");

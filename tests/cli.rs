@@ -210,6 +210,10 @@ fn train_example_config_documents_every_field() {
     full.unlabeled.ratio = Some(1);
     full.mean_teacher.alpha_late = Some(0.999);
     full.noisy_student.logits = Some("x".into());
+    full.mpl.logits = Some("x".into());
+    full.mpl.train_logits = Some("x".into());
+    full.mpl.teacher = Some(Default::default());
+    full.mpl.teacher_optim = Some(Default::default());
     let c = &mut full.consistency;
     c.kind = Some(dtrain::algo::consistency::ConsistencyKind::Mse);
     (c.weight, c.scale_by_labeled_ratio, c.temperature) = (Some(1.0), Some(true), Some(1.0));

@@ -120,6 +120,9 @@ fn assert_resume_is_exact_on(make: fn(&Path) -> PathBuf, extra: &[&str]) {
         "state.bin",
         "teacher.safetensors",
         "average.safetensors",
+        "teacher.optimizer.safetensors",
+        "teacher_mlp.safetensors",
+        "teacher_mlp.optimizer.safetensors",
     ] {
         let optional = f.starts_with("teacher") || f.starts_with("average");
         if optional && !a.final_checkpoint.join(f).exists() {
@@ -497,6 +500,18 @@ fn bad_training_configs_name_their_field() {
         (&["adversarial.kind=\"pgdd\""][..], "adversarial.kind"),
         (&["method=\"uda\"", "augment.consistency_passes=true"][..], "augment.consistency_passes"),
         (&["loss.kind=\"focal\"", "loss.tsa=\"log\""][..], "loss.tsa"),
+        (&["method=\"mpl_reduced\""][..], "mpl.logits"),
+        (&["method=\"mpl_reduced\"", "mpl.logits=\"x\"", "consistency.weight=1"][..], "consistency.weight"),
+        (&["method=\"mpl\"", "mpl.baseline_rate=0"][..], "mpl.baseline_rate"),
+        (&["method=\"mpl\"", "mpl.label_smoothing=1"][..], "mpl.label_smoothing"),
+        (&["method=\"mpl\"", "optim.grad_accum=2"][..], "optim.grad_accum"),
+        (&["method=\"mpl\"", "mpl.teacher={dim=0}"][..], "mpl.teacher.dim"),
+        (&["method=\"mpl\"", "mpl.teacher_optim={lr=0}"][..], "mpl.teacher_optim.lr"),
+        (
+            &["method=\"mpl\"", "consistency.distribution_alignment=true"][..],
+            "consistency.adaptive_threshold",
+        ),
+        (&["mpl.baseline=true"][..], "mpl"),
     ] {
         let e = with(sets).unwrap_err();
         assert!(e.contains(field), "{sets:?}: {e}");
@@ -897,7 +912,7 @@ fn export_logits_and_noisy_student() {
     let (_, m2, p2) = dtrain::checkpoint::load_model(&straight.final_checkpoint).unwrap();
     dtrain::logits::export(&m2, &p2, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
     let e = run(&c, Resume::From(resumed.final_checkpoint.clone()), None).unwrap_err().to_string();
-    assert!(e.contains("another noisy_student.logits file"), "{e}");
+    assert!(e.contains("another exported logits file"), "{e}");
     // Without the file, the config names the field.
     let o: Vec<Override> = ["data.dir=\"x\"", "train.out_dir=\"y\"", "method=\"noisy_student\""]
         .iter()
@@ -905,4 +920,107 @@ fn export_logits_and_noisy_student() {
         .collect();
     let e = config::load::<TrainConfig>(None, &o).unwrap_err().to_string();
     assert!(e.contains("noisy_student.logits"), "{e}");
+}
+
+/// The metrics records of a run that are not evaluations.
+fn train_records(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("split").is_none())
+        .collect()
+}
+
+#[test]
+fn mpl_trains_a_teacher_of_its_own_size_logs_h_and_resumes_exactly() {
+    let mpl = [
+        "method=\"mpl\"",
+        "model.embed_dropout=0.2",
+        "mpl.teacher={dim=8, hidden=[4], embed_dropout=0.3}",
+        "mpl.baseline=true",
+        "mpl.finetune_steps=3",
+        "unlabeled.ratio=2",
+        "train.checkpoint_every=11",
+    ];
+    assert_resume_is_exact_on(semi_supervised, &mpl);
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    let out = dir.path().join("mpl");
+    let extra = [&mpl[..], &["train.steps=60", "train.log_every=3"]].concat();
+    let r = run(&cfg(&data, &out, &extra), Resume::No, None).unwrap();
+    // The teacher is evaluated and reported beside the student, and is a model of its own
+    // size that `--teacher` reads.
+    let t = r.shadows.iter().find(|s| s.name == "teacher").expect("the teacher's report");
+    assert!(t.test.as_ref().unwrap().accuracy > 0.5, "the teacher learns: {:?}", t.test);
+    let student = r.test.unwrap().accuracy;
+    assert!(student > 0.5, "the student learns: {student}");
+    let (meta, _, _) =
+        dtrain::checkpoint::load_weights(&r.final_checkpoint, dtrain::checkpoint::Weights::Teacher).unwrap();
+    assert_eq!((meta.model.dim, meta.model.hidden.clone()), (8, vec![4]));
+    let recs = train_records(&out);
+    let mid = &recs[2];
+    for key in [
+        "mpl_h",
+        "mpl_h_used",
+        "mpl_baseline",
+        "mpl_ce_old",
+        "mpl_ce_new",
+        "loss_pseudo",
+        "loss_teacher",
+        "teacher_train_accuracy",
+        "mask_ratio",
+        "pseudo_label_accuracy",
+    ] {
+        assert!(mid.get(key).is_some_and(|v| v.as_f64().unwrap().is_finite()), "record lacks {key}: {mid}");
+    }
+    let h = mid["mpl_h"].as_f64().unwrap();
+    let (old, new) = (mid["mpl_ce_old"].as_f64().unwrap(), mid["mpl_ce_new"].as_f64().unwrap());
+    assert!((h - (old - new)).abs() < 1e-9, "h = CE_old − CE_new (means over the window)");
+    // The last window is the finetuning phase: no MPL step in it.
+    assert_eq!(recs.last().unwrap()["mpl_steps"].as_u64(), Some(0));
+    assert_eq!(mid["mpl_steps"].as_u64(), Some(3));
+}
+
+#[test]
+fn reduced_mpl_adjusts_exported_logits_and_resumes_exactly() {
+    use dtrain::data::shard::SplitKind;
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    let teacher =
+        run(&cfg(&data, &dir.path().join("teacher"), &["train.steps=6"]), Resume::No, None).unwrap();
+    let (_, model, params) = dtrain::checkpoint::load_model(&teacher.final_checkpoint).unwrap();
+    let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
+    let (u, l) = (dir.path().join("u.logits"), dir.path().join("l.logits"));
+    dtrain::logits::export(&model, &params, &ds, SplitKind::Unlabeled, &u, None, 64).unwrap();
+    dtrain::logits::export(&model, &params, &ds, SplitKind::Train, &l, None, 64).unwrap();
+    let sets = [
+        "method=\"mpl_reduced\"".to_string(),
+        "model.embed_dropout=0.2".into(),
+        "unlabeled.ratio=2".into(),
+        "mpl.reduced_hidden=[8]".into(),
+        format!("mpl.logits={:?}", u.display().to_string()),
+        format!("mpl.train_logits={:?}", l.display().to_string()),
+    ];
+    let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+    let straight = dir.path().join("r1");
+    let extra = [&sets[..], &["train.steps=24", "train.log_every=3"]].concat();
+    let a = run(&cfg(&data, &straight, &extra), Resume::No, None).unwrap();
+    assert!(a.test.unwrap().accuracy > 0.5, "the student learns from the adjusted logits");
+    assert!(a.final_checkpoint.join("teacher_mlp.safetensors").is_file());
+    let e = dtrain::checkpoint::load_weights(&a.final_checkpoint, dtrain::checkpoint::Weights::Teacher)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("reduced MPL"), "{e}");
+    let c = cfg(&data, &dir.path().join("r2"), &extra);
+    run(&c, Resume::No, Some(11)).unwrap();
+    let b = run(&c, Resume::Auto, None).unwrap();
+    for f in
+        ["model.safetensors", "teacher_mlp.safetensors", "teacher_mlp.optimizer.safetensors", "state.bin"]
+    {
+        assert!(read(&a.final_checkpoint, f) == read(&b.final_checkpoint, f), "{f} differs after resume");
+    }
+    assert_eq!(loss_curve(&straight), loss_curve(&dir.path().join("r2")));
+    let recs = train_records(&straight);
+    assert!(recs[0].get("loss_teacher").is_some(), "train_logits give the teacher CE_T");
 }

@@ -16,11 +16,17 @@
 //! | `noisy_student` | a teacher's logits exported by `dtrain export-logits` (`logits`); the student's unlabeled rows are the strong view | never |
 //! | `uda`, `fixmatch` | the student's pass over the weak view of the unlabeled rows; the student's own unlabeled rows are the strong view (`data::augment`) | never |
 //!
+//! Meta Pseudo Labels (`mpl`, `mpl_reduced`) has a step of its own ([`mpl`]): two models, the
+//! student updated on the teacher's pseudo-labels inside the step. It shares the data's
+//! shape with UDA (labeled rows, strongly augmented unlabeled rows, their weak view), and
+//! its teacher's auxiliary term is UDA's.
+//!
 //! UDA and FixMatch take the stabilisers of §10b ([`stabilise`]): distribution alignment
 //! and FlexMatch or FreeMatch thresholds.
 
 pub mod adversarial;
 pub mod consistency;
+pub mod mpl;
 pub mod ramp;
 pub mod shadow;
 pub mod stabilise;
@@ -53,6 +59,11 @@ pub enum Method {
     /// Noisy Student (§11): a fixed teacher's exported logits as targets, noise on the
     /// student.
     NoisyStudent,
+    /// Meta Pseudo Labels (§12): a teacher and a student, the teacher taught by the
+    /// student's labeled loss before and after its update ([`mpl`]).
+    Mpl,
+    /// Reduced MPL (§12): the teacher is an MLP over a fixed teacher's exported logits.
+    MplReduced,
 }
 
 impl Method {
@@ -67,7 +78,15 @@ impl Method {
             Method::Uda => "uda",
             Method::Fixmatch => "fixmatch",
             Method::NoisyStudent => "noisy_student",
+            Method::Mpl => "mpl",
+            Method::MplReduced => "mpl_reduced",
         }
+    }
+
+    /// Whether the method is Meta Pseudo Labels (full or reduced): its step is
+    /// [`mpl::step`], not the generic consistency step.
+    pub fn is_mpl(self) -> bool {
+        matches!(self, Method::Mpl | Method::MplReduced)
     }
 }
 
@@ -328,6 +347,7 @@ pub struct MethodKnobs<'a> {
     pub mean_teacher: &'a MeanTeacherConfig,
     pub temporal: &'a TemporalConfig,
     pub noisy_student: &'a NoisyStudentConfig,
+    pub mpl: &'a mpl::MplConfig,
 }
 
 impl Recipe {
@@ -352,6 +372,10 @@ impl Recipe {
             Method::Uda => (ConsistencyKind::Kl, 1.0, false, 0.0, 7, TargetSource::WeakView),
             Method::Fixmatch => (ConsistencyKind::CeHard, 1.0, false, 0.0, 7, TargetSource::WeakView),
             Method::NoisyStudent => (ConsistencyKind::Kl, 1.0, false, 0.0, 3, TargetSource::File),
+            // The teacher's UDA term reads the weak view; the student's unlabeled rows are
+            // the strong view (reduced MPL's teacher reads exported logits instead).
+            Method::Mpl => (ConsistencyKind::Kl, 1.0, false, 0.0, 7, TargetSource::WeakView),
+            Method::MplReduced => (ConsistencyKind::Kl, 0.0, false, 0.0, 7, TargetSource::File),
             Method::Rdrop => {
                 (ConsistencyKind::SymKl, 1.0, false, 0.0, 0, TargetSource::SecondPass { grad: true })
             }
@@ -376,7 +400,7 @@ impl Recipe {
             );
         }
         let (temperature, threshold) = match m {
-            Method::Uda => (0.4, 0.8),
+            Method::Uda | Method::Mpl => (0.4, 0.8),
             Method::Fixmatch => (1.0, 0.95),
             _ => (1.0, 0.0),
         };
@@ -389,7 +413,7 @@ impl Recipe {
         };
         let stabilised =
             c.distribution_alignment || c.adaptive_threshold != stabilise::AdaptiveThreshold::Fixed;
-        if stabilised && target != TargetSource::WeakView {
+        if stabilised && (target != TargetSource::WeakView || m.is_mpl()) {
             return bad(
                 "consistency.adaptive_threshold",
                 format!(
@@ -410,6 +434,22 @@ impl Recipe {
                 "is required: the teacher's logits of the unlabeled split, from `dtrain export-logits`"
                     .into(),
             );
+        }
+        if m == Method::MplReduced && k.mpl.logits.is_none() {
+            return bad(
+                "mpl.logits",
+                "is required: the fixed teacher's logits of the unlabeled split, from `dtrain export-logits`"
+                    .into(),
+            );
+        }
+        if m == Method::MplReduced && c.weight.is_some_and(|w| w != 0.0) {
+            return bad(
+                "consistency.weight",
+                "reduced MPL's teacher reads fixed logits, which have no augmented views for a UDA term: leave it unset or 0".into(),
+            );
+        }
+        if let Err((field, msg)) = k.mpl.validate() {
+            return bad(field, msg);
         }
         if matches!(target, TargetSource::WeakView | TargetSource::File) && unlabeled_ratio_of(k, ratio) == 0
         {

@@ -191,6 +191,16 @@ impl HostBatch {
         }
     }
 
+    /// The documents `range` as a batch of their own.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> HostBatch {
+        let mut out = HostBatch::default();
+        for i in range {
+            let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+            out.push(&self.ids[a..b], self.labels[i]);
+        }
+        out
+    }
+
     /// Appends one document.
     pub fn push(&mut self, ids: &[u32], label: i32) {
         if self.offsets.is_empty() {

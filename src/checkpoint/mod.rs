@@ -38,7 +38,7 @@ use crate::optim::schedule::Plateau;
 /// Magic bytes of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";
 /// Version of `state.bin`.
-pub const STATE_VERSION: u32 = 4;
+pub const STATE_VERSION: u32 = 5;
 /// Which weights of a checkpoint to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
@@ -93,6 +93,9 @@ pub struct TrainState {
     pub logits_checksum: u64,
     /// UDA's and FixMatch's stabilisers (distribution alignment, FlexMatch, FreeMatch).
     pub stabiliser: crate::algo::stabilise::StabiliserState,
+    /// Meta Pseudo Labels: h's baseline, and the teacher's optimizer step counter.
+    pub mpl: crate::algo::mpl::MplState,
+    pub teacher_optim_t: u64,
     /// Reduce-on-plateau state.
     pub plateau: Plateau,
     /// `train::trajectory_hash` of the config, to refuse resuming with another config.
@@ -124,6 +127,20 @@ pub struct LogWindow {
     pub passed: u64,
     /// Steps in the window.
     pub steps: u64,
+    /// Meta Pseudo Labels, summed over steps: h, the h used (after the baseline), CE_old,
+    /// CE_new, the student's pseudo-label loss, the teacher's CE_T and UDA term, and the
+    /// teacher's labeled rows and those it predicted right.
+    pub mpl_h: f64,
+    pub mpl_h_used: f64,
+    pub mpl_ce_old: f64,
+    pub mpl_ce_new: f64,
+    pub mpl_pseudo: f64,
+    pub mpl_teacher_ce: f64,
+    pub mpl_uda: f64,
+    pub mpl_teacher_docs: u64,
+    /// MPL steps in the window (finetuning steps excluded).
+    pub mpl_steps: u64,
+    pub mpl_teacher_correct: u64,
     /// The adversarial term: Σ of its weighted loss, and the micro-batches that had one.
     pub adv_sum: f64,
     pub adv_count: u64,
@@ -280,7 +297,38 @@ pub struct Contents<'a> {
     pub bank: Option<&'a crate::bank::Bank>,
     /// The optimizer's first and second moments.
     pub moments: [&'a [f32]; 2],
+    /// Further models with their own optimizer (Meta Pseudo Labels' teacher).
+    pub parts: Vec<Part<'a>>,
     pub state: &'a TrainState,
+}
+
+/// A model of its own in a checkpoint: `{stem}.safetensors` (its tensors, `meta` under
+/// [`META_KEY`]) and `{stem}.optimizer.safetensors` (its moments, as `optimizer.safetensors`).
+pub struct Part<'a> {
+    pub stem: &'static str,
+    pub layout: &'a Layout,
+    pub meta: serde_json::Value,
+    pub params: &'a [f32],
+    pub moments: [&'a [f32]; 2],
+}
+
+/// Reads a [`Part`] of the checkpoint `dir`: its parameters (`layout.total()`) and moments
+/// (`lens`, as `optim::moment_lens` gives).
+pub fn load_part(
+    dir: &Path,
+    stem: &str,
+    layout: &Layout,
+    lens: (usize, usize),
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let file = dir.join(format!("{stem}.safetensors"));
+    let bytes = std::fs::read(&file).at(&file)?;
+    let params = tensors_from_file(&file, &bytes, layout, &[("", layout.total())])?.remove(0);
+    let file = dir.join(format!("{stem}.optimizer.safetensors"));
+    let bytes = std::fs::read(&file).at(&file)?;
+    let mut moments = tensors_from_file(&file, &bytes, layout, &[("m.", lens.0), ("v.", lens.1)])?;
+    let v = moments.pop().expect("two buffers");
+    let m = moments.pop().expect("two buffers");
+    Ok((params, m, v))
 }
 
 /// Writes a complete checkpoint for `state.step` under `root`, then deletes all but the
@@ -292,7 +340,7 @@ pub fn save(
     c: Contents<'_>,
     keep: usize,
 ) -> Result<PathBuf> {
-    let Contents { params, shadows, bank, moments, state } = c;
+    let Contents { params, shadows, bank, moments, parts, state } = c;
     stage(root, &dir_name(state.step), keep, |tmp| {
         let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
         tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json.clone())?;
@@ -304,6 +352,17 @@ pub fn save(
         }
         let moments = [("m.", moments[0]), ("v.", moments[1])];
         tensors_to_file(&tmp.join("optimizer.safetensors"), &model.layout, &moments, serde_json::json!({}))?;
+        for p in parts {
+            tensors_to_file(
+                &tmp.join(format!("{}.safetensors", p.stem)),
+                p.layout,
+                &[("", p.params)],
+                p.meta,
+            )?;
+            let moments = [("m.", p.moments[0]), ("v.", p.moments[1])];
+            let file = tmp.join(format!("{}.optimizer.safetensors", p.stem));
+            tensors_to_file(&file, p.layout, &moments, serde_json::json!({}))?;
+        }
         let payload = bincode::encode_to_vec(state, bincode::config::standard())
             .map_err(|e| Error::Data(format!("state: {e}")))?;
         let mut bytes = Vec::with_capacity(28 + payload.len());
@@ -395,7 +454,10 @@ pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, BagModel,
     let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
     if which != Weights::Student && path.is_dir() && !file.is_file() {
         let why = match which {
-            Weights::Teacher => "it was not trained with a Mean Teacher",
+            Weights::Teacher if path.join("teacher_mlp.safetensors").is_file() => {
+                "its teacher is reduced MPL's MLP over exported logits, not a text classifier"
+            }
+            Weights::Teacher => "it was not trained with a Mean Teacher or Meta Pseudo Labels",
             _ => "it was trained without [average] EMA or SWA weights",
         };
         return Err(Error::bad_file(path, format!("has no {}: {why}", which.file())));

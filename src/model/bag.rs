@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Activation, Backend, DropoutKey, Real, SparseRows};
+use crate::model::mlp::{Mlp, MlpActs};
 use crate::model::params::{fill_uniform, Layout, Slot};
 
 /// The bag model's hyperparameters.
@@ -62,14 +63,13 @@ impl BagSpec {
     }
 }
 
-/// The model: its spec and the slots of its tensors.
+/// The model: its spec, the embedding table's slot and the dense stack.
 #[derive(Debug, Clone)]
 pub struct BagModel {
     pub spec: BagSpec,
     pub layout: Layout,
     pub table: Slot,
-    pub hidden: Vec<(Slot, Slot)>,
-    pub output: (Slot, Slot),
+    pub mlp: Mlp,
 }
 
 /// Saved activations of one forward pass, for its backward pass.
@@ -77,9 +77,7 @@ pub struct Activations<B: Backend> {
     n: usize,
     /// x0 (after dropout).
     x0: B::Buf,
-    /// Per hidden layer: pre-activation and output (after dropout).
-    pre: Vec<B::Buf>,
-    post: Vec<B::Buf>,
+    mlp: MlpActs<B>,
     /// n×C logits.
     pub logits: B::Buf,
     key: Option<DropoutKey>,
@@ -88,12 +86,10 @@ pub struct Activations<B: Backend> {
 impl<B: Backend> Activations<B> {
     /// Empty buffers; they grow to the batch's size on first use.
     pub fn new(be: &B, model: &BagModel) -> Self {
-        let k = model.spec.hidden.len();
         Activations {
             n: 0,
             x0: be.zeros(0),
-            pre: (0..k).map(|_| be.zeros(0)).collect(),
-            post: (0..k).map(|_| be.zeros(0)).collect(),
+            mlp: MlpActs::new(be, &model.mlp),
             logits: be.zeros(0),
             key: None,
         }
@@ -114,19 +110,11 @@ impl BagModel {
     /// Lays out the tensors for `spec`.
     pub fn new(spec: BagSpec) -> Self {
         let mut layout = Layout::new();
-        let mut width = spec.dim;
-        let mut hidden = Vec::new();
-        for (k, &h) in spec.hidden.iter().enumerate() {
-            let w = layout.matrix(&format!("hidden.{k}.weight"), h, width);
-            let b = layout.vector(&format!("hidden.{k}.bias"), h);
-            hidden.push((w, b));
-            width = h;
-        }
-        let output =
-            (layout.matrix("output.weight", spec.classes, width), layout.vector("output.bias", spec.classes));
+        let mlp =
+            Mlp::new(&mut layout, spec.dim, &spec.hidden, spec.classes, spec.activation, spec.hidden_dropout);
         // The table comes last: dense gradient buffers cover `0..dense_len()` only.
         let table = layout.matrix("embedding.weight", spec.buckets, spec.dim);
-        BagModel { spec, layout, table, hidden, output }
+        BagModel { spec, layout, table, mlp }
     }
 
     /// Length of a dense gradient buffer: every tensor but the table, which comes last in
@@ -142,9 +130,7 @@ impl BagModel {
     pub fn init<F: Real>(&self, seed: u64) -> Vec<F> {
         let mut p = crate::hostmem::zeroed::<F>(self.layout.total());
         fill_uniform(&mut p[self.table.range()], seed, 0, 1.0 / self.spec.dim as f64);
-        for (k, (w, _)) in self.hidden.iter().enumerate() {
-            fill_uniform(&mut p[w.range()], seed, k as u64 + 1, (6.0 / w.cols as f64).sqrt());
-        }
+        self.mlp.init(&mut p, seed);
         p
     }
 
@@ -188,16 +174,7 @@ impl BagModel {
         if let Some(key) = site(0) {
             be.dropout(self.spec.embed_dropout, key, self.spec.dim, &mut acts.x0);
         }
-        for (k, &(w, b)) in self.hidden.iter().enumerate() {
-            let input = if k == 0 { &acts.x0 } else { &acts.post[k - 1] };
-            be.linear_forward(input, n, params, w, b, &mut acts.pre[k]);
-            be.activation_forward(self.spec.activation, &acts.pre[k], &mut acts.post[k]);
-            if let Some(key) = site(k as u32 + 1) {
-                be.dropout(self.spec.hidden_dropout, key, self.spec.hidden[k], &mut acts.post[k]);
-            }
-        }
-        let last = if self.hidden.is_empty() { &acts.x0 } else { &acts.post[self.hidden.len() - 1] };
-        be.linear_forward(last, n, params, self.output.0, self.output.1, &mut acts.logits);
+        self.mlp.forward(be, params, &acts.x0, n, dropout, &mut acts.mlp, &mut acts.logits);
     }
 
     /// Backward pass for `dlogits` (n×C): accumulates the dense gradients into `grads` (the
@@ -232,23 +209,9 @@ impl BagModel {
         grads: &mut B::Buf,
         dpooled: &mut B::Buf,
     ) {
-        let n = acts.n;
-        let site = |s: u32| acts.key.map(|k| DropoutKey { site: s, ..k });
-        let last = if self.hidden.is_empty() { &acts.x0 } else { &acts.post[self.hidden.len() - 1] };
-        let dx = dpooled;
-        be.linear_backward(last, n, params, self.output.0, self.output.1, dlogits, grads, Some(&mut *dx));
-        let mut dpre = be.zeros(0);
-        for (k, &(w, b)) in self.hidden.iter().enumerate().rev() {
-            // dx is ∂L/∂post[k]: through dropout, then the activation.
-            if let Some(key) = site(k as u32 + 1) {
-                be.dropout(self.spec.hidden_dropout, key, self.spec.hidden[k], dx);
-            }
-            be.activation_backward(self.spec.activation, &acts.pre[k], dx, &mut dpre);
-            let input = if k == 0 { &acts.x0 } else { &acts.post[k - 1] };
-            be.linear_backward(input, n, params, w, b, &dpre, grads, Some(&mut *dx));
-        }
-        if let Some(key) = site(0) {
-            be.dropout(self.spec.embed_dropout, key, self.spec.dim, dx);
+        self.mlp.backward(be, params, &acts.x0, acts.n, acts.key, &acts.mlp, dlogits, grads, dpooled);
+        if let Some(key) = acts.key.map(|k| DropoutKey { site: 0, ..k }) {
+            be.dropout(self.spec.embed_dropout, key, self.spec.dim, dpooled);
         }
     }
 }

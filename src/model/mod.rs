@@ -1,4 +1,5 @@
 //! Models: the flat parameter layout and the layers' explicit forward/backward passes.
 
 pub mod bag;
+pub mod mlp;
 pub mod params;

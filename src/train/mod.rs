@@ -6,6 +6,8 @@
 mod adversarial;
 pub mod eval;
 pub mod metrics;
+mod mpl;
+pub mod net;
 mod step;
 
 use std::io::Write as _;
@@ -36,6 +38,7 @@ use crate::optim::schedule::Plateau;
 use crate::optim::{Optimizer, TableGrad};
 use adversarial::AdversarialBuffers;
 use metrics::EvalReport;
+use mpl::MplRun;
 use step::{next_micro, touched_rows, Pass, StepInputs, Stepper, StrongView, TableAcc};
 
 /// Where to start from.
@@ -149,7 +152,55 @@ pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     // is Noisy Student's logits file (by its contents' checksum).
     c.data.dir = PathBuf::new();
     c.noisy_student.logits = c.noisy_student.logits.map(|_| PathBuf::new());
+    c.mpl.logits = c.mpl.logits.map(|_| PathBuf::new());
+    c.mpl.train_logits = c.mpl.train_logits.map(|_| PathBuf::new());
     xxh3_64(serde_json::to_string(&c).expect("config serialises").as_bytes())
+}
+
+/// The bag model `m` describes, on the data set of `manifest`.
+fn bag_spec(m: &crate::config::ModelConfig, manifest: &crate::data::manifest::Manifest) -> BagSpec {
+    BagSpec {
+        buckets: manifest.tokenizer.buckets as usize,
+        dim: m.dim,
+        hidden: m.hidden.clone(),
+        activation: m.activation,
+        embed_dropout: m.embed_dropout,
+        hidden_dropout: m.hidden_dropout,
+        classes: manifest.labels.len(),
+    }
+}
+
+/// What a checkpoint of `model` records about it to classify raw text.
+fn model_meta(model: &BagModel, manifest: &crate::data::manifest::Manifest) -> ModelMeta {
+    ModelMeta {
+        format: "dtrain-bag".into(),
+        model: model.spec.clone(),
+        labels: manifest.labels.clone(),
+        tokenizer: manifest.tokenizer.clone(),
+    }
+}
+
+/// Loads pretrained embeddings (`init_from`) into the table of `params`; `report`: the
+/// config section, when a line is printed about it.
+fn init_table(
+    path: &Path,
+    manifest: &crate::data::manifest::Manifest,
+    model: &BagModel,
+    params: &mut [f32],
+    report: Option<&str>,
+) -> Result<()> {
+    let emb = crate::pretrain::embeddings::read(path)?;
+    let s = emb.init_table(&manifest.tokenizer, model.spec.dim, &mut params[model.table.range()])?;
+    if let Some(section) = report {
+        eprintln!(
+            "{section}.init_from {}: {} rows of {} pretrained words loaded{}",
+            path.display(),
+            s.rows,
+            s.words,
+            if s.composed { " (word rows composed: the character n-gram ranges differ)" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 /// Trains a bag model as `cfg` says, on the CPU backend.
@@ -175,16 +226,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     if n_train == 0 {
         return Err(Error::Data(format!("{}: the train split is empty", cfg.data.dir.display())));
     }
-    let spec = BagSpec {
-        buckets: manifest.tokenizer.buckets as usize,
-        dim: cfg.model.dim,
-        hidden: cfg.model.hidden.clone(),
-        activation: cfg.model.activation,
-        embed_dropout: cfg.model.embed_dropout,
-        hidden_dropout: cfg.model.hidden_dropout,
-        classes: manifest.labels.len(),
-    };
-    let model = BagModel::new(spec.clone());
+    let model = BagModel::new(bag_spec(&cfg.model, manifest));
     for prefix in cfg.optim.lr_mult.keys() {
         if !model.layout.tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
             let names: Vec<&str> = model.layout.tensors().iter().map(|t| t.name.as_str()).collect();
@@ -195,12 +237,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             ));
         }
     }
-    let meta = ModelMeta {
-        format: "dtrain-bag".into(),
-        model: spec,
-        labels: manifest.labels.clone(),
-        tokenizer: manifest.tokenizer.clone(),
-    };
+    let meta = model_meta(&model, manifest);
     let accum = cfg.optim.grad_accum as u64;
     let steps_per_epoch = n_train.div_ceil(t.batch_size as u64 * accum).max(1);
     let total = t.steps.unwrap_or(steps_per_epoch * u64::from(t.epochs));
@@ -253,17 +290,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         Resume::From(dir) => Some(dir.clone()),
     };
     if let (Some(path), None) = (&cfg.model.init_from, &resume_from) {
-        let emb = crate::pretrain::embeddings::read(path)?;
-        let s = emb.init_table(&manifest.tokenizer, model.spec.dim, &mut params[model.table.range()])?;
-        if opts.progress {
-            eprintln!(
-                "init_from {}: {} rows of {} pretrained words loaded{}",
-                path.display(),
-                s.rows,
-                s.words,
-                if s.composed { " (word rows composed: the character n-gram ranges differ)" } else { "" }
-            );
-        }
+        init_table(path, manifest, &model, &mut params, opts.progress.then_some("model"))?;
     }
     let len = model.layout.total();
     let classes_n = model.spec.classes;
@@ -312,6 +339,12 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             None => Bank::create(&bank_dir, &ds, &bank_splits, &owned, settings)?,
         }))
     };
+    let mut mpl_run = if recipe.method.is_mpl() {
+        Some(MplRun::new(&be, cfg, &ds, &model, &recipe, total, opts.progress && resume_from.is_none())?)
+    } else {
+        None
+    };
+    let logits_checksum = teacher_logits_checksum(cfg)?;
     if let Some(dir) = &resume_from {
         let (m, loaded_model, loaded) = checkpoint::load_model(dir)?;
         let differs = if m.model != meta.model || loaded_model.layout != model.layout {
@@ -330,11 +363,10 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             ));
         }
         let (mm, vv, state) = checkpoint::load_train(dir, &model, (opt.m.len(), opt.v.len()))?;
-        let logits_now = teacher_logits_checksum(cfg)?;
-        if state.logits_checksum != logits_now {
+        if state.logits_checksum != logits_checksum {
             return Err(Error::bad_file(
                 dir,
-                "the checkpoint was trained on another noisy_student.logits file (its contents differ)",
+                "the checkpoint was trained on another exported logits file (noisy_student.logits, mpl.logits or mpl.train_logits: the contents differ)",
             ));
         }
         if state.config_hash != config_hash {
@@ -369,12 +401,15 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         plateau = state.plateau;
         step = state.step;
         win = state.window;
+        if let Some(run) = &mut mpl_run {
+            run.restore(dir, &state)?;
+        }
         restored_stabiliser = Some(state.stabiliser);
     }
     std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
     let mut bank = open_bank(resume_from.as_deref())?;
-    let teacher_logits = match (&cfg.noisy_student.logits, recipe.target) {
-        (Some(path), TargetSource::File) => {
+    let teacher_logits = match (&cfg.noisy_student.logits, recipe.method) {
+        (Some(path), Method::NoisyStudent) => {
             let f = LogitsFile::open(path)?;
             f.check_matches(&ds, SplitKind::Unlabeled)?;
             Some(f)
@@ -390,7 +425,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             per_pass,
             second_pass: matches!(recipe.target, TargetSource::SecondPass { .. } | TargetSource::Teacher),
         });
-    let mut stabiliser = (recipe.target == TargetSource::WeakView).then(|| {
+    let mut stabiliser = (recipe.target == TargetSource::WeakView && !recipe.method.is_mpl()).then(|| {
         let sizes: Vec<usize> = ds.shards(SplitKind::Unlabeled).iter().map(|s| s.len()).collect();
         Stabiliser::new(
             recipe.distribution_alignment,
@@ -458,6 +493,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     let mut win_start = Instant::now();
     let mut last_ckpt = resume_from.clone();
     let mut val_report = None;
+    // MPL's teacher, evaluated beside the student when it is a text classifier.
+    let mut mpl_teacher = ShadowReport { name: "teacher".into(), val: None, test: None };
     let mut step_secs = 0.0f64;
     // Time in training steps (no evaluation, no checkpoint) since the last metrics line, in
     // this process; not part of the checkpointed window, whose contents must not depend on
@@ -488,35 +525,42 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             k.shadow.sync_rows(&be, &params, touched.as_deref().unwrap_or(&[]));
         }
         let mut step_loss = 0.0;
-        for (mi, m) in micro.iter().enumerate() {
-            let inp = StepInputs {
-                step,
-                w,
-                lr,
-                mi,
-                teacher: shadows.first().filter(|k| k.name == "teacher").map(|k| &k.shadow.params),
-                bank: bank.as_ref(),
-                logits: teacher_logits.as_ref(),
-            };
-            let (loss, probs) = stepper.micro(&mut params, m, &inp, stabiliser.as_mut(), &mut win)?;
-            step_loss += loss;
-            if let Some(p) = probs {
-                bank_writes.push((mi, p));
+        let norm = if let Some(run) = &mut mpl_run {
+            let out =
+                run.step(&be, &model, &mut params, &mut opt, &micro[0], t.batch_size, step, lr, w, &mut win)?;
+            step_loss = out.loss;
+            out.norm
+        } else {
+            for (mi, m) in micro.iter().enumerate() {
+                let inp = StepInputs {
+                    step,
+                    w,
+                    lr,
+                    mi,
+                    teacher: shadows.first().filter(|k| k.name == "teacher").map(|k| &k.shadow.params),
+                    bank: bank.as_ref(),
+                    logits: teacher_logits.as_ref(),
+                };
+                let (loss, probs) = stepper.micro(&mut params, m, &inp, stabiliser.as_mut(), &mut win)?;
+                step_loss += loss;
+                if let Some(p) = probs {
+                    bank_writes.push((mi, p));
+                }
             }
-        }
+            let Stepper { grads, table, .. } = &mut stepper;
+            let table_grad = if fused {
+                TableGrad::Applied(
+                    table
+                        .formed()
+                        .then(|| be.sq_norm(&table.grad.values, 0..table.grad.rows.len() * table.grad.dim)),
+                )
+            } else {
+                TableGrad::Rows(&mut table.grad)
+            };
+            opt.step(&be, &model.layout, model.table, &mut params, grads, table_grad, lr)
+        };
         win.loss_sum += step_loss;
         win.steps += 1;
-        let Stepper { grads, table, .. } = &mut stepper;
-        let table_grad = if fused {
-            TableGrad::Applied(
-                table
-                    .formed()
-                    .then(|| be.sq_norm(&table.grad.values, 0..table.grad.rows.len() * table.grad.dim)),
-            )
-        } else {
-            TableGrad::Rows(&mut table.grad)
-        };
-        let norm = opt.step(&be, &model.layout, model.table, &mut params, grads, table_grad, lr);
         if let Some(bank) = &mut bank {
             for (mi, probs) in &bank_writes {
                 bank.update(&micro[*mi].rows, probs);
@@ -543,7 +587,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 "train_accuracy": acc, "grad_norm": norm, "tokens_per_s": tps,
                 "step_ms": 1e3 * win_step_secs / win_step_count.max(1) as f64, "docs_per_s": (win.docs as f64 + (win.docs * recipe.unlabeled_ratio as u64) as f64) / secs,
             });
-            if recipe.target != TargetSource::None {
+            if win.cons_rows > 0 {
                 rec["loss_consistency"] = json!(win.cons_sum / win.cons_rows.max(1) as f64);
                 rec["consistency_weight"] = json!(w);
                 rec["mask_ratio"] = json!(win.passed as f64 / win.cons_rows.max(1) as f64);
@@ -574,6 +618,21 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             }
             if down_steps > 0 {
                 rec["beta1"] = json!(opt.cfg.beta1);
+            }
+            if let Some(run) = &mpl_run {
+                let s = win.mpl_steps.max(1) as f64;
+                rec["mpl_h"] = json!(win.mpl_h / s);
+                rec["mpl_h_used"] = json!(win.mpl_h_used / s);
+                rec["mpl_baseline"] = json!(run.state.baseline);
+                rec["mpl_ce_old"] = json!(win.mpl_ce_old / s);
+                rec["mpl_ce_new"] = json!(win.mpl_ce_new / s);
+                rec["loss_pseudo"] = json!(win.mpl_pseudo / s);
+                if win.mpl_teacher_docs > 0 {
+                    rec["loss_teacher"] = json!(win.mpl_teacher_ce / s);
+                    rec["teacher_train_accuracy"] =
+                        json!(win.mpl_teacher_correct as f64 / win.mpl_teacher_docs as f64);
+                }
+                rec["mpl_steps"] = json!(win.mpl_steps);
             }
             log.write(rec)?;
             bar.set_message(format!("loss {loss:.4} acc {acc:.3} {:.0}k tok/s", tps / 1e3));
@@ -610,6 +669,16 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 }
                 k.report.val = r;
             }
+            if let Some((tm, tp)) = mpl_run.as_ref().and_then(|r| r.teacher_bag()) {
+                let r = eval::evaluate(&be, tm, tp, &ds, SplitKind::Val, t.eval_batch_size)?;
+                if let Some(r) = &r {
+                    log.write(json!({
+                        "step": step, "split": "val", "model": "teacher", "accuracy": r.accuracy,
+                        "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece,
+                    }))?;
+                }
+                mpl_teacher.val = r;
+            }
         }
         if checkpoint_due {
             let state = TrainState {
@@ -618,7 +687,9 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 cursors: loader.cursors().to_vec(),
                 unlabeled_cursors: uloader.as_ref().map_or(Vec::new(), |u| u.cursors().to_vec()),
                 shadow_logs: shadows.iter().map(|k| k.shadow.log_now()).collect(),
-                logits_checksum: teacher_logits.as_ref().map_or(0, |f| f.body_checksum()),
+                logits_checksum,
+                mpl: mpl_run.as_ref().map_or_else(Default::default, |r| r.state),
+                teacher_optim_t: mpl_run.as_ref().map_or(0, |r| r.teacher_optim_t()),
                 stabiliser: stabiliser.as_ref().map_or_else(Default::default, |s| s.state.clone()),
                 plateau,
                 config_hash,
@@ -630,6 +701,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 shadows: shadows.iter().map(|k| (k.file, k.shadow.params.as_slice())).collect(),
                 bank: bank.as_ref(),
                 moments: [&opt.m, &opt.v],
+                parts: mpl_run.iter().map(|r| r.part()).collect(),
                 state: &state,
             };
             let dir = checkpoint::save(&ckpt_root, &model, &meta, contents, t.keep_checkpoints)?;
@@ -657,22 +729,35 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             }
             k.report.test = r;
         }
+        if let Some((tm, tp)) = mpl_run.as_ref().and_then(|r| r.teacher_bag()) {
+            let r = eval::evaluate(&be, tm, tp, &ds, SplitKind::Test, t.eval_batch_size)?;
+            if let Some(r) = &r {
+                log.write(json!({"step": step, "split": "test", "model": "teacher", "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
+            }
+            mpl_teacher.test = r;
+        }
     }
     Ok(TrainReport {
         steps: step,
         final_checkpoint,
         val: val_report,
         test,
-        shadows: shadows.into_iter().map(|k| k.report).collect(),
+        shadows: shadows
+            .into_iter()
+            .map(|k| k.report)
+            .chain(mpl_run.as_ref().and_then(|r| r.teacher_bag()).map(|_| mpl_teacher))
+            .collect(),
         tokens_per_s: (total_tokens - restored_tokens.min(total_tokens)) as f64 / step_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-/// The body checksum of the run's exported-logits file (Noisy Student), 0 without one.
+/// The body checksum of the run's exported-logits files (Noisy Student's, reduced MPL's;
+/// combined when there are two), 0 without any.
 fn teacher_logits_checksum(cfg: &TrainConfig) -> Result<u64> {
-    match (&cfg.noisy_student.logits, cfg.method) {
-        (Some(path), Method::NoisyStudent) => Ok(LogitsFile::open(path)?.body_checksum()),
-        _ => Ok(0),
+    let mut sum = 0u64;
+    for path in mpl::logits_files(cfg) {
+        sum = crate::backend::mix64(sum ^ LogitsFile::open(path)?.body_checksum());
     }
+    Ok(sum)
 }

@@ -1,0 +1,377 @@
+//! Meta Pseudo Labels in the training loop: the teacher (a bag model, or reduced MPL's MLP
+//! over exported logits) with its optimizer, each step's inputs cut from a micro-batch, the
+//! logging sums, and the teacher's part of a checkpoint. The step itself is
+//! [`crate::algo::mpl::step`].
+
+use std::path::Path;
+
+use crate::algo::mpl::{self, MplBatch, MplSettings, MplState, StepPlan};
+use crate::algo::Recipe;
+use crate::backend::cpu::Cpu;
+use crate::backend::{Activation, DropoutKey};
+use crate::checkpoint::{self, LogWindow, ModelMeta, Part};
+use crate::config::TrainConfig;
+use crate::data::dataset::Dataset;
+use crate::data::shard::SplitKind;
+use crate::error::{Error, Result};
+use crate::logits::LogitsFile;
+use crate::model::bag::BagModel;
+use crate::optim::{moment_lens, Optimizer};
+
+use super::net::{BagBufs, BagNet, DenseNet};
+use super::step::{pseudo_label_diagnostics, Micro};
+
+/// The pass bit of the teacher's noisy pass, apart from the student's.
+const TEACHER_PASS: u32 = 2;
+
+/// MPL's teacher.
+pub(super) enum Teacher {
+    /// A bag model of its own spec (`[mpl.teacher]`), reading the text.
+    Bag {
+        model: BagModel,
+        meta: ModelMeta,
+        params: Vec<f32>,
+        opt: Optimizer<Cpu<f32>>,
+        bufs: BagBufs<Cpu<f32>>,
+    },
+    /// Reduced MPL: g(z) = z + MLP(z) over a fixed teacher's exported logits.
+    Reduced {
+        net: DenseNet<Cpu<f32>>,
+        logits: LogitsFile,
+        train_logits: Option<LogitsFile>,
+        labels: Vec<String>,
+    },
+}
+
+/// MPL's state in a run besides the student's.
+pub(super) struct MplRun {
+    pub(super) teacher: Teacher,
+    settings: MplSettings,
+    pub(super) state: MplState,
+    student_bufs: BagBufs<Cpu<f32>>,
+    /// The teacher's base learning rate over the student's (the schedule scales both).
+    teacher_lr_ratio: f64,
+    uda_steps: u64,
+    /// Steps from here on finetune the student on the labels alone.
+    finetune_from: u64,
+    seed: u64,
+}
+
+/// What the loop needs of one MPL step.
+pub(super) struct MplStepOut {
+    /// The student's loss (pseudo-label CE, or labeled CE when finetuning).
+    pub(super) loss: f64,
+    /// The student's gradient norm.
+    pub(super) norm: f64,
+}
+
+/// The exported logits files a run reads: Noisy Student's, reduced MPL's.
+pub(super) fn logits_files(cfg: &TrainConfig) -> Vec<&Path> {
+    use crate::algo::Method;
+    match cfg.method {
+        Method::NoisyStudent => cfg.noisy_student.logits.iter().map(|p| p.as_path()).collect(),
+        Method::MplReduced => {
+            cfg.mpl.logits.iter().chain(cfg.mpl.train_logits.iter()).map(|p| p.as_path()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+impl MplRun {
+    /// The teacher and settings of `cfg`; the student is the run's `student` model.
+    pub(super) fn new(
+        be: &Cpu<f32>,
+        cfg: &TrainConfig,
+        ds: &Dataset,
+        student: &BagModel,
+        recipe: &Recipe,
+        total: u64,
+        progress: bool,
+    ) -> Result<Self> {
+        let manifest = ds.manifest();
+        let teacher_optim = cfg.mpl.teacher_optim.clone().unwrap_or_else(|| cfg.optim.clone());
+        let seed = crate::backend::mix64(cfg.train.seed ^ 0x4d50_4c00);
+        let teacher = match cfg.method {
+            crate::algo::Method::Mpl => {
+                let mcfg = cfg.mpl.teacher.clone().unwrap_or_else(|| cfg.model.clone());
+                let model = BagModel::new(super::bag_spec(&mcfg, manifest));
+                let mut params = model.init(seed);
+                if let Some(path) = &mcfg.init_from {
+                    super::init_table(
+                        path,
+                        manifest,
+                        &model,
+                        &mut params,
+                        progress.then_some("mpl.teacher"),
+                    )?;
+                }
+                let meta = super::model_meta(&model, manifest);
+                let opt = Optimizer::new(be, &model.layout, model.table, teacher_optim.clone());
+                let bufs = BagBufs::new(be, &model);
+                Teacher::Bag { model, meta, params, opt, bufs }
+            }
+            _ => {
+                let path = cfg.mpl.logits.as_ref().expect("validated: mpl.logits");
+                let logits = LogitsFile::open(path)?;
+                logits.check_matches(ds, SplitKind::Unlabeled)?;
+                let train_logits = match &cfg.mpl.train_logits {
+                    Some(p) => {
+                        let f = LogitsFile::open(p)?;
+                        f.check_matches(ds, SplitKind::Train)?;
+                        Some(f)
+                    }
+                    None => None,
+                };
+                let c = student.spec.classes;
+                let net = DenseNet::new(
+                    be,
+                    c,
+                    &cfg.mpl.reduced_hidden,
+                    c,
+                    Activation::Relu,
+                    0.0,
+                    true,
+                    teacher_optim.clone(),
+                    seed,
+                );
+                Teacher::Reduced { net, logits, train_logits, labels: manifest.labels.clone() }
+            }
+        };
+        let m = &cfg.mpl;
+        if m.finetune_steps >= total {
+            return Err(Error::config(
+                "run.toml",
+                "mpl.finetune_steps",
+                format!("{} leaves no MPL step of the run's {total}", m.finetune_steps),
+            ));
+        }
+        let uda = (cfg.method == crate::algo::Method::Mpl).then_some(recipe.op);
+        Ok(MplRun {
+            teacher,
+            settings: MplSettings {
+                h_sign: m.h_sign,
+                baseline_rate: m.baseline.then_some(m.baseline_rate),
+                pseudo_labels: m.pseudo_labels,
+                temperature: m.temperature,
+                pl_smoothing: m.label_smoothing,
+                label_smoothing: cfg.loss.label_smoothing,
+                uda,
+            },
+            state: MplState::default(),
+            student_bufs: BagBufs::new(be, student),
+            teacher_lr_ratio: teacher_optim.lr / cfg.optim.lr,
+            uda_steps: m.uda_steps,
+            finetune_from: total - m.finetune_steps,
+            seed: cfg.train.seed,
+        })
+    }
+
+    fn teacher_layout(&self) -> (&crate::model::params::Layout, crate::model::params::Slot) {
+        match &self.teacher {
+            Teacher::Bag { model, .. } => (&model.layout, model.table),
+            Teacher::Reduced { net, .. } => (&net.layout, net.table_slot()),
+        }
+    }
+
+    fn stem(&self) -> &'static str {
+        match self.teacher {
+            Teacher::Bag { .. } => "teacher",
+            Teacher::Reduced { .. } => "teacher_mlp",
+        }
+    }
+
+    /// The teacher's part of a checkpoint.
+    pub(super) fn part(&self) -> Part<'_> {
+        let (layout, _) = self.teacher_layout();
+        let (meta, params, opt) = match &self.teacher {
+            Teacher::Bag { meta, params, opt, .. } => {
+                (serde_json::to_value(meta).expect("metadata serialises"), params, opt)
+            }
+            Teacher::Reduced { net, labels, .. } => (
+                serde_json::json!({
+                    "format": "dtrain-logits-mlp",
+                    "hidden": net.mlp.widths,
+                    "labels": labels,
+                }),
+                &net.params,
+                &net.opt,
+            ),
+        };
+        Part { stem: self.stem(), layout, meta, params, moments: [&opt.m, &opt.v] }
+    }
+
+    /// The teacher's optimizer step counter.
+    pub(super) fn teacher_optim_t(&self) -> u64 {
+        match &self.teacher {
+            Teacher::Bag { opt, .. } => opt.t,
+            Teacher::Reduced { net, .. } => net.opt.t,
+        }
+    }
+
+    /// Restores the teacher and the baseline from checkpoint `dir`.
+    pub(super) fn restore(&mut self, dir: &Path, state: &checkpoint::TrainState) -> Result<()> {
+        let stem = self.stem();
+        let (layout, table) = self.teacher_layout();
+        let (layout, cfg) = (
+            layout.clone(),
+            match &self.teacher {
+                Teacher::Bag { opt, .. } => opt.cfg.clone(),
+                Teacher::Reduced { net, .. } => net.opt.cfg.clone(),
+            },
+        );
+        let (params, m, v) = checkpoint::load_part(dir, stem, &layout, moment_lens(&cfg, &layout, table))?;
+        let (p, o) = match &mut self.teacher {
+            Teacher::Bag { params, opt, .. } => (params, opt),
+            Teacher::Reduced { net, .. } => (&mut net.params, &mut net.opt),
+        };
+        (*p, o.m, o.v, o.t) = (params, m, v, state.teacher_optim_t);
+        self.state = state.mpl;
+        Ok(())
+    }
+
+    /// The teacher as a text classifier, when it is one.
+    pub(super) fn teacher_bag(&self) -> Option<(&BagModel, &Vec<f32>)> {
+        match &self.teacher {
+            Teacher::Bag { model, params, .. } => Some((model, params)),
+            Teacher::Reduced { .. } => None,
+        }
+    }
+
+    /// One step on micro-batch `m` (labeled rows, then the strong view of the unlabeled
+    /// ones, and their weak view): the MPL step, or a finetuning step of the student.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn step(
+        &mut self,
+        be: &Cpu<f32>,
+        student: &BagModel,
+        params: &mut Vec<f32>,
+        opt: &mut Optimizer<Cpu<f32>>,
+        m: &Micro,
+        n_l: usize,
+        step: u64,
+        lr: f64,
+        uda_weight: f64,
+        win: &mut LogWindow,
+    ) -> Result<MplStepOut> {
+        let n_u = m.batch.len() - n_l;
+        let labeled = m.batch.slice(0..n_l);
+        let labels = &m.batch.labels[..n_l];
+        let noise = |pass| Some(DropoutKey { seed: self.seed, step, site: 0, pass, row: 0 });
+        let mut s_net = BagNet { model: student, params, opt, bufs: &mut self.student_bufs };
+        win.tokens += m.batch.ids.len() as u64;
+        if step >= self.finetune_from {
+            let (ce, right, norm) =
+                mpl::finetune(be, &mut s_net, &labeled, labels, self.settings.label_smoothing, lr, noise(0));
+            win.sup_sum += ce * n_l as f64;
+            win.docs += n_l as u64;
+            win.correct += right;
+            return finite(ce, step, "the student's finetuning loss").map(|loss| MplStepOut { loss, norm });
+        }
+        let unlabeled = m.batch.slice(n_l..n_l + n_u);
+        let ramp = if self.uda_steps == 0 { 1.0 } else { (step as f64 / self.uda_steps as f64).min(1.0) };
+        let plan = StepPlan {
+            lr_teacher: lr * self.teacher_lr_ratio,
+            lr_student: lr,
+            uda_weight: uda_weight * ramp,
+            teacher_noise: noise(TEACHER_PASS),
+            student_noise: noise(0),
+        };
+        let mut reduce = |_: &mut [f64]| {};
+        let teacher_labeled = match &self.teacher {
+            Teacher::Bag { .. } => n_l,
+            Teacher::Reduced { train_logits, .. } => {
+                if train_logits.is_some() {
+                    n_l
+                } else {
+                    0
+                }
+            }
+        };
+        let out = match &mut self.teacher {
+            Teacher::Bag { model, params, opt, bufs, .. } => {
+                let weak = m.weak.as_ref().expect("mpl reads the weak view");
+                let mut t_in = labeled.clone();
+                t_in.extend(weak);
+                t_in.extend(&unlabeled);
+                let batch = MplBatch {
+                    teacher: &t_in,
+                    teacher_labeled,
+                    teacher_weak: true,
+                    student_labeled: &labeled,
+                    student_unlabeled: &unlabeled,
+                    labels,
+                    n_u,
+                };
+                let mut t_net = BagNet { model, params, opt, bufs };
+                mpl::step(
+                    be,
+                    &mut t_net,
+                    &mut s_net,
+                    &batch,
+                    &self.settings,
+                    &mut self.state,
+                    &plan,
+                    &mut reduce,
+                )
+            }
+            Teacher::Reduced { net, logits, train_logits, .. } => {
+                let mut rows = Vec::new();
+                let mut t_in = Vec::new();
+                if let Some(f) = train_logits {
+                    f.gather(&m.rows[..n_l], &mut t_in);
+                }
+                logits.gather(&m.rows[n_l..], &mut rows);
+                t_in.extend_from_slice(&rows);
+                let batch = MplBatch {
+                    teacher: &t_in,
+                    teacher_labeled,
+                    teacher_weak: false,
+                    student_labeled: &labeled,
+                    student_unlabeled: &unlabeled,
+                    labels,
+                    n_u,
+                };
+                mpl::step(be, net, &mut s_net, &batch, &self.settings, &mut self.state, &plan, &mut reduce)
+            }
+        };
+        for (v, what) in [
+            (out.ce_pseudo, "the student's pseudo-label loss"),
+            (out.ce_teacher, "the teacher's labeled loss"),
+            (out.h, "h"),
+            (out.uda, "the teacher's UDA term"),
+        ] {
+            finite(v, step, what)?;
+        }
+        win.sup_sum += out.ce_old * n_l as f64;
+        win.docs += n_l as u64;
+        win.correct += out.student_correct;
+        win.mpl_steps += 1;
+        win.mpl_h += out.h;
+        win.mpl_h_used += out.h_used;
+        win.mpl_ce_old += out.ce_old;
+        win.mpl_ce_new += out.ce_new;
+        win.mpl_pseudo += out.ce_pseudo;
+        win.mpl_teacher_ce += out.ce_teacher;
+        win.mpl_uda += out.uda;
+        win.mpl_teacher_docs += teacher_labeled as u64;
+        win.mpl_teacher_correct += out.teacher_correct;
+        if self.settings.uda.is_some() {
+            win.cons_sum += out.uda * n_u as f64;
+            win.cons_rows += n_u as u64;
+            win.passed += out.uda_passed as u64;
+        }
+        let labels_f: Vec<f32> = out.labels.iter().map(|&l| l as f32).collect();
+        pseudo_label_diagnostics(win, &m.hidden, &labels_f, |_| true);
+        Ok(MplStepOut { loss: out.ce_pseudo, norm: out.student_norm })
+    }
+}
+
+fn finite(v: f64, step: u64, what: &str) -> Result<f64> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Error::Data(format!(
+            "{what} became {v} at step {step}: lower optim.lr (or mpl.teacher_optim.lr), or set optim.clip_norm"
+        )))
+    }
+}
