@@ -44,7 +44,18 @@ GRID = {
     # The teacher is the chosen supervised run of the same seed (see teacher_logits).
     "noisy_student": {"consistency.weight": [0.3, 1.0, 3.0], "consistency.kind": ['"kl"', '"ce_hard"'],
                       "unlabeled.ratio": [1, 3]},
+    # Meta Pseudo Labels, each sign of h with and without the baseline: the teacher's UDA
+    # weight and both models' learning rate (the teacher takes the student's [optim]).
+    "mpl": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
+    "mpl_new_minus_old": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
+    "mpl_baseline": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
+    "mpl_new_minus_old_baseline": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
+    # The fixed teacher is Noisy Student's (the chosen supervised run of the seed).
+    "mpl_reduced": {"optim.lr": [0.01, 0.003], "mpl.reduced_hidden": ["[32]", "[128]"]},
 }
+MPL_VARIANTS = {"mpl": [], "mpl_new_minus_old": ['mpl.h_sign="new_minus_old"'],
+                "mpl_baseline": ["mpl.baseline=true"],
+                "mpl_new_minus_old_baseline": ['mpl.h_sign="new_minus_old"', "mpl.baseline=true"]}
 # --dropout-grid adds the dropout of the pooled embedding to the grids of the methods
 # whose configs fix it (their student's noise), with these values.
 DROPOUT_GRID = [0.0, 0.5]
@@ -57,7 +68,11 @@ FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
 CONFIG = {"supervised": "configs/brown/supervised.toml", "pi": "configs/brown/pi.toml",
           "mean_teacher": "configs/brown/mean_teacher.toml", "rdrop": "configs/brown/rdrop.toml",
           "temporal": "configs/brown/temporal.toml", "uda": "configs/brown/uda.toml",
-          "fixmatch": "configs/brown/fixmatch.toml", "noisy_student": "configs/brown/noisy_student.toml"}
+          "fixmatch": "configs/brown/fixmatch.toml", "noisy_student": "configs/brown/noisy_student.toml",
+          "mpl_reduced": "configs/brown/mpl_reduced.toml"}
+for _m, _sets in MPL_VARIANTS.items():
+    CONFIG[_m] = "configs/brown/mpl.toml"
+    FIXED[_m] = _sets
 
 
 def data_dir(root, seed):
@@ -80,10 +95,12 @@ def pretrained_sets(dt, root, seed):
     return [f'model.init_from="{pre}"', "optim.lr_mult.embedding=0.1"]
 
 
-def teacher_logits(dt, root, out_root, seed, supervised_sets):
+def teacher_logits(dt, root, out_root, seed, supervised_sets, split="unlabeled"):
     """Noisy Student's teacher for a seed: the supervised run with the chosen settings,
-    its logits of the unlabeled split exported once."""
-    path = os.path.join(out_root, "teachers", f"seed{seed}.logits")
+    its logits of the unlabeled and train splits exported once (the run is deterministic,
+    so a split exported later retrains the same teacher)."""
+    name = f"seed{seed}.logits" if split == "unlabeled" else f"seed{seed}.{split}.logits"
+    path = os.path.join(out_root, "teachers", name)
     if not os.path.exists(path):
         out = os.path.join(out_root, "teachers", f"seed{seed}")
         subprocess.run(["rm", "-rf", out], check=True)
@@ -94,7 +111,7 @@ def teacher_logits(dt, root, out_root, seed, supervised_sets):
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
         ckpt = sorted(os.listdir(os.path.join(out, "checkpoints")))[-1]
         subprocess.run([dt, "export-logits", "--checkpoint", os.path.join(out, "checkpoints", ckpt), "--data",
-                        data_dir(root, seed), "--split", "unlabeled", "--out", path], check=True,
+                        data_dir(root, seed), "--split", split, "--out", path], check=True,
                        stdout=subprocess.DEVNULL)
         subprocess.run(["rm", "-rf", os.path.join(out, "checkpoints")], check=True)
     return path
@@ -118,7 +135,7 @@ def train(dt, method, data, out, seed, sets):
         rs = [r for r in recs if r.get("split") == split and r.get("model") == model]
         return rs[-1]["accuracy"] if rs else None
     row = dict(val=last("val"), test=last("test"), seconds=secs)
-    if method == "mean_teacher":
+    if method == "mean_teacher" or method in MPL_VARIANTS:
         row.update(teacher_val=last("val", "teacher"), teacher_test=last("test", "teacher"))
     steps = [r for r in recs if "split" not in r]
     row["train_docs_per_s"] = statistics.mean(r["docs_per_s"] for r in steps)
@@ -162,6 +179,11 @@ def main():
             sup = result["chosen"]["supervised"]
             FIXED["noisy_student"] = lambda seed: [
                 f'noisy_student.logits="{teacher_logits(a.dtrain, a.data_root, a.out, seed, sup)}"']
+        if method == "mpl_reduced":
+            sup = result["chosen"]["supervised"]
+            FIXED["mpl_reduced"] = lambda seed: [
+                f'mpl.logits="{teacher_logits(a.dtrain, a.data_root, a.out, seed, sup)}"',
+                f'mpl.train_logits="{teacher_logits(a.dtrain, a.data_root, a.out, seed, sup, "train")}"']
         best = None
         for values in itertools.product(*(GRID[method][k] for k in keys)):
             sets = [f"{k}={v}" for k, v in zip(keys, values)]
