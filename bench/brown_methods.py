@@ -50,12 +50,16 @@ GRID = {
     "mpl_new_minus_old": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
     "mpl_baseline": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
     "mpl_new_minus_old_baseline": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
+    # MPL with METHODS.md §12 step 8: the student's last 5 or 10 epochs on the labels alone
+    # (no teacher UDA term, lr 0.01: the best MPL setting above).
+    "mpl_finetune": {"mpl.finetune_steps": [95, 190]},
     # The fixed teacher is Noisy Student's (the chosen supervised run of the seed).
     "mpl_reduced": {"optim.lr": [0.01, 0.003], "mpl.reduced_hidden": ["[32]", "[128]"]},
 }
 MPL_VARIANTS = {"mpl": [], "mpl_new_minus_old": ['mpl.h_sign="new_minus_old"'],
                 "mpl_baseline": ["mpl.baseline=true"],
-                "mpl_new_minus_old_baseline": ['mpl.h_sign="new_minus_old"', "mpl.baseline=true"]}
+                "mpl_new_minus_old_baseline": ['mpl.h_sign="new_minus_old"', "mpl.baseline=true"],
+                "mpl_finetune": ["consistency.weight=0.0"]}
 # --dropout-grid adds the dropout of the pooled embedding to the grids of the methods
 # whose configs fix it (their student's noise), with these values.
 DROPOUT_GRID = [0.0, 0.5]

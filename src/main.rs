@@ -316,7 +316,7 @@ struct EvalArgs {
     /// The split to evaluate: train, val or test.
     #[arg(long, default_value = "test")]
     split: String,
-    /// Evaluate the Mean Teacher's weights (the checkpoint's teacher.safetensors).
+    /// Evaluate the teacher (a Mean Teacher's or MPL's: the checkpoint's teacher.safetensors).
     #[arg(long)]
     teacher: bool,
     /// Evaluate the EMA or SWA weights (the checkpoint's average.safetensors).
@@ -332,7 +332,7 @@ struct ExportArgs {
     /// A checkpoint directory (or its model.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Use the checkpoint's Mean Teacher (teacher.safetensors).
+    /// Use the checkpoint's teacher (Mean Teacher or MPL: teacher.safetensors).
     #[arg(long)]
     teacher: bool,
     /// Use the checkpoint's EMA or SWA weights (average.safetensors).
@@ -379,7 +379,7 @@ struct PredictArgs {
     /// Average this many forward passes with dropout on (MC dropout); 1 = no dropout.
     #[arg(long, default_value_t = 1)]
     mc_dropout: usize,
-    /// Use each checkpoint's Mean Teacher (teacher.safetensors) instead of its student.
+    /// Use each checkpoint's teacher (Mean Teacher or MPL: teacher.safetensors) instead of its student.
     #[arg(long)]
     teacher: bool,
     /// Use each checkpoint's EMA or SWA weights (average.safetensors) instead of its student.

@@ -333,6 +333,7 @@ fn student_ce<B: Backend<F = f32>, S: Net<B>>(
 
 /// One MPL step (the module's doc gives the sequence). `reduce` sums a few f64 over ranks
 /// (the identity on one process): CE_old and CE_new are global before h is formed.
+#[allow(clippy::too_many_arguments)]
 pub fn step<B, T, S>(
     be: &B,
     teacher: &mut T,
