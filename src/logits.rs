@@ -236,7 +236,7 @@ pub fn export(
                 let i = start + k;
                 let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let total: f64 = z.iter().map(|&v| f64::from(v - mx).exp()).sum();
-                let label = z.iter().enumerate().fold(0, |b, (c, &v)| if v > z[b] { c } else { b });
+                let label = crate::backend::argmax(z);
                 let conf = 1.0 / total;
                 let hidden = match split {
                     SplitKind::Unlabeled => shard.hidden_label(i).map(|h| h as usize),

@@ -86,7 +86,7 @@ fn run_step(
 ) -> mpl::MplOut {
     let b = MplBatch {
         teacher: &be.upload(&r.teacher),
-        teacher_labeled: r.labels.len(),
+        teacher_labeled: true,
         teacher_weak: false,
         student_labeled: &be.upload(&r.labeled),
         student_unlabeled: &be.upload(&r.unlabeled),
@@ -148,7 +148,7 @@ fn the_teachers_mpl_term_is_h_times_the_pseudo_label_gradient() {
     let phi0 = t.params.clone();
     let b = MplBatch {
         teacher: &be.upload(&r.teacher),
-        teacher_labeled: 0,
+        teacher_labeled: false,
         teacher_weak: false,
         student_labeled: &be.upload(&r.labeled),
         student_unlabeled: &be.upload(&r.unlabeled),
@@ -208,7 +208,7 @@ fn h_takes_its_sign_and_baseline_from_the_config() {
     let mut s = net(&be, d, c, sgd(0.5), 2);
     let b = MplBatch {
         teacher: &be.upload(&r.teacher),
-        teacher_labeled: 6,
+        teacher_labeled: true,
         teacher_weak: false,
         student_labeled: &be.upload(&r.labeled),
         student_unlabeled: &be.upload(&r.unlabeled),
@@ -300,7 +300,7 @@ fn on_two_moons_mpl_beats_pseudo_labels_from_the_same_bad_teacher() {
             let noise = Some(DropoutKey { seed, step: k, site: 0, pass: 0, row: 0 });
             let b = MplBatch {
                 teacher: &t_in,
-                teacher_labeled: 6,
+                teacher_labeled: true,
                 teacher_weak: false,
                 student_labeled: &xl_b,
                 student_unlabeled: &xu_b,

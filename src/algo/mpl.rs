@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
-use crate::backend::{Backend, ConsistencyAux, DropoutKey};
+use crate::backend::{argmax, Backend, ConsistencyAux, DropoutKey};
 
 /// The sign of the feedback coefficient h.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,12 +162,12 @@ pub struct MplSettings {
     pub uda: Option<ConsistencyOp>,
 }
 
-/// The rows of one step. The teacher's rows are its labeled rows (`teacher_labeled` of
-/// them, 0 when it sees none), then the weak view of the `n_u` unlabeled rows (when
+/// The rows of one step. The teacher's rows are the labeled rows (when `teacher_labeled`),
+/// then the weak view of the `n_u` unlabeled rows (when
 /// `teacher_weak`), then the `n_u` rows its pseudo-labels come from.
 pub struct MplBatch<'a, TI, SI> {
     pub teacher: &'a TI,
-    pub teacher_labeled: usize,
+    pub teacher_labeled: bool,
     pub teacher_weak: bool,
     /// The student's labeled rows (CE_old, CE_new).
     pub student_labeled: &'a SI,
@@ -211,7 +211,7 @@ pub struct MplOut {
     pub student_norm: f64,
     /// The student's labeled rows (clean pass before its update) it predicted right.
     pub student_correct: u64,
-    /// The pseudo-labels' argmax per unlabeled row, and their confidence.
+    /// The pseudo-labels' argmax per unlabeled row.
     pub labels: Vec<usize>,
 }
 
@@ -230,7 +230,7 @@ pub fn pseudo_targets(logits: &[f32], classes: usize, s: &MplSettings) -> (Vec<f
     let mut q = Vec::with_capacity(logits.len());
     let mut labels = Vec::with_capacity(logits.len() / classes);
     for z in logits.chunks(classes) {
-        let top = z.iter().enumerate().fold(0, |b, (c, &v)| if v > z[b] { c } else { b });
+        let top = argmax(z);
         labels.push(top);
         let start = q.len();
         match s.pseudo_labels {
@@ -252,26 +252,35 @@ pub fn pseudo_targets(logits: &[f32], classes: usize, s: &MplSettings) -> (Vec<f
     (q.into_iter().map(|v| v as f32).collect(), labels)
 }
 
-/// Σ over rows of the entropy of each row of `q`.
-fn entropy_sum(q: &[f32]) -> f64 {
-    q.iter().filter(|&&v| v > 0.0).map(|&v| -f64::from(v) * f64::from(v).ln()).sum()
+/// Distributions to take cross-entropy against: on the device, with Σ over rows of their
+/// entropy (CE = KL + H, and the op computes the KL).
+pub struct Targets<B: Backend> {
+    pub probs: B::Buf,
+    pub rows: usize,
+    pub entropy: f64,
 }
 
-/// Cross-entropy of rows `row0..row0 + n` of `logits` against the distributions `q` (n×C
-/// probabilities, host): adds `scale·(p − q)` into the same rows of `dlogits` and returns
-/// Σ over rows of CE.
+impl<B: Backend<F = f32>> Targets<B> {
+    /// `q`: n×`classes` probabilities (host).
+    pub fn new(be: &B, q: &[f32], classes: usize) -> Self {
+        let entropy = q.iter().filter(|&&v| v > 0.0).map(|&v| -f64::from(v) * f64::from(v).ln()).sum();
+        Targets { probs: be.upload(q), rows: q.len() / classes, entropy }
+    }
+}
+
+/// Cross-entropy of rows `row0..row0 + n` of `logits` against the `n` distributions `q`:
+/// adds `scale·(p − q)` into the same rows of `dlogits` and returns Σ over rows of CE.
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy<B: Backend<F = f32>>(
     be: &B,
     logits: &B::Buf,
     row0: usize,
-    q: &[f32],
+    q: &Targets<B>,
     classes: usize,
     scale: f64,
     dlogits: &mut B::Buf,
     scratch: &mut B::Buf,
 ) -> f64 {
-    let n = q.len() / classes;
     let op = ConsistencyOp {
         kind: ConsistencyKind::Kl,
         form: TargetForm::Probs,
@@ -279,20 +288,9 @@ pub fn cross_entropy<B: Backend<F = f32>>(
         threshold: 0.0,
         scale,
     };
-    let target = be.upload(q);
-    let out = be.consistency(
-        &op,
-        logits,
-        row0,
-        &target,
-        n,
-        classes,
-        &ConsistencyAux::default(),
-        dlogits,
-        None,
-        scratch,
-    );
-    out.loss_sum + entropy_sum(q)
+    let aux = ConsistencyAux::default();
+    let out = be.consistency(&op, logits, row0, &q.probs, q.rows, classes, &aux, dlogits, None, scratch);
+    out.loss_sum + q.entropy
 }
 
 /// Rows `row0..row0 + n` of `logits` whose argmax is `labels[i]`.
@@ -300,11 +298,7 @@ fn correct(logits: &[f32], row0: usize, labels: &[i32], classes: usize) -> u64 {
     labels
         .iter()
         .enumerate()
-        .filter(|&(i, &y)| {
-            let z = &logits[(row0 + i) * classes..(row0 + i + 1) * classes];
-            let top = z.iter().enumerate().fold(0, |b, (c, &v)| if v > z[b] { c } else { b });
-            top as i32 == y
-        })
+        .filter(|&(i, &y)| argmax(&logits[(row0 + i) * classes..(row0 + i + 1) * classes]) as i32 == y)
         .count() as u64
 }
 
@@ -314,21 +308,23 @@ pub struct MplState {
     pub baseline: f64,
 }
 
-/// The student's clean labeled loss: (Σ CE, rows right).
+/// The student's clean labeled loss Σ CE against `y`, and, with `count`, the rows it
+/// predicts right.
 fn student_ce<B: Backend<F = f32>, S: Net<B>>(
     be: &B,
     student: &mut S,
     x: &S::Input,
-    labels: &[i32],
-    eps: f64,
+    y: (&[i32], &Targets<B>),
+    count: bool,
     scratch: &mut B::Buf,
 ) -> (f64, u64) {
     let c = student.classes();
-    let n = labels.len();
+    let n = y.0.len();
     let logits = student.forward(be, x, n, None);
+    // The op adds a gradient, here scaled by 0 into a buffer nobody reads.
     let mut sink = be.zeros(n * c);
-    let ce = cross_entropy(be, logits, 0, &label_targets(labels, c, eps), c, 0.0, &mut sink, scratch);
-    (ce, correct(&be.download(logits), 0, labels, c))
+    let ce = cross_entropy(be, logits, 0, y.1, c, 0.0, &mut sink, scratch);
+    (ce, if count { correct(&be.download(logits), 0, y.0, c) } else { 0 })
 }
 
 /// One MPL step (the module's doc gives the sequence). `reduce` sums a few f64 over ranks
@@ -350,7 +346,9 @@ where
     S: Net<B>,
 {
     let c = teacher.classes();
-    let (n_tl, n_u, n_l) = (b.teacher_labeled, b.n_u, b.labels.len());
+    let (n_u, n_l) = (b.n_u, b.labels.len());
+    let n_tl = if b.teacher_labeled { n_l } else { 0 };
+    let y = Targets::new(be, &label_targets(b.labels, c, s.label_smoothing), c);
     let weak_row0 = n_tl;
     let pl_row0 = n_tl + if b.teacher_weak { n_u } else { 0 };
     let n_t = pl_row0 + n_u;
@@ -362,10 +360,9 @@ where
     let zt_host = be.download(zt);
     let mut dt = be.zeros(n_t * c);
     if n_tl > 0 {
-        let q = label_targets(&b.labels[..n_tl], c, s.label_smoothing);
         out.ce_teacher =
-            cross_entropy(be, zt, 0, &q, c, 1.0 / n_tl as f64, &mut dt, &mut scratch) / n_tl as f64;
-        out.teacher_correct = correct(&zt_host, 0, &b.labels[..n_tl], c);
+            cross_entropy(be, zt, 0, &y, c, 1.0 / n_tl as f64, &mut dt, &mut scratch) / n_tl as f64;
+        out.teacher_correct = correct(&zt_host, 0, b.labels, c);
     }
     if let (Some(op), true) = (s.uda, b.teacher_weak && plan.uda_weight > 0.0) {
         let weak = be.upload(&zt_host[weak_row0 * c..(weak_row0 + n_u) * c]);
@@ -387,18 +384,18 @@ where
     }
     // 2. Pseudo-labels, constants from here on.
     let (q_pl, labels) = pseudo_targets(&zt_host[pl_row0 * c..], c, s);
+    let q_pl = Targets::new(be, &q_pl, c);
     out.labels = labels;
 
     // 3–5. CE_old, the student's update on the pseudo-labels alone, CE_new.
-    let (ce_old, right) =
-        student_ce(be, student, b.student_labeled, b.labels, s.label_smoothing, &mut scratch);
+    let (ce_old, right) = student_ce(be, student, b.student_labeled, (b.labels, &y), true, &mut scratch);
     out.student_correct = right;
     let zs = student.forward(be, b.student_unlabeled, n_u, plan.student_noise);
     let mut ds = be.zeros(n_u * c);
     out.ce_pseudo = cross_entropy(be, zs, 0, &q_pl, c, 1.0 / n_u as f64, &mut ds, &mut scratch) / n_u as f64;
     student.backward(be, b.student_unlabeled, &ds);
     out.student_norm = student.update(be, plan.lr_student);
-    let (ce_new, _) = student_ce(be, student, b.student_labeled, b.labels, s.label_smoothing, &mut scratch);
+    let (ce_new, _) = student_ce(be, student, b.student_labeled, (b.labels, &y), false, &mut scratch);
 
     // 6. h from the global means.
     let mut sums = [ce_old, ce_new, n_l as f64];
@@ -444,8 +441,8 @@ pub fn finetune<B: Backend<F = f32>, S: Net<B>>(
     let z = student.forward(be, x, n, noise);
     let right = correct(&be.download(z), 0, labels, c);
     let mut dz = be.zeros(n * c);
-    let ce =
-        cross_entropy(be, z, 0, &label_targets(labels, c, eps), c, 1.0 / n as f64, &mut dz, &mut scratch);
+    let y = Targets::new(be, &label_targets(labels, c, eps), c);
+    let ce = cross_entropy(be, z, 0, &y, c, 1.0 / n as f64, &mut dz, &mut scratch);
     student.backward(be, x, &dz);
     (ce / n as f64, right, student.update(be, lr))
 }

@@ -138,6 +138,11 @@ pub struct DropoutKey {
     pub row: u64,
 }
 
+/// The index of the largest value of `row`, the lowest among ties (a row's predicted class).
+pub fn argmax<F: PartialOrd>(row: &[F]) -> usize {
+    (0..row.len()).fold(0, |b, c| if row[c] > row[b] { c } else { b })
+}
+
 /// splitmix64's finaliser: a bijective 64-bit mixer.
 pub fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -509,8 +509,6 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         opt.cfg.beta1 = down * beta1 + (1.0 - down) * 0.5;
         let w = w_max * ramp.factor(step);
         let logs = (step + 1) % t.log_every == 0 || step + 1 == total;
-        be.fill_zero(&mut stepper.grads);
-        stepper.table.start(fused && !logs);
         let mut micro = Vec::with_capacity(accum as usize);
         for _ in 0..accum {
             micro.push(next_micro(&ds, &mut loader, uloader.as_mut(), strong_view.as_ref())?);
@@ -531,6 +529,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             step_loss = out.loss;
             out.norm
         } else {
+            be.fill_zero(&mut stepper.grads);
+            stepper.table.start(fused && !logs);
             for (mi, m) in micro.iter().enumerate() {
                 let inp = StepInputs {
                     step,

@@ -16,6 +16,7 @@ use crate::data::shard::SplitKind;
 use crate::error::{Error, Result};
 use crate::logits::LogitsFile;
 use crate::model::bag::BagModel;
+use crate::model::params::{Layout, Slot};
 use crate::optim::{moment_lens, Optimizer};
 
 use super::net::{BagBufs, BagNet, DenseNet};
@@ -166,10 +167,11 @@ impl MplRun {
         })
     }
 
-    fn teacher_layout(&self) -> (&crate::model::params::Layout, crate::model::params::Slot) {
+    /// The teacher's layout, (empty) table slot, parameters and optimizer.
+    fn pieces(&self) -> (&Layout, Slot, &Vec<f32>, &Optimizer<Cpu<f32>>) {
         match &self.teacher {
-            Teacher::Bag { model, .. } => (&model.layout, model.table),
-            Teacher::Reduced { net, .. } => (&net.layout, net.table_slot()),
+            Teacher::Bag { model, params, opt, .. } => (&model.layout, model.table, params, opt),
+            Teacher::Reduced { net, .. } => (&net.layout, net.table_slot(), &net.params, &net.opt),
         }
     }
 
@@ -182,49 +184,33 @@ impl MplRun {
 
     /// The teacher's part of a checkpoint.
     pub(super) fn part(&self) -> Part<'_> {
-        let (layout, _) = self.teacher_layout();
-        let (meta, params, opt) = match &self.teacher {
-            Teacher::Bag { meta, params, opt, .. } => {
-                (serde_json::to_value(meta).expect("metadata serialises"), params, opt)
-            }
-            Teacher::Reduced { net, labels, .. } => (
-                serde_json::json!({
-                    "format": "dtrain-logits-mlp",
-                    "hidden": net.mlp.widths,
-                    "labels": labels,
-                }),
-                &net.params,
-                &net.opt,
-            ),
+        let (layout, _, params, opt) = self.pieces();
+        let meta = match &self.teacher {
+            Teacher::Bag { meta, .. } => serde_json::to_value(meta).expect("metadata serialises"),
+            Teacher::Reduced { net, labels, .. } => serde_json::json!({
+                "format": "dtrain-logits-mlp",
+                "hidden": net.mlp.widths,
+                "labels": labels,
+            }),
         };
         Part { stem: self.stem(), layout, meta, params, moments: [&opt.m, &opt.v] }
     }
 
     /// The teacher's optimizer step counter.
     pub(super) fn teacher_optim_t(&self) -> u64 {
-        match &self.teacher {
-            Teacher::Bag { opt, .. } => opt.t,
-            Teacher::Reduced { net, .. } => net.opt.t,
-        }
+        self.pieces().3.t
     }
 
     /// Restores the teacher and the baseline from checkpoint `dir`.
     pub(super) fn restore(&mut self, dir: &Path, state: &checkpoint::TrainState) -> Result<()> {
-        let stem = self.stem();
-        let (layout, table) = self.teacher_layout();
-        let (layout, cfg) = (
-            layout.clone(),
-            match &self.teacher {
-                Teacher::Bag { opt, .. } => opt.cfg.clone(),
-                Teacher::Reduced { net, .. } => net.opt.cfg.clone(),
-            },
-        );
-        let (params, m, v) = checkpoint::load_part(dir, stem, &layout, moment_lens(&cfg, &layout, table))?;
+        let (layout, table, _, opt) = self.pieces();
+        let loaded = checkpoint::load_part(dir, self.stem(), layout, moment_lens(&opt.cfg, layout, table))?;
         let (p, o) = match &mut self.teacher {
             Teacher::Bag { params, opt, .. } => (params, opt),
             Teacher::Reduced { net, .. } => (&mut net.params, &mut net.opt),
         };
-        (*p, o.m, o.v, o.t) = (params, m, v, state.teacher_optim_t);
+        (*p, o.m, o.v) = loaded;
+        o.t = state.teacher_optim_t;
         self.state = state.mpl;
         Ok(())
     }
@@ -278,14 +264,8 @@ impl MplRun {
         };
         let mut reduce = |_: &mut [f64]| {};
         let teacher_labeled = match &self.teacher {
-            Teacher::Bag { .. } => n_l,
-            Teacher::Reduced { train_logits, .. } => {
-                if train_logits.is_some() {
-                    n_l
-                } else {
-                    0
-                }
-            }
+            Teacher::Bag { .. } => true,
+            Teacher::Reduced { train_logits, .. } => train_logits.is_some(),
         };
         let out = match &mut self.teacher {
             Teacher::Bag { model, params, opt, bufs, .. } => {
@@ -353,7 +333,7 @@ impl MplRun {
         win.mpl_pseudo += out.ce_pseudo;
         win.mpl_teacher_ce += out.ce_teacher;
         win.mpl_uda += out.uda;
-        win.mpl_teacher_docs += teacher_labeled as u64;
+        win.mpl_teacher_docs += if teacher_labeled { n_l as u64 } else { 0 };
         win.mpl_teacher_correct += out.teacher_correct;
         if self.settings.uda.is_some() {
             win.cons_sum += out.uda * n_u as f64;

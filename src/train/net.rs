@@ -107,12 +107,12 @@ impl<B: Backend> DenseNet<B> {
         assert!(!residual || input == outputs, "a residual stack maps a width to itself");
         let mut layout = Layout::new();
         let mlp = Mlp::new(&mut layout, input, widths, outputs, activation, dropout);
-        let mut host = vec![0.0f32; layout.total()];
+        let mut host = vec![<B::F as crate::backend::Real>::of(0.0); layout.total()];
         mlp.init(&mut host, seed);
         let none = Slot { offset: layout.total(), rows: 0, cols: 0 };
         let opt = Optimizer::new(be, &layout, none, optim);
         DenseNet {
-            params: be.upload(&host_to::<B>(&host)),
+            params: be.upload(&host),
             grads: be.zeros(layout.total()),
             acts: MlpActs::new(be, &mlp),
             out: be.zeros(0),
@@ -132,10 +132,6 @@ impl<B: Backend> DenseNet<B> {
     pub fn table_slot(&self) -> Slot {
         self.none
     }
-}
-
-fn host_to<B: Backend>(v: &[f32]) -> Vec<B::F> {
-    v.iter().map(|&x| <B::F as crate::backend::Real>::of(f64::from(x))).collect()
 }
 
 impl<B: Backend> Net<B> for DenseNet<B> {

@@ -472,7 +472,7 @@ impl Stepper<'_> {
         win.docs += n_l as u64;
         win.tokens += batch.ids.len() as u64;
         for (i, row) in logits.chunks(classes).enumerate().take(n_l) {
-            let pred = row.iter().enumerate().fold(0, |b, (c, &v)| if v > row[b] { c } else { b });
+            let pred = crate::backend::argmax(row);
             win.correct += u64::from(batch.labels[i] == pred as i32);
         }
         Ok((total_loss / accum as f64 + total_adv, bank_probs))
