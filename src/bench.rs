@@ -173,3 +173,77 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Data(format!("JSON: {e}")))?;
     crate::fsutil::write_atomic(path, format!("{text}\n").as_bytes())
 }
+
+/// One message size of `dtrain bench allreduce`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllreduceRow {
+    /// Bytes of f32 summed per all-reduce.
+    pub bytes: u64,
+    /// Timed all-reduces (after warm-up ones).
+    pub iterations: usize,
+    /// Seconds per all-reduce: the slowest rank's, min / median / max over iterations.
+    pub seconds: Spread,
+    /// Bytes / median seconds, in GB/s (10^9), as nccl-tests reports it.
+    pub algbw_gbs: f64,
+    /// algbw · 2(W − 1)/W: the bandwidth each link needs for a ring all-reduce.
+    pub busbw_gbs: f64,
+}
+
+/// The result of `dtrain bench allreduce`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllreduceBench {
+    pub provenance: Provenance,
+    pub world: usize,
+    /// The bucket size of `[dist] bucket_mb` the sums ran with.
+    pub bucket_mb: f64,
+    pub rows: Vec<AllreduceRow>,
+}
+
+/// Times `Dist::sum` (the gradient all-reduce: buckets of non-blocking all-reduces) on
+/// f32 buffers from `min_bytes` to `max_bytes`, ×4 per row. Every rank calls it.
+pub fn bench_allreduce(dist: &crate::dist::Dist, min_bytes: u64, max_bytes: u64) -> Result<AllreduceBench> {
+    if min_bytes < 4 || min_bytes > max_bytes {
+        return Err(Error::Data(format!(
+            "bench allreduce: --min-bytes {min_bytes} must be at least 4 and at most --max-bytes {max_bytes}"
+        )));
+    }
+    let w = dist.world();
+    let mut rows = Vec::new();
+    let mut bytes = min_bytes;
+    while bytes <= max_bytes {
+        let n = (bytes / 4) as usize;
+        let mut buf = vec![1.0f32; n];
+        // About 0.5 GB moved per size, within 5..=200 iterations.
+        let iterations = ((512u64 << 20) / bytes).clamp(5, 200) as usize;
+        for _ in 0..2 {
+            dist.sum("bench allreduce (warm-up)", &mut buf);
+        }
+        let mut times = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            dist.barrier("bench allreduce");
+            let t = Instant::now();
+            dist.sum("bench allreduce", &mut buf);
+            times.push(t.elapsed().as_secs_f64());
+        }
+        // The slowest rank's time of each iteration.
+        let all = dist.all_gather("bench allreduce timings", &times);
+        let slowest: Vec<f64> =
+            (0..iterations).map(|i| all.iter().map(|r| r[i]).fold(0.0, f64::max)).collect();
+        let seconds = Spread::of(&slowest);
+        let algbw = bytes as f64 / seconds.median / 1e9;
+        rows.push(AllreduceRow {
+            bytes,
+            iterations,
+            seconds,
+            algbw_gbs: algbw,
+            busbw_gbs: algbw * 2.0 * (w as f64 - 1.0) / w as f64,
+        });
+        bytes *= 4;
+    }
+    Ok(AllreduceBench {
+        provenance: Provenance::collect(),
+        world: w,
+        bucket_mb: dist.config().bucket_mb,
+        rows,
+    })
+}

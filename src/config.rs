@@ -273,6 +273,8 @@ pub struct TrainConfig {
     pub average: crate::algo::AverageConfig,
     pub adversarial: crate::algo::adversarial::AdversarialConfig,
     pub mpl: crate::algo::mpl::MplConfig,
+    /// `[dist]`: how ranks communicate (bucket size, table exchange, timeout).
+    pub dist: crate::dist::DistConfig,
 }
 
 impl TrainConfig {
@@ -456,6 +458,9 @@ impl Validate for TrainConfig {
         let bad = |field: &str, msg: &str| Err(Error::config(origin, field, msg));
         if self.data.dir.as_os_str().is_empty() {
             return bad("data.dir", "is required: a directory made by `dtrain prepare`");
+        }
+        if let Err((field, msg)) = self.dist.check() {
+            return bad(field, &msg);
         }
         let m = &self.model;
         if m.dim < 1 || m.dim > 65_536 {

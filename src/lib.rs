@@ -10,6 +10,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod fsutil;
 pub mod hostmem;

@@ -13,8 +13,9 @@ use dtrain::data::manifest::Manifest;
 use dtrain::data::prepare::{prepare, PrepareReport};
 use dtrain::data::shard::{Shard, SplitKind};
 use dtrain::data::tokenize::{Punctuation, Tokenizer};
+use dtrain::dist::Dist;
 use dtrain::pretrain::{pretrain, PretrainOptions};
-use dtrain::train::{train, Resume, RunOptions};
+use dtrain::train::{train, train_on, Resume, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -90,10 +91,26 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Gradient all-reduce over MPI ranks (run it under mpirun): time, algbw and busbw per
+    /// message size, as nccl-tests defines them.
+    Allreduce {
+        /// Smallest message in bytes.
+        #[arg(long, default_value_t = 1024)]
+        min_bytes: u64,
+        /// Largest message in bytes (sizes grow ×4).
+        #[arg(long, default_value_t = 256 << 20)]
+        max_bytes: u64,
+        /// All-reduce bucket size in MiB (`[dist] bucket_mb`).
+        #[arg(long, default_value_t = 25.0)]
+        bucket_mb: f64,
+        /// Write the result as JSON here (rank 0).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Throughput of `dtrain prepare` (MB/s of uncompressed text, documents/s).
     Prepare {
         #[command(flatten)]
-        prepare: PrepareArgs,
+        prepare: Box<PrepareArgs>,
         /// Timed runs, after one untimed warm-up.
         #[arg(long, default_value_t = 5)]
         repeat: usize,
@@ -463,7 +480,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Train(args) => {
             let (cfg, resume): (TrainConfig, _) = args.load()?;
-            let r = train(&cfg, &RunOptions { resume, progress, stop_after: None })?;
+            let dist = Dist::from_env(&cfg.dist)?;
+            let r = match train_on(&cfg, &RunOptions { resume, progress, stop_after: None }, &dist) {
+                Ok(r) => r,
+                // One rank's failure ends every rank at once: the others would wait for it
+                // in their next collective.
+                Err(e) if dist.world() > 1 => {
+                    eprintln!("error (rank {} of {}): {e:#}", dist.rank(), dist.world());
+                    dist.abort(1)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if !dist.is_root() {
+                return Ok(ExitCode::SUCCESS);
+            }
             print_train_summary(&r);
             for rep in [&r.val, &r.test].into_iter().flatten() {
                 print!("{}", rep.to_text());
@@ -599,8 +629,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => inspect(&args),
         Command::Verify { dir } => Ok(verify(&dir)),
         Command::Demo(args) => demo(&args, progress),
+        Command::Bench(BenchCommand::Allreduce { min_bytes, max_bytes, bucket_mb, json }) => {
+            let cfg = dtrain::dist::DistConfig { bucket_mb, ..Default::default() };
+            if let Err((field, msg)) = cfg.check() {
+                anyhow::bail!("--bucket-mb ({field}) {msg}");
+            }
+            let dist = Dist::from_env(&cfg)?;
+            let r = dtrain::bench::bench_allreduce(&dist, min_bytes, max_bytes)?;
+            if !dist.is_root() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "dtrain bench allreduce: {} rank(s), f32 sum, buckets of {} MiB, {}",
+                r.world, r.bucket_mb, r.provenance.cpu
+            );
+            println!(
+                "{:>12} {:>6} {:>12} {:>12} {:>12} {:>10} {:>10}",
+                "bytes", "iters", "min µs", "median µs", "max µs", "algbw GB/s", "busbw GB/s"
+            );
+            for row in &r.rows {
+                println!(
+                    "{:>12} {:>6} {:>12.1} {:>12.1} {:>12.1} {:>10.3} {:>10.3}",
+                    row.bytes,
+                    row.iterations,
+                    row.seconds.min * 1e6,
+                    row.seconds.median * 1e6,
+                    row.seconds.max * 1e6,
+                    row.algbw_gbs,
+                    row.busbw_gbs
+                );
+            }
+            if let Some(path) = json {
+                dtrain::bench::write_json(&path, &r)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Prepare { prepare, repeat, json }) => {
-            let mut args = prepare;
+            let mut args = *prepare;
             if args.out.is_none() {
                 args.out = Some(PathBuf::from("(temporary)"));
             }

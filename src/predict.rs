@@ -67,7 +67,7 @@ fn average_probs(
                 step: mi as u64,
                 site: 0,
                 pass: pass as u32,
-                row: first_doc,
+                rows: crate::backend::RowMap::at(first_doc),
             });
             model.forward(be, params, batch, batch.len(), key, &mut acts);
             be.softmax(&acts.logits, classes, &mut probs);

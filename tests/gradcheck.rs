@@ -6,7 +6,7 @@
 //! 1e-6, with an absolute floor of 1e-9 for gradients under 1e-3).
 
 use dtrain::backend::cpu::Cpu;
-use dtrain::backend::{Activation, Backend, DropoutKey, HostBatch, LossKind};
+use dtrain::backend::{Activation, Backend, DropoutKey, HostBatch, LossKind, RowMap};
 use dtrain::model::bag::{Activations, BagModel, BagSpec};
 use dtrain::model::params::Layout;
 use dtrain::rng::{Purpose, Stream};
@@ -178,7 +178,7 @@ fn activations() {
 #[test]
 fn dropout_is_its_own_backward_and_drops_at_its_rate() {
     let be = B::new();
-    let key = DropoutKey { seed: 1, step: 2, site: 3, pass: 0, row: 0 };
+    let key = DropoutKey { seed: 1, step: 2, site: 3, pass: 0, rows: RowMap::at(0) };
     let mut x = randn(30, 8);
     let r = randn(30, 9);
     let mut dx = r.clone();
@@ -206,7 +206,7 @@ fn dropout_is_its_own_backward_and_drops_at_its_rate() {
     let mut whole = vec![1.0f64; 4 * 8];
     be.dropout(0.5, key, 8, &mut whole);
     let mut tail = vec![1.0f64; 2 * 8];
-    be.dropout(0.5, DropoutKey { row: 2, ..key }, 8, &mut tail);
+    be.dropout(0.5, DropoutKey { rows: RowMap::at(2), ..key }, 8, &mut tail);
     assert_eq!(&whole[16..], &tail[..]);
 }
 
@@ -271,7 +271,7 @@ fn whole_model_with_hidden_layers_and_dropout() {
         // Random everywhere (the default init zeroes the output layer).
         let mut params = randn(model.layout.total(), 12);
         let b = batch();
-        let key = Some(DropoutKey { seed: 5, step: 1, site: 0, pass: 0, row: 0 });
+        let key = Some(DropoutKey { seed: 5, step: 1, site: 0, pass: 0, rows: RowMap::at(0) });
         let kind = LossKind::CrossEntropy { smoothing: 0.1 };
         let loss_at = |p: &[f64]| {
             let mut acts = Activations::new(&be, &model);
@@ -316,7 +316,7 @@ fn gradient_with_respect_to_the_adversarial_perturbation() {
     let model = BagModel::new(spec);
     let params = randn(model.layout.total(), 31);
     let b = batch();
-    let key = Some(DropoutKey { seed: 2, step: 4, site: 0, pass: 0, row: 0 });
+    let key = Some(DropoutKey { seed: 2, step: 4, site: 0, pass: 0, rows: RowMap::at(0) });
     let kind = LossKind::CrossEntropy { smoothing: 0.0 };
     let loss_at = |delta: &[f64]| {
         let mut acts = Activations::new(&be, &model);

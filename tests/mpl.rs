@@ -5,7 +5,7 @@
 
 use dtrain::algo::mpl::{self, HSign, MplBatch, MplSettings, MplState, Net, PseudoLabels, StepPlan};
 use dtrain::backend::cpu::Cpu;
-use dtrain::backend::{Activation, Backend, DropoutKey};
+use dtrain::backend::{Activation, Alone, Backend, DropoutKey, RowMap};
 use dtrain::optim::{OptimConfig, OptimKind};
 use dtrain::train::net::DenseNet;
 
@@ -93,7 +93,7 @@ fn run_step(
         labels: &r.labels,
         n_u: r.unlabeled.len() / (r.labeled.len() / r.labels.len()),
     };
-    mpl::step(be, t, s, &b, set, state, p, &mut |_| {})
+    mpl::step(be, t, s, &b, set, state, p, &Alone, &mut |_| {})
 }
 
 #[test]
@@ -156,8 +156,17 @@ fn the_teachers_mpl_term_is_h_times_the_pseudo_label_gradient() {
         n_u,
     };
     let set = settings(HSign::OldMinusNew, None);
-    let out =
-        mpl::step(&be, &mut t, &mut s, &b, &set, &mut MplState::default(), &plan(1.0, 0.5), &mut |_| {});
+    let out = mpl::step(
+        &be,
+        &mut t,
+        &mut s,
+        &b,
+        &set,
+        &mut MplState::default(),
+        &plan(1.0, 0.5),
+        &Alone,
+        &mut |_| {},
+    );
     assert!(out.h.abs() > 1e-4, "h = {} is too small to test against", out.h);
     // Plain SGD at lr 1: the gradient is φ0 − φ1.
     let g: Vec<f64> = phi0.iter().zip(&t.params).map(|(a, b)| f64::from(a - b)).collect();
@@ -217,11 +226,21 @@ fn h_takes_its_sign_and_baseline_from_the_config() {
     };
     let set = settings(HSign::OldMinusNew, None);
     // A second "rank" with the same sums: the means do not change.
-    let out = mpl::step(&be, &mut t, &mut s, &b, &set, &mut MplState::default(), &plan(0.1, 0.5), &mut |v| {
-        assert_eq!(v.len(), 3);
-        assert_eq!(v[2], 6.0);
-        v.iter_mut().for_each(|x| *x *= 2.0);
-    });
+    let out = mpl::step(
+        &be,
+        &mut t,
+        &mut s,
+        &b,
+        &set,
+        &mut MplState::default(),
+        &plan(0.1, 0.5),
+        &Alone,
+        &mut |v| {
+            assert_eq!(v.len(), 3);
+            assert_eq!(v[2], 6.0);
+            v.iter_mut().for_each(|x| *x *= 2.0);
+        },
+    );
     assert!((out.h - a.h).abs() < 1e-12, "{} vs {}", out.h, a.h);
 }
 
@@ -254,7 +273,7 @@ fn accuracy(be: &Be, n: &mut DenseNet<Be>, x: &[f32], y: &[i32]) -> f64 {
 /// Trains `n` on the rows `x` with targets `y` (full batch) for `steps` steps.
 fn fit(be: &Be, n: &mut DenseNet<Be>, x: &[f32], y: &[i32], steps: usize) {
     for _ in 0..steps {
-        mpl::finetune(be, n, &be.upload(x), y, 0.0, n.opt.cfg.lr, None);
+        mpl::finetune(be, n, &be.upload(x), y, 0.0, n.opt.cfg.lr, None, &Alone);
     }
 }
 
@@ -297,7 +316,7 @@ fn on_two_moons_mpl_beats_pseudo_labels_from_the_same_bad_teacher() {
         let (xl_b, xu_b) = (be.upload(&xl), be.upload(&xu));
         let t_in = be.upload(&[xl.clone(), xu.clone()].concat());
         for k in 0..400u64 {
-            let noise = Some(DropoutKey { seed, step: k, site: 0, pass: 0, row: 0 });
+            let noise = Some(DropoutKey { seed, step: k, site: 0, pass: 0, rows: RowMap::at(0) });
             let b = MplBatch {
                 teacher: &t_in,
                 teacher_labeled: true,
@@ -308,7 +327,7 @@ fn on_two_moons_mpl_beats_pseudo_labels_from_the_same_bad_teacher() {
                 n_u: yu.len(),
             };
             let p = StepPlan { teacher_noise: noise, student_noise: noise, ..plan(0.01, 0.01) };
-            mpl::step(&be, &mut t, &mut s, &b, &set, &mut state, &p, &mut |_| {});
+            mpl::step(&be, &mut t, &mut s, &b, &set, &mut state, &p, &Alone, &mut |_| {});
         }
         let mpl_acc = accuracy(&be, &mut s, &xt, &yt);
         let t_acc = accuracy(&be, &mut t, &xt, &yt);

@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
-use crate::backend::{argmax, Backend, ConsistencyAux, DropoutKey};
+use crate::backend::{argmax, Backend, ConsistencyAux, DropoutKey, GradSync};
 
 /// The sign of the feedback coefficient h.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,9 +141,9 @@ pub trait Net<B: Backend> {
     /// The backward pass of the last forward pass for `dlogits` (n×C): the gradient of
     /// Σ dlogits ⊙ logits with respect to the parameters, kept for [`Net::update`].
     fn backward(&mut self, be: &B, x: &Self::Input, dlogits: &B::Buf);
-    /// One optimizer step at learning rate `lr` with the kept gradient, which is then
-    /// cleared; returns the gradient's norm.
-    fn update(&mut self, be: &B, lr: f64) -> f64;
+    /// One optimizer step at learning rate `lr` with the kept gradient, first averaged over
+    /// the processes by `sync`, then cleared; returns the gradient's norm.
+    fn update(&mut self, be: &B, lr: f64, sync: &dyn GradSync<B>) -> f64;
 }
 
 /// The knobs the step takes, resolved.
@@ -327,8 +327,9 @@ fn student_ce<B: Backend<F = f32>, S: Net<B>>(
     (ce, if count { correct(&be.download(logits), 0, y.0, c) } else { 0 })
 }
 
-/// One MPL step (the module's doc gives the sequence). `reduce` sums a few f64 over ranks
-/// (the identity on one process): CE_old and CE_new are global before h is formed.
+/// One MPL step (the module's doc gives the sequence). `sync` averages each update's
+/// gradient over ranks and `reduce` sums a few f64 over ranks (both the identity on one
+/// process): CE_old and CE_new are global before h is formed.
 #[allow(clippy::too_many_arguments)]
 pub fn step<B, T, S>(
     be: &B,
@@ -338,6 +339,7 @@ pub fn step<B, T, S>(
     s: &MplSettings,
     state: &mut MplState,
     plan: &StepPlan,
+    sync: &dyn GradSync<B>,
     reduce: &mut dyn FnMut(&mut [f64]),
 ) -> MplOut
 where
@@ -394,7 +396,7 @@ where
     let mut ds = be.zeros(n_u * c);
     out.ce_pseudo = cross_entropy(be, zs, 0, &q_pl, c, 1.0 / n_u as f64, &mut ds, &mut scratch) / n_u as f64;
     student.backward(be, b.student_unlabeled, &ds);
-    out.student_norm = student.update(be, plan.lr_student);
+    out.student_norm = student.update(be, plan.lr_student, sync);
     let (ce_new, _) = student_ce(be, student, b.student_labeled, (b.labels, &y), false, &mut scratch);
 
     // 6. h from the global means.
@@ -420,12 +422,13 @@ where
         cross_entropy(be, zt, pl_row0, &q_pl, c, out.h_used / n_u as f64, &mut dt, &mut scratch);
     }
     teacher.backward(be, b.teacher, &dt);
-    out.teacher_norm = teacher.update(be, plan.lr_teacher);
+    out.teacher_norm = teacher.update(be, plan.lr_teacher, sync);
     out
 }
 
 /// A finetuning step of the student on the labels alone (METHODS.md §12 step 8): returns
 /// (mean CE, rows right, gradient norm).
+#[allow(clippy::too_many_arguments)]
 pub fn finetune<B: Backend<F = f32>, S: Net<B>>(
     be: &B,
     student: &mut S,
@@ -434,6 +437,7 @@ pub fn finetune<B: Backend<F = f32>, S: Net<B>>(
     eps: f64,
     lr: f64,
     noise: Option<DropoutKey>,
+    sync: &dyn GradSync<B>,
 ) -> (f64, u64, f64) {
     let c = student.classes();
     let n = labels.len();
@@ -444,5 +448,5 @@ pub fn finetune<B: Backend<F = f32>, S: Net<B>>(
     let y = Targets::new(be, &label_targets(labels, c, eps), c);
     let ce = cross_entropy(be, z, 0, &y, c, 1.0 / n as f64, &mut dz, &mut scratch);
     student.backward(be, x, &dz);
-    (ce / n as f64, right, student.update(be, lr))
+    (ce / n as f64, right, student.update(be, lr, sync))
 }

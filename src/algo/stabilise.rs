@@ -117,23 +117,28 @@ impl Stabiliser {
     }
 
     /// Updates the running means with a batch's weak-view probabilities (`probs`, rows of
-    /// C) and returns the op's inputs for the batch.
-    pub fn prepare(&mut self, probs: &[f32]) -> Prepared {
+    /// C) and returns the op's inputs for the batch. `reduce` sums the batch's statistics
+    /// over ranks (the identity on one process), so the means are the global batch's.
+    pub fn prepare(&mut self, probs: &[f32], reduce: &mut dyn FnMut(&mut [f64])) -> Prepared {
         let c = self.prior.len();
-        let n = probs.len() / c;
         let lambda = self.lambda;
-        let mut mean = vec![0.0f64; c];
-        let mut mean_max = 0.0f64;
+        // Σ q per class, Σ max q, and the row count.
+        let mut sums = vec![0.0f64; c + 2];
         for row in probs.chunks_exact(c) {
             let mut best = 0.0f64;
-            for (m, &p) in mean.iter_mut().zip(row) {
-                *m += f64::from(p) / n as f64;
+            for (m, &p) in sums[..c].iter_mut().zip(row) {
+                *m += f64::from(p);
                 best = best.max(f64::from(p));
             }
-            mean_max += best / n as f64;
+            sums[c] += best;
         }
+        sums[c + 1] = (probs.len() / c) as f64;
+        reduce(&mut sums);
+        let n = sums[c + 1];
+        let mean: Vec<f64> = sums[..c].iter().map(|s| s / n.max(1.0)).collect();
+        let mean_max = sums[c] / n.max(1.0);
         let mut out = Prepared { bias: None, class_threshold: None, threshold: self.tau };
-        if n == 0 {
+        if n == 0.0 {
             return out;
         }
         if self.align {
@@ -178,6 +183,11 @@ impl Stabiliser {
         out
     }
 
+    /// Whether [`Stabiliser::record`] keeps anything (FlexMatch).
+    pub fn records(&self) -> bool {
+        self.mode == AdaptiveThreshold::Flexmatch
+    }
+
     /// FlexMatch: records each unlabeled row's class where its confidence (from the op's
     /// row outputs, after alignment and temperature) exceeds τ.
     pub fn record(&mut self, rows: &[RowId], conf: &[f32], label: &[f32]) {
@@ -210,7 +220,7 @@ mod tests {
     fn distribution_alignment_divides_by_the_running_mean() {
         let mut s = Stabiliser::new(true, AdaptiveThreshold::Fixed, 0.5, 0.9, &[30, 10], &[]);
         // π = (0.75, 0.25); the batch predicts class 0 with 0.9 on average.
-        let p = s.prepare(&[0.9, 0.1, 0.9, 0.1]);
+        let p = s.prepare(&[0.9, 0.1, 0.9, 0.1], &mut |_| {});
         // p̃ = 0.5·0.5 + 0.5·(0.9, 0.1) = (0.7, 0.3).
         let bias = p.bias.unwrap();
         assert!((bias[0] - (0.75f64.ln() - 0.7f64.ln()) as f32).abs() < 1e-6);
@@ -223,7 +233,7 @@ mod tests {
     fn freematch_thresholds_follow_the_running_means() {
         let mut s = Stabiliser::new(false, AdaptiveThreshold::Freematch, 0.9, 0.95, &[1, 1, 1, 1], &[]);
         assert_eq!(s.state.free_tau, 0.25);
-        let p = s.prepare(&[0.7, 0.1, 0.1, 0.1, 0.5, 0.3, 0.1, 0.1]);
+        let p = s.prepare(&[0.7, 0.1, 0.1, 0.1, 0.5, 0.3, 0.1, 0.1], &mut |_| {});
         // τ_g = 0.9·0.25 + 0.1·0.6; p̃ = 0.9·0.25 + 0.1·(0.6, 0.2, 0.1, 0.1).
         let tau = 0.9 * 0.25 + 0.1 * 0.6;
         assert!((p.threshold - tau).abs() < 1e-7);
@@ -239,12 +249,12 @@ mod tests {
         let mut s = Stabiliser::new(false, AdaptiveThreshold::Flexmatch, 0.9, 0.8, &[1, 1, 1], &[4, 4]);
         // Nothing predicted yet: β = 0 for every class, M(0) = 0 (the warm-up lets every
         // confident-enough row pass at first).
-        assert_eq!(s.prepare(&[1.0, 0.0, 0.0]).class_threshold.unwrap(), [0.0, 0.0, 0.0]);
+        assert_eq!(s.prepare(&[1.0, 0.0, 0.0], &mut |_| {}).class_threshold.unwrap(), [0.0, 0.0, 0.0]);
         // Rows 0..3 of shard 0 confidently class 0, row 0 of shard 1 class 2, one row below τ.
         let rows = [id(0, 0), id(0, 1), id(0, 2), id(0, 3), id(1, 0), id(1, 1)];
         s.record(&rows, &[0.9, 0.95, 0.85, 0.99, 0.9, 0.5], &[0.0, 0.0, 0.0, 0.0, 2.0, 1.0]);
         // σ = (4, 0, 1), N_unused = 3: β = σ / 4.
-        let m = s.prepare(&[1.0, 0.0, 0.0]).class_threshold.unwrap();
+        let m = s.prepare(&[1.0, 0.0, 0.0], &mut |_| {}).class_threshold.unwrap();
         let mm = |b: f64| (b / (2.0 - b)) as f32;
         assert_eq!(m, [mm(1.0), mm(0.0), mm(0.25)]);
         // A sample's newer confident class replaces its old one; the counts follow, and a

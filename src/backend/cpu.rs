@@ -373,10 +373,13 @@ impl<F: Real> Backend for Cpu<F> {
             return;
         }
         let base = key.base();
-        let offset = key.row * width as u64;
         let scale = F::one() / F::of(1.0 - f64::from(p));
-        x.par_iter_mut().enumerate().with_min_len(1024).for_each(|(i, v)| {
-            *v = if DropoutKey::keep(base, offset + i as u64, p) { *v * scale } else { F::zero() };
+        let min_rows = (1024 / width.max(1)).max(1);
+        x.par_chunks_mut(width.max(1)).enumerate().with_min_len(min_rows).for_each(|(r, row)| {
+            let offset = key.rows.position(r) * width as u64;
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = if DropoutKey::keep(base, offset + j as u64, p) { *v * scale } else { F::zero() };
+            }
         });
     }
 

@@ -131,11 +131,62 @@ pub struct DropoutKey {
     pub site: u32,
     /// Which forward pass of the step (methods with two noisy passes use 0 and 1).
     pub pass: u32,
-    /// Position of the buffer's first row in a longer sequence of rows. Element `j` of row
-    /// `r` is hashed at index `(row + r)·width + j`, so a row's mask depends on its
-    /// position, not on how rows were batched (prediction passes the document's index in
-    /// its input; training uses 0).
-    pub row: u64,
+    /// Where each row of the buffer sits in the global sequence of rows its mask is keyed
+    /// by. Element `j` of row `r` is hashed at index `rows.position(r)·width + j`, so a row's
+    /// mask depends on its global position, not on how rows were batched or split over
+    /// ranks (prediction passes the document's index in its input).
+    pub rows: RowMap,
+}
+
+/// The global position of each local row of a buffer: up to three segments of consecutive
+/// local rows (a rank's labeled rows, then its unlabeled rows, …), each starting at its own
+/// global position. One process places row `r` at `r`; rank `k` of `W` places its part of
+/// each segment where that part sits in the global batch ([`RowMap::for_rank`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowMap {
+    /// Local first row of each segment, ascending; `u32::MAX` for an unused segment.
+    pub local: [u32; 3],
+    /// Global position of each segment's first row.
+    pub global: [u64; 3],
+}
+
+impl RowMap {
+    /// Rows at `first`, `first + 1`, …
+    pub const fn at(first: u64) -> RowMap {
+        RowMap { local: [0, u32::MAX, u32::MAX], global: [first, 0, 0] }
+    }
+
+    /// The rows of rank `rank` of `world` when the global buffer is the concatenation of
+    /// segments whose local lengths (equal on every rank) are `lens`: segment `s` starts
+    /// globally at `world·Σ_{s'<s} lens[s'] + rank·lens[s]`.
+    pub fn for_rank(lens: &[usize], rank: usize, world: usize) -> RowMap {
+        assert!(lens.len() <= 3, "at most three row segments");
+        let mut m = RowMap { local: [u32::MAX; 3], global: [0; 3] };
+        let (mut local, mut global) = (0usize, 0usize);
+        for (s, &len) in lens.iter().enumerate() {
+            m.local[s] = local as u32;
+            m.global[s] = (global + rank * len) as u64;
+            local += len;
+            global += world * len;
+        }
+        if lens.is_empty() {
+            m = RowMap::at(0);
+        }
+        m
+    }
+
+    /// The global position of local row `r`.
+    pub fn position(&self, r: usize) -> u64 {
+        let r = r as u32;
+        let s = if r >= self.local[2] {
+            2
+        } else if r >= self.local[1] {
+            1
+        } else {
+            0
+        };
+        self.global[s] + u64::from(r - self.local[s])
+    }
 }
 
 /// The index of the largest value of `row`, the lowest among ties (a row's predicted class).
@@ -164,6 +215,22 @@ impl DropoutKey {
         let u = (mix64(base ^ mix64(i)) >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
         u >= p
     }
+}
+
+/// Averages one update's gradient over the processes that train a model together, before
+/// the optimizer step: what the algorithms see of data parallelism (they never see a
+/// communicator). `dist::Dist` implements it; [`Alone`] is one process.
+pub trait GradSync<B: Backend> {
+    /// Replaces `dense` and `table` (a table of `table_rows` rows) by their means over the
+    /// processes; the table's rows become the union of every process's touched rows.
+    fn average(&self, dense: &mut B::Buf, table: Option<&mut SparseRows<B::Buf>>, table_rows: usize);
+}
+
+/// One process: its gradient is the average.
+pub struct Alone;
+
+impl<B: Backend> GradSync<B> for Alone {
+    fn average(&self, _: &mut B::Buf, _: Option<&mut SparseRows<B::Buf>>, _: usize) {}
 }
 
 /// A batch of documents as the host builds it.
@@ -492,7 +559,7 @@ mod tests {
     /// second forward pass sets bit 20), give different masks.
     #[test]
     fn every_key_field_changes_the_mask() {
-        let key = DropoutKey { seed: 1, step: 5, site: 0, pass: 0, row: 0 };
+        let key = DropoutKey { seed: 1, step: 5, site: 0, pass: 0, rows: RowMap::at(0) };
         let mask =
             |k: DropoutKey| -> Vec<bool> { (0..256).map(|i| DropoutKey::keep(k.base(), i, 0.5)).collect() };
         let m0 = mask(key);
@@ -507,5 +574,28 @@ mod tests {
             assert_ne!(mask(other), m0, "{other:?}");
         }
         assert_eq!(mask(key), m0);
+    }
+
+    /// Ranks place their rows where the single process has them: the union over ranks of
+    /// each rank's positions is the one-process map, segment by segment.
+    #[test]
+    fn row_maps_of_all_ranks_tile_the_global_batch() {
+        let lens = [3usize, 5, 2];
+        for world in [1usize, 2, 4] {
+            let mut seen = Vec::new();
+            for rank in 0..world {
+                let m = RowMap::for_rank(&lens, rank, world);
+                seen.extend((0..10).map(|r| m.position(r)));
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..10 * world as u64).collect::<Vec<_>>(), "world {world}");
+        }
+        let one = RowMap::for_rank(&lens, 0, 1);
+        assert!((0..10).all(|r| one.position(r) == r as u64));
+        let m = RowMap::for_rank(&lens, 1, 2);
+        // Rank 1 of 2: its first segment at 3 (after rank 0's 3 rows), its second at
+        // 2·3 + 5 = 11, its third at 2·(3 + 5) + 2 = 18.
+        assert_eq!([m.position(0), m.position(3), m.position(8)], [3, 11, 18]);
+        assert_eq!(RowMap::at(7).position(2), 9);
     }
 }

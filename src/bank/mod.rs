@@ -500,18 +500,21 @@ pub fn verify_sealed(path: &Path) -> Result<(Header, Vec<u64>)> {
 
 /// Replaces the live bank in `live` by the sealed snapshot in `snapshot` (a checkpoint's
 /// `bank/`), after checking every file; the copies are unsealed, as live files are.
-pub fn restore(snapshot: &Path, live: &Path) -> Result<()> {
+/// `names`: the files to restore (a rank's: those of the shards it owns).
+pub fn restore(snapshot: &Path, live: &Path, names: &[String]) -> Result<()> {
     std::fs::create_dir_all(live).at(live)?;
-    let mut names: Vec<PathBuf> = std::fs::read_dir(snapshot)
-        .at(snapshot)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "bank"))
-        .collect();
-    names.sort();
-    if names.is_empty() {
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        let path = snapshot.join(name);
+        if !path.exists() {
+            return Err(Error::bad_file(snapshot, format!("has no bank file {name}")));
+        }
+        files.push(path);
+    }
+    if files.is_empty() {
         return Err(Error::bad_file(snapshot, "holds no bank files"));
     }
-    for src in names {
+    for src in files {
         let (h, _) = verify_sealed(&src)?;
         if !h.sealed {
             return Err(Error::bad_file(&src, "is not a sealed snapshot (a live bank was copied in?)"));
@@ -687,7 +690,10 @@ mod tests {
         assert!(h.sealed && hist == [49, 1], "{hist:?}");
         // Restore works, and the restored file opens as the same shard's bank.
         let back = dir.path().join("back");
-        restore(&snap, &back).unwrap();
+        let names = [file_name(SplitKind::Unlabeled, 1)];
+        restore(&snap, &back, &names).unwrap();
+        let e = restore(&snap, &back, &[file_name(SplitKind::Unlabeled, 2)]).unwrap_err().to_string();
+        assert!(e.contains("has no bank file unlabeled-00002.bank"), "{e}");
         let f = BankFile::open(&back.join(file_name(SplitKind::Unlabeled, 1)), &header(50, 4, Storage::F32))
             .unwrap();
         assert!(!f.header().sealed);
@@ -709,18 +715,18 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[400] ^= 1;
         std::fs::write(&file, &flipped).unwrap();
-        let e = restore(&snap, &back).unwrap_err().to_string();
+        let e = restore(&snap, &back, &names).unwrap_err().to_string();
         assert!(e.contains("unlabeled-00001.bank") && e.contains("do not match their checksum"), "{e}");
         let mut flipped = bytes.clone();
         flipped[17] ^= 1;
         std::fs::write(&file, &flipped).unwrap();
-        let e = restore(&snap, &back).unwrap_err().to_string();
+        let e = restore(&snap, &back, &names).unwrap_err().to_string();
         assert!(e.contains("header does not match its checksum"), "{e}");
         std::fs::write(&file, &bytes[..bytes.len() - 4]).unwrap();
-        let e = restore(&snap, &back).unwrap_err().to_string();
+        let e = restore(&snap, &back, &names).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
         std::fs::write(&file, b"hello").unwrap();
-        let e = restore(&snap, &back).unwrap_err().to_string();
+        let e = restore(&snap, &back, &names).unwrap_err().to_string();
         assert!(e.contains("not a dtrain bank file"), "{e}");
     }
 }

@@ -332,23 +332,33 @@ pub fn load_part(
 }
 
 /// Writes a complete checkpoint for `state.step` under `root`, then deletes all but the
-/// newest `keep` complete checkpoints. Returns its directory.
+/// newest `keep` complete checkpoints. Returns its directory. Every rank of `dist` calls
+/// it: rank 0 makes the temporary directory, every rank writes its own Temporal Ensembling
+/// bank files (those of the data shards it owns) into it, then rank 0 writes the shared
+/// files, the DONE marker and renames the directory into place; barriers order the three.
 pub fn save(
     root: &Path,
     model: &BagModel,
     meta: &ModelMeta,
     c: Contents<'_>,
     keep: usize,
+    dist: &crate::dist::Dist,
 ) -> Result<PathBuf> {
     let Contents { params, shadows, bank, moments, parts, state } = c;
-    stage(root, &dir_name(state.step), keep, |tmp| {
+    let name = dir_name(state.step);
+    // A rank's failure ends the whole job (the caller aborts it), so no rank waits on a
+    // barrier that another rank will never reach.
+    let tmp = if dist.is_root() { stage_begin(root, &name)? } else { root.join(format!("{name}.tmp")) };
+    dist.barrier("the checkpoint's start");
+    if let Some(bank) = bank {
+        bank.snapshot(&tmp.join(crate::bank::DIR))?;
+    }
+    dist.barrier("the ranks' bank files");
+    let done = if dist.is_root() {
         let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
         tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json.clone())?;
         for (which, weights) in shadows {
             tensors_to_file(&tmp.join(which.file()), &model.layout, &[("", weights)], json.clone())?;
-        }
-        if let Some(bank) = bank {
-            bank.snapshot(&tmp.join(crate::bank::DIR))?;
         }
         let moments = [("m.", moments[0]), ("v.", moments[1])];
         tensors_to_file(&tmp.join("optimizer.safetensors"), &model.layout, &moments, serde_json::json!({}))?;
@@ -371,8 +381,13 @@ pub fn save(
         bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         bytes.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
         bytes.extend_from_slice(&payload);
-        fsutil::write_atomic(&tmp.join("state.bin"), &bytes)
-    })
+        fsutil::write_atomic(&tmp.join("state.bin"), &bytes)?;
+        stage_finish(root, &name, &tmp, keep)?
+    } else {
+        root.join(&name)
+    };
+    dist.barrier("the checkpoint's DONE marker");
+    Ok(done)
 }
 
 /// Writes one complete checkpoint directory `root/name`: `write` fills a temporary
@@ -385,23 +400,32 @@ pub(crate) fn stage(
     keep: usize,
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
+    let tmp = stage_begin(root, name)?;
+    write(&tmp)?;
+    stage_finish(root, name, &tmp, keep)
+}
+
+/// Makes the empty temporary directory of checkpoint `root/name` (replacing a stale one).
+fn stage_begin(root: &Path, name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(root).at(root)?;
-    let final_dir = root.join(name);
     let tmp = root.join(format!("{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
     std::fs::create_dir(&tmp).at(&tmp)?;
-    write(&tmp)?;
-    for entry in std::fs::read_dir(&tmp).at(&tmp)? {
-        let path = entry.at(&tmp)?.path();
-        std::fs::File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
-    }
+    Ok(tmp)
+}
+
+/// Syncs every file of the filled temporary directory `tmp` (and of its subdirectories),
+/// writes [`DONE`], renames it to `root/name` and keeps the newest `keep` checkpoints.
+fn stage_finish(root: &Path, name: &str, tmp: &Path, keep: usize) -> Result<PathBuf> {
+    let final_dir = root.join(name);
+    sync_tree(tmp)?;
     fsutil::write_atomic(&tmp.join(DONE), b"")?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
+    std::fs::rename(tmp, &final_dir).at(&final_dir)?;
     fsutil::sync_parent(&final_dir);
     let prefix = name.split_once('-').map_or(name, |(p, _)| p);
     let mut complete = list_named(root, prefix)?;
@@ -410,6 +434,19 @@ pub(crate) fn stage(
         std::fs::remove_dir_all(&old).at(&old)?;
     }
     Ok(final_dir)
+}
+
+/// Syncs every file under `dir`.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// Complete checkpoints under `root`, oldest first.

@@ -24,13 +24,14 @@ use crate::algo::shadow::{AlphaRule, Shadow};
 use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
 use crate::algo::{Method, TargetSource};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, LossKind};
+use crate::backend::{Backend, GradSync, LossKind};
 use crate::bank::{Bank, BankSettings};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
 use crate::data::dataset::Dataset;
 use crate::data::loader::Loader;
 use crate::data::shard::SplitKind;
+use crate::dist::Dist;
 use crate::error::{Error, IoContext, Result};
 use crate::logits::LogitsFile;
 use crate::model::bag::{BagModel, BagSpec};
@@ -104,8 +105,9 @@ pub fn loss_kind(cfg: &TrainConfig) -> LossKind {
     }
 }
 
+/// `metrics.jsonl`, written by rank 0 alone (other ranks hold a log that writes nothing).
 struct MetricsLog {
-    file: std::fs::File,
+    file: Option<std::fs::File>,
     path: PathBuf,
 }
 
@@ -130,11 +132,19 @@ impl MetricsLog {
         };
         crate::fsutil::write_atomic(path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new().append(true).open(path).at(path)?;
-        Ok(MetricsLog { file, path: path.to_owned() })
+        Ok(MetricsLog { file: Some(file), path: path.to_owned() })
+    }
+
+    /// The log of a rank other than 0.
+    fn none(path: &Path) -> Self {
+        MetricsLog { file: None, path: path.to_owned() }
     }
 
     fn write(&mut self, value: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{value}").at(&self.path)
+        match &mut self.file {
+            Some(f) => writeln!(f, "{value}").at(&self.path),
+            None => Ok(()),
+        }
     }
 }
 
@@ -148,6 +158,7 @@ pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     c.train.checkpoint_every = 0;
     c.train.keep_checkpoints = 0;
     c.train.eval_batch_size = 0;
+    c.dist = crate::dist::DistConfig::default();
     // The data is identified by its manifest checksum (in the state), not by its path; so
     // is Noisy Student's logits file (by its contents' checksum).
     c.data.dir = PathBuf::new();
@@ -203,18 +214,136 @@ fn init_table(
     Ok(())
 }
 
-/// Trains a bag model as `cfg` says, on the CPU backend.
+/// Trains a bag model as `cfg` says, on the CPU backend, in this process alone.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
-    crate::backend::cpu::on_worker(|| train_on_worker(cfg, opts))
+    train_on(cfg, opts, &Dist::single())
 }
 
-fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
+/// Trains one model on the ranks of `dist` (every rank calls it with the same config):
+/// each rank reads the data shards it owns, gradients and the statistics a method needs
+/// are averaged or summed over ranks, rank 0 prints and writes the shared files.
+pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<TrainReport> {
+    crate::backend::cpu::on_worker(|| train_on_worker(cfg, opts, dist))
+}
+
+/// The sums of a logging window over ranks. Every rank adds its own rows' counts and sums,
+/// and 1/W of each per-step mean, so the sum over ranks is the global window; the step
+/// counters (steps, MPL steps, adversarial passes) are the same on every rank.
+fn window_sum(win: &LogWindow, dist: &Dist) -> LogWindow {
+    if dist.world() == 1 {
+        return *win;
+    }
+    let w = win;
+    let mut v = [
+        w.loss_sum,
+        w.sup_sum,
+        w.docs as f64,
+        w.correct as f64,
+        w.tokens as f64,
+        w.cons_sum,
+        w.cons_rows as f64,
+        w.passed as f64,
+        w.mpl_h,
+        w.mpl_h_used,
+        w.mpl_ce_old,
+        w.mpl_ce_new,
+        w.mpl_pseudo,
+        w.mpl_teacher_ce,
+        w.mpl_uda,
+        w.mpl_teacher_docs as f64,
+        w.mpl_teacher_correct as f64,
+        w.adv_sum,
+        w.tsa_rows as f64,
+        w.tsa_dropped as f64,
+        w.pl_rows as f64,
+        w.pl_correct as f64,
+        w.pl_passed as f64,
+        w.pl_passed_correct as f64,
+    ];
+    dist.sum("the metrics window", &mut v);
+    let n = |x: f64| x.round() as u64;
+    LogWindow {
+        loss_sum: v[0],
+        sup_sum: v[1],
+        docs: n(v[2]),
+        correct: n(v[3]),
+        tokens: n(v[4]),
+        cons_sum: v[5],
+        cons_rows: n(v[6]),
+        passed: n(v[7]),
+        steps: w.steps,
+        mpl_h: v[8],
+        mpl_h_used: v[9],
+        mpl_ce_old: v[10],
+        mpl_ce_new: v[11],
+        mpl_pseudo: v[12],
+        mpl_teacher_ce: v[13],
+        mpl_uda: v[14],
+        mpl_teacher_docs: n(v[15]),
+        mpl_steps: w.mpl_steps,
+        mpl_teacher_correct: n(v[16]),
+        adv_sum: v[17],
+        adv_count: w.adv_count,
+        tsa_rows: n(v[18]),
+        tsa_dropped: n(v[19]),
+        pl_rows: n(v[20]),
+        pl_correct: n(v[21]),
+        pl_passed: n(v[22]),
+        pl_passed_correct: n(v[23]),
+    }
+}
+
+/// A restored (global) logging window as rank `rank` continues it: rank 0 keeps the sums,
+/// every rank keeps the step counters.
+fn window_share(win: LogWindow, rank: usize) -> LogWindow {
+    if rank == 0 {
+        win
+    } else {
+        LogWindow {
+            steps: win.steps,
+            mpl_steps: win.mpl_steps,
+            adv_count: win.adv_count,
+            ..Default::default()
+        }
+    }
+}
+
+/// Sums every shard's cursors over ranks: each rank holds the cursors of the shards it
+/// owns, the others at zero.
+fn cursors_sum(cursors: &[crate::data::loader::Cursor], dist: &Dist) -> Vec<crate::data::loader::Cursor> {
+    let mut v: Vec<u64> = cursors.iter().flat_map(|c| [c.epoch, c.pos]).collect();
+    dist.sum("the loaders' cursors", &mut v);
+    v.chunks(2).map(|c| crate::data::loader::Cursor { epoch: c[0], pos: c[1] }).collect()
+}
+
+fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<TrainReport> {
     let be = Cpu::<f32>::new();
     let started = Instant::now();
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
     let p = manifest.num_shards as usize;
     let t = &cfg.train;
+    let (rank, world) = (dist.rank(), dist.world());
+    let root = dist.is_root();
+    let progress = opts.progress && root;
+    // Every rank must run the same binary on the same config and data.
+    let config_json = serde_json::to_string(cfg).expect("config serialises");
+    dist.check_same(
+        &["config (run.toml and --set overrides)", "data set (manifest checksum)", "dtrain version"],
+        &[
+            xxh3_64(config_json.as_bytes()),
+            xxh3_64(manifest.checksum.as_bytes()),
+            xxh3_64(concat!(env!("CARGO_PKG_VERSION"), " ", env!("CARGO_PKG_NAME")).as_bytes()),
+        ],
+    )?;
+    if p % world != 0 {
+        return Err(Error::Data(format!(
+            "{} has {p} shards, which {world} ranks cannot share equally: run on a world size that divides {p}, \
+             or prepare the data with a shard count that {world} divides (--shards)",
+            cfg.data.dir.display()
+        )));
+    }
+    let owned = crate::dist::owned_shards(p, rank, world);
     if t.batch_size % p != 0 {
         return Err(Error::config(
             "train",
@@ -266,9 +395,9 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
 
     let mut params: Vec<f32> = model.init(t.seed);
     let mut opt = Optimizer::new(&be, &model.layout, model.table, cfg.optim.clone());
-    let mut loader = Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, (0..p).collect())?;
+    let mut loader = Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, owned.clone())?;
     let mut uloader = if b_u > 0 {
-        Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, (0..p).collect())?)
+        Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, owned.clone())?)
     } else {
         None
     };
@@ -290,7 +419,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         Resume::From(dir) => Some(dir.clone()),
     };
     if let (Some(path), None) = (&cfg.model.init_from, &resume_from) {
-        init_table(path, manifest, &model, &mut params, opts.progress.then_some("model"))?;
+        init_table(path, manifest, &model, &mut params, progress.then_some("model"))?;
     }
     let len = model.layout.total();
     let classes_n = model.spec.classes;
@@ -328,19 +457,23 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         if recipe.target != TargetSource::Bank {
             return Ok(None);
         }
-        let owned: Vec<usize> = (0..p).collect();
         let settings =
             BankSettings { classes: classes_n, storage: cfg.temporal.storage, alpha: cfg.temporal.alpha };
         Ok(Some(match restore_from {
             Some(ckpt) => {
-                crate::bank::restore(&ckpt.join(crate::bank::DIR), &bank_dir)?;
+                // Each rank restores the files of the shards it owns.
+                let names: Vec<String> = bank_splits
+                    .iter()
+                    .flat_map(|&sp| owned.iter().map(move |&s| crate::bank::file_name(sp, s as u32)))
+                    .collect();
+                crate::bank::restore(&ckpt.join(crate::bank::DIR), &bank_dir, &names)?;
                 Bank::open(&bank_dir, &ds, &bank_splits, &owned, settings)?
             }
             None => Bank::create(&bank_dir, &ds, &bank_splits, &owned, settings)?,
         }))
     };
     let mut mpl_run = if recipe.method.is_mpl() {
-        Some(MplRun::new(&be, cfg, &ds, &model, &recipe, total, opts.progress && resume_from.is_none())?)
+        Some(MplRun::new(&be, cfg, &ds, &model, &recipe, total, progress && resume_from.is_none())?)
     } else {
         None
     };
@@ -400,7 +533,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         }
         plateau = state.plateau;
         step = state.step;
-        win = state.window;
+        win = window_share(state.window, rank);
         if let Some(run) = &mut mpl_run {
             run.restore(dir, &state)?;
         }
@@ -439,8 +572,17 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     if let (Some(st), Some(state)) = (&mut stabiliser, &restored_stabiliser) {
         st.restore(state.clone());
     }
-    let mut log = MetricsLog::open(&t.out_dir.join("metrics.jsonl"), step)?;
-    if opts.progress && step == 0 && recipe.method != Method::Supervised {
+    let metrics_path = t.out_dir.join("metrics.jsonl");
+    let mut log = if root { MetricsLog::open(&metrics_path, step)? } else { MetricsLog::none(&metrics_path) };
+    if progress && step == 0 && world > 1 {
+        eprintln!(
+            "{world} ranks: each reads {} of the {p} shards, {} labeled and {} unlabeled rows per step",
+            p / world,
+            t.batch_size / world,
+            b_u / world
+        );
+    }
+    if progress && step == 0 && recipe.method != Method::Supervised {
         eprintln!(
             "method {}: {} unlabeled rows per step, consistency {:?} with w_max {w_max:.4} (ramp {} steps), T {}, τ {}",
             recipe.method.name(),
@@ -452,7 +594,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         );
     }
 
-    let bar = if opts.progress && step < total {
+    let bar = if progress && step < total {
         let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         b.set_style(
             ProgressStyle::with_template("train [{wide_bar}] {pos}/{len} {msg} ETA {eta}")
@@ -467,7 +609,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
 
     // The fused table update changes the table during the backward pass; an adversarial pass
     // reads it afterwards, so it needs the update deferred to the optimizer step.
-    let fused = opt.fuses_table() && cfg.adversarial.kind == AdversarialKind::None;
+    // On several ranks the table's gradient must be averaged first: no fused update.
+    let fused = opt.fuses_table() && cfg.adversarial.kind == AdversarialKind::None && world == 1;
     let mut stepper = Stepper {
         be: &be,
         model: &model,
@@ -476,7 +619,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         loss: loss_kind(cfg),
         accum,
         total,
-        batch_size: t.batch_size,
+        batch_size: t.batch_size / world,
+        dist,
         fused,
         table_mult: opt.lr_of(&model.layout, model.table, 1.0),
         passes: [Pass::new(&be, &model), Pass::new(&be, &model)],
@@ -503,6 +647,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
     // Tokens of a restored logging window were trained by an earlier process.
     let restored_tokens = win.tokens;
     while step < total {
+        dist.set_step(step + 1);
         let step_start = Instant::now();
         let down = ramp::ramp_down(step, total, down_steps);
         let lr = cfg.optim.lr * cfg.schedule.at(step, total) * plateau.factor * down;
@@ -516,16 +661,20 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         // Predictions for the bank, written after the step (METHODS.md §5).
         let mut bank_writes: Vec<(usize, Vec<f32>)> = Vec::new();
         // The table rows this step reads or changes: lazy shadows bring them up to date.
+        // On several ranks: every rank's rows (the averaged gradient touches them all).
         let touched = (!shadows.is_empty()).then(|| {
-            touched_rows(micro.iter().flat_map(|m| std::iter::once(&m.batch).chain(m.second.iter())))
+            dist.union_rows(touched_rows(
+                micro.iter().flat_map(|m| std::iter::once(&m.batch).chain(m.second.iter())),
+            ))
         });
         for k in &mut shadows {
             k.shadow.sync_rows(&be, &params, touched.as_deref().unwrap_or(&[]));
         }
         let mut step_loss = 0.0;
         let norm = if let Some(run) = &mut mpl_run {
+            let n_l = t.batch_size / world;
             let out =
-                run.step(&be, &model, &mut params, &mut opt, &micro[0], t.batch_size, step, lr, w, &mut win)?;
+                run.step(&be, &model, &mut params, &mut opt, &micro[0], n_l, step, lr, w, dist, &mut win)?;
             step_loss = out.loss;
             out.norm
         } else {
@@ -548,6 +697,9 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 }
             }
             let Stepper { grads, table, .. } = &mut stepper;
+            if !fused {
+                dist.average(grads, Some(&mut table.grad), model.spec.buckets);
+            }
             let table_grad = if fused {
                 TableGrad::Applied(
                     table
@@ -559,7 +711,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             };
             opt.step(&be, &model.layout, model.table, &mut params, grads, table_grad, lr)
         };
-        win.loss_sum += step_loss;
+        win.loss_sum += step_loss / world as f64;
         win.steps += 1;
         if let Some(bank) = &mut bank {
             for (mi, probs) in &bank_writes {
@@ -577,6 +729,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
         bar.set_position(step);
 
         if logs {
+            let local = std::mem::take(&mut win);
+            let win = window_sum(&local, dist);
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let (loss, acc) =
                 (win.loss_sum / win.steps.max(1) as f64, win.correct as f64 / win.docs.max(1) as f64);
@@ -637,7 +791,6 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             log.write(rec)?;
             bar.set_message(format!("loss {loss:.4} acc {acc:.3} {:.0}k tok/s", tps / 1e3));
             total_tokens += win.tokens;
-            win = LogWindow::default();
             win_start = Instant::now();
             (win_step_secs, win_step_count) = (0.0, 0);
         }
@@ -684,8 +837,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
             let state = TrainState {
                 step,
                 optim_t: opt.t,
-                cursors: loader.cursors().to_vec(),
-                unlabeled_cursors: uloader.as_ref().map_or(Vec::new(), |u| u.cursors().to_vec()),
+                cursors: cursors_sum(loader.cursors(), dist),
+                unlabeled_cursors: uloader.as_ref().map_or(Vec::new(), |u| cursors_sum(u.cursors(), dist)),
                 shadow_logs: shadows.iter().map(|k| k.shadow.log_now()).collect(),
                 logits_checksum,
                 mpl: mpl_run.as_ref().map_or_else(Default::default, |r| r.state),
@@ -694,7 +847,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 plateau,
                 config_hash,
                 data_checksum: manifest.checksum.clone(),
-                window: win,
+                window: window_sum(&win, dist),
             };
             let contents = checkpoint::Contents {
                 params: &params,
@@ -704,7 +857,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> 
                 parts: mpl_run.iter().map(|r| r.part()).collect(),
                 state: &state,
             };
-            let dir = checkpoint::save(&ckpt_root, &model, &meta, contents, t.keep_checkpoints)?;
+            let dir = checkpoint::save(&ckpt_root, &model, &meta, contents, t.keep_checkpoints, dist)?;
             last_ckpt = Some(dir);
         }
         if opts.stop_after == Some(step) {

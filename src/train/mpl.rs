@@ -8,11 +8,12 @@ use std::path::Path;
 use crate::algo::mpl::{self, MplBatch, MplSettings, MplState, StepPlan};
 use crate::algo::Recipe;
 use crate::backend::cpu::Cpu;
-use crate::backend::{Activation, DropoutKey};
+use crate::backend::{Activation, DropoutKey, RowMap};
 use crate::checkpoint::{self, LogWindow, ModelMeta, Part};
 use crate::config::TrainConfig;
 use crate::data::dataset::Dataset;
 use crate::data::shard::SplitKind;
+use crate::dist::Dist;
 use crate::error::{Error, Result};
 use crate::logits::LogitsFile;
 use crate::model::bag::BagModel;
@@ -237,17 +238,38 @@ impl MplRun {
         step: u64,
         lr: f64,
         uda_weight: f64,
+        dist: &Dist,
         win: &mut LogWindow,
     ) -> Result<MplStepOut> {
         let n_u = m.batch.len() - n_l;
         let labeled = m.batch.slice(0..n_l);
         let labels = &m.batch.labels[..n_l];
-        let noise = |pass| Some(DropoutKey { seed: self.seed, step, site: 0, pass, row: 0 });
+        let (rank, world) = (dist.rank(), dist.world());
+        // Each pass's rows keyed by their place in the global batch (world-size invariant).
+        let noise = |pass, lens: &[usize]| {
+            Some(DropoutKey {
+                seed: self.seed,
+                step,
+                site: 0,
+                pass,
+                rows: RowMap::for_rank(lens, rank, world),
+            })
+        };
+        // Means of this rank's rows count 1/W in the window, which ranks sum.
+        let inv = 1.0 / world as f64;
         let mut s_net = BagNet { model: student, params, opt, bufs: &mut self.student_bufs };
         win.tokens += m.batch.ids.len() as u64;
         if step >= self.finetune_from {
-            let (ce, right, norm) =
-                mpl::finetune(be, &mut s_net, &labeled, labels, self.settings.label_smoothing, lr, noise(0));
+            let (ce, right, norm) = mpl::finetune(
+                be,
+                &mut s_net,
+                &labeled,
+                labels,
+                self.settings.label_smoothing,
+                lr,
+                noise(0, &[n_l]),
+                dist,
+            );
             win.sup_sum += ce * n_l as f64;
             win.docs += n_l as u64;
             win.correct += right;
@@ -255,18 +277,25 @@ impl MplRun {
         }
         let unlabeled = m.batch.slice(n_l..n_l + n_u);
         let ramp = if self.uda_steps == 0 { 1.0 } else { (step as f64 / self.uda_steps as f64).min(1.0) };
-        let plan = StepPlan {
-            lr_teacher: lr * self.teacher_lr_ratio,
-            lr_student: lr,
-            uda_weight: uda_weight * ramp,
-            teacher_noise: noise(TEACHER_PASS),
-            student_noise: noise(0),
-        };
-        let mut reduce = |_: &mut [f64]| {};
         let teacher_labeled = match &self.teacher {
             Teacher::Bag { .. } => true,
             Teacher::Reduced { train_logits, .. } => train_logits.is_some(),
         };
+        // The teacher reads [labeled | weak view | strong view] (reduced: [labeled logits |
+        // unlabeled logits]).
+        let teacher_rows: &[usize] = match (&self.teacher, teacher_labeled) {
+            (Teacher::Bag { .. }, _) => &[n_l, n_u, n_u],
+            (Teacher::Reduced { .. }, true) => &[n_l, n_u],
+            (Teacher::Reduced { .. }, false) => &[n_u],
+        };
+        let plan = StepPlan {
+            lr_teacher: lr * self.teacher_lr_ratio,
+            lr_student: lr,
+            uda_weight: uda_weight * ramp,
+            teacher_noise: noise(TEACHER_PASS, teacher_rows),
+            student_noise: noise(0, &[n_u]),
+        };
+        let mut reduce = |v: &mut [f64]| dist.sum("MPL's CE_old and CE_new", v);
         let out = match &mut self.teacher {
             Teacher::Bag { model, params, opt, bufs, .. } => {
                 let weak = m.weak.as_ref().expect("mpl reads the weak view");
@@ -291,6 +320,7 @@ impl MplRun {
                     &self.settings,
                     &mut self.state,
                     &plan,
+                    dist,
                     &mut reduce,
                 )
             }
@@ -311,7 +341,17 @@ impl MplRun {
                     labels,
                     n_u,
                 };
-                mpl::step(be, net, &mut s_net, &batch, &self.settings, &mut self.state, &plan, &mut reduce)
+                mpl::step(
+                    be,
+                    net,
+                    &mut s_net,
+                    &batch,
+                    &self.settings,
+                    &mut self.state,
+                    &plan,
+                    dist,
+                    &mut reduce,
+                )
             }
         };
         for (v, what) in [
@@ -326,13 +366,13 @@ impl MplRun {
         win.docs += n_l as u64;
         win.correct += out.student_correct;
         win.mpl_steps += 1;
-        win.mpl_h += out.h;
-        win.mpl_h_used += out.h_used;
-        win.mpl_ce_old += out.ce_old;
-        win.mpl_ce_new += out.ce_new;
-        win.mpl_pseudo += out.ce_pseudo;
-        win.mpl_teacher_ce += out.ce_teacher;
-        win.mpl_uda += out.uda;
+        win.mpl_h += out.h * inv;
+        win.mpl_h_used += out.h_used * inv;
+        win.mpl_ce_old += out.ce_old * inv;
+        win.mpl_ce_new += out.ce_new * inv;
+        win.mpl_pseudo += out.ce_pseudo * inv;
+        win.mpl_teacher_ce += out.ce_teacher * inv;
+        win.mpl_uda += out.uda * inv;
         win.mpl_teacher_docs += if teacher_labeled { n_l as u64 } else { 0 };
         win.mpl_teacher_correct += out.teacher_correct;
         if self.settings.uda.is_some() {

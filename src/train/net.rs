@@ -4,7 +4,7 @@
 //! small nets of the tests).
 
 use crate::algo::mpl::Net;
-use crate::backend::{Backend, DropoutKey, SparseRows};
+use crate::backend::{Backend, DropoutKey, GradSync, SparseRows};
 use crate::model::bag::{Activations, BagModel};
 use crate::model::mlp::{Mlp, MlpActs};
 use crate::model::params::{Layout, Slot};
@@ -52,9 +52,10 @@ impl<B: Backend> Net<B> for BagNet<'_, B> {
         self.model.backward(be, self.params, x, &b.acts, dlogits, &mut b.grads, &mut b.table);
     }
 
-    fn update(&mut self, be: &B, lr: f64) -> f64 {
+    fn update(&mut self, be: &B, lr: f64, sync: &dyn GradSync<B>) -> f64 {
         let b = &mut *self.bufs;
         let m = self.model;
+        sync.average(&mut b.grads, Some(&mut b.table), m.spec.buckets);
         let norm = self.opt.step(
             be,
             &m.layout,
@@ -165,7 +166,8 @@ impl<B: Backend> Net<B> for DenseNet<B> {
         );
     }
 
-    fn update(&mut self, be: &B, lr: f64) -> f64 {
+    fn update(&mut self, be: &B, lr: f64, sync: &dyn GradSync<B>) -> f64 {
+        sync.average(&mut self.grads, None, 0);
         let norm = self.opt.step(
             be,
             &self.layout,

@@ -8,12 +8,14 @@ use crate::algo::consistency::ConsistencyOp;
 use crate::algo::stabilise::Stabiliser;
 use crate::algo::{Recipe, TargetSource};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, SparseRows};
+use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, RowMap, SparseRows};
 use crate::bank::{Bank, RowId};
 use crate::checkpoint::LogWindow;
 use crate::config::TrainConfig;
 use crate::data::dataset::Dataset;
 use crate::data::loader::Loader;
+use crate::data::shard::SplitKind;
+use crate::dist::Dist;
 use crate::error::{Error, Result};
 use crate::logits::LogitsFile;
 use crate::model::bag::{Activations, BagModel};
@@ -235,6 +237,24 @@ pub(super) fn pseudo_label_diagnostics(
     }
 }
 
+/// Records the batch's confident predictions in the stabiliser (FlexMatch): on several
+/// ranks, every rank records the whole global batch's, in rank order (the global order).
+fn record_confident(st: &mut Stabiliser, dist: &Dist, rows: &[RowId], conf: &[f32], label: &[f32]) {
+    if dist.world() == 1 || !st.records() {
+        st.record(rows, conf, label);
+        return;
+    }
+    let ids: Vec<u64> = rows.iter().map(|r| (u64::from(r.shard) << 32) | u64::from(r.row)).collect();
+    let ids = dist.all_gather("FlexMatch's records", &ids).concat();
+    let conf = dist.all_gather("FlexMatch's records", conf).concat();
+    let label = dist.all_gather("FlexMatch's records", label).concat();
+    let rows: Vec<RowId> = ids
+        .iter()
+        .map(|&id| RowId { split: SplitKind::Unlabeled, shard: (id >> 32) as u32, row: id as u32 })
+        .collect();
+    st.record(&rows, &conf, &label);
+}
+
 /// What one micro-batch's step takes from the step it belongs to.
 #[derive(Clone, Copy)]
 pub(super) struct StepInputs<'b> {
@@ -262,8 +282,9 @@ pub(super) struct Stepper<'a> {
     pub(super) loss: LossKind,
     pub(super) accum: u64,
     pub(super) total: u64,
-    /// Labeled rows per micro-batch.
+    /// This rank's labeled rows per micro-batch (the global batch over the world size).
     pub(super) batch_size: usize,
+    pub(super) dist: &'a Dist,
     /// Plain SGD on the table applied during the backward pass.
     pub(super) fused: bool,
     /// The table's learning-rate multiplier.
@@ -300,7 +321,10 @@ impl Stepper<'_> {
         let n = batch.len();
         let n_l = self.batch_size;
         let n_u = n - n_l;
-        let key = DropoutKey { seed: cfg.train.seed, step, site: 0, pass: mi as u32, row: 0 };
+        let (rank, world) = (self.dist.rank(), self.dist.world());
+        // Rows keyed by their place in the global batch: labeled rows, then unlabeled ones.
+        let rows_map = RowMap::for_rank(&[n_l, n_u], rank, world);
+        let key = DropoutKey { seed: cfg.train.seed, step, site: 0, pass: mi as u32, rows: rows_map };
         let dev = be.upload_batch(batch);
         // The second pass's own augmented view (`augment.consistency_passes`), else the
         // same rows.
@@ -378,12 +402,17 @@ impl Stepper<'_> {
             }
             TargetSource::WeakView => {
                 let weak = m.weak.as_ref().expect("a weak view for uda/fixmatch");
-                let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
+                let key1 = DropoutKey {
+                    pass: mi as u32 | SECOND_PASS,
+                    rows: RowMap::for_rank(&[n_u], rank, world),
+                    ..key
+                };
                 model.forward(be, params, &be.upload_batch(weak), n_u, Some(key1), &mut p1.acts);
                 if let Some(st) = stabiliser.as_deref_mut() {
                     let mut probs = be.zeros(0);
                     be.softmax(&p1.acts.logits, classes, &mut probs);
-                    let prepared = st.prepare(&be.download(&probs));
+                    let mut reduce = |v: &mut [f64]| self.dist.sum("the stabilisers' batch means", v);
+                    let prepared = st.prepare(&be.download(&probs), &mut reduce);
                     bias_buf = prepared.bias.map(|b| be.upload(&b));
                     mult_buf = prepared.class_threshold.as_ref().map(|m| be.upload(m));
                     mult_host = prepared.class_threshold;
@@ -428,7 +457,7 @@ impl Stepper<'_> {
             };
             pseudo_label_diagnostics(win, &m.hidden, label, passed);
             if let Some(st) = stabiliser {
-                st.record(&m.rows[n_l..], conf, label);
+                record_confident(st, self.dist, &m.rows[n_l..], conf, label);
             }
         }
         let bank_probs = (recipe.target == TargetSource::Bank).then(|| {
@@ -462,7 +491,7 @@ impl Stepper<'_> {
                 return Err(Error::Data(format!("the adversarial loss became {adv_loss} at step {step}: lower adversarial.epsilon or adversarial.weight")));
             }
             total_adv += adv_loss / accum as f64;
-            win.adv_sum += adv_loss;
+            win.adv_sum += adv_loss / world as f64;
             win.adv_count += 1;
         }
         if second_grad {

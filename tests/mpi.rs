@@ -1,0 +1,449 @@
+//! Data parallelism with a real `mpirun` on the CPU backend (METHODS.md §15): 1, 2 and 4
+//! ranks train the same model, a checkpoint resumes on another world size, the sparse and
+//! dense table exchanges agree, a killed or hung rank ends the job within its bound and
+//! `--resume auto` finishes it, and ranks that disagree are refused.
+//!
+//! "Relative error" here is ‖a − b‖ / ‖a‖ over each tensor. Single elements can differ more
+//! (a table row that got one tiny gradient, which Adam scales up), which is why the norm is
+//! used: the summation order of a gradient differs between world sizes, by f32 rounding.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dtrain");
+
+/// `mpirun -n world dtrain args…`, as root in a container without ssh if need be, with one
+/// rayon thread per rank (several ranks share the machine's cores).
+fn mpirun(world: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-n", &world.to_string(), "--oversubscribe"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_plm", "isolated")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+/// One job at a time: the tests share two cores, and the failure tests time things.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// What every test starts with: the lock, a check for mpirun, a directory with the data
+/// set and the run config.
+fn setup() -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir, PathBuf) {
+    let one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ok = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(ok, "mpirun is missing: launch/setup installs openmpi-bin (these tests run in CI for real)");
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let cfg = config(dir.path(), &data);
+    (one, dir, cfg)
+}
+
+fn run_ok(mut c: Command) -> Output {
+    let out = c.output().expect("mpirun starts");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}\n{}",
+        c,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A small data set in 4 shards per split: 3 classes of their own words plus shared noise,
+/// 12 labels per class kept and the rest unlabeled.
+fn data(dir: &Path) -> PathBuf {
+    let mut tsv = String::new();
+    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
+    for j in 0..80 {
+        for (c, w) in words.iter().enumerate() {
+            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
+        }
+    }
+    let f = common::write(dir, "sep.tsv", tsv.as_bytes());
+    let out = dir.join("data");
+    common::run(
+        &[&f],
+        &[],
+        &out,
+        &["output.shards=4", "tokenizer.buckets=4096", "split.labels_per_class=12"],
+    )
+    .unwrap();
+    out
+}
+
+/// A run config on `data`: 8 labeled rows per step (2 per shard), dropout on, so that
+/// every mask and every per-row quantity must land where one process has it.
+fn config(dir: &Path, data: &Path) -> PathBuf {
+    let path = dir.join("run.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[data]\ndir = {:?}\n[model]\ndim = 16\nhidden = [8]\nhidden_dropout = 0.3\nembed_dropout = 0.1\n\
+             [optim]\nlr = 0.05\n[train]\nbatch_size = 8\nsteps = 20\nlog_every = 5\n[dist]\ntimeout_s = 60\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `mpirun -n world dtrain train --config cfg --set out_dir=out --set …`.
+fn train(world: usize, cfg: &Path, out: &Path, sets: &[&str]) -> Command {
+    let mut c = mpirun(world);
+    c.args([BIN, "train", "--quiet", "--config"]).arg(cfg);
+    c.arg("--set").arg(format!("train.out_dir={:?}", out.display().to_string()));
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c
+}
+
+/// Every tensor of every safetensors file of a checkpoint directory, by file and name.
+fn tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+        names.sort();
+        for n in names {
+            let t = st.tensor(&n).unwrap();
+            let v: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+            out.push((format!("{}:{n}", f.file_name().unwrap().to_string_lossy()), v));
+        }
+    }
+    assert!(!out.is_empty(), "no tensors in {}", dir.display());
+    out
+}
+
+/// The largest relative error ‖a − b‖/‖a‖ over the tensors of two checkpoints (same files
+/// and names required).
+fn max_rel_err(a: &Path, b: &Path) -> f64 {
+    let (ta, tb) = (tensors(a), tensors(b));
+    assert_eq!(
+        ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        "{} and {} hold different tensors",
+        a.display(),
+        b.display()
+    );
+    let mut worst = 0.0f64;
+    for ((name, x), (_, y)) in ta.iter().zip(&tb) {
+        assert_eq!(x.len(), y.len(), "{name}");
+        let d: f64 = x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum();
+        let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum();
+        if n > 0.0 {
+            worst = worst.max((d / n).sqrt());
+        } else {
+            assert!(d == 0.0, "{name}: zero in one run, not in the other");
+        }
+    }
+    worst
+}
+
+fn last_checkpoint(out: &Path) -> PathBuf {
+    dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().expect("a checkpoint")
+}
+
+/// The evaluation records (val and test, every model) of a run: split, model, step,
+/// accuracy, macro-F1 and loss.
+fn eval_records(out: &Path) -> Vec<(String, String, u64, f64, f64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("split").is_some())
+        .map(|v| {
+            (
+                v["split"].as_str().unwrap().to_owned(),
+                v.get("model").and_then(|m| m.as_str()).unwrap_or("student").to_owned(),
+                v["step"].as_u64().unwrap(),
+                v["accuracy"].as_f64().unwrap(),
+                v["macro_f1"].as_f64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The training records' loss and train accuracy, by step.
+fn train_records(out: &Path) -> Vec<(u64, f64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("split").is_none())
+        .map(|v| {
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["train_accuracy"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * a.abs().max(b.abs()).max(1e-12)
+}
+
+/// Same metrics: identical accuracies and macro-F1 (counts of right predictions), losses
+/// within `tol`.
+fn assert_same_metrics(a: &Path, b: &Path, tol: f64) {
+    let (ea, eb) = (eval_records(a), eval_records(b));
+    assert_eq!(ea.len(), eb.len(), "{} vs {}", a.display(), b.display());
+    assert!(!ea.is_empty());
+    for (x, y) in ea.iter().zip(&eb) {
+        assert_eq!((&x.0, &x.1, x.2, x.3, x.4), (&y.0, &y.1, y.2, y.3, y.4), "{x:?} vs {y:?}");
+        assert!(close(x.5, y.5, tol), "loss {x:?} vs {y:?}");
+    }
+    let (ta, tb) = (train_records(a), train_records(b));
+    assert_eq!(ta.len(), tb.len());
+    for (x, y) in ta.iter().zip(&tb) {
+        assert_eq!((x.0, x.2), (y.0, y.2), "{x:?} vs {y:?}");
+        assert!(close(x.1, y.1, tol), "training loss {x:?} vs {y:?}");
+    }
+}
+
+#[test]
+fn every_method_trains_the_same_model_on_1_2_and_4_ranks() {
+    let (_one, dir, cfg) = setup();
+    let methods: &[(&str, &[&str])] = &[
+        ("supervised", &[]),
+        ("mean_teacher", &["mean_teacher.lazy_table=true"]),
+        ("temporal", &[]),
+        ("mpl", &[]),
+        // The stabilisers' batch means and FlexMatch's records are global too.
+        (
+            "fixmatch",
+            &["consistency.distribution_alignment=true", "consistency.adaptive_threshold=\"flexmatch\""],
+        ),
+    ];
+    for (method, extra) in methods {
+        let outs: Vec<PathBuf> = [1usize, 2, 4]
+            .iter()
+            .map(|&w| {
+                let out = dir.path().join(format!("{method}-w{w}"));
+                let mut sets = vec![format!("method=\"{method}\"")];
+                sets.extend(extra.iter().map(|s| s.to_string()));
+                let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+                run_ok(train(w, &cfg, &out, &sets));
+                out
+            })
+            .collect();
+        for out in &outs[1..] {
+            let err = max_rel_err(&last_checkpoint(&outs[0]), &last_checkpoint(out));
+            eprintln!("{method}: {} vs 1 rank: relative error {err:.2e}", out.display());
+            assert!(err < 1e-5, "{method}: {} differs from one rank by {err:.2e}", out.display());
+            assert_same_metrics(&outs[0], out, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_resumes_on_another_world_size() {
+    let (_one, dir, cfg) = setup();
+    let sets = ["train.steps=30", "train.checkpoint_every=10", "train.keep_checkpoints=5"];
+    // Temporal Ensembling: each rank restores the bank files of the shards it owns.
+    for (method, first, then) in [("temporal", 4usize, [2usize, 1]), ("mpl", 1, [4, 2])] {
+        let m = format!("method=\"{method}\"");
+        let full = dir.path().join(format!("{method}-full"));
+        run_ok(train(first, &cfg, &full, &[&sets[..], &[m.as_str()]].concat()));
+        for (k, w) in then.iter().enumerate() {
+            let from = full.join("checkpoints").join(dtrain::checkpoint::dir_name(10 * (k as u64 + 1)));
+            let out = dir.path().join(format!("{method}-resumed-{w}"));
+            let mut c = train(*w, &cfg, &out, &[&sets[..], &[m.as_str()]].concat());
+            c.arg("--resume").arg(&from);
+            run_ok(c);
+            let err = max_rel_err(&last_checkpoint(&full), &last_checkpoint(&out));
+            eprintln!(
+                "{method}: {first} ranks, resumed at step {} on {w}: relative error {err:.2e}",
+                10 * (k + 1)
+            );
+            assert!(err < 1e-5, "{method} resumed on {w} ranks differs by {err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn sparse_and_dense_table_exchanges_agree() {
+    let (_one, dir, cfg) = setup();
+    for w in [2usize, 4] {
+        let run = |how: &str| {
+            let out = dir.path().join(format!("{how}-{w}"));
+            run_ok(train(w, &cfg, &out, &[&format!("dist.table_exchange=\"{how}\"")]));
+            last_checkpoint(&out)
+        };
+        let (sparse, dense) = (run("sparse"), run("dense"));
+        let err = max_rel_err(&sparse, &dense);
+        if w == 2 {
+            // Two addends sum the same in either order: bit for bit.
+            assert_eq!(err, 0.0, "2 ranks: sparse and dense differ by {err:.2e}");
+        } else {
+            assert!(err < 1e-6, "4 ranks: sparse and dense differ by {err:.2e}");
+        }
+    }
+}
+
+/// The dtrain processes that `mpirun` (pid `launcher`) started, in rank order (from
+/// their OMPI_COMM_WORLD_RANK).
+fn ranks_of(launcher: u32) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-P", &launcher.to_string(), "-f", "dtrain"]).output().unwrap();
+    let mut pids: Vec<(usize, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .map(|pid: u32| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let rank = env
+                .split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(b"OMPI_COMM_WORLD_RANK="))
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(usize::MAX);
+            (rank, pid)
+        })
+        .collect();
+    pids.sort();
+    pids.into_iter().map(|(_, pid)| pid).collect()
+}
+
+/// Waits for `child` to end, at most `bound`; returns its output and how long it took.
+fn wait_bounded(child: std::process::Child, bound: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(bound) {
+        Ok(out) => (out.unwrap(), start.elapsed()),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("the job did not end within {bound:?}");
+        }
+    }
+}
+
+/// Starts a long 2-rank run that checkpoints every step, and waits until checkpoint
+/// `after` exists; returns the launcher and the ranks' pids.
+fn start_long_run(cfg: &Path, out: &Path, after: u64, extra: &[&str]) -> (std::process::Child, Vec<u32>) {
+    let sets =
+        [&["train.steps=400", "train.checkpoint_every=1", "train.keep_checkpoints=2"][..], extra].concat();
+    let mut c = train(2, cfg, out, &sets);
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    // Checkpoints come and go (two are kept): wait for one at `after` or later.
+    let reached = || {
+        dtrain::checkpoint::latest(&out.join("checkpoints")).ok().flatten().is_some_and(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.trim_start_matches("step-").parse::<u64>().is_ok_and(|s| s >= after)
+        })
+    };
+    while !reached() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint {after} after 2 minutes");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the run ended ({status}) before checkpoint {after}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ranks = ranks_of(child.id());
+    assert_eq!(ranks.len(), 2, "expected 2 dtrain ranks under mpirun, found {ranks:?}");
+    (child, ranks)
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_resume_auto_finishes_the_run() {
+    let (_one, dir, cfg) = setup();
+    let out = dir.path().join("killed");
+    let (child, ranks) = start_long_run(&cfg, &out, 20, &["dist.timeout_s=10"]);
+    assert!(Command::new("kill").args(["-9", &ranks[1].to_string()]).status().unwrap().success());
+    let (o, took) = wait_bounded(child, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the job must fail");
+    eprintln!("killed rank: the job ended {took:?} later:\n{err}");
+    assert!(err.contains("rank 1") || err.contains("signal 9"), "{err}");
+    // --resume auto continues from the newest complete checkpoint and finishes.
+    let mut c =
+        train(2, &cfg, &out, &["train.steps=400", "train.checkpoint_every=1", "train.keep_checkpoints=2"]);
+    c.args(["--resume", "auto"]);
+    run_ok(c);
+    assert!(last_checkpoint(&out).ends_with(dtrain::checkpoint::dir_name(400)));
+    let last = train_records(&out).last().copied().unwrap();
+    assert_eq!(last.0, 400);
+}
+
+#[test]
+fn a_hung_rank_is_named_and_the_job_ends_within_the_timeout() {
+    let (_one, dir, cfg) = setup();
+    let out = dir.path().join("hung");
+    let (child, ranks) = start_long_run(&cfg, &out, 5, &["dist.timeout_s=5"]);
+    // Rank 1 stops (as a rank stuck in a system call or a deadlock would): rank 0 names it.
+    let stopped = ranks[1];
+    assert!(Command::new("kill").args(["-STOP", &stopped.to_string()]).status().unwrap().success());
+    let (o, took) = wait_bounded(child, Duration::from_secs(40));
+    let _ = Command::new("kill").args(["-9", &stopped.to_string()]).status();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("hung rank: the job ended {took:?} later:\n{err}");
+    assert!(!o.status.success());
+    assert!(err.contains("did not complete within 5 s"), "{err}");
+    assert!(
+        err.contains("rank 1 never reached it (dead or hung)")
+            || err.contains("rank 1 reached it, then fell silent (dead or hung in it)"),
+        "the message must name the rank: {err}"
+    );
+    assert!(took < Duration::from_secs(25), "took {took:?}");
+}
+
+#[test]
+fn disagreeing_ranks_and_indivisible_world_sizes_are_refused() {
+    let (_one, dir, cfg) = setup();
+    let out = dir.path().join("o");
+    // Two ranks with different learning rates (MPMD launch: one command line per rank).
+    let mut c = mpirun(1);
+    let outs = format!("train.out_dir={:?}", out.display().to_string());
+    c.args([BIN, "train", "--quiet", "--config"]).arg(&cfg).args(["--set", &outs, "--set", "optim.lr=0.05"]);
+    c.args([":", "-n", "1", BIN, "train", "--quiet", "--config"]).arg(&cfg).args([
+        "--set",
+        &outs,
+        "--set",
+        "optim.lr=0.06",
+    ]);
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("rank 1's config (run.toml and --set overrides) differs from rank 0's"), "{err}");
+    // 3 ranks cannot share 4 shards.
+    let o = train(3, &cfg, &dir.path().join("o3"), &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("has 4 shards, which 3 ranks cannot share equally"), "{err}");
+}
+
+#[test]
+fn bench_allreduce_reports_nccl_tests_bandwidths() {
+    let (_one, dir, _) = setup();
+    let json = dir.path().join("ar.json");
+    let mut c = mpirun(2);
+    c.args([BIN, "bench", "allreduce", "--max-bytes", "65536", "--json"]).arg(&json);
+    let o = run_ok(c);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("busbw GB/s"));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["world"], 2);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r["bytes"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [1024, 4096, 16384, 65536]
+    );
+    for r in rows {
+        let (alg, bus) = (r["algbw_gbs"].as_f64().unwrap(), r["busbw_gbs"].as_f64().unwrap());
+        // busbw = algbw · 2(W−1)/W, which is algbw on two ranks.
+        assert!(alg > 0.0 && (bus - alg).abs() < 1e-12 * alg, "{r}");
+    }
+}
