@@ -604,6 +604,8 @@ pub struct PretrainConfig {
     pub data: PretrainData,
     pub model: PretrainModel,
     pub train: PretrainTrain,
+    /// How ranks communicate under mpirun/srun (the same section as training's).
+    pub dist: crate::dist::DistConfig,
 }
 
 /// `[data]` of a pretraining run.
@@ -682,9 +684,15 @@ pub struct PretrainTrain {
     pub epochs: u32,
     /// Initial learning rate; it decays linearly to 0 over the run.
     pub lr: f64,
-    /// Worker threads updating the shared tables without locks (Hogwild); 0 = one per core.
-    /// With 1 the run is deterministic.
+    /// Worker threads updating the shared tables without locks (Hogwild); 0 = one per core
+    /// (under launch/mpirun: the cores divided by the ranks on a node). With 1 the run is
+    /// deterministic.
     pub threads: usize,
+    /// Under MPI: trained words each rank reads between two merges of the ranks' tables
+    /// (see `pretrain`'s module docs). Smaller keeps the replicas closer, at more
+    /// communication. Unused by one process.
+    pub sync_words: u64,
+
     pub seed: u64,
     /// Write a resumable checkpoint every this many epochs; 0 = none (the final output
     /// only).
@@ -700,6 +708,7 @@ impl Default for PretrainTrain {
             epochs: 5,
             lr: 0.05,
             threads: 0,
+            sync_words: 20_000,
             seed: 1,
             checkpoint_every: 1,
             keep_checkpoints: 1,
@@ -766,6 +775,12 @@ impl Validate for PretrainConfig {
         }
         if t.keep_checkpoints < 1 {
             return bad("train.keep_checkpoints", "must be at least 1");
+        }
+        if t.sync_words < 1_000 {
+            return bad("train.sync_words", "must be at least 1000 (words per rank between table merges)");
+        }
+        if let Err((field, msg)) = self.dist.check() {
+            return bad(field, &msg);
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use dtrain::data::prepare::{prepare, PrepareReport};
 use dtrain::data::shard::{Shard, SplitKind};
 use dtrain::data::tokenize::{Punctuation, Tokenizer};
 use dtrain::dist::Dist;
-use dtrain::pretrain::{pretrain, PretrainOptions};
+use dtrain::pretrain::{pretrain_on, PretrainOptions};
 use dtrain::train::{train, train_on, Resume, RunOptions};
 
 #[derive(Parser)]
@@ -39,7 +39,7 @@ enum Command {
     Train(RunArgs),
     /// Pretrain the embedding table by skip-gram or CBOW on a data set's text (see
     /// configs/pretrain.example.toml); `model.init_from` in a run config then uses it.
-    Pretrain(RunArgs),
+    Pretrain(PretrainArgs),
     /// Nearest words by cosine in pretrained embeddings, for a quick look at their quality.
     Neighbors {
         /// A `dtrain pretrain` output directory or its embeddings.safetensors.
@@ -323,6 +323,16 @@ impl RunArgs {
 }
 
 #[derive(Args)]
+struct PretrainArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Stop after this many epochs in total, once their checkpoint is written; continue
+    /// later with --resume auto (for jobs with a time limit).
+    #[arg(long, value_name = "EPOCHS")]
+    stop_after: Option<u32>,
+}
+
+#[derive(Args)]
 struct EvalArgs {
     /// A checkpoint directory (or its model.safetensors).
     #[arg(long)]
@@ -469,6 +479,20 @@ fn restore_sigpipe() {
     }
 }
 
+/// A multi-rank command's result as rank 0 reports it: `Some` on rank 0, `None` on the
+/// others (they end quietly). One rank's failure ends every rank at once, since the others
+/// would wait for it in their next collective.
+fn root_result<T>(dist: &Dist, r: dtrain::Result<T>) -> anyhow::Result<Option<T>> {
+    match r {
+        Ok(r) => Ok(dist.is_root().then_some(r)),
+        Err(e) if dist.world() > 1 => {
+            eprintln!("error (rank {} of {}): {e:#}", dist.rank(), dist.world());
+            dist.abort(1)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let progress = !cli.quiet;
     match cli.command {
@@ -481,19 +505,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => {
             let (cfg, resume): (TrainConfig, _) = args.load()?;
             let dist = Dist::from_env(&cfg.dist)?;
-            let r = match train_on(&cfg, &RunOptions { resume, progress, stop_after: None }, &dist) {
-                Ok(r) => r,
-                // One rank's failure ends every rank at once: the others would wait for it
-                // in their next collective.
-                Err(e) if dist.world() > 1 => {
-                    eprintln!("error (rank {} of {}): {e:#}", dist.rank(), dist.world());
-                    dist.abort(1)
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if !dist.is_root() {
+            let Some(r) = root_result(
+                &dist,
+                train_on(&cfg, &RunOptions { resume, progress, stop_after: None }, &dist),
+            )?
+            else {
                 return Ok(ExitCode::SUCCESS);
-            }
+            };
             print_train_summary(&r);
             for rep in [&r.val, &r.test].into_iter().flatten() {
                 print!("{}", rep.to_text());
@@ -502,22 +520,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pretrain(args) => {
-            let (cfg, resume): (PretrainConfig, _) = args.load()?;
-            let opts = PretrainOptions { resume, progress, stop_after: None };
-            let r = pretrain(&cfg, &opts)?;
+            let (cfg, resume): (PretrainConfig, _) = args.run.load()?;
+            let dist = Dist::from_env(&cfg.dist)?;
+            let opts = PretrainOptions { resume, progress, stop_after: args.stop_after };
+            let Some(r) = root_result(&dist, pretrain_on(&cfg, &opts, &dist))? else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            let on = match r.ranks {
+                1 => format!("{} threads", r.threads),
+                w => format!("{w} ranks × {} threads", r.threads),
+            };
             println!(
-                "pretrained {} epochs on {} threads: {} of {} words trained ({} of {} tokens per epoch), final loss {:.4}",
-                r.epochs, r.threads, r.trained_words, r.vocab_words, r.trained_tokens, r.tokens, r.loss
+                "pretrained {} epochs on {on}: {} of {} words trained ({} of {} tokens per epoch), final loss {:.4}",
+                r.epochs, r.trained_words, r.vocab_words, r.trained_tokens, r.tokens, r.loss
             );
             println!(
                 "{:.0} words/s ({:.0} per thread) over {:.1} s of training; {:.1} s in all",
                 r.words_per_s, r.words_per_s_per_thread, r.train_seconds, r.seconds
             );
-            println!(
-                "embeddings: {}   words: {}",
-                r.out_dir.join(dtrain::pretrain::embeddings::EMBEDDINGS_FILE).display(),
-                r.out_dir.join(dtrain::pretrain::embeddings::WORDS_FILE).display()
-            );
+            if r.epochs < cfg.train.epochs {
+                println!(
+                    "stopped after {} of {} epochs: continue with --resume auto (checkpoints in {})",
+                    r.epochs,
+                    cfg.train.epochs,
+                    r.out_dir.join("checkpoints").display()
+                );
+            } else {
+                println!(
+                    "embeddings: {}   words: {}",
+                    r.out_dir.join(dtrain::pretrain::embeddings::EMBEDDINGS_FILE).display(),
+                    r.out_dir.join(dtrain::pretrain::embeddings::WORDS_FILE).display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Neighbors { model, words, k } => {

@@ -418,7 +418,7 @@ fn disagreeing_ranks_and_indivisible_world_sizes_are_refused() {
     let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("rank 1's config (run.toml and --set overrides) differs from rank 0's"), "{err}");
+    assert!(err.contains("rank 1's config (its file and --set overrides) differs from rank 0's"), "{err}");
     // 3 ranks cannot share 4 shards.
     let o = train(3, &cfg, &dir.path().join("o3"), &[]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -446,4 +446,165 @@ fn bench_allreduce_reports_nccl_tests_bandwidths() {
         // busbw = algbw · 2(W−1)/W, which is algbw on two ranks.
         assert!(alg > 0.0 && (bus - alg).abs() < 1e-12 * alg, "{r}");
     }
+}
+
+const TOPICS: [[&str; 5]; 3] = [
+    ["apple", "banana", "cherry", "grape", "melon"],
+    ["engine", "piston", "valve", "gear", "brake"],
+    ["river", "lake", "ocean", "stream", "pond"],
+];
+
+/// An unlabeled corpus in 4 shards where words co-occur only within their topic: 2,400
+/// lines of 8 words drawn from one of three topics (about 19k words), and a few labeled
+/// lines so that it is a data set.
+fn topic_data(dir: &Path) -> PathBuf {
+    let (mut unl, mut lab) = (String::new(), String::new());
+    let topics: Vec<&[&str]> = TOPICS.iter().map(|t| &t[..]).collect();
+    for (line, words) in common::topic_lines(&topics, 2400, 99).iter().enumerate() {
+        unl.push_str(&words.join(" "));
+        unl.push('\n');
+        if line < 30 {
+            lab.push_str(&format!("{}\t{}\n", line % 3, words[..4].join(" ")));
+        }
+    }
+    let u = common::write(dir, "topics.txt", unl.as_bytes());
+    let l = common::write(dir, "topics.tsv", lab.as_bytes());
+    let out = dir.join("topics");
+    common::run(
+        &[&l],
+        &[&u],
+        &out,
+        &["output.shards=4", "tokenizer.buckets=4096", "split.labels_per_class=4"],
+    )
+    .unwrap();
+    out
+}
+
+/// `mpirun -n world dtrain pretrain` on `data` into `out`: skip-gram, dim 16, one thread per
+/// rank, 4 epochs, the ranks merging every 1,000 words (several rounds per epoch).
+fn pretrain(world: usize, data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let path = out.with_extension("toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[data]\ndir = {:?}\n[model]\ndim = 16\nmin_count = 1\nsubsample = 0.0\nwindow = 3\n\
+             char_ngram_max = 0\n[train]\nout_dir = {:?}\nepochs = 4\nthreads = 1\nsync_words = 1000\n\
+             [dist]\ntimeout_s = 60\n",
+            data.display().to_string(),
+            out.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut c = mpirun(world);
+    c.args([BIN, "--quiet", "pretrain", "--config"]).arg(&path).args(extra);
+    c
+}
+
+/// Mean cosine between words of the same topic minus that between words of different
+/// topics, in the embeddings of `out`.
+fn topic_margin(out: &Path) -> f32 {
+    let emb = dtrain::pretrain::embeddings::read(out).unwrap();
+    let tok = emb.tokenizer();
+    let mut feats = Vec::new();
+    let mut vec = |w: &str| {
+        let mut v = vec![0.0; emb.meta.dim];
+        emb.vector(&tok, w, &mut feats, &mut v);
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    let words: Vec<(usize, Vec<f32>)> = TOPICS
+        .iter()
+        .enumerate()
+        .flat_map(|(t, ws)| ws.iter().map(move |w| (t, w)))
+        .map(|(t, w)| (t, vec(w)))
+        .collect();
+    let (mut sums, mut counts) = ([0.0f32; 2], [0u32; 2]);
+    for (i, (ta, a)) in words.iter().enumerate() {
+        for (tb, b) in &words[i + 1..] {
+            let same = usize::from(ta == tb);
+            sums[same] += a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+            counts[same] += 1;
+        }
+    }
+    sums[1] / counts[1] as f32 - sums[0] / counts[0] as f32
+}
+
+fn ranks_in_metrics(out: &Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ranks"].as_u64().unwrap())
+        .collect()
+}
+
+/// Pretraining on 2 and 4 ranks learns the topics as well as one process does (every
+/// epoch also checks inside the run that the ranks' tables are identical after merging),
+/// and with one thread per rank it is a function of the config, the data and W.
+#[test]
+fn pretraining_on_2_and_4_ranks_learns_what_one_process_learns() {
+    let (_one, dir, _) = setup();
+    let data = topic_data(dir.path());
+    let bytes = |d: &Path| std::fs::read(d.join("embeddings.safetensors")).unwrap();
+    let mut margins = Vec::new();
+    for world in [1usize, 2, 4] {
+        let out = dir.path().join(format!("w{world}"));
+        let o = run_ok(pretrain(world, &data, &out, &[]));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(text.matches("pretrained 4 epochs").count(), 1, "rank 0 alone reports: {text}");
+        if world > 1 {
+            assert!(text.contains(&format!("on {world} ranks × 1 threads")), "{text}");
+        }
+        assert_eq!(ranks_in_metrics(&out), vec![world as u64; 4]);
+        margins.push(topic_margin(&out));
+    }
+    eprintln!("within-topic minus across-topic cosine on 1, 2, 4 ranks: {margins:?}");
+    assert!(margins[0] > 0.5, "one process: within-topic minus across-topic cosine {}", margins[0]);
+    for (m, w) in margins[1..].iter().zip([2, 4]) {
+        assert!(*m > 0.5 && *m > margins[0] - 0.15, "W={w}: margin {m}, one process {}", margins[0]);
+    }
+    let again = dir.path().join("w2-again");
+    run_ok(pretrain(2, &data, &again, &[]));
+    assert_eq!(
+        bytes(&dir.path().join("w2")),
+        bytes(&again),
+        "one thread per rank: a function of config, data and W"
+    );
+}
+
+/// `--stop-after` writes a checkpoint and stops every rank; `--resume auto` finishes the run
+/// bit for bit as an uninterrupted one, and the checkpoint also resumes on another W.
+#[test]
+fn pretraining_stops_and_resumes_bitwise_on_two_ranks() {
+    let (_one, dir, _) = setup();
+    let data = topic_data(dir.path());
+    let bytes = |d: &Path| std::fs::read(d.join("embeddings.safetensors")).unwrap();
+    let whole = dir.path().join("whole");
+    run_ok(pretrain(2, &data, &whole, &[]));
+    let cut = dir.path().join("cut");
+    let o = run_ok(pretrain(2, &data, &cut, &["--stop-after", "2"]));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("stopped after 2 of 4 epochs"));
+    assert!(cut.join("checkpoints/epoch-000002/DONE").is_file());
+    assert!(!cut.join("embeddings.safetensors").exists());
+    let other = dir.path().join("other");
+    let copy = |to: &Path| {
+        std::fs::create_dir_all(to.join("checkpoints")).unwrap();
+        let src = cut.join("checkpoints/epoch-000002");
+        let dst = to.join("checkpoints/epoch-000002");
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    };
+    copy(&other);
+    run_ok(pretrain(2, &data, &cut, &["--resume", "auto"]));
+    assert_eq!(bytes(&whole), bytes(&cut), "resumed on 2 ranks = uninterrupted");
+    assert!(!cut.join("checkpoints").exists());
+    run_ok(pretrain(4, &data, &other, &["--resume", "auto"]));
+    let (m_other, m_whole) = (topic_margin(&other), topic_margin(&whole));
+    assert!(
+        m_other > 0.5 && m_other > m_whole - 0.15,
+        "resumed on 4 ranks: margin {m_other}, 2 ranks {m_whole}"
+    );
+    assert_eq!(ranks_in_metrics(&other), vec![4, 4], "epochs 3 and 4 ran on 4 ranks");
 }

@@ -20,14 +20,7 @@ const TOOLS: [&str; 5] = ["engine", "piston", "valve", "gear", "brake"];
 /// data set can train a classifier; the pool's labels are kept, with 4 labels per class.
 fn corpus(dir: &Path, extra: &[&str]) -> PathBuf {
     let (mut unl, mut lab) = (String::new(), String::new());
-    let mut x = 12345u64;
-    let mut next = |n: u64| {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (x >> 33) % n
-    };
-    for line in 0..600 {
-        let topic = if line % 2 == 0 { &FRUIT } else { &TOOLS };
-        let words: Vec<&str> = (0..8).map(|_| topic[next(5) as usize]).collect();
+    for (line, words) in common::topic_lines(&[&FRUIT, &TOOLS], 600, 12345).iter().enumerate() {
         unl.push_str(&words.join(" "));
         unl.push('\n');
         if line < 80 {

@@ -248,6 +248,22 @@ impl Dist {
         }
     }
 
+    /// Checks at start-up that every rank runs the same binary on the same config (its
+    /// canonical JSON, whatever in it must agree) and the same prepared data (its manifest
+    /// checksum); the error names the rank that differs.
+    pub fn check_job(&self, config_json: &str, data_checksum: &str) -> Result<()> {
+        self.check_same(
+            &["config (its file and --set overrides)", "data set (manifest checksum)", "dtrain version"],
+            &[
+                xxhash_rust::xxh3::xxh3_64(config_json.as_bytes()),
+                xxhash_rust::xxh3::xxh3_64(data_checksum.as_bytes()),
+                xxhash_rust::xxh3::xxh3_64(
+                    concat!(env!("CARGO_PKG_VERSION"), " ", env!("CARGO_PKG_NAME")).as_bytes(),
+                ),
+            ],
+        )
+    }
+
     /// The sorted union of every rank's sorted, unique `rows`.
     pub fn union_rows(&self, rows: Vec<u32>) -> Vec<u32> {
         if self.world == 1 {

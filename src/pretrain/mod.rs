@@ -14,6 +14,23 @@
 //!    a pure function of the config and the data;
 //! 5. checkpoint at epoch boundaries; finally write `embeddings.safetensors` and `words.tsv`
 //!    into `train.out_dir` and delete the checkpoints.
+//!
+//! # Across ranks
+//! Under MPI the documents are cut into one range per thread of every rank, each rank keeps
+//! its own copy of the tables, and an epoch runs in rounds of about `train.sync_words`
+//! words per rank. Before a round a rank snapshots the rows it may change (the features of
+//! the words in its documents, and the whole output matrix); after it, the ranks exchange
+//! their changed rows ([`Dist::sum_rows`], sparse or dense) and every rank adds the sum
+//! of the changes divided by W: model averaging, with each rank stepping at W times
+//! `train.lr` (local SGD's linear scaling). A row only one rank touched (a rare word's)
+//! then moves as one process would move it at `train.lr`, and so does a row that every
+//! rank moved a little (the ranks' updates add up); a row every rank moved most of the way to
+//! where its data pulls it (a frequent word's output row, updated by thousands of negative
+//! draws per round) moves to the average of those places, where summing W such moves
+//! overshoots W-fold (it diverged at W = 4). Averaging at `train.lr` alone was stable but
+//! slowed every shared row W-fold and cost accuracy downstream; docs/results.md has the
+//! measurements. The replicas are then identical, which each epoch checks by hash. Rank 0
+//! writes the files; with one thread per rank a run is a function of the config, the data and W.
 
 pub mod embeddings;
 pub mod sgns;
@@ -28,11 +45,13 @@ use rayon::prelude::*;
 use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::backend::SparseRows;
 use crate::checkpoint;
 use crate::config::PretrainConfig;
 use crate::data::dataset::Dataset;
 use crate::data::shard::{Shard, SplitKind};
 use crate::data::tokenize::{Tokenizer, TOKENIZER_ALGORITHM};
+use crate::dist::Dist;
 use crate::error::{Error, IoContext, Result};
 use crate::model::params::fill_uniform;
 use crate::rng::{Fast, Purpose, Stream};
@@ -56,6 +75,8 @@ pub struct PretrainReport {
     pub out_dir: PathBuf,
     /// Epochs completed in total (resumed ones included).
     pub epochs: u32,
+    /// Processes (MPI ranks), and worker threads in each.
+    pub ranks: usize,
     pub threads: usize,
     /// Words the vocabulary holds, and those trained (seen `min_count` times).
     pub vocab_words: usize,
@@ -65,8 +86,8 @@ pub struct PretrainReport {
     pub trained_tokens: u64,
     /// Mean loss per predicted word over the last epoch run.
     pub loss: f64,
-    /// Trained-word tokens read per second of the epochs run in this process (before
-    /// subsampling, as fastText counts), in total and per thread.
+    /// Trained-word tokens read per second of the epochs run in this call (before
+    /// subsampling, as fastText counts), by all ranks together and per thread.
     pub words_per_s: f64,
     pub words_per_s_per_thread: f64,
     /// Seconds of the epochs run here, and of the whole call.
@@ -85,6 +106,7 @@ struct Segment {
 /// often checkpoints are written (the thread count stays in: it changes the result).
 fn config_hash(cfg: &PretrainConfig) -> u64 {
     let mut c = cfg.clone();
+    c.dist = Default::default();
     c.data.dir = PathBuf::new();
     c.train.out_dir = PathBuf::new();
     c.train.checkpoint_every = 0;
@@ -92,11 +114,21 @@ fn config_hash(cfg: &PretrainConfig) -> u64 {
     xxh3_64(serde_json::to_string(&c).expect("config serialises").as_bytes())
 }
 
-/// Runs `dtrain pretrain` as `cfg` says.
+/// Runs `dtrain pretrain` as `cfg` says, in this process alone.
 pub fn pretrain(cfg: &PretrainConfig, opts: &PretrainOptions) -> Result<PretrainReport> {
+    pretrain_on(cfg, opts, &Dist::single())
+}
+
+/// Runs `dtrain pretrain` as `cfg` says as one rank of `dist`: every rank reads its own
+/// documents into its own copy of the tables, and the ranks merge their changes every
+/// `train.sync_words` words; rank 0 writes the files.
+pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) -> Result<PretrainReport> {
     let started = Instant::now();
+    let root = dist.is_root();
+    let progress = opts.progress && root;
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
+    dist.check_job(&serde_json::to_string(cfg).expect("config serialises"), &manifest.checksum)?;
     let vocab = ds.vocab()?;
     let splits: Vec<SplitKind> =
         cfg.data.splits.iter().map(|s| SplitKind::from_name(s).expect("validated split name")).collect();
@@ -220,17 +252,30 @@ pub fn pretrain(cfg: &PretrainConfig, opts: &PretrainOptions) -> Result<Pretrain
             p
         }
     };
-    std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
     let metrics_path = t.out_dir.join("metrics.jsonl");
-    let mut metrics = open_metrics(&metrics_path, meta.epochs_done)?;
+    let mut metrics = if root {
+        std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
+        Some(open_metrics(&metrics_path, meta.epochs_done)?)
+    } else {
+        None
+    };
 
-    // 4. Threads and their document ranges.
+    // 4. Threads, rounds and their document ranges. Under MPI each epoch runs in rounds of
+    // about `sync_words` words per rank, the ranks' tables merged after each; one process
+    // runs an epoch in one round. Piece `(rank · threads + k) · rounds + j` is thread k's
+    // part of round j.
     let threads = if t.threads == 0 { rayon::current_num_threads() } else { t.threads };
-    let (segments, per_thread) = split_documents(&shards, &lex.keep, threads);
+    let (rank, world) = (dist.rank(), dist.world());
+    let rounds =
+        if world == 1 { 1 } else { trained_tokens.div_ceil(world as u64 * t.sync_words).max(1) as usize };
+    let (pieces, piece_words) = split_documents(&shards, &lex.keep, world * threads * rounds);
+    let piece = |k: usize, j: usize| (rank * threads + k) * rounds + j;
+    let per_thread: Vec<u64> =
+        (0..threads).map(|k| (0..rounds).map(|j| piece_words[piece(k, j)]).sum::<u64>().max(1)).collect();
     let hyper = Hyper { objective: m.objective, window: m.window, negatives: m.negatives };
     let total_epochs = t.epochs;
     let first_epoch = meta.epochs_done;
-    let bar = if opts.progress && first_epoch < total_epochs {
+    let bar = if progress && first_epoch < total_epochs {
         let b = ProgressBar::with_draw_target(
             Some(trained_tokens * u64::from(total_epochs)),
             ProgressDrawTarget::stderr(),
@@ -245,87 +290,101 @@ pub fn pretrain(cfg: &PretrainConfig, opts: &PretrainOptions) -> Result<Pretrain
     } else {
         ProgressBar::hidden()
     };
+    let (dim, input_len, output_len) = (m.dim, buckets * m.dim, words.len() * m.dim);
+    let output_at = layout.tensors()[1].slot.offset;
+    // Each rank steps at W times the rate; the merges average over the W ranks.
+    let rank_lr = t.lr * world as f64;
     let mut train_secs = 0.0f64;
     let mut read_here = 0u64;
     let mut last_loss = f64::NAN;
     for epoch in first_epoch..total_epochs {
+        dist.set_step(u64::from(epoch) + 1);
         let epoch_start = Instant::now();
-        let (input, output) = params.split_at_mut(layout.tensors()[1].slot.offset);
-        let output = &mut output[..words.len() * m.dim];
-        let input = &mut input[..buckets * m.dim];
-        let shared = SharedTables::new(input, output, m.dim);
-        let read = AtomicU64::new(0);
-        let live: Vec<(AtomicU64, AtomicU64)> =
-            (0..threads).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect();
-        let results: Vec<(f64, u64, u64)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|k| {
-                    let (lex, tables, segs, shards, read, live) =
-                        (&lex, &shared, &segments[k], &shards, &read, &live[k]);
-                    let mine = per_thread[k].max(1);
-                    let lr0 = t.lr;
-                    s.spawn(move || {
-                        let mut stream =
-                            Stream::new(t.seed, Purpose::Pretrain, u64::from(epoch) << 20 | k as u64);
-                        let mut w = Worker::new(hyper, lex, tables, Fast::from_stream(&mut stream));
-                        let (total, done_before) = (mine * u64::from(total_epochs), mine * u64::from(epoch));
-                        let mut done = 0u64;
-                        for seg in segs {
-                            let shard = shards[seg.shard];
-                            for i in seg.docs.0..seg.docs.1 {
-                                let progress = (done_before + done) as f64 / total as f64;
-                                let lr = (lr0 * (1.0 - progress)).max(0.0) as f32;
-                                let n = w.document(shard.doc_words(i), lr);
-                                done += n;
-                                read.fetch_add(n, Ordering::Relaxed);
-                                live.0.store(w.loss_sum.to_bits(), Ordering::Relaxed);
-                                live.1.store(w.predictions, Ordering::Relaxed);
-                            }
-                        }
-                        (w.loss_sum, w.predictions, done)
-                    })
-                })
-                .collect();
-            let base = trained_tokens * u64::from(epoch);
-            while !handles.iter().all(|h| h.is_finished()) {
-                std::thread::sleep(Duration::from_millis(100));
-                let n = read.load(Ordering::Relaxed);
-                let (l, p) = live.iter().fold((0.0, 0u64), |(l, p), (a, b)| {
-                    (l + f64::from_bits(a.load(Ordering::Relaxed)), p + b.load(Ordering::Relaxed))
-                });
-                let secs = epoch_start.elapsed().as_secs_f64().max(1e-9);
-                bar.set_position(base + n);
-                bar.set_message(format!(
-                    "epoch {}/{total_epochs} loss {:.4} {:.0}k words/s/thread",
-                    epoch + 1,
-                    l / p.max(1) as f64,
-                    n as f64 / secs / threads as f64 / 1e3
-                ));
+        let mut states: Vec<ThreadState> = (0..threads)
+            .map(|k| {
+                let index = u64::from(epoch) << 20 | (rank * threads + k) as u64;
+                ThreadState {
+                    rng: Fast::from_stream(&mut Stream::new(t.seed, Purpose::Pretrain, index)),
+                    total: per_thread[k] * u64::from(total_epochs),
+                    before: per_thread[k] * u64::from(epoch),
+                    done: 0,
+                    loss_sum: 0.0,
+                    predictions: 0,
+                }
+            })
+            .collect();
+        let live = Live::new(threads);
+        let mut last_draw = Instant::now();
+        let base = trained_tokens * u64::from(epoch);
+        let mut draw = |live: &Live| {
+            if last_draw.elapsed() < Duration::from_millis(100) {
+                return;
             }
-            handles.into_iter().map(|h| h.join().expect("a pretraining thread panicked")).collect()
-        });
+            last_draw = Instant::now();
+            let (n, loss) = live.read();
+            let secs = epoch_start.elapsed().as_secs_f64().max(1e-9);
+            // Every rank reads about as much as this one.
+            bar.set_position(base + n * world as u64);
+            bar.set_message(format!(
+                "epoch {}/{total_epochs} loss {loss:.4} {:.0}k words/s/thread",
+                epoch + 1,
+                n as f64 / secs / threads as f64 / 1e3
+            ));
+        };
+        for j in 0..rounds {
+            let work: Vec<&[Segment]> = (0..threads).map(|k| pieces[piece(k, j)].as_slice()).collect();
+            let (head, tail) = params.split_at_mut(output_at);
+            let (input, output) = (&mut head[..input_len], &mut tail[..output_len]);
+            // Under MPI: the rows this round may change here, as they are before it.
+            let before = (world > 1).then(|| {
+                let rows = touched_inputs(&lex, &shards, work.iter().flat_map(|w| w.iter()));
+                (
+                    Snapshot::take(input, dim, rows),
+                    Snapshot::take(output, dim, (0..words.len() as u32).collect()),
+                )
+            });
+            let shared = SharedTables::new(input, output, dim);
+            run_round(&shared, &lex, hyper, &shards, rank_lr, &work, &mut states, &live, &mut draw);
+            if let Some((si, so)) = before {
+                si.merge(dist, input, dim);
+                so.merge(dist, output, dim);
+            }
+        }
         let secs = epoch_start.elapsed().as_secs_f64();
         train_secs += secs;
-        let (loss_sum, preds, n) =
-            results.iter().fold((0.0, 0u64, 0u64), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
-        read_here += n;
-        last_loss = loss_sum / preds.max(1) as f64;
-        if !last_loss.is_finite() {
+        let mut sums = states
+            .iter()
+            .fold([0.0f64; 3], |a, s| [a[0] + s.loss_sum, a[1] + s.predictions as f64, a[2] + s.done as f64]);
+        dist.sum("the epoch's loss and word counts", &mut sums);
+        let [loss_sum, preds, n] = sums;
+        read_here += n as u64;
+        last_loss = loss_sum / preds.max(1.0);
+        // The loss per prediction starts at (1 + negatives)·ln 2; far above it the run has
+        // diverged.
+        let start_loss = f64::from(1 + m.negatives) * std::f64::consts::LN_2;
+        if !last_loss.is_finite() || last_loss > 10.0 * start_loss {
             return Err(Error::Data(format!(
-                "the pretraining loss became {last_loss} in epoch {}: lower train.lr",
-                epoch + 1
+                "the pretraining loss became {last_loss} in epoch {} (it starts at {start_loss:.2}): \
+                 the run diverged; lower train.lr{}",
+                epoch + 1,
+                if world > 1 { " or train.sync_words" } else { "" }
             )));
         }
+        if world > 1 {
+            check_replicas(dist, &params, epoch + 1)?;
+        }
         meta.epochs_done = epoch + 1;
-        let record = json!({
-            "epoch": epoch + 1, "loss": last_loss, "lr_end": t.lr * (1.0 - f64::from(epoch + 1) / f64::from(total_epochs)),
-            "words_per_s": n as f64 / secs, "words_per_s_per_thread": n as f64 / secs / threads as f64,
-            "seconds": secs, "threads": threads,
-        });
-        writeln!(metrics, "{record}").at(&metrics_path)?;
+        if let Some(metrics) = metrics.as_mut() {
+            let record = json!({
+                "epoch": epoch + 1, "loss": last_loss, "lr_end": t.lr * (1.0 - f64::from(epoch + 1) / f64::from(total_epochs)),
+                "words_per_s": n / secs, "words_per_s_per_thread": n / secs / (threads * world) as f64,
+                "seconds": secs, "threads": threads, "ranks": world,
+            });
+            writeln!(metrics, "{record}").at(&metrics_path)?;
+        }
         let stop = opts.stop_after == Some(epoch + 1);
         let due = t.checkpoint_every > 0 && (epoch + 1) % t.checkpoint_every == 0;
-        if (due || stop) && epoch + 1 < total_epochs {
+        if (due || stop) && epoch + 1 < total_epochs && root {
             checkpoint::stage(&ckpt_root, &format!("epoch-{:06}", epoch + 1), t.keep_checkpoints, |dir| {
                 embeddings::write(dir, &meta, &layout, &params, &tsv)
             })?;
@@ -335,15 +394,18 @@ pub fn pretrain(cfg: &PretrainConfig, opts: &PretrainOptions) -> Result<Pretrain
         }
     }
     bar.finish_and_clear();
-    if meta.epochs_done == total_epochs {
+    if meta.epochs_done == total_epochs && root {
         embeddings::write(&t.out_dir, &meta, &layout, &params, &tsv)?;
         if ckpt_root.exists() {
             std::fs::remove_dir_all(&ckpt_root).at(&ckpt_root)?;
         }
     }
+    // Every rank returns once the files are in place (or the stop's checkpoint is).
+    dist.barrier("the end of pretraining");
     Ok(PretrainReport {
         out_dir: t.out_dir.clone(),
         epochs: meta.epochs_done,
+        ranks: world,
         threads,
         vocab_words: vocab.len(),
         trained_words: words.len(),
@@ -351,7 +413,7 @@ pub fn pretrain(cfg: &PretrainConfig, opts: &PretrainOptions) -> Result<Pretrain
         trained_tokens,
         loss: last_loss,
         words_per_s: read_here as f64 / train_secs.max(1e-9),
-        words_per_s_per_thread: read_here as f64 / train_secs.max(1e-9) / threads as f64,
+        words_per_s_per_thread: read_here as f64 / train_secs.max(1e-9) / (threads * world) as f64,
         train_seconds: train_secs,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -407,4 +469,223 @@ fn split_documents(shards: &[&Shard], keep: &[u32], threads: usize) -> (Vec<Vec<
         }
     }
     (out, words)
+}
+
+/// One thread's place in an epoch, carried across the epoch's rounds.
+struct ThreadState {
+    rng: Fast,
+    /// Its trained words over the whole run and before this epoch (the learning-rate
+    /// schedule), and those read in this epoch.
+    total: u64,
+    before: u64,
+    done: u64,
+    loss_sum: f64,
+    predictions: u64,
+}
+
+/// What the threads report while they run: words read, and each one's loss sum and
+/// prediction count over the epoch.
+struct Live {
+    read: AtomicU64,
+    threads: Vec<(AtomicU64, AtomicU64)>,
+}
+
+impl Live {
+    fn new(threads: usize) -> Live {
+        Live { read: AtomicU64::new(0), threads: (0..threads).map(|_| Default::default()).collect() }
+    }
+
+    /// Words read in this epoch, and the mean loss so far.
+    fn read(&self) -> (u64, f64) {
+        let (l, p) = self.threads.iter().fold((0.0, 0u64), |(l, p), (a, b)| {
+            (l + f64::from_bits(a.load(Ordering::Relaxed)), p + b.load(Ordering::Relaxed))
+        });
+        (self.read.load(Ordering::Relaxed), l / p.max(1) as f64)
+    }
+}
+
+/// Runs one round: thread k trains on `work[k]` over the shared tables, its learning rate
+/// decaying with its own progress; `tick` runs on this thread while they work.
+#[allow(clippy::too_many_arguments)]
+fn run_round(
+    tables: &SharedTables,
+    lex: &Lexicon,
+    hyper: Hyper,
+    shards: &[&Shard],
+    lr0: f64,
+    work: &[&[Segment]],
+    states: &mut [ThreadState],
+    live: &Live,
+    tick: &mut impl FnMut(&Live),
+) {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = states
+            .iter_mut()
+            .zip(work)
+            .zip(&live.threads)
+            .map(|((st, segs), mine)| {
+                s.spawn(move || {
+                    let mut w = Worker::new(hyper, lex, tables, st.rng.clone());
+                    for seg in segs.iter() {
+                        let shard = shards[seg.shard];
+                        for i in seg.docs.0..seg.docs.1 {
+                            let progress = (st.before + st.done) as f64 / st.total as f64;
+                            let lr = (lr0 * (1.0 - progress)).max(0.0) as f32;
+                            let n = w.document(shard.doc_words(i), lr);
+                            st.done += n;
+                            live.read.fetch_add(n, Ordering::Relaxed);
+                            mine.0.store((st.loss_sum + w.loss_sum).to_bits(), Ordering::Relaxed);
+                            mine.1.store(st.predictions + w.predictions, Ordering::Relaxed);
+                        }
+                    }
+                    st.loss_sum += w.loss_sum;
+                    st.predictions += w.predictions;
+                    st.rng = w.into_rng();
+                })
+            })
+            .collect();
+        while !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(2));
+            tick(live);
+        }
+        for h in handles {
+            h.join().expect("a pretraining thread panicked");
+        }
+    });
+}
+
+/// The input-table rows that training on `segs` may change: the features of every trained
+/// word in them (sorted, unique).
+fn touched_inputs<'a>(lex: &Lexicon, shards: &[&Shard], segs: impl Iterator<Item = &'a Segment>) -> Vec<u32> {
+    let mut seen = vec![false; lex.keep_prob.len()];
+    for seg in segs {
+        let shard = shards[seg.shard];
+        for i in seg.docs.0..seg.docs.1 {
+            for &v in shard.doc_words(i) {
+                let w = lex.keep[v as usize];
+                if w != DROPPED {
+                    seen[w as usize] = true;
+                }
+            }
+        }
+    }
+    let mut rows: Vec<u32> = (0..seen.len() as u32)
+        .filter(|&w| seen[w as usize])
+        .flat_map(|w| lex.features(w).iter().copied())
+        .collect();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
+/// Rows of one table that a round may change on this rank, with their values before it
+/// (the values every rank shares after the last merge).
+struct Snapshot {
+    rows: Vec<u32>,
+    values: Vec<f32>,
+}
+
+impl Snapshot {
+    fn take(table: &[f32], dim: usize, rows: Vec<u32>) -> Snapshot {
+        let values = rows
+            .iter()
+            .flat_map(|&r| table[r as usize * dim..(r as usize + 1) * dim].iter().copied())
+            .collect();
+        Snapshot { rows, values }
+    }
+
+    /// Merges the ranks' rounds into `table`: every row any rank changed becomes its value
+    /// before the round plus the sum of the ranks' changes (in rank order) divided by W,
+    /// so the replicas leave identical (model averaging: a rank's untouched rows count as
+    /// unchanged).
+    fn merge(self, dist: &Dist, table: &mut [f32], dim: usize) {
+        let mut changes = self.changes(table, dim);
+        dist.sum_rows(&mut changes, table.len() / dim);
+        self.apply(table, dim, &changes, dist.world());
+    }
+
+    /// This rank's changed rows and their changes.
+    fn changes(&self, table: &[f32], dim: usize) -> SparseRows<Vec<f32>> {
+        let mut out = SparseRows { rows: Vec::new(), values: Vec::new(), dim };
+        for (i, &r) in self.rows.iter().enumerate() {
+            let (now, was) =
+                (&table[r as usize * dim..(r as usize + 1) * dim], &self.values[i * dim..(i + 1) * dim]);
+            if now != was {
+                out.rows.push(r);
+                out.values.extend(now.iter().zip(was).map(|(a, b)| a - b));
+            }
+        }
+        out
+    }
+
+    /// Sets every row of `summed` (the `world` ranks' [`Snapshot::changes`] summed) to its
+    /// value before the round plus the summed change over `world`.
+    fn apply(&self, table: &mut [f32], dim: usize, summed: &SparseRows<Vec<f32>>, world: usize) {
+        let inv = 1.0 / world as f32;
+        let mut mine = 0;
+        for (i, &r) in summed.rows.iter().enumerate() {
+            while mine < self.rows.len() && self.rows[mine] < r {
+                mine += 1;
+            }
+            let row = &mut table[r as usize * dim..(r as usize + 1) * dim];
+            if self.rows.get(mine) == Some(&r) {
+                row.copy_from_slice(&self.values[mine * dim..(mine + 1) * dim]);
+            }
+            row.iter_mut().zip(&summed.values[i * dim..(i + 1) * dim]).for_each(|(x, d)| *x += d * inv);
+        }
+    }
+}
+
+/// Checks that the ranks' tables are identical after `epoch` (merges keep them so; a
+/// difference is a bug, reported rather than written).
+fn check_replicas(dist: &Dist, params: &[f32], epoch: u32) -> Result<()> {
+    let hash = xxh3_64(bytemuck::cast_slice(params));
+    let all = dist.all_gather("the replica check", &[hash]);
+    match all.iter().position(|h| h[0] != all[0][0]) {
+        None => Ok(()),
+        Some(r) => Err(Error::Data(format!(
+            "after epoch {epoch} rank {r}'s embedding tables differ from rank 0's, which the merges rule out: \
+             this is a bug in dtrain, please report it"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ranks' rounds merged by hand (the sum [`Dist::sum_rows`] would compute): each
+    /// changed row moves by the ranks' summed change over W, untouched and unchanged rows
+    /// stay, and both replicas end identical.
+    #[test]
+    fn merge_averages_the_ranks_changes_and_leaves_identical_replicas() {
+        let dim = 2;
+        let start = vec![1.0f32, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0];
+        // Rank 0 may change rows 0, 1, 3 and changes 0 and 1; rank 1 may change 1, 2, 3
+        // and changes 1 and 2. Row 3 is in both snapshots but nobody changes it.
+        let (mut t0, mut t1) = (start.clone(), start.clone());
+        let s0 = Snapshot::take(&t0, dim, vec![0, 1, 3]);
+        let s1 = Snapshot::take(&t1, dim, vec![1, 2, 3]);
+        t0[..4].copy_from_slice(&[1.5, 0.5, 2.5, 2.0]);
+        t1[2..6].copy_from_slice(&[1.5, 3.0, 3.0, 4.0]);
+        let (c0, c1) = (s0.changes(&t0, dim), s1.changes(&t1, dim));
+        assert_eq!((c0.rows.as_slice(), c1.rows.as_slice()), (&[0, 1][..], &[1, 2][..]));
+        // The rank-order sum over the union of rows.
+        let summed = SparseRows {
+            rows: vec![0, 1, 2],
+            values: [
+                &c0.values[..2],
+                &[c0.values[2] + c1.values[0], c0.values[3] + c1.values[1]][..],
+                &c1.values[2..],
+            ]
+            .concat(),
+            dim,
+        };
+        s0.apply(&mut t0, dim, &summed, 2);
+        s1.apply(&mut t1, dim, &summed, 2);
+        assert_eq!(t0, t1);
+        // Row 0: half of rank 0's (+0.5, −0.5); row 1: half of (+0.5, 0) + (−0.5, +1);
+        // row 2: half of rank 1's (0, +1); row 3 unchanged.
+        assert_eq!(t0, vec![1.25, 0.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.0]);
+    }
 }

@@ -205,6 +205,12 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Ends the worker, handing back its random stream (a thread's stream runs on across
+    /// the rounds of an epoch).
+    pub fn into_rng(self) -> Fast {
+        self.rng
+    }
+
     /// Trains on one document's words (data set vocabulary indices) at rate `lr`: drops
     /// untrained words, subsamples, then slides the window. Returns the tokens read (trained
     /// words before subsampling), which drive the learning-rate schedule.

@@ -328,14 +328,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
     let progress = opts.progress && root;
     // Every rank must run the same binary on the same config and data.
     let config_json = serde_json::to_string(cfg).expect("config serialises");
-    dist.check_same(
-        &["config (run.toml and --set overrides)", "data set (manifest checksum)", "dtrain version"],
-        &[
-            xxh3_64(config_json.as_bytes()),
-            xxh3_64(manifest.checksum.as_bytes()),
-            xxh3_64(concat!(env!("CARGO_PKG_VERSION"), " ", env!("CARGO_PKG_NAME")).as_bytes()),
-        ],
-    )?;
+    dist.check_job(&config_json, &manifest.checksum)?;
     if p % world != 0 {
         return Err(Error::Data(format!(
             "{} has {p} shards, which {world} ranks cannot share equally: run on a world size that divides {p}, \

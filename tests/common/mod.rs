@@ -62,3 +62,19 @@ pub fn tsv(classes: usize, per_class: usize) -> String {
     }
     s
 }
+
+/// `lines` lines of 8 words; line i draws its words from topic `i mod topics.len()` (by a
+/// fixed generator seeded with `seed`), so words co-occur only within their topic.
+pub fn topic_lines<'a>(topics: &[&[&'a str]], lines: usize, seed: u64) -> Vec<Vec<&'a str>> {
+    let mut x = seed;
+    let mut next = |n: usize| {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((x >> 33) % n as u64) as usize
+    };
+    (0..lines)
+        .map(|line| {
+            let topic = topics[line % topics.len()];
+            (0..8).map(|_| topic[next(topic.len())]).collect()
+        })
+        .collect()
+}
