@@ -708,7 +708,7 @@ impl Default for PretrainTrain {
             epochs: 5,
             lr: 0.05,
             threads: 0,
-            sync_words: 20_000,
+            sync_words: 100_000,
             seed: 1,
             checkpoint_every: 1,
             keep_checkpoints: 1,
