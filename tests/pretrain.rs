@@ -273,3 +273,16 @@ fn init_from_loads_trained_rows_and_leaves_the_rest() {
     let e = train(&bad, &opts).unwrap_err().to_string();
     assert!(e.contains("model.init_from"), "{e}");
 }
+
+/// A learning rate far too high makes the loss explode; the run stops with an error that
+/// says so, instead of writing meaningless embeddings.
+#[test]
+fn a_diverging_run_stops_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), &[]);
+    let out = dir.path().join("hot");
+    let e =
+        run(&cfg(&data, &out, &["train.lr=10.0", "model.dim=64"]), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("diverged") && e.contains("lower train.lr"), "{e}");
+    assert!(!out.join(EMBEDDINGS_FILE).exists());
+}
