@@ -247,3 +247,134 @@ pub fn bench_allreduce(dist: &crate::dist::Dist, min_bytes: u64, max_bytes: u64)
         rows,
     })
 }
+
+/// One kernel at one size in `dtrain bench kernels`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelRow {
+    /// The backend operation (`consistency kl`, `ema`, `adamw`, `copy`).
+    pub kernel: String,
+    /// Elements: logits (B×C) or parameters.
+    pub elements: u64,
+    /// The shape, for the consistency op (`B x C`).
+    pub shape: String,
+    /// The bytes the operation must move at the least (its floor), per call.
+    pub floor_bytes: u64,
+    pub iterations: usize,
+    /// Seconds per call.
+    pub seconds: Spread,
+    /// floor_bytes / median seconds.
+    pub gbs: f64,
+    /// `gbs` as a share of the copy bandwidth measured in the same run.
+    pub percent_of_copy: f64,
+}
+
+/// The result of `dtrain bench kernels`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelBench {
+    pub provenance: Provenance,
+    /// The device (`cuda:0`) and its name.
+    pub device: String,
+    /// Device-to-device copy bandwidth (read + write bytes / second), GB/s.
+    pub copy_gbs: f64,
+    pub rows: Vec<KernelRow>,
+}
+
+/// Times `f` (which queues work on the device) after two warm-up calls: `iters` calls, each
+/// followed by a device synchronisation.
+#[cfg(feature = "cuda")]
+fn time_device(be: &crate::backend::cuda::Cuda, iters: usize, mut f: impl FnMut()) -> Spread {
+    f();
+    f();
+    be.synchronize();
+    let times: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            be.synchronize();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    Spread::of(&times)
+}
+
+/// `dtrain bench kernels`: the fused consistency op (kl, logits, with the target's
+/// gradient off: 12 bytes per logit at the floor) at B×C from 2^20 to 2^26, the EMA
+/// update (12 bytes per parameter) and AdamW (28 bytes per parameter) from 2^20 to
+/// `max_log2` parameters, each against the device-to-device copy bandwidth measured in
+/// the same run. Each timing is a whole backend call, as training makes it (the
+/// consistency op's call includes downloading its per-row results). Inputs are random.
+#[cfg(feature = "cuda")]
+pub fn bench_kernels(be: &crate::backend::cuda::Cuda, max_log2: u32) -> Result<KernelBench> {
+    use crate::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
+    use crate::backend::{AdamStep, Backend, ConsistencyAux};
+    use crate::model::params::Slot;
+    let iters = 20;
+    let random = |n: usize, seed: u64| -> Vec<f32> {
+        (0..n as u64)
+            .map(|i| (crate::backend::mix64(seed ^ i) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect()
+    };
+    // Copy bandwidth: a buffer of 2^26 floats (256 MiB), far past every cache.
+    let copy_n = 1usize << 26;
+    let src = be.upload(&random(copy_n, 1));
+    let mut dst = be.zeros(copy_n);
+    let t = time_device(be, iters, || be.copy(&mut dst, &src, 0..copy_n));
+    let copy_gbs = 8.0 * copy_n as f64 / t.median / 1e9;
+    drop((src, dst));
+    let mut rows = Vec::new();
+    let mut row = |kernel: &str, elements: usize, shape: String, floor: u64, s: Spread| {
+        let gbs = floor as f64 / s.median / 1e9;
+        rows.push(KernelRow {
+            kernel: kernel.into(),
+            elements: elements as u64,
+            shape,
+            floor_bytes: floor,
+            iterations: iters,
+            seconds: s,
+            gbs,
+            percent_of_copy: 100.0 * gbs / copy_gbs,
+        });
+    };
+    for log2 in (20..=max_log2.min(26)).step_by(2) {
+        let total = 1usize << log2;
+        for classes in [16usize, 1024, 32768] {
+            let n = total / classes;
+            let zs = be.upload(&random(total, 2));
+            let zt = be.upload(&random(total, 3));
+            let mut ds = be.zeros(total);
+            let mut out = be.zeros(3 * n);
+            let op = ConsistencyOp {
+                kind: ConsistencyKind::Kl,
+                form: TargetForm::Logits,
+                temperature: 1.0,
+                threshold: 0.0,
+                scale: 1.0 / n as f64,
+            };
+            let aux = ConsistencyAux::default();
+            let s = time_device(be, iters, || {
+                be.consistency(&op, &zs, 0, &zt, n, classes, &aux, &mut ds, None, &mut out);
+            });
+            row("consistency kl", total, format!("{n} x {classes}"), 12 * total as u64, s);
+        }
+    }
+    for log2 in (20..=max_log2).step_by(2) {
+        let n = 1usize << log2;
+        let params = be.upload(&random(n, 4));
+        let mut shadow = be.upload(&random(n, 5));
+        let s = time_device(be, iters, || be.ema(&mut shadow, &params, 0..n, 0.999));
+        row("ema", n, String::new(), 12 * n as u64, s);
+        drop(shadow);
+        let mut p = params;
+        let g = be.upload(&random(n, 6));
+        let (mut m, mut v) = (be.zeros(n), be.zeros(n));
+        let slot = Slot { offset: 0, rows: 1, cols: n };
+        let mut t = 0;
+        let s = time_device(be, iters, || {
+            t += 1;
+            let h = AdamStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, t };
+            be.adamw(&mut p, &g, &mut m, &mut v, slot, h);
+        });
+        row("adamw", n, String::new(), 28 * n as u64, s);
+    }
+    Ok(KernelBench { provenance: Provenance::collect(), device: be.describe(), copy_gbs, rows })
+}

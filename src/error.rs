@@ -24,6 +24,10 @@ pub enum Error {
     /// input, a label only in the test split, …).
     #[error("{0}")]
     Data(String),
+    /// A compute device was demanded and is missing, or a device library (the CUDA driver,
+    /// NVRTC, cuBLAS) failed; the message names the library or device and what to do.
+    #[error("{0}")]
+    Device(String),
 }
 
 /// The library's result type.

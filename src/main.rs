@@ -87,6 +87,9 @@ enum Command {
     /// Benchmarks that print a table and write JSON with their provenance.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// What this binary can use here: build features, CPU threads, the MPI launch it runs
+    /// under, and the CUDA driver, libraries (NVRTC, cuBLAS, NCCL) and devices it finds.
+    Info,
 }
 
 #[derive(Subcommand)]
@@ -104,6 +107,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 25.0)]
         bucket_mb: f64,
         /// Write the result as JSON here (rank 0).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// GPU kernels against their memory-traffic floor: the fused consistency op, the EMA
+    /// update and AdamW at several sizes, in GB/s and as a share of the device's copy
+    /// bandwidth measured in the same run (needs a CUDA device).
+    Kernels {
+        /// The CUDA device.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// The largest EMA/AdamW size as a power of two (the consistency op stops at 2^26).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(20..=32))]
+        max_log2: u32,
+        /// Write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -699,6 +716,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Kernels { device, max_log2, json }) => {
+            bench_kernels(device, max_log2, json)
+        }
+        Command::Info => {
+            info();
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Prepare { prepare, repeat, json }) => {
             let mut args = *prepare;
             if args.out.is_none() {
@@ -731,6 +755,94 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `dtrain bench kernels` on device `device`.
+#[cfg(feature = "cuda")]
+fn bench_kernels(device: usize, max_log2: u32, json: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let be = dtrain::backend::cuda::Cuda::new(device)?;
+    let r = dtrain::bench::bench_kernels(&be, max_log2)?;
+    println!("dtrain bench kernels: {}; device-to-device copy {:.1} GB/s", r.device, r.copy_gbs);
+    println!(
+        "{:<16} {:>14} {:>14} {:>12} {:>10} {:>8}",
+        "kernel", "elements", "shape", "median µs", "GB/s", "% copy"
+    );
+    for row in &r.rows {
+        println!(
+            "{:<16} {:>14} {:>14} {:>12.1} {:>10.1} {:>7.1}%",
+            row.kernel,
+            row.elements,
+            row.shape,
+            row.seconds.median * 1e6,
+            row.gbs,
+            row.percent_of_copy
+        );
+    }
+    if let Some(path) = json {
+        dtrain::bench::write_json(&path, &r)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_kernels(_: usize, _: u32, _: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    bail!("this dtrain was built without the `cuda` feature: rebuild with default features")
+}
+
+/// `dtrain info`.
+fn info() {
+    let mut features = Vec::new();
+    if cfg!(feature = "mpi") {
+        features.push("mpi");
+    }
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    println!("dtrain {} (features: {})", env!("CARGO_PKG_VERSION"), features.join(", "));
+    println!("cpu: {} threads", rayon::current_num_threads());
+    let env = |k: &str| std::env::var(k).ok();
+    match (
+        env("OMPI_COMM_WORLD_SIZE").or(env("PMI_SIZE")).or(env("SLURM_NTASKS")),
+        env("OMPI_COMM_WORLD_RANK").or(env("PMI_RANK")).or(env("SLURM_PROCID")),
+    ) {
+        (Some(w), Some(r)) => {
+            let local =
+                env("OMPI_COMM_WORLD_LOCAL_RANK").or(env("SLURM_LOCALID")).unwrap_or_else(|| "?".into());
+            println!("launch: rank {r} of {w} (local rank {local})");
+        }
+        _ => println!("launch: one process (no MPI launcher's environment)"),
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use dtrain::backend::cuda::device;
+        let p = device::probe();
+        match &p.driver {
+            Ok(v) => println!("cuda driver: CUDA {}.{}", v / 1000, v % 1000 / 10),
+            Err(e) => println!("cuda driver: none ({e}); training runs on the CPU"),
+        }
+        match p.nvrtc {
+            Some((a, b)) => println!("nvrtc: {a}.{b}"),
+            None => println!("nvrtc: not found"),
+        }
+        println!("cublas: {}", if p.cublas { "found" } else { "not found" });
+        match p.nccl {
+            Some(v) => println!("nccl: {v}"),
+            None => println!("nccl: not found"),
+        }
+        for d in &p.devices {
+            println!(
+                "device cuda:{}: {} (compute {}.{}, {:.1} GiB)",
+                d.ordinal,
+                d.name,
+                d.capability.0,
+                d.capability.1,
+                d.memory_bytes as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    println!("cuda: not built in (the `cuda` feature is off)");
 }
 
 /// A checkpoint's `which` weights and the data set at `data`, checked to share labels and

@@ -25,6 +25,9 @@ fn every_command_has_help() {
         &["demo", "--help"],
         &["bench", "--help"],
         &["bench", "prepare", "--help"],
+        &["bench", "allreduce", "--help"],
+        &["bench", "kernels", "--help"],
+        &["info", "--help"],
         &["pretrain", "--help"],
         &["neighbors", "--help"],
         &["train", "--help"],
@@ -53,6 +56,26 @@ fn every_command_has_help() {
         "--config",
     ] {
         assert!(text(&o).contains(flag), "prepare --help lacks {flag}");
+    }
+}
+
+/// `dtrain info` reports every piece it looks for, whatever this machine has; without a
+/// CUDA driver it says so and `bench kernels` fails with a message naming the driver.
+#[test]
+fn info_reports_the_cuda_libraries_and_devices_it_finds() {
+    let o = dtrain(&["info"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    for line in ["features: mpi, cuda", "cpu: ", "launch: ", "cuda driver: ", "nvrtc: ", "cublas: ", "nccl: "] {
+        assert!(t.contains(line), "info lacks {line:?}: {t}");
+    }
+    if t.contains("cuda driver: none") {
+        assert!(!t.contains("device cuda:"), "{t}");
+        let b = dtrain(&["bench", "kernels"]);
+        assert!(!b.status.success(), "bench kernels without a driver: {}", text(&b));
+        assert!(text(&b).contains("libcuda (the NVIDIA driver) was not found"), "{}", text(&b));
+    } else {
+        assert!(t.contains("device cuda:0"), "a driver but no device listed: {t}");
     }
 }
 

@@ -9,6 +9,8 @@
 //! against.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use std::fmt::Debug;
 

@@ -1,0 +1,145 @@
+// Shared device helpers, prepended to every kernel source before NVRTC compiles it:
+// fixed-width types, the dropout hash, and block-wide reductions in a fixed order.
+//
+// Every reduction combines the threads' partial values in the same tree for the same
+// block size, so a kernel's result does not depend on scheduling (deterministic).
+
+typedef unsigned int u32;
+typedef int i32;
+typedef unsigned long long u64;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// splitmix64's finaliser: the same function as `backend::mix64` on the host.
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+// A running log-sum-exp: max m and sum s of exp(x - m).
+struct Lse {
+    float m;
+    float s;
+};
+
+__device__ __forceinline__ Lse lse_empty() {
+    Lse a;
+    a.m = NEG_INF;
+    a.s = 0.0f;
+    return a;
+}
+
+__device__ __forceinline__ Lse lse_push(Lse a, float x) {
+    if (x == NEG_INF) return a;
+    if (x > a.m) {
+        a.s = a.s * expf(a.m - x) + 1.0f;
+        a.m = x;
+    } else {
+        a.s += expf(x - a.m);
+    }
+    return a;
+}
+
+__device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
+    if (a.m == NEG_INF) return b;
+    if (b.m == NEG_INF) return a;
+    float m = fmaxf(a.m, b.m);
+    Lse r;
+    r.m = m;
+    r.s = a.s * expf(a.m - m) + b.s * expf(b.m - m);
+    return r;
+}
+
+// An argmax candidate: the lowest index wins among equal values.
+struct ArgMax {
+    float v;
+    int i;
+};
+
+__device__ __forceinline__ ArgMax argmax_merge(ArgMax a, ArgMax b) {
+    if (b.v > a.v || (b.v == a.v && b.i < a.i)) return b;
+    return a;
+}
+
+// Block-wide reductions for blocks of at most 1024 threads (a multiple of 32). `scratch`
+// is shared memory of at least 32 elements of the reduced type; every thread gets the
+// result. Threads combine within their warp first, then warp 0 combines the warps.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    v = warp_sum(v);
+    return v;
+}
+
+__device__ double block_sum_d(double v, double* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0;
+    v = warp_sum_d(v);
+    return v;
+}
+
+__device__ Lse block_lse(Lse a, Lse* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        Lse b;
+        b.m = __shfl_xor_sync(0xffffffffu, a.m, o);
+        b.s = __shfl_xor_sync(0xffffffffu, a.s, o);
+        a = lse_merge(a, b);
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = a;
+    __syncthreads();
+    a = lane < warps ? scratch[lane] : lse_empty();
+    for (int o = 16; o > 0; o >>= 1) {
+        Lse b;
+        b.m = __shfl_xor_sync(0xffffffffu, a.m, o);
+        b.s = __shfl_xor_sync(0xffffffffu, a.s, o);
+        a = lse_merge(a, b);
+    }
+    return a;
+}
+
+__device__ ArgMax block_argmax(ArgMax a, ArgMax* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        ArgMax b;
+        b.v = __shfl_xor_sync(0xffffffffu, a.v, o);
+        b.i = __shfl_xor_sync(0xffffffffu, a.i, o);
+        a = argmax_merge(a, b);
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = a;
+    __syncthreads();
+    if (lane < warps) {
+        a = scratch[lane];
+    } else {
+        a.v = NEG_INF;
+        a.i = 0x7fffffff;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        ArgMax b;
+        b.v = __shfl_xor_sync(0xffffffffu, a.v, o);
+        b.i = __shfl_xor_sync(0xffffffffu, a.i, o);
+        a = argmax_merge(a, b);
+    }
+    return a;
+}

@@ -1,0 +1,149 @@
+//! Finding CUDA at run time and compiling the kernels: which libraries load, which devices
+//! exist, and the NVRTC compilation of `kernels/*.cu` into modules.
+//!
+//! cudarc is built with `dynamic-loading`, so nothing here needs CUDA at build time; every
+//! library is probed with its `is_culib_present` before its first call, and a missing one
+//! becomes an [`Error::Device`] naming it, never a panic.
+
+use crate::error::{Error, Result};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+/// The helpers every kernel source starts with.
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// Every kernel source, with the entry points the backend loads from it.
+pub const SOURCES: &[(&str, &str, &[&str])] = &[
+    ("consistency.cu", include_str!("../../../kernels/consistency.cu"), &["consistency"]),
+    ("softmax.cu", include_str!("../../../kernels/softmax.cu"), &["softmax_rows", "softmax_loss"]),
+    (
+        "embedding.cu",
+        include_str!("../../../kernels/embedding.cu"),
+        &["bag_forward", "bag_backward", "bag_sgd"],
+    ),
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/elementwise.cu"),
+        &[
+            "activation_forward",
+            "activation_backward",
+            "dropout",
+            "scale_buf",
+            "axpy",
+            "ema",
+            "ema_rows",
+            "adamw",
+            "lamb_direction",
+            "lamb_apply",
+            "sgd",
+            "sparse_adam",
+            "sparse_sgd",
+            "sparse_merge",
+            "fill_rows",
+            "col_sums_add",
+            "sq_norm_partial",
+        ],
+    ),
+];
+
+/// What `dtrain info` reports about CUDA on this machine.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The driver's CUDA version (e.g. 13000), or why the driver is unusable.
+    pub driver: std::result::Result<i32, String>,
+    /// NVRTC's version, if the library loads.
+    pub nvrtc: Option<(i32, i32)>,
+    /// Whether cuBLAS loads.
+    pub cublas: bool,
+    /// NCCL's version code, if the library loads.
+    pub nccl: Option<i32>,
+    /// The devices the driver lists.
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// One CUDA device.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub capability: (i32, i32),
+    pub memory_bytes: usize,
+}
+
+/// Whether the driver library loads and initialises.
+pub fn driver_version() -> std::result::Result<i32, String> {
+    // SAFETY: `is_culib_present` only tries to load the library; the calls after it run
+    // only when it loaded.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            return Err("libcuda (the NVIDIA driver) was not found".into());
+        }
+        cudarc::driver::result::init().map_err(|e| format!("the CUDA driver failed to initialise: {e}"))?;
+        let mut v = 0;
+        let r = cudarc::driver::sys::cuDriverGetVersion(&mut v);
+        if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuDriverGetVersion failed: {r:?}"));
+        }
+        Ok(v)
+    }
+}
+
+/// NVRTC's (major, minor) version, when libnvrtc loads.
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    // SAFETY: as in `driver_version`: nothing is called before the library loaded.
+    unsafe {
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return None;
+        }
+        let (mut a, mut b) = (0, 0);
+        (cudarc::nvrtc::sys::nvrtcVersion(&mut a, &mut b) == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS)
+            .then_some((a, b))
+    }
+}
+
+/// Probes the driver, the libraries and the devices. Never fails: what is missing is
+/// reported in the result.
+pub fn probe() -> Probe {
+    let driver = driver_version();
+    // SAFETY: `is_culib_present` only tries to load the library.
+    let cublas = unsafe { cudarc::cublas::sys::is_culib_present() };
+    // SAFETY: as above; the version query runs only when the library loaded.
+    let nccl = unsafe { cudarc::nccl::sys::is_culib_present() }
+        .then(cudarc::nccl::result::get_nccl_version)
+        .and_then(|r| r.ok());
+    let mut devices = Vec::new();
+    if driver.is_ok() {
+        let count = cudarc::driver::CudaContext::device_count().unwrap_or(0).max(0) as usize;
+        for ordinal in 0..count {
+            if let Ok(ctx) = cudarc::driver::CudaContext::new(ordinal) {
+                devices.push(DeviceInfo {
+                    ordinal,
+                    name: ctx.name().unwrap_or_else(|e| format!("(name unavailable: {e})")),
+                    capability: ctx.compute_capability().unwrap_or((0, 0)),
+                    memory_bytes: ctx.total_mem().unwrap_or(0),
+                });
+            }
+        }
+    }
+    Probe { driver, nvrtc: nvrtc_version(), cublas, nccl, devices }
+}
+
+/// Compiles one kernel source (with the common helpers prepended) to PTX for compute
+/// capability `arch` (e.g. `"90"`). Needs only libnvrtc, not a device.
+pub fn compile(name: &str, source: &str, arch: &str) -> Result<Ptx> {
+    if nvrtc_version().is_none() {
+        return Err(Error::Device(
+            "libnvrtc (NVRTC) was not found: install the CUDA toolkit's NVRTC or the pip package \
+             nvidia-cuda-nvrtc and put its lib folder on LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let opts = CompileOptions {
+        name: Some(name.to_string()),
+        options: vec![format!("--gpu-architecture=compute_{arch}"), "--std=c++17".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(format!("{COMMON}\n#line 1 \"{name}\"\n{source}"), opts).map_err(
+        |e| Error::Device(format!("NVRTC could not compile kernels/{name} for compute_{arch}: {e:?}")),
+    )
+}
