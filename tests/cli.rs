@@ -66,7 +66,8 @@ fn info_reports_the_cuda_libraries_and_devices_it_finds() {
     let o = dtrain(&["info"]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    for line in ["features: mpi, cuda", "cpu: ", "launch: ", "cuda driver: ", "nvrtc: ", "cublas: ", "nccl: "] {
+    for line in ["features: mpi, cuda", "cpu: ", "launch: ", "cuda driver: ", "nvrtc: ", "cublas: ", "nccl: "]
+    {
         assert!(t.contains(line), "info lacks {line:?}: {t}");
     }
     if t.contains("cuda driver: none") {
