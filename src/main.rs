@@ -36,7 +36,7 @@ enum Command {
     /// Turn raw text (TSV, JSONL, plain text; .gz too) into a sharded data set directory.
     Prepare(PrepareArgs),
     /// Train a classifier as a run config says (see configs/train.example.toml).
-    Train(RunArgs),
+    Train(TrainArgs),
     /// Pretrain the embedding table by skip-gram or CBOW on a data set's text (see
     /// configs/pretrain.example.toml); `model.init_from` in a run config then uses it.
     Pretrain(PretrainArgs),
@@ -340,6 +340,21 @@ impl RunArgs {
 }
 
 #[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Where the training steps run: `cpu`, `cuda` (the GPU of the rank's local rank),
+    /// `cuda:N`, or `auto` (a GPU when the CUDA driver lists one, else the CPU). The CUDA
+    /// backend has not been verified on a GPU yet, so the default is `cpu`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: dtrain::backend::Device,
+}
+
+fn parse_device(s: &str) -> Result<dtrain::backend::Device, String> {
+    s.parse()
+}
+
+#[derive(Args)]
 struct PretrainArgs {
     #[command(flatten)]
     run: RunArgs,
@@ -520,13 +535,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(args) => {
-            let (cfg, resume): (TrainConfig, _) = args.load()?;
+            let (cfg, resume): (TrainConfig, _) = args.run.load()?;
             let dist = Dist::from_env(&cfg.dist)?;
-            let Some(r) = root_result(
-                &dist,
-                train_on(&cfg, &RunOptions { resume, progress, stop_after: None }, &dist),
-            )?
-            else {
+            let opts = RunOptions { resume, progress, stop_after: None, device: args.device };
+            let Some(r) = root_result(&dist, train_on(&cfg, &opts, &dist))? else {
                 return Ok(ExitCode::SUCCESS);
             };
             print_train_summary(&r);
@@ -1049,7 +1061,8 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         Override::typed("train.out_dir", run.display().to_string()),
     ];
     let tcfg: TrainConfig = config::load(Some(&args.train_config), &overrides)?;
-    let r = train(&tcfg, &RunOptions { resume: Resume::No, progress, stop_after: None })?;
+    let opts = RunOptions { resume: Resume::No, progress, stop_after: None, device: Default::default() };
+    let r = train(&tcfg, &opts)?;
     print_train_summary(&r);
     println!("\n== 4/4 evaluate on the held-out test split");
     let test = r.test.context("the demo data set has no test split")?;

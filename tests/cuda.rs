@@ -10,10 +10,18 @@
 //!   are poisoned with NaN first (a NaN never passes); accumulated outputs start from random
 //!   values. Skipped, and counted as skipped, when no CUDA device is present.
 //!
+//! - `whole_model_*`: training runs of several methods (Mean Teacher among them) on the GPU
+//!   and on the CPU from the same initial parameters end within a relative error of 1e-3
+//!   in every tensor of the final checkpoint. Skipped without a device.
+//!
 //! This file has its own harness (libtest-mimic), so that a test can be skipped at run
 //! time and reported as ignored rather than passed.
 
 use dtrain::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
+mod common;
+
+use std::path::{Path, PathBuf};
+
 use dtrain::backend::cpu::Cpu;
 use dtrain::backend::cuda::{device, Cuda};
 use dtrain::backend::{
@@ -471,6 +479,82 @@ const TWINS: &[(&str, Test)] = &[
     ("twin_sparse_add_lazy_adam_sparse_sgd_and_ema_rows", twin_sparse_rows),
 ];
 
+/// Small separable data: 3 classes of their own words plus shared noise, 12 labels per
+/// class kept and the rest unlabeled, 2 shards.
+fn whole_model_data(dir: &Path) -> PathBuf {
+    let mut tsv = String::new();
+    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
+    for j in 0..80 {
+        for (c, w) in words.iter().enumerate() {
+            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
+        }
+    }
+    let f = common::write(dir, "sep.tsv", tsv.as_bytes());
+    let out = dir.join("data");
+    common::run(
+        &[&f],
+        &[],
+        &out,
+        &["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=12"],
+    )
+    .expect("prepare");
+    out
+}
+
+/// The same run (`sets` on top of a small config with dropout) on the CPU and on CUDA
+/// device 0: every tensor of the final checkpoints within 1e-3 relative error.
+fn whole_model(sets: &[&str]) -> Result<(), Failed> {
+    use dtrain::backend::Device;
+    use dtrain::config::{self, Override};
+    use dtrain::train::{train, Resume, RunOptions};
+    let dir = tempfile::tempdir().map_err(|e| Failed::from(e.to_string()))?;
+    let data = whole_model_data(dir.path());
+    let mut outs = Vec::new();
+    for (name, device) in [("cpu", Device::Cpu), ("cuda", Device::Cuda(Some(0)))] {
+        let out = dir.path().join(name);
+        let mut o: Vec<Override> = [
+            format!("data.dir={:?}", data.display().to_string()),
+            format!("train.out_dir={:?}", out.display().to_string()),
+            "train.batch_size=8".into(),
+            "train.steps=40".into(),
+            "model.dim=16".into(),
+            "model.hidden=[8]".into(),
+            "model.hidden_dropout=0.3".into(),
+            "model.embed_dropout=0.1".into(),
+            "optim.lr=0.05".into(),
+        ]
+        .iter()
+        .map(|s| Override::parse(s).expect("override"))
+        .collect();
+        o.extend(sets.iter().map(|s| Override::parse(s).expect("override")));
+        let cfg = config::load(None, &o).map_err(|e| Failed::from(e.to_string()))?;
+        train(&cfg, &RunOptions { resume: Resume::No, progress: false, stop_after: None, device })
+            .map_err(|e| Failed::from(format!("{name}: {e}")))?;
+        outs.push(common::last_checkpoint(&out));
+    }
+    let err = common::max_rel_err(&outs[0], &outs[1]);
+    if err.is_nan() || err > 1e-3 {
+        return Err(format!("{sets:?}: the GPU run's checkpoint differs from the CPU's by {err:.3e}").into());
+    }
+    Ok(())
+}
+
+const WHOLE_MODEL: &[(&str, &[&str])] = &[
+    ("whole_model_supervised_gpu_matches_cpu", &[]),
+    ("whole_model_mean_teacher_gpu_matches_cpu", &["method=\"mean_teacher\""]),
+    ("whole_model_temporal_gpu_matches_cpu", &["method=\"temporal\""]),
+    (
+        "whole_model_fixmatch_with_stabilisers_gpu_matches_cpu",
+        &[
+            "method=\"fixmatch\"",
+            "consistency.distribution_alignment=true",
+            "consistency.adaptive_threshold=\"flexmatch\"",
+        ],
+    ),
+    ("whole_model_mpl_gpu_matches_cpu", &["method=\"mpl\""]),
+    ("whole_model_vat_gpu_matches_cpu", &["adversarial.kind=\"vat\"", "adversarial.epsilon=0.01"]),
+];
+
 /// Every source compiles for `arch` and exports what the backend loads.
 fn kernels_compile(arch: &'static str) -> Result<(), Failed> {
     for &(name, source, entries) in device::SOURCES {
@@ -523,6 +607,9 @@ fn main() {
             })
             .with_ignored_flag(skip),
         );
+    }
+    for &(name, sets) in WHOLE_MODEL {
+        trials.push(Trial::test(name, move || whole_model(sets)).with_ignored_flag(cuda.is_none()));
     }
     libtest_mimic::run(&args, trials).exit();
 }

@@ -104,59 +104,6 @@ fn train(world: usize, cfg: &Path, out: &Path, sets: &[&str]) -> Command {
     c
 }
 
-/// Every tensor of every safetensors file of a checkpoint directory, by file and name.
-fn tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for f in files {
-        let bytes = std::fs::read(&f).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
-        names.sort();
-        for n in names {
-            let t = st.tensor(&n).unwrap();
-            let v: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
-            out.push((format!("{}:{n}", f.file_name().unwrap().to_string_lossy()), v));
-        }
-    }
-    assert!(!out.is_empty(), "no tensors in {}", dir.display());
-    out
-}
-
-/// The largest relative error ‖a − b‖/‖a‖ over the tensors of two checkpoints (same files
-/// and names required).
-fn max_rel_err(a: &Path, b: &Path) -> f64 {
-    let (ta, tb) = (tensors(a), tensors(b));
-    assert_eq!(
-        ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
-        tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
-        "{} and {} hold different tensors",
-        a.display(),
-        b.display()
-    );
-    let mut worst = 0.0f64;
-    for ((name, x), (_, y)) in ta.iter().zip(&tb) {
-        assert_eq!(x.len(), y.len(), "{name}");
-        let d: f64 = x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum();
-        let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum();
-        if n > 0.0 {
-            worst = worst.max((d / n).sqrt());
-        } else {
-            assert!(d == 0.0, "{name}: zero in one run, not in the other");
-        }
-    }
-    worst
-}
-
-fn last_checkpoint(out: &Path) -> PathBuf {
-    dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().expect("a checkpoint")
-}
-
 /// The evaluation records (val and test, every model) of a run: split, model, step,
 /// accuracy, macro-F1 and loss.
 fn eval_records(out: &Path) -> Vec<(String, String, u64, f64, f64, f64)> {
@@ -240,7 +187,7 @@ fn every_method_trains_the_same_model_on_1_2_and_4_ranks() {
             })
             .collect();
         for out in &outs[1..] {
-            let err = max_rel_err(&last_checkpoint(&outs[0]), &last_checkpoint(out));
+            let err = common::max_rel_err(&common::last_checkpoint(&outs[0]), &common::last_checkpoint(out));
             eprintln!("{method}: {} vs 1 rank: relative error {err:.2e}", out.display());
             assert!(err < 1e-5, "{method}: {} differs from one rank by {err:.2e}", out.display());
             assert_same_metrics(&outs[0], out, 1e-5);
@@ -263,7 +210,7 @@ fn a_checkpoint_resumes_on_another_world_size() {
             let mut c = train(*w, &cfg, &out, &[&sets[..], &[m.as_str()]].concat());
             c.arg("--resume").arg(&from);
             run_ok(c);
-            let err = max_rel_err(&last_checkpoint(&full), &last_checkpoint(&out));
+            let err = common::max_rel_err(&common::last_checkpoint(&full), &common::last_checkpoint(&out));
             eprintln!(
                 "{method}: {first} ranks, resumed at step {} on {w}: relative error {err:.2e}",
                 10 * (k + 1)
@@ -280,10 +227,10 @@ fn sparse_and_dense_table_exchanges_agree() {
         let run = |how: &str| {
             let out = dir.path().join(format!("{how}-{w}"));
             run_ok(train(w, &cfg, &out, &[&format!("dist.table_exchange=\"{how}\"")]));
-            last_checkpoint(&out)
+            common::last_checkpoint(&out)
         };
         let (sparse, dense) = (run("sparse"), run("dense"));
-        let err = max_rel_err(&sparse, &dense);
+        let err = common::max_rel_err(&sparse, &dense);
         if w == 2 {
             // Two addends sum the same in either order: bit for bit.
             assert_eq!(err, 0.0, "2 ranks: sparse and dense differ by {err:.2e}");
@@ -374,7 +321,7 @@ fn a_killed_rank_ends_the_job_and_resume_auto_finishes_the_run() {
         train(2, &cfg, &out, &["train.steps=400", "train.checkpoint_every=1", "train.keep_checkpoints=2"]);
     c.args(["--resume", "auto"]);
     run_ok(c);
-    assert!(last_checkpoint(&out).ends_with(dtrain::checkpoint::dir_name(400)));
+    assert!(common::last_checkpoint(&out).ends_with(dtrain::checkpoint::dir_name(400)));
     let last = train_records(&out).last().copied().unwrap();
     assert_eq!(last.0, 400);
 }

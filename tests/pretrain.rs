@@ -263,7 +263,8 @@ fn init_from_loads_trained_rows_and_leaves_the_rest() {
         }
         config::load(None, &o).unwrap()
     };
-    let opts = RunOptions { resume: Resume::No, progress: false, stop_after: None };
+    let opts =
+        RunOptions { resume: Resume::No, progress: false, stop_after: None, device: Default::default() };
     let scratch = train(&tcfg(&dir.path().join("t0"), None), &opts).unwrap();
     let pre = train(&tcfg(&dir.path().join("t1"), Some(&sub)), &opts).unwrap();
     let params = |p: &Path| dtrain::checkpoint::load_model(p).unwrap().2;

@@ -51,7 +51,7 @@ fn run(
     resume: Resume,
     stop_after: Option<u64>,
 ) -> dtrain::Result<dtrain::train::TrainReport> {
-    train(cfg, &RunOptions { resume, progress: false, stop_after })
+    train(cfg, &RunOptions { resume, progress: false, stop_after, device: Default::default() })
 }
 
 #[test]

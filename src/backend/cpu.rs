@@ -154,6 +154,14 @@ impl<F: Real> Backend for Cpu<F> {
         batch.clone()
     }
 
+    fn host<'a>(&self, buf: &'a Vec<F>) -> Option<&'a [F]> {
+        Some(buf)
+    }
+
+    fn host_mut<'a>(&self, buf: &'a mut Vec<F>) -> Option<&'a mut [F]> {
+        Some(buf)
+    }
+
     fn embedding_bag_forward(&self, params: &Vec<F>, table: Slot, batch: &HostBatch, out: &mut Vec<F>) {
         let dim = table.cols;
         let t = &params[table.range()];

@@ -191,6 +191,91 @@ impl RowMap {
     }
 }
 
+/// Where training steps run: `--device cpu | auto | cuda | cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The CPU backend (the default until the CUDA backend has been verified on a GPU).
+    #[default]
+    Cpu,
+    /// CUDA device of the rank's local rank when the driver lists one, else the CPU.
+    Auto,
+    /// CUDA: device N, or the rank's local rank; an error when there is none.
+    Cuda(Option<usize>),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Device::Auto),
+            "cuda" => Ok(Device::Cuda(None)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| Device::Cuda(Some(n)))
+                .ok_or_else(|| format!("{s:?} is not a device: use cpu, auto, cuda or cuda:N")),
+        }
+    }
+}
+
+impl Device {
+    /// The CUDA device ordinal to train on, or `None` for the CPU. `local_rank` picks the
+    /// device when none is named; `say` prints why `auto` chose the CPU.
+    pub fn resolve(self, local_rank: usize, say: bool) -> crate::Result<Option<usize>> {
+        match self {
+            Device::Cpu => Ok(None),
+            Device::Cuda(_) if !cfg!(feature = "cuda") => Err(crate::Error::Device(
+                "--device cuda: this dtrain was built without the `cuda` feature".into(),
+            )),
+            Device::Cuda(n) => Ok(Some(n.unwrap_or(local_rank))),
+            Device::Auto => {
+                let (count, why) = cuda_devices();
+                if count == 0 {
+                    if say {
+                        eprintln!("--device auto: training on the CPU ({why})");
+                    }
+                    return Ok(None);
+                }
+                Ok(Some(local_rank % count))
+            }
+        }
+    }
+}
+
+/// How many CUDA devices the driver lists, and why there are none.
+fn cuda_devices() -> (usize, String) {
+    #[cfg(feature = "cuda")]
+    {
+        let p = cuda::device::probe();
+        let why = p.driver.err().unwrap_or_else(|| "the driver lists no device".into());
+        (p.devices.len(), why)
+    }
+    #[cfg(not(feature = "cuda"))]
+    (0, "this dtrain was built without the `cuda` feature".into())
+}
+
+/// A buffer's elements on the host: borrowed in place on the CPU, downloaded on a device.
+pub fn host_view<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> std::borrow::Cow<'a, [B::F]> {
+    match be.host(buf) {
+        Some(h) => std::borrow::Cow::Borrowed(h),
+        None => std::borrow::Cow::Owned(be.download(buf)),
+    }
+}
+
+/// Runs `f` on a buffer's elements on the host: in place on the CPU; on a device, on a
+/// downloaded copy that is uploaded back afterwards.
+pub fn with_host_mut<B: Backend, R>(be: &B, buf: &mut B::Buf, f: impl FnOnce(&mut [B::F]) -> R) -> R {
+    if let Some(h) = be.host_mut(buf) {
+        return f(h);
+    }
+    let mut v = be.download(buf);
+    let r = f(&mut v);
+    *buf = be.upload(&v);
+    r
+}
+
 /// The index of the largest value of `row`, the lowest among ties (a row's predicted class).
 pub fn argmax<F: PartialOrd>(row: &[F]) -> usize {
     (0..row.len()).fold(0, |b, c| if row[c] > row[b] { c } else { b })
@@ -225,14 +310,14 @@ impl DropoutKey {
 pub trait GradSync<B: Backend> {
     /// Replaces `dense` and `table` (a table of `table_rows` rows) by their means over the
     /// processes; the table's rows become the union of every process's touched rows.
-    fn average(&self, dense: &mut B::Buf, table: Option<&mut SparseRows<B::Buf>>, table_rows: usize);
+    fn average(&self, be: &B, dense: &mut B::Buf, table: Option<&mut SparseRows<B::Buf>>, table_rows: usize);
 }
 
 /// One process: its gradient is the average.
 pub struct Alone;
 
 impl<B: Backend> GradSync<B> for Alone {
-    fn average(&self, _: &mut B::Buf, _: Option<&mut SparseRows<B::Buf>>, _: usize) {}
+    fn average(&self, _: &B, _: &mut B::Buf, _: Option<&mut SparseRows<B::Buf>>, _: usize) {}
 }
 
 /// A batch of documents as the host builds it.
@@ -378,6 +463,15 @@ pub trait Backend: Sync {
     fn fill_zero(&self, buf: &mut Self::Buf);
     /// Copies a host batch to the device.
     fn upload_batch(&self, batch: &HostBatch) -> Self::Batch;
+    /// The buffer's elements in place, when the buffer lives in host memory (the CPU);
+    /// `None` on a device. [`host_view`] and [`with_host_mut`] use it to avoid copies.
+    fn host<'a>(&self, _buf: &'a Self::Buf) -> Option<&'a [Self::F]> {
+        None
+    }
+    /// The same, mutable.
+    fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [Self::F]> {
+        None
+    }
 
     /// `out[i,:] = mean over document i's ids j of table[j,:]` (`n × dim`); an empty
     /// document gives a zero row.

@@ -19,6 +19,7 @@
 //! `state.bin` is a header (magic `DTSTATE\0`, version, payload length, xxh3_64 of the
 //! payload) followed by the bincode encoding of [`TrainState`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -289,14 +290,16 @@ pub(crate) fn tensors_from_file(
 
 /// What a checkpoint holds besides the model's description.
 pub struct Contents<'a> {
-    pub params: &'a [f32],
+    /// The model's parameters (borrowed on the CPU, downloaded from a device:
+    /// `backend::host_view`); likewise every buffer below.
+    pub params: Cow<'a, [f32]>,
     /// Shadow copies of the weights (the Mean Teacher, EMA/SWA weights), each a complete
     /// model in its own file.
-    pub shadows: Vec<(Weights, &'a [f32])>,
+    pub shadows: Vec<(Weights, Cow<'a, [f32]>)>,
     /// The Temporal Ensembling bank, snapshotted into `bank/`.
     pub bank: Option<&'a crate::bank::Bank>,
     /// The optimizer's first and second moments.
-    pub moments: [&'a [f32]; 2],
+    pub moments: [Cow<'a, [f32]>; 2],
     /// Further models with their own optimizer (Meta Pseudo Labels' teacher).
     pub parts: Vec<Part<'a>>,
     pub state: &'a TrainState,
@@ -308,8 +311,8 @@ pub struct Part<'a> {
     pub stem: &'static str,
     pub layout: &'a Layout,
     pub meta: serde_json::Value,
-    pub params: &'a [f32],
-    pub moments: [&'a [f32]; 2],
+    pub params: Cow<'a, [f32]>,
+    pub moments: [Cow<'a, [f32]>; 2],
 }
 
 /// Reads a [`Part`] of the checkpoint `dir`: its parameters (`layout.total()`) and moments
@@ -356,20 +359,20 @@ pub fn save(
     dist.barrier("the ranks' bank files");
     let done = if dist.is_root() {
         let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
-        tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", params)], json.clone())?;
+        tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", &params)], json.clone())?;
         for (which, weights) in shadows {
-            tensors_to_file(&tmp.join(which.file()), &model.layout, &[("", weights)], json.clone())?;
+            tensors_to_file(&tmp.join(which.file()), &model.layout, &[("", &weights)], json.clone())?;
         }
-        let moments = [("m.", moments[0]), ("v.", moments[1])];
+        let moments = [("m.", &*moments[0]), ("v.", &*moments[1])];
         tensors_to_file(&tmp.join("optimizer.safetensors"), &model.layout, &moments, serde_json::json!({}))?;
         for p in parts {
             tensors_to_file(
                 &tmp.join(format!("{}.safetensors", p.stem)),
                 p.layout,
-                &[("", p.params)],
+                &[("", &p.params)],
                 p.meta,
             )?;
-            let moments = [("m.", p.moments[0]), ("v.", p.moments[1])];
+            let moments = [("m.", &*p.moments[0]), ("v.", &*p.moments[1])];
             let file = tmp.join(format!("{}.optimizer.safetensors", p.stem));
             tensors_to_file(&file, p.layout, &moments, serde_json::json!({}))?;
         }

@@ -13,8 +13,7 @@ mod comm;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cpu::Cpu;
-use crate::backend::{GradSync, Real, SparseRows};
+use crate::backend::{with_host_mut, Backend, GradSync, Real, SparseRows};
 use crate::error::{Error, Result};
 
 /// How the embedding table's gradient rows travel between ranks.
@@ -339,17 +338,28 @@ impl Dist {
 
 /// Averaging a step's gradient over the ranks: the dense part summed in buckets, the
 /// table's rows summed sparse or dense, both scaled by 1/W (exact for W a power of two).
-impl<F: Real + Elem> GradSync<Cpu<F>> for Dist {
-    fn average(&self, dense: &mut Vec<F>, table: Option<&mut SparseRows<Vec<F>>>, table_rows: usize) {
+/// On the CPU the buffers are summed in place; a device's are staged through host memory
+/// (NCCL comes with its own issue).
+impl<B: Backend> GradSync<B> for Dist
+where
+    B::F: Elem,
+{
+    fn average(&self, be: &B, dense: &mut B::Buf, table: Option<&mut SparseRows<B::Buf>>, table_rows: usize) {
         if self.world == 1 {
             return;
         }
-        let inv = F::of(1.0 / self.world as f64);
-        self.sum("the gradient all-reduce", dense);
-        dense.iter_mut().for_each(|g| *g = *g * inv);
+        let inv = B::F::of(1.0 / self.world as f64);
+        with_host_mut(be, dense, |d| {
+            self.sum("the gradient all-reduce", d);
+            d.iter_mut().for_each(|g| *g = *g * inv);
+        });
         if let Some(t) = table {
-            self.sum_rows(t, table_rows);
-            t.values.iter_mut().for_each(|g| *g = *g * inv);
+            let mut host =
+                SparseRows { rows: std::mem::take(&mut t.rows), values: be.download(&t.values), dim: t.dim };
+            self.sum_rows(&mut host, table_rows);
+            host.values.iter_mut().for_each(|g| *g = *g * inv);
+            t.rows = host.rows;
+            t.values = be.upload(&host.values);
         }
     }
 }
@@ -364,6 +374,7 @@ pub fn owned_shards(shards: usize, rank: usize, world: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::Cpu;
 
     #[test]
     fn one_process_needs_no_launcher_and_its_collectives_are_identities() {
@@ -375,7 +386,7 @@ mod tests {
         assert_eq!(d.all_gather("t", &[3u64]), vec![vec![3u64]]);
         assert!(d.check_same(&["config"], &[7]).is_ok());
         let mut g = SparseRows { rows: vec![2, 5], values: vec![1.0f32, 2.0, 3.0, 4.0], dim: 2 };
-        <Dist as GradSync<Cpu<f32>>>::average(&d, &mut vec![1.0], Some(&mut g), 8);
+        <Dist as GradSync<Cpu<f32>>>::average(&d, &Cpu::new(), &mut vec![1.0], Some(&mut g), 8);
         assert_eq!((g.rows.clone(), g.values.clone()), (vec![2, 5], vec![1.0, 2.0, 3.0, 4.0]));
     }
 

@@ -2,32 +2,31 @@
 //! perturbation of the pooled embeddings and the pass at e + r that adds its gradient.
 
 use crate::algo::adversarial::{self as advx, AdversarialConfig, AdversarialKind};
-use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind};
+use crate::backend::{Backend, ConsistencyAux, DropoutKey, LossKind};
 use crate::model::bag::{Activations, BagModel};
 
 use super::step::TableAcc;
 
 /// Buffers of the adversarial passes, reused every step.
-pub(super) struct AdversarialBuffers {
-    pub(super) acts: Activations<Cpu<f32>>,
-    pub(super) dlogits: Vec<f32>,
-    pub(super) row_loss: Vec<f32>,
-    pub(super) rows: Vec<f32>,
+pub(super) struct AdversarialBuffers<B: Backend> {
+    pub(super) acts: Activations<B>,
+    pub(super) dlogits: B::Buf,
+    pub(super) row_loss: B::Buf,
+    pub(super) rows: B::Buf,
     /// Parameter gradients of the ascent passes, discarded: only ∂loss/∂r is wanted.
-    pub(super) scratch: Vec<f32>,
-    pub(super) dpooled: Vec<f32>,
+    pub(super) scratch: B::Buf,
+    pub(super) dpooled: B::Buf,
 }
 
-impl AdversarialBuffers {
-    pub(super) fn new(be: &Cpu<f32>, model: &BagModel) -> Self {
+impl<B: Backend> AdversarialBuffers<B> {
+    pub(super) fn new(be: &B, model: &BagModel) -> Self {
         AdversarialBuffers {
             acts: Activations::new(be, model),
-            dlogits: Vec::new(),
-            row_loss: Vec::new(),
-            rows: Vec::new(),
+            dlogits: be.zeros(0),
+            row_loss: be.zeros(0),
+            rows: be.zeros(0),
             scratch: be.zeros(model.dense_len()),
-            dpooled: Vec::new(),
+            dpooled: be.zeros(0),
         }
     }
 }
@@ -35,10 +34,10 @@ impl AdversarialBuffers {
 /// One micro-batch's adversarial term (METHODS.md §9, `algo::adversarial`): the
 /// perturbation r of the pooled embeddings, then a pass at e + r whose loss's gradient is
 /// added to the step's. Every pass keeps the first pass's dropout masks, so only r differs.
-pub(super) struct AdversarialPass<'a> {
-    pub(super) be: &'a Cpu<f32>,
+pub(super) struct AdversarialPass<'a, B: Backend<F = f32>> {
+    pub(super) be: &'a B,
     pub(super) model: &'a BagModel,
-    pub(super) dev: &'a HostBatch,
+    pub(super) dev: &'a B::Batch,
     pub(super) n: usize,
     pub(super) n_l: usize,
     pub(super) key: DropoutKey,
@@ -46,21 +45,22 @@ pub(super) struct AdversarialPass<'a> {
     pub(super) loss: LossKind,
 }
 
-impl AdversarialPass<'_> {
+impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
     /// The loss at `e + r` into `buf.dlogits` (scaled by `weight`): cross-entropy on the
     /// labeled rows, or for VAT KL(sg(p(e)) ‖ p(e + r)) on every row. Returns the loss's
     /// mean.
     pub(super) fn loss_at(
         &self,
         cfg: &AdversarialConfig,
-        params: &Vec<f32>,
-        clean: &Vec<f32>,
-        r: &Vec<f32>,
+        params: &B::Buf,
+        clean: &B::Buf,
+        r: &[f32],
         weight: f64,
-        buf: &mut AdversarialBuffers,
+        buf: &mut AdversarialBuffers<B>,
     ) -> f64 {
         let (be, classes) = (self.be, self.model.spec.classes);
-        self.model.forward_perturbed(be, params, self.dev, self.n, Some(self.key), Some(r), &mut buf.acts);
+        let r = be.upload(r);
+        self.model.forward_perturbed(be, params, self.dev, self.n, Some(self.key), Some(&r), &mut buf.acts);
         if cfg.kind == AdversarialKind::Vat {
             buf.dlogits = be.zeros(self.n * classes);
             let op = crate::algo::consistency::ConsistencyOp {
@@ -102,10 +102,10 @@ impl AdversarialPass<'_> {
     pub(super) fn grad_at(
         &self,
         cfg: &AdversarialConfig,
-        params: &mut Vec<f32>,
-        clean: &Vec<f32>,
-        r: &Vec<f32>,
-        buf: &mut AdversarialBuffers,
+        params: &mut B::Buf,
+        clean: &B::Buf,
+        r: &[f32],
+        buf: &mut AdversarialBuffers<B>,
     ) -> Vec<f32> {
         self.loss_at(cfg, params, clean, r, 1.0, buf);
         self.be.fill_zero(&mut buf.scratch);
@@ -117,7 +117,7 @@ impl AdversarialPass<'_> {
             &mut buf.scratch,
             &mut buf.dpooled,
         );
-        buf.dpooled.clone()
+        self.be.download(&buf.dpooled)
     }
 
     /// Finds r as `cfg` says, runs the adversarial pass and adds its gradient into `grads`
@@ -126,12 +126,12 @@ impl AdversarialPass<'_> {
     pub(super) fn run(
         &self,
         cfg: &AdversarialConfig,
-        params: &mut Vec<f32>,
-        clean: &Vec<f32>,
+        params: &mut B::Buf,
+        clean: &B::Buf,
         g0: &[f32],
-        grads: &mut Vec<f32>,
-        table: &mut TableAcc<Cpu<f32>>,
-        buf: &mut AdversarialBuffers,
+        grads: &mut B::Buf,
+        table: &mut TableAcc<B>,
+        buf: &mut AdversarialBuffers<B>,
     ) -> f64 {
         let dim = self.model.spec.dim;
         let (eps, scope) = (cfg.epsilon, cfg.norm);

@@ -24,7 +24,7 @@ use crate::algo::shadow::{AlphaRule, Shadow};
 use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
 use crate::algo::{Method, TargetSource};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, GradSync, LossKind};
+use crate::backend::{host_view, Backend, Device, GradSync, LossKind};
 use crate::bank::{Bank, BankSettings};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
@@ -62,6 +62,8 @@ pub struct RunOptions {
     /// Stop after this step as if interrupted (after its checkpoint, if one is due).
     /// For tests of resume.
     pub stop_after: Option<u64>,
+    /// Where the steps run (`--device`).
+    pub device: Device,
 }
 
 /// What a training run produced.
@@ -89,10 +91,10 @@ pub struct ShadowReport {
 }
 
 /// A shadow copy of the weights that a run keeps: the Mean Teacher, or EMA/SWA weights.
-struct Kept {
+struct Kept<B: Backend> {
     name: &'static str,
     file: checkpoint::Weights,
-    shadow: Shadow<Cpu<f32>>,
+    shadow: Shadow<B>,
     last_alpha: Option<f64>,
     report: ShadowReport,
 }
@@ -214,16 +216,27 @@ fn init_table(
     Ok(())
 }
 
-/// Trains a bag model as `cfg` says, on the CPU backend, in this process alone.
+/// Trains a bag model as `cfg` says, in this process alone.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
     train_on(cfg, opts, &Dist::single())
 }
 
 /// Trains one model on the ranks of `dist` (every rank calls it with the same config):
 /// each rank reads the data shards it owns, gradients and the statistics a method needs
-/// are averaged or summed over ranks, rank 0 prints and writes the shared files.
+/// are averaged or summed over ranks, rank 0 prints and writes the shared files. The
+/// steps run on `opts.device`; `cuda` without a device number takes the rank's local
+/// rank.
 pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<TrainReport> {
-    crate::backend::cpu::on_worker(|| train_on_worker(cfg, opts, dist))
+    match opts.device.resolve(dist.local_rank(), opts.progress && dist.is_root())? {
+        None => crate::backend::cpu::on_worker(|| train_on_worker(&Cpu::<f32>::new(), cfg, opts, dist)),
+        #[cfg(feature = "cuda")]
+        Some(ordinal) => {
+            let be = crate::backend::cuda::Cuda::new(ordinal)?;
+            train_on_worker(&be, cfg, opts, dist)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Some(_) => unreachable!("Device::resolve gives no CUDA device without the cuda feature"),
+    }
 }
 
 /// The sums of a logging window over ranks. Every rank adds its own rows' counts and sums,
@@ -316,8 +329,15 @@ fn cursors_sum(cursors: &[crate::data::loader::Cursor], dist: &Dist) -> Vec<crat
     v.chunks(2).map(|c| crate::data::loader::Cursor { epoch: c[0], pos: c[1] }).collect()
 }
 
-fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<TrainReport> {
-    let be = Cpu::<f32>::new();
+fn train_on_worker<B: Backend<F = f32>>(
+    be: &B,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    dist: &Dist,
+) -> Result<TrainReport>
+where
+    Dist: GradSync<B>,
+{
     let started = Instant::now();
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
@@ -386,8 +406,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
     let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
     let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
 
-    let mut params: Vec<f32> = model.init(t.seed);
-    let mut opt = Optimizer::new(&be, &model.layout, model.table, cfg.optim.clone());
+    let mut host_params: Vec<f32> = model.init(t.seed);
+    let mut opt = Optimizer::new(be, &model.layout, model.table, cfg.optim.clone());
     let mut loader = Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, owned.clone())?;
     let mut uloader = if b_u > 0 {
         Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, owned.clone())?)
@@ -412,14 +432,16 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
         Resume::From(dir) => Some(dir.clone()),
     };
     if let (Some(path), None) = (&cfg.model.init_from, &resume_from) {
-        init_table(path, manifest, &model, &mut params, progress.then_some("model"))?;
+        init_table(path, manifest, &model, &mut host_params, progress.then_some("model"))?;
     }
+    let mut params = be.upload(&host_params);
+    drop(host_params);
     let len = model.layout.total();
     let classes_n = model.spec.classes;
     // Shadow copies of the weights: the Mean Teacher first (the target of its method), then
     // EMA or SWA weights.
-    let mut shadows: Vec<Kept> = Vec::new();
-    let kept = |name: &'static str, file, shadow| Kept {
+    let mut shadows: Vec<Kept<B>> = Vec::new();
+    let kept = |name: &'static str, file, shadow: Shadow<B>| Kept {
         name,
         file,
         shadow,
@@ -433,12 +455,12 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
         shadows.push(kept(
             "teacher",
             checkpoint::Weights::Teacher,
-            Shadow::new(&be, &params, len, rule, lazy),
+            Shadow::new(be, &params, len, rule, lazy),
         ));
     }
     if let Some(rule) = cfg.average.rule(total, steps_per_epoch) {
         let lazy = cfg.average.lazy_table.then_some(model.table);
-        let shadow = Shadow::new(&be, &params, len, rule, lazy);
+        let shadow = Shadow::new(be, &params, len, rule, lazy);
         shadows.push(kept(cfg.average.name(), checkpoint::Weights::Average, shadow));
     }
     // The bank covers the samples the step reads: the labeled split and, with μ > 0, the
@@ -466,7 +488,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
         }))
     };
     let mut mpl_run = if recipe.method.is_mpl() {
-        Some(MplRun::new(&be, cfg, &ds, &model, &recipe, total, progress && resume_from.is_none())?)
+        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, progress && resume_from.is_none())?)
     } else {
         None
     };
@@ -488,7 +510,8 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
                 format!("the checkpoint's {what} differs from this config and data set"),
             ));
         }
-        let (mm, vv, state) = checkpoint::load_train(dir, &model, (opt.m.len(), opt.v.len()))?;
+        let lens = crate::optim::moment_lens(&opt.cfg, &model.layout, model.table);
+        let (mm, vv, state) = checkpoint::load_train(dir, &model, lens)?;
         if state.logits_checksum != logits_checksum {
             return Err(Error::bad_file(
                 dir,
@@ -514,11 +537,11 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
         }
         for (k, &log_now) in shadows.iter_mut().zip(&state.shadow_logs) {
             let (_, _, weights) = checkpoint::load_weights(dir, k.file)?;
-            k.shadow.restore(weights, log_now);
+            k.shadow.restore(be.upload(&weights), log_now);
         }
-        params = loaded;
-        opt.m = mm;
-        opt.v = vv;
+        params = be.upload(&loaded);
+        opt.m = be.upload(&mm);
+        opt.v = be.upload(&vv);
         opt.t = state.optim_t;
         loader.restore(&ds, &state.cursors)?;
         if let Some(u) = &mut uloader {
@@ -528,7 +551,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
         step = state.step;
         win = window_share(state.window, rank);
         if let Some(run) = &mut mpl_run {
-            run.restore(dir, &state)?;
+            run.restore(be, dir, &state)?;
         }
         restored_stabiliser = Some(state.stabiliser);
     }
@@ -605,7 +628,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
     // On several ranks the table's gradient must be averaged first: no fused update.
     let fused = opt.fuses_table() && cfg.adversarial.kind == AdversarialKind::None && world == 1;
     let mut stepper = Stepper {
-        be: &be,
+        be,
         model: &model,
         cfg,
         recipe: &recipe,
@@ -616,14 +639,15 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
         dist,
         fused,
         table_mult: opt.lr_of(&model.layout, model.table, 1.0),
-        passes: [Pass::new(&be, &model), Pass::new(&be, &model)],
-        row_loss: Vec::new(),
-        cons_rows: Vec::new(),
+        passes: [Pass::new(be, &model), Pass::new(be, &model)],
+        row_loss: be.zeros(0),
+        cons_rows: be.zeros(0),
         target_host: Vec::new(),
         weight_host: Vec::new(),
-        adv: AdversarialBuffers::new(&be, &model),
+        target_buf: be.zeros(0),
+        adv: AdversarialBuffers::new(be, &model),
         grads: be.zeros(model.dense_len()),
-        table: TableAcc::new(&be, model.spec.dim),
+        table: TableAcc::new(be, model.spec.dim),
     };
     let beta1 = cfg.optim.beta1;
     let mut total_tokens = 0u64;
@@ -661,13 +685,13 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
             ))
         });
         for k in &mut shadows {
-            k.shadow.sync_rows(&be, &params, touched.as_deref().unwrap_or(&[]));
+            k.shadow.sync_rows(be, &params, touched.as_deref().unwrap_or(&[]));
         }
         let mut step_loss = 0.0;
         let norm = if let Some(run) = &mut mpl_run {
             let n_l = t.batch_size / world;
             let out =
-                run.step(&be, &model, &mut params, &mut opt, &micro[0], n_l, step, lr, w, dist, &mut win)?;
+                run.step(be, &model, &mut params, &mut opt, &micro[0], n_l, step, lr, w, dist, &mut win)?;
             step_loss = out.loss;
             out.norm
         } else {
@@ -691,7 +715,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
             }
             let Stepper { grads, table, .. } = &mut stepper;
             if !fused {
-                dist.average(grads, Some(&mut table.grad), model.spec.buckets);
+                dist.average(be, grads, Some(&mut table.grad), model.spec.buckets);
             }
             let table_grad = if fused {
                 TableGrad::Applied(
@@ -702,7 +726,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
             } else {
                 TableGrad::Rows(&mut table.grad)
             };
-            opt.step(&be, &model.layout, model.table, &mut params, grads, table_grad, lr)
+            opt.step(be, &model.layout, model.table, &mut params, grads, table_grad, lr)
         };
         win.loss_sum += step_loss / world as f64;
         win.steps += 1;
@@ -713,7 +737,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
         }
         for k in &mut shadows {
             k.last_alpha =
-                Some(k.shadow.update(&be, &params, len, step + 1, touched.as_deref().unwrap_or(&[])));
+                Some(k.shadow.update(be, &params, len, step + 1, touched.as_deref().unwrap_or(&[])));
         }
         let this_step = step_start.elapsed().as_secs_f64();
         step_secs += this_step;
@@ -791,11 +815,11 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
         let eval_due = step % eval_every == 0 || step == total;
         if checkpoint_due || eval_due {
             for k in &mut shadows {
-                k.shadow.sync_all(&be, &params);
+                k.shadow.sync_all(be, &params);
             }
         }
         if eval_due {
-            let r = eval::evaluate(&be, &model, &params, &ds, SplitKind::Val, t.eval_batch_size)?;
+            let r = eval::evaluate(be, &model, &params, &ds, SplitKind::Val, t.eval_batch_size)?;
             if let Some(r) = &r {
                 let reduced = cfg.schedule.observe(&mut plateau, r.accuracy);
                 log.write(json!({
@@ -805,8 +829,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
             }
             val_report = r;
             for k in &mut shadows {
-                let r =
-                    eval::evaluate(&be, &model, &k.shadow.params, &ds, SplitKind::Val, t.eval_batch_size)?;
+                let r = eval::evaluate(be, &model, &k.shadow.params, &ds, SplitKind::Val, t.eval_batch_size)?;
                 if let Some(r) = &r {
                     log.write(json!({
                         "step": step, "split": "val", "model": k.name, "accuracy": r.accuracy,
@@ -816,7 +839,7 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
                 k.report.val = r;
             }
             if let Some((tm, tp)) = mpl_run.as_ref().and_then(|r| r.teacher_bag()) {
-                let r = eval::evaluate(&be, tm, tp, &ds, SplitKind::Val, t.eval_batch_size)?;
+                let r = eval::evaluate(be, tm, tp, &ds, SplitKind::Val, t.eval_batch_size)?;
                 if let Some(r) = &r {
                     log.write(json!({
                         "step": step, "split": "val", "model": "teacher", "accuracy": r.accuracy,
@@ -843,11 +866,11 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
                 window: window_sum(&win, dist),
             };
             let contents = checkpoint::Contents {
-                params: &params,
-                shadows: shadows.iter().map(|k| (k.file, k.shadow.params.as_slice())).collect(),
+                params: host_view(be, &params),
+                shadows: shadows.iter().map(|k| (k.file, host_view(be, &k.shadow.params))).collect(),
                 bank: bank.as_ref(),
-                moments: [&opt.m, &opt.v],
-                parts: mpl_run.iter().map(|r| r.part()).collect(),
+                moments: [host_view(be, &opt.m), host_view(be, &opt.v)],
+                parts: mpl_run.iter().map(|r| r.part(be)).collect(),
                 state: &state,
             };
             let dir = checkpoint::save(&ckpt_root, &model, &meta, contents, t.keep_checkpoints, dist)?;
@@ -862,21 +885,21 @@ fn train_on_worker(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<
     let final_checkpoint =
         last_ckpt.ok_or_else(|| Error::Data("no step was run and no checkpoint exists".into()))?;
     let test = if step == total {
-        eval::evaluate(&be, &model, &params, &ds, SplitKind::Test, t.eval_batch_size)?
+        eval::evaluate(be, &model, &params, &ds, SplitKind::Test, t.eval_batch_size)?
     } else {
         None
     };
     if let Some(r) = &test {
         log.write(json!({"step": step, "split": "test", "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
         for k in &mut shadows {
-            let r = eval::evaluate(&be, &model, &k.shadow.params, &ds, SplitKind::Test, t.eval_batch_size)?;
+            let r = eval::evaluate(be, &model, &k.shadow.params, &ds, SplitKind::Test, t.eval_batch_size)?;
             if let Some(r) = &r {
                 log.write(json!({"step": step, "split": "test", "model": k.name, "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
             }
             k.report.test = r;
         }
         if let Some((tm, tp)) = mpl_run.as_ref().and_then(|r| r.teacher_bag()) {
-            let r = eval::evaluate(&be, tm, tp, &ds, SplitKind::Test, t.eval_batch_size)?;
+            let r = eval::evaluate(be, tm, tp, &ds, SplitKind::Test, t.eval_batch_size)?;
             if let Some(r) = &r {
                 log.write(json!({"step": step, "split": "test", "model": "teacher", "accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss, "ece": r.ece}))?;
             }

@@ -7,8 +7,7 @@ use std::path::Path;
 
 use crate::algo::mpl::{self, MplBatch, MplSettings, MplState, StepPlan};
 use crate::algo::Recipe;
-use crate::backend::cpu::Cpu;
-use crate::backend::{Activation, DropoutKey, RowMap};
+use crate::backend::{host_view, Activation, Backend, DropoutKey, RowMap};
 use crate::checkpoint::{self, LogWindow, ModelMeta, Part};
 use crate::config::TrainConfig;
 use crate::data::dataset::Dataset;
@@ -27,30 +26,19 @@ use super::step::{pseudo_label_diagnostics, Micro};
 const TEACHER_PASS: u32 = 2;
 
 /// MPL's teacher.
-pub(super) enum Teacher {
+pub(super) enum Teacher<B: Backend<F = f32>> {
     /// A bag model of its own spec (`[mpl.teacher]`), reading the text.
-    Bag {
-        model: BagModel,
-        meta: ModelMeta,
-        params: Vec<f32>,
-        opt: Optimizer<Cpu<f32>>,
-        bufs: BagBufs<Cpu<f32>>,
-    },
+    Bag { model: BagModel, meta: ModelMeta, params: B::Buf, opt: Optimizer<B>, bufs: BagBufs<B> },
     /// Reduced MPL: g(z) = z + MLP(z) over a fixed teacher's exported logits.
-    Reduced {
-        net: DenseNet<Cpu<f32>>,
-        logits: LogitsFile,
-        train_logits: Option<LogitsFile>,
-        labels: Vec<String>,
-    },
+    Reduced { net: DenseNet<B>, logits: LogitsFile, train_logits: Option<LogitsFile>, labels: Vec<String> },
 }
 
 /// MPL's state in a run besides the student's.
-pub(super) struct MplRun {
-    pub(super) teacher: Teacher,
+pub(super) struct MplRun<B: Backend<F = f32>> {
+    pub(super) teacher: Teacher<B>,
     settings: MplSettings,
     pub(super) state: MplState,
-    student_bufs: BagBufs<Cpu<f32>>,
+    student_bufs: BagBufs<B>,
     /// The teacher's base learning rate over the student's (the schedule scales both).
     teacher_lr_ratio: f64,
     uda_steps: u64,
@@ -79,10 +67,10 @@ pub(super) fn logits_files(cfg: &TrainConfig) -> Vec<&Path> {
     }
 }
 
-impl MplRun {
+impl<B: Backend<F = f32>> MplRun<B> {
     /// The teacher and settings of `cfg`; the student is the run's `student` model.
     pub(super) fn new(
-        be: &Cpu<f32>,
+        be: &B,
         cfg: &TrainConfig,
         ds: &Dataset,
         student: &BagModel,
@@ -110,6 +98,7 @@ impl MplRun {
                 let meta = super::model_meta(&model, manifest);
                 let opt = Optimizer::new(be, &model.layout, model.table, teacher_optim.clone());
                 let bufs = BagBufs::new(be, &model);
+                let params = be.upload(&params);
                 Teacher::Bag { model, meta, params, opt, bufs }
             }
             _ => {
@@ -169,7 +158,7 @@ impl MplRun {
     }
 
     /// The teacher's layout, (empty) table slot, parameters and optimizer.
-    fn pieces(&self) -> (&Layout, Slot, &Vec<f32>, &Optimizer<Cpu<f32>>) {
+    fn pieces(&self) -> (&Layout, Slot, &B::Buf, &Optimizer<B>) {
         match &self.teacher {
             Teacher::Bag { model, params, opt, .. } => (&model.layout, model.table, params, opt),
             Teacher::Reduced { net, .. } => (&net.layout, net.table_slot(), &net.params, &net.opt),
@@ -184,7 +173,7 @@ impl MplRun {
     }
 
     /// The teacher's part of a checkpoint.
-    pub(super) fn part(&self) -> Part<'_> {
+    pub(super) fn part(&self, be: &B) -> Part<'_> {
         let (layout, _, params, opt) = self.pieces();
         let meta = match &self.teacher {
             Teacher::Bag { meta, .. } => serde_json::to_value(meta).expect("metadata serialises"),
@@ -194,7 +183,13 @@ impl MplRun {
                 "labels": labels,
             }),
         };
-        Part { stem: self.stem(), layout, meta, params, moments: [&opt.m, &opt.v] }
+        Part {
+            stem: self.stem(),
+            layout,
+            meta,
+            params: host_view(be, params),
+            moments: [host_view(be, &opt.m), host_view(be, &opt.v)],
+        }
     }
 
     /// The teacher's optimizer step counter.
@@ -203,21 +198,22 @@ impl MplRun {
     }
 
     /// Restores the teacher and the baseline from checkpoint `dir`.
-    pub(super) fn restore(&mut self, dir: &Path, state: &checkpoint::TrainState) -> Result<()> {
+    pub(super) fn restore(&mut self, be: &B, dir: &Path, state: &checkpoint::TrainState) -> Result<()> {
         let (layout, table, _, opt) = self.pieces();
         let loaded = checkpoint::load_part(dir, self.stem(), layout, moment_lens(&opt.cfg, layout, table))?;
         let (p, o) = match &mut self.teacher {
             Teacher::Bag { params, opt, .. } => (params, opt),
             Teacher::Reduced { net, .. } => (&mut net.params, &mut net.opt),
         };
-        (*p, o.m, o.v) = loaded;
+        let (lp, lm, lv) = loaded;
+        (*p, o.m, o.v) = (be.upload(&lp), be.upload(&lm), be.upload(&lv));
         o.t = state.teacher_optim_t;
         self.state = state.mpl;
         Ok(())
     }
 
     /// The teacher as a text classifier, when it is one.
-    pub(super) fn teacher_bag(&self) -> Option<(&BagModel, &Vec<f32>)> {
+    pub(super) fn teacher_bag(&self) -> Option<(&BagModel, &B::Buf)> {
         match &self.teacher {
             Teacher::Bag { model, params, .. } => Some((model, params)),
             Teacher::Reduced { .. } => None,
@@ -229,10 +225,10 @@ impl MplRun {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn step(
         &mut self,
-        be: &Cpu<f32>,
+        be: &B,
         student: &BagModel,
-        params: &mut Vec<f32>,
-        opt: &mut Optimizer<Cpu<f32>>,
+        params: &mut B::Buf,
+        opt: &mut Optimizer<B>,
         m: &Micro,
         n_l: usize,
         step: u64,
@@ -263,7 +259,7 @@ impl MplRun {
             let (ce, right, norm) = mpl::finetune(
                 be,
                 &mut s_net,
-                &labeled,
+                &be.upload_batch(&labeled),
                 labels,
                 self.settings.label_smoothing,
                 lr,
@@ -302,12 +298,14 @@ impl MplRun {
                 let mut t_in = labeled.clone();
                 t_in.extend(weak);
                 t_in.extend(&unlabeled);
+                let (t_in, s_l, s_u) =
+                    (be.upload_batch(&t_in), be.upload_batch(&labeled), be.upload_batch(&unlabeled));
                 let batch = MplBatch {
                     teacher: &t_in,
                     teacher_labeled,
                     teacher_weak: true,
-                    student_labeled: &labeled,
-                    student_unlabeled: &unlabeled,
+                    student_labeled: &s_l,
+                    student_unlabeled: &s_u,
                     labels,
                     n_u,
                 };
@@ -332,12 +330,14 @@ impl MplRun {
                 }
                 logits.gather(&m.rows[n_l..], &mut rows);
                 t_in.extend_from_slice(&rows);
+                let (t_in, s_l, s_u) =
+                    (be.upload(&t_in), be.upload_batch(&labeled), be.upload_batch(&unlabeled));
                 let batch = MplBatch {
                     teacher: &t_in,
                     teacher_labeled,
                     teacher_weak: false,
-                    student_labeled: &labeled,
-                    student_unlabeled: &unlabeled,
+                    student_labeled: &s_l,
+                    student_unlabeled: &s_u,
                     labels,
                     n_u,
                 };

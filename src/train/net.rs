@@ -55,7 +55,7 @@ impl<B: Backend> Net<B> for BagNet<'_, B> {
     fn update(&mut self, be: &B, lr: f64, sync: &dyn GradSync<B>) -> f64 {
         let b = &mut *self.bufs;
         let m = self.model;
-        sync.average(&mut b.grads, Some(&mut b.table), m.spec.buckets);
+        sync.average(be, &mut b.grads, Some(&mut b.table), m.spec.buckets);
         let norm = self.opt.step(
             be,
             &m.layout,
@@ -167,7 +167,7 @@ impl<B: Backend> Net<B> for DenseNet<B> {
     }
 
     fn update(&mut self, be: &B, lr: f64, sync: &dyn GradSync<B>) -> f64 {
-        sync.average(&mut self.grads, None, 0);
+        sync.average(be, &mut self.grads, None, 0);
         let norm = self.opt.step(
             be,
             &self.layout,

@@ -7,8 +7,9 @@ use crate::algo::adversarial::AdversarialKind;
 use crate::algo::consistency::ConsistencyOp;
 use crate::algo::stabilise::Stabiliser;
 use crate::algo::{Recipe, TargetSource};
-use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, RowMap, SparseRows};
+use crate::backend::{
+    with_host_mut, Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, RowMap, SparseRows,
+};
 use crate::bank::{Bank, RowId};
 use crate::checkpoint::LogWindow;
 use crate::config::TrainConfig;
@@ -256,8 +257,7 @@ fn record_confident(st: &mut Stabiliser, dist: &Dist, rows: &[RowId], conf: &[f3
 }
 
 /// What one micro-batch's step takes from the step it belongs to.
-#[derive(Clone, Copy)]
-pub(super) struct StepInputs<'b> {
+pub(super) struct StepInputs<'b, Buf> {
     pub(super) step: u64,
     /// The consistency weight w(t).
     pub(super) w: f64,
@@ -265,7 +265,7 @@ pub(super) struct StepInputs<'b> {
     /// The micro-batch's index in the step.
     pub(super) mi: usize,
     /// The Mean Teacher's weights.
-    pub(super) teacher: Option<&'b Vec<f32>>,
+    pub(super) teacher: Option<&'b Buf>,
     pub(super) bank: Option<&'b Bank>,
     /// Noisy Student's exported logits.
     pub(super) logits: Option<&'b LogitsFile>,
@@ -274,8 +274,8 @@ pub(super) struct StepInputs<'b> {
 /// The micro-batch step of every method, with its settings and the buffers it reuses:
 /// the student pass, the supervised loss (and TSA), the method's consistency target and
 /// the fused op, the adversarial term, the backward passes into `grads` and `table`.
-pub(super) struct Stepper<'a> {
-    pub(super) be: &'a Cpu<f32>,
+pub(super) struct Stepper<'a, B: Backend<F = f32>> {
+    pub(super) be: &'a B,
     pub(super) model: &'a BagModel,
     pub(super) cfg: &'a TrainConfig,
     pub(super) recipe: &'a Recipe,
@@ -289,33 +289,35 @@ pub(super) struct Stepper<'a> {
     pub(super) fused: bool,
     /// The table's learning-rate multiplier.
     pub(super) table_mult: f64,
-    pub(super) passes: [Pass<Cpu<f32>>; 2],
-    pub(super) row_loss: Vec<f32>,
-    pub(super) cons_rows: Vec<f32>,
-    /// Host copies of targets read from a file (the bank, exported logits) and row weights.
+    pub(super) passes: [Pass<B>; 2],
+    pub(super) row_loss: B::Buf,
+    pub(super) cons_rows: B::Buf,
+    /// Host copies of targets read from a file (the bank, exported logits) and row weights,
+    /// and the targets on the backend.
     pub(super) target_host: Vec<f32>,
     pub(super) weight_host: Vec<f32>,
-    pub(super) adv: AdversarialBuffers,
+    pub(super) target_buf: B::Buf,
+    pub(super) adv: AdversarialBuffers<B>,
     /// The dense gradient and the table's, summed over the step's micro-batches.
-    pub(super) grads: Vec<f32>,
-    pub(super) table: TableAcc<Cpu<f32>>,
+    pub(super) grads: B::Buf,
+    pub(super) table: TableAcc<B>,
 }
 
-impl Stepper<'_> {
+impl<B: Backend<F = f32>> Stepper<'_, B> {
     /// One micro-batch: forward and backward passes, gradients added into `grads` and
     /// `table`; returns its share of the step's loss and, for Temporal Ensembling, the
     /// predictions to write into the bank after the step.
     pub(super) fn micro(
         &mut self,
-        params: &mut Vec<f32>,
+        params: &mut B::Buf,
         m: &Micro,
-        inp: &StepInputs<'_>,
+        inp: &StepInputs<'_, B::Buf>,
         mut stabiliser: Option<&mut Stabiliser>,
         win: &mut LogWindow,
     ) -> Result<(f64, Option<Vec<f32>>)> {
         let (be, model, cfg, recipe) = (self.be, self.model, self.cfg, self.recipe);
         let (classes, kind, accum, total) = (model.spec.classes, self.loss, self.accum, self.total);
-        let StepInputs { step, w, lr, mi, .. } = *inp;
+        let (step, w, lr, mi) = (inp.step, inp.w, inp.lr, inp.mi);
         let mut total_adv = 0.0;
         let batch = &m.batch;
         let n = batch.len();
@@ -345,15 +347,10 @@ impl Stepper<'_> {
         );
         let logits = be.download(&p0.acts.logits);
         if let Some(tsa) = cfg.loss.tsa.threshold(step, total, classes) {
-            sup -= drop_confident_rows(
-                &logits,
-                &batch.labels,
-                classes,
-                tsa,
-                &mut p0.dlogits,
-                &self.row_loss,
-                win,
-            );
+            let row_loss = be.download(&self.row_loss);
+            sup -= with_host_mut(be, &mut p0.dlogits, |g| {
+                drop_confident_rows(&logits, &batch.labels, classes, tsa, g, &row_loss, win)
+            });
         }
         // The consistency term: its target, the student rows it covers, their count.
         let mut second_grad = false;
@@ -362,13 +359,14 @@ impl Stepper<'_> {
         // The class thresholds' host copy, for the diagnostic's own mask test.
         let mut mult_host: Option<Vec<f32>> = None;
         let mut threshold = recipe.op.threshold;
-        let target: Option<(&Vec<f32>, usize, usize)> = match recipe.target {
+        let target: Option<(&B::Buf, usize, usize)> = match recipe.target {
             TargetSource::None => None,
             TargetSource::Bank => {
                 let bank = inp.bank.expect("a bank for temporal ensembling");
                 bank.targets(&m.rows, &mut self.target_host, &mut self.weight_host);
                 weight_buf = Some(be.upload(&self.weight_host));
-                Some((&self.target_host, 0, n))
+                self.target_buf = be.upload(&self.target_host);
+                Some((&self.target_buf, 0, n))
             }
             TargetSource::SecondPass { grad } => {
                 let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
@@ -398,7 +396,8 @@ impl Stepper<'_> {
             TargetSource::File => {
                 let file = inp.logits.expect("a logits file for noisy_student");
                 file.gather(&m.rows[n_l..], &mut self.target_host);
-                Some((&self.target_host, n_l, n_u))
+                self.target_buf = be.upload(&self.target_host);
+                Some((&self.target_buf, n_l, n_u))
             }
             TargetSource::WeakView => {
                 let weak = m.weak.as_ref().expect("a weak view for uda/fixmatch");

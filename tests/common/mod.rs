@@ -78,3 +78,56 @@ pub fn topic_lines<'a>(topics: &[&[&'a str]], lines: usize, seed: u64) -> Vec<Ve
         })
         .collect()
 }
+
+/// Every tensor of every safetensors file of a checkpoint directory, by file and name.
+pub fn tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+        names.sort();
+        for n in names {
+            let t = st.tensor(&n).unwrap();
+            let v: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+            out.push((format!("{}:{n}", f.file_name().unwrap().to_string_lossy()), v));
+        }
+    }
+    assert!(!out.is_empty(), "no tensors in {}", dir.display());
+    out
+}
+
+/// The largest relative error ‖a − b‖/‖a‖ over the tensors of two checkpoints (same files
+/// and names required).
+pub fn max_rel_err(a: &Path, b: &Path) -> f64 {
+    let (ta, tb) = (tensors(a), tensors(b));
+    assert_eq!(
+        ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        "{} and {} hold different tensors",
+        a.display(),
+        b.display()
+    );
+    let mut worst = 0.0f64;
+    for ((name, x), (_, y)) in ta.iter().zip(&tb) {
+        assert_eq!(x.len(), y.len(), "{name}");
+        let d: f64 = x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum();
+        let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum();
+        if n > 0.0 {
+            worst = worst.max((d / n).sqrt());
+        } else {
+            assert!(d == 0.0, "{name}: zero in one run, not in the other");
+        }
+    }
+    worst
+}
+
+pub fn last_checkpoint(out: &Path) -> PathBuf {
+    dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().expect("a checkpoint")
+}
