@@ -80,6 +80,16 @@ fn info_reports_the_cuda_libraries_and_devices_it_finds() {
     }
 }
 
+/// `--device` takes cpu, auto, cuda and cuda:N, and names the choices when it is wrong.
+#[test]
+fn train_device_flag_is_documented_and_checked() {
+    let o = dtrain(&["train", "--help"]);
+    assert!(text(&o).contains("--device"), "{}", text(&o));
+    let o = dtrain(&["train", "--config", "configs/smoke_gpu.toml", "--device", "gpu"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("use cpu, auto, cuda or cuda:N"), "{}", text(&o));
+}
+
 #[test]
 fn prepare_inspect_verify_round_trip_and_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
