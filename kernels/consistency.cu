@@ -76,7 +76,9 @@ extern "C" __global__ void consistency(const float* __restrict__ student, int s_
     r.ls = logf(a.s);
     r.mt = b.m;
     r.lt = logf(b.s);
-    const int label = best.i;
+    // A row with no comparable value (all NaN: a diverged model) has no argmax; the CPU
+    // twin reports class 0, and an index past the row must never be used.
+    const int label = best.i < C ? best.i : 0;
     const float conf = expf(best.v - r.mt - r.lt);
     const float w = has_weight ? row_weight[i] : 1.0f;
     const float tau = threshold * (has_mult ? class_mult[label] : 1.0f);

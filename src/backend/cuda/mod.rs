@@ -66,6 +66,10 @@ pub struct CudaBatch {
     inv_len: CudaSlice<f32>,
     /// Each document's length, for the SGD step −lr/len.
     lens: Vec<u32>,
+    /// One past the largest id and the largest label (checked against the table and the
+    /// classes before a kernel could read past them).
+    id_end: u64,
+    label_end: i64,
 }
 
 /// Adam's per-step constants as the kernels take them (`struct Adam` in elementwise.cu).
@@ -101,9 +105,15 @@ impl AdamK {
     }
 }
 
-/// Threads for a block that sweeps rows of `width`: a power of two from 32 to 256.
+/// Threads for a block that sweeps rows of `width`: a power of two from 32 to 256, and
+/// 1024 for rows past 8192 values (few, long rows: a block per row must still fill the
+/// device).
 fn row_threads(width: usize) -> u32 {
-    (width.next_power_of_two().clamp(32, 256)) as u32
+    if width > 8192 {
+        1024
+    } else {
+        width.next_power_of_two().clamp(32, 256) as u32
+    }
 }
 
 /// One block per row.
@@ -145,9 +155,19 @@ impl Cuda {
         let mut funcs = HashMap::new();
         for &(name, source, entries) in device::SOURCES {
             let ptx = device::compile(name, source, &arch)?;
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| Error::Device(format!("cuda:{ordinal}: loading kernels/{name}: {e}")))?;
+            let module = ctx.load_module(ptx).map_err(|e| {
+                let hint = if format!("{e:?}").contains("UNSUPPORTED_PTX_VERSION") {
+                    format!(
+                        " (NVRTC {:?} writes PTX newer than the driver's CUDA {:?} reads: put an NVRTC no \
+                         newer than the driver first on LD_LIBRARY_PATH)",
+                        device::nvrtc_version(),
+                        device::driver_version().ok()
+                    )
+                } else {
+                    String::new()
+                };
+                Error::Device(format!("cuda:{ordinal}: loading kernels/{name}: {e}{hint}"))
+            })?;
             for &entry in entries {
                 let f = module
                     .load_function(entry)
@@ -317,7 +337,11 @@ impl Backend for Cuda {
         let docs: Vec<u32> = occ.iter().map(|o| o.1).collect();
         let inv_len: Vec<f32> = lens.iter().map(|&l| 1.0 / l.max(1) as f32).collect();
         let offsets = if batch.offsets.is_empty() { vec![0] } else { batch.offsets.clone() };
+        let id_end = batch.ids.iter().map(|&i| u64::from(i) + 1).max().unwrap_or(0);
+        let label_end = batch.labels.iter().map(|&l| i64::from(l) + 1).max().unwrap_or(0);
         CudaBatch {
+            id_end,
+            label_end,
             n,
             ids: self.htod(&batch.ids),
             offsets: self.htod(&offsets),
@@ -339,6 +363,11 @@ impl Backend for Cuda {
         out: &mut CudaSlice<f32>,
     ) {
         let dim = table.cols;
+        assert!(
+            batch.id_end <= table.rows as u64,
+            "embedding_bag_forward: an id past the table's {} rows",
+            table.rows
+        );
         self.ensure_len(out, batch.n * dim);
         let t = params.slice(table.range());
         let (n, d) = (batch.n as i32, dim as i32);
@@ -379,6 +408,11 @@ impl Backend for Cuda {
         lr: f64,
     ) {
         let dim = table.cols;
+        assert!(
+            batch.id_end <= table.rows as u64,
+            "embedding_bag_sgd: an id past the table's {} rows",
+            table.rows
+        );
         let step: Vec<f32> = batch.lens.iter().map(|&l| (-lr / f64::from(l.max(1))) as f32).collect();
         let step = self.htod(&step);
         let mut t = params.slice_mut(table.range());
@@ -488,7 +522,8 @@ impl Backend for Cuda {
             return;
         }
         let (n, w) = (x.len(), width.max(1) as u32);
-        let scale = (1.0 / (1.0 - f64::from(p))) as f32;
+        // As the CPU computes it in f32: 1 / (1 − p).
+        let scale = 1.0f32 / (1.0 - f64::from(p)) as f32;
         let base = key.base();
         let (l, g) = (key.rows.local, key.rows.global);
         self.launch("dropout", grid(n), |b| {
@@ -518,6 +553,8 @@ impl Backend for Cuda {
         row_loss: &mut CudaSlice<f32>,
     ) -> f64 {
         let n = batch.n;
+        assert!(batch.label_end <= classes as i64, "softmax_loss: a label past the {classes} classes");
+        assert!(logits.len() >= n * classes, "softmax_loss: logits rows");
         self.ensure_len(dlogits, n * classes);
         self.ensure_len(row_loss, n);
         let (kind, param) = match loss {
@@ -557,6 +594,10 @@ impl Backend for Cuda {
             "consistency: student rows"
         );
         assert!(target.len() >= n * classes, "consistency: target rows");
+        assert!(aux.bias.is_none_or(|b| b.len() >= classes), "consistency: bias");
+        assert!(aux.class_threshold.is_none_or(|m| m.len() >= classes), "consistency: class thresholds");
+        assert!(aux.row_weight.is_none_or(|w| w.len() >= n), "consistency: row weights");
+        assert!(dtarget.as_ref().is_none_or(|d| d.len() >= n * classes), "consistency: dtarget rows");
         self.ensure_len(rows, 3 * n);
         let kind: i32 = match op.kind {
             ConsistencyKind::Mse => 0,
