@@ -6,7 +6,7 @@
 
 #define GRID_STRIDE(i, n) for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
-// act: 0 relu, 1 gelu (tanh approximation), 2 tanh.
+// act: 0 relu, 1 gelu (tanh approximation), 2 tanh, 3 gelu with erf (x·Φ(x)).
 __device__ __forceinline__ void act_eval(int act, float x, float* y, float* dy) {
     if (act == 0) {
         *y = fmaxf(x, 0.0f);
@@ -17,10 +17,14 @@ __device__ __forceinline__ void act_eval(int act, float x, float* y, float* dy) 
         *y = 0.5f * x * (1.0f + t);
         float du = c * (1.0f + 3.0f * k * x * x);
         *dy = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-    } else {
+    } else if (act == 2) {
         float t = tanhf(x);
         *y = t;
         *dy = 1.0f - t * t;
+    } else {
+        float cdf = 0.5f * (1.0f + erff(x * 0.7071067811865476f));
+        *y = x * cdf;
+        *dy = cdf + x * expf(-0.5f * x * x) * 0.3989422804014327f;
     }
 }
 

@@ -308,7 +308,7 @@ fn twin_activations_and_dropout(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
     let n = 100_003;
     let x = r.vec(n, 4.0);
     let dy = r.vec(n, 1.0);
-    for act in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
+    for act in [Activation::Relu, Activation::Gelu, Activation::Tanh, Activation::GeluErf] {
         let (mut yc, mut yg) = (Vec::new(), nan(be, n));
         cpu.activation_forward(act, &up64(&x), &mut yc);
         be.activation_forward(act, &be.upload(&x), &mut yg);

@@ -6,7 +6,7 @@
 //! 1e-6, with an absolute floor of 1e-9 for gradients under 1e-3).
 
 use dtrain::backend::cpu::Cpu;
-use dtrain::backend::{Activation, Backend, DropoutKey, HostBatch, LossKind, RowMap};
+use dtrain::backend::{Activation, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap};
 use dtrain::model::bag::{Activations, BagModel, BagSpec};
 use dtrain::model::params::Layout;
 use dtrain::rng::{Purpose, Stream};
@@ -157,9 +157,91 @@ fn linear_weights_bias_and_input() {
 }
 
 #[test]
+fn layer_norm_input_scale_and_shift() {
+    let be = B::new();
+    let (n, w) = (4, 7);
+    let mut layout = Layout::new();
+    let g = layout.vector("g", w);
+    let b = layout.vector("b", w);
+    let mut params: Vec<f64> = randn(layout.total(), 21).iter().map(|v| 1.0 + 0.3 * v).collect();
+    let mut x: Vec<f64> = randn(n * w, 22).iter().map(|v| 2.0 * v + 0.5).collect();
+    let r = randn(n * w, 23);
+    let eps = 1e-5;
+    let (mut y, mut stats) = (vec![], vec![]);
+    be.layer_norm_forward(&x, n, &params, g, b, eps, &mut y, &mut stats);
+    // With γ = 1 and β = 0 each output row is standardised: mean 0, variance 1 (less ε).
+    let mut unit = params.clone();
+    unit[g.range()].iter_mut().for_each(|v| *v = 1.0);
+    unit[b.range()].iter_mut().for_each(|v| *v = 0.0);
+    let mut z = vec![];
+    be.layer_norm_forward(&x, n, &unit, g, b, eps, &mut z, &mut stats);
+    for row in z.chunks(w) {
+        let mean = row.iter().sum::<f64>() / w as f64;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / w as f64;
+        assert!(mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-3, "mean {mean} var {var}");
+    }
+    be.layer_norm_forward(&x, n, &params, g, b, eps, &mut y, &mut stats);
+    let mut grads = vec![0.0; params.len()];
+    let mut dx = vec![];
+    be.layer_norm_backward(&x, n, &params, g, b, &stats, &r, &mut grads, &mut dx);
+    let xs = x.clone();
+    let coords: Vec<usize> = g.range().chain(b.range()).collect();
+    check("layer_norm params", &mut params, &coords, &grads, &mut |p| {
+        let (mut y, mut st) = (vec![], vec![]);
+        be.layer_norm_forward(&xs, n, &p.to_vec(), g, b, eps, &mut y, &mut st);
+        dot(&y, &r)
+    });
+    let all: Vec<usize> = (0..x.len()).collect();
+    check("layer_norm input", &mut x, &all, &dx, &mut |xv| {
+        let (mut y, mut st) = (vec![], vec![]);
+        be.layer_norm_forward(&xv.to_vec(), n, &params, g, b, eps, &mut y, &mut st);
+        dot(&y, &r)
+    });
+}
+
+/// Attention's q, k and v gradients, with padding: masked keys get no weight, and a
+/// padded key's k and v get no gradient.
+#[test]
+fn attention_queries_keys_and_values() {
+    let be = B::new();
+    let (b, l, heads, d) = (2, 5, 3, 4);
+    let hd = heads * d;
+    let mut q = randn(b * l * hd, 31);
+    let mut k = randn(b * l * hd, 32);
+    let mut v = randn(b * l * hd, 33);
+    // The second sequence has two padding tokens.
+    let mask: Vec<f64> = (0..b * l).map(|i| if i >= l + 3 { 0.0 } else { 1.0 }).collect();
+    let r = randn(b * l * hd, 34);
+    let scale = 1.0 / (d as f64).sqrt();
+    let fwd = |q: &Vec<f64>, k: &Vec<f64>, v: &Vec<f64>| {
+        let (mut ctx, mut p) = (vec![], vec![]);
+        be.attention_forward(q, k, v, &mask, (b, l, heads), scale, &mut ctx, &mut p);
+        (ctx, p)
+    };
+    let (_, probs) = fwd(&q, &k, &v);
+    for (blk, row) in probs.chunks(l).enumerate() {
+        let seq = blk / (heads * l);
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        if seq == 1 {
+            assert!(row[3] == 0.0 && row[4] == 0.0, "a padded key got weight: {row:?}");
+        }
+    }
+    let (mut dq, mut dk, mut dv) = (vec![], vec![], vec![]);
+    be.attention_backward(&q, &k, &v, &probs, &r, (b, l, heads), scale, &mut dq, &mut dk, &mut dv);
+    for t in [l + 3, l + 4] {
+        assert!(dk[t * hd..(t + 1) * hd].iter().chain(&dv[t * hd..(t + 1) * hd]).all(|&g| g == 0.0));
+    }
+    let all: Vec<usize> = (0..q.len()).collect();
+    let (k0, v0, q0) = (k.clone(), v.clone(), q.clone());
+    check("attention q", &mut q, &all, &dq, &mut |x| dot(&fwd(&x.to_vec(), &k0, &v0).0, &r));
+    check("attention k", &mut k, &all, &dk, &mut |x| dot(&fwd(&q0, &x.to_vec(), &v0).0, &r));
+    check("attention v", &mut v, &all, &dv, &mut |x| dot(&fwd(&q0, &k0, &x.to_vec()).0, &r));
+}
+
+#[test]
 fn activations() {
     let be = B::new();
-    for act in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
+    for act in [Activation::Relu, Activation::Gelu, Activation::Tanh, Activation::GeluErf] {
         // Keep ReLU inputs away from its kink at 0.
         let mut x: Vec<f64> =
             randn(20, 6).into_iter().map(|v| if v.abs() < 1e-3 { 0.5 } else { v }).collect();

@@ -79,6 +79,14 @@ fn gelu<F: Real>(x: F) -> (F, F) {
     (y, dy)
 }
 
+fn gelu_erf<F: Real>(x: F) -> (F, F) {
+    // x·Φ(x) = 0.5·x·(1 + erf(x/√2)) and its derivative Φ(x) + x·φ(x).
+    let half = F::of(0.5);
+    let cdf = half * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (-half * x * x).exp() * F::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    (x * cdf, cdf + x * pdf)
+}
+
 /// Adam's constants for one step, in `F`.
 struct AdamConsts<F> {
     b1: F,
@@ -349,6 +357,7 @@ impl<F: Real> Backend for Cpu<F> {
                 Activation::Relu => x.max(F::zero()),
                 Activation::Tanh => x.tanh(),
                 Activation::Gelu => gelu(x).0,
+                Activation::GeluErf => gelu_erf(x).0,
             }
         });
     }
@@ -370,6 +379,7 @@ impl<F: Real> Backend for Cpu<F> {
                         F::one() - t * t
                     }
                     Activation::Gelu => gelu(x).1,
+                    Activation::GeluErf => gelu_erf(x).1,
                 };
                 *dx = d * dy;
             },
@@ -690,5 +700,248 @@ impl<F: Real> Backend for Cpu<F> {
             }
             p.iter_mut().for_each(|v| *v = *v / s);
         });
+    }
+}
+
+impl<F: Real> super::EncoderOps for Cpu<F> {
+    fn layer_norm_forward(
+        &self,
+        x: &Vec<F>,
+        n: usize,
+        params: &Vec<F>,
+        gamma: Slot,
+        beta: Slot,
+        eps: f64,
+        y: &mut Vec<F>,
+        stats: &mut Vec<F>,
+    ) {
+        let w = gamma.len();
+        y.resize(n * w, F::zero());
+        stats.resize(2 * n, F::zero());
+        let (g, b) = (&params[gamma.range()], &params[beta.range()]);
+        let eps = F::of(eps);
+        let inv_w = F::one() / F::of(w as f64);
+        y.par_chunks_mut(w).zip(stats.par_chunks_mut(2)).enumerate().with_min_len(ROWS_PER_TASK).for_each(
+            |(r, (yr, st))| {
+                let xr = &x[r * w..(r + 1) * w];
+                let mu = xr.iter().copied().sum::<F>() * inv_w;
+                let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<F>() * inv_w;
+                let rstd = F::one() / (var + eps).sqrt();
+                for j in 0..w {
+                    yr[j] = (xr[j] - mu) * rstd * g[j] + b[j];
+                }
+                st[0] = mu;
+                st[1] = rstd;
+            },
+        );
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &Vec<F>,
+        n: usize,
+        params: &Vec<F>,
+        gamma: Slot,
+        beta: Slot,
+        stats: &Vec<F>,
+        dy: &Vec<F>,
+        grads: &mut Vec<F>,
+        dx: &mut Vec<F>,
+    ) {
+        let w = gamma.len();
+        dx.resize(n * w, F::zero());
+        let g = &params[gamma.range()];
+        let inv_w = F::one() / F::of(w as f64);
+        dx.par_chunks_mut(w).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, dxr)| {
+            let (mu, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            let (xr, dyr) = (&x[r * w..(r + 1) * w], &dy[r * w..(r + 1) * w]);
+            // dx̂ = dy ⊙ γ; dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂)).
+            let (mut s1, mut s2) = (F::zero(), F::zero());
+            for j in 0..w {
+                let xh = (xr[j] - mu) * rstd;
+                let d = dyr[j] * g[j];
+                s1 += d;
+                s2 += d * xh;
+            }
+            let (m1, m2) = (s1 * inv_w, s2 * inv_w);
+            for j in 0..w {
+                let xh = (xr[j] - mu) * rstd;
+                dxr[j] = rstd * (dyr[j] * g[j] - m1 - xh * m2);
+            }
+        });
+        // dγ = Σ_rows dy ⊙ x̂ and dβ = Σ_rows dy, rows in order.
+        let (gg, gb) = (gamma.range(), beta.range());
+        for r in 0..n {
+            let (mu, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            for j in 0..w {
+                let d = dy[r * w + j];
+                grads[gg.start + j] += d * (x[r * w + j] - mu) * rstd;
+                grads[gb.start + j] += d;
+            }
+        }
+    }
+
+    fn attention_forward(
+        &self,
+        q: &Vec<F>,
+        k: &Vec<F>,
+        v: &Vec<F>,
+        mask: &Vec<F>,
+        (b, l, heads): (usize, usize, usize),
+        scale: f64,
+        ctx: &mut Vec<F>,
+        probs: &mut Vec<F>,
+    ) {
+        let hd = q.len() / (b * l).max(1);
+        let d = hd / heads.max(1);
+        ctx.resize(b * l * hd, F::zero());
+        probs.resize(b * heads * l * l, F::zero());
+        let scale = F::of(scale);
+        // Each sequence owns its rows of ctx and its heads' blocks of probs.
+        ctx.par_chunks_mut(l * hd).zip(probs.par_chunks_mut(heads * l * l)).enumerate().for_each(
+            |(i, (ci, pi))| {
+                let keep = &mask[i * l..(i + 1) * l];
+                for h in 0..heads {
+                    // This head's block: rows of the sequence, columns h·d.., rows hd apart.
+                    let off = i * l * hd + h * d;
+                    let p = &mut pi[h * l * l..(h + 1) * l * l];
+                    // S = Q·Kᵀ·scale (l×l).
+                    F::gemm(
+                        l,
+                        d,
+                        l,
+                        scale,
+                        &q[off..],
+                        (hd as isize, 1),
+                        &k[off..],
+                        (1, hd as isize),
+                        F::zero(),
+                        p,
+                        (l as isize, 1),
+                    );
+                    for row in p.chunks_mut(l) {
+                        let m = (0..l)
+                            .filter(|&j| keep[j] != F::zero())
+                            .map(|j| row[j])
+                            .fold(F::neg_infinity(), |a, b| a.max(b));
+                        let mut s = F::zero();
+                        for j in 0..l {
+                            row[j] = if keep[j] != F::zero() { (row[j] - m).exp() } else { F::zero() };
+                            s += row[j];
+                        }
+                        row.iter_mut().for_each(|x| *x = *x / s);
+                    }
+                    // ctx = P·V (l×d), into this head's columns.
+                    F::gemm(
+                        l,
+                        l,
+                        d,
+                        F::one(),
+                        p,
+                        (l as isize, 1),
+                        &v[off..],
+                        (hd as isize, 1),
+                        F::zero(),
+                        &mut ci[h * d..],
+                        (hd as isize, 1),
+                    );
+                }
+            },
+        );
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<F>,
+        k: &Vec<F>,
+        v: &Vec<F>,
+        probs: &Vec<F>,
+        dctx: &Vec<F>,
+        (b, l, heads): (usize, usize, usize),
+        scale: f64,
+        dq: &mut Vec<F>,
+        dk: &mut Vec<F>,
+        dv: &mut Vec<F>,
+    ) {
+        let hd = q.len() / (b * l).max(1);
+        let d = hd / heads.max(1);
+        for buf in [&mut *dq, &mut *dk, &mut *dv] {
+            buf.resize(b * l * hd, F::zero());
+        }
+        let scale = F::of(scale);
+        dq.par_chunks_mut(l * hd)
+            .zip(dk.par_chunks_mut(l * hd))
+            .zip(dv.par_chunks_mut(l * hd))
+            .enumerate()
+            .for_each(|(i, ((dqi, dki), dvi))| {
+                let mut dp = vec![F::zero(); l * l];
+                for h in 0..heads {
+                    let off = i * l * hd + h * d;
+                    let p = &probs[(i * heads + h) * l * l..(i * heads + h + 1) * l * l];
+                    let st = (hd as isize, 1);
+                    // dV = Pᵀ·dctx (l×d).
+                    F::gemm(
+                        l,
+                        l,
+                        d,
+                        F::one(),
+                        p,
+                        (1, l as isize),
+                        &dctx[off..],
+                        st,
+                        F::zero(),
+                        &mut dvi[h * d..],
+                        st,
+                    );
+                    // dP = dctx·Vᵀ (l×l).
+                    F::gemm(
+                        l,
+                        d,
+                        l,
+                        F::one(),
+                        &dctx[off..],
+                        st,
+                        &v[off..],
+                        (1, hd as isize),
+                        F::zero(),
+                        &mut dp,
+                        (l as isize, 1),
+                    );
+                    // dS = P ⊙ (dP − Σ_j dP⊙P), times the scale.
+                    for (pr, dr) in p.chunks(l).zip(dp.chunks_mut(l)) {
+                        let dot = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum::<F>();
+                        for j in 0..l {
+                            dr[j] = pr[j] * (dr[j] - dot) * scale;
+                        }
+                    }
+                    // dQ = dS·K, dK = dSᵀ·Q (l×d).
+                    F::gemm(
+                        l,
+                        l,
+                        d,
+                        F::one(),
+                        &dp,
+                        (l as isize, 1),
+                        &k[off..],
+                        st,
+                        F::zero(),
+                        &mut dqi[h * d..],
+                        st,
+                    );
+                    F::gemm(
+                        l,
+                        l,
+                        d,
+                        F::one(),
+                        &dp,
+                        (1, l as isize),
+                        &q[off..],
+                        st,
+                        F::zero(),
+                        &mut dki[h * d..],
+                        st,
+                    );
+                }
+            });
     }
 }

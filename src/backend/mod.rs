@@ -42,10 +42,12 @@ pub trait Real:
     fn of(v: f64) -> Self;
     /// Conversion to f64 for reporting.
     fn f64(self) -> f64;
+    /// The error function.
+    fn erf(self) -> Self;
 }
 
 macro_rules! real_impl {
-    ($t:ty, $gemm:path) => {
+    ($t:ty, $gemm:path, $erf:path) => {
         impl Real for $t {
             fn gemm(
                 m: usize,
@@ -97,11 +99,14 @@ macro_rules! real_impl {
             fn f64(self) -> f64 {
                 self as f64
             }
+            fn erf(self) -> Self {
+                $erf(self)
+            }
         }
     };
 }
-real_impl!(f32, matrixmultiply::sgemm);
-real_impl!(f64, matrixmultiply::dgemm);
+real_impl!(f32, matrixmultiply::sgemm, libm::erff);
+real_impl!(f64, matrixmultiply::dgemm, libm::erf);
 
 /// Elementwise non-linearity of a hidden layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +116,8 @@ pub enum Activation {
     /// GELU, tanh approximation.
     Gelu,
     Tanh,
+    /// GELU exactly, x·Φ(x) with the error function (BERT's `gelu`).
+    GeluErf,
 }
 
 /// The supervised loss of labeled rows.
@@ -645,6 +652,74 @@ pub trait Backend: Sync {
     fn sparse_sgd(&self, params: &mut Self::Buf, table: Slot, grad: &SparseRows<Self::Buf>, lr: f64);
     /// The sum of two sparse gradients of the same table (gradient accumulation).
     fn sparse_add(&self, a: SparseRows<Self::Buf>, b: &SparseRows<Self::Buf>) -> SparseRows<Self::Buf>;
+}
+
+/// The Transformer encoder's operations beyond [`Backend`]'s (METHODS.md's encoder issue):
+/// layer normalisation and the attention core. The CPU implements them; the CUDA backend
+/// does not yet, so encoder models run on the CPU only for now.
+pub trait EncoderOps: Backend {
+    /// LayerNorm of the `n` rows (`width` wide) of `x`: `y = (x − μ)/√(σ² + ε)·γ + β`, with
+    /// `γ`, `β` the slots `gamma`, `beta` of `params`; writes each row's μ and 1/√(σ² + ε)
+    /// into `stats` (2n values) for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_forward(
+        &self,
+        x: &Self::Buf,
+        n: usize,
+        params: &Self::Buf,
+        gamma: crate::model::params::Slot,
+        beta: crate::model::params::Slot,
+        eps: f64,
+        y: &mut Self::Buf,
+        stats: &mut Self::Buf,
+    );
+    /// The backward pass for `dy`: `dγ`, `dβ` added into the same slots of `grads`, and
+    /// `dx` written.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        x: &Self::Buf,
+        n: usize,
+        params: &Self::Buf,
+        gamma: crate::model::params::Slot,
+        beta: crate::model::params::Slot,
+        stats: &Self::Buf,
+        dy: &Self::Buf,
+        grads: &mut Self::Buf,
+        dx: &mut Self::Buf,
+    );
+    /// Multi-head attention over `b` sequences of `l` tokens (`shape` = (b, l, heads)): `q`, `k`, `v` are `b·l`
+    /// rows of `heads·d` values (head h in columns h·d..(h+1)·d). For each sequence and
+    /// head, `P = softmax(Q·Kᵀ·scale)` over the keys whose `mask` (b·l values, 1 keep, 0
+    /// padding) is set, and `ctx = P·V` in the same layout as `q`. `probs` keeps P
+    /// (b·heads·l·l) for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        mask: &Self::Buf,
+        shape: (usize, usize, usize),
+        scale: f64,
+        ctx: &mut Self::Buf,
+        probs: &mut Self::Buf,
+    );
+    /// The backward pass for `dctx`: writes `dq`, `dk`, `dv`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        probs: &Self::Buf,
+        dctx: &Self::Buf,
+        shape: (usize, usize, usize),
+        scale: f64,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    );
 }
 
 #[cfg(test)]

@@ -910,5 +910,6 @@ fn act_code(act: Activation) -> i32 {
         Activation::Relu => 0,
         Activation::Gelu => 1,
         Activation::Tanh => 2,
+        Activation::GeluErf => 3,
     }
 }
