@@ -87,6 +87,23 @@ enum Command {
     /// Benchmarks that print a table and write JSON with their provenance.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Sentence vectors from a pretrained BERT-family encoder (a Hugging Face model
+    /// directory: config.json, model.safetensors, tokenizer.json; `launch/fetch-model
+    /// minilm` gets one): one JSON line per text with its token ids and pooled vector.
+    Embed {
+        /// The model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// `mean` (sentence-transformers' pooling) or `cls`.
+        #[arg(long, default_value = "mean", value_parser = ["mean", "cls"])]
+        pooling: String,
+        /// Tokens per text at most (the model's positions at most).
+        #[arg(long, default_value_t = 128)]
+        max_len: usize,
+        /// The texts.
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
     /// What this binary can use here: build features, CPU threads, the MPI launch it runs
     /// under, and the CUDA driver, libraries (NVRTC, cuBLAS, NCCL) and devices it finds.
     Info,
@@ -735,6 +752,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             info();
             Ok(ExitCode::SUCCESS)
         }
+        Command::Embed { model, pooling, max_len, texts } => embed(&model, &pooling, max_len, &texts),
         Command::Bench(BenchCommand::Prepare { prepare, repeat, json }) => {
             let mut args = *prepare;
             if args.out.is_none() {
@@ -800,6 +818,27 @@ fn bench_kernels(device: usize, max_log2: u32, json: Option<PathBuf>) -> anyhow:
 #[cfg(not(feature = "cuda"))]
 fn bench_kernels(_: usize, _: u32, _: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     bail!("this dtrain was built without the `cuda` feature: rebuild with default features")
+}
+
+/// `dtrain embed`: the encoder's pooled vectors of `texts`, on the CPU.
+fn embed(dir: &Path, pooling: &str, max_len: usize, texts: &[String]) -> anyhow::Result<ExitCode> {
+    use dtrain::model::encoder::{load_pretrained, EncoderActs, Pooling, TokenBatch};
+    let pooling = if pooling == "cls" { Pooling::Cls } else { Pooling::Mean };
+    let (model, params) = load_pretrained(dir, 1, pooling, 0)?;
+    let tok = dtrain::data::subword::SubwordTokenizer::open(&dir.join("tokenizer.json"))?;
+    let max_len = max_len.clamp(2, model.spec.max_positions);
+    let seqs = texts.iter().map(|t| tok.encode(t, max_len)).collect::<Result<Vec<_>, _>>()?;
+    let be = dtrain::backend::cpu::Cpu::<f32>::new();
+    let tb = TokenBatch::new(&seqs, tok.pad);
+    let mut acts = EncoderActs::new(&be);
+    model.forward(&be, &params, &tb, &mut acts);
+    let h = model.spec.hidden;
+    for (i, text) in texts.iter().enumerate() {
+        let line =
+            serde_json::json!({"text": text, "ids": seqs[i], "pooled": acts.pooled[i * h..(i + 1) * h]});
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `dtrain info`.

@@ -28,6 +28,7 @@ fn every_command_has_help() {
         &["bench", "allreduce", "--help"],
         &["bench", "kernels", "--help"],
         &["info", "--help"],
+        &["embed", "--help"],
         &["pretrain", "--help"],
         &["neighbors", "--help"],
         &["train", "--help"],

@@ -8,5 +8,6 @@ pub mod manifest;
 pub mod prepare;
 pub mod shard;
 pub mod split;
+pub mod subword;
 pub mod tokenize;
 pub mod vocab;

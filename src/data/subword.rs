@@ -1,0 +1,49 @@
+//! Subword tokenization for encoder models: a Hugging Face `tokenizer.json` (WordPiece,
+//! BPE, Unigram) through the `tokenizers` crate, with the model's special tokens and
+//! truncation to the model's length.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A pretrained model's tokenizer.
+pub struct SubwordTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    /// The padding id (`[PAD]`, else 0).
+    pub pad: u32,
+}
+
+impl SubwordTokenizer {
+    /// Reads `tokenizer.json`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::bad_file(path, "not found (launch/fetch-model minilm writes models/minilm/)"));
+        }
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}")))?;
+        // Batches are padded by the encoder's own batching, and cut by `encode`.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::bad_file(path, format!("cannot turn truncation off: {e}")))?;
+        let pad = inner.token_to_id("[PAD]").or_else(|| inner.token_to_id("<pad>")).unwrap_or(0);
+        Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad })
+    }
+
+    /// The ids of `text` with the model's special tokens ([CLS] … [SEP] for BERT), cut to
+    /// `max_len` ids keeping the last (closing) special token.
+    pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::bad_file(&self.path, format!("cannot encode {text:?}: {e}")))?;
+        let mut ids = enc.get_ids().to_vec();
+        if ids.len() > max_len && max_len > 0 {
+            let last = ids[ids.len() - 1];
+            ids.truncate(max_len - 1);
+            ids.push(last);
+        }
+        Ok(ids)
+    }
+}

@@ -1,0 +1,135 @@
+//! The Transformer encoder: pretrained MiniLM loaded from its safetensors, its tokenizer's
+//! ids against pinned reference ids, padding that changes nothing, and clear errors for a
+//! foreign checkpoint. (The pooled outputs against an independent numpy BERT are checked in
+//! tests/python/test_encoder.py; the layers' gradients in tests/gradcheck.rs.)
+//!
+//! Needs models/minilm (`launch/fetch-model minilm`, which launch/setup runs).
+
+use std::path::{Path, PathBuf};
+
+use dtrain::backend::cpu::Cpu;
+use dtrain::backend::Activation;
+use dtrain::data::subword::SubwordTokenizer;
+use dtrain::model::encoder::{load_pretrained, Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
+
+fn minilm() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/minilm");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run launch/fetch-model minilm",
+        dir.display()
+    );
+    dir
+}
+
+/// Reference ids from Hugging Face's Python `tokenizers` 0.23.3 on the same tokenizer.json
+/// (padding and truncation off), English and Chinese: characters outside the vocabulary
+/// become [UNK] = 100, accents are stripped, punctuation splits.
+#[test]
+fn tokenizer_ids_match_the_reference() {
+    let tok = SubwordTokenizer::open(&minilm().join("tokenizer.json")).unwrap();
+    let cases: &[(&str, &[u32])] = &[
+        ("Hello world", &[101, 7592, 2088, 102]),
+        (
+            "The quick brown fox jumps over the lazy dog.",
+            &[101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012, 102],
+        ),
+        (
+            "Semi-supervised learning doesn't need many labels!",
+            &[101, 4100, 1011, 13588, 4083, 2987, 1005, 1056, 2342, 2116, 10873, 999, 102],
+        ),
+        ("北京是中国的首都", &[101, 1781, 1755, 100, 1746, 1799, 1916, 100, 1961, 102]),
+        ("Übermäßig café naïve", &[101, 19169, 2863, 19310, 8004, 7668, 15743, 102]),
+    ];
+    for (text, want) in cases {
+        assert_eq!(tok.encode(text, 512).unwrap(), *want, "{text:?}");
+    }
+    assert_eq!(tok.pad, 0);
+    // Truncation keeps [CLS] … [SEP].
+    assert_eq!(
+        tok.encode("The quick brown fox jumps over the lazy dog.", 5).unwrap(),
+        [101, 1996, 4248, 2829, 102]
+    );
+}
+
+fn pooled(model: &Encoder, params: &[f32], seqs: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    let be = Cpu::<f32>::new();
+    let tb = TokenBatch::new(seqs, 0);
+    let mut acts = EncoderActs::new(&be);
+    model.forward(&be, &params.to_vec(), &tb, &mut acts);
+    acts.pooled.chunks(model.spec.hidden).map(|c| c.to_vec()).collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A sequence's pooled vector is the same alone and padded inside a batch with a longer
+/// one: padding tokens are masked out of attention and pooling. For MiniLM (post-LN, mean
+/// pooling) and for a small pre-LN encoder with [CLS] pooling.
+#[test]
+fn padding_changes_no_sequence_output() {
+    let (mini, mp) = load_pretrained(&minilm(), 3, Pooling::Mean, 1).unwrap();
+    let short = vec![101u32, 7592, 2088, 102];
+    let long = vec![101u32, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012, 102];
+    let alone = pooled(&mini, &mp, std::slice::from_ref(&short));
+    let batched = pooled(&mini, &mp, &[long.clone(), short.clone()]);
+    assert!(max_diff(&alone[0], &batched[1]) < 1e-5, "{}", max_diff(&alone[0], &batched[1]));
+    assert!(max_diff(&batched[0], &batched[1]) > 1e-2, "different texts, different vectors");
+    let spec = EncoderSpec {
+        vocab: 50,
+        hidden: 12,
+        layers: 2,
+        heads: 3,
+        intermediate: 20,
+        max_positions: 16,
+        type_vocab: 2,
+        layer_norm_eps: 1e-6,
+        activation: Activation::Gelu,
+        pre_ln: true,
+        pooling: Pooling::Cls,
+        classes: 4,
+    };
+    let pre = Encoder::new(spec);
+    assert!(pre.layout.get("encoder.LayerNorm.weight").is_some());
+    let pp: Vec<f32> = pre.init(7);
+    let (a, b) = (vec![1u32, 5, 9], vec![1u32, 7, 3, 3, 8, 2]);
+    let alone = pooled(&pre, &pp, std::slice::from_ref(&a));
+    let batched = pooled(&pre, &pp, &[b, a]);
+    assert!(max_diff(&alone[0], &batched[1]) < 1e-5);
+    assert!(alone[0].iter().all(|v| v.is_finite()) && alone[0].iter().any(|&v| v != 0.0));
+}
+
+/// A checkpoint whose config disagrees with its tensors, or that lacks a tensor, is refused
+/// with the file and the tensor named.
+#[test]
+fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
+    let src = minilm();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"intermediate_size\": 1536", "\"intermediate_size\": 1024"),
+    )
+    .unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("encoder.layer.0.intermediate.dense.weight"),
+        "{e}"
+    );
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7"),
+    )
+    .unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains("no tensor encoder.layer.6."), "{e}");
+    std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": 384}").unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("vocab_size"), "{e}");
+    std::fs::write(dir.path().join("model.safetensors"), b"not safetensors").unwrap();
+    std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains("not a safetensors file"), "{e}");
+}
