@@ -546,3 +546,47 @@ mod consistency_op {
         }
     }
 }
+
+/// The whole encoder (embeddings, attention and MLP blocks, pooling, head), post-LN with
+/// mean pooling and pre-LN with [CLS] pooling, on a padded batch: every parameter's
+/// gradient against finite differences.
+#[test]
+fn whole_encoder_post_ln_and_pre_ln() {
+    use dtrain::model::encoder::{Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
+    let be = B::new();
+    for (pre_ln, pooling) in [(false, Pooling::Mean), (true, Pooling::Cls)] {
+        let model = Encoder::new(EncoderSpec {
+            vocab: 11,
+            hidden: 8,
+            layers: 2,
+            heads: 2,
+            intermediate: 12,
+            max_positions: 8,
+            type_vocab: 2,
+            layer_norm_eps: 1e-5,
+            activation: Activation::GeluErf,
+            pre_ln,
+            pooling,
+            classes: 3,
+        });
+        let mut params: Vec<f64> = randn(model.layout.total(), 41).iter().map(|v| 0.5 * v).collect();
+        for t in model.layout.tensors().iter().filter(|t| t.name.ends_with("LayerNorm.weight")) {
+            params[t.slot.range()].iter_mut().for_each(|v| *v = 1.0 + 0.4 * *v);
+        }
+        let tb = TokenBatch::new(&[vec![1, 4, 4, 9, 2], vec![1, 7, 2]], 0);
+        let r = randn(2 * 3, 42);
+        let mut acts = EncoderActs::new(&be);
+        model.forward(&be, &params, &tb, &mut acts);
+        let mut grads = vec![0.0; params.len()];
+        model.backward(&be, &params, &tb, &acts, &r, &mut grads);
+        // Rows of the word table that no token reads have no gradient.
+        let word = model.layout.get("embeddings.word_embeddings.weight").unwrap().slot;
+        assert!(grads[word.offset + 3 * 8..word.offset + 4 * 8].iter().all(|&g| g == 0.0));
+        let coords: Vec<usize> = (0..params.len()).collect();
+        check(&format!("encoder (pre_ln {pre_ln})"), &mut params, &coords, &grads, &mut |p| {
+            let mut a = EncoderActs::new(&be);
+            model.forward(&be, &p.to_vec(), &tb, &mut a);
+            dot(&a.logits, &r)
+        });
+    }
+}

@@ -15,15 +15,15 @@
 //! MLP(x) = act(x·Wiᵀ + bi)·Wo2ᵀ + bo2;  Attn: q, k, v = x·W{q,k,v}ᵀ + b, softmax(q·kᵀ/√(H/A))·v
 //! pooled b×H = mean of the valid tokens' rows (or the [CLS] row); logits b×C = pooled·Wcᵀ + bc
 //! ```
-//! Status: the forward pass runs on the CPU (the `EncoderOps` backends); its backward pass,
-//! training with the methods, masked-LM pretraining and the CUDA kernels are still to come
-//! (the encoder issue).
+//! Status: forward and backward passes run on the CPU (the `EncoderOps` backends; f64
+//! finite-difference checks in tests/gradcheck.rs). Training with the methods, dropout,
+//! masked-LM pretraining and the CUDA kernels are still to come (the encoder issue).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Activation, Backend, EncoderOps, HostBatch};
+use crate::backend::{Activation, Backend, EncoderOps, HostBatch, SparseRows};
 use crate::error::{Error, IoContext, Result};
 use crate::model::params::{fill_uniform, Layout, Slot};
 
@@ -155,13 +155,65 @@ impl TokenBatch {
     }
 }
 
-/// Buffers of one forward pass.
+/// What one layer's forward pass keeps for its backward pass.
+struct LayerTape<B: Backend> {
+    /// The layer's input.
+    x_in: B::Buf,
+    /// Pre-LN: LN1(x_in), the attention's input.
+    h1: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    probs: B::Buf,
+    ctx: B::Buf,
+    /// Post-LN: LN1's input x_in + attention; pre-LN: x1 = x_in + attention.
+    r1: B::Buf,
+    stats1: B::Buf,
+    /// The MLP's input: post-LN x1 = LN1(r1); pre-LN h2 = LN2(x1).
+    mlp_in: B::Buf,
+    /// The MLP's pre-activation and activation.
+    u: B::Buf,
+    a: B::Buf,
+    /// Post-LN: LN2's input x1 + MLP.
+    r2: B::Buf,
+    stats2: B::Buf,
+}
+
+impl<B: Backend> LayerTape<B> {
+    fn new(be: &B) -> Self {
+        let z = || be.zeros(0);
+        LayerTape {
+            x_in: z(),
+            h1: z(),
+            q: z(),
+            k: z(),
+            v: z(),
+            probs: z(),
+            ctx: z(),
+            r1: z(),
+            stats1: z(),
+            mlp_in: z(),
+            u: z(),
+            a: z(),
+            r2: z(),
+            stats2: z(),
+        }
+    }
+}
+
+/// Buffers of one forward pass, kept for the backward pass.
 pub struct EncoderActs<B: Backend> {
-    /// The last layer's output (n×H) and the pooled vectors (b×H).
+    /// The last layer's output (n×H), the pooled vectors (b×H) and the logits (b×C).
     pub hidden: B::Buf,
     pub pooled: B::Buf,
     pub logits: B::Buf,
-    scratch: [B::Buf; 8],
+    /// The embeddings' sum (LN_emb's input) and its statistics.
+    emb_sum: B::Buf,
+    emb_stats: B::Buf,
+    layers: Vec<LayerTape<B>>,
+    /// Pre-LN: the last layer's output before the final LayerNorm, and its statistics.
+    final_in: B::Buf,
+    final_stats: B::Buf,
 }
 
 impl<B: Backend> EncoderActs<B> {
@@ -170,9 +222,22 @@ impl<B: Backend> EncoderActs<B> {
             hidden: be.zeros(0),
             pooled: be.zeros(0),
             logits: be.zeros(0),
-            scratch: std::array::from_fn(|_| be.zeros(0)),
+            emb_sum: be.zeros(0),
+            emb_stats: be.zeros(0),
+            layers: Vec::new(),
+            final_in: be.zeros(0),
+            final_stats: be.zeros(0),
         }
     }
+}
+
+/// The host-built index batches of a token batch: each token's word, position and type
+/// rows, and each sequence's pooled rows.
+struct Lookups {
+    word: HostBatch,
+    position: HostBatch,
+    token_type: HostBatch,
+    pooled: HostBatch,
 }
 
 impl Encoder {
@@ -226,8 +291,25 @@ impl Encoder {
         p
     }
 
+    fn lookups(&self, tb: &TokenBatch) -> Lookups {
+        let mut pooled = HostBatch::default();
+        for (i, &len) in tb.lens.iter().enumerate() {
+            let ids: Vec<u32> = match self.spec.pooling {
+                Pooling::Cls => vec![(i * tb.l) as u32],
+                Pooling::Mean => (0..len).map(|t| (i * tb.l + t) as u32).collect(),
+            };
+            pooled.push(&ids, -1);
+        }
+        Lookups {
+            word: tb.lookups(|r, _| tb.ids[r]),
+            position: tb.lookups(|_, t| t as u32),
+            token_type: tb.lookups(|_, _| 0),
+            pooled,
+        }
+    }
+
     /// The forward pass over `tb` (dropout-free): `acts.hidden` (n×H), `acts.pooled`
-    /// (b×H) and `acts.logits` (b×C).
+    /// (b×H) and `acts.logits` (b×C), keeping what [`Encoder::backward`] needs.
     pub fn forward<B: EncoderOps>(
         &self,
         be: &B,
@@ -236,74 +318,278 @@ impl Encoder {
         acts: &mut EncoderActs<B>,
     ) {
         let s = &self.spec;
-        let (n, h) = (tb.b * tb.l, s.hidden);
+        let (n, h, eps) = (tb.b * tb.l, s.hidden, s.layer_norm_eps);
         assert!(
             tb.l <= s.max_positions,
             "a sequence of {} tokens is longer than the {} positions",
             tb.l,
             s.max_positions
         );
+        let look = self.lookups(tb);
         let mask = be.upload(&tb.mask::<B::F>());
-        let [x, t1, t2, q, k, v, ctx, stats] = &mut acts.scratch;
         // Embeddings: three single-id lookups per token, summed, then LayerNorm.
-        be.embedding_bag_forward(params, self.word, &be.upload_batch(&tb.lookups(|r, _| tb.ids[r])), t1);
-        be.embedding_bag_forward(params, self.position, &be.upload_batch(&tb.lookups(|_, t| t as u32)), t2);
-        be.axpy(t1, t2, 1.0);
-        be.embedding_bag_forward(params, self.token_type, &be.upload_batch(&tb.lookups(|_, _| 0)), t2);
-        be.axpy(t1, t2, 1.0);
-        be.layer_norm_forward(t1, n, params, self.emb_ln.0, self.emb_ln.1, s.layer_norm_eps, x, stats);
+        let mut t = be.zeros(0);
+        be.embedding_bag_forward(params, self.word, &be.upload_batch(&look.word), &mut acts.emb_sum);
+        for (slot, batch) in [(self.position, &look.position), (self.token_type, &look.token_type)] {
+            be.embedding_bag_forward(params, slot, &be.upload_batch(batch), &mut t);
+            be.axpy(&mut acts.emb_sum, &t, 1.0);
+        }
+        let mut x = be.zeros(0);
+        be.layer_norm_forward(
+            &acts.emb_sum,
+            n,
+            params,
+            self.emb_ln.0,
+            self.emb_ln.1,
+            eps,
+            &mut x,
+            &mut acts.emb_stats,
+        );
         let shape = (tb.b, tb.l, s.heads);
         let scale = 1.0 / ((h / s.heads) as f64).sqrt();
-        let mut probs = be.zeros(0);
-        let mut inner = be.zeros(0);
-        let mut inner_act = be.zeros(0);
-        for layer in &self.layers {
-            // Attention, on x (post-LN) or LN1(x) (pre-LN); t1 = x + its output.
+        acts.layers.resize_with(self.layers.len(), || LayerTape::new(be));
+        for (layer, tp) in self.layers.iter().zip(&mut acts.layers) {
+            tp.x_in = x;
             if s.pre_ln {
-                be.layer_norm_forward(x, n, params, layer.ln1.0, layer.ln1.1, s.layer_norm_eps, t2, stats);
+                be.layer_norm_forward(
+                    &tp.x_in,
+                    n,
+                    params,
+                    layer.ln1.0,
+                    layer.ln1.1,
+                    eps,
+                    &mut tp.h1,
+                    &mut tp.stats1,
+                );
             }
-            let attn_in = if s.pre_ln { &*t2 } else { &*x };
-            be.linear_forward(attn_in, n, params, layer.query.0, layer.query.1, q);
-            be.linear_forward(attn_in, n, params, layer.key.0, layer.key.1, k);
-            be.linear_forward(attn_in, n, params, layer.value.0, layer.value.1, v);
-            be.attention_forward(q, k, v, &mask, shape, scale, ctx, &mut probs);
-            be.linear_forward(ctx, n, params, layer.attn_out.0, layer.attn_out.1, t1);
-            be.axpy(t1, x, 1.0);
-            // x ← t1, normalised (post-LN) or as it is (pre-LN); the MLP reads x or LN2(x).
+            let attn_in = if s.pre_ln { &tp.h1 } else { &tp.x_in };
+            be.linear_forward(attn_in, n, params, layer.query.0, layer.query.1, &mut tp.q);
+            be.linear_forward(attn_in, n, params, layer.key.0, layer.key.1, &mut tp.k);
+            be.linear_forward(attn_in, n, params, layer.value.0, layer.value.1, &mut tp.v);
+            be.attention_forward(&tp.q, &tp.k, &tp.v, &mask, shape, scale, &mut tp.ctx, &mut tp.probs);
+            be.linear_forward(&tp.ctx, n, params, layer.attn_out.0, layer.attn_out.1, &mut tp.r1);
+            be.axpy(&mut tp.r1, &tp.x_in, 1.0);
             if s.pre_ln {
-                std::mem::swap(x, t1);
-                be.layer_norm_forward(x, n, params, layer.ln2.0, layer.ln2.1, s.layer_norm_eps, t2, stats);
+                be.layer_norm_forward(
+                    &tp.r1,
+                    n,
+                    params,
+                    layer.ln2.0,
+                    layer.ln2.1,
+                    eps,
+                    &mut tp.mlp_in,
+                    &mut tp.stats2,
+                );
             } else {
-                be.layer_norm_forward(t1, n, params, layer.ln1.0, layer.ln1.1, s.layer_norm_eps, x, stats);
+                be.layer_norm_forward(
+                    &tp.r1,
+                    n,
+                    params,
+                    layer.ln1.0,
+                    layer.ln1.1,
+                    eps,
+                    &mut tp.mlp_in,
+                    &mut tp.stats1,
+                );
             }
-            let mlp_in = if s.pre_ln { &*t2 } else { &*x };
-            be.linear_forward(mlp_in, n, params, layer.inter.0, layer.inter.1, &mut inner);
-            be.activation_forward(s.activation, &inner, &mut inner_act);
-            be.linear_forward(&inner_act, n, params, layer.out.0, layer.out.1, t1);
-            be.axpy(t1, x, 1.0);
+            be.linear_forward(&tp.mlp_in, n, params, layer.inter.0, layer.inter.1, &mut tp.u);
+            be.activation_forward(s.activation, &tp.u, &mut tp.a);
+            be.linear_forward(&tp.a, n, params, layer.out.0, layer.out.1, &mut tp.r2);
+            // The residual: x1 = r1 (pre-LN) or LN1(r1) (post-LN).
+            be.axpy(&mut tp.r2, if s.pre_ln { &tp.r1 } else { &tp.mlp_in }, 1.0);
+            x = be.zeros(n * h);
             if s.pre_ln {
-                std::mem::swap(x, t1);
+                be.copy(&mut x, &tp.r2, 0..n * h);
             } else {
-                be.layer_norm_forward(t1, n, params, layer.ln2.0, layer.ln2.1, s.layer_norm_eps, x, stats);
+                be.layer_norm_forward(
+                    &tp.r2,
+                    n,
+                    params,
+                    layer.ln2.0,
+                    layer.ln2.1,
+                    eps,
+                    &mut x,
+                    &mut tp.stats2,
+                );
             }
         }
         if let Some((g, b)) = self.final_ln {
-            be.layer_norm_forward(x, n, params, g, b, s.layer_norm_eps, t1, stats);
-            std::mem::swap(x, t1);
+            acts.final_in = x;
+            x = be.zeros(0);
+            be.layer_norm_forward(&acts.final_in, n, params, g, b, eps, &mut x, &mut acts.final_stats);
         }
-        std::mem::swap(&mut acts.hidden, x);
+        acts.hidden = x;
         // Pooling: a mean embedding bag over the hidden rows of each sequence's tokens.
-        let mut rows = HostBatch::default();
-        for (i, &len) in tb.lens.iter().enumerate() {
-            let ids: Vec<u32> = match s.pooling {
-                Pooling::Cls => vec![(i * tb.l) as u32],
-                Pooling::Mean => (0..len).map(|t| (i * tb.l + t) as u32).collect(),
-            };
-            rows.push(&ids, -1);
-        }
         let all = Slot { offset: 0, rows: n, cols: h };
-        be.embedding_bag_forward(&acts.hidden, all, &be.upload_batch(&rows), &mut acts.pooled);
+        be.embedding_bag_forward(&acts.hidden, all, &be.upload_batch(&look.pooled), &mut acts.pooled);
         be.linear_forward(&acts.pooled, tb.b, params, self.head.0, self.head.1, &mut acts.logits);
+    }
+
+    /// The backward pass of the last [`Encoder::forward`] for `dlogits` (b×C): every
+    /// parameter's gradient added into `grads` (the layout's length; the embedding tables'
+    /// touched rows only).
+    pub fn backward<B: EncoderOps>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        tb: &TokenBatch,
+        acts: &EncoderActs<B>,
+        dlogits: &B::Buf,
+        grads: &mut B::Buf,
+    ) {
+        let s = &self.spec;
+        let (n, h, dim) = (tb.b * tb.l, s.hidden, s.hidden);
+        let look = self.lookups(tb);
+        let shape = (tb.b, tb.l, s.heads);
+        let scale = 1.0 / ((h / s.heads) as f64).sqrt();
+        // Head and pooling: d pooled, then d hidden rows (zero for padding).
+        let mut dpooled = be.zeros(0);
+        be.linear_backward(
+            &acts.pooled,
+            tb.b,
+            params,
+            self.head.0,
+            self.head.1,
+            dlogits,
+            grads,
+            Some(&mut dpooled),
+        );
+        let mut rows = SparseRows::new(be.zeros(0), dim);
+        be.embedding_bag_backward(&be.upload_batch(&look.pooled), &dpooled, dim, &mut rows);
+        let mut dx = be.zeros(n * h);
+        be.sparse_sgd(&mut dx, Slot { offset: 0, rows: n, cols: h }, &rows, -1.0);
+        let mut t = be.zeros(0);
+        if let Some((g, b)) = self.final_ln {
+            be.layer_norm_backward(&acts.final_in, n, params, g, b, &acts.final_stats, &dx, grads, &mut t);
+            std::mem::swap(&mut dx, &mut t);
+        }
+        let (mut d1, mut d2, mut d3) = (be.zeros(0), be.zeros(0), be.zeros(0));
+        let (mut dq, mut dk, mut dv) = (be.zeros(0), be.zeros(0), be.zeros(0));
+        for (layer, tp) in self.layers.iter().zip(&acts.layers).rev() {
+            // dx is d(layer output). d r2 (the MLP block's sum):
+            let dr2 = if s.pre_ln {
+                &dx
+            } else {
+                be.layer_norm_backward(
+                    &tp.r2,
+                    n,
+                    params,
+                    layer.ln2.0,
+                    layer.ln2.1,
+                    &tp.stats2,
+                    &dx,
+                    grads,
+                    &mut d1,
+                );
+                &d1
+            };
+            be.linear_backward(&tp.a, n, params, layer.out.0, layer.out.1, dr2, grads, Some(&mut d2));
+            be.activation_backward(s.activation, &tp.u, &d2, &mut d3);
+            be.linear_backward(
+                &tp.mlp_in,
+                n,
+                params,
+                layer.inter.0,
+                layer.inter.1,
+                &d3,
+                grads,
+                Some(&mut d2),
+            );
+            // d2 = d(MLP input). d x1: its residual share dr2, plus the MLP's path.
+            let mut dx1 = be.zeros(0);
+            if s.pre_ln {
+                be.layer_norm_backward(
+                    &tp.r1,
+                    n,
+                    params,
+                    layer.ln2.0,
+                    layer.ln2.1,
+                    &tp.stats2,
+                    &d2,
+                    grads,
+                    &mut dx1,
+                );
+            } else {
+                dx1 = d2;
+                d2 = be.zeros(0);
+            }
+            be.axpy(&mut dx1, dr2, 1.0);
+            // d r1 (the attention block's sum).
+            let dr1 = if s.pre_ln {
+                dx1
+            } else {
+                let mut out = be.zeros(0);
+                be.layer_norm_backward(
+                    &tp.r1,
+                    n,
+                    params,
+                    layer.ln1.0,
+                    layer.ln1.1,
+                    &tp.stats1,
+                    &dx1,
+                    grads,
+                    &mut out,
+                );
+                out
+            };
+            let mut dctx = be.zeros(0);
+            be.linear_backward(
+                &tp.ctx,
+                n,
+                params,
+                layer.attn_out.0,
+                layer.attn_out.1,
+                &dr1,
+                grads,
+                Some(&mut dctx),
+            );
+            be.attention_backward(
+                &tp.q, &tp.k, &tp.v, &tp.probs, &dctx, shape, scale, &mut dq, &mut dk, &mut dv,
+            );
+            let attn_in = if s.pre_ln { &tp.h1 } else { &tp.x_in };
+            let (mut din, mut part) = (be.zeros(0), be.zeros(0));
+            be.linear_backward(attn_in, n, params, layer.query.0, layer.query.1, &dq, grads, Some(&mut din));
+            for (lin, dy) in [(layer.key, &dk), (layer.value, &dv)] {
+                be.linear_backward(attn_in, n, params, lin.0, lin.1, dy, grads, Some(&mut part));
+                be.axpy(&mut din, &part, 1.0);
+            }
+            // d x_in: the residual's dr1 plus the attention's path (through LN1 for pre-LN).
+            if s.pre_ln {
+                be.layer_norm_backward(
+                    &tp.x_in,
+                    n,
+                    params,
+                    layer.ln1.0,
+                    layer.ln1.1,
+                    &tp.stats1,
+                    &din,
+                    grads,
+                    &mut dx,
+                );
+            } else {
+                dx = din;
+            }
+            be.axpy(&mut dx, &dr1, 1.0);
+        }
+        // Embeddings: through LN_emb, then each table's touched rows.
+        be.layer_norm_backward(
+            &acts.emb_sum,
+            n,
+            params,
+            self.emb_ln.0,
+            self.emb_ln.1,
+            &acts.emb_stats,
+            &dx,
+            grads,
+            &mut t,
+        );
+        for (slot, batch) in
+            [(self.word, &look.word), (self.position, &look.position), (self.token_type, &look.token_type)]
+        {
+            be.embedding_bag_backward(&be.upload_batch(batch), &t, dim, &mut rows);
+            // sparse SGD at rate −1 adds the rows' gradients into the dense buffer.
+            be.sparse_sgd(grads, slot, &rows, -1.0);
+        }
     }
 }
 
