@@ -248,6 +248,65 @@ pub fn bench_allreduce(dist: &crate::dist::Dist, min_bytes: u64, max_bytes: u64)
     })
 }
 
+/// The result of `dtrain bench encoder`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EncoderBench {
+    pub provenance: Provenance,
+    pub model: String,
+    pub layers: usize,
+    pub hidden: usize,
+    pub batch: usize,
+    pub len: usize,
+    /// Seconds per forward pass, and per forward + backward pass.
+    pub forward: Spread,
+    pub forward_backward: Spread,
+}
+
+/// `dtrain bench encoder`: the pretrained encoder in `dir` on `batch` random sequences of
+/// `len` tokens, on the CPU: forward passes, then forward + backward passes, `repeats`
+/// timed runs each after one warm-up.
+pub fn bench_encoder(dir: &Path, batch: usize, len: usize, repeats: usize) -> Result<EncoderBench> {
+    use crate::backend::cpu::{on_worker, Cpu};
+    use crate::model::encoder::{load_pretrained, EncoderActs, Pooling, TokenBatch};
+    let (model, params) = load_pretrained(dir, 15, Pooling::Mean, 0)?;
+    let len = len.clamp(2, model.spec.max_positions);
+    let vocab = model.spec.vocab as u64;
+    let seqs: Vec<Vec<u32>> = (0..batch as u64)
+        .map(|i| (0..len as u64).map(|t| (crate::backend::mix64(i * 1000 + t) % vocab) as u32).collect())
+        .collect();
+    let tb = TokenBatch::new(&seqs, 0);
+    let be = Cpu::<f32>::new();
+    let dlogits: Vec<f32> = vec![1e-2; batch * model.spec.classes];
+    let (forward, forward_backward) = on_worker(|| {
+        let mut acts = EncoderActs::new(&be);
+        let mut grads = vec![0.0f32; params.len()];
+        let mut time = |backward: bool| {
+            let runs: Vec<f64> = (0..=repeats.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    model.forward(&be, &params, &tb, &mut acts);
+                    if backward {
+                        model.backward(&be, &params, &tb, &acts, &dlogits, &mut grads);
+                    }
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            Spread::of(&runs[1..])
+        };
+        (time(false), time(true))
+    });
+    Ok(EncoderBench {
+        provenance: Provenance::collect(),
+        model: dir.display().to_string(),
+        layers: model.spec.layers,
+        hidden: model.spec.hidden,
+        batch,
+        len,
+        forward,
+        forward_backward,
+    })
+}
+
 /// One kernel at one size in `dtrain bench kernels`.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelRow {

@@ -141,6 +141,25 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The encoder's training-step arithmetic on the CPU: forward and forward+backward
+    /// passes of a pretrained model (e.g. models/minilm) on random token ids, in tokens/s.
+    Encoder {
+        /// A Hugging Face model directory (config.json, model.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 64)]
+        len: usize,
+        /// Timed repetitions after one warm-up.
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Throughput of `dtrain prepare` (MB/s of uncompressed text, documents/s).
     Prepare {
         #[command(flatten)]
@@ -747,6 +766,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Kernels { device, max_log2, json }) => {
             bench_kernels(device, max_log2, json)
+        }
+        Command::Bench(BenchCommand::Encoder { model, batch, len, repeat, json }) => {
+            let r = dtrain::bench::bench_encoder(&model, batch, len, repeat)?;
+            println!(
+                "dtrain bench encoder: {} ({} layers, hidden {}), {} x {} tokens, {} thread(s), {}",
+                model.display(),
+                r.layers,
+                r.hidden,
+                r.batch,
+                r.len,
+                r.provenance.threads,
+                r.provenance.cpu
+            );
+            println!("{:<18} {:>10} {:>10} {:>10} {:>12}", "", "min s", "median s", "max s", "tokens/s");
+            for (name, s) in [("forward", &r.forward), ("forward+backward", &r.forward_backward)] {
+                let tps = (r.batch * r.len) as f64 / s.median;
+                println!("{name:<18} {:>10.3} {:>10.3} {:>10.3} {tps:>12.0}", s.min, s.median, s.max);
+            }
+            if let Some(path) = json {
+                dtrain::bench::write_json(&path, &r)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Info => {
             info();
