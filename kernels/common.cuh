@@ -65,35 +65,22 @@ __device__ __forceinline__ ArgMax argmax_merge(ArgMax a, ArgMax b) {
 // Block-wide reductions for blocks of at most 1024 threads (a multiple of 32). `scratch`
 // is shared memory of at least 32 elements of the reduced type; every thread gets the
 // result. Threads combine within their warp first, then warp 0 combines the warps.
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ float block_sum(float v, float* scratch) {
+// The sum over the block (float or double).
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     v = warp_sum(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < warps ? scratch[lane] : 0.0f;
+    v = lane < warps ? scratch[lane] : T(0);
     v = warp_sum(v);
-    return v;
-}
-
-__device__ double block_sum_d(double v, double* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < warps ? scratch[lane] : 0.0;
-    v = warp_sum_d(v);
     return v;
 }
 

@@ -147,8 +147,8 @@ extern "C" __global__ void lamb_direction(const float* __restrict__ p, const flo
         pp += (double)pi * (double)pi;
         uu += (double)d * (double)d;
     }
-    pp = block_sum_d(pp, s_sum);
-    uu = block_sum_d(uu, s_sum);
+    pp = block_sum(pp, s_sum);
+    uu = block_sum(uu, s_sum);
     if (threadIdx.x == 0) {
         partial[2 * blockIdx.x] = pp;
         partial[2 * blockIdx.x + 1] = uu;
@@ -230,6 +230,6 @@ extern "C" __global__ void sq_norm_partial(const float* __restrict__ x, size_t n
     __shared__ double s_sum[32];
     double acc = 0.0;
     GRID_STRIDE(i, n) acc += (double)x[i] * (double)x[i];
-    acc = block_sum_d(acc, s_sum);
+    acc = block_sum(acc, s_sum);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }

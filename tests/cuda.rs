@@ -482,23 +482,7 @@ const TWINS: &[(&str, Test)] = &[
 /// Small separable data: 3 classes of their own words plus shared noise, 12 labels per
 /// class kept and the rest unlabeled, 2 shards.
 fn whole_model_data(dir: &Path) -> PathBuf {
-    let mut tsv = String::new();
-    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
-    for j in 0..80 {
-        for (c, w) in words.iter().enumerate() {
-            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
-        }
-    }
-    let f = common::write(dir, "sep.tsv", tsv.as_bytes());
-    let out = dir.join("data");
-    common::run(
-        &[&f],
-        &[],
-        &out,
-        &["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=12"],
-    )
-    .expect("prepare");
-    out
+    common::separable(dir, 80, &["output.shards=2", "split.labels_per_class=12"])
 }
 
 /// The same run (`sets` on top of a small config with dropout) on the CPU and on CUDA

@@ -58,23 +58,7 @@ fn run_ok(mut c: Command) -> Output {
 /// A small data set in 4 shards per split: 3 classes of their own words plus shared noise,
 /// 12 labels per class kept and the rest unlabeled.
 fn data(dir: &Path) -> PathBuf {
-    let mut tsv = String::new();
-    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
-    for j in 0..80 {
-        for (c, w) in words.iter().enumerate() {
-            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
-        }
-    }
-    let f = common::write(dir, "sep.tsv", tsv.as_bytes());
-    let out = dir.join("data");
-    common::run(
-        &[&f],
-        &[],
-        &out,
-        &["output.shards=4", "tokenizer.buckets=4096", "split.labels_per_class=12"],
-    )
-    .unwrap();
-    out
+    common::separable(dir, 80, &["output.shards=4", "split.labels_per_class=12"])
 }
 
 /// A run config on `data`: 8 labeled rows per step (2 per shard), dropout on, so that

@@ -11,17 +11,7 @@ use dtrain::train::{train, Resume, RunOptions};
 /// A data set where each class has its own words plus shared noise words, prepared with
 /// `extra` settings.
 fn separable_with(dir: &Path, extra: &[&str]) -> PathBuf {
-    let mut tsv = String::new();
-    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
-    for j in 0..60 {
-        for (c, w) in words.iter().enumerate() {
-            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
-        }
-    }
-    let f = common::write(dir, "sep.tsv", tsv.as_bytes());
-    let out = dir.join("data");
-    common::run(&[&f], &[], &out, &[&["output.shards=2", "tokenizer.buckets=4096"], extra].concat()).unwrap();
-    out
+    common::separable(dir, 60, &[&["output.shards=2"], extra].concat())
 }
 
 /// The separable data, every document labeled.

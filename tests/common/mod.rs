@@ -131,3 +131,19 @@ pub fn max_rel_err(a: &Path, b: &Path) -> f64 {
 pub fn last_checkpoint(out: &Path) -> PathBuf {
     dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().expect("a checkpoint")
 }
+
+/// A data set of 3 classes, each with its own words plus shared filler words: `per_class`
+/// documents per class, prepared into `dir/data` with 4096 buckets and `extra` settings.
+pub fn separable(dir: &Path, per_class: usize, extra: &[&str]) -> PathBuf {
+    let mut tsv = String::new();
+    let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
+    for j in 0..per_class {
+        for (c, w) in words.iter().enumerate() {
+            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
+        }
+    }
+    let f = write(dir, "sep.tsv", tsv.as_bytes());
+    let out = dir.join("data");
+    run(&[&f], &[], &out, &[&["tokenizer.buckets=4096"], extra].concat()).unwrap();
+    out
+}
