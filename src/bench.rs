@@ -284,7 +284,7 @@ pub fn bench_encoder(dir: &Path, batch: usize, len: usize, repeats: usize) -> Re
             let runs: Vec<f64> = (0..=repeats.max(1))
                 .map(|_| {
                     let t = Instant::now();
-                    model.forward(&be, &params, &tb, &mut acts);
+                    model.forward(&be, &params, &tb, None, &mut acts);
                     if backward {
                         model.backward(&be, &params, &tb, &acts, &dlogits, &mut grads);
                     }

@@ -873,7 +873,7 @@ fn embed(dir: &Path, pooling: &str, max_len: usize, texts: &[String]) -> anyhow:
     let be = dtrain::backend::cpu::Cpu::<f32>::new();
     let tb = TokenBatch::new(&seqs, tok.pad);
     let mut acts = EncoderActs::new(&be);
-    model.forward(&be, &params, &tb, &mut acts);
+    model.forward(&be, &params, &tb, None, &mut acts);
     let h = model.spec.hidden;
     for (i, text) in texts.iter().enumerate() {
         let line =

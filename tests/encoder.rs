@@ -56,7 +56,7 @@ fn pooled(model: &Encoder, params: &[f32], seqs: &[Vec<u32>]) -> Vec<Vec<f32>> {
     let be = Cpu::<f32>::new();
     let tb = TokenBatch::new(seqs, 0);
     let mut acts = EncoderActs::new(&be);
-    model.forward(&be, &params.to_vec(), &tb, &mut acts);
+    model.forward(&be, &params.to_vec(), &tb, None, &mut acts);
     acts.pooled.chunks(model.spec.hidden).map(|c| c.to_vec()).collect()
 }
 

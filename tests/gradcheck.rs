@@ -548,13 +548,16 @@ mod consistency_op {
 }
 
 /// The whole encoder (embeddings, attention and MLP blocks, pooling, head), post-LN with
-/// mean pooling and pre-LN with [CLS] pooling, on a padded batch: every parameter's
-/// gradient against finite differences.
+/// mean pooling and hidden dropout, and pre-LN with [CLS] pooling, on a padded batch:
+/// every parameter's gradient against finite differences (the dropout masks fixed by
+/// their key).
 #[test]
 fn whole_encoder_post_ln_and_pre_ln() {
     use dtrain::model::encoder::{Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
     let be = B::new();
-    for (pre_ln, pooling) in [(false, Pooling::Mean), (true, Pooling::Cls)] {
+    let key = DropoutKey { seed: 5, step: 1, site: 0, pass: 0, rows: RowMap::at(0) };
+    for (pre_ln, pooling, noise) in [(false, Pooling::Mean, Some((key, 0.3f32))), (true, Pooling::Cls, None)]
+    {
         let model = Encoder::new(EncoderSpec {
             vocab: 11,
             hidden: 8,
@@ -576,7 +579,10 @@ fn whole_encoder_post_ln_and_pre_ln() {
         let tb = TokenBatch::new(&[vec![1, 4, 4, 9, 2], vec![1, 7, 2]], 0);
         let r = randn(2 * 3, 42);
         let mut acts = EncoderActs::new(&be);
-        model.forward(&be, &params, &tb, &mut acts);
+        let mut clean = EncoderActs::new(&be);
+        model.forward(&be, &params, &tb, None, &mut clean);
+        model.forward(&be, &params, &tb, noise, &mut acts);
+        assert_eq!(noise.is_some(), clean.logits != acts.logits, "dropout changes the logits");
         let mut grads = vec![0.0; params.len()];
         model.backward(&be, &params, &tb, &acts, &r, &mut grads);
         // Rows of the word table that no token reads have no gradient.
@@ -585,7 +591,7 @@ fn whole_encoder_post_ln_and_pre_ln() {
         let coords: Vec<usize> = (0..params.len()).collect();
         check(&format!("encoder (pre_ln {pre_ln})"), &mut params, &coords, &grads, &mut |p| {
             let mut a = EncoderActs::new(&be);
-            model.forward(&be, &p.to_vec(), &tb, &mut a);
+            model.forward(&be, &p.to_vec(), &tb, noise, &mut a);
             dot(&a.logits, &r)
         });
     }

@@ -16,14 +16,15 @@
 //! pooled b×H = mean of the valid tokens' rows (or the [CLS] row); logits b×C = pooled·Wcᵀ + bc
 //! ```
 //! Status: forward and backward passes run on the CPU (the `EncoderOps` backends; f64
-//! finite-difference checks in tests/gradcheck.rs). Training with the methods, dropout,
-//! masked-LM pretraining and the CUDA kernels are still to come (the encoder issue).
+//! finite-difference checks in tests/gradcheck.rs), with BERT's hidden dropout. Dropout on
+//! the attention probabilities, training with the methods, masked-LM pretraining and the
+//! CUDA kernels are still to come (the encoder issue).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Activation, Backend, EncoderOps, HostBatch, SparseRows};
+use crate::backend::{Activation, Backend, DropoutKey, EncoderOps, HostBatch, SparseRows};
 use crate::error::{Error, IoContext, Result};
 use crate::model::params::{fill_uniform, Layout, Slot};
 
@@ -214,6 +215,8 @@ pub struct EncoderActs<B: Backend> {
     /// Pre-LN: the last layer's output before the final LayerNorm, and its statistics.
     final_in: B::Buf,
     final_stats: B::Buf,
+    /// The dropout of the last forward pass (its masks are recomputed in the backward).
+    noise: Option<(DropoutKey, f32)>,
 }
 
 impl<B: Backend> EncoderActs<B> {
@@ -227,6 +230,7 @@ impl<B: Backend> EncoderActs<B> {
             layers: Vec::new(),
             final_in: be.zeros(0),
             final_stats: be.zeros(0),
+            noise: None,
         }
     }
 }
@@ -308,15 +312,25 @@ impl Encoder {
         }
     }
 
-    /// The forward pass over `tb` (dropout-free): `acts.hidden` (n×H), `acts.pooled`
-    /// (b×H) and `acts.logits` (b×C), keeping what [`Encoder::backward`] needs.
+    /// The forward pass over `tb`: `acts.hidden` (n×H), `acts.pooled` (b×H) and
+    /// `acts.logits` (b×C), keeping what [`Encoder::backward`] needs. `noise` is `Some((key,
+    /// p))` in training: dropout at rate p on the embeddings (site 0) and on each layer's
+    /// attention and MLP outputs before their residual sums (sites 1 + 2k and 2 + 2k), as
+    /// BERT's hidden dropout; the key's `rows` places each token row.
     pub fn forward<B: EncoderOps>(
         &self,
         be: &B,
         params: &B::Buf,
         tb: &TokenBatch,
+        noise: Option<(DropoutKey, f32)>,
         acts: &mut EncoderActs<B>,
     ) {
+        acts.noise = noise;
+        let drop = |site: u32, x: &mut B::Buf| {
+            if let Some((key, p)) = noise {
+                be.dropout(p, DropoutKey { site, ..key }, self.spec.hidden, x);
+            }
+        };
         let s = &self.spec;
         let (n, h, eps) = (tb.b * tb.l, s.hidden, s.layer_norm_eps);
         assert!(
@@ -345,10 +359,12 @@ impl Encoder {
             &mut x,
             &mut acts.emb_stats,
         );
+        drop(0, &mut x);
         let shape = (tb.b, tb.l, s.heads);
         let scale = 1.0 / ((h / s.heads) as f64).sqrt();
         acts.layers.resize_with(self.layers.len(), || LayerTape::new(be));
-        for (layer, tp) in self.layers.iter().zip(&mut acts.layers) {
+        for (k, (layer, tp)) in self.layers.iter().zip(&mut acts.layers).enumerate() {
+            let site = 1 + 2 * k as u32;
             tp.x_in = x;
             if s.pre_ln {
                 be.layer_norm_forward(
@@ -368,6 +384,7 @@ impl Encoder {
             be.linear_forward(attn_in, n, params, layer.value.0, layer.value.1, &mut tp.v);
             be.attention_forward(&tp.q, &tp.k, &tp.v, &mask, shape, scale, &mut tp.ctx, &mut tp.probs);
             be.linear_forward(&tp.ctx, n, params, layer.attn_out.0, layer.attn_out.1, &mut tp.r1);
+            drop(site, &mut tp.r1);
             be.axpy(&mut tp.r1, &tp.x_in, 1.0);
             if s.pre_ln {
                 be.layer_norm_forward(
@@ -395,6 +412,7 @@ impl Encoder {
             be.linear_forward(&tp.mlp_in, n, params, layer.inter.0, layer.inter.1, &mut tp.u);
             be.activation_forward(s.activation, &tp.u, &mut tp.a);
             be.linear_forward(&tp.a, n, params, layer.out.0, layer.out.1, &mut tp.r2);
+            drop(site + 1, &mut tp.r2);
             // The residual: x1 = r1 (pre-LN) or LN1(r1) (post-LN).
             be.axpy(&mut tp.r2, if s.pre_ln { &tp.r1 } else { &tp.mlp_in }, 1.0);
             x = be.zeros(n * h);
@@ -465,7 +483,8 @@ impl Encoder {
         }
         let (mut d1, mut d2, mut d3) = (be.zeros(0), be.zeros(0), be.zeros(0));
         let (mut dq, mut dk, mut dv) = (be.zeros(0), be.zeros(0), be.zeros(0));
-        for (layer, tp) in self.layers.iter().zip(&acts.layers).rev() {
+        for (k, (layer, tp)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
+            let site = 1 + 2 * k as u32;
             // dx is d(layer output). d r2 (the MLP block's sum):
             let dr2 = if s.pre_ln {
                 &dx
@@ -483,7 +502,9 @@ impl Encoder {
                 );
                 &d1
             };
-            be.linear_backward(&tp.a, n, params, layer.out.0, layer.out.1, dr2, grads, Some(&mut d2));
+            let mut tmp = be.zeros(0);
+            let dmlp = masked(be, dr2, n * h, h, acts.noise, site + 1, &mut tmp);
+            be.linear_backward(&tp.a, n, params, layer.out.0, layer.out.1, dmlp, grads, Some(&mut d2));
             be.activation_backward(s.activation, &tp.u, &d2, &mut d3);
             be.linear_backward(
                 &tp.mlp_in,
@@ -533,13 +554,15 @@ impl Encoder {
                 out
             };
             let mut dctx = be.zeros(0);
+            let mut tmp = be.zeros(0);
+            let dattn = masked(be, &dr1, n * h, h, acts.noise, site, &mut tmp);
             be.linear_backward(
                 &tp.ctx,
                 n,
                 params,
                 layer.attn_out.0,
                 layer.attn_out.1,
-                &dr1,
+                dattn,
                 grads,
                 Some(&mut dctx),
             );
@@ -571,7 +594,10 @@ impl Encoder {
             }
             be.axpy(&mut dx, &dr1, 1.0);
         }
-        // Embeddings: through LN_emb, then each table's touched rows.
+        // Embeddings: through their dropout and LN_emb, then each table's touched rows.
+        if let Some((key, p)) = acts.noise {
+            be.dropout(p, DropoutKey { site: 0, ..key }, h, &mut dx);
+        }
         be.layer_norm_backward(
             &acts.emb_sum,
             n,
@@ -589,6 +615,28 @@ impl Encoder {
             be.embedding_bag_backward(&be.upload_batch(batch), &t, dim, &mut rows);
             // sparse SGD at rate −1 adds the rows' gradients into the dense buffer.
             be.sparse_sgd(grads, slot, &rows, -1.0);
+        }
+    }
+}
+
+/// `g` (the first `len` values) through dropout site `site`'s mask, into `tmp`; `g` itself
+/// when the pass had no dropout. Dropout's backward pass is the same mask.
+fn masked<'a, B: Backend>(
+    be: &B,
+    g: &'a B::Buf,
+    len: usize,
+    width: usize,
+    noise: Option<(DropoutKey, f32)>,
+    site: u32,
+    tmp: &'a mut B::Buf,
+) -> &'a B::Buf {
+    match noise {
+        None => g,
+        Some((key, p)) => {
+            *tmp = be.zeros(len);
+            be.copy(tmp, g, 0..len);
+            be.dropout(p, DropoutKey { site, ..key }, width, tmp);
+            tmp
         }
     }
 }
