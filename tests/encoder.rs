@@ -5,6 +5,8 @@
 //!
 //! Needs models/minilm (`launch/fetch-model minilm`, which launch/setup runs).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use dtrain::backend::cpu::Cpu;
@@ -132,4 +134,71 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
     std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains("not a safetensors file"), "{e}");
+}
+
+/// `prepare` with `tokenizer.subword` stores the subword tokenizer's ids (cut to `max_len`,
+/// closing token kept), records the tokenizer's path, checksum and vocabulary size in the
+/// manifest with `buckets` = the vocabulary, and keeps the hashing tokenizer's split and
+/// de-duplication; a missing file or a checksum that does not match is refused by field.
+#[test]
+fn prepare_with_a_subword_tokenizer_stores_its_ids() {
+    let path = minilm().join("tokenizer.json");
+    let tok = SubwordTokenizer::open(&path).unwrap();
+    let texts = [
+        "the team won the match",
+        "北京是中国的首都",
+        "a much longer document that the tokenizer will have to cut at eight ids",
+        "Semi-supervised learning doesn't need many labels!",
+        "the team won the match",
+    ];
+    let mut tsv = String::new();
+    for (i, t) in texts.iter().enumerate() {
+        tsv.push_str(&format!("c{}\t{t}\n", i % 2));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), "in.tsv", tsv.as_bytes());
+    let out = dir.path().join("data");
+    let sets = [
+        format!("tokenizer.subword.path={:?}", path.display().to_string()),
+        "tokenizer.subword.max_len=8".to_string(),
+        "split.test_fraction=0".to_string(),
+        "split.val_fraction=0".to_string(),
+        "output.shards=1".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+    let report = common::run(&[&f], &[], &out, &sets).unwrap();
+    assert_eq!(report.manifest.stats.duplicates, 1, "the repeated text is dropped");
+    let ds = dtrain::data::dataset::Dataset::open(&out).unwrap();
+    let spec = &ds.manifest().tokenizer;
+    let sw = spec.subword.as_ref().expect("the manifest records the subword tokenizer");
+    assert_eq!((spec.buckets, sw.vocab, sw.max_len), (30522, Some(30522), 8));
+    assert_eq!(sw.checksum.as_deref().map(str::len), Some(16));
+    let mut got: Vec<Vec<u32>> = ds
+        .shards(dtrain::data::shard::SplitKind::Train)
+        .iter()
+        .flat_map(|s| (0..s.len()).map(|i| s.doc(i).ids.to_vec()).collect::<Vec<_>>())
+        .collect();
+    let mut want: Vec<Vec<u32>> = texts[..4].iter().map(|t| tok.encode(t, 8).unwrap()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(want.iter().any(|ids| ids.len() == 8 && ids[7] == 102), "one text was cut, keeping [SEP]");
+    // Skip-gram pretraining needs hashed word features: refused on subword ids.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--quiet", "pretrain", "--config", "configs/brown/pretrain.toml", "--set"])
+        .arg(format!("data.dir={:?}", out.display().to_string()))
+        .arg("--set")
+        .arg(format!("train.out_dir={:?}", dir.path().join("pre").display().to_string()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && text.contains("holds subword ids"), "{text}");
+    // A missing tokenizer, and a checksum that does not match, are refused by field.
+    let missing = ["tokenizer.subword.path=\"nowhere/tokenizer.json\""];
+    let e = common::run(&[&f], &[], &dir.path().join("x"), &missing).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.subword.path") && e.contains("nowhere"), "{e}");
+    let wrong = [sets[0], "tokenizer.subword.checksum=\"0000000000000000\""];
+    let e = common::run(&[&f], &[], &dir.path().join("y"), &wrong).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.subword.checksum"), "{e}");
 }

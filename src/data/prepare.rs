@@ -34,6 +34,7 @@ use crate::data::manifest::{
 };
 use crate::data::shard::{ShardWriter, SplitKind};
 use crate::data::split;
+use crate::data::subword::SubwordTokenizer;
 use crate::data::tokenize::{Tokenizer, Words};
 use crate::data::vocab::Vocab;
 use crate::error::{Error, IoContext, Result};
@@ -84,6 +85,8 @@ struct PoolDoc {
 struct Run<'a> {
     cfg: &'a PrepareConfig,
     tokenizer: Tokenizer,
+    /// The subword tokenizer whose ids replace the hashed features, if any.
+    subword: Option<SubwordTokenizer>,
     fields: JsonFields,
     /// Fixed label list (from the config), if any.
     fixed_labels: Option<HashMap<String, u32>>,
@@ -104,8 +107,37 @@ struct Run<'a> {
 }
 
 /// Runs `dtrain prepare` with a validated config. `progress` shows a bar on stderr.
+/// The config with `tokenizer.subword` resolved: the file read, its checksum and vocabulary
+/// size recorded, `buckets` set to that size.
+fn with_subword(cfg: &PrepareConfig) -> Result<PrepareConfig> {
+    let mut cfg = cfg.clone();
+    let Some(sw) = cfg.tokenizer.subword.as_mut() else { return Ok(cfg) };
+    let path = Path::new(&sw.path);
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::config("prepare", "tokenizer.subword.path", format!("{}: {e}", path.display()))
+    })?;
+    let tok = SubwordTokenizer::open(path)?;
+    let checksum = hex64(xxhash_rust::xxh3::xxh3_64(&bytes));
+    if sw.checksum.as_ref().is_some_and(|c| *c != checksum) {
+        return Err(Error::config(
+            "prepare",
+            "tokenizer.subword.checksum",
+            format!(
+                "{} has checksum {checksum}, not the {} asked for",
+                path.display(),
+                sw.checksum.as_ref().unwrap()
+            ),
+        ));
+    }
+    sw.checksum = Some(checksum);
+    sw.vocab = Some(tok.vocab_size());
+    cfg.tokenizer.buckets = tok.vocab_size();
+    Ok(cfg)
+}
+
 pub fn prepare(cfg: &PrepareConfig, progress: bool) -> Result<PrepareReport> {
     let start = Instant::now();
+    let cfg = &with_subword(cfg)?;
     let files: Vec<(PathBuf, Role)> = cfg
         .input
         .test
@@ -210,6 +242,10 @@ fn prepare_into(
     let mut run = Run {
         cfg,
         tokenizer: Tokenizer::new(cfg.tokenizer.clone()),
+        subword: match &cfg.tokenizer.subword {
+            Some(sw) => Some(SubwordTokenizer::open(Path::new(&sw.path))?),
+            None => None,
+        },
         fields: JsonFields { text: cfg.input.text_field.clone(), label: cfg.input.label_field.clone() },
         fixed_labels,
         seen_labels: Vec::new(),
@@ -429,6 +465,8 @@ impl Run<'_> {
             let (fields, tokenizer, fixed) =
                 (self.fields.clone(), self.tokenizer.clone(), self.fixed_labels.clone());
             let (fields, tokenizer, fixed) = (&fields, &tokenizer, fixed.as_ref());
+            let subword = self.subword.clone();
+            let max_len = self.cfg.tokenizer.subword.as_ref().map_or(0, |s| s.max_len as usize);
             for chunk in rx {
                 let chunk = chunk?;
                 record.lines += chunk.len() as u64;
@@ -449,7 +487,12 @@ impl Run<'_> {
                                 ));
                             }
                         }
-                        let (t, word_text) = tokenizer.tokenize_with_words(&doc.text);
+                        let (mut t, word_text) = tokenizer.tokenize_with_words(&doc.text);
+                        if let Some(sw) = &subword {
+                            let ids = sw.encode(&doc.text, max_len).map_err(|e| (*line, e.to_string()))?;
+                            t.truncated |= sw.was_cut(&doc.text, ids.len(), max_len);
+                            t.ids = ids;
+                        }
                         if t.ids.is_empty() {
                             return Err((
                                 *line,

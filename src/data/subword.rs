@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// A pretrained model's tokenizer.
+#[derive(Clone)]
 pub struct SubwordTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
@@ -29,6 +30,16 @@ impl SubwordTokenizer {
             .map_err(|e| Error::bad_file(path, format!("cannot turn truncation off: {e}")))?;
         let pad = inner.token_to_id("[PAD]").or_else(|| inner.token_to_id("<pad>")).unwrap_or(0);
         Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad })
+    }
+
+    /// The vocabulary size (ids are below it), special tokens included.
+    pub fn vocab_size(&self) -> u32 {
+        self.inner.get_vocab_size(true) as u32
+    }
+
+    /// Whether [`SubwordTokenizer::encode`] cut `text`, given the ids it returned.
+    pub fn was_cut(&self, text: &str, kept: usize, max_len: usize) -> bool {
+        kept == max_len && self.inner.encode(text, true).is_ok_and(|e| e.get_ids().len() > max_len)
     }
 
     /// The ids of `text` with the model's special tokens ([CLS] … [SEP] for BERT), cut to

@@ -82,6 +82,35 @@ pub struct TokenizerSpec {
     pub max_words: u32,
     /// Seed of the feature hash.
     pub hash_seed: u64,
+    /// A subword tokenizer whose ids the documents get instead of hashed features (for
+    /// encoder models); the hashing tokenizer above still gives each document's words
+    /// (de-duplication, the vocabulary, pretraining). None: hashed features.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subword: Option<SubwordSpec>,
+}
+
+/// A Hugging Face `tokenizer.json` for a data set's ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubwordSpec {
+    /// The tokenizer.json, as given.
+    pub path: String,
+    /// Most ids per document, special tokens included (the encoder's positions).
+    #[serde(default = "SubwordSpec::default_max_len")]
+    pub max_len: u32,
+    /// Set by `prepare`: the file's xxh3 (hex), so that a data set names the exact
+    /// tokenizer its ids come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// Set by `prepare`: the vocabulary size, which `buckets` becomes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<u32>,
+}
+
+impl SubwordSpec {
+    fn default_max_len() -> u32 {
+        512
+    }
 }
 
 impl Default for TokenizerSpec {
@@ -96,6 +125,7 @@ impl Default for TokenizerSpec {
             buckets: 1 << 20,
             max_words: 2048,
             hash_seed: 0,
+            subword: None,
         }
     }
 }
@@ -126,6 +156,14 @@ impl TokenizerSpec {
         }
         if self.max_words < 1 {
             return bad("max_words", "must be at least 1");
+        }
+        if let Some(sw) = &self.subword {
+            if sw.path.is_empty() {
+                return bad("subword.path", "must name a tokenizer.json");
+            }
+            if sw.max_len < 2 {
+                return bad("subword.max_len", "must be at least 2 (the special tokens)");
+            }
         }
         Ok(())
     }

@@ -246,7 +246,9 @@ impl Embeddings {
     /// meant in pretraining), and the character n-gram rows both ranges share are copied.
     pub fn init_table(&self, spec: &TokenizerSpec, dim: usize, table: &mut [f32]) -> Result<InitSummary> {
         let t = &self.meta.tokenizer;
-        let mismatch = if dim != self.meta.dim {
+        let mismatch = if spec.subword.is_some() {
+            Some("the data set holds subword ids, not the hashed features skip-gram trains".into())
+        } else if dim != self.meta.dim {
             Some(format!("model.dim is {dim}, the embeddings have {}", self.meta.dim))
         } else if spec.buckets != t.buckets {
             Some(format!("the data set has {} buckets, the embeddings {}", spec.buckets, t.buckets))

@@ -128,6 +128,17 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let progress = opts.progress && root;
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
+    if manifest.tokenizer.subword.is_some() {
+        return Err(Error::config(
+            "pretrain",
+            "data.dir",
+            format!(
+                "{} holds subword ids (tokenizer.subword): skip-gram trains hashed word features, so prepare \
+                 the text without tokenizer.subword (masked-LM pretraining is for encoders)",
+                cfg.data.dir.display()
+            ),
+        ));
+    }
     dist.check_job(&serde_json::to_string(cfg).expect("config serialises"), &manifest.checksum)?;
     let vocab = ds.vocab()?;
     let splits: Vec<SplitKind> =
