@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
-use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::data::dataset::Dataset;
 use crate::data::loader::RowId;
@@ -175,18 +174,20 @@ pub struct ExportReport {
     pub by_confidence: Vec<(f64, u64, u64)>,
 }
 
-/// Runs `model` without dropout over every sample of `split` of `ds` and writes the logits
-/// file `out`; with `jsonl`, also one pseudo-label line per sample.
-pub fn export(
+/// Runs `model` without dropout over every sample of `split` of `ds`, on backend `be`, and
+/// writes the logits file `out`; with `jsonl`, also one pseudo-label line per sample.
+#[allow(clippy::too_many_arguments)]
+pub fn export<B: Backend<F = f32>>(
+    be: &B,
     model: &BagModel,
-    params: &Vec<f32>,
+    params: &[f32],
     ds: &Dataset,
     split: SplitKind,
     out: &Path,
     jsonl: Option<&Path>,
     batch_size: usize,
 ) -> Result<ExportReport> {
-    let be = Cpu::<f32>::new();
+    let params = be.upload(params);
     let m = ds.manifest();
     let classes = model.spec.classes;
     let shards = ds.shards(split);
@@ -213,7 +214,7 @@ pub fn export(
         ..Default::default()
     };
     let buckets = m.tokenizer.buckets;
-    let mut acts = crate::model::bag::Activations::new(&be, model);
+    let mut acts = crate::model::bag::Activations::new(be, model);
     for (si, shard) in shards.iter().enumerate() {
         let mut start = 0;
         while start < shard.len() {
@@ -230,9 +231,10 @@ pub fn export(
                 batch.push(doc.ids, -1);
             }
             let dev = be.upload_batch(&batch);
-            model.forward(&be, params, &dev, batch.len(), None, &mut acts);
-            put(&mut w, bytemuck::cast_slice(&acts.logits[..batch.len() * classes]))?;
-            for (k, z) in acts.logits.chunks(classes).take(batch.len()).enumerate() {
+            model.forward(be, &params, &dev, batch.len(), None, &mut acts);
+            let logits = be.download(&acts.logits);
+            put(&mut w, bytemuck::cast_slice(&logits[..batch.len() * classes]))?;
+            for (k, z) in logits.chunks(classes).take(batch.len()).enumerate() {
                 let i = start + k;
                 let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let total: f64 = z.iter().map(|&v| f64::from(v - mx).exp()).sum();

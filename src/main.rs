@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use dtrain::backend::{dispatch, Backend, OnBackend};
 use dtrain::config::{self, Override, PrepareConfig, PretrainConfig, TrainConfig};
 use dtrain::data::dataset::{self, Dataset};
 use dtrain::data::input::FormatChoice;
@@ -379,9 +380,15 @@ impl RunArgs {
 struct TrainArgs {
     #[command(flatten)]
     run: RunArgs,
-    /// Where the training steps run: `cpu`, `cuda` (the GPU of the rank's local rank),
-    /// `cuda:N`, or `auto` (a GPU when the CUDA driver lists one, else the CPU). The CUDA
-    /// backend has not been verified on a GPU yet, so the default is `cpu`.
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args, Clone, Copy)]
+struct DeviceArg {
+    /// Where the model runs: `cpu`, `cuda` (the GPU of the rank's local rank), `cuda:N`, or
+    /// `auto` (a GPU when the CUDA driver lists one, else the CPU). The CUDA backend has not
+    /// been verified on a GPU yet, so the default is `cpu`.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: dtrain::backend::Device,
 }
@@ -402,6 +409,8 @@ struct PretrainArgs {
 
 #[derive(Args)]
 struct EvalArgs {
+    #[command(flatten)]
+    device: DeviceArg,
     /// A checkpoint directory (or its model.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
@@ -424,6 +433,8 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct ExportArgs {
+    #[command(flatten)]
+    device: DeviceArg,
     /// A checkpoint directory (or its model.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
@@ -453,6 +464,8 @@ struct ExportArgs {
 
 #[derive(Args)]
 struct PredictArgs {
+    #[command(flatten)]
+    device: DeviceArg,
     /// Checkpoint directory (repeat to average several models' probabilities).
     #[arg(long, required = true)]
     checkpoint: Vec<PathBuf>,
@@ -573,7 +586,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => {
             let (cfg, resume): (TrainConfig, _) = args.run.load()?;
             let dist = Dist::from_env(&cfg.dist)?;
-            let opts = RunOptions { resume, progress, stop_after: None, device: args.device };
+            let opts = RunOptions { resume, progress, stop_after: None, device: args.device.device };
             let Some(r) = root_result(&dist, train_on(&cfg, &opts, &dist))? else {
                 return Ok(ExitCode::SUCCESS);
             };
@@ -641,8 +654,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--split {}: expected train, val or test", args.split))?;
             let (model, params, ds) =
                 load_for_data(&args.checkpoint, weights_of(args.teacher, args.average)?, &args.data)?;
-            let be = dtrain::backend::cpu::Cpu::<f32>::new();
-            let report = dtrain::train::eval::evaluate(&be, &model, &params, &ds, split, 1024)?
+            struct Job<'a>(&'a dtrain::model::bag::BagModel, &'a [f32], &'a Dataset, SplitKind);
+            impl OnBackend for Job<'_> {
+                type Out = Option<dtrain::train::metrics::EvalReport>;
+                fn run<B: Backend<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
+                    dtrain::train::eval::evaluate(be, self.0, &be.upload(self.1), self.2, self.3, 1024)
+                }
+            }
+            let report = dispatch(args.device.device, 0, progress, Job(&model, &params, &ds, split))?
                 .with_context(|| format!("split `{}` of {} is empty", args.split, args.data.display()))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -659,15 +678,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let (model, params, ds) =
                 load_for_data(&a.checkpoint, weights_of(a.teacher, a.average)?, &a.data)?;
-            let r = dtrain::logits::export(
-                &model,
-                &params,
-                &ds,
-                split,
-                &a.out,
-                a.pseudo_labels.as_deref(),
-                a.batch_size,
-            )?;
+            struct Job<'a>(
+                &'a dtrain::model::bag::BagModel,
+                &'a [f32],
+                &'a Dataset,
+                SplitKind,
+                &'a ExportArgs,
+            );
+            impl OnBackend for Job<'_> {
+                type Out = dtrain::logits::ExportReport;
+                fn run<B: Backend<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
+                    let a = self.4;
+                    dtrain::logits::export(
+                        be,
+                        self.0,
+                        self.1,
+                        self.2,
+                        self.3,
+                        &a.out,
+                        a.pseudo_labels.as_deref(),
+                        a.batch_size,
+                    )
+                }
+            }
+            let r = dispatch(a.device.device, 0, progress, Job(&model, &params, &ds, split, &a))?;
             println!("wrote the logits of {} samples of `{}` to {}", r.rows, split.name(), a.out.display());
             if let Some(p) = &a.pseudo_labels {
                 println!("pseudo-labels: {}", p.display());
@@ -706,6 +740,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seed: a.seed,
                 batch_size: a.batch_size,
                 skip_bad: a.skip_bad,
+                device: a.device.device,
             };
             let s = dtrain::predict::predict(&opts)?;
             println!(

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, DropoutKey, HostBatch};
+use crate::backend::{dispatch, Backend, Device, DropoutKey, HostBatch, OnBackend};
 use crate::checkpoint::{self, ModelMeta};
 use crate::data::input::{
     parse_line, DiskCounter, Format, FormatChoice, JsonFields, LineReader, Parsed, Role,
@@ -35,6 +34,8 @@ pub struct PredictOptions {
     pub seed: u64,
     pub batch_size: usize,
     pub skip_bad: bool,
+    /// Where the forward passes run (`--device`).
+    pub device: Device,
 }
 
 /// Counts of a prediction run.
@@ -48,9 +49,9 @@ pub struct PredictSummary {
 /// Averages the class probabilities of `models` (each with `passes` passes) over `batch`,
 /// whose first document is document `first_doc` of the input (MC-dropout masks are keyed by
 /// it, so they do not depend on the batch size).
-fn average_probs(
-    be: &Cpu<f32>,
-    models: &[(BagModel, Vec<f32>)],
+fn average_probs<B: Backend<F = f32>>(
+    be: &B,
+    models: &[(BagModel, B::Buf)],
     batch: &HostBatch,
     first_doc: u64,
     passes: usize,
@@ -58,7 +59,8 @@ fn average_probs(
 ) -> Vec<f32> {
     let classes = models[0].0.spec.classes;
     let mut sum = vec![0f32; batch.len() * classes];
-    let mut probs = Vec::new();
+    let dev = be.upload_batch(batch);
+    let mut probs = be.zeros(0);
     for (mi, (model, params)) in models.iter().enumerate() {
         let mut acts = Activations::new(be, model);
         for pass in 0..passes {
@@ -69,9 +71,9 @@ fn average_probs(
                 pass: pass as u32,
                 rows: crate::backend::RowMap::at(first_doc),
             });
-            model.forward(be, params, batch, batch.len(), key, &mut acts);
+            model.forward(be, params, &dev, batch.len(), key, &mut acts);
             be.softmax(&acts.logits, classes, &mut probs);
-            sum.iter_mut().zip(&probs).for_each(|(s, &p)| *s += p);
+            sum.iter_mut().zip(&be.download(&probs)).for_each(|(s, &p)| *s += p);
         }
     }
     let inv = 1.0 / (models.len() * passes) as f32;
@@ -110,9 +112,28 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
     }
     let meta = &metas[0];
     let tokenizer = Tokenizer::new(meta.tokenizer.clone());
+    struct Job<'a>(&'a PredictOptions, &'a Tokenizer, Vec<(BagModel, Vec<f32>)>, &'a [String]);
+    impl OnBackend for Job<'_> {
+        type Out = PredictSummary;
+        fn run<B: Backend<F = f32>>(self, be: &B) -> Result<PredictSummary> {
+            let models: Vec<(BagModel, B::Buf)> =
+                self.2.into_iter().map(|(m, p)| (m, be.upload(&p))).collect();
+            predict_on(be, self.0, self.1, &models, self.3)
+        }
+    }
+    dispatch(opts.device, 0, false, Job(opts, &tokenizer, models, &meta.labels))
+}
+
+/// The prediction loop on backend `be`.
+fn predict_on<B: Backend<F = f32>>(
+    be: &B,
+    opts: &PredictOptions,
+    tokenizer: &Tokenizer,
+    models: &[(BagModel, B::Buf)],
+    labels: &[String],
+) -> Result<PredictSummary> {
     let format = Format::resolve(opts.format, &opts.input)?;
     let fields = JsonFields { text: opts.text_field.clone(), label: "label".into() };
-    let be = Cpu::<f32>::new();
     let tmp = crate::fsutil::sibling(&opts.output, ".tmp");
     let file = std::fs::File::create(&tmp).at(&tmp)?;
     let mut out = BufWriter::new(file);
@@ -161,9 +182,8 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
                 }
             }
             if !batch.is_empty() {
-                let probs =
-                    average_probs(&be, &models, &batch, summary.documents, opts.mc_dropout, opts.seed);
-                write_rows(&mut out, &tmp, &probs, &line_of, &meta.labels, opts.top_k)?;
+                let probs = average_probs(be, models, &batch, summary.documents, opts.mc_dropout, opts.seed);
+                write_rows(&mut out, &tmp, &probs, &line_of, labels, opts.top_k)?;
                 summary.documents += batch.len() as u64;
             }
             lines.clear();

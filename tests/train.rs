@@ -835,8 +835,17 @@ fn export_logits_and_noisy_student() {
     let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
     let file = dir.path().join("teacher.logits");
     let jsonl = dir.path().join("pseudo.jsonl");
-    let r =
-        dtrain::logits::export(&model, &params, &ds, SplitKind::Unlabeled, &file, Some(&jsonl), 7).unwrap();
+    let r = dtrain::logits::export(
+        &dtrain::backend::cpu::Cpu::<f32>::new(),
+        &model,
+        &params,
+        &ds,
+        SplitKind::Unlabeled,
+        &file,
+        Some(&jsonl),
+        7,
+    )
+    .unwrap();
     let n_unlabeled = ds.manifest().splits["unlabeled"].docs;
     assert_eq!(r.rows, n_unlabeled);
     assert_eq!(r.known, n_unlabeled, "every unlabeled sample of a simulated split has a hidden label");
@@ -900,7 +909,17 @@ fn export_logits_and_noisy_student() {
     assert_eq!(loss_curve(&dir.path().join("ns")), loss_curve(&dir.path().join("ns2")));
     // Another logits file at the same path: resuming is refused.
     let (_, m2, p2) = dtrain::checkpoint::load_model(&straight.final_checkpoint).unwrap();
-    dtrain::logits::export(&m2, &p2, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
+    dtrain::logits::export(
+        &dtrain::backend::cpu::Cpu::<f32>::new(),
+        &m2,
+        &p2,
+        &ds,
+        SplitKind::Unlabeled,
+        &file,
+        None,
+        64,
+    )
+    .unwrap();
     let e = run(&c, Resume::From(resumed.final_checkpoint.clone()), None).unwrap_err().to_string();
     assert!(e.contains("another exported logits file"), "{e}");
     // Without the file, the config names the field.
@@ -982,8 +1001,28 @@ fn reduced_mpl_adjusts_exported_logits_and_resumes_exactly() {
     let (_, model, params) = dtrain::checkpoint::load_model(&teacher.final_checkpoint).unwrap();
     let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
     let (u, l) = (dir.path().join("u.logits"), dir.path().join("l.logits"));
-    dtrain::logits::export(&model, &params, &ds, SplitKind::Unlabeled, &u, None, 64).unwrap();
-    dtrain::logits::export(&model, &params, &ds, SplitKind::Train, &l, None, 64).unwrap();
+    dtrain::logits::export(
+        &dtrain::backend::cpu::Cpu::<f32>::new(),
+        &model,
+        &params,
+        &ds,
+        SplitKind::Unlabeled,
+        &u,
+        None,
+        64,
+    )
+    .unwrap();
+    dtrain::logits::export(
+        &dtrain::backend::cpu::Cpu::<f32>::new(),
+        &model,
+        &params,
+        &ds,
+        SplitKind::Train,
+        &l,
+        None,
+        64,
+    )
+    .unwrap();
     let sets = [
         "method=\"mpl_reduced\"".to_string(),
         "model.embed_dropout=0.2".into(),

@@ -251,6 +251,29 @@ impl Device {
     }
 }
 
+/// A job that runs on whichever backend `--device` picks (training, evaluation, prediction,
+/// logits export): [`dispatch`] calls `run` with the concrete backend.
+pub trait OnBackend {
+    type Out;
+    fn run<B: Backend<F = f32>>(self, be: &B) -> crate::Result<Self::Out>;
+}
+
+/// Runs `job` on the backend `device` resolves to (see [`Device::resolve`]); a CPU job runs
+/// on a rayon worker (`cpu::on_worker`).
+pub fn dispatch<J>(device: Device, local_rank: usize, say: bool, job: J) -> crate::Result<J::Out>
+where
+    J: OnBackend + Send,
+    J::Out: Send,
+{
+    match device.resolve(local_rank, say)? {
+        None => cpu::on_worker(|| job.run(&cpu::Cpu::<f32>::new())),
+        #[cfg(feature = "cuda")]
+        Some(ordinal) => job.run(&cuda::Cuda::new(ordinal)?),
+        #[cfg(not(feature = "cuda"))]
+        Some(_) => unreachable!("Device::resolve gives no CUDA device without the cuda feature"),
+    }
+}
+
 /// How many CUDA devices the driver lists, and why there are none.
 fn cuda_devices() -> (usize, String) {
     #[cfg(feature = "cuda")]

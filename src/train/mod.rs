@@ -23,8 +23,7 @@ use crate::algo::ramp;
 use crate::algo::shadow::{AlphaRule, Shadow};
 use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
 use crate::algo::{Method, TargetSource};
-use crate::backend::cpu::Cpu;
-use crate::backend::{host_view, Backend, Device, GradSync, LossKind};
+use crate::backend::{dispatch, host_view, Backend, Device, GradSync, LossKind, OnBackend};
 use crate::bank::{Bank, BankSettings};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
@@ -227,16 +226,14 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
 /// steps run on `opts.device`; `cuda` without a device number takes the rank's local
 /// rank.
 pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<TrainReport> {
-    match opts.device.resolve(dist.local_rank(), opts.progress && dist.is_root())? {
-        None => crate::backend::cpu::on_worker(|| train_on_worker(&Cpu::<f32>::new(), cfg, opts, dist)),
-        #[cfg(feature = "cuda")]
-        Some(ordinal) => {
-            let be = crate::backend::cuda::Cuda::new(ordinal)?;
-            train_on_worker(&be, cfg, opts, dist)
+    struct Job<'a>(&'a TrainConfig, &'a RunOptions, &'a Dist);
+    impl OnBackend for Job<'_> {
+        type Out = TrainReport;
+        fn run<B: Backend<F = f32>>(self, be: &B) -> Result<TrainReport> {
+            train_on_worker(be, self.0, self.1, self.2)
         }
-        #[cfg(not(feature = "cuda"))]
-        Some(_) => unreachable!("Device::resolve gives no CUDA device without the cuda feature"),
     }
+    dispatch(opts.device, dist.local_rank(), opts.progress && dist.is_root(), Job(cfg, opts, dist))
 }
 
 /// The sums of a logging window over ranks. Every rank adds its own rows' counts and sums,
