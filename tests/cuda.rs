@@ -544,6 +544,14 @@ fn kernels_compile(arch: &'static str) -> Result<(), Failed> {
     for &(name, source, entries) in device::SOURCES {
         let ptx = device::compile(name, source, arch).map_err(|e| Failed::from(e.to_string()))?;
         let text = ptx.to_src();
+        // The per-process cache gives the same PTX, the first time and after.
+        for _ in 0..2 {
+            let cached =
+                device::compile_cached(name, source, arch).map_err(|e| Failed::from(e.to_string()))?;
+            if cached.to_src() != text {
+                return Err(format!("kernels/{name}: the cached PTX differs from a fresh compilation").into());
+            }
+        }
         for entry in entries {
             if !text.contains(&format!(".entry {entry}(")) {
                 return Err(

@@ -128,6 +128,19 @@ pub fn probe() -> Probe {
     Probe { driver, nvrtc: nvrtc_version(), cublas, nccl, devices }
 }
 
+/// [`compile`], once per process for each source and architecture: every later `Cuda::new`
+/// (each training run, each test) reuses the PTX text.
+pub fn compile_cached(name: &str, source: &str, arch: &str) -> Result<Ptx> {
+    static CACHE: std::sync::Mutex<Vec<(String, String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, ptx)) = cache.iter().find(|(n, a, _)| n == name && a == arch) {
+        return Ok(Ptx::from_src(ptx.clone()));
+    }
+    let ptx = compile(name, source, arch)?;
+    cache.push((name.to_string(), arch.to_string(), ptx.to_src()));
+    Ok(ptx)
+}
+
 /// Compiles one kernel source (with the common helpers prepended) to PTX for compute
 /// capability `arch` (e.g. `"90"`). Needs only libnvrtc, not a device.
 pub fn compile(name: &str, source: &str, arch: &str) -> Result<Ptx> {

@@ -154,7 +154,7 @@ impl Cuda {
         let arch = format!("{major}{minor}");
         let mut funcs = HashMap::new();
         for &(name, source, entries) in device::SOURCES {
-            let ptx = device::compile(name, source, &arch)?;
+            let ptx = device::compile_cached(name, source, &arch)?;
             let module = ctx.load_module(ptx).map_err(|e| {
                 let hint = if format!("{e:?}").contains("UNSUPPORTED_PTX_VERSION") {
                     format!(
