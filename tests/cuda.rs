@@ -468,7 +468,101 @@ fn twin_sparse_rows(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
     Ok(())
 }
 
+fn twin_encoder_ops(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
+    use dtrain::backend::EncoderOps;
+    let cpu = Ref::new();
+    for &(n, w) in &[(1usize, 1usize), (67, 384), (131, 1000)] {
+        let what = format!("layer norm n={n} w={w}");
+        let g = Slot { offset: 16, rows: 1, cols: w };
+        let b = Slot { offset: (16 + w).div_ceil(16) * 16 + 16, rows: 1, cols: w };
+        let len = b.offset + w + 3;
+        let params: Vec<f32> = (0..len).map(|_| 1.0 + r.sym(0.5)).collect();
+        let x = r.vec(n * w, 3.0);
+        let (mut yc, mut sc) = (Vec::new(), Vec::new());
+        let (mut yg, mut sg) = (nan(be, n * w), nan(be, 2 * n));
+        cpu.layer_norm_forward(&up64(&x), n, &up64(&params), g, b, 1e-5, &mut yc, &mut sc);
+        be.layer_norm_forward(&be.upload(&x), n, &be.upload(&params), g, b, 1e-5, &mut yg, &mut sg);
+        check(&format!("{what}: y"), &be.download(&yg), &yc, TOL)?;
+        let dy = r.vec(n * w, 1.0);
+        let g0 = r.vec(len, 1.0);
+        let (mut gc, mut dxc) = (up64(&g0), Vec::new());
+        let (mut gg, mut dxg) = (be.upload(&g0), nan(be, n * w));
+        cpu.layer_norm_backward(&up64(&x), n, &up64(&params), g, b, &sc, &up64(&dy), &mut gc, &mut dxc);
+        be.layer_norm_backward(
+            &be.upload(&x),
+            n,
+            &be.upload(&params),
+            g,
+            b,
+            &sg,
+            &be.upload(&dy),
+            &mut gg,
+            &mut dxg,
+        );
+        check(&format!("{what}: dx"), &be.download(&dxg), &dxc, TOL)?;
+        check(&format!("{what}: grads"), &be.download(&gg), &gc, TOL)?;
+    }
+    for &(b, l, heads, d) in &[(1usize, 1usize, 1usize, 1usize), (3, 17, 3, 5), (2, 130, 12, 32)] {
+        let what = format!("attention b={b} l={l} heads={heads} d={d}");
+        let hd = heads * d;
+        let (q, k, v) = (r.vec(b * l * hd, 1.0), r.vec(b * l * hd, 1.0), r.vec(b * l * hd, 1.0));
+        // Each sequence but the first loses its last 3 tokens to padding (when it has more).
+        let pad = if l > 3 { 3 } else { 0 };
+        let mask: Vec<f32> =
+            (0..b * l).map(|t| if t / l > 0 && t % l >= l - pad { 0.0 } else { 1.0 }).collect();
+        let scale = 1.0 / (d as f64).sqrt();
+        let (mut cc, mut pc) = (Vec::new(), Vec::new());
+        let (mut cg, mut pg) = (nan(be, b * l * hd), nan(be, b * heads * l * l));
+        cpu.attention_forward(
+            &up64(&q),
+            &up64(&k),
+            &up64(&v),
+            &up64(&mask),
+            (b, l, heads),
+            scale,
+            &mut cc,
+            &mut pc,
+        );
+        let (qg, kg, vg) = (be.upload(&q), be.upload(&k), be.upload(&v));
+        be.attention_forward(&qg, &kg, &vg, &be.upload(&mask), (b, l, heads), scale, &mut cg, &mut pg);
+        check(&format!("{what}: ctx"), &be.download(&cg), &cc, TOL)?;
+        check(&format!("{what}: probs"), &be.download(&pg), &pc, TOL)?;
+        let dctx = r.vec(b * l * hd, 1.0);
+        let (mut dqc, mut dkc, mut dvc) = (Vec::new(), Vec::new(), Vec::new());
+        cpu.attention_backward(
+            &up64(&q),
+            &up64(&k),
+            &up64(&v),
+            &pc,
+            &up64(&dctx),
+            (b, l, heads),
+            scale,
+            &mut dqc,
+            &mut dkc,
+            &mut dvc,
+        );
+        let (mut dqg, mut dkg, mut dvg) = (nan(be, b * l * hd), nan(be, b * l * hd), nan(be, b * l * hd));
+        be.attention_backward(
+            &qg,
+            &kg,
+            &vg,
+            &pg,
+            &be.upload(&dctx),
+            (b, l, heads),
+            scale,
+            &mut dqg,
+            &mut dkg,
+            &mut dvg,
+        );
+        check(&format!("{what}: dq"), &be.download(&dqg), &dqc, TOL)?;
+        check(&format!("{what}: dk"), &be.download(&dkg), &dkc, TOL)?;
+        check(&format!("{what}: dv"), &be.download(&dvg), &dvc, TOL)?;
+    }
+    Ok(())
+}
+
 const TWINS: &[(&str, Test)] = &[
+    ("twin_encoder_layer_norm_and_attention", twin_encoder_ops),
     ("twin_consistency_every_kind_form_mask_and_class_count", twin_consistency),
     ("twin_softmax_and_supervised_losses", twin_softmax_and_loss),
     ("twin_embedding_bag_forward_backward_and_fused_sgd", twin_embedding_bag),

@@ -677,9 +677,9 @@ pub trait Backend: Sync {
     fn sparse_add(&self, a: SparseRows<Self::Buf>, b: &SparseRows<Self::Buf>) -> SparseRows<Self::Buf>;
 }
 
-/// The Transformer encoder's operations beyond [`Backend`]'s (METHODS.md's encoder issue):
-/// layer normalisation and the attention core. The CPU implements them; the CUDA backend
-/// does not yet, so encoder models run on the CPU only for now.
+/// The Transformer encoder's operations beyond [`Backend`]'s (the encoder issue): layer
+/// normalisation and the attention core. The CPU implements them, and the CUDA backend
+/// too (never run on a GPU yet).
 pub trait EncoderOps: Backend {
     /// LayerNorm of the `n` rows (`width` wide) of `x`: `y = (x − μ)/√(σ² + ε)·γ + β`, with
     /// `γ`, `β` the slots `gamma`, `beta` of `params`; writes each row's μ and 1/√(σ² + ε)

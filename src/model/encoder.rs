@@ -16,9 +16,10 @@
 //! pooled b×H = mean of the valid tokens' rows (or the [CLS] row); logits b×C = pooled·Wcᵀ + bc
 //! ```
 //! Status: forward and backward passes run on the CPU (the `EncoderOps` backends; f64
-//! finite-difference checks in tests/gradcheck.rs), with BERT's hidden dropout. Dropout on
-//! the attention probabilities, training with the methods, masked-LM pretraining and the
-//! CUDA kernels are still to come (the encoder issue).
+//! finite-difference checks in tests/gradcheck.rs), with BERT's hidden dropout; the CUDA
+//! backend implements its operations too (kernels/encoder.cu), but that path has never run
+//! on a GPU. Dropout on the attention probabilities, training with the methods and
+//! masked-LM pretraining are still to come (the encoder issue).
 
 use std::path::Path;
 

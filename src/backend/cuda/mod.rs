@@ -905,6 +905,147 @@ impl Backend for Cuda {
     }
 }
 
+impl super::EncoderOps for Cuda {
+    fn layer_norm_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        params: &CudaSlice<f32>,
+        gamma: Slot,
+        beta: Slot,
+        eps: f64,
+        y: &mut CudaSlice<f32>,
+        stats: &mut CudaSlice<f32>,
+    ) {
+        let w = gamma.len();
+        assert!(x.len() >= n * w, "layer_norm_forward: x rows");
+        self.ensure_len(y, n * w);
+        self.ensure_len(stats, 2 * n);
+        let (g, b) = (params.slice(gamma.range()), params.slice(beta.range()));
+        let (ni, wi, e) = (n as i32, w as i32, eps as f32);
+        self.launch("layer_norm_forward", per_row(n, w), |l| {
+            l.arg(x).arg(&ni).arg(&wi).arg(&g).arg(&b).arg(&e).arg(&mut *y).arg(&mut *stats);
+        });
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        params: &CudaSlice<f32>,
+        gamma: Slot,
+        beta: Slot,
+        stats: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        let w = gamma.len();
+        assert!(x.len() >= n * w && dy.len() >= n * w && stats.len() >= 2 * n, "layer_norm_backward: rows");
+        self.ensure_len(dx, n * w);
+        let g = params.slice(gamma.range());
+        let (ni, wi) = (n as i32, w as i32);
+        self.launch("layer_norm_backward_dx", per_row(n, w), |l| {
+            l.arg(x).arg(&ni).arg(&wi).arg(&g).arg(stats).arg(dy).arg(&mut *dx);
+        });
+        // dγ and dβ: two disjoint views of the gradient buffer.
+        let (first, second) = if gamma.offset < beta.offset { (gamma, beta) } else { (beta, gamma) };
+        let (lo, mut hi) = grads.split_at_mut(second.offset);
+        let mut lo = lo;
+        let mut a = lo.slice_mut(first.range());
+        let mut b = hi.slice_mut(0..second.len());
+        let (dg, db) = if gamma.offset < beta.offset { (&mut a, &mut b) } else { (&mut b, &mut a) };
+        self.launch("layer_norm_backward_params", grid(w), |l| {
+            l.arg(x).arg(&ni).arg(&wi).arg(stats).arg(dy).arg(dg).arg(db);
+        });
+    }
+
+    fn attention_forward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        mask: &CudaSlice<f32>,
+        (b, l, heads): (usize, usize, usize),
+        scale: f64,
+        ctx: &mut CudaSlice<f32>,
+        probs: &mut CudaSlice<f32>,
+    ) {
+        let hd = q.len() / (b * l).max(1);
+        let d = hd / heads.max(1);
+        assert!(k.len() == q.len() && v.len() == q.len() && mask.len() >= b * l, "attention_forward: shapes");
+        self.ensure_len(ctx, b * l * hd);
+        self.ensure_len(probs, b * heads * l * l);
+        if b * l * heads == 0 {
+            return;
+        }
+        let cfg = attention_grid((b, l, heads), l);
+        let (li, hi, di, sc) = (l as i32, heads as i32, d as i32, scale as f32);
+        self.launch("attention_forward", cfg, |a| {
+            a.arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(mask)
+                .arg(&li)
+                .arg(&hi)
+                .arg(&di)
+                .arg(&sc)
+                .arg(&mut *ctx)
+                .arg(&mut *probs);
+        });
+    }
+
+    fn attention_backward(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        probs: &CudaSlice<f32>,
+        dctx: &CudaSlice<f32>,
+        (b, l, heads): (usize, usize, usize),
+        scale: f64,
+        dq: &mut CudaSlice<f32>,
+        dk: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+    ) {
+        let hd = q.len() / (b * l).max(1);
+        let d = hd / heads.max(1);
+        assert!(probs.len() >= b * heads * l * l && dctx.len() >= b * l * hd, "attention_backward: shapes");
+        for buf in [&mut *dq, &mut *dk, &mut *dv] {
+            self.ensure_len(buf, b * l * hd);
+        }
+        if b * l * heads == 0 {
+            return;
+        }
+        let mut ds = self.alloc::<f32>(b * heads * l * l);
+        let (li, hi, di, sc) = (l as i32, heads as i32, d as i32, scale as f32);
+        self.launch("attention_backward_rows", attention_grid((b, l, heads), l), |a| {
+            a.arg(k)
+                .arg(v)
+                .arg(probs)
+                .arg(dctx)
+                .arg(&li)
+                .arg(&hi)
+                .arg(&di)
+                .arg(&sc)
+                .arg(&mut ds)
+                .arg(&mut *dq);
+        });
+        self.launch("attention_backward_keys", attention_grid((b, l, heads), d), |a| {
+            a.arg(q).arg(probs).arg(dctx).arg(&ds).arg(&li).arg(&hi).arg(&di).arg(&mut *dk).arg(&mut *dv);
+        });
+    }
+}
+
+/// One block per (row of a sequence, head, sequence), `width` the values each block sweeps.
+fn attention_grid((b, l, heads): (usize, usize, usize), width: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (l as u32, heads as u32, b as u32),
+        block_dim: (row_threads(width), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn act_code(act: Activation) -> i32 {
     match act {
         Activation::Relu => 0,
