@@ -473,9 +473,12 @@ fn twin_encoder_ops(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
     let cpu = Ref::new();
     for &(n, w) in &[(1usize, 1usize), (67, 384), (131, 1000)] {
         let what = format!("layer norm n={n} w={w}");
-        let g = Slot { offset: 16, rows: 1, cols: w };
-        let b = Slot { offset: (16 + w).div_ceil(16) * 16 + 16, rows: 1, cols: w };
-        let len = b.offset + w + 3;
+        // β before γ in the buffer for one shape: both orders of the two gradient views.
+        let (first, second) = (16, (16 + w).div_ceil(16) * 16 + 16);
+        let (go, bo) = if w == 384 { (second, first) } else { (first, second) };
+        let g = Slot { offset: go, rows: 1, cols: w };
+        let b = Slot { offset: bo, rows: 1, cols: w };
+        let len = second + w + 3;
         let params: Vec<f32> = (0..len).map(|_| 1.0 + r.sym(0.5)).collect();
         let x = r.vec(n * w, 3.0);
         let (mut yc, mut sc) = (Vec::new(), Vec::new());
@@ -633,8 +636,16 @@ const WHOLE_MODEL: &[(&str, &[&str])] = &[
     ("whole_model_vat_gpu_matches_cpu", &["adversarial.kind=\"vat\"", "adversarial.epsilon=0.01"]),
 ];
 
-/// Every source compiles for `arch` and exports what the backend loads.
+/// Every source compiles for `arch` and exports what the backend loads, and every file of
+/// kernels/ is one of the sources (a kernel file left out would never be compiled).
 fn kernels_compile(arch: &'static str) -> Result<(), Failed> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    for entry in std::fs::read_dir(&dir).map_err(|e| Failed::from(e.to_string()))? {
+        let name = entry.map_err(|e| Failed::from(e.to_string()))?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".cu") && !device::SOURCES.iter().any(|s| s.0 == name) {
+            return Err(format!("kernels/{name} is not in backend::cuda::device::SOURCES").into());
+        }
+    }
     for &(name, source, entries) in device::SOURCES {
         let ptx = device::compile(name, source, arch).map_err(|e| Failed::from(e.to_string()))?;
         let text = ptx.to_src();

@@ -829,7 +829,10 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
                             row[j] = if keep[j] != F::zero() { (row[j] - m).exp() } else { F::zero() };
                             s += row[j];
                         }
-                        row.iter_mut().for_each(|x| *x = *x / s);
+                        // A sequence with no key (all padding) attends to nothing.
+                        if s > F::zero() {
+                            row.iter_mut().for_each(|x| *x = *x / s);
+                        }
                     }
                     // ctx = P·V (l×d), into this head's columns.
                     F::gemm(

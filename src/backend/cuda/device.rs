@@ -21,6 +21,18 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         &["bag_forward", "bag_backward", "bag_sgd"],
     ),
     (
+        "encoder.cu",
+        include_str!("../../../kernels/encoder.cu"),
+        &[
+            "layer_norm_forward",
+            "layer_norm_backward_dx",
+            "layer_norm_backward_params",
+            "attention_forward",
+            "attention_backward_rows",
+            "attention_backward_keys",
+        ],
+    ),
+    (
         "elementwise.cu",
         include_str!("../../../kernels/elementwise.cu"),
         &[

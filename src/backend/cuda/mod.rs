@@ -918,7 +918,10 @@ impl super::EncoderOps for Cuda {
         stats: &mut CudaSlice<f32>,
     ) {
         let w = gamma.len();
-        assert!(x.len() >= n * w, "layer_norm_forward: x rows");
+        assert!(
+            x.len() >= n * w && beta.len() == w,
+            "layer_norm_forward: x rows, or γ and β of different widths"
+        );
         self.ensure_len(y, n * w);
         self.ensure_len(stats, 2 * n);
         let (g, b) = (params.slice(gamma.range()), params.slice(beta.range()));
@@ -942,6 +945,7 @@ impl super::EncoderOps for Cuda {
     ) {
         let w = gamma.len();
         assert!(x.len() >= n * w && dy.len() >= n * w && stats.len() >= 2 * n, "layer_norm_backward: rows");
+        assert_eq!(beta.len(), w, "layer_norm_backward: γ and β of different widths");
         self.ensure_len(dx, n * w);
         let g = params.slice(gamma.range());
         let (ni, wi) = (n as i32, w as i32);
@@ -973,7 +977,14 @@ impl super::EncoderOps for Cuda {
     ) {
         let hd = q.len() / (b * l).max(1);
         let d = hd / heads.max(1);
-        assert!(k.len() == q.len() && v.len() == q.len() && mask.len() >= b * l, "attention_forward: shapes");
+        assert!(
+            hd == heads * d
+                && q.len() == b * l * hd
+                && k.len() == q.len()
+                && v.len() == q.len()
+                && mask.len() >= b * l,
+            "attention_forward: shapes"
+        );
         self.ensure_len(ctx, b * l * hd);
         self.ensure_len(probs, b * heads * l * l);
         if b * l * heads == 0 {
@@ -1010,7 +1021,15 @@ impl super::EncoderOps for Cuda {
     ) {
         let hd = q.len() / (b * l).max(1);
         let d = hd / heads.max(1);
-        assert!(probs.len() >= b * heads * l * l && dctx.len() >= b * l * hd, "attention_backward: shapes");
+        assert!(
+            hd == heads * d
+                && q.len() == b * l * hd
+                && k.len() == q.len()
+                && v.len() == q.len()
+                && probs.len() >= b * heads * l * l
+                && dctx.len() >= b * l * hd,
+            "attention_backward: shapes"
+        );
         for buf in [&mut *dq, &mut *dk, &mut *dv] {
             self.ensure_len(buf, b * l * hd);
         }
@@ -1039,6 +1058,7 @@ impl super::EncoderOps for Cuda {
 
 /// One block per (row of a sequence, head, sequence), `width` the values each block sweeps.
 fn attention_grid((b, l, heads): (usize, usize, usize), width: usize) -> LaunchConfig {
+    assert!(b <= 65535 && heads <= 65535, "attention: {b} sequences or {heads} heads exceed a grid's 65535");
     LaunchConfig {
         grid_dim: (l as u32, heads as u32, b as u32),
         block_dim: (row_threads(width), 1, 1),
