@@ -975,16 +975,8 @@ impl super::EncoderOps for Cuda {
         ctx: &mut CudaSlice<f32>,
         probs: &mut CudaSlice<f32>,
     ) {
-        let hd = q.len() / (b * l).max(1);
-        let d = hd / heads.max(1);
-        assert!(
-            hd == heads * d
-                && q.len() == b * l * hd
-                && k.len() == q.len()
-                && v.len() == q.len()
-                && mask.len() >= b * l,
-            "attention_forward: shapes"
-        );
+        let (hd, d) = attention_dims(q, k, v, (b, l, heads));
+        assert!(mask.len() >= b * l, "attention_forward: mask");
         self.ensure_len(ctx, b * l * hd);
         self.ensure_len(probs, b * heads * l * l);
         if b * l * heads == 0 {
@@ -1019,16 +1011,10 @@ impl super::EncoderOps for Cuda {
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
     ) {
-        let hd = q.len() / (b * l).max(1);
-        let d = hd / heads.max(1);
+        let (hd, d) = attention_dims(q, k, v, (b, l, heads));
         assert!(
-            hd == heads * d
-                && q.len() == b * l * hd
-                && k.len() == q.len()
-                && v.len() == q.len()
-                && probs.len() >= b * heads * l * l
-                && dctx.len() >= b * l * hd,
-            "attention_backward: shapes"
+            probs.len() >= b * heads * l * l && dctx.len() >= b * l * hd,
+            "attention_backward: probs or dctx rows"
         );
         for buf in [&mut *dq, &mut *dk, &mut *dv] {
             self.ensure_len(buf, b * l * hd);
@@ -1054,6 +1040,22 @@ impl super::EncoderOps for Cuda {
             a.arg(q).arg(probs).arg(dctx).arg(&ds).arg(&li).arg(&hi).arg(&di).arg(&mut *dk).arg(&mut *dv);
         });
     }
+}
+
+/// The row width H·d and head width d of attention's q, k and v (b·l rows each), checked.
+fn attention_dims(
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    (b, l, heads): (usize, usize, usize),
+) -> (usize, usize) {
+    let hd = q.len() / (b * l).max(1);
+    let d = hd / heads.max(1);
+    assert!(
+        hd == heads * d && q.len() == b * l * hd && k.len() == q.len() && v.len() == q.len(),
+        "attention: q, k and v must be {b}·{l} rows of {heads} heads"
+    );
+    (hd, d)
 }
 
 /// One block per (row of a sequence, head, sequence), `width` the values each block sweeps.
