@@ -305,10 +305,61 @@ pub struct DataConfig {
     pub dir: PathBuf,
 }
 
-/// `[model]`: the bag-of-n-grams classifier.
+/// Which classifier `[model]` describes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// The fastText-style bag of hashed n-grams (`dim`, `hidden`, dropouts, `init_from`).
+    #[default]
+    Bag,
+    /// A Transformer encoder over a subword data set (`[model.encoder]`).
+    Encoder,
+}
+
+/// `[model.encoder]`: a BERT-family encoder, pretrained or from scratch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncoderConfig {
+    /// A directory with `config.json` and `model.safetensors` (Hugging Face names), e.g.
+    /// `models/minilm` from `launch/fetch-model minilm`; unset: from scratch with the shape
+    /// below.
+    pub pretrained: Option<PathBuf>,
+    /// `cls` or `mean` pooling.
+    pub pooling: crate::model::encoder::Pooling,
+    /// Hidden dropout in training; unset: the pretrained model's `hidden_dropout_prob`, or
+    /// 0.1 from scratch.
+    pub dropout: Option<f32>,
+    /// From scratch only: width, layers, heads, MLP width, and pre-LN (else BERT's
+    /// post-LN). The vocabulary and the positions come from the data set's tokenizer.
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub pre_ln: bool,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        EncoderConfig {
+            pretrained: None,
+            pooling: crate::model::encoder::Pooling::Mean,
+            dropout: None,
+            hidden: 256,
+            layers: 4,
+            heads: 4,
+            intermediate: 1024,
+            pre_ln: true,
+        }
+    }
+}
+
+/// `[model]`: the classifier: the bag-of-n-grams model (the default), or a Transformer
+/// encoder (`kind = "encoder"`, `[model.encoder]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    pub kind: ModelKind,
+    pub encoder: EncoderConfig,
     /// Embedding width D.
     pub dim: usize,
     /// Hidden layer widths; empty = the linear fastText model.
@@ -332,6 +383,8 @@ impl Default for ModelConfig {
             embed_dropout: 0.0,
             hidden_dropout: 0.0,
             init_from: None,
+            kind: ModelKind::Bag,
+            encoder: EncoderConfig::default(),
         }
     }
 }
@@ -474,6 +527,45 @@ impl Validate for TrainConfig {
         {
             if !(0.0..1.0).contains(&p) {
                 return bad(field, "must be in [0, 1)");
+            }
+        }
+        if m.kind == ModelKind::Encoder {
+            let e = &m.encoder;
+            if e.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
+                return bad("model.encoder.dropout", "must be in [0, 1)");
+            }
+            if e.pretrained.is_none() {
+                for (field, v) in [
+                    ("model.encoder.hidden", e.hidden),
+                    ("model.encoder.layers", e.layers),
+                    ("model.encoder.heads", e.heads),
+                    ("model.encoder.intermediate", e.intermediate),
+                ] {
+                    if !(1..=65_536).contains(&v) {
+                        return bad(field, "must be in 1..=65536");
+                    }
+                }
+                if e.hidden % e.heads != 0 {
+                    return bad("model.encoder.heads", "must divide model.encoder.hidden");
+                }
+            }
+            if m.init_from.is_some() {
+                return bad(
+                    "model.init_from",
+                    "loads a bag model's embedding table; an encoder starts from model.encoder.pretrained",
+                );
+            }
+            if self.adversarial.kind != crate::algo::adversarial::AdversarialKind::None {
+                return bad(
+                    "adversarial.kind",
+                    "adversarial training perturbs a bag model's pooled embedding; it is not implemented for the encoder yet",
+                );
+            }
+            if self.method.is_mpl() {
+                return bad(
+                    "method",
+                    "Meta Pseudo Labels runs on bag models only for now (model.kind = \"bag\")",
+                );
             }
         }
         let l = &self.loss;

@@ -28,12 +28,11 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
-use crate::backend::Backend;
 use crate::data::dataset::Dataset;
 use crate::data::loader::RowId;
 use crate::data::shard::SplitKind;
 use crate::error::{Error, IoContext, Result};
-use crate::model::bag::BagModel;
+use crate::model::{Acts, Model};
 
 /// Magic bytes of a logits file.
 pub const MAGIC: &[u8; 8] = b"DTLOGIT\0";
@@ -177,9 +176,9 @@ pub struct ExportReport {
 /// Runs `model` without dropout over every sample of `split` of `ds`, on backend `be`, and
 /// writes the logits file `out`; with `jsonl`, also one pseudo-label line per sample.
 #[allow(clippy::too_many_arguments)]
-pub fn export<B: Backend<F = f32>>(
+pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     be: &B,
-    model: &BagModel,
+    model: &Model,
     params: &[f32],
     ds: &Dataset,
     split: SplitKind,
@@ -189,7 +188,8 @@ pub fn export<B: Backend<F = f32>>(
 ) -> Result<ExportReport> {
     let params = be.upload(params);
     let m = ds.manifest();
-    let classes = model.spec.classes;
+    let classes = model.classes();
+    let batch_size = model.eval_batch(batch_size);
     let shards = ds.shards(split);
     let rows: u64 = shards.iter().map(|s| s.len() as u64).sum();
     let tmp = out.with_extension("tmp");
@@ -214,7 +214,7 @@ pub fn export<B: Backend<F = f32>>(
         ..Default::default()
     };
     let buckets = m.tokenizer.buckets;
-    let mut acts = crate::model::bag::Activations::new(be, model);
+    let mut acts = Acts::new(be, model);
     for (si, shard) in shards.iter().enumerate() {
         let mut start = 0;
         while start < shard.len() {
@@ -230,9 +230,8 @@ pub fn export<B: Backend<F = f32>>(
                 }
                 batch.push(doc.ids, -1);
             }
-            let dev = be.upload_batch(&batch);
-            model.forward(be, &params, &dev, batch.len(), None, &mut acts);
-            let logits = be.download(&acts.logits);
+            model.forward(be, &params, &model.input(be, &batch), batch.len(), None, &mut acts);
+            let logits = be.download(acts.logits());
             put(&mut w, bytemuck::cast_slice(&logits[..batch.len() * classes]))?;
             for (k, z) in logits.chunks(classes).take(batch.len()).enumerate() {
                 let i = start + k;

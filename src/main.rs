@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use dtrain::backend::{dispatch, Backend, OnBackend};
+use dtrain::backend::{dispatch, OnBackend};
 use dtrain::config::{self, Override, PrepareConfig, PretrainConfig, TrainConfig};
 use dtrain::data::dataset::{self, Dataset};
 use dtrain::data::input::FormatChoice;
@@ -654,10 +654,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--split {}: expected train, val or test", args.split))?;
             let (model, params, ds) =
                 load_for_data(&args.checkpoint, weights_of(args.teacher, args.average)?, &args.data)?;
-            struct Job<'a>(&'a dtrain::model::bag::BagModel, &'a [f32], &'a Dataset, SplitKind);
+            struct Job<'a>(&'a dtrain::model::Model, &'a [f32], &'a Dataset, SplitKind);
             impl OnBackend for Job<'_> {
                 type Out = Option<dtrain::train::metrics::EvalReport>;
-                fn run<B: Backend<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
+                fn run<B: dtrain::backend::EncoderOps<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
                     dtrain::train::eval::evaluate(be, self.0, &be.upload(self.1), self.2, self.3, 1024)
                 }
             }
@@ -678,16 +678,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let (model, params, ds) =
                 load_for_data(&a.checkpoint, weights_of(a.teacher, a.average)?, &a.data)?;
-            struct Job<'a>(
-                &'a dtrain::model::bag::BagModel,
-                &'a [f32],
-                &'a Dataset,
-                SplitKind,
-                &'a ExportArgs,
-            );
+            struct Job<'a>(&'a dtrain::model::Model, &'a [f32], &'a Dataset, SplitKind, &'a ExportArgs);
             impl OnBackend for Job<'_> {
                 type Out = dtrain::logits::ExportReport;
-                fn run<B: Backend<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
+                fn run<B: dtrain::backend::EncoderOps<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
                     let a = self.4;
                     dtrain::logits::export(
                         be,
@@ -979,7 +973,7 @@ fn load_for_data(
     checkpoint: &Path,
     which: dtrain::checkpoint::Weights,
     data: &Path,
-) -> anyhow::Result<(dtrain::model::bag::BagModel, Vec<f32>, Dataset)> {
+) -> anyhow::Result<(dtrain::model::Model, Vec<f32>, Dataset)> {
     let (meta, model, params) = dtrain::checkpoint::load_weights(checkpoint, which)?;
     let ds = Dataset::open(data)?;
     if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {

@@ -7,14 +7,15 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::backend::{dispatch, Backend, Device, DropoutKey, HostBatch, OnBackend};
+use crate::backend::{dispatch, Device, DropoutKey, EncoderOps, HostBatch, OnBackend};
 use crate::checkpoint::{self, ModelMeta};
 use crate::data::input::{
     parse_line, DiskCounter, Format, FormatChoice, JsonFields, LineReader, Parsed, Role,
 };
+use crate::data::subword::SubwordTokenizer;
 use crate::data::tokenize::Tokenizer;
 use crate::error::{Error, IoContext, Result};
-use crate::model::bag::{Activations, BagModel};
+use crate::model::{Acts, Model};
 
 /// What to predict and how.
 #[derive(Debug, Clone)]
@@ -49,20 +50,20 @@ pub struct PredictSummary {
 /// Averages the class probabilities of `models` (each with `passes` passes) over `batch`,
 /// whose first document is document `first_doc` of the input (MC-dropout masks are keyed by
 /// it, so they do not depend on the batch size).
-fn average_probs<B: Backend<F = f32>>(
+fn average_probs<B: EncoderOps<F = f32>>(
     be: &B,
-    models: &[(BagModel, B::Buf)],
+    models: &[(Model, B::Buf)],
     batch: &HostBatch,
     first_doc: u64,
     passes: usize,
     seed: u64,
 ) -> Vec<f32> {
-    let classes = models[0].0.spec.classes;
+    let classes = models[0].0.classes();
     let mut sum = vec![0f32; batch.len() * classes];
-    let dev = be.upload_batch(batch);
     let mut probs = be.zeros(0);
     for (mi, (model, params)) in models.iter().enumerate() {
-        let mut acts = Activations::new(be, model);
+        let dev = model.input(be, batch);
+        let mut acts = Acts::new(be, model);
         for pass in 0..passes {
             let key = (passes > 1).then_some(DropoutKey {
                 seed,
@@ -72,7 +73,7 @@ fn average_probs<B: Backend<F = f32>>(
                 rows: crate::backend::RowMap::at(first_doc),
             });
             model.forward(be, params, &dev, batch.len(), key, &mut acts);
-            be.softmax(&acts.logits, classes, &mut probs);
+            be.softmax(acts.logits(), classes, &mut probs);
             sum.iter_mut().zip(&be.download(&probs)).for_each(|(s, &p)| *s += p);
         }
     }
@@ -101,35 +102,57 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
                 ));
             }
         }
-        if opts.mc_dropout > 1 && meta.model.embed_dropout == 0.0 && meta.model.hidden_dropout == 0.0 {
+        if opts.mc_dropout > 1 && !meta.model.has_dropout() {
             return Err(Error::bad_file(
                 path,
-                "--mc-dropout needs a model with dropout (model.embed_dropout or hidden_dropout > 0)",
+                "--mc-dropout needs a model with dropout (model.embed_dropout, hidden_dropout or encoder.dropout > 0)",
             ));
         }
         metas.push(meta);
         models.push((model, params));
     }
     let meta = &metas[0];
-    let tokenizer = Tokenizer::new(meta.tokenizer.clone());
-    struct Job<'a>(&'a PredictOptions, &'a Tokenizer, Vec<(BagModel, Vec<f32>)>, &'a [String]);
+    let tokenizer = TextIds::new(meta)?;
+    struct Job<'a>(&'a PredictOptions, &'a TextIds, Vec<(Model, Vec<f32>)>, &'a [String]);
     impl OnBackend for Job<'_> {
         type Out = PredictSummary;
-        fn run<B: Backend<F = f32>>(self, be: &B) -> Result<PredictSummary> {
-            let models: Vec<(BagModel, B::Buf)> =
-                self.2.into_iter().map(|(m, p)| (m, be.upload(&p))).collect();
+        fn run<B: EncoderOps<F = f32>>(self, be: &B) -> Result<PredictSummary> {
+            let models: Vec<(Model, B::Buf)> = self.2.into_iter().map(|(m, p)| (m, be.upload(&p))).collect();
             predict_on(be, self.0, self.1, &models, self.3)
         }
     }
     dispatch(opts.device, 0, false, Job(opts, &tokenizer, models, &meta.labels))
 }
 
+/// Text to the ids a checkpoint's model reads: its hashed features, or its subword
+/// tokenizer's ids (the tokenizer.json the data set was prepared with, checked by checksum).
+enum TextIds {
+    Hashed(Tokenizer),
+    Subword(Box<SubwordTokenizer>, usize),
+}
+
+impl TextIds {
+    fn new(meta: &ModelMeta) -> Result<Self> {
+        Ok(match &meta.tokenizer.subword {
+            None => TextIds::Hashed(Tokenizer::new(meta.tokenizer.clone())),
+            Some(sw) => TextIds::Subword(Box::new(SubwordTokenizer::for_spec(sw)?), sw.max_len as usize),
+        })
+    }
+
+    fn ids(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+        match self {
+            TextIds::Hashed(t) => Ok(t.tokenize(text).ids),
+            TextIds::Subword(t, max_len) => t.encode(text, *max_len).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// The prediction loop on backend `be`.
-fn predict_on<B: Backend<F = f32>>(
+fn predict_on<B: EncoderOps<F = f32>>(
     be: &B,
     opts: &PredictOptions,
-    tokenizer: &Tokenizer,
-    models: &[(BagModel, B::Buf)],
+    tokenizer: &TextIds,
+    models: &[(Model, B::Buf)],
     labels: &[String],
 ) -> Result<PredictSummary> {
     let format = Format::resolve(opts.format, &opts.input)?;
@@ -152,7 +175,7 @@ fn predict_on<B: Backend<F = f32>>(
                 .map(|(n, bytes)| match parse_line(bytes, *n, format, Role::Unlabeled, &fields)? {
                     Parsed::Blank => Ok(None),
                     Parsed::Doc(d) => {
-                        let ids = tokenizer.tokenize(&d.text).ids;
+                        let ids = tokenizer.ids(&d.text)?;
                         if ids.is_empty() {
                             Err("no features after tokenizing".to_string())
                         } else {

@@ -7,22 +7,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use dtrain::backend::cpu::Cpu;
 use dtrain::backend::Activation;
 use dtrain::data::subword::SubwordTokenizer;
 use dtrain::model::encoder::{load_pretrained, Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
 
-fn minilm() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/minilm");
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "{} is missing: run launch/fetch-model minilm",
-        dir.display()
-    );
-    dir
-}
+use common::minilm;
 
 /// Reference ids from Hugging Face's Python `tokenizers` 0.23.3 on the same tokenizer.json
 /// (padding and truncation off), English and Chinese: characters outside the vocabulary
@@ -91,6 +81,7 @@ fn padding_changes_no_sequence_output() {
         pre_ln: true,
         pooling: Pooling::Cls,
         classes: 4,
+        dropout: 0.0,
     };
     let pre = Encoder::new(spec);
     assert!(pre.layout.get("encoder.LayerNorm.weight").is_some());

@@ -571,6 +571,7 @@ fn whole_encoder_post_ln_and_pre_ln() {
             pre_ln,
             pooling,
             classes: 3,
+            dropout: 0.0,
         });
         let mut params: Vec<f64> = randn(model.layout.total(), 41).iter().map(|v| 0.5 * v).collect();
         for t in model.layout.tensors().iter().filter(|t| t.name.ends_with("LayerNorm.weight")) {

@@ -863,11 +863,10 @@ fn export_logits_and_noisy_student() {
         for i in 0..shard.len() {
             let mut b = dtrain::backend::HostBatch::default();
             b.push(shard.doc(i).ids, -1);
-            let mut acts = dtrain::model::bag::Activations::new(&be, &model);
-            use dtrain::backend::Backend;
-            model.forward(&be, &params, &be.upload_batch(&b), 1, None, &mut acts);
+            let mut acts = dtrain::model::Acts::new(&be, &model);
+            model.forward(&be, &params, &model.input(&be, &b), 1, None, &mut acts);
             let id = RowId { split: SplitKind::Unlabeled, shard: s as u32, row: i as u32 };
-            assert_eq!(f.row(id), &acts.logits[..], "shard {s} row {i}");
+            assert_eq!(f.row(id), &acts.logits()[..], "shard {s} row {i}");
         }
     }
     assert!(f.check_matches(&ds, SplitKind::Train).unwrap_err().to_string().contains("split `unlabeled`"));
@@ -966,7 +965,8 @@ fn mpl_trains_a_teacher_of_its_own_size_logs_h_and_resumes_exactly() {
     assert!(student > 0.5, "the student learns: {student}");
     let (meta, _, _) =
         dtrain::checkpoint::load_weights(&r.final_checkpoint, dtrain::checkpoint::Weights::Teacher).unwrap();
-    assert_eq!((meta.model.dim, meta.model.hidden.clone()), (8, vec![4]));
+    let dtrain::model::ModelSpec::Bag(spec) = &meta.model else { panic!("a bag teacher") };
+    assert_eq!((spec.dim, spec.hidden.clone()), (8, vec![4]));
     let recs = train_records(&out);
     let mid = &recs[2];
     for key in [

@@ -255,7 +255,7 @@ impl Device {
 /// logits export): [`dispatch`] calls `run` with the concrete backend.
 pub trait OnBackend {
     type Out;
-    fn run<B: Backend<F = f32>>(self, be: &B) -> crate::Result<Self::Out>;
+    fn run<B: EncoderOps<F = f32>>(self, be: &B) -> crate::Result<Self::Out>;
 }
 
 /// Runs `job` on the backend `device` resolves to (see [`Device::resolve`]); a CPU job runs

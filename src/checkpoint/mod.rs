@@ -32,8 +32,8 @@ use crate::data::manifest::hex64;
 use crate::data::tokenize::TokenizerSpec;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::model::bag::{BagModel, BagSpec};
 use crate::model::params::{Layout, TensorSpec};
+use crate::model::{Model, ModelSpec};
 use crate::optim::schedule::Plateau;
 
 /// Magic bytes of `state.bin`.
@@ -67,9 +67,9 @@ pub const DONE: &str = "DONE";
 /// What a model checkpoint needs besides its tensors to classify raw text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelMeta {
-    /// Format name, `dtrain-bag`.
+    /// Format name, `dtrain-bag` or `dtrain-encoder`.
     pub format: String,
-    pub model: BagSpec,
+    pub model: ModelSpec,
     pub labels: Vec<String>,
     pub tokenizer: TokenizerSpec,
 }
@@ -341,7 +341,7 @@ pub fn load_part(
 /// files, the DONE marker and renames the directory into place; barriers order the three.
 pub fn save(
     root: &Path,
-    model: &BagModel,
+    model: &Model,
     meta: &ModelMeta,
     c: Contents<'_>,
     keep: usize,
@@ -359,12 +359,12 @@ pub fn save(
     dist.barrier("the ranks' bank files");
     let done = if dist.is_root() {
         let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
-        tensors_to_file(&tmp.join("model.safetensors"), &model.layout, &[("", &params)], json.clone())?;
+        tensors_to_file(&tmp.join("model.safetensors"), model.layout(), &[("", &params)], json.clone())?;
         for (which, weights) in shadows {
-            tensors_to_file(&tmp.join(which.file()), &model.layout, &[("", &weights)], json.clone())?;
+            tensors_to_file(&tmp.join(which.file()), model.layout(), &[("", &weights)], json.clone())?;
         }
         let moments = [("m.", &*moments[0]), ("v.", &*moments[1])];
-        tensors_to_file(&tmp.join("optimizer.safetensors"), &model.layout, &moments, serde_json::json!({}))?;
+        tensors_to_file(&tmp.join("optimizer.safetensors"), model.layout(), &moments, serde_json::json!({}))?;
         for p in parts {
             tensors_to_file(
                 &tmp.join(format!("{}.safetensors", p.stem)),
@@ -485,12 +485,12 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
 
 /// Reads a checkpoint's model: its metadata, the model, and its parameters. `path` is a
 /// checkpoint directory or a `model.safetensors` file.
-pub fn load_model(path: &Path) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
+pub fn load_model(path: &Path) -> Result<(ModelMeta, Model, Vec<f32>)> {
     load_weights(path, Weights::Student)
 }
 
 /// Like [`load_model`], reading `which` weights when `path` is a checkpoint directory.
-pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, BagModel, Vec<f32>)> {
+pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, Model, Vec<f32>)> {
     let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
     if which != Weights::Student && path.is_dir() && !file.is_file() {
         let why = match which {
@@ -511,18 +511,35 @@ pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, BagModel,
     let bytes = std::fs::read(&file).at(&file)?;
     let meta: ModelMeta = serde_json::from_value(file_meta(&file, &bytes)?)
         .map_err(|e| Error::bad_file(&file, format!("invalid `{META_KEY}` metadata: {e}")))?;
-    if meta.labels.len() != meta.model.classes {
+    if meta.labels.len() != meta.model.classes() {
         return Err(Error::bad_file(&file, "metadata: the label count differs from the model's classes"));
     }
     meta.model.validate().map_err(|e| Error::bad_file(&file, format!("metadata: {e}")))?;
     meta.tokenizer
         .validate(&file.display().to_string(), "tokenizer")
         .map_err(|e| Error::bad_file(&file, format!("metadata: {e}")))?;
-    if meta.model.buckets != meta.tokenizer.buckets as usize {
-        return Err(Error::bad_file(&file, "metadata: the table's rows differ from the tokenizer's buckets"));
+    let rows = meta.model.input_rows();
+    let ids = meta.tokenizer.buckets as usize;
+    let fits = match meta.model {
+        ModelSpec::Bag(_) => rows == ids,
+        ModelSpec::Encoder(_) => rows >= ids && meta.tokenizer.subword.is_some(),
+    };
+    if !fits {
+        return Err(Error::bad_file(
+            &file,
+            format!(
+                "metadata: the model's {rows} input rows do not fit the tokenizer's {ids} ids (a bag model needs one row per bucket, an encoder a subword tokenizer within its vocabulary)"
+            ),
+        ));
     }
-    let model = BagModel::new(meta.model.clone());
-    let params = tensors_from_file(&file, &bytes, &model.layout, &[("", model.layout.total())])?.remove(0);
+    if meta.format != meta.model.format() {
+        return Err(Error::bad_file(
+            &file,
+            format!("metadata: format {:?} does not match a {} model", meta.format, meta.model.format()),
+        ));
+    }
+    let model = Model::new(meta.model.clone());
+    let params = tensors_from_file(&file, &bytes, model.layout(), &[("", model.layout().total())])?.remove(0);
     Ok((meta, model, params))
 }
 
@@ -530,12 +547,12 @@ pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, BagModel,
 /// and training state.
 pub fn load_train(
     dir: &Path,
-    model: &BagModel,
+    model: &Model,
     lens: (usize, usize),
 ) -> Result<(Vec<f32>, Vec<f32>, TrainState)> {
     let file = dir.join("optimizer.safetensors");
     let bytes = std::fs::read(&file).at(&file)?;
-    let mut moments = tensors_from_file(&file, &bytes, &model.layout, &[("m.", lens.0), ("v.", lens.1)])?;
+    let mut moments = tensors_from_file(&file, &bytes, model.layout(), &[("m.", lens.0), ("v.", lens.1)])?;
     let v = moments.pop().expect("two buffers");
     let m = moments.pop().expect("two buffers");
     let path = dir.join("state.bin");

@@ -32,6 +32,31 @@ impl SubwordTokenizer {
         Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad })
     }
 
+    /// The tokenizer a data set or checkpoint names: the file at `spec.path`, refused unless
+    /// its checksum is the recorded one (ids from another tokenizer would be silently
+    /// wrong).
+    pub fn for_spec(spec: &crate::data::tokenize::SubwordSpec) -> Result<Self> {
+        let path = Path::new(&spec.path);
+        let bytes = std::fs::read(path).map_err(|e| {
+            Error::bad_file(
+                path,
+                format!("cannot read the subword tokenizer the model was trained with: {e}"),
+            )
+        })?;
+        let sum = crate::data::manifest::hex64(xxhash_rust::xxh3::xxh3_64(&bytes));
+        if let Some(want) = &spec.checksum {
+            if *want != sum {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "checksum {sum}, not the {want} of the tokenizer.json the model was trained with"
+                    ),
+                ));
+            }
+        }
+        Self::open(path)
+    }
+
     /// The vocabulary size (ids are below it), special tokens included.
     pub fn vocab_size(&self) -> u32 {
         self.inner.get_vocab_size(true) as u32

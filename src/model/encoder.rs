@@ -57,6 +57,10 @@ pub struct EncoderSpec {
     pub pre_ln: bool,
     pub pooling: Pooling,
     pub classes: usize,
+    /// Hidden dropout in training: on the embeddings and on each sublayer's output before
+    /// its residual sum (BERT's `hidden_dropout_prob`).
+    #[serde(default)]
+    pub dropout: f32,
 }
 
 impl EncoderSpec {
@@ -81,6 +85,12 @@ impl EncoderSpec {
         }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return Err(("layer_norm_eps", "must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(("dropout", "must be in [0, 1)".into()));
+        }
+        if self.vocab > u32::MAX as usize || self.classes > 1 << 20 || self.classes == 0 {
+            return Err(("classes", "vocab must fit u32 ids and classes be in 1..=2^20".into()));
         }
         Ok(())
     }
@@ -686,6 +696,7 @@ pub fn load_pretrained(
         pre_ln: false,
         pooling,
         classes,
+        dropout: cfg.get("hidden_dropout_prob").and_then(|v| v.as_f64()).unwrap_or(0.1) as f32,
     };
     spec.validate().map_err(|(f, m)| Error::bad_file(&cfg_path, format!("{f}: {m}")))?;
     let model = Encoder::new(spec);

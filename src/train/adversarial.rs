@@ -168,7 +168,7 @@ impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
             }
         };
         let loss = self.loss_at(cfg, params, clean, &r, cfg.weight, buf);
-        table.backward(self.be, self.model, params, self.dev, &buf.acts, &buf.dlogits, grads, None);
+        table.backward_bag(self.be, self.model, params, self.dev, &buf.acts, &buf.dlogits, grads, None);
         cfg.weight * loss
     }
 }

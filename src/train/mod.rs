@@ -23,7 +23,7 @@ use crate::algo::ramp;
 use crate::algo::shadow::{AlphaRule, Shadow};
 use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
 use crate::algo::{Method, TargetSource};
-use crate::backend::{dispatch, host_view, Backend, Device, GradSync, LossKind, OnBackend};
+use crate::backend::{dispatch, host_view, Backend, Device, EncoderOps, GradSync, LossKind, OnBackend};
 use crate::bank::{Bank, BankSettings};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
@@ -33,7 +33,8 @@ use crate::data::shard::SplitKind;
 use crate::dist::Dist;
 use crate::error::{Error, IoContext, Result};
 use crate::logits::LogitsFile;
-use crate::model::bag::{BagModel, BagSpec};
+use crate::model::bag::BagSpec;
+use crate::model::Model;
 use crate::optim::schedule::Plateau;
 use crate::optim::{Optimizer, TableGrad};
 use adversarial::AdversarialBuffers;
@@ -182,11 +183,76 @@ fn bag_spec(m: &crate::config::ModelConfig, manifest: &crate::data::manifest::Ma
     }
 }
 
+/// The classifier `m` describes on the data set of `manifest`, and its initial parameters
+/// from `seed`: a bag model, or an encoder (its pretrained weights loaded, the head fresh).
+fn build_model(
+    m: &crate::config::ModelConfig,
+    manifest: &crate::data::manifest::Manifest,
+    seed: u64,
+) -> Result<(Model, Vec<f32>)> {
+    use crate::model::encoder::{Encoder, EncoderSpec};
+    if m.kind == crate::config::ModelKind::Bag {
+        let model = Model::Bag(crate::model::bag::BagModel::new(bag_spec(m, manifest)));
+        let params = model.init(seed);
+        return Ok((model, params));
+    }
+    let e = &m.encoder;
+    let Some(sw) = &manifest.tokenizer.subword else {
+        return Err(Error::config(
+            "train",
+            "model.kind",
+            "an encoder reads subword ids: prepare the data with --set tokenizer.subword.path=models/minilm/tokenizer.json",
+        ));
+    };
+    let classes = manifest.labels.len();
+    let vocab = manifest.tokenizer.buckets as usize;
+    let (spec, params) = match &e.pretrained {
+        Some(dir) => {
+            let (enc, params) = crate::model::encoder::load_pretrained(dir, classes, e.pooling, seed)?;
+            if enc.spec.vocab < vocab || enc.spec.max_positions < sw.max_len as usize {
+                return Err(Error::config(
+                    "train",
+                    "model.encoder.pretrained",
+                    format!(
+                        "{} has {} token ids and {} positions; the data set's tokenizer has {vocab} ids and up to {} tokens (prepare with this model's tokenizer.json and a tokenizer.subword.max_len within its positions)",
+                        dir.display(), enc.spec.vocab, enc.spec.max_positions, sw.max_len
+                    ),
+                ));
+            }
+            let mut spec = enc.spec;
+            spec.dropout = e.dropout.unwrap_or(spec.dropout);
+            (spec, params)
+        }
+        None => {
+            let spec = EncoderSpec {
+                vocab,
+                hidden: e.hidden,
+                layers: e.layers,
+                heads: e.heads,
+                intermediate: e.intermediate,
+                max_positions: sw.max_len as usize,
+                type_vocab: 2,
+                layer_norm_eps: 1e-12,
+                activation: crate::backend::Activation::GeluErf,
+                pre_ln: e.pre_ln,
+                pooling: e.pooling,
+                classes,
+                dropout: e.dropout.unwrap_or(0.1),
+            };
+            spec.validate().map_err(|(f, msg)| Error::config("train", format!("model.encoder.{f}"), msg))?;
+            let params = Encoder::new(spec.clone()).init(seed);
+            (spec, params)
+        }
+    };
+    Ok((Model::Encoder(Encoder::new(spec)), params))
+}
+
 /// What a checkpoint of `model` records about it to classify raw text.
-fn model_meta(model: &BagModel, manifest: &crate::data::manifest::Manifest) -> ModelMeta {
+fn model_meta(model: &Model, manifest: &crate::data::manifest::Manifest) -> ModelMeta {
+    let spec = model.spec();
     ModelMeta {
-        format: "dtrain-bag".into(),
-        model: model.spec.clone(),
+        format: spec.format().into(),
+        model: spec,
         labels: manifest.labels.clone(),
         tokenizer: manifest.tokenizer.clone(),
     }
@@ -197,7 +263,7 @@ fn model_meta(model: &BagModel, manifest: &crate::data::manifest::Manifest) -> M
 fn init_table(
     path: &Path,
     manifest: &crate::data::manifest::Manifest,
-    model: &BagModel,
+    model: &crate::model::bag::BagModel,
     params: &mut [f32],
     report: Option<&str>,
 ) -> Result<()> {
@@ -229,7 +295,7 @@ pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Tra
     struct Job<'a>(&'a TrainConfig, &'a RunOptions, &'a Dist);
     impl OnBackend for Job<'_> {
         type Out = TrainReport;
-        fn run<B: Backend<F = f32>>(self, be: &B) -> Result<TrainReport> {
+        fn run<B: EncoderOps<F = f32>>(self, be: &B) -> Result<TrainReport> {
             train_on_worker(be, self.0, self.1, self.2)
         }
     }
@@ -326,7 +392,7 @@ fn cursors_sum(cursors: &[crate::data::loader::Cursor], dist: &Dist) -> Vec<crat
     v.chunks(2).map(|c| crate::data::loader::Cursor { epoch: c[0], pos: c[1] }).collect()
 }
 
-fn train_on_worker<B: Backend<F = f32>>(
+fn train_on_worker<B: EncoderOps<F = f32>>(
     be: &B,
     cfg: &TrainConfig,
     opts: &RunOptions,
@@ -365,10 +431,10 @@ where
     if n_train == 0 {
         return Err(Error::Data(format!("{}: the train split is empty", cfg.data.dir.display())));
     }
-    let model = BagModel::new(bag_spec(&cfg.model, manifest));
+    let (model, mut host_params) = build_model(&cfg.model, manifest, t.seed)?;
     for prefix in cfg.optim.lr_mult.keys() {
-        if !model.layout.tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
-            let names: Vec<&str> = model.layout.tensors().iter().map(|t| t.name.as_str()).collect();
+        if !model.layout().tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
+            let names: Vec<&str> = model.layout().tensors().iter().map(|t| t.name.as_str()).collect();
             return Err(Error::config(
                 "train",
                 format!("optim.lr_mult.{prefix}"),
@@ -403,8 +469,7 @@ where
     let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
     let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
 
-    let mut host_params: Vec<f32> = model.init(t.seed);
-    let mut opt = Optimizer::new(be, &model.layout, model.table, cfg.optim.clone());
+    let mut opt = Optimizer::new(be, model.layout(), model.table(), cfg.optim.clone());
     let mut loader = Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, owned.clone())?;
     let mut uloader = if b_u > 0 {
         Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, owned.clone())?)
@@ -428,13 +493,15 @@ where
         Resume::Auto => checkpoint::latest(&ckpt_root)?,
         Resume::From(dir) => Some(dir.clone()),
     };
-    if let (Some(path), None) = (&cfg.model.init_from, &resume_from) {
-        init_table(path, manifest, &model, &mut host_params, progress.then_some("model"))?;
+    if let (Some(path), None, Some(bag)) = (&cfg.model.init_from, &resume_from, model.bag()) {
+        init_table(path, manifest, bag, &mut host_params, progress.then_some("model"))?;
     }
     let mut params = be.upload(&host_params);
     drop(host_params);
-    let len = model.layout.total();
-    let classes_n = model.spec.classes;
+    let len = model.layout().total();
+    let classes_n = model.classes();
+    // The bag model's table is brought up to date lazily by shadows that ask for it.
+    let lazy_table = model.bag().map(|b| b.table);
     // Shadow copies of the weights: the Mean Teacher first (the target of its method), then
     // EMA or SWA weights.
     let mut shadows: Vec<Kept<B>> = Vec::new();
@@ -448,7 +515,7 @@ where
     if recipe.target == TargetSource::Teacher {
         let mt = &cfg.mean_teacher;
         let rule = AlphaRule::WarmUp { alpha: mt.alpha, late: mt.alpha_late.map(|a| (a, ramp.up_steps)) };
-        let lazy = mt.lazy_table.then_some(model.table);
+        let lazy = lazy_table.filter(|_| mt.lazy_table);
         shadows.push(kept(
             "teacher",
             checkpoint::Weights::Teacher,
@@ -456,7 +523,7 @@ where
         ));
     }
     if let Some(rule) = cfg.average.rule(total, steps_per_epoch) {
-        let lazy = cfg.average.lazy_table.then_some(model.table);
+        let lazy = lazy_table.filter(|_| cfg.average.lazy_table);
         let shadow = Shadow::new(be, &params, len, rule, lazy);
         shadows.push(kept(cfg.average.name(), checkpoint::Weights::Average, shadow));
     }
@@ -485,14 +552,15 @@ where
         }))
     };
     let mut mpl_run = if recipe.method.is_mpl() {
-        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, progress && resume_from.is_none())?)
+        let student = model.bag().expect("validated: MPL runs on bag models");
+        Some(MplRun::new(be, cfg, &ds, student, &recipe, total, progress && resume_from.is_none())?)
     } else {
         None
     };
     let logits_checksum = teacher_logits_checksum(cfg)?;
     if let Some(dir) = &resume_from {
         let (m, loaded_model, loaded) = checkpoint::load_model(dir)?;
-        let differs = if m.model != meta.model || loaded_model.layout != model.layout {
+        let differs = if m.model != meta.model || loaded_model.layout() != model.layout() {
             Some(format!("model ({:?} in the checkpoint, {:?} in the config)", m.model, meta.model))
         } else if m.labels != meta.labels {
             Some("class labels".to_string())
@@ -507,7 +575,7 @@ where
                 format!("the checkpoint's {what} differs from this config and data set"),
             ));
         }
-        let lens = crate::optim::moment_lens(&opt.cfg, &model.layout, model.table);
+        let lens = crate::optim::moment_lens(&opt.cfg, model.layout(), model.table());
         let (mm, vv, state) = checkpoint::load_train(dir, &model, lens)?;
         if state.logits_checksum != logits_checksum {
             return Err(Error::bad_file(
@@ -570,6 +638,7 @@ where
             buckets: manifest.tokenizer.buckets,
             per_pass,
             second_pass: matches!(recipe.target, TargetSource::SecondPass { .. } | TargetSource::Teacher),
+            keep_ends: manifest.tokenizer.subword.is_some(),
         });
     let mut stabiliser = (recipe.target == TargetSource::WeakView && !recipe.method.is_mpl()).then(|| {
         let sizes: Vec<usize> = ds.shards(SplitKind::Unlabeled).iter().map(|s| s.len()).collect();
@@ -623,7 +692,10 @@ where
     // The fused table update changes the table during the backward pass; an adversarial pass
     // reads it afterwards, so it needs the update deferred to the optimizer step.
     // On several ranks the table's gradient must be averaged first: no fused update.
-    let fused = opt.fuses_table() && cfg.adversarial.kind == AdversarialKind::None && world == 1;
+    let fused = opt.fuses_table()
+        && cfg.adversarial.kind == AdversarialKind::None
+        && world == 1
+        && model.bag().is_some();
     let mut stepper = Stepper {
         be,
         model: &model,
@@ -635,16 +707,16 @@ where
         batch_size: t.batch_size / world,
         dist,
         fused,
-        table_mult: opt.lr_of(&model.layout, model.table, 1.0),
+        table_mult: opt.lr_of(model.layout(), model.table(), 1.0),
         passes: [Pass::new(be, &model), Pass::new(be, &model)],
         row_loss: be.zeros(0),
         cons_rows: be.zeros(0),
         target_host: Vec::new(),
         weight_host: Vec::new(),
         target_buf: be.zeros(0),
-        adv: AdversarialBuffers::new(be, &model),
+        adv: model.bag().map(|b| AdversarialBuffers::new(be, b)),
         grads: be.zeros(model.dense_len()),
-        table: TableAcc::new(be, model.spec.dim),
+        table: TableAcc::new(be, model.table_dim()),
     };
     let beta1 = cfg.optim.beta1;
     let mut total_tokens = 0u64;
@@ -687,8 +759,19 @@ where
         let mut step_loss = 0.0;
         let norm = if let Some(run) = &mut mpl_run {
             let n_l = t.batch_size / world;
-            let out =
-                run.step(be, &model, &mut params, &mut opt, &micro[0], n_l, step, lr, w, dist, &mut win)?;
+            let out = run.step(
+                be,
+                model.bag().expect("validated"),
+                &mut params,
+                &mut opt,
+                &micro[0],
+                n_l,
+                step,
+                lr,
+                w,
+                dist,
+                &mut win,
+            )?;
             step_loss = out.loss;
             out.norm
         } else {
@@ -712,7 +795,7 @@ where
             }
             let Stepper { grads, table, .. } = &mut stepper;
             if !fused {
-                dist.average(be, grads, Some(&mut table.grad), model.spec.buckets);
+                dist.average(be, grads, Some(&mut table.grad), model.table_rows());
             }
             let table_grad = if fused {
                 TableGrad::Applied(
@@ -723,7 +806,7 @@ where
             } else {
                 TableGrad::Rows(&mut table.grad)
             };
-            opt.step(be, &model.layout, model.table, &mut params, grads, table_grad, lr)
+            opt.step(be, model.layout(), model.table(), &mut params, grads, table_grad, lr)
         };
         win.loss_sum += step_loss / world as f64;
         win.steps += 1;

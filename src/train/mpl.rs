@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::logits::LogitsFile;
 use crate::model::bag::BagModel;
 use crate::model::params::{Layout, Slot};
+use crate::model::Model;
 use crate::optim::{moment_lens, Optimizer};
 
 use super::net::{BagBufs, BagNet, DenseNet};
@@ -28,7 +29,7 @@ const TEACHER_PASS: u32 = 2;
 /// MPL's teacher.
 pub(super) enum Teacher<B: Backend<F = f32>> {
     /// A bag model of its own spec (`[mpl.teacher]`), reading the text.
-    Bag { model: BagModel, meta: ModelMeta, params: B::Buf, opt: Optimizer<B>, bufs: BagBufs<B> },
+    Bag { model: Model, meta: ModelMeta, params: B::Buf, opt: Optimizer<B>, bufs: BagBufs<B> },
     /// Reduced MPL: g(z) = z + MLP(z) over a fixed teacher's exported logits.
     Reduced { net: DenseNet<B>, logits: LogitsFile, train_logits: Option<LogitsFile>, labels: Vec<String> },
 }
@@ -84,20 +85,15 @@ impl<B: Backend<F = f32>> MplRun<B> {
         let teacher = match cfg.method {
             crate::algo::Method::Mpl => {
                 let mcfg = cfg.mpl.teacher.clone().unwrap_or_else(|| cfg.model.clone());
-                let model = BagModel::new(super::bag_spec(&mcfg, manifest));
-                let mut params = model.init(seed);
+                let bag = BagModel::new(super::bag_spec(&mcfg, manifest));
+                let mut params = bag.init(seed);
                 if let Some(path) = &mcfg.init_from {
-                    super::init_table(
-                        path,
-                        manifest,
-                        &model,
-                        &mut params,
-                        progress.then_some("mpl.teacher"),
-                    )?;
+                    super::init_table(path, manifest, &bag, &mut params, progress.then_some("mpl.teacher"))?;
                 }
+                let opt = Optimizer::new(be, &bag.layout, bag.table, teacher_optim.clone());
+                let bufs = BagBufs::new(be, &bag);
+                let model = Model::Bag(bag);
                 let meta = super::model_meta(&model, manifest);
-                let opt = Optimizer::new(be, &model.layout, model.table, teacher_optim.clone());
-                let bufs = BagBufs::new(be, &model);
                 let params = be.upload(&params);
                 Teacher::Bag { model, meta, params, opt, bufs }
             }
@@ -160,7 +156,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
     /// The teacher's layout, (empty) table slot, parameters and optimizer.
     fn pieces(&self) -> (&Layout, Slot, &B::Buf, &Optimizer<B>) {
         match &self.teacher {
-            Teacher::Bag { model, params, opt, .. } => (&model.layout, model.table, params, opt),
+            Teacher::Bag { model, params, opt, .. } => (model.layout(), model.table(), params, opt),
             Teacher::Reduced { net, .. } => (&net.layout, net.table_slot(), &net.params, &net.opt),
         }
     }
@@ -213,7 +209,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
     }
 
     /// The teacher as a text classifier, when it is one.
-    pub(super) fn teacher_bag(&self) -> Option<(&BagModel, &B::Buf)> {
+    pub(super) fn teacher_bag(&self) -> Option<(&Model, &B::Buf)> {
         match &self.teacher {
             Teacher::Bag { model, params, .. } => Some((model, params)),
             Teacher::Reduced { .. } => None,
@@ -309,6 +305,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
                     labels,
                     n_u,
                 };
+                let model = model.bag().expect("MPL's text teacher is a bag model");
                 let mut t_net = BagNet { model, params, opt, bufs };
                 mpl::step(
                     be,

@@ -8,7 +8,7 @@ use crate::algo::consistency::ConsistencyOp;
 use crate::algo::stabilise::Stabiliser;
 use crate::algo::{Recipe, TargetSource};
 use crate::backend::{
-    with_host_mut, Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, RowMap, SparseRows,
+    with_host_mut, Backend, ConsistencyAux, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap, SparseRows,
 };
 use crate::bank::{Bank, RowId};
 use crate::checkpoint::LogWindow;
@@ -20,6 +20,7 @@ use crate::dist::Dist;
 use crate::error::{Error, Result};
 use crate::logits::LogitsFile;
 use crate::model::bag::{Activations, BagModel};
+use crate::model::{Acts, Input, Model};
 
 use super::adversarial::{AdversarialBuffers, AdversarialPass};
 
@@ -29,13 +30,13 @@ pub(super) const SECOND_PASS: u32 = 1 << 20;
 
 /// One forward pass's activations and the gradient of its logits.
 pub(super) struct Pass<B: Backend> {
-    pub(super) acts: Activations<B>,
+    pub(super) acts: Acts<B>,
     pub(super) dlogits: B::Buf,
 }
 
 impl<B: Backend> Pass<B> {
-    pub(super) fn new(be: &B, model: &BagModel) -> Self {
-        Pass { acts: Activations::new(be, model), dlogits: be.zeros(0) }
+    pub(super) fn new(be: &B, model: &Model) -> Self {
+        Pass { acts: Acts::new(be, model), dlogits: be.zeros(0) }
     }
 }
 
@@ -75,12 +76,36 @@ impl<B: Backend> TableAcc<B> {
     }
 
     /// One backward pass: dense gradients into `grads`, the table's gradient added to the
-    /// step's, and, with `fused_lr`, the table's SGD update applied at once.
+    /// step's, and, with `fused_lr`, the table's SGD update applied at once. An encoder has
+    /// no sparse table: its whole gradient goes into `grads`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(
         &mut self,
         be: &B,
-        model: &BagModel,
+        model: &Model,
+        params: &mut B::Buf,
+        x: &Input<B>,
+        acts: &Acts<B>,
+        dlogits: &B::Buf,
+        grads: &mut B::Buf,
+        fused_lr: Option<f64>,
+    ) where
+        B: EncoderOps,
+    {
+        match (model.bag(), x.bag(), acts) {
+            (Some(bag), Some(dev), Acts::Bag(a)) => {
+                self.backward_bag(be, bag, params, dev, a, dlogits, grads, fused_lr)
+            }
+            _ => model.backward_dense(be, params, x, acts, dlogits, grads, &mut self.dpooled),
+        }
+    }
+
+    /// [`TableAcc::backward`] of a bag model's pass.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_bag(
+        &mut self,
+        be: &B,
+        bag: &BagModel,
         params: &mut B::Buf,
         dev: &B::Batch,
         acts: &Activations<B>,
@@ -88,19 +113,19 @@ impl<B: Backend> TableAcc<B> {
         grads: &mut B::Buf,
         fused_lr: Option<f64>,
     ) {
-        model.backward_dense(be, params, acts, dlogits, grads, &mut self.dpooled);
+        bag.backward_dense(be, params, acts, dlogits, grads, &mut self.dpooled);
         if !self.skip {
             if self.any {
-                be.embedding_bag_backward(dev, &self.dpooled, model.spec.dim, &mut self.extra);
-                let acc = std::mem::replace(&mut self.grad, SparseRows::new(be.zeros(0), model.spec.dim));
+                be.embedding_bag_backward(dev, &self.dpooled, bag.spec.dim, &mut self.extra);
+                let acc = std::mem::replace(&mut self.grad, SparseRows::new(be.zeros(0), bag.spec.dim));
                 self.grad = be.sparse_add(acc, &self.extra);
             } else {
-                be.embedding_bag_backward(dev, &self.dpooled, model.spec.dim, &mut self.grad);
+                be.embedding_bag_backward(dev, &self.dpooled, bag.spec.dim, &mut self.grad);
             }
             self.any = true;
         }
         if let Some(lr) = fused_lr {
-            be.embedding_bag_sgd(params, model.table, dev, &self.dpooled, lr);
+            be.embedding_bag_sgd(params, bag.table, dev, &self.dpooled, lr);
         }
     }
 }
@@ -139,6 +164,9 @@ pub(super) struct StrongView {
     /// Whether the step runs a second pass over the same rows (Π, Mean Teacher, R-Drop;
     /// Temporal Ensembling has none), which then gets its own view.
     pub(super) second_pass: bool,
+    /// Keep each document's first and last id in place (a subword data set's [CLS] and
+    /// [SEP], which an encoder pools from or expects): only the ids between are augmented.
+    pub(super) keep_ends: bool,
 }
 
 impl StrongView {
@@ -150,7 +178,20 @@ impl StrongView {
         for (i, (&id, &epoch)) in ids.iter().zip(epochs).enumerate() {
             let doc = &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize];
             let key = crate::data::augment::sample_key(self.seed ^ crate::backend::mix64(pass), epoch, id);
-            crate::data::augment::strong(doc, self.buckets, &self.cfg, key, &mut ids_buf);
+            if self.keep_ends && doc.len() > 2 {
+                let (first, last) = (doc[0], doc[doc.len() - 1]);
+                crate::data::augment::strong(
+                    &doc[1..doc.len() - 1],
+                    self.buckets,
+                    &self.cfg,
+                    key,
+                    &mut ids_buf,
+                );
+                ids_buf.insert(0, first);
+                ids_buf.push(last);
+            } else {
+                crate::data::augment::strong(doc, self.buckets, &self.cfg, key, &mut ids_buf);
+            }
             out.push(&ids_buf, batch.labels[i]);
         }
         out
@@ -274,9 +315,9 @@ pub(super) struct StepInputs<'b, Buf> {
 /// The micro-batch step of every method, with its settings and the buffers it reuses:
 /// the student pass, the supervised loss (and TSA), the method's consistency target and
 /// the fused op, the adversarial term, the backward passes into `grads` and `table`.
-pub(super) struct Stepper<'a, B: Backend<F = f32>> {
+pub(super) struct Stepper<'a, B: EncoderOps<F = f32>> {
     pub(super) be: &'a B,
-    pub(super) model: &'a BagModel,
+    pub(super) model: &'a Model,
     pub(super) cfg: &'a TrainConfig,
     pub(super) recipe: &'a Recipe,
     pub(super) loss: LossKind,
@@ -297,13 +338,14 @@ pub(super) struct Stepper<'a, B: Backend<F = f32>> {
     pub(super) target_host: Vec<f32>,
     pub(super) weight_host: Vec<f32>,
     pub(super) target_buf: B::Buf,
-    pub(super) adv: AdversarialBuffers<B>,
+    /// The adversarial pass's buffers (bag models only).
+    pub(super) adv: Option<AdversarialBuffers<B>>,
     /// The dense gradient and the table's, summed over the step's micro-batches.
     pub(super) grads: B::Buf,
     pub(super) table: TableAcc<B>,
 }
 
-impl<B: Backend<F = f32>> Stepper<'_, B> {
+impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
     /// One micro-batch: forward and backward passes, gradients added into `grads` and
     /// `table`; returns its share of the step's loss and, for Temporal Ensembling, the
     /// predictions to write into the bank after the step.
@@ -316,7 +358,7 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
         win: &mut LogWindow,
     ) -> Result<(f64, Option<Vec<f32>>)> {
         let (be, model, cfg, recipe) = (self.be, self.model, self.cfg, self.recipe);
-        let (classes, kind, accum, total) = (model.spec.classes, self.loss, self.accum, self.total);
+        let (classes, kind, accum, total) = (model.classes(), self.loss, self.accum, self.total);
         let (step, w, lr, mi) = (inp.step, inp.w, inp.lr, inp.mi);
         let mut total_adv = 0.0;
         let batch = &m.batch;
@@ -327,25 +369,28 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
         // Rows keyed by their place in the global batch: labeled rows, then unlabeled ones.
         let rows_map = RowMap::for_rank(&[n_l, n_u], rank, world);
         let key = DropoutKey { seed: cfg.train.seed, step, site: 0, pass: mi as u32, rows: rows_map };
-        let dev = be.upload_batch(batch);
+        let dev = model.input(be, batch);
+        // The batch as the loss reads its labels (a bag model's input is that upload).
+        let labels_dev = dev.bag().is_none().then(|| be.upload_batch(batch));
+        let labels = labels_dev.as_ref().or(dev.bag()).expect("one of the two");
         // The second pass's own augmented view (`augment.consistency_passes`), else the
         // same rows.
-        let dev1 = m.second.as_ref().map(|b| be.upload_batch(b));
+        let dev1 = m.second.as_ref().map(|b| model.input(be, b));
         let dev1 = dev1.as_ref().unwrap_or(&dev);
         let [p0, p1] = &mut self.passes;
         model.forward(be, params, &dev, n, Some(key), &mut p0.acts);
         let halves = if recipe.ce_both_passes { 0.5 } else { 1.0 };
         let ce_scale = (halves / (n_l as f64 * accum as f64)) as f32;
         let mut sup = be.softmax_loss(
-            &p0.acts.logits,
+            p0.acts.logits(),
             classes,
-            &dev,
+            labels,
             kind,
             ce_scale,
             &mut p0.dlogits,
             &mut self.row_loss,
         );
-        let logits = be.download(&p0.acts.logits);
+        let logits = be.download(p0.acts.logits());
         if let Some(tsa) = cfg.loss.tsa.threshold(step, total, classes) {
             let row_loss = be.download(&self.row_loss);
             sup -= with_host_mut(be, &mut p0.dlogits, |g| {
@@ -374,9 +419,9 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
                 second_grad = grad;
                 if recipe.ce_both_passes {
                     sup += be.softmax_loss(
-                        &p1.acts.logits,
+                        p1.acts.logits(),
                         classes,
-                        &dev,
+                        labels,
                         kind,
                         ce_scale,
                         &mut p1.dlogits,
@@ -385,13 +430,13 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
                 } else if grad {
                     p1.dlogits = be.zeros(n * classes);
                 }
-                Some((&p1.acts.logits, 0, n))
+                Some((p1.acts.logits(), 0, n))
             }
             TargetSource::Teacher => {
                 let key1 = DropoutKey { pass: mi as u32 | SECOND_PASS, ..key };
                 let teacher = inp.teacher.expect("a teacher for mean_teacher");
                 model.forward(be, teacher, dev1, n, Some(key1), &mut p1.acts);
-                Some((&p1.acts.logits, 0, n))
+                Some((p1.acts.logits(), 0, n))
             }
             TargetSource::File => {
                 let file = inp.logits.expect("a logits file for noisy_student");
@@ -406,10 +451,10 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
                     rows: RowMap::for_rank(&[n_u], rank, world),
                     ..key
                 };
-                model.forward(be, params, &be.upload_batch(weak), n_u, Some(key1), &mut p1.acts);
+                model.forward(be, params, &model.input(be, weak), n_u, Some(key1), &mut p1.acts);
                 if let Some(st) = stabiliser.as_deref_mut() {
                     let mut probs = be.zeros(0);
-                    be.softmax(&p1.acts.logits, classes, &mut probs);
+                    be.softmax(p1.acts.logits(), classes, &mut probs);
                     let mut reduce = |v: &mut [f64]| self.dist.sum("the stabilisers' batch means", v);
                     let prepared = st.prepare(&be.download(&probs), &mut reduce);
                     bias_buf = prepared.bias.map(|b| be.upload(&b));
@@ -417,7 +462,7 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
                     mult_host = prepared.class_threshold;
                     threshold = prepared.threshold;
                 }
-                Some((&p1.acts.logits, n_l, n_u))
+                Some((p1.acts.logits(), n_l, n_u))
             }
         };
         if let Some((target, s_row0, rows)) = target {
@@ -429,7 +474,7 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
             let op = ConsistencyOp { scale: w / (rows as f64 * accum as f64), threshold, ..recipe.op };
             let out = be.consistency(
                 &op,
-                &p0.acts.logits,
+                p0.acts.logits(),
                 s_row0,
                 target,
                 rows,
@@ -461,7 +506,7 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
         }
         let bank_probs = (recipe.target == TargetSource::Bank).then(|| {
             let mut probs = be.zeros(0);
-            be.softmax(&p0.acts.logits, classes, &mut probs);
+            be.softmax(p0.acts.logits(), classes, &mut probs);
             be.download(&probs)
         });
         let sup_mean = sup * halves / n_l as f64;
@@ -476,16 +521,12 @@ impl<B: Backend<F = f32>> Stepper<'_, B> {
         self.table.backward(be, model, params, &dev, &p0.acts, &p0.dlogits, &mut self.grads, table_lr);
         if cfg.adversarial.kind != AdversarialKind::None {
             let g0 = be.download(&self.table.dpooled);
-            let a = AdversarialPass { be, model, dev: &dev, n, n_l, key, accum, loss: kind };
-            let adv_loss = a.run(
-                &cfg.adversarial,
-                params,
-                &p0.acts.logits,
-                &g0,
-                &mut self.grads,
-                &mut self.table,
-                &mut self.adv,
-            );
+            let (Some(bag), Some(bag_dev), Some(adv)) = (model.bag(), dev.bag(), self.adv.as_mut()) else {
+                unreachable!("validated: adversarial training runs on bag models")
+            };
+            let a = AdversarialPass { be, model: bag, dev: bag_dev, n, n_l, key, accum, loss: kind };
+            let adv_loss =
+                a.run(&cfg.adversarial, params, p0.acts.logits(), &g0, &mut self.grads, &mut self.table, adv);
             if !adv_loss.is_finite() {
                 return Err(Error::Data(format!("the adversarial loss became {adv_loss} at step {step}: lower adversarial.epsilon or adversarial.weight")));
             }

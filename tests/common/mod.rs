@@ -132,6 +132,17 @@ pub fn last_checkpoint(out: &Path) -> PathBuf {
     dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().expect("a checkpoint")
 }
 
+/// models/minilm (`launch/fetch-model minilm`, which launch/setup runs).
+pub fn minilm() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/minilm");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run launch/fetch-model minilm",
+        dir.display()
+    );
+    dir
+}
+
 /// A data set of 3 classes, each with its own words plus shared filler words: `per_class`
 /// documents per class, prepared into `dir/data` with 4096 buckets and `extra` settings.
 pub fn separable(dir: &Path, per_class: usize, extra: &[&str]) -> PathBuf {

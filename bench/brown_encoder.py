@@ -1,0 +1,127 @@
+"""Pretrained MiniLM on Brown genre, 20 labels per class: supervised fine-tuning and
+semi-supervised methods on top, on the CPU, with paragraphs cut to 64 WordPiece tokens.
+
+Every seed N prepares its own split (split seed = training seed, as bench/brown_methods.py)
+under runs/brown_encoder/seedN/data, then runs each variant from configs/brown/encoder.toml
+plus the variant's settings. A run whose metrics.jsonl already holds its test record is
+read, not run again. Prints and writes val/test accuracy (student, and teacher where there
+is one) and seconds per run.
+
+  python3 bench/brown_encoder.py --seeds 1 2 3 --variants supervised uda \
+      --json bench/results/brown-encoder.json
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+VARIANTS = {
+    "supervised": [],
+    # UDA (METHODS.md §9): sharpened (T 0.4), masked (0.8) weak-view targets on a strong
+    # view of the WordPiece ids; one unlabeled row per labeled row.
+    "uda": ['method="uda"', "unlabeled.ratio=1", 'consistency.kind="kl"', "consistency.weight=1.0",
+            "consistency.temperature=0.4", "consistency.threshold=0.8"],
+    # Training-signal annealing (METHODS.md §1, exp schedule): a labeled row whose p_y
+    # exceeds η_t leaves the loss, slowing the over-confident fit of 300 labels that makes
+    # UDA's mask pass wrong pseudo-labels; with its supervised-only control.
+    "uda_tsa": ['method="uda"', "unlabeled.ratio=1", 'consistency.kind="kl"', "consistency.weight=1.0",
+                "consistency.temperature=0.4", "consistency.threshold=0.8", 'loss.tsa="exp"'],
+    "supervised_tsa": ['loss.tsa="exp"'],
+    "mean_teacher": ['method="mean_teacher"', "unlabeled.ratio=1", "consistency.weight=10.0",
+                     "consistency.scale_by_labeled_ratio=false"],
+    "fixmatch": ['method="fixmatch"', "unlabeled.ratio=1", "consistency.threshold=0.95"],
+}
+BIN = "./target/release/dtrain"
+
+
+def prepare(seed):
+    data = f"runs/brown_encoder/seed{seed}/data"
+    if not os.path.exists(os.path.join(data, "manifest.json")):
+        subprocess.run([BIN, "--quiet", "prepare", "--config", "configs/brown/prepare.toml",
+                        "--input", "data/brown_genre.tsv.gz", "--out", data,
+                        "--set", f"split.seed={seed}",
+                        "--set", "tokenizer.subword.path=models/minilm/tokenizer.json",
+                        "--set", "tokenizer.subword.max_len=64"], check=True, stdout=subprocess.DEVNULL)
+    return data
+
+
+def records(out):
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path)]
+
+
+def final(recs, split, model=None):
+    rows = [r for r in recs if r.get("split") == split and r.get("model") == model]
+    return rows[-1]["accuracy"] if rows else None
+
+
+def run(variant, seed):
+    data = prepare(seed)
+    out = f"runs/brown_encoder/seed{seed}/{variant}"
+    recs = records(out)
+    secs = None
+    if final(recs, "test") is None:
+        if os.path.exists(out):
+            subprocess.run(["rm", "-rf", out], check=True)
+        sets = [f'data.dir="{data}"', f'train.out_dir="{out}"', f"train.seed={seed}"] + VARIANTS[variant]
+        cmd = [BIN, "--quiet", "train", "--config", "configs/brown/encoder.toml"]
+        for s in sets:
+            cmd += ["--set", s]
+        t0 = time.time()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        secs = time.time() - t0
+        json.dump({"seconds": secs}, open(os.path.join(out, "wall.json"), "w"))
+        recs = records(out)
+    else:
+        wall = os.path.join(out, "wall.json")
+        secs = json.load(open(wall))["seconds"] if os.path.exists(wall) else None
+    steps = [r for r in recs if "step_ms" in r]
+    return {
+        "variant": variant, "seed": seed, "seconds": secs,
+        "val": final(recs, "val"), "test": final(recs, "test"),
+        "teacher_val": final(recs, "val", "teacher"), "teacher_test": final(recs, "test", "teacher"),
+        "step_ms": statistics.median(r["step_ms"] for r in steps) if steps else None,
+    }
+
+
+def summary(rows, key):
+    xs = [100 * r[key] for r in rows if r[key] is not None]
+    if not xs:
+        return None
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--variants", nargs="+", default=["supervised", "uda"])
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    rows = [run(v, s) for v in a.variants for s in a.seeds]
+    print(f"{'variant':14} {'val':>14} {'test':>14} {'teacher test':>14} {'s/run':>7} {'step ms':>8}")
+    table = {}
+    for v in a.variants:
+        rs = [r for r in rows if r["variant"] == v]
+        cells = {k: summary(rs, k) for k in ["val", "test", "teacher_test"]}
+        table[v] = cells
+        fmt = lambda c: f"{c[0]:6.2f} ± {c[1]:4.2f}" if c else "—"
+        secs = [r["seconds"] for r in rs if r["seconds"]]
+        ms = [r["step_ms"] for r in rs if r["step_ms"]]
+        print(f"{v:14} {fmt(cells['val']):>14} {fmt(cells['test']):>14} {fmt(cells['teacher_test']):>14} "
+              f"{statistics.mean(secs) if secs else 0:7.0f} {statistics.median(ms) if ms else 0:8.0f}")
+    if a.json:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+        prov = {"command": "python3 bench/brown_encoder.py " + " ".join(
+                    ["--seeds"] + [str(s) for s in a.seeds] + ["--variants"] + a.variants + ["--json", a.json]),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_revision": rev,
+                "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "device": "cpu"}
+        json.dump({"provenance": prov, "runs": rows, "summary": table}, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

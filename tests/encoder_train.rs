@@ -1,0 +1,198 @@
+//! Training with `model.kind = "encoder"`: a small encoder from scratch learns a separable
+//! problem, the semi-supervised methods run on it and resume bit for bit, pretrained MiniLM
+//! fine-tunes and its checkpoint evaluates and predicts raw text, and configs the encoder
+//! cannot run are refused by field.
+//!
+//! Needs models/minilm (`launch/fetch-model minilm`, which launch/setup runs) for its
+//! tokenizer.json and weights.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use dtrain::config::{self, Override, TrainConfig};
+use dtrain::train::{train, Resume, RunOptions};
+
+/// The separable data on MiniLM's WordPiece ids (at most 16 per document), `extra`
+/// prepare settings on top.
+fn wordpiece(dir: &Path, extra: &[&str]) -> PathBuf {
+    let tok = common::minilm().join("tokenizer.json");
+    let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+    common::separable(
+        dir,
+        30,
+        &[&[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=2"], extra].concat(),
+    )
+}
+
+/// A small pre-LN encoder from scratch (2 layers, 32 wide), `extra` on top.
+fn cfg(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
+    let mut o: Vec<Override> = [
+        format!("data.dir={:?}", data.display().to_string()),
+        format!("train.out_dir={:?}", out.display().to_string()),
+        "model.kind=\"encoder\"".into(),
+        "model.encoder.hidden=32".into(),
+        "model.encoder.layers=2".into(),
+        "model.encoder.heads=4".into(),
+        "model.encoder.intermediate=64".into(),
+        "model.encoder.dropout=0.1".into(),
+        "optim.kind=\"adamw\"".into(),
+        "optim.lr=0.003".into(),
+        "train.batch_size=8".into(),
+    ]
+    .iter()
+    .map(|s| Override::parse(s).unwrap())
+    .collect();
+    o.extend(extra.iter().map(|s| Override::parse(s).unwrap()));
+    config::load(None, &o).unwrap()
+}
+
+fn run(
+    cfg: &TrainConfig,
+    resume: Resume,
+    stop_after: Option<u64>,
+) -> dtrain::Result<dtrain::train::TrainReport> {
+    train(cfg, &RunOptions { resume, progress: false, stop_after, device: Default::default() })
+}
+
+#[test]
+fn an_encoder_from_scratch_learns_a_separable_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &[]);
+    let out = dir.path().join("run");
+    let r = run(&cfg(&data, &out, &["train.epochs=12", "train.log_every=4"]), Resume::No, None).unwrap();
+    let test = r.test.expect("a test split");
+    assert!(test.accuracy > 0.9, "test accuracy {} (chance 0.33)", test.accuracy);
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let train_lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("split").is_none())
+        .collect();
+    let first = train_lines.first().unwrap()["loss"].as_f64().unwrap();
+    let last = train_lines.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < first / 3.0, "the loss falls: {first} → {last}");
+    // The checkpoint says what it holds, with the encoder's spec.
+    let bytes = std::fs::read(r.final_checkpoint.join("model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["dtrain"]).unwrap();
+    assert_eq!(meta["format"], "dtrain-encoder");
+    assert_eq!(meta["model"]["layers"], 2);
+}
+
+/// Straight to 10 steps, and 5 + a resume to 10: identical checkpoints.
+fn assert_resume_is_exact(extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let extra = [&["train.steps=10", "train.log_every=2", "train.eval_every=5"], extra].concat();
+    let a = run(&cfg(&data, &dir.path().join("a"), &extra), Resume::No, None).unwrap();
+    let c = cfg(&data, &dir.path().join("b"), &extra);
+    assert_eq!(run(&c, Resume::No, Some(5)).unwrap().steps, 5);
+    let b = run(&c, Resume::Auto, None).unwrap();
+    for f in ["model.safetensors", "optimizer.safetensors", "state.bin", "teacher.safetensors"] {
+        let (x, y) = (a.final_checkpoint.join(f), b.final_checkpoint.join(f));
+        if f.starts_with("teacher") && !x.exists() {
+            continue;
+        }
+        assert!(
+            std::fs::read(&x).unwrap() == std::fs::read(&y).unwrap(),
+            "{f} differs after resume ({extra:?})"
+        );
+    }
+}
+
+#[test]
+fn semi_supervised_methods_run_on_the_encoder_and_resume_exactly() {
+    // Mean Teacher: a second (teacher) pass and its weights in the checkpoint.
+    assert_resume_is_exact(&["method=\"mean_teacher\"", "unlabeled.ratio=2"]);
+    // FixMatch: a weak view and a strong (augmented) view of WordPiece ids.
+    assert_resume_is_exact(&["method=\"fixmatch\"", "unlabeled.ratio=2", "consistency.threshold=0.5"]);
+}
+
+#[test]
+fn fixmatch_on_the_encoder_logs_its_diagnostics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let out = dir.path().join("fm");
+    let extra = ["method=\"fixmatch\"", "unlabeled.ratio=2", "train.steps=12", "train.log_every=4"];
+    run(&cfg(&data, &out, &extra), Resume::No, None).unwrap();
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|v| v.get("split").is_none())
+        .unwrap();
+    for key in ["mask_ratio", "loss_consistency", "consistency_weight", "pseudo_label_accuracy"] {
+        assert!(last[key].as_f64().is_some_and(f64::is_finite), "{key} missing or not finite: {last}");
+    }
+}
+
+#[test]
+fn minilm_fine_tunes_and_its_checkpoint_evaluates_and_predicts_raw_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &[]);
+    let out = dir.path().join("mini");
+    let pre = format!("model.encoder.pretrained={:?}", common::minilm().display().to_string());
+    let c = cfg(&data, &out, &[&pre, "optim.lr=1e-4", "optim.lr_mult.classifier=10.0", "train.steps=12"]);
+    let r = run(&c, Resume::No, None).unwrap();
+    let test = r.test.expect("a test split");
+    assert!(test.accuracy > 0.6, "MiniLM after 12 steps: test accuracy {} (chance 0.33)", test.accuracy);
+    // `dtrain eval` on the checkpoint reproduces the run's own test figure.
+    let bin = env!("CARGO_BIN_EXE_dtrain");
+    let ck = r.final_checkpoint.to_str().unwrap();
+    let o = std::process::Command::new(bin)
+        .args(["eval", "--checkpoint", ck, "--data", data.to_str().unwrap(), "--split", "test", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((report["accuracy"].as_f64().unwrap() - test.accuracy).abs() < 1e-12);
+    // `dtrain predict` tokenizes raw text with the data set's tokenizer.json.
+    let input =
+        common::write(dir.path(), "in.txt", b"alpha apple amber\n\nbanana blue beta\ngreen grape gamma\n");
+    let pred = dir.path().join("p.jsonl");
+    let o = std::process::Command::new(bin)
+        .args(["predict", "--checkpoint", ck, "--input", input.to_str().unwrap(), "--output"])
+        .arg(&pred)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let labels: Vec<String> = std::fs::read_to_string(&pred)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(labels, ["c0", "c1", "c2"]);
+}
+
+#[test]
+fn configs_the_encoder_cannot_run_are_refused_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let out = dir.path().join("x");
+    let refused = |extra: &[&str], field: &str| {
+        let mut o: Vec<Override> = [
+            format!("data.dir={:?}", data.display().to_string()),
+            format!("train.out_dir={:?}", out.display().to_string()),
+            "model.kind=\"encoder\"".into(),
+        ]
+        .iter()
+        .map(|s| Override::parse(s).unwrap())
+        .collect();
+        o.extend(extra.iter().map(|s| Override::parse(s).unwrap()));
+        let e = config::load::<TrainConfig>(None, &o).unwrap_err().to_string();
+        assert!(e.contains(field), "{extra:?}: {e}");
+    };
+    refused(&["adversarial.kind=\"fgm\""], "adversarial.kind");
+    refused(&["method=\"mpl\""], "method");
+    refused(&["model.init_from=\"x\""], "model.init_from");
+    refused(&["model.encoder.heads=5"], "model.encoder.heads");
+    refused(&["model.encoder.dropout=1.0"], "model.encoder.dropout");
+    // A hashed data set has no token order for an encoder.
+    std::fs::create_dir(dir.path().join("h")).unwrap();
+    let hashed = common::separable(&dir.path().join("h"), 10, &[]);
+    let e = run(&cfg(&hashed, &dir.path().join("y"), &["train.steps=2"]), Resume::No, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.kind") && e.contains("subword"), "{e}");
+}
