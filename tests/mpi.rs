@@ -539,3 +539,57 @@ fn pretraining_stops_and_resumes_bitwise_on_two_ranks() {
     );
     assert_eq!(ranks_in_metrics(&other), vec![4, 4], "epochs 3 and 4 ran on 4 ranks");
 }
+
+/// An encoder (from scratch, no dropout) on 2 ranks trains what one process trains: each
+/// rank pads its own rows to their longest, which changes nothing, and the dense gradient
+/// (embedding tables included) is averaged. With dropout the masks differ by rank (they are
+/// keyed per token row, which the ranks' padding places differently).
+#[test]
+fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
+    let (_one, dir, _) = setup();
+    let tok = common::minilm().join("tokenizer.json");
+    let sub = dir.path().join("wp");
+    std::fs::create_dir(&sub).unwrap();
+    let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+    let data = common::separable(
+        &sub,
+        40,
+        &[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=4", "split.labels_per_class=12"],
+    );
+    let cfg = config(dir.path(), &data);
+    let sets = [
+        "model.kind=\"encoder\"",
+        "model.encoder.hidden=16",
+        "model.encoder.layers=1",
+        "model.encoder.heads=2",
+        "model.encoder.intermediate=32",
+        "model.encoder.dropout=0.0",
+        "optim.kind=\"adamw\"",
+        "optim.lr=0.003",
+        "train.steps=8",
+        "train.log_every=4",
+    ];
+    let outs: Vec<PathBuf> = [1usize, 2]
+        .iter()
+        .map(|&w| {
+            let out = dir.path().join(format!("enc-w{w}"));
+            run_ok(train(w, &cfg, &out, &sets));
+            out
+        })
+        .collect();
+    // Tensor by tensor, relative to the tensor's norm with a floor: the attention key's bias
+    // has a zero gradient in exact arithmetic (softmax ignores a constant added to every
+    // score), so it and its moments hold rounding noise (1e-7 and below): an absolute floor.
+    let (a, b) = (
+        common::tensors(&common::last_checkpoint(&outs[0])),
+        common::tensors(&common::last_checkpoint(&outs[1])),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let d: f64 =
+            x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum::<f64>().sqrt();
+        let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum::<f64>().sqrt();
+        assert!(d <= 1e-4 * n + 1e-6, "{name}: 2 ranks differ from one process by {d:.2e} (norm {n:.2e})");
+    }
+    assert_same_metrics(&outs[0], &outs[1], 1e-4);
+}
