@@ -336,6 +336,10 @@ pub struct EncoderConfig {
     pub heads: usize,
     pub intermediate: usize,
     pub pre_ln: bool,
+    /// Layer-wise learning-rate decay in (0, 1]: the head's rate is the schedule's, the
+    /// top layer's × decay, each layer below × decay again, the embeddings' × decay^(L+1).
+    /// It multiplies `optim.lr_mult`. 1 = off.
+    pub layer_lr_decay: f64,
 }
 
 impl Default for EncoderConfig {
@@ -349,6 +353,7 @@ impl Default for EncoderConfig {
             heads: 4,
             intermediate: 1024,
             pre_ln: true,
+            layer_lr_decay: 1.0,
         }
     }
 }
@@ -533,6 +538,9 @@ impl Validate for TrainConfig {
             let e = &m.encoder;
             if e.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
                 return bad("model.encoder.dropout", "must be in [0, 1)");
+            }
+            if !(e.layer_lr_decay > 0.0 && e.layer_lr_decay <= 1.0) {
+                return bad("model.encoder.layer_lr_decay", "must be in (0, 1] (1 = off)");
             }
             if e.pretrained.is_none() {
                 for (field, v) in [

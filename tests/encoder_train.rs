@@ -165,6 +165,31 @@ fn minilm_fine_tunes_and_its_checkpoint_evaluates_and_predicts_raw_text() {
     assert_eq!(labels, ["c0", "c1", "c2"]);
 }
 
+/// The tensors of a checkpoint's model by name.
+fn weights(ckpt: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    common::tensors(ckpt)
+        .into_iter()
+        .filter_map(|(n, v)| Some((n.strip_prefix("model.safetensors:")?.to_string(), v)))
+        .collect()
+}
+
+#[test]
+fn layer_wise_decay_slows_the_lower_layers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &[]);
+    let run_with = |decay: &str| {
+        let out = dir.path().join(format!("d{decay}"));
+        let c = cfg(&data, &out, &["train.steps=1", &format!("model.encoder.layer_lr_decay={decay}")]);
+        weights(&run(&c, Resume::No, None).unwrap().final_checkpoint)
+    };
+    let (plain, decayed) = (run_with("1.0"), run_with("0.1"));
+    // One Adam step from the same initialisation: the head's update is the same (its
+    // multiplier is 1), every layer below moves differently.
+    assert_eq!(plain["classifier.weight"], decayed["classifier.weight"]);
+    assert_ne!(plain["encoder.layer.1.output.dense.weight"], decayed["encoder.layer.1.output.dense.weight"]);
+    assert_ne!(plain["embeddings.word_embeddings.weight"], decayed["embeddings.word_embeddings.weight"]);
+}
+
 #[test]
 fn configs_the_encoder_cannot_run_are_refused_by_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,6 +213,7 @@ fn configs_the_encoder_cannot_run_are_refused_by_field() {
     refused(&["model.init_from=\"x\""], "model.init_from");
     refused(&["model.encoder.heads=5"], "model.encoder.heads");
     refused(&["model.encoder.dropout=1.0"], "model.encoder.dropout");
+    refused(&["model.encoder.layer_lr_decay=0.0"], "model.encoder.layer_lr_decay");
     // A hashed data set has no token order for an encoder.
     std::fs::create_dir(dir.path().join("h")).unwrap();
     let hashed = common::separable(&dir.path().join("h"), 10, &[]);

@@ -290,6 +290,28 @@ impl Encoder {
         Encoder { spec, layout, word, position, token_type, emb_ln, layers, final_ln, head }
     }
 
+    /// Layer-wise learning-rate decay: each tensor's multiplier `decay^(L + 1 − depth)`, with
+    /// depth 0 for the embeddings, k + 1 for layer k, and L + 1 for the final LayerNorm and
+    /// the classifier head (multiplier 1): lower layers, closer to what pretraining
+    /// learned, move less.
+    pub fn layer_decay(&self, decay: f64) -> Vec<(String, f64)> {
+        let top = self.spec.layers as i32 + 1;
+        self.layout
+            .tensors()
+            .iter()
+            .map(|t| {
+                let depth = if t.name.starts_with("embeddings.") {
+                    0
+                } else if let Some(rest) = t.name.strip_prefix("encoder.layer.") {
+                    rest.split('.').next().and_then(|k| k.parse::<i32>().ok()).map_or(top, |k| k + 1)
+                } else {
+                    top
+                };
+                (t.name.clone(), decay.powi(top - depth))
+            })
+            .collect()
+    }
+
     /// Fresh parameters for training from scratch: weights uniform in ±√(3)·0.02 (BERT's
     /// N(0, 0.02) in spread), LayerNorm scales 1, biases 0; the head's weights too.
     pub fn init<F: crate::backend::Real>(&self, seed: u64) -> Vec<F> {

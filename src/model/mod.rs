@@ -320,6 +320,14 @@ mod tests {
             classes: 3,
             dropout: 0.1,
         };
+        // Layer-wise decay 0.5 over 1 layer: embeddings 0.5², the layer 0.5, the head 1.
+        let mults = Encoder::new(enc.clone()).layer_decay(0.5);
+        let of = |name: &str| mults.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(of("embeddings.word_embeddings.weight"), 0.25);
+        assert_eq!(of("embeddings.LayerNorm.bias"), 0.25);
+        assert_eq!(of("encoder.layer.0.attention.self.query.weight"), 0.5);
+        assert_eq!(of("encoder.layer.0.output.LayerNorm.weight"), 0.5);
+        assert_eq!((of("encoder.LayerNorm.weight"), of("classifier.bias")), (1.0, 1.0));
         let spec = ModelSpec::Encoder(enc);
         let back: ModelSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
         assert_eq!(back, spec);

@@ -247,6 +247,21 @@ fn build_model(
     Ok((Model::Encoder(Encoder::new(spec)), params))
 }
 
+/// The optimizer's settings for `model`: `[optim]`, with an encoder's layer-wise decay
+/// folded into the learning-rate multipliers (one entry per tensor, the exact name being
+/// the longest prefix, times the multiplier `[optim]` gives that tensor).
+fn optim_config(cfg: &TrainConfig, model: &Model) -> crate::optim::OptimConfig {
+    let mut o = cfg.optim.clone();
+    let decay = cfg.model.encoder.layer_lr_decay;
+    if let (Model::Encoder(enc), true) = (model, decay != 1.0) {
+        for (name, m) in enc.layer_decay(decay) {
+            let user = cfg.optim.mult(&name);
+            o.lr_mult.insert(name, user * m);
+        }
+    }
+    o
+}
+
 /// What a checkpoint of `model` records about it to classify raw text.
 fn model_meta(model: &Model, manifest: &crate::data::manifest::Manifest) -> ModelMeta {
     let spec = model.spec();
@@ -469,7 +484,7 @@ where
     let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
     let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
 
-    let mut opt = Optimizer::new(be, model.layout(), model.table(), cfg.optim.clone());
+    let mut opt = Optimizer::new(be, model.layout(), model.table(), optim_config(cfg, &model));
     let mut loader = Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, owned.clone())?;
     let mut uloader = if b_u > 0 {
         Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, owned.clone())?)
