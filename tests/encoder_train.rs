@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use dtrain::config::{self, Override, TrainConfig};
-use dtrain::train::{train, Resume, RunOptions};
+use dtrain::train::Resume;
 
 /// The separable data on MiniLM's WordPiece ids (at most 16 per document), `extra`
 /// prepare settings on top.
@@ -27,33 +27,21 @@ fn wordpiece(dir: &Path, extra: &[&str]) -> PathBuf {
 
 /// A small pre-LN encoder from scratch (2 layers, 32 wide), `extra` on top.
 fn cfg(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut o: Vec<Override> = [
-        format!("data.dir={:?}", data.display().to_string()),
-        format!("train.out_dir={:?}", out.display().to_string()),
-        "model.kind=\"encoder\"".into(),
-        "model.encoder.hidden=32".into(),
-        "model.encoder.layers=2".into(),
-        "model.encoder.heads=4".into(),
-        "model.encoder.intermediate=64".into(),
-        "model.encoder.dropout=0.1".into(),
-        "optim.kind=\"adamw\"".into(),
-        "optim.lr=0.003".into(),
-        "train.batch_size=8".into(),
-    ]
-    .iter()
-    .map(|s| Override::parse(s).unwrap())
-    .collect();
-    o.extend(extra.iter().map(|s| Override::parse(s).unwrap()));
-    config::load(None, &o).unwrap()
+    let base = [
+        "model.kind=\"encoder\"",
+        "model.encoder.hidden=32",
+        "model.encoder.layers=2",
+        "model.encoder.heads=4",
+        "model.encoder.intermediate=64",
+        "model.encoder.dropout=0.1",
+        "optim.kind=\"adamw\"",
+        "optim.lr=0.003",
+        "train.batch_size=8",
+    ];
+    common::train_config(data, out, &[&base[..], extra].concat())
 }
 
-fn run(
-    cfg: &TrainConfig,
-    resume: Resume,
-    stop_after: Option<u64>,
-) -> dtrain::Result<dtrain::train::TrainReport> {
-    train(cfg, &RunOptions { resume, progress: false, stop_after, device: Default::default() })
-}
+use common::train_run as run;
 
 #[test]
 fn an_encoder_from_scratch_learns_a_separable_problem() {

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use dtrain::config::{self, Override, TrainConfig};
-use dtrain::train::{train, Resume, RunOptions};
+use dtrain::train::Resume;
 
 /// A data set where each class has its own words plus shared noise words, prepared with
 /// `extra` settings.
@@ -25,24 +25,14 @@ fn semi_supervised(dir: &Path) -> PathBuf {
 }
 
 fn cfg(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut o = vec![
-        Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap(),
-        Override::parse(&format!("train.out_dir={:?}", out.display().to_string())).unwrap(),
-        Override::parse("train.batch_size=8").unwrap(),
-        Override::parse("model.dim=16").unwrap(),
-        Override::parse("optim.lr=0.05").unwrap(),
-    ];
-    o.extend(extra.iter().map(|s| Override::parse(s).unwrap()));
-    config::load(None, &o).unwrap()
+    common::train_config(
+        data,
+        out,
+        &[&["train.batch_size=8", "model.dim=16", "optim.lr=0.05"], extra].concat(),
+    )
 }
 
-fn run(
-    cfg: &TrainConfig,
-    resume: Resume,
-    stop_after: Option<u64>,
-) -> dtrain::Result<dtrain::train::TrainReport> {
-    train(cfg, &RunOptions { resume, progress: false, stop_after, device: Default::default() })
-}
+use common::train_run as run;
 
 #[test]
 fn learns_a_separable_problem_and_logs_metrics() {

@@ -132,6 +132,26 @@ pub fn last_checkpoint(out: &Path) -> PathBuf {
     dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().expect("a checkpoint")
 }
 
+/// A training config on `data` writing to `out`, with `sets` (`key=value`) on top.
+pub fn train_config(data: &Path, out: &Path, sets: &[&str]) -> dtrain::config::TrainConfig {
+    let mut o = vec![
+        Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap(),
+        Override::parse(&format!("train.out_dir={:?}", out.display().to_string())).unwrap(),
+    ];
+    o.extend(sets.iter().map(|s| Override::parse(s).unwrap()));
+    config::load(None, &o).unwrap()
+}
+
+/// Trains `cfg` in this process on the CPU, without a progress bar.
+pub fn train_run(
+    cfg: &dtrain::config::TrainConfig,
+    resume: dtrain::train::Resume,
+    stop_after: Option<u64>,
+) -> dtrain::Result<dtrain::train::TrainReport> {
+    let opts = dtrain::train::RunOptions { resume, progress: false, stop_after, device: Default::default() };
+    dtrain::train::train(cfg, &opts)
+}
+
 /// models/minilm (`launch/fetch-model minilm`, which launch/setup runs).
 pub fn minilm() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/minilm");
