@@ -704,6 +704,7 @@ pub struct PretrainConfig {
     pub data: PretrainData,
     pub model: PretrainModel,
     pub train: PretrainTrain,
+    pub mlm: PretrainMlm,
     /// How ranks communicate under mpirun/srun (the same section as training's).
     pub dist: crate::dist::DistConfig,
 }
@@ -732,6 +733,44 @@ impl Default for PretrainData {
 pub enum Objective {
     Skipgram,
     Cbow,
+    /// Masked-LM continued pretraining of an encoder (`[mlm]`) on a subword data set.
+    Mlm,
+}
+
+/// `[mlm]`: masked-LM continued pretraining (`model.objective = "mlm"`). The run reads
+/// `train.lr` (AdamW's peak rate; e.g. 5e-5), `train.epochs`, `train.seed` and
+/// `train.out_dir`, and writes `train.out_dir/encoder/` for `model.encoder.pretrained`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainMlm {
+    /// The encoder to continue from (config.json + model.safetensors); required.
+    pub pretrained: Option<PathBuf>,
+    /// Fraction of each document's inner tokens chosen for prediction.
+    pub mask_prob: f64,
+    pub batch_size: usize,
+    /// Steps in all; unset: `train.epochs` passes over the documents.
+    pub steps: Option<u64>,
+    /// Linear warmup steps, then linear decay to 0.
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    /// Hidden dropout; unset: the pretrained config's.
+    pub dropout: Option<f32>,
+    pub log_every: u64,
+}
+
+impl Default for PretrainMlm {
+    fn default() -> Self {
+        PretrainMlm {
+            pretrained: None,
+            mask_prob: 0.15,
+            batch_size: 16,
+            steps: None,
+            warmup_steps: 0,
+            weight_decay: 0.01,
+            dropout: None,
+            log_every: 10,
+        }
+    }
 }
 
 /// `[model]` of a pretraining run.
@@ -831,6 +870,30 @@ impl Validate for PretrainConfig {
                     "data.splits",
                     &format!("`{s}` is not a split: expected train, val, test or unlabeled"),
                 );
+            }
+        }
+        if self.model.objective == Objective::Mlm {
+            let m = &self.mlm;
+            if m.pretrained.is_none() {
+                return bad(
+                    "mlm.pretrained",
+                    "is required with objective = \"mlm\": the encoder directory to continue from",
+                );
+            }
+            if !(m.mask_prob > 0.0 && m.mask_prob < 1.0) {
+                return bad("mlm.mask_prob", "must be in (0, 1)");
+            }
+            if m.batch_size < 1 || m.log_every < 1 || m.steps == Some(0) {
+                return bad(
+                    "mlm.batch_size",
+                    "mlm.batch_size, mlm.log_every and mlm.steps must be at least 1",
+                );
+            }
+            if !non_negative(m.weight_decay) {
+                return bad("mlm.weight_decay", "must be at least 0");
+            }
+            if m.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
+                return bad("mlm.dropout", "must be in [0, 1)");
             }
         }
         let m = &self.model;

@@ -401,6 +401,9 @@ fn parse_device(s: &str) -> Result<dtrain::backend::Device, String> {
 struct PretrainArgs {
     #[command(flatten)]
     run: RunArgs,
+    /// Where masked-LM pretraining runs (skip-gram and CBOW run on CPU threads).
+    #[command(flatten)]
+    device: DeviceArg,
     /// Stop after this many epochs in total, once their checkpoint is written; continue
     /// later with --resume auto (for jobs with a time limit).
     #[arg(long, value_name = "EPOCHS")]
@@ -599,6 +602,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Pretrain(args) => {
             let (cfg, resume): (PretrainConfig, _) = args.run.load()?;
+            if cfg.model.objective == dtrain::config::Objective::Mlm {
+                let r = dtrain::pretrain::mlm::pretrain(&cfg, &resume, args.device.device, progress)?;
+                println!(
+                    "masked-LM: {} steps, loss {:.4} → {:.4}, masked-token accuracy {:.3}, {:.0} tokens/s",
+                    r.steps, r.first_loss, r.last_loss, r.last_accuracy, r.tokens_per_s
+                );
+                println!("encoder: {} (set model.encoder.pretrained to it)", r.out.display());
+                return Ok(ExitCode::SUCCESS);
+            }
             let dist = Dist::from_env(&cfg.dist)?;
             let opts = PretrainOptions { resume, progress, stop_after: args.stop_after };
             let Some(r) = root_result(&dist, pretrain_on(&cfg, &opts, &dist))? else {

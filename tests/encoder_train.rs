@@ -210,3 +210,36 @@ fn configs_the_encoder_cannot_run_are_refused_by_field() {
         .to_string();
     assert!(e.contains("model.kind") && e.contains("subword"), "{e}");
 }
+
+#[test]
+fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let out = dir.path().join("mlm");
+    let sets = [
+        format!("data.dir={:?}", data.display().to_string()),
+        format!("train.out_dir={:?}", out.display().to_string()),
+        "model.objective=\"mlm\"".into(),
+        format!("mlm.pretrained={:?}", common::minilm().display().to_string()),
+        "mlm.batch_size=8".into(),
+        "mlm.steps=30".into(),
+        "mlm.log_every=10".into(),
+        "train.lr=0.001".into(),
+    ];
+    let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
+    let pcfg: dtrain::config::PretrainConfig = config::load(None, &o).unwrap();
+    let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
+    assert_eq!(r.steps, 30);
+    // The fresh head starts near ln(30522) ≈ 10.3 and learns this small, repetitive text.
+    assert!(r.first_loss > 5.0 && r.last_loss < r.first_loss / 2.0, "{} → {}", r.first_loss, r.last_loss);
+    for f in ["config.json", "tokenizer.json", "model.safetensors", "DONE"] {
+        assert!(r.out.join(f).is_file(), "{f} missing from {}", r.out.display());
+    }
+    // The result is a pretrained encoder for fine-tuning.
+    let pre = format!("model.encoder.pretrained={:?}", r.out.display().to_string());
+    let c = cfg(&data, &dir.path().join("ft"), &[&pre, "optim.lr=1e-4", "train.steps=4"]);
+    assert!(run(&c, Resume::No, None).unwrap().test.is_some());
+    // Resuming is refused by name.
+    let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::Auto, Default::default(), false).unwrap_err();
+    assert!(e.to_string().contains("--resume"), "{e}");
+}

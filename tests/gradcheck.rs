@@ -597,3 +597,63 @@ fn whole_encoder_post_ln_and_pre_ln() {
         });
     }
 }
+
+/// Masked-LM pretraining's loss (the prediction head over chosen hidden rows, its decoder
+/// tied to the word table, softmax cross-entropy over the vocabulary), through the head
+/// and the whole encoder: every parameter's gradient against finite differences. The word
+/// table gets gradient from both ends (its lookups and the decoder).
+#[test]
+fn masked_lm_head_and_encoder() {
+    use dtrain::model::encoder::{Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
+    use dtrain::pretrain::mlm::{MlmActs, MlmHead};
+    let be = B::new();
+    let mut enc = Encoder::new(EncoderSpec {
+        vocab: 11,
+        hidden: 8,
+        layers: 1,
+        heads: 2,
+        intermediate: 12,
+        max_positions: 8,
+        type_vocab: 2,
+        layer_norm_eps: 1e-5,
+        activation: Activation::GeluErf,
+        pre_ln: false,
+        pooling: Pooling::Mean,
+        classes: 1,
+        dropout: 0.0,
+    });
+    let body = enc.clone();
+    let head = MlmHead::new(&mut enc.layout, &body);
+    let mut params: Vec<f64> = randn(enc.layout.total(), 51).iter().map(|v| 0.5 * v).collect();
+    for t in enc.layout.tensors().iter().filter(|t| t.name.ends_with("LayerNorm.weight")) {
+        params[t.slot.range()].iter_mut().for_each(|v| *v = 1.0 + 0.4 * *v);
+    }
+    let tb = TokenBatch::new(&[vec![1, 10, 4, 9, 2], vec![1, 10, 2]], 0);
+    // Masked rows (b·l + position) and their original ids: 1·5+1 = 6 is row 1's [MASK].
+    let mut targets = HostBatch::default();
+    for (row, id) in [(1u32, 5i32), (3, 9), (6, 7)] {
+        targets.push(&[row], id);
+    }
+    let loss_of = |p: &[f64], grads: Option<&mut Vec<f64>>| -> f64 {
+        let p = p.to_vec();
+        let (mut acts, mut hacts) = (EncoderActs::new(&be), MlmActs::new(&be));
+        enc.forward(&be, &p, &tb, None, &mut acts);
+        let rows = be.upload_batch(&targets);
+        head.forward(&be, &p, &acts.hidden, 10, &rows, 3, &mut hacts);
+        let (mut dl, mut rl) = (Vec::new(), Vec::new());
+        let ce = LossKind::CrossEntropy { smoothing: 0.0 };
+        let loss = be.softmax_loss(&hacts.logits, 11, &rows, ce, 1.0 / 3.0, &mut dl, &mut rl) / 3.0;
+        if let Some(g) = grads {
+            let dh = head.backward(&be, &p, 10, &rows, 3, &hacts, &dl, g);
+            enc.backward_hidden(&be, &p, &tb, &acts, dh, g);
+        }
+        loss
+    };
+    let mut grads = vec![0.0; params.len()];
+    loss_of(&params, Some(&mut grads));
+    // The classifier head takes no part.
+    let cls = enc.layout.get("classifier.weight").unwrap().slot;
+    assert!(grads[cls.range()].iter().all(|&g| g == 0.0));
+    let coords: Vec<usize> = (0..params.len()).collect();
+    check("masked LM", &mut params, &coords, &grads, &mut |p| loss_of(p, None));
+}

@@ -57,6 +57,11 @@ impl SubwordTokenizer {
         Self::open(path)
     }
 
+    /// The id of token `token` (e.g. `[MASK]`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// The vocabulary size (ids are below it), special tokens included.
     pub fn vocab_size(&self) -> u32 {
         self.inner.get_vocab_size(true) as u32

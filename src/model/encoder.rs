@@ -290,6 +290,11 @@ impl Encoder {
         Encoder { spec, layout, word, position, token_type, emb_ln, layers, final_ln, head }
     }
 
+    /// The word embedding table (a masked-LM decoder's tied weight).
+    pub fn word_slot(&self) -> Slot {
+        self.word
+    }
+
     /// Layer-wise learning-rate decay: each tensor's multiplier `decay^(L + 1 − depth)`, with
     /// depth 0 for the embeddings, k + 1 for layer k, and L + 1 for the final LayerNorm and
     /// the classifier head (multiplier 1): lower layers, closer to what pretraining
@@ -488,11 +493,8 @@ impl Encoder {
         dlogits: &B::Buf,
         grads: &mut B::Buf,
     ) {
-        let s = &self.spec;
-        let (n, h, dim) = (tb.b * tb.l, s.hidden, s.hidden);
+        let (n, h, dim) = (tb.b * tb.l, self.spec.hidden, self.spec.hidden);
         let look = self.lookups(tb);
-        let shape = (tb.b, tb.l, s.heads);
-        let scale = 1.0 / ((h / s.heads) as f64).sqrt();
         // Head and pooling: d pooled, then d hidden rows (zero for padding).
         let mut dpooled = be.zeros(0);
         be.linear_backward(
@@ -509,6 +511,27 @@ impl Encoder {
         be.embedding_bag_backward(&be.upload_batch(&look.pooled), &dpooled, dim, &mut rows);
         let mut dx = be.zeros(n * h);
         be.sparse_sgd(&mut dx, Slot { offset: 0, rows: n, cols: h }, &rows, -1.0);
+        self.backward_hidden(be, params, tb, acts, dx, grads);
+    }
+
+    /// The backward pass of the last [`Encoder::forward`] from `dx`, the gradient of the
+    /// last hidden rows `acts.hidden` (n×H; a masked-LM head's, or the pooling's): every
+    /// parameter's gradient below them added into `grads`.
+    pub fn backward_hidden<B: EncoderOps>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        tb: &TokenBatch,
+        acts: &EncoderActs<B>,
+        mut dx: B::Buf,
+        grads: &mut B::Buf,
+    ) {
+        let s = &self.spec;
+        let (n, h, dim) = (tb.b * tb.l, s.hidden, s.hidden);
+        let look = self.lookups(tb);
+        let shape = (tb.b, tb.l, s.heads);
+        let scale = 1.0 / ((h / s.heads) as f64).sqrt();
+        let mut rows = SparseRows::new(be.zeros(0), dim);
         let mut t = be.zeros(0);
         if let Some((g, b)) = self.final_ln {
             be.layer_norm_backward(&acts.final_in, n, params, g, b, &acts.final_stats, &dx, grads, &mut t);

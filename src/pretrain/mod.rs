@@ -33,6 +33,7 @@
 //! writes the files; with one thread per rank a run is a function of the config, the data and W.
 
 pub mod embeddings;
+pub mod mlm;
 pub mod sgns;
 
 use std::io::Write as _;
@@ -126,6 +127,13 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let started = Instant::now();
     let root = dist.is_root();
     let progress = opts.progress && root;
+    if cfg.model.objective == crate::config::Objective::Mlm {
+        return Err(Error::config(
+            "pretrain",
+            "model.objective",
+            "mlm runs through pretrain::mlm::pretrain, in one process (not under mpirun yet)",
+        ));
+    }
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
     if manifest.tokenizer.subword.is_some() {

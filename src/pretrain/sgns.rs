@@ -231,6 +231,7 @@ impl<'a> Worker<'a> {
         match self.hyper.objective {
             Objective::Skipgram => self.skipgram(&line, lr),
             Objective::Cbow => self.cbow(&line, lr),
+            Objective::Mlm => unreachable!("pretrain_on refuses the mlm objective"),
         }
         self.line = line;
         read

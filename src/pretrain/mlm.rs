@@ -1,0 +1,480 @@
+//! Masked-LM continued pretraining of an encoder on a data set's own text (METHODS.md
+//! §12b): 15% of each document's tokens are chosen (80% become [MASK], 10% a random token,
+//! 10% stay), and a BERT prediction head over the last hidden rows, its decoder tied to the
+//! word embeddings, learns to restore them. The result is a pretrained encoder directory
+//! (`config.json`, `model.safetensors`, `tokenizer.json`) that `model.encoder.pretrained`
+//! fine-tunes with any method.
+//!
+//! One process, CPU or any backend of `dispatch`; no intermediate checkpoints yet (the run
+//! writes its output once, atomically, at the end).
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+use crate::backend::{mix64, Activation, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap};
+use crate::config::PretrainConfig;
+use crate::data::dataset::Dataset;
+use crate::data::shard::SplitKind;
+use crate::data::subword::SubwordTokenizer;
+use crate::error::{Error, IoContext, Result};
+use crate::model::encoder::{load_pretrained, Encoder, EncoderActs, Pooling, TokenBatch};
+use crate::model::params::{fill_uniform, Layout, Slot};
+use crate::optim::{OptimConfig, OptimKind, Optimizer, TableGrad};
+
+/// BERT's masked-LM prediction head (Hugging Face names `cls.predictions.*`): dense H→H,
+/// GELU, LayerNorm, then the decoder, whose weight is the encoder's word embedding table
+/// and whose bias is its own.
+pub struct MlmHead {
+    dense: (Slot, Slot),
+    ln: (Slot, Slot),
+    bias: Slot,
+    word: Slot,
+    hidden: usize,
+    vocab: usize,
+    eps: f64,
+}
+
+/// What the head's forward pass keeps for its backward pass.
+pub struct MlmActs<B: Backend> {
+    /// The gathered hidden rows (m×H), the dense layer's output, its activation, the LN
+    /// output and statistics, and the logits (m×V).
+    x: B::Buf,
+    u: B::Buf,
+    a: B::Buf,
+    y: B::Buf,
+    stats: B::Buf,
+    pub logits: B::Buf,
+}
+
+impl<B: Backend> MlmActs<B> {
+    pub fn new(be: &B) -> Self {
+        MlmActs {
+            x: be.zeros(0),
+            u: be.zeros(0),
+            a: be.zeros(0),
+            y: be.zeros(0),
+            stats: be.zeros(0),
+            logits: be.zeros(0),
+        }
+    }
+}
+
+impl MlmHead {
+    /// Adds the head's tensors to `layout` (after the encoder's).
+    pub fn new(layout: &mut Layout, enc: &Encoder) -> MlmHead {
+        let h = enc.spec.hidden;
+        let p = "cls.predictions";
+        let dense = (
+            layout.matrix(&format!("{p}.transform.dense.weight"), h, h),
+            layout.vector(&format!("{p}.transform.dense.bias"), h),
+        );
+        let ln = (
+            layout.vector(&format!("{p}.transform.LayerNorm.weight"), h),
+            layout.vector(&format!("{p}.transform.LayerNorm.bias"), h),
+        );
+        let bias = layout.vector(&format!("{p}.bias"), enc.spec.vocab);
+        MlmHead {
+            dense,
+            ln,
+            bias,
+            word: enc.word_slot(),
+            hidden: h,
+            vocab: enc.spec.vocab,
+            eps: enc.spec.layer_norm_eps,
+        }
+    }
+
+    /// Fresh head weights: the dense layer uniform in ±√3·0.02 (BERT's spread), LayerNorm
+    /// scale 1, biases 0.
+    pub fn init(&self, params: &mut [f32], seed: u64) {
+        fill_uniform(&mut params[self.dense.0.range()], seed, 0x6d6c6d, 0.02 * 3f64.sqrt());
+        params[self.dense.1.range()].iter_mut().for_each(|v| *v = 0.0);
+        params[self.ln.0.range()].iter_mut().for_each(|v| *v = 1.0);
+        params[self.ln.1.range()].iter_mut().for_each(|v| *v = 0.0);
+        params[self.bias.range()].iter_mut().for_each(|v| *v = 0.0);
+    }
+
+    /// The logits (m×V) of the hidden rows that `rows` picks (one single-row bag per masked
+    /// token) out of `hidden` (n×H).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<B: EncoderOps>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        hidden: &B::Buf,
+        n: usize,
+        rows: &B::Batch,
+        m: usize,
+        acts: &mut MlmActs<B>,
+    ) {
+        let all = Slot { offset: 0, rows: n, cols: self.hidden };
+        be.embedding_bag_forward(hidden, all, rows, &mut acts.x);
+        be.linear_forward(&acts.x, m, params, self.dense.0, self.dense.1, &mut acts.u);
+        be.activation_forward(Activation::GeluErf, &acts.u, &mut acts.a);
+        be.layer_norm_forward(
+            &acts.a,
+            m,
+            params,
+            self.ln.0,
+            self.ln.1,
+            self.eps,
+            &mut acts.y,
+            &mut acts.stats,
+        );
+        be.linear_forward(&acts.y, m, params, self.word, self.bias, &mut acts.logits);
+    }
+
+    /// The backward pass for `dlogits`: the head's gradients (and the tied word table's)
+    /// added into `grads`; returns the gradient of the encoder's hidden rows (n×H, zero
+    /// where no token was masked).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: EncoderOps>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        n: usize,
+        rows: &B::Batch,
+        m: usize,
+        acts: &MlmActs<B>,
+        dlogits: &B::Buf,
+        grads: &mut B::Buf,
+    ) -> B::Buf {
+        let (mut dy, mut da, mut du, mut dx) = (be.zeros(0), be.zeros(0), be.zeros(0), be.zeros(0));
+        be.linear_backward(&acts.y, m, params, self.word, self.bias, dlogits, grads, Some(&mut dy));
+        be.layer_norm_backward(&acts.a, m, params, self.ln.0, self.ln.1, &acts.stats, &dy, grads, &mut da);
+        be.activation_backward(Activation::GeluErf, &acts.u, &da, &mut du);
+        be.linear_backward(&acts.x, m, params, self.dense.0, self.dense.1, &du, grads, Some(&mut dx));
+        let mut sparse = crate::backend::SparseRows::new(be.zeros(0), self.hidden);
+        be.embedding_bag_backward(rows, &dx, self.hidden, &mut sparse);
+        let mut dhidden = be.zeros(n * self.hidden);
+        // Sparse SGD at rate −1 adds the rows into the dense buffer.
+        be.sparse_sgd(&mut dhidden, Slot { offset: 0, rows: n, cols: self.hidden }, &sparse, -1.0);
+        dhidden
+    }
+
+    /// The vocabulary size (the logits' width).
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+}
+
+/// A document's masked ids and its chosen (position, original id) pairs.
+pub type Masked = (Vec<u32>, Vec<(usize, u32)>);
+
+/// The masked view of one document: `seq` with the chosen positions replaced, and the
+/// chosen positions with their original ids. Positions 1..len−1 are eligible (the first
+/// and last are [CLS] and [SEP]); round(p·eligible) of them, at least one, are chosen by
+/// a hash of (`key`, position); each becomes `mask_id` (80%), a uniform id below `vocab`
+/// (10%) or stays (10%). A pure function of its arguments.
+pub fn mask_tokens(seq: &[u32], p: f64, mask_id: u32, vocab: u32, key: u64) -> Masked {
+    let mut out = seq.to_vec();
+    if seq.len() < 3 {
+        return (out, Vec::new());
+    }
+    let eligible: Vec<usize> = (1..seq.len() - 1).collect();
+    let count = ((p * eligible.len() as f64).round() as usize).clamp(1, eligible.len());
+    let mut order: Vec<(u64, usize)> = eligible.iter().map(|&i| (mix64(key ^ mix64(i as u64)), i)).collect();
+    order.sort_unstable();
+    let mut chosen: Vec<(usize, u32)> = order[..count].iter().map(|&(_, i)| (i, seq[i])).collect();
+    chosen.sort_unstable();
+    for &(i, _) in &chosen {
+        let r = mix64(key ^ mix64(i as u64) ^ 0x9e37_79b9_7f4a_7c15);
+        let u = (r >> 11) as f64 / (1u64 << 53) as f64;
+        if u < 0.8 {
+            out[i] = mask_id;
+        } else if u < 0.9 {
+            out[i] = (mix64(r) % u64::from(vocab)) as u32;
+        }
+    }
+    (out, chosen)
+}
+
+/// What a masked-LM run did.
+#[derive(Debug, Clone)]
+pub struct MlmReport {
+    pub steps: u64,
+    /// The mean masked-token loss and accuracy over the first and the last logged window.
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub last_accuracy: f64,
+    pub tokens_per_s: f64,
+    /// The pretrained encoder directory written.
+    pub out: std::path::PathBuf,
+}
+
+/// `dtrain pretrain` with `model.objective = "mlm"`: one process, on `device`; resuming
+/// is refused (the run writes no intermediate checkpoint yet).
+pub fn pretrain(
+    cfg: &PretrainConfig,
+    resume: &crate::train::Resume,
+    device: crate::backend::Device,
+    progress: bool,
+) -> Result<MlmReport> {
+    if *resume != crate::train::Resume::No {
+        return Err(Error::config(
+            "pretrain",
+            "--resume",
+            "masked-LM runs write no intermediate checkpoints yet, so there is nothing to resume",
+        ));
+    }
+    struct Job<'a>(&'a PretrainConfig, bool);
+    impl crate::backend::OnBackend for Job<'_> {
+        type Out = MlmReport;
+        fn run<B: EncoderOps<F = f32>>(self, be: &B) -> Result<MlmReport> {
+            run(be, self.0, self.1)
+        }
+    }
+    crate::backend::dispatch(device, 0, progress, Job(cfg, progress))
+}
+
+/// Runs masked-LM pretraining as `cfg` says on backend `be`; `progress` shows a bar.
+pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool) -> Result<MlmReport> {
+    let m = &cfg.mlm;
+    let t = &cfg.train;
+    let ds = Dataset::open(&cfg.data.dir)?;
+    let manifest = ds.manifest();
+    let Some(sw) = &manifest.tokenizer.subword else {
+        return Err(Error::config(
+            "pretrain",
+            "model.objective",
+            format!(
+                "mlm reads subword ids, and {} holds hashed features: prepare it with --set tokenizer.subword.path=.../tokenizer.json",
+                cfg.data.dir.display()
+            ),
+        ));
+    };
+    let tok = SubwordTokenizer::for_spec(sw)?;
+    let mask_id = tok.token_id("[MASK]").or_else(|| tok.token_id("<mask>")).ok_or_else(|| {
+        Error::bad_file(Path::new(&sw.path), "has no [MASK] (or <mask>) token for masked-LM pretraining")
+    })?;
+    let dir = m.pretrained.as_ref().expect("validated: mlm.pretrained");
+    let (enc, loaded) = load_pretrained(dir, 1, Pooling::Mean, t.seed)?;
+    if enc.spec.vocab < manifest.tokenizer.buckets as usize || enc.spec.max_positions < sw.max_len as usize {
+        return Err(Error::config(
+            "pretrain",
+            "mlm.pretrained",
+            format!("{} does not cover the data set's tokenizer (ids or positions): use the model's own tokenizer.json", dir.display()),
+        ));
+    }
+    let mut spec = enc.spec.clone();
+    spec.dropout = m.dropout.unwrap_or(spec.dropout);
+    let mut enc = Encoder::new(spec);
+    let body = enc.clone();
+    let head = MlmHead::new(&mut enc.layout, &body);
+    let mut host = vec![0f32; enc.layout.total()];
+    host[..loaded.len()].copy_from_slice(&loaded);
+    head.init(&mut host, t.seed);
+    let layout = enc.layout.clone();
+    let none = Slot { offset: layout.total(), rows: 0, cols: 0 };
+    let ocfg = OptimConfig {
+        kind: OptimKind::Adamw,
+        lr: t.lr,
+        weight_decay: m.weight_decay,
+        ..OptimConfig::default()
+    };
+    let mut opt = Optimizer::new(be, &layout, none, ocfg);
+    let mut params = be.upload(&host);
+    let mut grads = be.zeros(layout.total());
+    let mut no_rows = crate::backend::SparseRows::new(be.zeros(0), 1);
+
+    // Every document of the chosen splits, reshuffled each epoch.
+    let mut docs: Vec<(SplitKind, usize, usize)> = Vec::new();
+    for name in &cfg.data.splits {
+        let split = SplitKind::from_name(name).expect("validated split name");
+        for (si, shard) in ds.shards(split).iter().enumerate() {
+            docs.extend((0..shard.len()).map(|i| (split, si, i)));
+        }
+    }
+    if docs.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: the splits {:?} hold no document",
+            cfg.data.dir.display(),
+            cfg.data.splits
+        )));
+    }
+    let per_epoch = docs.len().div_ceil(m.batch_size) as u64;
+    let total = m.steps.unwrap_or(per_epoch * u64::from(t.epochs));
+    std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
+    let log_path = t.out_dir.join("metrics.jsonl");
+    let mut log = std::fs::File::create(&log_path).at(&log_path)?;
+    let bar = if progress {
+        let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template("mlm [{wide_bar}] {pos}/{len} {msg} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let vocab = head.vocab();
+    let (mut acts, mut hacts) = (EncoderActs::new(be), MlmActs::new(be));
+    let (mut dlogits, mut row_loss) = (be.zeros(0), be.zeros(0));
+    let (mut win_loss, mut win_right, mut win_masked, mut win_tokens, mut win_steps) =
+        (0.0, 0u64, 0u64, 0u64, 0u64);
+    let (mut first_loss, mut last_loss, mut last_acc) = (None, 0.0, 0.0);
+    let (mut step_secs, mut all_tokens) = (0.0f64, 0u64);
+    let mut order = docs.clone();
+    let mut started = Instant::now();
+    for step in 0..total {
+        let epoch = step / per_epoch;
+        if step % per_epoch == 0 {
+            order.clone_from(&docs);
+            shuffle(&mut order, mix64(t.seed ^ mix64(epoch)));
+        }
+        let at = (step % per_epoch) as usize * m.batch_size;
+        let picked = &order[at..(at + m.batch_size).min(order.len())];
+        let step_start = Instant::now();
+        let mut seqs = Vec::with_capacity(picked.len());
+        let mut targets = HostBatch::default();
+        let mut l = 0;
+        let masked: Vec<Masked> = picked
+            .iter()
+            .map(|&(split, si, i)| {
+                let shard = &ds.shards(split)[si];
+                let key = mix64(t.seed ^ mix64(step) ^ mix64(shard.doc(i).sample_id));
+                mask_tokens(shard.doc(i).ids, m.mask_prob, mask_id, manifest.tokenizer.buckets, key)
+            })
+            .collect();
+        for (s, _) in &masked {
+            l = l.max(s.len());
+        }
+        for (r, (s, chosen)) in masked.iter().enumerate() {
+            for &(pos, id) in chosen {
+                targets.push(&[(r * l + pos) as u32], id as i32);
+            }
+            seqs.push(s.clone());
+        }
+        let tb = TokenBatch::new(&seqs, 0);
+        let n = tb.b * tb.l;
+        let k = targets.len();
+        if k == 0 {
+            continue;
+        }
+        let noise = (enc.spec.dropout > 0.0).then(|| {
+            (DropoutKey { seed: t.seed, step, site: 0, pass: 0, rows: RowMap::at(0) }, enc.spec.dropout)
+        });
+        enc.forward(be, &params, &tb, noise, &mut acts);
+        let rows = be.upload_batch(&targets);
+        head.forward(be, &params, &acts.hidden, n, &rows, k, &mut hacts);
+        let loss = be.softmax_loss(
+            &hacts.logits,
+            vocab,
+            &rows,
+            LossKind::CrossEntropy { smoothing: 0.0 },
+            1.0 / k as f32,
+            &mut dlogits,
+            &mut row_loss,
+        ) / k as f64;
+        if !loss.is_finite() {
+            return Err(Error::Data(format!(
+                "the masked-LM loss became {loss} at step {step}: lower train.lr"
+            )));
+        }
+        let logits = be.download(&hacts.logits);
+        win_right += logits
+            .chunks(vocab)
+            .zip(&targets.labels)
+            .filter(|(z, y)| crate::backend::argmax(z) as i32 == **y)
+            .count() as u64;
+        let dhidden = head.backward(be, &params, n, &rows, k, &hacts, &dlogits, &mut grads);
+        enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads);
+        let warm = if m.warmup_steps > 0 && step < m.warmup_steps {
+            (step + 1) as f64 / m.warmup_steps as f64
+        } else {
+            1.0
+        };
+        let decay = if step >= m.warmup_steps {
+            1.0 - (step - m.warmup_steps) as f64 / (total - m.warmup_steps).max(1) as f64
+        } else {
+            1.0
+        };
+        let lr = t.lr * warm * decay;
+        opt.step(be, &layout, none, &mut params, &mut grads, TableGrad::Rows(&mut no_rows), lr);
+        be.fill_zero(&mut grads);
+        step_secs += step_start.elapsed().as_secs_f64();
+        let tokens: u64 = seqs.iter().map(|s| s.len() as u64).sum();
+        (win_loss, win_masked, win_tokens, win_steps) =
+            (win_loss + loss, win_masked + k as u64, win_tokens + tokens, win_steps + 1);
+        all_tokens += tokens;
+        bar.set_position(step + 1);
+        if (step + 1) % m.log_every == 0 || step + 1 == total {
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            let (ml, acc) = (win_loss / win_steps as f64, win_right as f64 / win_masked.max(1) as f64);
+            first_loss.get_or_insert(ml);
+            (last_loss, last_acc) = (ml, acc);
+            let rec = json!({"step": step + 1, "epoch": (step + 1) as f64 / per_epoch as f64, "lr": lr, "loss": ml,
+                             "masked_accuracy": acc, "tokens_per_s": win_tokens as f64 / secs});
+            writeln!(log, "{rec}").at(&log_path)?;
+            bar.set_message(format!("loss {ml:.3} acc {acc:.3} {:.0} tok/s", win_tokens as f64 / secs));
+            (win_loss, win_right, win_masked, win_tokens, win_steps) = (0.0, 0, 0, 0, 0);
+            started = Instant::now();
+        }
+    }
+    bar.finish_and_clear();
+    // The pretrained encoder directory: the source's config.json with this data set's
+    // tokenizer.json, and every tensor (the encoder's in Hugging Face names, plus the head).
+    let host = crate::backend::host_view(be, &params).into_owned();
+    let config_src = dir.join("config.json");
+    let config_bytes = std::fs::read(&config_src).at(&config_src)?;
+    let tok_bytes = std::fs::read(&sw.path).at(Path::new(&sw.path))?;
+    let meta = json!({"format": "dtrain-mlm", "source": dir.display().to_string(), "steps": total});
+    let out = crate::checkpoint::stage(&t.out_dir, "encoder", 1, |tmp| {
+        crate::fsutil::write_atomic(&tmp.join("config.json"), &config_bytes)?;
+        crate::fsutil::write_atomic(&tmp.join("tokenizer.json"), &tok_bytes)?;
+        crate::checkpoint::tensors_to_file(&tmp.join("model.safetensors"), &layout, &[("", &host)], meta)
+    })?;
+    Ok(MlmReport {
+        steps: total,
+        first_loss: first_loss.unwrap_or(last_loss),
+        last_loss,
+        last_accuracy: last_acc,
+        tokens_per_s: all_tokens as f64 / step_secs.max(1e-9),
+        out,
+    })
+}
+
+/// Fisher–Yates with a counter-based stream from `key`.
+fn shuffle<T>(v: &mut [T], key: u64) {
+    for i in (1..v.len()).rev() {
+        let j = (mix64(key ^ mix64(i as u64)) % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking_picks_15_percent_of_the_inner_tokens_and_is_deterministic() {
+        let seq: Vec<u32> = (0..102).map(|i| 1000 + i).collect();
+        let (a, chosen) = mask_tokens(&seq, 0.15, 103, 30_000, 7);
+        assert_eq!(chosen.len(), 15, "round(0.15 · 100 inner tokens)");
+        assert!(chosen.iter().all(|&(i, id)| i > 0 && i < 101 && id == seq[i]));
+        assert_eq!((a[0], a[101]), (seq[0], seq[101]), "[CLS] and [SEP] stay");
+        let unchosen: Vec<usize> = (0..102).filter(|i| !chosen.iter().any(|c| c.0 == *i)).collect();
+        assert!(unchosen.iter().all(|&i| a[i] == seq[i]));
+        assert_eq!(mask_tokens(&seq, 0.15, 103, 30_000, 7), (a, chosen), "a pure function of its key");
+        // Over many keys: about 80% [MASK], 10% random, 10% unchanged.
+        let (mut mask, mut same, mut all) = (0, 0, 0);
+        for key in 0..400 {
+            let (a, chosen) = mask_tokens(&seq, 0.15, 103, 30_000, key);
+            for (i, id) in chosen {
+                all += 1;
+                mask += usize::from(a[i] == 103);
+                same += usize::from(a[i] == id);
+            }
+        }
+        let (fm, fs) = (mask as f64 / all as f64, same as f64 / all as f64);
+        assert!((fm - 0.8).abs() < 0.02 && (fs - 0.1).abs() < 0.02, "[MASK] {fm}, unchanged {fs}");
+        // A document of [CLS] x [SEP] masks its one inner token; shorter ones nothing.
+        assert_eq!(mask_tokens(&[1, 2, 3], 0.15, 9, 10, 0).1, vec![(1, 2)]);
+        assert!(mask_tokens(&[1, 3], 0.15, 9, 10, 0).1.is_empty());
+    }
+}
