@@ -202,6 +202,17 @@ fn configs_the_encoder_cannot_run_are_refused_by_field() {
     refused(&["model.encoder.heads=5"], "model.encoder.heads");
     refused(&["model.encoder.dropout=1.0"], "model.encoder.dropout");
     refused(&["model.encoder.layer_lr_decay=0.0"], "model.encoder.layer_lr_decay");
+    // Documents longer than the pretrained model's 512 positions.
+    std::fs::create_dir(dir.path().join("long")).unwrap();
+    let tok = common::minilm().join("tokenizer.json");
+    let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+    let long =
+        common::separable(&dir.path().join("long"), 10, &[path.as_str(), "tokenizer.subword.max_len=600"]);
+    let pre = format!("model.encoder.pretrained={:?}", common::minilm().display().to_string());
+    let e = run(&cfg(&long, &dir.path().join("z"), &[&pre, "train.steps=1"]), Resume::No, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.encoder.pretrained") && e.contains("512 positions"), "{e}");
     // A hashed data set has no token order for an encoder.
     std::fs::create_dir(dir.path().join("h")).unwrap();
     let hashed = common::separable(&dir.path().join("h"), 10, &[]);
