@@ -563,12 +563,6 @@ impl Validate for TrainConfig {
                     "loads a bag model's embedding table; an encoder starts from model.encoder.pretrained",
                 );
             }
-            if self.adversarial.kind != crate::algo::adversarial::AdversarialKind::None {
-                return bad(
-                    "adversarial.kind",
-                    "adversarial training perturbs a bag model's pooled embedding; it is not implemented for the encoder yet",
-                );
-            }
             if self.method.is_mpl() {
                 return bad(
                     "method",

@@ -93,6 +93,8 @@ fn assert_resume_is_exact(extra: &[&str]) {
 fn semi_supervised_methods_run_on_the_encoder_and_resume_exactly() {
     // Mean Teacher: a second (teacher) pass and its weights in the checkpoint.
     assert_resume_is_exact(&["method=\"mean_teacher\"", "unlabeled.ratio=2"]);
+    // FGM on the token embeddings.
+    assert_resume_is_exact(&["adversarial.kind=\"fgm\""]);
     // FixMatch: a weak view and a strong (augmented) view of WordPiece ids.
     assert_resume_is_exact(&["method=\"fixmatch\"", "unlabeled.ratio=2", "consistency.threshold=0.5"]);
 }
@@ -112,6 +114,27 @@ fn fixmatch_on_the_encoder_logs_its_diagnostics() {
         .unwrap();
     for key in ["mask_ratio", "loss_consistency", "consistency_weight", "pseudo_label_accuracy"] {
         assert!(last[key].as_f64().is_some_and(f64::is_finite), "{key} missing or not finite: {last}");
+    }
+}
+
+#[test]
+fn adversarial_training_perturbs_the_encoders_token_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &[]);
+    for kind in ["fgm", "vat", "pgd"] {
+        let out = dir.path().join(kind);
+        let extra = [&format!("adversarial.kind={kind:?}") as &str, "train.steps=6", "train.log_every=3"];
+        let r = run(&cfg(&data, &out, &extra), Resume::No, None).unwrap();
+        assert!(r.test.is_some());
+        let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let adv: Vec<f64> = log
+            .lines()
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss_adversarial"].as_f64()
+            })
+            .collect();
+        assert_eq!(adv.len(), 2, "{kind}: a loss_adversarial per logged window");
+        assert!(adv.iter().all(|v| v.is_finite() && *v > 0.0), "{kind}: {adv:?}");
     }
 }
 
@@ -196,7 +219,6 @@ fn configs_the_encoder_cannot_run_are_refused_by_field() {
         let e = config::load::<TrainConfig>(None, &o).unwrap_err().to_string();
         assert!(e.contains(field), "{extra:?}: {e}");
     };
-    refused(&["adversarial.kind=\"fgm\""], "adversarial.kind");
     refused(&["method=\"mpl\""], "method");
     refused(&["model.init_from=\"x\""], "model.init_from");
     refused(&["model.encoder.heads=5"], "model.encoder.heads");

@@ -645,7 +645,7 @@ fn masked_lm_head_and_encoder() {
         let loss = be.softmax_loss(&hacts.logits, 11, &rows, ce, 1.0 / 3.0, &mut dl, &mut rl) / 3.0;
         if let Some(g) = grads {
             let dh = head.backward(&be, &p, 10, &rows, 3, &hacts, &dl, g);
-            enc.backward_hidden(&be, &p, &tb, &acts, dh, g);
+            enc.backward_hidden(&be, &p, &tb, &acts, dh, g, None);
         }
         loss
     };
@@ -656,4 +656,47 @@ fn masked_lm_head_and_encoder() {
     assert!(grads[cls.range()].iter().all(|&g| g == 0.0));
     let coords: Vec<usize> = (0..params.len()).collect();
     check("masked LM", &mut params, &coords, &grads, &mut |p| loss_of(p, None));
+}
+
+/// The encoder's gradient at its adversarial perturbation site (the tokens' embedding sums,
+/// `forward_perturbed`'s delta), with dropout, against finite differences in delta.
+#[test]
+fn encoder_gradient_at_the_token_embeddings() {
+    use dtrain::model::encoder::{Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
+    let be = B::new();
+    let model = Encoder::new(EncoderSpec {
+        vocab: 11,
+        hidden: 8,
+        layers: 1,
+        heads: 2,
+        intermediate: 12,
+        max_positions: 8,
+        type_vocab: 2,
+        layer_norm_eps: 1e-5,
+        activation: Activation::GeluErf,
+        pre_ln: false,
+        pooling: Pooling::Mean,
+        classes: 3,
+        dropout: 0.0,
+    });
+    let mut params: Vec<f64> = randn(model.layout.total(), 61).iter().map(|v| 0.5 * v).collect();
+    for t in model.layout.tensors().iter().filter(|t| t.name.ends_with("LayerNorm.weight")) {
+        params[t.slot.range()].iter_mut().for_each(|v| *v = 1.0 + 0.4 * *v);
+    }
+    let tb = TokenBatch::new(&[vec![1, 4, 4, 9, 2], vec![1, 7, 2]], 0);
+    let noise = Some((DropoutKey { seed: 3, step: 2, site: 0, pass: 0, rows: RowMap::at(0) }, 0.2f32));
+    let r = randn(2 * 3, 62);
+    let mut delta = randn(10 * 8, 63).iter().map(|v| 0.1 * v).collect::<Vec<f64>>();
+    let mut acts = EncoderActs::new(&be);
+    model.forward_perturbed(&be, &params, &tb, noise, Some(&delta), &mut acts);
+    let (mut grads, mut demb) = (vec![0.0; params.len()], Vec::new());
+    model.backward_to_embeddings(&be, &params, &tb, &acts, &r, &mut grads, Some(&mut demb));
+    // Padding tokens (row 1's last two) take no part.
+    assert!(demb[8 * 8..].iter().all(|&g| g == 0.0));
+    let coords: Vec<usize> = (0..delta.len()).collect();
+    check("encoder ∂/∂embeddings", &mut delta, &coords, &demb, &mut |d| {
+        let mut a = EncoderActs::new(&be);
+        model.forward_perturbed(&be, &params, &tb, noise, Some(&d.to_vec()), &mut a);
+        dot(&a.logits, &r)
+    });
 }

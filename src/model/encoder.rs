@@ -363,6 +363,21 @@ impl Encoder {
         noise: Option<(DropoutKey, f32)>,
         acts: &mut EncoderActs<B>,
     ) {
+        self.forward_perturbed(be, params, tb, noise, None, acts)
+    }
+
+    /// [`Encoder::forward`] with `delta` (n×H, one row per token) added to each token's
+    /// embedding sum before the embeddings' LayerNorm: an adversarial perturbation of the
+    /// word embeddings. [`Encoder::backward_hidden`]'s `demb` is then `∂loss/∂delta`.
+    pub fn forward_perturbed<B: EncoderOps>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        tb: &TokenBatch,
+        noise: Option<(DropoutKey, f32)>,
+        delta: Option<&B::Buf>,
+        acts: &mut EncoderActs<B>,
+    ) {
         acts.noise = noise;
         let drop = |site: u32, x: &mut B::Buf| {
             if let Some((key, p)) = noise {
@@ -385,6 +400,9 @@ impl Encoder {
         for (slot, batch) in [(self.position, &look.position), (self.token_type, &look.token_type)] {
             be.embedding_bag_forward(params, slot, &be.upload_batch(batch), &mut t);
             be.axpy(&mut acts.emb_sum, &t, 1.0);
+        }
+        if let Some(d) = delta {
+            be.axpy(&mut acts.emb_sum, d, 1.0);
         }
         let mut x = be.zeros(0);
         be.layer_norm_forward(
@@ -493,6 +511,22 @@ impl Encoder {
         dlogits: &B::Buf,
         grads: &mut B::Buf,
     ) {
+        self.backward_to_embeddings(be, params, tb, acts, dlogits, grads, None)
+    }
+
+    /// [`Encoder::backward`], also writing the gradient of the tokens' embedding sums into
+    /// `demb` (n×H) when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_to_embeddings<B: EncoderOps>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        tb: &TokenBatch,
+        acts: &EncoderActs<B>,
+        dlogits: &B::Buf,
+        grads: &mut B::Buf,
+        demb: Option<&mut B::Buf>,
+    ) {
         let (n, h, dim) = (tb.b * tb.l, self.spec.hidden, self.spec.hidden);
         let look = self.lookups(tb);
         // Head and pooling: d pooled, then d hidden rows (zero for padding).
@@ -511,12 +545,14 @@ impl Encoder {
         be.embedding_bag_backward(&be.upload_batch(&look.pooled), &dpooled, dim, &mut rows);
         let mut dx = be.zeros(n * h);
         be.sparse_sgd(&mut dx, Slot { offset: 0, rows: n, cols: h }, &rows, -1.0);
-        self.backward_hidden(be, params, tb, acts, dx, grads);
+        self.backward_hidden(be, params, tb, acts, dx, grads, demb);
     }
 
     /// The backward pass of the last [`Encoder::forward`] from `dx`, the gradient of the
     /// last hidden rows `acts.hidden` (n×H; a masked-LM head's, or the pooling's): every
-    /// parameter's gradient below them added into `grads`.
+    /// parameter's gradient below them added into `grads`, and with `demb` the gradient of
+    /// the tokens' embedding sums (n×H, what [`Encoder::forward_perturbed`] perturbs).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_hidden<B: EncoderOps>(
         &self,
         be: &B,
@@ -525,6 +561,7 @@ impl Encoder {
         acts: &EncoderActs<B>,
         mut dx: B::Buf,
         grads: &mut B::Buf,
+        demb: Option<&mut B::Buf>,
     ) {
         let s = &self.spec;
         let (n, h, dim) = (tb.b * tb.l, s.hidden, s.hidden);
@@ -671,6 +708,9 @@ impl Encoder {
             be.embedding_bag_backward(&be.upload_batch(batch), &t, dim, &mut rows);
             // sparse SGD at rate −1 adds the rows' gradients into the dense buffer.
             be.sparse_sgd(grads, slot, &rows, -1.0);
+        }
+        if let Some(d) = demb {
+            *d = t;
         }
     }
 }

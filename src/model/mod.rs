@@ -243,24 +243,54 @@ impl Model {
         noise: Option<DropoutKey>,
         acts: &mut Acts<B>,
     ) {
+        self.forward_perturbed(be, params, x, n, noise, None, acts)
+    }
+
+    /// The width of one document's slice of the adversarial perturbation: a bag model's
+    /// pooled embedding (D), an encoder's token embeddings (its tokens per sequence × H,
+    /// padding included, where the gradient is zero).
+    pub fn perturbation_width<B: Backend>(&self, x: &Input<B>) -> usize {
+        match (self, x) {
+            (Model::Bag(m), _) => m.spec.dim,
+            (Model::Encoder(m), Input::Tokens(tb)) => tb.l * m.spec.hidden,
+            _ => panic!("an encoder was given a bag model's input"),
+        }
+    }
+
+    /// [`Model::forward`] with `delta` (n × [`Model::perturbation_width`]) added where
+    /// adversarial training perturbs: a bag model's pooled embeddings, an encoder's token
+    /// embedding sums.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_perturbed<B: EncoderOps>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        x: &Input<B>,
+        n: usize,
+        noise: Option<DropoutKey>,
+        delta: Option<&B::Buf>,
+        acts: &mut Acts<B>,
+    ) {
         match (self, x, acts) {
-            (Model::Bag(m), Input::Bag(b), Acts::Bag(a)) => m.forward(be, params, b, n, noise, a),
+            (Model::Bag(m), Input::Bag(b), Acts::Bag(a)) => {
+                m.forward_perturbed(be, params, b, n, noise, delta, a)
+            }
             (Model::Encoder(m), Input::Tokens(tb), Acts::Encoder(a)) => {
                 let noise = noise.filter(|_| m.spec.dropout > 0.0).map(|k| {
                     let seed = k.seed ^ crate::backend::mix64(k.rows.position(0));
                     (DropoutKey { seed, rows: RowMap::at(0), ..k }, m.spec.dropout)
                 });
-                m.forward(be, params, tb, noise, a)
+                m.forward_perturbed(be, params, tb, noise, delta, a)
             }
             _ => panic!("a model was given another kind of model's input or activations"),
         }
     }
 
     /// The backward pass of the forward pass that filled `acts`, for `dlogits`: dense
-    /// gradients added into `grads` (length [`Model::dense_len`]). For a bag model,
-    /// `∂loss/∂pooled` is written into `dpooled`, from which the caller forms the table's
-    /// sparse gradient; an encoder's gradients are all in `grads`, and `dpooled` is left
-    /// empty.
+    /// gradients added into `grads` (length [`Model::dense_len`]), and the gradient at the
+    /// perturbation site into `dpooled`: a bag model's `∂loss/∂pooled` (from which the
+    /// caller forms the table's sparse gradient), an encoder's `∂loss/∂(token embedding
+    /// sums)` (its gradients are all in `grads`).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_dense<B: EncoderOps>(
         &self,
@@ -277,8 +307,7 @@ impl Model {
                 m.backward_dense(be, params, a, dlogits, grads, dpooled)
             }
             (Model::Encoder(m), Input::Tokens(tb), Acts::Encoder(a)) => {
-                m.backward(be, params, tb, a, dlogits, grads);
-                *dpooled = be.zeros(0);
+                m.backward_to_embeddings(be, params, tb, a, dlogits, grads, Some(dpooled));
             }
             _ => panic!("a model was given another kind of model's input or activations"),
         }

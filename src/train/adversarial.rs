@@ -1,15 +1,16 @@
 //! The adversarial passes of a training step (METHODS.md §9, `algo::adversarial`): the
-//! perturbation of the pooled embeddings and the pass at e + r that adds its gradient.
+//! perturbation of the embeddings (a bag model's pooled vectors, an encoder's token
+//! embeddings) and the pass at e + r that adds its gradient.
 
 use crate::algo::adversarial::{self as advx, AdversarialConfig, AdversarialKind};
-use crate::backend::{Backend, ConsistencyAux, DropoutKey, LossKind};
-use crate::model::bag::{Activations, BagModel};
+use crate::backend::{Backend, ConsistencyAux, DropoutKey, EncoderOps, LossKind};
+use crate::model::{Acts, Input, Model};
 
 use super::step::TableAcc;
 
 /// Buffers of the adversarial passes, reused every step.
 pub(super) struct AdversarialBuffers<B: Backend> {
-    pub(super) acts: Activations<B>,
+    pub(super) acts: Acts<B>,
     pub(super) dlogits: B::Buf,
     pub(super) row_loss: B::Buf,
     pub(super) rows: B::Buf,
@@ -19,9 +20,9 @@ pub(super) struct AdversarialBuffers<B: Backend> {
 }
 
 impl<B: Backend> AdversarialBuffers<B> {
-    pub(super) fn new(be: &B, model: &BagModel) -> Self {
+    pub(super) fn new(be: &B, model: &Model) -> Self {
         AdversarialBuffers {
-            acts: Activations::new(be, model),
+            acts: Acts::new(be, model),
             dlogits: be.zeros(0),
             row_loss: be.zeros(0),
             rows: be.zeros(0),
@@ -32,12 +33,16 @@ impl<B: Backend> AdversarialBuffers<B> {
 }
 
 /// One micro-batch's adversarial term (METHODS.md §9, `algo::adversarial`): the
-/// perturbation r of the pooled embeddings, then a pass at e + r whose loss's gradient is
-/// added to the step's. Every pass keeps the first pass's dropout masks, so only r differs.
-pub(super) struct AdversarialPass<'a, B: Backend<F = f32>> {
+/// perturbation r of the embeddings ([`Model::forward_perturbed`]; its norm is taken per
+/// document: over a bag model's pooled vector, over all of an encoder's token rows of the
+/// sequence), then a pass at e + r whose loss's gradient is added to the step's. Every pass
+/// keeps the first pass's dropout masks, so only r differs.
+pub(super) struct AdversarialPass<'a, B: EncoderOps<F = f32>> {
     pub(super) be: &'a B,
-    pub(super) model: &'a BagModel,
-    pub(super) dev: &'a B::Batch,
+    pub(super) model: &'a Model,
+    pub(super) x: &'a Input<B>,
+    /// The batch whose labels the supervised loss reads.
+    pub(super) labels: &'a B::Batch,
     pub(super) n: usize,
     pub(super) n_l: usize,
     pub(super) key: DropoutKey,
@@ -45,7 +50,7 @@ pub(super) struct AdversarialPass<'a, B: Backend<F = f32>> {
     pub(super) loss: LossKind,
 }
 
-impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
+impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
     /// The loss at `e + r` into `buf.dlogits` (scaled by `weight`): cross-entropy on the
     /// labeled rows, or for VAT KL(sg(p(e)) ‖ p(e + r)) on every row. Returns the loss's
     /// mean.
@@ -58,9 +63,9 @@ impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
         weight: f64,
         buf: &mut AdversarialBuffers<B>,
     ) -> f64 {
-        let (be, classes) = (self.be, self.model.spec.classes);
+        let (be, classes) = (self.be, self.model.classes());
         let r = be.upload(r);
-        self.model.forward_perturbed(be, params, self.dev, self.n, Some(self.key), Some(&r), &mut buf.acts);
+        self.model.forward_perturbed(be, params, self.x, self.n, Some(self.key), Some(&r), &mut buf.acts);
         if cfg.kind == AdversarialKind::Vat {
             buf.dlogits = be.zeros(self.n * classes);
             let op = crate::algo::consistency::ConsistencyOp {
@@ -72,7 +77,7 @@ impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
             };
             let out = be.consistency(
                 &op,
-                &buf.acts.logits,
+                buf.acts.logits(),
                 0,
                 clean,
                 self.n,
@@ -86,9 +91,9 @@ impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
         } else {
             let scale = (weight / (self.n_l as f64 * self.accum as f64)) as f32;
             let sum = be.softmax_loss(
-                &buf.acts.logits,
+                buf.acts.logits(),
                 classes,
-                self.dev,
+                self.labels,
                 self.loss,
                 scale,
                 &mut buf.dlogits,
@@ -112,6 +117,7 @@ impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
         self.model.backward_dense(
             self.be,
             params,
+            self.x,
             &buf.acts,
             &buf.dlogits,
             &mut buf.scratch,
@@ -133,7 +139,7 @@ impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
         table: &mut TableAcc<B>,
         buf: &mut AdversarialBuffers<B>,
     ) -> f64 {
-        let dim = self.model.spec.dim;
+        let dim = self.model.perturbation_width(self.x);
         let (eps, scope) = (cfg.epsilon, cfg.norm);
         let zero = || vec![0.0f32; self.n * dim];
         let noise_key = crate::backend::mix64(self.key.base() ^ 0xad5e_ed00);
@@ -168,7 +174,7 @@ impl<B: Backend<F = f32>> AdversarialPass<'_, B> {
             }
         };
         let loss = self.loss_at(cfg, params, clean, &r, cfg.weight, buf);
-        table.backward_bag(self.be, self.model, params, self.dev, &buf.acts, &buf.dlogits, grads, None);
+        table.backward(self.be, self.model, params, self.x, &buf.acts, &buf.dlogits, grads, None);
         cfg.weight * loss
     }
 }

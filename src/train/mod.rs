@@ -729,7 +729,7 @@ where
         target_host: Vec::new(),
         weight_host: Vec::new(),
         target_buf: be.zeros(0),
-        adv: model.bag().map(|b| AdversarialBuffers::new(be, b)),
+        adv: AdversarialBuffers::new(be, &model),
         grads: be.zeros(model.dense_len()),
         table: TableAcc::new(be, model.table_dim()),
     };

@@ -338,8 +338,7 @@ pub(super) struct Stepper<'a, B: EncoderOps<F = f32>> {
     pub(super) target_host: Vec<f32>,
     pub(super) weight_host: Vec<f32>,
     pub(super) target_buf: B::Buf,
-    /// The adversarial pass's buffers (bag models only).
-    pub(super) adv: Option<AdversarialBuffers<B>>,
+    pub(super) adv: AdversarialBuffers<B>,
     /// The dense gradient and the table's, summed over the step's micro-batches.
     pub(super) grads: B::Buf,
     pub(super) table: TableAcc<B>,
@@ -521,12 +520,9 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         self.table.backward(be, model, params, &dev, &p0.acts, &p0.dlogits, &mut self.grads, table_lr);
         if cfg.adversarial.kind != AdversarialKind::None {
             let g0 = be.download(&self.table.dpooled);
-            let (Some(bag), Some(bag_dev), Some(adv)) = (model.bag(), dev.bag(), self.adv.as_mut()) else {
-                unreachable!("validated: adversarial training runs on bag models")
-            };
-            let a = AdversarialPass { be, model: bag, dev: bag_dev, n, n_l, key, accum, loss: kind };
-            let adv_loss =
-                a.run(&cfg.adversarial, params, p0.acts.logits(), &g0, &mut self.grads, &mut self.table, adv);
+            let a = AdversarialPass { be, model, x: &dev, labels, n, n_l, key, accum, loss: kind };
+            let (grads, table, adv) = (&mut self.grads, &mut self.table, &mut self.adv);
+            let adv_loss = a.run(&cfg.adversarial, params, p0.acts.logits(), &g0, grads, table, adv);
             if !adv_loss.is_finite() {
                 return Err(Error::Data(format!("the adversarial loss became {adv_loss} at step {step}: lower adversarial.epsilon or adversarial.weight")));
             }
