@@ -563,12 +563,6 @@ impl Validate for TrainConfig {
                     "loads a bag model's embedding table; an encoder starts from model.encoder.pretrained",
                 );
             }
-            if self.method.is_mpl() {
-                return bad(
-                    "method",
-                    "Meta Pseudo Labels runs on bag models only for now (model.kind = \"bag\")",
-                );
-            }
         }
         let l = &self.loss;
         if !(0.0..1.0).contains(&l.label_smoothing) {

@@ -93,6 +93,8 @@ fn assert_resume_is_exact(extra: &[&str]) {
 fn semi_supervised_methods_run_on_the_encoder_and_resume_exactly() {
     // Mean Teacher: a second (teacher) pass and its weights in the checkpoint.
     assert_resume_is_exact(&["method=\"mean_teacher\"", "unlabeled.ratio=2"]);
+    // Meta Pseudo Labels with an encoder teacher and student (two models, two optimizers).
+    assert_resume_is_exact(&["method=\"mpl\"", "unlabeled.ratio=2"]);
     // FGM on the token embeddings.
     assert_resume_is_exact(&["adversarial.kind=\"fgm\""]);
     // FixMatch: a weak view and a strong (augmented) view of WordPiece ids.
@@ -136,6 +138,42 @@ fn adversarial_training_perturbs_the_encoders_token_embeddings() {
         assert_eq!(adv.len(), 2, "{kind}: a loss_adversarial per logged window");
         assert!(adv.iter().all(|v| v.is_finite() && *v > 0.0), "{kind}: {adv:?}");
     }
+}
+
+#[test]
+fn meta_pseudo_labels_with_an_encoder_teacher_and_a_bag_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let out = dir.path().join("mpl");
+    let extra = [
+        "method=\"mpl\"",
+        "unlabeled.ratio=2",
+        "model.kind=\"bag\"",
+        "model.dim=16",
+        "mpl.teacher.kind=\"encoder\"",
+        "mpl.teacher.encoder.hidden=16",
+        "mpl.teacher.encoder.layers=1",
+        "mpl.teacher.encoder.heads=2",
+        "mpl.teacher.encoder.intermediate=32",
+        "train.steps=8",
+        "train.log_every=4",
+    ];
+    let r = run(&cfg(&data, &out, &extra), Resume::No, None).unwrap();
+    let teacher = r.shadows.iter().find(|s| s.name == "teacher").expect("the teacher is evaluated");
+    assert!(teacher.test.is_some());
+    // The checkpoint holds a bag student and an encoder teacher.
+    let meta = |f: &str| {
+        let bytes = std::fs::read(r.final_checkpoint.join(f)).unwrap();
+        let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&m.metadata().as_ref().unwrap()["dtrain"]).unwrap();
+        v["format"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        (meta("model.safetensors"), meta("teacher.safetensors")),
+        ("dtrain-bag".into(), "dtrain-encoder".into())
+    );
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"mpl_h\""), "h is logged");
 }
 
 #[test]
@@ -219,7 +257,6 @@ fn configs_the_encoder_cannot_run_are_refused_by_field() {
         let e = config::load::<TrainConfig>(None, &o).unwrap_err().to_string();
         assert!(e.contains(field), "{extra:?}: {e}");
     };
-    refused(&["method=\"mpl\""], "method");
     refused(&["model.init_from=\"x\""], "model.init_from");
     refused(&["model.encoder.heads=5"], "model.encoder.heads");
     refused(&["model.encoder.dropout=1.0"], "model.encoder.dropout");

@@ -567,8 +567,7 @@ where
         }))
     };
     let mut mpl_run = if recipe.method.is_mpl() {
-        let student = model.bag().expect("validated: MPL runs on bag models");
-        Some(MplRun::new(be, cfg, &ds, student, &recipe, total, progress && resume_from.is_none())?)
+        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, progress && resume_from.is_none())?)
     } else {
         None
     };
@@ -774,19 +773,8 @@ where
         let mut step_loss = 0.0;
         let norm = if let Some(run) = &mut mpl_run {
             let n_l = t.batch_size / world;
-            let out = run.step(
-                be,
-                model.bag().expect("validated"),
-                &mut params,
-                &mut opt,
-                &micro[0],
-                n_l,
-                step,
-                lr,
-                w,
-                dist,
-                &mut win,
-            )?;
+            let out =
+                run.step(be, &model, &mut params, &mut opt, &micro[0], n_l, step, lr, w, dist, &mut win)?;
             step_loss = out.loss;
             out.norm
         } else {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::algo::mpl::{self, MplBatch, MplSettings, MplState, StepPlan};
 use crate::algo::Recipe;
-use crate::backend::{host_view, Activation, Backend, DropoutKey, RowMap};
+use crate::backend::{host_view, Activation, DropoutKey, EncoderOps, RowMap};
 use crate::checkpoint::{self, LogWindow, ModelMeta, Part};
 use crate::config::TrainConfig;
 use crate::data::dataset::Dataset;
@@ -15,31 +15,31 @@ use crate::data::shard::SplitKind;
 use crate::dist::Dist;
 use crate::error::{Error, Result};
 use crate::logits::LogitsFile;
-use crate::model::bag::BagModel;
+
 use crate::model::params::{Layout, Slot};
 use crate::model::Model;
 use crate::optim::{moment_lens, Optimizer};
 
-use super::net::{BagBufs, BagNet, DenseNet};
+use super::net::{DenseNet, ModelBufs, ModelNet};
 use super::step::{pseudo_label_diagnostics, Micro};
 
 /// The pass bit of the teacher's noisy pass, apart from the student's.
 const TEACHER_PASS: u32 = 2;
 
 /// MPL's teacher.
-pub(super) enum Teacher<B: Backend<F = f32>> {
+pub(super) enum Teacher<B: EncoderOps<F = f32>> {
     /// A bag model of its own spec (`[mpl.teacher]`), reading the text.
-    Bag { model: Model, meta: ModelMeta, params: B::Buf, opt: Optimizer<B>, bufs: BagBufs<B> },
+    Bag { model: Model, meta: ModelMeta, params: B::Buf, opt: Optimizer<B>, bufs: ModelBufs<B> },
     /// Reduced MPL: g(z) = z + MLP(z) over a fixed teacher's exported logits.
     Reduced { net: DenseNet<B>, logits: LogitsFile, train_logits: Option<LogitsFile>, labels: Vec<String> },
 }
 
 /// MPL's state in a run besides the student's.
-pub(super) struct MplRun<B: Backend<F = f32>> {
+pub(super) struct MplRun<B: EncoderOps<F = f32>> {
     pub(super) teacher: Teacher<B>,
     settings: MplSettings,
     pub(super) state: MplState,
-    student_bufs: BagBufs<B>,
+    student_bufs: ModelBufs<B>,
     /// The teacher's base learning rate over the student's (the schedule scales both).
     teacher_lr_ratio: f64,
     uda_steps: u64,
@@ -68,13 +68,13 @@ pub(super) fn logits_files(cfg: &TrainConfig) -> Vec<&Path> {
     }
 }
 
-impl<B: Backend<F = f32>> MplRun<B> {
+impl<B: EncoderOps<F = f32>> MplRun<B> {
     /// The teacher and settings of `cfg`; the student is the run's `student` model.
     pub(super) fn new(
         be: &B,
         cfg: &TrainConfig,
         ds: &Dataset,
-        student: &BagModel,
+        student: &Model,
         recipe: &Recipe,
         total: u64,
         progress: bool,
@@ -85,14 +85,12 @@ impl<B: Backend<F = f32>> MplRun<B> {
         let teacher = match cfg.method {
             crate::algo::Method::Mpl => {
                 let mcfg = cfg.mpl.teacher.clone().unwrap_or_else(|| cfg.model.clone());
-                let bag = BagModel::new(super::bag_spec(&mcfg, manifest));
-                let mut params = bag.init(seed);
-                if let Some(path) = &mcfg.init_from {
-                    super::init_table(path, manifest, &bag, &mut params, progress.then_some("mpl.teacher"))?;
+                let (model, mut params) = super::build_model(&mcfg, manifest, seed)?;
+                if let (Some(path), Some(bag)) = (&mcfg.init_from, model.bag()) {
+                    super::init_table(path, manifest, bag, &mut params, progress.then_some("mpl.teacher"))?;
                 }
-                let opt = Optimizer::new(be, &bag.layout, bag.table, teacher_optim.clone());
-                let bufs = BagBufs::new(be, &bag);
-                let model = Model::Bag(bag);
+                let opt = Optimizer::new(be, model.layout(), model.table(), teacher_optim.clone());
+                let bufs = ModelBufs::new(be, &model);
                 let meta = super::model_meta(&model, manifest);
                 let params = be.upload(&params);
                 Teacher::Bag { model, meta, params, opt, bufs }
@@ -109,7 +107,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
                     }
                     None => None,
                 };
-                let c = student.spec.classes;
+                let c = student.classes();
                 let net = DenseNet::new(
                     be,
                     c,
@@ -145,7 +143,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
                 uda,
             },
             state: MplState::default(),
-            student_bufs: BagBufs::new(be, student),
+            student_bufs: ModelBufs::new(be, student),
             teacher_lr_ratio: teacher_optim.lr / cfg.optim.lr,
             uda_steps: m.uda_steps,
             finetune_from: total - m.finetune_steps,
@@ -222,7 +220,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
     pub(super) fn step(
         &mut self,
         be: &B,
-        student: &BagModel,
+        student: &Model,
         params: &mut B::Buf,
         opt: &mut Optimizer<B>,
         m: &Micro,
@@ -249,13 +247,13 @@ impl<B: Backend<F = f32>> MplRun<B> {
         };
         // Means of this rank's rows count 1/W in the window, which ranks sum.
         let inv = 1.0 / world as f64;
-        let mut s_net = BagNet { model: student, params, opt, bufs: &mut self.student_bufs };
+        let mut s_net = ModelNet { model: student, params, opt, bufs: &mut self.student_bufs };
         win.tokens += m.batch.ids.len() as u64;
         if step >= self.finetune_from {
             let (ce, right, norm) = mpl::finetune(
                 be,
                 &mut s_net,
-                &be.upload_batch(&labeled),
+                &student.input(be, &labeled),
                 labels,
                 self.settings.label_smoothing,
                 lr,
@@ -295,7 +293,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
                 t_in.extend(weak);
                 t_in.extend(&unlabeled);
                 let (t_in, s_l, s_u) =
-                    (be.upload_batch(&t_in), be.upload_batch(&labeled), be.upload_batch(&unlabeled));
+                    (model.input(be, &t_in), student.input(be, &labeled), student.input(be, &unlabeled));
                 let batch = MplBatch {
                     teacher: &t_in,
                     teacher_labeled,
@@ -305,8 +303,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
                     labels,
                     n_u,
                 };
-                let model = model.bag().expect("MPL's text teacher is a bag model");
-                let mut t_net = BagNet { model, params, opt, bufs };
+                let mut t_net = ModelNet { model, params, opt, bufs };
                 mpl::step(
                     be,
                     &mut t_net,
@@ -328,7 +325,7 @@ impl<B: Backend<F = f32>> MplRun<B> {
                 logits.gather(&m.rows[n_l..], &mut rows);
                 t_in.extend_from_slice(&rows);
                 let (t_in, s_l, s_u) =
-                    (be.upload(&t_in), be.upload_batch(&labeled), be.upload_batch(&unlabeled));
+                    (be.upload(&t_in), student.input(be, &labeled), student.input(be, &unlabeled));
                 let batch = MplBatch {
                     teacher: &t_in,
                     teacher_labeled,

@@ -1,65 +1,71 @@
-//! Trainable models as Meta Pseudo Labels drives them ([`Net`]): a bag model with its
-//! parameters, optimizer and pass buffers ([`BagNet`]), and a dense stack over rows of
-//! features ([`DenseNet`]: reduced MPL's g(z) = z + MLP(z) over fixed logits, and the
-//! small nets of the tests).
+//! Trainable models as Meta Pseudo Labels drives them ([`Net`]): a text classifier (bag
+//! model or encoder) with its parameters, optimizer and pass buffers ([`ModelNet`]), and a
+//! dense stack over rows of features ([`DenseNet`]: reduced MPL's g(z) = z + MLP(z) over
+//! fixed logits, and the small nets of the tests).
 
 use crate::algo::mpl::Net;
-use crate::backend::{Backend, DropoutKey, GradSync, SparseRows};
-use crate::model::bag::{Activations, BagModel};
+use crate::backend::{Backend, DropoutKey, EncoderOps, GradSync, SparseRows};
 use crate::model::mlp::{Mlp, MlpActs};
 use crate::model::params::{Layout, Slot};
+use crate::model::{Acts, Input, Model};
 use crate::optim::{OptimConfig, Optimizer, TableGrad};
 
-/// The buffers of a bag model's passes.
-pub struct BagBufs<B: Backend> {
-    acts: Activations<B>,
+/// The buffers of a classifier's passes: activations, the dense gradient, a bag model's
+/// table rows and its pooled gradient.
+pub struct ModelBufs<B: Backend> {
+    acts: Acts<B>,
     grads: B::Buf,
     table: SparseRows<B::Buf>,
+    dpooled: B::Buf,
 }
 
-impl<B: Backend> BagBufs<B> {
-    pub fn new(be: &B, model: &BagModel) -> Self {
-        BagBufs {
-            acts: Activations::new(be, model),
+impl<B: Backend> ModelBufs<B> {
+    pub fn new(be: &B, model: &Model) -> Self {
+        ModelBufs {
+            acts: Acts::new(be, model),
             grads: be.zeros(model.dense_len()),
-            table: SparseRows::new(be.zeros(0), model.spec.dim),
+            table: SparseRows::new(be.zeros(0), model.table_dim()),
+            dpooled: be.zeros(0),
         }
     }
 }
 
-/// A bag model, its parameters and optimizer, borrowed for a step.
-pub struct BagNet<'a, B: Backend> {
-    pub model: &'a BagModel,
+/// A classifier, its parameters and optimizer, borrowed for a step.
+pub struct ModelNet<'a, B: Backend> {
+    pub model: &'a Model,
     pub params: &'a mut B::Buf,
     pub opt: &'a mut Optimizer<B>,
-    pub bufs: &'a mut BagBufs<B>,
+    pub bufs: &'a mut ModelBufs<B>,
 }
 
-impl<B: Backend> Net<B> for BagNet<'_, B> {
-    type Input = B::Batch;
+impl<B: EncoderOps> Net<B> for ModelNet<'_, B> {
+    type Input = Input<B>;
 
     fn classes(&self) -> usize {
-        self.model.spec.classes
+        self.model.classes()
     }
 
-    fn forward(&mut self, be: &B, x: &B::Batch, n: usize, noise: Option<DropoutKey>) -> &B::Buf {
+    fn forward(&mut self, be: &B, x: &Input<B>, n: usize, noise: Option<DropoutKey>) -> &B::Buf {
         self.model.forward(be, self.params, x, n, noise, &mut self.bufs.acts);
-        &self.bufs.acts.logits
+        self.bufs.acts.logits()
     }
 
-    fn backward(&mut self, be: &B, x: &B::Batch, dlogits: &B::Buf) {
+    fn backward(&mut self, be: &B, x: &Input<B>, dlogits: &B::Buf) {
         let b = &mut *self.bufs;
-        self.model.backward(be, self.params, x, &b.acts, dlogits, &mut b.grads, &mut b.table);
+        self.model.backward_dense(be, self.params, x, &b.acts, dlogits, &mut b.grads, &mut b.dpooled);
+        if let (Some(bag), Some(dev)) = (self.model.bag(), x.bag()) {
+            be.embedding_bag_backward(dev, &b.dpooled, bag.spec.dim, &mut b.table);
+        }
     }
 
     fn update(&mut self, be: &B, lr: f64, sync: &dyn GradSync<B>) -> f64 {
         let b = &mut *self.bufs;
         let m = self.model;
-        sync.average(be, &mut b.grads, Some(&mut b.table), m.spec.buckets);
+        sync.average(be, &mut b.grads, Some(&mut b.table), m.table_rows());
         let norm = self.opt.step(
             be,
-            &m.layout,
-            m.table,
+            m.layout(),
+            m.table(),
             self.params,
             &mut b.grads,
             TableGrad::Rows(&mut b.table),
