@@ -553,26 +553,12 @@ mod consistency_op {
 /// their key).
 #[test]
 fn whole_encoder_post_ln_and_pre_ln() {
-    use dtrain::model::encoder::{Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
+    use dtrain::model::encoder::{Encoder, EncoderActs, Pooling, TokenBatch};
     let be = B::new();
     let key = DropoutKey { seed: 5, step: 1, site: 0, pass: 0, rows: RowMap::at(0) };
     for (pre_ln, pooling, noise) in [(false, Pooling::Mean, Some((key, 0.3f32))), (true, Pooling::Cls, None)]
     {
-        let model = Encoder::new(EncoderSpec {
-            vocab: 11,
-            hidden: 8,
-            layers: 2,
-            heads: 2,
-            intermediate: 12,
-            max_positions: 8,
-            type_vocab: 2,
-            layer_norm_eps: 1e-5,
-            activation: Activation::GeluErf,
-            pre_ln,
-            pooling,
-            classes: 3,
-            dropout: 0.0,
-        });
+        let model = Encoder::new(tiny_encoder(2, pre_ln, pooling, 3));
         let mut params: Vec<f64> = randn(model.layout.total(), 41).iter().map(|v| 0.5 * v).collect();
         for t in model.layout.tensors().iter().filter(|t| t.name.ends_with("LayerNorm.weight")) {
             params[t.slot.range()].iter_mut().for_each(|v| *v = 1.0 + 0.4 * *v);
@@ -604,24 +590,10 @@ fn whole_encoder_post_ln_and_pre_ln() {
 /// table gets gradient from both ends (its lookups and the decoder).
 #[test]
 fn masked_lm_head_and_encoder() {
-    use dtrain::model::encoder::{Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
+    use dtrain::model::encoder::{Encoder, EncoderActs, Pooling, TokenBatch};
     use dtrain::pretrain::mlm::{MlmActs, MlmHead};
     let be = B::new();
-    let mut enc = Encoder::new(EncoderSpec {
-        vocab: 11,
-        hidden: 8,
-        layers: 1,
-        heads: 2,
-        intermediate: 12,
-        max_positions: 8,
-        type_vocab: 2,
-        layer_norm_eps: 1e-5,
-        activation: Activation::GeluErf,
-        pre_ln: false,
-        pooling: Pooling::Mean,
-        classes: 1,
-        dropout: 0.0,
-    });
+    let mut enc = Encoder::new(tiny_encoder(1, false, Pooling::Mean, 1));
     let body = enc.clone();
     let head = MlmHead::new(&mut enc.layout, &body);
     let mut params: Vec<f64> = randn(enc.layout.total(), 51).iter().map(|v| 0.5 * v).collect();
@@ -662,23 +634,9 @@ fn masked_lm_head_and_encoder() {
 /// `forward_perturbed`'s delta), with dropout, against finite differences in delta.
 #[test]
 fn encoder_gradient_at_the_token_embeddings() {
-    use dtrain::model::encoder::{Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
+    use dtrain::model::encoder::{Encoder, EncoderActs, Pooling, TokenBatch};
     let be = B::new();
-    let model = Encoder::new(EncoderSpec {
-        vocab: 11,
-        hidden: 8,
-        layers: 1,
-        heads: 2,
-        intermediate: 12,
-        max_positions: 8,
-        type_vocab: 2,
-        layer_norm_eps: 1e-5,
-        activation: Activation::GeluErf,
-        pre_ln: false,
-        pooling: Pooling::Mean,
-        classes: 3,
-        dropout: 0.0,
-    });
+    let model = Encoder::new(tiny_encoder(1, false, Pooling::Mean, 3));
     let mut params: Vec<f64> = randn(model.layout.total(), 61).iter().map(|v| 0.5 * v).collect();
     for t in model.layout.tensors().iter().filter(|t| t.name.ends_with("LayerNorm.weight")) {
         params[t.slot.range()].iter_mut().for_each(|v| *v = 1.0 + 0.4 * *v);
@@ -699,4 +657,28 @@ fn encoder_gradient_at_the_token_embeddings() {
         model.forward_perturbed(&be, &params, &tb, noise, Some(&d.to_vec()), &mut a);
         dot(&a.logits, &r)
     });
+}
+
+/// An encoder small enough for finite differences: vocabulary 11, width 8, 2 heads.
+fn tiny_encoder(
+    layers: usize,
+    pre_ln: bool,
+    pooling: dtrain::model::encoder::Pooling,
+    classes: usize,
+) -> dtrain::model::encoder::EncoderSpec {
+    dtrain::model::encoder::EncoderSpec {
+        vocab: 11,
+        hidden: 8,
+        layers,
+        heads: 2,
+        intermediate: 12,
+        max_positions: 8,
+        type_vocab: 2,
+        layer_norm_eps: 1e-5,
+        activation: Activation::GeluErf,
+        pre_ln,
+        pooling,
+        classes,
+        dropout: 0.0,
+    }
 }
