@@ -33,15 +33,21 @@ VARIANTS = {
     "mean_teacher": ['method="mean_teacher"', "unlabeled.ratio=1", "consistency.weight=10.0",
                      "consistency.scale_by_labeled_ratio=false"],
     "fixmatch": ['method="fixmatch"', "unlabeled.ratio=1", "consistency.threshold=0.95"],
+    # The ceiling: every training label of the split (no labels_per_class), 2 epochs.
+    "all_labels": ["train.epochs=2", "train.eval_every=100000"],
 }
-BIN = "./target/release/dtrain"
+# Variants trained on a split that keeps every label.
+ALL_LABELS = {"all_labels"}
+BIN = os.environ.get("DTRAIN_BIN", "./target/release/dtrain")
 
 
-def prepare(seed):
-    data = f"runs/brown_encoder/seed{seed}/data"
+def prepare(seed, all_labels=False):
+    data = f"runs/brown_encoder/seed{seed}/data" + ("-all" if all_labels else "")
+    # The all-labels split is configs/brown/prepare.toml without labels_per_class.
+    config = [] if all_labels else ["--config", "configs/brown/prepare.toml"]
     if not os.path.exists(os.path.join(data, "manifest.json")):
-        subprocess.run([BIN, "--quiet", "prepare", "--config", "configs/brown/prepare.toml",
-                        "--input", "data/brown_genre.tsv.gz", "--out", data,
+        subprocess.run([BIN, "--quiet", "prepare"] + config +
+                       ["--input", "data/brown_genre.tsv.gz", "--out", data,
                         "--set", f"split.seed={seed}",
                         "--set", "tokenizer.subword.path=models/minilm/tokenizer.json",
                         "--set", "tokenizer.subword.max_len=64"], check=True, stdout=subprocess.DEVNULL)
@@ -61,7 +67,7 @@ def final(recs, split, model=None):
 
 
 def run(variant, seed):
-    data = prepare(seed)
+    data = prepare(seed, variant in ALL_LABELS)
     out = f"runs/brown_encoder/seed{seed}/{variant}"
     recs = records(out)
     secs = None

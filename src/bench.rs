@@ -307,6 +307,73 @@ pub fn bench_encoder(dir: &Path, batch: usize, len: usize, repeats: usize) -> Re
     })
 }
 
+/// One `group_by_length` value in `dtrain bench padding`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PaddingRow {
+    pub group_by_length: usize,
+    /// Σ real lengths over the epoch's batches.
+    pub real_tokens: u64,
+    /// Σ batch rows × longest row: what dynamic padding computes on.
+    pub padded_tokens: u64,
+    /// 1 − real / padded.
+    pub padding: f64,
+}
+
+/// The result of `dtrain bench padding`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PaddingBench {
+    pub provenance: Provenance,
+    pub data: String,
+    pub split: String,
+    pub batch_size: usize,
+    /// Batches in one epoch (the split's documents / batch size, rounded down).
+    pub batches: usize,
+    pub rows: Vec<PaddingRow>,
+}
+
+/// `dtrain bench padding`: one epoch of `split` of the data set in `dir`, read by the
+/// training loader (seed 1, every shard) in batches of `batch_size`, for each
+/// `group_by_length` value in `groups`; real and padded tokens.
+pub fn bench_padding(dir: &Path, split: &str, batch_size: usize, groups: &[usize]) -> Result<PaddingBench> {
+    use crate::data::dataset::Dataset;
+    use crate::data::loader::Loader;
+    use crate::data::shard::SplitKind;
+    let kind = SplitKind::from_name(split)
+        .filter(|k| matches!(k, SplitKind::Train | SplitKind::Unlabeled))
+        .ok_or_else(|| Error::Data(format!("--split {split}: must be train or unlabeled")))?;
+    let ds = Dataset::open(dir)?;
+    let shards = ds.shards(kind).len();
+    if batch_size == 0 || batch_size % shards != 0 {
+        return Err(Error::Data(format!(
+            "--batch-size {batch_size}: must be a positive multiple of the {shards} shards of {}",
+            dir.display()
+        )));
+    }
+    let docs: usize = ds.shards(kind).iter().map(|s| s.len()).sum();
+    let batches = docs / batch_size;
+    let mut rows = Vec::new();
+    for &g in groups {
+        let mut loader = Loader::new(&ds, kind, 1, batch_size / shards, g, (0..shards).collect())?;
+        let (mut real, mut padded) = (0u64, 0u64);
+        for _ in 0..batches {
+            let b = loader.next_batch(&ds)?;
+            let lens: Vec<u64> = b.offsets.windows(2).map(|w| u64::from(w[1] - w[0])).collect();
+            real += lens.iter().sum::<u64>();
+            padded += lens.iter().max().unwrap_or(&0) * lens.len() as u64;
+        }
+        let padding = if padded > 0 { 1.0 - real as f64 / padded as f64 } else { 0.0 };
+        rows.push(PaddingRow { group_by_length: g, real_tokens: real, padded_tokens: padded, padding });
+    }
+    Ok(PaddingBench {
+        provenance: Provenance::collect(),
+        data: dir.display().to_string(),
+        split: kind.name().into(),
+        batch_size,
+        batches,
+        rows,
+    })
+}
+
 /// One kernel at one size in `dtrain bench kernels`.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelRow {

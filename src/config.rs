@@ -482,6 +482,11 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Documents per evaluation batch.
     pub eval_batch_size: usize,
+    /// Length grouping for encoders (`[mlm]` has its own): 0 = off; N = sort each
+    /// window of N batches of the shuffled order by length and shuffle its batches, so a
+    /// batch pads to a length close to its rows' own (Hugging Face's `group_by_length`
+    /// takes 50). A bag model does not pad, so it refuses this.
+    pub group_by_length: usize,
 }
 
 impl Default for TrainSection {
@@ -497,6 +502,7 @@ impl Default for TrainSection {
             checkpoint_every: 0,
             keep_checkpoints: 2,
             eval_batch_size: 1024,
+            group_by_length: 0,
         }
     }
 }
@@ -628,6 +634,12 @@ impl Validate for TrainConfig {
         if t.eval_batch_size < 1 {
             return bad("train.eval_batch_size", "must be at least 1");
         }
+        if t.group_by_length > 0 && self.model.kind != ModelKind::Encoder {
+            return bad(
+                "train.group_by_length",
+                "groups batches by length to cut an encoder's padding; a bag model does not pad, so leave it 0",
+            );
+        }
         crate::algo::Recipe::resolve(self.knobs(), origin)?;
         self.average.validate(origin)?;
         if let Err((field, msg)) = self.adversarial.validate() {
@@ -744,6 +756,9 @@ pub struct PretrainMlm {
     /// Hidden dropout; unset: the pretrained config's.
     pub dropout: Option<f32>,
     pub log_every: u64,
+    /// Length grouping, as `train.group_by_length` of training: 0 = off; N = sort each
+    /// window of N batches by length and shuffle its batches.
+    pub group_by_length: usize,
 }
 
 impl Default for PretrainMlm {
@@ -757,6 +772,7 @@ impl Default for PretrainMlm {
             weight_decay: 0.01,
             dropout: None,
             log_every: 10,
+            group_by_length: 0,
         }
     }
 }

@@ -161,6 +161,26 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Padding of an encoder's batches, with and without `train.group_by_length`: one epoch
+    /// of a prepared split read as training reads it; real and padded tokens per value
+    /// (no timing: an encoder's step costs about its padded tokens).
+    Padding {
+        /// A prepared (subword) data set.
+        #[arg(long)]
+        data: PathBuf,
+        /// The split: train or unlabeled.
+        #[arg(long, default_value = "unlabeled")]
+        split: String,
+        /// Global batch size (a multiple of the shard count).
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// `group_by_length` values to compare (0 = off).
+        #[arg(long, value_delimiter = ',', default_value = "0,10,50")]
+        group: Vec<usize>,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Throughput of `dtrain prepare` (MB/s of uncompressed text, documents/s).
     Prepare {
         #[command(flatten)]
@@ -824,6 +844,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (name, s) in [("forward", &r.forward), ("forward+backward", &r.forward_backward)] {
                 let tps = (r.batch * r.len) as f64 / s.median;
                 println!("{name:<18} {:>10.3} {:>10.3} {:>10.3} {tps:>12.0}", s.min, s.median, s.max);
+            }
+            if let Some(path) = json {
+                dtrain::bench::write_json(&path, &r)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Padding { data, split, batch_size, group, json }) => {
+            let r = dtrain::bench::bench_padding(&data, &split, batch_size, &group)?;
+            println!(
+                "dtrain bench padding: {} split `{}`, {} batches of {} per epoch",
+                data.display(),
+                r.split,
+                r.batches,
+                r.batch_size
+            );
+            println!(
+                "{:>15} {:>12} {:>14} {:>10}",
+                "group_by_length", "real tokens", "padded tokens", "padding"
+            );
+            for row in &r.rows {
+                println!(
+                    "{:>15} {:>12} {:>14} {:>9.1}%",
+                    row.group_by_length,
+                    row.real_tokens,
+                    row.padded_tokens,
+                    100.0 * row.padding
+                );
             }
             if let Some(path) = json {
                 dtrain::bench::write_json(&path, &r)?;

@@ -22,6 +22,9 @@ pub enum Purpose {
     Pretrain = 4,
     /// The order of pretraining's negative-sampling table.
     NegativeTable = 5,
+    /// The order of the length-sorted batches within one window of `group_by_length`
+    /// (index: split, epoch and window; never the shard, so that every shard agrees).
+    LengthGroups = 6,
 }
 
 /// A seeded random stream.

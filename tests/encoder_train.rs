@@ -240,6 +240,46 @@ fn layer_wise_decay_slows_the_lower_layers_only() {
 }
 
 #[test]
+fn length_grouping_cuts_the_padding_and_resumes_exactly() {
+    // Distinct documents of 2 to 41 words, so that random batches pad a lot.
+    let dir = tempfile::tempdir().unwrap();
+    let mut tsv = String::new();
+    for j in 0..300usize {
+        let word = ["alpha", "beta", "gamma"][j % 3];
+        tsv.push_str(&format!("c{}\t{} {j}\n", j % 3, vec![word; 1 + (j * 13) % 40].join(" ")));
+    }
+    let f = common::write(dir.path(), "lengths.tsv", tsv.as_bytes());
+    let tok = common::minilm().join("tokenizer.json");
+    let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+    let data = dir.path().join("data");
+    let sets =
+        [path.as_str(), "tokenizer.subword.max_len=64", "output.shards=2", "split.labels_per_class=10"];
+    common::run(&[&f], &[], &data, &sets).unwrap();
+    let r = dtrain::bench::bench_padding(&data, "unlabeled", 8, &[0, 10]).unwrap();
+    let (off, on) = (&r.rows[0], &r.rows[1]);
+    assert!(r.batches >= 10, "{} batches", r.batches);
+    assert!(
+        on.padded_tokens * 4 < off.padded_tokens * 3,
+        "padded tokens {} → {}",
+        off.padded_tokens,
+        on.padded_tokens
+    );
+    let real = (on.real_tokens as f64 / off.real_tokens as f64 - 1.0).abs();
+    assert!(real < 0.1, "the same kind of rows: {} vs {} real tokens", off.real_tokens, on.real_tokens);
+    // A run with grouping resumes bit for bit (the order is a function of seed and epoch).
+    assert_resume_is_exact(&["method=\"uda\"", "unlabeled.ratio=2", "train.group_by_length=3"]);
+    // A bag model has nothing to pad.
+    let e = config::load::<TrainConfig>(
+        None,
+        &["train.group_by_length=50", "data.dir=\"x\"", "train.out_dir=\"y\""]
+            .map(|o| Override::parse(o).unwrap()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("train.group_by_length") && e.contains("bag"), "{e}");
+}
+
+#[test]
 fn configs_the_encoder_cannot_run_are_refused_by_field() {
     let dir = tempfile::tempdir().unwrap();
     let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
@@ -294,6 +334,7 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
         "mlm.batch_size=8".into(),
         "mlm.steps=30".into(),
         "mlm.log_every=10".into(),
+        "mlm.group_by_length=4".into(),
         "train.lr=0.001".into(),
     ];
     let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();

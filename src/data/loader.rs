@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::HostBatch;
 use crate::data::dataset::Dataset;
-use crate::data::shard::SplitKind;
+use crate::data::shard::{Shard, SplitKind};
 use crate::error::{Error, Result};
 use crate::rng::{Purpose, Stream};
 
@@ -36,6 +36,7 @@ pub struct Loader {
     split: SplitKind,
     seed: u64,
     per_shard: usize,
+    group: Grouping,
     /// Indices of the owned shards, ascending.
     owned: Vec<usize>,
     /// One cursor per shard of the split (all P, so checkpoints are rank-independent).
@@ -51,22 +52,64 @@ pub struct Loader {
     last_hidden: Vec<i32>,
 }
 
-/// Shard `shard`'s row order in `epoch`.
-fn order(seed: u64, split: SplitKind, shard: usize, epoch: u64, len: usize) -> Vec<u32> {
-    let mut v: Vec<u32> = (0..len as u32).collect();
-    let index = ((split as u64) << 56) ^ ((shard as u64) << 32) ^ epoch;
-    Stream::new(seed, Purpose::Shuffle, index).shuffle(&mut v);
+/// Shard `shard`'s row order in `epoch`: a seeded shuffle, then, when `group` is set,
+/// [`group_by_length`] over windows of `group` batches of `per_shard` rows.
+fn order(seed: u64, split: SplitKind, shard: &Shard, index: usize, epoch: u64, group: Grouping) -> Vec<u32> {
+    let mut v: Vec<u32> = (0..shard.len() as u32).collect();
+    let key = ((split as u64) << 56) ^ ((index as u64) << 32) ^ epoch;
+    Stream::new(seed, Purpose::Shuffle, key).shuffle(&mut v);
+    if group.window > 0 {
+        let base = ((split as u64) << 56) ^ (epoch << 24);
+        group_by_length(&mut v, |r| shard.doc(r as usize).ids.len(), group, seed, base);
+    }
     v
+}
+
+/// Length grouping of a shuffled order: `window` batches of `batch` items at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grouping {
+    /// Items per batch (a shard's share of a batch in the loader).
+    pub batch: usize,
+    /// Batches per window; 0 = no grouping.
+    pub window: usize,
+}
+
+/// Sorts each window of `g.window · g.batch` items of a shuffled order by length (stably, so
+/// equal lengths keep their shuffled order), then shuffles the window's batch-sized chunks
+/// with the stream (`seed`, [`Purpose::LengthGroups`], `base` ^ window index). A batch then
+/// holds items of similar length, so dynamic padding wastes little, while which batch comes
+/// when stays random. Every shard of a split uses the same chunk order (the stream has no
+/// shard in it), so the rows one step takes from each shard share a length rank.
+pub fn group_by_length<T: Copy>(
+    items: &mut [T],
+    len: impl Fn(T) -> usize,
+    g: Grouping,
+    seed: u64,
+    base: u64,
+) {
+    if g.window == 0 || g.batch == 0 {
+        return;
+    }
+    for (w, window) in items.chunks_mut(g.batch * g.window).enumerate() {
+        window.sort_by_key(|&x| len(x));
+        let mut chunks: Vec<Vec<T>> = window.chunks(g.batch).map(|c| c.to_vec()).collect();
+        Stream::new(seed, Purpose::LengthGroups, base ^ w as u64).shuffle(&mut chunks);
+        for (dst, src) in window.iter_mut().zip(chunks.iter().flatten()) {
+            *dst = *src;
+        }
+    }
 }
 
 impl Loader {
     /// A loader of `split` over the shards `owned` (all shards for a single process),
-    /// taking `per_shard` rows of each shard per batch.
+    /// taking `per_shard` rows of each shard per batch; with `group_windows` > 0 each shard's
+    /// order is grouped by length over windows of that many batches ([`group_by_length`]).
     pub fn new(
         ds: &Dataset,
         split: SplitKind,
         seed: u64,
         per_shard: usize,
+        group_windows: usize,
         owned: Vec<usize>,
     ) -> Result<Loader> {
         let shards = ds.shards(split);
@@ -80,11 +123,13 @@ impl Loader {
             )));
         }
         let cursors = vec![Cursor::default(); shards.len()];
-        let orders = owned.iter().map(|&s| order(seed, split, s, 0, shards[s].len())).collect();
+        let group = Grouping { batch: per_shard, window: group_windows };
+        let orders = owned.iter().map(|&s| order(seed, split, &shards[s], s, 0, group)).collect();
         Ok(Loader {
             split,
             seed,
             per_shard,
+            group,
             owned,
             cursors,
             orders,
@@ -122,7 +167,7 @@ impl Loader {
         }
         self.cursors = cursors.to_vec();
         for (k, &s) in self.owned.iter().enumerate() {
-            self.orders[k] = order(self.seed, self.split, s, self.cursors[s].epoch, shards[s].len());
+            self.orders[k] = order(self.seed, self.split, &shards[s], s, self.cursors[s].epoch, self.group);
         }
         Ok(())
     }
@@ -142,7 +187,7 @@ impl Loader {
                 if c.pos as usize == shard.len() {
                     c.epoch += 1;
                     c.pos = 0;
-                    self.orders[k] = order(self.seed, self.split, s, c.epoch, shard.len());
+                    self.orders[k] = order(self.seed, self.split, shard, s, c.epoch, self.group);
                 }
                 let row = self.orders[k][c.pos as usize] as usize;
                 c.pos += 1;
@@ -210,4 +255,66 @@ pub fn sequential(ds: &Dataset, split: SplitKind, size: usize) -> Result<Vec<Hos
         out.push(batch);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lengths 0..n in a shuffled order, as a loader's epoch order would give them.
+    fn shuffled(n: u32) -> Vec<u32> {
+        let mut v: Vec<u32> = (0..n).map(|i| (i * 37) % n).collect();
+        Stream::new(9, Purpose::Shuffle, 0).shuffle(&mut v);
+        v
+    }
+
+    /// Σ over batches of (longest row × rows): the tokens a padded batch computes on.
+    fn padded(order: &[u32], batch: usize) -> usize {
+        order.chunks(batch).map(|c| *c.iter().max().unwrap() as usize * c.len()).sum()
+    }
+
+    #[test]
+    fn grouping_by_length_keeps_every_row_and_gives_each_batch_neighbouring_lengths() {
+        let g = Grouping { batch: 4, window: 5 };
+        let before = shuffled(103);
+        let mut after = before.clone();
+        group_by_length(&mut after, |x| x as usize, g, 7, 0);
+        let mut sorted = after.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..103).collect::<Vec<_>>(), "a permutation of the rows");
+        for (w, window) in after.chunks(20).enumerate() {
+            // Each window holds the same rows as before, and each of its batches is a run of
+            // consecutive ranks of the window's sorted lengths.
+            let mut mine: Vec<u32> = before[w * 20..(w * 20 + window.len())].to_vec();
+            mine.sort_unstable();
+            let mut got = window.to_vec();
+            got.sort_unstable();
+            assert_eq!(got, mine, "window {w} keeps its own rows");
+            for batch in window.chunks(4) {
+                let lo = mine.iter().position(|x| x == batch.iter().min().unwrap()).unwrap();
+                let mut b = batch.to_vec();
+                b.sort_unstable();
+                assert_eq!(b, mine[lo..lo + b.len()], "window {w}: batch {batch:?} is a run of ranks");
+            }
+        }
+        assert!(padded(&after, 4) < padded(&before, 4) * 3 / 4, "grouping cuts padding");
+        let mut again = before.clone();
+        group_by_length(&mut again, |x| x as usize, g, 7, 0);
+        assert_eq!(again, after, "deterministic");
+        let mut other = before.clone();
+        group_by_length(&mut other, |x| x as usize, g, 8, 0);
+        assert_ne!(other, after, "another seed orders the batches differently");
+        let ascending: Vec<u32> = after[..20].chunks(4).map(|c| *c.iter().min().unwrap()).collect();
+        let mut s = ascending.clone();
+        s.sort_unstable();
+        assert_ne!(ascending, s, "the batches of a window are shuffled, not left short to long");
+    }
+
+    #[test]
+    fn grouping_off_leaves_the_order_alone() {
+        let before = shuffled(50);
+        let mut after = before.clone();
+        group_by_length(&mut after, |x| x as usize, Grouping { batch: 4, window: 0 }, 7, 0);
+        assert_eq!(after, before);
+    }
 }

@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::backend::{mix64, Activation, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap};
 use crate::config::PretrainConfig;
 use crate::data::dataset::Dataset;
+use crate::data::loader::{group_by_length, Grouping};
 use crate::data::shard::SplitKind;
 use crate::data::subword::SubwordTokenizer;
 use crate::error::{Error, IoContext, Result};
@@ -326,6 +327,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         if step % per_epoch == 0 {
             order.clone_from(&docs);
             shuffle(&mut order, mix64(t.seed ^ mix64(epoch)));
+            let group = Grouping { batch: m.batch_size, window: m.group_by_length };
+            let len = |(split, si, i): (SplitKind, usize, usize)| ds.shards(split)[si].doc(i).ids.len();
+            group_by_length(&mut order, len, group, t.seed, epoch << 24);
         }
         let at = (step % per_epoch) as usize * m.batch_size;
         let picked = &order[at..(at + m.batch_size).min(order.len())];

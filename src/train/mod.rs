@@ -485,9 +485,10 @@ where
     let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
 
     let mut opt = Optimizer::new(be, model.layout(), model.table(), optim_config(cfg, &model));
-    let mut loader = Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, owned.clone())?;
+    let mut loader =
+        Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, t.group_by_length, owned.clone())?;
     let mut uloader = if b_u > 0 {
-        Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, owned.clone())?)
+        Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, t.group_by_length, owned.clone())?)
     } else {
         None
     };
