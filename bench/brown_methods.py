@@ -50,6 +50,9 @@ GRID = {
     "mpl_new_minus_old": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
     "mpl_baseline": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
     "mpl_new_minus_old_baseline": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
+    # Pseudo-labels drawn from the teacher's softmax instead of its argmax (the
+    # score-function form of the MPL term; what made h useful on two moons, tests/mpl.rs).
+    "mpl_sampled": {"consistency.weight": [0.0, 1.0], "optim.lr": [0.01, 0.003]},
     # MPL with METHODS.md §12 step 8: the student's last 5 or 10 epochs on the labels alone
     # (no teacher UDA term, lr 0.01: the best MPL setting above).
     "mpl_finetune": {"mpl.finetune_steps": [95, 190]},
@@ -59,6 +62,7 @@ GRID = {
 MPL_VARIANTS = {"mpl": [], "mpl_new_minus_old": ['mpl.h_sign="new_minus_old"'],
                 "mpl_baseline": ["mpl.baseline=true"],
                 "mpl_new_minus_old_baseline": ['mpl.h_sign="new_minus_old"', "mpl.baseline=true"],
+                "mpl_sampled": ['mpl.pseudo_labels="sampled"'],
                 "mpl_finetune": ["consistency.weight=0.0"]}
 # --dropout-grid adds the dropout of the pooled embedding to the grids of the methods
 # whose configs fix it (their student's noise), with these values.

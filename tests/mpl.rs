@@ -3,9 +3,10 @@
 //! differences, h's sign and baseline follow the config, and on two moons MPL turns a bad
 //! teacher into a better student than plain pseudo-labelling from the same teacher.
 
-use dtrain::algo::mpl::{self, HSign, MplBatch, MplSettings, MplState, Net, PseudoLabels, StepPlan};
+use dtrain::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
+use dtrain::algo::mpl::{self, Draw, HSign, MplBatch, MplSettings, MplState, Net, PseudoLabels, StepPlan};
 use dtrain::backend::cpu::Cpu;
-use dtrain::backend::{Activation, Alone, Backend, DropoutKey, RowMap};
+use dtrain::backend::{Activation, Alone, Backend, RowMap};
 use dtrain::optim::{OptimConfig, OptimKind};
 use dtrain::train::net::DenseNet;
 
@@ -51,7 +52,14 @@ fn settings(sign: HSign, baseline: Option<f64>) -> MplSettings {
 }
 
 fn plan(lr_t: f64, lr_s: f64) -> StepPlan {
-    StepPlan { lr_teacher: lr_t, lr_student: lr_s, uda_weight: 0.0, teacher_noise: None, student_noise: None }
+    StepPlan {
+        lr_teacher: lr_t,
+        lr_student: lr_s,
+        uda_weight: 0.0,
+        teacher_noise: None,
+        student_noise: None,
+        draw: Draw { seed: 0, step: 0, rows: RowMap::at(0) },
+    }
 }
 
 fn randn(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -277,73 +285,157 @@ fn fit(be: &Be, n: &mut DenseNet<Be>, x: &[f32], y: &[i32], steps: usize) {
     }
 }
 
-/// The issue's demonstration. It does not hold yet: the student tracks its teacher within a
-/// point, and the teacher's change comes from its labeled loss far more than from h (see
-/// docs/results.md, "Meta Pseudo Labels"). Run it with `cargo test --release --test mpl --
-/// --ignored --nocapture` to see the figures. Also tried (2026-11-25), no better: random
-/// batches of 32 unlabeled points for 3,000 steps, the same without the teacher's labeled
-/// loss (h alone moves it), and batches of 16 for 4,000 steps at teacher lr 0.003; in
-/// each the student ends within a point of its teacher, 1 or 2 of 5 seeds beat
-/// pseudo-labelling by 2 points, and seed 2's teacher drifts down to about 0.62.
-#[test]
-#[ignore = "MPL does not yet beat pseudo-labelling from the same bad teacher on two moons (issue 6)"]
-fn on_two_moons_mpl_beats_pseudo_labels_from_the_same_bad_teacher() {
+/// The students of one two-moons seed: (the bad teacher's test accuracy, the pseudo-labelling
+/// student's, MPL's student's, MPL's teacher's at the end).
+///
+/// The data: 3 labeled points per moon, 512 unlabeled, 1,000 test points. The bad teacher
+/// is fitted to a straight boundary (the sign of the second coordinate), which cuts off
+/// both moons' tips (about 83% right). Pseudo-labelling fits a fresh student to that
+/// teacher's hard labels. MPL starts from the same teacher and student initialisation and
+/// runs METHODS.md §12 with the teacher's UDA term (λ = 1, the strong view being the
+/// point plus uniform noise of sd 0.1, sharpening 0.4, mask 0.8), CE_T on the labels,
+/// `pseudo_labels` as given, h = CE_old − CE_new with a baseline (rate 0.05), and 2,000
+/// steps on 32 unlabeled points each (student: SGD at 0.05; teacher: Adam at 0.01).
+/// `h_off` zeroes the teacher's MPL term (a baseline of rate 1 makes h − b = 0), leaving
+/// a teacher trained by CE_T and UDA: the ablation of h.
+fn two_moons(seed: u64, labels: PseudoLabels, h_off: bool) -> [f64; 4] {
     let be = Be::new();
-    let mut wins = 0;
-    let seeds = 5;
+    let mut rng = Rng::new(100 + seed);
+    let (xl, yl) = moons(&mut rng, 6, 0.05);
+    let (xu, yu) = moons(&mut rng, 512, 0.1);
+    let (xt, yt) = moons(&mut rng, 1000, 0.1);
+    let wide = |s, o| DenseNet::new(&be, 2, &[32, 32], 2, Activation::Tanh, 0.0, false, o, s);
+    let mut teacher = wide(seed * 10 + 1, adam(0.01));
+    let line: Vec<i32> = xu.chunks(2).map(|p| i32::from(p[1] < 0.0)).collect();
+    fit(&be, &mut teacher, &xu, &line, 150);
+    let teacher_acc = accuracy(&be, &mut teacher, &xt, &yt);
+    let pl_targets: Vec<i32> = {
+        let z = teacher.forward(&be, &be.upload(&xu), yu.len(), None).clone();
+        z.chunks(2).map(|z| i32::from(z[1] > z[0])).collect()
+    };
+    let mut pl = wide(seed * 10 + 2, adam(0.01));
+    fit(&be, &mut pl, &xu, &pl_targets, 400);
+    let pl_acc = accuracy(&be, &mut pl, &xt, &yt);
+
+    // MPL's teacher: the bad teacher's weights, a fresh optimizer (as a run started from it).
+    let mut t = wide(seed * 10 + 1, adam(0.01));
+    t.params = teacher.params.clone();
+    let mut s = wide(seed * 10 + 2, sgd(0.05));
+    let mut state = MplState::default();
+    let uda = ConsistencyOp {
+        kind: ConsistencyKind::Kl,
+        form: TargetForm::Logits,
+        temperature: 0.4,
+        threshold: 0.8,
+        scale: 1.0,
+    };
+    let set = MplSettings {
+        pseudo_labels: labels,
+        uda: Some(uda),
+        ..settings(HSign::OldMinusNew, Some(if h_off { 1.0 } else { 0.05 }))
+    };
+    let xl_b = be.upload(&xl);
+    let uniform_sd = |rng: &mut Rng| ((rng.uniform() * 2.0 - 1.0) * 3f64.sqrt() * 0.1) as f32;
+    for k in 0..2000u64 {
+        let pick: Vec<usize> = (0..32).map(|_| (rng.uniform() * yu.len() as f64) as usize).collect();
+        let weak: Vec<f32> = pick.iter().flat_map(|&i| [xu[2 * i], xu[2 * i + 1]]).collect();
+        let strong: Vec<f32> = weak.iter().map(|&v| v + uniform_sd(&mut rng)).collect();
+        let t_in = be.upload(&[&xl[..], &weak, &strong].concat());
+        let s_u = be.upload(&strong);
+        let b = MplBatch {
+            teacher: &t_in,
+            teacher_labeled: true,
+            teacher_weak: true,
+            student_labeled: &xl_b,
+            student_unlabeled: &s_u,
+            labels: &yl,
+            n_u: pick.len(),
+        };
+        let p = StepPlan {
+            uda_weight: 1.0,
+            draw: Draw { seed, step: k, rows: RowMap::at(0) },
+            ..plan(0.01, 0.05)
+        };
+        mpl::step(&be, &mut t, &mut s, &b, &set, &mut state, &p, &Alone, &mut |_| {});
+    }
+    [teacher_acc, pl_acc, accuracy(&be, &mut s, &xt, &yt), accuracy(&be, &mut t, &xt, &yt)]
+}
+
+/// The issue's demonstration: from the same bad teacher, MPL's student beats plain
+/// pseudo-labelling by more than 2 points on at least 6 of 10 seeds, and by 5 points on
+/// average. What does the work is printed beside it: the same run with the MPL term zeroed
+/// (docs/results.md has both over 20 seeds: the teacher's UDA term and its labels carry
+/// most of the gain; h adds a little). For those figures, `DTRAIN_MOONS_SEEDS=20` runs
+/// more seeds and `DTRAIN_MOONS_LABELS=hard` takes the argmax instead of sampling:
+/// `DTRAIN_MOONS_SEEDS=20 cargo test --release --test mpl two_moons -- --nocapture`.
+#[test]
+fn on_two_moons_mpl_beats_pseudo_labels_from_the_same_bad_teacher() {
+    let seeds: u64 = std::env::var("DTRAIN_MOONS_SEEDS").map_or(10, |v| v.parse().expect("a seed count"));
+    let labels = match std::env::var("DTRAIN_MOONS_LABELS").as_deref() {
+        Ok("hard") => PseudoLabels::Hard,
+        _ => PseudoLabels::Sampled,
+    };
+    let (mut wins, mut gain) = (0, 0.0);
+    let mut means = [0.0; 3];
     let mut report = Vec::new();
     for seed in 0..seeds {
-        let mut rng = Rng::new(100 + seed);
-        let (xl, yl) = moons(&mut rng, 6, 0.05);
-        let (xu, yu) = moons(&mut rng, 512, 0.1);
-        let (xt, yt) = moons(&mut rng, 1000, 0.1);
-        let wide = |s| DenseNet::new(&be, 2, &[32, 32], 2, Activation::Tanh, 0.0, false, adam(0.01), s);
-        // A deliberately bad teacher: fitted to a straight boundary (the sign of the second
-        // coordinate), which cuts off both moons' tips.
-        let mut teacher = wide(seed * 10 + 1);
-        let line: Vec<i32> = xu.chunks(2).map(|p| i32::from(p[1] < 0.0)).collect();
-        fit(&be, &mut teacher, &xu, &line, 150);
-        let teacher_acc = accuracy(&be, &mut teacher, &xt, &yt);
-        let pl_targets: Vec<i32> = {
-            let z = teacher.forward(&be, &be.upload(&xu), yu.len(), None).clone();
-            z.chunks(2).map(|z| i32::from(z[1] > z[0])).collect()
-        };
-        // Pseudo-labelling: a student fitted to the fixed teacher's hard labels.
-        let mut pl = wide(seed * 10 + 2);
-        fit(&be, &mut pl, &xu, &pl_targets, 400);
-        let pl_acc = accuracy(&be, &mut pl, &xt, &yt);
-        // MPL from the same teacher and student initialisation.
-        let mut t = teacher;
-        let mut s = wide(seed * 10 + 2);
-        let mut state = MplState::default();
-        let set = MplSettings { baseline_rate: Some(0.01), ..settings(HSign::OldMinusNew, Some(0.01)) };
-        let (xl_b, xu_b) = (be.upload(&xl), be.upload(&xu));
-        let t_in = be.upload(&[xl.clone(), xu.clone()].concat());
-        for k in 0..400u64 {
-            let noise = Some(DropoutKey { seed, step: k, site: 0, pass: 0, rows: RowMap::at(0) });
-            let b = MplBatch {
-                teacher: &t_in,
-                teacher_labeled: true,
-                teacher_weak: false,
-                student_labeled: &xl_b,
-                student_unlabeled: &xu_b,
-                labels: &yl,
-                n_u: yu.len(),
-            };
-            let p = StepPlan { teacher_noise: noise, student_noise: noise, ..plan(0.01, 0.01) };
-            mpl::step(&be, &mut t, &mut s, &b, &set, &mut state, &p, &Alone, &mut |_| {});
+        let [teacher, pl, mpl, t_end] = two_moons(seed, labels, false);
+        let [_, _, no_h, _] = two_moons(seed, labels, true);
+        for (m, v) in means.iter_mut().zip([pl, mpl, no_h]) {
+            *m += v / seeds as f64;
         }
-        let mpl_acc = accuracy(&be, &mut s, &xt, &yt);
-        let t_acc = accuracy(&be, &mut t, &xt, &yt);
         report.push(format!(
-            "seed {seed}: teacher {teacher_acc:.3} → {t_acc:.3} after MPL; students: pseudo-labels {pl_acc:.3}, MPL {mpl_acc:.3}"
+            "seed {seed}: teacher {teacher:.3} → {t_end:.3} after MPL; students: pseudo-labels {pl:.3}, \
+             MPL {mpl:.3} (without the h term {no_h:.3})"
         ));
-        wins += usize::from(mpl_acc > pl_acc + 0.02);
+        assert!(teacher < 0.9, "seed {seed}: the starting teacher is not bad ({teacher:.3})");
+        wins += usize::from(mpl > pl + 0.02);
+        gain += (mpl - pl) / seeds as f64;
     }
+    report.push(format!(
+        "{labels:?} pseudo-labels, mean of {seeds} seeds: pseudo-labelling {:.3}, MPL {:.3}, MPL without h {:.3}; \
+         MPL won on {wins}",
+        means[0], means[1], means[2]
+    ));
     eprintln!("{}", report.join("\n"));
+    let report = report.join("\n");
     assert!(
-        wins >= 4,
-        "MPL's student beat pseudo-labelling on {wins} of {seeds} seeds:\n{}",
-        report.join("\n")
+        wins as f64 >= 0.6 * seeds as f64,
+        "MPL's student beat pseudo-labelling on {wins} of {seeds} seeds:\n{report}"
     );
+    assert!(gain > 0.05, "MPL's student gained {gain:.3} over pseudo-labelling on average:\n{report}");
+}
+
+/// Sampled pseudo-labels follow softmax(z / T), are fixed by (seed, step, global row), and a
+/// rank's rows draw what the same rows draw in one process.
+#[test]
+fn sampled_pseudo_labels_follow_the_teachers_distribution() {
+    let s = MplSettings {
+        pseudo_labels: PseudoLabels::Sampled,
+        temperature: 2.0,
+        ..settings(HSign::OldMinusNew, None)
+    };
+    // One row repeated: softmax([1, 0, ln 2·2] / 2) = (e^0.5, 1, 2) / (e^0.5 + 3).
+    let z = [1.0f32, 0.0, 2.0 * std::f32::consts::LN_2];
+    let n = 20_000;
+    let logits: Vec<f32> = z.iter().copied().cycle().take(3 * n).collect();
+    let draw = Draw { seed: 3, step: 7, rows: RowMap::at(0) };
+    let (q, labels) = mpl::pseudo_targets(&logits, 3, &s, &draw);
+    let e = 0.5f64.exp();
+    let expect = [e / (e + 3.0), 1.0 / (e + 3.0), 2.0 / (e + 3.0)];
+    for (c, p) in expect.iter().enumerate() {
+        let f = labels.iter().filter(|&&l| l == c).count() as f64 / n as f64;
+        assert!((f - p).abs() < 0.015, "class {c}: drawn {f:.4}, softmax {p:.4}");
+    }
+    // Each target is the one-hot of its drawn label.
+    for (r, &l) in labels.iter().enumerate().take(50) {
+        assert_eq!(q[r * 3 + l], 1.0);
+        assert_eq!(q[r * 3..r * 3 + 3].iter().sum::<f32>(), 1.0);
+    }
+    assert_eq!(mpl::pseudo_targets(&logits, 3, &s, &draw).1, labels, "the same key draws the same labels");
+    let other = Draw { step: 8, ..draw };
+    assert_ne!(mpl::pseudo_targets(&logits, 3, &s, &other).1, labels, "another step draws others");
+    // Rank 1 of 2 holds global rows n/2.. of the batch: it draws their labels.
+    let half = Draw { rows: RowMap::for_rank(&[n / 2], 1, 2), ..draw };
+    assert_eq!(mpl::pseudo_targets(&logits[..3 * n / 2], 3, &s, &half).1, labels[n / 2..]);
 }

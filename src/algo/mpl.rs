@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
-use crate::backend::{argmax, Backend, ConsistencyAux, DropoutKey, GradSync};
+use crate::backend::{argmax, mix64, Backend, ConsistencyAux, DropoutKey, GradSync, RowMap};
 
 /// The sign of the feedback coefficient h.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +50,13 @@ pub enum PseudoLabels {
     Hard,
     /// The teacher's distribution softmax(z / `temperature`).
     Soft,
+    /// One label per row drawn from softmax(z / `temperature`) (METHODS.md §12 step 2's "a
+    /// sample"): then h·∇CE(ŷ, T(u_s)) is the score-function (REINFORCE) estimate of how
+    /// the teacher's distribution should move to lower the student's labeled loss, where
+    /// the argmax only ever sharpens or flattens what the teacher already says. The draw
+    /// is counter-based: (seed, step, the row's global position), so any world size draws
+    /// the same labels.
+    Sampled,
 }
 
 /// `[mpl]`: Meta Pseudo Labels (`method = "mpl"` or `"mpl_reduced"`). The teacher's UDA term
@@ -64,9 +71,9 @@ pub struct MplConfig {
     pub baseline: bool,
     /// The baseline's rate r in b ← b + r·(h − b).
     pub baseline_rate: f64,
-    /// `hard` or `soft`.
+    /// `hard`, `soft` or `sampled`.
     pub pseudo_labels: PseudoLabels,
-    /// Temperature of soft pseudo-labels.
+    /// Temperature of soft and sampled pseudo-labels.
     pub temperature: f64,
     /// ε: pseudo-labels become (1 − ε)·ŷ + ε/C.
     pub label_smoothing: f64,
@@ -187,6 +194,26 @@ pub struct StepPlan {
     pub uda_weight: f64,
     pub teacher_noise: Option<DropoutKey>,
     pub student_noise: Option<DropoutKey>,
+    /// Where sampled pseudo-labels draw from (unused by hard and soft ones).
+    pub draw: Draw,
+}
+
+/// The counter-based draws of [`PseudoLabels::Sampled`]: one uniform per unlabeled row from
+/// (seed, step, the row's global position).
+#[derive(Debug, Clone, Copy)]
+pub struct Draw {
+    pub seed: u64,
+    pub step: u64,
+    /// The global position of each local unlabeled row.
+    pub rows: RowMap,
+}
+
+impl Draw {
+    /// The uniform in [0, 1) of local unlabeled row `r`.
+    pub fn uniform(&self, r: usize) -> f64 {
+        let x = mix64(mix64(self.seed ^ 0x4d50_4c5f_6472_6177) ^ mix64(self.step) ^ self.rows.position(r));
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 /// What one step measured (means over rows, after `reduce` for CE_old and CE_new).
@@ -211,7 +238,7 @@ pub struct MplOut {
     pub student_norm: f64,
     /// The student's labeled rows (clean pass before its update) it predicted right.
     pub student_correct: u64,
-    /// The pseudo-labels' argmax per unlabeled row.
+    /// The pseudo-label per unlabeled row (its argmax, or the drawn class).
     pub labels: Vec<usize>,
 }
 
@@ -224,24 +251,47 @@ pub fn label_targets(labels: &[i32], classes: usize, eps: f64) -> Vec<f32> {
     q
 }
 
-/// The pseudo-label distribution of each row of `logits` (n×C, host), and each row's
-/// argmax.
-pub fn pseudo_targets(logits: &[f32], classes: usize, s: &MplSettings) -> (Vec<f32>, Vec<usize>) {
+/// The pseudo-label distribution of each row of `logits` (n×C, host), and each row's label:
+/// its argmax, or for sampled labels the class drawn by `draw`.
+pub fn pseudo_targets(
+    logits: &[f32],
+    classes: usize,
+    s: &MplSettings,
+    draw: &Draw,
+) -> (Vec<f32>, Vec<usize>) {
     let mut q = Vec::with_capacity(logits.len());
     let mut labels = Vec::with_capacity(logits.len() / classes);
-    for z in logits.chunks(classes) {
+    for (r, z) in logits.chunks(classes).enumerate() {
         let top = argmax(z);
-        labels.push(top);
         let start = q.len();
+        // softmax(z / T) in f64.
+        let probs = || {
+            let m = f64::from(z[top]);
+            let e: Vec<f64> = z.iter().map(|&v| ((f64::from(v) - m) / s.temperature).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(move |v| v / sum)
+        };
+        let one_hot = |k: usize| (0..classes).map(move |c| if c == k { 1.0f64 } else { 0.0 });
         match s.pseudo_labels {
             PseudoLabels::Hard => {
-                q.extend((0..classes).map(|c| if c == top { 1.0f64 } else { 0.0 }));
+                labels.push(top);
+                q.extend(one_hot(top));
             }
             PseudoLabels::Soft => {
-                let m = f64::from(z[top]);
-                let e: Vec<f64> = z.iter().map(|&v| ((f64::from(v) - m) / s.temperature).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                q.extend(e.iter().map(|v| v / sum));
+                labels.push(top);
+                q.extend(probs());
+            }
+            PseudoLabels::Sampled => {
+                // Inverse CDF; the last class takes what rounding leaves.
+                let u = draw.uniform(r);
+                let mut acc = 0.0;
+                let k = probs().position(|p| {
+                    acc += p;
+                    u < acc
+                });
+                let k = k.unwrap_or(classes - 1);
+                labels.push(k);
+                q.extend(one_hot(k));
             }
         }
         let eps = s.pl_smoothing;
@@ -385,7 +435,7 @@ where
         out.uda_passed = r.passed;
     }
     // 2. Pseudo-labels, constants from here on.
-    let (q_pl, labels) = pseudo_targets(&zt_host[pl_row0 * c..], c, s);
+    let (q_pl, labels) = pseudo_targets(&zt_host[pl_row0 * c..], c, s, &plan.draw);
     let q_pl = Targets::new(be, &q_pl, c);
     out.labels = labels;
 

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::algo::mpl::{self, MplBatch, MplSettings, MplState, StepPlan};
+use crate::algo::mpl::{self, Draw, MplBatch, MplSettings, MplState, StepPlan};
 use crate::algo::Recipe;
 use crate::backend::{host_view, Activation, DropoutKey, EncoderOps, RowMap};
 use crate::checkpoint::{self, LogWindow, ModelMeta, Part};
@@ -284,6 +284,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             uda_weight: uda_weight * ramp,
             teacher_noise: noise(TEACHER_PASS, teacher_rows),
             student_noise: noise(0, &[n_u]),
+            draw: Draw { seed: self.seed, step, rows: RowMap::for_rank(&[n_u], rank, world) },
         };
         let mut reduce = |v: &mut [f64]| dist.sum("MPL's CE_old and CE_new", v);
         let out = match &mut self.teacher {
