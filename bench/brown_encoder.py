@@ -33,9 +33,17 @@ VARIANTS = {
     "mean_teacher": ['method="mean_teacher"', "unlabeled.ratio=1", "consistency.weight=10.0",
                      "consistency.scale_by_labeled_ratio=false"],
     "fixmatch": ['method="fixmatch"', "unlabeled.ratio=1", "consistency.threshold=0.95"],
+    # BERT's attention-probability dropout (MiniLM's config: 0.1), off in encoder.toml.
+    "supervised_attn_dropout": ["model.encoder.attention_dropout=0.1"],
     # The ceiling: every training label of the split (no labels_per_class), 2 epochs.
     "all_labels": ["train.epochs=2", "train.eval_every=100000"],
+    # Supervised fine-tuning from MiniLM after masked-LM continued pretraining on the seed's
+    # train + unlabeled paragraphs (configs/brown/mlm.toml: 1 epoch, lr 5e-5), made once per
+    # seed under runs/brown_encoder/seedN/mlm.
+    "mlm_supervised": [],
 }
+# Variants that start from the seed's masked-LM encoder.
+FROM_MLM = {"mlm_supervised"}
 # Variants trained on a split that keeps every label.
 ALL_LABELS = {"all_labels"}
 BIN = os.environ.get("DTRAIN_BIN", "./target/release/dtrain")
@@ -66,6 +74,20 @@ def final(recs, split, model=None):
     return rows[-1]["accuracy"] if rows else None
 
 
+def mlm_encoder(seed, data):
+    """The seed's masked-LM continued pretraining of MiniLM (made once); its encoder dir."""
+    out = f"runs/brown_encoder/seed{seed}/mlm"
+    enc = os.path.join(out, "encoder")
+    if not os.path.exists(os.path.join(enc, "DONE")):
+        subprocess.run(["rm", "-rf", out], check=True)
+        t0 = time.time()
+        subprocess.run([BIN, "--quiet", "pretrain", "--config", "configs/brown/mlm.toml",
+                        "--set", f'data.dir="{data}"', "--set", f'train.out_dir="{out}"',
+                        "--set", f"train.seed={seed}"], check=True, stdout=subprocess.DEVNULL)
+        json.dump({"seconds": time.time() - t0}, open(os.path.join(out, "wall.json"), "w"))
+    return enc
+
+
 def run(variant, seed):
     data = prepare(seed, variant in ALL_LABELS)
     out = f"runs/brown_encoder/seed{seed}/{variant}"
@@ -75,6 +97,8 @@ def run(variant, seed):
         if os.path.exists(out):
             subprocess.run(["rm", "-rf", out], check=True)
         sets = [f'data.dir="{data}"', f'train.out_dir="{out}"', f"train.seed={seed}"] + VARIANTS[variant]
+        if variant in FROM_MLM:
+            sets.append(f'model.encoder.pretrained="{mlm_encoder(seed, data)}"')
         cmd = [BIN, "--quiet", "train", "--config", "configs/brown/encoder.toml"]
         for s in sets:
             cmd += ["--set", s]

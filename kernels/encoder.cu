@@ -64,12 +64,22 @@ extern "C" __global__ void layer_norm_backward_params(const float* __restrict__ 
     }
 }
 
+// Attention-probability dropout's factor for element (i, h, t, j), keyed as the host's
+// `AttnDropout`: 0 or 1/(1 − p) from the hash of ((i·l + t)·heads + h)·l + j; 1 when p = 0.
+__device__ __forceinline__ float attn_drop(float p, u64 base, int i, int h, int t, int j, int l, int heads) {
+    if (p <= 0.0f) return 1.0f;
+    u64 idx = (((u64)i * l + t) * heads + h) * l + j;
+    float u = (float)(mix64(base ^ mix64(idx)) >> 40) * (1.0f / 16777216.0f);
+    return u >= p ? 1.0f / (1.0f - p) : 0.0f;
+}
+
 // One block per (sequence i, head h, query row t): P[i,h,t,:] = softmax over the unmasked
-// keys of q·k·scale, and ctx[i·l + t, h·d..] = Σ_j P_j·v_j. grid = (l, heads, b).
+// keys of q·k·scale (kept before dropout), and ctx[i·l + t, h·d..] = Σ_j P_j·M_j·v_j with
+// M the dropout factor (drop_p = 0: none). grid = (l, heads, b).
 extern "C" __global__ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, const float* __restrict__ mask, int l,
-                                             int heads, int d, float scale, float* __restrict__ ctx,
-                                             float* __restrict__ probs) {
+                                             int heads, int d, float scale, float drop_p, u64 drop_base,
+                                             float* __restrict__ ctx, float* __restrict__ probs) {
     __shared__ Lse s_lse[32];
     const int t = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const int hd = heads * d;
@@ -94,17 +104,18 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
     float* cr = ctx + ((size_t)i * l + t) * hd + h * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0.0f;
-        for (int j = 0; j < l; ++j) acc += p[j] * v[((size_t)i * l + j) * hd + h * d + c];
+        for (int j = 0; j < l; ++j)
+            acc += p[j] * attn_drop(drop_p, drop_base, i, h, t, j, l, heads) * v[((size_t)i * l + j) * hd + h * d + c];
         cr[c] = acc;
     }
 }
 
-// Backward, pass 1, per query row: dP_j = dctx·v_j, dS_j = P_j·(dP_j − Σ P·dP)·scale (kept
-// in ds), dQ = Σ_j dS_j·k_j. grid = (l, heads, b).
+// Backward, pass 1, per query row: dP_j = M_j·(dctx·v_j), dS_j = P_j·(dP_j − Σ P·dP)·scale
+// (kept in ds), dQ = Σ_j dS_j·k_j. grid = (l, heads, b).
 extern "C" __global__ void attention_backward_rows(const float* __restrict__ k, const float* __restrict__ v,
                                                    const float* __restrict__ probs, const float* __restrict__ dctx,
-                                                   int l, int heads, int d, float scale, float* __restrict__ ds,
-                                                   float* __restrict__ dq) {
+                                                   int l, int heads, int d, float scale, float drop_p, u64 drop_base,
+                                                   float* __restrict__ ds, float* __restrict__ dq) {
     __shared__ float s_sum[32];
     const int t = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const int hd = heads * d;
@@ -117,6 +128,7 @@ extern "C" __global__ void attention_backward_rows(const float* __restrict__ k, 
         const float* vr = v + ((size_t)i * l + j) * hd + h * d;
         float dp = 0.0f;
         for (int c = 0; c < d; ++c) dp += dc[c] * vr[c];
+        dp *= attn_drop(drop_p, drop_base, i, h, t, j, l, heads);
         dsr[j] = dp;
         dot += p[j] * dp;
     }
@@ -131,12 +143,12 @@ extern "C" __global__ void attention_backward_rows(const float* __restrict__ k, 
     }
 }
 
-// Backward, pass 2, per key row j: dK_j = Σ_t dS_tj·q_t, dV_j = Σ_t P_tj·dctx_t.
+// Backward, pass 2, per key row j: dK_j = Σ_t dS_tj·q_t, dV_j = Σ_t P_tj·M_tj·dctx_t.
 // grid = (l, heads, b).
 extern "C" __global__ void attention_backward_keys(const float* __restrict__ q, const float* __restrict__ probs,
                                                    const float* __restrict__ dctx, const float* __restrict__ ds,
-                                                   int l, int heads, int d, float* __restrict__ dk,
-                                                   float* __restrict__ dv) {
+                                                   int l, int heads, int d, float drop_p, u64 drop_base,
+                                                   float* __restrict__ dk, float* __restrict__ dv) {
     const int j = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const int hd = heads * d;
     const size_t base = ((size_t)i * heads + h) * l * l;
@@ -145,7 +157,7 @@ extern "C" __global__ void attention_backward_keys(const float* __restrict__ q, 
         for (int t = 0; t < l; ++t) {
             const size_t row = ((size_t)i * l + t) * hd + h * d + c;
             ak += ds[base + (size_t)t * l + j] * q[row];
-            av += probs[base + (size_t)t * l + j] * dctx[row];
+            av += probs[base + (size_t)t * l + j] * attn_drop(drop_p, drop_base, i, h, t, j, l, heads) * dctx[row];
         }
         dk[((size_t)i * l + j) * hd + h * d + c] = ak;
         dv[((size_t)i * l + j) * hd + h * d + c] = av;

@@ -329,6 +329,9 @@ pub struct EncoderConfig {
     /// Hidden dropout in training; unset: the pretrained model's `hidden_dropout_prob`, or
     /// 0.1 from scratch.
     pub dropout: Option<f32>,
+    /// Dropout on the attention probabilities in training; unset: the pretrained model's
+    /// `attention_probs_dropout_prob`, or 0.1 from scratch.
+    pub attention_dropout: Option<f32>,
     /// From scratch only: width, layers, heads, MLP width, and pre-LN (else BERT's
     /// post-LN). The vocabulary and the positions come from the data set's tokenizer.
     pub hidden: usize,
@@ -348,6 +351,7 @@ impl Default for EncoderConfig {
             pretrained: None,
             pooling: crate::model::encoder::Pooling::Mean,
             dropout: None,
+            attention_dropout: None,
             hidden: 256,
             layers: 4,
             heads: 4,
@@ -544,6 +548,9 @@ impl Validate for TrainConfig {
             let e = &m.encoder;
             if e.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
                 return bad("model.encoder.dropout", "must be in [0, 1)");
+            }
+            if e.attention_dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
+                return bad("model.encoder.attention_dropout", "must be in [0, 1)");
             }
             if !(e.layer_lr_decay > 0.0 && e.layer_lr_decay <= 1.0) {
                 return bad("model.encoder.layer_lr_decay", "must be in (0, 1] (1 = off)");
@@ -755,6 +762,8 @@ pub struct PretrainMlm {
     pub weight_decay: f64,
     /// Hidden dropout; unset: the pretrained config's.
     pub dropout: Option<f32>,
+    /// Attention-probability dropout; unset: the pretrained config's.
+    pub attention_dropout: Option<f32>,
     pub log_every: u64,
     /// Length grouping, as `train.group_by_length` of training: 0 = off; N = sort each
     /// window of N batches by length and shuffle its batches.
@@ -771,6 +780,7 @@ impl Default for PretrainMlm {
             warmup_steps: 0,
             weight_decay: 0.01,
             dropout: None,
+            attention_dropout: None,
             log_every: 10,
             group_by_length: 0,
         }

@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use dtrain::backend::cpu::Cpu;
 use dtrain::backend::cuda::{device, Cuda};
 use dtrain::backend::{
-    Activation, AdamStep, Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, RowMap, SgdStep,
-    SparseRows,
+    Activation, AdamStep, AttnDropout, Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, RowMap,
+    SgdStep, SparseRows,
 };
 use dtrain::model::params::Slot;
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -505,8 +505,15 @@ fn twin_encoder_ops(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
         check(&format!("{what}: dx"), &be.download(&dxg), &dxc, TOL)?;
         check(&format!("{what}: grads"), &be.download(&gg), &gc, TOL)?;
     }
-    for &(b, l, heads, d) in &[(1usize, 1usize, 1usize, 1usize), (3, 17, 3, 5), (2, 130, 12, 32)] {
-        let what = format!("attention b={b} l={l} heads={heads} d={d}");
+    let dropped = Some(AttnDropout { p: 0.1, base: 12345 });
+    for &(b, l, heads, d, drop) in &[
+        (1usize, 1usize, 1usize, 1usize, None),
+        (3, 17, 3, 5, None),
+        (2, 130, 12, 32, None),
+        (3, 17, 3, 5, dropped),
+        (2, 130, 12, 32, dropped),
+    ] {
+        let what = format!("attention b={b} l={l} heads={heads} d={d} dropout={:?}", drop.map(|d| d.p));
         let hd = heads * d;
         let (q, k, v) = (r.vec(b * l * hd, 1.0), r.vec(b * l * hd, 1.0), r.vec(b * l * hd, 1.0));
         // Each sequence but the first loses its last 3 tokens to padding (when it has more).
@@ -523,11 +530,12 @@ fn twin_encoder_ops(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
             &up64(&mask),
             (b, l, heads),
             scale,
+            drop,
             &mut cc,
             &mut pc,
         );
         let (qg, kg, vg) = (be.upload(&q), be.upload(&k), be.upload(&v));
-        be.attention_forward(&qg, &kg, &vg, &be.upload(&mask), (b, l, heads), scale, &mut cg, &mut pg);
+        be.attention_forward(&qg, &kg, &vg, &be.upload(&mask), (b, l, heads), scale, drop, &mut cg, &mut pg);
         check(&format!("{what}: ctx"), &be.download(&cg), &cc, TOL)?;
         check(&format!("{what}: probs"), &be.download(&pg), &pc, TOL)?;
         let dctx = r.vec(b * l * hd, 1.0);
@@ -540,6 +548,7 @@ fn twin_encoder_ops(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
             &up64(&dctx),
             (b, l, heads),
             scale,
+            drop,
             &mut dqc,
             &mut dkc,
             &mut dvc,
@@ -553,6 +562,7 @@ fn twin_encoder_ops(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
             &be.upload(&dctx),
             (b, l, heads),
             scale,
+            drop,
             &mut dqg,
             &mut dkg,
             &mut dvg,

@@ -62,6 +62,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn padding_changes_no_sequence_output() {
     let (mini, mp) = load_pretrained(&minilm(), 3, Pooling::Mean, 1).unwrap();
+    // Its dropouts come from its config.json (hidden_dropout_prob, attention_probs_dropout_prob).
+    assert_eq!((mini.spec.dropout, mini.spec.attention_dropout), (0.1, 0.1));
     let short = vec![101u32, 7592, 2088, 102];
     let long = vec![101u32, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012, 102];
     let alone = pooled(&mini, &mp, std::slice::from_ref(&short));
@@ -82,6 +84,7 @@ fn padding_changes_no_sequence_output() {
         pooling: Pooling::Cls,
         classes: 4,
         dropout: 0.0,
+        attention_dropout: 0.0,
     };
     let pre = Encoder::new(spec);
     assert!(pre.layout.get("encoder.LayerNorm.weight").is_some());

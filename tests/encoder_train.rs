@@ -300,6 +300,7 @@ fn configs_the_encoder_cannot_run_are_refused_by_field() {
     refused(&["model.init_from=\"x\""], "model.init_from");
     refused(&["model.encoder.heads=5"], "model.encoder.heads");
     refused(&["model.encoder.dropout=1.0"], "model.encoder.dropout");
+    refused(&["model.encoder.attention_dropout=1.0"], "model.encoder.attention_dropout");
     refused(&["model.encoder.layer_lr_decay=0.0"], "model.encoder.layer_lr_decay");
     // Documents longer than the pretrained model's 512 positions.
     std::fs::create_dir(dir.path().join("long")).unwrap();
@@ -334,7 +335,6 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
         "mlm.batch_size=8".into(),
         "mlm.steps=30".into(),
         "mlm.log_every=10".into(),
-        "mlm.group_by_length=4".into(),
         "train.lr=0.001".into(),
     ];
     let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();

@@ -6,7 +6,9 @@
 //! 1e-6, with an absolute floor of 1e-9 for gradients under 1e-3).
 
 use dtrain::backend::cpu::Cpu;
-use dtrain::backend::{Activation, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap};
+use dtrain::backend::{
+    Activation, AttnDropout, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap,
+};
 use dtrain::model::bag::{Activations, BagModel, BagSpec};
 use dtrain::model::params::Layout;
 use dtrain::rng::{Purpose, Stream};
@@ -200,9 +202,14 @@ fn layer_norm_input_scale_and_shift() {
 }
 
 /// Attention's q, k and v gradients, with padding: masked keys get no weight, and a
-/// padded key's k and v get no gradient.
+/// padded key's k and v get no gradient; and again with dropout on the probabilities.
 #[test]
 fn attention_queries_keys_and_values() {
+    attention_check(None);
+    attention_check(Some(AttnDropout { p: 0.3, base: 77 }));
+}
+
+fn attention_check(drop: Option<AttnDropout>) {
     let be = B::new();
     let (b, l, heads, d) = (2, 5, 3, 4);
     let hd = heads * d;
@@ -215,7 +222,7 @@ fn attention_queries_keys_and_values() {
     let scale = 1.0 / (d as f64).sqrt();
     let fwd = |q: &Vec<f64>, k: &Vec<f64>, v: &Vec<f64>| {
         let (mut ctx, mut p) = (vec![], vec![]);
-        be.attention_forward(q, k, v, &mask, (b, l, heads), scale, &mut ctx, &mut p);
+        be.attention_forward(q, k, v, &mask, (b, l, heads), scale, drop, &mut ctx, &mut p);
         (ctx, p)
     };
     let (_, probs) = fwd(&q, &k, &v);
@@ -227,15 +234,27 @@ fn attention_queries_keys_and_values() {
         }
     }
     let (mut dq, mut dk, mut dv) = (vec![], vec![], vec![]);
-    be.attention_backward(&q, &k, &v, &probs, &r, (b, l, heads), scale, &mut dq, &mut dk, &mut dv);
+    be.attention_backward(&q, &k, &v, &probs, &r, (b, l, heads), scale, drop, &mut dq, &mut dk, &mut dv);
+    if let Some(d) = drop {
+        // The dropout changes ctx (some weights are zeroed, the rest scaled), not P.
+        let clean = {
+            let (mut ctx, mut p) = (vec![], vec![]);
+            be.attention_forward(&q, &k, &v, &mask, (b, l, heads), scale, None, &mut ctx, &mut p);
+            assert_eq!(p, probs, "probs are kept before dropout");
+            ctx
+        };
+        let moved = clean.iter().zip(&fwd(&q, &k, &v).0).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(moved > 1e-3, "dropout at {} changed nothing", d.p);
+    }
     for t in [l + 3, l + 4] {
         assert!(dk[t * hd..(t + 1) * hd].iter().chain(&dv[t * hd..(t + 1) * hd]).all(|&g| g == 0.0));
     }
     let all: Vec<usize> = (0..q.len()).collect();
     let (k0, v0, q0) = (k.clone(), v.clone(), q.clone());
-    check("attention q", &mut q, &all, &dq, &mut |x| dot(&fwd(&x.to_vec(), &k0, &v0).0, &r));
-    check("attention k", &mut k, &all, &dk, &mut |x| dot(&fwd(&q0, &x.to_vec(), &v0).0, &r));
-    check("attention v", &mut v, &all, &dv, &mut |x| dot(&fwd(&q0, &k0, &x.to_vec()).0, &r));
+    let what = if drop.is_some() { "attention with dropout" } else { "attention" };
+    check(&format!("{what}: q"), &mut q, &all, &dq, &mut |x| dot(&fwd(&x.to_vec(), &k0, &v0).0, &r));
+    check(&format!("{what}: k"), &mut k, &all, &dk, &mut |x| dot(&fwd(&q0, &x.to_vec(), &v0).0, &r));
+    check(&format!("{what}: v"), &mut v, &all, &dv, &mut |x| dot(&fwd(&q0, &k0, &x.to_vec()).0, &r));
 }
 
 #[test]
@@ -548,7 +567,7 @@ mod consistency_op {
 }
 
 /// The whole encoder (embeddings, attention and MLP blocks, pooling, head), post-LN with
-/// mean pooling and hidden dropout, and pre-LN with [CLS] pooling, on a padded batch:
+/// mean pooling, hidden and attention dropout, and pre-LN with [CLS] pooling, on a padded batch:
 /// every parameter's gradient against finite differences (the dropout masks fixed by
 /// their key).
 #[test]
@@ -558,7 +577,8 @@ fn whole_encoder_post_ln_and_pre_ln() {
     let key = DropoutKey { seed: 5, step: 1, site: 0, pass: 0, rows: RowMap::at(0) };
     for (pre_ln, pooling, noise) in [(false, Pooling::Mean, Some((key, 0.3f32))), (true, Pooling::Cls, None)]
     {
-        let model = Encoder::new(tiny_encoder(2, pre_ln, pooling, 3));
+        let spec = tiny_encoder(2, pre_ln, pooling, 3);
+        let model = Encoder::new(dtrain::model::encoder::EncoderSpec { attention_dropout: 0.2, ..spec });
         let mut params: Vec<f64> = randn(model.layout.total(), 41).iter().map(|v| 0.5 * v).collect();
         for t in model.layout.tensors().iter().filter(|t| t.name.ends_with("LayerNorm.weight")) {
             params[t.slot.range()].iter_mut().for_each(|v| *v = 1.0 + 0.4 * *v);
@@ -680,5 +700,6 @@ fn tiny_encoder(
         pooling,
         classes,
         dropout: 0.0,
+        attention_dropout: 0.0,
     }
 }

@@ -6,8 +6,8 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::{
-    Activation, AdamStep, Backend, ConsistencyAux, ConsistencyOut, DropoutKey, HostBatch, LossKind, Real,
-    SgdStep, SparseRows,
+    Activation, AdamStep, AttnDropout, Backend, ConsistencyAux, ConsistencyOut, DropoutKey, HostBatch,
+    LossKind, Real, SgdStep, SparseRows,
 };
 use crate::algo::consistency::{self, ConsistencyOp};
 use crate::model::params::Slot;
@@ -789,6 +789,7 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
         mask: &Vec<F>,
         (b, l, heads): (usize, usize, usize),
         scale: f64,
+        dropout: Option<AttnDropout>,
         ctx: &mut Vec<F>,
         probs: &mut Vec<F>,
     ) {
@@ -801,6 +802,7 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
         ctx.par_chunks_mut(l * hd).zip(probs.par_chunks_mut(heads * l * l)).enumerate().for_each(
             |(i, (ci, pi))| {
                 let keep = &mask[i * l..(i + 1) * l];
+                let mut dropped = vec![F::zero(); if dropout.is_some() { l * l } else { 0 }];
                 for h in 0..heads {
                     // This head's block: rows of the sequence, columns h·d.., rows hd apart.
                     let off = i * l * hd + h * d;
@@ -834,13 +836,20 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
                             row.iter_mut().for_each(|x| *x = *x / s);
                         }
                     }
-                    // ctx = P·V (l×d), into this head's columns.
+                    // ctx = (P ⊙ M)·V (l×d), into this head's columns.
+                    let pm: &[F] = match dropout {
+                        Some(drop) => {
+                            attention_mask(&drop, p, i, h, (l, heads), &mut dropped);
+                            &dropped
+                        }
+                        None => p,
+                    };
                     F::gemm(
                         l,
                         l,
                         d,
                         F::one(),
-                        p,
+                        pm,
                         (l as isize, 1),
                         &v[off..],
                         (hd as isize, 1),
@@ -862,6 +871,7 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
         dctx: &Vec<F>,
         (b, l, heads): (usize, usize, usize),
         scale: f64,
+        dropout: Option<AttnDropout>,
         dq: &mut Vec<F>,
         dk: &mut Vec<F>,
         dv: &mut Vec<F>,
@@ -878,17 +888,25 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
             .enumerate()
             .for_each(|(i, ((dqi, dki), dvi))| {
                 let mut dp = vec![F::zero(); l * l];
+                let mut dropped = vec![F::zero(); if dropout.is_some() { l * l } else { 0 }];
                 for h in 0..heads {
                     let off = i * l * hd + h * d;
                     let p = &probs[(i * heads + h) * l * l..(i * heads + h + 1) * l * l];
                     let st = (hd as isize, 1);
-                    // dV = Pᵀ·dctx (l×d).
+                    let pm: &[F] = match dropout {
+                        Some(drop) => {
+                            attention_mask(&drop, p, i, h, (l, heads), &mut dropped);
+                            &dropped
+                        }
+                        None => p,
+                    };
+                    // dV = (P ⊙ M)ᵀ·dctx (l×d).
                     F::gemm(
                         l,
                         l,
                         d,
                         F::one(),
-                        p,
+                        pm,
                         (1, l as isize),
                         &dctx[off..],
                         st,
@@ -910,6 +928,15 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
                         &mut dp,
                         (l as isize, 1),
                     );
+                    // Through the mask: ∂/∂P = M ⊙ ∂/∂(P ⊙ M).
+                    if let Some(drop) = dropout {
+                        for (t, row) in dp.chunks_mut(l).enumerate() {
+                            for (j, g) in row.iter_mut().enumerate() {
+                                *g = *g
+                                    * F::of(f64::from(drop.factor(attention_index(i, h, t, j, (l, heads)))));
+                            }
+                        }
+                    }
                     // dS = P ⊙ (dP − Σ_j dP⊙P), times the scale.
                     for (pr, dr) in p.chunks(l).zip(dp.chunks_mut(l)) {
                         let dot = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum::<F>();
@@ -946,5 +973,29 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
                     );
                 }
             });
+    }
+}
+
+/// The index of attention probability (sequence i, head h, query t, key j) in its dropout
+/// hash (see [`AttnDropout`]).
+fn attention_index(i: usize, h: usize, t: usize, j: usize, (l, heads): (usize, usize)) -> u64 {
+    (((i * l + t) * heads + h) * l + j) as u64
+}
+
+/// `out` = P ⊙ M for head `h` of sequence `i` (P is l×l).
+fn attention_mask<F: Real>(
+    drop: &AttnDropout,
+    p: &[F],
+    i: usize,
+    h: usize,
+    shape: (usize, usize),
+    out: &mut [F],
+) {
+    let l = shape.0;
+    for t in 0..l {
+        for j in 0..l {
+            let f = drop.factor(attention_index(i, h, t, j, shape));
+            out[t * l + j] = p[t * l + j] * F::of(f64::from(f));
+        }
     }
 }

@@ -147,6 +147,27 @@ pub struct DropoutKey {
     pub rows: RowMap,
 }
 
+/// Dropout on attention probabilities (BERT's `attention_probs_dropout_prob`): element
+/// (sequence i, head h, query t, key j) of P survives with probability 1 − `p`, hashed as
+/// [`DropoutKey::keep`] at index ((i·l + t)·heads + h)·l + j from `base` (a
+/// [`DropoutKey::base`]); survivors are scaled by 1/(1 − p).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnDropout {
+    pub p: f32,
+    pub base: u64,
+}
+
+impl AttnDropout {
+    /// The mask value of element `index` (see the type's docs): 0 or 1/(1 − p).
+    pub fn factor(&self, index: u64) -> f32 {
+        if DropoutKey::keep(self.base, index, self.p) {
+            1.0 / (1.0 - self.p)
+        } else {
+            0.0
+        }
+    }
+}
+
 /// The global position of each local row of a buffer: up to three segments of consecutive
 /// local rows (a rank's labeled rows, then its unlabeled rows, …), each starting at its own
 /// global position. One process places row `r` at `r`; rank `k` of `W` places its part of
@@ -714,8 +735,9 @@ pub trait EncoderOps: Backend {
     /// Multi-head attention over `b` sequences of `l` tokens (`shape` = (b, l, heads)): `q`, `k`, `v` are `b·l`
     /// rows of `heads·d` values (head h in columns h·d..(h+1)·d). For each sequence and
     /// head, `P = softmax(Q·Kᵀ·scale)` over the keys whose `mask` (b·l values, 1 keep, 0
-    /// padding) is set, and `ctx = P·V` in the same layout as `q`. `probs` keeps P
-    /// (b·heads·l·l) for the backward pass.
+    /// padding) is set, and `ctx = (P ⊙ M)·V` in the same layout as `q`, where M is
+    /// `dropout`'s inverted mask ([`AttnDropout`]; all ones without it). `probs` keeps P
+    /// (b·heads·l·l, before dropout) for the backward pass.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
@@ -725,10 +747,12 @@ pub trait EncoderOps: Backend {
         mask: &Self::Buf,
         shape: (usize, usize, usize),
         scale: f64,
+        dropout: Option<AttnDropout>,
         ctx: &mut Self::Buf,
         probs: &mut Self::Buf,
     );
-    /// The backward pass for `dctx`: writes `dq`, `dk`, `dv`.
+    /// The backward pass for `dctx` (with the forward pass's `dropout`, whose mask it
+    /// recomputes): writes `dq`, `dk`, `dv`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -739,6 +763,7 @@ pub trait EncoderOps: Backend {
         dctx: &Self::Buf,
         shape: (usize, usize, usize),
         scale: f64,
+        dropout: Option<AttnDropout>,
         dq: &mut Self::Buf,
         dk: &mut Self::Buf,
         dv: &mut Self::Buf,

@@ -25,7 +25,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Activation, Backend, DropoutKey, EncoderOps, HostBatch, SparseRows};
+use crate::backend::{Activation, AttnDropout, Backend, DropoutKey, EncoderOps, HostBatch, SparseRows};
 use crate::error::{Error, IoContext, Result};
 use crate::model::params::{fill_uniform, Layout, Slot};
 
@@ -61,6 +61,10 @@ pub struct EncoderSpec {
     /// its residual sum (BERT's `hidden_dropout_prob`).
     #[serde(default)]
     pub dropout: f32,
+    /// Dropout on the attention probabilities in training (BERT's
+    /// `attention_probs_dropout_prob`); 0 in checkpoints written before it existed.
+    #[serde(default)]
+    pub attention_dropout: f32,
 }
 
 impl EncoderSpec {
@@ -88,6 +92,9 @@ impl EncoderSpec {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(("dropout", "must be in [0, 1)".into()));
+        }
+        if !(0.0..1.0).contains(&self.attention_dropout) {
+            return Err(("attention_dropout", "must be in [0, 1)".into()));
         }
         if self.vocab > u32::MAX as usize || self.classes > 1 << 20 || self.classes == 0 {
             return Err(("classes", "vocab must fit u32 ids and classes be in 1..=2^20".into()));
@@ -438,7 +445,8 @@ impl Encoder {
             be.linear_forward(attn_in, n, params, layer.query.0, layer.query.1, &mut tp.q);
             be.linear_forward(attn_in, n, params, layer.key.0, layer.key.1, &mut tp.k);
             be.linear_forward(attn_in, n, params, layer.value.0, layer.value.1, &mut tp.v);
-            be.attention_forward(&tp.q, &tp.k, &tp.v, &mask, shape, scale, &mut tp.ctx, &mut tp.probs);
+            let adrop = self.attention_dropout(noise, k);
+            be.attention_forward(&tp.q, &tp.k, &tp.v, &mask, shape, scale, adrop, &mut tp.ctx, &mut tp.probs);
             be.linear_forward(&tp.ctx, n, params, layer.attn_out.0, layer.attn_out.1, &mut tp.r1);
             drop(site, &mut tp.r1);
             be.axpy(&mut tp.r1, &tp.x_in, 1.0);
@@ -659,8 +667,9 @@ impl Encoder {
                 grads,
                 Some(&mut dctx),
             );
+            let adrop = self.attention_dropout(acts.noise, k);
             be.attention_backward(
-                &tp.q, &tp.k, &tp.v, &tp.probs, &dctx, shape, scale, &mut dq, &mut dk, &mut dv,
+                &tp.q, &tp.k, &tp.v, &tp.probs, &dctx, shape, scale, adrop, &mut dq, &mut dk, &mut dv,
             );
             let attn_in = if s.pre_ln { &tp.h1 } else { &tp.x_in };
             let (mut din, mut part) = (be.zeros(0), be.zeros(0));
@@ -712,6 +721,21 @@ impl Encoder {
         if let Some(d) = demb {
             *d = t;
         }
+    }
+}
+
+/// The first dropout site of the attention probabilities (layer k uses this + k); hidden
+/// dropout uses sites 0..=2·layers.
+const ATTENTION_SITE: u32 = 1 << 16;
+
+impl Encoder {
+    /// Layer `k`'s attention dropout in a pass with `noise` (none at evaluation).
+    fn attention_dropout(&self, noise: Option<(DropoutKey, f32)>, k: usize) -> Option<AttnDropout> {
+        let p = self.spec.attention_dropout;
+        noise.filter(|_| p > 0.0).map(|(key, _)| AttnDropout {
+            p,
+            base: DropoutKey { site: ATTENTION_SITE + k as u32, ..key }.base(),
+        })
     }
 }
 
@@ -782,6 +806,8 @@ pub fn load_pretrained(
         pooling,
         classes,
         dropout: cfg.get("hidden_dropout_prob").and_then(|v| v.as_f64()).unwrap_or(0.1) as f32,
+        attention_dropout: cfg.get("attention_probs_dropout_prob").and_then(|v| v.as_f64()).unwrap_or(0.1)
+            as f32,
     };
     spec.validate().map_err(|(f, m)| Error::bad_file(&cfg_path, format!("{f}: {m}")))?;
     let model = Encoder::new(spec);

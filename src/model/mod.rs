@@ -36,7 +36,7 @@ impl ModelSpec {
     pub fn has_dropout(&self) -> bool {
         match self {
             ModelSpec::Bag(s) => s.embed_dropout > 0.0 || s.hidden_dropout > 0.0,
-            ModelSpec::Encoder(s) => s.dropout > 0.0,
+            ModelSpec::Encoder(s) => s.dropout > 0.0 || s.attention_dropout > 0.0,
         }
     }
 
@@ -276,10 +276,11 @@ impl Model {
                 m.forward_perturbed(be, params, b, n, noise, delta, a)
             }
             (Model::Encoder(m), Input::Tokens(tb), Acts::Encoder(a)) => {
-                let noise = noise.filter(|_| m.spec.dropout > 0.0).map(|k| {
-                    let seed = k.seed ^ crate::backend::mix64(k.rows.position(0));
-                    (DropoutKey { seed, rows: RowMap::at(0), ..k }, m.spec.dropout)
-                });
+                let noise =
+                    noise.filter(|_| m.spec.dropout > 0.0 || m.spec.attention_dropout > 0.0).map(|k| {
+                        let seed = k.seed ^ crate::backend::mix64(k.rows.position(0));
+                        (DropoutKey { seed, rows: RowMap::at(0), ..k }, m.spec.dropout)
+                    });
                 m.forward_perturbed(be, params, tb, noise, delta, a)
             }
             _ => panic!("a model was given another kind of model's input or activations"),
@@ -348,6 +349,7 @@ mod tests {
             pooling: encoder::Pooling::Cls,
             classes: 3,
             dropout: 0.1,
+            attention_dropout: 0.1,
         };
         // Layer-wise decay 0.5 over 1 layer: embeddings 0.5², the layer 0.5, the head 1.
         let mults = Encoder::new(enc.clone()).layer_decay(0.5);

@@ -263,6 +263,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     }
     let mut spec = enc.spec.clone();
     spec.dropout = m.dropout.unwrap_or(spec.dropout);
+    spec.attention_dropout = m.attention_dropout.unwrap_or(spec.attention_dropout);
     let mut enc = Encoder::new(spec);
     let body = enc.clone();
     let head = MlmHead::new(&mut enc.layout, &body);
@@ -360,7 +361,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         if k == 0 {
             continue;
         }
-        let noise = (enc.spec.dropout > 0.0).then(|| {
+        let noise = (enc.spec.dropout > 0.0 || enc.spec.attention_dropout > 0.0).then(|| {
             (DropoutKey { seed: t.seed, step, site: 0, pass: 0, rows: RowMap::at(0) }, enc.spec.dropout)
         });
         enc.forward(be, &params, &tb, noise, &mut acts);

@@ -221,6 +221,7 @@ fn build_model(
             }
             let mut spec = enc.spec;
             spec.dropout = e.dropout.unwrap_or(spec.dropout);
+            spec.attention_dropout = e.attention_dropout.unwrap_or(spec.attention_dropout);
             (spec, params)
         }
         None => {
@@ -238,6 +239,7 @@ fn build_model(
                 pooling: e.pooling,
                 classes,
                 dropout: e.dropout.unwrap_or(0.1),
+                attention_dropout: e.attention_dropout.unwrap_or(0.1),
             };
             spec.validate().map_err(|(f, msg)| Error::config("train", format!("model.encoder.{f}"), msg))?;
             let params = Encoder::new(spec.clone()).init(seed);

@@ -26,7 +26,8 @@ use super::step::{pseudo_label_diagnostics, Micro};
 /// The pass bit of the teacher's noisy pass, apart from the student's.
 const TEACHER_PASS: u32 = 2;
 
-/// MPL's teacher.
+/// MPL's teacher. (One per run, so the variants' size difference costs nothing.)
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Teacher<B: EncoderOps<F = f32>> {
     /// A bag model of its own spec (`[mpl.teacher]`), reading the text.
     Bag { model: Model, meta: ModelMeta, params: B::Buf, opt: Optimizer<B>, bufs: ModelBufs<B> },

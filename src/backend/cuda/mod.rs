@@ -26,8 +26,8 @@ use cudarc::driver::{
 };
 
 use super::{
-    Activation, AdamStep, Backend, ConsistencyAux, ConsistencyOut, DropoutKey, HostBatch, LossKind, SgdStep,
-    SparseRows,
+    Activation, AdamStep, AttnDropout, Backend, ConsistencyAux, ConsistencyOut, DropoutKey, HostBatch,
+    LossKind, SgdStep, SparseRows,
 };
 use crate::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
 use crate::error::{Error, Result};
@@ -972,6 +972,7 @@ impl super::EncoderOps for Cuda {
         mask: &CudaSlice<f32>,
         (b, l, heads): (usize, usize, usize),
         scale: f64,
+        dropout: Option<AttnDropout>,
         ctx: &mut CudaSlice<f32>,
         probs: &mut CudaSlice<f32>,
     ) {
@@ -984,6 +985,7 @@ impl super::EncoderOps for Cuda {
         }
         let cfg = attention_grid((b, l, heads), l);
         let (li, hi, di, sc) = (l as i32, heads as i32, d as i32, scale as f32);
+        let (dp, db) = attention_dropout_args(dropout);
         self.launch("attention_forward", cfg, |a| {
             a.arg(q)
                 .arg(k)
@@ -993,6 +995,8 @@ impl super::EncoderOps for Cuda {
                 .arg(&hi)
                 .arg(&di)
                 .arg(&sc)
+                .arg(&dp)
+                .arg(&db)
                 .arg(&mut *ctx)
                 .arg(&mut *probs);
         });
@@ -1007,6 +1011,7 @@ impl super::EncoderOps for Cuda {
         dctx: &CudaSlice<f32>,
         (b, l, heads): (usize, usize, usize),
         scale: f64,
+        dropout: Option<AttnDropout>,
         dq: &mut CudaSlice<f32>,
         dk: &mut CudaSlice<f32>,
         dv: &mut CudaSlice<f32>,
@@ -1024,6 +1029,7 @@ impl super::EncoderOps for Cuda {
         }
         let mut ds = self.alloc::<f32>(b * heads * l * l);
         let (li, hi, di, sc) = (l as i32, heads as i32, d as i32, scale as f32);
+        let (dp, db) = attention_dropout_args(dropout);
         self.launch("attention_backward_rows", attention_grid((b, l, heads), l), |a| {
             a.arg(k)
                 .arg(v)
@@ -1033,13 +1039,30 @@ impl super::EncoderOps for Cuda {
                 .arg(&hi)
                 .arg(&di)
                 .arg(&sc)
+                .arg(&dp)
+                .arg(&db)
                 .arg(&mut ds)
                 .arg(&mut *dq);
         });
         self.launch("attention_backward_keys", attention_grid((b, l, heads), d), |a| {
-            a.arg(q).arg(probs).arg(dctx).arg(&ds).arg(&li).arg(&hi).arg(&di).arg(&mut *dk).arg(&mut *dv);
+            a.arg(q)
+                .arg(probs)
+                .arg(dctx)
+                .arg(&ds)
+                .arg(&li)
+                .arg(&hi)
+                .arg(&di)
+                .arg(&dp)
+                .arg(&db)
+                .arg(&mut *dk)
+                .arg(&mut *dv);
         });
     }
+}
+
+/// The kernels' dropout arguments: the rate (0 = none) and the hash base.
+fn attention_dropout_args(dropout: Option<AttnDropout>) -> (f32, u64) {
+    dropout.map_or((0.0, 0), |d| (d.p, d.base))
 }
 
 /// The row width H·d and head width d of attention's q, k and v (b·l rows each), checked.
