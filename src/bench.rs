@@ -260,15 +260,26 @@ pub struct EncoderBench {
     /// Seconds per forward pass, and per forward + backward pass.
     pub forward: Spread,
     pub forward_backward: Spread,
+    /// Activation recomputation on (`model.encoder.recompute`).
+    pub recompute: bool,
+    /// Bytes the layers' activations hold between the forward and the backward pass.
+    pub activation_bytes: usize,
 }
 
 /// `dtrain bench encoder`: the pretrained encoder in `dir` on `batch` random sequences of
 /// `len` tokens, on the CPU: forward passes, then forward + backward passes, `repeats`
-/// timed runs each after one warm-up.
-pub fn bench_encoder(dir: &Path, batch: usize, len: usize, repeats: usize) -> Result<EncoderBench> {
+/// timed runs each after one warm-up; with `recompute`, activation recomputation on.
+pub fn bench_encoder(
+    dir: &Path,
+    batch: usize,
+    len: usize,
+    repeats: usize,
+    recompute: bool,
+) -> Result<EncoderBench> {
     use crate::backend::cpu::{on_worker, Cpu};
     use crate::model::encoder::{load_pretrained, EncoderActs, Pooling, TokenBatch};
-    let (model, params) = load_pretrained(dir, 15, Pooling::Mean, 0)?;
+    let (mut model, params) = load_pretrained(dir, 15, Pooling::Mean, 0)?;
+    model.spec.recompute = recompute;
     let len = len.clamp(2, model.spec.max_positions);
     let vocab = model.spec.vocab as u64;
     let seqs: Vec<Vec<u32>> = (0..batch as u64)
@@ -277,7 +288,7 @@ pub fn bench_encoder(dir: &Path, batch: usize, len: usize, repeats: usize) -> Re
     let tb = TokenBatch::new(&seqs, 0);
     let be = Cpu::<f32>::new();
     let dlogits: Vec<f32> = vec![1e-2; batch * model.spec.classes];
-    let (forward, forward_backward) = on_worker(|| {
+    let (forward, forward_backward, activation_bytes) = on_worker(|| {
         let mut acts = EncoderActs::new(&be);
         let mut grads = vec![0.0f32; params.len()];
         let mut time = |backward: bool| {
@@ -293,7 +304,9 @@ pub fn bench_encoder(dir: &Path, batch: usize, len: usize, repeats: usize) -> Re
                 .collect();
             Spread::of(&runs[1..])
         };
-        (time(false), time(true))
+        let (f, fb) = (time(false), time(true));
+        model.forward(&be, &params, &tb, None, &mut acts);
+        (f, fb, acts.layer_values() * std::mem::size_of::<f32>())
     });
     Ok(EncoderBench {
         provenance: Provenance::collect(),
@@ -304,6 +317,8 @@ pub fn bench_encoder(dir: &Path, batch: usize, len: usize, repeats: usize) -> Re
         len,
         forward,
         forward_backward,
+        recompute,
+        activation_bytes,
     })
 }
 

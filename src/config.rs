@@ -332,6 +332,10 @@ pub struct EncoderConfig {
     /// Dropout on the attention probabilities in training; unset: the pretrained model's
     /// `attention_probs_dropout_prob`, or 0.1 from scratch.
     pub attention_dropout: Option<f32>,
+    /// Activation recomputation: keep only each layer's input in the forward pass and run
+    /// the layer again in the backward pass (less memory, one more forward pass; the
+    /// same gradients).
+    pub recompute: bool,
     /// From scratch only: width, layers, heads, MLP width, and pre-LN (else BERT's
     /// post-LN). The vocabulary and the positions come from the data set's tokenizer.
     pub hidden: usize,
@@ -352,6 +356,7 @@ impl Default for EncoderConfig {
             pooling: crate::model::encoder::Pooling::Mean,
             dropout: None,
             attention_dropout: None,
+            recompute: false,
             hidden: 256,
             layers: 4,
             heads: 4,

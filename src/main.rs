@@ -157,6 +157,9 @@ enum BenchCommand {
         /// Timed repetitions after one warm-up.
         #[arg(long, default_value_t = 5)]
         repeat: usize,
+        /// Activation recomputation (`model.encoder.recompute`).
+        #[arg(long)]
+        recompute: bool,
         /// Write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -828,8 +831,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Kernels { device, max_log2, json }) => {
             bench_kernels(device, max_log2, json)
         }
-        Command::Bench(BenchCommand::Encoder { model, batch, len, repeat, json }) => {
-            let r = dtrain::bench::bench_encoder(&model, batch, len, repeat)?;
+        Command::Bench(BenchCommand::Encoder { model, batch, len, repeat, recompute, json }) => {
+            let r = dtrain::bench::bench_encoder(&model, batch, len, repeat, recompute)?;
             println!(
                 "dtrain bench encoder: {} ({} layers, hidden {}), {} x {} tokens, {} thread(s), {}",
                 model.display(),
@@ -845,6 +848,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let tps = (r.batch * r.len) as f64 / s.median;
                 println!("{name:<18} {:>10.3} {:>10.3} {:>10.3} {tps:>12.0}", s.min, s.median, s.max);
             }
+            println!(
+                "activations held between forward and backward: {:.1} MB (recompute {})",
+                r.activation_bytes as f64 / 1e6,
+                r.recompute
+            );
             if let Some(path) = json {
                 dtrain::bench::write_json(&path, &r)?;
                 println!("wrote {}", path.display());

@@ -85,6 +85,7 @@ fn padding_changes_no_sequence_output() {
         classes: 4,
         dropout: 0.0,
         attention_dropout: 0.0,
+        recompute: false,
     };
     let pre = Encoder::new(spec);
     assert!(pre.layout.get("encoder.LayerNorm.weight").is_some());

@@ -280,6 +280,18 @@ fn length_grouping_cuts_the_padding_and_resumes_exactly() {
 }
 
 #[test]
+fn activation_recomputation_trains_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let extra =
+        ["train.steps=6", "method=\"uda\"", "unlabeled.ratio=1", "model.encoder.attention_dropout=0.1"];
+    let a = run(&cfg(&data, &dir.path().join("a"), &extra), Resume::No, None).unwrap();
+    let with = [&extra[..], &["model.encoder.recompute=true"]].concat();
+    let b = run(&cfg(&data, &dir.path().join("b"), &with), Resume::No, None).unwrap();
+    assert_eq!(common::tensors(&a.final_checkpoint), common::tensors(&b.final_checkpoint));
+}
+
+#[test]
 fn configs_the_encoder_cannot_run_are_refused_by_field() {
     let dir = tempfile::tempdir().unwrap();
     let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);

@@ -679,6 +679,43 @@ fn encoder_gradient_at_the_token_embeddings() {
     });
 }
 
+/// Activation recomputation changes nothing but memory: with hidden and attention dropout,
+/// post-LN and pre-LN, the logits and every gradient (parameters, and the token embeddings'
+/// for adversarial training) are bit for bit those of the pass that kept its activations,
+/// which held more than 8 times the values.
+#[test]
+fn recomputation_gives_the_same_gradients() {
+    use dtrain::model::encoder::{Encoder, EncoderActs, Pooling, TokenBatch};
+    let be = B::new();
+    let noise = Some((DropoutKey { seed: 9, step: 3, site: 0, pass: 0, rows: RowMap::at(0) }, 0.2f32));
+    for pre_ln in [false, true] {
+        let spec = dtrain::model::encoder::EncoderSpec {
+            attention_dropout: 0.3,
+            ..tiny_encoder(3, pre_ln, Pooling::Mean, 4)
+        };
+        let tb = TokenBatch::new(&[vec![1, 4, 4, 9, 2], vec![1, 7, 2], vec![3, 3, 5, 6]], 0);
+        let r = randn(3 * 4, 51);
+        let run = |recompute: bool| {
+            let model = Encoder::new(dtrain::model::encoder::EncoderSpec { recompute, ..spec.clone() });
+            let params: Vec<f64> = model.init(3);
+            let mut acts = EncoderActs::new(&be);
+            model.forward(&be, &params, &tb, noise, &mut acts);
+            let mut grads = vec![0.0; params.len()];
+            let mut demb = vec![];
+            model.backward_to_embeddings(&be, &params, &tb, &acts, &r, &mut grads, Some(&mut demb));
+            (acts.logits.clone(), grads, demb, acts.layer_values())
+        };
+        let (kept, again) = (run(false), run(true));
+        // Each layer keeps its input (n×8 values) and nothing else.
+        assert_eq!(again.3, 3 * tb.b * tb.l * 8, "values held with recomputation");
+        assert!(kept.3 > 8 * again.3, "values held without: {} (with: {})", kept.3, again.3);
+        assert_eq!(kept.0, again.0, "logits (pre_ln {pre_ln})");
+        assert_eq!(kept.1, again.1, "parameter gradients (pre_ln {pre_ln})");
+        assert_eq!(kept.2, again.2, "embedding gradients (pre_ln {pre_ln})");
+        assert!(kept.1.iter().any(|&g| g != 0.0));
+    }
+}
+
 /// An encoder small enough for finite differences: vocabulary 11, width 8, 2 heads.
 fn tiny_encoder(
     layers: usize,
@@ -701,5 +738,6 @@ fn tiny_encoder(
         classes,
         dropout: 0.0,
         attention_dropout: 0.0,
+        recompute: false,
     }
 }

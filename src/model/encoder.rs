@@ -65,6 +65,12 @@ pub struct EncoderSpec {
     /// `attention_probs_dropout_prob`); 0 in checkpoints written before it existed.
     #[serde(default)]
     pub attention_dropout: f32,
+    /// Activation recomputation: a forward pass keeps only each layer's input, and the
+    /// backward pass runs each layer's forward again (the same dropout masks, by key)
+    /// before its backward. Saves most of the activations' memory for one more forward
+    /// pass per layer; the gradients are bit for bit the same.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl EncoderSpec {
@@ -218,6 +224,33 @@ impl<B: Backend> LayerTape<B> {
             stats2: z(),
         }
     }
+}
+
+impl<F: crate::backend::Real> EncoderActs<crate::backend::cpu::Cpu<F>> {
+    /// Values the layers' tapes hold on the CPU backend (what recomputation saves).
+    pub fn layer_values(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|t| {
+                [
+                    &t.x_in, &t.h1, &t.q, &t.k, &t.v, &t.probs, &t.ctx, &t.r1, &t.stats1, &t.mlp_in, &t.u,
+                    &t.a, &t.r2, &t.stats2,
+                ]
+                .iter()
+                .map(|b| b.len())
+                .sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+/// The sizes every layer of one pass shares: token rows, (b, l, heads), and attention's
+/// 1/√d.
+#[derive(Debug, Clone, Copy)]
+struct LayerDims {
+    n: usize,
+    shape: (usize, usize, usize),
+    scale: f64,
 }
 
 /// Buffers of one forward pass, kept for the backward pass.
@@ -423,76 +456,13 @@ impl Encoder {
             &mut acts.emb_stats,
         );
         drop(0, &mut x);
-        let shape = (tb.b, tb.l, s.heads);
-        let scale = 1.0 / ((h / s.heads) as f64).sqrt();
+        let dims = LayerDims { n, shape: (tb.b, tb.l, s.heads), scale: 1.0 / ((h / s.heads) as f64).sqrt() };
         acts.layers.resize_with(self.layers.len(), || LayerTape::new(be));
-        for (k, (layer, tp)) in self.layers.iter().zip(&mut acts.layers).enumerate() {
-            let site = 1 + 2 * k as u32;
-            tp.x_in = x;
-            if s.pre_ln {
-                be.layer_norm_forward(
-                    &tp.x_in,
-                    n,
-                    params,
-                    layer.ln1.0,
-                    layer.ln1.1,
-                    eps,
-                    &mut tp.h1,
-                    &mut tp.stats1,
-                );
-            }
-            let attn_in = if s.pre_ln { &tp.h1 } else { &tp.x_in };
-            be.linear_forward(attn_in, n, params, layer.query.0, layer.query.1, &mut tp.q);
-            be.linear_forward(attn_in, n, params, layer.key.0, layer.key.1, &mut tp.k);
-            be.linear_forward(attn_in, n, params, layer.value.0, layer.value.1, &mut tp.v);
-            let adrop = self.attention_dropout(noise, k);
-            be.attention_forward(&tp.q, &tp.k, &tp.v, &mask, shape, scale, adrop, &mut tp.ctx, &mut tp.probs);
-            be.linear_forward(&tp.ctx, n, params, layer.attn_out.0, layer.attn_out.1, &mut tp.r1);
-            drop(site, &mut tp.r1);
-            be.axpy(&mut tp.r1, &tp.x_in, 1.0);
-            if s.pre_ln {
-                be.layer_norm_forward(
-                    &tp.r1,
-                    n,
-                    params,
-                    layer.ln2.0,
-                    layer.ln2.1,
-                    eps,
-                    &mut tp.mlp_in,
-                    &mut tp.stats2,
-                );
-            } else {
-                be.layer_norm_forward(
-                    &tp.r1,
-                    n,
-                    params,
-                    layer.ln1.0,
-                    layer.ln1.1,
-                    eps,
-                    &mut tp.mlp_in,
-                    &mut tp.stats1,
-                );
-            }
-            be.linear_forward(&tp.mlp_in, n, params, layer.inter.0, layer.inter.1, &mut tp.u);
-            be.activation_forward(s.activation, &tp.u, &mut tp.a);
-            be.linear_forward(&tp.a, n, params, layer.out.0, layer.out.1, &mut tp.r2);
-            drop(site + 1, &mut tp.r2);
-            // The residual: x1 = r1 (pre-LN) or LN1(r1) (post-LN).
-            be.axpy(&mut tp.r2, if s.pre_ln { &tp.r1 } else { &tp.mlp_in }, 1.0);
-            x = be.zeros(n * h);
-            if s.pre_ln {
-                be.copy(&mut x, &tp.r2, 0..n * h);
-            } else {
-                be.layer_norm_forward(
-                    &tp.r2,
-                    n,
-                    params,
-                    layer.ln2.0,
-                    layer.ln2.1,
-                    eps,
-                    &mut x,
-                    &mut tp.stats2,
-                );
+        for (k, tp) in acts.layers.iter_mut().enumerate() {
+            x = self.layer_forward(be, params, k, x, &mask, dims, noise, tp);
+            if s.recompute {
+                // Only the layer's input stays; the backward pass recomputes the rest.
+                *tp = LayerTape { x_in: std::mem::replace(&mut tp.x_in, be.zeros(0)), ..LayerTape::new(be) };
             }
         }
         if let Some((g, b)) = self.final_ln {
@@ -505,6 +475,88 @@ impl Encoder {
         let all = Slot { offset: 0, rows: n, cols: h };
         be.embedding_bag_forward(&acts.hidden, all, &be.upload_batch(&look.pooled), &mut acts.pooled);
         be.linear_forward(&acts.pooled, tb.b, params, self.head.0, self.head.1, &mut acts.logits);
+    }
+
+    /// Layer `k`'s forward pass from `x_in` (n×H), filling its tape; returns its output.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward<B: EncoderOps>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        k: usize,
+        x_in: B::Buf,
+        mask: &B::Buf,
+        dims: LayerDims,
+        noise: Option<(DropoutKey, f32)>,
+        tp: &mut LayerTape<B>,
+    ) -> B::Buf {
+        let (s, n, eps) = (&self.spec, dims.n, self.spec.layer_norm_eps);
+        let (shape, scale) = (dims.shape, dims.scale);
+        let layer = &self.layers[k];
+        let site = 1 + 2 * k as u32;
+        let drop = |site: u32, x: &mut B::Buf| {
+            if let Some((key, p)) = noise {
+                be.dropout(p, DropoutKey { site, ..key }, s.hidden, x);
+            }
+        };
+        tp.x_in = x_in;
+        if s.pre_ln {
+            be.layer_norm_forward(
+                &tp.x_in,
+                n,
+                params,
+                layer.ln1.0,
+                layer.ln1.1,
+                eps,
+                &mut tp.h1,
+                &mut tp.stats1,
+            );
+        }
+        let attn_in = if s.pre_ln { &tp.h1 } else { &tp.x_in };
+        be.linear_forward(attn_in, n, params, layer.query.0, layer.query.1, &mut tp.q);
+        be.linear_forward(attn_in, n, params, layer.key.0, layer.key.1, &mut tp.k);
+        be.linear_forward(attn_in, n, params, layer.value.0, layer.value.1, &mut tp.v);
+        let adrop = self.attention_dropout(noise, k);
+        be.attention_forward(&tp.q, &tp.k, &tp.v, mask, shape, scale, adrop, &mut tp.ctx, &mut tp.probs);
+        be.linear_forward(&tp.ctx, n, params, layer.attn_out.0, layer.attn_out.1, &mut tp.r1);
+        drop(site, &mut tp.r1);
+        be.axpy(&mut tp.r1, &tp.x_in, 1.0);
+        if s.pre_ln {
+            be.layer_norm_forward(
+                &tp.r1,
+                n,
+                params,
+                layer.ln2.0,
+                layer.ln2.1,
+                eps,
+                &mut tp.mlp_in,
+                &mut tp.stats2,
+            );
+        } else {
+            be.layer_norm_forward(
+                &tp.r1,
+                n,
+                params,
+                layer.ln1.0,
+                layer.ln1.1,
+                eps,
+                &mut tp.mlp_in,
+                &mut tp.stats1,
+            );
+        }
+        be.linear_forward(&tp.mlp_in, n, params, layer.inter.0, layer.inter.1, &mut tp.u);
+        be.activation_forward(s.activation, &tp.u, &mut tp.a);
+        be.linear_forward(&tp.a, n, params, layer.out.0, layer.out.1, &mut tp.r2);
+        drop(site + 1, &mut tp.r2);
+        // The residual: x1 = r1 (pre-LN) or LN1(r1) (post-LN).
+        be.axpy(&mut tp.r2, if s.pre_ln { &tp.r1 } else { &tp.mlp_in }, 1.0);
+        let mut x = be.zeros(n * s.hidden);
+        if s.pre_ln {
+            be.copy(&mut x, &tp.r2, 0..n * s.hidden);
+        } else {
+            be.layer_norm_forward(&tp.r2, n, params, layer.ln2.0, layer.ln2.1, eps, &mut x, &mut tp.stats2);
+        }
+        x
     }
 
     /// The backward pass of the last [`Encoder::forward`] for `dlogits` (b×C): every
@@ -584,8 +636,23 @@ impl Encoder {
         }
         let (mut d1, mut d2, mut d3) = (be.zeros(0), be.zeros(0), be.zeros(0));
         let (mut dq, mut dk, mut dv) = (be.zeros(0), be.zeros(0), be.zeros(0));
-        for (k, (layer, tp)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
+        // With recomputation, each layer's tape is refilled from its kept input.
+        let recompute = self.spec.recompute.then(|| {
+            let dims = LayerDims { n, shape, scale };
+            (be.upload(&tb.mask::<B::F>()), dims, LayerTape::new(be))
+        });
+        let mut recompute = recompute;
+        for (k, (layer, kept)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
             let site = 1 + 2 * k as u32;
+            let tp = match &mut recompute {
+                Some((mask, dims, tape)) => {
+                    let mut x_in = be.zeros(n * h);
+                    be.copy(&mut x_in, &kept.x_in, 0..n * h);
+                    self.layer_forward(be, params, k, x_in, mask, *dims, acts.noise, tape);
+                    &*tape
+                }
+                None => kept,
+            };
             // dx is d(layer output). d r2 (the MLP block's sum):
             let dr2 = if s.pre_ln {
                 &dx
@@ -808,6 +875,7 @@ pub fn load_pretrained(
         dropout: cfg.get("hidden_dropout_prob").and_then(|v| v.as_f64()).unwrap_or(0.1) as f32,
         attention_dropout: cfg.get("attention_probs_dropout_prob").and_then(|v| v.as_f64()).unwrap_or(0.1)
             as f32,
+        recompute: false,
     };
     spec.validate().map_err(|(f, m)| Error::bad_file(&cfg_path, format!("{f}: {m}")))?;
     let model = Encoder::new(spec);

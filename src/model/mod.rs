@@ -350,6 +350,7 @@ mod tests {
             classes: 3,
             dropout: 0.1,
             attention_dropout: 0.1,
+            recompute: false,
         };
         // Layer-wise decay 0.5 over 1 layer: embeddings 0.5², the layer 0.5, the head 1.
         let mults = Encoder::new(enc.clone()).layer_decay(0.5);

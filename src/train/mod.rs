@@ -222,6 +222,7 @@ fn build_model(
             let mut spec = enc.spec;
             spec.dropout = e.dropout.unwrap_or(spec.dropout);
             spec.attention_dropout = e.attention_dropout.unwrap_or(spec.attention_dropout);
+            spec.recompute = e.recompute;
             (spec, params)
         }
         None => {
@@ -240,6 +241,7 @@ fn build_model(
                 classes,
                 dropout: e.dropout.unwrap_or(0.1),
                 attention_dropout: e.attention_dropout.unwrap_or(0.1),
+                recompute: e.recompute,
             };
             spec.validate().map_err(|(f, msg)| Error::config("train", format!("model.encoder.{f}"), msg))?;
             let params = Encoder::new(spec.clone()).init(seed);
