@@ -564,6 +564,7 @@ fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
         "model.encoder.heads=2",
         "model.encoder.intermediate=32",
         "model.encoder.dropout=0.0",
+        "model.encoder.attention_dropout=0.0",
         "optim.kind=\"adamw\"",
         "optim.lr=0.003",
         "train.steps=8",
