@@ -802,7 +802,8 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
         ctx.par_chunks_mut(l * hd).zip(probs.par_chunks_mut(heads * l * l)).enumerate().for_each(
             |(i, (ci, pi))| {
                 let keep = &mask[i * l..(i + 1) * l];
-                let mut dropped = vec![F::zero(); if dropout.is_some() { l * l } else { 0 }];
+                let mut factors = vec![F::zero(); if dropout.is_some() { l * l } else { 0 }];
+                let mut dropped = vec![F::zero(); factors.len()];
                 for h in 0..heads {
                     // This head's block: rows of the sequence, columns h·d.., rows hd apart.
                     let off = i * l * hd + h * d;
@@ -839,7 +840,10 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
                     // ctx = (P ⊙ M)·V (l×d), into this head's columns.
                     let pm: &[F] = match dropout {
                         Some(drop) => {
-                            attention_mask(&drop, p, i, h, (l, heads), &mut dropped);
+                            attention_factors(&drop, i, h, (l, heads), &mut factors);
+                            for ((o, &a), &m) in dropped.iter_mut().zip(p.iter()).zip(&factors) {
+                                *o = a * m;
+                            }
                             &dropped
                         }
                         None => p,
@@ -888,14 +892,18 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
             .enumerate()
             .for_each(|(i, ((dqi, dki), dvi))| {
                 let mut dp = vec![F::zero(); l * l];
-                let mut dropped = vec![F::zero(); if dropout.is_some() { l * l } else { 0 }];
+                let mut factors = vec![F::zero(); if dropout.is_some() { l * l } else { 0 }];
+                let mut dropped = vec![F::zero(); factors.len()];
                 for h in 0..heads {
                     let off = i * l * hd + h * d;
                     let p = &probs[(i * heads + h) * l * l..(i * heads + h + 1) * l * l];
                     let st = (hd as isize, 1);
                     let pm: &[F] = match dropout {
                         Some(drop) => {
-                            attention_mask(&drop, p, i, h, (l, heads), &mut dropped);
+                            attention_factors(&drop, i, h, (l, heads), &mut factors);
+                            for ((o, &a), &m) in dropped.iter_mut().zip(p).zip(&factors) {
+                                *o = a * m;
+                            }
                             &dropped
                         }
                         None => p,
@@ -929,13 +937,8 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
                         (l as isize, 1),
                     );
                     // Through the mask: ∂/∂P = M ⊙ ∂/∂(P ⊙ M).
-                    if let Some(drop) = dropout {
-                        for (t, row) in dp.chunks_mut(l).enumerate() {
-                            for (j, g) in row.iter_mut().enumerate() {
-                                *g = *g
-                                    * F::of(f64::from(drop.factor(attention_index(i, h, t, j, (l, heads)))));
-                            }
-                        }
+                    if dropout.is_some() {
+                        dp.iter_mut().zip(&factors).for_each(|(g, &m)| *g = *g * m);
                     }
                     // dS = P ⊙ (dP − Σ_j dP⊙P), times the scale.
                     for (pr, dr) in p.chunks(l).zip(dp.chunks_mut(l)) {
@@ -976,26 +979,18 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
     }
 }
 
-/// The index of attention probability (sequence i, head h, query t, key j) in its dropout
-/// hash (see [`AttnDropout`]).
-fn attention_index(i: usize, h: usize, t: usize, j: usize, (l, heads): (usize, usize)) -> u64 {
-    (((i * l + t) * heads + h) * l + j) as u64
-}
-
-/// `out` = P ⊙ M for head `h` of sequence `i` (P is l×l).
-fn attention_mask<F: Real>(
+/// The dropout mask M (0 or 1/(1 − p), l×l) of head `h` of sequence `i` into `out`: element
+/// (t, j) hashed at index ((i·l + t)·heads + h)·l + j (see [`AttnDropout`]).
+fn attention_factors<F: Real>(
     drop: &AttnDropout,
-    p: &[F],
     i: usize,
     h: usize,
-    shape: (usize, usize),
+    (l, heads): (usize, usize),
     out: &mut [F],
 ) {
-    let l = shape.0;
-    for t in 0..l {
-        for j in 0..l {
-            let f = drop.factor(attention_index(i, h, t, j, shape));
-            out[t * l + j] = p[t * l + j] * F::of(f64::from(f));
+    for (t, row) in out.chunks_mut(l).enumerate() {
+        for (j, m) in row.iter_mut().enumerate() {
+            *m = F::of(f64::from(drop.factor((((i * l + t) * heads + h) * l + j) as u64)));
         }
     }
 }

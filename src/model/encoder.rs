@@ -419,11 +419,6 @@ impl Encoder {
         acts: &mut EncoderActs<B>,
     ) {
         acts.noise = noise;
-        let drop = |site: u32, x: &mut B::Buf| {
-            if let Some((key, p)) = noise {
-                be.dropout(p, DropoutKey { site, ..key }, self.spec.hidden, x);
-            }
-        };
         let s = &self.spec;
         let (n, h, eps) = (tb.b * tb.l, s.hidden, s.layer_norm_eps);
         assert!(
@@ -455,7 +450,7 @@ impl Encoder {
             &mut x,
             &mut acts.emb_stats,
         );
-        drop(0, &mut x);
+        self.hidden_dropout(be, noise, 0, &mut x);
         let dims = LayerDims { n, shape: (tb.b, tb.l, s.heads), scale: 1.0 / ((h / s.heads) as f64).sqrt() };
         acts.layers.resize_with(self.layers.len(), || LayerTape::new(be));
         for (k, tp) in acts.layers.iter_mut().enumerate() {
@@ -494,11 +489,6 @@ impl Encoder {
         let (shape, scale) = (dims.shape, dims.scale);
         let layer = &self.layers[k];
         let site = 1 + 2 * k as u32;
-        let drop = |site: u32, x: &mut B::Buf| {
-            if let Some((key, p)) = noise {
-                be.dropout(p, DropoutKey { site, ..key }, s.hidden, x);
-            }
-        };
         tp.x_in = x_in;
         if s.pre_ln {
             be.layer_norm_forward(
@@ -519,7 +509,7 @@ impl Encoder {
         let adrop = self.attention_dropout(noise, k);
         be.attention_forward(&tp.q, &tp.k, &tp.v, mask, shape, scale, adrop, &mut tp.ctx, &mut tp.probs);
         be.linear_forward(&tp.ctx, n, params, layer.attn_out.0, layer.attn_out.1, &mut tp.r1);
-        drop(site, &mut tp.r1);
+        self.hidden_dropout(be, noise, site, &mut tp.r1);
         be.axpy(&mut tp.r1, &tp.x_in, 1.0);
         if s.pre_ln {
             be.layer_norm_forward(
@@ -547,7 +537,7 @@ impl Encoder {
         be.linear_forward(&tp.mlp_in, n, params, layer.inter.0, layer.inter.1, &mut tp.u);
         be.activation_forward(s.activation, &tp.u, &mut tp.a);
         be.linear_forward(&tp.a, n, params, layer.out.0, layer.out.1, &mut tp.r2);
-        drop(site + 1, &mut tp.r2);
+        self.hidden_dropout(be, noise, site + 1, &mut tp.r2);
         // The residual: x1 = r1 (pre-LN) or LN1(r1) (post-LN).
         be.axpy(&mut tp.r2, if s.pre_ln { &tp.r1 } else { &tp.mlp_in }, 1.0);
         let mut x = be.zeros(n * s.hidden);
@@ -796,6 +786,19 @@ impl Encoder {
 const ATTENTION_SITE: u32 = 1 << 16;
 
 impl Encoder {
+    /// Hidden dropout at `site` on `x` (rows of H) in a pass with `noise`.
+    fn hidden_dropout<B: Backend>(
+        &self,
+        be: &B,
+        noise: Option<(DropoutKey, f32)>,
+        site: u32,
+        x: &mut B::Buf,
+    ) {
+        if let Some((key, p)) = noise {
+            be.dropout(p, DropoutKey { site, ..key }, self.spec.hidden, x);
+        }
+    }
+
     /// Layer `k`'s attention dropout in a pass with `noise` (none at evaluation).
     fn attention_dropout(&self, noise: Option<(DropoutKey, f32)>, k: usize) -> Option<AttnDropout> {
         let p = self.spec.attention_dropout;
