@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::Backend;
 use crate::config::PrepareConfig;
 use crate::data::prepare::prepare;
 use crate::error::{Error, IoContext, Result};
@@ -177,7 +178,7 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 /// One message size of `dtrain bench allreduce`.
 #[derive(Debug, Clone, Serialize)]
 pub struct AllreduceRow {
-    /// Bytes of f32 summed per all-reduce.
+    /// Bytes of f32 gradient averaged per all-reduce (before any bf16 wire format).
     pub bytes: u64,
     /// Timed all-reduces (after warm-up ones).
     pub iterations: usize,
@@ -194,35 +195,55 @@ pub struct AllreduceRow {
 pub struct AllreduceBench {
     pub provenance: Provenance,
     pub world: usize,
+    /// The backend the buffers live on (`cpu`, `cuda:N`).
+    pub device: String,
+    /// The path the gradients took ([`crate::dist::Dist::describe_path`]).
+    pub path: String,
     /// The bucket size of `[dist] bucket_mb` the sums ran with.
     pub bucket_mb: f64,
     pub rows: Vec<AllreduceRow>,
 }
 
-/// Times `Dist::sum` (the gradient all-reduce: buckets of non-blocking all-reduces) on
-/// f32 buffers from `min_bytes` to `max_bytes`, ×4 per row. Every rank calls it.
-pub fn bench_allreduce(dist: &crate::dist::Dist, min_bytes: u64, max_bytes: u64) -> Result<AllreduceBench> {
+/// Times the training step's gradient average (`GradSync::average` of a flat buffer on
+/// `be`, along the path `dist.bind` chooses: NCCL, or MPI in buckets of non-blocking
+/// all-reduces, staged through the host for a GPU's buffer) from `min_bytes` to
+/// `max_bytes`, ×4 per row, each timing ending when the device is done. Every rank calls it.
+pub fn bench_allreduce<B: Backend>(
+    dist: &crate::dist::Dist,
+    be: &B,
+    min_bytes: u64,
+    max_bytes: u64,
+) -> Result<AllreduceBench>
+where
+    crate::dist::Dist: crate::backend::GradSync<B>,
+{
+    use crate::backend::{GradSync, Real};
     if min_bytes < 4 || min_bytes > max_bytes {
         return Err(Error::Data(format!(
             "bench allreduce: --min-bytes {min_bytes} must be at least 4 and at most --max-bytes {max_bytes}"
         )));
     }
+    dist.bind(be)?;
     let w = dist.world();
     let mut rows = Vec::new();
     let mut bytes = min_bytes;
     while bytes <= max_bytes {
         let n = (bytes / 4) as usize;
-        let mut buf = vec![1.0f32; n];
+        let mut buf = be.upload(&vec![B::F::of(1.0); n]);
+        let mut average = || {
+            dist.average(be, &mut buf, None, 0);
+            be.synchronize();
+        };
         // About 0.5 GB moved per size, within 5..=200 iterations.
         let iterations = ((512u64 << 20) / bytes).clamp(5, 200) as usize;
         for _ in 0..2 {
-            dist.sum("bench allreduce (warm-up)", &mut buf);
+            average();
         }
         let mut times = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             dist.barrier("bench allreduce");
             let t = Instant::now();
-            dist.sum("bench allreduce", &mut buf);
+            average();
             times.push(t.elapsed().as_secs_f64());
         }
         // The slowest rank's time of each iteration.
@@ -243,6 +264,8 @@ pub fn bench_allreduce(dist: &crate::dist::Dist, min_bytes: u64, max_bytes: u64)
     Ok(AllreduceBench {
         provenance: Provenance::collect(),
         world: w,
+        device: be.name(),
+        path: dist.describe_path(),
         bucket_mb: dist.config().bucket_mb,
         rows,
     })

@@ -112,9 +112,22 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Gradient all-reduce over MPI ranks (run it under mpirun): time, algbw and busbw per
-    /// message size, as nccl-tests defines them.
+    /// The training step's gradient average over the ranks (run it under mpirun): time,
+    /// algbw and busbw per message size, as nccl-tests defines them. `--backend nccl`
+    /// averages GPU buffers with NCCL; `--backend mpi` sums host buffers with MPI, or a
+    /// GPU's staged through the host with `--device cuda` (the fallback when NCCL cannot
+    /// be used).
     Allreduce {
+        /// `nccl` or `mpi` (`[dist] backend`).
+        #[arg(long, default_value = "mpi", value_parser = ["nccl", "mpi"])]
+        backend: String,
+        /// Where the buffers live: `cpu`, `cuda` or `cuda:N` (default: `cuda` with NCCL,
+        /// else `cpu`); `cuda` is the rank's local GPU.
+        #[arg(long, value_parser = parse_device)]
+        device: Option<dtrain::backend::Device>,
+        /// The gradient's type on the wire (`[dist] allreduce_dtype`): `f32` or `bf16`.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        dtype: String,
         /// Smallest message in bytes.
         #[arg(long, default_value_t = 1024)]
         min_bytes: u64,
@@ -792,19 +805,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => inspect(&args),
         Command::Verify { dir } => Ok(verify(&dir)),
         Command::Demo(args) => demo(&args, progress),
-        Command::Bench(BenchCommand::Allreduce { min_bytes, max_bytes, bucket_mb, json }) => {
-            let cfg = dtrain::dist::DistConfig { bucket_mb, ..Default::default() };
+        Command::Bench(BenchCommand::Allreduce {
+            backend,
+            device,
+            dtype,
+            min_bytes,
+            max_bytes,
+            bucket_mb,
+            json,
+        }) => {
+            use dtrain::dist::{CommBackend, WireDtype};
+            let nccl = backend == "nccl";
+            let cfg = dtrain::dist::DistConfig {
+                bucket_mb,
+                backend: if nccl { CommBackend::Nccl } else { CommBackend::Mpi },
+                allreduce_dtype: if dtype == "bf16" { WireDtype::Bf16 } else { WireDtype::F32 },
+                ..Default::default()
+            };
             if let Err((field, msg)) = cfg.check() {
                 anyhow::bail!("--bucket-mb ({field}) {msg}");
             }
+            let device =
+                device.unwrap_or(if nccl { dtrain::backend::Device::Cuda(None) } else { Default::default() });
+            if nccl && device == dtrain::backend::Device::Cpu {
+                anyhow::bail!(
+                    "--backend nccl averages GPU buffers: it needs --device cuda (or auto with a GPU)"
+                );
+            }
             let dist = Dist::from_env(&cfg)?;
-            let r = dtrain::bench::bench_allreduce(&dist, min_bytes, max_bytes)?;
+            struct Job<'a>(&'a Dist, u64, u64);
+            impl OnBackend for Job<'_> {
+                type Out = dtrain::bench::AllreduceBench;
+                fn run<B: dtrain::backend::EncoderOps<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
+                    dtrain::bench::bench_allreduce(self.0, be, self.1, self.2)
+                }
+            }
+            let r = dispatch(device, dist.local_rank(), dist.is_root(), Job(&dist, min_bytes, max_bytes))?;
             if !dist.is_root() {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "dtrain bench allreduce: {} rank(s), f32 sum, buckets of {} MiB, {}",
-                r.world, r.bucket_mb, r.provenance.cpu
+                "dtrain bench allreduce: {} rank(s) on {}, {}; buckets of {} MiB; {}",
+                r.world, r.device, r.path, r.bucket_mb, r.provenance.cpu
             );
             println!(
                 "{:>12} {:>6} {:>12} {:>12} {:>12} {:>10} {:>10}",
@@ -997,12 +1039,20 @@ fn info() {
         env("OMPI_COMM_WORLD_RANK").or(env("PMI_RANK")).or(env("SLURM_PROCID")),
     ) {
         (Some(w), Some(r)) => {
-            let local =
-                env("OMPI_COMM_WORLD_LOCAL_RANK").or(env("SLURM_LOCALID")).unwrap_or_else(|| "?".into());
-            println!("launch: rank {r} of {w} (local rank {local})");
+            let world: usize = w.parse().unwrap_or(0);
+            match dtrain::dist::local_rank_from(env, world, usize::MAX) {
+                (usize::MAX, _) => println!(
+                    "launch: rank {r} of {w} (local rank: from MPI's shared-memory split once MPI starts)"
+                ),
+                (local, from) => println!("launch: rank {r} of {w} (local rank {local}, from {from})"),
+            }
         }
         _ => println!("launch: one process (no MPI launcher's environment)"),
     }
+    #[cfg(feature = "mpi")]
+    println!("mpi: {}", dtrain::dist::mpi_library_version());
+    #[cfg(not(feature = "mpi"))]
+    println!("mpi: not built in (the `mpi` feature is off)");
     #[cfg(feature = "cuda")]
     {
         use dtrain::backend::cuda::device;
@@ -1017,8 +1067,24 @@ fn info() {
         }
         println!("cublas: {}", if p.cublas { "found" } else { "not found" });
         match p.nccl {
-            Some(v) => println!("nccl: {v}"),
-            None => println!("nccl: not found"),
+            Some(v) => println!("nccl: {}.{}.{}", v / 10000, v / 100 % 100, v % 100),
+            None => println!("nccl: not found (gradients between GPUs then travel by MPI through the host)"),
+        }
+        if !p.devices.is_empty() {
+            let world: usize =
+                env("OMPI_COMM_WORLD_SIZE").or(env("PMI_SIZE")).and_then(|w| w.parse().ok()).unwrap_or(1);
+            match dtrain::dist::local_rank_from(env, world, usize::MAX) {
+                (usize::MAX, _) if world > 1 => {
+                    println!(
+                        "gpu binding: cuda:(local rank mod {}), the local rank from MPI's split",
+                        p.devices.len()
+                    )
+                }
+                (usize::MAX, _) => println!("gpu binding: cuda:0 under --device auto or cuda"),
+                (l, from) => {
+                    println!("gpu binding: cuda:{} (local rank {l} from {from})", l % p.devices.len())
+                }
+            }
         }
         for d in &p.devices {
             println!(

@@ -67,15 +67,33 @@ fn info_reports_the_cuda_libraries_and_devices_it_finds() {
     let o = dtrain(&["info"]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    for line in ["features: mpi, cuda", "cpu: ", "launch: ", "cuda driver: ", "nvrtc: ", "cublas: ", "nccl: "]
-    {
+    for line in [
+        "features: mpi, cuda",
+        "cpu: ",
+        "launch: ",
+        "mpi: Open MPI",
+        "cuda driver: ",
+        "nvrtc: ",
+        "cublas: ",
+        "nccl: ",
+    ] {
         assert!(t.contains(line), "info lacks {line:?}: {t}");
     }
     if t.contains("cuda driver: none") {
-        assert!(!t.contains("device cuda:"), "{t}");
+        assert!(!t.contains("device cuda:") && !t.contains("gpu binding"), "{t}");
         let b = dtrain(&["bench", "kernels"]);
         assert!(!b.status.success(), "bench kernels without a driver: {}", text(&b));
         assert!(text(&b).contains("libcuda (the NVIDIA driver) was not found"), "{}", text(&b));
+        // NCCL's all-reduce table needs GPU buffers: without a driver, a clear refusal;
+        // on the CPU, a refusal that says what it needs.
+        let b = dtrain(&["bench", "allreduce", "--backend", "nccl"]);
+        assert!(
+            !b.status.success() && text(&b).contains("libcuda (the NVIDIA driver) was not found"),
+            "{}",
+            text(&b)
+        );
+        let b = dtrain(&["bench", "allreduce", "--backend", "nccl", "--device", "cpu"]);
+        assert!(!b.status.success() && text(&b).contains("needs --device cuda"), "{}", text(&b));
     } else {
         assert!(t.contains("device cuda:0"), "a driver but no device listed: {t}");
     }

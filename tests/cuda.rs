@@ -339,6 +339,47 @@ fn twin_activations_and_dropout(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
     check("dropout values", &g, &c, TOL)
 }
 
+/// f32 → bf16 → f32 on the device against `half` on the host, bit for bit: ties to even,
+/// NaN, infinities, subnormals, the largest values.
+fn twin_bf16_conversions(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
+    let mut xs = r.vec(100_003, 50.0);
+    xs.extend([
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE / 3.0,
+        1e-40,
+        -1e-45,
+    ]);
+    let src = be.upload(&xs);
+    let mut wire = be.stream().alloc_zeros::<half::bf16>(1).map_err(|e| Failed::from(e.to_string()))?;
+    be.to_bf16(&src, &mut wire);
+    let got: Vec<half::bf16> = be.stream().clone_dtoh(&wire).map_err(|e| Failed::from(e.to_string()))?;
+    for (i, (&x, g)) in xs.iter().zip(&got).enumerate() {
+        if g.to_bits() != half::bf16::from_f32(x).to_bits() {
+            return Err(format!(
+                "to_bf16: element {i} ({x:e}) gives {:#06x}, half gives {:#06x}",
+                g.to_bits(),
+                half::bf16::from_f32(x).to_bits()
+            )
+            .into());
+        }
+    }
+    let mut back = be.upload(&vec![0.0f32; xs.len()]);
+    be.from_bf16(&wire, &mut back);
+    let back = be.download(&back);
+    for (i, (b, g)) in back.iter().zip(&got).enumerate() {
+        if b.to_bits() != g.to_f32().to_bits() {
+            return Err(format!("from_bf16: element {i}: {b:e} vs {:e}", g.to_f32()).into());
+        }
+    }
+    Ok(())
+}
+
 fn twin_vector_ops(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
     let cpu = Ref::new();
     for &n in &[1usize, 1023, 1_000_003] {
@@ -584,6 +625,8 @@ const TWINS: &[(&str, Test)] = &[
     ("twin_ema_copy_norm_scale_axpy", twin_vector_ops),
     ("twin_adamw_lamb_and_sgd", twin_optimizers),
     ("twin_sparse_add_lazy_adam_sparse_sgd_and_ema_rows", twin_sparse_rows),
+    ("twin_bf16_conversions_match_half_bit_for_bit", twin_bf16_conversions),
+    ("nccl_one_rank_average_and_run_match_no_communication", nccl_one_rank),
 ];
 
 /// Small separable data: 3 classes of their own words plus shared noise, 12 labels per
@@ -596,12 +639,67 @@ fn whole_model_data(dir: &Path) -> PathBuf {
 /// device 0: every tensor of the final checkpoints within 1e-3 relative error.
 fn whole_model(sets: &[&str]) -> Result<(), Failed> {
     use dtrain::backend::Device;
+    same_runs(&[("cpu", Device::Cpu, &[]), ("cuda", Device::Cuda(Some(0)), &[])], sets, 1e-3)
+}
+
+/// One rank on device 0 with its gradient averaged by NCCL (a communicator of one) and
+/// without communication: the same checkpoint bit for bit (an average over one rank is
+/// the value itself), for Mean Teacher; and the one-rank average of a buffer is the
+/// identity in f32 and bf16 rounding in bf16.
+fn nccl_one_rank(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
+    use dtrain::backend::{Backend, Device, GradSync};
+    use dtrain::dist::{CommBackend, Dist, DistConfig, GradPath, WireDtype};
+    for dtype in [WireDtype::F32, WireDtype::Bf16] {
+        let cfg = DistConfig {
+            backend: CommBackend::Nccl,
+            allreduce_dtype: dtype,
+            bucket_mb: 0.001,
+            ..Default::default()
+        };
+        let dist = Dist::from_env(&cfg).map_err(|e| Failed::from(e.to_string()))?;
+        let path = dist.bind(be).map_err(|e| Failed::from(e.to_string()))?;
+        if path != &GradPath::Nccl {
+            return Err(format!("dist.backend = \"nccl\" on one GPU took {path:?}").into());
+        }
+        let g = r.vec(1000 + 3, 3.0);
+        let mut buf = be.upload(&g);
+        dist.average(be, &mut buf, None, 0);
+        let want: Vec<f32> = match dtype {
+            WireDtype::F32 => g.clone(),
+            WireDtype::Bf16 => g.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+        };
+        check(
+            &format!("NCCL average over one rank ({dtype:?}, 1003 values in buckets of 262)"),
+            &be.download(&buf),
+            &up64(&want),
+            0.0,
+        )?;
+    }
+    let mt = ["method=\"mean_teacher\""];
+    same_runs(
+        &[
+            ("cuda-alone", Device::Cuda(Some(0)), &["dist.backend=\"mpi\""]),
+            ("cuda-nccl", Device::Cuda(Some(0)), &["dist.backend=\"nccl\"", "dist.bucket_mb=0.0001"]),
+        ],
+        &mt,
+        0.0,
+    )
+}
+
+/// The same run (`sets` on top of a small config with dropout) once per entry of `runs`
+/// (name, device, its own settings): every tensor of each final checkpoint within `tol`
+/// relative error of the first's.
+fn same_runs(
+    runs: &[(&str, dtrain::backend::Device, &[&str])],
+    sets: &[&str],
+    tol: f64,
+) -> Result<(), Failed> {
     use dtrain::config::{self, Override};
     use dtrain::train::{train, Resume, RunOptions};
     let dir = tempfile::tempdir().map_err(|e| Failed::from(e.to_string()))?;
     let data = whole_model_data(dir.path());
     let mut outs = Vec::new();
-    for (name, device) in [("cpu", Device::Cpu), ("cuda", Device::Cuda(Some(0)))] {
+    for &(name, device, own) in runs {
         let out = dir.path().join(name);
         let mut o: Vec<Override> = [
             format!("data.dir={:?}", data.display().to_string()),
@@ -617,15 +715,21 @@ fn whole_model(sets: &[&str]) -> Result<(), Failed> {
         .iter()
         .map(|s| Override::parse(s).expect("override"))
         .collect();
-        o.extend(sets.iter().map(|s| Override::parse(s).expect("override")));
+        o.extend(sets.iter().chain(own).map(|s| Override::parse(s).expect("override")));
         let cfg = config::load(None, &o).map_err(|e| Failed::from(e.to_string()))?;
         train(&cfg, &RunOptions { resume: Resume::No, progress: false, stop_after: None, device })
             .map_err(|e| Failed::from(format!("{name}: {e}")))?;
         outs.push(common::last_checkpoint(&out));
     }
-    let err = common::max_rel_err(&outs[0], &outs[1]);
-    if err.is_nan() || err > 1e-3 {
-        return Err(format!("{sets:?}: the GPU run's checkpoint differs from the CPU's by {err:.3e}").into());
+    for (k, out) in outs.iter().enumerate().skip(1) {
+        let err = common::max_rel_err(&outs[0], out);
+        if err.is_nan() || err > tol {
+            return Err(format!(
+                "{sets:?}: the {} run's checkpoint differs from the {} run's by {err:.3e}",
+                runs[k].0, runs[0].0
+            )
+            .into());
+        }
     }
     Ok(())
 }

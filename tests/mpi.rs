@@ -224,6 +224,31 @@ fn sparse_and_dense_table_exchanges_agree() {
     }
 }
 
+#[test]
+fn gradient_buckets_and_a_bf16_wire_on_two_ranks() {
+    let (_one, dir, cfg) = setup();
+    let run = |name: &str, sets: &[&str]| {
+        let out = dir.path().join(name);
+        run_ok(train(2, &cfg, &out, sets));
+        common::last_checkpoint(&out)
+    };
+    let plain = run("f32", &[]);
+    // 26 values per bucket: the dense gradient leaves in several non-blocking all-reduces,
+    // last tensors first; each element is summed as before, so nothing changes.
+    let small = run("buckets", &["dist.bucket_mb=0.0001"]);
+    assert_eq!(common::max_rel_err(&plain, &small), 0.0, "small buckets changed the run");
+    // bf16 on the wire rounds the dense gradient: a different run, but a near one.
+    let bf16 = run("bf16", &["dist.allreduce_dtype=\"bf16\""]);
+    let err = common::max_rel_err(&plain, &bf16);
+    eprintln!("2 ranks, 20 steps: bf16 wire vs f32: relative error {err:.2e}");
+    assert!(err > 0.0 && err < 0.05, "bf16 wire vs f32: relative error {err:.2e}");
+    // NCCL asked for on CPU ranks: refused, naming the field and the reason.
+    let o = train(2, &cfg, &dir.path().join("nccl"), &["dist.backend=\"nccl\""]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("dist.backend") && err.contains("all ranks train on the CPU"), "{err}");
+}
+
 /// The dtrain processes that `mpirun` (pid `launcher`) started, in rank order (from
 /// their OMPI_COMM_WORLD_RANK).
 fn ranks_of(launcher: u32) -> Vec<u32> {
@@ -367,6 +392,8 @@ fn bench_allreduce_reports_nccl_tests_bandwidths() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("busbw GB/s"));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["world"], 2);
+    assert_eq!(v["device"], "cpu");
+    assert!(v["path"].as_str().unwrap().contains("by MPI on the host in f32"), "{}", v["path"]);
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(
         rows.iter().map(|r| r["bytes"].as_u64().unwrap()).collect::<Vec<_>>(),

@@ -249,15 +249,23 @@ impl std::str::FromStr for Device {
 }
 
 impl Device {
-    /// The CUDA device ordinal to train on, or `None` for the CPU. `local_rank` picks the
-    /// device when none is named; `say` prints why `auto` chose the CPU.
+    /// The CUDA device ordinal to train on, or `None` for the CPU. When none is named, the
+    /// rank's local rank picks it, modulo the devices this process sees (several ranks per
+    /// GPU share them round-robin: `dist` then averages over MPI, as NCCL refuses that);
+    /// `say` prints why `auto` chose the CPU.
     pub fn resolve(self, local_rank: usize, say: bool) -> crate::Result<Option<usize>> {
         match self {
             Device::Cpu => Ok(None),
             Device::Cuda(_) if !cfg!(feature = "cuda") => Err(crate::Error::Device(
                 "--device cuda: this dtrain was built without the `cuda` feature".into(),
             )),
-            Device::Cuda(n) => Ok(Some(n.unwrap_or(local_rank))),
+            Device::Cuda(Some(n)) => Ok(Some(n)),
+            // The local rank's GPU among those this process sees: under Slurm's
+            // `--gpu-bind=single:1` each task sees one GPU, as device 0.
+            Device::Cuda(None) => {
+                let (count, _) = cuda_devices();
+                Ok(Some(if count > 0 { local_rank % count } else { local_rank }))
+            }
             Device::Auto => {
                 let (count, why) = cuda_devices();
                 if count == 0 {
@@ -521,6 +529,19 @@ pub trait Backend: Sync {
     }
     /// The same, mutable.
     fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [Self::F]> {
+        None
+    }
+    /// Waits until every operation queued so far has finished (a no-op on the CPU, whose
+    /// operations finish before they return).
+    fn synchronize(&self) {}
+    /// This backend as the CUDA backend, for `dist`'s NCCL path (`None` elsewhere).
+    #[cfg(feature = "cuda")]
+    fn as_cuda(&self) -> Option<&cuda::Cuda> {
+        None
+    }
+    /// `buf` as a CUDA buffer, for `dist`'s NCCL path (`None` elsewhere).
+    #[cfg(feature = "cuda")]
+    fn cuda_buf<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut cudarc::driver::CudaSlice<f32>> {
         None
     }
 

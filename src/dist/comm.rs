@@ -190,17 +190,37 @@ impl Comm {
         self.world.abort(3)
     }
 
-    pub(super) fn sum<T: Elem>(&self, what: &str, buf: &mut [T], bucket: usize) {
+    /// Sums `buf` over the ranks: one non-blocking all-reduce per bucket, all in flight
+    /// at once, started in the order of `buckets` (which tile `buf`).
+    pub(super) fn sum<T: Elem>(&self, what: &str, buf: &mut [T], buckets: &[std::ops::Range<usize>]) {
         let mut seen = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let start = Instant::now();
         let seq = self.arrive(&mut seen);
         let send = buf.to_vec();
+        // Each bucket's part of `buf`, in the order of `buckets`.
+        let mut order: Vec<usize> = (0..buckets.len()).collect();
+        order.sort_by_key(|&i| buckets[i].start);
+        let mut parts: Vec<Option<&mut [T]>> = (0..buckets.len()).map(|_| None).collect();
+        let mut rest = &mut buf[..];
+        let mut at = 0;
+        for &i in &order {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(buckets[i].end - at);
+            parts[i] = Some(&mut head[buckets[i].start - at..]);
+            rest = tail;
+            at = buckets[i].end;
+        }
         mpi::request::scope(|scope| {
-            let reqs: Vec<_> = send
-                .chunks(bucket)
-                .zip(buf.chunks_mut(bucket))
-                .map(|(s, r)| {
-                    self.world.immediate_all_reduce_into(scope, s, r, mpi::collective::SystemOperation::sum())
+            let reqs: Vec<_> = buckets
+                .iter()
+                .zip(parts)
+                .map(|(r, part)| {
+                    let part = part.expect("the buckets tile the buffer");
+                    self.world.immediate_all_reduce_into(
+                        scope,
+                        &send[r.clone()],
+                        part,
+                        mpi::collective::SystemOperation::sum(),
+                    )
                 })
                 .collect();
             for req in reqs {

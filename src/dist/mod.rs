@@ -4,12 +4,23 @@
 //! global sums of scalars, gathers, barriers, the start-up agreement check, and the
 //! watchdog that ends the whole job when a rank dies or hangs.
 //!
-//! Only this module touches MPI. Every collective either completes or ends the job: a
-//! collective that has not completed after `dist.timeout_s` prints which rank it waited
-//! for and calls `MPI_Abort`, so the callers see no communication errors.
+//! Only this module touches MPI and NCCL. Every MPI collective either completes or ends the
+//! job: a collective that has not completed after `dist.timeout_s` prints which rank it
+//! waited for and calls `MPI_Abort`, so the callers see no communication errors.
+//!
+//! How the dense gradient travels is chosen once per run by [`Dist::bind`] (the same choice
+//! on every rank): NCCL between GPUs (`nccl.rs`), or MPI on host memory — the CPU backend's
+//! own buffers, or a GPU's staged through the host when NCCL is missing or ranks share a
+//! GPU (NCCL refuses that). The embedding table's touched rows always travel over MPI on
+//! the host (sparse or dense, whichever is cheaper).
 
 #[cfg(feature = "mpi")]
 mod comm;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+
+use std::ops::Range;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -29,15 +40,45 @@ pub enum TableExchange {
     Dense,
 }
 
-/// `[dist]`: how ranks communicate. None of it changes the trajectory (sparse and dense
-/// table exchanges sum the same numbers), so none of it is part of a checkpoint's config
-/// check.
+/// What carries the dense gradient between ranks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommBackend {
+    /// NCCL when every rank trains on a GPU of its own and libnccl loads, else MPI.
+    #[default]
+    Auto,
+    /// NCCL, or an error saying why it cannot be used. With one rank it still runs (an
+    /// average over one GPU), which is how the NCCL path is checked on a single device.
+    Nccl,
+    /// MPI on host memory (a GPU's gradient staged through the host).
+    Mpi,
+}
+
+/// The dense gradient's element type on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireDtype {
+    #[default]
+    F32,
+    /// Half the bytes: each rank's gradient rounded to bf16 (nearest even) and the average
+    /// rounded again. NCCL averages in bf16; MPI sums the rounded values in f32, so the two
+    /// paths agree to bf16 precision, not bit for bit (exactly with one rank).
+    Bf16,
+}
+
+/// `[dist]`: how ranks communicate. Only `allreduce_dtype = "bf16"` changes the numbers
+/// (sparse and dense table exchanges, NCCL and MPI in f32, sum the same values); none of
+/// it is part of a checkpoint's config check, so a resumed run may change any of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
     /// Gradient all-reduce bucket size in MiB (each bucket is one non-blocking all-reduce).
     pub bucket_mb: f64,
     pub table_exchange: TableExchange,
+    /// NCCL or MPI for the dense gradient (see [`CommBackend`]).
+    pub backend: CommBackend,
+    /// `f32` or `bf16` on the wire (see [`WireDtype`]).
+    pub allreduce_dtype: WireDtype,
     /// A collective that has not completed after this many seconds ends the job, naming
     /// the ranks that never reached it. It must exceed the longest time between two
     /// collectives (an evaluation, a checkpoint write).
@@ -46,7 +87,13 @@ pub struct DistConfig {
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { bucket_mb: 25.0, table_exchange: TableExchange::Auto, timeout_s: 600.0 }
+        DistConfig {
+            bucket_mb: 25.0,
+            table_exchange: TableExchange::Auto,
+            backend: CommBackend::Auto,
+            allreduce_dtype: WireDtype::F32,
+            timeout_s: 600.0,
+        }
     }
 }
 
@@ -74,12 +121,142 @@ impl Elem for f64 {}
 impl Elem for u64 {}
 impl Elem for u32 {}
 
+/// How the dense gradient travels in this run, as [`Dist::bind`] chose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GradPath {
+    /// One rank and nothing to do (f32 on the wire): no communication.
+    Local,
+    /// MPI on host memory; why NCCL is not used.
+    Host(String),
+    /// NCCL between the ranks' GPUs.
+    Nccl,
+}
+
+/// What one rank reports for the choice of [`GradPath`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankDevice {
+    /// A hash of the rank's GPU's UUID, when it trains on a GPU.
+    pub gpu: Option<u64>,
+    /// Whether libnccl loads on the rank.
+    pub nccl: bool,
+}
+
+/// The gradient's path for `want` given every rank's device (in rank order), the same on
+/// every rank; `Err` says why `dist.backend = "nccl"` cannot be honoured.
+pub fn choose_path(want: CommBackend, ranks: &[RankDevice]) -> std::result::Result<GradPath, String> {
+    let world = ranks.len();
+    if want == CommBackend::Mpi {
+        return Ok(if world == 1 {
+            GradPath::Local
+        } else {
+            GradPath::Host("dist.backend = \"mpi\"".into())
+        });
+    }
+    let on_cpu: Vec<usize> = (0..world).filter(|&r| ranks[r].gpu.is_none()).collect();
+    let no_lib: Vec<usize> = (0..world).filter(|&r| ranks[r].gpu.is_some() && !ranks[r].nccl).collect();
+    let mut shared = Vec::new();
+    for a in 0..world {
+        for b in a + 1..world {
+            if ranks[a].gpu.is_some() && ranks[a].gpu == ranks[b].gpu {
+                shared.push(format!("ranks {a} and {b}"));
+            }
+        }
+    }
+    // "rank 2", "ranks 0, 3", or "every rank".
+    let ranks_named = |v: &[usize]| match v.len() {
+        n if n == world && n > 1 => "all ranks".to_string(),
+        1 => format!("rank {}", v[0]),
+        _ => format!("ranks {}", v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let why = if !on_cpu.is_empty() {
+        let verb = if on_cpu.len() == 1 { "trains" } else { "train" };
+        Some(format!("{} {verb} on the CPU", ranks_named(&on_cpu)))
+    } else if !no_lib.is_empty() {
+        Some(format!("libnccl was not found on {}", ranks_named(&no_lib)))
+    } else if !shared.is_empty() {
+        Some(format!("{} share one GPU, which NCCL refuses", shared.join(", ")))
+    } else {
+        None
+    };
+    match (want, why) {
+        (CommBackend::Nccl, Some(why)) => Err(format!("dist.backend = \"nccl\" cannot be used: {why}")),
+        (CommBackend::Nccl, None) => Ok(GradPath::Nccl),
+        (_, _) if world == 1 => Ok(GradPath::Local),
+        (_, Some(why)) => Ok(GradPath::Host(why)),
+        (_, None) => Ok(GradPath::Nccl),
+    }
+}
+
+/// The all-reduce buckets of a buffer of `len` elements, at most `cap` each, last elements
+/// first: the order in which a backward pass completes the flat buffer's tensors (the
+/// layout puts the input side first), so that the first buckets can leave soonest.
+pub fn bucket_ranges(len: usize, cap: usize) -> Vec<Range<usize>> {
+    let cap = cap.max(1);
+    let mut out = Vec::with_capacity(len.div_ceil(cap));
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(cap);
+        out.push(start..end);
+        end = start;
+    }
+    out
+}
+
+/// Rounds each value to bf16 (nearest even), the MPI path's form of the bf16 wire format.
+pub fn round_bf16<F: Real>(v: &mut [F]) {
+    for x in v {
+        *x = F::of(f64::from(half::bf16::from_f32(x.f64() as f32).to_f32()));
+    }
+}
+
+/// This rank's local rank (the GPU it binds to) and where it came from: the launcher's
+/// variable when one says it (`OMPI_COMM_WORLD_LOCAL_RANK` from Open MPI's mpirun,
+/// `MPI_LOCALRANKID` from MPICH's Hydra, `SLURM_LOCALID` when srun started exactly these
+/// `world` tasks — under an mpirun inside an allocation it is the batch step's, 0 on every
+/// rank), else MPI's shared-memory split (`split`).
+pub fn local_rank_from(
+    env: impl Fn(&str) -> Option<String>,
+    world: usize,
+    split: usize,
+) -> (usize, &'static str) {
+    let num = |k: &str| env(k).and_then(|v| v.trim().parse::<usize>().ok());
+    if let Some(r) = num("OMPI_COMM_WORLD_LOCAL_RANK") {
+        return (r, "OMPI_COMM_WORLD_LOCAL_RANK");
+    }
+    if let Some(r) = num("MPI_LOCALRANKID") {
+        return (r, "MPI_LOCALRANKID");
+    }
+    if let (Some(r), Some(n)) = (num("SLURM_LOCALID"), num("SLURM_STEP_NUM_TASKS")) {
+        if n == world {
+            return (r, "SLURM_LOCALID");
+        }
+    }
+    (split, "the MPI shared-memory split")
+}
+
+/// The MPI library's own version line (`MPI_Get_library_version`, callable before MPI
+/// starts).
+#[cfg(feature = "mpi")]
+pub fn mpi_library_version() -> String {
+    match mpi::environment::library_version() {
+        Ok(v) => v.lines().next().unwrap_or("").trim().trim_end_matches(',').to_string(),
+        Err(e) => format!("the library's version is unreadable ({e})"),
+    }
+}
+
 /// This process's place among the processes of one job.
 pub struct Dist {
     rank: usize,
     world: usize,
     local_rank: usize,
+    /// Where `local_rank` came from.
+    local_source: &'static str,
     cfg: DistConfig,
+    /// The gradient's path, once [`Dist::bind`] has chosen it.
+    path: OnceLock<GradPath>,
+    /// The NCCL communicator, when the path is NCCL.
+    #[cfg(feature = "cuda")]
+    nccl: OnceLock<std::sync::Mutex<nccl::Nccl>>,
     /// The training step in progress, for the watchdog's messages.
     step: std::sync::atomic::AtomicU64,
     #[cfg(feature = "mpi")]
@@ -105,11 +282,21 @@ fn launcher() -> Option<(&'static str, Option<usize>)> {
 impl Dist {
     /// One process on its own.
     pub fn single() -> Dist {
+        Dist::alone(&DistConfig::default())
+    }
+
+    /// One process on its own, with `[dist]` settings `cfg` (`backend = "nccl"` still
+    /// averages over a communicator of one; `allreduce_dtype = "bf16"` still rounds).
+    pub fn alone(cfg: &DistConfig) -> Dist {
         Dist {
             rank: 0,
             world: 1,
             local_rank: 0,
-            cfg: DistConfig::default(),
+            local_source: "one process",
+            cfg: cfg.clone(),
+            path: OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            nccl: OnceLock::new(),
             step: Default::default(),
             #[cfg(feature = "mpi")]
             comm: None,
@@ -119,17 +306,23 @@ impl Dist {
     /// The job this process belongs to: MPI when a launcher started it, else one process.
     pub fn from_env(cfg: &DistConfig) -> Result<Dist> {
         let Some((var, size)) = launcher() else {
-            return Ok(Dist { cfg: cfg.clone(), ..Dist::single() });
+            return Ok(Dist::alone(cfg));
         };
         #[cfg(feature = "mpi")]
         {
             let _ = (var, size);
             let c = comm::Comm::init(std::time::Duration::from_secs_f64(cfg.timeout_s))?;
+            let (local_rank, local_source) =
+                local_rank_from(|k| std::env::var(k).ok(), c.size(), c.local_rank());
             Ok(Dist {
                 rank: c.rank(),
                 world: c.size(),
-                local_rank: c.local_rank(),
+                local_rank,
+                local_source,
                 cfg: cfg.clone(),
+                path: OnceLock::new(),
+                #[cfg(feature = "cuda")]
+                nccl: OnceLock::new(),
                 step: Default::default(),
                 comm: Some(c),
             })
@@ -143,7 +336,7 @@ impl Dist {
                      `--features mpi`, or run a single process without mpirun/srun"
                 )));
             }
-            Ok(Dist { cfg: cfg.clone(), ..Dist::single() })
+            Ok(Dist::alone(cfg))
         }
     }
 
@@ -158,6 +351,97 @@ impl Dist {
     /// The rank among the processes of this node (the GPU a rank binds to).
     pub fn local_rank(&self) -> usize {
         self.local_rank
+    }
+
+    /// Where [`Dist::local_rank`] came from (a launcher's variable or MPI's split).
+    pub fn local_rank_source(&self) -> &'static str {
+        self.local_source
+    }
+
+    /// The gradient's path, once [`Dist::bind`] has chosen it.
+    pub fn path(&self) -> Option<&GradPath> {
+        self.path.get()
+    }
+
+    /// Chooses how the dense gradient travels for backend `be` (the same on every rank:
+    /// each reports its GPU and whether libnccl loads) and, for NCCL, joins the
+    /// communicator (rank 0 makes the unique id; MPI carries it to the others). Every rank
+    /// calls it once, at the same point, before the first gradient average.
+    pub fn bind<B: Backend>(&self, be: &B) -> Result<&GradPath> {
+        if let Some(p) = self.path.get() {
+            return Ok(p);
+        }
+        #[cfg(feature = "cuda")]
+        let mine = match be.as_cuda() {
+            Some(cu) => {
+                RankDevice { gpu: Some(xxhash_rust::xxh3::xxh3_64(&cu.uuid()?)), nccl: nccl::present() }
+            }
+            None => RankDevice { gpu: None, nccl: false },
+        };
+        #[cfg(not(feature = "cuda"))]
+        let mine = {
+            let _ = be;
+            RankDevice { gpu: None, nccl: false }
+        };
+        let all =
+            self.all_gather("the GPU binding check", &[mine.gpu.map_or(0, |h| h | 1), u64::from(mine.nccl)]);
+        let ranks: Vec<RankDevice> =
+            all.iter().map(|v| RankDevice { gpu: (v[0] != 0).then_some(v[0]), nccl: v[1] != 0 }).collect();
+        let mut path =
+            choose_path(self.cfg.backend, &ranks).map_err(|e| Error::config("[dist]", "dist.backend", e))?;
+        if path == GradPath::Local && self.cfg.allreduce_dtype == WireDtype::Bf16 {
+            path = GradPath::Host("one rank: the gradient is only rounded to bf16".into());
+        }
+        #[cfg(feature = "cuda")]
+        if path == GradPath::Nccl {
+            path = self.join_nccl(be.as_cuda().expect("every rank is on a GPU"))?;
+        }
+        Ok(self.path.get_or_init(|| path))
+    }
+
+    /// Rank 0's unique id to every rank, then the communicator. A failure to make the id
+    /// reaches every rank (so all fall back to MPI together under `auto`); a failure to
+    /// join is an error (NCCL's initialisation is collective: the other ranks cannot go on).
+    #[cfg(feature = "cuda")]
+    fn join_nccl(&self, be: &crate::backend::cuda::Cuda) -> Result<GradPath> {
+        let made = if self.rank == 0 { nccl::new_id() } else { Ok([0; nccl::ID_BYTES]) };
+        let mut words = vec![u64::from(made.is_ok())];
+        words.extend(
+            made.as_ref()
+                .unwrap_or(&[0; nccl::ID_BYTES])
+                .chunks(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+        );
+        let got = self.all_gather("the NCCL unique id", &words).swap_remove(0);
+        if got[0] == 0 {
+            let why = made.err().unwrap_or_else(|| "rank 0 could not make NCCL's unique id".into());
+            return match self.cfg.backend {
+                CommBackend::Nccl => Err(Error::Device(format!("dist.backend = \"nccl\": {why}"))),
+                _ => Ok(GradPath::Host(format!("NCCL is unusable on rank 0: {why}"))),
+            };
+        }
+        let mut id = [0u8; nccl::ID_BYTES];
+        for (c, w) in id.chunks_mut(8).zip(&got[1..]) {
+            c.copy_from_slice(&w.to_le_bytes());
+        }
+        let comm = nccl::Nccl::new(be, self.rank, self.world, id).map_err(Error::Device)?;
+        let _ = self.nccl.set(std::sync::Mutex::new(comm));
+        Ok(GradPath::Nccl)
+    }
+
+    /// A line for the log: how gradients travel, and this rank's binding.
+    pub fn describe_path(&self) -> String {
+        let dtype = match self.cfg.allreduce_dtype {
+            WireDtype::F32 => "f32",
+            WireDtype::Bf16 => "bf16",
+        };
+        match self.path.get() {
+            None | Some(GradPath::Local) => "one rank: no gradient communication".into(),
+            Some(GradPath::Nccl) => format!("{} ranks, gradients averaged by NCCL in {dtype}", self.world),
+            Some(GradPath::Host(why)) => {
+                format!("{} rank(s), gradients averaged by MPI on the host in {dtype} ({why})", self.world)
+            }
+        }
     }
 
     /// Whether this process writes the shared files and prints.
@@ -180,17 +464,18 @@ impl Dist {
         format!("{what} at step {}", self.step.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Elements per all-reduce bucket for elements of `size` bytes.
-    #[cfg(feature = "mpi")]
-    fn bucket_len(&self, size: usize) -> usize {
-        ((self.cfg.bucket_mb * (1 << 20) as f64) as usize / size).max(1)
+    /// The all-reduce buckets of `len` elements of `size` bytes ([`bucket_ranges`] with
+    /// `dist.bucket_mb`).
+    #[cfg(any(feature = "mpi", feature = "cuda"))]
+    fn buckets(&self, len: usize, size: usize) -> Vec<Range<usize>> {
+        bucket_ranges(len, (self.cfg.bucket_mb * (1 << 20) as f64) as usize / size)
     }
 
     /// Sums `buf` over all ranks in place, in buckets; `what` names it in a timeout.
     pub fn sum<T: Elem>(&self, what: &str, buf: &mut [T]) {
         #[cfg(feature = "mpi")]
         if let Some(c) = &self.comm {
-            c.sum(&self.label(what), buf, self.bucket_len(std::mem::size_of::<T>()));
+            c.sum(&self.label(what), buf, &self.buckets(buf.len(), std::mem::size_of::<T>()));
         }
         let _ = (what, buf);
     }
@@ -336,23 +621,46 @@ impl Dist {
     }
 }
 
-/// Averaging a step's gradient over the ranks: the dense part summed in buckets, the
-/// table's rows summed sparse or dense, both scaled by 1/W (exact for W a power of two).
-/// On the CPU the buffers are summed in place; a device's are staged through host memory
-/// (NCCL comes with its own issue).
+/// Averaging a step's gradient over the ranks: the dense part in buckets along the path
+/// [`Dist::bind`] chose (NCCL on the GPUs, or MPI on host memory: the CPU's buffers in
+/// place, a GPU's staged through the host), the table's rows summed sparse or dense over
+/// MPI, both scaled by 1/W (exact for W a power of two). Before `bind`, MPI on the host.
 impl<B: Backend> GradSync<B> for Dist
 where
     B::F: Elem,
 {
     fn average(&self, be: &B, dense: &mut B::Buf, table: Option<&mut SparseRows<B::Buf>>, table_rows: usize) {
+        let bf16 = self.cfg.allreduce_dtype == WireDtype::Bf16;
+        match self.path.get() {
+            Some(GradPath::Local) => return,
+            None if self.world == 1 => return,
+            #[cfg(feature = "cuda")]
+            Some(GradPath::Nccl) => {
+                let (Some(cu), Some(n)) = (be.as_cuda(), self.nccl.get()) else {
+                    panic!("dist: the NCCL path was chosen for a backend that is not the CUDA one");
+                };
+                let buf = be.cuda_buf(dense).expect("a CUDA backend's buffer");
+                let buckets = self.buckets(buf.len(), if bf16 { 2 } else { 4 });
+                n.lock().unwrap_or_else(|e| e.into_inner()).average(cu, buf, &buckets, bf16);
+            }
+            _ => {
+                let inv = B::F::of(1.0 / self.world as f64);
+                with_host_mut(be, dense, |d| {
+                    if bf16 {
+                        round_bf16(d);
+                    }
+                    self.sum("the gradient all-reduce", d);
+                    d.iter_mut().for_each(|g| *g = *g * inv);
+                    if bf16 {
+                        round_bf16(d);
+                    }
+                });
+            }
+        }
         if self.world == 1 {
             return;
         }
         let inv = B::F::of(1.0 / self.world as f64);
-        with_host_mut(be, dense, |d| {
-            self.sum("the gradient all-reduce", d);
-            d.iter_mut().for_each(|g| *g = *g * inv);
-        });
         if let Some(t) = table {
             let mut host =
                 SparseRows { rows: std::mem::take(&mut t.rows), values: be.download(&t.values), dim: t.dim };
@@ -388,6 +696,111 @@ mod tests {
         let mut g = SparseRows { rows: vec![2, 5], values: vec![1.0f32, 2.0, 3.0, 4.0], dim: 2 };
         <Dist as GradSync<Cpu<f32>>>::average(&d, &Cpu::new(), &mut vec![1.0], Some(&mut g), 8);
         assert_eq!((g.rows.clone(), g.values.clone()), (vec![2, 5], vec![1.0, 2.0, 3.0, 4.0]));
+    }
+
+    fn gpu(id: u64) -> RankDevice {
+        RankDevice { gpu: Some(id), nccl: true }
+    }
+
+    #[test]
+    fn nccl_is_chosen_only_when_every_rank_has_a_gpu_of_its_own_and_the_library() {
+        use CommBackend::{Auto, Mpi, Nccl};
+        let cpu = RankDevice { gpu: None, nccl: false };
+        assert_eq!(choose_path(Auto, &[gpu(1), gpu(2), gpu(3)]), Ok(GradPath::Nccl));
+        assert_eq!(choose_path(Nccl, &[gpu(1), gpu(2)]), Ok(GradPath::Nccl));
+        // One rank: nothing to exchange, unless NCCL is asked for (the single-GPU check).
+        assert_eq!(choose_path(Auto, &[gpu(1)]), Ok(GradPath::Local));
+        assert_eq!(choose_path(Nccl, &[gpu(1)]), Ok(GradPath::Nccl));
+        assert_eq!(choose_path(Mpi, &[gpu(1), gpu(2)]), Ok(GradPath::Host("dist.backend = \"mpi\"".into())));
+        assert_eq!(choose_path(Mpi, &[gpu(1)]), Ok(GradPath::Local));
+        // Each reason names the ranks, under auto as the fallback's reason, under nccl as
+        // the error.
+        let cases: [(&[RankDevice], &str); 4] = [
+            (&[cpu, cpu], "all ranks train on the CPU"),
+            (&[gpu(1), cpu, gpu(2), cpu], "ranks 1, 3 train on the CPU"),
+            (&[gpu(1), RankDevice { gpu: Some(2), nccl: false }], "libnccl was not found on rank 1"),
+            (&[gpu(1), gpu(2), gpu(1)], "ranks 0 and 2 share one GPU, which NCCL refuses"),
+        ];
+        for (ranks, why) in cases {
+            assert_eq!(choose_path(Auto, ranks), Ok(GradPath::Host(why.into())));
+            let err = choose_path(Nccl, ranks).unwrap_err();
+            assert!(err.starts_with("dist.backend = \"nccl\" cannot be used") && err.ends_with(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn buckets_tile_the_buffer_last_elements_first() {
+        assert_eq!(bucket_ranges(10, 4), vec![6..10, 2..6, 0..2]);
+        assert_eq!(bucket_ranges(8, 4), vec![4..8, 0..4]);
+        assert_eq!(bucket_ranges(3, 100), vec![0..3]);
+        assert!(bucket_ranges(0, 4).is_empty());
+        // A zero cap still makes progress (one element per bucket).
+        assert_eq!(bucket_ranges(2, 0), vec![1..2, 0..1]);
+        for (len, cap) in [(1000, 7), (1 << 20, 6_553_600), (12345, 12345)] {
+            let b = bucket_ranges(len, cap);
+            assert!(b.iter().all(|r| r.len() <= cap && !r.is_empty()));
+            assert_eq!(b.iter().map(|r| r.len()).sum::<usize>(), len);
+            assert!(b.windows(2).all(|w| w[0].start == w[1].end));
+        }
+    }
+
+    #[test]
+    fn the_local_rank_comes_from_the_launcher_that_knows_it() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(
+            local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")]), 8, 1),
+            (3, "OMPI_COMM_WORLD_LOCAL_RANK")
+        );
+        assert_eq!(local_rank_from(env(&[("MPI_LOCALRANKID", "2")]), 8, 1), (2, "MPI_LOCALRANKID"));
+        // srun started these 8 tasks: its local id holds.
+        let srun = env(&[("SLURM_LOCALID", "5"), ("SLURM_STEP_NUM_TASKS", "8")]);
+        assert_eq!(local_rank_from(srun, 8, 1), (5, "SLURM_LOCALID"));
+        // mpirun inside an allocation: the batch step's SLURM_LOCALID (one task) is not ours.
+        let batch = env(&[("SLURM_LOCALID", "0"), ("SLURM_STEP_NUM_TASKS", "1")]);
+        assert_eq!(local_rank_from(batch, 8, 6), (6, "the MPI shared-memory split"));
+        assert_eq!(local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "x")]), 2, 1).0, 1);
+    }
+
+    #[test]
+    fn a_bf16_wire_rounds_to_nearest_even_and_f32_leaves_the_gradient_alone() {
+        // 1 + 2^-8 lies halfway between two bf16 values and goes to the even one (1.0);
+        // 1 + 3·2^-8 goes up to the even 1 + 2^-6.
+        let mut v = vec![1.0f32 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -0.1, f32::MAX, 0.0];
+        let want: Vec<f32> = v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+        round_bf16(&mut v);
+        assert_eq!(v, want);
+        assert_eq!(&v[..2], &[1.0, 1.0 + 4.0 / 256.0]);
+        let mut v64 = vec![0.1f64];
+        round_bf16(&mut v64);
+        assert_eq!(v64[0], f64::from(half::bf16::from_f32(0.1).to_f32()));
+
+        // One process: f32 is no communication at all; bf16 rounds the dense gradient.
+        let g: Vec<f32> = (0..50).map(|i| 0.01 * i as f32 + 1e-4).collect();
+        for (dtype, path) in [
+            (WireDtype::F32, GradPath::Local),
+            (WireDtype::Bf16, GradPath::Host("one rank: the gradient is only rounded to bf16".into())),
+        ] {
+            let d = Dist::alone(&DistConfig { allreduce_dtype: dtype, ..Default::default() });
+            let be = Cpu::<f32>::new();
+            assert_eq!(d.bind(&be).unwrap(), &path);
+            let mut buf = g.clone();
+            <Dist as GradSync<Cpu<f32>>>::average(&d, &be, &mut buf, None, 0);
+            let mut want = g.clone();
+            if dtype == WireDtype::Bf16 {
+                round_bf16(&mut want);
+                assert_ne!(want, g);
+            }
+            assert_eq!(buf, want);
+        }
+    }
+
+    #[test]
+    fn asking_for_nccl_without_a_gpu_names_the_field_and_the_reason() {
+        let d = Dist::alone(&DistConfig { backend: CommBackend::Nccl, ..Default::default() });
+        let e = d.bind(&Cpu::<f32>::new()).unwrap_err().to_string();
+        assert!(e.contains("dist.backend") && e.contains("rank 0 trains on the CPU"), "{e}");
     }
 
     #[test]

@@ -302,7 +302,7 @@ fn init_table(
 
 /// Trains a bag model as `cfg` says, in this process alone.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainReport> {
-    train_on(cfg, opts, &Dist::single())
+    train_on(cfg, opts, &Dist::alone(&cfg.dist))
 }
 
 /// Trains one model on the ranks of `dist` (every rank calls it with the same config):
@@ -675,6 +675,11 @@ where
     }
     let metrics_path = t.out_dir.join("metrics.jsonl");
     let mut log = if root { MetricsLog::open(&metrics_path, step)? } else { MetricsLog::none(&metrics_path) };
+    // How gradients travel (NCCL, or MPI on the host): chosen together by every rank.
+    dist.bind(be)?;
+    if progress && step == 0 && (world > 1 || dist.path() != Some(&crate::dist::GradPath::Local)) {
+        eprintln!("{}", dist.describe_path());
+    }
     if progress && step == 0 && world > 1 {
         eprintln!(
             "{world} ranks: each reads {} of the {p} shards, {} labeled and {} unlabeled rows per step",

@@ -53,6 +53,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "fill_rows",
             "col_sums_add",
             "sq_norm_partial",
+            "to_bf16",
+            "from_bf16",
         ],
     ),
 ];

@@ -186,9 +186,47 @@ impl Cuda {
         format!("cuda:{} ({name})", self.ordinal)
     }
 
-    /// Waits for every queued operation.
-    pub fn synchronize(&self) {
-        self.stream.synchronize().unwrap_or_else(|e| panic!("cuda:{}: synchronize: {e}", self.ordinal));
+    /// The compute stream (every operation of this backend runs on it); `dist`'s NCCL
+    /// communicator forks its own stream from it.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's UUID (what tells two ranks apart that see their GPUs under the same
+    /// ordinal, e.g. each with its own `CUDA_VISIBLE_DEVICES`).
+    pub fn uuid(&self) -> Result<[u8; 16]> {
+        let u = self
+            .stream
+            .context()
+            .uuid()
+            .map_err(|e| Error::Device(format!("cuda:{}: uuid: {e}", self.ordinal)))?;
+        Ok(u.bytes.map(|b| b as u8))
+    }
+
+    /// `dst[i] = bf16(src[i])`, rounded to nearest even (`half::bf16::from_f32`), for
+    /// `n = src.len()` values; `dst` is made `n` long.
+    pub fn to_bf16(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<half::bf16>) {
+        let n = src.len();
+        if dst.len() != n {
+            *dst = self.alloc(n);
+        }
+        self.launch("to_bf16", grid(n), |b| {
+            b.arg(src).arg(&mut *dst).arg(&n);
+        });
+    }
+
+    /// `dst[i] = f32(src[i])` (exact), for `n = src.len()` values; `dst` must be as long.
+    pub fn from_bf16(&self, src: &CudaSlice<half::bf16>, dst: &mut CudaSlice<f32>) {
+        let n = src.len();
+        assert_eq!(dst.len(), n, "from_bf16: {} values into a buffer of {}", n, dst.len());
+        self.launch("from_bf16", grid(n), |b| {
+            b.arg(src).arg(&mut *dst).arg(&n);
+        });
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -306,6 +344,18 @@ impl Backend for Cuda {
             return Vec::new();
         }
         self.stream.clone_dtoh(buf).unwrap_or_else(|e| self.fail("download", e))
+    }
+
+    fn synchronize(&self) {
+        self.stream.synchronize().unwrap_or_else(|e| panic!("cuda:{}: synchronize: {e}", self.ordinal));
+    }
+
+    fn as_cuda(&self) -> Option<&Cuda> {
+        Some(self)
+    }
+
+    fn cuda_buf<'a>(&self, buf: &'a mut CudaSlice<f32>) -> Option<&'a mut CudaSlice<f32>> {
+        Some(buf)
     }
 
     fn fill_zero(&self, buf: &mut CudaSlice<f32>) {
