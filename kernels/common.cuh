@@ -17,6 +17,28 @@ __device__ __forceinline__ u64 mix64(u64 z) {
     return z ^ (z >> 31);
 }
 
+// A buffer's rows' global positions, laid out as the host's `backend::RowMap`: up to three
+// segments of consecutive local rows, and `tokens` token rows per sequence (0: a row is a
+// whole sequence or document).
+struct Rows {
+    u32 local[3];
+    u32 tokens;
+    u64 global[3];
+};
+
+// The global position of local sequence (or document) r, by the segments alone.
+__device__ __forceinline__ u64 rows_sequence(const Rows& m, u32 r) {
+    if (r >= m.local[2]) return m.global[2] + (r - m.local[2]);
+    if (r >= m.local[1]) return m.global[1] + (r - m.local[1]);
+    return m.global[0] + (r - m.local[0]);
+}
+
+// The global position of local row r: `RowMap::position`.
+__device__ __forceinline__ u64 rows_position(const Rows& m, u32 r) {
+    if (m.tokens == 0) return rows_sequence(m, r);
+    return (rows_sequence(m, r / m.tokens) << 16) + (r % m.tokens);
+}
+
 // A running log-sum-exp: max m and sum s of exp(x - m).
 struct Lse {
     float m;

@@ -48,18 +48,12 @@ extern "C" __global__ void activation_backward(int act, const float* __restrict_
 }
 
 // Dropout in place on rows of `width`, keyed as `DropoutKey::keep`: row r's element j is
-// hashed at position(r)·width + j, where position maps local rows to global ones through
-// up to three segments (`RowMap`).
+// hashed at position(r)·width + j, position mapping local rows to global ones (`RowMap`).
 extern "C" __global__ void dropout(float* __restrict__ x, size_t n, u32 width, float p, float scale, u64 base,
-                                   u32 local0, u32 local1, u32 local2, u64 global0, u64 global1,
-                                   u64 global2) {
+                                   Rows rows) {
     GRID_STRIDE(i, n) {
         u32 r = (u32)(i / width), j = (u32)(i % width);
-        u64 pos;
-        if (r >= local2) pos = global2 + (r - local2);
-        else if (r >= local1) pos = global1 + (r - local1);
-        else pos = global0 + (r - local0);
-        u64 h = mix64(base ^ mix64(pos * (u64)width + j));
+        u64 h = mix64(base ^ mix64(rows_position(rows, r) * (u64)width + j));
         float u = (float)(h >> 40) * (1.0f / 16777216.0f);
         x[i] = u >= p ? x[i] * scale : 0.0f;
     }

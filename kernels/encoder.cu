@@ -64,13 +64,19 @@ extern "C" __global__ void layer_norm_backward_params(const float* __restrict__ 
     }
 }
 
-// Attention-probability dropout's factor for element (i, h, t, j), keyed as the host's
-// `AttnDropout`: 0 or 1/(1 − p) from the hash of ((i·l + t)·heads + h)·l + j; 1 when p = 0.
-__device__ __forceinline__ float attn_drop(float p, u64 base, int i, int h, int t, int j, int l, int heads) {
+// Attention-probability dropout's factor for element (t, j) of head h of the sequence
+// whose hash base is `sb` (`AttnDropout::sequence_base`): 0 or 1/(1 − p) from the hash of
+// (t·heads + h)·2^16 + j; 1 when p = 0.
+__device__ __forceinline__ float attn_drop(float p, u64 sb, int h, int t, int j, int heads) {
     if (p <= 0.0f) return 1.0f;
-    u64 idx = (((u64)i * l + t) * heads + h) * l + j;
-    float u = (float)(mix64(base ^ mix64(idx)) >> 40) * (1.0f / 16777216.0f);
+    u64 idx = (((u64)t * heads + h) << 16) + (u64)j;
+    float u = (float)(mix64(sb ^ mix64(idx)) >> 40) * (1.0f / 16777216.0f);
     return u >= p ? 1.0f / (1.0f - p) : 0.0f;
+}
+
+// Sequence i's dropout hash base: mix64(base ^ mix64(its global position)).
+__device__ __forceinline__ u64 attn_seq_base(u64 base, const Rows& rows, int i) {
+    return mix64(base ^ mix64(rows_sequence(rows, (u32)i)));
 }
 
 // One block per (sequence i, head h, query row t): P[i,h,t,:] = softmax over the unmasked
@@ -78,13 +84,14 @@ __device__ __forceinline__ float attn_drop(float p, u64 base, int i, int h, int 
 // M the dropout factor (drop_p = 0: none). grid = (l, heads, b).
 extern "C" __global__ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, const float* __restrict__ mask, int l,
-                                             int heads, int d, float scale, float drop_p, u64 drop_base,
+                                             int heads, int d, float scale, float drop_p, u64 drop_base, Rows drop_rows,
                                              float* __restrict__ ctx, float* __restrict__ probs) {
     __shared__ Lse s_lse[32];
     const int t = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const int hd = heads * d;
     const float* qr = q + ((size_t)i * l + t) * hd + h * d;
     float* p = probs + (((size_t)i * heads + h) * l + t) * l;
+    const u64 sb = attn_seq_base(drop_base, drop_rows, i);
     // Scores into p (unmasked keys), then their log-sum-exp.
     Lse a = lse_empty();
     for (int j = threadIdx.x; j < l; j += blockDim.x) {
@@ -105,7 +112,7 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0.0f;
         for (int j = 0; j < l; ++j)
-            acc += p[j] * attn_drop(drop_p, drop_base, i, h, t, j, l, heads) * v[((size_t)i * l + j) * hd + h * d + c];
+            acc += p[j] * attn_drop(drop_p, sb, h, t, j, heads) * v[((size_t)i * l + j) * hd + h * d + c];
         cr[c] = acc;
     }
 }
@@ -114,7 +121,7 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
 // (kept in ds), dQ = Σ_j dS_j·k_j. grid = (l, heads, b).
 extern "C" __global__ void attention_backward_rows(const float* __restrict__ k, const float* __restrict__ v,
                                                    const float* __restrict__ probs, const float* __restrict__ dctx,
-                                                   int l, int heads, int d, float scale, float drop_p, u64 drop_base,
+                                                   int l, int heads, int d, float scale, float drop_p, u64 drop_base, Rows drop_rows,
                                                    float* __restrict__ ds, float* __restrict__ dq) {
     __shared__ float s_sum[32];
     const int t = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
@@ -123,12 +130,13 @@ extern "C" __global__ void attention_backward_rows(const float* __restrict__ k, 
     const float* p = probs + prow;
     float* dsr = ds + prow;
     const float* dc = dctx + ((size_t)i * l + t) * hd + h * d;
+    const u64 sb = attn_seq_base(drop_base, drop_rows, i);
     float dot = 0.0f;
     for (int j = threadIdx.x; j < l; j += blockDim.x) {
         const float* vr = v + ((size_t)i * l + j) * hd + h * d;
         float dp = 0.0f;
         for (int c = 0; c < d; ++c) dp += dc[c] * vr[c];
-        dp *= attn_drop(drop_p, drop_base, i, h, t, j, l, heads);
+        dp *= attn_drop(drop_p, sb, h, t, j, heads);
         dsr[j] = dp;
         dot += p[j] * dp;
     }
@@ -147,17 +155,18 @@ extern "C" __global__ void attention_backward_rows(const float* __restrict__ k, 
 // grid = (l, heads, b).
 extern "C" __global__ void attention_backward_keys(const float* __restrict__ q, const float* __restrict__ probs,
                                                    const float* __restrict__ dctx, const float* __restrict__ ds,
-                                                   int l, int heads, int d, float drop_p, u64 drop_base,
+                                                   int l, int heads, int d, float drop_p, u64 drop_base, Rows drop_rows,
                                                    float* __restrict__ dk, float* __restrict__ dv) {
     const int j = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const int hd = heads * d;
     const size_t base = ((size_t)i * heads + h) * l * l;
+    const u64 sb = attn_seq_base(drop_base, drop_rows, i);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float ak = 0.0f, av = 0.0f;
         for (int t = 0; t < l; ++t) {
             const size_t row = ((size_t)i * l + t) * hd + h * d + c;
             ak += ds[base + (size_t)t * l + j] * q[row];
-            av += probs[base + (size_t)t * l + j] * attn_drop(drop_p, drop_base, i, h, t, j, l, heads) * dctx[row];
+            av += probs[base + (size_t)t * l + j] * attn_drop(drop_p, sb, h, t, j, heads) * dctx[row];
         }
         dk[((size_t)i * l + j) * hd + h * d + c] = ak;
         dv[((size_t)i * l + j) * hd + h * d + c] = av;

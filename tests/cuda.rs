@@ -329,14 +329,19 @@ fn twin_activations_and_dropout(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
         pass: 1 << 20,
         rows: RowMap::for_rank(&[rows / 3, rows / 3, rows - 2 * (rows / 3)], 1, 4),
     };
-    let (mut c, mut g) = (up64(&xs), be.upload(&xs));
-    cpu.dropout(0.3, key, width, &mut c);
-    be.dropout(0.3, key, width, &mut g);
-    let g = be.download(&g);
-    if let Some(i) = (0..c.len()).find(|&i| (c[i] == 0.0) != (g[i] == 0.0)) {
-        return Err(format!("dropout: element {i} is kept on one side only").into());
+    // Then as an encoder's token rows: 7 tokens per sequence.
+    let tokens = DropoutKey { rows: RowMap::for_rank(&[2, 3], 1, 2).per_token(7), ..key };
+    for (what, key) in [("dropout", key), ("dropout on token rows", tokens)] {
+        let (mut c, mut g) = (up64(&xs), be.upload(&xs));
+        cpu.dropout(0.3, key, width, &mut c);
+        be.dropout(0.3, key, width, &mut g);
+        let g = be.download(&g);
+        if let Some(i) = (0..c.len()).find(|&i| (c[i] == 0.0) != (g[i] == 0.0)) {
+            return Err(format!("{what}: element {i} is kept on one side only").into());
+        }
+        check(&format!("{what} values"), &g, &c, TOL)?;
     }
-    check("dropout values", &g, &c, TOL)
+    Ok(())
 }
 
 /// f32 → bf16 → f32 on the device against `half` on the host, bit for bit: ties to even,
@@ -546,7 +551,8 @@ fn twin_encoder_ops(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
         check(&format!("{what}: dx"), &be.download(&dxg), &dxc, TOL)?;
         check(&format!("{what}: grads"), &be.download(&gg), &gc, TOL)?;
     }
-    let dropped = Some(AttnDropout { p: 0.1, base: 12345 });
+    // Sequences placed as rank 1 of 2 with two segments (kernels map them as the host).
+    let dropped = Some(AttnDropout { p: 0.1, base: 12345, rows: RowMap::for_rank(&[1, 1], 1, 2) });
     for &(b, l, heads, d, drop) in &[
         (1usize, 1usize, 1usize, 1usize, None),
         (3, 17, 3, 5, None),

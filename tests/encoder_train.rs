@@ -354,7 +354,9 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
     assert_eq!(r.steps, 30);
     // The fresh head starts near ln(30522) ≈ 10.3 and learns this small, repetitive text.
-    assert!(r.first_loss > 5.0 && r.last_loss < r.first_loss / 2.0, "{} → {}", r.first_loss, r.last_loss);
+    // Over seeds 1–5 the last logged loss (a 10-step window) ends at 0.45–0.62 of the first
+    // (measured 2026-12-05), so 0.7 leaves room for the masks' luck, not for a stall.
+    assert!(r.first_loss > 5.0 && r.last_loss < 0.7 * r.first_loss, "{} → {}", r.first_loss, r.last_loss);
     for f in ["config.json", "tokenizer.json", "model.safetensors", "DONE"] {
         assert!(r.out.join(f).is_file(), "{f} missing from {}", r.out.display());
     }

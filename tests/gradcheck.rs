@@ -206,7 +206,7 @@ fn layer_norm_input_scale_and_shift() {
 #[test]
 fn attention_queries_keys_and_values() {
     attention_check(None);
-    attention_check(Some(AttnDropout { p: 0.3, base: 77 }));
+    attention_check(Some(AttnDropout { p: 0.3, base: 77, rows: dtrain::backend::RowMap::at(5) }));
 }
 
 fn attention_check(drop: Option<AttnDropout>) {

@@ -980,7 +980,8 @@ impl<F: Real> super::EncoderOps for Cpu<F> {
 }
 
 /// The dropout mask M (0 or 1/(1 − p), l×l) of head `h` of sequence `i` into `out`: element
-/// (t, j) hashed at index ((i·l + t)·heads + h)·l + j (see [`AttnDropout`]).
+/// (t, j) hashed at index (t·heads + h)·2^16 + j from the sequence's base (see
+/// [`AttnDropout`]).
 fn attention_factors<F: Real>(
     drop: &AttnDropout,
     i: usize,
@@ -988,9 +989,10 @@ fn attention_factors<F: Real>(
     (l, heads): (usize, usize),
     out: &mut [F],
 ) {
+    let base = drop.sequence_base(i);
     for (t, row) in out.chunks_mut(l).enumerate() {
         for (j, m) in row.iter_mut().enumerate() {
-            *m = F::of(f64::from(drop.factor((((i * l + t) * heads + h) * l + j) as u64)));
+            *m = F::of(f64::from(drop.factor(base, (((t * heads + h) as u64) << 16) + j as u64)));
         }
     }
 }

@@ -149,18 +149,29 @@ pub struct DropoutKey {
 
 /// Dropout on attention probabilities (BERT's `attention_probs_dropout_prob`): element
 /// (sequence i, head h, query t, key j) of P survives with probability 1 − `p`, hashed as
-/// [`DropoutKey::keep`] at index ((i·l + t)·heads + h)·l + j from `base` (a
-/// [`DropoutKey::base`]); survivors are scaled by 1/(1 − p).
+/// [`DropoutKey::keep`] at index (t·heads + h)·2^16 + j from the sequence's own base,
+/// `mix64(base ^ mix64(g))` with g = `rows.sequence(i)` the sequence's global position (so
+/// the mask depends neither on the batch's padded length nor on the ranks); survivors are
+/// scaled by 1/(1 − p).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttnDropout {
     pub p: f32,
+    /// A [`DropoutKey::base`].
     pub base: u64,
+    /// The sequences' global positions.
+    pub rows: RowMap,
 }
 
 impl AttnDropout {
-    /// The mask value of element `index` (see the type's docs): 0 or 1/(1 − p).
-    pub fn factor(&self, index: u64) -> f32 {
-        if DropoutKey::keep(self.base, index, self.p) {
+    /// The hash base of local sequence `i`.
+    pub fn sequence_base(&self, i: usize) -> u64 {
+        mix64(self.base ^ mix64(self.rows.sequence(i)))
+    }
+
+    /// The mask value of element `(t·heads + h)·2^16 + j` of the sequence whose base is
+    /// `seq_base`: 0 or 1/(1 − p).
+    pub fn factor(&self, seq_base: u64, index: u64) -> f32 {
+        if DropoutKey::keep(seq_base, index, self.p) {
             1.0 / (1.0 - self.p)
         } else {
             0.0
@@ -172,10 +183,19 @@ impl AttnDropout {
 /// local rows (a rank's labeled rows, then its unlabeled rows, …), each starting at its own
 /// global position. One process places row `r` at `r`; rank `k` of `W` places its part of
 /// each segment where that part sits in the global batch ([`RowMap::for_rank`]).
+///
+/// A buffer of token rows (an encoder's hidden states: `tokens` rows per sequence, the
+/// batch's padded length) maps the segments over sequences, and row `r` (token
+/// `r mod tokens` of sequence `r / tokens`) to `sequence(r / tokens)·2^16 + r mod tokens`:
+/// a token's place does not depend on how far its batch was padded. Laid out as the
+/// kernels' `struct Rows` (common.cuh).
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowMap {
     /// Local first row of each segment, ascending; `u32::MAX` for an unused segment.
     pub local: [u32; 3],
+    /// Token rows per sequence; 0 when each row is a whole document or sequence.
+    pub tokens: u32,
     /// Global position of each segment's first row.
     pub global: [u64; 3],
 }
@@ -183,7 +203,7 @@ pub struct RowMap {
 impl RowMap {
     /// Rows at `first`, `first + 1`, …
     pub const fn at(first: u64) -> RowMap {
-        RowMap { local: [0, u32::MAX, u32::MAX], global: [first, 0, 0] }
+        RowMap { local: [0, u32::MAX, u32::MAX], tokens: 0, global: [first, 0, 0] }
     }
 
     /// The rows of rank `rank` of `world` when the global buffer is the concatenation of
@@ -191,7 +211,7 @@ impl RowMap {
     /// globally at `world·Σ_{s'<s} lens[s'] + rank·lens[s]`.
     pub fn for_rank(lens: &[usize], rank: usize, world: usize) -> RowMap {
         assert!(lens.len() <= 3, "at most three row segments");
-        let mut m = RowMap { local: [u32::MAX; 3], global: [0; 3] };
+        let mut m = RowMap { local: [u32::MAX; 3], tokens: 0, global: [0; 3] };
         let (mut local, mut global) = (0usize, 0usize);
         for (s, &len) in lens.iter().enumerate() {
             m.local[s] = local as u32;
@@ -205,8 +225,22 @@ impl RowMap {
         m
     }
 
-    /// The global position of local row `r`.
+    /// The same sequences, for a buffer of `tokens` token rows per sequence.
+    pub fn per_token(self, tokens: usize) -> RowMap {
+        assert!((1..=1 << 16).contains(&tokens), "{tokens} tokens per sequence: 1 to 65536 expected");
+        RowMap { tokens: tokens as u32, ..self }
+    }
+
+    /// The global position of local row `r` (of a token row: see the type's docs).
     pub fn position(&self, r: usize) -> u64 {
+        match self.tokens {
+            0 => self.sequence(r),
+            l => (self.sequence(r / l as usize) << 16) + (r % l as usize) as u64,
+        }
+    }
+
+    /// The global position of local sequence (or document) `r`, by the segments alone.
+    pub fn sequence(&self, r: usize) -> u64 {
         let r = r as u32;
         let s = if r >= self.local[2] {
             2
@@ -814,6 +848,24 @@ mod tests {
             assert_ne!(mask(other), m0, "{other:?}");
         }
         assert_eq!(mask(key), m0);
+    }
+
+    /// A token row's position is its sequence's position and its token, whatever the
+    /// padded length: rank 1 of 2 (its sequences at global 2 and 3, padded to 4 tokens)
+    /// puts token 3 of its second sequence where one process (all 4 sequences, padded to
+    /// 9) puts token 3 of sequence 3.
+    #[test]
+    fn token_rows_are_placed_by_sequence_and_token_not_by_padding() {
+        let one = RowMap::at(0).per_token(9);
+        let rank1 = RowMap::for_rank(&[2], 1, 2).per_token(4);
+        assert_eq!(rank1.position(4 + 3), one.position(3 * 9 + 3));
+        assert_eq!(rank1.position(4 + 3), (3 << 16) + 3);
+        assert_eq!(rank1.sequence(1), 3);
+        // Plain rows are untouched by the token form.
+        assert_eq!(RowMap::for_rank(&[2], 1, 2).position(1), 3);
+        // Distinct (sequence, token) pairs get distinct positions.
+        let all: std::collections::HashSet<u64> = (0..4 * 9).map(|r| one.position(r)).collect();
+        assert_eq!(all.len(), 36);
     }
 
     /// Ranks place their rows where the single process has them: the union over ranks of

@@ -418,6 +418,9 @@ impl Encoder {
         delta: Option<&B::Buf>,
         acts: &mut EncoderActs<B>,
     ) {
+        // Hidden dropout masks token rows by (the sequence's global position, the token):
+        // independent of the batch's padded length and of the ranks.
+        let noise = noise.map(|(key, p)| (DropoutKey { rows: key.rows.per_token(tb.l.max(1)), ..key }, p));
         acts.noise = noise;
         let s = &self.spec;
         let (n, h, eps) = (tb.b * tb.l, s.hidden, s.layer_norm_eps);
@@ -805,6 +808,7 @@ impl Encoder {
         noise.filter(|_| p > 0.0).map(|(key, _)| AttnDropout {
             p,
             base: DropoutKey { site: ATTENTION_SITE + k as u32, ..key }.base(),
+            rows: key.rows,
         })
     }
 }

@@ -9,7 +9,7 @@ pub mod params;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, DropoutKey, EncoderOps, HostBatch, RowMap};
+use crate::backend::{Backend, DropoutKey, EncoderOps, HostBatch};
 use bag::{Activations, BagModel, BagSpec};
 use encoder::{Encoder, EncoderActs, EncoderSpec, TokenBatch};
 use params::{Layout, Slot};
@@ -276,11 +276,11 @@ impl Model {
                 m.forward_perturbed(be, params, b, n, noise, delta, a)
             }
             (Model::Encoder(m), Input::Tokens(tb), Acts::Encoder(a)) => {
-                let noise =
-                    noise.filter(|_| m.spec.dropout > 0.0 || m.spec.attention_dropout > 0.0).map(|k| {
-                        let seed = k.seed ^ crate::backend::mix64(k.rows.position(0));
-                        (DropoutKey { seed, rows: RowMap::at(0), ..k }, m.spec.dropout)
-                    });
+                // The encoder keys its masks by each sequence's global position (`k.rows`)
+                // and token: the same masks on any number of ranks.
+                let noise = noise
+                    .filter(|_| m.spec.dropout > 0.0 || m.spec.attention_dropout > 0.0)
+                    .map(|k| (k, m.spec.dropout));
                 m.forward_perturbed(be, params, tb, noise, delta, a)
             }
             _ => panic!("a model was given another kind of model's input or activations"),

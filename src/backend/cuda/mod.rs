@@ -27,7 +27,7 @@ use cudarc::driver::{
 
 use super::{
     Activation, AdamStep, AttnDropout, Backend, ConsistencyAux, ConsistencyOut, DropoutKey, HostBatch,
-    LossKind, SgdStep, SparseRows,
+    LossKind, RowMap, SgdStep, SparseRows,
 };
 use crate::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
 use crate::error::{Error, Result};
@@ -88,6 +88,10 @@ struct AdamK {
 
 // SAFETY: a plain `repr(C)` struct of eight f32, laid out as the kernels' `struct Adam`.
 unsafe impl DeviceRepr for AdamK {}
+
+// SAFETY: `RowMap` is `repr(C)`: three u32, a u32, three u64 (40 bytes, 8-aligned), laid
+// out as the kernels' `struct Rows` in common.cuh.
+unsafe impl DeviceRepr for RowMap {}
 
 impl AdamK {
     fn new(h: &AdamStep) -> Self {
@@ -575,20 +579,8 @@ impl Backend for Cuda {
         // As the CPU computes it in f32: 1 / (1 − p).
         let scale = 1.0f32 / (1.0 - f64::from(p)) as f32;
         let base = key.base();
-        let (l, g) = (key.rows.local, key.rows.global);
         self.launch("dropout", grid(n), |b| {
-            b.arg(x)
-                .arg(&n)
-                .arg(&w)
-                .arg(&p)
-                .arg(&scale)
-                .arg(&base)
-                .arg(&l[0])
-                .arg(&l[1])
-                .arg(&l[2])
-                .arg(&g[0])
-                .arg(&g[1])
-                .arg(&g[2]);
+            b.arg(x).arg(&n).arg(&w).arg(&p).arg(&scale).arg(&base).arg(&key.rows);
         });
     }
 
@@ -1035,7 +1027,7 @@ impl super::EncoderOps for Cuda {
         }
         let cfg = attention_grid((b, l, heads), l);
         let (li, hi, di, sc) = (l as i32, heads as i32, d as i32, scale as f32);
-        let (dp, db) = attention_dropout_args(dropout);
+        let (dp, db, dr) = attention_dropout_args(dropout);
         self.launch("attention_forward", cfg, |a| {
             a.arg(q)
                 .arg(k)
@@ -1047,6 +1039,7 @@ impl super::EncoderOps for Cuda {
                 .arg(&sc)
                 .arg(&dp)
                 .arg(&db)
+                .arg(&dr)
                 .arg(&mut *ctx)
                 .arg(&mut *probs);
         });
@@ -1079,7 +1072,7 @@ impl super::EncoderOps for Cuda {
         }
         let mut ds = self.alloc::<f32>(b * heads * l * l);
         let (li, hi, di, sc) = (l as i32, heads as i32, d as i32, scale as f32);
-        let (dp, db) = attention_dropout_args(dropout);
+        let (dp, db, dr) = attention_dropout_args(dropout);
         self.launch("attention_backward_rows", attention_grid((b, l, heads), l), |a| {
             a.arg(k)
                 .arg(v)
@@ -1091,6 +1084,7 @@ impl super::EncoderOps for Cuda {
                 .arg(&sc)
                 .arg(&dp)
                 .arg(&db)
+                .arg(&dr)
                 .arg(&mut ds)
                 .arg(&mut *dq);
         });
@@ -1104,15 +1098,17 @@ impl super::EncoderOps for Cuda {
                 .arg(&di)
                 .arg(&dp)
                 .arg(&db)
+                .arg(&dr)
                 .arg(&mut *dk)
                 .arg(&mut *dv);
         });
     }
 }
 
-/// The kernels' dropout arguments: the rate (0 = none) and the hash base.
-fn attention_dropout_args(dropout: Option<AttnDropout>) -> (f32, u64) {
-    dropout.map_or((0.0, 0), |d| (d.p, d.base))
+/// The kernels' dropout arguments: the rate (0 = none), the hash base and the sequences'
+/// global positions.
+fn attention_dropout_args(dropout: Option<AttnDropout>) -> (f32, u64, RowMap) {
+    dropout.map_or((0.0, 0, RowMap::at(0)), |d| (d.p, d.base, d.rows))
 }
 
 /// The row width H·d and head width d of attention's q, k and v (b·l rows each), checked.
