@@ -246,6 +246,14 @@ where
             average();
             times.push(t.elapsed().as_secs_f64());
         }
+        // Averages of ones stay ones, on every path and wire type: a wrong reduction or a
+        // misplaced bucket shows here.
+        if let Some(i) = be.download(&buf).iter().position(|&x| x != B::F::of(1.0)) {
+            return Err(Error::Data(format!(
+                "bench allreduce: element {i} of {n} is not 1 after averaging ones ({})",
+                dist.describe_path()
+            )));
+        }
         // The slowest rank's time of each iteration.
         let all = dist.all_gather("bench allreduce timings", &times);
         let slowest: Vec<f64> =

@@ -404,6 +404,16 @@ fn bench_allreduce_reports_nccl_tests_bandwidths() {
         // busbw = algbw · 2(W−1)/W, which is algbw on two ranks.
         assert!(alg > 0.0 && (bus - alg).abs() < 1e-12 * alg, "{r}");
     }
+    // bf16 on the wire (a user-defined MPI sum of bf16 values): the bench checks that the
+    // averages of ones are ones.
+    let mut c = mpirun(2);
+    c.args([BIN, "bench", "allreduce", "--dtype", "bf16", "--max-bytes", "65536"]);
+    let o = run_ok(c);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("by MPI on the host in bf16"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 const TOPICS: [[&str; 5]; 3] = [

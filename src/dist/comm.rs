@@ -193,6 +193,25 @@ impl Comm {
     /// Sums `buf` over the ranks: one non-blocking all-reduce per bucket, all in flight
     /// at once, started in the order of `buckets` (which tile `buf`).
     pub(super) fn sum<T: Elem>(&self, what: &str, buf: &mut [T], buckets: &[std::ops::Range<usize>]) {
+        self.all_reduce(what, buf, buckets, mpi::collective::SystemOperation::sum());
+    }
+
+    /// Sums bf16 values (their bits) over the ranks in bf16 arithmetic: each partial sum
+    /// is rounded to bf16, as NCCL's bf16 reduction does; half the bytes of an f32 sum.
+    pub(super) fn sum_bf16(&self, what: &str, buf: &mut [u16], buckets: &[std::ops::Range<usize>]) {
+        // SAFETY: `bf16_sum` reads `len` u16 from `invec` and writes `len` u16 to `inout`,
+        // which is what MPI passes it for the u16 buffers this operation reduces.
+        let op = unsafe { mpi::collective::UnsafeUserOperation::commutative(bf16_sum) };
+        self.all_reduce(what, buf, buckets, &op);
+    }
+
+    fn all_reduce<T: Elem, O: mpi::collective::Operation + Copy>(
+        &self,
+        what: &str,
+        buf: &mut [T],
+        buckets: &[std::ops::Range<usize>],
+        op: O,
+    ) {
         let mut seen = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let start = Instant::now();
         let seq = self.arrive(&mut seen);
@@ -215,12 +234,7 @@ impl Comm {
                 .zip(parts)
                 .map(|(r, part)| {
                     let part = part.expect("the buckets tile the buffer");
-                    self.world.immediate_all_reduce_into(
-                        scope,
-                        &send[r.clone()],
-                        part,
-                        mpi::collective::SystemOperation::sum(),
-                    )
+                    self.world.immediate_all_reduce_into(scope, &send[r.clone()], part, op)
                 })
                 .collect();
             for req in reqs {
@@ -282,5 +296,25 @@ impl Comm {
 
     pub(super) fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
+    }
+}
+
+/// MPI's user function for [`Comm::sum_bf16`]: `inout[i] = bf16(f32(invec[i]) + f32(inout[i]))`.
+unsafe extern "C" fn bf16_sum(
+    invec: *mut std::ffi::c_void,
+    inout: *mut std::ffi::c_void,
+    len: *mut std::ffi::c_int,
+    _: *mut mpi::ffi::MPI_Datatype,
+) {
+    // SAFETY: MPI passes two buffers of `*len` elements of the reduced type (u16).
+    let (a, b) = unsafe {
+        let n = usize::try_from(*len).unwrap_or(0);
+        (
+            std::slice::from_raw_parts(invec as *const u16, n),
+            std::slice::from_raw_parts_mut(inout as *mut u16, n),
+        )
+    };
+    for (x, y) in a.iter().zip(b) {
+        *y = super::bf16_add(*x, *y);
     }
 }

@@ -60,9 +60,10 @@ pub enum CommBackend {
 pub enum WireDtype {
     #[default]
     F32,
-    /// Half the bytes: each rank's gradient rounded to bf16 (nearest even) and the average
-    /// rounded again. NCCL averages in bf16; MPI sums the rounded values in f32, so the two
-    /// paths agree to bf16 precision, not bit for bit (exactly with one rank).
+    /// Half the bytes: each rank's gradient rounded to bf16 (nearest even), summed in bf16
+    /// arithmetic, and the mean rounded to bf16. NCCL (`ncclAvg` on bf16) and MPI (a
+    /// user-defined bf16 sum, then ×1/W) agree to bf16 precision, not bit for bit (exactly
+    /// with one rank).
     Bf16,
 }
 
@@ -120,6 +121,7 @@ impl Elem for f32 {}
 impl Elem for f64 {}
 impl Elem for u64 {}
 impl Elem for u32 {}
+impl Elem for u16 {}
 
 /// How the dense gradient travels in this run, as [`Dist::bind`] chose it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,11 +204,18 @@ pub fn bucket_ranges(len: usize, cap: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// Rounds each value to bf16 (nearest even), the MPI path's form of the bf16 wire format.
+/// Rounds each value to bf16 (nearest even).
 pub fn round_bf16<F: Real>(v: &mut [F]) {
     for x in v {
         *x = F::of(f64::from(half::bf16::from_f32(x.f64() as f32).to_f32()));
     }
+}
+
+/// The sum of two bf16 values (bits) as bf16: the f32 sum (exact for bf16 inputs of close
+/// magnitude, else rounded once) rounded to nearest even. The MPI path's bf16 reduction.
+pub fn bf16_add(a: u16, b: u16) -> u16 {
+    let (a, b) = (half::bf16::from_bits(a), half::bf16::from_bits(b));
+    half::bf16::from_f32(a.to_f32() + b.to_f32()).to_bits()
 }
 
 /// This rank's local rank (the GPU it binds to) and where it came from: the launcher's
@@ -480,6 +489,16 @@ impl Dist {
         let _ = (what, buf);
     }
 
+    /// Sums bf16 values (their bits, `half::bf16::to_bits`) over all ranks in place, in
+    /// bf16 arithmetic ([`bf16_add`] at each step of the reduction), in buckets.
+    pub fn sum_bf16(&self, what: &str, buf: &mut [u16]) {
+        #[cfg(feature = "mpi")]
+        if let Some(c) = &self.comm {
+            c.sum_bf16(&self.label(what), buf, &self.buckets(buf.len(), 2));
+        }
+        let _ = (what, buf);
+    }
+
     /// Every rank's `local`, in rank order.
     pub fn all_gather<T: Elem>(&self, what: &str, local: &[T]) -> Vec<Vec<T>> {
         #[cfg(feature = "mpi")]
@@ -647,12 +666,17 @@ where
                 let inv = B::F::of(1.0 / self.world as f64);
                 with_host_mut(be, dense, |d| {
                     if bf16 {
+                        // Half the bytes: bf16 bits on the wire, summed in bf16.
+                        let mut wire: Vec<u16> =
+                            d.iter().map(|g| half::bf16::from_f32(g.f64() as f32).to_bits()).collect();
+                        self.sum_bf16("the gradient all-reduce (bf16)", &mut wire);
+                        for (g, w) in d.iter_mut().zip(&wire) {
+                            *g = B::F::of(f64::from(half::bf16::from_bits(*w).to_f32())) * inv;
+                        }
                         round_bf16(d);
-                    }
-                    self.sum("the gradient all-reduce", d);
-                    d.iter_mut().for_each(|g| *g = *g * inv);
-                    if bf16 {
-                        round_bf16(d);
+                    } else {
+                        self.sum("the gradient all-reduce", d);
+                        d.iter_mut().for_each(|g| *g = *g * inv);
                     }
                 });
             }
@@ -794,6 +818,18 @@ mod tests {
             }
             assert_eq!(buf, want);
         }
+    }
+
+    #[test]
+    fn bf16_sums_round_each_partial_sum_to_nearest_even() {
+        let b = |x: f32| half::bf16::from_f32(x).to_bits();
+        let f = |x: u16| half::bf16::from_bits(x).to_f32();
+        assert_eq!(f(bf16_add(b(1.0), b(2.0))), 3.0);
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: it goes to the even 1.
+        assert_eq!(f(bf16_add(b(1.0), b(1.0 / 256.0))), 1.0);
+        assert_eq!(f(bf16_add(b(1.0), b(3.0 / 256.0))), 1.0 + 1.0 / 64.0);
+        assert_eq!(bf16_add(b(-0.5), b(0.5)), b(0.0));
+        assert!(f(bf16_add(b(f32::NAN), b(1.0))).is_nan());
     }
 
     #[test]
