@@ -228,19 +228,24 @@ extern "C" __global__ void sq_norm_partial(const float* __restrict__ x, size_t n
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// f32 → bf16 (its upper 16 bits) rounded to nearest even, NaN kept quiet: the same bits as
-// half::bf16::from_f32 on the host. The gradient's wire format for `dist.allreduce_dtype = "bf16"`.
-extern "C" __global__ void to_bf16(const float* __restrict__ x, unsigned short* __restrict__ y, size_t n) {
-    GRID_STRIDE(i, n) {
-        const u32 b = __float_as_uint(x[i]);
-        if ((b & 0x7fffffffu) > 0x7f800000u)
-            y[i] = (unsigned short)((b >> 16) | 0x40u);
-        else
-            y[i] = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-    }
+// f32 → bf16 bits, rounded to nearest even, NaN kept quiet: half::bf16::from_f32's bits.
+__device__ __forceinline__ unsigned short bf16_bits(float f) {
+    const u32 b = __float_as_uint(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((b >> 16) | 0x40u);
+    return (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
-// bf16 → f32, exact.
-extern "C" __global__ void from_bf16(const unsigned short* __restrict__ x, float* __restrict__ y, size_t n) {
-    GRID_STRIDE(i, n) y[i] = __uint_as_float(((u32)x[i]) << 16);
+// f32 → bf16: the gradient's wire format for `dist.allreduce_dtype = "bf16"`.
+extern "C" __global__ void to_bf16(const float* __restrict__ x, unsigned short* __restrict__ y, size_t n) {
+    GRID_STRIDE(i, n) y[i] = bf16_bits(x[i]);
+}
+
+// bf16 → f32 times `scale`: exact when scale is 1; else the f32 product rounded to bf16
+// again (the mean of a bf16 sum, as the MPI path computes it).
+extern "C" __global__ void from_bf16(const unsigned short* __restrict__ x, float* __restrict__ y, size_t n,
+                                     float scale) {
+    GRID_STRIDE(i, n) {
+        const float v = __uint_as_float(((u32)x[i]) << 16);
+        y[i] = scale == 1.0f ? v : __uint_as_float(((u32)bf16_bits(v * scale)) << 16);
+    }
 }

@@ -61,15 +61,16 @@ pub enum WireDtype {
     #[default]
     F32,
     /// Half the bytes: each rank's gradient rounded to bf16 (nearest even), summed in bf16
-    /// arithmetic, and the mean rounded to bf16. NCCL (`ncclAvg` on bf16) and MPI (a
-    /// user-defined bf16 sum, then ×1/W) agree to bf16 precision, not bit for bit (exactly
-    /// with one rank).
+    /// arithmetic (each partial sum rounded), then ×1/W in f32 and rounded to bf16 again.
+    /// NCCL and MPI compute the same thing in their own reduction orders: bit for bit on 1
+    /// or 2 ranks, to bf16 precision beyond.
     Bf16,
 }
 
 /// `[dist]`: how ranks communicate. Only `allreduce_dtype = "bf16"` changes the numbers
-/// (sparse and dense table exchanges, NCCL and MPI in f32, sum the same values); none of
-/// it is part of a checkpoint's config check, so a resumed run may change any of it.
+/// beyond float rounding (sparse and dense table exchanges, NCCL and MPI in f32, sum the
+/// same values, in orders that agree bit for bit on 2 ranks); none of it is part of a
+/// checkpoint's config check, so a resumed run may change any of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
@@ -660,7 +661,17 @@ where
                 };
                 let buf = be.cuda_buf(dense).expect("a CUDA backend's buffer");
                 let buckets = self.buckets(buf.len(), if bf16 { 2 } else { 4 });
-                n.lock().unwrap_or_else(|e| e.into_inner()).average(cu, buf, &buckets, bf16);
+                let timeout = std::time::Duration::from_secs_f64(self.cfg.timeout_s);
+                if !n.lock().unwrap_or_else(|e| e.into_inner()).average(cu, buf, &buckets, bf16, timeout) {
+                    eprintln!(
+                        "dtrain rank {}: the NCCL gradient all-reduce at step {} did not complete within {} s \
+                         (dist.timeout_s): a rank died or hangs, or the network failed; ending the job",
+                        self.rank,
+                        self.step.load(std::sync::atomic::Ordering::Relaxed),
+                        self.cfg.timeout_s
+                    );
+                    self.abort(3);
+                }
             }
             _ => {
                 let inv = B::F::of(1.0 / self.world as f64);

@@ -12,9 +12,8 @@
 //! "only backend/cuda touches cudarc", recorded in ARCHITECTURE.md).
 
 use std::ops::Range;
-use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::CudaSlice;
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use crate::backend::cuda::Cuda;
@@ -46,8 +45,6 @@ pub(super) fn new_id() -> Result<[u8; ID_BYTES], String> {
 /// One rank's NCCL communicator and the buffers its bf16 wire format needs.
 pub(super) struct Nccl {
     comm: Comm,
-    /// The compute stream the gradients are written on.
-    compute: Arc<CudaStream>,
     /// The gradient in bf16 when the wire format is bf16, one buffer per gradient length
     /// (MPL averages a student's and a teacher's).
     wire: std::collections::HashMap<usize, CudaSlice<half::bf16>>,
@@ -61,31 +58,40 @@ impl Nccl {
     /// Joins the communicator of `world` ranks as `rank`, on a stream forked from `be`'s
     /// compute stream. Every rank calls it with the same `id`; it blocks until all have.
     pub(super) fn new(be: &Cuda, rank: usize, world: usize, id: [u8; ID_BYTES]) -> Result<Nccl, String> {
-        let compute = be.stream().clone();
-        let stream = compute.fork().map_err(|e| format!("{}: a stream for NCCL: {e}", be.describe()))?;
+        // Note for the first GPU run: a second stream turns on cudarc's per-buffer event
+        // tracking for every later launch; the explicit events below already order NCCL
+        // against the compute stream, so disabling the tracking is worth measuring.
+        let stream = be.stream().fork().map_err(|e| format!("{}: a stream for NCCL: {e}", be.describe()))?;
         let comm = Comm::from_rank(stream, rank, world, Id::uninit(id.map(|b| b as std::ffi::c_char)))
             .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}, {}): {e:?}", be.describe()))?;
-        Ok(Nccl { comm, compute, wire: Default::default() })
+        Ok(Nccl { comm, wire: Default::default() })
     }
 
     /// Replaces `buf` by its average over the ranks: each of `buckets` (in the order given)
-    /// is one `ncclAllReduce` with `ncclAvg` on the communicator's stream, which starts once
-    /// the compute stream has written the gradient; the compute stream waits for the last
-    /// one before it reads `buf` again. With `bf16`, the values travel (and are averaged)
-    /// in bf16 and come back rounded.
+    /// is one `ncclAllReduce` on the communicator's stream, which starts once the compute
+    /// stream has written the gradient; the compute stream waits for the last one before
+    /// it reads `buf` again. In f32 the reduction is `ncclAvg`. With `bf16` the values
+    /// travel and are summed in bf16 (`ncclSum`), then scaled by 1/W and rounded to bf16
+    /// again on the way back, as the MPI path does (`ncclAvg` on bf16 would scale each
+    /// input by a bf16-rounded 1/W first: a bias of up to 0.4% when W is no power of two).
+    ///
+    /// With more than one rank the host then waits for the all-reduces, at most `timeout`:
+    /// the MPI watchdog cannot see inside NCCL, and a peer that died or hangs would
+    /// otherwise block this rank forever. Returns `false` when the time ran out.
     pub(super) fn average(
         &mut self,
         be: &Cuda,
         buf: &mut CudaSlice<f32>,
         buckets: &[Range<usize>],
         bf16: bool,
-    ) {
+        timeout: std::time::Duration,
+    ) -> bool {
         let fail = |what: &str, e: &dyn std::fmt::Debug| -> ! {
             panic!("{}: NCCL gradient average: {what}: {e:?}", be.describe())
         };
         let n = buf.len();
         if n == 0 {
-            return;
+            return true;
         }
         let comm_stream = self.comm.stream();
         if bf16 {
@@ -98,19 +104,49 @@ impl Nccl {
             be.to_bf16(buf, wire);
         }
         // The gradient (and its bf16 copy) is complete on the compute stream.
-        let ready = self.compute.record_event(None).unwrap_or_else(|e| fail("event", &e));
+        let ready = be.stream().record_event(None).unwrap_or_else(|e| fail("event", &e));
         comm_stream.wait(&ready).unwrap_or_else(|e| fail("stream wait", &e));
         for r in buckets {
             let status = match self.wire.get_mut(&n).filter(|_| bf16) {
-                Some(w) => self.comm.all_reduce_in_place(&mut w.slice_mut(r.clone()), &ReduceOp::Avg),
+                Some(w) => self.comm.all_reduce_in_place(&mut w.slice_mut(r.clone()), &ReduceOp::Sum),
                 None => self.comm.all_reduce_in_place(&mut buf.slice_mut(r.clone()), &ReduceOp::Avg),
             };
             status.unwrap_or_else(|e| fail(&format!("ncclAllReduce of elements {r:?}"), &e));
         }
         let done = comm_stream.record_event(None).unwrap_or_else(|e| fail("event", &e));
-        self.compute.wait(&done).unwrap_or_else(|e| fail("stream wait", &e));
+        be.stream().wait(&done).unwrap_or_else(|e| fail("stream wait", &e));
         if bf16 {
-            be.from_bf16(&self.wire[&n], buf);
+            be.from_bf16(&self.wire[&n], buf, (1.0 / self.comm.world_size() as f64) as f32);
         }
+        self.comm.world_size() == 1 || wait_bounded(&done, timeout)
+    }
+}
+
+/// Polls `event` until it completes (hot yields, then sleeps backing off to 1 ms, as the
+/// MPI watchdog polls); `false` after `timeout`.
+fn wait_bounded(event: &cudarc::driver::CudaEvent, timeout: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_micros(20);
+    let mut polls = 0u32;
+    while !event.is_complete() {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        polls += 1;
+        if polls < 2000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(1));
+        }
+    }
+    true
+}
+
+impl Drop for Nccl {
+    /// Waits for the communicator's queued work: dropping a cudarc `Comm` aborts it
+    /// (`ncclCommAbort`), which would cancel an all-reduce still in flight.
+    fn drop(&mut self) {
+        let _ = self.comm.stream().synchronize();
     }
 }

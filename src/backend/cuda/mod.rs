@@ -224,12 +224,13 @@ impl Cuda {
         });
     }
 
-    /// `dst[i] = f32(src[i])` (exact), for `n = src.len()` values; `dst` must be as long.
-    pub fn from_bf16(&self, src: &CudaSlice<half::bf16>, dst: &mut CudaSlice<f32>) {
+    /// `dst[i] = f32(src[i])·scale`, for `n = src.len()` values (`dst` must be as long):
+    /// exact when `scale` is 1, else the f32 product rounded to bf16 again.
+    pub fn from_bf16(&self, src: &CudaSlice<half::bf16>, dst: &mut CudaSlice<f32>, scale: f32) {
         let n = src.len();
         assert_eq!(dst.len(), n, "from_bf16: {} values into a buffer of {}", n, dst.len());
         self.launch("from_bf16", grid(n), |b| {
-            b.arg(src).arg(&mut *dst).arg(&n);
+            b.arg(src).arg(&mut *dst).arg(&n).arg(&scale);
         });
     }
 
