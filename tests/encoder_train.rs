@@ -368,3 +368,53 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::Auto, Default::default(), false).unwrap_err();
     assert!(e.to_string().contains("--resume"), "{e}");
 }
+
+/// `mlm.group_by_length` reaches the masked-LM run: over one epoch of texts from 1 to 24
+/// words, batches of similar lengths waste fewer padded token slots, with the same tokens
+/// seen.
+#[test]
+fn masked_lm_groups_batches_by_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tsv = String::new();
+    for j in 0..96 {
+        let words: Vec<String> = (0..1 + (j * 7) % 24).map(|k| format!("w{}", (j + k) % 13)).collect();
+        tsv.push_str(&format!("c{}\t{}\n", j % 3, words.join(" ")));
+    }
+    let input = common::write(dir.path(), "lengths.tsv", tsv.as_bytes());
+    let data = dir.path().join("data");
+    let tok = common::minilm().join("tokenizer.json");
+    let sub = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+    common::run(&[&input], &[], &data, &[sub.as_str(), "tokenizer.subword.max_len=32", "output.shards=2"])
+        .unwrap();
+    let padding = |window: usize| {
+        let out = dir.path().join(format!("mlm-{window}"));
+        let sets = [
+            format!("data.dir={:?}", data.display().to_string()),
+            format!("train.out_dir={:?}", out.display().to_string()),
+            "model.objective=\"mlm\"".into(),
+            format!("mlm.pretrained={:?}", common::minilm().display().to_string()),
+            "mlm.batch_size=8".into(),
+            format!("mlm.group_by_length={window}"),
+            "train.epochs=1".into(),
+            "train.lr=0.0001".into(),
+        ];
+        let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
+        let pcfg: dtrain::config::PretrainConfig = config::load(None, &o).unwrap();
+        let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
+        let logged: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(logged.iter().all(|r| r["padding"].as_f64().is_some_and(|p| (0.0..1.0).contains(&p))));
+        (r.padding, r.steps)
+    };
+    let (plain, steps) = padding(0);
+    let (grouped, steps_grouped) = padding(50);
+    eprintln!(
+        "masked-LM padding over one epoch: {plain:.3} in shuffled batches, {grouped:.3} grouped by length"
+    );
+    assert_eq!(steps, steps_grouped);
+    // Measured 0.274 → 0.145 (2026-12-05): 8 batches of 8 texts of 3 to 26 tokens.
+    assert!(plain > 0.2 && grouped < 0.6 * plain, "padding {plain:.3} → {grouped:.3}");
+}

@@ -203,6 +203,9 @@ pub struct MlmReport {
     pub last_loss: f64,
     pub last_accuracy: f64,
     pub tokens_per_s: f64,
+    /// The share of the run's padded token slots that were padding (`mlm.group_by_length`
+    /// lowers it).
+    pub padding: f64,
     /// The pretrained encoder directory written.
     pub out: std::path::PathBuf,
 }
@@ -320,7 +323,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let (mut win_loss, mut win_right, mut win_masked, mut win_tokens, mut win_steps) =
         (0.0, 0u64, 0u64, 0u64, 0u64);
     let (mut first_loss, mut last_loss, mut last_acc) = (None, 0.0, 0.0);
-    let (mut step_secs, mut all_tokens) = (0.0f64, 0u64);
+    let (mut step_secs, mut all_tokens, mut all_slots, mut win_slots) = (0.0f64, 0u64, 0u64, 0u64);
     let mut order = docs.clone();
     let mut started = Instant::now();
     for step in 0..total {
@@ -407,17 +410,20 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         (win_loss, win_masked, win_tokens, win_steps) =
             (win_loss + loss, win_masked + k as u64, win_tokens + tokens, win_steps + 1);
         all_tokens += tokens;
+        all_slots += n as u64;
+        win_slots += n as u64;
         bar.set_position(step + 1);
         if (step + 1) % m.log_every == 0 || step + 1 == total {
             let secs = started.elapsed().as_secs_f64().max(1e-9);
             let (ml, acc) = (win_loss / win_steps as f64, win_right as f64 / win_masked.max(1) as f64);
             first_loss.get_or_insert(ml);
             (last_loss, last_acc) = (ml, acc);
+            let padding = 1.0 - win_tokens as f64 / win_slots.max(1) as f64;
             let rec = json!({"step": step + 1, "epoch": (step + 1) as f64 / per_epoch as f64, "lr": lr, "loss": ml,
-                             "masked_accuracy": acc, "tokens_per_s": win_tokens as f64 / secs});
+                             "masked_accuracy": acc, "tokens_per_s": win_tokens as f64 / secs, "padding": padding});
             writeln!(log, "{rec}").at(&log_path)?;
             bar.set_message(format!("loss {ml:.3} acc {acc:.3} {:.0} tok/s", win_tokens as f64 / secs));
-            (win_loss, win_right, win_masked, win_tokens, win_steps) = (0.0, 0, 0, 0, 0);
+            (win_loss, win_right, win_masked, win_tokens, win_steps, win_slots) = (0.0, 0, 0, 0, 0, 0);
             started = Instant::now();
         }
     }
@@ -440,6 +446,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         last_loss,
         last_accuracy: last_acc,
         tokens_per_s: all_tokens as f64 / step_secs.max(1e-9),
+        padding: 1.0 - all_tokens as f64 / all_slots.max(1) as f64,
         out,
     })
 }
