@@ -361,8 +361,12 @@ fn twin_bf16_conversions(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
         -1e-45,
     ]);
     let src = be.upload(&xs);
-    let mut wire = be.stream().alloc_zeros::<half::bf16>(1).map_err(|e| Failed::from(e.to_string()))?;
-    be.to_bf16(&src, &mut wire);
+    let mut wire =
+        be.stream().alloc_zeros::<half::bf16>(xs.len()).map_err(|e| Failed::from(e.to_string()))?;
+    // In two ranges (as buckets convert), the second one first.
+    let mid = xs.len() / 3;
+    be.to_bf16(&src, &mut wire, mid..xs.len());
+    be.to_bf16(&src, &mut wire, 0..mid);
     let got: Vec<half::bf16> = be.stream().clone_dtoh(&wire).map_err(|e| Failed::from(e.to_string()))?;
     for (i, (&x, g)) in xs.iter().zip(&got).enumerate() {
         if g.to_bits() != half::bf16::from_f32(x).to_bits() {
@@ -651,13 +655,15 @@ fn whole_model_data(dir: &Path) -> PathBuf {
 /// device 0: every tensor of the final checkpoints within 1e-3 relative error.
 fn whole_model(sets: &[&str]) -> Result<(), Failed> {
     use dtrain::backend::Device;
-    same_runs(&[("cpu", Device::Cpu, &[]), ("cuda", Device::Cuda(Some(0)), &[])], sets, 1e-3)
+    same_runs(Data::Bag, &[("cpu", Device::Cpu, &[]), ("cuda", Device::Cuda(Some(0)), &[])], sets, 1e-3)
 }
 
-/// One rank on device 0 with its gradient averaged by NCCL (a communicator of one) and
-/// without communication: the same checkpoint bit for bit (an average over one rank is
-/// the value itself), for Mean Teacher; and the one-rank average of a buffer is the
-/// identity in f32 and bf16 rounding in bf16.
+/// One rank on device 0 with its gradient averaged by NCCL (a communicator of one), with
+/// and without overlap, and without communication: the same checkpoint bit for bit (an
+/// average over one rank is the value itself), for Mean Teacher on the bag model and
+/// FixMatch on a small encoder (whose layers start their buckets during the backward
+/// pass); and the one-rank average of a buffer is the identity in f32 and bf16 rounding
+/// in bf16.
 fn nccl_one_rank(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
     use dtrain::backend::{Backend, Device, GradSync};
     use dtrain::dist::{CommBackend, Dist, DistConfig, GradPath, WireDtype};
@@ -687,21 +693,81 @@ fn nccl_one_rank(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
             0.0,
         )?;
     }
-    let mt = ["method=\"mean_teacher\""];
-    same_runs(
-        &[
-            ("cuda-alone", Device::Cuda(Some(0)), &["dist.backend=\"mpi\""]),
-            ("cuda-nccl", Device::Cuda(Some(0)), &["dist.backend=\"nccl\"", "dist.bucket_mb=0.0001"]),
-        ],
-        &mt,
-        0.0,
-    )
+    let runs: [(&str, Device, &[&str]); 3] = [
+        ("cuda-alone", Device::Cuda(Some(0)), &["dist.backend=\"mpi\""]),
+        ("cuda-nccl", Device::Cuda(Some(0)), &["dist.backend=\"nccl\"", "dist.bucket_mb=0.0001"]),
+        // Buckets start during the backward pass (an encoder's layers report as they finish).
+        (
+            "cuda-nccl-after",
+            Device::Cuda(Some(0)),
+            &["dist.backend=\"nccl\"", "dist.bucket_mb=0.0001", "dist.overlap=false"],
+        ),
+    ];
+    same_runs(Data::Bag, &runs, &["method=\"mean_teacher\""], 0.0)?;
+    same_runs(Data::WordPiece, &runs, &["method=\"fixmatch\""], 0.0)
+}
+
+/// The data and base settings of [`same_runs`]: the bag model on hashed features, or a
+/// small encoder from scratch (2 layers, 16 wide, both dropouts on) on MiniLM's WordPiece
+/// ids.
+#[derive(Clone, Copy)]
+enum Data {
+    Bag,
+    WordPiece,
+}
+
+impl Data {
+    fn prepare(self, dir: &Path) -> PathBuf {
+        match self {
+            Data::Bag => whole_model_data(dir),
+            Data::WordPiece => {
+                let tok = common::minilm().join("tokenizer.json");
+                let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+                common::separable(
+                    dir,
+                    40,
+                    &[
+                        path.as_str(),
+                        "tokenizer.subword.max_len=16",
+                        "output.shards=2",
+                        "split.labels_per_class=12",
+                    ],
+                )
+            }
+        }
+    }
+
+    fn base(self) -> &'static [&'static str] {
+        match self {
+            Data::Bag => &[
+                "train.steps=40",
+                "model.dim=16",
+                "model.hidden=[8]",
+                "model.hidden_dropout=0.3",
+                "model.embed_dropout=0.1",
+                "optim.lr=0.05",
+            ],
+            Data::WordPiece => &[
+                "train.steps=12",
+                "model.kind=\"encoder\"",
+                "model.encoder.hidden=16",
+                "model.encoder.layers=2",
+                "model.encoder.heads=2",
+                "model.encoder.intermediate=32",
+                "model.encoder.dropout=0.1",
+                "model.encoder.attention_dropout=0.1",
+                "optim.kind=\"adamw\"",
+                "optim.lr=0.003",
+            ],
+        }
+    }
 }
 
 /// The same run (`sets` on top of a small config with dropout) once per entry of `runs`
 /// (name, device, its own settings): every tensor of each final checkpoint within `tol`
 /// relative error of the first's.
 fn same_runs(
+    data: Data,
     runs: &[(&str, dtrain::backend::Device, &[&str])],
     sets: &[&str],
     tol: f64,
@@ -709,7 +775,8 @@ fn same_runs(
     use dtrain::config::{self, Override};
     use dtrain::train::{train, Resume, RunOptions};
     let dir = tempfile::tempdir().map_err(|e| Failed::from(e.to_string()))?;
-    let data = whole_model_data(dir.path());
+    let base = data.base();
+    let data = data.prepare(dir.path());
     let mut outs = Vec::new();
     for &(name, device, own) in runs {
         let out = dir.path().join(name);
@@ -717,17 +784,11 @@ fn same_runs(
             format!("data.dir={:?}", data.display().to_string()),
             format!("train.out_dir={:?}", out.display().to_string()),
             "train.batch_size=8".into(),
-            "train.steps=40".into(),
-            "model.dim=16".into(),
-            "model.hidden=[8]".into(),
-            "model.hidden_dropout=0.3".into(),
-            "model.embed_dropout=0.1".into(),
-            "optim.lr=0.05".into(),
         ]
         .iter()
         .map(|s| Override::parse(s).expect("override"))
         .collect();
-        o.extend(sets.iter().chain(own).map(|s| Override::parse(s).expect("override")));
+        o.extend(base.iter().chain(sets).chain(own).map(|s| Override::parse(s).expect("override")));
         let cfg = config::load(None, &o).map_err(|e| Failed::from(e.to_string()))?;
         train(&cfg, &RunOptions { resume: Resume::No, progress: false, stop_after: None, device })
             .map_err(|e| Failed::from(format!("{name}: {e}")))?;

@@ -7,7 +7,7 @@
 
 use dtrain::backend::cpu::Cpu;
 use dtrain::backend::{
-    Activation, AttnDropout, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap,
+    Activation, AttnDropout, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap, SparseRows,
 };
 use dtrain::model::bag::{Activations, BagModel, BagSpec};
 use dtrain::model::params::Layout;
@@ -637,7 +637,7 @@ fn masked_lm_head_and_encoder() {
         let loss = be.softmax_loss(&hacts.logits, 11, &rows, ce, 1.0 / 3.0, &mut dl, &mut rl) / 3.0;
         if let Some(g) = grads {
             let dh = head.backward(&be, &p, 10, &rows, 3, &hacts, &dl, g);
-            enc.backward_hidden(&be, &p, &tb, &acts, dh, g, None);
+            enc.backward_hidden(&be, &p, &tb, &acts, dh, g, None, None);
         }
         loss
     };
@@ -668,7 +668,7 @@ fn encoder_gradient_at_the_token_embeddings() {
     let mut acts = EncoderActs::new(&be);
     model.forward_perturbed(&be, &params, &tb, noise, Some(&delta), &mut acts);
     let (mut grads, mut demb) = (vec![0.0; params.len()], Vec::new());
-    model.backward_to_embeddings(&be, &params, &tb, &acts, &r, &mut grads, Some(&mut demb));
+    model.backward_to_embeddings(&be, &params, &tb, &acts, &r, &mut grads, Some(&mut demb), None);
     // Padding tokens (row 1's last two) take no part.
     assert!(demb[8 * 8..].iter().all(|&g| g == 0.0));
     let coords: Vec<usize> = (0..delta.len()).collect();
@@ -702,7 +702,7 @@ fn recomputation_gives_the_same_gradients() {
             model.forward(&be, &params, &tb, noise, &mut acts);
             let mut grads = vec![0.0; params.len()];
             let mut demb = vec![];
-            model.backward_to_embeddings(&be, &params, &tb, &acts, &r, &mut grads, Some(&mut demb));
+            model.backward_to_embeddings(&be, &params, &tb, &acts, &r, &mut grads, Some(&mut demb), None);
             (acts.logits.clone(), grads, demb, acts.layer_values())
         };
         let (kept, again) = (run(false), run(true));
@@ -739,5 +739,74 @@ fn tiny_encoder(
         dropout: 0.0,
         attention_dropout: 0.0,
         recompute: false,
+    }
+}
+
+/// Overlap's contract ([`GradSync::ready`]): during the step's last backward pass the
+/// encoder reports each layer, top down, once its gradients and all above it are final —
+/// and before the layers below are done, so that their averaging can start early.
+#[test]
+fn encoder_backward_reports_each_finished_layer_top_down() {
+    use dtrain::backend::GradSync;
+    use dtrain::model::encoder::{Encoder, EncoderActs, Pooling, TokenBatch};
+    use std::cell::RefCell;
+    struct Recorder(RefCell<Vec<(usize, Vec<f64>)>>);
+    impl GradSync<B> for Recorder {
+        fn average(&self, _: &B, _: &mut Vec<f64>, _: Option<&mut SparseRows<Vec<f64>>>, _: usize) {}
+        fn ready(&self, _: &B, dense: &mut Vec<f64>, from: usize) {
+            self.0.borrow_mut().push((from, dense.clone()));
+        }
+    }
+    let be = B::new();
+    for pre_ln in [false, true] {
+        let spec =
+            dtrain::model::encoder::EncoderSpec { dropout: 0.1, ..tiny_encoder(3, pre_ln, Pooling::Mean, 3) };
+        let model = Encoder::new(spec);
+        let params: Vec<f64> = randn(model.layout.total(), 71).iter().map(|v| 0.5 * v).collect();
+        let tb = TokenBatch::new(&[vec![1, 4, 4, 9, 2], vec![1, 7, 2]], 0);
+        let noise = Some((DropoutKey { seed: 3, step: 2, site: 0, pass: 0, rows: RowMap::at(0) }, 0.1f32));
+        let mut acts = EncoderActs::new(&be);
+        model.forward(&be, &params, &tb, noise, &mut acts);
+        let rec = Recorder(RefCell::new(Vec::new()));
+        let mut grads = vec![0.0; model.layout.total()];
+        model.backward_to_embeddings(
+            &be,
+            &params,
+            &tb,
+            &acts,
+            &randn(2 * 3, 72),
+            &mut grads,
+            None,
+            Some(&rec),
+        );
+        let calls = rec.0.into_inner();
+        let firsts: Vec<usize> = (0..3)
+            .rev()
+            .map(|k| {
+                model
+                    .layout
+                    .get(&format!("encoder.layer.{k}.attention.self.query.weight"))
+                    .unwrap()
+                    .slot
+                    .offset
+            })
+            .collect();
+        assert_eq!(
+            calls.iter().map(|c| c.0).collect::<Vec<_>>(),
+            firsts,
+            "pre_ln {pre_ln}: one call per layer, top down"
+        );
+        for (from, seen) in &calls {
+            assert_eq!(
+                &seen[*from..],
+                &grads[*from..],
+                "pre_ln {pre_ln}: reported at {from} before it was final"
+            );
+            assert_ne!(
+                &seen[..*from],
+                &grads[..*from],
+                "pre_ln {pre_ln}: reported at {from} only after the layers below"
+            );
+        }
     }
 }

@@ -404,6 +404,12 @@ pub trait GradSync<B: Backend> {
     /// Replaces `dense` and `table` (a table of `table_rows` rows) by their means over the
     /// processes; the table's rows become the union of every process's touched rows.
     fn average(&self, be: &B, dense: &mut B::Buf, table: Option<&mut SparseRows<B::Buf>>, table_rows: usize);
+
+    /// Called during the step's last backward pass, before [`GradSync::average`]: the
+    /// elements `from..` of `dense` are final for this step (the layers above are done), so
+    /// their average may start while the pass goes on below. `average` must follow in the
+    /// same step; it finishes what `ready` started. A no-op by default.
+    fn ready(&self, _be: &B, _dense: &mut B::Buf, _from: usize) {}
 }
 
 /// One process: its gradient is the average.

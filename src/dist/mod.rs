@@ -81,6 +81,10 @@ pub struct DistConfig {
     pub backend: CommBackend,
     /// `f32` or `bf16` on the wire (see [`WireDtype`]).
     pub allreduce_dtype: WireDtype,
+    /// With NCCL, start averaging each encoder layer's gradient as soon as the step's last
+    /// backward pass has finished it, while the pass goes on below (`false`: after the
+    /// pass, for comparison). The MPI path always averages after the pass.
+    pub overlap: bool,
     /// A collective that has not completed after this many seconds ends the job, naming
     /// the ranks that never reached it. It must exceed the longest time between two
     /// collectives (an evaluation, a checkpoint write).
@@ -94,6 +98,7 @@ impl Default for DistConfig {
             table_exchange: TableExchange::Auto,
             backend: CommBackend::Auto,
             allreduce_dtype: WireDtype::F32,
+            overlap: true,
             timeout_s: 600.0,
         }
     }
@@ -649,6 +654,22 @@ impl<B: Backend> GradSync<B> for Dist
 where
     B::F: Elem,
 {
+    /// On the NCCL path (with `dist.overlap`), queues the buckets the backward pass has
+    /// finished; elsewhere nothing (MPI makes no progress without calls, and the CPU's
+    /// cores are busy with the backward pass anyway).
+    fn ready(&self, be: &B, dense: &mut B::Buf, from: usize) {
+        #[cfg(feature = "cuda")]
+        if let (true, Some(GradPath::Nccl), Some(cu), Some(n)) =
+            (self.cfg.overlap, self.path.get(), be.as_cuda(), self.nccl.get())
+        {
+            let bf16 = self.cfg.allreduce_dtype == WireDtype::Bf16;
+            let buf = be.cuda_buf(dense).expect("a CUDA backend's buffer");
+            let buckets = self.buckets(buf.len(), if bf16 { 2 } else { 4 });
+            n.lock().unwrap_or_else(|e| e.into_inner()).launch_ready(cu, buf, &buckets, from, bf16);
+        }
+        let _ = (be, dense, from);
+    }
+
     fn average(&self, be: &B, dense: &mut B::Buf, table: Option<&mut SparseRows<B::Buf>>, table_rows: usize) {
         let bf16 = self.cfg.allreduce_dtype == WireDtype::Bf16;
         match self.path.get() {

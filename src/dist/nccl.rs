@@ -48,6 +48,8 @@ pub(super) struct Nccl {
     /// The gradient in bf16 when the wire format is bf16, one buffer per gradient length
     /// (MPL averages a student's and a teacher's).
     wire: std::collections::HashMap<usize, CudaSlice<half::bf16>>,
+    /// How many of this step's buckets are queued (by [`Nccl::launch_ready`]).
+    launched: usize,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as two calls never
@@ -58,22 +60,67 @@ impl Nccl {
     /// Joins the communicator of `world` ranks as `rank`, on a stream forked from `be`'s
     /// compute stream. Every rank calls it with the same `id`; it blocks until all have.
     pub(super) fn new(be: &Cuda, rank: usize, world: usize, id: [u8; ID_BYTES]) -> Result<Nccl, String> {
-        // Note for the first GPU run: a second stream turns on cudarc's per-buffer event
-        // tracking for every later launch; the explicit events below already order NCCL
-        // against the compute stream, so disabling the tracking is worth measuring.
+        // The backend disabled cudarc's per-buffer event tracking (`Cuda::new`): the
+        // events below order this stream against the compute stream.
         let stream = be.stream().fork().map_err(|e| format!("{}: a stream for NCCL: {e}", be.describe()))?;
         let comm = Comm::from_rank(stream, rank, world, Id::uninit(id.map(|b| b as std::ffi::c_char)))
             .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}, {}): {e:?}", be.describe()))?;
-        Ok(Nccl { comm, wire: Default::default() })
+        Ok(Nccl { comm, wire: Default::default(), launched: 0 })
     }
 
-    /// Replaces `buf` by its average over the ranks: each of `buckets` (in the order given)
-    /// is one `ncclAllReduce` on the communicator's stream, which starts once the compute
-    /// stream has written the gradient; the compute stream waits for the last one before
-    /// it reads `buf` again. In f32 the reduction is `ncclAvg`. With `bf16` the values
-    /// travel and are summed in bf16 (`ncclSum`), then scaled by 1/W and rounded to bf16
-    /// again on the way back, as the MPI path does (`ncclAvg` on bf16 would scale each
-    /// input by a bf16-rounded 1/W first: a bias of up to 0.4% when W is no power of two).
+    /// Queues the all-reduce of each of this step's `buckets` (in order) that lies wholly
+    /// in `from..` and is not queued yet: the backward pass has finished those elements,
+    /// and NCCL's stream waits for the compute stream to get there first. In bf16, the
+    /// buckets' values are converted to the wire buffer on the compute stream before.
+    pub(super) fn launch_ready(
+        &mut self,
+        be: &Cuda,
+        buf: &mut CudaSlice<f32>,
+        buckets: &[Range<usize>],
+        from: usize,
+        bf16: bool,
+    ) {
+        let fail = |what: &str, e: &dyn std::fmt::Debug| -> ! {
+            panic!("{}: NCCL gradient average: {what}: {e:?}", be.describe())
+        };
+        let start = self.launched.min(buckets.len());
+        let end = start + buckets[start..].iter().take_while(|r| r.start >= from).count();
+        if end == start {
+            return;
+        }
+        let n = buf.len();
+        if bf16 {
+            let wire = match self.wire.entry(n) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(be.stream().alloc_zeros(n).unwrap_or_else(|e| fail("alloc", &e)))
+                }
+            };
+            for r in &buckets[start..end] {
+                be.to_bf16(buf, wire, r.clone());
+            }
+        }
+        // The buckets' values (and their bf16 copies) are complete on the compute stream.
+        let comm_stream = self.comm.stream();
+        let ready = be.stream().record_event(None).unwrap_or_else(|e| fail("event", &e));
+        comm_stream.wait(&ready).unwrap_or_else(|e| fail("stream wait", &e));
+        for r in &buckets[start..end] {
+            let status = match self.wire.get_mut(&n).filter(|_| bf16) {
+                Some(w) => self.comm.all_reduce_in_place(&mut w.slice_mut(r.clone()), &ReduceOp::Sum),
+                None => self.comm.all_reduce_in_place(&mut buf.slice_mut(r.clone()), &ReduceOp::Avg),
+            };
+            status.unwrap_or_else(|e| fail(&format!("ncclAllReduce of elements {r:?}"), &e));
+        }
+        self.launched = end;
+    }
+
+    /// Replaces `buf` by its average over the ranks: queues the buckets that
+    /// [`Nccl::launch_ready`] has not (each bucket is one `ncclAllReduce` on the
+    /// communicator's stream), then makes the compute stream wait for them all before it
+    /// touches `buf` again. In f32 the reduction is `ncclAvg`. In bf16 the values travel
+    /// and are summed in bf16 (`ncclSum`), then scaled by 1/W and rounded to bf16 again on
+    /// the way back, as the MPI path does (`ncclAvg` on bf16 would scale each input by a
+    /// bf16-rounded 1/W first: a bias of up to 0.4% when W is no power of two).
     ///
     /// With more than one rank the host then waits for the all-reduces, at most `timeout`:
     /// the MPI watchdog cannot see inside NCCL, and a peer that died or hangs would
@@ -86,39 +133,27 @@ impl Nccl {
         bf16: bool,
         timeout: std::time::Duration,
     ) -> bool {
-        let fail = |what: &str, e: &dyn std::fmt::Debug| -> ! {
-            panic!("{}: NCCL gradient average: {what}: {e:?}", be.describe())
-        };
-        let n = buf.len();
-        if n == 0 {
+        if buf.is_empty() {
             return true;
         }
+        self.launch_ready(be, buf, buckets, 0, bf16);
+        self.launched = 0;
         let comm_stream = self.comm.stream();
+        let done =
+            comm_stream.record_event(None).unwrap_or_else(|e| panic!("{}: NCCL event: {e:?}", be.describe()));
+        be.stream().wait(&done).unwrap_or_else(|e| panic!("{}: NCCL stream wait: {e:?}", be.describe()));
         if bf16 {
-            let wire = match self.wire.entry(n) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(be.stream().alloc_zeros(n).unwrap_or_else(|e| fail("alloc", &e)))
-                }
-            };
-            be.to_bf16(buf, wire);
-        }
-        // The gradient (and its bf16 copy) is complete on the compute stream.
-        let ready = be.stream().record_event(None).unwrap_or_else(|e| fail("event", &e));
-        comm_stream.wait(&ready).unwrap_or_else(|e| fail("stream wait", &e));
-        for r in buckets {
-            let status = match self.wire.get_mut(&n).filter(|_| bf16) {
-                Some(w) => self.comm.all_reduce_in_place(&mut w.slice_mut(r.clone()), &ReduceOp::Sum),
-                None => self.comm.all_reduce_in_place(&mut buf.slice_mut(r.clone()), &ReduceOp::Avg),
-            };
-            status.unwrap_or_else(|e| fail(&format!("ncclAllReduce of elements {r:?}"), &e));
-        }
-        let done = comm_stream.record_event(None).unwrap_or_else(|e| fail("event", &e));
-        be.stream().wait(&done).unwrap_or_else(|e| fail("stream wait", &e));
-        if bf16 {
-            be.from_bf16(&self.wire[&n], buf, (1.0 / self.comm.world_size() as f64) as f32);
+            be.from_bf16(&self.wire[&buf.len()], buf, (1.0 / self.comm.world_size() as f64) as f32);
         }
         self.comm.world_size() == 1 || wait_bounded(&done, timeout)
+    }
+}
+
+impl Drop for Nccl {
+    /// Waits for the communicator's queued work: dropping a cudarc `Comm` aborts it
+    /// (`ncclCommAbort`), which would cancel an all-reduce still in flight.
+    fn drop(&mut self) {
+        let _ = self.comm.stream().synchronize();
     }
 }
 
@@ -141,12 +176,4 @@ fn wait_bounded(event: &cudarc::driver::CudaEvent, timeout: std::time::Duration)
         }
     }
     true
-}
-
-impl Drop for Nccl {
-    /// Waits for the communicator's queued work: dropping a cudarc `Comm` aborts it
-    /// (`ncclCommAbort`), which would cancel an all-reduce still in flight.
-    fn drop(&mut self) {
-        let _ = self.comm.stream().synchronize();
-    }
 }

@@ -25,7 +25,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Activation, AttnDropout, Backend, DropoutKey, EncoderOps, HostBatch, SparseRows};
+use crate::backend::{
+    Activation, AttnDropout, Backend, DropoutKey, EncoderOps, GradSync, HostBatch, SparseRows,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::model::params::{fill_uniform, Layout, Slot};
 
@@ -564,11 +566,12 @@ impl Encoder {
         dlogits: &B::Buf,
         grads: &mut B::Buf,
     ) {
-        self.backward_to_embeddings(be, params, tb, acts, dlogits, grads, None)
+        self.backward_to_embeddings(be, params, tb, acts, dlogits, grads, None, None)
     }
 
     /// [`Encoder::backward`], also writing the gradient of the tokens' embedding sums into
-    /// `demb` (n×H) when given.
+    /// `demb` (n×H) when given, and telling `sync` (the step's last backward pass) as each
+    /// layer's gradients become final ([`GradSync::ready`]).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_to_embeddings<B: EncoderOps>(
         &self,
@@ -579,6 +582,7 @@ impl Encoder {
         dlogits: &B::Buf,
         grads: &mut B::Buf,
         demb: Option<&mut B::Buf>,
+        sync: Option<&dyn GradSync<B>>,
     ) {
         let (n, h, dim) = (tb.b * tb.l, self.spec.hidden, self.spec.hidden);
         let look = self.lookups(tb);
@@ -598,13 +602,16 @@ impl Encoder {
         be.embedding_bag_backward(&be.upload_batch(&look.pooled), &dpooled, dim, &mut rows);
         let mut dx = be.zeros(n * h);
         be.sparse_sgd(&mut dx, Slot { offset: 0, rows: n, cols: h }, &rows, -1.0);
-        self.backward_hidden(be, params, tb, acts, dx, grads, demb);
+        self.backward_hidden(be, params, tb, acts, dx, grads, demb, sync);
     }
 
     /// The backward pass of the last [`Encoder::forward`] from `dx`, the gradient of the
     /// last hidden rows `acts.hidden` (n×H; a masked-LM head's, or the pooling's): every
     /// parameter's gradient below them added into `grads`, and with `demb` the gradient of
     /// the tokens' embedding sums (n×H, what [`Encoder::forward_perturbed`] perturbs).
+    /// With `sync`, each layer's end calls [`GradSync::ready`] with the layer's first
+    /// offset: the layout puts the embeddings first, then the layers in order, then the
+    /// final LayerNorm and the head, so everything from there on is final.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_hidden<B: EncoderOps>(
         &self,
@@ -615,6 +622,7 @@ impl Encoder {
         mut dx: B::Buf,
         grads: &mut B::Buf,
         demb: Option<&mut B::Buf>,
+        sync: Option<&dyn GradSync<B>>,
     ) {
         let s = &self.spec;
         let (n, h, dim) = (tb.b * tb.l, s.hidden, s.hidden);
@@ -755,6 +763,10 @@ impl Encoder {
                 dx = din;
             }
             be.axpy(&mut dx, &dr1, 1.0);
+            // Layer k and everything above it are done.
+            if let Some(sync) = sync {
+                sync.ready(be, grads, layer.query.0.offset);
+            }
         }
         // Embeddings: through their dropout and LN_emb, then each table's touched rows.
         if let Some((key, p)) = acts.noise {

@@ -9,7 +9,7 @@ pub mod params;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, DropoutKey, EncoderOps, HostBatch};
+use crate::backend::{Backend, DropoutKey, EncoderOps, GradSync, HostBatch};
 use bag::{Activations, BagModel, BagSpec};
 use encoder::{Encoder, EncoderActs, EncoderSpec, TokenBatch};
 use params::{Layout, Slot};
@@ -291,7 +291,9 @@ impl Model {
     /// gradients added into `grads` (length [`Model::dense_len`]), and the gradient at the
     /// perturbation site into `dpooled`: a bag model's `∂loss/∂pooled` (from which the
     /// caller forms the table's sparse gradient), an encoder's `∂loss/∂(token embedding
-    /// sums)` (its gradients are all in `grads`).
+    /// sums)` (its gradients are all in `grads`). `sync`, in the step's last backward pass,
+    /// hears as an encoder's layers finish ([`GradSync::ready`]; a bag model's dense part
+    /// is too small to start early).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_dense<B: EncoderOps>(
         &self,
@@ -302,13 +304,14 @@ impl Model {
         dlogits: &B::Buf,
         grads: &mut B::Buf,
         dpooled: &mut B::Buf,
+        sync: Option<&dyn GradSync<B>>,
     ) {
         match (self, x, acts) {
             (Model::Bag(m), Input::Bag(_), Acts::Bag(a)) => {
                 m.backward_dense(be, params, a, dlogits, grads, dpooled)
             }
             (Model::Encoder(m), Input::Tokens(tb), Acts::Encoder(a)) => {
-                m.backward_to_embeddings(be, params, tb, a, dlogits, grads, Some(dpooled));
+                m.backward_to_embeddings(be, params, tb, a, dlogits, grads, Some(dpooled), sync);
             }
             _ => panic!("a model was given another kind of model's input or activations"),
         }

@@ -391,7 +391,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             .filter(|(z, y)| crate::backend::argmax(z) as i32 == **y)
             .count() as u64;
         let dhidden = head.backward(be, &params, n, &rows, k, &hacts, &dlogits, &mut grads);
-        enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads, None);
+        enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads, None, None);
         let warm = if m.warmup_steps > 0 && step < m.warmup_steps {
             (step + 1) as f64 / m.warmup_steps as f64
         } else {

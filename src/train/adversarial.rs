@@ -122,6 +122,7 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
             &buf.dlogits,
             &mut buf.scratch,
             &mut buf.dpooled,
+            None,
         );
         self.be.download(&buf.dpooled)
     }
@@ -174,7 +175,7 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
             }
         };
         let loss = self.loss_at(cfg, params, clean, &r, cfg.weight, buf);
-        table.backward(self.be, self.model, params, self.x, &buf.acts, &buf.dlogits, grads, None);
+        table.backward(self.be, self.model, params, self.x, &buf.acts, &buf.dlogits, grads, None, None);
         cfg.weight * loss
     }
 }

@@ -52,7 +52,7 @@ impl<B: EncoderOps> Net<B> for ModelNet<'_, B> {
 
     fn backward(&mut self, be: &B, x: &Input<B>, dlogits: &B::Buf) {
         let b = &mut *self.bufs;
-        self.model.backward_dense(be, self.params, x, &b.acts, dlogits, &mut b.grads, &mut b.dpooled);
+        self.model.backward_dense(be, self.params, x, &b.acts, dlogits, &mut b.grads, &mut b.dpooled, None);
         if let (Some(bag), Some(dev)) = (self.model.bag(), x.bag()) {
             be.embedding_bag_backward(dev, &b.dpooled, bag.spec.dim, &mut b.table);
         }

@@ -8,7 +8,8 @@ use crate::algo::consistency::ConsistencyOp;
 use crate::algo::stabilise::Stabiliser;
 use crate::algo::{Recipe, TargetSource};
 use crate::backend::{
-    with_host_mut, Backend, ConsistencyAux, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap, SparseRows,
+    with_host_mut, Backend, ConsistencyAux, DropoutKey, EncoderOps, GradSync, HostBatch, LossKind, RowMap,
+    SparseRows,
 };
 use crate::bank::{Bank, RowId};
 use crate::checkpoint::LogWindow;
@@ -77,7 +78,8 @@ impl<B: Backend> TableAcc<B> {
 
     /// One backward pass: dense gradients into `grads`, the table's gradient added to the
     /// step's, and, with `fused_lr`, the table's SGD update applied at once. An encoder has
-    /// no sparse table: its whole gradient goes into `grads`.
+    /// no sparse table: its whole gradient goes into `grads`; `sync` is given in the step's
+    /// last backward pass, to start averaging finished layers early.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(
         &mut self,
@@ -89,6 +91,7 @@ impl<B: Backend> TableAcc<B> {
         dlogits: &B::Buf,
         grads: &mut B::Buf,
         fused_lr: Option<f64>,
+        sync: Option<&dyn GradSync<B>>,
     ) where
         B: EncoderOps,
     {
@@ -96,7 +99,7 @@ impl<B: Backend> TableAcc<B> {
             (Some(bag), Some(dev), Acts::Bag(a)) => {
                 self.backward_bag(be, bag, params, dev, a, dlogits, grads, fused_lr)
             }
-            _ => model.backward_dense(be, params, x, acts, dlogits, grads, &mut self.dpooled),
+            _ => model.backward_dense(be, params, x, acts, dlogits, grads, &mut self.dpooled, sync),
         }
     }
 
@@ -517,7 +520,22 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         }
 
         let table_lr = self.fused.then_some(lr * self.table_mult);
-        self.table.backward(be, model, params, &dev, &p0.acts, &p0.dlogits, &mut self.grads, table_lr);
+        // The step's last backward pass may start averaging each finished layer's gradient
+        // ([`GradSync::ready`]): the last micro-batch's last pass, when no adversarial pass
+        // follows it.
+        let last = mi as u64 + 1 == accum && cfg.adversarial.kind == AdversarialKind::None;
+        let sync: Option<&dyn GradSync<B>> = last.then_some(self.dist as &dyn GradSync<B>);
+        self.table.backward(
+            be,
+            model,
+            params,
+            &dev,
+            &p0.acts,
+            &p0.dlogits,
+            &mut self.grads,
+            table_lr,
+            sync.filter(|_| !second_grad),
+        );
         if cfg.adversarial.kind != AdversarialKind::None {
             let g0 = be.download(&self.table.dpooled);
             let a = AdversarialPass { be, model, x: &dev, labels, n, n_l, key, accum, loss: kind };
@@ -531,7 +549,17 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
             win.adv_count += 1;
         }
         if second_grad {
-            self.table.backward(be, model, params, dev1, &p1.acts, &p1.dlogits, &mut self.grads, table_lr);
+            self.table.backward(
+                be,
+                model,
+                params,
+                dev1,
+                &p1.acts,
+                &p1.dlogits,
+                &mut self.grads,
+                table_lr,
+                sync,
+            );
         }
         win.sup_sum += sup * halves;
         win.docs += n_l as u64;

@@ -147,6 +147,15 @@ impl Cuda {
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")))?;
         let (major, minor) =
             ctx.compute_capability().map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")))?;
+        // Streams are ordered by explicit events: the backend runs on one stream, and the
+        // only other one, `dist`'s NCCL stream, waits for an event before it touches the
+        // gradient and is waited for before the compute stream touches it again. cudarc's
+        // per-buffer event tracking would instead order every use of the whole gradient
+        // buffer after NCCL's last write, which serialises the overlap of communication
+        // with the backward pass.
+        // SAFETY: called before any buffer exists; `dist::nccl` keeps the rules above (no
+        // buffer freed or written by the compute stream while NCCL works on it).
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         // SAFETY: `is_culib_present` only tries to load the library.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -212,15 +221,24 @@ impl Cuda {
         Ok(u.bytes.map(|b| b as u8))
     }
 
-    /// `dst[i] = bf16(src[i])`, rounded to nearest even (`half::bf16::from_f32`), for
-    /// `n = src.len()` values; `dst` is made `n` long.
-    pub fn to_bf16(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<half::bf16>) {
-        let n = src.len();
-        if dst.len() != n {
-            *dst = self.alloc(n);
-        }
+    /// `dst[i] = bf16(src[i])` for i in `range`, rounded to nearest even
+    /// (`half::bf16::from_f32`); `dst` must be as long as `src`.
+    pub fn to_bf16(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<half::bf16>,
+        range: std::ops::Range<usize>,
+    ) {
+        assert!(
+            dst.len() == src.len() && range.end <= src.len(),
+            "to_bf16: {range:?} of {} into {}",
+            src.len(),
+            dst.len()
+        );
+        let n = range.len();
+        let (from, mut to) = (src.slice(range.clone()), dst.slice_mut(range));
         self.launch("to_bf16", grid(n), |b| {
-            b.arg(src).arg(&mut *dst).arg(&n);
+            b.arg(&from).arg(&mut to).arg(&n);
         });
     }
 
