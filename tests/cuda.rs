@@ -737,28 +737,24 @@ impl Data {
         }
     }
 
-    fn base(self) -> &'static [&'static str] {
+    fn base(self) -> Vec<String> {
         match self {
-            Data::Bag => &[
+            Data::Bag => [
                 "train.steps=40",
                 "model.dim=16",
                 "model.hidden=[8]",
                 "model.hidden_dropout=0.3",
                 "model.embed_dropout=0.1",
                 "optim.lr=0.05",
-            ],
-            Data::WordPiece => &[
-                "train.steps=12",
-                "model.kind=\"encoder\"",
-                "model.encoder.hidden=16",
-                "model.encoder.layers=2",
-                "model.encoder.heads=2",
-                "model.encoder.intermediate=32",
-                "model.encoder.dropout=0.1",
-                "model.encoder.attention_dropout=0.1",
-                "optim.kind=\"adamw\"",
-                "optim.lr=0.003",
-            ],
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            Data::WordPiece => {
+                let mut v = common::small_encoder(2);
+                v.push("train.steps=12".into());
+                v
+            }
         }
     }
 }
@@ -788,7 +784,13 @@ fn same_runs(
         .iter()
         .map(|s| Override::parse(s).expect("override"))
         .collect();
-        o.extend(base.iter().chain(sets).chain(own).map(|s| Override::parse(s).expect("override")));
+        o.extend(
+            base.iter()
+                .map(|s| s.as_str())
+                .chain(sets.iter().copied())
+                .chain(own.iter().copied())
+                .map(|s| Override::parse(s).expect("override")),
+        );
         let cfg = config::load(None, &o).map_err(|e| Failed::from(e.to_string()))?;
         train(&cfg, &RunOptions { resume: Resume::No, progress: false, stop_after: None, device })
             .map_err(|e| Failed::from(format!("{name}: {e}")))?;

@@ -338,19 +338,8 @@ fn configs_the_encoder_cannot_run_are_refused_by_field() {
 fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     let dir = tempfile::tempdir().unwrap();
     let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
-    let out = dir.path().join("mlm");
-    let sets = [
-        format!("data.dir={:?}", data.display().to_string()),
-        format!("train.out_dir={:?}", out.display().to_string()),
-        "model.objective=\"mlm\"".into(),
-        format!("mlm.pretrained={:?}", common::minilm().display().to_string()),
-        "mlm.batch_size=8".into(),
-        "mlm.steps=30".into(),
-        "mlm.log_every=10".into(),
-        "train.lr=0.001".into(),
-    ];
-    let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
-    let pcfg: dtrain::config::PretrainConfig = config::load(None, &o).unwrap();
+    let pcfg =
+        mlm_config(&data, &dir.path().join("mlm"), &["mlm.steps=30", "mlm.log_every=10", "train.lr=0.001"]);
     let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
     assert_eq!(r.steps, 30);
     // The fresh head starts near ln(30522) ≈ 10.3 and learns this small, repetitive text.
@@ -388,18 +377,8 @@ fn masked_lm_groups_batches_by_length() {
         .unwrap();
     let padding = |window: usize| {
         let out = dir.path().join(format!("mlm-{window}"));
-        let sets = [
-            format!("data.dir={:?}", data.display().to_string()),
-            format!("train.out_dir={:?}", out.display().to_string()),
-            "model.objective=\"mlm\"".into(),
-            format!("mlm.pretrained={:?}", common::minilm().display().to_string()),
-            "mlm.batch_size=8".into(),
-            format!("mlm.group_by_length={window}"),
-            "train.epochs=1".into(),
-            "train.lr=0.0001".into(),
-        ];
-        let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
-        let pcfg: dtrain::config::PretrainConfig = config::load(None, &o).unwrap();
+        let group = format!("mlm.group_by_length={window}");
+        let pcfg = mlm_config(&data, &out, &[&group, "train.epochs=1", "train.lr=0.0001"]);
         let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
         let logged: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
@@ -417,4 +396,22 @@ fn masked_lm_groups_batches_by_length() {
     assert_eq!(steps, steps_grouped);
     // Measured 0.274 → 0.145 (2026-12-05): 8 batches of 8 texts of 3 to 26 tokens.
     assert!(plain > 0.2 && grouped < 0.6 * plain, "padding {plain:.3} → {grouped:.3}");
+}
+
+/// A masked-LM run of MiniLM on `data` into `out`, 8 sequences per step, `extra` on top.
+fn mlm_config(data: &Path, out: &Path, extra: &[&str]) -> dtrain::config::PretrainConfig {
+    let sets = [
+        format!("data.dir={:?}", data.display().to_string()),
+        format!("train.out_dir={:?}", out.display().to_string()),
+        "model.objective=\"mlm\"".into(),
+        format!("mlm.pretrained={:?}", common::minilm().display().to_string()),
+        "mlm.batch_size=8".into(),
+    ];
+    let o: Vec<Override> = sets
+        .iter()
+        .map(|s| s.as_str())
+        .chain(extra.iter().copied())
+        .map(|s| Override::parse(s).unwrap())
+        .collect();
+    config::load(None, &o).unwrap()
 }

@@ -594,22 +594,12 @@ fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
         &[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=4", "split.labels_per_class=12"],
     );
     let cfg = config(dir.path(), &data);
-    let sets = [
-        "model.kind=\"encoder\"",
-        "model.encoder.hidden=16",
-        "model.encoder.layers=1",
-        "model.encoder.heads=2",
-        "model.encoder.intermediate=32",
-        // Dropout on: hidden masks are keyed by (the sequence's global position, the
-        // token), attention masks by the sequence's global position, so a rank's shorter
-        // padding and its local rows change nothing.
-        "model.encoder.dropout=0.1",
-        "model.encoder.attention_dropout=0.1",
-        "optim.kind=\"adamw\"",
-        "optim.lr=0.003",
-        "train.steps=8",
-        "train.log_every=4",
-    ];
+    // Dropout on (both at 0.1): hidden masks are keyed by (the sequence's global position,
+    // the token), attention masks by the sequence's global position, so a rank's shorter
+    // padding and its local rows change nothing.
+    let mut sets = common::small_encoder(1);
+    sets.extend(["train.steps=8".to_string(), "train.log_every=4".to_string()]);
+    let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
     let outs: Vec<PathBuf> = [1usize, 2]
         .iter()
         .map(|&w| {

@@ -178,3 +178,23 @@ pub fn separable(dir: &Path, per_class: usize, extra: &[&str]) -> PathBuf {
     run(&[&f], &[], &out, &[&["tokenizer.buckets=4096"], extra].concat()).unwrap();
     out
 }
+
+/// A small encoder from scratch (hidden 16, 2 heads, MLP 32) with `layers` layers, both
+/// dropouts at 0.1, AdamW at 0.003: the settings of the tests that compare encoder runs.
+pub fn small_encoder(layers: usize) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "model.kind=\"encoder\"",
+        "model.encoder.hidden=16",
+        "model.encoder.heads=2",
+        "model.encoder.intermediate=32",
+        "model.encoder.dropout=0.1",
+        "model.encoder.attention_dropout=0.1",
+        "optim.kind=\"adamw\"",
+        "optim.lr=0.003",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(format!("model.encoder.layers={layers}"));
+    v
+}
