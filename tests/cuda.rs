@@ -695,8 +695,9 @@ fn nccl_one_rank(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
     }
     let runs: [(&str, Device, &[&str]); 3] = [
         ("cuda-alone", Device::Cuda(Some(0)), &["dist.backend=\"mpi\""]),
+        // Buckets start during the backward pass (an encoder's layers report as they
+        // finish), and, below, only after it.
         ("cuda-nccl", Device::Cuda(Some(0)), &["dist.backend=\"nccl\"", "dist.bucket_mb=0.0001"]),
-        // Buckets start during the backward pass (an encoder's layers report as they finish).
         (
             "cuda-nccl-after",
             Device::Cuda(Some(0)),

@@ -479,11 +479,17 @@ impl Dist {
         format!("{what} at step {}", self.step.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// Elements of `size` bytes per all-reduce bucket (`dist.bucket_mb`).
+    #[cfg(any(feature = "mpi", feature = "cuda"))]
+    fn bucket_cap(&self, size: usize) -> usize {
+        ((self.cfg.bucket_mb * (1 << 20) as f64) as usize / size).max(1)
+    }
+
     /// The all-reduce buckets of `len` elements of `size` bytes ([`bucket_ranges`] with
     /// `dist.bucket_mb`).
-    #[cfg(any(feature = "mpi", feature = "cuda"))]
+    #[cfg(feature = "mpi")]
     fn buckets(&self, len: usize, size: usize) -> Vec<Range<usize>> {
-        bucket_ranges(len, (self.cfg.bucket_mb * (1 << 20) as f64) as usize / size)
+        bucket_ranges(len, self.bucket_cap(size))
     }
 
     /// Sums `buf` over all ranks in place, in buckets; `what` names it in a timeout.
@@ -664,8 +670,8 @@ where
         {
             let bf16 = self.cfg.allreduce_dtype == WireDtype::Bf16;
             let buf = be.cuda_buf(dense).expect("a CUDA backend's buffer");
-            let buckets = self.buckets(buf.len(), if bf16 { 2 } else { 4 });
-            n.lock().unwrap_or_else(|e| e.into_inner()).launch_ready(cu, buf, &buckets, from, bf16);
+            let cap = self.bucket_cap(if bf16 { 2 } else { 4 });
+            n.lock().unwrap_or_else(|e| e.into_inner()).launch_ready(cu, buf, from, cap, bf16);
         }
         let _ = (be, dense, from);
     }
@@ -681,9 +687,9 @@ where
                     panic!("dist: the NCCL path was chosen for a backend that is not the CUDA one");
                 };
                 let buf = be.cuda_buf(dense).expect("a CUDA backend's buffer");
-                let buckets = self.buckets(buf.len(), if bf16 { 2 } else { 4 });
+                let cap = self.bucket_cap(if bf16 { 2 } else { 4 });
                 let timeout = std::time::Duration::from_secs_f64(self.cfg.timeout_s);
-                if !n.lock().unwrap_or_else(|e| e.into_inner()).average(cu, buf, &buckets, bf16, timeout) {
+                if !n.lock().unwrap_or_else(|e| e.into_inner()).average(cu, buf, cap, bf16, timeout) {
                     eprintln!(
                         "dtrain rank {}: the NCCL gradient all-reduce at step {} did not complete within {} s \
                          (dist.timeout_s): a rank died or hangs, or the network failed; ending the job",

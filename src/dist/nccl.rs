@@ -48,8 +48,9 @@ pub(super) struct Nccl {
     /// The gradient in bf16 when the wire format is bf16, one buffer per gradient length
     /// (MPL averages a student's and a teacher's).
     wire: std::collections::HashMap<usize, CudaSlice<half::bf16>>,
-    /// How many of this step's buckets are queued (by [`Nccl::launch_ready`]).
-    launched: usize,
+    /// This step's queued part of the gradient so far (by [`Nccl::launch_ready`]): the
+    /// gradient's length and the lowest offset queued (everything from there to the end).
+    queued: Option<(usize, usize)>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as two calls never
@@ -65,30 +66,42 @@ impl Nccl {
         let stream = be.stream().fork().map_err(|e| format!("{}: a stream for NCCL: {e}", be.describe()))?;
         let comm = Comm::from_rank(stream, rank, world, Id::uninit(id.map(|b| b as std::ffi::c_char)))
             .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}, {}): {e:?}", be.describe()))?;
-        Ok(Nccl { comm, wire: Default::default(), launched: 0 })
+        Ok(Nccl { comm, wire: Default::default(), queued: None })
     }
 
-    /// Queues the all-reduce of each of this step's `buckets` (in order) that lies wholly
-    /// in `from..` and is not queued yet: the backward pass has finished those elements,
-    /// and NCCL's stream waits for the compute stream to get there first. In bf16, the
-    /// buckets' values are converted to the wire buffer on the compute stream before.
+    /// Queues the all-reduce of `buf[from..]` where not queued yet this step: the
+    /// backward pass has finished those elements. The new part is cut into buckets of at
+    /// most `cap` elements (`dist::bucket_ranges`, last elements first), so that buckets
+    /// end where layers end and each layer's gradient leaves as soon as it is done; every
+    /// rank makes the same calls in the same order. NCCL's stream waits for the compute
+    /// stream to get there first; in bf16, the new part is converted to the wire buffer
+    /// on the compute stream before.
     pub(super) fn launch_ready(
         &mut self,
         be: &Cuda,
         buf: &mut CudaSlice<f32>,
-        buckets: &[Range<usize>],
         from: usize,
+        cap: usize,
         bf16: bool,
     ) {
         let fail = |what: &str, e: &dyn std::fmt::Debug| -> ! {
             panic!("{}: NCCL gradient average: {what}: {e:?}", be.describe())
         };
-        let start = self.launched.min(buckets.len());
-        let end = start + buckets[start..].iter().take_while(|r| r.start >= from).count();
-        if end == start {
+        let n = buf.len();
+        let top = match self.queued {
+            Some((len, low)) if len == n => low,
+            Some((len, _)) => panic!(
+                "{}: NCCL gradient average: this step's average began on a gradient of {len} values and \
+                 continued on one of {n}",
+                be.describe()
+            ),
+            None => n,
+        };
+        if from >= top {
             return;
         }
-        let n = buf.len();
+        let buckets: Vec<Range<usize>> =
+            super::bucket_ranges(top - from, cap).into_iter().map(|r| r.start + from..r.end + from).collect();
         if bf16 {
             let wire = match self.wire.entry(n) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -96,27 +109,24 @@ impl Nccl {
                     e.insert(be.stream().alloc_zeros(n).unwrap_or_else(|e| fail("alloc", &e)))
                 }
             };
-            for r in &buckets[start..end] {
-                be.to_bf16(buf, wire, r.clone());
-            }
+            be.to_bf16(buf, wire, from..top);
         }
-        // The buckets' values (and their bf16 copies) are complete on the compute stream.
+        // The new part (and its bf16 copy) is complete on the compute stream.
         let comm_stream = self.comm.stream();
         let ready = be.stream().record_event(None).unwrap_or_else(|e| fail("event", &e));
         comm_stream.wait(&ready).unwrap_or_else(|e| fail("stream wait", &e));
-        for r in &buckets[start..end] {
+        for r in &buckets {
             let status = match self.wire.get_mut(&n).filter(|_| bf16) {
                 Some(w) => self.comm.all_reduce_in_place(&mut w.slice_mut(r.clone()), &ReduceOp::Sum),
                 None => self.comm.all_reduce_in_place(&mut buf.slice_mut(r.clone()), &ReduceOp::Avg),
             };
             status.unwrap_or_else(|e| fail(&format!("ncclAllReduce of elements {r:?}"), &e));
         }
-        self.launched = end;
+        self.queued = Some((n, from));
     }
 
-    /// Replaces `buf` by its average over the ranks: queues the buckets that
-    /// [`Nccl::launch_ready`] has not (each bucket is one `ncclAllReduce` on the
-    /// communicator's stream), then makes the compute stream wait for them all before it
+    /// Replaces `buf` by its average over the ranks: queues what [`Nccl::launch_ready`]
+    /// has not (each bucket is one `ncclAllReduce` on the communicator's stream), then makes the compute stream wait for them all before it
     /// touches `buf` again. In f32 the reduction is `ncclAvg`. In bf16 the values travel
     /// and are summed in bf16 (`ncclSum`), then scaled by 1/W and rounded to bf16 again on
     /// the way back, as the MPI path does (`ncclAvg` on bf16 would scale each input by a
@@ -129,15 +139,15 @@ impl Nccl {
         &mut self,
         be: &Cuda,
         buf: &mut CudaSlice<f32>,
-        buckets: &[Range<usize>],
+        cap: usize,
         bf16: bool,
         timeout: std::time::Duration,
     ) -> bool {
         if buf.is_empty() {
             return true;
         }
-        self.launch_ready(be, buf, buckets, 0, bf16);
-        self.launched = 0;
+        self.launch_ready(be, buf, 0, cap, bf16);
+        self.queued = None;
         let comm_stream = self.comm.stream();
         let done =
             comm_stream.record_event(None).unwrap_or_else(|e| panic!("{}: NCCL event: {e:?}", be.describe()));
