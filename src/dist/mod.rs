@@ -170,7 +170,7 @@ pub fn choose_path(want: CommBackend, ranks: &[RankDevice]) -> std::result::Resu
             }
         }
     }
-    // "rank 2", "ranks 0, 3", or "every rank".
+    // "rank 2", "ranks 0, 3", or "all ranks".
     let ranks_named = |v: &[usize]| match v.len() {
         n if n == world && n > 1 => "all ranks".to_string(),
         1 => format!("rank {}", v[0]),
