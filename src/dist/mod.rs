@@ -368,11 +368,6 @@ impl Dist {
         self.local_rank
     }
 
-    /// Where [`Dist::local_rank`] came from (a launcher's variable or MPI's split).
-    pub fn local_rank_source(&self) -> &'static str {
-        self.local_source
-    }
-
     /// The gradient's path, once [`Dist::bind`] has chosen it.
     pub fn path(&self) -> Option<&GradPath> {
         self.path.get()
@@ -452,7 +447,10 @@ impl Dist {
         };
         match self.path.get() {
             None | Some(GradPath::Local) => "one rank: no gradient communication".into(),
-            Some(GradPath::Nccl) => format!("{} ranks, gradients averaged by NCCL in {dtype}", self.world),
+            Some(GradPath::Nccl) => format!(
+                "{} ranks, gradients averaged by NCCL in {dtype}; rank 0 has local rank {} (from {})",
+                self.world, self.local_rank, self.local_source
+            ),
             Some(GradPath::Host(why)) => {
                 format!("{} rank(s), gradients averaged by MPI on the host in {dtype} ({why})", self.world)
             }

@@ -28,11 +28,6 @@ pub(super) fn present() -> bool {
     unsafe { cudarc::nccl::sys::is_culib_present() }
 }
 
-/// NCCL's version code (e.g. 22703 for 2.27.3), when the library loads.
-pub fn version() -> Option<i32> {
-    present().then(cudarc::nccl::result::get_nccl_version).and_then(|r| r.ok())
-}
-
 /// A new unique id (rank 0 makes it; every rank joins the communicator with it).
 pub(super) fn new_id() -> Result<[u8; ID_BYTES], String> {
     if !present() {
