@@ -9,11 +9,21 @@ Prints and writes val/test accuracy of student (and teacher), and seconds per ru
 
   python3 bench/brown_methods.py --seeds 1 2 3 --json bench/results/brown-methods.json
   python3 bench/brown_methods.py --pretrained --seeds 1 2 3 --json bench/results/brown-methods-pretrained.json
+  python3 bench/brown_methods.py --pretrained --pretrain-set train.epochs=40 --pretrain-set model.negatives=15 \
+      --methods supervised fixmatch uda --seeds 1 2 3 --out runs/brown_methods_pretrained_e40 --json bench/results/brown-methods-pretrained-e40.json
 
 With --pretrained every run (Noisy Student's teacher too) starts its embedding table from
 skip-gram embeddings pretrained on that seed's train + unlabeled text
 (configs/brown/pretrain.toml, made once per seed under runs/brown_pretrain/seedN/pool/pretrain),
 with the table's learning rate × 0.1, as configs/brown/pretrained.toml does.
+
+With --epochs-grid the run length is chosen too: each method keeps its chosen setting from
+an earlier run's JSON (--base-json) and only `train.epochs` is swept on seed 1's validation
+split (EPOCHS_GRID), supervised-only included; the 25-epoch runs had stopped the
+self-training methods while their pseudo-labels were still improving.
+
+  python3 bench/brown_methods.py --epochs-grid --methods supervised pi mean_teacher rdrop temporal uda fixmatch \
+      --seeds 1 2 3 --json bench/results/brown-methods-long.json
 """
 import argparse
 import itertools
@@ -87,18 +97,24 @@ def data_dir(root, seed):
     return os.path.join(root, f"seed{seed}", "pool", "data")
 
 
+# --epochs-grid: labeled epochs (475 steps each 25).
+EPOCHS_GRID = [25, 50, 100, 200, 400]
+
 # Extra settings of every run (--pretrained fills it per seed).
 EXTRA = {"sets": lambda seed: []}
 
 
-def pretrained_sets(dt, root, seed):
-    """Skip-gram embeddings for a seed's data (made once), as init_from settings."""
-    pre = os.path.join(root, f"seed{seed}", "pool", "pretrain")
+def pretrained_sets(dt, root, seed, pretrain_sets=()):
+    """Skip-gram embeddings for a seed's data (made once per recipe), as init_from settings.
+    `pretrain_sets` change configs/brown/pretrain.toml's recipe (--pretrain-set)."""
+    tag = "".join("-" + x.replace(".", "_").replace("=", "") for x in pretrain_sets)
+    pre = os.path.join(root, f"seed{seed}", "pool", "pretrain" + tag)
     if not os.path.exists(os.path.join(pre, "embeddings.safetensors")):
         subprocess.run(["rm", "-rf", pre], check=True)
         subprocess.run([dt, "--quiet", "pretrain", "--config", "configs/brown/pretrain.toml", "--set",
                         f'data.dir="{data_dir(root, seed)}"', "--set", f'train.out_dir="{pre}"', "--set",
-                        f"train.seed={seed}", "--set", "train.threads=2", "--set", "train.checkpoint_every=0"],
+                        f"train.seed={seed}", "--set", "train.threads=2", "--set", "train.checkpoint_every=0"]
+                       + [x for kv in pretrain_sets for x in ("--set", kv)],
                        check=True, stdout=subprocess.DEVNULL)
     return [f'model.init_from="{pre}"', "optim.lr_mult.embedding=0.1"]
 
@@ -167,19 +183,31 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--pretrained", action="store_true")
     ap.add_argument("--dropout-grid", action="store_true")
+    ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --pretrained: change the pretraining recipe (its embeddings get their own folder)")
+    ap.add_argument("--epochs-grid", action="store_true")
+    ap.add_argument("--base-json", help="with --epochs-grid: the JSON whose chosen settings are kept")
     a = ap.parse_args()
+    if a.epochs_grid:
+        default = "bench/results/brown-methods-pretrained.json" if a.pretrained else "bench/results/brown-methods.json"
+        chosen = json.load(open(a.base_json or default))["chosen"]
+        for m in a.methods:
+            if m == "noisy_student" or m not in CONFIG:
+                raise SystemExit(f"--epochs-grid does not cover {m}")
+            FIXED[m] = FIXED.get(m, []) + chosen[m]
+            GRID[m] = {"train.epochs": EPOCHS_GRID}
     if a.dropout_grid:
         for m in ("uda", "fixmatch", "noisy_student"):
             GRID[m] = {"model.embed_dropout": DROPOUT_GRID, **GRID[m]}
     if a.pretrained:
-        EXTRA["sets"] = lambda seed: pretrained_sets(a.dtrain, a.data_root, seed)
+        EXTRA["sets"] = lambda seed: pretrained_sets(a.dtrain, a.data_root, seed, a.pretrain_set)
         if a.out == "runs/brown_methods":
             a.out = "runs/brown_methods_pretrained"
     result = {"sweep": {}, "chosen": {}, "seeds": {}}
     if a.json and os.path.exists(a.json):
         # Re-running some methods keeps the others' results.
         old = json.load(open(a.json))
-        for k in ("sweep", "chosen", "seeds", "summary", "provenance"):
+        for k in ("sweep", "chosen", "fixed", "seeds", "summary", "provenance"):
             result.setdefault(k, {}).update({m: v for m, v in old.get(k, {}).items() if m not in a.methods})
     for method in a.methods:
         keys = list(GRID[method])
@@ -203,6 +231,8 @@ def main():
             if best is None or select_key(method, row) > select_key(method, best):
                 best = row
         result["chosen"][method] = best["sets"]
+        if not callable(FIXED.get(method)):
+            result.setdefault("fixed", {})[method] = FIXED.get(method, [])
         for seed in a.seeds:
             out = os.path.join(a.out, method, f"seed{seed}")
             row = train(a.dtrain, method, data_dir(a.data_root, seed), out, seed, best["sets"])
@@ -223,7 +253,7 @@ def main():
         dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
         cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
         result.setdefault("provenance", {})["+".join(a.methods)] = dict(
-            command=f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}{'--dropout-grid ' if a.dropout_grid else ''}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
+            command=f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}{'--dropout-grid ' if a.dropout_grid else ''}{'--epochs-grid ' if a.epochs_grid else ''}{''.join('--pretrain-set ' + x + ' ' for x in a.pretrain_set)}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
             date=time.strftime("%Y-%m-%d"), git=rev + (" (with uncommitted changes to src/)" if dirty else ""),
             cpu=cpu, cores=os.cpu_count())
         with open(a.json, "w") as f:
