@@ -24,6 +24,8 @@ self-training methods while their pseudo-labels were still improving.
 
   python3 bench/brown_methods.py --epochs-grid --methods supervised pi mean_teacher rdrop temporal uda fixmatch \
       --seeds 1 2 3 --json bench/results/brown-methods-long.json
+  python3 bench/brown_methods.py --epochs-grid --methods uda --also-grid 'consistency.adaptive_threshold="fixed";"freematch"' \
+      --seeds 1 2 3 --json bench/results/brown-methods-long.json
 """
 import argparse
 import itertools
@@ -187,6 +189,8 @@ def main():
                     help="with --pretrained: change the pretraining recipe (its embeddings get their own folder)")
     ap.add_argument("--epochs-grid", action="store_true")
     ap.add_argument("--base-json", help="with --epochs-grid: the JSON whose chosen settings are kept")
+    ap.add_argument("--also-grid", action="append", default=[], metavar="KEY=V1;V2",
+                    help="with --epochs-grid: sweep this setting too (values separated by ';')")
     a = ap.parse_args()
     if a.epochs_grid:
         default = "bench/results/brown-methods-pretrained.json" if a.pretrained else "bench/results/brown-methods.json"
@@ -196,6 +200,9 @@ def main():
                 raise SystemExit(f"--epochs-grid does not cover {m}")
             FIXED[m] = FIXED.get(m, []) + chosen[m]
             GRID[m] = {"train.epochs": EPOCHS_GRID}
+            for kv in a.also_grid:
+                key, values = kv.split("=", 1)
+                GRID[m][key] = values.split(";")
     if a.dropout_grid:
         for m in ("uda", "fixmatch", "noisy_student"):
             GRID[m] = {"model.embed_dropout": DROPOUT_GRID, **GRID[m]}
@@ -253,7 +260,7 @@ def main():
         dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
         cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
         result.setdefault("provenance", {})["+".join(a.methods)] = dict(
-            command=f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}{'--dropout-grid ' if a.dropout_grid else ''}{'--epochs-grid ' if a.epochs_grid else ''}{''.join('--pretrain-set ' + x + ' ' for x in a.pretrain_set)}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
+            command=f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}{'--dropout-grid ' if a.dropout_grid else ''}{'--epochs-grid ' if a.epochs_grid else ''}{''.join('--pretrain-set ' + x + ' ' for x in a.pretrain_set)}{''.join(repr('--also-grid=' + x) + ' ' for x in a.also_grid)}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
             date=time.strftime("%Y-%m-%d"), git=rev + (" (with uncommitted changes to src/)" if dirty else ""),
             cpu=cpu, cores=os.cpu_count())
         with open(a.json, "w") as f:
