@@ -17,7 +17,12 @@ accuracy, which 25 epochs (two passes) does not. The hidden labels are read from
 simulated split keeps them); the crafted file gets fresh checksums so that dtrain opens it.
 This is an analysis with an oracle, not a method: it uses labels no user has.
 
+With --teacher METHOD the teacher is instead that method's long-run setting from
+bench/results/brown-methods-long.json (e.g. fixmatch) and only its own pseudo-labels are used:
+one round of iterated self-training, to check what the oracle curve predicts for it.
+
   .venv/bin/python bench/brown_oracle.py --seeds 1 2 3 --json bench/results/brown-oracle.json
+  .venv/bin/python bench/brown_oracle.py --teacher fixmatch --seeds 1 2 3 --json bench/results/brown-oracle-fixmatch.json
 """
 import argparse
 import json
@@ -84,6 +89,25 @@ def corrected(z, hidden, target, rng):
     return z
 
 
+def method_teacher(dt, data, out_root, seed, method):
+    """The logits of the unlabeled split from `method`'s long-run setting (trained once)."""
+    path = os.path.join(out_root, "teachers", f"{method}-seed{seed}.logits")
+    if not os.path.exists(path):
+        long = json.load(open("bench/results/brown-methods-long.json"))
+        out = os.path.join(out_root, "teachers", f"{method}-seed{seed}")
+        subprocess.run(["rm", "-rf", out], check=True)
+        args = [dt, "--quiet", "train", "--config", bm.CONFIG[method], "--set", f'data.dir="{data}"',
+                "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}"]
+        for kv in long["fixed"][method] + long["chosen"][method]:
+            args += ["--set", kv]
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+        ckpt = sorted(os.listdir(os.path.join(out, "checkpoints")))[-1]
+        subprocess.run([dt, "export-logits", "--checkpoint", os.path.join(out, "checkpoints", ckpt), "--data", data,
+                        "--split", "unlabeled", "--out", path], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["rm", "-rf", os.path.join(out, "checkpoints")], check=True)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -91,13 +115,17 @@ def main():
     ap.add_argument("--data-root", default="runs/brown_pretrain")
     ap.add_argument("--out", default="runs/brown_oracle")
     ap.add_argument("--dtrain", default="target/release/dtrain")
+    ap.add_argument("--teacher", help="a method of bench/results/brown-methods-long.json as the teacher")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.teacher:
+        a.accuracies = []
     sup = json.load(open("bench/results/brown-methods.json"))["chosen"]["supervised"]
     result = {"rows": []}
     for seed in a.seeds:
         data = bm.data_dir(a.data_root, seed)
-        own = bm.teacher_logits(a.dtrain, a.data_root, a.out, seed, sup)
+        own = (method_teacher(a.dtrain, data, a.out, seed, a.teacher) if a.teacher
+               else bm.teacher_logits(a.dtrain, a.data_root, a.out, seed, sup))
         hidden = hidden_labels(data)
         buf, body, z = read_logits(own)
         assert len(hidden) == len(z) and (hidden >= 0).all()
@@ -109,7 +137,7 @@ def main():
                 path = os.path.join(a.out, "oracle", f"seed{seed}-{target}.logits")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 write_logits(path, buf, body, corrected(z, hidden, target, rng))
-            name = "own" if target is None else str(target)
+            name = ("own" if not a.teacher else a.teacher) if target is None else str(target)
             out = os.path.join(a.out, "students", f"seed{seed}-{name}")
             row = bm.train(a.dtrain, "noisy_student", data, out, seed,
                            STUDENT + [f'noisy_student.logits="{path}"'])
