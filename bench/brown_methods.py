@@ -121,16 +121,17 @@ def pretrained_sets(dt, root, seed, pretrain_sets=()):
     return [f'model.init_from="{pre}"', "optim.lr_mult.embedding=0.1"]
 
 
-def teacher_logits(dt, root, out_root, seed, supervised_sets, split="unlabeled"):
-    """Noisy Student's teacher for a seed: the supervised run with the chosen settings,
-    its logits of the unlabeled and train splits exported once (the run is deterministic,
-    so a split exported later retrains the same teacher)."""
-    name = f"seed{seed}.logits" if split == "unlabeled" else f"seed{seed}.{split}.logits"
+def teacher_logits(dt, root, out_root, seed, supervised_sets, split="unlabeled", method="supervised"):
+    """Noisy Student's teacher for a seed: the supervised run (or `method`'s) with the
+    given settings, its logits of the unlabeled and train splits exported once (the run is
+    deterministic, so a split exported later retrains the same teacher)."""
+    prefix = "" if method == "supervised" else f"{method}-"
+    name = f"{prefix}seed{seed}.logits" if split == "unlabeled" else f"{prefix}seed{seed}.{split}.logits"
     path = os.path.join(out_root, "teachers", name)
     if not os.path.exists(path):
-        out = os.path.join(out_root, "teachers", f"seed{seed}")
+        out = os.path.join(out_root, "teachers", f"{prefix}seed{seed}")
         subprocess.run(["rm", "-rf", out], check=True)
-        args = [dt, "--quiet", "train", "--config", CONFIG["supervised"], "--set", f'data.dir="{data_dir(root, seed)}"',
+        args = [dt, "--quiet", "train", "--config", CONFIG[method], "--set", f'data.dir="{data_dir(root, seed)}"',
                 "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}"]
         for s in EXTRA["sets"](seed) + supervised_sets:
             args += ["--set", s]

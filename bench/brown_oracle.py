@@ -89,25 +89,6 @@ def corrected(z, hidden, target, rng):
     return z
 
 
-def method_teacher(dt, data, out_root, seed, method):
-    """The logits of the unlabeled split from `method`'s long-run setting (trained once)."""
-    path = os.path.join(out_root, "teachers", f"{method}-seed{seed}.logits")
-    if not os.path.exists(path):
-        long = json.load(open("bench/results/brown-methods-long.json"))
-        out = os.path.join(out_root, "teachers", f"{method}-seed{seed}")
-        subprocess.run(["rm", "-rf", out], check=True)
-        args = [dt, "--quiet", "train", "--config", bm.CONFIG[method], "--set", f'data.dir="{data}"',
-                "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}"]
-        for kv in long["fixed"][method] + long["chosen"][method]:
-            args += ["--set", kv]
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-        ckpt = sorted(os.listdir(os.path.join(out, "checkpoints")))[-1]
-        subprocess.run([dt, "export-logits", "--checkpoint", os.path.join(out, "checkpoints", ckpt), "--data", data,
-                        "--split", "unlabeled", "--out", path], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["rm", "-rf", os.path.join(out, "checkpoints")], check=True)
-    return path
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -124,18 +105,23 @@ def main():
     result = {"rows": []}
     for seed in a.seeds:
         data = bm.data_dir(a.data_root, seed)
-        own = (method_teacher(a.dtrain, data, a.out, seed, a.teacher) if a.teacher
-               else bm.teacher_logits(a.dtrain, a.data_root, a.out, seed, sup))
+        if a.teacher:
+            long = json.load(open("bench/results/brown-methods-long.json"))
+            own = bm.teacher_logits(a.dtrain, a.data_root, a.out, seed,
+                                    long["fixed"][a.teacher] + long["chosen"][a.teacher], method=a.teacher)
+        else:
+            own = bm.teacher_logits(a.dtrain, a.data_root, a.out, seed, sup)
         hidden = hidden_labels(data)
         buf, body, z = read_logits(own)
         assert len(hidden) == len(z) and (hidden >= 0).all()
         base = float((z.argmax(1) == hidden).mean())
-        rng = np.random.default_rng(seed)
         for target in [None] + [p for p in a.accuracies if p > base]:
             path = own
             if target is not None:
                 path = os.path.join(a.out, "oracle", f"seed{seed}-{target}.logits")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
+                # Each accuracy's corrections depend only on the seed and the accuracy.
+                rng = np.random.default_rng([seed, int(round(target * 1000))])
                 write_logits(path, buf, body, corrected(z, hidden, target, rng))
             name = ("own" if not a.teacher else a.teacher) if target is None else str(target)
             out = os.path.join(a.out, "students", f"seed{seed}-{name}")
