@@ -101,16 +101,15 @@ def main():
     a = ap.parse_args()
     if a.teacher:
         a.accuracies = []
-    sup = json.load(open("bench/results/brown-methods.json"))["chosen"]["supervised"]
+    if a.teacher:
+        long = json.load(open("bench/results/brown-methods-long.json"))
+        teacher_sets = long["fixed"][a.teacher] + long["chosen"][a.teacher]
+    else:
+        teacher_sets = json.load(open("bench/results/brown-methods.json"))["chosen"]["supervised"]
     result = {"rows": []}
     for seed in a.seeds:
         data = bm.data_dir(a.data_root, seed)
-        if a.teacher:
-            long = json.load(open("bench/results/brown-methods-long.json"))
-            own = bm.teacher_logits(a.dtrain, a.data_root, a.out, seed,
-                                    long["fixed"][a.teacher] + long["chosen"][a.teacher], method=a.teacher)
-        else:
-            own = bm.teacher_logits(a.dtrain, a.data_root, a.out, seed, sup)
+        own = bm.teacher_logits(a.dtrain, a.data_root, a.out, seed, teacher_sets, method=a.teacher or "supervised")
         hidden = hidden_labels(data)
         buf, body, z = read_logits(own)
         assert len(hidden) == len(z) and (hidden >= 0).all()
