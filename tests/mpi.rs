@@ -109,15 +109,22 @@ fn eval_records(out: &Path) -> Vec<(String, String, u64, f64, f64, f64)> {
         .collect()
 }
 
-/// The training records' loss and train accuracy, by step.
-fn train_records(out: &Path) -> Vec<(u64, f64, f64)> {
+/// The training records' loss, train accuracy and pseudo-labels' top-class share (a count
+/// over the global batch), by step.
+fn train_records(out: &Path) -> Vec<(u64, f64, f64, Option<f64>)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v.get("split").is_none())
         .map(|v| {
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["train_accuracy"].as_f64().unwrap())
+            let share = v.get("pseudo_label_top_share").map(|s| s.as_f64().unwrap());
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+                v["train_accuracy"].as_f64().unwrap(),
+                share,
+            )
         })
         .collect()
 }
@@ -139,7 +146,7 @@ fn assert_same_metrics(a: &Path, b: &Path, tol: f64) {
     let (ta, tb) = (train_records(a), train_records(b));
     assert_eq!(ta.len(), tb.len());
     for (x, y) in ta.iter().zip(&tb) {
-        assert_eq!((x.0, x.2), (y.0, y.2), "{x:?} vs {y:?}");
+        assert_eq!((x.0, x.2, x.3), (y.0, y.2, y.3), "{x:?} vs {y:?}");
         assert!(close(x.1, y.1, tol), "training loss {x:?} vs {y:?}");
     }
 }
@@ -170,6 +177,12 @@ fn every_method_trains_the_same_model_on_1_2_and_4_ranks() {
                 out
             })
             .collect();
+        if *method != "supervised" {
+            assert!(
+                train_records(&outs[0]).iter().any(|r| r.3.is_some()),
+                "{method} logs the pseudo-labels' spread"
+            );
+        }
         for out in &outs[1..] {
             let err = common::max_rel_err(&common::last_checkpoint(&outs[0]), &common::last_checkpoint(out));
             eprintln!("{method}: {} vs 1 rank: relative error {err:.2e}", out.display());

@@ -920,6 +920,61 @@ fn export_logits_and_noisy_student() {
     assert!(e.contains("noisy_student.logits"), "{e}");
 }
 
+#[test]
+fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
+    use dtrain::data::shard::SplitKind;
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    // Temporal Ensembling: an unlabeled row has a target only once it was seen, so the first
+    // step has none, and neither diagnostic may count it.
+    let te = dir.path().join("te");
+    let sets = ["method=\"temporal\"", "unlabeled.ratio=2", "train.steps=30", "train.log_every=1"];
+    run(&cfg(&data, &te, &sets), Resume::No, None).unwrap();
+    let recs = train_records(&te);
+    for key in ["pseudo_label_top_share", "pseudo_label_top_class", "pseudo_label_accuracy"] {
+        assert!(recs[0].get(key).is_none(), "step 1 has no targets yet, but logs {key}: {}", recs[0]);
+    }
+    let later: Vec<_> = recs.iter().filter(|r| r.get("pseudo_label_top_share").is_some()).collect();
+    assert!(later.len() > 10, "the spread is logged once rows have targets");
+    for r in &later {
+        let share = r["pseudo_label_top_share"].as_f64().unwrap();
+        assert!((1.0 / 3.0..=1.0).contains(&share), "{r}");
+        assert!(["c0", "c1", "c2"].contains(&r["pseudo_label_top_class"].as_str().unwrap()), "{r}");
+    }
+    // Noisy Student on targets that all say c2: every window's pseudo-labels are c2, and the
+    // command line warns once, from the second labeled epoch on.
+    let teacher = run(&cfg(&data, &dir.path().join("t"), &["train.steps=6"]), Resume::No, None).unwrap();
+    let (_, model, mut params) = dtrain::checkpoint::load_model(&teacher.final_checkpoint).unwrap();
+    let bias = model.layout().get("output.bias").expect("the head's bias").slot.range();
+    params[bias.start + 2] += 100.0;
+    let file = dir.path().join("c2.logits");
+    let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
+    let be = dtrain::backend::cpu::Cpu::<f32>::new();
+    dtrain::logits::export(&be, &model, &params, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
+    let ns = dir.path().join("ns");
+    let logits_set = format!("noisy_student.logits={:?}", file.display().to_string());
+    let sets = ["method=\"noisy_student\"", "train.steps=12", "train.log_every=2", &logits_set];
+    let c = cfg(&data, &ns, &sets);
+    let toml = dir.path().join("ns.toml");
+    std::fs::write(&toml, toml::to_string(&c).unwrap()).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["train", "--quiet", "--config", toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("warning: step").count(), 1, "one warning: {err}");
+    assert!(err.contains("100% of the unlabeled rows' pseudo-labels are 'c2'"), "{err}");
+    let recs = train_records(&ns);
+    assert_eq!(recs.len(), 6);
+    for r in &recs {
+        assert_eq!(
+            (r["pseudo_label_top_share"].as_f64(), r["pseudo_label_top_class"].as_str()),
+            (Some(1.0), Some("c2"))
+        );
+    }
+}
+
 /// The metrics records of a run that are not evaluations.
 fn train_records(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))

@@ -39,7 +39,7 @@ use crate::optim::schedule::Plateau;
 /// Magic bytes of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";
 /// Version of `state.bin`.
-pub const STATE_VERSION: u32 = 5;
+pub const STATE_VERSION: u32 = 6;
 /// Which weights of a checkpoint to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
@@ -109,7 +109,7 @@ pub struct TrainState {
 }
 
 /// Running sums since the last metrics line.
-#[derive(Debug, Clone, Copy, Default, PartialEq, bincode::Encode, bincode::Decode)]
+#[derive(Debug, Clone, Default, PartialEq, bincode::Encode, bincode::Decode)]
 pub struct LogWindow {
     /// Σ over steps of the step's total loss (supervised + weighted consistency).
     pub loss_sum: f64,
@@ -154,6 +154,10 @@ pub struct LogWindow {
     pub pl_correct: u64,
     pub pl_passed: u64,
     pub pl_passed_correct: u64,
+    /// Unlabeled rows per class of their target's argmax (every unlabeled row, hidden label
+    /// or not): the collapse diagnostic. Empty until the first consistency step; padded to
+    /// the number of classes when summed over ranks.
+    pub pl_classes: Vec<u64>,
 }
 
 /// Name of a checkpoint directory.

@@ -323,13 +323,14 @@ pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Tra
 
 /// The sums of a logging window over ranks. Every rank adds its own rows' counts and sums,
 /// and 1/W of each per-step mean, so the sum over ranks is the global window; the step
-/// counters (steps, MPL steps, adversarial passes) are the same on every rank.
-fn window_sum(win: &LogWindow, dist: &Dist) -> LogWindow {
+/// counters (steps, MPL steps, adversarial passes) are the same on every rank. The class
+/// counts are padded to `classes` first, as a rank may not have seen the highest class.
+fn window_sum(win: &LogWindow, dist: &Dist, classes: usize) -> LogWindow {
     if dist.world() == 1 {
-        return *win;
+        return win.clone();
     }
     let w = win;
-    let mut v = [
+    let v = [
         w.loss_sum,
         w.sup_sum,
         w.docs as f64,
@@ -355,6 +356,9 @@ fn window_sum(win: &LogWindow, dist: &Dist) -> LogWindow {
         w.pl_passed as f64,
         w.pl_passed_correct as f64,
     ];
+    let mut pl_classes: Vec<f64> = w.pl_classes.iter().map(|&c| c as f64).collect();
+    pl_classes.resize(classes.max(w.pl_classes.len()), 0.0);
+    let mut v: Vec<f64> = v.iter().copied().chain(pl_classes).collect();
     dist.sum("the metrics window", &mut v);
     let n = |x: f64| x.round() as u64;
     LogWindow {
@@ -385,7 +389,21 @@ fn window_sum(win: &LogWindow, dist: &Dist) -> LogWindow {
         pl_correct: n(v[21]),
         pl_passed: n(v[22]),
         pl_passed_correct: n(v[23]),
+        pl_classes: v[24..].iter().map(|&c| n(c)).collect(),
     }
+}
+
+/// The commonest class of a window's pseudo-labels and its share of them, if any.
+fn top_class_share(counts: &[u64]) -> Option<(usize, f64)> {
+    let total: u64 = counts.iter().sum();
+    let (top, &most) = counts.iter().enumerate().max_by_key(|&(c, &n)| (n, std::cmp::Reverse(c)))?;
+    (total > 0).then(|| (top, most as f64 / total as f64))
+}
+
+/// Whether a window's top-class share of pseudo-labels signals a collapse: at least 90% on
+/// one class, with three classes or more (with two, a skewed pool is ordinary).
+fn collapsing(classes: usize, share: f64) -> bool {
+    classes >= 3 && share >= 0.9
 }
 
 /// A restored (global) logging window as rank `rank` continues it: rank 0 keeps the sums,
@@ -499,6 +517,8 @@ where
     let mut plateau = Plateau::default();
     let mut step = 0u64;
     let mut win = LogWindow::default();
+    // The collapse warning is printed once per run, from the second labeled epoch on.
+    let mut collapse_warned = false;
     let mut restored_stabiliser = None;
     let resume_from = match &opts.resume {
         Resume::No => {
@@ -633,7 +653,7 @@ where
         }
         plateau = state.plateau;
         step = state.step;
-        win = window_share(state.window, rank);
+        win = window_share(state.window.clone(), rank);
         if let Some(run) = &mut mpl_run {
             run.restore(be, dir, &state)?;
         }
@@ -840,7 +860,7 @@ where
 
         if logs {
             let local = std::mem::take(&mut win);
-            let win = window_sum(&local, dist);
+            let win = window_sum(&local, dist, classes_n);
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let (loss, acc) =
                 (win.loss_sum / win.steps.max(1) as f64, win.correct as f64 / win.docs.max(1) as f64);
@@ -867,6 +887,25 @@ where
                 if win.pl_passed > 0 {
                     rec["pseudo_label_accuracy_masked"] =
                         json!(win.pl_passed_correct as f64 / win.pl_passed as f64);
+                }
+            }
+            if let Some((top, share)) = top_class_share(&win.pl_classes) {
+                // The collapse diagnostic: near 1, one class takes every pseudo-label.
+                rec["pseudo_label_top_class"] = json!(manifest.labels[top]);
+                rec["pseudo_label_top_share"] = json!(share);
+                if !collapse_warned
+                    && dist.is_root()
+                    && step > steps_per_epoch
+                    && collapsing(classes_n, share)
+                {
+                    collapse_warned = true;
+                    bar.suspend(|| {
+                        eprintln!(
+                            "warning: step {step}: {:.0}% of the unlabeled rows' pseudo-labels are '{}' (pseudo_label_top_share in metrics.jsonl): the consistency term may be collapsing onto one class; consider consistency.distribution_alignment, a higher consistency.threshold, a lower consistency.weight or a shorter run (docs/results.md, 'Why the consistency methods fade')",
+                            100.0 * share,
+                            manifest.labels[top]
+                        )
+                    });
                 }
             }
             if win.adv_count > 0 {
@@ -956,7 +995,7 @@ where
                 plateau,
                 config_hash,
                 data_checksum: manifest.checksum.clone(),
-                window: window_sum(&win, dist),
+                window: window_sum(&win, dist, classes_n),
             };
             let contents = checkpoint::Contents {
                 params: host_view(be, &params),
@@ -1022,4 +1061,29 @@ fn teacher_logits_checksum(cfg: &TrainConfig) -> Result<u64> {
         sum = crate::backend::mix64(sum ^ LogitsFile::open(path)?.body_checksum());
     }
     Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_top_class_share_counts_and_breaks_ties_by_the_lower_class() {
+        assert_eq!(top_class_share(&[]), None);
+        assert_eq!(top_class_share(&[0, 0, 0]), None);
+        assert_eq!(top_class_share(&[1, 3, 0, 4]), Some((3, 0.5)));
+        assert_eq!(top_class_share(&[2, 0, 2]), Some((0, 0.5)));
+        assert!(collapsing(3, 0.9) && !collapsing(3, 0.89) && !collapsing(2, 1.0));
+    }
+
+    #[test]
+    fn diagnostics_skip_rows_without_a_target() {
+        let mut win = LogWindow::default();
+        // Four rows: hidden labels 1, unknown, 2, 1; targets 1, 0, 2, 2; row 2 has no target
+        // and row 3 fails the mask.
+        let (hidden, label) = ([1, -1, 2, 1], [1.0, 0.0, 2.0, 2.0]);
+        step::pseudo_label_diagnostics(&mut win, &hidden, &label, |i| i != 2, |i| i < 2);
+        assert_eq!(win.pl_classes, vec![1, 1, 1]);
+        assert_eq!((win.pl_rows, win.pl_correct, win.pl_passed, win.pl_passed_correct), (2, 1, 1, 1));
+    }
 }

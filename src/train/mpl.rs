@@ -377,7 +377,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             win.passed += out.uda_passed as u64;
         }
         let labels_f: Vec<f32> = out.labels.iter().map(|&l| l as f32).collect();
-        pseudo_label_diagnostics(win, &m.hidden, &labels_f, |_| true);
+        pseudo_label_diagnostics(win, &m.hidden, &labels_f, |_| true, |_| true);
         Ok(MplStepOut { loss: out.ce_pseudo, norm: out.student_norm })
     }
 }

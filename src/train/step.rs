@@ -260,16 +260,29 @@ pub(super) fn drop_confident_rows(
     removed
 }
 
-/// Pseudo-label accuracy against the hidden labels (diagnostics only): of every unlabeled
-/// row with a known label, and of those that passed the mask.
+/// Pseudo-label diagnostics over the unlabeled rows that have a target (a Temporal Ensembling
+/// row gets its first only once it was seen): how their targets spread over the classes
+/// (hidden label or not), and their accuracy against the hidden labels, of every row with a
+/// known label and of those that passed the mask.
 pub(super) fn pseudo_label_diagnostics(
     win: &mut LogWindow,
     hidden: &[i32],
     label: &[f32],
+    has_target: impl Fn(usize) -> bool,
     passed: impl Fn(usize) -> bool,
 ) {
+    for (i, &l) in label.iter().enumerate() {
+        if !has_target(i) {
+            continue;
+        }
+        let c = l as usize;
+        if win.pl_classes.len() <= c {
+            win.pl_classes.resize(c + 1, 0);
+        }
+        win.pl_classes[c] += 1;
+    }
     for (i, (&h, &l)) in hidden.iter().zip(label).enumerate() {
-        if h < 0 {
+        if h < 0 || !has_target(i) {
             continue;
         }
         let right = u64::from(h == l as i32);
@@ -496,12 +509,12 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
             // A row passed where its weight is nonzero and its confidence reaches its
             // class's threshold: the op's own test, in the same f32 arithmetic.
             let mult = mult_host.as_ref();
+            let has_target = |i: usize| weight_buf.is_none() || self.weight_host[rows - n_u + i] != 0.0;
             let passed = |i: usize| {
-                let weight_ok = weight_buf.is_none() || self.weight_host[rows - n_u + i] != 0.0;
                 let tau = threshold as f32 * mult.as_ref().map_or(1.0, |m| m[label[i] as usize]);
-                weight_ok && conf[i] >= tau
+                has_target(i) && conf[i] >= tau
             };
-            pseudo_label_diagnostics(win, &m.hidden, label, passed);
+            pseudo_label_diagnostics(win, &m.hidden, label, has_target, passed);
             if let Some(st) = stabiliser {
                 record_confident(st, self.dist, &m.rows[n_l..], conf, label);
             }
