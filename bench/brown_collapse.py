@@ -4,7 +4,8 @@ for 400 labeled epochs, and read back from metrics.jsonl over the run:
   - validation accuracy after 25, 100 and 400 epochs (test after 400);
   - the pseudo-labels' spread: pseudo_label_top_share, the share of the unlabeled rows'
     targets that go to the commonest class (1.0 = every target is one class), its maximum
-    over the run and the first step where it reaches 0.9 (dtrain's collapse warning);
+    from the second labeled epoch on, and the first step where it reaches 0.9 (where dtrain
+    warns);
   - the targets' accuracy against the hidden labels (pseudo_label_accuracy), averaged over
     epochs 1-25 and over epochs 300-400.
 R-Drop runs twice: with its sym_kl term on unlabeled rows too (its chosen setting) and on
@@ -40,7 +41,10 @@ def trajectory(path):
     val = {r["step"]: r["accuracy"] for r in recs if r.get("split") == "val" and r.get("model") is None}
     test = [r["accuracy"] for r in recs if r.get("split") == "test" and r.get("model") is None][-1]
     steps = [r for r in recs if "split" not in r]
-    shares = [(r["step"], r["pseudo_label_top_share"]) for r in steps if "pseudo_label_top_share" in r]
+    # From the second labeled epoch on, as dtrain's warning: an untrained model's first
+    # predictions can all be one class.
+    shares = [(r["step"], r["pseudo_label_top_share"]) for r in steps
+              if "pseudo_label_top_share" in r and r["step"] > STEPS_PER_EPOCH]
     early = [r["pseudo_label_accuracy"] for r in steps
              if "pseudo_label_accuracy" in r and r["step"] <= 25 * STEPS_PER_EPOCH]
     late = [r["pseudo_label_accuracy"] for r in steps
@@ -48,7 +52,11 @@ def trajectory(path):
     row = {f"val_{e}": val[e * STEPS_PER_EPOCH] for e in (25, 100, 400)}
     row["test_400"] = test
     if shares:
-        row["top_share_max"] = max(s for _, s in shares)
+        # An untrained model's targets lean to a class or two for a few epochs: the share
+        # is summarised after the first 25 epochs.
+        settled = [s for st, s in shares if st > 25 * STEPS_PER_EPOCH]
+        row["top_share_median_26_400"] = statistics.median(settled)
+        row["top_share_max_26_400"] = max(settled)
         row["top_share_last"] = shares[-1][1]
         row["step_top_share_0.9"] = next((st for st, s in shares if s >= 0.9), None)
         row["pl_acc_1_25"] = statistics.mean(early)
@@ -64,6 +72,7 @@ def main():
     ap.add_argument("--dtrain", default="target/release/dtrain")
     ap.add_argument("--base-json", default="bench/results/brown-methods-long.json")
     ap.add_argument("--json")
+    ap.add_argument("--reuse", action="store_true", help="read the runs already under --out instead of training")
     a = ap.parse_args()
     fixed = json.load(open(a.base_json))["fixed"]
     result = {"runs": {}, "summary": {}}
@@ -73,7 +82,8 @@ def main():
         rows = []
         for seed in a.seeds:
             out = os.path.join(a.out, name, f"seed{seed}")
-            bm.train(a.dtrain, method, bm.data_dir(a.data_root, seed), out, seed, sets)
+            if not a.reuse:
+                bm.train(a.dtrain, method, bm.data_dir(a.data_root, seed), out, seed, sets)
             row = trajectory(os.path.join(out, "metrics.jsonl"))
             row["seed"] = seed
             rows.append(row)
@@ -86,12 +96,17 @@ def main():
                 summary[k] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
         result["summary"][name] = summary
     print()
-    print("| run | val 25 ep | val 100 ep | val 400 ep | test 400 ep | top share max | pl acc 1-25 | pl acc 300-400 |")
+    print("| run | val 25 ep | val 100 ep | val 400 ep | test 400 ep | top share, median 26-400 | max 26-400 "
+          "| pl acc 1-25 | pl acc 300-400 |")
     for name, s in result["summary"].items():
         f = lambda k: f"{100 * s[k][0]:.1f} ± {100 * s[k][1]:.1f}" if k in s else "-"
         print(f"| {name} | {f('val_25')} | {f('val_100')} | {f('val_400')} | {f('test_400')} | "
-              f"{f('top_share_max')} | {f('pl_acc_1_25')} | {f('pl_acc_300_400')} |")
-    if a.json:
+              f"{f('top_share_median_26_400')} | {f('top_share_max_26_400')} | {f('pl_acc_1_25')} | "
+              f"{f('pl_acc_300_400')} |")
+    if a.json and a.reuse and os.path.exists(a.json):
+        # The runs are the ones the earlier command made: keep its provenance.
+        result["provenance"] = json.load(open(a.json))["provenance"]
+    elif a.json:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
         cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
@@ -99,6 +114,7 @@ def main():
             command=f"python3 bench/brown_collapse.py --seeds {' '.join(map(str, a.seeds))}",
             date=time.strftime("%Y-%m-%d"), git=rev + (" (with uncommitted changes to src/)" if dirty else ""),
             cpu=cpu, cores=os.cpu_count())
+    if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
 

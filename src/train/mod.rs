@@ -899,9 +899,14 @@ where
                     && collapsing(classes_n, share)
                 {
                     collapse_warned = true;
+                    let remedies = if recipe.target == TargetSource::WeakView {
+                        "consistency.distribution_alignment, an adaptive or higher consistency.threshold, a lower consistency.weight or a shorter run"
+                    } else {
+                        "a lower consistency.weight or a shorter run"
+                    };
                     bar.suspend(|| {
                         eprintln!(
-                            "warning: step {step}: {:.0}% of the unlabeled rows' pseudo-labels are '{}' (pseudo_label_top_share in metrics.jsonl): the consistency term may be collapsing onto one class; consider consistency.distribution_alignment, a higher consistency.threshold, a lower consistency.weight or a shorter run (docs/results.md, 'Why the consistency methods fade')",
+                            "warning: step {step}: {:.0}% of the unlabeled rows' pseudo-labels are '{}' (pseudo_label_top_share in metrics.jsonl): the consistency term may be collapsing onto one class; consider {remedies} (docs/results.md, 'Why the consistency methods fade')",
                             100.0 * share,
                             manifest.labels[top]
                         )
