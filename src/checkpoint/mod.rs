@@ -154,9 +154,9 @@ pub struct LogWindow {
     pub pl_correct: u64,
     pub pl_passed: u64,
     pub pl_passed_correct: u64,
-    /// Unlabeled rows per class of their target's argmax (every unlabeled row, hidden label
-    /// or not): the collapse diagnostic. Empty until the first consistency step; padded to
-    /// the number of classes when summed over ranks.
+    /// Unlabeled rows with a target, per class of the target's argmax (hidden label or
+    /// not): the collapse diagnostic. Empty until the first such row; padded to the number
+    /// of classes when summed over ranks.
     pub pl_classes: Vec<u64>,
 }
 

@@ -330,7 +330,7 @@ fn window_sum(win: &LogWindow, dist: &Dist, classes: usize) -> LogWindow {
         return win.clone();
     }
     let w = win;
-    let v = [
+    let mut v = vec![
         w.loss_sum,
         w.sup_sum,
         w.docs as f64,
@@ -356,9 +356,9 @@ fn window_sum(win: &LogWindow, dist: &Dist, classes: usize) -> LogWindow {
         w.pl_passed as f64,
         w.pl_passed_correct as f64,
     ];
-    let mut pl_classes: Vec<f64> = w.pl_classes.iter().map(|&c| c as f64).collect();
-    pl_classes.resize(classes.max(w.pl_classes.len()), 0.0);
-    let mut v: Vec<f64> = v.iter().copied().chain(pl_classes).collect();
+    let sums = v.len();
+    v.extend(w.pl_classes.iter().map(|&c| c as f64));
+    v.resize(sums + classes.max(w.pl_classes.len()), 0.0);
     dist.sum("the metrics window", &mut v);
     let n = |x: f64| x.round() as u64;
     LogWindow {
@@ -389,7 +389,7 @@ fn window_sum(win: &LogWindow, dist: &Dist, classes: usize) -> LogWindow {
         pl_correct: n(v[21]),
         pl_passed: n(v[22]),
         pl_passed_correct: n(v[23]),
-        pl_classes: v[24..].iter().map(|&c| n(c)).collect(),
+        pl_classes: v[sums..].iter().map(|&c| n(c)).collect(),
     }
 }
 
