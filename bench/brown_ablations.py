@@ -13,7 +13,10 @@ import json
 import os
 import statistics
 import subprocess
-import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import brown_methods as bm  # noqa: E402
 
 BASE = ["consistency.weight=0.1", 'consistency.adaptive_threshold="freematch"',
         "consistency.distribution_alignment=true", "consistency.stabiliser_momentum=0.9"]
@@ -77,10 +80,7 @@ def main():
               f"{100 * row['paired'][0]:+.2f} ± {100 * row['paired'][1]:.2f}   mask {row['mask_ratio']:.3f}   "
               f"pl acc {row['pseudo_label_accuracy']:.3f}", flush=True)
     if a.json:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
-        result["provenance"] = dict(command="python3 bench/brown_ablations.py --seeds " + " ".join(map(str, a.seeds)),
-                                    date=time.strftime("%Y-%m-%d"), git=rev, cpu=cpu, cores=os.cpu_count())
+        result["provenance"] = bm.provenance("python3 bench/brown_ablations.py --seeds " + " ".join(map(str, a.seeds)))
         json.dump(result, open(a.json, "w"), indent=1)
 
 

@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import brown_methods as bm  # noqa: E402
@@ -107,13 +105,7 @@ def main():
         # The runs are the ones the earlier command made: keep its provenance.
         result["provenance"] = json.load(open(a.json))["provenance"]
     elif a.json:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
-        cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
-        result["provenance"] = dict(
-            command=f"python3 bench/brown_collapse.py --seeds {' '.join(map(str, a.seeds))}",
-            date=time.strftime("%Y-%m-%d"), git=rev + (" (with uncommitted changes to src/)" if dirty else ""),
-            cpu=cpu, cores=os.cpu_count())
+        result["provenance"] = bm.provenance(f"python3 bench/brown_collapse.py --seeds {' '.join(map(str, a.seeds))}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

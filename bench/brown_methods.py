@@ -172,6 +172,16 @@ def train(dt, method, data, out, seed, sets):
     return row
 
 
+def provenance(command):
+    """Where a result came from: the command, date, dtrain's git revision (flagged when src/
+    has uncommitted changes), CPU and cores."""
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
+    cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
+    return dict(command=command, date=time.strftime("%Y-%m-%d"),
+                git=rev + (" (with uncommitted changes to src/)" if dirty else ""), cpu=cpu, cores=os.cpu_count())
+
+
 def select_key(method, row):
     return row["teacher_val"] if method == "mean_teacher" else row["val"]
 
@@ -257,13 +267,8 @@ def main():
         print("==", method, best["sets"], {k: f"{pct(k, m):.2f} ± {pct(k, s):.2f}" for k, (m, s) in summary.items()},
               flush=True)
     if a.json:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
-        cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].split(":", 1)[1].strip()
-        result.setdefault("provenance", {})["+".join(a.methods)] = dict(
-            command=f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}{'--dropout-grid ' if a.dropout_grid else ''}{'--epochs-grid ' if a.epochs_grid else ''}{''.join('--pretrain-set ' + x + ' ' for x in a.pretrain_set)}{''.join(repr('--also-grid=' + x) + ' ' for x in a.also_grid)}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}",
-            date=time.strftime("%Y-%m-%d"), git=rev + (" (with uncommitted changes to src/)" if dirty else ""),
-            cpu=cpu, cores=os.cpu_count())
+        result.setdefault("provenance", {})["+".join(a.methods)] = provenance(
+            f"python3 bench/brown_methods.py {'--pretrained ' if a.pretrained else ''}{'--dropout-grid ' if a.dropout_grid else ''}{'--epochs-grid ' if a.epochs_grid else ''}{''.join('--pretrain-set ' + x + ' ' for x in a.pretrain_set)}{''.join(repr('--also-grid=' + x) + ' ' for x in a.also_grid)}--methods {' '.join(a.methods)} --seeds {' '.join(map(str, a.seeds))}")
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
 

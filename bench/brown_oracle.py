@@ -29,9 +29,7 @@ import json
 import os
 import statistics
 import struct
-import subprocess
 import sys
-import time
 
 import numpy as np
 import xxhash
@@ -142,9 +140,7 @@ def main():
               f"± {summary[k]['test_sd']:.2f} ({len(t)} seeds)")
     result["summary"] = summary
     if a.json:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        result["provenance"] = dict(command="python bench/brown_oracle.py " + " ".join(sys.argv[1:]),
-                                    date=time.strftime("%Y-%m-%d"), git=rev, cores=os.cpu_count())
+        result["provenance"] = bm.provenance("python bench/brown_oracle.py " + " ".join(sys.argv[1:]))
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
 
