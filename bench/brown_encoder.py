@@ -45,9 +45,11 @@ VARIANTS = {
     # train + unlabeled paragraphs (configs/brown/mlm.toml: 1 epoch, lr 5e-5), made once per
     # seed under runs/brown_encoder/seedN/mlm.
     "mlm_supervised": [],
+    # FixMatch (as "fixmatch") from the same masked-LM encoder.
+    "mlm_fixmatch": ['method="fixmatch"', "unlabeled.ratio=1", "consistency.threshold=0.95"],
 }
 # Variants that start from the seed's masked-LM encoder.
-FROM_MLM = {"mlm_supervised"}
+FROM_MLM = {"mlm_supervised", "mlm_fixmatch"}
 # Variants trained on a split that keeps every label.
 ALL_LABELS = {"all_labels"}
 BIN = os.environ.get("DTRAIN_BIN", "./target/release/dtrain")
