@@ -401,9 +401,12 @@ fn top_class_share(counts: &[u64]) -> Option<(usize, f64)> {
 }
 
 /// Whether a window's top-class share of pseudo-labels signals a collapse: at least 90% on
-/// one class, with three classes or more (with two, a skewed pool is ordinary).
-fn collapsing(classes: usize, share: f64) -> bool {
-    classes >= 3 && share >= 0.9
+/// one class, and at least halfway from the labeled set's largest class share to 1, so
+/// that a pool as skewed as its labels is not flagged (`labeled`: documents per class).
+fn collapsing(labeled: &[u64], share: f64) -> bool {
+    let total = labeled.iter().sum::<u64>().max(1) as f64;
+    let largest = labeled.iter().copied().max().unwrap_or(0) as f64 / total;
+    share >= 0.9f64.max((1.0 + largest) / 2.0)
 }
 
 /// A restored (global) logging window as rank `rank` continues it: rank 0 keeps the sums,
@@ -896,7 +899,7 @@ where
                 if !collapse_warned
                     && dist.is_root()
                     && step > steps_per_epoch
-                    && collapsing(classes_n, share)
+                    && collapsing(&manifest.splits["train"].per_class, share)
                 {
                     collapse_warned = true;
                     let remedies = if recipe.target == TargetSource::WeakView {
@@ -1078,7 +1081,10 @@ mod tests {
         assert_eq!(top_class_share(&[0, 0, 0]), None);
         assert_eq!(top_class_share(&[1, 3, 0, 4]), Some((3, 0.5)));
         assert_eq!(top_class_share(&[2, 0, 2]), Some((0, 0.5)));
-        assert!(collapsing(3, 0.9) && !collapsing(3, 0.89) && !collapsing(2, 1.0));
+        // Balanced labels: the bar is 90%. Labels 90% one class: 90% of the pseudo-labels
+        // on it is ordinary, and the bar is halfway to 1.
+        assert!(collapsing(&[5, 5, 5], 0.9) && !collapsing(&[5, 5, 5], 0.89) && collapsing(&[5, 5], 0.95));
+        assert!(!collapsing(&[18, 1, 1], 0.94) && collapsing(&[18, 1, 1], 0.951));
     }
 
     #[test]
