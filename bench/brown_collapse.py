@@ -12,6 +12,8 @@ R-Drop runs twice: with its sym_kl term on unlabeled rows too (its chosen settin
 the labeled rows alone (the published form).
 
   python3 bench/brown_collapse.py --seeds 1 2 3 --json bench/results/brown-collapse.json
+  python3 bench/brown_collapse.py --seeds 1 --runs pi_w1 pi_w10 mean_teacher_w0.1 rdrop_w0.1 rdrop_w0.3 \
+      --out runs/brown_collapse_weights --json bench/results/brown-collapse-weights.json
 """
 import argparse
 import json
@@ -31,6 +33,14 @@ RUNS = {
     "temporal": ("temporal", []),
     "rdrop": ("rdrop", []),
     "rdrop_labeled_only": ("rdrop", ["unlabeled.ratio=0"]),
+}
+# Lower consistency weights than chosen (--runs picks them): the dose behind the drift.
+WEIGHT_RUNS = {
+    "pi_w1": ("pi", ["consistency.weight=1.0"]),
+    "pi_w10": ("pi", ["consistency.weight=10.0"]),
+    "mean_teacher_w0.1": ("mean_teacher", ["consistency.weight=0.1"]),
+    "rdrop_w0.1": ("rdrop", ["consistency.weight=0.1"]),
+    "rdrop_w0.3": ("rdrop", ["consistency.weight=0.3"]),
 }
 
 
@@ -71,10 +81,12 @@ def main():
     ap.add_argument("--base-json", default="bench/results/brown-methods-long.json")
     ap.add_argument("--json")
     ap.add_argument("--reuse", action="store_true", help="read the runs already under --out instead of training")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS) + list(WEIGHT_RUNS))
     a = ap.parse_args()
     fixed = json.load(open(a.base_json))["fixed"]
     result = {"runs": {}, "summary": {}}
-    for name, (method, extra) in RUNS.items():
+    for name in a.runs:
+        method, extra = {**RUNS, **WEIGHT_RUNS}[name]
         bm.FIXED[method] = []
         sets = fixed[method] + extra + [f"train.epochs={EPOCHS}"]
         rows = []
@@ -105,7 +117,8 @@ def main():
         # The runs are the ones the earlier command made: keep its provenance.
         result["provenance"] = json.load(open(a.json))["provenance"]
     elif a.json:
-        result["provenance"] = bm.provenance(f"python3 bench/brown_collapse.py --seeds {' '.join(map(str, a.seeds))}")
+        runs = "" if a.runs == list(RUNS) else f" --runs {' '.join(a.runs)} --out {a.out}"
+        result["provenance"] = bm.provenance(f"python3 bench/brown_collapse.py --seeds {' '.join(map(str, a.seeds))}{runs}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
