@@ -520,7 +520,8 @@ where
     let mut plateau = Plateau::default();
     let mut step = 0u64;
     let mut win = LogWindow::default();
-    // The collapse warning is printed once per run, from the second labeled epoch on.
+    // The collapse warning is printed once per process (a resumed run may print it again),
+    // from the second labeled epoch on.
     let mut collapse_warned = false;
     let mut restored_stabiliser = None;
     let resume_from = match &opts.resume {
