@@ -280,11 +280,7 @@ pub(super) fn pseudo_label_diagnostics(
             win.pl_classes.resize(c + 1, 0);
         }
         win.pl_classes[c] += 1;
-    }
-    for (i, (&h, &l)) in hidden.iter().zip(label).enumerate() {
-        if h < 0 || !has_target(i) {
-            continue;
-        }
+        let Some(&h) = hidden.get(i).filter(|&&h| h >= 0) else { continue };
         let right = u64::from(h == l as i32);
         win.pl_rows += 1;
         win.pl_correct += right;
