@@ -67,7 +67,9 @@ def read_logits(path):
 def write_logits(path, buf, body, z):
     out = bytearray(buf[:body]) + bytearray(z.astype("<f4").tobytes())
     struct.pack_into("<Q", out, 56, xxhash.xxh3_64_intdigest(bytes(out[LOGITS_HEADER:])))
-    struct.pack_into("<Q", out, 64, xxhash.xxh3_64_intdigest(bytes(out[:64])))
+    # Version 1 keeps its header checksum at 64 (over bytes 0..64), version 2 at 72 (0..72).
+    end = 64 if struct.unpack_from("<I", out, 8)[0] == 1 else 72
+    struct.pack_into("<Q", out, end, xxhash.xxh3_64_intdigest(bytes(out[:end])))
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(out)

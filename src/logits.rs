@@ -10,13 +10,21 @@
 //!  32  the data set's manifest checksum (16 ASCII hex digits)
 //!  48  xxh3_64 of the class names joined by '\n'
 //!  56  body_checksum u64 (xxh3_64 of every byte from 128 on)
-//!  64  header_checksum u64 (xxh3_64 of bytes 0..64)           72..128 zero
+//!  64  rows fingerprint u64 (see [`rows_fingerprint`]; version 2 on)
+//!  72  header_checksum u64 (xxh3_64 of bytes 0..72)           80..128 zero
 //! 128  rows per shard: P × u64
 //!      logits: rows × classes × f32, shard by shard, each shard's rows in order
 //! ```
+//! Version 1 had no fingerprint: its header checksum sits at 64 and covers bytes 0..64.
+//! Such files are still read, and match only the data set they were exported from.
+//!
 //! The file is written under a temporary name, synced and renamed. Opening checks the
 //! header, the length and the body checksum (one streaming pass), then that the file was
-//! made from this data set, split and label set.
+//! made from this split and label set: either from this very data set (same manifest
+//! checksum), or from another preparation of the same documents in the same rows, which
+//! the rows fingerprint shows. The second case is what lets a teacher on one tokenizer
+//! (a MiniLM encoder on WordPiece ids) give targets to a student on another (a bag model
+//! on hashed n-grams): the fingerprint reads only what the tokenizer does not decide.
 //!
 //! # Safety
 //! The reader maps the file read-only; as with shards, the mapping is sound only while no
@@ -37,8 +45,32 @@ use crate::model::{Acts, Model};
 /// Magic bytes of a logits file.
 pub const MAGIC: &[u8; 8] = b"DTLOGIT\0";
 /// Version of the logits file format.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const HEADER_LEN: usize = 128;
+
+/// A tokenizer-independent identity of a split's rows: xxh3_64 over the vocabulary's
+/// checksum and, shard by shard, the row count and for every row its global sample id,
+/// label, hidden label and word sequence. Two preparations of the same input with the
+/// same split, word rules and shard count agree on it whatever their feature ids; any
+/// other difference in documents, order, labels or sharding changes it.
+pub fn rows_fingerprint(ds: &Dataset, split: SplitKind) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(ds.manifest().vocab.checksum.as_bytes());
+    for shard in ds.shards(split) {
+        h.update(&(shard.len() as u64).to_le_bytes());
+        for i in 0..shard.len() {
+            let doc = shard.doc(i);
+            let code = |l: Option<u32>| l.map_or(-1i64, i64::from);
+            h.update(&doc.sample_id.to_le_bytes());
+            h.update(&code(doc.label).to_le_bytes());
+            h.update(&code(shard.hidden_label(i)).to_le_bytes());
+            let words = shard.doc_words(i);
+            h.update(&(words.len() as u64).to_le_bytes());
+            h.update(bytemuck::cast_slice(words));
+        }
+    }
+    h.digest()
+}
 
 fn split_code(s: SplitKind) -> u32 {
     SplitKind::ALL.iter().position(|&x| x == s).expect("a split") as u32
@@ -46,6 +78,14 @@ fn split_code(s: SplitKind) -> u32 {
 
 fn labels_hash(labels: &[String]) -> u64 {
     xxh3_64(labels.join("\n").as_bytes())
+}
+
+/// Whether the file at `path` starts with the logits file's magic bytes (false when it
+/// cannot be read: opening it then reports why).
+pub fn has_magic(path: &Path) -> bool {
+    let mut head = [0u8; 8];
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
+        && &head == MAGIC
 }
 
 /// A logits file, mapped.
@@ -57,6 +97,8 @@ pub struct LogitsFile {
     /// First row of each shard, and the total at the end.
     starts: Vec<u64>,
     pub manifest_checksum: String,
+    /// [`rows_fingerprint`] of the rows it was exported from (`None` in version 1 files).
+    pub rows_fingerprint: Option<u64>,
 }
 
 impl LogitsFile {
@@ -72,11 +114,13 @@ impl LogitsFile {
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        if u64_at(64) != xxh3_64(&b[..64]) {
-            return bad("corrupted: the header does not match its checksum".into());
+        let version = u32_at(8);
+        if version != 1 && version != VERSION {
+            return bad(format!("logits format version {version}, this dtrain reads 1 and {VERSION}"));
         }
-        if u32_at(8) != VERSION {
-            return bad(format!("logits format version {}, this dtrain reads {VERSION}", u32_at(8)));
+        let header_end = if version == 1 { 64 } else { 72 };
+        if u64_at(header_end) != xxh3_64(&b[..header_end]) {
+            return bad("corrupted: the header does not match its checksum".into());
         }
         let Some(split) = SplitKind::ALL.into_iter().find(|&s| split_code(s) == u32_at(12)) else {
             return bad(format!("unknown split code {}", u32_at(12)));
@@ -105,10 +149,21 @@ impl LogitsFile {
             return bad("corrupted: the shards' row counts do not add up".into());
         }
         let manifest_checksum = String::from_utf8_lossy(&b[32..48]).into_owned();
-        Ok(LogitsFile { path: path.to_owned(), map, split, classes, starts, manifest_checksum })
+        let rows_fingerprint = (version >= 2).then(|| u64_at(64));
+        Ok(LogitsFile {
+            path: path.to_owned(),
+            map,
+            split,
+            classes,
+            starts,
+            manifest_checksum,
+            rows_fingerprint,
+        })
     }
 
-    /// Checks that the file holds the logits of `split` of `ds`, every shard with its rows.
+    /// Checks that the file holds the logits of `split` of `ds`, every shard with its rows:
+    /// exported from `ds` itself, or from another preparation of the same rows (another
+    /// tokenizer), as the rows fingerprint shows.
     pub fn check_matches(&self, ds: &Dataset, split: SplitKind) -> Result<()> {
         let m = ds.manifest();
         let bad = |msg: String| Err(Error::bad_file(&self.path, msg));
@@ -120,10 +175,19 @@ impl LogitsFile {
             ));
         }
         if self.manifest_checksum != m.checksum {
-            return bad(format!(
-                "was exported from another data set (manifest checksum {}, this one has {})",
-                self.manifest_checksum, m.checksum
-            ));
+            let how = match self.rows_fingerprint {
+                Some(f) if f == rows_fingerprint(ds, split) => None,
+                Some(_) => Some("and its rows differ: other documents, order, labels or sharding"),
+                None => {
+                    Some("and, as a version 1 file, cannot show that its rows are these; export it again")
+                }
+            };
+            if let Some(how) = how {
+                return bad(format!(
+                    "was exported from another data set (manifest checksum {}, this one has {}) {how}",
+                    self.manifest_checksum, m.checksum
+                ));
+            }
         }
         let b = &self.map[..];
         if u64::from_le_bytes(b[48..56].try_into().expect("8 bytes")) != labels_hash(&m.labels)
@@ -143,6 +207,48 @@ impl LogitsFile {
     /// The xxh3_64 of the file's contents (from its header; checked at open).
     pub fn body_checksum(&self) -> u64 {
         u64::from_le_bytes(self.map[56..64].try_into().expect("8 bytes"))
+    }
+
+    /// Every row's logits, shard by shard (rows × classes).
+    pub fn all(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.map[HEADER_LEN + 8 * (self.starts.len() - 1)..])
+    }
+
+    /// Rows per shard.
+    pub fn shard_rows(&self) -> Vec<u64> {
+        self.starts.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// What `dtrain inspect` prints of the file: its shape and provenance, then how its
+    /// argmaxes spread over the classes (by index: the file keeps only a hash of the class
+    /// names) with their mean confidence.
+    pub fn describe(&self) -> String {
+        let rows = self.starts.last().copied().unwrap_or(0);
+        let mut s = format!(
+            "{}: dtrain logits file of split `{}`: {rows} rows × {} classes in {} shards, from the data set \
+             with manifest checksum {}; rows fingerprint {}; contents match their checksum\n",
+            self.path.display(),
+            self.split.name(),
+            self.classes,
+            self.starts.len() - 1,
+            self.manifest_checksum,
+            self.rows_fingerprint.map_or("none (version 1)".into(), |f| format!("{f:016x}")),
+        );
+        let mut count = vec![0u64; self.classes];
+        let mut conf = vec![0f64; self.classes];
+        for z in self.all().chunks(self.classes) {
+            let top = crate::backend::argmax(z);
+            let total: f64 = z.iter().map(|&v| f64::from(v - z[top]).exp()).sum();
+            count[top] += 1;
+            conf[top] += 1.0 / total;
+        }
+        s.push_str("argmax class: rows (share), mean confidence\n");
+        for (c, &n) in count.iter().enumerate() {
+            let share = 100.0 * n as f64 / rows.max(1) as f64;
+            let mean = if n > 0 { conf[c] / n as f64 } else { 0.0 };
+            s.push_str(&format!("  class {c:<4} {n:>9} ({share:5.1}%)  {mean:.3}\n"));
+        }
+        s
     }
 
     /// The logits of one sample.
@@ -281,8 +387,9 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     h[32..48].copy_from_slice(checksum);
     h[48..56].copy_from_slice(&labels_hash(&m.labels).to_le_bytes());
     h[56..64].copy_from_slice(&sum.digest().to_le_bytes());
-    let hc = xxh3_64(&h[..64]);
-    h[64..72].copy_from_slice(&hc.to_le_bytes());
+    h[64..72].copy_from_slice(&rows_fingerprint(ds, split).to_le_bytes());
+    let hc = xxh3_64(&h[..72]);
+    h[72..80].copy_from_slice(&hc.to_le_bytes());
     let mut f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
     f.seek(SeekFrom::Start(0)).at(&tmp)?;
     f.write_all(&h).at(&tmp)?;

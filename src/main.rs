@@ -74,8 +74,8 @@ enum Command {
         #[arg(long)]
         title: Option<String>,
     },
-    /// Print a data set's summary and decode a few samples, or describe one shard file or
-    /// Temporal Ensembling bank file.
+    /// Print a data set's summary and decode a few samples, or describe one shard file,
+    /// logits file or Temporal Ensembling bank file.
     Inspect(InspectArgs),
     /// Check every checksum and value of a data set; exits non-zero on any problem.
     Verify {
@@ -545,8 +545,8 @@ struct PredictArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// A data set directory, one shard file, or a Temporal Ensembling bank file (`.bank`, live
-    /// or in a checkpoint's `bank/`).
+    /// A data set directory, one shard file, a Temporal Ensembling bank file (`.bank`, live
+    /// or in a checkpoint's `bank/`), or a logits file of `export-logits`.
     path: PathBuf,
     /// The split whose samples to decode.
     #[arg(long, default_value = "train")]
@@ -1205,6 +1205,10 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.path.is_file() && dtrain::logits::has_magic(&args.path) {
+        print!("{}", dtrain::logits::LogitsFile::open(&args.path)?.describe());
         return Ok(ExitCode::SUCCESS);
     }
     if args.path.is_file() {

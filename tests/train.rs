@@ -865,8 +865,51 @@ fn export_logits_and_noisy_student() {
     let e = f
         .check_matches(&dtrain::data::dataset::Dataset::open(&other).unwrap(), SplitKind::Unlabeled)
         .unwrap_err();
-    assert!(e.to_string().contains("another data set"), "{e}");
+    assert!(e.to_string().contains("another data set") && e.to_string().contains("rows differ"), "{e}");
+    // The same rows prepared with another tokenizer: the rows fingerprint lets a teacher on
+    // one tokenizer give targets to a student on another, and Noisy Student learns from them.
+    std::fs::create_dir(dir.path().join("t")).unwrap();
+    let retok = separable_with(
+        &dir.path().join("t"),
+        &["split.labels_per_class=6", "tokenizer.word_ngrams=1", "tokenizer.buckets=2048"],
+    );
+    let retok_ds = dtrain::data::dataset::Dataset::open(&retok).unwrap();
+    assert_ne!(retok_ds.manifest().checksum, ds.manifest().checksum);
+    let print =
+        |d: &dtrain::data::dataset::Dataset| dtrain::logits::rows_fingerprint(d, SplitKind::Unlabeled);
+    assert_eq!(print(&retok_ds), print(&ds));
+    assert_eq!(f.rows_fingerprint, Some(print(&ds)));
+    f.check_matches(&retok_ds, SplitKind::Unlabeled).unwrap();
+    let across = run(
+        &cfg(
+            &retok,
+            &dir.path().join("ns-retok"),
+            &[
+                "method=\"noisy_student\"",
+                "train.steps=24",
+                &format!("noisy_student.logits={:?}", file.display().to_string()),
+            ],
+        ),
+        Resume::No,
+        None,
+    )
+    .unwrap();
+    assert!(across.test.unwrap().accuracy > 0.6);
     let bytes = std::fs::read(&file).unwrap();
+    // A version 1 file (no fingerprint; header checksum at 64 over bytes 0..64) is still
+    // read, and matches only the data set it was exported from.
+    let mut v1 = bytes.clone();
+    v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let hc = xxhash_rust::xxh3::xxh3_64(&v1[..64]);
+    v1[64..72].copy_from_slice(&hc.to_le_bytes());
+    v1[72..80].fill(0);
+    let old = dir.path().join("v1.logits");
+    std::fs::write(&old, &v1).unwrap();
+    let f1 = LogitsFile::open(&old).unwrap();
+    assert_eq!(f1.rows_fingerprint, None);
+    f1.check_matches(&ds, SplitKind::Unlabeled).unwrap();
+    let e = f1.check_matches(&retok_ds, SplitKind::Unlabeled).unwrap_err().to_string();
+    assert!(e.contains("version 1") && e.contains("export it again"), "{e}");
     let damaged = dir.path().join("damaged.logits");
     let mut b = bytes.clone();
     let last = b.len() - 3;
@@ -951,6 +994,14 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
     let be = dtrain::backend::cpu::Cpu::<f32>::new();
     dtrain::logits::export(&be, &model, &params, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
+    // `dtrain inspect` describes the file, and shows every argmax on class 2.
+    let o =
+        std::process::Command::new(env!("CARGO_BIN_EXE_dtrain")).arg("inspect").arg(&file).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = ds.manifest().splits["unlabeled"].docs;
+    assert!(out.contains(&format!("logits file of split `unlabeled`: {rows} rows × 3 classes")), "{out}");
+    assert!(out.contains(&format!("class 2    {rows:>9} (100.0%)  1.000")), "{out}");
     let ns = dir.path().join("ns");
     let logits_set = format!("noisy_student.logits={:?}", file.display().to_string());
     let sets = ["method=\"noisy_student\"", "train.steps=12", "train.log_every=2", &logits_set];
