@@ -13,8 +13,16 @@ fingerprint shows that both preparations hold the same documents in the same row
 The student starts from the 40-epoch, 15-negative skip-gram embeddings of
 bench/results/brown-methods-pretrained-e40.json (its supervised-only figure is the
 baseline) and is chosen on seed 1's validation split over GRID, teacher included.
+Supervised-only is tuned again over the same run lengths and table learning rates
+(BASELINE_GRID, with the dropout grid of bench/brown_methods.py), so that the student's
+extra knobs are not what it gains from.
 
   python3 bench/brown_distill.py --seeds 1 2 3 --json bench/results/brown-distill.json
+
+And the way back (co-training): the chosen bag student of each seed as MiniLM's teacher.
+--back exports its logits; bench/brown_encoder.py's ns_bag_* variants train on them.
+
+  python3 bench/brown_distill.py --back --seeds 1 2 3 --json bench/results/brown-distill.json
 
 The encoder checkpoints must exist (python3 bench/brown_encoder.py --seeds N --variants
 fixmatch mean_teacher); exporting a seed's unlabeled split takes about 3.5 minutes on 2 cores.
@@ -36,6 +44,11 @@ GRID = {
     "teacher": list(TEACHERS),
     "consistency.kind": ['"kl"', '"ce_hard"'],
     "consistency.weight": [1.0, 3.0],
+    "train.epochs": [25, 100],
+    "optim.lr_mult.embedding": [0.1, 1.0],
+}
+BASELINE_GRID = {
+    "model.embed_dropout": [0.0, 0.3, 0.5],
     "train.epochs": [25, 100],
     "optim.lr_mult.embedding": [0.1, 1.0],
 }
@@ -66,18 +79,65 @@ def teacher_accuracy(logits):
 
 
 def student(dt, seed, out_root, setting):
-    """One Noisy Student run of the bag model from pretrained embeddings on `setting`."""
+    """One run of the bag model from pretrained embeddings on `setting`: Noisy Student on
+    the encoder teacher's logits, or with teacher None supervised-only (the baseline)."""
     data = bm.data_dir("runs/brown_pretrain", seed)
     sets = bm.pretrained_sets(dt, "runs/brown_pretrain", seed, PRETRAIN)
     # The grid's embedding learning-rate multiplier replaces the default one.
     sets = [s for s in sets if not s.startswith("optim.lr_mult.embedding")]
-    logits = teacher_logits(dt, seed, setting["teacher"], out_root)
-    sets += [f'noisy_student.logits="{logits}"'] + [f"{k}={v}" for k, v in setting.items() if k != "teacher"]
+    sets += [f"{k}={v}" for k, v in setting.items() if k != "teacher"]
     name = "-".join(f"{v}" for v in setting.values()).replace('"', "")
-    row = bm.train(dt, "noisy_student", data, os.path.join(out_root, "students", f"seed{seed}-{name}"), seed, sets)
-    row.update(seed=seed, setting=setting, teacher_accuracy=teacher_accuracy(logits))
+    teacher = setting.get("teacher")
+    if teacher is None:
+        method, logits = "supervised", None
+    else:
+        method, logits = "noisy_student", teacher_logits(dt, seed, teacher, out_root)
+        sets.append(f'noisy_student.logits="{logits}"')
+    out = os.path.join(out_root, "students" if teacher else "supervised", f"seed{seed}-{name}")
+    row = bm.train(dt, method, data, out, seed, sets)
+    row.update(seed=seed, setting=setting)
+    if logits:
+        row["teacher_accuracy"] = teacher_accuracy(logits)
     print(json.dumps(row), flush=True)
     return row
+
+
+def tuned(dt, seeds, out_root, grid):
+    """`grid` swept on seed 1, the setting with the best validation accuracy run on every
+    seed: (sweep, chosen, rows of the seeds)."""
+    keys = list(grid)
+    sweep = [student(dt, 1, out_root, dict(zip(keys, vals))) for vals in itertools.product(*grid.values())]
+    chosen = max(sweep, key=lambda r: r["val"])["setting"]
+    print("chosen on seed 1's validation split:", chosen, flush=True)
+    rows = [r for r in sweep if r["setting"] == chosen and 1 in seeds]
+    rows += [student(dt, s, out_root, chosen) for s in seeds if s != 1]
+    return sweep, chosen, rows
+
+
+def student_logits(dt, seed, out_root, chosen):
+    """The chosen student of `seed` (trained again with its checkpoint: runs are
+    deterministic) and its logits of the bag data set's unlabeled split, for the way back:
+    the bag student as MiniLM's teacher (bench/brown_encoder.py, variants ns_bag_*)."""
+    path = os.path.join(out_root, f"seed{seed}-bag.logits")
+    if os.path.exists(path):
+        return path
+    data = bm.data_dir("runs/brown_pretrain", seed)
+    sets = [s for s in bm.pretrained_sets(dt, "runs/brown_pretrain", seed, PRETRAIN)
+            if not s.startswith("optim.lr_mult.embedding")]
+    sets += [f"{k}={v}" for k, v in chosen.items() if k != "teacher"]
+    sets.append(f'noisy_student.logits="{teacher_logits(dt, seed, chosen["teacher"], out_root)}"')
+    out = os.path.join(out_root, "back", f"seed{seed}")
+    cmd = [dt, "--quiet", "train", "--config", bm.CONFIG["noisy_student"], "--set", f'data.dir="{data}"',
+           "--set", f'train.out_dir="{out}"', "--set", f"train.seed={seed}", "--set", "train.keep_checkpoints=1"]
+    for x in sets:
+        cmd += ["--set", x]
+    subprocess.run(["rm", "-rf", out], check=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    ckdir = os.path.join(out, "checkpoints")
+    subprocess.run([dt, "--quiet", "export-logits", "--checkpoint", os.path.join(ckdir, sorted(os.listdir(ckdir))[-1]),
+                    "--data", data, "--out", path], check=True, stdout=open(path + ".txt", "w"))
+    subprocess.run(["rm", "-rf", ckdir], check=True)
+    return path
 
 
 def main():
@@ -86,27 +146,35 @@ def main():
     ap.add_argument("--out", default="runs/brown_distill")
     ap.add_argument("--dtrain", default=os.environ.get("DTRAIN_BIN", "target/release/dtrain"))
     ap.add_argument("--json")
+    ap.add_argument("--back", action="store_true",
+                    help="only export each seed's chosen student's logits (from --json's chosen setting) "
+                         "for bench/brown_encoder.py's ns_bag_* variants")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    keys = list(GRID)
-    sweep = [student(a.dtrain, 1, a.out, dict(zip(keys, vals))) for vals in itertools.product(*GRID.values())]
-    chosen = max(sweep, key=lambda r: r["val"])["setting"]
-    print("chosen on seed 1's validation split:", chosen, flush=True)
-    rows = [r for r in sweep if r["setting"] == chosen and 1 in a.seeds]
-    rows += [student(a.dtrain, s, a.out, chosen) for s in a.seeds if s != 1]
-    base = json.load(open("bench/results/brown-methods-pretrained-e40.json"))["seeds"]["supervised"]
-    base = {r["seed"]: r for r in base}
-    test = [100 * r["test"] for r in rows]
-    gain = [100 * (r["test"] - base[r["seed"]]["test"]) for r in rows]
+    if a.back:
+        chosen = json.load(open(a.json))["chosen"]
+        for s in a.seeds:
+            path = student_logits(a.dtrain, s, a.out, chosen)
+            print(path, teacher_accuracy(path), flush=True)
+        return
+    sweep, chosen, rows = tuned(a.dtrain, a.seeds, a.out, GRID)
+    # Supervised-only with the same knobs (the run length and the table's learning rate)
+    # and the dropout grid of bench/brown_methods.py, chosen the same way.
+    base_sweep, base_chosen, base = tuned(a.dtrain, a.seeds, a.out, BASELINE_GRID)
+    committed = json.load(open("bench/results/brown-methods-pretrained-e40.json"))["seeds"]["supervised"]
     sd = statistics.stdev if len(rows) > 1 else (lambda _: 0.0)
-    summary = dict(test=statistics.mean(test), test_sd=sd(test), gain=statistics.mean(gain), gain_sd=sd(gain),
-                   supervised=statistics.mean(100 * base[s]["test"] for s in a.seeds),
-                   supervised_sd=sd([100 * base[s]["test"] for s in a.seeds]))
-    print(f"student {summary['test']:.2f} ± {summary['test_sd']:.2f} against supervised "
-          f"{summary['supervised']:.2f} ± {summary['supervised_sd']:.2f} (paired gain "
-          f"{summary['gain']:+.2f} ± {summary['gain_sd']:.2f})")
+
+    def stats(rs, key="test"):
+        v = [100 * r[key] for r in sorted(rs, key=lambda r: r["seed"])]
+        return dict(mean=statistics.mean(v), sd=sd(v), per_seed=v)
+    summary = dict(student=stats(rows), supervised_tuned=stats(base),
+                   supervised_committed=stats([r for r in committed if r["seed"] in a.seeds]),
+                   student_val=stats(rows, "val"), supervised_tuned_val=stats(base, "val"))
+    for k in ("student", "supervised_tuned", "supervised_committed"):
+        print(f"{k:>22}: test {summary[k]['mean']:.2f} ± {summary[k]['sd']:.2f}  per seed {summary[k]['per_seed']}")
     if a.json:
-        out = dict(sweep=sweep, chosen=chosen, seeds=rows, summary=summary,
+        out = dict(sweep=sweep, chosen=chosen, seeds=rows, baseline_sweep=base_sweep,
+                   baseline_chosen=base_chosen, baseline_seeds=base, summary=summary,
                    provenance=bm.provenance("python3 bench/brown_distill.py " + " ".join(sys.argv[1:])))
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
