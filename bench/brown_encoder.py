@@ -47,9 +47,16 @@ VARIANTS = {
     "mlm_supervised": [],
     # FixMatch (as "fixmatch") from the same masked-LM encoder.
     "mlm_fixmatch": ['method="fixmatch"', "unlabeled.ratio=1", "consistency.threshold=0.95"],
+    # Supervised fine-tuning after masked-LM pretraining whose fresh head first trains
+    # alone for one pass over the text (MLM_RECIPES["head"]).
+    "mlm_head_supervised": [],
 }
-# Variants that start from the seed's masked-LM encoder.
-FROM_MLM = {"mlm_supervised", "mlm_fixmatch"}
+# Masked-LM recipes on top of configs/brown/mlm.toml. all-MiniLM-L6-v2 ships no MLM head:
+# "head" trains the fresh head alone (encoder frozen) for 684 steps, one pass over the
+# seed's train + unlabeled paragraphs at batch 16, at 1e-3, before the usual epoch.
+MLM_RECIPES = {"": [], "head": ["mlm.head_warmup_steps=684", "mlm.head_warmup_lr=0.001"]}
+# Variants that start from the seed's masked-LM encoder, and its recipe.
+FROM_MLM = {"mlm_supervised": "", "mlm_fixmatch": "", "mlm_head_supervised": "head"}
 # Variants trained on a split that keeps every label.
 ALL_LABELS = {"all_labels"}
 BIN = os.environ.get("DTRAIN_BIN", "./target/release/dtrain")
@@ -80,16 +87,18 @@ def final(recs, split, model=None):
     return rows[-1]["accuracy"] if rows else None
 
 
-def mlm_encoder(seed, data):
-    """The seed's masked-LM continued pretraining of MiniLM (made once); its encoder dir."""
-    out = f"runs/brown_encoder/seed{seed}/mlm"
+def mlm_encoder(seed, data, recipe=""):
+    """The seed's masked-LM continued pretraining of MiniLM with MLM_RECIPES[recipe] (made
+    once); its encoder dir."""
+    out = f"runs/brown_encoder/seed{seed}/mlm" + (f"-{recipe}" if recipe else "")
     enc = os.path.join(out, "encoder")
     if not os.path.exists(os.path.join(enc, "DONE")):
         subprocess.run(["rm", "-rf", out], check=True)
         t0 = time.time()
         subprocess.run([BIN, "--quiet", "pretrain", "--config", "configs/brown/mlm.toml",
                         "--set", f'data.dir="{data}"', "--set", f'train.out_dir="{out}"',
-                        "--set", f"train.seed={seed}"], check=True, stdout=subprocess.DEVNULL)
+                        "--set", f"train.seed={seed}"] + [x for kv in MLM_RECIPES[recipe] for x in ("--set", kv)],
+                       check=True, stdout=subprocess.DEVNULL)
         json.dump({"seconds": time.time() - t0}, open(os.path.join(out, "wall.json"), "w"))
     return enc
 
@@ -106,7 +115,7 @@ def run(variant, seed, cached_only=False):
             subprocess.run(["rm", "-rf", out], check=True)
         sets = [f'data.dir="{data}"', f'train.out_dir="{out}"', f"train.seed={seed}"] + VARIANTS[variant]
         if variant in FROM_MLM:
-            sets.append(f'model.encoder.pretrained="{mlm_encoder(seed, data)}"')
+            sets.append(f'model.encoder.pretrained="{mlm_encoder(seed, data, FROM_MLM[variant])}"')
         cmd = [BIN, "--quiet", "train", "--config", "configs/brown/encoder.toml"]
         for s in sets:
             cmd += ["--set", s]

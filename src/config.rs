@@ -764,6 +764,11 @@ pub struct PretrainMlm {
     pub steps: Option<u64>,
     /// Linear warmup steps, then linear decay to 0.
     pub warmup_steps: u64,
+    /// Steps that train the fresh prediction head alone (the encoder and its tied word
+    /// table frozen) at `head_warmup_lr`, before the steps above; 0 = off.
+    pub head_warmup_steps: u64,
+    /// The head's constant learning rate during `head_warmup_steps`.
+    pub head_warmup_lr: f64,
     pub weight_decay: f64,
     /// Hidden dropout; unset: the pretrained config's.
     pub dropout: Option<f32>,
@@ -783,6 +788,8 @@ impl Default for PretrainMlm {
             batch_size: 16,
             steps: None,
             warmup_steps: 0,
+            head_warmup_steps: 0,
+            head_warmup_lr: 1e-3,
             weight_decay: 0.01,
             dropout: None,
             attention_dropout: None,
@@ -910,6 +917,9 @@ impl Validate for PretrainConfig {
             }
             if !non_negative(m.weight_decay) {
                 return bad("mlm.weight_decay", "must be at least 0");
+            }
+            if !(m.head_warmup_lr.is_finite() && m.head_warmup_lr > 0.0) {
+                return bad("mlm.head_warmup_lr", "must be finite and above 0");
             }
             if m.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
                 return bad("mlm.dropout", "must be in [0, 1)");

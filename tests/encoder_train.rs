@@ -398,6 +398,70 @@ fn masked_lm_groups_batches_by_length() {
     assert!(plain > 0.2 && grouped < 0.6 * plain, "padding {plain:.3} → {grouped:.3}");
 }
 
+/// `mlm.head_warmup_steps`: the first steps train the fresh head alone. With the full
+/// phase at a negligible rate, every tensor of the source encoder, its word table (the
+/// tied decoder) included, leaves the run as it came, while the head has learned; the
+/// records name each phase.
+#[test]
+fn masked_lm_head_warm_up_trains_the_head_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let out = dir.path().join("mlm");
+    let sets = [
+        "mlm.head_warmup_steps=20",
+        "mlm.head_warmup_lr=0.003",
+        "mlm.steps=1",
+        "mlm.log_every=10",
+        "train.lr=1e-12",
+    ];
+    let r = dtrain::pretrain::mlm::pretrain(
+        &mlm_config(&data, &out, &sets),
+        &Resume::No,
+        Default::default(),
+        false,
+    )
+    .unwrap();
+    assert_eq!(r.steps, 21);
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let phases: Vec<(u64, &str, f64)> = logged
+        .iter()
+        .map(|r| (r["step"].as_u64().unwrap(), r["phase"].as_str().unwrap(), r["lr"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(phases, [(10, "head", 0.003), (20, "head", 0.003), (21, "full", 1e-12)]);
+    let loss = |i: usize| logged[i]["loss"].as_f64().unwrap();
+    assert!(loss(0) > 5.0 && loss(1) < loss(0), "the head learns: {} → {}", loss(0), loss(1));
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let (src_bytes, out_bytes) =
+        (read(&common::minilm().join("model.safetensors")), read(&r.out.join("model.safetensors")));
+    let (src, got) = (
+        safetensors::SafeTensors::deserialize(&src_bytes).unwrap(),
+        safetensors::SafeTensors::deserialize(&out_bytes).unwrap(),
+    );
+    let floats = |t: safetensors::tensor::TensorView<'_>| -> Vec<f32> {
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let mut compared = 0;
+    for (name, tensor) in got.tensors() {
+        let Ok(before) = src.tensor(&name) else { continue };
+        let (a, b) = (floats(before), floats(tensor));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(a.len() == b.len() && worst < 1e-6, "{name} moved by {worst}");
+        compared += 1;
+    }
+    assert!(
+        compared > 50 && got.names().iter().any(|n| n.contains("word_embeddings")),
+        "{compared} tensors compared"
+    );
+    // The head learned: its LayerNorm scale left 1 and its output bias left 0.
+    let ln = floats(got.tensor("cls.predictions.transform.LayerNorm.weight").unwrap());
+    let bias = floats(got.tensor("cls.predictions.bias").unwrap());
+    assert!(ln.iter().any(|&v| (v - 1.0).abs() > 1e-3) && bias.iter().any(|&v| v.abs() > 1e-3));
+}
+
 /// A masked-LM run of MiniLM on `data` into `out`, 8 sequences per step, `extra` on top.
 fn mlm_config(data: &Path, out: &Path, extra: &[&str]) -> dtrain::config::PretrainConfig {
     let sets = [

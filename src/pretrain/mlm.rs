@@ -26,6 +26,9 @@ use crate::model::encoder::{load_pretrained, Encoder, EncoderActs, Pooling, Toke
 use crate::model::params::{fill_uniform, Layout, Slot};
 use crate::optim::{OptimConfig, OptimKind, Optimizer, TableGrad};
 
+/// The name prefix of the head's tensors.
+const HEAD_PREFIX: &str = "cls.predictions";
+
 /// BERT's masked-LM prediction head (Hugging Face names `cls.predictions.*`): dense H→H,
 /// GELU, LayerNorm, then the decoder, whose weight is the encoder's word embedding table
 /// and whose bias is its own.
@@ -68,7 +71,7 @@ impl MlmHead {
     /// Adds the head's tensors to `layout` (after the encoder's).
     pub fn new(layout: &mut Layout, enc: &Encoder) -> MlmHead {
         let h = enc.spec.hidden;
-        let p = "cls.predictions";
+        let p = HEAD_PREFIX;
         let dense = (
             layout.matrix(&format!("{p}.transform.dense.weight"), h, h),
             layout.vector(&format!("{p}.transform.dense.bias"), h),
@@ -281,6 +284,15 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         weight_decay: m.weight_decay,
         ..OptimConfig::default()
     };
+    // The head's warm-up has an optimizer of its own, whose multipliers freeze every tensor
+    // but the head's (the body keeps zero moments and no weight decay); the full run then
+    // starts from fresh moments.
+    let hw = m.head_warmup_steps;
+    let mut head_opt = (hw > 0).then(|| {
+        let mut c = ocfg.clone();
+        c.lr_mult = [(String::new(), 0.0), (HEAD_PREFIX.to_string(), 1.0)].into();
+        Optimizer::new(be, &layout, none, c)
+    });
     let mut opt = Optimizer::new(be, &layout, none, ocfg);
     let mut params = be.upload(&host);
     let mut grads = be.zeros(layout.total());
@@ -303,11 +315,12 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     }
     let per_epoch = docs.len().div_ceil(m.batch_size) as u64;
     let total = m.steps.unwrap_or(per_epoch * u64::from(t.epochs));
+    let steps = hw + total;
     std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
     let log_path = t.out_dir.join("metrics.jsonl");
     let mut log = std::fs::File::create(&log_path).at(&log_path)?;
     let bar = if progress {
-        let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let b = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
         b.set_style(
             ProgressStyle::with_template("mlm [{wide_bar}] {pos}/{len} {msg} ETA {eta}")
                 .expect("valid template")
@@ -326,7 +339,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let (mut step_secs, mut all_tokens, mut all_slots, mut win_slots) = (0.0f64, 0u64, 0u64, 0u64);
     let mut order = docs.clone();
     let mut started = Instant::now();
-    for step in 0..total {
+    for step in 0..steps {
         let epoch = step / per_epoch;
         if step % per_epoch == 0 {
             order.clone_from(&docs);
@@ -391,19 +404,39 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             .filter(|(z, y)| crate::backend::argmax(z) as i32 == **y)
             .count() as u64;
         let dhidden = head.backward(be, &params, n, &rows, k, &hacts, &dlogits, &mut grads);
-        enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads, None, None);
-        let warm = if m.warmup_steps > 0 && step < m.warmup_steps {
-            (step + 1) as f64 / m.warmup_steps as f64
-        } else {
-            1.0
+        let lr = match (step.checked_sub(hw), &mut head_opt) {
+            (None, Some(ho)) => {
+                // The head alone: no backward pass through the body; the tied decoder's
+                // gradient on the word table meets a rate of 0 (and is zeroed below).
+                ho.step(
+                    be,
+                    &layout,
+                    none,
+                    &mut params,
+                    &mut grads,
+                    TableGrad::Rows(&mut no_rows),
+                    m.head_warmup_lr,
+                );
+                m.head_warmup_lr
+            }
+            (s, _) => {
+                let s = s.expect("past the head's warm-up");
+                enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads, None, None);
+                let warm = if m.warmup_steps > 0 && s < m.warmup_steps {
+                    (s + 1) as f64 / m.warmup_steps as f64
+                } else {
+                    1.0
+                };
+                let decay = if s >= m.warmup_steps {
+                    1.0 - (s - m.warmup_steps) as f64 / (total - m.warmup_steps).max(1) as f64
+                } else {
+                    1.0
+                };
+                let lr = t.lr * warm * decay;
+                opt.step(be, &layout, none, &mut params, &mut grads, TableGrad::Rows(&mut no_rows), lr);
+                lr
+            }
         };
-        let decay = if step >= m.warmup_steps {
-            1.0 - (step - m.warmup_steps) as f64 / (total - m.warmup_steps).max(1) as f64
-        } else {
-            1.0
-        };
-        let lr = t.lr * warm * decay;
-        opt.step(be, &layout, none, &mut params, &mut grads, TableGrad::Rows(&mut no_rows), lr);
         be.fill_zero(&mut grads);
         step_secs += step_start.elapsed().as_secs_f64();
         let tokens: u64 = seqs.iter().map(|s| s.len() as u64).sum();
@@ -413,14 +446,16 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         all_slots += n as u64;
         win_slots += n as u64;
         bar.set_position(step + 1);
-        if (step + 1) % m.log_every == 0 || step + 1 == total {
+        if (step + 1) % m.log_every == 0 || step + 1 == hw || step + 1 == steps {
             let secs = started.elapsed().as_secs_f64().max(1e-9);
             let (ml, acc) = (win_loss / win_steps as f64, win_right as f64 / win_masked.max(1) as f64);
             first_loss.get_or_insert(ml);
             (last_loss, last_acc) = (ml, acc);
             let padding = 1.0 - win_tokens as f64 / win_slots.max(1) as f64;
-            let rec = json!({"step": step + 1, "epoch": (step + 1) as f64 / per_epoch as f64, "lr": lr, "loss": ml,
-                             "masked_accuracy": acc, "tokens_per_s": win_tokens as f64 / secs, "padding": padding});
+            let phase = if step < hw { "head" } else { "full" };
+            let rec = json!({"step": step + 1, "epoch": (step + 1) as f64 / per_epoch as f64, "phase": phase, "lr": lr,
+                             "loss": ml, "masked_accuracy": acc, "tokens_per_s": win_tokens as f64 / secs,
+                             "padding": padding});
             writeln!(log, "{rec}").at(&log_path)?;
             bar.set_message(format!("loss {ml:.3} acc {acc:.3} {:.0} tok/s", win_tokens as f64 / secs));
             (win_loss, win_right, win_masked, win_tokens, win_steps, win_slots) = (0.0, 0, 0, 0, 0, 0);
@@ -434,14 +469,15 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let config_src = dir.join("config.json");
     let config_bytes = std::fs::read(&config_src).at(&config_src)?;
     let tok_bytes = std::fs::read(&sw.path).at(Path::new(&sw.path))?;
-    let meta = json!({"format": "dtrain-mlm", "source": dir.display().to_string(), "steps": total});
+    let meta = json!({"format": "dtrain-mlm", "source": dir.display().to_string(), "steps": steps,
+                      "head_warmup_steps": hw});
     let out = crate::checkpoint::stage(&t.out_dir, "encoder", 1, |tmp| {
         crate::fsutil::write_atomic(&tmp.join("config.json"), &config_bytes)?;
         crate::fsutil::write_atomic(&tmp.join("tokenizer.json"), &tok_bytes)?;
         crate::checkpoint::tensors_to_file(&tmp.join("model.safetensors"), &layout, &[("", &host)], meta)
     })?;
     Ok(MlmReport {
-        steps: total,
+        steps,
         first_loss: first_loss.unwrap_or(last_loss),
         last_loss,
         last_accuracy: last_acc,
