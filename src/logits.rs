@@ -143,7 +143,10 @@ impl LogitsFile {
         let mut starts = vec![0u64];
         for s in 0..shards {
             let n = u64_at(HEADER_LEN + 8 * s);
-            starts.push(starts[s] + n);
+            let Some(end) = starts[s].checked_add(n) else {
+                return bad(format!("corrupted: shard {s}'s row count {n} overflows"));
+            };
+            starts.push(end);
         }
         if starts[shards] != rows {
             return bad("corrupted: the shards' row counts do not add up".into());

@@ -460,6 +460,55 @@ fn masked_lm_head_warm_up_trains_the_head_alone() {
     let ln = floats(got.tensor("cls.predictions.transform.LayerNorm.weight").unwrap());
     let bias = floats(got.tensor("cls.predictions.bias").unwrap());
     assert!(ln.iter().any(|&v| (v - 1.0).abs() > 1e-3) && bias.iter().any(|&v| v.abs() > 1e-3));
+    // After the warm-up the whole encoder trains, on a schedule that counts from there: two
+    // head steps at head_warmup_lr (default 1e-3), then the full phase's linear warmup over
+    // its own first two steps (5e-4, 1e-3), and the word table moves.
+    let out = dir.path().join("mlm2");
+    let sets =
+        ["mlm.head_warmup_steps=2", "mlm.steps=2", "mlm.warmup_steps=2", "mlm.log_every=1", "train.lr=0.001"];
+    let r = dtrain::pretrain::mlm::pretrain(
+        &mlm_config(&data, &out, &sets),
+        &Resume::No,
+        Default::default(),
+        false,
+    )
+    .unwrap();
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let phases: Vec<(&str, f64)> =
+        logged.iter().map(|r| (r["phase"].as_str().unwrap(), r["lr"].as_f64().unwrap())).collect();
+    assert_eq!(phases, [("head", 1e-3), ("head", 1e-3), ("full", 5e-4), ("full", 1e-3)]);
+    let out_bytes = read(&r.out.join("model.safetensors"));
+    let got = safetensors::SafeTensors::deserialize(&out_bytes).unwrap();
+    let name = "embeddings.word_embeddings.weight";
+    let (a, b) = (floats(src.tensor(name).unwrap()), floats(got.tensor(name).unwrap()));
+    let moved = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-4, "the full phase trains the word table: it moved {moved}");
+}
+
+/// A WordPiece and a hashed-n-gram preparation of the same input and split hold the same
+/// rows, so their splits share the rows fingerprint that lets one's logits teach the other.
+#[test]
+fn a_wordpiece_and_a_hashed_preparation_share_the_rows_fingerprint() {
+    use dtrain::data::dataset::Dataset;
+    use dtrain::data::shard::SplitKind;
+    use dtrain::logits::rows_fingerprint;
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = (dir.path().join("w"), dir.path().join("h"));
+    std::fs::create_dir_all(&w).unwrap();
+    std::fs::create_dir_all(&h).unwrap();
+    let wp = Dataset::open(&wordpiece(&w, &["split.labels_per_class=6"])).unwrap();
+    let hashed =
+        Dataset::open(&common::separable(&h, 30, &["output.shards=2", "split.labels_per_class=6"])).unwrap();
+    assert_ne!(wp.manifest().checksum, hashed.manifest().checksum);
+    assert!(wp.manifest().tokenizer.subword.is_some() && hashed.manifest().tokenizer.subword.is_none());
+    for split in [SplitKind::Unlabeled, SplitKind::Train, SplitKind::Test] {
+        assert_eq!(rows_fingerprint(&wp, split), rows_fingerprint(&hashed, split), "{split:?}");
+    }
+    assert_ne!(rows_fingerprint(&wp, SplitKind::Unlabeled), rows_fingerprint(&wp, SplitKind::Train));
 }
 
 /// A masked-LM run of MiniLM on `data` into `out`, 8 sequences per step, `extra` on top.

@@ -866,6 +866,16 @@ fn export_logits_and_noisy_student() {
         .check_matches(&dtrain::data::dataset::Dataset::open(&other).unwrap(), SplitKind::Unlabeled)
         .unwrap_err();
     assert!(e.to_string().contains("another data set") && e.to_string().contains("rows differ"), "{e}");
+    // Another split seed: the same number of rows in each shard, other rows in them.
+    std::fs::create_dir(dir.path().join("s")).unwrap();
+    let reseeded = separable_with(&dir.path().join("s"), &["split.labels_per_class=6", "split.seed=7"]);
+    let reseeded = dtrain::data::dataset::Dataset::open(&reseeded).unwrap();
+    let sizes = |d: &dtrain::data::dataset::Dataset| -> Vec<usize> {
+        d.shards(SplitKind::Unlabeled).iter().map(|s| s.len()).collect()
+    };
+    assert_eq!(sizes(&reseeded), sizes(&ds));
+    let e = f.check_matches(&reseeded, SplitKind::Unlabeled).unwrap_err().to_string();
+    assert!(e.contains("rows differ"), "{e}");
     // The same rows prepared with another tokenizer: the rows fingerprint lets a teacher on
     // one tokenizer give targets to a student on another, and Noisy Student learns from them.
     std::fs::create_dir(dir.path().join("t")).unwrap();
@@ -917,6 +927,12 @@ fn export_logits_and_noisy_student() {
     std::fs::write(&damaged, &b).unwrap();
     let e = LogitsFile::open(&damaged).err().unwrap().to_string();
     assert!(e.contains("damaged.logits") && e.contains("do not match their checksum"), "{e}");
+    // The fingerprint is inside the header's checksum.
+    let mut b = bytes.clone();
+    b[66] ^= 0x01;
+    std::fs::write(&damaged, &b).unwrap();
+    let e = LogitsFile::open(&damaged).err().unwrap().to_string();
+    assert!(e.contains("header does not match its checksum"), "{e}");
     std::fs::write(&damaged, &bytes[..bytes.len() - 4]).unwrap();
     assert!(LogitsFile::open(&damaged).err().unwrap().to_string().contains("truncated"));
     // Noisy Student on those targets: it learns the task, and resumes exactly.

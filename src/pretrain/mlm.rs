@@ -284,9 +284,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         weight_decay: m.weight_decay,
         ..OptimConfig::default()
     };
-    // The head's warm-up has an optimizer of its own, whose multipliers freeze every tensor
-    // but the head's (the body keeps zero moments and no weight decay); the full run then
-    // starts from fresh moments.
+    // The head's warm-up has an optimizer of its own, whose multipliers give every tensor
+    // but the head's a rate of 0 (no update, no weight decay); it is dropped when the
+    // warm-up ends, with whatever moments it kept, and the full run starts from fresh ones.
     let hw = m.head_warmup_steps;
     let mut head_opt = (hw > 0).then(|| {
         let mut c = ocfg.clone();
@@ -437,6 +437,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
                 lr
             }
         };
+        if step + 1 == hw {
+            head_opt = None;
+        }
         be.fill_zero(&mut grads);
         step_secs += step_start.elapsed().as_secs_f64();
         let tokens: u64 = seqs.iter().map(|s| s.len() as u64).sum();
