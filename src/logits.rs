@@ -80,6 +80,13 @@ fn labels_hash(labels: &[String]) -> u64 {
     xxh3_64(labels.join("\n").as_bytes())
 }
 
+/// A row's argmax and its softmax probability.
+fn top_confidence(z: &[f32]) -> (usize, f64) {
+    let top = crate::backend::argmax(z);
+    let total: f64 = z.iter().map(|&v| f64::from(v - z[top]).exp()).sum();
+    (top, 1.0 / total)
+}
+
 /// Whether the file at `path` starts with the logits file's magic bytes (false when it
 /// cannot be read: opening it then reports why).
 pub fn has_magic(path: &Path) -> bool {
@@ -240,10 +247,9 @@ impl LogitsFile {
         let mut count = vec![0u64; self.classes];
         let mut conf = vec![0f64; self.classes];
         for z in self.all().chunks(self.classes) {
-            let top = crate::backend::argmax(z);
-            let total: f64 = z.iter().map(|&v| f64::from(v - z[top]).exp()).sum();
+            let (top, p) = top_confidence(z);
             count[top] += 1;
-            conf[top] += 1.0 / total;
+            conf[top] += p;
         }
         s.push_str("argmax class: rows (share), mean confidence\n");
         for (c, &n) in count.iter().enumerate() {
@@ -344,10 +350,7 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
             put(&mut w, bytemuck::cast_slice(&logits[..batch.len() * classes]))?;
             for (k, z) in logits.chunks(classes).take(batch.len()).enumerate() {
                 let i = start + k;
-                let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let total: f64 = z.iter().map(|&v| f64::from(v - mx).exp()).sum();
-                let label = crate::backend::argmax(z);
-                let conf = 1.0 / total;
+                let (label, conf) = top_confidence(z);
                 let hidden = match split {
                     SplitKind::Unlabeled => shard.hidden_label(i).map(|h| h as usize),
                     _ => shard.doc(i).label.map(|h| h as usize),
