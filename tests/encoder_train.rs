@@ -380,11 +380,7 @@ fn masked_lm_groups_batches_by_length() {
         let group = format!("mlm.group_by_length={window}");
         let pcfg = mlm_config(&data, &out, &[&group, "train.epochs=1", "train.lr=0.0001"]);
         let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
-        let logged: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let logged = records(&out);
         assert!(logged.iter().all(|r| r["padding"].as_f64().is_some_and(|p| (0.0..1.0).contains(&p))));
         (r.padding, r.steps)
     };
@@ -422,11 +418,7 @@ fn masked_lm_head_warm_up_trains_the_head_alone() {
     )
     .unwrap();
     assert_eq!(r.steps, 21);
-    let logged: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let logged = records(&out);
     let phases: Vec<(u64, &str, f64)> = logged
         .iter()
         .map(|r| (r["step"].as_u64().unwrap(), r["phase"].as_str().unwrap(), r["lr"].as_f64().unwrap()))
@@ -473,11 +465,7 @@ fn masked_lm_head_warm_up_trains_the_head_alone() {
         false,
     )
     .unwrap();
-    let logged: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let logged = records(&out);
     let phases: Vec<(&str, f64)> =
         logged.iter().map(|r| (r["phase"].as_str().unwrap(), r["lr"].as_f64().unwrap())).collect();
     assert_eq!(phases, [("head", 1e-3), ("head", 1e-3), ("full", 5e-4), ("full", 1e-3)]);
@@ -509,6 +497,15 @@ fn a_wordpiece_and_a_hashed_preparation_share_the_rows_fingerprint() {
         assert_eq!(rows_fingerprint(&wp, split), rows_fingerprint(&hashed, split), "{split:?}");
     }
     assert_ne!(rows_fingerprint(&wp, SplitKind::Unlabeled), rows_fingerprint(&wp, SplitKind::Train));
+}
+
+/// The records of a run's metrics.jsonl.
+fn records(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// A masked-LM run of MiniLM on `data` into `out`, 8 sequences per step, `extra` on top.
