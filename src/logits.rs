@@ -224,11 +224,6 @@ impl LogitsFile {
         bytemuck::cast_slice(&self.map[HEADER_LEN + 8 * (self.starts.len() - 1)..])
     }
 
-    /// Rows per shard.
-    pub fn shard_rows(&self) -> Vec<u64> {
-        self.starts.windows(2).map(|w| w[1] - w[0]).collect()
-    }
-
     /// What `dtrain inspect` prints of the file: its shape and provenance, then how its
     /// argmaxes spread over the classes (by index: the file keeps only a hash of the class
     /// names) with their mean confidence.

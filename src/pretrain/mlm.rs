@@ -404,10 +404,11 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             .filter(|(z, y)| crate::backend::argmax(z) as i32 == **y)
             .count() as u64;
         let dhidden = head.backward(be, &params, n, &rows, k, &hacts, &dlogits, &mut grads);
-        let lr = match (step.checked_sub(hw), &mut head_opt) {
-            (None, Some(ho)) => {
+        let lr = match step.checked_sub(hw) {
+            None => {
                 // The head alone: no backward pass through the body; the tied decoder's
                 // gradient on the word table meets a rate of 0 (and is zeroed below).
+                let ho = head_opt.as_mut().expect("a head optimizer while step < hw");
                 ho.step(
                     be,
                     &layout,
@@ -419,8 +420,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
                 );
                 m.head_warmup_lr
             }
-            (s, _) => {
-                let s = s.expect("past the head's warm-up");
+            Some(s) => {
                 enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads, None, None);
                 let warm = if m.warmup_steps > 0 && s < m.warmup_steps {
                     (s + 1) as f64 / m.warmup_steps as f64
