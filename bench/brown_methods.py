@@ -11,6 +11,8 @@ Prints and writes val/test accuracy of student (and teacher), and seconds per ru
   python3 bench/brown_methods.py --pretrained --seeds 1 2 3 --json bench/results/brown-methods-pretrained.json
   python3 bench/brown_methods.py --pretrained --pretrain-set train.epochs=40 --pretrain-set model.negatives=15 \
       --methods supervised fixmatch uda --seeds 1 2 3 --out runs/brown_methods_pretrained_e40 --json bench/results/brown-methods-pretrained-e40.json
+  python3 bench/brown_methods.py --pretrained --pretrain-set train.epochs=40 --pretrain-set model.negatives=15 \
+      --methods vat vat_labeled --seeds 1 2 3 --out runs/brown_methods_pretrained_e40 --json bench/results/brown-methods-pretrained-e40.json
 
 With --pretrained every run (Noisy Student's teacher too) starts its embedding table from
 skip-gram embeddings pretrained on that seed's train + unlabeled text
@@ -70,6 +72,14 @@ GRID = {
     "mpl_finetune": {"mpl.finetune_steps": [95, 190]},
     # The fixed teacher is Noisy Student's (the chosen supervised run of the seed).
     "mpl_reduced": {"optim.lr": [0.01, 0.003], "mpl.reduced_hidden": ["[32]", "[128]"]},
+    # VAT (METHODS.md §9) added to supervised training, its KL on every labeled and
+    # unlabeled row (μ = 1); ε is in the pooled vector's space, whose norm is far below 1
+    # here (docs/results.md, "Adversarial training"). vat_labeled is the same term on the
+    # labeled rows alone (μ = 0): what VAT gains without the unlabeled text.
+    "vat": {"adversarial.epsilon": [0.01, 0.03, 0.1], "adversarial.weight": [1.0, 3.0, 10.0],
+            "train.epochs": [50, 100]},
+    "vat_labeled": {"adversarial.epsilon": [0.01, 0.03, 0.1], "adversarial.weight": [1.0, 3.0, 10.0],
+                    "train.epochs": [50, 100]},
 }
 MPL_VARIANTS = {"mpl": [], "mpl_new_minus_old": ['mpl.h_sign="new_minus_old"'],
                 "mpl_baseline": ["mpl.baseline=true"],
@@ -84,12 +94,15 @@ FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
          "mean_teacher": ["consistency.scale_by_labeled_ratio=false"],
          "temporal": ["consistency.scale_by_labeled_ratio=false"],
          "uda": ["consistency.stabiliser_momentum=0.9"],
-         "fixmatch": ["consistency.stabiliser_momentum=0.9", "consistency.distribution_alignment=true"]}
+         "fixmatch": ["consistency.stabiliser_momentum=0.9", "consistency.distribution_alignment=true"],
+         "vat": ['adversarial.kind="vat"', "unlabeled.ratio=1", "model.embed_dropout=0.0"],
+         "vat_labeled": ['adversarial.kind="vat"', "unlabeled.ratio=0", "model.embed_dropout=0.0"]}
 CONFIG = {"supervised": "configs/brown/supervised.toml", "pi": "configs/brown/pi.toml",
           "mean_teacher": "configs/brown/mean_teacher.toml", "rdrop": "configs/brown/rdrop.toml",
           "temporal": "configs/brown/temporal.toml", "uda": "configs/brown/uda.toml",
           "fixmatch": "configs/brown/fixmatch.toml", "noisy_student": "configs/brown/noisy_student.toml",
-          "mpl_reduced": "configs/brown/mpl_reduced.toml"}
+          "mpl_reduced": "configs/brown/mpl_reduced.toml", "vat": "configs/brown/supervised.toml",
+          "vat_labeled": "configs/brown/supervised.toml"}
 for _m, _sets in MPL_VARIANTS.items():
     CONFIG[_m] = "configs/brown/mpl.toml"
     FIXED[_m] = _sets

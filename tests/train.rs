@@ -276,6 +276,42 @@ fn adversarial_training_learns_and_resumes_exactly() {
     );
 }
 
+/// VAT's targets on the unlabeled rows are the clean pass's own predictions: their spread
+/// and their accuracy against the hidden labels are logged as for the consistency methods,
+/// and a run without an unlabeled term logs neither.
+#[test]
+fn vat_logs_its_pseudo_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    let vat = dir.path().join("vat");
+    let sets = [
+        "adversarial.kind=\"vat\"",
+        "adversarial.epsilon=0.1",
+        "unlabeled.ratio=2",
+        "train.steps=60",
+        "train.log_every=10",
+    ];
+    run(&cfg(&data, &vat, &sets), Resume::No, None).unwrap();
+    let recs = train_records(&vat);
+    assert_eq!(recs.len(), 6);
+    for r in &recs {
+        let share = r["pseudo_label_top_share"].as_f64().unwrap_or_else(|| panic!("no spread: {r}"));
+        assert!((1.0 / 3.0..=1.0).contains(&share), "{r}");
+        assert!(r["pseudo_label_accuracy"].is_f64(), "{r}");
+        assert!(r.get("pseudo_label_accuracy_masked").is_none(), "VAT has no mask: {r}");
+    }
+    // The task is separable: once learned, the unlabeled rows' own predictions are right,
+    // which they are only if the diagnostic reads the unlabeled rows' logits.
+    let last = recs.last().unwrap()["pseudo_label_accuracy"].as_f64().unwrap();
+    assert!(last > 0.9, "pseudo-labels right at the end: {last}");
+    let sup = dir.path().join("sup");
+    run(&cfg(&data, &sup, &["unlabeled.ratio=2", "train.steps=20", "train.log_every=10"]), Resume::No, None)
+        .unwrap();
+    for r in train_records(&sup) {
+        assert!(r.get("pseudo_label_top_share").is_none() && r.get("pseudo_label_accuracy").is_none(), "{r}");
+    }
+}
+
 #[test]
 fn resume_is_bitwise_identical_with_a_temporal_ensembling_bank() {
     // The bank over labeled and unlabeled rows in f16, and over the labeled rows alone in

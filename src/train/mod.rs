@@ -409,6 +409,20 @@ fn collapsing(labeled: &[u64], share: f64) -> bool {
     share >= 0.9f64.max((1.0 + largest) / 2.0)
 }
 
+/// What the collapse warning suggests, by where the pseudo-labels come from: with no
+/// consistency target they are VAT's (its clean pass's argmax on the unlabeled rows).
+/// Returns the term's name and the remedies.
+fn collapse_remedies(target: TargetSource) -> (&'static str, &'static str) {
+    match target {
+        TargetSource::WeakView => (
+            "consistency term",
+            "consistency.distribution_alignment, an adaptive or higher consistency.threshold, a lower consistency.weight or a shorter run",
+        ),
+        TargetSource::None => ("VAT term", "a lower adversarial.weight or adversarial.epsilon, or a shorter run"),
+        _ => ("consistency term", "a lower consistency.weight or a shorter run"),
+    }
+}
+
 /// A restored (global) logging window as rank `rank` continues it: rank 0 keeps the sums,
 /// every rank keeps the step counters.
 fn window_share(win: LogWindow, rank: usize) -> LogWindow {
@@ -903,14 +917,10 @@ where
                     && collapsing(&manifest.splits["train"].per_class, share)
                 {
                     collapse_warned = true;
-                    let remedies = if recipe.target == TargetSource::WeakView {
-                        "consistency.distribution_alignment, an adaptive or higher consistency.threshold, a lower consistency.weight or a shorter run"
-                    } else {
-                        "a lower consistency.weight or a shorter run"
-                    };
+                    let (term, remedies) = collapse_remedies(recipe.target);
                     bar.suspend(|| {
                         eprintln!(
-                            "warning: step {step}: {:.0}% of the unlabeled rows' pseudo-labels are '{}' (pseudo_label_top_share in metrics.jsonl): the consistency term may be collapsing onto one class; consider {remedies} (docs/results.md, 'Why the consistency methods fade')",
+                            "warning: step {step}: {:.0}% of the unlabeled rows' pseudo-labels are '{}' (pseudo_label_top_share in metrics.jsonl): the {term} may be collapsing onto one class; consider {remedies} (docs/results.md, 'Why the consistency methods fade')",
                             100.0 * share,
                             manifest.labels[top]
                         )

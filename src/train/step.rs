@@ -8,7 +8,7 @@ use crate::algo::consistency::ConsistencyOp;
 use crate::algo::stabilise::Stabiliser;
 use crate::algo::{Recipe, TargetSource};
 use crate::backend::{
-    with_host_mut, Backend, ConsistencyAux, DropoutKey, EncoderOps, GradSync, HostBatch, LossKind, RowMap,
+    argmax, with_host_mut, Backend, ConsistencyAux, DropoutKey, EncoderOps, GradSync, HostBatch, LossKind, RowMap,
     SparseRows,
 };
 use crate::bank::{Bank, RowId};
@@ -514,6 +514,11 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
             if let Some(st) = stabiliser {
                 record_confident(st, self.dist, &m.rows[n_l..], conf, label);
             }
+        } else if cfg.adversarial.kind == AdversarialKind::Vat && n_u > 0 {
+            // VAT's target on an unlabeled row is the clean pass's own prediction, sg(p(e)),
+            // with no mask: its argmax is the row's pseudo-label for the same diagnostics.
+            let label: Vec<f32> = logits[n_l * classes..].chunks(classes).map(|z| argmax(z) as f32).collect();
+            pseudo_label_diagnostics(win, &m.hidden, &label, |_| true, |_| false);
         }
         let bank_probs = (recipe.target == TargetSource::Bank).then(|| {
             let mut probs = be.zeros(0);
