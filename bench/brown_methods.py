@@ -13,6 +13,7 @@ Prints and writes val/test accuracy of student (and teacher), and seconds per ru
       --methods supervised fixmatch uda --seeds 1 2 3 --out runs/brown_methods_pretrained_e40 --json bench/results/brown-methods-pretrained-e40.json
   python3 bench/brown_methods.py --pretrained --pretrain-set train.epochs=40 --pretrain-set model.negatives=15 \
       --methods vat vat_labeled --seeds 1 2 3 --out runs/brown_methods_pretrained_e40 --json bench/results/brown-methods-pretrained-e40.json
+  (and --methods vat_xi, the same with ξ = 0.1)
 
 With --pretrained every run (Noisy Student's teacher too) starts its embedding table from
 skip-gram embeddings pretrained on that seed's train + unlabeled text
@@ -78,6 +79,11 @@ GRID = {
     # labeled rows alone (μ = 0): what VAT gains without the unlabeled text.
     "vat": {"adversarial.epsilon": [0.01, 0.03, 0.1], "adversarial.weight": [1.0, 3.0, 10.0],
             "train.epochs": [50, 100]},
+    # VAT with the probe radius of Miyato et al.'s text VAT (0.1) instead of METHODS.md's
+    # 1e-6 (their image default): a finite difference at 1e-6 in f32 amplifies rounding by
+    # about 1/ξ (tests/mpi.rs), so the probe direction may be partly noise.
+    "vat_xi": {"adversarial.epsilon": [0.01, 0.03, 0.1], "adversarial.weight": [1.0, 3.0, 10.0],
+               "train.epochs": [50, 100]},
     "vat_labeled": {"adversarial.epsilon": [0.01, 0.03, 0.1], "adversarial.weight": [1.0, 3.0, 10.0],
                     "train.epochs": [50, 100]},
 }
@@ -96,13 +102,14 @@ FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
          "uda": ["consistency.stabiliser_momentum=0.9"],
          "fixmatch": ["consistency.stabiliser_momentum=0.9", "consistency.distribution_alignment=true"],
          "vat": ['adversarial.kind="vat"', "unlabeled.ratio=1", "model.embed_dropout=0.0"],
-         "vat_labeled": ['adversarial.kind="vat"', "unlabeled.ratio=0", "model.embed_dropout=0.0"]}
+         "vat_labeled": ['adversarial.kind="vat"', "unlabeled.ratio=0", "model.embed_dropout=0.0"],
+         "vat_xi": ['adversarial.kind="vat"', "unlabeled.ratio=1", "model.embed_dropout=0.0", "adversarial.xi=0.1"]}
 CONFIG = {"supervised": "configs/brown/supervised.toml", "pi": "configs/brown/pi.toml",
           "mean_teacher": "configs/brown/mean_teacher.toml", "rdrop": "configs/brown/rdrop.toml",
           "temporal": "configs/brown/temporal.toml", "uda": "configs/brown/uda.toml",
           "fixmatch": "configs/brown/fixmatch.toml", "noisy_student": "configs/brown/noisy_student.toml",
           "mpl_reduced": "configs/brown/mpl_reduced.toml", "vat": "configs/brown/supervised.toml",
-          "vat_labeled": "configs/brown/supervised.toml"}
+          "vat_labeled": "configs/brown/supervised.toml", "vat_xi": "configs/brown/supervised.toml"}
 for _m, _sets in MPL_VARIANTS.items():
     CONFIG[_m] = "configs/brown/mpl.toml"
     FIXED[_m] = _sets

@@ -151,25 +151,53 @@ fn assert_same_metrics(a: &Path, b: &Path, tol: f64) {
     }
 }
 
+/// How far VAT's weights (relative error) and metrics may drift across world sizes at
+/// ξ = 0.1: its finite-difference probe turns summation-order differences of 1e-7 into
+/// about 1e-6/ξ (measured: see the run's stderr).
+const VAT_TOL: f64 = 1e-4;
+
 #[test]
 fn every_method_trains_the_same_model_on_1_2_and_4_ranks() {
     let (_one, dir, cfg) = setup();
-    let methods: &[(&str, &[&str])] = &[
-        ("supervised", &[]),
-        ("mean_teacher", &["mean_teacher.lazy_table=true"]),
-        ("temporal", &[]),
-        ("mpl", &[]),
+    // (name, method, settings)
+    let runs: &[(&str, &str, &[&str])] = &[
+        ("supervised", "supervised", &[]),
+        ("mean_teacher", "mean_teacher", &["mean_teacher.lazy_table=true"]),
+        ("temporal", "temporal", &[]),
+        ("mpl", "mpl", &[]),
         // The stabilisers' batch means and FlexMatch's records are global too.
         (
             "fixmatch",
+            "fixmatch",
             &["consistency.distribution_alignment=true", "consistency.adaptive_threshold=\"flexmatch\""],
         ),
+        // Adversarial random directions are drawn by each row's place in the global batch,
+        // and a batch norm is the global batch's.
+        (
+            "fast_fgsm",
+            "supervised",
+            &["adversarial.kind=\"fast_fgsm\"", "adversarial.norm=\"batch\"", "adversarial.epsilon=0.5"],
+        ),
+        // VAT's probe is a finite difference at radius ξ: the last-bit differences of a
+        // multi-rank run reach its direction amplified by about 1/ξ (at ξ = 1e-6 they swamp
+        // it), so it is compared at ξ = 0.1 and a looser tolerance (`VAT_TOL`).
+        (
+            "vat",
+            "supervised",
+            &[
+                "adversarial.kind=\"vat\"",
+                "adversarial.norm=\"batch\"",
+                "adversarial.epsilon=0.5",
+                "adversarial.xi=0.1",
+                "unlabeled.ratio=1",
+            ],
+        ),
     ];
-    for (method, extra) in methods {
+    for (name, method, extra) in runs {
         let outs: Vec<PathBuf> = [1usize, 2, 4]
             .iter()
             .map(|&w| {
-                let out = dir.path().join(format!("{method}-w{w}"));
+                let out = dir.path().join(format!("{name}-w{w}"));
                 let mut sets = vec![format!("method=\"{method}\"")];
                 sets.extend(extra.iter().map(|s| s.to_string()));
                 let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
@@ -177,17 +205,18 @@ fn every_method_trains_the_same_model_on_1_2_and_4_ranks() {
                 out
             })
             .collect();
-        if *method != "supervised" {
+        if !["supervised", "fast_fgsm"].contains(name) {
             assert!(
                 train_records(&outs[0]).iter().any(|r| r.3.is_some()),
-                "{method} logs the pseudo-labels' spread"
+                "{name} logs the pseudo-labels' spread"
             );
         }
         for out in &outs[1..] {
             let err = common::max_rel_err(&common::last_checkpoint(&outs[0]), &common::last_checkpoint(out));
-            eprintln!("{method}: {} vs 1 rank: relative error {err:.2e}", out.display());
-            assert!(err < 1e-5, "{method}: {} differs from one rank by {err:.2e}", out.display());
-            assert_same_metrics(&outs[0], out, 1e-5);
+            eprintln!("{name}: {} vs 1 rank: relative error {err:.2e}", out.display());
+            let tol = if *name == "vat" { VAT_TOL } else { 1e-5 };
+            assert!(err < tol, "{name}: {} differs from one rank by {err:.2e}", out.display());
+            assert_same_metrics(&outs[0], out, tol);
         }
     }
 }

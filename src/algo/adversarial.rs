@@ -109,20 +109,31 @@ impl AdversarialConfig {
     }
 }
 
-/// The squared norms of `g` (rows of `dim`) that `scope` divides by: one per row, or the
+/// Sums a batch's squared norm over the ranks that share the global batch, in place
+/// ([`ALONE`] on one process), so that `norm = "batch"` means the global batch's norm.
+pub type Reduce<'a> = &'a dyn Fn(&mut [f64]);
+
+/// The reduction of a single process: nothing to add.
+pub const ALONE: Reduce<'static> = &|_: &mut [f64]| {};
+
+/// The norms of `g` (rows of `dim`) that `scope` divides by: one per row, or the (global)
 /// batch's for every row.
-fn norms(g: &[f32], dim: usize, scope: NormScope) -> Vec<f64> {
+fn norms(g: &[f32], dim: usize, scope: NormScope, reduce: Reduce) -> Vec<f64> {
     let rows: Vec<f64> =
         g.chunks(dim).map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum()).collect();
     match scope {
         NormScope::Sample => rows.iter().map(|s| s.sqrt()).collect(),
-        NormScope::Batch => vec![rows.iter().sum::<f64>().sqrt(); rows.len()],
+        NormScope::Batch => {
+            let mut total = [rows.iter().sum::<f64>()];
+            reduce(&mut total);
+            vec![total[0].sqrt(); rows.len()]
+        }
     }
 }
 
 /// `r ← r + size·g/‖g‖` (rows with a zero gradient stay), in place.
-pub fn ascend(r: &mut [f32], g: &[f32], dim: usize, scope: NormScope, size: f64) {
-    for ((rr, gr), n) in r.chunks_mut(dim).zip(g.chunks(dim)).zip(norms(g, dim, scope)) {
+pub fn ascend(r: &mut [f32], g: &[f32], dim: usize, scope: NormScope, size: f64, reduce: Reduce) {
+    for ((rr, gr), n) in r.chunks_mut(dim).zip(g.chunks(dim)).zip(norms(g, dim, scope, reduce)) {
         if n > 0.0 {
             for (x, &v) in rr.iter_mut().zip(gr) {
                 *x = (f64::from(*x) + size * f64::from(v) / n) as f32;
@@ -132,8 +143,8 @@ pub fn ascend(r: &mut [f32], g: &[f32], dim: usize, scope: NormScope, size: f64)
 }
 
 /// Projects `r` back into the ε-ball (per row, or for the whole batch).
-pub fn project(r: &mut [f32], dim: usize, scope: NormScope, epsilon: f64) {
-    let n = norms(r, dim, scope);
+pub fn project(r: &mut [f32], dim: usize, scope: NormScope, epsilon: f64, reduce: Reduce) {
+    let n = norms(r, dim, scope, reduce);
     for (rr, n) in r.chunks_mut(dim).zip(n) {
         if n > epsilon {
             let f = epsilon / n;
@@ -143,18 +154,31 @@ pub fn project(r: &mut [f32], dim: usize, scope: NormScope, epsilon: f64) {
 }
 
 /// A random direction of `rows × dim`, each row (or the batch) scaled to norm `radius`,
-/// drawn from `key` (deterministic).
-pub fn random_direction(rows: usize, dim: usize, scope: NormScope, radius: f64, key: u64) -> Vec<f32> {
-    let g: Vec<f32> = (0..rows * dim)
-        .map(|i| {
+/// drawn from `key` (deterministic). Row `i`'s values depend on its place in the global
+/// batch, `global(i)`, not on `i`, so every rank draws what one process would draw for the
+/// same rows.
+pub fn random_direction(
+    rows: usize,
+    dim: usize,
+    scope: NormScope,
+    radius: f64,
+    key: u64,
+    global: impl Fn(usize) -> u64,
+    reduce: Reduce,
+) -> Vec<f32> {
+    let mut g = vec![0.0f32; rows * dim];
+    for (row, out) in g.chunks_mut(dim).enumerate() {
+        let first = global(row) * dim as u64;
+        for (j, v) in out.iter_mut().enumerate() {
             // A sum of two uniforms: symmetric about 0, every direction possible.
-            let a = (mix64(key ^ mix64(2 * i as u64)) >> 11) as f64 / (1u64 << 53) as f64;
-            let b = (mix64(key ^ mix64(2 * i as u64 + 1)) >> 11) as f64 / (1u64 << 53) as f64;
-            (a + b - 1.0) as f32
-        })
-        .collect();
+            let i = first + j as u64;
+            let a = (mix64(key ^ mix64(2 * i)) >> 11) as f64 / (1u64 << 53) as f64;
+            let b = (mix64(key ^ mix64(2 * i + 1)) >> 11) as f64 / (1u64 << 53) as f64;
+            *v = (a + b - 1.0) as f32;
+        }
+    }
     let mut d = vec![0.0f32; g.len()];
-    ascend(&mut d, &g, dim, scope, radius);
+    ascend(&mut d, &g, dim, scope, radius, reduce);
     d
 }
 
@@ -170,29 +194,92 @@ mod tests {
     fn ascend_and_project_keep_the_ball() {
         let g = [3.0f32, 4.0, 0.0, 0.0, 1.0, 0.0];
         let mut r = vec![0.0f32; 6];
-        ascend(&mut r, &g, 3, NormScope::Sample, 2.0);
+        ascend(&mut r, &g, 3, NormScope::Sample, 2.0, ALONE);
         // Row 0: 2·(3,4,0)/5; row 1: 2·(0,1,0).
         assert_eq!(r, [1.2, 1.6, 0.0, 0.0, 2.0, 0.0]);
-        ascend(&mut r, &g, 3, NormScope::Sample, 2.0);
-        project(&mut r, 3, NormScope::Sample, 2.0);
+        ascend(&mut r, &g, 3, NormScope::Sample, 2.0, ALONE);
+        project(&mut r, 3, NormScope::Sample, 2.0, ALONE);
         assert!((norm(&r[..3]) - 2.0).abs() < 1e-6 && (norm(&r[3..]) - 2.0).abs() < 1e-6);
         let mut b = vec![0.0f32; 6];
-        ascend(&mut b, &g, 3, NormScope::Batch, 1.0);
+        ascend(&mut b, &g, 3, NormScope::Batch, 1.0, ALONE);
         assert!((norm(&b) - 1.0).abs() < 1e-6);
         // A zero gradient leaves its row alone.
         let mut z = vec![0.5f32; 3];
-        ascend(&mut z, &[0.0; 3], 3, NormScope::Sample, 1.0);
+        ascend(&mut z, &[0.0; 3], 3, NormScope::Sample, 1.0, ALONE);
         assert_eq!(z, [0.5; 3]);
     }
 
     #[test]
     fn random_directions_have_the_radius_and_depend_on_the_key() {
-        let d = random_direction(4, 10, NormScope::Sample, 0.5, 9);
+        let d = random_direction(4, 10, NormScope::Sample, 0.5, 9, |i| i as u64, ALONE);
         for row in d.chunks(10) {
             assert!((norm(row) - 0.5).abs() < 1e-6);
         }
-        assert_eq!(d, random_direction(4, 10, NormScope::Sample, 0.5, 9));
-        assert_ne!(d, random_direction(4, 10, NormScope::Sample, 0.5, 10));
+        assert_eq!(d, random_direction(4, 10, NormScope::Sample, 0.5, 9, |i| i as u64, ALONE));
+        assert_ne!(d, random_direction(4, 10, NormScope::Sample, 0.5, 10, |i| i as u64, ALONE));
+    }
+
+    /// Runs `f(rank, reduce)` as two ranks on two threads, whose reduction sums over both.
+    fn on_two_ranks<T: Send>(f: impl Fn(usize, Reduce) -> T + Sync) -> Vec<T> {
+        let slots = std::sync::Mutex::new([0.0f64; 2]);
+        let barrier = std::sync::Barrier::new(2);
+        let run = |rank: usize| {
+            let reduce = |v: &mut [f64]| {
+                slots.lock().unwrap()[rank] = v[0];
+                barrier.wait();
+                let both = *slots.lock().unwrap();
+                barrier.wait();
+                v[0] = both[0] + both[1];
+            };
+            f(rank, &reduce)
+        };
+        std::thread::scope(|s| {
+            let h = [s.spawn(|| run(0)), s.spawn(|| run(1))];
+            h.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * x.abs().max(1.0))
+    }
+
+    /// A batch split over two ranks (global rows 0–1 and 2–3) draws, steps and projects as
+    /// one process does for the whole batch: the random rows by their global place, the
+    /// batch norm over both ranks.
+    #[test]
+    fn a_batch_split_over_ranks_draws_and_norms_as_the_whole_batch() {
+        for scope in [NormScope::Sample, NormScope::Batch] {
+            let whole = random_direction(4, 3, scope, 0.7, 5, |i| i as u64, ALONE);
+            let parts = on_two_ranks(|rank, reduce| {
+                random_direction(2, 3, scope, 0.7, 5, |i| (2 * rank + i) as u64, reduce)
+            })
+            .concat();
+            assert!(close(&parts, &whole), "{scope:?}: {parts:?} against {whole:?}");
+            // A draw that ignored the global place would repeat rank 0's rows on rank 1.
+            assert_ne!(parts[..6], parts[6..]);
+        }
+        let g = [3.0f32, 4.0, 0.0, 0.0, 1.0, 2.0];
+        let mut whole = vec![0.0f32; 6];
+        ascend(&mut whole, &g, 3, NormScope::Batch, 1.5, ALONE);
+        let split = on_two_ranks(|rank, reduce| {
+            let mut r = vec![0.0f32; 3];
+            ascend(&mut r, &g[3 * rank..3 * rank + 3], 3, NormScope::Batch, 1.5, reduce);
+            r
+        })
+        .concat();
+        assert!(close(&split, &whole), "{split:?} against {whole:?}");
+        // Two steps leave the ball; projecting brings the whole batch back to norm 1.5.
+        let far: Vec<f32> = whole.iter().map(|x| 4.0 * x).collect();
+        let mut one = far.clone();
+        project(&mut one, 3, NormScope::Batch, 1.5, ALONE);
+        assert!((norm(&one) - 1.5).abs() < 1e-6);
+        let two = on_two_ranks(|rank, reduce| {
+            let mut r = far[3 * rank..3 * rank + 3].to_vec();
+            project(&mut r, 3, NormScope::Batch, 1.5, reduce);
+            r
+        })
+        .concat();
+        assert!(close(&two, &one), "{two:?} against {one:?}");
     }
 
     #[test]

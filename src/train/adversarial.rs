@@ -4,6 +4,7 @@
 
 use crate::algo::adversarial::{self as advx, AdversarialConfig, AdversarialKind};
 use crate::backend::{Backend, ConsistencyAux, DropoutKey, EncoderOps, LossKind};
+use crate::dist::Dist;
 use crate::model::{Acts, Input, Model};
 
 use super::step::TableAcc;
@@ -36,7 +37,9 @@ impl<B: Backend> AdversarialBuffers<B> {
 /// perturbation r of the embeddings ([`Model::forward_perturbed`]; its norm is taken per
 /// document: over a bag model's pooled vector, over all of an encoder's token rows of the
 /// sequence), then a pass at e + r whose loss's gradient is added to the step's. Every pass
-/// keeps the first pass's dropout masks, so only r differs.
+/// keeps the first pass's dropout masks, so only r differs. Across ranks r is what one
+/// process computes for the global batch: random rows are drawn by their place in it
+/// (`key.rows`), and `norm = "batch"` sums the squared norm over the ranks.
 pub(super) struct AdversarialPass<'a, B: EncoderOps<F = f32>> {
     pub(super) be: &'a B,
     pub(super) model: &'a Model,
@@ -48,6 +51,7 @@ pub(super) struct AdversarialPass<'a, B: EncoderOps<F = f32>> {
     pub(super) key: DropoutKey,
     pub(super) accum: u64,
     pub(super) loss: LossKind,
+    pub(super) dist: &'a Dist,
 }
 
 impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
@@ -144,11 +148,13 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
         let (eps, scope) = (cfg.epsilon, cfg.norm);
         let zero = || vec![0.0f32; self.n * dim];
         let noise_key = crate::backend::mix64(self.key.base() ^ 0xad5e_ed00);
+        let reduce = |v: &mut [f64]| self.dist.sum("the adversarial perturbation's batch norm", v);
+        let global = |i: usize| self.key.rows.sequence(i);
         let r = match cfg.kind {
             AdversarialKind::None => return 0.0,
             AdversarialKind::Fgm => {
                 let mut r = zero();
-                advx::ascend(&mut r, g0, dim, scope, eps);
+                advx::ascend(&mut r, g0, dim, scope, eps, &reduce);
                 r
             }
             AdversarialKind::Pgd | AdversarialKind::FastFgsm => {
@@ -157,20 +163,20 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
                 } else {
                     // A random start inside the ball: a random direction, radius ε·u.
                     let u = (noise_key >> 11) as f64 / (1u64 << 53) as f64;
-                    (advx::random_direction(self.n, dim, scope, eps * u, noise_key), 1)
+                    (advx::random_direction(self.n, dim, scope, eps * u, noise_key, global, &reduce), 1)
                 };
                 for _ in 0..steps {
                     let g = self.grad_at(cfg, params, clean, &r, buf);
-                    advx::ascend(&mut r, &g, dim, scope, cfg.step());
-                    advx::project(&mut r, dim, scope, eps);
+                    advx::ascend(&mut r, &g, dim, scope, cfg.step(), &reduce);
+                    advx::project(&mut r, dim, scope, eps, &reduce);
                 }
                 r
             }
             AdversarialKind::Vat => {
-                let d = advx::random_direction(self.n, dim, scope, cfg.xi, noise_key);
+                let d = advx::random_direction(self.n, dim, scope, cfg.xi, noise_key, global, &reduce);
                 let g = self.grad_at(cfg, params, clean, &d, buf);
                 let mut r = zero();
-                advx::ascend(&mut r, &g, dim, scope, eps);
+                advx::ascend(&mut r, &g, dim, scope, eps, &reduce);
                 r
             }
         };

@@ -8,8 +8,8 @@ use crate::algo::consistency::ConsistencyOp;
 use crate::algo::stabilise::Stabiliser;
 use crate::algo::{Recipe, TargetSource};
 use crate::backend::{
-    argmax, with_host_mut, Backend, ConsistencyAux, DropoutKey, EncoderOps, GradSync, HostBatch, LossKind, RowMap,
-    SparseRows,
+    argmax, with_host_mut, Backend, ConsistencyAux, DropoutKey, EncoderOps, GradSync, HostBatch, LossKind,
+    RowMap, SparseRows,
 };
 use crate::bank::{Bank, RowId};
 use crate::checkpoint::LogWindow;
@@ -552,7 +552,18 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         );
         if cfg.adversarial.kind != AdversarialKind::None {
             let g0 = be.download(&self.table.dpooled);
-            let a = AdversarialPass { be, model, x: &dev, labels, n, n_l, key, accum, loss: kind };
+            let a = AdversarialPass {
+                be,
+                model,
+                x: &dev,
+                labels,
+                n,
+                n_l,
+                key,
+                accum,
+                loss: kind,
+                dist: self.dist,
+            };
             let (grads, table, adv) = (&mut self.grads, &mut self.table, &mut self.adv);
             let adv_loss = a.run(&cfg.adversarial, params, p0.acts.logits(), &g0, grads, table, adv);
             if !adv_loss.is_finite() {
