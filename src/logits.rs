@@ -158,6 +158,15 @@ impl LogitsFile {
         if starts[shards] != rows {
             return bad("corrupted: the shards' row counts do not add up".into());
         }
+        let data = &b[HEADER_LEN + 8 * shards..];
+        if let Some(k) =
+            data.chunks_exact(4).position(|v| !f32::from_le_bytes(v.try_into().expect("4 bytes")).is_finite())
+        {
+            return bad(format!(
+                "row {} holds a non-finite logit: the model that wrote it had diverged; export again from a sound checkpoint",
+                k / classes
+            ));
+        }
         let manifest_checksum = String::from_utf8_lossy(&b[32..48]).into_owned();
         let rows_fingerprint = (version >= 2).then(|| u64_at(64));
         Ok(LogitsFile {
@@ -187,7 +196,9 @@ impl LogitsFile {
         if self.manifest_checksum != m.checksum {
             let how = match self.rows_fingerprint {
                 Some(f) if f == rows_fingerprint(ds, split) => None,
-                Some(_) => Some("and its rows differ: other documents, order, labels or sharding"),
+                Some(_) => Some(
+                    "and its rows differ: other documents, order, labels or sharding, or other word rules (lowercasing, punctuation)",
+                ),
                 None => {
                     Some("and, as a version 1 file, cannot show that its rows are these; export it again")
                 }
@@ -342,6 +353,15 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
             }
             model.forward(be, &params, &model.input(be, &batch), batch.len(), None, &mut acts);
             let logits = be.download(acts.logits());
+            if let Some(k) = logits[..batch.len() * classes].iter().position(|v| !v.is_finite()) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::Data(format!(
+                    "{}: the model's logit for document {} of shard {si} is {}: its weights are broken (a diverged run?); no logits file was written",
+                    out.display(),
+                    start + k / classes,
+                    logits[k]
+                )));
+            }
             put(&mut w, bytemuck::cast_slice(&logits[..batch.len() * classes]))?;
             for (k, z) in logits.chunks(classes).take(batch.len()).enumerate() {
                 let i = start + k;

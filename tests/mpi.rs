@@ -630,39 +630,52 @@ fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
     let sub = dir.path().join("wp");
     std::fs::create_dir(&sub).unwrap();
     let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
-    let data = common::separable(
+    // Documents of 8 to 13 tokens: each rank pads its batch to its own longest.
+    let data = common::separable_padded(
         &sub,
         40,
+        5,
         &[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=4", "split.labels_per_class=12"],
     );
     let cfg = config(dir.path(), &data);
     // Dropout on (both at 0.1): hidden masks are keyed by (the sequence's global position,
     // the token), attention masks by the sequence's global position, so a rank's shorter
     // padding and its local rows change nothing.
-    let mut sets = common::small_encoder(1);
-    sets.extend(["train.steps=8".to_string(), "train.log_every=4".to_string()]);
-    let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
-    let outs: Vec<PathBuf> = [1usize, 2]
-        .iter()
-        .map(|&w| {
-            let out = dir.path().join(format!("enc-w{w}"));
-            run_ok(train(w, &cfg, &out, &sets));
-            out
-        })
-        .collect();
-    // Tensor by tensor, relative to the tensor's norm with a floor: the attention key's bias
-    // has a zero gradient in exact arithmetic (softmax ignores a constant added to every
-    // score), so it and its moments hold rounding noise (1e-7 and below): an absolute floor.
-    let (a, b) = (
-        common::tensors(&common::last_checkpoint(&outs[0])),
-        common::tensors(&common::last_checkpoint(&outs[1])),
-    );
-    assert_eq!(a.len(), b.len());
-    for ((name, x), (_, y)) in a.iter().zip(&b) {
-        let d: f64 =
-            x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum::<f64>().sqrt();
-        let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum::<f64>().sqrt();
-        assert!(d <= 1e-4 * n + 1e-6, "{name}: 2 ranks differ from one process by {d:.2e} (norm {n:.2e})");
+    // Fast-FGSM's random start is drawn by (sequence, token), with none on padding, and
+    // its batch norm is the global batch's.
+    let fast_fgsm: &[&str] =
+        &["adversarial.kind=\"fast_fgsm\"", "adversarial.norm=\"batch\"", "adversarial.epsilon=5.0"];
+    for (name, extra) in [("enc", &[][..]), ("enc-fast-fgsm", fast_fgsm)] {
+        let mut sets = common::small_encoder(1);
+        sets.extend(["train.steps=8".to_string(), "train.log_every=4".to_string()]);
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+        let outs: Vec<PathBuf> = [1usize, 2]
+            .iter()
+            .map(|&w| {
+                let out = dir.path().join(format!("{name}-w{w}"));
+                run_ok(train(w, &cfg, &out, &sets));
+                out
+            })
+            .collect();
+        // Tensor by tensor, relative to the tensor's norm with a floor: the attention key's
+        // bias has a zero gradient in exact arithmetic (softmax ignores a constant added to
+        // every score), so it and its moments hold rounding noise (1e-7 and below): an
+        // absolute floor.
+        let (a, b) = (
+            common::tensors(&common::last_checkpoint(&outs[0])),
+            common::tensors(&common::last_checkpoint(&outs[1])),
+        );
+        assert_eq!(a.len(), b.len());
+        for ((tensor, x), (_, y)) in a.iter().zip(&b) {
+            let d: f64 =
+                x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum::<f64>().sqrt();
+            let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum::<f64>().sqrt();
+            assert!(
+                d <= 1e-4 * n + 1e-6,
+                "{name}, {tensor}: 2 ranks differ from one process by {d:.2e} (norm {n:.2e})"
+            );
+        }
+        assert_same_metrics(&outs[0], &outs[1], 1e-4);
     }
-    assert_same_metrics(&outs[0], &outs[1], 1e-4);
 }

@@ -971,6 +971,19 @@ fn export_logits_and_noisy_student() {
     assert!(e.contains("header does not match its checksum"), "{e}");
     std::fs::write(&damaged, &bytes[..bytes.len() - 4]).unwrap();
     assert!(LogitsFile::open(&damaged).err().unwrap().to_string().contains("truncated"));
+    // A file whose checksums hold but whose last logit is NaN (what a diverged teacher
+    // would have written) is refused, naming the row.
+    let mut b = bytes.clone();
+    let n = b.len();
+    b[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    let contents = xxhash_rust::xxh3::xxh3_64(&b[128..]);
+    b[56..64].copy_from_slice(&contents.to_le_bytes());
+    let header = xxhash_rust::xxh3::xxh3_64(&b[..72]);
+    b[72..80].copy_from_slice(&header.to_le_bytes());
+    std::fs::write(&damaged, &b).unwrap();
+    let rows = ds.manifest().splits["unlabeled"].docs;
+    let e = LogitsFile::open(&damaged).err().unwrap().to_string();
+    assert!(e.contains(&format!("row {} holds a non-finite logit", rows - 1)), "{e}");
     // Noisy Student on those targets: it learns the task, and resumes exactly.
     let logits_set = format!("noisy_student.logits={:?}", file.display().to_string());
     let ns = [
@@ -1045,6 +1058,15 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     let file = dir.path().join("c2.logits");
     let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
     let be = dtrain::backend::cpu::Cpu::<f32>::new();
+    // A model with a NaN weight (a diverged teacher) writes no file at all.
+    let mut broken = params.clone();
+    broken[bias.start] = f32::NAN;
+    let nan_file = dir.path().join("nan.logits");
+    let e = dtrain::logits::export(&be, &model, &broken, &ds, SplitKind::Unlabeled, &nan_file, None, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("logit for document 0 of shard 0 is NaN") && e.contains("no logits file"), "{e}");
+    assert!(!nan_file.exists() && !nan_file.with_extension("tmp").exists());
     dtrain::logits::export(&be, &model, &params, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
     // `dtrain inspect` describes the file, and shows every argmax on class 2.
     let o =

@@ -154,24 +154,23 @@ pub fn project(r: &mut [f32], dim: usize, scope: NormScope, epsilon: f64, reduce
 }
 
 /// A random direction of `rows × dim`, each row (or the batch) scaled to norm `radius`,
-/// drawn from `key` (deterministic). Row `i`'s values depend on its place in the global
-/// batch, `global(i)`, not on `i`, so every rank draws what one process would draw for the
-/// same rows.
+/// drawn from `key` (deterministic). `element(i, j)` is the place of row `i`'s element `j`
+/// in the global batch, which its value depends on (so every rank draws what one process
+/// would draw for the same rows), or `None` where the direction is 0 (padding).
 pub fn random_direction(
     rows: usize,
     dim: usize,
     scope: NormScope,
     radius: f64,
     key: u64,
-    global: impl Fn(usize) -> u64,
+    element: impl Fn(usize, usize) -> Option<u64>,
     reduce: Reduce,
 ) -> Vec<f32> {
     let mut g = vec![0.0f32; rows * dim];
     for (row, out) in g.chunks_mut(dim).enumerate() {
-        let first = global(row) * dim as u64;
         for (j, v) in out.iter_mut().enumerate() {
+            let Some(i) = element(row, j) else { continue };
             // A sum of two uniforms: symmetric about 0, every direction possible.
-            let i = first + j as u64;
             let a = (mix64(key ^ mix64(2 * i)) >> 11) as f64 / (1u64 << 53) as f64;
             let b = (mix64(key ^ mix64(2 * i + 1)) >> 11) as f64 / (1u64 << 53) as f64;
             *v = (a + b - 1.0) as f32;
@@ -185,6 +184,11 @@ pub fn random_direction(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows of `dim` elements, numbered row by row.
+    fn flat(dim: usize) -> impl Fn(usize, usize) -> Option<u64> {
+        move |i, j| Some((i * dim + j) as u64)
+    }
 
     fn norm(v: &[f32]) -> f64 {
         v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
@@ -211,12 +215,12 @@ mod tests {
 
     #[test]
     fn random_directions_have_the_radius_and_depend_on_the_key() {
-        let d = random_direction(4, 10, NormScope::Sample, 0.5, 9, |i| i as u64, ALONE);
+        let d = random_direction(4, 10, NormScope::Sample, 0.5, 9, flat(10), ALONE);
         for row in d.chunks(10) {
             assert!((norm(row) - 0.5).abs() < 1e-6);
         }
-        assert_eq!(d, random_direction(4, 10, NormScope::Sample, 0.5, 9, |i| i as u64, ALONE));
-        assert_ne!(d, random_direction(4, 10, NormScope::Sample, 0.5, 10, |i| i as u64, ALONE));
+        assert_eq!(d, random_direction(4, 10, NormScope::Sample, 0.5, 9, flat(10), ALONE));
+        assert_ne!(d, random_direction(4, 10, NormScope::Sample, 0.5, 10, flat(10), ALONE));
     }
 
     /// Runs `f(rank, reduce)` as two ranks on two threads, whose reduction sums over both.
@@ -249,9 +253,9 @@ mod tests {
     #[test]
     fn a_batch_split_over_ranks_draws_and_norms_as_the_whole_batch() {
         for scope in [NormScope::Sample, NormScope::Batch] {
-            let whole = random_direction(4, 3, scope, 0.7, 5, |i| i as u64, ALONE);
+            let whole = random_direction(4, 3, scope, 0.7, 5, flat(3), ALONE);
             let parts = on_two_ranks(|rank, reduce| {
-                random_direction(2, 3, scope, 0.7, 5, |i| (2 * rank + i) as u64, reduce)
+                random_direction(2, 3, scope, 0.7, 5, |i, j| flat(3)(2 * rank + i, j), reduce)
             })
             .concat();
             assert!(close(&parts, &whole), "{scope:?}: {parts:?} against {whole:?}");
@@ -280,6 +284,16 @@ mod tests {
         })
         .concat();
         assert!(close(&two, &one), "{two:?} against {one:?}");
+    }
+
+    /// Elements without a place (padding) stay 0, and the radius is the real elements'.
+    #[test]
+    fn padding_gets_no_noise() {
+        let real = |i: usize, j: usize| (j < 2 + i).then_some((10 * i + j) as u64);
+        let d = random_direction(2, 4, NormScope::Sample, 0.5, 3, real, ALONE);
+        assert_eq!((d[2], d[3], d[7]), (0.0, 0.0, 0.0));
+        assert!(d[..2].iter().chain(&d[4..7]).all(|&x| x != 0.0));
+        assert!((norm(&d[..4]) - 0.5).abs() < 1e-6 && (norm(&d[4..]) - 0.5).abs() < 1e-6);
     }
 
     #[test]

@@ -191,7 +191,14 @@ impl<B: Backend> Optimizer<B> {
         self.t += 1;
         let c = &self.cfg;
         for tensor in layout.tensors() {
-            let lr = lr * c.mult(&tensor.name);
+            let mult = c.mult(&tensor.name);
+            if mult == 0.0 {
+                // A frozen tensor: its update would change nothing but moments that no step
+                // reads (the multiplier holds for the whole run). Skipping it saves a pass
+                // over its parameters, gradients and moments.
+                continue;
+            }
+            let lr = lr * mult;
             let adam = AdamStep {
                 lr,
                 beta1: c.beta1,
@@ -392,5 +399,22 @@ mod tests {
         assert!((norm - 5.0).abs() < 1e-12);
         assert!((p[w.offset] + 0.1 * 2.0 * 0.6).abs() < 1e-12, "clipped and multiplied: {}", p[w.offset]);
         assert!((p[t.offset + 4] + 0.1 * 0.8).abs() < 1e-12, "{}", p[t.offset + 4]);
+    }
+
+    /// A multiplier of 0 freezes its tensor: no update, no weight decay, no moments.
+    #[test]
+    fn a_zero_multiplier_freezes_its_tensor() {
+        let be = Cpu::<f64>::new();
+        let (l, w, t) = layout();
+        let mut cfg = OptimConfig { weight_decay: 0.1, ..Default::default() };
+        cfg.lr_mult.insert("embedding".into(), 0.0);
+        let mut opt = Optimizer::new(&be, &l, t, cfg);
+        let mut p = vec![1.0; l.total()];
+        let mut g = vec![0.5; t.offset];
+        let mut s = sparse(vec![1], vec![2.0, -1.0]);
+        opt.step(&be, &l, t, &mut p, &mut g, TableGrad::Rows(&mut s), 0.1);
+        assert!(p[w.range()].iter().all(|&x| x < 1.0), "the head moves: {p:?}");
+        assert_eq!(&p[t.range()], &[1.0; 8], "the frozen table stays");
+        assert!(opt.m[t.range()].iter().chain(&opt.v[t.range()]).all(|&x| x == 0.0));
     }
 }

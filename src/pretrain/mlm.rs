@@ -374,54 +374,11 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         let tb = TokenBatch::new(&seqs, 0);
         let n = tb.b * tb.l;
         let k = targets.len();
-        if k == 0 {
-            continue;
-        }
-        let noise = (enc.spec.dropout > 0.0 || enc.spec.attention_dropout > 0.0).then(|| {
-            (DropoutKey { seed: t.seed, step, site: 0, pass: 0, rows: RowMap::at(0) }, enc.spec.dropout)
-        });
-        enc.forward(be, &params, &tb, noise, &mut acts);
-        let rows = be.upload_batch(&targets);
-        head.forward(be, &params, &acts.hidden, n, &rows, k, &mut hacts);
-        let loss = be.softmax_loss(
-            &hacts.logits,
-            vocab,
-            &rows,
-            LossKind::CrossEntropy { smoothing: 0.0 },
-            1.0 / k as f32,
-            &mut dlogits,
-            &mut row_loss,
-        ) / k as f64;
-        if !loss.is_finite() {
-            return Err(Error::Data(format!(
-                "the masked-LM loss became {loss} at step {step}: lower train.lr"
-            )));
-        }
-        let logits = be.download(&hacts.logits);
-        win_right += logits
-            .chunks(vocab)
-            .zip(&targets.labels)
-            .filter(|(z, y)| crate::backend::argmax(z) as i32 == **y)
-            .count() as u64;
-        let dhidden = head.backward(be, &params, n, &rows, k, &hacts, &dlogits, &mut grads);
+        // The rate of this step: the head's constant one during its warm-up, then warmup
+        // and linear decay over the full run.
         let lr = match step.checked_sub(hw) {
-            None => {
-                // The head alone: no backward pass through the body; the tied decoder's
-                // gradient on the word table meets a rate of 0 (and is zeroed below).
-                let ho = head_opt.as_mut().expect("a head optimizer while step < hw");
-                ho.step(
-                    be,
-                    &layout,
-                    none,
-                    &mut params,
-                    &mut grads,
-                    TableGrad::Rows(&mut no_rows),
-                    m.head_warmup_lr,
-                );
-                m.head_warmup_lr
-            }
+            None => m.head_warmup_lr,
             Some(s) => {
-                enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads, None, None);
                 let warm = if m.warmup_steps > 0 && s < m.warmup_steps {
                     (s + 1) as f64 / m.warmup_steps as f64
                 } else {
@@ -432,24 +389,63 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
                 } else {
                     1.0
                 };
-                let lr = t.lr * warm * decay;
-                opt.step(be, &layout, none, &mut params, &mut grads, TableGrad::Rows(&mut no_rows), lr);
-                lr
+                t.lr * warm * decay
             }
         };
+        // A batch in which no token was masked has nothing to learn from; the step still
+        // counts (its schedule, the phase's end and the logging boundaries).
+        if k > 0 {
+            let noise = (enc.spec.dropout > 0.0 || enc.spec.attention_dropout > 0.0).then(|| {
+                (DropoutKey { seed: t.seed, step, site: 0, pass: 0, rows: RowMap::at(0) }, enc.spec.dropout)
+            });
+            enc.forward(be, &params, &tb, noise, &mut acts);
+            let rows = be.upload_batch(&targets);
+            head.forward(be, &params, &acts.hidden, n, &rows, k, &mut hacts);
+            let loss = be.softmax_loss(
+                &hacts.logits,
+                vocab,
+                &rows,
+                LossKind::CrossEntropy { smoothing: 0.0 },
+                1.0 / k as f32,
+                &mut dlogits,
+                &mut row_loss,
+            ) / k as f64;
+            if !loss.is_finite() {
+                return Err(Error::Data(format!(
+                    "the masked-LM loss became {loss} at step {step}: lower train.lr"
+                )));
+            }
+            let logits = be.download(&hacts.logits);
+            win_right += logits
+                .chunks(vocab)
+                .zip(&targets.labels)
+                .filter(|(z, y)| crate::backend::argmax(z) as i32 == **y)
+                .count() as u64;
+            let dhidden = head.backward(be, &params, n, &rows, k, &hacts, &dlogits, &mut grads);
+            if step < hw {
+                // The head alone: no backward pass through the body; the tied decoder's
+                // gradient on the word table meets a rate of 0 (and is zeroed below).
+                let ho = head_opt.as_mut().expect("a head optimizer while step < hw");
+                ho.step(be, &layout, none, &mut params, &mut grads, TableGrad::Rows(&mut no_rows), lr);
+            } else {
+                enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads, None, None);
+                opt.step(be, &layout, none, &mut params, &mut grads, TableGrad::Rows(&mut no_rows), lr);
+            }
+            be.fill_zero(&mut grads);
+            let tokens: u64 = seqs.iter().map(|s| s.len() as u64).sum();
+            (win_loss, win_masked, win_tokens, win_steps) =
+                (win_loss + loss, win_masked + k as u64, win_tokens + tokens, win_steps + 1);
+            all_tokens += tokens;
+            all_slots += n as u64;
+            win_slots += n as u64;
+        }
         if step + 1 == hw {
             head_opt = None;
         }
-        be.fill_zero(&mut grads);
         step_secs += step_start.elapsed().as_secs_f64();
-        let tokens: u64 = seqs.iter().map(|s| s.len() as u64).sum();
-        (win_loss, win_masked, win_tokens, win_steps) =
-            (win_loss + loss, win_masked + k as u64, win_tokens + tokens, win_steps + 1);
-        all_tokens += tokens;
-        all_slots += n as u64;
-        win_slots += n as u64;
         bar.set_position(step + 1);
-        if (step + 1) % m.log_every == 0 || step + 1 == hw || step + 1 == steps {
+        let boundary = (step + 1) % m.log_every == 0 || step + 1 == hw || step + 1 == steps;
+        if boundary && win_steps > 0 {
             let secs = started.elapsed().as_secs_f64().max(1e-9);
             let (ml, acc) = (win_loss / win_steps as f64, win_right as f64 / win_masked.max(1) as f64);
             first_loss.get_or_insert(ml);

@@ -149,7 +149,20 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
         let zero = || vec![0.0f32; self.n * dim];
         let noise_key = crate::backend::mix64(self.key.base() ^ 0xad5e_ed00);
         let reduce = |v: &mut [f64]| self.dist.sum("the adversarial perturbation's batch norm", v);
-        let global = |i: usize| self.key.rows.sequence(i);
+        // Each element's place for the random draws: a bag row's by its document's place in
+        // the global batch; an encoder's by its document's and token's, so that padding
+        // (each rank pads its own batch) moves nothing, and padding itself gets no noise.
+        let element = |i: usize, j: usize| -> Option<u64> {
+            let doc = self.key.rows.sequence(i);
+            match self.x {
+                Input::Tokens(tb) => {
+                    let h = dim / tb.l.max(1);
+                    let t = j / h;
+                    (t < tb.lens[i]).then(|| ((doc << 16) + t as u64) * h as u64 + (j % h) as u64)
+                }
+                Input::Bag(_) => Some(doc * dim as u64 + j as u64),
+            }
+        };
         let r = match cfg.kind {
             AdversarialKind::None => return 0.0,
             AdversarialKind::Fgm => {
@@ -163,7 +176,7 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
                 } else {
                     // A random start inside the ball: a random direction, radius ε·u.
                     let u = (noise_key >> 11) as f64 / (1u64 << 53) as f64;
-                    (advx::random_direction(self.n, dim, scope, eps * u, noise_key, global, &reduce), 1)
+                    (advx::random_direction(self.n, dim, scope, eps * u, noise_key, element, &reduce), 1)
                 };
                 for _ in 0..steps {
                     let g = self.grad_at(cfg, params, clean, &r, buf);
@@ -173,7 +186,7 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
                 r
             }
             AdversarialKind::Vat => {
-                let d = advx::random_direction(self.n, dim, scope, cfg.xi, noise_key, global, &reduce);
+                let d = advx::random_direction(self.n, dim, scope, cfg.xi, noise_key, element, &reduce);
                 let g = self.grad_at(cfg, params, clean, &d, buf);
                 let mut r = zero();
                 advx::ascend(&mut r, &g, dim, scope, eps, &reduce);

@@ -166,11 +166,23 @@ pub fn minilm() -> PathBuf {
 /// A data set of 3 classes, each with its own words plus shared filler words: `per_class`
 /// documents per class, prepared into `dir/data` with 4096 buckets and `extra` settings.
 pub fn separable(dir: &Path, per_class: usize, extra: &[&str]) -> PathBuf {
+    separable_padded(dir, per_class, 0, extra)
+}
+
+/// [`separable`] with documents of uneven length: document j of each class carries
+/// j mod (`ragged` + 1) more filler words, so batches pad differently.
+pub fn separable_padded(dir: &Path, per_class: usize, ragged: usize, extra: &[&str]) -> PathBuf {
     let mut tsv = String::new();
     let words = [["alpha", "apple", "amber"], ["beta", "banana", "blue"], ["gamma", "grape", "green"]];
     for j in 0..per_class {
+        let more = " filler".repeat(j % (ragged + 1));
         for (c, w) in words.iter().enumerate() {
-            tsv.push_str(&format!("c{c}\t{} {} common filler {j} {}\n", w[j % 3], w[(j + 1) % 3], j * 7 + c));
+            tsv.push_str(&format!(
+                "c{c}\t{} {} common filler {j} {}{more}\n",
+                w[j % 3],
+                w[(j + 1) % 3],
+                j * 7 + c
+            ));
         }
     }
     let f = write(dir, "sep.tsv", tsv.as_bytes());
