@@ -18,8 +18,9 @@
 //! Version 1 had no fingerprint: its header checksum sits at 64 and covers bytes 0..64.
 //! Such files are still read, and match only the data set they were exported from.
 //!
-//! The file is written under a temporary name, synced and renamed. Opening checks the
-//! header, the length and the body checksum (one streaming pass), then that the file was
+//! The file is written under a temporary name, synced and renamed; a model whose logits
+//! are not finite (a diverged teacher) writes none. Opening checks the header, the length,
+//! the body checksum and that every logit is finite (two streaming passes), then that the file was
 //! made from this split and label set: either from this very data set (same manifest
 //! checksum), or from another preparation of the same documents in the same rows, which
 //! the rows fingerprint shows. The second case is what lets a teacher on one tokenizer
