@@ -611,8 +611,8 @@ impl Validate for TrainConfig {
         if !non_negative(o.clip_norm) {
             return bad("optim.clip_norm", "must be at least 0 (0 = no clipping)");
         }
-        if o.grad_accum < 1 {
-            return bad("optim.grad_accum", "must be at least 1");
+        if !(1..=1 << 16).contains(&o.grad_accum) {
+            return bad("optim.grad_accum", "must be in 1..=65536");
         }
         if o.lr_mult.values().any(|&v| !non_negative(v)) {
             return bad("optim.lr_mult", "multipliers must be finite and at least 0");
@@ -628,8 +628,8 @@ impl Validate for TrainConfig {
         if t.out_dir.as_os_str().is_empty() {
             return bad("train.out_dir", "is required");
         }
-        if t.batch_size < 1 {
-            return bad("train.batch_size", "must be at least 1");
+        if !(1..=1 << 20).contains(&t.batch_size) {
+            return bad("train.batch_size", "must be in 1..=1048576");
         }
         if t.steps.is_none() && t.epochs < 1 {
             return bad("train.epochs", "must be at least 1 (or set train.steps)");
@@ -643,8 +643,11 @@ impl Validate for TrainConfig {
         if t.keep_checkpoints < 1 {
             return bad("train.keep_checkpoints", "must be at least 1");
         }
-        if t.eval_batch_size < 1 {
-            return bad("train.eval_batch_size", "must be at least 1");
+        if !(1..=1 << 20).contains(&t.eval_batch_size) {
+            return bad("train.eval_batch_size", "must be in 1..=1048576");
+        }
+        if t.group_by_length > 1 << 16 {
+            return bad("train.group_by_length", "must be in 0..=65536 (batches per sorted window)");
         }
         if t.group_by_length > 0 && self.model.kind != ModelKind::Encoder {
             return bad(
@@ -915,6 +918,12 @@ impl Validate for PretrainConfig {
                     "mlm.batch_size, mlm.log_every and mlm.steps must be at least 1",
                 );
             }
+            if m.batch_size > 1 << 20 || m.group_by_length > 1 << 16 {
+                return bad(
+                    "mlm.batch_size",
+                    "mlm.batch_size must be at most 1048576 and mlm.group_by_length at most 65536",
+                );
+            }
             if !non_negative(m.weight_decay) {
                 return bad("mlm.weight_decay", "must be at least 0");
             }
@@ -923,6 +932,9 @@ impl Validate for PretrainConfig {
             }
             if m.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
                 return bad("mlm.dropout", "must be in [0, 1)");
+            }
+            if m.attention_dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
+                return bad("mlm.attention_dropout", "must be in [0, 1)");
             }
         }
         let m = &self.model;
@@ -1041,6 +1053,43 @@ mod tests {
         assert!(err(&["input.labels=[\"a\", \"a\"]"]).contains("listed twice"));
         let e = load::<PrepareConfig>(None, &set(&["output.dir=x"])).unwrap_err().to_string();
         assert!(e.contains("input.labeled"), "{e}");
+    }
+
+    /// Sizes that would overflow or exhaust memory downstream are refused up front, by field.
+    #[test]
+    fn absurd_sizes_are_refused_by_field() {
+        let train = |extra: &[&str]| {
+            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+            all.extend_from_slice(extra);
+            load::<TrainConfig>(None, &set(&all)).map(|_| ()).unwrap_err().to_string()
+        };
+        for (kv, field) in [
+            ("train.batch_size=4611686018427387904", "train.batch_size"),
+            ("train.eval_batch_size=4611686018427387904", "train.eval_batch_size"),
+            ("optim.grad_accum=1000000", "optim.grad_accum"),
+            ("train.group_by_length=4611686018427387904", "train.group_by_length"),
+        ] {
+            let e = train(&[kv]);
+            assert!(e.contains(field), "{kv}: {e}");
+        }
+        let mlm = |extra: &str| {
+            let all = [
+                "data.dir=\"d\"",
+                "train.out_dir=\"o\"",
+                "model.objective=\"mlm\"",
+                "mlm.pretrained=\"m\"",
+                extra,
+            ];
+            load::<PretrainConfig>(None, &set(&all)).map(|_| ()).unwrap_err().to_string()
+        };
+        {
+            let e = mlm("mlm.attention_dropout=1.0");
+            assert!(e.contains("mlm.attention_dropout"), "{e}");
+        }
+        {
+            let e = mlm("mlm.batch_size=4611686018427387904");
+            assert!(e.contains("mlm.batch_size"), "{e}");
+        }
     }
 
     #[test]

@@ -26,6 +26,12 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Syncs directory `dir` itself (its entries), so that files created or renamed in it
+/// survive a power loss.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
 /// Best effort: syncs the directory holding `path`, so a rename survives a power loss.
 pub fn sync_parent(path: &Path) {
     if let Some(dir) = path.parent() {

@@ -399,6 +399,74 @@ fn optimizer_state_and_the_fused_update() {
     assert!(worst < 1e-5, "fused and unfused SGD differ by {worst}");
 }
 
+/// Resuming from an earlier checkpoint while later ones exist: pruning never takes an
+/// older checkpoint in place of the abandoned later ones (which the run replaces, through a
+/// rename aside, as it reaches their steps), and the run ends where an uninterrupted one
+/// does.
+#[test]
+fn resuming_from_an_earlier_checkpoint_keeps_the_older_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    let names = || -> Vec<String> {
+        dtrain::checkpoint::list(&out.join("checkpoints"))
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    let c = cfg(&data, &out, &["train.steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=2"]);
+    let first = run(&c, Resume::No, None).unwrap();
+    let want = std::fs::read(first.final_checkpoint.join("model.safetensors")).unwrap();
+    assert_eq!(names(), ["step-000000004", "step-000000008"]);
+    // From step 4, checkpointing every 2 steps, stopped at 6: step 4 stays (pruning it
+    // would leave only 6 and the abandoned 8).
+    let c2 = cfg(&data, &out, &["train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2"]);
+    let step4 = out.join("checkpoints/step-000000004");
+    run(&c2, Resume::From(step4.clone()), Some(6)).unwrap();
+    assert_eq!(names(), ["step-000000004", "step-000000006", "step-000000008"]);
+    // On to the end: step 8 is replaced (the same weights: the run is deterministic), and
+    // the newest two are kept; no aside or pruned directory is left behind.
+    let again = run(&c2, Resume::From(out.join("checkpoints/step-000000006")), None).unwrap();
+    assert_eq!(names(), ["step-000000006", "step-000000008"]);
+    assert_eq!(std::fs::read(again.final_checkpoint.join("model.safetensors")).unwrap(), want);
+    let left: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// The checkpoint cadence is free on resume, except with a lazily updated shadow table
+/// (a checkpoint brings its rows up to date, which changes the rounding of what follows).
+#[test]
+fn the_checkpoint_cadence_counts_only_with_a_lazy_shadow_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    for (name, extra, refused) in [
+        ("sup", &[][..], false),
+        ("mt", &["method=\"mean_teacher\"", "unlabeled.ratio=1"][..], true),
+        (
+            "mt-dense",
+            &["method=\"mean_teacher\"", "unlabeled.ratio=1", "mean_teacher.lazy_table=false"][..],
+            false,
+        ),
+    ] {
+        let out = dir.path().join(name);
+        let every = |k: &str| cfg(&data, &out, &[&["train.steps=8", k][..], extra].concat());
+        run(&every("train.checkpoint_every=4"), Resume::No, Some(4)).unwrap();
+        let r = run(&every("train.checkpoint_every=2"), Resume::Auto, None);
+        match (refused, r) {
+            (true, Err(e)) => {
+                assert!(e.to_string().contains("train.checkpoint_every counts too"), "{name}: {e}")
+            }
+            (false, Ok(_)) => {}
+            (_, r) => panic!("{name}: {:?}", r.map(|_| ())),
+        }
+    }
+}
+
 #[test]
 fn checkpoints_incomplete_foreign_or_existing_are_handled() {
     let dir = tempfile::tempdir().unwrap();

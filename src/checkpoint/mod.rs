@@ -423,27 +423,44 @@ fn stage_begin(root: &Path, name: &str) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-/// Syncs every file of the filled temporary directory `tmp` (and of its subdirectories),
-/// writes [`DONE`], renames it to `root/name` and keeps the newest `keep` checkpoints.
+/// Syncs every file and directory of the filled temporary directory `tmp`, writes
+/// [`DONE`], renames it to `root/name` and keeps the newest `keep` checkpoints.
+///
+/// Nothing complete is lost on the way: a checkpoint of the same name (a run resumed from
+/// an earlier step that reaches it again) is first moved aside under a `.tmp` name, which
+/// no listing takes for a checkpoint, and deleted only once the new one is in place;
+/// pruning likewise renames before it deletes, and only prunes checkpoints older than the
+/// one just written (a resumed run's abandoned later steps are replaced as it reaches
+/// them, never pruned in its stead).
 fn stage_finish(root: &Path, name: &str, tmp: &Path, keep: usize) -> Result<PathBuf> {
     let final_dir = root.join(name);
     sync_tree(tmp)?;
     fsutil::write_atomic(&tmp.join(DONE), b"")?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).at(&final_dir)?;
+    let aside = fsutil::sibling(&final_dir, ".old.tmp");
+    let replaced = final_dir.exists();
+    if replaced {
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).at(&aside)?;
+        }
+        std::fs::rename(&final_dir, &aside).at(&final_dir)?;
     }
     std::fs::rename(tmp, &final_dir).at(&final_dir)?;
-    fsutil::sync_parent(&final_dir);
+    fsutil::sync_dir(root)?;
+    if replaced {
+        std::fs::remove_dir_all(&aside).at(&aside)?;
+    }
     let prefix = name.split_once('-').map_or(name, |(p, _)| p);
-    let mut complete = list_named(root, prefix)?;
-    while complete.len() > keep {
-        let old = complete.remove(0);
-        std::fs::remove_dir_all(&old).at(&old)?;
+    let older: Vec<PathBuf> = list_named(root, prefix)?.into_iter().filter(|p| *p < final_dir).collect();
+    let excess = (older.len() + 1).saturating_sub(keep);
+    for old in older.into_iter().take(excess) {
+        let gone = fsutil::sibling(&old, ".pruned.tmp");
+        std::fs::rename(&old, &gone).at(&old)?;
+        std::fs::remove_dir_all(&gone).at(&gone)?;
     }
     Ok(final_dir)
 }
 
-/// Syncs every file under `dir`.
+/// Syncs every file under `dir`, and every directory (their entries) bottom up.
 fn sync_tree(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).at(dir)? {
         let path = entry.at(dir)?.path();
@@ -453,7 +470,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
             std::fs::File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
         }
     }
-    Ok(())
+    fsutil::sync_dir(dir)
 }
 
 /// Complete checkpoints under `root`, oldest first.

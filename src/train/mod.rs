@@ -151,13 +151,19 @@ impl MetricsLog {
 }
 
 /// A hash of the config fields that shape the training trajectory. Where files go, how
-/// often to log or checkpoint, and the evaluation batch size are left out, so a run can be
-/// moved or re-tuned in those respects and still resume.
+/// often to log or checkpoint (unless a lazily updated shadow table makes the checkpoint
+/// cadence count), and the evaluation batch size are left out, so a run can be moved or
+/// re-tuned in those respects and still resume.
 pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     let mut c = cfg.clone();
     c.train.out_dir = PathBuf::new();
     c.train.log_every = 0;
-    c.train.checkpoint_every = 0;
+    if !lazy_shadow_table(cfg) {
+        // With a lazily updated teacher or averaged table, a checkpoint brings every row up
+        // to date (a different rounding from catching rows up when next touched), so the
+        // cadence shapes the trajectory; otherwise it does not.
+        c.train.checkpoint_every = 0;
+    }
     c.train.keep_checkpoints = 0;
     c.train.eval_batch_size = 0;
     c.dist = crate::dist::DistConfig::default();
@@ -168,6 +174,14 @@ pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     c.mpl.logits = c.mpl.logits.map(|_| PathBuf::new());
     c.mpl.train_logits = c.mpl.train_logits.map(|_| PathBuf::new());
     xxh3_64(serde_json::to_string(&c).expect("config serialises").as_bytes())
+}
+
+/// Whether the run keeps a shadow of the embedding table whose rows are updated lazily
+/// (a bag model's Mean Teacher or EMA/SWA weights with `lazy_table`).
+fn lazy_shadow_table(cfg: &TrainConfig) -> bool {
+    cfg.model.kind == crate::config::ModelKind::Bag
+        && ((cfg.method == crate::algo::Method::MeanTeacher && cfg.mean_teacher.lazy_table)
+            || (cfg.average.kind != crate::algo::AverageKind::None && cfg.average.lazy_table))
 }
 
 /// The bag model `m` describes, on the data set of `manifest`.
@@ -641,7 +655,15 @@ where
             ));
         }
         if state.config_hash != config_hash {
-            return Err(Error::bad_file(dir, "the checkpoint was written with a different training config"));
+            let cadence = if lazy_shadow_table(cfg) {
+                " (with a lazily updated teacher or averaged table, train.checkpoint_every counts too: each checkpoint brings its rows up to date)"
+            } else {
+                ""
+            };
+            return Err(Error::bad_file(
+                dir,
+                format!("the checkpoint was written with a different training config{cadence}"),
+            ));
         }
         if state.data_checksum != manifest.checksum {
             return Err(Error::bad_file(
