@@ -45,9 +45,13 @@ impl Override {
     }
 
     /// An override from a typed value (used to map command-line flags onto config fields).
-    pub fn typed(key: &str, value: impl Serialize) -> Override {
-        let value = toml::Value::try_from(value).expect("flag values serialise to TOML");
-        Override { key: key.to_owned(), value }
+    /// `flag` names the flag in the error: a value TOML cannot hold (a path that is not
+    /// UTF-8) is refused.
+    pub fn typed(flag: &str, key: &str, value: impl Serialize) -> Result<Override> {
+        let value = toml::Value::try_from(value).map_err(|_| {
+            Error::config(flag, key, "cannot be written into a config: a path must be valid UTF-8")
+        })?;
+        Ok(Override { key: key.to_owned(), value })
     }
 }
 

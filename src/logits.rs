@@ -335,7 +335,7 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
         by_confidence: thresholds.iter().map(|&t| (t, 0, 0)).collect(),
         ..Default::default()
     };
-    let buckets = m.tokenizer.buckets;
+    let limits = crate::data::shard::DocLimits::of(&m.tokenizer);
     let mut acts = Acts::new(be, model);
     for (si, shard) in shards.iter().enumerate() {
         let mut start = 0;
@@ -343,13 +343,13 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
             let end = (start + batch_size).min(shard.len());
             let mut batch = crate::backend::HostBatch::default();
             for i in start..end {
-                let doc = shard.doc(i);
-                if let Some(&bad) = doc.ids.iter().find(|&&id| id >= buckets) {
-                    return Err(Error::bad_file(
-                        shard.path(),
-                        format!("corrupted: document {i} has id {bad}, not below the bucket count {buckets}"),
-                    ));
-                }
+                let doc = match shard.doc_checked(i, limits) {
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                };
                 batch.push(doc.ids, -1);
             }
             model.forward(be, &params, &model.input(be, &batch), batch.len(), None, &mut acts);

@@ -303,15 +303,15 @@ impl PrepareArgs {
     fn overrides(&self) -> anyhow::Result<Vec<Override>> {
         let mut o = Vec::new();
         if !self.input.is_empty() {
-            o.push(Override::typed("input.labeled", &self.input));
+            o.push(Override::typed("--input", "input.labeled", &self.input)?);
         }
         if !self.unlabeled.is_empty() {
-            o.push(Override::typed("input.unlabeled", &self.unlabeled));
+            o.push(Override::typed("--unlabeled", "input.unlabeled", &self.unlabeled)?);
         }
         if !self.test_input.is_empty() {
-            o.push(Override::typed("input.test", &self.test_input));
+            o.push(Override::typed("--test-input", "input.test", &self.test_input)?);
             if self.test_fraction.is_none() {
-                o.push(Override::typed("split.test_fraction", 0.0));
+                o.push(Override::typed("--test-input", "split.test_fraction", 0.0)?);
             }
         }
         if let Some(f) = self.format {
@@ -321,14 +321,16 @@ impl PrepareArgs {
                 FormatArg::Jsonl => FormatChoice::Jsonl,
                 FormatArg::Text => FormatChoice::Text,
             };
-            o.push(Override::typed("input.format", f));
+            o.push(Override::typed("--format", "input.format", f)?);
+        }
+        if let Some(out) = &self.out {
+            o.push(Override::typed("--out", "output.dir", out)?);
         }
         let mut opt = |key: &str, v: Option<toml::Value>| {
             if let Some(v) = v {
                 o.push(Override { key: key.into(), value: v });
             }
         };
-        opt("output.dir", self.out.as_ref().map(|p| p.display().to_string().into()));
         opt("input.text_field", self.text_field.clone().map(Into::into));
         opt("input.label_field", self.label_field.clone().map(Into::into));
         opt("split.labels_per_class", self.labels_per_class.map(|v| i64::from(v).into()));
@@ -355,9 +357,9 @@ impl PrepareArgs {
                 .with_context(|| format!("--char-ngrams {spec}: expected MIN..MAX (e.g. 3..6) or 0"))?;
             // "0" turns them off and leaves char_ngram_min as it is (it is then unused).
             if hi > 0 {
-                o.push(Override::typed("tokenizer.char_ngram_min", i64::from(lo)));
+                o.push(Override::typed("--char-ngrams", "tokenizer.char_ngram_min", i64::from(lo))?);
             }
-            o.push(Override::typed("tokenizer.char_ngram_max", i64::from(hi)));
+            o.push(Override::typed("--char-ngrams", "tokenizer.char_ngram_max", i64::from(hi))?);
         }
         for s in &self.set {
             o.push(Override::parse(s)?);
@@ -1211,6 +1213,16 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         print!("{}", dtrain::logits::LogitsFile::open(&args.path)?.describe());
         return Ok(ExitCode::SUCCESS);
     }
+    let is_checkpoint =
+        args.path.join("model.safetensors").is_file() || args.path.join(dtrain::checkpoint::DONE).is_file();
+    let is_tensors = args.path.extension().is_some_and(|x| x == "safetensors");
+    if is_checkpoint || is_tensors {
+        bail!(
+            "{}: {}, which inspect does not read: `dtrain eval --checkpoint DIR --data DATA` evaluates a checkpoint",
+            args.path.display(),
+            if is_checkpoint { "a training checkpoint" } else { "a safetensors file (a checkpoint's weights)" }
+        );
+    }
     if args.path.is_file() {
         let shard = Shard::open(&args.path)?;
         let h = shard.header();
@@ -1304,10 +1316,8 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         std::fs::remove_dir_all(&run)
             .with_context(|| format!("removing the previous demo run {}", run.display()))?;
     }
-    let overrides = [
-        Override::typed("data.dir", data.display().to_string()),
-        Override::typed("train.out_dir", run.display().to_string()),
-    ];
+    let overrides =
+        [Override::typed("demo", "data.dir", &data)?, Override::typed("demo", "train.out_dir", &run)?];
     let tcfg: TrainConfig = config::load(Some(&args.train_config), &overrides)?;
     let opts = RunOptions { resume: Resume::No, progress, stop_after: None, device: Default::default() };
     let r = train(&tcfg, &opts)?;

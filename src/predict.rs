@@ -147,7 +147,8 @@ impl TextIds {
     }
 }
 
-/// The prediction loop on backend `be`.
+/// The prediction loop on backend `be`: the output is written under a temporary name and
+/// renamed into place at the end; on any error the temporary file is removed.
 fn predict_on<B: EncoderOps<F = f32>>(
     be: &B,
     opts: &PredictOptions,
@@ -156,11 +157,29 @@ fn predict_on<B: EncoderOps<F = f32>>(
     labels: &[String],
 ) -> Result<PredictSummary> {
     let format = Format::resolve(opts.format, &opts.input)?;
-    let fields = JsonFields { text: opts.text_field.clone(), label: "label".into() };
+    let reader = LineReader::open(&opts.input, DiskCounter::default())?;
     let tmp = crate::fsutil::sibling(&opts.output, ".tmp");
-    let file = std::fs::File::create(&tmp).at(&tmp)?;
+    let r = predict_into(be, opts, tokenizer, models, labels, format, reader, &tmp);
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn predict_into<B: EncoderOps<F = f32>>(
+    be: &B,
+    opts: &PredictOptions,
+    tokenizer: &TextIds,
+    models: &[(Model, B::Buf)],
+    labels: &[String],
+    format: Format,
+    mut reader: LineReader,
+    tmp: &Path,
+) -> Result<PredictSummary> {
+    let fields = JsonFields { text: opts.text_field.clone(), label: "label".into() };
+    let file = std::fs::File::create(tmp).at(tmp)?;
     let mut out = BufWriter::new(file);
-    let mut reader = LineReader::open(&opts.input, DiskCounter::default())?;
     let mut summary = PredictSummary::default();
     let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
     loop {
@@ -195,7 +214,6 @@ fn predict_on<B: EncoderOps<F = f32>>(
                     }
                     Err(_) if opts.skip_bad => summary.skipped += 1,
                     Err(msg) => {
-                        let _ = std::fs::remove_file(&tmp);
                         return Err(Error::BadLine {
                             path: opts.input.clone(),
                             line: *n,
@@ -206,7 +224,7 @@ fn predict_on<B: EncoderOps<F = f32>>(
             }
             if !batch.is_empty() {
                 let probs = average_probs(be, models, &batch, summary.documents, opts.mc_dropout, opts.seed);
-                write_rows(&mut out, &tmp, &probs, &line_of, labels, opts.top_k)?;
+                write_rows(&mut out, tmp, &probs, &line_of, labels, opts.top_k)?;
                 summary.documents += batch.len() as u64;
             }
             lines.clear();
@@ -215,9 +233,9 @@ fn predict_on<B: EncoderOps<F = f32>>(
             break;
         }
     }
-    out.flush().at(&tmp)?;
-    out.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?.sync_all().at(&tmp)?;
-    std::fs::rename(&tmp, &opts.output).at(&opts.output)?;
+    out.flush().at(tmp)?;
+    out.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?.sync_all().at(tmp)?;
+    std::fs::rename(tmp, &opts.output).at(&opts.output)?;
     Ok(summary)
 }
 

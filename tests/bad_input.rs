@@ -289,6 +289,50 @@ fn byte_order_mark_is_not_part_of_the_first_label() {
     assert!(e.contains("holds no document"), "{e}");
 }
 
+/// A damaged vocabulary is reported once, by `verify`, without blaming every shard for
+/// the word ids it can no longer check.
+#[test]
+fn a_damaged_vocabulary_is_blamed_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepared(dir.path());
+    let vocab = out.join("vocab.bin");
+    let b = std::fs::read(&vocab).unwrap();
+    std::fs::write(&vocab, &b[..b.len() / 2]).unwrap();
+    let report = dtrain::data::dataset::verify(&out);
+    assert!(!report.ok());
+    let bad: Vec<_> = report.files.iter().filter(|(_, p)| p.is_some()).map(|(f, _)| f.as_str()).collect();
+    assert_eq!(bad, ["vocab.bin"], "{:?}", report.files);
+}
+
+/// A document is checked against its data set's limits before a model reads it: an id
+/// past the bucket count, or more tokens than `subword.max_len`, is an error naming the
+/// shard (what a corrupted payload that passed the structural checks would show).
+#[test]
+fn documents_past_their_data_sets_limits_are_named() {
+    use dtrain::data::shard::DocLimits;
+    let dir = tempfile::tempdir().unwrap();
+    let out = prepared(dir.path());
+    let ds = Dataset::open(&out).unwrap();
+    let shard = &ds.shards(dtrain::data::shard::SplitKind::Train)[0];
+    let doc = shard.doc(0);
+    let ok = DocLimits::of(&ds.manifest().tokenizer);
+    assert_eq!(shard.doc_checked(0, ok).unwrap().ids, doc.ids);
+    let top = *doc.ids.iter().max().unwrap();
+    let e = shard.doc_checked(0, DocLimits { buckets: top, max_len: None }).err().unwrap().to_string();
+    assert!(
+        e.contains("train-00000.shard")
+            && e.contains(&format!("has id {top}, not below the bucket count {top}")),
+        "{e}"
+    );
+    let n = doc.ids.len();
+    let e = shard.doc_checked(0, DocLimits { max_len: Some(n - 1), ..ok }).err().unwrap().to_string();
+    assert!(
+        e.contains("train-00000.shard")
+            && e.contains(&format!("has {n} tokens, more than the data set's subword.max_len {}", n - 1)),
+        "{e}"
+    );
+}
+
 /// Rewrites a shard's header fields and recomputes its header checksum, as a deliberate
 /// forger would: only the structural rules can catch such a file.
 fn forge(path: &Path, edit: impl Fn(&mut Vec<u8>)) {

@@ -172,6 +172,40 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     assert!(!text(&r).contains("panicked"));
 }
 
+/// A path that is not UTF-8 is refused with the flag's name, not a panic, and no output
+/// directory is made under a mangled name.
+#[test]
+fn a_path_that_is_not_utf8_is_refused_by_flag() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join(std::ffi::OsStr::from_bytes(b"\xff.tsv"));
+    let good = dir.path().join("in.tsv");
+    for f in [&bad, &good] {
+        std::fs::write(f, "a\tsome text\n").unwrap();
+    }
+    let bad_out = dir.path().join(std::ffi::OsStr::from_bytes(b"o\xff"));
+    for (flag, input, out) in [("--input", &bad, dir.path().join("out")), ("--out", &good, bad_out)] {
+        let o = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .args([
+                "prepare".as_ref(),
+                "--input".as_ref(),
+                input.as_os_str(),
+                "--out".as_ref(),
+                out.as_os_str(),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && o.status.code() != Some(101), "{flag}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("valid UTF-8") && !err.contains("panicked"),
+            "{flag}: {err}"
+        );
+    }
+    let made: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(made.len(), 2, "nothing but the two inputs: {made:?}");
+}
+
 #[test]
 fn prepare_reads_a_config_file() {
     let dir = tempfile::tempdir().unwrap();

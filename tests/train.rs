@@ -730,6 +730,15 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("bad.jsonl:2") && e.contains("missing text field"), "{e}");
     assert!(!dir.path().join("q.jsonl").exists(), "no partial output");
+    assert!(!dir.path().join("q.jsonl.tmp").exists(), "no temporary file left");
+    // A missing input: nothing is made at all.
+    let o = std::process::Command::new(bin)
+        .args(["predict", "--checkpoint", ca, "--input", "/nonexistent/in.txt", "--output"])
+        .arg(dir.path().join("r.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("/nonexistent/in.txt"));
+    assert!(!dir.path().join("r.jsonl").exists() && !dir.path().join("r.jsonl.tmp").exists());
 }
 
 #[test]
@@ -1144,6 +1153,22 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     let rows = ds.manifest().splits["unlabeled"].docs;
     assert!(out.contains(&format!("logits file of split `unlabeled`: {rows} rows × 3 classes")), "{out}");
     assert!(out.contains(&format!("class 2    {rows:>9} (100.0%)  1.000")), "{out}");
+    // A checkpoint, or its weights, is named for what it is, not taken for a data set.
+    for (path, what) in [
+        (teacher.final_checkpoint.clone(), "a training checkpoint"),
+        (teacher.final_checkpoint.join("model.safetensors"), "a safetensors file"),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .arg("inspect")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(what) && err.contains("dtrain eval --checkpoint"),
+            "{err}"
+        );
+    }
     let ns = dir.path().join("ns");
     let logits_set = format!("noisy_student.logits={:?}", file.display().to_string());
     let sets = ["method=\"noisy_student\"", "train.steps=12", "train.log_every=2", &logits_set];

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::HostBatch;
 use crate::data::dataset::Dataset;
-use crate::data::shard::{Shard, SplitKind};
+use crate::data::shard::{DocLimits, Shard, SplitKind};
 use crate::error::{Error, Result};
 use crate::rng::{Purpose, Stream};
 
@@ -43,7 +43,7 @@ pub struct Loader {
     cursors: Vec<Cursor>,
     /// The current epoch's order of each owned shard.
     orders: Vec<Vec<u32>>,
-    buckets: u32,
+    limits: DocLimits,
     /// The samples of the last batch, in order, and the epoch of their shard when drawn.
     last: Vec<RowId>,
     last_epochs: Vec<u64>,
@@ -133,7 +133,7 @@ impl Loader {
             owned,
             cursors,
             orders,
-            buckets: ds.manifest().tokenizer.buckets,
+            limits: DocLimits::of(&ds.manifest().tokenizer),
             last: Vec::new(),
             last_epochs: Vec::new(),
             last_hidden: Vec::new(),
@@ -191,16 +191,7 @@ impl Loader {
                 }
                 let row = self.orders[k][c.pos as usize] as usize;
                 c.pos += 1;
-                let doc = shard.doc(row);
-                if let Some(&bad) = doc.ids.iter().find(|&&id| id >= self.buckets) {
-                    return Err(Error::bad_file(
-                        shard.path(),
-                        format!(
-                            "corrupted: document {row} has id {bad}, not below the bucket count {}",
-                            self.buckets
-                        ),
-                    ));
-                }
+                let doc = shard.doc_checked(row, self.limits)?;
                 batch.push(doc.ids, doc.label.map_or(-1, |l| l as i32));
                 self.last.push(RowId { split: self.split, shard: s as u32, row: row as u32 });
                 self.last_epochs.push(self.cursors[s].epoch);
@@ -233,18 +224,12 @@ impl Loader {
 /// Every document of a split's owned shards, in shard order, in batches of at most `size`
 /// (for evaluation; no shuffling).
 pub fn sequential(ds: &Dataset, split: SplitKind, size: usize) -> Result<Vec<HostBatch>> {
-    let buckets = ds.manifest().tokenizer.buckets;
+    let limits = DocLimits::of(&ds.manifest().tokenizer);
     let mut out = Vec::new();
     let mut batch = HostBatch::default();
     for shard in ds.shards(split) {
         for i in 0..shard.len() {
-            let doc = shard.doc(i);
-            if let Some(&bad) = doc.ids.iter().find(|&&id| id >= buckets) {
-                return Err(Error::bad_file(
-                    shard.path(),
-                    format!("corrupted: document {i} has id {bad}, not below the bucket count {buckets}"),
-                ));
-            }
+            let doc = shard.doc_checked(i, limits)?;
             batch.push(doc.ids, doc.label.map_or(-1, |l| l as i32));
             if batch.len() == size {
                 out.push(std::mem::take(&mut batch));

@@ -405,6 +405,20 @@ fn decode_header(path: &Path, b: &[u8], actual_len: u64) -> Result<ShardHeader> 
     Ok(h)
 }
 
+/// What every document of a data set must respect (from its manifest's tokenizer): ids
+/// below the bucket (or vocabulary) count, and for subword data at most `max_len` tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct DocLimits {
+    pub buckets: u32,
+    pub max_len: Option<usize>,
+}
+
+impl DocLimits {
+    pub fn of(t: &crate::data::tokenize::TokenizerSpec) -> DocLimits {
+        DocLimits { buckets: t.buckets, max_len: t.subword.as_ref().map(|s| s.max_len as usize) }
+    }
+}
+
 /// One document as the trainer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Doc<'a> {
@@ -539,6 +553,32 @@ impl Shard {
         let (a, b) = (offsets[i] as usize, offsets[i + 1] as usize);
         let label = self.labels()[i];
         Doc { ids: &self.ids()[a..b], label: u32::try_from(label).ok(), sample_id: self.sample_ids()[i] }
+    }
+
+    /// Document `i`, checked against what its data set allows: opening a shard checks its
+    /// structure, not every id of its payload, so a corrupted payload is caught here, as an
+    /// error naming the file, before a model reads past a table.
+    pub fn doc_checked(&self, i: usize, limits: DocLimits) -> Result<Doc<'_>> {
+        let doc = self.doc(i);
+        if let Some(&bad) = doc.ids.iter().find(|&&id| id >= limits.buckets) {
+            return Err(Error::bad_file(
+                self.path(),
+                format!(
+                    "corrupted: document {i} has id {bad}, not below the bucket count {}",
+                    limits.buckets
+                ),
+            ));
+        }
+        if let Some(max) = limits.max_len.filter(|&m| doc.ids.len() > m) {
+            return Err(Error::bad_file(
+                self.path(),
+                format!(
+                    "corrupted: document {i} has {} tokens, more than the data set's subword.max_len {max}",
+                    doc.ids.len()
+                ),
+            ));
+        }
+        Ok(doc)
     }
 
     /// The hidden true label of unlabeled document `i`, where known. Diagnostics only:

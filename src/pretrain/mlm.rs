@@ -354,14 +354,15 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         let mut seqs = Vec::with_capacity(picked.len());
         let mut targets = HostBatch::default();
         let mut l = 0;
+        let limits = crate::data::shard::DocLimits::of(&manifest.tokenizer);
         let masked: Vec<Masked> = picked
             .iter()
             .map(|&(split, si, i)| {
-                let shard = &ds.shards(split)[si];
-                let key = mix64(t.seed ^ mix64(step) ^ mix64(shard.doc(i).sample_id));
-                mask_tokens(shard.doc(i).ids, m.mask_prob, mask_id, manifest.tokenizer.buckets, key)
+                let doc = ds.shards(split)[si].doc_checked(i, limits)?;
+                let key = mix64(t.seed ^ mix64(step) ^ mix64(doc.sample_id));
+                Ok(mask_tokens(doc.ids, m.mask_prob, mask_id, manifest.tokenizer.buckets, key))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for (s, _) in &masked {
             l = l.max(s.len());
         }
