@@ -20,7 +20,7 @@ fn error_for(name: &str, content: &[u8], extra: &[&str]) -> String {
 #[test]
 fn bad_lines_are_errors_with_file_and_line() {
     let good = common::tsv(2, 10);
-    let cases: [(&str, Vec<u8>, &str); 6] = [
+    let cases: [(&str, Vec<u8>, &str); 7] = [
         ("x.tsv", format!("{good}no tab on this line\n").into_bytes(), "x.tsv:21: no tab"),
         ("x.tsv", format!("{good}class0\t   \n").into_bytes(), "x.tsv:21: empty text"),
         ("x.tsv", [good.as_bytes(), b"class0\tbad \xff\xfe utf8\n"].concat(), "x.tsv:21: invalid UTF-8"),
@@ -31,6 +31,11 @@ fn bad_lines_are_errors_with_file_and_line() {
         ),
         ("x.jsonl", b"{\"text\": \"a b\"}\n".to_vec(), "x.jsonl:1: missing label field `label`"),
         ("x.tsv.gz", format!("{good}\tno label\n").into_bytes(), "x.tsv.gz:21: empty label"),
+        (
+            "x.tsv",
+            format!("{good}class0\tsee {}\n", "a".repeat(70_000)).into_bytes(),
+            "x.tsv:21: a word of 70000 bytes",
+        ),
     ];
     for (name, content, want) in cases {
         let e = error_for(name, &content, &[]);

@@ -204,6 +204,9 @@ impl<R: Read> Read for Counting<R> {
 /// The UTF-8 byte-order mark, removed from the start of a file.
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// The longest input line read, its newline not counted (64 MiB).
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
 impl LineReader {
     /// Opens `path`; `counter` accumulates bytes read from disk.
     pub fn open(path: &Path, counter: DiskCounter) -> Result<Self> {
@@ -224,15 +227,30 @@ impl LineReader {
     }
 
     /// Reads the next line into `buf` (newline and, on line 1, a UTF-8 byte-order mark
-    /// removed); returns its 1-based number, or `None` at the end of the file.
+    /// removed); returns its 1-based number, or `None` at the end of the file. A line over
+    /// [`MAX_LINE_BYTES`] is an error naming it (a file without newlines would otherwise
+    /// be read into memory whole).
     pub fn next_line(&mut self, buf: &mut Vec<u8>) -> Result<Option<u64>> {
+        self.next_line_within(buf, MAX_LINE_BYTES)
+    }
+
+    fn next_line_within(&mut self, buf: &mut Vec<u8>, limit: usize) -> Result<Option<u64>> {
         buf.clear();
-        let n = self
-            .inner
+        let n = (&mut self.inner)
+            .take(limit as u64 + 1)
             .read_until(b'\n', buf)
             .map_err(|e| Error::bad_file(&self.path, format!("read failed after line {}: {e}", self.line)))?;
         if n == 0 {
             return Ok(None);
+        }
+        if n > limit && buf.last() != Some(&b'\n') {
+            return Err(Error::bad_file(
+                &self.path,
+                format!(
+                    "line {} is longer than {limit} bytes: is this a text file with one document per line?",
+                    self.line + 1
+                ),
+            ));
         }
         self.text_bytes += n as u64;
         if buf.last() == Some(&b'\n') {
@@ -249,6 +267,26 @@ impl LineReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_over_the_limit_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.txt");
+        std::fs::write(&path, b"short\n0123456789\nend").unwrap();
+        let mut r = LineReader::open(&path, DiskCounter::default()).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(r.next_line_within(&mut buf, 9).unwrap(), Some(1));
+        assert_eq!(buf, b"short");
+        let e = r.next_line_within(&mut buf, 9).unwrap_err().to_string();
+        assert!(e.contains("x.txt") && e.contains("line 2 is longer than 9 bytes"), "{e}");
+        // Exactly at the limit is fine, and so is a last line without a newline.
+        let mut r = LineReader::open(&path, DiskCounter::default()).unwrap();
+        r.next_line_within(&mut buf, 10).unwrap();
+        assert_eq!(r.next_line_within(&mut buf, 10).unwrap(), Some(2));
+        assert_eq!(buf, b"0123456789");
+        assert_eq!(r.next_line_within(&mut buf, 10).unwrap(), Some(3));
+        assert_eq!(buf, b"end");
+    }
 
     fn fields() -> JsonFields {
         JsonFields { text: "text".into(), label: "label".into() }

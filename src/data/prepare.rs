@@ -500,6 +500,16 @@ impl Run<'_> {
                                     .into(),
                             ));
                         }
+                        if let Some(w) = word_text.iter().find(|w| w.len() > crate::data::vocab::MAX_WORD_BYTES) {
+                            return Err((
+                                *line,
+                                format!(
+                                    "a word of {} bytes, over the vocabulary's limit of {} (a long run of letters without spaces?)",
+                                    w.len(),
+                                    crate::data::vocab::MAX_WORD_BYTES
+                                ),
+                            ));
+                        }
                         Ok(Some(TokDoc {
                             line: doc.line,
                             label: doc.label,
