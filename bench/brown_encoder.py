@@ -50,16 +50,20 @@ VARIANTS = {
     # Supervised fine-tuning after masked-LM pretraining whose fresh head first trains
     # alone for one pass over the text (MLM_RECIPES["head"]).
     "mlm_head_supervised": [],
-    # Mean Teacher (as "mean_teacher") from the head-warm-up masked-LM encoder.
+    # Mean Teacher (as "mean_teacher") and UDA (as "uda") from the head-warm-up masked-LM
+    # encoder.
     "mlm_head_mean_teacher": ['method="mean_teacher"', "unlabeled.ratio=1", "consistency.weight=10.0",
                               "consistency.scale_by_labeled_ratio=false"],
+    "mlm_head_uda": ['method="uda"', "unlabeled.ratio=1", 'consistency.kind="kl"', "consistency.weight=1.0",
+                     "consistency.temperature=0.4", "consistency.threshold=0.8"],
 }
 # Masked-LM recipes on top of configs/brown/mlm.toml. all-MiniLM-L6-v2 ships no MLM head:
 # "head" trains the fresh head alone (encoder frozen) for 684 steps, one pass over the
 # seed's train + unlabeled paragraphs at batch 16, at 1e-3, before the usual epoch.
 MLM_RECIPES = {"": [], "head": ["mlm.head_warmup_steps=684", "mlm.head_warmup_lr=0.001"]}
 # Variants that start from the seed's masked-LM encoder, and its recipe.
-FROM_MLM = {"mlm_supervised": "", "mlm_fixmatch": "", "mlm_head_supervised": "head", "mlm_head_mean_teacher": "head"}
+FROM_MLM = {"mlm_supervised": "", "mlm_fixmatch": "", "mlm_head_supervised": "head", "mlm_head_mean_teacher": "head",
+            "mlm_head_uda": "head"}
 # Variants trained on a split that keeps every label.
 ALL_LABELS = {"all_labels"}
 BIN = os.environ.get("DTRAIN_BIN", "./target/release/dtrain")
