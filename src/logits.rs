@@ -296,7 +296,9 @@ pub struct ExportReport {
 }
 
 /// Runs `model` without dropout over every sample of `split` of `ds`, on backend `be`, and
-/// writes the logits file `out`; with `jsonl`, also one pseudo-label line per sample.
+/// writes the logits file `out`; with `jsonl`, also one pseudo-label line per sample. Both
+/// are written under temporary names and renamed into place when complete; on any error
+/// neither is left behind, and files already at those paths are untouched.
 #[allow(clippy::too_many_arguments)]
 pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     be: &B,
@@ -308,19 +310,50 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     jsonl: Option<&Path>,
     batch_size: usize,
 ) -> Result<ExportReport> {
+    let tmp = out.with_extension("tmp");
+    let jsonl_tmp = jsonl.map(|p| crate::fsutil::sibling(p, ".tmp"));
+    let r = export_into(be, model, params, ds, split, out, &tmp, jsonl_tmp.as_deref(), batch_size).and_then(
+        |report| {
+            if let (Some(p), Some(t)) = (jsonl, &jsonl_tmp) {
+                std::fs::rename(t, p).at(p)?;
+                crate::fsutil::sync_parent(p);
+            }
+            Ok(report)
+        },
+    );
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        if let Some(t) = &jsonl_tmp {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn export_into<B: crate::backend::EncoderOps<F = f32>>(
+    be: &B,
+    model: &Model,
+    params: &[f32],
+    ds: &Dataset,
+    split: SplitKind,
+    out: &Path,
+    tmp: &Path,
+    jsonl: Option<&Path>,
+    batch_size: usize,
+) -> Result<ExportReport> {
     let params = be.upload(params);
     let m = ds.manifest();
     let classes = model.classes();
     let batch_size = model.eval_batch(batch_size);
     let shards = ds.shards(split);
     let rows: u64 = shards.iter().map(|s| s.len() as u64).sum();
-    let tmp = out.with_extension("tmp");
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).at(&tmp)?);
-    w.write_all(&[0u8; HEADER_LEN]).at(&tmp)?;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(tmp).at(tmp)?);
+    w.write_all(&[0u8; HEADER_LEN]).at(tmp)?;
     let mut sum = Xxh3::new();
     let mut put = |w: &mut std::io::BufWriter<std::fs::File>, bytes: &[u8]| -> Result<()> {
         sum.update(bytes);
-        w.write_all(bytes).at(&tmp)
+        w.write_all(bytes).at(tmp)
     };
     for s in shards {
         put(&mut w, &(s.len() as u64).to_le_bytes())?;
@@ -343,19 +376,12 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
             let end = (start + batch_size).min(shard.len());
             let mut batch = crate::backend::HostBatch::default();
             for i in start..end {
-                let doc = match shard.doc_checked(i, limits) {
-                    Ok(doc) => doc,
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        return Err(e);
-                    }
-                };
+                let doc = shard.doc_checked(i, limits)?;
                 batch.push(doc.ids, -1);
             }
             model.forward(be, &params, &model.input(be, &batch), batch.len(), None, &mut acts);
             let logits = be.download(acts.logits());
             if let Some(k) = logits[..batch.len() * classes].iter().position(|v| !v.is_finite()) {
-                let _ = std::fs::remove_file(&tmp);
                 return Err(Error::Data(format!(
                     "{}: the model's logit for document {} of shard {si} is {}: its weights are broken (a diverged run?); no logits file was written",
                     out.display(),
@@ -412,11 +438,11 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     h[64..72].copy_from_slice(&rows_fingerprint(ds, split).to_le_bytes());
     let hc = xxh3_64(&h[..72]);
     h[72..80].copy_from_slice(&hc.to_le_bytes());
-    let mut f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
-    f.seek(SeekFrom::Start(0)).at(&tmp)?;
-    f.write_all(&h).at(&tmp)?;
-    f.sync_all().at(&tmp)?;
-    std::fs::rename(&tmp, out).at(out)?;
+    let mut f = w.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?;
+    f.seek(SeekFrom::Start(0)).at(tmp)?;
+    f.write_all(&h).at(tmp)?;
+    f.sync_all().at(tmp)?;
+    std::fs::rename(tmp, out).at(out)?;
     crate::fsutil::sync_parent(out);
     Ok(report)
 }

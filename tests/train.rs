@@ -1139,11 +1139,17 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     let mut broken = params.clone();
     broken[bias.start] = f32::NAN;
     let nan_file = dir.path().join("nan.logits");
-    let e = dtrain::logits::export(&be, &model, &broken, &ds, SplitKind::Unlabeled, &nan_file, None, 64)
-        .unwrap_err()
-        .to_string();
+    let labels = dir.path().join("labels.jsonl");
+    std::fs::write(&labels, "keep me\n").unwrap();
+    let e =
+        dtrain::logits::export(&be, &model, &broken, &ds, SplitKind::Unlabeled, &nan_file, Some(&labels), 64)
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("logit for document 0 of shard 0 is NaN") && e.contains("no logits file"), "{e}");
     assert!(!nan_file.exists() && !nan_file.with_extension("tmp").exists());
+    // The pseudo-labels file already there is untouched, and no temporary one is left.
+    assert_eq!(std::fs::read_to_string(&labels).unwrap(), "keep me\n");
+    assert!(!dir.path().join("labels.jsonl.tmp").exists());
     dtrain::logits::export(&be, &model, &params, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
     // `dtrain inspect` describes the file, and shows every argmax on class 2.
     let o =
