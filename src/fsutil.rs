@@ -32,6 +32,18 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
+/// Runs `write`, which fills temporary files before renaming them into place; if it fails,
+/// removes whichever of `temporaries` it left, so that an error leaves nothing behind.
+pub fn removing_on_error<T>(temporaries: &[&Path], write: impl FnOnce() -> Result<T>) -> Result<T> {
+    let r = write();
+    if r.is_err() {
+        for t in temporaries {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+    r
+}
+
 /// Best effort: syncs the directory holding `path`, so a rename survives a power loss.
 pub fn sync_parent(path: &Path) {
     if let Some(dir) = path.parent() {

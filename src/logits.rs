@@ -312,137 +312,115 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
 ) -> Result<ExportReport> {
     let tmp = out.with_extension("tmp");
     let jsonl_tmp = jsonl.map(|p| crate::fsutil::sibling(p, ".tmp"));
-    let r = export_into(be, model, params, ds, split, out, &tmp, jsonl_tmp.as_deref(), batch_size).and_then(
-        |report| {
-            if let (Some(p), Some(t)) = (jsonl, &jsonl_tmp) {
-                std::fs::rename(t, p).at(p)?;
-                crate::fsutil::sync_parent(p);
-            }
-            Ok(report)
-        },
-    );
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        if let Some(t) = &jsonl_tmp {
-            let _ = std::fs::remove_file(t);
+    let temporaries: Vec<&Path> = std::iter::once(tmp.as_path()).chain(jsonl_tmp.as_deref()).collect();
+    crate::fsutil::removing_on_error(&temporaries, || {
+        let (tmp, jsonl_final, jsonl) = (tmp.as_path(), jsonl, jsonl_tmp.as_deref());
+        let params = be.upload(params);
+        let m = ds.manifest();
+        let classes = model.classes();
+        let batch_size = model.eval_batch(batch_size);
+        let shards = ds.shards(split);
+        let rows: u64 = shards.iter().map(|s| s.len() as u64).sum();
+        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp).at(tmp)?);
+        w.write_all(&[0u8; HEADER_LEN]).at(tmp)?;
+        let mut sum = Xxh3::new();
+        let mut put = |w: &mut std::io::BufWriter<std::fs::File>, bytes: &[u8]| -> Result<()> {
+            sum.update(bytes);
+            w.write_all(bytes).at(tmp)
+        };
+        for s in shards {
+            put(&mut w, &(s.len() as u64).to_le_bytes())?;
         }
-    }
-    r
-}
-
-#[allow(clippy::too_many_arguments)]
-fn export_into<B: crate::backend::EncoderOps<F = f32>>(
-    be: &B,
-    model: &Model,
-    params: &[f32],
-    ds: &Dataset,
-    split: SplitKind,
-    out: &Path,
-    tmp: &Path,
-    jsonl: Option<&Path>,
-    batch_size: usize,
-) -> Result<ExportReport> {
-    let params = be.upload(params);
-    let m = ds.manifest();
-    let classes = model.classes();
-    let batch_size = model.eval_batch(batch_size);
-    let shards = ds.shards(split);
-    let rows: u64 = shards.iter().map(|s| s.len() as u64).sum();
-    let mut w = std::io::BufWriter::new(std::fs::File::create(tmp).at(tmp)?);
-    w.write_all(&[0u8; HEADER_LEN]).at(tmp)?;
-    let mut sum = Xxh3::new();
-    let mut put = |w: &mut std::io::BufWriter<std::fs::File>, bytes: &[u8]| -> Result<()> {
-        sum.update(bytes);
-        w.write_all(bytes).at(tmp)
-    };
-    for s in shards {
-        put(&mut w, &(s.len() as u64).to_le_bytes())?;
-    }
-    let mut lines = match jsonl {
-        Some(p) => Some((p, std::io::BufWriter::new(std::fs::File::create(p).at(p)?))),
-        None => None,
-    };
-    let thresholds = [0.5, 0.8, 0.9, 0.95];
-    let mut report = ExportReport {
-        rows,
-        by_confidence: thresholds.iter().map(|&t| (t, 0, 0)).collect(),
-        ..Default::default()
-    };
-    let limits = crate::data::shard::DocLimits::of(&m.tokenizer);
-    let mut acts = Acts::new(be, model);
-    for (si, shard) in shards.iter().enumerate() {
-        let mut start = 0;
-        while start < shard.len() {
-            let end = (start + batch_size).min(shard.len());
-            let mut batch = crate::backend::HostBatch::default();
-            for i in start..end {
-                let doc = shard.doc_checked(i, limits)?;
-                batch.push(doc.ids, -1);
-            }
-            model.forward(be, &params, &model.input(be, &batch), batch.len(), None, &mut acts);
-            let logits = be.download(acts.logits());
-            if let Some(k) = logits[..batch.len() * classes].iter().position(|v| !v.is_finite()) {
-                return Err(Error::Data(format!(
-                    "{}: the model's logit for document {} of shard {si} is {}: its weights are broken (a diverged run?); no logits file was written",
-                    out.display(),
-                    start + k / classes,
-                    logits[k]
-                )));
-            }
-            put(&mut w, bytemuck::cast_slice(&logits[..batch.len() * classes]))?;
-            for (k, z) in logits.chunks(classes).take(batch.len()).enumerate() {
-                let i = start + k;
-                let (label, conf) = top_confidence(z);
-                let hidden = match split {
-                    SplitKind::Unlabeled => shard.hidden_label(i).map(|h| h as usize),
-                    _ => shard.doc(i).label.map(|h| h as usize),
-                };
-                if let Some(h) = hidden {
-                    report.known += 1;
-                    report.correct += u64::from(h == label);
-                    for (t, n, right) in &mut report.by_confidence {
-                        if conf >= *t {
-                            *n += 1;
-                            *right += u64::from(h == label);
+        let mut lines = match jsonl {
+            Some(p) => Some((p, std::io::BufWriter::new(std::fs::File::create(p).at(p)?))),
+            None => None,
+        };
+        let thresholds = [0.5, 0.8, 0.9, 0.95];
+        let mut report = ExportReport {
+            rows,
+            by_confidence: thresholds.iter().map(|&t| (t, 0, 0)).collect(),
+            ..Default::default()
+        };
+        let limits = crate::data::shard::DocLimits::of(&m.tokenizer);
+        let mut acts = Acts::new(be, model);
+        for (si, shard) in shards.iter().enumerate() {
+            let mut start = 0;
+            while start < shard.len() {
+                let end = (start + batch_size).min(shard.len());
+                let mut batch = crate::backend::HostBatch::default();
+                for i in start..end {
+                    let doc = shard.doc_checked(i, limits)?;
+                    batch.push(doc.ids, -1);
+                }
+                model.forward(be, &params, &model.input(be, &batch), batch.len(), None, &mut acts);
+                let logits = be.download(acts.logits());
+                if let Some(k) = logits[..batch.len() * classes].iter().position(|v| !v.is_finite()) {
+                    return Err(Error::Data(format!(
+                        "{}: the model's logit for document {} of shard {si} is {}: its weights are broken (a diverged run?); no logits file was written",
+                        out.display(),
+                        start + k / classes,
+                        logits[k]
+                    )));
+                }
+                put(&mut w, bytemuck::cast_slice(&logits[..batch.len() * classes]))?;
+                for (k, z) in logits.chunks(classes).take(batch.len()).enumerate() {
+                    let i = start + k;
+                    let (label, conf) = top_confidence(z);
+                    let hidden = match split {
+                        SplitKind::Unlabeled => shard.hidden_label(i).map(|h| h as usize),
+                        _ => shard.doc(i).label.map(|h| h as usize),
+                    };
+                    if let Some(h) = hidden {
+                        report.known += 1;
+                        report.correct += u64::from(h == label);
+                        for (t, n, right) in &mut report.by_confidence {
+                            if conf >= *t {
+                                *n += 1;
+                                *right += u64::from(h == label);
+                            }
                         }
                     }
+                    if let Some((p, f)) = &mut lines {
+                        let line = serde_json::json!({
+                            "sample_id": shard.doc(i).sample_id, "split": split.name(), "shard": si, "row": i,
+                            "label": m.labels[label], "confidence": conf,
+                        });
+                        writeln!(f, "{line}").at(p)?;
+                    }
                 }
-                if let Some((p, f)) = &mut lines {
-                    let line = serde_json::json!({
-                        "sample_id": shard.doc(i).sample_id, "split": split.name(), "shard": si, "row": i,
-                        "label": m.labels[label], "confidence": conf,
-                    });
-                    writeln!(f, "{line}").at(p)?;
-                }
+                start = end;
             }
-            start = end;
         }
-    }
-    if let Some((p, f)) = lines {
-        f.into_inner().map_err(|e| Error::io(p, e.into_error()))?.sync_all().at(p)?;
-    }
-    let mut h = [0u8; HEADER_LEN];
-    h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&split_code(split).to_le_bytes());
-    h[16..20].copy_from_slice(&(shards.len() as u32).to_le_bytes());
-    h[20..24].copy_from_slice(&(classes as u32).to_le_bytes());
-    h[24..32].copy_from_slice(&rows.to_le_bytes());
-    let checksum = m.checksum.as_bytes();
-    if checksum.len() != 16 {
-        return Err(Error::Data(format!("manifest checksum {:?} is not 16 hex digits", m.checksum)));
-    }
-    h[32..48].copy_from_slice(checksum);
-    h[48..56].copy_from_slice(&labels_hash(&m.labels).to_le_bytes());
-    h[56..64].copy_from_slice(&sum.digest().to_le_bytes());
-    h[64..72].copy_from_slice(&rows_fingerprint(ds, split).to_le_bytes());
-    let hc = xxh3_64(&h[..72]);
-    h[72..80].copy_from_slice(&hc.to_le_bytes());
-    let mut f = w.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?;
-    f.seek(SeekFrom::Start(0)).at(tmp)?;
-    f.write_all(&h).at(tmp)?;
-    f.sync_all().at(tmp)?;
-    std::fs::rename(tmp, out).at(out)?;
-    crate::fsutil::sync_parent(out);
-    Ok(report)
+        if let Some((p, f)) = lines {
+            f.into_inner().map_err(|e| Error::io(p, e.into_error()))?.sync_all().at(p)?;
+        }
+        let mut h = [0u8; HEADER_LEN];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&split_code(split).to_le_bytes());
+        h[16..20].copy_from_slice(&(shards.len() as u32).to_le_bytes());
+        h[20..24].copy_from_slice(&(classes as u32).to_le_bytes());
+        h[24..32].copy_from_slice(&rows.to_le_bytes());
+        let checksum = m.checksum.as_bytes();
+        if checksum.len() != 16 {
+            return Err(Error::Data(format!("manifest checksum {:?} is not 16 hex digits", m.checksum)));
+        }
+        h[32..48].copy_from_slice(checksum);
+        h[48..56].copy_from_slice(&labels_hash(&m.labels).to_le_bytes());
+        h[56..64].copy_from_slice(&sum.digest().to_le_bytes());
+        h[64..72].copy_from_slice(&rows_fingerprint(ds, split).to_le_bytes());
+        let hc = xxh3_64(&h[..72]);
+        h[72..80].copy_from_slice(&hc.to_le_bytes());
+        let mut f = w.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?;
+        f.seek(SeekFrom::Start(0)).at(tmp)?;
+        f.write_all(&h).at(tmp)?;
+        f.sync_all().at(tmp)?;
+        std::fs::rename(tmp, out).at(out)?;
+        crate::fsutil::sync_parent(out);
+        if let (Some(p), Some(t)) = (jsonl_final, jsonl) {
+            std::fs::rename(t, p).at(p)?;
+            crate::fsutil::sync_parent(p);
+        }
+        Ok(report)
+    })
 }

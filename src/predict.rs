@@ -157,86 +157,72 @@ fn predict_on<B: EncoderOps<F = f32>>(
     labels: &[String],
 ) -> Result<PredictSummary> {
     let format = Format::resolve(opts.format, &opts.input)?;
-    let reader = LineReader::open(&opts.input, DiskCounter::default())?;
+    let mut reader = LineReader::open(&opts.input, DiskCounter::default())?;
     let tmp = crate::fsutil::sibling(&opts.output, ".tmp");
-    let r = predict_into(be, opts, tokenizer, models, labels, format, reader, &tmp);
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
-}
-
-#[allow(clippy::too_many_arguments)]
-fn predict_into<B: EncoderOps<F = f32>>(
-    be: &B,
-    opts: &PredictOptions,
-    tokenizer: &TextIds,
-    models: &[(Model, B::Buf)],
-    labels: &[String],
-    format: Format,
-    mut reader: LineReader,
-    tmp: &Path,
-) -> Result<PredictSummary> {
-    let fields = JsonFields { text: opts.text_field.clone(), label: "label".into() };
-    let file = std::fs::File::create(tmp).at(tmp)?;
-    let mut out = BufWriter::new(file);
-    let mut summary = PredictSummary::default();
-    let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
-    loop {
-        let mut buf = Vec::new();
-        let next = reader.next_line(&mut buf)?;
-        if let Some(n) = next {
-            lines.push((n, buf));
-        }
-        if lines.len() == opts.batch_size || (next.is_none() && !lines.is_empty()) {
-            let parsed: Vec<std::result::Result<Option<Vec<u32>>, String>> = lines
-                .par_iter()
-                .map(|(n, bytes)| match parse_line(bytes, *n, format, Role::Unlabeled, &fields)? {
-                    Parsed::Blank => Ok(None),
-                    Parsed::Doc(d) => {
-                        let ids = tokenizer.ids(&d.text)?;
-                        if ids.is_empty() {
-                            Err("no features after tokenizing".to_string())
-                        } else {
-                            Ok(Some(ids))
+    let tmp = tmp.as_path();
+    crate::fsutil::removing_on_error(&[tmp], || {
+        let fields = JsonFields { text: opts.text_field.clone(), label: "label".into() };
+        let file = std::fs::File::create(tmp).at(tmp)?;
+        let mut out = BufWriter::new(file);
+        let mut summary = PredictSummary::default();
+        let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
+        loop {
+            let mut buf = Vec::new();
+            let next = reader.next_line(&mut buf)?;
+            if let Some(n) = next {
+                lines.push((n, buf));
+            }
+            if lines.len() == opts.batch_size || (next.is_none() && !lines.is_empty()) {
+                let parsed: Vec<std::result::Result<Option<Vec<u32>>, String>> = lines
+                    .par_iter()
+                    .map(|(n, bytes)| match parse_line(bytes, *n, format, Role::Unlabeled, &fields)? {
+                        Parsed::Blank => Ok(None),
+                        Parsed::Doc(d) => {
+                            let ids = tokenizer.ids(&d.text)?;
+                            if ids.is_empty() {
+                                Err("no features after tokenizing".to_string())
+                            } else {
+                                Ok(Some(ids))
+                            }
+                        }
+                    })
+                    .collect();
+                let mut batch = HostBatch::default();
+                let mut line_of = Vec::new();
+                for ((n, _), p) in lines.iter().zip(parsed) {
+                    match p {
+                        Ok(None) => summary.blank += 1,
+                        Ok(Some(ids)) => {
+                            batch.push(&ids, -1);
+                            line_of.push(*n);
+                        }
+                        Err(_) if opts.skip_bad => summary.skipped += 1,
+                        Err(msg) => {
+                            return Err(Error::BadLine {
+                                path: opts.input.clone(),
+                                line: *n,
+                                msg: format!("{msg} (pass --skip-bad to skip)"),
+                            });
                         }
                     }
-                })
-                .collect();
-            let mut batch = HostBatch::default();
-            let mut line_of = Vec::new();
-            for ((n, _), p) in lines.iter().zip(parsed) {
-                match p {
-                    Ok(None) => summary.blank += 1,
-                    Ok(Some(ids)) => {
-                        batch.push(&ids, -1);
-                        line_of.push(*n);
-                    }
-                    Err(_) if opts.skip_bad => summary.skipped += 1,
-                    Err(msg) => {
-                        return Err(Error::BadLine {
-                            path: opts.input.clone(),
-                            line: *n,
-                            msg: format!("{msg} (pass --skip-bad to skip)"),
-                        });
-                    }
                 }
+                if !batch.is_empty() {
+                    let probs =
+                        average_probs(be, models, &batch, summary.documents, opts.mc_dropout, opts.seed);
+                    write_rows(&mut out, tmp, &probs, &line_of, labels, opts.top_k)?;
+                    summary.documents += batch.len() as u64;
+                }
+                lines.clear();
             }
-            if !batch.is_empty() {
-                let probs = average_probs(be, models, &batch, summary.documents, opts.mc_dropout, opts.seed);
-                write_rows(&mut out, tmp, &probs, &line_of, labels, opts.top_k)?;
-                summary.documents += batch.len() as u64;
+            if next.is_none() {
+                break;
             }
-            lines.clear();
         }
-        if next.is_none() {
-            break;
-        }
-    }
-    out.flush().at(tmp)?;
-    out.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?.sync_all().at(tmp)?;
-    std::fs::rename(tmp, &opts.output).at(&opts.output)?;
-    Ok(summary)
+        out.flush().at(tmp)?;
+        out.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?.sync_all().at(tmp)?;
+        std::fs::rename(tmp, &opts.output).at(&opts.output)?;
+        Ok(summary)
+    })
 }
 
 fn write_rows(

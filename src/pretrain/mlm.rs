@@ -338,6 +338,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let (mut first_loss, mut last_loss, mut last_acc) = (None, 0.0, 0.0);
     let (mut step_secs, mut all_tokens, mut all_slots, mut win_slots) = (0.0f64, 0u64, 0u64, 0u64);
     let mut order = docs.clone();
+    let limits = crate::data::shard::DocLimits::of(&manifest.tokenizer);
     let mut started = Instant::now();
     for step in 0..steps {
         let epoch = step / per_epoch;
@@ -354,7 +355,6 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         let mut seqs = Vec::with_capacity(picked.len());
         let mut targets = HostBatch::default();
         let mut l = 0;
-        let limits = crate::data::shard::DocLimits::of(&manifest.tokenizer);
         let masked: Vec<Masked> = picked
             .iter()
             .map(|&(split, si, i)| {
