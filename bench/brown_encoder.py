@@ -56,6 +56,8 @@ VARIANTS = {
                               "consistency.scale_by_labeled_ratio=false"],
     "mlm_head_uda": ['method="uda"', "unlabeled.ratio=1", 'consistency.kind="kl"', "consistency.weight=1.0",
                      "consistency.temperature=0.4", "consistency.threshold=0.8"],
+    # MPL (as "mpl": two encoders, both from the masked-LM encoder) from the same encoder.
+    "mlm_head_mpl": ['method="mpl"', "unlabeled.ratio=1", "consistency.weight=0.0"],
 }
 # Masked-LM recipes on top of configs/brown/mlm.toml. all-MiniLM-L6-v2 ships no MLM head:
 # "head" trains the fresh head alone (encoder frozen) for 684 steps, one pass over the
@@ -63,7 +65,7 @@ VARIANTS = {
 MLM_RECIPES = {"": [], "head": ["mlm.head_warmup_steps=684", "mlm.head_warmup_lr=0.001"]}
 # Variants that start from the seed's masked-LM encoder, and its recipe.
 FROM_MLM = {"mlm_supervised": "", "mlm_fixmatch": "", "mlm_head_supervised": "head", "mlm_head_mean_teacher": "head",
-            "mlm_head_uda": "head"}
+            "mlm_head_uda": "head", "mlm_head_mpl": "head"}
 # Variants trained on a split that keeps every label.
 ALL_LABELS = {"all_labels"}
 BIN = os.environ.get("DTRAIN_BIN", "./target/release/dtrain")

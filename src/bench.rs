@@ -288,6 +288,10 @@ pub struct EncoderBench {
     pub hidden: usize,
     pub batch: usize,
     pub len: usize,
+    /// The backend the passes ran on (`cpu`, `cuda:N`).
+    pub device: String,
+    /// The linear layers' product precision (`train.matmul`).
+    pub matmul: crate::backend::Matmul,
     /// Seconds per forward pass, and per forward + backward pass.
     pub forward: Spread,
     pub forward_backward: Spread,
@@ -295,61 +299,92 @@ pub struct EncoderBench {
     pub recompute: bool,
     /// Bytes the layers' activations hold between the forward and the backward pass.
     pub activation_bytes: usize,
+    /// Floating-point operations of one forward pass by the usual count: 2 per
+    /// multiply-add of every GEMM (the layers' linear maps and attention's two products;
+    /// the classifier head and the elementwise work left out). A forward + backward pass
+    /// is counted as 3× this, with activation recomputation 4×.
+    pub forward_flops: f64,
 }
 
-/// `dtrain bench encoder`: the pretrained encoder in `dir` on `batch` random sequences of
-/// `len` tokens, on the CPU: forward passes, then forward + backward passes, `repeats`
-/// timed runs each after one warm-up; with `recompute`, activation recomputation on.
-pub fn bench_encoder(
-    dir: &Path,
-    batch: usize,
-    len: usize,
-    repeats: usize,
-    recompute: bool,
-) -> Result<EncoderBench> {
-    use crate::backend::cpu::{on_worker, Cpu};
-    use crate::model::encoder::{load_pretrained, EncoderActs, Pooling, TokenBatch};
-    let (mut model, params) = load_pretrained(dir, 15, Pooling::Mean, 0)?;
-    model.spec.recompute = recompute;
-    let len = len.clamp(2, model.spec.max_positions);
+/// What `dtrain bench encoder` measures: the model, its batch, and how to run it.
+#[derive(Debug, Clone)]
+pub struct EncoderBenchArgs<'a> {
+    pub dir: &'a Path,
+    pub batch: usize,
+    pub len: usize,
+    pub repeats: usize,
+    pub recompute: bool,
+    pub device: crate::backend::Device,
+    pub matmul: crate::backend::Matmul,
+}
+
+/// `dtrain bench encoder`: the pretrained encoder in `a.dir` on `a.batch` random sequences
+/// of `a.len` tokens, on `a.device` with `a.matmul` products: forward passes, then
+/// forward-and-backward passes, `a.repeats` timed runs each after one warm-up (the device
+/// is synchronised around each run); with `recompute`, activation recomputation on.
+pub fn bench_encoder(a: &EncoderBenchArgs) -> Result<EncoderBench> {
+    use crate::backend::{dispatch_with, EncoderOps, OnBackend};
+    use crate::model::encoder::{load_pretrained, Encoder, EncoderActs, Pooling, TokenBatch};
+    let (mut model, params) = load_pretrained(a.dir, 15, Pooling::Mean, 0)?;
+    model.spec.recompute = a.recompute;
+    let len = a.len.clamp(2, model.spec.max_positions);
     let vocab = model.spec.vocab as u64;
-    let seqs: Vec<Vec<u32>> = (0..batch as u64)
+    let seqs: Vec<Vec<u32>> = (0..a.batch as u64)
         .map(|i| (0..len as u64).map(|t| (crate::backend::mix64(i * 1000 + t) % vocab) as u32).collect())
         .collect();
     let tb = TokenBatch::new(&seqs, 0);
-    let be = Cpu::<f32>::new();
-    let dlogits: Vec<f32> = vec![1e-2; batch * model.spec.classes];
-    let (forward, forward_backward, activation_bytes) = on_worker(|| {
-        let mut acts = EncoderActs::new(&be);
-        let mut grads = vec![0.0f32; params.len()];
-        let mut time = |backward: bool| {
-            let runs: Vec<f64> = (0..=repeats.max(1))
-                .map(|_| {
-                    let t = Instant::now();
-                    model.forward(&be, &params, &tb, None, &mut acts);
-                    if backward {
-                        model.backward(&be, &params, &tb, &acts, &dlogits, &mut grads);
-                    }
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            Spread::of(&runs[1..])
-        };
-        let (f, fb) = (time(false), time(true));
-        model.forward(&be, &params, &tb, None, &mut acts);
-        (f, fb, acts.layer_values() * std::mem::size_of::<f32>())
-    });
+
+    struct Job<'a>(&'a Encoder, &'a [f32], &'a TokenBatch, usize);
+    impl OnBackend for Job<'_> {
+        type Out = (String, Spread, Spread, usize);
+        fn run<B: EncoderOps<F = f32>>(self, be: &B) -> Result<Self::Out> {
+            let Job(model, params, tb, repeats) = self;
+            let (host_params, params) = (params, be.upload(params));
+            let dlogits = be.upload(&vec![1e-2; tb.b * model.spec.classes]);
+            let mut acts = EncoderActs::new(be);
+            let mut grads = be.zeros(host_params.len());
+            let mut time = |backward: bool| {
+                let runs: Vec<f64> = (0..=repeats.max(1))
+                    .map(|_| {
+                        be.synchronize();
+                        let t = Instant::now();
+                        model.forward(be, &params, tb, None, &mut acts);
+                        if backward {
+                            model.backward(be, &params, tb, &acts, &dlogits, &mut grads);
+                        }
+                        be.synchronize();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                Spread::of(&runs[1..])
+            };
+            let (f, fb) = (time(false), time(true));
+            model.forward(be, &params, tb, None, &mut acts);
+            Ok((be.name(), f, fb, acts.layer_values(be) * std::mem::size_of::<f32>()))
+        }
+    }
+    let (device, forward, forward_backward, activation_bytes) =
+        dispatch_with(a.device, 0, true, a.matmul, Job(&model, &params, &tb, a.repeats))?;
+    let s = &model.spec;
+    let tokens = (a.batch * len) as f64;
+    let (h, i) = (s.hidden as f64, s.intermediate as f64);
+    // Per token and layer: Q, K, V and the output projection (4·H²), the MLP (2·H·I), and
+    // attention's scores and weighted sum (2·len·H); 2 flops per multiply-add.
+    let forward_flops = 2.0 * tokens * s.layers as f64 * (4.0 * h * h + 2.0 * h * i + 2.0 * len as f64 * h);
     Ok(EncoderBench {
         provenance: Provenance::collect(),
-        model: dir.display().to_string(),
-        layers: model.spec.layers,
-        hidden: model.spec.hidden,
-        batch,
+        model: a.dir.display().to_string(),
+        layers: s.layers,
+        hidden: s.hidden,
+        batch: a.batch,
         len,
+        device,
+        matmul: a.matmul,
         forward,
         forward_backward,
-        recompute,
+        recompute: a.recompute,
         activation_bytes,
+        forward_flops,
     })
 }
 

@@ -500,6 +500,12 @@ pub struct TrainSection {
     /// batch pads to a length close to its rows' own (Hugging Face's `group_by_length`
     /// takes 50). A bag model does not pad, so it refuses this.
     pub group_by_length: usize,
+    /// Precision of the linear layers' matrix products: `f32` (exact), `tf32` or `bf16`
+    /// (operands rounded, f32 accumulation; tensor cores on a GPU, emulated on the CPU,
+    /// where it only costs time). The weights stay f32. Not written when `f32`, so configs
+    /// from before it keep their trajectory hash.
+    #[serde(skip_serializing_if = "crate::backend::Matmul::is_f32")]
+    pub matmul: crate::backend::Matmul,
 }
 
 impl Default for TrainSection {
@@ -516,6 +522,7 @@ impl Default for TrainSection {
             keep_checkpoints: 2,
             eval_batch_size: 1024,
             group_by_length: 0,
+            matmul: crate::backend::Matmul::F32,
         }
     }
 }
@@ -785,6 +792,8 @@ pub struct PretrainMlm {
     /// Length grouping, as `train.group_by_length` of training: 0 = off; N = sort each
     /// window of N batches by length and shuffle its batches.
     pub group_by_length: usize,
+    /// The linear layers' product precision, as `train.matmul` of training.
+    pub matmul: crate::backend::Matmul,
 }
 
 impl Default for PretrainMlm {
@@ -802,6 +811,7 @@ impl Default for PretrainMlm {
             attention_dropout: None,
             log_every: 10,
             group_by_length: 0,
+            matmul: crate::backend::Matmul::F32,
         }
     }
 }

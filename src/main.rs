@@ -155,8 +155,9 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// The encoder's training-step arithmetic on the CPU: forward and forward+backward
-    /// passes of a pretrained model (e.g. models/minilm) on random token ids, in tokens/s.
+    /// The encoder's training-step arithmetic: forward and forward+backward passes of a
+    /// pretrained model (e.g. models/minilm) on random token ids, in tokens/s and FLOP/s,
+    /// on the CPU or a GPU (`--device`), at any `--matmul` precision.
     Encoder {
         /// A Hugging Face model directory (config.json, model.safetensors).
         #[arg(long)]
@@ -173,6 +174,11 @@ enum BenchCommand {
         /// Activation recomputation (`model.encoder.recompute`).
         #[arg(long)]
         recompute: bool,
+        #[command(flatten)]
+        device: DeviceArg,
+        /// The linear layers' product precision (`train.matmul`): f32, tf32 or bf16.
+        #[arg(long, default_value = "f32", value_parser = parse_matmul)]
+        matmul: dtrain::backend::Matmul,
         /// Write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -433,6 +439,11 @@ struct DeviceArg {
 
 fn parse_device(s: &str) -> Result<dtrain::backend::Device, String> {
     s.parse()
+}
+
+fn parse_matmul(s: &str) -> Result<dtrain::backend::Matmul, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?} is not a matmul precision: use f32, tf32 or bf16"))
 }
 
 #[derive(Args)]
@@ -875,22 +886,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Kernels { device, max_log2, json }) => {
             bench_kernels(device, max_log2, json)
         }
-        Command::Bench(BenchCommand::Encoder { model, batch, len, repeat, recompute, json }) => {
-            let r = dtrain::bench::bench_encoder(&model, batch, len, repeat, recompute)?;
+        Command::Bench(BenchCommand::Encoder {
+            model,
+            batch,
+            len,
+            repeat,
+            recompute,
+            device,
+            matmul,
+            json,
+        }) => {
+            let r = dtrain::bench::bench_encoder(&dtrain::bench::EncoderBenchArgs {
+                dir: &model,
+                batch,
+                len,
+                repeats: repeat,
+                recompute,
+                device: device.device,
+                matmul,
+            })?;
             println!(
-                "dtrain bench encoder: {} ({} layers, hidden {}), {} x {} tokens, {} thread(s), {}",
+                "dtrain bench encoder: {} ({} layers, hidden {}), {} x {} tokens, on {} ({:?} products), {} thread(s), {}",
                 model.display(),
                 r.layers,
                 r.hidden,
                 r.batch,
                 r.len,
+                r.device,
+                r.matmul,
                 r.provenance.threads,
                 r.provenance.cpu
             );
-            println!("{:<18} {:>10} {:>10} {:>10} {:>12}", "", "min s", "median s", "max s", "tokens/s");
-            for (name, s) in [("forward", &r.forward), ("forward+backward", &r.forward_backward)] {
+            println!(
+                "{:<18} {:>10} {:>10} {:>10} {:>12} {:>10}",
+                "", "min s", "median s", "max s", "tokens/s", "GFLOP/s"
+            );
+            let fb = if r.recompute { 4.0 } else { 3.0 };
+            for (name, s, flops) in [
+                ("forward", &r.forward, r.forward_flops),
+                ("forward+backward", &r.forward_backward, fb * r.forward_flops),
+            ] {
                 let tps = (r.batch * r.len) as f64 / s.median;
-                println!("{name:<18} {:>10.3} {:>10.3} {:>10.3} {tps:>12.0}", s.min, s.median, s.max);
+                let gf = flops / s.median / 1e9;
+                println!(
+                    "{name:<18} {:>10.3} {:>10.3} {:>10.3} {tps:>12.0} {gf:>10.1}",
+                    s.min, s.median, s.max
+                );
             }
             println!(
                 "activations held between forward and backward: {:.1} MB (recompute {})",

@@ -27,6 +27,7 @@ fn every_command_has_help() {
         &["bench", "prepare", "--help"],
         &["bench", "allreduce", "--help"],
         &["bench", "kernels", "--help"],
+        &["bench", "encoder", "--help"],
         &["info", "--help"],
         &["embed", "--help"],
         &["pretrain", "--help"],
@@ -426,4 +427,40 @@ fn a_closed_pipe_ends_the_output_quietly() {
     let o = Command::new("sh").args(["-c", &script]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+}
+
+/// `dtrain bench encoder` on the CPU at bf16 products: the JSON says where and at which
+/// precision it ran, with the FLOP count of the documented formula; a precision it does not
+/// know is refused by name.
+#[test]
+fn bench_encoder_reports_device_precision_and_flops() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("enc.json");
+    let o = dtrain(&[
+        "bench",
+        "encoder",
+        "--model",
+        "models/minilm",
+        "--batch",
+        "2",
+        "--len",
+        "8",
+        "--repeat",
+        "1",
+        "--matmul",
+        "bf16",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("GFLOP/s"), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["device"], "cpu");
+    assert_eq!(r["matmul"], "bf16");
+    // MiniLM: 6 layers, hidden 384, MLP 1536; 2 x 8 tokens.
+    let want = 2.0 * 16.0 * 6.0 * (4.0 * 384.0 * 384.0 + 2.0 * 384.0 * 1536.0 + 2.0 * 8.0 * 384.0);
+    assert_eq!(r["forward_flops"].as_f64().unwrap(), want);
+    assert!(r["forward_backward"]["median"].as_f64().unwrap() > 0.0);
+    let o = dtrain(&["bench", "encoder", "--model", "models/minilm", "--matmul", "fp8"]);
+    assert!(!o.status.success() && text(&o).contains("use f32, tf32 or bf16"), "{}", text(&o));
 }

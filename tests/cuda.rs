@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use dtrain::backend::cpu::Cpu;
 use dtrain::backend::cuda::{device, Cuda};
 use dtrain::backend::{
-    Activation, AdamStep, AttnDropout, Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, RowMap,
-    SgdStep, SparseRows,
+    Activation, AdamStep, AttnDropout, Backend, ConsistencyAux, DropoutKey, HostBatch, LossKind, Matmul,
+    RowMap, SgdStep, SparseRows,
 };
 use dtrain::model::params::Slot;
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -278,9 +278,39 @@ fn twin_embedding_bag(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
 }
 
 fn twin_linear(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
-    let cpu = Ref::new();
+    linear_against(be, &Ref::new(), r, TOL, None)
+}
+
+/// TF32 and bf16 GEMMs (`train.matmul`) against the CPU's emulation (operands rounded to
+/// nearest even, exact f64 accumulation). TF32's tolerance allows cuBLAS another rounding
+/// mode (one TF32 unit, 2^-10, per operand), or no rounding at all: TF32 permits tensor
+/// cores, it does not force them. bf16's operands are rounded by dtrain's own kernel, the
+/// same way as the CPU's, so only the accumulation order differs, and the result must
+/// also lie farther from the exact product than that: the rounding did happen.
+fn twin_linear_tf32_and_bf16(_: &Cuda, r: &mut Rand) -> Result<(), Failed> {
+    for (m, tol, off) in [(Matmul::Tf32, 2e-3, None), (Matmul::Bf16, 1e-4, Some(3e-4))] {
+        let be = Cuda::new(0).map_err(|e| Failed::from(e.to_string()))?.with_matmul(m);
+        linear_against(&be, &Ref::new().with_matmul(m), r, tol, off.map(|d| (d, m)))?;
+    }
+    Ok(())
+}
+
+/// The linear layer on `be` against `cpu` at shapes from 1×1 to 512×384×1000, within `tol`;
+/// with `exact_off = Some((d, m))` the GPU must also differ from the exact product by more
+/// than `d` (relative), labelled `m`.
+fn linear_against(
+    be: &Cuda,
+    cpu: &Ref,
+    r: &mut Rand,
+    tol: f64,
+    exact_off: Option<(f64, Matmul)>,
+) -> Result<(), Failed> {
+    let exact = Ref::new();
     for &(n, i, o) in &[(1usize, 1usize, 1usize), (67, 100, 15), (131, 257, 33), (512, 384, 1000)] {
-        let what = format!("linear n={n} in={i} out={o}");
+        let what = format!(
+            "linear n={n} in={i} out={o}{}",
+            exact_off.map_or(String::new(), |(_, m)| format!(" {m:?}"))
+        );
         let w = Slot { offset: 16, rows: o, cols: i };
         let b = Slot { offset: (16 + o * i).div_ceil(16) * 16, rows: 1, cols: o };
         let len = b.offset + o;
@@ -290,15 +320,25 @@ fn twin_linear(be: &Cuda, r: &mut Rand) -> Result<(), Failed> {
         let (mut yc, mut yg) = (Vec::new(), nan(be, n * o));
         cpu.linear_forward(&xc, n, &pc, w, b, &mut yc);
         be.linear_forward(&xg, n, &pg, w, b, &mut yg);
-        check(&format!("{what}: forward"), &be.download(&yg), &yc, TOL)?;
+        check(&format!("{what}: forward"), &be.download(&yg), &yc, tol)?;
+        if let Some((d, _)) = exact_off.filter(|_| n * i > 1) {
+            let mut ye = Vec::new();
+            exact.linear_forward(&xc, n, &pc, w, b, &mut ye);
+            if check("", &be.download(&yg), &ye, d).is_ok() {
+                return Err(format!(
+                    "{what}: within {d:.0e} of the exact product: the operands were not rounded"
+                )
+                .into());
+            }
+        }
         let dy = r.vec(n * o, 1.0);
         let g0 = r.vec(len, 1.0);
         let (mut gc, mut gg) = (up64(&g0), be.upload(&g0));
         let (mut dxc, mut dxg) = (Vec::new(), nan(be, n * i));
         cpu.linear_backward(&xc, n, &pc, w, b, &up64(&dy), &mut gc, Some(&mut dxc));
         be.linear_backward(&xg, n, &pg, w, b, &be.upload(&dy), &mut gg, Some(&mut dxg));
-        check(&format!("{what}: dx"), &be.download(&dxg), &dxc, TOL)?;
-        check(&format!("{what}: grads"), &be.download(&gg), &gc, TOL)?;
+        check(&format!("{what}: dx"), &be.download(&dxg), &dxc, tol)?;
+        check(&format!("{what}: grads"), &be.download(&gg), &gc, tol)?;
     }
     Ok(())
 }
@@ -637,6 +677,7 @@ const TWINS: &[(&str, Test)] = &[
     ("twin_softmax_and_supervised_losses", twin_softmax_and_loss),
     ("twin_embedding_bag_forward_backward_and_fused_sgd", twin_embedding_bag),
     ("twin_linear_forward_and_backward_through_cublas", twin_linear),
+    ("twin_linear_tf32_and_bf16_gemms_against_the_cpu_emulation", twin_linear_tf32_and_bf16),
     ("twin_activations_and_dropout_masks", twin_activations_and_dropout),
     ("twin_ema_copy_norm_scale_axpy", twin_vector_ops),
     ("twin_adamw_lamb_and_sgd", twin_optimizers),

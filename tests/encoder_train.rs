@@ -68,6 +68,32 @@ fn an_encoder_from_scratch_learns_a_separable_problem() {
     assert_eq!(meta["model"]["layers"], 2);
 }
 
+/// `train.matmul = "bf16"` and `"tf32"` (operands rounded, emulated on the CPU) train the
+/// encoder as well as f32 does and change its weights (so the setting reaches the
+/// products); the default is not written into the config, so the trajectory hash of
+/// configs from before the setting existed is unchanged, and a run resumes only at its own
+/// precision.
+#[test]
+fn reduced_precision_matmuls_train_the_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &[]);
+    let mut weights = Vec::new();
+    for m in ["f32", "tf32", "bf16"] {
+        let set = format!("train.matmul=\"{m}\"");
+        let c = cfg(&data, &dir.path().join(m), &["train.epochs=12", &set]);
+        assert_eq!(serde_json::to_string(&c).unwrap().contains("matmul"), m != "f32", "{m}");
+        let r = run(&c, Resume::No, None).unwrap();
+        let test = r.test.expect("a test split");
+        assert!(test.accuracy > 0.9, "{m}: test accuracy {} (chance 0.33)", test.accuracy);
+        weights.push(std::fs::read(r.final_checkpoint.join("model.safetensors")).unwrap());
+    }
+    assert!(weights[0] != weights[1] && weights[0] != weights[2] && weights[1] != weights[2]);
+    // The bf16 run's checkpoint does not resume as f32 (the same config otherwise).
+    let c = cfg(&data, &dir.path().join("bf16"), &["train.epochs=12"]);
+    let e = run(&c, Resume::Auto, None).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("different training config"), "{e}");
+}
+
 /// Straight to 10 steps, and 5 + a resume to 10: identical checkpoints.
 fn assert_resume_is_exact(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();

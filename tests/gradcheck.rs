@@ -703,7 +703,7 @@ fn recomputation_gives_the_same_gradients() {
             let mut grads = vec![0.0; params.len()];
             let mut demb = vec![];
             model.backward_to_embeddings(&be, &params, &tb, &acts, &r, &mut grads, Some(&mut demb), None);
-            (acts.logits.clone(), grads, demb, acts.layer_values())
+            (acts.logits.clone(), grads, demb, acts.layer_values(&be))
         };
         let (kept, again) = (run(false), run(true));
         // Each layer keeps its input (n×8 values) and nothing else.

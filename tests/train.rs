@@ -825,6 +825,16 @@ fn corrupted_or_absurd_checkpoints_are_refused_without_aborting() {
     std::fs::write(&file, &f).unwrap();
     let e = dtrain::checkpoint::load_model(&r.final_checkpoint).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("metadata"), "{e}");
+    // A label renamed in place (same length, still valid JSON and a valid model): only the
+    // metadata's own checksum tells.
+    let renamed = header.replacen("\\\"c1\\\"", "\\\"c7\\\"", 1);
+    assert_ne!(renamed, header, "{header}");
+    let mut f = original[..8].to_vec();
+    f.extend_from_slice(renamed.as_bytes());
+    f.extend_from_slice(&original[8 + header_len..]);
+    std::fs::write(&file, &f).unwrap();
+    let e = dtrain::checkpoint::load_model(&r.final_checkpoint).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("metadata does not match its checksum"), "{e}");
     // The optimizer file is checked the same way.
     std::fs::write(&file, &original).unwrap();
     let opt = r.final_checkpoint.join("optimizer.safetensors");

@@ -7,19 +7,40 @@ use rayon::prelude::*;
 
 use super::{
     Activation, AdamStep, AttnDropout, Backend, ConsistencyAux, ConsistencyOut, DropoutKey, HostBatch,
-    LossKind, Real, SgdStep, SparseRows,
+    LossKind, Matmul, Real, SgdStep, SparseRows,
 };
 use crate::algo::consistency::{self, ConsistencyOp};
 use crate::model::params::Slot;
 
 /// The CPU backend for element type `F` (`f32` to train, `f64` for gradient checks).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Cpu<F>(PhantomData<F>);
+pub struct Cpu<F> {
+    matmul: Matmul,
+    _f: PhantomData<F>,
+}
 
 impl<F> Cpu<F> {
-    /// The CPU backend.
+    /// The CPU backend, with exact (f32 or f64) products.
     pub fn new() -> Self {
-        Cpu(PhantomData)
+        Cpu { matmul: Matmul::F32, _f: PhantomData }
+    }
+
+    /// This backend with the linear layers' products reading operands rounded as `matmul`
+    /// says: the reference for the GPU's TF32 and bf16 GEMMs (slower than f32 here, as
+    /// every product first rounds copies of its operands).
+    pub fn with_matmul(self, matmul: Matmul) -> Self {
+        Cpu { matmul, ..self }
+    }
+
+    /// `v` as this backend's products read it: borrowed when exact, else a rounded copy.
+    fn operand<'a>(&self, v: &'a [F]) -> std::borrow::Cow<'a, [F]>
+    where
+        F: Real,
+    {
+        match self.matmul {
+            Matmul::F32 => std::borrow::Cow::Borrowed(v),
+            m => v.par_iter().map(|&x| F::of(m.round(x.f64() as f32) as f64)).collect::<Vec<_>>().into(),
+        }
     }
 }
 
@@ -140,6 +161,10 @@ impl<F: Real> Backend for Cpu<F> {
 
     fn name(&self) -> String {
         "cpu".into()
+    }
+
+    fn buf_len(&self, buf: &Vec<F>) -> usize {
+        buf.len()
     }
 
     fn zeros(&self, len: usize) -> Vec<F> {
@@ -291,9 +316,9 @@ impl<F: Real> Backend for Cpu<F> {
             in_dim,
             out_dim,
             F::one(),
-            x,
+            &self.operand(&x[..n * in_dim]),
             (in_dim as isize, 1),
-            &params[w.range()],
+            &self.operand(&params[w.range()]),
             (1, in_dim as isize),
             F::one(),
             y,
@@ -313,6 +338,7 @@ impl<F: Real> Backend for Cpu<F> {
         dx: Option<&mut Vec<F>>,
     ) {
         let (out_dim, in_dim) = (w.rows, w.cols);
+        let dy_op = self.operand(&dy[..n * out_dim]);
         if let Some(dx) = dx {
             dx.resize(n * in_dim, F::zero());
             // dx (n×in) = dy (n×out) · W (out×in)
@@ -321,9 +347,9 @@ impl<F: Real> Backend for Cpu<F> {
                 out_dim,
                 in_dim,
                 F::one(),
-                dy,
+                &dy_op,
                 (out_dim as isize, 1),
-                &params[w.range()],
+                &self.operand(&params[w.range()]),
                 (in_dim as isize, 1),
                 F::zero(),
                 dx,
@@ -336,9 +362,9 @@ impl<F: Real> Backend for Cpu<F> {
             n,
             in_dim,
             F::one(),
-            dy,
+            &dy_op,
             (1, out_dim as isize),
-            x,
+            &self.operand(&x[..n * in_dim]),
             (in_dim as isize, 1),
             F::one(),
             &mut grads[w.range()],
@@ -993,6 +1019,48 @@ fn attention_factors<F: Real>(
     for (t, row) in out.chunks_mut(l).enumerate() {
         for (j, m) in row.iter_mut().enumerate() {
             *m = F::of(f64::from(drop.factor(base, (((t * heads + h) as u64) << 16) + j as u64)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// TF32 and bf16 products are the exact product of rounded operands: the weights are
+    /// rounded but not the bias, and the bias gradient sums the unrounded upstream gradient.
+    #[test]
+    fn reduced_precision_products_read_rounded_operands() {
+        let (n, i, o) = (5usize, 7usize, 3usize);
+        let w = Slot { offset: 0, rows: o, cols: i };
+        let b = Slot { offset: o * i, rows: 1, cols: o };
+        let wave = |k: usize, s: f32| (k as f32 * 0.7311 + s).sin() * 1.37;
+        let params: Vec<f32> = (0..o * i + o).map(|k| wave(k, 0.1)).collect();
+        let x: Vec<f32> = (0..n * i).map(|k| wave(k, 0.2)).collect();
+        let dy: Vec<f32> = (0..n * o).map(|k| wave(k, 0.3)).collect();
+        let exact = Cpu::<f32>::new();
+        for m in [Matmul::Tf32, Matmul::Bf16] {
+            let be = Cpu::<f32>::new().with_matmul(m);
+            let round = |v: &[f32]| v.iter().map(|&x| m.round(x)).collect::<Vec<f32>>();
+            let mut pr = params.clone();
+            pr[w.range()].copy_from_slice(&round(&params[w.range()]));
+            let (xr, dyr) = (round(&x), round(&dy));
+            let (mut y, mut ye) = (Vec::new(), Vec::new());
+            be.linear_forward(&x, n, &params, w, b, &mut y);
+            exact.linear_forward(&xr, n, &pr, w, b, &mut ye);
+            assert_eq!(y, ye, "{m:?} forward");
+            let mut ye_exact = Vec::new();
+            exact.linear_forward(&x, n, &params, w, b, &mut ye_exact);
+            assert_ne!(y, ye_exact, "{m:?}: these operands are not all representable, so rounding shows");
+            let (mut g, mut ge, mut gb) =
+                (vec![0.0; params.len()], vec![0.0; params.len()], vec![0.0; params.len()]);
+            let (mut dx, mut dxe) = (Vec::new(), Vec::new());
+            be.linear_backward(&x, n, &params, w, b, &dy, &mut g, Some(&mut dx));
+            exact.linear_backward(&xr, n, &pr, w, b, &dyr, &mut ge, Some(&mut dxe));
+            exact.linear_backward(&x, n, &params, w, b, &dy, &mut gb, None);
+            assert_eq!(dx, dxe, "{m:?} dx");
+            assert_eq!(g[w.range()], ge[w.range()], "{m:?} dW");
+            assert_eq!(g[b.range()], gb[b.range()], "{m:?} db sums the unrounded dy");
         }
     }
 }

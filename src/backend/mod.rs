@@ -253,6 +253,49 @@ impl RowMap {
     }
 }
 
+/// The precision of the linear layers' matrix products (`train.matmul`): which operands
+/// the GEMMs read, always accumulating in f32 into f32 outputs. The weights stay f32 (the
+/// master copy the optimizer updates); only the copies a product reads are rounded.
+/// Attention's own products, the embeddings and every other operation stay f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Matmul {
+    /// f32 operands (cuBLAS SGEMM; the CPU's exact product).
+    #[default]
+    F32,
+    /// Operands rounded to TF32 (10 mantissa bits): tensor cores on the GPU
+    /// (`CUBLAS_COMPUTE_32F_FAST_TF32`).
+    Tf32,
+    /// Operands rounded to bf16 (7 mantissa bits): bf16 tensor-core GEMMs with f32
+    /// accumulation on the GPU (`cublasGemmEx`, CUDA_R_16BF inputs, f32 output).
+    Bf16,
+}
+
+impl Matmul {
+    /// Whether this is the default (full f32) precision.
+    pub fn is_f32(&self) -> bool {
+        *self == Matmul::F32
+    }
+
+    /// `x` as a product of this precision reads it, rounded to nearest even: the CPU's
+    /// emulation of the GPU's operands (cuBLAS does not document TF32's rounding mode, so
+    /// GPU results may differ from it by one TF32 unit per operand).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Matmul::F32 => x,
+            Matmul::Bf16 => half::bf16::from_f32(x).to_f32(),
+            Matmul::Tf32 if !x.is_finite() => x,
+            Matmul::Tf32 => {
+                // Keep 10 of f32's 23 mantissa bits: add half a unit of the kept part (less
+                // one when the kept part is even, so ties go to even) and clear the rest.
+                let b = x.to_bits();
+                let lsb = (b >> 13) & 1;
+                f32::from_bits(b.wrapping_add(0x0fff + lsb) & !0x1fff)
+            }
+        }
+    }
+}
+
 /// Where training steps run: `--device cpu | auto | cuda | cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
@@ -321,17 +364,32 @@ pub trait OnBackend {
     fn run<B: EncoderOps<F = f32>>(self, be: &B) -> crate::Result<Self::Out>;
 }
 
-/// Runs `job` on the backend `device` resolves to (see [`Device::resolve`]); a CPU job runs
-/// on a rayon worker (`cpu::on_worker`).
+/// Runs `job` on the backend `device` resolves to (see [`Device::resolve`]), with exact f32
+/// products; a CPU job runs on a rayon worker (`cpu::on_worker`).
 pub fn dispatch<J>(device: Device, local_rank: usize, say: bool, job: J) -> crate::Result<J::Out>
 where
     J: OnBackend + Send,
     J::Out: Send,
 {
+    dispatch_with(device, local_rank, say, Matmul::F32, job)
+}
+
+/// [`dispatch`] with the linear layers' products at `matmul` precision.
+pub fn dispatch_with<J>(
+    device: Device,
+    local_rank: usize,
+    say: bool,
+    matmul: Matmul,
+    job: J,
+) -> crate::Result<J::Out>
+where
+    J: OnBackend + Send,
+    J::Out: Send,
+{
     match device.resolve(local_rank, say)? {
-        None => cpu::on_worker(|| job.run(&cpu::Cpu::<f32>::new())),
+        None => cpu::on_worker(|| job.run(&cpu::Cpu::<f32>::new().with_matmul(matmul))),
         #[cfg(feature = "cuda")]
-        Some(ordinal) => job.run(&cuda::Cuda::new(ordinal)?),
+        Some(ordinal) => job.run(&cuda::Cuda::new(ordinal)?.with_matmul(matmul)),
         #[cfg(not(feature = "cuda"))]
         Some(_) => unreachable!("Device::resolve gives no CUDA device without the cuda feature"),
     }
@@ -554,6 +612,8 @@ pub trait Backend: Sync {
     fn name(&self) -> String;
     /// A zero-filled buffer.
     fn zeros(&self, len: usize) -> Self::Buf;
+    /// The buffer's length in elements.
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
     /// A buffer holding `host`.
     fn upload(&self, host: &[Self::F]) -> Self::Buf;
     /// The buffer's contents.
@@ -837,6 +897,37 @@ mod tests {
 
     /// Two keys that differ in any one field, including the high bits of `pass` (a
     /// second forward pass sets bit 20), give different masks.
+    #[test]
+    fn matmul_rounding_keeps_the_right_mantissa_bits_to_nearest_even() {
+        use super::Matmul;
+        let one = 1.0f32;
+        // TF32: the unit after 1 is 2^-10; bf16: 2^-7.
+        assert_eq!(Matmul::Tf32.round(one + 2f32.powi(-10)), one + 2f32.powi(-10));
+        assert_eq!(Matmul::Tf32.round(one + 2f32.powi(-11)), one, "a tie goes to even");
+        assert_eq!(
+            Matmul::Tf32.round(one + 3.0 * 2f32.powi(-11)),
+            one + 2.0 * 2f32.powi(-10),
+            "a tie goes to even"
+        );
+        assert_eq!(Matmul::Tf32.round(one + 2f32.powi(-11) + 2f32.powi(-20)), one + 2f32.powi(-10));
+        assert_eq!(Matmul::Bf16.round(one + 2f32.powi(-8)), one, "a tie goes to even");
+        assert_eq!(Matmul::Bf16.round(-(one + 3.0 * 2f32.powi(-9))), -(one + 2f32.powi(-7)));
+        assert_eq!(Matmul::F32.round(one + 2f32.powi(-20)), one + 2f32.powi(-20));
+        // The largest finite f32 rounds up to infinity in both, as in hardware; NaN stays NaN.
+        assert!(Matmul::Tf32.round(f32::NAN).is_nan() && Matmul::Bf16.round(f32::NAN).is_nan());
+        assert_eq!(Matmul::Tf32.round(f32::INFINITY), f32::INFINITY);
+        assert_eq!(Matmul::Tf32.round(f32::MAX), f32::INFINITY);
+        // Relative error within half a unit over many values.
+        let mut x = 0.1234567f32;
+        for _ in 0..1000 {
+            x = (x * 1.618034 + 0.377) % 7.0 - 3.5;
+            for (m, bits) in [(Matmul::Tf32, 10), (Matmul::Bf16, 7)] {
+                let r = m.round(x);
+                assert!((r - x).abs() <= x.abs() * 2f32.powi(-bits - 1) * 1.0001, "{m:?} {x} -> {r}");
+            }
+        }
+    }
+
     #[test]
     fn every_key_field_changes_the_mask() {
         let key = DropoutKey { seed: 1, step: 5, site: 0, pass: 0, rows: RowMap::at(0) };

@@ -5,8 +5,10 @@
 //! `model.safetensors` holds every tensor of the layout under its name (f32, shapes as in
 //! `model::bag`), and in its metadata (`__metadata__`) one key, `dtrain`, with a JSON
 //! object: `format`, `model` (the spec), `labels`, `tokenizer` (the spec), so that a
-//! checkpoint alone can classify raw text, and `checksum`: the xxh3_64 of all tensor data
-//! in layout order. `optimizer.safetensors` holds `m.<name>` and `v.<name>` for the tensors
+//! checkpoint alone can classify raw text, `checksum`: the xxh3_64 of all tensor data
+//! in layout order, and last `meta_checksum`: the xxh3_64 of the object's JSON text without
+//! that key, so a corrupted label name or spec is refused too (files from before it have
+//! none, and load unchecked). `optimizer.safetensors` holds `m.<name>` and `v.<name>` for the tensors
 //! whose optimizer keeps that moment (`optim::moment_lens`: lazy Adam keeps both for every
 //! tensor, AdamW/LAMB on the dense tensors only, plain SGD none), and
 //! `dtrain` = `{"checksum": …}` (over `m.` then `v.`). Loading checks names, shapes and
@@ -186,8 +188,22 @@ fn data_checksum(layout: &Layout, bufs: &[(&str, &[f32])]) -> String {
     hex64(sum.digest())
 }
 
+/// The key of the metadata's own checksum in the [`META_KEY`] object.
+const META_CHECKSUM: &str = "meta_checksum";
+
+/// xxh3_64 (16 hex digits) of `meta`'s JSON text without its [`META_CHECKSUM`] key. serde_json
+/// writes a parsed object back exactly as it was written (same key order, same numbers), so
+/// the reader recomputes what the writer hashed.
+fn meta_checksum(meta: &serde_json::Value) -> String {
+    let mut m = meta.clone();
+    if let Some(o) = m.as_object_mut() {
+        o.remove(META_CHECKSUM);
+    }
+    hex64(xxh3_64(m.to_string().as_bytes()))
+}
+
 /// Writes the tensors of `bufs` (those each buffer covers) with `meta` (a JSON object, without its `checksum`) under
-/// [`META_KEY`], the data checksum added to it.
+/// [`META_KEY`], the data checksum and then the metadata's own checksum added to it.
 pub(crate) fn tensors_to_file(
     path: &Path,
     layout: &Layout,
@@ -196,6 +212,7 @@ pub(crate) fn tensors_to_file(
 ) -> Result<()> {
     let mut meta = meta;
     meta["checksum"] = serde_json::Value::String(data_checksum(layout, bufs));
+    meta[META_CHECKSUM] = serde_json::Value::String(meta_checksum(&meta));
     let mut views = Vec::new();
     for (prefix, buf) in bufs {
         for t in covered(layout, buf.len()) {
@@ -218,8 +235,18 @@ pub(crate) fn file_meta(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> 
         header.metadata().as_ref().and_then(|m| m.get(META_KEY)).ok_or_else(|| {
             Error::bad_file(path, format!("no `{META_KEY}` metadata: not written by dtrain"))
         })?;
-    serde_json::from_str(json)
-        .map_err(|e| Error::bad_file(path, format!("invalid `{META_KEY}` metadata: {e}")))
+    let meta: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Error::bad_file(path, format!("invalid `{META_KEY}` metadata: {e}")))?;
+    // Files written before the metadata had a checksum of its own have none to check.
+    if let Some(want) = meta.get(META_CHECKSUM) {
+        if want.as_str() != Some(meta_checksum(&meta).as_str()) {
+            return Err(Error::bad_file(
+                path,
+                format!("corrupted: the `{META_KEY}` metadata does not match its checksum"),
+            ));
+        }
+    }
+    Ok(meta)
 }
 
 /// Reads, for each `(prefix, len)`, the tensors `prefix + name` of `layout` that a buffer of

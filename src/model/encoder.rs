@@ -228,9 +228,9 @@ impl<B: Backend> LayerTape<B> {
     }
 }
 
-impl<F: crate::backend::Real> EncoderActs<crate::backend::cpu::Cpu<F>> {
-    /// Values the layers' tapes hold on the CPU backend (what recomputation saves).
-    pub fn layer_values(&self) -> usize {
+impl<B: Backend> EncoderActs<B> {
+    /// Values the layers' tapes hold (what recomputation saves).
+    pub fn layer_values(&self, be: &B) -> usize {
         self.layers
             .iter()
             .map(|t| {
@@ -239,7 +239,7 @@ impl<F: crate::backend::Real> EncoderActs<crate::backend::cpu::Cpu<F>> {
                     &t.a, &t.r2, &t.stats2,
                 ]
                 .iter()
-                .map(|b| b.len())
+                .map(|b| be.buf_len(b))
                 .sum::<usize>()
             })
             .sum()

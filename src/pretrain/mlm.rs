@@ -235,7 +235,7 @@ pub fn pretrain(
             run(be, self.0, self.1)
         }
     }
-    crate::backend::dispatch(device, 0, progress, Job(cfg, progress))
+    crate::backend::dispatch_with(device, 0, progress, cfg.mlm.matmul, Job(cfg, progress))
 }
 
 /// Runs masked-LM pretraining as `cfg` says on backend `be`; `progress` shows a bar.

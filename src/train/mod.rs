@@ -23,7 +23,7 @@ use crate::algo::ramp;
 use crate::algo::shadow::{AlphaRule, Shadow};
 use crate::algo::stabilise::{AdaptiveThreshold, Stabiliser};
 use crate::algo::{Method, TargetSource};
-use crate::backend::{dispatch, host_view, Backend, Device, EncoderOps, GradSync, LossKind, OnBackend};
+use crate::backend::{dispatch_with, host_view, Backend, Device, EncoderOps, GradSync, LossKind, OnBackend};
 use crate::bank::{Bank, BankSettings};
 use crate::checkpoint::{self, LogWindow, ModelMeta, TrainState};
 use crate::config::{LossName, TrainConfig};
@@ -332,7 +332,8 @@ pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Tra
             train_on_worker(be, self.0, self.1, self.2)
         }
     }
-    dispatch(opts.device, dist.local_rank(), opts.progress && dist.is_root(), Job(cfg, opts, dist))
+    let say = opts.progress && dist.is_root();
+    dispatch_with(opts.device, dist.local_rank(), say, cfg.train.matmul, Job(cfg, opts, dist))
 }
 
 /// The sums of a logging window over ranks. Every rank adds its own rows' counts and sums,

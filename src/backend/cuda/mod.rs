@@ -27,7 +27,7 @@ use cudarc::driver::{
 
 use super::{
     Activation, AdamStep, AttnDropout, Backend, ConsistencyAux, ConsistencyOut, DropoutKey, HostBatch,
-    LossKind, RowMap, SgdStep, SparseRows,
+    LossKind, Matmul, RowMap, SgdStep, SparseRows,
 };
 use crate::algo::consistency::{ConsistencyKind, ConsistencyOp, TargetForm};
 use crate::error::{Error, Result};
@@ -46,6 +46,8 @@ pub struct Cuda {
     funcs: HashMap<&'static str, CudaFunction>,
     /// Passed where a kernel's optional input is absent (with its `has_…` flag at 0).
     dummy: CudaSlice<f32>,
+    /// The linear layers' GEMM precision (`train.matmul`).
+    matmul: Matmul,
 }
 
 /// A batch on the device, with the grouping of its occurrences by table row that the
@@ -190,7 +192,13 @@ impl Cuda {
         }
         let dummy =
             stream.alloc_zeros::<f32>(1).map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")))?;
-        Ok(Cuda { ordinal, stream, blas, funcs, dummy })
+        Ok(Cuda { ordinal, stream, blas, funcs, dummy, matmul: Matmul::F32 })
+    }
+
+    /// This backend with the linear layers' GEMMs at `matmul` precision (TF32 or bf16
+    /// tensor cores, f32 accumulation and outputs; see [`Matmul`]).
+    pub fn with_matmul(self, matmul: Matmul) -> Self {
+        Cuda { matmul, ..self }
     }
 
     /// `cuda:N (device name)`.
@@ -337,11 +345,88 @@ impl Cuda {
             beta,
             ldc: ldc as i32,
         };
-        // SAFETY: the shapes and leading dimensions describe matrices inside the views, as
-        // the row-major layouts of the callers imply.
-        if let Err(e) = unsafe { self.blas.gemm(cfg, a, b, c) } {
-            self.fail("cublasSgemm", e);
+        let done = match self.matmul {
+            // SAFETY: the shapes and leading dimensions describe matrices inside the views, as
+            // the row-major layouts of the callers imply.
+            Matmul::F32 => unsafe { self.blas.gemm(cfg, a, b, c) },
+            Matmul::Tf32 => {
+                use cudarc::cublas::sys::cudaDataType_t::CUDA_R_32F;
+                // SAFETY: as above.
+                unsafe { self.gemm_ex(&cfg, (a, CUDA_R_32F), (b, CUDA_R_32F), c, true) }
+            }
+            Matmul::Bf16 => {
+                use cudarc::cublas::sys::cudaDataType_t::CUDA_R_16BF;
+                let (a16, b16) = (self.bf16_copy(a), self.bf16_copy(b));
+                // SAFETY: as above; the bf16 copies have the views' lengths and layouts.
+                unsafe { self.gemm_ex(&cfg, (&a16, CUDA_R_16BF), (&b16, CUDA_R_16BF), c, false) }
+            }
+        };
+        if let Err(e) = done {
+            self.fail(if self.matmul.is_f32() { "cublasSgemm" } else { "cublasGemmEx" }, e);
         }
+    }
+
+    /// `view` rounded to bf16 (nearest even) in a fresh buffer of its length.
+    fn bf16_copy(&self, view: &cudarc::driver::CudaView<'_, f32>) -> CudaSlice<half::bf16> {
+        let n = view.len();
+        let mut out = self
+            .stream
+            .alloc_zeros::<half::bf16>(n)
+            .unwrap_or_else(|e| self.fail("allocating a bf16 GEMM operand", e));
+        self.launch("to_bf16", grid(n), |b| {
+            b.arg(view).arg(&mut out).arg(&n);
+        });
+        out
+    }
+
+    /// `cublasGemmEx` with f32 α, β and output `c`, operands of the given types, and f32
+    /// accumulation (TF32 tensor cores when `tf32`).
+    ///
+    /// # Safety
+    /// `cfg`'s shapes and leading dimensions must describe matrices inside `a`, `b` and `c`.
+    unsafe fn gemm_ex<TA, TB, A, B>(
+        &self,
+        cfg: &GemmConfig<f32>,
+        (a, a_type): (&A, cudarc::cublas::sys::cudaDataType_t),
+        (b, b_type): (&B, cudarc::cublas::sys::cudaDataType_t),
+        c: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        tf32: bool,
+    ) -> std::result::Result<(), cudarc::cublas::result::CublasError>
+    where
+        A: cudarc::driver::DevicePtr<TA>,
+        B: cudarc::driver::DevicePtr<TB>,
+    {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
+        use cudarc::driver::DevicePtrMut;
+        let (pa, _ra) = a.device_ptr(&self.stream);
+        let (pb, _rb) = b.device_ptr(&self.stream);
+        let (pc, _rc) = c.device_ptr_mut(&self.stream);
+        let compute = if tf32 {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        cudarc::cublas::result::gemm_ex(
+            *self.blas.handle(),
+            cfg.transa,
+            cfg.transb,
+            cfg.m,
+            cfg.n,
+            cfg.k,
+            (&cfg.alpha) as *const f32 as *const _,
+            pa as *const _,
+            a_type,
+            cfg.lda,
+            pb as *const _,
+            b_type,
+            cfg.ldb,
+            (&cfg.beta) as *const f32 as *const _,
+            pc as *mut _,
+            cudaDataType_t::CUDA_R_32F,
+            cfg.ldc,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
     }
 }
 
@@ -352,6 +437,10 @@ impl Backend for Cuda {
 
     fn name(&self) -> String {
         format!("cuda:{}", self.ordinal)
+    }
+
+    fn buf_len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
     }
 
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
