@@ -792,7 +792,9 @@ pub struct PretrainMlm {
     /// Length grouping, as `train.group_by_length` of training: 0 = off; N = sort each
     /// window of N batches by length and shuffle its batches.
     pub group_by_length: usize,
-    /// The linear layers' product precision, as `train.matmul` of training.
+    /// The linear layers' product precision, as `train.matmul` of training (not written
+    /// when `f32`, so configs from before it keep their hash).
+    #[serde(skip_serializing_if = "crate::backend::Matmul::is_f32")]
     pub matmul: crate::backend::Matmul,
 }
 

@@ -384,6 +384,25 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     assert!(e.to_string().contains("--resume"), "{e}");
 }
 
+/// `mlm.matmul` reaches the masked-LM run: 3 steps at bf16 products end with other
+/// weights than at f32, and a finite loss.
+#[test]
+fn masked_lm_takes_the_matmul_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let weights: Vec<Vec<u8>> = ["f32", "bf16"]
+        .iter()
+        .map(|m| {
+            let set = format!("mlm.matmul=\"{m}\"");
+            let pcfg = mlm_config(&data, &dir.path().join(m), &["mlm.steps=3", "train.lr=0.001", &set]);
+            let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
+            assert!(r.last_loss.is_finite(), "{m}: loss {}", r.last_loss);
+            std::fs::read(r.out.join("model.safetensors")).unwrap()
+        })
+        .collect();
+    assert!(weights[0] != weights[1], "bf16 products changed nothing");
+}
+
 /// `mlm.group_by_length` reaches the masked-LM run: over one epoch of texts from 1 to 24
 /// words, batches of similar lengths waste fewer padded token slots, with the same tokens
 /// seen.

@@ -847,6 +847,24 @@ fn corrupted_or_absurd_checkpoints_are_refused_without_aborting() {
     assert!(e.contains("optimizer.safetensors") && e.contains("checksum"), "{e}");
 }
 
+/// Spec values whose JSON serde_json does not parse back to the same f64 bits (an f32
+/// dropout of 0.03 stored as 0.029999999329447746) still load: the metadata's checksum
+/// covers the stored text, not a re-serialisation.
+#[test]
+fn checkpoints_with_awkward_spec_numbers_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    for p in ["0.03", "0.11", "0.97"] {
+        let c = cfg(&data, &dir.path().join(p), &["train.steps=2", &format!("model.embed_dropout={p}")]);
+        let r = run(&c, Resume::No, None).unwrap();
+        let (meta, _, _) = dtrain::checkpoint::load_model(&r.final_checkpoint).unwrap();
+        match meta.model {
+            dtrain::model::ModelSpec::Bag(b) => assert_eq!(b.embed_dropout, p.parse::<f32>().unwrap()),
+            other => panic!("a bag model was trained, the checkpoint says {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn resume_checks_the_data_and_the_config() {
     let dir = tempfile::tempdir().unwrap();

@@ -895,8 +895,8 @@ pub trait EncoderOps: Backend {
 mod tests {
     use super::*;
 
-    /// Two keys that differ in any one field, including the high bits of `pass` (a
-    /// second forward pass sets bit 20), give different masks.
+    /// TF32 and bf16 rounding: the kept mantissa bits, ties to even, infinities and NaN,
+    /// and the half-unit bound.
     #[test]
     fn matmul_rounding_keeps_the_right_mantissa_bits_to_nearest_even() {
         use super::Matmul;
@@ -928,6 +928,8 @@ mod tests {
         }
     }
 
+    /// Two keys that differ in any one field, including the high bits of `pass` (a
+    /// second forward pass sets bit 20), give different masks.
     #[test]
     fn every_key_field_changes_the_mask() {
         let key = DropoutKey { seed: 1, step: 5, site: 0, pass: 0, rows: RowMap::at(0) };

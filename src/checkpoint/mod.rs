@@ -6,9 +6,9 @@
 //! `model::bag`), and in its metadata (`__metadata__`) one key, `dtrain`, with a JSON
 //! object: `format`, `model` (the spec), `labels`, `tokenizer` (the spec), so that a
 //! checkpoint alone can classify raw text, `checksum`: the xxh3_64 of all tensor data
-//! in layout order, and last `meta_checksum`: the xxh3_64 of the object's JSON text without
-//! that key, so a corrupted label name or spec is refused too (files from before it have
-//! none, and load unchecked). `optimizer.safetensors` holds `m.<name>` and `v.<name>` for the tensors
+//! in layout order, and, appended to the stored text as its last key, `meta_checksum`: the
+//! xxh3_64 of the text before it (closed with `}`), so a corrupted label name or spec is
+//! refused too (files from before it have none, and load unchecked). `optimizer.safetensors` holds `m.<name>` and `v.<name>` for the tensors
 //! whose optimizer keeps that moment (`optim::moment_lens`: lazy Adam keeps both for every
 //! tensor, AdamW/LAMB on the dense tensors only, plain SGD none), and
 //! `dtrain` = `{"checksum": …}` (over `m.` then `v.`). Loading checks names, shapes and
@@ -188,18 +188,32 @@ fn data_checksum(layout: &Layout, bufs: &[(&str, &[f32])]) -> String {
     hex64(sum.digest())
 }
 
-/// The key of the metadata's own checksum in the [`META_KEY`] object.
+/// The key of the metadata's own checksum, the last of the [`META_KEY`] object.
 const META_CHECKSUM: &str = "meta_checksum";
 
-/// xxh3_64 (16 hex digits) of `meta`'s JSON text without its [`META_CHECKSUM`] key. serde_json
-/// writes a parsed object back exactly as it was written (same key order, same numbers), so
-/// the reader recomputes what the writer hashed.
-fn meta_checksum(meta: &serde_json::Value) -> String {
-    let mut m = meta.clone();
-    if let Some(o) = m.as_object_mut() {
-        o.remove(META_CHECKSUM);
+/// `text` (a JSON object's text) with its own checksum appended as the last key: the
+/// xxh3_64 of exactly the bytes before it (with the closing brace), so that the reader
+/// checks the stored bytes, not a re-serialisation (serde_json does not parse every f64
+/// back to the same bits).
+fn seal_meta(text: &str) -> String {
+    let body = text.strip_suffix('}').filter(|b| b.len() > 1).expect("a non-empty JSON object");
+    format!("{body},\"{META_CHECKSUM}\":\"{}\"}}", hex64(xxh3_64(text.as_bytes())))
+}
+
+/// Checks the checksum [`seal_meta`] appended to `text`; text without one (files from
+/// before it) passes unchecked.
+fn check_meta(path: &Path, text: &str) -> Result<()> {
+    let marker = format!(",\"{META_CHECKSUM}\":\"");
+    let bad =
+        || Error::bad_file(path, format!("corrupted: the `{META_KEY}` metadata does not match its checksum"));
+    let Some(at) = text.rfind(&marker) else {
+        return if text.contains(META_CHECKSUM) { Err(bad()) } else { Ok(()) };
+    };
+    let want = text[at + marker.len()..].strip_suffix("\"}").ok_or_else(bad)?;
+    if hex64(xxh3_64(format!("{}}}", &text[..at]).as_bytes())) != want {
+        return Err(bad());
     }
-    hex64(xxh3_64(m.to_string().as_bytes()))
+    Ok(())
 }
 
 /// Writes the tensors of `bufs` (those each buffer covers) with `meta` (a JSON object, without its `checksum`) under
@@ -212,7 +226,6 @@ pub(crate) fn tensors_to_file(
 ) -> Result<()> {
     let mut meta = meta;
     meta["checksum"] = serde_json::Value::String(data_checksum(layout, bufs));
-    meta[META_CHECKSUM] = serde_json::Value::String(meta_checksum(&meta));
     let mut views = Vec::new();
     for (prefix, buf) in bufs {
         for t in covered(layout, buf.len()) {
@@ -222,7 +235,7 @@ pub(crate) fn tensors_to_file(
             views.push((format!("{prefix}{}", t.name), view));
         }
     }
-    let info = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
+    let info = HashMap::from([(META_KEY.to_string(), seal_meta(&meta.to_string()))]);
     safetensors::serialize_to_file(views, Some(info), path)
         .map_err(|e| Error::bad_file(path, format!("writing: {e}")))
 }
@@ -235,18 +248,9 @@ pub(crate) fn file_meta(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> 
         header.metadata().as_ref().and_then(|m| m.get(META_KEY)).ok_or_else(|| {
             Error::bad_file(path, format!("no `{META_KEY}` metadata: not written by dtrain"))
         })?;
-    let meta: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| Error::bad_file(path, format!("invalid `{META_KEY}` metadata: {e}")))?;
-    // Files written before the metadata had a checksum of its own have none to check.
-    if let Some(want) = meta.get(META_CHECKSUM) {
-        if want.as_str() != Some(meta_checksum(&meta).as_str()) {
-            return Err(Error::bad_file(
-                path,
-                format!("corrupted: the `{META_KEY}` metadata does not match its checksum"),
-            ));
-        }
-    }
-    Ok(meta)
+    check_meta(path, json)?;
+    serde_json::from_str(json)
+        .map_err(|e| Error::bad_file(path, format!("invalid `{META_KEY}` metadata: {e}")))
 }
 
 /// Reads, for each `(prefix, len)`, the tensors `prefix + name` of `layout` that a buffer of
