@@ -44,6 +44,60 @@ pub fn removing_on_error<T>(temporaries: &[&Path], write: impl FnOnce() -> Resul
     r
 }
 
+/// Refuses to write the output file `out` (given as `flag`) where that would destroy data
+/// dtrain reads: the same file as one of `inputs` (hard links included), a file inside a
+/// prepared data set or a checkpoint directory, or, with `magic`, an existing file that
+/// does not start with those bytes (so only an earlier output of the same kind is
+/// replaced).
+pub fn check_output(flag: &str, out: &Path, inputs: &[&Path], magic: Option<&[u8]>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| Err(Error::Data(format!("{flag} {}: {why}", out.display())));
+    let Ok(meta) = fs::metadata(out) else {
+        return check_output_dir(flag, out);
+    };
+    if meta.is_dir() {
+        return refuse("is a directory".into());
+    }
+    for input in inputs {
+        if fs::metadata(input).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()) {
+            return refuse(format!("is the input {}: writing it would destroy it", input.display()));
+        }
+    }
+    check_output_dir(flag, out)?;
+    if let Some(magic) = magic {
+        let mut head = vec![0u8; magic.len()];
+        let same = File::open(out).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
+            && head == magic;
+        if !same {
+            return refuse(
+                "exists and is not a file of the kind this writes: remove it or choose another path".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The directory part of [`check_output`]: `out` must not lie in a data set or a checkpoint.
+fn check_output_dir(flag: &str, out: &Path) -> Result<()> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    for (marker, what) in [
+        (crate::data::manifest::MANIFEST_FILE, "a prepared data set"),
+        (crate::checkpoint::DONE, "a checkpoint"),
+    ] {
+        if dir.join(marker).is_file() {
+            return Err(Error::Data(format!(
+                "{flag} {}: {} is {what}; write outputs elsewhere, so that nothing of it is overwritten",
+                out.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Best effort: syncs the directory holding `path`, so a rename survives a power loss.
 pub fn sync_parent(path: &Path) {
     if let Some(dir) = path.parent() {

@@ -310,6 +310,13 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     jsonl: Option<&Path>,
     batch_size: usize,
 ) -> Result<ExportReport> {
+    crate::fsutil::check_output("--out", out, &[], Some(MAGIC))?;
+    if let Some(j) = jsonl {
+        if j == out {
+            return Err(Error::Data(format!("--pseudo-labels {}: is also --out", j.display())));
+        }
+        crate::fsutil::check_output("--pseudo-labels", j, &[out], None)?;
+    }
     let tmp = out.with_extension("tmp");
     let jsonl_tmp = jsonl.map(|p| crate::fsutil::sibling(p, ".tmp"));
     let temporaries: Vec<&Path> = std::iter::once(tmp.as_path()).chain(jsonl_tmp.as_deref()).collect();

@@ -163,14 +163,14 @@ enum BenchCommand {
         #[arg(long)]
         model: PathBuf,
         /// Sequences per batch.
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        /// Tokens per sequence.
-        #[arg(long, default_value_t = 64)]
-        len: usize,
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+        batch: u64,
+        /// Tokens per sequence (at most the model's positions: longer is cut to them).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
+        len: u64,
         /// Timed repetitions after one warm-up.
-        #[arg(long, default_value_t = 5)]
-        repeat: usize,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        repeat: u64,
         /// Activation recomputation (`model.encoder.recompute`).
         #[arg(long)]
         recompute: bool,
@@ -898,9 +898,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             let r = dtrain::bench::bench_encoder(&dtrain::bench::EncoderBenchArgs {
                 dir: &model,
-                batch,
-                len,
-                repeats: repeat,
+                batch: batch as usize,
+                len: len as usize,
+                repeats: repeat as usize,
                 recompute,
                 device: device.device,
                 matmul,

@@ -87,9 +87,14 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
     if opts.checkpoints.is_empty() {
         return Err(Error::config("predict", "--checkpoint", "at least one checkpoint is required"));
     }
-    if opts.mc_dropout < 1 || opts.top_k < 1 || opts.batch_size < 1 {
-        return Err(Error::config("predict", "--mc-dropout/--top-k/--batch-size", "must be at least 1"));
+    for (flag, v) in
+        [("--mc-dropout", opts.mc_dropout), ("--top-k", opts.top_k), ("--batch-size", opts.batch_size)]
+    {
+        if v < 1 {
+            return Err(Error::config("predict", flag, "must be at least 1"));
+        }
     }
+    crate::fsutil::check_output("--output", &opts.output, &[&opts.input], None)?;
     let mut metas: Vec<ModelMeta> = Vec::new();
     let mut models = Vec::new();
     for path in &opts.checkpoints {

@@ -267,6 +267,29 @@ fn force_never_replaces_what_is_not_a_data_set_or_holds_an_input() {
     // An existing output without --force is refused before any work.
     let e = common::run(&[&f], &[], &out, &[]).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("already exists"), "{e}");
+    // A data set holding a file of the user's: --force would delete it, so it is refused;
+    // without it, --force replaces the data set.
+    std::fs::remove_file(&inside).unwrap();
+    let notes = common::write(&out, "my_notes.txt", b"keep me");
+    let e = common::run(&[&f], &[], &out, &["output.force=true"]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("my_notes.txt") && e.contains("not written by dtrain prepare"), "{e}");
+    assert_eq!(std::fs::read(&notes).unwrap(), b"keep me");
+    std::fs::remove_file(&notes).unwrap();
+    common::run(&[&f], &[], &out, &["output.force=true"]).unwrap();
+}
+
+/// A tokenizer.json with an empty vocabulary is refused by name (it once divided by zero).
+#[test]
+fn a_tokenizer_without_a_vocabulary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = common::write(
+        dir.path(),
+        "tok.json",
+        br###"{"model":{"type":"WordPiece","vocab":{},"unk_token":"[UNK]","continuing_subword_prefix":"##","max_input_chars_per_word":100}}"###,
+    );
+    let set = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+    let e = error_for("x.tsv", common::tsv(2, 10).as_bytes(), &[&set]);
+    assert!(e.contains("tok.json") && e.contains("vocabulary is empty"), "{e}");
 }
 
 #[test]

@@ -463,4 +463,11 @@ fn bench_encoder_reports_device_precision_and_flops() {
     assert!(r["forward_backward"]["median"].as_f64().unwrap() > 0.0);
     let o = dtrain(&["bench", "encoder", "--model", "models/minilm", "--matmul", "fp8"]);
     assert!(!o.status.success() && text(&o).contains("use f32, tf32 or bf16"), "{}", text(&o));
+    // An empty batch is refused by the flag (it once panicked in the model).
+    let o = dtrain(&["bench", "encoder", "--model", "models/minilm", "--batch", "0"]);
+    assert!(
+        !o.status.success() && text(&o).contains("--batch") && !text(&o).contains("panicked"),
+        "{}",
+        text(&o)
+    );
 }

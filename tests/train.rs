@@ -731,6 +731,22 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     assert!(!o.status.success() && e.contains("bad.jsonl:2") && e.contains("missing text field"), "{e}");
     assert!(!dir.path().join("q.jsonl").exists(), "no partial output");
     assert!(!dir.path().join("q.jsonl.tmp").exists(), "no temporary file left");
+    // An output that would destroy an input or a checkpoint's file is refused, and the
+    // file is left as it was.
+    let text = common::write(dir.path(), "in.txt", b"alpha apple\n");
+    let model_file = a.final_checkpoint.join("model.safetensors");
+    let model_bytes = std::fs::read(&model_file).unwrap();
+    for (out, want) in [(&text, "is the input"), (&model_file, "is a checkpoint")] {
+        let o = std::process::Command::new(bin)
+            .args(["predict", "--checkpoint", ca, "--input", text.to_str().unwrap(), "--output"])
+            .arg(out)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("--output") && e.contains(want), "{e}");
+    }
+    assert_eq!(std::fs::read(&text).unwrap(), b"alpha apple\n");
+    assert_eq!(std::fs::read(&model_file).unwrap(), model_bytes);
     // A missing input: nothing is made at all.
     let o = std::process::Command::new(bin)
         .args(["predict", "--checkpoint", ca, "--input", "/nonexistent/in.txt", "--output"])
@@ -865,6 +881,22 @@ fn checkpoints_with_awkward_spec_numbers_load() {
     }
 }
 
+/// An out_dir whose run left metrics but no complete checkpoint is not overwritten by a new
+/// run; `--resume auto` starts again over it.
+#[test]
+fn a_new_run_keeps_an_earlier_runs_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let metrics = common::write(&out, "metrics.jsonl", b"{\"step\":1,\"loss\":2.0}\n");
+    let c = cfg(&data, &out, &["train.steps=2"]);
+    let e = run(&c, Resume::No, None).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("metrics.jsonl") && e.contains("earlier run"), "{e}");
+    assert_eq!(std::fs::read(&metrics).unwrap(), b"{\"step\":1,\"loss\":2.0}\n");
+    assert_eq!(run(&c, Resume::Auto, None).unwrap().steps, 2);
+}
+
 #[test]
 fn resume_checks_the_data_and_the_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -979,6 +1011,31 @@ fn export_logits_and_noisy_student() {
     .unwrap();
     let n_unlabeled = ds.manifest().splits["unlabeled"].docs;
     assert_eq!(r.rows, n_unlabeled);
+    // Writing the file again replaces it; a file of another kind, or one inside the data
+    // set, is refused and left alone.
+    let export_to = |out: &Path| {
+        dtrain::logits::export(
+            &dtrain::backend::cpu::Cpu::<f32>::new(),
+            &model,
+            &params,
+            &ds,
+            SplitKind::Unlabeled,
+            out,
+            None,
+            7,
+        )
+        .map(|_| ())
+    };
+    export_to(&file).unwrap();
+    let shard = data.join("unlabeled-00000.shard");
+    let shard_bytes = std::fs::read(&shard).unwrap();
+    let e = export_to(&shard).unwrap_err().to_string();
+    assert!(e.contains("is a prepared data set"), "{e}");
+    assert_eq!(std::fs::read(&shard).unwrap(), shard_bytes);
+    let other = common::write(dir.path(), "notes.txt", b"mine");
+    let e = export_to(&other).unwrap_err().to_string();
+    assert!(e.contains("not a file of the kind this writes"), "{e}");
+    assert_eq!(std::fs::read(&other).unwrap(), b"mine");
     assert_eq!(r.known, n_unlabeled, "every unlabeled sample of a simulated split has a hidden label");
     let lines = std::fs::read_to_string(&jsonl).unwrap();
     assert_eq!(lines.lines().count() as u64, n_unlabeled);

@@ -161,8 +161,11 @@ pub fn parse_line(
             (label, text)
         }
     };
-    if text.trim().is_empty() {
-        return Err("empty text".into());
+    if let Some(c) = label.as_deref().and_then(|l| l.chars().find(|c| c.is_control())) {
+        return Err(format!("the label holds the control character U+{:04X}", c as u32));
+    }
+    if text.chars().all(|c| c.is_whitespace() || c.is_control()) {
+        return Err("empty text (nothing but whitespace or control characters)".into());
     }
     Ok(Parsed::Doc(RawDoc { line, label, text }))
 }
@@ -306,6 +309,8 @@ mod tests {
         assert!(p("no tab here").unwrap_err().contains("no tab"));
         assert!(p("news\t   ").unwrap_err().contains("empty text"));
         assert!(p(" \ttext").unwrap_err().contains("empty label"));
+        assert!(p("fo\0od\ttext").unwrap_err().contains("control character U+0000"));
+        assert!(p("news\t\0\u{1}").unwrap_err().contains("empty text"));
         let u = parse_line(b"news\ttext", 3, Format::Tsv, Role::Unlabeled, &fields());
         assert_eq!(u, doc(None, "text"));
     }

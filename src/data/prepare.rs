@@ -187,7 +187,8 @@ pub fn prepare(cfg: &PrepareConfig, progress: bool) -> Result<PrepareReport> {
 }
 
 /// Refuses, before any work, an output that would lose data: an existing path without
-/// `force`; with `force`, anything but a dtrain data set, or a directory holding an input.
+/// `force`; with `force`, anything but a dtrain data set, a directory holding an input, or
+/// one holding files prepare does not write.
 fn check_output<'a>(out: &Path, force: bool, inputs: impl Iterator<Item = &'a Path>) -> Result<()> {
     if !out.exists() {
         return Ok(());
@@ -210,6 +211,23 @@ fn check_output<'a>(out: &Path, force: bool, inputs: impl Iterator<Item = &'a Pa
             return Err(Error::bad_file(
                 input,
                 format!("lies inside the output directory {}, which --force would delete", out.display()),
+            ));
+        }
+    }
+    // --force replaces what prepare wrote, not what a user put beside it.
+    for entry in std::fs::read_dir(out).at(out)? {
+        let entry = entry.at(out)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let base = name.strip_suffix(".tmp").unwrap_or(&name);
+        let ours = entry.file_type().at(out)?.is_file()
+            && (base == crate::data::manifest::MANIFEST_FILE
+                || base == crate::data::vocab::VOCAB_FILE
+                || name.ends_with(".shard"));
+        if !ours {
+            return Err(Error::bad_file(
+                &entry.path(),
+                "was not written by dtrain prepare: --force would delete it with the old data set; move it out first",
             ));
         }
     }

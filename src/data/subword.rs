@@ -23,6 +23,12 @@ impl SubwordTokenizer {
         }
         let mut inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}")))?;
+        if inner.get_vocab_size(true) == 0 {
+            return Err(Error::bad_file(
+                path,
+                "the tokenizer's vocabulary is empty: it needs at least one id",
+            ));
+        }
         // Batches are padded by the encoder's own batching, and cut by `encode`.
         inner.with_padding(None);
         inner

@@ -561,9 +561,25 @@ where
                     "holds checkpoints of an earlier run: pass --resume auto to continue it, or choose another train.out_dir",
                 ));
             }
+            let metrics = t.out_dir.join("metrics.jsonl");
+            if std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0) {
+                return Err(Error::bad_file(
+                    &metrics,
+                    "holds the metrics of an earlier run (it left no complete checkpoint): remove it, pass --resume auto to start again over it, or choose another train.out_dir",
+                ));
+            }
             None
         }
-        Resume::Auto => checkpoint::latest(&ckpt_root)?,
+        Resume::Auto => {
+            let latest = checkpoint::latest(&ckpt_root)?;
+            if latest.is_none() && progress && ckpt_root.is_dir() {
+                eprintln!(
+                    "--resume auto: no complete checkpoint in {} (an interrupted one has no DONE marker): starting at step 0",
+                    ckpt_root.display()
+                );
+            }
+            latest
+        }
         Resume::From(dir) => Some(dir.clone()),
     };
     if let (Some(path), None, Some(bag)) = (&cfg.model.init_from, &resume_from, model.bag()) {
