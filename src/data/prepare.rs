@@ -226,7 +226,7 @@ fn check_output<'a>(out: &Path, force: bool, inputs: impl Iterator<Item = &'a Pa
                 || name.ends_with(".shard"));
         if !ours {
             return Err(Error::bad_file(
-                &entry.path(),
+                entry.path(),
                 "was not written by dtrain prepare: --force would delete it with the old data set; move it out first",
             ));
         }
