@@ -714,7 +714,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .filter(|s| *s != SplitKind::Unlabeled)
                 .with_context(|| format!("--split {}: expected train, val or test", args.split))?;
             let (model, params, ds) =
-                load_for_data(&args.checkpoint, weights_of(args.teacher, args.average)?, &args.data)?;
+                load_for_data(&args.checkpoint, weights_of(args.teacher, args.average)?, &args.data, split)?;
             struct Job<'a>(&'a dtrain::model::Model, &'a [f32], &'a Dataset, SplitKind);
             impl OnBackend for Job<'_> {
                 type Out = Option<dtrain::train::metrics::EvalReport>;
@@ -738,7 +738,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--batch-size must be at least 1");
             }
             let (model, params, ds) =
-                load_for_data(&a.checkpoint, weights_of(a.teacher, a.average)?, &a.data)?;
+                load_for_data(&a.checkpoint, weights_of(a.teacher, a.average)?, &a.data, split)?;
             struct Job<'a>(&'a dtrain::model::Model, &'a [f32], &'a Dataset, SplitKind, &'a ExportArgs);
             impl OnBackend for Job<'_> {
                 type Out = dtrain::logits::ExportReport;
@@ -1145,14 +1145,17 @@ fn info() {
 }
 
 /// A checkpoint's `which` weights and the data set at `data`, checked to share labels and
-/// tokenizer (what `eval` and `export-logits` run the model on).
+/// tokenizer, with the payload checksums of `split`'s shards verified (what `eval` and
+/// `export-logits` run the model on).
 fn load_for_data(
     checkpoint: &Path,
     which: dtrain::checkpoint::Weights,
     data: &Path,
+    split: SplitKind,
 ) -> anyhow::Result<(dtrain::model::Model, Vec<f32>, Dataset)> {
     let (meta, model, params) = dtrain::checkpoint::load_weights(checkpoint, which)?;
     let ds = Dataset::open(data)?;
+    ds.verify_payloads(|k, _| k == split)?;
     if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
         bail!(
             "{}: the data set's labels or tokenizer differ from the checkpoint's; prepare it with the same options",

@@ -177,6 +177,12 @@ fn corrupted_or_truncated_shards_are_named() {
     assert_eq!(bad.len(), 1);
     assert_eq!(bad[0].0, "train-00001.shard");
     assert!(bad[0].1.as_ref().unwrap().contains("payload checksum"), "{bad:?}");
+    // Training checks the payloads it will read before its first step.
+    let c = common::train_config(&out, &dir.path().join("run"), &["train.steps=2"]);
+    let e = common::train_run(&c, dtrain::train::Resume::No, None).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("train-00001.shard") && e.contains("payload checksum"), "{e}");
+    let ds = Dataset::open(&out).unwrap();
+    assert!(ds.verify_payloads(|k, i| k == dtrain::data::shard::SplitKind::Train && i == 0).is_ok());
 
     // A flipped header byte: refused at open.
     let mut header = original.clone();

@@ -21,7 +21,8 @@ impl Dataset {
     /// Opens `dir`: reads and checks the manifest, opens every shard and checks that its
     /// header agrees with the manifest (counts, shard index, tokenizer, checksum value) and
     /// that its label columns follow the split's rules. Ids and payload checksums are read
-    /// in full only by [`verify`]; the training loader checks each batch's ids.
+    /// in full by [`verify`], payload checksums by [`Dataset::verify_payloads`] (which
+    /// `train`, `eval` and `export-logits` call); the training loader checks each batch's ids.
     pub fn open(dir: &Path) -> Result<Dataset> {
         let manifest = Manifest::read(dir)?;
         let mut shards: [Vec<Shard>; 4] = Default::default();
@@ -31,6 +32,18 @@ impl Dataset {
             }
         }
         Ok(Dataset { dir: dir.to_owned(), manifest, shards })
+    }
+
+    /// Recomputes the payload checksum of every shard `which(split, index)` selects, in
+    /// parallel (about one sequential read of them), so that a run reads no silently damaged
+    /// document: the training loader checks ids, not every byte.
+    pub fn verify_payloads(&self, which: impl Fn(SplitKind, usize) -> bool) -> Result<()> {
+        use rayon::prelude::*;
+        let mut chosen: Vec<&Shard> = Vec::new();
+        for k in SplitKind::ALL {
+            chosen.extend(self.shards(k).iter().enumerate().filter(|&(i, _)| which(k, i)).map(|(_, s)| s));
+        }
+        chosen.par_iter().try_for_each(|s| s.verify_checksum())
     }
 
     /// The manifest.

@@ -489,6 +489,8 @@ where
         )));
     }
     let owned = crate::dist::owned_shards(p, rank, world);
+    // The shards this rank trains on, and every evaluation shard.
+    ds.verify_payloads(|split, i| matches!(split, SplitKind::Val | SplitKind::Test) || owned.contains(&i))?;
     if t.batch_size % p != 0 {
         return Err(Error::config(
             "train",
