@@ -53,7 +53,8 @@ pub fn plan(
             let in_test = test_labels.is_some_and(|t| t[c] > 0);
             return Err(Error::Data(if in_test {
                 format!(
-                    "label `{name}` occurs only in the test split: the labeled inputs have no document of it"
+                    "label `{name}` occurs only in the test split: the labeled inputs have no document of it \
+                     (or only copies of test documents, which de-duplication removes from the pool)"
                 )
             } else {
                 format!("label `{name}` has no labeled document in the inputs")
