@@ -983,6 +983,28 @@ fn mc_dropout_does_not_depend_on_the_batch_size() {
     assert!(confidences.len() > 1, "each document gets its own masks");
 }
 
+/// The logits of the unlabeled split of `ds` under `model`, exported on the CPU to `out`.
+fn export_unlabeled(
+    model: &dtrain::model::Model,
+    params: &[f32],
+    ds: &dtrain::data::dataset::Dataset,
+    out: &Path,
+    jsonl: Option<&Path>,
+    batch: usize,
+) -> dtrain::Result<dtrain::logits::ExportReport> {
+    let be = dtrain::backend::cpu::Cpu::<f32>::new();
+    dtrain::logits::export(
+        &be,
+        model,
+        params,
+        ds,
+        dtrain::data::shard::SplitKind::Unlabeled,
+        out,
+        jsonl,
+        batch,
+    )
+}
+
 /// `export-logits` writes exactly the model's logits for every unlabeled sample; the file
 /// refuses damage and other data; Noisy Student trains on it and resumes bit for bit.
 #[test]
@@ -998,34 +1020,12 @@ fn export_logits_and_noisy_student() {
     let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
     let file = dir.path().join("teacher.logits");
     let jsonl = dir.path().join("pseudo.jsonl");
-    let r = dtrain::logits::export(
-        &dtrain::backend::cpu::Cpu::<f32>::new(),
-        &model,
-        &params,
-        &ds,
-        SplitKind::Unlabeled,
-        &file,
-        Some(&jsonl),
-        7,
-    )
-    .unwrap();
+    let r = export_unlabeled(&model, &params, &ds, &file, Some(&jsonl), 7).unwrap();
     let n_unlabeled = ds.manifest().splits["unlabeled"].docs;
     assert_eq!(r.rows, n_unlabeled);
     // Writing the file again replaces it; a file of another kind, or one inside the data
     // set, is refused and left alone.
-    let export_to = |out: &Path| {
-        dtrain::logits::export(
-            &dtrain::backend::cpu::Cpu::<f32>::new(),
-            &model,
-            &params,
-            &ds,
-            SplitKind::Unlabeled,
-            out,
-            None,
-            7,
-        )
-        .map(|_| ())
-    };
+    let export_to = |out: &Path| export_unlabeled(&model, &params, &ds, out, None, 7).map(|_| ());
     export_to(&file).unwrap();
     let shard = data.join("unlabeled-00000.shard");
     let shard_bytes = std::fs::read(&shard).unwrap();
@@ -1168,17 +1168,7 @@ fn export_logits_and_noisy_student() {
     assert_eq!(loss_curve(&dir.path().join("ns")), loss_curve(&dir.path().join("ns2")));
     // Another logits file at the same path: resuming is refused.
     let (_, m2, p2) = dtrain::checkpoint::load_model(&straight.final_checkpoint).unwrap();
-    dtrain::logits::export(
-        &dtrain::backend::cpu::Cpu::<f32>::new(),
-        &m2,
-        &p2,
-        &ds,
-        SplitKind::Unlabeled,
-        &file,
-        None,
-        64,
-    )
-    .unwrap();
+    export_unlabeled(&m2, &p2, &ds, &file, None, 64).unwrap();
     let e = run(&c, Resume::From(resumed.final_checkpoint.clone()), None).unwrap_err().to_string();
     assert!(e.contains("another exported logits file"), "{e}");
     // Without the file, the config names the field.
