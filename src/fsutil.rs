@@ -1,4 +1,4 @@
-//! Atomic file and directory replacement: nothing already written is lost on a crash.
+//! Writing files without losing what is already there: atomic replacement, cleanup on errors, and refusing outputs that would overwrite inputs.
 
 use std::fs::{self, File};
 use std::io::Write;

@@ -8,7 +8,8 @@
 //! checkpoint alone can classify raw text, `checksum`: the xxh3_64 of all tensor data
 //! in layout order, and, appended to the stored text as its last key, `meta_checksum`: the
 //! xxh3_64 of the text before it (closed with `}`), so a corrupted label name or spec is
-//! refused too (files from before it have none, and load unchecked). `optimizer.safetensors` holds `m.<name>` and `v.<name>` for the tensors
+//! refused too (files from before it have none, and load unchecked).
+//! `optimizer.safetensors` holds `m.<name>` and `v.<name>` for the tensors
 //! whose optimizer keeps that moment (`optim::moment_lens`: lazy Adam keeps both for every
 //! tensor, AdamW/LAMB on the dense tensors only, plain SGD none), and
 //! `dtrain` = `{"checksum": …}` (over `m.` then `v.`). Loading checks names, shapes and

@@ -369,10 +369,7 @@ impl Cuda {
     /// `view` rounded to bf16 (nearest even) in a fresh buffer of its length.
     fn bf16_copy(&self, view: &cudarc::driver::CudaView<'_, f32>) -> CudaSlice<half::bf16> {
         let n = view.len();
-        let mut out = self
-            .stream
-            .alloc_zeros::<half::bf16>(n)
-            .unwrap_or_else(|e| self.fail("allocating a bf16 GEMM operand", e));
+        let mut out = self.alloc::<half::bf16>(n);
         self.launch("to_bf16", grid(n), |b| {
             b.arg(view).arg(&mut out).arg(&n);
         });
