@@ -112,8 +112,10 @@ def mlm_encoder(seed, data, recipe=""):
     return enc
 
 
-def run(variant, seed, cached_only=False):
-    out = f"runs/brown_encoder/seed{seed}/{variant}"
+def run(variant, seed, cached_only=False, extra=(), name=None):
+    """One run of `variant` (plus the settings `extra`) under runs/brown_encoder/seedN/NAME
+    (NAME defaults to the variant), or its cached result."""
+    out = f"runs/brown_encoder/seed{seed}/{name or variant}"
     recs = records(out)
     if cached_only and final(recs, "test") is None:
         return None
@@ -122,7 +124,7 @@ def run(variant, seed, cached_only=False):
     if final(recs, "test") is None:
         if os.path.exists(out):
             subprocess.run(["rm", "-rf", out], check=True)
-        sets = [f'data.dir="{data}"', f'train.out_dir="{out}"', f"train.seed={seed}"] + VARIANTS[variant]
+        sets = [f'data.dir="{data}"', f'train.out_dir="{out}"', f"train.seed={seed}"] + VARIANTS[variant] + list(extra)
         if variant in FROM_MLM:
             sets.append(f'model.encoder.pretrained="{mlm_encoder(seed, data, FROM_MLM[variant])}"')
         cmd = [BIN, "--quiet", "train", "--config", "configs/brown/encoder.toml"]
@@ -138,7 +140,7 @@ def run(variant, seed, cached_only=False):
         secs = json.load(open(wall))["seconds"] if os.path.exists(wall) else None
     steps = [r for r in recs if "step_ms" in r]
     return {
-        "variant": variant, "seed": seed, "seconds": secs,
+        "variant": name or variant, "seed": seed, "seconds": secs,
         "val": final(recs, "val"), "test": final(recs, "test"),
         "teacher_val": final(recs, "val", "teacher"), "teacher_test": final(recs, "test", "teacher"),
         "step_ms": statistics.median(r["step_ms"] for r in steps) if steps else None,

@@ -19,10 +19,11 @@ struct Row {
     float ms, ls;  // student: max and log Σ exp(z − max)
     float mt, lt;  // target's tempered logits: the same
 
-    // The target's tempered logit: log q up to its normaliser.
+    // The target's tempered logit, then the bias (distribution alignment's ln π − ln p̃,
+    // applied to q = softmax(z/T) as METHODS.md §10b says): log q up to its normaliser.
     __device__ __forceinline__ float tl(int c) const {
         float base = form == 0 ? zt[c] : logf(zt[c]);
-        return (base + (bias ? bias[c] : 0.0f)) * inv_t;
+        return base * inv_t + (bias ? bias[c] : 0.0f);
     }
     __device__ __forceinline__ float logp(int c) const { return zs[c] - ms - ls; }
     __device__ __forceinline__ float logq(int c) const { return tl(c) - mt - lt; }

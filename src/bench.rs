@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::config::PrepareConfig;
 use crate::data::prepare::prepare;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// Where and when a benchmark ran.
 #[derive(Debug, Clone, Serialize)]
@@ -135,7 +135,7 @@ pub fn bench_prepare(cfg: &PrepareConfig, repeats: usize) -> Result<PrepareBench
     let mut cfg = cfg.clone();
     cfg.output.dir = tmp.join("data");
     cfg.output.force = true;
-    std::fs::create_dir_all(&tmp).at(&tmp)?;
+    crate::fsutil::create_dirs(&tmp)?;
     let mut secs = Vec::new();
     let mut last = None;
     for i in 0..=repeats {

@@ -543,6 +543,15 @@ impl Validate for TrainConfig {
         if self.data.dir.as_os_str().is_empty() {
             return bad("data.dir", "is required: a directory made by `dtrain prepare`");
         }
+        for (field, path) in [
+            ("model.init_from", self.model.init_from.as_ref()),
+            ("model.encoder.pretrained", self.model.encoder.pretrained.as_ref()),
+            ("noisy_student.logits", self.noisy_student.logits.as_ref()),
+        ] {
+            if path.is_some_and(|p| p.as_os_str().is_empty()) {
+                return bad(field, "is empty: name a path, or leave the field out");
+            }
+        }
         if let Err((field, msg)) = self.dist.check() {
             return bad(field, &msg);
         }
@@ -604,8 +613,11 @@ impl Validate for TrainConfig {
             return bad("loss.label_smoothing", "must be 0 with the focal loss (it has no smoothed target)");
         }
         let o = &self.optim;
-        if !positive(o.lr) {
-            return bad("optim.lr", "must be a positive number");
+        // The same bound as pretraining's `train.lr`: fastText-style SGD runs at up to about
+        // 1, adaptive optimizers far below; a larger rate is a typo that would train to
+        // huge weights before anything else noticed.
+        if !positive(o.lr) || o.lr > 10.0 {
+            return bad("optim.lr", "must be in (0, 10]");
         }
         for (field, b) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2), ("optim.momentum", o.momentum)]
         {
@@ -634,6 +646,21 @@ impl Validate for TrainConfig {
         }
         if !positive(s.plateau_factor) || s.plateau_factor >= 1.0 {
             return bad("schedule.plateau_factor", "must be in (0, 1)");
+        }
+        if !(1..=10_000).contains(&s.cycles) {
+            return bad("schedule.cycles", "must be in 1..=10000 (1: no restarts)");
+        }
+        if s.cycles > 1 && s.decay != crate::optim::schedule::Decay::Cosine {
+            return bad(
+                "schedule.cycles",
+                "restarts are cosine's (snapshot ensembles): set schedule.decay = \"cosine\"",
+            );
+        }
+        if s.cycles > 1 && (self.train.keep_checkpoints as u64) < u64::from(s.cycles) {
+            return bad(
+                "train.keep_checkpoints",
+                "must be at least schedule.cycles, so that no cycle's snapshot checkpoint is pruned",
+            );
         }
         let t = &self.train;
         if t.out_dir.as_os_str().is_empty() {
@@ -906,15 +933,21 @@ impl Validate for PretrainConfig {
         if self.data.dir.as_os_str().is_empty() {
             return bad("data.dir", "is required: a directory made by `dtrain prepare`");
         }
+        if self.mlm.pretrained.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return bad("mlm.pretrained", "is empty: name a path, or leave the field out");
+        }
         if self.data.splits.is_empty() {
             return bad("data.splits", "name at least one split (train, val, test, unlabeled)");
         }
-        for s in &self.data.splits {
+        for (i, s) in self.data.splits.iter().enumerate() {
             if crate::data::shard::SplitKind::from_name(s).is_none() {
                 return bad(
                     "data.splits",
                     &format!("`{s}` is not a split: expected train, val, test or unlabeled"),
                 );
+            }
+            if self.data.splits[..i].contains(s) {
+                return bad("data.splits", &format!("`{s}` is named twice: its text would be read twice"));
             }
         }
         if self.model.objective == Objective::Mlm {
@@ -928,17 +961,20 @@ impl Validate for PretrainConfig {
             if !(m.mask_prob > 0.0 && m.mask_prob < 1.0) {
                 return bad("mlm.mask_prob", "must be in (0, 1)");
             }
-            if m.batch_size < 1 || m.log_every < 1 || m.steps == Some(0) {
-                return bad(
-                    "mlm.batch_size",
-                    "mlm.batch_size, mlm.log_every and mlm.steps must be at least 1",
-                );
+            for (field, zero) in [
+                ("mlm.batch_size", m.batch_size < 1),
+                ("mlm.log_every", m.log_every < 1),
+                ("mlm.steps", m.steps == Some(0)),
+            ] {
+                if zero {
+                    return bad(field, "must be at least 1");
+                }
             }
-            if m.batch_size > 1 << 20 || m.group_by_length > 1 << 16 {
-                return bad(
-                    "mlm.batch_size",
-                    "mlm.batch_size must be at most 1048576 and mlm.group_by_length at most 65536",
-                );
+            if m.batch_size > 1 << 20 {
+                return bad("mlm.batch_size", "must be at most 1048576");
+            }
+            if m.group_by_length > 1 << 16 {
+                return bad("mlm.group_by_length", "must be at most 65536");
             }
             if !non_negative(m.weight_decay) {
                 return bad("mlm.weight_decay", "must be at least 0");

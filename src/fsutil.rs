@@ -26,6 +26,28 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Creates directory `dir` and its missing parents. When a part of the path exists as a
+/// file, says which (the OS's own "File exists" or "Not a directory" names neither rule).
+pub fn create_dirs(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| match file_in_the_way(dir) {
+        Some(file) => Error::bad_file(
+            &file,
+            format!(
+                "is a file, not a directory, so {} cannot be created; choose another path",
+                dir.display()
+            ),
+        ),
+        None => Error::io(dir, e),
+    })
+}
+
+/// The first part of `path` (itself included) that exists and is not a directory.
+fn file_in_the_way(path: &Path) -> Option<PathBuf> {
+    let mut parts: Vec<&Path> = path.ancestors().filter(|p| !p.as_os_str().is_empty()).collect();
+    parts.reverse();
+    parts.into_iter().find(|p| fs::metadata(p).is_ok_and(|m| !m.is_dir())).map(Path::to_path_buf)
+}
+
 /// Syncs directory `dir` itself (its entries), so that files created or renamed in it
 /// survive a power loss.
 pub fn sync_dir(dir: &Path) -> Result<()> {
@@ -83,19 +105,85 @@ fn check_output_dir(flag: &str, out: &Path) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    for (marker, what) in [
-        (crate::data::manifest::MANIFEST_FILE, "a prepared data set"),
-        (crate::checkpoint::DONE, "a checkpoint"),
-    ] {
-        if dir.join(marker).is_file() {
-            return Err(Error::Data(format!(
-                "{flag} {}: {} is {what}; write outputs elsewhere, so that nothing of it is overwritten",
-                out.display(),
-                dir.display()
-            )));
-        }
+    if let Some(file) = file_in_the_way(dir) {
+        return Err(Error::Data(format!(
+            "{flag} {}: {} is a file, not a directory; choose another path",
+            out.display(),
+            file.display()
+        )));
+    }
+    if let Some((holder, what)) = protected_holder(dir) {
+        return Err(Error::Data(format!(
+            "{flag} {}: {} is {what}; write outputs elsewhere, so that nothing of it is overwritten",
+            out.display(),
+            holder.display()
+        )));
     }
     Ok(())
+}
+
+/// The directory `dir` or its nearest parent that is a prepared data set or a checkpoint
+/// (it holds the manifest or the DONE marker), with what it is.
+fn protected_holder(dir: &Path) -> Option<(PathBuf, &'static str)> {
+    let markers = [
+        (crate::data::manifest::MANIFEST_FILE, "a prepared data set"),
+        (crate::checkpoint::DONE, "a checkpoint"),
+    ];
+    dir.ancestors().find_map(|d| {
+        let d = if d.as_os_str().is_empty() { Path::new(".") } else { d };
+        markers.iter().find(|(m, _)| d.join(m).is_file()).map(|&(_, what)| (d.to_path_buf(), what))
+    })
+}
+
+/// Refuses `dir` (the config field `field` of command `origin`) as a run's output directory when it is, or
+/// lies inside, a prepared data set or a checkpoint: the run would write into it, and
+/// pruning that checkpoint (or `prepare --force`) would later delete the run.
+pub fn check_run_dir_place(origin: &str, field: &str, dir: &Path) -> Result<()> {
+    match protected_holder(dir) {
+        Some((holder, what)) => Err(Error::config(
+            origin,
+            field,
+            format!(
+                "{} {} {what}; a run's outputs go elsewhere, so that neither overwrites the other",
+                dir.display(),
+                if holder == dir {
+                    "is".to_string()
+                } else {
+                    format!("lies inside {}, which is", holder.display())
+                }
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses to start a new run in `dir` (the config field `field` of command `origin`) over what an earlier run
+/// left there: each of `names` that exists (a non-empty file or directory) is named.
+/// `how` says what to do instead.
+pub fn check_no_earlier_outputs(
+    origin: &str,
+    field: &str,
+    dir: &Path,
+    names: &[&str],
+    how: &str,
+) -> Result<()> {
+    let found: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| match fs::metadata(dir.join(n)) {
+            Ok(m) if m.is_dir() => fs::read_dir(dir.join(n)).is_ok_and(|mut d| d.next().is_some()),
+            Ok(m) => m.len() > 0,
+            Err(_) => false,
+        })
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Error::config(
+        origin,
+        field,
+        format!("{} holds {} of an earlier run; {how}", dir.display(), found.join(", ")),
+    ))
 }
 
 /// Best effort: syncs the directory holding `path`, so a rename survives a power loss.

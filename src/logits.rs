@@ -112,6 +112,12 @@ pub struct LogitsFile {
 impl LogitsFile {
     /// Opens and fully checks `path`.
     pub fn open(path: &Path) -> Result<LogitsFile> {
+        if path.is_dir() {
+            return Err(Error::bad_file(
+                path,
+                "is a directory, not a logits file (`dtrain export-logits --out`)",
+            ));
+        }
         let f = std::fs::File::open(path).at(path)?;
         // SAFETY: see the module's Safety section.
         let map = unsafe { Mmap::map(&f) }.at(path)?;

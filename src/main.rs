@@ -216,6 +216,27 @@ enum BenchCommand {
     },
 }
 
+impl BenchCommand {
+    /// `--json`, and the files the benchmark reads, which the JSON may not replace.
+    fn json_and_inputs(&self) -> (Option<&Path>, Vec<PathBuf>) {
+        match self {
+            BenchCommand::Allreduce { json, .. } | BenchCommand::Kernels { json, .. } => {
+                (json.as_deref(), vec![])
+            }
+            BenchCommand::Padding { json, .. } => (json.as_deref(), vec![]),
+            BenchCommand::Encoder { json, model, .. } => {
+                let files = std::fs::read_dir(model).into_iter().flatten().flatten().map(|e| e.path());
+                (json.as_deref(), files.collect())
+            }
+            BenchCommand::Prepare { json, prepare, .. } => {
+                let p = prepare.as_ref();
+                let files = p.input.iter().chain(&p.unlabeled).chain(&p.test_input).chain(&p.config);
+                (json.as_deref(), files.cloned().collect())
+            }
+        }
+    }
+}
+
 #[derive(Args, Clone, Default)]
 struct PrepareArgs {
     /// A TOML config with [input], [tokenizer], [split] and [output] sections
@@ -539,13 +560,18 @@ struct PredictArgs {
     /// Average this many forward passes with dropout on (MC dropout); 1 = no dropout.
     #[arg(long, default_value_t = 1)]
     mc_dropout: usize,
+    /// Test-time augmentation: also average over this many strong views of each document
+    /// (random deletion, replacement and span swaps of its ids at `[augment]`'s default
+    /// strengths, drawn from --seed); 0 = the text as it is only.
+    #[arg(long, default_value_t = 0)]
+    augment_views: usize,
     /// Use each checkpoint's teacher (Mean Teacher or MPL: teacher.safetensors) instead of its student.
     #[arg(long)]
     teacher: bool,
     /// Use each checkpoint's EMA or SWA weights (average.safetensors) instead of its student.
     #[arg(long)]
     average: bool,
-    /// Seed of the MC-dropout masks.
+    /// Seed of the MC-dropout masks and the augmented views.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Documents per batch.
@@ -628,6 +654,15 @@ fn root_result<T>(dist: &Dist, r: dtrain::Result<T>) -> anyhow::Result<Option<T>
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let progress = !cli.quiet;
+    if let Command::Bench(b) = &cli.command {
+        // Before the benchmark runs: its JSON may replace only an earlier benchmark JSON
+        // (pretty JSON starts with "{" and a newline), never an input or a file in a data
+        // set or checkpoint.
+        if let (Some(json), inputs) = b.json_and_inputs() {
+            let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+            dtrain::fsutil::check_output("--json", json, &inputs, Some(b"{\n"))?;
+        }
+    }
     match cli.command {
         Command::Prepare(args) => {
             let cfg = args.load()?;
@@ -791,6 +826,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 text_field: a.text_field,
                 top_k: a.top_k,
                 mc_dropout: a.mc_dropout,
+                augment_views: a.augment_views,
                 weights: weights_of(a.teacher, a.average)?,
                 seed: a.seed,
                 batch_size: a.batch_size,
@@ -808,6 +844,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { metrics, output, title } => {
+            dtrain::plot::check_png_path(&output)?;
+            dtrain::fsutil::check_output("--output", &output, &[&metrics], Some(dtrain::plot::PNG_MAGIC))?;
             let curves = dtrain::plot::read_metrics(&metrics)?;
             let title = title
                 .unwrap_or_else(|| metrics.parent().map_or("dtrain run".into(), |p| p.display().to_string()));

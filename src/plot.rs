@@ -76,8 +76,36 @@ fn draw_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::bad_file(path, format!("drawing failed: {e}"))
 }
 
-/// Draws the curves into a PNG of `width`×`height` pixels.
+/// The first bytes of every PNG file.
+pub const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// Draws the curves into a PNG of `width`×`height` pixels at `out` (a name ending in
+/// `.png`, in an existing directory), written whole through a temporary file: an earlier
+/// PNG there is replaced only by a finished one.
 pub fn plot(curves: &Curves, title: &str, out: &Path, width: u32, height: u32) -> Result<()> {
+    check_png_path(out)?;
+    let tmp = crate::fsutil::sibling(out, ".tmp.png");
+    crate::fsutil::removing_on_error(&[&tmp], || {
+        draw(curves, title, &tmp, width, height)?;
+        std::fs::rename(&tmp, out).at(out)
+    })
+}
+
+/// Refuses an output path that [`plot`] cannot write: a name not ending in `.png`, or in a
+/// directory that does not exist.
+pub fn check_png_path(out: &Path) -> Result<()> {
+    if !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        return Err(Error::bad_file(out, "the output must be a .png file"));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::bad_file(out, format!("the directory {} does not exist", parent.display())));
+    }
+    Ok(())
+}
+
+/// [`plot`]'s drawing, into `out`.
+fn draw(curves: &Curves, title: &str, out: &Path, width: u32, height: u32) -> Result<()> {
     register_font();
     let root = BitMapBackend::new(out, (width, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| draw_err(out, e))?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::backend::{dispatch, Device, DropoutKey, EncoderOps, HostBatch, OnBackend};
+use crate::backend::{dispatch, mix64, Device, DropoutKey, EncoderOps, HostBatch, OnBackend};
 use crate::checkpoint::{self, ModelMeta};
 use crate::data::input::{
     parse_line, DiskCounter, Format, FormatChoice, JsonFields, LineReader, Parsed, Role,
@@ -29,6 +29,9 @@ pub struct PredictOptions {
     pub top_k: usize,
     /// Forward passes with dropout on, averaged (1 = one pass without dropout).
     pub mc_dropout: usize,
+    /// Test-time augmentation (METHODS.md §13): also average over this many strong views
+    /// of each document (`[augment]`'s default strengths; 0 = the text as it is only).
+    pub augment_views: usize,
     /// Which weights of each checkpoint to read (student, Mean Teacher, EMA/SWA).
     pub weights: checkpoint::Weights,
     /// Seed of the MC-dropout masks.
@@ -47,37 +50,72 @@ pub struct PredictSummary {
     pub blank: u64,
 }
 
-/// Averages the class probabilities of `models` (each with `passes` passes) over `batch`,
-/// whose first document is document `first_doc` of the input (MC-dropout masks are keyed by
-/// it, so they do not depend on the batch size).
+/// The views of a batch that [`average_probs`] averages over: the batch itself, then
+/// `views` strong views of each document, keyed by the document's place in the input (so
+/// they do not depend on the batch size) and the seed.
+struct Views {
+    views: usize,
+    seed: u64,
+    cfg: crate::data::augment::AugmentConfig,
+    /// Ids are below it (the table's buckets, or the subword vocabulary).
+    buckets: u32,
+    /// Subword documents keep their [CLS] and [SEP].
+    keep_ends: bool,
+}
+
+impl Views {
+    fn of(&self, batch: &HostBatch, first_doc: u64) -> Vec<HostBatch> {
+        let mut out = vec![batch.clone()];
+        let mut buf = Vec::new();
+        for v in 1..=self.views as u64 {
+            let mut view = HostBatch::default();
+            for i in 0..batch.len() {
+                let doc = &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize];
+                let key = mix64(self.seed ^ mix64(first_doc + i as u64) ^ mix64(v ^ 0x7e57_0000));
+                crate::data::augment::strong_doc(doc, self.buckets, &self.cfg, key, self.keep_ends, &mut buf);
+                view.push(&buf, batch.labels[i]);
+            }
+            out.push(view);
+        }
+        out
+    }
+}
+
+/// Averages the class probabilities of `models` (each with `passes` passes, over each of
+/// `views`) over `batch`, whose first document is document `first_doc` of the input
+/// (MC-dropout masks and augmentations are keyed by it, so they do not depend on the batch
+/// size).
 fn average_probs<B: EncoderOps<F = f32>>(
     be: &B,
     models: &[(Model, B::Buf)],
     batch: &HostBatch,
     first_doc: u64,
     passes: usize,
-    seed: u64,
+    views: &Views,
 ) -> Vec<f32> {
     let classes = models[0].0.classes();
     let mut sum = vec![0f32; batch.len() * classes];
     let mut probs = be.zeros(0);
+    let batches = views.of(batch, first_doc);
     for (mi, (model, params)) in models.iter().enumerate() {
-        let dev = model.input(be, batch);
         let mut acts = Acts::new(be, model);
-        for pass in 0..passes {
-            let key = (passes > 1).then_some(DropoutKey {
-                seed,
-                step: mi as u64,
-                site: 0,
-                pass: pass as u32,
-                rows: crate::backend::RowMap::at(first_doc),
-            });
-            model.forward(be, params, &dev, batch.len(), key, &mut acts);
-            be.softmax(acts.logits(), classes, &mut probs);
-            sum.iter_mut().zip(&be.download(&probs)).for_each(|(s, &p)| *s += p);
+        for b in &batches {
+            let dev = model.input(be, b);
+            for pass in 0..passes {
+                let key = (passes > 1).then_some(DropoutKey {
+                    seed: views.seed,
+                    step: mi as u64,
+                    site: 0,
+                    pass: pass as u32,
+                    rows: crate::backend::RowMap::at(first_doc),
+                });
+                model.forward(be, params, &dev, b.len(), key, &mut acts);
+                be.softmax(acts.logits(), classes, &mut probs);
+                sum.iter_mut().zip(&be.download(&probs)).for_each(|(s, &p)| *s += p);
+            }
         }
     }
-    let inv = 1.0 / (models.len() * passes) as f32;
+    let inv = 1.0 / (models.len() * passes * batches.len()) as f32;
     sum.iter_mut().for_each(|s| *s *= inv);
     sum
 }
@@ -93,6 +131,9 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
         if v < 1 {
             return Err(Error::config("predict", flag, "must be at least 1"));
         }
+    }
+    if opts.augment_views > 256 {
+        return Err(Error::config("predict", "--augment-views", "must be at most 256"));
     }
     crate::fsutil::check_output("--output", &opts.output, &[&opts.input], None)?;
     let mut metas: Vec<ModelMeta> = Vec::new();
@@ -118,15 +159,22 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
     }
     let meta = &metas[0];
     let tokenizer = TextIds::new(meta)?;
-    struct Job<'a>(&'a PredictOptions, &'a TextIds, Vec<(Model, Vec<f32>)>, &'a [String]);
+    let views = Views {
+        views: opts.augment_views,
+        seed: opts.seed,
+        cfg: Default::default(),
+        buckets: meta.tokenizer.buckets,
+        keep_ends: meta.tokenizer.subword.is_some(),
+    };
+    struct Job<'a>(&'a PredictOptions, &'a TextIds, Vec<(Model, Vec<f32>)>, &'a [String], &'a Views);
     impl OnBackend for Job<'_> {
         type Out = PredictSummary;
         fn run<B: EncoderOps<F = f32>>(self, be: &B) -> Result<PredictSummary> {
             let models: Vec<(Model, B::Buf)> = self.2.into_iter().map(|(m, p)| (m, be.upload(&p))).collect();
-            predict_on(be, self.0, self.1, &models, self.3)
+            predict_on(be, self.0, self.1, &models, self.3, self.4)
         }
     }
-    dispatch(opts.device, 0, false, Job(opts, &tokenizer, models, &meta.labels))
+    dispatch(opts.device, 0, false, Job(opts, &tokenizer, models, &meta.labels, &views))
 }
 
 /// Text to the ids a checkpoint's model reads: its hashed features, or its subword
@@ -160,6 +208,7 @@ fn predict_on<B: EncoderOps<F = f32>>(
     tokenizer: &TextIds,
     models: &[(Model, B::Buf)],
     labels: &[String],
+    views: &Views,
 ) -> Result<PredictSummary> {
     let format = Format::resolve(opts.format, &opts.input)?;
     let mut reader = LineReader::open(&opts.input, DiskCounter::default())?;
@@ -212,8 +261,7 @@ fn predict_on<B: EncoderOps<F = f32>>(
                     }
                 }
                 if !batch.is_empty() {
-                    let probs =
-                        average_probs(be, models, &batch, summary.documents, opts.mc_dropout, opts.seed);
+                    let probs = average_probs(be, models, &batch, summary.documents, opts.mc_dropout, views);
                     write_rows(&mut out, tmp, &probs, &line_of, labels, opts.top_k)?;
                     summary.documents += batch.len() as u64;
                 }

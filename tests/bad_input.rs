@@ -284,6 +284,25 @@ fn force_never_replaces_what_is_not_a_data_set_or_holds_an_input() {
     common::run(&[&f], &[], &out, &["output.force=true"]).unwrap();
 }
 
+/// An output directory under an existing file (prepare's --out, train's out_dir) is refused
+/// naming that file and the rule, not with the OS's bare "File exists" or "Not a
+/// directory"; the file is left as it was.
+#[test]
+fn an_output_directory_under_a_file_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), "x.tsv", common::tsv(2, 10).as_bytes());
+    let e = common::run(&[&f], &[], &f.join("ds"), &[]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("x.tsv") && e.contains("is a file, not a directory"), "{e}");
+    let data = dir.path().join("ds");
+    common::run(&[&f], &[], &data, &["output.shards=1"]).unwrap();
+    for out in [f.join("run"), f.clone()] {
+        let cfg = common::train_config(&data, &out, &["train.epochs=1"]);
+        let e = common::train_run(&cfg, dtrain::train::Resume::No, None).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("x.tsv") && e.contains("is a file, not a directory"), "{}: {e}", out.display());
+    }
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), common::tsv(2, 10));
+}
+
 /// A tokenizer.json with an empty vocabulary is refused by name (it once divided by zero).
 #[test]
 fn a_tokenizer_without_a_vocabulary_is_refused() {
@@ -296,6 +315,25 @@ fn a_tokenizer_without_a_vocabulary_is_refused() {
     let set = format!("tokenizer.subword.path={:?}", tok.display().to_string());
     let e = error_for("x.tsv", common::tsv(2, 10).as_bytes(), &[&set]);
     assert!(e.contains("tok.json") && e.contains("vocabulary is empty"), "{e}");
+}
+
+/// A tokenizer that adds no [CLS] … [SEP] frame (its post_processor removed) is refused:
+/// pooling, truncation, augmentation and masked-LM would otherwise treat the first and last
+/// words as the frame. MiniLM's own tokenizer, the control, is accepted.
+#[test]
+fn a_tokenizer_without_its_special_token_frame_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read_to_string(common::minilm().join("tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&original).unwrap();
+    json["post_processor"] = serde_json::Value::Null;
+    let bare = common::write(dir.path(), "bare.json", json.to_string().as_bytes());
+    let set = format!("tokenizer.subword.path={:?}", bare.display().to_string());
+    let e = error_for("x.tsv", common::tsv(2, 10).as_bytes(), &[&set]);
+    assert!(e.contains("bare.json") && e.contains("opening and one closing special token"), "{e}");
+    let good = common::write(dir.path(), "good.json", original.as_bytes());
+    let set = format!("tokenizer.subword.path={:?}", good.display().to_string());
+    let f = common::write(dir.path(), "x.tsv", common::tsv(2, 10).as_bytes());
+    common::run(&[&f], &[], &dir.path().join("ds"), &[&set]).unwrap();
 }
 
 #[test]
@@ -448,4 +486,81 @@ fn forged_but_checksummed_manifest_inconsistencies_are_refused() {
         .output()
         .unwrap();
     assert!(!o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
+
+/// Runs the dtrain binary with `args`; its exit status and stderr.
+fn dtrain_cli(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let o =
+        std::process::Command::new(env!("CARGO_BIN_EXE_dtrain")).arg("--quiet").args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Outputs that would destroy data are refused before any work, and the file is left as it
+/// was: `bench --json` onto its own input or into a data set, `plot --output` onto a file
+/// that is not a PNG or with another extension, a run's out_dir inside a checkpoint or a
+/// data set.
+#[test]
+fn outputs_never_replace_inputs_data_sets_or_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), "x.tsv", common::tsv(2, 10).as_bytes());
+    let text = std::fs::read(&f).unwrap();
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let (ok, e) = dtrain_cli(&[
+        &os("bench"),
+        &os("prepare"),
+        &os("--input"),
+        f.as_os_str(),
+        &os("--json"),
+        f.as_os_str(),
+    ]);
+    assert!(!ok && e.contains("--json") && e.contains("is the input"), "{e}");
+    assert_eq!(std::fs::read(&f).unwrap(), text);
+    let data = dir.path().join("ds");
+    common::run(&[&f], &[], &data, &["output.shards=1"]).unwrap();
+    let into = data.join("b.json");
+    let (ok, e) = dtrain_cli(&[
+        &os("bench"),
+        &os("padding"),
+        &os("--data"),
+        data.as_os_str(),
+        &os("--json"),
+        into.as_os_str(),
+    ]);
+    assert!(!ok && e.contains("a prepared data set") && !into.exists(), "{e}");
+    // A run, then its checkpoint as another run's out_dir, and the data set itself.
+    let run_dir = dir.path().join("run");
+    let cfg = common::train_config(&data, &run_dir, &["train.epochs=1"]);
+    common::train_run(&cfg, dtrain::train::Resume::No, None).unwrap();
+    let ckpt = common::last_checkpoint(&run_dir);
+    for (out, what) in [(ckpt.join("nested"), "a checkpoint"), (data.clone(), "a prepared data set")] {
+        let cfg = common::train_config(&data, &out, &["train.epochs=1"]);
+        let e = common::train_run(&cfg, dtrain::train::Resume::No, None).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("train.out_dir") && e.contains(what), "{e}");
+    }
+    assert!(!ckpt.join("nested").exists() && !data.join("checkpoints").exists());
+    // plot: only a .png, only over a PNG, only in an existing directory; never the metrics.
+    let metrics = run_dir.join("metrics.jsonl");
+    let m = std::fs::read(&metrics).unwrap();
+    for (out, want) in [
+        (metrics.clone(), "must be a .png file"),
+        (f.clone(), "must be a .png file"),
+        (dir.path().join("missing/c.png"), "does not exist"),
+    ] {
+        let (ok, e) = dtrain_cli(&[&os("plot"), metrics.as_os_str(), &os("--output"), out.as_os_str()]);
+        assert!(!ok && e.contains(want), "{}: {e}", out.display());
+    }
+    let fake = common::write(dir.path(), "fake.png", b"not a png");
+    let (ok, e) = dtrain_cli(&[&os("plot"), metrics.as_os_str(), &os("--output"), fake.as_os_str()]);
+    assert!(!ok && e.contains("not a file of the kind this writes"), "{e}");
+    assert_eq!(std::fs::read(&fake).unwrap(), b"not a png");
+    assert_eq!(std::fs::read(&metrics).unwrap(), m);
+    assert_eq!(std::fs::read(&f).unwrap(), text);
+    // A real plot, then another over it: PNG over PNG is allowed, and no temporary is left.
+    let png = dir.path().join("c.png");
+    for _ in 0..2 {
+        let (ok, e) = dtrain_cli(&[&os("plot"), metrics.as_os_str(), &os("--output"), png.as_os_str()]);
+        assert!(ok, "{e}");
+    }
+    assert!(std::fs::read(&png).unwrap().starts_with(dtrain::plot::PNG_MAGIC));
+    assert!(!dir.path().join("c.png.tmp.png").exists());
 }

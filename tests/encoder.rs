@@ -122,6 +122,44 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
     .unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains("no tensor encoder.layer.6."), "{e}");
+    // Fewer layers in the config than in the file would drop the rest silently.
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 5"),
+    )
+    .unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains("encoder.layer.5.") && e.contains("beyond the 5 layers"), "{e}");
+    // A key of the wrong type, or an option the encoder does not have, is refused by name
+    // (not replaced by its default).
+    for (from, to, want) in [
+        (
+            "\"hidden_dropout_prob\": 0.1",
+            "\"hidden_dropout_prob\": \"0.9\"",
+            "`hidden_dropout_prob` must be a number",
+        ),
+        ("\"hidden_act\": \"gelu\"", "\"hidden_act\": 5", "`hidden_act` must be a string"),
+        ("\"absolute\"", "\"relative_key\"", "`position_embedding_type` \"relative_key\" is not supported"),
+    ] {
+        assert!(cfg.contains(from), "{from}");
+        std::fs::write(dir.path().join("config.json"), cfg.replace(from, to)).unwrap();
+        let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains(want), "{e}");
+    }
+    // A non-finite weight is refused at load, naming the tensor (it once trained, and wrote
+    // checkpoints every reader refused).
+    std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
+    let mut bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    let name = "encoder.layer.2.attention.output.LayerNorm.bias";
+    let at = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let view = st.tensor(name).unwrap();
+        view.data().as_ptr() as usize - bytes.as_ptr() as usize + 4 * 3
+    };
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains(name) && e.contains("non-finite value (NaN) at element 3"), "{e}");
     std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": 384}").unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("vocab_size"), "{e}");

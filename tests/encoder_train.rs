@@ -94,8 +94,9 @@ fn reduced_precision_matmuls_train_the_encoder() {
     assert!(e.contains("different training config"), "{e}");
 }
 
-/// Straight to 10 steps, and 5 + a resume to 10: identical checkpoints.
-fn assert_resume_is_exact(extra: &[&str]) {
+/// Straight to 10 steps, and 5 + a resume to 10: identical checkpoints. Returns the
+/// straight run's metrics records.
+fn assert_resume_is_exact(extra: &[&str]) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().unwrap();
     let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
     let extra = [&["train.steps=10", "train.log_every=2", "train.eval_every=5"], extra].concat();
@@ -113,6 +114,15 @@ fn assert_resume_is_exact(extra: &[&str]) {
             "{f} differs after resume ({extra:?})"
         );
     }
+    records(&dir.path().join("a"))
+}
+
+/// Asserts that a run's logged `key` (e.g. `loss_consistency`) is finite and positive in
+/// some window: the method's unlabeled term was computed, not skipped.
+fn assert_logs_a_positive(recs: &[serde_json::Value], key: &str, what: &str) {
+    let v: Vec<f64> = recs.iter().filter_map(|r| r[key].as_f64()).collect();
+    assert!(!v.is_empty() && v.iter().all(|x| x.is_finite()), "{what}: {key} {v:?}");
+    assert!(v.iter().any(|&x| x > 0.0), "{what}: {key} is never positive: {v:?}");
 }
 
 #[test]
@@ -125,6 +135,53 @@ fn semi_supervised_methods_run_on_the_encoder_and_resume_exactly() {
     assert_resume_is_exact(&["adversarial.kind=\"fgm\""]);
     // FixMatch: a weak view and a strong (augmented) view of WordPiece ids.
     assert_resume_is_exact(&["method=\"fixmatch\"", "unlabeled.ratio=2", "consistency.threshold=0.5"]);
+}
+
+/// The methods the test above leaves out run on the encoder too, each resuming bit for bit:
+/// Π (two dropout passes), Temporal Ensembling (its bank of ensembled predictions, restored
+/// on resume), R-Drop, UDA (sharpened, masked targets on a strong view), and Noisy Student
+/// on the logits an encoder teacher exported.
+#[test]
+fn the_other_methods_run_on_the_encoder_and_resume_exactly() {
+    let consistency = ["unlabeled.ratio=2", "consistency.kind=\"mse\"", "consistency.weight=1.0"];
+    for method in ["pi", "temporal"] {
+        let m = format!("method={method:?}");
+        let recs = assert_resume_is_exact(&[&[m.as_str()], &consistency[..]].concat());
+        assert_logs_a_positive(&recs, "loss_consistency", method);
+    }
+    let recs = assert_resume_is_exact(&["method=\"rdrop\"", "consistency.weight=1.0"]);
+    assert_logs_a_positive(&recs, "loss_consistency", "rdrop");
+    let recs = assert_resume_is_exact(&[
+        "method=\"uda\"",
+        "unlabeled.ratio=2",
+        "consistency.kind=\"kl\"",
+        "consistency.temperature=0.4",
+        "consistency.threshold=0.0",
+    ]);
+    assert_logs_a_positive(&recs, "loss_consistency", "uda");
+    // Noisy Student: an encoder teacher's logits of the unlabeled split, from the CLI.
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let teacher = run(&cfg(&data, &dir.path().join("t"), &["train.steps=6"]), Resume::No, None).unwrap();
+    let logits = dir.path().join("teacher.logits");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["--quiet", "export-logits", "--checkpoint"])
+        .arg(&teacher.final_checkpoint)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&logits)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let set = format!("noisy_student.logits={:?}", logits.display().to_string());
+    let recs = assert_resume_is_exact(&[
+        "method=\"noisy_student\"",
+        "unlabeled.ratio=2",
+        "consistency.weight=1.0",
+        &set,
+    ]);
+    assert_logs_a_positive(&recs, "loss_consistency", "noisy_student");
 }
 
 #[test]
@@ -382,6 +439,27 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     // Resuming is refused by name.
     let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::Auto, Default::default(), false).unwrap_err();
     assert!(e.to_string().contains("--resume"), "{e}");
+    // A second run into the same out_dir would replace the first's encoder (here even its
+    // own input): refused, naming what is there, and the encoder is left as it was.
+    let weights = std::fs::read(r.out.join("model.safetensors")).unwrap();
+    let own = format!("mlm.pretrained={:?}", r.out.display().to_string());
+    let again = mlm_config(&data, &dir.path().join("mlm"), &["mlm.steps=2", &own]);
+    let e = dtrain::pretrain::mlm::pretrain(&again, &Resume::No, Default::default(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train.out_dir") && e.contains("metrics.jsonl, encoder"), "{e}");
+    assert_eq!(std::fs::read(r.out.join("model.safetensors")).unwrap(), weights);
+    // Nor may it write into the fine-tuning run's checkpoint.
+    let inside = common::last_checkpoint(&dir.path().join("ft")).join("mlm");
+    let e = dtrain::pretrain::mlm::pretrain(
+        &mlm_config(&data, &inside, &["mlm.steps=2"]),
+        &Resume::No,
+        Default::default(),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("train.out_dir") && e.contains("a checkpoint"), "{e}");
 }
 
 /// `mlm.matmul` reaches the masked-LM run: 3 steps at bf16 products end with other

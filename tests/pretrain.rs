@@ -287,3 +287,50 @@ fn a_diverging_run_stops_with_an_error() {
     assert!(e.contains("diverged") && e.contains("lower train.lr"), "{e}");
     assert!(!out.join(EMBEDDINGS_FILE).exists());
 }
+
+/// Pretraining never deletes or overwrites what another run left in its out_dir: a training
+/// run's checkpoints and metrics, or an earlier pretraining's embeddings; and its out_dir
+/// may not lie inside a data set or a checkpoint. Its own epoch checkpoints go when it ends.
+#[test]
+fn pretraining_keeps_other_runs_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), &[]);
+    // A classifier's run: its checkpoints and metrics survive a pretraining aimed at it.
+    let run_dir = dir.path().join("run");
+    let tc = common::train_config(&data, &run_dir, &["train.epochs=2", "model.dim=8"]);
+    common::train_run(&tc, Resume::No, None).unwrap();
+    let ckpt = common::last_checkpoint(&run_dir);
+    let metrics = std::fs::read(run_dir.join("metrics.jsonl")).unwrap();
+    for resume in [Resume::No, Resume::Auto] {
+        let e = run(&cfg(&data, &run_dir, &[]), resume.clone(), None).unwrap_err().to_string();
+        assert!(e.contains("train.out_dir") || e.contains("not a pretraining checkpoint"), "{resume:?}: {e}");
+    }
+    assert!(ckpt.join("DONE").exists(), "the training run's checkpoint survives");
+    assert_eq!(std::fs::read(run_dir.join("metrics.jsonl")).unwrap(), metrics);
+    // A finished pretraining is not overwritten by a new one (with or without --resume
+    // auto: it left no checkpoint to continue).
+    let pt = dir.path().join("pt");
+    run(&cfg(&data, &pt, &["train.checkpoint_every=1"]), Resume::No, None).unwrap();
+    assert!(!pt.join("checkpoints").exists(), "its own epoch checkpoints are removed at the end");
+    let before = std::fs::read(pt.join(EMBEDDINGS_FILE)).unwrap();
+    for resume in [Resume::No, Resume::Auto] {
+        let e = run(&cfg(&data, &pt, &["train.seed=7"]), resume, None).unwrap_err().to_string();
+        assert!(e.contains("train.out_dir") && e.contains(EMBEDDINGS_FILE) && e.contains(WORDS_FILE), "{e}");
+    }
+    assert_eq!(std::fs::read(pt.join(EMBEDDINGS_FILE)).unwrap(), before);
+    // Inside a checkpoint, or a data set.
+    for inside in [ckpt.join("nested"), data.clone()] {
+        let e = run(&cfg(&data, &inside, &[]), Resume::No, None).unwrap_err().to_string();
+        assert!(
+            e.contains("train.out_dir") && (e.contains("a checkpoint") || e.contains("a prepared data set")),
+            "{e}"
+        );
+    }
+    // The same splits twice would read their text twice.
+    let o = [
+        Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap(),
+        Override::parse("data.splits=[\"train\", \"unlabeled\", \"train\"]").unwrap(),
+    ];
+    let e = config::load::<PretrainConfig>(None, &o).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("data.splits") && e.contains("named twice"), "{e}");
+}

@@ -253,6 +253,25 @@ fn adversarial_training_learns_and_resumes_exactly() {
         }
     }
     assert!(windows > 3, "no adversarial loss logged");
+    // The rows training-signal annealing drops stay out of the adversarial pass: in a
+    // window where TSA dropped every labeled row (the separable task is soon fitted, and
+    // the exp schedule keeps η low), the adversarial loss is 0, not the dropped rows' loss.
+    let out = dir.path().join("fgm-tsa");
+    let sets = ["adversarial.kind=\"fgm\"", "loss.tsa=\"exp\"", "train.epochs=8", "train.log_every=5"];
+    run(&cfg(&data, &out, &sets), Resume::No, None).unwrap();
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let mut all_dropped = 0;
+    for v in log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
+        if let (Some(adv), Some(1.0)) = (v["loss_adversarial"].as_f64(), v["tsa_dropped"].as_f64()) {
+            assert_eq!(
+                adv, 0.0,
+                "step {}: TSA dropped every row, yet the adversarial loss is {adv}",
+                v["step"]
+            );
+            all_dropped += 1;
+        }
+    }
+    assert!(all_dropped > 0, "no window where TSA dropped every row: the check above checked nothing");
     // Every kind resumes bit for bit (Fast-FGSM's random start and VAT's probe included),
     // with the fused SGD table update turned off by the adversarial pass.
     for kind in ["fgm", "pgd", "fast_fgsm"] {
@@ -486,10 +505,29 @@ fn checkpoints_incomplete_foreign_or_existing_are_handled() {
     assert_eq!(dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().unwrap(), ckpts[0]);
     let e = dtrain::checkpoint::load_model(&ckpts[1]).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("incomplete checkpoint"), "{e}");
+    // The run's directory, or its checkpoints/, given as a checkpoint: named for what it is,
+    // with the newest complete checkpoint in it.
+    for given in [out.clone(), out.join("checkpoints")] {
+        let e = dtrain::checkpoint::load_model(&given).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains("is not a checkpoint directory: its newest checkpoint is")
+                && e.contains("step-000000004"),
+            "{e}"
+        );
+    }
+    let e = dtrain::checkpoint::load_model(&data).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("is not a checkpoint directory (it has no DONE marker"), "{e}");
+    // A directory given as Noisy Student's logits file.
+    let e = dtrain::logits::LogitsFile::open(&data).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("is a directory, not a logits file"), "{e}");
     // Another config cannot resume this run.
     let other = cfg(&data, &out, &["train.steps=6", "train.checkpoint_every=2", "optim.lr=0.01"]);
     let e = run(&other, Resume::Auto, None).unwrap_err().to_string();
-    assert!(e.contains("different training config"), "{e}");
+    assert!(e.contains("different training config: optim.lr: ") && e.contains(" → 0.01"), "{e}");
+    // A longer run is another config too, and says so.
+    let longer = cfg(&data, &out, &["train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2"]);
+    let e = run(&longer, Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("train.steps: 6 → 8") && e.contains("train.steps and train.epochs included"), "{e}");
     // A corrupted state file is named.
     let state = ckpts[0].join("state.bin");
     let mut b = std::fs::read(&state).unwrap();
@@ -523,6 +561,10 @@ fn bad_training_configs_name_their_field() {
     };
     for (set, field) in [
         ("optim.lr=0", "optim.lr"),
+        ("optim.lr=1e38", "must be in (0, 10]"),
+        ("optim.lr=10", ""),
+        ("model.init_from=\"\"", "model.init_from"),
+        ("noisy_student.logits=\"\"", "noisy_student.logits"),
         ("model.embed_dropout=1.0", "model.embed_dropout"),
         ("loss.kind=\"focal\"", ""),
         ("optim.beta2=1.5", "optim.beta2"),
@@ -745,6 +787,14 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && e.contains("--output") && e.contains(want), "{e}");
     }
+    // An output under a file names that file and the rule, not the OS's bare error.
+    let o = std::process::Command::new(bin)
+        .args(["predict", "--checkpoint", ca, "--input", text.to_str().unwrap(), "--output"])
+        .arg(text.join("p.jsonl"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("in.txt is a file, not a directory"), "{e}");
     assert_eq!(std::fs::read(&text).unwrap(), b"alpha apple\n");
     assert_eq!(std::fs::read(&model_file).unwrap(), model_bytes);
     // A missing input: nothing is made at all.
@@ -1396,4 +1446,107 @@ fn reduced_mpl_adjusts_exported_logits_and_resumes_exactly() {
     assert_eq!(loss_curve(&straight), loss_curve(&dir.path().join("r2")));
     let recs = train_records(&straight);
     assert!(recs[0].get("loss_teacher").is_some(), "train_logits give the teacher CE_T");
+}
+
+/// Cosine with restarts (snapshot ensembles): a checkpoint at the end of each cycle, the
+/// learning rate back at the peak right after it, and `predict` averaging the snapshots.
+/// A config that would prune a snapshot, or restart a non-cosine decay, is refused.
+#[test]
+fn cosine_restarts_write_a_snapshot_per_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("snap");
+    let sets = [
+        "train.steps=30",
+        "train.log_every=1",
+        "train.checkpoint_every=1000",
+        "train.keep_checkpoints=3",
+        "schedule.decay=\"cosine\"",
+        "schedule.cycles=3",
+    ];
+    run(&cfg(&data, &out, &sets), Resume::No, None).unwrap();
+    let names: Vec<String> = dtrain::checkpoint::list(&out.join("checkpoints"))
+        .unwrap()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["step-000000010", "step-000000020", "step-000000030"]);
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lr: std::collections::BTreeMap<u64, f64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["lr"].as_f64()?)))
+        .collect();
+    // The window of step n logs the rate of step n's update (0-based step n − 1).
+    for peak in [1, 11, 21] {
+        assert!((lr[&peak] - 0.05).abs() < 1e-9, "step {peak}: {}", lr[&peak]);
+        assert!(lr[&(peak + 9)] < 0.005, "step {}: {}", peak + 9, lr[&(peak + 9)]);
+    }
+    let text = common::write(dir.path(), "in.txt", b"alpha apple\nbeta banana\n");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"));
+    cmd.arg("--quiet").arg("predict");
+    for n in &names {
+        cmd.arg("--checkpoint").arg(out.join("checkpoints").join(n));
+    }
+    let pred = dir.path().join("p.jsonl");
+    let o = cmd.arg("--input").arg(&text).arg("--output").arg(&pred).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 2);
+    for (set, field) in [
+        ("train.keep_checkpoints=2", "train.keep_checkpoints"),
+        ("schedule.decay=\"linear\"", "schedule.cycles"),
+    ] {
+        let e = dtrain::config::load::<TrainConfig>(
+            None,
+            &[&sets[..], &["data.dir=\"x\"", "train.out_dir=\"y\"", set]]
+                .concat()
+                .iter()
+                .map(|s| Override::parse(s).unwrap())
+                .collect::<Vec<_>>(),
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(field), "{set}: {e}");
+    }
+}
+
+/// Test-time augmentation: `predict --augment-views K` averages the text with K strong
+/// views of it, which changes the probabilities, does not depend on the batch size, and
+/// repeats exactly with the same seed.
+#[test]
+fn predict_averages_augmented_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    run(&cfg(&data, &out, &["train.epochs=3"]), Resume::No, None).unwrap();
+    let ckpt = common::last_checkpoint(&out);
+    let lines: String = (0..40).map(|i| format!("alpha apple banana cherry word{i} beta\n")).collect();
+    let text = common::write(dir.path(), "in.txt", lines.as_bytes());
+    let predict = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let path = dir.path().join(name);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .args(["--quiet", "predict", "--top-k", "2", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--input")
+            .arg(&text)
+            .arg("--output")
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let plain = predict("a.jsonl", &[]);
+    let tta = predict("b.jsonl", &["--augment-views", "4"]);
+    let small_batches = predict("c.jsonl", &["--augment-views", "4", "--batch-size", "7"]);
+    assert_eq!(plain.len(), 40);
+    assert_eq!(tta, small_batches, "the views do not depend on the batch size");
+    assert_eq!(tta, predict("d.jsonl", &["--augment-views", "4"]), "the same seed, the same views");
+    let conf = |rows: &[serde_json::Value]| -> Vec<f64> {
+        rows.iter().map(|r| r["confidence"].as_f64().unwrap()).collect()
+    };
+    assert_ne!(conf(&plain), conf(&tta), "averaging over augmented views changes the probabilities");
+    assert_ne!(conf(&tta), conf(&predict("e.jsonl", &["--augment-views", "4", "--seed", "2"])));
 }

@@ -7,10 +7,12 @@
 //! document gathers from the table; the pooled vector is their mean. The gradient with
 //! respect to each gathered vector is the same, ∂L/∂pooled / len, so FGM's r is the same
 //! vector for every position of a document, and adding it to every gathered vector adds it
-//! to the pooled vector. dtrain therefore perturbs the pooled vector (before its dropout)
-//! and measures norms there: r = ε·g/‖g‖ with g = ∂L/∂pooled. (Measured over the gathered
-//! vectors, the norm of the same perturbation is √len times larger, so ε here equals
-//! ε·√len there.)
+//! to the pooled vector. dtrain therefore perturbs the pooled vector (before its dropout),
+//! but measures norms over the gathered vectors, as METHODS.md §9 defines ε: a document's
+//! perturbation r (the same at each of its `len` positions) has norm √len·‖r‖ there, so
+//! FGM's r on the pooled vector is ε·ĝ/√len ([`Space`]'s `copies`). An encoder's token
+//! embeddings are perturbed and normed as they are. (Before 2026-12-05 the bag model's norm
+//! was taken on the pooled vector itself, ε·ĝ: √len times the specified perturbation.)
 
 use serde::{Deserialize, Serialize};
 
@@ -116,36 +118,69 @@ pub type Reduce<'a> = &'a dyn Fn(&mut [f64]);
 /// The reduction of a single process: nothing to add.
 pub const ALONE: Reduce<'static> = &|_: &mut [f64]| {};
 
-/// The norms of `g` (rows of `dim`) that `scope` divides by: one per row, or the (global)
-/// batch's for every row.
-fn norms(g: &[f32], dim: usize, scope: NormScope, reduce: Reduce) -> Vec<f64> {
-    let rows: Vec<f64> =
-        g.chunks(dim).map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum()).collect();
-    match scope {
-        NormScope::Sample => rows.iter().map(|s| s.sqrt()).collect(),
-        NormScope::Batch => {
-            let mut total = [rows.iter().sum::<f64>()];
-            reduce(&mut total);
-            vec![total[0].sqrt(); rows.len()]
-        }
-    }
+/// Where a perturbation's norm is measured: rows of `dim` values, normed per row or over
+/// the (global) batch. `copies[i]`, when given, is how many input vectors row `i` stands
+/// for, each perturbed by the row: a bag model's row is its document's pooled (mean)
+/// vector, and its perturbation is added to each of the document's `len` gathered vectors,
+/// so that METHODS.md §9's norm over the gathered vectors is `√len·‖r‖`, and the gradient
+/// with respect to each gathered vector is `g/len`.
+#[derive(Debug, Clone, Copy)]
+pub struct Space<'a> {
+    pub dim: usize,
+    pub scope: NormScope,
+    pub copies: Option<&'a [f64]>,
 }
 
-/// `r ← r + size·g/‖g‖` (rows with a zero gradient stay), in place.
-pub fn ascend(r: &mut [f32], g: &[f32], dim: usize, scope: NormScope, size: f64, reduce: Reduce) {
-    for ((rr, gr), n) in r.chunks_mut(dim).zip(g.chunks(dim)).zip(norms(g, dim, scope, reduce)) {
-        if n > 0.0 {
-            for (x, &v) in rr.iter_mut().zip(gr) {
-                *x = (f64::from(*x) + size * f64::from(v) / n) as f32;
+impl Space<'_> {
+    /// Rows that are themselves the input vectors (an encoder's token embeddings).
+    pub fn flat(dim: usize, scope: NormScope) -> Space<'static> {
+        Space { dim, scope, copies: None }
+    }
+
+    fn copies(&self, row: usize) -> f64 {
+        self.copies.map_or(1.0, |c| c[row])
+    }
+
+    /// The input-space norms of `v` (rows of `dim`) that `scope` divides by, one per row:
+    /// each row's squared norm is weighted by `copies^power` (1 for a perturbation, −1 for
+    /// a gradient).
+    fn norms(&self, v: &[f32], power: i32, reduce: Reduce) -> Vec<f64> {
+        let rows: Vec<f64> = v
+            .chunks(self.dim)
+            .enumerate()
+            .map(|(i, r)| {
+                r.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() * self.copies(i).powi(power)
+            })
+            .collect();
+        match self.scope {
+            NormScope::Sample => rows.iter().map(|s| s.sqrt()).collect(),
+            NormScope::Batch => {
+                let mut total = [rows.iter().sum::<f64>()];
+                reduce(&mut total);
+                vec![total[0].sqrt(); rows.len()]
             }
         }
     }
 }
 
-/// Projects `r` back into the ε-ball (per row, or for the whole batch).
-pub fn project(r: &mut [f32], dim: usize, scope: NormScope, epsilon: f64, reduce: Reduce) {
-    let n = norms(r, dim, scope, reduce);
-    for (rr, n) in r.chunks_mut(dim).zip(n) {
+/// `r ← r + size·g/‖g‖` in the input space (rows with a zero gradient stay), in place:
+/// `g` is the gradient with respect to the rows, so each input vector's is `g/copies`.
+pub fn ascend(r: &mut [f32], g: &[f32], space: Space, size: f64, reduce: Reduce) {
+    let norms = space.norms(g, -1, reduce);
+    for (i, ((rr, gr), n)) in r.chunks_mut(space.dim).zip(g.chunks(space.dim)).zip(norms).enumerate() {
+        if n > 0.0 {
+            let f = size / (n * space.copies(i));
+            for (x, &v) in rr.iter_mut().zip(gr) {
+                *x = (f64::from(*x) + f * f64::from(v)) as f32;
+            }
+        }
+    }
+}
+
+/// Projects `r` back into the ε-ball of the input space (per row, or for the whole batch).
+pub fn project(r: &mut [f32], space: Space, epsilon: f64, reduce: Reduce) {
+    let n = space.norms(r, 1, reduce);
+    for (rr, n) in r.chunks_mut(space.dim).zip(n) {
         if n > epsilon {
             let f = epsilon / n;
             rr.iter_mut().for_each(|x| *x = (f64::from(*x) * f) as f32);
@@ -153,19 +188,19 @@ pub fn project(r: &mut [f32], dim: usize, scope: NormScope, epsilon: f64, reduce
     }
 }
 
-/// A random direction of `rows × dim`, each row (or the batch) scaled to norm `radius`,
-/// drawn from `key` (deterministic). `element(i, j)` is the place of row `i`'s element `j`
-/// in the global batch, which its value depends on (so every rank draws what one process
-/// would draw for the same rows), or `None` where the direction is 0 (padding).
+/// A random direction of `rows × dim`, each row (or the batch) scaled to input-space norm
+/// `radius`, drawn from `key` (deterministic). `element(i, j)` is the place of row `i`'s
+/// element `j` in the global batch, which its value depends on (so every rank draws what
+/// one process would draw for the same rows), or `None` where the direction is 0 (padding).
 pub fn random_direction(
     rows: usize,
-    dim: usize,
-    scope: NormScope,
+    space: Space,
     radius: f64,
     key: u64,
     element: impl Fn(usize, usize) -> Option<u64>,
     reduce: Reduce,
 ) -> Vec<f32> {
+    let dim = space.dim;
     let mut g = vec![0.0f32; rows * dim];
     for (row, out) in g.chunks_mut(dim).enumerate() {
         for (j, v) in out.iter_mut().enumerate() {
@@ -177,7 +212,7 @@ pub fn random_direction(
         }
     }
     let mut d = vec![0.0f32; g.len()];
-    ascend(&mut d, &g, dim, scope, radius, reduce);
+    ascend(&mut d, &g, space, radius, reduce);
     d
 }
 
@@ -198,29 +233,45 @@ mod tests {
     fn ascend_and_project_keep_the_ball() {
         let g = [3.0f32, 4.0, 0.0, 0.0, 1.0, 0.0];
         let mut r = vec![0.0f32; 6];
-        ascend(&mut r, &g, 3, NormScope::Sample, 2.0, ALONE);
+        ascend(&mut r, &g, Space::flat(3, NormScope::Sample), 2.0, ALONE);
         // Row 0: 2·(3,4,0)/5; row 1: 2·(0,1,0).
         assert_eq!(r, [1.2, 1.6, 0.0, 0.0, 2.0, 0.0]);
-        ascend(&mut r, &g, 3, NormScope::Sample, 2.0, ALONE);
-        project(&mut r, 3, NormScope::Sample, 2.0, ALONE);
+        ascend(&mut r, &g, Space::flat(3, NormScope::Sample), 2.0, ALONE);
+        project(&mut r, Space::flat(3, NormScope::Sample), 2.0, ALONE);
         assert!((norm(&r[..3]) - 2.0).abs() < 1e-6 && (norm(&r[3..]) - 2.0).abs() < 1e-6);
         let mut b = vec![0.0f32; 6];
-        ascend(&mut b, &g, 3, NormScope::Batch, 1.0, ALONE);
+        ascend(&mut b, &g, Space::flat(3, NormScope::Batch), 1.0, ALONE);
         assert!((norm(&b) - 1.0).abs() < 1e-6);
         // A zero gradient leaves its row alone.
         let mut z = vec![0.5f32; 3];
-        ascend(&mut z, &[0.0; 3], 3, NormScope::Sample, 1.0, ALONE);
+        ascend(&mut z, &[0.0; 3], Space::flat(3, NormScope::Sample), 1.0, ALONE);
         assert_eq!(z, [0.5; 3]);
+    }
+
+    /// A row standing for 4 input vectors (a bag document of 4 gathered vectors): ε is
+    /// their norm, √4·‖r‖, so FGM's row is ε·ĝ/2; projection measures the same way.
+    #[test]
+    fn copies_measure_the_norm_over_the_input_vectors() {
+        let four = [4.0];
+        let space = Space { dim: 3, scope: NormScope::Sample, copies: Some(&four) };
+        let mut r = [0.0f32; 3];
+        ascend(&mut r, &[3.0, 4.0, 0.0], space, 2.0, ALONE);
+        assert!(close(&r, &[0.6, 0.8, 0.0]), "{r:?}");
+        let mut far = [3.0f32, 4.0, 0.0];
+        project(&mut far, space, 2.0, ALONE);
+        assert!(close(&far, &[0.6, 0.8, 0.0]), "{far:?}");
+        let d = random_direction(1, space, 2.0, 9, flat(3), ALONE);
+        assert!((2.0 * norm(&d) - 2.0).abs() < 1e-6, "input-space norm {}", 2.0 * norm(&d));
     }
 
     #[test]
     fn random_directions_have_the_radius_and_depend_on_the_key() {
-        let d = random_direction(4, 10, NormScope::Sample, 0.5, 9, flat(10), ALONE);
+        let d = random_direction(4, Space::flat(10, NormScope::Sample), 0.5, 9, flat(10), ALONE);
         for row in d.chunks(10) {
             assert!((norm(row) - 0.5).abs() < 1e-6);
         }
-        assert_eq!(d, random_direction(4, 10, NormScope::Sample, 0.5, 9, flat(10), ALONE));
-        assert_ne!(d, random_direction(4, 10, NormScope::Sample, 0.5, 10, flat(10), ALONE));
+        assert_eq!(d, random_direction(4, Space::flat(10, NormScope::Sample), 0.5, 9, flat(10), ALONE));
+        assert_ne!(d, random_direction(4, Space::flat(10, NormScope::Sample), 0.5, 10, flat(10), ALONE));
     }
 
     /// Runs `f(rank, reduce)` as two ranks on two threads, whose reduction sums over both.
@@ -253,9 +304,9 @@ mod tests {
     #[test]
     fn a_batch_split_over_ranks_draws_and_norms_as_the_whole_batch() {
         for scope in [NormScope::Sample, NormScope::Batch] {
-            let whole = random_direction(4, 3, scope, 0.7, 5, flat(3), ALONE);
+            let whole = random_direction(4, Space::flat(3, scope), 0.7, 5, flat(3), ALONE);
             let parts = on_two_ranks(|rank, reduce| {
-                random_direction(2, 3, scope, 0.7, 5, |i, j| flat(3)(2 * rank + i, j), reduce)
+                random_direction(2, Space::flat(3, scope), 0.7, 5, |i, j| flat(3)(2 * rank + i, j), reduce)
             })
             .concat();
             assert!(close(&parts, &whole), "{scope:?}: {parts:?} against {whole:?}");
@@ -264,10 +315,10 @@ mod tests {
         }
         let g = [3.0f32, 4.0, 0.0, 0.0, 1.0, 2.0];
         let mut whole = vec![0.0f32; 6];
-        ascend(&mut whole, &g, 3, NormScope::Batch, 1.5, ALONE);
+        ascend(&mut whole, &g, Space::flat(3, NormScope::Batch), 1.5, ALONE);
         let split = on_two_ranks(|rank, reduce| {
             let mut r = vec![0.0f32; 3];
-            ascend(&mut r, &g[3 * rank..3 * rank + 3], 3, NormScope::Batch, 1.5, reduce);
+            ascend(&mut r, &g[3 * rank..3 * rank + 3], Space::flat(3, NormScope::Batch), 1.5, reduce);
             r
         })
         .concat();
@@ -275,11 +326,11 @@ mod tests {
         // Two steps leave the ball; projecting brings the whole batch back to norm 1.5.
         let far: Vec<f32> = whole.iter().map(|x| 4.0 * x).collect();
         let mut one = far.clone();
-        project(&mut one, 3, NormScope::Batch, 1.5, ALONE);
+        project(&mut one, Space::flat(3, NormScope::Batch), 1.5, ALONE);
         assert!((norm(&one) - 1.5).abs() < 1e-6);
         let two = on_two_ranks(|rank, reduce| {
             let mut r = far[3 * rank..3 * rank + 3].to_vec();
-            project(&mut r, 3, NormScope::Batch, 1.5, reduce);
+            project(&mut r, Space::flat(3, NormScope::Batch), 1.5, reduce);
             r
         })
         .concat();
@@ -290,7 +341,7 @@ mod tests {
     #[test]
     fn padding_gets_no_noise() {
         let real = |i: usize, j: usize| (j < 2 + i).then_some((10 * i + j) as u64);
-        let d = random_direction(2, 4, NormScope::Sample, 0.5, 3, real, ALONE);
+        let d = random_direction(2, Space::flat(4, NormScope::Sample), 0.5, 3, real, ALONE);
         assert_eq!((d[2], d[3], d[7]), (0.0, 0.0, 0.0));
         assert!(d[..2].iter().chain(&d[4..7]).all(|&x| x != 0.0));
         assert!((norm(&d[..4]) - 0.5).abs() < 1e-6 && (norm(&d[4..]) - 0.5).abs() < 1e-6);

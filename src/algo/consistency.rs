@@ -5,8 +5,9 @@
 //! this function is the reference every implementation (the CPU loop, the CUDA kernel)
 //! must match.
 //!
-//! With `p = softmax(z_s)` and `q = softmax((z_t + b) / T)` (or, for a target given as
-//! probabilities, `q ∝ (q_in · e^b)^{1/T}`), and the row's mask `m` (its weight when
+//! With `p = softmax(z_s)` and `q = softmax(z_t / T + b)` (or, for a target given as
+//! probabilities, `q ∝ q_in^{1/T} · e^b`: the bias multiplies the sharpened target, as
+//! distribution alignment's `q ⊙ π / p̃` of METHODS.md §10b), and the row's mask `m` (its weight when
 //! `max q ≥ τ·τ_mult[argmax q]`, else 0):
 //!
 //! | kind | loss ℓ | ∂ℓ/∂z_s | ∂ℓ/∂z_t |
@@ -85,7 +86,7 @@ fn lse<F: Real>(classes: usize, f: impl Fn(usize) -> F) -> (F, F) {
 
 /// Computes one row: `zs` the student's logits, `zt` the target's (logits or
 /// probabilities, as `op.form` says), `bias` a per-class term added to the target's logits
-/// (log-probabilities for the `Probs` form) before the temperature, `class_mult` per-class
+/// (log-probabilities for the `Probs` form) after the temperature, `class_mult` per-class
 /// multipliers of τ, `weight` the row's weight (0 drops it). Adds `op.scale ·
 /// weight · ∂ℓ/∂z_s` into `ds` and, when given, `op.scale · weight · ∂ℓ/∂z_t` into `dt`
 /// (`Logits` form only).
@@ -109,7 +110,7 @@ pub fn row<F: Real>(
             TargetForm::Logits => zt[c],
             TargetForm::Probs => zt[c].ln(),
         };
-        (base + b(c)) * inv_t
+        base * inv_t + b(c)
     };
     let (ms, ls) = lse(c_n, |c| zs[c]);
     let (mt, lt) = lse(c_n, tl);
@@ -270,6 +271,24 @@ mod tests {
             assert!((ra.loss - rb.loss).abs() < 1e-12 && (ra.conf - rb.conf).abs() < 1e-12, "{kind:?}");
             assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-12), "{kind:?}");
         }
+    }
+
+    /// The bias multiplies the sharpened target (q ⊙ e^b, renormalised, with q =
+    /// softmax(z_t/T)); it is not sharpened with it.
+    #[test]
+    fn the_bias_applies_after_the_temperature() {
+        let zs = [0.1f64, -0.4, 0.9];
+        let zt = [1.0f64, 0.2, -0.5];
+        let bias = [0.3f64, -0.1, 0.7];
+        let mut o = op(ConsistencyKind::Kl);
+        o.temperature = 0.4;
+        o.threshold = 0.0;
+        let q: Vec<f64> = zt.iter().zip(&bias).map(|(z, b)| (z / 0.4).exp() * b.exp()).collect();
+        let s: f64 = q.iter().sum();
+        let (best, want) = q.iter().enumerate().fold((0, 0.0), |a, (c, &v)| if v > a.1 { (c, v) } else { a });
+        let r = row(&o, &zs, &zt, Some(&bias), None, 1.0, &mut [0.0; 3], None);
+        assert_eq!(r.label, best);
+        assert!((r.conf - want / s).abs() < 1e-12, "{} vs {}", r.conf, want / s);
     }
 
     #[test]

@@ -36,12 +36,14 @@ pub struct Ramp {
     pub shape: RampShape,
     /// Steps T_ramp of the ramp-up (0: the full weight from the start).
     pub up_steps: u64,
-    /// Steps held at weight 0 before the ramp starts (Temporal Ensembling's first epoch).
+    /// Steps held at weight 0 (Temporal Ensembling's first epoch). The ramp is not shifted
+    /// by them: after the delay the factor is the shape's at step / up_steps, as METHODS.md
+    /// §3 writes w(t) = w_max · r(t / T_ramp) with w = 0 through the first epoch.
     pub delay_steps: u64,
 }
 
 impl Ramp {
-    /// r at 0-based step `step`: 0 during the delay, then the shape over `up_steps`.
+    /// r at 0-based step `step`: 0 during the delay, else the shape at step / `up_steps`.
     pub fn factor(&self, step: u64) -> f64 {
         if step < self.delay_steps {
             return 0.0;
@@ -49,7 +51,7 @@ impl Ramp {
         if self.up_steps == 0 {
             return 1.0;
         }
-        self.shape.at((step - self.delay_steps) as f64 / self.up_steps as f64)
+        self.shape.at(step as f64 / self.up_steps as f64)
     }
 }
 
@@ -105,8 +107,10 @@ mod tests {
         let r = Ramp { shape: RampShape::Linear, up_steps: 10, delay_steps: 5 };
         assert_eq!(r.factor(0), 0.0);
         assert_eq!(r.factor(4), 0.0);
-        assert_eq!(r.factor(5), 0.0);
-        assert_eq!(r.factor(10), 0.5);
+        // After the delay, the unshifted ramp: r(5/10), not r(0).
+        assert_eq!(r.factor(5), 0.5);
+        assert_eq!(r.factor(7), 0.7);
+        assert_eq!(r.factor(10), 1.0);
         assert_eq!(r.factor(15), 1.0);
         assert_eq!(Ramp { shape: RampShape::Sigmoid, up_steps: 0, delay_steps: 0 }.factor(0), 1.0);
     }

@@ -4,8 +4,11 @@
 //! consistency op's per-class inputs (a bias on the target's logits, threshold
 //! multipliers); their running state is part of the checkpoint.
 //!
-//! Order within a step: the running means (distribution alignment's p̃, FreeMatch's τ_g and
-//! p̃) take this batch's weak-view predictions first and are then used for this batch's
+//! The running means (distribution alignment's p̃, FreeMatch's τ_g and p̃) are of the weak
+//! view's q = softmax(z_w / T), the distribution the op sharpens and masks (T = 1 for
+//! FixMatch); alignment then multiplies that q by π / p̃.
+//!
+//! Order within a step: the running means take this batch's weak-view predictions first and are then used for this batch's
 //! targets and mask, as FreeMatch's reference code does; FlexMatch's thresholds come from the
 //! records before this batch, and the batch's confident predictions are recorded after the
 //! op.
@@ -13,6 +16,19 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::loader::RowId;
+
+/// Rows of `logits` (C each) to q = softmax(z / T), the target distribution the consistency
+/// op sharpens: the stabilisers' running means are taken of it (in f64, rounded to f32).
+pub fn tempered_softmax(logits: &[f32], classes: usize, temperature: f64) -> Vec<f32> {
+    let mut q = Vec::with_capacity(logits.len());
+    for row in logits.chunks_exact(classes) {
+        let z: Vec<f64> = row.iter().map(|&v| f64::from(v) / temperature).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+        q.extend(z.iter().map(|v| ((v - m).exp() / s) as f32));
+    }
+    q
+}
 
 /// The threshold rule of UDA and FixMatch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +230,19 @@ mod tests {
 
     fn id(shard: u32, row: u32) -> RowId {
         RowId { split: SplitKind::Unlabeled, shard, row }
+    }
+
+    #[test]
+    fn tempered_softmax_sharpens_rows() {
+        let q = tempered_softmax(&[1.0, 0.0, 0.0, 0.0, 2.0, 2.0], 3, 0.5);
+        let e2 = 2f64.exp();
+        let want0 = [e2 / (e2 + 2.0), 1.0 / (e2 + 2.0), 1.0 / (e2 + 2.0)];
+        for (a, b) in q[..3].iter().zip(want0) {
+            assert!((f64::from(*a) - b).abs() < 1e-7);
+        }
+        let e4 = 4f64.exp();
+        assert!((f64::from(q[3]) - 1.0 / (1.0 + 2.0 * e4)).abs() < 1e-7);
+        assert_eq!(q[4], q[5]);
     }
 
     #[test]

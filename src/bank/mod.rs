@@ -39,8 +39,9 @@ use crate::error::{Error, IoContext, Result};
 
 /// Magic bytes of a bank file.
 pub const MAGIC: &[u8; 8] = b"DTBANK\0\0";
-/// Version of the bank file format.
-pub const VERSION: u32 = 1;
+/// Version of the bank file format written (2 adds the sealed snapshot's step; version 1
+/// files, without it, are still read).
+pub const VERSION: u32 = 2;
 const HEADER_LEN: usize = 128;
 /// The live bank's directory under a run's `out_dir`, and the snapshot's in a checkpoint.
 pub const DIR: &str = "bank";
@@ -105,6 +106,9 @@ pub struct Header {
     pub data_checksum: u64,
     pub sealed: bool,
     pub body_checksum: u64,
+    /// A sealed snapshot's checkpoint step (0 in live files and in version 1 files), so
+    /// that a checkpoint's bank cannot silently be another checkpoint's.
+    pub step: u64,
 }
 
 impl Header {
@@ -132,8 +136,9 @@ impl Header {
         b[48..56].copy_from_slice(&self.data_checksum.to_le_bytes());
         b[56..60].copy_from_slice(&u32::from(self.sealed).to_le_bytes());
         b[64..72].copy_from_slice(&self.body_checksum.to_le_bytes());
-        let sum = xxh3_64(&b[..72]);
-        b[72..80].copy_from_slice(&sum.to_le_bytes());
+        b[72..80].copy_from_slice(&self.step.to_le_bytes());
+        let sum = xxh3_64(&b[..80]);
+        b[80..88].copy_from_slice(&sum.to_le_bytes());
         b
     }
 
@@ -144,12 +149,15 @@ impl Header {
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        if u64_at(72) != xxh3_64(&b[..72]) {
-            return bad("corrupted: the header does not match its checksum".into());
-        }
         let version = u32_at(8);
-        if version != VERSION {
-            return bad(format!("bank format version {version}, this dtrain reads {VERSION}"));
+        // Version 1 has no step, and its checksum at 72 covers bytes 0..72.
+        let sum_at = match version {
+            1 => 72,
+            VERSION => 80,
+            _ => return bad(format!("bank format version {version}, this dtrain reads 1 and {VERSION}")),
+        };
+        if u64_at(sum_at) != xxh3_64(&b[..sum_at]) {
+            return bad("corrupted: the header does not match its checksum".into());
         }
         let storage = match Storage::from_code(u32_at(12)) {
             Some(s) => s,
@@ -170,6 +178,7 @@ impl Header {
             data_checksum: u64_at(48),
             sealed: u32_at(56) == 1,
             body_checksum: u64_at(64),
+            step: if version == 1 { 0 } else { u64_at(72) },
         };
         if h.classes == 0 || h.classes > 1 << 20 || h.rows > 1 << 40 {
             return bad(format!("absurd shape: {} rows × {} classes", h.rows, h.classes));
@@ -192,7 +201,7 @@ pub struct BankFile {
 impl BankFile {
     /// Creates (or overwrites) a live file of zero values and counts.
     fn create(path: &Path, header: Header) -> Result<BankFile> {
-        let header = Header { sealed: false, body_checksum: 0, ..header };
+        let header = Header { sealed: false, body_checksum: 0, step: 0, ..header };
         let mut f = std::fs::File::create(path).at(path)?;
         f.write_all(&header.encode()).at(path)?;
         f.set_len(header.file_len()).at(path)?;
@@ -330,6 +339,7 @@ fn expected_headers(ds: &Dataset, splits: &[SplitKind], owned: &[usize], s: Bank
                 data_checksum: sh.header().payload_checksum,
                 sealed: false,
                 body_checksum: 0,
+                step: 0,
             });
         }
     }
@@ -346,7 +356,7 @@ impl Bank {
         owned: &[usize],
         s: BankSettings,
     ) -> Result<Bank> {
-        std::fs::create_dir_all(dir).at(dir)?;
+        crate::fsutil::create_dirs(dir)?;
         Bank::with_files(dir, ds, splits, owned, s, BankFile::create)
     }
 
@@ -430,8 +440,8 @@ impl Bank {
 
     /// Writes a sealed copy of every file into `dest` (a checkpoint's `bank/`), streaming
     /// each live file in chunks and checksumming it on the way.
-    pub fn snapshot(&self, dest: &Path) -> Result<()> {
-        std::fs::create_dir_all(dest).at(dest)?;
+    pub fn snapshot(&self, dest: &Path, step: u64) -> Result<()> {
+        crate::fsutil::create_dirs(dest)?;
         for (_, _, f) in &self.files {
             let name = f.path.file_name().expect("a file name");
             let out = dest.join(name);
@@ -440,7 +450,7 @@ impl Bank {
             for chunk in body.chunks(1 << 22) {
                 sum.update(chunk);
             }
-            let header = Header { sealed: true, body_checksum: sum.digest(), ..f.header };
+            let header = Header { sealed: true, body_checksum: sum.digest(), step, ..f.header };
             let mut w = std::io::BufWriter::new(std::fs::File::create(&out).at(&out)?);
             w.write_all(&header.encode()).at(&out)?;
             for chunk in body.chunks(1 << 22) {
@@ -501,8 +511,8 @@ pub fn verify_sealed(path: &Path) -> Result<(Header, Vec<u64>)> {
 /// Replaces the live bank in `live` by the sealed snapshot in `snapshot` (a checkpoint's
 /// `bank/`), after checking every file; the copies are unsealed, as live files are.
 /// `names`: the files to restore (a rank's: those of the shards it owns).
-pub fn restore(snapshot: &Path, live: &Path, names: &[String]) -> Result<()> {
-    std::fs::create_dir_all(live).at(live)?;
+pub fn restore(snapshot: &Path, live: &Path, names: &[String], step: u64) -> Result<()> {
+    crate::fsutil::create_dirs(live)?;
     let mut files = Vec::with_capacity(names.len());
     for name in names {
         let path = snapshot.join(name);
@@ -519,12 +529,21 @@ pub fn restore(snapshot: &Path, live: &Path, names: &[String]) -> Result<()> {
         if !h.sealed {
             return Err(Error::bad_file(&src, "is not a sealed snapshot (a live bank was copied in?)"));
         }
+        if h.step != 0 && h.step != step {
+            return Err(Error::bad_file(
+                &src,
+                format!(
+                    "is the bank of step {}, not of this checkpoint's step {step}: the checkpoint's bank files were replaced",
+                    h.step
+                ),
+            ));
+        }
         let dst = live.join(src.file_name().expect("a file name"));
         let tmp = live.join(format!("{}.tmp", src.file_name().expect("a name").to_string_lossy()));
         std::fs::copy(&src, &tmp).at(&tmp)?;
         {
             let mut f = std::fs::OpenOptions::new().write(true).open(&tmp).at(&tmp)?;
-            let live_header = Header { sealed: false, body_checksum: 0, ..h };
+            let live_header = Header { sealed: false, body_checksum: 0, step: 0, ..h };
             f.write_all(&live_header.encode()).at(&tmp)?;
         }
         std::fs::rename(&tmp, &dst).at(&dst)?;
@@ -548,6 +567,7 @@ mod tests {
             data_checksum: 77,
             sealed: false,
             body_checksum: 0,
+            step: 0,
         }
     }
 
@@ -684,15 +704,32 @@ mod tests {
         let mut b = bank(&live, 50, 4, Storage::F32);
         b.update(&[id(5)], &[0.1, 0.2, 0.3, 0.4]);
         let snap = dir.path().join("snap");
-        b.snapshot(&snap).unwrap();
+        b.snapshot(&snap, 7).unwrap();
         let file = snap.join(file_name(SplitKind::Unlabeled, 1));
         let (h, hist) = verify_sealed(&file).unwrap();
-        assert!(h.sealed && hist == [49, 1], "{hist:?}");
+        assert!(h.sealed && h.step == 7 && hist == [49, 1], "{hist:?}");
         // Restore works, and the restored file opens as the same shard's bank.
         let back = dir.path().join("back");
         let names = [file_name(SplitKind::Unlabeled, 1)];
-        restore(&snap, &back, &names).unwrap();
-        let e = restore(&snap, &back, &[file_name(SplitKind::Unlabeled, 2)]).unwrap_err().to_string();
+        restore(&snap, &back, &names, 7).unwrap();
+        // Another checkpoint's bank (sealed at step 7) in the checkpoint of step 9.
+        let e = restore(&snap, &back, &names, 9).unwrap_err().to_string();
+        assert!(
+            e.contains("unlabeled-00001.bank")
+                && e.contains("bank of step 7, not of this checkpoint's step 9"),
+            "{e}"
+        );
+        // A version 1 file (no step; its checksum at 72 over bytes 0..72) still restores.
+        let v2 = std::fs::read(&file).unwrap();
+        let mut v1 = v2.clone();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        v1[72..88].fill(0);
+        let sum = xxh3_64(&v1[..72]);
+        v1[72..80].copy_from_slice(&sum.to_le_bytes());
+        std::fs::write(&file, &v1).unwrap();
+        restore(&snap, &back, &names, 9).unwrap();
+        std::fs::write(&file, &v2).unwrap();
+        let e = restore(&snap, &back, &[file_name(SplitKind::Unlabeled, 2)], 7).unwrap_err().to_string();
         assert!(e.contains("has no bank file unlabeled-00002.bank"), "{e}");
         let f = BankFile::open(&back.join(file_name(SplitKind::Unlabeled, 1)), &header(50, 4, Storage::F32))
             .unwrap();
@@ -715,18 +752,18 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[400] ^= 1;
         std::fs::write(&file, &flipped).unwrap();
-        let e = restore(&snap, &back, &names).unwrap_err().to_string();
+        let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
         assert!(e.contains("unlabeled-00001.bank") && e.contains("do not match their checksum"), "{e}");
         let mut flipped = bytes.clone();
         flipped[17] ^= 1;
         std::fs::write(&file, &flipped).unwrap();
-        let e = restore(&snap, &back, &names).unwrap_err().to_string();
+        let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
         assert!(e.contains("header does not match its checksum"), "{e}");
         std::fs::write(&file, &bytes[..bytes.len() - 4]).unwrap();
-        let e = restore(&snap, &back, &names).unwrap_err().to_string();
+        let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
         std::fs::write(&file, b"hello").unwrap();
-        let e = restore(&snap, &back, &names).unwrap_err().to_string();
+        let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
         assert!(e.contains("not a dtrain bank file"), "{e}");
     }
 }

@@ -20,7 +20,9 @@
 //! `dtrain eval`, `predict` and `export-logits` read them as models with `--teacher` or
 //! `--average`).
 //! `state.bin` is a header (magic `DTSTATE\0`, version, payload length, xxh3_64 of the
-//! payload) followed by the bincode encoding of [`TrainState`].
+//! payload) followed by the bincode encoding of [`TrainState`]. `config.json` holds the
+//! training config as its trajectory hash reads it, so that a resume under another config
+//! names the fields that differ.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -64,6 +66,9 @@ impl Weights {
         }
     }
 }
+/// The training config a checkpoint was written under (JSON; for naming what differs when
+/// a resume is refused).
+pub const CONFIG_FILE: &str = "config.json";
 /// The marker that makes a checkpoint directory complete.
 pub const DONE: &str = "DONE";
 
@@ -339,6 +344,9 @@ pub struct Contents<'a> {
     /// Further models with their own optimizer (Meta Pseudo Labels' teacher).
     pub parts: Vec<Part<'a>>,
     pub state: &'a TrainState,
+    /// The training config as its trajectory hash reads it (`train::trajectory_config`),
+    /// kept as [`CONFIG_FILE`].
+    pub config: &'a str,
 }
 
 /// A model of its own in a checkpoint: `{stem}.safetensors` (its tensors, `meta` under
@@ -383,14 +391,14 @@ pub fn save(
     keep: usize,
     dist: &crate::dist::Dist,
 ) -> Result<PathBuf> {
-    let Contents { params, shadows, bank, moments, parts, state } = c;
+    let Contents { params, shadows, bank, moments, parts, state, config } = c;
     let name = dir_name(state.step);
     // A rank's failure ends the whole job (the caller aborts it), so no rank waits on a
     // barrier that another rank will never reach.
     let tmp = if dist.is_root() { stage_begin(root, &name)? } else { root.join(format!("{name}.tmp")) };
     dist.barrier("the checkpoint's start");
     if let Some(bank) = bank {
-        bank.snapshot(&tmp.join(crate::bank::DIR))?;
+        bank.snapshot(&tmp.join(crate::bank::DIR), state.step)?;
     }
     dist.barrier("the ranks' bank files");
     let done = if dist.is_root() {
@@ -421,6 +429,7 @@ pub fn save(
         bytes.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
         bytes.extend_from_slice(&payload);
         fsutil::write_atomic(&tmp.join("state.bin"), &bytes)?;
+        fsutil::write_atomic(&tmp.join(CONFIG_FILE), config.as_bytes())?;
         stage_finish(root, &name, &tmp, keep)?
     } else {
         root.join(&name)
@@ -446,7 +455,7 @@ pub(crate) fn stage(
 
 /// Makes the empty temporary directory of checkpoint `root/name` (replacing a stale one).
 fn stage_begin(root: &Path, name: &str) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).at(root)?;
+    crate::fsutil::create_dirs(root)?;
     let tmp = root.join(format!("{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
@@ -545,6 +554,21 @@ pub fn load_model(path: &Path) -> Result<(ModelMeta, Model, Vec<f32>)> {
 /// Like [`load_model`], reading `which` weights when `path` is a checkpoint directory.
 pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, Model, Vec<f32>)> {
     let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
+    if path.is_dir() && !path.join(DONE).is_file() {
+        // A run's directory, or its checkpoints/, given for one of its checkpoints.
+        let newest =
+            [path.join("checkpoints"), path.to_path_buf()].iter().find_map(|r| latest(r).ok().flatten());
+        let why = match newest {
+            Some(c) => format!("is not a checkpoint directory: its newest checkpoint is {}", c.display()),
+            None if path.join(Weights::Student.file()).is_file() => {
+                "incomplete checkpoint (no DONE marker): it was interrupted while being written".to_string()
+            }
+            None => {
+                "is not a checkpoint directory (it has no DONE marker and no model.safetensors)".to_string()
+            }
+        };
+        return Err(Error::bad_file(path, why));
+    }
     if which != Weights::Student && path.is_dir() && !file.is_file() {
         let why = match which {
             Weights::Teacher if path.join("teacher_mlp.safetensors").is_file() => {
@@ -554,12 +578,6 @@ pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, Model, Ve
             _ => "it was trained without [average] EMA or SWA weights",
         };
         return Err(Error::bad_file(path, format!("has no {}: {why}", which.file())));
-    }
-    if path.is_dir() && !path.join(DONE).is_file() {
-        return Err(Error::bad_file(
-            path,
-            "incomplete checkpoint (no DONE marker): it was interrupted while being written",
-        ));
     }
     let bytes = std::fs::read(&file).at(&file)?;
     let meta: ModelMeta = serde_json::from_value(file_meta(&file, &bytes)?)

@@ -101,6 +101,27 @@ impl Draws {
     }
 }
 
+/// The strong view of one document `doc` into `out`, as [`strong`] makes it, except that with
+/// `keep_ends` its first and last ids stay in place (a subword document's [CLS] and [SEP],
+/// which an encoder pools from or expects) and only the ids between are augmented.
+pub fn strong_doc(
+    doc: &[u32],
+    buckets: u32,
+    cfg: &AugmentConfig,
+    key: u64,
+    keep_ends: bool,
+    out: &mut Vec<u32>,
+) {
+    if keep_ends && doc.len() > 2 {
+        let (first, last) = (doc[0], doc[doc.len() - 1]);
+        strong(&doc[1..doc.len() - 1], buckets, cfg, key, out);
+        out.insert(0, first);
+        out.push(last);
+    } else {
+        strong(doc, buckets, cfg, key, out);
+    }
+}
+
 /// The strong view of `ids` into `out` (cleared first), for a table of `buckets` rows.
 pub fn strong(ids: &[u32], buckets: u32, cfg: &AugmentConfig, key: u64, out: &mut Vec<u32>) {
     out.clear();

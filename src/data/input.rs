@@ -100,6 +100,45 @@ pub enum Parsed {
     Blank,
 }
 
+/// A JSON object's entries in the order written, repeated keys kept: serde_json's own map
+/// keeps only a repeated key's last value, which would pick a label silently.
+struct JsonObject(Vec<(String, serde_json::Value)>);
+
+impl JsonObject {
+    /// The value of `key`; an error if the key appears more than once.
+    fn get(&self, key: &str) -> std::result::Result<Option<&serde_json::Value>, String> {
+        let mut found = self.0.iter().filter(|(k, _)| k == key).map(|(_, v)| v);
+        let first = found.next();
+        if found.next().is_some() {
+            return Err(format!("field `{key}` appears more than once in the object"));
+        }
+        Ok(first)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for JsonObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = JsonObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<JsonObject, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                    entries.push(entry);
+                }
+                Ok(JsonObject(entries))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
 /// Parses one line (without its newline) of `format`; `Err` holds the broken rule.
 pub fn parse_line(
     bytes: &[u8],
@@ -133,16 +172,20 @@ pub fn parse_line(
             (wants_label.then(|| label.to_owned()), text.to_owned())
         }
         Format::Jsonl => {
-            let value: serde_json::Value =
-                serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
-            let obj = value.as_object().ok_or("a JSONL line must be a JSON object")?;
-            let text = match obj.get(&fields.text) {
+            let obj: JsonObject = serde_json::from_str(s).map_err(|e| {
+                if e.is_data() {
+                    "a JSONL line must be a JSON object".to_owned()
+                } else {
+                    format!("invalid JSON: {e}")
+                }
+            })?;
+            let text = match obj.get(&fields.text)? {
                 Some(serde_json::Value::String(t)) => t.clone(),
                 Some(_) => return Err(format!("field `{}` must be a string", fields.text)),
                 None => return Err(format!("missing text field `{}`", fields.text)),
             };
             let label = if wants_label {
-                Some(match obj.get(&fields.label) {
+                Some(match obj.get(&fields.label)? {
                     Some(serde_json::Value::String(l)) if !l.trim().is_empty() => l.trim().to_owned(),
                     Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
                     Some(serde_json::Value::Null) | None => {
@@ -326,6 +369,14 @@ mod tests {
         assert!(p(r#"{"text": "hi"}"#).unwrap_err().contains("missing label field `label`"));
         assert!(p(r#"{"text": 3, "label": "a"}"#).unwrap_err().contains("must be a string"));
         assert!(p(r#"{"text": "", "label": "a"}"#).unwrap_err().contains("empty text"));
+        // A repeated key is refused, not resolved to its last value; other keys may repeat.
+        let twice = p(r#"{"text": "hi", "label": "a", "label": "b"}"#).unwrap_err();
+        assert!(twice.contains("field `label` appears more than once"), "{twice}");
+        let twice = p(r#"{"text": "hi", "text": "ho", "label": "a"}"#).unwrap_err();
+        assert!(twice.contains("field `text` appears more than once"), "{twice}");
+        assert_eq!(p(r#"{"text": "hi", "label": "a", "id": 1, "id": 2}"#), doc(Some("a"), "hi"));
+        assert!(p("7").unwrap_err().contains("JSON object"));
+        assert!(p(r#"{"text": "hi", "label": "a"} x"#).unwrap_err().contains("invalid JSON"));
         let custom = JsonFields { text: "body".into(), label: "y".into() };
         let c = parse_line(br#"{"body": "x", "y": "b"}"#, 3, Format::Jsonl, Role::Labeled, &custom);
         assert_eq!(c, doc(Some("b"), "x"));

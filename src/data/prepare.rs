@@ -167,7 +167,7 @@ pub fn prepare(cfg: &PrepareConfig, progress: bool) -> Result<PrepareReport> {
         std::fs::remove_dir_all(&staged).at(&staged)?;
     }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).at(parent)?;
+        crate::fsutil::create_dirs(parent)?;
     }
     std::fs::create_dir(&staged).at(&staged)?;
     let result = prepare_into(cfg, &files, &formats, total_bytes, progress, &staged);

@@ -6,6 +6,34 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// Refuses a tokenizer that does not frame every text as one opening special token, the
+/// text's tokens, and one closing special token (BERT's `[CLS] … [SEP]`, added by the
+/// tokenizer's `post_processor`). The encoders rely on that frame: [CLS] pooling reads the
+/// first id, truncation keeps the last, and augmentation and masked-LM leave both in place;
+/// without it they would silently pool, keep and protect ordinary words.
+fn check_frame(inner: &tokenizers::Tokenizer, path: &Path) -> Result<()> {
+    let enc = inner
+        .encode("a b", true)
+        .map_err(|e| Error::bad_file(path, format!("cannot encode a test text: {e}")))?;
+    let special = enc.get_special_tokens_mask();
+    let n = special.len();
+    let framed =
+        n >= 3 && special[0] == 1 && special[n - 1] == 1 && special[1..n - 1].iter().all(|&s| s == 0);
+    if framed {
+        return Ok(());
+    }
+    Err(Error::bad_file(
+        path,
+        format!(
+            "the tokenizer does not wrap a text in one opening and one closing special token \
+             (BERT's [CLS] … [SEP], added by its post_processor): \"a b\" encodes to {:?} with \
+             special-token mask {special:?}; dtrain's encoders pool, truncate, augment and mask \
+             around those two tokens",
+            enc.get_tokens()
+        ),
+    ))
+}
+
 /// A pretrained model's tokenizer.
 #[derive(Clone)]
 pub struct SubwordTokenizer {
@@ -34,6 +62,7 @@ impl SubwordTokenizer {
         inner
             .with_truncation(None)
             .map_err(|e| Error::bad_file(path, format!("cannot turn truncation off: {e}")))?;
+        check_frame(&inner, path)?;
         let pad = inner.token_to_id("[PAD]").or_else(|| inner.token_to_id("<pad>")).unwrap_or(0);
         Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad })
     }

@@ -867,7 +867,30 @@ pub fn load_pretrained(
             .map(|v| v as usize)
             .ok_or_else(|| Error::bad_file(&cfg_path, format!("`{name}` is missing or not a whole number")))
     };
-    let activation = match cfg.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("gelu") {
+    // An optional key: absent (or null) gives the default; present, it must have its type.
+    let number = |name: &str, default: f64| -> Result<f64> {
+        match cfg.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::bad_file(&cfg_path, format!("`{name}` must be a number, not {v}"))),
+        }
+    };
+    let text_of = |name: &str, default: &'static str| -> Result<String> {
+        match cfg.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(default.to_string()),
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(v) => Err(Error::bad_file(&cfg_path, format!("`{name}` must be a string, not {v}"))),
+        }
+    };
+    let positions = text_of("position_embedding_type", "absolute")?;
+    if positions != "absolute" {
+        return Err(Error::bad_file(
+            &cfg_path,
+            format!("`position_embedding_type` {positions:?} is not supported: dtrain's encoder has absolute positions"),
+        ));
+    }
+    let activation = match text_of("hidden_act", "gelu")?.as_str() {
         "gelu" => Activation::GeluErf,
         "gelu_new" | "gelu_pytorch_tanh" => Activation::Gelu,
         "relu" => Activation::Relu,
@@ -886,14 +909,13 @@ pub fn load_pretrained(
         intermediate: field("intermediate_size")?,
         max_positions: field("max_position_embeddings")?,
         type_vocab: field("type_vocab_size")?,
-        layer_norm_eps: cfg.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-12),
+        layer_norm_eps: number("layer_norm_eps", 1e-12)?,
         activation,
         pre_ln: false,
         pooling,
         classes,
-        dropout: cfg.get("hidden_dropout_prob").and_then(|v| v.as_f64()).unwrap_or(0.1) as f32,
-        attention_dropout: cfg.get("attention_probs_dropout_prob").and_then(|v| v.as_f64()).unwrap_or(0.1)
-            as f32,
+        dropout: number("hidden_dropout_prob", 0.1)? as f32,
+        attention_dropout: number("attention_probs_dropout_prob", 0.1)? as f32,
         recompute: false,
     };
     spec.validate().map_err(|(f, m)| Error::bad_file(&cfg_path, format!("{f}: {m}")))?;
@@ -903,6 +925,20 @@ pub fn load_pretrained(
     let bytes = std::fs::read(&st_path).at(&st_path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::bad_file(&st_path, format!("not a safetensors file: {e}")))?;
+    // Layers the file has beyond the config's would be dropped without a word.
+    let layers = model.spec.layers;
+    if let Some(extra) = st.names().into_iter().find(|n| {
+        let n = n.strip_prefix("bert.").unwrap_or(n);
+        n.strip_prefix("encoder.layer.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i >= layers)
+    }) {
+        return Err(Error::bad_file(
+            &st_path,
+            format!("holds tensor {extra}, beyond the {layers} layers of config.json's `num_hidden_layers`"),
+        ));
+    }
     for t in model.layout.tensors() {
         if t.name.starts_with("classifier.") || t.name.starts_with("encoder.LayerNorm.") {
             continue;
@@ -940,6 +976,12 @@ pub fn load_pretrained(
                     format!("tensor {} is {other:?}; f32, f16 or bf16 expected", t.name),
                 ))
             }
+        }
+        if let Some(i) = dst.iter().position(|v| !v.is_finite()) {
+            return Err(Error::bad_file(
+                &st_path,
+                format!("tensor {} holds a non-finite value ({}) at element {i}", t.name, dst[i]),
+            ));
         }
     }
     Ok((model, params))

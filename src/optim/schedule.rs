@@ -1,5 +1,6 @@
 //! The learning-rate schedule: linear warmup, then cosine, linear or constant decay toward
-//! a floor, times a reduce-on-plateau factor driven by validation accuracy.
+//! a floor (cosine optionally in several cycles, restarting at the peak: snapshot
+//! ensembles), times a reduce-on-plateau factor driven by validation accuracy.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,17 @@ pub struct ScheduleConfig {
     /// learning rate is multiplied by `plateau_factor`; 0 turns it off.
     pub plateau_patience: u32,
     pub plateau_factor: f64,
+    /// Cosine with restarts (METHODS.md §13, snapshot ensembles): the decay after warmup runs
+    /// in this many equal cycles, each from the peak down to the floor, and training writes
+    /// a checkpoint at the end of each (`dtrain predict` given those checkpoints averages
+    /// them). 1: no restarts. Left out of the saved config when 1, so earlier runs keep
+    /// their trajectory hash.
+    #[serde(skip_serializing_if = "is_one")]
+    pub cycles: u32,
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
 }
 
 impl Default for ScheduleConfig {
@@ -37,6 +49,7 @@ impl Default for ScheduleConfig {
             min_lr_ratio: 0.0,
             plateau_patience: 0,
             plateau_factor: 0.5,
+            cycles: 1,
         }
     }
 }
@@ -66,13 +79,29 @@ impl ScheduleConfig {
             return (step + 1) as f64 / self.warmup_steps as f64;
         }
         let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
-        let x = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let mut x = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        if self.cycles > 1 && x < 1.0 {
+            // The position within the current cycle.
+            let p = x * f64::from(self.cycles);
+            x = p - p.floor();
+        }
         let floor = self.min_lr_ratio;
         match self.decay {
             Decay::Constant => 1.0,
             Decay::Linear => floor + (1.0 - floor) * (1.0 - x),
             Decay::Cosine => floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * x).cos()),
         }
+    }
+
+    /// Whether `done` steps (of `total`) end a cycle of cosine with restarts before the last
+    /// one: the next step starts again at the peak (training writes a snapshot checkpoint).
+    pub fn ends_cycle(&self, done: u64, total: u64) -> bool {
+        let w = self.warmup_steps;
+        if self.cycles <= 1 || done <= w || done >= total {
+            return false;
+        }
+        let (span, k) = (total - w, u64::from(self.cycles));
+        (done - w) * k / span > (done - 1 - w) * k / span
     }
 
     /// Feeds one validation accuracy to the plateau rule; returns whether it reduced.
@@ -113,6 +142,30 @@ mod tests {
         assert!((l.at(25, 100) - 0.75).abs() < 1e-12);
         let c = ScheduleConfig { decay: Decay::Constant, ..Default::default() };
         assert_eq!(c.at(99, 100), 1.0);
+    }
+
+    /// Three cycles over 90 steps after 10 of warmup: the peak at steps 10, 40 and 70, the
+    /// floor approached before each restart, and a cycle ending after 40 and 70 steps.
+    #[test]
+    fn cosine_restarts_in_equal_cycles() {
+        let s = ScheduleConfig {
+            warmup_steps: 10,
+            decay: Decay::Cosine,
+            min_lr_ratio: 0.1,
+            cycles: 3,
+            ..Default::default()
+        };
+        for peak in [10, 40, 70] {
+            assert!((s.at(peak, 100) - 1.0).abs() < 1e-12, "step {peak}");
+            assert!((s.at(peak + 15, 100) - 0.55).abs() < 1e-12, "half-way through the cycle at {peak}");
+            assert!(s.at(peak + 29, 100) < 0.11, "the cycle's last step");
+        }
+        assert!((s.at(100, 100) - 0.1).abs() < 1e-12);
+        let ends: Vec<u64> = (0..=100).filter(|&d| s.ends_cycle(d, 100)).collect();
+        assert_eq!(ends, [40, 70]);
+        let one = ScheduleConfig { cycles: 1, ..s.clone() };
+        assert!((0..=100).all(|d| !one.ends_cycle(d, 100)));
+        assert!((one.at(55, 100) - 0.55).abs() < 1e-12);
     }
 
     #[test]

@@ -242,6 +242,16 @@ pub fn pretrain(
 pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool) -> Result<MlmReport> {
     let m = &cfg.mlm;
     let t = &cfg.train;
+    // Masked-LM pretraining has no resume: it starts over, so nothing of an earlier run may
+    // be in its out_dir (its encoder/ may even be this run's mlm.pretrained).
+    crate::fsutil::check_run_dir_place("pretrain", "train.out_dir", &t.out_dir)?;
+    crate::fsutil::check_no_earlier_outputs(
+        "pretrain",
+        "train.out_dir",
+        &t.out_dir,
+        &["metrics.jsonl", "encoder", "checkpoints"],
+        "choose another train.out_dir, or remove them",
+    )?;
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
     let Some(sw) = &manifest.tokenizer.subword else {
@@ -316,7 +326,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let per_epoch = docs.len().div_ceil(m.batch_size) as u64;
     let total = m.steps.unwrap_or(per_epoch * u64::from(t.epochs));
     let steps = hw + total;
-    std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
+    crate::fsutil::create_dirs(&t.out_dir)?;
     let log_path = t.out_dir.join("metrics.jsonl");
     let mut log = std::fs::File::create(&log_path).at(&log_path)?;
     let bar = if progress {

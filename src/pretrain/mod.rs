@@ -237,6 +237,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     };
     let tsv = embeddings::words_tsv(&words, &kept_counts);
     let ckpt_root = t.out_dir.join("checkpoints");
+    crate::fsutil::check_run_dir_place("pretrain", "train.out_dir", &t.out_dir)?;
     let resume_from = match &opts.resume {
         Resume::No => {
             if checkpoint::list_named(&ckpt_root, "epoch")?.last().is_some() {
@@ -250,6 +251,33 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         Resume::Auto => checkpoint::list_named(&ckpt_root, "epoch")?.pop(),
         Resume::From(dir) => Some(dir.clone()),
     };
+    if resume_from.is_none() {
+        // A fresh start writes these files and, when it ends, removes its checkpoints:
+        // nothing of another run may be there (an interrupted pretraining's metrics are
+        // started over under --resume auto).
+        let mut earlier = vec![embeddings::EMBEDDINGS_FILE, embeddings::WORDS_FILE];
+        if opts.resume == Resume::No {
+            earlier.push("metrics.jsonl");
+        }
+        crate::fsutil::check_no_earlier_outputs(
+            "pretrain",
+            "train.out_dir",
+            &t.out_dir,
+            &earlier,
+            "choose another train.out_dir, or remove them",
+        )?;
+        if let Some(other) = std::fs::read_dir(&ckpt_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| !e.file_name().to_string_lossy().starts_with("epoch-"))
+        {
+            return Err(Error::bad_file(
+                other.path(),
+                "is not a pretraining checkpoint, and pretraining removes its checkpoints directory when it ends: choose another train.out_dir",
+            ));
+        }
+    }
     let mut params = match &resume_from {
         Some(dir) => {
             let e = embeddings::read(dir)?;
@@ -273,7 +301,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     };
     let metrics_path = t.out_dir.join("metrics.jsonl");
     let mut metrics = if root {
-        std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
+        crate::fsutil::create_dirs(&t.out_dir)?;
         Some(open_metrics(&metrics_path, meta.epochs_done)?)
     } else {
         None
@@ -415,8 +443,15 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     bar.finish_and_clear();
     if meta.epochs_done == total_epochs && root {
         embeddings::write(&t.out_dir, &meta, &layout, &params, &tsv)?;
+        // This run's epoch checkpoints (finished or interrupted), then the directory if
+        // nothing else is in it.
         if ckpt_root.exists() {
-            std::fs::remove_dir_all(&ckpt_root).at(&ckpt_root)?;
+            for e in std::fs::read_dir(&ckpt_root).at(&ckpt_root)?.flatten() {
+                if e.file_name().to_string_lossy().starts_with("epoch-") {
+                    std::fs::remove_dir_all(e.path()).at(&e.path())?;
+                }
+            }
+            let _ = std::fs::remove_dir(&ckpt_root);
         }
     }
     // Every rank returns once the files are in place (or the stop's checkpoint is).

@@ -52,6 +52,9 @@ pub(super) struct AdversarialPass<'a, B: EncoderOps<F = f32>> {
     pub(super) accum: u64,
     pub(super) loss: LossKind,
     pub(super) dist: &'a Dist,
+    /// A bag model's gathered vectors per document (each at least 1), which its pooled
+    /// perturbation stands for; `None` for an encoder ([`advx::Space`]).
+    pub(super) copies: Option<Vec<f64>>,
 }
 
 impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
@@ -145,7 +148,8 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
         buf: &mut AdversarialBuffers<B>,
     ) -> f64 {
         let dim = self.model.perturbation_width(self.x);
-        let (eps, scope) = (cfg.epsilon, cfg.norm);
+        let eps = cfg.epsilon;
+        let space = advx::Space { dim, scope: cfg.norm, copies: self.copies.as_deref() };
         let zero = || vec![0.0f32; self.n * dim];
         let noise_key = crate::backend::mix64(self.key.base() ^ 0xad5e_ed00);
         let reduce = |v: &mut [f64]| self.dist.sum("the adversarial perturbation's batch norm", v);
@@ -167,7 +171,7 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
             AdversarialKind::None => return 0.0,
             AdversarialKind::Fgm => {
                 let mut r = zero();
-                advx::ascend(&mut r, g0, dim, scope, eps, &reduce);
+                advx::ascend(&mut r, g0, space, eps, &reduce);
                 r
             }
             AdversarialKind::Pgd | AdversarialKind::FastFgsm => {
@@ -176,20 +180,20 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
                 } else {
                     // A random start inside the ball: a random direction, radius ε·u.
                     let u = (noise_key >> 11) as f64 / (1u64 << 53) as f64;
-                    (advx::random_direction(self.n, dim, scope, eps * u, noise_key, element, &reduce), 1)
+                    (advx::random_direction(self.n, space, eps * u, noise_key, element, &reduce), 1)
                 };
                 for _ in 0..steps {
                     let g = self.grad_at(cfg, params, clean, &r, buf);
-                    advx::ascend(&mut r, &g, dim, scope, cfg.step(), &reduce);
-                    advx::project(&mut r, dim, scope, eps, &reduce);
+                    advx::ascend(&mut r, &g, space, cfg.step(), &reduce);
+                    advx::project(&mut r, space, eps, &reduce);
                 }
                 r
             }
             AdversarialKind::Vat => {
-                let d = advx::random_direction(self.n, dim, scope, cfg.xi, noise_key, element, &reduce);
+                let d = advx::random_direction(self.n, space, cfg.xi, noise_key, element, &reduce);
                 let g = self.grad_at(cfg, params, clean, &d, buf);
                 let mut r = zero();
-                advx::ascend(&mut r, &g, dim, scope, eps, &reduce);
+                advx::ascend(&mut r, &g, space, eps, &reduce);
                 r
             }
         };

@@ -155,6 +155,13 @@ impl MetricsLog {
 /// cadence count), and the evaluation batch size are left out, so a run can be moved or
 /// re-tuned in those respects and still resume.
 pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
+    xxh3_64(trajectory_config(cfg).as_bytes())
+}
+
+/// The config as [`trajectory_hash`] hashes it (paths and cadences that do not shape the
+/// trajectory blanked), as JSON text: each checkpoint keeps it as `config.json`, so that a
+/// resume under another config can name the fields that differ.
+pub fn trajectory_config(cfg: &TrainConfig) -> String {
     let mut c = cfg.clone();
     c.train.out_dir = PathBuf::new();
     c.train.log_every = 0;
@@ -173,7 +180,31 @@ pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     c.noisy_student.logits = c.noisy_student.logits.map(|_| PathBuf::new());
     c.mpl.logits = c.mpl.logits.map(|_| PathBuf::new());
     c.mpl.train_logits = c.mpl.train_logits.map(|_| PathBuf::new());
-    xxh3_64(serde_json::to_string(&c).expect("config serialises").as_bytes())
+    serde_json::to_string(&c).expect("config serialises")
+}
+
+/// The dotted fields whose values differ between two JSON configs, with both values
+/// (`field: old → new`), at most `limit` of them.
+fn config_differences(old: &serde_json::Value, new: &serde_json::Value, limit: usize) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value::Object;
+        match (a, b) {
+            (Object(x), Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let null = serde_json::Value::Null;
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} → {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    out.truncate(limit);
+    out
 }
 
 /// Whether the run keeps a shadow of the embedding table whose rows are updated lazily
@@ -520,6 +551,7 @@ where
     let eval_every = if t.eval_every == 0 { steps_per_epoch } else { t.eval_every };
     let ckpt_every = if t.checkpoint_every == 0 { total } else { t.checkpoint_every };
     let config_hash = trajectory_hash(cfg);
+    let trajectory_text = trajectory_config(cfg);
     let ckpt_root = t.out_dir.join("checkpoints");
 
     let recipe = cfg.recipe();
@@ -555,6 +587,7 @@ where
     // from the second labeled epoch on.
     let mut collapse_warned = false;
     let mut restored_stabiliser = None;
+    crate::fsutil::check_run_dir_place("train", "train.out_dir", &t.out_dir)?;
     let resume_from = match &opts.resume {
         Resume::No => {
             if checkpoint::latest(&ckpt_root)?.is_some() {
@@ -623,7 +656,8 @@ where
     let bank_dir = t.out_dir.join(crate::bank::DIR);
     let bank_splits: Vec<SplitKind> =
         if b_u > 0 { vec![SplitKind::Train, SplitKind::Unlabeled] } else { vec![SplitKind::Train] };
-    let open_bank = |restore_from: Option<&Path>| -> Result<Option<Bank>> {
+    // `restore_from`: a checkpoint, and its step (its sealed bank files must be of it).
+    let open_bank = |restore_from: Option<&Path>, at_step: u64| -> Result<Option<Bank>> {
         if recipe.target != TargetSource::Bank {
             return Ok(None);
         }
@@ -636,7 +670,7 @@ where
                     .iter()
                     .flat_map(|&sp| owned.iter().map(move |&s| crate::bank::file_name(sp, s as u32)))
                     .collect();
-                crate::bank::restore(&ckpt.join(crate::bank::DIR), &bank_dir, &names)?;
+                crate::bank::restore(&ckpt.join(crate::bank::DIR), &bank_dir, &names, at_step)?;
                 Bank::open(&bank_dir, &ds, &bank_splits, &owned, settings)?
             }
             None => Bank::create(&bank_dir, &ds, &bank_splits, &owned, settings)?,
@@ -679,9 +713,30 @@ where
             } else {
                 ""
             };
+            // Checkpoints keep the config they were trained under (those from before it was
+            // kept say only that it differs).
+            let then = std::fs::read_to_string(dir.join(checkpoint::CONFIG_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            let now: serde_json::Value =
+                serde_json::from_str(&trajectory_config(cfg)).expect("the config's own JSON");
+            let fields = match then {
+                Some(then) => {
+                    let d = config_differences(&then, &now, 8);
+                    if d.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", d.join("; "))
+                    }
+                }
+                None => String::new(),
+            };
             return Err(Error::bad_file(
                 dir,
-                format!("the checkpoint was written with a different training config{cadence}"),
+                format!(
+                    "the checkpoint was written with a different training config{fields} (a run resumes only \
+                     under the config it started with; train.steps and train.epochs included){cadence}"
+                ),
             ));
         }
         if state.data_checksum != manifest.checksum {
@@ -718,8 +773,8 @@ where
         }
         restored_stabiliser = Some(state.stabiliser);
     }
-    std::fs::create_dir_all(&t.out_dir).at(&t.out_dir)?;
-    let mut bank = open_bank(resume_from.as_deref())?;
+    crate::fsutil::create_dirs(&t.out_dir)?;
+    let mut bank = open_bank(resume_from.as_deref(), step)?;
     let teacher_logits = match (&cfg.noisy_student.logits, recipe.method) {
         (Some(path), Method::NoisyStudent) => {
             let f = LogitsFile::open(path)?;
@@ -1003,7 +1058,10 @@ where
             win_start = Instant::now();
             (win_step_secs, win_step_count) = (0.0, 0);
         }
-        let checkpoint_due = step % ckpt_every == 0 || step == total || opts.stop_after == Some(step);
+        let checkpoint_due = step % ckpt_every == 0
+            || step == total
+            || opts.stop_after == Some(step)
+            || cfg.schedule.ends_cycle(step, total);
         let eval_due = step % eval_every == 0 || step == total;
         if checkpoint_due || eval_due {
             for k in &mut shadows {
@@ -1064,6 +1122,7 @@ where
                 moments: [host_view(be, &opt.m), host_view(be, &opt.v)],
                 parts: mpl_run.iter().map(|r| r.part(be)).collect(),
                 state: &state,
+                config: &trajectory_text,
             };
             let dir = checkpoint::save(&ckpt_root, &model, &meta, contents, t.keep_checkpoints, dist)?;
             last_ckpt = Some(dir);

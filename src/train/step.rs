@@ -5,7 +5,7 @@
 
 use crate::algo::adversarial::AdversarialKind;
 use crate::algo::consistency::ConsistencyOp;
-use crate::algo::stabilise::Stabiliser;
+use crate::algo::stabilise::{tempered_softmax, Stabiliser};
 use crate::algo::{Recipe, TargetSource};
 use crate::backend::{
     argmax, with_host_mut, Backend, ConsistencyAux, DropoutKey, EncoderOps, GradSync, HostBatch, LossKind,
@@ -181,20 +181,7 @@ impl StrongView {
         for (i, (&id, &epoch)) in ids.iter().zip(epochs).enumerate() {
             let doc = &batch.ids[batch.offsets[i] as usize..batch.offsets[i + 1] as usize];
             let key = crate::data::augment::sample_key(self.seed ^ crate::backend::mix64(pass), epoch, id);
-            if self.keep_ends && doc.len() > 2 {
-                let (first, last) = (doc[0], doc[doc.len() - 1]);
-                crate::data::augment::strong(
-                    &doc[1..doc.len() - 1],
-                    self.buckets,
-                    &self.cfg,
-                    key,
-                    &mut ids_buf,
-                );
-                ids_buf.insert(0, first);
-                ids_buf.push(last);
-            } else {
-                crate::data::augment::strong(doc, self.buckets, &self.cfg, key, &mut ids_buf);
-            }
+            crate::data::augment::strong_doc(doc, self.buckets, &self.cfg, key, self.keep_ends, &mut ids_buf);
             out.push(&ids_buf, batch.labels[i]);
         }
         out
@@ -234,7 +221,7 @@ pub(super) fn next_micro(
 
 /// Training-signal annealing (METHODS.md §1): drops the labeled rows whose p_y exceeds
 /// `eta` from the supervised loss (their gradient rows are zeroed; they still count in the
-/// mean's denominator). Returns the loss removed.
+/// mean's denominator). Returns the loss removed and the rows dropped.
 pub(super) fn drop_confident_rows(
     logits: &[f32],
     labels: &[i32],
@@ -243,8 +230,8 @@ pub(super) fn drop_confident_rows(
     dlogits: &mut [f32],
     row_loss: &[f32],
     win: &mut LogWindow,
-) -> f64 {
-    let mut removed = 0.0;
+) -> (f64, Vec<usize>) {
+    let (mut removed, mut dropped) = (0.0, Vec::new());
     for (i, z) in logits.chunks(classes).enumerate() {
         let Ok(y) = usize::try_from(labels[i]) else { continue };
         let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -255,9 +242,10 @@ pub(super) fn drop_confident_rows(
             dlogits[i * classes..(i + 1) * classes].iter_mut().for_each(|g| *g = 0.0);
             removed += f64::from(row_loss[i]);
             win.tsa_dropped += 1;
+            dropped.push(i);
         }
     }
-    removed
+    (removed, dropped)
 }
 
 /// Pseudo-label diagnostics over the unlabeled rows that have a target (a Temporal Ensembling
@@ -402,11 +390,15 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
             &mut self.row_loss,
         );
         let logits = be.download(p0.acts.logits());
+        // The labeled rows TSA drops from this step's loss.
+        let mut tsa_dropped: Vec<usize> = Vec::new();
         if let Some(tsa) = cfg.loss.tsa.threshold(step, total, classes) {
             let row_loss = be.download(&self.row_loss);
-            sup -= with_host_mut(be, &mut p0.dlogits, |g| {
+            let removed;
+            (removed, tsa_dropped) = with_host_mut(be, &mut p0.dlogits, |g| {
                 drop_confident_rows(&logits, &batch.labels, classes, tsa, g, &row_loss, win)
             });
+            sup -= removed;
         }
         // The consistency term: its target, the student rows it covers, their count.
         let mut second_grad = false;
@@ -464,10 +456,12 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
                 };
                 model.forward(be, params, &model.input(be, weak), n_u, Some(key1), &mut p1.acts);
                 if let Some(st) = stabiliser.as_deref_mut() {
-                    let mut probs = be.zeros(0);
-                    be.softmax(p1.acts.logits(), classes, &mut probs);
+                    // Their statistics are of the q the op sharpens, softmax(z_w / T), as the
+                    // mask's (METHODS.md §10b).
+                    let weak = be.download(p1.acts.logits());
+                    let q = tempered_softmax(&weak[..n_u * classes], classes, recipe.op.temperature);
                     let mut reduce = |v: &mut [f64]| self.dist.sum("the stabilisers' batch means", v);
-                    let prepared = st.prepare(&be.download(&probs), &mut reduce);
+                    let prepared = st.prepare(&q, &mut reduce);
                     bias_buf = prepared.bias.map(|b| be.upload(&b));
                     mult_buf = prepared.class_threshold.as_ref().map(|m| be.upload(m));
                     mult_host = prepared.class_threshold;
@@ -552,17 +546,27 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         );
         if cfg.adversarial.kind != AdversarialKind::None {
             let g0 = be.download(&self.table.dpooled);
+            // The rows TSA dropped stay out of the adversarial pass's loss too: it reads
+            // them as unlabeled.
+            let tsa_labels = (!tsa_dropped.is_empty()).then(|| {
+                let mut b = batch.clone();
+                tsa_dropped.iter().for_each(|&i| b.labels[i] = -1);
+                be.upload_batch(&b)
+            });
             let a = AdversarialPass {
                 be,
                 model,
                 x: &dev,
-                labels,
+                labels: tsa_labels.as_ref().unwrap_or(labels),
                 n,
                 n_l,
                 key,
                 accum,
                 loss: kind,
                 dist: self.dist,
+                copies: dev.bag().is_some().then(|| {
+                    batch.offsets.windows(2).map(|w| f64::from(w[1].saturating_sub(w[0]).max(1))).collect()
+                }),
             };
             let (grads, table, adv) = (&mut self.grads, &mut self.table, &mut self.adv);
             let adv_loss = a.run(&cfg.adversarial, params, p0.acts.logits(), &g0, grads, table, adv);
