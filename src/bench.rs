@@ -423,6 +423,13 @@ pub fn bench_padding(dir: &Path, split: &str, batch_size: usize, groups: &[usize
         .filter(|k| matches!(k, SplitKind::Train | SplitKind::Unlabeled))
         .ok_or_else(|| Error::Data(format!("--split {split}: must be train or unlabeled")))?;
     let ds = Dataset::open(dir)?;
+    if ds.manifest().tokenizer.subword.is_none() {
+        return Err(Error::Data(format!(
+            "--data {}: holds hashed features, which a bag model reads without padding; this \
+             measures an encoder's batches (prepare with --set tokenizer.subword.path=.../tokenizer.json)",
+            dir.display()
+        )));
+    }
     let shards = ds.shards(kind).len();
     if batch_size == 0 || batch_size % shards != 0 {
         return Err(Error::Data(format!(

@@ -656,12 +656,6 @@ impl Validate for TrainConfig {
                 "restarts are cosine's (snapshot ensembles): set schedule.decay = \"cosine\"",
             );
         }
-        if s.cycles > 1 && (self.train.keep_checkpoints as u64) < u64::from(s.cycles) {
-            return bad(
-                "train.keep_checkpoints",
-                "must be at least schedule.cycles, so that no cycle's snapshot checkpoint is pruned",
-            );
-        }
         let t = &self.train;
         if t.out_dir.as_os_str().is_empty() {
             return bad("train.out_dir", "is required");

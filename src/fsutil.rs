@@ -122,16 +122,30 @@ fn check_output_dir(flag: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The directory `dir` or its nearest parent that is a prepared data set or a checkpoint
-/// (it holds the manifest or the DONE marker), with what it is.
+/// The directory `dir` or its nearest parent that is a prepared data set (its manifest
+/// beside shard files) or a checkpoint (the DONE marker beside weights or a training
+/// state), with what it is. The path is resolved first (its deepest existing part made
+/// canonical), so `..` and symbolic links lead where they really go.
 fn protected_holder(dir: &Path) -> Option<(PathBuf, &'static str)> {
-    let markers = [
-        (crate::data::manifest::MANIFEST_FILE, "a prepared data set"),
-        (crate::checkpoint::DONE, "a checkpoint"),
-    ];
-    dir.ancestors().find_map(|d| {
-        let d = if d.as_os_str().is_empty() { Path::new(".") } else { d };
-        markers.iter().find(|(m, _)| d.join(m).is_file()).map(|&(_, what)| (d.to_path_buf(), what))
+    let existing = dir
+        .ancestors()
+        .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
+        .find(|d| d.exists())?;
+    let real = existing.canonicalize().ok()?;
+    let has = |d: &Path, name: &str| d.join(name).is_file();
+    let has_shards = |d: &Path| {
+        fs::read_dir(d)
+            .is_ok_and(|e| e.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".shard")))
+    };
+    let weights = ["model.safetensors", "state.bin", crate::pretrain::embeddings::EMBEDDINGS_FILE];
+    real.ancestors().find_map(|d| {
+        if has(d, crate::data::manifest::MANIFEST_FILE) && has_shards(d) {
+            Some((d.to_path_buf(), "a prepared data set"))
+        } else if has(d, crate::checkpoint::DONE) && weights.iter().any(|f| has(d, f)) {
+            Some((d.to_path_buf(), "a checkpoint"))
+        } else {
+            None
+        }
     })
 }
 
@@ -146,7 +160,7 @@ pub fn check_run_dir_place(origin: &str, field: &str, dir: &Path) -> Result<()> 
             format!(
                 "{} {} {what}; a run's outputs go elsewhere, so that neither overwrites the other",
                 dir.display(),
-                if holder == dir {
+                if dir.canonicalize().is_ok_and(|d| d == holder) {
                     "is".to_string()
                 } else {
                     format!("lies inside {}, which is", holder.display())

@@ -1298,6 +1298,13 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     let is_checkpoint =
         args.path.join("model.safetensors").is_file() || args.path.join(dtrain::checkpoint::DONE).is_file();
     let is_tensors = args.path.extension().is_some_and(|x| x == "safetensors");
+    if args.path.file_name().is_some_and(|n| n == dtrain::pretrain::embeddings::EMBEDDINGS_FILE) {
+        bail!(
+            "{}: pretrained word embeddings, which inspect does not read: `dtrain neighbors` shows what they learned, \
+             and `model.init_from` starts a bag model from them",
+            args.path.display()
+        );
+    }
     if is_checkpoint || is_tensors {
         bail!(
             "{}: {}, which inspect does not read: `dtrain eval --checkpoint DIR --data DATA` evaluates a checkpoint",
@@ -1370,6 +1377,23 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
             args.data.display()
         );
     }
+    // The demo replaces its own data set and run on every start: only in a directory that
+    // holds nothing but what it writes (a new one, or an earlier demo's).
+    let marker = args.out.join("DEMO");
+    let own = ["DEMO", "data", "supervised", "report.json", "curves.png"];
+    let foreign = std::fs::read_dir(&args.out)
+        .map(|d| d.flatten().any(|e| !own.iter().any(|o| e.file_name() == *o)))
+        .unwrap_or(false);
+    if foreign || (args.out.join("supervised").exists() && !marker.is_file()) {
+        bail!(
+            "{}: not a directory the demo made (it holds other files, or has no DEMO marker), and the demo \
+             replaces its data/ and supervised/ on every start: choose another --out",
+            args.out.display()
+        );
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::write(&marker, b"made by dtrain demo\n")
+        .with_context(|| format!("writing {}", marker.display()))?;
     let data = args.out.join("data");
     let run = args.out.join("supervised");
     let prep = PrepareArgs {

@@ -527,6 +527,9 @@ fn outputs_never_replace_inputs_data_sets_or_checkpoints() {
         into.as_os_str(),
     ]);
     assert!(!ok && e.contains("a prepared data set") && !into.exists(), "{e}");
+    // bench padding measures an encoder's batches: hashed features are refused by name.
+    let (ok, e) = dtrain_cli(&[&os("bench"), &os("padding"), &os("--data"), data.as_os_str()]);
+    assert!(!ok && e.contains("holds hashed features"), "{e}");
     // A run, then its checkpoint as another run's out_dir, and the data set itself.
     let run_dir = dir.path().join("run");
     let cfg = common::train_config(&data, &run_dir, &["train.epochs=1"]);

@@ -255,6 +255,27 @@ fn demo_prepares_trains_and_evaluates_the_bundled_data() {
     assert!(acc > 0.15, "test accuracy {acc}");
 }
 
+/// The demo replaces its data/ and supervised/ on every start, so it refuses a directory it
+/// did not make: one holding other files, or a run of the same names without its marker.
+#[test]
+fn demo_refuses_a_directory_it_did_not_make() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mine");
+    std::fs::create_dir_all(out.join("supervised/checkpoints")).unwrap();
+    for extra in [Some("notes.txt"), None] {
+        if let Some(f) = extra {
+            std::fs::write(out.join(f), b"keep").unwrap();
+        }
+        let r = dtrain(&["demo", "--quiet", "--out", out.to_str().unwrap()]);
+        let t = text(&r);
+        assert!(!r.status.success() && t.contains("not a directory the demo made"), "{t}");
+        if let Some(f) = extra {
+            std::fs::remove_file(out.join(f)).unwrap();
+        }
+    }
+    assert!(out.join("supervised/checkpoints").is_dir(), "nothing was removed");
+}
+
 /// configs/prepare.example.toml parses, equals the defaults (plus an input file and its
 /// labels_per_class line uncommented), and mentions every field the config type has.
 #[test]

@@ -1450,17 +1450,18 @@ fn reduced_mpl_adjusts_exported_logits_and_resumes_exactly() {
 
 /// Cosine with restarts (snapshot ensembles): a checkpoint at the end of each cycle, the
 /// learning rate back at the peak right after it, and `predict` averaging the snapshots.
-/// A config that would prune a snapshot, or restart a non-cosine decay, is refused.
+/// Pruning keeps the snapshots; a config that would restart a non-cosine decay is refused.
 #[test]
 fn cosine_restarts_write_a_snapshot_per_cycle() {
     let dir = tempfile::tempdir().unwrap();
     let data = separable(dir.path());
     let out = dir.path().join("snap");
+    // Periodic checkpoints every 4 steps, 2 kept: pruning them leaves the snapshots alone.
     let sets = [
         "train.steps=30",
         "train.log_every=1",
-        "train.checkpoint_every=1000",
-        "train.keep_checkpoints=3",
+        "train.checkpoint_every=4",
+        "train.keep_checkpoints=2",
         "schedule.decay=\"cosine\"",
         "schedule.cycles=3",
     ];
@@ -1470,7 +1471,13 @@ fn cosine_restarts_write_a_snapshot_per_cycle() {
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["step-000000010", "step-000000020", "step-000000030"]);
+    assert_eq!(names, ["step-000000010", "step-000000020", "step-000000028", "step-000000030"]);
+    let snaps: Vec<&String> = names
+        .iter()
+        .filter(|n| out.join("checkpoints").join(n).join(dtrain::checkpoint::SNAPSHOT).is_file())
+        .collect();
+    assert_eq!(snaps, ["step-000000010", "step-000000020", "step-000000030"]);
+    let names: Vec<String> = snaps.into_iter().cloned().collect();
     let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let lr: std::collections::BTreeMap<u64, f64> = log
         .lines()
@@ -1492,10 +1499,9 @@ fn cosine_restarts_write_a_snapshot_per_cycle() {
     let o = cmd.arg("--input").arg(&text).arg("--output").arg(&pred).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_to_string(&pred).unwrap().lines().count(), 2);
-    for (set, field) in [
-        ("train.keep_checkpoints=2", "train.keep_checkpoints"),
-        ("schedule.decay=\"linear\"", "schedule.cycles"),
-    ] {
+    for (set, field) in
+        [("schedule.cycles=0", "schedule.cycles"), ("schedule.decay=\"linear\"", "schedule.cycles")]
+    {
         let e = dtrain::config::load::<TrainConfig>(
             None,
             &[&sets[..], &["data.dir=\"x\"", "train.out_dir=\"y\"", set]]

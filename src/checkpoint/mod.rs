@@ -69,6 +69,9 @@ impl Weights {
 /// The training config a checkpoint was written under (JSON; for naming what differs when
 /// a resume is refused).
 pub const CONFIG_FILE: &str = "config.json";
+/// The marker of a snapshot checkpoint (the end of a cycle of cosine with restarts), which
+/// pruning keeps.
+pub const SNAPSHOT: &str = "SNAPSHOT";
 /// The marker that makes a checkpoint directory complete.
 pub const DONE: &str = "DONE";
 
@@ -347,6 +350,9 @@ pub struct Contents<'a> {
     /// The training config as its trajectory hash reads it (`train::trajectory_config`),
     /// kept as [`CONFIG_FILE`].
     pub config: &'a str,
+    /// A snapshot of cosine with restarts (a cycle's end): marked [`SNAPSHOT`], and never
+    /// pruned to keep the newest K.
+    pub snapshot: bool,
 }
 
 /// A model of its own in a checkpoint: `{stem}.safetensors` (its tensors, `meta` under
@@ -391,7 +397,7 @@ pub fn save(
     keep: usize,
     dist: &crate::dist::Dist,
 ) -> Result<PathBuf> {
-    let Contents { params, shadows, bank, moments, parts, state, config } = c;
+    let Contents { params, shadows, bank, moments, parts, state, config, snapshot } = c;
     let name = dir_name(state.step);
     // A rank's failure ends the whole job (the caller aborts it), so no rank waits on a
     // barrier that another rank will never reach.
@@ -430,6 +436,9 @@ pub fn save(
         bytes.extend_from_slice(&payload);
         fsutil::write_atomic(&tmp.join("state.bin"), &bytes)?;
         fsutil::write_atomic(&tmp.join(CONFIG_FILE), config.as_bytes())?;
+        if snapshot {
+            fsutil::write_atomic(&tmp.join(SNAPSHOT), b"")?;
+        }
         stage_finish(root, &name, &tmp, keep)?
     } else {
         root.join(&name)
@@ -491,7 +500,10 @@ fn stage_finish(root: &Path, name: &str, tmp: &Path, keep: usize) -> Result<Path
         std::fs::remove_dir_all(&aside).at(&aside)?;
     }
     let prefix = name.split_once('-').map_or(name, |(p, _)| p);
-    let older: Vec<PathBuf> = list_named(root, prefix)?.into_iter().filter(|p| *p < final_dir).collect();
+    let older: Vec<PathBuf> = list_named(root, prefix)?
+        .into_iter()
+        .filter(|p| *p < final_dir && !p.join(SNAPSHOT).is_file())
+        .collect();
     let excess = (older.len() + 1).saturating_sub(keep);
     for old in older.into_iter().take(excess) {
         let gone = fsutil::sibling(&old, ".pruned.tmp");

@@ -858,6 +858,13 @@ pub fn load_pretrained(
     seed: u64,
 ) -> Result<(Encoder, Vec<f32>)> {
     let cfg_path = dir.join("config.json");
+    if dir.join("state.bin").is_file() {
+        return Err(Error::bad_file(
+            dir,
+            "is a dtrain training checkpoint, not a pretrained encoder (Hugging Face config.json + \
+             model.safetensors): a masked-LM run's encoder/ directory is one",
+        ));
+    }
     let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, format!("not JSON: {e}")))?;

@@ -30,8 +30,8 @@ pub struct ScheduleConfig {
     pub plateau_factor: f64,
     /// Cosine with restarts (METHODS.md §13, snapshot ensembles): the decay after warmup runs
     /// in this many equal cycles, each from the peak down to the floor, and training writes
-    /// a checkpoint at the end of each (`dtrain predict` given those checkpoints averages
-    /// them). 1: no restarts. Left out of the saved config when 1, so earlier runs keep
+    /// a snapshot checkpoint at the end of each, which pruning keeps (`dtrain predict` given
+    /// those checkpoints averages them). 1: no restarts. Left out of the saved config when 1, so earlier runs keep
     /// their trajectory hash.
     #[serde(skip_serializing_if = "is_one")]
     pub cycles: u32,
@@ -78,12 +78,13 @@ impl ScheduleConfig {
         if step < self.warmup_steps {
             return (step + 1) as f64 / self.warmup_steps as f64;
         }
-        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
-        let mut x = ((step - self.warmup_steps) as f64 / span).min(1.0);
-        if self.cycles > 1 && x < 1.0 {
-            // The position within the current cycle.
-            let p = x * f64::from(self.cycles);
-            x = p - p.floor();
+        let span = total.saturating_sub(self.warmup_steps).max(1);
+        let done = step - self.warmup_steps;
+        let mut x = (done as f64 / span as f64).min(1.0);
+        if self.cycles > 1 && done < span {
+            // The position within the current cycle, in integers (as `ends_cycle` finds the
+            // cycles), so that a restart lands exactly on the peak.
+            x = ((done * u64::from(self.cycles)) % span) as f64 / span as f64;
         }
         let floor = self.min_lr_ratio;
         match self.decay {
@@ -163,6 +164,10 @@ mod tests {
         assert!((s.at(100, 100) - 0.1).abs() < 1e-12);
         let ends: Vec<u64> = (0..=100).filter(|&d| s.ends_cycle(d, 100)).collect();
         assert_eq!(ends, [40, 70]);
+        // Where the float product (s−W)·k/span falls just below an integer (k 22, span
+        // 22·7, step 15·7), the restart still lands on the peak.
+        let k22 = ScheduleConfig { warmup_steps: 0, cycles: 22, ..s.clone() };
+        assert!((k22.at(105, 154) - 1.0).abs() < 1e-12 && k22.ends_cycle(105, 154));
         let one = ScheduleConfig { cycles: 1, ..s.clone() };
         assert!((0..=100).all(|d| !one.ends_cycle(d, 100)));
         assert!((one.at(55, 100) - 0.55).abs() < 1e-12);

@@ -264,7 +264,8 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
             "train.out_dir",
             &t.out_dir,
             &earlier,
-            "choose another train.out_dir, or remove them",
+            "choose another train.out_dir, or remove them (pretraining continues only from its own epoch \
+             checkpoints, with --resume auto)",
         )?;
         if let Some(other) = std::fs::read_dir(&ckpt_root)
             .into_iter()

@@ -203,7 +203,11 @@ fn config_differences(old: &serde_json::Value, new: &serde_json::Value, limit: u
     }
     let mut out = Vec::new();
     walk("", old, new, &mut out);
-    out.truncate(limit);
+    if out.len() > limit {
+        let more = out.len() - limit;
+        out.truncate(limit);
+        out.push(format!("and {more} more"));
+    }
     out
 }
 
@@ -739,6 +743,19 @@ where
                 ),
             ));
         }
+        if !dir.join(checkpoint::CONFIG_FILE).is_file() && root {
+            // Checkpoints without config.json predate the 2026-12-05 fixes to METHODS.md's
+            // definitions (distribution alignment after the temperature, the stabilisers'
+            // statistics, Temporal Ensembling's ramp, TSA in the adversarial pass, the bag
+            // model's ε), which a resumed run now follows.
+            eprintln!(
+                "warning: {} was written by a dtrain from before the method fixes of 2026-12-05: where the run uses distribution \
+                 alignment or adaptive thresholds at a temperature other than 1, Temporal Ensembling, TSA with \
+                 adversarial training, or a bag model's adversarial term, the resumed steps follow the corrected \
+                 definitions, not the ones the run began with",
+                dir.display()
+            );
+        }
         if state.data_checksum != manifest.checksum {
             return Err(Error::bad_file(
                 dir,
@@ -1123,6 +1140,7 @@ where
                 parts: mpl_run.iter().map(|r| r.part(be)).collect(),
                 state: &state,
                 config: &trajectory_text,
+                snapshot: cfg.schedule.cycles > 1 && (step == total || cfg.schedule.ends_cycle(step, total)),
             };
             let dir = checkpoint::save(&ckpt_root, &model, &meta, contents, t.keep_checkpoints, dist)?;
             last_ckpt = Some(dir);
