@@ -171,6 +171,16 @@ pub fn check_run_dir_place(origin: &str, field: &str, dir: &Path) -> Result<()> 
     }
 }
 
+/// Whether the metrics file `path` holds a record without `key` (a record of another
+/// command's run: training logs `step`, pretraining `words_per_s`); false when it is absent.
+pub fn metrics_of_another_kind(path: &Path, key: &str) -> bool {
+    fs::read_to_string(path).is_ok_and(|text| {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v.get(key).is_none())
+    })
+}
+
 /// Refuses to start a new run in `dir` (the config field `field` of command `origin`) over what an earlier run
 /// left there: each of `names` that exists (a non-empty file or directory) is named.
 /// `how` says what to do instead.

@@ -318,6 +318,20 @@ fn pretraining_keeps_other_runs_outputs() {
         assert!(e.contains("train.out_dir") && e.contains(EMBEDDINGS_FILE) && e.contains(WORDS_FILE), "{e}");
     }
     assert_eq!(std::fs::read(pt.join(EMBEDDINGS_FILE)).unwrap(), before);
+    // Training that starts over (--resume auto, no checkpoint of its own) in the
+    // pretraining's directory, or pretraining in a training run's that has lost its
+    // checkpoints, would rewrite the other's metrics: refused, and the file kept.
+    let pt_metrics = std::fs::read(pt.join("metrics.jsonl")).unwrap();
+    let tc = common::train_config(&data, &pt, &["train.epochs=1", "model.dim=8"]);
+    let e = common::train_run(&tc, Resume::Auto, None).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains(EMBEDDINGS_FILE) && e.contains("pretraining's directory"), "{e}");
+    assert_eq!(std::fs::read(pt.join("metrics.jsonl")).unwrap(), pt_metrics);
+    let lost = dir.path().join("lost");
+    std::fs::create_dir(&lost).unwrap();
+    std::fs::copy(run_dir.join("metrics.jsonl"), lost.join("metrics.jsonl")).unwrap();
+    let e = run(&cfg(&data, &lost, &[]), Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("metrics of another command's run"), "{e}");
+    assert_eq!(std::fs::read(lost.join("metrics.jsonl")).unwrap(), metrics);
     // Inside a checkpoint, or a data set.
     for inside in [ckpt.join("nested"), data.clone()] {
         let e = run(&cfg(&data, &inside, &[]), Resume::No, None).unwrap_err().to_string();

@@ -611,6 +611,27 @@ where
         }
         Resume::Auto => {
             let latest = checkpoint::latest(&ckpt_root)?;
+            if latest.is_none() {
+                // Starting over rewrites metrics.jsonl: not another command's run.
+                crate::fsutil::check_no_earlier_outputs(
+                    "train",
+                    "train.out_dir",
+                    &t.out_dir,
+                    &[
+                        crate::pretrain::embeddings::EMBEDDINGS_FILE,
+                        crate::pretrain::embeddings::WORDS_FILE,
+                        "encoder",
+                    ],
+                    "it is a pretraining's directory: choose another train.out_dir",
+                )?;
+                if crate::fsutil::metrics_of_another_kind(&t.out_dir.join("metrics.jsonl"), "step") {
+                    return Err(Error::bad_file(
+                        t.out_dir.join("metrics.jsonl"),
+                        "holds the metrics of another command's run (not training's), which starting over would \
+                         rewrite: choose another train.out_dir",
+                    ));
+                }
+            }
             if latest.is_none() && progress && ckpt_root.is_dir() {
                 eprintln!(
                     "--resume auto: no complete checkpoint in {} (an interrupted one has no DONE marker): starting at step 0",
