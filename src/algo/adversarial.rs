@@ -211,6 +211,14 @@ pub fn random_direction(
             *v = (a + b - 1.0) as f32;
         }
     }
+    // An isotropic draw in the input space: a row standing for c input vectors has input
+    // norm √c·‖row‖, so its draw is scaled by 1/√c (`ascend` divides by c; √c first).
+    if let Some(c) = space.copies {
+        for (row, &c) in g.chunks_mut(dim).zip(c) {
+            let f = c.sqrt() as f32;
+            row.iter_mut().for_each(|v| *v *= f);
+        }
+    }
     let mut d = vec![0.0f32; g.len()];
     ascend(&mut d, &g, space, radius, reduce);
     d
@@ -262,6 +270,15 @@ mod tests {
         assert!(close(&far, &[0.6, 0.8, 0.0]), "{far:?}");
         let d = random_direction(1, space, 2.0, 9, flat(3), ALONE);
         assert!((2.0 * norm(&d) - 2.0).abs() < 1e-6, "input-space norm {}", 2.0 * norm(&d));
+        // Over a batch, the draw is isotropic in the input space: the same draw for rows of
+        // 4 and 1 input vectors gives them equal input-space norms (√4·‖r₀‖ = ‖r₁‖), and
+        // the batch's input-space norm is the radius.
+        let copies = [4.0, 1.0];
+        let batch = Space { dim: 3, scope: NormScope::Batch, copies: Some(&copies) };
+        let same = |_: usize, j: usize| Some(j as u64);
+        let d = random_direction(2, batch, 1.5, 9, same, ALONE);
+        let (a, b) = (2.0 * norm(&d[..3]), norm(&d[3..]));
+        assert!((a - b).abs() < 1e-6 && (a * a + b * b - 1.5 * 1.5).abs() < 1e-5, "{a} {b}");
     }
 
     #[test]
