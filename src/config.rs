@@ -41,7 +41,18 @@ impl Override {
         if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
             return Err(Error::config("--set", arg, "the key must be a dotted path such as split.seed"));
         }
-        Ok(Override { key: key.to_owned(), value: parse_value(raw.trim()) })
+        let raw = raw.trim();
+        // A whole number TOML cannot hold would otherwise pass on as a string, and fail as
+        // "invalid type: string".
+        let digits = raw.strip_prefix(['-', '+']).unwrap_or(raw);
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && raw.parse::<i64>().is_err() {
+            return Err(Error::config(
+                "--set",
+                key,
+                format!("{raw} is beyond the whole numbers a config holds (±9223372036854775807)"),
+            ));
+        }
+        Ok(Override { key: key.to_owned(), value: parse_value(raw) })
     }
 
     /// An override from a typed value (used to map command-line flags onto config fields).
@@ -1154,6 +1165,10 @@ mod tests {
     fn bad_set_syntax_and_bad_files() {
         assert!(Override::parse("novalue").unwrap_err().to_string().contains("key=value"));
         assert!(Override::parse("a..b=1").is_err());
+        let big = Override::parse("train.steps=18446744073709551615").unwrap_err().to_string();
+        assert!(big.contains("train.steps") && big.contains("beyond the whole numbers"), "{big}");
+        assert!(Override::parse("train.steps=9223372036854775807").is_ok());
+        assert!(Override::parse("split.seed=-7").is_ok());
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "[split\nseed = 1").unwrap();
