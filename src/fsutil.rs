@@ -171,14 +171,25 @@ pub fn check_run_dir_place(origin: &str, field: &str, dir: &Path) -> Result<()> 
     }
 }
 
-/// Whether the metrics file `path` holds a record without `key` (a record of another
-/// command's run: training logs `step`, pretraining `words_per_s`); false when it is absent.
-pub fn metrics_of_another_kind(path: &Path, key: &str) -> bool {
-    fs::read_to_string(path).is_ok_and(|text| {
+/// Refuses to start a run over the metrics file `path` when it holds a record without `key`
+/// (another command's run, whose metrics starting over would rewrite: training logs `step`,
+/// pretraining `words_per_s`); `what` names this command's runs.
+pub fn check_metrics_kind(path: &Path, key: &str, what: &str) -> Result<()> {
+    let foreign = fs::read_to_string(path).is_ok_and(|text| {
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .any(|v| v.get(key).is_none())
-    })
+    });
+    if foreign {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "holds the metrics of another command's run (not {what}), which starting over would rewrite: \
+                 choose another train.out_dir"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses to start a new run in `dir` (the config field `field` of command `origin`) over what an earlier run

@@ -267,13 +267,11 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
             "choose another train.out_dir, or remove them (pretraining continues only from its own epoch \
              checkpoints, with --resume auto)",
         )?;
-        if crate::fsutil::metrics_of_another_kind(&t.out_dir.join("metrics.jsonl"), "words_per_s") {
-            return Err(Error::bad_file(
-                t.out_dir.join("metrics.jsonl"),
-                "holds the metrics of another command's run (not a pretraining's), which starting over would \
-                 rewrite: choose another train.out_dir",
-            ));
-        }
+        crate::fsutil::check_metrics_kind(
+            &t.out_dir.join("metrics.jsonl"),
+            "words_per_s",
+            "a pretraining's",
+        )?;
         if let Some(other) = std::fs::read_dir(&ckpt_root)
             .into_iter()
             .flatten()

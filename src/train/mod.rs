@@ -624,13 +624,7 @@ where
                     ],
                     "it is a pretraining's directory: choose another train.out_dir",
                 )?;
-                if crate::fsutil::metrics_of_another_kind(&t.out_dir.join("metrics.jsonl"), "step") {
-                    return Err(Error::bad_file(
-                        t.out_dir.join("metrics.jsonl"),
-                        "holds the metrics of another command's run (not training's), which starting over would \
-                         rewrite: choose another train.out_dir",
-                    ));
-                }
+                crate::fsutil::check_metrics_kind(&t.out_dir.join("metrics.jsonl"), "step", "training's")?;
             }
             if latest.is_none() && progress && ckpt_root.is_dir() {
                 eprintln!(
