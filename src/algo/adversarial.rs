@@ -132,7 +132,8 @@ pub struct Space<'a> {
 }
 
 impl Space<'_> {
-    /// Rows that are themselves the input vectors (an encoder's token embeddings).
+    /// Rows that are themselves the input vectors (as an encoder's token embeddings are).
+    #[cfg(test)]
     pub fn flat(dim: usize, scope: NormScope) -> Space<'static> {
         Space { dim, scope, copies: None }
     }
