@@ -38,6 +38,9 @@ import statistics
 import subprocess
 import time
 
+# ε of the adversarial terms, normed over a document's gathered vectors (METHODS.md §9).
+EPS_GRID = [0.1, 0.3, 1.0, 3.0]
+
 GRID = {
     "supervised": {"model.embed_dropout": [0.0, 0.3, 0.5]},
     "pi": {"model.embed_dropout": [0.3, 0.5], "consistency.weight": [1.0, 10.0, 100.0],
@@ -74,18 +77,24 @@ GRID = {
     # The fixed teacher is Noisy Student's (the chosen supervised run of the seed).
     "mpl_reduced": {"optim.lr": [0.01, 0.003], "mpl.reduced_hidden": ["[32]", "[128]"]},
     # VAT (METHODS.md §9) added to supervised training, its KL on every labeled and
-    # unlabeled row (μ = 1); ε is in the pooled vector's space, whose norm is far below 1
-    # here (docs/results.md, "Adversarial training"). vat_labeled is the same term on the
-    # labeled rows alone (μ = 0): what VAT gains without the unlabeled text.
-    "vat": {"adversarial.epsilon": [0.01, 0.03, 0.1], "adversarial.weight": [1.0, 3.0, 10.0],
+    # unlabeled row (μ = 1). ε is normed over a document's gathered vectors (METHODS.md §9;
+    # before 2026-12-05 dtrain normed it on the pooled vector, where this grid was
+    # {0.01, 0.03, 0.1}, about 12 times smaller for Brown's 151 ids per document).
+    # vat_labeled is the same term on the labeled rows alone (μ = 0): what VAT gains
+    # without the unlabeled text.
+    "vat": {"adversarial.epsilon": EPS_GRID, "adversarial.weight": [1.0, 3.0, 10.0],
             "train.epochs": [50, 100]},
     # VAT with the probe radius of Miyato et al.'s text VAT (0.1) instead of METHODS.md's
     # 1e-6 (their image default): a finite difference at 1e-6 in f32 amplifies rounding by
     # about 1/ξ (tests/mpi.rs), so the probe direction may be partly noise.
-    "vat_xi": {"adversarial.epsilon": [0.01, 0.03, 0.1], "adversarial.weight": [1.0, 3.0, 10.0],
+    "vat_xi": {"adversarial.epsilon": EPS_GRID, "adversarial.weight": [1.0, 3.0, 10.0],
                "train.epochs": [50, 100]},
-    "vat_labeled": {"adversarial.epsilon": [0.01, 0.03, 0.1], "adversarial.weight": [1.0, 3.0, 10.0],
+    "vat_labeled": {"adversarial.epsilon": EPS_GRID, "adversarial.weight": [1.0, 3.0, 10.0],
                     "train.epochs": [50, 100]},
+    # FGM (METHODS.md §9): the supervised loss again at the embeddings pushed along its own
+    # gradient, on the labeled rows (μ = 0), with and without the pooled vector's dropout.
+    "fgm": {"adversarial.epsilon": EPS_GRID, "adversarial.weight": [0.3, 1.0],
+            "model.embed_dropout": [0.0, 0.5], "train.epochs": [50, 100]},
 }
 MPL_VARIANTS = {"mpl": [], "mpl_new_minus_old": ['mpl.h_sign="new_minus_old"'],
                 "mpl_baseline": ["mpl.baseline=true"],
@@ -103,13 +112,15 @@ FIXED = {"pi": ["consistency.scale_by_labeled_ratio=false"],
          "fixmatch": ["consistency.stabiliser_momentum=0.9", "consistency.distribution_alignment=true"],
          "vat": ['adversarial.kind="vat"', "unlabeled.ratio=1", "model.embed_dropout=0.0"],
          "vat_labeled": ['adversarial.kind="vat"', "unlabeled.ratio=0", "model.embed_dropout=0.0"],
-         "vat_xi": ['adversarial.kind="vat"', "unlabeled.ratio=1", "model.embed_dropout=0.0", "adversarial.xi=0.1"]}
+         "vat_xi": ['adversarial.kind="vat"', "unlabeled.ratio=1", "model.embed_dropout=0.0", "adversarial.xi=0.1"],
+         "fgm": ['adversarial.kind="fgm"', "unlabeled.ratio=0"]}
 CONFIG = {"supervised": "configs/brown/supervised.toml", "pi": "configs/brown/pi.toml",
           "mean_teacher": "configs/brown/mean_teacher.toml", "rdrop": "configs/brown/rdrop.toml",
           "temporal": "configs/brown/temporal.toml", "uda": "configs/brown/uda.toml",
           "fixmatch": "configs/brown/fixmatch.toml", "noisy_student": "configs/brown/noisy_student.toml",
           "mpl_reduced": "configs/brown/mpl_reduced.toml", "vat": "configs/brown/supervised.toml",
-          "vat_labeled": "configs/brown/supervised.toml", "vat_xi": "configs/brown/supervised.toml"}
+          "vat_labeled": "configs/brown/supervised.toml", "vat_xi": "configs/brown/supervised.toml",
+          "fgm": "configs/brown/supervised.toml"}
 for _m, _sets in MPL_VARIANTS.items():
     CONFIG[_m] = "configs/brown/mpl.toml"
     FIXED[_m] = _sets

@@ -79,7 +79,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Check every checksum and value of a data set; exits non-zero on any problem.
     Verify {
-        /// The data set directory.
+        /// The data set directory (a file of one, its manifest, vocabulary or a shard,
+        /// verifies the whole data set; a shard file outside one is checked on its own).
         dir: PathBuf,
     },
     /// The demo job: prepare the bundled Brown genre data (20 labels per class), inspect and
@@ -854,7 +855,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect(args) => inspect(&args),
-        Command::Verify { dir } => Ok(verify(&dir)),
+        Command::Verify { dir } => verify_path(&dir),
         Command::Demo(args) => demo(&args, progress),
         Command::Bench(BenchCommand::Allreduce {
             backend,
@@ -1312,7 +1313,19 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
             if is_checkpoint { "a training checkpoint" } else { "a safetensors file (a checkpoint's weights)" }
         );
     }
-    if args.path.is_file() {
+    let dataset_file = dataset::containing_dataset(&args.path).filter(|_| {
+        args.path.file_name().is_some_and(|n| {
+            n == dtrain::data::manifest::MANIFEST_FILE || n == dtrain::data::vocab::VOCAB_FILE
+        })
+    });
+    if let Some(dir) = &dataset_file {
+        println!(
+            "{} is a file of the data set {}: inspecting the data set",
+            args.path.display(),
+            dir.display()
+        );
+    }
+    if args.path.is_file() && dataset_file.is_none() {
         let shard = Shard::open(&args.path)?;
         let h = shard.header();
         println!(
@@ -1330,11 +1343,12 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     }
     let split = SplitKind::from_name(&args.split)
         .with_context(|| format!("--split {}: expected train, val, test or unlabeled", args.split))?;
-    let ds = Dataset::open(&args.path)?;
+    let dir = dataset_file.as_deref().unwrap_or(&args.path);
+    let ds = Dataset::open(dir)?;
     let m: &Manifest = ds.manifest();
     println!(
         "{}: dtrain data set, {} classes, {} shards per split",
-        args.path.display(),
+        dir.display(),
         m.labels.len(),
         m.num_shards
     );
@@ -1349,6 +1363,37 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         println!("samples of `{}`:", split.name());
         print!("{}", dataset::sample_lines(&ds, split, args.samples));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dtrain verify PATH`: a data set directory, a file of one (the whole data set is
+/// verified), or a lone shard file (its structure and payload checksum alone).
+fn verify_path(path: &Path) -> anyhow::Result<ExitCode> {
+    if !path.is_file() {
+        return Ok(verify(path));
+    }
+    if let Some(dir) = dataset::containing_dataset(path) {
+        println!(
+            "{} is a file of the data set {}: verifying the whole data set",
+            path.display(),
+            dir.display()
+        );
+        return Ok(verify(&dir));
+    }
+    let shard = Shard::open(path).map_err(|e| {
+        anyhow::anyhow!("{e}; `dtrain verify` takes a data set directory made by `dtrain prepare`, or one of its shard files")
+    })?;
+    shard.verify_checksum()?;
+    let h = shard.header();
+    println!(
+        "ok      {}: shard {}/{} of split `{}`, {} documents, payload checksum matches \
+         (no manifest beside it: its agreement with a data set, its token ids' range and its vocabulary were not checked)",
+        path.display(),
+        h.shard_index,
+        h.num_shards,
+        h.split.name(),
+        h.num_docs
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -148,6 +148,19 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     let r = dtrain(&["verify", o]);
     assert!(r.status.success() && text(&r).contains("all 10 files verified"), "{}", text(&r));
 
+    // A file of the data set stands for the data set; a shard copied out of it is checked alone.
+    let manifest = out.join("manifest.json");
+    let r = dtrain(&["verify", manifest.to_str().unwrap()]);
+    assert!(r.status.success() && text(&r).contains("all 10 files verified"), "{}", text(&r));
+    let r = dtrain(&["inspect", manifest.to_str().unwrap(), "--samples", "0"]);
+    assert!(r.status.success() && text(&r).contains("dtrain data set, 2 classes"), "{}", text(&r));
+    let lone = dir.path().join("lone.shard");
+    std::fs::copy(out.join("unlabeled-00000.shard"), &lone).unwrap();
+    let r = dtrain(&["verify", lone.to_str().unwrap()]);
+    assert!(r.status.success() && text(&r).contains("payload checksum matches"), "{}", text(&r));
+    let r = dtrain(&["verify", input.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains("takes a data set directory"), "{}", text(&r));
+
     // A flipped byte makes verify fail with a non-zero exit code naming the file.
     let shard = out.join("unlabeled-00000.shard");
     let mut bytes = std::fs::read(&shard).unwrap();
@@ -156,6 +169,11 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     let r = dtrain(&["verify", o]);
     assert!(!r.status.success());
     assert!(text(&r).contains("FAILED  unlabeled-00000.shard"), "{}", text(&r));
+    let mut bytes = std::fs::read(&lone).unwrap();
+    bytes[140] ^= 1;
+    std::fs::write(&lone, bytes).unwrap();
+    let r = dtrain(&["verify", lone.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains("checksum"), "{}", text(&r));
 
     // Errors are one clear line and a failure code, never a panic.
     let r = dtrain(&["prepare", "--input", i, "--out", o]);

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::data::manifest::{hex64, Manifest};
+use crate::data::manifest::{hex64, Manifest, MANIFEST_FILE};
 use crate::data::shard::{Shard, SplitKind};
 use crate::data::vocab::{Vocab, VOCAB_FILE};
 use crate::error::{Error, Result};
@@ -156,6 +156,15 @@ impl VerifyReport {
     pub fn ok(&self) -> bool {
         self.files.iter().all(|(_, e)| e.is_none())
     }
+}
+
+/// The data set directory that `path` is one file of (its manifest, vocabulary or a
+/// shard), when `path` is such a file and its directory holds a manifest.
+pub fn containing_dataset(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let ours = name == MANIFEST_FILE || name == VOCAB_FILE || name.ends_with(".shard");
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    (ours && path.is_file() && dir.join(MANIFEST_FILE).is_file()).then(|| dir.to_path_buf())
 }
 
 /// Checks everything in `dir`: the manifest's checksum, each shard's structure, its
