@@ -226,6 +226,34 @@ fn averaged_weights_are_saved_evaluated_and_loadable() {
     assert!(e.to_string().contains("average.swa_start"), "{e}");
 }
 
+/// Runs the separable task with the exp TSA schedule (the task is soon fitted and η stays
+/// low, so whole windows drop every labeled row) and checks that `key` is 0 in each window
+/// where TSA dropped every row, and that there was such a window.
+fn assert_zero_where_tsa_dropped_every_row(data: &Path, out: &Path, extra: &[&str], key: &str) {
+    let sets = [extra, &["loss.tsa=\"exp\"", "train.epochs=8", "train.log_every=5"]].concat();
+    run(&cfg(data, out, &sets), Resume::No, None).unwrap();
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let mut all_dropped = 0;
+    for v in log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
+        if let (Some(x), Some(1.0)) = (v[key].as_f64(), v["tsa_dropped"].as_f64()) {
+            assert_eq!(x, 0.0, "step {}: TSA dropped every row, yet {key} is {x}", v["step"]);
+            all_dropped += 1;
+        }
+    }
+    assert!(all_dropped > 0, "no window where TSA dropped every row: the check above checked nothing");
+}
+
+/// R-Drop's two cross-entropy terms lose the same rows to TSA (METHODS.md §1 with §8): in a
+/// window where TSA dropped every labeled row the supervised loss is 0, not half of it
+/// left over from the second pass.
+#[test]
+fn tsa_drops_rows_from_both_rdrop_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let sets = ["method=\"rdrop\"", "model.embed_dropout=0.2"];
+    assert_zero_where_tsa_dropped_every_row(&data, &dir.path().join("rdrop-tsa"), &sets, "loss_supervised");
+}
+
 #[test]
 fn adversarial_training_learns_and_resumes_exactly() {
     // FGM on a supervised run learns the separable task.
@@ -256,22 +284,12 @@ fn adversarial_training_learns_and_resumes_exactly() {
     // The rows training-signal annealing drops stay out of the adversarial pass: in a
     // window where TSA dropped every labeled row (the separable task is soon fitted, and
     // the exp schedule keeps η low), the adversarial loss is 0, not the dropped rows' loss.
-    let out = dir.path().join("fgm-tsa");
-    let sets = ["adversarial.kind=\"fgm\"", "loss.tsa=\"exp\"", "train.epochs=8", "train.log_every=5"];
-    run(&cfg(&data, &out, &sets), Resume::No, None).unwrap();
-    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let mut all_dropped = 0;
-    for v in log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
-        if let (Some(adv), Some(1.0)) = (v["loss_adversarial"].as_f64(), v["tsa_dropped"].as_f64()) {
-            assert_eq!(
-                adv, 0.0,
-                "step {}: TSA dropped every row, yet the adversarial loss is {adv}",
-                v["step"]
-            );
-            all_dropped += 1;
-        }
-    }
-    assert!(all_dropped > 0, "no window where TSA dropped every row: the check above checked nothing");
+    assert_zero_where_tsa_dropped_every_row(
+        &data,
+        &dir.path().join("fgm-tsa"),
+        &["adversarial.kind=\"fgm\""],
+        "loss_adversarial",
+    );
     // Every kind resumes bit for bit (Fast-FGSM's random start and VAT's probe included),
     // with the fused SGD table update turned off by the adversarial pass.
     for kind in ["fgm", "pgd", "fast_fgsm"] {
@@ -630,6 +648,8 @@ fn bad_training_configs_name_their_field() {
         (&["method=\"mpl_reduced\"", "mpl.logits=\"x\"", "consistency.weight=1"][..], "consistency.weight"),
         (&["method=\"mpl\"", "mpl.baseline_rate=0"][..], "mpl.baseline_rate"),
         (&["method=\"mpl\"", "mpl.label_smoothing=1"][..], "mpl.label_smoothing"),
+        // The teacher's own softmax as the target would zero its MPL gradient.
+        (&["method=\"mpl\"", "mpl.pseudo_labels=\"soft\""][..], "mpl.pseudo_labels"),
         (&["method=\"mpl\"", "optim.grad_accum=2"][..], "optim.grad_accum"),
         (&["method=\"mpl\"", "mpl.teacher={dim=0}"][..], "mpl.teacher.dim"),
         (&["method=\"mpl\"", "mpl.teacher_optim={lr=0}"][..], "mpl.teacher_optim.lr"),
@@ -1349,7 +1369,8 @@ fn mpl_trains_a_teacher_of_its_own_size_logs_h_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let data = semi_supervised(dir.path());
     let out = dir.path().join("mpl");
-    let extra = [&mpl[..], &["train.steps=60", "train.log_every=3"]].concat();
+    let schedule = ["mpl.uda_steps=30", "consistency.ramp_epochs=0", "mpl.teacher_optim={lr=0.02}"];
+    let extra = [&mpl[..], &["train.steps=60", "train.log_every=3"], &schedule[..]].concat();
     let r = run(&cfg(&data, &out, &extra), Resume::No, None).unwrap();
     // The teacher is evaluated and reported beside the student, and is a model of its own
     // size that `--teacher` reads.
@@ -1380,6 +1401,18 @@ fn mpl_trains_a_teacher_of_its_own_size_logs_h_and_resumes_exactly() {
     let h = mid["mpl_h"].as_f64().unwrap();
     let (old, new) = (mid["mpl_ce_old"].as_f64().unwrap(), mid["mpl_ce_new"].as_f64().unwrap());
     assert!((h - (old - new)).abs() < 1e-9, "h = CE_old − CE_new (means over the window)");
+    // The logged weight is the teacher's UDA weight with its ramp min(1, t / uda_steps), t
+    // the last step of the window (0-based); the teacher's learning rate is logged beside.
+    let late =
+        recs.iter().find(|v| v["step"].as_u64() > Some(32)).unwrap()["consistency_weight"].as_f64().unwrap();
+    assert!(late > 0.0);
+    for v in recs.iter().filter(|v| v["step"].as_u64() <= Some(30)) {
+        let t = v["step"].as_f64().unwrap() - 1.0;
+        let w = v["consistency_weight"].as_f64().unwrap();
+        assert!((w - late * t / 30.0).abs() < 1e-12, "step {t}: weight {w}, not {late}·{t}/30");
+        let (lr, tlr) = (v["lr"].as_f64().unwrap(), v["teacher_lr"].as_f64().unwrap());
+        assert!((tlr - lr * 0.4).abs() < 1e-12, "teacher lr {tlr}, student lr {lr}");
+    }
     // The last window is the finetuning phase: no MPL step in it.
     assert_eq!(recs.last().unwrap()["mpl_steps"].as_u64(), Some(0));
     assert_eq!(mid["mpl_steps"].as_u64(), Some(3));

@@ -41,15 +41,17 @@ pub enum HSign {
     NewMinusOld,
 }
 
-/// The form of the teacher's pseudo-labels.
+/// The form of the teacher's pseudo-labels. There is no "soft" form (the teacher's own
+/// softmax(z / T) as the target): the teacher's MPL term h·CE(ŷ, T(u)) would then have the
+/// gradient h·(softmax(z) − softmax(z / T)), zero at T = 1, and not an MPL signal at any T;
+/// softened targets are the hard or sampled ones with `label_smoothing` (METHODS.md §12
+/// step 2's "soft targets with label smoothing").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PseudoLabels {
     /// One-hot argmax of the teacher's prediction.
     #[default]
     Hard,
-    /// The teacher's distribution softmax(z / `temperature`).
-    Soft,
     /// One label per row drawn from softmax(z / `temperature`) (METHODS.md §12 step 2's "a
     /// sample"): then h·∇CE(ŷ, T(u_s)) is the score-function (REINFORCE) estimate of how
     /// the teacher's distribution should move to lower the student's labeled loss, where
@@ -71,9 +73,9 @@ pub struct MplConfig {
     pub baseline: bool,
     /// The baseline's rate r in b ← b + r·(h − b).
     pub baseline_rate: f64,
-    /// `hard`, `soft` or `sampled`.
+    /// `hard` or `sampled`.
     pub pseudo_labels: PseudoLabels,
-    /// Temperature of soft and sampled pseudo-labels.
+    /// Temperature of sampled pseudo-labels.
     pub temperature: f64,
     /// ε: pseudo-labels become (1 − ε)·ŷ + ε/C.
     pub label_smoothing: f64,
@@ -194,7 +196,7 @@ pub struct StepPlan {
     pub uda_weight: f64,
     pub teacher_noise: Option<DropoutKey>,
     pub student_noise: Option<DropoutKey>,
-    /// Where sampled pseudo-labels draw from (unused by hard and soft ones).
+    /// Where sampled pseudo-labels draw from (unused by hard ones).
     pub draw: Draw,
 }
 
@@ -276,10 +278,6 @@ pub fn pseudo_targets(
             PseudoLabels::Hard => {
                 labels.push(top);
                 q.extend(one_hot(top));
-            }
-            PseudoLabels::Soft => {
-                labels.push(top);
-                q.extend(probs());
             }
             PseudoLabels::Sampled => {
                 // Inverse CDF; the last class takes what rounding leaves.

@@ -1017,9 +1017,11 @@ where
                 "train_accuracy": acc, "grad_norm": norm, "tokens_per_s": tps,
                 "step_ms": 1e3 * win_step_secs / win_step_count.max(1) as f64, "docs_per_s": (win.docs as f64 + (win.docs * recipe.unlabeled_ratio as u64) as f64) / secs,
             });
+            // MPL's teacher has its own UDA ramp and learning rate (of the step just taken).
+            let teacher_schedule = mpl_run.as_ref().map(|r| r.teacher_schedule(step - 1, w, lr));
             if win.cons_rows > 0 {
                 rec["loss_consistency"] = json!(win.cons_sum / win.cons_rows.max(1) as f64);
-                rec["consistency_weight"] = json!(w);
+                rec["consistency_weight"] = json!(teacher_schedule.map_or(w, |(uda, _)| uda));
                 rec["mask_ratio"] = json!(win.passed as f64 / win.cons_rows.max(1) as f64);
             }
             for k in &shadows {
@@ -1083,6 +1085,7 @@ where
                         json!(win.mpl_teacher_correct as f64 / win.mpl_teacher_docs as f64);
                 }
                 rec["mpl_steps"] = json!(win.mpl_steps);
+                rec["teacher_lr"] = json!(run.teacher_schedule(step - 1, w, lr).1);
             }
             log.write(rec)?;
             bar.set_message(format!("loss {loss:.4} acc {acc:.3} {:.0}k tok/s", tps / 1e3));

@@ -215,6 +215,14 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         }
     }
 
+    /// The teacher's UDA weight and learning rate at `step`, given the step's (ramped)
+    /// consistency weight `w` and the student's learning rate `lr`: the UDA term ramps in
+    /// as min(1, step / uda_steps).
+    pub(super) fn teacher_schedule(&self, step: u64, w: f64, lr: f64) -> (f64, f64) {
+        let ramp = if self.uda_steps == 0 { 1.0 } else { (step as f64 / self.uda_steps as f64).min(1.0) };
+        (w * ramp, lr * self.teacher_lr_ratio)
+    }
+
     /// One step on micro-batch `m` (labeled rows, then the strong view of the unlabeled
     /// ones, and their weak view): the MPL step, or a finetuning step of the student.
     #[allow(clippy::too_many_arguments)]
@@ -248,6 +256,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         };
         // Means of this rank's rows count 1/W in the window, which ranks sum.
         let inv = 1.0 / world as f64;
+        let (uda_weight, lr_teacher) = self.teacher_schedule(step, uda_weight, lr);
         let mut s_net = ModelNet { model: student, params, opt, bufs: &mut self.student_bufs };
         win.tokens += m.batch.ids.len() as u64;
         if step >= self.finetune_from {
@@ -267,7 +276,6 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             return finite(ce, step, "the student's finetuning loss").map(|loss| MplStepOut { loss, norm });
         }
         let unlabeled = m.batch.slice(n_l..n_l + n_u);
-        let ramp = if self.uda_steps == 0 { 1.0 } else { (step as f64 / self.uda_steps as f64).min(1.0) };
         let teacher_labeled = match &self.teacher {
             Teacher::Bag { .. } => true,
             Teacher::Reduced { train_logits, .. } => train_logits.is_some(),
@@ -280,9 +288,9 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             (Teacher::Reduced { .. }, false) => &[n_u],
         };
         let plan = StepPlan {
-            lr_teacher: lr * self.teacher_lr_ratio,
+            lr_teacher,
             lr_student: lr,
-            uda_weight: uda_weight * ramp,
+            uda_weight,
             teacher_noise: noise(TEACHER_PASS, teacher_rows),
             student_noise: noise(0, &[n_u]),
             draw: Draw { seed: self.seed, step, rows: RowMap::for_rank(&[n_u], rank, world) },

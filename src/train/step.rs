@@ -231,7 +231,7 @@ pub(super) fn drop_confident_rows(
     row_loss: &[f32],
     win: &mut LogWindow,
 ) -> (f64, Vec<usize>) {
-    let (mut removed, mut dropped) = (0.0, Vec::new());
+    let mut dropped = Vec::new();
     for (i, z) in logits.chunks(classes).enumerate() {
         let Ok(y) = usize::try_from(labels[i]) else { continue };
         let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -239,13 +239,22 @@ pub(super) fn drop_confident_rows(
         let p_y = f64::from(z[y] - m).exp() / s;
         win.tsa_rows += 1;
         if p_y > eta {
-            dlogits[i * classes..(i + 1) * classes].iter_mut().for_each(|g| *g = 0.0);
-            removed += f64::from(row_loss[i]);
             win.tsa_dropped += 1;
             dropped.push(i);
         }
     }
-    (removed, dropped)
+    (zero_rows(&dropped, classes, dlogits, row_loss), dropped)
+}
+
+/// Takes `rows` out of a loss: zeroes their gradient rows and returns the sum of their
+/// per-row losses, which the caller subtracts.
+fn zero_rows(rows: &[usize], classes: usize, dlogits: &mut [f32], row_loss: &[f32]) -> f64 {
+    let mut removed = 0.0;
+    for &i in rows {
+        dlogits[i * classes..(i + 1) * classes].iter_mut().for_each(|g| *g = 0.0);
+        removed += f64::from(row_loss[i]);
+    }
+    removed
 }
 
 /// Pseudo-label diagnostics over the unlabeled rows that have a target (a Temporal Ensembling
@@ -391,6 +400,8 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         );
         let logits = be.download(p0.acts.logits());
         // The labeled rows TSA drops from this step's loss.
+        // With R-Drop's two cross-entropy terms, the rows pass 0 decides to drop leave
+        // both (METHODS.md §1 with §8).
         let mut tsa_dropped: Vec<usize> = Vec::new();
         if let Some(tsa) = cfg.loss.tsa.threshold(step, total, classes) {
             let row_loss = be.download(&self.row_loss);
@@ -430,6 +441,12 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
                         &mut p1.dlogits,
                         &mut self.row_loss,
                     );
+                    if !tsa_dropped.is_empty() {
+                        let row_loss = be.download(&self.row_loss);
+                        sup -= with_host_mut(be, &mut p1.dlogits, |g| {
+                            zero_rows(&tsa_dropped, classes, g, &row_loss)
+                        });
+                    }
                 } else if grad {
                     p1.dlogits = be.zeros(n * classes);
                 }
