@@ -529,6 +529,13 @@ pub fn restore(snapshot: &Path, live: &Path, names: &[String], step: u64) -> Res
         if !h.sealed {
             return Err(Error::bad_file(&src, "is not a sealed snapshot (a live bank was copied in?)"));
         }
+        let own = file_name(h.split, h.shard);
+        if src.file_name().is_some_and(|n| n != own.as_str()) {
+            return Err(Error::bad_file(
+                &src,
+                format!("holds the bank of {own} (shard {} of split {}): the checkpoint's bank files were swapped or renamed", h.shard, h.split.name()),
+            ));
+        }
         if h.step != 0 && h.step != step {
             return Err(Error::bad_file(
                 &src,
@@ -731,6 +738,16 @@ mod tests {
         std::fs::write(&file, &v2).unwrap();
         let e = restore(&snap, &back, &[file_name(SplitKind::Unlabeled, 2)], 7).unwrap_err().to_string();
         assert!(e.contains("has no bank file unlabeled-00002.bank"), "{e}");
+        // Shard 1's snapshot under shard 2's name is named in the checkpoint, before any copy.
+        let swapped = snap.join(file_name(SplitKind::Unlabeled, 2));
+        std::fs::rename(&file, &swapped).unwrap();
+        let e = restore(&snap, &back, &[file_name(SplitKind::Unlabeled, 2)], 7).unwrap_err().to_string();
+        assert!(
+            e.contains("snap/unlabeled-00002.bank") && e.contains("holds the bank of unlabeled-00001.bank"),
+            "{e}"
+        );
+        assert!(!back.join(file_name(SplitKind::Unlabeled, 2)).exists());
+        std::fs::rename(&swapped, &file).unwrap();
         let f = BankFile::open(&back.join(file_name(SplitKind::Unlabeled, 1)), &header(50, 4, Storage::F32))
             .unwrap();
         assert!(!f.header().sealed);
