@@ -14,6 +14,15 @@ This uses labels no user has: it measures the method's ceiling, not a method.
 
   DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 \
       --json bench/results/brown-encoder-oracle.json
+
+--hidden-labels runs only the all-right case (p = 1) without training the teacher: with
+`ce_hard` at threshold 0 the student reads nothing of the teacher's logits but their argmax,
+so a file whose argmax is the hidden label (one-hot logits) gives the same run. The file's
+header (the data set's identity) is taken from the seed's teacher logits when they exist,
+else from the export of a one-step run (`oracle-template`).
+
+  DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 2 3 --hidden-labels \
+      --json bench/results/brown-encoder-oracle-all-right.json
 """
 import argparse
 import json
@@ -48,15 +57,47 @@ def teacher_logits(seed, data):
     return path
 
 
+def template_logits(seed, data):
+    """A logits file of the seed's unlabeled split whose header fits it: the teacher's if
+    exported, else a one-step run's (its values are not used)."""
+    teacher = f"runs/brown_encoder/seed{seed}/oracle/teacher.logits"
+    if os.path.exists(teacher):
+        return teacher
+    path = f"runs/brown_encoder/seed{seed}/oracle/template.logits"
+    if not os.path.exists(path):
+        be.run("supervised", seed, extra=["train.steps=1"], name="oracle-template")
+        ckpts = f"runs/brown_encoder/seed{seed}/oracle-template/checkpoints"
+        last = sorted(os.listdir(ckpts))[-1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        subprocess.run([be.BIN, "--quiet", "export-logits", "--checkpoint", os.path.join(ckpts, last),
+                        "--data", data, "--split", "unlabeled", "--out", path], check=True,
+                       stdout=subprocess.DEVNULL)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--accuracies", type=float, nargs="+", default=[0.5, 0.7, 1.0])
     ap.add_argument("--json")
+    ap.add_argument("--hidden-labels", action="store_true",
+                    help="only p = 1, from one-hot logits of the hidden labels (no teacher run)")
     a = ap.parse_args()
     rows = []
     for seed in a.seeds:
         data = be.prepare(seed)
+        if a.hidden_labels:
+            hidden = bo.hidden_labels(data)
+            buf, body, z = bo.read_logits(template_logits(seed, data))
+            assert len(hidden) == len(z) and (hidden >= 0).all()
+            path = f"runs/brown_encoder/seed{seed}/oracle/hidden.logits"
+            bo.write_logits(path, buf, body, np.eye(z.shape[1], dtype=np.float32)[hidden])
+            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'],
+                         name="oracle-student-hidden")
+            row.update(pseudo_label_accuracy=1.0, targets="hidden")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            continue
         own = teacher_logits(seed, data)
         hidden = bo.hidden_labels(data)
         buf, body, z = bo.read_logits(own)

@@ -13,7 +13,12 @@ Prints and writes val/test accuracy of student (and teacher), and seconds per ru
       --methods supervised fixmatch uda --seeds 1 2 3 --out runs/brown_methods_pretrained_e40 --json bench/results/brown-methods-pretrained-e40.json
   python3 bench/brown_methods.py --pretrained --pretrain-set train.epochs=40 --pretrain-set model.negatives=15 \
       --methods vat vat_labeled --seeds 1 2 3 --out runs/brown_methods_pretrained_e40 --json bench/results/brown-methods-pretrained-e40.json
-  (and --methods vat_xi, the same with ξ = 0.1)
+  (and --methods vat_xi, the same with ξ = 0.1; these two commands ran the grid of ε in the
+  pooled vector's space, {0.01, 0.03, 0.1}, and reproduce only at their recorded revision)
+  python3 bench/brown_methods.py --pretrained --pretrain-set train.epochs=40 --pretrain-set model.negatives=15 \
+      --methods supervised fgm vat vat_labeled vat_xi --seeds 1 2 3 --out runs/brown_methods_adv_fix \
+      --json bench/results/brown-methods-adv-fix.json
+  (FGM and VAT with ε over the gathered vectors, METHODS.md §9: EPS_GRID)
 
 With --pretrained every run (Noisy Student's teacher too) starts its embedding table from
 skip-gram embeddings pretrained on that seed's train + unlabeled text
@@ -79,7 +84,8 @@ GRID = {
     # VAT (METHODS.md §9) added to supervised training, its KL on every labeled and
     # unlabeled row (μ = 1). ε is normed over a document's gathered vectors (METHODS.md §9;
     # before 2026-12-05 dtrain normed it on the pooled vector, where this grid was
-    # {0.01, 0.03, 0.1}, about 12 times smaller for Brown's 151 ids per document).
+    # {0.01, 0.03, 0.1}, each about 12 times its value in today's units for Brown's 151 ids
+    # per document).
     # vat_labeled is the same term on the labeled rows alone (μ = 0): what VAT gains
     # without the unlabeled text.
     "vat": {"adversarial.epsilon": EPS_GRID, "adversarial.weight": [1.0, 3.0, 10.0],

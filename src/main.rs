@@ -585,8 +585,9 @@ struct PredictArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// A data set directory, one shard file, a Temporal Ensembling bank file (`.bank`, live
-    /// or in a checkpoint's `bank/`), or a logits file of `export-logits`.
+    /// A data set directory (or its `manifest.json` or `vocab.bin`), one shard file, a
+    /// Temporal Ensembling bank file (`.bank`, live or in a checkpoint's `bank/`), or a
+    /// logits file of `export-logits`.
     path: PathBuf,
     /// The split whose samples to decode.
     #[arg(long, default_value = "train")]
@@ -1313,11 +1314,9 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
             if is_checkpoint { "a training checkpoint" } else { "a safetensors file (a checkpoint's weights)" }
         );
     }
-    let dataset_file = dataset::containing_dataset(&args.path).filter(|_| {
-        args.path.file_name().is_some_and(|n| {
-            n == dtrain::data::manifest::MANIFEST_FILE || n == dtrain::data::vocab::VOCAB_FILE
-        })
-    });
+    // A shard is described on its own; the manifest or vocabulary stands for its data set.
+    let is_shard_file = args.path.extension().is_some_and(|x| x == "shard");
+    let dataset_file = (!is_shard_file).then(|| dataset::containing_dataset(&args.path)).flatten();
     if let Some(dir) = &dataset_file {
         println!(
             "{} is a file of the data set {}: inspecting the data set",
@@ -1380,14 +1379,23 @@ fn verify_path(path: &Path) -> anyhow::Result<ExitCode> {
         );
         return Ok(verify(&dir));
     }
-    let shard = Shard::open(path).map_err(|e| {
-        anyhow::anyhow!("{e}; `dtrain verify` takes a data set directory made by `dtrain prepare`, or one of its shard files")
-    })?;
+    let mut magic = [0u8; 8];
+    let is_shard =
+        std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+            && &magic == dtrain::data::shard::SHARD_MAGIC;
+    if !is_shard {
+        bail!(
+            "{}: not a dtrain shard file: `dtrain verify` takes a data set directory made by `dtrain prepare`, \
+             or one of its files",
+            path.display()
+        );
+    }
+    let shard = Shard::open(path)?;
     shard.verify_checksum()?;
     let h = shard.header();
     println!(
         "ok      {}: shard {}/{} of split `{}`, {} documents, payload checksum matches \
-         (no manifest beside it: its agreement with a data set, its token ids' range and its vocabulary were not checked)",
+         (not one of a data set's files: its agreement with a manifest, its token ids' range and its vocabulary were not checked)",
         path.display(),
         h.shard_index,
         h.num_shards,

@@ -148,16 +148,30 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     let r = dtrain(&["verify", o]);
     assert!(r.status.success() && text(&r).contains("all 10 files verified"), "{}", text(&r));
 
-    // A file of the data set stands for the data set; a shard copied out of it is checked alone.
-    let manifest = out.join("manifest.json");
-    let r = dtrain(&["verify", manifest.to_str().unwrap()]);
-    assert!(r.status.success() && text(&r).contains("all 10 files verified"), "{}", text(&r));
-    let r = dtrain(&["inspect", manifest.to_str().unwrap(), "--samples", "0"]);
+    // A file of the data set stands for the data set; a shard copied out of it, or beside
+    // it under a name its manifest does not list, is checked alone.
+    for f in ["manifest.json", "vocab.bin", "train-00001.shard"] {
+        let r = dtrain(&["verify", out.join(f).to_str().unwrap()]);
+        assert!(r.status.success() && text(&r).contains("all 10 files verified"), "{f}: {}", text(&r));
+    }
+    let r = dtrain(&["inspect", out.join("manifest.json").to_str().unwrap(), "--samples", "0"]);
     assert!(r.status.success() && text(&r).contains("dtrain data set, 2 classes"), "{}", text(&r));
+    let r = dtrain(&["inspect", out.join("train-00001.shard").to_str().unwrap()]);
+    assert!(r.status.success() && text(&r).contains("dtrain shard 1/2 of split `train`"), "{}", text(&r));
     let lone = dir.path().join("lone.shard");
-    std::fs::copy(out.join("unlabeled-00000.shard"), &lone).unwrap();
-    let r = dtrain(&["verify", lone.to_str().unwrap()]);
-    assert!(r.status.success() && text(&r).contains("payload checksum matches"), "{}", text(&r));
+    let stray = out.join("stray.shard");
+    for copy in [&lone, &stray] {
+        std::fs::copy(out.join("unlabeled-00000.shard"), copy).unwrap();
+        let r = dtrain(&["verify", copy.to_str().unwrap()]);
+        assert!(r.status.success() && text(&r).contains("payload checksum matches"), "{}", text(&r));
+        // A flipped payload byte (the last) fails it.
+        let mut bytes = std::fs::read(copy).unwrap();
+        *bytes.last_mut().unwrap() ^= 1;
+        std::fs::write(copy, bytes).unwrap();
+        let r = dtrain(&["verify", copy.to_str().unwrap()]);
+        assert!(!r.status.success() && text(&r).contains("payload checksum"), "{}", text(&r));
+    }
+    std::fs::remove_file(&stray).unwrap();
     let r = dtrain(&["verify", input.to_str().unwrap()]);
     assert!(!r.status.success() && text(&r).contains("takes a data set directory"), "{}", text(&r));
 
@@ -169,11 +183,6 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     let r = dtrain(&["verify", o]);
     assert!(!r.status.success());
     assert!(text(&r).contains("FAILED  unlabeled-00000.shard"), "{}", text(&r));
-    let mut bytes = std::fs::read(&lone).unwrap();
-    bytes[140] ^= 1;
-    std::fs::write(&lone, bytes).unwrap();
-    let r = dtrain(&["verify", lone.to_str().unwrap()]);
-    assert!(!r.status.success() && text(&r).contains("checksum"), "{}", text(&r));
 
     // Errors are one clear line and a failure code, never a panic.
     let r = dtrain(&["prepare", "--input", i, "--out", o]);

@@ -7,8 +7,8 @@
 //! 1. The teacher's noisy pass over its rows: the labeled rows (CE_T against the labels),
 //!    the weak view of the unlabeled rows (the target of its UDA term) and the rows it makes
 //!    pseudo-labels on (the strong view; the UDA term's student side).
-//! 2. Pseudo-labels ŷ from those rows: argmax (hard, the default) or softmax(z/T) (soft),
-//!    either smoothed by ε towards uniform.
+//! 2. Pseudo-labels ŷ from those rows: argmax (hard, the default) or a class drawn from
+//!    softmax(z/T) (sampled), either smoothed by ε towards uniform.
 //! 3. CE_old = CE(S(x_l; θ), y), from a clean (dropout-free) student pass.
 //! 4. The student's update on the pseudo-labels alone: one noisy pass over the strong view,
 //!    CE(ŷ, S(u_s)), its own optimizer. The labeled rows never enter this gradient.

@@ -524,6 +524,8 @@ pub fn restore(snapshot: &Path, live: &Path, names: &[String], step: u64) -> Res
     if files.is_empty() {
         return Err(Error::bad_file(snapshot, "holds no bank files"));
     }
+    // Every file is checked before any is copied.
+    let mut checked = Vec::with_capacity(files.len());
     for src in files {
         let (h, _) = verify_sealed(&src)?;
         if !h.sealed {
@@ -545,6 +547,9 @@ pub fn restore(snapshot: &Path, live: &Path, names: &[String], step: u64) -> Res
                 ),
             ));
         }
+        checked.push((src, h));
+    }
+    for (src, h) in checked {
         let dst = live.join(src.file_name().expect("a file name"));
         let tmp = live.join(format!("{}.tmp", src.file_name().expect("a name").to_string_lossy()));
         std::fs::copy(&src, &tmp).at(&tmp)?;
@@ -738,16 +743,19 @@ mod tests {
         std::fs::write(&file, &v2).unwrap();
         let e = restore(&snap, &back, &[file_name(SplitKind::Unlabeled, 2)], 7).unwrap_err().to_string();
         assert!(e.contains("has no bank file unlabeled-00002.bank"), "{e}");
-        // Shard 1's snapshot under shard 2's name is named in the checkpoint, before any copy.
+        // Shard 1's snapshot under shard 2's name is named in the checkpoint, before any
+        // file (shard 1's good one included) is copied.
         let swapped = snap.join(file_name(SplitKind::Unlabeled, 2));
-        std::fs::rename(&file, &swapped).unwrap();
-        let e = restore(&snap, &back, &[file_name(SplitKind::Unlabeled, 2)], 7).unwrap_err().to_string();
+        std::fs::copy(&file, &swapped).unwrap();
+        let fresh = dir.path().join("fresh");
+        let both = [file_name(SplitKind::Unlabeled, 1), file_name(SplitKind::Unlabeled, 2)];
+        let e = restore(&snap, &fresh, &both, 7).unwrap_err().to_string();
         assert!(
             e.contains("snap/unlabeled-00002.bank") && e.contains("holds the bank of unlabeled-00001.bank"),
             "{e}"
         );
-        assert!(!back.join(file_name(SplitKind::Unlabeled, 2)).exists());
-        std::fs::rename(&swapped, &file).unwrap();
+        assert_eq!(std::fs::read_dir(&fresh).unwrap().count(), 0, "a file was copied");
+        std::fs::remove_file(&swapped).unwrap();
         let f = BankFile::open(&back.join(file_name(SplitKind::Unlabeled, 1)), &header(50, 4, Storage::F32))
             .unwrap();
         assert!(!f.header().sealed);

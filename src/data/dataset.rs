@@ -158,13 +158,19 @@ impl VerifyReport {
     }
 }
 
-/// The data set directory that `path` is one file of (its manifest, vocabulary or a
-/// shard), when `path` is such a file and its directory holds a manifest.
+/// The data set directory that `path` is one file of: its manifest, its vocabulary, or a
+/// shard its manifest lists (a stray shard beside them is not one of its files).
 pub fn containing_dataset(path: &Path) -> Option<PathBuf> {
     let name = path.file_name()?.to_str()?;
-    let ours = name == MANIFEST_FILE || name == VOCAB_FILE || name.ends_with(".shard");
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    (ours && path.is_file() && dir.join(MANIFEST_FILE).is_file()).then(|| dir.to_path_buf())
+    if !path.is_file() || !dir.join(MANIFEST_FILE).is_file() {
+        return None;
+    }
+    let listed = name == MANIFEST_FILE
+        || name == VOCAB_FILE
+        || Manifest::read(dir)
+            .is_ok_and(|m| SplitKind::ALL.iter().any(|k| (0..m.num_shards).any(|i| k.shard_file(i) == name)));
+    listed.then(|| dir.to_path_buf())
 }
 
 /// Checks everything in `dir`: the manifest's checksum, each shard's structure, its

@@ -1085,7 +1085,9 @@ where
                         json!(win.mpl_teacher_correct as f64 / win.mpl_teacher_docs as f64);
                 }
                 rec["mpl_steps"] = json!(win.mpl_steps);
-                rec["teacher_lr"] = json!(run.teacher_schedule(step - 1, w, lr).1);
+                if let Some((_, teacher_lr)) = teacher_schedule {
+                    rec["teacher_lr"] = json!(teacher_lr);
+                }
             }
             log.write(rec)?;
             bar.set_message(format!("loss {loss:.4} acc {acc:.3} {:.0}k tok/s", tps / 1e3));

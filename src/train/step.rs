@@ -231,7 +231,7 @@ pub(super) fn drop_confident_rows(
     row_loss: &[f32],
     win: &mut LogWindow,
 ) -> (f64, Vec<usize>) {
-    let mut dropped = Vec::new();
+    let (mut removed, mut dropped) = (0.0, Vec::new());
     for (i, z) in logits.chunks(classes).enumerate() {
         let Ok(y) = usize::try_from(labels[i]) else { continue };
         let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -239,22 +239,13 @@ pub(super) fn drop_confident_rows(
         let p_y = f64::from(z[y] - m).exp() / s;
         win.tsa_rows += 1;
         if p_y > eta {
+            dlogits[i * classes..(i + 1) * classes].iter_mut().for_each(|g| *g = 0.0);
+            removed += f64::from(row_loss[i]);
             win.tsa_dropped += 1;
             dropped.push(i);
         }
     }
-    (zero_rows(&dropped, classes, dlogits, row_loss), dropped)
-}
-
-/// Takes `rows` out of a loss: zeroes their gradient rows and returns the sum of their
-/// per-row losses, which the caller subtracts.
-fn zero_rows(rows: &[usize], classes: usize, dlogits: &mut [f32], row_loss: &[f32]) -> f64 {
-    let mut removed = 0.0;
-    for &i in rows {
-        dlogits[i * classes..(i + 1) * classes].iter_mut().for_each(|g| *g = 0.0);
-        removed += f64::from(row_loss[i]);
-    }
-    removed
+    (removed, dropped)
 }
 
 /// Pseudo-label diagnostics over the unlabeled rows that have a target (a Temporal Ensembling
@@ -400,8 +391,6 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         );
         let logits = be.download(p0.acts.logits());
         // The labeled rows TSA drops from this step's loss.
-        // With R-Drop's two cross-entropy terms, the rows pass 0 decides to drop leave
-        // both (METHODS.md §1 with §8).
         let mut tsa_dropped: Vec<usize> = Vec::new();
         if let Some(tsa) = cfg.loss.tsa.threshold(step, total, classes) {
             let row_loss = be.download(&self.row_loss);
@@ -411,6 +400,17 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
             });
             sup -= removed;
         }
+        // The labels of every later supervised loss of this step (R-Drop's second pass,
+        // the adversarial pass): the rows TSA dropped read as unlabeled there too
+        // (METHODS.md §1 with §8 and §9).
+        let later_labels = (!tsa_dropped.is_empty()
+            && (recipe.ce_both_passes || cfg.adversarial.kind != AdversarialKind::None))
+            .then(|| {
+                let mut b = batch.clone();
+                tsa_dropped.iter().for_each(|&i| b.labels[i] = -1);
+                be.upload_batch(&b)
+            });
+        let later_labels = later_labels.as_ref().unwrap_or(labels);
         // The consistency term: its target, the student rows it covers, their count.
         let mut second_grad = false;
         let mut cons_term = 0.0;
@@ -435,18 +435,12 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
                     sup += be.softmax_loss(
                         p1.acts.logits(),
                         classes,
-                        labels,
+                        later_labels,
                         kind,
                         ce_scale,
                         &mut p1.dlogits,
                         &mut self.row_loss,
                     );
-                    if !tsa_dropped.is_empty() {
-                        let row_loss = be.download(&self.row_loss);
-                        sup -= with_host_mut(be, &mut p1.dlogits, |g| {
-                            zero_rows(&tsa_dropped, classes, g, &row_loss)
-                        });
-                    }
                 } else if grad {
                     p1.dlogits = be.zeros(n * classes);
                 }
@@ -563,18 +557,11 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         );
         if cfg.adversarial.kind != AdversarialKind::None {
             let g0 = be.download(&self.table.dpooled);
-            // The rows TSA dropped stay out of the adversarial pass's loss too: it reads
-            // them as unlabeled.
-            let tsa_labels = (!tsa_dropped.is_empty()).then(|| {
-                let mut b = batch.clone();
-                tsa_dropped.iter().for_each(|&i| b.labels[i] = -1);
-                be.upload_batch(&b)
-            });
             let a = AdversarialPass {
                 be,
                 model,
                 x: &dev,
-                labels: tsa_labels.as_ref().unwrap_or(labels),
+                labels: later_labels,
                 n,
                 n_l,
                 key,
