@@ -43,36 +43,33 @@ STUDENT = ['method="noisy_student"', 'consistency.kind="ce_hard"', "consistency.
 be.VARIANTS["noisy_student"] = STUDENT
 
 
-def teacher_logits(seed, data):
-    """The seed's supervised MiniLM run's logits of the unlabeled split (exported once)."""
-    path = f"runs/brown_encoder/seed{seed}/oracle/teacher.logits"
+def exported_logits(seed, data, name, extra=()):
+    """The unlabeled split's logits of the seed's supervised MiniLM run `name` (with the
+    settings `extra`), exported once to runs/brown_encoder/seedN/oracle/."""
+    path = f"runs/brown_encoder/seed{seed}/oracle/{name}.logits"
     if not os.path.exists(path):
-        be.run("supervised", seed)
-        ckpts = f"runs/brown_encoder/seed{seed}/supervised/checkpoints"
+        run = "supervised" if name == "teacher" else f"oracle-{name}"
+        be.run("supervised", seed, extra=list(extra), name=run)
+        ckpts = f"runs/brown_encoder/seed{seed}/{run}/checkpoints"
         last = sorted(os.listdir(ckpts))[-1]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         subprocess.run([be.BIN, "--quiet", "export-logits", "--checkpoint", os.path.join(ckpts, last),
                         "--data", data, "--split", "unlabeled", "--out", path], check=True,
                        stdout=subprocess.DEVNULL)
     return path
+
+
+def teacher_logits(seed, data):
+    """The seed's supervised MiniLM run's logits of the unlabeled split."""
+    return exported_logits(seed, data, "teacher")
 
 
 def template_logits(seed, data):
     """A logits file of the seed's unlabeled split whose header fits it: the teacher's if
     exported, else a one-step run's (its values are not used)."""
-    teacher = f"runs/brown_encoder/seed{seed}/oracle/teacher.logits"
-    if os.path.exists(teacher):
-        return teacher
-    path = f"runs/brown_encoder/seed{seed}/oracle/template.logits"
-    if not os.path.exists(path):
-        be.run("supervised", seed, extra=["train.steps=1"], name="oracle-template")
-        ckpts = f"runs/brown_encoder/seed{seed}/oracle-template/checkpoints"
-        last = sorted(os.listdir(ckpts))[-1]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        subprocess.run([be.BIN, "--quiet", "export-logits", "--checkpoint", os.path.join(ckpts, last),
-                        "--data", data, "--split", "unlabeled", "--out", path], check=True,
-                       stdout=subprocess.DEVNULL)
-    return path
+    if os.path.exists(f"runs/brown_encoder/seed{seed}/oracle/teacher.logits"):
+        return teacher_logits(seed, data)
+    return exported_logits(seed, data, "template", ["train.steps=1"])
 
 
 def main():
