@@ -735,12 +735,21 @@ impl Validate for TrainConfig {
                 }
                 e => e,
             };
+            if self.mpl.teacher.is_some() && self.method == Method::MplReduced {
+                return bad(
+                    "mpl.teacher",
+                    "applies to method = \"mpl\": mpl_reduced's teacher is the MLP of mpl.reduced_hidden",
+                );
+            }
+            // Checked as the student's sections, in a config whose [mpl] keeps everything
+            // but the teacher's own sections (mpl_reduced needs its mpl.logits there).
+            let mpl = crate::algo::mpl::MplConfig { teacher: None, teacher_optim: None, ..self.mpl.clone() };
             if let Some(m) = &self.mpl.teacher {
-                let t = TrainConfig { model: m.clone(), mpl: Default::default(), ..self.clone() };
+                let t = TrainConfig { model: m.clone(), mpl: mpl.clone(), ..self.clone() };
                 t.validate(origin).map_err(|e| renamed(e, "model.", "mpl.teacher."))?;
             }
             if let Some(o) = &self.mpl.teacher_optim {
-                let t = TrainConfig { optim: o.clone(), mpl: Default::default(), ..self.clone() };
+                let t = TrainConfig { optim: o.clone(), mpl, ..self.clone() };
                 t.validate(origin).map_err(|e| renamed(e, "optim.", "mpl.teacher_optim."))?;
             }
         } else if self.mpl != crate::algo::mpl::MplConfig::default() {

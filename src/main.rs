@@ -558,7 +558,8 @@ struct PredictArgs {
     /// Probabilities listed per document.
     #[arg(long, default_value_t = 3)]
     top_k: usize,
-    /// Average this many forward passes with dropout on (MC dropout); 1 = no dropout.
+    /// Average this many forward passes with dropout on (MC dropout), at most 256; 1 = no
+    /// dropout.
     #[arg(long, default_value_t = 1)]
     mc_dropout: usize,
     /// Test-time augmentation: also average over this many strong views of each document
@@ -731,8 +732,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Neighbors { model, words, k } => {
+            if k == 0 {
+                bail!("-k 0: list at least one neighbour");
+            }
             let emb = dtrain::pretrain::embeddings::read(&model)?;
             let units = emb.unit_vectors();
+            let mut found = true;
             for q in &words {
                 match emb.neighbors(&units, q, k) {
                     Some((word, list)) => {
@@ -741,10 +746,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             println!("  {s:7.4}  {w}");
                         }
                     }
-                    None => println!("{q:?}: holds no word"),
+                    None => {
+                        println!("{q:?}: holds no word");
+                        found = false;
+                    }
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            // A query with no word in it is a failed lookup: scripts see it in the exit code.
+            Ok(if found { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Eval(args) => {
             let split = SplitKind::from_name(&args.split)

@@ -132,8 +132,10 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
             return Err(Error::config("predict", flag, "must be at least 1"));
         }
     }
-    if opts.augment_views > 256 {
-        return Err(Error::config("predict", "--augment-views", "must be at most 256"));
+    for (flag, v) in [("--mc-dropout", opts.mc_dropout), ("--augment-views", opts.augment_views)] {
+        if v > 256 {
+            return Err(Error::config("predict", flag, "must be at most 256"));
+        }
     }
     crate::fsutil::check_output("--output", &opts.output, &[&opts.input], None)?;
     let mut metas: Vec<ModelMeta> = Vec::new();

@@ -453,6 +453,15 @@ fn pretrain_and_neighbors_from_the_command_line() {
     for l in &lines[1..3] {
         assert!(l.ends_with("green") || l.ends_with("blue"), "{t}");
     }
+    // A query with no word fails the command (after the others are listed); -k 0 is refused.
+    let o = dtrain(&["neighbors", "--model", out.to_str().unwrap(), "-k", "2", "red", ""]);
+    assert!(
+        !o.status.success() && text(&o).contains("red:") && text(&o).contains("holds no word"),
+        "{}",
+        text(&o)
+    );
+    let o = dtrain(&["neighbors", "--model", out.to_str().unwrap(), "-k", "0", "red"]);
+    assert!(!o.status.success() && text(&o).contains("-k 0"), "{}", text(&o));
     // A bad config names its field.
     let o = dtrain(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "model.window=0"]);
     assert!(!o.status.success());

@@ -570,6 +570,26 @@ fn bad_training_configs_name_their_field() {
     let c = cfg(&data, &out, &["train.batch_size=7"]);
     let e = run(&c, Resume::No, None).unwrap_err().to_string();
     assert!(e.contains("train.batch_size") && e.contains("multiple of the data set's 2 shards"), "{e}");
+    // Schedules longer than the run (train.steps=10) are refused by field.
+    for (set, msg) in [
+        ("schedule.warmup_steps=10", "schedule.warmup_steps`: 10 leaves no step of the run's 10"),
+        ("schedule.cycles=9", "schedule.cycles`: 9 cycles do not fit the run's 8 steps"),
+        ("consistency.rampdown_epochs=1000", "consistency.rampdown_epochs`: a ramp-down of"),
+    ] {
+        let extra = ["train.steps=10", "schedule.warmup_steps=2", "schedule.decay=\"cosine\"", set];
+        let e = run(&cfg(&data, &out, &extra), Resume::No, None).unwrap_err().to_string();
+        assert!(e.contains(msg), "{set}: {e}");
+    }
+    run(
+        &cfg(
+            &data,
+            &dir.path().join("cycles"),
+            &["train.steps=10", "schedule.warmup_steps=2", "schedule.decay=\"cosine\"", "schedule.cycles=8"],
+        ),
+        Resume::No,
+        None,
+    )
+    .unwrap();
     let o = |s: &str| {
         vec![
             Override::parse("data.dir=\"x\"").unwrap(),
@@ -617,6 +637,8 @@ fn bad_training_configs_name_their_field() {
     };
     let e = with(&["method=\"mean_teacher\"", "mean_teacher.alpha=1.0"]).unwrap_err();
     assert!(e.contains("mean_teacher.alpha") && e.contains("(0, 1)"), "{e}");
+    // Reduced MPL's teacher takes its own optimizer (checked with mpl.logits kept).
+    with(&["method=\"mpl_reduced\"", "mpl.logits=\"x\"", "mpl.teacher_optim={lr=0.001}"]).unwrap();
     let e = with(&["method=\"rdrop\"", "consistency.kind=\"mse\""]).unwrap_err();
     assert!(e.contains("consistency.kind") && e.contains("sym_kl"), "{e}");
     let e = with(&["method=\"mean_teacher\"", "consistency.kind=\"sym_kl\""]).unwrap_err();
@@ -648,6 +670,11 @@ fn bad_training_configs_name_their_field() {
         (&["method=\"mpl_reduced\"", "mpl.logits=\"x\"", "consistency.weight=1"][..], "consistency.weight"),
         (&["method=\"mpl\"", "mpl.baseline_rate=0"][..], "mpl.baseline_rate"),
         (&["method=\"mpl\"", "mpl.label_smoothing=1"][..], "mpl.label_smoothing"),
+        (&["method=\"mpl_reduced\"", "mpl.logits=\"x\"", "mpl.teacher={dim=8}"][..], "mpl.teacher"),
+        (
+            &["method=\"mpl_reduced\"", "mpl.logits=\"x\"", "mpl.teacher_optim={lr=0}"][..],
+            "mpl.teacher_optim.lr",
+        ),
         // The teacher's own softmax as the target would zero its MPL gradient.
         (&["method=\"mpl\"", "mpl.pseudo_labels=\"soft\""][..], "mpl.pseudo_labels"),
         (&["method=\"mpl\"", "optim.grad_accum=2"][..], "optim.grad_accum"),
@@ -1588,4 +1615,18 @@ fn predict_averages_augmented_views() {
     };
     assert_ne!(conf(&plain), conf(&tta), "averaging over augmented views changes the probabilities");
     assert_ne!(conf(&tta), conf(&predict("e.jsonl", &["--augment-views", "4", "--seed", "2"])));
+    // Both counts of passes are bounded, by flag.
+    for flag in ["--mc-dropout", "--augment-views"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .args(["--quiet", "predict", flag, "257", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--input")
+            .arg(&text)
+            .arg("--output")
+            .arg(dir.path().join("f.jsonl"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(flag) && err.contains("at most 256"), "{err}");
+    }
 }

@@ -375,6 +375,38 @@ pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Tra
 /// and 1/W of each per-step mean, so the sum over ranks is the global window; the step
 /// counters (steps, MPL steps, adversarial passes) are the same on every rank. The class
 /// counts are padded to `classes` first, as a rank may not have seen the highest class.
+/// Refuses schedules longer than the run of `total` steps, which would leave it nothing of
+/// what they schedule: a warm-up that never reaches the full learning rate, cosine cycles of
+/// under one step each (and a snapshot checkpoint for every one), a ramp-down of
+/// `down_steps` that starts before the first step.
+fn check_schedule_lengths(cfg: &TrainConfig, total: u64, down_steps: u64) -> Result<()> {
+    let s = &cfg.schedule;
+    let refuse = |field: &str, msg: String| Err(Error::config("train", field, msg));
+    if s.warmup_steps > 0 && s.warmup_steps >= total {
+        return refuse(
+            "schedule.warmup_steps",
+            format!("{} leaves no step of the run's {total} at the full learning rate", s.warmup_steps),
+        );
+    }
+    let after_warmup = total - s.warmup_steps;
+    if u64::from(s.cycles) > after_warmup {
+        return refuse(
+            "schedule.cycles",
+            format!(
+                "{} cycles do not fit the run's {after_warmup} steps after warm-up (one step each at least)",
+                s.cycles
+            ),
+        );
+    }
+    if down_steps > total {
+        return refuse(
+            "consistency.rampdown_epochs",
+            format!("a ramp-down of {down_steps} steps is longer than the run's {total}"),
+        );
+    }
+    Ok(())
+}
+
 fn window_sum(win: &LogWindow, dist: &Dist, classes: usize) -> LogWindow {
     if dist.world() == 1 {
         return win.clone();
@@ -572,9 +604,10 @@ where
             ),
         ));
     }
+    let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
+    check_schedule_lengths(cfg, total, down_steps)?;
     let ramp = recipe.ramp(steps_per_epoch);
     let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
-    let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
 
     let mut opt = Optimizer::new(be, model.layout(), model.table(), optim_config(cfg, &model));
     let mut loader =
