@@ -273,6 +273,12 @@ fn predict_on<B: EncoderOps<F = f32>>(
                 break;
             }
         }
+        if summary.documents == 0 && summary.skipped > 0 {
+            return Err(Error::bad_file(
+                &opts.input,
+                format!("every line was bad ({} skipped): nothing was predicted", summary.skipped),
+            ));
+        }
         out.flush().at(tmp)?;
         out.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?.sync_all().at(tmp)?;
         std::fs::rename(tmp, &opts.output).at(&opts.output)?;

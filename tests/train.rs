@@ -820,6 +820,16 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     assert!(!o.status.success() && e.contains("bad.jsonl:2") && e.contains("missing text field"), "{e}");
     assert!(!dir.path().join("q.jsonl").exists(), "no partial output");
     assert!(!dir.path().join("q.jsonl.tmp").exists(), "no temporary file left");
+    // With --skip-bad, an input whose every line is bad predicts nothing and fails.
+    let all_bad = common::write(dir.path(), "all_bad.jsonl", b"{\"body\": 1}\n{\"body\": 2}\n");
+    let o = std::process::Command::new(bin)
+        .args(["predict", "--skip-bad", "--checkpoint", ca, "--input", all_bad.to_str().unwrap(), "--output"])
+        .arg(dir.path().join("s.jsonl"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("all_bad.jsonl") && e.contains("every line was bad"), "{e}");
+    assert!(!dir.path().join("s.jsonl").exists(), "no output");
     // An output that would destroy an input or a checkpoint's file is refused, and the
     // file is left as it was.
     let text = common::write(dir.path(), "in.txt", b"alpha apple\n");
