@@ -371,10 +371,6 @@ pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Tra
     dispatch_with(opts.device, dist.local_rank(), say, cfg.train.matmul, Job(cfg, opts, dist))
 }
 
-/// The sums of a logging window over ranks. Every rank adds its own rows' counts and sums,
-/// and 1/W of each per-step mean, so the sum over ranks is the global window; the step
-/// counters (steps, MPL steps, adversarial passes) are the same on every rank. The class
-/// counts are padded to `classes` first, as a rank may not have seen the highest class.
 /// Refuses schedules longer than the run of `total` steps, which would leave it nothing of
 /// what they schedule: a warm-up that never reaches the full learning rate, cosine cycles of
 /// under one step each (and a snapshot checkpoint for every one), a ramp-down of
@@ -407,6 +403,10 @@ fn check_schedule_lengths(cfg: &TrainConfig, total: u64, down_steps: u64) -> Res
     Ok(())
 }
 
+/// The sums of a logging window over ranks. Every rank adds its own rows' counts and sums,
+/// and 1/W of each per-step mean, so the sum over ranks is the global window; the step
+/// counters (steps, MPL steps, adversarial passes) are the same on every rank. The class
+/// counts are padded to `classes` first, as a rank may not have seen the highest class.
 fn window_sum(win: &LogWindow, dist: &Dist, classes: usize) -> LogWindow {
     if dist.world() == 1 {
         return win.clone();
