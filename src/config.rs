@@ -107,6 +107,7 @@ where
     }
     let origin = if overrides.is_empty() { origin } else { format!("{origin} with overrides") };
     let value = toml::Value::Table(root);
+    let floats = value.clone();
     let cfg: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
         Error::config(
@@ -116,7 +117,45 @@ where
         )
     })?;
     cfg.validate(&origin)?;
+    check_f32_range(&floats, "", &origin)?;
     Ok(cfg)
+}
+
+/// Refuses a real number that the field's own rule accepts but that an f32, in which the
+/// numerics run, cannot hold: one so small it would become 0 or lose its precision (below
+/// f32's smallest normal, about 1.2e-38), or so large it would become infinite. 0 itself
+/// passes; the rules of each field decide whether it is allowed.
+fn check_f32_range(value: &toml::Value, path: &str, origin: &str) -> Result<()> {
+    match value {
+        toml::Value::Float(v) if *v != 0.0 && v.is_finite() => {
+            let size = v.abs();
+            if size < f64::from(f32::MIN_POSITIVE) || size > f64::from(f32::MAX) {
+                return Err(Error::config(
+                    origin,
+                    path,
+                    format!(
+                        "{v:e} is outside the sizes an f32 holds (about 1.2e-38 to 3.4e38, or 0): dtrain computes \
+                         in f32, where it would become 0 or infinity"
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                check_f32_range(v, &sub, origin)?;
+            }
+            Ok(())
+        }
+        toml::Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                check_f32_range(v, &format!("{path}[{i}]"), origin)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The configuration of `dtrain prepare`: inputs, tokenizer, splits, output. Every field has a
@@ -293,6 +332,24 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The method-specific sections set away from their defaults that this config's method
+    /// does not read, for a warning: e.g. `[mean_teacher]` under `method = "supervised"`.
+    /// (`[mpl]` under another method is refused by validation.)
+    pub fn unread_sections(&self) -> Vec<&'static str> {
+        use crate::algo::Method as M;
+        let sections: [(&'static str, bool, &[M]); 4] = [
+            ("pi", self.pi != Default::default(), &[M::Pi]),
+            ("mean_teacher", self.mean_teacher != Default::default(), &[M::MeanTeacher]),
+            ("temporal", self.temporal != Default::default(), &[M::Temporal]),
+            ("noisy_student", self.noisy_student != Default::default(), &[M::NoisyStudent]),
+        ];
+        sections
+            .into_iter()
+            .filter(|(_, set, readers)| *set && !readers.contains(&self.method))
+            .map(|s| s.0)
+            .collect()
+    }
+
     /// The method resolved against its defaults (validation has checked it resolves).
     pub fn recipe(&self) -> crate::algo::Recipe {
         crate::algo::Recipe::resolve(self.knobs(), "run.toml").expect("validated config")
@@ -1156,6 +1213,20 @@ mod tests {
             let e = mlm("mlm.batch_size=4611686018427387904");
             assert!(e.contains("mlm.batch_size"), "{e}");
         }
+    }
+
+    #[test]
+    fn sections_the_method_does_not_read_are_named() {
+        let train = |extra: &[&str]| {
+            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+            all.extend_from_slice(extra);
+            load::<TrainConfig>(None, &set(&all)).unwrap().unread_sections()
+        };
+        assert!(train(&[]).is_empty());
+        assert_eq!(train(&["mean_teacher.alpha=0.9", "temporal.alpha=0.5"]), ["mean_teacher", "temporal"]);
+        assert!(train(&["method=\"mean_teacher\"", "mean_teacher.alpha=0.9"]).is_empty());
+        assert_eq!(train(&["method=\"uda\"", "pi.stop_gradient_target=false"]), ["pi"]);
+        assert_eq!(train(&["method=\"fixmatch\"", "noisy_student.logits=\"t.logits\""]), ["noisy_student"]);
     }
 
     #[test]

@@ -83,8 +83,8 @@ enum Command {
         /// verifies the whole data set; a shard file outside one is checked on its own).
         dir: PathBuf,
     },
-    /// The demo job: prepare the bundled Brown genre data (20 labels per class), inspect and
-    /// verify it.
+    /// The demo job: prepare the bundled Brown genre data (20 labels per class), verify it,
+    /// train the supervised bag model, evaluate it, and write report.json and curves.png.
     Demo(DemoArgs),
     /// Benchmarks that print a table and write JSON with their provenance.
     #[command(subcommand)]

@@ -140,8 +140,15 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
     crate::fsutil::check_output("--output", &opts.output, &[&opts.input], None)?;
     let mut metas: Vec<ModelMeta> = Vec::new();
     let mut models = Vec::new();
+    // Every checkpoint's weights stay in memory for the whole job.
+    let mut budget = crate::hostmem::Budget::new("predict", 1)?;
     for path in &opts.checkpoints {
-        let (meta, model, params) = checkpoint::load_weights(path, opts.weights)?;
+        let (meta, model, params) = checkpoint::load_weights_checked(path, opts.weights, |file, model| {
+            let bytes = model.layout().total() as u64 * 4;
+            let why =
+                "average fewer checkpoints (one --checkpoint each), or predict on a machine with more memory";
+            budget.claim(format!("{}'s weights", file.display()), bytes, "--checkpoint", why)
+        })?;
         if let Some(first) = metas.first() {
             if first.labels != meta.labels || first.tokenizer != meta.tokenizer {
                 return Err(Error::bad_file(
@@ -172,7 +179,8 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
     impl OnBackend for Job<'_> {
         type Out = PredictSummary;
         fn run<B: EncoderOps<F = f32>>(self, be: &B) -> Result<PredictSummary> {
-            let models: Vec<(Model, B::Buf)> = self.2.into_iter().map(|(m, p)| (m, be.upload(&p))).collect();
+            let models: Vec<(Model, B::Buf)> =
+                self.2.into_iter().map(|(m, p)| (m, be.upload_vec(p))).collect();
             predict_on(be, self.0, self.1, &models, self.3, self.4)
         }
     }

@@ -422,6 +422,17 @@ fn disagreeing_ranks_and_indivisible_world_sizes_are_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("has 4 shards, which 3 ranks cannot share equally"), "{err}");
+    // The ranks of one node share its memory: a model (about 0.8 MiB with its moments) that
+    // fits a 1 MiB budget alone is refused when two ranks must share it.
+    let o = train(1, &cfg, &dir.path().join("m1"), &[]).env("DTRAIN_MEMORY_LIMIT", "1M").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = train(2, &cfg, &dir.path().join("m2"), &[]).env("DTRAIN_MEMORY_LIMIT", "1M").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("512.0 KiB is available (DTRAIN_MEMORY_LIMIT, shared by 2 ranks on this node)"),
+        "{err}"
+    );
 }
 
 #[test]

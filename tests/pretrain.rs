@@ -288,6 +288,18 @@ fn a_diverging_run_stops_with_an_error() {
     assert!(!out.join(EMBEDDINGS_FILE).exists());
 }
 
+/// Tables larger than memory are refused before they are allocated, naming model.dim.
+#[test]
+fn tables_larger_than_memory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2^26 buckets × 65536 dims: a 16 TiB input table.
+    let data = corpus(dir.path(), &["tokenizer.buckets=67108864"]);
+    let out = dir.path().join("huge");
+    let e = run(&cfg(&data, &out, &["model.dim=65536"]), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("field `model.dim`") && e.contains("the input and output tables 16384"), "{e}");
+    assert!(e.contains("DTRAIN_MEMORY_CHECK=0") && !out.exists(), "{e}");
+}
+
 /// Pretraining never deletes or overwrites what another run left in its out_dir: a training
 /// run's checkpoints and metrics, or an earlier pretraining's embeddings; and its out_dir
 /// may not lie inside a data set or a checkpoint. Its own epoch checkpoints go when it ends.

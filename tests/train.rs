@@ -562,6 +562,54 @@ fn checkpoints_incomplete_foreign_or_existing_are_handled() {
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
+/// A model whose buffers cannot fit in memory is refused before anything is allocated or
+/// written, naming the field of its largest buffer and listing them all: the student's, its
+/// shadows', and Meta Pseudo Labels' teacher's.
+#[test]
+fn a_model_larger_than_memory_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2^26 buckets × 65536 dims: a 16 TiB table, beyond any machine's memory.
+    let data = common::separable(dir.path(), 12, &["tokenizer.buckets=67108864", "split.labels_per_class=4"]);
+    let out = dir.path().join("run");
+    let huge = "16384.0 GiB";
+    let c = cfg(&data, &out, &["model.dim=65536", "method=\"mean_teacher\"", "average.kind=\"ema\""]);
+    let e = run(&c, Resume::No, None).unwrap_err().to_string();
+    for part in [
+        "field `optim.table`",
+        &format!("the model's parameters {huge}"),
+        "the model's optimizer moments 32768.0 GiB",
+        &format!("the Mean Teacher {huge}"),
+        &format!("the averaged weights {huge}"),
+        "DTRAIN_MEMORY_CHECK=0",
+    ] {
+        assert!(e.contains(part), "{part} missing: {e}");
+    }
+    // Without moments for the table, the parameters themselves are the largest part.
+    let c = cfg(
+        &data,
+        &out,
+        &["model.dim=65536", "optim.table=\"sgd\"", "optim.kind=\"sgd\"", "optim.momentum=0"],
+    );
+    let e = run(&c, Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("field `model.dim`") && !e.contains("moments"), "{e}");
+    // MPL's teacher joins the account of a student of 2^26 × 1 values.
+    let c = cfg(
+        &data,
+        &out,
+        &[
+            "method=\"mpl\"",
+            "model.dim=1",
+            "optim.table=\"sgd\"",
+            "mpl.teacher.kind=\"bag\"",
+            "mpl.teacher.dim=65536",
+        ],
+    );
+    let e = run(&c, Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("field `mpl.teacher.dim`") && e.contains("the model's parameters 256.0 MiB"), "{e}");
+    assert!(e.contains(&format!("MPL's teacher's parameters {huge}")), "{e}");
+    assert!(!out.join("metrics.jsonl").exists() && !out.join("checkpoints").exists());
+}
+
 #[test]
 fn bad_training_configs_name_their_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -616,6 +664,12 @@ fn bad_training_configs_name_their_field() {
         ("unlabeled.ratio=65", "unlabeled.ratio"),
         ("mean_teacher.alpha=1.0", ""),
         ("pi.stop_gradient_target=3", "pi.stop_gradient_target"),
+        // Numbers each field's rule accepts but an f32 cannot hold.
+        ("optim.lr=1e-300", "field `optim.lr`: 1e-300 is outside the sizes an f32 holds"),
+        ("consistency.temperature=1e-39", "field `consistency.temperature`: 1e-39 is outside"),
+        ("adversarial.xi=1e300", "field `adversarial.xi`: 1e300 is outside"),
+        ("optim.lr_mult={\"output.\"=1e-40}", "field `optim.lr_mult.output.`"),
+        ("optim.eps=1e-30", ""),
     ] {
         let r: dtrain::Result<TrainConfig> = config::load(None, &o(set));
         match (r, field) {
@@ -778,6 +832,38 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
             assert!((p(&both[i], c) - (p(&one[i], c) + p(&other[i], c)) / 2.0).abs() < 1e-6);
         }
     }
+    // Checkpoints whose weights (256 KiB each) exceed the memory are refused before they are
+    // loaded, naming the one that overruns it; a malformed limit is refused by name.
+    let limited = |limit: &str, cks: &[&str]| {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.env("DTRAIN_MEMORY_LIMIT", limit).args([
+            "predict",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+        ]);
+        cmd.arg(dir.path().join("m.jsonl"));
+        for ck in cks {
+            cmd.args(["--checkpoint", ck]);
+        }
+        cmd.output().unwrap()
+    };
+    assert!(limited("400K", &[ca]).status.success());
+    let o = limited("400K", &[ca, cb]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("field `--checkpoint`") && e.contains("400.0 KiB is available"),
+        "{e}"
+    );
+    assert!(e.contains(&format!("{cb}/model.safetensors's weights 256.2 KiB")), "{e}");
+    let o = limited("lots", &[ca]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("DTRAIN_MEMORY_LIMIT")
+            && e.contains("\"lots\" is not a byte count"),
+        "{e}"
+    );
     // MC dropout: k noisy passes differ from the deterministic pass, and are reproducible.
     let mc = predict(&["--checkpoint", ca, "--mc-dropout", "8"]);
     assert_ne!(mc, one, "dropout passes change the probabilities");

@@ -175,6 +175,10 @@ impl<F: Real> Backend for Cpu<F> {
         host.to_vec()
     }
 
+    fn upload_vec(&self, host: Vec<F>) -> Vec<F> {
+        host
+    }
+
     fn download(&self, buf: &Vec<F>) -> Vec<F> {
         buf.clone()
     }

@@ -616,6 +616,11 @@ pub trait Backend: Sync {
     fn buf_len(&self, buf: &Self::Buf) -> usize;
     /// A buffer holding `host`.
     fn upload(&self, host: &[Self::F]) -> Self::Buf;
+    /// A buffer holding `host`, which it takes: a host backend keeps the vector itself, so a
+    /// large table is never held twice.
+    fn upload_vec(&self, host: Vec<Self::F>) -> Self::Buf {
+        self.upload(&host)
+    }
     /// The buffer's contents.
     fn download(&self, buf: &Self::Buf) -> Vec<Self::F>;
     /// Sets every element to zero.

@@ -365,6 +365,17 @@ pub struct Part<'a> {
     pub moments: [Cow<'a, [f32]>; 2],
 }
 
+/// The bytes of checkpoint file `path`, mapped rather than read: a large model's tensors
+/// are converted straight from the page cache into their buffers, so loading holds no
+/// private copy of the file beside them.
+fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let f = std::fs::File::open(path).at(path)?;
+    // SAFETY: checkpoint files are written under a temporary name and renamed into place,
+    // never changed afterwards, and the map is read-only; as for data shards, a file another
+    // process truncates while it is mapped is outside what dtrain supports.
+    unsafe { memmap2::Mmap::map(&f) }.at(path)
+}
+
 /// Reads a [`Part`] of the checkpoint `dir`: its parameters (`layout.total()`) and moments
 /// (`lens`, as `optim::moment_lens` gives).
 pub fn load_part(
@@ -374,10 +385,10 @@ pub fn load_part(
     lens: (usize, usize),
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let file = dir.join(format!("{stem}.safetensors"));
-    let bytes = std::fs::read(&file).at(&file)?;
+    let bytes = map(&file)?;
     let params = tensors_from_file(&file, &bytes, layout, &[("", layout.total())])?.remove(0);
     let file = dir.join(format!("{stem}.optimizer.safetensors"));
-    let bytes = std::fs::read(&file).at(&file)?;
+    let bytes = map(&file)?;
     let mut moments = tensors_from_file(&file, &bytes, layout, &[("m.", lens.0), ("v.", lens.1)])?;
     let v = moments.pop().expect("two buffers");
     let m = moments.pop().expect("two buffers");
@@ -565,6 +576,16 @@ pub fn load_model(path: &Path) -> Result<(ModelMeta, Model, Vec<f32>)> {
 
 /// Like [`load_model`], reading `which` weights when `path` is a checkpoint directory.
 pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, Model, Vec<f32>)> {
+    load_weights_checked(path, which, |_, _| Ok(()))
+}
+
+/// [`load_weights`], with `claim` shown the weights file and the model it describes (from the
+/// file's metadata) before their buffer is allocated; its error is returned instead.
+pub fn load_weights_checked(
+    path: &Path,
+    which: Weights,
+    claim: impl FnOnce(&Path, &Model) -> Result<()>,
+) -> Result<(ModelMeta, Model, Vec<f32>)> {
     let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
     if path.is_dir() && !path.join(DONE).is_file() {
         // A run's directory, or its checkpoints/, given for one of its checkpoints.
@@ -591,7 +612,7 @@ pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, Model, Ve
         };
         return Err(Error::bad_file(path, format!("has no {}: {why}", which.file())));
     }
-    let bytes = std::fs::read(&file).at(&file)?;
+    let bytes = map(&file)?;
     let meta: ModelMeta = serde_json::from_value(file_meta(&file, &bytes)?)
         .map_err(|e| Error::bad_file(&file, format!("invalid `{META_KEY}` metadata: {e}")))?;
     if meta.labels.len() != meta.model.classes() {
@@ -622,6 +643,7 @@ pub fn load_weights(path: &Path, which: Weights) -> Result<(ModelMeta, Model, Ve
         ));
     }
     let model = Model::new(meta.model.clone());
+    claim(&file, &model)?;
     let params = tensors_from_file(&file, &bytes, model.layout(), &[("", model.layout().total())])?.remove(0);
     Ok((meta, model, params))
 }
@@ -634,7 +656,7 @@ pub fn load_train(
     lens: (usize, usize),
 ) -> Result<(Vec<f32>, Vec<f32>, TrainState)> {
     let file = dir.join("optimizer.safetensors");
-    let bytes = std::fs::read(&file).at(&file)?;
+    let bytes = map(&file)?;
     let mut moments = tensors_from_file(&file, &bytes, model.layout(), &[("m.", lens.0), ("v.", lens.1)])?;
     let v = moments.pop().expect("two buffers");
     let m = moments.pop().expect("two buffers");

@@ -35,6 +35,8 @@ pub(super) struct Comm {
     rank: usize,
     size: usize,
     local_rank: usize,
+    /// The processes of the job on this node (they share its memory).
+    local_size: usize,
     timeout: Duration,
     /// Collectives started by this rank.
     seq: AtomicU64,
@@ -64,12 +66,14 @@ impl Comm {
         }
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        let local_rank = world.split_shared(rank as i32).rank() as usize;
+        let node = world.split_shared(rank as i32);
+        let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
         Ok(Comm {
             world,
             rank,
             size,
             local_rank,
+            local_size,
             timeout,
             seq: AtomicU64::new(0),
             lock: Mutex::new(Heard { seq: vec![0; size], at: vec![Instant::now(); size] }),
@@ -87,6 +91,10 @@ impl Comm {
 
     pub(super) fn local_rank(&self) -> usize {
         self.local_rank
+    }
+
+    pub(super) fn local_size(&self) -> usize {
+        self.local_size
     }
 
     /// Starts collective number `seq`: other ranks tell rank 0 they reached it; rank 0

@@ -368,6 +368,15 @@ impl Dist {
         self.local_rank
     }
 
+    /// The processes of this job on this node, this one included: they share its memory.
+    pub fn local_size(&self) -> usize {
+        #[cfg(feature = "mpi")]
+        if let Some(c) = &self.comm {
+            return c.local_size();
+        }
+        1
+    }
+
     /// The gradient's path, once [`Dist::bind`] has chosen it.
     pub fn path(&self) -> Option<&GradPath> {
         self.path.get()

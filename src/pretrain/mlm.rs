@@ -283,8 +283,23 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let mut enc = Encoder::new(spec);
     let body = enc.clone();
     let head = MlmHead::new(&mut enc.layout, &body);
+    // Parameters, gradient and AdamW's two moments, and the head warm-up's moments beside
+    // them while it lasts; on a device only the host copy of the parameters.
+    let params_bytes = enc.layout.total() as u64 * 4;
+    let mut budget = crate::hostmem::Budget::new("pretrain", 1)?;
+    let shrink = "pretrain a smaller encoder (mlm.pretrained)";
+    budget.add("the encoder's parameters", params_bytes, "mlm.pretrained", shrink);
+    if be.host(&be.zeros(0)).is_some() {
+        budget.add("its gradient and optimizer moments", 3 * params_bytes, "mlm.pretrained", shrink);
+        if m.head_warmup_steps > 0 {
+            let why = "mlm.head_warmup_steps = 0 keeps no second optimizer";
+            budget.add("the head warm-up's moments", 2 * params_bytes, "mlm.head_warmup_steps", why);
+        }
+    }
+    budget.check()?;
     let mut host = vec![0f32; enc.layout.total()];
     host[..loaded.len()].copy_from_slice(&loaded);
+    drop(loaded);
     head.init(&mut host, t.seed);
     let layout = enc.layout.clone();
     let none = Slot { offset: layout.total(), rows: 0, cols: 0 };
@@ -304,7 +319,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         Optimizer::new(be, &layout, none, c)
     });
     let mut opt = Optimizer::new(be, &layout, none, ocfg);
-    let mut params = be.upload(&host);
+    let mut params = be.upload_vec(host);
     let mut grads = be.zeros(layout.total());
     let mut no_rows = crate::backend::SparseRows::new(be.zeros(0), 1);
 

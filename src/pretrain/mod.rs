@@ -220,6 +220,12 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let t = &cfg.train;
     let buckets = manifest.tokenizer.buckets as usize;
     let layout = embeddings::layout(buckets, words.len(), m.dim);
+    crate::hostmem::Budget::new("pretrain", dist.local_size())?.claim(
+        "the input and output tables",
+        layout.total() as u64 * 4,
+        "model.dim",
+        "lower model.dim, or prepare the data with fewer tokenizer.buckets (the input table holds buckets × dim values, the output table words × dim)",
+    )?;
     let hash = config_hash(cfg);
     let mut meta = EmbeddingsMeta {
         format: embeddings::FORMAT.into(),

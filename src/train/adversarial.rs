@@ -15,7 +15,8 @@ pub(super) struct AdversarialBuffers<B: Backend> {
     pub(super) dlogits: B::Buf,
     pub(super) row_loss: B::Buf,
     pub(super) rows: B::Buf,
-    /// Parameter gradients of the ascent passes, discarded: only ∂loss/∂r is wanted.
+    /// Parameter gradients of the ascent passes, discarded: only ∂loss/∂r is wanted (empty
+    /// until the first).
     pub(super) scratch: B::Buf,
     pub(super) dpooled: B::Buf,
 }
@@ -27,7 +28,7 @@ impl<B: Backend> AdversarialBuffers<B> {
             dlogits: be.zeros(0),
             row_loss: be.zeros(0),
             rows: be.zeros(0),
-            scratch: be.zeros(model.dense_len()),
+            scratch: be.zeros(0),
             dpooled: be.zeros(0),
         }
     }
@@ -120,7 +121,13 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
         buf: &mut AdversarialBuffers<B>,
     ) -> Vec<f32> {
         self.loss_at(cfg, params, clean, r, 1.0, buf);
-        self.be.fill_zero(&mut buf.scratch);
+        // Allocated at the first ascent pass: a run without the adversarial term keeps no
+        // gradient-sized scratch.
+        if self.be.buf_len(&buf.scratch) == self.model.dense_len() {
+            self.be.fill_zero(&mut buf.scratch);
+        } else {
+            buf.scratch = self.be.zeros(self.model.dense_len());
+        }
         self.model.backward_dense(
             self.be,
             params,

@@ -234,14 +234,18 @@ fn bag_spec(m: &crate::config::ModelConfig, manifest: &crate::data::manifest::Ma
 
 /// The classifier `m` describes on the data set of `manifest`, and its initial parameters
 /// from `seed`: a bag model, or an encoder (its pretrained weights loaded, the head fresh).
+/// `claim` sees the model before its parameters are allocated (a pretrained encoder's are
+/// read first: its shape comes from them) and may refuse it.
 fn build_model(
     m: &crate::config::ModelConfig,
     manifest: &crate::data::manifest::Manifest,
     seed: u64,
+    claim: impl FnOnce(&Model) -> Result<()>,
 ) -> Result<(Model, Vec<f32>)> {
     use crate::model::encoder::{Encoder, EncoderSpec};
     if m.kind == crate::config::ModelKind::Bag {
         let model = Model::Bag(crate::model::bag::BagModel::new(bag_spec(m, manifest)));
+        claim(&model)?;
         let params = model.init(seed);
         return Ok((model, params));
     }
@@ -293,11 +297,74 @@ fn build_model(
                 recompute: e.recompute,
             };
             spec.validate().map_err(|(f, msg)| Error::config("train", format!("model.encoder.{f}"), msg))?;
-            let params = Encoder::new(spec.clone()).init(seed);
-            (spec, params)
+            let enc = Encoder::new(spec.clone());
+            claim(&Model::Encoder(enc.clone()))?;
+            let params = enc.init(seed);
+            return Ok((Model::Encoder(enc), params));
         }
     };
-    Ok((Model::Encoder(Encoder::new(spec)), params))
+    let model = Model::Encoder(Encoder::new(spec));
+    claim(&model)?;
+    Ok((model, params))
+}
+
+/// Claims in `budget` the buffers of parameter size that training `model` keeps: its
+/// parameters, optimizer moments (`optim`, from config table `optim_field`) and dense
+/// gradient, and the shadow copies `shadows` (each a name, the config field that asks for it
+/// and what to do about it). `who` names the model and `section` its config table. On a device (`on_host` false)
+/// only the host copy of the parameters, held while they are uploaded, is claimed: device
+/// memory is not checked.
+#[allow(clippy::too_many_arguments)]
+fn claim_training(
+    budget: &mut crate::hostmem::Budget,
+    on_host: bool,
+    who: &str,
+    section: &str,
+    model: &Model,
+    optim: &crate::optim::OptimConfig,
+    optim_field: &str,
+    shadows: &[(&str, &str, &str)],
+) -> Result<()> {
+    const F32: u64 = 4;
+    let total = model.layout().total() as u64 * F32;
+    let (sized_by, shrink) = match model {
+        Model::Bag(_) => (
+            format!("{section}.dim"),
+            format!(
+                "lower {section}.dim, or prepare the data with fewer tokenizer.buckets (the embedding table holds buckets × dim values)"
+            ),
+        ),
+        Model::Encoder(_) => {
+            (format!("{section}.encoder"), format!("choose a smaller encoder in {section}.encoder"))
+        }
+    };
+    budget.add(format!("{who}'s parameters"), total, &sized_by, &shrink);
+    if !on_host {
+        return budget.check();
+    }
+    let (m, v) = crate::optim::moment_lens(optim, model.layout(), model.table());
+    if m + v > 0 {
+        let (field, remedy) = if model.bag().is_some() && optim.table == crate::optim::TableOptim::SparseAdam
+        {
+            (
+                format!("{optim_field}.table"),
+                format!(
+                    "{optim_field}.table = \"sgd\" keeps no moments for the embedding table; or {shrink}"
+                ),
+            )
+        } else {
+            (
+                format!("{optim_field}.kind"),
+                format!("{optim_field}.kind = \"sgd\" keeps no moments; or {shrink}"),
+            )
+        };
+        budget.add(format!("{who}'s optimizer moments"), (m + v) as u64 * F32, field, remedy);
+    }
+    budget.add(format!("{who}'s gradient"), model.dense_len() as u64 * F32, &sized_by, &shrink);
+    for &(name, field, remedy) in shadows {
+        budget.add(name, total, field, format!("{remedy}; or {shrink}"));
+    }
+    budget.check()
 }
 
 /// The optimizer's settings for `model`: `[optim]`, with an encoder's layer-wise decay
@@ -369,6 +436,21 @@ pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Tra
     }
     let say = opts.progress && dist.is_root();
     dispatch_with(opts.device, dist.local_rank(), say, cfg.train.matmul, Job(cfg, opts, dist))
+}
+
+/// A warning when the consistency weight's ramp-up outlasts the run of `total` steps, so
+/// that the weight never reaches its maximum (a ramp is accepted: a short trial run of a
+/// long schedule is a normal thing to do).
+fn ramp_warning(recipe: &crate::algo::Recipe, ramp: &ramp::Ramp, total: u64) -> Option<String> {
+    if recipe.weight == 0.0 || ramp.delay_steps + ramp.up_steps <= total || total == 0 {
+        return None;
+    }
+    Some(format!(
+        "consistency.ramp_epochs = {} ({} steps) outlasts the run's {total} steps: the consistency weight ends at {:.2} of its maximum",
+        recipe.ramp_epochs,
+        ramp.up_steps,
+        ramp.factor(total - 1)
+    ))
 }
 
 /// Refuses schedules longer than the run of `total` steps, which would leave it nothing of
@@ -548,6 +630,14 @@ where
     // Every rank must run the same binary on the same config and data.
     let config_json = serde_json::to_string(cfg).expect("config serialises");
     dist.check_job(&config_json, &manifest.checksum)?;
+    for section in cfg.unread_sections() {
+        if root {
+            eprintln!(
+                "warning: [{section}] is set, but method = {:?} does not read it: its settings have no effect",
+                cfg.method.name()
+            );
+        }
+    }
     if p % world != 0 {
         return Err(Error::Data(format!(
             "{} has {p} shards, which {world} ranks cannot share equally: run on a world size that divides {p}, \
@@ -569,7 +659,25 @@ where
     if n_train == 0 {
         return Err(Error::Data(format!("{}: the train split is empty", cfg.data.dir.display())));
     }
-    let (model, mut host_params) = build_model(&cfg.model, manifest, t.seed)?;
+    // The buffers of parameter size are claimed against the memory this node's ranks share
+    // before any is allocated. A CPU buffer lives in host memory.
+    let on_host = be.host(&be.zeros(0)).is_some();
+    let mut budget = crate::hostmem::Budget::new("train", dist.local_size())?;
+    let mut shadow_claims = Vec::new();
+    if cfg.recipe().target == TargetSource::Teacher {
+        shadow_claims.push(("the Mean Teacher", "method", "a Mean Teacher keeps a copy of every parameter"));
+    }
+    if cfg.average.kind != crate::algo::AverageKind::None {
+        shadow_claims.push((
+            "the averaged weights",
+            "average.kind",
+            "average.kind = \"none\" keeps no averaged copy",
+        ));
+    }
+    let (model, mut host_params) = build_model(&cfg.model, manifest, t.seed, |m| {
+        let optim = optim_config(cfg, m);
+        claim_training(&mut budget, on_host, "the model", "model", m, &optim, "optim", &shadow_claims)
+    })?;
     for prefix in cfg.optim.lr_mult.keys() {
         if !model.layout().tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
             let names: Vec<&str> = model.layout().tensors().iter().map(|t| t.name.as_str()).collect();
@@ -607,6 +715,9 @@ where
     let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
     check_schedule_lengths(cfg, total, down_steps)?;
     let ramp = recipe.ramp(steps_per_epoch);
+    if let Some(w) = ramp_warning(&recipe, &ramp, total).filter(|_| root) {
+        eprintln!("warning: {w}");
+    }
     let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
 
     let mut opt = Optimizer::new(be, model.layout(), model.table(), optim_config(cfg, &model));
@@ -672,8 +783,7 @@ where
     if let (Some(path), None, Some(bag)) = (&cfg.model.init_from, &resume_from, model.bag()) {
         init_table(path, manifest, bag, &mut host_params, progress.then_some("model"))?;
     }
-    let mut params = be.upload(&host_params);
-    drop(host_params);
+    let mut params = be.upload_vec(host_params);
     let len = model.layout().total();
     let classes_n = model.classes();
     // The bag model's table is brought up to date lazily by shadows that ask for it.
@@ -729,12 +839,18 @@ where
         }))
     };
     let mut mpl_run = if recipe.method.is_mpl() {
-        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, progress && resume_from.is_none())?)
+        let report = progress && resume_from.is_none();
+        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, report, (&mut budget, on_host))?)
     } else {
         None
     };
     let logits_checksum = teacher_logits_checksum(cfg)?;
     if let Some(dir) = &resume_from {
+        // The checkpoint's buffers replace the fresh ones, which go first: a large model is
+        // never held twice.
+        for buf in [&mut params, &mut opt.m, &mut opt.v] {
+            *buf = be.zeros(0);
+        }
         let (m, loaded_model, loaded) = checkpoint::load_model(dir)?;
         let differs = if m.model != meta.model || loaded_model.layout() != model.layout() {
             Some(format!("model ({:?} in the checkpoint, {:?} in the config)", m.model, meta.model))
@@ -820,11 +936,9 @@ where
         }
         for (k, &log_now) in shadows.iter_mut().zip(&state.shadow_logs) {
             let (_, _, weights) = checkpoint::load_weights(dir, k.file)?;
-            k.shadow.restore(be.upload(&weights), log_now);
+            k.shadow.restore(be.upload_vec(weights), log_now);
         }
-        params = be.upload(&loaded);
-        opt.m = be.upload(&mm);
-        opt.v = be.upload(&vv);
+        (params, opt.m, opt.v) = (be.upload_vec(loaded), be.upload_vec(mm), be.upload_vec(vv));
         opt.t = state.optim_t;
         loader.restore(&ds, &state.cursors)?;
         if let Some(u) = &mut uloader {
@@ -1256,6 +1370,30 @@ fn teacher_logits_checksum(cfg: &TrainConfig) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ramp_up_that_outlasts_the_run_is_warned_about() {
+        let load = |sets: &[&str]| {
+            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+            all.extend_from_slice(sets);
+            let o: Vec<_> = all.iter().map(|s| crate::config::Override::parse(s).unwrap()).collect();
+            crate::config::load::<TrainConfig>(None, &o).unwrap().recipe()
+        };
+        // Mean Teacher's 5-epoch ramp at 10 steps per epoch: 50 steps.
+        let mt = load(&["method=\"mean_teacher\""]);
+        let ramp = mt.ramp(10);
+        assert_eq!(ramp_warning(&mt, &ramp, 50), None);
+        let w = ramp_warning(&mt, &ramp, 20).unwrap();
+        let end = ramp.factor(19);
+        assert!(end > 0.0 && end < 1.0);
+        assert!(w.contains("consistency.ramp_epochs = 5 (50 steps) outlasts the run's 20 steps"), "{w}");
+        assert!(w.contains(&format!("ends at {end:.2} of its maximum")), "{w}");
+        // No consistency term, or no ramp: nothing to say.
+        let sup = load(&[]);
+        assert_eq!(ramp_warning(&sup, &sup.ramp(10), 20), None);
+        let flat = load(&["method=\"mean_teacher\"", "consistency.ramp_epochs=0"]);
+        assert_eq!(ramp_warning(&flat, &flat.ramp(10), 20), None);
+    }
 
     #[test]
     fn the_top_class_share_counts_and_breaks_ties_by_the_lower_class() {

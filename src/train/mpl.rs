@@ -71,6 +71,9 @@ pub(super) fn logits_files(cfg: &TrainConfig) -> Vec<&Path> {
 
 impl<B: EncoderOps<F = f32>> MplRun<B> {
     /// The teacher and settings of `cfg`; the student is the run's `student` model.
+    /// `budget`: the run's memory account, which the teacher's buffers join, and whether the
+    /// backend's buffers live in host memory.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         be: &B,
         cfg: &TrainConfig,
@@ -79,6 +82,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         recipe: &Recipe,
         total: u64,
         progress: bool,
+        budget: (&mut crate::hostmem::Budget, bool),
     ) -> Result<Self> {
         let manifest = ds.manifest();
         let teacher_optim = cfg.mpl.teacher_optim.clone().unwrap_or_else(|| cfg.optim.clone());
@@ -86,14 +90,22 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         let teacher = match cfg.method {
             crate::algo::Method::Mpl => {
                 let mcfg = cfg.mpl.teacher.clone().unwrap_or_else(|| cfg.model.clone());
-                let (model, mut params) = super::build_model(&mcfg, manifest, seed)?;
+                let (budget, on_host) = budget;
+                let (section, optim_field) = (
+                    if cfg.mpl.teacher.is_some() { "mpl.teacher" } else { "model" },
+                    if cfg.mpl.teacher_optim.is_some() { "mpl.teacher_optim" } else { "optim" },
+                );
+                let (model, mut params) = super::build_model(&mcfg, manifest, seed, |m| {
+                    let o = &teacher_optim;
+                    super::claim_training(budget, on_host, "MPL's teacher", section, m, o, optim_field, &[])
+                })?;
                 if let (Some(path), Some(bag)) = (&mcfg.init_from, model.bag()) {
                     super::init_table(path, manifest, bag, &mut params, progress.then_some("mpl.teacher"))?;
                 }
                 let opt = Optimizer::new(be, model.layout(), model.table(), teacher_optim.clone());
                 let bufs = ModelBufs::new(be, &model);
                 let meta = super::model_meta(&model, manifest);
-                let params = be.upload(&params);
+                let params = be.upload_vec(params);
                 Teacher::Bag { model, meta, params, opt, bufs }
             }
             _ => {
@@ -195,13 +207,21 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
     /// Restores the teacher and the baseline from checkpoint `dir`.
     pub(super) fn restore(&mut self, be: &B, dir: &Path, state: &checkpoint::TrainState) -> Result<()> {
         let (layout, table, _, opt) = self.pieces();
-        let loaded = checkpoint::load_part(dir, self.stem(), layout, moment_lens(&opt.cfg, layout, table))?;
+        let lens = moment_lens(&opt.cfg, layout, table);
+        let layout = layout.clone();
         let (p, o) = match &mut self.teacher {
             Teacher::Bag { params, opt, .. } => (params, opt),
             Teacher::Reduced { net, .. } => (&mut net.params, &mut net.opt),
         };
-        let (lp, lm, lv) = loaded;
-        (*p, o.m, o.v) = (be.upload(&lp), be.upload(&lm), be.upload(&lv));
+        // The fresh buffers go before the checkpoint's are read: a large teacher is never
+        // held twice.
+        (*p, o.m, o.v) = (be.zeros(0), be.zeros(0), be.zeros(0));
+        let (lp, lm, lv) = checkpoint::load_part(dir, self.stem(), &layout, lens)?;
+        let (p, o) = match &mut self.teacher {
+            Teacher::Bag { params, opt, .. } => (params, opt),
+            Teacher::Reduced { net, .. } => (&mut net.params, &mut net.opt),
+        };
+        (*p, o.m, o.v) = (be.upload_vec(lp), be.upload_vec(lm), be.upload_vec(lv));
         o.t = state.teacher_optim_t;
         self.state = state.mpl;
         Ok(())
