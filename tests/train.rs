@@ -562,6 +562,34 @@ fn checkpoints_incomplete_foreign_or_existing_are_handled() {
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
+/// A run whose loss stops being finite ends with an error naming the step and every setting
+/// that drove it: here a learning-rate multiplier of 1e30 on every tensor.
+#[test]
+fn a_diverging_run_names_what_drove_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    let sets = [
+        "optim.kind=\"sgd\"",
+        "optim.table=\"sgd\"",
+        "optim.lr=10",
+        "optim.lr_mult={\"\"=1e30}",
+        "train.epochs=20",
+    ];
+    let e = run(&cfg(&data, &out, &sets), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("the loss became NaN at step") || e.contains("the loss became inf at step"), "{e}");
+    assert!(
+        e.contains("lower optim.lr (now 10), optim.lr_mult.\"\" (now 1e30); or set optim.clip_norm"),
+        "{e}"
+    );
+    // With a consistency term and clipping, both are named.
+    let sets =
+        [&sets[..], &["method=\"pi\"", "unlabeled.ratio=0", "optim.clip_norm=1e30", "consistency.weight=5"]]
+            .concat();
+    let e = run(&cfg(&data, &dir.path().join("pi"), &sets), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("consistency.weight (w_max 5); optim.clip_norm is 1e30"), "{e}");
+}
+
 /// A model whose buffers cannot fit in memory is refused before anything is allocated or
 /// written, naming the field of its largest buffer and listing them all: the student's, its
 /// shadows', and Meta Pseudo Labels' teacher's.

@@ -935,6 +935,7 @@ where
             return Err(Error::bad_file(dir, "the checkpoint's shadow weights differ from this config's"));
         }
         for (k, &log_now) in shadows.iter_mut().zip(&state.shadow_logs) {
+            k.shadow.params = be.zeros(0);
             let (_, _, weights) = checkpoint::load_weights(dir, k.file)?;
             k.shadow.restore(be.upload_vec(weights), log_now);
         }

@@ -47,6 +47,8 @@ pub(super) struct MplRun<B: EncoderOps<F = f32>> {
     /// Steps from here on finetune the student on the labels alone.
     finetune_from: u64,
     seed: u64,
+    /// What to try when a loss stops being finite ([`super::step::divergence_remedy`]).
+    remedy: String,
 }
 
 /// What the loop needs of one MPL step.
@@ -161,6 +163,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             uda_steps: m.uda_steps,
             finetune_from: total - m.finetune_steps,
             seed: cfg.train.seed,
+            remedy: super::step::divergence_remedy(cfg, true),
         })
     }
 
@@ -293,7 +296,8 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             win.sup_sum += ce * n_l as f64;
             win.docs += n_l as u64;
             win.correct += right;
-            return finite(ce, step, "the student's finetuning loss").map(|loss| MplStepOut { loss, norm });
+            return finite(ce, step, "the student's finetuning loss", &self.remedy)
+                .map(|loss| MplStepOut { loss, norm });
         }
         let unlabeled = m.batch.slice(n_l..n_l + n_u);
         let teacher_labeled = match &self.teacher {
@@ -384,7 +388,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             (out.h, "h"),
             (out.uda, "the teacher's UDA term"),
         ] {
-            finite(v, step, what)?;
+            finite(v, step, what, &self.remedy)?;
         }
         win.sup_sum += out.ce_old * n_l as f64;
         win.docs += n_l as u64;
@@ -410,12 +414,11 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
     }
 }
 
-fn finite(v: f64, step: u64, what: &str) -> Result<f64> {
+/// `v`, or the error of a run that diverged at `step`, naming what became `v` and `remedy`.
+fn finite(v: f64, step: u64, what: &str, remedy: &str) -> Result<f64> {
     if v.is_finite() {
         Ok(v)
     } else {
-        Err(Error::Data(format!(
-            "{what} became {v} at step {step}: lower optim.lr (or mpl.teacher_optim.lr), or set optim.clip_norm"
-        )))
+        Err(Error::Data(format!("{what} became {v} at step {step}: {remedy}")))
     }
 }

@@ -534,7 +534,8 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         let total_loss = sup_mean + cons_term;
         if !total_loss.is_finite() {
             return Err(Error::Data(format!(
-                "the loss became {total_loss} at step {step} (supervised {sup_mean}, consistency {cons_term}): lower optim.lr or consistency.weight, or set optim.clip_norm"
+                "the loss became {total_loss} at step {step} (supervised {sup_mean}, consistency {cons_term}): {}",
+                divergence_remedy(cfg, false)
             )));
         }
 
@@ -603,4 +604,36 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         }
         Ok((total_loss / accum as f64 + total_adv, bank_probs))
     }
+}
+
+/// What to try when a loss of `cfg`'s run stops being finite: lowering the learning rate and
+/// every setting that raised a term's weight or a tensor's rate (with MPL's teacher's own
+/// rate when `teacher`), or clipping the gradient.
+pub(super) fn divergence_remedy(cfg: &TrainConfig, teacher: bool) -> String {
+    // Plain below a million, in exponent form beyond (and for the very small).
+    let num = |v: f64| if (1e-4..1e6).contains(&v.abs()) { format!("{v}") } else { format!("{v:e}") };
+    let mut lower = vec![format!("optim.lr (now {})", num(cfg.optim.lr))];
+    if let (true, Some(t)) = (teacher, &cfg.mpl.teacher_optim) {
+        lower.push(format!("mpl.teacher_optim.lr (now {})", num(t.lr)));
+    }
+    for (prefix, m) in &cfg.optim.lr_mult {
+        if *m > 1.0 {
+            lower.push(format!("optim.lr_mult.{prefix:?} (now {})", num(*m)));
+        }
+    }
+    let recipe = cfg.recipe();
+    if recipe.weight > 0.0 {
+        lower.push(format!("consistency.weight (w_max {})", num(recipe.weight)));
+    }
+    if cfg.adversarial.kind != AdversarialKind::None {
+        let a = &cfg.adversarial;
+        let (w, e) = (num(a.weight), num(a.epsilon));
+        lower.push(format!("adversarial.weight (now {w}) or adversarial.epsilon (now {e})"));
+    }
+    let clip = if cfg.optim.clip_norm > 0.0 {
+        format!("; optim.clip_norm is {}", num(cfg.optim.clip_norm))
+    } else {
+        "; or set optim.clip_norm".to_string()
+    };
+    format!("lower {}{clip}", lower.join(", "))
 }
