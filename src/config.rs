@@ -134,8 +134,8 @@ fn check_f32_range(value: &toml::Value, path: &str, origin: &str) -> Result<()> 
                     origin,
                     path,
                     format!(
-                        "{v:e} is outside the sizes an f32 holds (about 1.2e-38 to 3.4e38, or 0): dtrain computes \
-                         in f32, where it would become 0 or infinity"
+                        "{v:e} is outside the sizes an f32 holds (about 1.2e-38 to 3.4e38, or 0): no setting means \
+                         anything there, and in dtrain's f32 arithmetic it would become 0 or infinity"
                     ),
                 ));
             }

@@ -66,11 +66,32 @@ pub fn removing_on_error<T>(temporaries: &[&Path], write: impl FnOnce() -> Resul
     r
 }
 
+/// What every JSON-lines output of dtrain starts with (an object's first key), for
+/// [`check_output`]'s `magic`.
+pub const JSONL_MAGIC: &[u8] = b"{\"";
+
+/// Whether `a` and `b` name the same file, existing or not: the same inode when both exist,
+/// else the same name in the same (canonical) directory.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (fs::metadata(a), fs::metadata(b)) {
+        return x.dev() == y.dev() && x.ino() == y.ino();
+    }
+    let place = |p: &Path| {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        (dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()), p.file_name().map(|n| n.to_os_string()))
+    };
+    place(a) == place(b)
+}
+
 /// Refuses to write the output file `out` (given as `flag`) where that would destroy data
 /// dtrain reads: the same file as one of `inputs` (hard links included), a file inside a
-/// prepared data set or a checkpoint directory, or, with `magic`, an existing file that
-/// does not start with those bytes (so only an earlier output of the same kind is
-/// replaced).
+/// prepared data set or a checkpoint directory, or, with `magic`, an existing file that is
+/// not empty and does not start with those bytes (so only an earlier output of the same
+/// kind is replaced).
 pub fn check_output(flag: &str, out: &Path, inputs: &[&Path], magic: Option<&[u8]>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let refuse = |why: String| Err(Error::Data(format!("{flag} {}: {why}", out.display())));
@@ -88,8 +109,9 @@ pub fn check_output(flag: &str, out: &Path, inputs: &[&Path], magic: Option<&[u8
     check_output_dir(flag, out)?;
     if let Some(magic) = magic {
         let mut head = vec![0u8; magic.len()];
-        let same = File::open(out).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
-            && head == magic;
+        let same = meta.len() == 0
+            || File::open(out).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
+                && head == magic;
         if !same {
             return refuse(
                 "exists and is not a file of the kind this writes: remove it or choose another path".into(),

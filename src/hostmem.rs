@@ -28,7 +28,8 @@ pub fn zeroed<F: Zero + Clone>(len: usize) -> Vec<F> {
     buf
 }
 
-/// The environment variable that, set to `0`, turns [`Budget`]'s refusal off.
+/// The environment variable that, set to `0` (or `false`, `off`, `no`), turns [`Budget`]'s
+/// refusal off.
 pub const CHECK_VAR: &str = "DTRAIN_MEMORY_CHECK";
 
 /// The environment variable that replaces the machine's available memory in [`Budget`]: a
@@ -50,9 +51,11 @@ struct Claim {
 /// would take the total past what is available is refused with every claim listed, instead
 /// of the allocator aborting the process (or the kernel killing it) halfway through.
 ///
-/// The account is a lower bound of what the command uses: it counts the buffers of parameter
-/// size (parameters, gradients, optimizer moments, shadow weights, a teacher) and not the
-/// activations, batches or memory-mapped data.
+/// The account counts the buffers of parameter size (parameters, gradients, optimizer
+/// moments, shadow weights, a teacher), not activations, batches, memory-mapped data or the
+/// rows a bag model's table exchanges between ranks: what the command uses is more. One part
+/// may be less: lazy Adam's moments for table rows no step touches are zero pages the kernel
+/// backs only when written, yet they are counted.
 #[derive(Debug)]
 pub struct Budget {
     command: &'static str,
@@ -67,15 +70,29 @@ impl Budget {
     /// [`LIMIT_VAR`] when set) with the other `sharers - 1` processes of the job on this node
     /// (MPI ranks). Unchecked when [`CHECK_VAR`] is `0`.
     pub fn new(command: &'static str, sharers: usize) -> crate::error::Result<Budget> {
-        let off = std::env::var(CHECK_VAR).is_ok_and(|v| v.trim() == "0");
+        let env = |var: &str, v: &str, rule: &str| {
+            crate::error::Error::Data(format!("environment variable {var}={v:?}: {rule}"))
+        };
+        let off = match std::env::var(CHECK_VAR) {
+            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "0" | "false" | "off" | "no" => true,
+                "" | "1" | "true" | "on" | "yes" => false,
+                _ => {
+                    return Err(env(
+                        CHECK_VAR,
+                        &v,
+                        "must be 0 (or false, off, no) to turn the check off, 1 to keep it",
+                    ))
+                }
+            },
+            Err(_) => false,
+        };
         let limit = match std::env::var(LIMIT_VAR) {
             Ok(v) => Some(parse_size(&v).ok_or_else(|| {
-                crate::error::Error::config(
-                    command,
+                env(
                     LIMIT_VAR,
-                    format!(
-                        "{v:?} is not a byte count (a whole number, optionally followed by K, M, G or T)"
-                    ),
+                    &v,
+                    "not a byte count below 16 EiB (a whole number, optionally followed by K, M, G or T)",
                 )
             })?),
             Err(_) => None,
@@ -111,6 +128,21 @@ impl Budget {
     ) -> crate::error::Result<()> {
         self.add(what, bytes, field, remedy);
         self.check()
+    }
+
+    /// Checks a buffer held for a moment (a host copy on its way to a device), as
+    /// [`Budget::claim`] would, but keeps no claim for it.
+    pub fn check_transient(
+        &mut self,
+        what: impl Into<String>,
+        bytes: u64,
+        field: impl Into<String>,
+        remedy: impl Into<String>,
+    ) -> crate::error::Result<()> {
+        self.add(what, bytes, field, remedy);
+        let checked = self.check();
+        self.claims.pop();
+        checked
     }
 
     /// Adds a claim, as [`Budget::claim`], without checking: for buffers claimed together.
@@ -150,6 +182,21 @@ impl Budget {
         ))
     }
 
+    /// One line on the claims and what they are checked against, for a run's first lines.
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> =
+            self.claims.iter().map(|c| format!("{} {}", c.what, size_text(c.bytes))).collect();
+        let against = match &self.available {
+            Some((bytes, source)) => format!("of {} available ({source})", size_text(*bytes)),
+            None => "(not checked)".to_string(),
+        };
+        format!(
+            "{} in buffers of parameter size ({}), {against}",
+            size_text(self.claimed()),
+            parts.join(", ")
+        )
+    }
+
     /// The bytes claimed so far.
     pub fn claimed(&self) -> u64 {
         self.claims.iter().map(|c| c.bytes).fold(0, u64::saturating_add)
@@ -180,49 +227,87 @@ fn size_text(bytes: u64) -> String {
 }
 
 /// The memory this process may still allocate, in bytes, and where the figure comes from:
-/// the kernel's `MemAvailable`, lowered to the headroom under the control group's limit
-/// (its limit less what it uses, page cache excepted) when there is one. `None` where
-/// neither can be read (not Linux).
+/// the kernel's `MemAvailable`, lowered to the headroom under the limits of the process's
+/// control group and its ancestors, and under its address-space limit (`ulimit -v`), when
+/// there are any. `None` where none can be read (not Linux).
 pub fn available() -> Option<(u64, String)> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
         let kb = text.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().strip_suffix("kB")?;
         Some((kb.trim().parse::<u64>().ok()? * 1024, "MemAvailable in /proc/meminfo".to_string()))
     });
-    let cgroup = cgroup_headroom(std::path::Path::new("/sys/fs/cgroup"));
-    match (meminfo, cgroup) {
-        (Some(m), Some(c)) => Some(if c.0 < m.0 { c } else { m }),
-        (m, c) => m.or(c),
-    }
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|own| cgroup_headroom(std::path::Path::new("/sys/fs/cgroup"), &own));
+    [meminfo, cgroup, address_space_headroom()].into_iter().flatten().min_by_key(|(bytes, _)| *bytes)
 }
 
-/// The headroom under a cgroup v2 (`memory.max`) or v1 (`memory/memory.limit_in_bytes`)
-/// limit mounted at `root`: the limit less the usage, the page cache (`file`, `cache`)
-/// counted as free since the kernel reclaims it. `None` without a limit.
-fn cgroup_headroom(root: &std::path::Path) -> Option<(u64, String)> {
-    let read = |rel: &str| std::fs::read_to_string(root.join(rel)).ok();
-    let num = |rel: &str| read(rel).and_then(|s| s.trim().parse::<u64>().ok());
-    let stat = |rel: &str, key: &str| {
-        read(rel).and_then(|s| {
+/// The address space left under `RLIMIT_AS` (`ulimit -v`): the limit less the process's
+/// current size (`VmSize`). `None` without a limit.
+fn address_space_headroom() -> Option<(u64, String)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmSize:"))?.trim().strip_suffix("kB")?;
+    let size = kb.trim().parse::<u64>().ok()? * 1024;
+    Some((lim.rlim_cur.saturating_sub(size), "the address-space limit (ulimit -v)".to_string()))
+}
+
+/// The least headroom under the memory limits of the control group named in `own` (the text
+/// of `/proc/self/cgroup`) and of its ancestors, the hierarchy mounted at `root`: cgroup v2
+/// (`memory.max`) or v1 (the `memory` controller's `memory.limit_in_bytes`). Headroom is the
+/// limit less the usage, with page cache other than shared memory counted as free (the
+/// kernel reclaims it; tmpfs and MPI's shared segments it cannot). `None` without a limit.
+fn cgroup_headroom(root: &std::path::Path, own: &str) -> Option<(u64, String)> {
+    let read = |dir: &std::path::Path, name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    let num = |dir: &std::path::Path, name: &str| read(dir, name).and_then(|s| s.trim().parse::<u64>().ok());
+    let stat = |dir: &std::path::Path, name: &str, key: &str| {
+        read(dir, name).and_then(|s| {
             s.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
         })
     };
-    let (limit, usage, cache, file) = if let Some(limit) = num("memory.max") {
-        (limit, num("memory.current")?, stat("memory.stat", "file").unwrap_or(0), "memory.max")
-    } else {
-        let limit = num("memory/memory.limit_in_bytes")?;
-        (
-            limit,
-            num("memory/memory.usage_in_bytes")?,
-            stat("memory/memory.stat", "cache").unwrap_or(0),
-            "memory/memory.limit_in_bytes",
-        )
+    // The hierarchy's base, the group's path in it, and the names of the limit and usage
+    // files and of the page-cache and shmem keys of memory.stat. A v1 memory controller, if
+    // any, holds the limit (hybrid systems also list an empty v2 group, `0::/`).
+    let v1 = own.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, rel) = (f.next()?, f.next()?, f.next()?);
+        ctrls.split(',').any(|c| c == "memory").then_some(rel)
+    });
+    let (base, rel, files) = match v1 {
+        Some(rel) => (
+            root.join("memory"),
+            rel,
+            ["memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem"],
+        ),
+        None => {
+            let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+            (root.to_path_buf(), rel, ["memory.max", "memory.current", "file", "shmem"])
+        }
     };
-    // cgroup v1 writes "no limit" as a huge multiple of the page size.
-    if limit >= 1 << 60 {
-        return None;
+    let mut dir = base.join(rel.trim().trim_start_matches('/'));
+    let mut best: Option<(u64, String)> = None;
+    loop {
+        if let (Some(limit), Some(usage)) = (num(&dir, files[0]), num(&dir, files[1])) {
+            // cgroup v1 writes "no limit" as a huge multiple of the page size.
+            if limit < 1 << 60 {
+                let cache = stat(&dir, "memory.stat", files[2]).unwrap_or(0);
+                let shmem = stat(&dir, "memory.stat", files[3]).unwrap_or(0);
+                let used = usage.saturating_sub(cache.saturating_sub(shmem));
+                let headroom = limit.saturating_sub(used);
+                if best.as_ref().is_none_or(|b| headroom < b.0) {
+                    let source = format!("the control group's limit in {}", dir.join(files[0]).display());
+                    best = Some((headroom, source));
+                }
+            }
+        }
+        if dir == base || !dir.pop() || !dir.starts_with(&base) {
+            break;
+        }
     }
-    let used = usage.saturating_sub(cache);
-    Some((limit.saturating_sub(used), format!("the control group's limit in {}", root.join(file).display())))
+    best
 }
 
 #[cfg(test)]
@@ -259,25 +344,41 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_headroom_reads_v2_and_v1_limits_and_counts_page_cache_as_free() {
+    fn cgroup_headroom_reads_the_own_group_and_its_ancestors_v2_and_v1() {
         let dir = std::env::temp_dir().join(format!("dtrain-cgroup-{}", std::process::id()));
-        let v2 = dir.join("v2");
-        std::fs::create_dir_all(&v2).unwrap();
-        std::fs::write(v2.join("memory.max"), "1000000\n").unwrap();
-        std::fs::write(v2.join("memory.current"), "600000\n").unwrap();
-        std::fs::write(v2.join("memory.stat"), "anon 400000\nfile 200000\n").unwrap();
-        assert_eq!(cgroup_headroom(&v2).unwrap().0, 600_000);
-        // "max" is no limit.
-        std::fs::write(v2.join("memory.max"), "max\n").unwrap();
-        assert!(cgroup_headroom(&v2).is_none());
-        let v1 = dir.join("v1/memory");
-        std::fs::create_dir_all(&v1).unwrap();
-        std::fs::write(v1.join("memory.limit_in_bytes"), "2000000\n").unwrap();
-        std::fs::write(v1.join("memory.usage_in_bytes"), "1500000\n").unwrap();
-        std::fs::write(v1.join("memory.stat"), "cache 500000\nrss 1000000\n").unwrap();
-        assert_eq!(cgroup_headroom(&dir.join("v1")).unwrap().0, 1_000_000);
-        std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
-        assert!(cgroup_headroom(&dir.join("v1")).is_none());
+        let w = |rel: &str, name: &str, text: &str| {
+            std::fs::create_dir_all(dir.join(rel)).unwrap();
+            std::fs::write(dir.join(rel).join(name), text).unwrap();
+        };
+        // v2: the job's group under a parent; its page cache is free, shared memory is not.
+        w("v2/slurm/job1", "memory.max", "1000000\n");
+        w("v2/slurm/job1", "memory.current", "600000\n");
+        w("v2/slurm/job1", "memory.stat", "anon 300000\nfile 250000\nfile_mapped 9\nshmem 50000\n");
+        let own = "0::/slurm/job1\n";
+        assert_eq!(cgroup_headroom(&dir.join("v2"), own).unwrap().0, 600_000);
+        // A parent's tighter limit wins; "max" and groups without files are no limit.
+        w("v2/slurm", "memory.max", "700000\n");
+        w("v2/slurm", "memory.current", "650000\n");
+        let (room, source) = cgroup_headroom(&dir.join("v2"), own).unwrap();
+        assert_eq!(room, 50_000);
+        assert!(source.contains("slurm/memory.max"), "{source}");
+        w("v2/slurm", "memory.max", "max\n");
+        w("v2/slurm/job1", "memory.max", "max\n");
+        assert!(cgroup_headroom(&dir.join("v2"), own).is_none());
+        assert!(cgroup_headroom(&dir.join("v2"), "0::/elsewhere\n").is_none());
+        // v1: the memory controller's line names the group (beside a hybrid system's v2 line).
+        let own = "4:memory:/process_api/abc\n3:cpuset:/\n0::/\n";
+        w("v1/memory/process_api/abc", "memory.limit_in_bytes", "2000000\n");
+        w("v1/memory/process_api/abc", "memory.usage_in_bytes", "1500000\n");
+        w(
+            "v1/memory/process_api/abc",
+            "memory.stat",
+            "cache 1\nrss 1000000\ntotal_cache 500000\ntotal_shmem 0\n",
+        );
+        assert_eq!(cgroup_headroom(&dir.join("v1"), own).unwrap().0, 1_000_000);
+        w("v1/memory/process_api/abc", "memory.limit_in_bytes", "9223372036854771712\n");
+        assert!(cgroup_headroom(&dir.join("v1"), own).is_none());
+        assert!(cgroup_headroom(&dir.join("v1"), "3:cpuset:/\n").is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -318,12 +318,12 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
 ) -> Result<ExportReport> {
     crate::fsutil::check_output("--out", out, &[], Some(MAGIC))?;
     if let Some(j) = jsonl {
-        if j == out {
+        if crate::fsutil::same_file(j, out) {
             return Err(Error::Data(format!("--pseudo-labels {}: is also --out", j.display())));
         }
-        crate::fsutil::check_output("--pseudo-labels", j, &[out], None)?;
+        crate::fsutil::check_output("--pseudo-labels", j, &[out], Some(crate::fsutil::JSONL_MAGIC))?;
     }
-    let tmp = out.with_extension("tmp");
+    let tmp = crate::fsutil::sibling(out, ".tmp");
     let jsonl_tmp = jsonl.map(|p| crate::fsutil::sibling(p, ".tmp"));
     let temporaries: Vec<&Path> = std::iter::once(tmp.as_path()).chain(jsonl_tmp.as_deref()).collect();
     crate::fsutil::removing_on_error(&temporaries, || {

@@ -99,7 +99,7 @@ enum Command {
         /// `mean` (sentence-transformers' pooling) or `cls`.
         #[arg(long, default_value = "mean", value_parser = ["mean", "cls"])]
         pooling: String,
-        /// Tokens per text at most (the model's positions at most).
+        /// Tokens per text at most, [CLS] and [SEP] included: from 3 to the model's positions.
         #[arg(long, default_value_t = 128)]
         max_len: usize,
         /// The texts.
@@ -689,7 +689,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Pretrain(args) => {
             let (cfg, resume): (PretrainConfig, _) = args.run.load()?;
+            if args.stop_after == Some(0) {
+                bail!("--stop-after 0: must be at least 1 (epochs in total, counted from the start)");
+            }
             if cfg.model.objective == dtrain::config::Objective::Mlm {
+                if args.stop_after.is_some() {
+                    bail!("--stop-after: masked-LM pretraining has no epoch checkpoints to stop at; it applies to skip-gram and CBOW");
+                }
                 let r = dtrain::pretrain::mlm::pretrain(&cfg, &resume, args.device.device, progress)?;
                 println!(
                     "masked-LM: {} steps, loss {:.4} → {:.4}, masked-token accuracy {:.3}, {:.0} tokens/s",
@@ -1098,8 +1104,20 @@ fn embed(dir: &Path, pooling: &str, max_len: usize, texts: &[String]) -> anyhow:
     use dtrain::model::encoder::{load_pretrained, EncoderActs, Pooling, TokenBatch};
     let pooling = if pooling == "cls" { Pooling::Cls } else { Pooling::Mean };
     let (model, params) = load_pretrained(dir, 1, pooling, 0)?;
-    let tok = dtrain::data::subword::SubwordTokenizer::open(&dir.join("tokenizer.json"))?;
-    let max_len = max_len.clamp(2, model.spec.max_positions);
+    let tok_path = dir.join("tokenizer.json");
+    let tok = dtrain::data::subword::SubwordTokenizer::open(&tok_path)?;
+    if tok.vocab_size() as usize > model.spec.vocab {
+        bail!(
+            "{}: {} token ids, more than the {} rows of the model's embedding table (config.json's vocab_size): not this model's tokenizer",
+            tok_path.display(),
+            tok.vocab_size(),
+            model.spec.vocab
+        );
+    }
+    let positions = model.spec.max_positions;
+    if !(3..=positions).contains(&max_len) {
+        bail!("--max-len {max_len}: must be in 3..={positions} (the special tokens, at least one more, and the model's positions)");
+    }
     let seqs = texts.iter().map(|t| tok.encode(t, max_len)).collect::<Result<Vec<_>, _>>()?;
     let be = dtrain::backend::cpu::Cpu::<f32>::new();
     let tb = TokenBatch::new(&seqs, tok.pad);

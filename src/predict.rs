@@ -137,7 +137,7 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
             return Err(Error::config("predict", flag, "must be at most 256"));
         }
     }
-    crate::fsutil::check_output("--output", &opts.output, &[&opts.input], None)?;
+    crate::fsutil::check_output("--output", &opts.output, &[&opts.input], Some(crate::fsutil::JSONL_MAGIC))?;
     let mut metas: Vec<ModelMeta> = Vec::new();
     let mut models = Vec::new();
     // Every checkpoint's weights stay in memory for the whole job.

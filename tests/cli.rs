@@ -527,4 +527,24 @@ fn bench_encoder_reports_device_precision_and_flops() {
         "{}",
         text(&o)
     );
+    // Activations beyond memory (9 TiB) are refused before allocating (they once aborted).
+    let o = dtrain(&["bench", "encoder", "--model", "models/minilm", "--batch", "65536", "--len", "512"]);
+    let t = text(&o);
+    assert!(
+        o.status.code() == Some(1)
+            && t.contains("field `--batch`")
+            && t.contains("the activations (about) 9216.0 GiB"),
+        "{t}"
+    );
+}
+
+/// `bench allreduce` sizes beyond 1 TiB, or beyond memory, are refused (they once panicked
+/// with a capacity overflow or were killed by the kernel).
+#[test]
+fn bench_allreduce_refuses_sizes_beyond_memory() {
+    let max = u64::MAX.to_string();
+    let o = dtrain(&["bench", "allreduce", "--min-bytes", &max, "--max-bytes", &max]);
+    assert!(o.status.code() == Some(1) && text(&o).contains("itself at most 1 TiB"), "{}", text(&o));
+    let o = dtrain(&["bench", "allreduce", "--max-bytes", "1099511627776"]);
+    assert!(o.status.code() == Some(1) && text(&o).contains("field `--max-bytes`"), "{}", text(&o));
 }

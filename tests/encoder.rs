@@ -173,6 +173,38 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
 /// closing token kept), records the tokenizer's path, checksum and vocabulary size in the
 /// manifest with `buckets` = the vocabulary, and keeps the hashing tokenizer's split and
 /// de-duplication; a missing file or a checksum that does not match is refused by field.
+/// A tokenizer whose ids have gaps (an id at or past its vocabulary size) would index past the
+/// embedding table: it is refused on opening, naming the token, and `embed` refuses it too
+/// (it used to panic).
+#[test]
+fn a_tokenizer_with_an_id_past_its_vocabulary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(minilm().join(f), model.join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(minilm().join("tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["model"]["vocab"]["hello"] = 99999.into();
+    std::fs::write(model.join("tokenizer.json"), json.to_string()).unwrap();
+    let e = SubwordTokenizer::open(&model.join("tokenizer.json")).err().unwrap().to_string();
+    assert!(e.contains("token \"hello\" has id 99999, not below the vocabulary's 30522 tokens"), "{e}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["embed", "--model", model.to_str().unwrap(), "hello"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("has id 99999") && !err.contains("panicked"), "{err}");
+    // --max-len below the special tokens and one more is refused by flag.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["embed", "--model", minilm().to_str().unwrap(), "--max-len", "2", "hello"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--max-len 2: must be in 3..=512"), "{err}");
+}
+
 #[test]
 fn prepare_with_a_subword_tokenizer_stores_its_ids() {
     let path = minilm().join("tokenizer.json");

@@ -135,6 +135,11 @@ fn one_thread_is_deterministic_and_resume_is_bitwise_identical() {
     assert!(refused.contains("--resume auto"), "{refused}");
     let other = run(&cfg(&data, &b, &["train.lr=0.02"]), Resume::Auto, None).unwrap_err().to_string();
     assert!(other.contains("different pretraining config"), "{other}");
+    // --stop-after counts epochs from the start: at epoch 2, stopping after 2 has nothing to
+    // run (it once trained to the end and removed the checkpoints).
+    let done = run(&cfg(&data, &b, &[]), Resume::Auto, Some(2)).unwrap_err().to_string();
+    assert!(done.contains("--stop-after") && done.contains("already done (the run is at epoch 2)"), "{done}");
+    assert!(b.join("checkpoints/epoch-000002/DONE").is_file() && !b.join(EMBEDDINGS_FILE).exists());
     let r = run(&cfg(&data, &b, &[]), Resume::Auto, None).unwrap();
     assert_eq!(r.epochs, 4);
     assert_eq!(bytes(&a), bytes(&b), "resumed run differs from the uninterrupted one");

@@ -587,7 +587,7 @@ fn a_diverging_run_names_what_drove_it() {
         [&sets[..], &["method=\"pi\"", "unlabeled.ratio=0", "optim.clip_norm=1e30", "consistency.weight=5"]]
             .concat();
     let e = run(&cfg(&data, &dir.path().join("pi"), &sets), Resume::No, None).unwrap_err().to_string();
-    assert!(e.contains("consistency.weight (w_max 5); optim.clip_norm is 1e30"), "{e}");
+    assert!(e.contains("consistency.weight (now 5); optim.clip_norm is 1e30"), "{e}");
 }
 
 /// A model whose buffers cannot fit in memory is refused before anything is allocated or
@@ -620,6 +620,36 @@ fn a_model_larger_than_memory_is_refused_before_allocating() {
     );
     let e = run(&c, Resume::No, None).unwrap_err().to_string();
     assert!(e.contains("field `model.dim`") && !e.contains("moments"), "{e}");
+    // Sixteen hidden layers of 2^16 units (a 1 TiB run) outweigh the table: they are named.
+    let hidden = format!("model.hidden=[{}]", ["65536"; 16].join(","));
+    let c = cfg(&data, &out, &["model.dim=1", &hidden]);
+    let e = run(&c, Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("field `optim.kind`") && e.contains("fewer or narrower model.hidden layers"), "{e}");
+    // An address-space limit (ulimit -v) lowers what is available: a 3 GiB run on a data set
+    // of 4096 buckets is refused under a 2 GB limit, naming it.
+    std::fs::create_dir(dir.path().join("small")).unwrap();
+    let small = common::separable(&dir.path().join("small"), 4, &[]);
+    let toml = common::write(
+        dir.path(),
+        "ulimit.toml",
+        format!(
+            "[data]\ndir = {:?}\n[model]\ndim = 65536\n[train]\nout_dir = {:?}\n",
+            small,
+            dir.path().join("u")
+        )
+        .as_bytes(),
+    );
+    let script = format!(
+        "ulimit -v 2000000 && exec {} train --quiet --config {}",
+        env!("CARGO_BIN_EXE_dtrain"),
+        toml.display()
+    );
+    let o = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(1) && e.contains("available (the address-space limit (ulimit -v))"),
+        "{e}"
+    );
     // MPL's teacher joins the account of a student of 2^26 × 1 values.
     let c = cfg(
         &data,
@@ -886,12 +916,8 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     assert!(e.contains(&format!("{cb}/model.safetensors's weights 256.2 KiB")), "{e}");
     let o = limited("lots", &[ca]);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success()
-            && e.contains("DTRAIN_MEMORY_LIMIT")
-            && e.contains("\"lots\" is not a byte count"),
-        "{e}"
-    );
+    let want = "environment variable DTRAIN_MEMORY_LIMIT=\"lots\": not a byte count";
+    assert!(!o.status.success() && e.contains(want), "{e}");
     // MC dropout: k noisy passes differ from the deterministic pass, and are reproducible.
     let mc = predict(&["--checkpoint", ca, "--mc-dropout", "8"]);
     assert_ne!(mc, one, "dropout passes change the probabilities");
@@ -949,7 +975,12 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     let text = common::write(dir.path(), "in.txt", b"alpha apple\n");
     let model_file = a.final_checkpoint.join("model.safetensors");
     let model_bytes = std::fs::read(&model_file).unwrap();
-    for (out, want) in [(&text, "is the input"), (&model_file, "is a checkpoint")] {
+    let config = common::write(dir.path(), "run.toml", b"method = \"supervised\"\n");
+    for (out, want) in [
+        (&text, "is the input"),
+        (&model_file, "is a checkpoint"),
+        (&config, "not a file of the kind this writes"),
+    ] {
         let o = std::process::Command::new(bin)
             .args(["predict", "--checkpoint", ca, "--input", text.to_str().unwrap(), "--output"])
             .arg(out)
@@ -968,6 +999,7 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     assert!(!o.status.success() && e.contains("in.txt is a file, not a directory"), "{e}");
     assert_eq!(std::fs::read(&text).unwrap(), b"alpha apple\n");
     assert_eq!(std::fs::read(&model_file).unwrap(), model_bytes);
+    assert_eq!(std::fs::read(&config).unwrap(), b"method = \"supervised\"\n");
     // A missing input: nothing is made at all.
     let o = std::process::Command::new(bin)
         .args(["predict", "--checkpoint", ca, "--input", "/nonexistent/in.txt", "--output"])
@@ -1257,6 +1289,19 @@ fn export_logits_and_noisy_student() {
     let e = export_to(&other).unwrap_err().to_string();
     assert!(e.contains("not a file of the kind this writes"), "{e}");
     assert_eq!(std::fs::read(&other).unwrap(), b"mine");
+    // The pseudo-labels may replace only an earlier JSON-lines output, never the logits
+    // file itself (however the two paths are spelled), and a `<stem>.tmp` beside the output
+    // is not the export's temporary file.
+    let e = export_unlabeled(&model, &params, &ds, &file, Some(&other), 7).unwrap_err().to_string();
+    assert!(e.contains("--pseudo-labels") && e.contains("not a file of the kind this writes"), "{e}");
+    assert_eq!(std::fs::read(&other).unwrap(), b"mine");
+    let fresh = dir.path().join("fresh.logits");
+    let spelled = dir.path().join(".").join("fresh.logits");
+    let e = export_unlabeled(&model, &params, &ds, &fresh, Some(&spelled), 7).unwrap_err().to_string();
+    assert!(e.contains("is also --out") && !fresh.exists(), "{e}");
+    let stem_tmp = common::write(dir.path(), "fresh.tmp", b"precious");
+    export_to(&fresh).unwrap();
+    assert_eq!(std::fs::read(&stem_tmp).unwrap(), b"precious");
     assert_eq!(r.known, n_unlabeled, "every unlabeled sample of a simulated split has a hidden label");
     let lines = std::fs::read_to_string(&jsonl).unwrap();
     assert_eq!(lines.lines().count() as u64, n_unlabeled);
@@ -1436,15 +1481,15 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     broken[bias.start] = f32::NAN;
     let nan_file = dir.path().join("nan.logits");
     let labels = dir.path().join("labels.jsonl");
-    std::fs::write(&labels, "keep me\n").unwrap();
+    std::fs::write(&labels, "{\"keep\": \"me\"}\n").unwrap();
     let e =
         dtrain::logits::export(&be, &model, &broken, &ds, SplitKind::Unlabeled, &nan_file, Some(&labels), 64)
             .unwrap_err()
             .to_string();
     assert!(e.contains("logit for document 0 of shard 0 is NaN") && e.contains("no logits file"), "{e}");
-    assert!(!nan_file.exists() && !nan_file.with_extension("tmp").exists());
+    assert!(!nan_file.exists() && !dir.path().join("nan.logits.tmp").exists());
     // The pseudo-labels file already there is untouched, and no temporary one is left.
-    assert_eq!(std::fs::read_to_string(&labels).unwrap(), "keep me\n");
+    assert_eq!(std::fs::read_to_string(&labels).unwrap(), "{\"keep\": \"me\"}\n");
     assert!(!dir.path().join("labels.jsonl.tmp").exists());
     dtrain::logits::export(&be, &model, &params, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
     // `dtrain inspect` describes the file, and shows every argmax on class 2.

@@ -365,14 +365,18 @@ pub struct Part<'a> {
     pub moments: [Cow<'a, [f32]>; 2],
 }
 
-/// The bytes of checkpoint file `path`, mapped rather than read: a large model's tensors
-/// are converted straight from the page cache into their buffers, so loading holds no
-/// private copy of the file beside them.
-fn map(path: &Path) -> Result<memmap2::Mmap> {
+/// The bytes of safetensors file `path` (a checkpoint's, or a pretrained encoder's), mapped
+/// rather than read: a large model's tensors are converted straight from the page cache
+/// into their buffers, so loading holds no private copy of the file beside them.
+pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
     let f = std::fs::File::open(path).at(path)?;
+    if !f.metadata().at(path)?.is_file() {
+        return Err(Error::bad_file(path, "is not a regular file"));
+    }
     // SAFETY: checkpoint files are written under a temporary name and renamed into place,
     // never changed afterwards, and the map is read-only; as for data shards, a file another
-    // process truncates while it is mapped is outside what dtrain supports.
+    // process truncates while it is mapped (a pretrained model overwritten during loading)
+    // is outside what dtrain supports.
     unsafe { memmap2::Mmap::map(&f) }.at(path)
 }
 

@@ -63,6 +63,14 @@ impl SubwordTokenizer {
             .with_truncation(None)
             .map_err(|e| Error::bad_file(path, format!("cannot turn truncation off: {e}")))?;
         check_frame(&inner, path)?;
+        // Ids index the model's embedding rows: they must lie below the vocabulary size.
+        let size = inner.get_vocab_size(true);
+        if let Some((token, id)) = inner.get_vocab(true).into_iter().find(|&(_, id)| id as usize >= size) {
+            return Err(Error::bad_file(
+                path,
+                format!("token {token:?} has id {id}, not below the vocabulary's {size} tokens: the ids have gaps"),
+            ));
+        }
         let pad = inner.token_to_id("[PAD]").or_else(|| inner.token_to_id("<pad>")).unwrap_or(0);
         Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad })
     }

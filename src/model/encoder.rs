@@ -929,7 +929,7 @@ pub fn load_pretrained(
     let model = Encoder::new(spec);
     let mut params: Vec<f32> = model.init(seed);
     let st_path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&st_path).at(&st_path)?;
+    let bytes = crate::checkpoint::map(&st_path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::bad_file(&st_path, format!("not a safetensors file: {e}")))?;
     // Layers the file has beyond the config's would be dropped without a word.

@@ -116,7 +116,13 @@ pub fn write(
 /// checksum and the word list's checksum.
 pub fn read(path: &Path) -> Result<Embeddings> {
     let file: PathBuf = if path.is_dir() { path.join(EMBEDDINGS_FILE) } else { path.to_owned() };
-    let bytes = std::fs::read(&file).at(&file)?;
+    if path.is_dir() && !file.is_file() {
+        return Err(Error::bad_file(
+            path,
+            format!("has no {EMBEDDINGS_FILE}: not a `dtrain pretrain` output"),
+        ));
+    }
+    let bytes = crate::checkpoint::map(&file)?;
     let meta: EmbeddingsMeta = serde_json::from_value(file_meta(&file, &bytes)?).map_err(|e| {
         Error::bad_file(&file, format!("not dtrain embeddings (its metadata does not parse: {e})"))
     })?;

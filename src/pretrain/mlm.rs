@@ -269,6 +269,8 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         Error::bad_file(Path::new(&sw.path), "has no [MASK] (or <mask>) token for masked-LM pretraining")
     })?;
     let dir = m.pretrained.as_ref().expect("validated: mlm.pretrained");
+    // Available memory is read before the pretrained weights take theirs.
+    let mut budget = crate::hostmem::Budget::new("pretrain", 1)?;
     let (enc, loaded) = load_pretrained(dir, 1, Pooling::Mean, t.seed)?;
     if enc.spec.vocab < manifest.tokenizer.buckets as usize || enc.spec.max_positions < sw.max_len as usize {
         return Err(Error::config(
@@ -286,7 +288,6 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     // Parameters, gradient and AdamW's two moments, and the head warm-up's moments beside
     // them while it lasts; on a device only the host copy of the parameters.
     let params_bytes = enc.layout.total() as u64 * 4;
-    let mut budget = crate::hostmem::Budget::new("pretrain", 1)?;
     let shrink = "pretrain a smaller encoder (mlm.pretrained)";
     budget.add("the encoder's parameters", params_bytes, "mlm.pretrained", shrink);
     if be.host(&be.zeros(0)).is_some() {

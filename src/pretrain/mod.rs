@@ -334,6 +334,15 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let hyper = Hyper { objective: m.objective, window: m.window, negatives: m.negatives };
     let total_epochs = t.epochs;
     let first_epoch = meta.epochs_done;
+    if let Some(n) = opts.stop_after.filter(|&n| n <= first_epoch) {
+        return Err(Error::config(
+            "pretrain",
+            "--stop-after",
+            format!(
+                "{n} epochs in total are already done (the run is at epoch {first_epoch}): pass a larger --stop-after, which counts epochs from the start, or none"
+            ),
+        ));
+    }
     let bar = if progress && first_epoch < total_epochs {
         let b = ProgressBar::with_draw_target(
             Some(trained_tokens * u64::from(total_epochs)),

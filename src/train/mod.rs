@@ -235,9 +235,11 @@ fn bag_spec(m: &crate::config::ModelConfig, manifest: &crate::data::manifest::Ma
 /// The classifier `m` describes on the data set of `manifest`, and its initial parameters
 /// from `seed`: a bag model, or an encoder (its pretrained weights loaded, the head fresh).
 /// `claim` sees the model before its parameters are allocated (a pretrained encoder's are
-/// read first: its shape comes from them) and may refuse it.
+/// read first: its shape comes from them) and may refuse it. `section` is `m`'s config table,
+/// for messages.
 fn build_model(
     m: &crate::config::ModelConfig,
+    section: &str,
     manifest: &crate::data::manifest::Manifest,
     seed: u64,
     claim: impl FnOnce(&Model) -> Result<()>,
@@ -253,7 +255,7 @@ fn build_model(
     let Some(sw) = &manifest.tokenizer.subword else {
         return Err(Error::config(
             "train",
-            "model.kind",
+            format!("{section}.kind"),
             "an encoder reads subword ids: prepare the data with --set tokenizer.subword.path=models/minilm/tokenizer.json",
         ));
     };
@@ -265,7 +267,7 @@ fn build_model(
             if enc.spec.vocab < vocab || enc.spec.max_positions < sw.max_len as usize {
                 return Err(Error::config(
                     "train",
-                    "model.encoder.pretrained",
+                    format!("{section}.encoder.pretrained"),
                     format!(
                         "{} has {} token ids and {} positions; the data set's tokenizer has {vocab} ids and up to {} tokens (prepare with this model's tokenizer.json and a tokenizer.subword.max_len within its positions)",
                         dir.display(), enc.spec.vocab, enc.spec.max_positions, sw.max_len
@@ -296,7 +298,8 @@ fn build_model(
                 attention_dropout: e.attention_dropout.unwrap_or(0.1),
                 recompute: e.recompute,
             };
-            spec.validate().map_err(|(f, msg)| Error::config("train", format!("model.encoder.{f}"), msg))?;
+            spec.validate()
+                .map_err(|(f, msg)| Error::config("train", format!("{section}.encoder.{f}"), msg))?;
             let enc = Encoder::new(spec.clone());
             claim(&Model::Encoder(enc.clone()))?;
             let params = enc.init(seed);
@@ -308,59 +311,77 @@ fn build_model(
     Ok((model, params))
 }
 
-/// Claims in `budget` the buffers of parameter size that training `model` keeps: its
-/// parameters, optimizer moments (`optim`, from config table `optim_field`) and dense
-/// gradient, and the shadow copies `shadows` (each a name, the config field that asks for it
-/// and what to do about it). `who` names the model and `section` its config table. On a device (`on_host` false)
-/// only the host copy of the parameters, held while they are uploaded, is claimed: device
-/// memory is not checked.
+/// A run's memory account, which each model it trains joins ([`claim_training`]).
+struct Account<'a> {
+    budget: &'a mut crate::hostmem::Budget,
+    /// Whether the backend's buffers live in host memory (the CPU).
+    on_host: bool,
+    /// The ranks: with several, each gradient has a send copy for MPI.
+    world: usize,
+}
+
+/// Claims in `acc` the buffers of parameter size that training `model` keeps: its
+/// parameters, optimizer moments (`optim`, from config table `optim_field`), its
+/// dense-gradient buffers (the step's, one per name in `more_gradients`, and MPI's send
+/// copy), and the shadow copies `shadows` (each a name, the config field that asks for it
+/// and what to do about it). `who` names the model and `section` its config table. On a
+/// device only the host copy of the parameters, held while they are uploaded, is checked,
+/// and not kept in the account: device memory is not checked.
 #[allow(clippy::too_many_arguments)]
 fn claim_training(
-    budget: &mut crate::hostmem::Budget,
-    on_host: bool,
+    acc: &mut Account,
     who: &str,
     section: &str,
     model: &Model,
     optim: &crate::optim::OptimConfig,
     optim_field: &str,
+    more_gradients: &[&str],
     shadows: &[(&str, &str, &str)],
 ) -> Result<()> {
+    let budget = &mut *acc.budget;
     const F32: u64 = 4;
     let total = model.layout().total() as u64 * F32;
+    // A bag model's size is its table's, unless wide hidden layers outweigh it.
+    let table_rules = model.table().len() as u64 * F32 * 2 >= total;
     let (sized_by, shrink) = match model {
-        Model::Bag(_) => (
+        Model::Bag(_) if table_rules => (
             format!("{section}.dim"),
             format!(
                 "lower {section}.dim, or prepare the data with fewer tokenizer.buckets (the embedding table holds buckets × dim values)"
             ),
         ),
+        Model::Bag(_) => (format!("{section}.hidden"), format!("fewer or narrower {section}.hidden layers")),
         Model::Encoder(_) => {
             (format!("{section}.encoder"), format!("choose a smaller encoder in {section}.encoder"))
         }
     };
-    budget.add(format!("{who}'s parameters"), total, &sized_by, &shrink);
-    if !on_host {
-        return budget.check();
+    if !acc.on_host {
+        return budget.check_transient(format!("{who}'s parameters"), total, &sized_by, &shrink);
     }
+    budget.add(format!("{who}'s parameters"), total, &sized_by, &shrink);
     let (m, v) = crate::optim::moment_lens(optim, model.layout(), model.table());
     if m + v > 0 {
-        let (field, remedy) = if model.bag().is_some() && optim.table == crate::optim::TableOptim::SparseAdam
-        {
-            (
-                format!("{optim_field}.table"),
-                format!(
-                    "{optim_field}.table = \"sgd\" keeps no moments for the embedding table; or {shrink}"
-                ),
-            )
+        // As `moment_lens` decides: lazy Adam keeps moments over the whole layout, else the
+        // dense tensors' optimizer over them (SGD's momentum, Adam's and LAMB's moments).
+        let table_moments = optim.table == crate::optim::TableOptim::SparseAdam;
+        let f = optim_field;
+        let (field, remedy) = if model.bag().is_some() && table_moments && table_rules {
+            (format!("{f}.table"), format!("{f}.table = \"sgd\" keeps no moments for the embedding table"))
         } else {
-            (
-                format!("{optim_field}.kind"),
-                format!("{optim_field}.kind = \"sgd\" keeps no moments; or {shrink}"),
-            )
+            let table = if table_moments { format!(" and {f}.table = \"sgd\"") } else { String::new() };
+            (format!("{f}.kind"), format!("{f}.kind = \"sgd\" with {f}.momentum = 0{table} keeps no moments"))
         };
+        let remedy = format!("{remedy}; or {shrink}");
         budget.add(format!("{who}'s optimizer moments"), (m + v) as u64 * F32, field, remedy);
     }
-    budget.add(format!("{who}'s gradient"), model.dense_len() as u64 * F32, &sized_by, &shrink);
+    let mut gradients = vec!["the step's"];
+    gradients.extend_from_slice(more_gradients);
+    if acc.world > 1 {
+        gradients.push("MPI's send copy");
+    }
+    let grads = model.dense_len() as u64 * F32 * gradients.len() as u64;
+    let what = format!("{who}'s gradient buffers ({})", gradients.join(", "));
+    budget.add(what, grads, &sized_by, &shrink);
     for &(name, field, remedy) in shadows {
         budget.add(name, total, field, format!("{remedy}; or {shrink}"));
     }
@@ -442,7 +463,8 @@ pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Tra
 /// that the weight never reaches its maximum (a ramp is accepted: a short trial run of a
 /// long schedule is a normal thing to do).
 fn ramp_warning(recipe: &crate::algo::Recipe, ramp: &ramp::Ramp, total: u64) -> Option<String> {
-    if recipe.weight == 0.0 || ramp.delay_steps + ramp.up_steps <= total || total == 0 {
+    // The ramp is not shifted by a delay (`Ramp::factor`): it peaks at step up_steps.
+    if recipe.weight == 0.0 || total == 0 || (ramp.up_steps <= total && ramp.delay_steps < total) {
         return None;
     }
     Some(format!(
@@ -620,6 +642,8 @@ where
     Dist: GradSync<B>,
 {
     let started = Instant::now();
+    // The memory this node's ranks share, read before any of them allocates.
+    let mut budget = crate::hostmem::Budget::new("train", dist.local_size())?;
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
     let p = manifest.num_shards as usize;
@@ -662,7 +686,6 @@ where
     // The buffers of parameter size are claimed against the memory this node's ranks share
     // before any is allocated. A CPU buffer lives in host memory.
     let on_host = be.host(&be.zeros(0)).is_some();
-    let mut budget = crate::hostmem::Budget::new("train", dist.local_size())?;
     let mut shadow_claims = Vec::new();
     if cfg.recipe().target == TargetSource::Teacher {
         shadow_claims.push(("the Mean Teacher", "method", "a Mean Teacher keeps a copy of every parameter"));
@@ -674,9 +697,18 @@ where
             "average.kind = \"none\" keeps no averaged copy",
         ));
     }
-    let (model, mut host_params) = build_model(&cfg.model, manifest, t.seed, |m| {
+    let mut gradients = Vec::new();
+    if cfg.adversarial.kind != AdversarialKind::None {
+        gradients.push("the adversarial passes'");
+    }
+    if cfg.method.is_mpl() {
+        gradients.push("MPL's student step's");
+    }
+    let mut account = Account { budget: &mut budget, on_host, world };
+    let (model, mut host_params) = build_model(&cfg.model, "model", manifest, t.seed, |m| {
         let optim = optim_config(cfg, m);
-        claim_training(&mut budget, on_host, "the model", "model", m, &optim, "optim", &shadow_claims)
+        let (g, s) = (&gradients, &shadow_claims);
+        claim_training(&mut account, "the model", "model", m, &optim, "optim", g, s)
     })?;
     for prefix in cfg.optim.lr_mult.keys() {
         if !model.layout().tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
@@ -840,7 +872,7 @@ where
     };
     let mut mpl_run = if recipe.method.is_mpl() {
         let report = progress && resume_from.is_none();
-        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, report, (&mut budget, on_host))?)
+        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, report, &mut account)?)
     } else {
         None
     };
@@ -1001,6 +1033,9 @@ where
             t.batch_size / world,
             b_u / world
         );
+    }
+    if progress && step == 0 {
+        eprintln!("memory: {}", budget.summary());
     }
     if progress && step == 0 && recipe.method != Method::Supervised {
         eprintln!(
@@ -1394,6 +1429,14 @@ mod tests {
         assert_eq!(ramp_warning(&sup, &sup.ramp(10), 20), None);
         let flat = load(&["method=\"mean_teacher\"", "consistency.ramp_epochs=0"]);
         assert_eq!(ramp_warning(&flat, &flat.ramp(10), 20), None);
+        // Temporal Ensembling's one-epoch delay does not shift its ramp: 55 steps see it end.
+        let te = load(&["method=\"temporal\""]);
+        assert_eq!((te.ramp(10).delay_steps, te.ramp(10).up_steps), (10, 50));
+        assert_eq!(ramp_warning(&te, &te.ramp(10), 55), None);
+        assert!(ramp_warning(&te, &te.ramp(10), 45).is_some());
+        // A run within the delay never turns the term on.
+        let short = load(&["method=\"temporal\"", "consistency.ramp_epochs=0.5"]);
+        assert!(ramp_warning(&short, &short.ramp(10), 8).unwrap().contains("ends at 0.00"));
     }
 
     #[test]

@@ -73,8 +73,7 @@ pub(super) fn logits_files(cfg: &TrainConfig) -> Vec<&Path> {
 
 impl<B: EncoderOps<F = f32>> MplRun<B> {
     /// The teacher and settings of `cfg`; the student is the run's `student` model.
-    /// `budget`: the run's memory account, which the teacher's buffers join, and whether the
-    /// backend's buffers live in host memory.
+    /// `account`: the run's memory account, which the teacher's buffers join.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         be: &B,
@@ -84,7 +83,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         recipe: &Recipe,
         total: u64,
         progress: bool,
-        budget: (&mut crate::hostmem::Budget, bool),
+        account: &mut super::Account,
     ) -> Result<Self> {
         let manifest = ds.manifest();
         let teacher_optim = cfg.mpl.teacher_optim.clone().unwrap_or_else(|| cfg.optim.clone());
@@ -92,14 +91,13 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         let teacher = match cfg.method {
             crate::algo::Method::Mpl => {
                 let mcfg = cfg.mpl.teacher.clone().unwrap_or_else(|| cfg.model.clone());
-                let (budget, on_host) = budget;
                 let (section, optim_field) = (
                     if cfg.mpl.teacher.is_some() { "mpl.teacher" } else { "model" },
                     if cfg.mpl.teacher_optim.is_some() { "mpl.teacher_optim" } else { "optim" },
                 );
-                let (model, mut params) = super::build_model(&mcfg, manifest, seed, |m| {
+                let (model, mut params) = super::build_model(&mcfg, section, manifest, seed, |m| {
                     let o = &teacher_optim;
-                    super::claim_training(budget, on_host, "MPL's teacher", section, m, o, optim_field, &[])
+                    super::claim_training(account, "MPL's teacher", section, m, o, optim_field, &[], &[])
                 })?;
                 if let (Some(path), Some(bag)) = (&mcfg.init_from, model.bag()) {
                     super::init_table(path, manifest, bag, &mut params, progress.then_some("mpl.teacher"))?;
@@ -123,6 +121,23 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                     None => None,
                 };
                 let c = student.classes();
+                // The MLP's parameters, gradient and optimizer moments.
+                let mut layout = Layout::new();
+                crate::model::mlp::Mlp::new(
+                    &mut layout,
+                    c,
+                    &cfg.mpl.reduced_hidden,
+                    c,
+                    Activation::Relu,
+                    0.0,
+                );
+                let none = Slot { offset: layout.total(), rows: 0, cols: 0 };
+                let (mm, mv) = moment_lens(&teacher_optim, &layout, none);
+                let bytes = (2 * layout.total() + mm + mv) as u64 * 4;
+                if account.on_host {
+                    let why = "fewer or narrower mpl.reduced_hidden layers";
+                    account.budget.claim("MPL's teacher MLP", bytes, "mpl.reduced_hidden", why)?;
+                }
                 let net = DenseNet::new(
                     be,
                     c,
@@ -140,7 +155,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         let m = &cfg.mpl;
         if m.finetune_steps >= total {
             return Err(Error::config(
-                "run.toml",
+                "train",
                 "mpl.finetune_steps",
                 format!("{} leaves no MPL step of the run's {total}", m.finetune_steps),
             ));

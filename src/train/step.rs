@@ -613,17 +613,20 @@ pub(super) fn divergence_remedy(cfg: &TrainConfig, teacher: bool) -> String {
     // Plain below a million, in exponent form beyond (and for the very small).
     let num = |v: f64| if (1e-4..1e6).contains(&v.abs()) { format!("{v}") } else { format!("{v:e}") };
     let mut lower = vec![format!("optim.lr (now {})", num(cfg.optim.lr))];
-    if let (true, Some(t)) = (teacher, &cfg.mpl.teacher_optim) {
-        lower.push(format!("mpl.teacher_optim.lr (now {})", num(t.lr)));
-    }
-    for (prefix, m) in &cfg.optim.lr_mult {
-        if *m > 1.0 {
-            lower.push(format!("optim.lr_mult.{prefix:?} (now {})", num(*m)));
+    for (field, o) in [("optim", Some(&cfg.optim)), ("mpl.teacher_optim", cfg.mpl.teacher_optim.as_ref())] {
+        let Some(o) = o.filter(|_| field == "optim" || teacher) else { continue };
+        if field != "optim" {
+            lower.push(format!("{field}.lr (now {})", num(o.lr)));
+        }
+        for (prefix, m) in &o.lr_mult {
+            if *m > 1.0 {
+                lower.push(format!("{field}.lr_mult.{prefix:?} (now {})", num(*m)));
+            }
         }
     }
     let recipe = cfg.recipe();
     if recipe.weight > 0.0 {
-        lower.push(format!("consistency.weight (w_max {})", num(recipe.weight)));
+        lower.push(format!("consistency.weight (now {})", num(recipe.weight)));
     }
     if cfg.adversarial.kind != AdversarialKind::None {
         let a = &cfg.adversarial;
