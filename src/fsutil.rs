@@ -141,6 +141,13 @@ fn check_output_dir(flag: &str, out: &Path) -> Result<()> {
             holder.display()
         )));
     }
+    if !dir.is_dir() {
+        return Err(Error::Data(format!(
+            "{flag} {}: directory {} does not exist; create it first",
+            out.display(),
+            dir.display()
+        )));
+    }
     Ok(())
 }
 

@@ -753,7 +753,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                     }
                     None => {
-                        println!("{q:?}: holds no word");
+                        match emb.query_words(q).len() {
+                            0 => println!("{q:?}: holds no word"),
+                            n => println!("{q:?}: holds {n} words; give one word per argument"),
+                        }
                         found = false;
                     }
                 }
@@ -791,6 +794,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let (model, params, ds) =
                 load_for_data(&a.checkpoint, weights_of(a.teacher, a.average)?, &a.data, split)?;
+            if ds.manifest().splits.get(split.name()).is_none_or(|s| s.docs == 0) {
+                bail!(
+                    "--split {}: split `{}` of {} is empty: there is nothing to export",
+                    a.split,
+                    a.split,
+                    a.data.display()
+                );
+            }
             struct Job<'a>(&'a dtrain::model::Model, &'a [f32], &'a Dataset, SplitKind, &'a ExportArgs);
             impl OnBackend for Job<'_> {
                 type Out = dtrain::logits::ExportReport;
@@ -1223,9 +1234,9 @@ fn load_for_data(
     let (meta, model, params) = dtrain::checkpoint::load_weights(checkpoint, which)?;
     let ds = Dataset::open(data)?;
     ds.verify_payloads(|k, _| k == split)?;
-    if ds.labels() != meta.labels.as_slice() || ds.manifest().tokenizer != meta.tokenizer {
+    if let Some(what) = meta.mismatch(ds.labels(), &ds.manifest().tokenizer, "the data set") {
         bail!(
-            "{}: the data set's labels or tokenizer differ from the checkpoint's; prepare it with the same options",
+            "{}: the data set does not match the checkpoint's model: {what}; prepare it with the model's options",
             data.display()
         );
     }

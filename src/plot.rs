@@ -26,7 +26,14 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
         let bad = |msg: &str| Error::BadLine { path: path.to_owned(), line: i as u64 + 1, msg: msg.into() };
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
-        let step = v.get("step").and_then(|s| s.as_f64()).ok_or_else(|| bad("no `step`"))?;
+        let step = match v.get("step") {
+            Some(s) => s.as_f64().ok_or_else(|| bad(&format!("`step` is {s}, not a number")))?,
+            // A pretraining's metrics count epochs.
+            None if v.get("epoch").is_some() => {
+                return Err(bad("no `step`: this is a pretraining's metrics.jsonl (it counts epochs), which plot does not draw"))
+            }
+            None => return Err(bad("no `step`: not a training run's metrics.jsonl")),
+        };
         let get = |k: &str| v.get(k).and_then(|x| x.as_f64());
         match v.get("split").and_then(|s| s.as_str()) {
             None => {

@@ -150,10 +150,10 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
             budget.claim(format!("{}'s weights", file.display()), bytes, "--checkpoint", why)
         })?;
         if let Some(first) = metas.first() {
-            if first.labels != meta.labels || first.tokenizer != meta.tokenizer {
+            if let Some(what) = meta.mismatch(&first.labels, &first.tokenizer, "the first checkpoint") {
                 return Err(Error::bad_file(
                     path,
-                    "its labels or tokenizer differ from the first checkpoint's: they cannot be averaged",
+                    format!("cannot be averaged with the first checkpoint: its {what}"),
                 ));
             }
         }

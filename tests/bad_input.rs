@@ -183,6 +183,13 @@ fn corrupted_or_truncated_shards_are_named() {
     assert!(e.contains("train-00001.shard") && e.contains("payload checksum"), "{e}");
     let ds = Dataset::open(&out).unwrap();
     assert!(ds.verify_payloads(|k, i| k == dtrain::data::shard::SplitKind::Train && i == 0).is_ok());
+    // A file of the data set where its directory is wanted is named, with its data set.
+    let e = Dataset::open(&out.join("manifest.json")).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        e.contains("is a file, not a data set directory")
+            && e.contains(&format!("its data set is {}", out.display())),
+        "{e}"
+    );
 
     // A flipped header byte: refused at open.
     let mut header = original.clone();

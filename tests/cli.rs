@@ -460,6 +460,13 @@ fn pretrain_and_neighbors_from_the_command_line() {
         "{}",
         text(&o)
     );
+    // So does one of two words (only the first was looked up).
+    let o = dtrain(&["neighbors", "--model", out.to_str().unwrap(), "-k", "2", "red cat"]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("\"red cat\": holds 2 words; give one word per argument"),
+        "{t}"
+    );
     let o = dtrain(&["neighbors", "--model", out.to_str().unwrap(), "-k", "0", "red"]);
     assert!(!o.status.success() && text(&o).contains("-k 0"), "{}", text(&o));
     // A bad config names its field.

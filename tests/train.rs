@@ -918,6 +918,24 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     let e = String::from_utf8_lossy(&o.stderr);
     let want = "environment variable DTRAIN_MEMORY_LIMIT=\"lots\": not a byte count";
     assert!(!o.status.success() && e.contains(want), "{e}");
+    // Exporting an empty split (this data set has no unlabeled rows) is refused.
+    let o = std::process::Command::new(bin)
+        .args([
+            "export-logits",
+            "--checkpoint",
+            ca,
+            "--data",
+            data.to_str().unwrap(),
+            "--split",
+            "unlabeled",
+            "--out",
+        ])
+        .arg(dir.path().join("u.logits"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("split `unlabeled`") && e.contains("is empty"), "{e}");
+    assert!(!dir.path().join("u.logits").exists());
     // MC dropout: k noisy passes differ from the deterministic pass, and are reproducible.
     let mc = predict(&["--checkpoint", ca, "--mc-dropout", "8"]);
     assert_ne!(mc, one, "dropout passes change the probabilities");
@@ -1024,6 +1042,15 @@ fn plot_draws_a_png_and_names_bad_lines() {
     let bad = common::write(dir.path(), "m.jsonl", b"{\"step\": 1, \"loss\": 2.0}\nnot json\n");
     let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
     assert!(e.contains("m.jsonl:2") && e.contains("invalid JSON"), "{e}");
+    for (line, want) in [
+        (&b"{\"step\": \"x\", \"loss\": 1}\n"[..], "m.jsonl:1: `step` is \"x\", not a number"),
+        (b"{\"epoch\": 1, \"loss\": 1}\n", "this is a pretraining's metrics.jsonl"),
+        (b"{\"loss\": 1}\n", "no `step`: not a training run's metrics.jsonl"),
+    ] {
+        std::fs::write(&bad, line).unwrap();
+        let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
 }
 
 fn model_floats(dir: &Path) -> Vec<f32> {

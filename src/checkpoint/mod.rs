@@ -85,6 +85,34 @@ pub struct ModelMeta {
     pub tokenizer: TokenizerSpec,
 }
 
+impl ModelMeta {
+    /// What differs between this model's classes and tokenizer and `labels` and `tokenizer`
+    /// (another's, named `other`): `None` when they match, else the labels of both or the
+    /// tokenizer's fields that differ, with both values.
+    pub fn mismatch(&self, labels: &[String], tokenizer: &TokenizerSpec, other: &str) -> Option<String> {
+        if self.labels != labels {
+            let show = |l: &[String]| {
+                let head: Vec<&str> = l.iter().take(4).map(String::as_str).collect();
+                format!("{} ({}{})", l.len(), head.join(", "), if l.len() > 4 { ", …" } else { "" })
+            };
+            return Some(format!("labels: the model has {}, {other} {}", show(&self.labels), show(labels)));
+        }
+        if self.tokenizer == *tokenizer {
+            return None;
+        }
+        let (a, b) = (serde_json::to_value(&self.tokenizer).ok()?, serde_json::to_value(tokenizer).ok()?);
+        let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (a, b) else { return None };
+        let fields: Vec<String> = a
+            .iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                format!("{k} ({v} in the model, {} in {other})", b.get(k).unwrap_or(&serde_json::Value::Null))
+            })
+            .collect();
+        Some(format!("tokenizer: {}", fields.join(", ")))
+    }
+}
+
 /// The training loop's state at a step boundary.
 #[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
 pub struct TrainState {
@@ -685,4 +713,40 @@ pub fn load_train(
     let (state, _): (TrainState, usize) = bincode::decode_from_slice(payload, bincode::config::standard())
         .map_err(|e| Error::bad_file(&path, format!("undecodable: {e}")))?;
     Ok((m, v, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mismatch_names_the_labels_or_the_tokenizer_fields_that_differ() {
+        let labels = |n: usize| (0..n).map(|i| format!("c{i}")).collect::<Vec<_>>();
+        let spec = crate::model::bag::BagSpec {
+            buckets: 4096,
+            dim: 4,
+            hidden: vec![],
+            activation: crate::backend::Activation::Relu,
+            embed_dropout: 0.0,
+            hidden_dropout: 0.0,
+            classes: 6,
+        };
+        let tok = TokenizerSpec { buckets: 4096, ..Default::default() };
+        let meta = ModelMeta {
+            format: "dtrain-bag".into(),
+            model: ModelSpec::Bag(spec),
+            labels: labels(6),
+            tokenizer: tok.clone(),
+        };
+        assert_eq!(meta.mismatch(&labels(6), &tok, "the data set"), None);
+        let m = meta.mismatch(&labels(3), &tok, "the data set").unwrap();
+        assert_eq!(m, "labels: the model has 6 (c0, c1, c2, c3, …), the data set 3 (c0, c1, c2)");
+        let other = TokenizerSpec { buckets: 1024, word_ngrams: tok.word_ngrams + 1, ..tok.clone() };
+        let m = meta.mismatch(&labels(6), &other, "the data set").unwrap();
+        assert!(
+            m.starts_with("tokenizer: ") && m.contains("buckets (4096 in the model, 1024 in the data set)"),
+            "{m}"
+        );
+        assert!(m.contains("word_ngrams (") && !m.contains("lowercase"), "{m}");
+    }
 }

@@ -167,6 +167,15 @@ impl Manifest {
 
     /// Reads and checks `dir/manifest.json`: JSON shape, format, version, checksum.
     pub fn read(dir: &Path) -> Result<Manifest> {
+        if dir.is_file() {
+            let hint = crate::data::dataset::containing_dataset(dir)
+                .map(|d| format!(": its data set is {}", d.display()))
+                .unwrap_or_default();
+            return Err(Error::bad_file(
+                dir,
+                format!("is a file, not a data set directory (one `dtrain prepare` made){hint}"),
+            ));
+        }
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).at(&path)?;
         let m: Manifest = serde_json::from_str(&text)

@@ -220,13 +220,21 @@ impl Embeddings {
         out
     }
 
+    /// The words of `query` as the tokenizer splits and normalises them (case).
+    pub fn query_words(&self, query: &str) -> Vec<String> {
+        self.tokenizer().tokenize_with_words(query).1.iter().map(|w| w.to_string()).collect()
+    }
+
     /// The `k` trained words nearest to `query` by cosine (the query itself excluded), most
     /// similar first; `units` is [`Embeddings::unit_vectors`]. The query is normalised as the
     /// tokenizer does (case); a word never seen in pretraining is composed from its
-    /// character n-grams. `None` if the query holds no word.
+    /// character n-grams. `None` unless the query holds exactly one word.
     pub fn neighbors(&self, units: &[f32], query: &str, k: usize) -> Option<(String, Vec<(String, f32)>)> {
         let tok = self.tokenizer();
         let (_, words) = tok.tokenize_with_words(query);
+        if words.iter().count() != 1 {
+            return None;
+        }
         let word = words.iter().next()?.to_owned();
         let d = self.meta.dim;
         let mut q = vec![0.0f32; d];

@@ -293,10 +293,21 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let mut params = match &resume_from {
         Some(dir) => {
             let e = embeddings::read(dir)?;
-            if e.meta.config_hash != hash || e.meta.data_checksum != meta.data_checksum {
+            if e.meta.data_checksum != meta.data_checksum {
                 return Err(Error::bad_file(
                     dir,
-                    "the checkpoint was written with a different pretraining config or data set",
+                    format!(
+                        "the checkpoint was written on a different data set (checksum {}, {} has {})",
+                        e.meta.data_checksum,
+                        cfg.data.dir.display(),
+                        meta.data_checksum
+                    ),
+                ));
+            }
+            if e.meta.config_hash != hash {
+                return Err(Error::bad_file(
+                    dir,
+                    "the checkpoint was written with a different pretraining config: every setting but where files go and how often checkpoints are written must be the same",
                 ));
             }
             if e.words != words || e.meta.epochs_done > t.epochs {
