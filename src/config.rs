@@ -110,15 +110,38 @@ where
     let floats = value.clone();
     let cfg: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
-        Error::config(
-            &origin,
-            if field == "." { "(top level)".into() } else { field },
-            e.into_inner().to_string().trim().replace('\n', " "),
-        )
+        let mut msg = e.into_inner().to_string().trim().replace('\n', " ");
+        // A number or a boolean where a name is expected reads, from serde, as a "unit
+        // variant": say what was given instead.
+        if msg.contains("unit variant") {
+            if let Some(v) = value_at(&floats, &field) {
+                msg = format!(
+                    "expects a name in quotes (the example configs list the choices), not the {} {v}",
+                    v.type_str()
+                );
+            }
+        }
+        Error::config(&origin, if field == "." { "(top level)".into() } else { field }, msg)
     })?;
     cfg.validate(&origin)?;
     check_f32_range(&floats, "", &origin)?;
     Ok(cfg)
+}
+
+/// The value at `path` (`a.b[2].c`, as serde_path_to_error writes it) of a TOML tree.
+fn value_at<'a>(root: &'a toml::Value, path: &str) -> Option<&'a toml::Value> {
+    let mut v = root;
+    for seg in path.split('.') {
+        let (name, index) = match seg.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        v = v.get(name)?;
+        if let Some(i) = index {
+            v = v.get(i)?;
+        }
+    }
+    Some(v)
 }
 
 /// Refuses a real number that the field's own rule accepts but that an f32, in which the
@@ -1162,6 +1185,19 @@ mod tests {
     fn wrong_types_name_their_path() {
         let e = err(&["split.seed=\"x\""]);
         assert!(e.contains("field `split.seed`"), "{e}");
+        // A number or boolean where a name is expected says what it was.
+        let train = |kv: &str| {
+            load::<TrainConfig>(None, &set(&["data.dir=\"d\"", "train.out_dir=\"o\"", kv]))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = train("method=3");
+        assert!(
+            e.contains("field `method`: expects a name in quotes") && e.contains("not the integer 3"),
+            "{e}"
+        );
+        let e = train("model.kind=true");
+        assert!(e.contains("field `model.kind`") && e.contains("not the boolean true"), "{e}");
     }
 
     #[test]

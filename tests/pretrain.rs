@@ -278,6 +278,10 @@ fn init_from_loads_trained_rows_and_leaves_the_rest() {
     bad.model.dim = 8;
     let e = train(&bad, &opts).unwrap_err().to_string();
     assert!(e.contains("model.init_from"), "{e}");
+    // A training checkpoint given as embeddings is named as what it is not, by field.
+    let e =
+        train(&tcfg(&dir.path().join("t3"), Some(&scratch.final_checkpoint)), &opts).unwrap_err().to_string();
+    assert!(e.contains("field `model.init_from`") && e.contains("has no embeddings.safetensors"), "{e}");
 }
 
 /// A learning rate far too high makes the loss explode; the run stops with an error that

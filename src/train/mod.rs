@@ -414,18 +414,22 @@ fn model_meta(model: &Model, manifest: &crate::data::manifest::Manifest) -> Mode
     }
 }
 
-/// Loads pretrained embeddings (`init_from`) into the table of `params`; `report`: the
-/// config section, when a line is printed about it.
+/// Loads pretrained embeddings (`{section}.init_from`) into the table of `params`, printing
+/// a line about it with `report`; errors name the field.
 fn init_table(
     path: &Path,
     manifest: &crate::data::manifest::Manifest,
     model: &crate::model::bag::BagModel,
     params: &mut [f32],
-    report: Option<&str>,
+    section: &str,
+    report: bool,
 ) -> Result<()> {
-    let emb = crate::pretrain::embeddings::read(path)?;
-    let s = emb.init_table(&manifest.tokenizer, model.spec.dim, &mut params[model.table.range()])?;
-    if let Some(section) = report {
+    let field = |e: Error| Error::config("train", format!("{section}.init_from"), e.to_string());
+    let emb = crate::pretrain::embeddings::read(path).map_err(field)?;
+    let s = emb
+        .init_table(&manifest.tokenizer, model.spec.dim, &mut params[model.table.range()])
+        .map_err(field)?;
+    if report {
         eprintln!(
             "{section}.init_from {}: {} rows of {} pretrained words loaded{}",
             path.display(),
@@ -813,7 +817,7 @@ where
         Resume::From(dir) => Some(dir.clone()),
     };
     if let (Some(path), None, Some(bag)) = (&cfg.model.init_from, &resume_from, model.bag()) {
-        init_table(path, manifest, bag, &mut host_params, progress.then_some("model"))?;
+        init_table(path, manifest, bag, &mut host_params, "model", progress)?;
     }
     let mut params = be.upload_vec(host_params);
     let len = model.layout().total();

@@ -100,7 +100,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                     super::claim_training(account, "MPL's teacher", section, m, o, optim_field, &[], &[])
                 })?;
                 if let (Some(path), Some(bag)) = (&mcfg.init_from, model.bag()) {
-                    super::init_table(path, manifest, bag, &mut params, progress.then_some("mpl.teacher"))?;
+                    super::init_table(path, manifest, bag, &mut params, "mpl.teacher", progress)?;
                 }
                 let opt = Optimizer::new(be, model.layout(), model.table(), teacher_optim.clone());
                 let bufs = ModelBufs::new(be, &model);
