@@ -128,8 +128,8 @@ pub struct PrepareBench {
 
 /// Runs `prepare` `repeats` times (after one warm-up) into a temporary directory.
 pub fn bench_prepare(cfg: &PrepareConfig, repeats: usize) -> Result<PrepareBench> {
-    if repeats == 0 {
-        return Err(Error::config("--repeat", "repeat", "must be at least 1"));
+    if !(1..=100_000).contains(&repeats) {
+        return Err(Error::config("bench prepare", "--repeat", "must be in 1..=100000"));
     }
     let tmp = std::env::temp_dir().join(format!("dtrain-bench-prepare-{}", std::process::id()));
     let mut cfg = cfg.clone();

@@ -590,9 +590,9 @@ struct InspectArgs {
     /// Temporal Ensembling bank file (`.bank`, live or in a checkpoint's `bank/`), or a
     /// logits file of `export-logits`.
     path: PathBuf,
-    /// The split whose samples to decode.
-    #[arg(long, default_value = "train")]
-    split: String,
+    /// The split whose samples to decode [default: train].
+    #[arg(long)]
+    split: Option<String>,
     /// How many samples to decode.
     #[arg(long, default_value_t = 5)]
     samples: usize,
@@ -1045,9 +1045,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Embed { model, pooling, max_len, texts } => embed(&model, &pooling, max_len, &texts),
         Command::Bench(BenchCommand::Prepare { prepare, repeat, json }) => {
             let mut args = *prepare;
-            if args.out.is_none() {
-                args.out = Some(PathBuf::from("(temporary)"));
+            if let Some(out) = &args.out {
+                bail!(
+                    "--out {}: bench prepare writes to a temporary directory it removes, not to --out; drop the flag",
+                    out.display()
+                );
             }
+            args.out = Some(PathBuf::from("(temporary)"));
             let cfg = args.load()?;
             let r = dtrain::bench::bench_prepare(&cfg, repeat)?;
             println!(
@@ -1297,7 +1301,16 @@ fn print_prepare_summary(r: &PrepareReport) {
 }
 
 fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
+    // --split and --explain read a data set: given for a single file, they are refused
+    // rather than ignored.
+    let data_set_flags = |what: &str| -> anyhow::Result<()> {
+        if args.split.is_some() || args.explain.is_some() {
+            bail!("--split and --explain read a data set, and {} is {what}", args.path.display());
+        }
+        Ok(())
+    };
     if args.path.is_file() && args.path.extension().is_some_and(|x| x == "bank") {
+        data_set_flags("a bank file")?;
         let (h, histogram) = dtrain::bank::verify_sealed(&args.path)?;
         println!(
             "{}: dtrain Temporal Ensembling bank of {} shard {}/{}: {} rows × {} classes as {:?}, alpha {}, {}",
@@ -1332,6 +1345,7 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if args.path.is_file() && dtrain::logits::has_magic(&args.path) {
+        data_set_flags("a logits file")?;
         print!("{}", dtrain::logits::LogitsFile::open(&args.path)?.describe());
         return Ok(ExitCode::SUCCESS);
     }
@@ -1363,6 +1377,7 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if args.path.is_file() && dataset_file.is_none() {
+        data_set_flags("a single shard file (give its data set's directory)")?;
         let shard = Shard::open(&args.path)?;
         let h = shard.header();
         println!(
@@ -1378,8 +1393,9 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let split = SplitKind::from_name(&args.split)
-        .with_context(|| format!("--split {}: expected train, val, test or unlabeled", args.split))?;
+    let split_name = args.split.as_deref().unwrap_or("train");
+    let split = SplitKind::from_name(split_name)
+        .with_context(|| format!("--split {split_name}: expected train, val, test or unlabeled"))?;
     let dir = dataset_file.as_deref().unwrap_or(&args.path);
     let ds = Dataset::open(dir)?;
     let m: &Manifest = ds.manifest();

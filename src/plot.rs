@@ -34,6 +34,12 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
             }
             None => return Err(bad("no `step`: not a training run's metrics.jsonl")),
         };
+        // Accuracies are drawn on [0, 1]: one outside it is not a training run's.
+        for k in ["accuracy", "train_accuracy"] {
+            if let Some(a) = v.get(k).and_then(|x| x.as_f64()).filter(|a| !(0.0..=1.0).contains(a)) {
+                return Err(bad(&format!("`{k}` is {a}, outside [0, 1]")));
+            }
+        }
         let get = |k: &str| v.get(k).and_then(|x| x.as_f64());
         match v.get("split").and_then(|s| s.as_str()) {
             None => {

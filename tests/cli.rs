@@ -158,6 +158,13 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     assert!(r.status.success() && text(&r).contains("dtrain data set, 2 classes"), "{}", text(&r));
     let r = dtrain(&["inspect", out.join("train-00001.shard").to_str().unwrap()]);
     assert!(r.status.success() && text(&r).contains("dtrain shard 1/2 of split `train`"), "{}", text(&r));
+    // A data set's flags given for one file are refused, not ignored.
+    let r = dtrain(&["inspect", out.join("train-00001.shard").to_str().unwrap(), "--explain", "x"]);
+    assert!(
+        !r.status.success() && text(&r).contains("--split and --explain read a data set"),
+        "{}",
+        text(&r)
+    );
     let lone = dir.path().join("lone.shard");
     let stray = out.join("stray.shard");
     for copy in [&lone, &stray] {
@@ -542,6 +549,24 @@ fn bench_encoder_reports_device_precision_and_flops() {
             && t.contains("field `--batch`")
             && t.contains("the activations (about) 9216.0 GiB"),
         "{t}"
+    );
+}
+
+/// `bench prepare` writes to a temporary directory: --out is refused rather than ignored, and
+/// --repeat has bounds.
+#[test]
+fn bench_prepare_refuses_out_and_unbounded_repeats() {
+    let o = dtrain(&["bench", "prepare", "--input", "data/brown_genre.tsv.gz", "--out", "/tmp/x"]);
+    assert!(
+        o.status.code() == Some(1) && text(&o).contains("--out /tmp/x: bench prepare writes to a temporary"),
+        "{}",
+        text(&o)
+    );
+    let o = dtrain(&["bench", "prepare", "--input", "data/brown_genre.tsv.gz", "--repeat", "0"]);
+    assert!(
+        o.status.code() == Some(1) && text(&o).contains("--repeat`: must be in 1..=100000"),
+        "{}",
+        text(&o)
     );
 }
 
