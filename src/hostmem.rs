@@ -68,7 +68,7 @@ pub struct Budget {
 impl Budget {
     /// A budget for `command`, sharing this machine's available memory ([`available`], or
     /// [`LIMIT_VAR`] when set) with the other `sharers - 1` processes of the job on this node
-    /// (MPI ranks). Unchecked when [`CHECK_VAR`] is `0`.
+    /// (MPI ranks). Unchecked when [`CHECK_VAR`] is `0` (or `false`, `off`, `no`).
     pub fn new(command: &'static str, sharers: usize) -> crate::error::Result<Budget> {
         let env = |var: &str, v: &str, rule: &str| {
             crate::error::Error::Data(format!("environment variable {var}={v:?}: {rule}"))
@@ -139,8 +139,7 @@ impl Budget {
         field: impl Into<String>,
         remedy: impl Into<String>,
     ) -> crate::error::Result<()> {
-        self.add(what, bytes, field, remedy);
-        let checked = self.check();
+        let checked = self.claim(what, bytes, field, remedy);
         self.claims.pop();
         checked
     }
