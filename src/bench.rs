@@ -466,6 +466,22 @@ pub fn bench_padding(dir: &Path, split: &str, batch_size: usize, groups: &[usize
     }
     let docs: usize = ds.shards(kind).iter().map(|s| s.len()).sum();
     let batches = docs / batch_size;
+    if batches == 0 {
+        let why = if docs == 0 {
+            format!("split `{split}` of {} is empty", dir.display())
+        } else {
+            format!(
+                "--batch-size {batch_size}: larger than the {docs} documents of split `{split}` of {}",
+                dir.display()
+            )
+        };
+        return Err(Error::Data(format!("{why}: not one batch to measure")));
+    }
+    if let Some(g) = groups.iter().find(|&&g| g > 1 << 16) {
+        return Err(Error::Data(format!(
+            "--group {g}: each value must be in 0..=65536, as train.group_by_length (batches per sorted window)"
+        )));
+    }
     let mut rows = Vec::new();
     for &g in groups {
         let mut loader = Loader::new(&ds, kind, 1, batch_size / shards, g, (0..shards).collect())?;

@@ -259,6 +259,21 @@ fn prepare_with_a_subword_tokenizer_stores_its_ids() {
         .unwrap();
     let text = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && text.contains("holds subword ids"), "{text}");
+    // bench padding needs one batch at least, and bounded group sizes (it once reported
+    // "0 batches" and took any --group).
+    let padding = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .args(["bench", "padding", "--split", "train", "--data", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (ok, e) = padding(&["--batch-size", "4294967296"]);
+    assert!(!ok && e.contains("not one batch to measure"), "{e}");
+    let (ok, e) = padding(&["--batch-size", "2", "--group", "0,70000"]);
+    assert!(!ok && e.contains("--group 70000: each value must be in 0..=65536"), "{e}");
+    assert!(padding(&["--batch-size", "2"]).0);
     // A missing tokenizer, and a checksum that does not match, are refused by field.
     let missing = ["tokenizer.subword.path=\"nowhere/tokenizer.json\""];
     let e = common::run(&[&f], &[], &dir.path().join("x"), &missing).unwrap_err().to_string();
