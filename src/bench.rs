@@ -223,7 +223,7 @@ where
             "bench allreduce: --min-bytes {min_bytes} must be at least 4 and at most --max-bytes {max_bytes}, itself at most 1 TiB"
         )));
     }
-    if be.host(&be.zeros(0)).is_some() {
+    if be.is_host() {
         // The largest buffer, its host staging and MPI's send copy.
         let mut budget = crate::hostmem::Budget::new("bench allreduce", dist.local_size())?;
         budget.claim(

@@ -130,18 +130,10 @@ impl Budget {
         self.check()
     }
 
-    /// Checks a buffer held for a moment (a host copy on its way to a device), as
-    /// [`Budget::claim`] would, but keeps no claim for it.
-    pub fn check_transient(
-        &mut self,
-        what: impl Into<String>,
-        bytes: u64,
-        field: impl Into<String>,
-        remedy: impl Into<String>,
-    ) -> crate::error::Result<()> {
-        let checked = self.claim(what, bytes, field, remedy);
+    /// Drops the last claim: a buffer held for a moment (a host copy on its way to a
+    /// device), checked by [`Budget::claim`] but not kept in the account.
+    pub fn release_last(&mut self) {
         self.claims.pop();
-        checked
     }
 
     /// Adds a claim, as [`Budget::claim`], without checking: for buffers claimed together.

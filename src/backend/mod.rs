@@ -636,6 +636,10 @@ pub trait Backend: Sync {
     fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [Self::F]> {
         None
     }
+    /// Whether this backend's buffers live in host memory (they share it with the process).
+    fn is_host(&self) -> bool {
+        self.host(&self.zeros(0)).is_some()
+    }
     /// Waits until every operation queued so far has finished (a no-op on the CPU, whose
     /// operations finish before they return).
     fn synchronize(&self) {}

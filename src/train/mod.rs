@@ -356,7 +356,9 @@ fn claim_training(
         }
     };
     if !acc.on_host {
-        return budget.check_transient(format!("{who}'s parameters"), total, &sized_by, &shrink);
+        budget.claim(format!("{who}'s parameters"), total, &sized_by, &shrink)?;
+        budget.release_last();
+        return Ok(());
     }
     budget.add(format!("{who}'s parameters"), total, &sized_by, &shrink);
     let (m, v) = crate::optim::moment_lens(optim, model.layout(), model.table());
@@ -689,7 +691,7 @@ where
     }
     // The buffers of parameter size are claimed against the memory this node's ranks share
     // before any is allocated. A CPU buffer lives in host memory.
-    let on_host = be.host(&be.zeros(0)).is_some();
+    let on_host = be.is_host();
     let mut shadow_claims = Vec::new();
     if cfg.recipe().target == TargetSource::Teacher {
         shadow_claims.push(("the Mean Teacher", "method", "a Mean Teacher keeps a copy of every parameter"));
