@@ -57,6 +57,48 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// The fewest rows of C a task of [`par_gemm`] computes: below this a block no longer
+/// amortises packing its share of B.
+const GEMM_MIN_ROWS: usize = 64;
+
+/// `F::gemm` with C's rows split into contiguous blocks of a multiple of 64 rows, one rayon
+/// task each (C row-major, `csc == 1`, `rsc >= n`; anything else, or too few rows, runs as
+/// one call). Each element of C is still the same kernel's sum over the same k in the same
+/// order (matrixmultiply blocks k and n alike for every block of rows), so the result is
+/// identical bit for bit for any thread count (`par_gemm_matches_one_call_bit_for_bit`).
+#[allow(clippy::too_many_arguments)]
+fn par_gemm<F: Real>(
+    (m, k, n): (usize, usize, usize),
+    alpha: F,
+    a: &[F],
+    (rsa, csa): (isize, isize),
+    b: &[F],
+    b_strides: (isize, isize),
+    beta: F,
+    c: &mut [F],
+    (rsc, csc): (isize, isize),
+) {
+    let tasks = (m / GEMM_MIN_ROWS).min(rayon::current_num_threads());
+    if tasks <= 1 || csc != 1 || rsa < 0 || (rsc as usize) < n || n == 0 {
+        F::gemm(m, k, n, alpha, a, (rsa, csa), b, b_strides, beta, c, (rsc, csc));
+        return;
+    }
+    // Blocks start at multiples of 64 rows, so they cut the kernel's row tiles (4 to 16
+    // rows) where one call would: a tile cut short goes through the kernel's masked path,
+    // which rounds alpha·AB + beta·C differently.
+    let rows = m.div_ceil(tasks).next_multiple_of(GEMM_MIN_ROWS);
+    let ldc = rsc as usize;
+    c.par_chunks_mut(rows * ldc).enumerate().for_each(|(t, ct)| {
+        let first = t * rows;
+        if first >= m {
+            return;
+        }
+        let mt = rows.min(m - first);
+        let at = &a[first * rsa as usize..];
+        F::gemm(mt, k, n, alpha, at, (rsa, csa), b, b_strides, beta, ct, (rsc, 1));
+    });
+}
+
 /// How many rows ahead of the current one the table loops prefetch.
 const PREFETCH_AHEAD: usize = 4;
 
@@ -100,11 +142,15 @@ fn gelu<F: Real>(x: F) -> (F, F) {
     (y, dy)
 }
 
+/// Φ(x) = 0.5·(1 + erf(x/√2)), the standard normal's distribution function.
+fn normal_cdf<F: Real>(x: F) -> F {
+    F::of(0.5) * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+/// BERT's exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x).
 fn gelu_erf<F: Real>(x: F) -> (F, F) {
-    // x·Φ(x) = 0.5·x·(1 + erf(x/√2)) and its derivative Φ(x) + x·φ(x).
-    let half = F::of(0.5);
-    let cdf = half * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
-    let pdf = (-half * x * x).exp() * F::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    let cdf = normal_cdf(x);
+    let pdf = (F::of(-0.5) * x * x).exp() * F::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
     (x * cdf, cdf + x * pdf)
 }
 
@@ -315,10 +361,8 @@ impl<F: Real> Backend for Cpu<F> {
             row.copy_from_slice(bias);
         }
         // y (n×out) += x (n×in) · Wᵀ (in×out); Wᵀ[k][j] = W[j][k].
-        F::gemm(
-            n,
-            in_dim,
-            out_dim,
+        par_gemm(
+            (n, in_dim, out_dim),
             F::one(),
             &self.operand(&x[..n * in_dim]),
             (in_dim as isize, 1),
@@ -346,10 +390,8 @@ impl<F: Real> Backend for Cpu<F> {
         if let Some(dx) = dx {
             dx.resize(n * in_dim, F::zero());
             // dx (n×in) = dy (n×out) · W (out×in)
-            F::gemm(
-                n,
-                out_dim,
-                in_dim,
+            par_gemm(
+                (n, out_dim, in_dim),
                 F::one(),
                 &dy_op,
                 (out_dim as isize, 1),
@@ -361,10 +403,8 @@ impl<F: Real> Backend for Cpu<F> {
             );
         }
         // dW (out×in) += dyᵀ (out×n) · x (n×in); dyᵀ[o][r] = dy[r][o].
-        F::gemm(
-            out_dim,
-            n,
-            in_dim,
+        par_gemm(
+            (out_dim, n, in_dim),
             F::one(),
             &dy_op,
             (1, out_dim as isize),
@@ -387,7 +427,7 @@ impl<F: Real> Backend for Cpu<F> {
                 Activation::Relu => x.max(F::zero()),
                 Activation::Tanh => x.tanh(),
                 Activation::Gelu => gelu(x).0,
-                Activation::GeluErf => gelu_erf(x).0,
+                Activation::GeluErf => x * normal_cdf(x),
             }
         });
     }
@@ -1030,6 +1070,36 @@ fn attention_factors<F: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Splitting C's rows across tasks changes no bit: `par_gemm` against one `F::gemm` call
+    /// on the shapes and strides the linear layers use (transposed operands, beta 0 and 1,
+    /// row counts that do not divide evenly, a C with spare rows), in a pool of 1, 2 and 3
+    /// threads. The 1-thread pool runs as one call, so it is the control.
+    #[test]
+    fn par_gemm_matches_one_call_bit_for_bit() {
+        let wave = |k: usize, s: f32| (k as f32 * 0.6173 + s).sin() * 1.9;
+        for &(m, k, n) in &[(1000usize, 96usize, 77usize), (193, 130, 64), (64, 5, 3), (130, 1, 1)] {
+            let a: Vec<f32> = (0..m * k).map(|i| wave(i, 0.1)).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| wave(i, 0.2)).collect();
+            let c0: Vec<f32> = (0..(m + 3) * n).map(|i| wave(i, 0.3)).collect();
+            // (a row-major or its transpose read as m×k, b likewise, beta)
+            for &(ta, tb, beta) in &[(false, false, 0.0f32), (true, false, 1.0), (false, true, 1.0)] {
+                let sa = if ta { (1, m as isize) } else { (k as isize, 1) };
+                let sb = if tb { (1, k as isize) } else { (n as isize, 1) };
+                let mut want = c0.clone();
+                f32::gemm(m, k, n, 0.7, &a, sa, &b, sb, beta, &mut want, (n as isize, 1));
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut got = c0.clone();
+                    pool.install(|| {
+                        par_gemm((m, k, n), 0.7, &a, sa, &b, sb, beta, &mut got, (n as isize, 1))
+                    });
+                    let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "{m}x{k}x{n} ta {ta} tb {tb} beta {beta}, {threads} threads");
+                }
+            }
+        }
+    }
 
     /// TF32 and bf16 products are the exact product of rounded operands: the weights are
     /// rounded but not the bias, and the bias gradient sums the unrounded upstream gradient.

@@ -105,8 +105,37 @@ macro_rules! real_impl {
         }
     };
 }
-real_impl!(f32, matrixmultiply::sgemm, libm::erff);
+real_impl!(f32, matrixmultiply::sgemm, erf_f32);
 real_impl!(f64, matrixmultiply::dgemm, libm::erf);
+
+/// erf for f32: a rational approximation x·P(x²)/Q(x²) on x clamped to [−4, 4] (beyond
+/// it erf rounds to ±1 in f32), evaluated in f64 and rounded. Without branches or calls
+/// it runs several times faster than `libm::erff` (which took 14% of an encoder step's
+/// CPU time in a profile) and stays within 2 ulp of the correctly rounded erf (`erf_f32_is_within_2_ulp`).
+/// The coefficients are those of Eigen's and XLA's single-precision erf.
+fn erf_f32(x: f32) -> f32 {
+    const P: [f64; 7] = [
+        -2.72614225801306e-10,
+        2.77068142495902e-08,
+        -2.10102402082508e-06,
+        -5.69250639462346e-05,
+        -7.34990630326855e-04,
+        -2.95459980854025e-03,
+        -1.60960333262415e-02,
+    ];
+    const Q: [f64; 5] = [
+        -1.45660718464996e-05,
+        -2.13374055278905e-04,
+        -1.68282697438203e-03,
+        -7.37332916720468e-03,
+        -1.42647390514189e-02,
+    ];
+    let x = f64::from(x).clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = P.iter().fold(0.0, |acc, &c| acc * x2 + c);
+    let q = Q.iter().fold(0.0, |acc, &c| acc * x2 + c);
+    (x * p / q) as f32
+}
 
 /// Elementwise non-linearity of a hidden layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -903,6 +932,32 @@ pub trait EncoderOps: Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast f32 erf against f64 erf rounded to f32: at most 2 ulp apart on a fine grid
+    /// over [−6, 6] (both tails included), odd, exact at 0 and ±1 beyond the clamp, NaN kept.
+    /// libm's erff, the old implementation, is the control: it passes the same bound.
+    #[test]
+    fn erf_f32_is_within_2_ulp() {
+        let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+        let mut worst = (0, 0.0f32);
+        for i in -600_000..=600_000 {
+            let x = i as f32 * 1e-5;
+            let want = libm::erf(f64::from(x)) as f32;
+            let got = erf_f32(x);
+            assert!(ulps(libm::erff(x), want) <= 2, "control at {x}");
+            assert_eq!(got, -erf_f32(-x), "odd at {x}");
+            if ulps(got, want) > worst.0 {
+                worst = (ulps(got, want), x);
+            }
+        }
+        assert!(worst.0 <= 2, "{} ulp at x = {}", worst.0, worst.1);
+        assert_eq!(erf_f32(0.0), 0.0);
+        assert_eq!((erf_f32(7.0), erf_f32(-30.0), erf_f32(f32::INFINITY)), (1.0, -1.0, 1.0));
+        assert!(erf_f32(f32::NAN).is_nan());
+        // Tiny arguments keep their relative accuracy (erf(x) ≈ 2x/√π).
+        let tiny = 1e-20f32;
+        assert!(ulps(erf_f32(tiny), (f64::from(tiny) * std::f64::consts::FRAC_2_SQRT_PI) as f32) <= 2);
+    }
 
     /// TF32 and bf16 rounding: the kept mantissa bits, ties to even, infinities and NaN,
     /// and the half-unit bound.
