@@ -339,12 +339,8 @@ pub fn bench_encoder(a: &EncoderBenchArgs) -> Result<EncoderBench> {
     model.spec.recompute = a.recompute;
     let len = a.len.clamp(2, model.spec.max_positions);
     if a.device == crate::backend::Device::Cpu {
-        // The parameters, their copy and gradient, and the layers' activations: per token and
-        // layer 8·H + 2·I + heads·len values (the measured `activation_bytes` of MiniLM at
-        // 8 × 64 tokens agrees within 0.1%); recomputation keeps less.
-        let s = &model.spec;
-        let per = (8 * s.hidden + 2 * s.intermediate + s.heads * len) as u64;
-        let acts = (a.batch as u64).saturating_mul(len as u64).saturating_mul(s.layers as u64 * per * 4);
+        // The parameters, their copy and gradient, and the layers' activations.
+        let acts = model.spec.activation_bytes(a.batch, len, true);
         let mut budget = crate::hostmem::Budget::new("bench encoder", 1)?;
         budget.add(
             "the parameters, their copy and gradient",

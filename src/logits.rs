@@ -355,7 +355,7 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
             ..Default::default()
         };
         let limits = crate::data::shard::DocLimits::of(&m.tokenizer);
-        let mut acts = Acts::new(be, model);
+        let mut acts = Acts::inference(be, model);
         for (si, shard) in shards.iter().enumerate() {
             let mut start = 0;
             while start < shard.len() {

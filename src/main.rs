@@ -1136,7 +1136,7 @@ fn embed(dir: &Path, pooling: &str, max_len: usize, texts: &[String]) -> anyhow:
     let seqs = texts.iter().map(|t| tok.encode(t, max_len)).collect::<Result<Vec<_>, _>>()?;
     let be = dtrain::backend::cpu::Cpu::<f32>::new();
     let tb = TokenBatch::new(&seqs, tok.pad);
-    let mut acts = EncoderActs::new(&be);
+    let mut acts = EncoderActs::inference(&be);
     model.forward(&be, &params, &tb, None, &mut acts);
     let h = model.spec.hidden;
     for (i, text) in texts.iter().enumerate() {

@@ -98,7 +98,7 @@ fn average_probs<B: EncoderOps<F = f32>>(
     let mut probs = be.zeros(0);
     let batches = views.of(batch, first_doc);
     for (mi, (model, params)) in models.iter().enumerate() {
-        let mut acts = Acts::new(be, model);
+        let mut acts = Acts::inference(be, model);
         for b in &batches {
             let dev = model.input(be, b);
             for pass in 0..passes {

@@ -547,7 +547,7 @@ fn bench_encoder_reports_device_precision_and_flops() {
     assert!(
         o.status.code() == Some(1)
             && t.contains("field `--batch`")
-            && t.contains("the activations (about) 9216.0 GiB"),
+            && t.contains("the activations (about) 9411.0 GiB"),
         "{t}"
     );
 }

@@ -648,3 +648,95 @@ fn mlm_config(data: &Path, out: &Path, extra: &[&str]) -> dtrain::config::Pretra
         .collect();
     config::load(None, &o).unwrap()
 }
+
+/// An encoder's activations join the memory budget before the first step allocates them:
+/// UDA with 8 labeled and 240 unlabeled rows per step at 16 tokens holds a student pass
+/// with every layer's tape (248 sequences), a weak-view pass with one shared tape (240) and
+/// an evaluation batch (64). Their bytes, computed here per token as 2 layers × (9·H + 2·I +
+/// heads·len + 4) + 4·H values for a pass a backward pass follows (one layer's tape for the
+/// others), exceed a 38 MiB limit, and the run is refused naming `train.batch_size`; with
+/// activation recomputation (each layer's input, plus the tape the backward pass refills)
+/// the same run fits and trains.
+#[test]
+fn an_encoders_activations_are_claimed_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let toml = format!(
+        "method = \"uda\"\n[data]\ndir = {:?}\n[train]\nout_dir = {:?}\n",
+        data.display().to_string(),
+        dir.path().join("run").display().to_string()
+    );
+    let toml = common::write(dir.path(), "run.toml", toml.as_bytes());
+    let train = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"));
+        cmd.env("DTRAIN_MEMORY_LIMIT", "38M").args(["train", "--config", toml.to_str().unwrap()]);
+        let sets = [
+            "model.kind=\"encoder\"",
+            "model.encoder.hidden=32",
+            "model.encoder.layers=2",
+            "model.encoder.heads=4",
+            "model.encoder.intermediate=64",
+            "model.encoder.pre_ln=true",
+            "train.batch_size=8",
+            "unlabeled.ratio=30",
+            "train.eval_batch_size=64",
+            "train.steps=1",
+        ];
+        for s in sets.iter().chain(extra) {
+            cmd.args(["--set", s]);
+        }
+        cmd.output().unwrap()
+    };
+    let (h, i, heads, len) = (32u64, 64u64, 4u64, 16u64);
+    let tape = 9 * h + 2 * i + heads * len + 4;
+    let mib = |values_x_tokens: u64| format!("{:.1} MiB", (values_x_tokens * 4) as f64 / (1 << 20) as f64);
+    let passes = "passes of 248, 240 (no backward), 64 (no backward) sequences × 16 tokens";
+    let inference = (240 + 64) * len * (tape + 4 * h);
+    let o = train(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let kept = mib(248 * len * (2 * tape + 4 * h) + inference);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("field `train.batch_size`") && err.contains("38.0 MiB is available"), "{err}");
+    assert!(err.contains(&format!("the model's activations ({passes}) {kept}")), "want {kept}: {err}");
+    assert!(err.contains("model.encoder.recompute = true"), "{err}");
+    let o = train(&["model.encoder.recompute=true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let recomputed = mib(248 * len * (2 * h + tape + 4 * h) + inference);
+    assert!(
+        err.contains(&format!("the model's activations ({passes}) {recomputed}")),
+        "want {recomputed}: {err}"
+    );
+}
+
+/// A Mean Teacher's weights follow the whole encoder: after one step, where α₁ = 0.5, every
+/// value of the teacher is the mean of the initial weights (a run whose learning rate moves
+/// them by at most 1e-30) and the student's. (A teacher that averaged only part of the layout would keep
+/// initial values elsewhere.)
+#[test]
+fn an_encoders_mean_teacher_averages_every_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let one_step = |out: &str, lr: &str| {
+        let sets = ["method=\"mean_teacher\"", "unlabeled.ratio=2", "train.steps=1", lr];
+        run(&cfg(&data, &dir.path().join(out), &sets), Resume::No, None).unwrap().final_checkpoint
+    };
+    let init = common::tensors(&one_step("still", "optim.lr=1e-30"));
+    let moved = common::tensors(&one_step("moved", "optim.lr=0.003"));
+    let get = |ts: &[(String, Vec<f32>)], name: &str| ts.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let mut checked = 0;
+    for (name, student) in moved.iter().filter(|(n, _)| n.starts_with("model.safetensors:")) {
+        let tensor = name.trim_start_matches("model.safetensors:");
+        let start = get(&init, name);
+        let teacher = get(&moved, &format!("teacher.safetensors:{tensor}"));
+        for (k, ((&s, &i), &t)) in student.iter().zip(&start).zip(&teacher).enumerate() {
+            let want = 0.5 * i + 0.5 * s;
+            assert!(
+                (t - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{tensor}[{k}]: teacher {t}, want {want}"
+            );
+        }
+        checked += usize::from(student != &start);
+    }
+    assert!(checked > 10, "the step moved {checked} tensors");
+}

@@ -682,10 +682,11 @@ fn encoder_gradient_at_the_token_embeddings() {
 /// Activation recomputation changes nothing but memory: with hidden and attention dropout,
 /// post-LN and pre-LN, the logits and every gradient (parameters, and the token embeddings'
 /// for adversarial training) are bit for bit those of the pass that kept its activations,
-/// which held more than 8 times the values.
+/// which held more than 8 times the values. Inference buffers give the same logits from a
+/// single layer's tape and refuse a backward pass.
 #[test]
 fn recomputation_gives_the_same_gradients() {
-    use dtrain::model::encoder::{Encoder, EncoderActs, Pooling, TokenBatch};
+    use dtrain::model::encoder::{Encoder, EncoderActs, EncoderSpec, Pooling, TokenBatch};
     let be = B::new();
     let noise = Some((DropoutKey { seed: 9, step: 3, site: 0, pass: 0, rows: RowMap::at(0) }, 0.2f32));
     for pre_ln in [false, true] {
@@ -713,6 +714,29 @@ fn recomputation_gives_the_same_gradients() {
         assert_eq!(kept.1, again.1, "parameter gradients (pre_ln {pre_ln})");
         assert_eq!(kept.2, again.2, "embedding gradients (pre_ln {pre_ln})");
         assert!(kept.1.iter().any(|&g| g != 0.0));
+        // Inference buffers (evaluation, a teacher's targets): the same logits from one
+        // shared layer tape, a third of the 3 layers' values, refilled by a second batch.
+        let model = Encoder::new(spec.clone());
+        let params: Vec<f64> = model.init(3);
+        let mut inf = EncoderActs::inference(&be);
+        model.forward(&be, &params, &TokenBatch::new(&[vec![2, 2, 5]], 0), noise, &mut inf);
+        model.forward(&be, &params, &tb, noise, &mut inf);
+        assert_eq!(inf.logits, kept.0, "inference logits (pre_ln {pre_ln})");
+        assert_eq!(inf.layer_values(&be) * 3, kept.3, "one layer's tape of three");
+        // The memory budget's count of each (3 sequences padded to 5 tokens).
+        let count = |recompute: bool, backward: bool| {
+            EncoderSpec { recompute, ..spec.clone() }.tape_values(3, 5, backward) as usize
+        };
+        assert_eq!(
+            (count(false, true), count(true, true)),
+            (kept.3, again.3),
+            "tape values (pre_ln {pre_ln})"
+        );
+        assert_eq!((count(false, false), count(true, false)), (kept.3 / 3, kept.3 / 3));
+        let backward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.backward(&be, &params, &tb, &inf, &r, &mut vec![0.0; params.len()])
+        }));
+        assert!(backward.is_err(), "a backward pass over inference buffers is refused");
     }
 }
 

@@ -79,13 +79,14 @@ fn par_gemm<F: Real>(
     (rsc, csc): (isize, isize),
 ) {
     let tasks = (m / GEMM_MIN_ROWS).min(rayon::current_num_threads());
-    if tasks <= 1 || csc != 1 || rsa < 0 || (rsc as usize) < n || n == 0 {
+    if tasks <= 1 || k == 0 || n == 0 || csc != 1 || rsa < 0 || rsc < 0 || (rsc as usize) < n {
         F::gemm(m, k, n, alpha, a, (rsa, csa), b, b_strides, beta, c, (rsc, csc));
         return;
     }
     // Blocks start at multiples of 64 rows, so they cut the kernel's row tiles (4 to 16
-    // rows) where one call would: a tile cut short goes through the kernel's masked path,
-    // which rounds alpha·AB + beta·C differently.
+    // rows) and its blocks of MC = 64 rows (matrixmultiply 0.3's default) where one call
+    // would: a tile cut short goes through the kernel's masked path, which rounds
+    // alpha·AB + beta·C differently. The bitwise test guards this against a new version.
     let rows = m.div_ceil(tasks).next_multiple_of(GEMM_MIN_ROWS);
     let ldc = rsc as usize;
     c.par_chunks_mut(rows * ldc).enumerate().for_each(|(t, ct)| {
@@ -1073,12 +1074,14 @@ mod tests {
 
     /// Splitting C's rows across tasks changes no bit: `par_gemm` against one `F::gemm` call
     /// on the shapes and strides the linear layers use (transposed operands, beta 0 and 1,
-    /// row counts that do not divide evenly, a C with spare rows), in a pool of 1, 2 and 3
+    /// row counts that do not divide evenly, a C with spare rows, an empty k), in a pool of 1, 2 and 3
     /// threads. The 1-thread pool runs as one call, so it is the control.
     #[test]
     fn par_gemm_matches_one_call_bit_for_bit() {
         let wave = |k: usize, s: f32| (k as f32 * 0.6173 + s).sin() * 1.9;
-        for &(m, k, n) in &[(1000usize, 96usize, 77usize), (193, 130, 64), (64, 5, 3), (130, 1, 1)] {
+        for &(m, k, n) in
+            &[(1000usize, 96usize, 77usize), (193, 130, 64), (64, 5, 3), (130, 1, 1), (200, 0, 5)]
+        {
             let a: Vec<f32> = (0..m * k).map(|i| wave(i, 0.1)).collect();
             let b: Vec<f32> = (0..k * n).map(|i| wave(i, 0.2)).collect();
             let c0: Vec<f32> = (0..(m + 3) * n).map(|i| wave(i, 0.3)).collect();

@@ -76,6 +76,33 @@ pub struct EncoderSpec {
 }
 
 impl EncoderSpec {
+    /// Values the layers' tapes hold after a forward pass over `seqs` sequences padded to
+    /// `len` tokens (what [`EncoderActs::layer_values`] then reports): per token and layer
+    /// 8·H + 2·I + heads·len + 4 (one more H pre-LN) for a pass a backward pass follows,
+    /// each layer's input alone (H) with recomputation, and one layer's tape for inference.
+    pub fn tape_values(&self, seqs: usize, len: usize, backward: bool) -> u64 {
+        let (h, i) = (self.hidden as u64, self.intermediate as u64);
+        let tape = if self.pre_ln { 9 } else { 8 } * h + 2 * i + (self.heads * len) as u64 + 4;
+        let per_token = match (backward, self.recompute) {
+            (false, _) => tape,
+            (true, false) => self.layers as u64 * tape,
+            (true, true) => self.layers as u64 * h,
+        };
+        (seqs as u64).saturating_mul(len as u64).saturating_mul(per_token)
+    }
+
+    /// Bytes of a pass's activations at their peak, for a memory budget: the tapes of
+    /// [`EncoderSpec::tape_values`], the one a recomputing backward pass refills, and 4·H
+    /// per token for the rows beside them (the embeddings' sum, the forward's scratch row,
+    /// the layer output being formed, the last hidden rows; pre-LN's final LayerNorm input
+    /// is one more H, not counted). The backward pass's own temporaries (a few rows of H
+    /// and I per token) are not counted.
+    pub fn activation_bytes(&self, seqs: usize, len: usize, backward: bool) -> u64 {
+        let extra = if backward && self.recompute { self.tape_values(seqs, len, false) } else { 0 };
+        let rows = (seqs as u64).saturating_mul(len as u64).saturating_mul(4 * self.hidden as u64);
+        self.tape_values(seqs, len, backward).saturating_add(extra).saturating_add(rows).saturating_mul(4)
+    }
+
     /// Checks the spec's rules; the error names the field.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         let positive = [
@@ -270,9 +297,13 @@ pub struct EncoderActs<B: Backend> {
     final_stats: B::Buf,
     /// The dropout of the last forward pass (its masks are recomputed in the backward).
     noise: Option<(DropoutKey, f32)>,
+    /// Whether a backward pass will follow: every layer keeps its tape. Without, one tape
+    /// serves the layers in turn ([`EncoderActs::inference`]).
+    for_backward: bool,
 }
 
 impl<B: Backend> EncoderActs<B> {
+    /// Buffers of a forward pass that a backward pass follows.
     pub fn new(be: &B) -> Self {
         EncoderActs {
             hidden: be.zeros(0),
@@ -284,7 +315,16 @@ impl<B: Backend> EncoderActs<B> {
             final_in: be.zeros(0),
             final_stats: be.zeros(0),
             noise: None,
+            for_backward: true,
         }
+    }
+
+    /// Buffers of forward passes with no backward pass (evaluation, prediction, a teacher's
+    /// or a weak view's targets): the layers share one tape, so a pass holds one layer's
+    /// activations instead of all of them. The backward passes refuse them (they would read
+    /// one layer's tape as every layer's).
+    pub fn inference(be: &B) -> Self {
+        EncoderActs { for_backward: false, ..EncoderActs::new(be) }
     }
 }
 
@@ -457,10 +497,13 @@ impl Encoder {
         );
         self.hidden_dropout(be, noise, 0, &mut x);
         let dims = LayerDims { n, shape: (tb.b, tb.l, s.heads), scale: 1.0 / ((h / s.heads) as f64).sqrt() };
-        acts.layers.resize_with(self.layers.len(), || LayerTape::new(be));
-        for (k, tp) in acts.layers.iter_mut().enumerate() {
+        let tapes = if acts.for_backward { self.layers.len() } else { 1 };
+        acts.layers.truncate(tapes);
+        acts.layers.resize_with(tapes, || LayerTape::new(be));
+        for k in 0..self.layers.len() {
+            let tp = &mut acts.layers[k.min(tapes - 1)];
             x = self.layer_forward(be, params, k, x, &mask, dims, noise, tp);
-            if s.recompute {
+            if s.recompute && acts.for_backward {
                 // Only the layer's input stays; the backward pass recomputes the rest.
                 *tp = LayerTape { x_in: std::mem::replace(&mut tp.x_in, be.zeros(0)), ..LayerTape::new(be) };
             }
@@ -624,6 +667,7 @@ impl Encoder {
         demb: Option<&mut B::Buf>,
         sync: Option<&dyn GradSync<B>>,
     ) {
+        assert!(acts.for_backward, "an encoder's backward pass after a forward pass into inference buffers");
         let s = &self.spec;
         let (n, h, dim) = (tb.b * tb.l, s.hidden, s.hidden);
         let look = self.lookups(tb);

@@ -89,7 +89,8 @@ impl<B: Backend> Input<B> {
     }
 }
 
-/// One forward pass's saved activations, for its backward pass.
+/// One forward pass's saved activations, for its backward pass (or, from
+/// [`Acts::inference`], only what the pass itself needs).
 pub enum Acts<B: Backend> {
     Bag(Activations<B>),
     Encoder(EncoderActs<B>),
@@ -101,6 +102,15 @@ impl<B: Backend> Acts<B> {
         match model {
             Model::Bag(m) => Acts::Bag(Activations::new(be, m)),
             Model::Encoder(_) => Acts::Encoder(EncoderActs::new(be)),
+        }
+    }
+
+    /// Empty buffers for `model`'s forward passes that no backward pass follows: an
+    /// encoder's layers share one tape ([`EncoderActs::inference`]).
+    pub fn inference(be: &B, model: &Model) -> Self {
+        match model {
+            Model::Bag(m) => Acts::Bag(Activations::new(be, m)),
+            Model::Encoder(_) => Acts::Encoder(EncoderActs::inference(be)),
         }
     }
 

@@ -285,8 +285,8 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let mut enc = Encoder::new(spec);
     let body = enc.clone();
     let head = MlmHead::new(&mut enc.layout, &body);
-    // Parameters, gradient and AdamW's two moments, and the head warm-up's moments beside
-    // them while it lasts; on a device only the host copy of the parameters.
+    // Parameters, gradient and AdamW's two moments, the head warm-up's moments beside them
+    // while it lasts, and the activations; on a device only the host copy of the parameters.
     let params_bytes = enc.layout.total() as u64 * 4;
     let shrink = "pretrain a smaller encoder (mlm.pretrained)";
     budget.add("the encoder's parameters", params_bytes, "mlm.pretrained", shrink);
@@ -296,6 +296,18 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             let why = "mlm.head_warmup_steps = 0 keeps no second optimizer";
             budget.add("the head warm-up's moments", 2 * params_bytes, "mlm.head_warmup_steps", why);
         }
+        // A batch of sequences at the data's longest, and the head's logits and their
+        // gradient over the vocabulary for the tokens chosen for prediction (as
+        // `mask_tokens` counts them: a share of each document's inner tokens, at least one).
+        let len = sw.max_len as usize;
+        let inner = len.saturating_sub(2) as f64;
+        let per_doc = ((m.mask_prob * inner).round() as u64).max(1);
+        let picked = per_doc * m.batch_size as u64;
+        let acts = enc.spec.activation_bytes(m.batch_size, len, true)
+            + picked.saturating_mul(2 * enc.spec.vocab as u64 * 4);
+        let why = "lower mlm.batch_size, or prepare the data with a smaller tokenizer.subword.max_len";
+        let what = format!("the activations ({} sequences × {len} tokens)", m.batch_size);
+        budget.add(what, acts, "mlm.batch_size", why);
     }
     budget.check()?;
     let mut host = vec![0f32; enc.layout.total()];

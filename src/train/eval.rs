@@ -16,7 +16,7 @@ pub fn predict_probs<B: EncoderOps<F = f32>>(
     params: &B::Buf,
     batch: &crate::backend::HostBatch,
 ) -> Vec<f32> {
-    let mut acts = Acts::new(be, model);
+    let mut acts = Acts::inference(be, model);
     model.forward(be, params, &model.input(be, batch), batch.len(), None, &mut acts);
     let mut probs = be.zeros(0);
     be.softmax(acts.logits(), model.classes(), &mut probs);

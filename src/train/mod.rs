@@ -311,6 +311,48 @@ fn build_model(
     Ok((model, params))
 }
 
+/// Claims in `acc` the activations of an encoder's `passes` (rows on this rank, and
+/// whether a backward pass reads them), at their peak: every sequence `len` tokens long
+/// ([`EncoderSpec::activation_bytes`]). A bag model's activations are small beside its
+/// table and are not counted; on a device nothing is (device memory is not checked).
+///
+/// [`EncoderSpec::activation_bytes`]: crate::model::encoder::EncoderSpec::activation_bytes
+fn claim_activations(
+    acc: &mut Account,
+    who: &str,
+    model: &Model,
+    len: usize,
+    passes: &[(usize, bool)],
+) -> Result<()> {
+    let Model::Encoder(enc) = model else { return Ok(()) };
+    if !acc.on_host || passes.is_empty() {
+        return Ok(());
+    }
+    let bytes = passes
+        .iter()
+        .map(|&(rows, bw)| enc.spec.activation_bytes(rows, len, bw))
+        .fold(0, u64::saturating_add);
+    let rows: Vec<String> = passes
+        .iter()
+        .map(|&(rows, bw)| format!("{rows}{}", if bw { "" } else { " (no backward)" }))
+        .collect();
+    let recompute = if enc.spec.recompute {
+        String::new()
+    } else {
+        "; set model.encoder.recompute = true (each layer keeps only its input for the backward pass)".into()
+    };
+    acc.budget.add(
+        format!("{who}'s activations (passes of {} sequences × {len} tokens)", rows.join(", ")),
+        bytes,
+        "train.batch_size",
+        format!(
+            "lower train.batch_size (raise optim.grad_accum to keep the step's batch), unlabeled.ratio or \
+             train.eval_batch_size{recompute}; or prepare the data with a smaller tokenizer.subword.max_len"
+        ),
+    );
+    acc.budget.check()
+}
+
 /// A run's memory account, which each model it trains joins ([`claim_training`]).
 struct Account<'a> {
     budget: &'a mut crate::hostmem::Budget,
@@ -822,7 +864,7 @@ where
         init_table(path, manifest, bag, &mut host_params, "model", progress)?;
     }
     let mut params = be.upload_vec(host_params);
-    let len = model.layout().total();
+    let layout_len = model.layout().total();
     let classes_n = model.classes();
     // The bag model's table is brought up to date lazily by shadows that ask for it.
     let lazy_table = model.bag().map(|b| b.table);
@@ -843,12 +885,12 @@ where
         shadows.push(kept(
             "teacher",
             checkpoint::Weights::Teacher,
-            Shadow::new(be, &params, len, rule, lazy),
+            Shadow::new(be, &params, layout_len, rule, lazy),
         ));
     }
     if let Some(rule) = cfg.average.rule(total, steps_per_epoch) {
         let lazy = lazy_table.filter(|_| cfg.average.lazy_table);
-        let shadow = Shadow::new(be, &params, len, rule, lazy);
+        let shadow = Shadow::new(be, &params, layout_len, rule, lazy);
         shadows.push(kept(cfg.average.name(), checkpoint::Weights::Average, shadow));
     }
     // The bank covers the samples the step reads: the labeled split and, with μ > 0, the
@@ -882,6 +924,35 @@ where
     } else {
         None
     };
+    // An encoder's activations, claimed before the first step allocates them: the step's
+    // passes over a micro-batch's rows on this rank, and an evaluation batch beside them.
+    let seq_len = manifest.tokenizer.subword.as_ref().map_or(0, |sw| sw.max_len as usize);
+    let (n_l, n_u) = (t.batch_size / world, b_u / world);
+    let eval_pass = (model.eval_batch(t.eval_batch_size), false);
+    let passes: Vec<(usize, bool)> = if mpl_run.is_some() {
+        // MPL's student reuses one pass's buffers for its unlabeled and labeled rows.
+        vec![(n_l.max(n_u), true), eval_pass]
+    } else {
+        let mut passes = vec![(n_l + n_u, true)];
+        passes.extend(match recipe.target {
+            TargetSource::SecondPass { grad } => Some((n_l + n_u, grad)),
+            TargetSource::Teacher => Some((n_l + n_u, false)),
+            TargetSource::WeakView => Some((n_u, false)),
+            TargetSource::None | TargetSource::Bank | TargetSource::File => None,
+        });
+        if cfg.adversarial.kind != AdversarialKind::None {
+            passes.push((n_l + n_u, true));
+        }
+        passes.push(eval_pass);
+        passes
+    };
+    claim_activations(&mut account, "the model", &model, seq_len, &passes)?;
+    if let Some((teacher, _)) = mpl_run.as_ref().and_then(|r| r.teacher_bag()) {
+        // The teacher's pass (its labeled rows, the unlabeled rows' weak and strong views)
+        // and its evaluation batch (the student's goes first, so this counts one too many).
+        let passes = [(n_l + 2 * n_u, true), (teacher.eval_batch(t.eval_batch_size), false)];
+        claim_activations(&mut account, "MPL's teacher", teacher, seq_len, &passes)?;
+    }
     let logits_checksum = teacher_logits_checksum(cfg)?;
     if let Some(dir) = &resume_from {
         // The checkpoint's buffers replace the fresh ones, which go first: a large model is
@@ -1087,7 +1158,12 @@ where
         dist,
         fused,
         table_mult: opt.lr_of(model.layout(), model.table(), 1.0),
-        passes: [Pass::new(be, &model), Pass::new(be, &model)],
+        // The second pass is backpropagated only as Π's or R-Drop's second student pass;
+        // as a teacher's or a weak view's it only gives targets.
+        passes: [
+            Pass::new(be, &model, true),
+            Pass::new(be, &model, recipe.target == TargetSource::SecondPass { grad: true }),
+        ],
         row_loss: be.zeros(0),
         cons_rows: be.zeros(0),
         target_host: Vec::new(),
@@ -1185,7 +1261,7 @@ where
         }
         for k in &mut shadows {
             k.last_alpha =
-                Some(k.shadow.update(be, &params, len, step + 1, touched.as_deref().unwrap_or(&[])));
+                Some(k.shadow.update(be, &params, layout_len, step + 1, touched.as_deref().unwrap_or(&[])));
         }
         let this_step = step_start.elapsed().as_secs_f64();
         step_secs += this_step;

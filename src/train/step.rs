@@ -36,8 +36,11 @@ pub(super) struct Pass<B: Backend> {
 }
 
 impl<B: Backend> Pass<B> {
-    pub(super) fn new(be: &B, model: &Model) -> Self {
-        Pass { acts: Acts::new(be, model), dlogits: be.zeros(0) }
+    /// A pass's buffers; `backward`: whether a backward pass will read its activations
+    /// (else an encoder keeps one layer's tape, [`Acts::inference`]).
+    pub(super) fn new(be: &B, model: &Model, backward: bool) -> Self {
+        let acts = if backward { Acts::new(be, model) } else { Acts::inference(be, model) };
+        Pass { acts, dlogits: be.zeros(0) }
     }
 }
 
