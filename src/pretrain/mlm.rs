@@ -176,11 +176,11 @@ pub type Masked = (Vec<u32>, Vec<(usize, u32)>);
 /// (10%) or stays (10%). A pure function of its arguments.
 pub fn mask_tokens(seq: &[u32], p: f64, mask_id: u32, vocab: u32, key: u64) -> Masked {
     let mut out = seq.to_vec();
-    if seq.len() < 3 {
+    let count = masked_count(seq.len(), p);
+    if count == 0 {
         return (out, Vec::new());
     }
     let eligible: Vec<usize> = (1..seq.len() - 1).collect();
-    let count = ((p * eligible.len() as f64).round() as usize).clamp(1, eligible.len());
     let mut order: Vec<(u64, usize)> = eligible.iter().map(|&i| (mix64(key ^ mix64(i as u64)), i)).collect();
     order.sort_unstable();
     let mut chosen: Vec<(usize, u32)> = order[..count].iter().map(|&(_, i)| (i, seq[i])).collect();
@@ -195,6 +195,17 @@ pub fn mask_tokens(seq: &[u32], p: f64, mask_id: u32, vocab: u32, key: u64) -> M
         }
     }
     (out, chosen)
+}
+
+/// How many of a `len`-token document's inner tokens (all but the first and last) are
+/// chosen for prediction: a share `p`, rounded, at least one; none with no inner token.
+/// It never falls as `len` grows, so the data's longest documents bound a batch's count.
+pub fn masked_count(len: usize, p: f64) -> usize {
+    let inner = len.saturating_sub(2);
+    if inner == 0 {
+        return 0;
+    }
+    ((p * inner as f64).round() as usize).clamp(1, inner)
 }
 
 /// What a masked-LM run did.
@@ -297,12 +308,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             budget.add("the head warm-up's moments", 2 * params_bytes, "mlm.head_warmup_steps", why);
         }
         // A batch of sequences at the data's longest, and the head's logits and their
-        // gradient over the vocabulary for the tokens chosen for prediction (as
-        // `mask_tokens` counts them: a share of each document's inner tokens, at least one).
+        // gradient over the vocabulary for the tokens chosen for prediction.
         let len = sw.max_len as usize;
-        let inner = len.saturating_sub(2) as f64;
-        let per_doc = ((m.mask_prob * inner).round() as u64).max(1);
-        let picked = per_doc * m.batch_size as u64;
+        let picked = (masked_count(len, m.mask_prob) * m.batch_size) as u64;
         let acts = enc.spec.activation_bytes(m.batch_size, len, true)
             + picked.saturating_mul(2 * enc.spec.vocab as u64 * 4);
         let why = "lower mlm.batch_size, or prepare the data with a smaller tokenizer.subword.max_len";

@@ -929,17 +929,13 @@ where
     let seq_len = manifest.tokenizer.subword.as_ref().map_or(0, |sw| sw.max_len as usize);
     let (n_l, n_u) = (t.batch_size / world, b_u / world);
     let eval_pass = (model.eval_batch(t.eval_batch_size), false);
+    let second = step::second_pass(recipe.target, n_l, n_u);
     let passes: Vec<(usize, bool)> = if mpl_run.is_some() {
         // MPL's student reuses one pass's buffers for its unlabeled and labeled rows.
         vec![(n_l.max(n_u), true), eval_pass]
     } else {
         let mut passes = vec![(n_l + n_u, true)];
-        passes.extend(match recipe.target {
-            TargetSource::SecondPass { grad } => Some((n_l + n_u, grad)),
-            TargetSource::Teacher => Some((n_l + n_u, false)),
-            TargetSource::WeakView => Some((n_u, false)),
-            TargetSource::None | TargetSource::Bank | TargetSource::File => None,
-        });
+        passes.extend(second);
         if cfg.adversarial.kind != AdversarialKind::None {
             passes.push((n_l + n_u, true));
         }
@@ -1158,12 +1154,7 @@ where
         dist,
         fused,
         table_mult: opt.lr_of(model.layout(), model.table(), 1.0),
-        // The second pass is backpropagated only as Π's or R-Drop's second student pass;
-        // as a teacher's or a weak view's it only gives targets.
-        passes: [
-            Pass::new(be, &model, true),
-            Pass::new(be, &model, recipe.target == TargetSource::SecondPass { grad: true }),
-        ],
+        passes: [Pass::new(be, &model, true), Pass::new(be, &model, second.is_some_and(|(_, bw)| bw))],
         row_loss: be.zeros(0),
         cons_rows: be.zeros(0),
         target_host: Vec::new(),

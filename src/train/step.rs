@@ -35,6 +35,19 @@ pub(super) struct Pass<B: Backend> {
     pub(super) dlogits: B::Buf,
 }
 
+/// The step's second forward pass for a recipe whose targets come from `target`: its rows
+/// per micro-batch on this rank (of `n_l` labeled and `n_u` unlabeled), and whether a
+/// backward pass reads it. Only Π's or R-Drop's second student pass is backpropagated; a
+/// teacher's or a weak view's pass only gives targets.
+pub(super) fn second_pass(target: TargetSource, n_l: usize, n_u: usize) -> Option<(usize, bool)> {
+    match target {
+        TargetSource::SecondPass { grad } => Some((n_l + n_u, grad)),
+        TargetSource::Teacher => Some((n_l + n_u, false)),
+        TargetSource::WeakView => Some((n_u, false)),
+        TargetSource::None | TargetSource::Bank | TargetSource::File => None,
+    }
+}
+
 impl<B: Backend> Pass<B> {
     /// A pass's buffers; `backward`: whether a backward pass will read its activations
     /// (else an encoder keeps one layer's tape, [`Acts::inference`]).
