@@ -23,6 +23,11 @@ else from the export of a one-step run (`oracle-template`).
 
   DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 2 3 --hidden-labels \
       --json bench/results/brown-encoder-oracle-all-right.json
+
+--epochs N trains the students for N labeled epochs instead of the config's 10 (so about
+0.09·N passes over the unlabeled split); their runs are named with an -eN suffix.
+
+  DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 --hidden-labels --epochs 30
 """
 import argparse
 import json
@@ -75,11 +80,14 @@ def template_logits(seed, data):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
-    ap.add_argument("--accuracies", type=float, nargs="+", default=[0.5, 0.7, 1.0])
+    ap.add_argument("--accuracies", type=float, nargs="*", default=[0.5, 0.7, 1.0])
     ap.add_argument("--json")
     ap.add_argument("--hidden-labels", action="store_true",
                     help="only p = 1, from one-hot logits of the hidden labels (no teacher run)")
+    ap.add_argument("--epochs", type=int, help="labeled epochs of the students (default: the config's 10)")
     a = ap.parse_args()
+    longer = [] if a.epochs is None else [f"train.epochs={a.epochs}"]
+    suffix = "" if a.epochs is None else f"-e{a.epochs}"
     rows = []
     for seed in a.seeds:
         data = be.prepare(seed)
@@ -89,9 +97,9 @@ def main():
             assert len(hidden) == len(z) and (hidden >= 0).all()
             path = f"runs/brown_encoder/seed{seed}/oracle/hidden.logits"
             bo.write_logits(path, buf, body, np.eye(z.shape[1], dtype=np.float32)[hidden])
-            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'],
-                         name="oracle-student-hidden")
-            row.update(pseudo_label_accuracy=1.0, targets="hidden")
+            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'] + longer,
+                         name=f"oracle-student-hidden{suffix}")
+            row.update(pseudo_label_accuracy=1.0, targets="hidden", epochs=a.epochs or 10)
             print(json.dumps(row), flush=True)
             rows.append(row)
             continue
@@ -108,9 +116,10 @@ def main():
                 rng = np.random.default_rng([seed, int(round(target * 1000))])
                 bo.write_logits(path, buf, body, bo.corrected(z, hidden, target, rng))
             name = "own" if target is None else str(target)
-            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'],
-                         name=f"oracle-student-{name}")
-            row.update(pseudo_label_accuracy=base if target is None else target, targets=name)
+            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'] + longer,
+                         name=f"oracle-student-{name}{suffix}")
+            row.update(pseudo_label_accuracy=base if target is None else target, targets=name,
+                       epochs=a.epochs or 10)
             print(json.dumps(row), flush=True)
             rows.append(row)
     summary = {}

@@ -691,10 +691,12 @@ fn an_encoders_activations_are_claimed_before_training() {
     let tape = 9 * h + 2 * i + heads * len + 4;
     let mib = |values_x_tokens: u64| format!("{:.1} MiB", (values_x_tokens * 4) as f64 / (1 << 20) as f64);
     let passes = "passes of 248, 240 (no backward), 64 (no backward) sequences × 16 tokens";
-    let inference = (240 + 64) * len * (tape + 4 * h);
+    // Beside the tapes: 4·H rows per token, and pre-LN's final LayerNorm input.
+    let beside = 5 * h;
+    let inference = (240 + 64) * len * (tape + beside);
     let o = train(&[]);
     let err = String::from_utf8_lossy(&o.stderr);
-    let kept = mib(248 * len * (2 * tape + 4 * h) + inference);
+    let kept = mib(248 * len * (2 * tape + beside) + inference);
     assert!(!o.status.success(), "{err}");
     assert!(err.contains("field `train.batch_size`") && err.contains("38.0 MiB is available"), "{err}");
     assert!(err.contains(&format!("the model's activations ({passes}) {kept}")), "want {kept}: {err}");
@@ -702,11 +704,65 @@ fn an_encoders_activations_are_claimed_before_training() {
     let o = train(&["model.encoder.recompute=true"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    let recomputed = mib(248 * len * (2 * h + tape + 4 * h) + inference);
+    let recomputed = mib(248 * len * (2 * h + tape + beside) + inference);
     assert!(
         err.contains(&format!("the model's activations ({passes}) {recomputed}")),
         "want {recomputed}: {err}"
     );
+}
+
+/// MPL evaluates its student and its teacher one after the other, so the budget holds one
+/// evaluation batch, the larger model's: an encoder teacher twice the student's width claims
+/// it, and one half as wide leaves it to the student. The step's passes are the student's
+/// (8 labeled or unlabeled rows, one at a time) and the teacher's (8 labeled rows and both
+/// views of 8 unlabeled ones).
+#[test]
+fn meta_pseudo_labels_claims_one_evaluation_batch_the_larger_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let toml = format!("method = \"mpl\"\n[data]\ndir = {:?}\n", data.display().to_string(),);
+    let toml = common::write(dir.path(), "run.toml", toml.as_bytes());
+    let memory_line = |teacher_hidden: usize| {
+        let out = dir.path().join(format!("run{teacher_hidden}"));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"));
+        cmd.args(["train", "--config", toml.to_str().unwrap()]);
+        let sets = [
+            format!("train.out_dir={:?}", out.display().to_string()),
+            "model.kind=\"encoder\"".into(),
+            "model.encoder.hidden=32".into(),
+            "model.encoder.layers=1".into(),
+            "model.encoder.heads=2".into(),
+            "model.encoder.intermediate=64".into(),
+            "mpl.teacher.kind=\"encoder\"".into(),
+            format!("mpl.teacher.encoder.hidden={teacher_hidden}"),
+            "mpl.teacher.encoder.layers=1".into(),
+            "mpl.teacher.encoder.heads=2".into(),
+            "mpl.teacher.encoder.intermediate=64".into(),
+            "train.batch_size=8".into(),
+            "unlabeled.ratio=1".into(),
+            "train.eval_batch_size=64".into(),
+            "train.steps=1".into(),
+        ];
+        for s in &sets {
+            cmd.args(["--set", s]);
+        }
+        let o = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        err.lines().find(|l| l.starts_with("memory:")).expect("the memory account is shown").to_string()
+    };
+    let line = memory_line(64);
+    assert!(line.contains("the model's activations (passes of 8 sequences × 16 tokens)"), "{line}");
+    assert!(
+        line.contains("MPL's teacher's activations (passes of 24, 64 (no backward) sequences × 16 tokens)"),
+        "{line}"
+    );
+    let line = memory_line(16);
+    assert!(
+        line.contains("the model's activations (passes of 8, 64 (no backward) sequences × 16 tokens)"),
+        "{line}"
+    );
+    assert!(line.contains("MPL's teacher's activations (passes of 24 sequences × 16 tokens)"), "{line}");
 }
 
 /// A Mean Teacher's weights follow the whole encoder: after one step, where α₁ = 0.5, every

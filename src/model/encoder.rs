@@ -94,12 +94,13 @@ impl EncoderSpec {
     /// Bytes of a pass's activations at their peak, for a memory budget: the tapes of
     /// [`EncoderSpec::tape_values`], the one a recomputing backward pass refills, and 4·H
     /// per token for the rows beside them (the embeddings' sum, the forward's scratch row,
-    /// the layer output being formed, the last hidden rows; pre-LN's final LayerNorm input
-    /// is one more H, not counted). The backward pass's own temporaries (a few rows of H
-    /// and I per token) are not counted.
+    /// the layer output being formed, the last hidden rows), plus one more H for pre-LN's
+    /// final LayerNorm input. The backward pass's own temporaries (a few rows of H and I
+    /// per token) are not counted.
     pub fn activation_bytes(&self, seqs: usize, len: usize, backward: bool) -> u64 {
         let extra = if backward && self.recompute { self.tape_values(seqs, len, false) } else { 0 };
-        let rows = (seqs as u64).saturating_mul(len as u64).saturating_mul(4 * self.hidden as u64);
+        let beside = if self.pre_ln { 5 } else { 4 } * self.hidden as u64;
+        let rows = (seqs as u64).saturating_mul(len as u64).saturating_mul(beside);
         self.tape_values(seqs, len, backward).saturating_add(extra).saturating_add(rows).saturating_mul(4)
     }
 

@@ -225,6 +225,18 @@ impl Model {
         }
     }
 
+    /// Bytes of the activations of a pass over `seqs` sequences of `len` tokens, for a
+    /// memory budget ([`EncoderSpec::activation_bytes`]); a bag model's are small beside its
+    /// table and count as 0.
+    ///
+    /// [`EncoderSpec::activation_bytes`]: encoder::EncoderSpec::activation_bytes
+    pub fn activation_bytes(&self, seqs: usize, len: usize, backward: bool) -> u64 {
+        match self {
+            Model::Bag(_) => 0,
+            Model::Encoder(m) => m.spec.activation_bytes(seqs, len, backward),
+        }
+    }
+
     /// `batch` as this model reads it on `be`.
     pub fn input<B: Backend>(&self, be: &B, batch: &HostBatch) -> Input<B> {
         match self {

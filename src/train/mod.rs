@@ -328,10 +328,8 @@ fn claim_activations(
     if !acc.on_host || passes.is_empty() {
         return Ok(());
     }
-    let bytes = passes
-        .iter()
-        .map(|&(rows, bw)| enc.spec.activation_bytes(rows, len, bw))
-        .fold(0, u64::saturating_add);
+    let bytes =
+        passes.iter().map(|&(rows, bw)| model.activation_bytes(rows, len, bw)).fold(0, u64::saturating_add);
     let rows: Vec<String> = passes
         .iter()
         .map(|&(rows, bw)| format!("{rows}{}", if bw { "" } else { " (no backward)" }))
@@ -928,25 +926,34 @@ where
     // passes over a micro-batch's rows on this rank, and an evaluation batch beside them.
     let seq_len = manifest.tokenizer.subword.as_ref().map_or(0, |sw| sw.max_len as usize);
     let (n_l, n_u) = (t.batch_size / world, b_u / world);
-    let eval_pass = (model.eval_batch(t.eval_batch_size), false);
+    let eval_pass = |m: &Model| (m.eval_batch(t.eval_batch_size), false);
+    let eval_bytes = |m: &Model| m.activation_bytes(m.eval_batch(t.eval_batch_size), seq_len, false);
+    let teacher = mpl_run.as_ref().and_then(|r| r.teacher_bag()).map(|(m, _)| m);
+    // The models are evaluated one after the other, each batch's activations gone before
+    // the next: one evaluation batch is claimed, the larger model's.
+    let teacher_evaluates = teacher.is_some_and(|tm| eval_bytes(tm) > eval_bytes(&model));
     let second = step::second_pass(recipe.target, n_l, n_u);
-    let passes: Vec<(usize, bool)> = if mpl_run.is_some() {
+    let mut passes: Vec<(usize, bool)> = if mpl_run.is_some() {
         // MPL's student reuses one pass's buffers for its unlabeled and labeled rows.
-        vec![(n_l.max(n_u), true), eval_pass]
+        vec![(n_l.max(n_u), true)]
     } else {
         let mut passes = vec![(n_l + n_u, true)];
         passes.extend(second);
         if cfg.adversarial.kind != AdversarialKind::None {
             passes.push((n_l + n_u, true));
         }
-        passes.push(eval_pass);
         passes
     };
+    if !teacher_evaluates {
+        passes.push(eval_pass(&model));
+    }
     claim_activations(&mut account, "the model", &model, seq_len, &passes)?;
-    if let Some((teacher, _)) = mpl_run.as_ref().and_then(|r| r.teacher_bag()) {
-        // The teacher's pass (its labeled rows, the unlabeled rows' weak and strong views)
-        // and its evaluation batch (the student's goes first, so this counts one too many).
-        let passes = [(n_l + 2 * n_u, true), (teacher.eval_batch(t.eval_batch_size), false)];
+    if let Some(teacher) = teacher {
+        // The teacher's pass: its labeled rows, the unlabeled rows' weak and strong views.
+        let mut passes = vec![(n_l + 2 * n_u, true)];
+        if teacher_evaluates {
+            passes.push(eval_pass(teacher));
+        }
         claim_activations(&mut account, "MPL's teacher", teacher, seq_len, &passes)?;
     }
     let logits_checksum = teacher_logits_checksum(cfg)?;
