@@ -1,6 +1,7 @@
 //! `dtrain predict`: raw text in, one JSON line per document out (label, confidence, top-k),
 //! averaging MC-dropout passes and several checkpoints when asked.
 
+use std::borrow::Cow;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -99,19 +100,28 @@ fn average_probs<B: EncoderOps<F = f32>>(
     let batches = views.of(batch, first_doc);
     for (mi, (model, params)) in models.iter().enumerate() {
         let mut acts = Acts::inference(be, model);
+        // An encoder's activations grow with its tokens: it reads the batch in parts of at
+        // most `eval_batch` documents, as evaluation does.
+        let part_len = model.eval_batch(batch.len());
         for b in &batches {
-            let dev = model.input(be, b);
-            for pass in 0..passes {
-                let key = (passes > 1).then_some(DropoutKey {
-                    seed: views.seed,
-                    step: mi as u64,
-                    site: 0,
-                    pass: pass as u32,
-                    rows: crate::backend::RowMap::at(first_doc),
-                });
-                model.forward(be, params, &dev, b.len(), key, &mut acts);
-                be.softmax(acts.logits(), classes, &mut probs);
-                sum.iter_mut().zip(&be.download(&probs)).for_each(|(s, &p)| *s += p);
+            for start in (0..b.len()).step_by(part_len) {
+                let end = (start + part_len).min(b.len());
+                let part =
+                    if end - start == b.len() { Cow::Borrowed(b) } else { Cow::Owned(b.slice(start..end)) };
+                let dev = model.input(be, &part);
+                for pass in 0..passes {
+                    let key = (passes > 1).then_some(DropoutKey {
+                        seed: views.seed,
+                        step: mi as u64,
+                        site: 0,
+                        pass: pass as u32,
+                        rows: crate::backend::RowMap::at(first_doc + start as u64),
+                    });
+                    model.forward(be, params, &dev, part.len(), key, &mut acts);
+                    be.softmax(acts.logits(), classes, &mut probs);
+                    let rows = &mut sum[start * classes..end * classes];
+                    rows.iter_mut().zip(&be.download(&probs)).for_each(|(s, &p)| *s += p);
+                }
             }
         }
     }
@@ -167,6 +177,22 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
         models.push((model, params));
     }
     let meta = &metas[0];
+    if let (Device::Cpu, Some(sw)) = (opts.device, &meta.tokenizer.subword) {
+        // An encoder's forward pass over a part of a batch (one model at a time); on a GPU
+        // its activations live in device memory, which is not checked.
+        let len = sw.max_len as usize;
+        let bytes = models
+            .iter()
+            .map(|(m, _)| m.activation_bytes(m.eval_batch(opts.batch_size), len, false))
+            .max()
+            .unwrap_or(0);
+        budget.claim(
+            format!("the activations of a forward pass over {len} tokens per document"),
+            bytes,
+            "--batch-size",
+            "lower --batch-size",
+        )?;
+    }
     let tokenizer = TextIds::new(meta)?;
     let views = Views {
         views: opts.augment_views,

@@ -295,6 +295,45 @@ fn minilm_fine_tunes_and_its_checkpoint_evaluates_and_predicts_raw_text() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(labels, ["c0", "c1", "c2"]);
+    // A batch of 70 documents is read in parts of 16384 / 512 = 32 (MiniLM's positions),
+    // with the same MC-dropout masks as batches of 7, which are never split.
+    let texts: Vec<String> =
+        (0..70).map(|i| format!("{} apple banana grape {i}\n", ["alpha", "blue", "gamma"][i % 3])).collect();
+    let input = common::write(dir.path(), "in70.txt", texts.concat().as_bytes());
+    let predict = |batch: &str, limit: Option<String>| {
+        let out = dir.path().join(format!("p{batch}.jsonl"));
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["predict", "--checkpoint", ck, "--input", input.to_str().unwrap(), "--mc-dropout", "2"])
+            .args(["--batch-size", batch, "--output"])
+            .arg(&out);
+        if let Some(limit) = limit {
+            cmd.env("DTRAIN_MEMORY_LIMIT", limit);
+        }
+        let o = cmd.output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+            std::fs::read(&out).unwrap_or_default(),
+        )
+    };
+    let (ok, err, whole) = predict("70", None);
+    assert!(ok, "{err}");
+    let (ok, err, small) = predict("7", None);
+    assert!(ok, "{err}");
+    assert_eq!(whole, small, "predictions depend on the batch size");
+    assert_eq!(whole.iter().filter(|&&b| b == b'\n').count(), 70);
+    // The forward pass's activations join the budget (32 documents × 16 tokens of MiniLM,
+    // 15.4 MiB): 1 MiB beyond the weights refuses the default batch, listing them, and fits
+    // a batch of one document.
+    let weights = std::fs::metadata(r.final_checkpoint.join("model.safetensors")).unwrap().len();
+    let limit = format!("{}K", weights / 1024 + 1024);
+    let (ok, err, _) = predict("4096", Some(limit.clone()));
+    assert!(
+        !ok && err.contains("the activations of a forward pass over 16 tokens per document 15.4 MiB"),
+        "{err}"
+    );
+    let (ok, err, _) = predict("1", Some(limit));
+    assert!(ok, "{err}");
 }
 
 /// The tensors of a checkpoint's model by name.
