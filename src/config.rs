@@ -660,8 +660,43 @@ impl Validate for TrainConfig {
                 return bad(field, "must be in [0, 1)");
             }
         }
+        // A field of the other kind of model would be ignored without a word.
+        let d = ModelConfig::default();
+        if m.kind == ModelKind::Encoder {
+            let bag_fields = [
+                ("model.dim", m.dim != d.dim),
+                ("model.hidden", m.hidden != d.hidden),
+                ("model.activation", m.activation != d.activation),
+                ("model.embed_dropout", m.embed_dropout != d.embed_dropout),
+                ("model.hidden_dropout", m.hidden_dropout != d.hidden_dropout),
+            ];
+            if let Some((field, _)) = bag_fields.iter().find(|(_, set)| *set) {
+                return bad(
+                    field,
+                    "applies to bag models (model.kind = \"bag\"); an encoder's settings are under [model.encoder]",
+                );
+            }
+        } else if m.encoder != d.encoder {
+            return bad("model.encoder", "applies to model.kind = \"encoder\"");
+        }
         if m.kind == ModelKind::Encoder {
             let e = &m.encoder;
+            if e.pretrained.is_some() {
+                let shape = [
+                    ("model.encoder.hidden", e.hidden != d.encoder.hidden),
+                    ("model.encoder.layers", e.layers != d.encoder.layers),
+                    ("model.encoder.heads", e.heads != d.encoder.heads),
+                    ("model.encoder.intermediate", e.intermediate != d.encoder.intermediate),
+                    ("model.encoder.pre_ln", e.pre_ln != d.encoder.pre_ln),
+                ];
+                if let Some((field, _)) = shape.iter().find(|(_, set)| *set) {
+                    return bad(
+                        field,
+                        "shapes an encoder from scratch; a pretrained encoder's shape comes from its config.json \
+                         (leave it out, or leave out model.encoder.pretrained)",
+                    );
+                }
+            }
             if e.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
                 return bad("model.encoder.dropout", "must be in [0, 1)");
             }
@@ -1044,7 +1079,27 @@ impl Validate for PretrainConfig {
                 return bad("data.splits", &format!("`{s}` is named twice: its text would be read twice"));
             }
         }
+        if self.model.objective != Objective::Mlm && self.mlm != PretrainMlm::default() {
+            return bad("mlm", "applies to objective = \"mlm\" (masked-LM pretraining of an encoder)");
+        }
         if self.model.objective == Objective::Mlm {
+            let (p, d) = (&self.model, PretrainModel::default());
+            let word_fields = [
+                ("model.dim", p.dim != d.dim),
+                ("model.char_ngram_min", p.char_ngram_min != d.char_ngram_min),
+                ("model.char_ngram_max", p.char_ngram_max != d.char_ngram_max),
+                ("model.window", p.window != d.window),
+                ("model.negatives", p.negatives != d.negatives),
+                ("model.negative_power", p.negative_power != d.negative_power),
+                ("model.min_count", p.min_count != d.min_count),
+                ("model.subsample", p.subsample != d.subsample),
+            ];
+            if let Some((field, _)) = word_fields.iter().find(|(_, set)| *set) {
+                return bad(
+                    field,
+                    "applies to skip-gram and CBOW; a masked-LM run's encoder is mlm.pretrained's, its settings under [mlm]",
+                );
+            }
             let m = &self.mlm;
             if m.pretrained.is_none() {
                 return bad(
@@ -1073,8 +1128,8 @@ impl Validate for PretrainConfig {
             if !non_negative(m.weight_decay) {
                 return bad("mlm.weight_decay", "must be at least 0");
             }
-            if !(m.head_warmup_lr.is_finite() && m.head_warmup_lr > 0.0) {
-                return bad("mlm.head_warmup_lr", "must be finite and above 0");
+            if !(m.head_warmup_lr > 0.0 && m.head_warmup_lr <= 10.0) {
+                return bad("mlm.head_warmup_lr", "must be in (0, 10]");
             }
             if m.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
                 return bad("mlm.dropout", "must be in [0, 1)");

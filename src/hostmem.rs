@@ -52,11 +52,12 @@ struct Claim {
 /// of the allocator aborting the process (or the kernel killing it) halfway through.
 ///
 /// The account counts the buffers of parameter size (parameters, gradients, optimizer
-/// moments, shadow weights, a teacher) and, for `train` and masked-LM `pretrain`, an
-/// encoder's activations at the data's longest sequences; not a bag model's activations,
-/// `predict`'s, the backward pass's temporaries, batches, memory-mapped data or the rows a
-/// bag model's table exchanges between ranks: what the command uses is more. One part may be less: lazy Adam's moments for table rows no step
-/// touches are zero pages the kernel backs only when written, yet they are counted.
+/// moments, shadow weights, a teacher) and, for `train`, masked-LM `pretrain` and `predict`
+/// on the CPU, an encoder's activations at the data's longest sequences; not a bag model's
+/// activations, the backward pass's temporaries, batches, memory-mapped data or the rows a
+/// bag model's table exchanges between ranks: what the command uses is more. One part may
+/// be less: lazy Adam's moments for table rows no step touches are zero pages the kernel
+/// backs only when written, yet they are counted.
 #[derive(Debug)]
 pub struct Budget {
     command: &'static str,

@@ -38,8 +38,10 @@ enum Command {
     Prepare(PrepareArgs),
     /// Train a classifier as a run config says (see configs/train.example.toml).
     Train(TrainArgs),
-    /// Pretrain the embedding table by skip-gram or CBOW on a data set's text (see
-    /// configs/pretrain.example.toml); `model.init_from` in a run config then uses it.
+    /// Pretrain on a data set's text: a bag model's embedding table by skip-gram or CBOW
+    /// (configs/pretrain.example.toml; `model.init_from` in a run config then uses it), or
+    /// an encoder by masked-LM continued pretraining (`objective = "mlm"`,
+    /// configs/brown/mlm.toml; its `encoder/` is then a `model.encoder.pretrained`).
     Pretrain(PretrainArgs),
     /// Nearest words by cosine in pretrained embeddings, for a quick look at their quality.
     Neighbors {
@@ -99,9 +101,10 @@ enum Command {
         /// `mean` (sentence-transformers' pooling) or `cls`.
         #[arg(long, default_value = "mean", value_parser = ["mean", "cls"])]
         pooling: String,
-        /// Tokens per text at most, [CLS] and [SEP] included: from 3 to the model's positions.
-        #[arg(long, default_value_t = 128)]
-        max_len: usize,
+        /// Tokens per text at most, [CLS] and [SEP] included: from 3 to the model's positions
+        /// [default: 128, or the model's positions when fewer].
+        #[arg(long)]
+        max_len: Option<usize>,
         /// The texts.
         #[arg(required = true)]
         texts: Vec<String>,
@@ -476,7 +479,8 @@ struct PretrainArgs {
     #[command(flatten)]
     device: DeviceArg,
     /// Stop after this many epochs in total, once their checkpoint is written; continue
-    /// later with --resume auto (for jobs with a time limit).
+    /// later with --resume auto (for jobs with a time limit). Skip-gram and CBOW only:
+    /// masked-LM runs write no intermediate checkpoints yet (nor resume).
     #[arg(long, value_name = "EPOCHS")]
     stop_after: Option<u32>,
 }
@@ -555,6 +559,10 @@ struct PredictArgs {
     /// JSONL text field name.
     #[arg(long, default_value = "text")]
     text_field: String,
+    /// The subword tokenizer.json, where it is no longer at the path the data set recorded
+    /// (it must be the same file: its checksum is checked). Encoder checkpoints only.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Probabilities listed per document.
     #[arg(long, default_value_t = 3)]
     top_k: usize,
@@ -852,6 +860,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     FormatArg::Text => FormatChoice::Text,
                 },
                 text_field: a.text_field,
+                tokenizer: a.tokenizer,
                 top_k: a.top_k,
                 mc_dropout: a.mc_dropout,
                 augment_views: a.augment_views,
@@ -1115,7 +1124,7 @@ fn bench_kernels(_: usize, _: u32, _: Option<PathBuf>) -> anyhow::Result<ExitCod
 }
 
 /// `dtrain embed`: the encoder's pooled vectors of `texts`, on the CPU.
-fn embed(dir: &Path, pooling: &str, max_len: usize, texts: &[String]) -> anyhow::Result<ExitCode> {
+fn embed(dir: &Path, pooling: &str, max_len: Option<usize>, texts: &[String]) -> anyhow::Result<ExitCode> {
     use dtrain::model::encoder::{load_pretrained, EncoderActs, Pooling, TokenBatch};
     let pooling = if pooling == "cls" { Pooling::Cls } else { Pooling::Mean };
     let (model, params) = load_pretrained(dir, 1, pooling, 0)?;
@@ -1130,10 +1139,18 @@ fn embed(dir: &Path, pooling: &str, max_len: usize, texts: &[String]) -> anyhow:
         );
     }
     let positions = model.spec.max_positions;
+    let max_len = max_len.unwrap_or(positions.min(128));
     if !(3..=positions).contains(&max_len) {
         bail!("--max-len {max_len}: must be in 3..={positions} (the special tokens, at least one more, and the model's positions)");
     }
     let seqs = texts.iter().map(|t| tok.encode(t, max_len)).collect::<Result<Vec<_>, _>>()?;
+    if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
+        bail!(
+            "text {} ({:?}) has no token of its own (empty, or only ignorable characters)",
+            i + 1,
+            texts[i]
+        );
+    }
     let be = dtrain::backend::cpu::Cpu::<f32>::new();
     let tb = TokenBatch::new(&seqs, tok.pad);
     let mut acts = EncoderActs::inference(&be);
@@ -1407,9 +1424,22 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     );
     print!("{}", dataset::describe(m));
     if let Some(text) = &args.explain {
-        println!("tokenization of {text:?}:");
-        for f in Tokenizer::new(m.tokenizer.clone()).explain(text) {
-            println!("  {:<10} {:<24} {}", f.kind, format!("{:?}", f.text), f.id);
+        if let Some(sw) = &m.tokenizer.subword {
+            // The ids the model reads come from the subword tokenizer.
+            let tok = dtrain::data::subword::SubwordTokenizer::for_spec(sw)?;
+            let ids = tok.encode(text, sw.max_len as usize)?;
+            println!("subword tokenization of {text:?} ({}, at most {} ids):", sw.path, sw.max_len);
+            if ids.is_empty() {
+                println!("  no token of its own: prepare and predict refuse such a text");
+            }
+            for id in ids {
+                println!("  {:<24} {id}", format!("{:?}", tok.token(id)));
+            }
+        } else {
+            println!("tokenization of {text:?}:");
+            for f in Tokenizer::new(m.tokenizer.clone()).explain(text) {
+                println!("  {:<10} {:<24} {}", f.kind, format!("{:?}", f.text), f.id);
+            }
         }
     }
     if args.samples > 0 {

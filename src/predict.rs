@@ -37,6 +37,8 @@ pub struct PredictOptions {
     pub weights: checkpoint::Weights,
     /// Seed of the MC-dropout masks.
     pub seed: u64,
+    /// The subword tokenizer's file, in place of the path the checkpoint recorded.
+    pub tokenizer: Option<PathBuf>,
     pub batch_size: usize,
     pub skip_bad: bool,
     /// Where the forward passes run (`--device`).
@@ -193,7 +195,7 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
             "lower --batch-size",
         )?;
     }
-    let tokenizer = TextIds::new(meta)?;
+    let tokenizer = TextIds::new(meta, opts.tokenizer.as_deref())?;
     let views = Views {
         views: opts.augment_views,
         seed: opts.seed,
@@ -221,10 +223,32 @@ enum TextIds {
 }
 
 impl TextIds {
-    fn new(meta: &ModelMeta) -> Result<Self> {
+    /// The checkpoint's tokenizer; a subword one read from `file` when given.
+    fn new(meta: &ModelMeta, file: Option<&Path>) -> Result<Self> {
         Ok(match &meta.tokenizer.subword {
+            None if file.is_some() => {
+                return Err(Error::config(
+                    "predict",
+                    "--tokenizer",
+                    "names a subword tokenizer.json; this checkpoint's model reads hashed features",
+                ))
+            }
             None => TextIds::Hashed(Tokenizer::new(meta.tokenizer.clone())),
-            Some(sw) => TextIds::Subword(Box::new(SubwordTokenizer::for_spec(sw)?), sw.max_len as usize),
+            Some(sw) => {
+                let mut sw = sw.clone();
+                match file {
+                    Some(f) => sw.path = f.to_string_lossy().into_owned(),
+                    None if !Path::new(&sw.path).is_file() => {
+                        return Err(Error::bad_file(
+                            Path::new(&sw.path),
+                            "the subword tokenizer the model was trained with is not there (moved, or a \
+                             relative path from another working directory): --tokenizer names where it is now",
+                        ))
+                    }
+                    None => {}
+                }
+                TextIds::Subword(Box::new(SubwordTokenizer::for_spec(&sw)?), sw.max_len as usize)
+            }
         })
     }
 

@@ -7,6 +7,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use dtrain::backend::cpu::Cpu;
 use dtrain::backend::Activation;
 use dtrain::data::subword::SubwordTokenizer;
@@ -146,6 +148,47 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
         let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
         assert!(e.contains("config.json") && e.contains(want), "{e}");
     }
+    // Sizes no file can back are refused by key before anything is allocated: they used to
+    // overflow the layout (a panic), abort on a 20 PB allocation, allocate 7 GB for 1000
+    // layers, or take minutes to lay out 100000 layers. An epsilon an f32 makes infinite
+    // made every output the same.
+    for (from, to, want) in [
+        (
+            "\"intermediate_size\": 1536",
+            "\"intermediate_size\": 18446744073709551615",
+            "`intermediate_size`: 18446744073709551615 is more than 2^32",
+        ),
+        (
+            "\"intermediate_size\": 1536",
+            "\"intermediate_size\": 1099511627776",
+            "`intermediate_size`: 1099511627776 is more than 2^32",
+        ),
+        (
+            "\"max_position_embeddings\": 512",
+            "\"max_position_embeddings\": 18446744073709551615",
+            "`max_position_embeddings`",
+        ),
+        (
+            "\"num_hidden_layers\": 6",
+            "\"num_hidden_layers\": 100000",
+            "`num_hidden_layers`: 100000 is more than 65536",
+        ),
+        ("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 65536", "no tensor encoder.layer.6."),
+        ("\"vocab_size\": 30522", "\"vocab_size\": 2147483648", "the config implies [2147483648, 384]"),
+        ("\"layer_norm_eps\": 1e-12", "\"layer_norm_eps\": 1e39", "`layer_norm_eps`: 1e39 is not in (0, 1]"),
+        (
+            "\"num_attention_heads\": 12",
+            "\"num_attention_heads\": 5",
+            "`num_attention_heads`: 5 does not divide",
+        ),
+    ] {
+        assert!(cfg.contains(from), "{from}");
+        std::fs::write(dir.path().join("config.json"), cfg.replace(from, to)).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+        assert!(e.contains(want), "{to}: {e}");
+        assert!(t0.elapsed().as_secs() < 20, "{to}: refused after {:?}", t0.elapsed());
+    }
     // A non-finite weight is refused at load, naming the tensor (it once trained, and wrote
     // checkpoints every reader refused).
     std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
@@ -203,6 +246,45 @@ fn a_tokenizer_with_an_id_past_its_vocabulary_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--max-len 2: must be in 3..=512"), "{err}");
+}
+
+/// A text with no WordPiece token of its own (a zero-width space, lone combining accents)
+/// is a bad line, as text without hashed features is: it used to be stored as [CLS] [SEP],
+/// a labeled document with nothing in it. With `input.skip_bad` it is counted as empty
+/// after tokenizing. A `max_len` below 3 leaves no room for any token and is refused; the
+/// data set records the tokenizer's absolute path, so `predict` finds it from anywhere.
+#[test]
+fn texts_without_a_subword_token_are_bad_lines() {
+    let path = minilm().join("tokenizer.json");
+    let dir = tempfile::tempdir().unwrap();
+    let mut tsv = String::new();
+    for i in 0..8 {
+        tsv.push_str(&format!("c{}\tthe team won match number {i}\n", i % 2));
+    }
+    tsv.push_str("c0\t\u{0300}\u{0301}\n");
+    let f = common::write(dir.path(), "in.tsv", tsv.as_bytes());
+    let sets = |extra: &str| {
+        vec![
+            format!("tokenizer.subword.path={:?}", path.display().to_string()),
+            "split.test_fraction=0".to_string(),
+            "split.val_fraction=0".to_string(),
+            "output.shards=1".to_string(),
+            extra.to_string(),
+        ]
+    };
+    let prepare = |name: &str, extra: &str| {
+        let sets = sets(extra);
+        let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+        common::run(&[&f], &[], &dir.path().join(name), &sets)
+    };
+    let e = prepare("a", "tokenizer.subword.max_len=16").unwrap_err().to_string();
+    assert!(e.contains("in.tsv:9") && e.contains("no features after tokenizing"), "{e}");
+    let r = prepare("b", "input.skip_bad=true").unwrap();
+    assert_eq!((r.manifest.stats.empty_after_tokenizing, r.manifest.stats.documents), (1, 8));
+    let sw = r.manifest.tokenizer.subword.as_ref().unwrap();
+    assert_eq!(Path::new(&sw.path), std::fs::canonicalize(&path).unwrap());
+    let e = prepare("c", "tokenizer.subword.max_len=2").unwrap_err().to_string();
+    assert!(e.contains("subword.max_len") && e.contains("at least 3"), "{e}");
 }
 
 #[test]

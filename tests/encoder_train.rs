@@ -25,20 +25,25 @@ fn wordpiece(dir: &Path, extra: &[&str]) -> PathBuf {
     )
 }
 
-/// A small pre-LN encoder from scratch (2 layers, 32 wide), `extra` on top.
+/// A small encoder from scratch (2 layers, 32 wide), `extra` on top; with
+/// `model.encoder.pretrained` in `extra`, the shape is the pretrained model's.
 fn cfg(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
-    let base = [
-        "model.kind=\"encoder\"",
+    let shape = [
         "model.encoder.hidden=32",
         "model.encoder.layers=2",
         "model.encoder.heads=4",
         "model.encoder.intermediate=64",
+    ];
+    let pretrained = extra.iter().any(|s| s.starts_with("model.encoder.pretrained="));
+    let base = [
+        "model.kind=\"encoder\"",
         "model.encoder.dropout=0.1",
         "optim.kind=\"adamw\"",
         "optim.lr=0.003",
         "train.batch_size=8",
     ];
-    common::train_config(data, out, &[&base[..], extra].concat())
+    let shape: &[&str] = if pretrained { &[] } else { &shape };
+    common::train_config(data, out, &[&base[..], shape, extra].concat())
 }
 
 use common::train_run as run;
@@ -115,6 +120,23 @@ fn assert_resume_is_exact(extra: &[&str]) -> Vec<serde_json::Value> {
         );
     }
     records(&dir.path().join("a"))
+}
+
+/// Resuming under a config whose encoder differs from the checkpoint's names the fields that
+/// differ, with both values (it used to print both specs as Rust debug dumps).
+#[test]
+fn resuming_with_another_encoder_names_the_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let out = dir.path().join("a");
+    assert_eq!(run(&cfg(&data, &out, &["train.steps=4"]), Resume::No, Some(2)).unwrap().steps, 2);
+    let changed =
+        cfg(&data, &out, &["train.steps=4", "model.encoder.pooling=\"cls\"", "model.encoder.dropout=0.2"]);
+    let e = run(&changed, Resume::Auto, None).unwrap_err().to_string();
+    assert!(
+        e.contains("pooling: \"mean\" → \"cls\"") && e.contains("dropout: 0.1") && !e.contains("EncoderSpec"),
+        "{e}"
+    );
 }
 
 /// Asserts that a run's logged `key` (e.g. `loss_consistency`) is finite and positive in
@@ -240,8 +262,12 @@ fn meta_pseudo_labels_with_an_encoder_teacher_and_a_bag_student() {
         "mpl.teacher.encoder.intermediate=32",
         "train.steps=8",
         "train.log_every=4",
+        "optim.kind=\"adamw\"",
+        "optim.lr=0.003",
+        "train.batch_size=8",
     ];
-    let r = run(&cfg(&data, &out, &extra), Resume::No, None).unwrap();
+    // The student is a bag model: none of cfg's encoder settings.
+    let r = run(&common::train_config(&data, &out, &extra), Resume::No, None).unwrap();
     let teacher = r.shadows.iter().find(|s| s.name == "teacher").expect("the teacher is evaluated");
     assert!(teacher.test.is_some());
     // The checkpoint holds a bag student and an encoder teacher.
@@ -334,6 +360,48 @@ fn minilm_fine_tunes_and_its_checkpoint_evaluates_and_predicts_raw_text() {
     );
     let (ok, err, _) = predict("1", Some(limit));
     assert!(ok, "{err}");
+    // The tokenizer moved: --tokenizer names where it is now, checked by checksum.
+    let moved = dir.path().join("moved.json");
+    std::fs::copy(common::minilm().join("tokenizer.json"), &moved).unwrap();
+    let with_tokenizer = |file: &Path| {
+        std::process::Command::new(bin)
+            .args(["predict", "--checkpoint", ck, "--input", input.to_str().unwrap(), "--mc-dropout", "2"])
+            .arg("--tokenizer")
+            .arg(file)
+            .arg("--output")
+            .arg(dir.path().join("pt.jsonl"))
+            .output()
+            .unwrap()
+    };
+    let o = with_tokenizer(&moved);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(dir.path().join("pt.jsonl")).unwrap(), whole);
+    let o = with_tokenizer(&common::minilm().join("config.json"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("checksum"), "{err}");
+    // A pretrained model directory is not a checkpoint, and is named as what it is.
+    let minilm = common::minilm();
+    let o = std::process::Command::new(bin)
+        .args(["eval", "--checkpoint", minilm.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("is a pretrained encoder")
+            && err.contains("model.encoder.pretrained"),
+        "{err}"
+    );
+    // `inspect --explain` shows the WordPiece ids the model reads.
+    let o = std::process::Command::new(bin)
+        .args(["inspect", data.to_str().unwrap(), "--samples", "0", "--explain", "unaffable"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("\"[CLS]\"                  101") && text.contains("\"##ffa\"                  20961"),
+        "{text}"
+    );
 }
 
 /// The tensors of a checkpoint's model by name.
@@ -436,6 +504,20 @@ fn configs_the_encoder_cannot_run_are_refused_by_field() {
     refused(&["model.encoder.dropout=1.0"], "model.encoder.dropout");
     refused(&["model.encoder.attention_dropout=1.0"], "model.encoder.attention_dropout");
     refused(&["model.encoder.layer_lr_decay=0.0"], "model.encoder.layer_lr_decay");
+    // A field of the other kind of model, or a from-scratch shape beside a pretrained
+    // model, would be ignored without a word.
+    let pre = format!("model.encoder.pretrained={:?}", common::minilm().display().to_string());
+    for (extra, field) in [
+        ("model.dim=64", "model.dim"),
+        ("model.hidden=[32]", "model.hidden"),
+        ("model.embed_dropout=0.5", "model.embed_dropout"),
+        ("model.encoder.layers=3", "model.encoder.layers"),
+        ("model.encoder.pre_ln=false", "model.encoder.pre_ln"),
+    ] {
+        refused(&[pre.as_str(), extra], field);
+    }
+    refused(&["model.kind=\"bag\"", pre.as_str()], "field `model.encoder`");
+    refused(&["model.kind=\"bag\"", "model.encoder.pooling=\"cls\""], "field `model.encoder`");
     // Documents longer than the pretrained model's 512 positions.
     std::fs::create_dir(dir.path().join("long")).unwrap();
     let tok = common::minilm().join("tokenizer.json");
@@ -637,6 +719,35 @@ fn masked_lm_head_warm_up_trains_the_head_alone() {
     let (a, b) = (floats(src.tensor(name).unwrap()), floats(got.tensor(name).unwrap()));
     let moved = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(moved > 1e-4, "the full phase trains the word table: it moved {moved}");
+}
+
+/// Masked-LM settings that would be ignored or could never take effect are refused by
+/// field: a warmup longer than the run (its rate never reached train.lr), a head warm-up
+/// rate out of range, skip-gram fields under objective = "mlm", and [mlm] under skip-gram.
+#[test]
+fn masked_lm_settings_that_cannot_apply_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let e = dtrain::pretrain::mlm::pretrain(
+        &mlm_config(&data, &dir.path().join("w"), &["mlm.steps=2", "mlm.warmup_steps=3"]),
+        &Resume::No,
+        Default::default(),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("mlm.warmup_steps") && e.contains("longer than the run's 2 steps"), "{e}");
+    let load = |sets: &[&str]| {
+        let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
+        config::load::<dtrain::config::PretrainConfig>(None, &o).map(|_| ()).unwrap_err().to_string()
+    };
+    let mlm = ["data.dir=\"d\"", "model.objective=\"mlm\"", "mlm.pretrained=\"m\""];
+    let e = load(&[&mlm[..], &["mlm.head_warmup_lr=11"]].concat());
+    assert!(e.contains("mlm.head_warmup_lr") && e.contains("(0, 10]"), "{e}");
+    let e = load(&[&mlm[..], &["model.window=3"]].concat());
+    assert!(e.contains("model.window") && e.contains("skip-gram"), "{e}");
+    let e = load(&["data.dir=\"d\"", "mlm.head_warmup_steps=5"]);
+    assert!(e.contains("field `mlm`") && e.contains("objective = \"mlm\""), "{e}");
 }
 
 /// A WordPiece and a hashed-n-gram preparation of the same input and split hold the same

@@ -648,7 +648,13 @@ fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
         5,
         &[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=4", "split.labels_per_class=12"],
     );
-    let cfg = config(dir.path(), &data);
+    // The shared config's bag-model fields would be refused beside model.kind = "encoder".
+    let cfg = dir.path().join("encoder.toml");
+    let toml = format!(
+        "[data]\ndir = {:?}\n[train]\nbatch_size = 8\nsteps = 20\nlog_every = 5\n[dist]\ntimeout_s = 60\n",
+        data.display().to_string()
+    );
+    std::fs::write(&cfg, toml).unwrap();
     // Dropout on (both at 0.1): hidden masks are keyed by (the sequence's global position,
     // the token), attention masks by the sequence's global position, so a rank's shorter
     // padding and its local rows change nothing.

@@ -619,6 +619,18 @@ pub fn load_weights_checked(
     claim: impl FnOnce(&Path, &Model) -> Result<()>,
 ) -> Result<(ModelMeta, Model, Vec<f32>)> {
     let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
+    // A Hugging Face model directory (a masked-LM run's encoder/ is one) has a config.json
+    // beside its model.safetensors, as a checkpoint does, but no training state.
+    let dir = if path.is_dir() { Some(path) } else { path.parent() };
+    if let Some(dir) = dir.filter(|d| d.join("config.json").is_file() && !d.join("state.bin").is_file()) {
+        if dir.join("model.safetensors").is_file() {
+            return Err(Error::bad_file(
+                path,
+                "is a pretrained encoder (Hugging Face config.json + model.safetensors), not a dtrain \
+                 checkpoint: a run starts from it with model.encoder.pretrained (or mlm.pretrained)",
+            ));
+        }
+    }
     if path.is_dir() && !path.join(DONE).is_file() {
         // A run's directory, or its checkpoints/, given for one of its checkpoints.
         let newest =

@@ -227,11 +227,23 @@ pub fn describe(m: &Manifest) -> String {
     );
     let words: u64 = m.splits.values().map(|s| s.words).sum();
     let _ = writeln!(s, "words      {words} in sequence   vocabulary {} distinct words", m.vocab.words);
+    // A subword data set's documents are cut by either limit.
+    let limits = match &t.subword {
+        Some(sw) => format!("max_words {} or subword.max_len {}", t.max_words, sw.max_len),
+        None => format!("max_words {}", t.max_words),
+    };
     let _ = writeln!(
         s,
-        "dropped    {} duplicates ({} with another label)   {} bad lines skipped   {} blank lines   {} truncated docs (max_words {})",
-        st.duplicates, st.label_conflicts, st.skipped, st.blank, st.truncated, t.max_words
+        "dropped    {} duplicates ({} with another label)   {} bad lines skipped   {} blank lines   {} truncated docs ({limits})",
+        st.duplicates, st.label_conflicts, st.skipped, st.blank, st.truncated
     );
+    if let Some(sw) = &t.subword {
+        let _ = writeln!(
+            s,
+            "subword    {}   max_len {}   (the ids the model reads; the hashing tokenizer below keys duplicates and words)",
+            sw.path, sw.max_len
+        );
+    }
     let _ = writeln!(
         s,
         "tokenizer  hash {}   lowercase {}   word n-grams ≤{}   char n-grams {}   cjk n-grams ≤{}   punctuation {:?}   buckets {}",

@@ -131,6 +131,11 @@ fn with_subword(cfg: &PrepareConfig) -> Result<PrepareConfig> {
     }
     sw.checksum = Some(checksum);
     sw.vocab = Some(tok.vocab_size());
+    // Recorded absolute, so that `predict` finds it from any working directory (a path
+    // that is not UTF-8 stays as given).
+    if let Some(abs) = std::fs::canonicalize(path).ok().and_then(|p| p.to_str().map(str::to_owned)) {
+        sw.path = abs;
+    }
     cfg.tokenizer.buckets = tok.vocab_size();
     Ok(cfg)
 }

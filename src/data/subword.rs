@@ -105,6 +105,11 @@ impl SubwordTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The token `id` stands for (for `dtrain inspect --explain`).
+    pub fn token(&self, id: u32) -> String {
+        self.inner.id_to_token(id).unwrap_or_else(|| format!("<id {id}>"))
+    }
+
     /// The vocabulary size (ids are below it), special tokens included.
     pub fn vocab_size(&self) -> u32 {
         self.inner.get_vocab_size(true) as u32
@@ -116,12 +121,17 @@ impl SubwordTokenizer {
     }
 
     /// The ids of `text` with the model's special tokens ([CLS] … [SEP] for BERT), cut to
-    /// `max_len` ids keeping the last (closing) special token.
+    /// `max_len` ids keeping the last (closing) special token; none when the text has no
+    /// token of its own (only ignorable characters, such as a zero-width space or lone
+    /// combining accents), as the hashing tokenizer gives no features for it.
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, true)
             .map_err(|e| Error::bad_file(&self.path, format!("cannot encode {text:?}: {e}")))?;
+        if enc.get_special_tokens_mask().iter().all(|&special| special == 1) {
+            return Ok(Vec::new());
+        }
         let mut ids = enc.get_ids().to_vec();
         if ids.len() > max_len && max_len > 0 {
             let last = ids[ids.len() - 1];

@@ -90,10 +90,10 @@ pub struct TokenizerSpec {
 }
 
 /// A Hugging Face `tokenizer.json` for a data set's ids.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubwordSpec {
-    /// The tokenizer.json, as given.
+    /// The tokenizer.json: as given in a config; `prepare` records its absolute path.
     pub path: String,
     /// Most ids per document, special tokens included (the encoder's positions).
     #[serde(default = "SubwordSpec::default_max_len")]
@@ -105,6 +105,19 @@ pub struct SubwordSpec {
     /// Set by `prepare`: the vocabulary size, which `buckets` becomes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab: Option<u32>,
+}
+
+/// Two specs name the same tokenizer when their checksums agree, wherever the file was
+/// and however its path was spelled; without checksums (a config not yet prepared), when
+/// their paths do.
+impl PartialEq for SubwordSpec {
+    fn eq(&self, other: &Self) -> bool {
+        let same_file = match (&self.checksum, &other.checksum) {
+            (Some(a), Some(b)) => a == b,
+            (a, b) => a == b && self.path == other.path,
+        };
+        same_file && self.max_len == other.max_len && self.vocab == other.vocab
+    }
 }
 
 impl SubwordSpec {
@@ -161,8 +174,11 @@ impl TokenizerSpec {
             if sw.path.is_empty() {
                 return bad("subword.path", "must name a tokenizer.json");
             }
-            if sw.max_len < 2 {
-                return bad("subword.max_len", "must be at least 2 (the special tokens)");
+            if sw.max_len < 3 {
+                return bad(
+                    "subword.max_len",
+                    "must be at least 3 (the special tokens and one token of the text)",
+                );
             }
         }
         Ok(())

@@ -123,8 +123,31 @@ impl EncoderSpec {
         if self.hidden % self.heads != 0 {
             return Err(("heads", format!("{} does not divide hidden = {}", self.heads, self.hidden)));
         }
-        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
-            return Err(("layer_norm_eps", "must be positive".into()));
+        // Bounds that keep every product of the layout's sizes far from overflowing.
+        for (field, v) in
+            [("vocab", self.vocab), ("hidden", self.hidden), ("intermediate", self.intermediate)]
+        {
+            if v > 1 << 32 {
+                return Err((field, format!("{v} is more than 2^32")));
+            }
+        }
+        for (field, v) in
+            [("layers", self.layers), ("max_positions", self.max_positions), ("type_vocab", self.type_vocab)]
+        {
+            if v > 1 << 16 {
+                return Err((field, format!("{v} is more than 65536")));
+            }
+        }
+        let count = self.parameter_count();
+        if count > 1 << 40 {
+            return Err((
+                "hidden",
+                format!("the encoder would have {count} parameters, more than 2^40: its sizes are not a real model's"),
+            ));
+        }
+        // An f32 holds it (1e39 would be infinite, and every output the same).
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps <= 1.0) {
+            return Err(("layer_norm_eps", format!("{:e} is not in (0, 1]", self.layer_norm_eps)));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(("dropout", "must be in [0, 1)".into()));
@@ -132,10 +155,30 @@ impl EncoderSpec {
         if !(0.0..1.0).contains(&self.attention_dropout) {
             return Err(("attention_dropout", "must be in [0, 1)".into()));
         }
-        if self.vocab > u32::MAX as usize || self.classes > 1 << 20 || self.classes == 0 {
-            return Err(("classes", "vocab must fit u32 ids and classes be in 1..=2^20".into()));
+        if self.vocab > u32::MAX as usize {
+            return Err(("vocab", format!("{} does not fit u32 ids", self.vocab)));
+        }
+        if self.classes > 1 << 20 || self.classes == 0 {
+            return Err(("classes", format!("{} is not in 1..=2^20", self.classes)));
         }
         Ok(())
+    }
+
+    /// The parameters of the encoder with this spec (alignment padding aside), computed
+    /// without overflow for any sizes.
+    pub fn parameter_count(&self) -> u128 {
+        let [v, h, l, i, p, t, c] = [
+            self.vocab,
+            self.hidden,
+            self.layers,
+            self.intermediate,
+            self.max_positions,
+            self.type_vocab,
+            self.classes,
+        ]
+        .map(|x| x as u128);
+        let layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h;
+        (v + p + t) * h + 2 * h + l * layer + if self.pre_ln { 2 * h } else { 0 } + c * h + c
     }
 }
 
@@ -970,9 +1013,22 @@ pub fn load_pretrained(
         attention_dropout: number("attention_probs_dropout_prob", 0.1)? as f32,
         recompute: false,
     };
-    spec.validate().map_err(|(f, m)| Error::bad_file(&cfg_path, format!("{f}: {m}")))?;
+    spec.validate().map_err(|(f, m)| {
+        let key = match f {
+            "vocab" => "vocab_size",
+            "hidden" => "hidden_size",
+            "layers" => "num_hidden_layers",
+            "heads" => "num_attention_heads",
+            "intermediate" => "intermediate_size",
+            "max_positions" => "max_position_embeddings",
+            "type_vocab" => "type_vocab_size",
+            "dropout" => "hidden_dropout_prob",
+            "attention_dropout" => "attention_probs_dropout_prob",
+            other => other,
+        };
+        Error::bad_file(&cfg_path, format!("`{key}`: {m}"))
+    })?;
     let model = Encoder::new(spec);
-    let mut params: Vec<f32> = model.init(seed);
     let st_path = dir.join("model.safetensors");
     let bytes = crate::checkpoint::map(&st_path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -991,6 +1047,9 @@ pub fn load_pretrained(
             format!("holds tensor {extra}, beyond the {layers} layers of config.json's `num_hidden_layers`"),
         ));
     }
+    // Every tensor is found and its shape checked before the parameters are allocated: a
+    // config.json whose sizes are not the file's is refused without allocating its model.
+    let mut views = Vec::new();
     for t in model.layout.tensors() {
         if t.name.starts_with("classifier.") || t.name.starts_with("encoder.LayerNorm.") {
             continue;
@@ -1005,6 +1064,10 @@ pub fn load_pretrained(
                 format!("tensor {} has shape {:?}; the config implies {:?}", t.name, view.shape(), t.shape),
             ));
         }
+        views.push((t, view));
+    }
+    let mut params: Vec<f32> = model.init(seed);
+    for (t, view) in views {
         let dst = &mut params[t.slot.range()];
         match view.dtype() {
             safetensors::Dtype::F32 => {

@@ -48,10 +48,13 @@ pub struct TensorSpec {
 /// The ordered list of tensors of a model. Offsets are assigned in order, each tensor
 /// starting at a multiple of [`ALIGN`] elements so that every tensor is 64-byte aligned for
 /// vector loads on any backend.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Layout {
     tensors: Vec<TensorSpec>,
     total: usize,
+    /// Each tensor's index in `tensors` by name (a layout of thousands of layers is built
+    /// in linear time).
+    index: std::collections::HashMap<String, usize>,
 }
 
 /// Tensor alignment in elements (16 f32 = 64 bytes).
@@ -74,7 +77,8 @@ impl Layout {
     }
 
     fn push(&mut self, name: &str, shape: Vec<usize>, rows: usize, cols: usize) -> Slot {
-        assert!(self.get(name).is_none(), "tensor {name} defined twice");
+        let previous = self.index.insert(name.to_owned(), self.tensors.len());
+        assert!(previous.is_none(), "tensor {name} defined twice");
         let offset = self.total.div_ceil(ALIGN) * ALIGN;
         let slot = Slot { offset, rows, cols };
         self.total = offset + slot.len();
@@ -94,7 +98,7 @@ impl Layout {
 
     /// The tensor called `name`.
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.index.get(name).map(|&i| &self.tensors[i])
     }
 }
 

@@ -361,6 +361,14 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     }
     let per_epoch = docs.len().div_ceil(m.batch_size) as u64;
     let total = m.steps.unwrap_or(per_epoch * u64::from(t.epochs));
+    // The warmup's last step reaches the full rate ((s + 1) / warmup_steps).
+    if m.warmup_steps > total {
+        return Err(Error::config(
+            "pretrain",
+            "mlm.warmup_steps",
+            format!("{} is longer than the run's {total} steps: it never reaches train.lr", m.warmup_steps),
+        ));
+    }
     let steps = hw + total;
     crate::fsutil::create_dirs(&t.out_dir)?;
     let log_path = t.out_dir.join("metrics.jsonl");
@@ -458,8 +466,11 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
                 &mut row_loss,
             ) / k as f64;
             if !loss.is_finite() {
+                // The rate in use: the head warm-up's, or the run's.
+                let field = if step < hw { "mlm.head_warmup_lr" } else { "train.lr" };
                 return Err(Error::Data(format!(
-                    "the masked-LM loss became {loss} at step {step}: lower train.lr"
+                    "the masked-LM loss became {loss} at step {} (lr {lr:e}): lower {field}",
+                    step + 1
                 )));
             }
             let logits = be.download(&hacts.logits);

@@ -965,7 +965,10 @@ where
         }
         let (m, loaded_model, loaded) = checkpoint::load_model(dir)?;
         let differs = if m.model != meta.model || loaded_model.layout() != model.layout() {
-            Some(format!("model ({:?} in the checkpoint, {:?} in the config)", m.model, meta.model))
+            let json =
+                |spec: &crate::model::ModelSpec| serde_json::to_value(spec).expect("a model spec serialises");
+            let fields = config_differences(&json(&m.model), &json(&meta.model), 8);
+            Some(format!("model (checkpoint → config: {})", fields.join(", ")))
         } else if m.labels != meta.labels {
             Some("class labels".to_string())
         } else if m.tokenizer != meta.tokenizer {
