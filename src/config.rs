@@ -411,6 +411,12 @@ pub enum ModelKind {
     Encoder,
 }
 
+/// The first of `fields` (name, whether it differs from its default) that is set: what a
+/// config is refused for when a field does not apply to it and would be ignored.
+fn first_set<'a>(fields: &[(&'a str, bool)]) -> Option<&'a str> {
+    fields.iter().find(|(_, set)| *set).map(|&(field, _)| field)
+}
+
 /// `[model.encoder]`: a BERT-family encoder, pretrained or from scratch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -663,14 +669,13 @@ impl Validate for TrainConfig {
         // A field of the other kind of model would be ignored without a word.
         let d = ModelConfig::default();
         if m.kind == ModelKind::Encoder {
-            let bag_fields = [
+            if let Some(field) = first_set(&[
                 ("model.dim", m.dim != d.dim),
                 ("model.hidden", m.hidden != d.hidden),
                 ("model.activation", m.activation != d.activation),
                 ("model.embed_dropout", m.embed_dropout != d.embed_dropout),
                 ("model.hidden_dropout", m.hidden_dropout != d.hidden_dropout),
-            ];
-            if let Some((field, _)) = bag_fields.iter().find(|(_, set)| *set) {
+            ]) {
                 return bad(
                     field,
                     "applies to bag models (model.kind = \"bag\"); an encoder's settings are under [model.encoder]",
@@ -682,14 +687,13 @@ impl Validate for TrainConfig {
         if m.kind == ModelKind::Encoder {
             let e = &m.encoder;
             if e.pretrained.is_some() {
-                let shape = [
+                if let Some(field) = first_set(&[
                     ("model.encoder.hidden", e.hidden != d.encoder.hidden),
                     ("model.encoder.layers", e.layers != d.encoder.layers),
                     ("model.encoder.heads", e.heads != d.encoder.heads),
                     ("model.encoder.intermediate", e.intermediate != d.encoder.intermediate),
                     ("model.encoder.pre_ln", e.pre_ln != d.encoder.pre_ln),
-                ];
-                if let Some((field, _)) = shape.iter().find(|(_, set)| *set) {
+                ]) {
                     return bad(
                         field,
                         "shapes an encoder from scratch; a pretrained encoder's shape comes from its config.json \
@@ -1084,7 +1088,7 @@ impl Validate for PretrainConfig {
         }
         if self.model.objective == Objective::Mlm {
             let (p, d) = (&self.model, PretrainModel::default());
-            let word_fields = [
+            if let Some(field) = first_set(&[
                 ("model.dim", p.dim != d.dim),
                 ("model.char_ngram_min", p.char_ngram_min != d.char_ngram_min),
                 ("model.char_ngram_max", p.char_ngram_max != d.char_ngram_max),
@@ -1093,8 +1097,7 @@ impl Validate for PretrainConfig {
                 ("model.negative_power", p.negative_power != d.negative_power),
                 ("model.min_count", p.min_count != d.min_count),
                 ("model.subsample", p.subsample != d.subsample),
-            ];
-            if let Some((field, _)) = word_fields.iter().find(|(_, set)| *set) {
+            ]) {
                 return bad(
                     field,
                     "applies to skip-gram and CBOW; a masked-LM run's encoder is mlm.pretrained's, its settings under [mlm]",
