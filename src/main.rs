@@ -1425,8 +1425,9 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     print!("{}", dataset::describe(m));
     if let Some(text) = &args.explain {
         if let Some(sw) = &m.tokenizer.subword {
-            // The ids the model reads come from the subword tokenizer.
-            let tok = dtrain::data::subword::SubwordTokenizer::for_spec(sw)?;
+            // The ids the model reads come from the subword tokenizer (at the recorded path).
+            let tok = dtrain::data::subword::SubwordTokenizer::for_spec(sw)
+                .context("--explain reads the data set's subword tokenizer")?;
             let ids = tok.encode(text, sw.max_len as usize)?;
             println!("subword tokenization of {text:?} ({}, at most {} ids):", sw.path, sw.max_len);
             if ids.is_empty() {

@@ -179,9 +179,10 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
         models.push((model, params));
     }
     let meta = &metas[0];
-    if let (Device::Cpu, Some(sw)) = (opts.device, &meta.tokenizer.subword) {
+    if let (Device::Cpu | Device::Auto, Some(sw)) = (opts.device, &meta.tokenizer.subword) {
         // An encoder's forward pass over a part of a batch (one model at a time); on a GPU
-        // its activations live in device memory, which is not checked.
+        // its activations live in device memory, which is not checked (`auto` is counted
+        // as if it ran on the CPU).
         let len = sw.max_len as usize;
         let bytes = models
             .iter()

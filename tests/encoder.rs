@@ -248,13 +248,14 @@ fn a_tokenizer_with_an_id_past_its_vocabulary_is_refused() {
     assert!(!o.status.success() && err.contains("--max-len 2: must be in 3..=512"), "{err}");
 }
 
-/// A text with no WordPiece token of its own (a zero-width space, lone combining accents)
-/// is a bad line, as text without hashed features is: it used to be stored as [CLS] [SEP],
-/// a labeled document with nothing in it. With `input.skip_bad` it is counted as empty
-/// after tokenizing. A `max_len` below 3 leaves no room for any token and is refused; the
-/// data set records the tokenizer's absolute path, so `predict` finds it from anywhere.
+/// Whether a document is kept is the hashing tokenizer's decision with a subword tokenizer
+/// too, so the rows match the hashed preparation's: a text with no hashed feature (a
+/// zero-width space) is a bad line, and one whose characters the subword tokenizer drops
+/// but the hashing tokenizer keeps (lone combining accents) is kept as [CLS] [SEP] alone,
+/// counted in the manifest and shown (it used to be stored without a word). A `max_len`
+/// below 3 leaves no room for any token and is refused.
 #[test]
-fn texts_without_a_subword_token_are_bad_lines() {
+fn texts_without_a_subword_token_keep_the_hashed_rows() {
     let path = minilm().join("tokenizer.json");
     let dir = tempfile::tempdir().unwrap();
     let mut tsv = String::new();
@@ -263,27 +264,34 @@ fn texts_without_a_subword_token_are_bad_lines() {
     }
     tsv.push_str("c0\t\u{0300}\u{0301}\n");
     let f = common::write(dir.path(), "in.tsv", tsv.as_bytes());
-    let sets = |extra: &str| {
-        vec![
-            format!("tokenizer.subword.path={:?}", path.display().to_string()),
+    let prepare = |name: &str, input: &Path, extra: &[&str]| {
+        let mut sets = vec![
             "split.test_fraction=0".to_string(),
             "split.val_fraction=0".to_string(),
             "output.shards=1".to_string(),
-            extra.to_string(),
-        ]
-    };
-    let prepare = |name: &str, extra: &str| {
-        let sets = sets(extra);
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
         let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
-        common::run(&[&f], &[], &dir.path().join(name), &sets)
+        common::run(&[input], &[], &dir.path().join(name), &sets)
     };
-    let e = prepare("a", "tokenizer.subword.max_len=16").unwrap_err().to_string();
-    assert!(e.contains("in.tsv:9") && e.contains("no features after tokenizing"), "{e}");
-    let r = prepare("b", "input.skip_bad=true").unwrap();
-    assert_eq!((r.manifest.stats.empty_after_tokenizing, r.manifest.stats.documents), (1, 8));
-    let sw = r.manifest.tokenizer.subword.as_ref().unwrap();
-    assert_eq!(Path::new(&sw.path), std::fs::canonicalize(&path).unwrap());
-    let e = prepare("c", "tokenizer.subword.max_len=2").unwrap_err().to_string();
+    let sw = format!("tokenizer.subword.path={:?}", path.display().to_string());
+    let hashed = prepare("hashed", &f, &[]).unwrap();
+    let r = prepare("wp", &f, &[&sw, "tokenizer.subword.max_len=16"]).unwrap();
+    assert_eq!((r.manifest.stats.documents, r.manifest.stats.specials_only), (9, 1));
+    assert_eq!(hashed.manifest.stats.documents, 9);
+    let ds = dtrain::data::dataset::Dataset::open(&dir.path().join("wp")).unwrap();
+    let docs: Vec<Vec<u32>> = ds
+        .shards(dtrain::data::shard::SplitKind::Train)
+        .iter()
+        .flat_map(|s| (0..s.len()).map(|i| s.doc(i).ids.to_vec()).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(docs.iter().filter(|d| d[..] == [101, 102]).count(), 1, "{docs:?}");
+    assert!(dtrain::data::dataset::describe(ds.manifest()).contains("1 documents have no subword token"));
+    // A zero-width space has no hashed feature: a bad line in both preparations.
+    let g = common::write(dir.path(), "zw.tsv", format!("{tsv}c1\t\u{200b}\n").as_bytes());
+    let e = prepare("zw", &g, &[&sw]).unwrap_err().to_string();
+    assert!(e.contains("zw.tsv:10") && e.contains("no features after tokenizing"), "{e}");
+    let e = prepare("short", &f, &[&sw, "tokenizer.subword.max_len=2"]).unwrap_err().to_string();
     assert!(e.contains("subword.max_len") && e.contains("at least 3"), "{e}");
 }
 

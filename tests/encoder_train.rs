@@ -305,6 +305,21 @@ fn minilm_fine_tunes_and_its_checkpoint_evaluates_and_predicts_raw_text() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!((report["accuracy"].as_f64().unwrap() - test.accuracy).abs() < 1e-12);
+    // The same data prepared with the tokenizer's path spelled another way is the same data
+    // set for the checkpoint (the checksums agree); it used to be refused.
+    let alt = dir.path().join("alt");
+    std::fs::create_dir(&alt).unwrap();
+    let spelled = common::minilm().join(".").join("tokenizer.json");
+    let spelled = format!("tokenizer.subword.path={:?}", spelled.display().to_string());
+    let alt =
+        common::separable(&alt, 30, &[spelled.as_str(), "tokenizer.subword.max_len=16", "output.shards=2"]);
+    let o = std::process::Command::new(bin)
+        .args(["eval", "--checkpoint", ck, "--data", alt.to_str().unwrap(), "--split", "test", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(again["accuracy"], report["accuracy"]);
     // `dtrain predict` tokenizes raw text with the data set's tokenizer.json.
     let input =
         common::write(dir.path(), "in.txt", b"alpha apple amber\n\nbanana blue beta\ngreen grape gamma\n");

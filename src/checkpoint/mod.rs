@@ -620,18 +620,24 @@ pub fn load_weights_checked(
 ) -> Result<(ModelMeta, Model, Vec<f32>)> {
     let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
     // A Hugging Face model directory (a masked-LM run's encoder/ is one) has a config.json
-    // beside its model.safetensors, as a checkpoint does, but no training state.
-    let dir = if path.is_dir() { Some(path) } else { path.parent() };
-    if let Some(dir) = dir.filter(|d| d.join("config.json").is_file() && !d.join("state.bin").is_file()) {
-        if dir.join("model.safetensors").is_file() {
-            return Err(Error::bad_file(
+    // beside its model.safetensors, as a checkpoint does, but no training state and no
+    // dtrain metadata: named as what it is where it is refused.
+    let pretrained = |d: &Path| {
+        (d.join("config.json").is_file()
+            && d.join("model.safetensors").is_file()
+            && !d.join("state.bin").is_file())
+        .then(|| {
+            Error::bad_file(
                 path,
                 "is a pretrained encoder (Hugging Face config.json + model.safetensors), not a dtrain \
-                 checkpoint: a run starts from it with model.encoder.pretrained (or mlm.pretrained)",
-            ));
-        }
-    }
+                     checkpoint: a run starts from it with model.encoder.pretrained (or mlm.pretrained)",
+            )
+        })
+    };
     if path.is_dir() && !path.join(DONE).is_file() {
+        if let Some(e) = pretrained(path) {
+            return Err(e);
+        }
         // A run's directory, or its checkpoints/, given for one of its checkpoints.
         let newest =
             [path.join("checkpoints"), path.to_path_buf()].iter().find_map(|r| latest(r).ok().flatten());
@@ -657,8 +663,11 @@ pub fn load_weights_checked(
         return Err(Error::bad_file(path, format!("has no {}: {why}", which.file())));
     }
     let bytes = map(&file)?;
-    let meta: ModelMeta = serde_json::from_value(file_meta(&file, &bytes)?)
-        .map_err(|e| Error::bad_file(&file, format!("invalid `{META_KEY}` metadata: {e}")))?;
+    let meta: Result<ModelMeta> = file_meta(&file, &bytes).and_then(|v| {
+        serde_json::from_value(v)
+            .map_err(|e| Error::bad_file(&file, format!("invalid `{META_KEY}` metadata: {e}")))
+    });
+    let meta = meta.map_err(|e| file.parent().and_then(pretrained).unwrap_or(e))?;
     if meta.labels.len() != meta.model.classes() {
         return Err(Error::bad_file(&file, "metadata: the label count differs from the model's classes"));
     }

@@ -243,6 +243,14 @@ pub fn describe(m: &Manifest) -> String {
             "subword    {}   max_len {}   (the ids the model reads; the hashing tokenizer below keys duplicates and words)",
             sw.path, sw.max_len
         );
+        if st.specials_only > 0 {
+            let _ = writeln!(
+                s,
+                "warning    {} documents have no subword token of their own (only characters the subword \
+                 tokenizer drops): kept as its special tokens alone, as rows of the hashed preparation",
+                st.specials_only
+            );
+        }
     }
     let _ = writeln!(
         s,

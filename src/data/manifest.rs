@@ -103,6 +103,16 @@ pub struct Stats {
     /// Documents with no feature at all (e.g. only punctuation, with punctuation dropped),
     /// skipped under `--skip-bad`.
     pub empty_after_tokenizing: u64,
+    /// A subword data set's documents whose text has hashed features but no subword token
+    /// of its own (only characters the subword tokenizer drops, such as lone combining
+    /// marks): kept, as the special tokens alone, so that the rows match the hashed
+    /// preparation's. Absent (0) in manifests written before it was counted.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub specials_only: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The vocabulary file.

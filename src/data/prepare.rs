@@ -71,6 +71,9 @@ struct TokDoc {
     words: Vec<u32>,
     truncated: bool,
     key: u64,
+    /// A subword data set's document whose text has no subword token of its own: stored as
+    /// the tokenizer's special tokens alone.
+    specials_only: bool,
 }
 
 /// A labeled document kept in memory until the split is planned.
@@ -131,11 +134,6 @@ fn with_subword(cfg: &PrepareConfig) -> Result<PrepareConfig> {
     }
     sw.checksum = Some(checksum);
     sw.vocab = Some(tok.vocab_size());
-    // Recorded absolute, so that `predict` finds it from any working directory (a path
-    // that is not UTF-8 stays as given).
-    if let Some(abs) = std::fs::canonicalize(path).ok().and_then(|p| p.to_str().map(str::to_owned)) {
-        sw.path = abs;
-    }
     cfg.tokenizer.buckets = tok.vocab_size();
     Ok(cfg)
 }
@@ -511,17 +509,25 @@ impl Run<'_> {
                             }
                         }
                         let (mut t, word_text) = tokenizer.tokenize_with_words(&doc.text);
-                        if let Some(sw) = &subword {
-                            let ids = sw.encode(&doc.text, max_len).map_err(|e| (*line, e.to_string()))?;
-                            t.truncated |= sw.was_cut(&doc.text, ids.len(), max_len);
-                            t.ids = ids;
-                        }
+                        // Whether a document is kept is the hashing tokenizer's decision, with
+                        // a subword tokenizer too: the rows match the hashed preparation's.
                         if t.ids.is_empty() {
                             return Err((
                                 *line,
                                 "no features after tokenizing (only punctuation or ignorable characters?)"
                                     .into(),
                             ));
+                        }
+                        let mut specials_only = false;
+                        if let Some(sw) = &subword {
+                            let ids = sw.encode(&doc.text, max_len).map_err(|e| (*line, e.to_string()))?;
+                            t.truncated |= sw.was_cut(&doc.text, ids.len(), max_len);
+                            // Text the hashing tokenizer gives features but the subword one
+                            // drops (lone combining marks, U+FFFD) keeps its row, so that the
+                            // rows match the hashed preparation's: its special tokens alone,
+                            // counted in the manifest and shown.
+                            specials_only = ids.is_empty();
+                            t.ids = if specials_only { sw.specials() } else { ids };
                         }
                         if let Some(w) = word_text.iter().find(|w| w.len() > crate::data::vocab::MAX_WORD_BYTES) {
                             return Err((
@@ -534,6 +540,7 @@ impl Run<'_> {
                             ));
                         }
                         Ok(Some(TokDoc {
+                            specials_only,
                             line: doc.line,
                             label: doc.label,
                             ids: t.ids,
@@ -578,6 +585,7 @@ impl Run<'_> {
                                 }
                             }
                             self.stats.truncated += u64::from(doc.truncated);
+                            self.stats.specials_only += u64::from(doc.specials_only);
                             doc.words = doc.word_text.iter().map(|w| self.vocab.intern(w)).collect();
                             let id = self.next_sample_id;
                             self.next_sample_id += 1;

@@ -105,6 +105,11 @@ impl SubwordTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The ids of an empty text: the special tokens alone ([CLS] [SEP] for BERT).
+    pub fn specials(&self) -> Vec<u32> {
+        self.inner.encode("", true).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+    }
+
     /// The token `id` stands for (for `dtrain inspect --explain`).
     pub fn token(&self, id: u32) -> String {
         self.inner.id_to_token(id).unwrap_or_else(|| format!("<id {id}>"))
@@ -122,8 +127,8 @@ impl SubwordTokenizer {
 
     /// The ids of `text` with the model's special tokens ([CLS] … [SEP] for BERT), cut to
     /// `max_len` ids keeping the last (closing) special token; none when the text has no
-    /// token of its own (only ignorable characters, such as a zero-width space or lone
-    /// combining accents), as the hashing tokenizer gives no features for it.
+    /// token of its own (only characters the tokenizer drops, such as a zero-width space or
+    /// lone combining accents).
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
         let enc = self
             .inner

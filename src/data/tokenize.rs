@@ -723,6 +723,25 @@ mod tests {
     /// Golden values: these ids are the on-disk format. If this test fails, the hash, the
     /// segmentation or the defaults changed, and every prepared dataset would silently get
     /// other ids: bump TOKENIZER_ALGORITHM instead of editing the numbers.
+    /// Specs with checksums name the same tokenizer when the checksums agree, however the
+    /// path was spelled; without checksums, when the paths do.
+    #[test]
+    fn subword_specs_are_the_same_tokenizer_by_checksum() {
+        let spec = |path: &str, checksum: Option<&str>| SubwordSpec {
+            path: path.into(),
+            max_len: 64,
+            checksum: checksum.map(str::to_owned),
+            vocab: Some(30522),
+        };
+        let a = spec("models/minilm/tokenizer.json", Some("00ff"));
+        assert_eq!(a, spec("/work/main/models/minilm/./tokenizer.json", Some("00ff")));
+        assert_ne!(a, spec("models/minilm/tokenizer.json", Some("00fe")));
+        assert_ne!(a, SubwordSpec { max_len: 32, ..a.clone() });
+        assert_ne!(a, spec("models/minilm/tokenizer.json", None));
+        assert_eq!(spec("x.json", None), spec("x.json", None));
+        assert_ne!(spec("x.json", None), spec("./x.json", None));
+    }
+
     #[test]
     fn golden_hash_values_are_pinned() {
         // The underlying function: XXH3-64 of the empty input with seed 0 (reference value).

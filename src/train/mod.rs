@@ -298,8 +298,15 @@ fn build_model(
                 attention_dropout: e.attention_dropout.unwrap_or(0.1),
                 recompute: e.recompute,
             };
-            spec.validate()
-                .map_err(|(f, msg)| Error::config("train", format!("{section}.encoder.{f}"), msg))?;
+            spec.validate().map_err(|(f, msg)| {
+                // The vocabulary and positions come from the data set's tokenizer.
+                let field = match f {
+                    "vocab" => "the data set's tokenizer.buckets".to_string(),
+                    "max_positions" => "the data set's tokenizer.subword.max_len".to_string(),
+                    f => format!("{section}.encoder.{f}"),
+                };
+                Error::config("train", field, msg)
+            })?;
             let enc = Encoder::new(spec.clone());
             claim(&Model::Encoder(enc.clone()))?;
             let params = enc.init(seed);
