@@ -28,6 +28,12 @@ else from the export of a one-step run (`oracle-template`).
 0.09·N passes over the unlabeled split); their runs are named with an -eN suffix.
 
   DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 --hidden-labels --epochs 30
+
+--baseline also trains the supervised run (the 300 labels alone) for the same number of
+epochs, named supervised-eN, as the yardstick at that run length (row "supervised").
+
+  DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 --accuracies \
+      --epochs 30 --baseline --json bench/results/brown-encoder-oracle-own-e30.json
 """
 import argparse
 import json
@@ -85,12 +91,19 @@ def main():
     ap.add_argument("--hidden-labels", action="store_true",
                     help="only p = 1, from one-hot logits of the hidden labels (no teacher run)")
     ap.add_argument("--epochs", type=int, help="labeled epochs of the students (default: the config's 10)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also train the supervised run for --epochs, as the yardstick")
     a = ap.parse_args()
     longer = [] if a.epochs is None else [f"train.epochs={a.epochs}"]
     suffix = "" if a.epochs is None else f"-e{a.epochs}"
     rows = []
     for seed in a.seeds:
         data = be.prepare(seed)
+        if a.baseline and a.epochs is not None:
+            row = be.run("supervised", seed, extra=longer, name=f"supervised{suffix}")
+            row.update(pseudo_label_accuracy=None, targets="supervised", epochs=a.epochs)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
         if a.hidden_labels:
             hidden = bo.hidden_labels(data)
             buf, body, z = bo.read_logits(template_logits(seed, data))
@@ -126,11 +139,12 @@ def main():
     for k in dict.fromkeys(r["targets"] for r in rows):
         rs = [r for r in rows if r["targets"] == k]
         t = [100 * r["test"] for r in rs]
-        summary[k] = dict(pseudo=statistics.mean(100 * r["pseudo_label_accuracy"] for r in rs),
+        pseudo = [100 * r["pseudo_label_accuracy"] for r in rs if r["pseudo_label_accuracy"] is not None]
+        summary[k] = dict(pseudo=statistics.mean(pseudo) if pseudo else None,
                           test=statistics.mean(t), test_sd=statistics.stdev(t) if len(t) > 1 else 0.0,
                           seeds=len(t))
-        print(f"{k:>5}: pseudo-labels {summary[k]['pseudo']:.1f}% right -> test {summary[k]['test']:.2f} "
-              f"± {summary[k]['test_sd']:.2f} ({len(t)} seeds)")
+        what = f"pseudo-labels {summary[k]['pseudo']:.1f}% right" if pseudo else "the labels alone"
+        print(f"{k:>5}: {what} -> test {summary[k]['test']:.2f} ± {summary[k]['test_sd']:.2f} ({len(t)} seeds)")
     if a.json:
         prov = bo.bm.provenance("python3 bench/brown_encoder_oracle.py " + " ".join(sys.argv[1:]))
         json.dump({"provenance": prov, "rows": rows, "summary": summary}, open(a.json, "w"), indent=1)

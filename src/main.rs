@@ -705,9 +705,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     bail!("--stop-after: masked-LM pretraining has no epoch checkpoints to stop at; it applies to skip-gram and CBOW");
                 }
                 let r = dtrain::pretrain::mlm::pretrain(&cfg, &resume, args.device.device, progress)?;
+                let loss = match r.first_loss {
+                    Some(first) => format!("{first:.4} → {:.4}", r.last_loss),
+                    None => format!("{:.4}", r.last_loss),
+                };
                 println!(
-                    "masked-LM: {} steps, loss {:.4} → {:.4}, masked-token accuracy {:.3}, {:.0} tokens/s",
-                    r.steps, r.first_loss, r.last_loss, r.last_accuracy, r.tokens_per_s
+                    "masked-LM: {} steps, loss {loss}, masked-token accuracy {:.3}, {:.0} tokens/s",
+                    r.steps, r.last_accuracy, r.tokens_per_s
                 );
                 println!("encoder: {} (set model.encoder.pretrained to it)", r.out.display());
                 return Ok(ExitCode::SUCCESS);

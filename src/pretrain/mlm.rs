@@ -212,8 +212,9 @@ pub fn masked_count(len: usize, p: f64) -> usize {
 #[derive(Debug, Clone)]
 pub struct MlmReport {
     pub steps: u64,
-    /// The mean masked-token loss and accuracy over the first and the last logged window.
-    pub first_loss: f64,
+    /// The mean masked-token loss and accuracy over the first and the last logged window
+    /// (`first_loss` is `None` when the run logged a single window).
+    pub first_loss: Option<f64>,
     pub last_loss: f64,
     pub last_accuracy: f64,
     pub tokens_per_s: f64,
@@ -389,7 +390,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let (mut dlogits, mut row_loss) = (be.zeros(0), be.zeros(0));
     let (mut win_loss, mut win_right, mut win_masked, mut win_tokens, mut win_steps) =
         (0.0, 0u64, 0u64, 0u64, 0u64);
-    let (mut first_loss, mut last_loss, mut last_acc) = (None, 0.0, 0.0);
+    let (mut first_loss, mut last_loss, mut last_acc, mut windows) = (None, 0.0, 0.0, 0u64);
     let (mut step_secs, mut all_tokens, mut all_slots, mut win_slots) = (0.0f64, 0u64, 0u64, 0u64);
     let mut order = docs.clone();
     let limits = crate::data::shard::DocLimits::of(&manifest.tokenizer);
@@ -507,7 +508,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             let secs = started.elapsed().as_secs_f64().max(1e-9);
             let (ml, acc) = (win_loss / win_steps as f64, win_right as f64 / win_masked.max(1) as f64);
             first_loss.get_or_insert(ml);
-            (last_loss, last_acc) = (ml, acc);
+            (last_loss, last_acc, windows) = (ml, acc, windows + 1);
             let padding = 1.0 - win_tokens as f64 / win_slots.max(1) as f64;
             let phase = if step < hw { "head" } else { "full" };
             let rec = json!({"step": step + 1, "epoch": (step + 1) as f64 / per_epoch as f64, "phase": phase, "lr": lr,
@@ -535,7 +536,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     })?;
     Ok(MlmReport {
         steps,
-        first_loss: first_loss.unwrap_or(last_loss),
+        first_loss: first_loss.filter(|_| windows > 1),
         last_loss,
         last_accuracy: last_acc,
         tokens_per_s: all_tokens as f64 / step_secs.max(1e-9),
