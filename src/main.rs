@@ -1280,13 +1280,23 @@ fn weights_of(teacher: bool, average: bool) -> anyhow::Result<dtrain::checkpoint
 }
 
 fn print_train_summary(r: &dtrain::train::TrainReport) {
-    println!(
-        "trained {} steps in {:.1} s ({:.0} token ids/s of training steps); checkpoint {}",
-        r.steps,
-        r.seconds,
-        r.tokens_per_s,
-        r.final_checkpoint.display()
-    );
+    let ckpt = r.final_checkpoint.display();
+    match r.resumed_at {
+        0 => println!(
+            "trained {} steps in {:.1} s ({:.0} token ids/s of training steps); checkpoint {ckpt}",
+            r.steps, r.seconds, r.tokens_per_s
+        ),
+        at if at == r.steps => {
+            println!("the run had already finished at step {at}: nothing left to train; checkpoint {ckpt}")
+        }
+        at => println!(
+            "trained steps {} to {} (resumed at {at}) in {:.1} s ({:.0} token ids/s of training steps); checkpoint {ckpt}",
+            at + 1,
+            r.steps,
+            r.seconds,
+            r.tokens_per_s
+        ),
+    }
     let line = |who: &str,
                 val: &Option<dtrain::train::metrics::EvalReport>,
                 test: &Option<dtrain::train::metrics::EvalReport>| {

@@ -1,5 +1,6 @@
 //! `dtrain plot`: training curves from `metrics.jsonl` as a PNG: loss (train, val) and
-//! accuracy (train, val, test) against the step.
+//! accuracy (train, val, test) against the step; a masked-LM pretraining's loss and
+//! masked-token accuracy.
 
 use std::path::Path;
 
@@ -16,6 +17,8 @@ pub struct Curves {
     pub val_loss: Vec<(f64, f64)>,
     pub val_acc: Vec<(f64, f64)>,
     pub test_acc: Vec<(f64, f64)>,
+    /// The file is a masked-LM pretraining's: `train_acc` holds its masked-token accuracy.
+    pub masked_lm: bool,
 }
 
 /// Reads `metrics.jsonl`; a line that is not a JSON object with a step is an error naming it.
@@ -35,7 +38,7 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
             None => return Err(bad("no `step`: not a training run's metrics.jsonl")),
         };
         // Accuracies are drawn on [0, 1]: one outside it is not a training run's.
-        for k in ["accuracy", "train_accuracy"] {
+        for k in ["accuracy", "train_accuracy", "masked_accuracy"] {
             if let Some(a) = v.get(k).and_then(|x| x.as_f64()).filter(|a| !(0.0..=1.0).contains(a)) {
                 return Err(bad(&format!("`{k}` is {a}, outside [0, 1]")));
             }
@@ -48,6 +51,11 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
                 }
                 if let Some(a) = get("train_accuracy") {
                     c.train_acc.push((step, a));
+                }
+                // A masked-LM pretraining logs steps too, with the masked tokens' accuracy.
+                if let Some(a) = get("masked_accuracy") {
+                    c.train_acc.push((step, a));
+                    c.masked_lm = true;
                 }
             }
             Some("val") => {
@@ -127,6 +135,8 @@ fn draw(curves: &Curves, title: &str, out: &Path, width: u32, height: u32) -> Re
     let max_step = curves.train_loss.iter().map(|p| p.0).fold(1.0, f64::max);
     let max_loss = curves.train_loss.iter().chain(&curves.val_loss).map(|p| p.1).fold(0.0, f64::max) * 1.05;
     type Series<'a> = (&'a str, &'a [(f64, f64)], RGBColor);
+    let (acc_name, train_name) =
+        if curves.masked_lm { ("masked-token accuracy", "masked tokens") } else { ("accuracy", "train") };
     let panels: [(&DrawingArea<BitMapBackend, _>, &str, f64, Vec<Series>); 2] = [
         (
             &left,
@@ -136,10 +146,10 @@ fn draw(curves: &Curves, title: &str, out: &Path, width: u32, height: u32) -> Re
         ),
         (
             &right,
-            "accuracy",
+            acc_name,
             1.0,
             vec![
-                ("train", &curves.train_acc, BLUE),
+                (train_name, &curves.train_acc, BLUE),
                 ("val", &curves.val_acc, RED),
                 ("test", &curves.test_acc, GREEN),
             ],

@@ -238,7 +238,14 @@ impl TextIds {
             Some(sw) => {
                 let mut sw = sw.clone();
                 match file {
-                    Some(f) => sw.path = f.to_string_lossy().into_owned(),
+                    Some(f) => {
+                        sw.path = f
+                            .to_str()
+                            .ok_or_else(|| {
+                                Error::config("predict", "--tokenizer", "the path is not valid UTF-8: rename the file")
+                            })?
+                            .to_owned()
+                    }
                     None if !Path::new(&sw.path).is_file() => {
                         return Err(Error::bad_file(
                             Path::new(&sw.path),

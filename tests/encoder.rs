@@ -203,6 +203,17 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
     std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains(name) && e.contains("non-finite value (NaN) at element 3"), "{e}");
+    // A tensor of integers (the header's dtype F32 made I32, the same width) is refused by
+    // name before the model's parameters are allocated.
+    let mut bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let key = format!("\"{name}\"");
+    let entry = bytes[..header].windows(key.len()).position(|w| w == key.as_bytes()).unwrap();
+    let f32_at = entry + bytes[entry..header].windows(5).position(|w| w == b"\"F32\"").unwrap();
+    bytes[f32_at + 1] = b'I';
+    std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains(name) && e.contains("is I32; f32, f16 or bf16 expected"), "{e}");
     std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": 384}").unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("vocab_size"), "{e}");
@@ -233,6 +244,10 @@ fn a_tokenizer_with_an_id_past_its_vocabulary_is_refused() {
     std::fs::write(model.join("tokenizer.json"), json.to_string()).unwrap();
     let e = SubwordTokenizer::open(&model.join("tokenizer.json")).err().unwrap().to_string();
     assert!(e.contains("token \"hello\" has id 99999, not below the vocabulary's 30522 tokens"), "{e}");
+    // Another JSON file (the model's config.json) is named as not a tokenizer.json, not
+    // with the tokenizers library's parse error.
+    let e = SubwordTokenizer::open(&model.join("config.json")).err().unwrap().to_string();
+    assert!(e.contains("is JSON but not a Hugging Face tokenizer.json") && !e.contains("expected"), "{e}");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
         .args(["embed", "--model", model.to_str().unwrap(), "hello"])
         .output()

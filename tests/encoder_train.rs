@@ -569,6 +569,10 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     for f in ["config.json", "tokenizer.json", "model.safetensors", "DONE"] {
         assert!(r.out.join(f).is_file(), "{f} missing from {}", r.out.display());
     }
+    // `dtrain plot` draws its loss and masked-token accuracy.
+    let curves = dtrain::plot::read_metrics(&dir.path().join("mlm/metrics.jsonl")).unwrap();
+    assert!(curves.masked_lm && curves.train_loss.len() == 3 && curves.train_acc.len() == 3, "{curves:?}");
+    dtrain::plot::plot(&curves, "mlm", &dir.path().join("mlm.png"), 600, 300).unwrap();
     // The result is a pretrained encoder for fine-tuning.
     let pre = format!("model.encoder.pretrained={:?}", r.out.display().to_string());
     let c = cfg(&data, &dir.path().join("ft"), &[&pre, "optim.lr=1e-4", "train.steps=4"]);

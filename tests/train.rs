@@ -94,6 +94,7 @@ fn assert_resume_is_exact_on(make: fn(&Path) -> PathBuf, extra: &[&str]) {
     assert_eq!(half.steps, 11);
     let b = run(&c, Resume::Auto, None).unwrap();
     assert_eq!((a.steps, b.steps), (24, 24));
+    assert_eq!((a.resumed_at, half.resumed_at, b.resumed_at), (0, 0, 11), "where each run started");
     for f in [
         "model.safetensors",
         "optimizer.safetensors",
@@ -467,6 +468,11 @@ fn resuming_from_an_earlier_checkpoint_keeps_the_older_ones() {
     let again = run(&c2, Resume::From(out.join("checkpoints/step-000000006")), None).unwrap();
     assert_eq!(names(), ["step-000000006", "step-000000008"]);
     assert_eq!(std::fs::read(again.final_checkpoint.join("model.safetensors")).unwrap(), want);
+    // Resuming the finished run trains nothing and says so (its summary's throughput is
+    // not a figure of 0 token ids/s).
+    let done = run(&c2, Resume::Auto, None).unwrap();
+    assert_eq!((done.steps, done.resumed_at), (8, 8));
+    assert_eq!(done.final_checkpoint, again.final_checkpoint);
     let left: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1132,8 +1138,26 @@ fn corrupted_or_absurd_checkpoints_are_refused_without_aborting() {
     std::fs::write(&file, &f).unwrap();
     let e = dtrain::checkpoint::load_model(&r.final_checkpoint).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("model.safetensors") && e.contains("metadata does not match its checksum"), "{e}");
-    // The optimizer file is checked the same way.
     std::fs::write(&file, &original).unwrap();
+    // A checkpoint's other files, given as the weights, are named as such with the
+    // directory to pass (they used to be "invalid metadata" and "header too large").
+    for f in ["optimizer.safetensors", "state.bin"] {
+        let e = dtrain::checkpoint::load_weights(
+            &r.final_checkpoint.join(f),
+            dtrain::checkpoint::Weights::Student,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(f)
+                && e.contains("holds no classifier's weights")
+                && e.contains("pass the checkpoint directory"),
+            "{e}"
+        );
+    }
+    assert!(dtrain::checkpoint::load_weights(&file, dtrain::checkpoint::Weights::Student).is_ok());
+    // The optimizer file is checked the same way.
     let opt = r.final_checkpoint.join("optimizer.safetensors");
     let mut o = std::fs::read(&opt).unwrap();
     let last = o.len() - 3;

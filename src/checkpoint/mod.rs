@@ -662,6 +662,22 @@ pub fn load_weights_checked(
         };
         return Err(Error::bad_file(path, format!("has no {}: {why}", which.file())));
     }
+    // Another file of a checkpoint (its optimizer moments, training state, config) given
+    // for the checkpoint: named as such, with the directory to pass instead.
+    let in_checkpoint = file.parent().filter(|d| d.join(DONE).is_file());
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let weights = [Weights::Student, Weights::Teacher, Weights::Average].map(Weights::file);
+    if let Some(dir) = in_checkpoint.filter(|_| !weights.contains(&name.as_str())) {
+        return Err(Error::bad_file(
+            &file,
+            format!(
+                "is a file of the checkpoint {} that holds no classifier's weights (those are {}): pass the \
+                 checkpoint directory, with --teacher or --average for its other weights",
+                dir.display(),
+                weights.join(", ")
+            ),
+        ));
+    }
     let bytes = map(&file)?;
     let meta: Result<ModelMeta> = file_meta(&file, &bytes).and_then(|v| {
         serde_json::from_value(v)

@@ -49,8 +49,22 @@ impl SubwordTokenizer {
         if !path.exists() {
             return Err(Error::bad_file(path, "not found (launch/fetch-model minilm writes models/minilm/)"));
         }
-        let mut inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+            // The library's message speaks of its own parse ("expected `,` or `}`" of a
+            // valid JSON file); a JSON file that is some other document is said to be one.
+            let other_json = std::fs::read(path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .filter(|v| v.get("model").is_none());
+            match other_json {
+                Some(_) => Error::bad_file(
+                    path,
+                    "is JSON but not a Hugging Face tokenizer.json (it has no `model` object): name the \
+                     tokenizer.json beside the model's config.json",
+                ),
+                None => Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}")),
+            }
+        })?;
         if inner.get_vocab_size(true) == 0 {
             return Err(Error::bad_file(
                 path,

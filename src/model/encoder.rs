@@ -1064,6 +1064,15 @@ pub fn load_pretrained(
                 format!("tensor {} has shape {:?}; the config implies {:?}", t.name, view.shape(), t.shape),
             ));
         }
+        if !matches!(
+            view.dtype(),
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+        ) {
+            return Err(Error::bad_file(
+                &st_path,
+                format!("tensor {} is {:?}; f32, f16 or bf16 expected", t.name, view.dtype()),
+            ));
+        }
         views.push((t, view));
     }
     let mut params: Vec<f32> = model.init(seed);
@@ -1085,12 +1094,7 @@ pub fn load_pretrained(
                     *d = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
                 }
             }
-            other => {
-                return Err(Error::bad_file(
-                    &st_path,
-                    format!("tensor {} is {other:?}; f32, f16 or bf16 expected", t.name),
-                ))
-            }
+            other => unreachable!("dtype {other:?} was refused before allocating"),
         }
         if let Some(i) = dst.iter().position(|v| !v.is_finite()) {
             return Err(Error::bad_file(

@@ -79,6 +79,9 @@ pub struct TrainReport {
     /// update; evaluation and checkpoints excluded).
     pub tokens_per_s: f64,
     pub seconds: f64,
+    /// The step the run started from: 0, or the resumed checkpoint's (equal to `steps` when
+    /// the run had already finished and nothing was trained).
+    pub resumed_at: u64,
 }
 
 /// The validation and test metrics of one shadow copy of the weights.
@@ -1195,6 +1198,7 @@ where
     let (mut win_step_secs, mut win_step_count) = (0.0f64, 0u64);
     // Tokens of a restored logging window were trained by an earlier process.
     let restored_tokens = win.tokens;
+    let resumed_at = step;
     while step < total {
         dist.set_step(step + 1);
         let step_start = Instant::now();
@@ -1480,6 +1484,7 @@ where
             .collect(),
         tokens_per_s: (total_tokens - restored_tokens.min(total_tokens)) as f64 / step_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),
+        resumed_at,
     })
 }
 
