@@ -285,6 +285,39 @@ fn meta_pseudo_labels_with_an_encoder_teacher_and_a_bag_student() {
     assert!(log.contains("\"mpl_h\""), "h is logged");
 }
 
+/// A run from a pretrained encoder resumes without its pretrained directory (moved, or on
+/// another node): the checkpoint gives the shape and the weights. MPL, so that both the
+/// student and the teacher start from MiniLM; the resumed run ends bit for bit where an
+/// uninterrupted one does.
+#[test]
+fn a_pretrained_run_resumes_without_its_pretrained_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let pre = dir.path().join("pre");
+    std::fs::create_dir(&pre).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(common::minilm().join(f), pre.join(f)).unwrap();
+    }
+    let set = format!("model.encoder.pretrained={:?}", pre.display().to_string());
+    let extra = [set.as_str(), "method=\"mpl\"", "unlabeled.ratio=1", "optim.lr=1e-4", "train.steps=4"];
+    let straight = run(&cfg(&data, &dir.path().join("a"), &extra), Resume::No, None).unwrap();
+    let c = cfg(&data, &dir.path().join("b"), &extra);
+    assert_eq!(run(&c, Resume::No, Some(2)).unwrap().steps, 2);
+    std::fs::rename(&pre, dir.path().join("moved")).unwrap();
+    let resumed = run(&c, Resume::Auto, None).unwrap();
+    assert_eq!((resumed.steps, resumed.resumed_at), (4, 2));
+    for f in ["model.safetensors", "teacher.safetensors"] {
+        let read = |r: &dtrain::train::TrainReport| std::fs::read(r.final_checkpoint.join(f)).unwrap();
+        assert!(
+            read(&straight) == read(&resumed),
+            "{f} differs after resuming without the pretrained directory"
+        );
+    }
+    // A fresh run still needs the directory, and names it.
+    let e = run(&cfg(&data, &dir.path().join("c"), &extra), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("pre") && e.contains("config.json"), "{e}");
+}
+
 #[test]
 fn minilm_fine_tunes_and_its_checkpoint_evaluates_and_predicts_raw_text() {
     let dir = tempfile::tempdir().unwrap();

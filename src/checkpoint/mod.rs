@@ -618,6 +618,21 @@ pub fn load_weights_checked(
     which: Weights,
     claim: impl FnOnce(&Path, &Model) -> Result<()>,
 ) -> Result<(ModelMeta, Model, Vec<f32>)> {
+    let (file, bytes, meta) = open_weights(path, which)?;
+    let model = Model::new(meta.model.clone());
+    claim(&file, &model)?;
+    let params = tensors_from_file(&file, &bytes, model.layout(), &[("", model.layout().total())])?.remove(0);
+    Ok((meta, model, params))
+}
+
+/// The metadata of a checkpoint's `which` weights (`path` as [`load_weights`] takes it),
+/// checked as loading checks it, without reading the tensors.
+pub fn weights_meta(path: &Path, which: Weights) -> Result<ModelMeta> {
+    Ok(open_weights(path, which)?.2)
+}
+
+/// The weights file `path` names (with `which`), mapped, and its checked metadata.
+fn open_weights(path: &Path, which: Weights) -> Result<(PathBuf, memmap2::Mmap, ModelMeta)> {
     let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
     // A Hugging Face model directory (a masked-LM run's encoder/ is one) has a config.json
     // beside its model.safetensors, as a checkpoint does, but no training state and no
@@ -711,10 +726,7 @@ pub fn load_weights_checked(
             format!("metadata: format {:?} does not match a {} model", meta.format, meta.model.format()),
         ));
     }
-    let model = Model::new(meta.model.clone());
-    claim(&file, &model)?;
-    let params = tensors_from_file(&file, &bytes, model.layout(), &[("", model.layout().total())])?.remove(0);
-    Ok((meta, model, params))
+    Ok((file, bytes, meta))
 }
 
 /// Reads a checkpoint's optimizer moments (buffers of `lens`, as `optim::moment_lens` gives)

@@ -239,12 +239,15 @@ fn bag_spec(m: &crate::config::ModelConfig, manifest: &crate::data::manifest::Ma
 /// from `seed`: a bag model, or an encoder (its pretrained weights loaded, the head fresh).
 /// `claim` sees the model before its parameters are allocated (a pretrained encoder's are
 /// read first: its shape comes from them) and may refuse it. `section` is `m`'s config table,
-/// for messages.
+/// for messages. `resumed` is the model of the checkpoint a run resumes from: a pretrained
+/// encoder takes its shape from it instead of reading its directory (the checkpoint's
+/// weights replace the parameters returned).
 fn build_model(
     m: &crate::config::ModelConfig,
     section: &str,
     manifest: &crate::data::manifest::Manifest,
     seed: u64,
+    resumed: Option<crate::model::ModelSpec>,
     claim: impl FnOnce(&Model) -> Result<()>,
 ) -> Result<(Model, Vec<f32>)> {
     use crate::model::encoder::{Encoder, EncoderSpec};
@@ -266,7 +269,14 @@ fn build_model(
     let vocab = manifest.tokenizer.buckets as usize;
     let (spec, params) = match &e.pretrained {
         Some(dir) => {
-            let (enc, params) = crate::model::encoder::load_pretrained(dir, classes, e.pooling, seed)?;
+            let (enc, params) = match resumed {
+                Some(crate::model::ModelSpec::Encoder(spec)) => {
+                    let enc = Encoder::new(spec);
+                    let params = enc.init(seed);
+                    (enc, params)
+                }
+                _ => crate::model::encoder::load_pretrained(dir, classes, e.pooling, seed)?,
+            };
             if enc.spec.vocab < vocab || enc.spec.max_positions < sw.max_len as usize {
                 return Err(Error::config(
                     "train",
@@ -760,69 +770,7 @@ where
     if cfg.method.is_mpl() {
         gradients.push("MPL's student step's");
     }
-    let mut account = Account { budget: &mut budget, on_host, world };
-    let (model, mut host_params) = build_model(&cfg.model, "model", manifest, t.seed, |m| {
-        let optim = optim_config(cfg, m);
-        let (g, s) = (&gradients, &shadow_claims);
-        claim_training(&mut account, "the model", "model", m, &optim, "optim", g, s)
-    })?;
-    for prefix in cfg.optim.lr_mult.keys() {
-        if !model.layout().tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
-            let names: Vec<&str> = model.layout().tensors().iter().map(|t| t.name.as_str()).collect();
-            return Err(Error::config(
-                "train",
-                format!("optim.lr_mult.{prefix}"),
-                format!("matches no tensor; the tensors are {}", names.join(", ")),
-            ));
-        }
-    }
-    let meta = model_meta(&model, manifest);
-    let accum = cfg.optim.grad_accum as u64;
-    let steps_per_epoch = n_train.div_ceil(t.batch_size as u64 * accum).max(1);
-    let total = t.steps.unwrap_or(steps_per_epoch * u64::from(t.epochs));
-    let eval_every = if t.eval_every == 0 { steps_per_epoch } else { t.eval_every };
-    let ckpt_every = if t.checkpoint_every == 0 { total } else { t.checkpoint_every };
-    let config_hash = trajectory_hash(cfg);
-    let trajectory_text = trajectory_config(cfg);
     let ckpt_root = t.out_dir.join("checkpoints");
-
-    let recipe = cfg.recipe();
-    let b_u = t.batch_size * recipe.unlabeled_ratio as usize;
-    let n_unlabeled = manifest.splits.get("unlabeled").map_or(0, |s| s.docs);
-    if b_u > 0 && n_unlabeled == 0 {
-        return Err(Error::config(
-            "train",
-            "unlabeled.ratio",
-            format!(
-                "{} reads unlabeled rows, but {} has no unlabeled split (prepare it with unlabeled inputs or split.labels_per_class)",
-                recipe.method.name(),
-                cfg.data.dir.display()
-            ),
-        ));
-    }
-    let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
-    check_schedule_lengths(cfg, total, down_steps)?;
-    let ramp = recipe.ramp(steps_per_epoch);
-    if let Some(w) = ramp_warning(&recipe, &ramp, total).filter(|_| root) {
-        eprintln!("warning: {w}");
-    }
-    let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
-
-    let mut opt = Optimizer::new(be, model.layout(), model.table(), optim_config(cfg, &model));
-    let mut loader =
-        Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, t.group_by_length, owned.clone())?;
-    let mut uloader = if b_u > 0 {
-        Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, t.group_by_length, owned.clone())?)
-    } else {
-        None
-    };
-    let mut plateau = Plateau::default();
-    let mut step = 0u64;
-    let mut win = LogWindow::default();
-    // The collapse warning is printed once per process (a resumed run may print it again),
-    // from the second labeled epoch on.
-    let mut collapse_warned = false;
-    let mut restored_stabiliser = None;
     crate::fsutil::check_run_dir_place("train", "train.out_dir", &t.out_dir)?;
     let resume_from = match &opts.resume {
         Resume::No => {
@@ -868,6 +816,72 @@ where
         }
         Resume::From(dir) => Some(dir.clone()),
     };
+    // A resumed run takes its model's shape from the checkpoint, whose weights replace the
+    // fresh ones: a pretrained encoder's directory is not read again (it may have moved).
+    let resumed = |which| resume_from.as_deref().map(|d| checkpoint::weights_meta(d, which)).transpose();
+    let resumed_spec = resumed(checkpoint::Weights::Student)?.map(|m| m.model);
+    let mut account = Account { budget: &mut budget, on_host, world };
+    let (model, mut host_params) = build_model(&cfg.model, "model", manifest, t.seed, resumed_spec, |m| {
+        let optim = optim_config(cfg, m);
+        let (g, s) = (&gradients, &shadow_claims);
+        claim_training(&mut account, "the model", "model", m, &optim, "optim", g, s)
+    })?;
+    for prefix in cfg.optim.lr_mult.keys() {
+        if !model.layout().tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
+            let names: Vec<&str> = model.layout().tensors().iter().map(|t| t.name.as_str()).collect();
+            return Err(Error::config(
+                "train",
+                format!("optim.lr_mult.{prefix}"),
+                format!("matches no tensor; the tensors are {}", names.join(", ")),
+            ));
+        }
+    }
+    let meta = model_meta(&model, manifest);
+    let accum = cfg.optim.grad_accum as u64;
+    let steps_per_epoch = n_train.div_ceil(t.batch_size as u64 * accum).max(1);
+    let total = t.steps.unwrap_or(steps_per_epoch * u64::from(t.epochs));
+    let eval_every = if t.eval_every == 0 { steps_per_epoch } else { t.eval_every };
+    let ckpt_every = if t.checkpoint_every == 0 { total } else { t.checkpoint_every };
+    let config_hash = trajectory_hash(cfg);
+    let trajectory_text = trajectory_config(cfg);
+
+    let recipe = cfg.recipe();
+    let b_u = t.batch_size * recipe.unlabeled_ratio as usize;
+    let n_unlabeled = manifest.splits.get("unlabeled").map_or(0, |s| s.docs);
+    if b_u > 0 && n_unlabeled == 0 {
+        return Err(Error::config(
+            "train",
+            "unlabeled.ratio",
+            format!(
+                "{} reads unlabeled rows, but {} has no unlabeled split (prepare it with unlabeled inputs or split.labels_per_class)",
+                recipe.method.name(),
+                cfg.data.dir.display()
+            ),
+        ));
+    }
+    let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
+    check_schedule_lengths(cfg, total, down_steps)?;
+    let ramp = recipe.ramp(steps_per_epoch);
+    if let Some(w) = ramp_warning(&recipe, &ramp, total).filter(|_| root) {
+        eprintln!("warning: {w}");
+    }
+    let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
+
+    let mut opt = Optimizer::new(be, model.layout(), model.table(), optim_config(cfg, &model));
+    let mut loader =
+        Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, t.group_by_length, owned.clone())?;
+    let mut uloader = if b_u > 0 {
+        Some(Loader::new(&ds, SplitKind::Unlabeled, t.seed, b_u / p, t.group_by_length, owned.clone())?)
+    } else {
+        None
+    };
+    let mut plateau = Plateau::default();
+    let mut step = 0u64;
+    let mut win = LogWindow::default();
+    // The collapse warning is printed once per process (a resumed run may print it again),
+    // from the second labeled epoch on.
+    let mut collapse_warned = false;
+    let mut restored_stabiliser = None;
     if let (Some(path), None, Some(bag)) = (&cfg.model.init_from, &resume_from, model.bag()) {
         init_table(path, manifest, bag, &mut host_params, "model", progress)?;
     }
@@ -928,7 +942,12 @@ where
     };
     let mut mpl_run = if recipe.method.is_mpl() {
         let report = progress && resume_from.is_none();
-        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, report, &mut account)?)
+        // Full MPL's teacher is a classifier with weights of its own in the checkpoint.
+        let teacher = match cfg.method {
+            crate::algo::Method::Mpl => resumed(checkpoint::Weights::Teacher)?.map(|m| m.model),
+            _ => None,
+        };
+        Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, report, &mut account, teacher)?)
     } else {
         None
     };

@@ -74,6 +74,8 @@ pub(super) fn logits_files(cfg: &TrainConfig) -> Vec<&Path> {
 impl<B: EncoderOps<F = f32>> MplRun<B> {
     /// The teacher and settings of `cfg`; the student is the run's `student` model.
     /// `account`: the run's memory account, which the teacher's buffers join.
+    /// `resumed_teacher`: the teacher's model in the checkpoint the run resumes from (a
+    /// pretrained encoder teacher takes its shape from it, not from its directory).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         be: &B,
@@ -84,6 +86,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         total: u64,
         progress: bool,
         account: &mut super::Account,
+        resumed_teacher: Option<crate::model::ModelSpec>,
     ) -> Result<Self> {
         let manifest = ds.manifest();
         let teacher_optim = cfg.mpl.teacher_optim.clone().unwrap_or_else(|| cfg.optim.clone());
@@ -95,10 +98,11 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                     if cfg.mpl.teacher.is_some() { "mpl.teacher" } else { "model" },
                     if cfg.mpl.teacher_optim.is_some() { "mpl.teacher_optim" } else { "optim" },
                 );
-                let (model, mut params) = super::build_model(&mcfg, section, manifest, seed, |m| {
-                    let o = &teacher_optim;
-                    super::claim_training(account, "MPL's teacher", section, m, o, optim_field, &[], &[])
-                })?;
+                let (model, mut params) =
+                    super::build_model(&mcfg, section, manifest, seed, resumed_teacher, |m| {
+                        let o = &teacher_optim;
+                        super::claim_training(account, "MPL's teacher", section, m, o, optim_field, &[], &[])
+                    })?;
                 if let (Some(path), Some(bag)) = (&mcfg.init_from, model.bag()) {
                     super::init_table(path, manifest, bag, &mut params, "mpl.teacher", progress)?;
                 }
