@@ -94,12 +94,14 @@ def main():
     ap.add_argument("--baseline", action="store_true",
                     help="also train the supervised run for --epochs, as the yardstick")
     a = ap.parse_args()
+    if a.baseline and a.epochs is None:
+        ap.error("--baseline trains the supervised run for --epochs: give --epochs")
     longer = [] if a.epochs is None else [f"train.epochs={a.epochs}"]
     suffix = "" if a.epochs is None else f"-e{a.epochs}"
     rows = []
     for seed in a.seeds:
         data = be.prepare(seed)
-        if a.baseline and a.epochs is not None:
+        if a.baseline:
             row = be.run("supervised", seed, extra=longer, name=f"supervised{suffix}")
             row.update(pseudo_label_accuracy=None, targets="supervised", epochs=a.epochs)
             print(json.dumps(row), flush=True)

@@ -1289,22 +1289,30 @@ fn print_train_summary(r: &dtrain::train::TrainReport) {
         at if at == r.steps => {
             println!("the run had already finished at step {at}: nothing left to train; checkpoint {ckpt}")
         }
-        at => println!(
-            "trained steps {} to {} (resumed at {at}) in {:.1} s ({:.0} token ids/s of training steps); checkpoint {ckpt}",
-            at + 1,
-            r.steps,
-            r.seconds,
-            r.tokens_per_s
-        ),
+        at => {
+            let steps = if at + 1 == r.steps {
+                format!("step {}", r.steps)
+            } else {
+                format!("steps {} to {}", at + 1, r.steps)
+            };
+            println!(
+                "trained {steps} (resumed at {at}) in {:.1} s ({:.0} token ids/s of training steps); checkpoint {ckpt}",
+                r.seconds, r.tokens_per_s
+            )
+        }
     }
     let line = |who: &str,
                 val: &Option<dtrain::train::metrics::EvalReport>,
                 test: &Option<dtrain::train::metrics::EvalReport>| {
-        let fmt = |r: &Option<dtrain::train::metrics::EvalReport>| {
-            r.as_ref().map_or("-".to_string(), |r| format!("{:.4} (macro-F1 {:.4})", r.accuracy, r.macro_f1))
-        };
-        if val.is_some() || test.is_some() {
-            println!("{who}: val accuracy {}, test accuracy {}", fmt(val), fmt(test));
+        // The splits evaluated (a resumed finished run evaluates only the test split again).
+        let parts: Vec<String> = [("val", val), ("test", test)]
+            .iter()
+            .filter_map(|(split, r)| {
+                r.as_ref().map(|r| format!("{split} accuracy {:.4} (macro-F1 {:.4})", r.accuracy, r.macro_f1))
+            })
+            .collect();
+        if !parts.is_empty() {
+            println!("{who}: {}", parts.join(", "));
         }
     };
     line("student", &r.val, &r.test);

@@ -33,7 +33,7 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
             Some(s) => s.as_f64().ok_or_else(|| bad(&format!("`step` is {s}, not a number")))?,
             // A pretraining's metrics count epochs.
             None if v.get("epoch").is_some() => {
-                return Err(bad("no `step`: this is a pretraining's metrics.jsonl (it counts epochs), which plot does not draw"))
+                return Err(bad("no `step`: this is a skip-gram or CBOW pretraining's metrics.jsonl (it counts epochs), which plot does not draw"))
             }
             None => return Err(bad("no `step`: not a training run's metrics.jsonl")),
         };

@@ -248,6 +248,10 @@ fn a_tokenizer_with_an_id_past_its_vocabulary_is_refused() {
     // with the tokenizers library's parse error.
     let e = SubwordTokenizer::open(&model.join("config.json")).err().unwrap().to_string();
     assert!(e.contains("is JSON but not a Hugging Face tokenizer.json") && !e.contains("expected"), "{e}");
+    // A dtrain checkpoint's config.json has a `model` table too, but no vocabulary.
+    let ours = common::write(dir.path(), "train-config.json", br#"{"model": {"kind": "bag", "dim": 8}}"#);
+    let e = SubwordTokenizer::open(&ours).err().unwrap().to_string();
+    assert!(e.contains("is JSON but not a Hugging Face tokenizer.json"), "{e}");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
         .args(["embed", "--model", model.to_str().unwrap(), "hello"])
         .output()

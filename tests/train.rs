@@ -473,6 +473,27 @@ fn resuming_from_an_earlier_checkpoint_keeps_the_older_ones() {
     let done = run(&c2, Resume::Auto, None).unwrap();
     assert_eq!((done.steps, done.resumed_at), (8, 8));
     assert_eq!(done.final_checkpoint, again.final_checkpoint);
+    // The command's summary says so, and shows only the split evaluated again.
+    let toml = common::write(dir.path(), "empty.toml", b"");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"));
+    cmd.args(["--quiet", "train", "--config", toml.to_str().unwrap(), "--resume", "auto"]);
+    for set in [
+        format!("data.dir={:?}", data.display().to_string()),
+        format!("train.out_dir={:?}", out.display().to_string()),
+        "train.batch_size=8".into(),
+        "model.dim=16".into(),
+        "optim.lr=0.05".into(),
+        "train.steps=8".into(),
+        "train.checkpoint_every=2".into(),
+        "train.keep_checkpoints=2".into(),
+    ] {
+        cmd.arg("--set").arg(set);
+    }
+    let o = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("the run had already finished at step 8: nothing left to train"), "{stdout}");
+    assert!(stdout.contains("student: test accuracy") && !stdout.contains("val accuracy -"), "{stdout}");
     let left: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1050,7 +1071,7 @@ fn plot_draws_a_png_and_names_bad_lines() {
     assert!(e.contains("m.jsonl:2") && e.contains("invalid JSON"), "{e}");
     for (line, want) in [
         (&b"{\"step\": \"x\", \"loss\": 1}\n"[..], "m.jsonl:1: `step` is \"x\", not a number"),
-        (b"{\"epoch\": 1, \"loss\": 1}\n", "this is a pretraining's metrics.jsonl"),
+        (b"{\"epoch\": 1, \"loss\": 1}\n", "this is a skip-gram or CBOW pretraining's metrics.jsonl"),
         (b"{\"loss\": 1}\n", "no `step`: not a training run's metrics.jsonl"),
         (b"{\"step\": 1, \"split\": \"val\", \"accuracy\": 7}\n", "`accuracy` is 7, outside [0, 1]"),
     ] {
@@ -1157,6 +1178,20 @@ fn corrupted_or_absurd_checkpoints_are_refused_without_aborting() {
         );
     }
     assert!(dtrain::checkpoint::load_weights(&file, dtrain::checkpoint::Weights::Student).is_ok());
+    // A weights file copied under another name in the directory still loads; a misspelt
+    // name is not found (not "another file of the checkpoint").
+    let copy = r.final_checkpoint.join("best.safetensors");
+    std::fs::copy(&file, &copy).unwrap();
+    assert!(dtrain::checkpoint::load_weights(&copy, dtrain::checkpoint::Weights::Student).is_ok());
+    std::fs::remove_file(&copy).unwrap();
+    let e = dtrain::checkpoint::load_weights(
+        &r.final_checkpoint.join("modle.safetensors"),
+        dtrain::checkpoint::Weights::Student,
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("modle.safetensors") && !e.contains("holds no classifier's weights"), "{e}");
     // The optimizer file is checked the same way.
     let opt = r.final_checkpoint.join("optimizer.safetensors");
     let mut o = std::fs::read(&opt).unwrap();

@@ -677,28 +677,34 @@ fn open_weights(path: &Path, which: Weights) -> Result<(PathBuf, memmap2::Mmap, 
         };
         return Err(Error::bad_file(path, format!("has no {}: {why}", which.file())));
     }
-    // Another file of a checkpoint (its optimizer moments, training state, config) given
-    // for the checkpoint: named as such, with the directory to pass instead.
-    let in_checkpoint = file.parent().filter(|d| d.join(DONE).is_file());
-    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let weights = [Weights::Student, Weights::Teacher, Weights::Average].map(Weights::file);
-    if let Some(dir) = in_checkpoint.filter(|_| !weights.contains(&name.as_str())) {
-        return Err(Error::bad_file(
-            &file,
-            format!(
-                "is a file of the checkpoint {} that holds no classifier's weights (those are {}): pass the \
-                 checkpoint directory, with --teacher or --average for its other weights",
-                dir.display(),
-                weights.join(", ")
-            ),
-        ));
-    }
     let bytes = map(&file)?;
     let meta: Result<ModelMeta> = file_meta(&file, &bytes).and_then(|v| {
         serde_json::from_value(v)
             .map_err(|e| Error::bad_file(&file, format!("invalid `{META_KEY}` metadata: {e}")))
     });
-    let meta = meta.map_err(|e| file.parent().and_then(pretrained).unwrap_or(e))?;
+    // A file that is not weights, given for them: a pretrained model directory's is named
+    // as such, and another file of a training checkpoint (its optimizer moments, state,
+    // config) names the directory to pass instead.
+    let meta = meta.map_err(|e| {
+        let dir = file.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d });
+        if let Some(named) = dir.and_then(pretrained) {
+            return named;
+        }
+        let weights = [Weights::Student, Weights::Teacher, Weights::Average].map(Weights::file);
+        let named_weights = file.file_name().and_then(|n| n.to_str()).is_some_and(|n| weights.contains(&n));
+        match dir.filter(|d| !named_weights && d.join(DONE).is_file() && d.join("state.bin").is_file()) {
+            Some(d) => Error::bad_file(
+                &file,
+                format!(
+                    "holds no classifier's weights: it is another file of the checkpoint {} (whose weights \
+                     are {}): pass the checkpoint directory",
+                    d.display(),
+                    weights.join(", ")
+                ),
+            ),
+            None => e,
+        }
+    })?;
     if meta.labels.len() != meta.model.classes() {
         return Err(Error::bad_file(&file, "metadata: the label count differs from the model's classes"));
     }

@@ -51,16 +51,17 @@ impl SubwordTokenizer {
         }
         let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
             // The library's message speaks of its own parse ("expected `,` or `}`" of a
-            // valid JSON file); a JSON file that is some other document is said to be one.
+            // valid JSON file); a JSON file that is some other document (no `model` with a
+            // `vocab`, as every tokenizer.json has) is said to be one.
             let other_json = std::fs::read(path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .filter(|v| v.get("model").is_none());
+                .filter(|v| v.get("model").and_then(|m| m.get("vocab")).is_none());
             match other_json {
                 Some(_) => Error::bad_file(
                     path,
-                    "is JSON but not a Hugging Face tokenizer.json (it has no `model` object): name the \
-                     tokenizer.json beside the model's config.json",
+                    "is JSON but not a Hugging Face tokenizer.json (it has no `model` with a `vocab`): \
+                     name the tokenizer.json beside the model's config.json",
                 ),
                 None => Error::bad_file(path, format!("not a Hugging Face tokenizer.json: {e}")),
             }

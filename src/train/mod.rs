@@ -155,17 +155,36 @@ impl MetricsLog {
 
 /// A hash of the config fields that shape the training trajectory. Where files go, how
 /// often to log or checkpoint (unless a lazily updated shadow table makes the checkpoint
-/// cadence count), and the evaluation batch size are left out, so a run can be moved or
+/// cadence count), the evaluation batch size, and where pretrained encoders lie (a resumed
+/// run reads its weights from the checkpoint) are left out, so a run can be moved or
 /// re-tuned in those respects and still resume.
 pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     xxh3_64(trajectory_config(cfg).as_bytes())
+}
+
+/// [`trajectory_hash`] as checkpoints written before 2026-12-06 hold it: with the pretrained
+/// encoders' paths (a resumed run no longer reads them), so that those checkpoints resume.
+fn trajectory_hash_with_pretrained_paths(cfg: &TrainConfig) -> u64 {
+    xxh3_64(trajectory_text(cfg, false).as_bytes())
 }
 
 /// The config as [`trajectory_hash`] hashes it (paths and cadences that do not shape the
 /// trajectory blanked), as JSON text: each checkpoint keeps it as `config.json`, so that a
 /// resume under another config can name the fields that differ.
 pub fn trajectory_config(cfg: &TrainConfig) -> String {
+    trajectory_text(cfg, true)
+}
+
+/// [`trajectory_config`], the pretrained encoders' paths blanked or not.
+fn trajectory_text(cfg: &TrainConfig, blank_pretrained: bool) -> String {
     let mut c = cfg.clone();
+    if blank_pretrained {
+        // A resumed run takes its weights and shape from the checkpoint, not from the
+        // pretrained directory: it may move.
+        for m in std::iter::once(&mut c.model).chain(c.mpl.teacher.as_mut()) {
+            m.encoder.pretrained = m.encoder.pretrained.take().map(|_| PathBuf::new());
+        }
+    }
     c.train.out_dir = PathBuf::new();
     c.train.log_every = 0;
     if !lazy_shadow_table(cfg) {
@@ -237,8 +256,8 @@ fn bag_spec(m: &crate::config::ModelConfig, manifest: &crate::data::manifest::Ma
 
 /// The classifier `m` describes on the data set of `manifest`, and its initial parameters
 /// from `seed`: a bag model, or an encoder (its pretrained weights loaded, the head fresh).
-/// `claim` sees the model before its parameters are allocated (a pretrained encoder's are
-/// read first: its shape comes from them) and may refuse it. `section` is `m`'s config table,
+/// `claim` sees the model before its parameters are allocated (except a pretrained
+/// encoder's, read first: its shape comes from them) and may refuse it. `section` is `m`'s config table,
 /// for messages. `resumed` is the model of the checkpoint a run resumes from: a pretrained
 /// encoder takes its shape from it instead of reading its directory (the checkpoint's
 /// weights replace the parameters returned).
@@ -269,25 +288,30 @@ fn build_model(
     let vocab = manifest.tokenizer.buckets as usize;
     let (spec, params) = match &e.pretrained {
         Some(dir) => {
-            let (enc, params) = match resumed {
-                Some(crate::model::ModelSpec::Encoder(spec)) => {
-                    let enc = Encoder::new(spec);
-                    let params = enc.init(seed);
-                    (enc, params)
+            // A resumed run's shape comes from its checkpoint (with this config's pooling and
+            // data set's classes, so that the resume check names a change), and its
+            // parameters, replaced by the checkpoint's, are allocated after the claim.
+            let (mut spec, params, source) = match resumed {
+                Some(crate::model::ModelSpec::Encoder(mut spec)) => {
+                    (spec.pooling, spec.classes) = (e.pooling, classes);
+                    (spec, None, "the resumed checkpoint's encoder".to_string())
                 }
-                _ => crate::model::encoder::load_pretrained(dir, classes, e.pooling, seed)?,
+                _ => {
+                    let (enc, params) =
+                        crate::model::encoder::load_pretrained(dir, classes, e.pooling, seed)?;
+                    (enc.spec, Some(params), dir.display().to_string())
+                }
             };
-            if enc.spec.vocab < vocab || enc.spec.max_positions < sw.max_len as usize {
+            if spec.vocab < vocab || spec.max_positions < sw.max_len as usize {
                 return Err(Error::config(
                     "train",
                     format!("{section}.encoder.pretrained"),
                     format!(
-                        "{} has {} token ids and {} positions; the data set's tokenizer has {vocab} ids and up to {} tokens (prepare with this model's tokenizer.json and a tokenizer.subword.max_len within its positions)",
-                        dir.display(), enc.spec.vocab, enc.spec.max_positions, sw.max_len
+                        "{source} has {} token ids and {} positions; the data set's tokenizer has {vocab} ids and up to {} tokens (prepare with this model's tokenizer.json and a tokenizer.subword.max_len within its positions)",
+                        spec.vocab, spec.max_positions, sw.max_len
                     ),
                 ));
             }
-            let mut spec = enc.spec;
             spec.dropout = e.dropout.unwrap_or(spec.dropout);
             spec.attention_dropout = e.attention_dropout.unwrap_or(spec.attention_dropout);
             spec.recompute = e.recompute;
@@ -328,6 +352,7 @@ fn build_model(
     };
     let model = Model::Encoder(Encoder::new(spec));
     claim(&model)?;
+    let params = params.unwrap_or_else(|| model.init(seed));
     Ok((model, params))
 }
 
@@ -942,9 +967,14 @@ where
     };
     let mut mpl_run = if recipe.method.is_mpl() {
         let report = progress && resume_from.is_none();
-        // Full MPL's teacher is a classifier with weights of its own in the checkpoint.
+        // Full MPL's teacher is a classifier with weights of its own in the checkpoint. A
+        // checkpoint without them was another method's: the checks below name the difference.
+        let has_teacher =
+            resume_from.as_ref().is_some_and(|d| d.join(checkpoint::Weights::Teacher.file()).is_file());
         let teacher = match cfg.method {
-            crate::algo::Method::Mpl => resumed(checkpoint::Weights::Teacher)?.map(|m| m.model),
+            crate::algo::Method::Mpl if has_teacher => {
+                resumed(checkpoint::Weights::Teacher)?.map(|m| m.model)
+            }
             _ => None,
         };
         Some(MplRun::new(be, cfg, &ds, &model, &recipe, total, report, &mut account, teacher)?)
@@ -999,7 +1029,7 @@ where
             let fields = config_differences(&json(&m.model), &json(&meta.model), 8);
             Some(format!("model (checkpoint → config: {})", fields.join(", ")))
         } else if m.labels != meta.labels {
-            Some("class labels".to_string())
+            Some("set of class labels".to_string())
         } else if m.tokenizer != meta.tokenizer {
             Some("tokenizer".to_string())
         } else {
@@ -1019,7 +1049,8 @@ where
                 "the checkpoint was trained on another exported logits file (noisy_student.logits, mpl.logits or mpl.train_logits: the contents differ)",
             ));
         }
-        if state.config_hash != config_hash {
+        if state.config_hash != config_hash && state.config_hash != trajectory_hash_with_pretrained_paths(cfg)
+        {
             let cadence = if lazy_shadow_table(cfg) {
                 " (with a lazily updated teacher or averaged table, train.checkpoint_every counts too: each checkpoint brings its rows up to date)"
             } else {
