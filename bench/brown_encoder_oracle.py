@@ -34,6 +34,12 @@ epochs, named supervised-eN, as the yardstick at that run length (row "supervise
 
   DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 --accuracies \
       --epochs 30 --baseline --json bench/results/brown-encoder-oracle-own-e30.json
+
+--threshold T keeps only the pseudo-labels whose teacher probability is at least T
+(`consistency.threshold`, confidence-filtered Noisy Student); runs named with a -tT suffix.
+
+  DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 --accuracies \
+      --epochs 30 --threshold 0.8 --json bench/results/brown-encoder-noisy-student-t0.8-e30.json
 """
 import argparse
 import json
@@ -91,6 +97,8 @@ def main():
     ap.add_argument("--hidden-labels", action="store_true",
                     help="only p = 1, from one-hot logits of the hidden labels (no teacher run)")
     ap.add_argument("--epochs", type=int, help="labeled epochs of the students (default: the config's 10)")
+    ap.add_argument("--threshold", type=float,
+                    help="keep only pseudo-labels at or above this teacher probability (default 0: all)")
     ap.add_argument("--baseline", action="store_true",
                     help="also train the supervised run for --epochs, as the yardstick")
     a = ap.parse_args()
@@ -98,6 +106,8 @@ def main():
         ap.error("--baseline trains the supervised run for --epochs: give --epochs")
     longer = [] if a.epochs is None else [f"train.epochs={a.epochs}"]
     suffix = "" if a.epochs is None else f"-e{a.epochs}"
+    filtered = [] if a.threshold is None else [f"consistency.threshold={a.threshold}"]
+    student_suffix = ("" if a.threshold is None else f"-t{a.threshold}") + suffix
     rows = []
     for seed in a.seeds:
         data = be.prepare(seed)
@@ -112,8 +122,8 @@ def main():
             assert len(hidden) == len(z) and (hidden >= 0).all()
             path = f"runs/brown_encoder/seed{seed}/oracle/hidden.logits"
             bo.write_logits(path, buf, body, np.eye(z.shape[1], dtype=np.float32)[hidden])
-            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'] + longer,
-                         name=f"oracle-student-hidden{suffix}")
+            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'] + longer + filtered,
+                         name=f"oracle-student-hidden{student_suffix}")
             row.update(pseudo_label_accuracy=1.0, targets="hidden", epochs=a.epochs or 10)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -131,10 +141,10 @@ def main():
                 rng = np.random.default_rng([seed, int(round(target * 1000))])
                 bo.write_logits(path, buf, body, bo.corrected(z, hidden, target, rng))
             name = "own" if target is None else str(target)
-            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'] + longer,
-                         name=f"oracle-student-{name}{suffix}")
+            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'] + longer + filtered,
+                         name=f"oracle-student-{name}{student_suffix}")
             row.update(pseudo_label_accuracy=base if target is None else target, targets=name,
-                       epochs=a.epochs or 10)
+                       epochs=a.epochs or 10, threshold=a.threshold or 0.0)
             print(json.dumps(row), flush=True)
             rows.append(row)
     summary = {}
