@@ -257,10 +257,10 @@ fn bag_spec(m: &crate::config::ModelConfig, manifest: &crate::data::manifest::Ma
 /// The classifier `m` describes on the data set of `manifest`, and its initial parameters
 /// from `seed`: a bag model, or an encoder (its pretrained weights loaded, the head fresh).
 /// `claim` sees the model before its parameters are allocated (except a pretrained
-/// encoder's, read first: its shape comes from them) and may refuse it. `section` is `m`'s config table,
-/// for messages. `resumed` is the model of the checkpoint a run resumes from: a pretrained
-/// encoder takes its shape from it instead of reading its directory (the checkpoint's
-/// weights replace the parameters returned).
+/// encoder's, read first: its shape comes from them) and may refuse it. `section` is `m`'s
+/// config table, for messages. `resumed` is the model of the checkpoint a run resumes
+/// from: a pretrained encoder takes its shape from it instead of reading its directory, and
+/// is claimed before its parameters are allocated (the checkpoint's replace them).
 fn build_model(
     m: &crate::config::ModelConfig,
     section: &str,
