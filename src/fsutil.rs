@@ -101,6 +101,15 @@ pub fn check_output(flag: &str, out: &Path, inputs: &[&Path], magic: Option<&[u8
     if meta.is_dir() {
         return refuse("is a directory".into());
     }
+    if !meta.is_file() {
+        // The output is written under a temporary name and renamed into place: the rename
+        // would replace a device (as root, /dev/null itself) or a FIFO with a plain file.
+        return refuse(
+            "is not a regular file (a device, FIFO or socket): outputs are written whole and renamed into \
+             place, which would replace it; write to a file"
+                .into(),
+        );
+    }
     for input in inputs {
         if fs::metadata(input).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()) {
             return refuse(format!("is the input {}: writing it would destroy it", input.display()));
@@ -117,8 +126,26 @@ pub fn check_output(flag: &str, out: &Path, inputs: &[&Path], magic: Option<&[u8
                 "exists and is not a file of the kind this writes: remove it or choose another path".into(),
             );
         }
+        if magic == JSONL_MAGIC && is_metrics_log(out) {
+            return refuse(
+                "is a run's metrics log (its records have a `step` or an `epoch`): write elsewhere".into(),
+            );
+        }
     }
     Ok(())
+}
+
+/// Whether the JSON-lines file `path` is a training or pretraining run's `metrics.jsonl`:
+/// its first record has a `step` or an `epoch`, which no other JSON-lines output has.
+fn is_metrics_log(path: &Path) -> bool {
+    use std::io::{BufRead, Read};
+    let Ok(f) = File::open(path) else { return false };
+    let mut first = String::new();
+    if std::io::BufReader::new(f.take(1 << 20)).read_line(&mut first).is_err() {
+        return false;
+    }
+    serde_json::from_str::<serde_json::Value>(&first)
+        .is_ok_and(|v| v.get("step").is_some() || v.get("epoch").is_some())
 }
 
 /// The directory part of [`check_output`]: `out` must not lie in a data set or a checkpoint.

@@ -30,7 +30,11 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
         let step = match v.get("step") {
-            Some(s) => s.as_f64().ok_or_else(|| bad(&format!("`step` is {s}, not a number")))?,
+            Some(s) => s
+                .as_u64()
+                .filter(|&n| n <= 1 << 53)
+                .ok_or_else(|| bad(&format!("`step` is {s}, not a whole number of steps (0 to 2^53)")))?
+                as f64,
             // A pretraining's metrics count epochs.
             None if v.get("epoch").is_some() => {
                 return Err(bad("no `step`: this is a skip-gram or CBOW pretraining's metrics.jsonl (it counts epochs), which plot does not draw"))
@@ -43,9 +47,20 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
                 return Err(bad(&format!("`{k}` is {a}, outside [0, 1]")));
             }
         }
+        // A value drawn must be a number where it is present (NaN is written as null).
+        for k in ["loss", "accuracy", "train_accuracy", "masked_accuracy"] {
+            if let Some(x) = v.get(k).filter(|x| !x.is_number()) {
+                return Err(bad(&format!("`{k}` is {x}, not a number (null is how a NaN is written)")));
+            }
+        }
         let get = |k: &str| v.get(k).and_then(|x| x.as_f64());
         match v.get("split").and_then(|s| s.as_str()) {
             None => {
+                if let Some(&(last, _)) = c.train_loss.last().filter(|&&(last, _)| step < last) {
+                    return Err(bad(&format!(
+                        "step {step} after step {last}: the records are out of order (two runs' metrics in one file?)"
+                    )));
+                }
                 if let Some(l) = get("loss") {
                     c.train_loss.push((step, l));
                 }

@@ -1021,10 +1021,18 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     let model_file = a.final_checkpoint.join("model.safetensors");
     let model_bytes = std::fs::read(&model_file).unwrap();
     let config = common::write(dir.path(), "run.toml", b"method = \"supervised\"\n");
+    // A run's metrics log is JSON lines too; a FIFO (like /dev/null, a device) would be
+    // replaced by a plain file by the rename that puts the output in place.
+    let metrics = a.final_checkpoint.parent().unwrap().parent().unwrap().join("metrics.jsonl");
+    let metrics_bytes = std::fs::read(&metrics).unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     for (out, want) in [
         (&text, "is the input"),
         (&model_file, "is a checkpoint"),
         (&config, "not a file of the kind this writes"),
+        (&metrics, "is a run's metrics log"),
+        (&fifo, "is not a regular file"),
     ] {
         let o = std::process::Command::new(bin)
             .args(["predict", "--checkpoint", ca, "--input", text.to_str().unwrap(), "--output"])
@@ -1045,6 +1053,8 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     assert_eq!(std::fs::read(&text).unwrap(), b"alpha apple\n");
     assert_eq!(std::fs::read(&model_file).unwrap(), model_bytes);
     assert_eq!(std::fs::read(&config).unwrap(), b"method = \"supervised\"\n");
+    assert_eq!(std::fs::read(&metrics).unwrap(), metrics_bytes);
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::metadata(&fifo).unwrap().file_type()));
     // A missing input: nothing is made at all.
     let o = std::process::Command::new(bin)
         .args(["predict", "--checkpoint", ca, "--input", "/nonexistent/in.txt", "--output"])
@@ -1070,7 +1080,13 @@ fn plot_draws_a_png_and_names_bad_lines() {
     let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
     assert!(e.contains("m.jsonl:2") && e.contains("invalid JSON"), "{e}");
     for (line, want) in [
-        (&b"{\"step\": \"x\", \"loss\": 1}\n"[..], "m.jsonl:1: `step` is \"x\", not a number"),
+        (&b"{\"step\": \"x\", \"loss\": 1}\n"[..], "m.jsonl:1: `step` is \"x\", not a whole number"),
+        // Nonsense that used to be drawn, or dropped, without a word.
+        (b"{\"step\": -5, \"loss\": 1}\n", "`step` is -5, not a whole number"),
+        (b"{\"step\": 1e30, \"loss\": 1}\n", "`step` is 1e+30, not a whole number"),
+        (b"{\"step\": 1, \"loss\": null}\n", "`loss` is null, not a number (null is how a NaN is written)"),
+        (b"{\"step\": 1, \"loss\": \"abc\"}\n", "`loss` is \"abc\", not a number"),
+        (b"{\"step\": 5, \"loss\": 1}\n{\"step\": 2, \"loss\": 1}\n", "m.jsonl:2: step 2 after step 5"),
         (b"{\"epoch\": 1, \"loss\": 1}\n", "this is a skip-gram or CBOW pretraining's metrics.jsonl"),
         (b"{\"loss\": 1}\n", "no `step`: not a training run's metrics.jsonl"),
         (b"{\"step\": 1, \"split\": \"val\", \"accuracy\": 7}\n", "`accuracy` is 7, outside [0, 1]"),
