@@ -644,6 +644,13 @@ impl Validate for TrainConfig {
             ("model.init_from", self.model.init_from.as_ref()),
             ("model.encoder.pretrained", self.model.encoder.pretrained.as_ref()),
             ("noisy_student.logits", self.noisy_student.logits.as_ref()),
+            ("mpl.logits", self.mpl.logits.as_ref()),
+            ("mpl.train_logits", self.mpl.train_logits.as_ref()),
+            (
+                "mpl.teacher.encoder.pretrained",
+                self.mpl.teacher.as_ref().and_then(|t| t.encoder.pretrained.as_ref()),
+            ),
+            ("mpl.teacher.init_from", self.mpl.teacher.as_ref().and_then(|t| t.init_from.as_ref())),
         ] {
             if path.is_some_and(|p| p.as_os_str().is_empty()) {
                 return bad(field, "is empty: name a path, or leave the field out");

@@ -67,7 +67,7 @@ enum Command {
     ExportLogits(ExportArgs),
     /// Draw training curves (loss and accuracy) from a metrics.jsonl into a PNG.
     Plot {
-        /// The metrics.jsonl of a run.
+        /// The metrics.jsonl of a run (or the run's directory).
         metrics: PathBuf,
         /// Output PNG.
         #[arg(short, long)]
@@ -837,8 +837,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("pseudo-labels: {}", p.display());
             }
             if r.known > 0 {
+                let whose = if split == SplitKind::Unlabeled {
+                    "hidden labels of a simulated split; a diagnostic"
+                } else {
+                    "the split's own labels"
+                };
                 println!(
-                    "against the {} known labels (hidden labels of a simulated split; a diagnostic): accuracy {:.4}",
+                    "against the {} known labels ({whose}): accuracy {:.4}",
                     r.known,
                     r.correct as f64 / r.known as f64
                 );
@@ -885,6 +890,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { metrics, output, title } => {
+            // A run's directory stands for its metrics log.
+            let metrics = if metrics.is_dir() { metrics.join("metrics.jsonl") } else { metrics };
             dtrain::plot::check_png_path(&output)?;
             dtrain::fsutil::check_output("--output", &output, &[&metrics], Some(dtrain::plot::PNG_MAGIC))?;
             let curves = dtrain::plot::read_metrics(&metrics)?;
@@ -1537,25 +1544,29 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
             args.data.display()
         );
     }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!("--out {}: is a file, not a directory", args.out.display());
+    }
     // The demo replaces its own data set and run on every start: only in a directory that
-    // holds nothing but what it writes (a new one, or an earlier demo's).
+    // holds nothing but what it writes (a new one, or an earlier demo's), its run included.
     let marker = args.out.join("DEMO");
+    let run = args.out.join("supervised");
+    let holds_only = |dir: &Path, own: &[&str]| {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().all(|e| own.iter().any(|o| e.file_name() == *o)))
+            .unwrap_or(true)
+    };
     let own = ["DEMO", "data", "supervised", "report.json", "curves.png"];
-    let foreign = std::fs::read_dir(&args.out)
-        .map(|d| d.flatten().any(|e| !own.iter().any(|o| e.file_name() == *o)))
-        .unwrap_or(false);
-    if foreign || (args.out.join("supervised").exists() && !marker.is_file()) {
+    let run_own = ["checkpoints", "metrics.jsonl", dtrain::bank::DIR];
+    if !holds_only(&args.out, &own) || !holds_only(&run, &run_own) || (run.exists() && !marker.is_file()) {
         bail!(
-            "{}: not a directory the demo made (it holds other files, or has no DEMO marker), and the demo \
-             replaces its data/ and supervised/ on every start: choose another --out",
+            "{}: not a directory the demo made (it, or its supervised/ run, holds other files, or it has no DEMO \
+             marker), and the demo replaces its data/ and supervised/ on every start: choose another --out",
             args.out.display()
         );
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    std::fs::write(&marker, b"made by dtrain demo\n")
-        .with_context(|| format!("writing {}", marker.display()))?;
+    // Both configs are read before anything is replaced.
     let data = args.out.join("data");
-    let run = args.out.join("supervised");
     let prep = PrepareArgs {
         config: Some(args.config.clone()),
         input: vec![args.data.clone()],
@@ -1564,6 +1575,20 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         ..PrepareArgs::default()
     };
     let cfg = prep.load()?;
+    let overrides =
+        [Override::typed("demo", "data.dir", &data)?, Override::typed("demo", "train.out_dir", &run)?];
+    let tcfg: TrainConfig = config::load(Some(&args.train_config), &overrides)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    // An earlier demo's report would describe a run this one replaces.
+    for stale in ["report.json", "curves.png"] {
+        let path = args.out.join(stale);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing the previous {}", path.display()))?;
+        }
+    }
+    std::fs::write(&marker, b"made by dtrain demo\n")
+        .with_context(|| format!("writing {}", marker.display()))?;
     println!(
         "== 1/4 prepare {} ({} labels per class, the rest unlabeled)",
         args.data.display(),
@@ -1582,9 +1607,6 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
         std::fs::remove_dir_all(&run)
             .with_context(|| format!("removing the previous demo run {}", run.display()))?;
     }
-    let overrides =
-        [Override::typed("demo", "data.dir", &data)?, Override::typed("demo", "train.out_dir", &run)?];
-    let tcfg: TrainConfig = config::load(Some(&args.train_config), &overrides)?;
     let opts = RunOptions { resume: Resume::No, progress, stop_after: None, device: Default::default() };
     let r = train(&tcfg, &opts)?;
     print_train_summary(&r);

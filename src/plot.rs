@@ -23,7 +23,12 @@ pub struct Curves {
 
 /// Reads `metrics.jsonl`; a line that is not a JSON object with a step is an error naming it.
 pub fn read_metrics(path: &Path) -> Result<Curves> {
-    let text = std::fs::read_to_string(path).at(path)?;
+    let bytes = std::fs::read(path).at(path)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+        Error::BadLine { path: path.to_owned(), line, msg: "not UTF-8 text: not a metrics.jsonl".into() }
+    })?;
     let mut c = Curves::default();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |msg: &str| Error::BadLine { path: path.to_owned(), line: i as u64 + 1, msg: msg.into() };

@@ -308,6 +308,33 @@ fn demo_refuses_a_directory_it_did_not_make() {
         }
     }
     assert!(out.join("supervised/checkpoints").is_dir(), "nothing was removed");
+    // An earlier demo's run holding a file of the user's is refused too (it was deleted).
+    std::fs::write(out.join("DEMO"), b"made by dtrain demo\n").unwrap();
+    std::fs::write(out.join("supervised/mynotes.txt"), b"keep").unwrap();
+    let r = dtrain(&["demo", "--quiet", "--out", out.to_str().unwrap()]);
+    let t = text(&r);
+    assert!(!r.status.success() && t.contains("its supervised/ run, holds other files"), "{t}");
+    assert_eq!(std::fs::read(out.join("supervised/mynotes.txt")).unwrap(), b"keep");
+    std::fs::remove_file(out.join("supervised/mynotes.txt")).unwrap();
+    // A bad training config is refused before the data set is prepared or the run removed
+    // (it used to be read after both).
+    std::fs::write(out.join("report.json"), b"{}").unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, b"method = \"bogus\"\n").unwrap();
+    let r =
+        dtrain(&["demo", "--quiet", "--out", out.to_str().unwrap(), "--train-config", bad.to_str().unwrap()]);
+    let t = text(&r);
+    assert!(!r.status.success() && t.contains("bogus"), "{t}");
+    assert!(
+        out.join("supervised/checkpoints").is_dir()
+            && out.join("report.json").is_file()
+            && !out.join("data").exists()
+    );
+    // A file as --out is named as one.
+    let file = dir.path().join("afile");
+    std::fs::write(&file, b"x").unwrap();
+    let r = dtrain(&["demo", "--quiet", "--out", file.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains("is a file, not a directory"), "{}", text(&r));
 }
 
 /// configs/prepare.example.toml parses, equals the defaults (plus an input file and its

@@ -703,6 +703,14 @@ fn bad_training_configs_name_their_field() {
     let c = cfg(&data, &out, &["train.batch_size=7"]);
     let e = run(&c, Resume::No, None).unwrap_err().to_string();
     assert!(e.contains("train.batch_size") && e.contains("multiple of the data set's 2 shards"), "{e}");
+    // An empty path names its field (it was the OS's ": No such file or directory").
+    for field in ["mpl.logits", "mpl.train_logits", "noisy_student.logits", "mpl.teacher.encoder.pretrained"]
+    {
+        let sets = [format!("data.dir={:?}", data.display().to_string()), format!("{field}=\"\"")];
+        let o: Vec<_> = sets.iter().map(|s| dtrain::config::Override::parse(s).unwrap()).collect();
+        let e = dtrain::config::load::<TrainConfig>(None, &o).unwrap_err().to_string();
+        assert!(e.contains(field) && e.contains("is empty: name a path"), "{field}: {e}");
+    }
     // Schedules longer than the run (train.steps=10) are refused by field.
     for (set, msg) in [
         ("schedule.warmup_steps=10", "schedule.warmup_steps`: 10 leaves no step of the run's 10"),
@@ -1076,6 +1084,16 @@ fn plot_draws_a_png_and_names_bad_lines() {
     assert!(curves.train_loss.len() >= 3 && !curves.val_acc.is_empty() && curves.test_acc.len() == 1);
     dtrain::plot::plot(&curves, "t", &png, 600, 300).unwrap();
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    // `dtrain plot` takes the run's directory for its metrics log.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["--quiet", "plot", out.to_str().unwrap(), "-o", dir.path().join("d.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(dir.path().join("d.png")).unwrap().starts_with(b"\x89PNG"));
+    let binary = common::write(dir.path(), "b.jsonl", b"{\"step\": 1, \"loss\": 2.0}\n\xff\xfe\n");
+    let e = dtrain::plot::read_metrics(&binary).unwrap_err().to_string();
+    assert!(e.contains("b.jsonl:2") && e.contains("not UTF-8"), "{e}");
     let bad = common::write(dir.path(), "m.jsonl", b"{\"step\": 1, \"loss\": 2.0}\nnot json\n");
     let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
     assert!(e.contains("m.jsonl:2") && e.contains("invalid JSON"), "{e}");
