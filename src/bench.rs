@@ -432,6 +432,10 @@ pub struct PaddingBench {
     pub batch_size: usize,
     /// Batches in one epoch (the split's documents / batch size, rounded down).
     pub batches: usize,
+    /// Documents outside the whole batches: where there are any, each row's batches cover
+    /// another set of documents (length grouping orders them), so the rows' real tokens
+    /// differ and their padding shares compare only roughly.
+    pub left_out: usize,
     pub rows: Vec<PaddingRow>,
 }
 
@@ -497,6 +501,7 @@ pub fn bench_padding(dir: &Path, split: &str, batch_size: usize, groups: &[usize
         split: kind.name().into(),
         batch_size,
         batches,
+        left_out: docs - batches * batch_size,
         rows,
     })
 }

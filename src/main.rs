@@ -1052,6 +1052,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     100.0 * row.padding
                 );
             }
+            if r.left_out > 0 {
+                println!(
+                    "note: {} documents lie outside the whole batches, and each row leaves out others (grouping \
+                     orders them): the rows' real tokens differ; a --batch-size that divides the split measures \
+                     the same documents in every row",
+                    r.left_out
+                );
+            }
             if let Some(path) = json {
                 dtrain::bench::write_json(&path, &r)?;
                 println!("wrote {}", path.display());
@@ -1355,6 +1363,9 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(())
     };
+    if !args.path.exists() {
+        bail!("{}: no such file or directory", args.path.display());
+    }
     if args.path.is_file() && args.path.extension().is_some_and(|x| x == "bank") {
         data_set_flags("a bank file")?;
         let (h, histogram) = dtrain::bank::verify_sealed(&args.path)?;
@@ -1424,7 +1435,13 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     }
     if args.path.is_file() && dataset_file.is_none() {
         data_set_flags("a single shard file (give its data set's directory)")?;
-        let shard = Shard::open(&args.path)?;
+        let shard = Shard::open(&args.path).map_err(|e| match is_shard_file {
+            true => anyhow::Error::from(e),
+            false => anyhow::anyhow!(
+                "{e}; inspect reads a data set (its directory, or a file in it), a .shard file, a .bank file or a \
+                 logits file"
+            ),
+        })?;
         let h = shard.header();
         println!(
             "{}: dtrain shard {}/{} of split `{}`: {} documents, {} token ids, tokenizer {:016x}, payload checksum {:016x}",

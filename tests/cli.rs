@@ -158,6 +158,19 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     assert!(r.status.success() && text(&r).contains("dtrain data set, 2 classes"), "{}", text(&r));
     let r = dtrain(&["inspect", out.join("train-00001.shard").to_str().unwrap()]);
     assert!(r.status.success() && text(&r).contains("dtrain shard 1/2 of split `train`"), "{}", text(&r));
+    // A path that is not there, a file of no kind inspect reads, and a shard that is a
+    // directory are named as such (they were "manifest.json: No such file", a bare "bad
+    // magic", and the OS's "No such device").
+    let r = dtrain(&["inspect", dir.path().join("nowhere").to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains("nowhere: no such file or directory"), "{}", text(&r));
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, vec![b'x'; 400]).unwrap();
+    let r = dtrain(&["inspect", notes.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains("inspect reads a data set"), "{}", text(&r));
+    let shard_dir = dir.path().join("d.shard");
+    std::fs::create_dir(&shard_dir).unwrap();
+    let e = dtrain::data::shard::Shard::open(&shard_dir).err().unwrap().to_string();
+    assert!(e.contains("d.shard") && e.contains("is not a regular file"), "{e}");
     // A data set's flags given for one file are refused, not ignored.
     let r = dtrain(&["inspect", out.join("train-00001.shard").to_str().unwrap(), "--explain", "x"]);
     assert!(

@@ -383,6 +383,16 @@ fn prepare_with_a_subword_tokenizer_stores_its_ids() {
     let (ok, e) = padding(&["--batch-size", "2", "--group", "0,70000"]);
     assert!(!ok && e.contains("--group 70000: each value must be in 0..=65536"), "{e}");
     assert!(padding(&["--batch-size", "2"]).0);
+    // The documents outside whole batches are counted; where there are none, every row
+    // measures the same documents (the same real tokens).
+    let docs = dtrain::data::dataset::Dataset::open(&out).unwrap().manifest().splits["train"].docs as usize;
+    for bs in [2, 4] {
+        let r = dtrain::bench::bench_padding(&out, "train", bs, &[0, 4]).unwrap();
+        assert_eq!(r.left_out, docs - r.batches * bs, "batch size {bs}");
+        if r.left_out == 0 {
+            assert_eq!(r.rows[0].real_tokens, r.rows[1].real_tokens, "batch size {bs}");
+        }
+    }
     // A missing tokenizer, and a checksum that does not match, are refused by field.
     let missing = ["tokenizer.subword.path=\"nowhere/tokenizer.json\""];
     let e = common::run(&[&f], &[], &dir.path().join("x"), &missing).unwrap_err().to_string();

@@ -456,7 +456,14 @@ impl Shard {
             ));
         }
         let file = File::open(path).at(path)?;
-        let len = file.metadata().at(path)?.len();
+        let meta = file.metadata().at(path)?;
+        if !meta.is_file() {
+            return Err(Error::bad_file(
+                path,
+                "is not a regular file (a directory?), not a dtrain shard file",
+            ));
+        }
+        let len = meta.len();
         if len < HEADER_LEN as u64 {
             return Err(Error::bad_file(
                 path,
