@@ -1544,6 +1544,18 @@ fn verify(dir: &Path) -> ExitCode {
             Some(p) => println!("FAILED  {file}: {p}"),
         }
     }
+    // Shard files the manifest does not list are never read; named, as a leftover.
+    let listed: std::collections::HashSet<&str> = report.files.iter().map(|(f, _)| f.as_str()).collect();
+    let mut stray: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    stray.retain(|n| n.ends_with(".shard") && !listed.contains(n.as_str()));
+    stray.sort();
+    for n in &stray {
+        println!(
+            "warning {n}: not one of the manifest's files (never read, not verified): a leftover to remove"
+        );
+    }
     let bad = report.files.iter().filter(|(_, p)| p.is_some()).count();
     if bad == 0 {
         println!("{}: all {} files verified", dir.display(), report.files.len());

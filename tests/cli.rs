@@ -191,6 +191,13 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
         let r = dtrain(&["verify", copy.to_str().unwrap()]);
         assert!(!r.status.success() && text(&r).contains("payload checksum"), "{}", text(&r));
     }
+    // The data set verifies with the stray copy beside it, and names it as a leftover.
+    let r = dtrain(&["verify", o]);
+    assert!(
+        r.status.success() && text(&r).contains("warning stray.shard: not one of the manifest's files"),
+        "{}",
+        text(&r)
+    );
     std::fs::remove_file(&stray).unwrap();
     let r = dtrain(&["verify", input.to_str().unwrap()]);
     assert!(!r.status.success() && text(&r).contains("takes a data set directory"), "{}", text(&r));

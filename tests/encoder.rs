@@ -214,6 +214,12 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
     std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains(name) && e.contains("is I32; f32, f16 or bf16 expected"), "{e}");
+    // The weights file itself, or a directory that is not there, named as such.
+    let e =
+        load_pretrained(&dir.path().join("model.safetensors"), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains("is a file: name the model's directory"), "{e}");
+    let e = load_pretrained(&dir.path().join("nowhere"), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains("nowhere") && e.contains("no such directory"), "{e}");
     std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": 384}").unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("vocab_size"), "{e}");

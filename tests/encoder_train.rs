@@ -321,7 +321,7 @@ fn a_pretrained_run_resumes_without_its_pretrained_directory() {
     }
     // A fresh run still needs the directory, and names it.
     let e = run(&cfg(&data, &dir.path().join("c"), &extra), Resume::No, None).unwrap_err().to_string();
-    assert!(e.contains(&pre.join("config.json").display().to_string()), "{e}");
+    assert!(e.contains(&pre.display().to_string()) && e.contains("no such directory"), "{e}");
 }
 
 #[test]

@@ -1520,6 +1520,9 @@ fn export_logits_and_noisy_student() {
     assert!(e.contains("header does not match its checksum"), "{e}");
     std::fs::write(&damaged, &bytes[..bytes.len() - 4]).unwrap();
     assert!(LogitsFile::open(&damaged).err().unwrap().to_string().contains("truncated"));
+    std::fs::write(&damaged, &bytes[..20]).unwrap();
+    let e = LogitsFile::open(&damaged).err().unwrap().to_string();
+    assert!(e.contains("truncated: 20 bytes, shorter than the"), "{e}");
     // A file whose checksums hold but whose last logit is NaN (what a diverged teacher
     // would have written) is refused, naming the row.
     let mut b = bytes.clone();

@@ -144,8 +144,14 @@ impl Header {
 
     fn decode(path: &Path, b: &[u8]) -> Result<Header> {
         let bad = |msg: String| Err(Error::bad_file(path, msg));
-        if b.len() < HEADER_LEN || &b[..8] != MAGIC {
-            return bad("not a dtrain bank file (bad magic or too short)".into());
+        if b.len() < 8 || &b[..8] != MAGIC {
+            return bad("not a dtrain bank file (bad magic bytes)".into());
+        }
+        if b.len() < HEADER_LEN {
+            return bad(format!(
+                "truncated: {} bytes, shorter than the {HEADER_LEN}-byte bank header",
+                b.len()
+            ));
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
@@ -790,5 +796,9 @@ mod tests {
         std::fs::write(&file, b"hello").unwrap();
         let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
         assert!(e.contains("not a dtrain bank file"), "{e}");
+        // Cut inside the header, its magic intact: named as truncated, not as another file.
+        std::fs::write(&file, &bytes[..40]).unwrap();
+        let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
+        assert!(e.contains("truncated: 40 bytes, shorter than the"), "{e}");
     }
 }

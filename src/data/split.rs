@@ -57,7 +57,10 @@ pub fn plan(
                      (or only copies of test documents, which de-duplication removes from the pool)"
                 )
             } else {
-                format!("label `{name}` has no labeled document in the inputs")
+                format!(
+                    "label `{name}` has no labeled document in the inputs (or only copies of other documents, \
+                     which de-duplication removes)"
+                )
             }));
         }
         Stream::new(cfg.seed, Purpose::Split, c as u64).shuffle(docs);

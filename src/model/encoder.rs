@@ -946,6 +946,13 @@ pub fn load_pretrained(
     seed: u64,
 ) -> Result<(Encoder, Vec<f32>)> {
     let cfg_path = dir.join("config.json");
+    if !dir.is_dir() {
+        let why = match dir.is_file() {
+            true => "is a file: name the model's directory (config.json and model.safetensors side by side)",
+            false => "no such directory (a pretrained model's directory: config.json and model.safetensors)",
+        };
+        return Err(Error::bad_file(dir, why));
+    }
     if dir.join("state.bin").is_file() {
         return Err(Error::bad_file(
             dir,
