@@ -67,8 +67,10 @@ def read_logits(path):
 def write_logits(path, buf, body, z):
     out = bytearray(buf[:body]) + bytearray(z.astype("<f4").tobytes())
     struct.pack_into("<Q", out, 56, xxhash.xxh3_64_intdigest(bytes(out[LOGITS_HEADER:])))
-    # Version 1 keeps its header checksum at 64 (over bytes 0..64), version 2 at 72 (0..72).
-    end = 64 if struct.unpack_from("<I", out, 8)[0] == 1 else 72
+    # The header checksum sits at 64 in version 1 (over bytes 0..64), 72 in version 2, 80 in
+    # version 3 (after the exporting weights' source). The source is kept: the rows are the
+    # oracle's edit of that teacher's logits.
+    end = {1: 64, 2: 72, 3: 80}[struct.unpack_from("<I", out, 8)[0]]
     struct.pack_into("<Q", out, end, xxhash.xxh3_64_intdigest(bytes(out[:end])))
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:

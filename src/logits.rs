@@ -11,12 +11,15 @@
 //!  48  xxh3_64 of the class names joined by '\n'
 //!  56  body_checksum u64 (xxh3_64 of every byte from 128 on)
 //!  64  rows fingerprint u64 (see [`rows_fingerprint`]; version 2 on)
-//!  72  header_checksum u64 (xxh3_64 of bytes 0..72)           80..128 zero
+//!  72  source u64: xxh3_64 of the exporting model's parameters (version 3 on)
+//!  80  header_checksum u64 (xxh3_64 of bytes 0..80)           88..128 zero
 //! 128  rows per shard: P × u64
 //!      logits: rows × classes × f32, shard by shard, each shard's rows in order
 //! ```
 //! Version 1 had no fingerprint: its header checksum sits at 64 and covers bytes 0..64.
 //! Such files are still read, and match only the data set they were exported from.
+//! Version 2 had no source: its header checksum sits at 72. The source tells whether two
+//! files (reduced MPL's `mpl.logits` and `mpl.train_logits`) came from the same weights.
 //!
 //! The file is written under a temporary name, synced and renamed; a model whose logits
 //! are not finite (a diverged teacher) writes none. Opening checks the header, the length,
@@ -46,7 +49,7 @@ use crate::model::{Acts, Model};
 /// Magic bytes of a logits file.
 pub const MAGIC: &[u8; 8] = b"DTLOGIT\0";
 /// Version of the logits file format.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 const HEADER_LEN: usize = 128;
 
 /// A tokenizer-independent identity of a split's rows: xxh3_64 over the vocabulary's
@@ -107,6 +110,13 @@ pub struct LogitsFile {
     pub manifest_checksum: String,
     /// [`rows_fingerprint`] of the rows it was exported from (`None` in version 1 files).
     pub rows_fingerprint: Option<u64>,
+    /// The exporting model's identity, [`params_source`] (`None` before version 3).
+    pub source: Option<u64>,
+}
+
+/// The identity of a model's weights that an export records: xxh3_64 of the parameters.
+pub fn params_source(params: &[f32]) -> u64 {
+    xxh3_64(bytemuck::cast_slice(params))
 }
 
 impl LogitsFile {
@@ -135,10 +145,10 @@ impl LogitsFile {
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let version = u32_at(8);
-        if version != 1 && version != VERSION {
-            return bad(format!("logits format version {version}, this dtrain reads 1 and {VERSION}"));
+        if !(1..=VERSION).contains(&version) {
+            return bad(format!("logits format version {version}, this dtrain reads 1 to {VERSION}"));
         }
-        let header_end = if version == 1 { 64 } else { 72 };
+        let header_end = [64, 72, 80][version as usize - 1];
         if u64_at(header_end) != xxh3_64(&b[..header_end]) {
             return bad("corrupted: the header does not match its checksum".into());
         }
@@ -182,6 +192,7 @@ impl LogitsFile {
         }
         let manifest_checksum = String::from_utf8_lossy(&b[32..48]).into_owned();
         let rows_fingerprint = (version >= 2).then(|| u64_at(64));
+        let source = (version >= 3).then(|| u64_at(72));
         Ok(LogitsFile {
             path: path.to_owned(),
             map,
@@ -190,6 +201,7 @@ impl LogitsFile {
             starts,
             manifest_checksum,
             rows_fingerprint,
+            source,
         })
     }
 
@@ -255,13 +267,14 @@ impl LogitsFile {
         let rows = self.starts.last().copied().unwrap_or(0);
         let mut s = format!(
             "{}: dtrain logits file of split `{}`: {rows} rows × {} classes in {} shards, from the data set \
-             with manifest checksum {}; rows fingerprint {}; contents match their checksum\n",
+             with manifest checksum {}; rows fingerprint {}; exported by the weights {}; contents match their checksum\n",
             self.path.display(),
             self.split.name(),
             self.classes,
             self.starts.len() - 1,
             self.manifest_checksum,
             self.rows_fingerprint.map_or("none (version 1)".into(), |f| format!("{f:016x}")),
+            self.source.map_or("unrecorded (before version 3)".into(), |f| format!("{f:016x}")),
         );
         let mut count = vec![0u64; self.classes];
         let mut conf = vec![0f64; self.classes];
@@ -334,6 +347,7 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     let temporaries: Vec<&Path> = std::iter::once(tmp.as_path()).chain(jsonl_tmp.as_deref()).collect();
     crate::fsutil::removing_on_error(&temporaries, || {
         let (tmp, jsonl_final, jsonl) = (tmp.as_path(), jsonl, jsonl_tmp.as_deref());
+        let source = params_source(params);
         let params = be.upload(params);
         let m = ds.manifest();
         let classes = model.classes();
@@ -428,8 +442,9 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
         h[48..56].copy_from_slice(&labels_hash(&m.labels).to_le_bytes());
         h[56..64].copy_from_slice(&sum.digest().to_le_bytes());
         h[64..72].copy_from_slice(&rows_fingerprint(ds, split).to_le_bytes());
-        let hc = xxh3_64(&h[..72]);
-        h[72..80].copy_from_slice(&hc.to_le_bytes());
+        h[72..80].copy_from_slice(&source.to_le_bytes());
+        let hc = xxh3_64(&h[..80]);
+        h[80..88].copy_from_slice(&hc.to_le_bytes());
         let mut f = w.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?;
         f.seek(SeekFrom::Start(0)).at(tmp)?;
         f.write_all(&h).at(tmp)?;

@@ -1497,7 +1497,7 @@ fn export_logits_and_noisy_student() {
     v1[8..12].copy_from_slice(&1u32.to_le_bytes());
     let hc = xxhash_rust::xxh3::xxh3_64(&v1[..64]);
     v1[64..72].copy_from_slice(&hc.to_le_bytes());
-    v1[72..80].fill(0);
+    v1[72..88].fill(0);
     let old = dir.path().join("v1.logits");
     std::fs::write(&old, &v1).unwrap();
     let f1 = LogitsFile::open(&old).unwrap();
@@ -1505,6 +1505,17 @@ fn export_logits_and_noisy_student() {
     f1.check_matches(&ds, SplitKind::Unlabeled).unwrap();
     let e = f1.check_matches(&retok_ds, SplitKind::Unlabeled).unwrap_err().to_string();
     assert!(e.contains("version 1") && e.contains("export it again"), "{e}");
+    // A version 2 file (no source; header checksum at 72 over bytes 0..72) is still read.
+    let mut v2 = bytes.clone();
+    v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let hc = xxhash_rust::xxh3::xxh3_64(&v2[..72]);
+    v2[72..80].copy_from_slice(&hc.to_le_bytes());
+    v2[80..88].fill(0);
+    std::fs::write(&old, &v2).unwrap();
+    let f2 = LogitsFile::open(&old).unwrap();
+    assert!(f2.rows_fingerprint.is_some() && f2.source.is_none());
+    f2.check_matches(&retok_ds, SplitKind::Unlabeled).unwrap();
+    assert!(LogitsFile::open(&file).unwrap().source.is_some(), "this version records the weights");
     let damaged = dir.path().join("damaged.logits");
     let mut b = bytes.clone();
     let last = b.len() - 3;
@@ -1530,8 +1541,8 @@ fn export_logits_and_noisy_student() {
     b[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
     let contents = xxhash_rust::xxh3::xxh3_64(&b[128..]);
     b[56..64].copy_from_slice(&contents.to_le_bytes());
-    let header = xxhash_rust::xxh3::xxh3_64(&b[..72]);
-    b[72..80].copy_from_slice(&header.to_le_bytes());
+    let header = xxhash_rust::xxh3::xxh3_64(&b[..80]);
+    b[80..88].copy_from_slice(&header.to_le_bytes());
     std::fs::write(&damaged, &b).unwrap();
     let rows = ds.manifest().splits["unlabeled"].docs;
     let e = LogitsFile::open(&damaged).err().unwrap().to_string();
@@ -1779,6 +1790,25 @@ fn reduced_mpl_adjusts_exported_logits_and_resumes_exactly() {
         format!("mpl.train_logits={:?}", l.display().to_string()),
     ];
     let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+    // The train split's logits from other weights (another teacher) are refused by field.
+    let mut other = params.clone();
+    other[0] += 1.0;
+    let l2 = dir.path().join("l2.logits");
+    dtrain::logits::export(
+        &dtrain::backend::cpu::Cpu::<f32>::new(),
+        &model,
+        &other,
+        &ds,
+        SplitKind::Train,
+        &l2,
+        None,
+        64,
+    )
+    .unwrap();
+    let l2_set = format!("mpl.train_logits={:?}", l2.display().to_string());
+    let mixed = [&sets[..5], &[l2_set.as_str(), "train.steps=2"]].concat();
+    let e = run(&cfg(&data, &dir.path().join("mixed"), &mixed), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("mpl.train_logits") && e.contains("exported by other weights"), "{e}");
     let straight = dir.path().join("r1");
     let extra = [&sets[..], &["train.steps=24", "train.log_every=3"]].concat();
     let a = run(&cfg(&data, &straight, &extra), Resume::No, None).unwrap();

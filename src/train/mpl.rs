@@ -120,6 +120,20 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                     Some(p) => {
                         let f = LogitsFile::open(p)?;
                         f.check_matches(ds, SplitKind::Train)?;
+                        // Both files must be one teacher's (where they record it).
+                        if let (Some(a), Some(b)) = (logits.source, f.source) {
+                            if a != b {
+                                return Err(Error::config(
+                                    "train",
+                                    "mpl.train_logits",
+                                    format!(
+                                        "{} was exported by other weights ({b:016x}) than mpl.logits {} ({a:016x}): export both from the same checkpoint",
+                                        p.display(),
+                                        path.display()
+                                    ),
+                                ));
+                            }
+                        }
                         Some(f)
                     }
                     None => None,
