@@ -91,7 +91,9 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 /// dtrain reads: the same file as one of `inputs` (hard links included), a file inside a
 /// prepared data set or a checkpoint directory, or, with `magic`, an existing file that is
 /// not empty and does not start with those bytes (so only an earlier output of the same
-/// kind is replaced).
+/// kind is replaced), and for JSON lines a run's metrics log. An existing path that is not
+/// a regular file (a device, FIFO or socket) is refused too: the rename that puts the
+/// output in place would replace it.
 pub fn check_output(flag: &str, out: &Path, inputs: &[&Path], magic: Option<&[u8]>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let refuse = |why: String| Err(Error::Data(format!("{flag} {}: {why}", out.display())));

@@ -1366,6 +1366,12 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     if !args.path.exists() {
         bail!("{}: no such file or directory", args.path.display());
     }
+    if !args.path.is_file() && !args.path.is_dir() {
+        bail!("{}: not a regular file or a directory (a device or FIFO?)", args.path.display());
+    }
+    if args.path.is_dir() && args.path.extension().is_some_and(|x| x == "shard") {
+        bail!("{}: is a directory, not a shard file", args.path.display());
+    }
     if args.path.is_file() && args.path.extension().is_some_and(|x| x == "bank") {
         data_set_flags("a bank file")?;
         let (h, histogram) = dtrain::bank::verify_sealed(&args.path)?;
@@ -1544,11 +1550,16 @@ fn verify(dir: &Path) -> ExitCode {
             Some(p) => println!("FAILED  {file}: {p}"),
         }
     }
-    // Shard files the manifest does not list are never read; named, as a leftover.
+    // Shard files the manifest does not list are never read; named, as a leftover (only
+    // where the manifest could be read: otherwise it lists nothing).
     let listed: std::collections::HashSet<&str> = report.files.iter().map(|(f, _)| f.as_str()).collect();
-    let mut stray: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    let manifest_read = report.files.iter().any(|(f, p)| f == "manifest.json" && p.is_none());
+    let mut stray: Vec<String> = match manifest_read {
+        true => std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default(),
+        false => Vec::new(),
+    };
     stray.retain(|n| n.ends_with(".shard") && !listed.contains(n.as_str()));
     stray.sort();
     for n in &stray {
@@ -1587,7 +1598,12 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
     };
     let own = ["DEMO", "data", "supervised", "report.json", "curves.png"];
     let run_own = ["checkpoints", "metrics.jsonl", dtrain::bank::DIR];
-    if !holds_only(&args.out, &own) || !holds_only(&run, &run_own) || (run.exists() && !marker.is_file()) {
+    let run_in_the_way = run.exists() && !run.is_dir();
+    if !holds_only(&args.out, &own)
+        || run_in_the_way
+        || !holds_only(&run, &run_own)
+        || (run.exists() && !marker.is_file())
+    {
         bail!(
             "{}: not a directory the demo made (it, or its supervised/ run, holds other files, or it has no DEMO \
              marker), and the demo replaces its data/ and supervised/ on every start: choose another --out",
@@ -1616,14 +1632,16 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("removing the previous {}", path.display()))?;
         }
     }
-    std::fs::write(&marker, b"made by dtrain demo\n")
-        .with_context(|| format!("writing {}", marker.display()))?;
     println!(
         "== 1/4 prepare {} ({} labels per class, the rest unlabeled)",
         args.data.display(),
         cfg.split.labels_per_class.map_or("all".into(), |k| k.to_string())
     );
     let report = prepare(&cfg, progress)?;
+    // Marked as the demo's once its data set is: a data/ of the user's that prepare
+    // refused leaves the directory unmarked.
+    std::fs::write(&marker, b"made by dtrain demo\n")
+        .with_context(|| format!("writing {}", marker.display()))?;
     print_prepare_summary(&report);
     println!("\n== 2/4 verify {}", data.display());
     if verify(&data) != ExitCode::SUCCESS {

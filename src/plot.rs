@@ -36,10 +36,9 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
             serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
         let step = match v.get("step") {
             Some(s) => s
-                .as_u64()
-                .filter(|&n| n <= 1 << 53)
-                .ok_or_else(|| bad(&format!("`step` is {s}, not a whole number of steps (0 to 2^53)")))?
-                as f64,
+                .as_f64()
+                .filter(|&n| n.fract() == 0.0 && (0.0..=(1u64 << 53) as f64).contains(&n))
+                .ok_or_else(|| bad(&format!("`step` is {s}, not a whole number of steps (0 to 2^53)")))?,
             // A pretraining's metrics count epochs.
             None if v.get("epoch").is_some() => {
                 return Err(bad("no `step`: this is a skip-gram or CBOW pretraining's metrics.jsonl (it counts epochs), which plot does not draw"))
@@ -59,6 +58,11 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
             }
         }
         let get = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        // The curves are the student's: a Mean Teacher's, EMA/SWA weights' or MPL teacher's
+        // evaluations (`model`) at the same steps are not drawn into them.
+        if v.get("model").is_some() {
+            continue;
+        }
         match v.get("split").and_then(|s| s.as_str()) {
             None => {
                 if let Some(&(last, _)) = c.train_loss.last().filter(|&&(last, _)| step < last) {

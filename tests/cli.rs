@@ -171,6 +171,8 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     std::fs::create_dir(&shard_dir).unwrap();
     let e = dtrain::data::shard::Shard::open(&shard_dir).err().unwrap().to_string();
     assert!(e.contains("d.shard") && e.contains("is not a regular file"), "{e}");
+    let r = dtrain(&["inspect", shard_dir.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains("is a directory, not a shard file"), "{}", text(&r));
     // A data set's flags given for one file are refused, not ignored.
     let r = dtrain(&["inspect", out.join("train-00001.shard").to_str().unwrap(), "--explain", "x"]);
     assert!(
@@ -198,6 +200,12 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
         "{}",
         text(&r)
     );
+    // With the manifest unreadable, the shards are not called leftovers (it lists nothing).
+    let manifest = std::fs::read(out.join("manifest.json")).unwrap();
+    std::fs::write(out.join("manifest.json"), b"garbage").unwrap();
+    let r = dtrain(&["verify", o]);
+    assert!(!r.status.success() && !text(&r).contains("leftover"), "{}", text(&r));
+    std::fs::write(out.join("manifest.json"), manifest).unwrap();
     std::fs::remove_file(&stray).unwrap();
     let r = dtrain(&["verify", input.to_str().unwrap()]);
     assert!(!r.status.success() && text(&r).contains("takes a data set directory"), "{}", text(&r));

@@ -1091,6 +1091,17 @@ fn plot_draws_a_png_and_names_bad_lines() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(std::fs::read(dir.path().join("d.png")).unwrap().starts_with(b"\x89PNG"));
+    // A Mean Teacher's (or EMA's, MPL teacher's) evaluations are not drawn into the
+    // student's curves (they made a zig-zag of two points per step).
+    let mt = common::write(
+        dir.path(),
+        "mt.jsonl",
+        b"{\"step\": 1, \"loss\": 2.0}\n{\"step\": 1, \"split\": \"val\", \"accuracy\": 0.5}\n\
+          {\"step\": 1, \"split\": \"val\", \"model\": \"teacher\", \"accuracy\": 0.9}\n\
+          {\"step\": 1, \"split\": \"test\", \"model\": \"ema\", \"accuracy\": 0.9}\n",
+    );
+    let c = dtrain::plot::read_metrics(&mt).unwrap();
+    assert_eq!((c.val_acc.clone(), c.test_acc.len()), (vec![(1.0, 0.5)], 0), "{c:?}");
     let binary = common::write(dir.path(), "b.jsonl", b"{\"step\": 1, \"loss\": 2.0}\n\xff\xfe\n");
     let e = dtrain::plot::read_metrics(&binary).unwrap_err().to_string();
     assert!(e.contains("b.jsonl:2") && e.contains("not UTF-8"), "{e}");
