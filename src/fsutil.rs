@@ -66,6 +66,22 @@ pub fn removing_on_error<T>(temporaries: &[&Path], write: impl FnOnce() -> Resul
     r
 }
 
+/// Checks that the bytes `b` of the `kind` file at `path` start with its 8 `magic` bytes
+/// and hold its whole `header_len`-byte header: another file, or one cut inside its header,
+/// is named as such.
+pub fn check_file_head(path: &Path, b: &[u8], magic: &[u8; 8], header_len: usize, kind: &str) -> Result<()> {
+    if b.len() < 8 || &b[..8] != magic {
+        return Err(Error::bad_file(path, format!("not a dtrain {kind} file (bad magic bytes)")));
+    }
+    if b.len() < header_len {
+        return Err(Error::bad_file(
+            path,
+            format!("truncated: {} bytes, shorter than the {header_len}-byte {kind} header", b.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// What every JSON-lines output of dtrain starts with (an object's first key), for
 /// [`check_output`]'s `magic`.
 pub const JSONL_MAGIC: &[u8] = b"{\"";

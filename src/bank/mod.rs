@@ -144,15 +144,7 @@ impl Header {
 
     fn decode(path: &Path, b: &[u8]) -> Result<Header> {
         let bad = |msg: String| Err(Error::bad_file(path, msg));
-        if b.len() < 8 || &b[..8] != MAGIC {
-            return bad("not a dtrain bank file (bad magic bytes)".into());
-        }
-        if b.len() < HEADER_LEN {
-            return bad(format!(
-                "truncated: {} bytes, shorter than the {HEADER_LEN}-byte bank header",
-                b.len()
-            ));
-        }
+        crate::fsutil::check_file_head(path, b, MAGIC, HEADER_LEN, "bank")?;
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let version = u32_at(8);
