@@ -253,9 +253,14 @@ impl LogitsFile {
     }
 
     /// What `dtrain inspect` prints of the file: its shape and provenance, then how its
-    /// argmaxes spread over the classes (by index: the file keeps only a hash of the class
-    /// names) with their mean confidence.
-    pub fn describe(&self) -> String {
+    /// argmaxes spread over the classes with their mean confidence. The file keeps only a
+    /// hash of the class names, so on its own it shows classes by index. Given the data set
+    /// it was exported from (`inspect --data`, checked as a run checks it), it names them
+    /// and measures the argmaxes against the split's labels, or against the unlabeled
+    /// split's hidden labels where the data set recorded them: the share right per argmax
+    /// class, overall, and among the rows each confidence threshold keeps (what Noisy
+    /// Student's `consistency.threshold` would keep).
+    pub fn describe(&self, data: Option<&Dataset>) -> Result<String> {
         let rows = self.starts.last().copied().unwrap_or(0);
         let mut s = format!(
             "{}: dtrain logits file of split `{}`: {rows} rows × {} classes in {} shards, from the data set \
@@ -268,20 +273,78 @@ impl LogitsFile {
             self.rows_fingerprint.map_or("none (version 1)".into(), |f| format!("{f:016x}")),
             self.source.map_or("unrecorded (before version 3)".into(), |f| format!("{f:016x}")),
         );
-        let mut count = vec![0u64; self.classes];
-        let mut conf = vec![0f64; self.classes];
-        for z in self.all().chunks(self.classes) {
+        // The rows' labels, in the file's order, where the data set knows them.
+        let truth: Vec<Option<u32>> = match data {
+            None => Vec::new(),
+            Some(ds) => {
+                self.check_matches(ds, self.split)?;
+                let hidden = self.split == SplitKind::Unlabeled;
+                ds.shards(self.split)
+                    .iter()
+                    .flat_map(|sh| {
+                        (0..sh.len()).map(move |i| if hidden { sh.hidden_label(i) } else { sh.doc(i).label })
+                    })
+                    .collect()
+            }
+        };
+        let names = data.map(|ds| ds.labels());
+        let width = names.map_or(0, |n| n.iter().map(|x| x.chars().count()).max().unwrap_or(0) + 1);
+        const THRESHOLDS: [f64; 4] = [0.5, 0.8, 0.9, 0.95];
+        let (mut count, mut conf) = (vec![0u64; self.classes], vec![0f64; self.classes]);
+        let (mut known, mut right) = (vec![0u64; self.classes], vec![0u64; self.classes]);
+        let (mut kept, mut kept_right) = ([0u64; THRESHOLDS.len()], [0u64; THRESHOLDS.len()]);
+        for (r, z) in self.all().chunks(self.classes).enumerate() {
             let (top, p) = top_confidence(z);
             count[top] += 1;
             conf[top] += p;
+            if let Some(label) = truth.get(r).copied().flatten() {
+                let hit = label as usize == top;
+                known[top] += 1;
+                right[top] += u64::from(hit);
+                for (t, &min) in THRESHOLDS.iter().enumerate() {
+                    if p >= min {
+                        kept[t] += 1;
+                        kept_right[t] += u64::from(hit);
+                    }
+                }
+            }
         }
-        s.push_str("argmax class: rows (share), mean confidence\n");
+        let pct = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
+        let labeled: u64 = known.iter().sum();
+        s.push_str(&format!(
+            "argmax class: rows (share), mean confidence{}\n",
+            if labeled > 0 { ", right" } else { "" }
+        ));
         for (c, &n) in count.iter().enumerate() {
-            let share = 100.0 * n as f64 / rows.max(1) as f64;
+            let name = names.map_or(String::new(), |l| format!("{:<width$}", l[c]));
             let mean = if n > 0 { conf[c] / n as f64 } else { 0.0 };
-            s.push_str(&format!("  class {c:<4} {n:>9} ({share:5.1}%)  {mean:.3}\n"));
+            let hits = match (labeled, known[c]) {
+                (0, _) => String::new(),
+                (_, 0) => "      -".into(),
+                (_, k) => format!("  {:5.1}%", pct(right[c], k)),
+            };
+            s.push_str(&format!("  class {c:<4} {name}{n:>9} ({:5.1}%)  {mean:.3}{hits}\n", pct(n, rows)));
         }
-        s
+        if data.is_some() {
+            let what = if self.split == SplitKind::Unlabeled { "hidden labels" } else { "labels" };
+            if labeled == 0 {
+                s.push_str(&format!("the data set records no {what} of these rows: nothing to measure\n"));
+                return Ok(s);
+            }
+            s.push_str(&format!(
+                "against the {what} of {labeled} rows: {:.1}% right\n",
+                pct(right.iter().sum(), labeled)
+            ));
+            for (t, min) in THRESHOLDS.iter().enumerate() {
+                s.push_str(&format!(
+                    "  confidence ≥ {min:.2}: {:>9} rows ({:5.1}%), {:5.1}% right\n",
+                    kept[t],
+                    pct(kept[t], labeled),
+                    pct(kept_right[t], kept[t])
+                ));
+            }
+        }
+        Ok(s)
     }
 
     /// The logits of one sample.

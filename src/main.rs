@@ -607,6 +607,11 @@ struct InspectArgs {
     /// Show how the data set's tokenizer turns this text into features and ids.
     #[arg(long, value_name = "TEXT")]
     explain: Option<String>,
+    /// With a logits file: the data set it was exported from. Names the classes and
+    /// measures the argmaxes against the split's labels (the unlabeled split's hidden
+    /// labels, where the data set recorded them), overall and per confidence threshold.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1366,6 +1371,10 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     if !args.path.exists() {
         bail!("{}: no such file or directory", args.path.display());
     }
+    let is_logits = args.path.is_file() && dtrain::logits::has_magic(&args.path);
+    if args.data.is_some() && !is_logits {
+        bail!("--data names the data set of a logits file, and {} is not a logits file", args.path.display());
+    }
     if !args.path.is_file() && !args.path.is_dir() {
         bail!("{}: not a regular file or a directory (a device or FIFO?)", args.path.display());
     }
@@ -1407,9 +1416,10 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    if args.path.is_file() && dtrain::logits::has_magic(&args.path) {
-        data_set_flags("a logits file")?;
-        print!("{}", dtrain::logits::LogitsFile::open(&args.path)?.describe());
+    if is_logits {
+        data_set_flags("a logits file (--data names its data set)")?;
+        let data = args.data.as_deref().map(dataset::Dataset::open).transpose()?;
+        print!("{}", dtrain::logits::LogitsFile::open(&args.path)?.describe(data.as_ref())?);
         return Ok(ExitCode::SUCCESS);
     }
     let is_checkpoint =

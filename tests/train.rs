@@ -1646,6 +1646,51 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     let rows = ds.manifest().splits["unlabeled"].docs;
     assert!(out.contains(&format!("logits file of split `unlabeled`: {rows} rows × 3 classes")), "{out}");
     assert!(out.contains(&format!("class 2    {rows:>9} (100.0%)  1.000")), "{out}");
+    // With its data set, the classes are named and every argmax is measured against the
+    // hidden labels: all say c2, so they are right exactly where the hidden label is c2.
+    let inspect_with = |data: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .arg("inspect")
+            .arg(&file)
+            .arg("--data")
+            .arg(data)
+            .output()
+            .unwrap()
+    };
+    let o = inspect_with(&data);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let hidden: Vec<u32> = ds
+        .shards(SplitKind::Unlabeled)
+        .iter()
+        .flat_map(|sh| (0..sh.len()).filter_map(move |i| sh.hidden_label(i)))
+        .collect();
+    assert_eq!(hidden.len() as u64, rows, "the fixture records every hidden label");
+    let share = 100.0 * hidden.iter().filter(|&&h| h == 2).count() as f64 / rows as f64;
+    assert!(share > 10.0 && share < 60.0, "the hidden labels are mixed: {share}");
+    assert!(out.contains(&format!("class 2    c2 {rows:>9} (100.0%)  1.000  {share:5.1}%")), "{out}");
+    assert!(out.contains("class 0    c0         0 (  0.0%)  0.000      -"), "{out}");
+    assert!(out.contains(&format!("against the hidden labels of {rows} rows: {share:.1}% right")), "{out}");
+    assert!(
+        out.contains(&format!("confidence ≥ 0.95: {rows:>9} rows (100.0%), {share:5.1}% right")),
+        "{out}"
+    );
+    // Another data set is refused by the run's own check, and --data beside anything but a
+    // logits file is refused.
+    std::fs::create_dir_all(dir.path().join("other")).unwrap();
+    let other = separable_with(&dir.path().join("other"), &["split.labels_per_class=5"]);
+    let o = inspect_with(&other);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("was exported from another data set"), "{err}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .arg("inspect")
+        .arg(&data)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("is not a logits file"), "{err}");
     // A checkpoint, or its weights, is named for what it is, not taken for a data set.
     for (path, what) in [
         (teacher.final_checkpoint.clone(), "a training checkpoint"),
