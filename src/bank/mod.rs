@@ -10,7 +10,9 @@
 //!  48  the shard's payload checksum u64 (ties the bank to its data)
 //!  56  sealed u32 (1: body_checksum is valid)                60  reserved u32
 //!  64  body_checksum u64 (xxh3_64 of everything from byte 128 on)
-//!  72  header_checksum u64 (xxh3_64 of bytes 0..72)          80..128 zero
+//!  72  step u64: a sealed snapshot's checkpoint step (version 2 on; version 1 has its
+//!      header_checksum here, over bytes 0..72)
+//!  80  header_checksum u64 (xxh3_64 of bytes 0..80)          88..128 zero
 //! 128  counts: rows × u32, then zero padding to a multiple of 8
 //!      values: rows × classes × (4 | 2 | 2) bytes
 //! ```

@@ -30,7 +30,8 @@
 //! excluded), as indices into the data set's vocabulary (`data::vocab`): what skip-gram
 //! and CBOW train on. The ids come first so that a writer can stream them (the words go to
 //! a side file and are copied in at the end); the header's table says where each section
-//! is, so readers never assume an order.
+//! is, and a reader accepts only the writer's canonical order (ids, then the other
+//! sections, contiguous and 8-byte aligned), which rules out overlaps and gaps.
 //!
 //! Version 1 (header length 128) had no words; its files are refused with a request to
 //! prepare the data again.

@@ -93,7 +93,7 @@ pub struct TokenizerSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubwordSpec {
-    /// The tokenizer.json: as given in a config; `prepare` records its absolute path.
+    /// The tokenizer.json: as given in a config; `prepare` records the path as given.
     pub path: String,
     /// Most ids per document, special tokens included (the encoder's positions).
     #[serde(default = "SubwordSpec::default_max_len")]
