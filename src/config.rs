@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Activation;
 use crate::data::input::FormatChoice;
 use crate::data::tokenize::TokenizerSpec;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::optim::schedule::ScheduleConfig;
 use crate::optim::OptimConfig;
 
@@ -94,7 +94,7 @@ where
 {
     let (mut root, origin) = match file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).at(path)?;
+            let text = crate::fsutil::read_text(path, 16 << 20, "a TOML config")?;
             let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
                 Error::bad_file(path, format!("invalid TOML: {}", e.to_string().trim_end()))
             })?;
@@ -292,8 +292,14 @@ impl Validate for PrepareConfig {
             if l.trim().is_empty() || l.trim() != l {
                 return bad("input.labels", "names must be non-empty, without surrounding whitespace");
             }
-            if !seen.insert(l) {
-                return bad("input.labels", &format!("`{l}` is listed twice"));
+            if l.chars().any(char::is_control) {
+                return bad("input.labels", &format!("`{l}` holds a control character"));
+            }
+            if !seen.insert(crate::data::input::label_name(l)) {
+                return bad(
+                    "input.labels",
+                    &format!("`{l}` is listed twice (in Unicode's composed form, NFC)"),
+                );
             }
         }
         self.tokenizer.validate(origin, "tokenizer")?;

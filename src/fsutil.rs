@@ -19,6 +19,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Reads the small text file `path` (a config, a manifest, a model's config.json): a
+/// regular file of at most `limit` bytes, in UTF-8. `what` names the kind of file in the
+/// messages. Reading stops past the limit, so a wrong path (a huge file, a device such as
+/// /dev/zero) fails at once instead of filling memory.
+pub fn read_text(path: &Path, limit: u64, what: &str) -> Result<String> {
+    use std::io::Read;
+    let f = File::open(path).at(path)?;
+    if !f.metadata().at(path)?.is_file() {
+        return Err(Error::bad_file(path, format!("is not a regular file, so not {what}")));
+    }
+    let mut bytes = Vec::new();
+    f.take(limit + 1).read_to_end(&mut bytes).at(path)?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::bad_file(
+            path,
+            format!("is larger than {} MiB, too large for {what}", limit >> 20),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::bad_file(
+            path,
+            format!("is not UTF-8 text (byte {}), so not {what}", e.utf8_error().valid_up_to()),
+        )
+    })
+}
+
 /// `path` with `suffix` appended to its file name.
 pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -55,12 +81,13 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Runs `write`, which fills temporary files before renaming them into place; if it fails,
-/// removes whichever of `temporaries` it left, so that an error leaves nothing behind.
+/// removes whichever of `temporaries` (files, or directories with their contents) it left,
+/// so that an error leaves nothing behind.
 pub fn removing_on_error<T>(temporaries: &[&Path], write: impl FnOnce() -> Result<T>) -> Result<T> {
     let r = write();
     if r.is_err() {
         for t in temporaries {
-            let _ = std::fs::remove_file(t);
+            let _ = if t.is_dir() { std::fs::remove_dir_all(t) } else { std::fs::remove_file(t) };
         }
     }
     r

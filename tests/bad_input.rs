@@ -20,7 +20,7 @@ fn error_for(name: &str, content: &[u8], extra: &[&str]) -> String {
 #[test]
 fn bad_lines_are_errors_with_file_and_line() {
     let good = common::tsv(2, 10);
-    let cases: [(&str, Vec<u8>, &str); 7] = [
+    let cases: [(&str, Vec<u8>, &str); 8] = [
         ("x.tsv", format!("{good}no tab on this line\n").into_bytes(), "x.tsv:21: no tab"),
         ("x.tsv", format!("{good}class0\t   \n").into_bytes(), "x.tsv:21: empty text"),
         ("x.tsv", [good.as_bytes(), b"class0\tbad \xff\xfe utf8\n"].concat(), "x.tsv:21: invalid UTF-8"),
@@ -30,6 +30,12 @@ fn bad_lines_are_errors_with_file_and_line() {
             "x.jsonl:2: invalid JSON",
         ),
         ("x.jsonl", b"{\"text\": \"a b\"}\n".to_vec(), "x.jsonl:1: missing label field `label`"),
+        // Lines ending in CR alone (old Mac line ends) would read as one document.
+        (
+            "x.tsv",
+            format!("{good}class0\tone\rclass1\ttwo\r").into_bytes(),
+            "x.tsv:21: a carriage return (CR)",
+        ),
         ("x.tsv.gz", format!("{good}\tno label\n").into_bytes(), "x.tsv.gz:21: empty label"),
         (
             "x.tsv",
@@ -183,6 +189,19 @@ fn corrupted_or_truncated_shards_are_named() {
     assert!(e.contains("train-00001.shard") && e.contains("payload checksum"), "{e}");
     let ds = Dataset::open(&out).unwrap();
     assert!(ds.verify_payloads(|k, i| k == dtrain::data::shard::SplitKind::Train && i == 0).is_ok());
+    // `inspect` decodes the sound shard's samples and names the damaged one instead of
+    // showing its documents.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["inspect", out.to_str().unwrap(), "--samples", "100"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.contains("(not decoded: ") && text.contains("train-00001.shard: corrupted: payload checksum"),
+        "{text}"
+    );
+    assert!(text.contains("train[0:0]") && !text.contains("train[1:"), "{text}");
     // A file of the data set where its directory is wanted is named, with its data set.
     let e = Dataset::open(&out.join("manifest.json")).map(|_| ()).unwrap_err().to_string();
     assert!(
@@ -478,12 +497,68 @@ fn forged_sections_and_labels_are_refused_without_panics() {
 }
 
 #[test]
+fn labels_that_differ_only_in_unicode_composition_are_one_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for i in 0..10 {
+        // "café" composed (U+00E9) and decomposed (e + U+0301), and another class.
+        text.push_str(&format!(
+            "caf\u{e9}\tcoffee number {i}\ncafe\u{301}\tespresso number {i}\ntea\tgreen number {i}\n"
+        ));
+    }
+    let f = common::write(dir.path(), "x.tsv", text.as_bytes());
+    let r = common::run(&[&f], &[], &dir.path().join("ds"), &[]).unwrap();
+    assert_eq!(r.manifest.labels, ["caf\u{e9}", "tea"]);
+    assert_eq!(r.manifest.splits.values().flat_map(|s| &s.per_class).sum::<u64>(), 30);
+    // A fixed label list is read the same way, either spelling matching either.
+    let r = common::run(&[&f], &[], &dir.path().join("ds2"), &["input.labels=[\"tea\", \"cafe\u{301}\"]"])
+        .unwrap();
+    assert_eq!(r.manifest.labels, ["tea", "caf\u{e9}"]);
+    let e = common::config(&[
+        format!("input.labeled=[{:?}]", f.display().to_string()),
+        "input.labels=[\"caf\u{e9}\", \"cafe\u{301}\"]".to_string(),
+    ])
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("input.labels") && e.contains("listed twice"), "{e}");
+}
+
+#[test]
 fn forged_but_checksummed_manifest_inconsistencies_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = prepared(dir.path());
     let path = out.join("manifest.json");
-    let mut m: dtrain::data::manifest::Manifest =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let forged = |edit: &dyn Fn(&mut dtrain::data::manifest::Manifest)| {
+        let mut m: dtrain::data::manifest::Manifest = serde_json::from_str(&original).unwrap();
+        edit(&mut m);
+        m.write(&out).unwrap(); // recomputes the checksum
+        Dataset::open(&out).map(|_| ()).unwrap_err().to_string()
+    };
+    // Two classes of one name.
+    let e = forged(&|m| m.labels[1] = m.labels[0].clone());
+    assert!(e.contains("manifest.json") && e.contains("is listed twice"), "{e}");
+    // A class name prepare never writes.
+    let e = forged(&|m| m.labels[1] = "a\tb".into());
+    assert!(e.contains("manifest.json") && e.contains("control character"), "{e}");
+    // Per-class counts that the shards' label columns do not hold; verify says so too.
+    let e = forged(&|m| {
+        let t = m.splits.get_mut("train").unwrap();
+        t.per_class[0] += 1;
+        t.per_class[1] -= 1;
+    });
+    assert!(
+        e.contains("manifest.json") && e.contains("split `train` lists [5, 3, 4] documents per class"),
+        "{e}"
+    );
+    let report = dtrain::data::dataset::verify(&out);
+    assert!(report
+        .files
+        .iter()
+        .any(|(f, p)| f == "manifest.json" && p.as_deref().is_some_and(|p| p.contains("label columns"))));
+    std::fs::write(&path, &original).unwrap();
+    let mut m: dtrain::data::manifest::Manifest = serde_json::from_str(&original).unwrap();
     m.labels.push("extra".into());
     m.write(&out).unwrap(); // recomputes the checksum
     let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();

@@ -295,6 +295,16 @@ fn prepare_reads_a_config_file() {
     let m = dtrain::data::manifest::Manifest::read(&out).unwrap();
     assert_eq!(m.splits["train"].docs, 4);
     assert_eq!(m.num_shards, 1);
+    // A config that is a device, or far larger than any config, is refused at once rather
+    // than read into memory.
+    let huge = dir.path().join("huge.toml");
+    std::fs::File::create(&huge).unwrap().set_len(17 << 20).unwrap(); // sparse
+    for (config, want) in
+        [("/dev/zero", "is not a regular file"), (huge.to_str().unwrap(), "is larger than 16 MiB")]
+    {
+        let r = dtrain(&["train", "--config", config]);
+        assert!(!r.status.success() && text(&r).contains(want), "{config}: {}", text(&r));
+    }
 }
 
 #[test]

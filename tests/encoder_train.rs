@@ -661,6 +661,37 @@ fn masked_lm_takes_the_matmul_precision() {
         })
         .collect();
     assert!(weights[0] != weights[1], "bf16 products changed nothing");
+    // Weights that an update sends to infinity are not written as an encoder.
+    let pcfg = mlm_config(
+        &data,
+        &dir.path().join("diverged"),
+        &["mlm.steps=1", "train.lr=1", "mlm.weight_decay=1e38"],
+    );
+    let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not written: tensor") && e.contains("the weights diverged"), "{e}");
+    assert!(
+        !dir.path().join("diverged/encoder").exists() && !dir.path().join("diverged/encoder.tmp").exists()
+    );
+    // A shard whose ids were changed within the vocabulary (only its payload checksum
+    // tells) is refused before a step reads it.
+    let damaged = dir.path().join("damaged");
+    std::fs::create_dir(&damaged).unwrap();
+    for e in std::fs::read_dir(&data).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
+    }
+    let shard = damaged.join("unlabeled-00000.shard");
+    let mut b = std::fs::read(&shard).unwrap();
+    let ids_at = u64::from_le_bytes(b[64..72].try_into().unwrap()) as usize;
+    b[ids_at + 4..ids_at + 8].copy_from_slice(&1000u32.to_le_bytes());
+    std::fs::write(&shard, &b).unwrap();
+    let pcfg = mlm_config(&damaged, &dir.path().join("dmg"), &["mlm.steps=1"]);
+    let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unlabeled-00000.shard") && e.contains("payload checksum"), "{e}");
 }
 
 /// `mlm.group_by_length` reaches the masked-LM run: over one epoch of texts from 1 to 24

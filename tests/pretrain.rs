@@ -194,6 +194,25 @@ fn damaged_files_are_refused_with_their_name() {
         let e = config::load::<PretrainConfig>(None, &o).unwrap_err().to_string();
         assert!(e.contains(field), "{set}: {e}");
     }
+    // A shard whose words were changed within the vocabulary (nothing but its payload
+    // checksum tells): pretraining refuses it, as training does.
+    let damaged = dir.path().join("damaged");
+    std::fs::create_dir(&damaged).unwrap();
+    for e in std::fs::read_dir(&data).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
+    }
+    let shard = damaged.join("unlabeled-00000.shard");
+    let mut b = std::fs::read(&shard).unwrap();
+    let words_at = u64::from_le_bytes(b[72..80].try_into().unwrap()) as usize;
+    b.swap(words_at, words_at + 4);
+    b.swap(words_at + 1, words_at + 5);
+    assert_ne!(b, std::fs::read(&shard).unwrap(), "the first two words differ");
+    std::fs::write(&shard, &b).unwrap();
+    let e = run(&cfg(&damaged, &dir.path().join("dmg"), &["train.epochs=1"]), Resume::No, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unlabeled-00000.shard") && e.contains("checksum"), "{e}");
     // Too high a min_count leaves nothing to train.
     let e = run(&cfg(&data, &dir.path().join("none"), &["model.min_count=1000000"]), Resume::No, None)
         .unwrap_err()

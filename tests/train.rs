@@ -589,6 +589,39 @@ fn checkpoints_incomplete_foreign_or_existing_are_handled() {
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
+#[test]
+fn a_checkpoint_copied_under_another_steps_name_or_named_by_a_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = separable(dir.path());
+    let out = dir.path().join("run");
+    let c = cfg(&data, &out, &["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2"]);
+    let r = run(&c, Resume::No, None).unwrap();
+    // --resume given a file of a checkpoint names the directory to give.
+    let e =
+        run(&c, Resume::From(r.final_checkpoint.join("model.safetensors")), None).unwrap_err().to_string();
+    assert!(
+        e.contains("--resume takes a checkpoint directory")
+            && e.contains(&format!("give its checkpoint, {}", r.final_checkpoint.display())),
+        "{e}"
+    );
+    // Step 2 copied as step 9 is what --resume auto finds newest: refused, with the name to
+    // give it back.
+    let ckpts = out.join("checkpoints");
+    let copy = ckpts.join("step-000000009");
+    std::fs::create_dir(&copy).unwrap();
+    for e in std::fs::read_dir(ckpts.join("step-000000002")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    let e = run(&c, Resume::Auto, None).unwrap_err().to_string();
+    assert!(
+        e.contains("step-000000009")
+            && e.contains("holds the training state of step 2, but its name says step 9")
+            && e.contains("rename it to step-000000002"),
+        "{e}"
+    );
+}
+
 /// A run whose loss stops being finite ends with an error naming the step and every setting
 /// that drove it: here a learning-rate multiplier of 1e30 on every tensor.
 #[test]
@@ -1182,7 +1215,17 @@ fn corrupted_or_absurd_checkpoints_are_refused_without_aborting() {
     b[last] ^= 0x10;
     std::fs::write(&file, &b).unwrap();
     let e = dtrain::checkpoint::load_model(&r.final_checkpoint).map(|_| ()).unwrap_err().to_string();
-    assert!(e.contains("model.safetensors") && e.contains("checksum"), "{e}");
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("differs from the file this checkpoint was written with"),
+        "{e}"
+    );
+    // DONE's record refuses every edit below before the file format's own checks, which are
+    // what the rest of this test is about: DONE is emptied, as in a checkpoint from before
+    // the record (and as for a weights file read on its own).
+    std::fs::write(r.final_checkpoint.join(dtrain::checkpoint::DONE), "").unwrap();
+    let e = dtrain::checkpoint::load_model(&r.final_checkpoint).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("tensor data does not match its checksum"), "{e}");
     // Metadata asking for a 2^40-row table: refused before any allocation.
     let header_len = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
     let header = std::str::from_utf8(&original[8..8 + header_len]).unwrap();

@@ -23,6 +23,13 @@
 //! payload) followed by the bincode encoding of [`TrainState`]. `config.json` holds the
 //! training config as its trajectory hash reads it, so that a resume under another config
 //! names the fields that differ.
+//!
+//! `DONE` holds the record of what was written (`Written`, JSON): every file of the
+//! directory with its size and xxh3_64. Reading a checkpoint checks the files against it,
+//! so a file copied in from another checkpoint (another step's weights, optimizer moments
+//! or state) is refused rather than mixed in; checkpoints from before the record have an
+//! empty `DONE` and are read unchecked. A resumed checkpoint's directory name must also
+//! give its state's step, so a copy under a later step's name is not taken for the newest.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -72,8 +79,113 @@ pub const CONFIG_FILE: &str = "config.json";
 /// The marker of a snapshot checkpoint (the end of a cycle of cosine with restarts), which
 /// pruning keeps.
 pub const SNAPSHOT: &str = "SNAPSHOT";
-/// The marker that makes a checkpoint directory complete.
+/// The marker that makes a checkpoint directory complete; it holds a [`Written`] record.
 pub const DONE: &str = "DONE";
+
+/// What `DONE` records of a checkpoint directory: each file's path under it ('/'-joined),
+/// size in bytes and xxh3_64 (16 hex digits).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Written {
+    files: std::collections::BTreeMap<String, (u64, String)>,
+}
+
+/// The regular files under `dir` (DONE excepted), by their '/'-joined relative paths.
+fn files_under(dir: &Path, rel: &str, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+        if path.is_dir() {
+            files_under(&path, &rel, out)?;
+        } else if rel != DONE {
+            out.push((rel, path));
+        }
+    }
+    Ok(())
+}
+
+/// The size and xxh3_64 of the file at `path`, read in 4 MiB blocks.
+fn file_digest(path: &Path) -> Result<(u64, String)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).at(path)?;
+    let (mut sum, mut len) = (Xxh3::new(), 0u64);
+    let mut block = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut block).at(path)?;
+        if n == 0 {
+            return Ok((len, hex64(sum.digest())));
+        }
+        sum.update(&block[..n]);
+        len += n as u64;
+    }
+}
+
+/// Checks the files of the complete checkpoint `dir` against its `DONE` record: each there
+/// with its recorded size and checksum, and no other of the names dtrain reads from a
+/// checkpoint. An empty `DONE` (a checkpoint from before the record) passes. A directory
+/// is checked once per process.
+pub fn check_written(dir: &Path) -> Result<()> {
+    static CHECKED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let key = dir.canonicalize().at(dir)?;
+    if CHECKED.lock().is_ok_and(|c| c.contains(&key)) {
+        return Ok(());
+    }
+    let done = dir.join(DONE);
+    let text = fsutil::read_text(&done, 64 << 20, "a checkpoint's DONE record")?;
+    if !text.is_empty() {
+        let written: Written = serde_json::from_str(&text).map_err(|e| {
+            Error::bad_file(&done, format!("corrupted: not the record of the checkpoint's files: {e}"))
+        })?;
+        let mut present = Vec::new();
+        files_under(dir, "", &mut present)?;
+        // Files of the names dtrain reads from a checkpoint directory; others (notes, a
+        // weights file copied in under a name of its own, read only when named) are left be.
+        let read_by_name = |rel: &str| {
+            rel.starts_with(&format!("{}/", crate::bank::DIR))
+                || [
+                    Weights::Student.file(),
+                    Weights::Teacher.file(),
+                    Weights::Average.file(),
+                    "optimizer.safetensors",
+                    "state.bin",
+                    CONFIG_FILE,
+                ]
+                .contains(&rel)
+                || rel.strip_suffix(".safetensors").is_some_and(|stem| {
+                    ["teacher", "teacher_mlp"].contains(&stem.strip_suffix(".optimizer").unwrap_or(stem))
+                })
+        };
+        let foreign = present.iter().find(|(rel, _)| read_by_name(rel) && !written.files.contains_key(rel));
+        if let Some((_, path)) = foreign {
+            return Err(Error::bad_file(
+                path,
+                "was not written with this checkpoint (its DONE lists the files that were): copied in from \
+                 elsewhere? Remove it",
+            ));
+        }
+        for (rel, recorded) in &written.files {
+            let path = dir.join(rel);
+            if !path.is_file() {
+                return Err(Error::bad_file(
+                    &path,
+                    "is missing: the checkpoint was written with it (its DONE lists it)",
+                ));
+            }
+            if file_digest(&path)? != *recorded {
+                return Err(Error::bad_file(
+                    &path,
+                    "differs from the file this checkpoint was written with (its DONE records the size and \
+                     checksum): replaced by another checkpoint's file, or damaged",
+                ));
+            }
+        }
+    }
+    if let Ok(mut c) = CHECKED.lock() {
+        c.push(key);
+    }
+    Ok(())
+}
 
 /// What a model checkpoint needs besides its tensors to classify raw text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,12 +367,33 @@ fn check_meta(path: &Path, text: &str) -> Result<()> {
 
 /// Writes the tensors of `bufs` (those each buffer covers) with `meta` (a JSON object, without its `checksum`) under
 /// [`META_KEY`], the data checksum and then the metadata's own checksum added to it.
+///
+/// A non-finite value is refused before anything is written: no reader would accept the
+/// file, and a checkpoint that cannot be resumed must not be written, since writing it
+/// would prune the older ones. A loss is checked before each update, so weights that an
+/// update sent to infinity or NaN are first seen here.
 pub(crate) fn tensors_to_file(
     path: &Path,
     layout: &Layout,
     bufs: &[(&str, &[f32])],
     meta: serde_json::Value,
 ) -> Result<()> {
+    for (prefix, buf) in bufs {
+        for t in covered(layout, buf.len()) {
+            if let Some(at) = buf[t.slot.range()].iter().position(|v| !v.is_finite()) {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "not written: tensor `{prefix}{}` holds {} at {at}: the weights diverged in the last \
+                         update, after a finite loss; lower the learning rate or the weight decay. Nothing is \
+                         written for this step, and what was written before is kept",
+                        t.name,
+                        buf[t.slot.offset + at]
+                    ),
+                ));
+            }
+        }
+    }
     let mut meta = meta;
     meta["checksum"] = serde_json::Value::String(data_checksum(layout, bufs));
     let mut views = Vec::new();
@@ -451,38 +584,45 @@ pub fn save(
     }
     dist.barrier("the ranks' bank files");
     let done = if dist.is_root() {
-        let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
-        tensors_to_file(&tmp.join("model.safetensors"), model.layout(), &[("", &params)], json.clone())?;
-        for (which, weights) in shadows {
-            tensors_to_file(&tmp.join(which.file()), model.layout(), &[("", &weights)], json.clone())?;
-        }
-        let moments = [("m.", &*moments[0]), ("v.", &*moments[1])];
-        tensors_to_file(&tmp.join("optimizer.safetensors"), model.layout(), &moments, serde_json::json!({}))?;
-        for p in parts {
+        fsutil::removing_on_error(&[&tmp], || {
+            let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
+            tensors_to_file(&tmp.join("model.safetensors"), model.layout(), &[("", &params)], json.clone())?;
+            for (which, weights) in shadows {
+                tensors_to_file(&tmp.join(which.file()), model.layout(), &[("", &weights)], json.clone())?;
+            }
+            let moments = [("m.", &*moments[0]), ("v.", &*moments[1])];
             tensors_to_file(
-                &tmp.join(format!("{}.safetensors", p.stem)),
-                p.layout,
-                &[("", &p.params)],
-                p.meta,
+                &tmp.join("optimizer.safetensors"),
+                model.layout(),
+                &moments,
+                serde_json::json!({}),
             )?;
-            let moments = [("m.", &*p.moments[0]), ("v.", &*p.moments[1])];
-            let file = tmp.join(format!("{}.optimizer.safetensors", p.stem));
-            tensors_to_file(&file, p.layout, &moments, serde_json::json!({}))?;
-        }
-        let payload = bincode::encode_to_vec(state, bincode::config::standard())
-            .map_err(|e| Error::Data(format!("state: {e}")))?;
-        let mut bytes = Vec::with_capacity(28 + payload.len());
-        bytes.extend_from_slice(STATE_MAGIC);
-        bytes.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
-        bytes.extend_from_slice(&payload);
-        fsutil::write_atomic(&tmp.join("state.bin"), &bytes)?;
-        fsutil::write_atomic(&tmp.join(CONFIG_FILE), config.as_bytes())?;
-        if snapshot {
-            fsutil::write_atomic(&tmp.join(SNAPSHOT), b"")?;
-        }
-        stage_finish(root, &name, &tmp, keep)?
+            for p in parts {
+                tensors_to_file(
+                    &tmp.join(format!("{}.safetensors", p.stem)),
+                    p.layout,
+                    &[("", &p.params)],
+                    p.meta,
+                )?;
+                let moments = [("m.", &*p.moments[0]), ("v.", &*p.moments[1])];
+                let file = tmp.join(format!("{}.optimizer.safetensors", p.stem));
+                tensors_to_file(&file, p.layout, &moments, serde_json::json!({}))?;
+            }
+            let payload = bincode::encode_to_vec(state, bincode::config::standard())
+                .map_err(|e| Error::Data(format!("state: {e}")))?;
+            let mut bytes = Vec::with_capacity(28 + payload.len());
+            bytes.extend_from_slice(STATE_MAGIC);
+            bytes.extend_from_slice(&STATE_VERSION.to_le_bytes());
+            bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+            fsutil::write_atomic(&tmp.join("state.bin"), &bytes)?;
+            fsutil::write_atomic(&tmp.join(CONFIG_FILE), config.as_bytes())?;
+            if snapshot {
+                fsutil::write_atomic(&tmp.join(SNAPSHOT), b"")?;
+            }
+            stage_finish(root, &name, &tmp, keep)
+        })?
     } else {
         root.join(&name)
     };
@@ -501,13 +641,22 @@ pub(crate) fn stage(
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let tmp = stage_begin(root, name)?;
-    write(&tmp)?;
-    stage_finish(root, name, &tmp, keep)
+    fsutil::removing_on_error(&[&tmp], || {
+        write(&tmp)?;
+        stage_finish(root, name, &tmp, keep)
+    })
 }
 
 /// Makes the empty temporary directory of checkpoint `root/name` (replacing a stale one).
 fn stage_begin(root: &Path, name: &str) -> Result<PathBuf> {
     crate::fsutil::create_dirs(root)?;
+    let in_the_way = root.join(name);
+    if in_the_way.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+        return Err(Error::bad_file(
+            &in_the_way,
+            "is in the way of the checkpoint of that name, and is not a directory dtrain wrote: move it away",
+        ));
+    }
     let tmp = root.join(format!("{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
@@ -528,7 +677,16 @@ fn stage_begin(root: &Path, name: &str) -> Result<PathBuf> {
 fn stage_finish(root: &Path, name: &str, tmp: &Path, keep: usize) -> Result<PathBuf> {
     let final_dir = root.join(name);
     sync_tree(tmp)?;
-    fsutil::write_atomic(&tmp.join(DONE), b"")?;
+    let mut files = Vec::new();
+    files_under(tmp, "", &mut files)?;
+    let written = Written {
+        files: files
+            .iter()
+            .map(|(rel, path)| Ok((rel.clone(), file_digest(path)?)))
+            .collect::<Result<_>>()?,
+    };
+    let record = serde_json::to_vec(&written).map_err(|e| Error::Data(format!("the DONE record: {e}")))?;
+    fsutil::write_atomic(&tmp.join(DONE), &record)?;
     let aside = fsutil::sibling(&final_dir, ".old.tmp");
     let replaced = final_dir.exists();
     if replaced {
@@ -667,6 +825,11 @@ fn open_weights(path: &Path, which: Weights) -> Result<(PathBuf, memmap2::Mmap, 
         };
         return Err(Error::bad_file(path, why));
     }
+    // A complete checkpoint's files are checked against its DONE record.
+    let home = if path.is_dir() { Some(path) } else { file.parent().filter(|d| !d.as_os_str().is_empty()) };
+    if let Some(d) = home.filter(|d| d.join(DONE).is_file()) {
+        check_written(d)?;
+    }
     if which != Weights::Student && path.is_dir() && !file.is_file() {
         let why = match which {
             Weights::Teacher if path.join("teacher_mlp.safetensors").is_file() => {
@@ -742,6 +905,7 @@ pub fn load_train(
     model: &Model,
     lens: (usize, usize),
 ) -> Result<(Vec<f32>, Vec<f32>, TrainState)> {
+    check_written(dir)?;
     let file = dir.join("optimizer.safetensors");
     let bytes = map(&file)?;
     let mut moments = tensors_from_file(&file, &bytes, model.layout(), &[("m.", lens.0), ("v.", lens.1)])?;
@@ -767,12 +931,118 @@ pub fn load_train(
     }
     let (state, _): (TrainState, usize) = bincode::decode_from_slice(payload, bincode::config::standard())
         .map_err(|e| Error::bad_file(&path, format!("undecodable: {e}")))?;
+    // A copy under another step's name would be taken for the newest checkpoint, and never
+    // pruned.
+    let named = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
+    if let Some(n) = named.and_then(|n| n.parse::<u64>().ok()).filter(|&n| n != state.step) {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "holds the training state of step {}, but its name says step {n}: a copy under another step's \
+                 name; rename it to {}",
+                state.step,
+                dir_name(state.step)
+            ),
+        ));
+    }
     Ok((m, v, state))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A layout of one 2 × 3 matrix, and its tensors as a checkpoint directory's weights.
+    fn write_weights(dir: &Path, values: &[f32]) -> Result<()> {
+        let mut layout = Layout::new();
+        layout.matrix("w", 2, 3);
+        tensors_to_file(&dir.join("model.safetensors"), &layout, &[("", values)], serde_json::json!({}))
+    }
+
+    #[test]
+    fn diverged_weights_are_not_written_and_the_earlier_checkpoints_are_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let ckpts = root.path().join("checkpoints");
+        stage(&ckpts, &dir_name(2), 1, |tmp| write_weights(tmp, &[0.5; 6])).unwrap();
+        let mut bad = [0.5f32; 6];
+        bad[4] = f32::INFINITY;
+        let e = stage(&ckpts, &dir_name(3), 1, |tmp| write_weights(tmp, &bad)).unwrap_err().to_string();
+        assert!(e.contains("not written: tensor `w` holds inf at 4: the weights diverged"), "{e}");
+        // Step 2 is neither pruned nor replaced, and no temporary directory is left.
+        assert_eq!(list(&ckpts).unwrap(), [ckpts.join(dir_name(2))]);
+        let left: Vec<_> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from(dir_name(2))]);
+        bad[4] = f32::NAN;
+        let e = write_weights(root.path(), &bad).unwrap_err().to_string();
+        assert!(e.contains("holds NaN at 4"), "{e}");
+        assert!(!root.path().join("model.safetensors").exists());
+    }
+
+    #[test]
+    fn done_records_the_files_and_reading_checks_them() {
+        let root = tempfile::tempdir().unwrap();
+        let ckpts = root.path().join("checkpoints");
+        let write = |tmp: &Path, v: f32| {
+            write_weights(tmp, &[v; 6])?;
+            fsutil::write_atomic(&tmp.join("state.bin"), &[v.to_bits() as u8; 40])
+        };
+        let two = stage(&ckpts, &dir_name(2), 2, |tmp| write(tmp, 0.5)).unwrap();
+        let three = stage(&ckpts, &dir_name(3), 2, |tmp| write(tmp, 0.25)).unwrap();
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(three.join(DONE)).unwrap()).unwrap();
+        assert_eq!(record["files"].as_object().unwrap().len(), 2, "{record}");
+        check_written(&three).unwrap();
+        // Each case in a copy of its own (a directory is checked once per process).
+        let case = |name: &str, edit: &dyn Fn(&Path)| -> String {
+            let d = root.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            for f in ["model.safetensors", "state.bin", DONE] {
+                std::fs::copy(three.join(f), d.join(f)).unwrap();
+            }
+            check_written(&d).unwrap_or_else(|e| panic!("{name}: a faithful copy is accepted: {e}"));
+            let d2 = root.path().join(format!("{name}-edited"));
+            std::fs::rename(&d, &d2).unwrap();
+            edit(&d2);
+            check_written(&d2).map(|_| String::new()).unwrap_or_else(|e| e.to_string())
+        };
+        // Another checkpoint's weights copied in.
+        let e = case("swapped", &|d| {
+            std::fs::copy(two.join("model.safetensors"), d.join("model.safetensors")).unwrap();
+        });
+        assert!(
+            e.contains("model.safetensors") && e.contains("differs from the file this checkpoint"),
+            "{e}"
+        );
+        // A file of a name dtrain reads, not written with it.
+        let e = case("average", &|d| {
+            std::fs::copy(d.join("model.safetensors"), d.join("average.safetensors")).unwrap();
+        });
+        assert!(
+            e.contains("average.safetensors") && e.contains("was not written with this checkpoint"),
+            "{e}"
+        );
+        // A file it was written with, gone.
+        let e = case("missing", &|d| std::fs::remove_file(d.join("state.bin")).unwrap());
+        assert!(e.contains("state.bin") && e.contains("is missing"), "{e}");
+        // Notes, or weights under a name of their own, are left be.
+        let e = case("notes", &|d| {
+            std::fs::write(d.join("notes.txt"), "mine").unwrap();
+            std::fs::copy(d.join("model.safetensors"), d.join("best.safetensors")).unwrap();
+        });
+        assert_eq!(e, "");
+        // A checkpoint from before the record (an empty DONE) is read unchecked.
+        let e = case("old", &|d| {
+            std::fs::write(d.join(DONE), "").unwrap();
+            std::fs::copy(two.join("model.safetensors"), d.join("model.safetensors")).unwrap();
+        });
+        assert_eq!(e, "");
+        // A file where a checkpoint's directory goes is refused, and left as it was.
+        std::fs::write(ckpts.join(dir_name(4)), "not mine").unwrap();
+        let e = stage(&ckpts, &dir_name(4), 2, |tmp| write(tmp, 0.75)).unwrap_err().to_string();
+        assert!(e.contains("is in the way of the checkpoint"), "{e}");
+        assert_eq!(std::fs::read_to_string(ckpts.join(dir_name(4))).unwrap(), "not mine");
+        assert_eq!(list(&ckpts).unwrap(), [two, three]);
+    }
 
     #[test]
     fn a_mismatch_names_the_labels_or_the_tokenizer_fields_that_differ() {

@@ -27,8 +27,14 @@ impl Dataset {
         let manifest = Manifest::read(dir)?;
         let mut shards: [Vec<Shard>; 4] = Default::default();
         for kind in SplitKind::ALL {
+            let mut per_class = vec![0u64; manifest.labels.len()];
             for index in 0..manifest.num_shards {
-                shards[kind as usize].push(open_checked(dir, &manifest, kind, index)?);
+                let (shard, counts) = open_checked(dir, &manifest, kind, index)?;
+                per_class.iter_mut().zip(counts).for_each(|(a, b)| *a += b);
+                shards[kind as usize].push(shard);
+            }
+            if let Some(msg) = per_class_mismatch(&manifest, kind, &per_class) {
+                return Err(Error::bad_file(dir.join(MANIFEST_FILE), msg));
             }
         }
         Ok(Dataset { dir: dir.to_owned(), manifest, shards })
@@ -93,7 +99,20 @@ fn read_vocab(dir: &Path, manifest: &Manifest) -> Result<Vocab> {
 }
 
 /// Opens shard `index` of `kind` and checks it against the manifest.
-fn open_checked(dir: &Path, manifest: &Manifest, kind: SplitKind, index: u32) -> Result<Shard> {
+/// Whether the manifest's per-class counts of split `kind` differ from `found`, the counts
+/// of its shards' label columns, and how.
+fn per_class_mismatch(manifest: &Manifest, kind: SplitKind, found: &[u64]) -> Option<String> {
+    let listed = &manifest.splits[kind.name()].per_class;
+    (listed.as_slice() != found).then(|| {
+        format!(
+            "inconsistent: split `{}` lists {listed:?} documents per class, and its shards' label columns \
+             hold {found:?}",
+            kind.name()
+        )
+    })
+}
+
+fn open_checked(dir: &Path, manifest: &Manifest, kind: SplitKind, index: u32) -> Result<(Shard, Vec<u64>)> {
     let info =
         manifest.splits.get(kind.name()).and_then(|s| s.shards.get(index as usize)).ok_or_else(|| {
             Error::bad_file(
@@ -109,7 +128,7 @@ fn open_checked(dir: &Path, manifest: &Manifest, kind: SplitKind, index: u32) ->
     }
     let path = dir.join(&info.file);
     let shard = Shard::open(&path)?;
-    shard.verify_labels(manifest.labels.len() as u32)?;
+    let per_class = shard.verify_labels(manifest.labels.len() as u32)?;
     let h = shard.header();
     let mismatch = |what: &str, header: String, manifest: String| {
         Err(Error::bad_file(&path, format!("{what} is {header} in the shard but {manifest} in the manifest")))
@@ -141,7 +160,7 @@ fn open_checked(dir: &Path, manifest: &Manifest, kind: SplitKind, index: u32) ->
     if hex64(h.payload_checksum) != info.checksum {
         return mismatch("the checksum", hex64(h.payload_checksum), info.checksum.clone());
     }
-    Ok(shard)
+    Ok((shard, per_class))
 }
 
 /// The outcome of `dtrain verify`: one line per file checked.
@@ -201,13 +220,23 @@ pub fn verify(dir: &Path) -> VerifyReport {
         }
     };
     for kind in SplitKind::ALL {
+        let mut per_class = Some(vec![0u64; manifest.labels.len()]);
         for index in 0..manifest.num_shards {
-            let outcome = open_checked(dir, &manifest, kind, index).and_then(|shard| {
+            let outcome = open_checked(dir, &manifest, kind, index).and_then(|(shard, counts)| {
                 shard.verify_checksum()?;
                 shard.verify_ids(manifest.tokenizer.buckets)?;
-                vocab_len.map_or(Ok(()), |n| shard.verify_words(n))
+                vocab_len.map_or(Ok(()), |n| shard.verify_words(n))?;
+                Ok(counts)
             });
+            // The counts are compared only when every shard of the split could be read.
+            match (&outcome, per_class.as_mut()) {
+                (Ok(counts), Some(sum)) => sum.iter_mut().zip(counts).for_each(|(a, b)| *a += b),
+                _ => per_class = None,
+            }
             report.files.push((kind.shard_file(index), outcome.err().map(|e| e.to_string())));
+        }
+        if let Some(msg) = per_class.and_then(|found| per_class_mismatch(&manifest, kind, &found)) {
+            report.files.push((MANIFEST_FILE.into(), Some(msg)));
         }
     }
     report
@@ -328,6 +357,14 @@ pub fn sample_lines(ds: &Dataset, split: SplitKind, count: usize) -> String {
     };
     let mut shown = 0;
     'outer: for (si, shard) in ds.shards(split).iter().enumerate() {
+        // A shard is decoded only once its payload matches its checksum (one read of it):
+        // a damaged one is named, not shown as if it were data.
+        if shown < count && !shard.is_empty() {
+            if let Err(e) = shard.verify_checksum() {
+                let _ = writeln!(s, "  (not decoded: {e}; `dtrain verify` checks every shard)");
+                continue;
+            }
+        }
         for i in 0..shard.len() {
             if shown == count {
                 break 'outer;

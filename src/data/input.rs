@@ -139,6 +139,17 @@ impl<'de> serde::Deserialize<'de> for JsonObject {
     }
 }
 
+/// A label as a class name: in Unicode's composed form (NFC), since its composed and
+/// decomposed spellings ("café" with é, or with e + U+0301) print the same and must be one
+/// class. Input lines and `input.labels` both go through it.
+pub fn label_name(label: &str) -> String {
+    if label.is_ascii() {
+        label.to_owned()
+    } else {
+        tokenizers::NormalizedString::from(label).nfc().get().to_owned()
+    }
+}
+
 /// Parses one line (without its newline) of `format`; `Err` holds the broken rule.
 pub fn parse_line(
     bytes: &[u8],
@@ -148,6 +159,12 @@ pub fn parse_line(
     fields: &JsonFields,
 ) -> std::result::Result<Parsed, String> {
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    if let Some(at) = bytes.iter().position(|&b| b == b'\r') {
+        return Err(format!(
+            "a carriage return (CR) at byte {at}, inside the line: a file whose lines end in CR alone \
+             (old Mac line ends) reads as one line; convert them to newlines (`tr '\\r' '\\n'`)"
+        ));
+    }
     let s = std::str::from_utf8(bytes)
         .map_err(|e| format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()))?;
     if s.trim().is_empty() {
@@ -207,6 +224,7 @@ pub fn parse_line(
     if let Some(c) = label.as_deref().and_then(|l| l.chars().find(|c| c.is_control())) {
         return Err(format!("the label holds the control character U+{:04X}", c as u32));
     }
+    let label = label.as_deref().map(label_name);
     if text.chars().all(|c| c.is_whitespace() || c.is_control()) {
         return Err("empty text (nothing but whitespace or control characters)".into());
     }

@@ -9,7 +9,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::data::input::{Format, Role};
 use crate::data::tokenize::TokenizerSpec;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// The manifest's file name inside a data set directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -187,7 +187,7 @@ impl Manifest {
             ));
         }
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).at(&path)?;
+        let text = crate::fsutil::read_text(&path, 256 << 20, "a dtrain manifest")?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::bad_file(&path, format!("not a valid dtrain manifest: {e}")))?;
         if m.format != MANIFEST_FORMAT {
@@ -225,6 +225,15 @@ impl Manifest {
                 self.num_shards,
                 crate::config::MAX_SHARDS
             ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.labels {
+            if l.trim().is_empty() || l.chars().any(char::is_control) || l.trim() != l {
+                return Err(format!("label {l:?} is not a class name prepare writes (empty, padded or with a control character)"));
+            }
+            if !seen.insert(l.as_str()) {
+                return Err(format!("label {l:?} is listed twice"));
+            }
         }
         let names: Vec<&str> = self.splits.keys().map(String::as_str).collect();
         if names != ["test", "train", "unlabeled", "val"] {

@@ -27,7 +27,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::config::PrepareConfig;
-use crate::data::input::{parse_line, DiskCounter, Format, JsonFields, LineReader, Parsed, Role};
+use crate::data::input::{label_name, parse_line, DiskCounter, Format, JsonFields, LineReader, Parsed, Role};
 use crate::data::manifest::{
     hex64, InputRecord, Manifest, ShardInfo, SplitInfo, SplitRecord, Stats, VocabRecord, MANIFEST_FORMAT,
     MANIFEST_VERSION,
@@ -259,7 +259,7 @@ fn prepare_into(
         ProgressBar::hidden()
     };
     let fixed_labels = (!cfg.input.labels.is_empty())
-        .then(|| cfg.input.labels.iter().enumerate().map(|(i, l)| (l.clone(), i as u32)).collect());
+        .then(|| cfg.input.labels.iter().enumerate().map(|(i, l)| (label_name(l), i as u32)).collect());
     let mut run = Run {
         cfg,
         tokenizer: Tokenizer::new(cfg.tokenizer.clone()),
@@ -297,7 +297,7 @@ fn prepare_into(
 
     // 2. Final label ids: the fixed list, or every label seen sorted by name.
     let names: Vec<String> = match &run.fixed_labels {
-        Some(_) => cfg.input.labels.clone(),
+        Some(_) => cfg.input.labels.iter().map(|l| label_name(l)).collect(),
         None => {
             let mut sorted = run.seen_labels.clone();
             sorted.sort();

@@ -612,11 +612,18 @@ impl Shard {
 
     /// Checks the label columns against the split's rules, in O(documents): train, val and
     /// test documents have a label below `num_classes` and no hidden label; unlabeled
-    /// documents have no label, and a hidden label below `num_classes` or none.
-    pub fn verify_labels(&self, num_classes: u32) -> Result<()> {
+    /// documents have no label, and a hidden label below `num_classes` or none. Returns the
+    /// documents per class (by label, or hidden label), as the manifest's `per_class` counts.
+    pub fn verify_labels(&self, num_classes: u32) -> Result<Vec<u64>> {
         let labeled = self.header.split != SplitKind::Unlabeled;
         let class = |v: i32| v >= 0 && (v as u32) < num_classes;
+        let mut per_class = vec![0u64; num_classes as usize];
         for (i, (&l, &h)) in self.labels().iter().zip(self.hidden()).enumerate() {
+            if let Ok(c) = usize::try_from(l.max(h)) {
+                if let Some(n) = per_class.get_mut(c) {
+                    *n += 1;
+                }
+            }
             let ok = if labeled { class(l) && h == -1 } else { l == -1 && (h == -1 || class(h)) };
             if !ok {
                 return Err(Error::bad_file(
@@ -630,7 +637,7 @@ impl Shard {
                 ));
             }
         }
-        Ok(())
+        Ok(per_class)
     }
 
     /// Checks that every word is below `vocab_len`: a full read of the words (`dtrain verify`).

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{
     Activation, AttnDropout, Backend, DropoutKey, EncoderOps, GradSync, HostBatch, SparseRows,
 };
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::model::params::{fill_uniform, Layout, Slot};
 
 /// How a sequence becomes one vector.
@@ -960,7 +960,7 @@ pub fn load_pretrained(
              model.safetensors): a masked-LM run's encoder/ directory is one",
         ));
     }
-    let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+    let text = crate::fsutil::read_text(&cfg_path, 16 << 20, "a model's config.json")?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, format!("not JSON: {e}")))?;
     let field = |name: &str| -> Result<usize> {

@@ -347,6 +347,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
 
     // Every document of the chosen splits, reshuffled each epoch.
     let mut docs: Vec<(SplitKind, usize, usize)> = Vec::new();
+    // The loader checks each document's ids against the vocabulary, not every byte: the
+    // payload checksums catch the rest before a step reads a damaged shard.
+    ds.verify_payloads(|split, _| cfg.data.splits.iter().any(|n| n == split.name()))?;
     for name in &cfg.data.splits {
         let split = SplitKind::from_name(name).expect("validated split name");
         for (si, shard) in ds.shards(split).iter().enumerate() {

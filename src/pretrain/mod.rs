@@ -152,6 +152,9 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let splits: Vec<SplitKind> =
         cfg.data.splits.iter().map(|s| SplitKind::from_name(s).expect("validated split name")).collect();
     let shards: Vec<&Shard> = splits.iter().flat_map(|&s| ds.shards(s)).collect();
+    // Word ids are checked against the vocabulary below; the payload checksums catch any
+    // other damage (a word swapped for another in range) before training reads it.
+    ds.verify_payloads(|split, _| splits.contains(&split))?;
     for s in &shards {
         s.verify_words(vocab.len() as u64)?;
     }
@@ -292,6 +295,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     }
     let mut params = match &resume_from {
         Some(dir) => {
+            checkpoint::check_written(dir)?;
             let e = embeddings::read(dir)?;
             if e.meta.data_checksum != meta.data_checksum {
                 return Err(Error::bad_file(

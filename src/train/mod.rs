@@ -839,6 +839,17 @@ where
             }
             latest
         }
+        Resume::From(dir) if dir.is_file() => {
+            return Err(Error::bad_file(
+                dir,
+                format!(
+                    "--resume takes a checkpoint directory, and this is a file{}",
+                    dir.parent()
+                        .filter(|d| d.join(checkpoint::DONE).is_file())
+                        .map_or(String::new(), |d| format!(": give its checkpoint, {}", d.display()))
+                ),
+            ));
+        }
         Resume::From(dir) => Some(dir.clone()),
     };
     // A resumed run takes its model's shape from the checkpoint, whose weights replace the
@@ -1072,6 +1083,12 @@ where
                         format!(": {}", d.join("; "))
                     }
                 }
+                None if dir.join(checkpoint::CONFIG_FILE).exists() => {
+                    format!(
+                        " (its {} is unreadable, so the fields that differ cannot be named)",
+                        checkpoint::CONFIG_FILE
+                    )
+                }
                 None => String::new(),
             };
             return Err(Error::bad_file(
@@ -1088,7 +1105,7 @@ where
             // statistics, Temporal Ensembling's ramp, TSA in the adversarial pass, the bag
             // model's ε), which a resumed run now follows.
             eprintln!(
-                "warning: {} was written by a dtrain from before the method fixes of 2026-12-05: where the run uses distribution \
+                "warning: {} has no config.json: it was written by a dtrain from before the method fixes of 2026-12-05 (or the file was removed): where the run uses distribution \
                  alignment or adaptive thresholds at a temperature other than 1, Temporal Ensembling, TSA with \
                  adversarial training, or a bag model's adversarial term, the resumed steps follow the corrected \
                  definitions, not the ones the run began with",
