@@ -25,10 +25,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// /dev/zero) fails at once instead of filling memory.
 pub fn read_text(path: &Path, limit: u64, what: &str) -> Result<String> {
     use std::io::Read;
-    let f = File::open(path).at(path)?;
-    if !f.metadata().at(path)?.is_file() {
+    // Checked before opening: opening a FIFO would wait for a writer.
+    if !fs::metadata(path).at(path)?.is_file() {
         return Err(Error::bad_file(path, format!("is not a regular file, so not {what}")));
     }
+    let f = File::open(path).at(path)?;
     let mut bytes = Vec::new();
     f.take(limit + 1).read_to_end(&mut bytes).at(path)?;
     if bytes.len() as u64 > limit {

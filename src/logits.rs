@@ -336,11 +336,14 @@ impl LogitsFile {
                 pct(right.iter().sum(), labeled)
             ));
             for (t, min) in THRESHOLDS.iter().enumerate() {
+                let right = match kept[t] {
+                    0 => "    -".to_string(),
+                    k => format!("{:5.1}%", pct(kept_right[t], k)),
+                };
                 s.push_str(&format!(
-                    "  confidence ≥ {min:.2}: {:>9} rows ({:5.1}%), {:5.1}% right\n",
+                    "  confidence ≥ {min:.2}: {:>9} rows ({:5.1}%), {right} right\n",
                     kept[t],
                     pct(kept[t], labeled),
-                    pct(kept_right[t], kept[t])
                 ));
             }
         }

@@ -677,16 +677,10 @@ fn masked_lm_takes_the_matmul_precision() {
     // A shard whose ids were changed within the vocabulary (only its payload checksum
     // tells) is refused before a step reads it.
     let damaged = dir.path().join("damaged");
-    std::fs::create_dir(&damaged).unwrap();
-    for e in std::fs::read_dir(&data).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
-    }
-    let shard = damaged.join("unlabeled-00000.shard");
-    let mut b = std::fs::read(&shard).unwrap();
-    let ids_at = u64::from_le_bytes(b[64..72].try_into().unwrap()) as usize;
-    b[ids_at + 4..ids_at + 8].copy_from_slice(&1000u32.to_le_bytes());
-    std::fs::write(&shard, &b).unwrap();
+    common::damaged_copy(&data, &damaged, |b| {
+        let ids_at = u64::from_le_bytes(b[64..72].try_into().unwrap()) as usize;
+        b[ids_at + 4..ids_at + 8].copy_from_slice(&1000u32.to_le_bytes());
+    });
     let pcfg = mlm_config(&damaged, &dir.path().join("dmg"), &["mlm.steps=1"]);
     let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false)
         .unwrap_err()

@@ -607,17 +607,8 @@ fn pretraining_stops_and_resumes_bitwise_on_two_ranks() {
     assert!(cut.join("checkpoints/epoch-000002/DONE").is_file());
     assert!(!cut.join("embeddings.safetensors").exists());
     let other = dir.path().join("other");
-    let copy = |to: &Path| {
-        std::fs::create_dir_all(to.join("checkpoints")).unwrap();
-        let src = cut.join("checkpoints/epoch-000002");
-        let dst = to.join("checkpoints/epoch-000002");
-        std::fs::create_dir_all(&dst).unwrap();
-        for e in std::fs::read_dir(&src).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-        }
-    };
-    copy(&other);
+    std::fs::create_dir_all(other.join("checkpoints")).unwrap();
+    common::copy_dir(&cut.join("checkpoints/epoch-000002"), &other.join("checkpoints/epoch-000002"));
     run_ok(pretrain(2, &data, &cut, &["--resume", "auto"]));
     assert_eq!(bytes(&whole), bytes(&cut), "resumed on 2 ranks = uninterrupted");
     assert!(!cut.join("checkpoints").exists());

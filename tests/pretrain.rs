@@ -197,18 +197,11 @@ fn damaged_files_are_refused_with_their_name() {
     // A shard whose words were changed within the vocabulary (nothing but its payload
     // checksum tells): pretraining refuses it, as training does.
     let damaged = dir.path().join("damaged");
-    std::fs::create_dir(&damaged).unwrap();
-    for e in std::fs::read_dir(&data).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
-    }
-    let shard = damaged.join("unlabeled-00000.shard");
-    let mut b = std::fs::read(&shard).unwrap();
-    let words_at = u64::from_le_bytes(b[72..80].try_into().unwrap()) as usize;
-    b.swap(words_at, words_at + 4);
-    b.swap(words_at + 1, words_at + 5);
-    assert_ne!(b, std::fs::read(&shard).unwrap(), "the first two words differ");
-    std::fs::write(&shard, &b).unwrap();
+    common::damaged_copy(&data, &damaged, |b| {
+        let words_at = u64::from_le_bytes(b[72..80].try_into().unwrap()) as usize;
+        b.swap(words_at, words_at + 4);
+        b.swap(words_at + 1, words_at + 5);
+    });
     let e = run(&cfg(&damaged, &dir.path().join("dmg"), &["train.epochs=1"]), Resume::No, None)
         .unwrap_err()
         .to_string();

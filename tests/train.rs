@@ -607,19 +607,47 @@ fn a_checkpoint_copied_under_another_steps_name_or_named_by_a_file_is_refused() 
     // Step 2 copied as step 9 is what --resume auto finds newest: refused, with the name to
     // give it back.
     let ckpts = out.join("checkpoints");
-    let copy = ckpts.join("step-000000009");
-    std::fs::create_dir(&copy).unwrap();
-    for e in std::fs::read_dir(ckpts.join("step-000000002")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
-    }
+    common::copy_dir(&ckpts.join("step-000000002"), &ckpts.join("step-000000009"));
     let e = run(&c, Resume::Auto, None).unwrap_err().to_string();
     assert!(
         e.contains("step-000000009")
             && e.contains("holds the training state of step 2, but its name says step 9")
-            && e.contains("rename it to step-000000002"),
+            && e.contains("step-000000002 is there already: remove the copy"),
         "{e}"
     );
+    std::fs::rename(ckpts.join("step-000000002"), dir.path().join("away")).unwrap();
+    let e = run(&c, Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("rename it to step-000000002"), "{e}");
+    // A checkpoint trimmed for inference (its optimizer moments removed) still evaluates;
+    // with another step's weights swapped in it is refused, also when they are named by a
+    // bare relative path.
+    let slim = dir.path().join("slim");
+    common::copy_dir(&r.final_checkpoint, &slim);
+    std::fs::remove_file(slim.join("optimizer.safetensors")).unwrap();
+    let eval = |cwd: &Path, checkpoint: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .current_dir(cwd)
+            .arg("--quiet")
+            .arg("eval")
+            .arg("--checkpoint")
+            .arg(checkpoint)
+            .arg("--data")
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let o = eval(dir.path(), &slim);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::copy(dir.path().join("away/model.safetensors"), slim.join("model.safetensors")).unwrap();
+    for (cwd, checkpoint) in [(dir.path(), slim.clone()), (&*slim, PathBuf::from("model.safetensors"))] {
+        let o = eval(cwd, &checkpoint);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("differs from the file this checkpoint was written with"),
+            "{}: {err}",
+            checkpoint.display()
+        );
+    }
 }
 
 /// A run whose loss stops being finite ends with an error naming the step and every setting
@@ -1718,6 +1746,53 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
         out.contains(&format!("confidence ≥ 0.95: {rows:>9} rows (100.0%), {share:5.1}% right")),
         "{out}"
     );
+    // The teacher's own logits, sharpened (its head scaled) to mixed confidences: every
+    // threshold's figures are those recomputed here from the file and the hidden labels.
+    params[bias.start + 2] -= 100.0;
+    let weight = model.layout().get("output.weight").expect("the head's weight").slot.range();
+    for v in &mut params[weight.start..bias.end] {
+        *v *= 8.0;
+    }
+    let mixed = dir.path().join("mixed.logits");
+    dtrain::logits::export(&be, &model, &params, &ds, SplitKind::Unlabeled, &mixed, None, 64).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .arg("inspect")
+        .arg(&mixed)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let z = dtrain::logits::LogitsFile::open(&mixed).unwrap().all().to_vec();
+    let top: Vec<(usize, f64)> = z
+        .chunks(3)
+        .map(|r| {
+            let m = r.iter().cloned().fold(f32::MIN, f32::max);
+            let best = r.iter().position(|&v| v == m).unwrap();
+            (best, 1.0 / r.iter().map(|&v| f64::from(v - m).exp()).sum::<f64>())
+        })
+        .collect();
+    let mut kept_counts = Vec::new();
+    for min in [0.5, 0.8, 0.9, 0.95] {
+        let kept: Vec<bool> = top
+            .iter()
+            .zip(&hidden)
+            .filter(|((_, p), _)| *p >= min)
+            .map(|((c, _), &h)| *c == h as usize)
+            .collect();
+        let right = match kept.len() {
+            0 => "    -".to_string(),
+            k => format!("{:5.1}%", 100.0 * kept.iter().filter(|&&r| r).count() as f64 / k as f64),
+        };
+        let want = format!(
+            "confidence ≥ {min:.2}: {:>9} rows ({:5.1}%), {right} right",
+            kept.len(),
+            100.0 * kept.len() as f64 / rows as f64
+        );
+        assert!(out.contains(&want), "{want} in {out}");
+        kept_counts.push(kept.len());
+    }
+    assert!(kept_counts[0] > kept_counts[3], "the thresholds keep different rows: {kept_counts:?}");
     // Another data set is refused by the run's own check, and --data beside anything but a
     // logits file is refused.
     std::fs::create_dir_all(dir.path().join("other")).unwrap();

@@ -83,22 +83,25 @@ pub const SNAPSHOT: &str = "SNAPSHOT";
 pub const DONE: &str = "DONE";
 
 /// What `DONE` records of a checkpoint directory: each file's path under it ('/'-joined),
-/// size in bytes and xxh3_64 (16 hex digits).
+/// size in bytes and xxh3_64 (16 hex digits). Unknown fields are ignored, so a later
+/// version may record more.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Written {
     files: std::collections::BTreeMap<String, (u64, String)>,
 }
 
-/// The regular files under `dir` (DONE excepted), by their '/'-joined relative paths.
+/// The files under `dir` by their '/'-joined relative paths, `DONE` and the `SNAPSHOT`
+/// marker (which a user may remove, to let pruning take the checkpoint) excepted. Symbolic
+/// links are listed, never followed into.
 fn files_under(dir: &Path, rel: &str, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
     for entry in std::fs::read_dir(dir).at(dir)? {
-        let path = entry.at(dir)?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let entry = entry.at(dir)?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
         let rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
-        if path.is_dir() {
+        if entry.file_type().at(&path)?.is_dir() {
             files_under(&path, &rel, out)?;
-        } else if rel != DONE {
+        } else if rel != DONE && rel != SNAPSHOT {
             out.push((rel, path));
         }
     }
@@ -121,41 +124,68 @@ fn file_digest(path: &Path) -> Result<(u64, String)> {
     }
 }
 
-/// Checks the files of the complete checkpoint `dir` against its `DONE` record: each there
-/// with its recorded size and checksum, and no other of the names dtrain reads from a
-/// checkpoint. An empty `DONE` (a checkpoint from before the record) passes. A directory
-/// is checked once per process.
-pub fn check_written(dir: &Path) -> Result<()> {
-    static CHECKED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-    let key = dir.canonicalize().at(dir)?;
-    if CHECKED.lock().is_ok_and(|c| c.contains(&key)) {
-        return Ok(());
+/// Whether dtrain reads the file `rel` of a checkpoint directory by its name (weights,
+/// optimizer moments, state, config, bank files); other files (notes, weights copied in
+/// under a name of their own, read only when named) are no business of the record.
+fn read_by_name(rel: &str) -> bool {
+    let stem = rel.strip_suffix(".safetensors").map(|s| s.strip_suffix(".optimizer").unwrap_or(s));
+    rel.starts_with(&format!("{}/", crate::bank::DIR))
+        || ["state.bin", CONFIG_FILE].contains(&rel)
+        || stem.is_some_and(|s| ["model", "teacher", "average", "optimizer", "teacher_mlp"].contains(&s))
+}
+
+/// Which files of a checkpoint a reader checks against its `DONE` record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading<'a> {
+    /// One file, by its path under the checkpoint (the weights that eval, predict and
+    /// export read): a checkpoint trimmed for inference (its optimizer moments or bank
+    /// removed) still reads.
+    File(&'a str),
+    /// Every file (resuming a run): each one recorded must be there.
+    All,
+}
+
+/// Checks the files `reading` names of the checkpoint `dir` against its `DONE` record: each
+/// with its recorded size and checksum, and none of a name dtrain reads that the record
+/// lacks (a file copied in from another checkpoint). A `DONE` with nothing in it (a
+/// checkpoint from before the record) passes. Each check is made once per process.
+pub fn check_written(dir: &Path, reading: Reading<'_>) -> Result<()> {
+    static CHECKED: std::sync::Mutex<Vec<(PathBuf, Option<String>)>> = std::sync::Mutex::new(Vec::new());
+    if !dir.is_dir() {
+        let why = if dir.exists() {
+            "is a file, not a checkpoint directory"
+        } else {
+            "no such checkpoint directory"
+        };
+        return Err(Error::bad_file(dir, why));
     }
     let done = dir.join(DONE);
+    if !done.is_file() {
+        return Err(Error::bad_file(
+            dir,
+            "is not a complete checkpoint: it has no DONE marker (interrupted while it was written?)",
+        ));
+    }
+    let key = dir.canonicalize().at(dir)?;
+    let only = match reading {
+        Reading::File(rel) => Some(rel.to_owned()),
+        Reading::All => None,
+    };
+    let seen =
+        |c: &Vec<(PathBuf, Option<String>)>| c.iter().any(|(d, o)| *d == key && (o.is_none() || *o == only));
+    if CHECKED.lock().is_ok_and(|c| seen(&c)) {
+        return Ok(());
+    }
     let text = fsutil::read_text(&done, 64 << 20, "a checkpoint's DONE record")?;
-    if !text.is_empty() {
+    if !text.trim().is_empty() {
         let written: Written = serde_json::from_str(&text).map_err(|e| {
             Error::bad_file(&done, format!("corrupted: not the record of the checkpoint's files: {e}"))
         })?;
         let mut present = Vec::new();
-        files_under(dir, "", &mut present)?;
-        // Files of the names dtrain reads from a checkpoint directory; others (notes, a
-        // weights file copied in under a name of its own, read only when named) are left be.
-        let read_by_name = |rel: &str| {
-            rel.starts_with(&format!("{}/", crate::bank::DIR))
-                || [
-                    Weights::Student.file(),
-                    Weights::Teacher.file(),
-                    Weights::Average.file(),
-                    "optimizer.safetensors",
-                    "state.bin",
-                    CONFIG_FILE,
-                ]
-                .contains(&rel)
-                || rel.strip_suffix(".safetensors").is_some_and(|stem| {
-                    ["teacher", "teacher_mlp"].contains(&stem.strip_suffix(".optimizer").unwrap_or(stem))
-                })
-        };
+        match &only {
+            Some(rel) => present.extend(dir.join(rel).exists().then(|| (rel.clone(), dir.join(rel)))),
+            None => files_under(dir, "", &mut present)?,
+        }
         let foreign = present.iter().find(|(rel, _)| read_by_name(rel) && !written.files.contains_key(rel));
         if let Some((_, path)) = foreign {
             return Err(Error::bad_file(
@@ -164,7 +194,8 @@ pub fn check_written(dir: &Path) -> Result<()> {
                  elsewhere? Remove it",
             ));
         }
-        for (rel, recorded) in &written.files {
+        let checked = written.files.iter().filter(|(rel, _)| only.as_ref().is_none_or(|o| o == *rel));
+        for (rel, recorded) in checked {
             let path = dir.join(rel);
             if !path.is_file() {
                 return Err(Error::bad_file(
@@ -182,7 +213,7 @@ pub fn check_written(dir: &Path) -> Result<()> {
         }
     }
     if let Ok(mut c) = CHECKED.lock() {
-        c.push(key);
+        c.push((key, only));
     }
     Ok(())
 }
@@ -384,11 +415,12 @@ pub(crate) fn tensors_to_file(
                 return Err(Error::bad_file(
                     path,
                     format!(
-                        "not written: tensor `{prefix}{}` holds {} at {at}: the weights diverged in the last \
+                        "not written: tensor `{prefix}{}` holds {} at {at}: the {} diverged in the last \
                          update, after a finite loss; lower the learning rate or the weight decay. Nothing is \
                          written for this step, and what was written before is kept",
                         t.name,
-                        buf[t.slot.offset + at]
+                        buf[t.slot.offset + at],
+                        if prefix.is_empty() { "weights" } else { "optimizer's moments" }
                     ),
                 ));
             }
@@ -825,10 +857,11 @@ fn open_weights(path: &Path, which: Weights) -> Result<(PathBuf, memmap2::Mmap, 
         };
         return Err(Error::bad_file(path, why));
     }
-    // A complete checkpoint's files are checked against its DONE record.
-    let home = if path.is_dir() { Some(path) } else { file.parent().filter(|d| !d.as_os_str().is_empty()) };
-    if let Some(d) = home.filter(|d| d.join(DONE).is_file()) {
-        check_written(d)?;
+    // The weights of a complete checkpoint are checked against its DONE record.
+    let home = file.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d });
+    let name = file.file_name().and_then(|n| n.to_str());
+    if let (Some(d), Some(name)) = (home.filter(|d| d.join(DONE).is_file()), name) {
+        check_written(d, Reading::File(name))?;
     }
     if which != Weights::Student && path.is_dir() && !file.is_file() {
         let why = match which {
@@ -905,7 +938,7 @@ pub fn load_train(
     model: &Model,
     lens: (usize, usize),
 ) -> Result<(Vec<f32>, Vec<f32>, TrainState)> {
-    check_written(dir)?;
+    check_written(dir, Reading::All)?;
     let file = dir.join("optimizer.safetensors");
     let bytes = map(&file)?;
     let mut moments = tensors_from_file(&file, &bytes, model.layout(), &[("m.", lens.0), ("v.", lens.1)])?;
@@ -935,13 +968,18 @@ pub fn load_train(
     // pruned.
     let named = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
     if let Some(n) = named.and_then(|n| n.parse::<u64>().ok()).filter(|&n| n != state.step) {
+        let own = dir.with_file_name(dir_name(state.step));
+        let what = if own.exists() {
+            format!("{} is there already: remove the copy", own.display())
+        } else {
+            format!("rename it to {}", dir_name(state.step))
+        };
         return Err(Error::bad_file(
             dir,
             format!(
                 "holds the training state of step {}, but its name says step {n}: a copy under another step's \
-                 name; rename it to {}",
-                state.step,
-                dir_name(state.step)
+                 name; {what}",
+                state.step
             ),
         ));
     }
@@ -991,7 +1029,7 @@ mod tests {
         let record: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(three.join(DONE)).unwrap()).unwrap();
         assert_eq!(record["files"].as_object().unwrap().len(), 2, "{record}");
-        check_written(&three).unwrap();
+        check_written(&three, Reading::All).unwrap();
         // Each case in a copy of its own (a directory is checked once per process).
         let case = |name: &str, edit: &dyn Fn(&Path)| -> String {
             let d = root.path().join(name);
@@ -999,11 +1037,12 @@ mod tests {
             for f in ["model.safetensors", "state.bin", DONE] {
                 std::fs::copy(three.join(f), d.join(f)).unwrap();
             }
-            check_written(&d).unwrap_or_else(|e| panic!("{name}: a faithful copy is accepted: {e}"));
+            check_written(&d, Reading::All)
+                .unwrap_or_else(|e| panic!("{name}: a faithful copy is accepted: {e}"));
             let d2 = root.path().join(format!("{name}-edited"));
             std::fs::rename(&d, &d2).unwrap();
             edit(&d2);
-            check_written(&d2).map(|_| String::new()).unwrap_or_else(|e| e.to_string())
+            check_written(&d2, Reading::All).map(|_| String::new()).unwrap_or_else(|e| e.to_string())
         };
         // Another checkpoint's weights copied in.
         let e = case("swapped", &|d| {
@@ -1032,10 +1071,31 @@ mod tests {
         assert_eq!(e, "");
         // A checkpoint from before the record (an empty DONE) is read unchecked.
         let e = case("old", &|d| {
-            std::fs::write(d.join(DONE), "").unwrap();
+            std::fs::write(d.join(DONE), "\n").unwrap();
             std::fs::copy(two.join("model.safetensors"), d.join("model.safetensors")).unwrap();
         });
         assert_eq!(e, "");
+        // The SNAPSHOT marker is no part of the record: a user may add or remove it.
+        let e = case("snapshot", &|d| std::fs::write(d.join(SNAPSHOT), "").unwrap());
+        assert_eq!(e, "");
+        // Reading one file checks that file only: the others may be gone (a checkpoint
+        // trimmed for inference), and an unlisted file is refused only when it is the one read.
+        let d = root.path().join("missing-edited");
+        check_written(&d, Reading::File("model.safetensors")).unwrap();
+        let e = check_written(&root.path().join("average-edited"), Reading::File("average.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("was not written with this checkpoint"), "{e}");
+        check_written(&root.path().join("average-edited"), Reading::File("model.safetensors")).unwrap();
+        let e = check_written(&root.path().join("swapped-edited"), Reading::File("model.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("differs from the file"), "{e}");
+        // A directory without DONE, or a file, is no complete checkpoint.
+        let e = check_written(&ckpts, Reading::All).unwrap_err().to_string();
+        assert!(e.contains("has no DONE marker"), "{e}");
+        let e = check_written(&three.join("state.bin"), Reading::All).unwrap_err().to_string();
+        assert!(e.contains("is a file, not a checkpoint directory"), "{e}");
         // A file where a checkpoint's directory goes is refused, and left as it was.
         std::fs::write(ckpts.join(dir_name(4)), "not mine").unwrap();
         let e = stage(&ckpts, &dir_name(4), 2, |tmp| write(tmp, 0.75)).unwrap_err().to_string();

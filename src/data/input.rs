@@ -159,6 +159,13 @@ pub fn parse_line(
     fields: &JsonFields,
 ) -> std::result::Result<Parsed, String> {
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    if bytes.ends_with(b"\r") {
+        return Err(
+            "the line ends in CR CR LF: were its line ends converted to CRLF twice? Convert them to \
+                    LF (`dos2unix`, or `tr -d '\\r'`)"
+                .into(),
+        );
+    }
     if let Some(at) = bytes.iter().position(|&b| b == b'\r') {
         return Err(format!(
             "a carriage return (CR) at byte {at}, inside the line: a file whose lines end in CR alone \

@@ -229,7 +229,10 @@ impl Manifest {
         let mut seen = std::collections::HashSet::new();
         for l in &self.labels {
             if l.trim().is_empty() || l.chars().any(char::is_control) || l.trim() != l {
-                return Err(format!("label {l:?} is not a class name prepare writes (empty, padded or with a control character)"));
+                return Err(format!(
+                    "label {l:?} is not a class name this dtrain's prepare writes (empty, padded or with a control \
+                     character): prepare the data again"
+                ));
             }
             if !seen.insert(l.as_str()) {
                 return Err(format!("label {l:?} is listed twice"));

@@ -295,7 +295,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     }
     let mut params = match &resume_from {
         Some(dir) => {
-            checkpoint::check_written(dir)?;
+            checkpoint::check_written(dir, checkpoint::Reading::All)?;
             let e = embeddings::read(dir)?;
             if e.meta.data_checksum != meta.data_checksum {
                 return Err(Error::bad_file(

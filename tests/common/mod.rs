@@ -7,6 +7,26 @@ use std::path::{Path, PathBuf};
 use dtrain::config::{self, Override, PrepareConfig};
 use dtrain::data::prepare::{prepare, PrepareReport};
 
+/// Copies the files of directory `src` (not its subdirectories) into a new directory `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// A copy of the data set `data` at `dst` whose `unlabeled-00000.shard` had `edit` applied
+/// to its bytes (the header's checksum left as it was), asserting that the edit changed it.
+pub fn damaged_copy(data: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+    copy_dir(data, dst);
+    let shard = dst.join("unlabeled-00000.shard");
+    let mut b = std::fs::read(&shard).unwrap();
+    edit(&mut b);
+    assert_ne!(b, std::fs::read(&shard).unwrap(), "the edit changes the shard");
+    std::fs::write(&shard, &b).unwrap();
+}
+
 /// Writes `text` to `dir/name`, gzipped when the name ends in `.gz`.
 pub fn write(dir: &Path, name: &str, text: &[u8]) -> PathBuf {
     let path = dir.join(name);
