@@ -57,13 +57,17 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
 /// file, says which (the OS's own "File exists" or "Not a directory" names neither rule).
 pub fn create_dirs(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| match file_in_the_way(dir) {
-        Some(file) => Error::bad_file(
-            &file,
-            format!(
-                "is a file, not a directory, so {} cannot be created; choose another path",
-                dir.display()
-            ),
-        ),
+        Some(file) => {
+            let what = if fs::metadata(&file).is_err() {
+                "is a symbolic link that leads nowhere (a loop, or a missing target)"
+            } else {
+                "is a file, not a directory"
+            };
+            Error::bad_file(
+                &file,
+                format!("{what}, so {} cannot be created; choose another path", dir.display()),
+            )
+        }
         None => Error::io(dir, e),
     })
 }
@@ -72,7 +76,14 @@ pub fn create_dirs(dir: &Path) -> Result<()> {
 fn file_in_the_way(path: &Path) -> Option<PathBuf> {
     let mut parts: Vec<&Path> = path.ancestors().filter(|p| !p.as_os_str().is_empty()).collect();
     parts.reverse();
-    parts.into_iter().find(|p| fs::metadata(p).is_ok_and(|m| !m.is_dir())).map(Path::to_path_buf)
+    parts
+        .into_iter()
+        .find(|p| match fs::metadata(p) {
+            Ok(m) => !m.is_dir(),
+            // A symbolic link whose target cannot be reached.
+            Err(_) => fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()),
+        })
+        .map(Path::to_path_buf)
 }
 
 /// Syncs directory `dir` itself (its entries), so that files created or renamed in it

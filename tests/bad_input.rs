@@ -327,6 +327,13 @@ fn an_output_directory_under_a_file_names_the_file() {
         assert!(e.contains("x.tsv") && e.contains("is a file, not a directory"), "{}: {e}", out.display());
     }
     assert_eq!(std::fs::read_to_string(&f).unwrap(), common::tsv(2, 10));
+    // A symbolic link in a loop where the run's checkpoints go.
+    let out = dir.path().join("run");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink("checkpoints", out.join("checkpoints")).unwrap();
+    let cfg = common::train_config(&data, &out, &["train.epochs=1"]);
+    let e = common::train_run(&cfg, dtrain::train::Resume::No, None).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("checkpoints") && e.contains("is a symbolic link that leads nowhere"), "{e}");
 }
 
 /// A tokenizer.json with an empty vocabulary is refused by name (it once divided by zero).
