@@ -283,6 +283,37 @@ fn init_from_loads_trained_rows_and_leaves_the_rest() {
     let opts =
         RunOptions { resume: Resume::No, progress: false, stop_after: None, device: Default::default() };
     let scratch = train(&tcfg(&dir.path().join("t0"), None), &opts).unwrap();
+    // `inspect --data` on its logits of the unlabeled split, whose rows from the unlabeled
+    // file have no hidden label: only the labeled pool's rows are measured.
+    let logits = dir.path().join("u.logits");
+    let cli = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dtrain")).args(args).output().unwrap()
+    };
+    let o = cli(&[
+        "--quiet".as_ref(),
+        "export-logits".as_ref(),
+        "--checkpoint".as_ref(),
+        scratch.final_checkpoint.as_os_str(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--split".as_ref(),
+        "unlabeled".as_ref(),
+        "--out".as_ref(),
+        logits.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = cli(&["inspect".as_ref(), logits.as_os_str(), "--data".as_ref(), data.as_os_str()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let shards = ds.shards(dtrain::data::shard::SplitKind::Unlabeled);
+    let rows: usize = shards.iter().map(|s| s.len()).sum();
+    let pool =
+        shards.iter().map(|s| (0..s.len()).filter(|&i| s.hidden_label(i).is_some()).count()).sum::<usize>();
+    assert!(pool > 0 && pool < rows, "{pool} of {rows} rows have a hidden label");
+    assert!(
+        out.contains(&format!("{rows} rows × 2 classes"))
+            && out.contains(&format!("against the hidden labels of {pool} rows: ")),
+        "{out}"
+    );
     let pre = train(&tcfg(&dir.path().join("t1"), Some(&sub)), &opts).unwrap();
     let params = |p: &Path| dtrain::checkpoint::load_model(p).unwrap().2;
     assert_ne!(params(&scratch.final_checkpoint), params(&pre.final_checkpoint));
