@@ -128,10 +128,13 @@ fn file_digest(path: &Path) -> Result<(u64, String)> {
 /// optimizer moments, state, config, bank files); other files (notes, weights copied in
 /// under a name of their own, read only when named) are no business of the record.
 fn read_by_name(rel: &str) -> bool {
-    let stem = rel.strip_suffix(".safetensors").map(|s| s.strip_suffix(".optimizer").unwrap_or(s));
+    // Weights and their optimizer moments ("optimizer", or a part's "<stem>.optimizer").
+    let weights = [Weights::Student, Weights::Teacher, Weights::Average].map(Weights::file);
+    let stem = rel.strip_suffix(".optimizer.safetensors").map(|s| format!("{s}.safetensors"));
     rel.starts_with(&format!("{}/", crate::bank::DIR))
-        || ["state.bin", CONFIG_FILE].contains(&rel)
-        || stem.is_some_and(|s| ["model", "teacher", "average", "optimizer", "teacher_mlp"].contains(&s))
+        || ["state.bin", CONFIG_FILE, "optimizer.safetensors", "teacher_mlp.safetensors"].contains(&rel)
+        || weights.contains(&rel)
+        || stem.is_some_and(|s| weights.contains(&s.as_str()) || s == "teacher_mlp.safetensors")
 }
 
 /// Which files of a checkpoint a reader checks against its `DONE` record.

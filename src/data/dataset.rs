@@ -98,7 +98,6 @@ fn read_vocab(dir: &Path, manifest: &Manifest) -> Result<Vocab> {
     Ok(vocab)
 }
 
-/// Opens shard `index` of `kind` and checks it against the manifest.
 /// Whether the manifest's per-class counts of split `kind` differ from `found`, the counts
 /// of its shards' label columns, and how.
 fn per_class_mismatch(manifest: &Manifest, kind: SplitKind, found: &[u64]) -> Option<String> {
@@ -112,6 +111,8 @@ fn per_class_mismatch(manifest: &Manifest, kind: SplitKind, found: &[u64]) -> Op
     })
 }
 
+/// Opens shard `index` of `kind` and checks it against the manifest; returns it with its
+/// documents per class (as [`Shard::verify_labels`] counts them).
 fn open_checked(dir: &Path, manifest: &Manifest, kind: SplitKind, index: u32) -> Result<(Shard, Vec<u64>)> {
     let info =
         manifest.splits.get(kind.name()).and_then(|s| s.shards.get(index as usize)).ok_or_else(|| {
