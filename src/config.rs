@@ -783,6 +783,27 @@ impl Validate for TrainConfig {
         if o.lr_mult.values().any(|&v| !non_negative(v)) {
             return bad("optim.lr_mult", "multipliers must be finite and at least 0");
         }
+        // Every optimizer here takes lr·mult·weight_decay·p off each weight p per step (AdamW's
+        // decoupled decay, SGD's L2 term). At 1 or more a step zeroes or flips every weight.
+        let top_mult = o.lr_mult.values().fold(1.0f64, |a, &b| a.max(b));
+        if o.lr * top_mult * o.weight_decay >= 1.0 {
+            return bad(
+                "optim.weight_decay",
+                &format!(
+                    "times optim.lr and the largest optim.lr_mult is {:.3e}; it must be below 1: each step takes \
+                     that fraction of every weight away, so at 1 or more it zeroes or flips them (AdamW's \
+                     weight_decay is usually 0.01 to 0.1)",
+                    o.lr * top_mult * o.weight_decay
+                ),
+            );
+        }
+        if o.eps > 1.0 {
+            return bad(
+                "optim.eps",
+                "must be at most 1: it is added to √v̂, the gradients' typical size, and a larger one \
+                 swamps it and stops training (usually 1e-8; a typo for 1e-8?)",
+            );
+        }
         let s = &self.schedule;
         if !(0.0..=1.0).contains(&s.min_lr_ratio) {
             return bad("schedule.min_lr_ratio", "must be in [0, 1]");
@@ -1146,6 +1167,21 @@ impl Validate for PretrainConfig {
             }
             if !(m.head_warmup_lr > 0.0 && m.head_warmup_lr <= 10.0) {
                 return bad("mlm.head_warmup_lr", "must be in (0, 10]");
+            }
+            // AdamW's decoupled decay takes lr·weight_decay of every weight per step (as
+            // optim.weight_decay in a run config).
+            let top_lr =
+                if m.head_warmup_steps > 0 { self.train.lr.max(m.head_warmup_lr) } else { self.train.lr };
+            if top_lr * m.weight_decay >= 1.0 {
+                return bad(
+                    "mlm.weight_decay",
+                    &format!(
+                        "times the largest rate (train.lr, or mlm.head_warmup_lr during the head's warm-up) is \
+                         {:.3e}; it must be below 1: each step takes that fraction of every weight away, so at 1 \
+                         or more it zeroes or flips them",
+                        top_lr * m.weight_decay
+                    ),
+                );
             }
             if m.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
                 return bad("mlm.dropout", "must be in [0, 1)");

@@ -23,6 +23,10 @@ pub struct Curves {
 
 /// Reads `metrics.jsonl`; a line that is not a JSON object with a step is an error naming it.
 pub fn read_metrics(path: &Path) -> Result<Curves> {
+    // Checked before reading: a FIFO would wait for a writer, a device never end.
+    if !std::fs::metadata(path).at(path)?.is_file() {
+        return Err(Error::bad_file(path, "is not a regular file, so not a metrics.jsonl"));
+    }
     let bytes = std::fs::read(path).at(path)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();

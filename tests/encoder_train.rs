@@ -661,12 +661,20 @@ fn masked_lm_takes_the_matmul_precision() {
         })
         .collect();
     assert!(weights[0] != weights[1], "bf16 products changed nothing");
-    // Weights that an update sends to infinity are not written as an encoder.
-    let pcfg = mlm_config(
-        &data,
-        &dir.path().join("diverged"),
-        &["mlm.steps=1", "train.lr=1", "mlm.weight_decay=1e38"],
+    // Weights that an update sends to infinity are not written as an encoder. The config's
+    // rules refuse such a decay, so the field is set past them.
+    let sets = ["mlm.steps=1", "train.lr=1", "mlm.weight_decay=1e38"];
+    let mut o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
+    o.push(Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap());
+    o.push(Override::parse("model.objective=\"mlm\"").unwrap());
+    o.push(Override::parse(&format!("mlm.pretrained={:?}", common::minilm().display().to_string())).unwrap());
+    o.push(
+        Override::parse(&format!("train.out_dir={:?}", dir.path().join("x").display().to_string())).unwrap(),
     );
+    let e = config::load::<dtrain::config::PretrainConfig>(None, &o).unwrap_err().to_string();
+    assert!(e.contains("field `mlm.weight_decay`") && e.contains("must be below 1"), "{e}");
+    let mut pcfg = mlm_config(&data, &dir.path().join("diverged"), &["mlm.steps=1", "train.lr=1"]);
+    pcfg.mlm.weight_decay = 1e38;
     let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false)
         .unwrap_err()
         .to_string();

@@ -824,6 +824,11 @@ fn bad_training_configs_name_their_field() {
         ("adversarial.xi=1e300", "field `adversarial.xi`: 1e300 is outside"),
         ("optim.lr_mult={\"output.\"=1e-40}", "field `optim.lr_mult.output.`"),
         ("optim.eps=1e-30", ""),
+        // A decay that zeroes or flips every weight in one step, and an eps that swamps √v̂.
+        ("optim.weight_decay=1e30", "largest optim.lr_mult is 1.000e27; it must be below 1"),
+        ("optim.weight_decay=1000", "field `optim.weight_decay`"),
+        ("optim.weight_decay=999", ""),
+        ("optim.eps=1e8", "field `optim.eps`: must be at most 1"),
     ] {
         let r: dtrain::Result<TrainConfig> = config::load(None, &o(set));
         match (r, field) {
@@ -843,6 +848,10 @@ fn bad_training_configs_name_their_field() {
         v.extend(sets[1..].iter().map(|s| Override::parse(s).unwrap()));
         config::load::<TrainConfig>(None, &v).map(|_| ()).map_err(|e| e.to_string())
     };
+    // The decay's rule takes the largest rate multiplier into account.
+    with(&["optim.weight_decay=10", "optim.lr_mult={\"output.\"=99}"]).unwrap();
+    let e = with(&["optim.weight_decay=10", "optim.lr_mult={\"output.\"=100}"]).unwrap_err();
+    assert!(e.contains("optim.weight_decay") && e.contains("is 1.000e0"), "{e}");
     let e = with(&["method=\"mean_teacher\"", "mean_teacher.alpha=1.0"]).unwrap_err();
     assert!(e.contains("mean_teacher.alpha") && e.contains("(0, 1)"), "{e}");
     // Reduced MPL's teacher takes its own optimizer (checked with mpl.logits kept).
@@ -1184,6 +1193,13 @@ fn plot_draws_a_png_and_names_bad_lines() {
         std::fs::write(&bad, line).unwrap();
         let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
+    }
+    // A FIFO (which would wait for a writer) and a directory are named, not opened.
+    let fifo = dir.path().join("fifo.jsonl");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for p in [fifo, dir.path().to_path_buf()] {
+        let e = dtrain::plot::read_metrics(&p).unwrap_err().to_string();
+        assert!(e.contains("is not a regular file, so not a metrics.jsonl"), "{e}");
     }
 }
 
