@@ -35,6 +35,14 @@ epochs, named supervised-eN, as the yardstick at that run length (row "supervise
   DTRAIN_BIN=/tmp/dtrain-exp python3 bench/brown_encoder_oracle.py --seeds 1 --accuracies \
       --epochs 30 --baseline --json bench/results/brown-encoder-oracle-own-e30.json
 
+--propagated replaces the teacher by `dtrain propagate`: label spreading over frozen MiniLM
+sentence vectors (models/minilm), k and alpha chosen on val; its report is kept beside the
+logits file. --val-target A then sets each seed's threshold from that report: the lowest
+probability whose val rows are at least a fraction A right (runs named -propagated-vA).
+
+  DTRAIN_BIN=/tmp/dtrain-prop python3 bench/brown_encoder_oracle.py --seeds 1 2 3 --accuracies \
+      --epochs 30 --propagated --val-target 0.667 --json bench/results/brown-encoder-propagated-e30.json
+
 --threshold T keeps only the pseudo-labels whose teacher probability is at least T
 (`consistency.threshold`, confidence-filtered Noisy Student); runs named with a -tT suffix.
 
@@ -89,6 +97,26 @@ def template_logits(seed, data):
     return exported_logits(seed, data, "template", ["train.steps=1"])
 
 
+def propagated_logits(seed, data):
+    """`dtrain propagate`'s logits of the seed's unlabeled split (frozen MiniLM vectors), and
+    its val table: {threshold: (rows, accuracy)}."""
+    path = f"runs/brown_encoder/seed{seed}/oracle/propagated.logits"
+    report = path[:-len(".logits")] + ".txt"
+    if not (os.path.exists(path) and os.path.exists(report)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        out = subprocess.run([be.BIN, "--quiet", "propagate", "--model", "models/minilm", "--data", data,
+                              "--out", path], check=True, capture_output=True, text=True).stdout
+        open(report, "w").write(out)
+    table = {}
+    for line in open(report):
+        line = line.strip()
+        if line.startswith("probability ≥ ") and "accuracy -" not in line:
+            t = float(line.split()[2].rstrip(":"))
+            rows = int(line.split(":")[1].split()[0])
+            table[t] = (rows, float(line.rsplit(" ", 1)[1]))
+    return path, table
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
@@ -99,6 +127,10 @@ def main():
     ap.add_argument("--epochs", type=int, help="labeled epochs of the students (default: the config's 10)")
     ap.add_argument("--threshold", type=float,
                     help="keep only pseudo-labels at or above this teacher probability (default 0: all)")
+    ap.add_argument("--propagated", action="store_true",
+                    help="the teacher is `dtrain propagate` over frozen MiniLM vectors")
+    ap.add_argument("--val-target", type=float,
+                    help="with --propagated: the threshold is the lowest whose val rows are this fraction right")
     ap.add_argument("--baseline", action="store_true",
                     help="also train the supervised run for --epochs, as the yardstick")
     a = ap.parse_args()
@@ -125,6 +157,27 @@ def main():
             row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"'] + longer + filtered,
                          name=f"oracle-student-hidden{student_suffix}")
             row.update(pseudo_label_accuracy=1.0, targets="hidden", epochs=a.epochs or 10)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            continue
+        if a.propagated:
+            path, table = propagated_logits(seed, data)
+            hidden = bo.hidden_labels(data)
+            _, _, z = bo.read_logits(path)
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            threshold, name = a.threshold or 0.0, "propagated"
+            if a.val_target is not None:
+                ok = [t for t, (_, acc) in sorted(table.items()) if acc >= a.val_target]
+                assert ok, f"seed {seed}: no threshold's val rows are {a.val_target} right: {table}"
+                threshold, name = ok[0], f"propagated-v{a.val_target}"
+            kept = p.max(1) >= threshold
+            right = p.argmax(1) == hidden
+            row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"', f"consistency.threshold={threshold}"]
+                         + longer, name=f"oracle-student-{name}{suffix}")
+            row.update(pseudo_label_accuracy=float(right.mean()), targets=name, epochs=a.epochs or 10,
+                       threshold=threshold, kept=float(kept.mean()), kept_right=float(right[kept].mean()),
+                       val_table={str(t): v for t, v in table.items()})
             print(json.dumps(row), flush=True)
             rows.append(row)
             continue

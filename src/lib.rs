@@ -20,6 +20,7 @@ pub mod optim;
 pub mod plot;
 pub mod predict;
 pub mod pretrain;
+pub mod propagate;
 pub mod rng;
 pub mod train;
 

@@ -393,6 +393,50 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     jsonl: Option<&Path>,
     batch_size: usize,
 ) -> Result<ExportReport> {
+    let source = params_source(params);
+    let limits = crate::data::shard::DocLimits::of(&ds.manifest().tokenizer);
+    let batch_size = model.eval_batch(batch_size);
+    let mut state: Option<(B::Buf, Acts<B>)> = None;
+    let rows = |si: usize, shard: &crate::data::shard::Shard, start: usize, out_rows: &mut Vec<f32>| {
+        let (params, acts) = state.get_or_insert_with(|| (be.upload(params), Acts::inference(be, model)));
+        let end = (start + batch_size).min(shard.len());
+        let mut batch = crate::backend::HostBatch::default();
+        for i in start..end {
+            batch.push(shard.doc_checked(i, limits)?.ids, -1);
+        }
+        model.forward(be, params, &model.input(be, &batch), batch.len(), None, acts);
+        let classes = model.classes();
+        let logits = be.download(acts.logits());
+        if let Some(k) = logits[..batch.len() * classes].iter().position(|v| !v.is_finite()) {
+            return Err(Error::Data(format!(
+                "{}: the model's logit for document {} of shard {si} is {}: its weights are broken (a diverged run?); no logits file was written",
+                out.display(),
+                start + k / classes,
+                logits[k]
+            )));
+        }
+        out_rows.clear();
+        out_rows.extend_from_slice(&logits[..batch.len() * classes]);
+        Ok(())
+    };
+    write(ds, split, out, jsonl, model.classes(), source, rows)
+}
+
+/// Writes the logits file `out` of `split` of `ds` (and, with `jsonl`, one pseudo-label line
+/// per sample), `classes` logits per row, recording `source` as the exporting weights'
+/// identity. `rows(shard_index, shard, start, out)` fills `out` with the logits of one or
+/// more rows of that shard from `start` on (rows × classes, finite). Both files are written
+/// under temporary names and renamed into place when complete; on any error neither is
+/// left behind, and files already at those paths are untouched.
+pub fn write(
+    ds: &Dataset,
+    split: SplitKind,
+    out: &Path,
+    jsonl: Option<&Path>,
+    classes: usize,
+    source: u64,
+    mut rows_of: impl FnMut(usize, &crate::data::shard::Shard, usize, &mut Vec<f32>) -> Result<()>,
+) -> Result<ExportReport> {
     crate::fsutil::check_output("--out", out, &[], Some(MAGIC))?;
     if let Some(j) = jsonl {
         if crate::fsutil::same_file(j, out) {
@@ -405,11 +449,7 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     let temporaries: Vec<&Path> = std::iter::once(tmp.as_path()).chain(jsonl_tmp.as_deref()).collect();
     crate::fsutil::removing_on_error(&temporaries, || {
         let (tmp, jsonl_final, jsonl) = (tmp.as_path(), jsonl, jsonl_tmp.as_deref());
-        let source = params_source(params);
-        let params = be.upload(params);
         let m = ds.manifest();
-        let classes = model.classes();
-        let batch_size = model.eval_batch(batch_size);
         let shards = ds.shards(split);
         let rows: u64 = shards.iter().map(|s| s.len() as u64).sum();
         let mut w = std::io::BufWriter::new(std::fs::File::create(tmp).at(tmp)?);
@@ -432,29 +472,22 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
             by_confidence: thresholds.iter().map(|&t| (t, 0, 0)).collect(),
             ..Default::default()
         };
-        let limits = crate::data::shard::DocLimits::of(&m.tokenizer);
-        let mut acts = Acts::inference(be, model);
+        let mut logits = Vec::new();
         for (si, shard) in shards.iter().enumerate() {
             let mut start = 0;
             while start < shard.len() {
-                let end = (start + batch_size).min(shard.len());
-                let mut batch = crate::backend::HostBatch::default();
-                for i in start..end {
-                    let doc = shard.doc_checked(i, limits)?;
-                    batch.push(doc.ids, -1);
-                }
-                model.forward(be, &params, &model.input(be, &batch), batch.len(), None, &mut acts);
-                let logits = be.download(acts.logits());
-                if let Some(k) = logits[..batch.len() * classes].iter().position(|v| !v.is_finite()) {
+                rows_of(si, shard, start, &mut logits)?;
+                let n = logits.len() / classes;
+                if n == 0 || logits.len() % classes != 0 || start + n > shard.len() {
                     return Err(Error::Data(format!(
-                        "{}: the model's logit for document {} of shard {si} is {}: its weights are broken (a diverged run?); no logits file was written",
+                        "{}: {} logits for shard {si} from row {start} (of {}), not whole rows of {classes}",
                         out.display(),
-                        start + k / classes,
-                        logits[k]
+                        logits.len(),
+                        shard.len()
                     )));
                 }
-                put(&mut w, bytemuck::cast_slice(&logits[..batch.len() * classes]))?;
-                for (k, z) in logits.chunks(classes).take(batch.len()).enumerate() {
+                put(&mut w, bytemuck::cast_slice(&logits))?;
+                for (k, z) in logits.chunks(classes).enumerate() {
                     let i = start + k;
                     let (label, conf) = top_confidence(z);
                     let hidden = match split {
@@ -479,7 +512,7 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
                         writeln!(f, "{line}").at(p)?;
                     }
                 }
-                start = end;
+                start += n;
             }
         }
         if let Some((p, f)) = lines {

@@ -65,6 +65,11 @@ enum Command {
     /// Write a checkpoint's logits for every sample of a prepared split (the targets of
     /// method = "noisy_student"), and optionally its pseudo-labels with confidences as JSONL.
     ExportLogits(ExportArgs),
+    /// Pseudo-labels by label spreading: embed every row of a data set with an encoder, link
+    /// each to its nearest neighbours, spread the training labels over that graph (k and
+    /// alpha chosen on val) and write the unlabeled split's logits (method = "noisy_student"'s
+    /// targets).
+    Propagate(PropagateArgs),
     /// Draw training curves (loss and accuracy) from a metrics.jsonl into a PNG.
     Plot {
         /// The metrics.jsonl of a run (or the run's directory).
@@ -541,6 +546,38 @@ struct ExportArgs {
 }
 
 #[derive(Args)]
+struct PropagateArgs {
+    #[command(flatten)]
+    device: DeviceArg,
+    /// The encoder: a pretrained model's directory (config.json, model.safetensors), or a
+    /// checkpoint of an encoder run (its directory or model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// A pretrained model's pooling: `mean` or `cls` (a checkpoint keeps its own).
+    #[arg(long, default_value = "mean", value_parser = ["mean", "cls"])]
+    pooling: String,
+    /// The data set directory, prepared with the encoder's tokenizer.json.
+    #[arg(long)]
+    data: PathBuf,
+    /// The logits file to write (the unlabeled split's rows).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write one JSON line per unlabeled sample: sample_id, split, shard, row, label,
+    /// confidence.
+    #[arg(long)]
+    pseudo_labels: Option<PathBuf>,
+    /// Neighbours per row to try (comma-separated); val accuracy picks one.
+    #[arg(long, value_delimiter = ',', default_values_t = [5usize, 10, 20])]
+    k: Vec<usize>,
+    /// Spreading strengths in (0, 1) to try (comma-separated); val accuracy picks one.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.5f64, 0.8, 0.9, 0.95, 0.99])]
+    alpha: Vec<f64>,
+    /// Documents per encoder batch.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
 struct PredictArgs {
     #[command(flatten)]
     device: DeviceArg,
@@ -841,27 +878,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(p) = &a.pseudo_labels {
                 println!("pseudo-labels: {}", p.display());
             }
-            if r.known > 0 {
-                let whose = if split == SplitKind::Unlabeled {
-                    "hidden labels of a simulated split; a diagnostic"
-                } else {
-                    "the split's own labels"
-                };
-                println!(
-                    "against the {} known labels ({whose}): accuracy {:.4}",
-                    r.known,
-                    r.correct as f64 / r.known as f64
-                );
-                for (t, n, right) in &r.by_confidence {
-                    println!(
-                        "  confidence ≥ {t:.2}: {n} samples ({:.1}%), accuracy {}",
-                        100.0 * *n as f64 / r.known as f64,
-                        if *n > 0 { format!("{:.4}", *right as f64 / *n as f64) } else { "-".into() }
-                    );
-                }
-            }
+            print_export_report(&r, split);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Propagate(a) => propagate(a, progress),
         Command::Predict(a) => {
             let opts = dtrain::predict::PredictOptions {
                 checkpoints: a.checkpoint,
@@ -1286,6 +1306,139 @@ fn load_for_data(
         );
     }
     Ok((model, params, ds))
+}
+
+/// What an exported logits file holds against the labels known for its rows.
+fn print_export_report(r: &dtrain::logits::ExportReport, split: SplitKind) {
+    if r.known == 0 {
+        return;
+    }
+    let whose = if split == SplitKind::Unlabeled {
+        "hidden labels of a simulated split; a diagnostic"
+    } else {
+        "the split's own labels"
+    };
+    println!(
+        "against the {} known labels ({whose}): accuracy {:.4}",
+        r.known,
+        r.correct as f64 / r.known as f64
+    );
+    for (t, n, right) in &r.by_confidence {
+        println!(
+            "  confidence ≥ {t:.2}: {n} samples ({:.1}%), accuracy {}",
+            100.0 * *n as f64 / r.known as f64,
+            if *n > 0 { format!("{:.4}", *right as f64 / *n as f64) } else { "-".into() }
+        );
+    }
+}
+
+/// `dtrain propagate`.
+fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    use dtrain::model::encoder::{load_pretrained, Encoder, Pooling};
+    let opts = dtrain::propagate::Options {
+        ks: a.k.clone(),
+        alphas: a.alpha.clone(),
+        batch_size: a.batch_size,
+        progress,
+    };
+    dtrain::propagate::check_options(&opts)?;
+    let ds = Dataset::open(&a.data)?;
+    ds.verify_payloads(|_, _| true)?;
+    let m = ds.manifest();
+    let Some(sw) = &m.tokenizer.subword else {
+        bail!(
+            "{}: the data set holds hashed features; an encoder reads subword ids: prepare it with --set tokenizer.subword.path=<the model's tokenizer.json>",
+            a.data.display()
+        );
+    };
+    // A pretrained model's directory, or a training checkpoint.
+    let pretrained =
+        a.model.is_dir() && a.model.join("config.json").is_file() && !a.model.join("state.bin").exists();
+    let (enc, params): (Encoder, Vec<f32>) = if pretrained {
+        let pooling = if a.pooling == "cls" { Pooling::Cls } else { Pooling::Mean };
+        let (enc, params) = load_pretrained(&a.model, 1, pooling, 0)?;
+        if enc.spec.vocab < m.tokenizer.buckets as usize || enc.spec.max_positions < sw.max_len as usize {
+            bail!(
+                "{}: {} token ids and {} positions; the data set's tokenizer has {} ids and up to {} tokens: prepare it with this model's tokenizer.json",
+                a.model.display(),
+                enc.spec.vocab,
+                enc.spec.max_positions,
+                m.tokenizer.buckets,
+                sw.max_len
+            );
+        }
+        (enc, params)
+    } else {
+        let (meta, model, params) = dtrain::checkpoint::load_model(&a.model)?;
+        if let Some(what) = meta.mismatch(ds.labels(), &m.tokenizer, "the data set") {
+            bail!("{}: the data set does not match the checkpoint's model: {what}", a.data.display());
+        }
+        match model {
+            dtrain::model::Model::Encoder(enc) => (enc, params),
+            dtrain::model::Model::Bag(_) => bail!(
+                "{}: a bag model's checkpoint; propagate needs an encoder's sentence vectors (a pretrained model's directory, or an encoder run's checkpoint)",
+                a.model.display()
+            ),
+        }
+    };
+    let source = dtrain::propagate::source_of(dtrain::logits::params_source(&params), &opts);
+    struct Job<'a>(
+        &'a Encoder,
+        &'a [f32],
+        u64,
+        &'a Dataset,
+        &'a PropagateArgs,
+        &'a dtrain::propagate::Options,
+    );
+    impl OnBackend for Job<'_> {
+        type Out = dtrain::propagate::Report;
+        fn run<B: dtrain::backend::EncoderOps<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
+            let a = self.4;
+            dtrain::propagate::propagate(
+                be,
+                self.0,
+                self.1,
+                self.2,
+                self.3,
+                &a.out,
+                a.pseudo_labels.as_deref(),
+                self.5,
+            )
+        }
+    }
+    let r = dispatch(a.device.device, 0, progress, Job(&enc, &params, source, &ds, &a, &opts))?;
+    let [train, val, test, unlabeled] = r.rows;
+    println!(
+        "embedded {} rows (train {train}, val {val}, test {test}, unlabeled {unlabeled}) in {:.1} s; nearest neighbours in {:.1} s",
+        r.rows.iter().sum::<usize>(),
+        r.embed_seconds,
+        r.search_seconds
+    );
+    println!("   k  alpha  val accuracy  CG iterations");
+    for (i, s) in r.grid.iter().enumerate() {
+        let val = s.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
+        let mark = if i == r.chosen { "  <- chosen" } else { "" };
+        println!("{:>4}  {:>5}  {val:>12}  {:>13}{mark}", s.k, s.alpha, s.iterations);
+    }
+    if let Some(t) = r.test_accuracy {
+        println!("test accuracy of the chosen setting: {t:.4} (transductive: the test rows were in the graph, their labels unread)");
+    }
+    if val > 0 {
+        println!("val rows by the chosen setting's probability (what should pick noisy_student's consistency.threshold):");
+        for (t, n, right) in &r.val_by_confidence {
+            println!(
+                "  probability ≥ {t:.2}: {n} rows ({:.1}%), accuracy {}",
+                100.0 * *n as f64 / val as f64,
+                if *n > 0 { format!("{:.4}", *right as f64 / *n as f64) } else { "-".into() }
+            );
+        }
+    }
+    println!("wrote the logits of {} samples of `unlabeled` to {}", r.export.rows, a.out.display());
+    if let Some(p) = &a.pseudo_labels {
+        println!("pseudo-labels: {}", p.display());
+    }
+    print_export_report(&r.export, SplitKind::Unlabeled);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The weights `--teacher` / `--average` ask for.

@@ -1,0 +1,607 @@
+//! Label spreading over an encoder's sentence vectors (`dtrain propagate`): every row of a
+//! data set is embedded, linked to its nearest neighbours, and the labeled rows' labels are
+//! spread over that graph; the unlabeled split's result is written as a logits file, the
+//! targets of `method = "noisy_student"`.
+//!
+//! # Definition
+//! Zhou et al.'s label spreading (2004) on a k-nearest-neighbour graph of cosine
+//! similarities raised to γ = 3 (Iscen et al., "Label Propagation for Deep Semi-supervised
+//! Learning", 2019):
+//! - `v_i` = the encoder's pooled vector of row i (no dropout), divided by its norm, for
+//!   every row of the train, unlabeled, val and test splits. Only the train split's labels
+//!   seed the graph; val's choose k and α; test's and the hidden labels are only measured.
+//! - `N_k(i)`: the k rows j ≠ i of largest `v_i·v_j` (exact search). `A_ij = max(0, v_i·v_j)^γ`
+//!   for j in `N_k(i)`, else 0; `W = A + Aᵀ`; `S = D^-½ W D^-½` with `D = diag(W 1)`.
+//! - `Y_ic = 1/n_c` for a labeled training row of class c (n_c such rows), else 0.
+//! - `F = (1 − α)(I − α S)⁻¹ Y`, solved column by column by conjugate gradients (`I − αS` is
+//!   symmetric positive definite for α in (0, 1)) to a relative residual of 1e-6.
+//! - Row i's probabilities `p_i = F_i / Σ_c F_ic` (negative round-off clipped to 0; a row
+//!   that no labeled row reaches gets 1/C each), and its logits `ln max(p_ic, 1e-6)`, whose
+//!   softmax gives `p_i` back up to that floor.
+//! - Every (k, α) of the grid is tried; the one of highest val accuracy (argmax F) wins,
+//!   the first in grid order on a tie. With no val rows the grid must hold one setting.
+//!
+//! # Cost
+//! The neighbour search is exact: n²·H multiply-adds for n rows of width H (15.6k rows of
+//! MiniLM's 384 take seconds; a million would take hours on a CPU). The vectors take n·H
+//! floats, the graph 2·n·k edges. The encoder runs on the `--device` backend, the search
+//! and the spreading on the CPU.
+
+use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::backend::{EncoderOps, Real};
+use crate::data::dataset::Dataset;
+use crate::data::shard::{DocLimits, SplitKind};
+use crate::error::{Error, Result};
+use crate::logits::ExportReport;
+use crate::model::encoder::{Encoder, EncoderActs, TokenBatch};
+
+/// The edges' similarity exponent γ.
+pub const GAMMA: i32 = 3;
+/// The floor under a probability before its logarithm.
+const FLOOR: f32 = 1e-6;
+/// Conjugate gradients stop at this residual, relative to the right-hand side's norm.
+const TOLERANCE: f64 = 1e-6;
+const MAX_ITERS: usize = 1000;
+
+/// The probabilities at which [`Report::val_by_confidence`] counts val rows.
+pub const VAL_THRESHOLDS: [f64; 6] = [0.2, 0.3, 0.4, 0.5, 0.6, 0.8];
+
+/// What `propagate` is asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Neighbour counts to try (each at least 1).
+    pub ks: Vec<usize>,
+    /// Spreading strengths to try (each in (0, 1)).
+    pub alphas: Vec<f64>,
+    /// Documents per encoder batch.
+    pub batch_size: usize,
+    pub progress: bool,
+}
+
+/// Where a graph row comes from, and the labels it may be measured against.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    split: SplitKind,
+    /// The label: a training row's seeds the graph; val's and test's are measured; an
+    /// unlabeled row's hidden label (a simulated split) is measured.
+    label: Option<u32>,
+}
+
+/// One setting of the grid and its val accuracy (`None` without val rows).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setting {
+    pub k: usize,
+    pub alpha: f64,
+    pub val_accuracy: Option<f64>,
+    /// Conjugate-gradient iterations taken (the most over the classes).
+    pub iterations: usize,
+}
+
+/// What `propagate` measured and wrote.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Rows in the graph, by split: train, val, test, unlabeled.
+    pub rows: [usize; 4],
+    pub grid: Vec<Setting>,
+    /// The index in `grid` of the setting written.
+    pub chosen: usize,
+    /// Test accuracy of the chosen setting (transductive: the test rows were graph nodes,
+    /// their labels unread), where the test split has rows.
+    pub test_accuracy: Option<f64>,
+    /// Val rows of the chosen setting at or above each probability of [`VAL_THRESHOLDS`]:
+    /// (threshold, rows, right among them). Spreading's probabilities are flatter than a
+    /// classifier's softmax, so this table, not a classifier's habits, is what should pick
+    /// Noisy Student's `consistency.threshold`.
+    pub val_by_confidence: Vec<(f64, usize, usize)>,
+    /// The unlabeled split's logits file, as `export-logits` measures it.
+    pub export: ExportReport,
+    pub embed_seconds: f64,
+    pub search_seconds: f64,
+}
+
+/// Checks the grid before anything runs.
+pub fn check_options(o: &Options) -> Result<()> {
+    if o.ks.is_empty() || o.alphas.is_empty() {
+        return Err(Error::Data("--k and --alpha each need at least one value".into()));
+    }
+    if let Some(k) = o.ks.iter().find(|&&k| !(1..=1000).contains(&k)) {
+        return Err(Error::Data(format!("--k {k}: must be in 1..=1000")));
+    }
+    if let Some(a) = o.alphas.iter().find(|&&a| !(a > 0.0 && a < 1.0)) {
+        return Err(Error::Data(format!("--alpha {a}: must be in (0, 1)")));
+    }
+    if !(1..=1 << 16).contains(&o.batch_size) {
+        return Err(Error::Data(format!("--batch-size {}: must be in 1..=65536", o.batch_size)));
+    }
+    Ok(())
+}
+
+/// Embeds every row of `ds` with `enc` (its weights `params`) on `be`, spreads the training
+/// labels over the rows' neighbour graph for every setting of `opts`' grid, and writes the
+/// unlabeled split's probabilities under the setting of best val accuracy to the logits file
+/// `out` (and, with `jsonl`, pseudo-label lines). `source` identifies the encoder's weights.
+#[allow(clippy::too_many_arguments)]
+pub fn propagate<B: EncoderOps<F = f32>>(
+    be: &B,
+    enc: &Encoder,
+    params: &[f32],
+    source: u64,
+    ds: &Dataset,
+    out: &Path,
+    jsonl: Option<&Path>,
+    opts: &Options,
+) -> Result<Report> {
+    check_options(opts)?;
+    crate::fsutil::check_output("--out", out, &[], Some(crate::logits::MAGIC))?;
+    let classes = ds.labels().len();
+    let count = |s: SplitKind| ds.shards(s).iter().map(|x| x.len()).sum::<usize>();
+    let rows = [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled].map(count);
+    if rows[3] == 0 {
+        return Err(Error::Data(format!(
+            "{}: the unlabeled split is empty: there is nothing to give labels to",
+            ds.dir().display()
+        )));
+    }
+    let total: usize = rows.iter().sum();
+    if let Some(&k) = opts.ks.iter().find(|&&k| k >= total) {
+        return Err(Error::Data(format!(
+            "--k {k}: the data set has only {total} rows, so at most {} neighbours",
+            total - 1
+        )));
+    }
+    if rows[1] == 0 && opts.ks.len() * opts.alphas.len() > 1 {
+        return Err(Error::Data(format!(
+            "{}: the val split is empty, so nothing can choose among {} settings: give one --k and one --alpha",
+            ds.dir().display(),
+            opts.ks.len() * opts.alphas.len()
+        )));
+    }
+    let started = std::time::Instant::now();
+    let (vectors, info) = embed(be, enc, params, ds, opts)?;
+    let embed_seconds = started.elapsed().as_secs_f64();
+    let seeds = seed_matrix(&info, classes);
+    if seeds.iter().all(|&y| y == 0.0) {
+        return Err(Error::Data(format!(
+            "{}: the train split has no labeled row: there is no label to spread",
+            ds.dir().display()
+        )));
+    }
+    let started = std::time::Instant::now();
+    let k_max = *opts.ks.iter().max().expect("checked: not empty");
+    let hidden = enc.spec.hidden;
+    let neighbours = nearest(&vectors, hidden, k_max);
+    let search_seconds = started.elapsed().as_secs_f64();
+    let accuracy = |f: &[f64], split: SplitKind| -> Option<f64> {
+        let (mut n, mut right) = (0usize, 0usize);
+        for (i, r) in info.iter().enumerate() {
+            if let (true, Some(l)) = (r.split == split, r.label) {
+                n += 1;
+                right +=
+                    usize::from(crate::backend::argmax(&f[i * classes..(i + 1) * classes]) == l as usize);
+            }
+        }
+        (n > 0).then(|| right as f64 / n as f64)
+    };
+    let mut grid = Vec::new();
+    let mut best: Option<(usize, Vec<f64>)> = None;
+    for &k in &opts.ks {
+        let graph = Graph::new(&neighbours, k_max, k);
+        for &alpha in &opts.alphas {
+            let (f, iterations) = graph.spread(&seeds, classes, alpha);
+            let val_accuracy = accuracy(&f, SplitKind::Val);
+            grid.push(Setting { k, alpha, val_accuracy, iterations });
+            let better = match (&best, val_accuracy) {
+                (None, _) => true,
+                (Some((b, _)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
+                (Some(_), None) => false,
+            };
+            if better {
+                best = Some((grid.len() - 1, f));
+            }
+        }
+    }
+    let (chosen, f) = best.expect("the grid is not empty");
+    let test_accuracy = accuracy(&f, SplitKind::Test);
+    let logits = to_logits(&f, classes);
+    let mut val_by_confidence: Vec<(f64, usize, usize)> = VAL_THRESHOLDS.iter().map(|&t| (t, 0, 0)).collect();
+    for (i, r) in info.iter().enumerate() {
+        if let (SplitKind::Val, Some(l)) = (r.split, r.label) {
+            let z = &logits[i * classes..(i + 1) * classes];
+            let top = crate::backend::argmax(z);
+            let p = f64::from(z[top]).exp() / z.iter().map(|&v| f64::from(v).exp()).sum::<f64>();
+            for (t, n, right) in &mut val_by_confidence {
+                if p >= *t {
+                    *n += 1;
+                    *right += usize::from(top == l as usize);
+                }
+            }
+        }
+    }
+    // The unlabeled split's rows come last, in shard order (see `embed`).
+    let first = total - rows[3];
+    let mut at = first;
+    let export =
+        crate::logits::write(ds, SplitKind::Unlabeled, out, jsonl, classes, source, |_, shard, _, out| {
+            out.clear();
+            out.extend_from_slice(&logits[at * classes..(at + shard.len()) * classes]);
+            at += shard.len();
+            Ok(())
+        })?;
+    Ok(Report { rows, grid, chosen, test_accuracy, val_by_confidence, export, embed_seconds, search_seconds })
+}
+
+/// The identity recorded as the logits file's source: the encoder's weights' and the
+/// grid's (two runs of other settings write files of other sources).
+pub fn source_of(params_source: u64, opts: &Options) -> u64 {
+    let mut bytes = params_source.to_le_bytes().to_vec();
+    bytes.extend(b"propagate");
+    for k in &opts.ks {
+        bytes.extend((*k as u64).to_le_bytes());
+    }
+    for a in &opts.alphas {
+        bytes.extend(a.to_le_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+/// Every row's unit-length pooled vector (n×H), train, val, test and unlabeled rows in that
+/// order, each split's shard by shard; documents are batched by length to cut padding.
+fn embed<B: EncoderOps<F = f32>>(
+    be: &B,
+    enc: &Encoder,
+    params: &[f32],
+    ds: &Dataset,
+    opts: &Options,
+) -> Result<(Vec<f32>, Vec<Row>)> {
+    let limits = DocLimits::of(&ds.manifest().tokenizer);
+    let hidden = enc.spec.hidden;
+    let mut docs: Vec<(&crate::data::shard::Shard, usize)> = Vec::new();
+    let mut info = Vec::new();
+    for split in [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled] {
+        for shard in ds.shards(split) {
+            for i in 0..shard.len() {
+                let label = match split {
+                    SplitKind::Unlabeled => shard.hidden_label(i),
+                    _ => shard.doc(i).label,
+                };
+                docs.push((shard, i));
+                info.push(Row { split, label });
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..docs.len()).collect();
+    order.sort_by_key(|&r| docs[r].0.doc(docs[r].1).ids.len());
+    let bar = if opts.progress {
+        let b = ProgressBar::with_draw_target(Some(docs.len() as u64), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template("embed [{wide_bar}] {pos}/{len} documents {per_sec} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let params = be.upload(params);
+    let mut acts = EncoderActs::inference(be);
+    let mut vectors = vec![0f32; docs.len() * hidden];
+    for batch in order.chunks(opts.batch_size) {
+        let mut seqs = Vec::with_capacity(batch.len());
+        for &r in batch {
+            let (shard, i) = docs[r];
+            let ids = shard.doc_checked(i, limits)?.ids;
+            if ids.is_empty() {
+                return Err(Error::bad_file(shard.path(), format!("document {i} has no token id to embed")));
+            }
+            seqs.push(ids.to_vec());
+        }
+        enc.forward(be, &params, &TokenBatch::new(&seqs, 0), None, &mut acts);
+        let pooled = be.download(&acts.pooled);
+        for (&r, v) in batch.iter().zip(pooled.chunks(hidden)) {
+            let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+            if !(norm.is_finite() && norm > 0.0) {
+                let (shard, i) = docs[r];
+                return Err(Error::Data(format!(
+                    "{}: the encoder's vector of document {i} has norm {norm}: its weights are broken (a diverged run?); nothing was written",
+                    shard.path().display()
+                )));
+            }
+            for (o, &x) in vectors[r * hidden..(r + 1) * hidden].iter_mut().zip(v) {
+                *o = (f64::from(x) / norm) as f32;
+            }
+        }
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok((vectors, info))
+}
+
+/// `Y`: `1/n_c` in column c of each labeled training row of class c (n×C).
+fn seed_matrix(info: &[Row], classes: usize) -> Vec<f64> {
+    let mut per_class = vec![0usize; classes];
+    for r in info.iter().filter(|r| r.split == SplitKind::Train) {
+        if let Some(l) = r.label {
+            per_class[l as usize] += 1;
+        }
+    }
+    let mut y = vec![0f64; info.len() * classes];
+    for (i, r) in info.iter().enumerate().filter(|(_, r)| r.split == SplitKind::Train) {
+        if let Some(l) = r.label {
+            y[i * classes + l as usize] = 1.0 / per_class[l as usize] as f64;
+        }
+    }
+    y
+}
+
+/// Each row's `k` most similar other rows by dot product (rows of `v`, n×h), most similar
+/// first: n×k (index, similarity) pairs. Row blocks run in parallel, each one product of the
+/// block with every row.
+fn nearest(v: &[f32], h: usize, k: usize) -> Vec<(u32, f32)> {
+    let n = v.len() / h;
+    // A block's similarities take at most 2^24 floats (64 MiB).
+    let block = (1usize << 24).div_ceil(n).clamp(1, 256);
+    let mut out = vec![(0u32, 0f32); n * k];
+    out.par_chunks_mut(block * k).enumerate().for_each(|(b, dst)| {
+        let start = b * block;
+        let rows = dst.len() / k;
+        let mut sim = vec![0f32; rows * n];
+        f32::gemm(
+            rows,
+            h,
+            n,
+            1.0,
+            &v[start * h..(start + rows) * h],
+            (h as isize, 1),
+            v,
+            (1, h as isize),
+            0.0,
+            &mut sim,
+            (n as isize, 1),
+        );
+        let mut cand: Vec<(u32, f32)> = Vec::with_capacity(n);
+        for r in 0..rows {
+            cand.clear();
+            cand.extend(
+                sim[r * n..(r + 1) * n]
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != start + r)
+                    .map(|(j, &s)| (j as u32, s)),
+            );
+            let by_sim = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+            cand.select_nth_unstable_by(k - 1, by_sim);
+            cand[..k].sort_unstable_by(by_sim);
+            dst[r * k..(r + 1) * k].copy_from_slice(&cand[..k]);
+        }
+    });
+    out
+}
+
+/// `S = D^-½ (A + Aᵀ) D^-½` over the first `k` of each row's neighbours, as compressed rows.
+struct Graph {
+    starts: Vec<usize>,
+    cols: Vec<u32>,
+    weights: Vec<f64>,
+}
+
+impl Graph {
+    fn new(neighbours: &[(u32, f32)], k_max: usize, k: usize) -> Graph {
+        let n = neighbours.len() / k_max;
+        let mut edges: Vec<(u32, u32, f64)> = Vec::with_capacity(2 * n * k);
+        for i in 0..n {
+            for &(j, s) in &neighbours[i * k_max..i * k_max + k] {
+                let w = f64::from(s.max(0.0)).powi(GAMMA);
+                if w > 0.0 {
+                    edges.push((i as u32, j, w));
+                    edges.push((j, i as u32, w));
+                }
+            }
+        }
+        edges.sort_unstable_by_key(|&(i, j, _)| (i, j));
+        let mut degree = vec![0f64; n];
+        for &(i, _, w) in &edges {
+            degree[i as usize] += w;
+        }
+        let mut starts = vec![0usize; n + 1];
+        for &(i, _, _) in &edges {
+            starts[i as usize + 1] += 1;
+        }
+        for i in 0..n {
+            starts[i + 1] += starts[i];
+        }
+        let cols = edges.iter().map(|e| e.1).collect();
+        let weights =
+            edges.iter().map(|&(i, j, w)| w / (degree[i as usize] * degree[j as usize]).sqrt()).collect();
+        Graph { starts, cols, weights }
+    }
+
+    /// `out = x − α S x` for n×C `x`.
+    fn apply(&self, x: &[f64], classes: usize, alpha: f64, out: &mut [f64]) {
+        out.par_chunks_mut(classes).enumerate().for_each(|(i, o)| {
+            o.copy_from_slice(&x[i * classes..(i + 1) * classes]);
+            for e in self.starts[i]..self.starts[i + 1] {
+                let (j, w) = (self.cols[e] as usize, alpha * self.weights[e]);
+                for (o, &xj) in o.iter_mut().zip(&x[j * classes..(j + 1) * classes]) {
+                    *o -= w * xj;
+                }
+            }
+        });
+    }
+
+    /// `F = (1 − α)(I − αS)⁻¹ Y` by conjugate gradients on every class column at once, and
+    /// the iterations the slowest column took.
+    fn spread(&self, y: &[f64], classes: usize, alpha: f64) -> (Vec<f64>, usize) {
+        let b: Vec<f64> = y.iter().map(|&v| (1.0 - alpha) * v).collect();
+        let column_dots = |a: &[f64], c: &[f64]| {
+            let mut d = vec![0f64; classes];
+            for (ra, rc) in a.chunks(classes).zip(c.chunks(classes)) {
+                for (d, (&x, &z)) in d.iter_mut().zip(ra.iter().zip(rc)) {
+                    *d += x * z;
+                }
+            }
+            d
+        };
+        let target: Vec<f64> = column_dots(&b, &b).iter().map(|&s| s.sqrt() * TOLERANCE).collect();
+        let mut x = vec![0f64; b.len()];
+        let mut r = b.clone();
+        let mut p = r.clone();
+        let mut ap = vec![0f64; b.len()];
+        let mut rr = column_dots(&r, &r);
+        let mut iterations = 0;
+        while iterations < MAX_ITERS && rr.iter().zip(&target).any(|(&s, &t)| s.sqrt() > t) {
+            self.apply(&p, classes, alpha, &mut ap);
+            let pap = column_dots(&p, &ap);
+            let step: Vec<f64> = (0..classes)
+                .map(|c| if rr[c].sqrt() > target[c] && pap[c] > 0.0 { rr[c] / pap[c] } else { 0.0 })
+                .collect();
+            for i in 0..x.len() {
+                let c = i % classes;
+                x[i] += step[c] * p[i];
+                r[i] -= step[c] * ap[i];
+            }
+            let next = column_dots(&r, &r);
+            for i in 0..p.len() {
+                let c = i % classes;
+                let beta = if rr[c] > 0.0 { next[c] / rr[c] } else { 0.0 };
+                p[i] = r[i] + beta * p[i];
+            }
+            rr = next;
+            iterations += 1;
+        }
+        (x, iterations)
+    }
+}
+
+/// Rows of `F` as logits: `ln max(p, 1e-6)` of `p = max(F, 0) / Σ max(F, 0)`, uniform where the
+/// sum is 0.
+fn to_logits(f: &[f64], classes: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(f.len());
+    for row in f.chunks(classes) {
+        let total: f64 = row.iter().map(|&v| v.max(0.0)).sum();
+        for &v in row {
+            let p = if total > 0.0 { (v.max(0.0) / total) as f32 } else { 1.0 / classes as f32 };
+            out.push(p.max(FLOOR).ln());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two tight groups of vectors: each row's neighbours are its own group's, nearest first.
+    #[test]
+    fn nearest_finds_each_rows_own_group_in_order() {
+        let h = 2;
+        // Rows 0..3 near (1, 0), rows 3..6 near (0, 1); row 1 is exactly (1, 0).
+        let raw = [[0.99f32, 0.14], [1.0, 0.0], [0.98, -0.2], [0.1, 0.995], [0.0, 1.0], [-0.15, 0.99]];
+        let v: Vec<f32> = raw
+            .iter()
+            .flat_map(|r| {
+                let n = (r[0] * r[0] + r[1] * r[1]).sqrt();
+                [r[0] / n, r[1] / n]
+            })
+            .collect();
+        let nb = nearest(&v, h, 2);
+        for i in 0..6 {
+            let group = i / 3;
+            for &(j, _) in &nb[i * 2..i * 2 + 2] {
+                assert_ne!(j as usize, i, "row {i} is its own neighbour");
+                assert_eq!(j as usize / 3, group, "row {i}'s neighbour {j} is in the other group");
+            }
+            assert!(nb[i * 2].1 >= nb[i * 2 + 1].1, "row {i}: not most similar first");
+        }
+        // Row 0's nearest is row 1 (cosine 0.99), then row 2.
+        assert_eq!((nb[0].0, nb[1].0), (1, 2));
+    }
+
+    /// The conjugate-gradient solution satisfies `(I − αS) F = (1 − α) Y`, equals the
+    /// fixed point of Zhou's iteration, and spreads each seed's label over its own chain.
+    #[test]
+    fn spreading_solves_the_linear_system_and_labels_each_chain() {
+        // Two chains of 5 rows, each row's neighbours the adjacent rows of its chain.
+        let n = 10;
+        let k = 2;
+        let mut nb = vec![(0u32, 0f32); n * k];
+        for i in 0..n {
+            let base = (i / 5) * 5;
+            let p = i - base;
+            let (a, b) = match p {
+                0 => (1, 2),
+                4 => (3, 2),
+                _ => (p - 1, p + 1),
+            };
+            let near = |q: usize| 1.0 - 0.1 * (q as f32 - p as f32).abs();
+            nb[i * k] = ((base + a) as u32, near(a));
+            nb[i * k + 1] = ((base + b) as u32, near(b));
+        }
+        let g = Graph::new(&nb, k, k);
+        let classes = 2;
+        let mut y = vec![0f64; n * classes];
+        y[0] = 1.0; // row 0: class 0
+        y[5 * classes + 1] = 1.0; // row 5: class 1
+        let alpha = 0.9;
+        let (f, iters) = g.spread(&y, classes, alpha);
+        assert!(iters > 0 && iters < MAX_ITERS, "{iters}");
+        let mut lhs = vec![0f64; f.len()];
+        g.apply(&f, classes, alpha, &mut lhs);
+        for (i, (&l, &yv)) in lhs.iter().zip(&y).enumerate() {
+            assert!((l - (1.0 - alpha) * yv).abs() < 1e-8, "entry {i}: {l} vs {}", (1.0 - alpha) * yv);
+        }
+        // Zhou's iteration F ← αSF + (1−α)Y converges to the same F.
+        let mut it = y.clone();
+        for _ in 0..2000 {
+            let mut s = vec![0f64; it.len()];
+            g.apply(&it, classes, 1.0, &mut s); // s = it − S it
+            it = it
+                .iter()
+                .zip(&s)
+                .zip(&y)
+                .map(|((&v, &sv), &yv)| alpha * (v - sv) + (1.0 - alpha) * yv)
+                .collect();
+        }
+        for (a, b) in f.iter().zip(&it) {
+            assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+        }
+        for i in 0..n {
+            let want = i / 5;
+            assert_eq!(crate::backend::argmax(&f[i * classes..(i + 1) * classes]), want, "row {i}: {f:?}");
+        }
+        // Rows far along a chain hold less of its seed's mass.
+        assert!(f[0] > f[2 * classes] && f[2 * classes] > f[4 * classes]);
+    }
+
+    #[test]
+    fn logits_give_the_normalised_scores_back() {
+        let f = [0.3, 0.1, 0.0, -1e-12, 0.0, 0.0];
+        let z = to_logits(&f, 3);
+        let p: Vec<f32> = z.iter().map(|v| v.exp()).collect();
+        assert!((p[0] - 0.75).abs() < 1e-6 && (p[1] - 0.25).abs() < 1e-6 && p[2] <= FLOOR * 1.0001);
+        // A row no seed reaches (negative round-off only) is uniform.
+        for v in &p[3..] {
+            assert!((v - 1.0 / 3.0).abs() < 1e-6, "{p:?}");
+        }
+        assert!(z.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn the_grid_is_checked() {
+        let ok = Options { ks: vec![5], alphas: vec![0.9], batch_size: 64, progress: false };
+        check_options(&ok).unwrap();
+        for (o, want) in [
+            (Options { ks: vec![], ..ok.clone() }, "at least one value"),
+            (Options { ks: vec![0], ..ok.clone() }, "--k 0"),
+            (Options { alphas: vec![1.0], ..ok.clone() }, "--alpha 1"),
+            (Options { alphas: vec![f64::NAN], ..ok.clone() }, "--alpha NaN"),
+            (Options { batch_size: 0, ..ok.clone() }, "--batch-size 0"),
+        ] {
+            let e = check_options(&o).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+}
