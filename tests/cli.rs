@@ -36,6 +36,7 @@ fn every_command_has_help() {
         &["eval", "--help"],
         &["predict", "--help"],
         &["export-logits", "--help"],
+        &["propagate", "--help"],
         &["plot", "--help"],
     ] {
         let o = dtrain(cmd);

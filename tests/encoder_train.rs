@@ -1040,3 +1040,119 @@ fn an_encoders_mean_teacher_averages_every_tensor() {
     }
     assert!(checked > 10, "the step moved {checked} tensors");
 }
+
+/// `dtrain propagate` on the separable data's WordPiece ids with pretrained MiniLM: the grid
+/// is printed with its choice, the logits file matches the unlabeled split and labels most of
+/// it right (chance is 1/3), the same inputs write the same bytes, Noisy Student trains on
+/// it, an encoder checkpoint serves as the encoder too, and what it cannot use is refused.
+#[test]
+fn propagate_spreads_the_labels_into_noisy_student_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=3", "split.val_fraction=0.2"]);
+    let cli = |args: &[&std::ffi::OsStr]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .arg("--quiet")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let propagate = |model: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            os("propagate"),
+            os("--model"),
+            model.into(),
+            os("--data"),
+            data.clone().into(),
+            os("--out"),
+        ];
+        args.push(out.into());
+        args.extend(extra.iter().map(|s| os(s)));
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        cli(&refs)
+    };
+    let minilm = common::minilm();
+    let first = dir.path().join("a.logits");
+    let jsonl = dir.path().join("a.jsonl");
+    let pl = jsonl.display().to_string();
+    let (ok, out, err) =
+        propagate(&minilm, &first, &["--k", "3,5", "--alpha", "0.5,0.9", "--pseudo-labels", &pl]);
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("<- chosen").count(), 1, "{out}");
+    for want in [
+        "   3    0.5",
+        "   5    0.9",
+        "test accuracy of the chosen setting",
+        "probability ≥ 0.50",
+        "against the",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
+    let split = dtrain::data::shard::SplitKind::Unlabeled;
+    let f = dtrain::logits::LogitsFile::open(&first).unwrap();
+    f.check_matches(&ds, split).unwrap();
+    let (mut n, mut right) = (0, 0);
+    for (si, shard) in ds.shards(split).iter().enumerate() {
+        for i in 0..shard.len() {
+            let z = f.row(dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 });
+            n += 1;
+            right += usize::from(dtrain::backend::argmax(z) == shard.hidden_label(i).unwrap() as usize);
+            let total: f32 = z.iter().map(|v| v.exp()).sum();
+            assert!((total - 1.0).abs() < 1e-4, "row {i}: probabilities sum to {total}");
+        }
+    }
+    eprintln!("propagate on the separable data: {right} of {n} unlabeled rows right");
+    assert!(right * 10 >= n * 6, "only {right} of {n} unlabeled rows labeled right");
+    assert_eq!(std::fs::read_to_string(&jsonl).unwrap().lines().count(), n);
+    // The same inputs give the same file; another grid records another source.
+    let again = dir.path().join("b.logits");
+    assert!(propagate(&minilm, &again, &["--k", "3,5", "--alpha", "0.5,0.9"]).0);
+    assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&again).unwrap());
+    let other = dir.path().join("c.logits");
+    assert!(propagate(&minilm, &other, &["--k", "4", "--alpha", "0.9"]).0);
+    assert_ne!(dtrain::logits::LogitsFile::open(&other).unwrap().source, f.source);
+    // Noisy Student reads it.
+    let set = format!("noisy_student.logits={:?}", first.display().to_string());
+    let sets =
+        ["method=\"noisy_student\"", "unlabeled.ratio=2", "consistency.threshold=0.4", "train.steps=2", &set];
+    run(&cfg(&data, &dir.path().join("ns"), &sets), Resume::No, None).unwrap();
+    // An encoder run's checkpoint serves as the encoder.
+    let small = run(&cfg(&data, &dir.path().join("t"), &["train.steps=2"]), Resume::No, None).unwrap();
+    let (ok, _, err) =
+        propagate(&small.final_checkpoint, &dir.path().join("d.logits"), &["--k", "3", "--alpha", "0.9"]);
+    assert!(ok, "{err}");
+    // Refused, by name: a grid with nothing to choose by (no val rows), a neighbour count
+    // past the rows, an alpha outside (0, 1), hashed features, an output that is not a
+    // logits file.
+    std::fs::create_dir_all(dir.path().join("nv")).unwrap();
+    std::fs::create_dir_all(dir.path().join("h")).unwrap();
+    let no_val = wordpiece(&dir.path().join("nv"), &["split.labels_per_class=3", "split.val_fraction=0"]);
+    let mut args = vec![os("propagate"), os("--model"), minilm.clone().into(), os("--data"), no_val.into()];
+    args.extend([os("--out"), dir.path().join("e.logits").into()]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (ok, _, err) = cli(&refs);
+    assert!(
+        !ok && err.contains("the val split is empty") && err.contains("give one --k and one --alpha"),
+        "{err}"
+    );
+    let (ok, _, err) = propagate(&minilm, &dir.path().join("e.logits"), &["--k", "500"]);
+    assert!(!ok && err.contains("--k 500: the data set has only"), "{err}");
+    let (ok, _, err) = propagate(&minilm, &dir.path().join("e.logits"), &["--alpha", "1.5"]);
+    assert!(!ok && err.contains("--alpha 1.5: must be in (0, 1)"), "{err}");
+    let hashed = common::separable(&dir.path().join("h"), 10, &[]);
+    let mut args = vec![os("propagate"), os("--model"), minilm.into(), os("--data"), hashed.into()];
+    args.extend([os("--out"), dir.path().join("e.logits").into()]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (ok, _, err) = cli(&refs);
+    assert!(!ok && err.contains("hashed features") && err.contains("tokenizer.subword.path"), "{err}");
+    let (ok, _, err) = propagate(&common::minilm(), &jsonl, &["--k", "3", "--alpha", "0.9"]);
+    assert!(!ok && err.contains("--out"), "{err}");
+    assert_eq!(std::fs::read_to_string(&jsonl).unwrap().lines().count(), n, "the JSONL was overwritten");
+    assert!(!dir.path().join("e.logits").exists());
+}
