@@ -160,6 +160,8 @@ pub fn propagate<B: EncoderOps<F = f32>>(
             opts.ks.len() * opts.alphas.len()
         )));
     }
+    let k_max = *opts.ks.iter().max().expect("checked: not empty");
+    budget(total, enc.spec.hidden, k_max, classes)?.check()?;
     let started = std::time::Instant::now();
     let (vectors, info) = embed(be, enc, params, ds, opts)?;
     let embed_seconds = started.elapsed().as_secs_f64();
@@ -171,7 +173,6 @@ pub fn propagate<B: EncoderOps<F = f32>>(
         )));
     }
     let started = std::time::Instant::now();
-    let k_max = *opts.ks.iter().max().expect("checked: not empty");
     let hidden = enc.spec.hidden;
     let neighbours = nearest(&vectors, hidden, k_max);
     let search_seconds = started.elapsed().as_secs_f64();
@@ -232,6 +233,23 @@ pub fn propagate<B: EncoderOps<F = f32>>(
             Ok(())
         })?;
     Ok(Report { rows, grid, chosen, test_accuracy, val_by_confidence, export, embed_seconds, search_seconds })
+}
+
+/// The host memory `propagate` holds for `n` rows of width `h`, `k` neighbours and `classes`
+/// classes, as claims on this machine's available memory (the encoder's weights and its
+/// activations, already loaded, are not counted).
+fn budget(n: usize, h: usize, k: usize, classes: usize) -> Result<crate::hostmem::Budget> {
+    let mut b = crate::hostmem::Budget::new("propagate", 1)?;
+    let (n, h, k, c) = (n as u64, h as u64, k as u64, classes as u64);
+    let fewer = "a data set of fewer rows: every row's vector and neighbours are held at once";
+    b.add("the rows' vectors", n * h * 4, "--data", fewer);
+    b.add("their neighbour lists", n * k * 8, "--k", "a smaller largest --k");
+    // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows.
+    b.add("the graph", 2 * n * k * (16 + 12) + 8 * n, "--k", "a smaller largest --k");
+    b.add("the spreading's buffers", 8 * n * c * 8, "--data", fewer);
+    let threads = rayon::current_num_threads() as u64;
+    b.add("the similarity blocks", threads * (1 << 26).min(n * n * 4), "--data", fewer);
+    Ok(b)
 }
 
 /// The identity recorded as the logits file's source: the encoder's weights' and the
@@ -493,6 +511,16 @@ fn to_logits(f: &[f64], classes: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A million rows of MiniLM's width with 20 neighbours: vectors, neighbour lists, graph
+    /// and spreading buffers come to about 2.9 GB, plus the similarity blocks.
+    #[test]
+    fn the_memory_budget_counts_vectors_graph_and_buffers() {
+        let total = budget(1_000_000, 384, 20, 15).unwrap().claimed();
+        let floor = 1_000_000u64 * (384 * 4 + 20 * 8 + 2 * 20 * 28 + 8 + 8 * 15 * 8);
+        let blocks = rayon::current_num_threads() as u64 * (1 << 26);
+        assert_eq!(total, floor + blocks);
+    }
 
     /// Two tight groups of vectors: each row's neighbours are its own group's, nearest first.
     #[test]

@@ -1154,5 +1154,22 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let (ok, _, err) = propagate(&common::minilm(), &jsonl, &["--k", "3", "--alpha", "0.9"]);
     assert!(!ok && err.contains("--out"), "{err}");
     assert_eq!(std::fs::read_to_string(&jsonl).unwrap().lines().count(), n, "the JSONL was overwritten");
+    // A machine with too little memory for the vectors and the graph is told so before
+    // anything is embedded.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["--quiet", "propagate", "--model"])
+        .arg(common::minilm())
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("e.logits"))
+        .env("DTRAIN_MEMORY_LIMIT", "100K")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("config propagate") && err.contains("the rows' vectors"),
+        "{err}"
+    );
     assert!(!dir.path().join("e.logits").exists());
 }
