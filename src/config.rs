@@ -783,8 +783,9 @@ impl Validate for TrainConfig {
         if o.lr_mult.values().any(|&v| !non_negative(v)) {
             return bad("optim.lr_mult", "multipliers must be finite and at least 0");
         }
-        // Every optimizer here takes lr·mult·weight_decay·p off each weight p per step (AdamW's
-        // decoupled decay, SGD's L2 term). At 1 or more a step zeroes or flips every weight.
+        // AdamW's decoupled decay takes lr·mult·weight_decay·p off each weight p per step, and
+        // SGD's L2 term at least that (momentum adds to it; LAMB's trust ratio rescales it). At
+        // 1 or more such a step zeroes or flips every weight.
         let top_mult = o.lr_mult.values().fold(1.0f64, |a, &b| a.max(b));
         if o.lr * top_mult * o.weight_decay >= 1.0 {
             return bad(

@@ -11,7 +11,8 @@
 //!  48  xxh3_64 of the class names joined by '\n'
 //!  56  body_checksum u64 (xxh3_64 of every byte from 128 on)
 //!  64  rows fingerprint u64 (see [`rows_fingerprint`]; version 2 on)
-//!  72  source u64: xxh3_64 of the exporting model's parameters (version 3 on)
+//!  72  source u64: xxh3_64 of the exporting model's parameters (version 3 on; `dtrain
+//!      propagate` records a hash of its encoder's parameters, pooling and grid instead)
 //!  80  header_checksum u64 (xxh3_64 of bytes 0..80)           88..128 zero
 //! 128  rows per shard: P × u64
 //!      logits: rows × classes × f32, shard by shard, each shard's rows in order
@@ -21,8 +22,8 @@
 //! Version 2 had no source: its header checksum sits at 72. The source tells whether two
 //! files (reduced MPL's `mpl.logits` and `mpl.train_logits`) came from the same weights.
 //!
-//! The file is written under a temporary name, synced and renamed; a model whose logits
-//! are not finite (a diverged teacher) writes none. Opening checks the header, the length,
+//! The file is written under a temporary name, synced and renamed; rows that are not
+//! finite (a diverged teacher's) write none. Opening checks the header, the length,
 //! the body checksum and that every logit is finite (two streaming passes), then that the file was
 //! made from this split and label set: either from this very data set (same manifest
 //! checksum), or from another preparation of the same documents in the same rows, which
@@ -366,7 +367,7 @@ impl LogitsFile {
     }
 }
 
-/// What `export-logits` writes and measures.
+/// What a logits file's writer ([`write`]: `export-logits`, `propagate`) wrote and measured.
 #[derive(Debug, Clone, Default)]
 pub struct ExportReport {
     pub rows: u64,
@@ -422,10 +423,25 @@ pub fn export<B: crate::backend::EncoderOps<F = f32>>(
     write(ds, split, out, jsonl, model.classes(), source, rows)
 }
 
+/// Refuses `out` (the logits file, `--out`) and `jsonl` (`--pseudo-labels`) where writing
+/// them would replace something that is not such a file, or where they are one path: for
+/// commands that check before long work, as [`write`] checks again.
+pub fn check_outputs(out: &Path, jsonl: Option<&Path>) -> Result<()> {
+    crate::fsutil::check_output("--out", out, &[], Some(MAGIC))?;
+    if let Some(j) = jsonl {
+        if crate::fsutil::same_file(j, out) {
+            return Err(Error::Data(format!("--pseudo-labels {}: is also --out", j.display())));
+        }
+        crate::fsutil::check_output("--pseudo-labels", j, &[out], Some(crate::fsutil::JSONL_MAGIC))?;
+    }
+    Ok(())
+}
+
 /// Writes the logits file `out` of `split` of `ds` (and, with `jsonl`, one pseudo-label line
 /// per sample), `classes` logits per row, recording `source` as the exporting weights'
 /// identity. `rows(shard_index, shard, start, out)` fills `out` with the logits of one or
-/// more rows of that shard from `start` on (rows × classes, finite). Both files are written
+/// more rows of that shard from `start` on (rows × classes; a value that is not finite is
+/// refused). Both files are written
 /// under temporary names and renamed into place when complete; on any error neither is
 /// left behind, and files already at those paths are untouched.
 pub fn write(
@@ -437,12 +453,9 @@ pub fn write(
     source: u64,
     mut rows_of: impl FnMut(usize, &crate::data::shard::Shard, usize, &mut Vec<f32>) -> Result<()>,
 ) -> Result<ExportReport> {
-    crate::fsutil::check_output("--out", out, &[], Some(MAGIC))?;
-    if let Some(j) = jsonl {
-        if crate::fsutil::same_file(j, out) {
-            return Err(Error::Data(format!("--pseudo-labels {}: is also --out", j.display())));
-        }
-        crate::fsutil::check_output("--pseudo-labels", j, &[out], Some(crate::fsutil::JSONL_MAGIC))?;
+    check_outputs(out, jsonl)?;
+    if classes == 0 {
+        return Err(Error::Data(format!("{}: a logits file needs at least one class", out.display())));
     }
     let tmp = crate::fsutil::sibling(out, ".tmp");
     let jsonl_tmp = jsonl.map(|p| crate::fsutil::sibling(p, ".tmp"));
@@ -484,6 +497,15 @@ pub fn write(
                         out.display(),
                         logits.len(),
                         shard.len()
+                    )));
+                }
+                if let Some(k) = logits.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::Data(format!(
+                        "{}: logit {} of row {} of shard {si} is {}; no logits file was written",
+                        out.display(),
+                        k % classes,
+                        start + k / classes,
+                        logits[k]
                     )));
                 }
                 put(&mut w, bytemuck::cast_slice(&logits))?;

@@ -553,9 +553,10 @@ struct PropagateArgs {
     /// checkpoint of an encoder run (its directory or model.safetensors).
     #[arg(long)]
     model: PathBuf,
-    /// A pretrained model's pooling: `mean` or `cls` (a checkpoint keeps its own).
-    #[arg(long, default_value = "mean", value_parser = ["mean", "cls"])]
-    pooling: String,
+    /// A pretrained model's pooling: `mean` (the default) or `cls`. A checkpoint keeps its
+    /// own, and refuses this option.
+    #[arg(long, value_parser = ["mean", "cls"])]
+    pooling: Option<String>,
     /// The data set directory, prepared with the encoder's tokenizer.json.
     #[arg(long)]
     data: PathBuf,
@@ -569,7 +570,7 @@ struct PropagateArgs {
     /// Neighbours per row to try (comma-separated); val accuracy picks one.
     #[arg(long, value_delimiter = ',', default_values_t = [5usize, 10, 20])]
     k: Vec<usize>,
-    /// Spreading strengths in (0, 1) to try (comma-separated); val accuracy picks one.
+    /// Spreading strengths in (0, 0.999] to try (comma-separated); val accuracy picks one.
     #[arg(long, value_delimiter = ',', default_values_t = [0.5f64, 0.8, 0.9, 0.95, 0.99])]
     alpha: Vec<f64>,
     /// Documents per encoder batch.
@@ -1355,7 +1356,7 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let pretrained =
         a.model.is_dir() && a.model.join("config.json").is_file() && !a.model.join("state.bin").exists();
     let (enc, params): (Encoder, Vec<f32>) = if pretrained {
-        let pooling = if a.pooling == "cls" { Pooling::Cls } else { Pooling::Mean };
+        let pooling = if a.pooling.as_deref() == Some("cls") { Pooling::Cls } else { Pooling::Mean };
         let (enc, params) = load_pretrained(&a.model, 1, pooling, 0)?;
         if enc.spec.vocab < m.tokenizer.buckets as usize || enc.spec.max_positions < sw.max_len as usize {
             bail!(
@@ -1369,6 +1370,12 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         }
         (enc, params)
     } else {
+        if a.pooling.is_some() {
+            bail!(
+                "--pooling applies to a pretrained model's directory; {} is a checkpoint, whose encoder keeps the pooling it was trained with",
+                a.model.display()
+            );
+        }
         let (meta, model, params) = dtrain::checkpoint::load_model(&a.model)?;
         if let Some(what) = meta.mismatch(ds.labels(), &m.tokenizer, "the data set") {
             bail!("{}: the data set does not match the checkpoint's model: {what}", a.data.display());
@@ -1381,7 +1388,8 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
             ),
         }
     };
-    let source = dtrain::propagate::source_of(dtrain::logits::params_source(&params), &opts);
+    let pooling = format!("{:?}", enc.spec.pooling);
+    let source = dtrain::propagate::source_of(dtrain::logits::params_source(&params), &pooling, &opts);
     struct Job<'a>(
         &'a Encoder,
         &'a [f32],
@@ -1414,17 +1422,23 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         r.embed_seconds,
         r.search_seconds
     );
-    println!("   k  alpha  val accuracy  CG iterations");
+    println!("   k  alpha  val accuracy  CG iterations  rows unreached");
     for (i, s) in r.grid.iter().enumerate() {
         let val = s.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
-        let mark = if i == r.chosen { "  <- chosen" } else { "" };
-        println!("{:>4}  {:>5}  {val:>12}  {:>13}{mark}", s.k, s.alpha, s.iterations);
+        let mark = match (i == r.chosen, s.converged) {
+            (true, _) => "  <- chosen",
+            (false, false) => "  (did not converge: never chosen)",
+            _ => "",
+        };
+        println!("{:>4}  {:>5}  {val:>12}  {:>13}  {:>14}{mark}", s.k, s.alpha, s.iterations, s.unreached);
     }
     if let Some(t) = r.test_accuracy {
         println!("test accuracy of the chosen setting: {t:.4} (transductive: the test rows were in the graph, their labels unread)");
     }
     if val > 0 {
-        println!("val rows by the chosen setting's probability (what should pick noisy_student's consistency.threshold):");
+        println!(
+            "val rows by the chosen setting's probability (what should pick noisy_student's consistency.threshold, at consistency.temperature = 1):"
+        );
         for (t, n, right) in &r.val_by_confidence {
             println!(
                 "  probability ≥ {t:.2}: {n} rows ({:.1}%), accuracy {}",

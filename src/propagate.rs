@@ -14,10 +14,14 @@
 //!   for j in `N_k(i)`, else 0; `W = A + Aᵀ`; `S = D^-½ W D^-½` with `D = diag(W 1)`.
 //! - `Y_ic = 1/n_c` for a labeled training row of class c (n_c such rows), else 0.
 //! - `F = (1 − α)(I − α S)⁻¹ Y`, solved column by column by conjugate gradients (`I − αS` is
-//!   symmetric positive definite for α in (0, 1)) to a relative residual of 1e-6.
-//! - Row i's probabilities `p_i = F_i / Σ_c F_ic` (negative round-off clipped to 0; a row
-//!   that no labeled row reaches gets 1/C each), and its logits `ln max(p_ic, 1e-6)`, whose
-//!   softmax gives `p_i` back up to that floor.
+//!   symmetric positive definite for α in (0, 1); α is at most 0.999) to a relative
+//!   residual of 1e-6 within 1000 iterations; a setting that does not get there is reported
+//!   and never chosen.
+//! - Row i's probabilities `p_i = F_i / Σ_c F_ic` (negative round-off clipped to 0), and its
+//!   logits `ln max(p_ic, 1e-6)`, whose softmax gives `p_i` back up to that floor. A row
+//!   that no labeled row reaches (a piece of the graph without one) gets 1/C each: its
+//!   argmax says nothing, it counts as wrong in val and test accuracy, the run prints how
+//!   many there are, and Noisy Student skips it at any `consistency.threshold` above 1/C.
 //! - Every (k, α) of the grid is tried; the one of highest val accuracy (argmax F) wins,
 //!   the first in grid order on a tie. With no val rows the grid must hold one setting.
 //!
@@ -79,6 +83,11 @@ pub struct Setting {
     pub val_accuracy: Option<f64>,
     /// Conjugate-gradient iterations taken (the most over the classes).
     pub iterations: usize,
+    /// Whether every class column reached the residual; a setting that did not is never
+    /// chosen.
+    pub converged: bool,
+    /// Rows that no labeled row reaches (uniform probabilities).
+    pub unreached: usize,
 }
 
 /// What `propagate` measured and wrote.
@@ -111,8 +120,10 @@ pub fn check_options(o: &Options) -> Result<()> {
     if let Some(k) = o.ks.iter().find(|&&k| !(1..=1000).contains(&k)) {
         return Err(Error::Data(format!("--k {k}: must be in 1..=1000")));
     }
-    if let Some(a) = o.alphas.iter().find(|&&a| !(a > 0.0 && a < 1.0)) {
-        return Err(Error::Data(format!("--alpha {a}: must be in (0, 1)")));
+    if let Some(a) = o.alphas.iter().find(|&&a| !(a > 0.0 && a <= 0.999)) {
+        return Err(Error::Data(format!(
+            "--alpha {a}: must be in (0, 0.999] (nearer 1 the solve needs ever more iterations)"
+        )));
     }
     if !(1..=1 << 16).contains(&o.batch_size) {
         return Err(Error::Data(format!("--batch-size {}: must be in 1..=65536", o.batch_size)));
@@ -136,10 +147,16 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     opts: &Options,
 ) -> Result<Report> {
     check_options(opts)?;
-    crate::fsutil::check_output("--out", out, &[], Some(crate::logits::MAGIC))?;
+    crate::logits::check_outputs(out, jsonl)?;
     let classes = ds.labels().len();
     let count = |s: SplitKind| ds.shards(s).iter().map(|x| x.len()).sum::<usize>();
     let rows = [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled].map(count);
+    if rows[0] == 0 {
+        return Err(Error::Data(format!(
+            "{}: the train split is empty: there is no label to spread",
+            ds.dir().display()
+        )));
+    }
     if rows[3] == 0 {
         return Err(Error::Data(format!(
             "{}: the unlabeled split is empty: there is nothing to give labels to",
@@ -166,12 +183,6 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     let (vectors, info) = embed(be, enc, params, ds, opts)?;
     let embed_seconds = started.elapsed().as_secs_f64();
     let seeds = seed_matrix(&info, classes);
-    if seeds.iter().all(|&y| y == 0.0) {
-        return Err(Error::Data(format!(
-            "{}: the train split has no labeled row: there is no label to spread",
-            ds.dir().display()
-        )));
-    }
     let started = std::time::Instant::now();
     let hidden = enc.spec.hidden;
     let neighbours = nearest(&vectors, hidden, k_max);
@@ -181,8 +192,8 @@ pub fn propagate<B: EncoderOps<F = f32>>(
         for (i, r) in info.iter().enumerate() {
             if let (true, Some(l)) = (r.split == split, r.label) {
                 n += 1;
-                right +=
-                    usize::from(crate::backend::argmax(&f[i * classes..(i + 1) * classes]) == l as usize);
+                let row = &f[i * classes..(i + 1) * classes];
+                right += usize::from(reached(row) && crate::backend::argmax(row) == l as usize);
             }
         }
         (n > 0).then(|| right as f64 / n as f64)
@@ -192,20 +203,26 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     for &k in &opts.ks {
         let graph = Graph::new(&neighbours, k_max, k);
         for &alpha in &opts.alphas {
-            let (f, iterations) = graph.spread(&seeds, classes, alpha);
+            let (f, iterations, converged) = graph.spread(&seeds, classes, alpha);
             let val_accuracy = accuracy(&f, SplitKind::Val);
-            grid.push(Setting { k, alpha, val_accuracy, iterations });
-            let better = match (&best, val_accuracy) {
-                (None, _) => true,
-                (Some((b, _)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
-                (Some(_), None) => false,
-            };
+            let unreached = f.chunks(classes).filter(|row| !reached(row)).count();
+            grid.push(Setting { k, alpha, val_accuracy, iterations, converged, unreached });
+            let better = converged
+                && match (&best, val_accuracy) {
+                    (None, _) => true,
+                    (Some((b, _)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
+                    (Some(_), None) => false,
+                };
             if better {
                 best = Some((grid.len() - 1, f));
             }
         }
     }
-    let (chosen, f) = best.expect("the grid is not empty");
+    let Some((chosen, f)) = best else {
+        return Err(Error::Data(format!(
+            "no setting of the grid converged within {MAX_ITERS} iterations: try smaller --alpha values"
+        )));
+    };
     let test_accuracy = accuracy(&f, SplitKind::Test);
     let logits = to_logits(&f, classes);
     let mut val_by_confidence: Vec<(f64, usize, usize)> = VAL_THRESHOLDS.iter().map(|&t| (t, 0, 0)).collect();
@@ -225,13 +242,22 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     // The unlabeled split's rows come last, in shard order (see `embed`).
     let first = total - rows[3];
     let mut at = first;
-    let export =
-        crate::logits::write(ds, SplitKind::Unlabeled, out, jsonl, classes, source, |_, shard, _, out| {
+    let export = crate::logits::write(
+        ds,
+        SplitKind::Unlabeled,
+        out,
+        jsonl,
+        classes,
+        source,
+        |_, shard, start, out| {
+            // Each shard is handed over whole, so `write` asks for each once, from its first row.
+            debug_assert_eq!(start, 0);
             out.clear();
             out.extend_from_slice(&logits[at * classes..(at + shard.len()) * classes]);
             at += shard.len();
             Ok(())
-        })?;
+        },
+    )?;
     Ok(Report { rows, grid, chosen, test_accuracy, val_by_confidence, export, embed_seconds, search_seconds })
 }
 
@@ -244,19 +270,23 @@ fn budget(n: usize, h: usize, k: usize, classes: usize) -> Result<crate::hostmem
     let fewer = "a data set of fewer rows: every row's vector and neighbours are held at once";
     b.add("the rows' vectors", n * h * 4, "--data", fewer);
     b.add("their neighbour lists", n * k * 8, "--k", "a smaller largest --k");
-    // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows.
-    b.add("the graph", 2 * n * k * (16 + 12) + 8 * n, "--k", "a smaller largest --k");
+    // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows, their
+    // starts and the degrees.
+    b.add("the graph", 2 * n * k * (16 + 12) + 16 * n, "--k", "a smaller largest --k");
     b.add("the spreading's buffers", 8 * n * c * 8, "--data", fewer);
+    // Per thread: a block of similarities (at least one row of n) and a row's candidates.
     let threads = rayon::current_num_threads() as u64;
-    b.add("the similarity blocks", threads * (1 << 26).min(n * n * 4), "--data", fewer);
+    let block = (1u64 << 26).min(n * n * 4).max(n * 4) + n * 8;
+    b.add("the similarity blocks", threads * block, "--data", fewer);
     Ok(b)
 }
 
-/// The identity recorded as the logits file's source: the encoder's weights' and the
-/// grid's (two runs of other settings write files of other sources).
-pub fn source_of(params_source: u64, opts: &Options) -> u64 {
+/// The identity recorded as the logits file's source: the encoder's weights', its pooling's
+/// and the grid's (two runs of other settings write files of other sources).
+pub fn source_of(params_source: u64, pooling: &str, opts: &Options) -> u64 {
     let mut bytes = params_source.to_le_bytes().to_vec();
     bytes.extend(b"propagate");
+    bytes.extend(pooling.as_bytes());
     for k in &opts.ks {
         bytes.extend((*k as u64).to_le_bytes());
     }
@@ -450,9 +480,9 @@ impl Graph {
         });
     }
 
-    /// `F = (1 − α)(I − αS)⁻¹ Y` by conjugate gradients on every class column at once, and
-    /// the iterations the slowest column took.
-    fn spread(&self, y: &[f64], classes: usize, alpha: f64) -> (Vec<f64>, usize) {
+    /// `F = (1 − α)(I − αS)⁻¹ Y` by conjugate gradients on every class column at once, the
+    /// iterations the slowest column took, and whether every column reached the residual.
+    fn spread(&self, y: &[f64], classes: usize, alpha: f64) -> (Vec<f64>, usize, bool) {
         let b: Vec<f64> = y.iter().map(|&v| (1.0 - alpha) * v).collect();
         let column_dots = |a: &[f64], c: &[f64]| {
             let mut d = vec![0f64; classes];
@@ -490,8 +520,14 @@ impl Graph {
             rr = next;
             iterations += 1;
         }
-        (x, iterations)
+        let converged = rr.iter().zip(&target).all(|(&s, &t)| s.sqrt() <= t);
+        (x, iterations, converged)
     }
+}
+
+/// Whether a row of `F` holds any label mass (a labeled row reaches it).
+fn reached(row: &[f64]) -> bool {
+    row.iter().any(|&v| v > 0.0)
 }
 
 /// Rows of `F` as logits: `ln max(p, 1e-6)` of `p = max(F, 0) / Σ max(F, 0)`, uniform where the
@@ -517,8 +553,8 @@ mod tests {
     #[test]
     fn the_memory_budget_counts_vectors_graph_and_buffers() {
         let total = budget(1_000_000, 384, 20, 15).unwrap().claimed();
-        let floor = 1_000_000u64 * (384 * 4 + 20 * 8 + 2 * 20 * 28 + 8 + 8 * 15 * 8);
-        let blocks = rayon::current_num_threads() as u64 * (1 << 26);
+        let floor = 1_000_000u64 * (384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
+        let blocks = rayon::current_num_threads() as u64 * ((1 << 26) + 8_000_000);
         assert_eq!(total, floor + blocks);
     }
 
@@ -574,8 +610,8 @@ mod tests {
         y[0] = 1.0; // row 0: class 0
         y[5 * classes + 1] = 1.0; // row 5: class 1
         let alpha = 0.9;
-        let (f, iters) = g.spread(&y, classes, alpha);
-        assert!(iters > 0 && iters < MAX_ITERS, "{iters}");
+        let (f, iters, converged) = g.spread(&y, classes, alpha);
+        assert!(converged && iters > 0 && iters < MAX_ITERS, "{iters}");
         let mut lhs = vec![0f64; f.len()];
         g.apply(&f, classes, alpha, &mut lhs);
         for (i, (&l, &yv)) in lhs.iter().zip(&y).enumerate() {
@@ -604,6 +640,32 @@ mod tests {
         assert!(f[0] > f[2 * classes] && f[2 * classes] > f[4 * classes]);
     }
 
+    /// Hundreds of rows, so that the search runs in several blocks: the same neighbours, in
+    /// the same order, as a brute-force scan. The vectors' entries are small integers, so
+    /// every dot product is exact and ties (duplicated rows) are broken by index alike.
+    #[test]
+    fn nearest_matches_brute_force_across_blocks() {
+        let (n, h, k) = (600, 4, 7);
+        let mut rng = crate::rng::Stream::new(3, crate::rng::Purpose::Init, 0);
+        let mut v: Vec<f32> = (0..n * h).map(|_| rng.below(7) as f32 - 3.0).collect();
+        // Rows 100..110 repeat row 5: ties every row must break by index.
+        for r in 100..110 {
+            let src: Vec<f32> = v[5 * h..6 * h].to_vec();
+            v[r * h..(r + 1) * h].copy_from_slice(&src);
+        }
+        let block = (1usize << 24).div_ceil(n).clamp(1, 256);
+        assert!(n > 2 * block, "the test should span several blocks");
+        let got = nearest(&v, h, k);
+        for i in 0..n {
+            let mut all: Vec<(u32, f32)> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| (j as u32, (0..h).map(|d| v[i * h + d] * v[j * h + d]).sum::<f32>()))
+                .collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            assert_eq!(&got[i * k..(i + 1) * k], &all[..k], "row {i}");
+        }
+    }
+
     #[test]
     fn logits_give_the_normalised_scores_back() {
         let f = [0.3, 0.1, 0.0, -1e-12, 0.0, 0.0];
@@ -625,6 +687,7 @@ mod tests {
             (Options { ks: vec![], ..ok.clone() }, "at least one value"),
             (Options { ks: vec![0], ..ok.clone() }, "--k 0"),
             (Options { alphas: vec![1.0], ..ok.clone() }, "--alpha 1"),
+            (Options { alphas: vec![0.9999], ..ok.clone() }, "--alpha 0.9999: must be in (0, 0.999]"),
             (Options { alphas: vec![f64::NAN], ..ok.clone() }, "--alpha NaN"),
             (Options { batch_size: 0, ..ok.clone() }, "--batch-size 0"),
         ] {

@@ -1127,8 +1127,13 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let (ok, _, err) =
         propagate(&small.final_checkpoint, &dir.path().join("d.logits"), &["--k", "3", "--alpha", "0.9"]);
     assert!(ok, "{err}");
+    // It keeps the pooling it was trained with.
+    let d2 = dir.path().join("d2.logits");
+    let (ok, _, err) =
+        propagate(&small.final_checkpoint, &d2, &["--k", "3", "--alpha", "0.9", "--pooling", "cls"]);
+    assert!(!ok && err.contains("--pooling applies to a pretrained model's directory"), "{err}");
     // Refused, by name: a grid with nothing to choose by (no val rows), a neighbour count
-    // past the rows, an alpha outside (0, 1), hashed features, an output that is not a
+    // past the rows, an alpha outside (0, 0.999], hashed features, an output that is not a
     // logits file.
     std::fs::create_dir_all(dir.path().join("nv")).unwrap();
     std::fs::create_dir_all(dir.path().join("h")).unwrap();
@@ -1144,7 +1149,7 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let (ok, _, err) = propagate(&minilm, &dir.path().join("e.logits"), &["--k", "500"]);
     assert!(!ok && err.contains("--k 500: the data set has only"), "{err}");
     let (ok, _, err) = propagate(&minilm, &dir.path().join("e.logits"), &["--alpha", "1.5"]);
-    assert!(!ok && err.contains("--alpha 1.5: must be in (0, 1)"), "{err}");
+    assert!(!ok && err.contains("--alpha 1.5: must be in (0, 0.999]"), "{err}");
     let hashed = common::separable(&dir.path().join("h"), 10, &[]);
     let mut args = vec![os("propagate"), os("--model"), minilm.into(), os("--data"), hashed.into()];
     args.extend([os("--out"), dir.path().join("e.logits").into()]);
