@@ -1122,6 +1122,16 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let sets =
         ["method=\"noisy_student\"", "unlabeled.ratio=2", "consistency.threshold=0.4", "train.steps=2", &set];
     run(&cfg(&data, &dir.path().join("ns"), &sets), Resume::No, None).unwrap();
+    // The student's targets are the spread labels of its own rows: right as often as the
+    // file is (a file read at the wrong rows would be right about a third of the time).
+    let seen: Vec<f64> = records(&dir.path().join("ns"))
+        .iter()
+        .filter_map(|r| r.get("pseudo_label_accuracy").and_then(|v| v.as_f64()))
+        .collect();
+    assert!(!seen.is_empty(), "no pseudo_label_accuracy record");
+    let mean = seen.iter().sum::<f64>() / seen.len() as f64;
+    eprintln!("noisy student on the spread labels: targets right {seen:?}");
+    assert!(mean >= 0.55, "the student's targets are right {mean} of the time: {seen:?}");
     // An encoder run's checkpoint serves as the encoder.
     let small = run(&cfg(&data, &dir.path().join("t"), &["train.steps=2"]), Resume::No, None).unwrap();
     let (ok, _, err) =
