@@ -86,7 +86,7 @@ fn labels_hash(labels: &[String]) -> u64 {
 }
 
 /// A row's argmax and its softmax probability.
-fn top_confidence(z: &[f32]) -> (usize, f64) {
+pub fn top_confidence(z: &[f32]) -> (usize, f64) {
     let top = crate::backend::argmax(z);
     let total: f64 = z.iter().map(|&v| f64::from(v - z[top]).exp()).sum();
     (top, 1.0 / total)

@@ -1358,7 +1358,7 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let (enc, params): (Encoder, Vec<f32>) = if pretrained {
         let pooling = if a.pooling.as_deref() == Some("cls") { Pooling::Cls } else { Pooling::Mean };
         let (enc, params) = load_pretrained(&a.model, 1, pooling, 0)?;
-        if enc.spec.vocab < m.tokenizer.buckets as usize || enc.spec.max_positions < sw.max_len as usize {
+        if !enc.spec.covers(m.tokenizer.buckets, sw) {
             bail!(
                 "{}: {} token ids and {} positions; the data set's tokenizer has {} ids and up to {} tokens: prepare it with this model's tokenizer.json",
                 a.model.display(),

@@ -184,8 +184,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     let embed_seconds = started.elapsed().as_secs_f64();
     let seeds = seed_matrix(&info, classes);
     let started = std::time::Instant::now();
-    let hidden = enc.spec.hidden;
-    let neighbours = nearest(&vectors, hidden, k_max);
+    let neighbours = nearest(&vectors, enc.spec.hidden, k_max);
     let search_seconds = started.elapsed().as_secs_f64();
     let accuracy = |f: &[f64], split: SplitKind| -> Option<f64> {
         let (mut n, mut right) = (0usize, 0usize);
@@ -228,9 +227,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     let mut val_by_confidence: Vec<(f64, usize, usize)> = VAL_THRESHOLDS.iter().map(|&t| (t, 0, 0)).collect();
     for (i, r) in info.iter().enumerate() {
         if let (SplitKind::Val, Some(l)) = (r.split, r.label) {
-            let z = &logits[i * classes..(i + 1) * classes];
-            let top = crate::backend::argmax(z);
-            let p = f64::from(z[top]).exp() / z.iter().map(|&v| f64::from(v).exp()).sum::<f64>();
+            let (top, p) = crate::logits::top_confidence(&logits[i * classes..(i + 1) * classes]);
             for (t, n, right) in &mut val_by_confidence {
                 if p >= *t {
                     *n += 1;
@@ -240,8 +237,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
         }
     }
     // The unlabeled split's rows come last, in shard order (see `embed`).
-    let first = total - rows[3];
-    let mut at = first;
+    let mut at = total - rows[3];
     let export = crate::logits::write(
         ds,
         SplitKind::Unlabeled,

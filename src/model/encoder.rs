@@ -76,6 +76,12 @@ pub struct EncoderSpec {
 }
 
 impl EncoderSpec {
+    /// Whether this encoder reads every id and every sequence length of a data set prepared
+    /// with subword tokenizer `sw` and `buckets` ids (its embedding rows and positions).
+    pub fn covers(&self, buckets: u32, sw: &crate::data::tokenize::SubwordSpec) -> bool {
+        self.vocab >= buckets as usize && self.max_positions >= sw.max_len as usize
+    }
+
     /// Values the layers' tapes hold after a forward pass over `seqs` sequences padded to
     /// `len` tokens (what [`EncoderActs::layer_values`] then reports): per token and layer
     /// 8·H + 2·I + heads·len + 4 (one more H pre-LN) for a pass a backward pass follows,

@@ -284,7 +284,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     // Available memory is read before the pretrained weights take theirs.
     let mut budget = crate::hostmem::Budget::new("pretrain", 1)?;
     let (enc, loaded) = load_pretrained(dir, 1, Pooling::Mean, t.seed)?;
-    if enc.spec.vocab < manifest.tokenizer.buckets as usize || enc.spec.max_positions < sw.max_len as usize {
+    if !enc.spec.covers(manifest.tokenizer.buckets, sw) {
         return Err(Error::config(
             "pretrain",
             "mlm.pretrained",

@@ -302,7 +302,7 @@ fn build_model(
                     (enc.spec, Some(params), dir.display().to_string())
                 }
             };
-            if spec.vocab < vocab || spec.max_positions < sw.max_len as usize {
+            if !spec.covers(manifest.tokenizer.buckets, sw) {
                 return Err(Error::config(
                     "train",
                     format!("{section}.encoder.pretrained"),
