@@ -107,14 +107,7 @@ def propagated_logits(seed, data):
         out = subprocess.run([be.BIN, "--quiet", "propagate", "--model", "models/minilm", "--data", data,
                               "--out", path], check=True, capture_output=True, text=True).stdout
         open(report, "w").write(out)
-    table = {}
-    for line in open(report):
-        line = line.strip()
-        if line.startswith("probability ≥ ") and "accuracy -" not in line:
-            t = float(line.split()[2].rstrip(":"))
-            rows = int(line.split(":")[1].split()[0])
-            table[t] = (rows, float(line.rsplit(" ", 1)[1]))
-    return path, table
+    return path, bo.propagate_val_table(open(report).read())
 
 
 def main():
@@ -168,9 +161,7 @@ def main():
             p /= p.sum(1, keepdims=True)
             threshold, name = a.threshold or 0.0, "propagated"
             if a.val_target is not None:
-                ok = [t for t, (_, acc) in sorted(table.items()) if acc >= a.val_target]
-                assert ok, f"seed {seed}: no threshold's val rows are {a.val_target} right: {table}"
-                threshold, name = ok[0], f"propagated-v{a.val_target}"
+                threshold, name = bo.lowest_threshold(table, a.val_target), f"propagated-v{a.val_target}"
             kept = p.max(1) >= threshold
             right = p.argmax(1) == hidden
             row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"', f"consistency.threshold={threshold}"]

@@ -78,6 +78,27 @@ def write_logits(path, buf, body, z):
     os.replace(tmp, path)
 
 
+def propagate_val_table(report):
+    """`dtrain propagate`'s val rows by probability, from its printed report:
+    {threshold: (rows, accuracy)}, thresholds that keep no row left out."""
+    table = {}
+    for line in report.splitlines():
+        line = line.strip()
+        if line.startswith("probability ≥ ") and "accuracy -" not in line:
+            t = float(line.split()[2].rstrip(":"))
+            rows = int(line.split(":")[1].split()[0])
+            table[t] = (rows, float(line.rsplit(" ", 1)[1]))
+    return table
+
+
+def lowest_threshold(table, target):
+    """The lowest threshold of a propagate val table whose val rows are at least `target`
+    right (the rule fixed before the runs: read from val, not from hidden labels)."""
+    ok = [t for t, (_, acc) in sorted(table.items()) if acc >= target]
+    assert ok, f"no threshold's val rows are {target} right: {table}"
+    return ok[0]
+
+
 def corrected(z, hidden, target, rng):
     """z with wrong rows corrected (true class's logit swapped with the top one) at random
     until a fraction `target` of the rows' argmaxes equals the hidden label."""

@@ -65,8 +65,8 @@ enum Command {
     /// Write a checkpoint's logits for every sample of a prepared split (the targets of
     /// method = "noisy_student"), and optionally its pseudo-labels with confidences as JSONL.
     ExportLogits(ExportArgs),
-    /// Pseudo-labels by label spreading: embed every row of a data set with an encoder, link
-    /// each to its nearest neighbours, spread the training labels over that graph (k and
+    /// Pseudo-labels by label spreading: embed every row of a data set with an encoder (or
+    /// average its skip-gram word vectors), link each to its nearest neighbours, spread the training labels over that graph (k and
     /// alpha chosen on val) and write the unlabeled split's logits (method = "noisy_student"'s
     /// targets).
     Propagate(PropagateArgs),
@@ -549,17 +549,23 @@ struct ExportArgs {
 struct PropagateArgs {
     #[command(flatten)]
     device: DeviceArg,
-    /// The encoder: a pretrained model's directory (config.json, model.safetensors), or a
-    /// checkpoint of an encoder run (its directory or model.safetensors).
-    #[arg(long)]
-    model: PathBuf,
+    /// Where the rows' vectors come from: a pretrained encoder's directory (config.json,
+    /// model.safetensors), a checkpoint of an encoder run (its directory or
+    /// model.safetensors), or skip-gram word embeddings (`dtrain pretrain`'s output directory
+    /// or its embeddings.safetensors; a row's vector is the mean of its words'). Repeat
+    /// it, each with its own --data, for several views of the same rows: the graph's
+    /// similarity is then the mean of the views' cosines.
+    #[arg(long, required = true)]
+    model: Vec<PathBuf>,
     /// A pretrained model's pooling: `mean` (the default) or `cls`. A checkpoint keeps its
     /// own, and refuses this option.
     #[arg(long, value_parser = ["mean", "cls"])]
     pooling: Option<String>,
-    /// The data set directory, prepared with the encoder's tokenizer.json.
-    #[arg(long)]
-    data: PathBuf,
+    /// The data set directory of the --model before it, prepared with the encoder's
+    /// tokenizer.json (or, for embeddings, with the tokenizer pretraining used). The logits
+    /// file is the first data set's (and every view's: they hold the same rows).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
     /// The logits file to write (the unlabeled split's rows).
     #[arg(long)]
     out: PathBuf,
@@ -573,6 +579,12 @@ struct PropagateArgs {
     /// Spreading strengths in (0, 0.999] to try (comma-separated); val accuracy picks one.
     #[arg(long, value_delimiter = ',', default_values_t = [0.5f64, 0.8, 0.9, 0.95, 0.99])]
     alpha: Vec<f64>,
+    /// What to do to the unit vectors before the neighbour search, to try (comma-separated);
+    /// val accuracy picks one: `raw` (as they are), `centre` (subtract the rows' mean), or
+    /// `drop-top` (take out the rows' top singular direction). Both shifts take out the
+    /// common part that makes every row similar to every other.
+    #[arg(long, value_delimiter = ',', default_values = ["raw", "centre", "drop-top"])]
+    shift: Vec<dtrain::propagate::Shift>,
     /// Documents per encoder batch.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -1333,88 +1345,127 @@ fn print_export_report(r: &dtrain::logits::ExportReport, split: SplitKind) {
     }
 }
 
-/// `dtrain propagate`.
-fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
-    use dtrain::model::encoder::{load_pretrained, Encoder, Pooling};
-    let opts = dtrain::propagate::Options {
-        ks: a.k.clone(),
-        alphas: a.alpha.clone(),
-        batch_size: a.batch_size,
-        progress,
-    };
-    dtrain::propagate::check_options(&opts)?;
-    let ds = Dataset::open(&a.data)?;
-    ds.verify_payloads(|_, _| true)?;
+/// What one `--model` of `dtrain propagate` holds, loaded.
+enum Loaded {
+    Encoder(dtrain::model::encoder::Encoder, Vec<f32>),
+    Bag(dtrain::pretrain::embeddings::Embeddings),
+}
+
+/// Loads `--model` for the data set `ds` (at `data`): skip-gram embeddings, a pretrained
+/// encoder's directory (with `pooling`), or an encoder run's checkpoint.
+fn load_propagate_model(
+    model: &Path,
+    data: &Path,
+    ds: &Dataset,
+    pooling: Option<&str>,
+) -> anyhow::Result<Loaded> {
+    use dtrain::model::encoder::{load_pretrained, Pooling};
     let m = ds.manifest();
+    let embeddings = model.join(dtrain::pretrain::embeddings::EMBEDDINGS_FILE).is_file()
+        || model.file_name().is_some_and(|n| n == dtrain::pretrain::embeddings::EMBEDDINGS_FILE);
+    if embeddings {
+        if pooling.is_some() {
+            bail!(
+                "--pooling applies to a pretrained encoder; {} holds word vectors, which are averaged",
+                model.display()
+            );
+        }
+        return Ok(Loaded::Bag(dtrain::pretrain::embeddings::read(model)?));
+    }
     let Some(sw) = &m.tokenizer.subword else {
         bail!(
             "{}: the data set holds hashed features; an encoder reads subword ids: prepare it with --set tokenizer.subword.path=<the model's tokenizer.json>",
-            a.data.display()
+            data.display()
         );
     };
     // A pretrained model's directory, or a training checkpoint.
     let pretrained =
-        a.model.is_dir() && a.model.join("config.json").is_file() && !a.model.join("state.bin").exists();
-    let (enc, params): (Encoder, Vec<f32>) = if pretrained {
-        let pooling = if a.pooling.as_deref() == Some("cls") { Pooling::Cls } else { Pooling::Mean };
-        let (enc, params) = load_pretrained(&a.model, 1, pooling, 0)?;
+        model.is_dir() && model.join("config.json").is_file() && !model.join("state.bin").exists();
+    if pretrained {
+        let pooling = if pooling == Some("cls") { Pooling::Cls } else { Pooling::Mean };
+        let (enc, params) = load_pretrained(model, 1, pooling, 0)?;
         if !enc.spec.covers(m.tokenizer.buckets, sw) {
             bail!(
                 "{}: {} token ids and {} positions; the data set's tokenizer has {} ids and up to {} tokens: prepare it with this model's tokenizer.json",
-                a.model.display(),
+                model.display(),
                 enc.spec.vocab,
                 enc.spec.max_positions,
                 m.tokenizer.buckets,
                 sw.max_len
             );
         }
-        (enc, params)
-    } else {
-        if a.pooling.is_some() {
-            bail!(
-                "--pooling applies to a pretrained model's directory; {} is a checkpoint, whose encoder keeps the pooling it was trained with",
-                a.model.display()
-            );
-        }
-        let (meta, model, params) = dtrain::checkpoint::load_model(&a.model)?;
-        if let Some(what) = meta.mismatch(ds.labels(), &m.tokenizer, "the data set") {
-            bail!("{}: the data set does not match the checkpoint's model: {what}", a.data.display());
-        }
-        match model {
-            dtrain::model::Model::Encoder(enc) => (enc, params),
-            dtrain::model::Model::Bag(_) => bail!(
-                "{}: a bag model's checkpoint; propagate needs an encoder's sentence vectors (a pretrained model's directory, or an encoder run's checkpoint)",
-                a.model.display()
-            ),
-        }
+        return Ok(Loaded::Encoder(enc, params));
+    }
+    if pooling.is_some() {
+        bail!(
+            "--pooling applies to a pretrained model's directory; {} is a checkpoint, whose encoder keeps the pooling it was trained with",
+            model.display()
+        );
+    }
+    let (meta, loaded, params) = dtrain::checkpoint::load_model(model)?;
+    if let Some(what) = meta.mismatch(ds.labels(), &m.tokenizer, "the data set") {
+        bail!("{}: the data set does not match the checkpoint's model: {what}", data.display());
+    }
+    match loaded {
+        dtrain::model::Model::Encoder(enc) => Ok(Loaded::Encoder(enc, params)),
+        dtrain::model::Model::Bag(_) => bail!(
+            "{}: a bag model's checkpoint; propagate reads an encoder (a pretrained model's directory, or an encoder run's checkpoint) or the skip-gram embeddings a bag model starts from (`dtrain pretrain`'s output)",
+            model.display()
+        ),
+    }
+}
+
+/// `dtrain propagate`.
+fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
+    let opts = dtrain::propagate::Options {
+        ks: a.k.clone(),
+        alphas: a.alpha.clone(),
+        shifts: a.shift.clone(),
+        batch_size: a.batch_size,
+        progress,
     };
-    let pooling = format!("{:?}", enc.spec.pooling);
-    let source = dtrain::propagate::source_of(dtrain::logits::params_source(&params), &pooling, &opts);
-    struct Job<'a>(
-        &'a Encoder,
-        &'a [f32],
-        u64,
-        &'a Dataset,
-        &'a PropagateArgs,
-        &'a dtrain::propagate::Options,
-    );
+    dtrain::propagate::check_options(&opts)?;
+    if a.model.len() != a.data.len() {
+        bail!(
+            "{} --model and {} --data: give each view's data set after its model (--model A --data A_DATA --model B --data B_DATA)",
+            a.model.len(),
+            a.data.len()
+        );
+    }
+    let mut sets = Vec::new();
+    for data in &a.data {
+        let ds = Dataset::open(data)?;
+        ds.verify_payloads(|_, _| true)?;
+        sets.push(ds);
+    }
+    let mut loaded = Vec::new();
+    for ((model, data), ds) in a.model.iter().zip(&a.data).zip(&sets) {
+        loaded.push(load_propagate_model(model, data, ds, a.pooling.as_deref())?);
+    }
+    let views: Vec<dtrain::propagate::View> = loaded
+        .iter()
+        .zip(&sets)
+        .map(|(l, data)| dtrain::propagate::View {
+            vectors: match l {
+                Loaded::Encoder(enc, params) => dtrain::propagate::Vectors::Encoder { enc, params },
+                Loaded::Bag(emb) => dtrain::propagate::Vectors::Bag(emb),
+            },
+            data,
+        })
+        .collect();
+    struct Job<'a>(&'a [dtrain::propagate::View<'a>], &'a PropagateArgs, &'a dtrain::propagate::Options);
     impl OnBackend for Job<'_> {
         type Out = dtrain::propagate::Report;
         fn run<B: dtrain::backend::EncoderOps<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
-            let a = self.4;
-            dtrain::propagate::propagate(
-                be,
-                self.0,
-                self.1,
-                self.2,
-                self.3,
-                &a.out,
-                a.pseudo_labels.as_deref(),
-                self.5,
-            )
+            dtrain::propagate::propagate(be, self.0, &self.1.out, self.1.pseudo_labels.as_deref(), self.2)
         }
     }
-    let r = dispatch(a.device.device, 0, progress, Job(&enc, &params, source, &ds, &a, &opts))?;
+    let r = dispatch(a.device.device, 0, progress, Job(&views, &a, &opts))?;
+    print_propagate_report(&r, &a);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
     let [train, val, test, unlabeled] = r.rows;
     println!(
         "embedded {} rows (train {train}, val {val}, test {test}, unlabeled {unlabeled}) in {:.1} s; nearest neighbours in {:.1} s",
@@ -1422,7 +1473,16 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         r.embed_seconds,
         r.search_seconds
     );
-    println!("   k  alpha  val accuracy  CG iterations  rows unreached");
+    for (model, &n) in a.model.iter().zip(&r.without_vector) {
+        if n > 0 {
+            println!(
+                "{n} rows hold no word the embeddings {} trained: they have no vector there{}",
+                model.display(),
+                if a.model.len() == 1 { ", and no label reaches them" } else { "" }
+            );
+        }
+    }
+    println!("   shift     k  alpha  val accuracy  CG iterations  rows unreached");
     for (i, s) in r.grid.iter().enumerate() {
         let val = s.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
         let mark = match (i == r.chosen, s.converged) {
@@ -1430,7 +1490,14 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
             (false, false) => "  (did not converge: never chosen)",
             _ => "",
         };
-        println!("{:>4}  {:>5}  {val:>12}  {:>13}  {:>14}{mark}", s.k, s.alpha, s.iterations, s.unreached);
+        println!(
+            "{:>8}  {:>4}  {:>5}  {val:>12}  {:>13}  {:>14}{mark}",
+            s.shift.name(),
+            s.k,
+            s.alpha,
+            s.iterations,
+            s.unreached
+        );
     }
     if let Some(t) = r.test_accuracy {
         println!("test accuracy of the chosen setting: {t:.4} (transductive: the test rows were in the graph, their labels unread)");
@@ -1452,7 +1519,6 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         println!("pseudo-labels: {}", p.display());
     }
     print_export_report(&r.export, SplitKind::Unlabeled);
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The weights `--teacher` / `--average` ask for.

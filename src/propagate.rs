@@ -1,15 +1,22 @@
-//! Label spreading over an encoder's sentence vectors (`dtrain propagate`): every row of a
-//! data set is embedded, linked to its nearest neighbours, and the labeled rows' labels are
-//! spread over that graph; the unlabeled split's result is written as a logits file, the
-//! targets of `method = "noisy_student"`.
+//! Label spreading over sentence vectors (`dtrain propagate`): every row of a data set is
+//! embedded (by an encoder, or as the mean of its pretrained word vectors), linked to its
+//! nearest neighbours, and the labeled rows' labels are spread over that graph; the
+//! unlabeled split's result is written as a logits file, the targets of
+//! `method = "noisy_student"`.
 //!
 //! # Definition
 //! Zhou et al.'s label spreading (2004) on a k-nearest-neighbour graph of cosine
 //! similarities raised to γ = 3 (Iscen et al., "Label Propagation for Deep Semi-supervised
 //! Learning", 2019):
-//! - `v_i` = the encoder's pooled vector of row i (no dropout), divided by its norm, for
-//!   every row of the train, unlabeled, val and test splits. Only the train split's labels
-//!   seed the graph; val's choose k and α; test's and the hidden labels are only measured.
+//! - `v_i` = row i's vector divided by its norm, for every row of the train, unlabeled, val
+//!   and test splits: an encoder's pooled vector (no dropout), or the mean of the pretrained
+//!   vectors of the row's feature ids that skip-gram trained ([`propagate_bag`]; a row with
+//!   none has no vector, no edge, and no label reaches it). Only the train split's labels
+//!   seed the graph; val's choose the settings; test's and the hidden labels are only
+//!   measured.
+//! - A [`Shift`] of the unit vectors, then unit length again: none, minus their mean
+//!   (`centre`), or minus their component along the top singular direction `u` of the n×H
+//!   matrix of rows (`drop-top`: `v_i − (v_i·u)u`). A row left with nothing has no vector.
 //! - `N_k(i)`: the k rows j ≠ i of largest `v_i·v_j` (exact search). `A_ij = max(0, v_i·v_j)^γ`
 //!   for j in `N_k(i)`, else 0; `W = A + Aᵀ`; `S = D^-½ W D^-½` with `D = diag(W 1)`.
 //! - `Y_ic = 1/n_c` for a labeled training row of class c (n_c such rows), else 0.
@@ -22,14 +29,15 @@
 //!   that no labeled row reaches (a piece of the graph without one) gets 1/C each: its
 //!   argmax says nothing, it counts as wrong in val and test accuracy, the run prints how
 //!   many there are, and Noisy Student skips it at any `consistency.threshold` above 1/C.
-//! - Every (k, α) of the grid is tried; the one of highest val accuracy (argmax F) wins,
-//!   the first in grid order on a tie. With no val rows the grid must hold one setting.
+//! - Every (shift, k, α) of the grid is tried; the one of highest val accuracy (argmax F)
+//!   wins, the first in grid order on a tie. With no val rows the grid must hold one
+//!   setting.
 //!
 //! # Cost
 //! The neighbour search is exact: n²·H multiply-adds for n rows of width H (15.6k rows of
 //! MiniLM's 384 take seconds; a million would take hours on a CPU). The vectors take n·H
-//! floats, the graph 2·n·k edges. The encoder runs on the `--device` backend, the search
-//! and the spreading on the CPU.
+//! floats (twice, while a shifted copy is searched), the graph 2·n·k edges; each shift of
+//! the grid searches once. The encoder runs on the `--device` backend, the rest on the CPU.
 
 use std::path::Path;
 
@@ -38,10 +46,11 @@ use rayon::prelude::*;
 
 use crate::backend::{EncoderOps, Real};
 use crate::data::dataset::Dataset;
-use crate::data::shard::{DocLimits, SplitKind};
+use crate::data::shard::{DocLimits, Shard, SplitKind};
 use crate::error::{Error, Result};
 use crate::logits::ExportReport;
 use crate::model::encoder::{Encoder, EncoderActs, TokenBatch};
+use crate::pretrain::embeddings::Embeddings;
 
 /// The edges' similarity exponent γ.
 pub const GAMMA: i32 = 3;
@@ -61,9 +70,83 @@ pub struct Options {
     pub ks: Vec<usize>,
     /// Spreading strengths to try (each in (0, 1)).
     pub alphas: Vec<f64>,
+    /// What to do to the vectors before the search, to try (each once).
+    pub shifts: Vec<Shift>,
     /// Documents per encoder batch.
     pub batch_size: usize,
     pub progress: bool,
+}
+
+/// What is done to the unit vectors before the neighbour search. Vectors that share a large
+/// common component (averaged word vectors, and to a lesser degree an encoder's) are all
+/// similar to each other by cosine, and that component, not the topic, decides who is whose
+/// neighbour; taking it out leaves the differences. Each option is a setting of the grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shift {
+    /// The vectors as they are.
+    Raw,
+    /// Subtract the mean of the rows (those with a vector), then back to unit length.
+    Centre,
+    /// Take out every row's component along the rows' top singular direction (uncentred; the
+    /// common direction of Arora et al.'s SIF embeddings, 2017), then back to unit length.
+    DropTop,
+}
+
+impl Shift {
+    pub const ALL: [Shift; 3] = [Shift::Raw, Shift::Centre, Shift::DropTop];
+
+    /// The name `--shift` takes and reports print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shift::Raw => "raw",
+            Shift::Centre => "centre",
+            Shift::DropTop => "drop-top",
+        }
+    }
+
+    /// Applies the shift to `v` (unit rows of width `h`; all-zero rows have no vector and
+    /// stay so); returns how many rows it left with nothing (zeroed: no edge reaches them).
+    fn apply(self, v: &mut [f32], h: usize) -> usize {
+        match self {
+            Shift::Raw => 0,
+            Shift::Centre => {
+                let (mut mean, mut n) = (vec![0f64; h], 0usize);
+                for row in v.chunks(h).filter(|r| has_vector(r)) {
+                    n += 1;
+                    for (m, &x) in mean.iter_mut().zip(row) {
+                        *m += f64::from(x);
+                    }
+                }
+                mean.iter_mut().for_each(|m| *m /= n.max(1) as f64);
+                subtract_and_renormalise(v, h, |row, out| {
+                    for ((o, &x), m) in out.iter_mut().zip(row).zip(&mean) {
+                        *o = f64::from(x) - m;
+                    }
+                })
+            }
+            Shift::DropTop => {
+                let Some(u) = top_direction(v, h) else {
+                    return 0;
+                };
+                subtract_and_renormalise(v, h, |row, out| {
+                    let d: f64 = row.iter().zip(&u).map(|(&x, &y)| f64::from(x) * y).sum();
+                    for ((o, &x), y) in out.iter_mut().zip(row).zip(&u) {
+                        *o = f64::from(x) - d * y;
+                    }
+                })
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Shift {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Shift, String> {
+        Shift::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| format!("`{s}`: expected raw, centre or drop-top"))
+    }
 }
 
 /// Where a graph row comes from, and the labels it may be measured against.
@@ -78,6 +161,7 @@ struct Row {
 /// One setting of the grid and its val accuracy (`None` without val rows).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Setting {
+    pub shift: Shift,
     pub k: usize,
     pub alpha: f64,
     pub val_accuracy: Option<f64>,
@@ -110,12 +194,18 @@ pub struct Report {
     pub export: ExportReport,
     pub embed_seconds: f64,
     pub search_seconds: f64,
+    /// Per view, the rows that got no vector (a bag of words none of which pretraining
+    /// trained); with one view, no edge reaches them.
+    pub without_vector: Vec<usize>,
 }
 
 /// Checks the grid before anything runs.
 pub fn check_options(o: &Options) -> Result<()> {
-    if o.ks.is_empty() || o.alphas.is_empty() {
-        return Err(Error::Data("--k and --alpha each need at least one value".into()));
+    if o.ks.is_empty() || o.alphas.is_empty() || o.shifts.is_empty() {
+        return Err(Error::Data("--k, --alpha and --shift each need at least one value".into()));
+    }
+    if let Some(s) = o.shifts.iter().enumerate().find(|(i, s)| o.shifts[..*i].contains(s)) {
+        return Err(Error::Data(format!("--shift {}: given twice", s.1.name())));
     }
     if let Some(k) = o.ks.iter().find(|&&k| !(1..=1000).contains(&k)) {
         return Err(Error::Data(format!("--k {k}: must be in 1..=1000")));
@@ -131,24 +221,201 @@ pub fn check_options(o: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Embeds every row of `ds` with `enc` (its weights `params`) on `be`, spreads the training
-/// labels over the rows' neighbour graph for every setting of `opts`' grid, and writes the
-/// unlabeled split's probabilities under the setting of best val accuracy to the logits file
-/// `out` (and, with `jsonl`, pseudo-label lines). `source` identifies the encoder's weights.
-#[allow(clippy::too_many_arguments)]
+/// Where one view of the rows' vectors comes from.
+pub enum Vectors<'a> {
+    /// An encoder's pooled vector (no dropout), on the backend `propagate` is given.
+    Encoder { enc: &'a Encoder, params: &'a [f32] },
+    /// The mean of the row's pretrained word vectors: those [`Embeddings::trained_rows`]
+    /// gives for its feature ids (ids that pretraining never trained, such as word
+    /// bigrams, are left out). A document with no trained feature has no vector.
+    Bag(&'a Embeddings),
+}
+
+/// One view of the rows: where its vectors come from, and the data set it reads them from.
+pub struct View<'a> {
+    pub vectors: Vectors<'a>,
+    pub data: &'a Dataset,
+}
+
+impl View<'_> {
+    /// The width of the view's vectors.
+    pub fn width(&self) -> usize {
+        match &self.vectors {
+            Vectors::Encoder { enc, .. } => enc.spec.hidden,
+            Vectors::Bag(emb) => emb.meta.dim,
+        }
+    }
+}
+
+/// Embeds every row of the first view's data set in every view, spreads the training labels
+/// over the rows' neighbour graph for every setting of `opts`' grid, and writes the
+/// unlabeled split's probabilities under the setting of best val accuracy to the logits
+/// file `out` (and, with `jsonl`, pseudo-label lines). Encoders run on `be`. With several
+/// views, their data sets must hold the same rows in the same order (the same input files
+/// and split, prepared with each view's tokenizer), and a row's vector is the
+/// concatenation of its views' unit vectors (each shifted), scaled by 1/√m for m views, so
+/// that the graph's cosines are the mean of the views' cosines. The logits file records the
+/// views' weights and the grid as its source.
 pub fn propagate<B: EncoderOps<F = f32>>(
     be: &B,
-    enc: &Encoder,
-    params: &[f32],
-    source: u64,
-    ds: &Dataset,
+    views: &[View],
     out: &Path,
     jsonl: Option<&Path>,
     opts: &Options,
 ) -> Result<Report> {
+    let Some(first) = views.first() else {
+        return Err(Error::Data("propagate needs at least one --model and its --data".into()));
+    };
+    let ds = first.data;
+    for v in views {
+        if let Vectors::Bag(emb) = v.vectors {
+            if let Some(m) = emb.hashing_mismatch(&v.data.manifest().tokenizer) {
+                return Err(Error::Data(format!(
+                    "{}: the data set does not match the embeddings: {m}; prepare it with the tokenizer pretraining used",
+                    v.data.dir().display()
+                )));
+            }
+        }
+    }
+    let rows = check_data(ds, out, jsonl, opts)?;
+    for v in &views[1..] {
+        check_aligned(ds, v.data)?;
+    }
+    let k_max = *opts.ks.iter().max().expect("checked: not empty");
+    let widths: Vec<usize> = views.iter().map(View::width).collect();
+    let mut b = budget(rows.iter().sum(), &widths, k_max, ds.labels().len())?;
+    for v in views {
+        if let Vectors::Bag(emb) = v.vectors {
+            // The trained rows, gathered (at most one per word and n-gram of the word list).
+            let words = emb.words.len() as u64;
+            let ngrams = u64::from(emb.meta.char_ngram_max.saturating_sub(emb.meta.char_ngram_min) + 1)
+                * u64::from(emb.meta.char_ngram_max > 0);
+            let row = emb.meta.dim as u64 * 4 + 16;
+            b.add("the trained rows", words * (1 + ngrams * 8) * row, "--model", "smaller embeddings");
+        }
+    }
+    b.check()?;
+    let mut embedded = Vec::with_capacity(views.len());
+    for v in views {
+        let started = std::time::Instant::now();
+        let (vectors, blank) = match v.vectors {
+            Vectors::Encoder { enc, params } => (embed(be, enc, params, v.data, opts)?, 0),
+            Vectors::Bag(emb) => embed_bag(emb, v.data)?,
+        };
+        embedded.push(Embedded {
+            vectors,
+            width: v.width(),
+            seconds: started.elapsed().as_secs_f64(),
+            blank,
+        });
+    }
+    let info: Vec<Row> = rows_of(ds).iter().map(|d| d.row).collect();
+    spread_and_write(embedded, &info, rows, source_of(views, opts), ds, out, jsonl, opts)
+}
+
+/// Every row's mean pretrained word vector, at unit length (all zeros for a row none of
+/// whose ids pretraining trained), in [`rows_of`]'s order, and how many rows have none.
+fn embed_bag(emb: &Embeddings, ds: &Dataset) -> Result<(Vec<f32>, usize)> {
+    let spec = &ds.manifest().tokenizer;
+    let dim = emb.meta.dim;
+    let mut index = std::collections::HashMap::new();
+    let mut table: Vec<f32> = Vec::new();
+    emb.trained_rows(spec, |r, v| {
+        let at = *index.entry(r).or_insert_with(|| {
+            table.extend_from_slice(v);
+            table.len() / dim - 1
+        });
+        table[at * dim..(at + 1) * dim].copy_from_slice(v);
+    });
+    let limits = DocLimits::of(spec);
+    let docs = rows_of(ds);
+    let mut vectors = vec![0f32; docs.len() * dim];
+    vectors.par_chunks_mut(dim).zip(docs.par_iter()).try_for_each(|(v, d)| -> Result<()> {
+        let (shard, i) = (d.shard, d.index);
+        let mut sum = vec![0f64; dim];
+        for id in shard.doc_checked(i, limits)?.ids {
+            if let Some(&at) = index.get(id) {
+                for (s, &x) in sum.iter_mut().zip(&table[at * dim..(at + 1) * dim]) {
+                    *s += f64::from(x);
+                }
+            }
+        }
+        let norm = sum.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if !norm.is_finite() {
+            return Err(Error::Data(format!(
+                "{}: the embeddings' vector of document {i} is not finite: they are broken; nothing was written",
+                shard.path().display()
+            )));
+        }
+        if norm > 0.0 {
+            for (o, s) in v.iter_mut().zip(&sum) {
+                *o = (s / norm) as f32;
+            }
+        }
+        Ok(())
+    })?;
+    let blank = vectors.chunks(dim).filter(|v| !has_vector(v)).count();
+    Ok((vectors, blank))
+}
+
+/// Checks that `other` holds the rows of `ds` in the same order: the same classes, and in
+/// every split the same shards' lengths, sample ids, labels and hidden labels.
+fn check_aligned(ds: &Dataset, other: &Dataset) -> Result<()> {
+    let differ = |what: String| {
+        Err(Error::Data(format!(
+            "{} and {}: {what}; the views of one propagate run must hold the same rows in the same order (prepare them from the same inputs with the same [split] and [output] shards, each with its own tokenizer)",
+            ds.dir().display(),
+            other.dir().display()
+        )))
+    };
+    if ds.labels() != other.labels() {
+        return differ("their classes differ".into());
+    }
+    for split in [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled] {
+        let (a, b) = (ds.shards(split), other.shards(split));
+        if a.len() != b.len() {
+            return differ(format!("{} and {} shards of the {split:?} split", a.len(), b.len()));
+        }
+        for (si, (x, y)) in a.iter().zip(b).enumerate() {
+            if x.len() != y.len() {
+                return differ(format!(
+                    "shard {si} of the {split:?} split holds {} and {} rows",
+                    x.len(),
+                    y.len()
+                ));
+            }
+            for i in 0..x.len() {
+                let (dx, dy) = (x.doc(i), y.doc(i));
+                if dx.sample_id != dy.sample_id
+                    || dx.label != dy.label
+                    || x.hidden_label(i) != y.hidden_label(i)
+                {
+                    return differ(format!(
+                        "row {i} of shard {si} of the {split:?} split is sample {} and sample {} (or their labels differ)",
+                        dx.sample_id, dy.sample_id
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One view's vectors of every row (n×`width`, unit length; all zeros for a row that has
+/// none), in [`rows_of`]'s order, and what they took.
+struct Embedded {
+    vectors: Vec<f32>,
+    width: usize,
+    seconds: f64,
+    /// Rows without a vector.
+    blank: usize,
+}
+
+/// Checks `propagate`'s options, outputs and data set before anything is embedded; the rows
+/// of each split (train, val, test, unlabeled).
+fn check_data(ds: &Dataset, out: &Path, jsonl: Option<&Path>, opts: &Options) -> Result<[usize; 4]> {
     check_options(opts)?;
     crate::logits::check_outputs(out, jsonl)?;
-    let classes = ds.labels().len();
     let count = |s: SplitKind| ds.shards(s).iter().map(|x| x.len()).sum::<usize>();
     let rows = [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled].map(count);
     if rows[0] == 0 {
@@ -170,22 +437,35 @@ pub fn propagate<B: EncoderOps<F = f32>>(
             total - 1
         )));
     }
-    if rows[1] == 0 && opts.ks.len() * opts.alphas.len() > 1 {
+    let settings = opts.ks.len() * opts.alphas.len() * opts.shifts.len();
+    if rows[1] == 0 && settings > 1 {
         return Err(Error::Data(format!(
-            "{}: the val split is empty, so nothing can choose among {} settings: give one --k and one --alpha",
+            "{}: the val split is empty, so nothing can choose among {settings} settings: give one --k, one --alpha and one --shift",
             ds.dir().display(),
-            opts.ks.len() * opts.alphas.len()
         )));
     }
+    Ok(rows)
+}
+
+/// Searches the neighbours of `e`'s rows, spreads the training labels for every setting of
+/// the grid, and writes the unlabeled rows of the setting of best val accuracy.
+#[allow(clippy::too_many_arguments)]
+fn spread_and_write(
+    views: Vec<Embedded>,
+    info: &[Row],
+    rows: [usize; 4],
+    source: u64,
+    ds: &Dataset,
+    out: &Path,
+    jsonl: Option<&Path>,
+    opts: &Options,
+) -> Result<Report> {
+    let classes = ds.labels().len();
+    let total: usize = rows.iter().sum();
     let k_max = *opts.ks.iter().max().expect("checked: not empty");
-    budget(total, enc.spec.hidden, k_max, classes)?.check()?;
-    let started = std::time::Instant::now();
-    let (vectors, info) = embed(be, enc, params, ds, opts)?;
-    let embed_seconds = started.elapsed().as_secs_f64();
-    let seeds = seed_matrix(&info, classes);
-    let started = std::time::Instant::now();
-    let neighbours = nearest(&vectors, enc.spec.hidden, k_max);
-    let search_seconds = started.elapsed().as_secs_f64();
+    let embed_seconds = views.iter().map(|e| e.seconds).sum();
+    let seeds = seed_matrix(info, classes);
+    let mut search_seconds = 0.0;
     let accuracy = |f: &[f64], split: SplitKind| -> Option<f64> {
         let (mut n, mut right) = (0usize, 0usize);
         for (i, r) in info.iter().enumerate() {
@@ -199,21 +479,31 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     };
     let mut grid = Vec::new();
     let mut best: Option<(usize, Vec<f64>)> = None;
-    for &k in &opts.ks {
-        let graph = Graph::new(&neighbours, k_max, k);
-        for &alpha in &opts.alphas {
-            let (f, iterations, converged) = graph.spread(&seeds, classes, alpha);
-            let val_accuracy = accuracy(&f, SplitKind::Val);
-            let unreached = f.chunks(classes).filter(|row| !reached(row)).count();
-            grid.push(Setting { k, alpha, val_accuracy, iterations, converged, unreached });
-            let better = converged
-                && match (&best, val_accuracy) {
-                    (None, _) => true,
-                    (Some((b, _)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
-                    (Some(_), None) => false,
-                };
-            if better {
-                best = Some((grid.len() - 1, f));
+    for &shift in &opts.shifts {
+        let started = std::time::Instant::now();
+        let neighbours = if let ([e], Shift::Raw) = (views.as_slice(), shift) {
+            nearest(&e.vectors, e.width, k_max)
+        } else {
+            let (combined, width) = combine(&views, shift);
+            nearest(&combined, width, k_max)
+        };
+        search_seconds += started.elapsed().as_secs_f64();
+        for &k in &opts.ks {
+            let graph = Graph::new(&neighbours, k_max, k);
+            for &alpha in &opts.alphas {
+                let (f, iterations, converged) = graph.spread(&seeds, classes, alpha);
+                let val_accuracy = accuracy(&f, SplitKind::Val);
+                let unreached = f.chunks(classes).filter(|row| !reached(row)).count();
+                grid.push(Setting { shift, k, alpha, val_accuracy, iterations, converged, unreached });
+                let better = converged
+                    && match (&best, val_accuracy) {
+                        (None, _) => true,
+                        (Some((b, _)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
+                        (Some(_), None) => false,
+                    };
+                if better {
+                    best = Some((grid.len() - 1, f));
+                }
             }
         }
     }
@@ -254,17 +544,58 @@ pub fn propagate<B: EncoderOps<F = f32>>(
             Ok(())
         },
     )?;
-    Ok(Report { rows, grid, chosen, test_accuracy, val_by_confidence, export, embed_seconds, search_seconds })
+    Ok(Report {
+        rows,
+        grid,
+        chosen,
+        test_accuracy,
+        val_by_confidence,
+        export,
+        embed_seconds,
+        search_seconds,
+        without_vector: views.iter().map(|e| e.blank).collect(),
+    })
 }
 
-/// The host memory `propagate` holds for `n` rows of width `h`, `k` neighbours and `classes`
-/// classes, as claims on this machine's available memory (the encoder's weights and its
-/// activations, already loaded, are not counted).
-fn budget(n: usize, h: usize, k: usize, classes: usize) -> Result<crate::hostmem::Budget> {
+/// The rows' vectors for the neighbour search: each view's shifted by `shift`, side by side
+/// and scaled by 1/√m for m views (so a dot product is the mean of the views' cosines); a
+/// view's rows without a vector add zeros. Returns them and their width.
+fn combine(views: &[Embedded], shift: Shift) -> (Vec<f32>, usize) {
+    if let [e] = views {
+        let mut v = e.vectors.clone();
+        shift.apply(&mut v, e.width);
+        return (v, e.width);
+    }
+    let width: usize = views.iter().map(|e| e.width).sum();
+    let n = views[0].vectors.len() / views[0].width;
+    let scale = 1.0 / (views.len() as f32).sqrt();
+    let mut out = vec![0f32; n * width];
+    let mut at = 0;
+    for e in views {
+        let mut v = e.vectors.clone();
+        shift.apply(&mut v, e.width);
+        for (dst, src) in out.chunks_mut(width).zip(v.chunks(e.width)) {
+            for (d, &x) in dst[at..at + e.width].iter_mut().zip(src) {
+                *d = x * scale;
+            }
+        }
+        at += e.width;
+    }
+    (out, width)
+}
+
+/// The host memory `propagate` holds for `n` rows of views of widths `widths`, `k` neighbours
+/// and `classes` classes, as claims on this machine's available memory (the encoders'
+/// weights and activations, already loaded, are not counted).
+fn budget(n: usize, widths: &[usize], k: usize, classes: usize) -> Result<crate::hostmem::Budget> {
     let mut b = crate::hostmem::Budget::new("propagate", 1)?;
-    let (n, h, k, c) = (n as u64, h as u64, k as u64, classes as u64);
+    let h: u64 = widths.iter().sum::<usize>() as u64;
+    let (n, k, c) = (n as u64, k as u64, classes as u64);
     let fewer = "a data set of fewer rows: every row's vector and neighbours are held at once";
-    b.add("the rows' vectors", n * h * 4, "--data", fewer);
+    // The views' vectors and the searched copy (shifted, side by side); with several views,
+    // also one view's shifted copy while it is put in place.
+    let one_view = if widths.len() > 1 { n * *widths.iter().max().unwrap_or(&0) as u64 } else { 0 };
+    b.add("the rows' vectors", (2 * n * h + one_view) * 4, "--data", fewer);
     b.add("their neighbour lists", n * k * 8, "--k", "a smaller largest --k");
     // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows, their
     // starts and the degrees.
@@ -277,48 +608,74 @@ fn budget(n: usize, h: usize, k: usize, classes: usize) -> Result<crate::hostmem
     Ok(b)
 }
 
-/// The identity recorded as the logits file's source: the encoder's weights', its pooling's
-/// and the grid's (two runs of other settings write files of other sources).
-pub fn source_of(params_source: u64, pooling: &str, opts: &Options) -> u64 {
-    let mut bytes = params_source.to_le_bytes().to_vec();
-    bytes.extend(b"propagate");
-    bytes.extend(pooling.as_bytes());
+/// The identity recorded as the logits file's source: each view's weights (an encoder's and
+/// its pooling, or the embeddings') and the grid's (two runs of other settings write files
+/// of other sources).
+fn source_of(views: &[View], opts: &Options) -> u64 {
+    let mut bytes = b"propagate".to_vec();
+    for v in views {
+        match v.vectors {
+            Vectors::Encoder { enc, params } => {
+                bytes.extend(crate::logits::params_source(params).to_le_bytes());
+                bytes.extend(format!("{:?}", enc.spec.pooling).as_bytes());
+            }
+            Vectors::Bag(emb) => {
+                bytes.extend(crate::logits::params_source(&emb.params).to_le_bytes());
+                bytes.extend(b"bag");
+            }
+        }
+    }
     for k in &opts.ks {
         bytes.extend((*k as u64).to_le_bytes());
     }
     for a in &opts.alphas {
         bytes.extend(a.to_le_bytes());
     }
+    for t in &opts.shifts {
+        bytes.extend(t.name().as_bytes());
+    }
     xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
-/// Every row's unit-length pooled vector (n×H), train, val, test and unlabeled rows in that
-/// order, each split's shard by shard; documents are batched by length to cut padding.
+/// A graph row's document: where it is, and its split and label.
+struct DocAt<'a> {
+    shard: &'a Shard,
+    index: usize,
+    row: Row,
+}
+
+/// Every row of `ds`: train, val, test and unlabeled rows in that order, each split's shard
+/// by shard (the unlabeled split's rows come last, in the order its logits file keeps).
+fn rows_of(ds: &Dataset) -> Vec<DocAt<'_>> {
+    let mut docs = Vec::new();
+    for split in [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled] {
+        for shard in ds.shards(split) {
+            for index in 0..shard.len() {
+                let label = match split {
+                    SplitKind::Unlabeled => shard.hidden_label(index),
+                    _ => shard.doc(index).label,
+                };
+                docs.push(DocAt { shard, index, row: Row { split, label } });
+            }
+        }
+    }
+    docs
+}
+
+/// Every row's unit-length pooled vector (n×H), in [`rows_of`]'s order; documents are
+/// batched by length to cut padding.
 fn embed<B: EncoderOps<F = f32>>(
     be: &B,
     enc: &Encoder,
     params: &[f32],
     ds: &Dataset,
     opts: &Options,
-) -> Result<(Vec<f32>, Vec<Row>)> {
+) -> Result<Vec<f32>> {
     let limits = DocLimits::of(&ds.manifest().tokenizer);
     let hidden = enc.spec.hidden;
-    let mut docs: Vec<(&crate::data::shard::Shard, usize)> = Vec::new();
-    let mut info = Vec::new();
-    for split in [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled] {
-        for shard in ds.shards(split) {
-            for i in 0..shard.len() {
-                let label = match split {
-                    SplitKind::Unlabeled => shard.hidden_label(i),
-                    _ => shard.doc(i).label,
-                };
-                docs.push((shard, i));
-                info.push(Row { split, label });
-            }
-        }
-    }
+    let docs = rows_of(ds);
     let mut order: Vec<usize> = (0..docs.len()).collect();
-    order.sort_by_key(|&r| docs[r].0.doc(docs[r].1).ids.len());
+    order.sort_by_key(|&r| docs[r].shard.doc(docs[r].index).ids.len());
     let bar = if opts.progress {
         let b = ProgressBar::with_draw_target(Some(docs.len() as u64), ProgressDrawTarget::stderr());
         b.set_style(
@@ -336,7 +693,7 @@ fn embed<B: EncoderOps<F = f32>>(
     for batch in order.chunks(opts.batch_size) {
         let mut seqs = Vec::with_capacity(batch.len());
         for &r in batch {
-            let (shard, i) = docs[r];
+            let (shard, i) = (docs[r].shard, docs[r].index);
             let ids = shard.doc_checked(i, limits)?.ids;
             if ids.is_empty() {
                 return Err(Error::bad_file(shard.path(), format!("document {i} has no token id to embed")));
@@ -348,7 +705,7 @@ fn embed<B: EncoderOps<F = f32>>(
         for (&r, v) in batch.iter().zip(pooled.chunks(hidden)) {
             let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
             if !(norm.is_finite() && norm > 0.0) {
-                let (shard, i) = docs[r];
+                let (shard, i) = (docs[r].shard, docs[r].index);
                 return Err(Error::Data(format!(
                     "{}: the encoder's vector of document {i} has norm {norm}: its weights are broken (a diverged run?); nothing was written",
                     shard.path().display()
@@ -361,7 +718,7 @@ fn embed<B: EncoderOps<F = f32>>(
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
-    Ok((vectors, info))
+    Ok(vectors)
 }
 
 /// `Y`: `1/n_c` in column c of each labeled training row of class c (n×C).
@@ -521,6 +878,75 @@ impl Graph {
     }
 }
 
+/// Whether a row of vectors has one (a row without is all zeros).
+fn has_vector(row: &[f32]) -> bool {
+    row.iter().any(|&x| x != 0.0)
+}
+
+/// Replaces every row of `v` that has a vector by `shifted(row)` scaled to unit length; a row
+/// left with (round-off of) nothing is zeroed instead. Returns how many were zeroed.
+fn subtract_and_renormalise(v: &mut [f32], h: usize, shifted: impl Fn(&[f32], &mut [f64]) + Sync) -> usize {
+    v.par_chunks_mut(h)
+        .filter(|row| has_vector(row))
+        .map(|row| {
+            let mut rest = vec![0f64; h];
+            shifted(row, &mut rest);
+            let n = rest.iter().map(|x| x * x).sum::<f64>().sqrt();
+            // The rows are unit vectors: what is left below this is round-off.
+            if n > 1e-6 {
+                for (o, r) in row.iter_mut().zip(&rest) {
+                    *o = (r / n) as f32;
+                }
+                0
+            } else {
+                row.fill(0.0);
+                1
+            }
+        })
+        .sum()
+}
+
+/// The top right singular vector of the rows of `v` (width `h`), by power iteration on `VᵀV`
+/// started at the rows' sum, to a change below 1e-9 (at most 200 iterations); `None` when
+/// every row is zero.
+fn top_direction(v: &[f32], h: usize) -> Option<Vec<f64>> {
+    let times_gram = |u: &[f64]| -> Vec<f64> {
+        v.par_chunks(h)
+            .fold(
+                || vec![0f64; h],
+                |mut acc, row| {
+                    let d: f64 = row.iter().zip(u).map(|(&x, &y)| f64::from(x) * y).sum();
+                    for (a, &x) in acc.iter_mut().zip(row) {
+                        *a += d * f64::from(x);
+                    }
+                    acc
+                },
+            )
+            .reduce(|| vec![0f64; h], |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect())
+    };
+    let unit = |w: Vec<f64>| -> Option<Vec<f64>> {
+        let n = w.iter().map(|x| x * x).sum::<f64>().sqrt();
+        (n > 0.0 && n.is_finite()).then(|| w.iter().map(|x| x / n).collect())
+    };
+    let mut sum = vec![0f64; h];
+    for row in v.chunks(h) {
+        for (s, &x) in sum.iter_mut().zip(row) {
+            *s += f64::from(x);
+        }
+    }
+    // Rows that sum to nothing (opposite pairs) still have a top direction: start elsewhere.
+    let mut u = unit(sum).or_else(|| unit(times_gram(&vec![1.0; h])))?;
+    for _ in 0..200 {
+        let next = unit(times_gram(&u))?;
+        let change = next.iter().zip(&u).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+        u = next;
+        if change < 1e-9 {
+            break;
+        }
+    }
+    Some(u)
+}
+
 /// Whether a row of `F` holds any label mass (a labeled row reaches it).
 fn reached(row: &[f64]) -> bool {
     row.iter().any(|&v| v > 0.0)
@@ -544,12 +970,13 @@ fn to_logits(f: &[f64], classes: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    /// A million rows of MiniLM's width with 20 neighbours: vectors, neighbour lists, graph
-    /// and spreading buffers come to about 2.9 GB, plus the similarity blocks.
+    /// A million rows of MiniLM's width with 20 neighbours: vectors (and a shifted copy),
+    /// neighbour lists, graph and spreading buffers come to about 5.3 GB, plus the similarity
+    /// blocks.
     #[test]
     fn the_memory_budget_counts_vectors_graph_and_buffers() {
-        let total = budget(1_000_000, 384, 20, 15).unwrap().claimed();
-        let floor = 1_000_000u64 * (384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
+        let total = budget(1_000_000, &[384], 20, 15).unwrap().claimed();
+        let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
         let blocks = rayon::current_num_threads() as u64 * ((1 << 26) + 8_000_000);
         assert_eq!(total, floor + blocks);
     }
@@ -662,6 +1089,55 @@ mod tests {
         }
     }
 
+    /// Rows that share a large common component and differ in small ones: after the removal
+    /// each row is unit length, orthogonal to the common direction, and its cosines are those
+    /// of the small components; a zero row stays zero and a row along the common direction
+    /// alone is zeroed.
+    #[test]
+    fn shifts_take_the_common_part_out() {
+        let h = 4;
+        let common = [0.0f64, 0.0, 0.0, 1.0];
+        // Unit small parts summing to zero, so that the common direction is exactly `common`.
+        let small = [[1.0f64, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]];
+        let small: Vec<[f64; 3]> = small.iter().flat_map(|s| [*s, s.map(|x| -x)]).collect();
+        let mut v = Vec::new();
+        for s in &small {
+            let row: Vec<f64> =
+                (0..h).map(|j| 3.0 * common[j] + if j < 3 { 0.5 * s[j] } else { 0.0 }).collect();
+            let n = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.extend(row.iter().map(|x| (x / n) as f32));
+        }
+        v.extend([0.0f32; 4]);
+        v.extend([0.0f32, 0.0, 0.0, 1.0]);
+        let mut centred = v.clone();
+        let zeroed = Shift::DropTop.apply(&mut v, h);
+        assert_eq!(zeroed, 1);
+        let rows: Vec<&[f32]> = v.chunks(h).collect();
+        for (i, s) in small.iter().enumerate() {
+            assert!(rows[i][3].abs() < 1e-5, "row {i}: {:?}", rows[i]);
+            for j in 0..3 {
+                assert!((f64::from(rows[i][j]) - s[j]).abs() < 1e-5, "row {i}: {:?}", rows[i]);
+            }
+        }
+        assert_eq!(rows[8], [0.0; 4]);
+        assert_eq!(rows[9], [0.0; 4]);
+        // Centring subtracts the mean of the rows with a vector (the zero row has none): the
+        // small parts cancel, so the mean is along `common` and every row but the last
+        // keeps its small part alone; the last becomes minus the mean.
+        let mut raw = centred.clone();
+        assert_eq!(Shift::Raw.apply(&mut raw, h), 0);
+        assert_eq!(raw, centred);
+        assert_eq!(Shift::Centre.apply(&mut centred, h), 0);
+        let rows: Vec<&[f32]> = centred.chunks(h).collect();
+        for (i, s) in small.iter().enumerate() {
+            let dot: f64 = (0..3).map(|j| f64::from(rows[i][j]) * s[j]).sum();
+            let norm: f64 = rows[i].iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5 && dot > 0.9, "row {i}: {:?}", rows[i]);
+        }
+        assert_eq!(rows[8], [0.0; 4]);
+        assert!((rows[9][3] - 1.0).abs() < 1e-6, "{:?}", rows[9]);
+    }
+
     #[test]
     fn logits_give_the_normalised_scores_back() {
         let f = [0.3, 0.1, 0.0, -1e-12, 0.0, 0.0];
@@ -677,7 +1153,13 @@ mod tests {
 
     #[test]
     fn the_grid_is_checked() {
-        let ok = Options { ks: vec![5], alphas: vec![0.9], batch_size: 64, progress: false };
+        let ok = Options {
+            ks: vec![5],
+            alphas: vec![0.9],
+            shifts: vec![Shift::Raw],
+            batch_size: 64,
+            progress: false,
+        };
         check_options(&ok).unwrap();
         for (o, want) in [
             (Options { ks: vec![], ..ok.clone() }, "at least one value"),
@@ -686,6 +1168,11 @@ mod tests {
             (Options { alphas: vec![0.9999], ..ok.clone() }, "--alpha 0.9999: must be in (0, 0.999]"),
             (Options { alphas: vec![f64::NAN], ..ok.clone() }, "--alpha NaN"),
             (Options { batch_size: 0, ..ok.clone() }, "--batch-size 0"),
+            (Options { shifts: vec![], ..ok.clone() }, "--shift each need at least one value"),
+            (
+                Options { shifts: vec![Shift::Centre, Shift::Raw, Shift::Centre], ..ok.clone() },
+                "--shift centre: given twice",
+            ),
         ] {
             let e = check_options(&o).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");

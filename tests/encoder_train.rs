@@ -1153,7 +1153,8 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let (ok, _, err) = cli(&refs);
     assert!(
-        !ok && err.contains("the val split is empty") && err.contains("give one --k and one --alpha"),
+        !ok && err.contains("the val split is empty")
+            && err.contains("give one --k, one --alpha and one --shift"),
         "{err}"
     );
     let (ok, _, err) = propagate(&minilm, &dir.path().join("e.logits"), &["--k", "500"]);
@@ -1187,4 +1188,136 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
         "{err}"
     );
     assert!(!dir.path().join("e.logits").exists());
+}
+
+/// Two views of the same rows in one graph: MiniLM's pooled vectors of the WordPiece data
+/// set and the mean skip-gram vectors of the hashed one. The logits file fits both data
+/// sets; views of other rows, or a --model without its --data, are refused.
+#[test]
+fn propagate_joins_views_of_the_same_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = ["split.labels_per_class=3", "split.val_fraction=0.2"];
+    std::fs::create_dir_all(dir.path().join("w")).unwrap();
+    std::fs::create_dir_all(dir.path().join("h")).unwrap();
+    std::fs::create_dir_all(dir.path().join("o")).unwrap();
+    let words = wordpiece(&dir.path().join("w"), &split);
+    let hashed = common::separable(&dir.path().join("h"), 30, &[&split[..], &["output.shards=2"]].concat());
+    let pre = dir.path().join("pre");
+    let sets: Vec<dtrain::config::Override> = [
+        format!("data.dir={:?}", hashed.display().to_string()),
+        format!("train.out_dir={:?}", pre.display().to_string()),
+        "model.dim=16".into(),
+        "model.min_count=1".into(),
+        "model.subsample=0".into(),
+        "model.char_ngram_max=0".into(),
+        "train.threads=1".into(),
+        "train.epochs=3".into(),
+    ]
+    .iter()
+    .map(|s| dtrain::config::Override::parse(s).unwrap())
+    .collect();
+    let opts = dtrain::pretrain::PretrainOptions {
+        resume: dtrain::train::Resume::No,
+        progress: false,
+        stop_after: None,
+    };
+    dtrain::pretrain::pretrain(&dtrain::config::load(None, &sets).unwrap(), &opts).unwrap();
+    let cli = |args: &[&std::ffi::OsStr]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .arg("--quiet")
+            .arg("propagate")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let minilm = common::minilm();
+    let out = dir.path().join("both.logits");
+    let grid = ["--k", "3,5", "--alpha", "0.5,0.9"].map(std::ffi::OsStr::new);
+    let (ok, stdout, err) = cli(&[
+        &[
+            "--model".as_ref(),
+            minilm.as_os_str(),
+            "--data".as_ref(),
+            words.as_os_str(),
+            "--model".as_ref(),
+            pre.as_os_str(),
+            "--data".as_ref(),
+            hashed.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ][..],
+        &grid,
+    ]
+    .concat());
+    assert!(ok, "{err}");
+    assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
+    let split_kind = dtrain::data::shard::SplitKind::Unlabeled;
+    let f = dtrain::logits::LogitsFile::open(&out).unwrap();
+    let (mut n, mut right) = (0, 0);
+    for data in [&words, &hashed] {
+        let ds = dtrain::data::dataset::Dataset::open(data).unwrap();
+        f.check_matches(&ds, split_kind).unwrap();
+        for (si, shard) in ds.shards(split_kind).iter().enumerate() {
+            for i in 0..shard.len() {
+                let z =
+                    f.row(dtrain::data::loader::RowId { split: split_kind, shard: si as u32, row: i as u32 });
+                n += 1;
+                right += usize::from(dtrain::backend::argmax(z) == shard.hidden_label(i).unwrap() as usize);
+            }
+        }
+    }
+    assert!(right * 10 >= n * 6, "only {right} of {n} unlabeled rows labeled right");
+    // One view alone writes a file of another source.
+    let one = dir.path().join("one.logits");
+    let (ok, _, err) = cli(&[
+        &[
+            "--model".as_ref(),
+            pre.as_os_str(),
+            "--data".as_ref(),
+            hashed.as_os_str(),
+            "--out".as_ref(),
+            one.as_os_str(),
+        ][..],
+        &grid,
+    ]
+    .concat());
+    assert!(ok, "{err}");
+    assert_ne!(dtrain::logits::LogitsFile::open(&one).unwrap().source, f.source);
+    // Rows split otherwise are not the same rows.
+    let other = common::separable(
+        &dir.path().join("o"),
+        30,
+        &[&split[..], &["output.shards=2", "split.seed=9"]].concat(),
+    );
+    let (ok, _, err) = cli(&[
+        "--model".as_ref(),
+        minilm.as_os_str(),
+        "--data".as_ref(),
+        words.as_os_str(),
+        "--model".as_ref(),
+        pre.as_os_str(),
+        "--data".as_ref(),
+        other.as_os_str(),
+        "--out".as_ref(),
+        dir.path().join("x.logits").as_os_str(),
+    ]);
+    assert!(!ok && err.contains("the same rows in the same order"), "{err}");
+    assert!(!dir.path().join("x.logits").exists());
+    // Each --model needs its --data.
+    let (ok, _, err) = cli(&[
+        "--model".as_ref(),
+        minilm.as_os_str(),
+        "--data".as_ref(),
+        words.as_os_str(),
+        "--model".as_ref(),
+        pre.as_os_str(),
+        "--out".as_ref(),
+        dir.path().join("x.logits").as_os_str(),
+    ]);
+    assert!(!ok && err.contains("2 --model and 1 --data"), "{err}");
 }

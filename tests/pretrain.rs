@@ -412,3 +412,86 @@ fn pretraining_keeps_other_runs_outputs() {
     let e = config::load::<PretrainConfig>(None, &o).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("data.splits") && e.contains("named twice"), "{e}");
 }
+
+/// `dtrain propagate` over pretrained word vectors: every row's vector is the mean of its
+/// trained words', and the few training labels spread to the rest of each topic; a row of
+/// words pretraining never trained gets no vector and no label; a data set hashed otherwise
+/// is refused.
+#[test]
+fn propagate_spreads_labels_over_averaged_word_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path(), &[]);
+    // The same texts and one more line of words seen once (min_count 2 leaves them out).
+    let mut unl = std::fs::read_to_string(dir.path().join("unlabeled.txt")).unwrap();
+    unl.push_str("zzyzx quuxly\n");
+    let u = common::write(dir.path(), "unlabeled.txt", unl.as_bytes());
+    let l = dir.path().join("labeled.tsv");
+    let sets = ["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=4"];
+    let data_b = dir.path().join("data_b");
+    common::run(&[&l], &[&u], &data_b, &sets).unwrap();
+    let pre = dir.path().join("pre");
+    run(&cfg(&data_b, &pre, &["model.min_count=2"]), Resume::No, None).unwrap();
+    let cli = |model: &Path, data: &Path, out: &Path, extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .args(["--quiet", "propagate", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(data)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let out = dir.path().join("u.logits");
+    let grid = ["--k", "10", "--alpha", "0.9"];
+    let (ok, stdout, err) = cli(&pre, &data_b, &out, &grid);
+    assert!(ok, "{err}");
+    assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
+    assert!(
+        stdout.contains("1 rows hold no word the embeddings") && stdout.contains("no label reaches them"),
+        "the zzyzx line is not named:\n{stdout}"
+    );
+    let ds = Dataset::open(&data_b).unwrap();
+    let split = dtrain::data::shard::SplitKind::Unlabeled;
+    let f = dtrain::logits::LogitsFile::open(&out).unwrap();
+    f.check_matches(&ds, split).unwrap();
+    let (mut n, mut right, mut uniform) = (0, 0, 0);
+    for (si, shard) in ds.shards(split).iter().enumerate() {
+        for i in 0..shard.len() {
+            let z = f.row(dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 });
+            uniform += usize::from(z.iter().all(|&v| (v - z[0]).abs() < 1e-6));
+            if let Some(l) = shard.hidden_label(i) {
+                n += 1;
+                right += usize::from(dtrain::backend::argmax(z) == l as usize);
+            }
+        }
+    }
+    assert!(n >= 20, "{n} pool rows");
+    // Chance is one half; the topics share no word.
+    assert!(right * 10 >= n * 9, "only {right} of {n} pool rows labeled right");
+    assert_eq!(uniform, 1, "only the zzyzx row has no label: {uniform} uniform rows");
+    // The embeddings file itself names them too, and gives the same logits.
+    let again = dir.path().join("again.logits");
+    let (ok, _, err) = cli(&pre.join(EMBEDDINGS_FILE), &data_b, &again, &grid);
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "the two files differ");
+    // --pooling is an encoder's.
+    let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("p.logits"), &["--pooling", "cls"]);
+    assert!(!ok && err.contains("--pooling applies to a pretrained encoder"), "{err}");
+    // A data set whose words hash to other rows.
+    let other = dir.path().join("data_seed");
+    common::run(&[&l], &[&u], &other, &[sets.as_slice(), &["tokenizer.hash_seed=7"]].concat()).unwrap();
+    let (ok, _, err) = cli(&pre, &other, &dir.path().join("o.logits"), &[]);
+    assert!(!ok && err.contains("hashes words differently") && err.contains("data_seed"), "{err}");
+    assert!(!dir.path().join("o.logits").exists());
+    // Without word vectors beside it, the tensors are not read.
+    std::fs::remove_file(pre.join(WORDS_FILE)).unwrap();
+    let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("w.logits"), &[]);
+    assert!(!ok && err.contains(WORDS_FILE), "{err}");
+}

@@ -1,0 +1,144 @@
+"""Label spreading for the bag model: Brown genre, 20 labels per class, everything from the
+seed's own skip-gram embeddings (configs/brown/pretrain.toml with 40 epochs and 15
+negatives, the better recipe of docs/results.md).
+
+Per seed:
+  supervised   configs/brown/pretrained.toml from the embeddings (embed_dropout 0, the
+               setting validation chose in bench/brown_methods.py --pretrained), the
+               paired baseline;
+  propagate    `dtrain propagate --model <the embeddings>` with its default grid (shift,
+               k, alpha chosen on val): a row's vector is the mean of its words' pretrained
+               vectors; its transductive test accuracy, and its pseudo-labels of the
+               unlabeled split against the hidden labels (a diagnostic no user has);
+  student      Noisy Student from the same embeddings on propagate's file: hard targets
+               (ce_hard), embed_dropout 0, mu 1 or 3 and lambda in {0.3, 1, 3} chosen on
+               val; the threshold is the lowest probability of propagate's val table whose
+               val rows are at least --val-target right (fixed before the runs).
+
+  .venv/bin/python bench/brown_bag_propagate.py --seeds 1 2 3 --json bench/results/brown-bag-propagate.json
+"""
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import brown_methods as bm  # noqa: E402
+import brown_oracle as bo  # noqa: E402
+
+PRETRAIN = ["train.epochs=40", "model.negatives=15"]
+STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
+
+
+def sh(*args, **kw):
+    return subprocess.run(list(args), check=True, **kw)
+
+
+def prepare(dt, root, seed):
+    """The seed's data set and embeddings (made once)."""
+    data = os.path.join(root, f"seed{seed}", "data")
+    pre = os.path.join(root, f"seed{seed}", "pretrain")
+    if not os.path.exists(os.path.join(data, "manifest.json")):
+        sh("rm", "-rf", data)
+        sh(dt, "--quiet", "prepare", "--config", "configs/brown/prepare.toml", "--input", "data/brown_genre.tsv.gz",
+           "--set", f"split.seed={seed}", "--out", data, stdout=subprocess.DEVNULL)
+    if not os.path.exists(os.path.join(pre, "embeddings.safetensors")):
+        sh("rm", "-rf", pre)
+        args = [dt, "--quiet", "pretrain", "--config", "configs/brown/pretrain.toml", "--set", f'data.dir="{data}"',
+                "--set", f'train.out_dir="{pre}"', "--set", f"train.seed={seed}", "--set", "train.threads=2",
+                "--set", "train.checkpoint_every=0"]
+        for s in PRETRAIN:
+            args += ["--set", s]
+        sh(*args, stdout=subprocess.DEVNULL)
+    return data, pre
+
+
+def propagate(dt, root, seed, data, pre):
+    """propagate's logits file and printed report (made once)."""
+    path = os.path.join(root, f"seed{seed}", "propagated.logits")
+    report = path[:-len(".logits")] + ".txt"
+    if not (os.path.exists(path) and os.path.exists(report)):
+        out = sh(dt, "--quiet", "propagate", "--model", pre, "--data", data, "--out", path,
+                 capture_output=True, text=True).stdout
+        open(report, "w").write(out)
+    return path, open(report).read()
+
+
+def chosen_line(report):
+    """The chosen setting's (shift, k, alpha, val accuracy) and the transductive test accuracy."""
+    line = next(x for x in report.splitlines() if x.endswith("<- chosen"))
+    shift, k, alpha, val = line.split()[:4]
+    test = next(x for x in report.splitlines() if x.startswith("test accuracy of the chosen setting"))
+    return dict(shift=shift, k=int(k), alpha=float(alpha), val=float(val),
+                test=float(test.split(":")[1].split()[0]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--root", default="runs/brown_bag_ls")
+    ap.add_argument("--dtrain", default=os.environ.get("DTRAIN_BIN", "target/release/dtrain"))
+    ap.add_argument("--val-target", type=float, default=0.667)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    dt = a.dtrain
+    out = {"seeds": {}}
+    for seed in a.seeds:
+        data, pre = prepare(dt, a.root, seed)
+        bm.EXTRA["sets"] = lambda _seed: [f'model.init_from="{pre}"', "optim.lr_mult.embedding=0.1",
+                                          "model.embed_dropout=0.0"]
+        runs = os.path.join(a.root, f"seed{seed}", "runs")
+        sup = bm.train(dt, "supervised", data, os.path.join(runs, "supervised"), seed, [])
+        path, report = propagate(dt, a.root, seed, data, pre)
+        spread = chosen_line(report)
+        table = bo.propagate_val_table(report)
+        threshold = bo.lowest_threshold(table, a.val_target)
+        hidden = bo.hidden_labels(data)
+        _, _, z = bo.read_logits(path)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        right = p.argmax(1) == hidden
+        kept = p.max(1) >= threshold
+        spread.update(unlabeled_right=float(right.mean()), threshold=threshold, kept=float(kept.mean()),
+                      kept_right=float(right[kept].mean()),
+                      val_table={str(t): v for t, v in table.items()})
+        fixed = [f'noisy_student.logits="{path}"', f"consistency.threshold={threshold}",
+                 'consistency.kind="ce_hard"']
+        sweep = []
+        for values in itertools.product(*STUDENT_GRID.values()):
+            sets = [f"{k}={v}" for k, v in zip(STUDENT_GRID, values)]
+            name = "student-" + "-".join(s.replace(".", "_").replace("=", "") for s in sets)
+            row = bm.train(dt, "noisy_student", data, os.path.join(runs, name), seed, fixed + sets)
+            row["sets"] = sets
+            sweep.append(row)
+            print(json.dumps(dict(seed=seed, **row)), flush=True)
+        best = max(sweep, key=lambda r: r["val"])
+        out["seeds"][seed] = dict(supervised=sup, propagate=spread, student=best, student_sweep=sweep)
+        print(json.dumps(dict(seed=seed, supervised=sup["test"], propagate=spread["test"], student=best["test"],
+                              student_sets=best["sets"])), flush=True)
+    seeds = list(out["seeds"].values())
+
+    def ms(xs):
+        return [statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
+    out["summary"] = {
+        "supervised_test": ms([s["supervised"]["test"] for s in seeds]),
+        "propagate_test": ms([s["propagate"]["test"] for s in seeds]),
+        "student_test": ms([s["student"]["test"] for s in seeds]),
+        "propagate_gain": ms([s["propagate"]["test"] - s["supervised"]["test"] for s in seeds]),
+        "student_gain": ms([s["student"]["test"] - s["supervised"]["test"] for s in seeds]),
+        "unlabeled_right": ms([s["propagate"]["unlabeled_right"] for s in seeds]),
+    }
+    print(json.dumps(out["summary"]))
+    out["provenance"] = bm.provenance(
+        f"python3 bench/brown_bag_propagate.py --seeds {' '.join(map(str, a.seeds))} --val-target {a.val_target}")
+    if a.json:
+        json.dump(out, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
