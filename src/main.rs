@@ -66,9 +66,9 @@ enum Command {
     /// method = "noisy_student"), and optionally its pseudo-labels with confidences as JSONL.
     ExportLogits(ExportArgs),
     /// Pseudo-labels by label spreading: embed every row of a data set with an encoder (or
-    /// average its skip-gram word vectors), link each to its nearest neighbours, spread the training labels over that graph (k and
-    /// alpha chosen on val) and write the unlabeled split's logits (method = "noisy_student"'s
-    /// targets).
+    /// average its skip-gram word vectors; or both, side by side), link each to its nearest
+    /// neighbours, spread the training labels over that graph (shift, k and alpha chosen on
+    /// val) and write the unlabeled split's logits (method = "noisy_student"'s targets).
     Propagate(PropagateArgs),
     /// Draw training curves (loss and accuracy) from a metrics.jsonl into a PNG.
     Plot {
@@ -557,8 +557,9 @@ struct PropagateArgs {
     /// similarity is then the mean of the views' cosines.
     #[arg(long, required = true)]
     model: Vec<PathBuf>,
-    /// A pretrained model's pooling: `mean` (the default) or `cls`. A checkpoint keeps its
-    /// own, and refuses this option.
+    /// The pooling of the pretrained models' directories among the --model views: `mean`
+    /// (the default) or `cls`. A checkpoint keeps its own, and word vectors are averaged;
+    /// refused when no view is a pretrained model's directory.
     #[arg(long, value_parser = ["mean", "cls"])]
     pooling: Option<String>,
     /// The data set directory of the --model before it, prepared with the encoder's
@@ -1396,12 +1397,6 @@ fn load_propagate_model(
         }
         return Ok(Loaded::Encoder(enc, params));
     }
-    if pooling.is_some() {
-        bail!(
-            "--pooling applies to a pretrained model's directory; {} is a checkpoint, whose encoder keeps the pooling it was trained with",
-            model.display()
-        );
-    }
     let (meta, loaded, params) = dtrain::checkpoint::load_model(model)?;
     if let Some(what) = meta.mismatch(ds.labels(), &m.tokenizer, "the data set") {
         bail!("{}: the data set does not match the checkpoint's model: {what}", data.display());
@@ -1413,6 +1408,11 @@ fn load_propagate_model(
             model.display()
         ),
     }
+}
+
+/// Whether `model` is a pretrained encoder's directory (not a training checkpoint).
+fn is_pretrained_encoder(model: &Path) -> bool {
+    model.is_dir() && model.join("config.json").is_file() && !model.join("state.bin").exists()
 }
 
 /// `dtrain propagate`.
@@ -1437,6 +1437,12 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         let ds = Dataset::open(data)?;
         ds.verify_payloads(|_, _| true)?;
         sets.push(ds);
+    }
+    if a.pooling.is_some() && !a.model.iter().any(|m| is_pretrained_encoder(m)) {
+        bail!(
+            "--pooling applies to a pretrained model's directory, and no --model is one: {} keeps its own (a checkpoint's encoder the pooling it was trained with; word vectors are averaged)",
+            a.model[0].display()
+        );
     }
     let mut loaded = Vec::new();
     for ((model, data), ds) in a.model.iter().zip(&a.data).zip(&sets) {
@@ -1478,7 +1484,11 @@ fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
             println!(
                 "{n} rows hold no word the embeddings {} trained: they have no vector there{}",
                 model.display(),
-                if a.model.len() == 1 { ", and no label reaches them" } else { "" }
+                if a.model.len() == 1 {
+                    ", hence no neighbours (only a training row's own label reaches it)"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -225,9 +225,10 @@ pub fn check_options(o: &Options) -> Result<()> {
 pub enum Vectors<'a> {
     /// An encoder's pooled vector (no dropout), on the backend `propagate` is given.
     Encoder { enc: &'a Encoder, params: &'a [f32] },
-    /// The mean of the row's pretrained word vectors: those [`Embeddings::trained_rows`]
-    /// gives for its feature ids (ids that pretraining never trained, such as word
-    /// bigrams, are left out). A document with no trained feature has no vector.
+    /// The mean of the pretrained vectors of the row's words (its word sequence, whatever
+    /// the data set's tokenizer: a word's vector is [`Embeddings::vector`], the mean of its
+    /// pretraining features); words pretraining did not train are left out, and a row with
+    /// none has no vector.
     Bag(&'a Embeddings),
 }
 
@@ -269,10 +270,15 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     let ds = first.data;
     for v in views {
         if let Vectors::Bag(emb) = v.vectors {
-            if let Some(m) = emb.hashing_mismatch(&v.data.manifest().tokenizer) {
+            let (a, b) = (&v.data.manifest().tokenizer, &emb.meta.tokenizer);
+            if a.lowercase != b.lowercase || a.punctuation != b.punctuation {
                 return Err(Error::Data(format!(
-                    "{}: the data set does not match the embeddings: {m}; prepare it with the tokenizer pretraining used",
-                    v.data.dir().display()
+                    "{}: the data set splits or lowercases words otherwise than the embeddings' data (lowercase {} and {}, punctuation {:?} and {:?}), so its words would not be found: prepare it with the same tokenizer.lowercase and tokenizer.punctuation",
+                    v.data.dir().display(),
+                    a.lowercase,
+                    b.lowercase,
+                    a.punctuation,
+                    b.punctuation
                 )));
             }
         }
@@ -283,16 +289,21 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     }
     let k_max = *opts.ks.iter().max().expect("checked: not empty");
     let widths: Vec<usize> = views.iter().map(View::width).collect();
-    let mut b = budget(rows.iter().sum(), &widths, k_max, ds.labels().len())?;
-    for v in views {
-        if let Vectors::Bag(emb) = v.vectors {
-            // The trained rows, gathered (at most one per word and n-gram of the word list).
-            let words = emb.words.len() as u64;
-            let ngrams = u64::from(emb.meta.char_ngram_max.saturating_sub(emb.meta.char_ngram_min) + 1)
-                * u64::from(emb.meta.char_ngram_max > 0);
-            let row = emb.meta.dim as u64 * 4 + 16;
-            b.add("the trained rows", words * (1 + ngrams * 8) * row, "--model", "smaller embeddings");
-        }
+    let mut b = budget(rows.iter().sum(), &widths, &opts.shifts, k_max, ds.labels().len())?;
+    // A bag view's word vectors and the data set's words, while that view is embedded.
+    let words = views
+        .iter()
+        .map(|v| match v.vectors {
+            Vectors::Bag(emb) => {
+                let vocab = v.data.manifest().vocab.words;
+                (emb.words.len() as u64) * (emb.meta.dim as u64 * 4 + 48) + vocab * 40
+            }
+            Vectors::Encoder { .. } => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    if words > 0 {
+        b.add("the word vectors", words, "--model", "embeddings of fewer words");
     }
     b.check()?;
     let mut embedded = Vec::with_capacity(views.len());
@@ -314,27 +325,33 @@ pub fn propagate<B: EncoderOps<F = f32>>(
 }
 
 /// Every row's mean pretrained word vector, at unit length (all zeros for a row none of
-/// whose ids pretraining trained), in [`rows_of`]'s order, and how many rows have none.
+/// whose words pretraining trained), in [`rows_of`]'s order, and how many rows have none.
 fn embed_bag(emb: &Embeddings, ds: &Dataset) -> Result<(Vec<f32>, usize)> {
-    let spec = &ds.manifest().tokenizer;
     let dim = emb.meta.dim;
-    let mut index = std::collections::HashMap::new();
-    let mut table: Vec<f32> = Vec::new();
-    emb.trained_rows(spec, |r, v| {
-        let at = *index.entry(r).or_insert_with(|| {
-            table.extend_from_slice(v);
-            table.len() / dim - 1
-        });
-        table[at * dim..(at + 1) * dim].copy_from_slice(v);
-    });
-    let limits = DocLimits::of(spec);
+    let vocab = ds.vocab()?;
+    for split in SplitKind::ALL {
+        for shard in ds.shards(split) {
+            shard.verify_words(vocab.len() as u64)?;
+        }
+    }
+    // The trained words' vectors, and for each word of the data set's vocabulary its row
+    // among them.
+    let tok = emb.tokenizer();
+    let mut table = vec![0f32; emb.words.len() * dim];
+    let mut feats = Vec::new();
+    for (w, row) in emb.words.iter().zip(table.chunks_mut(dim)) {
+        emb.vector(&tok, w, &mut feats, row);
+    }
+    let trained: std::collections::HashMap<&str, usize> =
+        emb.words.iter().enumerate().map(|(i, w)| (w.as_str(), i)).collect();
+    let row_of: Vec<Option<usize>> =
+        (0..vocab.len() as u32).map(|i| trained.get(vocab.word(i)).copied()).collect();
     let docs = rows_of(ds);
     let mut vectors = vec![0f32; docs.len() * dim];
     vectors.par_chunks_mut(dim).zip(docs.par_iter()).try_for_each(|(v, d)| -> Result<()> {
-        let (shard, i) = (d.shard, d.index);
         let mut sum = vec![0f64; dim];
-        for id in shard.doc_checked(i, limits)?.ids {
-            if let Some(&at) = index.get(id) {
+        for &w in d.shard.doc_words(d.index) {
+            if let Some(at) = row_of[w as usize] {
                 for (s, &x) in sum.iter_mut().zip(&table[at * dim..(at + 1) * dim]) {
                     *s += f64::from(x);
                 }
@@ -343,8 +360,9 @@ fn embed_bag(emb: &Embeddings, ds: &Dataset) -> Result<(Vec<f32>, usize)> {
         let norm = sum.iter().map(|x| x * x).sum::<f64>().sqrt();
         if !norm.is_finite() {
             return Err(Error::Data(format!(
-                "{}: the embeddings' vector of document {i} is not finite: they are broken; nothing was written",
-                shard.path().display()
+                "{}: the embeddings' vector of document {} is not finite: they are broken; nothing was written",
+                d.shard.path().display(),
+                d.index
             )));
         }
         if norm > 0.0 {
@@ -358,12 +376,13 @@ fn embed_bag(emb: &Embeddings, ds: &Dataset) -> Result<(Vec<f32>, usize)> {
     Ok((vectors, blank))
 }
 
-/// Checks that `other` holds the rows of `ds` in the same order: the same classes, and in
-/// every split the same shards' lengths, sample ids, labels and hidden labels.
+/// Checks that `other` holds the rows of `ds` in the same order: the same classes and, split
+/// by split, the same [`crate::logits::rows_fingerprint`] (sample ids, labels, hidden
+/// labels and word sequences, shard by shard), naming the first difference.
 fn check_aligned(ds: &Dataset, other: &Dataset) -> Result<()> {
     let differ = |what: String| {
         Err(Error::Data(format!(
-            "{} and {}: {what}; the views of one propagate run must hold the same rows in the same order (prepare them from the same inputs with the same [split] and [output] shards, each with its own tokenizer)",
+            "{} and {}: {what}; the views of one propagate run must hold the same rows in the same order (prepare them from the same inputs with the same [split], [output] shards and word rules, each with its own tokenizer)",
             ds.dir().display(),
             other.dir().display()
         )))
@@ -371,15 +390,19 @@ fn check_aligned(ds: &Dataset, other: &Dataset) -> Result<()> {
     if ds.labels() != other.labels() {
         return differ("their classes differ".into());
     }
-    for split in [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled] {
+    for split in SplitKind::ALL {
+        if crate::logits::rows_fingerprint(ds, split) == crate::logits::rows_fingerprint(other, split) {
+            continue;
+        }
         let (a, b) = (ds.shards(split), other.shards(split));
+        let name = split.name();
         if a.len() != b.len() {
-            return differ(format!("{} and {} shards of the {split:?} split", a.len(), b.len()));
+            return differ(format!("{} and {} shards of the {name} split", a.len(), b.len()));
         }
         for (si, (x, y)) in a.iter().zip(b).enumerate() {
             if x.len() != y.len() {
                 return differ(format!(
-                    "shard {si} of the {split:?} split holds {} and {} rows",
+                    "shard {si} of the {name} split holds {} and {} rows",
                     x.len(),
                     y.len()
                 ));
@@ -391,12 +414,15 @@ fn check_aligned(ds: &Dataset, other: &Dataset) -> Result<()> {
                     || x.hidden_label(i) != y.hidden_label(i)
                 {
                     return differ(format!(
-                        "row {i} of shard {si} of the {split:?} split is sample {} and sample {} (or their labels differ)",
+                        "row {i} of shard {si} of the {name} split is sample {} and sample {}, or their labels differ",
                         dx.sample_id, dy.sample_id
                     ));
                 }
             }
         }
+        return differ(format!(
+            "the words of the {name} split differ (other texts, or other word rules: lowercasing, punctuation)"
+        ));
     }
     Ok(())
 }
@@ -572,8 +598,15 @@ fn combine(views: &[Embedded], shift: Shift) -> (Vec<f32>, usize) {
     let mut out = vec![0f32; n * width];
     let mut at = 0;
     for e in views {
-        let mut v = e.vectors.clone();
-        shift.apply(&mut v, e.width);
+        let shifted;
+        let v = if shift == Shift::Raw {
+            &e.vectors
+        } else {
+            let mut copy = e.vectors.clone();
+            shift.apply(&mut copy, e.width);
+            shifted = copy;
+            &shifted
+        };
         for (dst, src) in out.chunks_mut(width).zip(v.chunks(e.width)) {
             for (d, &x) in dst[at..at + e.width].iter_mut().zip(src) {
                 *d = x * scale;
@@ -584,18 +617,28 @@ fn combine(views: &[Embedded], shift: Shift) -> (Vec<f32>, usize) {
     (out, width)
 }
 
-/// The host memory `propagate` holds for `n` rows of views of widths `widths`, `k` neighbours
-/// and `classes` classes, as claims on this machine's available memory (the encoders'
-/// weights and activations, already loaded, are not counted).
-fn budget(n: usize, widths: &[usize], k: usize, classes: usize) -> Result<crate::hostmem::Budget> {
+/// The host memory `propagate` holds for `n` rows of views of widths `widths`, `k` neighbours,
+/// `classes` classes and the grid's `shifts`, as claims on this machine's available memory
+/// (the encoders' weights and activations, already loaded, are not counted).
+fn budget(
+    n: usize,
+    widths: &[usize],
+    shifts: &[Shift],
+    k: usize,
+    classes: usize,
+) -> Result<crate::hostmem::Budget> {
     let mut b = crate::hostmem::Budget::new("propagate", 1)?;
     let h: u64 = widths.iter().sum::<usize>() as u64;
     let (n, k, c) = (n as u64, k as u64, classes as u64);
     let fewer = "a data set of fewer rows: every row's vector and neighbours are held at once";
-    // The views' vectors and the searched copy (shifted, side by side); with several views,
-    // also one view's shifted copy while it is put in place.
-    let one_view = if widths.len() > 1 { n * *widths.iter().max().unwrap_or(&0) as u64 } else { 0 };
-    b.add("the rows' vectors", (2 * n * h + one_view) * 4, "--data", fewer);
+    // The views' vectors; the searched copy (shifted, or views side by side) unless one
+    // view is searched as it is; with several views and a shift, one view's shifted copy
+    // while it is put in place.
+    let shifted = shifts.iter().any(|&s| s != Shift::Raw);
+    let searched = if widths.len() > 1 || shifted { n * h } else { 0 };
+    let one_view =
+        if widths.len() > 1 && shifted { n * *widths.iter().max().unwrap_or(&0) as u64 } else { 0 };
+    b.add("the rows' vectors", (n * h + searched + one_view) * 4, "--data", fewer);
     b.add("their neighbour lists", n * k * 8, "--k", "a smaller largest --k");
     // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows, their
     // starts and the degrees.
@@ -892,8 +935,9 @@ fn subtract_and_renormalise(v: &mut [f32], h: usize, shifted: impl Fn(&[f32], &m
             let mut rest = vec![0f64; h];
             shifted(row, &mut rest);
             let n = rest.iter().map(|x| x * x).sum::<f64>().sqrt();
-            // The rows are unit vectors: what is left below this is round-off.
-            if n > 1e-6 {
+            // The rows are unit f32 vectors: what is left below this is round-off (about
+            // 1e-7·√h), or a row that was all common part.
+            if n > 1e-4 {
                 for (o, r) in row.iter_mut().zip(&rest) {
                     *o = (r / n) as f32;
                 }
@@ -907,7 +951,9 @@ fn subtract_and_renormalise(v: &mut [f32], h: usize, shifted: impl Fn(&[f32], &m
 }
 
 /// The top right singular vector of the rows of `v` (width `h`), by power iteration on `VᵀV`
-/// started at the rows' sum, to a change below 1e-9 (at most 200 iterations); `None` when
+/// started at the rows' sum, to a change below 1e-9 (at most 1000 iterations: where the top
+/// two singular values are nearly equal it stops at a mix of their directions, which
+/// `drop-top` then takes out; val accuracy judges the result like any setting); `None` when
 /// every row is zero.
 fn top_direction(v: &[f32], h: usize) -> Option<Vec<f64>> {
     let times_gram = |u: &[f64]| -> Vec<f64> {
@@ -936,7 +982,7 @@ fn top_direction(v: &[f32], h: usize) -> Option<Vec<f64>> {
     }
     // Rows that sum to nothing (opposite pairs) still have a top direction: start elsewhere.
     let mut u = unit(sum).or_else(|| unit(times_gram(&vec![1.0; h])))?;
-    for _ in 0..200 {
+    for _ in 0..1000 {
         let next = unit(times_gram(&u))?;
         let change = next.iter().zip(&u).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
         u = next;
@@ -975,10 +1021,17 @@ mod tests {
     /// blocks.
     #[test]
     fn the_memory_budget_counts_vectors_graph_and_buffers() {
-        let total = budget(1_000_000, &[384], 20, 15).unwrap().claimed();
+        let all = Shift::ALL;
+        let total = budget(1_000_000, &[384], &all, 20, 15).unwrap().claimed();
         let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
         let blocks = rayon::current_num_threads() as u64 * ((1 << 26) + 8_000_000);
         assert_eq!(total, floor + blocks);
+        // One view searched as it is needs no copy; two views side by side need one, and
+        // with a shift also the wider view's shifted copy.
+        let raw = budget(1_000_000, &[384], &[Shift::Raw], 20, 15).unwrap().claimed();
+        assert_eq!(total - raw, 1_000_000 * 384 * 4);
+        let two = budget(1_000_000, &[384, 100], &all, 20, 15).unwrap().claimed();
+        assert_eq!(two - total, 1_000_000 * (2 * 100 + 384) * 4);
     }
 
     /// Two tight groups of vectors: each row's neighbours are its own group's, nearest first.
@@ -1136,6 +1189,46 @@ mod tests {
         }
         assert_eq!(rows[8], [0.0; 4]);
         assert!((rows[9][3] - 1.0).abs() < 1e-6, "{:?}", rows[9]);
+    }
+
+    /// Views side by side: a dot product of combined rows is the mean of the views' cosines
+    /// (a view where a row has no vector adds 0), and a shift applies to each view alone.
+    #[test]
+    fn views_side_by_side_average_their_cosines() {
+        let unit = |v: Vec<f32>| -> Vec<f32> {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter().map(|x| x / n).collect()
+        };
+        let a = [unit(vec![1.0, 2.0, 0.5]), unit(vec![-1.0, 0.5, 2.0]), unit(vec![0.3, 0.3, 0.3])].concat();
+        let b = [unit(vec![1.0, 0.0]), unit(vec![0.6, 0.8]), vec![0.0, 0.0]].concat();
+        let view = |vectors: Vec<f32>, width| Embedded { vectors, width, seconds: 0.0, blank: 0 };
+        let views = [view(a.clone(), 3), view(b.clone(), 2)];
+        let (c, width) = combine(&views, Shift::Raw);
+        assert_eq!(width, 5);
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        for i in 0..3 {
+            for j in 0..3 {
+                let want = (dot(&a[i * 3..i * 3 + 3], &a[j * 3..j * 3 + 3])
+                    + dot(&b[i * 2..i * 2 + 2], &b[j * 2..j * 2 + 2]))
+                    / 2.0;
+                let got = dot(&c[i * 5..i * 5 + 5], &c[j * 5..j * 5 + 5]);
+                assert!((got - want).abs() < 1e-6, "rows {i}, {j}: {got} against {want}");
+            }
+        }
+        // Centring each view: the combined rows are the centred views side by side.
+        let (c, _) = combine(&views, Shift::Centre);
+        let (mut ca, mut cb) = (a.clone(), b.clone());
+        Shift::Centre.apply(&mut ca, 3);
+        Shift::Centre.apply(&mut cb, 2);
+        let s = 1.0 / 2f32.sqrt();
+        for i in 0..3 {
+            let want: Vec<f32> =
+                ca[i * 3..i * 3 + 3].iter().chain(&cb[i * 2..i * 2 + 2]).map(|x| x * s).collect();
+            assert_eq!(c[i * 5..i * 5 + 5], want[..], "row {i}");
+        }
+        assert_eq!(cb[4..6], [0.0, 0.0], "a row without a vector stays without");
+        // One view is searched as it is (shifted alone).
+        assert_eq!(combine(&views[..1], Shift::Raw), (a, 3));
     }
 
     #[test]

@@ -1306,8 +1306,32 @@ fn propagate_joins_views_of_the_same_rows() {
         "--out".as_ref(),
         dir.path().join("x.logits").as_os_str(),
     ]);
-    assert!(!ok && err.contains("the same rows in the same order"), "{err}");
+    assert!(!ok && err.contains("the same rows in the same order") && err.contains("is sample"), "{err}");
     assert!(!dir.path().join("x.logits").exists());
+    // The same rows with other words are not the same rows either.
+    std::fs::create_dir_all(dir.path().join("c")).unwrap();
+    let tsv = std::fs::read_to_string(dir.path().join("w").join("sep.tsv")).unwrap();
+    let f = common::write(&dir.path().join("c"), "sep.tsv", tsv.replace("filler", "padding").as_bytes());
+    let cased = dir.path().join("c").join("data");
+    let tok = format!("tokenizer.subword.path={:?}", minilm.join("tokenizer.json").display().to_string());
+    let sets = [
+        &split[..],
+        &[tok.as_str(), "tokenizer.subword.max_len=16", "output.shards=2", "tokenizer.buckets=4096"],
+    ];
+    common::run(&[&f], &[], &cased, &sets.concat()).unwrap();
+    let (ok, _, err) = cli(&[
+        "--model".as_ref(),
+        minilm.as_os_str(),
+        "--data".as_ref(),
+        words.as_os_str(),
+        "--model".as_ref(),
+        minilm.as_os_str(),
+        "--data".as_ref(),
+        cased.as_os_str(),
+        "--out".as_ref(),
+        dir.path().join("x.logits").as_os_str(),
+    ]);
+    assert!(!ok && err.contains("the words of the train split differ"), "{err}");
     // Each --model needs its --data.
     let (ok, _, err) = cli(&[
         "--model".as_ref(),

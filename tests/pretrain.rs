@@ -415,8 +415,8 @@ fn pretraining_keeps_other_runs_outputs() {
 
 /// `dtrain propagate` over pretrained word vectors: every row's vector is the mean of its
 /// trained words', and the few training labels spread to the rest of each topic; a row of
-/// words pretraining never trained gets no vector and no label; a data set hashed otherwise
-/// is refused.
+/// words pretraining never trained gets no vector and no label; the feature hashing does not
+/// matter, the word rules do.
 #[test]
 fn propagate_spreads_labels_over_averaged_word_vectors() {
     let dir = tempfile::tempdir().unwrap();
@@ -483,13 +483,32 @@ fn propagate_spreads_labels_over_averaged_word_vectors() {
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "the two files differ");
     // --pooling is an encoder's.
     let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("p.logits"), &["--pooling", "cls"]);
-    assert!(!ok && err.contains("--pooling applies to a pretrained encoder"), "{err}");
-    // A data set whose words hash to other rows.
+    assert!(!ok && err.contains("--pooling applies to a pretrained model's directory"), "{err}");
+    // Rows are read as words, so a data set that hashes its features otherwise gives the
+    // same labels.
     let other = dir.path().join("data_seed");
     common::run(&[&l], &[&u], &other, &[sets.as_slice(), &["tokenizer.hash_seed=7"]].concat()).unwrap();
-    let (ok, _, err) = cli(&pre, &other, &dir.path().join("o.logits"), &[]);
-    assert!(!ok && err.contains("hashes words differently") && err.contains("data_seed"), "{err}");
+    let seeded = dir.path().join("seeded.logits");
+    let (ok, _, err) = cli(&pre, &other, &seeded, &grid);
+    assert!(ok, "{err}");
+    let g = dtrain::logits::LogitsFile::open(&seeded).unwrap();
+    for (si, shard) in ds.shards(split).iter().enumerate() {
+        for i in 0..shard.len() {
+            let id = dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 };
+            assert_eq!(f.row(id), g.row(id), "row {i} of shard {si}");
+        }
+    }
+    // A data set whose words are cased otherwise would not find them: refused.
+    let cased = dir.path().join("data_cased");
+    common::run(&[&l], &[&u], &cased, &[sets.as_slice(), &["tokenizer.lowercase=false"]].concat()).unwrap();
+    let (ok, _, err) = cli(&pre, &cased, &dir.path().join("o.logits"), &[]);
+    assert!(!ok && err.contains("lowercases words otherwise") && err.contains("data_cased"), "{err}");
     assert!(!dir.path().join("o.logits").exists());
+    // The shifts are named, each once.
+    let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("o.logits"), &["--shift", "up"]);
+    assert!(!ok && err.contains("expected raw, centre or drop-top"), "{err}");
+    let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("o.logits"), &["--shift", "raw,centre,raw"]);
+    assert!(!ok && err.contains("--shift raw: given twice"), "{err}");
     // Without word vectors beside it, the tensors are not read.
     std::fs::remove_file(pre.join(WORDS_FILE)).unwrap();
     let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("w.logits"), &[]);

@@ -251,71 +251,25 @@ impl Embeddings {
         Some((word, scored.into_iter().map(|(s, i)| (self.words[i].clone(), s)).collect()))
     }
 
-    /// Why a data set prepared with `spec` cannot read these rows, if it cannot: its ids
-    /// must be hashed features hashed as pretraining hashed them (buckets, hash seed, case).
-    pub fn hashing_mismatch(&self, spec: &TokenizerSpec) -> Option<String> {
+    /// Loads the pretrained rows into a classifier's embedding table (`table`: B×D,
+    /// row-major) whose data set was prepared with `spec`. Hashing must agree (buckets,
+    /// hash seed, case, and the widths must be equal). Rows pretraining never trained keep
+    /// their values. When the classifier's character n-gram range equals pretraining's, the
+    /// trained rows are copied as they are; otherwise each trained word's own row gets its
+    /// composed vector (the mean over its pretraining features, which is what the word
+    /// meant in pretraining), and the character n-gram rows both ranges share are copied.
+    pub fn init_table(&self, spec: &TokenizerSpec, dim: usize, table: &mut [f32]) -> Result<InitSummary> {
         let t = &self.meta.tokenizer;
-        if spec.subword.is_some() {
+        let mismatch = if spec.subword.is_some() {
             Some("the data set holds subword ids, not the hashed features skip-gram trains".into())
+        } else if dim != self.meta.dim {
+            Some(format!("model.dim is {dim}, the embeddings have {}", self.meta.dim))
         } else if spec.buckets != t.buckets {
             Some(format!("the data set has {} buckets, the embeddings {}", spec.buckets, t.buckets))
         } else if spec.hash_seed != t.hash_seed || spec.lowercase != t.lowercase {
             Some("the data set's tokenizer hashes words differently (hash_seed or lowercase)".into())
         } else {
             None
-        }
-    }
-
-    /// Calls `f(row, vector)` for every row of a table hashed by `spec` that pretraining
-    /// trained (the caller has checked [`Embeddings::hashing_mismatch`]). When `spec`'s
-    /// character n-gram range equals pretraining's, those are the trained rows as they are;
-    /// otherwise each trained word's own row gets its composed vector (the mean over its
-    /// pretraining features, which is what the word meant in pretraining), and the character
-    /// n-gram rows both ranges share come as they are. A row may come more than once (two
-    /// words sharing an n-gram), always with the same vector, except where two words hash
-    /// to one row, where the last one's is given.
-    pub fn trained_rows(&self, spec: &TokenizerSpec, mut f: impl FnMut(u32, &[f32])) -> InitSummary {
-        let dim = self.meta.dim;
-        let tok = self.tokenizer();
-        let (cmin, cmax) = (spec.char_ngram_min, spec.char_ngram_max);
-        let same_range = cmax == self.meta.char_ngram_max && (cmax == 0 || cmin == self.meta.char_ngram_min);
-        let input = self.input();
-        let row = |r: u32| &input[r as usize * dim..(r as usize + 1) * dim];
-        let (mut feats, mut theirs) = (Vec::new(), Vec::new());
-        let mut vec = vec![0.0f32; dim];
-        let mut rows = std::collections::HashSet::new();
-        for w in &self.words {
-            self.features(&tok, w, &mut feats);
-            if same_range {
-                for &r in &feats {
-                    f(r, row(r));
-                    rows.insert(r);
-                }
-            } else {
-                self.vector(&tok, w, &mut theirs, &mut vec);
-                f(feats[0], &vec);
-                rows.insert(feats[0]);
-                tok.word_features(w, cmin, cmax, &mut theirs);
-                for &r in theirs.iter().skip(1) {
-                    if feats[1..].contains(&r) {
-                        f(r, row(r));
-                        rows.insert(r);
-                    }
-                }
-            }
-        }
-        InitSummary { words: self.words.len(), rows: rows.len(), composed: !same_range }
-    }
-
-    /// Loads the pretrained rows into a classifier's embedding table (`table`: B×D,
-    /// row-major) whose data set was prepared with `spec`, as [`Embeddings::trained_rows`]
-    /// gives them. Hashing must agree and the widths must be equal. Rows pretraining never
-    /// trained keep their values.
-    pub fn init_table(&self, spec: &TokenizerSpec, dim: usize, table: &mut [f32]) -> Result<InitSummary> {
-        let mismatch = if dim != self.meta.dim && spec.subword.is_none() {
-            Some(format!("model.dim is {dim}, the embeddings have {}", self.meta.dim))
-        } else {
-            self.hashing_mismatch(spec)
         };
         if let Some(m) = mismatch {
             return Err(Error::config(
@@ -324,8 +278,36 @@ impl Embeddings {
                 format!("{m}; pretrain on a data set prepared with the same tokenizer"),
             ));
         }
-        assert_eq!(table.len(), self.meta.tokenizer.buckets as usize * dim, "table shape");
-        Ok(self.trained_rows(spec, |r, v| table[r as usize * dim..(r as usize + 1) * dim].copy_from_slice(v)))
+        assert_eq!(table.len(), t.buckets as usize * dim, "table shape");
+        let tok = self.tokenizer();
+        let (cmin, cmax) = (spec.char_ngram_min, spec.char_ngram_max);
+        let same_range = cmax == self.meta.char_ngram_max && (cmax == 0 || cmin == self.meta.char_ngram_min);
+        let input = self.input();
+        let (mut feats, mut theirs) = (Vec::new(), Vec::new());
+        let mut vec = vec![0.0f32; dim];
+        let mut rows = std::collections::HashSet::new();
+        let mut copy = |f: u32, src: &[f32], table: &mut [f32]| {
+            table[f as usize * dim..(f as usize + 1) * dim].copy_from_slice(src);
+            rows.insert(f);
+        };
+        for w in &self.words {
+            self.features(&tok, w, &mut feats);
+            if same_range {
+                for &f in &feats {
+                    copy(f, &input[f as usize * dim..(f as usize + 1) * dim], table);
+                }
+            } else {
+                self.vector(&tok, w, &mut theirs, &mut vec);
+                copy(feats[0], &vec, table);
+                tok.word_features(w, cmin, cmax, &mut theirs);
+                for &f in theirs.iter().skip(1) {
+                    if feats[1..].contains(&f) {
+                        copy(f, &input[f as usize * dim..(f as usize + 1) * dim], table);
+                    }
+                }
+            }
+        }
+        Ok(InitSummary { words: self.words.len(), rows: rows.len(), composed: !same_range })
     }
 }
 
