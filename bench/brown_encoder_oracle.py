@@ -43,6 +43,13 @@ probability whose val rows are at least a fraction A right (runs named -propagat
   DTRAIN_BIN=/tmp/dtrain-prop python3 bench/brown_encoder_oracle.py --seeds 1 2 3 --accuracies \
       --epochs 30 --propagated --val-target 0.667 --json bench/results/brown-encoder-propagated-e30.json
 
+--two-view spreads over two views of the rows instead, MiniLM's vectors and the seed's
+skip-gram vectors (bench/brown_bag_propagate.py makes those under runs/brown_bag_ls/seedN),
+with propagate's default grid (shift, k, alpha); runs named -propagated2-vA.
+
+  DTRAIN_BIN=/tmp/dtrain-ls4 python3 bench/brown_encoder_oracle.py --seeds 1 --accuracies \
+      --epochs 30 --propagated --two-view --val-target 0.667 --json bench/results/brown-encoder-propagated2-e30.json
+
 --threshold T keeps only the pseudo-labels whose teacher probability is at least T
 (`consistency.threshold`, confidence-filtered Noisy Student); runs named with a -tT suffix.
 
@@ -97,15 +104,25 @@ def template_logits(seed, data):
     return exported_logits(seed, data, "template", ["train.steps=1"])
 
 
-def propagated_logits(seed, data):
-    """`dtrain propagate`'s logits of the seed's unlabeled split (frozen MiniLM vectors), and
-    its val table: {threshold: (rows, accuracy)}."""
-    path = f"runs/brown_encoder/seed{seed}/oracle/propagated.logits"
+def propagated_logits(seed, data, two_view=False):
+    """`dtrain propagate`'s logits of the seed's unlabeled split, and its val table:
+    {threshold: (rows, accuracy)}. One view: frozen MiniLM vectors as they are (`--shift
+    raw`, the grid these runs were first measured with). Two views: MiniLM and the seed's
+    skip-gram vectors of bench/brown_bag_propagate.py (runs/brown_bag_ls/seedN), the
+    default grid."""
+    name = "propagated-2view" if two_view else "propagated"
+    path = f"runs/brown_encoder/seed{seed}/oracle/{name}.logits"
     report = path[:-len(".logits")] + ".txt"
     if not (os.path.exists(path) and os.path.exists(report)):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        out = subprocess.run([be.BIN, "--quiet", "propagate", "--model", "models/minilm", "--data", data,
-                              "--out", path], check=True, capture_output=True, text=True).stdout
+        views = ["--model", "models/minilm", "--data", data]
+        if two_view:
+            bag = f"runs/brown_bag_ls/seed{seed}"
+            views += ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
+        else:
+            views += ["--shift", "raw"]
+        out = subprocess.run([be.BIN, "--quiet", "propagate", *views, "--out", path], check=True,
+                             capture_output=True, text=True).stdout
         open(report, "w").write(out)
     return path, bo.propagate_val_table(open(report).read())
 
@@ -120,6 +137,8 @@ def main():
     ap.add_argument("--epochs", type=int, help="labeled epochs of the students (default: the config's 10)")
     ap.add_argument("--threshold", type=float,
                     help="keep only pseudo-labels at or above this teacher probability (default 0: all)")
+    ap.add_argument("--two-view", action="store_true",
+                    help="with --propagated: spread over MiniLM and skip-gram vectors (runs named -propagated2)")
     ap.add_argument("--propagated", action="store_true",
                     help="the teacher is `dtrain propagate` over frozen MiniLM vectors")
     ap.add_argument("--val-target", type=float,
@@ -154,14 +173,15 @@ def main():
             rows.append(row)
             continue
         if a.propagated:
-            path, table = propagated_logits(seed, data)
+            path, table = propagated_logits(seed, data, a.two_view)
             hidden = bo.hidden_labels(data)
             _, _, z = bo.read_logits(path)
             p = np.exp(z - z.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)
-            threshold, name = a.threshold or 0.0, "propagated"
+            threshold, name = a.threshold or 0.0, "propagated2" if a.two_view else "propagated"
             if a.val_target is not None:
-                threshold, name = bo.lowest_threshold(table, a.val_target), f"propagated-v{a.val_target}"
+                threshold = bo.lowest_threshold(table, a.val_target)
+                name = f"{name}-v{a.val_target}"
             kept = p.max(1) >= threshold
             right = p.argmax(1) == hidden
             row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"', f"consistency.threshold={threshold}"]
