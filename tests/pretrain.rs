@@ -454,7 +454,7 @@ fn propagate_spreads_labels_over_averaged_word_vectors() {
     assert!(ok, "{err}");
     assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
     assert!(
-        stdout.contains("1 rows hold no word the embeddings") && stdout.contains("no label reaches them"),
+        stdout.contains("1 rows hold no word the embeddings") && stdout.contains("no neighbours"),
         "the zzyzx line is not named:\n{stdout}"
     );
     let ds = Dataset::open(&data_b).unwrap();
