@@ -1222,13 +1222,14 @@ fn propagate_joins_views_of_the_same_rows() {
         stop_after: None,
     };
     dtrain::pretrain::pretrain(&dtrain::config::load(None, &sets).unwrap(), &opts).unwrap();
-    let cli = |args: &[&std::ffi::OsStr]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
-            .arg("--quiet")
-            .arg("propagate")
-            .args(args)
-            .output()
-            .unwrap();
+    // `propagate` over (model, data) views, then any more arguments.
+    let propagate = |views: &[(&Path, &Path)], out: &Path, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"));
+        cmd.args(["--quiet", "propagate"]);
+        for (model, data) in views {
+            cmd.arg("--model").arg(model).arg("--data").arg(data);
+        }
+        let o = cmd.arg("--out").arg(out).args(extra).output().unwrap();
         (
             o.status.success(),
             String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -1237,23 +1238,8 @@ fn propagate_joins_views_of_the_same_rows() {
     };
     let minilm = common::minilm();
     let out = dir.path().join("both.logits");
-    let grid = ["--k", "3,5", "--alpha", "0.5,0.9"].map(std::ffi::OsStr::new);
-    let (ok, stdout, err) = cli(&[
-        &[
-            "--model".as_ref(),
-            minilm.as_os_str(),
-            "--data".as_ref(),
-            words.as_os_str(),
-            "--model".as_ref(),
-            pre.as_os_str(),
-            "--data".as_ref(),
-            hashed.as_os_str(),
-            "--out".as_ref(),
-            out.as_os_str(),
-        ][..],
-        &grid,
-    ]
-    .concat());
+    let grid = ["--k", "3,5", "--alpha", "0.5,0.9"];
+    let (ok, stdout, err) = propagate(&[(&minilm, &words), (&pre, &hashed)], &out, &grid);
     assert!(ok, "{err}");
     assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
     let split_kind = dtrain::data::shard::SplitKind::Unlabeled;
@@ -1274,18 +1260,7 @@ fn propagate_joins_views_of_the_same_rows() {
     assert!(right * 10 >= n * 6, "only {right} of {n} unlabeled rows labeled right");
     // One view alone writes a file of another source.
     let one = dir.path().join("one.logits");
-    let (ok, _, err) = cli(&[
-        &[
-            "--model".as_ref(),
-            pre.as_os_str(),
-            "--data".as_ref(),
-            hashed.as_os_str(),
-            "--out".as_ref(),
-            one.as_os_str(),
-        ][..],
-        &grid,
-    ]
-    .concat());
+    let (ok, _, err) = propagate(&[(&pre, &hashed)], &one, &grid);
     assert!(ok, "{err}");
     assert_ne!(dtrain::logits::LogitsFile::open(&one).unwrap().source, f.source);
     // Rows split otherwise are not the same rows.
@@ -1294,54 +1269,24 @@ fn propagate_joins_views_of_the_same_rows() {
         30,
         &[&split[..], &["output.shards=2", "split.seed=9"]].concat(),
     );
-    let (ok, _, err) = cli(&[
-        "--model".as_ref(),
-        minilm.as_os_str(),
-        "--data".as_ref(),
-        words.as_os_str(),
-        "--model".as_ref(),
-        pre.as_os_str(),
-        "--data".as_ref(),
-        other.as_os_str(),
-        "--out".as_ref(),
-        dir.path().join("x.logits").as_os_str(),
-    ]);
+    let x = dir.path().join("x.logits");
+    let (ok, _, err) = propagate(&[(&minilm, &words), (&pre, &other)], &x, &[]);
     assert!(!ok && err.contains("the same rows in the same order") && err.contains("is sample"), "{err}");
-    assert!(!dir.path().join("x.logits").exists());
+    assert!(!x.exists());
     // The same rows with other words are not the same rows either.
     std::fs::create_dir_all(dir.path().join("c")).unwrap();
     let tsv = std::fs::read_to_string(dir.path().join("w").join("sep.tsv")).unwrap();
     let f = common::write(&dir.path().join("c"), "sep.tsv", tsv.replace("filler", "padding").as_bytes());
-    let cased = dir.path().join("c").join("data");
+    let reworded = dir.path().join("c").join("data");
     let tok = format!("tokenizer.subword.path={:?}", minilm.join("tokenizer.json").display().to_string());
     let sets = [
         &split[..],
         &[tok.as_str(), "tokenizer.subword.max_len=16", "output.shards=2", "tokenizer.buckets=4096"],
     ];
-    common::run(&[&f], &[], &cased, &sets.concat()).unwrap();
-    let (ok, _, err) = cli(&[
-        "--model".as_ref(),
-        minilm.as_os_str(),
-        "--data".as_ref(),
-        words.as_os_str(),
-        "--model".as_ref(),
-        minilm.as_os_str(),
-        "--data".as_ref(),
-        cased.as_os_str(),
-        "--out".as_ref(),
-        dir.path().join("x.logits").as_os_str(),
-    ]);
+    common::run(&[&f], &[], &reworded, &sets.concat()).unwrap();
+    let (ok, _, err) = propagate(&[(&minilm, &words), (&minilm, &reworded)], &x, &[]);
     assert!(!ok && err.contains("the words of the train split differ"), "{err}");
     // Each --model needs its --data.
-    let (ok, _, err) = cli(&[
-        "--model".as_ref(),
-        minilm.as_os_str(),
-        "--data".as_ref(),
-        words.as_os_str(),
-        "--model".as_ref(),
-        pre.as_os_str(),
-        "--out".as_ref(),
-        dir.path().join("x.logits").as_os_str(),
-    ]);
+    let (ok, _, err) = propagate(&[(&minilm, &words)], &x, &["--model", &pre.display().to_string()]);
     assert!(!ok && err.contains("2 --model and 1 --data"), "{err}");
 }
