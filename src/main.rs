@@ -562,9 +562,10 @@ struct PropagateArgs {
     /// refused when no view is a pretrained model's directory.
     #[arg(long, value_parser = ["mean", "cls"])]
     pooling: Option<String>,
-    /// The data set directory of the --model before it, prepared with the encoder's
-    /// tokenizer.json (or, for embeddings, with the tokenizer pretraining used). The logits
-    /// file is the first data set's (and every view's: they hold the same rows).
+    /// The data set directory of the --model before it: for an encoder, prepared with its
+    /// tokenizer.json; for embeddings, any preparation whose words are split and cased as
+    /// in the data set pretraining read (its rows' words are looked up). The logits file is
+    /// the first data set's (and every view's: they hold the same rows).
     #[arg(long, required = true)]
     data: Vec<PathBuf>,
     /// The logits file to write (the unlabeled split's rows).
