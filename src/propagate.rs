@@ -9,14 +9,17 @@
 //! similarities raised to γ = 3 (Iscen et al., "Label Propagation for Deep Semi-supervised
 //! Learning", 2019):
 //! - `v_i` = row i's vector divided by its norm, for every row of the train, unlabeled, val
-//!   and test splits: an encoder's pooled vector (no dropout), or the mean of the pretrained
-//!   vectors of the row's feature ids that skip-gram trained ([`propagate_bag`]; a row with
-//!   none has no vector, no edge, and no label reaches it). Only the train split's labels
+//!   and test splits, in each view ([`Vectors`]): an encoder's pooled vector (no dropout),
+//!   or the mean of the pretrained skip-gram vectors of the row's words that pretraining
+//!   trained (a row with none has no vector in that view). Only the train split's labels
 //!   seed the graph; val's choose the settings; test's and the hidden labels are only
 //!   measured.
-//! - A [`Shift`] of the unit vectors, then unit length again: none, minus their mean
-//!   (`centre`), or minus their component along the top singular direction `u` of the n×H
-//!   matrix of rows (`drop-top`: `v_i − (v_i·u)u`). A row left with nothing has no vector.
+//! - A [`Shift`] of each view's unit vectors, then unit length again: none, minus their
+//!   mean (`centre`), or minus their component along the top singular direction `u` of the
+//!   n×H matrix of rows (`drop-top`: `v_i − (v_i·u)u`). A row left with nothing has no
+//!   vector. With m views, a row's vector is its views' side by side, each times 1/√m, so
+//!   `v_i·v_j` is the mean of the views' cosines (0 where a view has no vector). A row with
+//!   no vector has no edge; only its own label, if it is a training row, reaches it.
 //! - `N_k(i)`: the k rows j ≠ i of largest `v_i·v_j` (exact search). `A_ij = max(0, v_i·v_j)^γ`
 //!   for j in `N_k(i)`, else 0; `W = A + Aᵀ`; `S = D^-½ W D^-½` with `D = diag(W 1)`.
 //! - `Y_ic = 1/n_c` for a labeled training row of class c (n_c such rows), else 0.
