@@ -17,18 +17,25 @@ Per seed:
 
   .venv/bin/python bench/brown_bag_propagate.py --seeds 1 2 3 --json bench/results/brown-bag-propagate.json
 
---two-view adds, per seed, a bag student of the labels that `dtrain propagate` spread over
-two views of the same rows, MiniLM's pooled vectors (the encoder protocol's data set,
-64 WordPiece tokens) and these skip-gram vectors, read from
-runs/brown_encoder/seedN/oracle/propagated-2view.{logits,txt}:
+--students KIND... adds, per seed and kind, a bag student of the labels `dtrain propagate`
+spread over several views of the same rows (the file is made by the command below when
+missing, its report beside it):
 
-  dtrain propagate --model models/minilm --data runs/brown_encoder/seedN/data \
-      --model runs/brown_bag_ls/seedN/pretrain --data runs/brown_bag_ls/seedN/data \
-      --out runs/brown_encoder/seedN/oracle/propagated-2view.logits
+  two-view    MiniLM's pooled vectors (the encoder protocol's data set, 64 WordPiece
+              tokens) and these skip-gram vectors:
+                dtrain propagate --model models/minilm --data runs/brown_encoder/seedN/data \
+                    --model runs/brown_bag_ls/seedN/pretrain --data runs/brown_bag_ls/seedN/data \
+                    --out runs/brown_encoder/seedN/oracle/propagated-2view.logits
+  three-view  the same and the rows' TF-IDF word vectors (… --tfidf runs/brown_bag_ls/seedN/data,
+              out propagated-3view.logits)
+  words       the bag protocol's own: skip-gram and TF-IDF vectors, no MiniLM
+                dtrain propagate --model runs/brown_bag_ls/seedN/pretrain --data runs/brown_bag_ls/seedN/data \
+                    --tfidf runs/brown_bag_ls/seedN/data --out runs/brown_bag_ls/seedN/propagated-words.logits
 
-The student is configs/brown/distill_minilm.toml with the settings bench/brown_distill.py
-chose for a MiniLM teacher (soft targets at weight 3, 100 epochs, the table at the full
-learning rate; fixed, not tuned again here), its logits swapped for the spread labels.
+(--two-view is --students two-view.) The student is configs/brown/distill_minilm.toml with
+the settings bench/brown_distill.py chose for a MiniLM teacher (soft targets at weight 3,
+100 epochs, the table at the full learning rate; fixed, not tuned again here), its logits
+swapped for the spread labels.
 """
 import argparse
 import itertools
@@ -91,11 +98,29 @@ def chosen_line(report):
                 test=float(test.split(":")[1].split()[0]))
 
 
-def two_view(dt, seed, data, runs):
-    """The two-view spread labels of the seed (made beforehand, see the module doc) and the
-    bag student trained on them."""
-    path = f"runs/brown_encoder/seed{seed}/oracle/propagated-2view.logits"
-    report = open(path[:-len(".logits")] + ".txt").read()
+def views_logits(dt, kind, seed):
+    """The seed's labels spread over the views of `kind` (see the module doc), made once:
+    the logits file's path and propagate's report."""
+    bag = f"runs/brown_bag_ls/seed{seed}"
+    minilm = ["--model", "models/minilm", "--data", f"runs/brown_encoder/seed{seed}/data"]
+    words = ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
+    tfidf = ["--tfidf", f"{bag}/data"]
+    path, views = {
+        "two-view": (f"runs/brown_encoder/seed{seed}/oracle/propagated-2view.logits", minilm + words),
+        "three-view": (f"runs/brown_encoder/seed{seed}/oracle/propagated-3view.logits", minilm + words + tfidf),
+        "words": (f"{bag}/propagated-words.logits", words + tfidf),
+    }[kind]
+    report = path[:-len(".logits")] + ".txt"
+    if not (os.path.exists(path) and os.path.exists(report)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        out = sh(dt, "--quiet", "propagate", *views, "--out", path, capture_output=True, text=True).stdout
+        open(report, "w").write(out)
+    return path, open(report).read()
+
+
+def spread_student(dt, kind, seed, data, runs):
+    """The seed's labels spread over the views of `kind` and the bag student trained on them."""
+    path, report = views_logits(dt, kind, seed)
     spread = chosen_line(report)
     hidden = bo.hidden_labels(data)
     _, _, z = bo.read_logits(path)
@@ -105,11 +130,11 @@ def two_view(dt, seed, data, runs):
     saved = bm.CONFIG.get("distill")
     bm.CONFIG["distill"] = "configs/brown/distill_minilm.toml"
     try:
-        student = bm.train(dt, "distill", data, os.path.join(runs, "two-view-student"), seed, sets)
+        student = bm.train(dt, "distill", data, os.path.join(runs, f"{kind}-student"), seed, sets)
     finally:
         if saved is None:
             del bm.CONFIG["distill"]
-    print(json.dumps(dict(seed=seed, two_view=spread["test"], two_view_student=student["test"])), flush=True)
+    print(json.dumps({"seed": seed, kind: spread["test"], f"{kind}_student": student["test"]}), flush=True)
     return dict(propagate=spread, student=student)
 
 
@@ -119,9 +144,12 @@ def main():
     ap.add_argument("--root", default="runs/brown_bag_ls")
     ap.add_argument("--dtrain", default=os.environ.get("DTRAIN_BIN", "target/release/dtrain"))
     ap.add_argument("--val-target", type=float, default=0.667)
-    ap.add_argument("--two-view", action="store_true")
+    ap.add_argument("--students", nargs="+", default=[], choices=["two-view", "three-view", "words"])
+    ap.add_argument("--two-view", action="store_true", help="the same as --students two-view")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.two_view and "two-view" not in a.students:
+        a.students.insert(0, "two-view")
     dt = a.dtrain
     out = {"seeds": {}}
     for seed in a.seeds:
@@ -155,8 +183,8 @@ def main():
             print(json.dumps(dict(seed=seed, **row)), flush=True)
         best = max(sweep, key=lambda r: r["val"])
         out["seeds"][seed] = dict(supervised=sup, propagate=spread, student=best, student_sweep=sweep)
-        if a.two_view:
-            out["seeds"][seed]["two_view"] = two_view(dt, seed, data, runs)
+        for kind in a.students:
+            out["seeds"][seed][kind.replace("-", "_")] = spread_student(dt, kind, seed, data, runs)
         print(json.dumps(dict(seed=seed, supervised=sup["test"], propagate=spread["test"], student=best["test"],
                               student_sets=best["sets"])), flush=True)
     seeds = list(out["seeds"].values())
@@ -171,17 +199,18 @@ def main():
         "student_gain": ms([s["student"]["test"] - s["supervised"]["test"] for s in seeds]),
         "unlabeled_right": ms([s["propagate"]["unlabeled_right"] for s in seeds]),
     }
-    if a.two_view:
-        out["summary"].update(
-            two_view_test=ms([s["two_view"]["propagate"]["test"] for s in seeds]),
-            two_view_unlabeled_right=ms([s["two_view"]["propagate"]["unlabeled_right"] for s in seeds]),
-            two_view_student_test=ms([s["two_view"]["student"]["test"] for s in seeds]),
-            two_view_student_gain=ms([s["two_view"]["student"]["test"] - s["supervised"]["test"] for s in seeds]),
-        )
+    for kind in a.students:
+        k = kind.replace("-", "_")
+        out["summary"].update({
+            f"{k}_test": ms([s[k]["propagate"]["test"] for s in seeds]),
+            f"{k}_unlabeled_right": ms([s[k]["propagate"]["unlabeled_right"] for s in seeds]),
+            f"{k}_student_test": ms([s[k]["student"]["test"] for s in seeds]),
+            f"{k}_student_gain": ms([s[k]["student"]["test"] - s["supervised"]["test"] for s in seeds]),
+        })
     print(json.dumps(out["summary"]))
     out["provenance"] = bm.provenance(
         f"python3 bench/brown_bag_propagate.py --seeds {' '.join(map(str, a.seeds))} --val-target {a.val_target}"
-        + (" --two-view" if a.two_view else ""))
+        + (f" --students {' '.join(a.students)}" if a.students else ""))
     if a.json:
         json.dump(out, open(a.json, "w"), indent=1)
 

@@ -555,7 +555,7 @@ struct PropagateArgs {
     /// or its embeddings.safetensors; a row's vector is the mean of its words'). Repeat
     /// it, each with its own --data, for several views of the same rows: the graph's
     /// similarity is then the mean of the views' cosines.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "tfidf")]
     model: Vec<PathBuf>,
     /// The pooling of the pretrained models' directories among the --model views: `mean`
     /// (the default) or `cls`. A checkpoint keeps its own, and word vectors are averaged;
@@ -566,8 +566,13 @@ struct PropagateArgs {
     /// tokenizer.json; for embeddings, any preparation whose words are split and cased as
     /// in the data set pretraining read (its rows' words are looked up). The logits file is
     /// the first data set's (and every view's: they hold the same rows).
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "tfidf")]
     data: Vec<PathBuf>,
+    /// A view of the rows' words weighted by TF-IDF, read from this data set (any
+    /// preparation of the same rows; no model): rows sharing rare words are near. Beside
+    /// the --model views, or alone. Shifts leave it as it is.
+    #[arg(long, value_name = "DATA")]
+    tfidf: Option<PathBuf>,
     /// The logits file to write (the unlabeled split's rows).
     #[arg(long)]
     out: PathBuf,
@@ -1434,22 +1439,25 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         );
     }
     let mut sets = Vec::new();
-    for data in &a.data {
+    for data in a.data.iter().chain(&a.tfidf) {
         let ds = Dataset::open(data)?;
         ds.verify_payloads(|_, _| true)?;
         sets.push(ds);
     }
     if a.pooling.is_some() && !a.model.iter().any(|m| is_pretrained_encoder(m)) {
         bail!(
-            "--pooling applies to a pretrained model's directory, and no --model is one: {} keeps its own (a checkpoint's encoder the pooling it was trained with; word vectors are averaged)",
-            a.model[0].display()
+            "--pooling applies to a pretrained model's directory, and no --model is one{}",
+            a.model.first().map_or(String::new(), |m| format!(
+                ": {} keeps its own (a checkpoint's encoder the pooling it was trained with; word vectors are averaged)",
+                m.display()
+            ))
         );
     }
     let mut loaded = Vec::new();
     for ((model, data), ds) in a.model.iter().zip(&a.data).zip(&sets) {
         loaded.push(load_propagate_model(model, data, ds, a.pooling.as_deref())?);
     }
-    let views: Vec<dtrain::propagate::View> = loaded
+    let mut views: Vec<dtrain::propagate::View> = loaded
         .iter()
         .zip(&sets)
         .map(|(l, data)| dtrain::propagate::View {
@@ -1460,6 +1468,10 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
             data,
         })
         .collect();
+    if a.tfidf.is_some() {
+        let data = sets.last().expect("opened above");
+        views.push(dtrain::propagate::View { vectors: dtrain::propagate::Vectors::Tfidf, data });
+    }
     struct Job<'a>(&'a [dtrain::propagate::View<'a>], &'a PropagateArgs, &'a dtrain::propagate::Options);
     impl OnBackend for Job<'_> {
         type Out = dtrain::propagate::Report;
@@ -1480,16 +1492,25 @@ fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
         r.embed_seconds,
         r.search_seconds
     );
+    let alone = if r.without_vector.len() == 1 {
+        ", hence no neighbours (only a training row's own label reaches it)"
+    } else {
+        ""
+    };
     for (model, &n) in a.model.iter().zip(&r.without_vector) {
         if n > 0 {
             println!(
-                "{n} rows hold no word the embeddings {} trained: they have no vector there{}",
-                model.display(),
-                if a.model.len() == 1 {
-                    ", hence no neighbours (only a training row's own label reaches it)"
-                } else {
-                    ""
-                }
+                "{n} rows hold no word the embeddings {} trained: they have no vector there{alone}",
+                model.display()
+            );
+        }
+    }
+    if let (Some(data), Some(&n)) = (&a.tfidf, r.without_vector.get(a.model.len())) {
+        if n > 0 {
+            println!(
+                "{n} rows of {} hold no word found in {} rows or more: they have no TF-IDF vector{alone}",
+                data.display(),
+                dtrain::propagate::TFIDF_MIN_ROWS
             );
         }
     }

@@ -1,6 +1,6 @@
 //! Label spreading over sentence vectors (`dtrain propagate`): every row of a data set is
-//! embedded (by an encoder, or as the mean of its pretrained word vectors), linked to its
-//! nearest neighbours, and the labeled rows' labels are spread over that graph; the
+//! embedded (by an encoder, as the mean of its pretrained word vectors, or as TF-IDF
+//! weights of its words), linked to its nearest neighbours, and the labeled rows' labels are spread over that graph; the
 //! unlabeled split's result is written as a logits file, the targets of
 //! `method = "noisy_student"`.
 //!
@@ -11,15 +11,22 @@
 //! - `v_i` = row i's vector divided by its norm, for every row of the train, unlabeled, val
 //!   and test splits, in each view ([`Vectors`]): an encoder's pooled vector (no dropout),
 //!   or the mean of the pretrained skip-gram vectors of the row's words that pretraining
-//!   trained (a row with none has no vector in that view). Only the train split's labels
-//!   seed the graph; val's choose the settings; test's and the hidden labels are only
-//!   measured.
-//! - A [`Shift`] of each view's unit vectors, then unit length again: none, minus their
+//!   trained (a row with none has no vector in that view), or the sparse TF-IDF vector of
+//!   the row's words (punctuation is no word) over all rows of all splits
+//!   (`Vectors::Tfidf`: weight
+//!   `(1 + ln tf)·(ln((1 + n)/(1 + df)) + 1)` for a word `tf` times in the row and in `df`
+//!   of the n rows, words of fewer than [`TFIDF_MIN_ROWS`] rows left out). Only the train
+//!   split's labels seed the graph; val's choose the settings; test's and the hidden labels
+//!   are only measured.
+//! - A [`Shift`] of each dense view's unit vectors, then unit length again: none, minus their
 //!   mean (`centre`), or minus their component along the top singular direction `u` of the
 //!   n×H matrix of rows (`drop-top`: `v_i − (v_i·u)u`). A row left with nothing has no
-//!   vector. With m views, a row's vector is its views' side by side, each times 1/√m, so
-//!   `v_i·v_j` is the mean of the views' cosines (0 where a view has no vector). A row with
-//!   no vector has no edge; only its own label, if it is a training row, reaches it.
+//!   vector. TF-IDF vectors are never shifted (their weights already discount the words
+//!   every row has); with TF-IDF views alone the grid has no shift. With m views, a row's
+//!   vector is its views' side by side, each times 1/√m, so `v_i·v_j` is the mean of the
+//!   views' cosines (0 where a view has no vector; the sparse views' dot products are added
+//!   to the dense ones' in the search). A row with no vector has no edge; only its own
+//!   label, if it is a training row, reaches it.
 //! - `N_k(i)`: the k rows j ≠ i of largest `v_i·v_j` (exact search). `A_ij = max(0, v_i·v_j)^γ`
 //!   for j in `N_k(i)`, else 0; `W = A + Aᵀ`; `S = D^-½ W D^-½` with `D = diag(W 1)`.
 //! - `Y_ic = 1/n_c` for a labeled training row of class c (n_c such rows), else 0.
@@ -38,9 +45,10 @@
 //!
 //! # Cost
 //! The neighbour search is exact: n²·H multiply-adds for n rows of width H (15.6k rows of
-//! MiniLM's 384 take seconds; a million would take hours on a CPU). The vectors take n·H
-//! floats (twice, while a shifted copy is searched), the graph 2·n·k edges; each shift of
-//! the grid searches once. The encoder runs on the `--device` backend, the rest on the CPU.
+//! MiniLM's 384 take seconds; a million would take hours on a CPU). A TF-IDF view adds
+//! Σ_w df_w² multiply-adds (about 1.2·10⁹ for Brown's 15.6k paragraphs), its vectors three
+//! copies of its entries. The vectors take n·H floats (twice, while a shifted copy is
+//! searched), the graph 2·n·k edges; each shift of the grid searches once. The encoder runs on the `--device` backend, the rest on the CPU.
 
 use std::path::Path;
 
@@ -233,6 +241,10 @@ pub enum Vectors<'a> {
     /// pretraining features); words pretraining did not train are left out, and a row with
     /// none has no vector.
     Bag(&'a Embeddings),
+    /// The row's words weighted by TF-IDF over the data set's rows (no model): a sparse
+    /// vector that links rows by the words they share, rare words most. Words of fewer
+    /// than [`TFIDF_MIN_ROWS`] rows are left out, and a row with none has no vector.
+    Tfidf,
 }
 
 /// One view of the rows: where its vectors come from, and the data set it reads them from.
@@ -242,11 +254,13 @@ pub struct View<'a> {
 }
 
 impl View<'_> {
-    /// The width of the view's vectors.
+    /// The width of the view's dense vectors (0 for a TF-IDF view, whose vectors are
+    /// sparse).
     pub fn width(&self) -> usize {
         match &self.vectors {
             Vectors::Encoder { enc, .. } => enc.spec.hidden,
             Vectors::Bag(emb) => emb.meta.dim,
+            Vectors::Tfidf => 0,
         }
     }
 }
@@ -291,8 +305,22 @@ pub fn propagate<B: EncoderOps<F = f32>>(
         check_aligned(ds, v.data)?;
     }
     let k_max = *opts.ks.iter().max().expect("checked: not empty");
-    let widths: Vec<usize> = views.iter().map(View::width).collect();
-    let mut b = budget(rows.iter().sum(), &widths, &opts.shifts, k_max, ds.labels().len())?;
+    let widths: Vec<usize> =
+        views.iter().filter(|v| !matches!(v.vectors, Vectors::Tfidf)).map(View::width).collect();
+    // A TF-IDF view's entries: at most one per word of each row.
+    let words_of =
+        |d: &Dataset| -> u64 { rows_of(d).iter().map(|r| r.shard.doc_words(r.index).len() as u64).sum() };
+    let sparse_entries: u64 =
+        views.iter().filter(|v| matches!(v.vectors, Vectors::Tfidf)).map(|v| words_of(v.data)).sum();
+    let mut b = budget(
+        rows.iter().sum(),
+        &widths,
+        views.len(),
+        &opts.shifts,
+        k_max,
+        ds.labels().len(),
+        sparse_entries,
+    )?;
     // A bag view's word vectors and the data set's words, while that view is embedded.
     let words = views
         .iter()
@@ -301,7 +329,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
                 let vocab = v.data.manifest().vocab.words;
                 (emb.words.len() as u64) * (emb.meta.dim as u64 * 4 + 48) + vocab * 40
             }
-            Vectors::Encoder { .. } => 0,
+            Vectors::Encoder { .. } | Vectors::Tfidf => 0,
         })
         .max()
         .unwrap_or(0);
@@ -312,13 +340,21 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     let mut embedded = Vec::with_capacity(views.len());
     for v in views {
         let started = std::time::Instant::now();
-        let (vectors, blank) = match v.vectors {
-            Vectors::Encoder { enc, params } => (embed(be, enc, params, v.data, opts)?, 0),
-            Vectors::Bag(emb) => embed_bag(emb, v.data)?,
+        let (vectors, sparse, blank) = match v.vectors {
+            Vectors::Encoder { enc, params } => (embed(be, enc, params, v.data, opts)?, None, 0),
+            Vectors::Bag(emb) => {
+                let (vectors, blank) = embed_bag(emb, v.data)?;
+                (vectors, None, blank)
+            }
+            Vectors::Tfidf => {
+                let (sparse, blank) = Sparse::tfidf(v.data)?;
+                (Vec::new(), Some(sparse), blank)
+            }
         };
         embedded.push(Embedded {
             vectors,
             width: v.width(),
+            sparse,
             seconds: started.elapsed().as_secs_f64(),
             blank,
         });
@@ -331,12 +367,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
 /// whose words pretraining trained), in [`rows_of`]'s order, and how many rows have none.
 fn embed_bag(emb: &Embeddings, ds: &Dataset) -> Result<(Vec<f32>, usize)> {
     let dim = emb.meta.dim;
-    let vocab = ds.vocab()?;
-    for split in SplitKind::ALL {
-        for shard in ds.shards(split) {
-            shard.verify_words(vocab.len() as u64)?;
-        }
-    }
+    let vocab = verified_vocab(ds)?;
     // The trained words' vectors, and for each word of the data set's vocabulary its row
     // among them.
     let tok = emb.tokenizer();
@@ -377,6 +408,17 @@ fn embed_bag(emb: &Embeddings, ds: &Dataset) -> Result<(Vec<f32>, usize)> {
     })?;
     let blank = vectors.chunks(dim).filter(|v| !has_vector(v)).count();
     Ok((vectors, blank))
+}
+
+/// The data set's word list, once every shard's word ids are checked against it.
+fn verified_vocab(ds: &Dataset) -> Result<crate::data::vocab::Vocab> {
+    let vocab = ds.vocab()?;
+    for split in SplitKind::ALL {
+        for shard in ds.shards(split) {
+            shard.verify_words(vocab.len() as u64)?;
+        }
+    }
+    Ok(vocab)
 }
 
 /// Checks that `other` holds the rows of `ds` in the same order: the same classes and, split
@@ -431,10 +473,12 @@ fn check_aligned(ds: &Dataset, other: &Dataset) -> Result<()> {
 }
 
 /// One view's vectors of every row (n×`width`, unit length; all zeros for a row that has
-/// none), in [`rows_of`]'s order, and what they took.
+/// none), in [`rows_of`]'s order, and what they took. A TF-IDF view's are `sparse` instead
+/// (`vectors` empty, `width` 0).
 struct Embedded {
     vectors: Vec<f32>,
     width: usize,
+    sparse: Option<Sparse>,
     seconds: f64,
     /// Rows without a vector.
     blank: usize,
@@ -508,13 +552,18 @@ fn spread_and_write(
     };
     let mut grid = Vec::new();
     let mut best: Option<(usize, Vec<f64>)> = None;
-    for &shift in &opts.shifts {
+    let dense: Vec<&Embedded> = views.iter().filter(|e| e.sparse.is_none()).collect();
+    let sparse: Vec<&Sparse> = views.iter().filter_map(|e| e.sparse.as_ref()).collect();
+    // A shift moves dense vectors only: with TF-IDF views alone the grid has one.
+    let shifts = if dense.is_empty() { &[Shift::Raw][..] } else { &opts.shifts[..] };
+    let m = views.len();
+    for &shift in shifts {
         let started = std::time::Instant::now();
-        let neighbours = if let ([e], Shift::Raw) = (views.as_slice(), shift) {
-            nearest(&e.vectors, e.width, k_max)
+        let neighbours = if let ([e], 1, Shift::Raw) = (dense.as_slice(), m, shift) {
+            nearest(total, &e.vectors, e.width, &[], 1.0, k_max)
         } else {
-            let (combined, width) = combine(&views, shift);
-            nearest(&combined, width, k_max)
+            let (combined, width) = combine(&dense, m, shift);
+            nearest(total, &combined, width, &sparse, 1.0 / m as f32, k_max)
         };
         search_seconds += started.elapsed().as_secs_f64();
         for &k in &opts.ks {
@@ -586,18 +635,23 @@ fn spread_and_write(
     })
 }
 
-/// The rows' vectors for the neighbour search: each view's shifted by `shift`, side by side
-/// and scaled by 1/√m for m views (so a dot product is the mean of the views' cosines); a
-/// view's rows without a vector add zeros. Returns them and their width.
-fn combine(views: &[Embedded], shift: Shift) -> (Vec<f32>, usize) {
-    if let [e] = views {
+/// The dense part of the rows' vectors for the neighbour search: each dense view's shifted
+/// by `shift`, side by side and scaled by 1/√m for m views in all (so a dot product is the
+/// dense views' share of the mean of the views' cosines; the sparse views add theirs in
+/// [`nearest`]); a view's rows without a vector add zeros. Returns them and their width
+/// (nothing, width 0, without a dense view).
+fn combine(views: &[&Embedded], m: usize, shift: Shift) -> (Vec<f32>, usize) {
+    if let ([e], 1) = (views, m) {
         let mut v = e.vectors.clone();
         shift.apply(&mut v, e.width);
         return (v, e.width);
     }
     let width: usize = views.iter().map(|e| e.width).sum();
-    let n = views[0].vectors.len() / views[0].width;
-    let scale = 1.0 / (views.len() as f32).sqrt();
+    let Some(first) = views.first() else {
+        return (Vec::new(), 0);
+    };
+    let n = first.vectors.len() / first.width;
+    let scale = 1.0 / (m as f32).sqrt();
     let mut out = vec![0f32; n * width];
     let mut at = 0;
     for e in views {
@@ -620,28 +674,36 @@ fn combine(views: &[Embedded], shift: Shift) -> (Vec<f32>, usize) {
     (out, width)
 }
 
-/// The host memory `propagate` holds for `n` rows of views of widths `widths`, `k` neighbours,
-/// `classes` classes and the grid's `shifts`, as claims on this machine's available memory
-/// (the encoders' weights and activations, already loaded, are not counted).
+/// The host memory `propagate` holds for `n` rows of `views` views, the dense ones of widths
+/// `widths`, `k` neighbours, `classes` classes, the grid's `shifts` and at most
+/// `sparse_entries` TF-IDF entries, as claims on this machine's available memory (the
+/// encoders' weights and activations, already loaded, are not counted).
 fn budget(
     n: usize,
     widths: &[usize],
+    views: usize,
     shifts: &[Shift],
     k: usize,
     classes: usize,
+    sparse_entries: u64,
 ) -> Result<crate::hostmem::Budget> {
     let mut b = crate::hostmem::Budget::new("propagate", 1)?;
     let h: u64 = widths.iter().sum::<usize>() as u64;
     let (n, k, c) = (n as u64, k as u64, classes as u64);
     let fewer = "a data set of fewer rows: every row's vector and neighbours are held at once";
     // The views' vectors; the searched copy (shifted, or views side by side) unless one
-    // view is searched as it is; with several views and a shift, one view's shifted copy
-    // while it is put in place.
+    // view is searched as it is; with several dense views and a shift, one view's shifted
+    // copy while it is put in place.
     let shifted = shifts.iter().any(|&s| s != Shift::Raw);
-    let searched = if widths.len() > 1 || shifted { n * h } else { 0 };
+    let searched = if views > 1 || shifted { n * h } else { 0 };
     let one_view =
         if widths.len() > 1 && shifted { n * *widths.iter().max().unwrap_or(&0) as u64 } else { 0 };
     b.add("the rows' vectors", (n * h + searched + one_view) * 4, "--data", fewer);
+    if sparse_entries > 0 {
+        // Each entry as a (row, word, weight) triple while sorted, then by row and by word;
+        // the rows' counted words while they are weighed; the starts.
+        b.add("the TF-IDF vectors", sparse_entries * (12 + 16 + 8) + 16 * n, "--data", fewer);
+    }
     b.add("their neighbour lists", n * k * 8, "--k", "a smaller largest --k");
     // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows, their
     // starts and the degrees.
@@ -668,6 +730,10 @@ fn source_of(views: &[View], opts: &Options) -> u64 {
             Vectors::Bag(emb) => {
                 bytes.extend(crate::logits::params_source(&emb.params).to_le_bytes());
                 bytes.extend(b"bag");
+            }
+            Vectors::Tfidf => {
+                bytes.extend(b"tfidf");
+                bytes.extend((TFIDF_MIN_ROWS as u64).to_le_bytes());
             }
         }
     }
@@ -784,11 +850,12 @@ fn seed_matrix(info: &[Row], classes: usize) -> Vec<f64> {
     y
 }
 
-/// Each row's `k` most similar other rows by dot product (rows of `v`, n×h), most similar
-/// first: n×k (index, similarity) pairs. Row blocks run in parallel, each one product of the
-/// block with every row.
-fn nearest(v: &[f32], h: usize, k: usize) -> Vec<(u32, f32)> {
-    let n = v.len() / h;
+/// Each of the `n` rows' `k` most similar other rows, most similar first: n×k (index,
+/// similarity) pairs. A pair's similarity is the dot product of their dense rows of `v`
+/// (n×h; none when h is 0) plus `scale` times their dot product in each of the `sparse`
+/// views (1/m for m views in all: [`combine`] scaled the dense rows by 1/√m). Row blocks
+/// run in parallel, each one product of the block with every row.
+fn nearest(n: usize, v: &[f32], h: usize, sparse: &[&Sparse], scale: f32, k: usize) -> Vec<(u32, f32)> {
     // A block's similarities take at most 2^24 floats (64 MiB).
     let block = (1usize << 24).div_ceil(n).clamp(1, 256);
     let mut out = vec![(0u32, 0f32); n * k];
@@ -796,19 +863,26 @@ fn nearest(v: &[f32], h: usize, k: usize) -> Vec<(u32, f32)> {
         let start = b * block;
         let rows = dst.len() / k;
         let mut sim = vec![0f32; rows * n];
-        f32::gemm(
-            rows,
-            h,
-            n,
-            1.0,
-            &v[start * h..(start + rows) * h],
-            (h as isize, 1),
-            v,
-            (1, h as isize),
-            0.0,
-            &mut sim,
-            (n as isize, 1),
-        );
+        if h > 0 {
+            f32::gemm(
+                rows,
+                h,
+                n,
+                1.0,
+                &v[start * h..(start + rows) * h],
+                (h as isize, 1),
+                v,
+                (1, h as isize),
+                0.0,
+                &mut sim,
+                (n as isize, 1),
+            );
+        }
+        for s in sparse {
+            for (r, row) in sim.chunks_mut(n).enumerate() {
+                s.add_dots(start + r, scale, row);
+            }
+        }
         let mut cand: Vec<(u32, f32)> = Vec::with_capacity(n);
         for r in 0..rows {
             cand.clear();
@@ -828,12 +902,123 @@ fn nearest(v: &[f32], h: usize, k: usize) -> Vec<(u32, f32)> {
     out
 }
 
-/// `S = D^-½ (A + Aᵀ) D^-½` over the first `k` of each row's neighbours, as compressed rows.
-struct Graph {
+/// Compressed sparse rows: row i's entries are columns `cols[starts[i]..starts[i + 1]]`, with
+/// the values `vals` beside them.
+struct Csr<T> {
     starts: Vec<usize>,
     cols: Vec<u32>,
-    weights: Vec<f64>,
+    vals: Vec<T>,
 }
+
+impl<T: Copy> Csr<T> {
+    /// `n` rows from (row, column, value) entries sorted by row.
+    fn from_sorted(n: usize, entries: &[(u32, u32, T)]) -> Csr<T> {
+        let mut starts = vec![0usize; n + 1];
+        for &(i, _, _) in entries {
+            starts[i as usize + 1] += 1;
+        }
+        for i in 0..n {
+            starts[i + 1] += starts[i];
+        }
+        Csr {
+            starts,
+            cols: entries.iter().map(|e| e.1).collect(),
+            vals: entries.iter().map(|e| e.2).collect(),
+        }
+    }
+
+    /// Row i's (column, value) entries.
+    fn row(&self, i: usize) -> impl Iterator<Item = (usize, T)> + '_ {
+        (self.starts[i]..self.starts[i + 1]).map(|e| (self.cols[e] as usize, self.vals[e]))
+    }
+}
+
+/// The words that weigh in a TF-IDF view occur in at least this many rows (a word of one
+/// row links no two).
+pub const TFIDF_MIN_ROWS: u32 = 2;
+
+/// A TF-IDF view: every row's unit-length vector over the data set's words, kept by row and
+/// by word (each word's rows), so that one row's dot products with all rows cost the rows of
+/// its words.
+struct Sparse {
+    rows: Csr<f32>,
+    words: Csr<f32>,
+}
+
+impl Sparse {
+    /// The TF-IDF vectors of the rows of `ds` in [`rows_of`]'s order, over all its splits
+    /// (no label is read) and their words (the data set's word sequences: punctuation is no
+    /// word): entry `(1 + ln tf) · (ln((1 + n) / (1 + df)) + 1)` for a word
+    /// occurring `tf` times in the row and in `df` of the n rows, over the words of at least
+    /// [`TFIDF_MIN_ROWS`] rows, then unit length. Also how many rows have no such word (and
+    /// so no vector).
+    fn tfidf(ds: &Dataset) -> Result<(Sparse, usize)> {
+        let vocab = verified_vocab(ds)?;
+        // Each row's distinct words and their counts, in word order.
+        let counted: Vec<Vec<(u32, u32)>> = rows_of(ds)
+            .par_iter()
+            .map(|d| {
+                let mut words = d.shard.doc_words(d.index).to_vec();
+                words.sort_unstable();
+                let mut out: Vec<(u32, u32)> = Vec::new();
+                for w in words {
+                    match out.last_mut() {
+                        Some((last, c)) if *last == w => *c += 1,
+                        _ => out.push((w, 1)),
+                    }
+                }
+                out
+            })
+            .collect();
+        Ok(Sparse::from_counts(&counted, vocab.len()))
+    }
+
+    /// [`Sparse::tfidf`] of rows given as their distinct words (below `words`) and counts,
+    /// in word order.
+    fn from_counts(counted: &[Vec<(u32, u32)>], words: usize) -> (Sparse, usize) {
+        let n = counted.len();
+        let mut df = vec![0u32; words];
+        for &(w, _) in counted.iter().flatten() {
+            df[w as usize] += 1;
+        }
+        let mut entries: Vec<(u32, u32, f32)> = Vec::new();
+        let mut blank = 0;
+        let mut row = Vec::new();
+        for (i, words) in counted.iter().enumerate() {
+            row.clear();
+            for &(w, tf) in words.iter().filter(|(w, _)| df[*w as usize] >= TFIDF_MIN_ROWS) {
+                let idf = ((1 + n) as f64 / f64::from(1 + df[w as usize])).ln() + 1.0;
+                row.push((w, (1.0 + f64::from(tf).ln()) * idf));
+            }
+            let norm = row.iter().map(|(_, x)| x * x).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                entries.extend(row.iter().map(|&(w, x)| (i as u32, w, (x / norm) as f32)));
+            } else {
+                blank += 1;
+            }
+        }
+        let rows = Csr::from_sorted(n, &entries);
+        for e in entries.iter_mut() {
+            *e = (e.1, e.0, e.2);
+        }
+        entries.sort_unstable_by_key(|&(w, i, _)| (w, i));
+        let words = Csr::from_sorted(words, &entries);
+        (Sparse { rows, words }, blank)
+    }
+
+    /// `sim[j] += scale · (v_i · v_j)` for every row j.
+    fn add_dots(&self, i: usize, scale: f32, sim: &mut [f32]) {
+        for (w, a) in self.rows.row(i) {
+            let a = scale * a;
+            for (j, b) in self.words.row(w) {
+                sim[j] += a * b;
+            }
+        }
+    }
+}
+
+/// `S = D^-½ (A + Aᵀ) D^-½` over the first `k` of each row's neighbours, as compressed rows.
+struct Graph(Csr<f64>);
 
 impl Graph {
     fn new(neighbours: &[(u32, f32)], k_max: usize, k: usize) -> Graph {
@@ -853,25 +1038,18 @@ impl Graph {
         for &(i, _, w) in &edges {
             degree[i as usize] += w;
         }
-        let mut starts = vec![0usize; n + 1];
-        for &(i, _, _) in &edges {
-            starts[i as usize + 1] += 1;
+        for e in edges.iter_mut() {
+            e.2 /= (degree[e.0 as usize] * degree[e.1 as usize]).sqrt();
         }
-        for i in 0..n {
-            starts[i + 1] += starts[i];
-        }
-        let cols = edges.iter().map(|e| e.1).collect();
-        let weights =
-            edges.iter().map(|&(i, j, w)| w / (degree[i as usize] * degree[j as usize]).sqrt()).collect();
-        Graph { starts, cols, weights }
+        Graph(Csr::from_sorted(n, &edges))
     }
 
     /// `out = x − α S x` for n×C `x`.
     fn apply(&self, x: &[f64], classes: usize, alpha: f64, out: &mut [f64]) {
         out.par_chunks_mut(classes).enumerate().for_each(|(i, o)| {
             o.copy_from_slice(&x[i * classes..(i + 1) * classes]);
-            for e in self.starts[i]..self.starts[i + 1] {
-                let (j, w) = (self.cols[e] as usize, alpha * self.weights[e]);
+            for (j, w) in self.0.row(i) {
+                let w = alpha * w;
                 for (o, &xj) in o.iter_mut().zip(&x[j * classes..(j + 1) * classes]) {
                     *o -= w * xj;
                 }
@@ -1025,16 +1203,20 @@ mod tests {
     #[test]
     fn the_memory_budget_counts_vectors_graph_and_buffers() {
         let all = Shift::ALL;
-        let total = budget(1_000_000, &[384], &all, 20, 15).unwrap().claimed();
+        let total = budget(1_000_000, &[384], 1, &all, 20, 15, 0).unwrap().claimed();
         let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
         let blocks = rayon::current_num_threads() as u64 * ((1 << 26) + 8_000_000);
         assert_eq!(total, floor + blocks);
         // One view searched as it is needs no copy; two views side by side need one, and
         // with a shift also the wider view's shifted copy.
-        let raw = budget(1_000_000, &[384], &[Shift::Raw], 20, 15).unwrap().claimed();
+        let raw = budget(1_000_000, &[384], 1, &[Shift::Raw], 20, 15, 0).unwrap().claimed();
         assert_eq!(total - raw, 1_000_000 * 384 * 4);
-        let two = budget(1_000_000, &[384, 100], &all, 20, 15).unwrap().claimed();
+        let two = budget(1_000_000, &[384, 100], 2, &all, 20, 15, 0).unwrap().claimed();
         assert_eq!(two - total, 1_000_000 * (2 * 100 + 384) * 4);
+        // A TF-IDF view beside one dense view: the dense view's scaled copy is searched, and
+        // the sparse entries are held three ways (36 bytes each) with the row starts.
+        let beside = budget(1_000_000, &[384], 2, &[Shift::Raw], 20, 15, 50_000_000).unwrap().claimed();
+        assert_eq!(beside - raw, 1_000_000 * 384 * 4 + 50_000_000 * 36 + 16 * 1_000_000);
     }
 
     /// Two tight groups of vectors: each row's neighbours are its own group's, nearest first.
@@ -1050,7 +1232,7 @@ mod tests {
                 [r[0] / n, r[1] / n]
             })
             .collect();
-        let nb = nearest(&v, h, 2);
+        let nb = nearest(6, &v, h, &[], 1.0, 2);
         for i in 0..6 {
             let group = i / 3;
             for &(j, _) in &nb[i * 2..i * 2 + 2] {
@@ -1134,7 +1316,7 @@ mod tests {
         }
         let block = (1usize << 24).div_ceil(n).clamp(1, 256);
         assert!(n > 2 * block, "the test should span several blocks");
-        let got = nearest(&v, h, k);
+        let got = nearest(n, &v, h, &[], 1.0, k);
         for i in 0..n {
             let mut all: Vec<(u32, f32)> = (0..n)
                 .filter(|&j| j != i)
@@ -1204,9 +1386,11 @@ mod tests {
         };
         let a = [unit(vec![1.0, 2.0, 0.5]), unit(vec![-1.0, 0.5, 2.0]), unit(vec![0.3, 0.3, 0.3])].concat();
         let b = [unit(vec![1.0, 0.0]), unit(vec![0.6, 0.8]), vec![0.0, 0.0]].concat();
-        let view = |vectors: Vec<f32>, width| Embedded { vectors, width, seconds: 0.0, blank: 0 };
-        let views = [view(a.clone(), 3), view(b.clone(), 2)];
-        let (c, width) = combine(&views, Shift::Raw);
+        let view =
+            |vectors: Vec<f32>, width| Embedded { vectors, width, sparse: None, seconds: 0.0, blank: 0 };
+        let owned = [view(a.clone(), 3), view(b.clone(), 2)];
+        let views = [&owned[0], &owned[1]];
+        let (c, width) = combine(&views, 2, Shift::Raw);
         assert_eq!(width, 5);
         let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
         for i in 0..3 {
@@ -1219,7 +1403,7 @@ mod tests {
             }
         }
         // Centring each view: the combined rows are the centred views side by side.
-        let (c, _) = combine(&views, Shift::Centre);
+        let (c, _) = combine(&views, 2, Shift::Centre);
         let (mut ca, mut cb) = (a.clone(), b.clone());
         Shift::Centre.apply(&mut ca, 3);
         Shift::Centre.apply(&mut cb, 2);
@@ -1230,8 +1414,78 @@ mod tests {
             assert_eq!(c[i * 5..i * 5 + 5], want[..], "row {i}");
         }
         assert_eq!(cb[4..6], [0.0, 0.0], "a row without a vector stays without");
-        // One view is searched as it is (shifted alone).
-        assert_eq!(combine(&views[..1], Shift::Raw), (a, 3));
+        // One view is searched as it is (shifted alone); one dense view of two (the other
+        // sparse) is scaled by 1/√2 all the same.
+        assert_eq!(combine(&views[..1], 1, Shift::Raw), (a.clone(), 3));
+        let (half, _) = combine(&views[..1], 2, Shift::Raw);
+        assert_eq!(half, a.iter().map(|x| x * s).collect::<Vec<f32>>());
+        assert_eq!(combine(&[], 1, Shift::Raw), (Vec::new(), 0));
+    }
+
+    /// TF-IDF by hand on three rows, and a search that adds it to a dense view: the
+    /// similarity is the mean of the two views' cosines.
+    #[test]
+    fn tfidf_rows_weigh_rare_shared_words_and_join_dense_views() {
+        // Words 0..4 in rows: 0 = {0, 0, 1, 3}, 1 = {0, 1, 2}, 2 = {0, 2, 4}; words 3 and 4
+        // are in one row each and weigh nothing.
+        let rows: Vec<Vec<(u32, u32)>> =
+            vec![vec![(0, 2), (1, 1), (3, 1)], vec![(0, 1), (1, 1), (2, 1)], vec![(0, 1), (2, 1), (4, 1)]];
+        let sp = Sparse::from_counts(&rows, 5);
+        // n = 3 rows.
+        let idf = |df: f64| ((1.0 + 3.0) / (1.0 + df)).ln() + 1.0;
+        let unit = |v: Vec<f64>| -> Vec<f64> {
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| x / norm).collect()
+        };
+        // Dense [w0, w1, w2] per row.
+        let want = [
+            unit(vec![(1.0 + 2f64.ln()) * idf(3.0), idf(2.0), 0.0]),
+            unit(vec![idf(3.0), idf(2.0), idf(2.0)]),
+            unit(vec![idf(3.0), 0.0, idf(2.0)]),
+        ];
+        for (i, w) in want.iter().enumerate() {
+            let mut got = [0f64; 3];
+            for (word, x) in sp.0.rows.row(i) {
+                got[word] = f64::from(x);
+            }
+            for c in 0..3 {
+                assert!((got[c] - w[c]).abs() < 1e-6, "row {i} word {c}: {} against {}", got[c], w[c]);
+            }
+        }
+        assert_eq!(sp.1, 0);
+        // add_dots: row 0 against every row.
+        let mut sim = vec![0f32; 3];
+        sp.0.add_dots(0, 0.5, &mut sim);
+        for j in 0..3 {
+            let d: f64 = want[0].iter().zip(&want[j]).map(|(a, b)| a * b).sum();
+            assert!((f64::from(sim[j]) - 0.5 * d).abs() < 1e-6, "row 0 · row {j}");
+        }
+        // A row of single-row words only has no vector.
+        let lone = Sparse::from_counts(&[vec![(0, 1)], vec![(0, 1)], vec![(1, 3)]], 2);
+        assert_eq!(lone.1, 1);
+        assert_eq!(lone.0.rows.row(2).count(), 0);
+        // Beside a dense view: dense rows scaled by 1/√2 plus half the TF-IDF dot.
+        let dense = [1.0f32, 0.0, 0.6, 0.8, 0.0, 1.0];
+        let e = Embedded { vectors: dense.to_vec(), width: 2, sparse: None, seconds: 0.0, blank: 0 };
+        let (c, h) = combine(&[&e], 2, Shift::Raw);
+        let nb = nearest(3, &c, h, &[&sp.0], 0.5, 2);
+        for i in 0..3 {
+            for &(j, s) in &nb[i * 2..i * 2 + 2] {
+                let j = j as usize;
+                let cos_dense = dense[i * 2] * dense[j * 2] + dense[i * 2 + 1] * dense[j * 2 + 1];
+                let cos_sparse: f64 = want[i].iter().zip(&want[j]).map(|(a, b)| a * b).sum();
+                let mean = (f64::from(cos_dense) + cos_sparse) / 2.0;
+                assert!((f64::from(s) - mean).abs() < 1e-5, "rows {i}, {j}: {s} against {mean}");
+            }
+        }
+        // Without a dense view the TF-IDF cosines alone rank the rows.
+        let cos = |i: usize, j: usize| want[i].iter().zip(&want[j]).map(|(a, b)| a * b).sum::<f64>();
+        let alone = nearest(3, &[], 0, &[&sp.0], 1.0, 1);
+        for (i, &(j, s)) in alone.iter().enumerate() {
+            let best = (0..3).filter(|&j| j != i).max_by(|&a, &b| cos(i, a).total_cmp(&cos(i, b))).unwrap();
+            assert_eq!(j as usize, best, "row {i}");
+            assert!((f64::from(s) - cos(i, best)).abs() < 1e-6, "row {i}");
+        }
     }
 
     #[test]

@@ -514,3 +514,99 @@ fn propagate_spreads_labels_over_averaged_word_vectors() {
     let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("w.logits"), &[]);
     assert!(!ok && err.contains(WORDS_FILE), "{err}");
 }
+
+/// `dtrain propagate --tfidf`: rows linked by the words they share, weighted by TF-IDF, with
+/// no model at all; beside word vectors it is one more view of the same rows (another
+/// source), and its data set must hold those rows.
+#[test]
+fn propagate_links_rows_by_shared_words_with_tfidf() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path(), &[]);
+    // A line of words found nowhere else: no TF-IDF vector.
+    let mut unl = std::fs::read_to_string(dir.path().join("unlabeled.txt")).unwrap();
+    unl.push_str("zzyzx quuxly\n");
+    let u = common::write(dir.path(), "unlabeled.txt", unl.as_bytes());
+    let l = dir.path().join("labeled.tsv");
+    let sets = ["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=4"];
+    let data = dir.path().join("data_z");
+    common::run(&[&l], &[&u], &data, &sets).unwrap();
+    let path = |p: &Path| p.display().to_string();
+    let cli = |args: &[String]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .args(["--quiet", "propagate", "--k", "10", "--alpha", "0.9"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let out = dir.path().join("t.logits");
+    let (ok, stdout, err) = cli(&["--tfidf".into(), path(&data), "--out".into(), path(&out)]);
+    assert!(ok, "{err}");
+    // TF-IDF vectors are not shifted: the default three shifts make one setting.
+    assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
+    assert!(!stdout.contains("centre") && !stdout.contains("drop-top"), "{stdout}");
+    assert!(
+        stdout.contains("1 rows of")
+            && stdout.contains("no TF-IDF vector")
+            && stdout.contains("no neighbours"),
+        "the zzyzx line is not named:\n{stdout}"
+    );
+    let ds = Dataset::open(&data).unwrap();
+    let split = dtrain::data::shard::SplitKind::Unlabeled;
+    let f = dtrain::logits::LogitsFile::open(&out).unwrap();
+    f.check_matches(&ds, split).unwrap();
+    let (mut n, mut right, mut uniform) = (0, 0, 0);
+    for (si, shard) in ds.shards(split).iter().enumerate() {
+        for i in 0..shard.len() {
+            let z = f.row(dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 });
+            uniform += usize::from(z.iter().all(|&v| (v - z[0]).abs() < 1e-6));
+            if let Some(l) = shard.hidden_label(i) {
+                n += 1;
+                right += usize::from(dtrain::backend::argmax(z) == l as usize);
+            }
+        }
+    }
+    assert!(n >= 20, "{n} pool rows");
+    // Chance is one half; the topics share no word.
+    assert!(right * 10 >= n * 9, "only {right} of {n} pool rows labeled right");
+    assert_eq!(uniform, 1, "only the zzyzx row has no label: {uniform} uniform rows");
+    // Beside word vectors: the same rows, shifted word vectors, another source.
+    let pre = dir.path().join("pre");
+    run(&cfg(&data, &pre, &[]), Resume::No, None).unwrap();
+    let both = |tfidf: &Path, out: &Path| {
+        cli(&[
+            "--model".into(),
+            path(&pre),
+            "--data".into(),
+            path(&data),
+            "--tfidf".into(),
+            path(tfidf),
+            "--out".into(),
+            path(out),
+        ])
+    };
+    let two = dir.path().join("two.logits");
+    let (ok, stdout, err) = both(&data, &two);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("centre") && stdout.contains("drop-top"),
+        "the word vectors are shifted:\n{stdout}"
+    );
+    let g = dtrain::logits::LogitsFile::open(&two).unwrap();
+    g.check_matches(&ds, split).unwrap();
+    assert!(g.source.is_some() && g.source != f.source, "both views' file records TF-IDF alone's source");
+    // A TF-IDF data set of other rows (another split) is refused, and nothing is written.
+    let other = dir.path().join("data_other");
+    common::run(&[&l], &[&u], &other, &[sets.as_slice(), &["split.seed=9"]].concat()).unwrap();
+    let refused = dir.path().join("refused.logits");
+    let (ok, _, err) = both(&other, &refused);
+    assert!(!ok && err.contains("data_other") && err.contains("the same rows"), "{err}");
+    assert!(!refused.exists());
+    // Neither --model nor --tfidf: nothing to embed.
+    let (ok, _, err) = cli(&["--out".into(), path(&refused)]);
+    assert!(!ok && err.contains("--model"), "{err}");
+}
