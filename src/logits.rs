@@ -512,24 +512,27 @@ pub fn write(
                 for (k, z) in logits.chunks(classes).enumerate() {
                     let i = start + k;
                     let (label, conf) = top_confidence(z);
+                    // All logits equal (label spreading's rows that no label reached): no
+                    // class is preferred, so none is named, and none counts as right.
+                    let label = (classes == 1 || z.iter().any(|&v| v != z[0])).then_some(label);
                     let hidden = match split {
                         SplitKind::Unlabeled => shard.hidden_label(i).map(|h| h as usize),
                         _ => shard.doc(i).label.map(|h| h as usize),
                     };
                     if let Some(h) = hidden {
                         report.known += 1;
-                        report.correct += u64::from(h == label);
+                        report.correct += u64::from(label == Some(h));
                         for (t, n, right) in &mut report.by_confidence {
                             if conf >= *t {
                                 *n += 1;
-                                *right += u64::from(h == label);
+                                *right += u64::from(label == Some(h));
                             }
                         }
                     }
                     if let Some((p, f)) = &mut lines {
                         let line = serde_json::json!({
                             "sample_id": shard.doc(i).sample_id, "split": split.name(), "shard": si, "row": i,
-                            "label": m.labels[label], "confidence": conf,
+                            "label": label.map(|l| &m.labels[l]), "confidence": conf,
                         });
                         writeln!(f, "{line}").at(p)?;
                     }

@@ -536,8 +536,8 @@ struct ExportArgs {
     /// The logits file to write.
     #[arg(long)]
     out: PathBuf,
-    /// Also write one JSON line per sample: sample_id, split, shard, row, label,
-    /// confidence.
+    /// Also write one JSON line per sample: sample_id, split, shard, row, label (null where
+    /// every logit is equal: no class is preferred), confidence.
     #[arg(long)]
     pseudo_labels: Option<PathBuf>,
     /// Documents per batch.
@@ -576,8 +576,8 @@ struct PropagateArgs {
     /// The logits file to write (the unlabeled split's rows).
     #[arg(long)]
     out: PathBuf,
-    /// Also write one JSON line per unlabeled sample: sample_id, split, shard, row, label,
-    /// confidence.
+    /// Also write one JSON line per unlabeled sample: sample_id, split, shard, row, label
+    /// (null for a row no training label reached), confidence.
     #[arg(long)]
     pseudo_labels: Option<PathBuf>,
     /// Neighbours per row to try (comma-separated); val accuracy picks one.

@@ -544,8 +544,23 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
         )
     };
     let out = dir.path().join("t.logits");
-    let (ok, stdout, err) = cli(&["--tfidf".into(), path(&data), "--out".into(), path(&out)]);
+    let labels = dir.path().join("t.jsonl");
+    let (ok, stdout, err) = cli(&[
+        "--tfidf".into(),
+        path(&data),
+        "--out".into(),
+        path(&out),
+        "--pseudo-labels".into(),
+        path(&labels),
+    ]);
     assert!(ok, "{err}");
+    // The pseudo-labels name no class for the row no label reached.
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&labels).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let unnamed: Vec<_> = lines.iter().filter(|v| v["label"].is_null()).collect();
+    assert_eq!(unnamed.len(), 1, "one row has no label");
+    assert!((unnamed[0]["confidence"].as_f64().unwrap() - 0.5).abs() < 1e-6);
+    assert!(lines.iter().filter(|v| !v["label"].is_null()).all(|v| v["label"] == "0" || v["label"] == "1"));
     // TF-IDF vectors are not shifted: the default three shifts make one setting.
     assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
     assert!(!stdout.contains("centre") && !stdout.contains("drop-top"), "{stdout}");
