@@ -92,6 +92,14 @@ pub fn top_confidence(z: &[f32]) -> (usize, f64) {
     (top, 1.0 / total)
 }
 
+/// The class a row names, and its probability: the argmax, or none where every logit is
+/// equal (label spreading's rows that no label reached) and no class is preferred. Such a
+/// row is right about no label.
+pub fn named_class(z: &[f32]) -> (Option<usize>, f64) {
+    let (top, p) = top_confidence(z);
+    ((z.len() == 1 || z.iter().any(|&v| v != z[0])).then_some(top), p)
+}
+
 /// Whether the file at `path` starts with the logits file's magic bytes (false when it
 /// cannot be read: opening it then reports why).
 pub fn has_magic(path: &Path) -> bool {
@@ -294,11 +302,19 @@ impl LogitsFile {
         let (mut count, mut conf) = (vec![0u64; self.classes], vec![0f64; self.classes]);
         let (mut known, mut right) = (vec![0u64; self.classes], vec![0u64; self.classes]);
         let (mut kept, mut kept_right) = ([0u64; THRESHOLDS.len()], [0u64; THRESHOLDS.len()]);
+        // Rows that name no class (all logits equal), and those of them with a label.
+        let (mut unnamed, mut unnamed_known) = (0u64, 0u64);
         for (r, z) in self.all().chunks(self.classes).enumerate() {
-            let (top, p) = top_confidence(z);
+            let (top, p) = named_class(z);
+            let label = truth.get(r).copied().flatten();
+            let Some(top) = top else {
+                unnamed += 1;
+                unnamed_known += u64::from(label.is_some());
+                continue;
+            };
             count[top] += 1;
             conf[top] += p;
-            if let Some(label) = truth.get(r).copied().flatten() {
+            if let Some(label) = label {
                 let hit = label as usize == top;
                 known[top] += 1;
                 right[top] += u64::from(hit);
@@ -311,7 +327,7 @@ impl LogitsFile {
             }
         }
         let pct = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
-        let labeled: u64 = known.iter().sum();
+        let labeled: u64 = known.iter().sum::<u64>() + unnamed_known;
         s.push_str(&format!(
             "argmax class: rows (share), mean confidence{}\n",
             if labeled > 0 { ", right" } else { "" }
@@ -325,6 +341,13 @@ impl LogitsFile {
                 (_, k) => format!("  {:5.1}%", pct(right[c], k)),
             };
             s.push_str(&format!("  class {c:<4} {name}{n:>9} ({:5.1}%)  {mean:.3}{hits}\n", pct(n, rows)));
+        }
+        if unnamed > 0 {
+            s.push_str(&format!(
+                "  no class   {:width$}{unnamed:>9} ({:5.1}%)  (every logit equal: counted wrong)\n",
+                "",
+                pct(unnamed, rows)
+            ));
         }
         if data.is_some() {
             let what = if self.split == SplitKind::Unlabeled { "hidden labels" } else { "labels" };
@@ -511,10 +534,7 @@ pub fn write(
                 put(&mut w, bytemuck::cast_slice(&logits))?;
                 for (k, z) in logits.chunks(classes).enumerate() {
                     let i = start + k;
-                    let (label, conf) = top_confidence(z);
-                    // All logits equal (label spreading's rows that no label reached): no
-                    // class is preferred, so none is named, and none counts as right.
-                    let label = (classes == 1 || z.iter().any(|&v| v != z[0])).then_some(label);
+                    let (label, conf) = named_class(z);
                     let hidden = match split {
                         SplitKind::Unlabeled => shard.hidden_label(i).map(|h| h as usize),
                         _ => shard.doc(i).label.map(|h| h as usize),
@@ -573,4 +593,21 @@ pub fn write(
         }
         Ok(report)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_of_equal_logits_names_no_class() {
+        let (c, p) = named_class(&[0.5, 2.0, -1.0]);
+        assert_eq!(c, Some(1));
+        assert!((p - 1.0 / (1.0 + (-1.5f64).exp() + (-3.0f64).exp())).abs() < 1e-6);
+        let (c, p) = named_class(&[-2.7, -2.7, -2.7, -2.7]);
+        assert_eq!(c, None);
+        assert!((p - 0.25).abs() < 1e-12);
+        // One class is always named.
+        assert_eq!(named_class(&[3.0]).0, Some(0));
+    }
 }

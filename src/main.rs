@@ -568,9 +568,11 @@ struct PropagateArgs {
     /// the first data set's (and every view's: they hold the same rows).
     #[arg(long, required_unless_present = "tfidf")]
     data: Vec<PathBuf>,
-    /// A view of the rows' words weighted by TF-IDF, read from this data set (any
-    /// preparation of the same rows; no model): rows sharing rare words are near. Beside
-    /// the --model views, or alone. Shifts leave it as it is.
+    /// A view of the rows' words weighted by TF-IDF, read from this data set (no model): rows
+    /// sharing rare words are near. Any preparation of the same rows whose words are split
+    /// and cased as the other views' data sets'; text without spaces between words (Chinese,
+    /// Japanese) has no words, so its rows get no vector here. Beside the --model views, or
+    /// alone; --shift leaves it as it is (alone, the grid has no shift).
     #[arg(long, value_name = "DATA")]
     tfidf: Option<PathBuf>,
     /// The logits file to write (the unlabeled split's rows).
@@ -589,7 +591,8 @@ struct PropagateArgs {
     /// What to do to the unit vectors before the neighbour search, to try (comma-separated);
     /// val accuracy picks one: `raw` (as they are), `centre` (subtract the rows' mean), or
     /// `drop-top` (take out the rows' top singular direction). Both shifts take out the
-    /// common part that makes every row similar to every other.
+    /// common part that makes every row similar to every other. They apply to the --model
+    /// views, not to --tfidf.
     #[arg(long, value_delimiter = ',', default_values = ["raw", "centre", "drop-top"])]
     shift: Vec<dtrain::propagate::Shift>,
     /// Documents per encoder batch.

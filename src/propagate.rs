@@ -46,8 +46,9 @@
 //! # Cost
 //! The neighbour search is exact: n²·H multiply-adds for n rows of width H (15.6k rows of
 //! MiniLM's 384 take seconds; a million would take hours on a CPU). A TF-IDF view adds
-//! Σ_w df_w² multiply-adds (about 1.2·10⁹ for Brown's 15.6k paragraphs), its vectors three
-//! copies of its entries. The vectors take n·H floats (twice, while a shifted copy is
+//! Σ_w df_w² multiply-adds for each shift of the grid (about 1.2·10⁹ for Brown's 15.6k
+//! paragraphs), its vectors two copies of its entries (by row and by word; four while they
+//! are built). The vectors take n·H floats (twice, while a shifted copy is
 //! searched), the graph 2·n·k edges; each shift of the grid searches once. The encoder runs on the `--device` backend, the rest on the CPU.
 
 use std::path::Path;
@@ -206,7 +207,8 @@ pub struct Report {
     pub embed_seconds: f64,
     pub search_seconds: f64,
     /// Per view, the rows that got no vector (a bag of words none of which pretraining
-    /// trained); with one view, no edge reaches them.
+    /// trained; for TF-IDF, no word found in [`TFIDF_MIN_ROWS`] rows or more); with one
+    /// view, no edge reaches them.
     pub without_vector: Vec<usize>,
 }
 
@@ -270,10 +272,11 @@ impl View<'_> {
 /// unlabeled split's probabilities under the setting of best val accuracy to the logits
 /// file `out` (and, with `jsonl`, pseudo-label lines). Encoders run on `be`. With several
 /// views, their data sets must hold the same rows in the same order (the same input files
-/// and split, prepared with each view's tokenizer), and a row's vector is the
-/// concatenation of its views' unit vectors (each shifted), scaled by 1/√m for m views, so
-/// that the graph's cosines are the mean of the views' cosines. The logits file records the
-/// views' weights and the grid as its source.
+/// and split, prepared with each view's tokenizer), and the graph's similarity of two rows
+/// is the mean of their cosines in the m views: the dense views' unit vectors (each
+/// shifted) side by side at 1/√m, the TF-IDF views' dot products added at 1/m. With TF-IDF
+/// views alone there is nothing to shift, and the grid's shifts are one (`raw`). The
+/// logits file records the views' weights and the grid as its source.
 pub fn propagate<B: EncoderOps<F = f32>>(
     be: &B,
     views: &[View],
@@ -282,9 +285,18 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     opts: &Options,
 ) -> Result<Report> {
     let Some(first) = views.first() else {
-        return Err(Error::Data("propagate needs at least one --model and its --data".into()));
+        return Err(Error::Data(
+            "propagate needs at least one view: a --model and its --data, or --tfidf".into(),
+        ));
     };
     let ds = first.data;
+    let unshifted;
+    let opts = if views.iter().all(|v| matches!(v.vectors, Vectors::Tfidf)) {
+        unshifted = Options { shifts: vec![Shift::Raw], ..opts.clone() };
+        &unshifted
+    } else {
+        opts
+    };
     for v in views {
         if let Vectors::Bag(emb) = v.vectors {
             let (a, b) = (&v.data.manifest().tokenizer, &emb.meta.tokenizer);
@@ -307,20 +319,23 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     let k_max = *opts.ks.iter().max().expect("checked: not empty");
     let widths: Vec<usize> =
         views.iter().filter(|v| !matches!(v.vectors, Vectors::Tfidf)).map(View::width).collect();
-    // A TF-IDF view's entries: at most one per word of each row.
-    let words_of =
-        |d: &Dataset| -> u64 { rows_of(d).iter().map(|r| r.shard.doc_words(r.index).len() as u64).sum() };
-    let sparse_entries: u64 =
-        views.iter().filter(|v| matches!(v.vectors, Vectors::Tfidf)).map(|v| words_of(v.data)).sum();
-    let mut b = budget(
-        rows.iter().sum(),
-        &widths,
-        views.len(),
-        &opts.shifts,
-        k_max,
-        ds.labels().len(),
-        sparse_entries,
-    )?;
+    let total: usize = rows.iter().sum();
+    let mut b = budget(total, &widths, views.len(), &opts.shifts, k_max, ds.labels().len())?;
+    // The TF-IDF views, held from their embedding to the end: per entry (at most one per
+    // word of each row) the counted words (8 bytes), the sorted triples (12) and the two
+    // compressed copies (16); per row a counted list's header and two starts; per word of
+    // the vocabulary its string, starts and count.
+    let tfidf: u64 = views
+        .iter()
+        .filter(|v| matches!(v.vectors, Vectors::Tfidf))
+        .map(|v| {
+            let entries: u64 = rows_of(v.data).iter().map(|r| r.shard.doc_words(r.index).len() as u64).sum();
+            entries * 36 + total as u64 * 40 + v.data.manifest().vocab.words * 52
+        })
+        .sum();
+    if tfidf > 0 {
+        b.add("the TF-IDF vectors", tfidf, "--tfidf", "a data set of fewer rows or words");
+    }
     // A bag view's word vectors and the data set's words, while that view is embedded.
     let words = views
         .iter()
@@ -552,19 +567,9 @@ fn spread_and_write(
     };
     let mut grid = Vec::new();
     let mut best: Option<(usize, Vec<f64>)> = None;
-    let dense: Vec<&Embedded> = views.iter().filter(|e| e.sparse.is_none()).collect();
-    let sparse: Vec<&Sparse> = views.iter().filter_map(|e| e.sparse.as_ref()).collect();
-    // A shift moves dense vectors only: with TF-IDF views alone the grid has one.
-    let shifts = if dense.is_empty() { &[Shift::Raw][..] } else { &opts.shifts[..] };
-    let m = views.len();
-    for &shift in shifts {
+    for &shift in &opts.shifts {
         let started = std::time::Instant::now();
-        let neighbours = if let ([e], 1, Shift::Raw) = (dense.as_slice(), m, shift) {
-            nearest(total, &e.vectors, e.width, &[], 1.0, k_max)
-        } else {
-            let (combined, width) = combine(&dense, m, shift);
-            nearest(total, &combined, width, &sparse, 1.0 / m as f32, k_max)
-        };
+        let neighbours = neighbours(&views, total, shift, k_max);
         search_seconds += started.elapsed().as_secs_f64();
         for &k in &opts.ks {
             let graph = Graph::new(&neighbours, k_max, k);
@@ -595,11 +600,11 @@ fn spread_and_write(
     let mut val_by_confidence: Vec<(f64, usize, usize)> = VAL_THRESHOLDS.iter().map(|&t| (t, 0, 0)).collect();
     for (i, r) in info.iter().enumerate() {
         if let (SplitKind::Val, Some(l)) = (r.split, r.label) {
-            let (top, p) = crate::logits::top_confidence(&logits[i * classes..(i + 1) * classes]);
+            let (top, p) = crate::logits::named_class(&logits[i * classes..(i + 1) * classes]);
             for (t, n, right) in &mut val_by_confidence {
                 if p >= *t {
                     *n += 1;
-                    *right += usize::from(top == l as usize);
+                    *right += usize::from(top == Some(l as usize));
                 }
             }
         }
@@ -633,6 +638,21 @@ fn spread_and_write(
         search_seconds,
         without_vector: views.iter().map(|e| e.blank).collect(),
     })
+}
+
+/// Each of the `n` rows' `k` nearest neighbours under `shift`: the similarity of two rows is
+/// the mean of their cosines in the views (the dense views shifted, side by side, the
+/// sparse views' dot products added; one dense view alone and unshifted is searched as it
+/// is).
+fn neighbours(views: &[Embedded], n: usize, shift: Shift, k: usize) -> Vec<(u32, f32)> {
+    let dense: Vec<&Embedded> = views.iter().filter(|e| e.sparse.is_none()).collect();
+    let sparse: Vec<&Sparse> = views.iter().filter_map(|e| e.sparse.as_ref()).collect();
+    let m = views.len();
+    if let ([e], 1, Shift::Raw) = (dense.as_slice(), m, shift) {
+        return nearest(n, &e.vectors, e.width, &[], 1.0, k);
+    }
+    let (combined, width) = combine(&dense, m, shift);
+    nearest(n, &combined, width, &sparse, 1.0 / m as f32, k)
 }
 
 /// The dense part of the rows' vectors for the neighbour search: each dense view's shifted
@@ -675,9 +695,9 @@ fn combine(views: &[&Embedded], m: usize, shift: Shift) -> (Vec<f32>, usize) {
 }
 
 /// The host memory `propagate` holds for `n` rows of `views` views, the dense ones of widths
-/// `widths`, `k` neighbours, `classes` classes, the grid's `shifts` and at most
-/// `sparse_entries` TF-IDF entries, as claims on this machine's available memory (the
-/// encoders' weights and activations, already loaded, are not counted).
+/// `widths`, `k` neighbours, `classes` classes and the grid's `shifts`, as claims on this
+/// machine's available memory (the encoders' weights and activations, already loaded, and
+/// the TF-IDF views, claimed by `propagate`, are not counted).
 fn budget(
     n: usize,
     widths: &[usize],
@@ -685,25 +705,18 @@ fn budget(
     shifts: &[Shift],
     k: usize,
     classes: usize,
-    sparse_entries: u64,
 ) -> Result<crate::hostmem::Budget> {
     let mut b = crate::hostmem::Budget::new("propagate", 1)?;
     let h: u64 = widths.iter().sum::<usize>() as u64;
     let (n, k, c) = (n as u64, k as u64, classes as u64);
     let fewer = "a data set of fewer rows: every row's vector and neighbours are held at once";
     // The views' vectors; the searched copy (shifted, or views side by side) unless one
-    // view is searched as it is; with several dense views and a shift, one view's shifted
-    // copy while it is put in place.
+    // view is searched as it is; with several views and a shift, one view's shifted copy
+    // while it is put in place.
     let shifted = shifts.iter().any(|&s| s != Shift::Raw);
     let searched = if views > 1 || shifted { n * h } else { 0 };
-    let one_view =
-        if widths.len() > 1 && shifted { n * *widths.iter().max().unwrap_or(&0) as u64 } else { 0 };
+    let one_view = if views > 1 && shifted { n * *widths.iter().max().unwrap_or(&0) as u64 } else { 0 };
     b.add("the rows' vectors", (n * h + searched + one_view) * 4, "--data", fewer);
-    if sparse_entries > 0 {
-        // Each entry as a (row, word, weight) triple while sorted, then by row and by word;
-        // the rows' counted words while they are weighed; the starts.
-        b.add("the TF-IDF vectors", sparse_entries * (12 + 16 + 8) + 16 * n, "--data", fewer);
-    }
     b.add("their neighbour lists", n * k * 8, "--k", "a smaller largest --k");
     // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows, their
     // starts and the degrees.
@@ -981,7 +994,7 @@ impl Sparse {
         for &(w, _) in counted.iter().flatten() {
             df[w as usize] += 1;
         }
-        let mut entries: Vec<(u32, u32, f32)> = Vec::new();
+        let mut entries: Vec<(u32, u32, f32)> = Vec::with_capacity(counted.iter().map(Vec::len).sum());
         let mut blank = 0;
         let mut row = Vec::new();
         for (i, words) in counted.iter().enumerate() {
@@ -1203,20 +1216,22 @@ mod tests {
     #[test]
     fn the_memory_budget_counts_vectors_graph_and_buffers() {
         let all = Shift::ALL;
-        let total = budget(1_000_000, &[384], 1, &all, 20, 15, 0).unwrap().claimed();
+        let total = budget(1_000_000, &[384], 1, &all, 20, 15).unwrap().claimed();
         let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
         let blocks = rayon::current_num_threads() as u64 * ((1 << 26) + 8_000_000);
         assert_eq!(total, floor + blocks);
         // One view searched as it is needs no copy; two views side by side need one, and
         // with a shift also the wider view's shifted copy.
-        let raw = budget(1_000_000, &[384], 1, &[Shift::Raw], 20, 15, 0).unwrap().claimed();
+        let raw = budget(1_000_000, &[384], 1, &[Shift::Raw], 20, 15).unwrap().claimed();
         assert_eq!(total - raw, 1_000_000 * 384 * 4);
-        let two = budget(1_000_000, &[384, 100], 2, &all, 20, 15, 0).unwrap().claimed();
+        let two = budget(1_000_000, &[384, 100], 2, &all, 20, 15).unwrap().claimed();
         assert_eq!(two - total, 1_000_000 * (2 * 100 + 384) * 4);
         // A TF-IDF view beside one dense view: the dense view's scaled copy is searched, and
-        // the sparse entries are held three ways (36 bytes each) with the row starts.
-        let beside = budget(1_000_000, &[384], 2, &[Shift::Raw], 20, 15, 50_000_000).unwrap().claimed();
-        assert_eq!(beside - raw, 1_000_000 * 384 * 4 + 50_000_000 * 36 + 16 * 1_000_000);
+        // with a shift its shifted copy is held while it is put in place.
+        let beside = budget(1_000_000, &[384], 2, &[Shift::Raw], 20, 15).unwrap().claimed();
+        assert_eq!(beside - raw, 1_000_000 * 384 * 4);
+        let shifted = budget(1_000_000, &[384], 2, &all, 20, 15).unwrap().claimed();
+        assert_eq!(shifted - total, 1_000_000 * 384 * 4);
     }
 
     /// Two tight groups of vectors: each row's neighbours are its own group's, nearest first.
@@ -1485,6 +1500,78 @@ mod tests {
             let best = (0..3).filter(|&j| j != i).max_by(|&a, &b| cos(i, a).total_cmp(&cos(i, b))).unwrap();
             assert_eq!(j as usize, best, "row {i}");
             assert!((f64::from(s) - cos(i, best)).abs() < 1e-6, "row {i}");
+        }
+    }
+
+    /// The search of a grid setting against brute force: with two dense views and a TF-IDF
+    /// view, or one dense view and a TF-IDF view, shifted or not, every row's neighbours
+    /// are the rows of largest mean cosine over the views, with those similarities.
+    #[test]
+    fn neighbours_rank_by_the_mean_of_every_views_cosine() {
+        let n = 40;
+        let mut rng = crate::rng::Stream::new(5, crate::rng::Purpose::Init, 0);
+        let mut dense = |h: usize| -> Vec<f32> {
+            let mut v: Vec<f32> = (0..n * h).map(|_| rng.below(9) as f32 - 3.5).collect();
+            for row in v.chunks_mut(h) {
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+                row.iter_mut().for_each(|x| *x /= norm);
+            }
+            v
+        };
+        let (a, b) = (dense(3), dense(2));
+        // Words 0..12: each row holds three of them, so rows share some.
+        let counts: Vec<Vec<(u32, u32)>> =
+            (0..n as u32).map(|i| vec![(i % 4, 1 + i % 3), (4 + i % 5, 1), (9 + i % 3, 2)]).collect();
+        let t = Sparse::from_counts(&counts, 12).0;
+        let sparse_cos = |i: usize, j: usize| -> f64 {
+            let mut sim = vec![0f32; n];
+            t.add_dots(i, 1.0, &mut sim);
+            f64::from(sim[j])
+        };
+        let cos = |v: &[f32], h: usize, i: usize, j: usize| -> f64 {
+            v[i * h..(i + 1) * h].iter().zip(&v[j * h..(j + 1) * h]).map(|(x, y)| f64::from(x * y)).sum()
+        };
+        let dense_view =
+            |v: &[f32], h| Embedded { vectors: v.to_vec(), width: h, sparse: None, seconds: 0.0, blank: 0 };
+        let sparse_view = || Embedded {
+            vectors: Vec::new(),
+            width: 0,
+            sparse: Some(Sparse::from_counts(&counts, 12).0),
+            seconds: 0.0,
+            blank: 0,
+        };
+        let k = 5;
+        for shift in Shift::ALL {
+            let (mut sa, mut sb) = (a.clone(), b.clone());
+            shift.apply(&mut sa, 3);
+            shift.apply(&mut sb, 2);
+            let three = [dense_view(&a, 3), dense_view(&b, 2), sparse_view()];
+            let two = [dense_view(&a, 3), sparse_view()];
+            let want3 = |i, j| (cos(&sa, 3, i, j) + cos(&sb, 2, i, j) + sparse_cos(i, j)) / 3.0;
+            let want2 = |i, j| (cos(&sa, 3, i, j) + sparse_cos(i, j)) / 2.0;
+            type Want<'a> = &'a dyn Fn(usize, usize) -> f64;
+            let cases: [(&[Embedded], Want); 2] = [(&three, &want3), (&two, &want2)];
+            for (views, want) in cases {
+                let got = neighbours(views, n, shift, k);
+                for i in 0..n {
+                    let mut all: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| want(i, j)).collect();
+                    all.sort_by(|x, y| y.total_cmp(x));
+                    for (r, &(j, s)) in got[i * k..(i + 1) * k].iter().enumerate() {
+                        let j = j as usize;
+                        assert_ne!(j, i);
+                        let w = want(i, j);
+                        let m = views.len();
+                        assert!(
+                            (f64::from(s) - w).abs() < 1e-5,
+                            "{shift:?}, {m} views, rows {i}, {j}: {s} against {w}"
+                        );
+                        assert!(
+                            (w - all[r]).abs() < 1e-5,
+                            "{shift:?}, {m} views: row {i}'s neighbour {r} is not the nearest but {r}"
+                        );
+                    }
+                }
+            }
         }
     }
 

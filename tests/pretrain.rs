@@ -561,6 +561,17 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     assert_eq!(unnamed.len(), 1, "one row has no label");
     assert!((unnamed[0]["confidence"].as_f64().unwrap() - 0.5).abs() < 1e-6);
     assert!(lines.iter().filter(|v| !v["label"].is_null()).all(|v| v["label"] == "0" || v["label"] == "1"));
+    // `inspect` counts it apart too.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["--quiet", "inspect"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let described = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && described.contains("no class") && described.contains("every logit equal"),
+        "{described}"
+    );
     // TF-IDF vectors are not shifted: the default three shifts make one setting.
     assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
     assert!(!stdout.contains("centre") && !stdout.contains("drop-top"), "{stdout}");
