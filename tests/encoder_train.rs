@@ -1049,18 +1049,7 @@ fn an_encoders_mean_teacher_averages_every_tensor() {
 fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let dir = tempfile::tempdir().unwrap();
     let data = wordpiece(dir.path(), &["split.labels_per_class=3", "split.val_fraction=0.2"]);
-    let cli = |args: &[&std::ffi::OsStr]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
-            .arg("--quiet")
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&std::ffi::OsStr]| common::dtrain(args);
     let os = |s: &str| std::ffi::OsString::from(s);
     let propagate = |model: &Path, out: &Path, extra: &[&str]| {
         let mut args = vec![
@@ -1224,17 +1213,12 @@ fn propagate_joins_views_of_the_same_rows() {
     dtrain::pretrain::pretrain(&dtrain::config::load(None, &sets).unwrap(), &opts).unwrap();
     // `propagate` over (model, data) views, then any more arguments.
     let propagate = |views: &[(&Path, &Path)], out: &Path, extra: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"));
-        cmd.args(["--quiet", "propagate"]);
+        let mut args: Vec<&std::ffi::OsStr> = vec!["propagate".as_ref()];
         for (model, data) in views {
-            cmd.arg("--model").arg(model).arg("--data").arg(data);
+            args.extend(["--model".as_ref(), model.as_os_str(), "--data".as_ref(), data.as_os_str()]);
         }
-        let o = cmd.arg("--out").arg(out).args(extra).output().unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
+        args.extend(["--out".as_ref(), out.as_os_str()]);
+        common::dtrain(args.into_iter().chain(extra.iter().map(|e| e.as_ref())))
     };
     let minilm = common::minilm();
     let out = dir.path().join("both.logits");

@@ -36,6 +36,43 @@ fn corpus(dir: &Path, extra: &[&str]) -> PathBuf {
     out
 }
 
+/// The settings of [`corpus`]'s preparation.
+const CORPUS_SETS: [&str; 3] = ["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=4"];
+
+/// [`corpus`] with one more unlabeled line of words found nowhere else ("zzyzx quuxly"),
+/// prepared as `dir/name`: (labeled file, unlabeled file, data set).
+fn corpus_with_a_stranger(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    corpus(dir, &[]);
+    let mut unl = std::fs::read_to_string(dir.join("unlabeled.txt")).unwrap();
+    unl.push_str("zzyzx quuxly\n");
+    let u = common::write(dir, "unlabeled.txt", unl.as_bytes());
+    let l = dir.join("labeled.tsv");
+    let data = dir.join(name);
+    common::run(&[&l], &[&u], &data, &CORPUS_SETS).unwrap();
+    (l, u, data)
+}
+
+/// A propagate logits file of `data`'s unlabeled split, checked against it: (pool rows with
+/// a hidden label, how many of them its argmax gets right, rows of uniform logits).
+fn pool_scores(data: &Path, logits: &Path) -> (usize, usize, usize) {
+    let ds = Dataset::open(data).unwrap();
+    let split = dtrain::data::shard::SplitKind::Unlabeled;
+    let f = dtrain::logits::LogitsFile::open(logits).unwrap();
+    f.check_matches(&ds, split).unwrap();
+    let (mut n, mut right, mut uniform) = (0, 0, 0);
+    for (si, shard) in ds.shards(split).iter().enumerate() {
+        for i in 0..shard.len() {
+            let z = f.row(dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 });
+            uniform += usize::from(z.iter().all(|&v| (v - z[0]).abs() < 1e-6));
+            if let Some(l) = shard.hidden_label(i) {
+                n += 1;
+                right += usize::from(dtrain::backend::argmax(z) == l as usize);
+            }
+        }
+    }
+    (n, right, uniform)
+}
+
 fn cfg(data: &Path, out: &Path, extra: &[&str]) -> PretrainConfig {
     let mut o = vec![
         Override::parse(&format!("data.dir={:?}", data.display().to_string())).unwrap(),
@@ -420,32 +457,24 @@ fn pretraining_keeps_other_runs_outputs() {
 #[test]
 fn propagate_spreads_labels_over_averaged_word_vectors() {
     let dir = tempfile::tempdir().unwrap();
-    corpus(dir.path(), &[]);
-    // The same texts and one more line of words seen once (min_count 2 leaves them out).
-    let mut unl = std::fs::read_to_string(dir.path().join("unlabeled.txt")).unwrap();
-    unl.push_str("zzyzx quuxly\n");
-    let u = common::write(dir.path(), "unlabeled.txt", unl.as_bytes());
-    let l = dir.path().join("labeled.tsv");
-    let sets = ["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=4"];
-    let data_b = dir.path().join("data_b");
-    common::run(&[&l], &[&u], &data_b, &sets).unwrap();
+    // The zzyzx line's words are seen once: min_count 2 leaves them out.
+    let (l, u, data_b) = corpus_with_a_stranger(dir.path(), "data_b");
+    let sets = CORPUS_SETS;
     let pre = dir.path().join("pre");
     run(&cfg(&data_b, &pre, &["model.min_count=2"]), Resume::No, None).unwrap();
     let cli = |model: &Path, data: &Path, out: &Path, extra: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
-            .args(["--quiet", "propagate", "--model"])
-            .arg(model)
-            .arg("--data")
-            .arg(data)
-            .arg("--out")
-            .arg(out)
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
+        let paths = [
+            "propagate".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--data".as_ref(),
+            data.as_os_str(),
+        ];
+        common::dtrain(
+            paths
+                .into_iter()
+                .chain(["--out".as_ref(), out.as_os_str()])
+                .chain(extra.iter().map(|e| e.as_ref())),
         )
     };
     let out = dir.path().join("u.logits");
@@ -460,18 +489,7 @@ fn propagate_spreads_labels_over_averaged_word_vectors() {
     let ds = Dataset::open(&data_b).unwrap();
     let split = dtrain::data::shard::SplitKind::Unlabeled;
     let f = dtrain::logits::LogitsFile::open(&out).unwrap();
-    f.check_matches(&ds, split).unwrap();
-    let (mut n, mut right, mut uniform) = (0, 0, 0);
-    for (si, shard) in ds.shards(split).iter().enumerate() {
-        for i in 0..shard.len() {
-            let z = f.row(dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 });
-            uniform += usize::from(z.iter().all(|&v| (v - z[0]).abs() < 1e-6));
-            if let Some(l) = shard.hidden_label(i) {
-                n += 1;
-                right += usize::from(dtrain::backend::argmax(z) == l as usize);
-            }
-        }
-    }
+    let (n, right, uniform) = pool_scores(&data_b, &out);
     assert!(n >= 20, "{n} pool rows");
     // Chance is one half; the topics share no word.
     assert!(right * 10 >= n * 9, "only {right} of {n} pool rows labeled right");
@@ -521,26 +539,16 @@ fn propagate_spreads_labels_over_averaged_word_vectors() {
 #[test]
 fn propagate_links_rows_by_shared_words_with_tfidf() {
     let dir = tempfile::tempdir().unwrap();
-    corpus(dir.path(), &[]);
-    // A line of words found nowhere else: no TF-IDF vector.
-    let mut unl = std::fs::read_to_string(dir.path().join("unlabeled.txt")).unwrap();
-    unl.push_str("zzyzx quuxly\n");
-    let u = common::write(dir.path(), "unlabeled.txt", unl.as_bytes());
-    let l = dir.path().join("labeled.tsv");
-    let sets = ["output.shards=2", "tokenizer.buckets=4096", "split.labels_per_class=4"];
-    let data = dir.path().join("data_z");
-    common::run(&[&l], &[&u], &data, &sets).unwrap();
+    // The zzyzx line's words are found nowhere else: no TF-IDF vector.
+    let (l, u, data) = corpus_with_a_stranger(dir.path(), "data_z");
+    let sets = CORPUS_SETS;
     let path = |p: &Path| p.display().to_string();
     let cli = |args: &[String]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
-            .args(["--quiet", "propagate", "--k", "10", "--alpha", "0.9"])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
+        common::dtrain(
+            ["propagate", "--k", "10", "--alpha", "0.9"]
+                .iter()
+                .map(|a| a.to_string())
+                .chain(args.iter().cloned()),
         )
     };
     let out = dir.path().join("t.logits");
@@ -562,16 +570,8 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     assert!((unnamed[0]["confidence"].as_f64().unwrap() - 0.5).abs() < 1e-6);
     assert!(lines.iter().filter(|v| !v["label"].is_null()).all(|v| v["label"] == "0" || v["label"] == "1"));
     // `inspect` counts it apart too.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
-        .args(["--quiet", "inspect"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let described = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success() && described.contains("no class") && described.contains("every logit equal"),
-        "{described}"
-    );
+    let (ok, described, _) = common::dtrain(["inspect".to_string(), path(&out)]);
+    assert!(ok && described.contains("no class") && described.contains("every logit equal"), "{described}");
     // TF-IDF vectors are not shifted: the default three shifts make one setting.
     assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
     assert!(!stdout.contains("centre") && !stdout.contains("drop-top"), "{stdout}");
@@ -584,18 +584,7 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     let ds = Dataset::open(&data).unwrap();
     let split = dtrain::data::shard::SplitKind::Unlabeled;
     let f = dtrain::logits::LogitsFile::open(&out).unwrap();
-    f.check_matches(&ds, split).unwrap();
-    let (mut n, mut right, mut uniform) = (0, 0, 0);
-    for (si, shard) in ds.shards(split).iter().enumerate() {
-        for i in 0..shard.len() {
-            let z = f.row(dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 });
-            uniform += usize::from(z.iter().all(|&v| (v - z[0]).abs() < 1e-6));
-            if let Some(l) = shard.hidden_label(i) {
-                n += 1;
-                right += usize::from(dtrain::backend::argmax(z) == l as usize);
-            }
-        }
-    }
+    let (n, right, uniform) = pool_scores(&data, &out);
     assert!(n >= 20, "{n} pool rows");
     // Chance is one half; the topics share no word.
     assert!(right * 10 >= n * 9, "only {right} of {n} pool rows labeled right");

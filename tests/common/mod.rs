@@ -230,3 +230,17 @@ pub fn small_encoder(layers: usize) -> Vec<String> {
     v.push(format!("model.encoder.layers={layers}"));
     v
 }
+
+/// Runs the dtrain binary quietly with `args`: whether it succeeded, its stdout, its stderr.
+pub fn dtrain<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> (bool, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .expect("the dtrain binary runs");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
