@@ -1,8 +1,8 @@
 //! Label spreading over sentence vectors (`dtrain propagate`): every row of a data set is
 //! embedded (by an encoder, as the mean of its pretrained word vectors, or as TF-IDF
-//! weights of its words), linked to its nearest neighbours, and the labeled rows' labels are spread over that graph; the
-//! unlabeled split's result is written as a logits file, the targets of
-//! `method = "noisy_student"`.
+//! weights of its words), linked to its nearest neighbours, and the labeled rows' labels
+//! are spread over that graph; the unlabeled split's result is written as a logits file,
+//! the targets of `method = "noisy_student"`.
 //!
 //! # Definition
 //! Zhou et al.'s label spreading (2004) on a k-nearest-neighbour graph of cosine
@@ -48,8 +48,9 @@
 //! MiniLM's 384 take seconds; a million would take hours on a CPU). A TF-IDF view adds
 //! Σ_w df_w² multiply-adds for each shift of the grid (about 1.2·10⁹ for Brown's 15.6k
 //! paragraphs), its vectors two copies of its entries (by row and by word; four while they
-//! are built). The vectors take n·H floats (twice, while a shifted copy is
-//! searched), the graph 2·n·k edges; each shift of the grid searches once. The encoder runs on the `--device` backend, the rest on the CPU.
+//! are built). The vectors take n·H floats (twice, while a shifted copy is searched), the
+//! graph 2·n·k edges; each shift of the grid searches once. The encoder runs on the
+//! `--device` backend, the rest on the CPU.
 
 use std::path::Path;
 
