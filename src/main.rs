@@ -1534,6 +1534,21 @@ fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
             s.unreached
         );
     }
+    for (shift, did) in &r.shifted {
+        if did.emptied > 0 {
+            println!(
+                "{}: {} rows were all common part and lost their vector in a view (counted in the unreached rows where no other view links them)",
+                shift.name(),
+                did.emptied
+            );
+        }
+        if did.unconverged {
+            println!(
+                "{}: the top singular direction did not settle within 1000 power iterations (the top two singular values are nearly equal), so a mix of the two was taken out",
+                shift.name()
+            );
+        }
+    }
     if let Some(t) = r.test_accuracy {
         println!("test accuracy of the chosen setting: {t:.4} (transductive: the test rows were in the graph, their labels unread)");
     }

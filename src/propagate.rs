@@ -20,13 +20,14 @@
 //!   are only measured.
 //! - A [`Shift`] of each dense view's unit vectors, then unit length again: none, minus their
 //!   mean (`centre`), or minus their component along the top singular direction `u` of the
-//!   n×H matrix of rows (`drop-top`: `v_i − (v_i·u)u`). A row left with nothing has no
-//!   vector. TF-IDF vectors are never shifted (their weights already discount the words
-//!   every row has); with TF-IDF views alone the grid has no shift. With m views, a row's
-//!   vector is its views' side by side, each times 1/√m, so `v_i·v_j` is the mean of the
-//!   views' cosines (0 where a view has no vector; the sparse views' dot products are added
-//!   to the dense ones' in the search). A row with no vector has no edge; only its own
-//!   label, if it is a training row, reaches it.
+//!   n×H matrix of rows (`drop-top`: `v_i − (v_i·u)u`; power iteration, whose failure to
+//!   settle within 1000 steps is reported). A row left with nothing has no vector (the run
+//!   prints how many). TF-IDF vectors are never shifted (their weights already discount
+//!   the words every row has); with TF-IDF views alone the grid has no shift. With m views,
+//!   a row's vector is its views' side by side, each times 1/√m, so `v_i·v_j` is the mean
+//!   of the views' cosines (0 where a view has no vector; the sparse views' dot products
+//!   are added to the dense ones' in the search). A row with no vector has no edge; only
+//!   its own label, if it is a training row, reaches it.
 //! - `N_k(i)`: the k rows j ≠ i of largest `v_i·v_j` (exact search). `A_ij = max(0, v_i·v_j)^γ`
 //!   for j in `N_k(i)`, else 0; `W = A + Aᵀ`; `S = D^-½ W D^-½` with `D = diag(W 1)`.
 //! - `Y_ic = 1/n_c` for a labeled training row of class c (n_c such rows), else 0.
@@ -118,10 +119,10 @@ impl Shift {
     }
 
     /// Applies the shift to `v` (unit rows of width `h`; all-zero rows have no vector and
-    /// stay so); returns how many rows it left with nothing (zeroed: no edge reaches them).
-    fn apply(self, v: &mut [f32], h: usize) -> usize {
+    /// stay so); returns what it did.
+    fn apply(self, v: &mut [f32], h: usize) -> Shifted {
         match self {
-            Shift::Raw => 0,
+            Shift::Raw => Shifted::default(),
             Shift::Centre => {
                 let (mut mean, mut n) = (vec![0f64; h], 0usize);
                 for row in v.chunks(h).filter(|r| has_vector(r)) {
@@ -131,24 +132,43 @@ impl Shift {
                     }
                 }
                 mean.iter_mut().for_each(|m| *m /= n.max(1) as f64);
-                subtract_and_renormalise(v, h, |row, out| {
+                let emptied = subtract_and_renormalise(v, h, |row, out| {
                     for ((o, &x), m) in out.iter_mut().zip(row).zip(&mean) {
                         *o = f64::from(x) - m;
                     }
-                })
+                });
+                Shifted { emptied, unconverged: false }
             }
             Shift::DropTop => {
-                let Some(u) = top_direction(v, h) else {
-                    return 0;
+                let Some((u, converged)) = top_direction(v, h) else {
+                    return Shifted::default();
                 };
-                subtract_and_renormalise(v, h, |row, out| {
+                let emptied = subtract_and_renormalise(v, h, |row, out| {
                     let d: f64 = row.iter().zip(&u).map(|(&x, &y)| f64::from(x) * y).sum();
                     for ((o, &x), y) in out.iter_mut().zip(row).zip(&u) {
                         *o = f64::from(x) - d * y;
                     }
-                })
+                });
+                Shifted { emptied, unconverged: !converged }
             }
         }
+    }
+}
+
+/// What a [`Shift`] did to the rows of the views it moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shifted {
+    /// Rows it left with nothing (all common part): they lose their vector in that view.
+    pub emptied: usize,
+    /// Whether `drop-top`'s power iteration stopped at its limit before the top singular
+    /// direction settled (the top two singular values nearly equal): it took out a mix of
+    /// the two directions.
+    pub unconverged: bool,
+}
+
+impl Shifted {
+    fn and(self, other: Shifted) -> Shifted {
+        Shifted { emptied: self.emptied + other.emptied, unconverged: self.unconverged || other.unconverged }
     }
 }
 
@@ -211,6 +231,8 @@ pub struct Report {
     /// trained; for TF-IDF, no word found in [`TFIDF_MIN_ROWS`] rows or more); with one
     /// view, no edge reaches them.
     pub without_vector: Vec<usize>,
+    /// What each shift of the grid did (summed over the views it moved).
+    pub shifted: Vec<(Shift, Shifted)>,
 }
 
 /// Checks the grid before anything runs.
@@ -568,9 +590,11 @@ fn spread_and_write(
     };
     let mut grid = Vec::new();
     let mut best: Option<(usize, Vec<f64>)> = None;
+    let mut shifted = Vec::new();
     for &shift in &opts.shifts {
         let started = std::time::Instant::now();
-        let neighbours = neighbours(&views, total, shift, k_max);
+        let (neighbours, did) = neighbours(&views, total, shift, k_max);
+        shifted.push((shift, did));
         search_seconds += started.elapsed().as_secs_f64();
         for &k in &opts.ks {
             let graph = Graph::new(&neighbours, k_max, k);
@@ -638,50 +662,52 @@ fn spread_and_write(
         embed_seconds,
         search_seconds,
         without_vector: views.iter().map(|e| e.blank).collect(),
+        shifted,
     })
 }
 
 /// Each of the `n` rows' `k` nearest neighbours under `shift`: the similarity of two rows is
 /// the mean of their cosines in the views (the dense views shifted, side by side, the
 /// sparse views' dot products added; one dense view alone and unshifted is searched as it
-/// is).
-fn neighbours(views: &[Embedded], n: usize, shift: Shift, k: usize) -> Vec<(u32, f32)> {
+/// is), and what the shift did.
+fn neighbours(views: &[Embedded], n: usize, shift: Shift, k: usize) -> (Vec<(u32, f32)>, Shifted) {
     let dense: Vec<&Embedded> = views.iter().filter(|e| e.sparse.is_none()).collect();
     let sparse: Vec<&Sparse> = views.iter().filter_map(|e| e.sparse.as_ref()).collect();
     let m = views.len();
     if let ([e], 1, Shift::Raw) = (dense.as_slice(), m, shift) {
-        return nearest(n, &e.vectors, e.width, &[], 1.0, k);
+        return (nearest(n, &e.vectors, e.width, &[], 1.0, k), Shifted::default());
     }
-    let (combined, width) = combine(&dense, m, shift);
-    nearest(n, &combined, width, &sparse, 1.0 / m as f32, k)
+    let (combined, width, did) = combine(&dense, m, shift);
+    (nearest(n, &combined, width, &sparse, 1.0 / m as f32, k), did)
 }
 
 /// The dense part of the rows' vectors for the neighbour search: each dense view's shifted
 /// by `shift`, side by side and scaled by 1/√m for m views in all (so a dot product is the
 /// dense views' share of the mean of the views' cosines; the sparse views add theirs in
-/// [`nearest`]); a view's rows without a vector add zeros. Returns them and their width
-/// (nothing, width 0, without a dense view).
-fn combine(views: &[&Embedded], m: usize, shift: Shift) -> (Vec<f32>, usize) {
+/// [`nearest`]); a view's rows without a vector add zeros. Returns them, their width
+/// (nothing, width 0, without a dense view) and what the shift did.
+fn combine(views: &[&Embedded], m: usize, shift: Shift) -> (Vec<f32>, usize, Shifted) {
     if let ([e], 1) = (views, m) {
         let mut v = e.vectors.clone();
-        shift.apply(&mut v, e.width);
-        return (v, e.width);
+        let did = shift.apply(&mut v, e.width);
+        return (v, e.width, did);
     }
     let width: usize = views.iter().map(|e| e.width).sum();
     let Some(first) = views.first() else {
-        return (Vec::new(), 0);
+        return (Vec::new(), 0, Shifted::default());
     };
     let n = first.vectors.len() / first.width;
     let scale = 1.0 / (m as f32).sqrt();
     let mut out = vec![0f32; n * width];
     let mut at = 0;
+    let mut did = Shifted::default();
     for e in views {
         let shifted;
         let v = if shift == Shift::Raw {
             &e.vectors
         } else {
             let mut copy = e.vectors.clone();
-            shift.apply(&mut copy, e.width);
+            did = did.and(shift.apply(&mut copy, e.width));
             shifted = copy;
             &shifted
         };
@@ -692,7 +718,7 @@ fn combine(views: &[&Embedded], m: usize, shift: Shift) -> (Vec<f32>, usize) {
         }
         at += e.width;
     }
-    (out, width)
+    (out, width, did)
 }
 
 /// The host memory `propagate` holds for `n` rows of `views` views, the dense ones of widths
@@ -1148,9 +1174,9 @@ fn subtract_and_renormalise(v: &mut [f32], h: usize, shifted: impl Fn(&[f32], &m
 /// The top right singular vector of the rows of `v` (width `h`), by power iteration on `VᵀV`
 /// started at the rows' sum, to a change below 1e-9 (at most 1000 iterations: where the top
 /// two singular values are nearly equal it stops at a mix of their directions, which
-/// `drop-top` then takes out; val accuracy judges the result like any setting); `None` when
-/// every row is zero.
-fn top_direction(v: &[f32], h: usize) -> Option<Vec<f64>> {
+/// `drop-top` then takes out; val accuracy judges the result like any setting), and whether
+/// it got there; `None` when every row is zero.
+fn top_direction(v: &[f32], h: usize) -> Option<(Vec<f64>, bool)> {
     let times_gram = |u: &[f64]| -> Vec<f64> {
         v.par_chunks(h)
             .fold(
@@ -1182,10 +1208,10 @@ fn top_direction(v: &[f32], h: usize) -> Option<Vec<f64>> {
         let change = next.iter().zip(&u).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
         u = next;
         if change < 1e-9 {
-            break;
+            return Some((u, true));
         }
     }
-    Some(u)
+    Some((u, false))
 }
 
 /// Whether a row of `F` holds any label mass (a labeled row reaches it).
@@ -1364,8 +1390,8 @@ mod tests {
         v.extend([0.0f32; 4]);
         v.extend([0.0f32, 0.0, 0.0, 1.0]);
         let mut centred = v.clone();
-        let zeroed = Shift::DropTop.apply(&mut v, h);
-        assert_eq!(zeroed, 1);
+        let did = Shift::DropTop.apply(&mut v, h);
+        assert_eq!(did, Shifted { emptied: 1, unconverged: false });
         let rows: Vec<&[f32]> = v.chunks(h).collect();
         for (i, s) in small.iter().enumerate() {
             assert!(rows[i][3].abs() < 1e-5, "row {i}: {:?}", rows[i]);
@@ -1379,9 +1405,9 @@ mod tests {
         // small parts cancel, so the mean is along `common` and every row but the last
         // keeps its small part alone; the last becomes minus the mean.
         let mut raw = centred.clone();
-        assert_eq!(Shift::Raw.apply(&mut raw, h), 0);
+        assert_eq!(Shift::Raw.apply(&mut raw, h), Shifted::default());
         assert_eq!(raw, centred);
-        assert_eq!(Shift::Centre.apply(&mut centred, h), 0);
+        assert_eq!(Shift::Centre.apply(&mut centred, h), Shifted::default());
         let rows: Vec<&[f32]> = centred.chunks(h).collect();
         for (i, s) in small.iter().enumerate() {
             let dot: f64 = (0..3).map(|j| f64::from(rows[i][j]) * s[j]).sum();
@@ -1406,7 +1432,7 @@ mod tests {
             |vectors: Vec<f32>, width| Embedded { vectors, width, sparse: None, seconds: 0.0, blank: 0 };
         let owned = [view(a.clone(), 3), view(b.clone(), 2)];
         let views = [&owned[0], &owned[1]];
-        let (c, width) = combine(&views, 2, Shift::Raw);
+        let (c, width, _) = combine(&views, 2, Shift::Raw);
         assert_eq!(width, 5);
         let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
         for i in 0..3 {
@@ -1419,7 +1445,8 @@ mod tests {
             }
         }
         // Centring each view: the combined rows are the centred views side by side.
-        let (c, _) = combine(&views, 2, Shift::Centre);
+        let (c, _, did) = combine(&views, 2, Shift::Centre);
+        assert_eq!(did, Shifted::default());
         let (mut ca, mut cb) = (a.clone(), b.clone());
         Shift::Centre.apply(&mut ca, 3);
         Shift::Centre.apply(&mut cb, 2);
@@ -1432,10 +1459,10 @@ mod tests {
         assert_eq!(cb[4..6], [0.0, 0.0], "a row without a vector stays without");
         // One view is searched as it is (shifted alone); one dense view of two (the other
         // sparse) is scaled by 1/√2 all the same.
-        assert_eq!(combine(&views[..1], 1, Shift::Raw), (a.clone(), 3));
-        let (half, _) = combine(&views[..1], 2, Shift::Raw);
+        assert_eq!(combine(&views[..1], 1, Shift::Raw), (a.clone(), 3, Shifted::default()));
+        let (half, _, _) = combine(&views[..1], 2, Shift::Raw);
         assert_eq!(half, a.iter().map(|x| x * s).collect::<Vec<f32>>());
-        assert_eq!(combine(&[], 1, Shift::Raw), (Vec::new(), 0));
+        assert_eq!(combine(&[], 1, Shift::Raw), (Vec::new(), 0, Shifted::default()));
     }
 
     /// TF-IDF by hand on three rows, and a search that adds it to a dense view: the
@@ -1483,7 +1510,7 @@ mod tests {
         // Beside a dense view: dense rows scaled by 1/√2 plus half the TF-IDF dot.
         let dense = [1.0f32, 0.0, 0.6, 0.8, 0.0, 1.0];
         let e = Embedded { vectors: dense.to_vec(), width: 2, sparse: None, seconds: 0.0, blank: 0 };
-        let (c, h) = combine(&[&e], 2, Shift::Raw);
+        let (c, h, _) = combine(&[&e], 2, Shift::Raw);
         let nb = nearest(3, &c, h, &[&sp.0], 0.5, 2);
         for i in 0..3 {
             for &(j, s) in &nb[i * 2..i * 2 + 2] {
@@ -1553,7 +1580,7 @@ mod tests {
             type Want<'a> = &'a dyn Fn(usize, usize) -> f64;
             let cases: [(&[Embedded], Want); 2] = [(&three, &want3), (&two, &want2)];
             for (views, want) in cases {
-                let got = neighbours(views, n, shift, k);
+                let (got, _) = neighbours(views, n, shift, k);
                 for i in 0..n {
                     let mut all: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| want(i, j)).collect();
                     all.sort_by(|x, y| y.total_cmp(x));
@@ -1574,6 +1601,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Power iteration tells whether it settled: at once for one clear top direction; not
+    /// within its limit when the top two singular values are 10 000 and 9 999 (squared),
+    /// and `drop-top` says so.
+    #[test]
+    fn drop_top_reports_a_direction_that_did_not_settle() {
+        let (u, converged) = top_direction(&[1.0, 0.0, 1.0, 0.0, 0.0, 1.0], 2).unwrap();
+        assert!(converged && (u[0].abs() - 1.0).abs() < 1e-9, "{u:?}");
+        let mut v: Vec<f32> = (0..10_000).flat_map(|_| [1.0f32, 0.0]).collect();
+        v.extend((0..9_999).flat_map(|_| [0.0f32, 1.0]));
+        let (_, converged) = top_direction(&v, 2).unwrap();
+        assert!(!converged);
+        assert!(Shift::DropTop.apply(&mut v, 2).unconverged);
+        assert_eq!(top_direction(&[0.0; 4], 2), None);
     }
 
     #[test]
