@@ -52,9 +52,11 @@ fn corpus_with_a_stranger(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf)
     (l, u, data)
 }
 
-/// A propagate logits file of `data`'s unlabeled split, checked against it: (pool rows with
-/// a hidden label, how many of them its argmax gets right, rows of uniform logits).
-fn pool_scores(data: &Path, logits: &Path) -> (usize, usize, usize) {
+/// Checks a propagate logits file of [`corpus_with_a_stranger`]'s unlabeled split against
+/// it: at least 20 pool rows with a hidden label, at least 90% of them right by the argmax
+/// (chance is one half; the topics share no word), and one row of uniform logits (the
+/// stranger line, which no label reaches).
+fn assert_pool_spread(data: &Path, logits: &Path) {
     let ds = Dataset::open(data).unwrap();
     let split = dtrain::data::shard::SplitKind::Unlabeled;
     let f = dtrain::logits::LogitsFile::open(logits).unwrap();
@@ -70,7 +72,9 @@ fn pool_scores(data: &Path, logits: &Path) -> (usize, usize, usize) {
             }
         }
     }
-    (n, right, uniform)
+    assert!(n >= 20, "{n} pool rows");
+    assert!(right * 10 >= n * 9, "only {right} of {n} pool rows labeled right");
+    assert_eq!(uniform, 1, "only the zzyzx row has no label: {uniform} uniform rows");
 }
 
 fn cfg(data: &Path, out: &Path, extra: &[&str]) -> PretrainConfig {
@@ -489,11 +493,7 @@ fn propagate_spreads_labels_over_averaged_word_vectors() {
     let ds = Dataset::open(&data_b).unwrap();
     let split = dtrain::data::shard::SplitKind::Unlabeled;
     let f = dtrain::logits::LogitsFile::open(&out).unwrap();
-    let (n, right, uniform) = pool_scores(&data_b, &out);
-    assert!(n >= 20, "{n} pool rows");
-    // Chance is one half; the topics share no word.
-    assert!(right * 10 >= n * 9, "only {right} of {n} pool rows labeled right");
-    assert_eq!(uniform, 1, "only the zzyzx row has no label: {uniform} uniform rows");
+    assert_pool_spread(&data_b, &out);
     // The embeddings file itself names them too, and gives the same logits.
     let again = dir.path().join("again.logits");
     let (ok, _, err) = cli(&pre.join(EMBEDDINGS_FILE), &data_b, &again, &grid);
@@ -584,11 +584,7 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     let ds = Dataset::open(&data).unwrap();
     let split = dtrain::data::shard::SplitKind::Unlabeled;
     let f = dtrain::logits::LogitsFile::open(&out).unwrap();
-    let (n, right, uniform) = pool_scores(&data, &out);
-    assert!(n >= 20, "{n} pool rows");
-    // Chance is one half; the topics share no word.
-    assert!(right * 10 >= n * 9, "only {right} of {n} pool rows labeled right");
-    assert_eq!(uniform, 1, "only the zzyzx row has no label: {uniform} uniform rows");
+    assert_pool_spread(&data, &out);
     // Beside word vectors: the same rows, shifted word vectors, another source.
     let pre = dir.path().join("pre");
     run(&cfg(&data, &pre, &[]), Resume::No, None).unwrap();
