@@ -31,6 +31,14 @@ missing, its report beside it):
   words       the bag protocol's own: skip-gram and TF-IDF vectors, no MiniLM
                 dtrain propagate --model runs/brown_bag_ls/seedN/pretrain --data runs/brown_bag_ls/seedN/data \
                     --tfidf runs/brown_bag_ls/seedN/data --out runs/brown_bag_ls/seedN/propagated-words.logits
+  These three keep the grid they were first measured with (--align 0); the kinds below
+  add class-mass alignment (propagate's default grid: --align 0,0.5,1 chosen on val,
+  prior the val split's label frequencies):
+  three-view-aligned      as three-view (out propagated-3view-aligned.logits)
+  three-view-256-aligned  as three-view, MiniLM reading 256 WordPiece tokens of each row
+                          (runs/brown_encoder/seedN/data-256, the protocol's preparation
+                          with tokenizer.subword.max_len=256; out propagated-3view-256-aligned.logits)
+  words-aligned           as words (out runs/brown_bag_ls/seedN/propagated-words-aligned.logits)
 
 (--two-view is --students two-view.) The student is configs/brown/distill_minilm.toml with
 the settings bench/brown_distill.py chose for a MiniLM teacher (soft targets at weight 3,
@@ -52,6 +60,8 @@ import brown_methods as bm  # noqa: E402
 import brown_oracle as bo  # noqa: E402
 
 PRETRAIN = ["train.epochs=40", "model.negatives=15"]
+# The views of --students (see views_logits).
+KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-256-aligned", "words-aligned"]
 STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
 
 
@@ -83,37 +93,66 @@ def propagate(dt, root, seed, data, pre):
     path = os.path.join(root, f"seed{seed}", "propagated.logits")
     report = path[:-len(".logits")] + ".txt"
     if not (os.path.exists(path) and os.path.exists(report)):
-        out = sh(dt, "--quiet", "propagate", "--model", pre, "--data", data, "--out", path,
+        out = sh(dt, "--quiet", "propagate", "--model", pre, "--data", data, "--align", "0", "--out", path,
                  capture_output=True, text=True).stdout
         open(report, "w").write(out)
     return path, open(report).read()
 
 
 def chosen_line(report):
-    """The chosen setting's (shift, k, alpha, val accuracy) and the transductive test accuracy."""
-    line = next(x for x in report.splitlines() if x.endswith("<- chosen"))
+    """The chosen setting's shift, k, alpha, val accuracy (and --align power, in reports that
+    have one) and the transductive test accuracy."""
+    line = next(x for x in report.splitlines() if "<- chosen" in x)
     shift, k, alpha, val = line.split()[:4]
+    got = dict(shift=shift, k=int(k), alpha=float(alpha))
+    if "<- chosen: align " in line:
+        # One val column per --align power; the chosen power and its val accuracy follow.
+        align, val = line.split("<- chosen: align ")[1].split(", val accuracy ")
+        got["align"] = float(align)
     test = next(x for x in report.splitlines() if x.startswith("test accuracy of the chosen setting"))
-    return dict(shift=shift, k=int(k), alpha=float(alpha), val=float(val),
-                test=float(test.split(":")[1].split()[0]))
+    return dict(got, val=float(val), test=float(test.split(":")[1].split()[0]))
+
+
+def minilm_data(dt, seed, max_len):
+    """The encoder protocol's data set of the seed (bench/brown_encoder.py's preparation)
+    with MiniLM's WordPiece ids cut at `max_len` tokens; the 64-token one is the
+    protocol's own. Made once."""
+    if max_len == 64:
+        return f"runs/brown_encoder/seed{seed}/data"
+    data = f"runs/brown_encoder/seed{seed}/data-{max_len}"
+    if not os.path.exists(os.path.join(data, "manifest.json")):
+        sh("rm", "-rf", data)
+        sh(dt, "--quiet", "prepare", "--config", "configs/brown/prepare.toml", "--input", "data/brown_genre.tsv.gz",
+           "--out", data, "--set", f"split.seed={seed}", "--set", "tokenizer.subword.path=models/minilm/tokenizer.json",
+           "--set", f"tokenizer.subword.max_len={max_len}", stdout=subprocess.DEVNULL)
+    return data
 
 
 def views_logits(dt, kind, seed):
     """The seed's labels spread over the views of `kind` (see the module doc), made once:
     the logits file's path and propagate's report."""
     bag = f"runs/brown_bag_ls/seed{seed}"
-    minilm = ["--model", "models/minilm", "--data", f"runs/brown_encoder/seed{seed}/data"]
+    oracle = f"runs/brown_encoder/seed{seed}/oracle"
+
+    def minilm(max_len):
+        return ["--model", "models/minilm", "--data", minilm_data(dt, seed, max_len)]
     words = ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
     tfidf = ["--tfidf", f"{bag}/data"]
+    # The kinds measured before class-mass alignment existed keep their grid (--align 0).
+    plain = ["--align", "0"]
     path, views = {
-        "two-view": (f"runs/brown_encoder/seed{seed}/oracle/propagated-2view.logits", minilm + words),
-        "three-view": (f"runs/brown_encoder/seed{seed}/oracle/propagated-3view.logits", minilm + words + tfidf),
-        "words": (f"{bag}/propagated-words.logits", words + tfidf),
+        "two-view": (f"{oracle}/propagated-2view.logits", lambda: minilm(64) + words + plain),
+        "three-view": (f"{oracle}/propagated-3view.logits", lambda: minilm(64) + words + tfidf + plain),
+        "words": (f"{bag}/propagated-words.logits", lambda: words + tfidf + plain),
+        "three-view-aligned": (f"{oracle}/propagated-3view-aligned.logits", lambda: minilm(64) + words + tfidf),
+        "three-view-256-aligned": (f"{oracle}/propagated-3view-256-aligned.logits",
+                                   lambda: minilm(256) + words + tfidf),
+        "words-aligned": (f"{bag}/propagated-words-aligned.logits", lambda: words + tfidf),
     }[kind]
     report = path[:-len(".logits")] + ".txt"
     if not (os.path.exists(path) and os.path.exists(report)):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        out = sh(dt, "--quiet", "propagate", *views, "--out", path, capture_output=True, text=True).stdout
+        out = sh(dt, "--quiet", "propagate", *views(), "--out", path, capture_output=True, text=True).stdout
         open(report, "w").write(out)
     return path, open(report).read()
 
@@ -144,7 +183,7 @@ def main():
     ap.add_argument("--root", default="runs/brown_bag_ls")
     ap.add_argument("--dtrain", default=os.environ.get("DTRAIN_BIN", "target/release/dtrain"))
     ap.add_argument("--val-target", type=float, default=0.667)
-    ap.add_argument("--students", nargs="+", default=[], choices=["two-view", "three-view", "words"])
+    ap.add_argument("--students", nargs="+", default=[], choices=KINDS)
     ap.add_argument("--two-view", action="store_true", help="the same as --students two-view")
     ap.add_argument("--json")
     a = ap.parse_args()

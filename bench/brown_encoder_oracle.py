@@ -50,6 +50,14 @@ with propagate's default grid (shift, k, alpha); runs named -propagated2-vA.
   DTRAIN_BIN=/tmp/dtrain-ls4 python3 bench/brown_encoder_oracle.py --seeds 1 --accuracies \
       --epochs 30 --propagated --two-view --val-target 0.667 --json bench/results/brown-encoder-propagated2-e30.json
 
+--views KIND spreads over any kind of bench/brown_bag_propagate.py instead (--two-view is
+--views two-view); e.g. three-view-aligned: MiniLM, skip-gram and TF-IDF views with
+class-mass alignment chosen on val; runs named -propagated-KIND-vA.
+
+  DTRAIN_BIN=/tmp/dtrain-al python3 bench/brown_encoder_oracle.py --seeds 1 2 3 --accuracies \
+      --epochs 30 --propagated --views three-view-aligned --val-target 0.667 \
+      --json bench/results/brown-encoder-propagated-3view-aligned-e30.json
+
 --threshold T keeps only the pseudo-labels whose teacher probability is at least T
 (`consistency.threshold`, confidence-filtered Noisy Student); runs named with a -tT suffix.
 
@@ -66,6 +74,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import brown_bag_propagate as bp  # noqa: E402
 import brown_encoder as be  # noqa: E402
 import brown_oracle as bo  # noqa: E402
 
@@ -104,23 +113,21 @@ def template_logits(seed, data):
     return exported_logits(seed, data, "template", ["train.steps=1"])
 
 
-def propagated_logits(seed, data, two_view=False):
+def propagated_logits(seed, data, views="minilm"):
     """`dtrain propagate`'s logits of the seed's unlabeled split, and its val table:
-    {threshold: (rows, accuracy)}. One view: frozen MiniLM vectors as they are (`--shift
-    raw`, the grid these runs were first measured with). Two views: MiniLM and the seed's
-    skip-gram vectors of bench/brown_bag_propagate.py (runs/brown_bag_ls/seedN), the
-    default grid."""
-    name = "propagated-2view" if two_view else "propagated"
-    path = f"runs/brown_encoder/seed{seed}/oracle/{name}.logits"
+    {threshold: (rows, accuracy)}. "minilm": frozen MiniLM vectors as they are (`--shift
+    raw`, `--align 0`: the grid these runs were first measured with); any other `views` is a
+    kind of bench/brown_bag_propagate.py (e.g. "two-view": MiniLM and the seed's skip-gram
+    vectors of runs/brown_bag_ls/seedN, its grid as first measured), made there."""
+    if views != "minilm":
+        path, report = bp.views_logits(be.BIN, views, seed)
+        return path, bo.propagate_val_table(report)
+    path = f"runs/brown_encoder/seed{seed}/oracle/propagated.logits"
     report = path[:-len(".logits")] + ".txt"
     if not (os.path.exists(path) and os.path.exists(report)):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        views = ["--model", "models/minilm", "--data", data]
-        if two_view:
-            bag = f"runs/brown_bag_ls/seed{seed}"
-            views += ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
-        else:
-            views += ["--shift", "raw"]
+        # The grid these runs were measured with, before shifts and class-mass alignment.
+        views = ["--model", "models/minilm", "--data", data, "--shift", "raw", "--align", "0"]
         out = subprocess.run([be.BIN, "--quiet", "propagate", *views, "--out", path], check=True,
                              capture_output=True, text=True).stdout
         open(report, "w").write(out)
@@ -137,8 +144,10 @@ def main():
     ap.add_argument("--epochs", type=int, help="labeled epochs of the students (default: the config's 10)")
     ap.add_argument("--threshold", type=float,
                     help="keep only pseudo-labels at or above this teacher probability (default 0: all)")
-    ap.add_argument("--two-view", action="store_true",
-                    help="with --propagated: spread over MiniLM and skip-gram vectors (runs named -propagated2)")
+    ap.add_argument("--two-view", action="store_true", help="the same as --views two-view")
+    ap.add_argument("--views", default="minilm", choices=["minilm"] + bp.KINDS,
+                    help="with --propagated: the views spread over (runs named -propagated for minilm, "
+                    "-propagated2 for two-view, else -propagated-VIEWS)")
     ap.add_argument("--propagated", action="store_true",
                     help="the teacher is `dtrain propagate` over frozen MiniLM vectors")
     ap.add_argument("--val-target", type=float,
@@ -146,6 +155,8 @@ def main():
     ap.add_argument("--baseline", action="store_true",
                     help="also train the supervised run for --epochs, as the yardstick")
     a = ap.parse_args()
+    if a.two_view:
+        a.views = "two-view"
     if a.baseline and a.epochs is None:
         ap.error("--baseline trains the supervised run for --epochs: give --epochs")
     longer = [] if a.epochs is None else [f"train.epochs={a.epochs}"]
@@ -173,12 +184,13 @@ def main():
             rows.append(row)
             continue
         if a.propagated:
-            path, table = propagated_logits(seed, data, a.two_view)
+            path, table = propagated_logits(seed, data, a.views)
             hidden = bo.hidden_labels(data)
             _, _, z = bo.read_logits(path)
             p = np.exp(z - z.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)
-            threshold, name = a.threshold or 0.0, "propagated2" if a.two_view else "propagated"
+            name = {"minilm": "propagated", "two-view": "propagated2"}.get(a.views, f"propagated-{a.views}")
+            threshold = a.threshold or 0.0
             if a.val_target is not None:
                 threshold = bo.lowest_threshold(table, a.val_target)
                 name = f"{name}-v{a.val_target}"

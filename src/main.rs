@@ -595,6 +595,19 @@ struct PropagateArgs {
     /// views, not to --tfidf.
     #[arg(long, value_delimiter = ',', default_values = ["raw", "centre", "drop-top"])]
     shift: Vec<dtrain::propagate::Shift>,
+    /// Class-mass alignment powers in [0, 2] to try (comma-separated); val accuracy picks one.
+    /// Power a multiplies every row's probability of class c by (π_c / m_c)^a, π being
+    /// --class-prior's frequencies and m_c the rows' mean probability of c; 0 leaves the
+    /// spreading as it is. The training labels give every class the same mass, so where
+    /// they were drawn per class, not at random, spreading favours rare classes: alignment
+    /// gives each class its share back.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0f64, 0.5, 1.0])]
+    align: Vec<f64>,
+    /// The split whose label frequencies (each plus one) are --align's class prior: `val` (a
+    /// random sample of every class in `dtrain prepare`'s splits) or `train` (where the
+    /// training labels are a random sample, not a fixed number per class).
+    #[arg(long, default_value = "val")]
+    class_prior: dtrain::propagate::ClassPrior,
     /// Documents per encoder batch.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -1430,6 +1443,8 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         ks: a.k.clone(),
         alphas: a.alpha.clone(),
         shifts: a.shift.clone(),
+        aligns: a.align.clone(),
+        prior: a.class_prior,
         batch_size: a.batch_size,
         progress,
     };
@@ -1517,16 +1532,27 @@ fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
             );
         }
     }
-    println!("   shift     k  alpha  val accuracy  CG iterations  rows unreached");
-    for (i, s) in r.grid.iter().enumerate() {
-        let val = s.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
-        let mark = match (i == r.chosen, s.converged) {
-            (true, _) => "  <- chosen",
-            (false, false) => "  (did not converge: never chosen)",
-            _ => "",
+    // One line per (shift, k, alpha): its val accuracy at each --align power.
+    let aligns = a.align.len();
+    let powers: String = a.align.iter().map(|p| format!("{:>8}", format!("a={p}"))).collect();
+    println!("   shift     k  alpha {powers}  CG iterations  rows unreached");
+    for (line, settings) in r.grid.chunks(aligns).enumerate() {
+        let s = &settings[0];
+        let vals: String = settings
+            .iter()
+            .map(|x| format!("{:>8}", x.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"))))
+            .collect();
+        let mark = match (r.chosen / aligns == line, s.converged) {
+            (true, _) => {
+                let c = &r.grid[r.chosen];
+                let val = c.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
+                format!("  <- chosen: align {}, val accuracy {val}", c.align)
+            }
+            (false, false) => "  (did not converge: never chosen)".to_string(),
+            _ => String::new(),
         };
         println!(
-            "{:>8}  {:>4}  {:>5}  {val:>12}  {:>13}  {:>14}{mark}",
+            "{:>8}  {:>4}  {:>5} {vals}  {:>13}  {:>14}{mark}",
             s.shift.name(),
             s.k,
             s.alpha,
@@ -1551,6 +1577,16 @@ fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
     }
     if let Some(t) = r.test_accuracy {
         println!("test accuracy of the chosen setting: {t:.4} (transductive: the test rows were in the graph, their labels unread)");
+    }
+    if a.align.iter().any(|&p| p > 0.0) {
+        println!(
+            "classes among the argmaxes of the rows outside the train split (prior: the {} split's label frequencies, each count plus one):",
+            a.class_prior.name()
+        );
+        println!("  {:<24} {:>7} {:>10} {:>8}", "class", "prior", "unaligned", "chosen");
+        for ((name, pi), (plain, chosen)) in r.labels.iter().zip(&r.prior).zip(&r.shares) {
+            println!("  {:<24} {:>6.1}% {:>9.1}% {:>7.1}%", name, 100.0 * pi, 100.0 * plain, 100.0 * chosen);
+        }
     }
     if val > 0 {
         println!(

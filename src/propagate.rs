@@ -40,8 +40,18 @@
 //!   that no labeled row reaches (a piece of the graph without one) gets 1/C each: its
 //!   argmax says nothing, it counts as wrong in val and test accuracy, the run prints how
 //!   many there are, and Noisy Student skips it at any `consistency.threshold` above 1/C.
-//! - Every (shift, k, α) of the grid is tried; the one of highest val accuracy (argmax F)
-//!   wins, the first in grid order on a tie. With no val rows the grid must hold one
+//! - Class-mass alignment (Zhu, Ghahramani and Lafferty's class mass normalisation, 2003;
+//!   ReMixMatch's distribution alignment): with power `a` (`--align`), row i's
+//!   probabilities become `q_ic ∝ p_ic · (π_c / m_c)^a`, where `π` is the class prior and
+//!   `m_c` the mean of `p_ic` over the rows that are not training rows and that a label
+//!   reaches (a class of no mass keeps weight 1). `a = 0` is plain spreading. The training
+//!   split seeds every class with the same mass, so where its labels were drawn per class
+//!   (20 of each) and not at random, spreading favours the rare classes; the prior puts
+//!   each class's share back. `π` ([`ClassPrior`]) is the label frequencies of the val split
+//!   (a random sample of every class in `prepare`'s splits) or of the training split, each
+//!   count plus one.
+//! - Every (shift, k, α, a) of the grid is tried; the one of highest val accuracy (argmax
+//!   q) wins, the first in grid order on a tie. With no val rows the grid must hold one
 //!   setting.
 //!
 //! # Cost
@@ -86,6 +96,10 @@ pub struct Options {
     pub alphas: Vec<f64>,
     /// What to do to the vectors before the search, to try (each once).
     pub shifts: Vec<Shift>,
+    /// Class-mass alignment powers to try (each in [0, 2]; 0 is none).
+    pub aligns: Vec<f64>,
+    /// Where the alignment's class prior comes from.
+    pub prior: ClassPrior,
     /// Documents per encoder batch.
     pub batch_size: usize,
     pub progress: bool,
@@ -155,6 +169,44 @@ impl Shift {
     }
 }
 
+/// The split whose label frequencies (each plus one) are the class prior of the class-mass
+/// alignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassPrior {
+    /// The val split's: `prepare` draws it at random from every class, so its frequencies
+    /// are the corpus's, also where the training split holds the same number of each class.
+    Val,
+    /// The training split's: the corpus's where its labels were a random sample.
+    Train,
+}
+
+impl ClassPrior {
+    /// The name `--class-prior` takes and reports print.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClassPrior::Val => "val",
+            ClassPrior::Train => "train",
+        }
+    }
+
+    fn split(self) -> SplitKind {
+        match self {
+            ClassPrior::Val => SplitKind::Val,
+            ClassPrior::Train => SplitKind::Train,
+        }
+    }
+}
+
+impl std::str::FromStr for ClassPrior {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<ClassPrior, String> {
+        [ClassPrior::Val, ClassPrior::Train]
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| format!("`{s}`: expected val or train"))
+    }
+}
+
 /// What a [`Shift`] did to the rows of the views it moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Shifted {
@@ -197,6 +249,8 @@ pub struct Setting {
     pub shift: Shift,
     pub k: usize,
     pub alpha: f64,
+    /// The class-mass alignment's power (0: none).
+    pub align: f64,
     pub val_accuracy: Option<f64>,
     /// Conjugate-gradient iterations taken (the most over the classes).
     pub iterations: usize,
@@ -233,15 +287,30 @@ pub struct Report {
     pub without_vector: Vec<usize>,
     /// What each shift of the grid did (summed over the views it moved).
     pub shifted: Vec<(Shift, Shifted)>,
+    /// The class names, in the order of `prior` and `shares`.
+    pub labels: Vec<String>,
+    /// The class-mass alignment's prior π (sums to 1).
+    pub prior: Vec<f64>,
+    /// The share of each class among the argmaxes of the rows that are not training rows,
+    /// under the chosen setting, beside that setting with the same shift, k and α unaligned.
+    pub shares: Vec<(f64, f64)>,
 }
 
 /// Checks the grid before anything runs.
 pub fn check_options(o: &Options) -> Result<()> {
-    if o.ks.is_empty() || o.alphas.is_empty() || o.shifts.is_empty() {
-        return Err(Error::Data("--k, --alpha and --shift each need at least one value".into()));
+    if o.ks.is_empty() || o.alphas.is_empty() || o.shifts.is_empty() || o.aligns.is_empty() {
+        return Err(Error::Data("--k, --alpha, --shift and --align each need at least one value".into()));
     }
     if let Some(s) = o.shifts.iter().enumerate().find(|(i, s)| o.shifts[..*i].contains(s)) {
         return Err(Error::Data(format!("--shift {}: given twice", s.1.name())));
+    }
+    if let Some(a) = o.aligns.iter().find(|&&a| !(0.0..=2.0).contains(&a)) {
+        return Err(Error::Data(format!(
+            "--align {a}: must be in [0, 2] (0: no alignment; 1: each class's mass scaled to its prior share)"
+        )));
+    }
+    if let Some(a) = o.aligns.iter().enumerate().find(|(i, a)| o.aligns[..*i].contains(a)) {
+        return Err(Error::Data(format!("--align {}: given twice", a.1)));
     }
     if let Some(k) = o.ks.iter().find(|&&k| !(1..=1000).contains(&k)) {
         return Err(Error::Data(format!("--k {k}: must be in 1..=1000")));
@@ -548,10 +617,16 @@ fn check_data(ds: &Dataset, out: &Path, jsonl: Option<&Path>, opts: &Options) ->
             total - 1
         )));
     }
-    let settings = opts.ks.len() * opts.alphas.len() * opts.shifts.len();
+    let settings = opts.ks.len() * opts.alphas.len() * opts.shifts.len() * opts.aligns.len();
     if rows[1] == 0 && settings > 1 {
         return Err(Error::Data(format!(
-            "{}: the val split is empty, so nothing can choose among {settings} settings: give one --k, one --alpha and one --shift",
+            "{}: the val split is empty, so nothing can choose among {settings} settings: give one --k, one --alpha, one --shift and one --align",
+            ds.dir().display(),
+        )));
+    }
+    if rows[1] == 0 && opts.prior == ClassPrior::Val && opts.aligns.iter().any(|&a| a > 0.0) {
+        return Err(Error::Data(format!(
+            "{}: the val split is empty, so it gives no class prior to --align: use --class-prior train or --align 0",
             ds.dir().display(),
         )));
     }
@@ -576,6 +651,7 @@ fn spread_and_write(
     let k_max = *opts.ks.iter().max().expect("checked: not empty");
     let embed_seconds = views.iter().map(|e| e.seconds).sum();
     let seeds = seed_matrix(info, classes);
+    let prior = class_prior(info, classes, opts.prior.split());
     let mut search_seconds = 0.0;
     let accuracy = |f: &[f64], split: SplitKind| -> Option<f64> {
         let (mut n, mut right) = (0usize, 0usize);
@@ -589,7 +665,7 @@ fn spread_and_write(
         (n > 0).then(|| right as f64 / n as f64)
     };
     let mut grid = Vec::new();
-    let mut best: Option<(usize, Vec<f64>)> = None;
+    let mut best: Option<(usize, Vec<f64>, Vec<f64>)> = None;
     let mut shifted = Vec::new();
     for &shift in &opts.shifts {
         let started = std::time::Instant::now();
@@ -600,27 +676,43 @@ fn spread_and_write(
             let graph = Graph::new(&neighbours, k_max, k);
             for &alpha in &opts.alphas {
                 let (f, iterations, converged) = graph.spread(&seeds, classes, alpha);
-                let val_accuracy = accuracy(&f, SplitKind::Val);
                 let unreached = f.chunks(classes).filter(|row| !reached(row)).count();
-                grid.push(Setting { shift, k, alpha, val_accuracy, iterations, converged, unreached });
-                let better = converged
-                    && match (&best, val_accuracy) {
-                        (None, _) => true,
-                        (Some((b, _)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
-                        (Some(_), None) => false,
-                    };
-                if better {
-                    best = Some((grid.len() - 1, f));
+                let p = normalised(&f, classes);
+                drop(f);
+                let (mass, plain) = class_mass(&p, info, classes);
+                for &align in &opts.aligns {
+                    let q = aligned(&p, &prior, &mass, align);
+                    let val_accuracy = accuracy(&q, SplitKind::Val);
+                    grid.push(Setting {
+                        shift,
+                        k,
+                        alpha,
+                        align,
+                        val_accuracy,
+                        iterations,
+                        converged,
+                        unreached,
+                    });
+                    let better = converged
+                        && match (&best, val_accuracy) {
+                            (None, _) => true,
+                            (Some((b, ..)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
+                            (Some(_), None) => false,
+                        };
+                    if better {
+                        best = Some((grid.len() - 1, q, plain.clone()));
+                    }
                 }
             }
         }
     }
-    let Some((chosen, f)) = best else {
+    let Some((chosen, f, plain)) = best else {
         return Err(Error::Data(format!(
             "no setting of the grid converged within {MAX_ITERS} iterations: try smaller --alpha values"
         )));
     };
     let test_accuracy = accuracy(&f, SplitKind::Test);
+    let shares = class_mass(&f, info, classes).1.into_iter().zip(plain).map(|(q, p)| (p, q)).collect();
     let logits = to_logits(&f, classes);
     let mut val_by_confidence: Vec<(f64, usize, usize)> = VAL_THRESHOLDS.iter().map(|&t| (t, 0, 0)).collect();
     for (i, r) in info.iter().enumerate() {
@@ -663,6 +755,9 @@ fn spread_and_write(
         search_seconds,
         without_vector: views.iter().map(|e| e.blank).collect(),
         shifted,
+        labels: ds.labels().to_vec(),
+        prior,
+        shares,
     })
 }
 
@@ -748,7 +843,8 @@ fn budget(
     // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows, their
     // starts and the degrees.
     b.add("the graph", 2 * n * k * (16 + 12) + 16 * n, "--k", "a smaller largest --k");
-    b.add("the spreading's buffers", 8 * n * c * 8, "--data", fewer);
+    // Y, F, the probabilities, an aligned copy and the best so far, and CG's vectors.
+    b.add("the spreading's buffers", 10 * n * c * 8, "--data", fewer);
     // Per thread: a block of similarities (at least one row of n) and a row's candidates.
     let threads = rayon::current_num_threads() as u64;
     let block = (1u64 << 26).min(n * n * 4).max(n * 4) + n * 8;
@@ -785,6 +881,13 @@ fn source_of(views: &[View], opts: &Options) -> u64 {
     }
     for t in &opts.shifts {
         bytes.extend(t.name().as_bytes());
+    }
+    // Plain spreading (one power, 0) keeps the source files of runs before alignment had.
+    if opts.aligns != [0.0] {
+        for a in &opts.aligns {
+            bytes.extend(a.to_le_bytes());
+        }
+        bytes.extend(opts.prior.name().as_bytes());
     }
     xxhash_rust::xxh3::xxh3_64(&bytes)
 }
@@ -1214,6 +1317,57 @@ fn top_direction(v: &[f32], h: usize) -> Option<(Vec<f64>, bool)> {
     Some((u, false))
 }
 
+/// The class prior π: the label frequencies of `split`'s rows, each count plus one (no class
+/// gets weight 0), summing to 1.
+fn class_prior(info: &[Row], classes: usize, split: SplitKind) -> Vec<f64> {
+    let mut count = vec![1.0f64; classes];
+    for r in info.iter().filter(|r| r.split == split) {
+        if let Some(l) = r.label {
+            count[l as usize] += 1.0;
+        }
+    }
+    let total: f64 = count.iter().sum();
+    count.iter().map(|c| c / total).collect()
+}
+
+/// Rows of `F` as probabilities `max(F, 0) / Σ max(F, 0)`; a row no label reaches stays 0.
+fn normalised(f: &[f64], classes: usize) -> Vec<f64> {
+    let mut p = Vec::with_capacity(f.len());
+    for row in f.chunks(classes) {
+        let total: f64 = row.iter().map(|&v| v.max(0.0)).sum();
+        p.extend(row.iter().map(|&v| if total > 0.0 { v.max(0.0) / total } else { 0.0 }));
+    }
+    p
+}
+
+/// Over the rows of `p` (probabilities, or any scores of the same argmax) that are not
+/// training rows and that a label reaches: each class's mean probability `m_c` (of `p`
+/// normalised), and its share of their argmaxes.
+fn class_mass(p: &[f64], info: &[Row], classes: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut mass, mut top, mut n) = (vec![0f64; classes], vec![0f64; classes], 0usize);
+    for (row, r) in p.chunks(classes).zip(info) {
+        let total: f64 = row.iter().sum();
+        if r.split == SplitKind::Train || total <= 0.0 {
+            continue;
+        }
+        n += 1;
+        for (m, &v) in mass.iter_mut().zip(row) {
+            *m += v / total;
+        }
+        top[crate::backend::argmax(row)] += 1.0;
+    }
+    let n = n.max(1) as f64;
+    (mass.iter().map(|m| m / n).collect(), top.iter().map(|t| t / n).collect())
+}
+
+/// `p_ic · (π_c / m_c)^a` (unnormalised; [`to_logits`] normalises): class-mass alignment of
+/// power `a`. A class of no mass keeps weight 1 (its column is 0).
+fn aligned(p: &[f64], prior: &[f64], mass: &[f64], a: f64) -> Vec<f64> {
+    let w: Vec<f64> =
+        prior.iter().zip(mass).map(|(&pi, &m)| if m > 0.0 { (pi / m).powf(a) } else { 1.0 }).collect();
+    p.chunks(w.len()).flat_map(|row| row.iter().zip(&w).map(|(&v, &w)| v * w)).collect()
+}
+
 /// Whether a row of `F` holds any label mass (a labeled row reaches it).
 fn reached(row: &[f64]) -> bool {
     row.iter().any(|&v| v > 0.0)
@@ -1223,12 +1377,13 @@ fn reached(row: &[f64]) -> bool {
 /// sum is 0.
 fn to_logits(f: &[f64], classes: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(f.len());
-    for row in f.chunks(classes) {
-        let total: f64 = row.iter().map(|&v| v.max(0.0)).sum();
-        for &v in row {
-            let p = if total > 0.0 { (v.max(0.0) / total) as f32 } else { 1.0 / classes as f32 };
-            out.push(p.max(FLOOR).ln());
-        }
+    for row in normalised(f, classes).chunks(classes) {
+        let any = reached(row);
+        let uniform = 1.0 / classes as f32;
+        out.extend(row.iter().map(|&p| {
+            let p = if any { p as f32 } else { uniform };
+            p.max(FLOOR).ln()
+        }));
     }
     out
 }
@@ -1238,13 +1393,13 @@ mod tests {
     use super::*;
 
     /// A million rows of MiniLM's width with 20 neighbours: vectors (and a shifted copy),
-    /// neighbour lists, graph and spreading buffers come to about 5.3 GB, plus the similarity
+    /// neighbour lists, graph and spreading buffers come to about 5.5 GB, plus the similarity
     /// blocks.
     #[test]
     fn the_memory_budget_counts_vectors_graph_and_buffers() {
         let all = Shift::ALL;
         let total = budget(1_000_000, &[384], 1, &all, 20, 15).unwrap().claimed();
-        let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
+        let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 10 * 15 * 8);
         let blocks = rayon::current_num_threads() as u64 * ((1 << 26) + 8_000_000);
         assert_eq!(total, floor + blocks);
         // One view searched as it is needs no copy; two views side by side need one, and
@@ -1341,6 +1496,79 @@ mod tests {
         }
         // Rows far along a chain hold less of its seed's mass.
         assert!(f[0] > f[2 * classes] && f[2 * classes] > f[4 * classes]);
+    }
+
+    /// One chain of 100 rows, the first 80 of class 0 and the last 20 of class 1, one
+    /// training label at each end: plain spreading puts the border at the middle, and
+    /// class-mass alignment towards the val split's 80/20 moves it towards the truth.
+    /// Alignment of power 0 changes nothing; rows sharing one probability vector are
+    /// aligned to the prior exactly; a class of no mass stays 0, not NaN.
+    #[test]
+    fn class_mass_alignment_gives_each_class_its_share() {
+        let n = 100;
+        let truth = |i: usize| u32::from(i >= 80);
+        let mut nb = Vec::new();
+        for i in 0..n {
+            let (a, b) = match i {
+                0 => (1, 2),
+                _ if i == n - 1 => (n - 2, n - 3),
+                _ => (i - 1, i + 1),
+            };
+            nb.extend([(a as u32, 1.0f32), (b as u32, 1.0)]);
+        }
+        let info: Vec<Row> = (0..n)
+            .map(|i| {
+                let split = match i {
+                    0 | 99 => SplitKind::Train,
+                    _ if i % 5 == 2 => SplitKind::Val,
+                    _ => SplitKind::Unlabeled,
+                };
+                Row { split, label: Some(truth(i)) }
+            })
+            .collect();
+        let prior = class_prior(&info, 2, SplitKind::Val);
+        // 16 and 4 val rows, each count plus one.
+        assert!((prior[0] - 17.0 / 22.0).abs() < 1e-12 && (prior[1] - 5.0 / 22.0).abs() < 1e-12, "{prior:?}");
+        assert_eq!(class_prior(&info, 2, SplitKind::Train), vec![0.5, 0.5]);
+        let (f, _, converged) = Graph::new(&nb, 2, 2).spread(&seed_matrix(&info, 2), 2, 0.99);
+        assert!(converged);
+        let p = normalised(&f, 2);
+        let (mass, plain) = class_mass(&p, &info, 2);
+        assert!((mass[0] + mass[1] - 1.0).abs() < 1e-9 && (plain[0] + plain[1] - 1.0).abs() < 1e-9);
+        let right = |q: &[f64]| {
+            let rows =
+                (1..n - 1).filter(|&i| crate::backend::argmax(&q[2 * i..2 * i + 2]) == truth(i) as usize);
+            rows.count() as f64 / (n - 2) as f64
+        };
+        assert_eq!(aligned(&p, &prior, &mass, 0.0), p);
+        let q = aligned(&p, &prior, &mass, 1.0);
+        let (_, shares) = class_mass(&q, &info, 2);
+        eprintln!(
+            "plain: right {}, shares {plain:?}; aligned: right {}, shares {shares:?}",
+            right(&p),
+            right(&q)
+        );
+        // The border sits at the middle (rows 50 to 79 wrong: 68 of the 98 rows between the
+        // seeds right, give or take one) and moves at least 3 rows towards class 1's end.
+        assert!((right(&p) * 98.0 - 68.0).abs() <= 1.0 + 1e-9, "plain spreading: {}", right(&p));
+        assert!(right(&q) >= right(&p) + 3.0 / 98.0, "aligned: {} against {}", right(&q), right(&p));
+        assert!((shares[0] - prior[0]).abs() < (plain[0] - prior[0]).abs() - 0.03, "{shares:?} {plain:?}");
+        // Rows of one probability vector become the prior itself.
+        let same = [0.5, 0.3, 0.2].repeat(4);
+        let three: Vec<Row> = (0..4).map(|_| Row { split: SplitKind::Unlabeled, label: None }).collect();
+        let (m, _) = class_mass(&same, &three, 3);
+        let pi = [0.2, 0.3, 0.5];
+        for row in normalised(&aligned(&same, &pi, &m, 1.0), 3).chunks(3) {
+            for (a, b) in row.iter().zip(&pi) {
+                assert!((a - b).abs() < 1e-12, "{row:?}");
+            }
+        }
+        // A class no row holds keeps weight 1, so its column stays 0.
+        let none = [0.6, 0.4, 0.0].repeat(4);
+        let (m, _) = class_mass(&none, &three, 3);
+        assert_eq!(m[2], 0.0);
+        let q = aligned(&none, &pi, &m, 1.0);
+        assert!(q.iter().all(|v| v.is_finite()) && q.chunks(3).all(|r| r[2] == 0.0), "{q:?}");
     }
 
     /// Hundreds of rows, so that the search runs in several blocks: the same neighbours, in
@@ -1637,6 +1865,8 @@ mod tests {
             ks: vec![5],
             alphas: vec![0.9],
             shifts: vec![Shift::Raw],
+            aligns: vec![0.0, 0.5],
+            prior: ClassPrior::Val,
             batch_size: 64,
             progress: false,
         };
@@ -1648,7 +1878,11 @@ mod tests {
             (Options { alphas: vec![0.9999], ..ok.clone() }, "--alpha 0.9999: must be in (0, 0.999]"),
             (Options { alphas: vec![f64::NAN], ..ok.clone() }, "--alpha NaN"),
             (Options { batch_size: 0, ..ok.clone() }, "--batch-size 0"),
-            (Options { shifts: vec![], ..ok.clone() }, "--shift each need at least one value"),
+            (Options { shifts: vec![], ..ok.clone() }, "--align each need at least one value"),
+            (Options { aligns: vec![], ..ok.clone() }, "--align each need at least one value"),
+            (Options { aligns: vec![-0.5], ..ok.clone() }, "--align -0.5: must be in [0, 2]"),
+            (Options { aligns: vec![f64::NAN], ..ok.clone() }, "--align NaN"),
+            (Options { aligns: vec![0.5, 1.0, 0.5], ..ok.clone() }, "--align 0.5: given twice"),
             (
                 Options { shifts: vec![Shift::Centre, Shift::Raw, Shift::Centre], ..ok.clone() },
                 "--shift centre: given twice",

@@ -621,3 +621,59 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     let (ok, _, err) = cli(&["--out".into(), path(&refused)]);
     assert!(!ok && err.contains("--model"), "{err}");
 }
+
+/// `dtrain propagate --align`: one val column per power, the chosen power named, each
+/// class's prior beside its share of the argmaxes; `--align 0` is plain spreading (another
+/// source, no class table); a prior needs rows to count, and bad values are refused before
+/// anything is written.
+#[test]
+fn propagate_aligns_the_class_mass_to_a_prior() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, u, data) = corpus_with_a_stranger(dir.path(), "data_a");
+    let path = |p: &Path| p.display().to_string();
+    let cli = |data: &Path, out: &Path, extra: &[&str]| {
+        let args = ["propagate", "--k", "10", "--alpha", "0.9", "--tfidf", &path(data), "--out", &path(out)];
+        common::dtrain(args.iter().chain(extra).map(|a| a.to_string()))
+    };
+    let aligned = dir.path().join("a.logits");
+    let (ok, stdout, err) = cli(&data, &aligned, &["--align", "0,0.5,1", "--class-prior", "train"]);
+    assert!(ok, "{err}");
+    for want in ["a=0", "a=0.5", "a=1", "<- chosen: align ", "prior: the train split's label frequencies"] {
+        assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
+    }
+    // Two classes, 4 training labels each, each count plus one: 50% each.
+    let shares: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| {
+            w.len() == 4 && (w[0] == "0" || w[0] == "1") && w.iter().skip(1).all(|x| x.ends_with('%'))
+        })
+        .collect();
+    assert_eq!(shares.len(), 2, "{stdout}");
+    assert!(shares.iter().all(|w| w[1] == "50.0%"), "{shares:?}");
+    assert_pool_spread(&data, &aligned);
+    let plain = dir.path().join("p.logits");
+    let (ok, stdout, err) = cli(&data, &plain, &["--align", "0"]);
+    assert!(ok, "{err}");
+    assert!(!stdout.contains("prior:") && stdout.contains("<- chosen: align 0,"), "{stdout}");
+    let source = |p: &Path| dtrain::logits::LogitsFile::open(p).unwrap().source;
+    assert_ne!(source(&aligned), source(&plain));
+    // Refused: a power out of range, a prior split of no name, and a val prior with no val rows.
+    let never = dir.path().join("never.logits");
+    for (extra, want) in [
+        (&["--align", "2.5"][..], "--align 2.5: must be in [0, 2]"),
+        (&["--align", "0.5,0.5"][..], "--align 0.5: given twice"),
+        (&["--class-prior", "test"][..], "expected val or train"),
+    ] {
+        let (ok, _, err) = cli(&data, &never, extra);
+        assert!(!ok && err.contains(want), "{extra:?}: {err}");
+    }
+    let no_val = dir.path().join("data_no_val");
+    common::run(&[&l], &[&u], &no_val, &[CORPUS_SETS.as_slice(), &["split.val_fraction=0"]].concat())
+        .unwrap();
+    let (ok, _, err) = cli(&no_val, &never, &["--align", "0.5"]);
+    assert!(!ok && err.contains("val split is empty") && err.contains("--class-prior train"), "{err}");
+    assert!(!never.exists());
+    let (ok, _, err) = cli(&no_val, &never, &["--align", "0.5", "--class-prior", "train"]);
+    assert!(ok, "{err}");
+}
