@@ -56,6 +56,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import brown_encoder as be  # noqa: E402
 import brown_methods as bm  # noqa: E402
 import brown_oracle as bo  # noqa: E402
 
@@ -109,23 +110,9 @@ def chosen_line(report):
         # One val column per --align power; the chosen power and its val accuracy follow.
         align, val = line.split("<- chosen: align ")[1].split(", val accuracy ")
         got["align"] = float(align)
+    got.setdefault("align", 0.0)
     test = next(x for x in report.splitlines() if x.startswith("test accuracy of the chosen setting"))
     return dict(got, val=float(val), test=float(test.split(":")[1].split()[0]))
-
-
-def minilm_data(dt, seed, max_len):
-    """The encoder protocol's data set of the seed (bench/brown_encoder.py's preparation)
-    with MiniLM's WordPiece ids cut at `max_len` tokens; the 64-token one is the
-    protocol's own. Made once."""
-    if max_len == 64:
-        return f"runs/brown_encoder/seed{seed}/data"
-    data = f"runs/brown_encoder/seed{seed}/data-{max_len}"
-    if not os.path.exists(os.path.join(data, "manifest.json")):
-        sh("rm", "-rf", data)
-        sh(dt, "--quiet", "prepare", "--config", "configs/brown/prepare.toml", "--input", "data/brown_genre.tsv.gz",
-           "--out", data, "--set", f"split.seed={seed}", "--set", "tokenizer.subword.path=models/minilm/tokenizer.json",
-           "--set", f"tokenizer.subword.max_len={max_len}", stdout=subprocess.DEVNULL)
-    return data
 
 
 def views_logits(dt, kind, seed):
@@ -135,7 +122,8 @@ def views_logits(dt, kind, seed):
     oracle = f"runs/brown_encoder/seed{seed}/oracle"
 
     def minilm(max_len):
-        return ["--model", "models/minilm", "--data", minilm_data(dt, seed, max_len)]
+        # The encoder protocol's data set (made with $DTRAIN_BIN when missing).
+        return ["--model", "models/minilm", "--data", be.prepare(seed, max_len=max_len)]
     words = ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
     tfidf = ["--tfidf", f"{bag}/data"]
     # The kinds measured before class-mass alignment existed keep their grid (--align 0).

@@ -71,8 +71,11 @@ ALL_LABELS = {"all_labels"}
 BIN = os.environ.get("DTRAIN_BIN", "./target/release/dtrain")
 
 
-def prepare(seed, all_labels=False):
-    data = f"runs/brown_encoder/seed{seed}/data" + ("-all" if all_labels else "")
+def prepare(seed, all_labels=False, max_len=64):
+    """The seed's data set (made once): MiniLM's WordPiece ids cut at `max_len` tokens (the
+    protocol's 64 unless asked; another length is named data-N)."""
+    data = (f"runs/brown_encoder/seed{seed}/data" + ("-all" if all_labels else "")
+            + ("" if max_len == 64 else f"-{max_len}"))
     # The all-labels split is configs/brown/prepare.toml without labels_per_class.
     config = [] if all_labels else ["--config", "configs/brown/prepare.toml"]
     if not os.path.exists(os.path.join(data, "manifest.json")):
@@ -80,7 +83,7 @@ def prepare(seed, all_labels=False):
                        ["--input", "data/brown_genre.tsv.gz", "--out", data,
                         "--set", f"split.seed={seed}",
                         "--set", "tokenizer.subword.path=models/minilm/tokenizer.json",
-                        "--set", "tokenizer.subword.max_len=64"], check=True, stdout=subprocess.DEVNULL)
+                        "--set", f"tokenizer.subword.max_len={max_len}"], check=True, stdout=subprocess.DEVNULL)
     return data
 
 

@@ -113,22 +113,22 @@ def template_logits(seed, data):
     return exported_logits(seed, data, "template", ["train.steps=1"])
 
 
-def propagated_logits(seed, data, views="minilm"):
+def propagated_logits(seed, data, kind="minilm"):
     """`dtrain propagate`'s logits of the seed's unlabeled split, and its val table:
-    {threshold: (rows, accuracy)}. "minilm": frozen MiniLM vectors as they are (`--shift
-    raw`, `--align 0`: the grid these runs were first measured with); any other `views` is a
-    kind of bench/brown_bag_propagate.py (e.g. "two-view": MiniLM and the seed's skip-gram
-    vectors of runs/brown_bag_ls/seedN, its grid as first measured), made there."""
-    if views != "minilm":
-        path, report = bp.views_logits(be.BIN, views, seed)
+    {threshold: (rows, accuracy)}. "minilm": frozen MiniLM vectors of `data` as they are
+    (`--shift raw`, `--align 0`: the grid these runs were first measured with); any other
+    `kind` is one of bench/brown_bag_propagate.py, made there (its views read the seed's
+    protocol data sets and runs/brown_bag_ls/seedN, which that script makes)."""
+    if kind != "minilm":
+        path, report = bp.views_logits(be.BIN, kind, seed)
         return path, bo.propagate_val_table(report)
     path = f"runs/brown_encoder/seed{seed}/oracle/propagated.logits"
     report = path[:-len(".logits")] + ".txt"
     if not (os.path.exists(path) and os.path.exists(report)):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # The grid these runs were measured with, before shifts and class-mass alignment.
-        views = ["--model", "models/minilm", "--data", data, "--shift", "raw", "--align", "0"]
-        out = subprocess.run([be.BIN, "--quiet", "propagate", *views, "--out", path], check=True,
+        args = ["--model", "models/minilm", "--data", data, "--shift", "raw", "--align", "0"]
+        out = subprocess.run([be.BIN, "--quiet", "propagate", *args, "--out", path], check=True,
                              capture_output=True, text=True).stdout
         open(report, "w").write(out)
     return path, bo.propagate_val_table(open(report).read())
@@ -144,10 +144,12 @@ def main():
     ap.add_argument("--epochs", type=int, help="labeled epochs of the students (default: the config's 10)")
     ap.add_argument("--threshold", type=float,
                     help="keep only pseudo-labels at or above this teacher probability (default 0: all)")
-    ap.add_argument("--two-view", action="store_true", help="the same as --views two-view")
-    ap.add_argument("--views", default="minilm", choices=["minilm"] + bp.KINDS,
+    views = ap.add_mutually_exclusive_group()
+    views.add_argument("--two-view", action="store_true", help="the same as --views two-view")
+    views.add_argument("--views", default="minilm", choices=["minilm"] + bp.KINDS,
                     help="with --propagated: the views spread over (runs named -propagated for minilm, "
-                    "-propagated2 for two-view, else -propagated-VIEWS)")
+                    "-propagated2 for two-view, else -propagated-VIEWS; all but minilm need "
+                    "bench/brown_bag_propagate.py's runs/brown_bag_ls/seedN)")
     ap.add_argument("--propagated", action="store_true",
                     help="the teacher is `dtrain propagate` over frozen MiniLM vectors")
     ap.add_argument("--val-target", type=float,

@@ -2,7 +2,9 @@
 class, labels spread over three views (bench/brown_bag_propagate.py's `three-view` kind,
 written with --align 0), aligned afterwards here as `dtrain propagate --align a` does:
 q_ic ∝ p_ic · (π_c / m_c)^a, m_c the unlabeled rows' mean probability of class c (propagate
-takes the mean over val, test and unlabeled rows; here over the unlabeled split alone).
+takes the mean over the val, test and unlabeled rows that a label reaches; here over the
+whole unlabeled split, from the logits file, whose unreached rows are uniform and whose
+probabilities carry the 1e-6 floor).
 
 The prior π comes from the val split's label counts each plus one (propagate's
 `--class-prior val`), from m labels drawn at random from val (50 draws per m: what a user

@@ -67,8 +67,9 @@ enum Command {
     ExportLogits(ExportArgs),
     /// Pseudo-labels by label spreading: embed every row of a data set with an encoder (or
     /// average its skip-gram word vectors; or both, side by side), link each to its nearest
-    /// neighbours, spread the training labels over that graph (shift, k and alpha chosen on
-    /// val) and write the unlabeled split's logits (method = "noisy_student"'s targets).
+    /// neighbours, spread the training labels over that graph (shift, k, alpha and class-mass
+    /// alignment chosen on val) and write the unlabeled split's logits (method =
+    /// "noisy_student"'s targets).
     Propagate(PropagateArgs),
     /// Draw training curves (loss and accuracy) from a metrics.jsonl into a PNG.
     Plot {
@@ -597,15 +598,17 @@ struct PropagateArgs {
     shift: Vec<dtrain::propagate::Shift>,
     /// Class-mass alignment powers in [0, 2] to try (comma-separated); val accuracy picks one.
     /// Power a multiplies every row's probability of class c by (π_c / m_c)^a, π being
-    /// --class-prior's frequencies and m_c the rows' mean probability of c; 0 leaves the
-    /// spreading as it is. The training labels give every class the same mass, so where
-    /// they were drawn per class, not at random, spreading favours rare classes: alignment
-    /// gives each class its share back.
+    /// --class-prior's frequencies and m_c the rows' mean probability of c, and normalises
+    /// again; 0 leaves the spreading as it is. Spreading starts every class with the same
+    /// mass, so where the classes' frequencies differ it favours the rare ones: alignment
+    /// moves each class's mean probability towards its prior share.
     #[arg(long, value_delimiter = ',', default_values_t = [0.0f64, 0.5, 1.0])]
     align: Vec<f64>,
     /// The split whose label frequencies (each plus one) are --align's class prior: `val` (a
-    /// random sample of every class in `dtrain prepare`'s splits) or `train` (where the
-    /// training labels are a random sample, not a fixed number per class).
+    /// random sample of every class in `dtrain prepare`'s splits; its labels then also
+    /// choose the power, so val accuracy flatters alignment a little and test accuracy is
+    /// the check) or `train` (where the training labels are a random sample, not a fixed
+    /// number per class).
     #[arg(long, default_value = "val")]
     class_prior: dtrain::propagate::ClassPrior,
     /// Documents per encoder batch.
@@ -1532,27 +1535,26 @@ fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
             );
         }
     }
-    // One line per (shift, k, alpha): its val accuracy at each --align power.
+    // One line per (shift, k, alpha): its val accuracy at each --align power (the grid's
+    // innermost dimension).
     let aligns = a.align.len();
-    let powers: String = a.align.iter().map(|p| format!("{:>8}", format!("a={p}"))).collect();
-    println!("   shift     k  alpha {powers}  CG iterations  rows unreached");
+    let powers: String = a.align.iter().map(|p| format!(" {:>8}", format!("a={p}"))).collect();
+    let val_of =
+        |s: &dtrain::propagate::Setting| s.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
+    println!("   shift     k  alpha{powers}  CG iterations  rows unreached");
     for (line, settings) in r.grid.chunks(aligns).enumerate() {
         let s = &settings[0];
-        let vals: String = settings
-            .iter()
-            .map(|x| format!("{:>8}", x.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"))))
-            .collect();
+        let vals: String = settings.iter().map(|x| format!(" {:>8}", val_of(x))).collect();
         let mark = match (r.chosen / aligns == line, s.converged) {
             (true, _) => {
                 let c = &r.grid[r.chosen];
-                let val = c.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
-                format!("  <- chosen: align {}, val accuracy {val}", c.align)
+                format!("  <- chosen: align {}, val accuracy {}", c.align, val_of(c))
             }
             (false, false) => "  (did not converge: never chosen)".to_string(),
             _ => String::new(),
         };
         println!(
-            "{:>8}  {:>4}  {:>5} {vals}  {:>13}  {:>14}{mark}",
+            "{:>8}  {:>4}  {:>5}{vals}  {:>13}  {:>14}{mark}",
             s.shift.name(),
             s.k,
             s.alpha,

@@ -35,21 +35,25 @@
 //!   symmetric positive definite for α in (0, 1); α is at most 0.999) to a relative
 //!   residual of 1e-6 within 1000 iterations; a setting that does not get there is reported
 //!   and never chosen.
-//! - Row i's probabilities `p_i = F_i / Σ_c F_ic` (negative round-off clipped to 0), and its
-//!   logits `ln max(p_ic, 1e-6)`, whose softmax gives `p_i` back up to that floor. A row
-//!   that no labeled row reaches (a piece of the graph without one) gets 1/C each: its
-//!   argmax says nothing, it counts as wrong in val and test accuracy, the run prints how
-//!   many there are, and Noisy Student skips it at any `consistency.threshold` above 1/C.
+//! - Row i's probabilities `p_i = F_i / Σ_c F_ic` (negative round-off clipped to 0).
 //! - Class-mass alignment (Zhu, Ghahramani and Lafferty's class mass normalisation, 2003;
 //!   ReMixMatch's distribution alignment): with power `a` (`--align`), row i's
-//!   probabilities become `q_ic ∝ p_ic · (π_c / m_c)^a`, where `π` is the class prior and
-//!   `m_c` the mean of `p_ic` over the rows that are not training rows and that a label
-//!   reaches (a class of no mass keeps weight 1). `a = 0` is plain spreading. The training
-//!   split seeds every class with the same mass, so where its labels were drawn per class
-//!   (20 of each) and not at random, spreading favours the rare classes; the prior puts
-//!   each class's share back. `π` ([`ClassPrior`]) is the label frequencies of the val split
-//!   (a random sample of every class in `prepare`'s splits) or of the training split, each
-//!   count plus one.
+//!   probabilities become `q_ic = p_ic w_c / Σ_c' p_ic' w_c'` with `w_c = (π_c / m_c)^a`,
+//!   where `π` is the class prior and `m_c` the mean of `p_ic` over the rows that are not
+//!   training rows and that a label reaches (a class of no mass has nothing to scale; the
+//!   weights are taken relative to the largest, in logarithms, so none overflows). `a = 0`
+//!   is plain spreading, `q = p`. `Y` gives every class the same total mass, so where the
+//!   classes' frequencies differ, spreading favours the rare ones; alignment moves each
+//!   class's mean probability towards its prior share (to it exactly at `a = 1` only where
+//!   the rows agree). `π` ([`ClassPrior`]) is the label frequencies of the val split (a
+//!   random sample of every class in `prepare`'s splits) or of the training split, each
+//!   count plus one. With the val prior, val's labels serve twice, for π and for choosing
+//!   `a`: val accuracy then flatters the aligned settings a little, and test accuracy is
+//!   the check.
+//! - Row i's logits `ln max(q_ic, 1e-6)`, whose softmax gives `q_i` back up to that floor. A
+//!   row that no labeled row reaches (a piece of the graph without one) gets 1/C each: its
+//!   argmax says nothing, it counts as wrong in val and test accuracy, the run prints how
+//!   many there are, and Noisy Student skips it at any `consistency.threshold` above 1/C.
 //! - Every (shift, k, α, a) of the grid is tried; the one of highest val accuracy (argmax
 //!   q) wins, the first in grid order on a tie. With no val rows the grid must hold one
 //!   setting.
@@ -291,8 +295,9 @@ pub struct Report {
     pub labels: Vec<String>,
     /// The class-mass alignment's prior π (sums to 1).
     pub prior: Vec<f64>,
-    /// The share of each class among the argmaxes of the rows that are not training rows,
-    /// under the chosen setting, beside that setting with the same shift, k and α unaligned.
+    /// Each class's share of the argmaxes of the rows that are not training rows and that a
+    /// label reaches: (with the chosen setting's shift, k and α unaligned, the chosen
+    /// setting).
     pub shares: Vec<(f64, f64)>,
 }
 
@@ -301,16 +306,16 @@ pub fn check_options(o: &Options) -> Result<()> {
     if o.ks.is_empty() || o.alphas.is_empty() || o.shifts.is_empty() || o.aligns.is_empty() {
         return Err(Error::Data("--k, --alpha, --shift and --align each need at least one value".into()));
     }
-    if let Some(s) = o.shifts.iter().enumerate().find(|(i, s)| o.shifts[..*i].contains(s)) {
-        return Err(Error::Data(format!("--shift {}: given twice", s.1.name())));
+    if let Some(s) = repeated(&o.shifts) {
+        return Err(Error::Data(format!("--shift {}: given twice", s.name())));
     }
     if let Some(a) = o.aligns.iter().find(|&&a| !(0.0..=2.0).contains(&a)) {
         return Err(Error::Data(format!(
             "--align {a}: must be in [0, 2] (0: no alignment; 1: each class's mass scaled to its prior share)"
         )));
     }
-    if let Some(a) = o.aligns.iter().enumerate().find(|(i, a)| o.aligns[..*i].contains(a)) {
-        return Err(Error::Data(format!("--align {}: given twice", a.1)));
+    if let Some(a) = repeated(&o.aligns) {
+        return Err(Error::Data(format!("--align {a}: given twice")));
     }
     if let Some(k) = o.ks.iter().find(|&&k| !(1..=1000).contains(&k)) {
         return Err(Error::Data(format!("--k {k}: must be in 1..=1000")));
@@ -324,6 +329,11 @@ pub fn check_options(o: &Options) -> Result<()> {
         return Err(Error::Data(format!("--batch-size {}: must be in 1..=65536", o.batch_size)));
     }
     Ok(())
+}
+
+/// The first value of `xs` that an earlier one equals.
+fn repeated<T: PartialEq>(xs: &[T]) -> Option<&T> {
+    xs.iter().enumerate().find(|(i, x)| xs[..*i].contains(x)).map(|(_, x)| x)
 }
 
 /// Where one view of the rows' vectors comes from.
@@ -706,14 +716,14 @@ fn spread_and_write(
             }
         }
     }
-    let Some((chosen, f, plain)) = best else {
+    let Some((chosen, q, plain)) = best else {
         return Err(Error::Data(format!(
             "no setting of the grid converged within {MAX_ITERS} iterations: try smaller --alpha values"
         )));
     };
-    let test_accuracy = accuracy(&f, SplitKind::Test);
-    let shares = class_mass(&f, info, classes).1.into_iter().zip(plain).map(|(q, p)| (p, q)).collect();
-    let logits = to_logits(&f, classes);
+    let test_accuracy = accuracy(&q, SplitKind::Test);
+    let shares = plain.into_iter().zip(class_mass(&q, info, classes).1).collect();
+    let logits = to_logits(&q, classes);
     let mut val_by_confidence: Vec<(f64, usize, usize)> = VAL_THRESHOLDS.iter().map(|&t| (t, 0, 0)).collect();
     for (i, r) in info.iter().enumerate() {
         if let (SplitKind::Val, Some(l)) = (r.split, r.label) {
@@ -843,8 +853,9 @@ fn budget(
     // The edge list (two 4-byte ends and an 8-byte weight) beside the compressed rows, their
     // starts and the degrees.
     b.add("the graph", 2 * n * k * (16 + 12) + 16 * n, "--k", "a smaller largest --k");
-    // Y, F, the probabilities, an aligned copy and the best so far, and CG's vectors.
-    b.add("the spreading's buffers", 10 * n * c * 8, "--data", fewer);
+    // During a solve Y, the best so far and CG's five vectors; after it Y, the best, the
+    // probabilities and an aligned copy.
+    b.add("the spreading's buffers", 8 * n * c * 8, "--data", fewer);
     // Per thread: a block of similarities (at least one row of n) and a row's candidates.
     let threads = rayon::current_num_threads() as u64;
     let block = (1u64 << 26).min(n * n * 4).max(n * 4) + n * 8;
@@ -1340,19 +1351,18 @@ fn normalised(f: &[f64], classes: usize) -> Vec<f64> {
     p
 }
 
-/// Over the rows of `p` (probabilities, or any scores of the same argmax) that are not
-/// training rows and that a label reaches: each class's mean probability `m_c` (of `p`
-/// normalised), and its share of their argmaxes.
+/// Over the rows of `p` (probabilities, rows of no label all 0) that are not training rows
+/// and that a label reaches: each class's mean probability `m_c`, and its share of their
+/// argmaxes.
 fn class_mass(p: &[f64], info: &[Row], classes: usize) -> (Vec<f64>, Vec<f64>) {
     let (mut mass, mut top, mut n) = (vec![0f64; classes], vec![0f64; classes], 0usize);
     for (row, r) in p.chunks(classes).zip(info) {
-        let total: f64 = row.iter().sum();
-        if r.split == SplitKind::Train || total <= 0.0 {
+        if r.split == SplitKind::Train || !reached(row) {
             continue;
         }
         n += 1;
         for (m, &v) in mass.iter_mut().zip(row) {
-            *m += v / total;
+            *m += v;
         }
         top[crate::backend::argmax(row)] += 1.0;
     }
@@ -1360,12 +1370,27 @@ fn class_mass(p: &[f64], info: &[Row], classes: usize) -> (Vec<f64>, Vec<f64>) {
     (mass.iter().map(|m| m / n).collect(), top.iter().map(|t| t / n).collect())
 }
 
-/// `p_ic · (π_c / m_c)^a` (unnormalised; [`to_logits`] normalises): class-mass alignment of
-/// power `a`. A class of no mass keeps weight 1 (its column is 0).
+/// Class-mass alignment of power `a`: the rows of `p` (probabilities) times
+/// `w_c = (π_c / m_c)^a`, normalised again; `p` itself at `a = 0`. The weights are taken in
+/// logarithms relative to the largest (at most 1, so no product overflows); a class of no
+/// mass has a column of zeros and gets weight 0.
 fn aligned(p: &[f64], prior: &[f64], mass: &[f64], a: f64) -> Vec<f64> {
-    let w: Vec<f64> =
-        prior.iter().zip(mass).map(|(&pi, &m)| if m > 0.0 { (pi / m).powf(a) } else { 1.0 }).collect();
-    p.chunks(w.len()).flat_map(|row| row.iter().zip(&w).map(|(&v, &w)| v * w)).collect()
+    if a == 0.0 {
+        return p.to_vec();
+    }
+    let logs: Vec<f64> = prior
+        .iter()
+        .zip(mass)
+        .map(|(&pi, &m)| if m > 0.0 { a * (pi.ln() - m.ln()) } else { f64::NEG_INFINITY })
+        .collect();
+    let top = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logs.iter().map(|&l| (l - top).exp()).collect();
+    let mut q = Vec::with_capacity(p.len());
+    for row in p.chunks(w.len()) {
+        let total: f64 = row.iter().zip(&w).map(|(&v, &w)| v * w).sum();
+        q.extend(row.iter().zip(&w).map(|(&v, &w)| if total > 0.0 { v * w / total } else { 0.0 }));
+    }
+    q
 }
 
 /// Whether a row of `F` holds any label mass (a labeled row reaches it).
@@ -1373,16 +1398,16 @@ fn reached(row: &[f64]) -> bool {
     row.iter().any(|&v| v > 0.0)
 }
 
-/// Rows of `F` as logits: `ln max(p, 1e-6)` of `p = max(F, 0) / Σ max(F, 0)`, uniform where the
-/// sum is 0.
-fn to_logits(f: &[f64], classes: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(f.len());
-    for row in normalised(f, classes).chunks(classes) {
+/// Rows of probabilities as logits, `ln max(p, 1e-6)`; a row no label reaches (all 0)
+/// gets 1/C each.
+fn to_logits(p: &[f64], classes: usize) -> Vec<f32> {
+    let uniform = 1.0 / classes as f32;
+    let mut out = Vec::with_capacity(p.len());
+    for row in p.chunks(classes) {
         let any = reached(row);
-        let uniform = 1.0 / classes as f32;
-        out.extend(row.iter().map(|&p| {
-            let p = if any { p as f32 } else { uniform };
-            p.max(FLOOR).ln()
+        out.extend(row.iter().map(|&v| {
+            let v = if any { v as f32 } else { uniform };
+            v.max(FLOOR).ln()
         }));
     }
     out
@@ -1393,13 +1418,13 @@ mod tests {
     use super::*;
 
     /// A million rows of MiniLM's width with 20 neighbours: vectors (and a shifted copy),
-    /// neighbour lists, graph and spreading buffers come to about 5.5 GB, plus the similarity
+    /// neighbour lists, graph and spreading buffers come to about 5.3 GB, plus the similarity
     /// blocks.
     #[test]
     fn the_memory_budget_counts_vectors_graph_and_buffers() {
         let all = Shift::ALL;
         let total = budget(1_000_000, &[384], 1, &all, 20, 15).unwrap().claimed();
-        let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 10 * 15 * 8);
+        let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
         let blocks = rayon::current_num_threads() as u64 * ((1 << 26) + 8_000_000);
         assert_eq!(total, floor + blocks);
         // One view searched as it is needs no copy; two views side by side need one, and
@@ -1502,7 +1527,8 @@ mod tests {
     /// training label at each end: plain spreading puts the border at the middle, and
     /// class-mass alignment towards the val split's 80/20 moves it towards the truth.
     /// Alignment of power 0 changes nothing; rows sharing one probability vector are
-    /// aligned to the prior exactly; a class of no mass stays 0, not NaN.
+    /// aligned to the prior exactly; a class of no mass stays 0, and one of almost none
+    /// overflows nothing.
     #[test]
     fn class_mass_alignment_gives_each_class_its_share() {
         let n = 100;
@@ -1558,17 +1584,28 @@ mod tests {
         let three: Vec<Row> = (0..4).map(|_| Row { split: SplitKind::Unlabeled, label: None }).collect();
         let (m, _) = class_mass(&same, &three, 3);
         let pi = [0.2, 0.3, 0.5];
-        for row in normalised(&aligned(&same, &pi, &m, 1.0), 3).chunks(3) {
+        for row in aligned(&same, &pi, &m, 1.0).chunks(3) {
             for (a, b) in row.iter().zip(&pi) {
                 assert!((a - b).abs() < 1e-12, "{row:?}");
             }
         }
-        // A class no row holds keeps weight 1, so its column stays 0.
+        // A class no row holds has a column of zeros, and it stays so.
         let none = [0.6, 0.4, 0.0].repeat(4);
         let (m, _) = class_mass(&none, &three, 3);
         assert_eq!(m[2], 0.0);
         let q = aligned(&none, &pi, &m, 1.0);
         assert!(q.iter().all(|v| v.is_finite()) && q.chunks(3).all(|r| r[2] == 0.0), "{q:?}");
+        // A class of almost no mass at the largest power: its weight would overflow f64 as
+        // a ratio; relative to the largest, in logarithms, every row stays a distribution.
+        let tiny = [1.0 - 1e-300, 1e-300, 0.0].repeat(4);
+        let (m, _) = class_mass(&tiny, &three, 3);
+        let q = aligned(&tiny, &pi, &m, 2.0);
+        for row in q.chunks(3) {
+            assert!(
+                row.iter().all(|v| v.is_finite()) && (row.iter().sum::<f64>() - 1.0).abs() < 1e-12,
+                "{row:?}"
+            );
+        }
     }
 
     /// Hundreds of rows, so that the search runs in several blocks: the same neighbours, in
@@ -1849,7 +1886,7 @@ mod tests {
     #[test]
     fn logits_give_the_normalised_scores_back() {
         let f = [0.3, 0.1, 0.0, -1e-12, 0.0, 0.0];
-        let z = to_logits(&f, 3);
+        let z = to_logits(&normalised(&f, 3), 3);
         let p: Vec<f32> = z.iter().map(|v| v.exp()).collect();
         assert!((p[0] - 0.75).abs() < 1e-6 && (p[1] - 0.25).abs() < 1e-6 && p[2] <= FLOOR * 1.0001);
         // A row no seed reaches (negative round-off only) is uniform.

@@ -1143,7 +1143,7 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let (ok, _, err) = cli(&refs);
     assert!(
         !ok && err.contains("the val split is empty")
-            && err.contains("give one --k, one --alpha and one --shift"),
+            && err.contains("give one --k, one --alpha, one --shift and one --align"),
         "{err}"
     );
     let (ok, _, err) = propagate(&minilm, &dir.path().join("e.logits"), &["--k", "500"]);

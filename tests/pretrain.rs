@@ -638,7 +638,12 @@ fn propagate_aligns_the_class_mass_to_a_prior() {
     let aligned = dir.path().join("a.logits");
     let (ok, stdout, err) = cli(&data, &aligned, &["--align", "0,0.5,1", "--class-prior", "train"]);
     assert!(ok, "{err}");
-    for want in ["a=0", "a=0.5", "a=1", "<- chosen: align ", "prior: the train split's label frequencies"] {
+    let header = stdout.lines().find(|l| l.contains("alpha")).unwrap_or_default();
+    assert_eq!(
+        header.split_whitespace().filter(|w| w.starts_with("a=")).collect::<Vec<_>>(),
+        ["a=0", "a=0.5", "a=1"]
+    );
+    for want in ["<- chosen: align ", "prior: the train split's label frequencies"] {
         assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
     }
     // Two classes, 4 training labels each, each count plus one: 50% each.
@@ -658,6 +663,53 @@ fn propagate_aligns_the_class_mass_to_a_prior() {
     assert!(!stdout.contains("prior:") && stdout.contains("<- chosen: align 0,"), "{stdout}");
     let source = |p: &Path| dtrain::logits::LogitsFile::open(p).unwrap().source;
     assert_ne!(source(&aligned), source(&plain));
+    // The topics above share no word, so every row's probabilities are one-hot and there
+    // is nothing to align. Here three fruit lines to each tools line, every line with two
+    // of five common words (so TF-IDF links the topics), and a full graph: the spread
+    // probabilities are mixed, and power 1 towards val's 3:1 writes other logits than
+    // plain spreading, labeling the pool as well.
+    let mut lab = String::new();
+    for (line, words) in common::topic_lines(&[&FRUIT, &FRUIT, &FRUIT, &TOOLS], 160, 7).iter().enumerate() {
+        let common = ["alpha", "beta", "gamma", "delta", "omega"];
+        let label = if line % 4 == 3 { "t" } else { "f" };
+        lab.push_str(&format!(
+            "{label}\t{} {} {} line{line}\n",
+            words[..3].join(" "),
+            common[line % 5],
+            common[(line / 5) % 5]
+        ));
+    }
+    let mixed_l = common::write(dir.path(), "mixed.tsv", lab.as_bytes());
+    let mixed = dir.path().join("data_mixed");
+    common::run(&[&mixed_l], &[], &mixed, &CORPUS_SETS).unwrap();
+    let ds = Dataset::open(&mixed).unwrap();
+    let split = dtrain::data::shard::SplitKind::Unlabeled;
+    let rows = |p: &Path| {
+        let f = dtrain::logits::LogitsFile::open(p).unwrap();
+        let mut z = Vec::new();
+        for (si, shard) in ds.shards(split).iter().enumerate() {
+            for i in 0..shard.len() {
+                let row = f.row(dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 });
+                z.push((row.to_vec(), shard.hidden_label(i).unwrap()));
+            }
+        }
+        z
+    };
+    let spread = |align: &str| {
+        let out = dir.path().join(format!("mixed-{align}.logits"));
+        let args =
+            ["propagate", "--k", "130", "--alpha", "0.9", "--tfidf", &path(&mixed), "--out", &path(&out)];
+        let (ok, _, err) = common::dtrain(args.iter().chain(&["--align", align]).map(|a| a.to_string()));
+        assert!(ok, "{err}");
+        rows(&out)
+    };
+    let (z0, z1) = (spread("0"), spread("1"));
+    let right =
+        |z: &[(Vec<f32>, u32)]| z.iter().filter(|(r, l)| dtrain::backend::argmax(r) == *l as usize).count();
+    assert!(right(&z1) * 10 >= z1.len() * 9, "{} of {} right", right(&z1), z1.len());
+    let moved =
+        z0.iter().zip(&z1).filter(|((a, _), (b, _))| a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-3));
+    assert!(moved.count() * 2 > z0.len(), "alignment left most rows as they were");
     // Refused: a power out of range, a prior split of no name, and a val prior with no val rows.
     let never = dir.path().join("never.logits");
     for (extra, want) in [
