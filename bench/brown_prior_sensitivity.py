@@ -56,7 +56,7 @@ def main():
             for _ in range(a.draws):
                 c = np.bincount(rng.choice(labels, m, replace=False), minlength=len(val)) + 1
                 xs.append(right(c / c.sum()))
-            row[f"random_{m}"] = [float(np.mean(xs)), float(np.std(xs))]
+            row[f"random_{m}"] = [float(np.mean(xs)), float(np.std(xs, ddof=1))]
         out["seeds"][seed] = row
         print(json.dumps({"seed": seed, **row}), flush=True)
     out["provenance"] = bm.provenance("python3 bench/brown_prior_sensitivity.py " + " ".join(sys.argv[1:]))
