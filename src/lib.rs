@@ -22,6 +22,7 @@ pub mod predict;
 pub mod pretrain;
 pub mod propagate;
 pub mod rng;
+pub mod rowvec;
 pub mod train;
 
 pub use error::{Error, Result};

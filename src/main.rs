@@ -97,24 +97,12 @@ enum Command {
     /// Benchmarks that print a table and write JSON with their provenance.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Sentence vectors from a pretrained BERT-family encoder (a Hugging Face model
-    /// directory: config.json, model.safetensors, tokenizer.json; `launch/fetch-model
-    /// minilm` gets one): one JSON line per text with its token ids and pooled vector.
-    Embed {
-        /// The model directory.
-        #[arg(long)]
-        model: PathBuf,
-        /// `mean` (sentence-transformers' pooling) or `cls`.
-        #[arg(long, default_value = "mean", value_parser = ["mean", "cls"])]
-        pooling: String,
-        /// Tokens per text at most, [CLS] and [SEP] included: from 3 to the model's positions
-        /// [default: 128, or the model's positions when fewer].
-        #[arg(long)]
-        max_len: Option<usize>,
-        /// The texts.
-        #[arg(required = true)]
-        texts: Vec<String>,
-    },
+    /// Sentence vectors: of the texts given, one JSON line each with its token ids and pooled
+    /// vector, from a pretrained BERT-family encoder (a Hugging Face model directory:
+    /// config.json, model.safetensors, tokenizer.json; `launch/fetch-model minilm` gets
+    /// one); or, with --data, of every row of a prepared data set, stored in a safetensors
+    /// file that `dtrain propagate --model FILE` reads instead of embedding again.
+    Embed(EmbedArgs),
     /// What this binary can use here: build features, CPU threads, the MPI launch it runs
     /// under, and the CUDA driver, libraries (NVRTC, cuBLAS, NCCL) and devices it finds.
     Info,
@@ -544,6 +532,41 @@ struct ExportArgs {
     /// Documents per batch.
     #[arg(long, default_value_t = 4096)]
     batch_size: usize,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    device: DeviceArg,
+    /// The model: a pretrained encoder's directory; with --data also an encoder run's
+    /// checkpoint, or skip-gram word embeddings (`dtrain pretrain`'s output: a row's vector
+    /// is the mean of its words').
+    #[arg(long)]
+    model: PathBuf,
+    /// `mean` (sentence-transformers' pooling) or `cls`, for a pretrained encoder's
+    /// directory [default: mean]; a checkpoint keeps its own.
+    #[arg(long, value_parser = ["mean", "cls"])]
+    pooling: Option<String>,
+    /// Tokens per text at most, [CLS] and [SEP] included: from 3 to the model's positions
+    /// [default: 128, or the model's positions when fewer]. Texts only: a data set's rows
+    /// are as long as it was prepared.
+    #[arg(long, conflicts_with = "data")]
+    max_len: Option<usize>,
+    /// A prepared data set whose every row (train, val, test, unlabeled) is embedded: for an
+    /// encoder, prepared with its tokenizer.json; for word vectors, words split and cased as
+    /// in pretraining. Needs --out.
+    #[arg(long, requires = "out", conflicts_with = "texts")]
+    data: Option<PathBuf>,
+    /// The file of --data's row vectors (safetensors: `vectors` [rows, width] at unit length,
+    /// `split`, `label` (−1 unlabeled), `sample_id`; see ARCHITECTURE.md).
+    #[arg(long, requires = "data")]
+    out: Option<PathBuf>,
+    /// Documents per encoder batch (--data).
+    #[arg(long, default_value_t = 64, requires = "data")]
+    batch_size: usize,
+    /// The texts.
+    #[arg(required_unless_present = "data")]
+    texts: Vec<String>,
 }
 
 #[derive(Args)]
@@ -1134,7 +1157,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             info();
             Ok(ExitCode::SUCCESS)
         }
-        Command::Embed { model, pooling, max_len, texts } => embed(&model, &pooling, max_len, &texts),
+        Command::Embed(a) => match (&a.data, &a.out) {
+            (Some(data), Some(out)) => embed_data(&a, data, out, progress),
+            _ => embed(&a.model, a.pooling.as_deref().unwrap_or("mean"), a.max_len, &a.texts),
+        },
         Command::Bench(BenchCommand::Prepare { prepare, repeat, json }) => {
             let mut args = *prepare;
             if let Some(out) = &args.out {
@@ -1244,6 +1270,63 @@ fn embed(dir: &Path, pooling: &str, max_len: Option<usize>, texts: &[String]) ->
             serde_json::json!({"text": text, "ids": seqs[i], "pooled": acts.pooled[i * h..(i + 1) * h]});
         println!("{line}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dtrain embed --data`: every row's vector in one view, stored for `propagate`.
+fn embed_data(a: &EmbedArgs, data: &Path, out: &Path, progress: bool) -> anyhow::Result<ExitCode> {
+    if !(1..=1 << 16).contains(&a.batch_size) {
+        bail!("--batch-size {}: must be in 1..=65536", a.batch_size);
+    }
+    let ds = Dataset::open(data)?;
+    ds.verify_payloads(|_, _| true)?;
+    let inputs = [a.model.as_path(), data];
+    dtrain::fsutil::check_output("--out", out, &inputs, None)?;
+    if std::fs::metadata(out).is_ok_and(|m| m.len() > 0) && !dtrain::rowvec::is_vectors_file(out) {
+        bail!(
+            "--out {}: exists and is not a file of row vectors (an earlier `dtrain embed --data` output): remove it or choose another path",
+            out.display()
+        );
+    }
+    if a.pooling.is_some() && !is_pretrained_encoder(&a.model) {
+        bail!("--pooling applies to a pretrained model's directory: {} keeps its own", a.model.display());
+    }
+    let loaded = load_propagate_model(&a.model, data, &ds, a.pooling.as_deref())?;
+    let (vectors, kind) = match &loaded {
+        Loaded::Encoder(enc, params) => (
+            dtrain::propagate::Vectors::Encoder { enc, params },
+            format!("encoder, {} pooling", format!("{:?}", enc.spec.pooling).to_lowercase()),
+        ),
+        Loaded::Bag(emb) => (dtrain::propagate::Vectors::Bag(emb), "word vectors".to_string()),
+        Loaded::Stored(_) => bail!("{}: already stored row vectors", a.model.display()),
+    };
+    let view = dtrain::propagate::View { vectors, data: &ds };
+    struct Job<'a>(&'a dtrain::propagate::View<'a>, usize, bool);
+    impl OnBackend for Job<'_> {
+        type Out = Vec<f32>;
+        fn run<B: dtrain::backend::EncoderOps<F = f32>>(self, be: &B) -> dtrain::Result<Self::Out> {
+            self.0.embed_rows(be, self.1, self.2)
+        }
+    }
+    let started = std::time::Instant::now();
+    let rows = dispatch(a.device.device, 0, progress, Job(&view, a.batch_size, progress))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let stored =
+        dtrain::rowvec::RowVectors::new(&ds, rows, view.width(), kind, &a.model, &view.source(), seconds);
+    stored.write(out)?;
+    let m = &stored.meta;
+    println!(
+        "embedded {} rows (train {}, val {}, test {}, unlabeled {}) in {seconds:.1} s; width {} ({}){}",
+        stored.len(),
+        m.rows[0],
+        m.rows[1],
+        m.rows[2],
+        m.rows[3],
+        m.width,
+        m.kind,
+        if m.blank > 0 { format!(", {} rows without a vector", m.blank) } else { String::new() }
+    );
+    println!("wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1375,6 +1458,7 @@ fn print_export_report(r: &dtrain::logits::ExportReport, split: SplitKind) {
 enum Loaded {
     Encoder(dtrain::model::encoder::Encoder, Vec<f32>),
     Bag(dtrain::pretrain::embeddings::Embeddings),
+    Stored(dtrain::rowvec::RowVectors),
 }
 
 /// Loads `--model` for the data set `ds` (at `data`): skip-gram embeddings, a pretrained
@@ -1387,6 +1471,14 @@ fn load_propagate_model(
 ) -> anyhow::Result<Loaded> {
     use dtrain::model::encoder::{load_pretrained, Pooling};
     let m = ds.manifest();
+    if dtrain::rowvec::is_vectors_file(model) {
+        if pooling.is_some() {
+            bail!("--pooling applies to a pretrained encoder; {} holds stored row vectors", model.display());
+        }
+        let stored = dtrain::rowvec::RowVectors::read(model)?;
+        stored.check_rows(ds)?;
+        return Ok(Loaded::Stored(stored));
+    }
     let embeddings = model.join(dtrain::pretrain::embeddings::EMBEDDINGS_FILE).is_file()
         || model.file_name().is_some_and(|n| n == dtrain::pretrain::embeddings::EMBEDDINGS_FILE);
     if embeddings {
@@ -1485,6 +1577,7 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
             vectors: match l {
                 Loaded::Encoder(enc, params) => dtrain::propagate::Vectors::Encoder { enc, params },
                 Loaded::Bag(emb) => dtrain::propagate::Vectors::Bag(emb),
+                Loaded::Stored(r) => dtrain::propagate::Vectors::Stored(r),
             },
             data,
         })
@@ -1752,6 +1845,27 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
              and `model.init_from` starts a bag model from them",
             args.path.display()
         );
+    }
+    if args.path.is_file() && dtrain::rowvec::is_vectors_file(&args.path) {
+        data_set_flags("a file of row vectors")?;
+        let r = dtrain::rowvec::RowVectors::read(&args.path)?;
+        let m = &r.meta;
+        println!(
+            "{}: dtrain row vectors of {} rows (train {}, val {}, test {}, unlabeled {}), width {}, by {} ({}) from {} in {:.1} s; contents match their checksum",
+            args.path.display(),
+            r.len(),
+            m.rows[0],
+            m.rows[1],
+            m.rows[2],
+            m.rows[3],
+            m.width,
+            m.model,
+            m.kind,
+            m.data,
+            m.seconds
+        );
+        println!("classes: {}; rows without a vector: {}", m.labels.join(", "), m.blank);
+        return Ok(ExitCode::SUCCESS);
     }
     if is_checkpoint || is_tensors {
         bail!(

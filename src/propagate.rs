@@ -79,6 +79,7 @@ use crate::error::{Error, Result};
 use crate::logits::ExportReport;
 use crate::model::encoder::{Encoder, EncoderActs, TokenBatch};
 use crate::pretrain::embeddings::Embeddings;
+use crate::rowvec::RowVectors;
 
 /// The edges' similarity exponent γ.
 pub const GAMMA: i32 = 3;
@@ -349,6 +350,10 @@ pub enum Vectors<'a> {
     /// vector that links rows by the words they share, rare words most. Words of fewer
     /// than [`TFIDF_MIN_ROWS`] rows are left out, and a row with none has no vector.
     Tfidf,
+    /// An encoder's or word vectors' view stored by `dtrain embed --data`
+    /// ([`crate::rowvec`]): its vectors are read, not made, and the logits file records the
+    /// source that embedding afresh would.
+    Stored(&'a RowVectors),
 }
 
 /// One view of the rows: where its vectors come from, and the data set it reads them from.
@@ -365,8 +370,77 @@ impl View<'_> {
             Vectors::Encoder { enc, .. } => enc.spec.hidden,
             Vectors::Bag(emb) => emb.meta.dim,
             Vectors::Tfidf => 0,
+            Vectors::Stored(r) => r.meta.width,
         }
     }
+
+    /// The bytes that identify the view in a logits file's source: an encoder's weights and
+    /// pooling, the word vectors' weights, TF-IDF's rule, or what a stored view recorded.
+    pub fn source(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        match self.vectors {
+            Vectors::Encoder { enc, params } => {
+                bytes.extend(crate::logits::params_source(params).to_le_bytes());
+                bytes.extend(format!("{:?}", enc.spec.pooling).as_bytes());
+            }
+            Vectors::Bag(emb) => {
+                bytes.extend(crate::logits::params_source(&emb.params).to_le_bytes());
+                bytes.extend(b"bag");
+            }
+            Vectors::Tfidf => {
+                bytes.extend(b"tfidf");
+                bytes.extend((TFIDF_MIN_ROWS as u64).to_le_bytes());
+            }
+            Vectors::Stored(r) => bytes.extend(r.source()),
+        }
+        bytes
+    }
+
+    /// Every row's vector in this view (n×[`View::width`], unit length or all zeros), for
+    /// `dtrain embed --data` to store: an encoder runs on `be`, batched by length. A TF-IDF
+    /// view has no dense vectors, and a stored one is already stored: both are refused.
+    pub fn embed_rows<B: EncoderOps<F = f32>>(
+        &self,
+        be: &B,
+        batch_size: usize,
+        progress: bool,
+    ) -> Result<Vec<f32>> {
+        let opts = Options {
+            ks: vec![],
+            alphas: vec![],
+            shifts: vec![],
+            aligns: vec![],
+            prior: ClassPrior::Val,
+            batch_size,
+            progress,
+        };
+        match self.vectors {
+            Vectors::Encoder { enc, params } => embed(be, enc, params, self.data, &opts),
+            Vectors::Bag(emb) => {
+                check_words_match(self.data, emb)?;
+                Ok(embed_bag(emb, self.data)?.0)
+            }
+            Vectors::Tfidf | Vectors::Stored(_) => {
+                Err(Error::Data("only an encoder's or word vectors' view can be stored".into()))
+            }
+        }
+    }
+}
+
+/// Refuses word vectors whose data set split or lowercased words otherwise than `ds`.
+fn check_words_match(ds: &Dataset, emb: &Embeddings) -> Result<()> {
+    let (a, b) = (&ds.manifest().tokenizer, &emb.meta.tokenizer);
+    if a.lowercase != b.lowercase || a.punctuation != b.punctuation {
+        return Err(Error::Data(format!(
+            "{}: the data set splits or lowercases words otherwise than the embeddings' data (lowercase {} and {}, punctuation {:?} and {:?}), so its words would not be found: prepare it with the same tokenizer.lowercase and tokenizer.punctuation",
+            ds.dir().display(),
+            a.lowercase,
+            b.lowercase,
+            a.punctuation,
+            b.punctuation
+        )));
+    }
+    Ok(())
 }
 
 /// Embeds every row of the first view's data set in every view, spreads the training labels
@@ -400,18 +474,10 @@ pub fn propagate<B: EncoderOps<F = f32>>(
         opts
     };
     for v in views {
-        if let Vectors::Bag(emb) = v.vectors {
-            let (a, b) = (&v.data.manifest().tokenizer, &emb.meta.tokenizer);
-            if a.lowercase != b.lowercase || a.punctuation != b.punctuation {
-                return Err(Error::Data(format!(
-                    "{}: the data set splits or lowercases words otherwise than the embeddings' data (lowercase {} and {}, punctuation {:?} and {:?}), so its words would not be found: prepare it with the same tokenizer.lowercase and tokenizer.punctuation",
-                    v.data.dir().display(),
-                    a.lowercase,
-                    b.lowercase,
-                    a.punctuation,
-                    b.punctuation
-                )));
-            }
+        match v.vectors {
+            Vectors::Bag(emb) => check_words_match(v.data, emb)?,
+            Vectors::Stored(r) => r.check_rows(v.data)?,
+            Vectors::Encoder { .. } | Vectors::Tfidf => {}
         }
     }
     let rows = check_data(ds, out, jsonl, opts)?;
@@ -446,12 +512,23 @@ pub fn propagate<B: EncoderOps<F = f32>>(
                 let vocab = v.data.manifest().vocab.words;
                 (emb.words.len() as u64) * (emb.meta.dim as u64 * 4 + 48) + vocab * 40
             }
-            Vectors::Encoder { .. } | Vectors::Tfidf => 0,
+            Vectors::Encoder { .. } | Vectors::Tfidf | Vectors::Stored(_) => 0,
         })
         .max()
         .unwrap_or(0);
     if words > 0 {
         b.add("the word vectors", words, "--model", "embeddings of fewer words");
+    }
+    // Stored views as read (vectors, splits, labels, sample ids), beside their copies.
+    let stored: u64 = views
+        .iter()
+        .map(|v| match v.vectors {
+            Vectors::Stored(r) => r.len() as u64 * (r.meta.width as u64 * 4 + 13),
+            _ => 0,
+        })
+        .sum();
+    if stored > 0 {
+        b.add("the stored vectors as read", stored, "--model", "fewer stored views");
     }
     b.check()?;
     let mut embedded = Vec::with_capacity(views.len());
@@ -467,6 +544,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
                 let (sparse, blank) = Sparse::tfidf(v.data)?;
                 (Vec::new(), Some(sparse), blank)
             }
+            Vectors::Stored(r) => (r.vectors.clone(), None, r.meta.blank),
         };
         embedded.push(Embedded {
             vectors,
@@ -869,20 +947,7 @@ fn budget(
 fn source_of(views: &[View], opts: &Options) -> u64 {
     let mut bytes = b"propagate".to_vec();
     for v in views {
-        match v.vectors {
-            Vectors::Encoder { enc, params } => {
-                bytes.extend(crate::logits::params_source(params).to_le_bytes());
-                bytes.extend(format!("{:?}", enc.spec.pooling).as_bytes());
-            }
-            Vectors::Bag(emb) => {
-                bytes.extend(crate::logits::params_source(&emb.params).to_le_bytes());
-                bytes.extend(b"bag");
-            }
-            Vectors::Tfidf => {
-                bytes.extend(b"tfidf");
-                bytes.extend((TFIDF_MIN_ROWS as u64).to_le_bytes());
-            }
-        }
+        bytes.extend(v.source());
     }
     for k in &opts.ks {
         bytes.extend((*k as u64).to_le_bytes());

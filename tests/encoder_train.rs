@@ -1103,6 +1103,17 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let again = dir.path().join("b.logits");
     assert!(propagate(&minilm, &again, &["--k", "3,5", "--alpha", "0.5,0.9"]).0);
     assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&again).unwrap());
+    // Vectors stored by `dtrain embed --data` give the same file.
+    let stored = dir.path().join("v.safetensors");
+    let args =
+        [os("embed"), os("--model"), minilm.clone().into(), os("--data"), data.clone().into(), os("--out")];
+    let refs: Vec<&std::ffi::OsStr> =
+        args.iter().map(|a| a.as_os_str()).chain([stored.as_os_str()]).collect();
+    let (ok, said, err) = cli(&refs);
+    assert!(ok && said.contains("width 384 (encoder, mean pooling)"), "{said}{err}");
+    let from_file = dir.path().join("v.logits");
+    assert!(propagate(&stored, &from_file, &["--k", "3,5", "--alpha", "0.5,0.9"]).0);
+    assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&from_file).unwrap());
     let other = dir.path().join("c.logits");
     assert!(propagate(&minilm, &other, &["--k", "4", "--alpha", "0.9"]).0);
     assert_ne!(dtrain::logits::LogitsFile::open(&other).unwrap().source, f.source);

@@ -729,3 +729,92 @@ fn propagate_aligns_the_class_mass_to_a_prior() {
     let (ok, _, err) = cli(&no_val, &never, &["--align", "0.5", "--class-prior", "train"]);
     assert!(ok, "{err}");
 }
+
+/// `dtrain embed --data` stores one view's vectors of every row; `propagate --model FILE`
+/// reads them in place of embedding again and writes the same bytes (the same source), while
+/// a file of other rows, a damaged file and outputs that would overwrite other files are
+/// refused by name.
+#[test]
+fn propagate_reads_the_row_vectors_embed_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, u, data) = corpus_with_a_stranger(dir.path(), "data_v");
+    let pre = dir.path().join("pre");
+    run(&cfg(&data, &pre, &["model.min_count=2"]), Resume::No, None).unwrap();
+    let path = |p: &Path| p.display().to_string();
+    let stored = dir.path().join("v.safetensors");
+    let embed = |data: &Path, out: &Path| {
+        common::dtrain(["embed", "--model", &path(&pre), "--data", &path(data), "--out", &path(out)])
+    };
+    let (ok, stdout, err) = embed(&data, &stored);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("width 16 (word vectors), 1 rows without a vector"), "{stdout}");
+    // The file holds every row in propagate's order, with its split, label and sample id.
+    let r = dtrain::rowvec::RowVectors::read(&stored).unwrap();
+    let ds = Dataset::open(&data).unwrap();
+    let mut at = 0;
+    for (code, split) in dtrain::data::shard::SplitKind::ALL.into_iter().enumerate() {
+        for shard in ds.shards(split) {
+            for i in 0..shard.len() {
+                let doc = shard.doc(i);
+                assert_eq!(r.split[at], code as u8, "row {at}");
+                assert_eq!(r.sample_id[at], doc.sample_id, "row {at}");
+                let want = if code == 3 { -1 } else { doc.label.unwrap() as i32 };
+                assert_eq!(r.label[at], want, "row {at}");
+                at += 1;
+            }
+        }
+    }
+    assert_eq!(at, r.len());
+    assert!(r.label[..r.meta.rows[0]].iter().all(|&l| l >= 0));
+    assert_eq!(r.meta.blank, 1);
+    for v in r.vectors.chunks(16) {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(norm == 0.0 || (norm - 1.0).abs() < 1e-5, "norm {norm}");
+    }
+    let (ok, said, err) = common::dtrain(["inspect", &path(&stored)]);
+    assert!(
+        ok && said.contains("row vectors of 681 rows (train 8, val 8, test 16, unlabeled 649), width 16"),
+        "{said}{err}"
+    );
+    assert!(said.contains("rows without a vector: 1"), "{said}");
+    // Stored or embedded afresh, the same logits file.
+    let cli = |model: &Path, data: &Path, out: &Path, extra: &[&str]| {
+        let args =
+            ["propagate", "--k", "10", "--alpha", "0.9", "--model", &path(model), "--data", &path(data)];
+        common::dtrain(args.iter().chain(&["--out", &path(out)]).chain(extra).map(|a| a.to_string()))
+    };
+    let (fresh, from_file) = (dir.path().join("a.logits"), dir.path().join("b.logits"));
+    let (ok, _, err) = cli(&pre, &data, &fresh, &[]);
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = cli(&stored, &data, &from_file, &[]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("1 rows hold no word"), "{stdout}");
+    assert!(std::fs::read(&fresh).unwrap() == std::fs::read(&from_file).unwrap(), "the two files differ");
+    assert_pool_spread(&data, &from_file);
+    // Vectors of other rows (another split of the same lines) are refused; nothing is written.
+    let other = dir.path().join("data_other");
+    common::run(&[&l], &[&u], &other, &[CORPUS_SETS.as_slice(), &["split.seed=9"]].concat()).unwrap();
+    let refused = dir.path().join("c.logits");
+    let (ok, _, err) = cli(&stored, &other, &refused, &[]);
+    assert!(!ok && err.contains("v.safetensors") && err.contains("split differs"), "{err}");
+    assert!(!refused.exists());
+    // --pooling is an encoder directory's.
+    let (ok, _, err) = cli(&stored, &data, &refused, &["--pooling", "mean"]);
+    assert!(!ok && err.contains("--pooling"), "{err}");
+    // A file of row vectors is not rewritten over another kind of file.
+    let (ok, _, err) = embed(&data, &l);
+    assert!(!ok && err.contains("is not a file of row vectors"), "{err}");
+    assert!(std::fs::read_to_string(&l).unwrap().starts_with("0\t"), "the labeled file was overwritten");
+    // One byte changed in the tensor data: refused as corrupted.
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let last = bytes.len() - 20;
+    bytes[last] ^= 1;
+    std::fs::write(&stored, &bytes).unwrap();
+    let (ok, _, err) = cli(&stored, &data, &refused, &[]);
+    assert!(!ok && err.contains("corrupted"), "{err}");
+    assert!(!refused.exists());
+    // Texts and --data are one or the other.
+    let (ok, _, err) =
+        common::dtrain(["embed", "--model", &path(&pre), "--data", &path(&data), "--out", "x", "some text"]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+}

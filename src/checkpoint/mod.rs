@@ -378,7 +378,7 @@ const META_CHECKSUM: &str = "meta_checksum";
 /// xxh3_64 of exactly the bytes before it (with the closing brace), so that the reader
 /// checks the stored bytes, not a re-serialisation (serde_json does not parse every f64
 /// back to the same bits).
-fn seal_meta(text: &str) -> String {
+pub(crate) fn seal_meta(text: &str) -> String {
     let body = text.strip_suffix('}').filter(|b| b.len() > 1).expect("a non-empty JSON object");
     format!("{body},\"{META_CHECKSUM}\":\"{}\"}}", hex64(xxh3_64(text.as_bytes())))
 }
