@@ -1159,6 +1159,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Embed(a) => match (&a.data, &a.out) {
             (Some(data), Some(out)) => embed_data(&a, data, out, progress),
+            _ if a.device.device != dtrain::backend::Device::Cpu => {
+                bail!("--device: the texts are embedded on the CPU; --device applies with --data")
+            }
             _ => embed(&a.model, a.pooling.as_deref().unwrap_or("mean"), a.max_len, &a.texts),
         },
         Command::Bench(BenchCommand::Prepare { prepare, repeat, json }) => {
@@ -1275,9 +1278,7 @@ fn embed(dir: &Path, pooling: &str, max_len: Option<usize>, texts: &[String]) ->
 
 /// `dtrain embed --data`: every row's vector in one view, stored for `propagate`.
 fn embed_data(a: &EmbedArgs, data: &Path, out: &Path, progress: bool) -> anyhow::Result<ExitCode> {
-    if !(1..=1 << 16).contains(&a.batch_size) {
-        bail!("--batch-size {}: must be in 1..=65536", a.batch_size);
-    }
+    dtrain::propagate::check_batch_size(a.batch_size)?;
     let ds = Dataset::open(data)?;
     ds.verify_payloads(|_, _| true)?;
     let inputs = [a.model.as_path(), data];
@@ -1475,9 +1476,8 @@ fn load_propagate_model(
         if pooling.is_some() {
             bail!("--pooling applies to a pretrained encoder; {} holds stored row vectors", model.display());
         }
-        let stored = dtrain::rowvec::RowVectors::read(model)?;
-        stored.check_rows(ds)?;
-        return Ok(Loaded::Stored(stored));
+        // propagate checks them against the rows of `ds`.
+        return Ok(Loaded::Stored(dtrain::rowvec::RowVectors::read(model)?));
     }
     let embeddings = model.join(dtrain::pretrain::embeddings::EMBEDDINGS_FILE).is_file()
         || model.file_name().is_some_and(|n| n == dtrain::pretrain::embeddings::EMBEDDINGS_FILE);

@@ -326,8 +326,14 @@ pub fn check_options(o: &Options) -> Result<()> {
             "--alpha {a}: must be in (0, 0.999] (nearer 1 the solve needs ever more iterations)"
         )));
     }
-    if !(1..=1 << 16).contains(&o.batch_size) {
-        return Err(Error::Data(format!("--batch-size {}: must be in 1..=65536", o.batch_size)));
+    check_batch_size(o.batch_size)?;
+    Ok(())
+}
+
+/// Checks the documents per encoder batch (`--batch-size`).
+pub fn check_batch_size(b: usize) -> Result<()> {
+    if !(1..=1 << 16).contains(&b) {
+        return Err(Error::Data(format!("--batch-size {b}: must be in 1..=65536")));
     }
     Ok(())
 }
@@ -519,7 +525,8 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     if words > 0 {
         b.add("the word vectors", words, "--model", "embeddings of fewer words");
     }
-    // Stored views as read (vectors, splits, labels, sample ids), beside their copies.
+    // Stored views as read (vectors, splits, labels, sample ids), beside their copies. They
+    // are already in memory: this counts them, so that what comes next fits beside them.
     let stored: u64 = views
         .iter()
         .map(|v| match v.vectors {
@@ -991,6 +998,18 @@ fn rows_of(ds: &Dataset) -> Vec<DocAt<'_>> {
         }
     }
     docs
+}
+
+/// Every row's split, label as the data set gives it out (none for an unlabeled row, whose
+/// hidden label is only measured) and sample id, in the graph's order ([`rows_of`]).
+pub(crate) fn row_ids(ds: &Dataset) -> Vec<(SplitKind, Option<u32>, u64)> {
+    rows_of(ds)
+        .iter()
+        .map(|d| {
+            let label = if d.row.split == SplitKind::Unlabeled { None } else { d.row.label };
+            (d.row.split, label, d.shard.doc(d.index).sample_id)
+        })
+        .collect()
 }
 
 /// Every row's unit-length pooled vector (n×H), in [`rows_of`]'s order; documents are

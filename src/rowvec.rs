@@ -37,7 +37,8 @@ use crate::error::{Error, Result};
 pub const FORMAT: &str = "dtrain-row-vectors";
 /// The metadata's `version` value.
 pub const VERSION: u32 = 1;
-/// The tensors, in the file's and the checksum's order.
+/// The tensors, in the checksum's order (safetensors orders them in the file by its own
+/// rule).
 const TENSORS: [&str; 4] = ["vectors", "split", "label", "sample_id"];
 
 /// What the tensors are, stored in the safetensors metadata.
@@ -86,23 +87,16 @@ pub struct RowVectors {
 /// The rows' splits, labels (−1 for unlabeled rows) and sample ids, in propagate's order.
 type RowInfo = (Vec<u8>, Vec<i32>, Vec<u64>);
 
-/// Each row's split, label (−1 for an unlabeled row) and sample id, in propagate's order.
+/// Each row's split code, label (−1 for an unlabeled row) and sample id, in propagate's
+/// order.
 fn row_info(ds: &Dataset) -> RowInfo {
-    let (mut split, mut label, mut sample_id) = (Vec::new(), Vec::new(), Vec::new());
-    for (code, kind) in SplitKind::ALL.into_iter().enumerate() {
-        for shard in ds.shards(kind) {
-            for i in 0..shard.len() {
-                let doc = shard.doc(i);
-                split.push(code as u8);
-                label.push(match (kind, doc.label) {
-                    (SplitKind::Unlabeled, _) | (_, None) => -1,
-                    (_, Some(l)) => l as i32,
-                });
-                sample_id.push(doc.sample_id);
-            }
-        }
-    }
-    (split, label, sample_id)
+    let ids = crate::propagate::row_ids(ds);
+    let code = |s: SplitKind| SplitKind::ALL.iter().position(|&k| k == s).expect("a split") as u8;
+    (
+        ids.iter().map(|&(s, _, _)| code(s)).collect(),
+        ids.iter().map(|&(_, l, _)| l.map_or(-1, |l| l as i32)).collect(),
+        ids.iter().map(|&(_, _, id)| id).collect(),
+    )
 }
 
 /// Each split's row fingerprint, as the metadata keeps it.
@@ -122,7 +116,7 @@ impl RowVectors {
         seconds: f64,
     ) -> RowVectors {
         let (split, label, sample_id) = row_info(ds);
-        let rows = SplitKind::ALL.map(|s| ds.shards(s).iter().map(|x| x.len()).sum::<usize>());
+        let rows = [0u8, 1, 2, 3].map(|code| split.iter().filter(|&&s| s == code).count());
         debug_assert_eq!(vectors.len(), split.len() * width);
         let blank = vectors.chunks(width.max(1)).filter(|v| v.iter().all(|&x| x == 0.0)).count();
         let meta = VectorsMeta {
@@ -180,6 +174,11 @@ impl RowVectors {
                 return refuse(format!("the {} split differs", s.name()));
             }
         }
+        // The rows themselves, not only what the metadata says of them.
+        let (split, label, sample_id) = row_info(ds);
+        if (&split, &label, &sample_id) != (&self.split, &self.label, &self.sample_id) {
+            return refuse("the rows' splits, labels or sample ids differ".into());
+        }
         Ok(())
     }
 
@@ -219,18 +218,27 @@ impl RowVectors {
         if meta_json.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
             return Err(Error::bad_file(path, format!("not a file of row vectors (`{FORMAT}`)")));
         }
-        let meta: VectorsMeta = serde_json::from_value(meta_json.clone())
-            .map_err(|e| Error::bad_file(path, format!("row vectors' metadata does not parse: {e}")))?;
-        if meta.version != VERSION {
+        let version = meta_json.get("version").and_then(|v| v.as_u64());
+        if version != Some(u64::from(VERSION)) {
             return Err(Error::bad_file(
                 path,
-                format!("row vectors of version {}, this dtrain reads {VERSION}: embed again", meta.version),
+                format!(
+                    "row vectors of version {}, this dtrain reads {VERSION}: embed again",
+                    version.map_or("(none)".into(), |v| v.to_string())
+                ),
             ));
         }
+        let meta: VectorsMeta = serde_json::from_value(meta_json.clone())
+            .map_err(|e| Error::bad_file(path, format!("row vectors' metadata does not parse: {e}")))?;
         if decode_hex(&meta.source).is_none() || !(1..=1 << 16).contains(&meta.width) {
             return Err(Error::bad_file(path, "metadata: `source` is not hex or `width` is out of range"));
         }
-        let n: usize = meta.rows.iter().sum();
+        let n = meta
+            .rows
+            .iter()
+            .try_fold(0usize, |n, &r| n.checked_add(r))
+            .filter(|&n| n.checked_mul(meta.width).is_some_and(|e| e <= bytes.len() / 4))
+            .ok_or_else(|| Error::bad_file(path, "metadata: `rows` are more than the file can hold"))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
         if st.len() != TENSORS.len() {
@@ -320,12 +328,16 @@ impl RowVectors {
 }
 
 /// Whether `path` is a regular file whose safetensors metadata says it holds row vectors.
+/// The metadata's own checksum is not checked here, so that a damaged file of row vectors
+/// is still taken for one, and [`RowVectors::read`] names what is wrong with it.
 pub fn is_vectors_file(path: &Path) -> bool {
-    path.is_file()
-        && crate::checkpoint::map(path)
-            .ok()
-            .and_then(|b| file_meta(path, &b).ok())
-            .is_some_and(|m| m.get("format").and_then(|f| f.as_str()) == Some(FORMAT))
+    let Ok(bytes) = (if path.is_file() { crate::checkpoint::map(path) } else { return false }) else {
+        return false;
+    };
+    let Ok((_, header)) = SafeTensors::read_metadata(&bytes) else { return false };
+    let text = header.metadata().as_ref().and_then(|m| m.get(META_KEY));
+    text.and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .is_some_and(|m| m.get("format").and_then(|f| f.as_str()) == Some(FORMAT))
 }
 
 /// The bytes of the hex string `s`, or `None` where it is not hex of whole bytes.
@@ -398,6 +410,7 @@ mod tests {
         refused(&|r| r.meta.version = 9, "version 9");
         refused(&|r| r.meta.source = "0g".into(), "`source` is not hex");
         refused(&|r| r.meta.rows = [1, 1, 1, 1], "expected F32 [4, 2]");
+        refused(&|r| r.meta.rows = [usize::MAX, 1, 0, 0], "`rows` are more than the file can hold");
         // A changed byte of the data, or of the metadata.
         r.write(&path).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
@@ -415,6 +428,11 @@ mod tests {
         let e = RowVectors::read(&path).unwrap_err().to_string();
         assert!(e.contains("metadata does not match its checksum"), "{e}");
         // Another dtrain file, and not safetensors at all.
+        let other = HashMap::from([(META_KEY.to_string(), r#"{"format":"dtrain-embeddings"}"#.to_string())]);
+        let view = TensorView::new(Dtype::F32, vec![1], &[0u8; 4]).unwrap();
+        std::fs::write(&path, safetensors::serialize([("x", view)], Some(other)).unwrap()).unwrap();
+        assert!(!is_vectors_file(&path));
+        assert!(RowVectors::read(&path).unwrap_err().to_string().contains("not a file of row vectors"));
         std::fs::write(&path, b"not a tensor file").unwrap();
         assert!(!is_vectors_file(&path));
         assert!(RowVectors::read(&path).is_err());

@@ -801,10 +801,35 @@ fn propagate_reads_the_row_vectors_embed_stored() {
     // --pooling is an encoder directory's.
     let (ok, _, err) = cli(&stored, &data, &refused, &["--pooling", "mean"]);
     assert!(!ok && err.contains("--pooling"), "{err}");
-    // A file of row vectors is not rewritten over another kind of file.
+    // A file of row vectors is not written over another kind of file, an input, or a file
+    // of a data set.
     let (ok, _, err) = embed(&data, &l);
     assert!(!ok && err.contains("is not a file of row vectors"), "{err}");
     assert!(std::fs::read_to_string(&l).unwrap().starts_with("0\t"), "the labeled file was overwritten");
+    let kept = std::fs::read(&fresh).unwrap();
+    let (ok, _, err) = embed(&data, &fresh);
+    assert!(!ok && err.contains("is not a file of row vectors"), "{err}");
+    assert!(std::fs::read(&fresh).unwrap() == kept, "the logits file was overwritten");
+    let (ok, _, err) = embed(&data, &pre.join(EMBEDDINGS_FILE));
+    assert!(!ok && err.contains("is not a file of row vectors"), "{err}");
+    embeddings::read(&pre).unwrap();
+    let (ok, _, err) = embed(&data, &data.join("vectors.safetensors"));
+    assert!(!ok && err.contains("data set"), "{err}");
+    assert!(!data.join("vectors.safetensors").exists());
+    // One byte of the metadata changed: still taken for row vectors, and refused as damaged.
+    let good = std::fs::read(&stored).unwrap();
+    let mut bytes = good.clone();
+    let at = bytes.windows(12).position(|w| w == b"word vectors").unwrap();
+    bytes[at] = b'W';
+    std::fs::write(&stored, &bytes).unwrap();
+    let (ok, _, err) = cli(&stored, &data, &refused, &[]);
+    assert!(
+        !ok && err.contains("v.safetensors") && err.contains("metadata does not match its checksum"),
+        "{err}"
+    );
+    let (ok, _, err) = common::dtrain(["inspect", &path(&stored)]);
+    assert!(!ok && err.contains("metadata does not match its checksum"), "{err}");
+    std::fs::write(&stored, &good).unwrap();
     // One byte changed in the tensor data: refused as corrupted.
     let mut bytes = std::fs::read(&stored).unwrap();
     let last = bytes.len() - 20;
@@ -813,7 +838,9 @@ fn propagate_reads_the_row_vectors_embed_stored() {
     let (ok, _, err) = cli(&stored, &data, &refused, &[]);
     assert!(!ok && err.contains("corrupted"), "{err}");
     assert!(!refused.exists());
-    // Texts and --data are one or the other.
+    // Texts are embedded on the CPU only, and texts and --data are one or the other.
+    let (ok, _, err) = common::dtrain(["embed", "--model", &path(&pre), "--device", "cuda", "some text"]);
+    assert!(!ok && err.contains("--device applies with --data"), "{err}");
     let (ok, _, err) =
         common::dtrain(["embed", "--model", &path(&pre), "--data", &path(&data), "--out", "x", "some text"]);
     assert!(!ok && err.contains("cannot be used with"), "{err}");
