@@ -40,6 +40,9 @@ missing, its report beside it):
                           with tokenizer.subword.max_len=256; out propagated-3view-256-aligned.logits)
   words-aligned           as words (out runs/brown_bag_ls/seedN/propagated-words-aligned.logits)
 
+MiniLM's view is read from runs/brown_encoder/seedN/vectors-minilm-{64,256}.safetensors,
+stored once by `dtrain embed --model models/minilm --data <the data set> --out <it>` when
+missing (propagate then writes the same file as with --model models/minilm, in seconds).
 (--two-view is --students two-view.) The student is configs/brown/distill_minilm.toml with
 the settings bench/brown_distill.py chose for a MiniLM teacher (soft targets at weight 3,
 100 epochs, the table at the full learning rate; fixed, not tuned again here), its logits
@@ -89,6 +92,14 @@ def prepare(dt, root, seed):
     return data, pre
 
 
+def stored(dt, model, data, out):
+    """`out`: the rows' vectors of `data` by `model`, stored by `dtrain embed --data` when
+    missing (propagate reads them as the view, writing what embedding afresh writes)."""
+    if not os.path.exists(out):
+        sh(dt, "--quiet", "embed", "--model", model, "--data", data, "--out", out, stdout=subprocess.DEVNULL)
+    return out
+
+
 def propagate(dt, root, seed, data, pre):
     """propagate's logits file and printed report (made once)."""
     path = os.path.join(root, f"seed{seed}", "propagated.logits")
@@ -122,8 +133,11 @@ def views_logits(dt, kind, seed):
     oracle = f"runs/brown_encoder/seed{seed}/oracle"
 
     def minilm(max_len):
-        # The encoder protocol's data set (made with $DTRAIN_BIN when missing).
-        return ["--model", "models/minilm", "--data", be.prepare(seed, max_len=max_len)]
+        # The encoder protocol's data set (made with $DTRAIN_BIN when missing), and MiniLM's
+        # vectors of its rows, stored once.
+        data = be.prepare(seed, max_len=max_len)
+        vectors = f"runs/brown_encoder/seed{seed}/vectors-minilm-{max_len}.safetensors"
+        return ["--model", stored(dt, "models/minilm", data, vectors), "--data", data]
     words = ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
     tfidf = ["--tfidf", f"{bag}/data"]
     # The kinds measured before class-mass alignment existed keep their grid (--align 0).

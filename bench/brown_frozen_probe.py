@@ -31,7 +31,6 @@ import gzip
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import numpy as np
@@ -41,6 +40,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, os.path.dirname(__file__))
+import brown_bag_propagate as bp  # noqa: E402
 import brown_methods as bm  # noqa: E402
 import brown_oracle as bo  # noqa: E402
 
@@ -50,10 +50,8 @@ CS = [0.3, 1, 3, 10]
 
 
 def stored(model, data, out):
-    """The rows' vectors of `data` by `model`, stored by `dtrain embed --data` when missing."""
-    if not os.path.exists(out):
-        subprocess.run([BIN, "--quiet", "embed", "--model", model, "--data", data, "--out", out], check=True)
-    t = load_file(out)
+    """The rows' vectors of `data` by `model` (stored by `dtrain embed --data` when missing)."""
+    t = load_file(bp.stored(BIN, model, data, out))
     return t["vectors"], t["split"], t["label"], t["sample_id"]
 
 
@@ -101,7 +99,6 @@ def seed_rows(seed, texts):
     assert all(texts[i][0] == names[c] for i, c in zip(sid[labeled], label[labeled])), "sample ids do not map"
     logits = f"{enc}/oracle/propagated-3view-256-aligned.logits"
     if not os.path.exists(logits):
-        import brown_bag_propagate as bp
         bp.views_logits(BIN, "three-view-256-aligned", seed)
     z = bo.read_logits(logits)[2]
     p = np.exp(z - z.max(1, keepdims=True))
