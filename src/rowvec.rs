@@ -10,11 +10,12 @@
 //! - `split` U8 [n]: 0 train, 1 val, 2 test, 3 unlabeled;
 //! - `label` I32 [n]: the class id of a train, val or test row, −1 for an unlabeled row (a
 //!   simulated split's hidden labels are not written);
-//! - `sample_id` U64 [n]: the row's sample id (its line in `prepare`'s input, as in the
-//!   pseudo-label JSONL).
+//! - `sample_id` U64 [n]: the row's global sample id (`prepare` numbers the distinct
+//!   documents of its inputs in the order read, blank, bad and duplicate lines skipped; as
+//!   in the pseudo-label JSONL).
 //!
 //! Metadata key `dtrain`: [`VectorsMeta`] as JSON, with `checksum` (xxh3_64 of the four
-//! tensors' data in that order) and the metadata's own checksum. Its `fingerprints` are the
+//! tensors' data in the order listed; the file itself orders them by safetensors' rule) and the metadata's own checksum. Its `fingerprints` are the
 //! data set's per-split row fingerprints ([`crate::logits::rows_fingerprint`]): a file is
 //! only read against the rows it was made from. Its `source` is the bytes that identify the
 //! view in a logits file's source, so `propagate` from stored vectors records the same
