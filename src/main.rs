@@ -1289,6 +1289,9 @@ fn embed_data(a: &EmbedArgs, data: &Path, out: &Path, progress: bool) -> anyhow:
             out.display()
         );
     }
+    if dtrain::rowvec::is_vectors_file(&a.model) {
+        bail!("{}: already stored row vectors; give the model they came from", a.model.display());
+    }
     if a.pooling.is_some() && !is_pretrained_encoder(&a.model) {
         bail!("--pooling applies to a pretrained model's directory: {} keeps its own", a.model.display());
     }

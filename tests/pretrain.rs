@@ -838,6 +838,17 @@ fn propagate_reads_the_row_vectors_embed_stored() {
     let (ok, _, err) = cli(&stored, &data, &refused, &[]);
     assert!(!ok && err.contains("corrupted"), "{err}");
     assert!(!refused.exists());
+    // Stored vectors are not embedded again.
+    let (ok, _, err) = common::dtrain([
+        "embed",
+        "--model",
+        &path(&stored),
+        "--data",
+        &path(&data),
+        "--out",
+        &path(&dir.path().join("w.safetensors")),
+    ]);
+    assert!(!ok && err.contains("already stored row vectors"), "{err}");
     // Texts are embedded on the CPU only, and texts and --data are one or the other.
     let (ok, _, err) = common::dtrain(["embed", "--model", &path(&pre), "--device", "cuda", "some text"]);
     assert!(!ok && err.contains("--device applies with --data"), "{err}");
