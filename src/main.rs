@@ -539,8 +539,9 @@ struct EmbedArgs {
     #[command(flatten)]
     device: DeviceArg,
     /// The model: a pretrained encoder's directory; with --data also an encoder run's
-    /// checkpoint, or skip-gram word embeddings (`dtrain pretrain`'s output: a row's vector
-    /// is the mean of its words').
+    /// checkpoint (the data set may be cut at another length than the run's, within the
+    /// model's positions), or skip-gram word embeddings (`dtrain pretrain`'s output: a row's
+    /// vector is the mean of its words').
     #[arg(long)]
     model: PathBuf,
     /// `mean` (sentence-transformers' pooling) or `cls`, for a pretrained encoder's
@@ -575,7 +576,9 @@ struct PropagateArgs {
     device: DeviceArg,
     /// Where the rows' vectors come from: a pretrained encoder's directory (config.json,
     /// model.safetensors), a checkpoint of an encoder run (its directory or
-    /// model.safetensors), or skip-gram word embeddings (`dtrain pretrain`'s output directory
+    /// model.safetensors; its --data may be cut at another length than the run's, within
+    /// the model's positions), row vectors `dtrain embed --data` stored, or skip-gram word
+    /// embeddings (`dtrain pretrain`'s output directory
     /// or its embeddings.safetensors; a row's vector is the mean of its words'). Repeat
     /// it, each with its own --data, for several views of the same rows: the graph's
     /// similarity is then the mean of the views' cosines.
@@ -1499,30 +1502,43 @@ fn load_propagate_model(
             data.display()
         );
     };
+    // The encoder must have an id for every token and a position for every place in a row.
+    let covers = |enc: &dtrain::model::encoder::Encoder| {
+        if enc.spec.covers(m.tokenizer.buckets, sw) {
+            return Ok(());
+        }
+        bail!(
+            "{}: {} token ids and {} positions; the data set's tokenizer has {} ids and up to {} tokens: prepare it with this model's tokenizer.json and a tokenizer.subword.max_len within its positions",
+            model.display(),
+            enc.spec.vocab,
+            enc.spec.max_positions,
+            m.tokenizer.buckets,
+            sw.max_len
+        )
+    };
     // A pretrained model's directory, or a training checkpoint.
-    let pretrained =
-        model.is_dir() && model.join("config.json").is_file() && !model.join("state.bin").exists();
-    if pretrained {
+    if is_pretrained_encoder(model) {
         let pooling = if pooling == Some("cls") { Pooling::Cls } else { Pooling::Mean };
         let (enc, params) = load_pretrained(model, 1, pooling, 0)?;
-        if !enc.spec.covers(m.tokenizer.buckets, sw) {
-            bail!(
-                "{}: {} token ids and {} positions; the data set's tokenizer has {} ids and up to {} tokens: prepare it with this model's tokenizer.json",
-                model.display(),
-                enc.spec.vocab,
-                enc.spec.max_positions,
-                m.tokenizer.buckets,
-                sw.max_len
-            );
-        }
+        covers(&enc)?;
         return Ok(Loaded::Encoder(enc, params));
     }
     let (meta, loaded, params) = dtrain::checkpoint::load_model(model)?;
-    if let Some(what) = meta.mismatch(ds.labels(), &m.tokenizer, "the data set") {
+    // The rows may be cut at another length than the run's (a model fine-tuned on 64 tokens
+    // reading whole paragraphs): a row's vector is its pooled reading, and the positions past
+    // the run's length are the pretrained ones. Everything else about the tokenizer must match.
+    let mut at_trained_length = m.tokenizer.clone();
+    if let (Some(d), Some(t)) = (at_trained_length.subword.as_mut(), meta.tokenizer.subword.as_ref()) {
+        d.max_len = t.max_len;
+    }
+    if let Some(what) = meta.mismatch(ds.labels(), &at_trained_length, "the data set") {
         bail!("{}: the data set does not match the checkpoint's model: {what}", data.display());
     }
     match loaded {
-        dtrain::model::Model::Encoder(enc) => Ok(Loaded::Encoder(enc, params)),
+        dtrain::model::Model::Encoder(enc) => {
+            covers(&enc)?;
+            Ok(Loaded::Encoder(enc, params))
+        }
         dtrain::model::Model::Bag(_) => bail!(
             "{}: a bag model's checkpoint; propagate reads an encoder (a pretrained model's directory, or an encoder run's checkpoint) or the skip-gram embeddings a bag model starts from (`dtrain pretrain`'s output)",
             model.display()
