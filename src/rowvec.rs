@@ -240,6 +240,15 @@ impl RowVectors {
             .try_fold(0usize, |n, &r| n.checked_add(r))
             .filter(|&n| n.checked_mul(meta.width).is_some_and(|e| e <= bytes.len() / 4))
             .ok_or_else(|| Error::bad_file(path, "metadata: `rows` are more than the file can hold"))?;
+        // The copies made below (the vectors, a split, a label and a sample id per row),
+        // claimed before they are made: a file of more rows than this machine can hold is
+        // refused here, by name, not by the allocator.
+        crate::hostmem::Budget::new("propagate", 1)?.claim(
+            format!("the stored row vectors of {}", path.display()),
+            n as u64 * (meta.width as u64 * 4 + 13),
+            "--model",
+            "vectors of fewer rows: every row's vector is held at once",
+        )?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
         if st.len() != TENSORS.len() {

@@ -798,6 +798,31 @@ fn propagate_reads_the_row_vectors_embed_stored() {
     let (ok, _, err) = cli(&stored, &other, &refused, &[]);
     assert!(!ok && err.contains("v.safetensors") && err.contains("split differs"), "{err}");
     assert!(!refused.exists());
+    // A machine with too little memory for the stored vectors is told so before they are
+    // read (681 rows of 16 floats, a split, a label and a sample id: 52,437 bytes).
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args([
+            "--quiet",
+            "propagate",
+            "--model",
+            &path(&stored),
+            "--data",
+            &path(&data),
+            "--out",
+            &path(&refused),
+        ])
+        .env("DTRAIN_MEMORY_LIMIT", "50K")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("config propagate")
+            && err.contains("the stored row vectors of")
+            && err.contains("51.2 KiB"),
+        "{err}"
+    );
+    assert!(!refused.exists());
     // --pooling is an encoder directory's.
     let (ok, _, err) = cli(&stored, &data, &refused, &["--pooling", "mean"]);
     assert!(!ok && err.contains("--pooling"), "{err}");
