@@ -486,7 +486,8 @@ struct EvalArgs {
     /// A checkpoint directory (or its model.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// The data set directory.
+    /// The data set directory, prepared as the checkpoint's run's (an encoder's rows may be
+    /// cut at another length, within its positions).
     #[arg(long)]
     data: PathBuf,
     /// The split to evaluate: train, val or test.
@@ -516,7 +517,8 @@ struct ExportArgs {
     /// Use the checkpoint's EMA or SWA weights (average.safetensors).
     #[arg(long)]
     average: bool,
-    /// The data set directory.
+    /// The data set directory, prepared as the checkpoint's run's (an encoder's rows may be
+    /// cut at another length, within its positions).
     #[arg(long)]
     data: PathBuf,
     /// The split: train, val, test or unlabeled.
@@ -1428,7 +1430,7 @@ fn load_for_data(
     let (meta, model, params) = dtrain::checkpoint::load_weights(checkpoint, which)?;
     let ds = Dataset::open(data)?;
     ds.verify_payloads(|k, _| k == split)?;
-    if let Some(what) = meta.mismatch(ds.labels(), &ds.manifest().tokenizer, "the data set") {
+    if let Some(what) = meta.mismatch_reading(ds.labels(), &ds.manifest().tokenizer, "the data set") {
         bail!(
             "{}: the data set does not match the checkpoint's model: {what}; prepare it with the model's options",
             data.display()
@@ -1502,43 +1504,28 @@ fn load_propagate_model(
             data.display()
         );
     };
-    // The encoder must have an id for every token and a position for every place in a row.
-    let covers = |enc: &dtrain::model::encoder::Encoder| {
-        if enc.spec.covers(m.tokenizer.buckets, sw) {
-            return Ok(());
-        }
-        bail!(
-            "{}: {} token ids and {} positions; the data set's tokenizer has {} ids and up to {} tokens: prepare it with this model's tokenizer.json and a tokenizer.subword.max_len within its positions",
-            model.display(),
-            enc.spec.vocab,
-            enc.spec.max_positions,
-            m.tokenizer.buckets,
-            sw.max_len
-        )
-    };
     // A pretrained model's directory, or a training checkpoint.
     if is_pretrained_encoder(model) {
         let pooling = if pooling == Some("cls") { Pooling::Cls } else { Pooling::Mean };
         let (enc, params) = load_pretrained(model, 1, pooling, 0)?;
-        covers(&enc)?;
+        if !enc.spec.covers(m.tokenizer.buckets, sw) {
+            bail!(
+                "{}: {} token ids and {} positions; the data set's tokenizer has {} ids and up to {} tokens: prepare it with this model's tokenizer.json and a tokenizer.subword.max_len within its positions",
+                model.display(),
+                enc.spec.vocab,
+                enc.spec.max_positions,
+                m.tokenizer.buckets,
+                sw.max_len
+            );
+        }
         return Ok(Loaded::Encoder(enc, params));
     }
     let (meta, loaded, params) = dtrain::checkpoint::load_model(model)?;
-    // The rows may be cut at another length than the run's (a model fine-tuned on 64 tokens
-    // reading whole paragraphs): a row's vector is its pooled reading, and the positions past
-    // the run's length are the pretrained ones. Everything else about the tokenizer must match.
-    let mut at_trained_length = m.tokenizer.clone();
-    if let (Some(d), Some(t)) = (at_trained_length.subword.as_mut(), meta.tokenizer.subword.as_ref()) {
-        d.max_len = t.max_len;
-    }
-    if let Some(what) = meta.mismatch(ds.labels(), &at_trained_length, "the data set") {
+    if let Some(what) = meta.mismatch_reading(ds.labels(), &m.tokenizer, "the data set") {
         bail!("{}: the data set does not match the checkpoint's model: {what}", data.display());
     }
     match loaded {
-        dtrain::model::Model::Encoder(enc) => {
-            covers(&enc)?;
-            Ok(Loaded::Encoder(enc, params))
-        }
+        dtrain::model::Model::Encoder(enc) => Ok(Loaded::Encoder(enc, params)),
         dtrain::model::Model::Bag(_) => bail!(
             "{}: a bag model's checkpoint; propagate reads an encoder (a pretrained model's directory, or an encoder run's checkpoint) or the skip-gram embeddings a bag model starts from (`dtrain pretrain`'s output)",
             model.display()

@@ -1145,12 +1145,14 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     // It reads rows cut at another length than it trained on (16 tokens) within its 16
     // positions (this small model has no more), and refuses rows longer than those, naming
     // them; the vectors then differ from those of the 16-token rows for the rows cut there.
-    let at = |name: &str, len: &str| {
+    // Any other tokenizer field must still match.
+    let at = |name: &str, len: &str, more: &[&str]| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
         let mut extra = vec!["split.labels_per_class=3", "split.val_fraction=0.2"];
         let len = format!("tokenizer.subword.max_len={len}");
         extra.push(&len);
+        extra.extend(more);
         let tok = common::minilm().join("tokenizer.json");
         let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
         common::separable(&d, 30, &[&[path.as_str(), "output.shards=2"], &extra[..]].concat())
@@ -1167,17 +1169,31 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     let (v16, v8) = (dir.path().join("v16.safetensors"), dir.path().join("v8.safetensors"));
     let (ok, _, err) = embed(&data, &v16);
     assert!(ok, "{err}");
-    let short = at("short", "8");
+    let short = at("short", "8", &[]);
     let (ok, _, err) = embed(&short, &v8);
     assert!(ok, "{err}");
     let (a, b) =
         (dtrain::rowvec::RowVectors::read(&v16).unwrap(), dtrain::rowvec::RowVectors::read(&v8).unwrap());
     assert_eq!((a.len(), &a.sample_id), (b.len(), &b.sample_id));
     assert_ne!(a.vectors, b.vectors, "rows cut at 8 tokens gave the vectors of rows cut at 16");
-    let long = at("long", "24");
+    let long = at("long", "24", &[]);
     let (ok, _, err) = embed(&long, &dir.path().join("v24.safetensors"));
     assert!(!ok && err.contains("16 positions") && err.contains("up to 24 tokens"), "{err}");
     assert!(!dir.path().join("v24.safetensors").exists());
+    let other = at("other", "8", &["tokenizer.max_words=50"]);
+    let (ok, _, err) = embed(&other, &dir.path().join("vo.safetensors"));
+    assert!(
+        !ok && err.contains("does not match the checkpoint's model") && err.contains("max_words"),
+        "{err}"
+    );
+    // `eval` and `export-logits` read them alike.
+    let ckpt = small.final_checkpoint.display().to_string();
+    let eval =
+        |data: &Path| common::dtrain(["eval", "--checkpoint", &ckpt, "--data", &data.display().to_string()]);
+    let (ok, said, err) = eval(&short);
+    assert!(ok && said.contains("accuracy"), "{said}{err}");
+    let (ok, _, err) = eval(&long);
+    assert!(!ok && err.contains("16 positions") && err.contains("up to 24 tokens"), "{err}");
     // Refused, by name: a grid with nothing to choose by (no val rows), a neighbour count
     // past the rows, an alpha outside (0, 0.999], hashed features, an output that is not a
     // logits file.

@@ -232,6 +232,31 @@ pub struct ModelMeta {
 }
 
 impl ModelMeta {
+    /// [`ModelMeta::mismatch`] for this model about to read a data set of `labels` and
+    /// `tokenizer`: an encoder also reads rows cut at another `subword.max_len` than its
+    /// run's (a model fine-tuned on 64 tokens reading whole paragraphs), within its positions
+    /// (past the run's length they are the pretrained ones, or untrained from scratch).
+    pub fn mismatch_reading(
+        &self,
+        labels: &[String],
+        tokenizer: &TokenizerSpec,
+        other: &str,
+    ) -> Option<String> {
+        let mut at_run_length = tokenizer.clone();
+        if let (Some(d), Some(t), crate::model::ModelSpec::Encoder(e)) =
+            (at_run_length.subword.as_mut(), self.tokenizer.subword.as_ref(), &self.model)
+        {
+            if d.max_len as usize > e.max_positions {
+                return Some(format!(
+                    "tokenizer: rows of up to {} tokens ({other}'s subword.max_len), more than the model's {} positions",
+                    d.max_len, e.max_positions
+                ));
+            }
+            d.max_len = t.max_len;
+        }
+        self.mismatch(labels, &at_run_length, other)
+    }
+
     /// What differs between this model's classes and tokenizer and `labels` and `tokenizer`
     /// (another's, named `other`): `None` when they match, else the labels of both or the
     /// tokenizer's fields that differ, with both values.
