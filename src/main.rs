@@ -667,6 +667,11 @@ struct PredictArgs {
     /// (it must be the same file: its checksum is checked). Encoder checkpoints only.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Tokens per document at most, [CLS] and [SEP] included, for encoder checkpoints: from
+    /// 3 to the model's positions [default: the run's tokenizer.subword.max_len]. A model
+    /// fine-tuned on short rows may read longer ones (docs/results.md measures it on Brown).
+    #[arg(long)]
+    max_len: Option<usize>,
     /// Probabilities listed per document.
     #[arg(long, default_value_t = 3)]
     top_k: usize,
@@ -962,6 +967,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 text_field: a.text_field,
                 tokenizer: a.tokenizer,
+                max_len: a.max_len,
                 top_k: a.top_k,
                 mc_dropout: a.mc_dropout,
                 augment_views: a.augment_views,

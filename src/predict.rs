@@ -39,6 +39,9 @@ pub struct PredictOptions {
     pub seed: u64,
     /// The subword tokenizer's file, in place of the path the checkpoint recorded.
     pub tokenizer: Option<PathBuf>,
+    /// An encoder's tokens per document at most ([CLS] and [SEP] included), in place of its
+    /// run's `subword.max_len`: from 3 to the model's positions.
+    pub max_len: Option<usize>,
     pub batch_size: usize,
     pub skip_bad: bool,
     /// Where the forward passes run (`--device`).
@@ -179,11 +182,11 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
         models.push((model, params));
     }
     let meta = &metas[0];
-    if let (Device::Cpu | Device::Auto, Some(sw)) = (opts.device, &meta.tokenizer.subword) {
+    let max_len = max_len_of(opts, &metas)?;
+    if let (Device::Cpu | Device::Auto, Some(len)) = (opts.device, max_len) {
         // An encoder's forward pass over a part of a batch (one model at a time); on a GPU
         // its activations live in device memory, which is not checked (`auto` is counted
         // as if it ran on the CPU).
-        let len = sw.max_len as usize;
         let bytes = models
             .iter()
             .map(|(m, _)| m.activation_bytes(m.eval_batch(opts.batch_size), len, false))
@@ -196,7 +199,7 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
             "lower --batch-size",
         )?;
     }
-    let tokenizer = TextIds::new(meta, opts.tokenizer.as_deref())?;
+    let tokenizer = TextIds::new(meta, opts.tokenizer.as_deref(), max_len)?;
     let views = Views {
         views: opts.augment_views,
         seed: opts.seed,
@@ -216,6 +219,39 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
     dispatch(opts.device, 0, false, Job(opts, &tokenizer, models, &meta.labels, &views))
 }
 
+/// The tokens per document an encoder checkpoint reads: `--max-len`, checked against every
+/// model's positions, or its run's `subword.max_len`; `None` for a bag model (refusing
+/// `--max-len`).
+fn max_len_of(opts: &PredictOptions, metas: &[ModelMeta]) -> Result<Option<usize>> {
+    let Some(sw) = &metas[0].tokenizer.subword else {
+        return match opts.max_len {
+            Some(_) => Err(Error::config(
+                "predict",
+                "--max-len",
+                "applies to an encoder checkpoint; this one's model reads hashed features",
+            )),
+            None => Ok(None),
+        };
+    };
+    let Some(n) = opts.max_len else { return Ok(Some(sw.max_len as usize)) };
+    let positions = metas
+        .iter()
+        .filter_map(|m| match &m.model {
+            crate::model::ModelSpec::Encoder(e) => Some(e.max_positions),
+            crate::model::ModelSpec::Bag(_) => None,
+        })
+        .min()
+        .unwrap_or(0);
+    if !(3..=positions).contains(&n) {
+        return Err(Error::config(
+            "predict",
+            "--max-len",
+            format!("{n}: must be from 3 (the [CLS] and [SEP] tokens and one more) to the model's {positions} positions"),
+        ));
+    }
+    Ok(Some(n))
+}
+
 /// Text to the ids a checkpoint's model reads: its hashed features, or its subword
 /// tokenizer's ids (the tokenizer.json the data set was prepared with, checked by checksum).
 enum TextIds {
@@ -224,8 +260,9 @@ enum TextIds {
 }
 
 impl TextIds {
-    /// The checkpoint's tokenizer; a subword one read from `file` when given.
-    fn new(meta: &ModelMeta, file: Option<&Path>) -> Result<Self> {
+    /// The checkpoint's tokenizer; a subword one read from `file` when given, cutting
+    /// documents at `max_len` ids (the run's `subword.max_len` unless --max-len).
+    fn new(meta: &ModelMeta, file: Option<&Path>, max_len: Option<usize>) -> Result<Self> {
         Ok(match &meta.tokenizer.subword {
             None if file.is_some() => {
                 return Err(Error::config(
@@ -255,7 +292,10 @@ impl TextIds {
                     }
                     None => {}
                 }
-                TextIds::Subword(Box::new(SubwordTokenizer::for_spec(&sw)?), sw.max_len as usize)
+                TextIds::Subword(
+                    Box::new(SubwordTokenizer::for_spec(&sw)?),
+                    max_len.unwrap_or(sw.max_len as usize),
+                )
             }
         })
     }

@@ -414,6 +414,40 @@ fn minilm_fine_tunes_and_its_checkpoint_evaluates_and_predicts_raw_text() {
     );
     let (ok, err, _) = predict("1", Some(limit));
     assert!(ok, "{err}");
+    // --max-len reads documents cut at another length than the run's 16 tokens, within the
+    // model's 512 positions: a document of more than 16 tokens gets other probabilities at
+    // 64, the same at 16; a length past the positions, or below 3, is refused by name.
+    let long = common::write(dir.path(), "long.txt", "alpha apple amber blue banana ".repeat(8).as_bytes());
+    let at = |len: &str| {
+        let out = dir.path().join(format!("l{len}.jsonl"));
+        let o = std::process::Command::new(bin)
+            .args(["predict", "--checkpoint", ck, "--input", long.to_str().unwrap(), "--top-k", "3"])
+            .args(["--max-len", len, "--output"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+            std::fs::read(&out).unwrap_or_default(),
+        )
+    };
+    let default = std::process::Command::new(bin)
+        .args(["predict", "--checkpoint", ck, "--input", long.to_str().unwrap(), "--top-k", "3", "--output"])
+        .arg(dir.path().join("ld.jsonl"))
+        .output()
+        .unwrap();
+    assert!(default.status.success());
+    let (ok, err, sixteen) = at("16");
+    assert!(ok, "{err}");
+    assert_eq!(sixteen, std::fs::read(dir.path().join("ld.jsonl")).unwrap());
+    let (ok, err, longer) = at("64");
+    assert!(ok, "{err}");
+    assert_ne!(longer, sixteen, "a 40-token document read at 64 tokens got the probabilities of 16");
+    for (len, want) in [("513", "the model's 512 positions"), ("2", "must be from 3")] {
+        let (ok, err, _) = at(len);
+        assert!(!ok && err.contains("--max-len") && err.contains(want), "{err}");
+    }
     // The tokenizer moved: --tokenizer names where it is now, checked by checksum.
     let moved = dir.path().join("moved.json");
     std::fs::copy(common::minilm().join("tokenizer.json"), &moved).unwrap();

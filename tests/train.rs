@@ -1066,6 +1066,24 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
         .output()
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("needs a model with dropout"));
+    // --max-len is an encoder's.
+    let o = std::process::Command::new(bin)
+        .args([
+            "predict",
+            "--checkpoint",
+            ca,
+            "--input",
+            input.to_str().unwrap(),
+            "--max-len",
+            "64",
+            "--output",
+        ])
+        .arg(dir.path().join("len.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--max-len") && err.contains("hashed features"), "{err}");
+    assert!(!dir.path().join("len.jsonl").exists());
     let bad = common::write(dir.path(), "bad.jsonl", b"{\"text\": \"alpha\"}\n{\"body\": 1}\n");
     let o = std::process::Command::new(bin)
         .args([
