@@ -39,6 +39,27 @@ missing, its report beside it):
                           (runs/brown_encoder/seedN/data-256, the protocol's preparation
                           with tokenizer.subword.max_len=256; out propagated-3view-256-aligned.logits)
   words-aligned           as words (out runs/brown_bag_ls/seedN/propagated-words-aligned.logits)
+  The kinds below spread again over the vectors of a MiniLM student trained on the
+  three-view-256-aligned labels (bench/brown_encoder_oracle.py --propagated --views
+  three-view-256-aligned --epochs 30: hard targets on every row; its last checkpoint,
+  embedded at 64 tokens, the length it was trained on, into
+  runs/brown_encoder/seedN/vectors-student-t0-64.safetensors): one round of the
+  alternation of Iscen et al. 2019 (label propagation for deep semi-supervised learning):
+  student-view            the student's vectors alone (out propagated-student1.logits)
+  four-view-256-aligned   the student's vectors beside the three views of
+                          three-view-256-aligned (out propagated-4view-256-aligned.logits)
+  student-view-256        as student-view, the student reading 256 tokens of each row
+                          (runs/brown_encoder/seedN/data-256, stored in
+                          vectors-student-t0-64-at256.safetensors; a checkpoint reads rows
+                          cut at another length than its run's since 9c8913f)
+                          (out propagated-student1-256.logits)
+  four-view-256s-aligned  as four-view-256-aligned with that view
+                          (out propagated-4view-256s-aligned.logits)
+  round3-256s-aligned     a second round: the vectors of the MiniLM student of the
+                          four-view-256-aligned labels (the same recipe; its run
+                          oracle-student-propagated-four-view-256-aligned-e30), reading 256
+                          tokens, in place of the first student's, beside the three views
+                          (out propagated-round3-256s-aligned.logits)
 
 MiniLM's view is read from runs/brown_encoder/seedN/vectors-minilm-{64,256}.safetensors,
 stored once by `dtrain embed --model models/minilm --data <the data set> --out <it>` when
@@ -65,7 +86,9 @@ import brown_oracle as bo  # noqa: E402
 
 PRETRAIN = ["train.epochs=40", "model.negatives=15"]
 # The views of --students (see views_logits).
-KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-256-aligned", "words-aligned"]
+KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-256-aligned", "words-aligned",
+         "student-view", "four-view-256-aligned", "student-view-256", "four-view-256s-aligned",
+         "round3-256s-aligned"]
 STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
 
 
@@ -138,6 +161,17 @@ def views_logits(dt, kind, seed):
         data = be.prepare(seed, max_len=max_len)
         vectors = f"runs/brown_encoder/seed{seed}/vectors-minilm-{max_len}.safetensors"
         return ["--model", stored(dt, "models/minilm", data, vectors), "--data", data]
+    def student(max_len=64, labels="three-view-256-aligned"):
+        # The MiniLM student of the `labels` kind's spread labels (threshold 0, 30 epochs,
+        # trained on 64 tokens): its last checkpoint's vectors of the data set cut at
+        # `max_len` tokens, stored once.
+        data = be.prepare(seed, max_len=max_len)
+        ckpts = f"runs/brown_encoder/seed{seed}/oracle-student-propagated-{labels}-e30/checkpoints"
+        last = os.path.join(ckpts, sorted(os.listdir(ckpts))[-1])
+        at = "" if max_len == 64 else f"-at{max_len}"
+        of = "" if labels == "three-view-256-aligned" else f"-{labels}"
+        vectors = f"runs/brown_encoder/seed{seed}/vectors-student{of}-t0-64{at}.safetensors"
+        return ["--model", stored(dt, last, data, vectors), "--data", data]
     words = ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
     tfidf = ["--tfidf", f"{bag}/data"]
     # The kinds measured before class-mass alignment existed keep their grid (--align 0).
@@ -150,6 +184,14 @@ def views_logits(dt, kind, seed):
         "three-view-256-aligned": (f"{oracle}/propagated-3view-256-aligned.logits",
                                    lambda: minilm(256) + words + tfidf),
         "words-aligned": (f"{bag}/propagated-words-aligned.logits", lambda: words + tfidf),
+        "student-view": (f"{oracle}/propagated-student1.logits", student),
+        "four-view-256-aligned": (f"{oracle}/propagated-4view-256-aligned.logits",
+                                  lambda: student() + minilm(256) + words + tfidf),
+        "student-view-256": (f"{oracle}/propagated-student1-256.logits", lambda: student(256)),
+        "four-view-256s-aligned": (f"{oracle}/propagated-4view-256s-aligned.logits",
+                                   lambda: student(256) + minilm(256) + words + tfidf),
+        "round3-256s-aligned": (f"{oracle}/propagated-round3-256s-aligned.logits",
+                                lambda: student(256, "four-view-256-aligned") + minilm(256) + words + tfidf),
     }[kind]
     report = path[:-len(".logits")] + ".txt"
     if not (os.path.exists(path) and os.path.exists(report)):

@@ -58,6 +58,15 @@ class-mass alignment chosen on val; runs named -propagated-KIND-vA.
       --epochs 30 --propagated --views three-view-aligned --val-target 0.667 \
       --json bench/results/brown-encoder-propagated-3view-aligned-e30.json
 
+One round of alternation (Iscen et al. 2019): the MiniLM student of the
+three-view-256-aligned labels at threshold 0 (the run above without --val-target) is
+embedded, its vectors become a fourth view (kind four-view-256-aligned) and a fresh
+student learns the new labels:
+
+  DTRAIN_BIN=/tmp/dtrain-rv .venv/bin/python bench/brown_encoder_oracle.py --seeds 1 2 3 --accuracies \
+      --epochs 30 --propagated --views four-view-256-aligned \
+      --json bench/results/brown-encoder-propagated-4view-256-aligned-t0-e30.json
+
 --threshold T keeps only the pseudo-labels whose teacher probability is at least T
 (`consistency.threshold`, confidence-filtered Noisy Student); runs named with a -tT suffix.
 
