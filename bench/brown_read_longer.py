@@ -3,6 +3,8 @@ run's last checkpoint on the val and test splits of the encoder protocol's data 
 tokens (the run's own length) and at --max-len (bench/brown_encoder.py's preparation with
 tokenizer.subword.max_len=N; a checkpoint reads rows cut at another length than its run's,
 within its positions, since 9c8913f). Val says which length to read at; test is the check.
+Rows already in the --json file (same run, seed and --max-len) are kept, not evaluated again,
+so the file can be filled in as runs finish.
 
   DTRAIN_BIN=/tmp/dtrain-len2 .venv/bin/python bench/brown_read_longer.py --seeds 1 2 3 \\
       --runs oracle-student-propagated-three-view-256-aligned-e30 \\
@@ -34,9 +36,16 @@ def main():
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--json")
     a = ap.parse_args()
-    rows = []
+    rows, earlier = [], []
+    if a.json and os.path.exists(a.json):
+        kept = json.load(open(a.json))
+        rows = [r for r in kept["rows"] if f"test_{a.max_len}" in r]
+        # The invocations that filled the file in before this one.
+        earlier = kept.get("earlier", []) + [kept["provenance"]]
     for name in a.runs:
         for seed in a.seeds:
+            if any(r["run"] == name and r["seed"] == seed for r in rows):
+                continue
             ckpts = f"runs/brown_encoder/seed{seed}/{name}/checkpoints"
             last = os.path.join(ckpts, sorted(os.listdir(ckpts))[-1])
             row = dict(run=name, seed=seed, checkpoint=last)
@@ -47,7 +56,8 @@ def main():
             print(json.dumps(row), flush=True)
             rows.append(row)
     summary = {}
-    for name in a.runs:
+    rows.sort(key=lambda r: (a.runs.index(r["run"]) if r["run"] in a.runs else len(a.runs), r["seed"]))
+    for name in dict.fromkeys(r["run"] for r in rows):
         rs = [r for r in rows if r["run"] == name]
         summary[name] = {}
         for length in (64, a.max_len):
@@ -58,7 +68,8 @@ def main():
             print(f"{name} at {length} tokens: val {statistics.mean(v):.2f}, test {statistics.mean(t):.2f} ± {sd:.2f}")
     if a.json:
         prov = bm.provenance("python3 bench/brown_read_longer.py " + " ".join(sys.argv[1:]))
-        json.dump({"provenance": prov, "rows": rows, "summary": summary}, open(a.json, "w"), indent=1)
+        json.dump({"provenance": prov, "earlier": earlier, "rows": rows, "summary": summary}, open(a.json, "w"),
+                  indent=1)
 
 
 if __name__ == "__main__":
