@@ -1023,24 +1023,19 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     let e = String::from_utf8_lossy(&o.stderr);
     let want = "environment variable DTRAIN_MEMORY_LIMIT=\"lots\": not a byte count";
     assert!(!o.status.success() && e.contains(want), "{e}");
+    // `args` then the output `out` are refused with every one of `wants` said, and nothing
+    // is written.
+    let refused = |args: &[&str], out: &str, wants: &[&str]| {
+        let out = dir.path().join(out);
+        let o = std::process::Command::new(bin).args(args).arg(&out).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && wants.iter().all(|w| e.contains(w)), "{e}");
+        assert!(!out.exists());
+    };
     // Exporting an empty split (this data set has no unlabeled rows) is refused.
-    let o = std::process::Command::new(bin)
-        .args([
-            "export-logits",
-            "--checkpoint",
-            ca,
-            "--data",
-            data.to_str().unwrap(),
-            "--split",
-            "unlabeled",
-            "--out",
-        ])
-        .arg(dir.path().join("u.logits"))
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("split `unlabeled`") && e.contains("is empty"), "{e}");
-    assert!(!dir.path().join("u.logits").exists());
+    let (d, i) = (data.to_str().unwrap(), input.to_str().unwrap());
+    let export = ["export-logits", "--checkpoint", ca, "--data", d, "--split", "unlabeled", "--out"];
+    refused(&export, "u.logits", &["split `unlabeled`", "is empty"]);
     // MC dropout: k noisy passes differ from the deterministic pass, and are reproducible.
     let mc = predict(&["--checkpoint", ca, "--mc-dropout", "8"]);
     assert_ne!(mc, one, "dropout passes change the probabilities");
@@ -1067,23 +1062,8 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("needs a model with dropout"));
     // --max-len is an encoder's.
-    let o = std::process::Command::new(bin)
-        .args([
-            "predict",
-            "--checkpoint",
-            ca,
-            "--input",
-            input.to_str().unwrap(),
-            "--max-len",
-            "64",
-            "--output",
-        ])
-        .arg(dir.path().join("len.jsonl"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--max-len") && err.contains("hashed features"), "{err}");
-    assert!(!dir.path().join("len.jsonl").exists());
+    let predict_at = ["predict", "--checkpoint", ca, "--input", i, "--max-len", "64", "--output"];
+    refused(&predict_at, "len.jsonl", &["--max-len", "hashed features"]);
     let bad = common::write(dir.path(), "bad.jsonl", b"{\"text\": \"alpha\"}\n{\"body\": 1}\n");
     let o = std::process::Command::new(bin)
         .args([
