@@ -152,6 +152,24 @@ def chosen_line(report):
 def views_logits(dt, kind, seed):
     """The seed's labels spread over the views of `kind` (see the module doc), made once:
     the logits file's path and propagate's report."""
+    path, views = kind_views(dt, kind, seed)
+    return spread(dt, path, views)
+
+
+def spread(dt, path, views):
+    """`dtrain propagate` of the views `views()` gives (its arguments) into `path`, made once:
+    the path and propagate's report (kept beside it)."""
+    report = path[:-len(".logits")] + ".txt"
+    if not (os.path.exists(path) and os.path.exists(report)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        out = sh(dt, "--quiet", "propagate", *views(), "--out", path, capture_output=True, text=True).stdout
+        open(report, "w").write(out)
+    return path, open(report).read()
+
+
+def kind_views(dt, kind, seed):
+    """The logits file of `kind`'s spread labels for the seed, and a function giving its
+    views' propagate arguments (making what they read when missing)."""
     bag = f"runs/brown_bag_ls/seed{seed}"
     oracle = f"runs/brown_encoder/seed{seed}/oracle"
 
@@ -193,12 +211,7 @@ def views_logits(dt, kind, seed):
         "round3-256s-aligned": (f"{oracle}/propagated-round3-256s-aligned.logits",
                                 lambda: student(256, "four-view-256-aligned") + minilm(256) + words + tfidf),
     }[kind]
-    report = path[:-len(".logits")] + ".txt"
-    if not (os.path.exists(path) and os.path.exists(report)):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        out = sh(dt, "--quiet", "propagate", *views(), "--out", path, capture_output=True, text=True).stdout
-        open(report, "w").write(out)
-    return path, open(report).read()
+    return path, views
 
 
 def spread_student(dt, kind, seed, data, runs):

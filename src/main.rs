@@ -66,7 +66,8 @@ enum Command {
     /// method = "noisy_student"), and optionally its pseudo-labels with confidences as JSONL.
     ExportLogits(ExportArgs),
     /// Pseudo-labels by label spreading: embed every row of a data set with an encoder (or
-    /// average its skip-gram word vectors; or both, side by side), link each to its nearest
+    /// average its skip-gram word vectors, or a bag model's pooled embedding; or several,
+    /// side by side, with TF-IDF besides), link each to its nearest
     /// neighbours, spread the training labels over that graph (shift, k, alpha and class-mass
     /// alignment chosen on val) and write the unlabeled split's logits (method =
     /// "noisy_student"'s targets).
@@ -542,8 +543,9 @@ struct EmbedArgs {
     device: DeviceArg,
     /// The model: a pretrained encoder's directory; with --data also an encoder run's
     /// checkpoint (the data set may be cut at another length than the run's, within the
-    /// model's positions), or skip-gram word embeddings (`dtrain pretrain`'s output: a row's
-    /// vector is the mean of its words').
+    /// model's positions), a bag run's checkpoint (a row's vector is its pooled embedding:
+    /// the mean of the table's rows over its feature ids), or skip-gram word embeddings
+    /// (`dtrain pretrain`'s output: a row's vector is the mean of its words').
     #[arg(long)]
     model: PathBuf,
     /// `mean` (sentence-transformers' pooling) or `cls`, for a pretrained encoder's
@@ -556,8 +558,8 @@ struct EmbedArgs {
     #[arg(long, conflicts_with = "data")]
     max_len: Option<usize>,
     /// A prepared data set whose every row (train, val, test, unlabeled) is embedded: for an
-    /// encoder, prepared with its tokenizer.json; for word vectors, words split and cased as
-    /// in pretraining. Needs --out.
+    /// encoder, prepared with its tokenizer.json; for a bag checkpoint, with its run's
+    /// tokenizer; for word vectors, words split and cased as in pretraining. Needs --out.
     #[arg(long, requires = "out", conflicts_with = "texts")]
     data: Option<PathBuf>,
     /// The file of --data's row vectors (safetensors: `vectors` [rows, width] at unit length,
@@ -579,7 +581,9 @@ struct PropagateArgs {
     /// Where the rows' vectors come from: a pretrained encoder's directory (config.json,
     /// model.safetensors), a checkpoint of an encoder run (its directory or
     /// model.safetensors; its --data may be cut at another length than the run's, within
-    /// the model's positions), row vectors `dtrain embed --data` stored, or skip-gram word
+    /// the model's positions), a checkpoint of a bag run (a row's vector is its pooled
+    /// embedding: the mean of the table's rows over its feature ids; e.g. a student of
+    /// earlier spread labels), row vectors `dtrain embed --data` stored, or skip-gram word
     /// embeddings (`dtrain pretrain`'s output directory
     /// or its embeddings.safetensors; a row's vector is the mean of its words'). Repeat
     /// it, each with its own --data, for several views of the same rows: the graph's
@@ -592,7 +596,8 @@ struct PropagateArgs {
     #[arg(long, value_parser = ["mean", "cls"])]
     pooling: Option<String>,
     /// The data set directory of the --model before it: for an encoder, prepared with its
-    /// tokenizer.json; for embeddings, any preparation whose words are split and cased as
+    /// tokenizer.json; for a bag checkpoint, with its run's tokenizer (its data set, or one
+    /// prepared alike); for embeddings, any preparation whose words are split and cased as
     /// in the data set pretraining read (its rows' words are looked up). The logits file is
     /// the first data set's (and every view's: they hold the same rows).
     #[arg(long, required_unless_present = "tfidf")]
@@ -1307,15 +1312,15 @@ fn embed_data(a: &EmbedArgs, data: &Path, out: &Path, progress: bool) -> anyhow:
         bail!("--pooling applies to a pretrained model's directory: {} keeps its own", a.model.display());
     }
     let loaded = load_propagate_model(&a.model, data, &ds, a.pooling.as_deref())?;
-    let (vectors, kind) = match &loaded {
-        Loaded::Encoder(enc, params) => (
-            dtrain::propagate::Vectors::Encoder { enc, params },
-            format!("encoder, {} pooling", format!("{:?}", enc.spec.pooling).to_lowercase()),
-        ),
-        Loaded::Bag(emb) => (dtrain::propagate::Vectors::Bag(emb), "word vectors".to_string()),
+    let kind = match &loaded {
+        Loaded::Encoder(enc, _) => {
+            format!("encoder, {} pooling", format!("{:?}", enc.spec.pooling).to_lowercase())
+        }
+        Loaded::Bag(_) => "word vectors".to_string(),
+        Loaded::BagModel(..) => "bag model, pooled embedding".to_string(),
         Loaded::Stored(_) => bail!("{}: already stored row vectors", a.model.display()),
     };
-    let view = dtrain::propagate::View { vectors, data: &ds };
+    let view = dtrain::propagate::View { vectors: loaded.vectors(), data: &ds };
     struct Job<'a>(&'a dtrain::propagate::View<'a>, usize, bool);
     impl OnBackend for Job<'_> {
         type Out = Vec<f32>;
@@ -1473,11 +1478,26 @@ fn print_export_report(r: &dtrain::logits::ExportReport, split: SplitKind) {
 enum Loaded {
     Encoder(dtrain::model::encoder::Encoder, Vec<f32>),
     Bag(dtrain::pretrain::embeddings::Embeddings),
+    BagModel(dtrain::model::bag::BagModel, Vec<f32>),
     Stored(dtrain::rowvec::RowVectors),
 }
 
+impl Loaded {
+    /// The view of `data`'s rows that this model gives.
+    fn vectors(&self) -> dtrain::propagate::Vectors<'_> {
+        use dtrain::propagate::Vectors;
+        match self {
+            Loaded::Encoder(enc, params) => Vectors::Encoder { enc, params },
+            Loaded::Bag(emb) => Vectors::Bag(emb),
+            Loaded::BagModel(model, params) => Vectors::BagModel { model, params },
+            Loaded::Stored(r) => Vectors::Stored(r),
+        }
+    }
+}
+
 /// Loads `--model` for the data set `ds` (at `data`): skip-gram embeddings, a pretrained
-/// encoder's directory (with `pooling`), or an encoder run's checkpoint.
+/// encoder's directory (with `pooling`), a training run's checkpoint (an encoder's or a bag
+/// model's), or stored row vectors.
 fn load_propagate_model(
     model: &Path,
     data: &Path,
@@ -1504,14 +1524,14 @@ fn load_propagate_model(
         }
         return Ok(Loaded::Bag(dtrain::pretrain::embeddings::read(model)?));
     }
-    let Some(sw) = &m.tokenizer.subword else {
-        bail!(
-            "{}: the data set holds hashed features; an encoder reads subword ids: prepare it with --set tokenizer.subword.path=<the model's tokenizer.json>",
-            data.display()
-        );
-    };
     // A pretrained model's directory, or a training checkpoint.
     if is_pretrained_encoder(model) {
+        let Some(sw) = &m.tokenizer.subword else {
+            bail!(
+                "{}: the data set holds hashed features; an encoder reads subword ids: prepare it with --set tokenizer.subword.path=<the model's tokenizer.json>",
+                data.display()
+            );
+        };
         let pooling = if pooling == Some("cls") { Pooling::Cls } else { Pooling::Mean };
         let (enc, params) = load_pretrained(model, 1, pooling, 0)?;
         if !enc.spec.covers(m.tokenizer.buckets, sw) {
@@ -1530,13 +1550,10 @@ fn load_propagate_model(
     if let Some(what) = meta.mismatch_reading(ds.labels(), &m.tokenizer, "the data set") {
         bail!("{}: the data set does not match the checkpoint's model: {what}", data.display());
     }
-    match loaded {
-        dtrain::model::Model::Encoder(enc) => Ok(Loaded::Encoder(enc, params)),
-        dtrain::model::Model::Bag(_) => bail!(
-            "{}: a bag model's checkpoint; propagate reads an encoder (a pretrained model's directory, or an encoder run's checkpoint) or the skip-gram embeddings a bag model starts from (`dtrain pretrain`'s output)",
-            model.display()
-        ),
-    }
+    Ok(match loaded {
+        dtrain::model::Model::Encoder(enc) => Loaded::Encoder(enc, params),
+        dtrain::model::Model::Bag(bag) => Loaded::BagModel(bag, params),
+    })
 }
 
 /// Whether `model` is a pretrained encoder's directory (not a training checkpoint).
@@ -1585,14 +1602,7 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let mut views: Vec<dtrain::propagate::View> = loaded
         .iter()
         .zip(&sets)
-        .map(|(l, data)| dtrain::propagate::View {
-            vectors: match l {
-                Loaded::Encoder(enc, params) => dtrain::propagate::Vectors::Encoder { enc, params },
-                Loaded::Bag(emb) => dtrain::propagate::Vectors::Bag(emb),
-                Loaded::Stored(r) => dtrain::propagate::Vectors::Stored(r),
-            },
-            data,
-        })
+        .map(|(l, data)| dtrain::propagate::View { vectors: l.vectors(), data })
         .collect();
     if a.tfidf.is_some() {
         let data = sets.last().expect("opened above");
@@ -1860,7 +1870,7 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     }
     if args.path.is_file() && dtrain::rowvec::is_vectors_file(&args.path) {
         data_set_flags("a file of row vectors")?;
-        let r = dtrain::rowvec::RowVectors::read(&args.path)?;
+        let r = dtrain::rowvec::RowVectors::read_for(&args.path, "inspect", "FILE")?;
         let m = &r.meta;
         println!(
             "{}: dtrain row vectors of {} rows (train {}, val {}, test {}, unlabeled {}), width {}, by {} ({}) from {} in {:.1} s; contents match their checksum",

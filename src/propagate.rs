@@ -11,7 +11,10 @@
 //! - `v_i` = row i's vector divided by its norm, for every row of the train, unlabeled, val
 //!   and test splits, in each view ([`Vectors`]): an encoder's pooled vector (no dropout),
 //!   or the mean of the pretrained skip-gram vectors of the row's words that pretraining
-//!   trained (a row with none has no vector in that view), or the sparse TF-IDF vector of
+//!   trained (a row with none has no vector in that view), or a bag model's pooled embedding
+//!   (`Vectors::BagModel`: the mean of its table's rows over the row's feature ids, what its
+//!   dense stack reads; e.g. a student of earlier spread labels, one round of Iscen et al.'s
+//!   alternation), or the sparse TF-IDF vector of
 //!   the row's words (punctuation is no word) over all rows of all splits
 //!   (`Vectors::Tfidf`: weight
 //!   `(1 + ln tf)·(ln((1 + n)/(1 + df)) + 1)` for a word `tf` times in the row and in `df`
@@ -77,6 +80,7 @@ use crate::data::dataset::Dataset;
 use crate::data::shard::{DocLimits, Shard, SplitKind};
 use crate::error::{Error, Result};
 use crate::logits::ExportReport;
+use crate::model::bag::BagModel;
 use crate::model::encoder::{Encoder, EncoderActs, TokenBatch};
 use crate::pretrain::embeddings::Embeddings;
 use crate::rowvec::RowVectors;
@@ -356,6 +360,10 @@ pub enum Vectors<'a> {
     /// vector that links rows by the words they share, rare words most. Words of fewer
     /// than [`TFIDF_MIN_ROWS`] rows are left out, and a row with none has no vector.
     Tfidf,
+    /// A bag model's checkpoint (`model = "bag"`, e.g. a student of spread labels): the row's
+    /// pooled embedding, the mean of the table's rows over the row's feature ids, which is
+    /// what the model's dense stack reads (no dropout). A row with no id has no vector.
+    BagModel { model: &'a BagModel, params: &'a [f32] },
     /// An encoder's or word vectors' view stored by `dtrain embed --data`
     /// ([`crate::rowvec`]): its vectors are read, not made, and the logits file records the
     /// source that embedding afresh would.
@@ -375,6 +383,7 @@ impl View<'_> {
         match &self.vectors {
             Vectors::Encoder { enc, .. } => enc.spec.hidden,
             Vectors::Bag(emb) => emb.meta.dim,
+            Vectors::BagModel { model, .. } => model.spec.dim,
             Vectors::Tfidf => 0,
             Vectors::Stored(r) => r.meta.width,
         }
@@ -392,6 +401,10 @@ impl View<'_> {
             Vectors::Bag(emb) => {
                 bytes.extend(crate::logits::params_source(&emb.params).to_le_bytes());
                 bytes.extend(b"bag");
+            }
+            Vectors::BagModel { params, .. } => {
+                bytes.extend(crate::logits::params_source(params).to_le_bytes());
+                bytes.extend(b"bag model");
             }
             Vectors::Tfidf => {
                 bytes.extend(b"tfidf");
@@ -420,17 +433,63 @@ impl View<'_> {
             batch_size,
             progress,
         };
+        if let Vectors::Tfidf | Vectors::Stored(_) = self.vectors {
+            return Err(Error::Data(
+                "only an encoder's, a bag model's or word vectors' view can be stored".into(),
+            ));
+        }
+        self.check()?;
+        Ok(self.vectors_of(be, &opts)?.0)
+    }
+
+    /// Refuses a model that cannot read the view's data set: word vectors of words split
+    /// otherwise, a bag model of another hashing, stored vectors of other rows.
+    fn check(&self) -> Result<()> {
         match self.vectors {
-            Vectors::Encoder { enc, params } => embed(be, enc, params, self.data, &opts),
-            Vectors::Bag(emb) => {
-                check_words_match(self.data, emb)?;
-                Ok(embed_bag(emb, self.data)?.0)
-            }
-            Vectors::Tfidf | Vectors::Stored(_) => {
-                Err(Error::Data("only an encoder's or word vectors' view can be stored".into()))
-            }
+            Vectors::Bag(emb) => check_words_match(self.data, emb),
+            Vectors::BagModel { model, .. } => check_buckets(self.data, model),
+            Vectors::Stored(r) => r.check_rows(self.data),
+            Vectors::Encoder { .. } | Vectors::Tfidf => Ok(()),
         }
     }
+
+    /// Every row's vector in this view ([`rows_of`]'s order): the dense n×width unit (or
+    /// zero) vectors, or a TF-IDF view's sparse ones, and how many rows have none.
+    fn vectors_of<B: EncoderOps<F = f32>>(
+        &self,
+        be: &B,
+        opts: &Options,
+    ) -> Result<(Vec<f32>, Option<Sparse>, usize)> {
+        Ok(match self.vectors {
+            Vectors::Encoder { enc, params } => (embed(be, enc, params, self.data, opts)?, None, 0),
+            Vectors::Bag(emb) => {
+                let (vectors, blank) = embed_bag(emb, self.data)?;
+                (vectors, None, blank)
+            }
+            Vectors::BagModel { model, params } => {
+                let (vectors, blank) = embed_bag_model(model, params, self.data)?;
+                (vectors, None, blank)
+            }
+            Vectors::Tfidf => {
+                let (sparse, blank) = Sparse::tfidf(self.data)?;
+                (Vec::new(), Some(sparse), blank)
+            }
+            Vectors::Stored(r) => (r.vectors.clone(), None, r.meta.blank),
+        })
+    }
+}
+
+/// Refuses a bag model whose table is not indexed by the data set's feature ids.
+fn check_buckets(ds: &Dataset, model: &BagModel) -> Result<()> {
+    let buckets = ds.manifest().tokenizer.buckets;
+    if buckets as usize != model.spec.buckets {
+        return Err(Error::Data(format!(
+            "{}: the data set hashes its features into {buckets} buckets and the bag model's table has {} rows: prepare it with the model's tokenizer",
+            ds.dir().display(),
+            model.spec.buckets
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses word vectors whose data set split or lowercased words otherwise than `ds`.
@@ -480,11 +539,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
         opts
     };
     for v in views {
-        match v.vectors {
-            Vectors::Bag(emb) => check_words_match(v.data, emb)?,
-            Vectors::Stored(r) => r.check_rows(v.data)?,
-            Vectors::Encoder { .. } | Vectors::Tfidf => {}
-        }
+        v.check()?;
     }
     let rows = check_data(ds, out, jsonl, opts)?;
     for v in &views[1..] {
@@ -518,7 +573,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
                 let vocab = v.data.manifest().vocab.words;
                 (emb.words.len() as u64) * (emb.meta.dim as u64 * 4 + 48) + vocab * 40
             }
-            Vectors::Encoder { .. } | Vectors::Tfidf | Vectors::Stored(_) => 0,
+            Vectors::Encoder { .. } | Vectors::BagModel { .. } | Vectors::Tfidf | Vectors::Stored(_) => 0,
         })
         .max()
         .unwrap_or(0);
@@ -541,18 +596,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     let mut embedded = Vec::with_capacity(views.len());
     for v in views {
         let started = std::time::Instant::now();
-        let (vectors, sparse, blank) = match v.vectors {
-            Vectors::Encoder { enc, params } => (embed(be, enc, params, v.data, opts)?, None, 0),
-            Vectors::Bag(emb) => {
-                let (vectors, blank) = embed_bag(emb, v.data)?;
-                (vectors, None, blank)
-            }
-            Vectors::Tfidf => {
-                let (sparse, blank) = Sparse::tfidf(v.data)?;
-                (Vec::new(), Some(sparse), blank)
-            }
-            Vectors::Stored(r) => (r.vectors.clone(), None, r.meta.blank),
-        };
+        let (vectors, sparse, blank) = v.vectors_of(be, opts)?;
         embedded.push(Embedded {
             vectors,
             width: v.width(),
@@ -582,21 +626,58 @@ fn embed_bag(emb: &Embeddings, ds: &Dataset) -> Result<(Vec<f32>, usize)> {
         emb.words.iter().enumerate().map(|(i, w)| (w.as_str(), i)).collect();
     let row_of: Vec<Option<usize>> =
         (0..vocab.len() as u32).map(|i| trained.get(vocab.word(i)).copied()).collect();
+    pooled_rows(ds, dim, "the embeddings'", |d, sum| {
+        for &w in d.shard.doc_words(d.index) {
+            if let Some(at) = row_of[w as usize] {
+                add(sum, &table[at * dim..(at + 1) * dim]);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Every row's pooled embedding under a bag model ([`Vectors::BagModel`]), at unit length
+/// (all zeros for a row without a feature id), in [`rows_of`]'s order, and how many rows
+/// have none. The ids are checked against the data set's bucket count, which
+/// [`check_buckets`] checked against the table's rows.
+fn embed_bag_model(model: &BagModel, params: &[f32], ds: &Dataset) -> Result<(Vec<f32>, usize)> {
+    check_buckets(ds, model)?;
+    let limits = DocLimits::of(&ds.manifest().tokenizer);
+    let (dim, table) = (model.spec.dim, &params[model.table.range()]);
+    pooled_rows(ds, dim, "the bag model's", |d, sum| {
+        for &id in d.shard.doc_checked(d.index, limits)?.ids {
+            let at = id as usize * dim;
+            add(sum, &table[at..at + dim]);
+        }
+        Ok(())
+    })
+}
+
+/// `sum += row`, in f64.
+fn add(sum: &mut [f64], row: &[f32]) {
+    for (s, &x) in sum.iter_mut().zip(row) {
+        *s += f64::from(x);
+    }
+}
+
+/// Every row of `ds` ([`rows_of`]'s order) as the unit-length direction of the sum that
+/// `gather` adds up for it (all zeros where the sum is zero), and how many rows have none.
+/// A sum that is not finite is refused, naming `whose` vectors made it.
+fn pooled_rows(
+    ds: &Dataset,
+    dim: usize,
+    whose: &str,
+    gather: impl Fn(&DocAt, &mut [f64]) -> Result<()> + Sync,
+) -> Result<(Vec<f32>, usize)> {
     let docs = rows_of(ds);
     let mut vectors = vec![0f32; docs.len() * dim];
     vectors.par_chunks_mut(dim).zip(docs.par_iter()).try_for_each(|(v, d)| -> Result<()> {
         let mut sum = vec![0f64; dim];
-        for &w in d.shard.doc_words(d.index) {
-            if let Some(at) = row_of[w as usize] {
-                for (s, &x) in sum.iter_mut().zip(&table[at * dim..(at + 1) * dim]) {
-                    *s += f64::from(x);
-                }
-            }
-        }
+        gather(d, &mut sum)?;
         let norm = sum.iter().map(|x| x * x).sum::<f64>().sqrt();
         if !norm.is_finite() {
             return Err(Error::Data(format!(
-                "{}: the embeddings' vector of document {} is not finite: they are broken; nothing was written",
+                "{}: {whose} vector of document {} is not finite: they are broken; nothing was written",
                 d.shard.path().display(),
                 d.index
             )));

@@ -212,8 +212,15 @@ impl RowVectors {
     }
 
     /// Reads and fully checks the file `path`: metadata, tensor shapes and types, the data's
-    /// checksum, and that every vector is finite and of unit length or all zeros.
+    /// checksum, and that every vector is finite and of unit length or all zeros. Its memory
+    /// is claimed as `propagate --model`'s; [`RowVectors::read_for`] names another command.
     pub fn read(path: &Path) -> Result<RowVectors> {
+        RowVectors::read_for(path, "propagate", "--model")
+    }
+
+    /// [`RowVectors::read`] for `command`, whose `field` names the file: a machine too small
+    /// for the rows is refused as that command's.
+    pub fn read_for(path: &Path, command: &'static str, field: &str) -> Result<RowVectors> {
         let bytes = crate::checkpoint::map(path)?;
         let meta_json = file_meta(path, &bytes)?;
         if meta_json.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
@@ -243,10 +250,10 @@ impl RowVectors {
         // The copies made below (the vectors, a split, a label and a sample id per row),
         // claimed before they are made: a file of more rows than this machine can hold is
         // refused here, by name, not by the allocator.
-        crate::hostmem::Budget::new("propagate", 1)?.claim(
+        crate::hostmem::Budget::new(command, 1)?.claim(
             format!("the stored row vectors of {}", path.display()),
             n as u64 * (meta.width as u64 * 4 + 13),
-            "--model",
+            field,
             "vectors of fewer rows: every row's vector is held at once",
         )?;
         let st = SafeTensors::deserialize(&bytes)

@@ -823,6 +823,14 @@ fn propagate_reads_the_row_vectors_embed_stored() {
         "{err}"
     );
     assert!(!refused.exists());
+    // `inspect` claims the same memory, as its own.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["inspect", &path(&stored)])
+        .env("DTRAIN_MEMORY_LIMIT", "50K")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("config inspect") && err.contains("51.2 KiB"), "{err}");
     // --pooling is an encoder directory's.
     let (ok, _, err) = cli(&stored, &data, &refused, &["--pooling", "mean"]);
     assert!(!ok && err.contains("--pooling"), "{err}");

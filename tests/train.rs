@@ -1798,6 +1798,7 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     // Another data set is refused by the run's own check, and --data beside anything but a
     // logits file is refused.
     std::fs::create_dir_all(dir.path().join("other")).unwrap();
+    std::fs::create_dir_all(dir.path().join("other")).unwrap();
     let other = separable_with(&dir.path().join("other"), &["split.labels_per_class=5"]);
     let o = inspect_with(&other);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -2128,4 +2129,88 @@ fn predict_averages_augmented_views() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(flag) && err.contains("at most 256"), "{err}");
     }
+}
+
+/// A bag run's checkpoint is a view for `embed --data` and `propagate`: a row's vector is
+/// the unit direction of its pooled embedding (the mean of the table's rows over its
+/// feature ids), stored or embedded afresh the same logits file; a data set hashed
+/// otherwise is refused by name and nothing is written.
+#[test]
+fn propagate_reads_a_bag_checkpoint_as_a_view() {
+    use dtrain::data::shard::SplitKind;
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    let out = run(&cfg(&data, &dir.path().join("bag"), &["train.steps=30"]), Resume::No, None).unwrap();
+    let ckpt = out.final_checkpoint;
+    let path = |p: &Path| p.display().to_string();
+    let stored = dir.path().join("v.safetensors");
+    let (ok, said, err) =
+        common::dtrain(["embed", "--model", &path(&ckpt), "--data", &path(&data), "--out", &path(&stored)]);
+    assert!(ok, "{err}");
+    assert!(said.contains("width 16 (bag model, pooled embedding)"), "{said}");
+    // Each row's vector, computed here from the checkpoint's table and the row's ids.
+    let (_, model, params) = dtrain::checkpoint::load_model(&ckpt).unwrap();
+    let dtrain::model::Model::Bag(bag) = model else { panic!("a bag checkpoint") };
+    let table = &params[bag.table.range()];
+    let r = dtrain::rowvec::RowVectors::read(&stored).unwrap();
+    let ds = dtrain::data::dataset::Dataset::open(&data).unwrap();
+    let (mut at, mut worst) = (0, 0f64);
+    for split in SplitKind::ALL {
+        for shard in ds.shards(split) {
+            for i in 0..shard.len() {
+                let doc = shard.doc(i);
+                assert_eq!(r.sample_id[at], doc.sample_id, "row {at}");
+                let mut sum = [0f64; 16];
+                for &id in doc.ids {
+                    for (s, &x) in sum.iter_mut().zip(&table[id as usize * 16..id as usize * 16 + 16]) {
+                        *s += f64::from(x);
+                    }
+                }
+                let norm = sum.iter().map(|x| x * x).sum::<f64>().sqrt();
+                assert!(norm > 0.0, "row {at} has ids");
+                for (s, &got) in sum.iter().zip(&r.vectors[at * 16..at * 16 + 16]) {
+                    worst = worst.max((s / norm - f64::from(got)).abs());
+                }
+                at += 1;
+            }
+        }
+    }
+    assert_eq!(at, r.len());
+    assert!(worst < 1e-6, "stored vectors off the pooled embeddings by {worst}");
+    assert_eq!(r.meta.blank, 0);
+    // Stored or read from the checkpoint, the same logits file.
+    let cli = |model: &Path, data: &Path, out: &Path| {
+        common::dtrain([
+            "propagate",
+            "--k",
+            "5",
+            "--alpha",
+            "0.9",
+            "--model",
+            &path(model),
+            "--data",
+            &path(data),
+            "--out",
+            &path(out),
+        ])
+    };
+    let (a, b) = (dir.path().join("a.logits"), dir.path().join("b.logits"));
+    let (ok, said, err) = cli(&ckpt, &data, &a);
+    assert!(ok, "{err}");
+    assert!(said.contains("test accuracy of the chosen setting"), "{said}");
+    let (ok, _, err) = cli(&stored, &data, &b);
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "the two files differ");
+    // Rows hashed into other buckets are refused by both commands; nothing is written.
+    std::fs::create_dir_all(dir.path().join("other")).unwrap();
+    let other =
+        separable_with(&dir.path().join("other"), &["split.labels_per_class=6", "tokenizer.buckets=2048"]);
+    let refused = dir.path().join("c.logits");
+    let (ok, _, err) = cli(&ckpt, &other, &refused);
+    assert!(!ok && err.contains("does not match the checkpoint's model") && err.contains("buckets"), "{err}");
+    let vectors = dir.path().join("c.safetensors");
+    let (ok, _, err) =
+        common::dtrain(["embed", "--model", &path(&ckpt), "--data", &path(&other), "--out", &path(&vectors)]);
+    assert!(!ok && err.contains("buckets"), "{err}");
+    assert!(!refused.exists() && !vectors.exists());
 }
