@@ -60,6 +60,11 @@ missing, its report beside it):
                           oracle-student-propagated-four-view-256-aligned-e30), reading 256
                           tokens, in place of the first student's, beside the three views
                           (out propagated-round3-256s-aligned.logits)
+  five-view-256s-bag-aligned  four-view-256s-aligned's views and a fifth: the pooled
+                          embedding of a bag student of the three-view-256-aligned labels
+                          (configs/brown/spread_student.toml; bench/brown_bag_alternate.py's
+                          first student, its checkpoint read as a view)
+                          (out propagated-5view-256s-bag-aligned.logits)
 
 MiniLM's view is read from runs/brown_encoder/seedN/vectors-minilm-{64,256}.safetensors,
 stored once by `dtrain embed --model models/minilm --data <the data set> --out <it>` when
@@ -88,7 +93,7 @@ PRETRAIN = ["train.epochs=40", "model.negatives=15"]
 # The views of --students (see views_logits).
 KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-256-aligned", "words-aligned",
          "student-view", "four-view-256-aligned", "student-view-256", "four-view-256s-aligned",
-         "round3-256s-aligned"]
+         "round3-256s-aligned", "five-view-256s-bag-aligned"]
 STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
 
 
@@ -190,6 +195,14 @@ def kind_views(dt, kind, seed):
         of = "" if labels == "three-view-256-aligned" else f"-{labels}"
         vectors = f"runs/brown_encoder/seed{seed}/vectors-student{of}-t0-64{at}.safetensors"
         return ["--model", stored(dt, last, data, vectors), "--data", data]
+    def bag_student():
+        # The bag student of the three-view-256-aligned labels (bench/brown_bag_alternate.py's
+        # first student of that kind; trained there when missing): its pooled embedding.
+        run = f"{bag}/runs/alternate-three-view-256-aligned/student1/checkpoints"
+        if not os.path.isdir(run):
+            sh(sys.executable, "bench/brown_bag_alternate.py", "--kind", "three-view-256-aligned", "--seeds", str(seed),
+               "--rounds", "0", "--dtrain", dt)
+        return ["--model", os.path.join(run, sorted(os.listdir(run))[-1]), "--data", f"{bag}/data"]
     words = ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
     tfidf = ["--tfidf", f"{bag}/data"]
     # The kinds measured before class-mass alignment existed keep their grid (--align 0).
@@ -210,6 +223,8 @@ def kind_views(dt, kind, seed):
                                    lambda: student(256) + minilm(256) + words + tfidf),
         "round3-256s-aligned": (f"{oracle}/propagated-round3-256s-aligned.logits",
                                 lambda: student(256, "four-view-256-aligned") + minilm(256) + words + tfidf),
+        "five-view-256s-bag-aligned": (f"{oracle}/propagated-5view-256s-bag-aligned.logits",
+                                       lambda: student(256) + minilm(256) + words + tfidf + bag_student()),
     }[kind]
     return path, views
 
