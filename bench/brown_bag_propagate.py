@@ -65,6 +65,11 @@ missing, its report beside it):
                           (configs/brown/spread_student.toml; bench/brown_bag_alternate.py's
                           first student, its checkpoint read as a view)
                           (out propagated-5view-256s-bag-aligned.logits)
+  four-view-len256-aligned  as four-view-256s-aligned, the student trained on the 256-token
+                          rows too (its run oracle-student-propagated-three-view-256-aligned-
+                          e30-len256: the same recipe on runs/brown_encoder/seedN/data-256,
+                          with train.group_by_length=50: bench/brown_encoder_oracle.py --train-len 256)
+                          (out propagated-4view-len256-aligned.logits)
 
 MiniLM's view is read from runs/brown_encoder/seedN/vectors-minilm-{64,256}.safetensors,
 stored once by `dtrain embed --model models/minilm --data <the data set> --out <it>` when
@@ -93,7 +98,7 @@ PRETRAIN = ["train.epochs=40", "model.negatives=15"]
 # The views of --students (see views_logits).
 KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-256-aligned", "words-aligned",
          "student-view", "four-view-256-aligned", "student-view-256", "four-view-256s-aligned",
-         "round3-256s-aligned", "five-view-256s-bag-aligned"]
+         "round3-256s-aligned", "five-view-256s-bag-aligned", "four-view-len256-aligned"]
 STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
 
 
@@ -184,16 +189,17 @@ def kind_views(dt, kind, seed):
         data = be.prepare(seed, max_len=max_len)
         vectors = f"runs/brown_encoder/seed{seed}/vectors-minilm-{max_len}.safetensors"
         return ["--model", stored(dt, "models/minilm", data, vectors), "--data", data]
-    def student(max_len=64, labels="three-view-256-aligned"):
+    def student(max_len=64, labels="three-view-256-aligned", trained_on=64):
         # The MiniLM student of the `labels` kind's spread labels (threshold 0, 30 epochs,
-        # trained on 64 tokens): its last checkpoint's vectors of the data set cut at
-        # `max_len` tokens, stored once.
+        # trained on `trained_on` tokens): its last checkpoint's vectors of the data set cut
+        # at `max_len` tokens, stored once.
         data = be.prepare(seed, max_len=max_len)
-        ckpts = f"runs/brown_encoder/seed{seed}/oracle-student-propagated-{labels}-e30/checkpoints"
+        run = f"oracle-student-propagated-{labels}-e30" + ("" if trained_on == 64 else f"-len{trained_on}")
+        ckpts = f"runs/brown_encoder/seed{seed}/{run}/checkpoints"
         last = os.path.join(ckpts, sorted(os.listdir(ckpts))[-1])
         at = "" if max_len == 64 else f"-at{max_len}"
         of = "" if labels == "three-view-256-aligned" else f"-{labels}"
-        vectors = f"runs/brown_encoder/seed{seed}/vectors-student{of}-t0-64{at}.safetensors"
+        vectors = f"runs/brown_encoder/seed{seed}/vectors-student{of}-t0-{trained_on}{at}.safetensors"
         return ["--model", stored(dt, last, data, vectors), "--data", data]
     def bag_student():
         # The bag student of the three-view-256-aligned labels (bench/brown_bag_alternate.py's
@@ -225,6 +231,8 @@ def kind_views(dt, kind, seed):
                                 lambda: student(256, "four-view-256-aligned") + minilm(256) + words + tfidf),
         "five-view-256s-bag-aligned": (f"{oracle}/propagated-5view-256s-bag-aligned.logits",
                                        lambda: student(256) + minilm(256) + words + tfidf + bag_student()),
+        "four-view-len256-aligned": (f"{oracle}/propagated-4view-len256-aligned.logits",
+                                     lambda: student(256, trained_on=256) + minilm(256) + words + tfidf),
     }[kind]
     return path, views
 

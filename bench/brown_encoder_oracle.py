@@ -43,6 +43,13 @@ probability whose val rows are at least a fraction A right (runs named -propagat
   DTRAIN_BIN=/tmp/dtrain-prop python3 bench/brown_encoder_oracle.py --seeds 1 2 3 --accuracies \
       --epochs 30 --propagated --val-target 0.667 --json bench/results/brown-encoder-propagated-e30.json
 
+--train-len N (with --propagated) trains the students on the rows cut at N tokens
+(runs/brown_encoder/seedN/data-N) with train.group_by_length=50, so that a batch pads to
+about its rows' own length; runs named with a -lenN suffix.
+
+  DTRAIN_BIN=/tmp/dtrain-bv .venv/bin/python bench/brown_encoder_oracle.py --seeds 1 --accuracies --epochs 30 \
+      --propagated --views three-view-256-aligned --train-len 256
+
 --two-view spreads over two views of the rows instead, MiniLM's vectors and the seed's
 skip-gram vectors (bench/brown_bag_propagate.py makes those under runs/brown_bag_ls/seedN),
 with propagate's default grid (shift, k, alpha); runs named -propagated2-vA.
@@ -163,6 +170,9 @@ def main():
                     help="the teacher is `dtrain propagate` over frozen MiniLM vectors")
     ap.add_argument("--val-target", type=float,
                     help="with --propagated: the threshold is the lowest whose val rows are this fraction right")
+    ap.add_argument("--train-len", type=int, default=64,
+                    help="the students train on the data set cut at this many tokens (runs/brown_encoder/"
+                    "seedN/data-N), with train.group_by_length=50 so batches pad little; runs named -lenN")
     ap.add_argument("--baseline", action="store_true",
                     help="also train the supervised run for --epochs, as the yardstick")
     a = ap.parse_args()
@@ -172,6 +182,8 @@ def main():
         ap.error("--baseline trains the supervised run for --epochs: give --epochs")
     longer = [] if a.epochs is None else [f"train.epochs={a.epochs}"]
     suffix = "" if a.epochs is None else f"-e{a.epochs}"
+    if a.train_len != 64:
+        suffix += f"-len{a.train_len}"
     filtered = [] if a.threshold is None else [f"consistency.threshold={a.threshold}"]
     student_suffix = ("" if a.threshold is None else f"-t{a.threshold}") + suffix
     rows = []
@@ -207,8 +219,10 @@ def main():
                 name = f"{name}-v{a.val_target}"
             kept = p.max(1) >= threshold
             right = p.argmax(1) == hidden
+            at_len = [] if a.train_len == 64 else [f'data.dir="{be.prepare(seed, max_len=a.train_len)}"',
+                                                   "train.group_by_length=50"]
             row = be.run("noisy_student", seed, extra=[f'noisy_student.logits="{path}"', f"consistency.threshold={threshold}"]
-                         + longer, name=f"oracle-student-{name}{suffix}")
+                         + longer + at_len, name=f"oracle-student-{name}{suffix}")
             row.update(pseudo_label_accuracy=float(right.mean()), targets=name, epochs=a.epochs or 10,
                        threshold=threshold, kept=float(kept.mean()), kept_right=float(right[kept].mean()),
                        val_table={str(t): v for t, v in table.items()})
