@@ -639,9 +639,9 @@ fn embed_bag(emb: &Embeddings, ds: &Dataset) -> Result<(Vec<f32>, usize)> {
 /// Every row's pooled embedding under a bag model ([`Vectors::BagModel`]), at unit length
 /// (all zeros for a row without a feature id), in [`rows_of`]'s order, and how many rows
 /// have none. The ids are checked against the data set's bucket count, which
-/// [`check_buckets`] checked against the table's rows.
+/// [`View::check`] ([`check_buckets`]) has checked against the table's rows before any
+/// view is embedded.
 fn embed_bag_model(model: &BagModel, params: &[f32], ds: &Dataset) -> Result<(Vec<f32>, usize)> {
-    check_buckets(ds, model)?;
     let limits = DocLimits::of(&ds.manifest().tokenizer);
     let (dim, table) = (model.spec.dim, &params[model.table.range()]);
     pooled_rows(ds, dim, "the bag model's", |d, sum| {
