@@ -70,6 +70,20 @@ missing, its report beside it):
                           e30-len256: the same recipe on runs/brown_encoder/seedN/data-256,
                           with train.group_by_length=50: bench/brown_encoder_oracle.py --train-len 256)
                           (out propagated-4view-len256-aligned.logits)
+  The kinds below try the views' weights in the graph's similarity (`propagate --weights`):
+  every weighting of 1s and 2s (all 2s left out: only ratios count), val choosing one with
+  the rest of the aligned grid:
+  four-view-256s-weighted  four-view-256s-aligned's views (15 weightings)
+                          (out propagated-4view-256s-weighted.logits)
+  three-view-256-weighted  three-view-256-aligned's views (7 weightings)
+                          (out propagated-3view-256-weighted.logits)
+  words-weighted          words-aligned's views (3 weightings)
+                          (out runs/brown_bag_ls/seedN/propagated-words-weighted.logits)
+  four-view-256w-aligned  as four-view-256s-aligned, the student trained on the
+                          three-view-256-weighted labels (its run
+                          oracle-student-propagated-three-view-256-weighted-e30), equal
+                          weights (out propagated-4view-256w-aligned.logits)
+  four-view-256w-weighted  the same views, 15 weightings (out propagated-4view-256w-weighted.logits)
 
 MiniLM's view is read from runs/brown_encoder/seedN/vectors-minilm-{64,256}.safetensors,
 stored once by `dtrain embed --model models/minilm --data <the data set> --out <it>` when
@@ -98,7 +112,9 @@ PRETRAIN = ["train.epochs=40", "model.negatives=15"]
 # The views of --students (see views_logits).
 KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-256-aligned", "words-aligned",
          "student-view", "four-view-256-aligned", "student-view-256", "four-view-256s-aligned",
-         "round3-256s-aligned", "five-view-256s-bag-aligned", "four-view-len256-aligned"]
+         "round3-256s-aligned", "five-view-256s-bag-aligned", "four-view-len256-aligned",
+         "four-view-256s-weighted", "three-view-256-weighted", "words-weighted", "four-view-256w-aligned",
+         "four-view-256w-weighted"]
 STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
 
 
@@ -145,11 +161,16 @@ def propagate(dt, root, seed, data, pre):
 
 
 def chosen_line(report):
-    """The chosen setting's shift, k, alpha, val accuracy (and --align power, in reports that
-    have one) and the transductive test accuracy."""
+    """The chosen setting's shift, k, alpha, val accuracy (and --align power, and the views'
+    weights, in reports that have them) and the transductive test accuracy."""
     line = next(x for x in report.splitlines() if "<- chosen" in x)
     shift, k, alpha, val = line.split()[:4]
     got = dict(shift=shift, k=int(k), alpha=float(alpha))
+    if "<- chosen: weights " in line:
+        # Several --weights: the chosen weighting comes first.
+        weights, rest = line.split("<- chosen: weights ")[1].split(", ", 1)
+        got["weights"] = [float(w) for w in weights.split(",")]
+        line = line.split("<- chosen: ")[0] + "<- chosen: " + rest
     if "<- chosen: align " in line:
         # One val column per --align power; the chosen power and its val accuracy follow.
         align, val = line.split("<- chosen: align ")[1].split(", val accuracy ")
@@ -213,6 +234,11 @@ def kind_views(dt, kind, seed):
     tfidf = ["--tfidf", f"{bag}/data"]
     # The kinds measured before class-mass alignment existed keep their grid (--align 0).
     plain = ["--align", "0"]
+
+    def weighted(m):
+        # Every weighting of m views by 1s and 2s but all 2s (the same graph as all 1s).
+        return [a for w in itertools.product([1, 2], repeat=m) if set(w) != {2}
+                for a in ("--weights", ",".join(map(str, w)))]
     path, views = {
         "two-view": (f"{oracle}/propagated-2view.logits", lambda: minilm(64) + words + plain),
         "three-view": (f"{oracle}/propagated-3view.logits", lambda: minilm(64) + words + tfidf + plain),
@@ -233,6 +259,16 @@ def kind_views(dt, kind, seed):
                                        lambda: student(256) + minilm(256) + words + tfidf + bag_student()),
         "four-view-len256-aligned": (f"{oracle}/propagated-4view-len256-aligned.logits",
                                      lambda: student(256, trained_on=256) + minilm(256) + words + tfidf),
+        "four-view-256s-weighted": (f"{oracle}/propagated-4view-256s-weighted.logits",
+                                    lambda: student(256) + minilm(256) + words + tfidf + weighted(4)),
+        "three-view-256-weighted": (f"{oracle}/propagated-3view-256-weighted.logits",
+                                    lambda: minilm(256) + words + tfidf + weighted(3)),
+        "words-weighted": (f"{bag}/propagated-words-weighted.logits", lambda: words + tfidf + weighted(2)),
+        "four-view-256w-aligned": (f"{oracle}/propagated-4view-256w-aligned.logits",
+                                   lambda: student(256, "three-view-256-weighted") + minilm(256) + words + tfidf),
+        "four-view-256w-weighted": (f"{oracle}/propagated-4view-256w-weighted.logits",
+                                    lambda: student(256, "three-view-256-weighted") + minilm(256) + words + tfidf
+                                    + weighted(4)),
     }[kind]
     return path, views
 

@@ -587,7 +587,7 @@ struct PropagateArgs {
     /// embeddings (`dtrain pretrain`'s output directory
     /// or its embeddings.safetensors; a row's vector is the mean of its words'). Repeat
     /// it, each with its own --data, for several views of the same rows: the graph's
-    /// similarity is then the mean of the views' cosines.
+    /// similarity is then the mean of the views' cosines (weighted by --weights).
     #[arg(long, required_unless_present = "tfidf")]
     model: Vec<PathBuf>,
     /// The pooling of the pretrained models' directories among the --model views: `mean`
@@ -644,6 +644,12 @@ struct PropagateArgs {
     /// number per class).
     #[arg(long, default_value = "val")]
     class_prior: dtrain::propagate::ClassPrior,
+    /// The views' weights in the graph's similarity, one per view in order (each --model,
+    /// then --tfidf), comma-separated: two rows' similarity is Σ w·cosine / Σ w. Repeat it
+    /// for several weightings to try; val accuracy picks one (each is searched again).
+    /// Default: every view weighs the same.
+    #[arg(long, value_name = "W1,W2,...")]
+    weights: Vec<dtrain::propagate::Weights>,
     /// Documents per encoder batch.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -1569,6 +1575,7 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         shifts: a.shift.clone(),
         aligns: a.align.clone(),
         prior: a.class_prior,
+        weights: a.weights.clone(),
         batch_size: a.batch_size,
         progress,
     };
@@ -1657,13 +1664,18 @@ fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
     let val_of =
         |s: &dtrain::propagate::Setting| s.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
     println!("   shift     k  alpha{powers}  CG iterations  rows unreached");
+    let weighted = a.weights.len() > 1;
     for (line, settings) in r.grid.chunks(aligns).enumerate() {
         let s = &settings[0];
+        if weighted && (line == 0 || r.grid[(line - 1) * aligns].weights != s.weights) {
+            println!("views weighted {}:", s.weights.name());
+        }
         let vals: String = settings.iter().map(|x| format!(" {:>8}", val_of(x))).collect();
         let mark = match (r.chosen / aligns == line, s.converged) {
             (true, _) => {
                 let c = &r.grid[r.chosen];
-                format!("  <- chosen: align {}, val accuracy {}", c.align, val_of(c))
+                let w = if weighted { format!("weights {}, ", c.weights.name()) } else { String::new() };
+                format!("  <- chosen: {w}align {}, val accuracy {}", c.align, val_of(c))
             }
             (false, false) => "  (did not converge: never chosen)".to_string(),
             _ => String::new(),

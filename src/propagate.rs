@@ -26,11 +26,13 @@
 //!   n×H matrix of rows (`drop-top`: `v_i − (v_i·u)u`; power iteration, whose failure to
 //!   settle within 1000 steps is reported). A row left with nothing has no vector (the run
 //!   prints how many). TF-IDF vectors are never shifted (their weights already discount
-//!   the words every row has); with TF-IDF views alone the grid has no shift. With m views,
-//!   a row's vector is its views' side by side, each times 1/√m, so `v_i·v_j` is the mean
-//!   of the views' cosines (0 where a view has no vector; the sparse views' dot products
-//!   are added to the dense ones' in the search). A row with no vector has no edge; only
-//!   its own label, if it is a training row, reaches it.
+//!   the words every row has); with TF-IDF views alone the grid has no shift. With m views
+//!   of weights `w_v` summing to 1 ([`Weights`], `--weights`, divided by their sum; 1/m
+//!   each by default), a row's vector is its views' side by side, each times `√w_v`, so
+//!   `v_i·v_j = Σ_v w_v cos_v(i, j)`, the weighted mean of the views' cosines (0 where a view
+//!   has no vector; the sparse views' dot products, times their weights, are added to the
+//!   dense ones' in the search). A row with no vector has no edge; only its own label, if it
+//!   is a training row, reaches it.
 //! - `N_k(i)`: the k rows j ≠ i of largest `v_i·v_j` (exact search). `A_ij = max(0, v_i·v_j)^γ`
 //!   for j in `N_k(i)`, else 0; `W = A + Aᵀ`; `S = D^-½ W D^-½` with `D = diag(W 1)`.
 //! - `Y_ic = 1/n_c` for a labeled training row of class c (n_c such rows), else 0.
@@ -57,8 +59,8 @@
 //!   row that no labeled row reaches (a piece of the graph without one) gets 1/C each: its
 //!   argmax says nothing, it counts as wrong in val and test accuracy, the run prints how
 //!   many there are, and Noisy Student skips it at any `consistency.threshold` above 1/C.
-//! - Every (shift, k, α, a) of the grid is tried; the one of highest val accuracy (argmax
-//!   q) wins, the first in grid order on a tie. With no val rows the grid must hold one
+//! - Every (weights, shift, k, α, a) of the grid is tried; the one of highest val accuracy
+//!   (argmax q) wins, the first in grid order on a tie. With no val rows the grid must hold one
 //!   setting.
 //!
 //! # Cost
@@ -67,7 +69,7 @@
 //! Σ_w df_w² multiply-adds for each shift of the grid (about 1.2·10⁹ for Brown's 15.6k
 //! paragraphs), its vectors two copies of its entries (by row and by word; four while they
 //! are built). The vectors take n·H floats (twice, while a shifted copy is searched), the
-//! graph 2·n·k edges; each shift of the grid searches once. The encoder runs on the
+//! graph 2·n·k edges; each (weights, shift) of the grid searches once. The encoder runs on the
 //! `--device` backend, the rest on the CPU.
 
 use std::path::Path;
@@ -109,9 +111,51 @@ pub struct Options {
     pub aligns: Vec<f64>,
     /// Where the alignment's class prior comes from.
     pub prior: ClassPrior,
+    /// The views' weights in the graph's similarity to try, one [`Weights`] per setting (each
+    /// as many as the views); none: every view weighs the same.
+    pub weights: Vec<Weights>,
     /// Documents per encoder batch.
     pub batch_size: usize,
     pub progress: bool,
+}
+
+/// The views' weights in the graph's similarity, in the order of the views (`propagate`'s
+/// --model views, then --tfidf): two rows' similarity is `Σ_v w_v cos_v / Σ_v w_v`. Each
+/// weight is finite and at least 0, one at least above 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights(pub Vec<f64>);
+
+impl Weights {
+    /// The weights divided by their sum.
+    fn normalised(&self) -> Vec<f64> {
+        let sum: f64 = self.0.iter().sum();
+        self.0.iter().map(|w| w / sum).collect()
+    }
+
+    /// The weights as `--weights` takes them.
+    pub fn name(&self) -> String {
+        self.0.iter().map(|w| w.to_string()).collect::<Vec<_>>().join(",")
+    }
+}
+
+impl std::str::FromStr for Weights {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Weights, String> {
+        let mut w = Vec::new();
+        for part in s.split(',') {
+            let x: f64 = part.trim().parse().map_err(|_| {
+                format!("`{part}` in `{s}`: expected a number (one weight per view, comma-separated)")
+            })?;
+            if !(x.is_finite() && x >= 0.0) {
+                return Err(format!("`{part}` in `{s}`: a view's weight must be finite and at least 0"));
+            }
+            w.push(x);
+        }
+        if !w.iter().any(|&x| x > 0.0) {
+            return Err(format!("`{s}`: at least one view's weight must be above 0"));
+        }
+        Ok(Weights(w))
+    }
 }
 
 /// What is done to the unit vectors before the neighbour search. Vectors that share a large
@@ -255,6 +299,8 @@ struct Row {
 /// One setting of the grid and its val accuracy (`None` without val rows).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Setting {
+    /// The views' weights (as given; every view 1 without `Options::weights`).
+    pub weights: Weights,
     pub shift: Shift,
     pub k: usize,
     pub alpha: f64,
@@ -430,6 +476,7 @@ impl View<'_> {
             shifts: vec![],
             aligns: vec![],
             prior: ClassPrior::Val,
+            weights: vec![],
             batch_size,
             progress,
         };
@@ -514,8 +561,9 @@ fn check_words_match(ds: &Dataset, emb: &Embeddings) -> Result<()> {
 /// file `out` (and, with `jsonl`, pseudo-label lines). Encoders run on `be`. With several
 /// views, their data sets must hold the same rows in the same order (the same input files
 /// and split, prepared with each view's tokenizer), and the graph's similarity of two rows
-/// is the mean of their cosines in the m views: the dense views' unit vectors (each
-/// shifted) side by side at 1/√m, the TF-IDF views' dot products added at 1/m. With TF-IDF
+/// is the mean of their cosines in the m views, weighted by each of `opts.weights` in turn
+/// (1/m each without): the dense views' unit vectors (each shifted) side by side at √w, the
+/// TF-IDF views' dot products added at w. With TF-IDF
 /// views alone there is nothing to shift, and the grid's shifts are one (`raw`). The
 /// logits file records the views' weights and the grid as its source.
 pub fn propagate<B: EncoderOps<F = f32>>(
@@ -541,6 +589,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     for v in views {
         v.check()?;
     }
+    weightings(opts, views.len())?;
     let rows = check_data(ds, out, jsonl, opts)?;
     for v in &views[1..] {
         check_aligned(ds, v.data)?;
@@ -843,40 +892,46 @@ fn spread_and_write(
     let mut grid = Vec::new();
     let mut best: Option<(usize, Vec<f64>, Vec<f64>)> = None;
     let mut shifted = Vec::new();
-    for &shift in &opts.shifts {
-        let started = std::time::Instant::now();
-        let (neighbours, did) = neighbours(&views, total, shift, k_max);
-        shifted.push((shift, did));
-        search_seconds += started.elapsed().as_secs_f64();
-        for &k in &opts.ks {
-            let graph = Graph::new(&neighbours, k_max, k);
-            for &alpha in &opts.alphas {
-                let (f, iterations, converged) = graph.spread(&seeds, classes, alpha);
-                let unreached = f.chunks(classes).filter(|row| !reached(row)).count();
-                let p = normalised(&f, classes);
-                drop(f);
-                let (mass, plain) = class_mass(&p, info, classes);
-                for &align in &opts.aligns {
-                    let q = aligned(&p, &prior, &mass, align);
-                    let val_accuracy = accuracy(&q, SplitKind::Val);
-                    grid.push(Setting {
-                        shift,
-                        k,
-                        alpha,
-                        align,
-                        val_accuracy,
-                        iterations,
-                        converged,
-                        unreached,
-                    });
-                    let better = converged
-                        && match (&best, val_accuracy) {
-                            (None, _) => true,
-                            (Some((b, ..)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
-                            (Some(_), None) => false,
-                        };
-                    if better {
-                        best = Some((grid.len() - 1, q, plain.clone()));
+    let weightings = weightings(opts, views.len())?;
+    for (given, weights) in &weightings {
+        for &shift in &opts.shifts {
+            let started = std::time::Instant::now();
+            let (neighbours, did) = neighbours(&views, total, shift, k_max, weights);
+            if shifted.len() < opts.shifts.len() {
+                shifted.push((shift, did));
+            }
+            search_seconds += started.elapsed().as_secs_f64();
+            for &k in &opts.ks {
+                let graph = Graph::new(&neighbours, k_max, k);
+                for &alpha in &opts.alphas {
+                    let (f, iterations, converged) = graph.spread(&seeds, classes, alpha);
+                    let unreached = f.chunks(classes).filter(|row| !reached(row)).count();
+                    let p = normalised(&f, classes);
+                    drop(f);
+                    let (mass, plain) = class_mass(&p, info, classes);
+                    for &align in &opts.aligns {
+                        let q = aligned(&p, &prior, &mass, align);
+                        let val_accuracy = accuracy(&q, SplitKind::Val);
+                        grid.push(Setting {
+                            weights: given.clone(),
+                            shift,
+                            k,
+                            alpha,
+                            align,
+                            val_accuracy,
+                            iterations,
+                            converged,
+                            unreached,
+                        });
+                        let better = converged
+                            && match (&best, val_accuracy) {
+                                (None, _) => true,
+                                (Some((b, ..)), Some(v)) => v > grid[*b].val_accuracy.unwrap_or(-1.0),
+                                (Some(_), None) => false,
+                            };
+                        if better {
+                            best = Some((grid.len() - 1, q, plain.clone()));
+                        }
                     }
                 }
             }
@@ -937,42 +992,86 @@ fn spread_and_write(
     })
 }
 
-/// Each of the `n` rows' `k` nearest neighbours under `shift`: the similarity of two rows is
-/// the mean of their cosines in the views (the dense views shifted, side by side, the
-/// sparse views' dot products added; one dense view alone and unshifted is searched as it
-/// is), and what the shift did.
-fn neighbours(views: &[Embedded], n: usize, shift: Shift, k: usize) -> (Vec<(u32, f32)>, Shifted) {
-    let dense: Vec<&Embedded> = views.iter().filter(|e| e.sparse.is_none()).collect();
-    let sparse: Vec<&Sparse> = views.iter().filter_map(|e| e.sparse.as_ref()).collect();
-    let m = views.len();
-    if let ([e], 1, Shift::Raw) = (dense.as_slice(), m, shift) {
-        return (nearest(n, &e.vectors, e.width, &[], 1.0, k), Shifted::default());
+/// The grid's view weightings for `m` views: each as given and divided by its sum. Without
+/// `Options::weights`, one: every view 1. Each must give one weight per view, and no two
+/// may be proportional (only the ratios count: they give the same graph).
+fn weightings(opts: &Options, m: usize) -> Result<Vec<(Weights, Vec<f64>)>> {
+    if opts.weights.is_empty() {
+        let equal = Weights(vec![1.0; m]);
+        let n = equal.normalised();
+        return Ok(vec![(equal, n)]);
     }
-    let (combined, width, did) = combine(&dense, m, shift);
-    (nearest(n, &combined, width, &sparse, 1.0 / m as f32, k), did)
+    let mut out: Vec<(Weights, Vec<f64>)> = Vec::new();
+    for w in &opts.weights {
+        if w.0.len() != m {
+            return Err(Error::Data(format!(
+                "--weights {}: {} weights for {m} views (one per view, in order: each --model, then --tfidf)",
+                w.name(),
+                w.0.len()
+            )));
+        }
+        let n = w.normalised();
+        if let Some((same, _)) =
+            out.iter().find(|(_, o)| o.iter().zip(&n).all(|(a, b)| (a - b).abs() < 1e-12))
+        {
+            return Err(Error::Data(format!(
+                "--weights {}: the same graph as --weights {} (only the weights' ratios count)",
+                w.name(),
+                same.name()
+            )));
+        }
+        out.push((w.clone(), n));
+    }
+    Ok(out)
+}
+
+/// Each of the `n` rows' `k` nearest neighbours under `shift`: the similarity of two rows is
+/// the mean of their cosines in the views weighted by `weights` (one per view, summing to
+/// 1; the dense views shifted, side by side, the sparse views' dot products added; one
+/// dense view alone and unshifted is searched as it is), and what the shift did.
+fn neighbours(
+    views: &[Embedded],
+    n: usize,
+    shift: Shift,
+    k: usize,
+    weights: &[f64],
+) -> (Vec<(u32, f32)>, Shifted) {
+    debug_assert_eq!(views.len(), weights.len());
+    let dense: Vec<(&Embedded, f64)> =
+        views.iter().zip(weights).filter(|(e, _)| e.sparse.is_none()).map(|(e, &w)| (e, w)).collect();
+    let sparse: Vec<(&Sparse, f32)> =
+        views.iter().zip(weights).filter_map(|(e, &w)| e.sparse.as_ref().map(|s| (s, w as f32))).collect();
+    if let ([(e, _)], 1, Shift::Raw) = (dense.as_slice(), views.len(), shift) {
+        return (nearest(n, &e.vectors, e.width, &[], k), Shifted::default());
+    }
+    let (combined, width, did) = combine(&dense, shift);
+    (nearest(n, &combined, width, &sparse, k), did)
 }
 
 /// The dense part of the rows' vectors for the neighbour search: each dense view's shifted
-/// by `shift`, side by side and scaled by 1/√m for m views in all (so a dot product is the
-/// dense views' share of the mean of the views' cosines; the sparse views add theirs in
-/// [`nearest`]); a view's rows without a vector add zeros. Returns them, their width
-/// (nothing, width 0, without a dense view) and what the shift did.
-fn combine(views: &[&Embedded], m: usize, shift: Shift) -> (Vec<f32>, usize, Shifted) {
-    if let ([e], 1) = (views, m) {
-        let mut v = e.vectors.clone();
-        let did = shift.apply(&mut v, e.width);
-        return (v, e.width, did);
+/// by `shift`, side by side and scaled by √w for its weight w (the views' weights, sparse
+/// ones included, sum to 1: so a dot product is the dense views' share of the weighted mean
+/// of the views' cosines; the sparse views add theirs in [`nearest`]); a view's rows
+/// without a vector add zeros. Returns them, their width (nothing, width 0, without a dense
+/// view) and what the shift did.
+fn combine(views: &[(&Embedded, f64)], shift: Shift) -> (Vec<f32>, usize, Shifted) {
+    if let [(e, w)] = views {
+        if *w == 1.0 {
+            let mut v = e.vectors.clone();
+            let did = shift.apply(&mut v, e.width);
+            return (v, e.width, did);
+        }
     }
-    let width: usize = views.iter().map(|e| e.width).sum();
-    let Some(first) = views.first() else {
+    let width: usize = views.iter().map(|(e, _)| e.width).sum();
+    let Some((first, _)) = views.first() else {
         return (Vec::new(), 0, Shifted::default());
     };
     let n = first.vectors.len() / first.width;
-    let scale = 1.0 / (m as f32).sqrt();
     let mut out = vec![0f32; n * width];
     let mut at = 0;
     let mut did = Shifted::default();
-    for e in views {
+    for &(e, w) in views {
+        let scale = w.sqrt() as f32;
         let shifted;
         let v = if shift == Shift::Raw {
             &e.vectors
@@ -1045,6 +1144,13 @@ fn source_of(views: &[View], opts: &Options) -> u64 {
     }
     for t in &opts.shifts {
         bytes.extend(t.name().as_bytes());
+    }
+    // Without --weights, the source of the runs before weights existed.
+    for w in &opts.weights {
+        bytes.extend(b"weights");
+        for x in w.normalised() {
+            bytes.extend(x.to_le_bytes());
+        }
     }
     // Plain spreading (one power, 0) keeps the source files of runs before alignment had.
     if opts.aligns != [0.0] {
@@ -1171,10 +1277,10 @@ fn seed_matrix(info: &[Row], classes: usize) -> Vec<f64> {
 
 /// Each of the `n` rows' `k` most similar other rows, most similar first: n×k (index,
 /// similarity) pairs. A pair's similarity is the dot product of their dense rows of `v`
-/// (n×h; none when h is 0) plus `scale` times their dot product in each of the `sparse`
-/// views (1/m for m views in all: [`combine`] scaled the dense rows by 1/√m). Row blocks
-/// run in parallel, each one product of the block with every row.
-fn nearest(n: usize, v: &[f32], h: usize, sparse: &[&Sparse], scale: f32, k: usize) -> Vec<(u32, f32)> {
+/// (n×h; none when h is 0) plus, for each of the `sparse` views, its weight times their
+/// dot product there ([`combine`] scaled each dense view by the root of its weight). Row
+/// blocks run in parallel, each one product of the block with every row.
+fn nearest(n: usize, v: &[f32], h: usize, sparse: &[(&Sparse, f32)], k: usize) -> Vec<(u32, f32)> {
     // A block's similarities take at most 2^24 floats (64 MiB).
     let block = (1usize << 24).div_ceil(n).clamp(1, 256);
     let mut out = vec![(0u32, 0f32); n * k];
@@ -1197,7 +1303,7 @@ fn nearest(n: usize, v: &[f32], h: usize, sparse: &[&Sparse], scale: f32, k: usi
                 (n as isize, 1),
             );
         }
-        for s in sparse {
+        for &(s, scale) in sparse {
             for (r, row) in sim.chunks_mut(n).enumerate() {
                 s.add_dots(start + r, scale, row);
             }
@@ -1619,7 +1725,7 @@ mod tests {
                 [r[0] / n, r[1] / n]
             })
             .collect();
-        let nb = nearest(6, &v, h, &[], 1.0, 2);
+        let nb = nearest(6, &v, h, &[], 2);
         for i in 0..6 {
             let group = i / 3;
             for &(j, _) in &nb[i * 2..i * 2 + 2] {
@@ -1788,7 +1894,7 @@ mod tests {
         }
         let block = (1usize << 24).div_ceil(n).clamp(1, 256);
         assert!(n > 2 * block, "the test should span several blocks");
-        let got = nearest(n, &v, h, &[], 1.0, k);
+        let got = nearest(n, &v, h, &[], k);
         for i in 0..n {
             let mut all: Vec<(u32, f32)> = (0..n)
                 .filter(|&j| j != i)
@@ -1849,6 +1955,7 @@ mod tests {
     }
 
     /// Views side by side: a dot product of combined rows is the mean of the views' cosines
+    /// (here weighted 1/2 each)
     /// (a view where a row has no vector adds 0), and a shift applies to each view alone.
     #[test]
     fn views_side_by_side_average_their_cosines() {
@@ -1861,8 +1968,8 @@ mod tests {
         let view =
             |vectors: Vec<f32>, width| Embedded { vectors, width, sparse: None, seconds: 0.0, blank: 0 };
         let owned = [view(a.clone(), 3), view(b.clone(), 2)];
-        let views = [&owned[0], &owned[1]];
-        let (c, width, _) = combine(&views, 2, Shift::Raw);
+        let views = [(&owned[0], 0.5), (&owned[1], 0.5)];
+        let (c, width, _) = combine(&views, Shift::Raw);
         assert_eq!(width, 5);
         let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
         for i in 0..3 {
@@ -1875,7 +1982,7 @@ mod tests {
             }
         }
         // Centring each view: the combined rows are the centred views side by side.
-        let (c, _, did) = combine(&views, 2, Shift::Centre);
+        let (c, _, did) = combine(&views, Shift::Centre);
         assert_eq!(did, Shifted::default());
         let (mut ca, mut cb) = (a.clone(), b.clone());
         Shift::Centre.apply(&mut ca, 3);
@@ -1889,10 +1996,10 @@ mod tests {
         assert_eq!(cb[4..6], [0.0, 0.0], "a row without a vector stays without");
         // One view is searched as it is (shifted alone); one dense view of two (the other
         // sparse) is scaled by 1/√2 all the same.
-        assert_eq!(combine(&views[..1], 1, Shift::Raw), (a.clone(), 3, Shifted::default()));
-        let (half, _, _) = combine(&views[..1], 2, Shift::Raw);
+        assert_eq!(combine(&[(&owned[0], 1.0)], Shift::Raw), (a.clone(), 3, Shifted::default()));
+        let (half, _, _) = combine(&views[..1], Shift::Raw);
         assert_eq!(half, a.iter().map(|x| x * s).collect::<Vec<f32>>());
-        assert_eq!(combine(&[], 1, Shift::Raw), (Vec::new(), 0, Shifted::default()));
+        assert_eq!(combine(&[], Shift::Raw), (Vec::new(), 0, Shifted::default()));
     }
 
     /// TF-IDF by hand on three rows, and a search that adds it to a dense view: the
@@ -1940,8 +2047,8 @@ mod tests {
         // Beside a dense view: dense rows scaled by 1/√2 plus half the TF-IDF dot.
         let dense = [1.0f32, 0.0, 0.6, 0.8, 0.0, 1.0];
         let e = Embedded { vectors: dense.to_vec(), width: 2, sparse: None, seconds: 0.0, blank: 0 };
-        let (c, h, _) = combine(&[&e], 2, Shift::Raw);
-        let nb = nearest(3, &c, h, &[&sp.0], 0.5, 2);
+        let (c, h, _) = combine(&[(&e, 0.5)], Shift::Raw);
+        let nb = nearest(3, &c, h, &[(&sp.0, 0.5)], 2);
         for i in 0..3 {
             for &(j, s) in &nb[i * 2..i * 2 + 2] {
                 let j = j as usize;
@@ -1953,7 +2060,7 @@ mod tests {
         }
         // Without a dense view the TF-IDF cosines alone rank the rows.
         let cos = |i: usize, j: usize| want[i].iter().zip(&want[j]).map(|(a, b)| a * b).sum::<f64>();
-        let alone = nearest(3, &[], 0, &[&sp.0], 1.0, 1);
+        let alone = nearest(3, &[], 0, &[(&sp.0, 1.0)], 1);
         for (i, &(j, s)) in alone.iter().enumerate() {
             let best = (0..3).filter(|&j| j != i).max_by(|&a, &b| cos(i, a).total_cmp(&cos(i, b))).unwrap();
             assert_eq!(j as usize, best, "row {i}");
@@ -2007,10 +2114,19 @@ mod tests {
             let two = [dense_view(&a, 3), sparse_view()];
             let want3 = |i, j| (cos(&sa, 3, i, j) + cos(&sb, 2, i, j) + sparse_cos(i, j)) / 3.0;
             let want2 = |i, j| (cos(&sa, 3, i, j) + sparse_cos(i, j)) / 2.0;
+            // Weighted 0.6, 0.1 and 0.3; and the first view alone, the others at weight 0.
+            let weighted = |i, j| 0.6 * cos(&sa, 3, i, j) + 0.1 * cos(&sb, 2, i, j) + 0.3 * sparse_cos(i, j);
+            let first = |i, j| cos(&sa, 3, i, j);
             type Want<'a> = &'a dyn Fn(usize, usize) -> f64;
-            let cases: [(&[Embedded], Want); 2] = [(&three, &want3), (&two, &want2)];
-            for (views, want) in cases {
-                let (got, _) = neighbours(views, n, shift, k);
+            let third = 1.0 / 3.0;
+            let cases: [(&[Embedded], &[f64], Want); 4] = [
+                (&three, &[third, third, third], &want3),
+                (&two, &[0.5, 0.5], &want2),
+                (&three, &[0.6, 0.1, 0.3], &weighted),
+                (&three, &[1.0, 0.0, 0.0], &first),
+            ];
+            for (views, weights, want) in cases {
+                let (got, _) = neighbours(views, n, shift, k, weights);
                 for i in 0..n {
                     let mut all: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| want(i, j)).collect();
                     all.sort_by(|x, y| y.total_cmp(x));
@@ -2018,14 +2134,13 @@ mod tests {
                         let j = j as usize;
                         assert_ne!(j, i);
                         let w = want(i, j);
-                        let m = views.len();
                         assert!(
                             (f64::from(s) - w).abs() < 1e-5,
-                            "{shift:?}, {m} views, rows {i}, {j}: {s} against {w}"
+                            "{shift:?}, weights {weights:?}, rows {i}, {j}: {s} against {w}"
                         );
                         assert!(
                             (w - all[r]).abs() < 1e-5,
-                            "{shift:?}, {m} views: row {i}'s neighbour {r} is not the nearest but {r}"
+                            "{shift:?}, weights {weights:?}: row {i}'s neighbour {r} is not the nearest but {r}"
                         );
                     }
                 }
@@ -2061,6 +2176,47 @@ mod tests {
         assert!(z.iter().all(|v| v.is_finite()));
     }
 
+    /// `--weights` parses one weight per view and refuses what is no weighting; the grid's
+    /// weightings must fit the views and differ in their ratios.
+    #[test]
+    fn view_weights_are_checked() {
+        assert_eq!("2, 1,0.5".parse::<Weights>(), Ok(Weights(vec![2.0, 1.0, 0.5])));
+        for (text, want) in [
+            ("1,x", "`x` in `1,x`: expected a number"),
+            ("1,-1", "`-1` in `1,-1`: a view's weight must be finite and at least 0"),
+            ("1,inf", "must be finite"),
+            ("0,0", "`0,0`: at least one view's weight must be above 0"),
+            ("", "expected a number"),
+        ] {
+            let e = text.parse::<Weights>().unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let o = |w: &[&[f64]]| Options {
+            ks: vec![5],
+            alphas: vec![0.9],
+            shifts: vec![Shift::Raw],
+            aligns: vec![0.0],
+            prior: ClassPrior::Val,
+            weights: w.iter().map(|w| Weights(w.to_vec())).collect(),
+            batch_size: 64,
+            progress: false,
+        };
+        let got = weightings(&o(&[]), 4).unwrap();
+        assert_eq!(got, vec![(Weights(vec![1.0; 4]), vec![0.25; 4])]);
+        let got = weightings(&o(&[&[3.0, 1.0], &[1.0, 0.0]]), 2).unwrap();
+        assert_eq!(got[0].1, vec![0.75, 0.25]);
+        assert_eq!(got[1], (Weights(vec![1.0, 0.0]), vec![1.0, 0.0]));
+        let e = weightings(&o(&[&[1.0, 1.0, 1.0]]), 2).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "--weights 1,1,1: 3 weights for 2 views (one per view, in order: each --model, then --tfidf)"
+            ),
+            "{e}"
+        );
+        let e = weightings(&o(&[&[2.0, 1.0], &[4.0, 2.0]]), 2).unwrap_err().to_string();
+        assert!(e.contains("--weights 4,2: the same graph as --weights 2,1"), "{e}");
+    }
+
     #[test]
     fn the_grid_is_checked() {
         let ok = Options {
@@ -2069,6 +2225,7 @@ mod tests {
             shifts: vec![Shift::Raw],
             aligns: vec![0.0, 0.5],
             prior: ClassPrior::Val,
+            weights: vec![],
             batch_size: 64,
             progress: false,
         };

@@ -620,6 +620,58 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     // Neither --model nor --tfidf: nothing to embed.
     let (ok, _, err) = cli(&["--out".into(), path(&refused)]);
     assert!(!ok && err.contains("--model"), "{err}");
+    // --weights: a view of weight 0 adds nothing, so weights 0,1 spread as TF-IDF alone did
+    // (every shift of the zero-weighted word vectors gives TF-IDF's graph; the first, raw,
+    // wins the tie), and 1,0 as the word vectors alone, value for value.
+    let weighted = |weights: &[&str], out: &Path| {
+        let mut args = vec!["--model".into(), path(&pre), "--data".into(), path(&data)];
+        args.extend(["--tfidf".into(), path(&data), "--out".into(), path(out)]);
+        for w in weights {
+            args.extend(["--weights".to_string(), w.to_string()]);
+        }
+        cli(&args)
+    };
+    let alone = dir.path().join("alone.logits");
+    let (ok, _, err) =
+        cli(&["--model".into(), path(&pre), "--data".into(), path(&data), "--out".into(), path(&alone)]);
+    assert!(ok, "{err}");
+    // The two views alone spread otherwise (the zzyzx row has a word vector, no TF-IDF
+    // vector), so each weighting below must have followed its weights.
+    assert!(dtrain::logits::LogitsFile::open(&alone).unwrap().all() != f.all());
+    for (w, same_as) in [("0,1", &out), ("1,0", &alone)] {
+        let got = dir.path().join(format!("w{w}.logits"));
+        let (ok, stdout, err) = weighted(&[w], &got);
+        assert!(ok, "{err}");
+        assert!(!stdout.contains("views weighted"), "one weighting prints no header:\n{stdout}");
+        let (got, want) = (
+            dtrain::logits::LogitsFile::open(&got).unwrap(),
+            dtrain::logits::LogitsFile::open(same_as).unwrap(),
+        );
+        assert!(got.all() == want.all(), "--weights {w}: not the view alone's probabilities");
+        assert_ne!(got.source, want.source, "--weights {w}: the weights are the file's source");
+    }
+    // Two weightings: each its block of the report, val picks one and names it.
+    let (ok, stdout, err) = weighted(&["1,0", "0,1"], &refused);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("views weighted 1,0:")
+            && stdout.contains("views weighted 0,1:")
+            && stdout.contains("<- chosen: weights "),
+        "{stdout}"
+    );
+    std::fs::remove_file(&refused).unwrap();
+    // Refused before anything is written: a weight per view, no two alike in their ratios,
+    // numbers at least 0.
+    for (weights, want) in [
+        (&["1,1,1"][..], "--weights 1,1,1: 3 weights for 2 views"),
+        (&["1,2", "2,4"][..], "--weights 2,4: the same graph as --weights 1,2"),
+        (&["1,-2"][..], "a view's weight must be finite and at least 0"),
+        (&["0,0"][..], "at least one view's weight must be above 0"),
+    ] {
+        let (ok, _, err) = weighted(weights, &refused);
+        assert!(!ok && err.contains(want), "{weights:?}: {err}");
+        assert!(!refused.exists(), "{weights:?}");
+    }
 }
 
 /// `dtrain propagate --align`: one val column per power, the chosen power named, each
