@@ -896,6 +896,9 @@ fn spread_and_write(
     for (given, weights) in &weightings {
         for &shift in &opts.shifts {
             let started = std::time::Instant::now();
+            // Each weighting shifts the views again (under a tenth of the search's time on
+            // Brown's four views) rather than hold every shift's copies at once; what a
+            // shift does does not depend on the weights, so the first weighting's is kept.
             let (neighbours, did) = neighbours(&views, total, shift, k_max, weights);
             if shifted.len() < opts.shifts.len() {
                 shifted.push((shift, did));
