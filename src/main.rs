@@ -646,8 +646,9 @@ struct PropagateArgs {
     class_prior: dtrain::propagate::ClassPrior,
     /// The views' weights in the graph's similarity, one per view in order (each --model,
     /// then --tfidf), comma-separated: two rows' similarity is Σ w·cosine / Σ w. Repeat it
-    /// for several weightings to try; val accuracy picks one (each is searched again).
-    /// Default: every view weighs the same.
+    /// for several weightings to try; val accuracy picks one (each is searched again). Only
+    /// the ratios count (proportional weightings are refused); a view of weight 0 adds
+    /// nothing but still costs its search. Default: every view weighs the same.
     #[arg(long, value_name = "W1,W2,...")]
     weights: Vec<dtrain::propagate::Weights>,
     /// Documents per encoder batch.
@@ -1587,6 +1588,7 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
             a.data.len()
         );
     }
+    dtrain::propagate::check_weights(&opts, a.model.len() + usize::from(a.tfidf.is_some()))?;
     let mut sets = Vec::new();
     for data in a.data.iter().chain(&a.tfidf) {
         let ds = Dataset::open(data)?;
@@ -1664,7 +1666,7 @@ fn print_propagate_report(r: &dtrain::propagate::Report, a: &PropagateArgs) {
     let val_of =
         |s: &dtrain::propagate::Setting| s.val_accuracy.map_or("-".to_string(), |v| format!("{v:.4}"));
     println!("   shift     k  alpha{powers}  CG iterations  rows unreached");
-    let weighted = a.weights.len() > 1;
+    let weighted = !a.weights.is_empty();
     for (line, settings) in r.grid.chunks(aligns).enumerate() {
         let s = &settings[0];
         if weighted && (line == 0 || r.grid[(line - 1) * aligns].weights != s.weights) {

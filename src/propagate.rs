@@ -66,10 +66,11 @@
 //! # Cost
 //! The neighbour search is exact: n²·H multiply-adds for n rows of width H (15.6k rows of
 //! MiniLM's 384 take seconds; a million would take hours on a CPU). A TF-IDF view adds
-//! Σ_w df_w² multiply-adds for each shift of the grid (about 1.2·10⁹ for Brown's 15.6k
+//! Σ_w df_w² multiply-adds for each (weights, shift) of the grid (about 1.2·10⁹ for Brown's 15.6k
 //! paragraphs), its vectors two copies of its entries (by row and by word; four while they
 //! are built). The vectors take n·H floats (twice, while a shifted copy is searched), the
-//! graph 2·n·k edges; each (weights, shift) of the grid searches once. The encoder runs on the
+//! graph 2·n·k edges; each (weights, shift) of the grid searches once, a view of weight 0
+//! included (leave such a view out instead). The encoder runs on the
 //! `--device` backend, the rest on the CPU.
 
 use std::path::Path;
@@ -126,10 +127,20 @@ pub struct Options {
 pub struct Weights(pub Vec<f64>);
 
 impl Weights {
-    /// The weights divided by their sum.
+    /// What makes these no weighting: a weight that is not finite or below 0, or none above 0.
+    fn problem(&self) -> Option<String> {
+        if let Some(x) = self.0.iter().find(|x| !(x.is_finite() && **x >= 0.0)) {
+            return Some(format!("a view's weight must be finite and at least 0, not {x}"));
+        }
+        (!self.0.iter().any(|&x| x > 0.0)).then(|| "at least one view's weight must be above 0".to_string())
+    }
+
+    /// The weights divided by their sum (taken relative to the largest first, so that
+    /// no sum of finite weights overflows).
     fn normalised(&self) -> Vec<f64> {
-        let sum: f64 = self.0.iter().sum();
-        self.0.iter().map(|w| w / sum).collect()
+        let largest = self.0.iter().fold(0f64, |a, &w| a.max(w));
+        let sum: f64 = self.0.iter().map(|w| w / largest).sum();
+        self.0.iter().map(|w| w / largest / sum).collect()
     }
 
     /// The weights as `--weights` takes them.
@@ -146,15 +157,10 @@ impl std::str::FromStr for Weights {
             let x: f64 = part.trim().parse().map_err(|_| {
                 format!("`{part}` in `{s}`: expected a number (one weight per view, comma-separated)")
             })?;
-            if !(x.is_finite() && x >= 0.0) {
-                return Err(format!("`{part}` in `{s}`: a view's weight must be finite and at least 0"));
-            }
             w.push(x);
         }
-        if !w.iter().any(|&x| x > 0.0) {
-            return Err(format!("`{s}`: at least one view's weight must be above 0"));
-        }
-        Ok(Weights(w))
+        let w = Weights(w);
+        w.problem().map_or(Ok(w), |p| Err(format!("`{s}`: {p}")))
     }
 }
 
@@ -842,10 +848,11 @@ fn check_data(ds: &Dataset, out: &Path, jsonl: Option<&Path>, opts: &Options) ->
             total - 1
         )));
     }
-    let settings = opts.ks.len() * opts.alphas.len() * opts.shifts.len() * opts.aligns.len();
+    let settings =
+        opts.weights.len().max(1) * opts.ks.len() * opts.alphas.len() * opts.shifts.len() * opts.aligns.len();
     if rows[1] == 0 && settings > 1 {
         return Err(Error::Data(format!(
-            "{}: the val split is empty, so nothing can choose among {settings} settings: give one --k, one --alpha, one --shift and one --align",
+            "{}: the val split is empty, so nothing can choose among {settings} settings: give one --k, one --alpha, one --shift, one --align and at most one --weights",
             ds.dir().display(),
         )));
     }
@@ -897,8 +904,8 @@ fn spread_and_write(
         for &shift in &opts.shifts {
             let started = std::time::Instant::now();
             // Each weighting shifts the views again (under a tenth of the search's time on
-            // Brown's four views) rather than hold every shift's copies at once; what a
-            // shift does does not depend on the weights, so the first weighting's is kept.
+            // Brown's four views) rather than hold every shift's copies at once. A shift
+            // moves every view whatever its weight, so the first weighting's report serves.
             let (neighbours, did) = neighbours(&views, total, shift, k_max, weights);
             if shifted.len() < opts.shifts.len() {
                 shifted.push((shift, did));
@@ -995,6 +1002,11 @@ fn spread_and_write(
     })
 }
 
+/// Checks `Options::weights` against `m` views before anything is read or embedded.
+pub fn check_weights(opts: &Options, m: usize) -> Result<()> {
+    weightings(opts, m).map(|_| ())
+}
+
 /// The grid's view weightings for `m` views: each as given and divided by its sum. Without
 /// `Options::weights`, one: every view 1. Each must give one weight per view, and no two
 /// may be proportional (only the ratios count: they give the same graph).
@@ -1006,6 +1018,9 @@ fn weightings(opts: &Options, m: usize) -> Result<Vec<(Weights, Vec<f64>)>> {
     }
     let mut out: Vec<(Weights, Vec<f64>)> = Vec::new();
     for w in &opts.weights {
+        if let Some(p) = w.problem() {
+            return Err(Error::Data(format!("--weights {}: {p}", w.name())));
+        }
         if w.0.len() != m {
             return Err(Error::Data(format!(
                 "--weights {}: {} weights for {m} views (one per view, in order: each --model, then --tfidf)",
@@ -2186,8 +2201,9 @@ mod tests {
         assert_eq!("2, 1,0.5".parse::<Weights>(), Ok(Weights(vec![2.0, 1.0, 0.5])));
         for (text, want) in [
             ("1,x", "`x` in `1,x`: expected a number"),
-            ("1,-1", "`-1` in `1,-1`: a view's weight must be finite and at least 0"),
-            ("1,inf", "must be finite"),
+            ("1,-1", "`1,-1`: a view's weight must be finite and at least 0, not -1"),
+            ("1,inf", "must be finite and at least 0, not inf"),
+            ("1,NaN", "not NaN"),
             ("0,0", "`0,0`: at least one view's weight must be above 0"),
             ("", "expected a number"),
         ] {
@@ -2208,7 +2224,12 @@ mod tests {
         assert_eq!(got, vec![(Weights(vec![1.0; 4]), vec![0.25; 4])]);
         let got = weightings(&o(&[&[3.0, 1.0], &[1.0, 0.0]]), 2).unwrap();
         assert_eq!(got[0].1, vec![0.75, 0.25]);
+        // Weights whose sum would overflow are still the same ratios.
+        let e = weightings(&o(&[&[1.0, 1.0], &[1e308, 1e308]]), 2).unwrap_err().to_string();
+        assert!(e.contains("the same graph as --weights 1,1"), "{e}");
         assert_eq!(got[1], (Weights(vec![1.0, 0.0]), vec![1.0, 0.0]));
+        let e = weightings(&o(&[&[0.0, 0.0]]), 2).unwrap_err().to_string();
+        assert!(e.contains("--weights 0,0: at least one view's weight must be above 0"), "{e}");
         let e = weightings(&o(&[&[1.0, 1.0, 1.0]]), 2).unwrap_err().to_string();
         assert!(
             e.contains(

@@ -638,26 +638,23 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     // The two views alone spread otherwise (the zzyzx row has a word vector, no TF-IDF
     // vector), so each weighting below must have followed its weights.
     assert!(dtrain::logits::LogitsFile::open(&alone).unwrap().all() != f.all());
+    let file = |w: &str| dtrain::logits::LogitsFile::open(&dir.path().join(format!("w{w}.logits"))).unwrap();
     for (w, same_as) in [("0,1", &out), ("1,0", &alone)] {
-        let got = dir.path().join(format!("w{w}.logits"));
-        let (ok, stdout, err) = weighted(&[w], &got);
+        let (ok, stdout, err) = weighted(&[w], &dir.path().join(format!("w{w}.logits")));
         assert!(ok, "{err}");
-        assert!(!stdout.contains("views weighted"), "one weighting prints no header:\n{stdout}");
-        let (got, want) = (
-            dtrain::logits::LogitsFile::open(&got).unwrap(),
-            dtrain::logits::LogitsFile::open(same_as).unwrap(),
-        );
-        assert!(got.all() == want.all(), "--weights {w}: not the view alone's probabilities");
-        assert_ne!(got.source, want.source, "--weights {w}: the weights are the file's source");
+        assert!(stdout.contains(&format!("views weighted {w}:")), "the weights are printed:\n{stdout}");
+        let want = dtrain::logits::LogitsFile::open(same_as).unwrap();
+        assert!(file(w).all() == want.all(), "--weights {w}: not the view alone's probabilities");
     }
-    // Two weightings: each its block of the report, val picks one and names it.
+    assert_ne!(file("0,1").source, file("1,0").source, "the same views weighted otherwise: the same source");
+    // Two weightings: each its block of the report; val picks one, names it and writes its file.
     let (ok, stdout, err) = weighted(&["1,0", "0,1"], &refused);
     assert!(ok, "{err}");
+    assert!(stdout.contains("views weighted 1,0:") && stdout.contains("views weighted 0,1:"), "{stdout}");
+    let chosen = stdout.split("<- chosen: weights ").nth(1).and_then(|r| r.split(", align").next()).unwrap();
     assert!(
-        stdout.contains("views weighted 1,0:")
-            && stdout.contains("views weighted 0,1:")
-            && stdout.contains("<- chosen: weights "),
-        "{stdout}"
+        dtrain::logits::LogitsFile::open(&refused).unwrap().all() == file(chosen).all(),
+        "the file is not the chosen weighting's ({chosen})"
     );
     std::fs::remove_file(&refused).unwrap();
     // Refused before anything is written: a weight per view, no two alike in their ratios,
@@ -665,7 +662,7 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     for (weights, want) in [
         (&["1,1,1"][..], "--weights 1,1,1: 3 weights for 2 views"),
         (&["1,2", "2,4"][..], "--weights 2,4: the same graph as --weights 1,2"),
-        (&["1,-2"][..], "a view's weight must be finite and at least 0"),
+        (&["1,-2"][..], "a view's weight must be finite and at least 0, not -2"),
         (&["0,0"][..], "at least one view's weight must be above 0"),
     ] {
         let (ok, _, err) = weighted(weights, &refused);
