@@ -1234,15 +1234,42 @@ fn propagate_spreads_the_labels_into_noisy_student_targets() {
     std::fs::create_dir_all(dir.path().join("nv")).unwrap();
     std::fs::create_dir_all(dir.path().join("h")).unwrap();
     let no_val = wordpiece(&dir.path().join("nv"), &["split.labels_per_class=3", "split.val_fraction=0"]);
-    let mut args = vec![os("propagate"), os("--model"), minilm.clone().into(), os("--data"), no_val.into()];
+    let mut args =
+        vec![os("propagate"), os("--model"), minilm.clone().into(), os("--data"), no_val.clone().into()];
     args.extend([os("--out"), dir.path().join("e.logits").into()]);
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let (ok, _, err) = cli(&refs);
     assert!(
         !ok && err.contains("the val split is empty")
-            && err.contains("give one --k, one --alpha, one --shift and one --align"),
+            && err.contains("give one --k, one --alpha, one --shift, one --align and at most one --weights"),
         "{err}"
     );
+    // Two weightings are two settings too.
+    let mut args = vec![os("propagate")];
+    for _ in 0..2 {
+        args.extend([os("--model"), minilm.clone().into(), os("--data"), no_val.clone().into()]);
+    }
+    for a in [
+        "--k",
+        "5",
+        "--alpha",
+        "0.9",
+        "--shift",
+        "raw",
+        "--align",
+        "0",
+        "--weights",
+        "1,0",
+        "--weights",
+        "0,1",
+    ] {
+        args.push(os(a));
+    }
+    args.extend([os("--out"), dir.path().join("e.logits").into()]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (ok, _, err) = cli(&refs);
+    assert!(!ok && err.contains("nothing can choose among 2 settings"), "{err}");
+    assert!(!dir.path().join("e.logits").exists());
     let (ok, _, err) = propagate(&minilm, &dir.path().join("e.logits"), &["--k", "500"]);
     assert!(!ok && err.contains("--k 500: the data set has only"), "{err}");
     let (ok, _, err) = propagate(&minilm, &dir.path().join("e.logits"), &["--alpha", "1.5"]);
