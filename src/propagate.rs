@@ -595,7 +595,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     for v in views {
         v.check()?;
     }
-    weightings(opts, views.len())?;
+    let weightings = weightings(opts, views.len())?;
     let rows = check_data(ds, out, jsonl, opts)?;
     for v in &views[1..] {
         check_aligned(ds, v.data)?;
@@ -661,7 +661,7 @@ pub fn propagate<B: EncoderOps<F = f32>>(
         });
     }
     let info: Vec<Row> = rows_of(ds).iter().map(|d| d.row).collect();
-    spread_and_write(embedded, &info, rows, source_of(views, opts), ds, out, jsonl, opts)
+    spread_and_write(embedded, &weightings, &info, rows, source_of(views, opts), ds, out, jsonl, opts)
 }
 
 /// Every row's mean pretrained word vector, at unit length (all zeros for a row none of
@@ -865,11 +865,13 @@ fn check_data(ds: &Dataset, out: &Path, jsonl: Option<&Path>, opts: &Options) ->
     Ok(rows)
 }
 
-/// Searches the neighbours of `e`'s rows, spreads the training labels for every setting of
+/// Searches the neighbours of the rows under each of `weightings` (as given, and divided by
+/// their sum) and each shift, spreads the training labels for every setting of
 /// the grid, and writes the unlabeled rows of the setting of best val accuracy.
 #[allow(clippy::too_many_arguments)]
 fn spread_and_write(
     views: Vec<Embedded>,
+    weightings: &[(Weights, Vec<f64>)],
     info: &[Row],
     rows: [usize; 4],
     source: u64,
@@ -899,8 +901,7 @@ fn spread_and_write(
     let mut grid = Vec::new();
     let mut best: Option<(usize, Vec<f64>, Vec<f64>)> = None;
     let mut shifted = Vec::new();
-    let weightings = weightings(opts, views.len())?;
-    for (given, weights) in &weightings {
+    for (given, weights) in weightings {
         for &shift in &opts.shifts {
             let started = std::time::Instant::now();
             // Each weighting shifts the views again (under a tenth of the search's time on
