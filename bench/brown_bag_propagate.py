@@ -84,6 +84,11 @@ missing, its report beside it):
                           oracle-student-propagated-three-view-256-weighted-e30), equal
                           weights (out propagated-4view-256w-aligned.logits)
   four-view-256w-weighted  the same views, 15 weightings (out propagated-4view-256w-weighted.logits)
+  round3-256w-weighted    a second round on the weighted labels: the vectors of the MiniLM
+                          student of the four-view-256w-weighted labels (the same recipe; its
+                          run oracle-student-propagated-four-view-256w-weighted-e30), reading
+                          256 tokens, in place of the first student's, 15 weightings
+                          (out propagated-round3-256w-weighted.logits)
 
 MiniLM's view is read from runs/brown_encoder/seedN/vectors-minilm-{64,256}.safetensors,
 stored once by `dtrain embed --model models/minilm --data <the data set> --out <it>` when
@@ -114,7 +119,7 @@ KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-25
          "student-view", "four-view-256-aligned", "student-view-256", "four-view-256s-aligned",
          "round3-256s-aligned", "five-view-256s-bag-aligned", "four-view-len256-aligned",
          "four-view-256s-weighted", "three-view-256-weighted", "words-weighted", "four-view-256w-aligned",
-         "four-view-256w-weighted"]
+         "four-view-256w-weighted", "round3-256w-weighted"]
 STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
 
 
@@ -269,6 +274,9 @@ def kind_views(dt, kind, seed):
         "four-view-256w-weighted": (f"{oracle}/propagated-4view-256w-weighted.logits",
                                     lambda: student(256, "three-view-256-weighted") + minilm(256) + words + tfidf
                                     + weighted(4)),
+        "round3-256w-weighted": (f"{oracle}/propagated-round3-256w-weighted.logits",
+                                 lambda: student(256, "four-view-256w-weighted") + minilm(256) + words + tfidf
+                                 + weighted(4)),
     }[kind]
     return path, views
 

@@ -9,6 +9,14 @@ student runs).
   DTRAIN_BIN=/tmp/dtrain-len .venv/bin/python bench/brown_spread.py --seeds 1 2 3 \\
       --kinds three-view-256-aligned student-view four-view-256-aligned \\
       --json bench/results/brown-spread-student-view.json
+
+--choose-on-val adds a row "val-chosen": per seed, the kind of highest val accuracy among
+--kinds (the first in their order on a tie), as a user would pick between, e.g., the labels
+of two rounds of alternation without reading test.
+
+  DTRAIN_BIN=/tmp/dtrain-r3 .venv/bin/python bench/brown_spread.py --seeds 1 2 3 \\
+      --kinds four-view-256w-weighted round3-256w-weighted --choose-on-val \\
+      --json bench/results/brown-spread-round3-weighted.json
 """
 import argparse
 import json
@@ -28,6 +36,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--kinds", nargs="+", required=True, choices=bp.KINDS)
+    ap.add_argument("--choose-on-val", action="store_true",
+                    help="also report, per seed, the kind of highest val accuracy (row val-chosen)")
     ap.add_argument("--json")
     a = ap.parse_args()
     rows = {}
@@ -42,6 +52,13 @@ def main():
             got["unlabeled_right"] = float(np.mean(z.argmax(1) == bo.hidden_labels(data)))
             rows.setdefault(kind, {})[seed] = got
             print(json.dumps(dict(kind=kind, seed=seed, **got)), flush=True)
+    if a.choose_on_val:
+        for seed in a.seeds:
+            # max keeps the first of equal val accuracies, in --kinds order.
+            kind = max(a.kinds, key=lambda k: rows[k][seed]["val"])
+            rows.setdefault("val-chosen", {})[seed] = dict(rows[kind][seed], kind=kind)
+            print(json.dumps(dict(kind="val-chosen", seed=seed, chosen=kind, val=rows[kind][seed]["val"],
+                                  test=rows[kind][seed]["test"])), flush=True)
     summary = {}
     for kind, by_seed in rows.items():
         test = [100 * r["test"] for r in by_seed.values()]
