@@ -89,6 +89,9 @@ missing, its report beside it):
                           run oracle-student-propagated-four-view-256w-weighted-e30), reading
                           256 tokens, in place of the first student's, 15 weightings
                           (out propagated-round3-256w-weighted.logits)
+  round4-256w-weighted    a third round: the student of the round3-256w-weighted labels in
+                          its place (run oracle-student-propagated-round3-256w-weighted-e30)
+                          (out propagated-round4-256w-weighted.logits)
 
 MiniLM's view is read from runs/brown_encoder/seedN/vectors-minilm-{64,256}.safetensors,
 stored once by `dtrain embed --model models/minilm --data <the data set> --out <it>` when
@@ -119,7 +122,7 @@ KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-25
          "student-view", "four-view-256-aligned", "student-view-256", "four-view-256s-aligned",
          "round3-256s-aligned", "five-view-256s-bag-aligned", "four-view-len256-aligned",
          "four-view-256s-weighted", "three-view-256-weighted", "words-weighted", "four-view-256w-aligned",
-         "four-view-256w-weighted", "round3-256w-weighted"]
+         "four-view-256w-weighted", "round3-256w-weighted", "round4-256w-weighted"]
 STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
 
 
@@ -276,6 +279,9 @@ def kind_views(dt, kind, seed):
                                     + weighted(4)),
         "round3-256w-weighted": (f"{oracle}/propagated-round3-256w-weighted.logits",
                                  lambda: student(256, "four-view-256w-weighted") + minilm(256) + words + tfidf
+                                 + weighted(4)),
+        "round4-256w-weighted": (f"{oracle}/propagated-round4-256w-weighted.logits",
+                                 lambda: student(256, "round3-256w-weighted") + minilm(256) + words + tfidf
                                  + weighted(4)),
     }[kind]
     return path, views

@@ -10,13 +10,16 @@ student runs).
       --kinds three-view-256-aligned student-view four-view-256-aligned \\
       --json bench/results/brown-spread-student-view.json
 
---choose-on-val adds a row "val-chosen": per seed, the kind of highest val accuracy among
---kinds (the first in their order on a tie), as a user would pick between, e.g., the labels
-of two rounds of alternation without reading test.
+--rounds takes --kinds as successive rounds of alternation (e.g. the labels of the first and
+second students' graphs) and stops each seed's on val: a seed's next round is made only
+while every round so far has raised val accuracy, and the row "val-stopped" is the last
+round before val stopped rising (the one of highest val among those made), as a user would
+run the alternation without reading test (each round's student is trained beforehand, by
+bench/brown_encoder_oracle.py --propagated --views <the round before>).
 
-  DTRAIN_BIN=/tmp/dtrain-r3 .venv/bin/python bench/brown_spread.py --seeds 1 2 3 \\
-      --kinds four-view-256w-weighted round3-256w-weighted --choose-on-val \\
-      --json bench/results/brown-spread-round3-weighted.json
+  DTRAIN_BIN=/tmp/dtrain-r3 .venv/bin/python bench/brown_spread.py --seeds 1 2 3 --rounds \\
+      --kinds four-view-256w-weighted round3-256w-weighted round4-256w-weighted \\
+      --json bench/results/brown-spread-rounds-weighted.json
 """
 import argparse
 import json
@@ -36,13 +39,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--kinds", nargs="+", required=True, choices=bp.KINDS)
-    ap.add_argument("--choose-on-val", action="store_true",
-                    help="also report, per seed, the kind of highest val accuracy (row val-chosen)")
+    ap.add_argument("--rounds", action="store_true",
+                    help="--kinds are successive rounds: a seed's next is made only while val rises; "
+                    "row val-stopped is its last round before val stopped rising")
     ap.add_argument("--json")
     a = ap.parse_args()
     rows = {}
+    # With --rounds: each seed's round of highest val so far, and the seeds whose val fell.
+    kept, stopped = {}, set()
     for kind in a.kinds:
         for seed in a.seeds:
+            if seed in stopped:
+                continue
             path, report = bp.views_logits(be.BIN, kind, seed)
             got = bp.chosen_line(report)
             z = bo.read_logits(path)[2]
@@ -52,13 +60,15 @@ def main():
             got["unlabeled_right"] = float(np.mean(z.argmax(1) == bo.hidden_labels(data)))
             rows.setdefault(kind, {})[seed] = got
             print(json.dumps(dict(kind=kind, seed=seed, **got)), flush=True)
-    if a.choose_on_val:
-        for seed in a.seeds:
-            # max keeps the first of equal val accuracies, in --kinds order.
-            kind = max(a.kinds, key=lambda k: rows[k][seed]["val"])
-            rows.setdefault("val-chosen", {})[seed] = dict(rows[kind][seed], kind=kind)
-            print(json.dumps(dict(kind="val-chosen", seed=seed, chosen=kind, val=rows[kind][seed]["val"],
-                                  test=rows[kind][seed]["test"])), flush=True)
+            if a.rounds:
+                if seed in kept and got["val"] <= kept[seed]["val"]:
+                    stopped.add(seed)
+                else:
+                    kept[seed] = dict(got, kind=kind)
+    for seed, got in kept.items():
+        rows.setdefault("val-stopped", {})[seed] = got
+        print(json.dumps(dict(kind="val-stopped", seed=seed, chosen=got["kind"], val=got["val"],
+                              test=got["test"])), flush=True)
     summary = {}
     for kind, by_seed in rows.items():
         test = [100 * r["test"] for r in by_seed.values()]
