@@ -18,7 +18,7 @@ run the alternation without reading test (each round's student is trained before
 bench/brown_encoder_oracle.py --propagated --views <the round before>).
 
   DTRAIN_BIN=/tmp/dtrain-r3 .venv/bin/python bench/brown_spread.py --seeds 1 2 3 --rounds \\
-      --kinds four-view-256w-weighted round3-256w-weighted round4-256w-weighted \\
+      --kinds three-view-256-weighted four-view-256w-weighted round3-256w-weighted round4-256w-weighted \\
       --json bench/results/brown-spread-rounds-weighted.json
 """
 import argparse
