@@ -247,6 +247,11 @@ def kind_views(dt, kind, seed):
         # Every weighting of m views by 1s and 2s but all 2s (the same graph as all 1s).
         return [a for w in itertools.product([1, 2], repeat=m) if set(w) != {2}
                 for a in ("--weights", ",".join(map(str, w)))]
+
+    def student_round(labels):
+        # The views of one round of the weighted alternation: the MiniLM student of the
+        # `labels` kind's spread labels (reading 256 tokens) beside the three views, 15 weightings.
+        return lambda: student(256, labels) + minilm(256) + words + tfidf + weighted(4)
     path, views = {
         "two-view": (f"{oracle}/propagated-2view.logits", lambda: minilm(64) + words + plain),
         "three-view": (f"{oracle}/propagated-3view.logits", lambda: minilm(64) + words + tfidf + plain),
@@ -275,14 +280,11 @@ def kind_views(dt, kind, seed):
         "four-view-256w-aligned": (f"{oracle}/propagated-4view-256w-aligned.logits",
                                    lambda: student(256, "three-view-256-weighted") + minilm(256) + words + tfidf),
         "four-view-256w-weighted": (f"{oracle}/propagated-4view-256w-weighted.logits",
-                                    lambda: student(256, "three-view-256-weighted") + minilm(256) + words + tfidf
-                                    + weighted(4)),
+                                    student_round("three-view-256-weighted")),
         "round3-256w-weighted": (f"{oracle}/propagated-round3-256w-weighted.logits",
-                                 lambda: student(256, "four-view-256w-weighted") + minilm(256) + words + tfidf
-                                 + weighted(4)),
+                                 student_round("four-view-256w-weighted")),
         "round4-256w-weighted": (f"{oracle}/propagated-round4-256w-weighted.logits",
-                                 lambda: student(256, "round3-256w-weighted") + minilm(256) + words + tfidf
-                                 + weighted(4)),
+                                 student_round("round3-256w-weighted")),
     }[kind]
     return path, views
 
