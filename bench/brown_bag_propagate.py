@@ -123,6 +123,11 @@ KINDS = ["two-view", "three-view", "words", "three-view-aligned", "three-view-25
          "round3-256s-aligned", "five-view-256s-bag-aligned", "four-view-len256-aligned",
          "four-view-256s-weighted", "three-view-256-weighted", "words-weighted", "four-view-256w-aligned",
          "four-view-256w-weighted", "round3-256w-weighted", "round4-256w-weighted"]
+# The rounds of the weighted alternation: a kind's fourth view is the MiniLM student of this
+# kind's spread labels (bench/brown_encoder_oracle.py --propagated --views <it> --epochs 30).
+STUDENT_OF = {"four-view-256w-weighted": "three-view-256-weighted",
+              "round3-256w-weighted": "four-view-256w-weighted",
+              "round4-256w-weighted": "round3-256w-weighted"}
 STUDENT_GRID = {"consistency.weight": [0.3, 1.0, 3.0], "unlabeled.ratio": [1, 3]}
 
 
@@ -238,8 +243,12 @@ def kind_views(dt, kind, seed):
             sh(sys.executable, "bench/brown_bag_alternate.py", "--kind", "three-view-256-aligned", "--seeds", str(seed),
                "--rounds", "0", "--dtrain", dt)
         return ["--model", os.path.join(run, sorted(os.listdir(run))[-1]), "--data", f"{bag}/data"]
-    words = ["--model", f"{bag}/pretrain", "--data", f"{bag}/data"]
-    tfidf = ["--tfidf", f"{bag}/data"]
+    def words():
+        # The bag protocol's data set and skip-gram vectors (made once: a fresh seed's too).
+        data, pre = prepare(dt, "runs/brown_bag_ls", seed)
+        return ["--model", pre, "--data", data]
+    def tfidf():
+        return ["--tfidf", prepare(dt, "runs/brown_bag_ls", seed)[0]]
     # The kinds measured before class-mass alignment existed keep their grid (--align 0).
     plain = ["--align", "0"]
 
@@ -248,43 +257,41 @@ def kind_views(dt, kind, seed):
         return [a for w in itertools.product([1, 2], repeat=m) if set(w) != {2}
                 for a in ("--weights", ",".join(map(str, w)))]
 
-    def student_round(labels):
-        # The views of one round of the weighted alternation: the MiniLM student of the
-        # `labels` kind's spread labels (reading 256 tokens) beside the three views, 15 weightings.
-        return lambda: student(256, labels) + minilm(256) + words + tfidf + weighted(4)
+    def student_round():
+        # The views of one round of the weighted alternation: the MiniLM student of the spread
+        # labels of the round before (STUDENT_OF), reading 256 tokens, beside the three views,
+        # 15 weightings.
+        return student(256, STUDENT_OF[kind]) + minilm(256) + words() + tfidf() + weighted(4)
     path, views = {
-        "two-view": (f"{oracle}/propagated-2view.logits", lambda: minilm(64) + words + plain),
-        "three-view": (f"{oracle}/propagated-3view.logits", lambda: minilm(64) + words + tfidf + plain),
-        "words": (f"{bag}/propagated-words.logits", lambda: words + tfidf + plain),
-        "three-view-aligned": (f"{oracle}/propagated-3view-aligned.logits", lambda: minilm(64) + words + tfidf),
+        "two-view": (f"{oracle}/propagated-2view.logits", lambda: minilm(64) + words() + plain),
+        "three-view": (f"{oracle}/propagated-3view.logits", lambda: minilm(64) + words() + tfidf() + plain),
+        "words": (f"{bag}/propagated-words.logits", lambda: words() + tfidf() + plain),
+        "three-view-aligned": (f"{oracle}/propagated-3view-aligned.logits", lambda: minilm(64) + words() + tfidf()),
         "three-view-256-aligned": (f"{oracle}/propagated-3view-256-aligned.logits",
-                                   lambda: minilm(256) + words + tfidf),
-        "words-aligned": (f"{bag}/propagated-words-aligned.logits", lambda: words + tfidf),
+                                   lambda: minilm(256) + words() + tfidf()),
+        "words-aligned": (f"{bag}/propagated-words-aligned.logits", lambda: words() + tfidf()),
         "student-view": (f"{oracle}/propagated-student1.logits", student),
         "four-view-256-aligned": (f"{oracle}/propagated-4view-256-aligned.logits",
-                                  lambda: student() + minilm(256) + words + tfidf),
+                                  lambda: student() + minilm(256) + words() + tfidf()),
         "student-view-256": (f"{oracle}/propagated-student1-256.logits", lambda: student(256)),
         "four-view-256s-aligned": (f"{oracle}/propagated-4view-256s-aligned.logits",
-                                   lambda: student(256) + minilm(256) + words + tfidf),
+                                   lambda: student(256) + minilm(256) + words() + tfidf()),
         "round3-256s-aligned": (f"{oracle}/propagated-round3-256s-aligned.logits",
-                                lambda: student(256, "four-view-256-aligned") + minilm(256) + words + tfidf),
+                                lambda: student(256, "four-view-256-aligned") + minilm(256) + words() + tfidf()),
         "five-view-256s-bag-aligned": (f"{oracle}/propagated-5view-256s-bag-aligned.logits",
-                                       lambda: student(256) + minilm(256) + words + tfidf + bag_student()),
+                                       lambda: student(256) + minilm(256) + words() + tfidf() + bag_student()),
         "four-view-len256-aligned": (f"{oracle}/propagated-4view-len256-aligned.logits",
-                                     lambda: student(256, trained_on=256) + minilm(256) + words + tfidf),
+                                     lambda: student(256, trained_on=256) + minilm(256) + words() + tfidf()),
         "four-view-256s-weighted": (f"{oracle}/propagated-4view-256s-weighted.logits",
-                                    lambda: student(256) + minilm(256) + words + tfidf + weighted(4)),
+                                    lambda: student(256) + minilm(256) + words() + tfidf() + weighted(4)),
         "three-view-256-weighted": (f"{oracle}/propagated-3view-256-weighted.logits",
-                                    lambda: minilm(256) + words + tfidf + weighted(3)),
-        "words-weighted": (f"{bag}/propagated-words-weighted.logits", lambda: words + tfidf + weighted(2)),
+                                    lambda: minilm(256) + words() + tfidf() + weighted(3)),
+        "words-weighted": (f"{bag}/propagated-words-weighted.logits", lambda: words() + tfidf() + weighted(2)),
         "four-view-256w-aligned": (f"{oracle}/propagated-4view-256w-aligned.logits",
-                                   lambda: student(256, "three-view-256-weighted") + minilm(256) + words + tfidf),
-        "four-view-256w-weighted": (f"{oracle}/propagated-4view-256w-weighted.logits",
-                                    student_round("three-view-256-weighted")),
-        "round3-256w-weighted": (f"{oracle}/propagated-round3-256w-weighted.logits",
-                                 student_round("four-view-256w-weighted")),
-        "round4-256w-weighted": (f"{oracle}/propagated-round4-256w-weighted.logits",
-                                 student_round("round3-256w-weighted")),
+                                   lambda: student(256, "three-view-256-weighted") + minilm(256) + words() + tfidf()),
+        "four-view-256w-weighted": (f"{oracle}/propagated-4view-256w-weighted.logits", student_round),
+        "round3-256w-weighted": (f"{oracle}/propagated-round3-256w-weighted.logits", student_round),
+        "round4-256w-weighted": (f"{oracle}/propagated-round4-256w-weighted.logits", student_round),
     }[kind]
     return path, views
 

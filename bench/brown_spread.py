@@ -20,11 +20,20 @@ bench/brown_encoder_oracle.py --propagated --views <the round before>).
   DTRAIN_BIN=/tmp/dtrain-r3 .venv/bin/python bench/brown_spread.py --seeds 1 2 3 --rounds \\
       --kinds three-view-256-weighted four-view-256w-weighted round3-256w-weighted round4-256w-weighted \\
       --json bench/results/brown-spread-rounds-weighted.json
+
+--train-students makes the whole alternation one command: before each round after the first,
+the students of the round before are trained for the seeds still going (made once; their rows
+in <json>-students-<kind>.json). The fresh seeds of docs/results.md:
+
+  DTRAIN_BIN=/tmp/dtrain-f .venv/bin/python bench/brown_spread.py --seeds 4 5 6 --rounds --train-students \\
+      --kinds three-view-256-weighted four-view-256w-weighted round3-256w-weighted round4-256w-weighted \\
+      --json bench/results/brown-spread-rounds-fresh.json
 """
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 import numpy as np
@@ -42,15 +51,32 @@ def main():
     ap.add_argument("--rounds", action="store_true",
                     help="--kinds are successive rounds: a seed's next is made only while val rises; "
                     "row val-stopped is its last round before val stopped rising")
+    ap.add_argument("--train-students", action="store_true",
+                    help="with --rounds: before each round, train the students it reads (bench/brown_encoder_oracle.py "
+                    "--propagated --views <the round before> --epochs 30) for the seeds still going; "
+                    "their rows in JSON files beside --json")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.train_students:
+        if not a.rounds:
+            ap.error("--train-students needs --rounds")
+        for before, kind in zip(a.kinds, a.kinds[1:]):
+            if bp.STUDENT_OF.get(kind) != before:
+                ap.error(f"--train-students: round {kind} does not read the student of {before}'s labels "
+                         f"(brown_bag_propagate.STUDENT_OF)")
     rows = {}
     # With --rounds: each seed's round of highest val so far, and the seeds whose val fell.
     kept, stopped = {}, set()
-    for kind in a.kinds:
-        for seed in a.seeds:
-            if seed in stopped:
-                continue
+    for i, kind in enumerate(a.kinds):
+        going = [seed for seed in a.seeds if seed not in stopped]
+        if a.train_students and i > 0 and going:
+            # This round's students learn the labels of the round before.
+            students = [sys.executable, "bench/brown_encoder_oracle.py", "--seeds", *map(str, going), "--accuracies",
+                        "--epochs", "30", "--propagated", "--views", a.kinds[i - 1]]
+            if a.json:
+                students += ["--json", f"{os.path.splitext(a.json)[0]}-students-{a.kinds[i - 1]}.json"]
+            subprocess.run(students, check=True)
+        for seed in going:
             path, report = bp.views_logits(be.BIN, kind, seed)
             got = bp.chosen_line(report)
             z = bo.read_logits(path)[2]
