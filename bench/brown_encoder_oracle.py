@@ -134,7 +134,7 @@ def propagated_logits(seed, data, kind="minilm"):
     {threshold: (rows, accuracy)}. "minilm": frozen MiniLM vectors of `data` as they are
     (`--shift raw`, `--align 0`: the grid these runs were first measured with); any other
     `kind` is one of bench/brown_bag_propagate.py, made there (its views read the seed's
-    protocol data sets and runs/brown_bag_ls/seedN, which that script makes)."""
+    protocol data sets and runs/brown_bag_ls/seedN, which that script makes when missing)."""
     if kind != "minilm":
         path, report = bp.views_logits(be.BIN, kind, seed)
         return path, bo.propagate_val_table(report)
@@ -164,8 +164,8 @@ def main():
     views.add_argument("--two-view", action="store_true", help="the same as --views two-view")
     views.add_argument("--views", default="minilm", choices=["minilm"] + bp.KINDS,
                     help="with --propagated: the views spread over (runs named -propagated for minilm, "
-                    "-propagated2 for two-view, else -propagated-VIEWS; all but minilm need "
-                    "bench/brown_bag_propagate.py's runs/brown_bag_ls/seedN)")
+                    "-propagated2 for two-view, else -propagated-VIEWS; all but minilm read "
+                    "runs/brown_bag_ls/seedN, made when missing by bench/brown_bag_propagate.py's recipe)")
     ap.add_argument("--propagated", action="store_true",
                     help="the teacher is `dtrain propagate` over frozen MiniLM vectors")
     ap.add_argument("--val-target", type=float,
