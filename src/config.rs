@@ -384,6 +384,27 @@ impl TrainConfig {
         crate::algo::Recipe::resolve(self.knobs(), "run.toml").expect("validated config")
     }
 
+    /// The dropout field to name when two training passes of the student over the same rows
+    /// cannot differ: every dropout is 0 and the passes get no augmentation of their own.
+    /// An encoder's unset dropout (the pretrained config's, 0.1 from scratch) counts as noise.
+    fn two_identical_passes(&self) -> Option<&'static str> {
+        let a = &self.augment;
+        if a.consistency_passes && (a.deletion > 0.0 || a.replacement > 0.0 || a.swap > 0.0) {
+            return None;
+        }
+        let m = &self.model;
+        match m.kind {
+            ModelKind::Bag => {
+                (m.embed_dropout == 0.0 && m.hidden_dropout == 0.0).then_some("model.embed_dropout")
+            }
+            ModelKind::Encoder => {
+                let zero = |p: Option<f32>| p == Some(0.0);
+                (zero(m.encoder.dropout) && zero(m.encoder.attention_dropout))
+                    .then_some("model.encoder.dropout")
+            }
+        }
+    }
+
     fn knobs(&self) -> crate::algo::MethodKnobs<'_> {
         crate::algo::MethodKnobs {
             method: self.method,
@@ -868,6 +889,17 @@ impl Validate for TrainConfig {
                 "augment.consistency_passes",
                 "applies to pi, temporal, mean_teacher and rdrop (uda, fixmatch and noisy_student always augment their unlabeled rows)",
             );
+        }
+        if matches!(self.method, Method::Pi | Method::Rdrop) {
+            if let Some(field) = self.two_identical_passes() {
+                return bad(
+                    field,
+                    "is 0, and pi and rdrop compare two passes of the student over the same rows: with no \
+                     dropout and no per-pass augmentation (augment.consistency_passes) the passes are \
+                     identical and the consistency term is 0 (a supervised run); set a dropout above 0 \
+                     or augment.consistency_passes = true",
+                );
+            }
         }
         if self.method.is_mpl() {
             if self.optim.grad_accum != 1 {
@@ -1403,5 +1435,36 @@ mod tests {
         // A section overridden by a scalar path.
         let e = load::<PrepareConfig>(None, &set(&["split=1", "split.seed=2"])).unwrap_err().to_string();
         assert!(e.contains("not a section"), "{e}");
+    }
+
+    /// Π and R-Drop with no dropout and no per-pass augmentation would compare two identical
+    /// passes (a consistency term of exactly 0): refused, naming the field and the rule.
+    #[test]
+    fn two_noiseless_passes_are_refused() {
+        let train = |extra: &[&str]| {
+            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+            all.extend_from_slice(extra);
+            load::<TrainConfig>(None, &set(&all)).map(|_| ())
+        };
+        for method in ["method=\"pi\"", "method=\"rdrop\""] {
+            let e = train(&[method]).unwrap_err().to_string();
+            assert!(e.contains("field `model.embed_dropout`") && e.contains("identical"), "{e}");
+            train(&[method, "model.hidden=[8]", "model.hidden_dropout=0.1"]).unwrap();
+            train(&[method, "model.embed_dropout=0.5"]).unwrap();
+            train(&[method, "augment.consistency_passes=true"]).unwrap();
+            // Per-pass augmentation with every strength 0 is no noise either.
+            let none = ["augment.consistency_passes=true", "augment.deletion=0", "augment.replacement=0"];
+            let e = train(&[&[method, "augment.swap=0"][..], &none[..]].concat()).unwrap_err().to_string();
+            assert!(e.contains("model.embed_dropout"), "{e}");
+            // An encoder's dropout left unset is the pretrained config's (0.1 from scratch).
+            train(&[method, "model.kind=\"encoder\""]).unwrap();
+            let zero =
+                ["model.kind=\"encoder\"", "model.encoder.dropout=0", "model.encoder.attention_dropout=0"];
+            let e = train(&[&[method][..], &zero[..]].concat()).unwrap_err().to_string();
+            assert!(e.contains("field `model.encoder.dropout`"), "{e}");
+        }
+        // The other consistency methods still learn from a teacher or a bank that differs.
+        train(&["method=\"mean_teacher\""]).unwrap();
+        train(&["method=\"temporal\""]).unwrap();
     }
 }

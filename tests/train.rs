@@ -671,9 +671,17 @@ fn a_diverging_run_names_what_drove_it() {
         "{e}"
     );
     // With a consistency term and clipping, both are named.
-    let sets =
-        [&sets[..], &["method=\"pi\"", "unlabeled.ratio=0", "optim.clip_norm=1e30", "consistency.weight=5"]]
-            .concat();
+    let sets = [
+        &sets[..],
+        &[
+            "method=\"pi\"",
+            "model.embed_dropout=0.1",
+            "unlabeled.ratio=0",
+            "optim.clip_norm=1e30",
+            "consistency.weight=5",
+        ],
+    ]
+    .concat();
     let e = run(&cfg(&data, &dir.path().join("pi"), &sets), Resume::No, None).unwrap_err().to_string();
     assert!(e.contains("consistency.weight (now 5); optim.clip_norm is 1e30"), "{e}");
 }
@@ -860,7 +868,13 @@ fn bad_training_configs_name_their_field() {
     assert!(e.contains("consistency.kind") && e.contains("sym_kl"), "{e}");
     let e = with(&["method=\"mean_teacher\"", "consistency.kind=\"sym_kl\""]).unwrap_err();
     assert!(e.contains("consistency.kind") && e.contains("constant target"), "{e}");
-    assert!(with(&["method=\"pi\"", "pi.stop_gradient_target=false", "consistency.kind=\"sym_kl\""]).is_ok());
+    assert!(with(&[
+        "method=\"pi\"",
+        "model.embed_dropout=0.1",
+        "pi.stop_gradient_target=false",
+        "consistency.kind=\"sym_kl\""
+    ])
+    .is_ok());
     for (sets, field) in [
         (
             &["method=\"mean_teacher\"", "consistency.distribution_alignment=true"][..],

@@ -104,13 +104,16 @@ pub struct UnlabeledConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsistencyConfig {
-    /// `mse`, `kl`, `ce_hard` or `sym_kl`. Default: `mse` (Π, Mean Teacher), `sym_kl`
-    /// (R-Drop, which accepts no other).
+    /// `mse`, `kl`, `ce_hard` or `sym_kl`. Default: `mse` (Π, Temporal Ensembling, Mean
+    /// Teacher), `kl` (UDA, Noisy Student, MPL), `ce_hard` (FixMatch), `sym_kl` (R-Drop,
+    /// which accepts no other).
     pub kind: Option<ConsistencyKind>,
-    /// w_max (R-Drop's α). Default: 100 with `scale_by_labeled_ratio` for Π and Mean Teacher
-    /// (Laine & Aila's w_max = 100·|L|/N), 1 for R-Drop.
+    /// w_max (R-Drop's α). Default: 100 with `scale_by_labeled_ratio` for Π, Temporal
+    /// Ensembling and Mean Teacher (Laine & Aila's w_max = 100·|L|/N), 0 for reduced MPL,
+    /// 1 for the others.
     pub weight: Option<f64>,
-    /// Multiply w_max by |L| / (|L| + |U|). Default: on for Π and Mean Teacher.
+    /// Multiply w_max by |L| / (|L| + |U|). Default: on for Π, Temporal Ensembling and
+    /// Mean Teacher.
     pub scale_by_labeled_ratio: Option<bool>,
     /// Target temperature T (below 1 sharpens). Default 1.
     pub temperature: Option<f64>,
@@ -118,8 +121,8 @@ pub struct ConsistencyConfig {
     pub threshold: Option<f64>,
     /// Shape of the ramp-up of the weight.
     pub ramp: RampShape,
-    /// Length of the ramp-up in (labeled) epochs. Default: 5 for Π and Mean Teacher, 0 for
-    /// R-Drop.
+    /// Length of the ramp-up in (labeled) epochs. Default: 5 for Π, Temporal Ensembling
+    /// and Mean Teacher, 0 for the others.
     pub ramp_epochs: Option<f64>,
     /// Ramp the learning rate and Adam's β₁ down over this many final epochs (the Π-model
     /// paper's exp(−12.5x²)); 0 = none.

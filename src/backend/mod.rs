@@ -596,7 +596,7 @@ pub struct SgdStep {
 /// The optional per-class and per-row inputs of [`Backend::consistency`].
 #[derive(Debug)]
 pub struct ConsistencyAux<'a, Buf> {
-    /// Added to the target's logits (log-probabilities) before the temperature: `C` values
+    /// Added to the target's logits (log-probabilities) after the temperature: `C` values
     /// (distribution alignment's log(π/p̃)).
     pub bias: Option<&'a Buf>,
     /// Per-class multipliers of the threshold τ: `C` values (FlexMatch, FreeMatch).

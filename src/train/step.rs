@@ -573,6 +573,10 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
             sync.filter(|_| !second_grad),
         );
         if cfg.adversarial.kind != AdversarialKind::None {
+            // METHODS.md §9's g is ∂(the whole loss)/∂e. This is the first pass's part only:
+            // with a second pass that takes gradient (R-Drop, Π without the stop-gradient)
+            // its part, backpropagated below, is left out of the direction (known, not yet
+            // fixed; the first pass's CE and consistency gradient still set it).
             let g0 = be.download(&self.table.dpooled);
             let a = AdversarialPass {
                 be,
