@@ -388,8 +388,7 @@ impl TrainConfig {
     /// cannot differ: every dropout is 0 and the passes get no augmentation of their own.
     /// An encoder's unset dropout (the pretrained config's, 0.1 from scratch) counts as noise.
     fn two_identical_passes(&self) -> Option<&'static str> {
-        let a = &self.augment;
-        if a.consistency_passes && (a.deletion > 0.0 || a.replacement > 0.0 || a.swap > 0.0) {
+        if self.augment.consistency_passes && self.augment.alters_rows() {
             return None;
         }
         let m = &self.model;

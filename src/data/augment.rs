@@ -51,6 +51,11 @@ impl Default for AugmentConfig {
 }
 
 impl AugmentConfig {
+    /// Whether a strong view can differ from its row: some deletion, replacement or swap.
+    pub fn alters_rows(&self) -> bool {
+        self.deletion > 0.0 || self.replacement > 0.0 || self.swap > 0.0
+    }
+
     /// Checks the rules; errors name the field under `[augment]`.
     pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
         for (field, p) in [
