@@ -51,7 +51,8 @@ pub enum NormScope {
 #[serde(deny_unknown_fields, default)]
 pub struct AdversarialConfig {
     pub kind: AdversarialKind,
-    /// The radius ε of the perturbation (in the pooled vector's space).
+    /// The radius ε of the perturbation, measured over a bag model's gathered vectors or an
+    /// encoder's token embeddings (the module's doc).
     pub epsilon: f64,
     pub norm: NormScope,
     /// PGD's ascent steps K.

@@ -19,6 +19,9 @@ pub(super) struct AdversarialBuffers<B: Backend> {
     /// until the first).
     pub(super) scratch: B::Buf,
     pub(super) dpooled: B::Buf,
+    /// g of the micro-batch's direction (METHODS.md §9): ∂(the clean loss)/∂e, summed over
+    /// the clean passes that read e and take gradient.
+    pub(super) g: Vec<f32>,
 }
 
 impl<B: Backend> AdversarialBuffers<B> {
@@ -30,6 +33,7 @@ impl<B: Backend> AdversarialBuffers<B> {
             rows: be.zeros(0),
             scratch: be.zeros(0),
             dpooled: be.zeros(0),
+            g: Vec::new(),
         }
     }
 }
@@ -141,7 +145,7 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
         self.be.download(&buf.dpooled)
     }
 
-    /// Finds r as `cfg` says, runs the adversarial pass and adds its gradient into `grads`
+    /// Finds r as `cfg` says (FGM's from `buf.g`), runs the adversarial pass and adds its gradient into `grads`
     /// and the table's; returns the weighted loss's mean.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run(
@@ -149,7 +153,6 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
         cfg: &AdversarialConfig,
         params: &mut B::Buf,
         clean: &B::Buf,
-        g0: &[f32],
         grads: &mut B::Buf,
         table: &mut TableAcc<B>,
         buf: &mut AdversarialBuffers<B>,
@@ -178,7 +181,7 @@ impl<B: EncoderOps<F = f32>> AdversarialPass<'_, B> {
             AdversarialKind::None => return 0.0,
             AdversarialKind::Fgm => {
                 let mut r = zero();
-                advx::ascend(&mut r, g0, space, eps, &reduce);
+                advx::ascend(&mut r, &buf.g, space, eps, &reduce);
                 r
             }
             AdversarialKind::Pgd | AdversarialKind::FastFgsm => {

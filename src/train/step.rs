@@ -556,10 +556,11 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         }
 
         let table_lr = self.fused.then_some(lr * self.table_mult);
+        let adversarial = cfg.adversarial.kind != AdversarialKind::None;
         // The step's last backward pass may start averaging each finished layer's gradient
         // ([`GradSync::ready`]): the last micro-batch's last pass, when no adversarial pass
         // follows it.
-        let last = mi as u64 + 1 == accum && cfg.adversarial.kind == AdversarialKind::None;
+        let last = mi as u64 + 1 == accum && !adversarial;
         let sync: Option<&dyn GradSync<B>> = last.then_some(self.dist as &dyn GradSync<B>);
         self.table.backward(
             be,
@@ -572,12 +573,33 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
             table_lr,
             sync.filter(|_| !second_grad),
         );
-        if cfg.adversarial.kind != AdversarialKind::None {
-            // METHODS.md §9's g is ∂(the whole loss)/∂e. This is the first pass's part only:
-            // with a second pass that takes gradient (R-Drop, Π without the stop-gradient)
-            // its part, backpropagated below, is left out of the direction (known, not yet
-            // fixed; the first pass's CE and consistency gradient still set it).
-            let g0 = be.download(&self.table.dpooled);
+        // Only FGM's direction is g; PGD, Fast-FGSM and VAT take theirs at e + r.
+        let wants_g = cfg.adversarial.kind == AdversarialKind::Fgm;
+        if wants_g {
+            // METHODS.md §9's g = ∂(the whole clean loss)/∂e: the first pass's part here,
+            // a second pass's below where it reads the same e.
+            self.adv.g = be.download(&self.table.dpooled);
+        }
+        if second_grad {
+            self.table.backward(
+                be,
+                model,
+                params,
+                dev1,
+                &p1.acts,
+                &p1.dlogits,
+                &mut self.grads,
+                table_lr,
+                sync,
+            );
+            // The second pass reads e too (its own dropout after it), unless it has its own
+            // augmented view: then its embeddings are another view's, not e.
+            if wants_g && m.second.is_none() {
+                let g1 = be.download(&self.table.dpooled);
+                self.adv.g.iter_mut().zip(&g1).for_each(|(g, d)| *g += d);
+            }
+        }
+        if adversarial {
             let a = AdversarialPass {
                 be,
                 model,
@@ -594,26 +616,13 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
                 }),
             };
             let (grads, table, adv) = (&mut self.grads, &mut self.table, &mut self.adv);
-            let adv_loss = a.run(&cfg.adversarial, params, p0.acts.logits(), &g0, grads, table, adv);
+            let adv_loss = a.run(&cfg.adversarial, params, p0.acts.logits(), grads, table, adv);
             if !adv_loss.is_finite() {
                 return Err(Error::Data(format!("the adversarial loss became {adv_loss} at step {step}: lower adversarial.epsilon or adversarial.weight")));
             }
             total_adv += adv_loss / accum as f64;
             win.adv_sum += adv_loss / world as f64;
             win.adv_count += 1;
-        }
-        if second_grad {
-            self.table.backward(
-                be,
-                model,
-                params,
-                dev1,
-                &p1.acts,
-                &p1.dlogits,
-                &mut self.grads,
-                table_lr,
-                sync,
-            );
         }
         win.sup_sum += sup * halves;
         win.docs += n_l as u64;
@@ -659,4 +668,172 @@ pub(super) fn divergence_remedy(cfg: &TrainConfig, teacher: bool) -> String {
         "; or set optim.clip_norm".to_string()
     };
     format!("lower {}{clip}", lower.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+    use crate::backend::Activation;
+    use crate::data::shard::SplitKind;
+    use crate::model::bag::BagSpec;
+
+    /// A micro-batch of 3 labeled and 3 unlabeled rows over a 16-bucket table.
+    fn micro() -> Micro {
+        let docs: [&[u32]; 6] = [&[1, 2, 3], &[4, 5], &[6, 1, 7, 8], &[9], &[10, 11, 2], &[12, 13, 14, 15]];
+        let mut batch = HostBatch { ids: Vec::new(), offsets: vec![0], labels: vec![0, 2, 1, -1, -1, -1] };
+        for d in docs {
+            batch.ids.extend_from_slice(d);
+            batch.offsets.push(batch.ids.len() as u32);
+        }
+        let rows = (0..6).map(|i| RowId { split: SplitKind::Train, shard: 0, row: i }).collect();
+        Micro { batch, second: None, weak: None, rows, hidden: vec![-1; 6] }
+    }
+
+    /// FGM's g is ∂(the whole clean loss)/∂e (METHODS.md §9): with a second pass that takes
+    /// gradient (R-Drop; Π without the stop-gradient), that pass's part is in it; with the
+    /// stop-gradient (Π's default), the second pass is a constant target and is not; nor is
+    /// it when the second pass reads its own augmented view (other embeddings than e). Checked
+    /// against central differences of the clean loss in the pooled embedding, with both
+    /// passes' dropout masks as the step drew them.
+    #[test]
+    fn fgm_direction_is_the_gradient_of_the_whole_clean_loss() {
+        let be = Cpu::<f32>::new();
+        let dist = Dist::single();
+        let cases = [
+            ("rdrop", None, false),
+            ("pi", Some(false), false),
+            ("pi", Some(true), false),
+            ("rdrop", None, true),
+        ];
+        for (method, pi_sg, own_view) in cases {
+            let mut sets = vec![
+                "data.dir=\"d\"".to_string(),
+                "train.out_dir=\"o\"".to_string(),
+                format!("method={method:?}"),
+                "model.embed_dropout=0.3".to_string(),
+                "adversarial.kind=\"fgm\"".to_string(),
+            ];
+            if let Some(sg) = pi_sg {
+                sets.push(format!("pi.stop_gradient_target={sg}"));
+            }
+            let o: Vec<_> = sets.iter().map(|s| crate::config::Override::parse(s).unwrap()).collect();
+            let cfg: TrainConfig = crate::config::load(None, &o).unwrap();
+            let recipe = cfg.recipe();
+            let spec = BagSpec {
+                buckets: 16,
+                dim: 5,
+                hidden: vec![],
+                activation: Activation::Relu,
+                embed_dropout: 0.3,
+                hidden_dropout: 0.0,
+                classes: 3,
+            };
+            let bag = BagModel::new(spec);
+            // Random weights (the init's zero output layer would give g = 0).
+            let len = bag.init::<f32>(7).len();
+            let init: Vec<f32> = (0..len as u64)
+                .map(|i| (crate::backend::mix64(i + 11) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                .collect();
+            let model = Model::Bag(bag);
+            let mut params = be.upload(&init);
+            let grad = matches!(recipe.target, TargetSource::SecondPass { grad: true });
+            assert_eq!(grad, pi_sg != Some(true), "{method}");
+            let mut st = Stepper {
+                be: &be,
+                model: &model,
+                cfg: &cfg,
+                recipe: &recipe,
+                loss: super::super::loss_kind(&cfg),
+                accum: 1,
+                total: 10,
+                batch_size: 3,
+                dist: &dist,
+                fused: false,
+                table_mult: 1.0,
+                passes: [Pass::new(&be, &model, true), Pass::new(&be, &model, grad)],
+                row_loss: be.zeros(0),
+                cons_rows: be.zeros(0),
+                target_host: Vec::new(),
+                weight_host: Vec::new(),
+                target_buf: be.zeros(0),
+                adv: AdversarialBuffers::new(&be, &model),
+                grads: be.zeros(model.dense_len()),
+                table: TableAcc::new(&be, model.table_dim()),
+            };
+            let mut m = micro();
+            if own_view {
+                let mut view = m.batch.clone();
+                view.ids.iter_mut().for_each(|id| *id = (*id + 5) % 16);
+                m.second = Some(view);
+            }
+            let w = 2.0;
+            let inp = StepInputs { step: 3, w, lr: 0.1, mi: 0, teacher: None, bank: None, logits: None };
+            st.micro(&mut params, &m, &inp, None, &mut LogWindow::default()).unwrap();
+            let g = st.adv.g.clone();
+
+            // The clean loss with `delta` added to the pooled embedding of the first pass,
+            // and of the second where it takes gradient (else it stays a constant target).
+            let (n, n_l, classes) = (6, 3, 3);
+            let x = model.input(&be, &m.batch);
+            let x1 = m.second.as_ref().map_or_else(|| model.input(&be, &m.batch), |v| model.input(&be, v));
+            let grad_e = grad && !own_view;
+            let key = DropoutKey {
+                seed: cfg.train.seed,
+                step: 3,
+                site: 0,
+                pass: 0,
+                rows: RowMap::for_rank(&[n_l, n - n_l], 0, 1),
+            };
+            let key1 = DropoutKey { pass: SECOND_PASS, ..key };
+            let halves = if recipe.ce_both_passes { 0.5 } else { 1.0 };
+            let loss = |delta: &[f32]| -> f64 {
+                let d = be.upload(delta);
+                let zero = be.zeros(delta.len());
+                let (mut a0, mut a1) = (Acts::new(&be, &model), Acts::new(&be, &model));
+                model.forward_perturbed(&be, &params, &x, n, Some(key), Some(&d), &mut a0);
+                let d1 = if grad_e { &d } else { &zero };
+                model.forward_perturbed(&be, &params, &x1, n, Some(key1), Some(d1), &mut a1);
+                let (mut dl, mut rl) = (be.zeros(0), be.zeros(0));
+                let batch = x.bag().unwrap();
+                let mut sup = be.softmax_loss(a0.logits(), classes, batch, st.loss, 1.0, &mut dl, &mut rl);
+                if recipe.ce_both_passes {
+                    sup += be.softmax_loss(a1.logits(), classes, batch, st.loss, 1.0, &mut dl, &mut rl);
+                }
+                let op = ConsistencyOp { scale: 1.0, ..recipe.op };
+                let (mut ds, mut rows) = (be.zeros(n * classes), be.zeros(0));
+                let aux = ConsistencyAux::default();
+                let out = be.consistency(
+                    &op,
+                    a0.logits(),
+                    0,
+                    a1.logits(),
+                    n,
+                    classes,
+                    &aux,
+                    &mut ds,
+                    None,
+                    &mut rows,
+                );
+                sup * halves / n_l as f64 + w * out.loss_sum / n as f64
+            };
+            let dim = 5;
+            assert_eq!(g.len(), n * dim, "{method}");
+            let h = 1e-2f32;
+            let mut err = 0.0f64;
+            let scale = g.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+            for i in 0..n * dim {
+                let mut d = vec![0.0f32; n * dim];
+                d[i] = h;
+                let up = loss(&d);
+                d[i] = -h;
+                let down = loss(&d);
+                let fd = (up - down) / (2.0 * f64::from(h));
+                err = err.max((fd - f64::from(g[i])).abs());
+            }
+            let case = format!("{method} (stop-gradient {pi_sg:?}, own view {own_view})");
+            assert!(scale > 1e-3, "{case}: g is all but zero");
+            assert!(err < 2e-3 * scale.max(1.0), "{case}: g is off by {err} (largest |g| {scale})");
+        }
+    }
 }
