@@ -517,6 +517,48 @@ fn layer_wise_decay_slows_the_lower_layers_only() {
     assert_ne!(plain["embeddings.word_embeddings.weight"], decayed["embeddings.word_embeddings.weight"]);
 }
 
+/// MPL's teacher takes its own layer-wise decay (`mpl.teacher.encoder.layer_lr_decay`):
+/// after one step its head is where it is without the decay and its lower layers are not,
+/// while the student, whose settings are the same in both runs, is unchanged.
+#[test]
+fn mpl_teachers_layer_wise_decay_slows_its_lower_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let run_with = |decay: &str| {
+        let out = dir.path().join(format!("t{decay}"));
+        let extra = [
+            "method=\"mpl\"",
+            "unlabeled.ratio=1",
+            "train.steps=1",
+            "mpl.teacher.kind=\"encoder\"",
+            "mpl.teacher.encoder.hidden=16",
+            "mpl.teacher.encoder.layers=2",
+            "mpl.teacher.encoder.heads=2",
+            "mpl.teacher.encoder.intermediate=32",
+            &format!("mpl.teacher.encoder.layer_lr_decay={decay}"),
+        ];
+        let ckpt = run(&cfg(&data, &out, &extra), Resume::No, None).unwrap().final_checkpoint;
+        let all: std::collections::BTreeMap<String, Vec<f32>> = common::tensors(&ckpt).into_iter().collect();
+        all
+    };
+    let (plain, decayed) = (run_with("1.0"), run_with("0.1"));
+    let pick = |w: &std::collections::BTreeMap<String, Vec<f32>>, file: &str| -> Vec<(String, Vec<f32>)> {
+        w.iter().filter(|(n, _)| n.starts_with(file)).map(|(n, v)| (n.clone(), v.clone())).collect()
+    };
+    assert!(!pick(&plain, "model.safetensors:").is_empty());
+    assert!(pick(&plain, "model.safetensors:") == pick(&decayed, "model.safetensors:"), "the student moved");
+    let t = |name: &str| format!("teacher.safetensors:{name}");
+    assert!(plain[&t("classifier.weight")] == decayed[&t("classifier.weight")], "the teacher's head");
+    for name in ["encoder.layer.0.output.dense.weight", "embeddings.word_embeddings.weight"] {
+        assert!(plain[&t(name)] != decayed[&t(name)], "the teacher's {name} took no decay");
+    }
+    // The teacher's own multipliers must name its own tensors.
+    let extra =
+        ["method=\"mpl\"", "unlabeled.ratio=1", "mpl.teacher_optim={lr=0.003, lr_mult={embeding=2.0}}"];
+    let e = run(&cfg(&data, &dir.path().join("typo"), &extra), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("mpl.teacher_optim.lr_mult.embeding") && e.contains("matches no tensor"), "{e}");
+}
+
 #[test]
 fn length_grouping_cuts_the_padding_and_resumes_exactly() {
     // Distinct documents of 2 to 41 words, so that random batches pad a lot.

@@ -875,6 +875,13 @@ fn bad_training_configs_name_their_field() {
         "consistency.kind=\"sym_kl\""
     ])
     .is_ok());
+    // FreeMatch learns its own τ_g and reads no τ: τ = 0 is no contradiction there.
+    assert!(with(&[
+        "method=\"fixmatch\"",
+        "consistency.adaptive_threshold=\"freematch\"",
+        "consistency.threshold=0"
+    ])
+    .is_ok());
     for (sets, field) in [
         (
             &["method=\"mean_teacher\"", "consistency.distribution_alignment=true"][..],

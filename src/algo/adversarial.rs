@@ -39,7 +39,8 @@ pub enum AdversarialKind {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NormScope {
-    /// Per document (the default): each row of r has norm ε.
+    /// Per document (the default): each document's r has norm ε, over its gathered vectors
+    /// (a bag model's pooled row ε/√len) or its token embeddings.
     #[default]
     Sample,
     /// Over the whole batch: r has norm ε in all.
@@ -207,10 +208,11 @@ pub fn random_direction(
     for (row, out) in g.chunks_mut(dim).enumerate() {
         for (j, v) in out.iter_mut().enumerate() {
             let Some(i) = element(row, j) else { continue };
-            // A sum of two uniforms: symmetric about 0, every direction possible.
-            let a = (mix64(key ^ mix64(2 * i)) >> 11) as f64 / (1u64 << 53) as f64;
+            // A standard normal (Box–Muller on two uniforms, the first in (0, 1]): normal
+            // coordinates make the normalised direction uniform on the sphere.
+            let a = ((mix64(key ^ mix64(2 * i)) >> 11) + 1) as f64 / (1u64 << 53) as f64;
             let b = (mix64(key ^ mix64(2 * i + 1)) >> 11) as f64 / (1u64 << 53) as f64;
-            *v = (a + b - 1.0) as f32;
+            *v = ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32;
         }
     }
     // An isotropic draw in the input space: a row standing for c input vectors has input

@@ -115,9 +115,10 @@ pub struct ConsistencyConfig {
     /// Multiply w_max by |L| / (|L| + |U|). Default: on for Π, Temporal Ensembling and
     /// Mean Teacher.
     pub scale_by_labeled_ratio: Option<bool>,
-    /// Target temperature T (below 1 sharpens). Default 1.
+    /// Target temperature T (below 1 sharpens). Default 0.4 for UDA and MPL, else 1.
     pub temperature: Option<f64>,
-    /// Confidence threshold τ on max q; 0 = no mask. Default 0.
+    /// Confidence threshold τ on max q; 0 = no mask. Default 0.8 for UDA and MPL, 0.95 for
+    /// FixMatch, else 0. FreeMatch does not read it (its τ_g is learned).
     pub threshold: Option<f64>,
     /// Shape of the ramp-up of the weight.
     pub ramp: RampShape,
@@ -428,8 +429,9 @@ impl Recipe {
         if !(c.stabiliser_momentum > 0.0 && c.stabiliser_momentum < 1.0) {
             return bad("consistency.stabiliser_momentum", "must be in (0, 1)".into());
         }
-        if c.adaptive_threshold != stabilise::AdaptiveThreshold::Fixed && op.threshold == 0.0 {
-            return bad("consistency.threshold", "an adaptive threshold scales τ, which is 0 here".into());
+        // FlexMatch scales τ per class; FreeMatch learns its own τ_g and does not read τ.
+        if c.adaptive_threshold == stabilise::AdaptiveThreshold::Flexmatch && op.threshold == 0.0 {
+            return bad("consistency.threshold", "flexmatch scales τ per class, and τ is 0 here".into());
         }
         if m == Method::NoisyStudent && k.noisy_student.logits.is_none() {
             return bad(

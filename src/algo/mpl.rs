@@ -53,8 +53,10 @@ pub enum PseudoLabels {
     #[default]
     Hard,
     /// One label per row drawn from softmax(z / `temperature`) (METHODS.md §12 step 2's "a
-    /// sample"): then h·∇CE(ŷ, T(u_s)) is the score-function (REINFORCE) estimate of how
-    /// the teacher's distribution should move to lower the student's labeled loss, where
+    /// sample"): then, at temperature 1, h·∇CE(ŷ, T(u_s)) is the score-function
+    /// (REINFORCE) estimate of how the teacher's distribution should move to lower the
+    /// student's labeled loss (at another temperature ŷ is drawn from softmax(z / T) while
+    /// the gradient is of softmax(z), METHODS.md §12's formula, not that estimate), where
     /// the argmax only ever sharpens or flattens what the teacher already says. The draw
     /// is counter-based: (seed, step, the row's global position), so any world size draws
     /// the same labels.

@@ -4,9 +4,9 @@
 //!
 //! The strong view of a document, in one pass over its ids in order:
 //! - each id is deleted with probability `deletion` (a document keeps at least one id);
-//! - each kept id is replaced with probability `replacement`: by another id of the same
-//!   document with probability `from_sample`, otherwise by a uniform bucket (the hashed
-//!   vocabulary);
+//! - each kept id is replaced with probability `replacement`: by the id at another position
+//!   of the same document with probability `from_sample`, otherwise by a uniform draw from
+//!   the other buckets (the hashed vocabulary);
 //! - then adjacent spans of `span` ids are swapped, each pair with probability `swap`.
 //!
 //! A bag model pools its ids, so span swaps change nothing for it; they are here for
@@ -131,15 +131,21 @@ pub fn strong_doc(
 pub fn strong(ids: &[u32], buckets: u32, cfg: &AugmentConfig, key: u64, out: &mut Vec<u32>) {
     out.clear();
     let mut d = Draws { key, i: 0 };
-    for &id in ids {
+    for (i, &id) in ids.iter().enumerate() {
         if d.unit() < cfg.deletion {
             continue;
         }
         let id = if d.unit() < cfg.replacement {
-            if d.unit() < cfg.from_sample {
-                ids[d.below(ids.len() as u64) as usize]
+            // Another position's id, or another bucket: never the position itself or its
+            // own bucket (a one-id document draws from the vocabulary).
+            if ids.len() > 1 && d.unit() < cfg.from_sample {
+                let j = d.below(ids.len() as u64 - 1) as usize;
+                ids[j + usize::from(j >= i)]
+            } else if buckets > 1 {
+                let b = d.below(u64::from(buckets) - 1) as u32;
+                b + u32::from(b >= id)
             } else {
-                d.below(u64::from(buckets)) as u32
+                id
             }
         } else {
             id
@@ -204,6 +210,39 @@ mod tests {
         let foreign_rate = foreign as f64 / kept as f64;
         assert!((keep_rate - 0.8).abs() < 0.01, "kept {keep_rate}");
         assert!((foreign_rate - 0.125).abs() < 0.01, "replaced from the vocabulary {foreign_rate}");
+    }
+
+    /// METHODS.md §10's replacement is by other ids: a replaced id is never its own
+    /// position's, nor its own bucket; from the sample it is another position's id.
+    #[test]
+    fn a_replacement_is_another_id() {
+        let ids: Vec<u32> = (0..30).map(|i| 50 + i).collect();
+        let mut out = Vec::new();
+        for from_sample in [0.0, 0.5, 1.0] {
+            let cfg = AugmentConfig {
+                deletion: 0.0,
+                replacement: 1.0,
+                from_sample,
+                swap: 0.0,
+                ..AugmentConfig::default()
+            };
+            let mut from_doc = 0;
+            for k in 0..200 {
+                strong(&ids, 64, &cfg, k, &mut out);
+                assert_eq!(out.len(), ids.len());
+                for (a, b) in ids.iter().zip(&out) {
+                    assert_ne!(a, b, "from_sample {from_sample}, key {k}: an id replaced by itself");
+                    assert!(*b < 80, "outside the table and the document");
+                    from_doc += usize::from(*b >= 50);
+                }
+                // A one-id document has no other position: its replacement is another bucket.
+                strong(&[7], 8, &cfg, k, &mut out);
+                assert!(out.len() == 1 && out[0] != 7 && out[0] < 8, "{out:?}");
+            }
+            if from_sample == 1.0 {
+                assert_eq!(from_doc, 200 * ids.len(), "every replacement from the document");
+            }
+        }
     }
 
     #[test]

@@ -40,8 +40,10 @@ impl<B: Backend> AdversarialBuffers<B> {
 
 /// One micro-batch's adversarial term (METHODS.md §9, `algo::adversarial`): the
 /// perturbation r of the embeddings ([`Model::forward_perturbed`]; its norm is taken per
-/// document: over a bag model's pooled vector, over all of an encoder's token rows of the
-/// sequence), then a pass at e + r whose loss's gradient is added to the step's. Every pass
+/// document: over a bag model's gathered vectors, over all of an encoder's token rows of the
+/// sequence), then a pass at e + r whose loss's gradient is added to the step's. FGM's
+/// direction is the whole clean loss's gradient; the loss at e + r is the supervised loss
+/// on the labeled rows (VAT's: the KL on every row). Every pass
 /// keeps the first pass's dropout masks, so only r differs. Across ranks r is what one
 /// process computes for the global batch: random rows are drawn by their place in it
 /// (`key.rows`), and `norm = "batch"` sums the squared norm over the ranks.

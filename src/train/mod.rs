@@ -475,19 +475,36 @@ fn claim_training(
     budget.check()
 }
 
-/// The optimizer's settings for `model`: `[optim]`, with an encoder's layer-wise decay
-/// folded into the learning-rate multipliers (one entry per tensor, the exact name being
-/// the longest prefix, times the multiplier `[optim]` gives that tensor).
-fn optim_config(cfg: &TrainConfig, model: &Model) -> crate::optim::OptimConfig {
-    let mut o = cfg.optim.clone();
-    let decay = cfg.model.encoder.layer_lr_decay;
+/// The optimizer's settings for `model` (the student's, or MPL's teacher's): `optim`, with
+/// an encoder's layer-wise decay `decay` (its `encoder.layer_lr_decay`) folded into the
+/// learning-rate multipliers (one entry per tensor, the exact name being the longest
+/// prefix, times the multiplier `optim` gives that tensor).
+fn optim_config(optim: &crate::optim::OptimConfig, decay: f64, model: &Model) -> crate::optim::OptimConfig {
+    let mut o = optim.clone();
     if let (Model::Encoder(enc), true) = (model, decay != 1.0) {
         for (name, m) in enc.layer_decay(decay) {
-            let user = cfg.optim.mult(&name);
+            let user = optim.mult(&name);
             o.lr_mult.insert(name, user * m);
         }
     }
     o
+}
+
+/// Refuses a learning-rate multiplier (`{field}.lr_mult.<prefix>`) that names none of
+/// `model`'s tensors.
+fn check_lr_mult(optim: &crate::optim::OptimConfig, field: &str, model: &Model) -> Result<()> {
+    let tensors = model.layout().tensors();
+    for prefix in optim.lr_mult.keys() {
+        if !tensors.iter().any(|t| t.name.starts_with(prefix.as_str())) {
+            let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+            return Err(Error::config(
+                "train",
+                format!("{field}.lr_mult.{prefix}"),
+                format!("matches no tensor; the tensors are {}", names.join(", ")),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a checkpoint of `model` records about it to classify raw text.
@@ -858,20 +875,11 @@ where
     let resumed_spec = resumed(checkpoint::Weights::Student)?.map(|m| m.model);
     let mut account = Account { budget: &mut budget, on_host, world };
     let (model, mut host_params) = build_model(&cfg.model, "model", manifest, t.seed, resumed_spec, |m| {
-        let optim = optim_config(cfg, m);
+        let optim = optim_config(&cfg.optim, cfg.model.encoder.layer_lr_decay, m);
         let (g, s) = (&gradients, &shadow_claims);
         claim_training(&mut account, "the model", "model", m, &optim, "optim", g, s)
     })?;
-    for prefix in cfg.optim.lr_mult.keys() {
-        if !model.layout().tensors().iter().any(|t| t.name.starts_with(prefix.as_str())) {
-            let names: Vec<&str> = model.layout().tensors().iter().map(|t| t.name.as_str()).collect();
-            return Err(Error::config(
-                "train",
-                format!("optim.lr_mult.{prefix}"),
-                format!("matches no tensor; the tensors are {}", names.join(", ")),
-            ));
-        }
-    }
+    check_lr_mult(&cfg.optim, "optim", &model)?;
     let meta = model_meta(&model, manifest);
     let accum = cfg.optim.grad_accum as u64;
     let steps_per_epoch = n_train.div_ceil(t.batch_size as u64 * accum).max(1);
@@ -903,7 +911,12 @@ where
     }
     let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
 
-    let mut opt = Optimizer::new(be, model.layout(), model.table(), optim_config(cfg, &model));
+    let mut opt = Optimizer::new(
+        be,
+        model.layout(),
+        model.table(),
+        optim_config(&cfg.optim, cfg.model.encoder.layer_lr_decay, &model),
+    );
     let mut loader =
         Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, t.group_by_length, owned.clone())?;
     let mut uloader = if b_u > 0 {

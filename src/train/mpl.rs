@@ -106,7 +106,13 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                 if let (Some(path), Some(bag)) = (&mcfg.init_from, model.bag()) {
                     super::init_table(path, manifest, bag, &mut params, "mpl.teacher", progress)?;
                 }
-                let opt = Optimizer::new(be, model.layout(), model.table(), teacher_optim.clone());
+                // The teacher's own layer-wise decay (`mpl.teacher.encoder.layer_lr_decay`, or
+                // the copied `model`'s); its own multipliers must name its own tensors.
+                if cfg.mpl.teacher_optim.is_some() {
+                    super::check_lr_mult(&teacher_optim, optim_field, &model)?;
+                }
+                let o = super::optim_config(&teacher_optim, mcfg.encoder.layer_lr_decay, &model);
+                let opt = Optimizer::new(be, model.layout(), model.table(), o);
                 let bufs = ModelBufs::new(be, &model);
                 let meta = super::model_meta(&model, manifest);
                 let params = be.upload_vec(params);
