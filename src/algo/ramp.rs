@@ -66,6 +66,12 @@ pub fn ramp_down(step: u64, total: u64, down_steps: u64) -> f64 {
     (-12.5 * x * x).exp()
 }
 
+/// Adam's β₁ under the ramp-down factor `down` ([`ramp_down`]): pulled from `base` towards
+/// 0.5.
+pub fn ramped_beta1(base: f64, down: f64) -> f64 {
+    down * base + (1.0 - down) * 0.5
+}
+
 /// w_max scaled by |L| / (|L| + |U|) when asked (fewer labels, smaller weight).
 pub fn scaled_weight(w_max: f64, labeled: u64, unlabeled: u64, scale: bool) -> f64 {
     if scale && labeled + unlabeled > 0 {

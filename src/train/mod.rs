@@ -1284,7 +1284,10 @@ where
         let step_start = Instant::now();
         let down = ramp::ramp_down(step, total, down_steps);
         let lr = cfg.optim.lr * cfg.schedule.at(step, total) * plateau.factor * down;
-        opt.cfg.beta1 = down * beta1 + (1.0 - down) * 0.5;
+        opt.cfg.beta1 = ramp::ramped_beta1(beta1, down);
+        if let Some(run) = &mut mpl_run {
+            run.ramp_down_beta1(down);
+        }
         let w = w_max * ramp.factor(step);
         let logs = (step + 1) % t.log_every == 0 || step + 1 == total;
         let mut micro = Vec::with_capacity(accum as usize);

@@ -41,8 +41,11 @@ pub(super) struct MplRun<B: EncoderOps<F = f32>> {
     settings: MplSettings,
     pub(super) state: MplState,
     student_bufs: ModelBufs<B>,
-    /// The teacher's base learning rate over the student's (the schedule scales both).
+    /// The teacher's base learning rate over the student's (the schedule and the
+    /// ramp-down scale both).
     teacher_lr_ratio: f64,
+    /// The teacher's configured β₁, which the ramp-down pulls towards 0.5 as the student's.
+    teacher_beta1: f64,
     uda_steps: u64,
     /// Steps from here on finetune the student on the labels alone.
     finetune_from: u64,
@@ -199,6 +202,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             state: MplState::default(),
             student_bufs: ModelBufs::new(be, student),
             teacher_lr_ratio: teacher_optim.lr / cfg.optim.lr,
+            teacher_beta1: teacher_optim.beta1,
             uda_steps: m.uda_steps,
             finetune_from: total - m.finetune_steps,
             seed: cfg.train.seed,
@@ -267,6 +271,17 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         o.t = state.teacher_optim_t;
         self.state = state.mpl;
         Ok(())
+    }
+
+    /// Sets the teacher's β₁ for the ramp-down factor `down` (METHODS.md §3: the
+    /// ramp-down applies to the learning rate and to Adam's β₁, the teacher's as the
+    /// student's).
+    pub(super) fn ramp_down_beta1(&mut self, down: f64) {
+        let opt = match &mut self.teacher {
+            Teacher::Bag { opt, .. } => opt,
+            Teacher::Reduced { net, .. } => &mut net.opt,
+        };
+        opt.cfg.beta1 = crate::algo::ramp::ramped_beta1(self.teacher_beta1, down);
     }
 
     /// The teacher as a text classifier, when it is one.
