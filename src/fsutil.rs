@@ -72,6 +72,50 @@ pub fn create_dirs(dir: &Path) -> Result<()> {
     })
 }
 
+/// The lock file of a run directory ([`lock_run_dir`]).
+pub const RUN_LOCK: &str = ".dtrain.lock";
+
+/// Creates run directory `dir` and takes an exclusive lock on its [`RUN_LOCK`] file, held
+/// while the returned file lives (the OS releases it when the process ends, however it
+/// ends). A second run on the same directory would otherwise truncate the first's
+/// memory-mapped bank under it and replace its metrics. `field` names the setting. On a
+/// file system without locks the run goes on, with a warning.
+pub fn lock_run_dir(dir: &Path, field: &str) -> Result<fs::File> {
+    create_dirs(dir)?;
+    let path = dir.join(RUN_LOCK);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    // flock(2) (`File::try_lock` needs Rust 1.89; the crate builds on 1.85).
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock reads only the descriptor, which `file` keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(file);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Err(Error::bad_file(
+            dir,
+            format!(
+                "is in use by another dtrain run ({} is locked by it): wait for that run to end, or choose another {field}",
+                path.display()
+            ),
+        )),
+        Some(libc::ENOLCK | libc::EOPNOTSUPP) => {
+            eprintln!(
+                "warning: {} cannot be locked on this file system; make sure no other run uses {}",
+                path.display(),
+                dir.display()
+            );
+            Ok(file)
+        }
+        _ => Err(Error::io(&path, e)),
+    }
+}
+
 /// The first part of `path` (itself included) that exists and is not a directory.
 fn file_in_the_way(path: &Path) -> Option<PathBuf> {
     let mut parts: Vec<&Path> = path.ancestors().filter(|p| !p.as_os_str().is_empty()).collect();

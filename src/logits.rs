@@ -297,7 +297,8 @@ impl LogitsFile {
             }
         };
         let names = data.map(|ds| ds.labels());
-        let width = names.map_or(0, |n| n.iter().map(|x| x.chars().count()).max().unwrap_or(0) + 1);
+        let width =
+            names.map_or(0, |n| crate::data::manifest::label_width(n.iter().map(String::as_str), 0) + 1);
         const THRESHOLDS: [f64; 4] = [0.5, 0.8, 0.9, 0.95];
         let (mut count, mut conf) = (vec![0u64; self.classes], vec![0f64; self.classes]);
         let (mut known, mut right) = (vec![0u64; self.classes], vec![0u64; self.classes]);

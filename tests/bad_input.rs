@@ -656,3 +656,27 @@ fn outputs_never_replace_inputs_data_sets_or_checkpoints() {
     assert!(std::fs::read(&png).unwrap().starts_with(dtrain::plot::PNG_MAGIC));
     assert!(!dir.path().join("c.png.tmp.png").exists());
 }
+
+/// A class name of any length prepares, is described, trains and is reported: the text
+/// reports cap their name column's width (a width taken from the name itself panicked
+/// from 65,536 bytes on, past Rust's limit on format widths).
+#[test]
+fn a_very_long_class_name_never_panics_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "L".repeat(70_000);
+    let mut tsv = String::new();
+    for i in 0..60 {
+        let label = if i % 2 == 0 { long.as_str() } else { "short" };
+        tsv.push_str(&format!("{label}\tword{} shared x {i}\n", i % 2));
+    }
+    let f = common::write(dir.path(), "x.tsv", tsv.as_bytes());
+    let data = dir.path().join("ds");
+    common::run(&[&f], &[], &data, &["split.labels_per_class=10"]).unwrap();
+    let manifest = Dataset::open(&data).unwrap().manifest().clone();
+    let text = dtrain::data::dataset::describe(&manifest);
+    assert!(text.contains(&long) && text.contains("short"), "both classes are listed");
+    let cfg = common::train_config(&data, &dir.path().join("run"), &["train.steps=2"]);
+    let r = common::train_run(&cfg, dtrain::train::Resume::No, None).unwrap();
+    let report = r.test.expect("a test split").to_text();
+    assert!(report.contains(&long) && report.contains("confusion matrix"), "the report names the class");
+}

@@ -164,6 +164,12 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     // magic", and the OS's "No such device").
     let r = dtrain(&["inspect", dir.path().join("nowhere").to_str().unwrap()]);
     assert!(!r.status.success() && text(&r).contains("nowhere: no such file or directory"), "{}", text(&r));
+    // A directory prepare did not make (it was "manifest.json: No such file or directory").
+    let plain = dir.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    let r = dtrain(&["inspect", plain.to_str().unwrap()]);
+    let want = "plain: is not a data set directory (one `dtrain prepare` made): it has no manifest.json";
+    assert!(!r.status.success() && text(&r).contains(want), "{}", text(&r));
     let notes = dir.path().join("notes.txt");
     std::fs::write(&notes, vec![b'x'; 400]).unwrap();
     let r = dtrain(&["inspect", notes.to_str().unwrap()]);

@@ -938,3 +938,17 @@ fn propagate_reads_the_row_vectors_embed_stored() {
         common::dtrain(["embed", "--model", &path(&pre), "--data", &path(&data), "--out", "x", "some text"]);
     assert!(!ok && err.contains("cannot be used with"), "{err}");
 }
+
+/// Pretraining locks its directory as training does: a second run there is refused.
+#[test]
+fn a_pretraining_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), &[]);
+    let out = dir.path().join("pre");
+    let held = dtrain::fsutil::lock_run_dir(&out, "train.out_dir").unwrap();
+    let c = cfg(&data, &out, &["train.epochs=1"]);
+    let e = run(&c, Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("is in use by another dtrain run"), "{e}");
+    drop(held);
+    run(&c, Resume::Auto, None).unwrap();
+}

@@ -2235,3 +2235,22 @@ fn propagate_reads_a_bag_checkpoint_as_a_view() {
     assert!(!ok && err.contains("buckets"), "{err}");
     assert!(!refused.exists() && !vectors.exists());
 }
+
+/// A run directory is locked while a run uses it: a second run there (a job submitted
+/// twice) is refused, naming the directory and the lock, instead of truncating the first
+/// run's memory-mapped bank and replacing its metrics; once the holder is gone it runs.
+#[test]
+fn a_run_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    let out = dir.path().join("run");
+    let held = dtrain::fsutil::lock_run_dir(&out, "train.out_dir").unwrap();
+    let c = cfg(&data, &out, &["method=\"temporal\"", "train.steps=2", "unlabeled.ratio=1"]);
+    let e = run(&c, Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("is in use by another dtrain run") && e.contains(dtrain::fsutil::RUN_LOCK), "{e}");
+    assert!(!out.join("metrics.jsonl").exists(), "the refused run wrote nothing");
+    drop(held);
+    run(&c, Resume::Auto, None).unwrap();
+    // The lock is the run's own: the same process runs again after it.
+    run(&c, Resume::Auto, None).unwrap();
+}

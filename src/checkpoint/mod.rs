@@ -792,25 +792,25 @@ pub fn list(root: &Path) -> Result<Vec<PathBuf>> {
     list_named(root, "step")
 }
 
-/// Complete checkpoint directories `root/{prefix}-…`, oldest first (names sort by their
-/// zero-padded counter).
+/// Complete checkpoint directories `root/{prefix}-<counter>`, oldest first (by the counter's
+/// value).
 pub(crate) fn list_named(root: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
     if !root.exists() {
         return Ok(Vec::new());
     }
     let start = format!("{prefix}-");
-    let mut out: Vec<PathBuf> = std::fs::read_dir(root)
+    // Ordered by the number in the name, not the name: `step-1000000000` (ten digits) comes
+    // after `step-999999999`.
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
         .at(root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with(&start) && !n.ends_with(".tmp")
-            }) && p.join(DONE).is_file()
+        .filter_map(|p| {
+            let n = p.file_name()?.to_string_lossy().strip_prefix(&start)?.parse::<u64>().ok()?;
+            p.join(DONE).is_file().then_some((n, p))
         })
         .collect();
     out.sort();
-    Ok(out)
+    Ok(out.into_iter().map(|(_, p)| p).collect())
 }
 
 /// The newest complete checkpoint under `root`.
@@ -1017,6 +1017,25 @@ pub fn load_train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past nine digits the names stop sorting as the steps do; the order is the steps'.
+    #[test]
+    fn checkpoints_are_ordered_by_step_past_nine_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["step-1000000000", "step-999999999", "step-000000005", "step-000000007.tmp", "step-x"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join(DONE), b"").unwrap();
+        }
+        // A directory without its DONE record is not a checkpoint.
+        std::fs::create_dir(dir.path().join(dir_name(2_000_000_000))).unwrap();
+        let names: Vec<String> = list(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into())
+            .collect();
+        assert_eq!(names, ["step-000000005", "step-999999999", "step-1000000000"]);
+        assert!(latest(dir.path()).unwrap().unwrap().ends_with("step-1000000000"));
+    }
 
     /// A layout of one 2 × 3 matrix, and its tensors as a checkpoint directory's weights.
     fn write_weights(dir: &Path, values: &[f32]) -> Result<()> {

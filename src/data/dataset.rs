@@ -321,7 +321,7 @@ pub fn describe(m: &Manifest) -> String {
             i.blank
         );
     }
-    let width = m.labels.iter().map(|l| l.len()).max().unwrap_or(5).max(5);
+    let width = crate::data::manifest::label_width(m.labels.iter().map(String::as_str), 5);
     let order = [SplitKind::Train, SplitKind::Val, SplitKind::Test, SplitKind::Unlabeled];
     let _ = write!(s, "{:<width$}", "class");
     for k in order {

@@ -187,6 +187,12 @@ impl Manifest {
             ));
         }
         let path = dir.join(MANIFEST_FILE);
+        if dir.is_dir() && !path.exists() {
+            return Err(Error::bad_file(
+                dir,
+                format!("is not a data set directory (one `dtrain prepare` made): it has no {MANIFEST_FILE}"),
+            ));
+        }
         let text = crate::fsutil::read_text(&path, 256 << 20, "a dtrain manifest")?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::bad_file(&path, format!("not a valid dtrain manifest: {e}")))?;
@@ -269,4 +275,11 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// The width of a text report's class-name column: the longest name (in characters), at
+/// least `min`, at most 60. A longer name overflows its column; a width from the name
+/// itself could reach Rust's limit on format widths (65,535) and panic.
+pub fn label_width<'a>(labels: impl IntoIterator<Item = &'a str>, min: usize) -> usize {
+    labels.into_iter().map(|l| l.chars().count()).max().unwrap_or(0).clamp(min, 60.max(min))
 }

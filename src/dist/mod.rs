@@ -499,6 +499,20 @@ impl Dist {
         bucket_ranges(len, self.bucket_cap(size))
     }
 
+    /// Rank 0's lock on run directory `dir` ([`crate::fsutil::lock_run_dir`]), held while
+    /// the returned file lives; every rank returns the same outcome (the other ranks hold
+    /// no file).
+    pub fn lock_run_dir(&self, dir: &std::path::Path, field: &str) -> Result<Option<std::fs::File>> {
+        let mine = self.is_root().then(|| crate::fsutil::lock_run_dir(dir, field));
+        let mut failed = [u64::from(matches!(mine, Some(Err(_))))];
+        self.sum("the run directory's lock", &mut failed);
+        match mine {
+            Some(r) => r.map(Some),
+            None if failed[0] > 0 => Err(Error::bad_file(dir, format!("rank 0 could not lock it ({field})"))),
+            None => Ok(None),
+        }
+    }
+
     /// Sums `buf` over all ranks in place, in buckets; `what` names it in a timeout.
     pub fn sum<T: Elem>(&self, what: &str, buf: &mut [T]) {
         #[cfg(feature = "mpi")]

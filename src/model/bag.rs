@@ -48,7 +48,7 @@ impl BagSpec {
         if self.dim < 1 || self.dim > 65_536 || self.hidden.iter().any(|&h| !(1..=65_536).contains(&h)) {
             return Err("widths must be in 1..=65536".into());
         }
-        if self.classes < 1 || self.classes > 1 << 20 {
+        if self.classes < 1 || self.classes > super::MAX_CLASSES {
             return Err(format!("classes {} outside 1..=2^20", self.classes));
         }
         if self.hidden.len() > 64 {

@@ -14,6 +14,10 @@ use bag::{Activations, BagModel, BagSpec};
 use encoder::{Encoder, EncoderActs, EncoderSpec, TokenBatch};
 use params::{Layout, Slot};
 
+/// The most classes a model has (a bag model's spec refuses more; a data set with more is
+/// refused before training).
+pub const MAX_CLASSES: usize = 1 << 20;
+
 /// A classifier's hyperparameters, as checkpoints record them. Untagged: a bag spec (the
 /// only kind older checkpoints hold) is recognised by its fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -247,6 +247,8 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let tsv = embeddings::words_tsv(&words, &kept_counts);
     let ckpt_root = t.out_dir.join("checkpoints");
     crate::fsutil::check_run_dir_place("pretrain", "train.out_dir", &t.out_dir)?;
+    // Held to the run's end: no second run reads or writes this directory meanwhile.
+    let _lock = dist.lock_run_dir(&t.out_dir, "train.out_dir")?;
     let resume_from = match &opts.resume {
         Resume::No => {
             if checkpoint::list_named(&ckpt_root, "epoch")?.last().is_some() {

@@ -35,14 +35,23 @@ pub struct EvalReport {
     /// Expected calibration error over [`ECE_BINS`] confidence bins.
     pub ece: f64,
     pub per_class: Vec<ClassStats>,
-    /// `confusion[true][predicted]`.
+    /// `confusion[true][predicted]`; empty above [`MAX_CONFUSION_CLASSES`] classes.
     pub confusion: Vec<Vec<u64>>,
 }
+
+/// The most classes whose confusion matrix an evaluation keeps (C² counts: 2 MiB here;
+/// 30,000 classes would need 7 GB). Above it the report has per-class figures only.
+pub const MAX_CONFUSION_CLASSES: usize = 512;
 
 /// Accumulates predictions, then computes an [`EvalReport`].
 #[derive(Debug, Clone)]
 pub struct Accumulator {
     classes: usize,
+    /// Per class: documents of it predicted right, documents of it, documents predicted as it.
+    right: Vec<u64>,
+    support: Vec<u64>,
+    predicted: Vec<u64>,
+    /// Kept up to [`MAX_CONFUSION_CLASSES`] classes.
     confusion: Vec<Vec<u64>>,
     loss_sum: f64,
     n: u64,
@@ -56,7 +65,14 @@ impl Accumulator {
     pub fn new(classes: usize) -> Self {
         Accumulator {
             classes,
-            confusion: vec![vec![0; classes]; classes],
+            right: vec![0; classes],
+            support: vec![0; classes],
+            predicted: vec![0; classes],
+            confusion: if classes <= MAX_CONFUSION_CLASSES {
+                vec![vec![0; classes]; classes]
+            } else {
+                Vec::new()
+            },
             loss_sum: 0.0,
             n: 0,
             bin_count: [0; ECE_BINS],
@@ -72,7 +88,12 @@ impl Accumulator {
                 .iter()
                 .enumerate()
                 .fold((0, f32::NEG_INFINITY), |best, (c, &p)| if p > best.1 { (c, p) } else { best });
-        self.confusion[label][pred] += 1;
+        self.right[label] += u64::from(pred == label);
+        self.support[label] += 1;
+        self.predicted[pred] += 1;
+        if let Some(row) = self.confusion.get_mut(label) {
+            row[pred] += 1;
+        }
         self.loss_sum += -(f64::from(probs[label]).max(1e-30)).ln();
         self.n += 1;
         let bin = ((f64::from(conf) * ECE_BINS as f64) as usize).min(ECE_BINS - 1);
@@ -84,14 +105,12 @@ impl Accumulator {
     /// The report; `labels` names the classes.
     pub fn report(&self, split: &str, labels: &[String]) -> EvalReport {
         let n = self.n.max(1) as f64;
-        let correct: u64 = (0..self.classes).map(|c| self.confusion[c][c]).sum();
+        let correct: u64 = self.right.iter().sum();
         let mut per_class = Vec::new();
         let mut f1_sum = 0.0;
         let mut f1_count = 0;
         for (c, label) in labels.iter().enumerate().take(self.classes) {
-            let tp = self.confusion[c][c] as f64;
-            let support: u64 = self.confusion[c].iter().sum();
-            let predicted: u64 = (0..self.classes).map(|t| self.confusion[t][c]).sum();
+            let (tp, support, predicted) = (self.right[c] as f64, self.support[c], self.predicted[c]);
             let precision = if predicted > 0 { tp / predicted as f64 } else { 0.0 };
             let recall = if support > 0 { tp / support as f64 } else { 0.0 };
             let f1 =
@@ -132,7 +151,7 @@ impl EvalReport {
             "{}: {} documents   accuracy {:.4}   macro-F1 {:.4}   loss {:.4}   ECE {:.4}",
             self.split, self.documents, self.accuracy, self.macro_f1, self.loss, self.ece
         );
-        let w = self.per_class.iter().map(|c| c.label.len()).max().unwrap_or(5).max(5);
+        let w = crate::data::manifest::label_width(self.per_class.iter().map(|c| c.label.as_str()), 5);
         let _ = writeln!(
             s,
             "  {:>3} {:<w$} {:>9} {:>9} {:>9} {:>8}",
@@ -144,6 +163,14 @@ impl EvalReport {
                 "  {i:>3} {:<w$} {:>9.4} {:>9.4} {:>9.4} {:>8}",
                 c.label, c.precision, c.recall, c.f1, c.support
             );
+        }
+        if self.confusion.is_empty() {
+            let _ = writeln!(
+                s,
+                "  confusion matrix not kept: {} classes (it is kept up to {MAX_CONFUSION_CLASSES})",
+                self.per_class.len()
+            );
+            return s;
         }
         let _ = writeln!(s, "  confusion matrix (row: true class #, column: predicted class #)");
         let cw = self.confusion.iter().flatten().max().map_or(1, |m| m.to_string().len()).max(3);
@@ -195,5 +222,31 @@ mod tests {
         assert!((r.ece - ece).abs() < 1e-6, "{}", r.ece);
         let text = r.to_text();
         assert!(text.contains("accuracy 0.6000") && text.contains("confusion matrix"));
+    }
+
+    /// Past [`MAX_CONFUSION_CLASSES`] classes no C × C matrix is allocated; the per-class
+    /// figures are the same as with it.
+    #[test]
+    fn many_classes_keep_per_class_figures_without_the_matrix() {
+        let c = MAX_CONFUSION_CLASSES + 1;
+        let labels: Vec<String> = (0..c).map(|i| format!("k{i}")).collect();
+        let mut acc = Accumulator::new(c);
+        assert!(acc.confusion.is_empty());
+        let one_hot =
+            |k: usize| (0..c).map(|i| if i == k { 0.9 } else { 0.1 / c as f32 }).collect::<Vec<f32>>();
+        // True 0 predicted 0 and 1; true 1 predicted 1; true c-1 predicted 0.
+        acc.add(&one_hot(0), 0);
+        acc.add(&one_hot(1), 0);
+        acc.add(&one_hot(1), 1);
+        acc.add(&one_hot(0), c - 1);
+        let r = acc.report("test", &labels);
+        assert!(r.confusion.is_empty());
+        assert!((r.accuracy - 0.5).abs() < 1e-12);
+        assert_eq!((r.per_class[0].support, r.per_class[c - 1].support), (2, 1));
+        assert!(
+            (r.per_class[0].precision - 0.5).abs() < 1e-12 && (r.per_class[0].recall - 0.5).abs() < 1e-12
+        );
+        assert!((r.per_class[1].precision - 0.5).abs() < 1e-12 && r.per_class[1].recall == 1.0);
+        assert!(r.to_text().contains(&format!("confusion matrix not kept: {c} classes")));
     }
 }

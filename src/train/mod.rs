@@ -270,8 +270,22 @@ fn build_model(
     claim: impl FnOnce(&Model) -> Result<()>,
 ) -> Result<(Model, Vec<f32>)> {
     use crate::model::encoder::{Encoder, EncoderSpec};
+    if manifest.labels.len() > crate::model::MAX_CLASSES {
+        return Err(Error::config(
+            "train",
+            "data.dir",
+            format!(
+                "the data set has {} classes; a model has at most {} (2^20)",
+                manifest.labels.len(),
+                crate::model::MAX_CLASSES
+            ),
+        ));
+    }
     if m.kind == crate::config::ModelKind::Bag {
-        let model = Model::Bag(crate::model::bag::BagModel::new(bag_spec(m, manifest)));
+        let spec = bag_spec(m, manifest);
+        // What a checkpoint's reader checks, checked before anything is written.
+        spec.validate().map_err(|msg| Error::config("train", section, msg))?;
+        let model = Model::Bag(crate::model::bag::BagModel::new(spec));
         claim(&model)?;
         let params = model.init(seed);
         return Ok((model, params));
@@ -814,6 +828,8 @@ where
     }
     let ckpt_root = t.out_dir.join("checkpoints");
     crate::fsutil::check_run_dir_place("train", "train.out_dir", &t.out_dir)?;
+    // Held to the run's end: no second run reads or writes this directory meanwhile.
+    let _lock = dist.lock_run_dir(&t.out_dir, "train.out_dir")?;
     let resume_from = match &opts.resume {
         Resume::No => {
             if checkpoint::latest(&ckpt_root)?.is_some() {
