@@ -79,7 +79,9 @@ pub const RUN_LOCK: &str = ".dtrain.lock";
 /// while the returned file lives (the OS releases it when the process ends, however it
 /// ends). A second run on the same directory would otherwise truncate the first's
 /// memory-mapped bank under it and replace its metrics. `field` names the setting. On a
-/// file system without locks the run goes on, with a warning.
+/// file system without locks the run goes on, with a warning; on one whose locks are
+/// per node (some NFS, BeeGFS and Lustre mounts) two runs on different nodes are not kept
+/// apart.
 pub fn lock_run_dir(dir: &Path, field: &str) -> Result<fs::File> {
     create_dirs(dir)?;
     let path = dir.join(RUN_LOCK);
@@ -104,7 +106,7 @@ pub fn lock_run_dir(dir: &Path, field: &str) -> Result<fs::File> {
                 path.display()
             ),
         )),
-        Some(libc::ENOLCK | libc::EOPNOTSUPP) => {
+        Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS) => {
             eprintln!(
                 "warning: {} cannot be locked on this file system; make sure no other run uses {}",
                 path.display(),

@@ -2078,7 +2078,7 @@ fn demo(args: &DemoArgs, progress: bool) -> anyhow::Result<ExitCode> {
             .unwrap_or(true)
     };
     let own = ["DEMO", "data", "supervised", "report.json", "curves.png"];
-    let run_own = ["checkpoints", "metrics.jsonl", dtrain::bank::DIR];
+    let run_own = ["checkpoints", "metrics.jsonl", dtrain::bank::DIR, dtrain::fsutil::RUN_LOCK];
     let run_in_the_way = run.exists() && !run.is_dir();
     if !holds_only(&args.out, &own)
         || run_in_the_way

@@ -361,6 +361,9 @@ fn demo_refuses_a_directory_it_did_not_make() {
     assert!(!r.status.success() && t.contains("its supervised/ run, holds other files"), "{t}");
     assert_eq!(std::fs::read(out.join("supervised/mynotes.txt")).unwrap(), b"keep");
     std::fs::remove_file(out.join("supervised/mynotes.txt")).unwrap();
+    // The lock file an earlier demo's run leaves is the demo's own (the config error below
+    // comes after the check of what the directory holds).
+    std::fs::write(out.join("supervised").join(dtrain::fsutil::RUN_LOCK), b"").unwrap();
     // A bad training config is refused before the data set is prepared or the run removed
     // (it used to be read after both).
     std::fs::write(out.join("report.json"), b"{}").unwrap();

@@ -716,6 +716,18 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("train.out_dir") && e.contains("a checkpoint"), "{e}");
+    // A directory another run holds is refused, as training's and skip-gram's are.
+    let busy = dir.path().join("busy");
+    let _held = dtrain::fsutil::lock_run_dir(&busy, "train.out_dir").unwrap();
+    let e = dtrain::pretrain::mlm::pretrain(
+        &mlm_config(&data, &busy, &["mlm.steps=2"]),
+        &Resume::No,
+        Default::default(),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("is in use by another dtrain run"), "{e}");
 }
 
 /// `mlm.matmul` reaches the masked-LM run: 3 steps at bf16 products end with other

@@ -2007,6 +2007,11 @@ fn reduced_mpl_adjusts_exported_logits_and_resumes_exactly() {
     let mixed = [&sets[..5], &[l2_set.as_str(), "train.steps=2"]].concat();
     let e = run(&cfg(&data, &dir.path().join("mixed"), &mixed), Resume::No, None).unwrap_err().to_string();
     assert!(e.contains("mpl.train_logits") && e.contains("exported by other weights"), "{e}");
+    // The teacher MLP's own multipliers must name its tensors.
+    let typo =
+        [&sets[..], &["train.steps=2", "mpl.teacher_optim={lr=0.01, lr_mult={embedding=2.0}}"]].concat();
+    let e = run(&cfg(&data, &dir.path().join("typo"), &typo), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("mpl.teacher_optim.lr_mult.embedding") && e.contains("matches no tensor"), "{e}");
     let straight = dir.path().join("r1");
     let extra = [&sets[..], &["train.steps=24", "train.log_every=3"]].concat();
     let a = run(&cfg(&data, &straight, &extra), Resume::No, None).unwrap();

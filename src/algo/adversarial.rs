@@ -295,6 +295,21 @@ mod tests {
         assert_ne!(d, random_direction(4, Space::flat(10, NormScope::Sample), 0.5, 10, flat(10), ALONE));
     }
 
+    /// The direction is uniform on the sphere: its coordinates, scaled by √dim, are standard
+    /// normal. Their kurtosis tells a normal draw (3) from a sum of two uniforms (2.4).
+    #[test]
+    fn random_directions_have_normal_coordinates() {
+        let dim = 40_000;
+        let d = random_direction(1, Space::flat(dim, NormScope::Sample), 1.0, 3, flat(dim), ALONE);
+        let x: Vec<f64> = d.iter().map(|&v| f64::from(v) * (dim as f64).sqrt()).collect();
+        let mean = x.iter().sum::<f64>() / dim as f64;
+        let m2 = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / dim as f64;
+        let m4 = x.iter().map(|v| (v - mean).powi(4)).sum::<f64>() / dim as f64;
+        let kurtosis = m4 / (m2 * m2);
+        assert!(mean.abs() < 0.03 && (m2 - 1.0).abs() < 0.01, "mean {mean}, variance {m2}");
+        assert!((kurtosis - 3.0).abs() < 0.15, "kurtosis {kurtosis}");
+    }
+
     /// Runs `f(rank, reduce)` as two ranks on two threads, whose reduction sums over both.
     fn on_two_ranks<T: Send>(f: impl Fn(usize, Reduce) -> T + Sync) -> Vec<T> {
         let slots = std::sync::Mutex::new([0.0f64; 2]);

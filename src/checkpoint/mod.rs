@@ -761,9 +761,11 @@ fn stage_finish(root: &Path, name: &str, tmp: &Path, keep: usize) -> Result<Path
         std::fs::remove_dir_all(&aside).at(&aside)?;
     }
     let prefix = name.split_once('-').map_or(name, |(p, _)| p);
+    // Older by the counter's value (names stop sorting as counters past nine digits).
+    let this = counter(&final_dir, prefix);
     let older: Vec<PathBuf> = list_named(root, prefix)?
         .into_iter()
-        .filter(|p| *p < final_dir && !p.join(SNAPSHOT).is_file())
+        .filter(|p| counter(p, prefix) < this && !p.join(SNAPSHOT).is_file())
         .collect();
     let excess = (older.len() + 1).saturating_sub(keep);
     for old in older.into_iter().take(excess) {
@@ -798,19 +800,24 @@ pub(crate) fn list_named(root: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
     if !root.exists() {
         return Ok(Vec::new());
     }
-    let start = format!("{prefix}-");
     // Ordered by the number in the name, not the name: `step-1000000000` (ten digits) comes
     // after `step-999999999`.
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
         .at(root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
-            let n = p.file_name()?.to_string_lossy().strip_prefix(&start)?.parse::<u64>().ok()?;
+            let n = counter(&p, prefix)?;
             p.join(DONE).is_file().then_some((n, p))
         })
         .collect();
     out.sort();
     Ok(out.into_iter().map(|(_, p)| p).collect())
+}
+
+/// The counter of checkpoint directory `path` named `{prefix}-<counter>`; `None` for any
+/// other name (a `.tmp` one included).
+fn counter(path: &Path, prefix: &str) -> Option<u64> {
+    path.file_name()?.to_str()?.strip_prefix(prefix)?.strip_prefix('-')?.parse().ok()
 }
 
 /// The newest complete checkpoint under `root`.
@@ -1035,6 +1042,37 @@ mod tests {
             .collect();
         assert_eq!(names, ["step-000000005", "step-999999999", "step-1000000000"]);
         assert!(latest(dir.path()).unwrap().unwrap().ends_with("step-1000000000"));
+    }
+
+    /// Keep-K prunes by the step's value too: past nine digits the older checkpoint goes,
+    /// and a newer one (a resumed run's abandoned later step) is never pruned.
+    #[test]
+    fn pruning_orders_by_step_past_nine_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let done = |name: &str| {
+            std::fs::create_dir(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join(DONE), b"").unwrap();
+        };
+        let staged = |name: &str| {
+            let tmp = root.join(format!("{name}.tmp"));
+            std::fs::create_dir(&tmp).unwrap();
+            std::fs::write(tmp.join("x"), b"x").unwrap();
+            tmp
+        };
+        let names = || -> Vec<String> {
+            list(root).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect()
+        };
+        done("step-999999998");
+        done("step-999999999");
+        stage_finish(root, "step-1000000000", &staged("step-1000000000"), 2).unwrap();
+        assert_eq!(names(), ["step-999999999", "step-1000000000"]);
+        // A run resumed from an earlier step writes step 999999999 again, keeping 1: the
+        // older 999999990 goes, the newer 1000000000 (not older than it) stays.
+        std::fs::remove_dir_all(root.join("step-999999999")).unwrap();
+        done("step-999999990");
+        stage_finish(root, "step-999999999", &staged("step-999999999"), 1).unwrap();
+        assert_eq!(names(), ["step-999999999", "step-1000000000"]);
     }
 
     /// A layout of one 2 × 3 matrix, and its tensors as a checkpoint directory's weights.

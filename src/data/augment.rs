@@ -4,9 +4,10 @@
 //!
 //! The strong view of a document, in one pass over its ids in order:
 //! - each id is deleted with probability `deletion` (a document keeps at least one id);
-//! - each kept id is replaced with probability `replacement`: by the id at another position
-//!   of the same document with probability `from_sample`, otherwise by a uniform draw from
-//!   the other buckets (the hashed vocabulary);
+//! - each kept id is replaced with probability `replacement`: with probability
+//!   `from_sample` by the id at another position of the same document, otherwise (and when
+//!   that position holds the same id) by a uniform draw from the other buckets (the hashed
+//!   vocabulary), so a replaced id never stays what it was;
 //! - then adjacent spans of `span` ids are swapped, each pair with probability `swap`.
 //!
 //! A bag model pools its ids, so span swaps change nothing for it; they are here for
@@ -136,16 +137,21 @@ pub fn strong(ids: &[u32], buckets: u32, cfg: &AugmentConfig, key: u64, out: &mu
             continue;
         }
         let id = if d.unit() < cfg.replacement {
-            // Another position's id, or another bucket: never the position itself or its
-            // own bucket (a one-id document draws from the vocabulary).
-            if ids.len() > 1 && d.unit() < cfg.from_sample {
-                let j = d.below(ids.len() as u64 - 1) as usize;
-                ids[j + usize::from(j >= i)]
-            } else if buckets > 1 {
-                let b = d.below(u64::from(buckets) - 1) as u32;
-                b + u32::from(b >= id)
-            } else {
-                id
+            // Another position's id, or another bucket: never the id itself. A one-id
+            // document, or another position holding the same id, draws from the vocabulary.
+            let other = (ids.len() > 1 && d.unit() < cfg.from_sample)
+                .then(|| {
+                    let j = d.below(ids.len() as u64 - 1) as usize;
+                    ids[j + usize::from(j >= i)]
+                })
+                .filter(|&o| o != id);
+            match other {
+                Some(o) => o,
+                None if buckets > 1 => {
+                    let b = d.below(u64::from(buckets) - 1) as u32;
+                    b + u32::from(b >= id)
+                }
+                None => id,
             }
         } else {
             id
@@ -212,8 +218,8 @@ mod tests {
         assert!((foreign_rate - 0.125).abs() < 0.01, "replaced from the vocabulary {foreign_rate}");
     }
 
-    /// METHODS.md §10's replacement is by other ids: a replaced id is never its own
-    /// position's, nor its own bucket; from the sample it is another position's id.
+    /// METHODS.md §10's replacement is by other ids: a replaced id is never itself, even
+    /// where the document repeats it; from the sample it is another position's id.
     #[test]
     fn a_replacement_is_another_id() {
         let ids: Vec<u32> = (0..30).map(|i| 50 + i).collect();
@@ -238,6 +244,10 @@ mod tests {
                 // A one-id document has no other position: its replacement is another bucket.
                 strong(&[7], 8, &cfg, k, &mut out);
                 assert!(out.len() == 1 && out[0] != 7 && out[0] < 8, "{out:?}");
+                // A document that repeats its ids (common words).
+                let repeats = [3, 3, 3, 9, 3, 9];
+                strong(&repeats, 16, &cfg, k, &mut out);
+                assert!(repeats.iter().zip(&out).all(|(a, b)| a != b), "{out:?}");
             }
             if from_sample == 1.0 {
                 assert_eq!(from_doc, 200 * ids.len(), "every replacement from the document");

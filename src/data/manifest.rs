@@ -187,7 +187,9 @@ impl Manifest {
             ));
         }
         let path = dir.join(MANIFEST_FILE);
-        if dir.is_dir() && !path.exists() {
+        let missing =
+            matches!(std::fs::symlink_metadata(&path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        if dir.is_dir() && missing {
             return Err(Error::bad_file(
                 dir,
                 format!("is not a data set directory (one `dtrain prepare` made): it has no {MANIFEST_FILE}"),

@@ -257,6 +257,8 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     // Masked-LM pretraining has no resume: it starts over, so nothing of an earlier run may
     // be in its out_dir (its encoder/ may even be this run's mlm.pretrained).
     crate::fsutil::check_run_dir_place("pretrain", "train.out_dir", &t.out_dir)?;
+    // One process; held to the run's end, so that no second run writes here meanwhile.
+    let _lock = crate::fsutil::lock_run_dir(&t.out_dir, "train.out_dir")?;
     crate::fsutil::check_no_earlier_outputs(
         "pretrain",
         "train.out_dir",

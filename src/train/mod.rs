@@ -504,10 +504,14 @@ fn optim_config(optim: &crate::optim::OptimConfig, decay: f64, model: &Model) ->
     o
 }
 
-/// Refuses a learning-rate multiplier (`{field}.lr_mult.<prefix>`) that names none of
-/// `model`'s tensors.
-fn check_lr_mult(optim: &crate::optim::OptimConfig, field: &str, model: &Model) -> Result<()> {
-    let tensors = model.layout().tensors();
+/// Refuses a learning-rate multiplier (`{field}.lr_mult.<prefix>`) that names none of the
+/// tensors of `layout`.
+fn check_lr_mult(
+    optim: &crate::optim::OptimConfig,
+    field: &str,
+    layout: &crate::model::params::Layout,
+) -> Result<()> {
+    let tensors = layout.tensors();
     for prefix in optim.lr_mult.keys() {
         if !tensors.iter().any(|t| t.name.starts_with(prefix.as_str())) {
             let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
@@ -895,7 +899,7 @@ where
         let (g, s) = (&gradients, &shadow_claims);
         claim_training(&mut account, "the model", "model", m, &optim, "optim", g, s)
     })?;
-    check_lr_mult(&cfg.optim, "optim", &model)?;
+    check_lr_mult(&cfg.optim, "optim", model.layout())?;
     let meta = model_meta(&model, manifest);
     let accum = cfg.optim.grad_accum as u64;
     let steps_per_epoch = n_train.div_ceil(t.batch_size as u64 * accum).max(1);

@@ -110,9 +110,10 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                     super::init_table(path, manifest, bag, &mut params, "mpl.teacher", progress)?;
                 }
                 // The teacher's own layer-wise decay (`mpl.teacher.encoder.layer_lr_decay`, or
-                // the copied `model`'s); its own multipliers must name its own tensors.
+                // the copied `model`'s); its own multipliers must name its own tensors (the
+                // student's `[optim]`, when it serves both, was checked against the student's).
                 if cfg.mpl.teacher_optim.is_some() {
-                    super::check_lr_mult(&teacher_optim, optim_field, &model)?;
+                    super::check_lr_mult(&teacher_optim, optim_field, model.layout())?;
                 }
                 let o = super::optim_config(&teacher_optim, mcfg.encoder.layer_lr_decay, &model);
                 let opt = Optimizer::new(be, model.layout(), model.table(), o);
@@ -158,6 +159,9 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                     Activation::Relu,
                     0.0,
                 );
+                if cfg.mpl.teacher_optim.is_some() {
+                    super::check_lr_mult(&teacher_optim, "mpl.teacher_optim", &layout)?;
+                }
                 let none = Slot { offset: layout.total(), rows: 0, cols: 0 };
                 let (mm, mv) = moment_lens(&teacher_optim, &layout, none);
                 let bytes = (2 * layout.total() + mm + mv) as u64 * 4;
