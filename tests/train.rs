@@ -1945,6 +1945,25 @@ fn mpl_trains_a_teacher_of_its_own_size_logs_h_and_resumes_exactly() {
     // The last window is the finetuning phase: no MPL step in it.
     assert_eq!(recs.last().unwrap()["mpl_steps"].as_u64(), Some(0));
     assert_eq!(mid["mpl_steps"].as_u64(), Some(3));
+    // The ramp-down pulls the teacher's β₁ towards 0.5 as it does the student's (METHODS.md
+    // §3), each from its own configured value.
+    let out = dir.path().join("mpl-down");
+    let down = ["consistency.rampdown_epochs=1", "mpl.teacher_optim={lr=0.02, beta1=0.8}"];
+    let extra = [&mpl[..], &["train.steps=30", "train.log_every=3"], &down[..]].concat();
+    run(&cfg(&data, &out, &extra), Resume::No, None).unwrap();
+    let recs = train_records(&out);
+    let pulled =
+        |v: &serde_json::Value, key: &str, base: f64| (v[key].as_f64().unwrap() - 0.5) / (base - 0.5);
+    for v in &recs {
+        let (s, t) = (pulled(v, "beta1", 0.9), pulled(v, "teacher_beta1", 0.8));
+        assert!(
+            (s - t).abs() < 1e-9,
+            "step {}: the student's β₁ at {s} of its way, the teacher's at {t}",
+            v["step"]
+        );
+    }
+    let last = recs.last().unwrap()["teacher_beta1"].as_f64().unwrap();
+    assert!(last < 0.75, "the teacher's β₁ ramped down: {last}");
 }
 
 #[test]

@@ -1468,6 +1468,9 @@ where
                 if let Some((_, teacher_lr)) = teacher_schedule {
                     rec["teacher_lr"] = json!(teacher_lr);
                 }
+                if down_steps > 0 {
+                    rec["teacher_beta1"] = json!(run.beta1());
+                }
             }
             log.write(rec)?;
             bar.set_message(format!("loss {loss:.4} acc {acc:.3} {:.0}k tok/s", tps / 1e3));

@@ -288,6 +288,11 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         opt.cfg.beta1 = crate::algo::ramp::ramped_beta1(self.teacher_beta1, down);
     }
 
+    /// The teacher's optimizer's β₁ now.
+    pub(super) fn beta1(&self) -> f64 {
+        self.pieces().3.cfg.beta1
+    }
+
     /// The teacher as a text classifier, when it is one.
     pub(super) fn teacher_bag(&self) -> Option<(&Model, &B::Buf)> {
         match &self.teacher {
