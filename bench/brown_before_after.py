@@ -7,6 +7,10 @@ paired difference is the fix's effect. Studies (`--study`):
 - augment: UDA and FixMatch (configs/brown/uda.toml, fixmatch.toml), before and after the
   strong view's replacement stopped giving back the same id (2026-12-07, METHODS.md §10),
   at the configs' replacement rate and at 0.3.
+- vat: VAT on labeled and unlabeled rows (supervised config, μ 1, no dropout), before and
+  after its random direction took normal coordinates (2026-12-07, METHODS.md §9), at the
+  two settings docs/results.md's adversarial sweep chose (ε 0.1 with weight 10; ε 1,
+  weight 1 with ξ 0.1).
 
 Brown genre, 20 labels per class, bag model from the skip-gram embeddings already made per
 seed by bench/brown_bag_propagate.py (runs/brown_bag_ls/seedN/{data,pretrain}), table
@@ -17,6 +21,8 @@ accuracy at the run's end, per seed, old and new binary.
       --seeds 1 2 3 4 5 6 --json bench/results/brown-fgm-second-pass.json
   python3 bench/brown_before_after.py --study augment --old /tmp/dtrain-f --new target/release/dtrain \
       --seeds 1 2 3 4 5 6 --json bench/results/brown-augment-other-ids.json
+  python3 bench/brown_before_after.py --study vat --old /tmp/dtrain-f --new target/release/dtrain \
+      --seeds 1 2 3 4 5 6 --json bench/results/brown-vat-normal-direction.json
 (the fgm study's JSON was made when this script was bench/brown_fgm_second_pass.py, with
 the same code for that study)
 """
@@ -49,6 +55,16 @@ STUDIES = {
             "fixmatch": ("configs/brown/fixmatch.toml", []),
         },
         "variants": [("config's replacement", []), ("replacement 0.3", ["augment.replacement=0.3"])],
+        "alone": False,
+    },
+    "vat": {
+        "methods": {
+            "vat": ("configs/brown/supervised.toml",
+                    ['adversarial.kind="vat"', "unlabeled.ratio=1", "model.embed_dropout=0.0"]),
+        },
+        "variants": [("ε 0.1, weight 10", ["adversarial.epsilon=0.1", "adversarial.weight=10.0"]),
+                     ("ε 1, weight 1, ξ 0.1", ["adversarial.epsilon=1.0", "adversarial.weight=1.0",
+                                               "adversarial.xi=0.1"])],
         "alone": False,
     },
 }
