@@ -35,6 +35,16 @@ pub(super) enum Teacher<B: EncoderOps<F = f32>> {
     Reduced { net: DenseNet<B>, logits: LogitsFile, train_logits: Option<LogitsFile>, labels: Vec<String> },
 }
 
+impl<B: EncoderOps<F = f32>> Teacher<B> {
+    /// The teacher's parameters and optimizer, whichever kind it is.
+    fn state_mut(&mut self) -> (&mut B::Buf, &mut Optimizer<B>) {
+        match self {
+            Teacher::Bag { params, opt, .. } => (params, opt),
+            Teacher::Reduced { net, .. } => (&mut net.params, &mut net.opt),
+        }
+    }
+}
+
 /// MPL's state in a run besides the student's.
 pub(super) struct MplRun<B: EncoderOps<F = f32>> {
     pub(super) teacher: Teacher<B>,
@@ -259,18 +269,12 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         let (layout, table, _, opt) = self.pieces();
         let lens = moment_lens(&opt.cfg, layout, table);
         let layout = layout.clone();
-        let (p, o) = match &mut self.teacher {
-            Teacher::Bag { params, opt, .. } => (params, opt),
-            Teacher::Reduced { net, .. } => (&mut net.params, &mut net.opt),
-        };
+        let (p, o) = self.teacher.state_mut();
         // The fresh buffers go before the checkpoint's are read: a large teacher is never
         // held twice.
         (*p, o.m, o.v) = (be.zeros(0), be.zeros(0), be.zeros(0));
         let (lp, lm, lv) = checkpoint::load_part(dir, self.stem(), &layout, lens)?;
-        let (p, o) = match &mut self.teacher {
-            Teacher::Bag { params, opt, .. } => (params, opt),
-            Teacher::Reduced { net, .. } => (&mut net.params, &mut net.opt),
-        };
+        let (p, o) = self.teacher.state_mut();
         (*p, o.m, o.v) = (be.upload_vec(lp), be.upload_vec(lm), be.upload_vec(lv));
         o.t = state.teacher_optim_t;
         self.state = state.mpl;
@@ -281,11 +285,7 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
     /// ramp-down applies to the learning rate and to Adam's β₁, the teacher's as the
     /// student's).
     pub(super) fn ramp_down_beta1(&mut self, down: f64) {
-        let opt = match &mut self.teacher {
-            Teacher::Bag { opt, .. } => opt,
-            Teacher::Reduced { net, .. } => &mut net.opt,
-        };
-        opt.cfg.beta1 = crate::algo::ramp::ramped_beta1(self.teacher_beta1, down);
+        self.teacher.state_mut().1.cfg.beta1 = crate::algo::ramp::ramped_beta1(self.teacher_beta1, down);
     }
 
     /// The teacher's optimizer's β₁ now.
