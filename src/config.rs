@@ -38,8 +38,12 @@ impl Override {
         let (key, raw) =
             arg.split_once('=').ok_or_else(|| Error::config("--set", arg, "expected key=value"))?;
         let key = key.trim();
-        if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
-            return Err(Error::config("--set", arg, "the key must be a dotted path such as split.seed"));
+        if key_parts(key).is_none() {
+            return Err(Error::config(
+                "--set",
+                arg,
+                "the key must be a dotted path such as split.seed (quote a part that holds dots: optim.lr_mult.\"hidden.0\")",
+            ));
         }
         let raw = raw.trim();
         // A whole number TOML cannot hold would otherwise pass on as a string, and fail as
@@ -73,8 +77,23 @@ fn parse_value(raw: &str) -> toml::Value {
     }
 }
 
+/// The parts of a dotted key as TOML reads them (`optim.lr_mult."hidden.0"` is three), or
+/// `None` when it is not a TOML key.
+fn key_parts(key: &str) -> Option<Vec<String>> {
+    let mut table = format!("{key} = 0").parse::<toml::Table>().ok()?;
+    let mut parts = Vec::new();
+    loop {
+        let (part, value) = table.into_iter().next()?;
+        parts.push(part);
+        match value {
+            toml::Value::Table(inner) => table = inner,
+            _ => return Some(parts),
+        }
+    }
+}
+
 fn apply(root: &mut toml::Table, o: &Override) -> Result<()> {
-    let parts: Vec<&str> = o.key.split('.').collect();
+    let parts = key_parts(&o.key).ok_or_else(|| Error::config("--set", &o.key, "is not a dotted key"))?;
     let mut table = root;
     for (depth, part) in parts[..parts.len() - 1].iter().enumerate() {
         let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -82,7 +101,7 @@ fn apply(root: &mut toml::Table, o: &Override) -> Result<()> {
             .as_table_mut()
             .ok_or_else(|| Error::config("--set", parts[..=depth].join("."), "is a value, not a section"))?;
     }
-    table.insert(parts[parts.len() - 1].to_owned(), o.value.clone());
+    table.insert(parts[parts.len() - 1].clone(), o.value.clone());
     Ok(())
 }
 
@@ -1275,6 +1294,34 @@ impl Validate for PretrainConfig {
     }
 }
 
+/// The dotted fields whose values differ between two JSON configs, with both values
+/// (`field: old → new`), at most `limit` of them.
+pub fn differences(old: &serde_json::Value, new: &serde_json::Value, limit: usize) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value::Object;
+        match (a, b) {
+            (Object(x), Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let null = serde_json::Value::Null;
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} → {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    if out.len() > limit {
+        let more = out.len() - limit;
+        out.truncate(limit);
+        out.push(format!("and {more} more"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1420,6 +1467,13 @@ mod tests {
     fn bad_set_syntax_and_bad_files() {
         assert!(Override::parse("novalue").unwrap_err().to_string().contains("key=value"));
         assert!(Override::parse("a..b=1").is_err());
+        assert!(Override::parse("a b=1").unwrap_err().to_string().contains("dotted path"));
+        // A quoted part keeps its dots, as in a TOML file.
+        let o = Override::parse("optim.lr_mult.\"hidden.0\"=0.5").unwrap();
+        assert_eq!(key_parts(&o.key).unwrap(), ["optim", "lr_mult", "hidden.0"]);
+        let mut root = toml::Table::new();
+        apply(&mut root, &o).unwrap();
+        assert_eq!(root["optim"]["lr_mult"]["hidden.0"].as_float(), Some(0.5));
         let big = Override::parse("train.steps=18446744073709551615").unwrap_err().to_string();
         assert!(big.contains("train.steps") && big.contains("beyond the whole numbers"), "{big}");
         assert!(Override::parse("train.steps=9223372036854775807").is_ok());

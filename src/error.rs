@@ -44,11 +44,30 @@ impl Error {
         Error::BadFile { path: path.into(), msg: msg.into() }
     }
 
-    /// A configuration value that breaks a rule.
+    /// A configuration value that breaks a rule. The field and message are cut to 16 KiB
+    /// each: a message quotes the value, which may be megabytes long.
     pub fn config(origin: impl Into<String>, field: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config { origin: origin.into(), field: field.into(), msg: msg.into() }
+        Error::Config { origin: clip(origin.into()), field: clip(field.into()), msg: clip(msg.into()) }
     }
 }
+
+/// `s` cut to about [`CLIP`] bytes on a character boundary, saying how much was left out.
+fn clip(mut s: String) -> String {
+    if s.len() <= CLIP {
+        return s;
+    }
+    let mut end = CLIP;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = s.len() - end;
+    s.truncate(end);
+    s.push_str(&format!("… ({more} bytes more)"));
+    s
+}
+
+/// The longest part of a config error, in bytes.
+const CLIP: usize = 16 << 10;
 
 /// Adds a path to `std::io::Result`s.
 pub trait IoContext<T> {
@@ -59,5 +78,23 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: &std::path::Path) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_errors_quote_at_most_16_kib() {
+        let long = "é".repeat(5_000_000);
+        let e = super::Error::config("train", "method", format!("unknown variant `{long}`")).to_string();
+        assert!(
+            e.len() < 17_000
+                && e.ends_with(" bytes more)")
+                && e.starts_with("config train: field `method`: unknown variant `é"),
+            "{}",
+            &e[..100]
+        );
+        let short = super::Error::config("train", "method", "unknown variant `x`").to_string();
+        assert_eq!(short, "config train: field `method`: unknown variant `x`");
     }
 }

@@ -351,6 +351,66 @@ pub fn check_metrics_kind(path: &Path, key: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Opens a resumed run's `metrics.jsonl` for appending, keeping the records `keep` accepts
+/// (a record is a JSON object with a whole number under `key`: the step or the epoch);
+/// those it turns down are the resumed run's to write again. A line that is no record
+/// (written by hand, or damaged: not UTF-8, not JSON, no `key`) is not dropped silently: the
+/// file as it was is first copied beside it (`metrics.jsonl.before-resume`, or `.1`, `.2`,
+/// … after it when that exists) and a warning names the lines.
+pub fn reopen_metrics(
+    path: &Path,
+    key: &str,
+    keep: impl Fn(u64, &serde_json::Value) -> bool,
+) -> Result<File> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).at(path),
+    };
+    let (mut kept, mut strange) = (Vec::new(), Vec::new());
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let record = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|v| Some((v.get(key)?.as_u64()?, v)));
+        match record {
+            Some((n, v)) if keep(n, &v) => {
+                kept.extend_from_slice(line);
+                kept.push(b'\n');
+            }
+            Some(_) => {}
+            None => strange.push(i + 1),
+        }
+    }
+    if !strange.is_empty() {
+        let mut backup = sibling(path, ".before-resume");
+        for k in 1.. {
+            if !backup.exists() {
+                break;
+            }
+            backup = sibling(path, &format!(".before-resume.{k}"));
+        }
+        fs::copy(path, &backup).at(&backup)?;
+        let shown: Vec<String> = strange.iter().take(5).map(|n| n.to_string()).collect();
+        let more = if strange.len() > 5 { format!(" and {} more", strange.len() - 5) } else { String::new() };
+        eprintln!(
+            "warning: {}: line{} {}{more} {} not a metrics record (UTF-8 JSON with a whole-number \"{key}\"): \
+             the resumed log leaves {}, and the file as it was is kept as {}",
+            path.display(),
+            if strange.len() > 1 { "s" } else { "" },
+            shown.join(", "),
+            if strange.len() > 1 { "are" } else { "is" },
+            if strange.len() > 1 { "them out" } else { "it out" },
+            backup.display()
+        );
+    }
+    write_atomic(path, &kept)?;
+    fs::OpenOptions::new().append(true).open(path).at(path)
+}
+
 /// Refuses to start a new run in `dir` (the config field `field` of command `origin`) over what an earlier run
 /// left there: each of `names` that exists (a non-empty file or directory) is named.
 /// `how` says what to do instead.
@@ -413,4 +473,43 @@ pub fn install_dir(staged: &Path, dest: &Path, force: bool) -> Result<()> {
     }
     sync_parent(dest);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed log keeps the records up to the resumed point and leaves the later ones to
+    /// the resumed run; a line that is no record (Latin-1 bytes, a note, a record without
+    /// the key) is left out only after the whole file was copied aside, never lost.
+    #[test]
+    fn reopening_a_log_keeps_early_records_and_backs_up_strange_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let good = "{\"step\":5,\"loss\":1.0}\n{\"step\":10,\"split\":\"val\"}\n{\"step\":10,\"split\":\"test\"}\n{\"step\":15,\"loss\":0.5}\n";
+        fs::write(&path, good).unwrap();
+        let keep = |s: u64, v: &serde_json::Value| s <= 10 && v["split"] != "test";
+        let mut f = reopen_metrics(&path, "step", keep).unwrap();
+        writeln!(f, "{{\"step\":11}}").unwrap();
+        drop(f);
+        let want = "{\"step\":5,\"loss\":1.0}\n{\"step\":10,\"split\":\"val\"}\n{\"step\":11}\n";
+        assert_eq!(fs::read_to_string(&path).unwrap(), want);
+        assert!(!sibling(&path, ".before-resume").exists(), "nothing strange, no copy");
+        // A missing log is an empty one.
+        let fresh = dir.path().join("fresh.jsonl");
+        drop(reopen_metrics(&fresh, "step", keep).unwrap());
+        assert_eq!(fs::read(&fresh).unwrap(), b"");
+        // Strange lines: the file as it was is copied aside, twice without clobbering.
+        let mut strange = good.as_bytes().to_vec();
+        strange.extend_from_slice(b"{\"note\":\"caf\xe9\"}\nmy own note\n{\"loss\":2}\n");
+        for copy in [".before-resume", ".before-resume.1"] {
+            fs::write(&path, &strange).unwrap();
+            drop(reopen_metrics(&path, "step", keep).unwrap());
+            assert_eq!(fs::read(sibling(&path, copy)).unwrap(), strange, "{copy}");
+            assert_eq!(
+                fs::read_to_string(&path).unwrap(),
+                "{\"step\":5,\"loss\":1.0}\n{\"step\":10,\"split\":\"val\"}\n"
+            );
+        }
+    }
 }

@@ -892,8 +892,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     None => {
                         match emb.query_words(q).len() {
-                            0 => println!("{q:?}: holds no word"),
-                            n => println!("{q:?}: holds {n} words; give one word per argument"),
+                            0 => eprintln!("{q:?}: holds no word"),
+                            n => eprintln!("{q:?}: holds {n} words; give one word per argument"),
                         }
                         found = false;
                     }
@@ -1806,6 +1806,9 @@ fn print_prepare_summary(r: &PrepareReport) {
         for e in &r.skipped_examples {
             println!("  {e}");
         }
+    }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
     }
 }
 

@@ -535,13 +535,16 @@ fn pretrain_and_neighbors_from_the_command_line() {
     for l in &lines[1..3] {
         assert!(l.ends_with("green") || l.ends_with("blue"), "{t}");
     }
-    // A query with no word fails the command (after the others are listed); -k 0 is refused.
+    // A query with no word fails the command (after the others are listed), saying so on
+    // stderr (stdout holds only neighbour lists); -k 0 is refused.
     let o = dtrain(&["neighbors", "--model", out.to_str().unwrap(), "-k", "2", "red", ""]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(
-        !o.status.success() && text(&o).contains("red:") && text(&o).contains("holds no word"),
+        !o.status.success() && stdout.contains("red:") && stderr.contains("holds no word"),
         "{}",
         text(&o)
     );
+    assert!(!stdout.contains("holds"), "{stdout}");
     // So does one of two words (only the first was looked up).
     let o = dtrain(&["neighbors", "--model", out.to_str().unwrap(), "-k", "2", "red cat"]);
     let t = text(&o);
@@ -563,16 +566,26 @@ fn a_closed_pipe_ends_the_output_quietly() {
     let out = dir.path().join("ds");
     let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/brown_genre.tsv.gz");
     let script = format!(
-        "{} prepare --quiet --input {} --out {} --labels-per-class 5 | head -c 10 >/dev/null; {} inspect {} --samples 500 | head -n 1",
+        "{} prepare --input {} --out {} --labels-per-class 5 | head -c 10 >/dev/null; echo \"prepare: ${{PIPESTATUS[0]}}\" >&2; \
+         {} inspect {} --samples 500 | head -n 1; echo \"inspect: ${{PIPESTATUS[0]}}\" >&2",
         env!("CARGO_BIN_EXE_dtrain"),
         input.display(),
         out.display(),
         env!("CARGO_BIN_EXE_dtrain"),
         out.display()
     );
-    let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let o = Command::new("bash").args(["-c", &script]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    // Both commands wrote into a pipe that closed early and ended as Unix tools do there:
+    // with success, or killed by SIGPIPE (status 141), not with an error; prepare's data set
+    // is whole (its report comes after the files), inspect's first line came through.
+    for cmd in ["prepare", "inspect"] {
+        assert!(err.contains(&format!("{cmd}: 0")) || err.contains(&format!("{cmd}: 141")), "{err}");
+    }
+    assert!(out.join("manifest.json").is_file());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
 }
 
 /// `dtrain bench encoder` on the CPU at bf16 products: the JSON says where and at which

@@ -69,7 +69,9 @@ fn to64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| f64::from(x)).collect()
 }
 
-/// ‖gpu − cpu‖ / ‖cpu‖ (absolute when ‖cpu‖ is 0); NaN anywhere fails.
+/// ‖gpu − cpu‖ / ‖cpu‖ (absolute when ‖cpu‖ is 0) within `tol`, and every element within
+/// 10·`tol` of the largest |cpu| (so that a few elements left unwritten in a large buffer
+/// cannot hide in the norm); NaN anywhere fails.
 fn check(what: &str, gpu: &[f32], cpu: &[f64], tol: f64) -> Result<(), Failed> {
     if gpu.len() != cpu.len() {
         return Err(format!("{what}: {} values on the GPU, {} on the CPU", gpu.len(), cpu.len()).into());
@@ -82,6 +84,21 @@ fn check(what: &str, gpu: &[f32], cpu: &[f64], tol: f64) -> Result<(), Failed> {
     let rel = if norm > 0.0 { diff / norm } else { diff };
     if rel > tol {
         return Err(format!("{what}: relative error {rel:.3e} > {tol:.0e}").into());
+    }
+    let scale = cpu.iter().fold(0.0f64, |m, c| m.max(c.abs()));
+    let scale = if scale > 0.0 { scale } else { 1.0 };
+    let (worst, at) = gpu
+        .iter()
+        .zip(cpu)
+        .enumerate()
+        .map(|(i, (&g, &c))| ((f64::from(g) - c).abs() / scale, i))
+        .fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
+    if worst > 10.0 * tol {
+        return Err(format!(
+            "{what}: element {at} is {} against {}: off by {worst:.3e} of the largest |value|, > 10 × {tol:.0e}",
+            gpu[at], cpu[at]
+        )
+        .into());
     }
     Ok(())
 }
@@ -834,8 +851,17 @@ fn same_runs(
                 .map(|s| Override::parse(s).expect("override")),
         );
         let cfg = config::load(None, &o).map_err(|e| Failed::from(e.to_string()))?;
-        train(&cfg, &RunOptions { resume: Resume::No, progress: false, stop_after: None, device })
-            .map_err(|e| Failed::from(format!("{name}: {e}")))?;
+        let report =
+            train(&cfg, &RunOptions { resume: Resume::No, progress: false, stop_after: None, device })
+                .map_err(|e| Failed::from(format!("{name}: {e}")))?;
+        // A run that quietly fell back to another backend would match itself.
+        let want = match device {
+            dtrain::backend::Device::Cuda(Some(n)) => format!("cuda:{n}"),
+            _ => "cpu".into(),
+        };
+        if report.backend != want {
+            return Err(format!("the {name} run asked for {want} but ran on {}", report.backend).into());
+        }
         outs.push(common::last_checkpoint(&out));
     }
     for (k, out) in outs.iter().enumerate().skip(1) {
@@ -907,13 +933,20 @@ fn main() {
     if nvrtc.is_none() {
         eprintln!("skipped: NVRTC compile checks (libnvrtc not found; launch/test puts the .venv's on LD_LIBRARY_PATH)");
     }
-    let cuda = match Cuda::new(0) {
-        Ok(c) => Some(Arc::new(c)),
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
+    // Skipped only where the driver lists no device: with a device, a backend that fails to
+    // start (a kernel module the driver refuses, no cuBLAS) fails every GPU test instead.
+    let listed = device::device_count();
+    let no_device = listed.as_ref().map_or(true, |&n| n == 0);
+    let cuda: Result<Arc<Cuda>, String> = if no_device {
+        let why = listed.err().unwrap_or_else(|| "the driver lists no device".into());
+        eprintln!("skipped: no CUDA device ({why})");
+        Err(why)
+    } else {
+        Cuda::new(0)
+            .map(Arc::new)
+            .map_err(|e| format!("a CUDA device is present but the backend failed to start: {e}"))
     };
+    let started = cuda.clone().map(|_| ());
     let mut trials = Vec::new();
     for arch in ["80", "90"] {
         trials.push(
@@ -925,19 +958,25 @@ fn main() {
     }
     for &(name, test) in TWINS {
         let cuda = cuda.clone();
-        let skip = cuda.is_none();
         trials.push(
             Trial::test(name, move || {
-                let be = cuda.as_ref().expect("a device");
+                let be = cuda.as_ref().map_err(|e| Failed::from(e.clone()))?;
                 let s = seed();
                 test(be, &mut Rand(s))
                     .map_err(|e| Failed::from(format!("{} (seed {s})", e.message().unwrap_or(""))))
             })
-            .with_ignored_flag(skip),
+            .with_ignored_flag(no_device),
         );
     }
     for &(name, sets) in WHOLE_MODEL {
-        trials.push(Trial::test(name, move || whole_model(sets)).with_ignored_flag(cuda.is_none()));
+        let started = started.clone();
+        trials.push(
+            Trial::test(name, move || {
+                started.map_err(Failed::from)?;
+                whole_model(sets)
+            })
+            .with_ignored_flag(no_device),
+        );
     }
     libtest_mimic::run(&args, trials).exit();
 }

@@ -229,10 +229,6 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
     assert!(e.contains("not a safetensors file"), "{e}");
 }
 
-/// `prepare` with `tokenizer.subword` stores the subword tokenizer's ids (cut to `max_len`,
-/// closing token kept), records the tokenizer's path, checksum and vocabulary size in the
-/// manifest with `buckets` = the vocabulary, and keeps the hashing tokenizer's split and
-/// de-duplication; a missing file or a checksum that does not match is refused by field.
 /// A tokenizer whose ids have gaps (an id at or past its vocabulary size) would index past the
 /// embedding table: it is refused on opening, naming the token, and `embed` refuses it too
 /// (it used to panic).
@@ -320,6 +316,10 @@ fn texts_without_a_subword_token_keep_the_hashed_rows() {
     assert!(e.contains("subword.max_len") && e.contains("at least 3"), "{e}");
 }
 
+/// `prepare` with `tokenizer.subword` stores the subword tokenizer's ids (cut to `max_len`,
+/// closing token kept), records the tokenizer's path, checksum and vocabulary size in the
+/// manifest with `buckets` = the vocabulary, and keeps the hashing tokenizer's split and
+/// de-duplication; a missing file or a checksum that does not match is refused by field.
 #[test]
 fn prepare_with_a_subword_tokenizer_stores_its_ids() {
     let path = minilm().join("tokenizer.json");
@@ -348,11 +348,30 @@ fn prepare_with_a_subword_tokenizer_stores_its_ids() {
     let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
     let report = common::run(&[&f], &[], &out, &sets).unwrap();
     assert_eq!(report.manifest.stats.duplicates, 1, "the repeated text is dropped");
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    // A tokenizer that reads every word as [UNK] (here: no word is short enough for it)
+    // still makes a data set, with a warning that names it.
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["model"]["max_input_chars_per_word"] = 0.into();
+    let unk = common::write(dir.path(), "unk.json", json.to_string().as_bytes());
+    let mut unk_sets = sets.clone();
+    let unk_path = format!("tokenizer.subword.path={:?}", unk.display().to_string());
+    unk_sets[0] = &unk_path;
+    let r = common::run(&[&f], &[], &dir.path().join("unk"), &unk_sets).unwrap();
+    assert!(
+        r.warnings.len() == 1
+            && r.warnings[0].contains("unk.json")
+            && r.warnings[0].contains("unknown token"),
+        "{:?}",
+        r.warnings
+    );
     let ds = dtrain::data::dataset::Dataset::open(&out).unwrap();
     let spec = &ds.manifest().tokenizer;
     let sw = spec.subword.as_ref().expect("the manifest records the subword tokenizer");
     assert_eq!((spec.buckets, sw.vocab, sw.max_len), (30522, Some(30522), 8));
     assert_eq!(sw.checksum.as_deref().map(str::len), Some(16));
+    let recorded = std::fs::canonicalize(std::path::Path::new(&sw.path)).unwrap();
+    assert_eq!(recorded, std::fs::canonicalize(&path).unwrap());
     let mut got: Vec<Vec<u32>> = ds
         .shards(dtrain::data::shard::SplitKind::Train)
         .iter()

@@ -109,9 +109,12 @@ fn assert_resume_is_exact(extra: &[&str]) -> Vec<serde_json::Value> {
     let c = cfg(&data, &dir.path().join("b"), &extra);
     assert_eq!(run(&c, Resume::No, Some(5)).unwrap().steps, 5);
     let b = run(&c, Resume::Auto, None).unwrap();
+    // Mean Teacher and MPL keep a teacher's weights; the other methods have none.
+    let teacher = extra.iter().any(|s| *s == "method=\"mean_teacher\"" || *s == "method=\"mpl\"");
+    assert_eq!(a.final_checkpoint.join("teacher.safetensors").exists(), teacher, "{extra:?}");
     for f in ["model.safetensors", "optimizer.safetensors", "state.bin", "teacher.safetensors"] {
         let (x, y) = (a.final_checkpoint.join(f), b.final_checkpoint.join(f));
-        if f.starts_with("teacher") && !x.exists() {
+        if f.starts_with("teacher") && !teacher {
             continue;
         }
         assert!(
@@ -149,14 +152,25 @@ fn assert_logs_a_positive(recs: &[serde_json::Value], key: &str, what: &str) {
 
 #[test]
 fn semi_supervised_methods_run_on_the_encoder_and_resume_exactly() {
+    // Each method's own term is logged, computed, not skipped.
     // Mean Teacher: a second (teacher) pass and its weights in the checkpoint.
-    assert_resume_is_exact(&["method=\"mean_teacher\"", "unlabeled.ratio=2"]);
+    let recs = assert_resume_is_exact(&["method=\"mean_teacher\"", "unlabeled.ratio=2"]);
+    assert_logs_a_positive(&recs, "loss_consistency", "mean_teacher");
     // Meta Pseudo Labels with an encoder teacher and student (two models, two optimizers).
-    assert_resume_is_exact(&["method=\"mpl\"", "unlabeled.ratio=2"]);
+    let recs = assert_resume_is_exact(&["method=\"mpl\"", "unlabeled.ratio=2"]);
+    assert_logs_a_positive(&recs, "loss_pseudo", "mpl");
+    assert_logs_a_positive(&recs, "loss_teacher", "mpl");
+    assert!(recs.iter().any(|r| r["mpl_h"].as_f64().is_some_and(|h| h != 0.0)), "mpl: h is always 0");
     // FGM on the token embeddings.
-    assert_resume_is_exact(&["adversarial.kind=\"fgm\""]);
-    // FixMatch: a weak view and a strong (augmented) view of WordPiece ids.
-    assert_resume_is_exact(&["method=\"fixmatch\"", "unlabeled.ratio=2", "consistency.threshold=0.5"]);
+    let recs = assert_resume_is_exact(&["adversarial.kind=\"fgm\""]);
+    assert_logs_a_positive(&recs, "loss_adversarial", "fgm");
+    // FixMatch: a weak view and a strong (augmented) view of WordPiece ids, with a threshold
+    // that some rows pass and some do not.
+    let recs =
+        assert_resume_is_exact(&["method=\"fixmatch\"", "unlabeled.ratio=2", "consistency.threshold=0.34"]);
+    assert_logs_a_positive(&recs, "loss_consistency", "fixmatch");
+    let masks: Vec<f64> = recs.iter().filter_map(|r| r["mask_ratio"].as_f64()).collect();
+    assert!(masks.iter().any(|&m| m > 0.0 && m < 1.0), "fixmatch: mask ratios {masks:?}");
 }
 
 /// The methods the test above leaves out run on the encoder too, each resuming bit for bit:

@@ -275,8 +275,9 @@ fn gradient_buckets_and_a_bf16_wire_on_two_ranks() {
         common::last_checkpoint(&out)
     };
     let plain = run("f32", &[]);
-    // 26 values per bucket: the dense gradient leaves in several non-blocking all-reduces,
-    // last tensors first; each element is summed as before, so nothing changes.
+    // 26 values per bucket (dist::tests::bucket_mb_sizes_the_buckets): the dense gradient
+    // leaves in several non-blocking all-reduces, last tensors first; each element is
+    // summed as before, so nothing changes.
     let small = run("buckets", &["dist.bucket_mb=0.0001"]);
     assert_eq!(common::max_rel_err(&plain, &small), 0.0, "small buckets changed the run");
     // bf16 on the wire rounds the dense gradient: a different run, but a near one.

@@ -175,7 +175,11 @@ fn one_thread_is_deterministic_and_resume_is_bitwise_identical() {
     let refused = run(&cfg(&data, &b, &[]), Resume::No, None).unwrap_err().to_string();
     assert!(refused.contains("--resume auto"), "{refused}");
     let other = run(&cfg(&data, &b, &["train.lr=0.02"]), Resume::Auto, None).unwrap_err().to_string();
-    assert!(other.contains("different pretraining config"), "{other}");
+    // The field that differs is named, with both values (the checkpoint keeps its config).
+    assert!(
+        other.contains("different pretraining config (train.lr: ") && other.contains(" → 0.02)"),
+        "{other}"
+    );
     // --stop-after counts epochs from the start: at epoch 2, stopping after 2 has nothing to
     // run (it once trained to the end and removed the checkpoints).
     let done = run(&cfg(&data, &b, &[]), Resume::Auto, Some(2)).unwrap_err().to_string();
@@ -303,9 +307,9 @@ fn init_from_loads_trained_rows_and_leaves_the_rest() {
     assert_eq!(row(&table, feats[0]), v);
     assert_ne!(v, row(emb.input(), feats[0]));
 
-    // Widths must agree, and the error names the field.
+    // Widths must agree (`train` names the field: below).
     let e = init(&emb, &data, 8).1.unwrap_err().to_string();
-    assert!(e.contains("model.init_from") && e.contains("model.dim"), "{e}");
+    assert!(e.contains("model.dim is 8, the embeddings have"), "{e}");
 
     // End to end: a training run starts from the embeddings and differs from scratch.
     let tcfg = |out: &Path, init_from: Option<&Path>| -> TrainConfig {
@@ -361,7 +365,8 @@ fn init_from_loads_trained_rows_and_leaves_the_rest() {
     let mut bad = tcfg(&dir.path().join("t2"), Some(&sub));
     bad.model.dim = 8;
     let e = train(&bad, &opts).unwrap_err().to_string();
-    assert!(e.contains("model.init_from"), "{e}");
+    // The field is named once (it used to be named twice over).
+    assert!(e.contains("model.dim is 8") && e.matches("model.init_from").count() == 1, "{e}");
     // A training checkpoint given as embeddings is named as what it is not, by field.
     let e =
         train(&tcfg(&dir.path().join("t3"), Some(&scratch.final_checkpoint)), &opts).unwrap_err().to_string();

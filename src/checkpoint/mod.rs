@@ -201,9 +201,11 @@ pub fn check_written(dir: &Path, reading: Reading<'_>) -> Result<()> {
         for (rel, recorded) in checked {
             let path = dir.join(rel);
             if !path.is_file() {
+                let what =
+                    if path.symlink_metadata().is_ok() { "is not a regular file" } else { "is missing" };
                 return Err(Error::bad_file(
                     &path,
-                    "is missing: the checkpoint was written with it (its DONE lists it)",
+                    format!("{what}: the checkpoint was written with it as a file (its DONE lists it)"),
                 ));
             }
             if file_digest(&path)? != *recorded {
@@ -1148,6 +1150,12 @@ mod tests {
         // A file it was written with, gone.
         let e = case("missing", &|d| std::fs::remove_file(d.join("state.bin")).unwrap());
         assert!(e.contains("state.bin") && e.contains("is missing"), "{e}");
+        // … or a directory in its place.
+        let e = case("a directory", &|d| {
+            std::fs::remove_file(d.join("state.bin")).unwrap();
+            std::fs::create_dir(d.join("state.bin")).unwrap();
+        });
+        assert!(e.contains("state.bin") && e.contains("is not a regular file"), "{e}");
         // Notes, or weights under a name of their own, are left be.
         let e = case("notes", &|d| {
             std::fs::write(d.join("notes.txt"), "mine").unwrap();

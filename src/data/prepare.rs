@@ -58,6 +58,9 @@ pub struct PrepareReport {
     pub docs_read: u64,
     /// The first few bad lines skipped, as `file:line: rule`.
     pub skipped_examples: Vec<String>,
+    /// What the data set looks wrong for, though it was written (a subword tokenizer that
+    /// reads most of the text as its unknown token).
+    pub warnings: Vec<String>,
 }
 
 /// One tokenized document from an input line.
@@ -107,6 +110,10 @@ struct Run<'a> {
     disk: DiskCounter,
     bar: ProgressBar,
     docs_read: u64,
+    /// With a subword tokenizer: the ids of the kept documents' text (special tokens left
+    /// out), and those that are its unknown token.
+    subword_ids: u64,
+    unknown_ids: u64,
 }
 
 /// Runs `dtrain prepare` with a validated config. `progress` shows a bar on stderr.
@@ -280,6 +287,8 @@ fn prepare_into(
         disk: DiskCounter::default(),
         bar,
         docs_read: 0,
+        subword_ids: 0,
+        unknown_ids: 0,
     };
 
     // 1. Fixed test files and labeled files, into memory.
@@ -385,6 +394,18 @@ fn prepare_into(
     };
     manifest.write(dir)?;
     let text_bytes = manifest.inputs.iter().map(|i| i.bytes).sum();
+    let mut warnings = Vec::new();
+    if let Some(sw) = &cfg.tokenizer.subword {
+        // A sound tokenizer on text of its language reads a fraction of a percent as unknown.
+        if run.unknown_ids * 2 > run.subword_ids {
+            warnings.push(format!(
+                "{} read {} of the documents' {} subword ids as its unknown token: is it the tokenizer of this text's language, and whole?",
+                sw.path,
+                run.unknown_ids,
+                run.subword_ids
+            ));
+        }
+    }
     Ok(PrepareReport {
         manifest,
         dir: dir.to_owned(),
@@ -392,6 +413,7 @@ fn prepare_into(
         text_bytes,
         docs_read: run.docs_read,
         skipped_examples: run.skipped_examples,
+        warnings,
     })
 }
 
@@ -586,6 +608,11 @@ impl Run<'_> {
                             }
                             self.stats.truncated += u64::from(doc.truncated);
                             self.stats.specials_only += u64::from(doc.specials_only);
+                            if let (Some(sw), false) = (&self.subword, doc.specials_only) {
+                                let (text, unknown) = sw.count_text_ids(&doc.ids);
+                                self.subword_ids += text;
+                                self.unknown_ids += unknown;
+                            }
                             doc.words = doc.word_text.iter().map(|w| self.vocab.intern(w)).collect();
                             let id = self.next_sample_id;
                             self.next_sample_id += 1;

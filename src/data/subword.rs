@@ -41,6 +41,8 @@ pub struct SubwordTokenizer {
     path: PathBuf,
     /// The padding id (`[PAD]`, else 0).
     pub pad: u32,
+    /// The unknown token's id (`[UNK]`, `<unk>`), if the vocabulary has one.
+    unk: Option<u32>,
 }
 
 impl SubwordTokenizer {
@@ -87,7 +89,8 @@ impl SubwordTokenizer {
             ));
         }
         let pad = inner.token_to_id("[PAD]").or_else(|| inner.token_to_id("<pad>")).unwrap_or(0);
-        Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad })
+        let unk = ["[UNK]", "<unk>", "<UNK>"].iter().find_map(|t| inner.token_to_id(t));
+        Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad, unk })
     }
 
     /// The tokenizer a data set or checkpoint names: the file at `spec.path`, refused unless
@@ -123,6 +126,14 @@ impl SubwordTokenizer {
     /// The ids of an empty text: the special tokens alone ([CLS] [SEP] for BERT).
     pub fn specials(&self) -> Vec<u32> {
         self.inner.encode("", true).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+    }
+
+    /// Of the ids [`SubwordTokenizer::encode`] gave a document: how many are its text's (all
+    /// but the opening and closing special tokens), and how many of those are the unknown
+    /// token, when the vocabulary has one.
+    pub fn count_text_ids(&self, ids: &[u32]) -> (u64, u64) {
+        let text = if ids.len() >= 2 { &ids[1..ids.len() - 1] } else { &[][..] };
+        (text.len() as u64, text.iter().filter(|&&i| Some(i) == self.unk).count() as u64)
     }
 
     /// The token `id` stands for (for `dtrain inspect --explain`).

@@ -720,9 +720,6 @@ mod tests {
         assert!(tok.tokenize(" \t\u{3000} ").ids.is_empty());
     }
 
-    /// Golden values: these ids are the on-disk format. If this test fails, the hash, the
-    /// segmentation or the defaults changed, and every prepared dataset would silently get
-    /// other ids: bump TOKENIZER_ALGORITHM instead of editing the numbers.
     /// Specs with checksums name the same tokenizer when the checksums agree, however the
     /// path was spelled; without checksums, when the paths do.
     #[test]
@@ -742,6 +739,9 @@ mod tests {
         assert_ne!(spec("x.json", None), spec("./x.json", None));
     }
 
+    /// Golden values: these ids are the on-disk format. If this test fails, the hash, the
+    /// segmentation or the defaults changed, and every prepared dataset would silently get
+    /// other ids: bump TOKENIZER_ALGORITHM instead of editing the numbers.
     #[test]
     fn golden_hash_values_are_pinned() {
         // The underlying function: XXH3-64 of the empty input with seed 0 (reference value).

@@ -827,6 +827,18 @@ mod tests {
         }
     }
 
+    /// `dist.bucket_mb` is what sizes the buckets (the two-rank test sees only that
+    /// bucketing changes no value): 0.0001 MiB is 26 f32 or 52 bf16 elements.
+    #[cfg(feature = "mpi")]
+    #[test]
+    fn bucket_mb_sizes_the_buckets() {
+        let d = Dist::alone(&DistConfig { bucket_mb: 0.0001, ..Default::default() });
+        assert_eq!((d.bucket_cap(4), d.bucket_cap(2)), (26, 52));
+        assert_eq!(d.buckets(1000, 4).len(), 39);
+        let d = Dist::alone(&DistConfig::default());
+        assert_eq!(d.buckets(1000, 4).len(), 1);
+    }
+
     #[test]
     fn the_local_rank_comes_from_the_launcher_that_knows_it() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {

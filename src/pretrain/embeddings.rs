@@ -272,11 +272,8 @@ impl Embeddings {
             None
         };
         if let Some(m) = mismatch {
-            return Err(Error::config(
-                "train",
-                "model.init_from",
-                format!("{m}; pretrain on a data set prepared with the same tokenizer"),
-            ));
+            // The caller names the config field (`train::init_table`).
+            return Err(Error::Data(format!("{m}; pretrain on a data set prepared with the same tokenizer")));
         }
         assert_eq!(table.len(), t.buckets as usize * dim, "table shape");
         let tok = self.tokenizer();

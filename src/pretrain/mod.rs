@@ -106,13 +106,34 @@ struct Segment {
 /// The trajectory hash of a pretraining config: every field except where files go and how
 /// often checkpoints are written (the thread count stays in: it changes the result).
 fn config_hash(cfg: &PretrainConfig) -> u64 {
+    xxh3_64(trajectory_config(cfg).as_bytes())
+}
+
+/// The config as [`config_hash`] hashes it, as JSON text: each checkpoint keeps it as
+/// `config.json`, so that a resume under another config can name the fields that differ.
+fn trajectory_config(cfg: &PretrainConfig) -> String {
     let mut c = cfg.clone();
     c.dist = Default::default();
     c.data.dir = PathBuf::new();
     c.train.out_dir = PathBuf::new();
     c.train.checkpoint_every = 0;
     c.train.keep_checkpoints = 0;
-    xxh3_64(serde_json::to_string(&c).expect("config serialises").as_bytes())
+    serde_json::to_string(&c).expect("config serialises")
+}
+
+/// Why a checkpoint's config (its `config.json`, when it has one) is not `cfg`: the fields
+/// that differ, with both values.
+fn config_mismatch(dir: &std::path::Path, cfg: &PretrainConfig) -> String {
+    let then = std::fs::read_to_string(dir.join(checkpoint::CONFIG_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let now: serde_json::Value =
+        serde_json::from_str(&trajectory_config(cfg)).expect("the config's own JSON");
+    let fields = then.map(|then| crate::config::differences(&then, &now, 8)).unwrap_or_default();
+    let named = if fields.is_empty() { String::new() } else { format!(" ({})", fields.join("; ")) };
+    format!(
+        "the checkpoint was written with a different pretraining config{named}: every setting but where files go and how often checkpoints are written must be the same"
+    )
 }
 
 /// Runs `dtrain pretrain` as `cfg` says, in this process alone.
@@ -311,10 +332,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
                 ));
             }
             if e.meta.config_hash != hash {
-                return Err(Error::bad_file(
-                    dir,
-                    "the checkpoint was written with a different pretraining config: every setting but where files go and how often checkpoints are written must be the same",
-                ));
+                return Err(Error::bad_file(dir, config_mismatch(dir, cfg)));
             }
             if e.words != words || e.meta.epochs_done > t.epochs {
                 return Err(Error::bad_file(dir, "the checkpoint's words or epochs do not match this run"));
@@ -471,7 +489,9 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         let due = t.checkpoint_every > 0 && (epoch + 1) % t.checkpoint_every == 0;
         if (due || stop) && epoch + 1 < total_epochs && root {
             checkpoint::stage(&ckpt_root, &format!("epoch-{:06}", epoch + 1), t.keep_checkpoints, |dir| {
-                embeddings::write(dir, &meta, &layout, &params, &tsv)
+                embeddings::write(dir, &meta, &layout, &params, &tsv)?;
+                let config = dir.join(checkpoint::CONFIG_FILE);
+                crate::fsutil::write_atomic(&config, trajectory_config(cfg).as_bytes())
             })?;
         }
         if stop {
@@ -514,19 +534,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
 /// Opens `metrics.jsonl` keeping the records of the first `epochs` epochs (a resumed run
 /// writes the later ones again).
 fn open_metrics(path: &std::path::Path, epochs: u32) -> Result<std::fs::File> {
-    let kept: String = std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("epoch").and_then(|e| e.as_u64()))
-                .is_some_and(|e| e <= u64::from(epochs))
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    crate::fsutil::write_atomic(path, kept.as_bytes())?;
-    std::fs::OpenOptions::new().append(true).open(path).at(path)
+    crate::fsutil::reopen_metrics(path, "epoch", |e, _| e <= u64::from(epochs))
 }
 
 /// Cuts the documents of `shards` (in order) into `threads` contiguous ranges holding about

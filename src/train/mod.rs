@@ -82,6 +82,8 @@ pub struct TrainReport {
     /// The step the run started from: 0, or the resumed checkpoint's (equal to `steps` when
     /// the run had already finished and nothing was trained).
     pub resumed_at: u64,
+    /// The backend the steps ran on (`cpu`, `cuda:0`: [`crate::backend::Backend::name`]).
+    pub backend: String,
 }
 
 /// The validation and test metrics of one shadow copy of the weights.
@@ -120,23 +122,11 @@ impl MetricsLog {
     /// Opens `metrics.jsonl`, keeping only records up to `keep_until` (those a resumed run
     /// does not repeat), the final test record excepted.
     fn open(path: &Path, keep_until: u64) -> Result<Self> {
-        let kept: String = match std::fs::read_to_string(path) {
-            Ok(text) => text
-                .lines()
-                .filter(|l| {
-                    // Records up to the resumed step, except the final test record, which
-                    // the resumed run writes again.
-                    serde_json::from_str::<serde_json::Value>(l).ok().is_some_and(|v| {
-                        v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= keep_until)
-                            && v.get("split").and_then(|s| s.as_str()) != Some("test")
-                    })
-                })
-                .map(|l| format!("{l}\n"))
-                .collect(),
-            Err(_) => String::new(),
-        };
-        crate::fsutil::write_atomic(path, kept.as_bytes())?;
-        let file = std::fs::OpenOptions::new().append(true).open(path).at(path)?;
+        // Records up to the resumed step, except the final test record, which the resumed
+        // run writes again.
+        let file = crate::fsutil::reopen_metrics(path, "step", |s, v| {
+            s <= keep_until && v.get("split").and_then(|s| s.as_str()) != Some("test")
+        })?;
         Ok(MetricsLog { file: Some(file), path: path.to_owned() })
     }
 
@@ -203,34 +193,6 @@ fn trajectory_text(cfg: &TrainConfig, blank_pretrained: bool) -> String {
     c.mpl.logits = c.mpl.logits.map(|_| PathBuf::new());
     c.mpl.train_logits = c.mpl.train_logits.map(|_| PathBuf::new());
     serde_json::to_string(&c).expect("config serialises")
-}
-
-/// The dotted fields whose values differ between two JSON configs, with both values
-/// (`field: old → new`), at most `limit` of them.
-fn config_differences(old: &serde_json::Value, new: &serde_json::Value, limit: usize) -> Vec<String> {
-    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
-        use serde_json::Value::Object;
-        match (a, b) {
-            (Object(x), Object(y)) => {
-                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-                for k in keys {
-                    let null = serde_json::Value::Null;
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
-                }
-            }
-            _ if a != b => out.push(format!("{path}: {a} → {b}")),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    walk("", old, new, &mut out);
-    if out.len() > limit {
-        let more = out.len() - limit;
-        out.truncate(limit);
-        out.push(format!("and {more} more"));
-    }
-    out
 }
 
 /// Whether the run keeps a shadow of the embedding table whose rows are updated lazily
@@ -1070,7 +1032,7 @@ where
         let differs = if m.model != meta.model || loaded_model.layout() != model.layout() {
             let json =
                 |spec: &crate::model::ModelSpec| serde_json::to_value(spec).expect("a model spec serialises");
-            let fields = config_differences(&json(&m.model), &json(&meta.model), 8);
+            let fields = crate::config::differences(&json(&m.model), &json(&meta.model), 8);
             Some(format!("model (checkpoint → config: {})", fields.join(", ")))
         } else if m.labels != meta.labels {
             Some("set of class labels".to_string())
@@ -1109,7 +1071,7 @@ where
                 serde_json::from_str(&trajectory_config(cfg)).expect("the config's own JSON");
             let fields = match then {
                 Some(then) => {
-                    let d = config_differences(&then, &now, 8);
+                    let d = crate::config::differences(&then, &now, 8);
                     if d.is_empty() {
                         String::new()
                     } else {
@@ -1391,11 +1353,17 @@ where
             let (loss, acc) =
                 (win.loss_sum / win.steps.max(1) as f64, win.correct as f64 / win.docs.max(1) as f64);
             let tps = win.tokens as f64 / secs;
+            // MPL's finetuning steps read no unlabeled rows.
+            let unlabeled_share = match &mpl_run {
+                Some(_) => win.mpl_steps as f64 / win.steps.max(1) as f64,
+                None => 1.0,
+            };
+            let docs_per_s = win.docs as f64 * (1.0 + recipe.unlabeled_ratio as f64 * unlabeled_share) / secs;
             let mut rec = json!({
                 "step": step, "epoch": step as f64 / steps_per_epoch as f64, "lr": lr, "loss": loss,
                 "loss_supervised": win.sup_sum / win.docs.max(1) as f64,
                 "train_accuracy": acc, "grad_norm": norm, "tokens_per_s": tps,
-                "step_ms": 1e3 * win_step_secs / win_step_count.max(1) as f64, "docs_per_s": (win.docs as f64 + (win.docs * recipe.unlabeled_ratio as u64) as f64) / secs,
+                "step_ms": 1e3 * win_step_secs / win_step_count.max(1) as f64, "docs_per_s": docs_per_s,
             });
             // MPL's teacher has its own UDA ramp and learning rate (of the step just taken).
             let teacher_schedule = mpl_run.as_ref().map(|r| r.teacher_schedule(step - 1, w, lr));
@@ -1591,6 +1559,7 @@ where
         tokens_per_s: (total_tokens - restored_tokens.min(total_tokens)) as f64 / step_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),
         resumed_at,
+        backend: be.name(),
     })
 }
 

@@ -344,7 +344,9 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         let inv = 1.0 / world as f64;
         let (uda_weight, lr_teacher) = self.teacher_schedule(step, uda_weight, lr);
         let mut s_net = ModelNet { model: student, params, opt, bufs: &mut self.student_bufs };
-        win.tokens += m.batch.ids.len() as u64;
+        // A finetuning step reads the labeled rows alone.
+        let read = if step >= self.finetune_from { &labeled } else { &m.batch };
+        win.tokens += read.ids.len() as u64;
         if step >= self.finetune_from {
             let (ce, right, norm) = mpl::finetune(
                 be,

@@ -102,6 +102,13 @@ pub fn driver_version() -> std::result::Result<i32, String> {
     }
 }
 
+/// How many devices the driver lists, or why the driver is unusable.
+pub fn device_count() -> std::result::Result<usize, String> {
+    driver_version()?;
+    let n = cudarc::driver::CudaContext::device_count().map_err(|e| format!("cuDeviceGetCount: {e}"))?;
+    Ok(n.max(0) as usize)
+}
+
 /// NVRTC's (major, minor) version, when libnvrtc loads.
 pub fn nvrtc_version() -> Option<(i32, i32)> {
     // SAFETY: as in `driver_version`: nothing is called before the library loaded.
@@ -127,8 +134,7 @@ pub fn probe() -> Probe {
         .and_then(|r| r.ok());
     let mut devices = Vec::new();
     if driver.is_ok() {
-        let count = cudarc::driver::CudaContext::device_count().unwrap_or(0).max(0) as usize;
-        for ordinal in 0..count {
+        for ordinal in 0..device_count().unwrap_or(0) {
             if let Ok(ctx) = cudarc::driver::CudaContext::new(ordinal) {
                 devices.push(DeviceInfo {
                     ordinal,

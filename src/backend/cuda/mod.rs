@@ -138,10 +138,8 @@ impl Cuda {
     /// NVRTC for the device's compute capability. Each missing piece is an
     /// [`Error::Device`] naming it.
     pub fn new(ordinal: usize) -> Result<Cuda> {
-        device::driver_version().map_err(Error::Device)?;
-        let count =
-            CudaContext::device_count().map_err(|e| Error::Device(format!("cuDeviceGetCount: {e}")))?;
-        if ordinal >= count.max(0) as usize {
+        let count = device::device_count().map_err(Error::Device)?;
+        if ordinal >= count {
             return Err(Error::Device(format!(
                 "CUDA device {ordinal} was asked for, but the driver lists {count} device(s)"
             )));
