@@ -80,6 +80,10 @@ fn parse_value(raw: &str) -> toml::Value {
 /// The parts of a dotted key as TOML reads them (`optim.lr_mult."hidden.0"` is three), or
 /// `None` when it is not a TOML key.
 fn key_parts(key: &str) -> Option<Vec<String>> {
+    // One line: a key with a line break would be read as a document of its own.
+    if key.contains(['\n', '\r']) {
+        return None;
+    }
     let mut table = format!("{key} = 0").parse::<toml::Table>().ok()?;
     let mut parts = Vec::new();
     loop {
@@ -92,6 +96,13 @@ fn key_parts(key: &str) -> Option<Vec<String>> {
     }
 }
 
+/// Key parts joined as a dotted key, a part that holds a dot quoted.
+fn dotted(parts: &[String]) -> String {
+    let quoted: Vec<String> =
+        parts.iter().map(|p| if p.contains('.') { format!("{p:?}") } else { p.clone() }).collect();
+    quoted.join(".")
+}
+
 fn apply(root: &mut toml::Table, o: &Override) -> Result<()> {
     let parts = key_parts(&o.key).ok_or_else(|| Error::config("--set", &o.key, "is not a dotted key"))?;
     let mut table = root;
@@ -99,7 +110,7 @@ fn apply(root: &mut toml::Table, o: &Override) -> Result<()> {
         let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         table = entry
             .as_table_mut()
-            .ok_or_else(|| Error::config("--set", parts[..=depth].join("."), "is a value, not a section"))?;
+            .ok_or_else(|| Error::config("--set", dotted(&parts[..=depth]), "is a value, not a section"))?;
     }
     table.insert(parts[parts.len() - 1].clone(), o.value.clone());
     Ok(())
@@ -1468,6 +1479,15 @@ mod tests {
         assert!(Override::parse("novalue").unwrap_err().to_string().contains("key=value"));
         assert!(Override::parse("a..b=1").is_err());
         assert!(Override::parse("a b=1").unwrap_err().to_string().contains("dotted path"));
+        assert!(Override::parse("[[b]]\nc=1").is_err() && Override::parse("[b]\nc=1").is_err());
+        let mut root: toml::Table = "[optim]\nlr_mult = 2".parse().unwrap();
+        let e = apply(&mut root, &Override::parse("optim.lr_mult.\"hidden.0\"=0.5").unwrap()).unwrap_err();
+        assert!(e.to_string().contains("`optim.lr_mult`: is a value, not a section"), "{e}");
+        let e = apply(&mut toml::Table::new(), &Override::parse("a.\"b.c\".d=1").unwrap()).map(|_| ());
+        assert!(e.is_ok());
+        let mut root: toml::Table = "[a]\n\"b.c\" = 1".parse().unwrap();
+        let e = apply(&mut root, &Override::parse("a.\"b.c\".d=1").unwrap()).unwrap_err();
+        assert!(e.to_string().contains("`a.\"b.c\"`: is a value"), "{e}");
         // A quoted part keeps its dots, as in a TOML file.
         let o = Override::parse("optim.lr_mult.\"hidden.0\"=0.5").unwrap();
         assert_eq!(key_parts(&o.key).unwrap(), ["optim", "lr_mult", "hidden.0"]);

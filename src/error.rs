@@ -51,12 +51,14 @@ impl Error {
     }
 }
 
-/// `s` cut to about [`CLIP`] bytes on a character boundary, saying how much was left out.
+/// `s` cut to at most [`CLIP`] bytes on a character boundary, saying how much was left out.
 fn clip(mut s: String) -> String {
     if s.len() <= CLIP {
         return s;
     }
-    let mut end = CLIP;
+    // Room for the note, so that the result is within CLIP and a clipped text wrapped in
+    // another config error is not clipped again.
+    let mut end = CLIP - 40;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
@@ -94,6 +96,14 @@ mod tests {
             "{}",
             &e[..100]
         );
+        // Wrapped again (a field renamed, a caller naming its own), the count stays the first one.
+        let super::Error::Config { msg, .. } = super::Error::config("train", "method", format!("`{long}`"))
+        else {
+            unreachable!()
+        };
+        let again = super::Error::config("train", "model.method", msg.clone()).to_string();
+        let note = &msg[msg.rfind('…').unwrap()..];
+        assert!(again.ends_with(note) && again.matches("bytes more").count() == 1, "{note}");
         let short = super::Error::config("train", "method", "unknown variant `x`").to_string();
         assert_eq!(short, "config train: field `method`: unknown variant `x`");
     }

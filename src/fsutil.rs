@@ -351,22 +351,35 @@ pub fn check_metrics_kind(path: &Path, key: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Appends `record` and its newline to a metrics log in one write, so that a killed run
+/// leaves at most its last line torn, never a record split across writes of others.
+pub fn append_record(log: &mut File, record: &serde_json::Value, path: &Path) -> Result<()> {
+    log.write_all(format!("{record}\n").as_bytes()).at(path)
+}
+
 /// Opens a resumed run's `metrics.jsonl` for appending, keeping the records `keep` accepts
 /// (a record is a JSON object with a whole number under `key`: the step or the epoch);
 /// those it turns down are the resumed run's to write again. A line that is no record
 /// (written by hand, or damaged: not UTF-8, not JSON, no `key`) is not dropped silently: the
 /// file as it was is first copied beside it (`metrics.jsonl.before-resume`, or `.1`, `.2`,
-/// … after it when that exists) and a warning names the lines.
+/// … after it when that exists) and a warning names the lines. A last line without its
+/// newline that is no record is the one a killed run was writing, and is dropped quietly
+/// (it lies past the checkpoint).
 pub fn reopen_metrics(
     path: &Path,
     key: &str,
     keep: impl Fn(u64, &serde_json::Value) -> bool,
 ) -> Result<File> {
-    let bytes = match fs::read(path) {
+    let mut bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).at(path),
     };
+    let whole = bytes.clone();
+    let torn = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if serde_json::from_slice::<serde_json::Value>(&bytes[torn..]).is_err() {
+        bytes.truncate(torn);
+    }
     let (mut kept, mut strange) = (Vec::new(), Vec::new());
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -393,7 +406,7 @@ pub fn reopen_metrics(
             }
             backup = sibling(path, &format!(".before-resume.{k}"));
         }
-        fs::copy(path, &backup).at(&backup)?;
+        write_atomic(&backup, &whole)?;
         let shown: Vec<String> = strange.iter().take(5).map(|n| n.to_string()).collect();
         let more = if strange.len() > 5 { format!(" and {} more", strange.len() - 5) } else { String::new() };
         eprintln!(
@@ -499,6 +512,14 @@ mod tests {
         let fresh = dir.path().join("fresh.jsonl");
         drop(reopen_metrics(&fresh, "step", keep).unwrap());
         assert_eq!(fs::read(&fresh).unwrap(), b"");
+        // A torn last line (a killed run's) goes quietly: no copy.
+        fs::write(&path, format!("{good}{{\"step\":16,\"lo")).unwrap();
+        drop(reopen_metrics(&path, "step", keep).unwrap());
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "{\"step\":5,\"loss\":1.0}\n{\"step\":10,\"split\":\"val\"}\n"
+        );
+        assert!(!sibling(&path, ".before-resume").exists(), "a torn last line is no reason for a copy");
         // Strange lines: the file as it was is copied aside, twice without clobbering.
         let mut strange = good.as_bytes().to_vec();
         strange.extend_from_slice(b"{\"note\":\"caf\xe9\"}\nmy own note\n{\"loss\":2}\n");

@@ -1565,7 +1565,10 @@ fn load_propagate_model(
 
 /// Whether `model` is a pretrained encoder's directory (not a training checkpoint).
 fn is_pretrained_encoder(model: &Path) -> bool {
-    model.is_dir() && model.join("config.json").is_file() && !model.join("state.bin").exists()
+    model.is_dir()
+        && model.join("config.json").is_file()
+        && model.join("model.safetensors").is_file()
+        && !model.join("state.bin").exists()
 }
 
 /// `dtrain propagate`.

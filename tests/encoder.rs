@@ -227,6 +227,10 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
     std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains("not a safetensors file"), "{e}");
+    // A skip-gram pretraining checkpoint keeps a config.json too: named as what it is.
+    std::fs::write(dir.path().join("embeddings.safetensors"), b"").unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(e.contains("holds skip-gram embeddings") && e.contains("model.init_from"), "{e}");
 }
 
 /// A tokenizer whose ids have gaps (an id at or past its vocabulary size) would index past the

@@ -41,8 +41,10 @@ pub struct SubwordTokenizer {
     path: PathBuf,
     /// The padding id (`[PAD]`, else 0).
     pub pad: u32,
-    /// The unknown token's id (`[UNK]`, `<unk>`), if the vocabulary has one.
+    /// The unknown token's id (the model's own setting, else `[UNK]` or `<unk>`), if any.
     unk: Option<u32>,
+    /// The ids of the special tokens ([CLS], [SEP], [PAD], …).
+    specials: std::collections::HashSet<u32>,
 }
 
 impl SubwordTokenizer {
@@ -89,8 +91,26 @@ impl SubwordTokenizer {
             ));
         }
         let pad = inner.token_to_id("[PAD]").or_else(|| inner.token_to_id("<pad>")).unwrap_or(0);
-        let unk = ["[UNK]", "<unk>", "<UNK>"].iter().find_map(|t| inner.token_to_id(t));
-        Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad, unk })
+        use tokenizers::models::ModelWrapper;
+        let named = match inner.get_model() {
+            ModelWrapper::WordPiece(m) => Some(m.unk_token.clone()),
+            ModelWrapper::WordLevel(m) => Some(m.unk_token.clone()),
+            ModelWrapper::BPE(m) => m.unk_token.clone(),
+            ModelWrapper::Unigram(_) => None,
+        };
+        let unk = named
+            .iter()
+            .map(String::as_str)
+            .chain(["[UNK]", "<unk>", "<UNK>"])
+            .find_map(|t| inner.token_to_id(t));
+        // [UNK] is listed among the special tokens too, but stands for text.
+        let specials = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|&(id, ref t)| t.special && Some(id) != unk)
+            .map(|(id, _)| id)
+            .collect();
+        Ok(SubwordTokenizer { inner, path: path.to_path_buf(), pad, unk, specials })
     }
 
     /// The tokenizer a data set or checkpoint names: the file at `spec.path`, refused unless
@@ -128,12 +148,17 @@ impl SubwordTokenizer {
         self.inner.encode("", true).map(|e| e.get_ids().to_vec()).unwrap_or_default()
     }
 
-    /// Of the ids [`SubwordTokenizer::encode`] gave a document: how many are its text's (all
-    /// but the opening and closing special tokens), and how many of those are the unknown
-    /// token, when the vocabulary has one.
+    /// Of the ids [`SubwordTokenizer::encode`] gave a document: how many are its text's (not
+    /// special tokens), and how many of those are the unknown token, when the vocabulary
+    /// has one.
     pub fn count_text_ids(&self, ids: &[u32]) -> (u64, u64) {
-        let text = if ids.len() >= 2 { &ids[1..ids.len() - 1] } else { &[][..] };
-        (text.len() as u64, text.iter().filter(|&&i| Some(i) == self.unk).count() as u64)
+        let text = ids.iter().filter(|i| !self.specials.contains(i));
+        let (mut all, mut unknown) = (0, 0);
+        for &i in text {
+            all += 1;
+            unknown += u64::from(Some(i) == self.unk);
+        }
+        (all, unknown)
     }
 
     /// The token `id` stands for (for `dtrain inspect --explain`).

@@ -966,6 +966,13 @@ pub fn load_pretrained(
              model.safetensors): a masked-LM run's encoder/ directory is one",
         ));
     }
+    if dir.join(crate::pretrain::embeddings::EMBEDDINGS_FILE).is_file() {
+        return Err(Error::bad_file(
+            dir,
+            "holds skip-gram embeddings (a `dtrain pretrain` output or checkpoint), not a pretrained \
+             encoder: a bag model starts from them with model.init_from",
+        ));
+    }
     let text = crate::fsutil::read_text(&cfg_path, 16 << 20, "a model's config.json")?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, format!("not JSON: {e}")))?;

@@ -8,7 +8,6 @@
 //! One process, CPU or any backend of `dispatch`; no intermediate checkpoints yet (the run
 //! writes its output once, atomically, at the end).
 
-use std::io::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
@@ -519,7 +518,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             let rec = json!({"step": step + 1, "epoch": (step + 1) as f64 / per_epoch as f64, "phase": phase, "lr": lr,
                              "loss": ml, "masked_accuracy": acc, "tokens_per_s": win_tokens as f64 / secs,
                              "padding": padding});
-            writeln!(log, "{rec}").at(&log_path)?;
+            crate::fsutil::append_record(&mut log, &rec, &log_path)?;
             bar.set_message(format!("loss {ml:.3} acc {acc:.3} {:.0} tok/s", win_tokens as f64 / secs));
             (win_loss, win_right, win_masked, win_tokens, win_steps, win_slots) = (0.0, 0, 0, 0, 0, 0);
             started = Instant::now();

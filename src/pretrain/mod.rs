@@ -36,7 +36,6 @@ pub mod embeddings;
 pub mod mlm;
 pub mod sgns;
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -483,7 +482,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
                 "words_per_s": n / secs, "words_per_s_per_thread": n / secs / (threads * world) as f64,
                 "seconds": secs, "threads": threads, "ranks": world,
             });
-            writeln!(metrics, "{record}").at(&metrics_path)?;
+            crate::fsutil::append_record(metrics, &record, &metrics_path)?;
         }
         let stop = opts.stop_after == Some(epoch + 1);
         let due = t.checkpoint_every > 0 && (epoch + 1) % t.checkpoint_every == 0;

@@ -10,7 +10,6 @@ mod mpl;
 pub mod net;
 mod step;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -31,7 +30,7 @@ use crate::data::dataset::Dataset;
 use crate::data::loader::Loader;
 use crate::data::shard::SplitKind;
 use crate::dist::Dist;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::logits::LogitsFile;
 use crate::model::bag::BagSpec;
 use crate::model::Model;
@@ -137,7 +136,7 @@ impl MetricsLog {
 
     fn write(&mut self, value: serde_json::Value) -> Result<()> {
         match &mut self.file {
-            Some(f) => writeln!(f, "{value}").at(&self.path),
+            Some(f) => crate::fsutil::append_record(f, &value, &self.path),
             None => Ok(()),
         }
     }

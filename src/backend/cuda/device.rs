@@ -102,9 +102,28 @@ pub fn driver_version() -> std::result::Result<i32, String> {
     }
 }
 
-/// How many devices the driver lists, or why the driver is unusable.
+/// Whether the driver library (libcuda) loads.
+pub fn driver_present() -> bool {
+    // SAFETY: `is_culib_present` only tries to load the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// How many devices the driver lists (0 when it says there is none, or is the toolkit's
+/// stub library), or why it is unusable: missing, or failing to start.
 pub fn device_count() -> std::result::Result<usize, String> {
-    driver_version()?;
+    use cudarc::driver::sys::CUresult;
+    if let Err(e) = driver_version() {
+        // `cuInit` may be called again, and returns the same error.
+        let code = driver_present().then(cudarc::driver::result::init);
+        return match code {
+            Some(Err(c))
+                if matches!(c.0, CUresult::CUDA_ERROR_NO_DEVICE | CUresult::CUDA_ERROR_STUB_LIBRARY) =>
+            {
+                Ok(0)
+            }
+            _ => Err(e),
+        };
+    }
     let n = cudarc::driver::CudaContext::device_count().map_err(|e| format!("cuDeviceGetCount: {e}"))?;
     Ok(n.max(0) as usize)
 }
