@@ -1454,6 +1454,18 @@ fn load_for_data(
             data.display()
         );
     }
+    // Another preparation of the same text (another split seed) would hold rows the model
+    // trained on in this split: worth a line, though a new test set is also another data set.
+    if let Some(theirs) = dtrain::checkpoint::trained_on(checkpoint).filter(|t| *t != ds.manifest().checksum)
+    {
+        eprintln!(
+            "note: {} was trained on another data set (manifest checksum {theirs}, {}'s is {}): if both were \
+             prepared from the same text with other split settings, this split may hold rows it trained on",
+            checkpoint.display(),
+            data.display(),
+            ds.manifest().checksum
+        );
+    }
     Ok((model, params, ds))
 }
 

@@ -988,6 +988,18 @@ fn eval_command_prints_text_and_json() {
         text.contains("val:") && text.contains("macro-F1") && text.contains("confusion matrix"),
         "{text}"
     );
+    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The same text split with another seed: its test rows may be ones the model trained
+    // on, which eval notes (and still evaluates).
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let other = separable_with(&other_dir, &["split.seed=2"]);
+    let o = std::process::Command::new(bin)
+        .args(["eval", "--checkpoint", ck, "--data", other.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("was trained on another data set"), "{err}");
 }
 
 #[test]

@@ -981,6 +981,18 @@ pub fn load_train(
     let mut moments = tensors_from_file(&file, &bytes, model.layout(), &[("m.", lens.0), ("v.", lens.1)])?;
     let v = moments.pop().expect("two buffers");
     let m = moments.pop().expect("two buffers");
+    Ok((m, v, read_state(dir)?))
+}
+
+/// The data set a training checkpoint was trained on (its manifest checksum), when `dir`
+/// is one with a readable state; `None` for a checkpoint without state (weights alone).
+pub fn trained_on(dir: &Path) -> Option<String> {
+    read_state(dir).ok().map(|s| s.data_checksum)
+}
+
+/// Reads and checks a checkpoint's `state.bin`: header, length, checksum, version, and that
+/// the directory's name is its step's.
+fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join("state.bin");
     let b = std::fs::read(&path).at(&path)?;
     if b.len() < 28 || &b[..8] != STATE_MAGIC {
@@ -1020,7 +1032,7 @@ pub fn load_train(
             ),
         ));
     }
-    Ok((m, v, state))
+    Ok(state)
 }
 
 #[cfg(test)]
