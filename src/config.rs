@@ -396,7 +396,26 @@ impl TrainConfig {
     /// (`[mpl]` under another method is refused by validation.)
     pub fn unread_sections(&self) -> Vec<&'static str> {
         use crate::algo::Method as M;
-        let sections: [(&'static str, bool, &[M]); 4] = [
+        // Every method but supervised training reads [consistency] (MPL's teacher for its UDA
+        // term); so may VAT's term, which is left out of the warning.
+        let consistency = self.consistency != Default::default()
+            && self.adversarial.kind != crate::algo::adversarial::AdversarialKind::Vat;
+        let sections: [(&'static str, bool, &[M]); 5] = [
+            (
+                "consistency",
+                consistency,
+                &[
+                    M::Pi,
+                    M::Temporal,
+                    M::MeanTeacher,
+                    M::Rdrop,
+                    M::Uda,
+                    M::Fixmatch,
+                    M::NoisyStudent,
+                    M::Mpl,
+                    M::MplReduced,
+                ],
+            ),
             ("pi", self.pi != Default::default(), &[M::Pi]),
             ("mean_teacher", self.mean_teacher != Default::default(), &[M::MeanTeacher]),
             ("temporal", self.temporal != Default::default(), &[M::Temporal]),
@@ -950,6 +969,19 @@ impl Validate for TrainConfig {
                 }
                 e => e,
             };
+            let defaults = crate::algo::mpl::MplConfig::default();
+            let reduced_only = [
+                ("mpl.logits", self.mpl.logits.is_some()),
+                ("mpl.train_logits", self.mpl.train_logits.is_some()),
+                ("mpl.reduced_hidden", self.mpl.reduced_hidden != defaults.reduced_hidden),
+            ];
+            if let (Method::Mpl, Some((field, _))) = (self.method, reduced_only.iter().find(|f| f.1)) {
+                return bad(
+                    field,
+                    "applies to method = \"mpl_reduced\" (an MLP over a fixed teacher's exported logits): \
+                     method = \"mpl\" trains a teacher model of its own (mpl.teacher)",
+                );
+            }
             if self.mpl.teacher.is_some() && self.method == Method::MplReduced {
                 return bad(
                     "mpl.teacher",
@@ -1197,6 +1229,19 @@ impl Validate for PretrainConfig {
                 return bad(
                     field,
                     "applies to skip-gram and CBOW; a masked-LM run's encoder is mlm.pretrained's, its settings under [mlm]",
+                );
+            }
+            let (t, d) = (&self.train, PretrainTrain::default());
+            if let Some(field) = first_set(&[
+                ("train.threads", t.threads != d.threads),
+                ("train.sync_words", t.sync_words != d.sync_words),
+                ("train.checkpoint_every", t.checkpoint_every != d.checkpoint_every),
+                ("train.keep_checkpoints", t.keep_checkpoints != d.keep_checkpoints),
+            ]) {
+                return bad(
+                    field,
+                    "applies to skip-gram and CBOW; a masked-LM run reads train.out_dir, epochs, lr and seed, \
+                     and writes its encoder once, at the end",
                 );
             }
             let m = &self.mlm;
@@ -1460,6 +1505,25 @@ mod tests {
         assert!(train(&["method=\"mean_teacher\"", "mean_teacher.alpha=0.9"]).is_empty());
         assert_eq!(train(&["method=\"uda\"", "pi.stop_gradient_target=false"]), ["pi"]);
         assert_eq!(train(&["method=\"fixmatch\"", "noisy_student.logits=\"t.logits\""]), ["noisy_student"]);
+        // Supervised training reads no [consistency], unless VAT's term might.
+        assert_eq!(train(&["consistency.weight=5"]), ["consistency"]);
+        assert!(train(&["consistency.weight=5", "adversarial.kind=\"vat\""]).is_empty());
+        assert!(train(&["method=\"mpl\"", "consistency.weight=5"]).is_empty());
+        // mpl_reduced's fields under mpl are refused by name.
+        for (f, v) in [
+            ("mpl.logits", "\"t.logits\""),
+            ("mpl.train_logits", "\"t.logits\""),
+            ("mpl.reduced_hidden", "[8]"),
+        ] {
+            let kv = format!("{f}={v}");
+            let e = load::<TrainConfig>(
+                None,
+                &set(&["data.dir=\"d\"", "train.out_dir=\"o\"", "method=\"mpl\"", &kv]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(f) && e.contains("applies to method = \"mpl_reduced\""), "{e}");
+        }
     }
 
     #[test]

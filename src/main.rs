@@ -1552,6 +1552,7 @@ fn load_propagate_model(
             );
         };
         let pooling = if pooling == Some("cls") { Pooling::Cls } else { Pooling::Mean };
+        dtrain::model::encoder::check_tokenizer(model, sw)?;
         let (enc, params) = load_pretrained(model, 1, pooling, 0)?;
         if !enc.spec.covers(m.tokenizer.buckets, sw) {
             bail!(

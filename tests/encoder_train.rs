@@ -706,6 +706,35 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     let pre = format!("model.encoder.pretrained={:?}", r.out.display().to_string());
     let c = cfg(&data, &dir.path().join("ft"), &[&pre, "optim.lr=1e-4", "train.steps=4"]);
     assert!(run(&c, Resume::No, None).unwrap().test.is_some());
+    // Its files are checked against its DONE record, as a checkpoint's are: a damaged copy
+    // is refused by file.
+    let damaged = dir.path().join("damaged");
+    common::copy_dir(&r.out, &damaged);
+    let w = damaged.join("model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&w, &bytes).unwrap();
+    let pre = format!("model.encoder.pretrained={:?}", damaged.display().to_string());
+    let e = run(&cfg(&data, &dir.path().join("ft2"), &[&pre, "train.steps=1"]), Resume::No, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.safetensors") && e.contains("differs from the file"), "{e}");
+    // A tokenizer.json beside it other than the data set's is refused by field: the data's
+    // ids would index other rows.
+    std::fs::copy(r.out.join("model.safetensors"), &w).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(damaged.join("tokenizer.json")).unwrap()).unwrap();
+    tok["model"]["vocab"]["the"] = 999.into();
+    let other = dir.path().join("other");
+    common::copy_dir(&damaged, &other);
+    std::fs::remove_file(other.join(dtrain::checkpoint::DONE)).unwrap();
+    std::fs::write(other.join("tokenizer.json"), tok.to_string()).unwrap();
+    let pre = format!("model.encoder.pretrained={:?}", other.display().to_string());
+    let e = run(&cfg(&data, &dir.path().join("ft3"), &[&pre, "train.steps=1"]), Resume::No, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.encoder.pretrained") && e.contains("not the data set's tokenizer"), "{e}");
     // Resuming is refused by name.
     let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::Auto, Default::default(), false).unwrap_err();
     assert!(e.to_string().contains("--resume"), "{e}");
@@ -942,6 +971,14 @@ fn masked_lm_settings_that_cannot_apply_are_refused() {
     assert!(e.contains("mlm.head_warmup_lr") && e.contains("(0, 10]"), "{e}");
     let e = load(&[&mlm[..], &["model.window=3"]].concat());
     assert!(e.contains("model.window") && e.contains("skip-gram"), "{e}");
+    // So are skip-gram's [train] settings that a masked-LM run would ignore.
+    for kv in
+        ["train.threads=4", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.sync_words=10"]
+    {
+        let e = load(&[&mlm[..], &[kv]].concat());
+        let field = kv.split('=').next().unwrap();
+        assert!(e.contains(field) && e.contains("writes its encoder once"), "{e}");
+    }
     let e = load(&["data.dir=\"d\"", "mlm.head_warmup_steps=5"]);
     assert!(e.contains("field `mlm`") && e.contains("objective = \"mlm\""), "{e}");
 }

@@ -708,6 +708,17 @@ fn a_diverging_run_names_what_drove_it() {
     .concat();
     let e = run(&cfg(&data, &dir.path().join("pi"), &sets), Resume::No, None).unwrap_err().to_string();
     assert!(e.contains("consistency.weight (now 5); optim.clip_norm is 1e30"), "{e}");
+    // A gradient too large for Adam's moments, under a finite loss (FGM's perturbation of
+    // 1e30): the run stops at the step it happens, naming the term (it used to train on
+    // with infinite moments and fail at the checkpoint's write, blaming the learning rate).
+    let sets =
+        ["adversarial.kind=\"fgm\"", "adversarial.epsilon=1e30", "train.epochs=20", "train.log_every=1"];
+    let out = dir.path().join("fgm");
+    let e = run(&cfg(&data, &out, &sets), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("the gradient's norm became") && e.contains("adversarial.epsilon (now 1e30)"), "{e}");
+    let at: u64 = e.split("at step ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap();
+    let logged = train_records(&out).last().map_or(0, |r| r["step"].as_u64().unwrap());
+    assert_eq!(logged + 1, at, "the error names the step after the last logged one: {e}");
 }
 
 /// A model whose buffers cannot fit in memory is refused before anything is allocated or

@@ -446,7 +446,7 @@ pub(crate) fn tensors_to_file(
                     path,
                     format!(
                         "not written: tensor `{prefix}{}` holds {} at {at}: the {} diverged in the last \
-                         update, after a finite loss; lower the learning rate or the weight decay. Nothing is \
+                         update, after a finite loss; lower the learning rate, the weight decay or a term's weight. Nothing is \
                          written for this step, and what was written before is kept",
                         t.name,
                         buf[t.slot.offset + at],

@@ -941,6 +941,27 @@ fn masked<'a, B: Backend>(
     }
 }
 
+/// Refuses a pretrained model directory whose `tokenizer.json` is not the data set's (`sw`,
+/// compared by checksum): the data's ids would index other rows of the model's embedding
+/// table. A directory without a tokenizer.json cannot be checked, and is taken as it is.
+pub fn check_tokenizer(dir: &Path, sw: &crate::data::tokenize::SubwordSpec) -> Result<()> {
+    let path = dir.join("tokenizer.json");
+    let (Some(want), true) = (&sw.checksum, path.is_file()) else { return Ok(()) };
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let sum = crate::data::manifest::hex64(xxhash_rust::xxh3::xxh3_64(&bytes));
+    if sum != *want {
+        return Err(Error::bad_file(
+            &path,
+            format!(
+                "checksum {sum}, not the data set's tokenizer ({}, checksum {want}): its ids would index \
+                 other rows of this model's embeddings; prepare the data with this model's tokenizer.json",
+                sw.path
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a Hugging Face BERT checkpoint directory (`config.json`, `model.safetensors`):
 /// the encoder for `classes` outputs with every pretrained tensor in place (a `bert.`
 /// prefix is accepted; the pooler is not used), the classifier head freshly initialised
@@ -972,6 +993,11 @@ pub fn load_pretrained(
             "holds skip-gram embeddings (a `dtrain pretrain` output or checkpoint), not a pretrained \
              encoder: a bag model starts from them with model.init_from",
         ));
+    }
+    // A directory dtrain wrote (a masked-LM run's encoder/) records its files' sizes and
+    // checksums: damage is refused here as in a checkpoint.
+    if dir.join(crate::checkpoint::DONE).is_file() {
+        crate::checkpoint::check_written(dir, crate::checkpoint::Reading::All)?;
     }
     let text = crate::fsutil::read_text(&cfg_path, 16 << 20, "a model's config.json")?;
     let cfg: serde_json::Value =

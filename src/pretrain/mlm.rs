@@ -284,6 +284,8 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let dir = m.pretrained.as_ref().expect("validated: mlm.pretrained");
     // Available memory is read before the pretrained weights take theirs.
     let mut budget = crate::hostmem::Budget::new("pretrain", 1)?;
+    crate::model::encoder::check_tokenizer(dir, sw)
+        .map_err(|e| Error::config("pretrain", "mlm.pretrained", e.to_string()))?;
     let (enc, loaded) = load_pretrained(dir, 1, Pooling::Mean, t.seed)?;
     if !enc.spec.covers(manifest.tokenizer.buckets, sw) {
         return Err(Error::config(

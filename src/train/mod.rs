@@ -272,6 +272,9 @@ fn build_model(
                     (spec, None, "the resumed checkpoint's encoder".to_string())
                 }
                 _ => {
+                    crate::model::encoder::check_tokenizer(dir, sw).map_err(|err| {
+                        Error::config("train", format!("{section}.encoder.pretrained"), err.to_string())
+                    })?;
                     let (enc, params) =
                         crate::model::encoder::load_pretrained(dir, classes, e.pooling, seed)?;
                     (enc.spec, Some(params), dir.display().to_string())
@@ -1328,6 +1331,7 @@ where
             };
             opt.step(be, model.layout(), model.table(), &mut params, grads, table_grad, lr)
         };
+        let norm = step::check_grad_norm(norm, step, cfg)?;
         win.loss_sum += step_loss / world as f64;
         win.steps += 1;
         if let Some(bank) = &mut bank {

@@ -479,11 +479,12 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
     }
 }
 
-/// `v`, or the error of a run that diverged at `step`, naming what became `v` and `remedy`.
+/// `v`, or the error of a run that diverged at `step` (0-based; named 1-based, as the metrics
+/// and checkpoints count), naming what became `v` and `remedy`.
 fn finite(v: f64, step: u64, what: &str, remedy: &str) -> Result<f64> {
     if v.is_finite() {
         Ok(v)
     } else {
-        Err(Error::Data(format!("{what} became {v} at step {step}: {remedy}")))
+        Err(Error::Data(format!("{what} became {v} at step {}: {remedy}", step + 1)))
     }
 }

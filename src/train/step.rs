@@ -550,7 +550,8 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         let total_loss = sup_mean + cons_term;
         if !total_loss.is_finite() {
             return Err(Error::Data(format!(
-                "the loss became {total_loss} at step {step} (supervised {sup_mean}, consistency {cons_term}): {}",
+                "the loss became {total_loss} at step {} (supervised {sup_mean}, consistency {cons_term}): {}",
+                step + 1,
                 divergence_remedy(cfg, false)
             )));
         }
@@ -618,7 +619,10 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
             let (grads, table, adv) = (&mut self.grads, &mut self.table, &mut self.adv);
             let adv_loss = a.run(&cfg.adversarial, params, p0.acts.logits(), grads, table, adv);
             if !adv_loss.is_finite() {
-                return Err(Error::Data(format!("the adversarial loss became {adv_loss} at step {step}: lower adversarial.epsilon or adversarial.weight")));
+                return Err(Error::Data(format!(
+                    "the adversarial loss became {adv_loss} at step {}: lower adversarial.epsilon or adversarial.weight",
+                    step + 1
+                )));
             }
             total_adv += adv_loss / accum as f64;
             win.adv_sum += adv_loss / world as f64;
@@ -633,6 +637,22 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
         }
         Ok((total_loss / accum as f64 + total_adv, bank_probs))
     }
+}
+
+/// The step's gradient norm `norm` (step `step`, 0-based), or the error of a run whose
+/// gradient left what f32 optimizer moments hold: not finite, or past √f32::MAX (≈1.8e19),
+/// where the square of a gradient that large in one element overflows Adam's second moment.
+/// The loss may still be finite there; the run stops at this step, not at the next
+/// checkpoint's write.
+pub(super) fn check_grad_norm(norm: f64, step: u64, cfg: &TrainConfig) -> Result<f64> {
+    if norm.is_finite() && norm <= f64::from(f32::MAX).sqrt() {
+        return Ok(norm);
+    }
+    Err(Error::Data(format!(
+        "the gradient's norm became {norm:e} at step {}, past what f32 optimizer moments hold: {}",
+        step + 1,
+        divergence_remedy(cfg, false)
+    )))
 }
 
 /// What to try when a loss of `cfg`'s run stops being finite: lowering the learning rate and
