@@ -1215,8 +1215,10 @@ impl Validate for PretrainConfig {
             return bad("mlm", "applies to objective = \"mlm\" (masked-LM pretraining of an encoder)");
         }
         if self.model.objective == Objective::Mlm {
-            let (p, d) = (&self.model, PretrainModel::default());
-            if let Some(field) = first_set(&[
+            // Skip-gram's and CBOW's settings, which a masked-LM run would ignore.
+            let (p, d, t, dt) =
+                (&self.model, PretrainModel::default(), &self.train, PretrainTrain::default());
+            let model = [
                 ("model.dim", p.dim != d.dim),
                 ("model.char_ngram_min", p.char_ngram_min != d.char_ngram_min),
                 ("model.char_ngram_max", p.char_ngram_max != d.char_ngram_max),
@@ -1225,24 +1227,20 @@ impl Validate for PretrainConfig {
                 ("model.negative_power", p.negative_power != d.negative_power),
                 ("model.min_count", p.min_count != d.min_count),
                 ("model.subsample", p.subsample != d.subsample),
-            ]) {
-                return bad(
-                    field,
-                    "applies to skip-gram and CBOW; a masked-LM run's encoder is mlm.pretrained's, its settings under [mlm]",
-                );
-            }
-            let (t, d) = (&self.train, PretrainTrain::default());
-            if let Some(field) = first_set(&[
-                ("train.threads", t.threads != d.threads),
-                ("train.sync_words", t.sync_words != d.sync_words),
-                ("train.checkpoint_every", t.checkpoint_every != d.checkpoint_every),
-                ("train.keep_checkpoints", t.keep_checkpoints != d.keep_checkpoints),
-            ]) {
-                return bad(
-                    field,
-                    "applies to skip-gram and CBOW; a masked-LM run reads train.out_dir, epochs, lr and seed, \
-                     and writes its encoder once, at the end",
-                );
+            ];
+            let train = [
+                ("train.threads", t.threads != dt.threads),
+                ("train.sync_words", t.sync_words != dt.sync_words),
+                ("train.checkpoint_every", t.checkpoint_every != dt.checkpoint_every),
+                ("train.keep_checkpoints", t.keep_checkpoints != dt.keep_checkpoints),
+            ];
+            for (fields, why) in [
+                (&model[..], "a masked-LM run's encoder is mlm.pretrained's, its settings under [mlm]"),
+                (&train[..], "a masked-LM run reads train.out_dir, epochs, lr and seed, and writes its encoder once, at the end"),
+            ] {
+                if let Some(field) = first_set(fields) {
+                    return bad(field, &format!("applies to skip-gram and CBOW; {why}"));
+                }
             }
             let m = &self.mlm;
             if m.pretrained.is_none() {
