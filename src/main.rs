@@ -25,7 +25,8 @@ use dtrain::train::{train, train_on, Resume, RunOptions};
     about = "Semi-supervised text classification, from one CPU core to many GPU nodes"
 )]
 struct Cli {
-    /// No progress bars.
+    /// No progress bars, nor a run's opening lines (memory account, method settings);
+    /// warnings and errors still print.
     #[arg(long, global = true)]
     quiet: bool,
     #[command(subcommand)]
@@ -202,7 +203,8 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Throughput of `dtrain prepare` (MB/s of uncompressed text, documents/s).
+    /// Throughput of `dtrain prepare` (MB/s of uncompressed text, documents/s). It takes
+    /// prepare's flags but --out and --force: it writes to a temporary directory it removes.
     Prepare {
         #[command(flatten)]
         prepare: Box<PrepareArgs>,
@@ -1194,6 +1196,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "--out {}: bench prepare writes to a temporary directory it removes, not to --out; drop the flag",
                     out.display()
                 );
+            }
+            if args.force {
+                bail!("--force: bench prepare writes to a temporary directory it removes, and replaces nothing; drop the flag");
             }
             args.out = Some(PathBuf::from("(temporary)"));
             let cfg = args.load()?;

@@ -640,8 +640,8 @@ fn bench_encoder_reports_device_precision_and_flops() {
     );
 }
 
-/// `bench prepare` writes to a temporary directory: --out is refused rather than ignored, and
-/// --repeat has bounds.
+/// `bench prepare` writes to a temporary directory: --out and --force are refused rather than
+/// ignored (its help says so), and --repeat has bounds.
 #[test]
 fn bench_prepare_refuses_out_and_unbounded_repeats() {
     let o = dtrain(&["bench", "prepare", "--input", "data/brown_genre.tsv.gz", "--out", "/tmp/x"]);
@@ -650,6 +650,10 @@ fn bench_prepare_refuses_out_and_unbounded_repeats() {
         "{}",
         text(&o)
     );
+    let o = dtrain(&["bench", "prepare", "--input", "data/brown_genre.tsv.gz", "--force"]);
+    assert!(o.status.code() == Some(1) && text(&o).contains("--force: bench prepare"), "{}", text(&o));
+    let o = dtrain(&["bench", "prepare", "--help"]);
+    assert!(text(&o).contains("but --out and --force"), "{}", text(&o));
     let o = dtrain(&["bench", "prepare", "--input", "data/brown_genre.tsv.gz", "--repeat", "0"]);
     assert!(
         o.status.code() == Some(1) && text(&o).contains("--repeat`: must be in 1..=100000"),

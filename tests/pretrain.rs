@@ -309,7 +309,7 @@ fn init_from_loads_trained_rows_and_leaves_the_rest() {
 
     // Widths must agree (`train` names the field: below).
     let e = init(&emb, &data, 8).1.unwrap_err().to_string();
-    assert!(e.contains("model.dim is 8, the embeddings have"), "{e}");
+    assert!(e.contains("model.dim is 8, the embeddings have") && e.contains(": set model.dim = "), "{e}");
 
     // End to end: a training run starts from the embeddings and differs from scratch.
     let tcfg = |out: &Path, init_from: Option<&Path>| -> TrainConfig {

@@ -260,20 +260,26 @@ impl Embeddings {
     /// meant in pretraining), and the character n-gram rows both ranges share are copied.
     pub fn init_table(&self, spec: &TokenizerSpec, dim: usize, table: &mut [f32]) -> Result<InitSummary> {
         let t = &self.meta.tokenizer;
+        let same_tokenizer = "pretrain on a data set prepared with the same tokenizer";
         let mismatch = if spec.subword.is_some() {
-            Some("the data set holds subword ids, not the hashed features skip-gram trains".into())
+            Some(format!(
+                "the data set holds subword ids, not the hashed features skip-gram trains; {same_tokenizer}"
+            ))
         } else if dim != self.meta.dim {
-            Some(format!("model.dim is {dim}, the embeddings have {}", self.meta.dim))
+            Some(format!("model.dim is {dim}, the embeddings have {0}: set model.dim = {0}", self.meta.dim))
         } else if spec.buckets != t.buckets {
-            Some(format!("the data set has {} buckets, the embeddings {}", spec.buckets, t.buckets))
+            Some(format!(
+                "the data set has {} buckets, the embeddings {}; {same_tokenizer}",
+                spec.buckets, t.buckets
+            ))
         } else if spec.hash_seed != t.hash_seed || spec.lowercase != t.lowercase {
-            Some("the data set's tokenizer hashes words differently (hash_seed or lowercase)".into())
+            Some(format!("the data set's tokenizer hashes words differently (hash_seed or lowercase); {same_tokenizer}"))
         } else {
             None
         };
         if let Some(m) = mismatch {
             // The caller names the config field (`train::init_table`).
-            return Err(Error::Data(format!("{m}; pretrain on a data set prepared with the same tokenizer")));
+            return Err(Error::Data(m));
         }
         assert_eq!(table.len(), t.buckets as usize * dim, "table shape");
         let tok = self.tokenizer();
