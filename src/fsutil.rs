@@ -234,6 +234,13 @@ pub fn check_output(flag: &str, out: &Path, inputs: &[&Path], magic: Option<&[u8
                 "is a run's metrics log (its records have a `step` or an `epoch`): write elsewhere".into(),
             );
         }
+        if magic == JSONL_MAGIC && meta.len() > 0 && !is_predictions(out) {
+            return refuse(
+                "holds JSON lines that are not dtrain's predictions (its first record has no `confidence`, \
+                 or has a `text`: a corpus?): write elsewhere"
+                    .into(),
+            );
+        }
     }
     Ok(())
 }
@@ -241,14 +248,23 @@ pub fn check_output(flag: &str, out: &Path, inputs: &[&Path], magic: Option<&[u8
 /// Whether the JSON-lines file `path` is a training or pretraining run's `metrics.jsonl`:
 /// its first record has a `step` or an `epoch`, which no other JSON-lines output has.
 fn is_metrics_log(path: &Path) -> bool {
+    first_record(path).is_some_and(|v| v.get("step").is_some() || v.get("epoch").is_some())
+}
+
+/// Whether the JSON-lines file `path` holds what `predict` or `export-logits --pseudo-labels`
+/// write, which an output of theirs may replace: its first record has a `confidence` and no
+/// `text` (a labeled corpus in JSON lines has the text).
+fn is_predictions(path: &Path) -> bool {
+    first_record(path).is_some_and(|v| v.get("confidence").is_some() && v.get("text").is_none())
+}
+
+/// The first line of `path` (up to 1 MiB) as JSON, if it is.
+fn first_record(path: &Path) -> Option<serde_json::Value> {
     use std::io::{BufRead, Read};
-    let Ok(f) = File::open(path) else { return false };
+    let f = File::open(path).ok()?;
     let mut first = String::new();
-    if std::io::BufReader::new(f.take(1 << 20)).read_line(&mut first).is_err() {
-        return false;
-    }
-    serde_json::from_str::<serde_json::Value>(&first)
-        .is_ok_and(|v| v.get("step").is_some() || v.get("epoch").is_some())
+    std::io::BufReader::new(f.take(1 << 20)).read_line(&mut first).ok()?;
+    serde_json::from_str(&first).ok()
 }
 
 /// The directory part of [`check_output`]: `out` must not lie in a data set or a checkpoint.

@@ -755,6 +755,7 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     restore_sigpipe();
+    stdout_failures_are_errors();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -775,6 +776,26 @@ fn restore_sigpipe() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+}
+
+/// `println!` panics when stdout cannot be written (a full disk, /dev/full): that ends the
+/// command with an error line and status 1, as any other failed write does, instead of a
+/// panic's message and status 101. Every other panic keeps the default report.
+fn stdout_failures_are_errors() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") {
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
 }
 
 /// A multi-rank command's result as rank 0 reports it: `Some` on rank 0, `None` on the

@@ -152,7 +152,8 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
             return Err(Error::config("predict", flag, "must be at most 256"));
         }
     }
-    crate::fsutil::check_output("--output", &opts.output, &[&opts.input], Some(crate::fsutil::JSONL_MAGIC))?;
+    let inputs: Vec<&Path> = std::iter::once(opts.input.as_path()).chain(opts.tokenizer.as_deref()).collect();
+    crate::fsutil::check_output("--output", &opts.output, &inputs, Some(crate::fsutil::JSONL_MAGIC))?;
     let mut metas: Vec<ModelMeta> = Vec::new();
     let mut models = Vec::new();
     // Every checkpoint's weights stay in memory for the whole job.

@@ -655,6 +655,35 @@ fn outputs_never_replace_inputs_data_sets_or_checkpoints() {
     }
     assert!(std::fs::read(&png).unwrap().starts_with(dtrain::plot::PNG_MAGIC));
     assert!(!dir.path().join("c.png.tmp.png").exists());
+    // predict: never over a JSON-lines corpus (its records hold the text) nor the tokenizer
+    // it was given; over its own earlier output, yes.
+    let input = common::write(
+        dir.path(),
+        "in.txt",
+        b"alpha beta
+",
+    );
+    let corpus = common::write(dir.path(), "corpus.jsonl", b"{\"label\": \"c0\", \"text\": \"kept\"}\n");
+    let tok = common::write(dir.path(), "tokenizer.json", b"{\"model\": {}}\n");
+    let arg = std::ffi::OsStr::new;
+    let predict = |out: &Path, extra: &[&std::ffi::OsStr]| {
+        let mut args =
+            vec![arg("predict"), arg("--checkpoint"), ckpt.as_os_str(), arg("--input"), input.as_os_str()];
+        args.extend_from_slice(extra);
+        args.extend([arg("--output"), out.as_os_str()]);
+        dtrain_cli(&args)
+    };
+    let (ok, e) = predict(&corpus, &[]);
+    assert!(!ok && e.contains("not dtrain's predictions"), "{e}");
+    let (ok, e) = predict(&tok, &[arg("--tokenizer"), tok.as_os_str()]);
+    assert!(!ok && e.contains("is the input"), "{e}");
+    assert_eq!(std::fs::read(&corpus).unwrap(), b"{\"label\": \"c0\", \"text\": \"kept\"}\n");
+    assert_eq!(std::fs::read(&tok).unwrap(), b"{\"model\": {}}\n");
+    let preds = dir.path().join("preds.jsonl");
+    for _ in 0..2 {
+        let (ok, e) = predict(&preds, &[]);
+        assert!(ok, "{e}");
+    }
 }
 
 /// A class name of any length prepares, is described, trains and is reported: the text

@@ -560,6 +560,17 @@ fn pretrain_and_neighbors_from_the_command_line() {
     assert!(text(&o).contains("model.window"), "{}", text(&o));
 }
 
+/// A stdout that cannot be written (a full disk) ends the command with an error line and
+/// status 1, not a panic.
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_dtrain")).arg("info").stdout(full).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("error: failed printing to stdout") && !err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn a_closed_pipe_ends_the_output_quietly() {
     let dir = tempfile::tempdir().unwrap();

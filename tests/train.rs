@@ -574,6 +574,14 @@ fn checkpoints_incomplete_foreign_or_existing_are_handled() {
     assert_eq!(dtrain::checkpoint::latest(&out.join("checkpoints")).unwrap().unwrap(), ckpts[0]);
     let e = dtrain::checkpoint::load_model(&ckpts[1]).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("incomplete checkpoint"), "{e}");
+    // So is its weights file named alone (it used to be read unchecked); a weights file
+    // copied out of a checkpoint by itself reads.
+    let e = dtrain::checkpoint::load_model(&ckpts[1].join("model.safetensors")).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("incomplete checkpoint"), "{e}");
+    let alone = dir.path().join("alone");
+    std::fs::create_dir(&alone).unwrap();
+    std::fs::copy(ckpts[0].join("model.safetensors"), alone.join("model.safetensors")).unwrap();
+    assert!(dtrain::checkpoint::load_model(&alone.join("model.safetensors")).is_ok());
     // The run's directory, or its checkpoints/, given as a checkpoint: named for what it is,
     // with the newest complete checkpoint in it.
     for given in [out.clone(), out.join("checkpoints")] {

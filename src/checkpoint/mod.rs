@@ -709,9 +709,32 @@ pub(crate) fn stage(
     })
 }
 
-/// Makes the empty temporary directory of checkpoint `root/name` (replacing a stale one).
+/// Finishes what a run killed inside [`stage_finish`] left under `root`: a checkpoint being
+/// pruned (`X.pruned.tmp`) is removed; one moved aside to be replaced (`X.old.tmp`) is
+/// removed when its replacement `X` is complete, and put back otherwise.
+fn recover(root: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(root).at(root)?.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+        if name.ends_with(".pruned.tmp") {
+            std::fs::remove_dir_all(&path).at(&path)?;
+        } else if let Some(own) = name.strip_suffix(".old.tmp") {
+            let own = root.join(own);
+            if own.join(DONE).is_file() || !path.join(DONE).is_file() {
+                std::fs::remove_dir_all(&path).at(&path)?;
+            } else if !own.exists() {
+                std::fs::rename(&path, &own).at(&path)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the empty temporary directory of checkpoint `root/name` (replacing a stale one),
+/// after [`recover`]ing what a killed run left.
 fn stage_begin(root: &Path, name: &str) -> Result<PathBuf> {
     crate::fsutil::create_dirs(root)?;
+    recover(root)?;
     let in_the_way = root.join(name);
     if in_the_way.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
         return Err(Error::bad_file(
@@ -899,6 +922,16 @@ fn open_weights(path: &Path, which: Weights) -> Result<(PathBuf, memmap2::Mmap, 
     let name = file.file_name().and_then(|n| n.to_str());
     if let (Some(d), Some(name)) = (home.filter(|d| d.join(DONE).is_file()), name) {
         check_written(d, Reading::File(name))?;
+    } else if let Some(d) = home.filter(|d| {
+        d.join("state.bin").exists()
+            || d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".tmp"))
+    }) {
+        // A file of a training checkpoint without its DONE record: one being written, or
+        // interrupted while it was (a weights file copied out alone has no state beside it).
+        return Err(Error::bad_file(
+            d,
+            "incomplete checkpoint (no DONE marker): it was interrupted while being written",
+        ));
     }
     if which != Weights::Student && path.is_dir() && !file.is_file() {
         let why = match which {
@@ -1038,6 +1071,29 @@ fn read_state(dir: &Path) -> Result<TrainState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a run killed while it pruned or replaced a checkpoint left is finished at the
+    /// next checkpoint: a pruned one goes, a replaced one goes once its replacement is
+    /// complete, and comes back when the replacement never arrived.
+    #[test]
+    fn a_killed_prune_or_replacement_is_finished_at_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let make = |name: &str| {
+            std::fs::create_dir(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join(DONE), b"").unwrap();
+        };
+        make("step-000000002.pruned.tmp");
+        make("step-000000004");
+        make("step-000000004.old.tmp");
+        make("step-000000006.old.tmp");
+        let written = stage(root, "step-000000008", 10, |d| std::fs::write(d.join("x"), b"x").at(d)).unwrap();
+        let mut names: Vec<String> =
+            std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["step-000000004", "step-000000006", "step-000000008"]);
+        assert_eq!(written, root.join("step-000000008"));
+    }
 
     /// Past nine digits the names stop sorting as the steps do; the order is the steps'.
     #[test]
