@@ -1948,6 +1948,13 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         println!("classes: {}; rows without a vector: {}", m.labels.join(", "), m.blank);
         return Ok(ExitCode::SUCCESS);
     }
+    if is_pretrained_encoder(&args.path) {
+        bail!(
+            "{}: a pretrained encoder (Hugging Face config.json + model.safetensors), which inspect does not read: \
+             `dtrain embed --model DIR TEXT` runs it, model.encoder.pretrained fine-tunes it",
+            args.path.display()
+        );
+    }
     if is_checkpoint || is_tensors {
         bail!(
             "{}: {}, which inspect does not read: `dtrain eval --checkpoint DIR --data DATA` evaluates a checkpoint",

@@ -69,6 +69,8 @@ fn info_reports_the_cuda_libraries_and_devices_it_finds() {
     let o = dtrain(&["info"]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
+    // Text, which grep reads as such (MPI's version string once brought its NUL along).
+    assert!(!o.stdout.contains(&0), "{t:?}");
     for line in [
         "features: mpi, cuda",
         "cpu: ",
@@ -558,6 +560,14 @@ fn pretrain_and_neighbors_from_the_command_line() {
     let o = dtrain(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "model.window=0"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("model.window"), "{}", text(&o));
+}
+
+/// `inspect` names a pretrained model's directory as what it is (it once called it a
+/// training checkpoint).
+#[test]
+fn inspect_names_a_pretrained_encoder() {
+    let o = dtrain(&["inspect", "models/minilm"]);
+    assert!(!o.status.success() && text(&o).contains("a pretrained encoder"), "{}", text(&o));
 }
 
 /// A stdout that cannot be written (a full disk) ends the command with an error line and

@@ -173,7 +173,10 @@ impl SubwordTokenizer {
 
     /// Whether [`SubwordTokenizer::encode`] cut `text`, given the ids it returned.
     pub fn was_cut(&self, text: &str, kept: usize, max_len: usize) -> bool {
-        kept == max_len && self.inner.encode(text, true).is_ok_and(|e| e.get_ids().len() > max_len)
+        let read = head(text, max_len);
+        kept == max_len
+            && (read.len() < text.len()
+                || self.inner.encode(read, true).is_ok_and(|e| e.get_ids().len() > max_len))
     }
 
     /// The ids of `text` with the model's special tokens ([CLS] … [SEP] for BERT), cut to
@@ -181,10 +184,11 @@ impl SubwordTokenizer {
     /// token of its own (only characters the tokenizer drops, such as a zero-width space or
     /// lone combining accents).
     pub fn encode(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| Error::bad_file(&self.path, format!("cannot encode {text:?}: {e}")))?;
+        let read = head(text, max_len);
+        let enc = self.inner.encode(read, true).map_err(|e| {
+            let shown: String = read.chars().take(200).collect();
+            Error::bad_file(&self.path, format!("cannot encode {shown:?}…: {e}"))
+        })?;
         if enc.get_special_tokens_mask().iter().all(|&special| special == 1) {
             return Ok(Vec::new());
         }
@@ -195,5 +199,48 @@ impl SubwordTokenizer {
             ids.push(last);
         }
         Ok(ids)
+    }
+}
+
+/// Bytes of text read per id of `max_len`: encoding stops reading a text there, so that a
+/// huge line costs memory for what is kept (a 50 MB line once took 5 GB). The first
+/// `max_len` tokens lie within it unless they average over a kilobyte each (runs of
+/// whitespace that long); a word longer than the tokenizer's limit (100 characters for BERT)
+/// is one unknown token, cut or not.
+const BYTES_PER_ID: usize = 1024;
+
+/// The part of `text` that encoding to `max_len` ids reads (all of it when `max_len` is 0).
+fn head(text: &str, max_len: usize) -> &str {
+    let limit = max_len.saturating_mul(BYTES_PER_ID);
+    if max_len == 0 || text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A huge text is read only as far as its kept ids can lie: the same ids as the whole
+    /// text's, marked cut; the cut falls on a character boundary.
+    #[test]
+    fn a_huge_text_is_encoded_from_its_head() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/minilm/tokenizer.json");
+        let tok = SubwordTokenizer::open(&path).unwrap();
+        let text = "the jury said é ".repeat(50_000);
+        let ids = tok.encode(&text, 16).unwrap();
+        let whole = tok.inner.encode(text.as_str(), true).unwrap().get_ids().to_vec();
+        assert_eq!(ids[..15], whole[..15]);
+        assert_eq!(ids.len(), 16);
+        assert!(tok.was_cut(&text, ids.len(), 16));
+        assert!(head(&text, 16).len() <= 16 * BYTES_PER_ID);
+        assert_eq!(head("é", 0), "é");
+        let accents = "é".repeat(1000);
+        assert!(head(&accents, 1).len() <= BYTES_PER_ID && head(&accents, 1).chars().all(|c| c == 'é'));
     }
 }

@@ -254,7 +254,10 @@ pub fn local_rank_from(
 #[cfg(feature = "mpi")]
 pub fn mpi_library_version() -> String {
     match mpi::environment::library_version() {
-        Ok(v) => v.lines().next().unwrap_or("").trim().trim_end_matches(',').to_string(),
+        // Open MPI's string ends in its C terminator.
+        Ok(v) => {
+            v.trim_end_matches('\0').lines().next().unwrap_or("").trim().trim_end_matches(',').to_string()
+        }
         Err(e) => format!("the library's version is unreadable ({e})"),
     }
 }
