@@ -1796,7 +1796,8 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     broken[bias.start] = f32::NAN;
     let nan_file = dir.path().join("nan.logits");
     let labels = dir.path().join("labels.jsonl");
-    std::fs::write(&labels, "{\"keep\": \"me\"}\n").unwrap();
+    // An earlier export's pseudo-labels (which a new one may replace, unlike other JSON lines).
+    std::fs::write(&labels, "{\"confidence\": 0.5, \"keep\": \"me\"}\n").unwrap();
     let e =
         dtrain::logits::export(&be, &model, &broken, &ds, SplitKind::Unlabeled, &nan_file, Some(&labels), 64)
             .unwrap_err()
@@ -1804,7 +1805,7 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     assert!(e.contains("logit for document 0 of shard 0 is NaN") && e.contains("no logits file"), "{e}");
     assert!(!nan_file.exists() && !dir.path().join("nan.logits.tmp").exists());
     // The pseudo-labels file already there is untouched, and no temporary one is left.
-    assert_eq!(std::fs::read_to_string(&labels).unwrap(), "{\"keep\": \"me\"}\n");
+    assert_eq!(std::fs::read_to_string(&labels).unwrap(), "{\"confidence\": 0.5, \"keep\": \"me\"}\n");
     assert!(!dir.path().join("labels.jsonl.tmp").exists());
     dtrain::logits::export(&be, &model, &params, &ds, SplitKind::Unlabeled, &file, None, 64).unwrap();
     // `dtrain inspect` describes the file, and shows every argmax on class 2.
