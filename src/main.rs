@@ -778,6 +778,18 @@ fn restore_sigpipe() {
     }
 }
 
+/// Refuses a `RAYON_NUM_THREADS` far past the machine's cores (more than 16 a core and
+/// 256): rayon would spawn every thread first, for minutes, before any work.
+fn check_thread_count() -> anyhow::Result<()> {
+    let Ok(v) = std::env::var("RAYON_NUM_THREADS") else { return Ok(()) };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let most = (16 * cores).max(256);
+    if v.trim().parse::<usize>().is_ok_and(|n| n > most) {
+        bail!("RAYON_NUM_THREADS={v}: at most {most} threads on this machine's {cores} cores (16 a core, or 256)");
+    }
+    Ok(())
+}
+
 /// `println!` panics when stdout cannot be written (a full disk, /dev/full): that ends the
 /// command with an error line and status 1, as any other failed write does, instead of a
 /// panic's message and status 101. Every other panic keeps the default report.
@@ -814,6 +826,7 @@ fn root_result<T>(dist: &Dist, r: dtrain::Result<T>) -> anyhow::Result<Option<T>
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let progress = !cli.quiet;
+    check_thread_count()?;
     if let Command::Bench(b) = &cli.command {
         // Before the benchmark runs: its JSON may replace only an earlier benchmark JSON
         // (pretty JSON starts with "{" and a newline), never an input or a file in a data

@@ -152,6 +152,15 @@ pub fn predict(opts: &PredictOptions) -> Result<PredictSummary> {
             return Err(Error::config("predict", flag, "must be at most 256"));
         }
     }
+    for (flag, p) in [("--input", &opts.input), ("--output", &opts.output)] {
+        if p.as_os_str() == "-" {
+            return Err(Error::config(
+                "predict",
+                flag,
+                "`-` (standard input or output) is not supported: name a file (the output is written whole, then renamed into place)",
+            ));
+        }
+    }
     let inputs: Vec<&Path> = std::iter::once(opts.input.as_path()).chain(opts.tokenizer.as_deref()).collect();
     crate::fsutil::check_output("--output", &opts.output, &inputs, Some(crate::fsutil::JSONL_MAGIC))?;
     let mut metas: Vec<ModelMeta> = Vec::new();

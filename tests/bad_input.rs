@@ -673,6 +673,9 @@ fn outputs_never_replace_inputs_data_sets_or_checkpoints() {
         args.extend([arg("--output"), out.as_os_str()]);
         dtrain_cli(&args)
     };
+    let (ok, e) = predict(Path::new("-"), &[]);
+    assert!(!ok && e.contains("`-` (standard input or output) is not supported"), "{e}");
+    assert!(!Path::new("-").exists());
     let (ok, e) = predict(&corpus, &[]);
     assert!(!ok && e.contains("not dtrain's predictions"), "{e}");
     let (ok, e) = predict(&tok, &[arg("--tokenizer"), tok.as_os_str()]);

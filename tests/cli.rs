@@ -570,6 +570,18 @@ fn inspect_names_a_pretrained_encoder() {
     assert!(!o.status.success() && text(&o).contains("a pretrained encoder"), "{}", text(&o));
 }
 
+/// A thread count far past the cores is refused at once (rayon would spawn them all first).
+#[test]
+fn an_absurd_thread_count_is_refused() {
+    let o = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .arg("info")
+        .env("RAYON_NUM_THREADS", "99999999")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("RAYON_NUM_THREADS=99999999: at most"), "{err}");
+}
+
 /// A stdout that cannot be written (a full disk) ends the command with an error line and
 /// status 1, not a panic.
 #[test]
