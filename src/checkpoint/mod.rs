@@ -1072,6 +1072,12 @@ fn read_state(dir: &Path) -> Result<TrainState> {
 mod tests {
     use super::*;
 
+    /// Makes `root/name` with an empty `DONE` record.
+    fn done_dir(root: &Path, name: &str) {
+        std::fs::create_dir(root.join(name)).unwrap();
+        std::fs::write(root.join(name).join(DONE), b"").unwrap();
+    }
+
     /// What a run killed while it pruned or replaced a checkpoint left is finished at the
     /// next checkpoint: a pruned one goes, a replaced one goes once its replacement is
     /// complete, and comes back when the replacement never arrived.
@@ -1079,10 +1085,7 @@ mod tests {
     fn a_killed_prune_or_replacement_is_finished_at_the_next_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let make = |name: &str| {
-            std::fs::create_dir(root.join(name)).unwrap();
-            std::fs::write(root.join(name).join(DONE), b"").unwrap();
-        };
+        let make = |name: &str| done_dir(root, name);
         make("step-000000002.pruned.tmp");
         make("step-000000004");
         make("step-000000004.old.tmp");
@@ -1120,10 +1123,7 @@ mod tests {
     fn pruning_orders_by_step_past_nine_digits() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let done = |name: &str| {
-            std::fs::create_dir(root.join(name)).unwrap();
-            std::fs::write(root.join(name).join(DONE), b"").unwrap();
-        };
+        let done = |name: &str| done_dir(root, name);
         let staged = |name: &str| {
             let tmp = root.join(format!("{name}.tmp"));
             std::fs::create_dir(&tmp).unwrap();
