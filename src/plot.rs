@@ -153,6 +153,20 @@ pub fn check_png_path(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A y tick's label: plain from 0.001 to 100000, in exponent form beyond (a diverged loss
+/// of 1e300 or one of 1e-8 otherwise loses its exponent to the label area, or reads "0.0").
+fn tick(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if (1e-3..1e5).contains(&a) {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{v:.1e}")
+    }
+}
+
 /// [`plot`]'s drawing, into `out`.
 fn draw(curves: &Curves, title: &str, out: &Path, width: u32, height: u32) -> Result<()> {
     register_font();
@@ -191,7 +205,13 @@ fn draw(curves: &Curves, title: &str, out: &Path, width: u32, height: u32) -> Re
             .y_label_area_size(48)
             .build_cartesian_2d(0.0..max_step, 0.0..ymax)
             .map_err(|e| draw_err(out, e))?;
-        chart.configure_mesh().x_desc("step").y_desc(name).draw().map_err(|e| draw_err(out, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc(name)
+            .y_label_formatter(&|v| tick(*v))
+            .draw()
+            .map_err(|e| draw_err(out, e))?;
         for (label, points, color) in series {
             if points.is_empty() {
                 continue;
@@ -216,4 +236,17 @@ fn draw(curves: &Curves, title: &str, out: &Path, width: u32, height: u32) -> Re
     }
     root.present().map_err(|e| draw_err(out, e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tick_labels_keep_their_exponent() {
+        let t = super::tick;
+        assert_eq!(
+            (t(0.0), t(0.25), t(2.0), t(1234.5)),
+            ("0".into(), "0.25".into(), "2".into(), "1234.5".into())
+        );
+        assert_eq!((t(1e300), t(2e-7), t(-3e6)), ("1.0e300".into(), "2.0e-7".into(), "-3.0e6".into()));
+    }
 }
