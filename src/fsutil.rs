@@ -479,6 +479,50 @@ pub fn sync_parent(path: &Path) {
     }
 }
 
+/// Finishes what a killed run left beside `dest` (a data set `prepare` writes): its staging
+/// directory `<dest>.tmp-<pid>` is removed, and the directory it was replacing, moved aside
+/// as `<dest>.old-<pid>`, is removed when `dest` is in place and put back when not. Only
+/// those of processes no longer running are touched.
+pub fn recover_dir(dest: &Path) -> Result<()> {
+    let Some(name) = dest.file_name().and_then(|n| n.to_str()) else { return Ok(()) };
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(entries) = fs::read_dir(parent) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(name)) else { continue };
+        let (aside, pid) = match (rest.strip_prefix(".old-"), rest.strip_prefix(".tmp-")) {
+            (Some(pid), _) => (true, pid),
+            (_, Some(pid)) => (false, pid),
+            _ => continue,
+        };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        if running(pid) {
+            continue;
+        }
+        let path = entry.path();
+        if aside && !dest.exists() {
+            fs::rename(&path, dest).at(&path)?;
+            eprintln!(
+                "note: {} was moved aside by a run that was killed; it is back in place",
+                dest.display()
+            );
+        } else {
+            fs::remove_dir_all(&path).at(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether process `pid` is running (this one included).
+fn running(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// Moves the finished directory `staged` to `dest`. If `dest` exists it must be replaced
 /// explicitly (`force`); the old one is moved aside first and removed only after the new one
 /// is in place.
@@ -507,6 +551,34 @@ pub fn install_dir(staged: &Path, dest: &Path, force: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a killed `prepare --force` left beside its output is finished: its staging
+    /// directory goes, the data set it was replacing goes once the new one is in place, and
+    /// comes back when not; a running process's are left alone.
+    #[test]
+    fn a_killed_install_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("ds");
+        // A process id no process has (the largest Linux allows is 2^22).
+        let Some(dead) = (4_000_000..4_194_304).rev().find(|&p| !running(p)) else { return };
+        let mine = std::process::id();
+        for d in [format!("ds.tmp-{dead}"), format!("ds.old-{dead}"), format!("ds.tmp-{mine}"), "ds".into()] {
+            fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        recover_dir(&dest).unwrap();
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ds".to_string(), format!("ds.tmp-{mine}")]);
+        // Killed between its two renames: the old data set comes back.
+        fs::remove_dir(&dest).unwrap();
+        fs::create_dir(dir.path().join(format!("ds.old-{dead}"))).unwrap();
+        fs::write(dir.path().join(format!("ds.old-{dead}")).join("manifest.json"), b"{}").unwrap();
+        recover_dir(&dest).unwrap();
+        assert!(dest.join("manifest.json").is_file() && !dir.path().join(format!("ds.old-{dead}")).exists());
+    }
 
     /// A resumed log keeps the records up to the resumed point and leaves the later ones to
     /// the resumed run; a line that is no record (Latin-1 bytes, a note, a record without

@@ -171,6 +171,7 @@ pub fn prepare(cfg: &PrepareConfig, progress: bool) -> Result<PrepareReport> {
     }
 
     let out = &cfg.output.dir;
+    fsutil::recover_dir(out)?;
     check_output(out, cfg.output.force, files.iter().map(|(p, _)| p.as_path()))?;
     let staged = fsutil::sibling(out, &format!(".tmp-{}", std::process::id()));
     if staged.exists() {
