@@ -386,18 +386,20 @@ pub fn reopen_metrics(
     key: &str,
     keep: impl Fn(u64, &serde_json::Value) -> bool,
 ) -> Result<File> {
-    let mut bytes = match fs::read(path) {
+    let whole = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).at(path),
     };
-    let whole = bytes.clone();
-    let torn = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if serde_json::from_slice::<serde_json::Value>(&bytes[torn..]).is_err() {
-        bytes.truncate(torn);
-    }
+    // The lines read: all but a last one without its newline that is no JSON (torn).
+    let tail = whole.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let read = if serde_json::from_slice::<serde_json::Value>(&whole[tail..]).is_ok() {
+        &whole[..]
+    } else {
+        &whole[..tail]
+    };
     let (mut kept, mut strange) = (Vec::new(), Vec::new());
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+    for (i, line) in read.split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
