@@ -250,6 +250,12 @@ fn a_tokenizer_with_an_id_past_its_vocabulary_is_refused() {
     std::fs::write(model.join("tokenizer.json"), json.to_string()).unwrap();
     let e = SubwordTokenizer::open(&model.join("tokenizer.json")).err().unwrap().to_string();
     assert!(e.contains("token \"hello\" has id 99999, not below the vocabulary's 30522 tokens"), "{e}");
+    // So is a [CLS] id past it in the post_processor (`embed` panicked on one).
+    let mut frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+    frame["post_processor"]["special_tokens"]["[CLS]"]["ids"] = serde_json::json!([999999]);
+    let bad = common::write(dir.path(), "frame.json", frame.to_string().as_bytes());
+    let e = SubwordTokenizer::open(&bad).err().unwrap().to_string();
+    assert!(e.contains("post_processor adds id 999999"), "{e}");
     // Another JSON file (the model's config.json) is named as not a tokenizer.json, not
     // with the tokenizers library's parse error.
     let e = SubwordTokenizer::open(&model.join("config.json")).err().unwrap().to_string();

@@ -118,10 +118,25 @@ impl Stabiliser {
         s
     }
 
-    /// Replaces the state by a checkpoint's.
-    pub fn restore(&mut self, state: StabiliserState) {
+    /// Replaces the state by a checkpoint's, refused unless it has the fresh state's shape
+    /// (this run's classes, settings and unlabeled shards) and its records name classes.
+    pub fn restore(&mut self, state: StabiliserState) -> Result<(), String> {
+        let (fresh, c) = (&self.state, self.prior.len());
+        let shaped = state.da_mean.len() == fresh.da_mean.len()
+            && state.free_mean.len() == fresh.free_mean.len()
+            && state.flex_last.len() == fresh.flex_last.len()
+            && state.flex_last.iter().zip(&fresh.flex_last).all(|(a, b)| a.len() == b.len());
+        if !shaped {
+            return Err(
+                "its stabilisers' state does not fit this run's classes, settings or unlabeled shards".into(),
+            );
+        }
+        if let Some(r) = state.flex_last.iter().flatten().find(|&&r| r != UNUSED && r as usize >= c) {
+            return Err(format!("its FlexMatch record names class {r} of {c}"));
+        }
         self.state = state;
         self.recount();
+        Ok(())
     }
 
     fn recount(&mut self) {
@@ -292,7 +307,14 @@ mod tests {
         assert_eq!(s.flex_counts, [3, 1, 1, 3]);
         let state = s.state.clone();
         let mut t = Stabiliser::new(false, AdaptiveThreshold::Flexmatch, 0.9, 0.8, &[1, 1, 1], &[4, 4]);
-        t.restore(state);
+        t.restore(state.clone()).unwrap();
         assert_eq!(t.flex_counts, [3, 1, 1, 3]);
+        // A state of another shape, or naming a class past the last, is refused (it would
+        // index past the counts).
+        let mut other = Stabiliser::new(false, AdaptiveThreshold::Flexmatch, 0.9, 0.8, &[1, 1, 1], &[4, 5]);
+        assert!(other.restore(state.clone()).unwrap_err().contains("does not fit"));
+        let mut bad = state;
+        bad.flex_last[0][1] = 7;
+        assert!(t.restore(bad).unwrap_err().contains("names class 7 of 3"));
     }
 }

@@ -82,12 +82,22 @@ impl SubwordTokenizer {
             .with_truncation(None)
             .map_err(|e| Error::bad_file(path, format!("cannot turn truncation off: {e}")))?;
         check_frame(&inner, path)?;
-        // Ids index the model's embedding rows: they must lie below the vocabulary size.
+        // Ids index the model's embedding rows: they must lie below the vocabulary size, the
+        // vocabulary's and those the post_processor adds ([CLS], [SEP]).
         let size = inner.get_vocab_size(true);
         if let Some((token, id)) = inner.get_vocab(true).into_iter().find(|&(_, id)| id as usize >= size) {
             return Err(Error::bad_file(
                 path,
                 format!("token {token:?} has id {id}, not below the vocabulary's {size} tokens: the ids have gaps"),
+            ));
+        }
+        let framed = inner.encode("a b", true).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+        if let Some(id) = framed.iter().find(|&&id| id as usize >= size) {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "its post_processor adds id {id}, not below the vocabulary's {size} tokens: its special_tokens' ids are wrong"
+                ),
             ));
         }
         let pad = inner.token_to_id("[PAD]").or_else(|| inner.token_to_id("<pad>")).unwrap_or(0);

@@ -1140,7 +1140,7 @@ where
         if let Some(run) = &mut mpl_run {
             run.restore(be, dir, &state)?;
         }
-        restored_stabiliser = Some(state.stabiliser);
+        restored_stabiliser = Some((dir.join("state.bin"), state.stabiliser));
     }
     crate::fsutil::create_dirs(&t.out_dir)?;
     let mut bank = open_bank(resume_from.as_deref(), step)?;
@@ -1173,8 +1173,8 @@ where
             &sizes,
         )
     });
-    if let (Some(st), Some(state)) = (&mut stabiliser, &restored_stabiliser) {
-        st.restore(state.clone());
+    if let (Some(st), Some((file, state))) = (&mut stabiliser, &restored_stabiliser) {
+        st.restore(state.clone()).map_err(|e| Error::bad_file(file, e))?;
     }
     let metrics_path = t.out_dir.join("metrics.jsonl");
     let mut log = if root { MetricsLog::open(&metrics_path, step)? } else { MetricsLog::none(&metrics_path) };
