@@ -266,7 +266,9 @@ fn max_len_of(opts: &PredictOptions, metas: &[ModelMeta]) -> Result<Option<usize
 /// tokenizer's ids (the tokenizer.json the data set was prepared with, checked by checksum).
 enum TextIds {
     Hashed(Tokenizer),
-    Subword(Box<SubwordTokenizer>, usize),
+    /// The subword tokenizer, the length it cuts at, and the hashing tokenizer that decides,
+    /// as in `prepare`, whether a text is kept at all.
+    Subword(Box<SubwordTokenizer>, usize, Tokenizer),
 }
 
 impl TextIds {
@@ -305,6 +307,7 @@ impl TextIds {
                 TextIds::Subword(
                     Box::new(SubwordTokenizer::for_spec(&sw)?),
                     max_len.unwrap_or(sw.max_len as usize),
+                    Tokenizer::new(meta.tokenizer.clone()),
                 )
             }
         })
@@ -313,7 +316,13 @@ impl TextIds {
     fn ids(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
         match self {
             TextIds::Hashed(t) => Ok(t.tokenize(text).ids),
-            TextIds::Subword(t, max_len) => t.encode(text, *max_len).map_err(|e| e.to_string()),
+            // As `prepare` keeps them: a text whose characters the subword tokenizer all
+            // drops, but in which the hashing tokenizer finds features (lone combining
+            // accents), is its special tokens alone.
+            TextIds::Subword(t, max_len, hashed) => {
+                let ids = t.encode(text, *max_len).map_err(|e| e.to_string())?;
+                Ok(if ids.is_empty() && !hashed.tokenize(text).ids.is_empty() { t.specials() } else { ids })
+            }
         }
     }
 }

@@ -324,6 +324,52 @@ fn texts_without_a_subword_token_keep_the_hashed_rows() {
     assert!(e.contains("zw.tsv:10") && e.contains("no features after tokenizing"), "{e}");
     let e = prepare("short", &f, &[&sw, "tokenizer.subword.max_len=2"]).unwrap_err().to_string();
     assert!(e.contains("subword.max_len") && e.contains("at least 3"), "{e}");
+    // A data set of such rows alone: masked-LM has nothing to mask and is refused (it
+    // "trained" at loss 0); an encoder trained on it predicts such a text as prepare kept it
+    // (predict refused it as having no features).
+    let only: String = ["\u{0300}", "\u{0301}", "\u{0302}", "\u{0300}\u{0301}"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("c{}\t{t}\n", i % 2))
+        .collect();
+    let h = common::write(dir.path(), "only.tsv", only.as_bytes());
+    prepare("only", &h, &[&sw, "tokenizer.subword.max_len=16"]).unwrap();
+    let data = dir.path().join("only");
+    let o: Vec<dtrain::config::Override> = [
+        format!("data.dir={:?}", data.display().to_string()),
+        format!("train.out_dir={:?}", dir.path().join("mlm").display().to_string()),
+        "model.objective=\"mlm\"".into(),
+        format!("mlm.pretrained={:?}", minilm().display().to_string()),
+        "mlm.steps=1".into(),
+    ]
+    .iter()
+    .map(|s| dtrain::config::Override::parse(s).unwrap())
+    .collect();
+    let cfg = dtrain::config::load::<dtrain::config::PretrainConfig>(None, &o).unwrap();
+    let e = dtrain::pretrain::mlm::pretrain(&cfg, &dtrain::train::Resume::No, Default::default(), false)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no document of the splits") && e.contains("to mask"), "{e}");
+    let mut sets = common::small_encoder(1);
+    sets.push("train.steps=2".into());
+    let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+    let run = dir.path().join("run");
+    common::train_run(&common::train_config(&data, &run, &sets), dtrain::train::Resume::No, None).unwrap();
+    let text = common::write(dir.path(), "accent.txt", "\u{0300}\n".as_bytes());
+    let out = dir.path().join("p.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .arg("predict")
+        .arg("--checkpoint")
+        .arg(common::last_checkpoint(&run))
+        .arg("--input")
+        .arg(&text)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 1);
 }
 
 /// `prepare` with `tokenizer.subword` stores the subword tokenizer's ids (cut to `max_len`,

@@ -256,6 +256,28 @@ fn damaged_files_are_refused_with_their_name() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("min_count"), "{e}");
+    // Degenerate corpora are refused: one word (negative sampling had no other word to
+    // draw, and spun for ever), or documents of one word each (nothing has a neighbour: the
+    // run "trained" at loss 0).
+    let degenerate = |name: &str, lines: String| {
+        let sub = dir.path().join(name);
+        std::fs::create_dir(&sub).unwrap();
+        let l = common::write(&sub, "l.tsv", lines.as_bytes());
+        let sets =
+            ["tokenizer.buckets=4096", "split.test_fraction=0", "split.val_fraction=0", "output.shards=1"];
+        common::run(&[&l], &[], &sub.join("data"), &sets).unwrap();
+        run(&cfg(&sub.join("data"), &sub.join("pre"), &["model.subsample=0"]), Resume::No, None)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = degenerate(
+        "one-word",
+        (1..11).map(|i| format!("{}\t{}\n", i % 2, vec!["word"; i].join(" "))).collect(),
+    );
+    assert!(e.contains("model.min_count") && e.contains("leaves one word (\"word\")"), "{e}");
+    let e = degenerate("singletons", (0..10).map(|i| format!("{}\tword{i}\n", i % 2)).collect());
+    assert!(e.contains("holds two trained words"), "{e}");
 }
 
 /// A classifier's table filled with 7.0, after `init_table`.

@@ -366,6 +366,14 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             cfg.data.splits
         )));
     }
+    // A document of its special tokens alone ([CLS] [SEP]) has nothing to mask.
+    if !docs.iter().any(|&(split, si, i)| ds.shards(split)[si].doc(i).ids.len() > 2) {
+        return Err(Error::Data(format!(
+            "{}: no document of the splits {:?} has a token between its opening and closing special tokens to mask",
+            cfg.data.dir.display(),
+            cfg.data.splits
+        )));
+    }
     let per_epoch = docs.len().div_ceil(m.batch_size) as u64;
     let total = m.steps.unwrap_or(per_epoch * u64::from(t.epochs));
     // The warmup's last step reaches the full rate ((s + 1) / warmup_steps).

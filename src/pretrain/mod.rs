@@ -211,6 +211,17 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
             tokens
         )));
     }
+    if kept.len() < 2 {
+        return Err(Error::config(
+            "pretrain",
+            "model.min_count",
+            format!(
+                "leaves one word ({:?}) of {}: negative sampling draws other words than the target, and there is none",
+                vocab.word(kept[0]),
+                cfg.data.dir.display()
+            ),
+        ));
+    }
     let words: Vec<String> = kept.iter().map(|&w| vocab.word(w).to_owned()).collect();
     let kept_counts: Vec<u64> = kept.iter().map(|&w| counts[w as usize]).collect();
     let trained_tokens: u64 = kept_counts.iter().sum();
@@ -361,6 +372,20 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let (rank, world) = (dist.rank(), dist.world());
     let rounds =
         if world == 1 { 1 } else { trained_tokens.div_ceil(world as u64 * t.sync_words).max(1) as usize };
+    // Skip-gram and CBOW learn from a word and its neighbours: a corpus whose documents
+    // hold one trained word each would "train" nothing, at loss 0.
+    let pairs = shards.par_iter().any(|s| {
+        (0..s.len())
+            .any(|i| s.doc_words(i).iter().filter(|&&w| lex.keep[w as usize] != DROPPED).nth(1).is_some())
+    });
+    if !pairs {
+        return Err(Error::Data(format!(
+            "{}: no document of the splits {:?} holds two trained words (min_count {}), so no word has a neighbour to learn from",
+            cfg.data.dir.display(),
+            cfg.data.splits,
+            m.min_count
+        )));
+    }
     let (pieces, piece_words) = split_documents(&shards, &lex.keep, world * threads * rounds);
     let piece = |k: usize, j: usize| (rank * threads + k) * rounds + j;
     let per_thread: Vec<u64> =

@@ -277,7 +277,13 @@ impl<'a> Worker<'a> {
         let mut negs = std::mem::take(&mut self.negs);
         negs.clear();
         let table = &self.lex.negatives;
-        while negs.len() < self.hyper.negatives as usize {
+        // Bounded: where one word fills nearly the whole table, its own updates would
+        // otherwise redraw for ever; they take the negatives found.
+        let want = self.hyper.negatives as usize;
+        for _ in 0..64 * want {
+            if negs.len() == want {
+                break;
+            }
             let n = table[self.rng.below(table.len() as u64) as usize];
             if n != target {
                 negs.push(n);
