@@ -18,6 +18,16 @@ pub struct ClassStats {
     pub f1: f64,
     /// Documents whose true label is this class.
     pub support: u64,
+    /// Documents predicted as this class.
+    pub predicted: u64,
+}
+
+impl ClassStats {
+    /// Whether the split neither holds nor predicts the class: its figures are undefined,
+    /// and it is left out of macro-F1.
+    pub fn absent(&self) -> bool {
+        self.support == 0 && self.predicted == 0
+    }
 }
 
 /// The evaluation of one split.
@@ -115,11 +125,12 @@ impl Accumulator {
             let recall = if support > 0 { tp / support as f64 } else { 0.0 };
             let f1 =
                 if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
-            if support > 0 || predicted > 0 {
+            let stats = ClassStats { label: label.clone(), precision, recall, f1, support, predicted };
+            if !stats.absent() {
                 f1_sum += f1;
                 f1_count += 1;
             }
-            per_class.push(ClassStats { label: label.clone(), precision, recall, f1, support });
+            per_class.push(stats);
         }
         let ece = (0..ECE_BINS)
             .filter(|&b| self.bin_count[b] > 0)
@@ -158,6 +169,11 @@ impl EvalReport {
             "#", "class", "precision", "recall", "F1", "support"
         );
         for (i, c) in self.per_class.iter().enumerate() {
+            if c.absent() {
+                // Not in the split and never predicted: no figure (and not in macro-F1).
+                let _ = writeln!(s, "  {i:>3} {:<w$} {:>9} {:>9} {:>9} {:>8}", c.label, "-", "-", "-", 0);
+                continue;
+            }
             let _ = writeln!(
                 s,
                 "  {i:>3} {:<w$} {:>9.4} {:>9.4} {:>9.4} {:>8}",
@@ -222,6 +238,18 @@ mod tests {
         assert!((r.ece - ece).abs() < 1e-6, "{}", r.ece);
         let text = r.to_text();
         assert!(text.contains("accuracy 0.6000") && text.contains("confusion matrix"));
+        // A fourth class neither held nor predicted: dashes, and macro-F1 as before.
+        let labels4: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let mut acc4 = Accumulator::new(4);
+        for (p, y) in [([0.9, 0.05, 0.05, 0.0], 0), ([0.1, 0.8, 0.1, 0.0], 1), ([0.5, 0.25, 0.25, 0.0], 2)] {
+            acc4.add(&p, y);
+        }
+        let r4 = acc4.report("test", &labels4);
+        assert!(r4.per_class[3].absent() && !r4.per_class[2].absent());
+        // a: P 1/2, R 1, F1 2/3; b: 1; c: 0; d left out.
+        assert!((r4.macro_f1 - (2.0 / 3.0 + 1.0 + 0.0) / 3.0).abs() < 1e-12, "{}", r4.macro_f1);
+        let line = r4.to_text().lines().find(|l| l.contains(" d ")).unwrap().to_string();
+        assert!(line.contains(" - ") && !line.contains("0.0000"), "{line}");
     }
 
     /// Past [`MAX_CONFUSION_CLASSES`] classes no C × C matrix is allocated; the per-class
