@@ -712,3 +712,22 @@ fn a_very_long_class_name_never_panics_a_report() {
     let report = r.test.expect("a test split").to_text();
     assert!(report.contains(&long) && report.contains("confusion matrix"), "the report names the class");
 }
+
+/// Fractions of classes too small to round to a document hold out nothing: the data set is
+/// made, and the report warns that the split is empty.
+#[test]
+fn a_fraction_that_rounds_to_nothing_is_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), "x.tsv", common::tsv(3, 2).as_bytes());
+    let r = common::run(&[&f], &[], &dir.path().join("ds"), &["output.shards=1"]).unwrap();
+    assert_eq!((r.manifest.splits["test"].docs, r.manifest.splits["val"].docs), (0, 0));
+    assert!(
+        r.warnings.iter().any(|w| w.contains("split.test_fraction = 0.2 holds out no document"))
+            && r.warnings.iter().any(|w| w.contains("split.val_fraction = 0.1")),
+        "{:?}",
+        r.warnings
+    );
+    let f = common::write(dir.path(), "y.tsv", common::tsv(3, 40).as_bytes());
+    let r = common::run(&[&f], &[], &dir.path().join("ok"), &["output.shards=1"]).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}

@@ -396,6 +396,17 @@ fn prepare_into(
     manifest.write(dir)?;
     let text_bytes = manifest.inputs.iter().map(|i| i.bytes).sum();
     let mut warnings = Vec::new();
+    // A fraction of each class rounds down: classes too small hold out nothing.
+    for (field, fraction, split) in [
+        ("split.test_fraction", cfg.split.test_fraction, "test"),
+        ("split.val_fraction", cfg.split.val_fraction, "val"),
+    ] {
+        if fraction > 0.0 && manifest.splits.get(split).is_some_and(|s| s.docs == 0) {
+            warnings.push(format!(
+                "{field} = {fraction} holds out no document: every class is too small for it to round to one, so the {split} split is empty"
+            ));
+        }
+    }
     if let Some(sw) = &cfg.tokenizer.subword {
         // A sound tokenizer on text of its language reads a fraction of a percent as unknown.
         if run.unknown_ids * 2 > run.subword_ids {
