@@ -713,10 +713,10 @@ fn a_very_long_class_name_never_panics_a_report() {
     assert!(report.contains(&long) && report.contains("confusion matrix"), "the report names the class");
 }
 
-/// Fractions of classes too small to round to a document hold out nothing: the data set is
-/// made, and the report warns that the split is empty.
+/// What is likely a mistake is made, and warned of: fractions of classes too small to round
+/// to a document (an empty split), a single class, labels that differ only in case.
 #[test]
-fn a_fraction_that_rounds_to_nothing_is_warned_of() {
+fn prepare_warns_of_empty_splits_one_class_and_case_only_labels() {
     let dir = tempfile::tempdir().unwrap();
     let f = common::write(dir.path(), "x.tsv", common::tsv(3, 2).as_bytes());
     let r = common::run(&[&f], &[], &dir.path().join("ds"), &["output.shards=1"]).unwrap();
@@ -730,4 +730,23 @@ fn a_fraction_that_rounds_to_nothing_is_warned_of() {
     let f = common::write(dir.path(), "y.tsv", common::tsv(3, 40).as_bytes());
     let r = common::run(&[&f], &[], &dir.path().join("ok"), &["output.shards=1"]).unwrap();
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // One class, and two labels that differ only in case: made, and warned of.
+    let mut one = String::new();
+    for i in 0..20 {
+        one.push_str(&format!("news\tstory number {i}\n"));
+    }
+    let f = common::write(dir.path(), "one.tsv", one.as_bytes());
+    let r = common::run(&[&f], &[], &dir.path().join("one"), &["output.shards=1"]).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("one class (\"news\")")), "{:?}", r.warnings);
+    let f = common::write(
+        dir.path(),
+        "case.tsv",
+        one.replace("news\tstory number 1", "News\tstory number 1").as_bytes(),
+    );
+    let r = common::run(&[&f], &[], &dir.path().join("case"), &["output.shards=1"]).unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("\"News\" and \"news\" differ only in case")),
+        "{:?}",
+        r.warnings
+    );
 }

@@ -396,6 +396,21 @@ fn prepare_into(
     manifest.write(dir)?;
     let text_bytes = manifest.inputs.iter().map(|i| i.bytes).sum();
     let mut warnings = Vec::new();
+    if manifest.labels.len() == 1 {
+        warnings.push(format!(
+            "the labeled inputs hold one class ({:?}): a classifier has nothing to tell apart",
+            manifest.labels[0]
+        ));
+    }
+    // Labels that differ only in case are separate classes; usually a typo.
+    let mut folded: Vec<(String, &String)> = manifest.labels.iter().map(|l| (l.to_lowercase(), l)).collect();
+    folded.sort();
+    for pair in folded.windows(2).filter(|p| p[0].0 == p[1].0) {
+        warnings.push(format!(
+            "the labels {:?} and {:?} differ only in case, and are two classes",
+            pair[0].1, pair[1].1
+        ));
+    }
     // A fraction of each class rounds down: classes too small hold out nothing.
     for (field, fraction, split) in [
         ("split.test_fraction", cfg.split.test_fraction, "test"),
