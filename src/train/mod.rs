@@ -549,6 +549,28 @@ pub fn train_on(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Tra
     dispatch_with(opts.device, dist.local_rank(), say, cfg.train.matmul, Job(cfg, opts, dist))
 }
 
+/// Warnings for settings that cannot do what they say on this data: a batch (with its
+/// accumulation) larger than the `n_train` training documents reads documents more than
+/// once a step; reduce-on-plateau without a val split (`n_val` documents) never acts.
+fn data_warnings(cfg: &TrainConfig, n_train: u64, n_val: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    let rows = cfg.train.batch_size as u64 * u64::from(cfg.optim.grad_accum);
+    if rows > n_train {
+        out.push(format!(
+            "train.batch_size {} × optim.grad_accum {} is {rows} documents a step, more than the training split's {n_train}: \
+             a step reads documents more than once, and a run of train.epochs passes over them more often than that",
+            cfg.train.batch_size, cfg.optim.grad_accum
+        ));
+    }
+    if cfg.schedule.plateau_patience > 0 && n_val == 0 {
+        out.push(
+            "schedule.plateau_patience is set, but the data set has no val split to watch: the learning rate is never lowered"
+                .into(),
+        );
+    }
+    out
+}
+
 /// A warning when the consistency weight's ramp-up outlasts the run of `total` steps, so
 /// that the weight never reaches its maximum (a ramp is accepted: a short trial run of a
 /// long schedule is a normal thing to do).
@@ -890,6 +912,10 @@ where
     let down_steps = (recipe.rampdown_epochs * steps_per_epoch as f64).round() as u64;
     check_schedule_lengths(cfg, total, down_steps)?;
     let ramp = recipe.ramp(steps_per_epoch);
+    let n_val = manifest.splits.get("val").map_or(0, |s| s.docs);
+    for w in data_warnings(cfg, n_train, n_val).into_iter().filter(|_| root) {
+        eprintln!("warning: {w}");
+    }
     if let Some(w) = ramp_warning(&recipe, &ramp, total).filter(|_| root) {
         eprintln!("warning: {w}");
     }
@@ -1610,6 +1636,27 @@ mod tests {
         // A run within the delay never turns the term on.
         let short = load(&["method=\"temporal\"", "consistency.ramp_epochs=0.5"]);
         assert!(ramp_warning(&short, &short.ramp(10), 8).unwrap().contains("ends at 0.00"));
+    }
+
+    #[test]
+    fn settings_the_data_cannot_honour_are_warned_about() {
+        let cfg = |sets: &[&str]| {
+            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+            all.extend_from_slice(sets);
+            let o: Vec<_> = all.iter().map(|s| crate::config::Override::parse(s).unwrap()).collect();
+            crate::config::load::<TrainConfig>(None, &o).unwrap()
+        };
+        let plain = cfg(&["train.batch_size=16"]);
+        assert!(data_warnings(&plain, 16, 5).is_empty());
+        let w = data_warnings(&cfg(&["train.batch_size=16", "optim.grad_accum=2"]), 20, 5);
+        assert!(
+            w.len() == 1 && w[0].contains("is 32 documents a step, more than the training split's 20"),
+            "{w:?}"
+        );
+        let plateau = cfg(&["schedule.plateau_patience=2"]);
+        assert!(data_warnings(&plateau, 100, 5).is_empty());
+        let w = data_warnings(&plateau, 100, 0);
+        assert!(w.len() == 1 && w[0].contains("no val split"), "{w:?}");
     }
 
     #[test]
