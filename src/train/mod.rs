@@ -1606,14 +1606,17 @@ fn teacher_logits_checksum(cfg: &TrainConfig) -> Result<u64> {
 mod tests {
     use super::*;
 
+    /// A training config of `sets` on top of the defaults.
+    fn config(sets: &[&str]) -> TrainConfig {
+        let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+        all.extend_from_slice(sets);
+        let o: Vec<_> = all.iter().map(|s| crate::config::Override::parse(s).unwrap()).collect();
+        crate::config::load::<TrainConfig>(None, &o).unwrap()
+    }
+
     #[test]
     fn a_ramp_up_that_outlasts_the_run_is_warned_about() {
-        let load = |sets: &[&str]| {
-            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
-            all.extend_from_slice(sets);
-            let o: Vec<_> = all.iter().map(|s| crate::config::Override::parse(s).unwrap()).collect();
-            crate::config::load::<TrainConfig>(None, &o).unwrap().recipe()
-        };
+        let load = |sets: &[&str]| config(sets).recipe();
         // Mean Teacher's 5-epoch ramp at 10 steps per epoch: 50 steps.
         let mt = load(&["method=\"mean_teacher\""]);
         let ramp = mt.ramp(10);
@@ -1640,12 +1643,7 @@ mod tests {
 
     #[test]
     fn settings_the_data_cannot_honour_are_warned_about() {
-        let cfg = |sets: &[&str]| {
-            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
-            all.extend_from_slice(sets);
-            let o: Vec<_> = all.iter().map(|s| crate::config::Override::parse(s).unwrap()).collect();
-            crate::config::load::<TrainConfig>(None, &o).unwrap()
-        };
+        let cfg = config;
         let plain = cfg(&["train.batch_size=16"]);
         assert!(data_warnings(&plain, 16, 5).is_empty());
         let w = data_warnings(&cfg(&["train.batch_size=16", "optim.grad_accum=2"]), 20, 5);
