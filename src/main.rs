@@ -1354,7 +1354,7 @@ fn embed_data(a: &EmbedArgs, data: &Path, out: &Path, progress: bool) -> anyhow:
     if dtrain::rowvec::is_vectors_file(&a.model) {
         bail!("{}: already stored row vectors; give the model they came from", a.model.display());
     }
-    if a.pooling.is_some() && !is_pretrained_encoder(&a.model) {
+    if a.pooling.is_some() && !dtrain::model::encoder::is_pretrained_dir(&a.model) {
         bail!("--pooling applies to a pretrained model's directory: {} keeps its own", a.model.display());
     }
     let loaded = load_propagate_model(&a.model, data, &ds, a.pooling.as_deref())?;
@@ -1583,7 +1583,7 @@ fn load_propagate_model(
         return Ok(Loaded::Bag(dtrain::pretrain::embeddings::read(model)?));
     }
     // A pretrained model's directory, or a training checkpoint.
-    if is_pretrained_encoder(model) {
+    if dtrain::model::encoder::is_pretrained_dir(model) {
         let Some(sw) = &m.tokenizer.subword else {
             bail!(
                 "{}: the data set holds hashed features; an encoder reads subword ids: prepare it with --set tokenizer.subword.path=<the model's tokenizer.json>",
@@ -1615,14 +1615,6 @@ fn load_propagate_model(
     })
 }
 
-/// Whether `model` is a pretrained encoder's directory (not a training checkpoint).
-fn is_pretrained_encoder(model: &Path) -> bool {
-    model.is_dir()
-        && model.join("config.json").is_file()
-        && model.join("model.safetensors").is_file()
-        && !model.join("state.bin").exists()
-}
-
 /// `dtrain propagate`.
 fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
     let opts = dtrain::propagate::Options {
@@ -1650,7 +1642,7 @@ fn propagate(a: PropagateArgs, progress: bool) -> anyhow::Result<ExitCode> {
         ds.verify_payloads(|_, _| true)?;
         sets.push(ds);
     }
-    if a.pooling.is_some() && !a.model.iter().any(|m| is_pretrained_encoder(m)) {
+    if a.pooling.is_some() && !a.model.iter().any(|m| dtrain::model::encoder::is_pretrained_dir(m)) {
         bail!(
             "--pooling applies to a pretrained model's directory, and no --model is one{}",
             a.model.first().map_or(String::new(), |m| format!(
@@ -1961,7 +1953,7 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         println!("classes: {}; rows without a vector: {}", m.labels.join(", "), m.blank);
         return Ok(ExitCode::SUCCESS);
     }
-    if is_pretrained_encoder(&args.path) {
+    if dtrain::model::encoder::is_pretrained_dir(&args.path) {
         bail!(
             "{}: a pretrained encoder (Hugging Face config.json + model.safetensors), which inspect does not read: \
              `dtrain embed --model DIR TEXT` runs it, model.encoder.pretrained fine-tunes it",

@@ -749,27 +749,23 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     assert!(e.contains("train.out_dir") && e.contains("metrics.jsonl, encoder"), "{e}");
     assert_eq!(std::fs::read(r.out.join("model.safetensors")).unwrap(), weights);
     // Nor may it write into the fine-tuning run's checkpoint.
-    let inside = common::last_checkpoint(&dir.path().join("ft")).join("mlm");
-    let e = dtrain::pretrain::mlm::pretrain(
-        &mlm_config(&data, &inside, &["mlm.steps=2"]),
-        &Resume::No,
-        Default::default(),
-        false,
-    )
-    .unwrap_err()
-    .to_string();
+    let refused = |out: &Path| {
+        dtrain::pretrain::mlm::pretrain(
+            &mlm_config(&data, out, &["mlm.steps=2"]),
+            &Resume::No,
+            Default::default(),
+            false,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let e = refused(&common::last_checkpoint(&dir.path().join("ft")).join("mlm"));
     assert!(e.contains("train.out_dir") && e.contains("a checkpoint"), "{e}");
     // A directory another run holds is refused, as training's and skip-gram's are.
     let busy = dir.path().join("busy");
     let _held = dtrain::fsutil::lock_run_dir(&busy, "train.out_dir").unwrap();
-    let e = dtrain::pretrain::mlm::pretrain(
-        &mlm_config(&data, &busy, &["mlm.steps=2"]),
-        &Resume::No,
-        Default::default(),
-        false,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(&busy);
     assert!(e.contains("is in use by another dtrain run"), "{e}");
 }
 

@@ -888,10 +888,7 @@ fn open_weights(path: &Path, which: Weights) -> Result<(PathBuf, memmap2::Mmap, 
     // beside its model.safetensors, as a checkpoint does, but no training state and no
     // dtrain metadata: named as what it is where it is refused.
     let pretrained = |d: &Path| {
-        (d.join("config.json").is_file()
-            && d.join("model.safetensors").is_file()
-            && !d.join("state.bin").is_file())
-        .then(|| {
+        crate::model::encoder::is_pretrained_dir(d).then(|| {
             Error::bad_file(
                 path,
                 "is a pretrained encoder (Hugging Face config.json + model.safetensors), not a dtrain \

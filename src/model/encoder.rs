@@ -941,6 +941,16 @@ fn masked<'a, B: Backend>(
     }
 }
 
+/// Whether `dir` is a pretrained model's directory in Hugging Face's layout (config.json and
+/// model.safetensors, as a masked-LM run's encoder/ is), not a dtrain training checkpoint
+/// (which has a config.json and weights too, but also its training state).
+pub fn is_pretrained_dir(dir: &Path) -> bool {
+    dir.is_dir()
+        && dir.join("config.json").is_file()
+        && dir.join("model.safetensors").is_file()
+        && !dir.join("state.bin").exists()
+}
+
 /// Refuses a pretrained model directory whose `tokenizer.json` is not the data set's (`sw`,
 /// compared by checksum): the data's ids would index other rows of the model's embedding
 /// table. A directory without a tokenizer.json cannot be checked, and is taken as it is.
