@@ -1139,7 +1139,12 @@ fn budget(
     b.add("the graph", 2 * n * k * (16 + 12) + 16 * n, "--k", "a smaller largest --k");
     // During a solve Y, the best so far and CG's five vectors; after it Y, the best, the
     // probabilities and an aligned copy.
-    b.add("the spreading's buffers", 8 * n * c * 8, "--data", fewer);
+    b.add(
+        "the spreading's buffers",
+        8 * n * c * 8,
+        "--data",
+        "a data set of fewer rows or classes: the spreading holds eight f64 values per row and class",
+    );
     // Per thread: a block of similarities (at least one row of n) and a row's candidates.
     let threads = rayon::current_num_threads() as u64;
     let block = (1u64 << 26).min(n * n * 4).max(n * 4) + n * 8;

@@ -714,7 +714,8 @@ fn a_very_long_class_name_never_panics_a_report() {
 }
 
 /// What is likely a mistake is made, and warned of: fractions of classes too small to round
-/// to a document (an empty split), a single class, labels that differ only in case.
+/// to a document (an empty split), a single class, labels that differ only in case or in
+/// invisible characters.
 #[test]
 fn prepare_warns_of_empty_splits_one_class_and_case_only_labels() {
     let dir = tempfile::tempdir().unwrap();
@@ -746,6 +747,19 @@ fn prepare_warns_of_empty_splits_one_class_and_case_only_labels() {
     let r = common::run(&[&f], &[], &dir.path().join("case"), &["output.shards=1"]).unwrap();
     assert!(
         r.warnings.iter().any(|w| w.contains("\"News\" and \"news\" differ only in case")),
+        "{:?}",
+        r.warnings
+    );
+    // A zero-width space pasted into a label makes a second class that looks like the first.
+    let f = common::write(
+        dir.path(),
+        "zwsp.tsv",
+        one.replace("news\tstory number 1", "ne\u{200B}ws\tstory number 1").as_bytes(),
+    );
+    let r = common::run(&[&f], &[], &dir.path().join("zwsp"), &["output.shards=1"]).unwrap();
+    assert_eq!(r.manifest.labels.len(), 2, "two classes, as the bytes say");
+    assert!(
+        r.warnings.iter().any(|w| w.contains("differ only in invisible characters (U+200B)")),
         "{:?}",
         r.warnings
     );

@@ -402,14 +402,24 @@ fn prepare_into(
             manifest.labels[0]
         ));
     }
-    // Labels that differ only in case are separate classes; usually a typo.
-    let mut folded: Vec<(String, &String)> = manifest.labels.iter().map(|l| (l.to_lowercase(), l)).collect();
+    // Labels that differ only in case or in invisible characters are separate classes;
+    // usually a typo, or a zero-width space pasted in.
+    let mut folded: Vec<(String, &String)> = manifest.labels.iter().map(|l| (fold_label(l), l)).collect();
     folded.sort();
     for pair in folded.windows(2).filter(|p| p[0].0 == p[1].0) {
-        warnings.push(format!(
-            "the labels {:?} and {:?} differ only in case, and are two classes",
-            pair[0].1, pair[1].1
-        ));
+        let (a, b) = (pair[0].1, pair[1].1);
+        let how = if a.to_lowercase() == b.to_lowercase() {
+            "only in case".to_string()
+        } else {
+            let hidden: Vec<String> = a
+                .chars()
+                .chain(b.chars())
+                .filter(|&c| invisible(c))
+                .map(|c| format!("U+{:04X}", c as u32))
+                .collect();
+            format!("only in invisible characters ({})", hidden.join(", "))
+        };
+        warnings.push(format!("the labels {a:?} and {b:?} differ {how}, and are two classes"));
     }
     // A fraction of each class rounds down: classes too small hold out nothing.
     for (field, fraction, split) in [
@@ -718,4 +728,18 @@ impl SplitWriter {
             shards,
         })
     }
+}
+
+/// Whether `c` is a character a reader does not see: a format character (general
+/// category Cf: zero-width spaces and joiners, direction marks, the byte-order mark, the
+/// soft hyphen).
+fn invisible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.general_category() == GeneralCategory::Format
+}
+
+/// A label as a reader sees it, for finding labels that only look alike: lower case,
+/// without invisible characters.
+fn fold_label(label: &str) -> String {
+    label.chars().filter(|&c| !invisible(c)).collect::<String>().to_lowercase()
 }
