@@ -189,6 +189,19 @@ fn corrupted_or_truncated_shards_are_named() {
     assert!(e.contains("train-00001.shard") && e.contains("payload checksum"), "{e}");
     let ds = Dataset::open(&out).unwrap();
     assert!(ds.verify_payloads(|k, i| k == dtrain::data::shard::SplitKind::Train && i == 0).is_ok());
+    // The checksum is read from the file by its path: a file put in the mapped one's place
+    // (another inode) is named as replaced, not checked in its stead.
+    let copy = out.join("copy.tmp");
+    std::fs::write(&copy, &original).unwrap();
+    std::fs::rename(&copy, &shard).unwrap();
+    let e = ds
+        .verify_payloads(|k, i| k == dtrain::data::shard::SplitKind::Train && i == 1)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train-00001.shard") && e.contains("was replaced while this run had it open"), "{e}");
+    drop(ds);
+    std::fs::write(&shard, &flipped).unwrap();
     // `inspect` decodes the sound shard's samples and names the damaged one instead of
     // showing its documents.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))

@@ -440,26 +440,56 @@ impl Bank {
 
     /// Writes a sealed copy of every file into `dest` (a checkpoint's `bank/`), streaming
     /// each live file in chunks and checksumming it on the way.
+    ///
+    /// The live file is read with `read`, not through its map: a pass through the map
+    /// would leave every page of the bank mapped into this process after the first
+    /// checkpoint, so that resident memory would grow with the bank, not the batch. Linux
+    /// keeps one page cache for a file, so `read` sees what the shared map wrote.
     pub fn snapshot(&self, dest: &Path, step: u64) -> Result<()> {
         crate::fsutil::create_dirs(dest)?;
+        let mut buf = vec![0u8; 1 << 22];
         for (_, _, f) in &self.files {
             let name = f.path.file_name().expect("a file name");
             let out = dest.join(name);
-            let mut sum = Xxh3::new();
-            let body = &f.map[HEADER_LEN..];
-            for chunk in body.chunks(1 << 22) {
-                sum.update(chunk);
-            }
-            let header = Header { sealed: true, body_checksum: sum.digest(), step, ..f.header };
+            let body_len = f.header.file_len() - HEADER_LEN as u64;
+            // One pass: the body is copied and checksummed, then the sealed header written
+            // over the unsealed one it starts with.
             let mut w = std::io::BufWriter::new(std::fs::File::create(&out).at(&out)?);
-            w.write_all(&header.encode()).at(&out)?;
-            for chunk in body.chunks(1 << 22) {
-                w.write_all(chunk).at(&out)?;
-            }
-            w.into_inner().map_err(|e| Error::io(&out, e.into_error()))?.sync_all().at(&out)?;
+            w.write_all(&f.header.encode()).at(&out)?;
+            let mut sum = Xxh3::new();
+            stream_body(&f.path, body_len, &mut buf, |chunk| {
+                sum.update(chunk);
+                w.write_all(chunk).at(&out)
+            })?;
+            let header = Header { sealed: true, body_checksum: sum.digest(), step, ..f.header };
+            let mut file = w.into_inner().map_err(|e| Error::io(&out, e.into_error()))?;
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).at(&out)?;
+            file.write_all(&header.encode()).at(&out)?;
+            file.sync_all().at(&out)?;
         }
         Ok(())
     }
+}
+
+/// Calls `each` on the `len` bytes after a bank file's header, in chunks of `buf`'s size,
+/// read from the file; a file shorter than that is an error.
+fn stream_body(
+    path: &Path,
+    len: u64,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).at(path)?;
+    f.seek(SeekFrom::Start(HEADER_LEN as u64)).at(path)?;
+    let mut left = len;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        f.read_exact(&mut buf[..want]).at(path)?;
+        each(&buf[..want])?;
+        left -= want as u64;
+    }
+    Ok(())
 }
 
 /// Reads and checks a sealed bank file's header and body checksum, streaming; returns the

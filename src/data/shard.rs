@@ -37,7 +37,7 @@
 //! prepare the data again.
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -443,6 +443,9 @@ pub struct Shard {
     path: PathBuf,
     map: Mmap,
     header: ShardHeader,
+    /// The mapped file's device and inode, so that a later read by path is known to be
+    /// of the same file.
+    identity: (u64, u64),
 }
 
 impl Shard {
@@ -475,7 +478,9 @@ impl Shard {
         // into place, and the map is read-only.
         let map = unsafe { Mmap::map(&file) }.at(path)?;
         let header = decode_header(path, &map, len)?;
-        let shard = Shard { path: path.to_owned(), map, header };
+        let identity = std::os::unix::fs::MetadataExt::dev(&meta);
+        let identity = (identity, std::os::unix::fs::MetadataExt::ino(&meta));
+        let shard = Shard { path: path.to_owned(), map, header, identity };
         for (offsets, total, what) in
             [(shard.offsets(), header.num_ids, "id"), (shard.word_offsets(), header.num_words, "word")]
         {
@@ -597,7 +602,7 @@ impl Shard {
 
     /// Recomputes the payload checksum and compares it with the header's.
     pub fn verify_checksum(&self) -> Result<()> {
-        let got = xxh3_64(&self.map[HEADER_LEN..]);
+        let got = self.streamed_payload_checksum()?;
         if got != self.header.payload_checksum {
             return Err(Error::bad_file(
                 &self.path,
@@ -608,6 +613,34 @@ impl Shard {
             ));
         }
         Ok(())
+    }
+
+    /// The payload's checksum, read from the file rather than through the map: a pass over
+    /// the whole file through the map would leave every page of it mapped into this
+    /// process, so that a run's resident memory would grow with its corpus (2.1 GB for
+    /// 5 million documents, bench/results/scale-5m.md) instead of with its batch.
+    fn streamed_payload_checksum(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let path = &self.path;
+        let mut f = File::open(path).at(path)?;
+        let meta = f.metadata().at(path)?;
+        if (meta.dev(), meta.ino()) != self.identity {
+            return Err(Error::bad_file(
+                path,
+                "was replaced while this run had it open: shard files must not change under a run",
+            ));
+        }
+        f.seek(SeekFrom::Start(HEADER_LEN as u64)).at(path)?;
+        let mut sum = Xxh3::new();
+        let mut buf = vec![0u8; 1 << 22];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => return Ok(sum.digest()),
+                Ok(n) => sum.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
     }
 
     /// Checks the label columns against the split's rules, in O(documents): train, val and

@@ -707,17 +707,42 @@ fn collapsing(labeled: &[u64], share: f64) -> bool {
     share >= 0.9f64.max((1.0 + largest) / 2.0)
 }
 
-/// What the collapse warning suggests, by where the pseudo-labels come from: with no
+/// What the collapse warning suggests, by where the pseudo-labels come from and what the
+/// run already has on (a stabiliser already on is not suggested again): with no
 /// consistency target they are VAT's (its clean pass's argmax on the unlabeled rows).
 /// Returns the term's name and the remedies.
-fn collapse_remedies(target: TargetSource) -> (&'static str, &'static str) {
-    match target {
-        TargetSource::WeakView => (
-            "consistency term",
-            "consistency.distribution_alignment, an adaptive or higher consistency.threshold, a lower consistency.weight or a shorter run",
-        ),
-        TargetSource::None => ("VAT term", "a lower adversarial.weight or adversarial.epsilon, or a shorter run"),
-        _ => ("consistency term", "a lower consistency.weight or a shorter run"),
+fn collapse_remedies(recipe: &crate::algo::Recipe) -> (&'static str, String) {
+    match recipe.target {
+        TargetSource::WeakView => {
+            let mut r = Vec::new();
+            if !recipe.distribution_alignment {
+                r.push("consistency.distribution_alignment = true".to_string());
+            } else if recipe.stabiliser_momentum > 0.9 {
+                r.push(format!(
+                    "a lower consistency.stabiliser_momentum than {} (alignment then follows the predictions within tens of steps; 0.9 was chosen on Brown)",
+                    recipe.stabiliser_momentum
+                ));
+            }
+            r.push(
+                match recipe.adaptive_threshold {
+                    AdaptiveThreshold::Fixed => "a higher or adaptive consistency.threshold",
+                    AdaptiveThreshold::Flexmatch => {
+                        "another consistency.adaptive_threshold (FlexMatch passes every row until rows are predicted confidently)"
+                    }
+                    AdaptiveThreshold::Freematch => {
+                        "another consistency.adaptive_threshold (FreeMatch's threshold starts at 1/C, which passes nearly every row)"
+                    }
+                }
+                .to_string(),
+            );
+            r.push(format!("a lower consistency.weight than {}", recipe.weight));
+            r.push("a shorter run".to_string());
+            ("consistency term", r.join(", "))
+        }
+        TargetSource::None => {
+            ("VAT term", "a lower adversarial.weight or adversarial.epsilon, or a shorter run".into())
+        }
+        _ => ("consistency term", "a lower consistency.weight or a shorter run".into()),
     }
 }
 
@@ -1424,7 +1449,7 @@ where
                     && collapsing(&manifest.splits["train"].per_class, share)
                 {
                     collapse_warned = true;
-                    let (term, remedies) = collapse_remedies(recipe.target);
+                    let (term, remedies) = collapse_remedies(&recipe);
                     bar.suspend(|| {
                         eprintln!(
                             "warning: step {step}: {:.0}% of the unlabeled rows' pseudo-labels are '{}' (pseudo_label_top_share in metrics.jsonl): the {term} may be collapsing onto one class; consider {remedies} (docs/results.md, 'Why the consistency methods fade')",
@@ -1667,6 +1692,38 @@ mod tests {
         // on it is ordinary, and the bar is halfway to 1.
         assert!(collapsing(&[5, 5, 5], 0.9) && !collapsing(&[5, 5, 5], 0.89) && collapsing(&[5, 5], 0.95));
         assert!(!collapsing(&[18, 1, 1], 0.94) && collapsing(&[18, 1, 1], 0.951));
+    }
+
+    /// The collapse warning does not suggest what the run already has on.
+    #[test]
+    fn collapse_remedies_name_what_is_not_on_yet() {
+        let remedies = |sets: &[&str]| {
+            let mut all = vec!["method=\"fixmatch\""];
+            all.extend_from_slice(sets);
+            collapse_remedies(&config(&all).recipe()).1
+        };
+        let plain = remedies(&[]);
+        assert!(plain.contains("consistency.distribution_alignment = true"), "{plain}");
+        assert!(plain.contains("a higher or adaptive consistency.threshold"), "{plain}");
+        let on = remedies(&[
+            "consistency.distribution_alignment=true",
+            "consistency.adaptive_threshold=\"flexmatch\"",
+        ]);
+        assert!(!on.contains("distribution_alignment = true"), "{on}");
+        assert!(on.contains("a lower consistency.stabiliser_momentum than 0.999"), "{on}");
+        assert!(on.contains("FlexMatch passes every row"), "{on}");
+        let fast = remedies(&[
+            "consistency.distribution_alignment=true",
+            "consistency.stabiliser_momentum=0.9",
+            "consistency.weight=0.3",
+        ]);
+        assert!(
+            !fast.contains("stabiliser_momentum") && fast.contains("a lower consistency.weight than 0.3"),
+            "{fast}"
+        );
+        assert!(collapse_remedies(&config(&["method=\"mean_teacher\""]).recipe())
+            .1
+            .contains("a lower consistency.weight"));
     }
 
     #[test]
