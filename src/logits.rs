@@ -128,6 +128,48 @@ pub fn params_source(params: &[f32]) -> u64 {
     xxh3_64(bytemuck::cast_slice(params))
 }
 
+/// Reads a logits file's contents after its header from `f`: their checksum (xxh3_64 of
+/// every byte from `HEADER_LEN` on) and the index of the first non-finite logit, if any
+/// (the logits start `counts` bytes in, after the shards' row counts), reading `chunk`
+/// bytes at a time (a multiple of 4).
+fn scan_body(path: &Path, f: &std::fs::File, counts: usize, chunk: usize) -> Result<(u64, Option<usize>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = f;
+    f.seek(SeekFrom::Start(HEADER_LEN as u64)).at(path)?;
+    let mut sum = Xxh3::new();
+    let mut head = vec![0u8; counts];
+    f.read_exact(&mut head).at(path)?;
+    sum.update(&head);
+    // Whole logits per read: a multiple of 4 bytes, topped up where a read returns less.
+    let mut buf = vec![0u8; chunk];
+    let (mut seen, mut non_finite) = (0usize, None);
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match f.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        if filled == 0 {
+            return Ok((sum.digest(), non_finite));
+        }
+        sum.update(&buf[..filled]);
+        if non_finite.is_none() {
+            non_finite = buf[..filled]
+                .chunks_exact(4)
+                .position(|v| !f32::from_le_bytes(v.try_into().expect("4 bytes")).is_finite())
+                .map(|k| seen + k);
+        }
+        seen += filled / 4;
+        if filled < buf.len() {
+            return Ok((sum.digest(), non_finite));
+        }
+    }
+}
+
 impl LogitsFile {
     /// Opens and fully checks `path`.
     pub fn open(path: &Path) -> Result<LogitsFile> {
@@ -164,11 +206,11 @@ impl LogitsFile {
         if b.len() as u64 != want {
             return bad(format!("truncated or padded: {} bytes, the header implies {want}", b.len()));
         }
-        let mut sum = Xxh3::new();
-        for chunk in b[HEADER_LEN..].chunks(1 << 22) {
-            sum.update(chunk);
-        }
-        if sum.digest() != u64_at(56) {
+        // The contents' checksum and finiteness, read with read() rather than through the
+        // map: a pass through the map would leave the whole file mapped into this process,
+        // which then reads rows at random (bench/results/scale-5m.md on shards).
+        let (digest, non_finite) = scan_body(path, &f, 8 * shards, 1 << 22)?;
+        if digest != u64_at(56) {
             return bad("corrupted: the contents do not match their checksum".into());
         }
         let mut starts = vec![0u64];
@@ -182,10 +224,7 @@ impl LogitsFile {
         if starts[shards] != rows {
             return bad("corrupted: the shards' row counts do not add up".into());
         }
-        let data = &b[HEADER_LEN + 8 * shards..];
-        if let Some(k) =
-            data.chunks_exact(4).position(|v| !f32::from_le_bytes(v.try_into().expect("4 bytes")).is_finite())
-        {
+        if let Some(k) = non_finite {
             return bad(format!(
                 "row {} holds a non-finite logit: the model that wrote it had diverged; export again from a sound checkpoint",
                 k / classes
@@ -249,6 +288,12 @@ impl LogitsFile {
             return bad("its shards' row counts differ from the data set's".into());
         }
         Ok(())
+    }
+
+    /// Advises the kernel that rows are read at random (training's gathers): no
+    /// read-around on a page fault (see [`crate::data::shard::Shard::advise_random`]).
+    pub fn advise_random(&self) {
+        let _ = self.map.advise(memmap2::Advice::Random);
     }
 
     /// The xxh3_64 of the file's contents (from its header; checked at open).
@@ -598,6 +643,35 @@ pub fn write(
 
 #[cfg(test)]
 mod tests {
+    /// The streamed scan: the checksum of every byte after the header, and the first
+    /// non-finite logit's index counted across reads (here of 8 bytes, two logits).
+    #[test]
+    fn the_body_scan_counts_logits_across_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.logits");
+        let mut bytes = vec![0u8; super::HEADER_LEN];
+        let counts = 16;
+        bytes.extend(std::iter::repeat_n(7u8, counts));
+        let mut logits = vec![1.0f32; 11];
+        logits[9] = f32::NAN;
+        logits[10] = f32::INFINITY;
+        bytes.extend(logits.iter().flat_map(|v| v.to_le_bytes()));
+        std::fs::write(&path, &bytes).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let want = xxhash_rust::xxh3::xxh3_64(&bytes[super::HEADER_LEN..]);
+        for chunk in [8, 12, 1 << 22] {
+            assert_eq!(super::scan_body(&path, &f, counts, chunk).unwrap(), (want, Some(9)), "chunk {chunk}");
+        }
+        logits[9] = 2.0;
+        logits[10] = 3.0;
+        bytes.truncate(super::HEADER_LEN + counts);
+        bytes.extend(logits.iter().flat_map(|v| v.to_le_bytes()));
+        std::fs::write(&path, &bytes).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let (_, none) = super::scan_body(&path, &f, counts, 8).unwrap();
+        assert_eq!(none, None);
+    }
+
     use super::*;
 
     #[test]

@@ -270,3 +270,46 @@ fn a_class_made_only_of_duplicates_is_an_error_not_a_silent_loss() {
     .to_string();
     assert!(e.contains("label `b` has no labeled document"), "{e}");
 }
+
+/// The kernel's flags of this process's mappings of `path` (the `VmFlags` lines of
+/// /proc/self/smaps under the mapping's header).
+fn mapping_flags(path: &std::path::Path) -> Vec<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let name = path.to_str().unwrap();
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in smaps.lines() {
+        // A mapping's header: "start-end perms offset dev inode  path".
+        let header = line.split_whitespace().next().is_some_and(|a| a.contains('-') && !a.ends_with(':'));
+        if header {
+            inside = line.ends_with(name);
+        } else if inside {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                out.push(flags.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A training loader reads its shards' rows in a shuffled order, so it advises the kernel
+/// of random access ("rr" in smaps): no read-around on a fault. Without it a run on a
+/// corpus larger than its memory limit re-read 751 GB for 1,000 steps
+/// (bench/results/scale-5m.md). Shards no loader reads keep the default.
+#[test]
+fn a_loader_maps_its_shards_for_random_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::write(dir.path(), "x.tsv", common::tsv(3, 40).as_bytes());
+    let out = dir.path().join("ds");
+    common::run(&[&f], &[], &out, &["output.shards=2"]).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let _loader = dtrain::data::loader::Loader::new(&ds, SplitKind::Train, 1, 2, 0, vec![0, 1]).unwrap();
+    for (split, random) in [(SplitKind::Train, true), (SplitKind::Test, false)] {
+        for shard in ds.shards(split) {
+            let flags = mapping_flags(shard.path());
+            assert_eq!(flags.len(), 1, "{}: one mapping, {flags:?}", shard.path().display());
+            let rr = flags[0].split_whitespace().any(|f| f == "rr");
+            assert_eq!(rr, random, "{}: VmFlags {}", shard.path().display(), flags[0]);
+        }
+    }
+}

@@ -122,6 +122,10 @@ impl Loader {
                 shards.len()
             )));
         }
+        // Rows are read in a shuffled order.
+        for &s in &owned {
+            shards[s].advise_random();
+        }
         let cursors = vec![Cursor::default(); shards.len()];
         let group = Grouping { batch: per_shard, window: group_windows };
         let orders = owned.iter().map(|&s| order(seed, split, &shards[s], s, 0, group)).collect();

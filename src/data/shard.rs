@@ -550,6 +550,15 @@ impl Shard {
         &self.path
     }
 
+    /// Advises the kernel that the shard is read at random (a training loader's shuffled
+    /// rows): no read-around on a page fault. Without it a fault on a page not in memory
+    /// reads the pages around it too, a hundred kilobytes and more for a row of a few
+    /// hundred bytes, when the corpus is larger than the page cache (bench/results/scale-5m.md).
+    /// A hint: where the kernel refuses it, reading works as before.
+    pub fn advise_random(&self) {
+        let _ = self.map.advise(memmap2::Advice::Random);
+    }
+
     /// Number of documents.
     pub fn len(&self) -> usize {
         self.header.num_docs as usize

@@ -356,6 +356,8 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     for name in &cfg.data.splits {
         let split = SplitKind::from_name(name).expect("validated split name");
         for (si, shard) in ds.shards(split).iter().enumerate() {
+            // Read in a shuffled order, as a training loader's.
+            shard.advise_random();
             docs.extend((0..shard.len()).map(|i| (split, si, i)));
         }
     }

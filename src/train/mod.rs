@@ -1199,6 +1199,7 @@ where
         (Some(path), Method::NoisyStudent) => {
             let f = LogitsFile::open(path)?;
             f.check_matches(&ds, SplitKind::Unlabeled)?;
+            f.advise_random();
             Some(f)
         }
         _ => None,
