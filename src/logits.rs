@@ -652,7 +652,7 @@ mod tests {
         let mut bytes = vec![0u8; super::HEADER_LEN];
         let counts = 16;
         bytes.extend(std::iter::repeat_n(7u8, counts));
-        let mut logits = vec![1.0f32; 11];
+        let mut logits = [1.0f32; 11];
         logits[9] = f32::NAN;
         logits[10] = f32::INFINITY;
         bytes.extend(logits.iter().flat_map(|v| v.to_le_bytes()));
