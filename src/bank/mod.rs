@@ -445,7 +445,13 @@ impl Bank {
     /// would leave every page of the bank mapped into this process after the first
     /// checkpoint, so that resident memory would grow with the bank, not the batch. Linux
     /// keeps one page cache for a file, so `read` sees what the shared map wrote.
+    ///
+    /// On an error (a full disk) the files written so far are removed with `dest`.
     pub fn snapshot(&self, dest: &Path, step: u64) -> Result<()> {
+        crate::fsutil::removing_on_error(&[dest], || self.snapshot_files(dest, step))
+    }
+
+    fn snapshot_files(&self, dest: &Path, step: u64) -> Result<()> {
         crate::fsutil::create_dirs(dest)?;
         let mut buf = vec![0u8; 1 << 22];
         for (_, _, f) in &self.files {
@@ -736,6 +742,23 @@ mod tests {
             "{resident} bytes resident for a {} GB bank",
             (rows * 68) >> 30
         );
+    }
+
+    /// A snapshot that fails part way (here a live file cut short; on a user's machine, a
+    /// full disk) names the file and leaves none of its copies behind.
+    #[test]
+    fn a_failed_snapshot_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        std::fs::create_dir(&live).unwrap();
+        let b = bank(&live, 50, 4, Storage::F32);
+        let file = live.join(file_name(SplitKind::Unlabeled, 1));
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 8).unwrap();
+        let snap = dir.path().join("snap");
+        let e = b.snapshot(&snap, 3).unwrap_err().to_string();
+        assert!(e.contains("unlabeled-00001.bank"), "{e}");
+        assert!(!snap.exists(), "the partial snapshot is removed");
     }
 
     #[test]

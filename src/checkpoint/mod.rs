@@ -642,7 +642,10 @@ pub fn save(
     let tmp = if dist.is_root() { stage_begin(root, &name)? } else { root.join(format!("{name}.tmp")) };
     dist.barrier("the checkpoint's start");
     if let Some(bank) = bank {
-        bank.snapshot(&tmp.join(crate::bank::DIR), state.step)?;
+        // On an error the checkpoint's temporary directory goes too (rank 0's; another
+        // rank's error ends the job, and the next checkpoint's start removes it).
+        let mine: &[&Path] = if dist.is_root() { &[&tmp] } else { &[] };
+        fsutil::removing_on_error(mine, || bank.snapshot(&tmp.join(crate::bank::DIR), state.step))?;
     }
     dist.barrier("the ranks' bank files");
     let done = if dist.is_root() {
