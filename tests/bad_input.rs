@@ -776,4 +776,18 @@ fn prepare_warns_of_empty_splits_one_class_and_case_only_labels() {
         "{:?}",
         r.warnings
     );
+    // In case as well, and the character named once.
+    let f = common::write(
+        dir.path(),
+        "both.tsv",
+        one.replace("news\tstory number 1", "Ne\u{200B}ws\tstory number 1")
+            .replace("news\tstory number 2", "Ne\u{200B}ws\tstory number 2")
+            .as_bytes(),
+    );
+    let r = common::run(&[&f], &[], &dir.path().join("both"), &["output.shards=1"]).unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("differ only in case and invisible characters (U+200B), and")),
+        "{:?}",
+        r.warnings
+    );
 }

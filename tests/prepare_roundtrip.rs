@@ -275,6 +275,8 @@ fn a_class_made_only_of_duplicates_is_an_error_not_a_silent_loss() {
 /// /proc/self/smaps under the mapping's header).
 fn mapping_flags(path: &std::path::Path) -> Vec<String> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    // smaps names the file by its resolved path (a temporary directory may be a link).
+    let path = std::fs::canonicalize(path).unwrap();
     let name = path.to_str().unwrap();
     let mut out = Vec::new();
     let mut inside = false;

@@ -643,7 +643,8 @@ pub fn save(
     dist.barrier("the checkpoint's start");
     if let Some(bank) = bank {
         // On an error the checkpoint's temporary directory goes too (rank 0's; another
-        // rank's error ends the job, and the next checkpoint's start removes it).
+        // rank's error ends the job, and the next run's first checkpoint removes it:
+        // `recover`).
         let mine: &[&Path] = if dist.is_root() { &[&tmp] } else { &[] };
         fsutil::removing_on_error(mine, || bank.snapshot(&tmp.join(crate::bank::DIR), state.step))?;
     }
@@ -714,7 +715,9 @@ pub(crate) fn stage(
 
 /// Finishes what a run killed inside [`stage_finish`] left under `root`: a checkpoint being
 /// pruned (`X.pruned.tmp`) is removed; one moved aside to be replaced (`X.old.tmp`) is
-/// removed when its replacement `X` is complete, and put back otherwise.
+/// removed when its replacement `X` is complete, and put back otherwise. A checkpoint
+/// that was being written when its run failed (`X.tmp` without [`DONE`]: another rank's
+/// error, or a kill) is removed; it holds nothing complete.
 fn recover(root: &Path) -> Result<()> {
     for entry in std::fs::read_dir(root).at(root)?.flatten() {
         let path = entry.path();
@@ -728,6 +731,8 @@ fn recover(root: &Path) -> Result<()> {
             } else if !own.exists() {
                 std::fs::rename(&path, &own).at(&path)?;
             }
+        } else if name.ends_with(".tmp") && path.is_dir() && !path.join(DONE).exists() {
+            std::fs::remove_dir_all(&path).at(&path)?;
         }
     }
     Ok(())
@@ -1090,11 +1095,15 @@ mod tests {
         make("step-000000004");
         make("step-000000004.old.tmp");
         make("step-000000006.old.tmp");
+        // A checkpoint a failed run was writing (no DONE) goes; a complete one is kept.
+        std::fs::create_dir_all(root.join("step-000000005.tmp").join("bank")).unwrap();
+        std::fs::write(root.join("step-000000005.tmp").join("bank").join("x"), b"x").unwrap();
+        make("step-000000007.tmp");
         let written = stage(root, "step-000000008", 10, |d| std::fs::write(d.join("x"), b"x").at(d)).unwrap();
         let mut names: Vec<String> =
             std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
-        assert_eq!(names, ["step-000000004", "step-000000006", "step-000000008"]);
+        assert_eq!(names, ["step-000000004", "step-000000006", "step-000000007.tmp", "step-000000008"]);
         assert_eq!(written, root.join("step-000000008"));
     }
 

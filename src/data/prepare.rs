@@ -408,16 +408,22 @@ fn prepare_into(
     folded.sort();
     for pair in folded.windows(2).filter(|p| p[0].0 == p[1].0) {
         let (a, b) = (pair[0].1, pair[1].1);
-        let how = if a.to_lowercase() == b.to_lowercase() {
+        let (ha, hb) = (hidden_chars(a), hidden_chars(b));
+        let how = if ha == hb {
             "only in case".to_string()
         } else {
-            let hidden: Vec<String> = a
-                .chars()
-                .chain(b.chars())
-                .filter(|&c| invisible(c))
-                .map(|c| format!("U+{:04X}", c as u32))
+            // The invisible characters one label has and the other lacks, once each.
+            let mut odd: Vec<char> = ha
+                .iter()
+                .filter(|c| !hb.contains(c))
+                .chain(hb.iter().filter(|c| !ha.contains(c)))
+                .copied()
                 .collect();
-            format!("only in invisible characters ({})", hidden.join(", "))
+            odd.sort_unstable();
+            odd.dedup();
+            let odd: Vec<String> = odd.iter().map(|&c| format!("U+{:04X}", c as u32)).collect();
+            let case = if fold_invisible(a) == fold_invisible(b) { "" } else { "case and " };
+            format!("only in {case}invisible characters ({})", odd.join(", "))
         };
         warnings.push(format!("the labels {a:?} and {b:?} differ {how}, and are two classes"));
     }
@@ -741,5 +747,15 @@ fn invisible(c: char) -> bool {
 /// A label as a reader sees it, for finding labels that only look alike: lower case,
 /// without invisible characters.
 fn fold_label(label: &str) -> String {
-    label.chars().filter(|&c| !invisible(c)).collect::<String>().to_lowercase()
+    fold_invisible(label).to_lowercase()
+}
+
+/// `label` without its invisible characters.
+fn fold_invisible(label: &str) -> String {
+    label.chars().filter(|&c| !invisible(c)).collect()
+}
+
+/// `label`'s invisible characters, in order.
+fn hidden_chars(label: &str) -> Vec<char> {
+    label.chars().filter(|&c| invisible(c)).collect()
 }

@@ -713,6 +713,11 @@ fn collapsing(labeled: &[u64], share: f64) -> bool {
 /// Returns the term's name and the remedies.
 fn collapse_remedies(recipe: &crate::algo::Recipe) -> (&'static str, String) {
     match recipe.target {
+        // MPL's pseudo-labels are its teacher's, which takes no stabilisers.
+        TargetSource::WeakView if recipe.method.is_mpl() => (
+            "teacher's pseudo-labelling",
+            "mpl.label_smoothing or mpl.pseudo_labels = \"sampled\", a lower consistency.weight (the teacher's UDA term), or a shorter run".into(),
+        ),
         TargetSource::WeakView => {
             let mut r = Vec::new();
             if !recipe.distribution_alignment {
@@ -952,6 +957,17 @@ where
         model.table(),
         optim_config(&cfg.optim, cfg.model.encoder.layer_lr_decay, &model),
     );
+    // Noisy Student's teacher logits, checked against the unlabeled rows before the loaders
+    // mark those shards for random reads (the check may read every row in order).
+    let teacher_logits = match (&cfg.noisy_student.logits, recipe.method) {
+        (Some(path), Method::NoisyStudent) => {
+            let f = LogitsFile::open(path)?;
+            f.check_matches(&ds, SplitKind::Unlabeled)?;
+            f.advise_random();
+            Some(f)
+        }
+        _ => None,
+    };
     let mut loader =
         Loader::new(&ds, SplitKind::Train, t.seed, t.batch_size / p, t.group_by_length, owned.clone())?;
     let mut uloader = if b_u > 0 {
@@ -1195,15 +1211,6 @@ where
     }
     crate::fsutil::create_dirs(&t.out_dir)?;
     let mut bank = open_bank(resume_from.as_deref(), step)?;
-    let teacher_logits = match (&cfg.noisy_student.logits, recipe.method) {
-        (Some(path), Method::NoisyStudent) => {
-            let f = LogitsFile::open(path)?;
-            f.check_matches(&ds, SplitKind::Unlabeled)?;
-            f.advise_random();
-            Some(f)
-        }
-        _ => None,
-    };
     let per_pass = cfg.augment.consistency_passes;
     let strong_view = (matches!(recipe.target, TargetSource::WeakView | TargetSource::File) || per_pass)
         .then(|| StrongView {
@@ -1725,6 +1732,9 @@ mod tests {
         assert!(collapse_remedies(&config(&["method=\"mean_teacher\""]).recipe())
             .1
             .contains("a lower consistency.weight"));
+        // MPL's teacher takes no stabilisers: none is suggested.
+        let mpl = collapse_remedies(&config(&["method=\"mpl\""]).recipe()).1;
+        assert!(mpl.contains("mpl.label_smoothing") && !mpl.contains("distribution_alignment"), "{mpl}");
     }
 
     #[test]

@@ -136,10 +136,13 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                 let path = cfg.mpl.logits.as_ref().expect("validated: mpl.logits");
                 let logits = LogitsFile::open(path)?;
                 logits.check_matches(ds, SplitKind::Unlabeled)?;
+                // Its rows are gathered at random, as the unlabeled batches draw them.
+                logits.advise_random();
                 let train_logits = match &cfg.mpl.train_logits {
                     Some(p) => {
                         let f = LogitsFile::open(p)?;
                         f.check_matches(ds, SplitKind::Train)?;
+                        f.advise_random();
                         // Both files must be one teacher's (where they record it).
                         if let (Some(a), Some(b)) = (logits.source, f.source) {
                             if a != b {
