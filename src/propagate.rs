@@ -65,7 +65,8 @@
 //!
 //! # Cost
 //! The neighbour search is exact: n²·H multiply-adds for n rows of width H (15.6k rows of
-//! MiniLM's 384 take seconds; a million would take hours on a CPU). A TF-IDF view adds
+//! MiniLM's 384 take seconds; with one skip-gram view, 216k rows took 177 s on 2 cores, so a
+//! million would take about an hour per shift: bench/results/scale-5m.md). A TF-IDF view adds
 //! Σ_w df_w² multiply-adds for each (weights, shift) of the grid (about 1.2·10⁹ for Brown's 15.6k
 //! paragraphs), its vectors two copies of its entries (by row and by word; four while they
 //! are built). The vectors take n·H floats (twice, while a shifted copy is searched), the
