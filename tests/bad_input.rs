@@ -752,42 +752,27 @@ fn prepare_warns_of_empty_splits_one_class_and_case_only_labels() {
     let f = common::write(dir.path(), "one.tsv", one.as_bytes());
     let r = common::run(&[&f], &[], &dir.path().join("one"), &["output.shards=1"]).unwrap();
     assert!(r.warnings.iter().any(|w| w.contains("one class (\"news\")")), "{:?}", r.warnings);
-    let f = common::write(
-        dir.path(),
-        "case.tsv",
-        one.replace("news\tstory number 1", "News\tstory number 1").as_bytes(),
-    );
-    let r = common::run(&[&f], &[], &dir.path().join("case"), &["output.shards=1"]).unwrap();
-    assert!(
-        r.warnings.iter().any(|w| w.contains("\"News\" and \"news\" differ only in case")),
-        "{:?}",
-        r.warnings
-    );
+    // The pool with the first rows' label spelled `label`: its warnings and classes.
+    let relabelled = |name: &str, label: &str, rows: usize| {
+        let mut text = one.clone();
+        for i in 1..=rows {
+            text =
+                text.replace(&format!("news\tstory number {i}\n"), &format!("{label}\tstory number {i}\n"));
+        }
+        let f = common::write(dir.path(), &format!("{name}.tsv"), text.as_bytes());
+        let r = common::run(&[&f], &[], &dir.path().join(name), &["output.shards=1"]).unwrap();
+        (r.warnings, r.manifest.labels.len())
+    };
+    let (w, _) = relabelled("case", "News", 1);
+    assert!(w.iter().any(|w| w.contains("\"News\" and \"news\" differ only in case")), "{w:?}");
     // A zero-width space pasted into a label makes a second class that looks like the first.
-    let f = common::write(
-        dir.path(),
-        "zwsp.tsv",
-        one.replace("news\tstory number 1", "ne\u{200B}ws\tstory number 1").as_bytes(),
-    );
-    let r = common::run(&[&f], &[], &dir.path().join("zwsp"), &["output.shards=1"]).unwrap();
-    assert_eq!(r.manifest.labels.len(), 2, "two classes, as the bytes say");
-    assert!(
-        r.warnings.iter().any(|w| w.contains("differ only in invisible characters (U+200B)")),
-        "{:?}",
-        r.warnings
-    );
+    let (w, classes) = relabelled("zwsp", "ne\u{200B}ws", 1);
+    assert_eq!(classes, 2, "two classes, as the bytes say");
+    assert!(w.iter().any(|w| w.contains("differ only in invisible characters (U+200B)")), "{w:?}");
     // In case as well, and the character named once.
-    let f = common::write(
-        dir.path(),
-        "both.tsv",
-        one.replace("news\tstory number 1", "Ne\u{200B}ws\tstory number 1")
-            .replace("news\tstory number 2", "Ne\u{200B}ws\tstory number 2")
-            .as_bytes(),
-    );
-    let r = common::run(&[&f], &[], &dir.path().join("both"), &["output.shards=1"]).unwrap();
+    let (w, _) = relabelled("both", "Ne\u{200B}ws", 2);
     assert!(
-        r.warnings.iter().any(|w| w.contains("differ only in case and invisible characters (U+200B), and")),
-        "{:?}",
-        r.warnings
+        w.iter().any(|w| w.contains("differ only in case and invisible characters (U+200B), and")),
+        "{w:?}"
     );
 }
