@@ -151,6 +151,51 @@ pub fn removing_on_error<T>(temporaries: &[&Path], write: impl FnOnce() -> Resul
     r
 }
 
+/// Reads the file `f` (at `path`) from byte `from` on, calling `each` on chunks of
+/// `buf`'s size (every chunk full but the last: reads that return less are topped up),
+/// until `len` bytes (a shorter file is an error naming it) or, with `None`, the end. A
+/// whole-file pass by `read()` rather than through a memory map: through the map, every
+/// page would be left mapped into the process (bench/results/scale-5m.md).
+pub fn stream_file(
+    f: &File,
+    path: &Path,
+    from: u64,
+    len: Option<u64>,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = f;
+    f.seek(SeekFrom::Start(from)).at(path)?;
+    let mut left = len.unwrap_or(u64::MAX);
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let mut filled = 0;
+        while filled < want {
+            match f.read(&mut buf[filled..want]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        if filled < want && len.is_some() {
+            return Err(Error::bad_file(
+                path,
+                format!("truncated: it ended {} bytes early", left - filled as u64),
+            ));
+        }
+        if filled > 0 {
+            each(&buf[..filled])?;
+        }
+        if filled < want {
+            return Ok(());
+        }
+        left -= filled as u64;
+    }
+    Ok(())
+}
+
 /// Checks that the bytes `b` of the `kind` file at `path` start with its 8 `magic` bytes
 /// and hold its whole `header_len`-byte header: another file, or one cut inside its header,
 /// is named as such.

@@ -131,43 +131,28 @@ pub fn params_source(params: &[f32]) -> u64 {
 /// Reads a logits file's contents after its header from `f`: their checksum (xxh3_64 of
 /// every byte from `HEADER_LEN` on) and the index of the first non-finite logit, if any
 /// (the logits start `counts` bytes in, after the shards' row counts), reading `chunk`
-/// bytes at a time (a multiple of 4).
+/// bytes at a time (a multiple of 4, so that every chunk holds whole logits).
 fn scan_body(path: &Path, f: &std::fs::File, counts: usize, chunk: usize) -> Result<(u64, Option<usize>)> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = f;
-    f.seek(SeekFrom::Start(HEADER_LEN as u64)).at(path)?;
     let mut sum = Xxh3::new();
     let mut head = vec![0u8; counts];
-    f.read_exact(&mut head).at(path)?;
-    sum.update(&head);
-    // Whole logits per read: a multiple of 4 bytes, topped up where a read returns less.
-    let mut buf = vec![0u8; chunk];
+    crate::fsutil::stream_file(f, path, HEADER_LEN as u64, Some(counts as u64), &mut head, |c| {
+        sum.update(c);
+        Ok(())
+    })?;
     let (mut seen, mut non_finite) = (0usize, None);
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            match f.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(path, e)),
-            }
-        }
-        if filled == 0 {
-            return Ok((sum.digest(), non_finite));
-        }
-        sum.update(&buf[..filled]);
+    let from = (HEADER_LEN + counts) as u64;
+    crate::fsutil::stream_file(f, path, from, None, &mut vec![0u8; chunk], |c| {
+        sum.update(c);
         if non_finite.is_none() {
-            non_finite = buf[..filled]
+            non_finite = c
                 .chunks_exact(4)
                 .position(|v| !f32::from_le_bytes(v.try_into().expect("4 bytes")).is_finite())
                 .map(|k| seen + k);
         }
-        seen += filled / 4;
-        if filled < buf.len() {
-            return Ok((sum.digest(), non_finite));
-        }
-    }
+        seen += c.len() / 4;
+        Ok(())
+    })?;
+    Ok((sum.digest(), non_finite))
 }
 
 impl LogitsFile {

@@ -446,7 +446,8 @@ impl Bank {
     /// checkpoint, so that resident memory would grow with the bank, not the batch. Linux
     /// keeps one page cache for a file, so `read` sees what the shared map wrote.
     ///
-    /// On an error (a full disk) the files written so far are removed with `dest`.
+    /// On an error (a full disk) the files this process wrote are removed; `dest` itself is
+    /// the caller's (the checkpoint's, whose rank 0 removes it).
     pub fn snapshot(&self, dest: &Path, step: u64) -> Result<()> {
         // Only this process's files are removed on an error: on several ranks `dest` holds
         // the other ranks' files too (rank 0 removes the checkpoint's directory).
@@ -535,23 +536,9 @@ fn write_sparse(file: &mut std::fs::File, pos: u64, bytes: &[u8]) -> std::io::Re
 
 /// Calls `each` on the `len` bytes after a bank file's header, in chunks of `buf`'s size,
 /// read from the file; a file shorter than that is an error.
-fn stream_body(
-    path: &Path,
-    len: u64,
-    buf: &mut [u8],
-    mut each: impl FnMut(&[u8]) -> Result<()>,
-) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).at(path)?;
-    f.seek(SeekFrom::Start(HEADER_LEN as u64)).at(path)?;
-    let mut left = len;
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        f.read_exact(&mut buf[..want]).at(path)?;
-        each(&buf[..want])?;
-        left -= want as u64;
-    }
-    Ok(())
+fn stream_body(path: &Path, len: u64, buf: &mut [u8], each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let f = std::fs::File::open(path).at(path)?;
+    crate::fsutil::stream_file(&f, path, HEADER_LEN as u64, Some(len), buf, each)
 }
 
 /// Reads and checks a sealed bank file's header and body checksum, streaming; returns the
@@ -650,7 +637,7 @@ pub fn restore(snapshot: &Path, live: &Path, names: &[String], step: u64) -> Res
         crate::fsutil::removing_on_error(&[&tmp], || {
             let (file, sum) = copy_sparse(&src, &tmp, &live_header, body_len, &mut buf)?;
             // What was copied is what was checked (the snapshot did not change between).
-            if h.sealed && sum != h.body_checksum {
+            if sum != h.body_checksum {
                 return Err(Error::bad_file(&src, "changed while it was being restored"));
             }
             file.sync_all().at(&tmp)

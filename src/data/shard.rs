@@ -37,7 +37,7 @@
 //! prepare the data again.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -631,7 +631,7 @@ impl Shard {
     fn streamed_payload_checksum(&self) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
         let path = &self.path;
-        let mut f = File::open(path).at(path)?;
+        let f = File::open(path).at(path)?;
         let meta = f.metadata().at(path)?;
         if (meta.dev(), meta.ino()) != self.identity {
             return Err(Error::bad_file(
@@ -639,17 +639,12 @@ impl Shard {
                 "was replaced while this run had it open: shard files must not change under a run",
             ));
         }
-        f.seek(SeekFrom::Start(HEADER_LEN as u64)).at(path)?;
         let mut sum = Xxh3::new();
-        let mut buf = vec![0u8; 1 << 22];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => return Ok(sum.digest()),
-                Ok(n) => sum.update(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(path, e)),
-            }
-        }
+        crate::fsutil::stream_file(&f, path, HEADER_LEN as u64, None, &mut vec![0u8; 1 << 22], |chunk| {
+            sum.update(chunk);
+            Ok(())
+        })?;
+        Ok(sum.digest())
     }
 
     /// Checks the label columns against the split's rules, in O(documents): train, val and
