@@ -229,6 +229,18 @@ fn corrupted_or_truncated_shards_are_named() {
     std::fs::write(&shard, &header).unwrap();
     let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("train-00001.shard") && e.contains("header checksum"), "{e}");
+    // A header that counts more documents than 32-bit row numbers address (its checksum
+    // made to match): refused by name, not read with truncated row numbers.
+    let mut many = original.clone();
+    many[16..24].copy_from_slice(&(1u64 << 32).to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&many[..152]);
+    many[152..160].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(&shard, &many).unwrap();
+    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        e.contains("train-00001.shard") && e.contains("holds 4294967296 documents, more than a shard may"),
+        "{e}"
+    );
 
     // Truncated: refused at open, whatever the cut.
     for cut in [0, 10, 127, 128, original.len() / 2, original.len() - 1] {

@@ -51,6 +51,9 @@ pub const SHARD_MAGIC: &[u8; 8] = b"DTSHARD\0";
 pub const SHARD_VERSION: u32 = 2;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 160;
+/// The most documents a shard holds: rows are addressed by 32-bit numbers everywhere
+/// (`RowId`, the bank, the logits files).
+pub const MAX_DOCS: u32 = u32::MAX;
 /// Number of sections in the section table.
 const SECTIONS: usize = 7;
 
@@ -208,6 +211,12 @@ impl ShardWriter {
         sample_id: u64,
         hidden: i32,
     ) -> Result<()> {
+        if self.labels.len() >= MAX_DOCS as usize {
+            return Err(Error::Data(format!(
+                "{}: a shard holds at most {MAX_DOCS} documents (rows are addressed by 32-bit numbers): prepare with more shards (--shards)",
+                self.final_path.display()
+            )));
+        }
         // Shards are little-endian, and so is every host that opens them (see `Shard::open`).
         self.write_payload(bytemuck::cast_slice(ids))?;
         self.words_out.write_all(bytemuck::cast_slice(words)).at(&self.words_path)?;
@@ -394,6 +403,13 @@ fn decode_header(path: &Path, b: &[u8], actual_len: u64) -> Result<ShardHeader> 
         return Err(bad(format!(
             "truncated or extended: the header says {} bytes, the file has {actual_len}",
             h.file_len
+        )));
+    }
+    // Rows are addressed by 32-bit numbers (the loader, the bank, the logits files).
+    if h.num_docs > u64::from(MAX_DOCS) {
+        return Err(bad(format!(
+            "holds {} documents, more than a shard may ({MAX_DOCS}): prepare the data with more shards (--shards)",
+            h.num_docs
         )));
     }
     // The sections must sit exactly where the writer puts them: in order, contiguous,

@@ -348,8 +348,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let mut grads = be.zeros(layout.total());
     let mut no_rows = crate::backend::SparseRows::new(be.zeros(0), 1);
 
-    // Every document of the chosen splits, reshuffled each epoch.
-    let mut docs: Vec<(SplitKind, usize, usize)> = Vec::new();
+    // Every document of the chosen splits, reshuffled each epoch: (split, shard, row), 12
+    // bytes a document (shards and rows are below 2^32, as the shard format's counts).
+    let mut docs: Vec<(SplitKind, u32, u32)> = Vec::new();
     // The loader checks each document's ids against the vocabulary, not every byte: the
     // payload checksums catch the rest before a step reads a damaged shard.
     ds.verify_payloads(|split, _| cfg.data.splits.iter().any(|n| n == split.name()))?;
@@ -358,7 +359,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         for (si, shard) in ds.shards(split).iter().enumerate() {
             // Read in a shuffled order, as a training loader's.
             shard.advise_random();
-            docs.extend((0..shard.len()).map(|i| (split, si, i)));
+            docs.extend((0..shard.len() as u32).map(|i| (split, si as u32, i)));
         }
     }
     if docs.is_empty() {
@@ -369,7 +370,8 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         )));
     }
     // A document of its special tokens alone ([CLS] [SEP]) has nothing to mask.
-    if !docs.iter().any(|&(split, si, i)| ds.shards(split)[si].doc(i).ids.len() > 2) {
+    let doc_at = |(split, si, i): (SplitKind, u32, u32)| ds.shards(split)[si as usize].doc(i as usize);
+    if !docs.iter().any(|&at| doc_at(at).ids.len() > 2) {
         return Err(Error::Data(format!(
             "{}: no document of the splits {:?} has a token between its opening and closing special tokens to mask",
             cfg.data.dir.display(),
@@ -417,7 +419,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             order.clone_from(&docs);
             shuffle(&mut order, mix64(t.seed ^ mix64(epoch)));
             let group = Grouping { batch: m.batch_size, window: m.group_by_length };
-            let len = |(split, si, i): (SplitKind, usize, usize)| ds.shards(split)[si].doc(i).ids.len();
+            let len = |at| doc_at(at).ids.len();
             group_by_length(&mut order, len, group, t.seed, epoch << 24);
         }
         let at = (step % per_epoch) as usize * m.batch_size;
@@ -429,7 +431,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         let masked: Vec<Masked> = picked
             .iter()
             .map(|&(split, si, i)| {
-                let doc = ds.shards(split)[si].doc_checked(i, limits)?;
+                let doc = ds.shards(split)[si as usize].doc_checked(i as usize, limits)?;
                 let key = mix64(t.seed ^ mix64(step) ^ mix64(doc.sample_id));
                 Ok(mask_tokens(doc.ids, m.mask_prob, mask_id, manifest.tokenizer.buckets, key))
             })
