@@ -544,11 +544,11 @@ fn stream_body(path: &Path, len: u64, buf: &mut [u8], each: impl FnMut(&[u8]) ->
 /// Reads and checks a sealed bank file's header and body checksum, streaming; returns the
 /// header and, per update count, how many rows have it (counts above 255 are pooled).
 pub fn verify_sealed(path: &Path) -> Result<(Header, Vec<u64>)> {
-    let mut f = std::io::BufReader::new(std::fs::File::open(path).at(path)?);
+    let f = std::fs::File::open(path).at(path)?;
     let mut b = Vec::with_capacity(HEADER_LEN);
-    (&mut f).take(HEADER_LEN as u64).read_to_end(&mut b).at(path)?;
+    (&f).take(HEADER_LEN as u64).read_to_end(&mut b).at(path)?;
     let h = Header::decode(path, &b)?;
-    let len = std::fs::metadata(path).at(path)?.len();
+    let len = f.metadata().at(path)?.len();
     if len != h.file_len() {
         return Err(Error::bad_file(
             path,
@@ -558,26 +558,17 @@ pub fn verify_sealed(path: &Path) -> Result<(Header, Vec<u64>)> {
     let mut sum = Xxh3::new();
     let mut histogram = vec![0u64; 257];
     let mut counts_left = h.rows as usize * 4;
-    let mut buf = vec![0u8; 1 << 22];
-    let mut carry: Vec<u8> = Vec::new();
-    loop {
-        let k = f.read(&mut buf).at(path)?;
-        if k == 0 {
-            break;
+    // Chunks are full (4 MiB) but the last, so the counts never straddle one: no carry.
+    crate::fsutil::stream_file(&f, path, HEADER_LEN as u64, None, &mut vec![0u8; 1 << 22], |chunk| {
+        sum.update(chunk);
+        let take = chunk.len().min(counts_left);
+        for c in chunk[..take].chunks_exact(4) {
+            let n = u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize;
+            histogram[n.min(256)] += 1;
         }
-        sum.update(&buf[..k]);
-        if counts_left > 0 {
-            let take = k.min(counts_left);
-            carry.extend_from_slice(&buf[..take]);
-            counts_left -= take;
-            let whole = carry.len() / 4 * 4;
-            for c in carry[..whole].chunks_exact(4) {
-                let n = u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize;
-                histogram[n.min(256)] += 1;
-            }
-            carry.drain(..whole);
-        }
-    }
+        counts_left -= take;
+        Ok(())
+    })?;
     if h.sealed && sum.digest() != h.body_checksum {
         return Err(Error::bad_file(path, "corrupted: the bank's contents do not match their checksum"));
     }
