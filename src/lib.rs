@@ -14,6 +14,7 @@ pub mod dist;
 pub mod error;
 pub mod fsutil;
 pub mod hostmem;
+pub mod knn;
 pub mod logits;
 pub mod model;
 pub mod optim;

@@ -33,7 +33,10 @@
 //!   has no vector; the sparse views' dot products, times their weights, are added to the
 //!   dense ones' in the search). A row with no vector has no edge; only its own label, if it
 //!   is a training row, reaches it.
-//! - `N_k(i)`: the k rows j ≠ i of largest `v_i·v_j` (exact search). `A_ij = max(0, v_i·v_j)^γ`
+//! - `N_k(i)`: the k rows j ≠ i of largest `v_i·v_j` ([`Search::Exact`], the default), or of
+//!   largest `v_i·v_j` among row i's candidates in an inverted file of k-means cells
+//!   ([`Search::Cells`], `--search cells`: approximate; [`crate::knn`] defines it, and the run
+//!   reports its recall). `A_ij = max(0, v_i·v_j)^γ`
 //!   for j in `N_k(i)`, else 0; `W = A + Aᵀ`; `S = D^-½ W D^-½` with `D = diag(W 1)`.
 //! - `Y_ic = 1/n_c` for a labeled training row of class c (n_c such rows), else 0.
 //! - `F = (1 − α)(I − α S)⁻¹ Y`, solved column by column by conjugate gradients (`I − αS` is
@@ -64,11 +67,14 @@
 //!   setting.
 //!
 //! # Cost
-//! The neighbour search is exact: n²·H multiply-adds for n rows of width H (15.6k rows of
-//! MiniLM's 384 take seconds; with one skip-gram view, 216k rows took 177 s on 2 cores, so a
-//! million would take about an hour per shift: bench/results/scale-5m.md). A TF-IDF view adds
-//! Σ_w df_w² multiply-adds for each (weights, shift) of the grid (about 1.2·10⁹ for Brown's 15.6k
-//! paragraphs), its vectors two copies of its entries (by row and by word; four while they
+//! The exact neighbour search: n²·H multiply-adds for n rows of width H (15.6k rows of
+//! MiniLM's 384 take seconds; with one skip-gram view, 216k rows took 177 s on 2 cores and a
+//! million EXACT1M: bench/results/propagate-cells.md). By cells, about `probes/cells` of that,
+//! more where the cells' sizes differ ([`crate::knn`]'s cost; a million rows in 70 s with
+//! 16 probes). A TF-IDF view adds
+//! Σ_w df_w² multiply-adds for each (weights, shift) of the grid to the exact search (about
+//! 1.2·10⁹ for Brown's 15.6k paragraphs), and to the search by cells the entries of every
+//! candidate's row; its vectors two copies of its entries (by row and by word; four while they
 //! are built). The vectors take n·H floats (twice, while a shifted copy is searched), the
 //! graph 2·n·k edges; each (weights, shift) of the grid searches once, a view of weight 0
 //! included (leave such a view out instead). The encoder runs on the
@@ -79,10 +85,12 @@ use std::path::Path;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::backend::{EncoderOps, Real};
+use crate::backend::EncoderOps;
 use crate::data::dataset::Dataset;
 use crate::data::shard::{DocLimits, Shard, SplitKind};
 use crate::error::{Error, Result};
+pub use crate::knn::Search;
+use crate::knn::{Candidates, CellsReport};
 use crate::logits::ExportReport;
 use crate::model::bag::BagModel;
 use crate::model::encoder::{Encoder, EncoderActs, TokenBatch};
@@ -116,6 +124,8 @@ pub struct Options {
     /// The views' weights in the graph's similarity to try, one [`Weights`] per setting (each
     /// as many as the views); none: every view weighs the same.
     pub weights: Vec<Weights>,
+    /// How the neighbours are searched: exactly, or among k-means cells.
+    pub search: Search,
     /// Documents per encoder batch.
     pub batch_size: usize,
     pub progress: bool,
@@ -349,6 +359,8 @@ pub struct Report {
     pub without_vector: Vec<usize>,
     /// What each shift of the grid did (summed over the views it moved).
     pub shifted: Vec<(Shift, Shifted)>,
+    /// With `Search::Cells`, each (weights, shift) of the grid's search.
+    pub searches: Vec<(Weights, Shift, Searched)>,
     /// The class names, in the order of `prior` and `shares`.
     pub labels: Vec<String>,
     /// The class-mass alignment's prior π (sums to 1).
@@ -384,7 +396,7 @@ pub fn check_options(o: &Options) -> Result<()> {
         )));
     }
     check_batch_size(o.batch_size)?;
-    Ok(())
+    o.search.check()
 }
 
 /// Checks the documents per encoder batch (`--batch-size`).
@@ -484,6 +496,7 @@ impl View<'_> {
             aligns: vec![],
             prior: ClassPrior::Val,
             weights: vec![],
+            search: Search::Exact,
             batch_size,
             progress,
         };
@@ -604,8 +617,13 @@ pub fn propagate<B: EncoderOps<F = f32>>(
     let k_max = *opts.ks.iter().max().expect("checked: not empty");
     let widths: Vec<usize> =
         views.iter().filter(|v| !matches!(v.vectors, Vectors::Tfidf)).map(View::width).collect();
+    if widths.is_empty() && opts.search != Search::Exact {
+        return Err(Error::Data(
+            "--search cells draws its cells over the --model views' vectors, and there is none: with --tfidf alone the search is exact (leave --search out)".into(),
+        ));
+    }
     let total: usize = rows.iter().sum();
-    let mut b = budget(total, &widths, views.len(), &opts.shifts, k_max, ds.labels().len())?;
+    let mut b = budget(total, &widths, views.len(), &opts.shifts, k_max, ds.labels().len(), opts.search)?;
     // The TF-IDF views, held from their embedding to the end: per entry (at most one per
     // word of each row) the counted words (8 bytes), the sorted triples (12) and the two
     // compressed copies (16); per row a counted list's header and two starts; per word of
@@ -902,16 +920,18 @@ fn spread_and_write(
     let mut grid = Vec::new();
     let mut best: Option<(usize, Vec<f64>, Vec<f64>)> = None;
     let mut shifted = Vec::new();
+    let mut searches = Vec::new();
     for (given, weights) in weightings {
         for &shift in &opts.shifts {
             let started = std::time::Instant::now();
             // Each weighting shifts the views again (under a tenth of the search's time on
             // Brown's four views) rather than hold every shift's copies at once. A shift
             // moves every view whatever its weight, so the first weighting's report serves.
-            let (neighbours, did) = neighbours(&views, total, shift, k_max, weights);
+            let (neighbours, did, cells) = neighbours(&views, total, shift, k_max, weights, opts.search);
             if shifted.len() < opts.shifts.len() {
                 shifted.push((shift, did));
             }
+            searches.extend(cells.map(|c| (given.clone(), shift, c)));
             search_seconds += started.elapsed().as_secs_f64();
             for &k in &opts.ks {
                 let graph = Graph::new(&neighbours, k_max, k);
@@ -998,6 +1018,7 @@ fn spread_and_write(
         search_seconds,
         without_vector: views.iter().map(|e| e.blank).collect(),
         shifted,
+        searches,
         labels: ds.labels().to_vec(),
         prior,
         shares,
@@ -1048,24 +1069,31 @@ fn weightings(opts: &Options, m: usize) -> Result<Vec<(Weights, Vec<f64>)>> {
 /// Each of the `n` rows' `k` nearest neighbours under `shift`: the similarity of two rows is
 /// the mean of their cosines in the views weighted by `weights` (one per view, summing to
 /// 1; the dense views shifted, side by side, the sparse views' dot products added; one
-/// dense view alone and unshifted is searched as it is), and what the shift did.
+/// dense view alone and unshifted is searched as it is), searched by `search`; what the
+/// shift did; with cells, what they were like and the search's recall.
 fn neighbours(
     views: &[Embedded],
     n: usize,
     shift: Shift,
     k: usize,
     weights: &[f64],
-) -> (Vec<(u32, f32)>, Shifted) {
+    search: Search,
+) -> (Vec<(u32, f32)>, Shifted, Option<Searched>) {
     debug_assert_eq!(views.len(), weights.len());
     let dense: Vec<(&Embedded, f64)> =
         views.iter().zip(weights).filter(|(e, _)| e.sparse.is_none()).map(|(e, &w)| (e, w)).collect();
     let sparse: Vec<(&Sparse, f32)> =
         views.iter().zip(weights).filter_map(|(e, &w)| e.sparse.as_ref().map(|s| (s, w as f32))).collect();
-    if let ([(e, _)], 1, Shift::Raw) = (dense.as_slice(), views.len(), shift) {
-        return (nearest(n, &e.vectors, e.width, &[], k), Shifted::default());
-    }
-    let (combined, width, did) = combine(&dense, shift);
-    (nearest(n, &combined, width, &sparse, k), did)
+    let combined;
+    let (v, h, did) = if let ([(e, _)], 1, Shift::Raw) = (dense.as_slice(), views.len(), shift) {
+        (e.vectors.as_slice(), e.width, Shifted::default())
+    } else {
+        let (c, width, did) = combine(&dense, shift);
+        combined = c;
+        (combined.as_slice(), width, did)
+    };
+    let (found, cells) = nearest(n, v, h, &sparse, k, search);
+    (found, did, cells)
 }
 
 /// The dense part of the rows' vectors for the neighbour search: each dense view's shifted
@@ -1122,6 +1150,7 @@ fn budget(
     shifts: &[Shift],
     k: usize,
     classes: usize,
+    search: Search,
 ) -> Result<crate::hostmem::Budget> {
     let mut b = crate::hostmem::Budget::new("propagate", 1)?;
     let h: u64 = widths.iter().sum::<usize>() as u64;
@@ -1150,6 +1179,23 @@ fn budget(
     let threads = rayon::current_num_threads() as u64;
     let block = (1u64 << 26).min(n * n * 4).max(n * 4) + n * 8;
     b.add("the similarity blocks", threads * block, "--data", fewer);
+    if let Search::Cells { cells, probes } = search {
+        // Per row: its p nearest cells and its probed groups' list (p + 1 entries, with the
+        // rows without a vector) while both are held, its place in `with`, its cell and its
+        // list's start (crate::knn::by_cells), a flag. The centroids with k-means' f64 sums.
+        // A wave's requests and partial lists (twice while they are put in place). Per
+        // thread, a group's gathered rows, taken at four times the mean cell (an estimate:
+        // the largest cell is not known beforehand).
+        let c = crate::knn::cell_count(n as usize, n as usize, cells) as u64;
+        let p = (probes as u64).clamp(1, c);
+        let slots = (crate::knn::WAVE_PAIRS as u64 / k.max(1)).max(1).min(n * (p + 1));
+        b.add(
+            "the cells' lists",
+            n * (8 * p + 25) + c * h * 12 + slots * (8 + 2 * k * 8) + threads * 4 * n.div_ceil(c) * h * 4,
+            "--probes",
+            "fewer --probes or --cells, or a smaller largest --k",
+        );
+    }
     Ok(b)
 }
 
@@ -1183,6 +1229,12 @@ fn source_of(views: &[View], opts: &Options) -> u64 {
             bytes.extend(a.to_le_bytes());
         }
         bytes.extend(opts.prior.name().as_bytes());
+    }
+    // The exact search keeps the source of runs before cells existed.
+    if let Search::Cells { cells, probes } = opts.search {
+        bytes.extend(b"cells");
+        bytes.extend((cells.unwrap_or(0) as u64).to_le_bytes());
+        bytes.extend((probes as u64).to_le_bytes());
     }
     xxhash_rust::xxh3::xxh3_64(&bytes)
 }
@@ -1301,55 +1353,42 @@ fn seed_matrix(info: &[Row], classes: usize) -> Vec<f64> {
 }
 
 /// Each of the `n` rows' `k` most similar other rows, most similar first: n×k (index,
-/// similarity) pairs. A pair's similarity is the dot product of their dense rows of `v`
-/// (n×h; none when h is 0) plus, for each of the `sparse` views, its weight times their
-/// dot product there ([`combine`] scaled each dense view by the root of its weight). Row
-/// blocks run in parallel, each one product of the block with every row.
-fn nearest(n: usize, v: &[f32], h: usize, sparse: &[(&Sparse, f32)], k: usize) -> Vec<(u32, f32)> {
-    // A block's similarities take at most 2^24 floats (64 MiB).
-    let block = (1usize << 24).div_ceil(n).clamp(1, 256);
-    let mut out = vec![(0u32, 0f32); n * k];
-    out.par_chunks_mut(block * k).enumerate().for_each(|(b, dst)| {
-        let start = b * block;
-        let rows = dst.len() / k;
-        let mut sim = vec![0f32; rows * n];
-        if h > 0 {
-            f32::gemm(
-                rows,
-                h,
-                n,
-                1.0,
-                &v[start * h..(start + rows) * h],
-                (h as isize, 1),
-                v,
-                (1, h as isize),
-                0.0,
-                &mut sim,
-                (n as isize, 1),
-            );
-        }
+/// similarity) pairs, searched by `search` ([`crate::knn`]); with cells, what they were like
+/// and the search's recall. A pair's similarity is the dot product of their dense rows of
+/// `v` (n×h; none when h is 0) plus, for each of the `sparse` views, its weight times their
+/// dot product there ([`combine`] scaled each dense view by the root of its weight).
+fn nearest(
+    n: usize,
+    v: &[f32],
+    h: usize,
+    sparse: &[(&Sparse, f32)],
+    k: usize,
+    search: Search,
+) -> (Vec<(u32, f32)>, Option<Searched>) {
+    let extra = |i: usize, cands: Candidates, sim: &mut [f32], scratch: &mut Vec<f32>| {
         for &(s, scale) in sparse {
-            for (r, row) in sim.chunks_mut(n).enumerate() {
-                s.add_dots(start + r, scale, row);
-            }
+            s.add_dots(i, scale, cands, sim, scratch);
         }
-        let mut cand: Vec<(u32, f32)> = Vec::with_capacity(n);
-        for r in 0..rows {
-            cand.clear();
-            cand.extend(
-                sim[r * n..(r + 1) * n]
-                    .iter()
-                    .enumerate()
-                    .filter(|&(j, _)| j != start + r)
-                    .map(|(j, &s)| (j as u32, s)),
-            );
-            let by_sim = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-            cand.select_nth_unstable_by(k - 1, by_sim);
-            cand[..k].sort_unstable_by(by_sim);
-            dst[r * k..(r + 1) * k].copy_from_slice(&cand[..k]);
+    };
+    match search {
+        Search::Exact => (crate::knn::exact(n, v, h, k, extra), None),
+        Search::Cells { cells, probes } => {
+            let started = std::time::Instant::now();
+            let (found, report) = crate::knn::by_cells(n, v, h, k, cells, probes, extra);
+            let seconds = started.elapsed().as_secs_f64();
+            let recall = crate::knn::recall(n, v, h, k, &found, extra);
+            (found, Some(Searched { cells: report, seconds, recall }))
         }
-    });
-    out
+    }
+}
+
+/// One search by cells: what the cells were like, its seconds (the recall's not counted),
+/// and its recall ([`crate::knn::recall`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Searched {
+    pub cells: CellsReport,
+    pub seconds: f64,
+    pub recall: Option<f64>,
 }
 
 /// Compressed sparse rows: row i's entries are columns `cols[starts[i]..starts[i + 1]]`, with
@@ -1456,12 +1495,39 @@ impl Sparse {
         (Sparse { rows, words }, blank)
     }
 
-    /// `sim[j] += scale · (v_i · v_j)` for every row j.
-    fn add_dots(&self, i: usize, scale: f32, sim: &mut [f32]) {
-        for (w, a) in self.rows.row(i) {
-            let a = scale * a;
-            for (j, b) in self.words.row(w) {
-                sim[j] += a * b;
+    /// `sim[x] += scale · (v_i · v_j)` for the candidates j: every row (x = j), by the
+    /// rows of row i's words; or the listed rows (x their place in the list), by row i's
+    /// weights spread over a `scratch` of one float per word.
+    fn add_dots(&self, i: usize, scale: f32, cands: Candidates, sim: &mut [f32], scratch: &mut Vec<f32>) {
+        match cands {
+            // Both add the same products to each similarity in the same (word) order, so
+            // both give the same bits.
+            Candidates::All => {
+                for (w, a) in self.rows.row(i) {
+                    let a = scale * a;
+                    if a != 0.0 {
+                        for (j, b) in self.words.row(w) {
+                            sim[j] += a * b;
+                        }
+                    }
+                }
+            }
+            Candidates::Among(ids) => {
+                scratch.resize(self.words.starts.len() - 1, 0.0);
+                for (w, a) in self.rows.row(i) {
+                    scratch[w] = scale * a;
+                }
+                for (s, &j) in sim.iter_mut().zip(ids) {
+                    for (w, b) in self.rows.row(j as usize) {
+                        let a = scratch[w];
+                        if a != 0.0 {
+                            *s += a * b;
+                        }
+                    }
+                }
+                for (w, _) in self.rows.row(i) {
+                    scratch[w] = 0.0;
+                }
             }
         }
     }
@@ -1719,22 +1785,36 @@ mod tests {
     #[test]
     fn the_memory_budget_counts_vectors_graph_and_buffers() {
         let all = Shift::ALL;
-        let total = budget(1_000_000, &[384], 1, &all, 20, 15).unwrap().claimed();
+        let total = budget(1_000_000, &[384], 1, &all, 20, 15, Search::Exact).unwrap().claimed();
         let floor = 1_000_000u64 * (2 * 384 * 4 + 20 * 8 + 2 * 20 * 28 + 16 + 8 * 15 * 8);
         let blocks = rayon::current_num_threads() as u64 * ((1 << 26) + 8_000_000);
         assert_eq!(total, floor + blocks);
         // One view searched as it is needs no copy; two views side by side need one, and
         // with a shift also the wider view's shifted copy.
-        let raw = budget(1_000_000, &[384], 1, &[Shift::Raw], 20, 15).unwrap().claimed();
+        let raw = budget(1_000_000, &[384], 1, &[Shift::Raw], 20, 15, Search::Exact).unwrap().claimed();
         assert_eq!(total - raw, 1_000_000 * 384 * 4);
-        let two = budget(1_000_000, &[384, 100], 2, &all, 20, 15).unwrap().claimed();
+        let two = budget(1_000_000, &[384, 100], 2, &all, 20, 15, Search::Exact).unwrap().claimed();
         assert_eq!(two - total, 1_000_000 * (2 * 100 + 384) * 4);
         // A TF-IDF view beside one dense view: the dense view's scaled copy is searched, and
         // with a shift its shifted copy is held while it is put in place.
-        let beside = budget(1_000_000, &[384], 2, &[Shift::Raw], 20, 15).unwrap().claimed();
+        let beside = budget(1_000_000, &[384], 2, &[Shift::Raw], 20, 15, Search::Exact).unwrap().claimed();
         assert_eq!(beside - raw, 1_000_000 * 384 * 4);
-        let shifted = budget(1_000_000, &[384], 2, &all, 20, 15).unwrap().claimed();
+        let shifted = budget(1_000_000, &[384], 2, &all, 20, 15, Search::Exact).unwrap().claimed();
         assert_eq!(shifted - total, 1_000_000 * 384 * 4);
+        // Cells (1000 of them, 16 probes): per row 16 probed cells twice and 25 bytes, the
+        // centroids and their sums, a wave of 2^25 / 20 slots' requests and partial lists
+        // (twice), and four mean cells of rows per thread.
+        let cells = Search::Cells { cells: None, probes: 16 };
+        let by_cells = budget(1_000_000, &[384], 1, &all, 20, 15, cells).unwrap().claimed();
+        let slots = (1u64 << 25) / 20;
+        let threads = rayon::current_num_threads() as u64;
+        assert_eq!(
+            by_cells - total,
+            1_000_000 * (8 * 16 + 25)
+                + 1000 * 384 * 12
+                + slots * (8 + 2 * 20 * 8)
+                + threads * 4 * 1000 * 384 * 4
+        );
     }
 
     /// Two tight groups of vectors: each row's neighbours are its own group's, nearest first.
@@ -1750,7 +1830,7 @@ mod tests {
                 [r[0] / n, r[1] / n]
             })
             .collect();
-        let nb = nearest(6, &v, h, &[], 2);
+        let nb = nearest(6, &v, h, &[], 2, Search::Exact).0;
         for i in 0..6 {
             let group = i / 3;
             for &(j, _) in &nb[i * 2..i * 2 + 2] {
@@ -1919,7 +1999,7 @@ mod tests {
         }
         let block = (1usize << 24).div_ceil(n).clamp(1, 256);
         assert!(n > 2 * block, "the test should span several blocks");
-        let got = nearest(n, &v, h, &[], k);
+        let got = nearest(n, &v, h, &[], k, Search::Exact).0;
         for i in 0..n {
             let mut all: Vec<(u32, f32)> = (0..n)
                 .filter(|&j| j != i)
@@ -2060,11 +2140,18 @@ mod tests {
         assert_eq!(sp.1, 0);
         // add_dots: row 0 against every row.
         let mut sim = vec![0f32; 3];
-        sp.0.add_dots(0, 0.5, &mut sim);
+        let mut scratch = Vec::new();
+        sp.0.add_dots(0, 0.5, Candidates::All, &mut sim, &mut scratch);
         for j in 0..3 {
             let d: f64 = want[0].iter().zip(&want[j]).map(|(a, b)| a * b).sum();
             assert!((f64::from(sim[j]) - 0.5 * d).abs() < 1e-6, "row 0 · row {j}");
         }
+        // The same dots among listed rows, in the list's order, through the scratch (left
+        // zeroed for the next row).
+        let mut among = vec![1f32; 2];
+        sp.0.add_dots(0, 0.5, Candidates::Among(&[2, 1]), &mut among, &mut scratch);
+        assert_eq!(among, [1.0 + sim[2], 1.0 + sim[1]]);
+        assert!(scratch.iter().all(|&x| x == 0.0), "the scratch is left zeroed");
         // A row of single-row words only has no vector.
         let lone = Sparse::from_counts(&[vec![(0, 1)], vec![(0, 1)], vec![(1, 3)]], 2);
         assert_eq!(lone.1, 1);
@@ -2073,7 +2160,7 @@ mod tests {
         let dense = [1.0f32, 0.0, 0.6, 0.8, 0.0, 1.0];
         let e = Embedded { vectors: dense.to_vec(), width: 2, sparse: None, seconds: 0.0, blank: 0 };
         let (c, h, _) = combine(&[(&e, 0.5)], Shift::Raw);
-        let nb = nearest(3, &c, h, &[(&sp.0, 0.5)], 2);
+        let nb = nearest(3, &c, h, &[(&sp.0, 0.5)], 2, Search::Exact).0;
         for i in 0..3 {
             for &(j, s) in &nb[i * 2..i * 2 + 2] {
                 let j = j as usize;
@@ -2085,7 +2172,7 @@ mod tests {
         }
         // Without a dense view the TF-IDF cosines alone rank the rows.
         let cos = |i: usize, j: usize| want[i].iter().zip(&want[j]).map(|(a, b)| a * b).sum::<f64>();
-        let alone = nearest(3, &[], 0, &[(&sp.0, 1.0)], 1);
+        let alone = nearest(3, &[], 0, &[(&sp.0, 1.0)], 1, Search::Exact).0;
         for (i, &(j, s)) in alone.iter().enumerate() {
             let best = (0..3).filter(|&j| j != i).max_by(|&a, &b| cos(i, a).total_cmp(&cos(i, b))).unwrap();
             assert_eq!(j as usize, best, "row {i}");
@@ -2115,7 +2202,7 @@ mod tests {
         let t = Sparse::from_counts(&counts, 12).0;
         let sparse_cos = |i: usize, j: usize| -> f64 {
             let mut sim = vec![0f32; n];
-            t.add_dots(i, 1.0, &mut sim);
+            t.add_dots(i, 1.0, Candidates::All, &mut sim, &mut Vec::new());
             f64::from(sim[j])
         };
         let cos = |v: &[f32], h: usize, i: usize, j: usize| -> f64 {
@@ -2150,8 +2237,15 @@ mod tests {
                 (&three, &[0.6, 0.1, 0.3], &weighted),
                 (&three, &[1.0, 0.0, 0.0], &first),
             ];
-            for (views, weights, want) in cases {
-                let (got, _) = neighbours(views, n, shift, k, weights);
+            // Cells that probe every cell compare every pair, as the exact search does (their
+            // sparse dots through the listed rows' path).
+            let searches = [Search::Exact, Search::Cells { cells: Some(4), probes: 4 }];
+            for ((views, weights, want), search) in cases.iter().flat_map(|c| searches.map(|s| (c, s))) {
+                let (got, _, cells) = neighbours(views, n, shift, k, weights, search);
+                assert_eq!(cells.is_some(), search != Search::Exact);
+                if let Some(c) = cells {
+                    assert_eq!(c.recall, Some(1.0), "{search:?}: every exact neighbour found");
+                }
                 for i in 0..n {
                     let mut all: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| want(i, j)).collect();
                     all.sort_by(|x, y| y.total_cmp(x));
@@ -2224,6 +2318,7 @@ mod tests {
             aligns: vec![0.0],
             prior: ClassPrior::Val,
             weights: w.iter().map(|w| Weights(w.to_vec())).collect(),
+            search: Search::Exact,
             batch_size: 64,
             progress: false,
         };
@@ -2257,6 +2352,7 @@ mod tests {
             aligns: vec![0.0, 0.5],
             prior: ClassPrior::Val,
             weights: vec![],
+            search: Search::Exact,
             batch_size: 64,
             progress: false,
         };

@@ -25,6 +25,9 @@ pub enum Purpose {
     /// The order of the length-sorted batches within one window of `group_by_length`
     /// (index: split, epoch and window; never the shard, so that every shard agrees).
     LengthGroups = 6,
+    /// `propagate`'s neighbour search by cells: the k-means sample (index 0) and the rows
+    /// whose recall is measured (index 1).
+    Cells = 7,
 }
 
 /// A seeded random stream.

@@ -549,6 +549,32 @@ fn propagate_spreads_labels_over_averaged_word_vectors() {
     let (ok, _, err) = cli(&pre, &cased, &dir.path().join("o.logits"), &[]);
     assert!(!ok && err.contains("lowercases words otherwise") && err.contains("data_cased"), "{err}");
     assert!(!dir.path().join("o.logits").exists());
+    // Cells that each probe every cell give the exact search's labels (under another
+    // source) and a recall of 1; with one probe the run still goes, and says its recall.
+    let cells = dir.path().join("cells.logits");
+    let all = [&grid[..], &["--search", "cells", "--cells", "3", "--probes", "3"]].concat();
+    let (ok, stdout, err) = cli(&pre, &data_b, &cells, &all);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("3 cells") && stdout.contains("recall 1.0000"), "{stdout}");
+    let c = dtrain::logits::LogitsFile::open(&cells).unwrap();
+    assert_ne!(c.source, f.source);
+    for (si, shard) in ds.shards(split).iter().enumerate() {
+        for i in 0..shard.len() {
+            let id = dtrain::data::loader::RowId { split, shard: si as u32, row: i as u32 };
+            assert_eq!(f.row(id), c.row(id), "row {i} of shard {si}");
+        }
+    }
+    let one = [&grid[..], &["--search", "cells", "--cells", "3", "--probes", "1"]].concat();
+    let (ok, stdout, err) = cli(&pre, &data_b, &dir.path().join("one.logits"), &one);
+    assert!(ok && stdout.contains("1 probed a row") && stdout.contains("recall "), "{err}{stdout}");
+    for (bad, says) in [
+        (&["--cells", "3"][..], "--cells and --probes apply to --search cells"),
+        (&["--search", "cells", "--probes", "0"][..], "--probes 0"),
+        (&["--search", "cells", "--cells", "0"][..], "--cells 0"),
+    ] {
+        let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("o.logits"), bad);
+        assert!(!ok && err.contains(says), "{bad:?}: {err}");
+    }
     // The shifts are named, each once.
     let (ok, _, err) = cli(&pre, &data_b, &dir.path().join("o.logits"), &["--shift", "up"]);
     assert!(!ok && err.contains("expected raw, centre or drop-top"), "{err}");
@@ -601,6 +627,16 @@ fn propagate_links_rows_by_shared_words_with_tfidf() {
     assert!(ok && described.contains("no class") && described.contains("every logit equal"), "{described}");
     // TF-IDF vectors are not shifted: the default three shifts make one setting.
     assert_eq!(stdout.matches("<- chosen").count(), 1, "{stdout}");
+    // Cells are drawn over dense vectors: with TF-IDF alone the search by cells is refused.
+    let (ok, _, err) = cli(&[
+        "--tfidf".into(),
+        path(&data),
+        "--out".into(),
+        path(&dir.path().join("c.logits")),
+        "--search".into(),
+        "cells".into(),
+    ]);
+    assert!(!ok && err.contains("--search cells draws its cells over the --model views"), "{err}");
     assert!(!stdout.contains("centre") && !stdout.contains("drop-top"), "{stdout}");
     assert!(
         stdout.contains("1 rows of")
