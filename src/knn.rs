@@ -41,7 +41,7 @@
 //! round, `n·c·h` to place the rows, and about `n·h·probes·n/c` to search, more where the
 //! cells' sizes differ (rows fall in the large cells more often): with c = √n and 16
 //! probes, a million rows of one 100-wide view compared each row with 38k rows (3.8%) and
-//! took 70 s on 2 cores, against about an hour for the exact scan
+//! took 73 s on 2 cores, against EXACT_HUMAN for the exact scan
 //! (bench/results/propagate-cells.md). Each task holds one block of at most 2^24
 //! similarities, its candidates' rows and a copy of its queries; the rows without a vector
 //! cost n comparisons each, as themselves and as everyone's candidates. The results are the
@@ -169,36 +169,50 @@ fn top_k(
 
 /// Each of the `n` rows' `k` most similar other rows by an exact scan: n×k (index,
 /// similarity) pairs. `extra(i, Candidates::All, sim_row, scratch)` adds to row i's
-/// similarities with every row.
-pub fn exact<E>(n: usize, v: &[f32], h: usize, k: usize, extra: E) -> Vec<(u32, f32)>
+/// similarities with every row; `done(r)` is told of every r rows whose lists are done.
+pub fn exact<E>(n: usize, v: &[f32], h: usize, k: usize, extra: E, done: &Done<'_>) -> Vec<(u32, f32)>
 where
     E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
 {
     let mut out = vec![(0u32, 0f32); n * k];
     let rows: Vec<u32> = (0..n as u32).collect();
-    exact_rows(&rows, n, v, h, k, &extra, &mut out);
+    exact_rows(&rows, n, v, h, k, &extra, done, &mut out);
     out
 }
 
+/// What a search tells of its progress: rows whose lists are done.
+pub type Done<'a> = dyn Fn(usize) + Sync + 'a;
+
 /// [`exact`]'s lists of the rows `rows` alone, into `out` (rows.len()×k). Blocks of rows run
 /// in parallel, each one product of the block with every row.
-fn exact_rows<E>(rows: &[u32], n: usize, v: &[f32], h: usize, k: usize, extra: &E, out: &mut [(u32, f32)])
-where
+#[allow(clippy::too_many_arguments)]
+fn exact_rows<E>(
+    rows: &[u32],
+    n: usize,
+    v: &[f32],
+    h: usize,
+    k: usize,
+    extra: &E,
+    done: &Done<'_>,
+    out: &mut [(u32, f32)],
+) where
     E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
 {
     if k == 0 {
         return;
     }
     let block = BLOCK_FLOATS.div_ceil(n.max(1)).clamp(1, 256);
-    out.par_chunks_mut(block * k)
-        .zip(rows.par_chunks(block))
-        .for_each(|(dst, qs)| search_group(v, h, n, k, qs, Candidates::All, extra, dst));
+    out.par_chunks_mut(block * k).zip(rows.par_chunks(block)).for_each(|(dst, qs)| {
+        search_group(v, h, n, k, qs, Candidates::All, extra, dst);
+        done(qs.len());
+    });
 }
 
 /// Each of the `n` rows' `k` most similar other rows among its candidates in the cells
 /// (the module's definition), and what the cells were like. `extra(i,
 /// Candidates::Among(ids), sim_row, scratch)` adds to row i's similarities with the rows
-/// `ids`.
+/// `ids`; `done(r)` is told of every r rows whose lists are done.
+#[allow(clippy::too_many_arguments)]
 pub fn by_cells<E>(
     n: usize,
     v: &[f32],
@@ -207,11 +221,12 @@ pub fn by_cells<E>(
     cells: Option<usize>,
     probes: usize,
     extra: E,
+    done: &Done<'_>,
 ) -> (Vec<(u32, f32)>, CellsReport)
 where
     E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
 {
-    by_cells_in_waves(n, v, h, k, cells, probes, &extra, WAVE_PAIRS)
+    by_cells_in_waves(n, v, h, k, cells, probes, &extra, done, WAVE_PAIRS)
 }
 
 /// A wave of [`by_cells`] holds at most this many partial (index, similarity) pairs
@@ -229,6 +244,7 @@ fn by_cells_in_waves<E>(
     cells: Option<usize>,
     probes: usize,
     extra: &E,
+    done: &Done<'_>,
     wave_pairs: usize,
 ) -> (Vec<(u32, f32)>, CellsReport)
 where
@@ -304,10 +320,11 @@ where
             }
             compared +=
                 search_wave(v, h, n, k, &with, &starts, &lists, first..last, c + 1, &groups, extra, &mut out);
+            done(last - first);
             first = last;
         }
         let mut lists = vec![(0u32, 0f32); blank.len() * k];
-        exact_rows(&blank, n, v, h, k, extra, &mut lists);
+        exact_rows(&blank, n, v, h, k, extra, done, &mut lists);
         for (&i, list) in blank.iter().zip(lists.chunks(k)) {
             out[i as usize * k..(i as usize + 1) * k].copy_from_slice(list);
         }
@@ -551,7 +568,7 @@ where
     rows.truncate(RECALL_ROWS);
     rows.sort_unstable();
     let mut exact = vec![(0u32, 0f32); rows.len() * k];
-    exact_rows(&rows, n, v, h, k, &extra, &mut exact);
+    exact_rows(&rows, n, v, h, k, &extra, &|_| {}, &mut exact);
     let (mut want, mut got) = (0usize, 0usize);
     for (&i, list) in rows.iter().zip(exact.chunks(k.max(1))) {
         let mine = &found[i as usize * k..(i as usize + 1) * k];
@@ -569,6 +586,8 @@ mod tests {
     use super::*;
 
     fn none(_: usize, _: Candidates, _: &mut [f32], _: &mut Vec<f32>) {}
+
+    fn quiet(_: usize) {}
 
     /// `n` unit rows of width `h` around `groups` random centres (spread `noise`).
     fn clustered(n: usize, h: usize, groups: usize, noise: f32, seed: u64) -> Vec<f32> {
@@ -602,20 +621,22 @@ mod tests {
         }
     }
 
-    /// Probing every cell compares every pair: the same lists as the exact scan, ties
-    /// (duplicated rows of small integers, so every dot product is exact) broken alike,
-    /// also where some rows have no vector and an extra term links them, and in waves of a
-    /// few rows each.
+    /// The exact scan against brute force, over hundreds of rows so that it runs in several
+    /// blocks; and probing every cell compares every pair: the same lists as the exact
+    /// scan, ties (duplicated rows of small integers, so every dot product is exact) broken
+    /// alike, also where some rows have no vector and an extra term links them, and in waves
+    /// of a few rows each.
     #[test]
     fn cells_probing_every_cell_match_the_exact_scan() {
-        let (n, h, k) = (500, 4, 6);
+        let (n, h, k) = (600, 4, 6);
+        assert!(n > 2 * BLOCK_FLOATS.div_ceil(n).clamp(1, 256), "the test should span several blocks");
         let mut rng = Stream::new(3, Purpose::Init, 0);
         let mut v: Vec<f32> = (0..n * h).map(|_| rng.below(7) as f32 - 3.0).collect();
         for r in 100..110 {
             let src: Vec<f32> = v[5 * h..6 * h].to_vec();
             v[r * h..(r + 1) * h].copy_from_slice(&src);
         }
-        let want = exact(n, &v, h, k, none);
+        let want = exact(n, &v, h, k, none, &quiet);
         for i in 0..n {
             let mut all: Vec<(u32, f32)> = (0..n)
                 .filter(|&j| j != i)
@@ -624,16 +645,16 @@ mod tests {
             all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             assert_eq!(&want[i * k..(i + 1) * k], &all[..k], "exact, row {i}");
         }
-        let (got, report) = by_cells(n, &v, h, k, Some(7), 7, none);
+        let (got, report) = by_cells(n, &v, h, k, Some(7), 7, none, &quiet);
         assert_eq!(got, want);
         assert_eq!((report.cells, report.probes, report.blank, report.extended), (7, 7, 0, 0));
         assert!((report.mean_candidates - n as f64).abs() < 1e-9, "{report:?}");
         assert_eq!(recall(n, &v, h, k, &got, none), Some(1.0));
         // Rows 200..230 without a vector, the extra term beside the dot products.
         v[200 * h..230 * h].fill(0.0);
-        let want = exact(n, &v, h, k, shared);
+        let want = exact(n, &v, h, k, shared, &quiet);
         for wave in [WAVE_PAIRS, 3 * k, 1] {
-            let (got, report) = by_cells_in_waves(n, &v, h, k, Some(7), 9, &shared, wave);
+            let (got, report) = by_cells_in_waves(n, &v, h, k, Some(7), 9, &shared, &quiet, wave);
             assert_eq!((report.probes, report.blank), (7, 30));
             assert!((report.mean_candidates - n as f64).abs() < 1e-9, "{report:?}");
             assert_eq!(got, want, "waves of {wave} pairs");
@@ -650,12 +671,12 @@ mod tests {
     fn a_few_probes_find_most_neighbours_of_clustered_rows() {
         let (n, h, k) = (3000, 16, 10);
         let v = clustered(n, h, 40, 0.6, 9);
-        let (got, report) = by_cells(n, &v, h, k, None, 8, none);
+        let (got, report) = by_cells(n, &v, h, k, None, 8, none, &quiet);
         assert_eq!((report.cells, report.probes, report.extended), (55, 8, 0));
         assert!(report.mean_candidates < 0.3 * n as f64, "{report:?}");
         let r = recall(n, &v, h, k, &got, none).unwrap();
         assert!(r > 0.95, "recall {r} with 8 probes of 55 cells");
-        let (one, _) = by_cells(n, &v, h, k, None, 1, none);
+        let (one, _) = by_cells(n, &v, h, k, None, 1, none, &quiet);
         let r1 = recall(n, &v, h, k, &one, none).unwrap();
         assert!(r1 < r, "one probe {r1} against eight {r}");
         // Each list: other rows, most similar first, at their true similarities.
@@ -667,12 +688,18 @@ mod tests {
             }
         }
         let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
-        let a = pool(1).install(|| by_cells(n, &v, h, k, None, 8, none));
-        let b = pool(3).install(|| by_cells(n, &v, h, k, None, 8, none));
+        let a = pool(1).install(|| by_cells(n, &v, h, k, None, 8, none, &quiet));
+        let b = pool(3).install(|| by_cells(n, &v, h, k, None, 8, none, &quiet));
         assert_eq!(a, b);
         assert_eq!(a.0, got);
-        let waves = by_cells_in_waves(n, &v, h, k, None, 8, &none, 1000 * k);
+        // In waves, telling of every row once.
+        let told = std::sync::atomic::AtomicUsize::new(0);
+        let count = |r: usize| {
+            told.fetch_add(r, std::sync::atomic::Ordering::Relaxed);
+        };
+        let waves = by_cells_in_waves(n, &v, h, k, None, 8, &none, &count, 1000 * k);
         assert_eq!(waves.0, got);
+        assert_eq!(told.into_inner(), n);
     }
 
     /// Cells too small for k neighbours: a row whose probed cells hold k rows or fewer probes
@@ -681,7 +708,7 @@ mod tests {
     fn rows_in_small_cells_probe_further() {
         let (n, h, k) = (200, 8, 6);
         let v = clustered(n, h, 10, 0.8, 4);
-        let (got, report) = by_cells(n, &v, h, k, Some(100), 1, none);
+        let (got, report) = by_cells(n, &v, h, k, Some(100), 1, none, &quiet);
         assert_eq!((report.cells, report.probes), (100, 1));
         assert!(report.extended > 100, "{report:?}");
         for (i, list) in got.chunks(k).enumerate() {
@@ -710,17 +737,22 @@ mod tests {
                 }
             }
         };
-        let (got, report) = by_cells(n, &v, h, 2, Some(2), 1, extra);
+        let told = std::sync::atomic::AtomicUsize::new(0);
+        let count = |r: usize| {
+            told.fetch_add(r, std::sync::atomic::Ordering::Relaxed);
+        };
+        let (got, report) = by_cells(n, &v, h, 2, Some(2), 1, extra, &count);
+        assert_eq!(told.into_inner(), n, "every row told of once, those without a vector too");
         assert_eq!(report.blank, 2);
         assert_eq!(got[4 * 2], (1, 5.0), "row 4 finds row 1 through the extra term");
         assert_eq!(got[2], (4, 5.0), "row 1 finds row 4 among the rows without a vector");
         assert_eq!(got[5 * 2].1, 0.0, "row 5 has nothing but zeros");
         // More neighbours than other rows: padded.
-        for (i, list) in exact(3, &v[..6], h, 3, none).chunks(3).enumerate() {
+        for (i, list) in exact(3, &v[..6], h, 3, none, &quiet).chunks(3).enumerate() {
             assert!(list[..2].iter().all(|&(j, s)| j as usize != i && s.is_finite()), "{list:?}");
             assert_eq!(list[2], (i as u32, f32::NEG_INFINITY));
         }
-        let (short, _) = by_cells(3, &v[..6], h, 3, Some(2), 1, none);
+        let (short, _) = by_cells(3, &v[..6], h, 3, Some(2), 1, none, &quiet);
         for (i, list) in short.chunks(3).enumerate() {
             assert_eq!(list[2], (i as u32, f32::NEG_INFINITY), "{list:?}");
         }

