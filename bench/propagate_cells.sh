@@ -5,6 +5,7 @@
 # seed-1 skip-gram embeddings of docs/results.md), one setting (k 10, alpha 0.9, no shift,
 # the default alignment powers). Each command timed by GNU time.
 #   bash bench/propagate_cells.sh [DIR (default /tmp/knn)]
+# With EXACT_MILLION=1 it also runs the exact search on the million rows (about an hour).
 # Needs a release build (DTRAIN_BIN, default target/release/dtrain), /usr/bin/time, and
 # runs/brown_bag_ls/seed1/pretrain (bench/brown_bag_propagate.py --seeds 1 makes it).
 set -euo pipefail
@@ -30,3 +31,7 @@ for p in 16 32; do
   t "$bin" --quiet propagate "${view[@]}" --data "$dir/d1m" --search cells --probes $p --out "$dir/m$p.logits" > "$dir/m$p.txt"
   report "$dir/m$p.txt"
 done
+if [ "${EXACT_MILLION:-0}" = 1 ]; then
+  t "$bin" --quiet propagate "${view[@]}" --data "$dir/d1m" --out "$dir/mexact.logits" > "$dir/mexact.txt"
+  report "$dir/mexact.txt"
+fi

@@ -38,14 +38,17 @@
 //!
 //! # Cost
 //! The exact scan: n²·h multiply-adds. The cells: about `SAMPLE_PER_CELL·c²·h` a k-means
-//! round, `n·c·h` to place the rows, and about `n·h·probes·n/c` to search, more where the
+//! round, `n·c·h` to place the rows (and `c·h` more for each row that probes further), and
+//! about `n·h·probes·n/c` to search, more where the
 //! cells' sizes differ (rows fall in the large cells more often): with c = √n and 16
 //! probes, a million rows of one 100-wide view compared each row with 38k rows (3.8%) and
-//! took 73 s on 2 cores, against EXACT_HUMAN for the exact scan
-//! (bench/results/propagate-cells.md). Each task holds one block of at most 2^24
-//! similarities, its candidates' rows and a copy of its queries; the rows without a vector
-//! cost n comparisons each, as themselves and as everyone's candidates. The results are the
-//! same for any number of threads.
+//! took 73 s on 2 cores, where the exact scan had not finished after 76 minutes
+//! (bench/results/propagate-cells.md). Each task holds one block of similarities (at most
+//! 2^24, or one row's where a group holds more rows), its candidates' rows and a block of
+//! at most 256 queries; each row without a vector costs n comparisons as a query and m as a
+//! candidate (no products: its dense similarities are 0). A group is one task, so the most
+//! probed groups bound the parallelism. The results are the same for any number of
+//! threads.
 
 use rayon::prelude::*;
 
@@ -272,7 +275,7 @@ where
     // every cell is in); then the group without a vector (index c) where it has rows.
     let held = |cells: &[u32]| cells.iter().map(|&b| members[b as usize].len()).sum::<usize>();
     let short: Vec<u32> = (0..with.len() as u32)
-        .filter(|&at| held(&near[at as usize * p..(at as usize + 1) * p]) <= k)
+        .filter(|&at| p < c && held(&near[at as usize * p..(at as usize + 1) * p]) <= k)
         .collect();
     let longer: Vec<Vec<u32>> = short
         .par_iter()
@@ -324,7 +327,8 @@ where
             first = last;
         }
         let mut lists = vec![(0u32, 0f32); blank.len() * k];
-        exact_rows(&blank, n, v, h, k, extra, done, &mut lists);
+        // Their dense similarities are 0: no product is needed.
+        exact_rows(&blank, n, v, 0, k, extra, done, &mut lists);
         for (&i, list) in blank.iter().zip(lists.chunks(k)) {
             out[i as usize * k..(i as usize + 1) * k].copy_from_slice(list);
         }
@@ -381,7 +385,9 @@ where
         .map(|b| {
             let queries: Vec<u32> = asked[b].iter().map(|&(i, _)| i).collect();
             let mut dst = vec![(0u32, 0f32); queries.len() * k];
-            search_group(v, h, n, k, &queries, Candidates::Among(groups(b)), extra, &mut dst);
+            // The last group's rows have no vector: their dense similarities are 0.
+            let dense = if b + 1 == g { 0 } else { h };
+            search_group(v, dense, n, k, &queries, Candidates::Among(groups(b)), extra, &mut dst);
             dst
         })
         .collect();
@@ -650,6 +656,10 @@ mod tests {
         assert_eq!((report.cells, report.probes, report.blank, report.extended), (7, 7, 0, 0));
         assert!((report.mean_candidates - n as f64).abs() < 1e-9, "{report:?}");
         assert_eq!(recall(n, &v, h, k, &got, none), Some(1.0));
+        // Real-valued rows, whose dot products round: still the same bits.
+        let real = clustered(n, h, 12, 0.5, 2);
+        let want_real = exact(n, &real, h, k, none, &quiet);
+        assert_eq!(by_cells(n, &real, h, k, Some(9), 9, none, &quiet).0, want_real);
         // Rows 200..230 without a vector, the extra term beside the dot products.
         v[200 * h..230 * h].fill(0.0);
         let want = exact(n, &v, h, k, shared, &quiet);

@@ -69,7 +69,7 @@
 //! # Cost
 //! The exact neighbour search: n²·H multiply-adds for n rows of width H (15.6k rows of
 //! MiniLM's 384 take seconds; with one skip-gram view, 216k rows took 177 s on 2 cores and a
-//! million EXACT1M: bench/results/propagate-cells.md). By cells, about `probes/cells` of that,
+//! million had not finished after 76 minutes: bench/results/propagate-cells.md). By cells, about `probes/cells` of that,
 //! more where the cells' sizes differ ([`crate::knn`]'s cost; a million rows in 73 s with
 //! 16 probes). A TF-IDF view adds
 //! Σ_w df_w² multiply-adds for each (weights, shift) of the grid to the exact search (about
