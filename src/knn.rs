@@ -126,9 +126,14 @@ pub struct CellsReport {
     pub mean_candidates: f64,
 }
 
-/// Whether a row has a vector.
-fn has_vector(row: &[f32]) -> bool {
+/// Whether a row has a vector (a nonzero entry).
+pub fn has_vector(row: &[f32]) -> bool {
     row.iter().any(|&x| x != 0.0)
+}
+
+/// The rows of the n×h `v` with a vector, and those without (every row where h is 0).
+fn split_blank(n: usize, v: &[f32], h: usize) -> (Vec<u32>, Vec<u32>) {
+    (0..n as u32).partition(|&i| h > 0 && has_vector(row(v, h, i)))
 }
 
 /// `sim[r·ld + j] = q_r · w_j` for the `m` rows of `q` and the rows of `w` (both width h).
@@ -253,8 +258,7 @@ fn by_cells_in_waves<E>(
 where
     E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
 {
-    let with: Vec<u32> =
-        if h == 0 { Vec::new() } else { (0..n as u32).filter(|&i| has_vector(row(v, h, i))).collect() };
+    let (with, blank) = split_blank(n, v, h);
     let c = cell_count(n, with.len(), cells);
     let p = probes.clamp(1, c);
     let centroids = if with.is_empty() { Vec::new() } else { kmeans(v, h, &with, c) };
@@ -264,12 +268,7 @@ where
     for (&i, cells) in with.iter().zip(near.chunks(p)) {
         members[cells[0] as usize].push(i);
     }
-    // The rows without a vector: one more group, every row's candidates.
-    let blank: Vec<u32> = {
-        let mut has = vec![false; n];
-        with.iter().for_each(|&i| has[i as usize] = true);
-        (0..n as u32).filter(|&i| !has[i as usize]).collect()
-    };
+    // The rows without a vector (`blank`) are one more group, every row's candidates.
     // Each row's probed cells as compressed rows over the places in `with`: its p cells, or
     // more where those hold k members or fewer (the next nearest, until they hold more or
     // every cell is in); then the group without a vector (index c) where it has rows.
@@ -568,8 +567,7 @@ pub fn recall<E>(n: usize, v: &[f32], h: usize, k: usize, found: &[(u32, f32)], 
 where
     E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
 {
-    let mut rows: Vec<u32> =
-        if h == 0 { Vec::new() } else { (0..n as u32).filter(|&i| has_vector(row(v, h, i))).collect() };
+    let mut rows = split_blank(n, v, h).0;
     Stream::new(0, Purpose::Cells, 1).shuffle(&mut rows);
     rows.truncate(RECALL_ROWS);
     rows.sort_unstable();

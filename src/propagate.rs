@@ -90,7 +90,7 @@ use crate::data::dataset::Dataset;
 use crate::data::shard::{DocLimits, Shard, SplitKind};
 use crate::error::{Error, Result};
 pub use crate::knn::Search;
-use crate::knn::{Candidates, CellsReport};
+use crate::knn::{has_vector, Candidates, CellsReport};
 use crate::logits::ExportReport;
 use crate::model::bag::BagModel;
 use crate::model::encoder::{Encoder, EncoderActs, TokenBatch};
@@ -1638,11 +1638,6 @@ impl Graph {
         let converged = rr.iter().zip(&target).all(|(&s, &t)| s.sqrt() <= t);
         (x, iterations, converged)
     }
-}
-
-/// Whether a row of vectors has one (a row without is all zeros).
-fn has_vector(row: &[f32]) -> bool {
-    row.iter().any(|&x| x != 0.0)
 }
 
 /// Replaces every row of `v` that has a vector by `shifted(row)` scaled to unit length; a row
