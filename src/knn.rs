@@ -27,8 +27,7 @@
 //!     candidate, and the result is [`exact`]'s, bit for bit where `extra` adds the same
 //!     terms in the same order for both kinds of [`Candidates`].
 //!   - The search runs group by group (a cell's members, or the rows without a vector): the
-//!     rows probing it against its members, in blocks of at most 256 rows and 2^24
-//!     similarities, each row keeping its best k there; then each row's best k of its
+//!     rows probing it against its members, each row keeping its best k there; then each row's best k of its
 //!     lists (padded with `(i, −∞)`, which makes no edge, where it has fewer than k other
 //!     candidates). It goes in waves of rows whose partial lists hold at most
 //!     [`WAVE_PAIRS`] pairs (256 MiB), at least one row's.
@@ -43,9 +42,11 @@
 //! cells' sizes differ (rows fall in the large cells more often): with c = √n and 16
 //! probes, a million rows of one 100-wide view compared each row with 38k rows (3.8%) and
 //! took 73 s on 2 cores, where the exact scan had not finished after 76 minutes
-//! (bench/results/propagate-cells.md). Each task holds one block of similarities (at most
-//! 2^24, or one row's where a group holds more rows), its candidates' rows and a block of
-//! at most 256 queries; each row without a vector costs n comparisons as a query and m as a
+//! (bench/results/propagate-cells.md). Both searches compare blocks of at most
+//! [`QUERY_BLOCK`] rows with tiles of their candidates, a product of at most [`TILE_FLOATS`]
+//! similarities (4 MiB) at a time, each row keeping its best k so far (one comparison a
+//! candidate unless it enters the list); a cells task also holds its candidates' rows.
+//! Each row without a vector costs n comparisons as a query and m as a
 //! candidate (no products: its dense similarities are 0). A group is one task, so the most
 //! probed groups bound the parallelism. The results are the same for any number of
 //! threads.
@@ -64,8 +65,13 @@ pub const KMEANS_ROUNDS: usize = 10;
 pub const DEFAULT_PROBES: usize = 16;
 /// The rows [`recall`] samples.
 pub const RECALL_ROWS: usize = 256;
-/// A similarity block holds at most this many floats (64 MiB).
-const BLOCK_FLOATS: usize = 1 << 24;
+/// A search compares at most this many rows at a time with a tile of candidates, and the
+/// exact search gives a task at most this many rows.
+const QUERY_BLOCK: usize = 1024;
+/// A block of similarities (those rows against a tile of candidates) holds at most this many
+/// floats (4 MiB), at least one row's to one candidate. The unit tests take small tiles, so
+/// that their few hundred rows span many.
+const TILE_FLOATS: usize = if cfg!(test) { 1 << 10 } else { 1 << 20 };
 
 /// How the neighbours are searched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,11 +108,22 @@ impl Search {
     }
 }
 
-/// The candidates a similarity row covers: every row in order, or the listed ones.
+/// The candidates a similarity row covers: consecutive rows from `start` on (one per
+/// similarity), or the listed ones.
 #[derive(Debug, Clone, Copy)]
 pub enum Candidates<'a> {
-    All,
+    Span(usize),
     Among(&'a [u32]),
+}
+
+impl Candidates<'_> {
+    /// The row whose similarity is the row's `x`th.
+    pub fn row(&self, x: usize) -> usize {
+        match *self {
+            Candidates::Span(start) => start + x,
+            Candidates::Among(ids) => ids[x] as usize,
+        }
+    }
 }
 
 /// What the cells were like.
@@ -156,28 +173,100 @@ fn top_k(
     out: &mut [(u32, f32)],
     buf: &mut Vec<(u32, f32)>,
 ) {
-    buf.clear();
-    match cands {
-        Candidates::All => {
-            buf.extend(sim.iter().enumerate().filter(|&(j, _)| j != i).map(|(j, &s)| (j as u32, s)))
-        }
-        Candidates::Among(ids) => {
-            buf.extend(ids.iter().zip(sim).filter(|&(&j, _)| j as usize != i).map(|(&j, &s)| (j, s)))
+    let mut best = Best::new(k, std::mem::take(buf));
+    best.offer_all(i, cands, sim);
+    best.write(i, out);
+    *buf = best.list;
+}
+
+/// The best k candidates offered so far, most similar first, ties to the smaller index
+/// (`f32::total_cmp` orders the similarities): a candidate costs one comparison with the
+/// k-th best unless it enters the list.
+struct Best {
+    k: usize,
+    list: Vec<(u32, f32)>,
+    /// The k-th best's similarity as an integer of the same order, and its index: a
+    /// candidate must beat them once the list is full (never beaten before).
+    bar: (i32, u32),
+}
+
+impl Best {
+    fn new(k: usize, mut list: Vec<(u32, f32)>) -> Best {
+        list.clear();
+        Best { k, list, bar: (i32::MIN, u32::MAX) }
+    }
+
+    /// Empties the list.
+    fn clear(&mut self) {
+        self.list.clear();
+        self.bar = (i32::MIN, u32::MAX);
+    }
+
+    /// `f32::total_cmp`'s order as an i32.
+    fn key(s: f32) -> i32 {
+        let b = s.to_bits() as i32;
+        b ^ (((b >> 31) as u32) >> 1) as i32
+    }
+
+    /// Offers candidate j of similarity s.
+    #[inline(always)]
+    fn offer(&mut self, j: u32, s: f32) {
+        let key = Best::key(s);
+        if key > self.bar.0 || (key == self.bar.0 && j < self.bar.1) {
+            self.enter(j, s);
         }
     }
-    let by_sim = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let take = k.min(buf.len());
-    if take > 0 && take < buf.len() {
-        buf.select_nth_unstable_by(take - 1, by_sim);
+
+    #[inline(never)]
+    fn enter(&mut self, j: u32, s: f32) {
+        if self.k == 0 {
+            return;
+        }
+        if self.list.len() == self.k {
+            self.list.pop();
+        }
+        let key = Best::key(s);
+        let at = self.list.partition_point(|&(bj, bs)| {
+            (Best::key(bs), std::cmp::Reverse(bj)) > (key, std::cmp::Reverse(j))
+        });
+        self.list.insert(at, (j, s));
+        if self.list.len() == self.k {
+            let (wj, ws) = self.list[self.k - 1];
+            self.bar = (Best::key(ws), wj);
+        }
     }
-    buf[..take].sort_unstable_by(by_sim);
-    out[..take].copy_from_slice(&buf[..take]);
-    out[take..].fill((i as u32, f32::NEG_INFINITY));
+
+    /// Offers row i's candidates `cands` of similarities `sim`, row i itself skipped.
+    fn offer_all(&mut self, i: usize, cands: Candidates, sim: &[f32]) {
+        match cands {
+            Candidates::Span(start) => {
+                for (j, &s) in (start..).zip(sim) {
+                    if j != i {
+                        self.offer(j as u32, s);
+                    }
+                }
+            }
+            Candidates::Among(ids) => {
+                for (&j, &s) in ids.iter().zip(sim) {
+                    if j as usize != i {
+                        self.offer(j, s);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The list into `out` (k pairs), padded with `(i, −∞)`.
+    fn write(&self, i: usize, out: &mut [(u32, f32)]) {
+        out[..self.list.len()].copy_from_slice(&self.list);
+        out[self.list.len()..].fill((i as u32, f32::NEG_INFINITY));
+    }
 }
 
 /// Each of the `n` rows' `k` most similar other rows by an exact scan: n×k (index,
-/// similarity) pairs. `extra(i, Candidates::All, sim_row, scratch)` adds to row i's
-/// similarities with every row; `done(r)` is told of every r rows whose lists are done.
+/// similarity) pairs. `extra(i, Candidates::Span(start), sim_row, scratch)` adds to row i's
+/// similarities with the rows start.. (a tile of them); `done(r)` is told of every r rows
+/// whose lists are done.
 pub fn exact<E>(n: usize, v: &[f32], h: usize, k: usize, extra: E, done: &Done<'_>) -> Vec<(u32, f32)>
 where
     E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
@@ -191,8 +280,9 @@ where
 /// What a search tells of its progress: rows whose lists are done.
 pub type Done<'a> = dyn Fn(usize) + Sync + 'a;
 
-/// [`exact`]'s lists of the rows `rows` alone, into `out` (rows.len()×k). Blocks of rows run
-/// in parallel, each one product of the block with every row.
+/// [`exact`]'s lists of the rows `rows` alone, into `out` (rows.len()×k). Blocks of at most
+/// [`QUERY_BLOCK`] rows run in parallel (at least four a thread where there are rows
+/// enough), each against every row, tile by tile.
 #[allow(clippy::too_many_arguments)]
 fn exact_rows<E>(
     rows: &[u32],
@@ -209,9 +299,9 @@ fn exact_rows<E>(
     if k == 0 {
         return;
     }
-    let block = BLOCK_FLOATS.div_ceil(n.max(1)).clamp(1, 256);
+    let block = rows.len().div_ceil(4 * rayon::current_num_threads()).clamp(1, QUERY_BLOCK);
     out.par_chunks_mut(block * k).zip(rows.par_chunks(block)).for_each(|(dst, qs)| {
-        search_group(v, h, n, k, qs, Candidates::All, extra, dst);
+        search_group(v, h, n, k, qs, Candidates::Span(0), extra, dst);
         done(qs.len());
     });
 }
@@ -433,7 +523,11 @@ fn gather(v: &[f32], h: usize, ids: &[u32], out: &mut Vec<f32>) {
 }
 
 /// The k lists of the rows `queries` among the candidates `cands` of the n rows, into `out`
-/// (queries.len()×k), in the order of `queries`.
+/// (queries.len()×k), in the order of `queries` (`Candidates::Span(0)`: every row). Blocks
+/// of at most [`QUERY_BLOCK`] queries meet tiles of the candidates, one product of at most
+/// [`TILE_FLOATS`] similarities each, which are offered to each query's running list: the
+/// tiles' rows stay in cache while a block is compared with them, and the result is the
+/// same for any block and tile (each similarity is the same sum in the same order).
 #[allow(clippy::too_many_arguments)]
 fn search_group<E>(
     v: &[f32],
@@ -448,35 +542,50 @@ fn search_group<E>(
     E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
 {
     let m = match cands {
-        Candidates::All => n,
+        Candidates::Span(start) => n - start,
         Candidates::Among(ids) => ids.len(),
     };
     if queries.is_empty() || k == 0 || m == 0 {
         out.chunks_mut(k.max(1)).zip(queries).for_each(|(o, &i)| o.fill((i, f32::NEG_INFINITY)));
         return;
     }
-    let block = BLOCK_FLOATS.div_ceil(m).clamp(1, 256);
-    let (mut q, mut w, mut scratch, mut buf) = (Vec::new(), Vec::new(), Vec::new(), Vec::with_capacity(m));
-    if let (Candidates::Among(ids), true) = (cands, h > 0) {
-        gather(v, h, ids, &mut w);
-    }
-    let mut sim = Vec::new();
+    let block = queries.len().min(QUERY_BLOCK);
+    let tile = (TILE_FLOATS / block).clamp(1, m);
+    let (mut q, mut w, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+    let rows: &[f32] = match (cands, h > 0) {
+        (Candidates::Span(start), _) => &v[start * h..],
+        (Candidates::Among(ids), true) => {
+            gather(v, h, ids, &mut w);
+            &w
+        }
+        (Candidates::Among(_), false) => &[],
+    };
+    let mut sim = vec![0f32; block * tile];
+    let mut best: Vec<Best> = (0..block).map(|_| Best::new(k, Vec::with_capacity(k))).collect();
     for (b, qs) in queries.chunks(block).enumerate() {
-        sim.clear();
-        sim.resize(qs.len() * m, 0f32);
+        best.iter_mut().for_each(Best::clear);
         if h > 0 {
             gather(v, h, qs, &mut q);
-            let rows = match cands {
-                Candidates::All => v,
-                Candidates::Among(_) => &w,
-            };
-            dots(&q, rows, h, &mut sim, m);
         }
-        for (r, s) in sim.chunks_mut(m).enumerate() {
-            let i = qs[r] as usize;
-            extra(i, cands, s, &mut scratch);
-            let at = (b * block + r) * k;
-            top_k(i, cands, s, k, &mut out[at..at + k], &mut buf);
+        for lo in (0..m).step_by(tile) {
+            let hi = (lo + tile).min(m);
+            let part = match cands {
+                Candidates::Span(start) => Candidates::Span(start + lo),
+                Candidates::Among(ids) => Candidates::Among(&ids[lo..hi]),
+            };
+            let sim = &mut sim[..qs.len() * (hi - lo)];
+            if h > 0 {
+                dots(&q, &rows[lo * h..hi * h], h, sim, hi - lo);
+            } else {
+                sim.fill(0.0);
+            }
+            for ((s, &i), best) in sim.chunks_mut(hi - lo).zip(qs).zip(&mut best) {
+                extra(i as usize, part, s, &mut scratch);
+                best.offer_all(i as usize, part, s);
+            }
+        }
+        for (r, (&i, best)) in qs.iter().zip(&best).enumerate() {
+            best.write(i as usize, &mut out[(b * block + r) * k..(b * block + r + 1) * k]);
         }
     }
 }
@@ -522,41 +631,22 @@ fn top_centroids(v: &[f32], h: usize, ids: &[u32], centroids: &[f32], p: usize) 
     if c == 0 || p == 0 {
         return vec![0; ids.len() * p];
     }
-    let block = BLOCK_FLOATS.div_ceil(c).clamp(1, 256);
+    let block = TILE_FLOATS.div_ceil(c).clamp(1, QUERY_BLOCK);
     let mut out = vec![0u32; ids.len() * p];
     out.par_chunks_mut(block * p).zip(ids.par_chunks(block)).for_each(|(dst, rows)| {
         let mut q = Vec::new();
         gather(v, h, rows, &mut q);
         let mut sim = vec![0f32; rows.len() * c];
         dots(&q, centroids, h, &mut sim, c);
-        let mut order: Vec<u32> = Vec::with_capacity(c);
+        let mut best = Best::new(p, Vec::with_capacity(p));
         for (d, s) in dst.chunks_mut(p).zip(sim.chunks(c)) {
-            if p == 1 {
-                d[0] = first_max(s) as u32;
-                continue;
-            }
-            order.clear();
-            order.extend(0..c as u32);
-            let by_sim = |x: &u32, y: &u32| s[*y as usize].total_cmp(&s[*x as usize]).then(x.cmp(y));
-            if p < c {
-                order.select_nth_unstable_by(p - 1, by_sim);
-            }
-            order[..p].sort_unstable_by(by_sim);
-            d.copy_from_slice(&order[..p]);
+            best.clear();
+            // No centroid is skipped: usize::MAX is no cell's index.
+            best.offer_all(usize::MAX, Candidates::Span(0), s);
+            d.iter_mut().zip(&best.list).for_each(|(d, &(b, _))| *d = b);
         }
     });
     out
-}
-
-/// The index of the largest value, the first on a tie.
-fn first_max(s: &[f32]) -> usize {
-    let mut best = 0;
-    for (j, &x) in s.iter().enumerate() {
-        if x.total_cmp(&s[best]).is_gt() {
-            best = j;
-        }
-    }
-    best
 }
 
 /// The share of the exact neighbours of positive similarity (at this k) of
@@ -619,9 +709,45 @@ mod tests {
                 *s += 100.0;
             }
         };
-        match c {
-            Candidates::All => sim.iter_mut().enumerate().for_each(|(j, s)| add(j, s)),
-            Candidates::Among(ids) => sim.iter_mut().zip(ids).for_each(|(s, &j)| add(j as usize, s)),
+        sim.iter_mut().enumerate().for_each(|(x, s)| add(c.row(x), s));
+    }
+
+    /// The one-pass selection against sorting every candidate: ties (to the smaller index,
+    /// also where the candidates come unsorted), −0 below +0, infinities, rising and falling
+    /// orders, fewer candidates than k, and the row itself skipped.
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        let mut rng = Stream::new(5, Purpose::Init, 0);
+        let bits = |l: &[(u32, f32)]| l.iter().map(|p| (p.0, p.1.to_bits())).collect::<Vec<_>>();
+        let by_sort = |i: usize, pairs: &[(u32, f32)], k: usize| {
+            let mut all: Vec<(u32, f32)> = pairs.iter().copied().filter(|&(j, _)| j as usize != i).collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all.truncate(k);
+            all.resize(k, (i as u32, f32::NEG_INFINITY));
+            bits(&all)
+        };
+        for trial in 0..200 {
+            let m = rng.below(40) as usize;
+            let k = 1 + rng.below(12) as usize;
+            let i = rng.below(45) as usize;
+            let sim: Vec<f32> = (0..m)
+                .map(|j| match trial % 4 {
+                    0 => rng.below(5) as f32 - 2.0,
+                    1 => j as f32,
+                    2 => -(j as f32),
+                    _ => [0.0, -0.0, 1.5, f32::INFINITY, f32::NEG_INFINITY][rng.below(5) as usize],
+                })
+                .collect();
+            let mut ids: Vec<u32> = (0..m as u32).collect();
+            rng.shuffle(&mut ids);
+            let (mut got, mut buf) = (vec![(0u32, 0f32); k], Vec::new());
+            let all: Vec<(u32, f32)> = (0..m as u32).zip(sim.iter().copied()).collect();
+            top_k(i, Candidates::Span(0), &sim, k, &mut got, &mut buf);
+            assert_eq!(bits(&got), by_sort(i, &all, k), "all, trial {trial}");
+            let among: Vec<f32> = ids.iter().map(|&j| sim[j as usize]).collect();
+            let pairs: Vec<(u32, f32)> = ids.iter().copied().zip(among.iter().copied()).collect();
+            top_k(i, Candidates::Among(&ids), &among, k, &mut got, &mut buf);
+            assert_eq!(bits(&got), by_sort(i, &pairs, k), "among, trial {trial}");
         }
     }
 
@@ -633,7 +759,7 @@ mod tests {
     #[test]
     fn cells_probing_every_cell_match_the_exact_scan() {
         let (n, h, k) = (600, 4, 6);
-        assert!(n > 2 * BLOCK_FLOATS.div_ceil(n).clamp(1, 256), "the test should span several blocks");
+        assert!(n > 8 * TILE_FLOATS / QUERY_BLOCK.min(n), "the test should span several tiles");
         let mut rng = Stream::new(3, Purpose::Init, 0);
         let mut v: Vec<f32> = (0..n * h).map(|_| rng.below(7) as f32 - 3.0).collect();
         for r in 100..110 {
@@ -736,14 +862,7 @@ mod tests {
         // The extra term links row 4 with row 1 (and row 1 with row 4).
         let extra = |i: usize, c: Candidates, sim: &mut [f32], _: &mut Vec<f32>| {
             let pair = |j: usize| matches!((i, j), (4, 1) | (1, 4));
-            match c {
-                Candidates::All => {
-                    sim.iter_mut().enumerate().for_each(|(j, s)| *s += if pair(j) { 5.0 } else { 0.0 })
-                }
-                Candidates::Among(ids) => {
-                    sim.iter_mut().zip(ids).for_each(|(s, &j)| *s += if pair(j as usize) { 5.0 } else { 0.0 })
-                }
-            }
+            sim.iter_mut().enumerate().for_each(|(x, s)| *s += if pair(c.row(x)) { 5.0 } else { 0.0 })
         };
         let told = std::sync::atomic::AtomicUsize::new(0);
         let count = |r: usize| {

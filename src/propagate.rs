@@ -395,6 +395,12 @@ pub fn check_options(o: &Options) -> Result<()> {
             "--alpha {a}: must be in (0, 0.999] (nearer 1 the solve needs ever more iterations)"
         )));
     }
+    if let Some(k) = repeated(&o.ks) {
+        return Err(Error::Data(format!("--k {k}: given twice")));
+    }
+    if let Some(a) = repeated(&o.alphas) {
+        return Err(Error::Data(format!("--alpha {a}: given twice")));
+    }
     check_batch_size(o.batch_size)?;
     o.search.check()
 }
@@ -1442,6 +1448,18 @@ impl<T: Copy> Csr<T> {
     fn row(&self, i: usize) -> impl Iterator<Item = (usize, T)> + '_ {
         (self.starts[i]..self.starts[i + 1]).map(|e| (self.cols[e] as usize, self.vals[e]))
     }
+
+    /// Row i's entries of columns lo..hi (the columns of a row are sorted).
+    fn row_within(&self, i: usize, lo: usize, hi: usize) -> impl Iterator<Item = (usize, T)> + '_ {
+        let (cols, vals) =
+            (&self.cols[self.starts[i]..self.starts[i + 1]], &self.vals[self.starts[i]..self.starts[i + 1]]);
+        let from = if lo == 0 { 0 } else { cols.partition_point(|&c| (c as usize) < lo) };
+        cols[from..]
+            .iter()
+            .zip(&vals[from..])
+            .map(|(&c, &v)| (c as usize, v))
+            .take_while(move |&(c, _)| c < hi)
+    }
 }
 
 /// The words that weigh in a TF-IDF view occur in at least this many rows (a word of one
@@ -1517,19 +1535,21 @@ impl Sparse {
         (Sparse { rows, words }, blank)
     }
 
-    /// `sim[x] += scale · (v_i · v_j)` for the candidates j: every row (x = j), by the
-    /// rows of row i's words; or the listed rows (x their place in the list), by row i's
-    /// weights spread over a `scratch` of one float per word.
+    /// `sim[x] += scale · (v_i · v_j)` for the candidates j: the consecutive rows from
+    /// `start` (j = start + x), by the rows of row i's words in that span; or the listed rows
+    /// (x their place in the list), by row i's weights spread over a `scratch` of one float
+    /// per word.
     fn add_dots(&self, i: usize, scale: f32, cands: Candidates, sim: &mut [f32], scratch: &mut Vec<f32>) {
         match cands {
             // Both add the same products to each similarity in the same (word) order, so
             // both give the same bits.
-            Candidates::All => {
+            Candidates::Span(start) => {
+                let end = start + sim.len();
                 for (w, a) in self.rows.row(i) {
                     let a = scale * a;
                     if a != 0.0 {
-                        for (j, b) in self.words.row(w) {
-                            sim[j] += a * b;
+                        for (j, b) in self.words.row_within(w, start, end) {
+                            sim[j - start] += a * b;
                         }
                     }
                 }
@@ -2128,7 +2148,7 @@ mod tests {
         // add_dots: row 0 against every row.
         let mut sim = vec![0f32; 3];
         let mut scratch = Vec::new();
-        sp.0.add_dots(0, 0.5, Candidates::All, &mut sim, &mut scratch);
+        sp.0.add_dots(0, 0.5, Candidates::Span(0), &mut sim, &mut scratch);
         for j in 0..3 {
             let d: f64 = want[0].iter().zip(&want[j]).map(|(a, b)| a * b).sum();
             assert!((f64::from(sim[j]) - 0.5 * d).abs() < 1e-6, "row 0 · row {j}");
@@ -2139,6 +2159,10 @@ mod tests {
         sp.0.add_dots(0, 0.5, Candidates::Among(&[2, 1]), &mut among, &mut scratch);
         assert_eq!(among, [1.0 + sim[2], 1.0 + sim[1]]);
         assert!(scratch.iter().all(|&x| x == 0.0), "the scratch is left zeroed");
+        // A span of rows (a tile of the exact search): rows 1 and 2 only, the same bits.
+        let mut span = vec![1f32; 2];
+        sp.0.add_dots(0, 0.5, Candidates::Span(1), &mut span, &mut scratch);
+        assert_eq!(span, [1.0 + sim[1], 1.0 + sim[2]]);
         // A row of single-row words only has no vector.
         let lone = Sparse::from_counts(&[vec![(0, 1)], vec![(0, 1)], vec![(1, 3)]], 2);
         assert_eq!(lone.1, 1);
@@ -2189,7 +2213,7 @@ mod tests {
         let t = Sparse::from_counts(&counts, 12).0;
         let sparse_cos = |i: usize, j: usize| -> f64 {
             let mut sim = vec![0f32; n];
-            t.add_dots(i, 1.0, Candidates::All, &mut sim, &mut Vec::new());
+            t.add_dots(i, 1.0, Candidates::Span(0), &mut sim, &mut Vec::new());
             f64::from(sim[j])
         };
         let cos = |v: &[f32], h: usize, i: usize, j: usize| -> f64 {
@@ -2356,6 +2380,8 @@ mod tests {
             (Options { aligns: vec![-0.5], ..ok.clone() }, "--align -0.5: must be in [0, 2]"),
             (Options { aligns: vec![f64::NAN], ..ok.clone() }, "--align NaN"),
             (Options { aligns: vec![0.5, 1.0, 0.5], ..ok.clone() }, "--align 0.5: given twice"),
+            (Options { ks: vec![3, 3], ..ok.clone() }, "--k 3: given twice"),
+            (Options { alphas: vec![0.9, 0.5, 0.9], ..ok.clone() }, "--alpha 0.9: given twice"),
             (
                 Options { shifts: vec![Shift::Centre, Shift::Raw, Shift::Centre], ..ok.clone() },
                 "--shift centre: given twice",
