@@ -400,7 +400,24 @@ impl TrainConfig {
         // term); so may VAT's term, which is left out of the warning.
         let consistency = self.consistency != Default::default()
             && self.adversarial.kind != crate::algo::adversarial::AdversarialKind::Vat;
-        let sections: [(&'static str, bool, &[M]); 5] = [
+        // Per-pass augmentation (`consistency_passes`, validated to those methods) is what
+        // Π, Temporal Ensembling, Mean Teacher and R-Drop read of [augment].
+        let augment_readers: &[M] = if self.augment.consistency_passes {
+            &[
+                M::Pi,
+                M::Temporal,
+                M::MeanTeacher,
+                M::Rdrop,
+                M::Uda,
+                M::Fixmatch,
+                M::NoisyStudent,
+                M::Mpl,
+                M::MplReduced,
+            ]
+        } else {
+            &[M::Uda, M::Fixmatch, M::NoisyStudent, M::Mpl, M::MplReduced]
+        };
+        let sections: [(&'static str, bool, &[M]); 7] = [
             (
                 "consistency",
                 consistency,
@@ -420,6 +437,9 @@ impl TrainConfig {
             ("mean_teacher", self.mean_teacher != Default::default(), &[M::MeanTeacher]),
             ("temporal", self.temporal != Default::default(), &[M::Temporal]),
             ("noisy_student", self.noisy_student != Default::default(), &[M::NoisyStudent]),
+            ("augment", self.augment != Default::default(), augment_readers),
+            // A ratio above 0 that supervised training would load and never read.
+            ("unlabeled", self.unlabeled.ratio.is_some_and(|r| r > 0) && !self.reads_unlabeled(), &[]),
         ];
         sections
             .into_iter()
@@ -428,9 +448,22 @@ impl TrainConfig {
             .collect()
     }
 
-    /// The method resolved against its defaults (validation has checked it resolves).
+    /// The method resolved against its defaults (validation has checked it resolves). A
+    /// method that reads no unlabeled rows loads none, whatever `unlabeled.ratio` says (the
+    /// warning of [`TrainConfig::unread_sections`] tells so).
     pub fn recipe(&self) -> crate::algo::Recipe {
-        crate::algo::Recipe::resolve(self.knobs(), "run.toml").expect("validated config")
+        let mut recipe = crate::algo::Recipe::resolve(self.knobs(), "run.toml").expect("validated config");
+        if !self.reads_unlabeled() {
+            recipe.unlabeled_ratio = 0;
+        }
+        recipe
+    }
+
+    /// Whether the method reads unlabeled rows: every method but supervised training, which
+    /// reads them only for VAT's term.
+    fn reads_unlabeled(&self) -> bool {
+        self.method != crate::algo::Method::Supervised
+            || self.adversarial.kind == crate::algo::adversarial::AdversarialKind::Vat
     }
 
     /// The dropout field to name when two training passes of the student over the same rows
@@ -1507,6 +1540,29 @@ mod tests {
         assert_eq!(train(&["consistency.weight=5"]), ["consistency"]);
         assert!(train(&["consistency.weight=5", "adversarial.kind=\"vat\""]).is_empty());
         assert!(train(&["method=\"mpl\"", "consistency.weight=5"]).is_empty());
+        // Supervised training loads no unlabeled rows (its recipe's ratio is 0), unless VAT
+        // reads them; [augment] is read by the methods that augment unlabeled rows, and by
+        // Π, Temporal Ensembling, Mean Teacher and R-Drop with per-pass augmentation only.
+        let recipe = |extra: &[&str]| {
+            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+            all.extend_from_slice(extra);
+            load::<TrainConfig>(None, &set(&all)).unwrap().recipe().unlabeled_ratio
+        };
+        assert_eq!(train(&["unlabeled.ratio=3"]), ["unlabeled"]);
+        assert_eq!(recipe(&["unlabeled.ratio=3"]), 0);
+        assert!(train(&["unlabeled.ratio=3", "adversarial.kind=\"vat\""]).is_empty());
+        assert_eq!(recipe(&["unlabeled.ratio=3", "adversarial.kind=\"vat\""]), 3);
+        assert!(train(&["unlabeled.ratio=0"]).is_empty());
+        assert_eq!(recipe(&["method=\"fixmatch\"", "unlabeled.ratio=3"]), 3);
+        assert_eq!(train(&["augment.deletion=0.5"]), ["augment"]);
+        assert_eq!(train(&["method=\"mean_teacher\"", "augment.deletion=0.5"]), ["augment"]);
+        assert!(train(&[
+            "method=\"mean_teacher\"",
+            "augment.deletion=0.5",
+            "augment.consistency_passes=true"
+        ])
+        .is_empty());
+        assert!(train(&["method=\"uda\"", "augment.deletion=0.5"]).is_empty());
         // mpl_reduced's fields under mpl are refused by name.
         for (f, v) in [
             ("mpl.logits", "\"t.logits\""),

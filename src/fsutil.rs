@@ -200,7 +200,8 @@ pub fn stream_file(
 /// and hold its whole `header_len`-byte header: another file, or one cut inside its header,
 /// is named as such.
 pub fn check_file_head(path: &Path, b: &[u8], magic: &[u8; 8], header_len: usize, kind: &str) -> Result<()> {
-    if b.len() < 8 || &b[..8] != magic {
+    // A file cut inside its magic bytes (or empty) reads as truncated below.
+    if !magic.starts_with(&b[..b.len().min(8)]) {
         return Err(Error::bad_file(path, format!("not a dtrain {kind} file (bad magic bytes)")));
     }
     if b.len() < header_len {
@@ -210,6 +211,24 @@ pub fn check_file_head(path: &Path, b: &[u8], magic: &[u8; 8], header_len: usize
         ));
     }
     Ok(())
+}
+
+/// Refuses a header `b` whose reserved bytes (`from` to its end, after the header's
+/// checksum, which does not cover them) are not all zero: a damaged header, or a format
+/// this dtrain does not know.
+pub fn check_reserved(path: &Path, b: &[u8], from: usize, kind: &str) -> Result<()> {
+    match b[from..].iter().position(|&x| x != 0) {
+        None => Ok(()),
+        Some(at) => Err(Error::bad_file(
+            path,
+            format!(
+                "corrupted: byte {} of the {kind} header is {:#04x}, where bytes {from}..{} are reserved and zero",
+                from + at,
+                b[from + at],
+                b.len()
+            ),
+        )),
+    }
 }
 
 /// What every JSON-lines output of dtrain starts with (an object's first key), for

@@ -13,7 +13,7 @@
 //!  64  rows fingerprint u64 (see [`rows_fingerprint`]; version 2 on)
 //!  72  source u64: xxh3_64 of the exporting model's parameters (version 3 on; `dtrain
 //!      propagate` records a hash of its encoder's parameters, pooling and grid instead)
-//!  80  header_checksum u64 (xxh3_64 of bytes 0..80)           88..128 zero
+//!  80  header_checksum u64 (xxh3_64 of bytes 0..80)           88..128 zero (checked on opening)
 //! 128  rows per shard: P × u64
 //!      logits: rows × classes × f32, shard by shard, each shard's rows in order
 //! ```
@@ -180,6 +180,7 @@ impl LogitsFile {
         if u64_at(header_end) != xxh3_64(&b[..header_end]) {
             return bad("corrupted: the header does not match its checksum".into());
         }
+        crate::fsutil::check_reserved(path, &b[..HEADER_LEN], header_end + 8, "logits")?;
         let Some(split) = SplitKind::ALL.into_iter().find(|&s| split_code(s) == u32_at(12)) else {
             return bad(format!("unknown split code {}", u32_at(12)));
         };

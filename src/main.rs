@@ -802,16 +802,24 @@ fn restore_sigpipe() {
     }
 }
 
-/// Refuses a `RAYON_NUM_THREADS` far past the machine's cores (more than 16 a core and
-/// 256): rayon would spawn every thread first, for minutes, before any work.
+/// Refuses a `RAYON_NUM_THREADS` that is not a count (rayon would silently use every core)
+/// or far past the machine's cores (more than 16 a core and 256): rayon would spawn every
+/// thread first, for minutes, before any work. 0 (or an empty value) means every core, as
+/// in rayon.
 fn check_thread_count() -> anyhow::Result<()> {
     let Ok(v) = std::env::var("RAYON_NUM_THREADS") else { return Ok(()) };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let most = (16 * cores).max(256);
-    if v.trim().parse::<usize>().is_ok_and(|n| n > most) {
-        bail!("RAYON_NUM_THREADS={v}: at most {most} threads on this machine's {cores} cores (16 a core, or 256)");
+    if v.trim().is_empty() {
+        return Ok(());
     }
-    Ok(())
+    match v.trim().parse::<usize>() {
+        Ok(n) if n > most => {
+            bail!("RAYON_NUM_THREADS={v}: at most {most} threads on this machine's {cores} cores (16 a core, or 256)")
+        }
+        Ok(_) => Ok(()),
+        Err(_) => bail!("RAYON_NUM_THREADS={v:?}: must be a thread count (0 or unset: every core)"),
+    }
 }
 
 /// `println!` panics when stdout cannot be written (a full disk, /dev/full): that ends the
@@ -952,8 +960,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     None => {
                         match emb.query_words(q).len() {
-                            0 => eprintln!("{q:?}: holds no word"),
-                            n => eprintln!("{q:?}: holds {n} words; give one word per argument"),
+                            0 => eprintln!("error: {q:?}: holds no word"),
+                            n => eprintln!("error: {q:?}: holds {n} words; give one word per argument"),
                         }
                         found = false;
                     }
@@ -2092,8 +2100,14 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
             }
         } else {
             println!("tokenization of {text:?}:");
-            for f in Tokenizer::new(m.tokenizer.clone()).explain(text) {
-                println!("  {:<10} {:<24} {}", f.kind, format!("{:?}", f.text), f.id);
+            if text.chars().all(|c| c.is_whitespace() || c.is_control()) {
+                println!(
+                    "  nothing but whitespace or control characters: prepare and predict refuse such a text"
+                );
+            } else {
+                for f in Tokenizer::new(m.tokenizer.clone()).explain(text) {
+                    println!("  {:<10} {:<24} {}", f.kind, format!("{:?}", f.text), f.id);
+                }
             }
         }
     }

@@ -398,10 +398,18 @@ fn predict_on<B: EncoderOps<F = f32>>(
                 break;
             }
         }
+        // Nothing to predict is an error, as in `prepare`, so that an earlier output under
+        // that name is not replaced by an empty file.
         if summary.documents == 0 && summary.skipped > 0 {
             return Err(Error::bad_file(
                 &opts.input,
                 format!("every line was bad ({} skipped): nothing was predicted", summary.skipped),
+            ));
+        }
+        if summary.documents == 0 {
+            return Err(Error::bad_file(
+                &opts.input,
+                format!("holds no document ({} blank lines): nothing was predicted", summary.blank),
             ));
         }
         out.flush().at(tmp)?;

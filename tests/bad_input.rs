@@ -131,6 +131,11 @@ fn corrupted_gzip_names_the_file() {
     std::fs::write(&f, &bytes).unwrap();
     let e = common::run(&[&f], &[], &dir.path().join("ds"), &[]).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("x.tsv.gz") && e.contains("read failed"), "{e}");
+    // Gzip data under a plain name: said to be gzip, not bad UTF-8.
+    let whole = std::fs::read(common::write(dir.path(), "y.tsv.gz", common::tsv(2, 20).as_bytes())).unwrap();
+    let plain = common::write(dir.path(), "y.tsv", &whole);
+    let e = common::run(&[&plain], &[], &dir.path().join("ds2"), &[]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("y.tsv") && e.contains("is gzip-compressed") && e.contains("end in .gz"), "{e}");
 }
 
 #[test]
@@ -249,10 +254,12 @@ fn corrupted_or_truncated_shards_are_named() {
         assert!(e.contains("train-00001.shard") && e.contains("truncated"), "cut {cut}: {e}");
     }
 
-    // Not a shard at all.
-    std::fs::write(&shard, vec![7u8; original.len()]).unwrap();
-    let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
-    assert!(e.contains("not a dtrain shard"), "{e}");
+    // Not a shard at all, also when shorter than a shard's header.
+    for len in [original.len(), 44] {
+        std::fs::write(&shard, vec![b'{'; len]).unwrap();
+        let e = Dataset::open(&out).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("not a dtrain shard") && !e.contains("truncated"), "{len} bytes: {e}");
+    }
 
     // Missing.
     std::fs::remove_file(&shard).unwrap();

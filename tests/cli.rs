@@ -147,6 +147,13 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     assert!(r.status.success(), "{}", text(&r));
     let t = text(&r);
     assert!(t.contains("char n-grams 3..5") && t.contains("\"<go\"") && t.contains("unlabeled[0:0]"), "{t}");
+    // A text prepare would refuse (control characters only) is said to be refused.
+    let r = dtrain(&["inspect", o, "--samples", "0", "--explain", "\u{1}\u{2}"]);
+    assert!(
+        r.status.success() && text(&r).contains("prepare and predict refuse such a text"),
+        "{}",
+        text(&r)
+    );
 
     let r = dtrain(&["verify", o]);
     assert!(r.status.success() && text(&r).contains("all 10 files verified"), "{}", text(&r));
@@ -570,7 +577,8 @@ fn inspect_names_a_pretrained_encoder() {
     assert!(!o.status.success() && text(&o).contains("a pretrained encoder"), "{}", text(&o));
 }
 
-/// A thread count far past the cores is refused at once (rayon would spawn them all first).
+/// A thread count far past the cores is refused at once (rayon would spawn them all first),
+/// and so is a value that is no count.
 #[test]
 fn an_absurd_thread_count_is_refused() {
     let o = Command::new(env!("CARGO_BIN_EXE_dtrain"))
@@ -580,6 +588,16 @@ fn an_absurd_thread_count_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(1) && err.contains("RAYON_NUM_THREADS=99999999: at most"), "{err}");
+    // So is one that is no count (rayon would quietly take every core).
+    for v in ["abc", "-1"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+            .arg("info")
+            .env("RAYON_NUM_THREADS", v)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.code() == Some(1) && err.contains("must be a thread count"), "{v}: {err}");
+    }
 }
 
 /// A stdout that cannot be written (a full disk) ends the command with an error line and

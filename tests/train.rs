@@ -1155,6 +1155,21 @@ fn predict_averages_checkpoints_and_mc_dropout_passes() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("all_bad.jsonl") && e.contains("every line was bad"), "{e}");
     assert!(!dir.path().join("s.jsonl").exists(), "no output");
+    // An input of no document (empty, or blank lines only) fails too, and leaves an earlier
+    // output under that name as it was.
+    let earlier = b"{\"line\":1,\"label\":\"a\",\"confidence\":0.5,\"top\":[]}\n";
+    let kept = common::write(dir.path(), "kept.jsonl", earlier);
+    for (name, body) in [("empty.txt", &b""[..]), ("blank.txt", &b"\n  \n\n"[..])] {
+        let input = common::write(dir.path(), name, body);
+        let o = std::process::Command::new(bin)
+            .args(["predict", "--checkpoint", ca, "--input", input.to_str().unwrap(), "--output"])
+            .arg(&kept)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(name) && e.contains("holds no document"), "{e}");
+        assert_eq!(std::fs::read(&kept).unwrap(), earlier, "{name}: the earlier output is kept");
+    }
     // An output that would destroy an input or a checkpoint's file is refused, and the
     // file is left as it was.
     let text = common::write(dir.path(), "in.txt", b"alpha apple\n");
@@ -1703,6 +1718,12 @@ fn export_logits_and_noisy_student() {
     std::fs::write(&damaged, &b).unwrap();
     let e = LogitsFile::open(&damaged).err().unwrap().to_string();
     assert!(e.contains("header does not match its checksum"), "{e}");
+    // The reserved bytes after the header's checksum, which it does not cover, must be 0.
+    let mut b = bytes.clone();
+    b[96] ^= 0x04;
+    std::fs::write(&damaged, &b).unwrap();
+    let e = LogitsFile::open(&damaged).err().unwrap().to_string();
+    assert!(e.contains("damaged.logits") && e.contains("byte 96 of the logits header is 0x04"), "{e}");
     std::fs::write(&damaged, &bytes[..bytes.len() - 4]).unwrap();
     assert!(LogitsFile::open(&damaged).err().unwrap().to_string().contains("truncated"));
     std::fs::write(&damaged, &bytes[..20]).unwrap();

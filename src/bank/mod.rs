@@ -12,7 +12,7 @@
 //!  64  body_checksum u64 (xxh3_64 of everything from byte 128 on)
 //!  72  step u64: a sealed snapshot's checkpoint step (version 2 on; version 1 has its
 //!      header_checksum here, over bytes 0..72)
-//!  80  header_checksum u64 (xxh3_64 of bytes 0..80)          88..128 zero
+//!  80  header_checksum u64 (xxh3_64 of bytes 0..80)          88..128 zero (checked on opening)
 //! 128  counts: rows × u32, then zero padding to a multiple of 8
 //!      values: rows × classes × (4 | 2 | 2) bytes
 //! ```
@@ -159,6 +159,7 @@ impl Header {
         if u64_at(sum_at) != xxh3_64(&b[..sum_at]) {
             return bad("corrupted: the header does not match its checksum".into());
         }
+        crate::fsutil::check_reserved(path, &b[..HEADER_LEN], sum_at + 8, "bank")?;
         let storage = match Storage::from_code(u32_at(12)) {
             Some(s) => s,
             None => return bad(format!("unknown storage code {}", u32_at(12))),
@@ -923,6 +924,11 @@ mod tests {
         std::fs::write(&file, &flipped).unwrap();
         let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
         assert!(e.contains("header does not match its checksum"), "{e}");
+        let mut flipped = bytes.clone();
+        flipped[109] ^= 0x80;
+        std::fs::write(&file, &flipped).unwrap();
+        let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
+        assert!(e.contains("byte 109 of the bank header is 0x80, where bytes 88..128 are reserved"), "{e}");
         std::fs::write(&file, &bytes[..bytes.len() - 4]).unwrap();
         let e = restore(&snap, &back, &names, 7).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");

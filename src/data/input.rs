@@ -292,7 +292,16 @@ impl LineReader {
                 flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, counting)),
             ))
         } else {
-            Box::new(BufReader::with_capacity(1 << 16, counting))
+            let mut plain = BufReader::with_capacity(1 << 16, counting);
+            // Gzip's magic bytes can start no UTF-8 text: say what the file is.
+            if plain.fill_buf().at(path)?.starts_with(&[0x1f, 0x8b]) {
+                return Err(Error::bad_file(
+                    path,
+                    "is gzip-compressed (it starts with gzip's magic bytes), but its name does not end in .gz: \
+                     rename it to end in .gz, or gunzip it",
+                ));
+            }
+            Box::new(plain)
         };
         Ok(LineReader { path: path.to_owned(), inner, line: 0, text_bytes: 0 })
     }

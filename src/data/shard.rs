@@ -356,15 +356,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Parses and checks a header against the real file length.
 fn decode_header(path: &Path, b: &[u8], actual_len: u64) -> Result<ShardHeader> {
     let bad = |msg: String| Error::bad_file(path, msg);
-    if b.len() < HEADER_LEN {
-        return Err(bad(format!(
-            "truncated: {} bytes, shorter than the {HEADER_LEN}-byte shard header",
-            b.len()
-        )));
-    }
-    if &b[0..8] != SHARD_MAGIC {
-        return Err(bad("not a dtrain shard file (bad magic bytes)".into()));
-    }
+    crate::fsutil::check_file_head(path, b, SHARD_MAGIC, HEADER_LEN, "shard")?;
     let version = u32_at(b, 8);
     if version != SHARD_VERSION {
         let why =
@@ -485,10 +477,9 @@ impl Shard {
         }
         let len = meta.len();
         if len < HEADER_LEN as u64 {
-            return Err(Error::bad_file(
-                path,
-                format!("truncated: {len} bytes, shorter than the {HEADER_LEN}-byte shard header"),
-            ));
+            // Too short to map as a shard: its bytes say whether it is one, cut short.
+            let head = std::fs::read(path).at(path)?;
+            decode_header(path, &head, len)?;
         }
         // SAFETY: see the type's `# Safety` section: shard files are immutable once renamed
         // into place, and the map is read-only.

@@ -128,15 +128,7 @@ impl Vocab {
         let path = dir.join(VOCAB_FILE);
         let b = std::fs::read(&path).at(&path)?;
         let bad = |msg: String| Error::bad_file(&path, msg);
-        if b.len() < HEADER_LEN {
-            return Err(bad(format!(
-                "truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
-                b.len()
-            )));
-        }
-        if &b[..8] != VOCAB_MAGIC {
-            return Err(bad("not a dtrain vocabulary file (bad magic bytes)".into()));
-        }
+        crate::fsutil::check_file_head(&path, &b, VOCAB_MAGIC, HEADER_LEN, "vocabulary")?;
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
         let version = u32_at(8);
