@@ -400,39 +400,27 @@ impl TrainConfig {
         // term); so may VAT's term, which is left out of the warning.
         let consistency = self.consistency != Default::default()
             && self.adversarial.kind != crate::algo::adversarial::AdversarialKind::Vat;
-        // Per-pass augmentation (`consistency_passes`, validated to those methods) is what
-        // Π, Temporal Ensembling, Mean Teacher and R-Drop read of [augment].
+        // Every method but supervised training.
+        let semi_supervised: &[M] = &[
+            M::Pi,
+            M::Temporal,
+            M::MeanTeacher,
+            M::Rdrop,
+            M::Uda,
+            M::Fixmatch,
+            M::NoisyStudent,
+            M::Mpl,
+            M::MplReduced,
+        ];
+        // Per-pass augmentation (`consistency_passes`, validated to Π, Temporal Ensembling,
+        // Mean Teacher and R-Drop) is what those methods read of [augment].
         let augment_readers: &[M] = if self.augment.consistency_passes {
-            &[
-                M::Pi,
-                M::Temporal,
-                M::MeanTeacher,
-                M::Rdrop,
-                M::Uda,
-                M::Fixmatch,
-                M::NoisyStudent,
-                M::Mpl,
-                M::MplReduced,
-            ]
+            semi_supervised
         } else {
             &[M::Uda, M::Fixmatch, M::NoisyStudent, M::Mpl, M::MplReduced]
         };
         let sections: [(&'static str, bool, &[M]); 7] = [
-            (
-                "consistency",
-                consistency,
-                &[
-                    M::Pi,
-                    M::Temporal,
-                    M::MeanTeacher,
-                    M::Rdrop,
-                    M::Uda,
-                    M::Fixmatch,
-                    M::NoisyStudent,
-                    M::Mpl,
-                    M::MplReduced,
-                ],
-            ),
+            ("consistency", consistency, semi_supervised),
             ("pi", self.pi != Default::default(), &[M::Pi]),
             ("mean_teacher", self.mean_teacher != Default::default(), &[M::MeanTeacher]),
             ("temporal", self.temporal != Default::default(), &[M::Temporal]),
