@@ -35,7 +35,7 @@
 //! The reader maps the file read-only; as with shards, the mapping is sound only while no
 //! process truncates or rewrites the file, and dtrain only ever replaces it by rename.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -75,6 +75,26 @@ pub fn rows_fingerprint(ds: &Dataset, split: SplitKind) -> u64 {
         }
     }
     h.digest()
+}
+
+/// Checks the head of a logits file (`b`, its first bytes): magic bytes, a version this
+/// dtrain reads, the header's checksum and the zero reserved bytes after it; returns the
+/// version.
+fn check_header(path: &Path, b: &[u8]) -> Result<u32> {
+    let bad = |msg: String| Err(Error::bad_file(path, msg));
+    crate::fsutil::check_file_head(path, b, MAGIC, HEADER_LEN, "logits")?;
+    let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+    if !(1..=VERSION).contains(&version) {
+        return bad(format!("logits format version {version}, this dtrain reads 1 to {VERSION}"));
+    }
+    let header_end = [64, 72, 80][version as usize - 1];
+    if u64::from_le_bytes(b[header_end..header_end + 8].try_into().expect("8 bytes"))
+        != xxh3_64(&b[..header_end])
+    {
+        return bad("corrupted: the header does not match its checksum".into());
+    }
+    crate::fsutil::check_reserved(path, &b[..HEADER_LEN], header_end + 8, "logits")?;
+    Ok(version)
 }
 
 fn split_code(s: SplitKind) -> u32 {
@@ -169,18 +189,9 @@ impl LogitsFile {
         let map = unsafe { Mmap::map(&f) }.at(path)?;
         let bad = |msg: String| Err(Error::bad_file(path, msg));
         let b = &map[..];
-        crate::fsutil::check_file_head(path, b, MAGIC, HEADER_LEN, "logits")?;
+        let version = check_header(path, b)?;
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        let version = u32_at(8);
-        if !(1..=VERSION).contains(&version) {
-            return bad(format!("logits format version {version}, this dtrain reads 1 to {VERSION}"));
-        }
-        let header_end = [64, 72, 80][version as usize - 1];
-        if u64_at(header_end) != xxh3_64(&b[..header_end]) {
-            return bad("corrupted: the header does not match its checksum".into());
-        }
-        crate::fsutil::check_reserved(path, &b[..HEADER_LEN], header_end + 8, "logits")?;
         let Some(split) = SplitKind::ALL.into_iter().find(|&s| split_code(s) == u32_at(12)) else {
             return bad(format!("unknown split code {}", u32_at(12)));
         };
@@ -229,6 +240,16 @@ impl LogitsFile {
             rows_fingerprint,
             source,
         })
+    }
+
+    /// The contents' checksum the header of the logits file at `path` records, with only
+    /// the header read and checked: for a file that [`LogitsFile::open`] has checked whole
+    /// in this run (a run's record of its teacher's logits), which is not read again.
+    pub fn recorded_checksum(path: &Path) -> Result<u64> {
+        let mut b = Vec::with_capacity(HEADER_LEN);
+        std::fs::File::open(path).and_then(|f| f.take(HEADER_LEN as u64).read_to_end(&mut b)).at(path)?;
+        check_header(path, &b)?;
+        Ok(u64::from_le_bytes(b[56..64].try_into().expect("8 bytes")))
     }
 
     /// Checks that the file holds the logits of `split` of `ds`, every shard with its rows:
@@ -280,11 +301,6 @@ impl LogitsFile {
     /// read-around on a page fault (see [`crate::data::shard::Shard::advise_random`]).
     pub fn advise_random(&self) {
         let _ = self.map.advise(memmap2::Advice::Random);
-    }
-
-    /// The xxh3_64 of the file's contents (from its header; checked at open).
-    pub fn body_checksum(&self) -> u64 {
-        u64::from_le_bytes(self.map[56..64].try_into().expect("8 bytes"))
     }
 
     /// Every row's logits, shard by shard (rows × classes).
