@@ -5,8 +5,8 @@
 # seed-1 skip-gram embeddings of docs/results.md), one setting (k 10, alpha 0.9, no shift,
 # the default alignment powers). Each command timed by GNU time.
 #   bash bench/propagate_cells.sh [DIR (default /tmp/knn)]
-# With EXACT_MILLION=1 it also runs the exact search on the million rows (about 15 minutes
-# since a343c46), first, and compares the cells' labels with its labels.
+# With EXACT_MILLION=1 it also runs the exact search on the million rows (about 10 minutes
+# since 24d2727), first, and compares the cells' labels with its labels.
 # Needs a release build (DTRAIN_BIN, default target/release/dtrain), /usr/bin/time, and
 # runs/brown_bag_ls/seed1/pretrain (bench/brown_bag_propagate.py --seeds 1 makes it).
 set -euo pipefail
