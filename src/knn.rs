@@ -53,6 +53,8 @@
 //! probed groups bound the parallelism. The results are the same for any number of
 //! threads.
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
 use rayon::prelude::*;
 
 use crate::backend::Real;
@@ -190,18 +192,27 @@ struct Best {
     /// The k-th best's similarity as an integer of the same order, and its index: a
     /// candidate must beat them once the list is full (never beaten before).
     bar: (i32, u32),
+    /// A key below which no candidate can be among the row's best k, known from elsewhere
+    /// (the k-th best of the row's list in another cell): such candidates are not offered.
+    floor: i32,
 }
 
 impl Best {
     fn new(k: usize, mut list: Vec<(u32, f32)>) -> Best {
         list.clear();
-        Best { k, list, bar: (i32::MIN, u32::MAX) }
+        Best { k, list, bar: (i32::MIN, u32::MAX), floor: i32::MIN }
     }
 
     /// Empties the list.
     fn clear(&mut self) {
         self.list.clear();
         self.bar = (i32::MIN, u32::MAX);
+        self.floor = i32::MIN;
+    }
+
+    /// The k-th best's key, once the list is full.
+    fn kth_key(&self) -> Option<i32> {
+        (self.k > 0 && self.list.len() == self.k).then_some(self.bar.0)
     }
 
     /// `f32::total_cmp`'s order as an i32.
@@ -214,7 +225,7 @@ impl Best {
     #[inline(always)]
     fn offer(&mut self, j: u32, s: f32) {
         let key = Best::key(s);
-        if key > self.bar.0 || (key == self.bar.0 && j < self.bar.1) {
+        if key >= self.floor && (key > self.bar.0 || (key == self.bar.0 && j < self.bar.1)) {
             self.enter(j, s);
         }
     }
@@ -253,9 +264,8 @@ impl Best {
     fn offer_each(&mut self, i: usize, sim: &[f32], row: impl Fn(usize) -> usize) {
         const RUN: usize = 64;
         for (c, run) in sim.chunks(RUN).enumerate() {
-            if self.list.len() == self.k
-                && run.iter().fold(i32::MIN, |m, &s| m.max(Best::key(s))) < self.bar.0
-            {
+            let below = if self.list.len() == self.k { self.bar.0.max(self.floor) } else { self.floor };
+            if run.iter().fold(i32::MIN, |m, &s| m.max(Best::key(s))) < below {
                 continue;
             }
             for (x, &s) in run.iter().enumerate() {
@@ -312,7 +322,7 @@ fn exact_rows<E>(
     }
     let block = rows.len().div_ceil(4 * rayon::current_num_threads()).clamp(1, QUERY_BLOCK);
     out.par_chunks_mut(block * k).zip(rows.par_chunks(block)).for_each(|(dst, qs)| {
-        search_group(v, h, n, k, qs, Candidates::Span(0), extra, dst);
+        search_group(v, h, n, k, qs, Candidates::Span(0), None, extra, dst);
         done(qs.len());
     });
 }
@@ -473,21 +483,35 @@ where
     E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
 {
     let base = starts[wave.start];
-    // Each group's requests: (the row, where its list goes among the wave's lists).
-    let mut asked: Vec<Vec<(u32, u32)>> = vec![Vec::new(); g];
+    // Each group's requests: (the row, where its list goes among the wave's lists, the
+    // row's place in the wave).
+    let mut asked: Vec<Vec<(u32, u32, u32)>> = vec![Vec::new(); g];
     for at in wave.clone() {
         for (slot, &b) in (starts[at]..starts[at + 1]).zip(&lists[starts[at]..starts[at + 1]]) {
-            asked[b as usize].push((with[at], (slot - base) as u32));
+            asked[b as usize].push((with[at], (slot - base) as u32, (at - wave.start) as u32));
         }
     }
+    // Each row's floor, shared by its lists (see search_group).
+    let floors: Vec<AtomicI32> = wave.clone().map(|_| AtomicI32::new(i32::MIN)).collect();
     let found: Vec<Vec<(u32, f32)>> = (0..g)
         .into_par_iter()
         .map(|b| {
-            let queries: Vec<u32> = asked[b].iter().map(|&(i, _)| i).collect();
+            let queries: Vec<u32> = asked[b].iter().map(|&(i, _, _)| i).collect();
+            let mine: Vec<&AtomicI32> = asked[b].iter().map(|&(_, _, w)| &floors[w as usize]).collect();
             let mut dst = vec![(0u32, 0f32); queries.len() * k];
             // The last group's rows have no vector: their dense similarities are 0.
             let dense = if b + 1 == g { 0 } else { h };
-            search_group(v, dense, n, k, &queries, Candidates::Among(groups(b)), extra, &mut dst);
+            search_group(
+                v,
+                dense,
+                n,
+                k,
+                &queries,
+                Candidates::Among(groups(b)),
+                Some(&mine),
+                extra,
+                &mut dst,
+            );
             dst
         })
         .collect();
@@ -495,7 +519,7 @@ where
     let mut compared = 0;
     for (b, lists) in found.into_iter().enumerate() {
         compared += asked[b].len() * groups(b).len();
-        for (&(_, slot), list) in asked[b].iter().zip(lists.chunks(k)) {
+        for (&(_, slot, _), list) in asked[b].iter().zip(lists.chunks(k)) {
             partial[slot as usize * k..(slot as usize + 1) * k].copy_from_slice(list);
         }
     }
@@ -539,6 +563,12 @@ fn gather(v: &[f32], h: usize, ids: &[u32], out: &mut Vec<f32>) {
 /// [`TILE_FLOATS`] similarities each, which are offered to each query's running list: the
 /// tiles' rows stay in cache while a block is compared with them, and the result is the
 /// same for any block and tile (each similarity is the same sum in the same order).
+///
+/// With `floors` (one per query), a query's list here skips the candidates below its floor
+/// (the largest k-th best key another of its lists has published), and publishes its own
+/// k-th best key when full. Lists then hold only what can be among the query's best k over
+/// all its lists (the candidates of different lists being different rows): fewer pairs, and
+/// the same best k of them, whatever the order the lists are made in.
 #[allow(clippy::too_many_arguments)]
 fn search_group<E>(
     v: &[f32],
@@ -547,6 +577,7 @@ fn search_group<E>(
     k: usize,
     queries: &[u32],
     cands: Candidates,
+    floors: Option<&[&AtomicI32]>,
     extra: &E,
     out: &mut [(u32, f32)],
 ) where
@@ -573,6 +604,7 @@ fn search_group<E>(
     };
     let mut sim = vec![0f32; block * tile];
     let mut best: Vec<Best> = (0..block).map(|_| Best::new(k, Vec::with_capacity(k))).collect();
+    let floor = |x: usize| floors.map(|f| f[x].load(Ordering::Relaxed));
     for (b, qs) in queries.chunks(block).enumerate() {
         best.iter_mut().for_each(Best::clear);
         if h > 0 {
@@ -590,12 +622,18 @@ fn search_group<E>(
             } else {
                 sim.fill(0.0);
             }
-            for ((s, &i), best) in sim.chunks_mut(hi - lo).zip(qs).zip(&mut best) {
+            for (r, ((s, &i), best)) in sim.chunks_mut(hi - lo).zip(qs).zip(&mut best).enumerate() {
+                if let Some(f) = floor(b * block + r) {
+                    best.floor = best.floor.max(f);
+                }
                 extra(i as usize, part, s, &mut scratch);
                 best.offer_all(i as usize, part, s);
             }
         }
         for (r, (&i, best)) in qs.iter().zip(&best).enumerate() {
+            if let (Some(f), Some(key)) = (floors, best.kth_key()) {
+                f[b * block + r].fetch_max(key, Ordering::Relaxed);
+            }
             best.write(i as usize, &mut out[(b * block + r) * k..(b * block + r + 1) * k]);
         }
     }
