@@ -42,12 +42,14 @@
 //! about `n·h·probes·n/c` to search, more where the
 //! cells' sizes differ (rows fall in the large cells more often): with c = √n and 16
 //! probes, a million rows of one 100-wide view compared each row with 38k rows (3.8%) and
-//! took 52 s on 2 cores at recall 0.76, 1.2 points of test accuracy below the exact scan's
+//! took 33 s on 2 cores at recall 0.76, 1.2 points of test accuracy below the exact scan's
 //! labels (bench/results/propagate-cells.md). Both searches compare blocks of at most
 //! [`QUERY_BLOCK`] rows with tiles of their candidates, a product of at most [`TILE_FLOATS`]
 //! similarities (4 MiB) at a time, each row keeping its best k so far (one comparison a
 //! candidate unless it enters the list, and runs of 64 below its k-th best skipped on their
-//! largest key); a cells task also holds its candidates' rows.
+//! largest key); a cells task also holds its candidates' rows, and a row's lists in its
+//! several cells share a floor (the largest k-th best key any of them has reached), below
+//! which candidates are not offered.
 //! Each row without a vector costs n comparisons as a query and m as a
 //! candidate (no products: its dense similarities are 0). A group is one task, so the most
 //! probed groups bound the parallelism. The results are the same for any number of

@@ -663,7 +663,7 @@ struct PropagateArgs {
     /// products (with one 100-wide view on 2 cores, 116k rows take 8 s and a million 10
     /// minutes, per --shift and --weights). `cells`: approximate, an inverted file of
     /// k-means cells; each row is compared with the rows of the --probes cells nearest it
-    /// (a million rows of one view with 16 probes: 52 s, each row compared with 3.8% of
+    /// (a million rows of one view with 16 probes: 33 s, each row compared with 3.8% of
     /// them). The run then prints the recall: the share of 256 sampled rows' exact
     /// neighbours of positive similarity (those that make edges) that the search found.
     #[arg(long, value_enum, default_value = "exact")]
