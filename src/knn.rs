@@ -27,10 +27,10 @@
 //!     candidate, and the result is [`exact`]'s, bit for bit where `extra` adds the same
 //!     terms in the same order for both kinds of [`Candidates`].
 //!   - The search runs group by group (a cell's members, or the rows without a vector): the
-//!     rows probing it against its members, each row keeping its best k there; then each row's best k of its
-//!     lists (padded with `(i, −∞)`, which makes no edge, where it has fewer than k other
-//!     candidates). It goes in waves of rows whose partial lists hold at most
-//!     [`WAVE_PAIRS`] pairs (256 MiB), at least one row's.
+//!     rows probing it against its members, each row keeping its best k there; then each
+//!     row's best k of its lists (padded with `(i, −∞)`, which makes no edge, where it has
+//!     fewer than k other candidates). It goes in waves of rows whose partial lists hold
+//!     at most [`WAVE_PAIRS`] pairs (256 MiB), at least one row's.
 //!   - [`recall`] measures the loss: over a seeded sample of the rows with a vector (the
 //!     others are searched exactly), the share of their exact neighbours of positive
 //!     similarity at this k (the edges their own lists would give) that the search found.
@@ -49,11 +49,10 @@
 //! candidate unless it enters the list, and runs of 64 below its k-th best skipped on their
 //! largest key); a cells task also holds its candidates' rows, and a row's lists in its
 //! several cells share a floor (the largest k-th best key any of them has reached), below
-//! which candidates are not offered.
-//! Each row without a vector costs n comparisons as a query and m as a
-//! candidate (no products: its dense similarities are 0). A group is one task, so the most
-//! probed groups bound the parallelism. The results are the same for any number of
-//! threads.
+//! which candidates are not offered. Each row without a vector costs n comparisons as a
+//! query and m as a candidate (no products: its dense similarities are 0). A group is one
+//! task, so the most probed groups bound the parallelism. The results are the same for any
+//! number of threads.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
