@@ -287,11 +287,14 @@ impl Best {
 
 /// Each of the `n` rows' `k` most similar other rows by an exact scan: n×k (index,
 /// similarity) pairs. `extra(i, Candidates::Span(start), sim_row, scratch)` adds to row i's
-/// similarities with the rows start.. (a tile of them); `done(r)` is told of every r rows
+/// similarities with the rows start.. (a tile of them); `scratch` is the task's own, made
+/// by `X::default()` for each group of queries and kept across their tiles (a place for
+/// `extra` to keep what it prepares once for a tile); `done(r)` is told of every r rows
 /// whose lists are done.
-pub fn exact<E>(n: usize, v: &[f32], h: usize, k: usize, extra: E, done: &Done<'_>) -> Vec<(u32, f32)>
+pub fn exact<E, X>(n: usize, v: &[f32], h: usize, k: usize, extra: E, done: &Done<'_>) -> Vec<(u32, f32)>
 where
-    E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
+    E: Fn(usize, Candidates, &mut [f32], &mut X) + Sync,
+    X: Default,
 {
     let mut out = vec![(0u32, 0f32); n * k];
     let rows: Vec<u32> = (0..n as u32).collect();
@@ -306,7 +309,7 @@ pub type Done<'a> = dyn Fn(usize) + Sync + 'a;
 /// [`QUERY_BLOCK`] rows run in parallel (at least four a thread where there are rows
 /// enough), each against every row, tile by tile.
 #[allow(clippy::too_many_arguments)]
-fn exact_rows<E>(
+fn exact_rows<E, X>(
     rows: &[u32],
     n: usize,
     v: &[f32],
@@ -316,7 +319,8 @@ fn exact_rows<E>(
     done: &Done<'_>,
     out: &mut [(u32, f32)],
 ) where
-    E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
+    E: Fn(usize, Candidates, &mut [f32], &mut X) + Sync,
+    X: Default,
 {
     if k == 0 {
         return;
@@ -333,7 +337,7 @@ fn exact_rows<E>(
 /// Candidates::Among(ids), sim_row, scratch)` adds to row i's similarities with the rows
 /// `ids`; `done(r)` is told of every r rows whose lists are done.
 #[allow(clippy::too_many_arguments)]
-pub fn by_cells<E>(
+pub fn by_cells<E, X>(
     n: usize,
     v: &[f32],
     h: usize,
@@ -344,7 +348,8 @@ pub fn by_cells<E>(
     done: &Done<'_>,
 ) -> (Vec<(u32, f32)>, CellsReport)
 where
-    E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
+    E: Fn(usize, Candidates, &mut [f32], &mut X) + Sync,
+    X: Default,
 {
     by_cells_in_waves(n, v, h, k, cells, probes, &extra, done, WAVE_PAIRS)
 }
@@ -356,7 +361,7 @@ pub const WAVE_PAIRS: usize = 1 << 25;
 /// [`by_cells`] in waves of rows whose partial lists hold at most `wave_pairs` pairs (and at
 /// least one row's).
 #[allow(clippy::too_many_arguments)]
-fn by_cells_in_waves<E>(
+fn by_cells_in_waves<E, X>(
     n: usize,
     v: &[f32],
     h: usize,
@@ -368,7 +373,8 @@ fn by_cells_in_waves<E>(
     wave_pairs: usize,
 ) -> (Vec<(u32, f32)>, CellsReport)
 where
-    E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
+    E: Fn(usize, Candidates, &mut [f32], &mut X) + Sync,
+    X: Default,
 {
     let (with, blank) = split_blank(n, v, h);
     let c = cell_count(n, with.len(), cells);
@@ -466,7 +472,7 @@ pub fn cell_count(n: usize, m: usize, cells: Option<usize>) -> usize {
 /// all), cell by cell, each keeping its best k there; then each row's best k of its lists,
 /// into `out` at its row. Returns the pairs compared.
 #[allow(clippy::too_many_arguments)]
-fn search_wave<'a, E>(
+fn search_wave<'a, E, X>(
     v: &[f32],
     h: usize,
     n: usize,
@@ -481,7 +487,8 @@ fn search_wave<'a, E>(
     out: &mut [(u32, f32)],
 ) -> usize
 where
-    E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
+    E: Fn(usize, Candidates, &mut [f32], &mut X) + Sync,
+    X: Default,
 {
     let base = starts[wave.start];
     // Each group's requests: (the row, where its list goes among the wave's lists, the
@@ -571,7 +578,7 @@ fn gather(v: &[f32], h: usize, ids: &[u32], out: &mut Vec<f32>) {
 /// all its lists (the candidates of different lists being different rows): fewer pairs, and
 /// the same best k of them, whatever the order the lists are made in.
 #[allow(clippy::too_many_arguments)]
-fn search_group<E>(
+fn search_group<E, X>(
     v: &[f32],
     h: usize,
     n: usize,
@@ -582,7 +589,8 @@ fn search_group<E>(
     extra: &E,
     out: &mut [(u32, f32)],
 ) where
-    E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
+    E: Fn(usize, Candidates, &mut [f32], &mut X) + Sync,
+    X: Default,
 {
     let m = match cands {
         Candidates::Span(start) => n - start,
@@ -594,7 +602,7 @@ fn search_group<E>(
     }
     let block = queries.len().min(QUERY_BLOCK);
     let tile = (TILE_FLOATS / block).clamp(1, m);
-    let (mut q, mut w, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut q, mut w, mut scratch) = (Vec::new(), Vec::new(), X::default());
     let rows: &[f32] = match (cands, h > 0) {
         (Candidates::Span(start), _) => &v[start * h..],
         (Candidates::Among(ids), true) => {
@@ -703,9 +711,10 @@ fn top_centroids(v: &[f32], h: usize, ids: &[u32], centroids: &[f32], p: usize) 
 /// [`RECALL_ROWS`] rows with a vector (those searched among cells; the others are searched
 /// exactly), drawn by the seeded stream `Purpose::Cells` (index 1), that `found` (n×k lists)
 /// holds; `None` where those rows have no such neighbour.
-pub fn recall<E>(n: usize, v: &[f32], h: usize, k: usize, found: &[(u32, f32)], extra: E) -> Option<f64>
+pub fn recall<E, X>(n: usize, v: &[f32], h: usize, k: usize, found: &[(u32, f32)], extra: E) -> Option<f64>
 where
-    E: Fn(usize, Candidates, &mut [f32], &mut Vec<f32>) + Sync,
+    E: Fn(usize, Candidates, &mut [f32], &mut X) + Sync,
+    X: Default,
 {
     let mut rows = split_blank(n, v, h).0;
     Stream::new(0, Purpose::Cells, 1).shuffle(&mut rows);

@@ -1203,6 +1203,9 @@ fn budget(
         "a data set of fewer rows or classes: the spreading holds eight f64 values per row and class",
     );
     // Per thread: a block of similarities (at least one row of n) and a row's candidates.
+    // (The search's own blocks are smaller now: a 4 MiB tile of similarities, at most 1,024
+    // queries' rows, and by cells, per TF-IDF view, the index of a cell's words, which the
+    // claim's surplus covers.)
     let threads = rayon::current_num_threads() as u64;
     let block = (1u64 << 26).min(n * n * 4).max(n * 4) + n * 8;
     b.add("the similarity blocks", threads * block, "--data", fewer);
@@ -1393,9 +1396,11 @@ fn nearest(
     search: Search,
     done: &crate::knn::Done<'_>,
 ) -> (Vec<(u32, f32)>, Option<Searched>) {
-    let extra = |i: usize, cands: Candidates, sim: &mut [f32], scratch: &mut Vec<f32>| {
-        for &(s, scale) in sparse {
-            s.add_dots(i, scale, cands, sim, scratch);
+    // A list index per sparse view, kept by the task across its queries.
+    let extra = |i: usize, cands: Candidates, sim: &mut [f32], indexes: &mut Vec<ListIndex>| {
+        indexes.resize_with(sparse.len(), ListIndex::default);
+        for (&(s, scale), index) in sparse.iter().zip(indexes.iter_mut()) {
+            s.add_dots(i, scale, cands, sim, index);
         }
     };
     match search {
@@ -1537,12 +1542,12 @@ impl Sparse {
 
     /// `sim[x] += scale · (v_i · v_j)` for the candidates j: the consecutive rows from
     /// `start` (j = start + x), by the rows of row i's words in that span; or the listed rows
-    /// (x their place in the list), by row i's weights spread over a `scratch` of one float
-    /// per word.
-    fn add_dots(&self, i: usize, scale: f32, cands: Candidates, sim: &mut [f32], scratch: &mut Vec<f32>) {
+    /// (x their place in the list), by the `index` of their words (built for that list
+    /// once, and kept while the same list comes again).
+    fn add_dots(&self, i: usize, scale: f32, cands: Candidates, sim: &mut [f32], index: &mut ListIndex) {
+        // Both add the same products to each similarity in the same (word) order, so both
+        // give the same bits.
         match cands {
-            // Both add the same products to each similarity in the same (word) order, so
-            // both give the same bits.
             Candidates::Span(start) => {
                 let end = start + sim.len();
                 for (w, a) in self.rows.row(i) {
@@ -1555,22 +1560,66 @@ impl Sparse {
                 }
             }
             Candidates::Among(ids) => {
-                scratch.resize(self.words.starts.len() - 1, 0.0);
+                index.prepare(self, ids);
                 for (w, a) in self.rows.row(i) {
-                    scratch[w] = scale * a;
-                }
-                for (s, &j) in sim.iter_mut().zip(ids) {
-                    for (w, b) in self.rows.row(j as usize) {
-                        let a = scratch[w];
-                        if a != 0.0 {
-                            *s += a * b;
+                    let a = scale * a;
+                    if a != 0.0 {
+                        for &(x, b) in index.entries_of(w) {
+                            sim[x as usize] += a * b;
                         }
                     }
                 }
-                for (w, _) in self.rows.row(i) {
-                    scratch[w] = 0.0;
-                }
             }
+        }
+    }
+}
+
+/// The words of a list of rows of a [`Sparse`] view: for each word, the places in the list
+/// of the rows that hold it and their values, so that one row's dot products with the list
+/// cost the list's entries of its own words, not every entry of the list.
+#[derive(Default)]
+struct ListIndex {
+    /// The list indexed (a group's tile of candidates, which [`crate::knn`] offers again for
+    /// every query of a block); `None` before the first.
+    of: Option<Vec<u32>>,
+    /// The words, ascending, and where each one's entries start in `entries` (one more).
+    words: Vec<u32>,
+    starts: Vec<u32>,
+    /// (place in the list, value), by word, then place.
+    entries: Vec<(u32, f32)>,
+}
+
+impl ListIndex {
+    /// Indexes `ids`, unless it is the list indexed last (compared whole: a few bytes a
+    /// candidate, against the index's entries a candidate and word).
+    fn prepare(&mut self, view: &Sparse, ids: &[u32]) {
+        if self.of.as_deref() == Some(ids) {
+            return;
+        }
+        let mut all: Vec<(u32, u32, f32)> = Vec::new();
+        for (x, &j) in ids.iter().enumerate() {
+            all.extend(view.rows.row(j as usize).map(|(w, b)| (w as u32, x as u32, b)));
+        }
+        all.sort_unstable_by_key(|&(w, x, _)| (w, x));
+        self.words.clear();
+        self.starts.clear();
+        self.entries.clear();
+        for (e, &(w, x, b)) in all.iter().enumerate() {
+            if self.words.last() != Some(&w) {
+                self.words.push(w);
+                self.starts.push(e as u32);
+            }
+            self.entries.push((x, b));
+        }
+        self.starts.push(all.len() as u32);
+        self.of = Some(ids.to_vec());
+    }
+
+    /// Word w's entries.
+    fn entries_of(&self, w: usize) -> &[(u32, f32)] {
+        match self.words.binary_search(&(w as u32)) {
+            Ok(at) => &self.entries[self.starts[at] as usize..self.starts[at + 1] as usize],
+            Err(_) => &[],
         }
     }
 }
@@ -2147,21 +2196,30 @@ mod tests {
         assert_eq!(sp.1, 0);
         // add_dots: row 0 against every row.
         let mut sim = vec![0f32; 3];
-        let mut scratch = Vec::new();
-        sp.0.add_dots(0, 0.5, Candidates::Span(0), &mut sim, &mut scratch);
+        let mut index = ListIndex::default();
+        sp.0.add_dots(0, 0.5, Candidates::Span(0), &mut sim, &mut index);
         for j in 0..3 {
             let d: f64 = want[0].iter().zip(&want[j]).map(|(a, b)| a * b).sum();
             assert!((f64::from(sim[j]) - 0.5 * d).abs() < 1e-6, "row 0 · row {j}");
         }
-        // The same dots among listed rows, in the list's order, through the scratch (left
-        // zeroed for the next row).
+        // The same dots among listed rows, in the list's order, through the list's index: the
+        // same bits, also when the index is kept for the same list and when another list,
+        // even in the same place, replaces it.
+        let mut list = vec![2u32, 1];
+        for want in [[sim[2], sim[1]], [sim[2], sim[1]]] {
+            let mut among = vec![1f32; 2];
+            sp.0.add_dots(0, 0.5, Candidates::Among(&list), &mut among, &mut index);
+            assert_eq!(among, [1.0 + want[0], 1.0 + want[1]]);
+        }
+        list.copy_from_slice(&[0, 2]);
         let mut among = vec![1f32; 2];
-        sp.0.add_dots(0, 0.5, Candidates::Among(&[2, 1]), &mut among, &mut scratch);
-        assert_eq!(among, [1.0 + sim[2], 1.0 + sim[1]]);
-        assert!(scratch.iter().all(|&x| x == 0.0), "the scratch is left zeroed");
+        sp.0.add_dots(1, 0.5, Candidates::Among(&list), &mut among, &mut index);
+        let mut from_one = vec![1f32; 3];
+        sp.0.add_dots(1, 0.5, Candidates::Span(0), &mut from_one, &mut index);
+        assert_eq!(among, [from_one[0], from_one[2]]);
         // A span of rows (a tile of the exact search): rows 1 and 2 only, the same bits.
         let mut span = vec![1f32; 2];
-        sp.0.add_dots(0, 0.5, Candidates::Span(1), &mut span, &mut scratch);
+        sp.0.add_dots(0, 0.5, Candidates::Span(1), &mut span, &mut index);
         assert_eq!(span, [1.0 + sim[1], 1.0 + sim[2]]);
         // A row of single-row words only has no vector.
         let lone = Sparse::from_counts(&[vec![(0, 1)], vec![(0, 1)], vec![(1, 3)]], 2);
@@ -2213,7 +2271,7 @@ mod tests {
         let t = Sparse::from_counts(&counts, 12).0;
         let sparse_cos = |i: usize, j: usize| -> f64 {
             let mut sim = vec![0f32; n];
-            t.add_dots(i, 1.0, Candidates::Span(0), &mut sim, &mut Vec::new());
+            t.add_dots(i, 1.0, Candidates::Span(0), &mut sim, &mut ListIndex::default());
             f64::from(sim[j])
         };
         let cos = |v: &[f32], h: usize, i: usize, j: usize| -> f64 {
