@@ -2100,7 +2100,7 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
             }
         } else {
             println!("tokenization of {text:?}:");
-            if text.chars().all(|c| c.is_whitespace() || c.is_control()) {
+            if dtrain::data::input::is_empty_text(text) {
                 println!(
                     "  nothing but whitespace or control characters: prepare and predict refuse such a text"
                 );

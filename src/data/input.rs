@@ -232,10 +232,16 @@ pub fn parse_line(
         return Err(format!("the label holds the control character U+{:04X}", c as u32));
     }
     let label = label.as_deref().map(label_name);
-    if text.chars().all(|c| c.is_whitespace() || c.is_control()) {
+    if is_empty_text(&text) {
         return Err("empty text (nothing but whitespace or control characters)".into());
     }
     Ok(Parsed::Doc(RawDoc { line, label, text }))
+}
+
+/// Whether a text is empty for dtrain: nothing but whitespace or control characters (the
+/// rule `prepare` and `predict` refuse such a line by).
+pub fn is_empty_text(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c.is_control())
 }
 
 /// A file opened for line reading, gunzipped when its name ends in `.gz`. Counts the bytes
