@@ -12,8 +12,12 @@
 //! `optimizer.safetensors` holds `m.<name>` and `v.<name>` for the tensors
 //! whose optimizer keeps that moment (`optim::moment_lens`: lazy Adam keeps both for every
 //! tensor, AdamW/LAMB on the dense tensors only, plain SGD none), and
-//! `dtrain` = `{"checksum": …}` (over `m.` then `v.`). Loading checks names, shapes and
-//! sizes before allocating, then the checksum, then that every value is finite.
+//! `dtrain` = `{"checksum": …}` (over `m.` then `v.`, then the row indices). A matrix with at
+//! least a quarter of its rows zero in both moments (the table rows no batch touched) is
+//! stored by its other rows: `rows.<name>` (U32, ascending) and `m.`/`v.<name>` of those
+//! rows (`tensors::Storage::ByRows`; files from before it hold every tensor whole and read
+//! as before). Loading checks names, shapes and sizes before allocating, then the checksum,
+//! then the row indices, then that every value is finite.
 //! With Temporal Ensembling, `bank/` holds a sealed copy of every bank file (`bank`).
 //! With a Mean Teacher, `teacher.safetensors`, and with EMA or SWA weights,
 //! `average.safetensors`, hold those weights in the same format as `model.safetensors` (so
@@ -32,10 +36,8 @@
 //! give its state's step, so a copy under a later step's name is not taken for the newest.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
@@ -44,9 +46,12 @@ use crate::data::manifest::hex64;
 use crate::data::tokenize::TokenizerSpec;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::model::params::{Layout, TensorSpec};
+use crate::model::params::Layout;
 use crate::model::{Model, ModelSpec};
 use crate::optim::schedule::Plateau;
+
+mod tensors;
+pub(crate) use tensors::{file_meta, seal_meta, tensors_from_file, tensors_to_file, Storage};
 
 /// Magic bytes of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";
@@ -381,180 +386,6 @@ pub fn dir_name(step: u64) -> String {
 /// varies between processes, so each file has exactly one key to stay byte-identical.
 pub const META_KEY: &str = "dtrain";
 
-/// The tensors of `layout` that a buffer of `len` elements holds: a buffer may cover only a
-/// prefix of the layout (optimizer moments, see `optim::moment_lens`).
-fn covered(layout: &Layout, len: usize) -> impl Iterator<Item = &TensorSpec> {
-    layout.tensors().iter().filter(move |t| t.slot.range().end <= len)
-}
-
-/// xxh3_64 (16 hex digits) of the tensor data of `bufs`, in layout order.
-fn data_checksum(layout: &Layout, bufs: &[(&str, &[f32])]) -> String {
-    let mut sum = Xxh3::new();
-    for (_, buf) in bufs {
-        for t in covered(layout, buf.len()) {
-            sum.update(bytemuck::cast_slice(&buf[t.slot.range()]));
-        }
-    }
-    hex64(sum.digest())
-}
-
-/// The key of the metadata's own checksum, the last of the [`META_KEY`] object.
-const META_CHECKSUM: &str = "meta_checksum";
-
-/// `text` (a JSON object's text) with its own checksum appended as the last key: the
-/// xxh3_64 of exactly the bytes before it (with the closing brace), so that the reader
-/// checks the stored bytes, not a re-serialisation (serde_json does not parse every f64
-/// back to the same bits).
-pub(crate) fn seal_meta(text: &str) -> String {
-    let body = text.strip_suffix('}').filter(|b| b.len() > 1).expect("a non-empty JSON object");
-    format!("{body},\"{META_CHECKSUM}\":\"{}\"}}", hex64(xxh3_64(text.as_bytes())))
-}
-
-/// Checks the checksum [`seal_meta`] appended to `text`; text without one (files from
-/// before it) passes unchecked.
-fn check_meta(path: &Path, text: &str) -> Result<()> {
-    let marker = format!(",\"{META_CHECKSUM}\":\"");
-    let bad =
-        || Error::bad_file(path, format!("corrupted: the `{META_KEY}` metadata does not match its checksum"));
-    let Some(at) = text.rfind(&marker) else {
-        return if text.contains(META_CHECKSUM) { Err(bad()) } else { Ok(()) };
-    };
-    let want = text[at + marker.len()..].strip_suffix("\"}").ok_or_else(bad)?;
-    if hex64(xxh3_64(format!("{}}}", &text[..at]).as_bytes())) != want {
-        return Err(bad());
-    }
-    Ok(())
-}
-
-/// Writes the tensors of `bufs` (those each buffer covers) with `meta` (a JSON object, without its `checksum`) under
-/// [`META_KEY`], the data checksum and then the metadata's own checksum added to it.
-///
-/// A non-finite value is refused before anything is written: no reader would accept the
-/// file, and a checkpoint that cannot be resumed must not be written, since writing it
-/// would prune the older ones. A loss is checked before each update, so weights that an
-/// update sent to infinity or NaN are first seen here.
-pub(crate) fn tensors_to_file(
-    path: &Path,
-    layout: &Layout,
-    bufs: &[(&str, &[f32])],
-    meta: serde_json::Value,
-) -> Result<()> {
-    for (prefix, buf) in bufs {
-        for t in covered(layout, buf.len()) {
-            if let Some(at) = buf[t.slot.range()].iter().position(|v| !v.is_finite()) {
-                return Err(Error::bad_file(
-                    path,
-                    format!(
-                        "not written: tensor `{prefix}{}` holds {} at {at}: the {} diverged in the last \
-                         update, after a finite loss; lower the learning rate, the weight decay or a term's weight. Nothing is \
-                         written for this step, and what was written before is kept",
-                        t.name,
-                        buf[t.slot.offset + at],
-                        if prefix.is_empty() { "weights" } else { "optimizer's moments" }
-                    ),
-                ));
-            }
-        }
-    }
-    let mut meta = meta;
-    meta["checksum"] = serde_json::Value::String(data_checksum(layout, bufs));
-    let mut views = Vec::new();
-    for (prefix, buf) in bufs {
-        for t in covered(layout, buf.len()) {
-            let data: &[u8] = bytemuck::cast_slice(&buf[t.slot.range()]);
-            let view = TensorView::new(Dtype::F32, t.shape.clone(), data)
-                .map_err(|e| Error::bad_file(path, format!("tensor {}: {e}", t.name)))?;
-            views.push((format!("{prefix}{}", t.name), view));
-        }
-    }
-    let info = HashMap::from([(META_KEY.to_string(), seal_meta(&meta.to_string()))]);
-    safetensors::serialize_to_file(views, Some(info), path)
-        .map_err(|e| Error::bad_file(path, format!("writing: {e}")))
-}
-
-/// The JSON object under [`META_KEY`] in a file's metadata.
-pub(crate) fn file_meta(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
-    let (_, header) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
-    let json =
-        header.metadata().as_ref().and_then(|m| m.get(META_KEY)).ok_or_else(|| {
-            Error::bad_file(path, format!("no `{META_KEY}` metadata: not written by dtrain"))
-        })?;
-    check_meta(path, json)?;
-    serde_json::from_str(json)
-        .map_err(|e| Error::bad_file(path, format!("invalid `{META_KEY}` metadata: {e}")))
-}
-
-/// Reads, for each `(prefix, len)`, the tensors `prefix + name` of `layout` that a buffer of
-/// `len` elements covers, into such a buffer. Checks, before allocating anything, that the
-/// file holds exactly those tensors with their shapes and that the data's checksum matches
-/// the file's metadata; then rejects non-finite values.
-pub(crate) fn tensors_from_file(
-    path: &Path,
-    bytes: &[u8],
-    layout: &Layout,
-    buffers: &[(&str, usize)],
-) -> Result<Vec<Vec<f32>>> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
-    let expected: usize = buffers.iter().map(|&(_, len)| covered(layout, len).count()).sum();
-    if st.len() != expected {
-        return Err(Error::bad_file(
-            path,
-            format!("holds {} tensors, this model and optimizer expect {expected}", st.len()),
-        ));
-    }
-    let meta = file_meta(path, bytes)?;
-    let want = meta
-        .get("checksum")
-        .and_then(|c| c.as_str())
-        .ok_or_else(|| Error::bad_file(path, "no data checksum in the metadata"))?
-        .to_owned();
-    let mut sum = Xxh3::new();
-    let mut views = Vec::new();
-    for &(prefix, len) in buffers {
-        for t in covered(layout, len) {
-            let name = format!("{prefix}{}", t.name);
-            let view =
-                st.tensor(&name).map_err(|_| Error::bad_file(path, format!("tensor `{name}` is missing")))?;
-            if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
-                return Err(Error::bad_file(
-                    path,
-                    format!(
-                        "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
-                        view.dtype(),
-                        view.shape(),
-                        t.shape
-                    ),
-                ));
-            }
-            sum.update(view.data());
-            views.push((t, view));
-        }
-    }
-    if hex64(sum.digest()) != want {
-        return Err(Error::bad_file(path, "corrupted: the tensor data does not match its checksum"));
-    }
-    let mut out = Vec::new();
-    let mut views = views.into_iter();
-    for &(_, len) in buffers {
-        let mut buf = crate::hostmem::zeroed::<f32>(len);
-        for (t, view) in views.by_ref().take(covered(layout, len).count()) {
-            for (o, c) in buf[t.slot.range()].iter_mut().zip(view.data().chunks_exact(4)) {
-                *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-            }
-            if let Some(bad) = buf[t.slot.range()].iter().position(|v| !v.is_finite()) {
-                return Err(Error::bad_file(
-                    path,
-                    format!("tensor `{}` holds a non-finite value at {bad}", t.name),
-                ));
-            }
-        }
-        out.push(buf);
-    }
-    Ok(out)
-}
-
 /// What a checkpoint holds besides the model's description.
 pub struct Contents<'a> {
     /// The model's parameters (borrowed on the CPU, downloaded from a device:
@@ -652,9 +483,21 @@ pub fn save(
     let done = if dist.is_root() {
         fsutil::removing_on_error(&[&tmp], || {
             let json = serde_json::to_value(meta).map_err(|e| Error::Data(format!("model metadata: {e}")))?;
-            tensors_to_file(&tmp.join("model.safetensors"), model.layout(), &[("", &params)], json.clone())?;
+            tensors_to_file(
+                &tmp.join("model.safetensors"),
+                model.layout(),
+                &[("", &params)],
+                json.clone(),
+                Storage::Whole,
+            )?;
             for (which, weights) in shadows {
-                tensors_to_file(&tmp.join(which.file()), model.layout(), &[("", &weights)], json.clone())?;
+                tensors_to_file(
+                    &tmp.join(which.file()),
+                    model.layout(),
+                    &[("", &weights)],
+                    json.clone(),
+                    Storage::Whole,
+                )?;
             }
             let moments = [("m.", &*moments[0]), ("v.", &*moments[1])];
             tensors_to_file(
@@ -662,6 +505,7 @@ pub fn save(
                 model.layout(),
                 &moments,
                 serde_json::json!({}),
+                Storage::ByRows,
             )?;
             for p in parts {
                 tensors_to_file(
@@ -669,10 +513,11 @@ pub fn save(
                     p.layout,
                     &[("", &p.params)],
                     p.meta,
+                    Storage::Whole,
                 )?;
                 let moments = [("m.", &*p.moments[0]), ("v.", &*p.moments[1])];
                 let file = tmp.join(format!("{}.optimizer.safetensors", p.stem));
-                tensors_to_file(&file, p.layout, &moments, serde_json::json!({}))?;
+                tensors_to_file(&file, p.layout, &moments, serde_json::json!({}), Storage::ByRows)?;
             }
             let payload = bincode::encode_to_vec(state, bincode::config::standard())
                 .map_err(|e| Error::Data(format!("state: {e}")))?;
@@ -1158,7 +1003,13 @@ mod tests {
     fn write_weights(dir: &Path, values: &[f32]) -> Result<()> {
         let mut layout = Layout::new();
         layout.matrix("w", 2, 3);
-        tensors_to_file(&dir.join("model.safetensors"), &layout, &[("", values)], serde_json::json!({}))
+        tensors_to_file(
+            &dir.join("model.safetensors"),
+            &layout,
+            &[("", values)],
+            serde_json::json!({}),
+            Storage::Whole,
+        )
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::checkpoint::{file_meta, tensors_from_file, tensors_to_file};
+use crate::checkpoint::{file_meta, tensors_from_file, tensors_to_file, Storage};
 use crate::config::Objective;
 use crate::data::manifest::hex64;
 use crate::data::tokenize::{Tokenizer, TokenizerSpec, TOKENIZER_ALGORITHM};
@@ -104,7 +104,7 @@ pub fn write(
     let path = dir.join(EMBEDDINGS_FILE);
     let tmp = fsutil::sibling(&path, ".tmp");
     let json = serde_json::to_value(&meta).map_err(|e| Error::Data(format!("embeddings metadata: {e}")))?;
-    tensors_to_file(&tmp, layout, &[("", params)], json)?;
+    tensors_to_file(&tmp, layout, &[("", params)], json, Storage::Whole)?;
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).at(&tmp)?;
     std::fs::rename(&tmp, &path).at(&path)?;
     fsutil::sync_parent(&path);

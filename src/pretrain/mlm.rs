@@ -550,7 +550,13 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let out = crate::checkpoint::stage(&t.out_dir, "encoder", 1, |tmp| {
         crate::fsutil::write_atomic(&tmp.join("config.json"), &config_bytes)?;
         crate::fsutil::write_atomic(&tmp.join("tokenizer.json"), &tok_bytes)?;
-        crate::checkpoint::tensors_to_file(&tmp.join("model.safetensors"), &layout, &[("", &host)], meta)
+        crate::checkpoint::tensors_to_file(
+            &tmp.join("model.safetensors"),
+            &layout,
+            &[("", &host)],
+            meta,
+            crate::checkpoint::Storage::Whole,
+        )
     })?;
     Ok(MlmReport {
         steps,
