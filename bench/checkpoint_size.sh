@@ -25,8 +25,10 @@ for bin in "$@"; do
       grep -E "^wall|^test:"
     last=$(ls -d "$out"/checkpoints/step-* | tail -1)
     du -b "$last"/*.safetensors; du -sb "$out/checkpoints"
-    [ "$i" = 1 ] || cmp "$last/model.safetensors" "$dir/b1-$cfg-$every/checkpoints/$(basename "$last")/model.safetensors" &&
+    if [ "$i" != 1 ]; then
+      cmp "$last/model.safetensors" "$dir/b1-$cfg-$every/checkpoints/$(basename "$last")/model.safetensors"
       echo "final weights: the same bits as binary 1's"
+    fi
   done
 done
 # The last binary resumes the first one's second-to-last checkpoint of the per-epoch run.
