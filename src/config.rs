@@ -317,6 +317,15 @@ impl Validate for PrepareConfig {
         if self.input.label_field.is_empty() {
             return bad("input.label_field", "must not be empty");
         }
+        if self.input.label_field == self.input.text_field {
+            return bad(
+                "input.label_field",
+                &format!(
+                    "must differ from input.text_field (both `{}`): each text would be its own class",
+                    self.input.text_field
+                ),
+            );
+        }
         let mut seen = std::collections::HashSet::new();
         for l in &self.input.labels {
             if l.trim().is_empty() || l.trim() != l {

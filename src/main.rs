@@ -442,6 +442,7 @@ impl RunArgs {
         let resume = match self.resume.as_str() {
             "no" => Resume::No,
             "auto" => Resume::Auto,
+            "" => anyhow::bail!("--resume is empty: give `auto`, `no` or a checkpoint directory"),
             path => Resume::From(PathBuf::from(path)),
         };
         Ok((config::load(Some(&self.config), &overrides)?, resume))
@@ -1943,7 +1944,10 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     if !args.path.exists() {
         bail!("{}: no such file or directory", args.path.display());
     }
-    let is_logits = args.path.is_file() && dtrain::logits::has_magic(&args.path);
+    // A file named `.logits` is read as one, so a truncated one is reported by the logits
+    // reader (not as a short shard).
+    let is_logits = args.path.is_file()
+        && (dtrain::logits::has_magic(&args.path) || args.path.extension().is_some_and(|x| x == "logits"));
     if args.data.is_some() && !is_logits {
         bail!("--data names the data set of a logits file, and {} is not a logits file", args.path.display());
     }

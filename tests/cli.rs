@@ -311,6 +311,26 @@ fn prepare_reads_a_config_file() {
     let m = dtrain::data::manifest::Manifest::read(&out).unwrap();
     assert_eq!(m.splits["train"].docs, 4);
     assert_eq!(m.num_shards, 1);
+    // A label field that is the text field would make each text its own class: refused.
+    let r = dtrain(&[
+        "prepare",
+        "--quiet",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--label-field",
+        "body",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        dir.path().join("same").to_str().unwrap(),
+    ]);
+    assert!(
+        !r.status.success()
+            && text(&r).contains("input.label_field")
+            && text(&r).contains("must differ from input.text_field"),
+        "{}",
+        text(&r)
+    );
     // A config that is a device, or far larger than any config, is refused at once rather
     // than read into memory.
     let huge = dir.path().join("huge.toml");

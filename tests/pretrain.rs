@@ -393,6 +393,17 @@ fn init_from_loads_trained_rows_and_leaves_the_rest() {
     let e =
         train(&tcfg(&dir.path().join("t3"), Some(&scratch.final_checkpoint)), &opts).unwrap_err().to_string();
     assert!(e.contains("field `model.init_from`") && e.contains("has no embeddings.safetensors"), "{e}");
+    // A run stopped part-way resumes after its embeddings moved, with `model.init_from`
+    // naming the new place (the table comes from the checkpoint), and ends on the bits of
+    // the uninterrupted run.
+    let out = dir.path().join("t4");
+    let stopped = RunOptions { stop_after: Some(3), ..opts.clone() };
+    train(&tcfg(&out, Some(&sub)), &stopped).unwrap();
+    let moved = dir.path().join("moved-embeddings");
+    std::fs::rename(&sub, &moved).unwrap();
+    let resumed = RunOptions { resume: Resume::Auto, ..opts };
+    let r = train(&tcfg(&out, Some(&moved)), &resumed).unwrap();
+    assert_eq!(params(&r.final_checkpoint), params(&pre.final_checkpoint));
 }
 
 /// A learning rate far too high makes the loss explode; the run stops with an error that

@@ -646,6 +646,9 @@ fn a_checkpoint_copied_under_another_steps_name_or_named_by_a_file_is_refused() 
             && e.contains(&format!("give its checkpoint, {}", r.final_checkpoint.display())),
         "{e}"
     );
+    // --resume given a word that is neither `auto`, `no` nor a directory says what it takes.
+    let e = run(&c, Resume::From("yes".into()), None).unwrap_err().to_string();
+    assert!(e.starts_with("yes: --resume takes `auto`, `no` or a checkpoint directory"), "{e}");
     // Step 2 copied as step 9 is what --resume auto finds newest: refused, with the name to
     // give it back.
     let ckpts = out.join("checkpoints");
@@ -837,7 +840,8 @@ fn bad_training_configs_name_their_field() {
     for (set, msg) in [
         ("schedule.warmup_steps=10", "schedule.warmup_steps`: 10 leaves no step of the run's 10"),
         ("schedule.cycles=9", "schedule.cycles`: 9 cycles do not fit the run's 8 steps"),
-        ("consistency.rampdown_epochs=1000", "consistency.rampdown_epochs`: a ramp-down of"),
+        ("consistency.rampdown_epochs=1000", "a ramp-down of 1000.0 epochs ("),
+        ("consistency.rampdown_epochs=1e30", "a ramp-down of 1e30 epochs (past 2^64 steps)"),
     ] {
         let extra = ["train.steps=10", "schedule.warmup_steps=2", "schedule.decay=\"cosine\"", set];
         let e = run(&cfg(&data, &out, &extra), Resume::No, None).unwrap_err().to_string();
@@ -1926,7 +1930,6 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
     // Another data set is refused by the run's own check, and --data beside anything but a
     // logits file is refused.
     std::fs::create_dir_all(dir.path().join("other")).unwrap();
-    std::fs::create_dir_all(dir.path().join("other")).unwrap();
     let other = separable_with(&dir.path().join("other"), &["split.labels_per_class=5"]);
     let o = inspect_with(&other);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -1940,6 +1943,13 @@ fn pseudo_label_spread_is_logged_and_a_collapse_is_flagged() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("is not a logits file"), "{err}");
+    // An empty file named `.logits` is reported as a truncated logits file.
+    let empty = dir.path().join("empty.logits");
+    std::fs::write(&empty, b"").unwrap();
+    let o =
+        std::process::Command::new(env!("CARGO_BIN_EXE_dtrain")).arg("inspect").arg(&empty).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("empty.logits") && err.contains("logits header"), "{err}");
     // A checkpoint, or its weights, is named for what it is, not taken for a data set.
     for (path, what) in [
         (teacher.final_checkpoint.clone(), "a training checkpoint"),

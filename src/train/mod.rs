@@ -144,34 +144,50 @@ impl MetricsLog {
 
 /// A hash of the config fields that shape the training trajectory. Where files go, how
 /// often to log or checkpoint (unless a lazily updated shadow table makes the checkpoint
-/// cadence count), the evaluation batch size, and where pretrained encoders lie (a resumed
-/// run reads its weights from the checkpoint) are left out, so a run can be moved or
-/// re-tuned in those respects and still resume.
+/// cadence count), the evaluation batch size, and where pretrained encoders and embeddings
+/// lie (a resumed run reads its weights from the checkpoint) are left out, so a run can be
+/// moved or re-tuned in those respects and still resume.
 pub fn trajectory_hash(cfg: &TrainConfig) -> u64 {
     xxh3_64(trajectory_config(cfg).as_bytes())
 }
 
-/// [`trajectory_hash`] as checkpoints written before 2026-12-06 hold it: with the pretrained
-/// encoders' paths (a resumed run no longer reads them), so that those checkpoints resume.
-fn trajectory_hash_with_pretrained_paths(cfg: &TrainConfig) -> u64 {
-    xxh3_64(trajectory_text(cfg, false).as_bytes())
+/// The pretrained paths [`trajectory_text`] blanks: checkpoints hold the hash of the
+/// config of their day, so a resume accepts each earlier definition too.
+#[derive(Clone, Copy)]
+enum Blanked {
+    /// None (checkpoints written before 2026-12-06).
+    Nothing,
+    /// The pretrained encoders' directories (before 2026-12-07).
+    Encoders,
+    /// Those and the pretrained embeddings of `init_from` (now).
+    EncodersAndEmbeddings,
+}
+
+/// Whether `hash` is the trajectory hash of `cfg` under any definition checkpoints hold.
+fn trajectory_matches(cfg: &TrainConfig, hash: u64) -> bool {
+    [Blanked::EncodersAndEmbeddings, Blanked::Encoders, Blanked::Nothing]
+        .into_iter()
+        .any(|b| xxh3_64(trajectory_text(cfg, b).as_bytes()) == hash)
 }
 
 /// The config as [`trajectory_hash`] hashes it (paths and cadences that do not shape the
 /// trajectory blanked), as JSON text: each checkpoint keeps it as `config.json`, so that a
 /// resume under another config can name the fields that differ.
 pub fn trajectory_config(cfg: &TrainConfig) -> String {
-    trajectory_text(cfg, true)
+    trajectory_text(cfg, Blanked::EncodersAndEmbeddings)
 }
 
-/// [`trajectory_config`], the pretrained encoders' paths blanked or not.
-fn trajectory_text(cfg: &TrainConfig, blank_pretrained: bool) -> String {
+/// [`trajectory_config`], with the pretrained paths `blank` says blanked.
+fn trajectory_text(cfg: &TrainConfig, blank: Blanked) -> String {
     let mut c = cfg.clone();
-    if blank_pretrained {
-        // A resumed run takes its weights and shape from the checkpoint, not from the
-        // pretrained directory: it may move.
-        for m in std::iter::once(&mut c.model).chain(c.mpl.teacher.as_mut()) {
+    // A resumed run takes its weights and shape from the checkpoint, not from the
+    // pretrained directory or embeddings: they may move.
+    for m in std::iter::once(&mut c.model).chain(c.mpl.teacher.as_mut()) {
+        if !matches!(blank, Blanked::Nothing) {
             m.encoder.pretrained = m.encoder.pretrained.take().map(|_| PathBuf::new());
+        }
+        if matches!(blank, Blanked::EncodersAndEmbeddings) {
+            m.init_from = m.init_from.take().map(|_| PathBuf::new());
         }
     }
     c.train.out_dir = PathBuf::new();
@@ -613,7 +629,15 @@ fn check_schedule_lengths(cfg: &TrainConfig, total: u64, down_steps: u64) -> Res
     if down_steps > total {
         return refuse(
             "consistency.rampdown_epochs",
-            format!("a ramp-down of {down_steps} steps is longer than the run's {total}"),
+            format!(
+                "a ramp-down of {:?} epochs ({}) is longer than the run's {total} steps",
+                cfg.consistency.rampdown_epochs,
+                if down_steps == u64::MAX {
+                    "past 2^64 steps".to_string()
+                } else {
+                    format!("{down_steps} steps")
+                }
+            ),
         );
     }
     Ok(())
@@ -903,6 +927,12 @@ where
                 ),
             ));
         }
+        Resume::From(dir) if !dir.exists() => {
+            return Err(Error::bad_file(
+                dir,
+                "--resume takes `auto`, `no` or a checkpoint directory, and there is no such directory",
+            ));
+        }
         Resume::From(dir) => Some(dir.clone()),
     };
     // A resumed run takes its model's shape from the checkpoint, whose weights replace the
@@ -1124,8 +1154,7 @@ where
                 "the checkpoint was trained on another exported logits file (noisy_student.logits, mpl.logits or mpl.train_logits: the contents differ)",
             ));
         }
-        if state.config_hash != config_hash && state.config_hash != trajectory_hash_with_pretrained_paths(cfg)
-        {
+        if state.config_hash != config_hash && !trajectory_matches(cfg, state.config_hash) {
             let cadence = if lazy_shadow_table(cfg) {
                 " (with a lazily updated teacher or averaged table, train.checkpoint_every counts too: each checkpoint brings its rows up to date)"
             } else {

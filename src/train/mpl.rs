@@ -111,12 +111,15 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
                     if cfg.mpl.teacher.is_some() { "mpl.teacher" } else { "model" },
                     if cfg.mpl.teacher_optim.is_some() { "mpl.teacher_optim" } else { "optim" },
                 );
+                let resuming = resumed_teacher.is_some();
                 let (model, mut params) =
                     super::build_model(&mcfg, section, manifest, seed, resumed_teacher, |m| {
                         let o = &teacher_optim;
                         super::claim_training(account, "MPL's teacher", section, m, o, optim_field, &[], &[])
                     })?;
-                if let (Some(path), Some(bag)) = (&mcfg.init_from, model.bag()) {
+                // A resumed run's teacher takes its table from the checkpoint (the
+                // embeddings' directory is not read: it may have moved).
+                if let (Some(path), Some(bag), false) = (&mcfg.init_from, model.bag(), resuming) {
                     super::init_table(path, manifest, bag, &mut params, "mpl.teacher", progress)?;
                 }
                 // The teacher's own layer-wise decay (`mpl.teacher.encoder.layer_lr_decay`, or
