@@ -13,8 +13,8 @@
 //! whose optimizer keeps that moment (`optim::moment_lens`: lazy Adam keeps both for every
 //! tensor, AdamW/LAMB on the dense tensors only, plain SGD none), and
 //! `dtrain` = `{"checksum": …}` (over `m.` then `v.`, then the row indices). A matrix with at
-//! least a quarter of its rows zero in both moments (the table rows no batch touched) is
-//! stored by its other rows: `rows.<name>` (U32, ascending) and `m.`/`v.<name>` of those
+//! least a quarter of its bytes in rows zero in every moment that covers it (the table rows
+//! no batch touched) is stored by its other rows: `rows.<name>` (U32, ascending) and `m.`/`v.<name>` of those
 //! rows (`tensors::Storage::ByRows`; files from before it hold every tensor whole and read
 //! as before). Loading checks names, shapes and sizes before allocating, then the checksum,
 //! then the row indices, then that every value is finite.
@@ -51,7 +51,7 @@ use crate::model::{Model, ModelSpec};
 use crate::optim::schedule::Plateau;
 
 mod tensors;
-pub(crate) use tensors::{file_meta, seal_meta, tensors_from_file, tensors_to_file, Storage};
+pub(crate) use tensors::{file_meta, gather_bytes, seal_meta, tensors_from_file, tensors_to_file, Storage};
 
 /// Magic bytes of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";
@@ -444,10 +444,11 @@ pub fn load_part(
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let file = dir.join(format!("{stem}.safetensors"));
     let bytes = map(&file)?;
-    let params = tensors_from_file(&file, &bytes, layout, &[("", layout.total())])?.remove(0);
+    let params = tensors_from_file(&file, &bytes, layout, &[("", layout.total())], Storage::Whole)?.remove(0);
     let file = dir.join(format!("{stem}.optimizer.safetensors"));
     let bytes = map(&file)?;
-    let mut moments = tensors_from_file(&file, &bytes, layout, &[("m.", lens.0), ("v.", lens.1)])?;
+    let mut moments =
+        tensors_from_file(&file, &bytes, layout, &[("m.", lens.0), ("v.", lens.1)], Storage::ByRows)?;
     let v = moments.pop().expect("two buffers");
     let m = moments.pop().expect("two buffers");
     Ok((params, m, v))
@@ -724,7 +725,9 @@ pub fn load_weights_checked(
     let (file, bytes, meta) = open_weights(path, which)?;
     let model = Model::new(meta.model.clone());
     claim(&file, &model)?;
-    let params = tensors_from_file(&file, &bytes, model.layout(), &[("", model.layout().total())])?.remove(0);
+    let params =
+        tensors_from_file(&file, &bytes, model.layout(), &[("", model.layout().total())], Storage::Whole)?
+            .remove(0);
     Ok((meta, model, params))
 }
 
@@ -861,7 +864,8 @@ pub fn load_train(
     check_written(dir, Reading::All)?;
     let file = dir.join("optimizer.safetensors");
     let bytes = map(&file)?;
-    let mut moments = tensors_from_file(&file, &bytes, model.layout(), &[("m.", lens.0), ("v.", lens.1)])?;
+    let mut moments =
+        tensors_from_file(&file, &bytes, model.layout(), &[("m.", lens.0), ("v.", lens.1)], Storage::ByRows)?;
     let v = moments.pop().expect("two buffers");
     let m = moments.pop().expect("two buffers");
     Ok((m, v, read_state(dir)?))

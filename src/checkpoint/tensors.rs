@@ -2,14 +2,15 @@
 //! data and the metadata; an optimizer's moments store a matrix by its non-zero rows.
 //!
 //! Lazy Adam keeps a first and second moment for every row of the embedding table, and
-//! a row no batch has touched keeps zero in both: on Brown genre two thirds of a 2^20-row
-//! table after a whole run. [`Storage::ByRows`] writes such a matrix as `rows.<name>` (U32,
-//! ascending: the rows non-zero in any buffer) and each buffer's `<prefix><name>` of those
-//! rows only (`[kept, cols]`); reading scatters them back into zeroed buffers, so the
-//! buffers read are the ones written, bit for bit. A matrix is stored so when at least a
-//! quarter of its rows are zero (the index costs 4 bytes a kept row); files written before
-//! this (every tensor whole) read as before. Weights are always stored whole
-//! ([`Storage::Whole`]), so other tools read `model.safetensors` as it is.
+//! a row no batch has touched keeps zero in both: on Brown genre 98% of a 2^20-row table
+//! after a whole run (bench/results/checkpoint-by-rows.md). [`Storage::ByRows`] writes such
+//! a matrix as `rows.<name>` (U32, ascending: the rows non-zero in any buffer that covers
+//! it) and each such buffer's `<prefix><name>` of those rows only (`[kept, cols]`); reading
+//! scatters them back into zeroed buffers, so the buffers read are the ones written, bit
+//! for bit. A matrix is stored so when that saves at least a quarter of its bytes (the
+//! index costs 4 bytes a kept row); files written before this (every tensor whole) read as
+//! before. Weights are always stored whole ([`Storage::Whole`]), so other tools read
+//! `model.safetensors` as it is, and their reader looks for no index.
 //!
 //! The data checksum (`checksum` in the metadata) is the xxh3_64 of the stored tensors'
 //! bytes: each buffer's tensors in layout order, then the row indices in layout order. A
@@ -35,8 +36,9 @@ pub const ROWS_PREFIX: &str = "rows.";
 pub enum Storage {
     /// Every tensor whole.
     Whole,
-    /// A matrix with at least a quarter of its rows zero in every buffer that covers it
-    /// is stored as its other rows and their index (the module's documentation).
+    /// A matrix whose rows zero in every buffer that covers it are a quarter or more of
+    /// its bytes (its index counted) is stored as its other rows and their index (the
+    /// module's documentation).
     ByRows,
 }
 
@@ -64,7 +66,17 @@ fn kept_rows(t: &TensorSpec, bufs: &[(&str, &[f32])]) -> Option<Vec<u32>> {
         .filter(|r| parts.iter().any(|p| !zero(&p[r * cols..(r + 1) * cols])))
         .map(|r| r as u32)
         .collect();
-    (4 * kept.len() <= 3 * rows).then_some(kept)
+    // In 4-byte words: the kept rows and their index against the whole matrix.
+    let row_words = cols * parts.len();
+    (4 * kept.len() * (row_words + 1) <= 3 * rows * row_words).then_some(kept)
+}
+
+/// The most bytes [`tensors_to_file`] gathers at once for `bufs` of these lengths stored
+/// by rows (one matrix's kept rows: three quarters of its bytes at most), which a caller's
+/// memory account claims for a checkpoint.
+pub fn gather_bytes(layout: &Layout, lens: &[usize]) -> u64 {
+    let widest = lens.iter().copied().max().unwrap_or(0);
+    covered(layout, widest).filter(|t| t.shape.len() == 2).map(|t| 3 * t.slot.len() as u64).max().unwrap_or(0)
 }
 
 /// One tensor as [`tensors_to_file`] stores it.
@@ -193,16 +205,17 @@ pub(crate) fn tensors_to_file(
             }
         }
     }
-    let kept: Vec<(&TensorSpec, Vec<u32>)> = match storage {
-        Storage::Whole => Vec::new(),
-        Storage::ByRows => layout.tensors().iter().filter_map(|t| Some((t, kept_rows(t, bufs)?))).collect(),
-    };
-    let rows_of = |t: &TensorSpec| kept.iter().find(|(k, _)| k.name == t.name).map(|(_, r)| r.as_slice());
+    // Per tensor of the layout, in its order: the rows kept where it is stored by rows.
+    let kept: Vec<Option<Vec<u32>>> = layout
+        .tensors()
+        .iter()
+        .map(|t| if storage == Storage::ByRows { kept_rows(t, bufs) } else { None })
+        .collect();
     let mut stored = Vec::new();
     for (prefix, buf) in bufs {
-        for t in covered(layout, buf.len()) {
+        for (t, rows) in layout.tensors().iter().zip(&kept).filter(|(t, _)| t.slot.range().end <= buf.len()) {
             let data = &buf[t.slot.range()];
-            let view = match rows_of(t) {
+            let view = match rows.as_deref() {
                 Some(rows) => {
                     Stored::Rows { cols: t.slot.cols, data, rows, shape: [rows.len(), t.slot.cols] }
                 }
@@ -211,8 +224,10 @@ pub(crate) fn tensors_to_file(
             stored.push((format!("{prefix}{}", t.name), view));
         }
     }
-    for (t, rows) in &kept {
-        stored.push((format!("{ROWS_PREFIX}{}", t.name), Stored::Index { rows, shape: [rows.len()] }));
+    for (t, rows) in layout.tensors().iter().zip(&kept) {
+        if let Some(rows) = rows {
+            stored.push((format!("{ROWS_PREFIX}{}", t.name), Stored::Index { rows, shape: [rows.len()] }));
+        }
     }
     write_stored(path, stored, meta)
 }
@@ -250,8 +265,11 @@ fn row_index(path: &Path, st: &SafeTensors<'_>, t: &TensorSpec) -> Result<Option
     let name = format!("{ROWS_PREFIX}{}", t.name);
     let Ok(view) = st.tensor(&name) else { return Ok(None) };
     let bad = |rule: String| Error::bad_file(path, format!("tensor `{name}`: {rule}"));
-    if t.shape.len() != 2 {
-        return Err(bad(format!("`{}` is not a matrix ({:?}), so it has no row index", t.name, t.shape)));
+    if t.shape.len() != 2 || t.slot.cols == 0 {
+        return Err(bad(format!(
+            "`{}` is not a matrix with columns ({:?}), so it has no row index",
+            t.name, t.shape
+        )));
     }
     if view.dtype() != Dtype::U32 || view.shape().len() != 1 || view.shape()[0] > t.slot.rows {
         return Err(bad(format!(
@@ -283,28 +301,32 @@ fn check_rows(path: &Path, t: &TensorSpec, rows: &[u32]) -> Result<()> {
 }
 
 /// Reads, for each `(prefix, len)`, the tensors `prefix + name` of `layout` that a buffer of
-/// `len` elements covers, into such a buffer (matrices stored by rows scattered back, the
-/// other rows zero). Checks, before allocating anything, that the file holds exactly those
-/// tensors (and row indices) with their shapes and that the data's checksum matches the
-/// file's metadata; then rejects non-finite values.
+/// `len` elements covers, into such a buffer (with [`Storage::ByRows`], matrices stored by
+/// rows scattered back, the other rows zero). Checks, before allocating the buffers, that
+/// the file holds exactly those tensors (and row indices) with their shapes and that the
+/// data's checksum matches the file's metadata; then the indices' rows; then rejects
+/// non-finite values.
 pub(crate) fn tensors_from_file(
     path: &Path,
     bytes: &[u8],
     layout: &Layout,
     buffers: &[(&str, usize)],
+    storage: Storage,
 ) -> Result<Vec<Vec<f32>>> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
     let widest = buffers.iter().map(|&(_, len)| len).max().unwrap_or(0);
-    let mut indices = Vec::new();
-    for t in covered(layout, widest) {
-        if let Some(rows) = row_index(path, &st, t)? {
-            indices.push((t, rows));
+    // Per tensor of the layout, in its order: its row index where the file has one.
+    let mut indices: Vec<Option<Vec<u32>>> = vec![None; layout.tensors().len()];
+    if storage == Storage::ByRows {
+        for (t, index) in layout.tensors().iter().zip(indices.iter_mut()) {
+            if t.slot.range().end <= widest {
+                *index = row_index(path, &st, t)?;
+            }
         }
     }
-    let rows_of = |t: &TensorSpec| indices.iter().find(|(k, _)| k.name == t.name).map(|(_, r)| r.as_slice());
-    let expected: usize =
-        buffers.iter().map(|&(_, len)| covered(layout, len).count()).sum::<usize>() + indices.len();
+    let expected: usize = buffers.iter().map(|&(_, len)| covered(layout, len).count()).sum::<usize>()
+        + indices.iter().flatten().count();
     if st.len() != expected {
         return Err(Error::bad_file(
             path,
@@ -320,11 +342,11 @@ pub(crate) fn tensors_from_file(
     let mut sum = Xxh3::new();
     let mut views = Vec::new();
     for &(prefix, len) in buffers {
-        for t in covered(layout, len) {
+        for (t, rows) in layout.tensors().iter().zip(&indices).filter(|(t, _)| t.slot.range().end <= len) {
             let name = format!("{prefix}{}", t.name);
             let view =
                 st.tensor(&name).map_err(|_| Error::bad_file(path, format!("tensor `{name}` is missing")))?;
-            let shape = match rows_of(t) {
+            let shape = match rows {
                 Some(rows) => vec![rows.len(), t.slot.cols],
                 None => t.shape.clone(),
             };
@@ -339,24 +361,26 @@ pub(crate) fn tensors_from_file(
                 ));
             }
             sum.update(view.data());
-            views.push((t, view));
+            views.push((t, rows.as_deref(), view));
         }
     }
-    for (_, rows) in &indices {
+    for rows in indices.iter().flatten() {
         sum.update(bytemuck::cast_slice(rows));
     }
     if hex64(sum.digest()) != want {
         return Err(Error::bad_file(path, "corrupted: the tensor data does not match its checksum"));
     }
-    for (t, rows) in &indices {
-        check_rows(path, t, rows)?;
+    for (t, rows) in layout.tensors().iter().zip(&indices) {
+        if let Some(rows) = rows {
+            check_rows(path, t, rows)?;
+        }
     }
     let mut out = Vec::new();
     let mut views = views.into_iter();
     for &(_, len) in buffers {
         let mut buf = crate::hostmem::zeroed::<f32>(len);
-        for (t, view) in views.by_ref().take(covered(layout, len).count()) {
-            scatter(&mut buf[t.slot.range()], t.slot.cols, rows_of(t), &view);
+        for (t, rows, view) in views.by_ref().take(covered(layout, len).count()) {
+            scatter(&mut buf[t.slot.range()], t.slot.cols, rows, &view);
             if let Some(bad) = buf[t.slot.range()].iter().position(|v| !v.is_finite()) {
                 return Err(Error::bad_file(
                     path,
@@ -413,7 +437,7 @@ mod tests {
             SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(String::from).collect();
         names.sort();
         let lens: Vec<(&str, usize)> = bufs.iter().map(|(p, b)| (*p, b.len())).collect();
-        (tensors_from_file(&path, &bytes, &l, &lens).unwrap(), names, bytes.len() as u64)
+        (tensors_from_file(&path, &bytes, &l, &lens, Storage::ByRows).unwrap(), names, bytes.len() as u64)
     }
 
     /// Moments with rows 5, 17 and 30 of the table touched (row 17 non-zero in `v` alone,
@@ -453,6 +477,55 @@ mod tests {
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.tensor("rows.table").unwrap().data(), bytemuck::cast_slice::<u32, u8>(&[5, 17, 30]));
         assert_eq!(st.tensor("m.table").unwrap().shape(), [3, 3]);
+    }
+
+    #[test]
+    fn all_zero_moments_keep_no_row_and_weights_files_take_no_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layout();
+        let zeros = vec![0.0f32; l.total()];
+        let (got, names, _) = write_read(dir.path(), &[("m.", &zeros), ("v.", &zeros)], Storage::ByRows);
+        assert_eq!(names, ["m.output.bias", "m.table", "rows.table", "v.output.bias", "v.table"]);
+        assert_eq!(got, [zeros.clone(), zeros.clone()]);
+        let bytes = std::fs::read(dir.path().join("t.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("rows.table").unwrap().shape(), [0]);
+        assert_eq!(st.tensor("v.table").unwrap().shape(), [0, 3]);
+        // A weights file is read whole: an index in one is a tensor too many.
+        let (m, _) = moments();
+        let path = dir.path().join("w.safetensors");
+        tensors_to_file(&path, &l, &[("", &m)], serde_json::json!({}), Storage::ByRows).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let e = tensors_from_file(&path, &bytes, &l, &[("", l.total())], Storage::Whole)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds 3 tensors") && e.contains("expect 2"), "{e}");
+    }
+
+    #[test]
+    fn a_matrix_is_stored_by_rows_only_where_that_saves_a_quarter_of_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Layout::new();
+        l.matrix("narrow", 40, 1);
+        // 12 of 40 one-float rows zero: dropping them saves 48 bytes, the index costs 112.
+        let narrow: Vec<f32> = (0..40).map(|r| if r % 10 < 3 { 0.0 } else { r as f32 }).collect();
+        let path = dir.path().join("n.safetensors");
+        tensors_to_file(&path, &l, &[("m.", &narrow)], serde_json::json!({}), Storage::ByRows).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(SafeTensors::deserialize(&bytes).unwrap().names(), ["m.narrow"]);
+        // With 36 of 40 zero it pays: 4 rows and their index.
+        let sparse: Vec<f32> = (0..40).map(|r| if r % 10 == 0 { 1.0 + r as f32 } else { 0.0 }).collect();
+        tensors_to_file(&path, &l, &[("m.", &sparse)], serde_json::json!({}), Storage::ByRows).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut names = st.names();
+        names.sort();
+        assert_eq!(names, ["m.narrow", "rows.narrow"]);
+        assert_eq!(tensors_from_file(&path, &bytes, &l, &[("m.", 40)], Storage::ByRows).unwrap(), [sparse]);
+        // The most a write gathers at once: three quarters of the largest matrix covered.
+        assert_eq!(gather_bytes(&layout(), &[layout().total(), 3]), 3 * 120);
+        assert_eq!(gather_bytes(&layout(), &[3]), 0);
     }
 
     #[test]
@@ -497,7 +570,7 @@ mod tests {
         stored.push(("rows.table".to_string(), Stored::Index { rows, shape: [rows.len()] }));
         write_stored(&path, stored, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        tensors_from_file(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())])
+        tensors_from_file(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())], Storage::ByRows)
             .map(|_| ())
             .unwrap_err()
             .to_string()
@@ -527,10 +600,11 @@ mod tests {
             st.tensor("rows.table").unwrap().data().as_ptr() as usize - bytes.as_ptr() as usize
         };
         bytes[at + 4] ^= 0x40;
-        let e = tensors_from_file(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())])
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let e =
+            tensors_from_file(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())], Storage::ByRows)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("flip.safetensors") && e.contains("does not match its checksum"), "{e}");
     }
 
@@ -549,10 +623,27 @@ mod tests {
             let info = HashMap::from([(META_KEY.to_string(), seal_meta("{\"checksum\":\"0\"}"))]);
             safetensors::serialize_to_file(views, Some(info), &path).unwrap();
             let bytes = std::fs::read(&path).unwrap();
-            tensors_from_file(&path, &bytes, &l, &[("m.", 3)]).map(|_| ()).unwrap_err().to_string()
+            tensors_from_file(&path, &bytes, &l, &[("m.", 3)], Storage::ByRows)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
         };
         let e = write(Stored::Index { rows: &idx, shape: [1] }, "rows.output.bias");
-        assert!(e.contains("rows.output.bias") && e.contains("not a matrix"), "{e}");
+        assert!(e.contains("rows.output.bias") && e.contains("not a matrix with columns"), "{e}");
+        // Nor has a matrix without columns (no writer makes one: nothing to save).
+        let mut flat = Layout::new();
+        flat.matrix("z", 4, 0);
+        let views = vec![
+            ("m.z".to_string(), Stored::Whole { shape: vec![2, 0], data: &[] }),
+            ("rows.z".to_string(), Stored::Index { rows: &[0, 1], shape: [2] }),
+        ];
+        write_stored(&path, views, serde_json::json!({})).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let e = tensors_from_file(&path, &bytes, &flat, &[("m.", flat.total())], Storage::ByRows)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rows.z") && e.contains("not a matrix with columns"), "{e}");
         let e = write(Stored::Whole { shape: vec![1], data: &[0.0] }, "rows.table");
         // `table` is not covered by a 3-element buffer, so its index is one tensor too many.
         assert!(e.contains("holds 2 tensors") && e.contains("expect 1"), "{e}");
@@ -564,8 +655,10 @@ mod tests {
         ];
         safetensors::serialize_to_file(views, None, &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        let e =
-            tensors_from_file(&path, &bytes, &l, &[("m.", l.total())]).map(|_| ()).unwrap_err().to_string();
+        let e = tensors_from_file(&path, &bytes, &l, &[("m.", l.total())], Storage::ByRows)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rows.table") && e.contains("expected a U32 vector"), "{e}");
         // An index longer than its matrix's rows.
         let long: Vec<u32> = (0..41).collect();
@@ -576,8 +669,10 @@ mod tests {
         ];
         write_stored(&path, views, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        let e =
-            tensors_from_file(&path, &bytes, &l, &[("m.", l.total())]).map(|_| ()).unwrap_err().to_string();
+        let e = tensors_from_file(&path, &bytes, &l, &[("m.", l.total())], Storage::ByRows)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rows.table") && e.contains("at most 40 rows"), "{e}");
     }
 }

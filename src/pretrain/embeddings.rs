@@ -160,7 +160,8 @@ pub fn read(path: &Path) -> Result<Embeddings> {
         ));
     }
     let layout = layout(meta.tokenizer.buckets as usize, meta.words, meta.dim);
-    let params = tensors_from_file(&file, &bytes, &layout, &[("", layout.total())])?.remove(0);
+    let params =
+        tensors_from_file(&file, &bytes, &layout, &[("", layout.total())], Storage::Whole)?.remove(0);
     Ok(Embeddings { meta, layout, params, words, counts })
 }
 
