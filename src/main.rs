@@ -869,6 +869,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dtrain::fsutil::check_output("--json", json, &inputs, Some(b"{\n"))?;
         }
     }
+    let alone = match &cli.command {
+        Command::Prepare(_) => Some("prepare"),
+        Command::Eval(_) => Some("eval"),
+        Command::Predict(_) => Some("predict"),
+        Command::ExportLogits(_) => Some("export-logits"),
+        Command::Propagate(_) => Some("propagate"),
+        Command::Plot { .. } => Some("plot"),
+        Command::Demo(_) => Some("demo"),
+        Command::Embed(_) => Some("embed"),
+        _ => None,
+    };
+    if let Some(name) = alone {
+        one_process(&format!("dtrain {name}"))?;
+    }
     match cli.command {
         Command::Prepare(args) => {
             let cfg = args.load()?;
@@ -896,6 +910,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--stop-after 0: must be at least 1 (epochs in total, counted from the start)");
             }
             if cfg.model.objective == dtrain::config::Objective::Mlm {
+                one_process("masked-LM pretraining (`model.objective = \"mlm\"`)")?;
                 if args.stop_after.is_some() {
                     bail!("--stop-after: masked-LM pretraining has no epoch checkpoints to stop at; it applies to skip-gram and CBOW");
                 }
@@ -1363,6 +1378,16 @@ fn embed(dir: &Path, pooling: &str, max_len: Option<usize>, texts: &[String]) ->
     let mut acts = EncoderActs::inference(&be);
     model.forward(&be, &params, &tb, None, &mut acts);
     let h = model.spec.hidden;
+    if let Some(at) = acts.pooled.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{}: the pooled vector of text {} holds {} (entry {}): the model's forward pass overflows on it \
+             (its weights are finite, but too large); nothing was printed",
+            dir.display(),
+            at / h + 1,
+            acts.pooled[at],
+            at % h
+        );
+    }
     for (i, text) in texts.iter().enumerate() {
         let line =
             serde_json::json!({"text": text, "ids": seqs[i], "pooled": acts.pooled[i * h..(i + 1) * h]});
@@ -1427,6 +1452,18 @@ fn embed_data(a: &EmbedArgs, data: &Path, out: &Path, progress: bool) -> anyhow:
     );
     println!("wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses to run `what` as one of several MPI ranks: it runs in one process, and ranks
+/// running it side by side would write the same files.
+fn one_process(what: &str) -> anyhow::Result<()> {
+    if let Some((var, size)) = dtrain::dist::launched_ranks() {
+        bail!(
+            "{what} runs in one process, and this is one of {size} ranks ({var}): run it without mpirun or srun \
+             (only `train`, skip-gram and CBOW `pretrain` and `bench allreduce` run across ranks)"
+        );
+    }
+    Ok(())
 }
 
 /// `dtrain info`.

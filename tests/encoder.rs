@@ -277,6 +277,28 @@ fn a_tokenizer_with_an_id_past_its_vocabulary_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--max-len 2: must be in 3..=512"), "{err}");
+    // Weights that are finite but overflow the forward pass ([CLS]'s embedding row at
+    // 3.4e38) are refused when the pooled vectors are not finite, not printed as nulls.
+    std::fs::copy(minilm().join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let st_path = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&st_path).unwrap();
+    let (at, width) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("embeddings.word_embeddings.weight").unwrap();
+        (t.data().as_ptr() as usize - bytes.as_ptr() as usize, t.shape()[1])
+    };
+    let cls = at + 101 * width * 4;
+    for v in bytes[cls..cls + width * 4].chunks_exact_mut(4) {
+        v.copy_from_slice(&3.39e38f32.to_le_bytes());
+    }
+    std::fs::write(&st_path, &bytes).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args(["embed", "--model", model.to_str().unwrap(), "hello world"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("the pooled vector of text 1 holds"), "{err}");
+    assert!(o.stdout.is_empty(), "{}", String::from_utf8_lossy(&o.stdout));
 }
 
 /// Whether a document is kept is the hashing tokenizer's decision with a subword tokenizer

@@ -958,6 +958,19 @@ fn masked_lm_settings_that_cannot_apply_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("mlm.warmup_steps") && e.contains("longer than the run's 2 steps"), "{e}");
+    // A rate far too high: the loss passes ten times a uniform guess's, and the run stops
+    // naming the rate instead of writing the encoder.
+    let out = dir.path().join("diverged");
+    let e = dtrain::pretrain::mlm::pretrain(
+        &mlm_config(&data, &out, &["mlm.steps=15", "train.lr=10"]),
+        &Resume::No,
+        Default::default(),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("the run diverged; lower train.lr") && e.contains("a uniform guess over the"), "{e}");
+    assert!(!out.join("encoder").exists());
     let load = |sets: &[&str]| {
         let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
         config::load::<dtrain::config::PretrainConfig>(None, &o).map(|_| ()).unwrap_err().to_string()
@@ -1033,7 +1046,8 @@ fn mlm_config(data: &Path, out: &Path, extra: &[&str]) -> dtrain::config::Pretra
 /// with every layer's tape (248 sequences), a weak-view pass with one shared tape (240) and
 /// an evaluation batch (64). Their bytes, computed here per token as 2 layers × (9·H + 2·I +
 /// heads·len + 4) + 4·H values for a pass a backward pass follows (one layer's tape for the
-/// others), exceed a 38 MiB limit, and the run is refused naming `train.batch_size`; with
+/// others), with the moments' rows a checkpoint gathers, exceed a 42 MiB limit, and the
+/// run is refused naming `train.batch_size`; with
 /// activation recomputation (each layer's input, plus the tape the backward pass refills)
 /// the same run fits and trains.
 #[test]

@@ -418,6 +418,35 @@ fn disagreeing_ranks_and_indivisible_world_sizes_are_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("rank 1's config (its file and --set overrides) differs from rank 0's"), "{err}");
+    // Two ranks resuming from different checkpoints (a file system the nodes do not share,
+    // or another --resume each) are refused by name, before any step.
+    let r = dir.path().join("r");
+    run_ok(train(1, &cfg, &r, &["train.checkpoint_every=5"]));
+    let ckpts = r.join("checkpoints");
+    let (a, b) = (ckpts.join("step-000000015"), ckpts.join("step-000000020"));
+    let rs = format!("train.out_dir={:?}", r.display().to_string());
+    let mut c = mpirun(1);
+    c.args([BIN, "train", "--quiet", "--config"]).arg(&cfg).args(["--set", &rs, "--resume"]).arg(&a);
+    c.args([":", "-n", "1", BIN, "train", "--quiet", "--config"])
+        .arg(&cfg)
+        .args(["--set", &rs, "--resume"])
+        .arg(&b);
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("rank 1's checkpoint to resume from differs from rank 0's")
+            && err.contains("Every rank must resume from the same checkpoint"),
+        "{err}"
+    );
+    // A command that runs in one process is refused under mpirun, naming the launcher.
+    let mut c = mpirun(2);
+    c.args([BIN, "predict", "--checkpoint"]).arg(&b).arg("--input").arg(dir.path().join("in.txt"));
+    c.arg("--output").arg(dir.path().join("p.jsonl"));
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("dtrain predict runs in one process, and this is one of 2 ranks"), "{err}");
     // 3 ranks cannot share 4 shards.
     let o = train(3, &cfg, &dir.path().join("o3"), &[]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

@@ -417,6 +417,12 @@ fn a_diverging_run_stops_with_an_error() {
         run(&cfg(&data, &out, &["train.lr=10.0", "model.dim=64"]), Resume::No, None).unwrap_err().to_string();
     assert!(e.contains("diverged") && e.contains("lower train.lr"), "{e}");
     assert!(!out.join(EMBEDDINGS_FILE).exists());
+    // A subsampling threshold that discards every word makes no prediction: refused by
+    // field rather than writing untrained embeddings with a loss of 0.
+    let out = dir.path().join("empty");
+    let e = run(&cfg(&data, &out, &["model.subsample=1e-30"]), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("model.subsample") && e.contains("epoch 1 made no prediction"), "{e}");
+    assert!(!out.join(EMBEDDINGS_FILE).exists());
 }
 
 /// Tables larger than memory are refused before they are allocated, naming model.dim.

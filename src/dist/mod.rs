@@ -297,6 +297,15 @@ fn launcher() -> Option<(&'static str, Option<usize>)> {
     None
 }
 
+/// The launcher's variable and world size when this process is one of several ranks (a
+/// size the launcher gives, above 1); `None` alone or where the size is not given.
+pub fn launched_ranks() -> Option<(&'static str, usize)> {
+    match launcher() {
+        Some((var, Some(size))) if size > 1 => Some((var, size)),
+        _ => None,
+    }
+}
+
 impl Dist {
     /// One process on its own.
     pub fn single() -> Dist {
@@ -567,6 +576,16 @@ impl Dist {
     /// Checks that every rank has the same `values` (hashes of the config, the data, the
     /// binary), named by `names`; the error names the ranks and what differs.
     pub fn check_same(&self, names: &[&str], values: &[u64]) -> Result<()> {
+        self.check_agree(
+            names,
+            values,
+            "Every rank must run the same dtrain binary on the same config (file and --set overrides) and the \
+             same prepared data",
+        )
+    }
+
+    /// [`Dist::check_same`] with `rule` (what the ranks must do) closing its error.
+    pub fn check_agree(&self, names: &[&str], values: &[u64], rule: &str) -> Result<()> {
         let all = self.all_gather("the start-up agreement check", values);
         let mut problems = Vec::new();
         for (r, v) in all.iter().enumerate().skip(1) {
@@ -579,17 +598,32 @@ impl Dist {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Error::Data(format!(
-                "the ranks disagree: {}. Every rank must run the same dtrain binary on the same config \
-                 (file and --set overrides) and the same prepared data",
-                problems.join("; ")
-            )))
+            Err(Error::Data(format!("the ranks disagree: {}. {rule}", problems.join("; "))))
         }
     }
 
     /// Checks at start-up that every rank runs the same binary on the same config (its
     /// canonical JSON, whatever in it must agree) and the same prepared data (its manifest
     /// checksum); the error names the rank that differs.
+    /// Checks that every rank resumes from the same checkpoint `dir` (none: a fresh start),
+    /// by its name and its `DONE` record: a rank that sees another (a file system not shared
+    /// between nodes, or another `--resume`) would train another model.
+    pub fn check_resume(&self, dir: Option<&std::path::Path>) -> Result<()> {
+        let mut key = Vec::new();
+        if let Some(d) = dir {
+            key.extend(d.file_name().map_or(Vec::new(), |n| n.as_encoded_bytes().to_vec()));
+            key.push(0);
+            let done = d.join(crate::checkpoint::DONE);
+            key.extend(std::fs::read(&done).map_err(|e| Error::bad_file(&done, format!("reading: {e}")))?);
+        }
+        self.check_agree(
+            &["checkpoint to resume from"],
+            &[xxhash_rust::xxh3::xxh3_64(&key)],
+            "Every rank must resume from the same checkpoint (or none): give train.out_dir on a file system \
+             every node shares, and every rank the same --resume",
+        )
+    }
+
     pub fn check_job(&self, config_json: &str, data_checksum: &str) -> Result<()> {
         self.check_same(
             &["config (its file and --set overrides)", "data set (manifest checksum)", "dtrain version"],

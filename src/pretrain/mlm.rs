@@ -484,11 +484,15 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
                 &mut dlogits,
                 &mut row_loss,
             ) / k as f64;
-            if !loss.is_finite() {
+            // A guess uniform over the vocabulary costs ln(vocab) a token; ten times that
+            // (as skip-gram's check) is a run that diverged.
+            let uniform = (vocab as f64).ln();
+            if !loss.is_finite() || loss > 10.0 * uniform {
                 // The rate in use: the head warm-up's, or the run's.
                 let field = if step < hw { "mlm.head_warmup_lr" } else { "train.lr" };
                 return Err(Error::Data(format!(
-                    "the masked-LM loss became {loss} at step {} (lr {lr:e}): lower {field}",
+                    "the masked-LM loss became {loss} at step {} (lr {lr:e}; a uniform guess over the {vocab} \
+                     tokens costs {uniform:.2}): the run diverged; lower {field}",
                     step + 1
                 )));
             }

@@ -293,6 +293,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         Resume::Auto => checkpoint::list_named(&ckpt_root, "epoch")?.pop(),
         Resume::From(dir) => Some(dir.clone()),
     };
+    dist.check_resume(resume_from.as_deref())?;
     if resume_from.is_none() {
         // A fresh start writes these files and, when it ends, removes its checkpoints:
         // nothing of another run may be there (an interrupted pretraining's metrics are
@@ -485,7 +486,21 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         dist.sum("the epoch's loss and word counts", &mut sums);
         let [loss_sum, preds, n] = sums;
         read_here += n as u64;
-        last_loss = loss_sum / preds.max(1.0);
+        if preds == 0.0 {
+            return Err(Error::config(
+                "pretrain",
+                "model.subsample",
+                format!(
+                    "epoch {} made no prediction: every word of its {n} was discarded (model.subsample = {}, \
+                     model.min_count = {}) or no word had another within model.window; raise model.subsample \
+                     (1e-4 as fastText) or lower model.min_count",
+                    epoch + 1,
+                    m.subsample,
+                    m.min_count
+                ),
+            ));
+        }
+        last_loss = loss_sum / preds;
         // The loss per prediction starts at (1 + negatives)·ln 2; far above it the run has
         // diverged.
         let start_loss = f64::from(1 + m.negatives) * std::f64::consts::LN_2;

@@ -938,6 +938,7 @@ where
         }
         Resume::From(dir) => Some(dir.clone()),
     };
+    dist.check_resume(resume_from.as_deref())?;
     // A resumed run takes its model's shape from the checkpoint, whose weights replace the
     // fresh ones: a pretrained encoder's directory is not read again (it may have moved).
     let resumed = |which| resume_from.as_deref().map(|d| checkpoint::weights_meta(d, which)).transpose();
