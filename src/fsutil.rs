@@ -9,11 +9,30 @@ use crate::error::{Error, IoContext, Result};
 /// Writes `bytes` to `path` through a temporary file in the same directory, synced, then
 /// renamed over `path`. A reader sees the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` streams into a buffered writer (the temporary file is
+/// removed when it fails). The file is created as any other (the process's umask decides
+/// its mode).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = sibling(path, ".tmp");
-    let mut f = File::create(&tmp).at(&tmp)?;
-    f.write_all(bytes).at(&tmp)?;
-    f.sync_all().at(&tmp)?;
+    let f = File::create(&tmp).at(&tmp)?;
+    let written = (|| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
+        write(&mut w)?;
+        w.flush()?;
+        drop(w);
+        f.sync_all()
+    })();
     drop(f);
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).at(&tmp);
+    }
     fs::rename(&tmp, path).at(path)?;
     sync_parent(path);
     Ok(())

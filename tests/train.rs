@@ -758,7 +758,6 @@ fn a_model_larger_than_memory_is_refused_before_allocating() {
         "field `optim.table`",
         &format!("the model's parameters {huge}"),
         "the model's optimizer moments 32768.0 GiB",
-        "the model's moment rows a checkpoint gathers 12288.0 GiB",
         &format!("the Mean Teacher {huge}"),
         &format!("the averaged weights {huge}"),
         "DTRAIN_MEMORY_CHECK=0",

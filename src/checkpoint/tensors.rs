@@ -15,12 +15,18 @@
 //! The data checksum (`checksum` in the metadata) is the xxh3_64 of the stored tensors'
 //! bytes: each buffer's tensors in layout order, then the row indices in layout order. A
 //! file without row indices therefore has the checksum of its whole tensors, as before.
+//!
+//! The file is written here, not by the safetensors crate's writer: the header is the
+//! crate's own `Metadata`, the tensors in the crate's order, so a file of whole tensors is
+//! the crate's byte for byte; but the data is streamed (a matrix by rows row by row, with
+//! no gathered copy), and the file is created under the process's umask (the crate's
+//! temporary file left every checkpoint readable by its owner alone).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo, TensorView};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::META_KEY;
@@ -71,19 +77,11 @@ fn kept_rows(t: &TensorSpec, bufs: &[(&str, &[f32])]) -> Option<Vec<u32>> {
     (4 * kept.len() * (row_words + 1) <= 3 * rows * row_words).then_some(kept)
 }
 
-/// The most bytes [`tensors_to_file`] gathers at once for `bufs` of these lengths stored
-/// by rows (one matrix's kept rows: three quarters of its bytes at most), which a caller's
-/// memory account claims for a checkpoint.
-pub fn gather_bytes(layout: &Layout, lens: &[usize]) -> u64 {
-    let widest = lens.iter().copied().max().unwrap_or(0);
-    covered(layout, widest).filter(|t| t.shape.len() == 2).map(|t| 3 * t.slot.len() as u64).max().unwrap_or(0)
-}
-
 /// One tensor as [`tensors_to_file`] stores it.
 enum Stored<'a> {
     /// A tensor whole.
     Whole { shape: Vec<usize>, data: &'a [f32] },
-    /// The listed rows of a matrix (gathered when written, one tensor at a time).
+    /// The listed rows of a matrix (written row by row).
     Rows { cols: usize, data: &'a [f32], rows: &'a [u32], shape: [usize; 2] },
     /// A matrix's row index.
     Index { rows: &'a [u32], shape: [usize; 1] },
@@ -105,7 +103,7 @@ impl Stored<'_> {
     }
 }
 
-impl View for Stored<'_> {
+impl Stored<'_> {
     fn dtype(&self) -> Dtype {
         match self {
             Stored::Index { .. } => Dtype::U32,
@@ -121,26 +119,26 @@ impl View for Stored<'_> {
         }
     }
 
-    fn data(&self) -> Cow<'_, [u8]> {
-        match self {
-            Stored::Whole { data, .. } => Cow::Borrowed(bytemuck::cast_slice(data)),
-            Stored::Rows { cols, data, rows, .. } => {
-                let mut out = Vec::with_capacity(rows.len() * cols * 4);
-                for &r in rows.iter() {
-                    let r = r as usize;
-                    out.extend_from_slice(bytemuck::cast_slice(&data[r * cols..(r + 1) * cols]));
-                }
-                Cow::Owned(out)
-            }
-            Stored::Index { rows, .. } => Cow::Borrowed(bytemuck::cast_slice(rows)),
-        }
-    }
-
     fn data_len(&self) -> usize {
         match self {
             Stored::Whole { data, .. } => data.len() * 4,
             Stored::Rows { cols, rows, .. } => rows.len() * cols * 4,
             Stored::Index { rows, .. } => rows.len() * 4,
+        }
+    }
+
+    /// Writes the stored bytes, a matrix stored by rows row by row (no copy gathered).
+    fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        match self {
+            Stored::Whole { data, .. } => w.write_all(bytemuck::cast_slice(data)),
+            Stored::Rows { cols, data, rows, .. } => {
+                for &r in rows.iter() {
+                    let r = r as usize;
+                    w.write_all(bytemuck::cast_slice(&data[r * cols..(r + 1) * cols]))?;
+                }
+                Ok(())
+            }
+            Stored::Index { rows, .. } => w.write_all(bytemuck::cast_slice(rows)),
         }
     }
 }
@@ -233,7 +231,11 @@ pub(crate) fn tensors_to_file(
 }
 
 /// Writes `stored` with `meta` under [`META_KEY`], its `checksum` (of the stored bytes, in
-/// the order given) and then the metadata's own checksum added.
+/// the order given) and then the metadata's own checksum added, as a safetensors file: the
+/// header as the safetensors crate writes and reads it (its `Metadata`, padded with spaces
+/// to 8 bytes), then the tensors' bytes, streamed, in the crate's order. Through a temporary file
+/// renamed into place (`fsutil::write_atomic_with`), so that a reader with `path` mapped
+/// never sees it cut short.
 fn write_stored(path: &Path, stored: Vec<(String, Stored<'_>)>, mut meta: serde_json::Value) -> Result<()> {
     let mut sum = Xxh3::new();
     for (_, view) in &stored {
@@ -241,8 +243,33 @@ fn write_stored(path: &Path, stored: Vec<(String, Stored<'_>)>, mut meta: serde_
     }
     meta["checksum"] = serde_json::Value::String(hex64(sum.digest()));
     let info = HashMap::from([(META_KEY.to_string(), seal_meta(&meta.to_string()))]);
-    safetensors::serialize_to_file(stored, Some(info), path)
-        .map_err(|e| Error::bad_file(path, format!("writing: {e}")))
+    // The file's order is the safetensors crate's (by dtype, widest first, then name), so
+    // that a file of whole tensors is byte for byte the one the crate writes.
+    let mut stored = stored;
+    stored.sort_by(|(a, x), (b, y)| y.dtype().cmp(&x.dtype()).then(a.cmp(b)));
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(stored.len());
+    for (name, view) in &stored {
+        let end = offset + view.data_len();
+        infos.push((
+            name.clone(),
+            TensorInfo { dtype: view.dtype(), shape: view.shape().to_vec(), data_offsets: (offset, end) },
+        ));
+        offset = end;
+    }
+    let header = Metadata::new(Some(info), infos)
+        .and_then(|m| serde_json::to_vec(&m).map_err(Into::into))
+        .map_err(|e| Error::bad_file(path, format!("writing the safetensors header: {e}")))?;
+    let mut header = header;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    crate::fsutil::write_atomic_with(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, view) in &stored {
+            view.write_to(w)?;
+        }
+        Ok(())
+    })
 }
 
 /// The JSON object under [`META_KEY`] in a file's metadata.
@@ -477,6 +504,39 @@ mod tests {
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.tensor("rows.table").unwrap().data(), bytemuck::cast_slice::<u32, u8>(&[5, 17, 30]));
         assert_eq!(st.tensor("m.table").unwrap().shape(), [3, 3]);
+        // A file of whole tensors is the one the safetensors crate writes, byte for byte.
+        let l = layout();
+        let path = dir.path().join("w.safetensors");
+        tensors_to_file(&path, &l, &bufs, serde_json::json!({"k": 1}), Storage::Whole).unwrap();
+        let mut meta = serde_json::json!({"k": 1});
+        meta["checksum"] = serde_json::Value::String({
+            let mut sum = Xxh3::new();
+            for (_, b) in &bufs {
+                for t in l.tensors() {
+                    sum.update(bytemuck::cast_slice(&b[t.slot.range()]));
+                }
+            }
+            hex64(sum.digest())
+        });
+        let info = HashMap::from([(META_KEY.to_string(), seal_meta(&meta.to_string()))]);
+        let views: Vec<(String, TensorView<'_>)> = bufs
+            .iter()
+            .flat_map(|(p, b)| {
+                l.tensors().iter().map(move |t| {
+                    let data: &[u8] = bytemuck::cast_slice(&b[t.slot.range()]);
+                    (format!("{p}{}", t.name), TensorView::new(Dtype::F32, t.shape.clone(), data).unwrap())
+                })
+            })
+            .collect();
+        let crate_path = dir.path().join("crate.safetensors");
+        safetensors::serialize_to_file(views, Some(info), &crate_path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&crate_path).unwrap());
+        // Created as any file is (the umask decides), not private to its owner.
+        use std::os::unix::fs::PermissionsExt;
+        let probe = dir.path().join("probe");
+        std::fs::File::create(&probe).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&probe));
     }
 
     #[test]
@@ -523,9 +583,6 @@ mod tests {
         names.sort();
         assert_eq!(names, ["m.narrow", "rows.narrow"]);
         assert_eq!(tensors_from_file(&path, &bytes, &l, &[("m.", 40)], Storage::ByRows).unwrap(), [sparse]);
-        // The most a write gathers at once: three quarters of the largest matrix covered.
-        assert_eq!(gather_bytes(&layout(), &[layout().total(), 3]), 3 * 120);
-        assert_eq!(gather_bytes(&layout(), &[3]), 0);
     }
 
     #[test]
@@ -620,8 +677,7 @@ mod tests {
                 ("m.output.bias".to_string(), Stored::Whole { shape: vec![3], data: &bias }),
                 (name.to_string(), index),
             ];
-            let info = HashMap::from([(META_KEY.to_string(), seal_meta("{\"checksum\":\"0\"}"))]);
-            safetensors::serialize_to_file(views, Some(info), &path).unwrap();
+            write_stored(&path, views, serde_json::json!({})).unwrap();
             let bytes = std::fs::read(&path).unwrap();
             tensors_from_file(&path, &bytes, &l, &[("m.", 3)], Storage::ByRows)
                 .map(|_| ())
@@ -653,7 +709,7 @@ mod tests {
             ("m.table".to_string(), Stored::Whole { shape: vec![40, 3], data: &table }),
             ("rows.table".to_string(), Stored::Whole { shape: vec![1], data: &[0.0] }),
         ];
-        safetensors::serialize_to_file(views, None, &path).unwrap();
+        write_stored(&path, views, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let e = tensors_from_file(&path, &bytes, &l, &[("m.", l.total())], Storage::ByRows)
             .map(|_| ())

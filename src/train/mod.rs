@@ -453,10 +453,7 @@ fn claim_training(
             (format!("{f}.kind"), format!("{f}.kind = \"sgd\" with {f}.momentum = 0{table} keeps no moments"))
         };
         let remedy = format!("{remedy}; or {shrink}");
-        budget.add(format!("{who}'s optimizer moments"), (m + v) as u64 * F32, field.clone(), remedy.clone());
-        // A checkpoint gathers a matrix's kept rows of moments before writing them.
-        let gathered = crate::checkpoint::gather_bytes(model.layout(), &[m, v]);
-        budget.add(format!("{who}'s moment rows a checkpoint gathers"), gathered, field, remedy);
+        budget.add(format!("{who}'s optimizer moments"), (m + v) as u64 * F32, field, remedy);
     }
     let mut gradients = vec!["the step's"];
     gradients.extend_from_slice(more_gradients);
