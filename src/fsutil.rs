@@ -401,6 +401,8 @@ fn protected_holder(dir: &Path) -> Option<(PathBuf, &'static str)> {
             Some((d.to_path_buf(), "a prepared data set"))
         } else if has(d, crate::checkpoint::DONE) && weights.iter().any(|f| has(d, f)) {
             Some((d.to_path_buf(), "a checkpoint"))
+        } else if crate::model::encoder::is_pretrained_dir(d) {
+            Some((d.to_path_buf(), "a pretrained encoder's directory"))
         } else {
             None
         }
@@ -411,6 +413,16 @@ fn protected_holder(dir: &Path) -> Option<(PathBuf, &'static str)> {
 /// lies inside, a prepared data set or a checkpoint: the run would write into it, and
 /// pruning that checkpoint (or `prepare --force`) would later delete the run.
 pub fn check_run_dir_place(origin: &str, field: &str, dir: &Path) -> Result<()> {
+    if dir.canonicalize().is_ok_and(|d| d.parent().is_none()) {
+        return Err(Error::config(
+            origin,
+            field,
+            format!(
+                "{} is the file system's root: a run's outputs go in a directory of their own",
+                dir.display()
+            ),
+        ));
+    }
     match protected_holder(dir) {
         Some((holder, what)) => Err(Error::config(
             origin,
@@ -636,6 +648,26 @@ pub fn install_dir(staged: &Path, dest: &Path, force: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run's directory may not be the file system's root, nor lie in a pretrained
+    /// encoder's directory (a masked-LM run would write beside the weights it reads); a
+    /// directory beside them is fine.
+    #[test]
+    fn a_run_directory_in_a_pretrained_model_or_the_root_is_refused() {
+        let e = check_run_dir_place("pretrain", "train.out_dir", Path::new("/")).unwrap_err().to_string();
+        assert!(e.contains("train.out_dir") && e.contains("is the file system's root"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("minilm");
+        fs::create_dir(&model).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            fs::write(model.join(f), b"").unwrap();
+        }
+        let e = check_run_dir_place("pretrain", "train.out_dir", &model.join("run")).unwrap_err().to_string();
+        assert!(e.contains("lies inside") && e.contains("which is a pretrained encoder's directory"), "{e}");
+        let e = check_run_dir_place("pretrain", "train.out_dir", &model).unwrap_err().to_string();
+        assert!(e.contains("is a pretrained encoder's directory"), "{e}");
+        check_run_dir_place("pretrain", "train.out_dir", &dir.path().join("run")).unwrap();
+    }
 
     /// What a killed `prepare --force` left beside its output is finished: its staging
     /// directory goes, the data set it was replacing goes once the new one is in place, and

@@ -1366,6 +1366,14 @@ fn embed(dir: &Path, pooling: &str, max_len: Option<usize>, texts: &[String]) ->
         bail!("--max-len {max_len}: must be in 3..={positions} (the special tokens, at least one more, and the model's positions)");
     }
     let seqs = texts.iter().map(|t| tok.encode(t, max_len)).collect::<Result<Vec<_>, _>>()?;
+    for (i, t) in texts.iter().enumerate() {
+        if tok.encode(t, max_len + 1)?.len() > max_len {
+            eprintln!(
+                "note: text {} is cut to its first {max_len} tokens, [CLS] and [SEP] included (--max-len; the model reads at most {positions})",
+                i + 1
+            );
+        }
+    }
     if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
         bail!(
             "text {} ({:?}) has no token of its own (empty, or only ignorable characters)",

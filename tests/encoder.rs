@@ -277,6 +277,20 @@ fn a_tokenizer_with_an_id_past_its_vocabulary_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--max-len 2: must be in 3..=512"), "{err}");
+    // A text longer than --max-len is cut, and the note says so.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        .args([
+            "embed",
+            "--model",
+            minilm().to_str().unwrap(),
+            "--max-len",
+            "4",
+            "hello world, a longer text",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("text 1 is cut to its first 4 tokens"), "{err}");
     // Weights that are finite but overflow the forward pass ([CLS]'s embedding row at
     // 3.4e38) are refused when the pooled vectors are not finite, not printed as nulls.
     std::fs::copy(minilm().join("tokenizer.json"), model.join("tokenizer.json")).unwrap();

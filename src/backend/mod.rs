@@ -365,12 +365,23 @@ impl Device {
             Device::Cuda(_) if !cfg!(feature = "cuda") => Err(crate::Error::Device(
                 "--device cuda: this dtrain was built without the `cuda` feature".into(),
             )),
-            Device::Cuda(Some(n)) => Ok(Some(n)),
-            // The local rank's GPU among those this process sees: under Slurm's
-            // `--gpu-bind=single:1` each task sees one GPU, as device 0.
-            Device::Cuda(None) => {
-                let (count, _) = cuda_devices();
-                Ok(Some(if count > 0 { local_rank % count } else { local_rank }))
+            Device::Cuda(n) => {
+                let (count, why) = cuda_devices();
+                match n {
+                    _ if count == 0 => Err(crate::Error::Device(format!(
+                        "--device {}: no CUDA device here ({why}); --device auto trains on a GPU where \
+                         there is one and on the CPU otherwise, --device cpu on the CPU",
+                        n.map_or("cuda".to_string(), |n| format!("cuda:{n}"))
+                    ))),
+                    Some(n) if n >= count => Err(crate::Error::Device(format!(
+                        "--device cuda:{n}: the driver lists {count} device(s) for this process, cuda:0 to cuda:{}",
+                        count - 1
+                    ))),
+                    Some(n) => Ok(Some(n)),
+                    // The local rank's GPU among those this process sees: under Slurm's
+                    // `--gpu-bind=single:1` each task sees one GPU, as device 0.
+                    None => Ok(Some(local_rank % count)),
+                }
             }
             Device::Auto => {
                 let (count, why) = cuda_devices();
@@ -932,6 +943,26 @@ pub trait EncoderOps: Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--device cuda` where no device is listed is refused naming the flag and the choices
+    /// that run here (on a machine with a GPU, a device past the last is refused instead).
+    #[test]
+    #[cfg(feature = "cuda")]
+    fn cuda_without_a_device_is_refused_naming_the_other_choices() {
+        let (count, _) = cuda_devices();
+        if count == 0 {
+            for (d, flag) in
+                [(Device::Cuda(None), "--device cuda:"), (Device::Cuda(Some(1)), "--device cuda:1:")]
+            {
+                let e = d.resolve(0, false).unwrap_err().to_string();
+                assert!(e.contains(flag) && e.contains("--device auto") && e.contains("--device cpu"), "{e}");
+            }
+        } else {
+            let e = Device::Cuda(Some(count)).resolve(0, false).unwrap_err().to_string();
+            assert!(e.contains(&format!("lists {count} device(s)")), "{e}");
+        }
+        assert_eq!(Device::Cpu.resolve(0, false).unwrap(), None);
+    }
 
     /// The fast f32 erf against f64 erf rounded to f32: at most 2 ulp apart on a fine grid
     /// over [−6, 6] (both tails included), odd, exact at 0 and ±1 beyond the clamp, NaN kept.
