@@ -443,6 +443,17 @@ mod tests {
     use super::*;
     use crate::model::params::Layout;
 
+    /// The error reading `bytes` (the file at `path`) gives.
+    fn read_error(
+        path: &Path,
+        bytes: &[u8],
+        l: &Layout,
+        buffers: &[(&str, usize)],
+        storage: Storage,
+    ) -> String {
+        tensors_from_file(path, bytes, l, buffers, storage).map(|_| ()).unwrap_err().to_string()
+    }
+
     /// A layout with a bias vector and a 40 × 3 table, as a bag model's.
     fn layout() -> Layout {
         let mut l = Layout::new();
@@ -556,10 +567,7 @@ mod tests {
         let path = dir.path().join("w.safetensors");
         tensors_to_file(&path, &l, &[("", &m)], serde_json::json!({}), Storage::ByRows).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        let e = tensors_from_file(&path, &bytes, &l, &[("", l.total())], Storage::Whole)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let e = read_error(&path, &bytes, &l, &[("", l.total())], Storage::Whole);
         assert!(e.contains("holds 3 tensors") && e.contains("expect 2"), "{e}");
     }
 
@@ -627,10 +635,7 @@ mod tests {
         stored.push(("rows.table".to_string(), Stored::Index { rows, shape: [rows.len()] }));
         write_stored(&path, stored, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        tensors_from_file(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())], Storage::ByRows)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string()
+        read_error(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())], Storage::ByRows)
     }
 
     #[test]
@@ -657,11 +662,7 @@ mod tests {
             st.tensor("rows.table").unwrap().data().as_ptr() as usize - bytes.as_ptr() as usize
         };
         bytes[at + 4] ^= 0x40;
-        let e =
-            tensors_from_file(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())], Storage::ByRows)
-                .map(|_| ())
-                .unwrap_err()
-                .to_string();
+        let e = read_error(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())], Storage::ByRows);
         assert!(e.contains("flip.safetensors") && e.contains("does not match its checksum"), "{e}");
     }
 
@@ -679,10 +680,7 @@ mod tests {
             ];
             write_stored(&path, views, serde_json::json!({})).unwrap();
             let bytes = std::fs::read(&path).unwrap();
-            tensors_from_file(&path, &bytes, &l, &[("m.", 3)], Storage::ByRows)
-                .map(|_| ())
-                .unwrap_err()
-                .to_string()
+            read_error(&path, &bytes, &l, &[("m.", 3)], Storage::ByRows)
         };
         let e = write(Stored::Index { rows: &idx, shape: [1] }, "rows.output.bias");
         assert!(e.contains("rows.output.bias") && e.contains("not a matrix with columns"), "{e}");
@@ -695,10 +693,7 @@ mod tests {
         ];
         write_stored(&path, views, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        let e = tensors_from_file(&path, &bytes, &flat, &[("m.", flat.total())], Storage::ByRows)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let e = read_error(&path, &bytes, &flat, &[("m.", flat.total())], Storage::ByRows);
         assert!(e.contains("rows.z") && e.contains("not a matrix with columns"), "{e}");
         let e = write(Stored::Whole { shape: vec![1], data: &[0.0] }, "rows.table");
         // `table` is not covered by a 3-element buffer, so its index is one tensor too many.
@@ -711,10 +706,7 @@ mod tests {
         ];
         write_stored(&path, views, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        let e = tensors_from_file(&path, &bytes, &l, &[("m.", l.total())], Storage::ByRows)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let e = read_error(&path, &bytes, &l, &[("m.", l.total())], Storage::ByRows);
         assert!(e.contains("rows.table") && e.contains("expected a U32 vector"), "{e}");
         // An index longer than its matrix's rows.
         let long: Vec<u32> = (0..41).collect();
@@ -725,10 +717,7 @@ mod tests {
         ];
         write_stored(&path, views, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        let e = tensors_from_file(&path, &bytes, &l, &[("m.", l.total())], Storage::ByRows)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let e = read_error(&path, &bytes, &l, &[("m.", l.total())], Storage::ByRows);
         assert!(e.contains("rows.table") && e.contains("at most 40 rows"), "{e}");
     }
 }
