@@ -1365,14 +1365,19 @@ fn embed(dir: &Path, pooling: &str, max_len: Option<usize>, texts: &[String]) ->
     if !(3..=positions).contains(&max_len) {
         bail!("--max-len {max_len}: must be in 3..={positions} (the special tokens, at least one more, and the model's positions)");
     }
-    let seqs = texts.iter().map(|t| tok.encode(t, max_len)).collect::<Result<Vec<_>, _>>()?;
+    // Each text read to one token past the limit: only one that reaches it is cut (and read
+    // again at the limit, where the tokenizer closes it with [SEP]).
+    let mut seqs = Vec::with_capacity(texts.len());
     for (i, t) in texts.iter().enumerate() {
-        if tok.encode(t, max_len + 1)?.len() > max_len {
+        let mut ids = tok.encode(t, max_len + 1)?;
+        if ids.len() > max_len {
             eprintln!(
                 "note: text {} is cut to its first {max_len} tokens, [CLS] and [SEP] included (--max-len; the model reads at most {positions})",
                 i + 1
             );
+            ids = tok.encode(t, max_len)?;
         }
+        seqs.push(ids);
     }
     if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
         bail!(

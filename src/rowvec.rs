@@ -21,14 +21,13 @@
 //! view in a logits file's source, so `propagate` from stored vectors records the same
 //! source as `propagate` embedding afresh.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::checkpoint::{file_meta, seal_meta, META_KEY};
+use crate::checkpoint::{file_meta, META_KEY};
 use crate::data::dataset::Dataset;
 use crate::data::manifest::hex64;
 use crate::data::shard::SplitKind;
@@ -183,8 +182,10 @@ impl RowVectors {
         Ok(())
     }
 
-    /// Writes the file `path` atomically.
+    /// Writes the file `path` atomically, streamed (`checkpoint::write_stored`: its data
+    /// checksum over the tensors in [`TENSORS`] order).
     pub fn write(&self, path: &Path) -> Result<()> {
+        use crate::checkpoint::Stored;
         let n = self.len();
         let data: [&[u8]; 4] = [
             bytemuck::cast_slice(&self.vectors),
@@ -194,21 +195,16 @@ impl RowVectors {
         ];
         let shapes = [vec![n, self.meta.width], vec![n], vec![n], vec![n]];
         let dtypes = [Dtype::F32, Dtype::U8, Dtype::I32, Dtype::U64];
-        let mut views = Vec::new();
-        let mut sum = Xxh3::new();
-        for (((name, bytes), shape), dtype) in TENSORS.iter().zip(data).zip(shapes).zip(dtypes) {
-            sum.update(bytes);
-            let view = TensorView::new(dtype, shape, bytes)
-                .map_err(|e| Error::bad_file(path, format!("tensor {name}: {e}")))?;
-            views.push((name.to_string(), view));
-        }
-        let mut meta = serde_json::to_value(&self.meta)
+        let stored = TENSORS
+            .iter()
+            .zip(data)
+            .zip(shapes)
+            .zip(dtypes)
+            .map(|(((name, data), shape), dtype)| (name.to_string(), Stored::Whole { dtype, shape, data }))
+            .collect();
+        let meta = serde_json::to_value(&self.meta)
             .map_err(|e| Error::Data(format!("row vectors' metadata: {e}")))?;
-        meta["checksum"] = serde_json::Value::String(hex64(sum.digest()));
-        let info = HashMap::from([(META_KEY.to_string(), seal_meta(&meta.to_string()))]);
-        let bytes = safetensors::serialize(views, Some(info))
-            .map_err(|e| Error::bad_file(path, format!("writing: {e}")))?;
-        crate::fsutil::write_atomic(path, &bytes)
+        crate::checkpoint::write_stored(path, stored, meta)
     }
 
     /// Reads and fully checks the file `path`: metadata, tensor shapes and types, the data's
@@ -368,6 +364,8 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::TensorView;
+    use std::collections::HashMap;
 
     /// Three rows of width 2 (a train row, a val row without a vector, an unlabeled row).
     fn three_rows() -> RowVectors {

@@ -51,7 +51,7 @@ use crate::model::{Model, ModelSpec};
 use crate::optim::schedule::Plateau;
 
 mod tensors;
-pub(crate) use tensors::{file_meta, seal_meta, tensors_from_file, tensors_to_file, Storage};
+pub(crate) use tensors::{file_meta, tensors_from_file, tensors_to_file, write_stored, Storage, Stored};
 
 /// Magic bytes of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"DTSTATE\0";

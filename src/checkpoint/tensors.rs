@@ -77,37 +77,44 @@ fn kept_rows(t: &TensorSpec, bufs: &[(&str, &[f32])]) -> Option<Vec<u32>> {
     (4 * kept.len() * (row_words + 1) <= 3 * rows * row_words).then_some(kept)
 }
 
-/// One tensor as [`tensors_to_file`] stores it.
-enum Stored<'a> {
-    /// A tensor whole.
-    Whole { shape: Vec<usize>, data: &'a [f32] },
+/// One tensor as [`write_stored`] stores it.
+pub(crate) enum Stored<'a> {
+    /// A tensor whole: its bytes as they are.
+    Whole { dtype: Dtype, shape: Vec<usize>, data: &'a [u8] },
     /// The listed rows of a matrix (written row by row).
     Rows { cols: usize, data: &'a [f32], rows: &'a [u32], shape: [usize; 2] },
-    /// A matrix's row index.
-    Index { rows: &'a [u32], shape: [usize; 1] },
 }
 
-impl Stored<'_> {
+impl<'a> Stored<'a> {
+    /// An f32 tensor whole.
+    pub(crate) fn floats(shape: Vec<usize>, data: &'a [f32]) -> Self {
+        Stored::Whole { dtype: Dtype::F32, shape, data: bytemuck::cast_slice(data) }
+    }
+
+    /// A matrix's row index.
+    fn index(rows: &'a [u32]) -> Self {
+        Stored::Whole { dtype: Dtype::U32, shape: vec![rows.len()], data: bytemuck::cast_slice(rows) }
+    }
+
+    /// The listed rows' bytes, one row at a time.
+    fn row_bytes(cols: usize, data: &'a [f32], rows: &'a [u32]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        rows.iter().map(move |&r| bytemuck::cast_slice(&data[r as usize * cols..(r as usize + 1) * cols]))
+    }
+
     /// Feeds the stored bytes to `sum` without gathering them.
     fn hash(&self, sum: &mut Xxh3) {
-        match self {
-            Stored::Whole { data, .. } => sum.update(bytemuck::cast_slice(data)),
+        match *self {
+            Stored::Whole { data, .. } => sum.update(data),
             Stored::Rows { cols, data, rows, .. } => {
-                for &r in rows.iter() {
-                    let r = r as usize;
-                    sum.update(bytemuck::cast_slice(&data[r * cols..(r + 1) * cols]));
-                }
+                Self::row_bytes(cols, data, rows).for_each(|b| sum.update(b))
             }
-            Stored::Index { rows, .. } => sum.update(bytemuck::cast_slice(rows)),
         }
     }
-}
 
-impl Stored<'_> {
     fn dtype(&self) -> Dtype {
         match self {
-            Stored::Index { .. } => Dtype::U32,
-            _ => Dtype::F32,
+            Stored::Whole { dtype, .. } => *dtype,
+            Stored::Rows { .. } => Dtype::F32,
         }
     }
 
@@ -115,30 +122,23 @@ impl Stored<'_> {
         match self {
             Stored::Whole { shape, .. } => shape,
             Stored::Rows { shape, .. } => shape,
-            Stored::Index { shape, .. } => shape,
         }
     }
 
     fn data_len(&self) -> usize {
         match self {
-            Stored::Whole { data, .. } => data.len() * 4,
+            Stored::Whole { data, .. } => data.len(),
             Stored::Rows { cols, rows, .. } => rows.len() * cols * 4,
-            Stored::Index { rows, .. } => rows.len() * 4,
         }
     }
 
     /// Writes the stored bytes, a matrix stored by rows row by row (no copy gathered).
     fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
-        match self {
-            Stored::Whole { data, .. } => w.write_all(bytemuck::cast_slice(data)),
+        match *self {
+            Stored::Whole { data, .. } => w.write_all(data),
             Stored::Rows { cols, data, rows, .. } => {
-                for &r in rows.iter() {
-                    let r = r as usize;
-                    w.write_all(bytemuck::cast_slice(&data[r * cols..(r + 1) * cols]))?;
-                }
-                Ok(())
+                Self::row_bytes(cols, data, rows).try_for_each(|b| w.write_all(b))
             }
-            Stored::Index { rows, .. } => w.write_all(bytemuck::cast_slice(rows)),
         }
     }
 }
@@ -217,14 +217,14 @@ pub(crate) fn tensors_to_file(
                 Some(rows) => {
                     Stored::Rows { cols: t.slot.cols, data, rows, shape: [rows.len(), t.slot.cols] }
                 }
-                None => Stored::Whole { shape: t.shape.clone(), data },
+                None => Stored::floats(t.shape.clone(), data),
             };
             stored.push((format!("{prefix}{}", t.name), view));
         }
     }
     for (t, rows) in layout.tensors().iter().zip(&kept) {
         if let Some(rows) = rows {
-            stored.push((format!("{ROWS_PREFIX}{}", t.name), Stored::Index { rows, shape: [rows.len()] }));
+            stored.push((format!("{ROWS_PREFIX}{}", t.name), Stored::index(rows)));
         }
     }
     write_stored(path, stored, meta)
@@ -236,7 +236,11 @@ pub(crate) fn tensors_to_file(
 /// to 8 bytes), then the tensors' bytes, streamed, in the crate's order. Through a temporary file
 /// renamed into place (`fsutil::write_atomic_with`), so that a reader with `path` mapped
 /// never sees it cut short.
-fn write_stored(path: &Path, stored: Vec<(String, Stored<'_>)>, mut meta: serde_json::Value) -> Result<()> {
+pub(crate) fn write_stored(
+    path: &Path,
+    stored: Vec<(String, Stored<'_>)>,
+    mut meta: serde_json::Value,
+) -> Result<()> {
     let mut sum = Xxh3::new();
     for (_, view) in &stored {
         view.hash(&mut sum);
@@ -627,12 +631,12 @@ mod tests {
         let kept = [5u32, 17, 30];
         let mut stored = Vec::new();
         for (prefix, buf) in [("m.", &m), ("v.", &v)] {
-            stored.push((format!("{prefix}output.bias"), Stored::Whole { shape: vec![3], data: &buf[..3] }));
+            stored.push((format!("{prefix}output.bias"), Stored::floats(vec![3], &buf[..3])));
             let data = &buf[table.range()];
             stored
                 .push((format!("{prefix}table"), Stored::Rows { cols: 3, data, rows: &kept, shape: [3, 3] }));
         }
-        stored.push(("rows.table".to_string(), Stored::Index { rows, shape: [rows.len()] }));
+        stored.push(("rows.table".to_string(), Stored::index(rows)));
         write_stored(&path, stored, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         read_error(&path, &bytes, &l, &[("m.", l.total()), ("v.", l.total())], Storage::ByRows)
@@ -675,34 +679,34 @@ mod tests {
         let idx = [0u32];
         let write = |index: Stored<'_>, name: &str| {
             let views = vec![
-                ("m.output.bias".to_string(), Stored::Whole { shape: vec![3], data: &bias }),
+                ("m.output.bias".to_string(), Stored::floats(vec![3], &bias)),
                 (name.to_string(), index),
             ];
             write_stored(&path, views, serde_json::json!({})).unwrap();
             let bytes = std::fs::read(&path).unwrap();
             read_error(&path, &bytes, &l, &[("m.", 3)], Storage::ByRows)
         };
-        let e = write(Stored::Index { rows: &idx, shape: [1] }, "rows.output.bias");
+        let e = write(Stored::index(&idx), "rows.output.bias");
         assert!(e.contains("rows.output.bias") && e.contains("not a matrix with columns"), "{e}");
         // Nor has a matrix without columns (no writer makes one: nothing to save).
         let mut flat = Layout::new();
         flat.matrix("z", 4, 0);
         let views = vec![
-            ("m.z".to_string(), Stored::Whole { shape: vec![2, 0], data: &[] }),
-            ("rows.z".to_string(), Stored::Index { rows: &[0, 1], shape: [2] }),
+            ("m.z".to_string(), Stored::floats(vec![2, 0], &[])),
+            ("rows.z".to_string(), Stored::index(&[0, 1])),
         ];
         write_stored(&path, views, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let e = read_error(&path, &bytes, &flat, &[("m.", flat.total())], Storage::ByRows);
         assert!(e.contains("rows.z") && e.contains("not a matrix with columns"), "{e}");
-        let e = write(Stored::Whole { shape: vec![1], data: &[0.0] }, "rows.table");
+        let e = write(Stored::floats(vec![1], &[0.0]), "rows.table");
         // `table` is not covered by a 3-element buffer, so its index is one tensor too many.
         assert!(e.contains("holds 2 tensors") && e.contains("expect 1"), "{e}");
         let table = vec![0.0f32; 120];
         let views = vec![
-            ("m.output.bias".to_string(), Stored::Whole { shape: vec![3], data: &bias }),
-            ("m.table".to_string(), Stored::Whole { shape: vec![40, 3], data: &table }),
-            ("rows.table".to_string(), Stored::Whole { shape: vec![1], data: &[0.0] }),
+            ("m.output.bias".to_string(), Stored::floats(vec![3], &bias)),
+            ("m.table".to_string(), Stored::floats(vec![40, 3], &table)),
+            ("rows.table".to_string(), Stored::floats(vec![1], &[0.0])),
         ];
         write_stored(&path, views, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -711,9 +715,9 @@ mod tests {
         // An index longer than its matrix's rows.
         let long: Vec<u32> = (0..41).collect();
         let views = vec![
-            ("m.output.bias".to_string(), Stored::Whole { shape: vec![3], data: &bias }),
-            ("m.table".to_string(), Stored::Whole { shape: vec![40, 3], data: &table }),
-            ("rows.table".to_string(), Stored::Index { rows: &long, shape: [41] }),
+            ("m.output.bias".to_string(), Stored::floats(vec![3], &bias)),
+            ("m.table".to_string(), Stored::floats(vec![40, 3], &table)),
+            ("rows.table".to_string(), Stored::index(&long)),
         ];
         write_stored(&path, views, serde_json::json!({})).unwrap();
         let bytes = std::fs::read(&path).unwrap();
