@@ -931,6 +931,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(r) = root_result(&dist, pretrain_on(&cfg, &opts, &dist))? else {
                 return Ok(ExitCode::SUCCESS);
             };
+            if r.already_finished {
+                println!(
+                    "the run had already finished its {} epochs: nothing left to train; embeddings: {}",
+                    r.epochs,
+                    r.out_dir.join(dtrain::pretrain::embeddings::EMBEDDINGS_FILE).display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let on = match r.ranks {
                 1 => format!("{} threads", r.threads),
                 w => format!("{w} ranks × {} threads", r.threads),

@@ -132,6 +132,34 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
     .unwrap();
     let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
     assert!(e.contains("encoder.layer.5.") && e.contains("beyond the 5 layers"), "{e}");
+    // The tensor named is the first in sorted order, the same on every run.
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 3"),
+    )
+    .unwrap();
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(
+        e.contains("holds tensor encoder.layer.3.attention.output.LayerNorm.bias, beyond the 3 layers"),
+        "{e}"
+    );
+    // A file holding a tensor both with and without the `bert.` prefix is ambiguous.
+    std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
+    {
+        let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+        let name = "embeddings.word_embeddings.weight";
+        let view = st.tensor(name).unwrap();
+        tensors.push((format!("bert.{name}"), view));
+        safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors")).unwrap();
+    }
+    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    assert!(
+        e.contains("holds both embeddings.word_embeddings.weight and bert.embeddings.word_embeddings.weight"),
+        "{e}"
+    );
+    std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
     // A key of the wrong type, or an option the encoder does not have, is refused by name
     // (not replaced by its default).
     for (from, to, want) in [
@@ -142,6 +170,12 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
         ),
         ("\"hidden_act\": \"gelu\"", "\"hidden_act\": 5", "`hidden_act` must be a string"),
         ("\"absolute\"", "\"relative_key\"", "`position_embedding_type` \"relative_key\" is not supported"),
+        // Another family's keys in BERT's names (RoBERTa counts positions from the padding id).
+        (
+            "\"model_type\": \"bert\"",
+            "\"model_type\": \"roberta\"",
+            "`model_type` \"roberta\" is not supported",
+        ),
     ] {
         assert!(cfg.contains(from), "{from}");
         std::fs::write(dir.path().join("config.json"), cfg.replace(from, to)).unwrap();
@@ -175,7 +209,16 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
         ),
         ("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 65536", "no tensor encoder.layer.6."),
         ("\"vocab_size\": 30522", "\"vocab_size\": 2147483648", "the config implies [2147483648, 384]"),
-        ("\"layer_norm_eps\": 1e-12", "\"layer_norm_eps\": 1e39", "`layer_norm_eps`: 1e39 is not in (0, 1]"),
+        (
+            "\"layer_norm_eps\": 1e-12",
+            "\"layer_norm_eps\": 1e39",
+            "`layer_norm_eps`: 1e39 is not in [1.1754944e-38, 1]",
+        ),
+        (
+            "\"layer_norm_eps\": 1e-12",
+            "\"layer_norm_eps\": 1e-50",
+            "e-51 is not in [1.1754944e-38, 1] (an f32 must hold it)",
+        ),
         (
             "\"num_attention_heads\": 12",
             "\"num_attention_heads\": 5",

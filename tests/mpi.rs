@@ -417,7 +417,10 @@ fn disagreeing_ranks_and_indivisible_world_sizes_are_refused() {
     let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("rank 1's config (its file and --set overrides) differs from rank 0's"), "{err}");
+    assert!(
+        err.contains("rank 1's config (its file and --set overrides) differs from rank 0's (rank 0 → rank 1: optim.lr: 0.05 → 0.06)"),
+        "the error names the field and both values: {err}"
+    );
     // Two ranks resuming from different checkpoints (a file system the nodes do not share,
     // or another --resume each) are refused by name, before any step.
     let r = dir.path().join("r");

@@ -191,6 +191,15 @@ fn one_thread_is_deterministic_and_resume_is_bitwise_identical() {
     assert_eq!(std::fs::read(a.join(WORDS_FILE)).unwrap(), std::fs::read(b.join(WORDS_FILE)).unwrap());
     let epochs = |d: &Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(epochs(&b), 4, "one metrics line per epoch, none repeated");
+    // A job requeued after it finished (--resume auto again) has nothing left to do: it
+    // succeeds and leaves the output and the metrics as they were; --resume no is refused.
+    let r = run(&cfg(&data, &b, &[]), Resume::Auto, None).unwrap();
+    assert!(r.already_finished && r.epochs == 4 && r.train_seconds == 0.0, "{r:?}");
+    assert_eq!(bytes(&a), bytes(&b));
+    assert_eq!(epochs(&b), 4);
+    let fresh = run(&cfg(&data, &b, &[]), Resume::No, None).unwrap_err().to_string();
+    assert!(fresh.contains(EMBEDDINGS_FILE) && fresh.contains("earlier run"), "{fresh}");
+    assert!(!r.loss.is_finite() && !b.join("checkpoints").exists());
 }
 
 #[test]

@@ -128,6 +128,35 @@ impl Elem for f64 {}
 impl Elem for u64 {}
 impl Elem for u32 {}
 impl Elem for u16 {}
+impl Elem for u8 {}
+
+/// What [`Dist::check_job`] asks of the ranks when they disagree.
+const SAME_JOB: &str =
+    "Every rank must run the same dtrain binary on the same config (file and --set overrides) and \
+                        the same prepared data";
+
+/// The error for ranks whose `values` (every rank's, in rank order) differ from rank 0's,
+/// entry k named `names[k]` and followed by `detail(rank, k)`; `Ok` when they all agree.
+fn disagreement(
+    all: &[Vec<u64>],
+    names: &[&str],
+    detail: impl Fn(usize, usize) -> String,
+    rule: &str,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (r, v) in all.iter().enumerate().skip(1) {
+        for (k, name) in names.iter().enumerate() {
+            if v.get(k) != all[0].get(k) {
+                problems.push(format!("rank {r}'s {name} differs from rank 0's{}", detail(r, k)));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Data(format!("the ranks disagree: {}. {rule}", problems.join("; "))))
+    }
+}
 
 /// How the dense gradient travels in this run, as [`Dist::bind`] chose it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -573,38 +602,13 @@ impl Dist {
         std::process::exit(code)
     }
 
-    /// Checks that every rank has the same `values` (hashes of the config, the data, the
-    /// binary), named by `names`; the error names the ranks and what differs.
-    pub fn check_same(&self, names: &[&str], values: &[u64]) -> Result<()> {
-        self.check_agree(
-            names,
-            values,
-            "Every rank must run the same dtrain binary on the same config (file and --set overrides) and the \
-             same prepared data",
-        )
-    }
-
-    /// [`Dist::check_same`] with `rule` (what the ranks must do) closing its error.
+    /// Checks that every rank has the same `values`, named by `names`; the error names the
+    /// ranks and what differs, and closes with `rule` (what the ranks must do).
     pub fn check_agree(&self, names: &[&str], values: &[u64], rule: &str) -> Result<()> {
         let all = self.all_gather("the start-up agreement check", values);
-        let mut problems = Vec::new();
-        for (r, v) in all.iter().enumerate().skip(1) {
-            for (k, name) in names.iter().enumerate() {
-                if v.get(k) != all[0].get(k) {
-                    problems.push(format!("rank {r}'s {name} differs from rank 0's"));
-                }
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Data(format!("the ranks disagree: {}. {rule}", problems.join("; "))))
-        }
+        disagreement(&all, names, |_, _| String::new(), rule)
     }
 
-    /// Checks at start-up that every rank runs the same binary on the same config (its
-    /// canonical JSON, whatever in it must agree) and the same prepared data (its manifest
-    /// checksum); the error names the rank that differs.
     /// Checks that every rank resumes from the same checkpoint `dir` (none: a fresh start),
     /// by its name and its `DONE` record: a rank that sees another (a file system not shared
     /// between nodes, or another `--resume`) would train another model.
@@ -624,16 +628,45 @@ impl Dist {
         )
     }
 
+    /// Checks at start-up that every rank runs the same binary on the same config (its
+    /// canonical JSON, whatever in it must agree) and the same prepared data (its manifest
+    /// checksum); the error names the rank that differs and, for a config, the fields that
+    /// differ from rank 0's with both values.
     pub fn check_job(&self, config_json: &str, data_checksum: &str) -> Result<()> {
-        self.check_same(
+        let values = [
+            xxhash_rust::xxh3::xxh3_64(config_json.as_bytes()),
+            xxhash_rust::xxh3::xxh3_64(data_checksum.as_bytes()),
+            xxhash_rust::xxh3::xxh3_64(
+                concat!(env!("CARGO_PKG_VERSION"), " ", env!("CARGO_PKG_NAME")).as_bytes(),
+            ),
+        ];
+        let all = self.all_gather("the start-up agreement check", &values);
+        // Every rank sees the hashes of all, so all of them join the second gather or none.
+        let configs = if all.iter().any(|v| v.first() != all[0].first()) {
+            self.all_gather("the ranks' configs, to name what differs", config_json.as_bytes())
+        } else {
+            Vec::new()
+        };
+        let parse = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).ok();
+        disagreement(
+            &all,
             &["config (its file and --set overrides)", "data set (manifest checksum)", "dtrain version"],
-            &[
-                xxhash_rust::xxh3::xxh3_64(config_json.as_bytes()),
-                xxhash_rust::xxh3::xxh3_64(data_checksum.as_bytes()),
-                xxhash_rust::xxh3::xxh3_64(
-                    concat!(env!("CARGO_PKG_VERSION"), " ", env!("CARGO_PKG_NAME")).as_bytes(),
-                ),
-            ],
+            |rank, k| match (
+                k,
+                configs.first().and_then(|c| parse(c)),
+                configs.get(rank).and_then(|c| parse(c)),
+            ) {
+                (0, Some(first), Some(this)) => {
+                    let fields = crate::config::differences(&first, &this, 8);
+                    if fields.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (rank 0 → rank {rank}: {})", fields.join("; "))
+                    }
+                }
+                _ => String::new(),
+            },
+            SAME_JOB,
         )
     }
 
@@ -812,7 +845,7 @@ mod tests {
         d.sum("t", &mut v);
         assert_eq!(v, [1.0, 2.0]);
         assert_eq!(d.all_gather("t", &[3u64]), vec![vec![3u64]]);
-        assert!(d.check_same(&["config"], &[7]).is_ok());
+        assert!(d.check_agree(&["config"], &[7], SAME_JOB).is_ok());
         let mut g = SparseRows { rows: vec![2, 5], values: vec![1.0f32, 2.0, 3.0, 4.0], dim: 2 };
         <Dist as GradSync<Cpu<f32>>>::average(&d, &Cpu::new(), &mut vec![1.0], Some(&mut g), 8);
         assert_eq!((g.rows.clone(), g.values.clone()), (vec![2, 5], vec![1.0, 2.0, 3.0, 4.0]));

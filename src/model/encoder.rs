@@ -151,9 +151,17 @@ impl EncoderSpec {
                 format!("the encoder would have {count} parameters, more than 2^40: its sizes are not a real model's"),
             ));
         }
-        // An f32 holds it (1e39 would be infinite, and every output the same).
-        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps <= 1.0) {
-            return Err(("layer_norm_eps", format!("{:e} is not in (0, 1]", self.layer_norm_eps)));
+        // An f32 holds it as a normal number (1e39 would be infinite, and every output the
+        // same; 1e-50 would be 0, and a constant row would divide 0 by 0).
+        if !(self.layer_norm_eps >= f64::from(f32::MIN_POSITIVE) && self.layer_norm_eps <= 1.0) {
+            return Err((
+                "layer_norm_eps",
+                format!(
+                    "{:e} is not in [{:e}, 1] (an f32 must hold it)",
+                    self.layer_norm_eps,
+                    f32::MIN_POSITIVE
+                ),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(("dropout", "must be in [0, 1)".into()));
@@ -1034,6 +1042,15 @@ pub fn load_pretrained(
             Some(v) => Err(Error::bad_file(&cfg_path, format!("`{name}` must be a string, not {v}"))),
         }
     };
+    // Other families reuse BERT's keys with another layout (RoBERTa's positions start
+    // after the padding id, ELECTRA projects its embeddings): refused, not misread.
+    let family = text_of("model_type", "bert")?;
+    if family != "bert" {
+        return Err(Error::bad_file(
+            &cfg_path,
+            format!("`model_type` {family:?} is not supported: dtrain loads BERT-family checkpoints with BERT's layout (\"bert\")"),
+        ));
+    }
     let positions = text_of("position_embedding_type", "absolute")?;
     if positions != "absolute" {
         return Err(Error::bad_file(
@@ -1091,13 +1108,19 @@ pub fn load_pretrained(
         .map_err(|e| Error::bad_file(&st_path, format!("not a safetensors file: {e}")))?;
     // Layers the file has beyond the config's would be dropped without a word.
     let layers = model.spec.layers;
-    if let Some(extra) = st.names().into_iter().find(|n| {
-        let n = n.strip_prefix("bert.").unwrap_or(n);
-        n.strip_prefix("encoder.layer.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .is_some_and(|i| i >= layers)
-    }) {
+    // (The first such name in sorted order, so the error is the same on every run.)
+    if let Some(extra) = st
+        .names()
+        .into_iter()
+        .filter(|n| {
+            let n = n.strip_prefix("bert.").unwrap_or(n);
+            n.strip_prefix("encoder.layer.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= layers)
+        })
+        .min()
+    {
         return Err(Error::bad_file(
             &st_path,
             format!("holds tensor {extra}, beyond the {layers} layers of config.json's `num_hidden_layers`"),
@@ -1110,10 +1133,17 @@ pub fn load_pretrained(
         if t.name.starts_with("classifier.") || t.name.starts_with("encoder.LayerNorm.") {
             continue;
         }
-        let view = st
-            .tensor(&t.name)
-            .or_else(|_| st.tensor(&format!("bert.{}", t.name)))
-            .map_err(|_| Error::bad_file(&st_path, format!("no tensor {}", t.name)))?;
+        let prefixed = format!("bert.{}", t.name);
+        let view = match (st.tensor(&t.name), st.tensor(&prefixed)) {
+            (Ok(v), Err(_)) | (Err(_), Ok(v)) => v,
+            (Ok(_), Ok(_)) => {
+                return Err(Error::bad_file(
+                    &st_path,
+                    format!("holds both {} and {prefixed}: which one is the encoder's is ambiguous", t.name),
+                ))
+            }
+            (Err(_), Err(_)) => return Err(Error::bad_file(&st_path, format!("no tensor {}", t.name))),
+        };
         if view.shape() != t.shape.as_slice() {
             return Err(Error::bad_file(
                 &st_path,

@@ -93,6 +93,9 @@ pub struct PretrainReport {
     /// Seconds of the epochs run here, and of the whole call.
     pub train_seconds: f64,
     pub seconds: f64,
+    /// `--resume auto` found this run's output already written: nothing was trained (and
+    /// `loss` is NaN).
+    pub already_finished: bool,
 }
 
 /// A contiguous run of documents of one shard, read by one thread.
@@ -294,6 +297,39 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         Resume::From(dir) => Some(dir.clone()),
     };
     dist.check_resume(resume_from.as_deref())?;
+    // Under --resume auto, a run that already wrote its output (a job requeued after it
+    // finished) has nothing left to do; any other output there is refused below.
+    let finished = resume_from.is_none()
+        && opts.resume == Resume::Auto
+        && embeddings::read(&t.out_dir).is_ok_and(|e| {
+            e.meta.config_hash == hash
+                && e.meta.data_checksum == meta.data_checksum
+                && e.meta.epochs_done == t.epochs
+                && e.words == words
+        });
+    dist.check_agree(
+        &["finished pretraining in train.out_dir"],
+        &[u64::from(finished)],
+        "Every rank must see the same train.out_dir: give it on a file system every node shares",
+    )?;
+    if finished {
+        return Ok(PretrainReport {
+            out_dir: t.out_dir.clone(),
+            epochs: t.epochs,
+            ranks: dist.world(),
+            threads: if t.threads == 0 { rayon::current_num_threads() } else { t.threads },
+            vocab_words: vocab.len(),
+            trained_words: words.len(),
+            tokens,
+            trained_tokens,
+            loss: f64::NAN,
+            words_per_s: 0.0,
+            words_per_s_per_thread: 0.0,
+            train_seconds: 0.0,
+            seconds: started.elapsed().as_secs_f64(),
+            already_finished: true,
+        });
+    }
     if resume_from.is_none() {
         // A fresh start writes these files and, when it ends, removes its checkpoints:
         // nothing of another run may be there (an interrupted pretraining's metrics are
@@ -567,6 +603,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         words_per_s_per_thread: read_here as f64 / train_secs.max(1e-9) / (threads * world) as f64,
         train_seconds: train_secs,
         seconds: started.elapsed().as_secs_f64(),
+        already_finished: false,
     })
 }
 
