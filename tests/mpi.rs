@@ -720,3 +720,39 @@ fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
         assert_same_metrics(&outs[0], &outs[1], 1e-4);
     }
 }
+
+/// launch/mpirun refuses what it cannot run with its own message (not bash's, nor dtrain's
+/// help under mpirun), and runs dtrain on W ranks with the cores divided among them.
+#[test]
+fn launch_mpirun_checks_its_arguments_and_runs_dtrain() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/launch/mpirun");
+    let launch = |args: &[&str], bin: &str| {
+        let o = Command::new(script).args(args).env("DTRAIN_BIN", bin).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    for (args, want) in [
+        (&["-n"][..], "launch/mpirun: -n takes the number of ranks"),
+        (&[], "launch/mpirun: no dtrain command"),
+        (&["-n", "2"], "launch/mpirun: no dtrain command"),
+        (&["-np", "2", "--"], "launch/mpirun: no dtrain command"),
+        (&["-n", "0", "info"], "launch/mpirun: -n 0: expected a positive number of ranks"),
+        (&["-n", "two", "info"], "launch/mpirun: -n two: expected a positive number of ranks"),
+    ] {
+        let (code, _, err) = launch(args, BIN);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.trim_end().starts_with(want) && !err.contains("line "), "{args:?}: {err}");
+    }
+    let (code, _, err) = launch(&["-n", "2", "info"], "/nonexistent/dtrain");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("DTRAIN_BIN=/nonexistent/dtrain is not an executable file"), "{err}");
+    let (code, out, err) = launch(&["-n", "2", "info"], BIN);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    for r in 0..2 {
+        assert!(out.contains(&format!("launch: rank {r} of 2")), "{out}");
+    }
+}
