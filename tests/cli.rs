@@ -3,12 +3,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+const BIN: &str = env!("CARGO_BIN_EXE_dtrain");
+
 fn dtrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dtrain"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
+    Command::new(BIN).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -264,7 +262,7 @@ fn a_path_that_is_not_utf8_is_refused_by_flag() {
     }
     let bad_out = dir.path().join(std::ffi::OsStr::from_bytes(b"o\xff"));
     for (flag, input, out) in [("--input", &bad, dir.path().join("out")), ("--out", &good, bad_out)] {
-        let o = Command::new(env!("CARGO_BIN_EXE_dtrain"))
+        let o = Command::new(BIN)
             .args([
                 "prepare".as_ref(),
                 "--input".as_ref(),
@@ -601,20 +599,12 @@ fn inspect_names_a_pretrained_encoder() {
 /// and so is a value that is no count.
 #[test]
 fn an_absurd_thread_count_is_refused() {
-    let o = Command::new(env!("CARGO_BIN_EXE_dtrain"))
-        .arg("info")
-        .env("RAYON_NUM_THREADS", "99999999")
-        .output()
-        .unwrap();
+    let o = Command::new(BIN).arg("info").env("RAYON_NUM_THREADS", "99999999").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(1) && err.contains("RAYON_NUM_THREADS=99999999: at most"), "{err}");
     // So is one that is no count (rayon would quietly take every core).
     for v in ["abc", "-1"] {
-        let o = Command::new(env!("CARGO_BIN_EXE_dtrain"))
-            .arg("info")
-            .env("RAYON_NUM_THREADS", v)
-            .output()
-            .unwrap();
+        let o = Command::new(BIN).arg("info").env("RAYON_NUM_THREADS", v).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.code() == Some(1) && err.contains("must be a thread count"), "{v}: {err}");
     }
@@ -625,7 +615,7 @@ fn an_absurd_thread_count_is_refused() {
 #[test]
 fn a_full_stdout_is_an_error_not_a_panic() {
     let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_dtrain")).arg("info").stdout(full).output().unwrap();
+    let o = Command::new(BIN).arg("info").stdout(full).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("error: failed printing to stdout") && !err.contains("panicked"), "{err}");
@@ -639,10 +629,10 @@ fn a_closed_pipe_ends_the_output_quietly() {
     let script = format!(
         "{} prepare --input {} --out {} --labels-per-class 5 | head -c 10 >/dev/null; echo \"prepare: ${{PIPESTATUS[0]}}\" >&2; \
          {} inspect {} --samples 500 | head -n 1; echo \"inspect: ${{PIPESTATUS[0]}}\" >&2",
-        env!("CARGO_BIN_EXE_dtrain"),
+        BIN,
         input.display(),
         out.display(),
-        env!("CARGO_BIN_EXE_dtrain"),
+        BIN,
         out.display()
     );
     let o = Command::new("bash").args(["-c", &script]).output().unwrap();
@@ -742,4 +732,42 @@ fn bench_allreduce_refuses_sizes_beyond_memory() {
     assert!(o.status.code() == Some(1) && text(&o).contains("itself at most 1 TiB"), "{}", text(&o));
     let o = dtrain(&["bench", "allreduce", "--max-bytes", "1099511627776"]);
     assert!(o.status.code() == Some(1) && text(&o).contains("field `--max-bytes`"), "{}", text(&o));
+}
+
+/// The Slurm scripts start dtrain through srun with `--resume auto` (and `--device auto` on
+/// GPUs) unless the options after run.toml give their own: a repeated flag would make
+/// clap refuse the job. `srun` here is a stand-in that prints its arguments.
+#[test]
+fn slurm_scripts_pass_defaults_the_user_can_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let srun = dir.path().join("srun");
+    std::fs::write(&srun, "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n").unwrap();
+    std::fs::set_permissions(&srun, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+    let root = env!("CARGO_MANIFEST_DIR");
+    for (script, gpu) in [("cpu", false), ("gpu-1node", true), ("gpu-nnodes", true)] {
+        let args = |extra: &[&str]| -> Vec<String> {
+            let o = Command::new("bash")
+                .arg(format!("launch/slurm/{script}.sbatch"))
+                .arg("run.toml")
+                .args(extra)
+                .current_dir(root)
+                .env("PATH", &path)
+                .env("DTRAIN_BIN", BIN)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{script}: {}", text(&o));
+            String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect()
+        };
+        let count = |a: &[String], flag: &str| a.iter().filter(|x| x.starts_with(flag)).count();
+        let plain = args(&[]);
+        let at = plain.iter().position(|a| a == BIN).expect("the binary is srun's command");
+        assert_eq!(plain[at + 1..at + 4], ["train", "--config", "run.toml"], "{script}: {plain:?}");
+        assert!(plain.windows(2).any(|w| w == ["--resume", "auto"]), "{script}: {plain:?}");
+        assert_eq!(plain.windows(2).any(|w| w == ["--device", "auto"]), gpu, "{script}: {plain:?}");
+        let own = args(&["--resume", "no", "--device=cpu", "--set", "optim.lr=0.1"]);
+        assert_eq!((count(&own, "--resume"), count(&own, "--device")), (1, 1), "{script}: {own:?}");
+        assert!(own.windows(2).any(|w| w == ["--resume", "no"]) && own.contains(&"--device=cpu".to_owned()));
+        assert!(own.ends_with(&["--set".to_owned(), "optim.lr=0.1".to_owned()]), "{script}: {own:?}");
+    }
 }
