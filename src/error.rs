@@ -83,6 +83,16 @@ impl<T> IoContext<T> for std::io::Result<T> {
     }
 }
 
+/// A number as a message shows it: as written from 1e-5 to 1e16, in exponent form beyond
+/// (`1e300`, not three hundred digits), exactly in both (the shortest form that reads back).
+pub fn number(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() || (1e-5..1e16).contains(&x.abs()) {
+        x.to_string()
+    } else {
+        format!("{x:e}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -106,5 +116,18 @@ mod tests {
         assert!(again.ends_with(note) && again.matches("bytes more").count() == 1, "{note}");
         let short = super::Error::config("train", "method", "unknown variant `x`").to_string();
         assert_eq!(short, "config train: field `method`: unknown variant `x`");
+    }
+
+    #[test]
+    fn numbers_far_from_one_are_shown_with_an_exponent() {
+        use super::number;
+        assert_eq!(number(0.05), "0.05");
+        assert_eq!(number(-3.0), "-3");
+        assert_eq!(number(0.0), "0");
+        assert_eq!(number(1e300), "1e300");
+        assert_eq!(number(-2.5e-300), "-2.5e-300");
+        assert_eq!(number(f64::INFINITY), "inf");
+        assert!(number(f64::NAN) == "NaN" && number(123456.0) == "123456");
+        assert_eq!(number(f64::MAX).parse::<f64>().unwrap(), f64::MAX, "it reads back exactly");
     }
 }

@@ -52,7 +52,7 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
         // Accuracies are drawn on [0, 1]: one outside it is not a training run's.
         for k in ["accuracy", "train_accuracy", "masked_accuracy"] {
             if let Some(a) = v.get(k).and_then(|x| x.as_f64()).filter(|a| !(0.0..=1.0).contains(a)) {
-                return Err(bad(&format!("`{k}` is {a}, outside [0, 1]")));
+                return Err(bad(&format!("`{k}` is {}, outside [0, 1]", crate::error::number(a))));
             }
         }
         // A value drawn must be a number where it is present (NaN is written as null).

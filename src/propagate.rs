@@ -141,7 +141,10 @@ impl Weights {
     /// What makes these no weighting: a weight that is not finite or below 0, or none above 0.
     fn problem(&self) -> Option<String> {
         if let Some(x) = self.0.iter().find(|x| !(x.is_finite() && **x >= 0.0)) {
-            return Some(format!("a view's weight must be finite and at least 0, not {x}"));
+            return Some(format!(
+                "a view's weight must be finite and at least 0, not {}",
+                crate::error::number(*x)
+            ));
         }
         (!self.0.iter().any(|&x| x > 0.0)).then(|| "at least one view's weight must be above 0".to_string())
     }
@@ -156,7 +159,7 @@ impl Weights {
 
     /// The weights as `--weights` takes them.
     pub fn name(&self) -> String {
-        self.0.iter().map(|w| w.to_string()).collect::<Vec<_>>().join(",")
+        self.0.iter().map(|&w| crate::error::number(w)).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -2374,6 +2377,7 @@ mod tests {
             ("1,-1", "`1,-1`: a view's weight must be finite and at least 0, not -1"),
             ("1,inf", "must be finite and at least 0, not inf"),
             ("1,NaN", "not NaN"),
+            ("1,-1e300", "not -1e300"),
             ("0,0", "`0,0`: at least one view's weight must be above 0"),
             ("", "expected a number"),
         ] {
@@ -2391,6 +2395,8 @@ mod tests {
             batch_size: 64,
             progress: false,
         };
+        // A weighting is named as --weights reads it, large numbers with their exponent.
+        assert_eq!(Weights(vec![1e300, 0.5]).name(), "1e300,0.5");
         let got = weightings(&o(&[]), 4).unwrap();
         assert_eq!(got, vec![(Weights(vec![1.0; 4]), vec![0.25; 4])]);
         let got = weightings(&o(&[&[3.0, 1.0], &[1.0, 0.0]]), 2).unwrap();

@@ -1280,6 +1280,7 @@ fn plot_draws_a_png_and_names_bad_lines() {
         (b"{\"epoch\": 1, \"loss\": 1}\n", "this is a skip-gram or CBOW pretraining's metrics.jsonl"),
         (b"{\"loss\": 1}\n", "no `step`: not a training run's metrics.jsonl"),
         (b"{\"step\": 1, \"split\": \"val\", \"accuracy\": 7}\n", "`accuracy` is 7, outside [0, 1]"),
+        (b"{\"step\": 1, \"split\": \"val\", \"accuracy\": 1e300}\n", "`accuracy` is 1e300, outside [0, 1]"),
     ] {
         std::fs::write(&bad, line).unwrap();
         let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
