@@ -429,8 +429,9 @@ struct RunArgs {
     /// Override any config field: --set optim.lr=0.01 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// `auto`: continue from the newest complete checkpoint in train.out_dir, if any;
-    /// `no`: start fresh (refused if checkpoints exist); or a checkpoint directory.
+    /// `auto`: continue from the newest complete checkpoint in train.out_dir, if any (a run
+    /// that already finished there has nothing left to do, and says so); `no`: start fresh
+    /// (refused if checkpoints exist); or a checkpoint directory.
     #[arg(long, default_value = "no")]
     resume: String,
 }
