@@ -1114,6 +1114,20 @@ pub struct PretrainMlm {
     /// when `f32`, so configs from before it keep their hash).
     #[serde(skip_serializing_if = "crate::backend::Matmul::is_f32")]
     pub matmul: crate::backend::Matmul,
+    /// Write a resumable checkpoint every this many steps (0 = none); `train.keep_checkpoints`
+    /// of them are kept, and all are deleted once the encoder is written. (Not written at
+    /// its default, so that configs from before it keep their hash.)
+    #[serde(skip_serializing_if = "PretrainMlm::default_checkpoint_every")]
+    pub checkpoint_every: u64,
+}
+
+impl PretrainMlm {
+    /// `mlm.checkpoint_every`'s default.
+    pub const CHECKPOINT_EVERY: u64 = 1000;
+
+    fn default_checkpoint_every(every: &u64) -> bool {
+        *every == Self::CHECKPOINT_EVERY
+    }
 }
 
 impl Default for PretrainMlm {
@@ -1132,6 +1146,7 @@ impl Default for PretrainMlm {
             log_every: 10,
             group_by_length: 0,
             matmul: crate::backend::Matmul::F32,
+            checkpoint_every: PretrainMlm::CHECKPOINT_EVERY,
         }
     }
 }
@@ -1262,11 +1277,14 @@ impl Validate for PretrainConfig {
                 ("train.threads", t.threads != dt.threads),
                 ("train.sync_words", t.sync_words != dt.sync_words),
                 ("train.checkpoint_every", t.checkpoint_every != dt.checkpoint_every),
-                ("train.keep_checkpoints", t.keep_checkpoints != dt.keep_checkpoints),
             ];
             for (fields, why) in [
                 (&model[..], "a masked-LM run's encoder is mlm.pretrained's, its settings under [mlm]"),
-                (&train[..], "a masked-LM run reads train.out_dir, epochs, lr and seed, and writes its encoder once, at the end"),
+                (
+                    &train[..],
+                    "a masked-LM run reads train.out_dir, epochs, lr, seed and keep_checkpoints, and writes a \
+                     checkpoint every mlm.checkpoint_every steps",
+                ),
             ] {
                 if let Some(field) = first_set(fields) {
                     return bad(field, &format!("applies to skip-gram and CBOW; {why}"));

@@ -483,11 +483,11 @@ struct PretrainArgs {
     /// Where masked-LM pretraining runs (skip-gram and CBOW run on CPU threads).
     #[command(flatten)]
     device: DeviceArg,
-    /// Stop after this many epochs in total, once their checkpoint is written; continue
-    /// later with --resume auto (for jobs with a time limit). Skip-gram and CBOW only:
-    /// masked-LM runs write no intermediate checkpoints yet (nor resume).
-    #[arg(long, value_name = "EPOCHS")]
-    stop_after: Option<u32>,
+    /// Stop after this many epochs (skip-gram, CBOW) or steps (masked-LM) in total, once
+    /// their checkpoint is written; continue later with --resume auto (for jobs with a time
+    /// limit).
+    #[arg(long, value_name = "N")]
+    stop_after: Option<u64>,
 }
 
 #[derive(Args)]
@@ -912,23 +912,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if cfg.model.objective == dtrain::config::Objective::Mlm {
                 one_process("masked-LM pretraining (`model.objective = \"mlm\"`)")?;
-                if args.stop_after.is_some() {
-                    bail!("--stop-after: masked-LM pretraining has no epoch checkpoints to stop at; it applies to skip-gram and CBOW");
+                let opts =
+                    dtrain::pretrain::mlm::MlmOptions { resume, progress, stop_after: args.stop_after };
+                let r = dtrain::pretrain::mlm::pretrain(&cfg, &opts, args.device.device)?;
+                if r.already_finished {
+                    println!(
+                        "the run had already finished: nothing left to train; encoder: {}",
+                        r.out.display()
+                    );
+                    return Ok(ExitCode::SUCCESS);
                 }
-                let r = dtrain::pretrain::mlm::pretrain(&cfg, &resume, args.device.device, progress)?;
-                let loss = match r.first_loss {
-                    Some(first) => format!("{first:.4} → {:.4}", r.last_loss),
-                    None => format!("{:.4}", r.last_loss),
+                let figures = match r.first_loss {
+                    _ if r.last_loss.is_nan() => "no window logged yet (mlm.log_every)".to_string(),
+                    Some(first) => format!("loss {first:.4} → {:.4}", r.last_loss),
+                    None => format!("loss {:.4}", r.last_loss),
                 };
-                println!(
-                    "masked-LM: {} steps, loss {loss}, masked-token accuracy {:.3}, {:.0} tokens/s",
-                    r.steps, r.last_accuracy, r.tokens_per_s
-                );
-                println!("encoder: {} (set model.encoder.pretrained to it)", r.out.display());
+                let accuracy = if r.last_accuracy.is_nan() {
+                    String::new()
+                } else {
+                    format!(", masked-token accuracy {:.3}", r.last_accuracy)
+                };
+                println!("masked-LM: {} steps, {figures}{accuracy}, {:.0} tokens/s", r.steps, r.tokens_per_s);
+                if r.resumed_at > 0 {
+                    println!("(resumed at step {})", r.resumed_at);
+                }
+                if args.stop_after == Some(r.steps) {
+                    println!(
+                        "stopped after step {}: continue with --resume auto (checkpoint {})",
+                        r.steps,
+                        r.out.display()
+                    );
+                } else {
+                    println!("encoder: {} (set model.encoder.pretrained to it)", r.out.display());
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             let dist = Dist::from_env(&cfg.dist)?;
-            let opts = PretrainOptions { resume, progress, stop_after: args.stop_after };
+            let stop_after = args.stop_after.map(u32::try_from).transpose().map_err(|_| {
+                anyhow::anyhow!("--stop-after: more than 2^32 epochs; a skip-gram or CBOW run has fewer")
+            })?;
+            let opts = PretrainOptions { resume, progress, stop_after };
             let Some(r) = root_result(&dist, pretrain_on(&cfg, &opts, &dist))? else {
                 return Ok(ExitCode::SUCCESS);
             };

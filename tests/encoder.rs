@@ -425,10 +425,7 @@ fn texts_without_a_subword_token_keep_the_hashed_rows() {
     .map(|s| dtrain::config::Override::parse(s).unwrap())
     .collect();
     let cfg = dtrain::config::load::<dtrain::config::PretrainConfig>(None, &o).unwrap();
-    let e = dtrain::pretrain::mlm::pretrain(&cfg, &dtrain::train::Resume::No, Default::default(), false)
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
+    let e = common::mlm(&cfg, dtrain::train::Resume::No).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("no document of the splits") && e.contains("to mask"), "{e}");
     let mut sets = common::small_encoder(1);
     sets.push("train.steps=2".into());

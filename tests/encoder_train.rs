@@ -688,7 +688,7 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
     let pcfg =
         mlm_config(&data, &dir.path().join("mlm"), &["mlm.steps=30", "mlm.log_every=10", "train.lr=0.001"]);
-    let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
+    let r = common::mlm(&pcfg, Resume::No).unwrap();
     assert_eq!(r.steps, 30);
     // The fresh head starts near ln(30522) ≈ 10.3 and learns this small, repetitive text.
     // Over seeds 1–5 the last logged loss (a 10-step window) ends at 0.45–0.62 of the first
@@ -735,30 +735,23 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("model.encoder.pretrained") && e.contains("not the data set's tokenizer"), "{e}");
-    // Resuming is refused by name.
-    let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::Auto, Default::default(), false).unwrap_err();
-    assert!(e.to_string().contains("--resume"), "{e}");
+    // --resume auto on the finished run (a requeued job) has nothing left to do.
+    let again = common::mlm(&pcfg, Resume::Auto).unwrap();
+    assert!(again.already_finished && again.out == r.out, "{again:?}");
     // A second run into the same out_dir would replace the first's encoder (here even its
     // own input): refused, naming what is there, and the encoder is left as it was.
     let weights = std::fs::read(r.out.join("model.safetensors")).unwrap();
     let own = format!("mlm.pretrained={:?}", r.out.display().to_string());
     let again = mlm_config(&data, &dir.path().join("mlm"), &["mlm.steps=2", &own]);
-    let e = dtrain::pretrain::mlm::pretrain(&again, &Resume::No, Default::default(), false)
-        .unwrap_err()
-        .to_string();
+    let e = common::mlm(&again, Resume::No).unwrap_err().to_string();
     assert!(e.contains("train.out_dir") && e.contains("metrics.jsonl, encoder"), "{e}");
     assert_eq!(std::fs::read(r.out.join("model.safetensors")).unwrap(), weights);
     // Nor may it write into the fine-tuning run's checkpoint.
     let refused = |out: &Path| {
-        dtrain::pretrain::mlm::pretrain(
-            &mlm_config(&data, out, &["mlm.steps=2"]),
-            &Resume::No,
-            Default::default(),
-            false,
-        )
-        .map(|_| ())
-        .unwrap_err()
-        .to_string()
+        common::mlm(&mlm_config(&data, out, &["mlm.steps=2"]), Resume::No)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
     };
     let e = refused(&common::last_checkpoint(&dir.path().join("ft")).join("mlm"));
     assert!(e.contains("train.out_dir") && e.contains("a checkpoint"), "{e}");
@@ -780,7 +773,7 @@ fn masked_lm_takes_the_matmul_precision() {
         .map(|m| {
             let set = format!("mlm.matmul=\"{m}\"");
             let pcfg = mlm_config(&data, &dir.path().join(m), &["mlm.steps=3", "train.lr=0.001", &set]);
-            let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
+            let r = common::mlm(&pcfg, Resume::No).unwrap();
             assert!(r.last_loss.is_finite(), "{m}: loss {}", r.last_loss);
             // 3 steps are one logged window (mlm.log_every 10): no "first → last" to report.
             assert_eq!(r.first_loss, None, "{m}: one window has no first loss apart from the last");
@@ -802,9 +795,7 @@ fn masked_lm_takes_the_matmul_precision() {
     assert!(e.contains("field `mlm.weight_decay`") && e.contains("must be below 1"), "{e}");
     let mut pcfg = mlm_config(&data, &dir.path().join("diverged"), &["mlm.steps=1", "train.lr=1"]);
     pcfg.mlm.weight_decay = 1e38;
-    let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false)
-        .unwrap_err()
-        .to_string();
+    let e = common::mlm(&pcfg, Resume::No).unwrap_err().to_string();
     assert!(e.contains("not written: tensor") && e.contains("the weights diverged"), "{e}");
     assert!(
         !dir.path().join("diverged/encoder").exists() && !dir.path().join("diverged/encoder.tmp").exists()
@@ -817,9 +808,7 @@ fn masked_lm_takes_the_matmul_precision() {
         b[ids_at + 4..ids_at + 8].copy_from_slice(&1000u32.to_le_bytes());
     });
     let pcfg = mlm_config(&damaged, &dir.path().join("dmg"), &["mlm.steps=1"]);
-    let e = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false)
-        .unwrap_err()
-        .to_string();
+    let e = common::mlm(&pcfg, Resume::No).unwrap_err().to_string();
     assert!(e.contains("unlabeled-00000.shard") && e.contains("payload checksum"), "{e}");
 }
 
@@ -844,7 +833,7 @@ fn masked_lm_groups_batches_by_length() {
         let out = dir.path().join(format!("mlm-{window}"));
         let group = format!("mlm.group_by_length={window}");
         let pcfg = mlm_config(&data, &out, &[&group, "train.epochs=1", "train.lr=0.0001"]);
-        let r = dtrain::pretrain::mlm::pretrain(&pcfg, &Resume::No, Default::default(), false).unwrap();
+        let r = common::mlm(&pcfg, Resume::No).unwrap();
         let logged = records(&out);
         assert!(logged.iter().all(|r| r["padding"].as_f64().is_some_and(|p| (0.0..1.0).contains(&p))));
         (r.padding, r.steps)
@@ -875,13 +864,7 @@ fn masked_lm_head_warm_up_trains_the_head_alone() {
         "mlm.log_every=10",
         "train.lr=1e-12",
     ];
-    let r = dtrain::pretrain::mlm::pretrain(
-        &mlm_config(&data, &out, &sets),
-        &Resume::No,
-        Default::default(),
-        false,
-    )
-    .unwrap();
+    let r = common::mlm(&mlm_config(&data, &out, &sets), Resume::No).unwrap();
     assert_eq!(r.steps, 21);
     let logged = records(&out);
     let phases: Vec<(u64, &str, f64)> = logged
@@ -923,13 +906,7 @@ fn masked_lm_head_warm_up_trains_the_head_alone() {
     let out = dir.path().join("mlm2");
     let sets =
         ["mlm.head_warmup_steps=2", "mlm.steps=2", "mlm.warmup_steps=2", "mlm.log_every=1", "train.lr=0.001"];
-    let r = dtrain::pretrain::mlm::pretrain(
-        &mlm_config(&data, &out, &sets),
-        &Resume::No,
-        Default::default(),
-        false,
-    )
-    .unwrap();
+    let r = common::mlm(&mlm_config(&data, &out, &sets), Resume::No).unwrap();
     let logged = records(&out);
     let phases: Vec<(&str, f64)> =
         logged.iter().map(|r| (r["phase"].as_str().unwrap(), r["lr"].as_f64().unwrap())).collect();
@@ -949,11 +926,9 @@ fn masked_lm_head_warm_up_trains_the_head_alone() {
 fn masked_lm_settings_that_cannot_apply_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
-    let e = dtrain::pretrain::mlm::pretrain(
+    let e = common::mlm(
         &mlm_config(&data, &dir.path().join("w"), &["mlm.steps=2", "mlm.warmup_steps=3"]),
-        &Resume::No,
-        Default::default(),
-        false,
+        Resume::No,
     )
     .unwrap_err()
     .to_string();
@@ -961,14 +936,9 @@ fn masked_lm_settings_that_cannot_apply_are_refused() {
     // A rate far too high: the loss passes ten times a uniform guess's, and the run stops
     // naming the rate instead of writing the encoder.
     let out = dir.path().join("diverged");
-    let e = dtrain::pretrain::mlm::pretrain(
-        &mlm_config(&data, &out, &["mlm.steps=15", "train.lr=10"]),
-        &Resume::No,
-        Default::default(),
-        false,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = common::mlm(&mlm_config(&data, &out, &["mlm.steps=15", "train.lr=10"]), Resume::No)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("the run diverged; lower train.lr") && e.contains("a uniform guess over the"), "{e}");
     assert!(!out.join("encoder").exists());
     let load = |sets: &[&str]| {
@@ -981,13 +951,16 @@ fn masked_lm_settings_that_cannot_apply_are_refused() {
     let e = load(&[&mlm[..], &["model.window=3"]].concat());
     assert!(e.contains("model.window") && e.contains("skip-gram"), "{e}");
     // So are skip-gram's [train] settings that a masked-LM run would ignore.
-    for kv in
-        ["train.threads=4", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.sync_words=10"]
-    {
+    // (train.keep_checkpoints it reads: its checkpoints come every mlm.checkpoint_every steps.)
+    for kv in ["train.threads=4", "train.checkpoint_every=2", "train.sync_words=10"] {
         let e = load(&[&mlm[..], &[kv]].concat());
         let field = kv.split('=').next().unwrap();
-        assert!(e.contains(field) && e.contains("writes its encoder once"), "{e}");
+        assert!(e.contains(field) && e.contains("mlm.checkpoint_every steps"), "{e}");
     }
+    let reads =
+        [&mlm[..], &["train.keep_checkpoints=3", "mlm.checkpoint_every=5", "train.out_dir=\"o\""]].concat();
+    let o: Vec<Override> = reads.iter().map(|s| Override::parse(s).unwrap()).collect();
+    config::load::<dtrain::config::PretrainConfig>(None, &o).unwrap();
     let e = load(&["data.dir=\"d\"", "mlm.head_warmup_steps=5"]);
     assert!(e.contains("field `mlm`") && e.contains("objective = \"mlm\""), "{e}");
 }
@@ -1039,6 +1012,75 @@ fn mlm_config(data: &Path, out: &Path, extra: &[&str]) -> dtrain::config::Pretra
         .map(|s| Override::parse(s).unwrap())
         .collect();
     config::load(None, &o).unwrap()
+}
+
+/// A masked-LM run stopped in its head's warm-up and again in the full run, and resumed
+/// each time with --resume auto, writes the encoder and the metrics of the uninterrupted
+/// run bit for bit (dropout on: each step's batch, masks and noise are keyed by the step).
+/// Its checkpoints are kept as train.keep_checkpoints says and removed at the end; a resume
+/// under another config names the field, and a fresh start over checkpoints is refused.
+#[test]
+fn masked_lm_pretraining_stops_and_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = wordpiece(dir.path(), &["split.labels_per_class=6"]);
+    let sets = [
+        "mlm.steps=6",
+        "mlm.head_warmup_steps=2",
+        "mlm.log_every=2",
+        "mlm.checkpoint_every=2",
+        "train.keep_checkpoints=2",
+        "train.lr=0.001",
+    ];
+    let whole = dir.path().join("whole");
+    let r = common::mlm(&mlm_config(&data, &whole, &sets), Resume::No).unwrap();
+    assert_eq!((r.steps, r.resumed_at), (8, 0));
+    assert!(!whole.join("checkpoints").exists(), "the checkpoints go once the encoder is written");
+    let cut = dir.path().join("cut");
+    let c = mlm_config(&data, &cut, &sets);
+    let first = common::mlm_until(&c, Resume::No, Some(1)).unwrap();
+    assert_eq!(first.out, cut.join("checkpoints/step-000000001"));
+    assert!(!cut.join("encoder").exists());
+    // A fresh start over its checkpoints is refused; a resume under another config names
+    // the field.
+    let e = common::mlm(&c, Resume::No).unwrap_err().to_string();
+    assert!(e.contains("--resume auto"), "{e}");
+    let other = mlm_config(&data, &cut, &[&sets[..], &["train.lr=0.002"]].concat());
+    let e = common::mlm(&other, Resume::Auto).unwrap_err().to_string();
+    assert!(e.contains("different pretraining config (train.lr: 0.001 → 0.002)"), "{e}");
+    let second = common::mlm_until(&c, Resume::Auto, Some(5)).unwrap();
+    assert_eq!((second.resumed_at, second.steps), (1, 5));
+    let kept: Vec<String> = std::fs::read_dir(cut.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(kept, ["step-000000004", "step-000000005"], "the newest two");
+    let last = common::mlm(&c, Resume::Auto).unwrap();
+    assert_eq!((last.resumed_at, last.steps), (5, 8));
+    assert_eq!(last.last_loss.to_bits(), r.last_loss.to_bits());
+    assert_eq!(last.first_loss.map(f64::to_bits), r.first_loss.map(f64::to_bits));
+    assert!(!cut.join("checkpoints").exists());
+    let weights = |d: &Path| std::fs::read(d.join("encoder/model.safetensors")).unwrap();
+    assert!(
+        weights(&whole) == weights(&cut),
+        "the resumed run's encoder differs from the uninterrupted one's"
+    );
+    // The metrics: one record per logged window, as the uninterrupted run's (throughput
+    // aside).
+    let records = |d: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("tokens_per_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(records(&whole).len(), 4);
+    assert_eq!(records(&whole), records(&cut));
 }
 
 /// An encoder's activations join the memory budget before the first step allocates them:

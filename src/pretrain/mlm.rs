@@ -5,16 +5,21 @@
 //! (`config.json`, `model.safetensors`, `tokenizer.json`) that `model.encoder.pretrained`
 //! fine-tunes with any method.
 //!
-//! One process, CPU or any backend of `dispatch`; no intermediate checkpoints yet (the run
-//! writes its output once, atomically, at the end).
+//! One process, CPU or any backend of `dispatch`. Every `mlm.checkpoint_every` steps a
+//! checkpoint (`checkpoints/step-N/`: the weights with the run's state in their metadata,
+//! AdamW's moments, the config) lets `--resume auto` continue bit for bit: each step's
+//! batch, masks and dropout are functions of the seed and the step. The encoder is written
+//! once, atomically, at the end, and the checkpoints are then deleted.
 
 use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::backend::{mix64, Activation, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap};
+use crate::checkpoint::{self, Storage};
 use crate::config::PretrainConfig;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{group_by_length, Grouping};
@@ -24,6 +29,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::model::encoder::{load_pretrained, Encoder, EncoderActs, Pooling, TokenBatch};
 use crate::model::params::{fill_uniform, Layout, Slot};
 use crate::optim::{OptimConfig, OptimKind, Optimizer, TableGrad};
+use crate::train::Resume;
 
 /// The name prefix of the head's tensors.
 const HEAD_PREFIX: &str = "cls.predictions";
@@ -212,7 +218,8 @@ pub fn masked_count(len: usize, p: f64) -> usize {
 pub struct MlmReport {
     pub steps: u64,
     /// The mean masked-token loss and accuracy over the first and the last logged window
-    /// (`first_loss` is `None` when the run logged a single window).
+    /// (`first_loss` is `None` when the run logged a single window; the last are NaN when
+    /// it logged none, as a run stopped before `mlm.log_every` steps).
     pub first_loss: Option<f64>,
     pub last_loss: f64,
     pub last_accuracy: f64,
@@ -222,51 +229,145 @@ pub struct MlmReport {
     pub padding: f64,
     /// The pretrained encoder directory written.
     pub out: std::path::PathBuf,
+    /// The steps done before this call (the checkpoint resumed from; 0 for a fresh start).
+    pub resumed_at: u64,
+    /// `--resume auto` found this run's encoder already written: nothing was trained (the
+    /// losses are NaN).
+    pub already_finished: bool,
 }
 
-/// `dtrain pretrain` with `model.objective = "mlm"`: one process, on `device`; resuming
-/// is refused (the run writes no intermediate checkpoint yet).
+/// What a masked-LM checkpoint's weights file (`model.safetensors`) holds in its metadata
+/// beside the tensors: where the run stands after `step` steps. The open metrics window and
+/// the report's figures are kept (floats by their bits), so that a resumed run logs what an
+/// uninterrupted one does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MlmState {
+    /// [`CHECKPOINT_FORMAT`].
+    format: String,
+    step: u64,
+    /// The step count of the optimizer in use (the head's during its warm-up), whose
+    /// moments `optimizer.safetensors` holds.
+    adam_t: u64,
+    /// The config's trajectory hash (`super::config_hash`) and the data's checksum.
+    config_hash: u64,
+    data_checksum: String,
+    /// The window's loss sum (bits), right predictions, masked tokens, tokens, steps, slots.
+    window: [u64; 6],
+    /// The first window's loss (bits), the last window's loss and accuracy (bits), the
+    /// windows logged, and the run's tokens and padded slots.
+    first_loss: Option<u64>,
+    last: [u64; 2],
+    windows: u64,
+    all_tokens: u64,
+    all_slots: u64,
+}
+
+/// The `format` of a masked-LM checkpoint's state.
+const CHECKPOINT_FORMAT: &str = "dtrain-mlm-checkpoint";
+
+/// What one masked-LM call is asked beside its config: where to resume, the progress bar,
+/// and a stop after this many steps in all, with a checkpoint (a job's time limit; tests).
+#[derive(Debug, Clone)]
+pub struct MlmOptions {
+    pub resume: Resume,
+    pub progress: bool,
+    pub stop_after: Option<u64>,
+}
+
+/// `dtrain pretrain` with `model.objective = "mlm"`: one process, on `device`.
 pub fn pretrain(
     cfg: &PretrainConfig,
-    resume: &crate::train::Resume,
+    opts: &MlmOptions,
     device: crate::backend::Device,
-    progress: bool,
 ) -> Result<MlmReport> {
-    if *resume != crate::train::Resume::No {
-        return Err(Error::config(
-            "pretrain",
-            "--resume",
-            "masked-LM runs write no intermediate checkpoints yet, so there is nothing to resume",
-        ));
-    }
-    struct Job<'a>(&'a PretrainConfig, bool);
+    struct Job<'a>(&'a PretrainConfig, &'a MlmOptions);
     impl crate::backend::OnBackend for Job<'_> {
         type Out = MlmReport;
         fn run<B: EncoderOps<F = f32>>(self, be: &B) -> Result<MlmReport> {
             run(be, self.0, self.1)
         }
     }
-    crate::backend::dispatch_with(device, 0, progress, cfg.mlm.matmul, Job(cfg, progress))
+    crate::backend::dispatch_with(device, 0, opts.progress, cfg.mlm.matmul, Job(cfg, opts))
 }
 
-/// Runs masked-LM pretraining as `cfg` says on backend `be`; `progress` shows a bar.
-pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool) -> Result<MlmReport> {
+/// Runs masked-LM pretraining as `cfg` says on backend `be`.
+pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptions) -> Result<MlmReport> {
     let m = &cfg.mlm;
     let t = &cfg.train;
-    // Masked-LM pretraining has no resume: it starts over, so nothing of an earlier run may
-    // be in its out_dir (its encoder/ may even be this run's mlm.pretrained).
+    let progress = opts.progress;
     crate::fsutil::check_run_dir_place("pretrain", "train.out_dir", &t.out_dir)?;
     // One process; held to the run's end, so that no second run writes here meanwhile.
     let _lock = crate::fsutil::lock_run_dir(&t.out_dir, "train.out_dir")?;
-    crate::fsutil::check_no_earlier_outputs(
-        "pretrain",
-        "train.out_dir",
-        &t.out_dir,
-        &["metrics.jsonl", "encoder", "checkpoints"],
-        "choose another train.out_dir, or remove them",
-    )?;
+    let ckpt_root = t.out_dir.join("checkpoints");
+    let resume_from = match &opts.resume {
+        Resume::No => {
+            if checkpoint::list_named(&ckpt_root, "step")?.last().is_some() {
+                return Err(Error::bad_file(
+                    &ckpt_root,
+                    "holds checkpoints of an earlier run: pass --resume auto to continue it, or choose another train.out_dir",
+                ));
+            }
+            None
+        }
+        Resume::Auto => checkpoint::list_named(&ckpt_root, "step")?.pop(),
+        Resume::From(dir) => Some(dir.clone()),
+    };
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
+    let hash = super::config_hash(cfg);
+    let encoder_dir = t.out_dir.join("encoder");
+    if resume_from.is_none() {
+        // Under --resume auto, a run whose encoder is written (a job requeued after it
+        // finished) has nothing left to do.
+        if opts.resume == Resume::Auto && finished_encoder(&encoder_dir, hash, &manifest.checksum) {
+            let nan = f64::NAN;
+            return Ok(MlmReport {
+                steps: 0,
+                first_loss: None,
+                last_loss: nan,
+                last_accuracy: nan,
+                tokens_per_s: 0.0,
+                padding: nan,
+                out: encoder_dir,
+                resumed_at: 0,
+                already_finished: true,
+            });
+        }
+        // A fresh start writes these, and at its end removes its checkpoints: nothing of
+        // another run may be there (its encoder/ may even be this run's mlm.pretrained).
+        // Under --resume auto, an interrupted run's metrics (before its first checkpoint)
+        // are started over.
+        let fresh = opts.resume == Resume::No;
+        let earlier: Vec<&str> = [("metrics.jsonl", fresh), ("encoder", true), ("checkpoints", fresh)]
+            .into_iter()
+            .filter_map(|(name, refused)| refused.then_some(name))
+            .collect();
+        crate::fsutil::check_no_earlier_outputs(
+            "pretrain",
+            "train.out_dir",
+            &t.out_dir,
+            &earlier,
+            "choose another train.out_dir, or remove them (a masked-LM run continues only from its own step \
+             checkpoints, with --resume auto)",
+        )?;
+        crate::fsutil::check_metrics_kind(
+            &t.out_dir.join("metrics.jsonl"),
+            "masked_accuracy",
+            "a masked-LM pretraining's",
+        )?;
+        if let Some(other) = std::fs::read_dir(&ckpt_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| !e.file_name().to_string_lossy().starts_with("step-"))
+        {
+            return Err(Error::bad_file(
+                other.path(),
+                "is not a masked-LM checkpoint, and the run removes its checkpoints directory when it ends: choose \
+                 another train.out_dir",
+            ));
+        }
+    }
     let Some(sw) = &manifest.tokenizer.subword else {
         return Err(Error::config(
             "pretrain",
@@ -322,11 +423,21 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         budget.add(what, acts, "mlm.batch_size", why);
     }
     budget.check()?;
-    let mut host = vec![0f32; enc.layout.total()];
-    host[..loaded.len()].copy_from_slice(&loaded);
-    drop(loaded);
-    head.init(&mut host, t.seed);
     let layout = enc.layout.clone();
+    let (state, host, moments) = match &resume_from {
+        Some(dir) => {
+            drop(loaded);
+            let (state, weights, moments) = read_checkpoint(dir, cfg, &layout, hash, &manifest.checksum)?;
+            (Some(state), weights, Some(moments))
+        }
+        None => {
+            let mut host = vec![0f32; layout.total()];
+            host[..loaded.len()].copy_from_slice(&loaded);
+            drop(loaded);
+            head.init(&mut host, t.seed);
+            (None, host, None)
+        }
+    };
     let none = Slot { offset: layout.total(), rows: 0, cols: 0 };
     let ocfg = OptimConfig {
         kind: OptimKind::Adamw,
@@ -344,6 +455,17 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         Optimizer::new(be, &layout, none, c)
     });
     let mut opt = Optimizer::new(be, &layout, none, ocfg);
+    let first_step = state.as_ref().map_or(0, |s| s.step);
+    if let (Some(state), Some([mm, vv])) = (&state, moments) {
+        // The moments are the optimizer's in use at that step: the head's during its
+        // warm-up (the full run's are then still fresh), the full run's after it.
+        let o = if first_step < hw {
+            head_opt.as_mut().expect("a head optimizer while step < hw")
+        } else {
+            &mut opt
+        };
+        (o.m, o.v, o.t) = (be.upload_vec(mm), be.upload_vec(vv), state.adam_t);
+    }
     let mut params = be.upload_vec(host);
     let mut grads = be.zeros(layout.total());
     let mut no_rows = crate::backend::SparseRows::new(be.zeros(0), 1);
@@ -389,11 +511,24 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
         ));
     }
     let steps = hw + total;
+    if first_step > steps {
+        let dir = resume_from.as_deref().unwrap_or(&ckpt_root);
+        return Err(Error::bad_file(dir, format!("is at step {first_step}, past this run's {steps} steps")));
+    }
+    if let Some(stop) = opts.stop_after {
+        if stop <= first_step || stop >= steps {
+            return Err(Error::Data(format!(
+                "--stop-after {stop}: must be a step after the run's {first_step} and before its end at step {steps}"
+            )));
+        }
+    }
     crate::fsutil::create_dirs(&t.out_dir)?;
     let log_path = t.out_dir.join("metrics.jsonl");
-    let mut log = std::fs::File::create(&log_path).at(&log_path)?;
+    // A resumed run's records past its checkpoint are written again.
+    let mut log = crate::fsutil::reopen_metrics(&log_path, "step", |s, _| s <= first_step)?;
     let bar = if progress {
         let b = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
+        b.set_position(first_step);
         b.set_style(
             ProgressStyle::with_template("mlm [{wide_bar}] {pos}/{len} {msg} ETA {eta}")
                 .expect("valid template")
@@ -408,14 +543,25 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let (mut dlogits, mut row_loss) = (be.zeros(0), be.zeros(0));
     let (mut win_loss, mut win_right, mut win_masked, mut win_tokens, mut win_steps) =
         (0.0, 0u64, 0u64, 0u64, 0u64);
-    let (mut first_loss, mut last_loss, mut last_acc, mut windows) = (None, 0.0, 0.0, 0u64);
+    // (NaN until a window is logged.)
+    let (mut first_loss, mut last_loss, mut last_acc, mut windows) = (None, f64::NAN, f64::NAN, 0u64);
     let (mut step_secs, mut all_tokens, mut all_slots, mut win_slots) = (0.0f64, 0u64, 0u64, 0u64);
+    if let Some(st) = &state {
+        let [l, r, k, tk, n, sl] = st.window;
+        (win_loss, win_right, win_masked, win_tokens, win_steps, win_slots) =
+            (f64::from_bits(l), r, k, tk, n, sl);
+        (first_loss, windows) = (st.first_loss.map(f64::from_bits), st.windows);
+        (last_loss, last_acc) = (f64::from_bits(st.last[0]), f64::from_bits(st.last[1]));
+        (all_tokens, all_slots) = (st.all_tokens, st.all_slots);
+    }
     let mut order = docs.clone();
     let limits = crate::data::shard::DocLimits::of(&manifest.tokenizer);
-    let mut started = Instant::now();
-    for step in 0..steps {
+    // The throughput logged: tokens since `started` (a resumed window's earlier steps ran
+    // in another process); and this call's tokens, for the report's.
+    let (mut started, mut timed_tokens, tokens_before) = (Instant::now(), 0u64, all_tokens);
+    for step in first_step..steps {
         let epoch = step / per_epoch;
-        if step % per_epoch == 0 {
+        if step % per_epoch == 0 || step == first_step {
             order.clone_from(&docs);
             shuffle(&mut order, mix64(t.seed ^ mix64(epoch)));
             let group = Grouping { batch: m.batch_size, window: m.group_by_length };
@@ -516,6 +662,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             let tokens: u64 = seqs.iter().map(|s| s.len() as u64).sum();
             (win_loss, win_masked, win_tokens, win_steps) =
                 (win_loss + loss, win_masked + k as u64, win_tokens + tokens, win_steps + 1);
+            timed_tokens += tokens;
             all_tokens += tokens;
             all_slots += n as u64;
             win_slots += n as u64;
@@ -534,12 +681,47 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             let padding = 1.0 - win_tokens as f64 / win_slots.max(1) as f64;
             let phase = if step < hw { "head" } else { "full" };
             let rec = json!({"step": step + 1, "epoch": (step + 1) as f64 / per_epoch as f64, "phase": phase, "lr": lr,
-                             "loss": ml, "masked_accuracy": acc, "tokens_per_s": win_tokens as f64 / secs,
+                             "loss": ml, "masked_accuracy": acc, "tokens_per_s": timed_tokens as f64 / secs,
                              "padding": padding});
             crate::fsutil::append_record(&mut log, &rec, &log_path)?;
-            bar.set_message(format!("loss {ml:.3} acc {acc:.3} {:.0} tok/s", win_tokens as f64 / secs));
+            bar.set_message(format!("loss {ml:.3} acc {acc:.3} {:.0} tok/s", timed_tokens as f64 / secs));
             (win_loss, win_right, win_masked, win_tokens, win_steps, win_slots) = (0.0, 0, 0, 0, 0, 0);
+            timed_tokens = 0;
             started = Instant::now();
+        }
+        let done = step + 1;
+        let stop = opts.stop_after == Some(done);
+        if (stop || m.checkpoint_every > 0 && done % m.checkpoint_every == 0) && done < steps {
+            let o =
+                if done < hw { head_opt.as_ref().expect("a head optimizer while step < hw") } else { &opt };
+            let state = MlmState {
+                format: CHECKPOINT_FORMAT.into(),
+                step: done,
+                adam_t: o.t,
+                config_hash: hash,
+                data_checksum: manifest.checksum.clone(),
+                window: [win_loss.to_bits(), win_right, win_masked, win_tokens, win_steps, win_slots],
+                first_loss: first_loss.map(f64::to_bits),
+                last: [last_loss.to_bits(), last_acc.to_bits()],
+                windows,
+                all_tokens,
+                all_slots,
+            };
+            write_checkpoint(be, &ckpt_root, t.keep_checkpoints, &layout, &params, o, &state, cfg)?;
+        }
+        if stop {
+            bar.finish_and_clear();
+            return Ok(MlmReport {
+                steps: done,
+                first_loss: first_loss.filter(|_| windows > 1),
+                last_loss,
+                last_accuracy: last_acc,
+                tokens_per_s: (all_tokens - tokens_before) as f64 / step_secs.max(1e-9),
+                padding: 1.0 - all_tokens as f64 / all_slots.max(1) as f64,
+                out: ckpt_root.join(checkpoint::dir_name(done)),
+                resumed_at: first_step,
+                already_finished: false,
+            });
         }
     }
     bar.finish_and_clear();
@@ -550,7 +732,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
     let config_bytes = std::fs::read(&config_src).at(&config_src)?;
     let tok_bytes = std::fs::read(&sw.path).at(Path::new(&sw.path))?;
     let meta = json!({"format": "dtrain-mlm", "source": dir.display().to_string(), "steps": steps,
-                      "head_warmup_steps": hw});
+                      "head_warmup_steps": hw, "config_hash": hash, "data_checksum": manifest.checksum});
     let out = crate::checkpoint::stage(&t.out_dir, "encoder", 1, |tmp| {
         crate::fsutil::write_atomic(&tmp.join("config.json"), &config_bytes)?;
         crate::fsutil::write_atomic(&tmp.join("tokenizer.json"), &tok_bytes)?;
@@ -562,15 +744,120 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, progress: bool)
             crate::checkpoint::Storage::Whole,
         )
     })?;
+    // This run's step checkpoints (finished or interrupted), then the directory if nothing
+    // else is in it.
+    for c in checkpoint::list_named(&ckpt_root, "step")? {
+        std::fs::remove_dir_all(&c).at(&c)?;
+    }
+    let _ = std::fs::remove_dir(&ckpt_root);
     Ok(MlmReport {
         steps,
         first_loss: first_loss.filter(|_| windows > 1),
         last_loss,
         last_accuracy: last_acc,
-        tokens_per_s: all_tokens as f64 / step_secs.max(1e-9),
+        tokens_per_s: (all_tokens - tokens_before) as f64 / step_secs.max(1e-9),
         padding: 1.0 - all_tokens as f64 / all_slots.max(1) as f64,
         out,
+        resumed_at: first_step,
+        already_finished: false,
     })
+}
+
+/// Whether `dir` holds the encoder of a finished masked-LM run of this config (trajectory
+/// `hash`) on this data (`data_checksum`), intact by its `DONE` record.
+fn finished_encoder(dir: &Path, hash: u64, data_checksum: &str) -> bool {
+    let file = dir.join("model.safetensors");
+    checkpoint::check_written(dir, checkpoint::Reading::All).is_ok()
+        && checkpoint::map(&file).and_then(|bytes| checkpoint::file_meta(&file, &bytes)).is_ok_and(|meta| {
+            meta["format"] == "dtrain-mlm"
+                && meta["config_hash"].as_u64() == Some(hash)
+                && meta["data_checksum"].as_str() == Some(data_checksum)
+        })
+}
+
+/// Writes the checkpoint of the run after `state.step` steps under `root` (keeping the
+/// newest `keep`): the weights with `state` in their metadata, the moments of `opt` (the
+/// optimizer in use), and the config (so that a resume under another can name the fields
+/// that differ).
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint<B: Backend<F = f32>>(
+    be: &B,
+    root: &Path,
+    keep: usize,
+    layout: &Layout,
+    params: &B::Buf,
+    opt: &Optimizer<B>,
+    state: &MlmState,
+    cfg: &PretrainConfig,
+) -> Result<std::path::PathBuf> {
+    let weights = crate::backend::host_view(be, params);
+    let (m, v) = (crate::backend::host_view(be, &opt.m), crate::backend::host_view(be, &opt.v));
+    let meta = serde_json::to_value(state).map_err(|e| Error::Data(format!("masked-LM state: {e}")))?;
+    checkpoint::stage(root, &checkpoint::dir_name(state.step), keep, |dir| {
+        checkpoint::tensors_to_file(
+            &dir.join("model.safetensors"),
+            layout,
+            &[("", &*weights)],
+            meta,
+            Storage::Whole,
+        )?;
+        checkpoint::tensors_to_file(
+            &dir.join("optimizer.safetensors"),
+            layout,
+            &[("m.", &*m), ("v.", &*v)],
+            json!({}),
+            Storage::ByRows,
+        )?;
+        crate::fsutil::write_atomic(
+            &dir.join(checkpoint::CONFIG_FILE),
+            super::trajectory_config(cfg).as_bytes(),
+        )
+    })
+}
+
+/// Reads the masked-LM checkpoint `dir` for a run of `cfg` (trajectory `hash`) on data of
+/// `data_checksum` with parameters `layout`: its state, weights and the two moments.
+fn read_checkpoint(
+    dir: &Path,
+    cfg: &PretrainConfig,
+    layout: &Layout,
+    hash: u64,
+    data_checksum: &str,
+) -> Result<(MlmState, Vec<f32>, [Vec<f32>; 2])> {
+    checkpoint::check_written(dir, checkpoint::Reading::All)?;
+    let file = dir.join("model.safetensors");
+    let bytes = checkpoint::map(&file)?;
+    let state: MlmState = serde_json::from_value(checkpoint::file_meta(&file, &bytes)?).map_err(|e| {
+        Error::bad_file(&file, format!("not a masked-LM checkpoint (its metadata does not parse: {e})"))
+    })?;
+    if state.format != CHECKPOINT_FORMAT {
+        return Err(Error::bad_file(
+            &file,
+            format!("format `{}`, expected `{CHECKPOINT_FORMAT}`", state.format),
+        ));
+    }
+    if state.data_checksum != data_checksum {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "the checkpoint was written on a different data set (checksum {}, {} has {data_checksum})",
+                state.data_checksum,
+                cfg.data.dir.display()
+            ),
+        ));
+    }
+    if state.config_hash != hash {
+        return Err(Error::bad_file(dir, super::config_mismatch(dir, cfg)));
+    }
+    let n = layout.total();
+    let weights = checkpoint::tensors_from_file(&file, &bytes, layout, &[("", n)], Storage::Whole)?.remove(0);
+    let file = dir.join("optimizer.safetensors");
+    let bytes = checkpoint::map(&file)?;
+    let mut moments =
+        checkpoint::tensors_from_file(&file, &bytes, layout, &[("m.", n), ("v.", n)], Storage::ByRows)?;
+    let v = moments.pop().expect("two moments");
+    let m = moments.pop().expect("two moments");
+    Ok((state, weights, [m, v]))
 }
 
 /// Fisher–Yates with a counter-based stream from `key`.

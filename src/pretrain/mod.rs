@@ -106,7 +106,8 @@ struct Segment {
 }
 
 /// The trajectory hash of a pretraining config: every field except where files go and how
-/// often checkpoints are written (the thread count stays in: it changes the result).
+/// often checkpoints are written (the thread count stays in: it changes the result). A
+/// masked-LM run's checkpoints and encoder record it too.
 fn config_hash(cfg: &PretrainConfig) -> u64 {
     xxh3_64(trajectory_config(cfg).as_bytes())
 }
@@ -120,6 +121,7 @@ fn trajectory_config(cfg: &PretrainConfig) -> String {
     c.train.out_dir = PathBuf::new();
     c.train.checkpoint_every = 0;
     c.train.keep_checkpoints = 0;
+    c.mlm.checkpoint_every = crate::config::PretrainMlm::CHECKPOINT_EVERY;
     serde_json::to_string(&c).expect("config serialises")
 }
 

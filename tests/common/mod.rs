@@ -172,6 +172,24 @@ pub fn train_run(
     dtrain::train::train(cfg, &opts)
 }
 
+/// Masked-LM pretraining of `cfg` in this process on the CPU, without a progress bar.
+pub fn mlm(
+    cfg: &dtrain::config::PretrainConfig,
+    resume: dtrain::train::Resume,
+) -> dtrain::Result<dtrain::pretrain::mlm::MlmReport> {
+    mlm_until(cfg, resume, None)
+}
+
+/// [`mlm`], stopping after `stop_after` steps in all (with a checkpoint).
+pub fn mlm_until(
+    cfg: &dtrain::config::PretrainConfig,
+    resume: dtrain::train::Resume,
+    stop_after: Option<u64>,
+) -> dtrain::Result<dtrain::pretrain::mlm::MlmReport> {
+    let opts = dtrain::pretrain::mlm::MlmOptions { resume, progress: false, stop_after };
+    dtrain::pretrain::mlm::pretrain(cfg, &opts, Default::default())
+}
+
 /// models/minilm (`launch/fetch-model minilm`, which launch/setup runs).
 pub fn minilm() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/minilm");
