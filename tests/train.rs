@@ -218,6 +218,18 @@ fn averaged_weights_are_saved_evaluated_and_loadable() {
     let e = dtrain::checkpoint::load_weights(&r.final_checkpoint, dtrain::checkpoint::Weights::Teacher)
         .unwrap_err();
     assert!(e.to_string().contains("not trained with a Mean Teacher"), "{e}");
+    // The average asked for by a weights file's path: that file reads; the student's file
+    // is refused (it once gave the student's weights as the average, without a word).
+    let file = |f: &str| r.final_checkpoint.join(f);
+    let (_, _, named) =
+        dtrain::checkpoint::load_weights(&file("average.safetensors"), dtrain::checkpoint::Weights::Average)
+            .unwrap();
+    assert_eq!(named, avg);
+    let e =
+        dtrain::checkpoint::load_weights(&file("model.safetensors"), dtrain::checkpoint::Weights::Average)
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("names a weights file, and --average reads average.safetensors"), "{e}");
     let e = config::load::<TrainConfig>(
         None,
         &["data.dir=\"x\"", "train.out_dir=\"y\"", "average.swa_start=1.0"]
@@ -740,6 +752,31 @@ fn a_diverging_run_names_what_drove_it() {
     let at: u64 = e.split("at step ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap();
     let logged = train_records(&out).last().map_or(0, |r| r["step"].as_u64().unwrap());
     assert_eq!(logged + 1, at, "the error names the step after the last logged one: {e}");
+    // MPL's teacher, the same: its gradient overflows at a finite loss, and the run stops
+    // there naming the teacher's settings (it once trained on to the checkpoint's write).
+    let semi = dir.path().join("semi");
+    std::fs::create_dir(&semi).unwrap();
+    let data = semi_supervised(&semi);
+    let sets = [
+        "method=\"mpl\"",
+        "model.embed_dropout=0.2",
+        "unlabeled.ratio=2",
+        "mpl.teacher_optim={lr=10, lr_mult={embedding=1e30}}",
+        "train.steps=20",
+        "train.log_every=1",
+    ];
+    let out = dir.path().join("mpl");
+    let e = run(&cfg(&data, &out, &sets), Resume::No, None).unwrap_err().to_string();
+    assert!(
+        e.contains("the teacher's gradient's norm became")
+            && e.contains(
+                "mpl.teacher_optim.lr (now 10), mpl.teacher_optim.lr_mult.\"embedding\" (now 1e30)"
+            ),
+        "{e}"
+    );
+    let at: u64 = e.split("at step ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap();
+    let logged = train_records(&out).last().map_or(0, |r| r["step"].as_u64().unwrap());
+    assert!(at < 20 && logged + 1 == at, "stopped at step {at}, after step {logged}: {e}");
 }
 
 /// A model whose buffers cannot fit in memory is refused before anything is allocated or

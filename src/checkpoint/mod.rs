@@ -77,6 +77,15 @@ impl Weights {
             Weights::Average => "average.safetensors",
         }
     }
+
+    /// The command-line flag that asks for these weights.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Weights::Student => "the default (the student)",
+            Weights::Teacher => "--teacher",
+            Weights::Average => "--average",
+        }
+    }
 }
 /// The training config a checkpoint was written under (JSON; for naming what differs when
 /// a resume is refused).
@@ -740,6 +749,18 @@ pub fn weights_meta(path: &Path, which: Weights) -> Result<ModelMeta> {
 /// The weights file `path` names (with `which`), mapped, and its checked metadata.
 fn open_weights(path: &Path, which: Weights) -> Result<(PathBuf, memmap2::Mmap, ModelMeta)> {
     let file = if path.is_dir() { path.join(which.file()) } else { path.to_owned() };
+    // A file named for the teacher or the average must be that file: the student's
+    // model.safetensors read in its stead would give the student's figures as theirs.
+    if which != Weights::Student && !path.is_dir() && file.file_name() != Some(which.file().as_ref()) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "names a weights file, and {} reads {}: give the checkpoint directory (or that file)",
+                which.flag(),
+                which.file()
+            ),
+        ));
+    }
     // A Hugging Face model directory (a masked-LM run's encoder/ is one) has a config.json
     // beside its model.safetensors, as a checkpoint does, but no training state and no
     // dtrain metadata: named as what it is where it is refused.

@@ -461,6 +461,9 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
         ] {
             finite(v, step, what, &self.remedy)?;
         }
+        // The teacher's update, as the student's: a loss can stay finite while the gradient
+        // overflows Adam's second moment (found only when the checkpoint refused it).
+        super::step::check_norm(out.teacher_norm, step, "the teacher's gradient's", || self.remedy.clone())?;
         win.sup_sum += out.ce_old * n_l as f64;
         win.docs += n_l as u64;
         win.correct += out.student_correct;

@@ -645,13 +645,19 @@ impl<B: EncoderOps<F = f32>> Stepper<'_, B> {
 /// The loss may still be finite there; the run stops at this step, not at the next
 /// checkpoint's write.
 pub(super) fn check_grad_norm(norm: f64, step: u64, cfg: &TrainConfig) -> Result<f64> {
+    check_norm(norm, step, "the gradient's", || divergence_remedy(cfg, false))
+}
+
+/// [`check_grad_norm`] for the gradient `whose` names (MPL's teacher's too), with `remedy`
+/// closing the error.
+pub(super) fn check_norm(norm: f64, step: u64, whose: &str, remedy: impl FnOnce() -> String) -> Result<f64> {
     if norm.is_finite() && norm <= f64::from(f32::MAX).sqrt() {
         return Ok(norm);
     }
     Err(Error::Data(format!(
-        "the gradient's norm became {norm:e} at step {}, past what f32 optimizer moments hold: {}",
+        "{whose} norm became {norm:e} at step {}, past what f32 optimizer moments hold: {}",
         step + 1,
-        divergence_remedy(cfg, false)
+        remedy()
     )))
 }
 
