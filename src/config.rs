@@ -406,8 +406,11 @@ impl TrainConfig {
     pub fn unread_sections(&self) -> Vec<&'static str> {
         use crate::algo::Method as M;
         // Every method but supervised training reads [consistency] (MPL's teacher for its UDA
-        // term); so may VAT's term, which is left out of the warning.
-        let consistency = self.consistency != Default::default()
+        // term); so may VAT's term, which is left out of the warning. Its learning-rate
+        // ramp-down (`rampdown_epochs`) applies to every method.
+        let mut read_by_all = crate::algo::ConsistencyConfig::default();
+        read_by_all.rampdown_epochs = self.consistency.rampdown_epochs;
+        let consistency = self.consistency != read_by_all
             && self.adversarial.kind != crate::algo::adversarial::AdversarialKind::Vat;
         // Every method but supervised training.
         let semi_supervised: &[M] = &[
@@ -1553,6 +1556,9 @@ mod tests {
         assert_eq!(train(&["method=\"fixmatch\"", "noisy_student.logits=\"t.logits\""]), ["noisy_student"]);
         // Supervised training reads no [consistency], unless VAT's term might.
         assert_eq!(train(&["consistency.weight=5"]), ["consistency"]);
+        // Its learning-rate ramp-down applies to every method.
+        assert!(train(&["consistency.rampdown_epochs=1"]).is_empty());
+        assert_eq!(train(&["consistency.rampdown_epochs=1", "consistency.weight=5"]), ["consistency"]);
         assert!(train(&["consistency.weight=5", "adversarial.kind=\"vat\""]).is_empty());
         assert!(train(&["method=\"mpl\"", "consistency.weight=5"]).is_empty());
         // Supervised training loads no unlabeled rows (its recipe's ratio is 0), unless VAT
@@ -1645,6 +1651,21 @@ mod tests {
 
     /// Π and R-Drop with no dropout and no per-pass augmentation would compare two identical
     /// passes (a consistency term of exactly 0): refused, naming the field and the rule.
+    /// The stabilisers of methods that read no weak view are refused by the field set.
+    #[test]
+    fn stabilisers_outside_uda_and_fixmatch_name_their_field() {
+        let train = |extra: &[&str]| {
+            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+            all.extend_from_slice(extra);
+            load::<TrainConfig>(None, &set(&all)).map(|_| ()).unwrap_err().to_string()
+        };
+        for (field, value) in [("distribution_alignment", "true"), ("adaptive_threshold", "\"flexmatch\"")] {
+            let e =
+                train(&["method=\"pi\"", "model.embed_dropout=0.5", &format!("consistency.{field}={value}")]);
+            assert!(e.contains(&format!("field `consistency.{field}`")) && e.contains("not pi"), "{e}");
+        }
+    }
+
     #[test]
     fn two_noiseless_passes_are_refused() {
         let train = |extra: &[&str]| {

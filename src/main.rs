@@ -1121,6 +1121,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dtrain::plot::check_png_path(&output)?;
             dtrain::fsutil::check_output("--output", &output, &[&metrics], Some(dtrain::plot::PNG_MAGIC))?;
             let curves = dtrain::plot::read_metrics(&metrics)?;
+            if curves.torn_last_line {
+                eprintln!(
+                    "note: {}'s last line is cut short (a run still writing it?) and is left out",
+                    metrics.display()
+                );
+            }
             let title = title
                 .unwrap_or_else(|| metrics.parent().map_or("dtrain run".into(), |p| p.display().to_string()));
             dtrain::plot::plot(&curves, &title, &output, 1200, 500)?;
@@ -2207,6 +2213,20 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
 /// `dtrain verify PATH`: a data set directory, a file of one (the whole data set is
 /// verified), or a lone shard file (its structure and payload checksum alone).
 fn verify_path(path: &Path) -> anyhow::Result<ExitCode> {
+    // What is no data set at all is a wrong argument, not a data set that fails.
+    if !path.exists() {
+        bail!("{}: no such file or directory", path.display());
+    }
+    if !path.is_file() && !path.is_dir() {
+        bail!("{}: not a regular file or a directory (a device or FIFO?)", path.display());
+    }
+    if path.is_dir() && !path.join(dtrain::data::manifest::MANIFEST_FILE).exists() {
+        bail!(
+            "{}: is not a data set directory (one `dtrain prepare` made): it has no {}",
+            path.display(),
+            dtrain::data::manifest::MANIFEST_FILE
+        );
+    }
     if !path.is_file() {
         return Ok(verify(path));
     }

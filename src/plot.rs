@@ -19,9 +19,13 @@ pub struct Curves {
     pub test_acc: Vec<(f64, f64)>,
     /// The file is a masked-LM pretraining's: `train_acc` holds its masked-token accuracy.
     pub masked_lm: bool,
+    /// The last line was cut short (no newline, not JSON: a run writing it, or killed while
+    /// it did) and was left out.
+    pub torn_last_line: bool,
 }
 
-/// Reads `metrics.jsonl`; a line that is not a JSON object with a step is an error naming it.
+/// Reads `metrics.jsonl`; a line that is not a JSON object with a step is an error naming it,
+/// except a last line cut short (see [`Curves::torn_last_line`]).
 pub fn read_metrics(path: &Path) -> Result<Curves> {
     // Checked before reading: a FIFO would wait for a writer, a device never end.
     if !std::fs::metadata(path).at(path)?.is_file() {
@@ -34,10 +38,17 @@ pub fn read_metrics(path: &Path) -> Result<Curves> {
         Error::BadLine { path: path.to_owned(), line, msg: "not UTF-8 text: not a metrics.jsonl".into() }
     })?;
     let mut c = Curves::default();
+    let last = text.lines().count().saturating_sub(1);
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |msg: &str| Error::BadLine { path: path.to_owned(), line: i as u64 + 1, msg: msg.into() };
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if i == last && !text.ends_with('\n') => {
+                c.torn_last_line = true;
+                break;
+            }
+            Err(e) => return Err(bad(&format!("invalid JSON: {e}"))),
+        };
         let step = match v.get("step") {
             Some(s) => s
                 .as_f64()

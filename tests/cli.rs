@@ -177,6 +177,17 @@ fn prepare_inspect_verify_round_trip_and_exit_codes() {
     let r = dtrain(&["inspect", plain.to_str().unwrap()]);
     let want = "plain: is not a data set directory (one `dtrain prepare` made): it has no manifest.json";
     assert!(!r.status.success() && text(&r).contains(want), "{}", text(&r));
+    // verify says the same, and names a path that is not there or is a device.
+    let r = dtrain(&["verify", plain.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains(want) && !text(&r).contains("FAILED"), "{}", text(&r));
+    let r = dtrain(&["verify", "/dev/null"]);
+    assert!(
+        !r.status.success() && text(&r).contains("/dev/null: not a regular file or a directory"),
+        "{}",
+        text(&r)
+    );
+    let r = dtrain(&["verify", dir.path().join("nowhere").to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains("nowhere: no such file or directory"), "{}", text(&r));
     let notes = dir.path().join("notes.txt");
     std::fs::write(&notes, vec![b'x'; 400]).unwrap();
     let r = dtrain(&["inspect", notes.to_str().unwrap()]);

@@ -227,6 +227,9 @@ fn damaged_files_are_refused_with_their_name() {
     assert!(embeddings::read(&out).is_err());
     let e = embeddings::read(&dir.path().join("nothing")).err().unwrap().to_string();
     assert!(e.contains("nothing"), "{e}");
+    // The word list given for the vectors is named as what it is.
+    let e = embeddings::read(&words).err().unwrap().to_string();
+    assert!(e.contains("is the word list beside the vectors: give its directory"), "{e}");
     // Config rules name their field.
     let e = config::load::<PretrainConfig>(None, &[Override::parse("data.dir=\"x\"").unwrap()])
         .unwrap_err()

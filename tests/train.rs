@@ -658,6 +658,18 @@ fn a_checkpoint_copied_under_another_steps_name_or_named_by_a_file_is_refused() 
             && e.contains(&format!("give its checkpoint, {}", r.final_checkpoint.display())),
         "{e}"
     );
+    // --resume given the run's directory names its newest checkpoint; given a data set,
+    // says that it is none.
+    let e = run(&c, Resume::From(out.clone()), None).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "is not a checkpoint directory: its newest checkpoint is {}",
+            r.final_checkpoint.display()
+        )),
+        "{e}"
+    );
+    let e = run(&c, Resume::From(data.clone()), None).unwrap_err().to_string();
+    assert!(e.contains("is not a checkpoint directory (it has no DONE marker"), "{e}");
     // --resume given a word that is neither `auto`, `no` nor a directory says what it takes.
     let e = run(&c, Resume::From("yes".into()), None).unwrap_err().to_string();
     assert!(e.starts_with("yes: --resume takes `auto`, `no` or a checkpoint directory"), "{e}");
@@ -1306,6 +1318,17 @@ fn plot_draws_a_png_and_names_bad_lines() {
     let bad = common::write(dir.path(), "m.jsonl", b"{\"step\": 1, \"loss\": 2.0}\nnot json\n");
     let e = dtrain::plot::read_metrics(&bad).unwrap_err().to_string();
     assert!(e.contains("m.jsonl:2") && e.contains("invalid JSON"), "{e}");
+    // A last line cut short (a run writing it) is left out, and said to be; the same line
+    // ended by a newline is damage.
+    let torn =
+        common::write(dir.path(), "t.jsonl", b"{\"step\": 1, \"loss\": 2.0}\n{\"step\": 2, \"loss\": 1.");
+    let c = dtrain::plot::read_metrics(&torn).unwrap();
+    assert!(c.torn_last_line && c.train_loss == [(1.0, 2.0)], "{c:?}");
+    let ended =
+        common::write(dir.path(), "u.jsonl", b"{\"step\": 1, \"loss\": 2.0}\n{\"step\": 2, \"loss\": 1.\n");
+    let e = dtrain::plot::read_metrics(&ended).unwrap_err().to_string();
+    assert!(e.contains("u.jsonl:2") && e.contains("invalid JSON"), "{e}");
+    assert!(!dtrain::plot::read_metrics(&mt).unwrap().torn_last_line);
     for (line, want) in [
         (&b"{\"step\": \"x\", \"loss\": 1}\n"[..], "m.jsonl:1: `step` is \"x\", not a whole number"),
         // Nonsense that used to be drawn, or dropped, without a word.
@@ -1804,6 +1827,14 @@ fn export_logits_and_noisy_student() {
         "train.eval_every=4",
         &logits_set,
     ];
+    // A path that names no file is refused by its field, with the path it resolved to.
+    let missing = dir.path().join("no.logits");
+    let wrong = format!("noisy_student.logits={:?}", missing.display().to_string());
+    let e =
+        run(&cfg(&data, &dir.path().join("nsx"), &[&ns[..5], &[wrong.as_str()]].concat()), Resume::No, None)
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains(&format!("field `noisy_student.logits`: {}: No such file", missing.display())), "{e}");
     let straight = run(&cfg(&data, &dir.path().join("ns"), &ns), Resume::No, None).unwrap();
     assert!(straight.test.unwrap().accuracy > 0.6);
     let c = cfg(&data, &dir.path().join("ns2"), &ns);

@@ -419,7 +419,11 @@ impl Recipe {
             c.distribution_alignment || c.adaptive_threshold != stabilise::AdaptiveThreshold::Fixed;
         if stabilised && (target != TargetSource::WeakView || m.is_mpl()) {
             return bad(
-                "consistency.adaptive_threshold",
+                if c.distribution_alignment {
+                    "consistency.distribution_alignment"
+                } else {
+                    "consistency.adaptive_threshold"
+                },
                 format!(
                     "distribution alignment and adaptive thresholds are options of uda and fixmatch, not {}",
                     m.name()

@@ -151,6 +151,21 @@ fn read_by_name(rel: &str) -> bool {
         || stem.is_some_and(|s| weights.contains(&s.as_str()) || s == "teacher_mlp.safetensors")
 }
 
+/// Why the directory `path`, which has no [`DONE`] record, is no checkpoint: a run's
+/// directory (or its checkpoints/) given for one of its checkpoints, one interrupted while it
+/// was written, or another directory (a data set's).
+fn not_a_checkpoint(path: &Path) -> Error {
+    let newest = [path.join("checkpoints"), path.to_path_buf()].iter().find_map(|r| latest(r).ok().flatten());
+    let why = match newest {
+        Some(c) => format!("is not a checkpoint directory: its newest checkpoint is {}", c.display()),
+        None if path.join(Weights::Student.file()).is_file() => {
+            "incomplete checkpoint (no DONE marker): it was interrupted while being written".to_string()
+        }
+        None => "is not a checkpoint directory (it has no DONE marker and no model.safetensors)".to_string(),
+    };
+    Error::bad_file(path, why)
+}
+
 /// Which files of a checkpoint a reader checks against its `DONE` record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reading<'a> {
@@ -178,10 +193,7 @@ pub fn check_written(dir: &Path, reading: Reading<'_>) -> Result<()> {
     }
     let done = dir.join(DONE);
     if !done.is_file() {
-        return Err(Error::bad_file(
-            dir,
-            "is not a complete checkpoint: it has no DONE marker (interrupted while it was written?)",
-        ));
+        return Err(not_a_checkpoint(dir));
     }
     let key = dir.canonicalize().at(dir)?;
     let only = match reading {
@@ -777,19 +789,7 @@ fn open_weights(path: &Path, which: Weights) -> Result<(PathBuf, memmap2::Mmap, 
         if let Some(e) = pretrained(path) {
             return Err(e);
         }
-        // A run's directory, or its checkpoints/, given for one of its checkpoints.
-        let newest =
-            [path.join("checkpoints"), path.to_path_buf()].iter().find_map(|r| latest(r).ok().flatten());
-        let why = match newest {
-            Some(c) => format!("is not a checkpoint directory: its newest checkpoint is {}", c.display()),
-            None if path.join(Weights::Student.file()).is_file() => {
-                "incomplete checkpoint (no DONE marker): it was interrupted while being written".to_string()
-            }
-            None => {
-                "is not a checkpoint directory (it has no DONE marker and no model.safetensors)".to_string()
-            }
-        };
-        return Err(Error::bad_file(path, why));
+        return Err(not_a_checkpoint(path));
     }
     // The weights of a complete checkpoint are checked against its DONE record.
     let home = file.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d });

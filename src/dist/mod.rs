@@ -615,6 +615,9 @@ impl Dist {
     pub fn check_resume(&self, dir: Option<&std::path::Path>) -> Result<()> {
         let mut key = Vec::new();
         if let Some(d) = dir {
+            // A directory that is no checkpoint is named as what it is (a run's, a data
+            // set's); the files' check is made once, and the loader's is then free.
+            crate::checkpoint::check_written(d, crate::checkpoint::Reading::All)?;
             key.extend(d.file_name().map_or(Vec::new(), |n| n.as_encoded_bytes().to_vec()));
             key.push(0);
             let done = d.join(crate::checkpoint::DONE);

@@ -116,6 +116,12 @@ pub fn write(
 /// checksum and the word list's checksum.
 pub fn read(path: &Path) -> Result<Embeddings> {
     let file: PathBuf = if path.is_dir() { path.join(EMBEDDINGS_FILE) } else { path.to_owned() };
+    if file.file_name().is_some_and(|n| n == WORDS_FILE) {
+        return Err(Error::bad_file(
+            path,
+            format!("is the word list beside the vectors: give its directory (or its {EMBEDDINGS_FILE})"),
+        ));
+    }
     if path.is_dir() && !file.is_file() {
         return Err(Error::bad_file(
             path,

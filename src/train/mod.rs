@@ -737,7 +737,12 @@ fn collapsing(labeled: &[u64], share: f64) -> bool {
 /// Returns the term's name and the remedies.
 fn collapse_remedies(recipe: &crate::algo::Recipe) -> (&'static str, String) {
     match recipe.target {
-        // MPL's pseudo-labels are its teacher's, which takes no stabilisers.
+        // MPL's pseudo-labels are its teacher's, which takes no stabilisers; reduced MPL's
+        // teacher (over exported logits) has no UDA term: its consistency.weight is 0.
+        _ if recipe.method == crate::algo::Method::MplReduced => (
+            "teacher's pseudo-labelling",
+            "mpl.label_smoothing or mpl.pseudo_labels = \"sampled\", a lower mpl.teacher_optim.lr, or a shorter run".into(),
+        ),
         TargetSource::WeakView if recipe.method.is_mpl() => (
             "teacher's pseudo-labelling",
             "mpl.label_smoothing or mpl.pseudo_labels = \"sampled\", a lower consistency.weight (the teacher's UDA term), or a shorter run".into(),
@@ -992,7 +997,7 @@ where
     // mark those shards for random reads (the check may read every row in order).
     let teacher_logits = match (&cfg.noisy_student.logits, recipe.method) {
         (Some(path), Method::NoisyStudent) => {
-            let f = LogitsFile::open(path)?;
+            let f = open_logits(path, "noisy_student.logits")?;
             f.check_matches(&ds, SplitKind::Unlabeled)?;
             f.advise_random();
             Some(f)
@@ -1655,6 +1660,18 @@ where
     })
 }
 
+/// Opens the logits file that the config's `field` names; one that cannot be opened (a
+/// wrong path) is named by the field, with the path as the process resolved it.
+pub(super) fn open_logits(path: &std::path::Path, field: &str) -> Result<LogitsFile> {
+    LogitsFile::open(path).map_err(|e| match e {
+        Error::Io { path, err } => {
+            let at = std::path::absolute(&path).unwrap_or(path);
+            Error::config("train", field, format!("{}: {err}", at.display()))
+        }
+        other => other,
+    })
+}
+
 /// The body checksum of the run's exported-logits files (Noisy Student's, reduced MPL's;
 /// combined when there are two), 0 without any.
 fn teacher_logits_checksum(cfg: &TrainConfig) -> Result<u64> {
@@ -1767,6 +1784,13 @@ mod tests {
         // MPL's teacher takes no stabilisers: none is suggested.
         let mpl = collapse_remedies(&config(&["method=\"mpl\""]).recipe()).1;
         assert!(mpl.contains("mpl.label_smoothing") && !mpl.contains("distribution_alignment"), "{mpl}");
+        // Reduced MPL's teacher has no UDA term, so no consistency.weight to lower.
+        let reduced =
+            collapse_remedies(&config(&["method=\"mpl_reduced\"", "mpl.logits=\"u.logits\""]).recipe()).1;
+        assert!(
+            reduced.contains("mpl.teacher_optim.lr") && !reduced.contains("consistency.weight"),
+            "{reduced}"
+        );
     }
 
     #[test]

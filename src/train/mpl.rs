@@ -137,13 +137,13 @@ impl<B: EncoderOps<F = f32>> MplRun<B> {
             }
             _ => {
                 let path = cfg.mpl.logits.as_ref().expect("validated: mpl.logits");
-                let logits = LogitsFile::open(path)?;
+                let logits = super::open_logits(path, "mpl.logits")?;
                 logits.check_matches(ds, SplitKind::Unlabeled)?;
                 // Its rows are gathered at random, as the unlabeled batches draw them.
                 logits.advise_random();
                 let train_logits = match &cfg.mpl.train_logits {
                     Some(p) => {
-                        let f = LogitsFile::open(p)?;
+                        let f = super::open_logits(p, "mpl.train_logits")?;
                         f.check_matches(ds, SplitKind::Train)?;
                         f.advise_random();
                         // Both files must be one teacher's (where they record it).
