@@ -408,8 +408,10 @@ impl TrainConfig {
         // Every method but supervised training reads [consistency] (MPL's teacher for its UDA
         // term); so may VAT's term, which is left out of the warning. Its learning-rate
         // ramp-down (`rampdown_epochs`) applies to every method.
-        let mut read_by_all = crate::algo::ConsistencyConfig::default();
-        read_by_all.rampdown_epochs = self.consistency.rampdown_epochs;
+        let read_by_all = crate::algo::ConsistencyConfig {
+            rampdown_epochs: self.consistency.rampdown_epochs,
+            ..Default::default()
+        };
         let consistency = self.consistency != read_by_all
             && self.adversarial.kind != crate::algo::adversarial::AdversarialKind::Vat;
         // Every method but supervised training.
