@@ -991,7 +991,7 @@ fn bad_training_configs_name_their_field() {
     for (sets, field) in [
         (
             &["method=\"mean_teacher\"", "consistency.distribution_alignment=true"][..],
-            "consistency.adaptive_threshold",
+            "consistency.distribution_alignment",
         ),
         (
             &[
@@ -1026,7 +1026,7 @@ fn bad_training_configs_name_their_field() {
         (&["method=\"mpl\"", "mpl.teacher_optim={lr=0}"][..], "mpl.teacher_optim.lr"),
         (
             &["method=\"mpl\"", "consistency.distribution_alignment=true"][..],
-            "consistency.adaptive_threshold",
+            "consistency.distribution_alignment",
         ),
         (&["mpl.baseline=true"][..], "mpl"),
     ] {

@@ -1137,9 +1137,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("differs from the file"), "{e}");
-        // A directory without DONE, or a file, is no complete checkpoint.
+        // A directory without DONE (here the run's checkpoints/), or a file, is no complete
+        // checkpoint.
         let e = check_written(&ckpts, Reading::All).unwrap_err().to_string();
-        assert!(e.contains("has no DONE marker"), "{e}");
+        assert!(e.contains("is not a checkpoint directory: its newest checkpoint is"), "{e}");
+        let bare = root.path().join("bare");
+        std::fs::create_dir(&bare).unwrap();
+        std::fs::write(bare.join("model.safetensors"), b"x").unwrap();
+        let e = check_written(&bare, Reading::All).unwrap_err().to_string();
+        assert!(e.contains("incomplete checkpoint (no DONE marker)"), "{e}");
         let e = check_written(&three.join("state.bin"), Reading::All).unwrap_err().to_string();
         assert!(e.contains("is a file, not a checkpoint directory"), "{e}");
         // A file where a checkpoint's directory goes is refused, and left as it was.

@@ -603,6 +603,27 @@ fn ramp_warning(recipe: &crate::algo::Recipe, ramp: &ramp::Ramp, total: u64) -> 
     ))
 }
 
+/// A warning when SWA's average over a run of `total` steps holds a single snapshot (its
+/// interval outlasts the rest of the run): the "swa" weights are then the student's at
+/// that step, not an average.
+fn swa_warning(average: &crate::algo::AverageConfig, total: u64, steps_per_epoch: u64) -> Option<String> {
+    let Some(crate::algo::shadow::AlphaRule::Swa { start, every }) = average.rule(total, steps_per_epoch)
+    else {
+        return None;
+    };
+    let snapshots = if total >= start { 1 + (total - start) / every } else { 0 };
+    (snapshots <= 1).then(|| {
+        format!(
+            "SWA averages every {every} steps (average.swa_every{}) from step {start} (average.swa_start = {}): the run's \
+             {total} steps give it {snapshots} snapshot{}, so the \"swa\" weights are no average; lower average.swa_every \
+             or average.swa_start",
+            if average.swa_every == 0 { " = 0: once per epoch" } else { "" },
+            average.swa_start,
+            if snapshots == 1 { "" } else { "s" }
+        )
+    })
+}
+
 /// Refuses schedules longer than the run of `total` steps, which would leave it nothing of
 /// what they schedule: a warm-up that never reaches the full learning rate, cosine cycles of
 /// under one step each (and a snapshot checkpoint for every one), a ramp-down of
@@ -983,6 +1004,9 @@ where
         eprintln!("warning: {w}");
     }
     if let Some(w) = ramp_warning(&recipe, &ramp, total).filter(|_| root) {
+        eprintln!("warning: {w}");
+    }
+    if let Some(w) = swa_warning(&cfg.average, total, steps_per_epoch).filter(|_| root) {
         eprintln!("warning: {w}");
     }
     let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
@@ -1694,6 +1718,21 @@ mod tests {
         all.extend_from_slice(sets);
         let o: Vec<_> = all.iter().map(|s| crate::config::Override::parse(s).unwrap()).collect();
         crate::config::load::<TrainConfig>(None, &o).unwrap()
+    }
+
+    #[test]
+    fn an_swa_average_of_one_snapshot_is_warned_about() {
+        let avg = |sets: &[&str]| config(&[&["average.kind=\"swa\""][..], sets].concat()).average;
+        // 10 steps from step 7 (0.75 of them): every 1000 steps is one snapshot.
+        let w = swa_warning(&avg(&["average.swa_every=1000"]), 10, 5).unwrap();
+        assert!(
+            w.contains("every 1000 steps") && w.contains("from step 7") && w.contains("1 snapshot,"),
+            "{w}"
+        );
+        // Once per epoch of 19 steps, the same; of 2 steps, two snapshots (7 and 9).
+        assert!(swa_warning(&avg(&[]), 10, 19).unwrap().contains("average.swa_every = 0: once per epoch"));
+        assert_eq!(swa_warning(&avg(&[]), 10, 2), None);
+        assert_eq!(swa_warning(&config(&[]).average, 10, 19), None, "no SWA, nothing to say");
     }
 
     #[test]
