@@ -433,8 +433,12 @@ impl TrainConfig {
         } else {
             &[M::Uda, M::Fixmatch, M::NoisyStudent, M::Mpl, M::MplReduced]
         };
-        let sections: [(&'static str, bool, &[M]); 7] = [
+        // Adversarial training's settings with no adversarial pass (`kind = "none"`).
+        let adversarial = self.adversarial.kind == crate::algo::adversarial::AdversarialKind::None
+            && self.adversarial != Default::default();
+        let sections: [(&'static str, bool, &[M]); 8] = [
             ("consistency", consistency, semi_supervised),
+            ("adversarial", adversarial, &[]),
             ("pi", self.pi != Default::default(), &[M::Pi]),
             ("mean_teacher", self.mean_teacher != Default::default(), &[M::MeanTeacher]),
             ("temporal", self.temporal != Default::default(), &[M::Temporal]),
@@ -1563,6 +1567,9 @@ mod tests {
         assert_eq!(train(&["consistency.rampdown_epochs=1", "consistency.weight=5"]), ["consistency"]);
         assert!(train(&["consistency.weight=5", "adversarial.kind=\"vat\""]).is_empty());
         assert!(train(&["method=\"mpl\"", "consistency.weight=5"]).is_empty());
+        // [adversarial] without an adversarial pass is read by no method.
+        assert_eq!(train(&["method=\"uda\"", "adversarial.epsilon=2"]), ["adversarial"]);
+        assert!(train(&["adversarial.kind=\"fgm\"", "adversarial.epsilon=2"]).is_empty());
         // Supervised training loads no unlabeled rows (its recipe's ratio is 0), unless VAT
         // reads them; [augment] is read by the methods that augment unlabeled rows, and by
         // Π, Temporal Ensembling, Mean Teacher and R-Drop with per-pass augmentation only.

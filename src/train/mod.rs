@@ -848,9 +848,12 @@ where
     dist.check_job(&config_json, &manifest.checksum)?;
     for section in cfg.unread_sections() {
         if root {
+            let reader = match section {
+                "adversarial" => "adversarial.kind = \"none\"".to_string(),
+                _ => format!("method = {:?}", cfg.method.name()),
+            };
             eprintln!(
-                "warning: [{section}] is set, but method = {:?} does not read it: its settings have no effect",
-                cfg.method.name()
+                "warning: [{section}] is set, but {reader} does not read it: its settings have no effect"
             );
         }
     }
