@@ -930,7 +930,9 @@ fn bad_training_configs_name_their_field() {
         ("consistency.temperature=0", "consistency.temperature"),
         ("consistency.ramp=\"step\"", "consistency.ramp"),
         ("unlabeled.ratio=65", "unlabeled.ratio"),
-        ("mean_teacher.alpha=1.0", ""),
+        // Checked without a Mean Teacher too (a config valid under one method stays valid
+        // under another).
+        ("mean_teacher.alpha=1.0", "field `mean_teacher.alpha`: must be in (0, 1)"),
         ("pi.stop_gradient_target=3", "pi.stop_gradient_target"),
         // Numbers each field's rule accepts but an f32 cannot hold.
         ("optim.lr=1e-300", "field `optim.lr`: 1e-300 is outside the sizes an f32 holds"),
@@ -955,8 +957,7 @@ fn bad_training_configs_name_their_field() {
     with_smoothing.push(Override::parse("loss.label_smoothing=0.1").unwrap());
     let e = config::load::<TrainConfig>(None, &with_smoothing).unwrap_err().to_string();
     assert!(e.contains("loss.label_smoothing"), "{e}");
-    // Method rules: α only matters to a Mean Teacher; R-Drop's term is sym_kl; sym_kl
-    // needs a target that takes gradient.
+    // Method rules: R-Drop's term is sym_kl; sym_kl needs a target that takes gradient.
     let with = |sets: &[&str]| {
         let mut v = o(sets[0]);
         v.extend(sets[1..].iter().map(|s| Override::parse(s).unwrap()));
@@ -1029,6 +1030,10 @@ fn bad_training_configs_name_their_field() {
             "consistency.distribution_alignment",
         ),
         (&["mpl.baseline=true"][..], "mpl"),
+        // A section's values are checked under methods that do not read it too.
+        (&["temporal.alpha=nan"][..], "temporal.alpha"),
+        (&["method=\"uda\"", "mean_teacher.alpha=-5"][..], "mean_teacher.alpha"),
+        (&["method=\"temporal\"", "mean_teacher.alpha_late=inf"][..], "mean_teacher.alpha_late"),
     ] {
         let e = with(sets).unwrap_err();
         assert!(e.contains(field), "{sets:?}: {e}");

@@ -485,20 +485,18 @@ impl Recipe {
         if unlabeled_ratio > 64 {
             return bad("unlabeled.ratio", "must be at most 64".into());
         }
-        if target == TargetSource::Teacher || m == Method::MeanTeacher {
-            let t = k.mean_teacher;
-            for (field, a) in
-                [("mean_teacher.alpha", Some(t.alpha)), ("mean_teacher.alpha_late", t.alpha_late)]
-            {
-                if let Some(a) = a {
-                    if !(a > 0.0 && a < 1.0) {
-                        return bad(field, "must be in (0, 1)".into());
-                    }
-                }
+        // Checked under every method, as the other sections are: a config valid under one
+        // method stays valid under another (a section the method does not read is warned
+        // about, not range-checked away).
+        let t = k.mean_teacher;
+        for (field, a) in [
+            ("mean_teacher.alpha", Some(t.alpha)),
+            ("mean_teacher.alpha_late", t.alpha_late),
+            ("temporal.alpha", Some(k.temporal.alpha)),
+        ] {
+            if a.is_some_and(|a| !(a > 0.0 && a < 1.0)) {
+                return bad(field, "must be in (0, 1)".into());
             }
-        }
-        if m == Method::Temporal && !(k.temporal.alpha > 0.0 && k.temporal.alpha < 1.0) {
-            return bad("temporal.alpha", "must be in (0, 1)".into());
         }
         Ok(Recipe {
             method: m,
