@@ -610,6 +610,21 @@ pub fn recover_dir(dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The bytes an unprivileged process may still write on the file system that holds `path`
+/// (or, when it does not exist yet, its nearest existing ancestor); `None` where the system
+/// does not say.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let at = path.ancestors().find(|p| !p.as_os_str().is_empty() && p.exists()).unwrap_or(Path::new("."));
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a NUL-terminated path; `st` is written by statvfs before it is read.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// Whether process `pid` is running (this one included).
 fn running(pid: i32) -> bool {
     if pid <= 0 {

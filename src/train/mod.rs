@@ -624,6 +624,23 @@ fn swa_warning(average: &crate::algo::AverageConfig, total: u64, steps_per_epoch
     })
 }
 
+/// A warning when the snapshot checkpoints of `cycles` cosine cycles, never pruned, each of
+/// at least `weights` bytes, cannot fit in the `free` bytes of the run's file system.
+fn snapshot_warning(cycles: u32, weights: u64, free: u64) -> Option<String> {
+    let need = u64::from(cycles).saturating_mul(weights);
+    let gb = |b: u64| b as f64 / 1e9;
+    (need > free).then(|| {
+        format!(
+            "schedule.cycles = {cycles} keeps a snapshot checkpoint per cycle (never pruned), each with the {:.2} GB of \
+             the weights at least: {:.1} GB or more, and train.out_dir's file system has {:.1} GB free; the run will \
+             stop when it is full (what was written stays). Use fewer cycles, or delete snapshots as they come",
+            gb(weights),
+            gb(need),
+            gb(free)
+        )
+    })
+}
+
 /// Refuses schedules longer than the run of `total` steps, which would leave it nothing of
 /// what they schedule: a warm-up that never reaches the full learning rate, cosine cycles of
 /// under one step each (and a snapshot checkpoint for every one), a ramp-down of
@@ -1011,6 +1028,14 @@ where
     }
     if let Some(w) = swa_warning(&cfg.average, total, steps_per_epoch).filter(|_| root) {
         eprintln!("warning: {w}");
+    }
+    if root && cfg.schedule.cycles > 1 {
+        // Each cycle's snapshot checkpoint holds at least the model's weights.
+        let weights = model.layout().total() as u64 * 4;
+        let free = crate::fsutil::free_bytes(&t.out_dir);
+        if let Some(w) = free.and_then(|free| snapshot_warning(cfg.schedule.cycles, weights, free)) {
+            eprintln!("warning: {w}");
+        }
     }
     let w_max = ramp::scaled_weight(recipe.weight, n_train, n_unlabeled, recipe.scale_by_labeled_ratio);
 
@@ -1721,6 +1746,22 @@ mod tests {
         all.extend_from_slice(sets);
         let o: Vec<_> = all.iter().map(|s| crate::config::Override::parse(s).unwrap()).collect();
         crate::config::load::<TrainConfig>(None, &o).unwrap()
+    }
+
+    #[test]
+    fn snapshots_past_the_free_disk_are_warned_about() {
+        assert_eq!(snapshot_warning(10, 1_000_000_000, 20_000_000_000), None);
+        let w = snapshot_warning(10_000, 32 << 20, 44_000_000_000).unwrap();
+        assert!(
+            w.contains("schedule.cycles = 10000")
+                && w.contains("335.5 GB or more")
+                && w.contains("44.0 GB free"),
+            "{w}"
+        );
+        // The file system of a directory not made yet is its nearest ancestor's.
+        let dir = tempfile::tempdir().unwrap();
+        let free = crate::fsutil::free_bytes(&dir.path().join("not/yet")).unwrap();
+        assert!(free > 0 && crate::fsutil::free_bytes(dir.path()).is_some_and(|f| f > 0));
     }
 
     #[test]
