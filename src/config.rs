@@ -400,6 +400,54 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Fields set to other than their default that this run does not read although their
+    /// section is read (an option of another variant), with why: `(field, reason)`.
+    pub fn ignored_fields(&self) -> Vec<(&'static str, &'static str)> {
+        use crate::algo::adversarial::AdversarialKind as K;
+        use crate::algo::stabilise::AdaptiveThreshold as T;
+        let (a, da) = (&self.adversarial, crate::algo::adversarial::AdversarialConfig::default());
+        let (c, dc) = (&self.consistency, crate::algo::ConsistencyConfig::default());
+        let (m, dm) = (&self.mpl, crate::algo::mpl::MplConfig::default());
+        let mpl = matches!(self.method, crate::algo::Method::Mpl | crate::algo::Method::MplReduced);
+        let rules = [
+            (a.kind != K::None && a.kind != K::Vat && a.xi != da.xi, "adversarial.xi", "only VAT reads it"),
+            (
+                a.kind != K::None && !matches!(a.kind, K::Pgd | K::FastFgsm) && a.step_size != da.step_size,
+                "adversarial.step_size",
+                "only PGD and Fast-FGSM read it",
+            ),
+            (
+                a.kind != K::None && a.kind != K::Pgd && a.steps != da.steps,
+                "adversarial.steps",
+                "only PGD reads it",
+            ),
+            (
+                c.stabiliser_momentum != dc.stabiliser_momentum
+                    && !c.distribution_alignment
+                    && c.adaptive_threshold != T::Freematch,
+                "consistency.stabiliser_momentum",
+                "only distribution alignment and FreeMatch read it",
+            ),
+            (
+                c.threshold.is_some() && c.adaptive_threshold == T::Freematch,
+                "consistency.threshold",
+                "FreeMatch learns its own threshold",
+            ),
+            (
+                mpl && m.temperature != dm.temperature
+                    && m.pseudo_labels == crate::algo::mpl::PseudoLabels::Hard,
+                "mpl.temperature",
+                "only mpl.pseudo_labels = \"sampled\" reads it",
+            ),
+            (
+                self.method == crate::algo::Method::MplReduced && m.uda_steps != dm.uda_steps,
+                "mpl.uda_steps",
+                "reduced MPL's teacher has no UDA term",
+            ),
+        ];
+        rules.into_iter().filter(|r| r.0).map(|(_, field, why)| (field, why)).collect()
+    }
+
     /// The method-specific sections set away from their defaults that this config's method
     /// does not read, for a warning: e.g. `[mean_teacher]` under `method = "supervised"`.
     /// (`[mpl]` under another method is refused by validation.)
@@ -1570,6 +1618,33 @@ mod tests {
         // [adversarial] without an adversarial pass is read by no method.
         assert_eq!(train(&["method=\"uda\"", "adversarial.epsilon=2"]), ["adversarial"]);
         assert!(train(&["adversarial.kind=\"fgm\"", "adversarial.epsilon=2"]).is_empty());
+        // Options of another variant of a section that is read are named field by field.
+        let ignored = |extra: &[&str]| {
+            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+            all.extend_from_slice(extra);
+            load::<TrainConfig>(None, &set(&all))
+                .unwrap()
+                .ignored_fields()
+                .into_iter()
+                .map(|f| f.0)
+                .collect::<Vec<_>>()
+        };
+        assert!(ignored(&["adversarial.kind=\"vat\"", "adversarial.xi=1e-3"]).is_empty());
+        assert_eq!(
+            ignored(&["adversarial.kind=\"fgm\"", "adversarial.xi=1e-3", "adversarial.steps=5"]),
+            ["adversarial.xi", "adversarial.steps"]
+        );
+        assert_eq!(
+            ignored(&["method=\"uda\"", "consistency.stabiliser_momentum=0.5"]),
+            ["consistency.stabiliser_momentum"]
+        );
+        let free = ["method=\"fixmatch\"", "consistency.adaptive_threshold=\"freematch\""];
+        assert!(ignored(&[&free[..], &["consistency.stabiliser_momentum=0.5"]].concat()).is_empty());
+        assert_eq!(ignored(&[&free[..], &["consistency.threshold=0.3"]].concat()), ["consistency.threshold"]);
+        assert_eq!(ignored(&["method=\"mpl\"", "mpl.temperature=2"]), ["mpl.temperature"]);
+        assert!(ignored(&["method=\"mpl\"", "mpl.temperature=2", "mpl.pseudo_labels=\"sampled\""]).is_empty());
+        let reduced = ["method=\"mpl_reduced\"", "mpl.logits=\"u.logits\"", "mpl.uda_steps=10"];
+        assert_eq!(ignored(&reduced), ["mpl.uda_steps"]);
         // Supervised training loads no unlabeled rows (its recipe's ratio is 0), unless VAT
         // reads them; [augment] is read by the methods that augment unlabeled rows, and by
         // Π, Temporal Ensembling, Mean Teacher and R-Drop with per-pass augmentation only.

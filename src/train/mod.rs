@@ -874,6 +874,9 @@ where
             );
         }
     }
+    for (field, why) in cfg.ignored_fields().into_iter().filter(|_| root) {
+        eprintln!("warning: {field} is set, but this run does not read it ({why}): it has no effect");
+    }
     if p % world != 0 {
         return Err(Error::Data(format!(
             "{} has {p} shards, which {world} ranks cannot share equally: run on a world size that divides {p}, \
