@@ -764,6 +764,11 @@ fn a_diverging_run_names_what_drove_it() {
     let at: u64 = e.split("at step ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap();
     let logged = train_records(&out).last().map_or(0, |r| r["step"].as_u64().unwrap());
     assert_eq!(logged + 1, at, "the error names the step after the last logged one: {e}");
+    // A consistency temperature far below 1 is named too (R-Drop divides its logits by it).
+    let sets =
+        ["method=\"rdrop\"", "model.embed_dropout=0.3", "consistency.temperature=1e-30", "train.epochs=20"];
+    let e = run(&cfg(&data, &dir.path().join("rdrop"), &sets), Resume::No, None).unwrap_err().to_string();
+    assert!(e.contains("raise consistency.temperature (now 1e-30)"), "{e}");
     // MPL's teacher, the same: its gradient overflows at a finite loss, and the run stops
     // there naming the teacher's settings (it once trained on to the checkpoint's write).
     let semi = dir.path().join("semi");

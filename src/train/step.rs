@@ -683,6 +683,11 @@ pub(super) fn divergence_remedy(cfg: &TrainConfig, teacher: bool) -> String {
     if recipe.weight > 0.0 {
         lower.push(format!("consistency.weight (now {})", num(recipe.weight)));
     }
+    // A temperature far below 1 divides the logits by it (R-Drop's and the sharpened
+    // targets' softmax).
+    if let Some(t) = cfg.consistency.temperature.filter(|&t| recipe.weight > 0.0 && t < 0.1) {
+        lower.push(format!("raise consistency.temperature (now {})", num(t)));
+    }
     if cfg.adversarial.kind != AdversarialKind::None {
         let a = &cfg.adversarial;
         let (w, e) = (num(a.weight), num(a.epsilon));
