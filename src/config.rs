@@ -1485,6 +1485,13 @@ pub fn differences(old: &serde_json::Value, new: &serde_json::Value, limit: usiz
 mod tests {
     use super::*;
 
+    /// A training config of the defaults with `extra` set (and data.dir, train.out_dir).
+    fn train_config(extra: &[&str]) -> Result<TrainConfig> {
+        let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
+        all.extend_from_slice(extra);
+        load::<TrainConfig>(None, &set(&all))
+    }
+
     fn set(args: &[&str]) -> Vec<Override> {
         args.iter().map(|a| Override::parse(a).unwrap()).collect()
     }
@@ -1562,11 +1569,7 @@ mod tests {
     /// Sizes that would overflow or exhaust memory downstream are refused up front, by field.
     #[test]
     fn absurd_sizes_are_refused_by_field() {
-        let train = |extra: &[&str]| {
-            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
-            all.extend_from_slice(extra);
-            load::<TrainConfig>(None, &set(&all)).map(|_| ()).unwrap_err().to_string()
-        };
+        let train = |extra: &[&str]| train_config(extra).map(|_| ()).unwrap_err().to_string();
         for (kv, field) in [
             ("train.batch_size=4611686018427387904", "train.batch_size"),
             ("train.eval_batch_size=4611686018427387904", "train.eval_batch_size"),
@@ -1598,11 +1601,7 @@ mod tests {
 
     #[test]
     fn sections_the_method_does_not_read_are_named() {
-        let train = |extra: &[&str]| {
-            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
-            all.extend_from_slice(extra);
-            load::<TrainConfig>(None, &set(&all)).unwrap().unread_sections()
-        };
+        let train = |extra: &[&str]| train_config(extra).unwrap().unread_sections();
         assert!(train(&[]).is_empty());
         assert_eq!(train(&["mean_teacher.alpha=0.9", "temporal.alpha=0.5"]), ["mean_teacher", "temporal"]);
         assert!(train(&["method=\"mean_teacher\"", "mean_teacher.alpha=0.9"]).is_empty());
@@ -1620,14 +1619,7 @@ mod tests {
         assert!(train(&["adversarial.kind=\"fgm\"", "adversarial.epsilon=2"]).is_empty());
         // Options of another variant of a section that is read are named field by field.
         let ignored = |extra: &[&str]| {
-            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
-            all.extend_from_slice(extra);
-            load::<TrainConfig>(None, &set(&all))
-                .unwrap()
-                .ignored_fields()
-                .into_iter()
-                .map(|f| f.0)
-                .collect::<Vec<_>>()
+            train_config(extra).unwrap().ignored_fields().into_iter().map(|f| f.0).collect::<Vec<_>>()
         };
         assert!(ignored(&["adversarial.kind=\"vat\"", "adversarial.xi=1e-3"]).is_empty());
         assert_eq!(
@@ -1648,11 +1640,7 @@ mod tests {
         // Supervised training loads no unlabeled rows (its recipe's ratio is 0), unless VAT
         // reads them; [augment] is read by the methods that augment unlabeled rows, and by
         // Π, Temporal Ensembling, Mean Teacher and R-Drop with per-pass augmentation only.
-        let recipe = |extra: &[&str]| {
-            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
-            all.extend_from_slice(extra);
-            load::<TrainConfig>(None, &set(&all)).unwrap().recipe().unlabeled_ratio
-        };
+        let recipe = |extra: &[&str]| train_config(extra).unwrap().recipe().unlabeled_ratio;
         assert_eq!(train(&["unlabeled.ratio=3"]), ["unlabeled"]);
         assert_eq!(recipe(&["unlabeled.ratio=3"]), 0);
         assert!(train(&["unlabeled.ratio=3", "adversarial.kind=\"vat\""]).is_empty());
@@ -1738,11 +1726,7 @@ mod tests {
     /// The stabilisers of methods that read no weak view are refused by the field set.
     #[test]
     fn stabilisers_outside_uda_and_fixmatch_name_their_field() {
-        let train = |extra: &[&str]| {
-            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
-            all.extend_from_slice(extra);
-            load::<TrainConfig>(None, &set(&all)).map(|_| ()).unwrap_err().to_string()
-        };
+        let train = |extra: &[&str]| train_config(extra).map(|_| ()).unwrap_err().to_string();
         for (field, value) in [("distribution_alignment", "true"), ("adaptive_threshold", "\"flexmatch\"")] {
             let e =
                 train(&["method=\"pi\"", "model.embed_dropout=0.5", &format!("consistency.{field}={value}")]);
@@ -1752,11 +1736,7 @@ mod tests {
 
     #[test]
     fn two_noiseless_passes_are_refused() {
-        let train = |extra: &[&str]| {
-            let mut all = vec!["data.dir=\"d\"", "train.out_dir=\"o\""];
-            all.extend_from_slice(extra);
-            load::<TrainConfig>(None, &set(&all)).map(|_| ())
-        };
+        let train = |extra: &[&str]| train_config(extra).map(|_| ());
         for method in ["method=\"pi\"", "method=\"rdrop\""] {
             let e = train(&[method]).unwrap_err().to_string();
             assert!(e.contains("field `model.embed_dropout`") && e.contains("identical"), "{e}");

@@ -107,38 +107,24 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
     let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        cfg.replace("\"intermediate_size\": 1536", "\"intermediate_size\": 1024"),
-    )
-    .unwrap();
-    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    // The error of loading with `from` in config.json replaced by `to`.
+    let refused = |from: &str, to: &str| {
+        assert!(cfg.contains(from), "{from}");
+        std::fs::write(dir.path().join("config.json"), cfg.replace(from, to)).unwrap();
+        load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string()
+    };
+    let e = refused("\"intermediate_size\": 1536", "\"intermediate_size\": 1024");
     assert!(
         e.contains("model.safetensors") && e.contains("encoder.layer.0.intermediate.dense.weight"),
         "{e}"
     );
-    std::fs::write(
-        dir.path().join("config.json"),
-        cfg.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7"),
-    )
-    .unwrap();
-    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    let e = refused("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7");
     assert!(e.contains("no tensor encoder.layer.6."), "{e}");
     // Fewer layers in the config than in the file would drop the rest silently.
-    std::fs::write(
-        dir.path().join("config.json"),
-        cfg.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 5"),
-    )
-    .unwrap();
-    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    let e = refused("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 5");
     assert!(e.contains("encoder.layer.5.") && e.contains("beyond the 5 layers"), "{e}");
     // The tensor named is the first in sorted order, the same on every run.
-    std::fs::write(
-        dir.path().join("config.json"),
-        cfg.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 3"),
-    )
-    .unwrap();
-    let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+    let e = refused("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 3");
     assert!(
         e.contains("holds tensor encoder.layer.3.attention.output.LayerNorm.bias, beyond the 3 layers"),
         "{e}"
@@ -177,9 +163,7 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
             "`model_type` \"roberta\" is not supported",
         ),
     ] {
-        assert!(cfg.contains(from), "{from}");
-        std::fs::write(dir.path().join("config.json"), cfg.replace(from, to)).unwrap();
-        let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+        let e = refused(from, to);
         assert!(e.contains("config.json") && e.contains(want), "{e}");
     }
     // Sizes no file can back are refused by key before anything is allocated: they used to
@@ -225,10 +209,8 @@ fn a_foreign_checkpoint_is_refused_naming_the_tensor() {
             "`num_attention_heads`: 5 does not divide",
         ),
     ] {
-        assert!(cfg.contains(from), "{from}");
-        std::fs::write(dir.path().join("config.json"), cfg.replace(from, to)).unwrap();
         let t0 = std::time::Instant::now();
-        let e = load_pretrained(dir.path(), 2, Pooling::Mean, 0).unwrap_err().to_string();
+        let e = refused(from, to);
         assert!(e.contains(want), "{to}: {e}");
         assert!(t0.elapsed().as_secs() < 20, "{to}: refused after {:?}", t0.elapsed());
     }

@@ -342,31 +342,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
             .into_iter()
             .filter_map(|(name, refused)| refused.then_some(name))
             .collect();
-        crate::fsutil::check_no_earlier_outputs(
-            "pretrain",
-            "train.out_dir",
-            &t.out_dir,
-            &earlier,
-            "choose another train.out_dir, or remove them (a masked-LM run continues only from its own step \
-             checkpoints, with --resume auto)",
-        )?;
-        crate::fsutil::check_metrics_kind(
-            &t.out_dir.join("metrics.jsonl"),
-            "masked_accuracy",
-            "a masked-LM pretraining's",
-        )?;
-        if let Some(other) = std::fs::read_dir(&ckpt_root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .find(|e| !e.file_name().to_string_lossy().starts_with("step-"))
-        {
-            return Err(Error::bad_file(
-                other.path(),
-                "is not a masked-LM checkpoint, and the run removes its checkpoints directory when it ends: choose \
-                 another train.out_dir",
-            ));
-        }
+        super::check_fresh_start(&t.out_dir, &earlier, "masked-LM pretraining", "step", "masked_accuracy")?;
     }
     let Some(sw) = &manifest.tokenizer.subword else {
         return Err(Error::config(

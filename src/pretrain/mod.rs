@@ -36,7 +36,7 @@ pub mod embeddings;
 pub mod mlm;
 pub mod sgns;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,46 @@ fn config_mismatch(dir: &std::path::Path, cfg: &PretrainConfig) -> String {
     format!(
         "the checkpoint was written with a different pretraining config{named}: every setting but where files go and how often checkpoints are written must be the same"
     )
+}
+
+/// Refuses a fresh start of a pretraining (`run` names its kind) in `out_dir` over what
+/// another run left there: any of `earlier`, a `metrics.jsonl` whose records lack
+/// `metrics_key` (another command's), or anything in `checkpoints/` but this kind's own
+/// `{prefix}-N` checkpoints (the run removes that directory when it ends).
+fn check_fresh_start(
+    out_dir: &Path,
+    earlier: &[&str],
+    run: &str,
+    prefix: &str,
+    metrics_key: &str,
+) -> Result<()> {
+    crate::fsutil::check_no_earlier_outputs(
+        "pretrain",
+        "train.out_dir",
+        out_dir,
+        earlier,
+        &format!(
+            "choose another train.out_dir, or remove them (a {run} continues only from its own {prefix} checkpoints, \
+             with --resume auto)"
+        ),
+    )?;
+    crate::fsutil::check_metrics_kind(&out_dir.join("metrics.jsonl"), metrics_key, &format!("a {run}'s"))?;
+    let ckpt_root = out_dir.join("checkpoints");
+    if let Some(other) = std::fs::read_dir(&ckpt_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| !e.file_name().to_string_lossy().starts_with(&format!("{prefix}-")))
+    {
+        return Err(Error::bad_file(
+            other.path(),
+            format!(
+                "is not a {run}'s checkpoint, and the run removes its checkpoints directory when it ends: choose \
+                 another train.out_dir"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `dtrain pretrain` as `cfg` says, in this process alone.
@@ -340,30 +380,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         if opts.resume == Resume::No {
             earlier.push("metrics.jsonl");
         }
-        crate::fsutil::check_no_earlier_outputs(
-            "pretrain",
-            "train.out_dir",
-            &t.out_dir,
-            &earlier,
-            "choose another train.out_dir, or remove them (pretraining continues only from its own epoch \
-             checkpoints, with --resume auto)",
-        )?;
-        crate::fsutil::check_metrics_kind(
-            &t.out_dir.join("metrics.jsonl"),
-            "words_per_s",
-            "a pretraining's",
-        )?;
-        if let Some(other) = std::fs::read_dir(&ckpt_root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .find(|e| !e.file_name().to_string_lossy().starts_with("epoch-"))
-        {
-            return Err(Error::bad_file(
-                other.path(),
-                "is not a pretraining checkpoint, and pretraining removes its checkpoints directory when it ends: choose another train.out_dir",
-            ));
-        }
+        check_fresh_start(&t.out_dir, &earlier, "pretraining", "epoch", "words_per_s")?;
     }
     let mut params = match &resume_from {
         Some(dir) => {
