@@ -299,19 +299,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
     // One process; held to the run's end, so that no second run writes here meanwhile.
     let _lock = crate::fsutil::lock_run_dir(&t.out_dir, "train.out_dir")?;
     let ckpt_root = t.out_dir.join("checkpoints");
-    let resume_from = match &opts.resume {
-        Resume::No => {
-            if checkpoint::list_named(&ckpt_root, "step")?.last().is_some() {
-                return Err(Error::bad_file(
-                    &ckpt_root,
-                    "holds checkpoints of an earlier run: pass --resume auto to continue it, or choose another train.out_dir",
-                ));
-            }
-            None
-        }
-        Resume::Auto => checkpoint::list_named(&ckpt_root, "step")?.pop(),
-        Resume::From(dir) => Some(dir.clone()),
-    };
+    let resume_from = super::resume_point(&opts.resume, &ckpt_root, "step")?;
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
     let hash = super::config_hash(cfg);

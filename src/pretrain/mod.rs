@@ -140,6 +140,24 @@ fn config_mismatch(dir: &std::path::Path, cfg: &PretrainConfig) -> String {
     )
 }
 
+/// The checkpoint `resume` continues from among the `{prefix}-N` checkpoints in `ckpt_root`
+/// (none: a fresh start); a fresh start (`--resume no`) over such checkpoints is refused.
+fn resume_point(resume: &Resume, ckpt_root: &Path, prefix: &str) -> Result<Option<PathBuf>> {
+    Ok(match resume {
+        Resume::No => {
+            if checkpoint::list_named(ckpt_root, prefix)?.last().is_some() {
+                return Err(Error::bad_file(
+                    ckpt_root,
+                    "holds checkpoints of an earlier run: pass --resume auto to continue it, or choose another train.out_dir",
+                ));
+            }
+            None
+        }
+        Resume::Auto => checkpoint::list_named(ckpt_root, prefix)?.pop(),
+        Resume::From(dir) => Some(dir.clone()),
+    })
+}
+
 /// Refuses a fresh start of a pretraining (`run` names its kind) in `out_dir` over what
 /// another run left there: any of `earlier`, a `metrics.jsonl` whose records lack
 /// `metrics_key` (another command's), or anything in `checkpoints/` but this kind's own
@@ -325,19 +343,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     crate::fsutil::check_run_dir_place("pretrain", "train.out_dir", &t.out_dir)?;
     // Held to the run's end: no second run reads or writes this directory meanwhile.
     let _lock = dist.lock_run_dir(&t.out_dir, "train.out_dir")?;
-    let resume_from = match &opts.resume {
-        Resume::No => {
-            if checkpoint::list_named(&ckpt_root, "epoch")?.last().is_some() {
-                return Err(Error::bad_file(
-                    &ckpt_root,
-                    "holds checkpoints of an earlier run: pass --resume auto to continue it, or choose another train.out_dir",
-                ));
-            }
-            None
-        }
-        Resume::Auto => checkpoint::list_named(&ckpt_root, "epoch")?.pop(),
-        Resume::From(dir) => Some(dir.clone()),
-    };
+    let resume_from = resume_point(&opts.resume, &ckpt_root, "epoch")?;
     dist.check_resume(resume_from.as_deref())?;
     // Under --resume auto, a run that already wrote its output (a job requeued after it
     // finished) has nothing left to do; any other output there is refused below.
