@@ -430,6 +430,10 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
         };
         (o.m, o.v, o.t) = (be.upload_vec(mm), be.upload_vec(vv), state.adam_t);
     }
+    if first_step >= hw {
+        // A run resumed past the head's warm-up keeps no optimizer for it.
+        head_opt = None;
+    }
     let mut params = be.upload_vec(host);
     let mut grads = be.zeros(layout.total());
     let mut no_rows = crate::backend::SparseRows::new(be.zeros(0), 1);
