@@ -788,7 +788,8 @@ fn a_diverging_run_names_what_drove_it() {
         e.contains("the teacher's gradient's norm became")
             && e.contains(
                 "mpl.teacher_optim.lr (now 10), mpl.teacher_optim.lr_mult.\"embedding\" (now 1e30)"
-            ),
+            )
+            && e.contains("; or set optim.clip_norm or mpl.teacher_optim.clip_norm"),
         "{e}"
     );
     let at: u64 = e.split("at step ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap();

@@ -693,11 +693,20 @@ pub(super) fn divergence_remedy(cfg: &TrainConfig, teacher: bool) -> String {
         let (w, e) = (num(a.weight), num(a.epsilon));
         lower.push(format!("adversarial.weight (now {w}) or adversarial.epsilon (now {e})"));
     }
-    let clip = if cfg.optim.clip_norm > 0.0 {
-        format!("; optim.clip_norm is {}", num(cfg.optim.clip_norm))
-    } else {
-        "; or set optim.clip_norm".to_string()
-    };
+    // The clipping of each optimizer in the run: MPL's teacher clips with its own when it
+    // has one.
+    let mut clips = vec![("optim.clip_norm", cfg.optim.clip_norm)];
+    if let Some(o) = cfg.mpl.teacher_optim.as_ref().filter(|_| teacher) {
+        clips.push(("mpl.teacher_optim.clip_norm", o.clip_norm));
+    }
+    let mut clip = String::new();
+    for (field, c) in clips.iter().filter(|c| c.1 > 0.0) {
+        clip += &format!("; {field} is {}", num(*c));
+    }
+    let unset: Vec<&str> = clips.iter().filter(|c| c.1 <= 0.0).map(|c| c.0).collect();
+    if !unset.is_empty() {
+        clip += &format!("; or set {}", unset.join(" or "));
+    }
     format!("lower {}{clip}", lower.join(", "))
 }
 
