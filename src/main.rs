@@ -2047,7 +2047,8 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     }
     if args.path.is_file() && args.path.extension().is_some_and(|x| x == "bank") {
         data_set_flags("a bank file")?;
-        let (h, histogram) = dtrain::bank::verify_sealed(&args.path)?;
+        let scan = dtrain::bank::verify_sealed(&args.path)?;
+        let (h, histogram) = (&scan.header, &scan.histogram);
         println!(
             "{}: dtrain Temporal Ensembling bank of {} shard {}/{}: {} rows × {} classes as {:?}, alpha {}, {}",
             args.path.display(),
@@ -2078,6 +2079,16 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if let Some(row) = scan.first_bad_row {
+            bail!(
+                "{}: {} stored {} not finite or outside [0, 1], the first in row {row}: the bank is damaged{}",
+                args.path.display(),
+                scan.bad_values,
+                if scan.bad_values == 1 { "value is" } else { "values are" },
+                if h.sealed { "" } else { " (a resumed run restores a live bank from its checkpoint)" }
+            );
+        }
+        println!("values: all finite, in [0, 1]");
         return Ok(ExitCode::SUCCESS);
     }
     if is_logits {

@@ -2476,3 +2476,53 @@ fn a_run_directory_in_use_is_refused() {
     // The lock is the run's own: the same process runs again after it.
     run(&c, Resume::Auto, None).unwrap();
 }
+
+/// `dtrain inspect` on Temporal Ensembling bank files: a checkpoint's sealed copy and the
+/// live bank describe their rows and values; a live bank whose values no average of
+/// probabilities can take (a NaN written in by hand) is named damaged, with its row.
+#[test]
+fn inspect_reads_a_banks_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = semi_supervised(dir.path());
+    let out = dir.path().join("run");
+    let c = cfg(
+        &data,
+        &out,
+        &["method=\"temporal\"", "train.steps=4", "unlabeled.ratio=1", "train.checkpoint_every=4"],
+    );
+    let r = run(&c, Resume::No, None).unwrap();
+    let inspect = |p: &Path| {
+        let o =
+            std::process::Command::new(env!("CARGO_BIN_EXE_dtrain")).arg("inspect").arg(p).output().unwrap();
+        (
+            o.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        )
+    };
+    let sealed = std::fs::read_dir(r.final_checkpoint.join("bank")).unwrap().next().unwrap().unwrap().path();
+    let (ok, text) = inspect(&sealed);
+    assert!(
+        ok && text.contains("sealed (checkpoint snapshot)") && text.contains("values: all finite, in [0, 1]"),
+        "{text}"
+    );
+    let live = out.join("bank").join(sealed.file_name().unwrap());
+    let (ok, text) = inspect(&live);
+    assert!(
+        ok && text.contains("live (unsealed: no checksum)") && text.contains("values: all finite"),
+        "{text}"
+    );
+    // The last 4 bytes are the last row's last value (f32 storage).
+    let mut bytes = std::fs::read(&live).unwrap();
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&live, &bytes).unwrap();
+    let (ok, text) = inspect(&live);
+    assert!(
+        !ok && text.contains("1 stored value is not finite or outside [0, 1], the first in row"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the bank is damaged (a resumed run restores a live bank from its checkpoint)"),
+        "{text}"
+    );
+}

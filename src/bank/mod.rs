@@ -542,9 +542,21 @@ fn stream_body(path: &Path, len: u64, buf: &mut [u8], each: impl FnMut(&[u8]) ->
     crate::fsutil::stream_file(&f, path, HEADER_LEN as u64, Some(len), buf, each)
 }
 
-/// Reads and checks a sealed bank file's header and body checksum, streaming; returns the
-/// header and, per update count, how many rows have it (counts above 255 are pooled).
-pub fn verify_sealed(path: &Path) -> Result<(Header, Vec<u64>)> {
+/// What [`verify_sealed`] found in a bank file.
+#[derive(Debug, Clone)]
+pub struct BankScan {
+    pub header: Header,
+    /// Per update count, how many rows have it (counts above 255 are pooled).
+    pub histogram: Vec<u64>,
+    /// Stored averages that are not finite or lie outside [0, 1] (an average of
+    /// probabilities cannot), and the row of the first.
+    pub bad_values: u64,
+    pub first_bad_row: Option<u64>,
+}
+
+/// Reads and checks a bank file's header and (sealed) body checksum, streaming; returns
+/// what [`BankScan`] holds.
+pub fn verify_sealed(path: &Path) -> Result<BankScan> {
     let f = std::fs::File::open(path).at(path)?;
     let mut b = Vec::with_capacity(HEADER_LEN);
     (&f).take(HEADER_LEN as u64).read_to_end(&mut b).at(path)?;
@@ -558,16 +570,29 @@ pub fn verify_sealed(path: &Path) -> Result<(Header, Vec<u64>)> {
     }
     let mut sum = Xxh3::new();
     let mut histogram = vec![0u64; 257];
-    let mut counts_left = h.rows as usize * 4;
-    // Chunks are full (4 MiB) but the last, so the counts never straddle one: no carry.
+    let (counts_len, size) = (h.counts_len() as u64, h.storage.size());
+    let row_bytes = u64::from(h.classes) * size as u64;
+    let (mut bad_values, mut first_bad_row, mut at) = (0u64, None, 0u64);
+    // Chunks are full (4 MiB) but the last, and the counts' end is a multiple of 8: neither
+    // a count nor a value straddles two chunks.
     crate::fsutil::stream_file(&f, path, HEADER_LEN as u64, None, &mut vec![0u8; 1 << 22], |chunk| {
         sum.update(chunk);
-        let take = chunk.len().min(counts_left);
-        for c in chunk[..take].chunks_exact(4) {
+        let end = at + chunk.len() as u64;
+        let counts_end = (h.rows * 4).clamp(at, end);
+        for c in chunk[..(counts_end - at) as usize].chunks_exact(4) {
             let n = u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize;
             histogram[n.min(256)] += 1;
         }
-        counts_left -= take;
+        let values_from = counts_len.clamp(at, end);
+        for (i, v) in chunk[(values_from - at) as usize..].chunks_exact(size).enumerate() {
+            let x = h.storage.get(v);
+            if !(0.0..=1.0).contains(&x) {
+                bad_values += 1;
+                let offset = values_from - counts_len + (i * size) as u64;
+                first_bad_row.get_or_insert(offset / row_bytes.max(1));
+            }
+        }
+        at = end;
         Ok(())
     })?;
     if h.sealed && sum.digest() != h.body_checksum {
@@ -576,7 +601,7 @@ pub fn verify_sealed(path: &Path) -> Result<(Header, Vec<u64>)> {
     while histogram.len() > 1 && histogram.last() == Some(&0) {
         histogram.pop();
     }
-    Ok((h, histogram))
+    Ok(BankScan { header: h, histogram, bad_values, first_bad_row })
 }
 
 /// Replaces the live bank in `live` by the sealed snapshot in `snapshot` (a checkpoint's
@@ -598,7 +623,7 @@ pub fn restore(snapshot: &Path, live: &Path, names: &[String], step: u64) -> Res
     // Every file is checked before any is copied.
     let mut checked = Vec::with_capacity(files.len());
     for src in files {
-        let (h, _) = verify_sealed(&src)?;
+        let h = verify_sealed(&src)?.header;
         if !h.sealed {
             return Err(Error::bad_file(&src, "is not a sealed snapshot (a live bank was copied in?)"));
         }
@@ -813,8 +838,9 @@ mod tests {
         } else {
             eprintln!("skipped the size on disk: this file system stores no holes");
         }
-        let (h, hist) = verify_sealed(&file).unwrap();
-        assert!(h.sealed && hist == [(1 << 20) - 1, 1], "{hist:?}");
+        let scan = verify_sealed(&file).unwrap();
+        assert!(scan.header.sealed && scan.histogram == [(1 << 20) - 1, 1], "{scan:?}");
+        assert_eq!(scan.bad_values, 0);
         // Restored, the row reads back as written and an untouched row as zero, and the
         // live file is as sparse.
         let back = dir.path().join("back");
@@ -848,6 +874,26 @@ mod tests {
         assert_eq!(std::fs::read_dir(&snap).unwrap().count(), 0, "the partial copy is removed");
     }
 
+    /// A live bank has no checksum; its values are still read: a NaN, or an average outside
+    /// [0, 1], is counted with the row of the first.
+    #[test]
+    fn values_no_average_of_probabilities_can_take_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bank(dir.path(), 50, 4, Storage::F32);
+        b.update(&[id(5)], &[0.1, 0.2, 0.3, 0.4]);
+        let file = dir.path().join(file_name(SplitKind::Unlabeled, 1));
+        drop(b);
+        let clean = verify_sealed(&file).unwrap();
+        assert!(!clean.header.sealed && clean.bad_values == 0 && clean.first_bad_row.is_none());
+        let mut bytes = std::fs::read(&file).unwrap();
+        let value = |row: usize, class: usize| HEADER_LEN + 200 + (row * 4 + class) * 4;
+        bytes[value(7, 2)..value(7, 2) + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        bytes[value(9, 0)..value(9, 0) + 4].copy_from_slice(&(-0.5f32).to_le_bytes());
+        std::fs::write(&file, &bytes).unwrap();
+        let scan = verify_sealed(&file).unwrap();
+        assert_eq!((scan.bad_values, scan.first_bad_row), (2, Some(7)));
+    }
+
     #[test]
     fn damaged_or_foreign_files_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
@@ -858,8 +904,9 @@ mod tests {
         let snap = dir.path().join("snap");
         b.snapshot(&snap, 7).unwrap();
         let file = snap.join(file_name(SplitKind::Unlabeled, 1));
-        let (h, hist) = verify_sealed(&file).unwrap();
-        assert!(h.sealed && h.step == 7 && hist == [49, 1], "{hist:?}");
+        let scan = verify_sealed(&file).unwrap();
+        let h = &scan.header;
+        assert!(h.sealed && h.step == 7 && scan.histogram == [49, 1], "{scan:?}");
         // Restore works, and the restored file opens as the same shard's bank.
         let back = dir.path().join("back");
         let names = [file_name(SplitKind::Unlabeled, 1)];
