@@ -650,17 +650,18 @@ impl Dist {
         } else {
             Vec::new()
         };
-        let parse = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).ok();
+        let parsed: Vec<Option<serde_json::Value>> =
+            configs.iter().map(|c| serde_json::from_slice(c).ok()).collect();
         disagreement(
             &all,
             &["config (its file and --set overrides)", "data set (manifest checksum)", "dtrain version"],
             |rank, k| match (
                 k,
-                configs.first().and_then(|c| parse(c)),
-                configs.get(rank).and_then(|c| parse(c)),
+                parsed.first().and_then(Option::as_ref),
+                parsed.get(rank).and_then(Option::as_ref),
             ) {
                 (0, Some(first), Some(this)) => {
-                    let fields = crate::config::differences(&first, &this, 8);
+                    let fields = crate::config::differences(first, this, 8);
                     if fields.is_empty() {
                         String::new()
                     } else {

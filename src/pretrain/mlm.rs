@@ -479,10 +479,6 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
         ));
     }
     let steps = hw + total;
-    if first_step > steps {
-        let dir = resume_from.as_deref().unwrap_or(&ckpt_root);
-        return Err(Error::bad_file(dir, format!("is at step {first_step}, past this run's {steps} steps")));
-    }
     if let Some(stop) = opts.stop_after {
         if stop <= first_step || stop >= steps {
             return Err(Error::Data(format!(
