@@ -910,11 +910,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if args.stop_after == Some(0) {
                 bail!("--stop-after 0: must be at least 1 (epochs in total, counted from the start)");
             }
+            let dist = Dist::from_env(&cfg.dist)?;
             if cfg.model.objective == dtrain::config::Objective::Mlm {
-                one_process("masked-LM pretraining (`model.objective = \"mlm\"`)")?;
                 let opts =
                     dtrain::pretrain::mlm::MlmOptions { resume, progress, stop_after: args.stop_after };
-                let r = dtrain::pretrain::mlm::pretrain(&cfg, &opts, args.device.device)?;
+                let r = dtrain::pretrain::mlm::pretrain(&cfg, &opts, args.device.device, &dist);
+                let Some(r) = root_result(&dist, r)? else {
+                    return Ok(ExitCode::SUCCESS);
+                };
                 if r.already_finished {
                     println!(
                         "the run had already finished: nothing left to train; encoder: {}",
@@ -947,7 +950,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let dist = Dist::from_env(&cfg.dist)?;
             let stop_after = args.stop_after.map(u32::try_from).transpose().map_err(|_| {
                 anyhow::anyhow!("--stop-after: more than 2^32 epochs; a skip-gram or CBOW run has fewer")
             })?;

@@ -1,5 +1,6 @@
 //! Data parallelism with a real `mpirun` on the CPU backend (METHODS.md §15): 1, 2 and 4
-//! ranks train the same model, a checkpoint resumes on another world size, the sparse and
+//! ranks train the same model (and pretrain the same encoder by masked-LM), a checkpoint
+//! resumes on another world size, the sparse and
 //! dense table exchanges agree, a killed or hung rank ends the job within its bound and
 //! `--resume auto` finishes it, and ranks that disagree are refused.
 //!
@@ -654,10 +655,9 @@ fn pretraining_stops_and_resumes_bitwise_on_two_ranks() {
     assert_eq!(ranks_in_metrics(&other), vec![4, 4], "epochs 3 and 4 ran on 4 ranks");
 }
 
-/// An encoder (from scratch, no dropout) on 2 ranks trains what one process trains: each
-/// rank pads its own rows to their longest, which changes nothing, and the dense gradient
-/// (embedding tables included) is averaged. With dropout the masks differ by rank (they are
-/// keyed per token row, which the ranks' padding places differently).
+/// An encoder (from scratch, both dropouts on) on 2 ranks trains what one process trains:
+/// each rank pads its own rows to their longest, which changes nothing, and the dense
+/// gradient (embedding tables included) is averaged.
 #[test]
 fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
     let (_one, dir, _) = setup();
@@ -699,26 +699,191 @@ fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
                 out
             })
             .collect();
-        // Tensor by tensor, relative to the tensor's norm with a floor: the attention key's
-        // bias has a zero gradient in exact arithmetic (softmax ignores a constant added to
-        // every score), so it and its moments hold rounding noise (1e-7 and below): an
-        // absolute floor.
-        let (a, b) = (
-            common::tensors(&common::last_checkpoint(&outs[0])),
-            common::tensors(&common::last_checkpoint(&outs[1])),
-        );
-        assert_eq!(a.len(), b.len());
-        for ((tensor, x), (_, y)) in a.iter().zip(&b) {
-            let d: f64 =
-                x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum::<f64>().sqrt();
-            let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum::<f64>().sqrt();
-            assert!(
-                d <= 1e-4 * n + 1e-6,
-                "{name}, {tensor}: 2 ranks differ from one process by {d:.2e} (norm {n:.2e})"
-            );
-        }
+        let (a, b) = (common::last_checkpoint(&outs[0]), common::last_checkpoint(&outs[1]));
+        assert_close_encoders(&a, &b, &format!("{name} on 2 ranks"));
         assert_same_metrics(&outs[0], &outs[1], 1e-4);
     }
+}
+
+/// Two encoder directories' tensors agree, tensor by tensor, relative to the tensor's norm
+/// with a floor: the attention key's bias has a zero gradient in exact arithmetic (softmax
+/// ignores a constant added to every score), so it and its moments hold rounding noise
+/// (1e-7 and below): an absolute floor.
+fn assert_close_encoders(a: &Path, b: &Path, what: &str) {
+    let (ta, tb) = (common::tensors(a), common::tensors(b));
+    assert_eq!(
+        ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        "{what}: other tensors"
+    );
+    let mut worst = 0.0f64;
+    for ((tensor, x), (_, y)) in ta.iter().zip(&tb) {
+        let d: f64 =
+            x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum::<f64>().sqrt();
+        let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum::<f64>().sqrt();
+        assert!(d <= 1e-4 * n + 1e-6, "{what}, {tensor}: differs from one process by {d:.2e} (norm {n:.2e})");
+        worst = worst.max(d / (1e-4 * n + 1e-6));
+    }
+    eprintln!("{what}: the largest difference is {worst:.3} of its bound");
+}
+
+/// A small BERT in Hugging Face's layout (2 layers, hidden 16, MiniLM's vocabulary and
+/// tokenizer), randomly initialised: a `mlm.pretrained` that several ranks can pretrain in
+/// a moment.
+fn tiny_bert(dir: &Path) -> PathBuf {
+    use dtrain::model::encoder::{Encoder, EncoderSpec, Pooling};
+    let out = dir.join("tiny-bert");
+    std::fs::create_dir_all(&out).unwrap();
+    let spec = EncoderSpec {
+        vocab: 30522,
+        hidden: 16,
+        layers: 2,
+        heads: 2,
+        intermediate: 32,
+        max_positions: 64,
+        type_vocab: 2,
+        layer_norm_eps: 1e-12,
+        activation: dtrain::backend::Activation::GeluErf,
+        pre_ln: false,
+        pooling: Pooling::Mean,
+        classes: 1,
+        dropout: 0.1,
+        attention_dropout: 0.1,
+        recompute: false,
+    };
+    let config = serde_json::json!({
+        "model_type": "bert", "vocab_size": spec.vocab, "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
+        "intermediate_size": spec.intermediate, "max_position_embeddings": spec.max_positions,
+        "type_vocab_size": spec.type_vocab, "layer_norm_eps": spec.layer_norm_eps, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+    });
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+    let enc = Encoder::new(spec);
+    let params: Vec<f32> = enc.init(7);
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = enc
+        .layout
+        .tensors()
+        .iter()
+        .filter(|t| !t.name.starts_with("classifier."))
+        .map(|t| (t.name.clone(), bytemuck::cast_slice(&params[t.slot.range()]).to_vec(), t.shape.clone()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    std::fs::copy(common::minilm().join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
+    out
+}
+
+/// `mpirun -n world dtrain pretrain` of masked-LM on `data` from `model` into `out`: 2 head
+/// warm-up steps and 4 full ones of 8 documents (dropout on), a record per step.
+fn mlm(world: usize, data: &Path, model: &Path, out: &Path, extra: &[&str]) -> Command {
+    let path = out.with_extension("toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[data]\ndir = {:?}\n[model]\nobjective = \"mlm\"\n[mlm]\npretrained = {:?}\nbatch_size = 8\n\
+             steps = 4\nhead_warmup_steps = 2\nhead_warmup_lr = 0.003\nlog_every = 1\n[train]\nout_dir = {:?}\n\
+             lr = 0.003\n[dist]\ntimeout_s = 60\n",
+            data.display().to_string(),
+            model.display().to_string(),
+            out.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut c = mpirun(world);
+    c.args([BIN, "--quiet", "pretrain", "--config"]).arg(&path).args(extra);
+    c
+}
+
+/// A masked-LM run's records: step, phase, learning rate, loss and masked-token accuracy.
+fn mlm_records(out: &Path) -> Vec<(u64, String, f64, f64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["phase"].as_str().unwrap().to_owned(),
+                v["lr"].as_f64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+                v["masked_accuracy"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Masked-LM pretraining on 2 and 4 ranks takes the steps one process takes (the global
+/// batch cut into parts, masks keyed by document, dropout by global row, the gradient
+/// scaled to the global batch's mean loss), through the head's warm-up and the full run; a
+/// run stopped on 2 ranks resumes on 4; a finished run under --resume auto does nothing.
+#[test]
+fn masked_lm_pretraining_takes_the_same_steps_on_1_2_and_4_ranks() {
+    let (_one, dir, _) = setup();
+    let tok = common::minilm().join("tokenizer.json");
+    let sub = dir.path().join("wp");
+    std::fs::create_dir(&sub).unwrap();
+    let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+    // Documents of 8 to 13 tokens: each rank pads its part to its own longest.
+    let data = common::separable_padded(
+        &sub,
+        40,
+        5,
+        &[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=4", "split.labels_per_class=12"],
+    );
+    let model = tiny_bert(dir.path());
+    let outs: Vec<PathBuf> = [1usize, 2, 4]
+        .iter()
+        .map(|&w| {
+            let out = dir.path().join(format!("mlm-w{w}"));
+            let o = run_ok(mlm(w, &data, &model, &out, &[]));
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert_eq!(text.matches("masked-LM: 6 steps").count(), 1, "rank 0 alone reports: {text}");
+            out
+        })
+        .collect();
+    let one = mlm_records(&outs[0]);
+    assert_eq!(
+        one.iter().map(|r| (r.0, r.1.as_str())).collect::<Vec<_>>(),
+        [(1, "head"), (2, "head"), (3, "full"), (4, "full"), (5, "full"), (6, "full")]
+    );
+    assert!(one.iter().all(|r| r.3.is_finite() && r.3 > 0.0));
+    for (out, w) in outs[1..].iter().zip([2, 4]) {
+        assert_close_encoders(
+            &outs[0].join("encoder"),
+            &out.join("encoder"),
+            &format!("masked-LM on {w} ranks"),
+        );
+        for (a, b) in one.iter().zip(&mlm_records(out)) {
+            assert_eq!((a.0, &a.1, a.2, a.4), (b.0, &b.1, b.2, b.4), "{w} ranks: {a:?} vs {b:?}");
+            assert!(close(a.3, b.3, 1e-5), "{w} ranks: loss {a:?} vs {b:?}");
+        }
+    }
+    // Stopped on 2 ranks in the full run, resumed on 4. The checkpoint's AdamW moments
+    // (the second scales with the gradient's square, which the weights barely show) are
+    // one process's.
+    let cut = dir.path().join("mlm-cut");
+    let o = run_ok(mlm(2, &data, &model, &cut, &["--stop-after", "4"]));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("stopped after step 4"));
+    let step4 = "checkpoints/step-000000004";
+    let cut1 = dir.path().join("mlm-cut1");
+    run_ok(mlm(1, &data, &model, &cut1, &["--stop-after", "4"]));
+    assert_close_encoders(&cut1.join(step4), &cut.join(step4), "the checkpoint of 2 ranks");
+    run_ok(mlm(4, &data, &model, &cut, &["--resume", "auto"]));
+    assert!(!cut.join("checkpoints").exists(), "rank 0 removes the checkpoints at the end");
+    assert_close_encoders(&outs[0].join("encoder"), &cut.join("encoder"), "stopped on 2 ranks, resumed on 4");
+    assert_eq!(mlm_records(&cut).len(), 6, "one record per step, none twice");
+    // Requeued after it finished: nothing to do, on every rank.
+    let before = std::fs::read(cut.join("encoder/model.safetensors")).unwrap();
+    let o = run_ok(mlm(2, &data, &model, &cut, &["--resume", "auto"]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("the run had already finished").count(), 1, "{text}");
+    assert!(before == std::fs::read(cut.join("encoder/model.safetensors")).unwrap());
 }
 
 /// launch/mpirun refuses what it cannot run with its own message (not bash's, nor dtrain's

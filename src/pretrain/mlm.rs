@@ -5,11 +5,19 @@
 //! (`config.json`, `model.safetensors`, `tokenizer.json`) that `model.encoder.pretrained`
 //! fine-tunes with any method.
 //!
-//! One process, CPU or any backend of `dispatch`. Every `mlm.checkpoint_every` steps a
-//! checkpoint (`checkpoints/step-N/`: the weights with the run's state in their metadata,
-//! AdamW's moments, the config) lets `--resume auto` continue bit for bit: each step's
-//! batch, masks and dropout are functions of the seed and the step. The encoder is written
-//! once, atomically, at the end, and the checkpoints are then deleted.
+//! One process or several ranks (METHODS.md §15), on the CPU or any backend of `dispatch`.
+//! Every rank computes the same global order of documents; the step's global batch of
+//! `mlm.batch_size` documents is cut into W contiguous parts, one per rank, each rank's
+//! rows keyed by their global place (masks by the document, dropout by the row), and the
+//! gradients are averaged, scaled so that the loss is the mean over the global batch's
+//! masked tokens. A run on 1, 2 or 4 ranks therefore takes the same steps, to float
+//! rounding, and may resume on another world size.
+//!
+//! Every `mlm.checkpoint_every` steps a checkpoint (`checkpoints/step-N/`: the weights with
+//! the run's state in their metadata, AdamW's moments, the config) lets `--resume auto`
+//! continue bit for bit on the same world size: each step's batch, masks and dropout are
+//! functions of the seed and the step. Rank 0 writes the checkpoints, the metrics and the
+//! encoder (once, atomically, at the end), and then deletes the checkpoints.
 
 use std::path::Path;
 use std::time::Instant;
@@ -18,13 +26,16 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::backend::{mix64, Activation, Backend, DropoutKey, EncoderOps, HostBatch, LossKind, RowMap};
+use crate::backend::{
+    mix64, Activation, Backend, DropoutKey, EncoderOps, GradSync, HostBatch, LossKind, RowMap,
+};
 use crate::checkpoint::{self, Storage};
 use crate::config::PretrainConfig;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{group_by_length, Grouping};
 use crate::data::shard::SplitKind;
 use crate::data::subword::SubwordTokenizer;
+use crate::dist::Dist;
 use crate::error::{Error, IoContext, Result};
 use crate::model::encoder::{load_pretrained, Encoder, EncoderActs, Pooling, TokenBatch};
 use crate::model::params::{fill_uniform, Layout, Slot};
@@ -274,40 +285,59 @@ pub struct MlmOptions {
     pub stop_after: Option<u64>,
 }
 
-/// `dtrain pretrain` with `model.objective = "mlm"`: one process, on `device`.
+/// `dtrain pretrain` with `model.objective = "mlm"` as one rank of `dist` (`Dist::single()`
+/// for one process), on `device` (a GPU by the rank's local rank).
 pub fn pretrain(
     cfg: &PretrainConfig,
     opts: &MlmOptions,
     device: crate::backend::Device,
+    dist: &Dist,
 ) -> Result<MlmReport> {
-    struct Job<'a>(&'a PretrainConfig, &'a MlmOptions);
+    struct Job<'a>(&'a PretrainConfig, &'a MlmOptions, &'a Dist);
     impl crate::backend::OnBackend for Job<'_> {
         type Out = MlmReport;
         fn run<B: EncoderOps<F = f32>>(self, be: &B) -> Result<MlmReport> {
-            run(be, self.0, self.1)
+            run(be, self.0, self.1, self.2)
         }
     }
-    crate::backend::dispatch_with(device, 0, opts.progress, cfg.mlm.matmul, Job(cfg, opts))
+    let say = opts.progress && dist.is_root();
+    crate::backend::dispatch_with(device, dist.local_rank(), say, cfg.mlm.matmul, Job(cfg, opts, dist))
 }
 
-/// Runs masked-LM pretraining as `cfg` says on backend `be`.
-pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptions) -> Result<MlmReport> {
+/// Runs masked-LM pretraining as `cfg` says on backend `be`, as one rank of `dist`.
+pub fn run<B: EncoderOps<F = f32>>(
+    be: &B,
+    cfg: &PretrainConfig,
+    opts: &MlmOptions,
+    dist: &Dist,
+) -> Result<MlmReport> {
     let m = &cfg.mlm;
     let t = &cfg.train;
-    let progress = opts.progress;
+    let (root, rank, world) = (dist.is_root(), dist.rank(), dist.world());
+    let progress = opts.progress && root;
     crate::fsutil::check_run_dir_place("pretrain", "train.out_dir", &t.out_dir)?;
-    // One process; held to the run's end, so that no second run writes here meanwhile.
-    let _lock = crate::fsutil::lock_run_dir(&t.out_dir, "train.out_dir")?;
-    let ckpt_root = t.out_dir.join("checkpoints");
-    let resume_from = super::resume_point(&opts.resume, &ckpt_root, "step")?;
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
+    dist.check_job(&serde_json::to_string(cfg).expect("config serialises"), &manifest.checksum)?;
+    // Rank 0's lock, held to the run's end, so that no second run writes here meanwhile.
+    let _lock = dist.lock_run_dir(&t.out_dir, "train.out_dir")?;
+    let ckpt_root = t.out_dir.join("checkpoints");
+    let resume_from = super::resume_point(&opts.resume, &ckpt_root, "step")?;
+    dist.check_resume(resume_from.as_deref())?;
     let hash = super::config_hash(cfg);
     let encoder_dir = t.out_dir.join("encoder");
+    // Under --resume auto, a run whose encoder is written (a job requeued after it
+    // finished) has nothing left to do.
+    let finished = resume_from.is_none()
+        && opts.resume == Resume::Auto
+        && finished_encoder(&encoder_dir, hash, &manifest.checksum);
+    dist.check_agree(
+        &["finished masked-LM pretraining in train.out_dir"],
+        &[u64::from(finished)],
+        "Every rank must see the same train.out_dir: give it on a file system every node shares",
+    )?;
     if resume_from.is_none() {
-        // Under --resume auto, a run whose encoder is written (a job requeued after it
-        // finished) has nothing left to do.
-        if opts.resume == Resume::Auto && finished_encoder(&encoder_dir, hash, &manifest.checksum) {
+        if finished {
             let nan = f64::NAN;
             return Ok(MlmReport {
                 steps: 0,
@@ -347,8 +377,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
         Error::bad_file(Path::new(&sw.path), "has no [MASK] (or <mask>) token for masked-LM pretraining")
     })?;
     let dir = m.pretrained.as_ref().expect("validated: mlm.pretrained");
-    // Available memory is read before the pretrained weights take theirs.
-    let mut budget = crate::hostmem::Budget::new("pretrain", 1)?;
+    // Available memory is read before the pretrained weights take theirs; the ranks of a
+    // node share it.
+    let mut budget = crate::hostmem::Budget::new("pretrain", dist.local_size())?;
     crate::model::encoder::check_tokenizer(dir, sw)
         .map_err(|e| Error::config("pretrain", "mlm.pretrained", e.to_string()))?;
     let (enc, loaded) = load_pretrained(dir, 1, Pooling::Mean, t.seed)?;
@@ -442,8 +473,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
     // bytes a document (shards and rows are below 2^32, as the shard format's counts).
     let mut docs: Vec<(SplitKind, u32, u32)> = Vec::new();
     // The loader checks each document's ids against the vocabulary, not every byte: the
-    // payload checksums catch the rest before a step reads a damaged shard.
-    ds.verify_payloads(|split, _| cfg.data.splits.iter().any(|n| n == split.name()))?;
+    // payload checksums catch the rest before a step reads a damaged shard. Each rank
+    // checks every W-th shard of a split (a failure on one ends the job).
+    ds.verify_payloads(|split, i| i % world == rank && cfg.data.splits.iter().any(|n| n == split.name()))?;
     for name in &cfg.data.splits {
         let split = SplitKind::from_name(name).expect("validated split name");
         for (si, shard) in ds.shards(split).iter().enumerate() {
@@ -486,10 +518,16 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
             )));
         }
     }
-    crate::fsutil::create_dirs(&t.out_dir)?;
     let log_path = t.out_dir.join("metrics.jsonl");
-    // A resumed run's records past its checkpoint are written again.
-    let mut log = crate::fsutil::reopen_metrics(&log_path, "step", |s, _| s <= first_step)?;
+    // Rank 0's metrics; a resumed run's records past its checkpoint are written again.
+    let mut log = if root {
+        crate::fsutil::create_dirs(&t.out_dir)?;
+        Some(crate::fsutil::reopen_metrics(&log_path, "step", |s, _| s <= first_step)?)
+    } else {
+        None
+    };
+    // The dense gradient's path between ranks (the same choice on every rank).
+    dist.bind(be)?;
     let bar = if progress {
         let b = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
         b.set_position(first_step);
@@ -523,6 +561,8 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
     // The throughput logged: tokens since `started` (a resumed window's earlier steps ran
     // in another process); and this call's tokens, for the report's.
     let (mut started, mut timed_tokens, tokens_before) = (Instant::now(), 0u64, all_tokens);
+    // The step after which `--stop-after` stopped the run.
+    let mut stopped = None;
     for step in first_step..steps {
         let epoch = step / per_epoch;
         if step % per_epoch == 0 || step == first_step {
@@ -532,8 +572,12 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
             let len = |at| doc_at(at).ids.len();
             group_by_length(&mut order, len, group, t.seed, epoch << 24);
         }
+        dist.set_step(step);
         let at = (step % per_epoch) as usize * m.batch_size;
-        let picked = &order[at..(at + m.batch_size).min(order.len())];
+        let global = &order[at..(at + m.batch_size).min(order.len())];
+        // This rank's contiguous part of the global batch, from global row `lo`.
+        let (lo, hi) = (global.len() * rank / world, global.len() * (rank + 1) / world);
+        let picked = &global[lo..hi];
         let step_start = Instant::now();
         let mut seqs = Vec::with_capacity(picked.len());
         let mut targets = HostBatch::default();
@@ -558,6 +602,11 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
         let tb = TokenBatch::new(&seqs, 0);
         let n = tb.b * tb.l;
         let k = targets.len();
+        let tokens: u64 = seqs.iter().map(|s| s.len() as u64).sum();
+        // The global batch's masked tokens, tokens and padded slots.
+        let mut counts = [k as u64, tokens, n as u64];
+        dist.sum("the masked-LM batch's counts", &mut counts);
+        let [k_all, tokens_all, slots_all] = counts;
         // The rate of this step: the head's constant one during its warm-up, then warmup
         // and linear decay over the full run.
         let lr = match step.checked_sub(hw) {
@@ -576,24 +625,36 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
                 t.lr * warm * decay
             }
         };
-        // A batch in which no token was masked has nothing to learn from; the step still
-        // counts (its schedule, the phase's end and the logging boundaries).
-        if k > 0 {
-            let noise = (enc.spec.dropout > 0.0 || enc.spec.attention_dropout > 0.0).then(|| {
-                (DropoutKey { seed: t.seed, step, site: 0, pass: 0, rows: RowMap::at(0) }, enc.spec.dropout)
-            });
-            enc.forward(be, &params, &tb, noise, &mut acts);
-            let rows = be.upload_batch(&targets);
-            head.forward(be, &params, &acts.hidden, n, &rows, k, &mut hacts);
-            let loss = be.softmax_loss(
-                &hacts.logits,
-                vocab,
-                &rows,
-                LossKind::CrossEntropy { smoothing: 0.0 },
-                1.0 / k as f32,
-                &mut dlogits,
-                &mut row_loss,
-            ) / k as f64;
+        // A global batch in which no token was masked has nothing to learn from; the step
+        // still counts (its schedule, the phase's end and the logging boundaries). A rank
+        // whose part has none takes part in the averages with a zero gradient.
+        if k_all > 0 {
+            // Each rank's gradient is scaled by W/K (K the global batch's masked tokens): the
+            // average over the ranks is then the gradient of the global mean loss.
+            let scale = (world as f64 / k_all as f64) as f32;
+            let rows = (k > 0).then(|| be.upload_batch(&targets));
+            let (mut sums, mut dhidden) = ([0f64; 2], None);
+            if let Some(rows) = &rows {
+                let noise = (enc.spec.dropout > 0.0 || enc.spec.attention_dropout > 0.0).then(|| {
+                    let rows = RowMap::at(lo as u64);
+                    (DropoutKey { seed: t.seed, step, site: 0, pass: 0, rows }, enc.spec.dropout)
+                });
+                enc.forward(be, &params, &tb, noise, &mut acts);
+                head.forward(be, &params, &acts.hidden, n, rows, k, &mut hacts);
+                let smooth = LossKind::CrossEntropy { smoothing: 0.0 };
+                sums[0] =
+                    be.softmax_loss(&hacts.logits, vocab, rows, smooth, scale, &mut dlogits, &mut row_loss);
+                let logits = be.download(&hacts.logits);
+                sums[1] = logits
+                    .chunks(vocab)
+                    .zip(&targets.labels)
+                    .filter(|(z, y)| crate::backend::argmax(z) as i32 == **y)
+                    .count() as f64;
+            }
+            // The global mean loss and right predictions, the same on every rank (so that
+            // all stop together on a divergence).
+            dist.sum("the masked-LM loss", &mut sums);
+            let loss = sums[0] / k_all as f64;
             // A guess uniform over the vocabulary costs ln(vocab) a token; ten times that
             // (as skip-gram's check) is a run that diverged.
             let uniform = (vocab as f64).ln();
@@ -606,30 +667,36 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
                     step + 1
                 )));
             }
-            let logits = be.download(&hacts.logits);
-            win_right += logits
-                .chunks(vocab)
-                .zip(&targets.labels)
-                .filter(|(z, y)| crate::backend::argmax(z) as i32 == **y)
-                .count() as u64;
-            let dhidden = head.backward(be, &params, n, &rows, k, &hacts, &dlogits, &mut grads);
+            if let Some(rows) = &rows {
+                dhidden = Some(head.backward(be, &params, n, rows, k, &hacts, &dlogits, &mut grads));
+            }
+            if step >= hw {
+                // (During the head's warm-up, no backward pass through the body.)
+                if let Some(dh) = dhidden {
+                    enc.backward_hidden(be, &params, &tb, &acts, dh, &mut grads, None, None);
+                }
+            }
+            <Dist as GradSync<B>>::average(dist, be, &mut grads, None, 0);
             if step < hw {
-                // The head alone: no backward pass through the body; the tied decoder's
-                // gradient on the word table meets a rate of 0 (and is zeroed below).
+                // The head alone; the tied decoder's gradient on the word table meets a rate
+                // of 0 (and is zeroed below).
                 let ho = head_opt.as_mut().expect("a head optimizer while step < hw");
                 ho.step(be, &layout, none, &mut params, &mut grads, TableGrad::Rows(&mut no_rows), lr);
             } else {
-                enc.backward_hidden(be, &params, &tb, &acts, dhidden, &mut grads, None, None);
                 opt.step(be, &layout, none, &mut params, &mut grads, TableGrad::Rows(&mut no_rows), lr);
             }
             be.fill_zero(&mut grads);
-            let tokens: u64 = seqs.iter().map(|s| s.len() as u64).sum();
-            (win_loss, win_masked, win_tokens, win_steps) =
-                (win_loss + loss, win_masked + k as u64, win_tokens + tokens, win_steps + 1);
-            timed_tokens += tokens;
-            all_tokens += tokens;
-            all_slots += n as u64;
-            win_slots += n as u64;
+            (win_loss, win_right, win_masked, win_tokens, win_steps) = (
+                win_loss + loss,
+                win_right + sums[1] as u64,
+                win_masked + k_all,
+                win_tokens + tokens_all,
+                win_steps + 1,
+            );
+            timed_tokens += tokens_all;
+            all_tokens += tokens_all;
+            all_slots += slots_all;
+            win_slots += slots_all;
         }
         if step + 1 == hw {
             head_opt = None;
@@ -647,7 +714,9 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
             let rec = json!({"step": step + 1, "epoch": (step + 1) as f64 / per_epoch as f64, "phase": phase, "lr": lr,
                              "loss": ml, "masked_accuracy": acc, "tokens_per_s": timed_tokens as f64 / secs,
                              "padding": padding});
-            crate::fsutil::append_record(&mut log, &rec, &log_path)?;
+            if let Some(log) = &mut log {
+                crate::fsutil::append_record(log, &rec, &log_path)?;
+            }
             bar.set_message(format!("loss {ml:.3} acc {acc:.3} {:.0} tok/s", timed_tokens as f64 / secs));
             (win_loss, win_right, win_masked, win_tokens, win_steps, win_slots) = (0.0, 0, 0, 0, 0, 0);
             timed_tokens = 0;
@@ -655,7 +724,8 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
         }
         let done = step + 1;
         let stop = opts.stop_after == Some(done);
-        if (stop || m.checkpoint_every > 0 && done % m.checkpoint_every == 0) && done < steps {
+        // Rank 0 writes (the ranks' weights and moments are the same).
+        if root && (stop || m.checkpoint_every > 0 && done % m.checkpoint_every == 0) && done < steps {
             let o =
                 if done < hw { head_opt.as_ref().expect("a head optimizer while step < hw") } else { &opt };
             let state = MlmState {
@@ -674,21 +744,28 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
             write_checkpoint(be, &ckpt_root, t.keep_checkpoints, &layout, &params, o, &state, cfg)?;
         }
         if stop {
-            bar.finish_and_clear();
-            return Ok(MlmReport {
-                steps: done,
-                first_loss: first_loss.filter(|_| windows > 1),
-                last_loss,
-                last_accuracy: last_acc,
-                tokens_per_s: (all_tokens - tokens_before) as f64 / step_secs.max(1e-9),
-                padding: 1.0 - all_tokens as f64 / all_slots.max(1) as f64,
-                out: ckpt_root.join(checkpoint::dir_name(done)),
-                resumed_at: first_step,
-                already_finished: false,
-            });
+            stopped = Some(done);
+            break;
         }
     }
     bar.finish_and_clear();
+    let report = |steps, out| MlmReport {
+        steps,
+        first_loss: first_loss.filter(|_| windows > 1),
+        last_loss,
+        last_accuracy: last_acc,
+        tokens_per_s: (all_tokens - tokens_before) as f64 / step_secs.max(1e-9),
+        padding: 1.0 - all_tokens as f64 / all_slots.max(1) as f64,
+        out,
+        resumed_at: first_step,
+        already_finished: false,
+    };
+    if let Some(done) = stopped {
+        return Ok(report(done, ckpt_root.join(checkpoint::dir_name(done))));
+    }
+    if !root {
+        return Ok(report(steps, encoder_dir));
+    }
     // The pretrained encoder directory: the source's config.json with this data set's
     // tokenizer.json, and every tensor (the encoder's in Hugging Face names, plus the head).
     let host = crate::backend::host_view(be, &params).into_owned();
@@ -714,17 +791,7 @@ pub fn run<B: EncoderOps<F = f32>>(be: &B, cfg: &PretrainConfig, opts: &MlmOptio
         std::fs::remove_dir_all(&c).at(&c)?;
     }
     let _ = std::fs::remove_dir(&ckpt_root);
-    Ok(MlmReport {
-        steps,
-        first_loss: first_loss.filter(|_| windows > 1),
-        last_loss,
-        last_accuracy: last_acc,
-        tokens_per_s: (all_tokens - tokens_before) as f64 / step_secs.max(1e-9),
-        padding: 1.0 - all_tokens as f64 / all_slots.max(1) as f64,
-        out,
-        resumed_at: first_step,
-        already_finished: false,
-    })
+    Ok(report(steps, out))
 }
 
 /// Whether `dir` holds the encoder of a finished masked-LM run of this config (trajectory

@@ -211,11 +211,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let root = dist.is_root();
     let progress = opts.progress && root;
     if cfg.model.objective == crate::config::Objective::Mlm {
-        return Err(Error::config(
-            "pretrain",
-            "model.objective",
-            "mlm runs through pretrain::mlm::pretrain, in one process (not under mpirun yet)",
-        ));
+        return Err(Error::config("pretrain", "model.objective", "mlm runs through pretrain::mlm::pretrain"));
     }
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();

@@ -187,7 +187,7 @@ pub fn mlm_until(
     stop_after: Option<u64>,
 ) -> dtrain::Result<dtrain::pretrain::mlm::MlmReport> {
     let opts = dtrain::pretrain::mlm::MlmOptions { resume, progress: false, stop_after };
-    dtrain::pretrain::mlm::pretrain(cfg, &opts, Default::default())
+    dtrain::pretrain::mlm::pretrain(cfg, &opts, Default::default(), &dtrain::dist::Dist::single())
 }
 
 /// models/minilm (`launch/fetch-model minilm`, which launch/setup runs).
