@@ -706,9 +706,10 @@ fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
 }
 
 /// Two encoder directories' tensors agree, tensor by tensor, relative to the tensor's norm
-/// with a floor: the attention key's bias has a zero gradient in exact arithmetic (softmax
-/// ignores a constant added to every score), so it and its moments hold rounding noise
-/// (1e-7 and below): an absolute floor.
+/// with a small absolute floor, except the attention keys' biases: their gradient is zero in
+/// exact arithmetic (softmax ignores a constant added to every score), so they and their
+/// moments hold only rounding noise, which AdamW's normalisation scales up to steps of up to
+/// the learning rate; whatever their values, the model computes the same function.
 fn assert_close_encoders(a: &Path, b: &Path, what: &str) {
     let (ta, tb) = (common::tensors(a), common::tensors(b));
     assert_eq!(
@@ -716,15 +717,21 @@ fn assert_close_encoders(a: &Path, b: &Path, what: &str) {
         tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
         "{what}: other tensors"
     );
-    let mut worst = 0.0f64;
+    let mut worst = (0.0f64, "");
     for ((tensor, x), (_, y)) in ta.iter().zip(&tb) {
+        if tensor.ends_with("attention.self.key.bias") {
+            continue;
+        }
         let d: f64 =
             x.iter().zip(y).map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2)).sum::<f64>().sqrt();
         let n: f64 = x.iter().map(|&p| f64::from(p).powi(2)).sum::<f64>().sqrt();
         assert!(d <= 1e-4 * n + 1e-6, "{what}, {tensor}: differs from one process by {d:.2e} (norm {n:.2e})");
-        worst = worst.max(d / (1e-4 * n + 1e-6));
+        let share = d / (1e-4 * n + 1e-6);
+        if share > worst.0 {
+            worst = (share, tensor);
+        }
     }
-    eprintln!("{what}: the largest difference is {worst:.3} of its bound");
+    eprintln!("{what}: the largest difference is {:.3} of its bound ({})", worst.0, worst.1);
 }
 
 /// A small BERT in Hugging Face's layout (2 layers, hidden 16, MiniLM's vocabulary and
@@ -864,6 +871,17 @@ fn masked_lm_pretraining_takes_the_same_steps_on_1_2_and_4_ranks() {
             assert!(close(a.3, b.3, 1e-5), "{w} ranks: loss {a:?} vs {b:?}");
         }
     }
+    // A global batch of 2 documents on 4 ranks: two ranks hold none in every step and
+    // take part in the averages with a zero gradient.
+    let small: Vec<PathBuf> = [1usize, 4]
+        .iter()
+        .map(|&w| {
+            let out = dir.path().join(format!("mlm-b2-w{w}"));
+            run_ok(mlm(w, &data, &model, &out, &["--set", "mlm.batch_size=2"]));
+            out
+        })
+        .collect();
+    assert_close_encoders(&small[0].join("encoder"), &small[1].join("encoder"), "2 documents on 4 ranks");
     // Stopped on 2 ranks in the full run, resumed on 4. The checkpoint's AdamW moments
     // (the second scales with the gradient's square, which the weights barely show) are
     // one process's.
