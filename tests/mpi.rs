@@ -646,6 +646,12 @@ fn pretraining_stops_and_resumes_bitwise_on_two_ranks() {
     run_ok(pretrain(2, &data, &cut, &["--resume", "auto"]));
     assert_eq!(bytes(&whole), bytes(&cut), "resumed on 2 ranks = uninterrupted");
     assert!(!cut.join("checkpoints").exists());
+    // Requeued after it finished: every rank agrees that nothing is left (rank 0 alone
+    // reads the tables).
+    let o = run_ok(pretrain(2, &data, &cut, &["--resume", "auto"]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("the run had already finished its 4 epochs").count(), 1, "{text}");
+    assert_eq!(bytes(&whole), bytes(&cut));
     run_ok(pretrain(4, &data, &other, &["--resume", "auto"]));
     let (m_other, m_whole) = (topic_margin(&other), topic_margin(&whole));
     assert!(

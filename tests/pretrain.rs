@@ -200,6 +200,16 @@ fn one_thread_is_deterministic_and_resume_is_bitwise_identical() {
     let fresh = run(&cfg(&data, &b, &[]), Resume::No, None).unwrap_err().to_string();
     assert!(fresh.contains(EMBEDDINGS_FILE) && fresh.contains("earlier run"), "{fresh}");
     assert!(!r.loss.is_finite() && !b.join("checkpoints").exists());
+    // Tables damaged after their metadata (a value's byte flipped): not a finished run, so
+    // the output is refused as another run's, not taken as done.
+    let file = b.join(EMBEDDINGS_FILE);
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&file, &bad).unwrap();
+    let damaged = run(&cfg(&data, &b, &[]), Resume::Auto, None).unwrap_err().to_string();
+    assert!(damaged.contains(EMBEDDINGS_FILE) && damaged.contains("earlier run"), "{damaged}");
+    std::fs::write(&file, &good).unwrap();
 }
 
 #[test]

@@ -115,6 +115,25 @@ pub fn write(
 /// `embeddings.safetensors`, with `words.tsv` beside it; checks the metadata, shapes, data
 /// checksum and the word list's checksum.
 pub fn read(path: &Path) -> Result<Embeddings> {
+    let (file, bytes, head) = read_head(path)?;
+    let layout = layout(head.meta.tokenizer.buckets as usize, head.meta.words, head.meta.dim);
+    let params =
+        tensors_from_file(&file, &bytes, &layout, &[("", layout.total())], Storage::Whole)?.remove(0);
+    let Head { meta, words, counts } = head;
+    Ok(Embeddings { meta, layout, params, words, counts })
+}
+
+/// What embeddings say of themselves without their tables: the metadata and the word list.
+pub struct Head {
+    pub meta: EmbeddingsMeta,
+    pub words: Vec<String>,
+    pub counts: Vec<u64>,
+}
+
+/// [`read`] without the tables: the metadata and the word list, checked as `read` checks
+/// them (the tables' values and their checksum are not read). Also returns the tensor
+/// file's path and its mapping.
+pub fn read_head(path: &Path) -> Result<(PathBuf, memmap2::Mmap, Head)> {
     let file: PathBuf = if path.is_dir() { path.join(EMBEDDINGS_FILE) } else { path.to_owned() };
     if file.file_name().is_some_and(|n| n == WORDS_FILE) {
         return Err(Error::bad_file(
@@ -165,10 +184,7 @@ pub fn read(path: &Path) -> Result<Embeddings> {
             format!("lists {} words, the tensors have {} rows", words.len(), meta.words),
         ));
     }
-    let layout = layout(meta.tokenizer.buckets as usize, meta.words, meta.dim);
-    let params =
-        tensors_from_file(&file, &bytes, &layout, &[("", layout.total())], Storage::Whole)?.remove(0);
-    Ok(Embeddings { meta, layout, params, words, counts })
+    Ok((file, bytes, Head { meta, words, counts }))
 }
 
 fn parse_words(path: &Path, tsv: &[u8]) -> Result<(Vec<String>, Vec<u64>)> {

@@ -342,20 +342,27 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     let resume_from = resume_point(&opts.resume, &ckpt_root, "epoch")?;
     dist.check_resume(resume_from.as_deref())?;
     // Under --resume auto, a run that already wrote its output (a job requeued after it
-    // finished) has nothing left to do; any other output there is refused below.
-    let finished = resume_from.is_none()
-        && opts.resume == Resume::Auto
-        && embeddings::read(&t.out_dir).is_ok_and(|e| {
+    // finished) has nothing left to do; any other output there is refused below. Every
+    // rank reads the output's metadata and words, which must agree; rank 0 alone also reads
+    // its tables (and their checksum), which on a node of many ranks each would otherwise
+    // hold at once, and decides.
+    let (head, whole) = if resume_from.is_none() && opts.resume == Resume::Auto {
+        let head = embeddings::read_head(&t.out_dir).is_ok_and(|(_, _, e)| {
             e.meta.config_hash == hash
                 && e.meta.data_checksum == meta.data_checksum
                 && e.meta.epochs_done == t.epochs
                 && e.words == words
         });
+        (head, head && (!root || embeddings::read(&t.out_dir).is_ok()))
+    } else {
+        (false, false)
+    };
     dist.check_agree(
         &["finished pretraining in train.out_dir"],
-        &[u64::from(finished)],
+        &[u64::from(head)],
         "Every rank must see the same train.out_dir: give it on a file system every node shares",
     )?;
+    let finished = dist.all_gather("the finished-run check", &[u64::from(whole)])[0][0] == 1;
     if finished {
         return Ok(PretrainReport {
             out_dir: t.out_dir.clone(),
