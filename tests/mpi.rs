@@ -661,23 +661,28 @@ fn pretraining_stops_and_resumes_bitwise_on_two_ranks() {
     assert_eq!(ranks_in_metrics(&other), vec![4, 4], "epochs 3 and 4 ran on 4 ranks");
 }
 
+/// A data set in MiniLM's WordPiece ids (in `dir/wp`, 4 shards a split) of documents of 8
+/// to 13 tokens: each rank pads its part of a batch to its own longest.
+fn ragged_wordpiece(dir: &Path) -> PathBuf {
+    let tok = common::minilm().join("tokenizer.json");
+    let sub = dir.join("wp");
+    std::fs::create_dir(&sub).unwrap();
+    let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
+    common::separable_padded(
+        &sub,
+        40,
+        5,
+        &[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=4", "split.labels_per_class=12"],
+    )
+}
+
 /// An encoder (from scratch, both dropouts on) on 2 ranks trains what one process trains:
 /// each rank pads its own rows to their longest, which changes nothing, and the dense
 /// gradient (embedding tables included) is averaged.
 #[test]
 fn an_encoder_trains_the_same_model_on_1_and_2_ranks() {
     let (_one, dir, _) = setup();
-    let tok = common::minilm().join("tokenizer.json");
-    let sub = dir.path().join("wp");
-    std::fs::create_dir(&sub).unwrap();
-    let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
-    // Documents of 8 to 13 tokens: each rank pads its batch to its own longest.
-    let data = common::separable_padded(
-        &sub,
-        40,
-        5,
-        &[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=4", "split.labels_per_class=12"],
-    );
+    let data = ragged_wordpiece(dir.path());
     // The shared config's bag-model fields would be refused beside model.kind = "encoder".
     let cfg = dir.path().join("encoder.toml");
     let toml = format!(
@@ -838,17 +843,7 @@ fn mlm_records(out: &Path) -> Vec<(u64, String, f64, f64, f64)> {
 #[test]
 fn masked_lm_pretraining_takes_the_same_steps_on_1_2_and_4_ranks() {
     let (_one, dir, _) = setup();
-    let tok = common::minilm().join("tokenizer.json");
-    let sub = dir.path().join("wp");
-    std::fs::create_dir(&sub).unwrap();
-    let path = format!("tokenizer.subword.path={:?}", tok.display().to_string());
-    // Documents of 8 to 13 tokens: each rank pads its part to its own longest.
-    let data = common::separable_padded(
-        &sub,
-        40,
-        5,
-        &[path.as_str(), "tokenizer.subword.max_len=16", "output.shards=4", "split.labels_per_class=12"],
-    );
+    let data = ragged_wordpiece(dir.path());
     let model = tiny_bert(dir.path());
     let outs: Vec<PathBuf> = [1usize, 2, 4]
         .iter()
