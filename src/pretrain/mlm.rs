@@ -407,14 +407,15 @@ pub fn run<B: EncoderOps<F = f32>>(
             let why = "mlm.head_warmup_steps = 0 keeps no second optimizer";
             budget.add("the head warm-up's moments", 2 * params_bytes, "mlm.head_warmup_steps", why);
         }
-        // A batch of sequences at the data's longest, and the head's logits and their
-        // gradient over the vocabulary for the tokens chosen for prediction.
+        // This rank's part of a batch, its sequences at the data's longest, and the head's
+        // logits and their gradient over the vocabulary for the tokens chosen for prediction.
         let len = sw.max_len as usize;
-        let picked = (masked_count(len, m.mask_prob) * m.batch_size) as u64;
-        let acts = enc.spec.activation_bytes(m.batch_size, len, true)
-            + picked.saturating_mul(2 * enc.spec.vocab as u64 * 4);
+        let seqs = m.batch_size.div_ceil(world);
+        let picked = (masked_count(len, m.mask_prob) * seqs) as u64;
+        let acts =
+            enc.spec.activation_bytes(seqs, len, true) + picked.saturating_mul(2 * enc.spec.vocab as u64 * 4);
         let why = "lower mlm.batch_size, or prepare the data with a smaller tokenizer.subword.max_len";
-        let what = format!("the activations ({} sequences × {len} tokens)", m.batch_size);
+        let what = format!("the activations ({seqs} sequences × {len} tokens)");
         budget.add(what, acts, "mlm.batch_size", why);
     }
     budget.check()?;
