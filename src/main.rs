@@ -950,6 +950,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            if matches!(args.device.device, dtrain::backend::Device::Cuda(_)) {
+                bail!(
+                    "--device cuda: skip-gram and CBOW pretraining run on the CPU only (Hogwild threads); \
+                     --device picks the backend of masked-LM pretraining (`model.objective = \"mlm\"`). \
+                     Leave it out, or give `auto` or `cpu`"
+                );
+            }
             let stop_after = args.stop_after.map(u32::try_from).transpose().map_err(|_| {
                 anyhow::anyhow!("--stop-after: more than 2^32 epochs; a skip-gram or CBOW run has fewer")
             })?;

@@ -596,6 +596,13 @@ fn pretrain_and_neighbors_from_the_command_line() {
     let o = dtrain(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "model.window=0"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("model.window"), "{}", text(&o));
+    // Skip-gram has no GPU path: --device cuda is refused (it once ran on the CPU, exit 0).
+    let o = dtrain(&["pretrain", "--config", cfg.to_str().unwrap(), "--device", "cuda"]);
+    assert!(
+        !o.status.success() && text(&o).contains("skip-gram and CBOW pretraining run on the CPU only"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// `inspect` names a pretrained model's directory as what it is (it once called it a
@@ -757,16 +764,17 @@ fn slurm_scripts_pass_defaults_the_user_can_override() {
     let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
     let root = env!("CARGO_MANIFEST_DIR");
     for (script, gpu) in [("cpu", false), ("gpu-1node", true), ("gpu-nnodes", true)] {
+        let sbatch = |extra: &[&str], command: Option<&str>| -> Output {
+            let mut c = Command::new("bash");
+            c.arg(format!("launch/slurm/{script}.sbatch")).arg("run.toml").args(extra);
+            c.current_dir(root).env("PATH", &path).env("DTRAIN_BIN", BIN).env_remove("DTRAIN_COMMAND");
+            if let Some(command) = command {
+                c.env("DTRAIN_COMMAND", command);
+            }
+            c.output().unwrap()
+        };
         let args = |extra: &[&str]| -> Vec<String> {
-            let o = Command::new("bash")
-                .arg(format!("launch/slurm/{script}.sbatch"))
-                .arg("run.toml")
-                .args(extra)
-                .current_dir(root)
-                .env("PATH", &path)
-                .env("DTRAIN_BIN", BIN)
-                .output()
-                .unwrap();
+            let o = sbatch(extra, None);
             assert!(o.status.success(), "{script}: {}", text(&o));
             String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect()
         };
@@ -780,5 +788,22 @@ fn slurm_scripts_pass_defaults_the_user_can_override() {
         assert_eq!((count(&own, "--resume"), count(&own, "--device")), (1, 1), "{script}: {own:?}");
         assert!(own.windows(2).any(|w| w == ["--resume", "no"]) && own.contains(&"--device=cpu".to_owned()));
         assert!(own.ends_with(&["--set".to_owned(), "optim.lr=0.1".to_owned()]), "{script}: {own:?}");
+        // DTRAIN_COMMAND=pretrain runs pretraining (skip-gram, CBOW or masked-LM) instead;
+        // another command is refused before srun.
+        let o = sbatch(&[], Some("pretrain"));
+        let got = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && got.contains(&format!("{BIN}\npretrain\n--config\nrun.toml\n")),
+            "{got}"
+        );
+        let o = sbatch(&[], Some("eval"));
+        assert!(
+            o.status.code() == Some(2)
+                && text(&o)
+                    .contains(&format!("{script}.sbatch: DTRAIN_COMMAND=eval: expected train or pretrain"))
+                && o.stdout.is_empty(),
+            "{script}: {}",
+            text(&o)
+        );
     }
 }
