@@ -738,6 +738,38 @@ fn masked_lm_pretraining_lowers_its_loss_and_its_encoder_fine_tunes() {
     // --resume auto on the finished run (a requeued job) has nothing left to do.
     let again = common::mlm(&pcfg, Resume::Auto).unwrap();
     assert!(again.already_finished && again.out == r.out, "{again:?}");
+    // Under another config, or with the encoder damaged, it is not this run's finished
+    // output: refused, saying why (the field that changed; the damaged file), and kept.
+    let steps31 =
+        mlm_config(&data, &dir.path().join("mlm"), &["mlm.steps=31", "mlm.log_every=10", "train.lr=0.001"]);
+    let e = common::mlm(&steps31, Resume::Auto).unwrap_err().to_string();
+    assert!(
+        e.contains("not this run's finished output: it was written under another pretraining config (mlm.steps: 30 → 31)")
+            && e.contains("move them away"),
+        "{e}"
+    );
+    let mlm_dir = dir.path().join("mlm");
+    let copy = dir.path().join("mlm-copy");
+    std::fs::create_dir(&copy).unwrap();
+    common::copy_dir(&mlm_dir.join("encoder"), &copy.join("encoder"));
+    std::fs::copy(mlm_dir.join("metrics.jsonl"), copy.join("metrics.jsonl")).unwrap();
+    let moved = mlm_config(&data, &copy, &["mlm.steps=30", "mlm.log_every=10", "train.lr=0.001"]);
+    let w = copy.join("encoder/model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let at = bytes.len() - 8;
+    bytes[at] ^= 1;
+    std::fs::write(&w, &bytes).unwrap();
+    let e = common::mlm(&moved, Resume::Auto).unwrap_err().to_string();
+    assert!(e.contains("not this run's finished output") && e.contains("model.safetensors: differs"), "{e}");
+    std::fs::write(copy.join("encoder").join(dtrain::checkpoint::DONE), "").unwrap();
+    let e = common::mlm(&moved, Resume::Auto).unwrap_err().to_string();
+    assert!(e.contains("DONE is empty, and a masked-LM run records its files there"), "{e}");
+    // A file where the encoder directory goes is refused before any step.
+    std::fs::remove_dir_all(copy.join("encoder")).unwrap();
+    std::fs::remove_file(copy.join("metrics.jsonl")).unwrap();
+    std::fs::write(copy.join("encoder"), "").unwrap();
+    let e = common::mlm(&moved, Resume::No).unwrap_err().to_string();
+    assert!(e.contains("is in the way of the encoder directory this run writes"), "{e}");
     // A second run into the same out_dir would replace the first's encoder (here even its
     // own input): refused, naming what is there, and the encoder is left as it was.
     let weights = std::fs::read(r.out.join("model.safetensors")).unwrap();

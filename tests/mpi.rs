@@ -897,6 +897,16 @@ fn masked_lm_pretraining_takes_the_same_steps_on_1_2_and_4_ranks() {
     assert!(!cut.join("checkpoints").exists(), "rank 0 removes the checkpoints at the end");
     assert_close_encoders(&outs[0].join("encoder"), &cut.join("encoder"), "stopped on 2 ranks, resumed on 4");
     assert_eq!(mlm_records(&cut).len(), 6, "one record per step, none twice");
+    // Ranks given different --stop-after values are refused before any step (one rank
+    // stopping alone once left the other waiting until dist.timeout_s).
+    let mixed = dir.path().join("mlm-mixed");
+    let mut c = mlm(1, &data, &model, &mixed, &["--stop-after", "1"]);
+    c.args([":", "-n", "1", BIN, "--quiet", "pretrain", "--config"]).arg(mixed.with_extension("toml"));
+    let started = Instant::now();
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("rank 1's --stop-after differs from rank 0's"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "refused at start, not by the timeout");
     // Requeued after it finished: nothing to do, on every rank.
     let before = std::fs::read(cut.join("encoder/model.safetensors")).unwrap();
     let o = run_ok(mlm(2, &data, &model, &cut, &["--resume", "auto"]));

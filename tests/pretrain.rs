@@ -208,8 +208,15 @@ fn one_thread_is_deterministic_and_resume_is_bitwise_identical() {
     *bad.last_mut().unwrap() ^= 0x40;
     std::fs::write(&file, &bad).unwrap();
     let damaged = run(&cfg(&data, &b, &[]), Resume::Auto, None).unwrap_err().to_string();
-    assert!(damaged.contains(EMBEDDINGS_FILE) && damaged.contains("earlier run"), "{damaged}");
+    assert!(
+        damaged.contains(EMBEDDINGS_FILE)
+            && damaged.contains("earlier run; under --resume auto it is not this run's finished output:"),
+        "{damaged}"
+    );
     std::fs::write(&file, &good).unwrap();
+    // Under another config: the field is named.
+    let other = run(&cfg(&data, &b, &["train.lr=0.07"]), Resume::Auto, None).unwrap_err().to_string();
+    assert!(other.contains("it was written under another pretraining config (train.lr: "), "{other}");
 }
 
 #[test]

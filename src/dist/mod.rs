@@ -609,6 +609,16 @@ impl Dist {
         disagreement(&all, names, |_, _| String::new(), rule)
     }
 
+    /// Checks that every rank was given the same `--stop-after` (`None`: the whole run): a
+    /// rank that stopped alone would leave the others waiting in the next step's collective.
+    pub fn check_stop_after(&self, stop: Option<u64>) -> Result<()> {
+        self.check_agree(
+            &["--stop-after"],
+            &[stop.unwrap_or(u64::MAX)],
+            "Every rank must be given the same --stop-after (or none)",
+        )
+    }
+
     /// Checks that every rank resumes from the same checkpoint `dir` (none: a fresh start),
     /// by its name and its `DONE` record: a rank that sees another (a file system not shared
     /// between nodes, or another `--resume`) would train another model.

@@ -56,6 +56,10 @@ pub struct EmbeddingsMeta {
     /// resumed run must match.
     pub config_hash: u64,
     pub data_checksum: String,
+    /// The pretraining config as the trajectory hash reads it (absent in files written
+    /// before it was recorded), so that an output of another config can name the fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
 /// Loaded embeddings.

@@ -319,6 +319,7 @@ pub fn run<B: EncoderOps<F = f32>>(
     let ds = Dataset::open(&cfg.data.dir)?;
     let manifest = ds.manifest();
     dist.check_job(&serde_json::to_string(cfg).expect("config serialises"), &manifest.checksum)?;
+    dist.check_stop_after(opts.stop_after)?;
     // Rank 0's lock, held to the run's end, so that no second run writes here meanwhile.
     let _lock = dist.lock_run_dir(&t.out_dir, "train.out_dir")?;
     let ckpt_root = t.out_dir.join("checkpoints");
@@ -327,10 +328,12 @@ pub fn run<B: EncoderOps<F = f32>>(
     let hash = super::config_hash(cfg);
     let encoder_dir = t.out_dir.join("encoder");
     // Under --resume auto, a run whose encoder is written (a job requeued after it
-    // finished) has nothing left to do.
-    let finished = resume_from.is_none()
-        && opts.resume == Resume::Auto
-        && finished_encoder(&encoder_dir, hash, &manifest.checksum);
+    // finished) has nothing left to do. (`unfinished`: why what is there is not that.)
+    let unfinished = match resume_from.is_none() && opts.resume == Resume::Auto {
+        true => unfinished_encoder(&encoder_dir, cfg, hash, &manifest.checksum).err(),
+        false => Some(String::new()),
+    };
+    let finished = unfinished.is_none();
     dist.check_agree(
         &["finished masked-LM pretraining in train.out_dir"],
         &[u64::from(finished)],
@@ -360,7 +363,15 @@ pub fn run<B: EncoderOps<F = f32>>(
             .into_iter()
             .filter_map(|(name, refused)| refused.then_some(name))
             .collect();
-        super::check_fresh_start(&t.out_dir, &earlier, "masked-LM pretraining", "step", "masked_accuracy")?;
+        let why = unfinished.as_deref().filter(|_| opts.resume == Resume::Auto);
+        let run = "masked-LM pretraining";
+        super::check_fresh_start(&t.out_dir, &earlier, run, "step", "masked_accuracy", why)?;
+        if encoder_dir.exists() && !encoder_dir.is_dir() {
+            return Err(Error::bad_file(
+                &encoder_dir,
+                "is in the way of the encoder directory this run writes at its end: move it away",
+            ));
+        }
     }
     let Some(sw) = &manifest.tokenizer.subword else {
         return Err(Error::config(
@@ -773,8 +784,11 @@ pub fn run<B: EncoderOps<F = f32>>(
     let config_src = dir.join("config.json");
     let config_bytes = std::fs::read(&config_src).at(&config_src)?;
     let tok_bytes = std::fs::read(&sw.path).at(Path::new(&sw.path))?;
+    let trajectory: serde_json::Value =
+        serde_json::from_str(&super::trajectory_config(cfg)).expect("the config's own JSON");
     let meta = json!({"format": "dtrain-mlm", "source": dir.display().to_string(), "steps": steps,
-                      "head_warmup_steps": hw, "config_hash": hash, "data_checksum": manifest.checksum});
+                      "head_warmup_steps": hw, "config_hash": hash, "data_checksum": manifest.checksum,
+                      "config": trajectory});
     let out = crate::checkpoint::stage(&t.out_dir, "encoder", 1, |tmp| {
         crate::fsutil::write_atomic(&tmp.join("config.json"), &config_bytes)?;
         crate::fsutil::write_atomic(&tmp.join("tokenizer.json"), &tok_bytes)?;
@@ -795,16 +809,38 @@ pub fn run<B: EncoderOps<F = f32>>(
     Ok(report(steps, out))
 }
 
-/// Whether `dir` holds the encoder of a finished masked-LM run of this config (trajectory
-/// `hash`) on this data (`data_checksum`), intact by its `DONE` record.
-fn finished_encoder(dir: &Path, hash: u64, data_checksum: &str) -> bool {
+/// Whether `dir` holds the encoder of a finished masked-LM run of `cfg` (trajectory `hash`)
+/// on this data (`data_checksum`), intact by its `DONE` record; if not, why.
+fn unfinished_encoder(
+    dir: &Path,
+    cfg: &PretrainConfig,
+    hash: u64,
+    data_checksum: &str,
+) -> std::result::Result<(), String> {
+    checkpoint::check_written(dir, checkpoint::Reading::All).map_err(|e| e.to_string())?;
+    // A masked-LM run always records its files in DONE: an empty one (which the check
+    // above lets pass, for checkpoints older than the record) is damage here.
+    let done = dir.join(checkpoint::DONE);
+    if std::fs::metadata(&done).is_ok_and(|m| m.len() == 0) {
+        return Err(format!("{} is empty, and a masked-LM run records its files there", done.display()));
+    }
     let file = dir.join("model.safetensors");
-    checkpoint::check_written(dir, checkpoint::Reading::All).is_ok()
-        && checkpoint::map(&file).and_then(|bytes| checkpoint::file_meta(&file, &bytes)).is_ok_and(|meta| {
-            meta["format"] == "dtrain-mlm"
-                && meta["config_hash"].as_u64() == Some(hash)
-                && meta["data_checksum"].as_str() == Some(data_checksum)
-        })
+    let meta = checkpoint::map(&file)
+        .and_then(|bytes| checkpoint::file_meta(&file, &bytes))
+        .map_err(|e| e.to_string())?;
+    if meta["format"] != "dtrain-mlm" {
+        return Err(format!(
+            "{} is not a masked-LM run's encoder (format {})",
+            file.display(),
+            meta["format"]
+        ));
+    }
+    let then = (
+        meta["config_hash"].as_u64().unwrap_or(0),
+        meta.get("config"),
+        meta["data_checksum"].as_str().unwrap_or(""),
+    );
+    super::other_run(then, cfg, hash, data_checksum).map_or(Ok(()), Err)
 }
 
 /// Writes the checkpoint of the run after `state.step` steps under `root` (keeping the

@@ -131,13 +131,44 @@ fn config_mismatch(dir: &std::path::Path, cfg: &PretrainConfig) -> String {
     let then = std::fs::read_to_string(dir.join(checkpoint::CONFIG_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    format!(
+        "the checkpoint was written with a different pretraining config{}: every setting but where files go and how often checkpoints are written must be the same",
+        config_fields(then.as_ref(), cfg)
+    )
+}
+
+/// The fields in which `then` (a trajectory config, [`trajectory_config`]'s JSON, where a
+/// file recorded one) differs from `cfg`'s, with both values: ` (a: x → y; …)`, or nothing
+/// when unknown.
+fn config_fields(then: Option<&serde_json::Value>, cfg: &PretrainConfig) -> String {
     let now: serde_json::Value =
         serde_json::from_str(&trajectory_config(cfg)).expect("the config's own JSON");
-    let fields = then.map(|then| crate::config::differences(&then, &now, 8)).unwrap_or_default();
-    let named = if fields.is_empty() { String::new() } else { format!(" ({})", fields.join("; ")) };
-    format!(
-        "the checkpoint was written with a different pretraining config{named}: every setting but where files go and how often checkpoints are written must be the same"
-    )
+    let fields = then.map(|then| crate::config::differences(then, &now, 8)).unwrap_or_default();
+    if fields.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", fields.join("; "))
+    }
+}
+
+/// Why an output recorded with trajectory hash `then_hash` (and `then_config`, where it
+/// recorded the config) on data `then_data` is not the output of this run of `cfg` (hash
+/// `hash`) on data `data`; `None` when both match.
+fn other_run(
+    (then_hash, then_config, then_data): (u64, Option<&serde_json::Value>, &str),
+    cfg: &PretrainConfig,
+    hash: u64,
+    data: &str,
+) -> Option<String> {
+    if then_data != data {
+        return Some(format!(
+            "it was written on another data set (checksum {then_data}; {} has {data})",
+            cfg.data.dir.display()
+        ));
+    }
+    (then_hash != hash).then(|| {
+        format!("it was written under another pretraining config{}", config_fields(then_config, cfg))
+    })
 }
 
 /// The checkpoint `resume` continues from among the `{prefix}-N` checkpoints in `ckpt_root`
@@ -161,22 +192,30 @@ fn resume_point(resume: &Resume, ckpt_root: &Path, prefix: &str) -> Result<Optio
 /// Refuses a fresh start of a pretraining (`run` names its kind) in `out_dir` over what
 /// another run left there: any of `earlier`, a `metrics.jsonl` whose records lack
 /// `metrics_key` (another command's), or anything in `checkpoints/` but this kind's own
-/// `{prefix}-N` checkpoints (the run removes that directory when it ends).
+/// `{prefix}-N` checkpoints (the run removes that directory when it ends). Under `--resume
+/// auto`, `unfinished` says why the output there is not this run's finished one.
 fn check_fresh_start(
     out_dir: &Path,
     earlier: &[&str],
     run: &str,
     prefix: &str,
     metrics_key: &str,
+    unfinished: Option<&str>,
 ) -> Result<()> {
+    let why = match unfinished {
+        Some(why) if !why.is_empty() => {
+            format!("under --resume auto it is not this run's finished output: {why}. ")
+        }
+        _ => String::new(),
+    };
     crate::fsutil::check_no_earlier_outputs(
         "pretrain",
         "train.out_dir",
         out_dir,
         earlier,
         &format!(
-            "choose another train.out_dir, or remove them (a {run} continues only from its own {prefix} checkpoints, \
-             with --resume auto)"
+            "{why}Choose another train.out_dir, or move them away (a {run} continues only from its own {prefix} \
+             checkpoints, with --resume auto)"
         ),
     )?;
     crate::fsutil::check_metrics_kind(&out_dir.join("metrics.jsonl"), metrics_key, &format!("a {run}'s"))?;
@@ -227,6 +266,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         ));
     }
     dist.check_job(&serde_json::to_string(cfg).expect("config serialises"), &manifest.checksum)?;
+    dist.check_stop_after(opts.stop_after.map(u64::from))?;
     let vocab = ds.vocab()?;
     let splits: Vec<SplitKind> =
         cfg.data.splits.iter().map(|s| SplitKind::from_name(s).expect("validated split name")).collect();
@@ -333,6 +373,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         epochs_done: 0,
         config_hash: hash,
         data_checksum: manifest.checksum.clone(),
+        config: Some(serde_json::from_str(&trajectory_config(cfg)).expect("the config's own JSON")),
     };
     let tsv = embeddings::words_tsv(&words, &kept_counts);
     let ckpt_root = t.out_dir.join("checkpoints");
@@ -346,23 +387,35 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
     // rank reads the output's metadata and words, which must agree; rank 0 alone also reads
     // its tables (and their checksum), which on a node of many ranks each would otherwise
     // hold at once, and decides.
-    let (head, whole) = if resume_from.is_none() && opts.resume == Resume::Auto {
-        let head = embeddings::read_head(&t.out_dir).is_ok_and(|(_, _, e)| {
-            e.meta.config_hash == hash
-                && e.meta.data_checksum == meta.data_checksum
-                && e.meta.epochs_done == t.epochs
-                && e.words == words
+    // (`unfinished`: why what is there is not this run's finished output.)
+    let (head, unfinished) = if resume_from.is_none() && opts.resume == Resume::Auto {
+        let head = embeddings::read_head(&t.out_dir).map_err(|e| e.to_string()).and_then(|(_, _, e)| {
+            let then = (e.meta.config_hash, e.meta.config.as_ref(), e.meta.data_checksum.as_str());
+            match other_run(then, cfg, hash, &meta.data_checksum) {
+                Some(why) => Err(why),
+                None if e.meta.epochs_done != t.epochs => {
+                    Err(format!("it holds {} of the run's {} epochs", e.meta.epochs_done, t.epochs))
+                }
+                None if e.words != words => {
+                    Err(format!("its {} lists other words than this run trains", embeddings::WORDS_FILE))
+                }
+                None => Ok(()),
+            }
         });
-        (head, head && (!root || embeddings::read(&t.out_dir).is_ok()))
+        let whole = match &head {
+            Ok(()) if root => embeddings::read(&t.out_dir).map(|_| ()).map_err(|e| e.to_string()),
+            other => other.clone(),
+        };
+        (head.is_ok(), whole.err())
     } else {
-        (false, false)
+        (false, Some(String::new()))
     };
     dist.check_agree(
         &["finished pretraining in train.out_dir"],
         &[u64::from(head)],
         "Every rank must see the same train.out_dir: give it on a file system every node shares",
     )?;
-    let finished = dist.all_gather("the finished-run check", &[u64::from(whole)])[0][0] == 1;
+    let finished = dist.all_gather("the finished-run check", &[u64::from(unfinished.is_none())])[0][0] == 1;
     if finished {
         return Ok(PretrainReport {
             out_dir: t.out_dir.clone(),
@@ -389,7 +442,8 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         if opts.resume == Resume::No {
             earlier.push("metrics.jsonl");
         }
-        check_fresh_start(&t.out_dir, &earlier, "pretraining", "epoch", "words_per_s")?;
+        let why = unfinished.filter(|_| opts.resume == Resume::Auto);
+        check_fresh_start(&t.out_dir, &earlier, "pretraining", "epoch", "words_per_s", why.as_deref())?;
     }
     let mut params = match &resume_from {
         Some(dir) => {
