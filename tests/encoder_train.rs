@@ -1076,6 +1076,12 @@ fn masked_lm_pretraining_stops_and_resumes_bit_for_bit() {
     // the field.
     let e = common::mlm(&c, Resume::No).unwrap_err().to_string();
     assert!(e.contains("--resume auto"), "{e}");
+    // A copy under a later step's name is refused, not resumed as the newest.
+    let copy = cut.join("checkpoints/step-000000003");
+    common::copy_dir(&first.out, &copy);
+    let e = common::mlm(&c, Resume::Auto).unwrap_err().to_string();
+    assert!(e.contains("holds the masked-LM state of step 1, but its name says step 3"), "{e}");
+    std::fs::remove_dir_all(&copy).unwrap();
     let other = mlm_config(&data, &cut, &[&sets[..], &["train.lr=0.002"]].concat());
     let e = common::mlm(&other, Resume::Auto).unwrap_err().to_string();
     assert!(e.contains("different pretraining config (train.lr: 0.001 → 0.002)"), "{e}");

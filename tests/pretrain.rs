@@ -185,6 +185,12 @@ fn one_thread_is_deterministic_and_resume_is_bitwise_identical() {
     let done = run(&cfg(&data, &b, &[]), Resume::Auto, Some(2)).unwrap_err().to_string();
     assert!(done.contains("--stop-after") && done.contains("already done (the run is at epoch 2)"), "{done}");
     assert!(b.join("checkpoints/epoch-000002/DONE").is_file() && !b.join(EMBEDDINGS_FILE).exists());
+    // A copy under a later epoch's name is refused, not resumed as the newest.
+    let copy = b.join("checkpoints/epoch-000003");
+    common::copy_dir(&b.join("checkpoints/epoch-000002"), &copy);
+    let e = run(&cfg(&data, &b, &[]), Resume::Auto, None).unwrap_err().to_string();
+    assert!(e.contains("holds embeddings of epoch 2, but its name says epoch 3"), "{e}");
+    std::fs::remove_dir_all(&copy).unwrap();
     let r = run(&cfg(&data, &b, &[]), Resume::Auto, None).unwrap();
     assert_eq!(r.epochs, 4);
     assert_eq!(bytes(&a), bytes(&b), "resumed run differs from the uninterrupted one");

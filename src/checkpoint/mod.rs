@@ -921,26 +921,29 @@ fn read_state(dir: &Path) -> Result<TrainState> {
     }
     let (state, _): (TrainState, usize) = bincode::decode_from_slice(payload, bincode::config::standard())
         .map_err(|e| Error::bad_file(&path, format!("undecodable: {e}")))?;
-    // A copy under another step's name would be taken for the newest checkpoint, and never
-    // pruned.
-    let named = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
-    if let Some(n) = named.and_then(|n| n.parse::<u64>().ok()).filter(|&n| n != state.step) {
-        let own = dir.with_file_name(dir_name(state.step));
-        let what = if own.exists() {
-            format!("{} is there already: remove the copy", own.display())
+    check_named(dir, "step", state.step, &dir_name(state.step), "the training state")?;
+    Ok(state)
+}
+
+/// Refuses checkpoint `dir` named `{unit}-N` when N is not `n`, the step or epoch of the
+/// `what` it holds (`own`: the name it should have). A copy under a later name would be
+/// taken for the newest checkpoint (and the real newest pruned, or never resumed).
+pub fn check_named(dir: &Path, unit: &str, n: u64, own: &str, what: &str) -> Result<()> {
+    let named =
+        dir.file_name().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix(unit)?.strip_prefix('-'));
+    if let Some(m) = named.and_then(|s| s.parse::<u64>().ok()).filter(|&m| m != n) {
+        let there = dir.with_file_name(own);
+        let fix = if there.exists() {
+            format!("{} is there already: remove the copy", there.display())
         } else {
-            format!("rename it to {}", dir_name(state.step))
+            format!("rename it to {own}")
         };
         return Err(Error::bad_file(
             dir,
-            format!(
-                "holds the training state of step {}, but its name says step {n}: a copy under another step's \
-                 name; {what}",
-                state.step
-            ),
+            format!("holds {what} of {unit} {n}, but its name says {unit} {m}: a copy under another {unit}'s name; {fix}"),
         ));
     }
-    Ok(state)
+    Ok(())
 }
 
 #[cfg(test)]

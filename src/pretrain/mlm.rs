@@ -917,6 +917,13 @@ fn read_checkpoint(
     if state.config_hash != hash {
         return Err(Error::bad_file(dir, super::config_mismatch(dir, cfg)));
     }
+    checkpoint::check_named(
+        dir,
+        "step",
+        state.step,
+        &checkpoint::dir_name(state.step),
+        "the masked-LM state",
+    )?;
     let n = layout.total();
     let weights = checkpoint::tensors_from_file(&file, &bytes, layout, &[("", n)], Storage::Whole)?.remove(0);
     let file = dir.join("optimizer.safetensors");

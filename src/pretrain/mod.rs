@@ -171,6 +171,11 @@ fn other_run(
     })
 }
 
+/// The name of the checkpoint after `epochs` epochs of skip-gram or CBOW.
+fn epoch_dir(epochs: u64) -> String {
+    format!("epoch-{epochs:06}")
+}
+
 /// The checkpoint `resume` continues from among the `{prefix}-N` checkpoints in `ckpt_root`
 /// (none: a fresh start); a fresh start (`--resume no`) over such checkpoints is refused.
 fn resume_point(resume: &Resume, ckpt_root: &Path, prefix: &str) -> Result<Option<PathBuf>> {
@@ -466,6 +471,8 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
             if e.words != words || e.meta.epochs_done > t.epochs {
                 return Err(Error::bad_file(dir, "the checkpoint's words or epochs do not match this run"));
             }
+            let epochs = u64::from(e.meta.epochs_done);
+            checkpoint::check_named(dir, "epoch", epochs, &epoch_dir(epochs), "embeddings")?;
             meta.epochs_done = e.meta.epochs_done;
             e.params
         }
@@ -645,7 +652,7 @@ pub fn pretrain_on(cfg: &PretrainConfig, opts: &PretrainOptions, dist: &Dist) ->
         let stop = opts.stop_after == Some(epoch + 1);
         let due = t.checkpoint_every > 0 && (epoch + 1) % t.checkpoint_every == 0;
         if (due || stop) && epoch + 1 < total_epochs && root {
-            checkpoint::stage(&ckpt_root, &format!("epoch-{:06}", epoch + 1), t.keep_checkpoints, |dir| {
+            checkpoint::stage(&ckpt_root, &epoch_dir(u64::from(epoch) + 1), t.keep_checkpoints, |dir| {
                 embeddings::write(dir, &meta, &layout, &params, &tsv)?;
                 let config = dir.join(checkpoint::CONFIG_FILE);
                 crate::fsutil::write_atomic(&config, trajectory_config(cfg).as_bytes())
