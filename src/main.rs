@@ -1723,15 +1723,8 @@ fn load_propagate_model(
         let pooling = if pooling == Some("cls") { Pooling::Cls } else { Pooling::Mean };
         dtrain::model::encoder::check_tokenizer(model, sw)?;
         let (enc, params) = load_pretrained(model, 1, pooling, 0)?;
-        if !enc.spec.covers(m.tokenizer.buckets, sw) {
-            bail!(
-                "{}: {} token ids and {} positions; the data set's tokenizer has {} ids and up to {} tokens: prepare it with this model's tokenizer.json and a tokenizer.subword.max_len within its positions",
-                model.display(),
-                enc.spec.vocab,
-                enc.spec.max_positions,
-                m.tokenizer.buckets,
-                sw.max_len
-            );
+        if let Some(why) = enc.spec.uncovered(m.tokenizer.buckets, sw) {
+            bail!("{} {why}", model.display());
         }
         return Ok(Loaded::Encoder(enc, params));
     }

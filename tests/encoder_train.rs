@@ -973,6 +973,19 @@ fn masked_lm_settings_that_cannot_apply_are_refused() {
         .to_string();
     assert!(e.contains("the run diverged; lower train.lr") && e.contains("a uniform guess over the"), "{e}");
     assert!(!out.join("encoder").exists());
+    // Documents longer than the model's positions: the positions are named, not the
+    // tokenizer (which is the model's own).
+    let sub = dir.path().join("long");
+    std::fs::create_dir(&sub).unwrap();
+    let long = wordpiece(&sub, &["split.labels_per_class=6", "tokenizer.subword.max_len=1024"]);
+    let e = common::mlm(&mlm_config(&long, &dir.path().join("l"), &["mlm.steps=2"]), Resume::No)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("has 512 positions, and the data set's documents run to 1024 tokens")
+            && e.contains("tokenizer.subword.max_len of at most 512"),
+        "{e}"
+    );
     let load = |sets: &[&str]| {
         let o: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
         config::load::<dtrain::config::PretrainConfig>(None, &o).map(|_| ()).unwrap_err().to_string()

@@ -76,10 +76,24 @@ pub struct EncoderSpec {
 }
 
 impl EncoderSpec {
-    /// Whether this encoder reads every id and every sequence length of a data set prepared
-    /// with subword tokenizer `sw` and `buckets` ids (its embedding rows and positions).
-    pub fn covers(&self, buckets: u32, sw: &crate::data::tokenize::SubwordSpec) -> bool {
-        self.vocab >= buckets as usize && self.max_positions >= sw.max_len as usize
+    /// Why this encoder cannot read every id or every sequence length of a data set
+    /// prepared with subword tokenizer `sw` and `buckets` ids (its embedding rows and
+    /// positions), as a sentence after the model's name; `None` when it can.
+    pub fn uncovered(&self, buckets: u32, sw: &crate::data::tokenize::SubwordSpec) -> Option<String> {
+        if self.vocab < buckets as usize {
+            return Some(format!(
+                "has {} token ids, and the data set's tokenizer has {buckets}: prepare the data with this model's \
+                 tokenizer.json",
+                self.vocab
+            ));
+        }
+        (self.max_positions < sw.max_len as usize).then(|| {
+            format!(
+                "has {} positions, and the data set's documents run to {} tokens: prepare the data with a \
+                 tokenizer.subword.max_len of at most {}",
+                self.max_positions, sw.max_len, self.max_positions
+            )
+        })
     }
 
     /// Values the layers' tapes hold after a forward pass over `seqs` sequences padded to

@@ -394,12 +394,8 @@ pub fn run<B: EncoderOps<F = f32>>(
     crate::model::encoder::check_tokenizer(dir, sw)
         .map_err(|e| Error::config("pretrain", "mlm.pretrained", e.to_string()))?;
     let (enc, loaded) = load_pretrained(dir, 1, Pooling::Mean, t.seed)?;
-    if !enc.spec.covers(manifest.tokenizer.buckets, sw) {
-        return Err(Error::config(
-            "pretrain",
-            "mlm.pretrained",
-            format!("{} does not cover the data set's tokenizer (ids or positions): use the model's own tokenizer.json", dir.display()),
-        ));
+    if let Some(why) = enc.spec.uncovered(manifest.tokenizer.buckets, sw) {
+        return Err(Error::config("pretrain", "mlm.pretrained", format!("{} {why}", dir.display())));
     }
     let mut spec = enc.spec.clone();
     spec.dropout = m.dropout.unwrap_or(spec.dropout);

@@ -296,14 +296,11 @@ fn build_model(
                     (enc.spec, Some(params), dir.display().to_string())
                 }
             };
-            if !spec.covers(manifest.tokenizer.buckets, sw) {
+            if let Some(why) = spec.uncovered(manifest.tokenizer.buckets, sw) {
                 return Err(Error::config(
                     "train",
                     format!("{section}.encoder.pretrained"),
-                    format!(
-                        "{source} has {} token ids and {} positions; the data set's tokenizer has {vocab} ids and up to {} tokens (prepare with this model's tokenizer.json and a tokenizer.subword.max_len within its positions)",
-                        spec.vocab, spec.max_positions, sw.max_len
-                    ),
+                    format!("{source} {why}"),
                 ));
             }
             spec.dropout = e.dropout.unwrap_or(spec.dropout);
