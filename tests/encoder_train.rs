@@ -1089,6 +1089,17 @@ fn masked_lm_pretraining_stops_and_resumes_bit_for_bit() {
     // the field.
     let e = common::mlm(&c, Resume::No).unwrap_err().to_string();
     assert!(e.contains("--resume auto"), "{e}");
+    // --resume given what is not a masked-LM checkpoint says what it is.
+    let from = |d: &Path| common::mlm(&c, Resume::From(d.to_owned())).unwrap_err().to_string();
+    let e = from(&common::minilm());
+    assert!(
+        e.contains("is a pretrained model's directory (Hugging Face config.json and model.safetensors)"),
+        "{e}"
+    );
+    let e = from(&whole.join("encoder"));
+    assert!(e.contains("is a finished masked-LM run's encoder, not a checkpoint"), "{e}");
+    let e = from(Path::new("yes"));
+    assert!(e.contains("--resume takes `auto`, `no` or a checkpoint directory"), "{e}");
     // A copy under a later step's name is refused, not resumed as the newest.
     let copy = cut.join("checkpoints/step-000000003");
     common::copy_dir(&first.out, &copy);

@@ -156,8 +156,21 @@ fn read_by_name(rel: &str) -> bool {
 /// was written, or another directory (a data set's).
 fn not_a_checkpoint(path: &Path) -> Error {
     let newest = [path.join("checkpoints"), path.to_path_buf()].iter().find_map(|r| latest(r).ok().flatten());
+    // A Hugging Face model's config.json describes the network (its `hidden_size`); a
+    // checkpoint's is the run's config.
+    let hf_config = || {
+        std::fs::read(path.join(CONFIG_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|c| c.get("hidden_size").is_some())
+    };
     let why = match newest {
         Some(c) => format!("is not a checkpoint directory: its newest checkpoint is {}", c.display()),
+        None if path.join(Weights::Student.file()).is_file() && hf_config() => {
+            "is a pretrained model's directory (Hugging Face config.json and model.safetensors), not a checkpoint: \
+             a run reads it through model.encoder.pretrained or mlm.pretrained"
+                .to_string()
+        }
         None if path.join(Weights::Student.file()).is_file() => {
             "incomplete checkpoint (no DONE marker): it was interrupted while being written".to_string()
         }

@@ -146,10 +146,12 @@ pub fn read_head(path: &Path) -> Result<(PathBuf, memmap2::Mmap, Head)> {
         ));
     }
     if path.is_dir() && !file.is_file() {
-        return Err(Error::bad_file(
-            path,
-            format!("has no {EMBEDDINGS_FILE}: not a `dtrain pretrain` output"),
-        ));
+        let why = if path.join("model.safetensors").is_file() {
+            format!("has no {EMBEDDINGS_FILE}, but a model.safetensors: a masked-LM or training checkpoint (or a pretrained encoder), not skip-gram or CBOW embeddings")
+        } else {
+            format!("has no {EMBEDDINGS_FILE}: not a `dtrain pretrain` output")
+        };
+        return Err(Error::bad_file(path, why));
     }
     let bytes = crate::checkpoint::map(&file)?;
     let meta: EmbeddingsMeta = serde_json::from_value(file_meta(&file, &bytes)?).map_err(|e| {

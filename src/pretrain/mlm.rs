@@ -889,17 +889,37 @@ fn read_checkpoint(
     data_checksum: &str,
 ) -> Result<(MlmState, Vec<f32>, [Vec<f32>; 2])> {
     checkpoint::check_written(dir, checkpoint::Reading::All)?;
-    let file = dir.join("model.safetensors");
-    let bytes = checkpoint::map(&file)?;
-    let state: MlmState = serde_json::from_value(checkpoint::file_meta(&file, &bytes)?).map_err(|e| {
-        Error::bad_file(&file, format!("not a masked-LM checkpoint (its metadata does not parse: {e})"))
-    })?;
-    if state.format != CHECKPOINT_FORMAT {
+    if dir.join(super::embeddings::EMBEDDINGS_FILE).is_file() {
         return Err(Error::bad_file(
-            &file,
-            format!("format `{}`, expected `{CHECKPOINT_FORMAT}`", state.format),
+            dir,
+            "is a skip-gram or CBOW checkpoint (it holds embeddings.safetensors), not a masked-LM one",
         ));
     }
+    let file = dir.join("model.safetensors");
+    let bytes = checkpoint::map(&file)?;
+    let meta = checkpoint::file_meta(&file, &bytes)?;
+    match meta["format"].as_str() {
+        Some(CHECKPOINT_FORMAT) => {}
+        Some("dtrain-mlm") => {
+            return Err(Error::bad_file(
+                dir,
+                "is a finished masked-LM run's encoder, not a checkpoint: fine-tune from it with \
+                 model.encoder.pretrained, or continue pretraining it with mlm.pretrained",
+            ))
+        }
+        other => {
+            return Err(Error::bad_file(
+                &file,
+                format!(
+                    "not a masked-LM checkpoint (format {}, expected `{CHECKPOINT_FORMAT}`)",
+                    other.unwrap_or("none")
+                ),
+            ))
+        }
+    }
+    let state: MlmState = serde_json::from_value(meta).map_err(|e| {
+        Error::bad_file(&file, format!("not a masked-LM checkpoint (its metadata does not parse: {e})"))
+    })?;
     if state.data_checksum != data_checksum {
         return Err(Error::bad_file(
             dir,

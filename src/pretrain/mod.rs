@@ -190,7 +190,7 @@ fn resume_point(resume: &Resume, ckpt_root: &Path, prefix: &str) -> Result<Optio
             None
         }
         Resume::Auto => checkpoint::list_named(ckpt_root, prefix)?.pop(),
-        Resume::From(dir) => Some(dir.clone()),
+        Resume::From(dir) => Some(crate::train::resume_dir(dir)?),
     })
 }
 

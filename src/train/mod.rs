@@ -52,6 +52,29 @@ pub enum Resume {
     From(PathBuf),
 }
 
+/// The directory `--resume DIR` names, refused when it is a file (naming its checkpoint,
+/// where it lies in one) or missing (naming what `--resume` takes).
+pub fn resume_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.is_file() {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "--resume takes a checkpoint directory, and this is a file{}",
+                dir.parent()
+                    .filter(|d| d.join(checkpoint::DONE).is_file())
+                    .map_or(String::new(), |d| format!(": give its checkpoint, {}", d.display()))
+            ),
+        ));
+    }
+    if !dir.exists() {
+        return Err(Error::bad_file(
+            dir,
+            "--resume takes `auto`, `no` or a checkpoint directory, and there is no such directory",
+        ));
+    }
+    Ok(dir.to_owned())
+}
+
 /// Options of one `train` call that are not part of the config.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -962,24 +985,7 @@ where
             }
             latest
         }
-        Resume::From(dir) if dir.is_file() => {
-            return Err(Error::bad_file(
-                dir,
-                format!(
-                    "--resume takes a checkpoint directory, and this is a file{}",
-                    dir.parent()
-                        .filter(|d| d.join(checkpoint::DONE).is_file())
-                        .map_or(String::new(), |d| format!(": give its checkpoint, {}", d.display()))
-                ),
-            ));
-        }
-        Resume::From(dir) if !dir.exists() => {
-            return Err(Error::bad_file(
-                dir,
-                "--resume takes `auto`, `no` or a checkpoint directory, and there is no such directory",
-            ));
-        }
-        Resume::From(dir) => Some(dir.clone()),
+        Resume::From(dir) => Some(resume_dir(dir)?),
     };
     dist.check_resume(resume_from.as_deref())?;
     // A resumed run takes its model's shape from the checkpoint, whose weights replace the
