@@ -768,10 +768,15 @@ pub fn run<B: EncoderOps<F = f32>>(
         resumed_at: first_step,
         already_finished: false,
     };
+    // Every rank waits for rank 0's last writes (a failed write ends the job), so the job
+    // ends when its files are complete, whatever the launcher does with ranks that exit.
+    let end = "the end of masked-LM pretraining";
     if let Some(done) = stopped {
+        dist.barrier(end);
         return Ok(report(done, ckpt_root.join(checkpoint::dir_name(done))));
     }
     if !root {
+        dist.barrier(end);
         return Ok(report(steps, encoder_dir));
     }
     // The pretrained encoder directory: the source's config.json with this data set's
@@ -802,6 +807,7 @@ pub fn run<B: EncoderOps<F = f32>>(
         std::fs::remove_dir_all(&c).at(&c)?;
     }
     let _ = std::fs::remove_dir(&ckpt_root);
+    dist.barrier(end);
     Ok(report(steps, out))
 }
 

@@ -209,7 +209,7 @@ fn check_fresh_start(
 ) -> Result<()> {
     let why = match unfinished {
         Some(why) if !why.is_empty() => {
-            format!("under --resume auto it is not this run's finished output: {why}. ")
+            format!("under --resume auto it is not this run's finished output: {why}; ")
         }
         _ => String::new(),
     };
@@ -219,7 +219,7 @@ fn check_fresh_start(
         out_dir,
         earlier,
         &format!(
-            "{why}Choose another train.out_dir, or move them away (a {run} continues only from its own {prefix} \
+            "{why}choose another train.out_dir, or move them away (a {run} continues only from its own {prefix} \
              checkpoints, with --resume auto)"
         ),
     )?;
